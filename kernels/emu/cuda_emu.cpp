@@ -1,0 +1,302 @@
+// Host runtime of the CUDA emulator: workers, fibers, barriers, warp exchange.
+// See cuda_emu.h for the model.  Launches are reentrant: every launch makes its own
+// workers, and all per-block state lives in the worker's thread_local storage.
+#include "cuda_emu.h"
+#include "emu_api.h"
+
+#include <ucontext.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace emu {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+// What an H100/H200 block may ask for (opt-in limit), so a launch that would fail on
+// the GPU fails here too.
+constexpr unsigned kMaxDynShared = 227 * 1024;
+constexpr size_t kFiberStack = 256 * 1024;
+
+enum class State : uint8_t { Runnable, AtBlockBar, AtWarpBar, Exited };
+
+struct Fiber {
+    ucontext_t uc;
+    ThreadCtx ctx;
+    State state;
+    unsigned warp_mask;  // mask given at a warp barrier
+    uint32_t seq;        // warp collectives this thread has entered
+};
+
+struct Slot {
+    uint64_t bits;
+    uint32_t seq;  // which collective wrote it; a stale slot means the lane did not take part
+};
+
+struct WarpState {
+    Slot xchg[2][kWarp];
+};
+
+struct Worker {
+    std::vector<Fiber> fibers;
+    std::vector<WarpState> warps;
+    char* stacks = nullptr;
+    size_t stacks_len = 0;
+    ucontext_t sched;
+    int current = -1;
+    std::vector<uint8_t> dyn;
+    const EmuKernel* kernel = nullptr;
+    void** args = nullptr;
+    std::string error;
+};
+
+thread_local Worker* tl_worker = nullptr;
+
+Fiber& cur_fiber() { return tl_worker->fibers[tl_worker->current]; }
+
+void yield_to_sched() {
+    Worker* w = tl_worker;
+    swapcontext(&w->fibers[w->current].uc, &w->sched);
+}
+
+void fiber_entry() {
+    Worker* w = tl_worker;
+    w->kernel->tramp(w->args);
+    // Returning from the kernel leaves the live set; the scheduler decides when the
+    // block is done (all fibers exited), so early returns never strand a barrier.
+    w->fibers[w->current].state = State::Exited;
+    setcontext(&w->sched);
+}
+
+// Run one block to completion on this worker.  Returns false on deadlock.
+bool run_block(Worker& w, unsigned nthreads) {
+    const int nwarps = (int)((nthreads + kWarp - 1) / kWarp);
+    w.error.clear();
+    for (auto& ws : w.warps)
+        for (auto& half : ws.xchg)
+            for (auto& slot : half) slot.seq = UINT32_MAX;
+    for (unsigned i = 0; i < nthreads; ++i) {
+        Fiber& f = w.fibers[i];
+        getcontext(&f.uc);
+        f.uc.uc_stack.ss_sp = w.stacks + (size_t)i * kFiberStack;
+        f.uc.uc_stack.ss_size = kFiberStack;
+        f.uc.uc_link = nullptr;
+        makecontext(&f.uc, fiber_entry, 0);
+        f.state = State::Runnable;
+        f.seq = 0;
+        f.warp_mask = 0;
+    }
+    for (;;) {
+        for (unsigned i = 0; i < nthreads; ++i) {
+            if (w.fibers[i].state == State::Runnable) {
+                w.current = (int)i;
+                swapcontext(&w.sched, &w.fibers[i].uc);
+            }
+        }
+        w.current = -1;
+        // Every fiber is now waiting or exited.  Release what can be released.
+        bool released = false;
+        unsigned live = 0, at_block = 0;
+        for (unsigned i = 0; i < nthreads; ++i) {
+            State s = w.fibers[i].state;
+            if (s != State::Exited) ++live;
+            if (s == State::AtBlockBar) ++at_block;
+        }
+        if (live == 0) return true;
+        for (int wi = 0; wi < nwarps; ++wi) {
+            unsigned lo = (unsigned)wi * kWarp, hi = std::min(nthreads, lo + kWarp);
+            unsigned live_lanes = 0, arrived = 0, need = 0;
+            for (unsigned i = lo; i < hi; ++i) {
+                const Fiber& f = w.fibers[i];
+                if (f.state != State::Exited) live_lanes |= 1u << (i - lo);
+                if (f.state == State::AtWarpBar) {
+                    arrived |= 1u << (i - lo);
+                    need |= f.warp_mask;
+                }
+            }
+            if (arrived != 0 && (need & live_lanes & ~arrived) == 0 && arrived == (need & live_lanes)) {
+                for (unsigned i = lo; i < hi; ++i)
+                    if (w.fibers[i].state == State::AtWarpBar) w.fibers[i].state = State::Runnable;
+                released = true;
+            }
+        }
+        if (!released && at_block == live) {
+            for (unsigned i = 0; i < nthreads; ++i)
+                if (w.fibers[i].state == State::AtBlockBar) w.fibers[i].state = State::Runnable;
+            released = true;
+        }
+        if (!released) {
+            char buf[256];
+            snprintf(buf, sizeof buf,
+                     "deadlock in kernel %s block (%u,%u,%u): %u live threads, %u at __syncthreads, "
+                     "the rest at a warp collective whose lanes diverged",
+                     w.kernel->name, w.fibers[0].ctx.block_idx.x, w.fibers[0].ctx.block_idx.y,
+                     w.fibers[0].ctx.block_idx.z, live, at_block);
+            w.error = buf;
+            return false;
+        }
+    }
+}
+
+}  // namespace
+
+ThreadCtx& ctx() { return cur_fiber().ctx; }
+
+void* dyn_shared() { return tl_worker->dyn.data(); }
+
+void syncthreads() {
+    cur_fiber().state = State::AtBlockBar;
+    yield_to_sched();
+}
+
+int lane_id() { return (int)(tl_worker->current % kWarp); }
+
+void syncwarp(unsigned mask) {
+    Fiber& f = cur_fiber();
+    f.state = State::AtWarpBar;
+    f.warp_mask = mask;
+    yield_to_sched();
+}
+
+// Write this lane's slot for collective number `seq`, wait for the warp, and return
+// the slot index used.  Double buffering by parity: a lane can only reach the next use
+// of the same half after every lane has passed the barrier in between, i.e. has read.
+static Slot* warp_publish(unsigned mask, uint64_t bits, uint32_t& seq_out) {
+    Worker* w = tl_worker;
+    int me = w->current;
+    Fiber& f = w->fibers[me];
+    uint32_t seq = f.seq++;
+    Slot* half = w->warps[me / kWarp].xchg[seq & 1];
+    half[me % kWarp] = Slot{bits, seq};
+    syncwarp(mask);
+    seq_out = seq;
+    return half;
+}
+
+uint64_t warp_exchange(unsigned mask, uint64_t bits, int src) {
+    uint32_t seq;
+    Slot* half = warp_publish(mask, bits, seq);
+    if (src < 0 || src >= kWarp) return bits;
+    if (half[src].seq != seq) {
+        // Reading a lane that did not take part (exited, or beyond blockDim) is
+        // undefined on the GPU; make it a launch error here.
+        Worker* w = tl_worker;
+        if (w->error.empty()) {
+            char buf[200];
+            snprintf(buf, sizeof buf, "kernel %s: lane %d of warp %d read a shuffle value from lane %d, which did not take part (undefined on the GPU)",
+                     w->kernel->name, w->current % kWarp, w->current / kWarp, src);
+            w->error = buf;
+        }
+        return bits;
+    }
+    return half[src].bits;
+}
+
+unsigned warp_ballot(unsigned mask, bool pred) {
+    uint32_t seq;
+    Slot* half = warp_publish(mask, pred ? 1 : 0, seq);
+    unsigned out = 0;
+    for (int l = 0; l < kWarp; ++l)
+        if (half[l].seq == seq && half[l].bits) out |= 1u << l;
+    return out;
+}
+
+}  // namespace emu
+
+using namespace emu;
+
+extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3],
+                                unsigned shmem, void** args, size_t nargs, const size_t* arg_sizes,
+                                unsigned max_workers, char* err, size_t errlen) {
+    auto fail = [&](const std::string& m) {
+        if (errlen) {
+            snprintf(err, errlen, "%s", m.c_str());
+        }
+        return 1;
+    };
+    const EmuKernel* k = popen_emu_find(name);
+    if (!k) return fail(std::string("no kernel named ") + name + " in kernels/*.cu");
+    if (nargs != k->nargs)
+        return fail(std::string(name) + ": launched with " + std::to_string(nargs) + " arguments, kernel takes " +
+                    std::to_string(k->nargs));
+    for (size_t i = 0; i < nargs; ++i)
+        if (arg_sizes[i] != k->arg_sizes[i])
+            return fail(std::string(name) + ": argument " + std::to_string(i) + " has " +
+                        std::to_string(arg_sizes[i]) + " bytes, kernel parameter has " +
+                        std::to_string(k->arg_sizes[i]));
+    unsigned nthreads = block[0] * block[1] * block[2];
+    if (nthreads == 0 || nthreads > kMaxThreadsPerBlock)
+        return fail(std::string(name) + ": block of " + std::to_string(nthreads) + " threads (1..=1024)");
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[1] > 65535 || grid[2] > 65535)
+        return fail(std::string(name) + ": invalid grid");
+    if (shmem > kMaxDynShared)
+        return fail(std::string(name) + ": " + std::to_string(shmem) + " bytes of dynamic shared memory (max " +
+                    std::to_string(kMaxDynShared) + ")");
+
+    const uint64_t nblocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+    if (max_workers) hw = std::min(hw, max_workers);
+    const unsigned nworkers = (unsigned)std::min<uint64_t>(hw, nblocks);
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex err_mu;
+    std::string first_error;
+
+    auto work = [&]() {
+        Worker w;
+        w.kernel = k;
+        w.args = args;
+        w.fibers.resize(nthreads);
+        w.warps.resize((nthreads + kWarp - 1) / kWarp);
+        w.dyn.assign(std::max<size_t>(shmem, 16), 0);
+        w.stacks_len = (size_t)nthreads * kFiberStack;
+        void* mem = mmap(nullptr, w.stacks_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mem == MAP_FAILED) {
+            std::lock_guard<std::mutex> g(err_mu);
+            first_error = "emulator: cannot map fiber stacks";
+            failed = true;
+            return;
+        }
+        w.stacks = (char*)mem;
+        tl_worker = &w;
+        for (;;) {
+            if (failed.load()) break;
+            uint64_t b = next.fetch_add(1);
+            if (b >= nblocks) break;
+            uint3 bi{(unsigned)(b % grid[0]), (unsigned)((b / grid[0]) % grid[1]),
+                     (unsigned)(b / ((uint64_t)grid[0] * grid[1]))};
+            for (unsigned t = 0; t < nthreads; ++t) {
+                ThreadCtx& c = w.fibers[t].ctx;
+                c.thread_idx = {t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
+                c.block_idx = bi;
+                c.block_dim = {block[0], block[1], block[2]};
+                c.grid_dim = {grid[0], grid[1], grid[2]};
+            }
+            if (!run_block(w, nthreads) || !w.error.empty()) {
+                std::lock_guard<std::mutex> g(err_mu);
+                if (first_error.empty()) first_error = w.error;
+                failed = true;
+                break;
+            }
+        }
+        tl_worker = nullptr;
+        munmap(w.stacks, w.stacks_len);
+    };
+
+    if (nworkers <= 1) {
+        work();
+    } else {
+        std::vector<std::thread> ts;
+        for (unsigned i = 0; i < nworkers; ++i) ts.emplace_back(work);
+        for (auto& t : ts) t.join();
+    }
+    if (failed) return fail(first_error);
+    return 0;
+}

@@ -1,0 +1,2 @@
+//! Subcommands of the `popen` binary, one file each.
+pub mod info;

@@ -1,0 +1,449 @@
+//! One launch interface for two devices: the CUDA emulator (the `.cu` kernels compiled
+//! for the host by `build.rs`, run with host threads as blocks and fibers as threads)
+//! and, with the `cuda` feature, a real GPU through cudarc.
+//!
+//! Both take the same argument list — an array of pointers to the arguments, exactly
+//! what `cuLaunchKernel` takes — so the launch wrappers in the kernel modules are the
+//! same code on both, and every CI run exercises them.
+//!
+//! ```
+//! use popen::kernels::{Device, LaunchCfg, KArg};
+//! let dev = Device::emulator();
+//! let x = dev.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+//! let mut y = dev.zeros::<f32>(3).unwrap();
+//! // y = 2 * x
+//! dev.launch("scale_f32", LaunchCfg::linear(3, 128),
+//!            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I32(3)]).unwrap();
+//! assert_eq!(dev.download(&y).unwrap(), vec![2.0, 4.0, 6.0]);
+//! ```
+use crate::error::{Error, Result};
+use std::ffi::{c_char, c_void, CString};
+use std::fmt;
+
+/// Element types that can live in a device buffer.
+pub trait Elem: bytemuck::Pod + Send + Sync + fmt::Debug + 'static + cuda_repr::Repr {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+impl Elem for i32 {}
+impl Elem for u32 {}
+impl Elem for i64 {}
+impl Elem for u64 {}
+impl Elem for u8 {}
+impl Elem for u16 {}
+
+#[cfg(feature = "cuda")]
+mod cuda_repr {
+    pub trait Repr: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+    impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> Repr for T {}
+}
+#[cfg(not(feature = "cuda"))]
+mod cuda_repr {
+    pub trait Repr {}
+    impl<T> Repr for T {}
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchCfg {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shmem: u32,
+}
+
+impl LaunchCfg {
+    /// One thread per element: `ceil(n / block)` blocks of `block` threads.
+    pub fn linear(n: usize, block: u32) -> Self {
+        let g = n.div_ceil(block as usize).max(1) as u32;
+        LaunchCfg { grid: [g, 1, 1], block: [block, 1, 1], shmem: 0 }
+    }
+    /// Explicit 3-D grid and block.
+    pub fn new(grid: [u32; 3], block: [u32; 3], shmem: u32) -> Self {
+        LaunchCfg { grid, block, shmem }
+    }
+}
+
+/// A kernel argument: a device pointer or a scalar, passed by value.
+#[derive(Clone, Copy, Debug)]
+pub enum KArg {
+    /// Device address (host address on the emulator).
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+impl KArg {
+    fn raw(&self) -> ([u8; 8], usize) {
+        let mut b = [0u8; 8];
+        let n = match *self {
+            KArg::Ptr(v) | KArg::U64(v) => {
+                b.copy_from_slice(&v.to_ne_bytes());
+                8
+            }
+            KArg::I64(v) => {
+                b.copy_from_slice(&v.to_ne_bytes());
+                8
+            }
+            KArg::I32(v) => {
+                b[..4].copy_from_slice(&v.to_ne_bytes());
+                4
+            }
+            KArg::U32(v) => {
+                b[..4].copy_from_slice(&v.to_ne_bytes());
+                4
+            }
+            KArg::F32(v) => {
+                b[..4].copy_from_slice(&v.to_ne_bytes());
+                4
+            }
+        };
+        (b, n)
+    }
+}
+
+/// Which device a [`Device`] drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The kernels compiled for the host and run by the CUDA emulator.
+    Emulator,
+    /// A real GPU through cudarc.
+    Cuda,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Emulator => "emu",
+            Backend::Cuda => "cuda",
+        })
+    }
+}
+
+/// A buffer in device memory (host memory on the emulator).
+pub struct DeviceBuf<T: Elem> {
+    len: usize,
+    inner: BufInner<T>,
+}
+
+enum BufInner<T: Elem> {
+    Host(Vec<T>),
+    #[cfg(feature = "cuda")]
+    Cuda(cudarc::driver::CudaSlice<T>, std::sync::Arc<cudarc::driver::CudaStream>),
+}
+
+impl<T: Elem> DeviceBuf<T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when the buffer holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The buffer as a read-only kernel argument.
+    pub fn arg(&self) -> KArg {
+        match &self.inner {
+            BufInner::Host(v) => KArg::Ptr(v.as_ptr() as u64),
+            #[cfg(feature = "cuda")]
+            BufInner::Cuda(s, st) => {
+                use cudarc::driver::DevicePtr;
+                let (p, _sync) = s.device_ptr(st);
+                KArg::Ptr(p)
+            }
+        }
+    }
+    /// The buffer as a kernel argument the kernel writes to.
+    pub fn arg_mut(&mut self) -> KArg {
+        match &mut self.inner {
+            BufInner::Host(v) => KArg::Ptr(v.as_mut_ptr() as u64),
+            #[cfg(feature = "cuda")]
+            BufInner::Cuda(s, st) => {
+                use cudarc::driver::DevicePtrMut;
+                let (p, _sync) = s.device_ptr_mut(st);
+                KArg::Ptr(p)
+            }
+        }
+    }
+}
+
+/// A device to allocate on and launch kernels on.
+pub struct Device {
+    inner: DevInner,
+}
+
+enum DevInner {
+    Emu { max_workers: u32 },
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaDev),
+}
+
+extern "C" {
+    fn popen_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        shmem: u32,
+        args: *mut *mut c_void,
+        nargs: usize,
+        arg_sizes: *const usize,
+        max_workers: u32,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> i32;
+}
+
+impl Device {
+    /// The CUDA emulator, using every host core for blocks.
+    pub fn emulator() -> Device {
+        Device { inner: DevInner::Emu { max_workers: 0 } }
+    }
+    /// The emulator with at most `n` host threads running blocks (1 = blocks in order).
+    pub fn emulator_with_workers(n: u32) -> Device {
+        Device { inner: DevInner::Emu { max_workers: n.max(1) } }
+    }
+
+    /// GPU `ordinal` through cudarc.  An error (never a panic) when the crate was built
+    /// without the `cuda` feature or without nvcc, or when no driver is present.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Device { inner: DevInner::Cuda(cuda::CudaDev::new(ordinal)?) })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = ordinal;
+            Err(Error::Unsupported("popen was built without the `cuda` feature".into()))
+        }
+    }
+
+    /// The devices the tests run on: always the emulator, plus GPU 0 when one is usable
+    /// (unless `POPEN_TEST_CUDA=0`).
+    pub fn test_devices() -> Vec<Device> {
+        let mut v = vec![Device::emulator()];
+        if std::env::var("POPEN_TEST_CUDA").map(|s| s != "0").unwrap_or(true) {
+            if let Ok(d) = Device::cuda(0) {
+                v.push(d);
+            }
+        }
+        v
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match &self.inner {
+            DevInner::Emu { .. } => Backend::Emulator,
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    /// Copy host data to a new device buffer.
+    pub fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {
+        match &self.inner {
+            DevInner::Emu { .. } => Ok(DeviceBuf { len: data.len(), inner: BufInner::Host(data.to_vec()) }),
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => c.upload(data),
+        }
+    }
+
+    /// A new zero-filled device buffer.
+    pub fn zeros<T: Elem>(&self, n: usize) -> Result<DeviceBuf<T>> {
+        match &self.inner {
+            DevInner::Emu { .. } => Ok(DeviceBuf { len: n, inner: BufInner::Host(vec![T::zeroed(); n]) }),
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => c.zeros(n),
+        }
+    }
+
+    /// Copy a device buffer back to the host (synchronizes).
+    pub fn download<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>> {
+        match &buf.inner {
+            BufInner::Host(v) => Ok(v.clone()),
+            #[cfg(feature = "cuda")]
+            BufInner::Cuda(s, st) => {
+                let mut v = st.clone_dtoh(s).map_err(|e| Error::Device(format!("download: {e}")))?;
+                v.truncate(buf.len);
+                Ok(v)
+            }
+        }
+    }
+
+    /// Overwrite a device buffer from host data of the same length.
+    pub fn write<T: Elem>(&self, buf: &mut DeviceBuf<T>, data: &[T]) -> Result<()> {
+        crate::error::check_len("Device::write", "data", data.len(), buf.len())?;
+        match &mut buf.inner {
+            BufInner::Host(v) => {
+                v.copy_from_slice(data);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            BufInner::Cuda(s, st) => {
+                if data.is_empty() {
+                    return Ok(());
+                }
+                st.memcpy_htod(data, s).map_err(|e| Error::Device(format!("write: {e}")))
+            }
+        }
+    }
+
+    /// Wait for all launched work (a no-op on the emulator, which runs synchronously).
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.inner {
+            DevInner::Emu { .. } => Ok(()),
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => c.stream.synchronize().map_err(|e| Error::Device(format!("synchronize: {e}"))),
+        }
+    }
+
+    /// Launch kernel `name` (an `extern "C" __global__` function in `kernels/*.cu`).
+    ///
+    /// On the emulator the argument count and each argument's size are checked against
+    /// the kernel's C++ signature, so a wrapper that passes arguments in the wrong
+    /// number or width fails loudly in CI rather than on the GPU.
+    pub fn launch(&self, name: &str, cfg: LaunchCfg, args: &[KArg]) -> Result<()> {
+        match &self.inner {
+            DevInner::Emu { max_workers } => {
+                let mut raw: Vec<[u8; 8]> = Vec::with_capacity(args.len());
+                let mut sizes = Vec::with_capacity(args.len());
+                for a in args {
+                    let (b, n) = a.raw();
+                    raw.push(b);
+                    sizes.push(n);
+                }
+                let mut ptrs: Vec<*mut c_void> = raw.iter_mut().map(|b| b.as_mut_ptr() as *mut c_void).collect();
+                let cname = CString::new(name).map_err(|_| Error::arg("launch", "kernel name has a NUL byte"))?;
+                let mut err = vec![0u8; 512];
+                // SAFETY: the emulator reads `nargs` pointers, each to at least the
+                // size we pass for it (checked against the kernel signature before any
+                // call), and writes at most `errlen` bytes to `err`.  Buffer pointers
+                // come from live `DeviceBuf`s borrowed by the caller for this call.
+                let rc = unsafe {
+                    popen_emu_launch(
+                        cname.as_ptr(),
+                        cfg.grid.as_ptr(),
+                        cfg.block.as_ptr(),
+                        cfg.shmem,
+                        ptrs.as_mut_ptr(),
+                        ptrs.len(),
+                        sizes.as_ptr(),
+                        *max_workers,
+                        err.as_mut_ptr() as *mut c_char,
+                        err.len(),
+                    )
+                };
+                if rc != 0 {
+                    let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());
+                    return Err(Error::Device(String::from_utf8_lossy(&err[..end]).into_owned()));
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => c.launch(name, cfg, args),
+        }
+    }
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Device({})", self.backend())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    pub(super) struct CudaDev {
+        pub(super) stream: Arc<CudaStream>,
+        funcs: HashMap<&'static str, CudaFunction>,
+        _ctx: Arc<CudaContext>,
+    }
+
+    fn derr(what: &str, e: impl fmt::Display) -> Error {
+        Error::Device(format!("{what}: {e}"))
+    }
+
+    impl CudaDev {
+        pub(super) fn new(ordinal: usize) -> Result<Self> {
+            // cudarc panics when libcuda is missing; ask first.
+            // SAFETY: only probes for the shared library.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err(Error::Device("no CUDA driver (libcuda) on this machine".into()));
+            }
+            if crate::kernels::PTX.is_empty() {
+                return Err(Error::Device(
+                    "popen was built without kernels (nvcc not found at build time; see tools/install_nvcc.sh)".into(),
+                ));
+            }
+            let ctx = CudaContext::new(ordinal).map_err(|e| derr("CudaContext::new", e))?;
+            let stream = ctx.default_stream();
+            let mut funcs = HashMap::new();
+            for (stem, ptx) in crate::kernels::PTX {
+                let m = ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_src(*ptx))
+                    .map_err(|e| derr(&format!("loading {stem}.ptx"), e))?;
+                for (k, file) in crate::kernels::KERNELS {
+                    if file == stem {
+                        let f = m.load_function(k).map_err(|e| derr(&format!("function {k}"), e))?;
+                        funcs.insert(*k, f);
+                    }
+                }
+            }
+            Ok(CudaDev { stream, funcs, _ctx: ctx })
+        }
+
+        pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {
+            if data.is_empty() {
+                return self.zeros(0);
+            }
+            let s = self.stream.clone_htod(data).map_err(|e| derr("upload", e))?;
+            Ok(DeviceBuf { len: data.len(), inner: BufInner::Cuda(s, self.stream.clone()) })
+        }
+
+        pub(super) fn zeros<T: Elem>(&self, n: usize) -> Result<DeviceBuf<T>> {
+            // CUDA cannot allocate 0 bytes; keep one element and the true length.
+            let s = self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| derr("alloc", e))?;
+            Ok(DeviceBuf { len: n, inner: BufInner::Cuda(s, self.stream.clone()) })
+        }
+
+        pub(super) fn launch(&self, name: &str, cfg: LaunchCfg, args: &[KArg]) -> Result<()> {
+            let f = self
+                .funcs
+                .get(name)
+                .ok_or_else(|| Error::Device(format!("no kernel named {name} in the PTX")))?;
+            if cfg.shmem > 48 * 1024 {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.shmem as i32,
+                )
+                .map_err(|e| derr("set shared memory", e))?;
+            }
+            let vals: Vec<KArg> = args.to_vec();
+            let mut b = self.stream.launch_builder(f);
+            for a in &vals {
+                match a {
+                    KArg::Ptr(v) | KArg::U64(v) => b.arg(v),
+                    KArg::I64(v) => b.arg(v),
+                    KArg::I32(v) => b.arg(v),
+                    KArg::U32(v) => b.arg(v),
+                    KArg::F32(v) => b.arg(v),
+                };
+            }
+            let lc = LaunchConfig {
+                grid_dim: (cfg.grid[0], cfg.grid[1], cfg.grid[2]),
+                block_dim: (cfg.block[0], cfg.block[1], cfg.block[2]),
+                shared_mem_bytes: cfg.shmem,
+            };
+            // SAFETY: argument count and widths follow the kernel signature (checked
+            // by the emulator in every CI run for the same wrappers); pointers are live
+            // device buffers borrowed by the caller.
+            unsafe { b.launch(lc) }.map_err(|e| derr(&format!("launch {name}"), e))?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Hand-written CUDA kernels (`kernels/*.cu`), their CPU twins, and launch wrappers.
+//!
+//! Every kernel family has three pieces under one name: the `.cu` kernel, a launch
+//! wrapper that takes a [`Device`], and a CPU twin in plain Rust.  The twin is both the
+//! CPU backend and the reference the kernel is tested against.  Without a GPU the same
+//! `.cu` source runs on the host through the CUDA emulator (see [`device`]), so
+//! `cargo test` checks every kernel on every machine.
+pub mod device;
+
+pub use device::{Backend, Device, DeviceBuf, Elem, KArg, LaunchCfg};
+
+mod gen {
+    include!(concat!(env!("OUT_DIR"), "/kernels_gen.rs"));
+}
+pub use gen::{KERNELS, PTX, PTXAS_REPORT, PTX_ARCH};
