@@ -21,7 +21,14 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let kdir = manifest.join("kernels");
     println!("cargo:rerun-if-changed=kernels");
-    for v in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "POPEN_SKIP_NVCC", "POPEN_EMU_SANITIZE", "PATH"] {
+    for v in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_COMPUTE_CAP",
+        "POPEN_SKIP_NVCC",
+        "POPEN_EMU_SANITIZE",
+        "PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
 
@@ -49,19 +56,36 @@ fn main() {
 
     // Rust side: kernel table and embedded PTX.
     let mut rs = String::new();
-    writeln!(rs, "/// Every kernel in `kernels/*.cu`: (kernel name, file stem).").unwrap();
+    writeln!(
+        rs,
+        "/// Every kernel in `kernels/*.cu`: (kernel name, file stem)."
+    )
+    .unwrap();
     writeln!(rs, "pub const KERNELS: &[(&str, &str)] = &[").unwrap();
     for (k, m) in &table {
         writeln!(rs, "    ({k:?}, {m:?}),").unwrap();
     }
     writeln!(rs, "];").unwrap();
-    writeln!(rs, "/// PTX per file stem; empty when the crate was built without nvcc.").unwrap();
+    writeln!(
+        rs,
+        "/// PTX per file stem; empty when the crate was built without nvcc."
+    )
+    .unwrap();
     writeln!(rs, "pub const PTX: &[(&str, &str)] = &[").unwrap();
     for (stem, path) in &ptx.modules {
-        writeln!(rs, "    ({stem:?}, include_str!({:?})),", path.display().to_string()).unwrap();
+        writeln!(
+            rs,
+            "    ({stem:?}, include_str!({:?})),",
+            path.display().to_string()
+        )
+        .unwrap();
     }
     writeln!(rs, "];").unwrap();
-    writeln!(rs, "/// GPU architecture the PTX targets (`sm_XX`), or empty.").unwrap();
+    writeln!(
+        rs,
+        "/// GPU architecture the PTX targets (`sm_XX`), or empty."
+    )
+    .unwrap();
     writeln!(rs, "pub const PTX_ARCH: &str = {:?};", ptx.arch).unwrap();
     writeln!(rs, "/// ptxas register/spill report, or empty.").unwrap();
     writeln!(rs, "pub const PTXAS_REPORT: &str = {:?};", ptx.report).unwrap();
@@ -76,7 +100,9 @@ fn kernel_names(src: &str) -> Vec<String> {
     while let Some(i) = rest.find("__global__") {
         rest = &rest[i + "__global__".len()..];
         let mut s = rest.trim_start();
-        let Some(t) = s.strip_prefix("void") else { continue };
+        let Some(t) = s.strip_prefix("void") else {
+            continue;
+        };
         s = t.trim_start();
         if let Some(t) = s.strip_prefix("__launch_bounds__") {
             // skip the balanced parenthesis group
@@ -97,7 +123,10 @@ fn kernel_names(src: &str) -> Vec<String> {
             }
             s = t[end..].trim_start();
         }
-        let name: String = s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let name: String = s
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
         if !name.is_empty() && s[name.len()..].trim_start().starts_with('(') {
             names.push(name);
         }
@@ -145,7 +174,9 @@ fn build_emulator(kdir: &Path, out: &Path, files: &[PathBuf], table: &[(String, 
     if let Ok(s) = env::var("POPEN_EMU_SANITIZE") {
         if !s.is_empty() {
             // e.g. POPEN_EMU_SANITIZE=address: bounds-check every emulated kernel access.
-            build.flag(format!("-fsanitize={s}")).flag("-fno-omit-frame-pointer");
+            build
+                .flag(format!("-fsanitize={s}"))
+                .flag("-fno-omit-frame-pointer");
             println!("cargo:rustc-link-lib=dylib=asan");
         }
     }
@@ -157,7 +188,11 @@ fn build_emulator(kdir: &Path, out: &Path, files: &[PathBuf], table: &[(String, 
         writeln!(w, "#include \"emu/emu_api.h\"").unwrap();
         for (k, m) in table {
             if *m == stem {
-                writeln!(w, "extern \"C\" void popen_emu_tramp_{k}(void** a) {{ emu::call(&{k}, a); }}").unwrap();
+                writeln!(
+                    w,
+                    "extern \"C\" void popen_emu_tramp_{k}(void** a) {{ emu::call(&{k}, a); }}"
+                )
+                .unwrap();
                 writeln!(
                     w,
                     "extern \"C\" const EmuKernel popen_emu_entry_{k} = emu::entry(\"{k}\", &popen_emu_tramp_{k}, &{k});"
@@ -209,11 +244,17 @@ fn find_nvcc() -> Option<PathBuf> {
         }
     }
     let path = env::var_os("PATH")?;
-    env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.exists())
+    env::split_paths(&path)
+        .map(|d| d.join("nvcc"))
+        .find(|p| p.exists())
 }
 
 fn build_ptx(kdir: &Path, out: &Path, files: &[PathBuf]) -> PtxBuild {
-    let none = PtxBuild { modules: vec![], arch: String::new(), report: String::new() };
+    let none = PtxBuild {
+        modules: vec![],
+        arch: String::new(),
+        report: String::new(),
+    };
     if env::var("POPEN_SKIP_NVCC").is_ok_and(|v| v == "1") {
         println!("cargo:warning=POPEN_SKIP_NVCC=1: kernels not compiled to PTX; the CUDA backend will have no kernels");
         return none;
@@ -251,23 +292,39 @@ fn build_ptx(kdir: &Path, out: &Path, files: &[PathBuf]) -> PtxBuild {
                 String::from_utf8_lossy(&o.stderr)
             );
         }
-        let r = Command::new(&ptxas).arg(format!("-arch={arch}")).arg("-v").arg(&ptx).arg("-o").arg("/dev/null").output();
+        let r = Command::new(&ptxas)
+            .arg(format!("-arch={arch}"))
+            .arg("-v")
+            .arg(&ptx)
+            .arg("-o")
+            .arg("/dev/null")
+            .output();
         match r {
             Ok(r) if r.status.success() => {
                 let text = String::from_utf8_lossy(&r.stderr).to_string();
                 for line in text.lines() {
-                    if line.contains("spill") && !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
+                    if line.contains("spill")
+                        && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
+                    {
                         println!("cargo:warning={stem}: {}", line.trim());
                     }
                 }
                 writeln!(report, "== {stem}.cu ({arch})\n{text}").unwrap();
             }
-            Ok(r) => panic!("ptxas failed on {}:\n{}", ptx.display(), String::from_utf8_lossy(&r.stderr)),
+            Ok(r) => panic!(
+                "ptxas failed on {}:\n{}",
+                ptx.display(),
+                String::from_utf8_lossy(&r.stderr)
+            ),
             Err(e) => println!("cargo:warning=ptxas not run ({e}); no register report"),
         }
         modules.push((stem, ptx));
     }
     let rp = out.join("ptxas-report.txt");
     fs::write(&rp, &report).unwrap();
-    PtxBuild { modules, arch, report: rp.display().to_string() }
+    PtxBuild {
+        modules,
+        arch,
+        report: rp.display().to_string(),
+    }
 }

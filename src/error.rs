@@ -17,13 +17,24 @@ pub enum Error {
     NonFinite { what: String },
     /// File system error with the path it concerns.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Malformed JSON (or JSON lines); `line` is 1-based where it applies.
     #[error("{path}{}: {msg}", line.map(|l| format!(":{l}")).unwrap_or_default())]
-    Json { path: PathBuf, line: Option<usize>, msg: String },
+    Json {
+        path: PathBuf,
+        line: Option<usize>,
+        msg: String,
+    },
     /// A data file is readable but a field in it is wrong.
     #[error("{path}: field `{field}`: {msg}")]
-    Data { path: PathBuf, field: String, msg: String },
+    Data {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
     /// A safetensors file is truncated, hostile or does not match the model.
     #[error("{path}: {msg}")]
     Safetensors { path: PathBuf, msg: String },
@@ -32,7 +43,11 @@ pub enum Error {
     MissingTensor { path: PathBuf, name: String },
     /// A model configuration value is missing or unsupported.
     #[error("{path}: config field `{field}`: {msg}")]
-    Config { path: PathBuf, field: String, msg: String },
+    Config {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
     /// An image that does not decode or has the wrong size.
     #[error("{path}: {msg}")]
     Image { path: PathBuf, msg: String },
@@ -53,15 +68,24 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Shorthand for [`Error::Shape`].
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Shape { op, msg: msg.into() }
+        Error::Shape {
+            op,
+            msg: msg.into(),
+        }
     }
     /// Shorthand for [`Error::InvalidArg`].
     pub fn arg(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::InvalidArg { op, msg: msg.into() }
+        Error::InvalidArg {
+            op,
+            msg: msg.into(),
+        }
     }
     /// Shorthand for [`Error::Io`].
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -71,6 +95,9 @@ pub fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Resul
     if got == want {
         Ok(())
     } else {
-        Err(Error::shape(op, format!("{what} has {got} elements, expected {want}")))
+        Err(Error::shape(
+            op,
+            format!("{what} has {got} elements, expected {want}"),
+        ))
     }
 }

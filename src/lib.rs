@@ -10,3 +10,4 @@ pub mod error;
 pub mod kernels;
 
 pub use error::{Error, Result};
+pub mod data;

@@ -8,7 +8,9 @@ fn rowsum_uses_shared_memory_and_shuffles() {
         // odd sizes: 37 rows of 1000, blocks of 3, 5 and 32 warps
         for block in [96u32, 160, 1024] {
             let (rows, n) = (37usize, 1000usize);
-            let x: Vec<f32> = (0..rows * n).map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 3.0).collect();
+            let x: Vec<f32> = (0..rows * n)
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 3.0)
+                .collect();
             let xd = dev.upload(&x).unwrap();
             let mut out = dev.zeros::<f32>(rows).unwrap();
             dev.launch(
@@ -20,7 +22,11 @@ fn rowsum_uses_shared_memory_and_shuffles() {
             let got = dev.download(&out).unwrap();
             for r in 0..rows {
                 let want: f64 = x[r * n..(r + 1) * n].iter().map(|&v| v as f64).sum();
-                assert!((got[r] as f64 - want).abs() < 1e-2, "{dev:?} block {block} row {r}: {} vs {want}", got[r]);
+                assert!(
+                    (got[r] as f64 - want).abs() < 1e-2,
+                    "{dev:?} block {block} row {r}: {} vs {want}",
+                    got[r]
+                );
             }
         }
     }
@@ -47,11 +53,17 @@ fn early_return_before_barrier_does_not_deadlock() {
 fn atomics_across_blocks_are_exact() {
     for dev in Device::test_devices() {
         let n = 100_003usize;
-        let x: Vec<i32> = (0..n as i32).map(|i| i.wrapping_mul(2654435761u32 as i32).abs()).collect();
+        let x: Vec<i32> = (0..n as i32)
+            .map(|i| i.wrapping_mul(2654435761u32 as i32).abs())
+            .collect();
         let xd = dev.upload(&x).unwrap();
         let mut c = dev.zeros::<u32>(7).unwrap();
-        dev.launch("emu_selftest_histogram", LaunchCfg::linear(n, 256), &[c.arg_mut(), xd.arg(), KArg::I32(n as i32), KArg::I32(7)])
-            .unwrap();
+        dev.launch(
+            "emu_selftest_histogram",
+            LaunchCfg::linear(n, 256),
+            &[c.arg_mut(), xd.arg(), KArg::I32(n as i32), KArg::I32(7)],
+        )
+        .unwrap();
         let got = dev.download(&c).unwrap();
         let mut want = vec![0u32; 7];
         for v in &x {
@@ -66,15 +78,33 @@ fn wrong_argument_count_or_width_is_an_error() {
     let dev = Device::emulator();
     let x = dev.upload(&[1.0f32; 4]).unwrap();
     let mut y = dev.zeros::<f32>(4).unwrap();
-    let e = dev.launch("scale_f32", LaunchCfg::linear(4, 32), &[y.arg_mut(), x.arg(), KArg::F32(2.0)]).unwrap_err();
+    let e = dev
+        .launch(
+            "scale_f32",
+            LaunchCfg::linear(4, 32),
+            &[y.arg_mut(), x.arg(), KArg::F32(2.0)],
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("3 arguments, kernel takes 4"), "{e}");
     let e = dev
-        .launch("scale_f32", LaunchCfg::linear(4, 32), &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I64(4)])
+        .launch(
+            "scale_f32",
+            LaunchCfg::linear(4, 32),
+            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I64(4)],
+        )
         .unwrap_err();
     assert!(e.to_string().contains("argument 3 has 8 bytes"), "{e}");
-    let e = dev.launch("no_such_kernel", LaunchCfg::linear(4, 32), &[]).unwrap_err();
+    let e = dev
+        .launch("no_such_kernel", LaunchCfg::linear(4, 32), &[])
+        .unwrap_err();
     assert!(e.to_string().contains("no kernel named"), "{e}");
-    let e = dev.launch("scale_f32", LaunchCfg::linear(4, 2048), &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I32(4)]).unwrap_err();
+    let e = dev
+        .launch(
+            "scale_f32",
+            LaunchCfg::linear(4, 2048),
+            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I32(4)],
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("1..=1024"), "{e}");
 }
 
@@ -82,7 +112,13 @@ fn wrong_argument_count_or_width_is_an_error() {
 fn divergent_barriers_are_reported_as_deadlock() {
     let dev = Device::emulator();
     let mut y = dev.zeros::<f32>(1).unwrap();
-    let e = dev.launch("emu_selftest_deadlock", LaunchCfg::new([1, 1, 1], [64, 1, 1], 0), &[y.arg_mut()]).unwrap_err();
+    let e = dev
+        .launch(
+            "emu_selftest_deadlock",
+            LaunchCfg::new([1, 1, 1], [64, 1, 1], 0),
+            &[y.arg_mut()],
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("deadlock"), "{e}");
 }
 
@@ -90,7 +126,11 @@ fn divergent_barriers_are_reported_as_deadlock() {
 fn every_kernel_file_is_in_the_table() {
     // build.rs parses kernels/*.cu; the self-test kernels must be found.
     let names: Vec<&str> = popen::kernels::KERNELS.iter().map(|(k, _)| *k).collect();
-    for k in ["scale_f32", "emu_selftest_rowsum_f32", "emu_selftest_deadlock"] {
+    for k in [
+        "scale_f32",
+        "emu_selftest_rowsum_f32",
+        "emu_selftest_deadlock",
+    ] {
         assert!(names.contains(&k), "{k} missing from {names:?}");
     }
 }
@@ -103,7 +143,11 @@ fn shuffle_from_a_lane_that_does_not_exist_is_an_error() {
     let x = dev.upload(&vec![1.0f32; 100]).unwrap();
     let mut out = dev.zeros::<f32>(1).unwrap();
     let e = dev
-        .launch("emu_selftest_rowsum_f32", LaunchCfg::new([1, 1, 1], [33, 1, 1], 0), &[out.arg_mut(), x.arg(), KArg::I32(100)])
+        .launch(
+            "emu_selftest_rowsum_f32",
+            LaunchCfg::new([1, 1, 1], [33, 1, 1], 0),
+            &[out.arg_mut(), x.arg(), KArg::I32(100)],
+        )
         .unwrap_err();
     assert!(e.to_string().contains("did not take part"), "{e}");
 }

@@ -54,7 +54,11 @@ impl LaunchCfg {
     /// One thread per element: `ceil(n / block)` blocks of `block` threads.
     pub fn linear(n: usize, block: u32) -> Self {
         let g = n.div_ceil(block as usize).max(1) as u32;
-        LaunchCfg { grid: [g, 1, 1], block: [block, 1, 1], shmem: 0 }
+        LaunchCfg {
+            grid: [g, 1, 1],
+            block: [block, 1, 1],
+            shmem: 0,
+        }
     }
     /// Explicit 3-D grid and block.
     pub fn new(grid: [u32; 3], block: [u32; 3], shmem: u32) -> Self {
@@ -130,7 +134,10 @@ pub struct DeviceBuf<T: Elem> {
 enum BufInner<T: Elem> {
     Host(Vec<T>),
     #[cfg(feature = "cuda")]
-    Cuda(cudarc::driver::CudaSlice<T>, std::sync::Arc<cudarc::driver::CudaStream>),
+    Cuda(
+        cudarc::driver::CudaSlice<T>,
+        std::sync::Arc<cudarc::driver::CudaStream>,
+    ),
 }
 
 impl<T: Elem> DeviceBuf<T> {
@@ -174,7 +181,9 @@ pub struct Device {
 }
 
 enum DevInner {
-    Emu { max_workers: u32 },
+    Emu {
+        max_workers: u32,
+    },
     #[cfg(feature = "cuda")]
     Cuda(cuda::CudaDev),
 }
@@ -197,11 +206,17 @@ extern "C" {
 impl Device {
     /// The CUDA emulator, using every host core for blocks.
     pub fn emulator() -> Device {
-        Device { inner: DevInner::Emu { max_workers: 0 } }
+        Device {
+            inner: DevInner::Emu { max_workers: 0 },
+        }
     }
     /// The emulator with at most `n` host threads running blocks (1 = blocks in order).
     pub fn emulator_with_workers(n: u32) -> Device {
-        Device { inner: DevInner::Emu { max_workers: n.max(1) } }
+        Device {
+            inner: DevInner::Emu {
+                max_workers: n.max(1),
+            },
+        }
     }
 
     /// GPU `ordinal` through cudarc.  An error (never a panic) when the crate was built
@@ -209,12 +224,16 @@ impl Device {
     pub fn cuda(ordinal: usize) -> Result<Device> {
         #[cfg(feature = "cuda")]
         {
-            Ok(Device { inner: DevInner::Cuda(cuda::CudaDev::new(ordinal)?) })
+            Ok(Device {
+                inner: DevInner::Cuda(cuda::CudaDev::new(ordinal)?),
+            })
         }
         #[cfg(not(feature = "cuda"))]
         {
             let _ = ordinal;
-            Err(Error::Unsupported("popen was built without the `cuda` feature".into()))
+            Err(Error::Unsupported(
+                "popen was built without the `cuda` feature".into(),
+            ))
         }
     }
 
@@ -222,7 +241,10 @@ impl Device {
     /// (unless `POPEN_TEST_CUDA=0`).
     pub fn test_devices() -> Vec<Device> {
         let mut v = vec![Device::emulator()];
-        if std::env::var("POPEN_TEST_CUDA").map(|s| s != "0").unwrap_or(true) {
+        if std::env::var("POPEN_TEST_CUDA")
+            .map(|s| s != "0")
+            .unwrap_or(true)
+        {
             if let Ok(d) = Device::cuda(0) {
                 v.push(d);
             }
@@ -242,7 +264,10 @@ impl Device {
     /// Copy host data to a new device buffer.
     pub fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {
         match &self.inner {
-            DevInner::Emu { .. } => Ok(DeviceBuf { len: data.len(), inner: BufInner::Host(data.to_vec()) }),
+            DevInner::Emu { .. } => Ok(DeviceBuf {
+                len: data.len(),
+                inner: BufInner::Host(data.to_vec()),
+            }),
             #[cfg(feature = "cuda")]
             DevInner::Cuda(c) => c.upload(data),
         }
@@ -251,7 +276,10 @@ impl Device {
     /// A new zero-filled device buffer.
     pub fn zeros<T: Elem>(&self, n: usize) -> Result<DeviceBuf<T>> {
         match &self.inner {
-            DevInner::Emu { .. } => Ok(DeviceBuf { len: n, inner: BufInner::Host(vec![T::zeroed(); n]) }),
+            DevInner::Emu { .. } => Ok(DeviceBuf {
+                len: n,
+                inner: BufInner::Host(vec![T::zeroed(); n]),
+            }),
             #[cfg(feature = "cuda")]
             DevInner::Cuda(c) => c.zeros(n),
         }
@@ -263,7 +291,9 @@ impl Device {
             BufInner::Host(v) => Ok(v.clone()),
             #[cfg(feature = "cuda")]
             BufInner::Cuda(s, st) => {
-                let mut v = st.clone_dtoh(s).map_err(|e| Error::Device(format!("download: {e}")))?;
+                let mut v = st
+                    .clone_dtoh(s)
+                    .map_err(|e| Error::Device(format!("download: {e}")))?;
                 v.truncate(buf.len);
                 Ok(v)
             }
@@ -283,7 +313,8 @@ impl Device {
                 if data.is_empty() {
                     return Ok(());
                 }
-                st.memcpy_htod(data, s).map_err(|e| Error::Device(format!("write: {e}")))
+                st.memcpy_htod(data, s)
+                    .map_err(|e| Error::Device(format!("write: {e}")))
             }
         }
     }
@@ -293,7 +324,10 @@ impl Device {
         match &self.inner {
             DevInner::Emu { .. } => Ok(()),
             #[cfg(feature = "cuda")]
-            DevInner::Cuda(c) => c.stream.synchronize().map_err(|e| Error::Device(format!("synchronize: {e}"))),
+            DevInner::Cuda(c) => c
+                .stream
+                .synchronize()
+                .map_err(|e| Error::Device(format!("synchronize: {e}"))),
         }
     }
 
@@ -312,8 +346,12 @@ impl Device {
                     raw.push(b);
                     sizes.push(n);
                 }
-                let mut ptrs: Vec<*mut c_void> = raw.iter_mut().map(|b| b.as_mut_ptr() as *mut c_void).collect();
-                let cname = CString::new(name).map_err(|_| Error::arg("launch", "kernel name has a NUL byte"))?;
+                let mut ptrs: Vec<*mut c_void> = raw
+                    .iter_mut()
+                    .map(|b| b.as_mut_ptr() as *mut c_void)
+                    .collect();
+                let cname = CString::new(name)
+                    .map_err(|_| Error::arg("launch", "kernel name has a NUL byte"))?;
                 let mut err = vec![0u8; 512];
                 // SAFETY: the emulator reads `nargs` pointers, each to at least the
                 // size we pass for it (checked against the kernel signature before any
@@ -335,7 +373,9 @@ impl Device {
                 };
                 if rc != 0 {
                     let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());
-                    return Err(Error::Device(String::from_utf8_lossy(&err[..end]).into_owned()));
+                    return Err(Error::Device(
+                        String::from_utf8_lossy(&err[..end]).into_owned(),
+                    ));
                 }
                 Ok(())
             }
@@ -373,7 +413,9 @@ mod cuda {
             // cudarc panics when libcuda is missing; ask first.
             // SAFETY: only probes for the shared library.
             if !unsafe { cudarc::driver::sys::is_culib_present() } {
-                return Err(Error::Device("no CUDA driver (libcuda) on this machine".into()));
+                return Err(Error::Device(
+                    "no CUDA driver (libcuda) on this machine".into(),
+                ));
             }
             if crate::kernels::PTX.is_empty() {
                 return Err(Error::Device(
@@ -389,26 +431,44 @@ mod cuda {
                     .map_err(|e| derr(&format!("loading {stem}.ptx"), e))?;
                 for (k, file) in crate::kernels::KERNELS {
                     if file == stem {
-                        let f = m.load_function(k).map_err(|e| derr(&format!("function {k}"), e))?;
+                        let f = m
+                            .load_function(k)
+                            .map_err(|e| derr(&format!("function {k}"), e))?;
                         funcs.insert(*k, f);
                     }
                 }
             }
-            Ok(CudaDev { stream, funcs, _ctx: ctx })
+            Ok(CudaDev {
+                stream,
+                funcs,
+                _ctx: ctx,
+            })
         }
 
         pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {
             if data.is_empty() {
                 return self.zeros(0);
             }
-            let s = self.stream.clone_htod(data).map_err(|e| derr("upload", e))?;
-            Ok(DeviceBuf { len: data.len(), inner: BufInner::Cuda(s, self.stream.clone()) })
+            let s = self
+                .stream
+                .clone_htod(data)
+                .map_err(|e| derr("upload", e))?;
+            Ok(DeviceBuf {
+                len: data.len(),
+                inner: BufInner::Cuda(s, self.stream.clone()),
+            })
         }
 
         pub(super) fn zeros<T: Elem>(&self, n: usize) -> Result<DeviceBuf<T>> {
             // CUDA cannot allocate 0 bytes; keep one element and the true length.
-            let s = self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| derr("alloc", e))?;
-            Ok(DeviceBuf { len: n, inner: BufInner::Cuda(s, self.stream.clone()) })
+            let s = self
+                .stream
+                .alloc_zeros::<T>(n.max(1))
+                .map_err(|e| derr("alloc", e))?;
+            Ok(DeviceBuf {
+                len: n,
+                inner: BufInner::Cuda(s, self.stream.clone()),
+            })
         }
 
         pub(super) fn launch(&self, name: &str, cfg: LaunchCfg, args: &[KArg]) -> Result<()> {
