@@ -1,6 +1,7 @@
 //! Data: masks, COCO RLE, the MUSE schema, readers for the real data sets, the
 //! embedded procedural world, the text corrector, and the tokenizer.
 pub mod mask;
+pub mod polygon;
 pub mod muse;
 pub mod rle;
 
