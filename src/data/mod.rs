@@ -3,7 +3,10 @@
 pub mod mask;
 pub mod polygon;
 pub mod muse;
+pub mod pickle;
+pub mod readers;
 pub mod rle;
+pub mod sample;
 
 pub use mask::Mask;
 pub use rle::Rle;
