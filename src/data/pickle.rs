@@ -129,14 +129,18 @@ impl<'a> Vm<'a> {
         let s = self.take(n)?;
         Ok(s.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64))
     }
-    fn line(&mut self) -> Result<&'a str> {
+    fn line_bytes(&mut self) -> Result<&'a [u8]> {
         let rest = &self.b[self.p..];
         let n = rest
             .iter()
             .position(|&c| c == b'\n')
             .ok_or_else(|| self.err("text argument has no newline"))?;
         self.p += n + 1;
-        std::str::from_utf8(&rest[..n]).map_err(|_| self.err("text argument is not ASCII"))
+        Ok(&rest[..n])
+    }
+    fn line(&mut self) -> Result<&'a str> {
+        let b = self.line_bytes()?;
+        std::str::from_utf8(b).map_err(|_| self.err("text argument is not ASCII"))
     }
     fn push(&mut self, n: Node) {
         self.nodes.push(n);
@@ -333,7 +337,8 @@ impl<'a> Vm<'a> {
                     self.leaf(Value::Str(Self::str_from_py2(s)));
                 }
                 b'V' => {
-                    let s = self.line()?;
+                    // raw-unicode-escape: non-ASCII Latin-1 characters are raw bytes
+                    let s = self.line_bytes()?;
                     let v = raw_unicode_unescape(s)
                         .ok_or_else(|| self.err(format!("bad UNICODE {s:?}")))?;
                     self.leaf(Value::Str(v));
@@ -520,8 +525,7 @@ fn unquote_py2(s: &str) -> Option<Vec<u8>> {
 
 /// Python's `raw-unicode-escape`: `\uXXXX` and `\UXXXXXXXX` escapes, every other
 /// byte a Latin-1 character.
-fn raw_unicode_unescape(s: &str) -> Option<String> {
-    let b = s.as_bytes();
+fn raw_unicode_unescape(b: &[u8]) -> Option<String> {
     let mut out = String::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -581,13 +585,15 @@ mod tests {
     #[test]
     fn protocol0_text_opcodes() {
         // pickle.dumps({'k': [1, 'é', 2.5, True]}, 0) in Python 2 (str 'k', unicode é)
-        let b = b"(dp0\nS'k'\np1\n(lp2\nI1\naV\\u00e9\np3\naF2.5\naI01\nas.";
+        let b = b"(dp0\nS'k'\np1\n(lp2\nI1\naV\\u00e9\np3\naF2.5\naI01\naV\xe8\np4\nas.";
         let v = parse(b).unwrap();
         let l = v.get("k").unwrap().as_seq().unwrap();
         assert_eq!(l[0], Value::Int(1));
         assert_eq!(l[1], Value::Str("é".into()));
         assert_eq!(l[2], Value::Float(2.5));
         assert_eq!(l[3], Value::Bool(true));
+        // Python 3 writes Latin-1 characters of a str as raw bytes
+        assert_eq!(l[4], Value::Str("è".into()));
     }
 
     #[test]

@@ -229,10 +229,12 @@ pub fn paint_rle(m: &mut Mask, r: &Rle, value: u8) -> Result<()> {
 
 /// Fill one polygon given as `(x, y)` points the way LISA fills a ReasonSeg shape:
 /// vertices truncated toward zero to integers (numpy `astype(int32)`), then
-/// `cv2.polylines(closed, thickness 1)` and `cv2.fillPoly` with `value`.  Pixel
-/// `(x, y)` is set when the point `(x, y)` lies inside or on the integer polygon
-/// (even-odd rule), or on the 8-connected line between consecutive vertices.  Returns
-/// the number of pixels painted (LISA sorts shapes by this area).
+/// `cv2.polylines(closed, thickness 1)` and `cv2.fillPoly` with `value`.  This follows
+/// OpenCV's rasterizer step by step (fixed-point edges with 16 fractional bits, the
+/// 8-connected line iterator, Cohen-Sutherland clipping of lines that leave the
+/// image), because "inside or on the boundary" differs from it on slanted edges.
+/// `polylines` draws the same lines `fillPoly` draws first, so only the latter is run.
+/// Returns the number of pixels painted (LISA sorts shapes by this area).
 pub fn fill_polygon_cv(m: &mut Mask, points: &[[f64; 2]], value: u8) -> Result<usize> {
     let flat: Vec<f64> = points.iter().flat_map(|p| [p[0], p[1]]).collect();
     check_coords("fill_polygon_cv", &flat)?;
@@ -241,46 +243,14 @@ pub fn fill_polygon_cv(m: &mut Mask, points: &[[f64; 2]], value: u8) -> Result<u
         .map(|p| (p[0] as i64, p[1] as i64))
         .collect();
     let mut painted = vec![false; m.height * m.width];
-    let (h, w) = (m.height as i64, m.width as i64);
-    let n = pts.len();
-    if n == 0 {
-        return Ok(0);
-    }
-    let mut set = |x: i64, y: i64| {
-        if (0..w).contains(&x) && (0..h).contains(&y) {
-            painted[(y * w + x) as usize] = true;
-        }
+    let mut canvas = Canvas {
+        h: m.height as i64,
+        w: m.width as i64,
+        px: &mut painted,
     };
-    // interior: scanline at each integer row, inclusive of the crossing columns
-    let ymin = pts.iter().map(|p| p.1).min().unwrap_or(0).max(0);
-    let ymax = pts.iter().map(|p| p.1).max().unwrap_or(-1).min(h - 1);
-    let mut xs: Vec<f64> = Vec::new();
-    for yy in ymin..=ymax {
-        xs.clear();
-        let yf = yy as f64;
-        for i in 0..n {
-            let (x0, y0) = pts[i];
-            let (x1, y1) = pts[(i + 1) % n];
-            // half-open in y so a vertex on the scanline is counted once
-            if (y0 <= yy && yy < y1) || (y1 <= yy && yy < y0) {
-                let t = (yf - y0 as f64) / (y1 - y0) as f64;
-                xs.push(x0 as f64 + t * (x1 - x0) as f64);
-            }
-        }
-        xs.sort_by(|a, b| a.total_cmp(b));
-        for pair in xs.chunks_exact(2) {
-            let xa = (pair[0].ceil() as i64).max(0);
-            let xb = (pair[1].floor() as i64).min(w - 1);
-            for xx in xa..=xb {
-                set(xx, yy);
-            }
-        }
-    }
-    // boundary: 8-connected lines between consecutive vertices, closed
-    for i in 0..n {
-        let (x0, y0) = pts[i];
-        let (x1, y1) = pts[(i + 1) % n];
-        line8(x0, y0, x1, y1, &mut set);
+    if !pts.is_empty() && m.height > 0 && m.width > 0 {
+        let edges = cv_collect_edges(&mut canvas, &pts);
+        cv_fill_edges(&mut canvas, edges);
     }
     let mut count = 0;
     for (d, &p) in m.data.iter_mut().zip(&painted) {
@@ -292,24 +262,284 @@ pub fn fill_polygon_cv(m: &mut Mask, points: &[[f64; 2]], value: u8) -> Result<u
     Ok(count)
 }
 
-/// Bresenham's 8-connected line from `(x0, y0)` to `(x1, y1)`, both ends included.
-fn line8(x0: i64, y0: i64, x1: i64, y1: i64, set: &mut impl FnMut(i64, i64)) {
-    let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-    let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-    let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-    loop {
-        set(x, y);
-        if x == x1 && y == y1 {
-            break;
+/// OpenCV's fixed-point precision for polygon edges.
+const XY_SHIFT: u32 = 16;
+const XY_ONE: i64 = 1 << XY_SHIFT;
+
+struct Canvas<'a> {
+    h: i64,
+    w: i64,
+    px: &'a mut [bool],
+}
+
+impl Canvas<'_> {
+    fn set(&mut self, x: i64, y: i64) {
+        if (0..self.w).contains(&x) && (0..self.h).contains(&y) {
+            self.px[(y * self.w + x) as usize] = true;
         }
-        let e2 = 2 * err;
-        if e2 >= dy {
-            err += dy;
-            x += sx;
+    }
+    fn hline(&mut self, y: i64, x1: i64, x2: i64) {
+        for x in x1..=x2 {
+            self.set(x, y);
         }
-        if e2 <= dx {
-            err += dx;
-            y += sy;
+    }
+}
+
+/// Cohen-Sutherland clipping to `[0, w-1] × [0, h-1]` as OpenCV's `clipLine` does it
+/// (integer endpoints, each end moved with a truncated double division, the second
+/// using the first's new position).  Returns whether any part is inside.
+fn cv_clip_line(w: i64, h: i64, p1: &mut (i64, i64), p2: &mut (i64, i64)) -> bool {
+    let (right, bottom) = (w - 1, h - 1);
+    if w <= 0 || h <= 0 {
+        return false;
+    }
+    let code = |p: (i64, i64)| {
+        i32::from(p.0 < 0) + i32::from(p.0 > right) * 2 + i32::from(p.1 < 0) * 4
+            + i32::from(p.1 > bottom) * 8
+    };
+    let (mut c1, mut c2) = (code(*p1), code(*p2));
+    if (c1 & c2) == 0 && (c1 | c2) != 0 {
+        if c1 & 12 != 0 {
+            let a = if c1 < 8 { 0 } else { bottom };
+            p1.0 += ((a - p1.1) as f64 * (p2.0 - p1.0) as f64 / (p2.1 - p1.1) as f64) as i64;
+            p1.1 = a;
+            c1 = i32::from(p1.0 < 0) + i32::from(p1.0 > right) * 2;
         }
+        if c2 & 12 != 0 {
+            let a = if c2 < 8 { 0 } else { bottom };
+            p2.0 += ((a - p2.1) as f64 * (p2.0 - p1.0) as f64 / (p2.1 - p1.1) as f64) as i64;
+            p2.1 = a;
+            c2 = i32::from(p2.0 < 0) + i32::from(p2.0 > right) * 2;
+        }
+        if (c1 & c2) == 0 && (c1 | c2) != 0 {
+            if c1 != 0 {
+                let a = if c1 == 1 { 0 } else { right };
+                p1.1 += ((a - p1.0) as f64 * (p2.1 - p1.1) as f64 / (p2.0 - p1.0) as f64) as i64;
+                p1.0 = a;
+                c1 = 0;
+            }
+            if c2 != 0 {
+                let a = if c2 == 1 { 0 } else { right };
+                p2.1 += ((a - p2.0) as f64 * (p2.1 - p1.1) as f64 / (p2.0 - p1.0) as f64) as i64;
+                p2.0 = a;
+                c2 = 0;
+            }
+        }
+    }
+    (c1 | c2) == 0
+}
+
+/// OpenCV's 8-connected `Line` (its `LineIterator`, left to right, clipped first).
+fn cv_line(c: &mut Canvas, mut p1: (i64, i64), mut p2: (i64, i64)) {
+    let outside = |p: (i64, i64)| p.0 < 0 || p.0 >= c.w || p.1 < 0 || p.1 >= c.h;
+    if (outside(p1) || outside(p2)) && !cv_clip_line(c.w, c.h, &mut p1, &mut p2) {
+        return;
+    }
+    let (mut dx, mut dy) = (p2.0 - p1.0, p2.1 - p1.1);
+    let (mut delta_x, mut delta_y) = (1i64, 1i64);
+    if dx < 0 {
+        dx = -dx;
+        dy = -dy;
+        p1 = p2;
+    }
+    if dy < 0 {
+        dy = -dy;
+        delta_y = -1;
+    }
+    let vert = dy > dx;
+    if vert {
+        std::mem::swap(&mut dx, &mut dy);
+        std::mem::swap(&mut delta_x, &mut delta_y);
+    }
+    let mut err = dx - (dy + dy);
+    let plus_delta = dx + dx;
+    let minus_delta = -(dy + dy);
+    // per step: always move along the major axis, and along the minor one when err < 0
+    let (mut minus_shift, mut plus_shift, mut minus_step, mut plus_step) = (delta_x, 0, 0, delta_y);
+    if vert {
+        std::mem::swap(&mut plus_step, &mut plus_shift);
+        std::mem::swap(&mut minus_step, &mut minus_shift);
+    }
+    let (mut x, mut y) = p1;
+    for _ in 0..=dx {
+        c.set(x, y);
+        let mask = if err < 0 { -1i64 } else { 0 };
+        err += minus_delta + (plus_delta & mask);
+        x += minus_shift + (plus_shift & mask);
+        y += minus_step + (plus_step & mask);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct CvEdge {
+    y0: i64,
+    y1: i64,
+    x: i64,
+    dx: i64,
+}
+
+/// OpenCV's `CollectPolyEdges` for integer points (shift 0, no offset): draws each
+/// edge's line and returns the non-horizontal edges in fixed point.
+fn cv_collect_edges(c: &mut Canvas, v: &[(i64, i64)]) -> Vec<CvEdge> {
+    let mut edges = Vec::with_capacity(v.len());
+    let mut pt0 = v[v.len() - 1];
+    for &pt1 in v {
+        let (mut t0, mut t1) = (pt0, pt1);
+        cv_line(c, t0, t1);
+        // fixed-point copies of the ends, moved to the clipped ends when clipped
+        let (mut p0c_y, mut p1c_y) = (pt0.1, pt1.1);
+        let outside = |p: (i64, i64)| p.0 < 0 || p.0 >= c.w || p.1 < 0 || p.1 >= c.h;
+        if outside(t0) || outside(t1) {
+            cv_clip_line(c.w, c.h, &mut t0, &mut t1);
+            if t0.1 != t1.1 {
+                p0c_y = t0.1;
+                p1c_y = t1.1;
+            }
+        }
+        let (p0c_x, p1c_x) = (t0.0 << XY_SHIFT, t1.0 << XY_SHIFT);
+        if pt0.1 != pt1.1 {
+            let dx = (p1c_x - p0c_x) / (p1c_y - p0c_y);
+            edges.push(if pt0.1 < pt1.1 {
+                CvEdge {
+                    y0: pt0.1,
+                    y1: pt1.1,
+                    x: p0c_x + (pt0.1 - p0c_y) * dx,
+                    dx,
+                }
+            } else {
+                CvEdge {
+                    y0: pt1.1,
+                    y1: pt0.1,
+                    x: p1c_x + (pt1.1 - p1c_y) * dx,
+                    dx,
+                }
+            });
+        }
+        pt0 = pt1;
+    }
+    edges
+}
+
+/// OpenCV's `FillEdgeCollection`: a scanline over an active edge list kept sorted by
+/// x, filling between pairs from `ceil(x_left)` to `floor(x_right)`.  Written with
+/// indices where OpenCV uses a linked list of pointers, step for step, so that ties
+/// and crossings resolve the same way.
+fn cv_fill_edges(c: &mut Canvas, mut edges: Vec<CvEdge>) {
+    let total = edges.len();
+    if total < 2 {
+        return;
+    }
+    let (mut y_min, mut y_max) = (i64::MAX, i64::MIN);
+    let (mut x_min, mut x_max) = (i64::MAX, -1i64);
+    for e in &edges {
+        let x1 = e.x + (e.y1 - e.y0) * e.dx;
+        y_min = y_min.min(e.y0);
+        y_max = y_max.max(e.y1);
+        x_min = x_min.min(e.x).min(x1);
+        x_max = x_max.max(e.x).max(x1);
+    }
+    if y_max < 0 || y_min >= c.h || x_max < 0 || x_min >= (c.w << XY_SHIFT) {
+        return;
+    }
+    edges.sort_by(|a, b| (a.y0, a.x, a.dx).cmp(&(b.y0, b.x, b.dx)));
+    // node `total` is the end sentinel (y0 = MAX), node `head` the list head
+    edges.push(CvEdge {
+        y0: i64::MAX,
+        y1: 0,
+        x: 0,
+        dx: 0,
+    });
+    let head = total + 1;
+    let mut next: Vec<Option<usize>> = vec![None; total + 2];
+    let delta = XY_ONE - 1;
+    let mut i = 0usize;
+    let y_max = y_max.min(c.h);
+    let mut y = edges[0].y0;
+    while y < y_max {
+        let mut draw = false;
+        let clipline = y < 0;
+        let mut prelast = head;
+        let mut last = next[head];
+        loop {
+            if last.is_none() && edges[i].y0 != y {
+                break;
+            }
+            if let Some(l) = last {
+                if edges[l].y1 == y {
+                    // the edge ends here: unlink it
+                    next[prelast] = next[l];
+                    last = next[l];
+                    continue;
+                }
+            }
+            let keep_prelast = prelast;
+            match last {
+                Some(l) if edges[i].y0 > y || edges[l].x < edges[i].x => {
+                    prelast = l;
+                    last = next[l];
+                }
+                _ if i < total => {
+                    // an edge starts here: link it in before `last`
+                    next[prelast] = Some(i);
+                    next[i] = last;
+                    prelast = i;
+                    i += 1;
+                }
+                _ => break,
+            }
+            if draw {
+                if !clipline {
+                    let (a, b) = (edges[keep_prelast].x, edges[prelast].x);
+                    let (x1, x2) = if a > b {
+                        ((b + delta) >> XY_SHIFT, a >> XY_SHIFT)
+                    } else {
+                        ((a + delta) >> XY_SHIFT, b >> XY_SHIFT)
+                    };
+                    if x1 < c.w && x2 >= 0 {
+                        c.hline(y, x1.max(0), x2.min(c.w - 1));
+                    }
+                }
+                edges[keep_prelast].x += edges[keep_prelast].dx;
+                edges[prelast].x += edges[prelast].dx;
+            }
+            draw = !draw;
+        }
+        // bubble sort of the active list by x
+        let mut keep: Option<usize> = None;
+        loop {
+            let mut prelast = head;
+            let mut last = next[head];
+            let mut last_exchange: Option<usize> = None;
+            while last != keep {
+                let l = match last {
+                    Some(l) => l,
+                    None => break,
+                };
+                let te = match next[l] {
+                    Some(t) => t,
+                    None => break,
+                };
+                if edges[l].x > edges[te].x {
+                    next[prelast] = Some(te);
+                    next[l] = next[te];
+                    next[te] = Some(l);
+                    prelast = te;
+                    last_exchange = Some(prelast);
+                } else {
+                    prelast = l;
+                    last = Some(te);
+                }
+            }
+            match last_exchange {
+                None => break,
+                Some(le) => {
+                    keep = Some(le);
+                    if keep == next[head] || le == head {
+                        break;
+                    }
+                }
+            }
+        }
+        y += 1;
     }
 }

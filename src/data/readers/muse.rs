@@ -19,16 +19,44 @@ use crate::error::Result;
 /// MUSE spells the placeholder `{seg}`; the crate's answers use [`SEG`].
 const MUSE_SEG: &str = "{seg}";
 
-/// A MUSE record as found in the files: the schema plus the id fields some releases
-/// carry (ignored when absent).
+/// A MUSE record as found in the files: the fields of [`MuseImage`] plus the id
+/// fields some releases carry.  Spelled out rather than `#[serde(flatten)]`, which
+/// would make every error point at the end of the record instead of the bad field.
 #[derive(Deserialize)]
 struct Record {
     #[serde(default)]
     id: Option<serde_json::Value>,
     #[serde(default)]
     image_id: Option<serde_json::Value>,
-    #[serde(flatten)]
-    img: MuseImage,
+    #[serde(default)]
+    file_name: String,
+    #[serde(default)]
+    coco_url: Option<String>,
+    height: u32,
+    width: u32,
+    questions: Vec<String>,
+    answers: Vec<Vec<MuseAnn>>,
+    #[serde(default)]
+    text_answers: Option<Vec<String>>,
+    #[serde(default)]
+    ann_list: Option<Vec<MuseAnn>>,
+}
+
+impl Record {
+    fn into_parts(self) -> (Option<serde_json::Value>, MuseImage) {
+        let id = self.id.or(self.image_id);
+        let img = MuseImage {
+            file_name: self.file_name,
+            coco_url: self.coco_url,
+            height: self.height,
+            width: self.width,
+            questions: self.questions,
+            answers: self.answers,
+            text_answers: self.text_answers,
+            ann_list: self.ann_list,
+        };
+        (id, img)
+    }
 }
 
 /// The file is either a list of records or `{"images": [...]}`.
@@ -52,8 +80,9 @@ pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
         parse_json::<Vec<Record>>(path, &text)?
     };
     let mut out = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        out.extend(record_samples(path, root, i, r)?);
+    for (i, r) in records.into_iter().enumerate() {
+        let (id, img) = r.into_parts();
+        out.extend(image_samples(path, root, i, id.as_ref(), &img)?);
     }
     Ok(out)
 }
@@ -100,8 +129,15 @@ fn ann_targets(
         .collect()
 }
 
-fn record_samples(path: &Path, root: &Path, i: usize, r: &Record) -> Result<Vec<Sample>> {
-    let img = &r.img;
+/// The samples of one MUSE image record (`i` is its index in the file, for errors;
+/// `id` its `id`/`image_id` when the file has one).
+pub fn image_samples(
+    path: &Path,
+    root: &Path,
+    i: usize,
+    id: Option<&serde_json::Value>,
+    img: &MuseImage,
+) -> Result<Vec<Sample>> {
     let (h, w) = (img.height as usize, img.width as usize);
     if h == 0 || w == 0 {
         return Err(data_err(
@@ -129,10 +165,7 @@ fn record_samples(path: &Path, root: &Path, i: usize, r: &Record) -> Result<Vec<
     }
     let rel = image_rel_path(path, i, img)?;
     let image_path: PathBuf = safe_join(root, &rel, path, &format!("[{i}].file_name"))?;
-    let image_id = r
-        .id
-        .as_ref()
-        .or(r.image_id.as_ref())
+    let image_id = id
         .map(id_string)
         .unwrap_or_else(|| {
             Path::new(&rel)
