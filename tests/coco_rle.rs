@@ -37,7 +37,10 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/coco/coco_rle.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/coco/coco_rle.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -60,7 +63,10 @@ fn single_polygons_match_pycocotools_frpyobjects() {
         for (p, want) in c.polys.iter().zip(&c.single) {
             let got = rle_from_polygon(p, c.h, c.w).unwrap();
             if got.to_compressed() != *want {
-                let want_m = Rle::from_compressed(c.h, c.w, want).unwrap().to_mask().unwrap();
+                let want_m = Rle::from_compressed(c.h, c.w, want)
+                    .unwrap()
+                    .to_mask()
+                    .unwrap();
                 panic!(
                     "case {i} ({}x{}) polygon {p:?}\nwant {want}\n{}got {}\n{}",
                     c.h,
@@ -81,7 +87,10 @@ fn polygon_unions_match_pycocotools_merge() {
     let f = fixture();
     for (i, c) in f.polygons.iter().enumerate() {
         let m = mask_from_polygons(&c.polys, c.h, c.w).unwrap();
-        let want = Rle::from_compressed(c.h, c.w, &c.counts).unwrap().to_mask().unwrap();
+        let want = Rle::from_compressed(c.h, c.w, &c.counts)
+            .unwrap()
+            .to_mask()
+            .unwrap();
         assert_eq!(m, want, "case {i}");
         // and the string form of the union is pycocotools' string
         assert_eq!(Rle::from_mask(&m).to_compressed(), c.counts, "case {i}");
@@ -122,4 +131,42 @@ fn non_finite_or_huge_coordinates_are_errors() {
     assert!(rle_from_polygon(&[0.0, 0.0, 1e12, 1.0, 2.0, 2.0], 4, 4).is_err());
     // odd trailing value ignored, empty polygon empty
     assert_eq!(rle_from_polygon(&[], 3, 2).unwrap().counts, vec![6]);
+}
+
+mod never_panics {
+    use super::*;
+    use popen::data::polygon::fill_polygon_cv;
+    use proptest::prelude::*;
+
+    fn coord() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            8 => -30.0f64..60.0,
+            1 => Just(f64::NAN),
+            1 => -3e6f64..3e6,
+            1 => (-20i32..40).prop_map(|v| v as f64 + 0.5),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Any polygon on any small image: an `Err` or a mask whose runs cover the
+        /// image exactly; the OpenCV fill paints inside the image only.
+        #[test]
+        fn polygon_rasterizers_never_panic(
+            xy in proptest::collection::vec(coord(), 0..20),
+            h in 0usize..9,
+            w in 0usize..9,
+        ) {
+            if let Ok(r) = rle_from_polygon(&xy, h, w) {
+                let total: u64 = r.counts.iter().map(|&c| c as u64).sum();
+                prop_assert_eq!(total, (h * w) as u64);
+                prop_assert!(r.to_mask().is_ok());
+            }
+            let pts: Vec<[f64; 2]> = xy.chunks_exact(2).map(|p| [p[0], p[1]]).collect();
+            let mut m = Mask::new(h, w);
+            if let Ok(n) = fill_polygon_cv(&mut m, &pts, 1) {
+                prop_assert_eq!(n, m.area());
+            }
+        }
+    }
 }

@@ -1,9 +1,9 @@
 //! Data: masks, COCO RLE, the MUSE schema, readers for the real data sets, the
 //! embedded procedural world, the text corrector, and the tokenizer.
 pub mod mask;
-pub mod polygon;
 pub mod muse;
 pub mod pickle;
+pub mod polygon;
 pub mod readers;
 pub mod rle;
 pub mod sample;

@@ -83,6 +83,11 @@ impl Value {
 /// data never has, and stack exhaustion).
 const MAX_DEPTH: usize = 100;
 
+/// Most values a pickle of `n` bytes may expand to, over `n` itself.  Memo references
+/// let a few bytes name a whole shared container again ("billion laughs"); plain data
+/// shares only small strings, so a generous multiple of the input size is enough.
+const EXPANSION: usize = 16;
+
 /// Arena node: containers hold node indices so that memo references alias.
 #[derive(Clone)]
 enum Node {
@@ -189,7 +194,7 @@ impl<'a> Vm<'a> {
         }
     }
     fn set_items(&mut self, dict: usize, items: Vec<usize>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("SETITEMS with an odd number of values"));
         }
         match &mut self.nodes[dict] {
@@ -244,7 +249,9 @@ impl<'a> Vm<'a> {
                 b'.' => return self.pop(),
                 b'(' => self.stack.push(Slot::Mark),
                 b'0' => {
-                    self.stack.pop().ok_or_else(|| self.err("POP on empty stack"))?;
+                    self.stack
+                        .pop()
+                        .ok_or_else(|| self.err("POP on empty stack"))?;
                 }
                 b'1' => {
                     self.pop_mark()?;
@@ -465,26 +472,41 @@ impl<'a> Vm<'a> {
         }
     }
 
-    fn value(&self, i: usize, depth: usize) -> Result<Value> {
+    fn value(&self, i: usize, depth: usize, budget: &mut usize) -> Result<Value> {
+        if *budget == 0 {
+            return Err(Error::arg(
+                "pickle",
+                format!(
+                    "expands to more than {EXPANSION} values per byte (shared containers \
+                     repeated over and over?)"
+                ),
+            ));
+        }
+        *budget -= 1;
         if depth > MAX_DEPTH {
             return Err(Error::arg(
                 "pickle",
                 format!("nesting deeper than {MAX_DEPTH} (a container that holds itself?)"),
             ));
         }
-        let many = |v: &[usize]| -> Result<Vec<Value>> {
-            v.iter().map(|&j| self.value(j, depth + 1)).collect()
+        let mut many = |v: &[usize]| -> Result<Vec<Value>> {
+            v.iter()
+                .map(|&j| self.value(j, depth + 1, budget))
+                .collect()
         };
         Ok(match &self.nodes[i] {
             Node::Leaf(v) => v.clone(),
             Node::List(v) => Value::List(many(v)?),
             Node::Tuple(v) => Value::Tuple(many(v)?),
             Node::Set(v) => Value::Set(many(v)?),
-            Node::Dict(kv) => Value::Dict(
-                kv.iter()
-                    .map(|&(k, v)| Ok((self.value(k, depth + 1)?, self.value(v, depth + 1)?)))
-                    .collect::<Result<_>>()?,
-            ),
+            Node::Dict(kv) => {
+                let mut out = Vec::with_capacity(kv.len());
+                for &(k, v) in kv {
+                    let k = self.value(k, depth + 1, budget)?;
+                    out.push((k, self.value(v, depth + 1, budget)?));
+                }
+                Value::Dict(out)
+            }
         })
     }
 }
@@ -553,7 +575,8 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
         memo: Default::default(),
     };
     let root = vm.run()?;
-    vm.value(root, 0)
+    let mut budget = EXPANSION * bytes.len() + 1024;
+    vm.value(root, 0, &mut budget)
 }
 
 /// Read a pickle file; errors name the file.
@@ -613,9 +636,24 @@ mod tests {
             parse(b"cos\nsystem\n(S'echo'\ntR."),
             Err(Error::Unsupported(_))
         ));
-        for bad in [&b""[..], b"\x80\x02", b"\x80\x02]q", b"\x80\x02a.", b"\xff", b"X\xff\xff"] {
+        for bad in [
+            &b""[..],
+            b"\x80\x02",
+            b"\x80\x02]q",
+            b"\x80\x02a.",
+            b"\xff",
+            b"X\xff\xff",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+        // L0 = [], L(k+1) = [Lk, Lk] through the memo: 2^60 values from 300 bytes
+        let mut b = b"\x80\x02]\x94".to_vec();
+        for k in 0..60u8 {
+            b.extend_from_slice(&[b'(', b'h', k, b'h', k, b'l', 0x94]);
+        }
+        b.push(b'.');
+        let e = parse(&b).unwrap_err().to_string();
+        assert!(e.contains("values per byte"), "{e}");
         // negative LONG1: -2 is 0xfe in one byte
         assert_eq!(parse(b"\x80\x02\x8a\x01\xfe.").unwrap(), Value::Int(-2));
     }

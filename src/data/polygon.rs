@@ -71,7 +71,11 @@ pub fn rle_from_polygon(xy: &[f64], height: usize, width: usize) -> Result<Rle> 
         return Ok(Rle {
             height: h,
             width: w,
-            counts: if h * w == 0 { vec![] } else { vec![(h * w) as u32] },
+            counts: if h * w == 0 {
+                vec![]
+            } else {
+                vec![(h * w) as u32]
+            },
         });
     }
     // fine-grid vertices, closed: (k+1) points
@@ -105,9 +109,7 @@ pub fn rle_from_polygon(xy: &[f64], height: usize, width: usize) -> Result<Rle> 
                     }
                     let yd = yd.ceil();
                     // pycocotools: (uint)(x*(int)h + y), wrapping 32-bit arithmetic
-                    let a = (xd as i32)
-                        .wrapping_mul(h as i32)
-                        .wrapping_add(yd as i32) as u32;
+                    let a = (xd as i32).wrapping_mul(h as i32).wrapping_add(yd as i32) as u32;
                     toggles.push(a);
                 }
             }
@@ -238,10 +240,7 @@ pub fn paint_rle(m: &mut Mask, r: &Rle, value: u8) -> Result<()> {
 pub fn fill_polygon_cv(m: &mut Mask, points: &[[f64; 2]], value: u8) -> Result<usize> {
     let flat: Vec<f64> = points.iter().flat_map(|p| [p[0], p[1]]).collect();
     check_coords("fill_polygon_cv", &flat)?;
-    let pts: Vec<(i64, i64)> = points
-        .iter()
-        .map(|p| (p[0] as i64, p[1] as i64))
-        .collect();
+    let pts: Vec<(i64, i64)> = points.iter().map(|p| (p[0] as i64, p[1] as i64)).collect();
     let mut painted = vec![false; m.height * m.width];
     let mut canvas = Canvas {
         h: m.height as i64,
@@ -294,7 +293,9 @@ fn cv_clip_line(w: i64, h: i64, p1: &mut (i64, i64), p2: &mut (i64, i64)) -> boo
         return false;
     }
     let code = |p: (i64, i64)| {
-        i32::from(p.0 < 0) + i32::from(p.0 > right) * 2 + i32::from(p.1 < 0) * 4
+        i32::from(p.0 < 0)
+            + i32::from(p.0 > right) * 2
+            + i32::from(p.1 < 0) * 4
             + i32::from(p.1 > bottom) * 8
     };
     let (mut c1, mut c2) = (code(*p1), code(*p2));
@@ -441,7 +442,7 @@ fn cv_fill_edges(c: &mut Canvas, mut edges: Vec<CvEdge>) {
     if y_max < 0 || y_min >= c.h || x_max < 0 || x_min >= (c.w << XY_SHIFT) {
         return;
     }
-    edges.sort_by(|a, b| (a.y0, a.x, a.dx).cmp(&(b.y0, b.x, b.dx)));
+    edges.sort_by_key(|e| (e.y0, e.x, e.dx));
     // node `total` is the end sentinel (y0 = MAX), node `head` the list head
     edges.push(CvEdge {
         y0: i64::MAX,

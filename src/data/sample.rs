@@ -3,7 +3,8 @@
 //! annotated object of the image.
 //!
 //! Readers (in [`super::readers`]), re-exported here:
-//! - [`load_muse`]: MUSE JSON (also what the embedded world writes);
+//! - [`load_muse`]: MUSE JSON (also what the embedded world writes; in memory,
+//!   [`muse_to_samples`]);
 //! - [`load_reasonseg`]: ReasonSeg's LabelMe JSON files beside the images;
 //! - [`load_refcoco`]: refCOCO / refCOCO+ / refCOCOg (`refs(unc|umd|google).p` +
 //!   `instances.json`);
@@ -18,7 +19,7 @@ use super::mask::Mask;
 use crate::error::{Error, Result};
 
 pub use super::readers::grandf::load_grandf;
-pub use super::readers::muse::load_muse;
+pub use super::readers::muse::{load_muse, muse_to_samples};
 pub use super::readers::reasonseg::{load_reasonseg, load_reasonseg_flagged};
 pub use super::readers::refcoco::load_refcoco;
 
@@ -178,10 +179,8 @@ pub(crate) fn seg_to_mask(
 ) -> Result<Mask> {
     use super::muse::Segmentation;
     match seg {
-        Segmentation::Polygons(polys) => {
-            super::polygon::mask_from_polygons(polys, height, width)
-                .map_err(|e| data_err(path, field, e.to_string()))
-        }
+        Segmentation::Polygons(polys) => super::polygon::mask_from_polygons(polys, height, width)
+            .map_err(|e| data_err(path, field, e.to_string())),
         Segmentation::Rle(r) => {
             let [h, w] = r.size;
             if h as usize != height || w as usize != width {

@@ -81,7 +81,10 @@ fn record_sample(path: &Path, root: &Path, i: usize, r: &Record) -> Result<Sampl
                     return Err(data_err(
                         path,
                         format!("[{i}].groundings[{phrase:?}].rle_masks[{k}].size"),
-                        format!("RLE size {}x{} but an earlier one is {}x{}", s.0, s.1, prev.0, prev.1),
+                        format!(
+                            "RLE size {}x{} but an earlier one is {}x{}",
+                            s.0, s.1, prev.0, prev.1
+                        ),
                     ))
                 }
                 _ => {}
@@ -104,9 +107,9 @@ fn record_sample(path: &Path, root: &Path, i: usize, r: &Record) -> Result<Sampl
         let field = format!("[{i}].groundings[{phrase:?}]");
         let [s, e] = match &g.token_positives {
             Span::One(x) => *x,
-            Span::Many(v) => *v.first().ok_or_else(|| {
-                data_err(path, format!("{field}.token_positives"), "no span")
-            })?,
+            Span::Many(v) => *v
+                .first()
+                .ok_or_else(|| data_err(path, format!("{field}.token_positives"), "no span"))?,
         };
         if s >= e || e > nchars {
             return Err(data_err(
@@ -117,9 +120,13 @@ fn record_sample(path: &Path, root: &Path, i: usize, r: &Record) -> Result<Sampl
         }
         let mut mask = Mask::new(h, w);
         for (k, m) in g.rle_masks.iter().enumerate() {
-            let rle = m
-                .to_rle()
-                .map_err(|e| data_err(path, format!("{field}.rle_masks[{k}].counts"), e.to_string()))?;
+            let rle = m.to_rle().map_err(|e| {
+                data_err(
+                    path,
+                    format!("{field}.rle_masks[{k}].counts"),
+                    e.to_string(),
+                )
+            })?;
             paint_rle(&mut mask, &rle, FG)
                 .map_err(|e| data_err(path, format!("{field}.rle_masks[{k}]"), e.to_string()))?;
         }
@@ -140,7 +147,12 @@ fn record_sample(path: &Path, root: &Path, i: usize, r: &Record) -> Result<Sampl
                 format!("[{i}].groundings"),
                 format!(
                     "phrases {:?} [{}, {}] and {:?} [{}, {}] overlap",
-                    pair[0].2.category, pair[0].0, pair[0].1, pair[1].2.category, pair[1].0, pair[1].1
+                    pair[0].2.category,
+                    pair[0].0,
+                    pair[0].1,
+                    pair[1].2.category,
+                    pair[1].0,
+                    pair[1].1
                 ),
             ));
         }

@@ -70,8 +70,8 @@ struct Wrapped {
 /// `train2017/000000000139.jpg`).  One [`Sample`] per question.
 pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
     let bytes = read_file(path)?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| data_err(path, "", format!("not UTF-8: {e}")))?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| data_err(path, "", format!("not UTF-8: {e}")))?;
     // pick the form by its first character rather than an untagged enum, so that
     // errors keep the path of the field that is wrong
     let records = if text.trim_start().starts_with('{') {
@@ -83,6 +83,17 @@ pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
     for (i, r) in records.into_iter().enumerate() {
         let (id, img) = r.into_parts();
         out.extend(image_samples(path, root, i, id.as_ref(), &img)?);
+    }
+    Ok(out)
+}
+
+/// Samples from MUSE records held in memory (the embedded world's output), with the
+/// same checks as [`load_muse`]; `source` names them in errors (e.g. `world:seed=7`).
+pub fn muse_to_samples(images: &[MuseImage], root: &Path, source: &str) -> Result<Vec<Sample>> {
+    let path = Path::new(source);
+    let mut out = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        out.extend(image_samples(path, root, i, None, img)?);
     }
     Ok(out)
 }
@@ -165,17 +176,21 @@ pub fn image_samples(
     }
     let rel = image_rel_path(path, i, img)?;
     let image_path: PathBuf = safe_join(root, &rel, path, &format!("[{i}].file_name"))?;
-    let image_id = id
-        .map(id_string)
-        .unwrap_or_else(|| {
-            Path::new(&rel)
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| rel.clone())
-        });
+    let image_id = id.map(id_string).unwrap_or_else(|| {
+        Path::new(&rel)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| rel.clone())
+    });
     let mut per_question = Vec::with_capacity(nq);
     for (q, anns) in img.answers.iter().enumerate() {
-        per_question.push(ann_targets(path, &format!("[{i}].answers[{q}]"), anns, h, w)?);
+        per_question.push(ann_targets(
+            path,
+            &format!("[{i}].answers[{q}]"),
+            anns,
+            h,
+            w,
+        )?);
     }
     let objects = match &img.ann_list {
         Some(list) => ann_targets(path, &format!("[{i}].ann_list"), list, h, w)?,

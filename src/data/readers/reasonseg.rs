@@ -77,9 +77,8 @@ pub fn load_reasonseg_flagged(dir: &Path) -> Result<Vec<(Sample, bool)>> {
 /// Windows-1252 code points for bytes 0x80..0x9F (elsewhere it is Latin-1).  Some
 /// ReasonSeg files were saved in this encoding; LISA retries with it, so do we.
 const CP1252_HIGH: [char; 32] = [
-    '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž',
-    '\u{8f}', '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}',
-    'ž', 'Ÿ',
+    '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}',
+    '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
 ];
 
 fn decode_text(bytes: Vec<u8>) -> String {

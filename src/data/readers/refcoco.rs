@@ -74,7 +74,10 @@ pub fn load_refcoco(dir: &Path, dataset: &str, split_by: &str, split: &str) -> R
         data_err(
             &refs_path,
             "(top level)",
-            format!("expected a list of refs, found a {}", refs_value.type_name()),
+            format!(
+                "expected a list of refs, found a {}",
+                refs_value.type_name()
+            ),
         )
     })?;
     let mut refs = Vec::new();
@@ -159,7 +162,11 @@ pub fn load_refcoco(dir: &Path, dataset: &str, split_by: &str, split: &str) -> R
             data_err(
                 &refs_path,
                 "image_id",
-                format!("image {} of ref is not in {}", r.image_id, inst_path.display()),
+                format!(
+                    "image {} of ref is not in {}",
+                    r.image_id,
+                    inst_path.display()
+                ),
             )
         })?;
         let k = *ann_index.get(&r.ann_id).ok_or_else(|| {
@@ -246,12 +253,10 @@ fn parse_ref(path: &Path, i: usize, r: &Value) -> Result<Ref> {
             .get("sent")
             .or_else(|| s.get("raw"))
             .and_then(Value::as_str)
-            .ok_or_else(|| {
-                Error::Data {
-                    path: path.to_path_buf(),
-                    field: format!("[{i}].sentences[{j}]"),
-                    msg: "has no `sent` or `raw` string".into(),
-                }
+            .ok_or_else(|| Error::Data {
+                path: path.to_path_buf(),
+                field: format!("[{i}].sentences[{j}]"),
+                msg: "has no `sent` or `raw` string".into(),
             })?;
         sentences.push(text.to_string());
     }
