@@ -69,6 +69,15 @@ def main():
         (5, 5, [[2.0, 2.0, 2.0, 2.0, 2.0, 2.0]]),
     ]
     polys_out.extend(hand)
+    # photo-sized images with COCO-like polygons (many vertices, two decimals)
+    for h, w in [(480, 640), (333, 500), (427, 640)]:
+        for _ in range(3):
+            k = int(rng.integers(12, 40))
+            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(10, 250)
+            ang = np.sort(rng.uniform(0, 2 * np.pi, k))
+            rad = r * rng.uniform(0.5, 1.0, k)
+            xy = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).reshape(-1)
+            polys_out.append((h, w, [[round(float(v), 2) for v in xy]]))
     cases = []
     for h, w, polys in polys_out:
         rles = mu.frPyObjects(polys, h, w)

@@ -19,7 +19,9 @@ use super::mask::Mask;
 use crate::error::{Error, Result};
 
 pub use super::readers::grandf::load_grandf;
-pub use super::readers::muse::{load_muse, muse_to_samples};
+pub use super::readers::muse::{
+    image_samples, load_muse, load_muse_entries, muse_to_samples, MuseEntry,
+};
 pub use super::readers::reasonseg::{load_reasonseg, load_reasonseg_flagged};
 pub use super::readers::refcoco::load_refcoco;
 

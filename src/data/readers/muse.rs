@@ -43,8 +43,8 @@ struct Record {
 }
 
 impl Record {
-    fn into_parts(self) -> (Option<serde_json::Value>, MuseImage) {
-        let id = self.id.or(self.image_id);
+    fn into_entry(self) -> MuseEntry {
+        let id = self.id.or(self.image_id).as_ref().map(id_string);
         let img = MuseImage {
             file_name: self.file_name,
             coco_url: self.coco_url,
@@ -55,7 +55,7 @@ impl Record {
             text_answers: self.text_answers,
             ann_list: self.ann_list,
         };
-        (id, img)
+        MuseEntry { id, image: img }
     }
 }
 
@@ -65,10 +65,18 @@ struct Wrapped {
     images: Vec<Record>,
 }
 
-/// Load a MUSE JSON file; image paths are `root/file_name` (or, when `file_name` is
-/// empty, `root/<split>/<name>` from the last two segments of `coco_url`, e.g.
-/// `train2017/000000000139.jpg`).  One [`Sample`] per question.
-pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
+/// One MUSE image record, undecoded: masks stay polygons and RLE strings, so a whole
+/// data set fits in memory.  Decode one at a time with [`image_samples`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MuseEntry {
+    /// The record's `id` (or `image_id`) when it has one.
+    pub id: Option<String>,
+    pub image: MuseImage,
+}
+
+/// Parse a MUSE JSON file (a list of records, or `{"images": [...]}`) without decoding
+/// any mask.  Errors name the file, the line and the field path.
+pub fn load_muse_entries(path: &Path) -> Result<Vec<MuseEntry>> {
     let bytes = read_file(path)?;
     let text =
         String::from_utf8(bytes).map_err(|e| data_err(path, "", format!("not UTF-8: {e}")))?;
@@ -79,10 +87,18 @@ pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
     } else {
         parse_json::<Vec<Record>>(path, &text)?
     };
+    Ok(records.into_iter().map(Record::into_entry).collect())
+}
+
+/// Load a MUSE JSON file; image paths are `root/file_name` (or, when `file_name` is
+/// empty, `root/<split>/<name>` from the last two segments of `coco_url`, e.g.
+/// `train2017/000000000139.jpg`).  One [`Sample`] per question.  Every mask is decoded
+/// here (height × width bytes per target and per object, per question): for the full
+/// MUSE release use [`load_muse_entries`] and decode per image instead.
+pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
-    for (i, r) in records.into_iter().enumerate() {
-        let (id, img) = r.into_parts();
-        out.extend(image_samples(path, root, i, id.as_ref(), &img)?);
+    for (i, e) in load_muse_entries(path)?.iter().enumerate() {
+        out.extend(image_samples(path, root, i, e.id.as_deref(), &e.image)?);
     }
     Ok(out)
 }
@@ -146,7 +162,7 @@ pub fn image_samples(
     path: &Path,
     root: &Path,
     i: usize,
-    id: Option<&serde_json::Value>,
+    id: Option<&str>,
     img: &MuseImage,
 ) -> Result<Vec<Sample>> {
     let (h, w) = (img.height as usize, img.width as usize);
@@ -176,7 +192,7 @@ pub fn image_samples(
     }
     let rel = image_rel_path(path, i, img)?;
     let image_path: PathBuf = safe_join(root, &rel, path, &format!("[{i}].file_name"))?;
-    let image_id = id.map(id_string).unwrap_or_else(|| {
+    let image_id = id.map(str::to_string).unwrap_or_else(|| {
         Path::new(&rel)
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
