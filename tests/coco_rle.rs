@@ -170,3 +170,49 @@ mod never_panics {
         }
     }
 }
+
+/// Rough speed of the COCO rasterizer (not an assertion): run with
+/// `cargo test --test coco_rle rasterize_speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing, prints only"]
+fn rasterize_speed() {
+    let (h, w) = (480usize, 640usize);
+    let polys: Vec<Vec<f64>> = (0..2000)
+        .map(|i| {
+            let (cx, cy, r) = (
+                (i * 37 % w) as f64,
+                (i * 53 % h) as f64,
+                20.0 + (i % 200) as f64,
+            );
+            (0..30)
+                .flat_map(|k| {
+                    let a = k as f64 / 30.0 * std::f64::consts::TAU;
+                    let rr = r * (0.6 + 0.4 * ((k * 7 + i) % 5) as f64 / 4.0);
+                    [cx + rr * a.cos(), cy + rr * a.sin()]
+                })
+                .collect()
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let mut runs = 0usize;
+    for p in &polys {
+        runs += rle_from_polygon(p, h, w).unwrap().counts.len();
+    }
+    let dt = t.elapsed().as_secs_f64();
+    println!(
+        "rle_from_polygon: {} polygons (30 vertices, 480x640) in {:.3} s = {:.1} us each ({runs} runs)",
+        polys.len(),
+        dt,
+        dt / polys.len() as f64 * 1e6
+    );
+    let t = std::time::Instant::now();
+    for p in &polys {
+        let m = mask_from_polygons(std::slice::from_ref(p), h, w).unwrap();
+        assert!(m.height == h);
+    }
+    let dt = t.elapsed().as_secs_f64();
+    println!(
+        "mask_from_polygons (decoded): {:.1} us each",
+        dt / polys.len() as f64 * 1e6
+    );
+}

@@ -165,7 +165,10 @@ def lisa_mask(shapes, h, w):
         cv2.fillPoly(tmp, np.array([s["points"]], dtype=np.int32), 1)
         area.append(int(tmp.sum()))
         valid.append((s, tmp))
-    order = sorted(range(len(valid)), key=lambda i: -area[i])  # stable: ties keep file order
+    # LISA sorts with np.argsort(area)[::-1], whose order for equal areas depends on
+    # numpy's unstable sort; fix it to file order (what numpy 2.4 gives here too)
+    order = sorted(range(len(valid)), key=lambda i: -area[i])
+    assert [area[i] for i in order] == [area[i] for i in np.argsort(area)[::-1]]
     mask = np.zeros((h, w), np.uint8)
     for i in order:
         s, _ = valid[i]
@@ -188,6 +191,10 @@ def make_reasonseg():
              {"label": "ignore", "points": [[6, 5], [11, 5], [11.9, 9.9], [6, 10]], "shape_type": "polygon"},
              {"label": "flag", "points": [[0, 0], [19, 0], [19, 15]], "shape_type": "polygon"},
              {"label": "target", "points": [[8, 7], [9, 7], [9, 8]], "shape_type": "polygon"},
+             # equal areas, overlapping: drawn in file order
+             {"label": "Ignore_2", "points": [[13, 10], [16, 10], [16, 13], [13, 13]], "shape_type": "polygon"},
+             {"label": "target", "points": [[14, 11], [17, 11], [17, 14], [14, 14]], "shape_type": "polygon"},
+             {"label": "red flag", "points": [[0, 12], [3, 12], [3, 15]], "shape_type": "polygon"},
          ],
          "imageHeight": H, "imageWidth": W}
     # text as a single string, a polygon that leaves the image, and a cp1252 byte (0x92)

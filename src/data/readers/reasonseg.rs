@@ -3,7 +3,7 @@
 //! `label` and polygon `points`.
 //!
 //! The reference mask follows LISA: shapes labelled `flag` are dropped; the others are
-//! filled largest first (so a small shape inside a large one stays visible) with 1, or
+//! filled largest first (equal areas in file order) (so a small shape inside a large one stays visible) with 1, or
 //! with [`IGNORE`] when the label contains `ignore` (excluded from scoring); each shape
 //! is drawn the OpenCV way ([`fill_polygon_cv`]).  One [`Sample`] per question, one
 //! target (the whole reference mask), no answer text.
@@ -132,7 +132,7 @@ fn load_one(json: &Path) -> Result<Vec<(Sample, bool)>> {
     // rasterize each kept shape alone, for its area and the object list
     let mut shapes: Vec<(usize, &Shape, Mask)> = Vec::new();
     for (k, s) in lm.shapes.iter().enumerate() {
-        if s.label.to_lowercase().contains("flag") {
+        if s.label.to_lowercase() == "flag" {
             continue;
         }
         let mut m = Mask::new(h, w);
@@ -140,7 +140,9 @@ fn load_one(json: &Path) -> Result<Vec<(Sample, bool)>> {
             .map_err(|e| data_err(json, format!("shapes[{k}].points"), e.to_string()))?;
         shapes.push((area, s, m));
     }
-    // largest first; the sort is stable so equal areas keep file order
+    // largest first.  LISA's `np.argsort(area)[::-1]` leaves the order of equal areas
+    // to numpy's unstable sort (numpy 1.x: reverse file order; the SIMD sort of numpy
+    // 2.x gave file order on the fixture); a stable sort makes it file order, always.
     let mut order: Vec<usize> = (0..shapes.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(shapes[i].0));
     let mut reference = Mask::new(h, w);
