@@ -374,6 +374,27 @@ fn refcoco_refuses_pickled_objects_and_dangling_ids() {
 }
 
 #[test]
+fn absurd_image_sizes_are_errors_not_allocations() {
+    let d = scratch("huge");
+    let p = d.join("huge.json");
+    write(
+        &p,
+        r#"[{"file_name": "a.png", "height": 100000, "width": 100000, "questions": ["q"],
+             "answers": [[{"category_name": "x", "segmentation": [[0, 0, 5, 0, 5, 5]]}]]}]"#,
+    );
+    let e = load_muse(&p, &d).unwrap_err().to_string();
+    assert!(
+        e.contains("[0].height") && e.contains("100000x100000"),
+        "{e}"
+    );
+    let e =
+        popen::data::polygon::rle_from_polygon(&[0.0, 0.0, 5.0, 0.0, 5.0, 5.0], 1 << 20, 1 << 20)
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("32-bit"), "{e}");
+}
+
+#[test]
 fn muse_in_memory_and_through_json_give_the_same_samples() {
     use popen::data::muse::MuseImage;
     use popen::data::sample::muse_to_samples;

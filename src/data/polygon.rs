@@ -69,6 +69,13 @@ fn check_coords(op: &'static str, xy: &[f64]) -> Result<()> {
 pub fn rle_from_polygon(xy: &[f64], height: usize, width: usize) -> Result<Rle> {
     check_coords("rle_from_polygon", xy)?;
     let (h, w) = (height, width);
+    // pycocotools keeps pixel indices in 32 bits
+    if h.checked_mul(w).is_none_or(|n| n > u32::MAX as usize) || h > i32::MAX as usize {
+        return Err(Error::arg(
+            "rle_from_polygon",
+            format!("image {h}x{w} has more pixels than a 32-bit RLE can count"),
+        ));
+    }
     let k = xy.len() / 2;
     if k == 0 || h == 0 || w == 0 {
         return Ok(Rle {

@@ -28,6 +28,30 @@ pub use super::readers::refcoco::load_refcoco;
 /// The placeholder that stands for one target's mask in answer text.
 pub const SEG: &str = "<seg>";
 
+/// Largest image (pixels) a reader accepts: masks are one byte per pixel, so a size
+/// field of 10⁵ × 10⁵ would otherwise allocate 10 GB per target before anything else
+/// could notice it is wrong.  16384 × 16384.
+pub const MAX_IMAGE_PIXELS: usize = 1 << 28;
+
+/// `Err(Data)` unless `height × width` is a plausible, non-empty image size.
+pub(crate) fn check_size(path: &Path, field: &str, height: usize, width: usize) -> Result<()> {
+    if height == 0 || width == 0 {
+        return Err(data_err(
+            path,
+            field,
+            format!("image size {height}x{width} is empty"),
+        ));
+    }
+    if height.saturating_mul(width) > MAX_IMAGE_PIXELS {
+        return Err(data_err(
+            path,
+            field,
+            format!("image size {height}x{width} is over {MAX_IMAGE_PIXELS} pixels"),
+        ));
+    }
+    Ok(())
+}
+
 /// One segmented object: its category (or phrase) and its mask.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Target {

@@ -20,7 +20,9 @@ use serde::Deserialize;
 use crate::data::mask::{Mask, FG};
 use crate::data::muse::RleJson;
 use crate::data::polygon::paint_rle;
-use crate::data::sample::{data_err, parse_json, read_file, safe_join, Sample, Target, SEG};
+use crate::data::sample::{
+    check_size, data_err, parse_json, read_file, safe_join, Sample, Target, SEG,
+};
 use crate::error::{Error, Result};
 
 /// The instruction paired with every GranD-f caption (grounded conversation generation).
@@ -102,6 +104,7 @@ fn record_sample(path: &Path, root: &Path, i: usize, r: &Record) -> Result<Sampl
         }
     };
 
+    check_size(path, &format!("[{i}] (image size)"), h, w)?;
     let mut phrases: Vec<(usize, usize, Target)> = Vec::new();
     for (phrase, g) in &r.groundings {
         let field = format!("[{i}].groundings[{phrase:?}]");

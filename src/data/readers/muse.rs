@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::data::mask::Mask;
 use crate::data::muse::{MuseAnn, MuseImage};
-use crate::data::sample::{data_err, parse_json, read_file, safe_join, seg_to_mask};
+use crate::data::sample::{check_size, data_err, parse_json, read_file, safe_join, seg_to_mask};
 use crate::data::sample::{Sample, Target, SEG};
 use crate::error::Result;
 
@@ -166,13 +166,7 @@ pub fn image_samples(
     img: &MuseImage,
 ) -> Result<Vec<Sample>> {
     let (h, w) = (img.height as usize, img.width as usize);
-    if h == 0 || w == 0 {
-        return Err(data_err(
-            path,
-            format!("[{i}].height"),
-            format!("image size {h}x{w} is empty"),
-        ));
-    }
+    check_size(path, &format!("[{i}].height"), h, w)?;
     let nq = img.questions.len();
     if img.answers.len() != nq {
         return Err(data_err(

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::data::mask::{Mask, FG, IGNORE};
 use crate::data::polygon::fill_polygon_cv;
-use crate::data::sample::{data_err, parse_json, read_file, Sample, Target};
+use crate::data::sample::{check_size, data_err, parse_json, read_file, Sample, Target};
 use crate::error::{Error, Result};
 
 /// Image extensions looked for beside each JSON, in this order.
@@ -117,6 +117,7 @@ fn load_one(json: &Path) -> Result<Vec<(Sample, bool)>> {
         msg: format!("cannot read the image size: {e}"),
     })?;
     let (h, w) = (h as usize, w as usize);
+    check_size(json, "(image size)", h, w)?;
     if lm.image_height.is_some_and(|v| v != h) || lm.image_width.is_some_and(|v| v != w) {
         return Err(data_err(
             json,

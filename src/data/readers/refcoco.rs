@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::data::mask::Mask;
 use crate::data::muse::Segmentation;
 use crate::data::pickle::{self, Value};
-use crate::data::sample::{data_err, parse_json, read_file, safe_join, seg_to_mask};
+use crate::data::sample::{check_size, data_err, parse_json, read_file, safe_join, seg_to_mask};
 use crate::data::sample::{Sample, Target};
 use crate::error::{Error, Result};
 
@@ -99,6 +99,14 @@ pub fn load_refcoco(dir: &Path, dataset: &str, split_by: &str, split: &str) -> R
         ));
     }
 
+    for (k, im) in inst.images.iter().enumerate() {
+        check_size(
+            &inst_path,
+            &format!("images[{k}].height"),
+            im.height as usize,
+            im.width as usize,
+        )?;
+    }
     let images: HashMap<i64, &CocoImage> = inst.images.iter().map(|im| (im.id, im)).collect();
     let cats: HashMap<i64, &str> = inst
         .categories
