@@ -227,6 +227,28 @@ def make_reasonseg():
         cv2.polylines(m, np.array([pts], dtype=np.int32), True, 1, 1)
         cv2.fillPoly(m, np.array([pts], dtype=np.int32), 1)
         cases.append({"h": h, "w": w, "points": pts.tolist(), "counts": rle_str(m)})
+    # degenerate shapes: one point, two points, repeated and collinear vertices, a
+    # horizontal sliver, a polygon wholly outside, one crossing the image
+    hand = [
+        [[4.7, 3.2]],
+        [[1, 1], [12, 5]],
+        [[2, 2], [2, 2], [9, 2], [9, 2], [9, 7]],
+        [[1, 5], [6, 5], [14, 5]],
+        [[3, 4], [15, 4], [15, 4.9], [3, 4.5]],
+        [[-9, -9], [-2, -9], [-2, -3]],
+        [[-5, 8], [30, 2], [25, 30]],
+        [[10, -5], [10, 30], [11, 30], [11, -5]],
+        [[0, 0], [19, 15], [0, 15], [19, 0]],
+        [[-500, -300], [800, 7], [9, 900]],
+        [[-1000, 3], [1000, 4], [1000, 12], [-1000, 11]],
+        [[5, -777], [6, 999], [-333, 8]],
+    ]
+    for pts in hand:
+        h, w = H, W
+        m = np.zeros((h, w), np.uint8)
+        cv2.polylines(m, np.array([pts], dtype=np.int32), True, 1, 1)
+        cv2.fillPoly(m, np.array([pts], dtype=np.int32), 1)
+        cases.append({"h": h, "w": w, "points": [[float(x), float(y)] for x, y in pts], "counts": rle_str(m)})
     dump(os.path.join(d, "cv_polygons.json"), cases, separators=(",", ":"))
 
 
