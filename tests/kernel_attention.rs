@@ -714,3 +714,313 @@ fn bad_sizes_are_errors_and_zero_sizes_are_empty() {
     .unwrap();
     assert!(dq.iter().all(|x| *x == 0.0));
 }
+
+// ---------------------------------------------------------------------------------------
+// Kernels (emulator, plus a GPU when present) against the CPU twin.
+// ---------------------------------------------------------------------------------------
+use popen::kernels::Device;
+
+/// The case with every input rounded to f32, so that the f64 twin on it is the exact
+/// answer for the f32 kernel's inputs and the comparison measures only the kernel's
+/// own rounding.
+fn rounded(mut c: Case) -> Case {
+    let r = |x: &mut Vec<f64>| x.iter_mut().for_each(|v| *v = *v as f32 as f64);
+    r(&mut c.q);
+    r(&mut c.k);
+    r(&mut c.v);
+    if let Some(b) = c.bias.as_mut() {
+        r(b);
+    }
+    c
+}
+
+fn kernel_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    let mut seed = 100;
+    for &(b, nh, nkv, tq, tk, hs) in &[
+        (2, 6, 2, 37, 53, 40),
+        (2, 6, 2, 37, 53, 128),
+        (1, 2, 1, 9, 5, 3), // Tq > Tk: early causal rows see nothing; HS not a multiple of 4
+    ] {
+        for causal in [false, true] {
+            for (bias, mask) in [(false, false), (true, false), (true, true)] {
+                seed += 1;
+                let c = case(
+                    shape(b, nh, nkv, tq, tk, hs, causal),
+                    seed,
+                    bias,
+                    mask,
+                    mask,
+                );
+                v.push(rounded(c));
+            }
+        }
+    }
+    v
+}
+
+fn tag(c: &Case) -> String {
+    format!(
+        "{:?} bias {} mask {}",
+        c.s,
+        c.bias.is_some(),
+        c.mask.is_some()
+    )
+}
+
+fn to64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// Uploads a case's inputs and runs the forward kernel; returns (out, lse).
+fn dev_fwd(dev: &Device, c: &Case) -> (Vec<f32>, Vec<f32>) {
+    let s = &c.s;
+    let q = dev.upload(&f32s(&c.q)).unwrap();
+    let k = dev.upload(&f32s(&c.k)).unwrap();
+    let v = dev.upload(&f32s(&c.v)).unwrap();
+    let bias = c.bias.as_ref().map(|b| dev.upload(&f32s(b)).unwrap());
+    let mask = c.mask.as_ref().map(|m| dev.upload(m).unwrap());
+    let mut out = dev.upload(&vec![f32::NAN; c.q.len()]).unwrap();
+    let mut lse = dev.upload(&vec![f32::NAN; s.b * s.nh * s.tq]).unwrap();
+    attention_fwd(
+        dev,
+        s,
+        &q,
+        &k,
+        &v,
+        bias.as_ref(),
+        mask.as_ref(),
+        &mut out,
+        &mut lse,
+    )
+    .unwrap();
+    (dev.download(&out).unwrap(), dev.download(&lse).unwrap())
+}
+
+/// f32 kernel vs the exact (f64) answer on the same inputs: out is a convex
+/// combination of v rows, so its error relative to max|v| is a few f32 ulps of the
+/// scores (|score| < ~10, error ~1e-6) plus the weighted sum (~HS·2^-24): 1e-5 of the
+/// largest entry leaves a margin of ~5 while a wrong mask, bias or scale is off by >1e-2.
+#[test]
+fn attention_fwd_matches_cpu() {
+    for dev in Device::test_devices() {
+        for c in kernel_cases() {
+            let (want_o, want_l) = run_cpu_fwd_f64(&c);
+            let (o, l) = dev_fwd(&dev, &c);
+            let e = rel_err(&to64(&o), &want_o);
+            assert!(e < 1e-5, "{dev:?} {}: out rel err {e}", tag(&c));
+            assert_lse_close(&to64(&l), &want_l, 1e-5, &format!("{dev:?} {}", tag(&c)));
+        }
+    }
+}
+
+/// The bf16 forward: inputs rounded to bf16 (the CPU twin reads the same rounded
+/// values), out rounded to bf16 once at the end: error ≤ 2^-9 of |out| plus the f32
+/// part, so 4e-3 of the largest entry.
+#[test]
+fn attention_fwd_bf16_matches_cpu() {
+    use half::bf16;
+    for dev in Device::test_devices() {
+        for c in kernel_cases().into_iter().step_by(2) {
+            let rb = |x: &[f64]| -> Vec<bf16> { x.iter().map(|&v| bf16::from_f64(v)).collect() };
+            let (qb, kb, vb) = (rb(&c.q), rb(&c.k), rb(&c.v));
+            let cr = Case {
+                s: c.s,
+                q: qb.iter().map(|x| x.to_f64()).collect(),
+                k: kb.iter().map(|x| x.to_f64()).collect(),
+                v: vb.iter().map(|x| x.to_f64()).collect(),
+                bias: c.bias.clone(),
+                mask: c.mask.clone(),
+            };
+            let (want_o, want_l) = run_cpu_fwd_f64(&cr);
+            let bits = |x: &[bf16]| -> Vec<u16> { x.iter().map(|v| v.to_bits()).collect() };
+            let s = &c.s;
+            let q = dev.upload(&bits(&qb)).unwrap();
+            let k = dev.upload(&bits(&kb)).unwrap();
+            let v = dev.upload(&bits(&vb)).unwrap();
+            let bias = c.bias.as_ref().map(|b| dev.upload(&f32s(b)).unwrap());
+            let mask = c.mask.as_ref().map(|m| dev.upload(m).unwrap());
+            let mut out = dev.zeros::<u16>(c.q.len()).unwrap();
+            let mut lse = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
+            attention_fwd_bf16(
+                &dev,
+                s,
+                &q,
+                &k,
+                &v,
+                bias.as_ref(),
+                mask.as_ref(),
+                &mut out,
+                &mut lse,
+            )
+            .unwrap();
+            let o: Vec<f64> = dev
+                .download(&out)
+                .unwrap()
+                .iter()
+                .map(|&b| bf16::from_bits(b).to_f64())
+                .collect();
+            let e = rel_err(&o, &want_o);
+            assert!(e < 4e-3, "{dev:?} {}: bf16 out rel err {e}", tag(&c));
+            let l = to64(&dev.download(&lse).unwrap());
+            assert_lse_close(&l, &want_l, 1e-5, &format!("{dev:?} bf16 {}", tag(&c)));
+        }
+    }
+}
+
+/// Backward kernels vs the f64 twin on the same inputs, the kernel fed its own forward.
+/// Gradients are sums over up to Tq·NH/NKV terms of products of order 1, so their
+/// rounding error relative to the largest entry is a little above the forward's: 2e-5.
+#[test]
+fn attention_bwd_matches_cpu() {
+    for dev in Device::test_devices() {
+        for c in kernel_cases() {
+            let s = &c.s;
+            let (out, lse) = run_cpu_fwd_f64(&c);
+            let want = run_cpu_bwd_f64(&c, &out, &lse, 7);
+            let (o32, l32) = dev_fwd(&dev, &c);
+            let up = |x: &[f64]| dev.upload(&f32s(x)).unwrap();
+            let (q, k, v, dout) = (up(&c.q), up(&c.k), up(&c.v), up(&want.dout));
+            let bias = c.bias.as_ref().map(|b| up(b));
+            let mask = c.mask.as_ref().map(|m| dev.upload(m).unwrap());
+            let (o, l) = (dev.upload(&o32).unwrap(), dev.upload(&l32).unwrap());
+            let nan = |n: usize| dev.upload(&vec![f32::NAN; n]).unwrap();
+            let (mut dq, mut dk, mut dv) = (nan(c.q.len()), nan(c.k.len()), nan(c.v.len()));
+            let mut db = nan(s.b * s.tk);
+            attention_bwd(
+                &dev,
+                s,
+                &q,
+                &k,
+                &v,
+                bias.as_ref(),
+                mask.as_ref(),
+                &o,
+                &l,
+                &dout,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                Some(&mut db),
+            )
+            .unwrap();
+            for (name, got, want) in [
+                ("q", &dq, &want.dq),
+                ("k", &dk, &want.dk),
+                ("v", &dv, &want.dv),
+                ("bias", &db, &want.dbias),
+            ] {
+                let got = to64(&dev.download(got).unwrap());
+                let e = rel_err(&got, want);
+                assert!(e < 2e-5, "{dev:?} {}: d{name} rel err {e}", tag(&c));
+            }
+        }
+    }
+}
+
+/// The decode kernel (split over 128-key chunks) vs the CPU decode, with caches longer
+/// than one chunk, GQA, bias with −inf entries, and len = 0.
+#[test]
+fn attention_decode_matches_cpu() {
+    for dev in Device::test_devices() {
+        let (b, nh, nkv, tmax, hs) = (2, 6, 2, 300, 40);
+        let mut r = Rng(77);
+        let kc = f32s(&r.vec(b * nkv * tmax * hs, 1.5));
+        let vc = f32s(&r.vec(b * nkv * tmax * hs, 1.0));
+        let mut bias = f32s(&r.vec(b * tmax, 1.0));
+        bias[3] = f32::NEG_INFINITY;
+        bias[tmax + 200] = f32::NEG_INFINITY;
+        let q = f32s(&r.vec(b * nh * hs, 1.5));
+        let scale = 1.0 / (hs as f32).sqrt();
+        let (qd, kd, vd, bd) = (
+            dev.upload(&q).unwrap(),
+            dev.upload(&kc).unwrap(),
+            dev.upload(&vc).unwrap(),
+            dev.upload(&bias).unwrap(),
+        );
+        for len in [0, 1, 129, 300] {
+            for use_bias in [false, true] {
+                let bopt = use_bias.then_some(&bias[..]);
+                let mut want = vec![0.0f32; b * nh * hs];
+                attention_decode_cpu(
+                    b, nh, nkv, tmax, len, hs, scale, &q, &kc, &vc, bopt, &mut want,
+                )
+                .unwrap();
+                let mut out = dev.upload(&vec![f32::NAN; b * nh * hs]).unwrap();
+                let bd_opt = use_bias.then_some(&bd);
+                attention_decode(
+                    &dev, b, nh, nkv, tmax, len, hs, scale, &qd, &kd, &vd, bd_opt, &mut out,
+                )
+                .unwrap();
+                let got = to64(&dev.download(&out).unwrap());
+                let e = rel_err(&got, &to64(&want));
+                assert!(e < 1e-5, "{dev:?} len {len} bias {use_bias}: rel err {e}");
+                if len == 0 {
+                    assert!(got.iter().all(|x| *x == 0.0));
+                }
+            }
+        }
+    }
+}
+
+/// The device wrappers check sizes before launching (never a launch on bad input).
+#[test]
+fn device_wrappers_reject_bad_sizes() {
+    let dev = Device::emulator();
+    let s = shape(2, 6, 2, 3, 5, 8, false);
+    let z = |n: usize| dev.zeros::<f32>(n).unwrap();
+    let (q, k, v) = (z(2 * 6 * 3 * 8), z(2 * 2 * 5 * 8), z(2 * 2 * 5 * 8 - 1));
+    let (mut out, mut lse) = (z(2 * 6 * 3 * 8), z(2 * 6 * 3));
+    let e = attention_fwd(&dev, &s, &q, &k, &v, None, None, &mut out, &mut lse).unwrap_err();
+    assert!(e.to_string().contains("v (B,NKV,Tk,HS)"), "{e}");
+    let mut bad = s;
+    bad.hs = 200;
+    let e = attention_fwd(&dev, &bad, &q, &k, &k, None, None, &mut out, &mut lse).unwrap_err();
+    assert!(e.to_string().contains("head size"), "{e}");
+    let (mut dq, mut dk, mut dv) = (z(q.len()), z(k.len()), z(k.len()));
+    let mut db = z(7);
+    let e = attention_bwd(
+        &dev,
+        &s,
+        &q,
+        &k,
+        &k,
+        None,
+        None,
+        &out,
+        &lse,
+        &out,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        Some(&mut db),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("dbias"), "{e}");
+    let mut o = z(2 * 6 * 8);
+    let e = attention_decode(
+        &dev,
+        2,
+        6,
+        2,
+        5,
+        6,
+        8,
+        1.0,
+        &o.clone_zeros(&dev),
+        &k,
+        &k,
+        None,
+        &mut o,
+    );
+    assert!(e.is_err());
+}
+
+trait CloneZeros {
+    fn clone_zeros(&self, dev: &Device) -> popen::kernels::DeviceBuf<f32>;
+}
+impl CloneZeros for popen::kernels::DeviceBuf<f32> {
+    fn clone_zeros(&self, dev: &Device) -> popen::kernels::DeviceBuf<f32> {
+        dev.zeros(self.len()).unwrap()
+    }
+}
