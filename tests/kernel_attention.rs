@@ -741,6 +741,9 @@ fn kernel_cases() -> Vec<Case> {
         (2, 6, 2, 37, 53, 40),
         (2, 6, 2, 37, 53, 128),
         (1, 2, 1, 9, 5, 3), // Tq > Tk: early causal rows see nothing; HS not a multiple of 4
+        // Tk − Tq = 1: the first query that sees key tile 32..64 is query 31, the last
+        // row of the query tile before, which the backward must not skip.
+        (1, 2, 1, 40, 41, 20),
     ] {
         for causal in [false, true] {
             for (bias, mask) in [(false, false), (true, false), (true, true)] {
