@@ -1,0 +1,174 @@
+//! CPU twin of biased attention: forward and backward throughput, with a memory-copy
+//! baseline measured in the same run.  The emulator is not timed (it runs fibers).
+//!
+//! Throughput is set in flops (criterion prints them as "elem/s": read Gelem/s as
+//! GFLOP/s): forward `4·B·NH·pairs·HS`, backward 2.5× that, where `pairs` counts the
+//! (query, key) pairs the causal rule lets through.  The same formula is used by
+//! `tools/bench_attention_torch.py`, so the two rates compare directly.
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo bench --bench attention
+//! /work/main/.venv/bin/python tools/bench_attention_torch.py --threads 2
+//! ```
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use popen::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu, AttnShape};
+use std::hint::black_box;
+use std::time::Duration;
+
+/// The benchmarked shapes: (name, shape, with padding mask).
+fn shapes() -> Vec<(&'static str, AttnShape, bool)> {
+    let base = AttnShape {
+        b: 4,
+        nh: 8,
+        nkv: 8,
+        tq: 256,
+        tk: 256,
+        hs: 64,
+        causal: false,
+        scale: 0.125,
+    };
+    vec![
+        ("b4_h8_t256_d64_bias_mask", base, true),
+        (
+            "b4_h8_t256_d64_causal_bias",
+            AttnShape {
+                causal: true,
+                ..base
+            },
+            false,
+        ),
+        (
+            "b2_h8kv2_t512_d128_causal_bias",
+            AttnShape {
+                b: 2,
+                nkv: 2,
+                tq: 512,
+                tk: 512,
+                hs: 128,
+                scale: 1.0 / (128f32).sqrt(),
+                causal: true,
+                ..base
+            },
+            false,
+        ),
+    ]
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn fill(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    bias: Vec<f32>,
+    mask: Option<Vec<u8>>,
+}
+
+fn inputs(s: &AttnShape, masked: bool) -> Inputs {
+    let nq = s.b * s.nh * s.tq * s.hs;
+    let nk = s.b * s.nkv * s.tk * s.hs;
+    Inputs {
+        q: fill(nq, 1),
+        k: fill(nk, 2),
+        v: fill(nk, 3),
+        bias: fill(s.b * s.tk, 4),
+        // the last eighth of each sequence is padding
+        mask: masked.then(|| {
+            (0..s.b * s.tk)
+                .map(|i| u8::from(i % s.tk < s.tk - s.tk / 8))
+                .collect()
+        }),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    for (name, s, masked) in shapes() {
+        let x = inputs(&s, masked);
+        let mut out = vec![0.0f32; x.q.len()];
+        let mut lse = vec![0.0f32; s.b * s.nh * s.tq];
+
+        let mut g = c.benchmark_group(format!("cpu_attention_fwd_{name}"));
+        g.throughput(Throughput::Elements(s.fwd_flops() as u64));
+        g.measurement_time(Duration::from_secs(3));
+        g.bench_function(BenchmarkId::from_parameter("twin"), |bch| {
+            bch.iter(|| {
+                attention_fwd_cpu(
+                    &s,
+                    &x.q,
+                    &x.k,
+                    &x.v,
+                    Some(&x.bias),
+                    x.mask.as_deref(),
+                    &mut out,
+                    &mut lse,
+                )
+                .unwrap();
+                black_box(&out);
+            })
+        });
+        g.finish();
+
+        let dout = fill(x.q.len(), 5);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; x.q.len()],
+            vec![0.0f32; x.k.len()],
+            vec![0.0f32; x.v.len()],
+        );
+        let mut db = vec![0.0f32; s.b * s.tk];
+        let mut g = c.benchmark_group(format!("cpu_attention_bwd_{name}"));
+        g.throughput(Throughput::Elements(s.bwd_flops() as u64));
+        g.measurement_time(Duration::from_secs(3));
+        g.bench_function(BenchmarkId::from_parameter("twin"), |bch| {
+            bch.iter(|| {
+                attention_bwd_cpu(
+                    &s,
+                    &x.q,
+                    &x.k,
+                    &x.v,
+                    Some(&x.bias),
+                    x.mask.as_deref(),
+                    &out,
+                    &lse,
+                    &dout,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    Some(&mut db),
+                )
+                .unwrap();
+                black_box(&dq);
+            })
+        });
+        g.finish();
+
+        // Baseline: copying the forward's inputs and output once (the least memory
+        // traffic any implementation has), same run, same machine.
+        let bytes = 4 * (x.q.len() * 2 + x.k.len() * 2);
+        let src = fill(bytes / 4, 6);
+        let mut dst = vec![0.0f32; bytes / 4];
+        let mut g = c.benchmark_group(format!("cpu_memcpy_{name}"));
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.measurement_time(Duration::from_secs(2));
+        g.bench_function(BenchmarkId::from_parameter("copy"), |bch| {
+            bch.iter(|| {
+                dst.copy_from_slice(black_box(&src));
+                black_box(&dst);
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
