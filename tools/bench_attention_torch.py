@@ -6,7 +6,9 @@ layout and flop formula as the criterion bench.
     /work/main/.venv/bin/python tools/bench_attention_torch.py --threads 2
 
 Prints, per shape, the median time and GFLOP/s of
-  fwd          SDPA forward under no_grad (inference);
+  fwd          SDPA forward under no_grad (inference), the float mask built from γ
+               and the causal/padding pattern inside the timed call, as a model does;
+  fwd(mask prebuilt)  the same with the mask built beforehand (SDPA alone);
   bwd          backward of SDPA w.r.t. q, k, v (out.backward(dout));
   bwd+dbias    the same with the bias requiring grad (what our backward computes).
 Flops: forward 4·B·NH·pairs·HS, backward 2.5× that, pairs = (query, key) pairs that the
@@ -72,6 +74,12 @@ def main():
         flops = 4.0 * b * nh * pairs(t, causal) * hs
         with torch.no_grad():
             tf = timeit(lambda: sdpa(q, k, v, bias), a.reps)
+            # the same with the (B,1,T,T) float mask built outside the timed call
+            mask = bias[:, None, None, :] + neg
+            tf_pre = timeit(
+                lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa),
+                a.reps,
+            )
         dout = torch.rand(b, nh, t, hs) * 2 - 1
 
         def bwd(with_bias):
@@ -89,6 +97,7 @@ def main():
             res[with_bias] = statistics.median(bwd(with_bias) for _ in range(a.reps))
         print(
             f"{name}: fwd {tf * 1e3:.3f} ms ({flops / tf / 1e9:.2f} GFLOP/s), "
+            f"fwd(mask prebuilt) {tf_pre * 1e3:.3f} ms ({flops / tf_pre / 1e9:.2f} GFLOP/s), "
             f"bwd {res[False] * 1e3:.3f} ms ({2.5 * flops / res[False] / 1e9:.2f} GFLOP/s), "
             f"bwd+dbias {res[True] * 1e3:.3f} ms ({2.5 * flops / res[True] / 1e9:.2f} GFLOP/s)"
         )
