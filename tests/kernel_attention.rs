@@ -1027,3 +1027,61 @@ impl CloneZeros for popen::kernels::DeviceBuf<f32> {
         dev.zeros(self.len()).unwrap()
     }
 }
+
+/// The CPU backward is bitwise reproducible: GQA head sums and dγ sums run in a fixed
+/// order, no atomics, so two runs on the same pool give identical bits.
+#[test]
+fn cpu_bwd_is_deterministic() {
+    let c = case(shape(2, 6, 2, 70, 75, 24, true), 41, true, true, false);
+    let s = &c.s;
+    let (q, k, v, bias) = (
+        f32s(&c.q),
+        f32s(&c.k),
+        f32s(&c.v),
+        f32s(c.bias.as_ref().unwrap()),
+    );
+    let mut out = vec![0.0f32; q.len()];
+    let mut lse = vec![0.0f32; s.b * s.nh * s.tq];
+    attention_fwd_cpu(
+        s,
+        &q,
+        &k,
+        &v,
+        Some(&bias),
+        c.mask.as_deref(),
+        &mut out,
+        &mut lse,
+    )
+    .unwrap();
+    let dout = f32s(&Rng(5).vec(q.len(), 1.0));
+    let run = || {
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; q.len()],
+            vec![0.0f32; k.len()],
+            vec![0.0f32; v.len()],
+        );
+        let mut db = vec![0.0f32; s.b * s.tk];
+        attention_bwd_cpu(
+            s,
+            &q,
+            &k,
+            &v,
+            Some(&bias),
+            c.mask.as_deref(),
+            &out,
+            &lse,
+            &dout,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            Some(&mut db),
+        )
+        .unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        (bits(&dq), bits(&dk), bits(&dv), bits(&db))
+    };
+    let first = run();
+    for _ in 0..3 {
+        assert!(run() == first, "backward differs between runs");
+    }
+}

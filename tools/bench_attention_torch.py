@@ -48,11 +48,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--only", default="", help="run only shapes whose name contains this")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, b, nh, nkv, t, hs, causal, masked in SHAPES:
+        if a.only not in name:
+            continue
         q = torch.rand(b, nh, t, hs) * 2 - 1
         k = torch.rand(b, nkv, t, hs) * 2 - 1
         v = torch.rand(b, nkv, t, hs) * 2 - 1

@@ -37,6 +37,7 @@
 use crate::error::{Error, Result};
 use num_traits::Float;
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Largest head size the kernels support (one warp holds a row of up to 4×32 values).
 pub const MAX_HEAD_SIZE: usize = 128;
@@ -231,12 +232,26 @@ trait Acc: Float + Send + Sync + Default + std::iter::Sum + 'static {
     fn exp_shift_sum(x: &mut [Self], g: Option<&[Self]>, c: Self) -> Self {
         exp_shift_sum(x, g, c)
     }
+    /// [`ds_row`], possibly through a wider instruction set.
+    fn ds_row(ds: &mut [Self], p: &[Self], d: Self, dg: &mut [Self]) {
+        ds_row(ds, p, d, dg)
+    }
+    /// Runs `f` on this thread's pool of scratch buffers of this type.
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R;
+}
+
+thread_local! {
+    static POOL_F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static POOL_F64: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Acc for f64 {
     #[inline(always)]
     fn exp1(x: f64) -> f64 {
         x.exp()
+    }
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<f64>>) -> R) -> R {
+        POOL_F64.with(|p| f(&mut p.borrow_mut()))
     }
 }
 
@@ -261,6 +276,62 @@ impl Acc for f32 {
         }
         exp_shift_sum(x, g, c)
     }
+    fn ds_row(ds: &mut [f32], p: &[f32], d: f32, dg: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::has_avx512() {
+            // SAFETY: the CPU has AVX-512F (checked at run time).
+            return unsafe { simd::ds_row_avx512(ds, p, d, dg) };
+        }
+        ds_row(ds, p, d, dg)
+    }
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<f32>>) -> R) -> R {
+        POOL_F32.with(|p| f(&mut p.borrow_mut()))
+    }
+}
+
+/// Scratch buffers kept per thread: allocating (and zeroing) the 256 KiB score tiles on
+/// every block cost page faults and a memset each time.
+const POOL_KEEP: usize = 8;
+
+/// A scratch buffer of `n` elements from the thread's pool, returned to it on drop.
+/// Its contents are unspecified: every user overwrites it before reading.
+struct Scratch<A: Acc> {
+    buf: Vec<A>,
+    n: usize,
+}
+
+impl<A: Acc> Scratch<A> {
+    fn new(n: usize) -> Self {
+        let mut buf = A::with_pool(|p| p.pop()).unwrap_or_default();
+        if buf.len() < n {
+            buf.resize(n, A::zero());
+        }
+        Scratch { buf, n }
+    }
+}
+
+impl<A: Acc> std::ops::Deref for Scratch<A> {
+    type Target = [A];
+    fn deref(&self) -> &[A] {
+        &self.buf[..self.n]
+    }
+}
+
+impl<A: Acc> std::ops::DerefMut for Scratch<A> {
+    fn deref_mut(&mut self) -> &mut [A] {
+        &mut self.buf[..self.n]
+    }
+}
+
+impl<A: Acc> Drop for Scratch<A> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        A::with_pool(|p| {
+            if p.len() < POOL_KEEP {
+                p.push(buf);
+            }
+        });
+    }
 }
 
 /// The f32 row loops compiled for AVX-512 (16 lanes) and picked at run time: the crate
@@ -269,13 +340,17 @@ impl Acc for f32 {
 #[cfg(target_arch = "x86_64")]
 mod simd {
     pub(super) fn has_avx512() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
     }
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     pub(super) fn add_and_max_avx512(x: &mut [f32], g: &[f32]) -> f32 {
         super::add_and_max(x, g)
     }
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) fn ds_row_avx512(ds: &mut [f32], p: &[f32], d: f32, dg: &mut [f32]) {
+        super::ds_row(ds, p, d, dg)
+    }
+    #[target_feature(enable = "avx512f,fma")]
     pub(super) fn exp_shift_sum_avx512(x: &mut [f32], g: Option<&[f32]>, c: f32) -> f32 {
         super::exp_shift_sum(x, g, c)
     }
@@ -386,10 +461,28 @@ fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// One row of the backward's `dS = P ∘ (dP − D)`, in place over `dP`, and `dγ += dS`.
+#[inline(always)]
+fn ds_row<A: Acc>(ds: &mut [A], p: &[A], d: A, dg: &mut [A]) {
+    for ((x, &pv), g) in ds.iter_mut().zip(p).zip(dg.iter_mut()) {
+        *x = pv * (*x - d);
+        *g = *g + *x;
+    }
+}
+
 /// Converts a slice into the compute type.
 fn to_acc<F: Float, A: Acc>(src: &[F], dst: &mut Vec<A>) {
     dst.clear();
     dst.extend(src.iter().map(|&x| A::from(x).unwrap_or_else(A::nan)));
+}
+
+/// A pooled copy of a slice in the compute type.
+fn acc_copy<F: Float, A: Acc>(src: &[F]) -> Scratch<A> {
+    let mut d = Scratch::new(src.len());
+    for (d, &x) in d.iter_mut().zip(src) {
+        *d = A::from(x).unwrap_or_else(A::nan);
+    }
+    d
 }
 
 /// Writes compute-type values into the caller's type.
@@ -569,9 +662,8 @@ fn fwd_impl<F: Float + Send + Sync, A: Acc>(
         .for_each(|(bh, (o_head, l_head))| {
             let (b, h) = (bh / nh, bh % nh);
             let kv0 = (b * nkv + h / group) * tk * hs;
-            let (mut kh, mut vh) = (Vec::new(), Vec::new());
-            to_acc(&k[kv0..kv0 + tk * hs], &mut kh);
-            to_acc(&v[kv0..kv0 + tk * hs], &mut vh);
+            let kh: Scratch<A> = acc_copy(&k[kv0..kv0 + tk * hs]);
+            let vh: Scratch<A> = acc_copy(&v[kv0..kv0 + tk * hs]);
             let krow: Vec<A> = key_row(b, tk, bias, key_mask);
             let q_head = &q[bh * tq * hs..(bh + 1) * tq * hs];
             o_head
@@ -581,8 +673,7 @@ fn fwd_impl<F: Float + Send + Sync, A: Acc>(
                 .for_each(|(blk, (o_blk, l_blk))| {
                     let i0 = blk * qblk;
                     let rows = l_blk.len();
-                    let mut qb = Vec::new();
-                    to_acc(&q_head[i0 * hs..(i0 + rows) * hs], &mut qb);
+                    let qb: Scratch<A> = acc_copy(&q_head[i0 * hs..(i0 + rows) * hs]);
                     let mut ob = vec![A::zero(); rows * hs];
                     let mut lb = vec![A::zero(); rows];
                     fwd_block(s, i0, &qb, &kh, &vh, &krow, scale, &mut ob, &mut lb);
@@ -617,7 +708,7 @@ fn fwd_block<A: Acc>(
         return;
     }
     // p (rows, kmax) = scale · qb kᵀ
-    let mut p = vec![A::zero(); rows * kmax];
+    let mut p = Scratch::<A>::new(rows * kmax);
     matmul(
         rows,
         kmax,
@@ -678,9 +769,11 @@ fn softmax_row<A: Acc>(row: &mut [A], krow: &[A], nvis: usize) -> (A, A) {
 ///
 /// q, out, dout (B,NH,Tq,HS); k, v (B,NKV,Tk,HS); lse (B,NH,Tq) from the forward.
 /// Writes (overwrites) dq (B,NH,Tq,HS), dk and dv (B,NKV,Tk,HS) and, when given, dbias
-/// (B,Tk) — also when `bias` is None (then it is the gradient at γ = 0).  The sums over
-/// the heads of a group and over the heads for dγ run in a fixed order: the result is
-/// deterministic for any thread count.
+/// (B,Tk) — also when `bias` is None (then it is the gradient at γ = 0).  No atomics:
+/// the sums over query blocks, over the heads of a group and over the heads for dγ run
+/// in a fixed order, so results are bitwise reproducible run to run for a given rayon
+/// thread count (the query block size, hence the summation grouping, follows the
+/// thread count; see `cpu_q_block`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_cpu<F: Float + Send + Sync>(
     s: &AttnShape,
@@ -779,9 +872,8 @@ fn bwd_impl<F: Float + Send + Sync, A: Acc>(
             .map(|(bh, dq_head)| {
                 let (b, h) = (bh / nh, bh % nh);
                 let kv0 = (b * nkv + h / group) * tk * hs;
-                let (mut kh, mut vh) = (Vec::new(), Vec::new());
-                to_acc(&io.k[kv0..kv0 + tk * hs], &mut kh);
-                to_acc(&io.v[kv0..kv0 + tk * hs], &mut vh);
+                let kh: Scratch<A> = acc_copy(&io.k[kv0..kv0 + tk * hs]);
+                let vh: Scratch<A> = acc_copy(&io.v[kv0..kv0 + tk * hs]);
                 let krow: Vec<A> = key_row(b, tk, io.bias, io.key_mask);
                 let mut g = HeadGrads {
                     dk: vec![A::zero(); tk * hs],
@@ -886,7 +978,7 @@ fn bwd_block<A: Acc>(
         return;
     }
     // p (rows, kmax) = exp(scale·q kᵀ + γ − lse), recomputed from the saved lse
-    let mut p = vec![A::zero(); rows * kmax];
+    let mut p = Scratch::<A>::new(rows * kmax);
     matmul(
         rows,
         kmax,
@@ -923,7 +1015,7 @@ fn bwd_block<A: Acc>(
         A::one(),
     );
     // dp (rows, kmax) = dout vᵀ
-    let mut ds = vec![A::zero(); rows * kmax];
+    let mut ds = Scratch::<A>::new(rows * kmax);
     matmul(
         rows,
         kmax,
@@ -944,10 +1036,7 @@ fn bwd_block<A: Acc>(
             .sum();
         let prow = &p[r * kmax..(r + 1) * kmax];
         let dsrow = &mut ds[r * kmax..(r + 1) * kmax];
-        for ((x, &pv), dg) in dsrow.iter_mut().zip(prow).zip(g.dg.iter_mut()) {
-            *x = pv * (*x - d);
-            *dg = *dg + *x;
-        }
+        A::ds_row(dsrow, prow, d, &mut g.dg[..kmax]);
     }
     // dq (rows, HS) = scale · ds k
     matmul(
