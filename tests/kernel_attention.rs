@@ -66,7 +66,7 @@ fn case(s: AttnShape, seed: u64, bias: bool, mask: bool, full_pad_last: bool) ->
     let bias = bias.then(|| r.vec(s.b * s.tk, 1.0));
     let mask = mask.then(|| {
         let mut m: Vec<u8> = (0..s.b * s.tk)
-            .map(|_| u8::from(r.next_u64() % 4 != 0))
+            .map(|_| u8::from(!r.next_u64().is_multiple_of(4)))
             .collect();
         if full_pad_last && s.b > 0 {
             let b = s.b - 1;
@@ -118,8 +118,8 @@ fn naive_fwd(c: &Case) -> (Vec<f64>, Vec<f64>) {
                 let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
                 lse[(b * s.nh + h) * tq + i] = m + z.ln();
                 let o = &mut out[((b * s.nh + h) * tq + i) * hs..][..hs];
-                for j in 0..tk {
-                    let p = (sc[j] - m).exp() / z;
+                for (j, &scj) in sc.iter().enumerate() {
+                    let p = (scj - m).exp() / z;
                     let vj = &c.v[((b * s.nkv + g) * tk + j) * hs..][..hs];
                     for d in 0..hs {
                         o[d] += p * vj[d];
@@ -682,30 +682,20 @@ fn bad_sizes_are_errors_and_zero_sizes_are_empty() {
     let s0 = shape(1, 2, 1, 3, 0, 8, false);
     let mut out = vec![1.0f32; 2 * 3 * 8];
     let mut lse = vec![1.0f32; 6];
-    attention_fwd_cpu(
-        &s0,
-        &vec![0.5f32; 48],
-        &[],
-        &[],
-        None,
-        None,
-        &mut out,
-        &mut lse,
-    )
-    .unwrap();
+    attention_fwd_cpu(&s0, &[0.5f32; 48], &[], &[], None, None, &mut out, &mut lse).unwrap();
     assert!(out.iter().all(|x| *x == 0.0) && lse.iter().all(|x| *x == f32::NEG_INFINITY));
     let (mut dq, mut dk, mut dv) = (vec![1.0f32; 48], vec![], vec![]);
     let mut db: Vec<f32> = vec![];
     attention_bwd_cpu(
         &s0,
-        &vec![0.5f32; 48],
+        &[0.5f32; 48],
         &[],
         &[],
         None,
         None,
         &out,
         &lse,
-        &vec![1.0; 48],
+        &[1.0; 48],
         &mut dq,
         &mut dk,
         &mut dv,

@@ -122,7 +122,7 @@ impl AttnShape {
         if self.nkv == 0 {
             return Err(Error::arg(op, "nkv (key/value heads) must be at least 1"));
         }
-        if self.nh % self.nkv != 0 {
+        if !self.nh.is_multiple_of(self.nkv) {
             return Err(Error::arg(
                 op,
                 format!("nh = {} is not a multiple of nkv = {}", self.nh, self.nkv),
@@ -170,6 +170,7 @@ impl AttnShape {
     }
 
     /// Validates and checks every buffer length of a forward call.
+    #[allow(clippy::too_many_arguments)]
     fn check_fwd(
         &self,
         op: &'static str,
@@ -517,6 +518,7 @@ impl<'a, A> Mat<'a, A> {
 /// `c (m×n, row stride ldc) = alpha·a (m×k) · b (k×n)`, plus the old `c` when
 /// `accumulate`.
 #[track_caller]
+#[allow(clippy::too_many_arguments)]
 fn matmul<A: Acc>(
     m: usize,
     n: usize,
