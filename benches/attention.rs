@@ -6,12 +6,17 @@
 //! (query, key) pairs the causal rule lets through.  The same formula is used by
 //! `tools/bench_attention_torch.py`, so the two rates compare directly.
 //!
+//! With `--features cuda` and a GPU, `cuda_attention_*` groups time the kernels too.
+//!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo bench --bench attention
 //! /work/main/.venv/bin/python tools/bench_attention_torch.py --threads 2
 //! ```
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use popen::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu, AttnShape};
+use popen::kernels::attention::{
+    attention_bwd, attention_bwd_cpu, attention_fwd, attention_fwd_cpu, AttnShape,
+};
+use popen::kernels::Device;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -170,5 +175,97 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// The CUDA kernels, when this build has the `cuda` feature and a GPU is present
+/// (`cuda_attention_{fwd,bwd}_*`, synchronized inside the timed closure, with a
+/// device-to-device copy of the same bytes as baseline).  Skipped otherwise.
+fn bench_cuda(c: &mut Criterion) {
+    let Ok(dev) = Device::cuda(0) else {
+        eprintln!("no usable GPU: cuda_attention_* benches skipped");
+        return;
+    };
+    for (name, s, masked) in shapes() {
+        let x = inputs(&s, masked);
+        let up = |v: &[f32]| dev.upload(v).unwrap();
+        let (q, k, v, bias) = (up(&x.q), up(&x.k), up(&x.v), up(&x.bias));
+        let mask = x.mask.as_ref().map(|m| dev.upload(m).unwrap());
+        let mut out = dev.zeros::<f32>(x.q.len()).unwrap();
+        let mut lse = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
+        let mut g = c.benchmark_group(format!("cuda_attention_fwd_{name}"));
+        g.throughput(Throughput::Elements(s.fwd_flops() as u64));
+        g.bench_function(BenchmarkId::from_parameter("kernel"), |bch| {
+            bch.iter(|| {
+                attention_fwd(
+                    &dev,
+                    &s,
+                    &q,
+                    &k,
+                    &v,
+                    Some(&bias),
+                    mask.as_ref(),
+                    &mut out,
+                    &mut lse,
+                )
+                .unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        g.finish();
+        let dout = up(&fill(x.q.len(), 5));
+        let mut dq = dev.zeros::<f32>(x.q.len()).unwrap();
+        let mut dk = dev.zeros::<f32>(x.k.len()).unwrap();
+        let mut dv = dev.zeros::<f32>(x.v.len()).unwrap();
+        let mut db = dev.zeros::<f32>(s.b * s.tk).unwrap();
+        let mut g = c.benchmark_group(format!("cuda_attention_bwd_{name}"));
+        g.throughput(Throughput::Elements(s.bwd_flops() as u64));
+        g.bench_function(BenchmarkId::from_parameter("kernel"), |bch| {
+            bch.iter(|| {
+                attention_bwd(
+                    &dev,
+                    &s,
+                    &q,
+                    &k,
+                    &v,
+                    Some(&bias),
+                    mask.as_ref(),
+                    &out,
+                    &lse,
+                    &dout,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    Some(&mut db),
+                )
+                .unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        g.finish();
+        // Baseline: the forward's bytes (q, k, v in, out) moved once on the device,
+        // timed as a device-side copy through the same launch path.
+        let n = x.q.len() * 2 + x.k.len() * 2;
+        let src = dev.zeros::<f32>(n).unwrap();
+        let mut dst = dev.zeros::<f32>(n).unwrap();
+        let mut g = c.benchmark_group(format!("cuda_memcpy_{name}"));
+        g.throughput(Throughput::Bytes(4 * n as u64));
+        g.bench_function(BenchmarkId::from_parameter("copy"), |bch| {
+            bch.iter(|| {
+                dev.launch(
+                    "scale_f32",
+                    popen::kernels::LaunchCfg::linear(n, 256),
+                    &[
+                        dst.arg_mut(),
+                        src.arg(),
+                        popen::kernels::KArg::F32(1.0),
+                        popen::kernels::KArg::I32(n as i32),
+                    ],
+                )
+                .unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_cuda);
 criterion_main!(benches);

@@ -33,13 +33,18 @@ def pairs(t, causal):
     return t * (t + 1) // 2 if causal else t * t
 
 
+SYNC = lambda: None  # noqa: E731  (replaced by torch.cuda.synchronize on a GPU)
+
+
 def timeit(fn, reps, warmup=3):
     for _ in range(warmup):
         fn()
+    SYNC()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        SYNC()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -49,10 +54,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--only", default="", help="run only shapes whose name contains this")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU SDPA, synchronized)")
     a = ap.parse_args()
+    global SYNC
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    dev = torch.device(a.device)
+    if dev.type == "cuda":
+        SYNC = torch.cuda.synchronize
+        # plain f32 math, as our f32 kernels (no TF32 in the matrix products)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_default_device(dev)
+    print(f"torch {torch.__version__}, {a.device}, {torch.get_num_threads()} threads")
     for name, b, nh, nkv, t, hs, causal, masked in SHAPES:
         if a.only not in name:
             continue
@@ -89,8 +102,10 @@ def main():
             qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
             bb = bias.clone().requires_grad_(with_bias)
             out = sdpa(qq, kk, vv, bb)
+            SYNC()
             t0 = time.perf_counter()
             out.backward(dout)
+            SYNC()
             return time.perf_counter() - t0
 
         res = {}
