@@ -610,7 +610,8 @@ fn wants_f64<F: Float>() -> bool {
 /// q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias γ (B,Tk) or None, key_mask (B,Tk) or
 /// None (1 = attend); writes out (B,NH,Tq,HS) and lse (B,NH,Tq), the natural-log
 /// log-sum-exp of the scaled and biased scores of each row (−inf for a row that sees no
-/// key).  Memory beyond the outputs: one `64 × Tk` score tile per worker.
+/// key).  Memory beyond the outputs: per rayon thread, a score tile of at most
+/// `max(2^16, 16·Tk)` elements (`cpu_q_block`) and copies of one head's K and V; never Tq×Tk.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_cpu<F: Float + Send + Sync>(
     s: &AttnShape,
@@ -775,7 +776,9 @@ fn softmax_row<A: Acc>(row: &mut [A], krow: &[A], nvis: usize) -> (A, A) {
 /// the sums over query blocks, over the heads of a group and over the heads for dγ run
 /// in a fixed order, so results are bitwise reproducible run to run for a given rayon
 /// thread count (the query block size, hence the summation grouping, follows the
-/// thread count; see `cpu_q_block`).
+/// thread count; see `cpu_q_block`).  Memory beyond the outputs: each head's dK, dV
+/// (Tk,HS) and dγ (Tk) partials before the group sums, i.e. `B·NH·Tk·(2·HS+1)` values,
+/// plus two score tiles per rayon thread.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_cpu<F: Float + Send + Sync>(
     s: &AttnShape,
