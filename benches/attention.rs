@@ -10,9 +10,10 @@
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo bench --bench attention
+//! RAYON_NUM_THREADS=1 ATTN_CPU_TIME=1 cargo bench --bench attention   # CPU time per call
 //! /work/main/.venv/bin/python tools/bench_attention_torch.py --threads 2
 //! ```
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use popen::kernels::attention::{
     attention_bwd, attention_bwd_cpu, attention_fwd, attention_fwd_cpu, AttnShape,
 };
@@ -267,5 +268,104 @@ fn bench_cuda(c: &mut Criterion) {
     }
 }
 
+/// Process CPU time (user + system) from `/proc/self/stat`, in seconds; None off Linux.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesized command name; utime and stime are fields 14, 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux configuration we run on.
+    const USER_HZ: f64 = 100.0;
+    Some(ticks / USER_HZ)
+}
+
+/// `ATTN_CPU_TIME=1 cargo bench --bench attention`: instead of criterion, run each CPU
+/// shape a fixed number of times and print CPU time per call beside wall time.  On a
+/// machine shared with other jobs the CPU time is the steadier number (the same column
+/// is printed by `tools/bench_attention_torch.py`).
+fn cpu_time_report() {
+    const REPS: usize = 40;
+    for (name, s, masked) in shapes() {
+        let x = inputs(&s, masked);
+        let mut out = vec![0.0f32; x.q.len()];
+        let mut lse = vec![0.0f32; s.b * s.nh * s.tq];
+        let fwd = |out: &mut Vec<f32>, lse: &mut Vec<f32>| {
+            attention_fwd_cpu(
+                &s,
+                &x.q,
+                &x.k,
+                &x.v,
+                Some(&x.bias),
+                x.mask.as_deref(),
+                out,
+                lse,
+            )
+            .unwrap()
+        };
+        fwd(&mut out, &mut lse);
+        let dout = fill(x.q.len(), 5);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; x.q.len()],
+            vec![0.0f32; x.k.len()],
+            vec![0.0f32; x.v.len()],
+        );
+        let mut db = vec![0.0f32; s.b * s.tk];
+        let mut bwd = || {
+            attention_bwd_cpu(
+                &s,
+                &x.q,
+                &x.k,
+                &x.v,
+                Some(&x.bias),
+                x.mask.as_deref(),
+                &out,
+                &lse,
+                &dout,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                Some(&mut db),
+            )
+            .unwrap()
+        };
+        bwd();
+        let (mut o2, mut l2) = (out.clone(), lse.clone());
+        let time = |f: &mut dyn FnMut()| {
+            let (c0, w0) = (process_cpu_seconds(), std::time::Instant::now());
+            for _ in 0..REPS {
+                f();
+            }
+            let wall = w0.elapsed().as_secs_f64() / REPS as f64;
+            let cpu = match (c0, process_cpu_seconds()) {
+                (Some(a), Some(b)) => (b - a) / REPS as f64,
+                _ => f64::NAN,
+            };
+            (cpu, wall)
+        };
+        let (cf, wf) = time(&mut || fwd(&mut o2, &mut l2));
+        let (cb, wb) = time(&mut bwd);
+        println!(
+            "{name}: fwd cpu {:.3} ms wall {:.3} ms ({:.1} GFLOP/s by cpu time), \
+             bwd cpu {:.3} ms wall {:.3} ms ({:.1} GFLOP/s by cpu time), {} rayon threads",
+            cf * 1e3,
+            wf * 1e3,
+            s.fwd_flops() / cf / 1e9,
+            cb * 1e3,
+            wb * 1e3,
+            s.bwd_flops() / cb / 1e9,
+            rayon::current_num_threads()
+        );
+    }
+}
+
 criterion_group!(benches, bench, bench_cuda);
-criterion_main!(benches);
+
+fn main() {
+    if std::env::var_os("ATTN_CPU_TIME").is_some() {
+        cpu_time_report();
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -11,6 +11,8 @@ Prints, per shape, the median time and GFLOP/s of
   fwd(mask prebuilt)  the same with the mask built beforehand (SDPA alone);
   bwd          backward of SDPA w.r.t. q, k, v (out.backward(dout));
   bwd+dbias    the same with the bias requiring grad (what our backward computes).
+Then the process CPU time per call of fwd, fwd(mask prebuilt), fwd+bwd and
+fwd+bwd+dbias (compare with `ATTN_CPU_TIME=1 cargo bench --bench attention`).
 Flops: forward 4·B·NH·pairs·HS, backward 2.5× that, pairs = (query, key) pairs that the
 causal rule lets through (padding not subtracted), as in AttnShape::fwd_flops.
 """
@@ -36,16 +38,22 @@ def pairs(t, causal):
 SYNC = lambda: None  # noqa: E731  (replaced by torch.cuda.synchronize on a GPU)
 
 
-def timeit(fn, reps, warmup=3):
+CPU_MS = {}  # label -> process CPU time per call (ms), the steadier number on a shared machine
+
+
+def timeit(fn, reps, warmup=3, label=None):
     for _ in range(warmup):
         fn()
     SYNC()
     ts = []
+    c0 = time.process_time()
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         SYNC()
         ts.append(time.perf_counter() - t0)
+    if label:
+        CPU_MS[label] = (time.process_time() - c0) / reps * 1e3
     return statistics.median(ts)
 
 
@@ -89,12 +97,13 @@ def main():
 
         flops = 4.0 * b * nh * pairs(t, causal) * hs
         with torch.no_grad():
-            tf = timeit(lambda: sdpa(q, k, v, bias), a.reps)
+            tf = timeit(lambda: sdpa(q, k, v, bias), a.reps, label="fwd")
             # the same with the (B,1,T,T) float mask built outside the timed call
             mask = bias[:, None, None, :] + neg
             tf_pre = timeit(
                 lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa),
                 a.reps,
+                label="fwd(mask prebuilt)",
             )
         dout = torch.rand(b, nh, t, hs) * 2 - 1
 
@@ -110,6 +119,12 @@ def main():
 
         res = {}
         for with_bias in (False, True):
+            # CPU time of forward + backward per call (the forward is untimed in `res`)
+            def step(wb=with_bias):
+                qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+                sdpa(qq, kk, vv, bias.clone().requires_grad_(wb)).backward(dout)
+
+            timeit(step, max(3, a.reps // 2), label=f"fwd+bwd{'+dbias' if with_bias else ''}")
             for _ in range(3):
                 bwd(with_bias)
             res[with_bias] = statistics.median(bwd(with_bias) for _ in range(a.reps))
@@ -119,6 +134,7 @@ def main():
             f"bwd {res[False] * 1e3:.3f} ms ({2.5 * flops / res[False] / 1e9:.2f} GFLOP/s), "
             f"bwd+dbias {res[True] * 1e3:.3f} ms ({2.5 * flops / res[True] / 1e9:.2f} GFLOP/s)"
         )
+        print("    cpu time per call: " + ", ".join(f"{k} {v:.3f} ms" for k, v in CPU_MS.items()))
 
 
 if __name__ == "__main__":
