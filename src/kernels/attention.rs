@@ -59,9 +59,13 @@ fn cpu_q_block(s: &AttnShape) -> usize {
     let want_items = rayon::current_num_threads() * CPU_ITEMS_PER_THREAD;
     let per_head = want_items.div_ceil(heads);
     let for_threads = s.tq.div_ceil(per_head);
-    (CPU_SCORE_BUDGET / s.tk.max(1))
-        .min(for_threads)
-        .max(CPU_MIN_Q_BLOCK)
+    let mut q = (CPU_SCORE_BUDGET / s.tk.max(1)).min(for_threads);
+    if s.causal {
+        // At least two blocks a head, so that the first skips the keys after its last
+        // query (measured: −12% forward time at T = 256).
+        q = q.min(s.tq.div_ceil(2));
+    }
+    q.max(CPU_MIN_Q_BLOCK)
 }
 
 /// Sizes and flags of one attention call.
