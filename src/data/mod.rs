@@ -6,3 +6,8 @@ pub mod rle;
 
 pub use mask::Mask;
 pub use rle::Rle;
+pub mod corrector;
+pub mod diff;
+pub mod tokenizer;
+pub mod vocab;
+pub mod world;
