@@ -29,7 +29,7 @@ use crate::data::muse::{MuseAnn, MuseImage, RleJson, Segmentation};
 use crate::data::{Mask, Rle};
 use crate::error::{Error, Result};
 use categories::CATEGORIES;
-pub use instructions::{Family, Qa, SEG};
+pub use instructions::{Family, Qa, NO_TARGET_ANSWERS as NO_TARGET_ANSWERS_PUB, SEG};
 pub use render::{Layout, RgbImage};
 use rng::{mix, Rng};
 use std::path::{Path, PathBuf};
