@@ -106,3 +106,50 @@ pub fn changed_positions_min<T: Eq + Hash>(y: &[T], yc: &[T], min_block: usize) 
     let pick = |k: Vec<bool>| k.iter().enumerate().filter(|(_, &k)| !k).map(|(i, _)| i).collect();
     (pick(keep_a), pick(keep_b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(s: &str) -> Vec<&str> {
+        s.split_whitespace().collect()
+    }
+    fn blocks(a: &str, b: &str) -> Vec<(usize, usize, usize)> {
+        matching_blocks(&w(a), &w(b)).iter().map(|b| (b.a_start, b.b_start, b.len)).collect()
+    }
+
+    // Pairs worked by hand (and equal to difflib.SequenceMatcher(None, a, b,
+    // autojunk=False).get_matching_blocks() without its sentinel).
+    #[test]
+    fn matching_blocks_hand_worked() {
+        assert_eq!(blocks("a b c d e f g", "a b x d e f g"), vec![(0, 0, 2), (3, 3, 4)]);
+        assert_eq!(blocks("the cat sat on the mat", "the cat sat on a mat today"), vec![(0, 0, 4), (5, 5, 1)]);
+        // Only one of two crossing runs can match; the longer wins.
+        assert_eq!(blocks("x y z w a b c", "a b c x y z w"), vec![(0, 3, 4)]);
+        // Ties go to the earliest run in `a`: the longest run is a[1..6] = b[0..5].
+        assert_eq!(blocks("a a a b b b", "a a b b b b"), vec![(1, 0, 5)]);
+        assert_eq!(blocks("", "a b"), vec![]);
+        assert_eq!(blocks("A B C", "A B C"), vec![(0, 0, 3)]);
+    }
+
+    #[test]
+    fn short_blocks_count_as_changed() {
+        let (a, b) = (w("a b c d e f g"), w("a b x d e f g"));
+        // "a b" matches but is shorter than 3 tokens, so it counts as changed.
+        assert_eq!(changed_positions(&a, &b), (vec![0, 1, 2], vec![0, 1, 2]));
+        let (a, b) = (w("the cat sat on the mat"), w("the cat sat on a mat today"));
+        assert_eq!(changed_positions(&a, &b), (vec![4, 5], vec![4, 5, 6]));
+        let (a, b) = (w("p q r s t u v"), w("p q r X s t u v"));
+        assert_eq!(changed_positions(&a, &b), (vec![], vec![3]));
+        assert_eq!(changed_positions_min(&w("a b c d e f g"), &w("a b x d e f g"), 1), (vec![2], vec![2]));
+        let same = w("A B C D E F");
+        assert_eq!(changed_positions(&same, &same), (vec![], vec![]));
+    }
+
+    #[test]
+    fn generic_over_token_type() {
+        let a: Vec<u32> = vec![5, 6, 7, 8, 9, 10];
+        let b: Vec<u32> = vec![5, 6, 7, 99, 8, 9, 10];
+        assert_eq!(changed_positions(&a, &b), (vec![], vec![3]));
+    }
+}
