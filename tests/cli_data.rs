@@ -34,7 +34,7 @@ fn generate_then_show() {
     let o = popen(&["data", "show", "--data", a.join("val.json").to_str().unwrap(), "--out", show.to_str().unwrap(), "--n", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let im = image::open(show.join("val_000000_overlay.png")).unwrap();
-    assert_eq!((im.height(), im.width()), (48 * 3, 64 * 3));
+    assert_eq!((im.height(), im.width()), (48 * 3, 2 * 64 * 3 + 4));
     assert!(!show.join("val_000002_overlay.png").exists());
     std::fs::remove_dir_all(&a).ok();
     std::fs::remove_dir_all(&b).ok();

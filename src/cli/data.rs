@@ -6,6 +6,9 @@ use popen::data::world::{self, overlay, Split, WorldConfig};
 use popen::data::Mask;
 use std::path::{Path, PathBuf};
 
+/// White pixels between the picture and its overlay in `data show`.
+const SIDE_GAP: usize = 4;
+
 /// Arguments of `popen data`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,7 +20,7 @@ pub struct Args {
 pub enum Cmd {
     /// Generate samples of the embedded world: DIR/<split>.json (MUSE schema) + DIR/images/*.png.
     Generate(GenArgs),
-    /// Draw coloured mask overlays with labels for the first N images of a MUSE-schema file.
+    /// Draw each of the first N images of a MUSE-schema file beside its coloured, labelled masks.
     Show(ShowArgs),
 }
 
@@ -130,6 +133,8 @@ fn show(s: ShowArgs) -> anyhow::Result<()> {
         let refs: Vec<&Mask> = masks.iter().collect();
         let labels: Vec<String> = anns.iter().map(|a| a.category_name.clone()).collect();
         let ov = overlay::overlay(&img, &refs, &labels, s.scale)?;
+        // The plain picture beside the overlay, so the objects' own colours show too.
+        let ov = overlay::side_by_side(&overlay::upscale(&img, s.scale), &ov, SIDE_GAP);
         let stem = Path::new(&r.file_name).file_stem().and_then(|x| x.to_str()).unwrap_or("image");
         let out = s.out.join(format!("{stem}_overlay.png"));
         overlay::save_png(&ov, &out)?;

@@ -174,3 +174,33 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let im = im.to_rgb8();
     Ok(RgbImage { height: im.height() as usize, width: im.width() as usize, data: im.into_raw() })
 }
+
+/// `a` and `b` next to each other (tops aligned) with a `gap`-pixel white strip.
+pub fn side_by_side(a: &RgbImage, b: &RgbImage, gap: usize) -> RgbImage {
+    let h = a.height.max(b.height);
+    let mut out = RgbImage::new(h, a.width + gap + b.width);
+    out.data.fill(255);
+    for y in 0..a.height {
+        for x in 0..a.width {
+            out.set(y, x, a.get(y, x));
+        }
+    }
+    for y in 0..b.height {
+        for x in 0..b.width {
+            out.set(y, a.width + gap + x, b.get(y, x));
+        }
+    }
+    out
+}
+
+/// Nearest-neighbour upscaling by `up`.
+pub fn upscale(img: &RgbImage, up: usize) -> RgbImage {
+    let up = up.max(1);
+    let mut out = RgbImage::new(img.height * up, img.width * up);
+    for y in 0..out.height {
+        for x in 0..out.width {
+            out.set(y, x, img.get(y / up, x / up));
+        }
+    }
+    out
+}
