@@ -7,7 +7,11 @@ use std::hint::black_box;
 
 fn bench(c: &mut Criterion) {
     for (h, w) in [(96usize, 128usize), (224, 224)] {
-        let cfg = WorldConfig { height: h, width: w, questions: 3 };
+        let cfg = WorldConfig {
+            height: h,
+            width: w,
+            questions: 3,
+        };
         let mut g = c.benchmark_group(format!("cpu_world_generate_{h}x{w}"));
         g.throughput(Throughput::Elements(1));
         let mut i = 0usize;

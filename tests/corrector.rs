@@ -7,7 +7,11 @@ use popen::data::world::{generate, Sample, Split, WorldConfig, NO_TARGET_ANSWERS
 use proptest::prelude::*;
 
 fn ctx(s: &Sample, targets: Option<&[usize]>) -> Context {
-    let present = s.object_names().iter().map(|n| (n.to_string(), s.count(n))).collect();
+    let present = s
+        .object_names()
+        .iter()
+        .map(|n| (n.to_string(), s.count(n)))
+        .collect();
     let targets = targets.map(|t| {
         let mut v: Vec<(String, usize)> = Vec::new();
         for &k in t {
@@ -23,7 +27,11 @@ fn ctx(s: &Sample, targets: Option<&[usize]>) -> Context {
 }
 
 fn small() -> WorldConfig {
-    WorldConfig { height: 64, width: 80, questions: 3 }
+    WorldConfig {
+        height: 64,
+        width: 80,
+        questions: 3,
+    }
 }
 
 #[test]
@@ -38,28 +46,53 @@ fn tokenize_round_trips_world_answers() {
 #[test]
 fn hand_worked_corrections() {
     let c = Context {
-        present: vec![("knife".into(), 1), ("plate".into(), 1), ("apple".into(), 2)],
+        present: vec![
+            ("knife".into(), 1),
+            ("plate".into(), 1),
+            ("apple".into(), 2),
+        ],
         targets: None,
     };
     // An absent fork leaves the list; the list is re-joined.
     assert_eq!(
-        correct("Sure, I found the knife <seg>, the fork <seg> and the plate <seg>.", &c),
+        correct(
+            "Sure, I found the knife <seg>, the fork <seg> and the plate <seg>.",
+            &c
+        ),
         "Sure, I found the knife <seg> and the plate <seg>."
     );
     // A sentence about an absent object alone goes; the rest stays.
     assert_eq!(
-        correct("The apple <seg> is to the left of the plate. There is a fork <seg> too.", &c),
+        correct(
+            "The apple <seg> is to the left of the plate. There is a fork <seg> too.",
+            &c
+        ),
         "The apple <seg> is to the left of the plate."
     );
     // A wrong count is fixed, with its <seg>s and "is/are".
-    assert_eq!(correct("There are three apples <seg> <seg> <seg>.", &c), "There are two apples <seg> <seg>.");
+    assert_eq!(
+        correct("There are three apples <seg> <seg> <seg>.", &c),
+        "There are two apples <seg> <seg>."
+    );
     // Only absent objects everywhere: the honest no-target answer.
-    assert_eq!(correct("You can use the fork <seg> to eat.", &c), "There is nothing like that in this image.");
+    assert_eq!(
+        correct("You can use the fork <seg> to eat.", &c),
+        "There is nothing like that in this image."
+    );
     // With targets known: the wrong object becomes the missing target in place.
-    let t = Context { targets: Some(vec![("knife".into(), 1)]), ..c.clone() };
-    assert_eq!(correct("The fork <seg> can cut it.", &t), "The knife <seg> can cut it.");
+    let t = Context {
+        targets: Some(vec![("knife".into(), 1)]),
+        ..c.clone()
+    };
+    assert_eq!(
+        correct("The fork <seg> can cut it.", &t),
+        "The knife <seg> can cut it."
+    );
     // A present but wrong target is dropped and a missing one added to the list.
-    let t = Context { targets: Some(vec![("apple".into(), 2), ("knife".into(), 1)]), ..c };
+    let t = Context {
+        targets: Some(vec![("apple".into(), 2), ("knife".into(), 1)]),
+        ..c
+    };
     assert_eq!(
         correct("Sure, I found the plate <seg> and the apple <seg>.", &t),
         "Sure, I found the knife <seg> and the two apples <seg> <seg>."
@@ -69,7 +102,10 @@ fn hand_worked_corrections() {
 #[test]
 fn diff_marks_exactly_the_corrected_words() {
     let y = tokenize("Sure, I found the knife <seg>, the fork <seg> and the plate <seg>.");
-    let c = Context { present: vec![("knife".into(), 1), ("plate".into(), 1)], targets: None };
+    let c = Context {
+        present: vec![("knife".into(), 1), ("plate".into(), 1)],
+        targets: None,
+    };
     let yc = tokenize(&correct(&detokenize(&y), &c));
     let (ly, lyc) = changed_positions(&y, &yc);
     let removed: Vec<&str> = ly.iter().map(|&i| y[i].as_str()).collect();

@@ -4,14 +4,22 @@ use popen::data::tokenizer::{add_seg_token, Tok, SEG_TOKEN, WORLD_SPECIALS};
 use popen::data::world::WorldConfig;
 
 fn world_tok() -> Tok {
-    let cfg = WorldConfig { height: 48, width: 64, questions: 3 };
+    let cfg = WorldConfig {
+        height: 48,
+        width: 64,
+        questions: 3,
+    };
     Tok::train_world(&cfg, 3, 60, 400).unwrap()
 }
 
 #[test]
 fn world_tokenizer_trains_saves_loads_and_round_trips() {
     let tok = world_tok();
-    assert!(tok.vocab_size() <= 400 + WORLD_SPECIALS.len(), "{}", tok.vocab_size());
+    assert!(
+        tok.vocab_size() <= 400 + WORLD_SPECIALS.len(),
+        "{}",
+        tok.vocab_size()
+    );
     for (i, s) in WORLD_SPECIALS.iter().enumerate() {
         assert_eq!(tok.inner.token_to_id(s), Some(i as u32), "{s}");
     }
@@ -25,13 +33,18 @@ fn world_tokenizer_trains_saves_loads_and_round_trips() {
     tok.save(&path).unwrap();
     let back = Tok::load(&path).unwrap();
     assert_eq!(back.encode(text).unwrap(), ids);
-    assert_eq!((back.seg, back.pad, back.bos, back.eos), (tok.seg, tok.pad, tok.bos, tok.eos));
+    assert_eq!(
+        (back.seg, back.pad, back.bos, back.eos),
+        (tok.seg, tok.pad, tok.bos, tok.eos)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn load_reports_the_file() {
-    let e = Tok::load(std::path::Path::new("/nonexistent/tokenizer.json")).err().unwrap();
+    let e = Tok::load(std::path::Path::new("/nonexistent/tokenizer.json"))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("/nonexistent/tokenizer.json"), "{e}");
 }
 
@@ -46,7 +59,22 @@ fn llama_style_json() -> String {
     for b in 0..256u32 {
         vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
     }
-    let pieces = ["\u{2581}", "a", "b", "s", "e", "g", ".", "<", ">", "\u{2581}a", "\u{2581}b", "se", "seg", "<seg"];
+    let pieces = [
+        "\u{2581}",
+        "a",
+        "b",
+        "s",
+        "e",
+        "g",
+        ".",
+        "<",
+        ">",
+        "\u{2581}a",
+        "\u{2581}b",
+        "se",
+        "seg",
+        "<seg",
+    ];
     for (i, p) in pieces.iter().enumerate() {
         vocab.insert(p.to_string(), (259 + i as u32).into());
     }
@@ -98,9 +126,18 @@ fn seg_is_one_token_in_a_llama_style_tokenizer() {
     let seg = add_seg_token(&mut raw).unwrap();
     let enc = raw.encode(text, false).unwrap();
     let ids = enc.get_ids();
-    assert_eq!(ids.iter().filter(|&&i| i == seg).count(), 2, "{:?}", enc.get_tokens());
+    assert_eq!(
+        ids.iter().filter(|&&i| i == seg).count(),
+        2,
+        "{:?}",
+        enc.get_tokens()
+    );
     for t in enc.get_tokens() {
-        assert!(t == SEG_TOKEN || !t.contains("seg"), "a piece of <seg> leaked: {:?}", enc.get_tokens());
+        assert!(
+            t == SEG_TOKEN || !t.contains("seg"),
+            "a piece of <seg> leaked: {:?}",
+            enc.get_tokens()
+        );
     }
     assert_eq!(raw.decode(ids, false).unwrap(), text);
 

@@ -1,13 +1,17 @@
 //! The embedded world: determinism, `<seg>`/mask bookkeeping, masks that match the
 //! drawing, co-occurrence priors, and the data-set writer.
+use popen::data::muse::MuseImage;
 use popen::data::world::categories::{by_name, CATEGORIES};
 use popen::data::world::render::render;
 use popen::data::world::scenes::{draw_categories, RULES, SCENES};
 use popen::data::world::{generate, rng::Rng, write_dataset, Family, Split, WorldConfig};
-use popen::data::muse::MuseImage;
 
 fn cfg() -> WorldConfig {
-    WorldConfig { height: 72, width: 96, questions: 3 }
+    WorldConfig {
+        height: 72,
+        width: 96,
+        questions: 3,
+    }
 }
 
 #[test]
@@ -50,7 +54,9 @@ fn every_seg_has_one_nonempty_mask() {
             }
             for ann in &rec.answers[q] {
                 let m = match &ann.segmentation {
-                    popen::data::muse::Segmentation::Rle(r) => r.to_rle().unwrap().to_mask().unwrap(),
+                    popen::data::muse::Segmentation::Rle(r) => {
+                        r.to_rle().unwrap().to_mask().unwrap()
+                    }
                     _ => panic!("world masks are RLE"),
                 };
                 assert!(m.area() > 0);
@@ -81,7 +87,11 @@ fn masks_are_the_visible_object_pixels() {
             for x in 0..w {
                 if owner[y * w + x] == usize::MAX {
                     // Outside every mask the picture is exactly the background.
-                    assert_eq!(s.image.get(y, x), bg.get(y, x), "pixel ({y},{x}) of sample {i}");
+                    assert_eq!(
+                        s.image.get(y, x),
+                        bg.get(y, x),
+                        "pixel ({y},{x}) of sample {i}"
+                    );
                 } else {
                     total += 1;
                     let (a, b) = (s.image.get(y, x), bg.get(y, x));
@@ -90,7 +100,10 @@ fn masks_are_the_visible_object_pixels() {
                 }
             }
         }
-        assert!(differ as f64 >= 0.85 * total as f64, "sample {i}: {differ}/{total} mask pixels differ from background");
+        assert!(
+            differ as f64 >= 0.85 * total as f64,
+            "sample {i}: {differ}/{total} mask pixels differ from background"
+        );
     }
 }
 
@@ -120,7 +133,11 @@ fn masks_have_the_category_colour() {
                 ("tv", _) => r < 90.0 && b >= r,
                 _ => continue,
             };
-            assert!(ok, "{} ({}) has mean colour ({r:.0},{g:.0},{b:.0})", o.name, o.colour);
+            assert!(
+                ok,
+                "{} ({}) has mean colour ({r:.0},{g:.0},{b:.0})",
+                o.name, o.colour
+            );
             checked += 1;
         }
     }
@@ -133,7 +150,10 @@ fn co_occurrence_matches_the_priors() {
     // object that does not fit) it must stay near.
     let knife = by_name("knife").unwrap();
     let fork = by_name("fork").unwrap();
-    let rule = RULES.iter().find(|r| r.source == "knife" && r.target == "fork").unwrap();
+    let rule = RULES
+        .iter()
+        .find(|r| r.source == "knife" && r.target == "fork")
+        .unwrap();
     let mut rng = Rng::new(9);
     let (mut with_knife, mut both) = (0, 0);
     for _ in 0..4000 {
@@ -148,7 +168,17 @@ fn co_occurrence_matches_the_priors() {
 
     let (mut with_knife, mut both, mut fork_alone, mut no_knife) = (0, 0, 0, 0);
     for i in 0..500 {
-        let s = generate(&WorldConfig { height: 48, width: 64, questions: 1 }, 21, Split::Train, i).unwrap();
+        let s = generate(
+            &WorldConfig {
+                height: 48,
+                width: 64,
+                questions: 1,
+            },
+            21,
+            Split::Train,
+            i,
+        )
+        .unwrap();
         let names = s.object_names();
         if names.contains(&"knife") {
             with_knife += 1;
@@ -160,15 +190,33 @@ fn co_occurrence_matches_the_priors() {
     }
     let p = both as f32 / with_knife as f32;
     assert!(with_knife > 40, "{with_knife}");
-    assert!((p - rule.p).abs() < 0.12, "generated P(fork|knife) = {p} over {with_knife} scenes");
+    assert!(
+        (p - rule.p).abs() < 0.12,
+        "generated P(fork|knife) = {p} over {with_knife} scenes"
+    );
     let q = fork_alone as f32 / no_knife as f32;
-    assert!(q < 0.15, "P(fork|no knife) = {q}: the prior would be no prior");
+    assert!(
+        q < 0.15,
+        "P(fork|no knife) = {q}: the prior would be no prior"
+    );
 }
 
 #[test]
 fn dataset_writer_splits_test_by_target_count() {
     let dir = std::env::temp_dir().join(format!("popen_world_ds_{}", std::process::id()));
-    let sum = write_dataset(&dir, &WorldConfig { height: 48, width: 64, questions: 3 }, 1, Split::Test, 24, &|| {}).unwrap();
+    let sum = write_dataset(
+        &dir,
+        &WorldConfig {
+            height: 48,
+            width: 64,
+            questions: 3,
+        },
+        1,
+        Split::Test,
+        24,
+        &|| {},
+    )
+    .unwrap();
     assert_eq!(sum.images, 24);
     assert_eq!(sum.json.len(), 3);
     let read = |name: &str| -> Vec<MuseImage> {
@@ -194,7 +242,18 @@ fn dataset_writer_splits_test_by_target_count() {
 #[test]
 fn bad_sizes_are_errors() {
     for (h, w) in [(10, 96), (96, 0), (5000, 64)] {
-        let e = generate(&WorldConfig { height: h, width: w, questions: 3 }, 0, Split::Train, 0).err().unwrap();
+        let e = generate(
+            &WorldConfig {
+                height: h,
+                width: w,
+                questions: 3,
+            },
+            0,
+            Split::Train,
+            0,
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("out of range"), "{e}");
     }
 }

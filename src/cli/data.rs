@@ -74,7 +74,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn generate(g: GenArgs) -> anyhow::Result<()> {
     let split: Split = g.split.parse()?;
-    let cfg = WorldConfig { height: g.height, width: g.width, questions: g.questions };
+    let cfg = WorldConfig {
+        height: g.height,
+        width: g.width,
+        questions: g.questions,
+    };
     cfg.validate()?;
     if g.n == 0 {
         bail!("--n must be at least 1");
@@ -83,8 +87,10 @@ fn generate(g: GenArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create output directory {}", g.out.display()))?;
     let bar = indicatif::ProgressBar::new(g.n as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} samples ({per_sec})")
-            .expect("progress template"),
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} samples ({per_sec})",
+        )
+        .expect("progress template"),
     );
     let t0 = std::time::Instant::now();
     let summary = world::write_dataset(&g.out, &cfg, g.seed, split, g.n, &|| bar.inc(1))
@@ -109,22 +115,30 @@ fn decode(seg: &Segmentation, h: usize, w: usize, path: &Path) -> anyhow::Result
     match seg {
         Segmentation::Rle(r) => Ok(r.to_rle()?.to_mask()?),
         Segmentation::Polygons(_) => {
-            bail!("{}: polygon segmentations are not drawn by `data show` (image {h}x{w})", path.display())
+            bail!(
+                "{}: polygon segmentations are not drawn by `data show` (image {h}x{w})",
+                path.display()
+            )
         }
     }
 }
 
 fn show(s: ShowArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&s.data).with_context(|| format!("reading {}", s.data.display()))?;
-    let recs: Vec<MuseImage> =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a list of MUSE records", s.data.display()))?;
+    let text = std::fs::read_to_string(&s.data)
+        .with_context(|| format!("reading {}", s.data.display()))?;
+    let recs: Vec<MuseImage> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a list of MUSE records", s.data.display()))?;
     let root = s.data.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(&s.out).with_context(|| format!("cannot create output directory {}", s.out.display()))?;
+    std::fs::create_dir_all(&s.out)
+        .with_context(|| format!("cannot create output directory {}", s.out.display()))?;
     for (i, r) in recs.iter().take(s.n).enumerate() {
         let img_path = root.join(&r.file_name);
         let img = overlay::load_rgb(&img_path)?;
         let (h, w) = (img.height, img.width);
-        let anns = r.ann_list.clone().unwrap_or_else(|| r.answers.iter().flatten().cloned().collect());
+        let anns = r
+            .ann_list
+            .clone()
+            .unwrap_or_else(|| r.answers.iter().flatten().cloned().collect());
         let masks: Vec<Mask> = anns
             .iter()
             .map(|a| decode(&a.segmentation, h, w, &s.data))
@@ -135,7 +149,10 @@ fn show(s: ShowArgs) -> anyhow::Result<()> {
         let ov = overlay::overlay(&img, &refs, &labels, s.scale)?;
         // The plain picture beside the overlay, so the objects' own colours show too.
         let ov = overlay::side_by_side(&overlay::upscale(&img, s.scale), &ov, SIDE_GAP);
-        let stem = Path::new(&r.file_name).file_stem().and_then(|x| x.to_str()).unwrap_or("image");
+        let stem = Path::new(&r.file_name)
+            .file_stem()
+            .and_then(|x| x.to_str())
+            .unwrap_or("image");
         let out = s.out.join(format!("{stem}_overlay.png"));
         overlay::save_png(&ov, &out)?;
         println!("{}", out.display());

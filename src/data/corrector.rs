@@ -90,7 +90,8 @@ impl Mention {
         self.number.unwrap_or(if self.plural { 2 } else { 1 })
     }
     fn render(&self) -> Vec<String> {
-        let cat = &crate::data::world::categories::CATEGORIES[by_name(self.canonical).expect("vocab names a category")];
+        let cat = &crate::data::world::categories::CATEGORIES
+            [by_name(self.canonical).expect("vocab names a category")];
         let noun = if self.plural { cat.plural } else { cat.name };
         let mut v = Vec::new();
         if self.the {
@@ -131,7 +132,9 @@ impl Mention {
 
 /// Whether the tokens before `at` end with "there is" or "there are".
 fn after_there_is(toks: &[String], at: usize) -> bool {
-    at >= 2 && toks[at - 2].eq_ignore_ascii_case("there") && (toks[at - 1] == "is" || toks[at - 1] == "are")
+    at >= 2
+        && toks[at - 2].eq_ignore_ascii_case("there")
+        && (toks[at - 1] == "is" || toks[at - 1] == "are")
 }
 
 /// Object phrases of one sentence.
@@ -164,7 +167,16 @@ fn parse_mentions(toks: &[String]) -> Vec<Mention> {
                 while end < toks.len() && toks[end] == SEG {
                     end += 1;
                 }
-                out.push(Mention { start, end, the, article, number, canonical, plural, segs: end - j - 1 });
+                out.push(Mention {
+                    start,
+                    end,
+                    the,
+                    article,
+                    number,
+                    canonical,
+                    plural,
+                    segs: end - j - 1,
+                });
                 i = end;
             }
             None => i = start + 1,
@@ -178,7 +190,10 @@ fn lists(toks: &[String], ms: &[Mention]) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     for (k, m) in ms.iter().enumerate() {
         let joined = k > 0 && {
-            let gap: Vec<&str> = toks[ms[k - 1].end..m.start].iter().map(|s| s.as_str()).collect();
+            let gap: Vec<&str> = toks[ms[k - 1].end..m.start]
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
             matches!(gap.as_slice(), [","] | ["and"] | [",", "and"])
         };
         if joined {
@@ -205,7 +220,11 @@ impl Context {
         self.present.iter().find(|p| p.0 == name).map(|p| p.1)
     }
     fn target_count(&self, name: &str) -> Option<usize> {
-        self.targets.as_ref()?.iter().find(|p| p.0 == name).map(|p| p.1)
+        self.targets
+            .as_ref()?
+            .iter()
+            .find(|p| p.0 == name)
+            .map(|p| p.1)
     }
 }
 
@@ -247,7 +266,13 @@ pub fn correct(y: &str, ctx: &Context) -> String {
             let ms = parse_mentions(&toks);
             let lists = lists(&toks, &ms);
             let fate = vec![Fate::Keep; ms.len()];
-            Sentence { toks, ms, fate, lists, deleted: false }
+            Sentence {
+                toks,
+                ms,
+                fate,
+                lists,
+                deleted: false,
+            }
         })
         .collect();
     // 1. Judge each phrase; fix counts of the ones that stay.
@@ -299,7 +324,8 @@ pub fn correct(y: &str, ctx: &Context) -> String {
         let m = &mut sents[si].ms[mi];
         if m.segs > 0 {
             if let Some((name, n)) = missing.pop() {
-                m.canonical = crate::data::world::categories::CATEGORIES[by_name(&name).unwrap_or(0)].name;
+                m.canonical =
+                    crate::data::world::categories::CATEGORIES[by_name(&name).unwrap_or(0)].name;
                 m.set_count(n, ati);
                 m.segs = n;
                 continue;
@@ -324,14 +350,20 @@ pub fn correct(y: &str, ctx: &Context) -> String {
             }
             s.lists
                 .iter()
-                .position(|l| l.iter().any(|&k| s.fate[k] == Fate::Keep && s.ms[k].segs > 0))
+                .position(|l| {
+                    l.iter()
+                        .any(|&k| s.fate[k] == Fate::Keep && s.ms[k].segs > 0)
+                })
                 .map(|li| (si, li))
         });
         match spot {
             Some((si, li)) => {
                 let s = &mut sents[si];
                 let first = &s.ms[s.lists[li][0]];
-                let (the, article) = (first.the, first.article || (!first.the && first.number.is_none()));
+                let (the, article) = (
+                    first.the,
+                    first.article || (!first.the && first.number.is_none()),
+                );
                 let at = s.ms[*s.lists[li].last().expect("non-empty list")].end;
                 for (name, n) in missing.drain(..) {
                     let mut m = Mention {
@@ -340,7 +372,9 @@ pub fn correct(y: &str, ctx: &Context) -> String {
                         the,
                         article,
                         number: None,
-                        canonical: crate::data::world::categories::CATEGORIES[by_name(&name).unwrap_or(0)].name,
+                        canonical: crate::data::world::categories::CATEGORIES
+                            [by_name(&name).unwrap_or(0)]
+                        .name,
                         plural: false,
                         segs: 1,
                     };
@@ -355,19 +389,37 @@ pub fn correct(y: &str, ctx: &Context) -> String {
                 let items: Vec<String> = missing
                     .iter()
                     .map(|(name, n)| {
-                        crate::data::world::instructions::object_phrase(by_name(name).unwrap_or(0), *n, crate::data::world::instructions::Det::The, true)
+                        crate::data::world::instructions::object_phrase(
+                            by_name(name).unwrap_or(0),
+                            *n,
+                            crate::data::world::instructions::Det::The,
+                            true,
+                        )
                     })
                     .collect();
-                let text = format!("I found {}.", crate::data::world::instructions::join_list(&items));
+                let text = format!(
+                    "I found {}.",
+                    crate::data::world::instructions::join_list(&items)
+                );
                 let toks = tokenize(&text);
                 let ms = parse_mentions(&toks);
                 let lists = lists(&toks, &ms);
                 let fate = vec![Fate::Keep; ms.len()];
-                sents.push(Sentence { toks, ms, fate, lists, deleted: false });
+                sents.push(Sentence {
+                    toks,
+                    ms,
+                    fate,
+                    lists,
+                    deleted: false,
+                });
             }
         }
     }
-    let out: Vec<String> = sents.iter().filter(|s| !s.deleted).map(render_sentence).collect();
+    let out: Vec<String> = sents
+        .iter()
+        .filter(|s| !s.deleted)
+        .map(render_sentence)
+        .collect();
     if out.iter().all(|s| s.trim().is_empty()) {
         return NO_TARGET_ANSWERS[0].to_string();
     }
@@ -386,7 +438,11 @@ fn render_sentence(s: &Sentence) -> String {
             Some(li) if !li_done[li] => {
                 li_done[li] = true;
                 let l = &s.lists[li];
-                let keep: Vec<&Mention> = l.iter().filter(|&&k| s.fate[k] == Fate::Keep).map(|&k| &s.ms[k]).collect();
+                let keep: Vec<&Mention> = l
+                    .iter()
+                    .filter(|&&k| s.fate[k] == Fate::Keep)
+                    .map(|&k| &s.ms[k])
+                    .collect();
                 let total: usize = keep.iter().map(|m| m.count()).sum();
                 fix_there_is(&mut toks, total);
                 let start_of_sentence = toks.is_empty();
@@ -421,7 +477,10 @@ fn render_sentence(s: &Sentence) -> String {
 /// "There is" / "There are" right before a list agrees with the list's count.
 fn fix_there_is(toks: &mut [String], total: usize) {
     let n = toks.len();
-    if n >= 2 && toks[n - 2].eq_ignore_ascii_case("there") && (toks[n - 1] == "is" || toks[n - 1] == "are") {
+    if n >= 2
+        && toks[n - 2].eq_ignore_ascii_case("there")
+        && (toks[n - 1] == "is" || toks[n - 1] == "are")
+    {
         toks[n - 1] = if total == 1 { "is" } else { "are" }.to_string();
     }
 }
@@ -452,7 +511,13 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
             let ms = parse_mentions(&toks);
             let lists = lists(&toks, &ms);
             let fate = vec![Fate::Keep; ms.len()];
-            Sentence { toks, ms, fate, lists, deleted: false }
+            Sentence {
+                toks,
+                ms,
+                fate,
+                lists,
+                deleted: false,
+            }
         })
         .collect();
     let mut pool: Vec<&str> = absent.iter().take(3).copied().collect();
@@ -462,7 +527,12 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
         let segged: Vec<(usize, usize)> = sents
             .iter()
             .enumerate()
-            .flat_map(|(si, s)| s.ms.iter().enumerate().filter(|(_, m)| m.segs > 0).map(move |(mi, _)| (si, mi)))
+            .flat_map(|(si, s)| {
+                s.ms.iter()
+                    .enumerate()
+                    .filter(|(_, m)| m.segs > 0)
+                    .map(move |(mi, _)| (si, mi))
+            })
             .collect();
         if segged.is_empty() {
             // A no-target answer: hallucinate a whole answer.
@@ -485,14 +555,22 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
             0 => {
                 let m = &mut s.ms[mi];
                 let was = m.canonical.to_string();
-                if done.iter().any(|d| matches!(d, Injected::Replace(_, now) if now == &was)) {
+                if done
+                    .iter()
+                    .any(|d| matches!(d, Injected::Replace(_, now) if now == &was))
+                {
                     continue;
                 }
-                m.canonical = crate::data::world::categories::CATEGORIES[by_name(pick).unwrap_or(0)].name;
+                m.canonical =
+                    crate::data::world::categories::CATEGORIES[by_name(pick).unwrap_or(0)].name;
                 done.push(Injected::Replace(was, pick.to_string()));
             }
             1 => {
-                let li = s.lists.iter().position(|l| l.contains(&mi)).expect("every mention is in a list");
+                let li = s
+                    .lists
+                    .iter()
+                    .position(|l| l.contains(&mi))
+                    .expect("every mention is in a list");
                 let first = &s.ms[s.lists[li][0]];
                 let at = s.ms[*s.lists[li].last().expect("non-empty")].end;
                 let m = Mention {
@@ -501,7 +579,9 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
                     the: first.the,
                     article: !first.the,
                     number: None,
-                    canonical: crate::data::world::categories::CATEGORIES[by_name(pick).unwrap_or(0)].name,
+                    canonical: crate::data::world::categories::CATEGORIES
+                        [by_name(pick).unwrap_or(0)]
+                    .name,
                     plural: false,
                     segs: 1,
                 };

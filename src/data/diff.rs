@@ -41,7 +41,12 @@ fn longest_match<T: Eq + Hash>(
                 if j >= bhi {
                     break;
                 }
-                let k = j.checked_sub(1).and_then(|p| j2len.get(&p)).copied().unwrap_or(0) + 1;
+                let k = j
+                    .checked_sub(1)
+                    .and_then(|p| j2len.get(&p))
+                    .copied()
+                    .unwrap_or(0)
+                    + 1;
                 newj2len.insert(j, k);
                 if k > bestsize {
                     besti = i + 1 - k;
@@ -52,7 +57,11 @@ fn longest_match<T: Eq + Hash>(
         }
         j2len = newj2len;
     }
-    Block { a_start: besti, b_start: bestj, len: bestsize }
+    Block {
+        a_start: besti,
+        b_start: bestj,
+        len: bestsize,
+    }
 }
 
 /// difflib's `get_matching_blocks` (without the final zero-length sentinel).
@@ -80,7 +89,9 @@ pub fn matching_blocks<T: Eq + Hash>(a: &[T], b: &[T]) -> Vec<Block> {
     let mut merged: Vec<Block> = Vec::new();
     for b in blocks {
         match merged.last_mut() {
-            Some(l) if l.a_start + l.len == b.a_start && l.b_start + l.len == b.b_start => l.len += b.len,
+            Some(l) if l.a_start + l.len == b.a_start && l.b_start + l.len == b.b_start => {
+                l.len += b.len
+            }
             _ => merged.push(b),
         }
     }
@@ -94,16 +105,30 @@ pub fn changed_positions<T: Eq + Hash>(y: &[T], yc: &[T]) -> (Vec<usize>, Vec<us
 }
 
 /// [`changed_positions`] with a chosen minimum block length.
-pub fn changed_positions_min<T: Eq + Hash>(y: &[T], yc: &[T], min_block: usize) -> (Vec<usize>, Vec<usize>) {
+pub fn changed_positions_min<T: Eq + Hash>(
+    y: &[T],
+    yc: &[T],
+    min_block: usize,
+) -> (Vec<usize>, Vec<usize>) {
     let mut keep_a = vec![false; y.len()];
     let mut keep_b = vec![false; yc.len()];
     for b in matching_blocks(y, yc) {
         if b.len >= min_block {
-            keep_a[b.a_start..b.a_start + b.len].iter_mut().for_each(|k| *k = true);
-            keep_b[b.b_start..b.b_start + b.len].iter_mut().for_each(|k| *k = true);
+            keep_a[b.a_start..b.a_start + b.len]
+                .iter_mut()
+                .for_each(|k| *k = true);
+            keep_b[b.b_start..b.b_start + b.len]
+                .iter_mut()
+                .for_each(|k| *k = true);
         }
     }
-    let pick = |k: Vec<bool>| k.iter().enumerate().filter(|(_, &k)| !k).map(|(i, _)| i).collect();
+    let pick = |k: Vec<bool>| {
+        k.iter()
+            .enumerate()
+            .filter(|(_, &k)| !k)
+            .map(|(i, _)| i)
+            .collect()
+    };
     (pick(keep_a), pick(keep_b))
 }
 
@@ -115,15 +140,24 @@ mod tests {
         s.split_whitespace().collect()
     }
     fn blocks(a: &str, b: &str) -> Vec<(usize, usize, usize)> {
-        matching_blocks(&w(a), &w(b)).iter().map(|b| (b.a_start, b.b_start, b.len)).collect()
+        matching_blocks(&w(a), &w(b))
+            .iter()
+            .map(|b| (b.a_start, b.b_start, b.len))
+            .collect()
     }
 
     // Pairs worked by hand (and equal to difflib.SequenceMatcher(None, a, b,
     // autojunk=False).get_matching_blocks() without its sentinel).
     #[test]
     fn matching_blocks_hand_worked() {
-        assert_eq!(blocks("a b c d e f g", "a b x d e f g"), vec![(0, 0, 2), (3, 3, 4)]);
-        assert_eq!(blocks("the cat sat on the mat", "the cat sat on a mat today"), vec![(0, 0, 4), (5, 5, 1)]);
+        assert_eq!(
+            blocks("a b c d e f g", "a b x d e f g"),
+            vec![(0, 0, 2), (3, 3, 4)]
+        );
+        assert_eq!(
+            blocks("the cat sat on the mat", "the cat sat on a mat today"),
+            vec![(0, 0, 4), (5, 5, 1)]
+        );
         // Only one of two crossing runs can match; the longer wins.
         assert_eq!(blocks("x y z w a b c", "a b c x y z w"), vec![(0, 3, 4)]);
         // Ties go to the earliest run in `a`: the longest run is a[1..6] = b[0..5].
@@ -141,7 +175,10 @@ mod tests {
         assert_eq!(changed_positions(&a, &b), (vec![4, 5], vec![4, 5, 6]));
         let (a, b) = (w("p q r s t u v"), w("p q r X s t u v"));
         assert_eq!(changed_positions(&a, &b), (vec![], vec![3]));
-        assert_eq!(changed_positions_min(&w("a b c d e f g"), &w("a b x d e f g"), 1), (vec![2], vec![2]));
+        assert_eq!(
+            changed_positions_min(&w("a b c d e f g"), &w("a b x d e f g"), 1),
+            (vec![2], vec![2])
+        );
         let same = w("A B C D E F");
         assert_eq!(changed_positions(&same, &same), (vec![], vec![]));
     }

@@ -61,7 +61,10 @@ pub fn words(text: &str) -> Vec<String> {
 
 /// Canonical names of every object mention in `text`, in order, repeats kept.
 pub fn mentions(text: &str) -> Vec<&'static str> {
-    words(text).iter().filter_map(|w| lookup(w).map(|x| x.0)).collect()
+    words(text)
+        .iter()
+        .filter_map(|w| lookup(w).map(|x| x.0))
+        .collect()
 }
 
 /// Mentioned objects that are not in `present` (canonical names), in order, unique.

@@ -141,39 +141,199 @@ macro_rules! cat {
 
 /// Every category of the world.  Indices into this table are the category ids.
 pub static CATEGORIES: [Category; 33] = [
-    cat!("apple", "apples", [], [RED, GREEN], [Vitamins, Food, Sweet], 0.15, 3),
-    cat!("banana", "bananas", [], [YELLOW], [Vitamins, Food, Sweet], 0.22, 2),
-    cat!("orange", "oranges", ["tangerine", "tangerines"], [ORANGE], [Vitamins, Food], 0.15, 3),
+    cat!(
+        "apple",
+        "apples",
+        [],
+        [RED, GREEN],
+        [Vitamins, Food, Sweet],
+        0.15,
+        3
+    ),
+    cat!(
+        "banana",
+        "bananas",
+        [],
+        [YELLOW],
+        [Vitamins, Food, Sweet],
+        0.22,
+        2
+    ),
+    cat!(
+        "orange",
+        "oranges",
+        ["tangerine", "tangerines"],
+        [ORANGE],
+        [Vitamins, Food],
+        0.15,
+        3
+    ),
     cat!("carrot", "carrots", [], [ORANGE], [Vitamins, Food], 0.24, 3),
-    cat!("broccoli", "broccolis", [], [GREEN], [Vitamins, Food], 0.2, 2),
-    cat!("cake", "cakes", ["cupcake", "cupcakes"], [PINK, WHITE, BROWN], [Food, Sweet], 0.2, 1),
-    cat!("bread", "breads", ["loaf", "loaves"], [BROWN], [Food], 0.22, 1),
+    cat!(
+        "broccoli",
+        "broccolis",
+        [],
+        [GREEN],
+        [Vitamins, Food],
+        0.2,
+        2
+    ),
+    cat!(
+        "cake",
+        "cakes",
+        ["cupcake", "cupcakes"],
+        [PINK, WHITE, BROWN],
+        [Food, Sweet],
+        0.2,
+        1
+    ),
+    cat!(
+        "bread",
+        "breads",
+        ["loaf", "loaves"],
+        [BROWN],
+        [Food],
+        0.22,
+        1
+    ),
     cat!("fork", "forks", [], [SILVER], [EatUtensil], 0.26, 2),
     cat!("knife", "knives", [], [SILVER], [Cut], 0.28, 2),
-    cat!("spoon", "spoons", ["teaspoon", "teaspoons"], [SILVER], [EatUtensil], 0.25, 2),
-    cat!("cup", "cups", ["mug", "mugs"], [WHITE, RED, BLUE, YELLOW], [Drink], 0.17, 3),
-    cat!("plate", "plates", ["dish", "dishes"], [WHITE], [HoldFood], 0.3, 2),
+    cat!(
+        "spoon",
+        "spoons",
+        ["teaspoon", "teaspoons"],
+        [SILVER],
+        [EatUtensil],
+        0.25,
+        2
+    ),
+    cat!(
+        "cup",
+        "cups",
+        ["mug", "mugs"],
+        [WHITE, RED, BLUE, YELLOW],
+        [Drink],
+        0.17,
+        3
+    ),
+    cat!(
+        "plate",
+        "plates",
+        ["dish", "dishes"],
+        [WHITE],
+        [HoldFood],
+        0.3,
+        2
+    ),
     cat!("bowl", "bowls", [], [BLUE, WHITE, RED], [HoldFood], 0.22, 2),
     cat!("bottle", "bottles", [], [GREEN, BLUE], [Drink], 0.3, 2),
-    cat!("laptop", "laptops", ["notebook", "notebooks"], [GREY, BLACK], [Type, Watch], 0.36, 1),
+    cat!(
+        "laptop",
+        "laptops",
+        ["notebook", "notebooks"],
+        [GREY, BLACK],
+        [Type, Watch],
+        0.36,
+        1
+    ),
     cat!("mouse", "mice", [], [BLACK, GREY, WHITE], [], 0.12, 1),
     cat!("keyboard", "keyboards", [], [BLACK, WHITE], [Type], 0.22, 1),
-    cat!("book", "books", ["novel", "novels"], [RED, BLUE, GREEN, PURPLE], [Read], 0.2, 3),
+    cat!(
+        "book",
+        "books",
+        ["novel", "novels"],
+        [RED, BLUE, GREEN, PURPLE],
+        [Read],
+        0.2,
+        3
+    ),
     cat!("lamp", "lamps", [], [YELLOW, WHITE], [Light], 0.4, 1),
-    cat!("phone", "phones", ["smartphone", "smartphones", "cellphone", "cellphones"], [BLACK], [Time, Call], 0.16, 1),
+    cat!(
+        "phone",
+        "phones",
+        ["smartphone", "smartphones", "cellphone", "cellphones"],
+        [BLACK],
+        [Time, Call],
+        0.16,
+        1
+    ),
     cat!("clock", "clocks", [], [WHITE], [Time], 0.2, 1),
     cat!("candle", "candles", [], [WHITE, RED], [Light], 0.2, 3),
-    cat!("chair", "chairs", ["stool", "stools"], [BROWN], [Seat], 0.46, 2),
-    cat!("couch", "couches", ["sofa", "sofas"], [RED, BLUE, GREEN, GREY], [Seat, Rest], 0.5, 1),
-    cat!("tv", "tvs", ["television", "televisions"], [BLACK], [Watch], 0.4, 1),
-    cat!("plant", "plants", ["houseplant", "houseplants"], [GREEN], [Water], 0.34, 2),
+    cat!(
+        "chair",
+        "chairs",
+        ["stool", "stools"],
+        [BROWN],
+        [Seat],
+        0.46,
+        2
+    ),
+    cat!(
+        "couch",
+        "couches",
+        ["sofa", "sofas"],
+        [RED, BLUE, GREEN, GREY],
+        [Seat, Rest],
+        0.5,
+        1
+    ),
+    cat!(
+        "tv",
+        "tvs",
+        ["television", "televisions"],
+        [BLACK],
+        [Watch],
+        0.4,
+        1
+    ),
+    cat!(
+        "plant",
+        "plants",
+        ["houseplant", "houseplants"],
+        [GREEN],
+        [Water],
+        0.34,
+        2
+    ),
     cat!("vase", "vases", [], [BLUE, WHITE, PURPLE], [], 0.26, 1),
-    cat!("cat", "cats", ["kitten", "kittens"], [ORANGE, GREY, BLACK], [Pet], 0.26, 1),
-    cat!("dog", "dogs", ["puppy", "puppies"], [BROWN, YELLOW], [Pet], 0.32, 1),
-    cat!("violin", "violins", ["fiddle", "fiddles"], [BROWN], [Music], 0.34, 1),
+    cat!(
+        "cat",
+        "cats",
+        ["kitten", "kittens"],
+        [ORANGE, GREY, BLACK],
+        [Pet],
+        0.26,
+        1
+    ),
+    cat!(
+        "dog",
+        "dogs",
+        ["puppy", "puppies"],
+        [BROWN, YELLOW],
+        [Pet],
+        0.32,
+        1
+    ),
+    cat!(
+        "violin",
+        "violins",
+        ["fiddle", "fiddles"],
+        [BROWN],
+        [Music],
+        0.34,
+        1
+    ),
     cat!("guitar", "guitars", [], [ORANGE, BROWN], [Music], 0.5, 1),
     cat!("drum", "drums", [], [RED, BLUE], [Music], 0.28, 2),
-    cat!("pillow", "pillows", ["cushion", "cushions"], [PINK, WHITE, YELLOW, PURPLE], [Rest], 0.2, 2),
+    cat!(
+        "pillow",
+        "pillows",
+        ["cushion", "cushions"],
+        [PINK, WHITE, YELLOW, PURPLE],
+        [Rest],
+        0.2,
+        2
+    ),
 ];
 
 /// Category id by singular name.

@@ -22,7 +22,11 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
         "apple" => vec![
             p(ellipse(0.0, 0.05, 0.45, 0.42), c, n(0.12)),
             p(ellipse(-0.17, -0.08, 0.09, 0.07), k(c, 1.3), FLAT),
-            p(capsule(0.0, -0.3, 0.04, -0.47, 0.035), [90.0, 55.0, 25.0], FLAT),
+            p(
+                capsule(0.0, -0.3, 0.04, -0.47, 0.035),
+                [90.0, 55.0, 25.0],
+                FLAT,
+            ),
             p(ellipse_rot(0.13, -0.4, 0.11, 0.05, -0.4), LEAF, FLAT),
         ],
         "banana" => {
@@ -37,13 +41,36 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
                 pts.push((cx + ri * a.cos(), cy + ri * a.sin()));
             }
             vec![
-                p(poly(&pts), c, Tex::Stripes { period: 0.5, amp: 0.08, horizontal: false }),
-                p(capsule(-0.7, 0.05, -0.74, 0.0, 0.05), [80.0, 60.0, 30.0], FLAT),
-                p(capsule(0.68, 0.08, 0.72, 0.03, 0.05), [80.0, 60.0, 30.0], FLAT),
+                p(
+                    poly(&pts),
+                    c,
+                    Tex::Stripes {
+                        period: 0.5,
+                        amp: 0.08,
+                        horizontal: false,
+                    },
+                ),
+                p(
+                    capsule(-0.7, 0.05, -0.74, 0.0, 0.05),
+                    [80.0, 60.0, 30.0],
+                    FLAT,
+                ),
+                p(
+                    capsule(0.68, 0.08, 0.72, 0.03, 0.05),
+                    [80.0, 60.0, 30.0],
+                    FLAT,
+                ),
             ]
         }
         "orange" => vec![
-            p(ellipse(0.0, 0.0, 0.45, 0.45), c, Tex::Dots { period: 0.1, amp: 0.12 }),
+            p(
+                ellipse(0.0, 0.0, 0.45, 0.45),
+                c,
+                Tex::Dots {
+                    period: 0.1,
+                    amp: 0.12,
+                },
+            ),
             p(ellipse(-0.15, -0.15, 0.08, 0.06), k(c, 1.2), FLAT),
             p(ellipse(0.0, -0.42, 0.07, 0.04), LEAF, FLAT),
         ],
@@ -54,13 +81,24 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             p(
                 poly(&[(-0.14, -0.32), (0.14, -0.32), (0.03, 0.55), (-0.03, 0.55)]),
                 c,
-                Tex::Stripes { period: 0.13, amp: 0.12, horizontal: true },
+                Tex::Stripes {
+                    period: 0.13,
+                    amp: 0.12,
+                    horizontal: true,
+                },
             ),
         ],
         "broccoli" => {
-            let fl = Tex::Dots { period: 0.09, amp: 0.3 };
+            let fl = Tex::Dots {
+                period: 0.09,
+                amp: 0.3,
+            };
             vec![
-                p(poly(&[(-0.1, 0.0), (0.1, 0.0), (0.15, 0.5), (-0.15, 0.5)]), [150.0, 200.0, 100.0], FLAT),
+                p(
+                    poly(&[(-0.1, 0.0), (0.1, 0.0), (0.15, 0.5), (-0.15, 0.5)]),
+                    [150.0, 200.0, 100.0],
+                    FLAT,
+                ),
                 p(ellipse(-0.22, -0.08, 0.22, 0.2), c, fl),
                 p(ellipse(0.22, -0.08, 0.22, 0.2), c, fl),
                 p(ellipse(0.0, -0.24, 0.25, 0.22), k(c, 1.1), fl),
@@ -68,21 +106,45 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             ]
         }
         "cake" => vec![
-            p(rect(-0.5, -0.1, 0.5, 0.35), c, Tex::Stripes { period: 0.15, amp: 0.15, horizontal: true }),
+            p(
+                rect(-0.5, -0.1, 0.5, 0.35),
+                c,
+                Tex::Stripes {
+                    period: 0.15,
+                    amp: 0.15,
+                    horizontal: true,
+                },
+            ),
             p(ellipse(0.0, 0.35, 0.5, 0.08), c, FLAT),
             p(ellipse(0.0, -0.1, 0.5, 0.13), [245.0, 240.0, 235.0], FLAT),
             p(ellipse(0.0, -0.24, 0.08, 0.08), [200.0, 20.0, 30.0], FLAT),
         ],
         "bread" => vec![
             p(ellipse(0.0, 0.0, 0.55, 0.3), [200.0, 145.0, 75.0], n(0.12)),
-            p(capsule(-0.3, -0.18, -0.2, 0.14, 0.035), [140.0, 90.0, 45.0], FLAT),
-            p(capsule(-0.05, -0.2, 0.05, 0.16, 0.035), [140.0, 90.0, 45.0], FLAT),
-            p(capsule(0.2, -0.18, 0.3, 0.14, 0.035), [140.0, 90.0, 45.0], FLAT),
+            p(
+                capsule(-0.3, -0.18, -0.2, 0.14, 0.035),
+                [140.0, 90.0, 45.0],
+                FLAT,
+            ),
+            p(
+                capsule(-0.05, -0.2, 0.05, 0.16, 0.035),
+                [140.0, 90.0, 45.0],
+                FLAT,
+            ),
+            p(
+                capsule(0.2, -0.18, 0.3, 0.14, 0.035),
+                [140.0, 90.0, 45.0],
+                FLAT,
+            ),
         ],
         "fork" => {
             let mut v = vec![
                 p(capsule(0.0, 0.05, 0.0, 0.5, 0.055), c, n(0.08)),
-                p(poly(&[(-0.05, 0.06), (0.05, 0.06), (0.12, -0.16), (-0.12, -0.16)]), c, FLAT),
+                p(
+                    poly(&[(-0.05, 0.06), (0.05, 0.06), (0.12, -0.16), (-0.12, -0.16)]),
+                    c,
+                    FLAT,
+                ),
             ];
             for x in [-0.09f32, 0.0, 0.09] {
                 v.push(p(capsule(x, -0.15, x, -0.48, 0.032), c, FLAT));
@@ -90,8 +152,16 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             v
         }
         "knife" => vec![
-            p(poly(&[(-0.06, 0.05), (0.075, 0.05), (0.075, -0.36), (-0.06, -0.5)]), c, n(0.06)),
-            p(rrect(-0.075, 0.05, 0.085, 0.5, 0.05), [55.0, 38.0, 28.0], FLAT),
+            p(
+                poly(&[(-0.06, 0.05), (0.075, 0.05), (0.075, -0.36), (-0.06, -0.5)]),
+                c,
+                n(0.06),
+            ),
+            p(
+                rrect(-0.075, 0.05, 0.085, 0.5, 0.05),
+                [55.0, 38.0, 28.0],
+                FLAT,
+            ),
         ],
         "spoon" => vec![
             p(capsule(0.0, -0.12, 0.0, 0.5, 0.05), c, n(0.08)),
@@ -100,8 +170,16 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
         ],
         "cup" => vec![
             p(ring(0.33, 0.0, 0.2, 0.1), k(c, 0.92), FLAT),
-            p(poly(&[(-0.35, -0.35), (0.3, -0.35), (0.25, 0.4), (-0.3, 0.4)]), c, n(0.06)),
-            p(ellipse(-0.025, -0.35, 0.325, 0.07), [95.0, 60.0, 35.0], FLAT),
+            p(
+                poly(&[(-0.35, -0.35), (0.3, -0.35), (0.25, 0.4), (-0.3, 0.4)]),
+                c,
+                n(0.06),
+            ),
+            p(
+                ellipse(-0.025, -0.35, 0.325, 0.07),
+                [95.0, 60.0, 35.0],
+                FLAT,
+            ),
         ],
         "plate" => vec![
             p(ellipse(0.0, 0.0, 0.5, 0.2), c, FLAT),
@@ -120,8 +198,20 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             ]
         }
         "bottle" => vec![
-            p(rrect(-0.15, -0.1, 0.15, 0.5, 0.05), c, Tex::Stripes { period: 0.3, amp: 0.1, horizontal: false }),
-            p(poly(&[(-0.15, -0.1), (0.15, -0.1), (0.06, -0.3), (-0.06, -0.3)]), c, FLAT),
+            p(
+                rrect(-0.15, -0.1, 0.15, 0.5, 0.05),
+                c,
+                Tex::Stripes {
+                    period: 0.3,
+                    amp: 0.1,
+                    horizontal: false,
+                },
+            ),
+            p(
+                poly(&[(-0.15, -0.1), (0.15, -0.1), (0.06, -0.3), (-0.06, -0.3)]),
+                c,
+                FLAT,
+            ),
             p(rect(-0.06, -0.45, 0.06, -0.29), c, FLAT),
             p(rect(-0.07, -0.52, 0.07, -0.44), [190.0, 40.0, 30.0], FLAT),
             p(rect(-0.15, 0.08, 0.15, 0.28), [240.0, 235.0, 220.0], FLAT),
@@ -132,7 +222,10 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             p(
                 poly(&[(-0.5, 0.15), (0.5, 0.15), (0.62, 0.35), (-0.62, 0.35)]),
                 k(c, 1.15),
-                Tex::Grid { period: 0.07, amp: 0.2 },
+                Tex::Grid {
+                    period: 0.07,
+                    amp: 0.2,
+                },
             ),
         ],
         "mouse" => vec![
@@ -143,19 +236,42 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
         "keyboard" => vec![p(
             rrect(-0.6, -0.22, 0.6, 0.22, 0.04),
             c,
-            Tex::Grid { period: 0.1, amp: 0.35 },
+            Tex::Grid {
+                period: 0.1,
+                amp: 0.35,
+            },
         )],
         "book" => vec![
             p(rect(-0.35, -0.45, 0.35, 0.45), c, n(0.08)),
             p(rect(-0.35, -0.45, -0.24, 0.45), k(c, 0.65), FLAT),
-            p(rect(0.29, -0.42, 0.35, 0.42), [240.0, 235.0, 220.0], Tex::Stripes { period: 0.04, amp: 0.1, horizontal: false }),
+            p(
+                rect(0.29, -0.42, 0.35, 0.42),
+                [240.0, 235.0, 220.0],
+                Tex::Stripes {
+                    period: 0.04,
+                    amp: 0.1,
+                    horizontal: false,
+                },
+            ),
             p(rect(-0.12, -0.28, 0.22, -0.16), [225.0, 190.0, 80.0], FLAT),
         ],
         "lamp" => vec![
             p(rect(-0.035, -0.2, 0.035, 0.43), STEEL_DARK, FLAT),
             p(ellipse(0.0, 0.45, 0.2, 0.06), STEEL_DARK, FLAT),
-            p(poly(&[(-0.18, -0.5), (0.18, -0.5), (0.32, -0.2), (-0.32, -0.2)]), c, Tex::Stripes { period: 0.08, amp: 0.06, horizontal: false }),
-            p(ellipse(0.0, -0.19, 0.12, 0.045), [255.0, 250.0, 200.0], FLAT),
+            p(
+                poly(&[(-0.18, -0.5), (0.18, -0.5), (0.32, -0.2), (-0.32, -0.2)]),
+                c,
+                Tex::Stripes {
+                    period: 0.08,
+                    amp: 0.06,
+                    horizontal: false,
+                },
+            ),
+            p(
+                ellipse(0.0, -0.19, 0.12, 0.045),
+                [255.0, 250.0, 200.0],
+                FLAT,
+            ),
         ],
         "phone" => vec![
             p(rrect(-0.25, -0.45, 0.25, 0.45, 0.07), c, FLAT),
@@ -175,10 +291,18 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             p(rect(-0.12, -0.2, 0.12, 0.5), c, n(0.05)),
             p(rect(-0.02, -0.27, 0.02, -0.19), DARK, FLAT),
             p(ellipse(0.0, -0.36, 0.075, 0.11), [255.0, 170.0, 30.0], FLAT),
-            p(ellipse(0.0, -0.33, 0.035, 0.055), [255.0, 245.0, 190.0], FLAT),
+            p(
+                ellipse(0.0, -0.33, 0.035, 0.055),
+                [255.0, 245.0, 190.0],
+                FLAT,
+            ),
         ],
         "chair" => {
-            let g = Tex::Stripes { period: 0.05, amp: 0.1, horizontal: false };
+            let g = Tex::Stripes {
+                period: 0.05,
+                amp: 0.1,
+                horizontal: false,
+            };
             vec![
                 p(rect(-0.3, -0.5, -0.21, 0.1), c, g),
                 p(rect(0.21, -0.5, 0.3, 0.1), c, g),
@@ -210,24 +334,52 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             p(ellipse_rot(0.0, -0.28, 0.1, 0.3, 0.0), k(c, 1.1), FLAT),
             p(ellipse_rot(-0.3, -0.02, 0.08, 0.25, -1.0), k(c, 0.9), FLAT),
             p(ellipse_rot(0.3, -0.02, 0.08, 0.25, 1.0), c, FLAT),
-            p(poly(&[(-0.22, 0.1), (0.22, 0.1), (0.16, 0.5), (-0.16, 0.5)]), [190.0, 90.0, 50.0], n(0.08)),
+            p(
+                poly(&[(-0.22, 0.1), (0.22, 0.1), (0.16, 0.5), (-0.16, 0.5)]),
+                [190.0, 90.0, 50.0],
+                n(0.08),
+            ),
             p(rect(-0.24, 0.08, 0.24, 0.15), [170.0, 80.0, 45.0], FLAT),
         ],
         "vase" => vec![
-            p(ellipse(0.0, 0.15, 0.3, 0.33), c, Tex::Stripes { period: 0.16, amp: 0.18, horizontal: true }),
+            p(
+                ellipse(0.0, 0.15, 0.3, 0.33),
+                c,
+                Tex::Stripes {
+                    period: 0.16,
+                    amp: 0.18,
+                    horizontal: true,
+                },
+            ),
             p(rect(-0.1, -0.4, 0.1, -0.1), c, FLAT),
             p(ellipse(0.0, -0.4, 0.15, 0.05), k(c, 0.8), FLAT),
         ],
         "cat" => {
-            let t = Tex::Stripes { period: 0.12, amp: 0.15, horizontal: true };
+            let t = Tex::Stripes {
+                period: 0.12,
+                amp: 0.15,
+                horizontal: true,
+            };
             vec![
                 p(capsule(0.3, 0.4, 0.5, 0.1, 0.06), c, FLAT),
                 p(ellipse(0.0, 0.2, 0.33, 0.3), c, t),
-                p(poly(&[(-0.2, -0.28), (-0.05, -0.36), (-0.19, -0.52)]), c, FLAT),
+                p(
+                    poly(&[(-0.2, -0.28), (-0.05, -0.36), (-0.19, -0.52)]),
+                    c,
+                    FLAT,
+                ),
                 p(poly(&[(0.2, -0.28), (0.05, -0.36), (0.19, -0.52)]), c, FLAT),
                 p(ellipse(0.0, -0.2, 0.22, 0.2), c, t),
-                p(ellipse(-0.08, -0.23, 0.045, 0.035), [120.0, 200.0, 60.0], FLAT),
-                p(ellipse(0.08, -0.23, 0.045, 0.035), [120.0, 200.0, 60.0], FLAT),
+                p(
+                    ellipse(-0.08, -0.23, 0.045, 0.035),
+                    [120.0, 200.0, 60.0],
+                    FLAT,
+                ),
+                p(
+                    ellipse(0.08, -0.23, 0.045, 0.035),
+                    [120.0, 200.0, 60.0],
+                    FLAT,
+                ),
                 p(ellipse(0.0, -0.14, 0.03, 0.02), [230.0, 130.0, 140.0], FLAT),
             ]
         }
@@ -245,8 +397,24 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             p(ellipse(0.46, -0.14, 0.07, 0.15), k(c, 0.7), FLAT),
         ],
         "violin" => vec![
-            p(ellipse(0.0, 0.22, 0.28, 0.22), c, Tex::Stripes { period: 0.06, amp: 0.08, horizontal: false }),
-            p(ellipse(0.0, -0.12, 0.22, 0.18), c, Tex::Stripes { period: 0.06, amp: 0.08, horizontal: false }),
+            p(
+                ellipse(0.0, 0.22, 0.28, 0.22),
+                c,
+                Tex::Stripes {
+                    period: 0.06,
+                    amp: 0.08,
+                    horizontal: false,
+                },
+            ),
+            p(
+                ellipse(0.0, -0.12, 0.22, 0.18),
+                c,
+                Tex::Stripes {
+                    period: 0.06,
+                    amp: 0.08,
+                    horizontal: false,
+                },
+            ),
             p(rect(-0.16, -0.05, 0.16, 0.12), k(c, 0.95), FLAT),
             p(ellipse(0.0, -0.52, 0.055, 0.055), k(c, 0.8), FLAT),
             p(rect(-0.04, -0.5, 0.04, 0.25), DARK, FLAT),
@@ -264,16 +432,35 @@ pub fn parts(name: &str, c: [f32; 3]) -> Vec<Part> {
             p(rect(-0.1, 0.3, 0.1, 0.35), DARK, FLAT),
         ],
         "drum" => vec![
-            p(capsule(-0.25, -0.5, 0.05, -0.22, 0.03), [210.0, 170.0, 110.0], FLAT),
-            p(rect(-0.45, -0.2, 0.45, 0.35), c, Tex::Stripes { period: 0.15, amp: 0.2, horizontal: false }),
+            p(
+                capsule(-0.25, -0.5, 0.05, -0.22, 0.03),
+                [210.0, 170.0, 110.0],
+                FLAT,
+            ),
+            p(
+                rect(-0.45, -0.2, 0.45, 0.35),
+                c,
+                Tex::Stripes {
+                    period: 0.15,
+                    amp: 0.2,
+                    horizontal: false,
+                },
+            ),
             p(ellipse(0.0, 0.35, 0.45, 0.1), k(c, 0.85), FLAT),
             p(ellipse(0.0, -0.2, 0.45, 0.1), [232.0, 226.0, 210.0], FLAT),
-            p(capsule(0.3, -0.48, 0.0, -0.24, 0.03), [210.0, 170.0, 110.0], FLAT),
+            p(
+                capsule(0.3, -0.48, 0.0, -0.24, 0.03),
+                [210.0, 170.0, 110.0],
+                FLAT,
+            ),
         ],
         "pillow" => vec![p(
             rrect(-0.5, -0.32, 0.5, 0.32, 0.15),
             c,
-            Tex::Dots { period: 0.14, amp: 0.12 },
+            Tex::Dots {
+                period: 0.14,
+                amp: 0.12,
+            },
         )],
         other => panic!("no design for category `{other}`"),
     }

@@ -72,7 +72,10 @@ const NUMBER_WORDS: [&str; 11] = [
 
 /// "two" for 2; digits beyond ten.
 pub fn number_word(n: usize) -> String {
-    NUMBER_WORDS.get(n).map(|s| s.to_string()).unwrap_or_else(|| n.to_string())
+    NUMBER_WORDS
+        .get(n)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| n.to_string())
 }
 
 /// Inverse of [`number_word`] for words (`None` for other words).
@@ -137,7 +140,13 @@ pub fn capitalize(s: &str) -> String {
 /// members left to right, so answers read the scene from left to right.
 fn groups(objs: &[ObjView], idx: &[usize]) -> Vec<(usize, Vec<usize>)> {
     let mut sorted: Vec<usize> = idx.to_vec();
-    sorted.sort_by(|&a, &b| objs[a].centre.0.total_cmp(&objs[b].centre.0).then(a.cmp(&b)));
+    sorted.sort_by(|&a, &b| {
+        objs[a]
+            .centre
+            .0
+            .total_cmp(&objs[b].centre.0)
+            .then(a.cmp(&b))
+    });
     let mut out: Vec<(usize, Vec<usize>)> = Vec::new();
     for i in sorted {
         let c = objs[i].category;
@@ -152,7 +161,10 @@ fn groups(objs: &[ObjView], idx: &[usize]) -> Vec<(usize, Vec<usize>)> {
 /// The list phrase for `idx` and the target order it implies.
 fn list_phrase(objs: &[ObjView], idx: &[usize], det: Det) -> (String, Vec<usize>) {
     let gs = groups(objs, idx);
-    let items: Vec<String> = gs.iter().map(|(c, m)| object_phrase(*c, m.len(), det, true)).collect();
+    let items: Vec<String> = gs
+        .iter()
+        .map(|(c, m)| object_phrase(*c, m.len(), det, true))
+        .collect();
     let order = gs.into_iter().flat_map(|(_, m)| m).collect();
     (join_list(&items), order)
 }
@@ -163,75 +175,147 @@ fn function_text(a: Attr) -> (&'static [&'static str], &'static str) {
     use Attr::*;
     match a {
         Vitamins => (
-            &["I lack vitamins, what should I eat?", "Which food here would give me vitamins?", "I want something healthy with vitamins. What in the picture can I eat?"],
+            &[
+                "I lack vitamins, what should I eat?",
+                "Which food here would give me vitamins?",
+                "I want something healthy with vitamins. What in the picture can I eat?",
+            ],
             "You could eat {}, rich in vitamins.",
         ),
         Food => (
-            &["I'm hungry. What can I eat here?", "What in this picture is something to eat?", "Is there any food I could have? Segment it."],
+            &[
+                "I'm hungry. What can I eat here?",
+                "What in this picture is something to eat?",
+                "Is there any food I could have? Segment it.",
+            ],
             "You can eat {}.",
         ),
         Sweet => (
-            &["I want something sweet. What could I have?", "What here would satisfy a sweet tooth?", "Which things here taste sweet?"],
+            &[
+                "I want something sweet. What could I have?",
+                "What here would satisfy a sweet tooth?",
+                "Which things here taste sweet?",
+            ],
             "You could have {}.",
         ),
         EatUtensil => (
-            &["What can I use to eat fruit?", "Which tools here help me eat my meal?", "I want to eat my salad. What should I pick up?"],
+            &[
+                "What can I use to eat fruit?",
+                "Which tools here help me eat my meal?",
+                "I want to eat my salad. What should I pick up?",
+            ],
             "You can use {} to eat.",
         ),
         Cut => (
-            &["What could I use to cut the bread?", "Which object here can cut things?", "I need to slice something. What should I use?"],
+            &[
+                "What could I use to cut the bread?",
+                "Which object here can cut things?",
+                "I need to slice something. What should I use?",
+            ],
             "{} can cut it.",
         ),
         Drink => (
-            &["I'm thirsty, what could hold my drink?", "What here can I drink from?", "Where could I pour some water?"],
+            &[
+                "I'm thirsty, what could hold my drink?",
+                "What here can I drink from?",
+                "Where could I pour some water?",
+            ],
             "You could drink from {}.",
         ),
         HoldFood => (
-            &["Where can I put my food?", "What here could I serve a meal on or in?", "I need something to hold my snacks. What can I use?"],
+            &[
+                "Where can I put my food?",
+                "What here could I serve a meal on or in?",
+                "I need something to hold my snacks. What can I use?",
+            ],
             "You can put food in or on {}.",
         ),
         Light => (
-            &["It is too dark to read. What can give me light?", "Which things here are a source of light?", "What could I use to light up the room?"],
+            &[
+                "It is too dark to read. What can give me light?",
+                "Which things here are a source of light?",
+                "What could I use to light up the room?",
+            ],
             "{} can give you light.",
         ),
         Seat => (
-            &["I'm tired, where can I sit?", "Where could a guest sit down here?", "Which objects here are made for sitting?"],
+            &[
+                "I'm tired, where can I sit?",
+                "Where could a guest sit down here?",
+                "Which objects here are made for sitting?",
+            ],
             "You can sit on {}.",
         ),
         Music => (
-            &["I want to play some music. What could I play?", "Which objects here make music?", "What here could a musician use?"],
+            &[
+                "I want to play some music. What could I play?",
+                "Which objects here make music?",
+                "What here could a musician use?",
+            ],
             "You could play {}.",
         ),
         Type => (
-            &["I need to write an email. What should I use?", "What here could I type on?", "Which objects here help me type a letter?"],
+            &[
+                "I need to write an email. What should I use?",
+                "What here could I type on?",
+                "Which objects here help me type a letter?",
+            ],
             "You can use {} to type.",
         ),
         Read => (
-            &["I'm bored, what could I read?", "Is there something here I could read? Segment it.", "What here would a reader pick up?"],
+            &[
+                "I'm bored, what could I read?",
+                "Is there something here I could read? Segment it.",
+                "What here would a reader pick up?",
+            ],
             "You could read {}.",
         ),
         Time => (
-            &["How can I find out what time it is?", "What here shows the time?", "I'm late. What could tell me the time?"],
+            &[
+                "How can I find out what time it is?",
+                "What here shows the time?",
+                "I'm late. What could tell me the time?",
+            ],
             "You can look at {} to see the time.",
         ),
         Pet => (
-            &["Is there a pet I could play with?", "Which animals are in this picture?", "What here could I stroke and feed?"],
+            &[
+                "Is there a pet I could play with?",
+                "Which animals are in this picture?",
+                "What here could I stroke and feed?",
+            ],
             "You could play with {}.",
         ),
         Water => (
-            &["What here needs watering?", "Which thing here is alive and needs water?", "I have a watering can. What should I water?"],
+            &[
+                "What here needs watering?",
+                "Which thing here is alive and needs water?",
+                "I have a watering can. What should I water?",
+            ],
             "You should water {}.",
         ),
         Watch => (
-            &["I want to watch a film. What should I turn on?", "What here has a screen for watching videos?", "Where could I watch the news?"],
+            &[
+                "I want to watch a film. What should I turn on?",
+                "What here has a screen for watching videos?",
+                "Where could I watch the news?",
+            ],
             "You could watch it on {}.",
         ),
         Rest => (
-            &["Where could I rest my head?", "What here is soft enough to lie on?", "I want a nap. What could I put my head on?"],
+            &[
+                "Where could I rest my head?",
+                "What here is soft enough to lie on?",
+                "I want a nap. What could I put my head on?",
+            ],
             "You could rest your head on {}.",
         ),
         Call => (
-            &["I need to call a friend. What can I use?", "What here can make a phone call?", "How could I call for help from here?"],
+            &[
+                "I need to call a friend. What can I use?",
+                "What here can make a phone call?",
+                "How could I call for help from here?",
+            ],
             "You can use {} to call.",
         ),
     }
@@ -291,7 +375,10 @@ pub fn generate(
             Family::NoTarget => no_target(scene, objs, rng),
         };
         if let Some(qa) = qa {
-            if !out.iter().any(|q| q.question == qa.question || q.answer == qa.answer) {
+            if !out
+                .iter()
+                .any(|q| q.question == qa.question || q.answer == qa.answer)
+            {
                 out.push(qa);
             }
         }
@@ -316,7 +403,9 @@ fn function(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
         return None;
     }
     let a = *rng.pick(&attrs);
-    let idx: Vec<usize> = (0..objs.len()).filter(|&i| CATEGORIES[objs[i].category].has(a)).collect();
+    let idx: Vec<usize> = (0..objs.len())
+        .filter(|&i| CATEGORIES[objs[i].category].has(a))
+        .collect();
     let (qs, frame) = function_text(a);
     let (list, targets) = list_phrase(objs, &idx, Det::The);
     Some(Qa {
@@ -365,7 +454,10 @@ fn spatial(objs: &[ObjView], h: usize, w: usize, rng: &mut Rng) -> Option<Qa> {
         return None;
     }
     let &(ai, bi, rel) = rng.pick(&cands);
-    let (an, bn) = (CATEGORIES[objs[ai].category].name, CATEGORIES[objs[bi].category].name);
+    let (an, bn) = (
+        CATEGORIES[objs[ai].category].name,
+        CATEGORIES[objs[bi].category].name,
+    );
     let r = SPATIAL[rel].1;
     let q = match rng.below(3) {
         0 => format!("Please segment the {an} {r} the {bn}."),
@@ -394,9 +486,19 @@ fn counting(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
     if cats.is_empty() {
         return None;
     }
-    let multi: Vec<usize> = cats.iter().copied().filter(|&c| objs.iter().filter(|o| o.category == c).count() > 1).collect();
-    let cat = if !multi.is_empty() && rng.chance(0.7) { *rng.pick(&multi) } else { *rng.pick(&cats) };
-    let idx: Vec<usize> = (0..objs.len()).filter(|&i| objs[i].category == cat).collect();
+    let multi: Vec<usize> = cats
+        .iter()
+        .copied()
+        .filter(|&c| objs.iter().filter(|o| o.category == c).count() > 1)
+        .collect();
+    let cat = if !multi.is_empty() && rng.chance(0.7) {
+        *rng.pick(&multi)
+    } else {
+        *rng.pick(&cats)
+    };
+    let idx: Vec<usize> = (0..objs.len())
+        .filter(|&i| objs[i].category == cat)
+        .collect();
     let (_, targets) = list_phrase(objs, &idx, Det::A);
     let n = idx.len();
     let phrase = object_phrase(cat, n, Det::A, true);
@@ -406,12 +508,21 @@ fn counting(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
     } else {
         format!("There are {phrase}.")
     };
-    Some(Qa { family: Family::Counting, question: counting_question(cat, rng), answer, targets })
+    Some(Qa {
+        family: Family::Counting,
+        question: counting_question(cat, rng),
+        answer,
+        targets,
+    })
 }
 
 fn attribute(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
     // "orange" is also a fruit's name; asking for it would blur CHAIR's word matching.
-    let mut colours: Vec<&'static str> = objs.iter().map(|o| o.colour).filter(|&c| c != "orange").collect();
+    let mut colours: Vec<&'static str> = objs
+        .iter()
+        .map(|o| o.colour)
+        .filter(|&c| c != "orange")
+        .collect();
     colours.sort_unstable();
     colours.dedup();
     if colours.is_empty() {
@@ -425,7 +536,12 @@ fn attribute(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
         1 => format!("Segment everything that is {col}."),
         _ => format!("Find all the {col} things in the picture."),
     };
-    Some(Qa { family: Family::Attribute, question: q, answer: format!("I can see {list} in {col}."), targets })
+    Some(Qa {
+        family: Family::Attribute,
+        question: q,
+        answer: format!("I can see {list} in {col}."),
+        targets,
+    })
 }
 
 fn multi(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
@@ -434,9 +550,15 @@ fn multi(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
         return None;
     }
     rng.shuffle(&mut cats);
-    let k = if cats.len() >= 3 && rng.chance(0.4) { 3 } else { 2 };
+    let k = if cats.len() >= 3 && rng.chance(0.4) {
+        3
+    } else {
+        2
+    };
     let chosen = &cats[..k];
-    let idx: Vec<usize> = (0..objs.len()).filter(|&i| chosen.contains(&objs[i].category)).collect();
+    let idx: Vec<usize> = (0..objs.len())
+        .filter(|&i| chosen.contains(&objs[i].category))
+        .collect();
     let (list, targets) = list_phrase(objs, &idx, Det::The);
     let names: Vec<String> = chosen
         .iter()
@@ -450,7 +572,12 @@ fn multi(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
         1 => format!("Where are {}?", join_list(&names)),
         _ => format!("Please find {} in this image.", join_list(&names)),
     };
-    Some(Qa { family: Family::MultiTarget, question: q, answer: format!("Sure, I found {list}."), targets })
+    Some(Qa {
+        family: Family::MultiTarget,
+        question: q,
+        answer: format!("Sure, I found {list}."),
+        targets,
+    })
 }
 
 fn describe(scene: usize, objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
@@ -465,7 +592,12 @@ fn describe(scene: usize, objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
         1 => format!("Describe this {name} and segment each object."),
         _ => "List everything you can see and segment it.".to_string(),
     };
-    Some(Qa { family: Family::Describe, question: q, answer: format!("This {name} has {list}."), targets })
+    Some(Qa {
+        family: Family::Describe,
+        question: q,
+        answer: format!("This {name} has {list}."),
+        targets,
+    })
 }
 
 fn no_target(scene: usize, objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
@@ -489,7 +621,11 @@ fn no_target(scene: usize, objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
                 .copied()
                 .filter(|&a| tempting.iter().take(3).any(|&c| CATEGORIES[c].has(a)))
                 .collect();
-            let a = if !pref.is_empty() { *rng.pick(&pref) } else { *rng.pick(&attrs) };
+            let a = if !pref.is_empty() {
+                *rng.pick(&pref)
+            } else {
+                *rng.pick(&attrs)
+            };
             rng.pick(function_text(a).0).to_string()
         }
         1 => {
@@ -501,11 +637,19 @@ fn no_target(scene: usize, objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
             let name = CATEGORIES[cat].name;
             match present.first() {
                 Some(&p) if rng.chance(0.5) => {
-                    format!("Please segment the {name} next to the {}.", CATEGORIES[p].name)
+                    format!(
+                        "Please segment the {name} next to the {}.",
+                        CATEGORIES[p].name
+                    )
                 }
                 _ => format!("Segment the {name} in this image."),
             }
         }
     };
-    Some(Qa { family: Family::NoTarget, question, answer, targets: vec![] })
+    Some(Qa {
+        family: Family::NoTarget,
+        question,
+        answer,
+        targets: vec![],
+    })
 }

@@ -52,7 +52,11 @@ pub struct WorldConfig {
 
 impl Default for WorldConfig {
     fn default() -> Self {
-        WorldConfig { height: 96, width: 128, questions: 3 }
+        WorldConfig {
+            height: 96,
+            width: 128,
+            questions: 3,
+        }
     }
 }
 
@@ -68,7 +72,10 @@ impl WorldConfig {
             }
         }
         if self.questions == 0 {
-            return Err(Error::arg("world", "questions per image must be at least 1"));
+            return Err(Error::arg(
+                "world",
+                "questions per image must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -106,7 +113,10 @@ impl std::str::FromStr for Split {
             "train" => Ok(Split::Train),
             "val" => Ok(Split::Val),
             "test" => Ok(Split::Test),
-            _ => Err(Error::arg("split", format!("unknown split `{s}` (use train, val or test)"))),
+            _ => Err(Error::arg(
+                "split",
+                format!("unknown split `{s}` (use train, val or test)"),
+            )),
         }
     }
 }
@@ -150,7 +160,11 @@ pub fn generate(cfg: &WorldConfig, seed: u64, split: Split, index: usize) -> Res
     for c in cats {
         let max = CATEGORIES[c].max_count as usize;
         // Mostly one instance; several often enough for counting questions.
-        let n = if max > 1 && rng.chance(0.45) { 2 + rng.below(max - 1) } else { 1 };
+        let n = if max > 1 && rng.chance(0.45) {
+            2 + rng.below(max - 1)
+        } else {
+            1
+        };
         want.extend(std::iter::repeat_n(c, n));
     }
     let layout = render::place(scene, &want, cfg.height, cfg.width, &mut rng);
@@ -174,10 +188,22 @@ pub fn generate(cfg: &WorldConfig, seed: u64, split: Split, index: usize) -> Res
         .collect();
     let views: Vec<instructions::ObjView> = objects
         .iter()
-        .map(|o| instructions::ObjView { category: o.category, colour: o.colour, centre: centroid(&o.mask) })
+        .map(|o| instructions::ObjView {
+            category: o.category,
+            colour: o.colour,
+            centre: centroid(&o.mask),
+        })
         .collect();
     let qas = instructions::generate(scene, &views, h, w, cfg.questions, &mut rng);
-    Ok(Sample { split, index, scene, layout, image, objects, qas })
+    Ok(Sample {
+        split,
+        index,
+        scene,
+        layout,
+        image,
+        objects,
+        qas,
+    })
 }
 
 fn centroid(m: &Mask) -> (f32, f32) {
@@ -221,7 +247,10 @@ impl Sample {
     /// Absent categories a prior-driven model would name here, most tempting first.
     pub fn tempting_absent(&self) -> Vec<&'static str> {
         let present: Vec<usize> = self.objects.iter().map(|o| o.category).collect();
-        scenes::tempting_absent(self.scene, &present).into_iter().map(|c| CATEGORIES[c].name).collect()
+        scenes::tempting_absent(self.scene, &present)
+            .into_iter()
+            .map(|c| CATEGORIES[c].name)
+            .collect()
     }
     fn ann(&self, k: usize) -> MuseAnn {
         let o = &self.objects[k];
@@ -240,7 +269,11 @@ impl Sample {
             height: self.image.height as u32,
             width: self.image.width as u32,
             questions: self.qas.iter().map(|q| q.question.clone()).collect(),
-            answers: self.qas.iter().map(|q| q.targets.iter().map(|&k| self.ann(k)).collect()).collect(),
+            answers: self
+                .qas
+                .iter()
+                .map(|q| q.targets.iter().map(|&k| self.ann(k)).collect())
+                .collect(),
             text_answers: Some(self.qas.iter().map(|q| q.answer.clone()).collect()),
             ann_list: Some((0..self.objects.len()).map(|k| self.ann(k)).collect()),
         }
@@ -306,8 +339,17 @@ pub fn write_dataset(
         json.push(write_json(dir, "test_many", &many)?);
     }
     let questions = records.iter().map(|r| r.questions.len()).sum();
-    let no_target = records.iter().flat_map(|r| r.answers.iter()).filter(|a| a.is_empty()).count();
-    Ok(DatasetSummary { json, images: records.len(), questions, no_target })
+    let no_target = records
+        .iter()
+        .flat_map(|r| r.answers.iter())
+        .filter(|a| a.is_empty())
+        .count();
+    Ok(DatasetSummary {
+        json,
+        images: records.len(),
+        questions,
+        no_target,
+    })
 }
 
 /// Keeps the questions whose target count passes `keep`; drops images left with none.
@@ -315,14 +357,19 @@ pub fn filter_questions(records: &[MuseImage], keep: impl Fn(usize) -> bool) -> 
     records
         .iter()
         .filter_map(|r| {
-            let idx: Vec<usize> = (0..r.questions.len()).filter(|&q| keep(r.answers[q].len())).collect();
+            let idx: Vec<usize> = (0..r.questions.len())
+                .filter(|&q| keep(r.answers[q].len()))
+                .collect();
             if idx.is_empty() {
                 return None;
             }
             let mut out = r.clone();
             out.questions = idx.iter().map(|&q| r.questions[q].clone()).collect();
             out.answers = idx.iter().map(|&q| r.answers[q].clone()).collect();
-            out.text_answers = r.text_answers.as_ref().map(|t| idx.iter().map(|&q| t[q].clone()).collect());
+            out.text_answers = r
+                .text_answers
+                .as_ref()
+                .map(|t| idx.iter().map(|&q| t[q].clone()).collect());
             Some(out)
         })
         .collect()
@@ -330,7 +377,11 @@ pub fn filter_questions(records: &[MuseImage], keep: impl Fn(usize) -> bool) -> 
 
 fn write_json(dir: &Path, stem: &str, records: &[MuseImage]) -> Result<PathBuf> {
     let path = dir.join(format!("{stem}.json"));
-    let text = serde_json::to_string(records).map_err(|e| Error::Json { path: path.clone(), line: None, msg: e.to_string() })?;
+    let text = serde_json::to_string(records).map_err(|e| Error::Json {
+        path: path.clone(),
+        line: None,
+        msg: e.to_string(),
+    })?;
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
     Ok(path)
 }

@@ -54,7 +54,14 @@ fn glyph(c: char) -> [u8; 5] {
 
 /// Draws `text` with its top-left corner at (y, x), each font pixel `scale`×`scale`,
 /// on a dark box so it reads over any colour.  Clipped at the image border.
-pub fn draw_text(img: &mut RgbImage, y: usize, x: usize, text: &str, scale: usize, colour: [u8; 3]) {
+pub fn draw_text(
+    img: &mut RgbImage,
+    y: usize,
+    x: usize,
+    text: &str,
+    scale: usize,
+    colour: [u8; 3],
+) {
     let n = text.chars().count();
     let (bw, bh) = ((4 * n + 1) * scale, 7 * scale);
     for yy in y..(y + bh).min(img.height) {
@@ -85,8 +92,16 @@ pub fn draw_text(img: &mut RgbImage, y: usize, x: usize, text: &str, scale: usiz
 /// A distinct, saturated colour for instance `k`.
 pub fn palette(k: usize) -> [u8; 3] {
     const P: [[u8; 3]; 10] = [
-        [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 190],
     ];
     P[k % P.len()]
 }
@@ -95,13 +110,19 @@ pub fn palette(k: usize) -> [u8; 3] {
 /// and labelled at its top-left.  `masks` and `labels` pair up.
 pub fn overlay(img: &RgbImage, masks: &[&Mask], labels: &[String], up: usize) -> Result<RgbImage> {
     if masks.len() != labels.len() {
-        return Err(Error::arg("overlay", format!("{} masks but {} labels", masks.len(), labels.len())));
+        return Err(Error::arg(
+            "overlay",
+            format!("{} masks but {} labels", masks.len(), labels.len()),
+        ));
     }
     let up = up.max(1);
     let (h, w) = (img.height, img.width);
     for m in masks {
         if m.height != h || m.width != w {
-            return Err(Error::shape("overlay", format!("mask {}x{} vs image {h}x{w}", m.height, m.width)));
+            return Err(Error::shape(
+                "overlay",
+                format!("mask {}x{} vs image {h}x{w}", m.height, m.width),
+            ));
         }
     }
     let mut out = RgbImage::new(h * up, w * up);
@@ -117,10 +138,16 @@ pub fn overlay(img: &RgbImage, masks: &[&Mask], labels: &[String], up: usize) ->
                 if m.get(y, x) == 0 {
                     continue;
                 }
-                let edge = [(0i64, 1i64), (0, -1), (1, 0), (-1, 0)].iter().any(|&(dy, dx)| {
-                    let (yy, xx) = (y as i64 + dy, x as i64 + dx);
-                    yy < 0 || xx < 0 || yy >= h as i64 || xx >= w as i64 || m.get(yy as usize, xx as usize) == 0
-                });
+                let edge = [(0i64, 1i64), (0, -1), (1, 0), (-1, 0)]
+                    .iter()
+                    .any(|&(dy, dx)| {
+                        let (yy, xx) = (y as i64 + dy, x as i64 + dx);
+                        yy < 0
+                            || xx < 0
+                            || yy >= h as i64
+                            || xx >= w as i64
+                            || m.get(yy as usize, xx as usize) == 0
+                    });
                 for dy in 0..up {
                     for dx in 0..up {
                         let (yy, xx) = (y * up + dy, x * up + dx);
@@ -142,7 +169,14 @@ pub fn overlay(img: &RgbImage, masks: &[&Mask], labels: &[String], up: usize) ->
             continue;
         }
         let b = m.bbox();
-        draw_text(&mut out, b[1] as usize * up, b[0] as usize * up, label, scale, palette(k));
+        draw_text(
+            &mut out,
+            b[1] as usize * up,
+            b[0] as usize * up,
+            label,
+            scale,
+            palette(k),
+        );
     }
     Ok(out)
 }
@@ -158,7 +192,10 @@ pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
         img.height as u32,
         image::ExtendedColorType::Rgb8,
     )
-    .map_err(|e| Error::Image { path: "<memory>".into(), msg: e.to_string() })?;
+    .map_err(|e| Error::Image {
+        path: "<memory>".into(),
+        msg: e.to_string(),
+    })?;
     Ok(buf)
 }
 
@@ -170,9 +207,16 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
 
 /// Reads an RGB PNG (or any format the `image` crate decodes) into an [`RgbImage`].
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let im = image::open(path).map_err(|e| Error::Image { path: path.into(), msg: e.to_string() })?;
+    let im = image::open(path).map_err(|e| Error::Image {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
     let im = im.to_rgb8();
-    Ok(RgbImage { height: im.height() as usize, width: im.width() as usize, data: im.into_raw() })
+    Ok(RgbImage {
+        height: im.height() as usize,
+        width: im.width() as usize,
+        data: im.into_raw(),
+    })
 }
 
 /// `a` and `b` next to each other (tops aligned) with a `gap`-pixel white strip.

@@ -26,7 +26,11 @@ pub struct RgbImage {
 
 impl RgbImage {
     pub fn new(height: usize, width: usize) -> Self {
-        RgbImage { height, width, data: vec![0; height * width * 3] }
+        RgbImage {
+            height,
+            width,
+            data: vec![0; height * width * 3],
+        }
     }
     pub fn get(&self, y: usize, x: usize) -> [u8; 3] {
         let i = (y * self.width + x) * 3;
@@ -163,12 +167,25 @@ pub fn place(scene: usize, want: &[usize], h: usize, w: usize, rng: &mut Rng) ->
         let cat = &CATEGORIES[cat_id];
         let colour = rng.below(cat.colours.len());
         let (rot_range, can_mirror) = pose_range(cat.name);
-        let jitter = [rng.range(0.9, 1.1), rng.range(0.9, 1.1), rng.range(0.9, 1.1)];
+        let jitter = [
+            rng.range(0.9, 1.1),
+            rng.range(0.9, 1.1),
+            rng.range(0.9, 1.1),
+        ];
         for _ in 0..PLACE_TRIES {
             let scale = cat.size * min_side * rng.range(0.85, 1.15);
             let rot = rng.range(-rot_range, rot_range);
             let mirror = can_mirror && rng.chance(0.5);
-            let probe = Placed { category: cat_id, colour, cx: 0.0, cy: 0.0, scale, rot, mirror, jitter };
+            let probe = Placed {
+                category: cat_id,
+                colour,
+                cx: 0.0,
+                cy: 0.0,
+                scale,
+                rot,
+                mirror,
+                jitter,
+            };
             let (hx, hy) = half_extent(&probe.parts(), rot);
             let (hx, hy) = (hx * scale, hy * scale);
             if 2.0 * hx >= w as f32 || 2.0 * hy >= h as f32 {
@@ -217,7 +234,11 @@ pub fn place(scene: usize, want: &[usize], h: usize, w: usize, rng: &mut Rng) ->
     }
     let light = Lighting {
         brightness: rng.range(0.8, 1.12),
-        tint: [rng.range(0.92, 1.08), rng.range(0.92, 1.08), rng.range(0.92, 1.08)],
+        tint: [
+            rng.range(0.92, 1.08),
+            rng.range(0.92, 1.08),
+            rng.range(0.92, 1.08),
+        ],
         dir: {
             let a = rng.range(0.0, std::f32::consts::TAU);
             (a.cos(), a.sin())
@@ -226,7 +247,14 @@ pub fn place(scene: usize, want: &[usize], h: usize, w: usize, rng: &mut Rng) ->
         noise_seed: rng.next_u64(),
         grain: rng.range(2.0, 7.0),
     };
-    Layout { height: h, width: w, scene, bg_seed: rng.next_u64(), objects: placed, light }
+    Layout {
+        height: h,
+        width: w,
+        scene,
+        bg_seed: rng.next_u64(),
+        objects: placed,
+        light,
+    }
 }
 
 /// Background colour (before lighting) at a pixel.
@@ -249,10 +277,13 @@ fn background(l: &Layout, y: usize, x: usize) -> [f32; 3] {
             let grain = ((yf + warp) * std::f32::consts::TAU / 5.0).sin();
             0.95 + 0.09 * grain + 0.06 * value_noise(l.bg_seed ^ 2, xf, yf, 4.0)
         }
-        1 => 0.85 + 0.2 * value_noise(l.bg_seed ^ 3, xf, yf, 3.0) + 0.08 * pixel_noise(l.bg_seed, x, y),
+        1 => {
+            0.85 + 0.2 * value_noise(l.bg_seed ^ 3, xf, yf, 3.0)
+                + 0.08 * pixel_noise(l.bg_seed, x, y)
+        }
         _ => {
             let tile = 14;
-            if x % tile == 0 || (y - horizon) % tile == 0 {
+            if x.is_multiple_of(tile) || (y - horizon).is_multiple_of(tile) {
                 0.75
             } else {
                 0.97 + 0.05 * value_noise(l.bg_seed ^ 4, xf, yf, 6.0)
@@ -282,11 +313,14 @@ pub fn render(l: &Layout, with_objects: bool) -> (RgbImage, Vec<u16>) {
     let diag = ((h * h + w * w) as f32).sqrt();
     for y in 0..h {
         for x in 0..w {
-            let proj = ((x as f32 - w as f32 / 2.0) * lt.dir.0 + (y as f32 - h as f32 / 2.0) * lt.dir.1) / diag;
+            let proj = ((x as f32 - w as f32 / 2.0) * lt.dir.0
+                + (y as f32 - h as f32 / 2.0) * lt.dir.1)
+                / diag;
             let lum = lt.brightness * (1.0 + lt.gradient * proj);
             let g = lt.grain * (pixel_noise(lt.noise_seed, x, y) - 0.5);
             let c = rgb[y * w + x];
-            let px = [0, 1, 2].map(|ch| (c[ch] * lum * lt.tint[ch] + g).round().clamp(0.0, 255.0) as u8);
+            let px =
+                [0, 1, 2].map(|ch| (c[ch] * lum * lt.tint[ch] + g).round().clamp(0.0, 255.0) as u8);
             img.set(y, x, px);
         }
     }

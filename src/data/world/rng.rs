@@ -15,7 +15,7 @@ pub fn splitmix64(mut z: u64) -> u64 {
 pub fn mix(words: &[u64]) -> u64 {
     words
         .iter()
-        .fold(0x5EED_0F_C0FF_EEu64, |h, &w| splitmix64(h ^ splitmix64(w)))
+        .fold(0x5EED_0FC0_FFEE_u64, |h, &w| splitmix64(h ^ splitmix64(w)))
 }
 
 /// xoshiro256** seeded through SplitMix64.

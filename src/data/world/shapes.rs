@@ -5,11 +5,25 @@
 #[derive(Clone, Debug)]
 pub enum Shape {
     /// Centre, radii and rotation (radians).
-    Ellipse { c: (f32, f32), r: (f32, f32), rot: f32 },
+    Ellipse {
+        c: (f32, f32),
+        r: (f32, f32),
+        rot: f32,
+    },
     /// Axis-aligned rectangle `x0, y0, x1, y1`, corners rounded by `round`.
-    Rect { x0: f32, y0: f32, x1: f32, y1: f32, round: f32 },
+    Rect {
+        x0: f32,
+        y0: f32,
+        x1: f32,
+        y1: f32,
+        round: f32,
+    },
     /// Segment `a`–`b` thickened by `r`.
-    Capsule { a: (f32, f32), b: (f32, f32), r: f32 },
+    Capsule {
+        a: (f32, f32),
+        b: (f32, f32),
+        r: f32,
+    },
     /// Simple polygon (even-odd rule).
     Poly(Vec<(f32, f32)>),
     /// Annulus: centre, outer and inner radius.
@@ -23,11 +37,21 @@ pub enum Tex {
     /// Smooth blotches of relative amplitude `amp`.
     Noise(f32),
     /// Parallel bands across y (`horizontal`) or x with this period.
-    Stripes { period: f32, amp: f32, horizontal: bool },
+    Stripes {
+        period: f32,
+        amp: f32,
+        horizontal: bool,
+    },
     /// A lattice of darker dots (peel, keys, florets).
-    Dots { period: f32, amp: f32 },
+    Dots {
+        period: f32,
+        amp: f32,
+    },
     /// Grid of lines (keyboard keys, tiles).
-    Grid { period: f32, amp: f32 },
+    Grid {
+        period: f32,
+        amp: f32,
+    },
 }
 
 /// One coloured piece of an object.
@@ -40,25 +64,53 @@ pub struct Part {
 }
 
 pub fn ellipse(cx: f32, cy: f32, rx: f32, ry: f32) -> Shape {
-    Shape::Ellipse { c: (cx, cy), r: (rx, ry), rot: 0.0 }
+    Shape::Ellipse {
+        c: (cx, cy),
+        r: (rx, ry),
+        rot: 0.0,
+    }
 }
 pub fn ellipse_rot(cx: f32, cy: f32, rx: f32, ry: f32, rot: f32) -> Shape {
-    Shape::Ellipse { c: (cx, cy), r: (rx, ry), rot }
+    Shape::Ellipse {
+        c: (cx, cy),
+        r: (rx, ry),
+        rot,
+    }
 }
 pub fn rect(x0: f32, y0: f32, x1: f32, y1: f32) -> Shape {
-    Shape::Rect { x0, y0, x1, y1, round: 0.0 }
+    Shape::Rect {
+        x0,
+        y0,
+        x1,
+        y1,
+        round: 0.0,
+    }
 }
 pub fn rrect(x0: f32, y0: f32, x1: f32, y1: f32, round: f32) -> Shape {
-    Shape::Rect { x0, y0, x1, y1, round }
+    Shape::Rect {
+        x0,
+        y0,
+        x1,
+        y1,
+        round,
+    }
 }
 pub fn capsule(ax: f32, ay: f32, bx: f32, by: f32, r: f32) -> Shape {
-    Shape::Capsule { a: (ax, ay), b: (bx, by), r }
+    Shape::Capsule {
+        a: (ax, ay),
+        b: (bx, by),
+        r,
+    }
 }
 pub fn poly(pts: &[(f32, f32)]) -> Shape {
     Shape::Poly(pts.to_vec())
 }
 pub fn ring(cx: f32, cy: f32, ro: f32, ri: f32) -> Shape {
-    Shape::Ring { c: (cx, cy), ro, ri }
+    Shape::Ring {
+        c: (cx, cy),
+        ro,
+        ri,
+    }
 }
 
 impl Shape {
@@ -71,7 +123,13 @@ impl Shape {
                 let (a, b) = (du * co + dv * s, -du * s + dv * co);
                 (a / r.0).powi(2) + (b / r.1).powi(2) <= 1.0
             }
-            Shape::Rect { x0, y0, x1, y1, round } => {
+            Shape::Rect {
+                x0,
+                y0,
+                x1,
+                y1,
+                round,
+            } => {
                 if u < *x0 || u > *x1 || v < *y0 || v > *y1 {
                     return false;
                 }
@@ -145,7 +203,11 @@ impl Tex {
         match *self {
             Tex::Flat => 1.0,
             Tex::Noise(amp) => 1.0 + amp * (2.0 * n - 1.0),
-            Tex::Stripes { period, amp, horizontal } => {
+            Tex::Stripes {
+                period,
+                amp,
+                horizontal,
+            } => {
                 let t = if horizontal { v } else { u };
                 1.0 + amp * (TAU * t / period).sin()
             }
