@@ -39,11 +39,10 @@ pub fn lookup(word: &str) -> Option<(&'static str, bool)> {
         if word == c.plural {
             return Some((c.name, true));
         }
-        // Synonyms come in (singular, plural) pairs where a plural exists.
+        // Synonyms come in (singular, plural) pairs.
         for (i, &s) in c.synonyms.iter().enumerate() {
             if word == s {
-                let plural = i % 2 == 1 || s.ends_with('s') && s != "loaf";
-                return Some((c.name, plural));
+                return Some((c.name, i % 2 == 1));
             }
         }
     }

@@ -102,8 +102,10 @@ impl Placed {
         let y1 = ((self.cy + hy * self.scale).ceil() + 1.0).clamp(0.0, h as f32) as usize;
         (x0, y0, x1.max(x0), y1.max(y0))
     }
-    /// Calls `f(y, x, colour)` for every pixel the object covers.
-    fn raster(&self, h: usize, w: usize, mut f: impl FnMut(usize, usize, [f32; 3])) {
+    /// Calls `f(y, x, colour)` for every pixel the object covers; with `paint` false
+    /// the colour is not computed (placement only needs coverage, and the texture
+    /// noise is most of the cost).
+    fn raster(&self, h: usize, w: usize, paint: bool, mut f: impl FnMut(usize, usize, [f32; 3])) {
         let parts = self.parts();
         let (x0, y0, x1, y1) = self.pixel_bounds(&parts, h, w);
         let (s, c) = (-self.rot).sin_cos();
@@ -119,6 +121,10 @@ impl Placed {
                     u = -u;
                 }
                 if let Some(part) = parts.iter().rev().find(|p| p.shape.contains(u, v)) {
+                    if !paint {
+                        f(y, x, [0.0; 3]);
+                        continue;
+                    }
                     let nz = value_noise(noise_seed, x as f32, y as f32, 3.0);
                     let f_tex = part.tex.factor(u, v, nz);
                     // Light from the top-left of the object: a soft volume cue.
@@ -202,7 +208,7 @@ pub fn place(scene: usize, want: &[usize], h: usize, w: usize, rng: &mut Rng) ->
             let cand = Placed { cx, cy, ..probe };
             // Pixels the candidate would cover, and how much of each placed object it hides.
             let mut cover = Vec::new();
-            cand.raster(h, w, |y, x, _| cover.push(y * w + x));
+            cand.raster(h, w, false, |y, x, _| cover.push(y * w + x));
             if cover.len() < MIN_VISIBLE_PX {
                 continue;
             }
@@ -302,7 +308,7 @@ pub fn render(l: &Layout, with_objects: bool) -> (RgbImage, Vec<u16>) {
     let mut ids = vec![0u16; h * w];
     if with_objects {
         for (k, o) in l.objects.iter().enumerate() {
-            o.raster(h, w, |y, x, c| {
+            o.raster(h, w, true, |y, x, c| {
                 rgb[y * w + x] = c;
                 ids[y * w + x] = k as u16 + 1;
             });
