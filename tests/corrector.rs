@@ -49,14 +49,22 @@ fn vocabulary_and_word_matcher() {
     let text = vocab_text();
     assert_eq!(text.lines().count(), 33);
     assert!(text.lines().any(|l| l == "knife, knives"), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("couch, couches, sofa, sofas")));
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("couch, couches, sofa, sofas")));
     assert_eq!(lookup("knives"), Some(("knife", true)));
     assert_eq!(lookup("sofa"), Some(("couch", false)));
     assert_eq!(lookup("puppies"), Some(("dog", true)));
     assert_eq!(lookup("table"), None);
     // `<seg>` and punctuation never glue onto a word.
-    assert_eq!(mentions("The Fork<seg>, two mice <seg> <seg> and a sofa."), vec!["fork", "mouse", "couch"]);
-    assert_eq!(hallucinated("the fork <seg> and the knife <seg>", &["knife"]), vec!["fork"]);
+    assert_eq!(
+        mentions("The Fork<seg>, two mice <seg> <seg> and a sofa."),
+        vec!["fork", "mouse", "couch"]
+    );
+    assert_eq!(
+        hallucinated("the fork <seg> and the knife <seg>", &["knife"]),
+        vec!["fork"]
+    );
 }
 
 #[test]

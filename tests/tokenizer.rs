@@ -150,3 +150,23 @@ fn seg_is_one_token_in_a_llama_style_tokenizer() {
     assert_eq!((tok.bos, tok.eos), (1, 2));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn preference_pair_marks_the_corrected_tokens() {
+    use popen::data::corrector::preference_pair;
+    let tok = world_tok();
+    let y = "Sure, I found the knife <seg>, the fork <seg> and the plate <seg>.";
+    let yc = "Sure, I found the knife <seg> and the plate <seg>.";
+    let p = preference_pair(&tok, y, yc).unwrap();
+    let changed: String =
+        p.ly.iter()
+            .map(|&i| tok.decode(&p.y[i..i + 1]).unwrap())
+            .collect();
+    assert!(changed.contains("fork"), "{changed:?}");
+    assert!(
+        !changed.contains("plate") && !changed.contains("Sure"),
+        "{changed:?}"
+    );
+    assert!(p.lyc.len() < p.ly.len());
+    assert_eq!(p.y.iter().filter(|&&i| i == tok.seg).count(), 3);
+}

@@ -260,11 +260,20 @@ fn bad_sizes_are_errors() {
 
 #[test]
 fn output_does_not_depend_on_thread_count() {
-    let cfg = WorldConfig { height: 48, width: 64, questions: 2 };
+    let cfg = WorldConfig {
+        height: 48,
+        width: 64,
+        questions: 2,
+    };
     let run = |threads: usize, tag: &str| {
-        let dir = std::env::temp_dir().join(format!("popen_world_threads_{}_{tag}", std::process::id()));
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| write_dataset(&dir, &cfg, 8, Split::Train, 10, &|| {})).unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("popen_world_threads_{}_{tag}", std::process::id()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| write_dataset(&dir, &cfg, 8, Split::Train, 10, &|| {}))
+            .unwrap();
         let json = std::fs::read(dir.join("train.json")).unwrap();
         let png = std::fs::read(dir.join("images/train_000007.png")).unwrap();
         std::fs::remove_dir_all(&dir).ok();

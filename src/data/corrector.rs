@@ -497,7 +497,8 @@ pub enum Injected {
 }
 
 /// Introduces one or two errors into a correct answer `yg` (Supp B): the first always
-/// names an object from `absent` (absent objects, most tempting first); the second
+/// names an object from `absent` (absent objects, most tempting first) — by replacing
+/// an object, adding one to a list, or adding a sentence about one; the second
 /// (with probability ½) is another hallucination or a wrong count.  Deterministic in
 /// `seed`.  Returns the answer and what was done; `None` when `absent` is empty.
 pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injected>)> {
@@ -544,7 +545,8 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
             };
             return Some((text, vec![Injected::Add(name.to_string())]));
         }
-        let kind = if e == 0 { rng.below(2) } else { rng.below(3) };
+        // 0 replace an object, 1 add one to a list, 2 add a sentence about one, 3 count.
+        let kind = if e == 0 { rng.below(3) } else { rng.below(4) };
         let pick = pool.remove(rng.below(pool.len()));
         if pool.is_empty() {
             pool.push(pick);
@@ -591,6 +593,21 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
                 s.lists[li].push(k);
                 done.push(Injected::Add(pick.to_string()));
             }
+            2 => {
+                let text = format!("There is also {} {pick} {SEG}.", indefinite(pick));
+                let toks = tokenize(&text);
+                let ms = parse_mentions(&toks);
+                let lists = lists(&toks, &ms);
+                let fate = vec![Fate::Keep; ms.len()];
+                sents.push(Sentence {
+                    toks,
+                    ms,
+                    fate,
+                    lists,
+                    deleted: false,
+                });
+                done.push(Injected::Add(pick.to_string()));
+            }
             _ => {
                 let m = &mut s.ms[mi];
                 let n = m.count() + 1;
@@ -601,4 +618,30 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
     }
     let text: Vec<String> = sents.iter().map(render_sentence).collect();
     Some((text.join(" "), done))
+}
+
+/// One text-preference example's token side: `y` and `yc` as ids and the changed
+/// positions `Ly`, `Lyc` (Sec. 3.2) from the token diff.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferencePair {
+    pub y: Vec<u32>,
+    pub yc: Vec<u32>,
+    pub ly: Vec<usize>,
+    pub lyc: Vec<usize>,
+}
+
+/// Tokenizes `y` and its correction `yc` and marks the tokens that differ.
+pub fn preference_pair(
+    tok: &crate::data::tokenizer::Tok,
+    y: &str,
+    yc: &str,
+) -> crate::Result<PreferencePair> {
+    let (a, b) = (tok.encode(y)?, tok.encode(yc)?);
+    let (ly, lyc) = crate::data::diff::changed_positions(&a, &b);
+    Ok(PreferencePair {
+        y: a,
+        yc: b,
+        ly,
+        lyc,
+    })
 }

@@ -97,7 +97,8 @@ fn lattice(seed: u64, x: i64, y: i64) -> f32 {
     // One mixer round over a linear combination: this runs several times per pixel,
     // and the full `mix` made it most of a sample's cost.
     let h = splitmix64(
-        seed ^ (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (y as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
+        seed ^ (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (y as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
     );
     (h >> 40) as f32 / (1u64 << 24) as f32
 }
