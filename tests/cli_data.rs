@@ -72,6 +72,31 @@ fn generate_then_show() {
     let im = image::open(show.join("val_000000_overlay.png")).unwrap();
     assert_eq!((im.height(), im.width()), (48 * 3, 2 * 64 * 3 + 4));
     assert!(!show.join("val_000002_overlay.png").exists());
+
+    // With --masks every object of the record comes out as a 0/255 PNG that
+    // decodes to the record's RLE mask.
+    let o = popen(&[
+        "data",
+        "show",
+        "--data",
+        a.join("val.json").to_str().unwrap(),
+        "--out",
+        show.to_str().unwrap(),
+        "--n",
+        "1",
+        "--masks",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (k, ann) in recs[0].ann_list.as_ref().unwrap().iter().enumerate() {
+        let p = show.join(format!("val_000000_obj{k}_{}.png", ann.category_name));
+        let im = image::open(&p).unwrap().to_luma8();
+        let want = match &ann.segmentation {
+            popen::data::muse::Segmentation::Rle(r) => r.to_rle().unwrap().to_mask().unwrap(),
+            _ => panic!("RLE expected"),
+        };
+        let got: Vec<u8> = im.as_raw().iter().map(|&v| u8::from(v != 0)).collect();
+        assert_eq!(got, want.data, "{}", p.display());
+    }
     std::fs::remove_dir_all(&a).ok();
     std::fs::remove_dir_all(&b).ok();
 }

@@ -63,6 +63,9 @@ pub struct ShowArgs {
     /// Upscaling factor of the overlay (nearest neighbour), so labels stay readable.
     #[arg(long, default_value_t = 3)]
     pub scale: usize,
+    /// Also write every object's mask as a grey PNG: <image>_obj<k>_<category>.png.
+    #[arg(long)]
+    pub masks: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -153,6 +156,15 @@ fn show(s: ShowArgs) -> anyhow::Result<()> {
             .file_stem()
             .and_then(|x| x.to_str())
             .unwrap_or("image");
+        if s.masks {
+            for (k, (m, label)) in masks.iter().zip(&labels).enumerate() {
+                let safe: String = label
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                overlay::save_mask_png(m, &s.out.join(format!("{stem}_obj{k}_{safe}.png")))?;
+            }
+        }
         let out = s.out.join(format!("{stem}_overlay.png"));
         overlay::save_png(&ov, &out)?;
         println!("{}", out.display());

@@ -248,3 +248,27 @@ pub fn upscale(img: &RgbImage, up: usize) -> RgbImage {
     }
     out
 }
+
+/// Writes a mask as an 8-bit grey PNG: 255 foreground, 0 background (the format
+/// `popen eval-masks` reads: nonzero = foreground).
+pub fn save_mask_png(m: &Mask, path: &Path) -> Result<()> {
+    let data: Vec<u8> = m
+        .data
+        .iter()
+        .map(|&v| if v != 0 { 255 } else { 0 })
+        .collect();
+    let mut buf = Vec::new();
+    let enc = image::codecs::png::PngEncoder::new(&mut buf);
+    image::ImageEncoder::write_image(
+        enc,
+        &data,
+        m.width as u32,
+        m.height as u32,
+        image::ExtendedColorType::L8,
+    )
+    .map_err(|e| Error::Image {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    std::fs::write(path, buf).map_err(|e| Error::io(path, e))
+}
