@@ -17,11 +17,14 @@ struct Cli {
 enum Cmd {
     /// Show how the crate was built: kernels, PTX target, available devices.
     Info(cli::info::Args),
+    /// Generate the embedded world as a MUSE-schema data set, or draw overlays of one.
+    Data(cli::data::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),
+        Cmd::Data(a) => cli::data::run(a),
     }
 }

@@ -10,3 +10,8 @@ pub mod sample;
 
 pub use mask::Mask;
 pub use rle::Rle;
+pub mod corrector;
+pub mod diff;
+pub mod tokenizer;
+pub mod vocab;
+pub mod world;

@@ -1,0 +1,647 @@
+//! The text corrector and the error injector: the stand-ins for ChatGPT in Sec. 3.2
+//! (prompts in Supp B).  The corrector edits a model answer `y` into `yc` that names
+//! only objects in the scene and, when the ground-truth targets are known, segments
+//! exactly those, keeping `y`'s sentences and word order wherever they are right:
+//! it *modifies* a wrong object into a missing target in place, *deletes* a wrong
+//! object from its list (or its sentence, when nothing else is left there), *adds*
+//! missing targets to the answer's first list, and fixes counts.  The injector does the
+//! opposite to a correct answer: one or two errors, always at least one naming an
+//! absent object that co-occurs with what is there (the hallucination a prior-driven
+//! model makes).
+//!
+//! Both read answers through one small grammar — object phrases `the apple <seg>`,
+//! `a cup <seg>`, `the two apples <seg> <seg>`, `one cat <seg>`, lists joined by `,`
+//! and `and` — which is the grammar the world writes and a model trained on it
+//! speaks.  Words outside an object phrase are kept as they are.
+use crate::data::vocab::lookup;
+use crate::data::world::categories::by_name;
+use crate::data::world::instructions::{
+    capitalize, indefinite, number_word, parse_number_word, NO_TARGET_ANSWERS, SEG,
+};
+use crate::data::world::rng::Rng;
+
+/// Splits text into word, `<seg>` and punctuation tokens.
+pub fn tokenize(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if rest.starts_with(SEG) {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            out.push(SEG.to_string());
+            rest = &rest[SEG.len()..];
+            continue;
+        }
+        if c.is_alphanumeric() || c == '\'' || c == '-' {
+            cur.push(c);
+        } else {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            if !c.is_whitespace() {
+                out.push(c.to_string());
+            }
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn is_punct(t: &str) -> bool {
+    matches!(t, "," | "." | ";" | ":" | "!" | "?")
+}
+
+/// Joins tokens: punctuation attaches to the word before it, everything else is
+/// separated by one space.  `detokenize(tokenize(s)) == s` for the world's answers.
+pub fn detokenize(toks: &[String]) -> String {
+    let mut s = String::new();
+    for t in toks {
+        if !s.is_empty() && !is_punct(t) {
+            s.push(' ');
+        }
+        s.push_str(t);
+    }
+    s
+}
+
+/// One object phrase found in a sentence.
+#[derive(Clone, Debug, PartialEq)]
+struct Mention {
+    /// Token range in the sentence, `<seg>`s included.
+    start: usize,
+    end: usize,
+    the: bool,
+    /// "a"/"an" opened the phrase.
+    article: bool,
+    number: Option<usize>,
+    canonical: &'static str,
+    plural: bool,
+    segs: usize,
+}
+
+impl Mention {
+    /// How many objects the phrase names.
+    fn count(&self) -> usize {
+        self.number.unwrap_or(if self.plural { 2 } else { 1 })
+    }
+    fn render(&self) -> Vec<String> {
+        let cat = &crate::data::world::categories::CATEGORIES
+            [by_name(self.canonical).expect("vocab names a category")];
+        let noun = if self.plural { cat.plural } else { cat.name };
+        let mut v = Vec::new();
+        if self.the {
+            v.push("the".to_string());
+        } else if self.article {
+            v.push(indefinite(noun).to_string());
+        }
+        if let Some(n) = self.number {
+            v.push(number_word(n));
+        }
+        v.push(noun.to_string());
+        v.extend(std::iter::repeat_n(SEG.to_string(), self.segs));
+        v
+    }
+    /// Sets the phrase to name `n` objects (segmenting all of them when it segments).
+    /// A single object without "the" reads "one cat" after "there is" (a count
+    /// answer) and "a cat" elsewhere.
+    fn set_count(&mut self, n: usize, after_there_is: bool) {
+        if self.segs > 0 {
+            self.segs = n;
+        }
+        if n == 1 {
+            self.plural = false;
+            self.number = None;
+            if !self.the {
+                self.article = !after_there_is;
+                if after_there_is {
+                    self.number = Some(1);
+                }
+            }
+        } else {
+            self.plural = true;
+            self.article = false;
+            self.number = Some(n);
+        }
+    }
+}
+
+/// Whether the tokens before `at` end with "there is" or "there are".
+fn after_there_is(toks: &[String], at: usize) -> bool {
+    at >= 2
+        && toks[at - 2].eq_ignore_ascii_case("there")
+        && (toks[at - 1] == "is" || toks[at - 1] == "are")
+}
+
+/// Object phrases of one sentence.
+fn parse_mentions(toks: &[String]) -> Vec<Mention> {
+    let low: Vec<String> = toks.iter().map(|t| t.to_ascii_lowercase()).collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < toks.len() {
+        let start = i;
+        let mut j = i;
+        let (mut the, mut article, mut number) = (false, false, None);
+        if low[j] == "the" {
+            the = true;
+            j += 1;
+        } else if low[j] == "a" || low[j] == "an" {
+            article = true;
+            j += 1;
+        }
+        if j < toks.len() {
+            if let Some(n) = parse_number_word(&low[j]) {
+                if !article && j + 1 < toks.len() && lookup(&low[j + 1]).is_some() {
+                    number = Some(n);
+                    j += 1;
+                }
+            }
+        }
+        match low.get(j).and_then(|w| lookup(w)) {
+            Some((canonical, plural)) => {
+                let mut end = j + 1;
+                while end < toks.len() && toks[end] == SEG {
+                    end += 1;
+                }
+                out.push(Mention {
+                    start,
+                    end,
+                    the,
+                    article,
+                    number,
+                    canonical,
+                    plural,
+                    segs: end - j - 1,
+                });
+                i = end;
+            }
+            None => i = start + 1,
+        }
+    }
+    out
+}
+
+/// Groups mentions into lists: runs joined only by `,`, `and` or `, and`.
+fn lists(toks: &[String], ms: &[Mention]) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for (k, m) in ms.iter().enumerate() {
+        let joined = k > 0 && {
+            let gap: Vec<&str> = toks[ms[k - 1].end..m.start]
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
+            matches!(gap.as_slice(), [","] | ["and"] | [",", "and"])
+        };
+        if joined {
+            out.last_mut().expect("k > 0").push(k);
+        } else {
+            out.push(vec![k]);
+        }
+    }
+    out
+}
+
+/// What the corrector knows: objects in the scene and, when known, the targets of
+/// the ground-truth answer (canonical name, number of instances).
+#[derive(Clone, Debug, Default)]
+pub struct Context {
+    pub present: Vec<(String, usize)>,
+    /// `None`: unknown (only hallucinated objects and wrong counts are fixed);
+    /// `Some(empty)`: a no-target question.
+    pub targets: Option<Vec<(String, usize)>>,
+}
+
+impl Context {
+    fn present_count(&self, name: &str) -> Option<usize> {
+        self.present.iter().find(|p| p.0 == name).map(|p| p.1)
+    }
+    fn target_count(&self, name: &str) -> Option<usize> {
+        self.targets
+            .as_ref()?
+            .iter()
+            .find(|p| p.0 == name)
+            .map(|p| p.1)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fate {
+    Keep,
+    Drop,
+}
+
+struct Sentence {
+    toks: Vec<String>,
+    ms: Vec<Mention>,
+    fate: Vec<Fate>,
+    lists: Vec<Vec<usize>>,
+    deleted: bool,
+}
+
+fn sentences(toks: &[String]) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    for t in toks {
+        cur.push(t.clone());
+        if matches!(t.as_str(), "." | "!" | "?") {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Corrects `y` against `ctx` (see the module docs).  A correct answer comes back
+/// unchanged (up to spacing around punctuation).
+pub fn correct(y: &str, ctx: &Context) -> String {
+    let mut sents: Vec<Sentence> = sentences(&tokenize(y))
+        .into_iter()
+        .map(|toks| {
+            let ms = parse_mentions(&toks);
+            let lists = lists(&toks, &ms);
+            let fate = vec![Fate::Keep; ms.len()];
+            Sentence {
+                toks,
+                ms,
+                fate,
+                lists,
+                deleted: false,
+            }
+        })
+        .collect();
+    // 1. Judge each phrase; fix counts of the ones that stay.
+    let mut bad: Vec<(usize, usize)> = Vec::new();
+    let mut named_ok: Vec<&'static str> = Vec::new();
+    for (si, s) in sents.iter_mut().enumerate() {
+        let toks = &s.toks;
+        for (mi, m) in s.ms.iter_mut().enumerate() {
+            let ati = after_there_is(toks, m.start);
+            let Some(have) = ctx.present_count(m.canonical) else {
+                bad.push((si, mi));
+                continue;
+            };
+            let want = if m.segs > 0 && ctx.targets.is_some() {
+                match ctx.target_count(m.canonical) {
+                    Some(n) => Some(n),
+                    None => {
+                        bad.push((si, mi));
+                        continue;
+                    }
+                }
+            } else if m.count() > have && (m.number.is_some() || m.segs > 1) {
+                // Without the targets a count can only be known to be too high.
+                Some(have)
+            } else {
+                None
+            };
+            if let Some(n) = want {
+                if m.count() != n || (m.segs > 0 && m.segs != n) {
+                    m.set_count(n, ati);
+                }
+            }
+            if m.segs > 0 {
+                named_ok.push(m.canonical);
+            }
+        }
+    }
+    // 2. Wrong phrases become missing targets in place while any are left, else go.
+    let mut missing: Vec<(String, usize)> = ctx
+        .targets
+        .iter()
+        .flatten()
+        .filter(|t| !named_ok.contains(&t.0.as_str()))
+        .cloned()
+        .collect();
+    missing.reverse();
+    for &(si, mi) in &bad {
+        let ati = after_there_is(&sents[si].toks, sents[si].ms[mi].start);
+        let m = &mut sents[si].ms[mi];
+        if m.segs > 0 {
+            if let Some((name, n)) = missing.pop() {
+                m.canonical =
+                    crate::data::world::categories::CATEGORIES[by_name(&name).unwrap_or(0)].name;
+                m.set_count(n, ati);
+                m.segs = n;
+                continue;
+            }
+        }
+        sents[si].fate[mi] = Fate::Drop;
+    }
+    missing.reverse();
+    // 3. A dropped phrase leaves its list; a sentence whose list empties goes.
+    for s in sents.iter_mut() {
+        for l in &s.lists {
+            if l.iter().all(|&k| s.fate[k] == Fate::Drop) {
+                s.deleted = true;
+            }
+        }
+    }
+    // 4. Missing targets join the first surviving list that segments something.
+    if !missing.is_empty() {
+        let spot = sents.iter().enumerate().find_map(|(si, s)| {
+            if s.deleted {
+                return None;
+            }
+            s.lists
+                .iter()
+                .position(|l| {
+                    l.iter()
+                        .any(|&k| s.fate[k] == Fate::Keep && s.ms[k].segs > 0)
+                })
+                .map(|li| (si, li))
+        });
+        match spot {
+            Some((si, li)) => {
+                let s = &mut sents[si];
+                let first = &s.ms[s.lists[li][0]];
+                let (the, article) = (
+                    first.the,
+                    first.article || (!first.the && first.number.is_none()),
+                );
+                let at = s.ms[*s.lists[li].last().expect("non-empty list")].end;
+                for (name, n) in missing.drain(..) {
+                    let mut m = Mention {
+                        start: at,
+                        end: at,
+                        the,
+                        article,
+                        number: None,
+                        canonical: crate::data::world::categories::CATEGORIES
+                            [by_name(&name).unwrap_or(0)]
+                        .name,
+                        plural: false,
+                        segs: 1,
+                    };
+                    m.set_count(n, false);
+                    s.ms.push(m);
+                    s.fate.push(Fate::Keep);
+                    let k = s.ms.len() - 1;
+                    s.lists[li].push(k);
+                }
+            }
+            None => {
+                let items: Vec<String> = missing
+                    .iter()
+                    .map(|(name, n)| {
+                        crate::data::world::instructions::object_phrase(
+                            by_name(name).unwrap_or(0),
+                            *n,
+                            crate::data::world::instructions::Det::The,
+                            true,
+                        )
+                    })
+                    .collect();
+                let text = format!(
+                    "I found {}.",
+                    crate::data::world::instructions::join_list(&items)
+                );
+                let toks = tokenize(&text);
+                let ms = parse_mentions(&toks);
+                let lists = lists(&toks, &ms);
+                let fate = vec![Fate::Keep; ms.len()];
+                sents.push(Sentence {
+                    toks,
+                    ms,
+                    fate,
+                    lists,
+                    deleted: false,
+                });
+            }
+        }
+    }
+    let out: Vec<String> = sents
+        .iter()
+        .filter(|s| !s.deleted)
+        .map(render_sentence)
+        .collect();
+    if out.iter().all(|s| s.trim().is_empty()) {
+        return NO_TARGET_ANSWERS[0].to_string();
+    }
+    out.join(" ")
+}
+
+/// Rebuilds a sentence with its lists re-joined from the surviving phrases.
+fn render_sentence(s: &Sentence) -> String {
+    let mut toks: Vec<String> = Vec::new();
+    let mut i = 0;
+    let list_of = |k: usize| s.lists.iter().position(|l| l[0] == k);
+    let mut li_done = vec![false; s.lists.len()];
+    while i < s.toks.len() {
+        let at_list = s.ms.iter().position(|m| m.start == i).and_then(list_of);
+        match at_list {
+            Some(li) if !li_done[li] => {
+                li_done[li] = true;
+                let l = &s.lists[li];
+                let keep: Vec<&Mention> = l
+                    .iter()
+                    .filter(|&&k| s.fate[k] == Fate::Keep)
+                    .map(|&k| &s.ms[k])
+                    .collect();
+                let total: usize = keep.iter().map(|m| m.count()).sum();
+                fix_there_is(&mut toks, total);
+                let start_of_sentence = toks.is_empty();
+                for (n, m) in keep.iter().enumerate() {
+                    if n > 0 {
+                        if n + 1 == keep.len() {
+                            toks.push("and".into());
+                        } else {
+                            toks.push(",".into());
+                        }
+                    }
+                    toks.extend(m.render());
+                }
+                if start_of_sentence {
+                    if let Some(t) = toks.first_mut() {
+                        *t = capitalize(t);
+                    }
+                }
+                // Skip the original list (phrases and joiners, appended ones included).
+                let orig_end = l.iter().map(|&k| s.ms[k].end).max().unwrap_or(i);
+                i = orig_end.max(i + 1);
+            }
+            _ => {
+                toks.push(s.toks[i].clone());
+                i += 1;
+            }
+        }
+    }
+    detokenize(&toks)
+}
+
+/// "There is" / "There are" right before a list agrees with the list's count.
+fn fix_there_is(toks: &mut [String], total: usize) {
+    let n = toks.len();
+    if n >= 2
+        && toks[n - 2].eq_ignore_ascii_case("there")
+        && (toks[n - 1] == "is" || toks[n - 1] == "are")
+    {
+        toks[n - 1] = if total == 1 { "is" } else { "are" }.to_string();
+    }
+}
+
+/// One error the injector made.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Injected {
+    /// An object replaced by an absent one: `(was, now)`.
+    Replace(String, String),
+    /// An absent object added to a list, or a whole hallucinated answer.
+    Add(String),
+    /// A count raised by one: `(object, new count)`.
+    Count(String, usize),
+}
+
+/// Introduces one or two errors into a correct answer `yg` (Supp B): the first always
+/// names an object from `absent` (absent objects, most tempting first) — by replacing
+/// an object, adding one to a list, or adding a sentence about one; the second
+/// (with probability ½) is another hallucination or a wrong count.  Deterministic in
+/// `seed`.  Returns the answer and what was done; `None` when `absent` is empty.
+pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injected>)> {
+    if absent.is_empty() {
+        return None;
+    }
+    let mut rng = Rng::new(seed);
+    let mut sents: Vec<Sentence> = sentences(&tokenize(yg))
+        .into_iter()
+        .map(|toks| {
+            let ms = parse_mentions(&toks);
+            let lists = lists(&toks, &ms);
+            let fate = vec![Fate::Keep; ms.len()];
+            Sentence {
+                toks,
+                ms,
+                fate,
+                lists,
+                deleted: false,
+            }
+        })
+        .collect();
+    let mut pool: Vec<&str> = absent.iter().take(3).copied().collect();
+    let mut done = Vec::new();
+    let n_err = if rng.chance(0.5) { 2 } else { 1 };
+    for e in 0..n_err {
+        let segged: Vec<(usize, usize)> = sents
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| {
+                s.ms.iter()
+                    .enumerate()
+                    .filter(|(_, m)| m.segs > 0)
+                    .map(move |(mi, _)| (si, mi))
+            })
+            .collect();
+        if segged.is_empty() {
+            // A no-target answer: hallucinate a whole answer.
+            let name = pool[rng.below(pool.len())];
+            let text = match rng.below(3) {
+                0 => format!("I found the {name} {SEG}."),
+                1 => format!("You can see the {name} {SEG} here."),
+                _ => format!("There is {} {name} {SEG} in this image.", indefinite(name)),
+            };
+            return Some((text, vec![Injected::Add(name.to_string())]));
+        }
+        // 0 replace an object, 1 add one to a list, 2 add a sentence about one, 3 count.
+        let kind = if e == 0 { rng.below(3) } else { rng.below(4) };
+        let pick = pool.remove(rng.below(pool.len()));
+        if pool.is_empty() {
+            pool.push(pick);
+        }
+        let (si, mi) = segged[rng.below(segged.len())];
+        let s = &mut sents[si];
+        match kind {
+            0 => {
+                let m = &mut s.ms[mi];
+                let was = m.canonical.to_string();
+                if done
+                    .iter()
+                    .any(|d| matches!(d, Injected::Replace(_, now) if now == &was))
+                {
+                    continue;
+                }
+                m.canonical =
+                    crate::data::world::categories::CATEGORIES[by_name(pick).unwrap_or(0)].name;
+                done.push(Injected::Replace(was, pick.to_string()));
+            }
+            1 => {
+                let li = s
+                    .lists
+                    .iter()
+                    .position(|l| l.contains(&mi))
+                    .expect("every mention is in a list");
+                let first = &s.ms[s.lists[li][0]];
+                let at = s.ms[*s.lists[li].last().expect("non-empty")].end;
+                let m = Mention {
+                    start: at,
+                    end: at,
+                    the: first.the,
+                    article: !first.the,
+                    number: None,
+                    canonical: crate::data::world::categories::CATEGORIES
+                        [by_name(pick).unwrap_or(0)]
+                    .name,
+                    plural: false,
+                    segs: 1,
+                };
+                s.ms.push(m);
+                s.fate.push(Fate::Keep);
+                let k = s.ms.len() - 1;
+                s.lists[li].push(k);
+                done.push(Injected::Add(pick.to_string()));
+            }
+            2 => {
+                let text = format!("There is also {} {pick} {SEG}.", indefinite(pick));
+                let toks = tokenize(&text);
+                let ms = parse_mentions(&toks);
+                let lists = lists(&toks, &ms);
+                let fate = vec![Fate::Keep; ms.len()];
+                sents.push(Sentence {
+                    toks,
+                    ms,
+                    fate,
+                    lists,
+                    deleted: false,
+                });
+                done.push(Injected::Add(pick.to_string()));
+            }
+            _ => {
+                let m = &mut s.ms[mi];
+                let n = m.count() + 1;
+                m.set_count(n, false);
+                done.push(Injected::Count(m.canonical.to_string(), n));
+            }
+        }
+    }
+    let text: Vec<String> = sents.iter().map(render_sentence).collect();
+    Some((text.join(" "), done))
+}
+
+/// One text-preference example's token side: `y` and `yc` as ids and the changed
+/// positions `Ly`, `Lyc` (Sec. 3.2) from the token diff.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferencePair {
+    pub y: Vec<u32>,
+    pub yc: Vec<u32>,
+    pub ly: Vec<usize>,
+    pub lyc: Vec<usize>,
+}
+
+/// Tokenizes `y` and its correction `yc` and marks the tokens that differ.
+pub fn preference_pair(
+    tok: &crate::data::tokenizer::Tok,
+    y: &str,
+    yc: &str,
+) -> crate::Result<PreferencePair> {
+    let (a, b) = (tok.encode(y)?, tok.encode(yc)?);
+    let (ly, lyc) = crate::data::diff::changed_positions(&a, &b);
+    Ok(PreferencePair {
+        y: a,
+        yc: b,
+        ly,
+        lyc,
+    })
+}

@@ -1,0 +1,206 @@
+//! The corrector and the error injector on the world's own answers (property tests
+//! over seeds) and on hand-written answers.
+use popen::data::corrector::{correct, detokenize, inject, tokenize, Context, Injected};
+use popen::data::diff::changed_positions;
+use popen::data::vocab::hallucinated;
+use popen::data::world::{generate, Sample, Split, WorldConfig, NO_TARGET_ANSWERS_PUB};
+use proptest::prelude::*;
+
+fn ctx(s: &Sample, targets: Option<&[usize]>) -> Context {
+    let present = s
+        .object_names()
+        .iter()
+        .map(|n| (n.to_string(), s.count(n)))
+        .collect();
+    let targets = targets.map(|t| {
+        let mut v: Vec<(String, usize)> = Vec::new();
+        for &k in t {
+            let name = s.objects[k].name.to_string();
+            match v.iter_mut().find(|x| x.0 == name) {
+                Some(x) => x.1 += 1,
+                None => v.push((name, 1)),
+            }
+        }
+        v
+    });
+    Context { present, targets }
+}
+
+fn small() -> WorldConfig {
+    WorldConfig {
+        height: 64,
+        width: 80,
+        questions: 3,
+    }
+}
+
+#[test]
+fn tokenize_round_trips_world_answers() {
+    let a = "You could eat the two apples <seg> <seg>, the banana <seg> and the orange <seg>, rich in vitamins.";
+    let t = tokenize(a);
+    assert_eq!(t[5], "apples");
+    assert_eq!(t[6], "<seg>");
+    assert_eq!(detokenize(&t), a);
+}
+
+#[test]
+fn vocabulary_and_word_matcher() {
+    use popen::data::vocab::{lookup, mentions, vocab_text};
+    let text = vocab_text();
+    assert_eq!(text.lines().count(), 33);
+    assert!(text.lines().any(|l| l == "knife, knives"), "{text}");
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("couch, couches, sofa, sofas")));
+    assert_eq!(lookup("knives"), Some(("knife", true)));
+    assert_eq!(lookup("sofa"), Some(("couch", false)));
+    assert_eq!(lookup("puppies"), Some(("dog", true)));
+    assert_eq!(lookup("table"), None);
+    // `<seg>` and punctuation never glue onto a word.
+    assert_eq!(
+        mentions("The Fork<seg>, two mice <seg> <seg> and a sofa."),
+        vec!["fork", "mouse", "couch"]
+    );
+    assert_eq!(
+        hallucinated("the fork <seg> and the knife <seg>", &["knife"]),
+        vec!["fork"]
+    );
+}
+
+#[test]
+fn hand_worked_corrections() {
+    let c = Context {
+        present: vec![
+            ("knife".into(), 1),
+            ("plate".into(), 1),
+            ("apple".into(), 2),
+        ],
+        targets: None,
+    };
+    // An absent fork leaves the list; the list is re-joined.
+    assert_eq!(
+        correct(
+            "Sure, I found the knife <seg>, the fork <seg> and the plate <seg>.",
+            &c
+        ),
+        "Sure, I found the knife <seg> and the plate <seg>."
+    );
+    // A sentence about an absent object alone goes; the rest stays.
+    assert_eq!(
+        correct(
+            "The apple <seg> is to the left of the plate. There is a fork <seg> too.",
+            &c
+        ),
+        "The apple <seg> is to the left of the plate."
+    );
+    // A wrong count is fixed, with its <seg>s and "is/are".
+    assert_eq!(
+        correct("There are three apples <seg> <seg> <seg>.", &c),
+        "There are two apples <seg> <seg>."
+    );
+    // Only absent objects everywhere: the honest no-target answer.
+    assert_eq!(
+        correct("You can use the fork <seg> to eat.", &c),
+        "There is nothing like that in this image."
+    );
+    // With targets known: the wrong object becomes the missing target in place.
+    let t = Context {
+        targets: Some(vec![("knife".into(), 1)]),
+        ..c.clone()
+    };
+    assert_eq!(
+        correct("The fork <seg> can cut it.", &t),
+        "The knife <seg> can cut it."
+    );
+    // A present but wrong target is dropped and a missing one added to the list.
+    let t = Context {
+        targets: Some(vec![("apple".into(), 2), ("knife".into(), 1)]),
+        ..c
+    };
+    assert_eq!(
+        correct("Sure, I found the plate <seg> and the apple <seg>.", &t),
+        "Sure, I found the knife <seg> and the two apples <seg> <seg>."
+    );
+}
+
+#[test]
+fn diff_marks_exactly_the_corrected_words() {
+    let y = tokenize("Sure, I found the knife <seg>, the fork <seg> and the plate <seg>.");
+    let c = Context {
+        present: vec![("knife".into(), 1), ("plate".into(), 1)],
+        targets: None,
+    };
+    let yc = tokenize(&correct(&detokenize(&y), &c));
+    let (ly, lyc) = changed_positions(&y, &yc);
+    let removed: Vec<&str> = ly.iter().map(|&i| y[i].as_str()).collect();
+    assert!(removed.contains(&"fork"), "{removed:?}");
+    assert!(lyc.len() < ly.len());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Ground-truth answers are already correct: the corrector leaves them alone.
+    #[test]
+    fn correct_is_identity_on_ground_truth(seed in 0u64..1_000_000) {
+        let s = generate(&small(), seed, Split::Train, 0).unwrap();
+        for qa in &s.qas {
+            prop_assert_eq!(&correct(&qa.answer, &ctx(&s, Some(&qa.targets))), &qa.answer);
+            prop_assert_eq!(&correct(&qa.answer, &ctx(&s, None)), &qa.answer);
+        }
+    }
+
+    /// Injected answers name an absent object; corrected ones name none, and with the
+    /// targets known the correction gives back the ground truth.
+    #[test]
+    fn inject_then_correct(seed in 0u64..1_000_000) {
+        let s = generate(&small(), seed, Split::Train, 1).unwrap();
+        let present = s.object_names();
+        let absent = s.tempting_absent();
+        for (q, qa) in s.qas.iter().enumerate() {
+            let Some((y, errs)) = inject(&qa.answer, &absent, seed ^ q as u64) else { continue };
+            prop_assert!(!hallucinated(&y, &present).is_empty(), "no absent object in {:?} ({:?})", y, errs);
+            prop_assert!(errs.iter().any(|e| !matches!(e, Injected::Count(..))));
+            let yc = correct(&y, &ctx(&s, Some(&qa.targets)));
+            prop_assert!(hallucinated(&yc, &present).is_empty(), "{:?} -> {:?}", y, yc);
+            prop_assert_eq!(yc.matches("<seg>").count(), qa.targets.len());
+            if qa.targets.is_empty() {
+                prop_assert!(NO_TARGET_ANSWERS_PUB.contains(&yc.as_str()), "{}", yc);
+            } else {
+                prop_assert_eq!(&yc, &qa.answer, "y = {}", y);
+            }
+            let yc_blind = correct(&y, &ctx(&s, None));
+            prop_assert!(hallucinated(&yc_blind, &present).is_empty(), "{:?} -> {:?}", y, yc_blind);
+        }
+    }
+
+    /// Injection is a function of its seed.
+    #[test]
+    fn inject_is_deterministic(seed in 0u64..1_000_000) {
+        let s = generate(&small(), seed, Split::Val, 2).unwrap();
+        let absent = s.tempting_absent();
+        for qa in &s.qas {
+            prop_assert_eq!(inject(&qa.answer, &absent, seed), inject(&qa.answer, &absent, seed));
+        }
+    }
+
+    /// Arbitrary answers built from vocabulary words, <seg>s and joiners: whatever the
+    /// corrector returns names no absent object.
+    #[test]
+    fn corrected_random_text_names_no_absent_object(
+        words in proptest::collection::vec(0usize..60, 1..25),
+        present_mask in proptest::collection::vec(any::<bool>(), 33),
+    ) {
+        let vocab = popen::data::vocab::vocab();
+        let present: Vec<&str> = vocab.iter().zip(&present_mask).filter(|(_, &p)| p).map(|(v, _)| v.0).collect();
+        let fillers = ["the", "a", "two", "<seg>", "and", ",", "is", "near", ".", "I", "see"];
+        let text: Vec<String> = words
+            .iter()
+            .map(|&w| if w < 33 { vocab[w].0.to_string() } else { fillers[(w - 33) % fillers.len()].to_string() })
+            .collect();
+        let y = detokenize(&text);
+        let c = Context { present: present.iter().map(|p| (p.to_string(), 1)).collect(), targets: None };
+        let yc = correct(&y, &c);
+        prop_assert!(hallucinated(&yc, &present).is_empty(), "{:?} -> {:?}", y, yc);
+    }
+}

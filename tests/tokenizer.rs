@@ -1,0 +1,172 @@
+//! The world tokenizer (train, save, load, round trip) and `<seg>` staying one token
+//! in a LLaMA-style Hugging Face tokenizer.
+use popen::data::tokenizer::{add_seg_token, Tok, SEG_TOKEN, WORLD_SPECIALS};
+use popen::data::world::WorldConfig;
+
+fn world_tok() -> Tok {
+    let cfg = WorldConfig {
+        height: 48,
+        width: 64,
+        questions: 3,
+    };
+    Tok::train_world(&cfg, 3, 60, 400).unwrap()
+}
+
+#[test]
+fn world_tokenizer_trains_saves_loads_and_round_trips() {
+    let tok = world_tok();
+    assert!(
+        tok.vocab_size() <= 400 + WORLD_SPECIALS.len(),
+        "{}",
+        tok.vocab_size()
+    );
+    for (i, s) in WORLD_SPECIALS.iter().enumerate() {
+        assert_eq!(tok.inner.token_to_id(s), Some(i as u32), "{s}");
+    }
+    let text = "You could eat the two apples <seg> <seg> and the banana <seg>, rich in vitamins.";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == tok.seg).count(), 3);
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    let dir = std::env::temp_dir().join(format!("popen_tok_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    tok.save(&path).unwrap();
+    let back = Tok::load(&path).unwrap();
+    assert_eq!(back.encode(text).unwrap(), ids);
+    assert_eq!(
+        (back.seg, back.pad, back.bos, back.eos),
+        (tok.seg, tok.pad, tok.bos, tok.eos)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn load_reports_the_file() {
+    let e = Tok::load(std::path::Path::new("/nonexistent/tokenizer.json"))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("/nonexistent/tokenizer.json"), "{e}");
+}
+
+/// A small tokenizer.json shaped like Hugging Face's LLaMA ones: BPE with byte
+/// fallback over `<0xNN>` tokens, SentencePiece word marks (Metaspace, prepend on
+/// the first piece only), and the usual decoder chain.
+fn llama_style_json() -> String {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for b in 0..256u32 {
+        vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
+    }
+    let pieces = [
+        "\u{2581}",
+        "a",
+        "b",
+        "s",
+        "e",
+        "g",
+        ".",
+        "<",
+        ">",
+        "\u{2581}a",
+        "\u{2581}b",
+        "se",
+        "seg",
+        "<seg",
+    ];
+    for (i, p) in pieces.iter().enumerate() {
+        vocab.insert(p.to_string(), (259 + i as u32).into());
+    }
+    let j = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [
+            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        ]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab,
+            "merges": ["\u{2581} a", "\u{2581} b", "s e", "se g", "< seg"]
+        }
+    });
+    j.to_string()
+}
+
+#[test]
+fn seg_is_one_token_in_a_llama_style_tokenizer() {
+    let dir = std::env::temp_dir().join(format!("popen_llama_tok_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, llama_style_json()).unwrap();
+    let text = "a <seg> b<seg>.";
+
+    // Before: `<seg>` is ordinary text and splits into pieces (the LISA bug's setting:
+    // a model trained on one id per target would see two or three).
+    let mut raw = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let before = raw.encode(text, false).unwrap();
+    let toks: Vec<&str> = before.get_tokens().iter().map(|s| s.as_str()).collect();
+    assert!(!toks.contains(&SEG_TOKEN), "{toks:?}");
+    assert!(toks.len() > 6, "{toks:?}");
+
+    // After: one id per `<seg>`, in both contexts, and decoding gives the text back.
+    let seg = add_seg_token(&mut raw).unwrap();
+    let enc = raw.encode(text, false).unwrap();
+    let ids = enc.get_ids();
+    assert_eq!(
+        ids.iter().filter(|&&i| i == seg).count(),
+        2,
+        "{:?}",
+        enc.get_tokens()
+    );
+    for t in enc.get_tokens() {
+        assert!(
+            t == SEG_TOKEN || !t.contains("seg"),
+            "a piece of <seg> leaked: {:?}",
+            enc.get_tokens()
+        );
+    }
+    assert_eq!(raw.decode(ids, false).unwrap(), text);
+
+    // The same through `Tok::load`, which adds `<seg>`, `<image>` and `<pad>`.
+    let tok = Tok::load(&path).unwrap();
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == tok.seg).count(), 2);
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    assert_eq!(tok.encode("<image>").unwrap(), vec![tok.image]);
+    assert_eq!((tok.bos, tok.eos), (1, 2));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn preference_pair_marks_the_corrected_tokens() {
+    use popen::data::corrector::preference_pair;
+    let tok = world_tok();
+    let y = "Sure, I found the knife <seg>, the fork <seg> and the plate <seg>.";
+    let yc = "Sure, I found the knife <seg> and the plate <seg>.";
+    let p = preference_pair(&tok, y, yc).unwrap();
+    let changed: String =
+        p.ly.iter()
+            .map(|&i| tok.decode(&p.y[i..i + 1]).unwrap())
+            .collect();
+    assert!(changed.contains("fork"), "{changed:?}");
+    assert!(
+        !changed.contains("plate") && !changed.contains("Sure"),
+        "{changed:?}"
+    );
+    assert!(p.lyc.len() < p.ly.len());
+    assert_eq!(p.y.iter().filter(|&&i| i == tok.seg).count(), 3);
+}
