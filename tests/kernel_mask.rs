@@ -188,3 +188,161 @@ fn pair_counts_cpu_matches_naive() {
     assert!(pair_counts_cpu(&pred[1..], &gt, p, g, h, w, &mut inter, &mut union).is_err());
     assert!(pair_counts_cpu(&pred, &gt, p, g, h, w, &mut inter[1..], &mut union).is_err());
 }
+
+#[test]
+fn pair_counts_matches_cpu() {
+    let mut rng = Philox::new(21);
+    // HW = 19·23 (byte path) and 12·20 (four pixels per load)
+    for &(p, g, h, w) in &[
+        (3usize, 5usize, 19usize, 23usize),
+        (4, 2, 12, 20),
+        (1, 1, 1, 3),
+    ] {
+        let pred: Vec<u8> = (0..p).flat_map(|_| random_mask(&mut rng, h, w)).collect();
+        let gt: Vec<u8> = (0..g).flat_map(|_| random_mask(&mut rng, h, w)).collect();
+        let mut wi = vec![0u64; p * g];
+        let mut wu = vec![0u64; p * g];
+        pair_counts_cpu(&pred, &gt, p, g, h, w, &mut wi, &mut wu).unwrap();
+        for dev in Device::test_devices() {
+            let (pd, gd) = (dev.upload(&pred).unwrap(), dev.upload(&gt).unwrap());
+            let mut i = dev.zeros::<u64>(p * g).unwrap();
+            let mut u = dev.zeros::<u64>(p * g).unwrap();
+            pair_counts(&dev, &pd, &gd, p, g, h, w, &mut i, &mut u).unwrap();
+            assert_eq!(dev.download(&i).unwrap(), wi, "{dev:?} {p}x{g} {h}x{w}");
+            assert_eq!(dev.download(&u).unwrap(), wu, "{dev:?} {p}x{g} {h}x{w}");
+            // wrong sizes are errors
+            assert!(pair_counts(&dev, &pd, &gd, p, g, h, w + 1, &mut i, &mut u).is_err());
+        }
+    }
+}
+
+#[test]
+fn boundary_matches_cpu() {
+    let mut rng = Philox::new(8);
+    let (n, h, w) = (3, 21, 17);
+    let masks: Vec<u8> = (0..n).flat_map(|_| random_mask(&mut rng, h, w)).collect();
+    for d in [1usize, 2, 5, 11] {
+        let mut want = vec![0u8; n * h * w];
+        for k in 0..n {
+            let r = k * h * w..(k + 1) * h * w;
+            boundary_cpu(&masks[r.clone()], h, w, d, &mut want[r]).unwrap();
+        }
+        for dev in Device::test_devices() {
+            let md = dev.upload(&masks).unwrap();
+            let mut out = dev.zeros::<u8>(n * h * w).unwrap();
+            boundary(&dev, &md, n, h, w, d, &mut out).unwrap();
+            assert_eq!(dev.download(&out).unwrap(), want, "{dev:?} d={d}");
+            assert!(boundary(&dev, &md, n, h, w, 0, &mut out).is_err());
+        }
+    }
+}
+
+#[test]
+fn boundary_pair_counts_matches_cpu() {
+    let mut rng = Philox::new(99);
+    let (p, g, h, w) = (2, 3, 37, 29);
+    let pred: Vec<u8> = (0..p).flat_map(|_| random_mask(&mut rng, h, w)).collect();
+    let gt: Vec<u8> = (0..g).flat_map(|_| random_mask(&mut rng, h, w)).collect();
+    let hw = h * w;
+    for dev in Device::test_devices() {
+        let (pd, gd) = (dev.upload(&pred).unwrap(), dev.upload(&gt).unwrap());
+        let mut i = dev.zeros::<u64>(p * g).unwrap();
+        let mut u = dev.zeros::<u64>(p * g).unwrap();
+        boundary_pair_counts(&dev, &pd, &gd, p, g, h, w, 0.05, &mut i, &mut u).unwrap();
+        let (i, u) = (dev.download(&i).unwrap(), dev.download(&u).unwrap());
+        for a in 0..p {
+            for b in 0..g {
+                let want = boundary_counts_cpu(
+                    &pred[a * hw..(a + 1) * hw],
+                    &gt[b * hw..(b + 1) * hw],
+                    h,
+                    w,
+                    0.05,
+                )
+                .unwrap();
+                assert_eq!((i[a * g + b], u[a * g + b]), want, "{dev:?} ({a},{b})");
+            }
+        }
+    }
+}
+
+fn soft_case(b: usize, n: usize, seed: u64) -> (Vec<f64>, Vec<u8>) {
+    let mut r = Philox::new(seed);
+    let p: Vec<f64> = (0..b * n).map(|_| r.next_f32() as f64).collect();
+    let t: Vec<u8> = (0..b * n).map(|_| (r.next_u32() % 3 == 0) as u8).collect();
+    (p, t)
+}
+
+#[test]
+fn soft_iou_matches_cpu() {
+    let (b, n) = (3, 1001);
+    let (p64, t) = soft_case(b, n, 4);
+    let p: Vec<f32> = p64.iter().map(|&v| v as f32).collect();
+    let mut want = vec![0f32; b];
+    let mut sums = vec![0f32; 3 * b];
+    soft_iou_fwd_cpu(&p, &t, b, n, &mut want).unwrap();
+    soft_iou_sums_cpu(&p, &t, b, n, &mut sums).unwrap();
+    let diou = [1.0f32, -0.5, 2.0];
+    let mut want_d = vec![0f32; b * n];
+    soft_iou_bwd_cpu(&t, &sums, &diou, b, n, &mut want_d).unwrap();
+    for dev in Device::test_devices() {
+        let (pd, td) = (dev.upload(&p).unwrap(), dev.upload(&t).unwrap());
+        let mut iou = dev.zeros::<f32>(b).unwrap();
+        let mut s = dev.zeros::<f32>(3 * b).unwrap();
+        soft_iou_fwd(&dev, &pd, &td, b, n, &mut iou, &mut s).unwrap();
+        let got = dev.download(&iou).unwrap();
+        for k in 0..b {
+            assert!(
+                (got[k] - want[k]).abs() <= 1e-5 * want[k].abs(),
+                "{dev:?} {k}"
+            );
+        }
+        let dd = dev.upload(&diou).unwrap();
+        let mut dp = dev.zeros::<f32>(b * n).unwrap();
+        soft_iou_bwd(&dev, &td, &s, &dd, b, n, &mut dp).unwrap();
+        let got = dev.download(&dp).unwrap();
+        for (j, (g, w)) in got.iter().zip(&want_d).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1e-6),
+                "{dev:?} {j}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn soft_iou_backward_matches_finite_differences() {
+    // f64, tiny odd size, one empty target to exercise the ε path
+    let (b, n) = (2, 7);
+    let (mut p, mut t) = soft_case(b, n, 17);
+    for v in &mut t[n..] {
+        *v = 0;
+    }
+    let diou = [0.7f64, -1.3];
+    let f = |p: &[f64]| {
+        let mut iou = vec![0f64; b];
+        soft_iou_fwd_cpu(p, &t, b, n, &mut iou).unwrap();
+        iou.iter().zip(&diou).map(|(a, b)| a * b).sum::<f64>()
+    };
+    let mut sums = vec![0f64; 3 * b];
+    soft_iou_sums_cpu(&p, &t, b, n, &mut sums).unwrap();
+    let mut g = vec![0f64; b * n];
+    soft_iou_bwd_cpu(&t, &sums, &diou, b, n, &mut g).unwrap();
+    let h = 1e-6;
+    for j in 0..b * n {
+        let v = p[j];
+        p[j] = v + h;
+        let fp = f(&p);
+        p[j] = v - h;
+        let fm = f(&p);
+        p[j] = v;
+        let fd = (fp - fm) / (2.0 * h);
+        assert!(
+            (fd - g[j]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "{j}: {fd} vs {}",
+            g[j]
+        );
+    }
+    // gradient arrives: raising p on target pixels raises IoU
+    assert!(g[..n].iter().zip(&t[..n]).any(|(g, &t)| t == 1 && *g > 0.0));
+}

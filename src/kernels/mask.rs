@@ -17,6 +17,7 @@
 //! - Boundary IoU = |∂G ∩ ∂P| / |∂G ∪ ∂P| with ∂M = M minus erode(M, d), which is
 //!   Cheng et al.'s |(G_d ∩ G) ∩ (P_d ∩ P)| / |(G_d ∩ G) ∪ (P_d ∩ P)|.
 use crate::error::{check_len, Error, Result};
+use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -349,4 +350,228 @@ pub fn soft_iou_bwd_cpu<T: Float + Send + Sync>(
         }
     }
     Ok(())
+}
+
+/// Threads per block of the mask kernels (a multiple of 32: the block reductions
+/// shuffle over full warps).
+const BLOCK: u32 = 256;
+/// CUDA's limit on `gridDim.y` (P in `mask_pair_counts_u8`, B in `soft_iou_bwd_f32`).
+const MAX_GRID_YZ: usize = 65_535;
+
+fn check_dims(op: &'static str, h: usize, w: usize) -> Result<usize> {
+    let hw = h
+        .checked_mul(w)
+        .filter(|&hw| hw <= i32::MAX as usize)
+        .ok_or_else(|| Error::arg(op, format!("mask of {h}×{w} pixels is too large")))?;
+    Ok(hw)
+}
+
+/// Launch `mask_pair_counts_u8`: the device twin of [`pair_counts_cpu`], exact.
+///
+/// pred (P, H, W), gt (G, H, W), inter (P, G), union (P, G) — overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn pair_counts(
+    dev: &Device,
+    pred: &DeviceBuf<u8>,
+    gt: &DeviceBuf<u8>,
+    p: usize,
+    g: usize,
+    h: usize,
+    w: usize,
+    inter: &mut DeviceBuf<u64>,
+    union: &mut DeviceBuf<u64>,
+) -> Result<()> {
+    const OP: &str = "pair_counts";
+    let hw = check_dims(OP, h, w)?;
+    check_len(OP, "pred", pred.len(), p * hw)?;
+    check_len(OP, "gt", gt.len(), g * hw)?;
+    check_len(OP, "inter", inter.len(), p * g)?;
+    check_len(OP, "union", union.len(), p * g)?;
+    if p == 0 || g == 0 {
+        return Ok(());
+    }
+    if p > MAX_GRID_YZ || g > u32::MAX as usize {
+        return Err(Error::arg(OP, format!("P = {p} exceeds {MAX_GRID_YZ}")));
+    }
+    dev.launch(
+        "mask_pair_counts_u8",
+        LaunchCfg::new([g as u32, p as u32, 1], [BLOCK, 1, 1], 0),
+        &[
+            inter.arg_mut(),
+            union.arg_mut(),
+            pred.arg(),
+            gt.arg(),
+            KArg::I32(hw as i32),
+        ],
+    )
+}
+
+/// Launch the two erosion kernels: the device twin of [`boundary_cpu`] for N masks.
+///
+/// masks (N, H, W), out (N, H, W) — overwritten with 0/1.
+pub fn boundary(
+    dev: &Device,
+    masks: &DeviceBuf<u8>,
+    n: usize,
+    h: usize,
+    w: usize,
+    d: usize,
+    out: &mut DeviceBuf<u8>,
+) -> Result<()> {
+    const OP: &str = "boundary";
+    let hw = check_dims(OP, h, w)?;
+    check_len(OP, "masks", masks.len(), n * hw)?;
+    check_len(OP, "out", out.len(), n * hw)?;
+    if d == 0 || d > i32::MAX as usize {
+        return Err(Error::arg(
+            OP,
+            format!("boundary width d = {d} must be in 1..2^31"),
+        ));
+    }
+    let total = n * hw;
+    if total == 0 {
+        return Ok(());
+    }
+    let mut er = dev.zeros::<u8>(total)?;
+    let cfg = LaunchCfg::linear(total, BLOCK);
+    dev.launch(
+        "mask_erode_rows_u8",
+        cfg,
+        &[
+            er.arg_mut(),
+            masks.arg(),
+            KArg::I64(total as i64),
+            KArg::I32(w as i32),
+            KArg::I32(d as i32),
+        ],
+    )?;
+    dev.launch(
+        "mask_boundary_cols_u8",
+        cfg,
+        &[
+            out.arg_mut(),
+            masks.arg(),
+            er.arg(),
+            KArg::I64(total as i64),
+            KArg::I32(h as i32),
+            KArg::I32(w as i32),
+            KArg::I32(d as i32),
+        ],
+    )
+}
+
+/// Boundary intersection/union counts for all P × G pairs on the device: boundaries
+/// with `d = boundary_width(h, w, dilation_ratio)`, then [`pair_counts`].  Boundary
+/// IoU of pair (i, j) is `iou_from_counts(inter[i,j], union[i,j])`.
+///
+/// pred (P, H, W), gt (G, H, W), inter (P, G), union (P, G) — overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn boundary_pair_counts(
+    dev: &Device,
+    pred: &DeviceBuf<u8>,
+    gt: &DeviceBuf<u8>,
+    p: usize,
+    g: usize,
+    h: usize,
+    w: usize,
+    dilation_ratio: f64,
+    inter: &mut DeviceBuf<u64>,
+    union: &mut DeviceBuf<u64>,
+) -> Result<()> {
+    const OP: &str = "boundary_pair_counts";
+    if !(dilation_ratio.is_finite() && dilation_ratio >= 0.0) {
+        return Err(Error::arg(
+            OP,
+            format!("dilation ratio must be finite and ≥ 0, got {dilation_ratio}"),
+        ));
+    }
+    let hw = check_dims(OP, h, w)?;
+    check_len(OP, "pred", pred.len(), p * hw)?;
+    check_len(OP, "gt", gt.len(), g * hw)?;
+    let d = boundary_width(h, w, dilation_ratio);
+    let mut bp = dev.zeros::<u8>(p * hw)?;
+    let mut bg = dev.zeros::<u8>(g * hw)?;
+    boundary(dev, pred, p, h, w, d, &mut bp)?;
+    boundary(dev, gt, g, h, w, d, &mut bg)?;
+    pair_counts(dev, &bp, &bg, p, g, h, w, inter, union)
+}
+
+/// Launch `soft_iou_fwd_f32`: the device twin of [`soft_iou_fwd_cpu`] and
+/// [`soft_iou_sums_cpu`] (f32, block-tree sums).
+///
+/// prob (B, N), target (B, N), iou (B), sums (B, 3) — overwritten.
+pub fn soft_iou_fwd(
+    dev: &Device,
+    prob: &DeviceBuf<f32>,
+    target: &DeviceBuf<u8>,
+    b: usize,
+    n: usize,
+    iou: &mut DeviceBuf<f32>,
+    sums: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "soft_iou_fwd";
+    check_len(OP, "prob", prob.len(), b * n)?;
+    check_len(OP, "target", target.len(), b * n)?;
+    check_len(OP, "iou", iou.len(), b)?;
+    check_len(OP, "sums", sums.len(), 3 * b)?;
+    if n > i32::MAX as usize || b > u32::MAX as usize {
+        return Err(Error::arg(
+            OP,
+            format!("{b} masks of {n} pixels is too large"),
+        ));
+    }
+    if b == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "soft_iou_fwd_f32",
+        LaunchCfg::new([b as u32, 1, 1], [BLOCK, 1, 1], 0),
+        &[
+            iou.arg_mut(),
+            sums.arg_mut(),
+            prob.arg(),
+            target.arg(),
+            KArg::I32(n as i32),
+        ],
+    )
+}
+
+/// Launch `soft_iou_bwd_f32`: the device twin of [`soft_iou_bwd_cpu`].
+///
+/// target (B, N), sums (B, 3), d_iou (B), d_prob (B, N) — overwritten.
+pub fn soft_iou_bwd(
+    dev: &Device,
+    target: &DeviceBuf<u8>,
+    sums: &DeviceBuf<f32>,
+    d_iou: &DeviceBuf<f32>,
+    b: usize,
+    n: usize,
+    d_prob: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "soft_iou_bwd";
+    check_len(OP, "target", target.len(), b * n)?;
+    check_len(OP, "sums", sums.len(), 3 * b)?;
+    check_len(OP, "d_iou", d_iou.len(), b)?;
+    check_len(OP, "d_prob", d_prob.len(), b * n)?;
+    if n > i32::MAX as usize || b > MAX_GRID_YZ {
+        return Err(Error::arg(
+            OP,
+            format!("{b} masks of {n} pixels is too large"),
+        ));
+    }
+    if b == 0 || n == 0 {
+        return Ok(());
+    }
+    let gx = n.div_ceil(BLOCK as usize) as u32;
+    dev.launch(
+        "soft_iou_bwd_f32",
+        LaunchCfg::new([gx, b as u32, 1], [BLOCK, 1, 1], 0),
+        &[
+            d_prob.arg_mut(),
+            sums.arg(),
+            d_iou.arg(),
+            target.arg(),
+            KArg::I32(n as i32),
+        ],
+    )
 }
