@@ -17,11 +17,14 @@ struct Cli {
 enum Cmd {
     /// Show how the crate was built: kernels, PTX target, available devices.
     Info(cli::info::Args),
+    /// IoU and Boundary IoU of PNG masks matched by file name (gIoU, cIoU, JSON report).
+    EvalMasks(cli::eval_masks::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),
+        Cmd::EvalMasks(a) => cli::eval_masks::run(a),
     }
 }
