@@ -12,8 +12,9 @@
 //! - Boundary of a mask = the mask minus its erosion by `d` iterations of a 3 × 3
 //!   element, pixels outside the image counting as background (as `cv2.erode` on a
 //!   zero-padded mask in Cheng et al.'s reference code).  `d` iterations of a 3 × 3
-//!   erosion equal one min filter over a (2d+1) × (2d+1) square, which is separable, so
-//!   the CPU twin erodes rows then columns with running counts: O(1) per pixel.
+//!   erosion equal one min filter over a (2d+1) × (2d+1) square, which is separable:
+//!   the CPU twin packs 64 pixels to a word ([`PackedMask`]) and ANDs rows, then
+//!   columns, over the window in log2(2d+1) doublings — about 0.1 operations per pixel.
 //! - Boundary IoU = |∂G ∩ ∂P| / |∂G ∪ ∂P| with ∂M = M minus erode(M, d), which is
 //!   Cheng et al.'s |(G_d ∩ G) ∩ (P_d ∩ P)| / |(G_d ∩ G) ∪ (P_d ∩ P)|.
 use crate::error::{check_len, Error, Result};
@@ -145,21 +146,208 @@ pub fn pair_counts_cpu(
     Ok(())
 }
 
-/// Horizontal erosion of one row: `out[x] = 1` iff `row[x-d ..= x+d]` lies inside the
-/// row and is all foreground.  `run` is scratch of the row's length.
-fn erode_row(row: &[u8], d: usize, run: &mut [u32], out: &mut [u8]) {
-    let need = d as u32 + 1;
-    // run[x] = length of the foreground run ending at x (from the left)
-    let mut r = 0u32;
-    for (x, &v) in row.iter().enumerate() {
-        r = if v != 0 { r + 1 } else { 0 };
-        run[x] = r;
+/// A binary mask packed 64 pixels to a word, each row starting on a new word; the
+/// bits past the last column are zero, which is also what makes pixels right of the
+/// image count as background in the erosion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedMask {
+    h: usize,
+    w: usize,
+    /// words per row
+    wpr: usize,
+    /// (H, wpr)
+    bits: Vec<u64>,
+}
+
+impl PackedMask {
+    /// Pack a (H, W) `u8` mask, nonzero = foreground.
+    pub fn pack(mask: &[u8], h: usize, w: usize) -> Result<Self> {
+        check_masks("PackedMask::pack", "mask", mask, 1, h, w)?;
+        let wpr = w.div_ceil(64);
+        let mut bits = vec![0u64; h * wpr];
+        if w > 0 {
+            for (row, dst) in mask.chunks_exact(w).zip(bits.chunks_exact_mut(wpr)) {
+                pack_row(row, dst);
+            }
+        }
+        Ok(PackedMask { h, w, wpr, bits })
     }
-    // from the right: eroded iff both runs reach d+1 (window inside the image and full)
-    let mut r = 0u32;
-    for x in (0..row.len()).rev() {
-        r = if row[x] != 0 { r + 1 } else { 0 };
-        out[x] = (run[x] >= need && r >= need) as u8;
+
+    /// Height and width.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.h, self.w)
+    }
+
+    /// Unpack into a (H, W) 0/1 mask.
+    pub fn unpack(&self, out: &mut [u8]) -> Result<()> {
+        check_len("PackedMask::unpack", "out", out.len(), self.h * self.w)?;
+        if self.w == 0 {
+            return Ok(());
+        }
+        for (row, src) in out
+            .chunks_exact_mut(self.w)
+            .zip(self.bits.chunks_exact(self.wpr))
+        {
+            for (x, o) in row.iter_mut().enumerate() {
+                *o = ((src[x / 64] >> (x % 64)) & 1) as u8;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of foreground pixels.
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// Intersection and union counts with a mask of the same size.
+    pub fn inter_union(&self, other: &PackedMask) -> Result<(u64, u64)> {
+        if self.dims() != other.dims() {
+            return Err(Error::shape(
+                "PackedMask::inter_union",
+                format!("{:?} vs {:?}", self.dims(), other.dims()),
+            ));
+        }
+        let (mut i, mut u) = (0u64, 0u64);
+        for (a, b) in self.bits.iter().zip(&other.bits) {
+            i += (a & b).count_ones() as u64;
+            u += (a | b).count_ones() as u64;
+        }
+        Ok((i, u))
+    }
+
+    /// The boundary `M ∧ ¬erode(M, d)`: erosion by d iterations of a 3 × 3 element
+    /// with outside = background, i.e. AND over the (2d+1) × (2d+1) window.  Windows
+    /// of length L = 2d+1 are ANDs of two overlapping power-of-two windows (of length
+    /// k ≤ L < 2k), built by log2(L) doublings of shift-and, first along rows (bit
+    /// shifts) then along columns (row offsets).
+    pub fn boundary(&self, d: usize) -> Result<PackedMask> {
+        if d == 0 {
+            return Err(Error::arg(
+                "boundary",
+                "boundary width d must be at least 1",
+            ));
+        }
+        let (h, wpr) = (self.h, self.wpr);
+        let len = 2 * d + 1;
+        let k = 1usize << (usize::BITS - 1 - len.leading_zeros()); // k ≤ len < 2k
+        let mut er = vec![0u64; h * wpr];
+        // rows: er = AND of bits x-d ..= x+d (zero outside the row)
+        let mut run = vec![0u64; wpr];
+        let mut tmp = vec![0u64; wpr];
+        for (src, dst) in self.bits.chunks_exact(wpr).zip(er.chunks_exact_mut(wpr)) {
+            if src.iter().all(|&v| v == 0) {
+                continue; // an empty row erodes to nothing
+            }
+            // run[x] = AND of src[x .. x+m), doubling m up to k
+            run.copy_from_slice(src);
+            let mut m = 1;
+            while m < k {
+                shr_bits(&run, m, &mut tmp);
+                for (r, t) in run.iter_mut().zip(&tmp) {
+                    *r &= *t;
+                }
+                m *= 2;
+            }
+            // window [x-d, x+d] = run[x-d] & run[x+d-k+1]
+            shl_bits(&run, d, dst);
+            let off = d as isize - k as isize + 1; // in [-d, 0]
+            shl_bits(&run, (-off) as usize, &mut tmp);
+            for (o, t) in dst.iter_mut().zip(&tmp) {
+                *o &= *t;
+            }
+        }
+        // columns: doubling over row offsets, in place (row y+m is read before it is
+        // overwritten because y runs upward), rows past the bottom count as zero
+        let mut m = 1;
+        while m < k {
+            for y in 0..h {
+                let (a, b) = er.split_at_mut((y + 1) * wpr);
+                let cur = &mut a[y * wpr..];
+                if y + m < h {
+                    let nxt = &b[(m - 1) * wpr..m * wpr];
+                    for (c, n) in cur.iter_mut().zip(nxt) {
+                        *c &= *n;
+                    }
+                } else {
+                    cur.fill(0);
+                }
+            }
+            m *= 2;
+        }
+        // eroded[y] = V[y-d] & V[y+d-k+1] (zero when y-d < 0: rows above the image);
+        // boundary = mask & !eroded
+        let mut out = self.bits.clone();
+        for y in 0..h {
+            let dst = &mut out[y * wpr..(y + 1) * wpr];
+            if y < d || y + d >= h {
+                continue; // window leaves the image: nothing is eroded away
+            }
+            let a = &er[(y - d) * wpr..(y - d + 1) * wpr];
+            let b = &er[(y + d + 1 - k) * wpr..(y + d + 2 - k) * wpr];
+            for ((o, x), z) in dst.iter_mut().zip(a).zip(b) {
+                *o &= !(x & z);
+            }
+        }
+        Ok(PackedMask {
+            h,
+            w: self.w,
+            wpr,
+            bits: out,
+        })
+    }
+}
+
+/// Pack one row of bytes into bits (bit x of word x/64 = pixel x).
+fn pack_row(row: &[u8], dst: &mut [u64]) {
+    let mut chunks = row.chunks_exact(64);
+    for (c, d) in (&mut chunks).zip(dst.iter_mut()) {
+        // two 32-lane halves: the compare-and-shift pattern becomes a vector movemask
+        let mut lo = 0u32;
+        let mut hi = 0u32;
+        for j in 0..32 {
+            lo |= ((c[j] != 0) as u32) << j;
+            hi |= ((c[32 + j] != 0) as u32) << j;
+        }
+        *d = lo as u64 | (hi as u64) << 32;
+    }
+    let rem = chunks.remainder();
+    if !rem.is_empty() {
+        let mut v = 0u64;
+        for (j, &b) in rem.iter().enumerate() {
+            v |= ((b != 0) as u64) << j;
+        }
+        dst[row.len() / 64] = v;
+    }
+}
+
+/// `dst` bit x = `src` bit x + s (zeros shifted in past the end): a shift toward
+/// lower indices.
+fn shr_bits(src: &[u64], s: usize, dst: &mut [u64]) {
+    let (ws, bs) = (s / 64, s % 64);
+    let n = src.len();
+    for i in 0..n {
+        let a = if i + ws < n { src[i + ws] } else { 0 };
+        let b = if i + ws + 1 < n { src[i + ws + 1] } else { 0 };
+        dst[i] = if bs == 0 {
+            a
+        } else {
+            (a >> bs) | (b << (64 - bs))
+        };
+    }
+}
+
+/// `dst` bit x = `src` bit x − s (zeros shifted in at the start).
+fn shl_bits(src: &[u64], s: usize, dst: &mut [u64]) {
+    let (ws, bs) = (s / 64, s % 64);
+    for i in 0..src.len() {
+        let a = if i >= ws { src[i - ws] } else { 0 };
+        let b = if i > ws { src[i - ws - 1] } else { 0 };
+        dst[i] = if bs == 0 {
+            a
+        } else {
+            (a << bs) | (b >> (64 - bs))
+        };
     }
 }
 
@@ -174,49 +362,7 @@ pub fn boundary_cpu(mask: &[u8], h: usize, w: usize, d: usize, out: &mut [u8]) -
     if d == 0 {
         return Err(Error::arg(OP, "boundary width d must be at least 1"));
     }
-    if h == 0 || w == 0 {
-        return Ok(());
-    }
-    // Rows: eroded horizontally into `out` (reused as scratch).
-    let mut run = vec![0u32; w];
-    for y in 0..h {
-        erode_row(
-            &mask[y * w..(y + 1) * w],
-            d,
-            &mut run,
-            &mut out[y * w..(y + 1) * w],
-        );
-    }
-    // Columns, row by row so the inner loops run along memory and vectorize:
-    // up[y][x] = run of horizontally-eroded pixels ending at y from the top.
-    let need = d as u32 + 1;
-    let mut up = vec![0u32; h * w];
-    let mut prev = vec![0u32; w];
-    for y in 0..h {
-        let row = &out[y * w..(y + 1) * w];
-        let cur = &mut up[y * w..(y + 1) * w];
-        for x in 0..w {
-            let v = if row[x] != 0 { prev[x] + 1 } else { 0 };
-            cur[x] = v;
-            prev[x] = v;
-        }
-    }
-    // From the bottom: down run; eroded iff up ≥ d+1 and down ≥ d+1; the boundary
-    // is the mask minus that.  Rows are finished bottom-up, so `out[y]` (still the
-    // horizontal erosion) is read before it is overwritten.
-    let mut down = vec![0u32; w];
-    for y in (0..h).rev() {
-        let m = &mask[y * w..(y + 1) * w];
-        let u = &up[y * w..(y + 1) * w];
-        let o = &mut out[y * w..(y + 1) * w];
-        for x in 0..w {
-            let dn = if o[x] != 0 { down[x] + 1 } else { 0 };
-            down[x] = dn;
-            let eroded = u[x] >= need && dn >= need;
-            o[x] = ((m[x] != 0) & !eroded) as u8;
-        }
-    }
-    Ok(())
+    PackedMask::pack(mask, h, w)?.boundary(d)?.unpack(out)
 }
 
 /// Boundary IoU of one prediction against one reference (Cheng et al. 2021), with
@@ -253,11 +399,9 @@ pub fn boundary_counts_cpu(
         ));
     }
     let d = boundary_width(h, w, dilation_ratio);
-    let mut bp = vec![0u8; h * w];
-    let mut bg = vec![0u8; h * w];
-    boundary_cpu(pred, h, w, d, &mut bp)?;
-    boundary_cpu(gt, h, w, d, &mut bg)?;
-    counts_cpu(&bp, &bg)
+    let bp = PackedMask::pack(pred, h, w)?.boundary(d)?;
+    let bg = PackedMask::pack(gt, h, w)?.boundary(d)?;
+    bp.inter_union(&bg)
 }
 
 /// Soft IoU sums of probabilities `p ∈ [0, 1]` against a binary target, per mask:
