@@ -9,9 +9,7 @@
 use anyhow::{bail, Context};
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
-use popen::kernels::mask::{
-    boundary_counts_cpu, counts_cpu, iou_from_counts, DEFAULT_DILATION_RATIO,
-};
+use popen::kernels::mask::{boundary_width, iou_from_counts, PackedMask, DEFAULT_DILATION_RATIO};
 use popen::Error;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -117,8 +115,11 @@ fn eval_pair(pred: &Path, gt: &Path, ratio: f64) -> anyhow::Result<Case> {
             gt.display()
         );
     }
-    let (i, u) = counts_cpu(&p, &g)?;
-    let (bi, bu) = boundary_counts_cpu(&p, &g, ph, pw, ratio)?;
+    // pack once: IoU counts and both boundaries come from the packed bits
+    let (p, g) = (PackedMask::pack(&p, ph, pw)?, PackedMask::pack(&g, gh, gw)?);
+    let (i, u) = p.inter_union(&g)?;
+    let d = boundary_width(ph, pw, ratio);
+    let (bi, bu) = p.boundary(d)?.inter_union(&g.boundary(d)?)?;
     Ok(Case {
         iou: iou_from_counts(i, u),
         boundary_iou: iou_from_counts(bi, bu),
