@@ -346,3 +346,70 @@ fn soft_iou_backward_matches_finite_differences() {
     // gradient arrives: raising p on target pixels raises IoU
     assert!(g[..n].iter().zip(&t[..n]).any(|(g, &t)| t == 1 && *g > 0.0));
 }
+
+/// Unpack `np.packbits` hex (row-major, MSB first) into `n` 0/1 pixels.
+fn unhex(s: &str, n: usize) -> Vec<u8> {
+    let bytes: Vec<u8> = (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    (0..n).map(|i| (bytes[i / 8] >> (7 - i % 8)) & 1).collect()
+}
+
+#[test]
+fn fixtures_from_opencv_and_pycocotools() {
+    let text = include_str!("fixtures/mask/cases.json");
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.len() >= 40);
+    for (k, c) in cases.iter().enumerate() {
+        let u = |f: &str| c[f].as_u64().unwrap() as usize;
+        let (h, w, d) = (u("h"), u("w"), u("d"));
+        let ratio = c["dilation_ratio"].as_f64().unwrap();
+        let (gt, pred) = (
+            unhex(c["gt"].as_str().unwrap(), h * w),
+            unhex(c["pred"].as_str().unwrap(), h * w),
+        );
+        assert_eq!(boundary_width(h, w, ratio), d, "case {k}");
+        let mut b = vec![0u8; h * w];
+        boundary_cpu(&gt, h, w, d, &mut b).unwrap();
+        assert_eq!(
+            b,
+            unhex(c["gt_boundary"].as_str().unwrap(), h * w),
+            "case {k} gt boundary"
+        );
+        boundary_cpu(&pred, h, w, d, &mut b).unwrap();
+        assert_eq!(
+            b,
+            unhex(c["pred_boundary"].as_str().unwrap(), h * w),
+            "case {k} pred boundary"
+        );
+        let (i, un) = counts_cpu(&pred, &gt).unwrap();
+        assert_eq!(
+            (i as usize, un as usize),
+            (u("intersection"), u("union")),
+            "case {k}"
+        );
+        let iou = iou_from_counts(i, un);
+        assert!(
+            (iou - c["iou"].as_f64().unwrap()).abs() < 1e-12,
+            "case {k} iou"
+        );
+        let biou = boundary_iou_cpu(&pred, &gt, h, w, ratio).unwrap();
+        assert!(
+            (biou - c["boundary_iou"].as_f64().unwrap()).abs() < 1e-12,
+            "case {k} biou {biou}"
+        );
+        // and the device agrees on every fixture
+        for dev in Device::test_devices() {
+            let (pd, gd) = (dev.upload(&pred).unwrap(), dev.upload(&gt).unwrap());
+            let mut di = dev.zeros::<u64>(1).unwrap();
+            let mut du = dev.zeros::<u64>(1).unwrap();
+            boundary_pair_counts(&dev, &pd, &gd, 1, 1, h, w, ratio, &mut di, &mut du).unwrap();
+            let (bi, bu) = (dev.download(&di).unwrap()[0], dev.download(&du).unwrap()[0]);
+            assert!(
+                (iou_from_counts(bi, bu) - biou).abs() < 1e-12,
+                "{dev:?} case {k}"
+            );
+        }
+    }
+}
