@@ -66,24 +66,27 @@ pub fn area_cpu(mask: &[u8]) -> u64 {
     total
 }
 
-/// Intersection count of two masks of the same length.
-fn inter_count(a: &[u8], b: &[u8]) -> u64 {
-    let mut total = 0u64;
+/// Intersection and union counts of two masks of the same length in one pass
+/// (`u8` lane counters widened every [`COUNT_CHUNK`] pixels: the loop vectorizes).
+fn inter_union_bytes(a: &[u8], b: &[u8]) -> (u64, u64) {
+    let (mut ti, mut tu) = (0u64, 0u64);
     for (ca, cb) in a.chunks(COUNT_CHUNK).zip(b.chunks(COUNT_CHUNK)) {
-        let mut acc = 0u8;
+        let (mut ai, mut au) = (0u8, 0u8);
         for (&x, &y) in ca.iter().zip(cb) {
-            acc += ((x != 0) & (y != 0)) as u8;
+            let (x, y) = (x != 0, y != 0);
+            ai += (x & y) as u8;
+            au += (x | y) as u8;
         }
-        total += acc as u64;
+        ti += ai as u64;
+        tu += au as u64;
     }
-    total
+    (ti, tu)
 }
 
 /// Intersection and union counts of one pair of masks of the same length.
 pub fn counts_cpu(a: &[u8], b: &[u8]) -> Result<(u64, u64)> {
     check_len("counts_cpu", "second mask", b.len(), a.len())?;
-    let i = inter_count(a, b);
-    Ok((i, area_cpu(a) + area_cpu(b) - i))
+    Ok(inter_union_bytes(a, b))
 }
 
 fn check_masks(op: &'static str, what: &str, m: &[u8], n: usize, h: usize, w: usize) -> Result<()> {
@@ -116,32 +119,52 @@ pub fn pair_counts_cpu(
     if p == 0 || g == 0 {
         return Ok(());
     }
-    // union = |a| + |b| − |a ∩ b|: areas once per mask, one pass per pair for ∩.
-    let gt_area: Vec<u64> = gt.chunks(hw.max(1)).take(g).map(area_cpu).collect();
-    let rows = inter
-        .par_chunks_mut(g)
-        .zip(union.par_chunks_mut(g))
-        .enumerate();
-    // Small problems (one pair in eval-masks) are not worth the rayon hand-off.
-    let work = p * g * hw;
+    if p >= 2 && g >= 2 {
+        // Many pairs: pack each mask once ((P+G)·HW byte reads), then every pair is
+        // HW/64 popcounts instead of HW byte compares.
+        let pack = |m: &[u8]| PackedMask::pack(m, h, w);
+        let pp: Vec<PackedMask> = pred
+            .par_chunks(hw.max(1))
+            .take(p)
+            .map(pack)
+            .collect::<Result<_>>()?;
+        let gp: Vec<PackedMask> = gt
+            .par_chunks(hw.max(1))
+            .take(g)
+            .map(pack)
+            .collect::<Result<_>>()?;
+        inter
+            .par_chunks_mut(g)
+            .zip(union.par_chunks_mut(g))
+            .zip(pp.par_iter())
+            .try_for_each(|((ir, ur), a)| -> Result<()> {
+                for j in 0..g {
+                    (ir[j], ur[j]) = a.inter_union(&gp[j])?;
+                }
+                Ok(())
+            })?;
+        return Ok(());
+    }
+    // One prediction or one reference (eval-masks): a fused byte pass per pair.
     let body = |(i, (ir, ur)): (usize, (&mut [u64], &mut [u64]))| {
         let a = &pred[i * hw..(i + 1) * hw];
-        let aa = area_cpu(a);
         for j in 0..g {
-            let b = &gt[j * hw..(j + 1) * hw];
-            let x = inter_count(a, b);
-            ir[j] = x;
-            ur[j] = aa + gt_area[j] - x;
+            (ir[j], ur[j]) = inter_union_bytes(a, &gt[j * hw..(j + 1) * hw]);
         }
     };
-    if work < (1 << 20) {
+    // Small problems are not worth the rayon hand-off.
+    if p * g * hw < (1 << 20) {
         inter
             .chunks_mut(g)
             .zip(union.chunks_mut(g))
             .enumerate()
             .for_each(body);
     } else {
-        rows.for_each(body);
+        inter
+            .par_chunks_mut(g)
+            .zip(union.par_chunks_mut(g))
+            .enumerate()
+            .for_each(body);
     }
     Ok(())
 }
@@ -298,18 +321,30 @@ impl PackedMask {
     }
 }
 
-/// Pack one row of bytes into bits (bit x of word x/64 = pixel x).
+/// High bit of each byte of `x` set iff that byte is nonzero (SWAR; no carry crosses
+/// bytes because each byte is at most 0x7f + 0x7f).
+#[inline(always)]
+fn nonzero_bytes(x: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    (((x & LOW7) + LOW7) | x) & !LOW7
+}
+
+/// Gathers the high bits of the 8 bytes (moved to bit 0 of each byte) into the low
+/// byte, byte k → bit k.
+const GATHER: u64 = 0x0102_0408_1020_4080;
+
+/// Pack one row of bytes into bits (bit x of word x/64 = pixel x): 8 pixels per
+/// SWAR step, about one operation per pixel.
 fn pack_row(row: &[u8], dst: &mut [u64]) {
     let mut chunks = row.chunks_exact(64);
     for (c, d) in (&mut chunks).zip(dst.iter_mut()) {
-        // two 32-lane halves: the compare-and-shift pattern becomes a vector movemask
-        let mut lo = 0u32;
-        let mut hi = 0u32;
-        for j in 0..32 {
-            lo |= ((c[j] != 0) as u32) << j;
-            hi |= ((c[32 + j] != 0) as u32) << j;
+        let mut v = 0u64;
+        for (k, b) in c.chunks_exact(8).enumerate() {
+            let x = u64::from_le_bytes(b.try_into().unwrap());
+            let hb = nonzero_bytes(x) >> 7;
+            v |= (hb.wrapping_mul(GATHER) >> 56) << (8 * k);
         }
-        *d = lo as u64 | (hi as u64) << 32;
+        *d = v;
     }
     let rem = chunks.remainder();
     if !rem.is_empty() {
@@ -419,20 +454,32 @@ pub fn soft_iou_sums_cpu<T: Float + Send + Sync>(
     check_len(OP, "prob", prob.len(), b * n)?;
     check_len(OP, "target", target.len(), b * n)?;
     check_len(OP, "sums", sums.len(), b * 3)?;
-    for (k, s) in sums.chunks_mut(3).enumerate() {
-        let (mut i, mut sp, mut st) = (T::zero(), T::zero(), T::zero());
-        for j in k * n..(k + 1) * n {
-            let p = prob[j];
-            sp = sp + p;
-            if target[j] != 0 {
-                i = i + p;
-                st = st + T::one();
+    // eight lanes of partial sums: the loop vectorizes, and the f32 sums drift less
+    const LANES: usize = 8;
+    sums.par_chunks_mut(3).enumerate().for_each(|(k, s)| {
+        let (p, t) = (&prob[k * n..(k + 1) * n], &target[k * n..(k + 1) * n]);
+        let (mut ai, mut ap, mut at) = ([T::zero(); LANES], [T::zero(); LANES], [T::zero(); LANES]);
+        let (pc, tc) = (p.chunks_exact(LANES), t.chunks_exact(LANES));
+        let (pr, tr) = (pc.remainder(), tc.remainder());
+        for (pc, tc) in pc.zip(tc) {
+            for j in 0..LANES {
+                let tv = if tc[j] != 0 { T::one() } else { T::zero() };
+                ai[j] = ai[j] + pc[j] * tv;
+                ap[j] = ap[j] + pc[j];
+                at[j] = at[j] + tv;
             }
         }
-        s[0] = i;
-        s[1] = sp;
-        s[2] = st;
-    }
+        for (&pv, &tv) in pr.iter().zip(tr) {
+            let tv = if tv != 0 { T::one() } else { T::zero() };
+            ai[0] = ai[0] + pv * tv;
+            ap[0] = ap[0] + pv;
+            at[0] = at[0] + tv;
+        }
+        let sum = |a: [T; LANES]| a.iter().fold(T::zero(), |x, &y| x + y);
+        s[0] = sum(ai);
+        s[1] = sum(ap);
+        s[2] = sum(at);
+    });
     Ok(())
 }
 
