@@ -56,6 +56,36 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
 
+    // the GPU on the CPU shape, when one is present (tools/gpu_check.sh)
+    if let Ok(dev) = Device::cuda(0) {
+        let ld = dev.upload(&logits).unwrap();
+        let td = dev.upload(&targets).unwrap();
+        let wd = dev.upload(&w).unwrap();
+        let dd = dev.upload(&d_out).unwrap();
+        let mut lpd = dev.zeros::<f32>(r).unwrap();
+        let mut lsed = dev.zeros::<f32>(r).unwrap();
+        let mut od = dev.zeros::<f32>(b).unwrap();
+        let mut sd = dev.zeros::<f32>(b).unwrap();
+        let mut dld = dev.zeros::<f32>(r * v).unwrap();
+        let mut g = c.benchmark_group("cuda_logprob_4x64x32000");
+        g.throughput(Throughput::Bytes((r * v * 4) as u64));
+        g.bench_function("fwd", |bn| {
+            bn.iter(|| {
+                logprob_fwd(&dev, &ld, &td, v, &mut lpd, &mut lsed).unwrap();
+                seq_weighted_sum(&dev, &lpd, &wd, b, t, true, &mut od, &mut sd).unwrap();
+                dev.synchronize().unwrap()
+            })
+        });
+        g.throughput(Throughput::Bytes((2 * r * v * 4) as u64));
+        g.bench_function("bwd", |bn| {
+            bn.iter(|| {
+                logprob_bwd(&dev, &ld, &lsed, &td, &wd, &dd, &sd, t, v, &mut dld).unwrap();
+                dev.synchronize().unwrap()
+            })
+        });
+        g.finish();
+    }
+
     // the emulator on a small shape: checks the launch path, not a speed claim
     let dev = Device::emulator();
     let (rs, vs) = (8usize, 1031usize);

@@ -93,6 +93,43 @@ fn bench(c: &mut Criterion) {
         b.iter(|| soft_iou_bwd_cpu(black_box(&tgt), &sums, &diou, nb, hw, &mut dp).unwrap())
     });
     g.finish();
+    // the GPU on the CPU shapes, when one is present (tools/gpu_check.sh)
+    if let Ok(dev) = Device::cuda(0) {
+        let (pd, gd) = (dev.upload(&pm).unwrap(), dev.upload(&gm).unwrap());
+        let mut di = dev.zeros::<u64>(p * q).unwrap();
+        let mut du = dev.zeros::<u64>(p * q).unwrap();
+        let mut g = c.benchmark_group("cuda_pair_counts_16x4_480x640");
+        g.throughput(Throughput::Bytes((2 * p * q * hw) as u64));
+        g.bench_function("bytes", |b| {
+            b.iter(|| {
+                pair_counts(&dev, &pd, &gd, p, q, H, W, &mut di, &mut du).unwrap();
+                dev.synchronize().unwrap()
+            })
+        });
+        g.finish();
+        let mut g = c.benchmark_group("cuda_boundary_pair_counts_16x4_480x640");
+        g.throughput(Throughput::Bytes(((p + q) * hw) as u64));
+        g.bench_function("erode", |b| {
+            b.iter(|| {
+                boundary_pair_counts(&dev, &pd, &gd, p, q, H, W, 0.02, &mut di, &mut du).unwrap();
+                dev.synchronize().unwrap()
+            })
+        });
+        g.finish();
+        let (prd, tgd) = (dev.upload(&prob).unwrap(), dev.upload(&tgt).unwrap());
+        let mut iod = dev.zeros::<f32>(nb).unwrap();
+        let mut sd = dev.zeros::<f32>(3 * nb).unwrap();
+        let mut g = c.benchmark_group("cuda_soft_iou_8x480x640");
+        g.throughput(Throughput::Bytes((5 * nb * hw) as u64));
+        g.bench_function("fwd", |b| {
+            b.iter(|| {
+                soft_iou_fwd(&dev, &prd, &tgd, nb, hw, &mut iod, &mut sd).unwrap();
+                dev.synchronize().unwrap()
+            })
+        });
+        g.finish();
+    }
+
     // the emulator on a small shape: checks the launch path, not a speed claim
     let dev = Device::emulator();
     let (hs, ws) = (61, 67);

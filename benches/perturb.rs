@@ -49,6 +49,24 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
 
+    // the GPU on the CPU shape, when one is present (tools/gpu_check.sh)
+    if let Ok(dev) = Device::cuda(0) {
+        let id = dev.upload(&img).unwrap();
+        let mut od = dev.zeros::<f32>(cfg.np * b * e).unwrap();
+        let mut rd = dev.zeros::<i32>(cfg.np * b * 4).unwrap();
+        let mut g = c.benchmark_group("cuda_perturb_30x3x336x336");
+        g.throughput(Throughput::Bytes((2 * cfg.np * b * e * 4) as u64));
+        for (name, cf) in [("fwd", cfg), ("fwd_full_rect", full)] {
+            g.bench_function(name, |bn| {
+                bn.iter(|| {
+                    perturb(&dev, &id, b, ch, h, w, &cf, &mut od, &mut rd).unwrap();
+                    dev.synchronize().unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+
     // the emulator on a small shape: checks the launch path, not a speed claim
     let dev = Device::emulator();
     let (hs, ws) = (33usize, 37usize);

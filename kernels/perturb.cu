@@ -19,7 +19,9 @@ struct u32x4 {
 };
 
 __device__ __forceinline__ u32x4 philox4x32_10(u32x4 ctr, unsigned k0, unsigned k1) {
+#ifdef __CUDACC__
 #pragma unroll
+#endif
     for (int r = 0; r < 10; ++r) {
         if (r > 0) {
             k0 += PHILOX_W0;
