@@ -15,7 +15,8 @@
 #
 # It runs every test binary in the folder with POPEN_TEST_CUDA=1 (the tests then run
 # on the emulator and on GPU 0) and every bench binary with --bench, writing one log
-# per binary to $OUT (default ./gpu_logs), and exits non-zero if a test failed or
+# per binary to $OUT (default ./gpu_logs; benches filtered to `cuda_` groups unless
+# BENCH_FILTER says otherwise), and exits non-zero if a test failed or
 # if the GPU was not found (a run that silently used only the emulator proves nothing).
 set -uo pipefail
 
@@ -52,7 +53,8 @@ for t in "$dir"/test_*; do
 done
 for b in "$dir"/bench_*; do
     n=$(basename "$b")
-    "$b" --bench > "$out/$n.log" 2>&1; echo "$n: rc=$?"
+    # only the cuda_* groups by default (the CPU groups take minutes); BENCH_FILTER= runs all
+    "$b" --bench ${BENCH_FILTER-cuda_} > "$out/$n.log" 2>&1; echo "$n: rc=$?"
 done
 if ! grep -q "^cuda_" "$out"/bench_*.log; then
     echo "no cuda_* bench ran: Device::cuda(0) failed (see the logs), the tests used only the emulator"
