@@ -45,7 +45,7 @@ fn random_mask(rng: &mut Philox, h: usize, w: usize) -> Vec<u8> {
         let cy = rng.next_u32() as usize % h;
         let cx = rng.next_u32() as usize % w;
         let r = 1 + rng.next_u32() as usize % (h.max(w) / 2 + 1);
-        let disc = rng.next_u32() % 2 == 0;
+        let disc = rng.next_u32().is_multiple_of(2);
         let val = 1 + (rng.next_u32() % 255) as u8;
         for y in 0..h {
             for x in 0..w {
@@ -269,7 +269,9 @@ fn boundary_pair_counts_matches_cpu() {
 fn soft_case(b: usize, n: usize, seed: u64) -> (Vec<f64>, Vec<u8>) {
     let mut r = Philox::new(seed);
     let p: Vec<f64> = (0..b * n).map(|_| r.next_f32() as f64).collect();
-    let t: Vec<u8> = (0..b * n).map(|_| (r.next_u32() % 3 == 0) as u8).collect();
+    let t: Vec<u8> = (0..b * n)
+        .map(|_| r.next_u32().is_multiple_of(3) as u8)
+        .collect();
     (p, t)
 }
 

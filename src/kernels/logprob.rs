@@ -328,7 +328,7 @@ pub fn cross_entropy_cpu<T: RowOps>(
     b: usize,
     v: usize,
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    if b == 0 || targets.len() % b != 0 {
+    if b == 0 || !targets.len().is_multiple_of(b) {
         return Err(Error::shape(
             "cross_entropy_cpu",
             format!("{} targets do not split into {b} sequences", targets.len()),

@@ -100,6 +100,7 @@ fn check_masks(op: &'static str, what: &str, m: &[u8], n: usize, h: usize, w: us
 /// Intersection and union counts for all P × G pairs.
 ///
 /// pred (P, H, W), gt (G, H, W), inter (P, G), union (P, G) — overwritten.
+#[allow(clippy::too_many_arguments)] // the fixed public API
 pub fn pair_counts_cpu(
     pred: &[u8],
     gt: &[u8],

@@ -127,6 +127,7 @@ pub fn rect_for(cfg: &PerturbCfg, h: usize, w: usize, copy: u32, image: u32) -> 
 /// CPU twin of `perturb_fwd_f32`.
 ///
 /// img (B, C, H, W), out (NP, B, C, H, W) — overwritten, rects (NP, B) — overwritten.
+#[allow(clippy::too_many_arguments)]
 pub fn perturb_cpu(
     img: &[f32],
     b: usize,
@@ -253,7 +254,7 @@ pub fn philox_fill(
     ctr_hi: [u32; 3],
     key: [u32; 2],
 ) -> Result<()> {
-    if out.len() % 4 != 0 || out.len() / 4 > i32::MAX as usize {
+    if !out.len().is_multiple_of(4) || out.len() / 4 > i32::MAX as usize {
         return Err(Error::shape(
             "philox_fill",
             format!("out has {} elements, need a multiple of 4", out.len()),
@@ -285,7 +286,7 @@ pub fn philox_normal(
     ctr_hi: [u32; 3],
     key: [u32; 2],
 ) -> Result<()> {
-    if out.len() % 4 != 0 || out.len() / 4 > i32::MAX as usize {
+    if !out.len().is_multiple_of(4) || out.len() / 4 > i32::MAX as usize {
         return Err(Error::shape(
             "philox_normal",
             format!("out has {} elements, need a multiple of 4", out.len()),
