@@ -85,6 +85,29 @@ fn boundary_cpu_matches_iterated_3x3_erosion() {
 }
 
 #[test]
+fn boundary_cpu_across_word_boundaries() {
+    // wider than 64 pixels and d ≥ 64: the packed erosion shifts across words
+    let mut rng = Philox::new(12);
+    let (h, w) = (141, 131);
+    for d in [1usize, 31, 32, 33, 64, 65] {
+        let m = random_mask(&mut rng, h, w);
+        let mut full = vec![1u8; h * w];
+        for x in 0..w {
+            full[(h / 2) * w + x] = (x % 67 != 0) as u8; // a few holes on one row
+        }
+        for mask in [m, full, vec![1u8; h * w]] {
+            let mut got = vec![9u8; h * w];
+            boundary_cpu(&mask, h, w, d, &mut got).unwrap();
+            assert_eq!(got, boundary_slow(&mask, h, w, d), "{h}x{w} d={d}");
+        }
+        // the all-foreground mask keeps an eroded core at every d here (2d+1 ≤ W)
+        let mut core = vec![0u8; h * w];
+        boundary_cpu(&vec![1u8; h * w], h, w, d, &mut core).unwrap();
+        assert!(core.contains(&0), "d={d}");
+    }
+}
+
+#[test]
 fn full_mask_boundary_is_the_image_frame() {
     // Outside the image is background, so a full mask erodes from the image edge.
     let (h, w, d) = (9, 11, 2);
