@@ -192,3 +192,41 @@ fn cross_entropy_is_mean_nll_and_uniform_gives_ln_v() {
     }
     assert!(scale.iter().all(|&s| (s - 1.0 / 3.0).abs() < 1e-15));
 }
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    let c = case(3, 5, 211, 3.0, 9);
+    let (logits, mask) = (f32s(&c.logits), f32s(&c.w));
+    let (want, want_lse, want_scale) =
+        cross_entropy_cpu(&logits, &c.targets, &mask, c.b, c.v).unwrap();
+    for dev in Device::test_devices() {
+        let ld = dev.upload(&logits).unwrap();
+        let td = dev.upload(&c.targets).unwrap();
+        let md = dev.upload(&mask).unwrap();
+        let mut loss = dev.zeros::<f32>(c.b).unwrap();
+        let mut lse = dev.zeros::<f32>(c.b * c.t).unwrap();
+        let mut scale = dev.zeros::<f32>(c.b).unwrap();
+        cross_entropy(
+            &dev, &ld, &td, &md, c.b, c.v, &mut loss, &mut lse, &mut scale,
+        )
+        .unwrap();
+        let got = dev.download(&loss).unwrap();
+        for k in 0..c.b {
+            assert!(
+                close(got[k], want[k], 1e-5),
+                "{dev:?} {k}: {} vs {}",
+                got[k],
+                want[k]
+            );
+            assert!(want[k] > 0.0);
+        }
+        let gl = dev.download(&lse).unwrap();
+        assert!(gl.iter().zip(&want_lse).all(|(a, b)| close(*a, *b, 1e-5)));
+        // (not bit-equal: --use_fast_math makes the GPU's 1/count approximate)
+        let gs = dev.download(&scale).unwrap();
+        assert!(gs.iter().zip(&want_scale).all(|(a, b)| close(*a, *b, 1e-6)));
+        assert!(
+            cross_entropy(&dev, &ld, &td, &md, 4, c.v, &mut loss, &mut lse, &mut scale).is_err()
+        );
+    }
+}

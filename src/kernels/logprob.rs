@@ -469,3 +469,47 @@ pub fn logprob_bwd(
         ],
     )
 }
+
+/// SFT cross-entropy on the device: [`logprob_fwd`], [`seq_weighted_sum`] with the
+/// loss mask as weights and length normalization, then a sign flip (`scale_f32` of
+/// `elementwise.cu`) — the device twin of [`cross_entropy_cpu`].  Its backward is
+/// [`logprob_bwd`] with `d_out = −d_loss`.
+///
+/// logits (B, T, V), targets (B·T), mask (B·T); loss (B), lse (B·T), scale (B) —
+/// overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy(
+    dev: &Device,
+    logits: &DeviceBuf<f32>,
+    targets: &DeviceBuf<i32>,
+    mask: &DeviceBuf<f32>,
+    b: usize,
+    v: usize,
+    loss: &mut DeviceBuf<f32>,
+    lse: &mut DeviceBuf<f32>,
+    scale: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "cross_entropy";
+    if b == 0 || !targets.len().is_multiple_of(b) || b > i32::MAX as usize {
+        return Err(Error::shape(
+            OP,
+            format!("{} targets do not split into {b} sequences", targets.len()),
+        ));
+    }
+    let t = targets.len() / b;
+    let mut lp = dev.zeros::<f32>(b * t)?;
+    let mut sum = dev.zeros::<f32>(b)?;
+    logprob_fwd(dev, logits, targets, v, &mut lp, lse)?;
+    seq_weighted_sum(dev, &lp, mask, b, t, true, &mut sum, scale)?;
+    check_len(OP, "loss", loss.len(), b)?;
+    dev.launch(
+        "scale_f32",
+        LaunchCfg::linear(b, BLOCK),
+        &[
+            loss.arg_mut(),
+            sum.arg(),
+            KArg::F32(-1.0),
+            KArg::I32(b as i32),
+        ],
+    )
+}
