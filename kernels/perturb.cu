@@ -39,27 +39,58 @@ __device__ __forceinline__ float uniform_open(unsigned x) {
     return ((float)(x >> 8) + 0.5f) * (1.0f / 16777216.0f);
 }
 
-// Box-Muller in f32, same operations and order as philox.rs::box_muller.  build.rs
-// compiles with --use_fast_math, which maps logf/sinf/cosf to the approximate
-// intrinsics (errors ~1e-6 absolute, and worse for __sinf far from 0); calling
-// libdevice's precise __nv_* forms keeps the GPU within float rounding of the CPU.
 #ifdef __CUDACC__
-extern "C" __device__ float __nv_logf(float);
-extern "C" __device__ float __nv_sinf(float);
-extern "C" __device__ float __nv_cosf(float);
+#define DIV_RN(a, b) __fdiv_rn(a, b)  // IEEE division even under --use_fast_math
+#else
+#define DIV_RN(a, b) ((a) / (b))
 #endif
+
+// ln(u) for a normal positive float, as philox.rs::ln_open: u = 2^e m, m in
+// [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1), series to s^9.  Plain
+// arithmetic (no libm), so --use_fast_math cannot swap in an approximation and the CPU
+// twin, which vectorizes the same polynomial, agrees within float rounding.
+__device__ __forceinline__ float ln_open(float u) {
+    unsigned bits = __float_as_uint(u);
+    int e = (int)(bits >> 23) - 127;
+    float m = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);
+    bool big = m > 1.41421354f;
+    m = big ? m * 0.5f : m;
+    e += big ? 1 : 0;
+    float s = DIV_RN(m - 1.0f, m + 1.0f);
+    float s2 = s * s;
+    float p = 1.0f + s2 * (1.0f / 3.0f + s2 * (1.0f / 5.0f + s2 * (1.0f / 7.0f + s2 * (1.0f / 9.0f))));
+    return (float)e * 0.693147182f + 2.0f * s * p;
+}
+
+// (sin 2 pi u, cos 2 pi u) for u in [0, 1], as philox.rs::sincos_2pi: quadrant
+// q = round(4u) (half to even), theta = 2 pi (u - q/4) in [-pi/4, pi/4], Taylor to theta^9 / theta^8,
+// rotation by q quarter turns.
+__device__ __forceinline__ float2 sincos_2pi(float u) {
+    float q = rintf(4.0f * u);  // round half to even, as the CPU's magic-number add
+    float t = 6.28318548f * (u - 0.25f * q);
+    float t2 = t * t;
+    float sn = t * (1.0f + t2 * (-1.0f / 6.0f + t2 * (1.0f / 120.0f + t2 * (-1.0f / 5040.0f + t2 * (1.0f / 362880.0f)))));
+    float cs = 1.0f + t2 * (-0.5f + t2 * (1.0f / 24.0f + t2 * (-1.0f / 720.0f + t2 * (1.0f / 40320.0f))));
+    int qi = ((int)q) & 3;
+    float s = (qi & 1) ? cs : sn;
+    float c = (qi & 1) ? -sn : cs;
+    if (qi & 2) {
+        s = -s;
+        c = -c;
+    }
+    return make_float2(s, c);
+}
+
+// Box-Muller in f32, same operations as philox.rs::box_muller.
 __device__ __forceinline__ float2 box_muller(unsigned a, unsigned b) {
     float u1 = uniform_open(a), u2 = uniform_open(b);
 #ifdef __CUDACC__
-    float r = __fsqrt_rn(__fmul_rn(-2.0f, __nv_logf(u1)));
-    float t = __fmul_rn(6.28318548f, u2);
-    float s = __nv_sinf(t), c = __nv_cosf(t);
+    float r = __fsqrt_rn(-2.0f * ln_open(u1));
 #else
-    float r = sqrtf(-2.0f * logf(u1));
-    float t = 6.28318548f * u2;
-    float s = sinf(t), c = cosf(t);
+    float r = sqrtf(-2.0f * ln_open(u1));
 #endif
-    return make_float2(r * c, r * s);
+    float2 sc = sincos_2pi(u2);
+    return make_float2(r * sc.y, r * sc.x);
 }
 
 // Rectangle of (copy, image): y0, x0, rh, rw with rh in [rh_min, rh_max],

@@ -209,3 +209,35 @@ fn perturb_rejects_bad_input() {
     // wrong image buffer length
     assert!(perturb(&dev, &img, 3, 1, 3, 5, &good, &mut out, &mut r).is_err());
 }
+
+#[test]
+fn polynomial_ln_and_sincos_are_accurate() {
+    use popen::kernels::philox::{ln_open, sincos_2pi, uniform_open};
+    let mut r = Philox::new(77);
+    let mut worst = (0f64, 0f64);
+    // random uniforms plus the ends and the quadrant edges (half-way ties included)
+    let mut us: Vec<f32> = (0..200_000).map(|_| uniform_open(r.next_u32())).collect();
+    us.extend([
+        uniform_open(0),
+        uniform_open(u32::MAX),
+        0.125,
+        0.375,
+        0.5,
+        0.625,
+        0.875,
+        1.0,
+    ]);
+    for u in us {
+        let l = ln_open(u) as f64;
+        let want = (u as f64).ln();
+        worst.0 = worst.0.max((l - want).abs() / want.abs().max(1e-3));
+        let (s, c) = sincos_2pi(u);
+        let t = std::f64::consts::TAU * u as f64;
+        worst.1 = worst
+            .1
+            .max((s as f64 - t.sin()).abs())
+            .max((c as f64 - t.cos()).abs());
+    }
+    assert!(worst.0 < 1e-6, "ln relative error {}", worst.0);
+    assert!(worst.1 < 1e-6, "sincos absolute error {}", worst.1);
+}
