@@ -19,6 +19,8 @@ enum Cmd {
     Info(cli::info::Args),
     /// Generate the embedded world as a MUSE-schema data set, or draw overlays of one.
     Data(cli::data::Args),
+    /// IoU and Boundary IoU of PNG masks matched by file name (gIoU, cIoU, JSON report).
+    EvalMasks(cli::eval_masks::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +28,6 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),
         Cmd::Data(a) => cli::data::run(a),
+        Cmd::EvalMasks(a) => cli::eval_masks::run(a),
     }
 }

@@ -1,3 +1,4 @@
 //! Subcommands of the `popen` binary, one file each.
 pub mod data;
+pub mod eval_masks;
 pub mod info;

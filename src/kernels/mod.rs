@@ -7,6 +7,10 @@
 //! `cargo test` checks every kernel on every machine.
 pub mod attention;
 pub mod device;
+pub mod logprob;
+pub mod mask;
+pub mod perturb;
+pub mod philox;
 
 pub use device::{Backend, Device, DeviceBuf, Elem, KArg, LaunchCfg};
 

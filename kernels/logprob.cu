@@ -1,0 +1,130 @@
+// DPO log-prob reductions (Eq. 3): fused log-softmax + gather of the target token's
+// log-prob, weighted per-sequence sums, and the backward w * (onehot - softmax) *
+// upstream, without materializing the T x V log-softmax.  The same kernels give the
+// SFT cross-entropy.  CPU twins in src/kernels/logprob.rs.
+// B sequences, T positions, R = B*T rows, V vocabulary.
+// targets[r] outside [0, V) marks an ignored row (lp = 0, no gradient), as
+// ignore_index = -100 does in PyTorch; the kernels never read out of bounds on it.
+#include "common.cuh"
+
+// (max, sum of exp(x - max)) pairs combine associatively; an empty side has
+// m = -inf, s = 0 and must not produce exp(-inf - -inf) = NaN.
+__device__ __forceinline__ void ms_combine(float& m, float& s, float m2, float s2) {
+    if (m2 == -INFINITY) return;
+    if (m == -INFINITY) {
+        m = m2;
+        s = s2;
+        return;
+    }
+    float mm = fmaxf(m, m2);
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+// lp (R), lse (R), logits (R, V), targets (R).  One block per row: one pass over V
+// keeping a running (max, sum) per thread, then a warp/block combine.
+// lp[r] = logits[r, t] - lse[r], lse[r] = log sum_v exp(logits[r, v]).
+extern "C" __global__ void logprob_fwd_f32(float* __restrict__ lp, float* __restrict__ lse,
+                                           const float* __restrict__ logits,
+                                           const int* __restrict__ targets, int v) {
+    __shared__ float sm[32], ss[32];
+    size_t r = blockIdx.x;
+    const float* x = logits + r * v;
+    float m = -INFINITY, s = 0.f;
+    for (int k = threadIdx.x; k < v; k += blockDim.x) {
+        float xv = x[k];
+        if (xv > m) {
+            s = s * expf(m - xv) + 1.f;  // exp(-inf) = 0 on the first element
+            m = xv;
+        } else if (xv != -INFINITY) {  // a row of -inf so far would give NaN
+            s += expf(xv - m);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(FULL_MASK, m, o);
+        float s2 = __shfl_xor_sync(FULL_MASK, s, o);
+        ms_combine(m, s, m2, s2);
+    }
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    if (lane == 0) {
+        sm[warp] = m;
+        ss[warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x / WARP_SIZE;
+        m = lane < nw ? sm[lane] : -INFINITY;
+        s = lane < nw ? ss[lane] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(FULL_MASK, m, o);
+            float s2 = __shfl_xor_sync(FULL_MASK, s, o);
+            ms_combine(m, s, m2, s2);
+        }
+        if (lane == 0) {
+            float l = m + logf(s);
+            lse[r] = l;
+            int t = targets[r];
+            lp[r] = (t >= 0 && t < v) ? x[t] - l : 0.f;
+        }
+    }
+}
+
+// out (B), scale (B), lp (B, T), w (B, T).  One block per sequence.
+// out[b] = scale[b] * sum_t w[b,t] lp[b,t], scale[b] = 1 / #{t : w[b,t] != 0} when
+// normalize (0 when no position counts), else 1.  Eq. 3's 1/|y|: |y| counts the
+// response tokens, not the weights (lambda-weighted tokens count once).
+extern "C" __global__ void seq_weighted_sum_f32(float* __restrict__ out, float* __restrict__ scale,
+                                                const float* __restrict__ lp,
+                                                const float* __restrict__ w, int t, int normalize) {
+    __shared__ float s1[32], s2[32];
+    size_t b = blockIdx.x;
+    float acc = 0.f, cnt = 0.f;
+    for (int k = threadIdx.x; k < t; k += blockDim.x) {
+        float wv = w[b * t + k];
+        acc += wv * lp[b * t + k];
+        cnt += wv != 0.f ? 1.f : 0.f;
+    }
+    acc = warp_sum(acc);
+    cnt = warp_sum(cnt);
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    if (lane == 0) {
+        s1[warp] = acc;
+        s2[warp] = cnt;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x / WARP_SIZE;
+        acc = warp_sum(lane < nw ? s1[lane] : 0.f);
+        cnt = warp_sum(lane < nw ? s2[lane] : 0.f);
+        if (lane == 0) {
+            float sc = normalize ? (cnt > 0.f ? 1.f / cnt : 0.f) : 1.f;
+            scale[b] = sc;
+            out[b] = acc * sc;
+        }
+    }
+}
+
+// forward: out[b] = scale[b] * sum_t w[b,t] * (logits[b,t,y] - lse[b,t])
+// so:      dlogits[b,t,v] = d_out[b] * scale[b] * w[b,t] * (1[v == y] - exp(logits[b,t,v] - lse[b,t]))
+// dlogits (R, V) overwritten, logits (R, V), lse (R), targets (R), w (R), d_out (B),
+// scale (B).  One block per row.
+extern "C" __global__ void logprob_bwd_f32(float* __restrict__ dlogits,
+                                           const float* __restrict__ logits,
+                                           const float* __restrict__ lse,
+                                           const int* __restrict__ targets,
+                                           const float* __restrict__ w,
+                                           const float* __restrict__ d_out,
+                                           const float* __restrict__ scale, int t, int v) {
+    size_t r = blockIdx.x;
+    size_t b = r / t;
+    int y = targets[r];
+    bool valid = y >= 0 && y < v;
+    float coef = valid ? d_out[b] * scale[b] * w[r] : 0.f;
+    float l = lse[r];
+    const float* x = logits + r * v;
+    float* dx = dlogits + r * v;
+    for (int k = threadIdx.x; k < v; k += blockDim.x) {
+        float p = expf(x[k] - l);
+        dx[k] = coef * ((k == y ? 1.f : 0.f) - p);
+    }
+}

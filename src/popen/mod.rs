@@ -1,0 +1,3 @@
+//! The method itself: preference losses (Eq. 2–4) now; collection (Alg. 1), ensemble
+//! (Eq. 5, 6) and the training stages as they are built.
+pub mod losses;
