@@ -17,11 +17,14 @@ struct Cli {
 enum Cmd {
     /// Show how the crate was built: kernels, PTX target, available devices.
     Info(cli::info::Args),
+    /// Score predictions (PRED.jsonl) against MUSE-schema ground truth (DATA.json).
+    Eval(cli::eval::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),
+        Cmd::Eval(a) => cli::eval::run(a),
     }
 }

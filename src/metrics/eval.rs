@@ -1,0 +1,691 @@
+//! `popen eval`: load and validate `DATA.json` + `PRED.jsonl`, score every question,
+//! reduce in input order, report.  Definitions: [module docs of `metrics`](super).
+use super::assign::{assign, iou_weight};
+use super::chair::{chair_counts, Vocab};
+use super::mask_shim as mask;
+use super::raster::{fill_runs, rasterize, rle_runs};
+use crate::data::muse::{MuseAnn, MuseImage, RleJson};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+/// Default `--dilation-ratio` of Boundary IoU (Cheng et al. 2021).
+pub const DEFAULT_DILATION_RATIO: f64 = 0.02;
+/// Default `--few-max`: questions with at most this many targets form the `few` split.
+pub const DEFAULT_FEW_MAX: usize = 3;
+
+/// Options of the evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EvalConfig {
+    /// Boundary width as a fraction of the image diagonal.
+    pub dilation_ratio: f64,
+    /// Largest target count of the `few` split.
+    pub few_max: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            dilation_ratio: DEFAULT_DILATION_RATIO,
+            few_max: DEFAULT_FEW_MAX,
+        }
+    }
+}
+
+/// One line of `PRED.jsonl` as written.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct PredLine {
+    pub file_name: String,
+    /// 0-based index into the image's `questions`.
+    pub question: usize,
+    pub text: String,
+    pub masks: Vec<RleJson>,
+}
+
+/// A validated prediction: its line, text and masks as column-major run lengths.
+#[derive(Clone, Debug)]
+pub struct Prediction {
+    /// 1-based line in `PRED.jsonl`.
+    pub line: usize,
+    pub text: String,
+    /// Per mask, runs that cover exactly the image (validated).
+    pub masks: Vec<Vec<u32>>,
+}
+
+/// Predictions aligned with the data: `[image][question]`, `None` = missing.
+pub type Predictions = Vec<Vec<Option<Prediction>>>;
+
+/// Parse and check `DATA.json` text (`source` names it in errors): a list of MUSE image
+/// records with positive sizes, one answer list per question, unique file names.
+pub fn parse_data(text: &str, source: &Path) -> Result<Vec<MuseImage>> {
+    let data: Vec<MuseImage> = serde_json::from_str(text).map_err(|e| Error::Json {
+        path: source.into(),
+        line: Some(e.line()),
+        msg: format!("not a MUSE image list: {e}"),
+    })?;
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, img) in data.iter().enumerate() {
+        let field = |f: &str| format!("[{i}] ({}) {f}", img.file_name);
+        if img.height == 0 || img.width == 0 {
+            return Err(Error::Data {
+                path: source.into(),
+                field: field("height/width"),
+                msg: format!("size {}x{} is empty", img.height, img.width),
+            });
+        }
+        if img.answers.len() != img.questions.len() {
+            return Err(Error::Data {
+                path: source.into(),
+                field: field("answers"),
+                msg: format!(
+                    "{} answer lists for {} questions",
+                    img.answers.len(),
+                    img.questions.len()
+                ),
+            });
+        }
+        if let Some(j) = seen.insert(img.file_name.as_str(), i) {
+            return Err(Error::Data {
+                path: source.into(),
+                field: field("file_name"),
+                msg: format!("same file name as record [{j}]"),
+            });
+        }
+    }
+    Ok(data)
+}
+
+/// Parse and check `PRED.jsonl` text against `data` (`source` names it in errors).
+/// Every problem is an `Err` naming the line: malformed JSON, unknown image or
+/// question, a second line for a question, a mask of the wrong size, an RLE that does
+/// not decode.  The first problem in line order is reported.
+pub fn parse_preds(text: &str, source: &Path, data: &[MuseImage]) -> Result<Predictions> {
+    let index: HashMap<&str, usize> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.file_name.as_str(), i))
+        .collect();
+    let err = |line: usize, msg: String| Error::Json {
+        path: source.into(),
+        line: Some(line),
+        msg,
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    // parse and decode-check in parallel; errors are kept per line, reported in order
+    let parsed: Vec<Result<Option<(usize, usize, Prediction)>>> = lines
+        .par_iter()
+        .enumerate()
+        .map(|(k, raw)| {
+            let ln = k + 1;
+            if raw.trim().is_empty() {
+                return Ok(None);
+            }
+            let p: PredLine = serde_json::from_str(raw)
+                .map_err(|e| err(ln, format!("malformed prediction: {e}")))?;
+            let &img = index
+                .get(p.file_name.as_str())
+                .ok_or_else(|| err(ln, format!("unknown image {:?}", p.file_name)))?;
+            let d = &data[img];
+            if p.question >= d.questions.len() {
+                return Err(err(
+                    ln,
+                    format!(
+                        "question {} of {:?} does not exist (it has {})",
+                        p.question,
+                        p.file_name,
+                        d.questions.len()
+                    ),
+                ));
+            }
+            let (h, w) = (d.height as usize, d.width as usize);
+            let masks = p
+                .masks
+                .iter()
+                .enumerate()
+                .map(|(m, r)| rle_runs(r, h, w).map_err(|e| err(ln, format!("masks[{m}]: {e}"))))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some((
+                img,
+                p.question,
+                Prediction {
+                    line: ln,
+                    text: p.text,
+                    masks,
+                },
+            )))
+        })
+        .collect();
+    let mut out: Predictions = data.iter().map(|d| vec![None; d.questions.len()]).collect();
+    for r in parsed {
+        if let Some((img, q, p)) = r? {
+            if let Some(prev) = &out[img][q] {
+                return Err(err(
+                    p.line,
+                    format!(
+                        "second prediction for question {q} of {:?} (first on line {})",
+                        data[img].file_name, prev.line
+                    ),
+                ));
+            }
+            out[img][q] = Some(p);
+        }
+    }
+    Ok(out)
+}
+
+/// What one question contributes to the sums.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QuestionScore {
+    pub n_targets: usize,
+    pub n_pred: usize,
+    pub missing: bool,
+    /// MUSE numerator: Σ IoU of matched pairs (1 for empty vs empty).
+    pub muse_iou: f64,
+    /// MUSE denominator: `max(|P|, |G|)`, 1 for empty vs empty.
+    pub muse_denom: u64,
+    pub muse_inter: u64,
+    pub muse_union: u64,
+    pub n_matched: u64,
+    /// Σ Boundary IoU over matched pairs.
+    pub boundary_iou: f64,
+    /// Matched pairs that are localization errors.
+    pub loc_errors: u64,
+    pub lisa_iou: f64,
+    pub lisa_inter: u64,
+    pub lisa_union: u64,
+    pub mentions: u64,
+    pub hallucinated: u64,
+    /// The matched ground truth of each prediction (for per-question inspection).
+    pub matches: Vec<Option<usize>>,
+}
+
+/// Masks of one image as a (N, W, H) column-major stack.
+struct Stack {
+    data: Vec<u8>,
+    area: Vec<u64>,
+    n: usize,
+}
+
+impl Stack {
+    fn with_capacity(k: usize, npix: usize) -> Self {
+        Stack {
+            data: Vec::with_capacity(k * npix),
+            area: Vec::with_capacity(k),
+            n: 0,
+        }
+    }
+    fn push_zeroed(&mut self, npix: usize) -> &mut [u8] {
+        let start = self.data.len();
+        self.data.resize(start + npix, 0);
+        self.n += 1;
+        &mut self.data[start..]
+    }
+    fn finish_area(&mut self, npix: usize) {
+        let start = (self.n - 1) * npix;
+        // values are 0/1, so the byte sum is the area
+        let a = self.data[start..start + npix]
+            .iter()
+            .map(|&b| b as u64)
+            .sum();
+        self.area.push(a);
+    }
+    fn mask(&self, k: usize, npix: usize) -> &[u8] {
+        &self.data[k * npix..(k + 1) * npix]
+    }
+}
+
+fn rasterize_anns(
+    anns: &[MuseAnn],
+    h: usize,
+    w: usize,
+    what: &dyn Fn(usize) -> String,
+) -> std::result::Result<Stack, (String, String)> {
+    let npix = h * w;
+    let mut s = Stack::with_capacity(anns.len(), npix);
+    for (k, a) in anns.iter().enumerate() {
+        let out = s.push_zeroed(npix);
+        rasterize(&a.segmentation, h, w, out).map_err(|e| (what(k), e))?;
+        s.finish_area(npix);
+    }
+    Ok(s)
+}
+
+/// Score every question of one image.  `Err((field, msg))` on a ground truth that does
+/// not rasterize.
+fn score_image(
+    img: &MuseImage,
+    preds: &[Option<Prediction>],
+    vocab: &Vocab,
+    cfg: &EvalConfig,
+) -> std::result::Result<Vec<QuestionScore>, (String, String)> {
+    let (h, w) = (img.height as usize, img.width as usize);
+    let npix = h * w;
+    // column-major = the transposed image: the kernels see (rows, cols) = (W, H)
+    let (rows, cols) = (w, h);
+    let kerr = |e: Error| ("internal".to_string(), e.to_string());
+
+    let gts: Vec<Stack> = img
+        .answers
+        .iter()
+        .enumerate()
+        .map(|(q, anns)| rasterize_anns(anns, h, w, &|k| format!("answers[{q}][{k}].segmentation")))
+        .collect::<std::result::Result<_, _>>()?;
+    // the image's objects: ann_list, or every answer annotation when it is absent,
+    // as one (K, W, H) stack
+    let own_objects;
+    let fallback: Vec<u8>;
+    let (obj_data, object_names): (&[u8], Vec<&str>) = match &img.ann_list {
+        Some(list) => {
+            own_objects = rasterize_anns(list, h, w, &|k| format!("ann_list[{k}].segmentation"))?;
+            (
+                &own_objects.data,
+                list.iter().map(|a| a.category_name.as_str()).collect(),
+            )
+        }
+        None => {
+            fallback = gts.iter().flat_map(|s| s.data.iter().copied()).collect();
+            (
+                &fallback,
+                img.answers
+                    .iter()
+                    .flatten()
+                    .map(|a| a.category_name.as_str())
+                    .collect(),
+            )
+        }
+    };
+    let n_obj = object_names.len();
+    let objects: Vec<&[u8]> = (0..n_obj)
+        .map(|k| &obj_data[k * npix..(k + 1) * npix])
+        .collect();
+    let object_area: Vec<u64> = objects
+        .iter()
+        .map(|m| m.iter().map(|&b| b as u64).sum())
+        .collect();
+    let present: BTreeSet<String> = vocab.objects_of(object_names.iter().copied());
+
+    let mut out = Vec::with_capacity(img.questions.len());
+    for (q, gt) in gts.iter().enumerate() {
+        let pred = preds[q].as_ref();
+        let mut ps = Stack::with_capacity(pred.map_or(0, |p| p.masks.len()), npix);
+        for runs in pred.map(|p| p.masks.as_slice()).unwrap_or(&[]) {
+            fill_runs(runs, ps.push_zeroed(npix));
+            ps.finish_area(npix);
+        }
+        let (np, ng) = (ps.n, gt.n);
+        let mut s = QuestionScore {
+            n_targets: ng,
+            n_pred: np,
+            missing: pred.is_none(),
+            ..Default::default()
+        };
+
+        // MUSE
+        let mut inter = vec![0u64; np * ng];
+        let mut union = vec![0u64; np * ng];
+        mask::pair_counts_cpu(
+            &ps.data, &gt.data, np, ng, rows, cols, &mut inter, &mut union,
+        )
+        .map_err(kerr)?;
+        let weights: Vec<i64> = inter
+            .iter()
+            .zip(&union)
+            .map(|(&i, &u)| iou_weight(i, u))
+            .collect();
+        let matches = assign(&weights, np, ng);
+        let mut gt_matched = vec![false; ng];
+        for (p, m) in matches.iter().enumerate() {
+            match *m {
+                Some(g) => {
+                    gt_matched[g] = true;
+                    let (i, u) = (inter[p * ng + g], union[p * ng + g]);
+                    s.n_matched += 1;
+                    s.muse_iou += mask::iou_from_counts(i, u);
+                    s.muse_inter += i;
+                    s.muse_union += u;
+                    let pm = ps.mask(p, npix);
+                    let gm = gt.mask(g, npix);
+                    s.boundary_iou +=
+                        mask::boundary_iou_cpu(pm, gm, rows, cols, cfg.dilation_ratio)
+                            .map_err(kerr)?;
+                    if 4 * i < 3 * u {
+                        // IoU < 0.75: is some other object covered with IoU > 0.25?
+                        let k = n_obj;
+                        let mut oi = vec![0u64; k];
+                        let mut ou = vec![0u64; k];
+                        mask::pair_counts_cpu(pm, obj_data, 1, k, rows, cols, &mut oi, &mut ou)
+                            .map_err(kerr)?;
+                        let other = |o: usize| object_area[o] != gt.area[g] || objects[o] != gm;
+                        if (0..k).any(|o| 4 * oi[o] > ou[o] && other(o)) {
+                            s.loc_errors += 1;
+                        }
+                    }
+                }
+                None => s.muse_union += ps.area[p],
+            }
+        }
+        for (g, &m) in gt_matched.iter().enumerate() {
+            if !m {
+                s.muse_union += gt.area[g];
+            }
+        }
+        if np == 0 && ng == 0 {
+            s.muse_iou = 1.0;
+            s.muse_denom = 1;
+        } else {
+            s.muse_denom = np.max(ng) as u64;
+        }
+        s.matches = matches;
+
+        // LISA: union of predictions vs union of targets
+        let union_of = |st: &Stack| {
+            let mut u = vec![0u8; npix];
+            for k in 0..st.n {
+                for (a, &b) in u.iter_mut().zip(st.mask(k, npix)) {
+                    *a |= b;
+                }
+            }
+            u
+        };
+        let (up, ug) = (union_of(&ps), union_of(gt));
+        let (mut li, mut lu) = ([0u64], [0u64]);
+        mask::pair_counts_cpu(&up, &ug, 1, 1, rows, cols, &mut li, &mut lu).map_err(kerr)?;
+        s.lisa_inter = li[0];
+        s.lisa_union = lu[0];
+        s.lisa_iou = mask::iou_from_counts(li[0], lu[0]);
+
+        // CHAIR
+        let c = chair_counts(vocab, pred.map_or("", |p| p.text.as_str()), &present);
+        s.mentions = c.mentions;
+        s.hallucinated = c.hallucinated;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Sums over a set of questions, in input order.
+#[derive(Clone, Debug, Default)]
+struct Acc {
+    n: u64,
+    missing: u64,
+    muse_iou: f64,
+    muse_denom: u64,
+    muse_inter: u64,
+    muse_union: u64,
+    n_matched: u64,
+    boundary_iou: f64,
+    loc_errors: u64,
+    lisa_iou: f64,
+    lisa_inter: u64,
+    lisa_union: u64,
+    responses_hallucinating: u64,
+    mentions: u64,
+    hallucinated: u64,
+    no_target: u64,
+    no_target_correct: u64,
+    pred_masks: u64,
+    target_masks: u64,
+}
+
+impl Acc {
+    fn add(&mut self, s: &QuestionScore) {
+        self.n += 1;
+        self.missing += u64::from(s.missing);
+        self.muse_iou += s.muse_iou;
+        self.muse_denom += s.muse_denom;
+        self.muse_inter += s.muse_inter;
+        self.muse_union += s.muse_union;
+        self.n_matched += s.n_matched;
+        self.boundary_iou += s.boundary_iou;
+        self.loc_errors += s.loc_errors;
+        self.lisa_iou += s.lisa_iou;
+        self.lisa_inter += s.lisa_inter;
+        self.lisa_union += s.lisa_union;
+        self.responses_hallucinating += u64::from(s.hallucinated > 0);
+        self.mentions += s.mentions;
+        self.hallucinated += s.hallucinated;
+        if s.n_targets == 0 {
+            self.no_target += 1;
+            self.no_target_correct += u64::from(s.n_pred == 0);
+        }
+        self.pred_masks += s.n_pred as u64;
+        self.target_masks += s.n_targets as u64;
+    }
+
+    fn metrics(&self) -> Metrics {
+        let ratio = |a: f64, b: u64| (b > 0).then(|| a / b as f64);
+        // ΣI/ΣU with the empty-vs-empty convention, over a non-empty question set
+        let ciou =
+            |i: u64, u: u64| (self.n > 0).then(|| if u == 0 { 1.0 } else { i as f64 / u as f64 });
+        Metrics {
+            muse: MuseScores {
+                giou: ratio(self.muse_iou, self.muse_denom),
+                ciou: ciou(self.muse_inter, self.muse_union),
+                boundary_iou: ratio(self.boundary_iou, self.n_matched),
+            },
+            lisa: LisaScores {
+                giou: ratio(self.lisa_iou, self.n),
+                ciou: ciou(self.lisa_inter, self.lisa_union),
+            },
+            chair_s: ratio(self.responses_hallucinating as f64, self.n),
+            chair_i: ratio(self.hallucinated as f64, self.mentions),
+            n_questions: self.n,
+            missing: self.missing,
+            loc_error: ratio(self.loc_errors as f64, self.n_matched),
+            no_target_acc: ratio(self.no_target_correct as f64, self.no_target),
+            counts: Counts {
+                predicted_masks: self.pred_masks,
+                target_masks: self.target_masks,
+                matched: self.n_matched,
+                loc_errors: self.loc_errors,
+                mentions: self.mentions,
+                hallucinated_mentions: self.hallucinated,
+                hallucinating_responses: self.responses_hallucinating,
+                no_target_questions: self.no_target,
+                no_target_correct: self.no_target_correct,
+            },
+        }
+    }
+}
+
+/// MUSE-protocol scores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MuseScores {
+    pub giou: Option<f64>,
+    pub ciou: Option<f64>,
+    pub boundary_iou: Option<f64>,
+}
+
+/// LISA-protocol scores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LisaScores {
+    pub giou: Option<f64>,
+    pub ciou: Option<f64>,
+}
+
+/// The integer counts behind the ratios.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    pub predicted_masks: u64,
+    pub target_masks: u64,
+    pub matched: u64,
+    pub loc_errors: u64,
+    pub mentions: u64,
+    pub hallucinated_mentions: u64,
+    pub hallucinating_responses: u64,
+    pub no_target_questions: u64,
+    pub no_target_correct: u64,
+}
+
+/// Every metric over one set of questions; `null` (None) where the set it averages
+/// over is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub muse: MuseScores,
+    pub lisa: LisaScores,
+    pub chair_s: Option<f64>,
+    pub chair_i: Option<f64>,
+    pub n_questions: u64,
+    pub missing: u64,
+    pub loc_error: Option<f64>,
+    pub no_target_acc: Option<f64>,
+    pub counts: Counts,
+}
+
+/// The `few` / `many` splits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ByTargets {
+    pub few: Metrics,
+    pub many: Metrics,
+}
+
+/// The report of `popen eval`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub overall: Metrics,
+    pub by_targets: ByTargets,
+    pub n_images: u64,
+    pub dilation_ratio: f64,
+    pub few_max: usize,
+}
+
+/// Score `preds` against `data`; `source` names `DATA.json` in errors.
+pub fn evaluate(
+    data: &[MuseImage],
+    preds: &Predictions,
+    vocab: &Vocab,
+    cfg: &EvalConfig,
+    source: &Path,
+) -> Result<Report> {
+    if !(cfg.dilation_ratio.is_finite() && cfg.dilation_ratio >= 0.0) {
+        return Err(Error::arg(
+            "evaluate",
+            format!(
+                "dilation ratio {} must be finite and ≥ 0",
+                cfg.dilation_ratio
+            ),
+        ));
+    }
+    if preds.len() != data.len()
+        || preds
+            .iter()
+            .zip(data)
+            .any(|(p, d)| p.len() != d.questions.len())
+    {
+        return Err(Error::shape(
+            "evaluate",
+            "predictions are not aligned with the data",
+        ));
+    }
+    let scores: Vec<_> = data
+        .par_iter()
+        .zip(preds.par_iter())
+        .map(|(img, p)| score_image(img, p, vocab, cfg))
+        .collect();
+    let (mut all, mut few, mut many) = (Acc::default(), Acc::default(), Acc::default());
+    for (i, r) in scores.into_iter().enumerate() {
+        let qs = r.map_err(|(field, msg)| Error::Data {
+            path: source.into(),
+            field: format!("[{i}] ({}) {field}", data[i].file_name),
+            msg,
+        })?;
+        for s in &qs {
+            all.add(s);
+            if s.n_targets <= cfg.few_max {
+                few.add(s);
+            } else {
+                many.add(s);
+            }
+        }
+    }
+    Ok(Report {
+        overall: all.metrics(),
+        by_targets: ByTargets {
+            few: few.metrics(),
+            many: many.metrics(),
+        },
+        n_images: data.len() as u64,
+        dilation_ratio: cfg.dilation_ratio,
+        few_max: cfg.few_max,
+    })
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// Read the files and score: what `popen eval` runs.  `vocab = None` uses the embedded
+/// vocabulary.
+pub fn evaluate_files(
+    data: &Path,
+    pred: &Path,
+    vocab: Option<&Path>,
+    cfg: &EvalConfig,
+) -> Result<Report> {
+    let v = match vocab {
+        Some(p) => Vocab::parse(&read(p)?, &p.display().to_string())?,
+        None => Vocab::embedded(),
+    };
+    let d = parse_data(&read(data)?, data)?;
+    let p = parse_preds(&read(pred)?, pred, &d)?;
+    evaluate(&d, &p, &v, cfg, data)
+}
+
+impl Report {
+    /// The report as pretty JSON (stable field order; the same inputs give the same
+    /// bytes).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report serializes") + "\n"
+    }
+
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.2}", 100.0 * v));
+        let mut s = String::new();
+        s.push_str(&format!(
+            "{:<8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+            "split",
+            "n",
+            "MUSE gIoU",
+            "cIoU",
+            "bIoU",
+            "LISA gIoU",
+            "cIoU",
+            "CHAIR_s",
+            "CHAIR_i",
+            "loc err",
+            "N-acc",
+            "missing"
+        ));
+        let rows = [
+            ("all", &self.overall),
+            ("few", &self.by_targets.few),
+            ("many", &self.by_targets.many),
+        ];
+        for (name, m) in rows {
+            s.push_str(&format!(
+                "{:<8} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+                name,
+                m.n_questions,
+                f(m.muse.giou),
+                f(m.muse.ciou),
+                f(m.muse.boundary_iou),
+                f(m.lisa.giou),
+                f(m.lisa.ciou),
+                f(m.chair_s),
+                f(m.chair_i),
+                f(m.loc_error),
+                f(m.no_target_acc),
+                m.missing
+            ));
+        }
+        s.push_str(&format!(
+            "(percent; {} images, few = at most {} targets, boundary dilation ratio {})\n",
+            self.n_images, self.few_max, self.dilation_ratio
+        ));
+        s
+    }
+}
