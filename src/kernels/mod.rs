@@ -6,6 +6,7 @@
 //! `.cu` source runs on the host through the CUDA emulator (see [`device`]), so
 //! `cargo test` checks every kernel on every machine.
 pub mod device;
+pub mod mask;
 
 pub use device::{Backend, Device, DeviceBuf, Elem, KArg, LaunchCfg};
 

@@ -2,7 +2,7 @@
 //! reduce in input order, report.  Definitions: [module docs of `metrics`](super).
 use super::assign::{assign, iou_weight};
 use super::chair::{chair_counts, Vocab};
-use super::mask_shim as mask;
+use crate::kernels::mask;
 use super::raster::{fill_runs, rasterize, rle_runs};
 use crate::data::muse::{MuseAnn, MuseImage, RleJson};
 use crate::error::{Error, Result};
@@ -552,21 +552,19 @@ pub struct Report {
     pub few_max: usize,
 }
 
-/// Score `preds` against `data`; `source` names `DATA.json` in errors.
-pub fn evaluate(
+/// Per-question scores, `[image][question]`, in input order; `source` names
+/// `DATA.json` in errors (a ground truth that does not rasterize).
+pub fn score(
     data: &[MuseImage],
     preds: &Predictions,
     vocab: &Vocab,
     cfg: &EvalConfig,
     source: &Path,
-) -> Result<Report> {
+) -> Result<Vec<Vec<QuestionScore>>> {
     if !(cfg.dilation_ratio.is_finite() && cfg.dilation_ratio >= 0.0) {
         return Err(Error::arg(
             "evaluate",
-            format!(
-                "dilation ratio {} must be finite and ≥ 0",
-                cfg.dilation_ratio
-            ),
+            format!("dilation ratio {} must be finite and ≥ 0", cfg.dilation_ratio),
         ));
     }
     if preds.len() != data.len()
@@ -580,25 +578,44 @@ pub fn evaluate(
             "predictions are not aligned with the data",
         ));
     }
+    // images in parallel; results come back in input order, and the first error in
+    // that order is the one reported
     let scores: Vec<_> = data
         .par_iter()
         .zip(preds.par_iter())
         .map(|(img, p)| score_image(img, p, vocab, cfg))
         .collect();
+    scores
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.map_err(|(field, msg)| Error::Data {
+                path: source.into(),
+                field: format!("[{i}] ({}) {field}", data[i].file_name),
+                msg,
+            })
+        })
+        .collect()
+}
+
+/// Score `preds` against `data` and reduce to the report; `source` names `DATA.json`
+/// in errors.
+pub fn evaluate(
+    data: &[MuseImage],
+    preds: &Predictions,
+    vocab: &Vocab,
+    cfg: &EvalConfig,
+    source: &Path,
+) -> Result<Report> {
+    let scores = score(data, preds, vocab, cfg, source)?;
     let (mut all, mut few, mut many) = (Acc::default(), Acc::default(), Acc::default());
-    for (i, r) in scores.into_iter().enumerate() {
-        let qs = r.map_err(|(field, msg)| Error::Data {
-            path: source.into(),
-            field: format!("[{i}] ({}) {field}", data[i].file_name),
-            msg,
-        })?;
-        for s in &qs {
-            all.add(s);
-            if s.n_targets <= cfg.few_max {
-                few.add(s);
-            } else {
-                many.add(s);
-            }
+    // sequential sums in input order: the report does not depend on the thread count
+    for s in scores.iter().flatten() {
+        all.add(s);
+        if s.n_targets <= cfg.few_max {
+            few.add(s);
+        } else {
+            many.add(s);
         }
     }
     Ok(Report {

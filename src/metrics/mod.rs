@@ -6,7 +6,7 @@
 //! [`assign`] (the deterministic maximum-IoU assignment), [`chair`] (vocabulary and
 //! mention matching), [`eval`] (loading, validation, per-question scores, the report).
 //! Mask counts and boundary IoU come from the mask-metric kernels' CPU twins
-//! (`kernels::mask`).
+//! ([`crate::kernels::mask`]).
 //!
 //! # Definitions, exactly as implemented
 //!
@@ -46,7 +46,7 @@
 //! 5. `muse.giou = Σ numerators / Σ denominators`, `muse.ciou = ΣI / ΣU` (1 when
 //!    `ΣU = 0`), `muse.boundary_iou` = mean Boundary IoU over matched pairs (`null` when
 //!    none). Boundary IoU (Cheng et al. 2021) uses the boundary `mask − erode(mask)`
-//!    with a 3×3 structuring element applied `d = max(1, round(ratio · diagonal))` times
+//!    with a 3×3 structuring element applied `d = max(1, round(ratio · diagonal))` times (half to even, as Python's `round`)
 //!    (`ratio` = `--dilation-ratio`, default 0.02), pixels outside the image counting as
 //!    background, and IoU 1 for two empty boundaries.
 //!
@@ -105,7 +105,6 @@
 pub mod assign;
 pub mod chair;
 pub mod eval;
-mod mask_shim;
 pub mod raster;
 
 pub use eval::{evaluate, evaluate_files, EvalConfig, Metrics, Report};
