@@ -2,10 +2,10 @@
 //! reduce in input order, report.  Definitions: [module docs of `metrics`](super).
 use super::assign::{assign, iou_weight};
 use super::chair::{chair_counts, Vocab};
-use crate::kernels::mask;
 use super::raster::{fill_runs, rasterize, rle_runs};
 use crate::data::muse::{MuseAnn, MuseImage, RleJson};
 use crate::error::{Error, Result};
+use crate::kernels::mask;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -564,7 +564,10 @@ pub fn score(
     if !(cfg.dilation_ratio.is_finite() && cfg.dilation_ratio >= 0.0) {
         return Err(Error::arg(
             "evaluate",
-            format!("dilation ratio {} must be finite and ≥ 0", cfg.dilation_ratio),
+            format!(
+                "dilation ratio {} must be finite and ≥ 0",
+                cfg.dilation_ratio
+            ),
         ));
     }
     if preds.len() != data.len()
