@@ -2,8 +2,8 @@
 //! reduce in input order, report.  Definitions: [module docs of `metrics`](super).
 use super::assign::{assign, iou_weight};
 use super::chair::{chair_counts, Vocab};
-use super::raster::{fill_runs, rasterize, rle_runs};
-use crate::data::muse::{MuseAnn, MuseImage, RleJson};
+use super::raster::{rasterize, rle_runs, Runs};
+use crate::data::muse::{MuseAnn, MuseImage, RleJson, Segmentation};
 use crate::error::{Error, Result};
 use crate::kernels::mask;
 use rayon::prelude::*;
@@ -201,55 +201,52 @@ pub struct QuestionScore {
     pub matches: Vec<Option<usize>>,
 }
 
-/// Masks of one image as a (N, W, H) column-major stack.
-struct Stack {
-    data: Vec<u8>,
-    area: Vec<u64>,
-    n: usize,
-}
-
-impl Stack {
-    fn with_capacity(k: usize, npix: usize) -> Self {
-        Stack {
-            data: Vec::with_capacity(k * npix),
-            area: Vec::with_capacity(k),
-            n: 0,
-        }
-    }
-    fn push_zeroed(&mut self, npix: usize) -> &mut [u8] {
-        let start = self.data.len();
-        self.data.resize(start + npix, 0);
-        self.n += 1;
-        &mut self.data[start..]
-    }
-    fn finish_area(&mut self, npix: usize) {
-        let start = (self.n - 1) * npix;
-        // values are 0/1, so the byte sum is the area
-        let a = self.data[start..start + npix]
-            .iter()
-            .map(|&b| b as u64)
-            .sum();
-        self.area.push(a);
-    }
-    fn mask(&self, k: usize, npix: usize) -> &[u8] {
-        &self.data[k * npix..(k + 1) * npix]
-    }
-}
-
-fn rasterize_anns(
+/// Rasterize annotations to [`Runs`]; `Err((field, msg))` names the one that fails.
+fn anns_to_runs(
     anns: &[MuseAnn],
     h: usize,
     w: usize,
     what: &dyn Fn(usize) -> String,
-) -> std::result::Result<Stack, (String, String)> {
-    let npix = h * w;
-    let mut s = Stack::with_capacity(anns.len(), npix);
-    for (k, a) in anns.iter().enumerate() {
-        let out = s.push_zeroed(npix);
-        rasterize(&a.segmentation, h, w, out).map_err(|e| (what(k), e))?;
-        s.finish_area(npix);
-    }
-    Ok(s)
+) -> std::result::Result<Vec<Runs>, (String, String)> {
+    let mut dense: Vec<u8> = Vec::new();
+    anns.iter()
+        .enumerate()
+        .map(|(k, a)| match &a.segmentation {
+            Segmentation::Rle(r) => rle_runs(r, h, w)
+                .map(|c| Runs::from_counts(&c))
+                .map_err(|e| (what(k), e)),
+            seg => {
+                dense.clear();
+                dense.resize(h * w, 0);
+                rasterize(seg, h, w, &mut dense).map_err(|e| (what(k), e))?;
+                Ok(Runs::from_dense(&dense))
+            }
+        })
+        .collect()
+}
+
+/// Boundary IoU of two masks of an `(h, w)` image with boundary width `d`, computed by
+/// the kernels' CPU twins on the crop that holds both masks.  Outside the crop both
+/// masks are background, as pixels outside the image are for the erosion, so the crop
+/// changes nothing (tested against `boundary_iou_cpu` on the whole image).
+pub fn boundary_iou_runs(a: &Runs, b: &Runs, h: usize, d: usize) -> Result<f64> {
+    let crop = match (a.bbox(h), b.bbox(h)) {
+        (None, None) => return Ok(1.0),
+        (Some(x), None) | (None, Some(x)) => x,
+        (Some(p), Some(q)) => (p.0.min(q.0), p.1.max(q.1), p.2.min(q.2), p.3.max(q.3)),
+    };
+    // column-major crop: (x1−x0) rows of (y1−y0) pixels
+    let (nx, ny) = (crop.1 - crop.0, crop.3 - crop.2);
+    let mut ma = vec![0u8; nx * ny];
+    let mut mb = vec![0u8; nx * ny];
+    a.paint_crop(h, crop, &mut ma);
+    b.paint_crop(h, crop, &mut mb);
+    let mut ba = vec![0u8; nx * ny];
+    let mut bb = vec![0u8; nx * ny];
+    mask::boundary_cpu(&ma, nx, ny, d, &mut ba)?;
+    mask::boundary_cpu(&mb, nx, ny, d, &mut bb)?;
+    let (i, u) = mask::counts_cpu(&ba, &bb)?;
+    Ok(mask::iou_from_counts(i, u))
 }
 
 /// Score every question of one image.  `Err((field, msg))` on a ground truth that does
@@ -261,60 +258,44 @@ fn score_image(
     cfg: &EvalConfig,
 ) -> std::result::Result<Vec<QuestionScore>, (String, String)> {
     let (h, w) = (img.height as usize, img.width as usize);
-    let npix = h * w;
-    // column-major = the transposed image: the kernels see (rows, cols) = (W, H)
-    let (rows, cols) = (w, h);
+    // the image diagonal is the same in the transposed frame
+    let d = mask::boundary_width(h, w, cfg.dilation_ratio);
     let kerr = |e: Error| ("internal".to_string(), e.to_string());
 
-    let gts: Vec<Stack> = img
+    let gts: Vec<Vec<Runs>> = img
         .answers
         .iter()
         .enumerate()
-        .map(|(q, anns)| rasterize_anns(anns, h, w, &|k| format!("answers[{q}][{k}].segmentation")))
+        .map(|(q, anns)| anns_to_runs(anns, h, w, &|k| format!("answers[{q}][{k}].segmentation")))
         .collect::<std::result::Result<_, _>>()?;
-    // the image's objects: ann_list, or every answer annotation when it is absent,
-    // as one (K, W, H) stack
+    // the image's objects: ann_list, or every answer annotation when it is absent
     let own_objects;
-    let fallback: Vec<u8>;
-    let (obj_data, object_names): (&[u8], Vec<&str>) = match &img.ann_list {
+    let (objects, object_names): (Vec<&Runs>, Vec<&str>) = match &img.ann_list {
         Some(list) => {
-            own_objects = rasterize_anns(list, h, w, &|k| format!("ann_list[{k}].segmentation"))?;
+            own_objects = anns_to_runs(list, h, w, &|k| format!("ann_list[{k}].segmentation"))?;
             (
-                &own_objects.data,
+                own_objects.iter().collect(),
                 list.iter().map(|a| a.category_name.as_str()).collect(),
             )
         }
-        None => {
-            fallback = gts.iter().flat_map(|s| s.data.iter().copied()).collect();
-            (
-                &fallback,
-                img.answers
-                    .iter()
-                    .flatten()
-                    .map(|a| a.category_name.as_str())
-                    .collect(),
-            )
-        }
+        None => (
+            gts.iter().flatten().collect(),
+            img.answers
+                .iter()
+                .flatten()
+                .map(|a| a.category_name.as_str())
+                .collect(),
+        ),
     };
-    let n_obj = object_names.len();
-    let objects: Vec<&[u8]> = (0..n_obj)
-        .map(|k| &obj_data[k * npix..(k + 1) * npix])
-        .collect();
-    let object_area: Vec<u64> = objects
-        .iter()
-        .map(|m| m.iter().map(|&b| b as u64).sum())
-        .collect();
     let present: BTreeSet<String> = vocab.objects_of(object_names.iter().copied());
 
     let mut out = Vec::with_capacity(img.questions.len());
     for (q, gt) in gts.iter().enumerate() {
         let pred = preds[q].as_ref();
-        let mut ps = Stack::with_capacity(pred.map_or(0, |p| p.masks.len()), npix);
-        for runs in pred.map(|p| p.masks.as_slice()).unwrap_or(&[]) {
-            fill_runs(runs, ps.push_zeroed(npix));
-            ps.finish_area(npix);
-        }
-        let (np, ng) = (ps.n, gt.n);
+        let ps: Vec<Runs> = pred
+            .map(|p| p.masks.iter().map(|c| Runs::from_counts(c)).collect())
+            .unwrap_or_default();
+        let (np, ng) = (ps.len(), gt.len());
         let mut s = QuestionScore {
             n_targets: ng,
             n_pred: np,
@@ -322,13 +303,16 @@ fn score_image(
             ..Default::default()
         };
 
-        // MUSE
+        // MUSE: counts for every pair, the assignment, then the sums
         let mut inter = vec![0u64; np * ng];
         let mut union = vec![0u64; np * ng];
-        mask::pair_counts_cpu(
-            &ps.data, &gt.data, np, ng, rows, cols, &mut inter, &mut union,
-        )
-        .map_err(kerr)?;
+        for (p, pm) in ps.iter().enumerate() {
+            for (g, gm) in gt.iter().enumerate() {
+                let i = pm.inter(gm);
+                inter[p * ng + g] = i;
+                union[p * ng + g] = pm.area + gm.area - i;
+            }
+        }
         let weights: Vec<i64> = inter
             .iter()
             .zip(&union)
@@ -337,38 +321,30 @@ fn score_image(
         let matches = assign(&weights, np, ng);
         let mut gt_matched = vec![false; ng];
         for (p, m) in matches.iter().enumerate() {
-            match *m {
-                Some(g) => {
-                    gt_matched[g] = true;
-                    let (i, u) = (inter[p * ng + g], union[p * ng + g]);
-                    s.n_matched += 1;
-                    s.muse_iou += mask::iou_from_counts(i, u);
-                    s.muse_inter += i;
-                    s.muse_union += u;
-                    let pm = ps.mask(p, npix);
-                    let gm = gt.mask(g, npix);
-                    s.boundary_iou +=
-                        mask::boundary_iou_cpu(pm, gm, rows, cols, cfg.dilation_ratio)
-                            .map_err(kerr)?;
-                    if 4 * i < 3 * u {
-                        // IoU < 0.75: is some other object covered with IoU > 0.25?
-                        let k = n_obj;
-                        let mut oi = vec![0u64; k];
-                        let mut ou = vec![0u64; k];
-                        mask::pair_counts_cpu(pm, obj_data, 1, k, rows, cols, &mut oi, &mut ou)
-                            .map_err(kerr)?;
-                        let other = |o: usize| object_area[o] != gt.area[g] || objects[o] != gm;
-                        if (0..k).any(|o| 4 * oi[o] > ou[o] && other(o)) {
-                            s.loc_errors += 1;
-                        }
-                    }
-                }
-                None => s.muse_union += ps.area[p],
+            let Some(g) = *m else {
+                s.muse_union += ps[p].area;
+                continue;
+            };
+            gt_matched[g] = true;
+            let (i, u) = (inter[p * ng + g], union[p * ng + g]);
+            s.n_matched += 1;
+            s.muse_iou += mask::iou_from_counts(i, u);
+            s.muse_inter += i;
+            s.muse_union += u;
+            s.boundary_iou += boundary_iou_runs(&ps[p], &gt[g], h, d).map_err(kerr)?;
+            // IoU < 0.75 and IoU > 0.25 with another object (exact comparisons)
+            if 4 * i < 3 * u {
+                let hit = objects.iter().any(|o| {
+                    let oi = ps[p].inter(o);
+                    let ou = ps[p].area + o.area - oi;
+                    4 * oi > ou && **o != gt[g]
+                });
+                s.loc_errors += u64::from(hit);
             }
         }
         for (g, &m) in gt_matched.iter().enumerate() {
             if !m {
-                s.muse_union += gt.area[g];
+                s.muse_union += gt[g].area;
             }
         }
         if np == 0 && ng == 0 {
@@ -380,21 +356,10 @@ fn score_image(
         s.matches = matches;
 
         // LISA: union of predictions vs union of targets
-        let union_of = |st: &Stack| {
-            let mut u = vec![0u8; npix];
-            for k in 0..st.n {
-                for (a, &b) in u.iter_mut().zip(st.mask(k, npix)) {
-                    *a |= b;
-                }
-            }
-            u
-        };
-        let (up, ug) = (union_of(&ps), union_of(gt));
-        let (mut li, mut lu) = ([0u64], [0u64]);
-        mask::pair_counts_cpu(&up, &ug, 1, 1, rows, cols, &mut li, &mut lu).map_err(kerr)?;
-        s.lisa_inter = li[0];
-        s.lisa_union = lu[0];
-        s.lisa_iou = mask::iou_from_counts(li[0], lu[0]);
+        let (up, ug) = (Runs::union_all(&ps), Runs::union_all(gt));
+        s.lisa_inter = up.inter(&ug);
+        s.lisa_union = up.area + ug.area - s.lisa_inter;
+        s.lisa_iou = mask::iou_from_counts(s.lisa_inter, s.lisa_union);
 
         // CHAIR
         let c = chair_counts(vocab, pred.map_or("", |p| p.text.as_str()), &present);

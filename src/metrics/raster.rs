@@ -159,3 +159,142 @@ mod tests {
         assert!(rle_runs(&r, 3, 2).unwrap_err().contains("does not decode"));
     }
 }
+
+/// A mask as its foreground intervals `[start, end)` of column-major pixel indices,
+/// sorted, non-empty and non-adjacent (so equal masks have equal lists).  Counting on
+/// intervals costs O(runs) instead of O(pixels); the results are those of
+/// `kernels::mask::pair_counts_cpu` on the dense masks (tested).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Runs {
+    pub iv: Vec<(u32, u32)>,
+    pub area: u64,
+}
+
+impl Runs {
+    fn push(&mut self, s: u32, e: u32) {
+        if e <= s {
+            return;
+        }
+        self.area += (e - s) as u64;
+        match self.iv.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => self.iv.push((s, e)),
+        }
+    }
+
+    /// From validated COCO run lengths (zeros first).
+    pub fn from_counts(counts: &[u32]) -> Runs {
+        let mut r = Runs::default();
+        let mut idx = 0u32;
+        for (k, &c) in counts.iter().enumerate() {
+            if k % 2 == 1 {
+                r.push(idx, idx + c);
+            }
+            idx += c;
+        }
+        r
+    }
+
+    /// From a dense column-major mask (nonzero = foreground).
+    pub fn from_dense(m: &[u8]) -> Runs {
+        let mut r = Runs::default();
+        let mut start = None;
+        for (i, &v) in m.iter().enumerate() {
+            match (v != 0, start) {
+                (true, None) => start = Some(i as u32),
+                (false, Some(s)) => {
+                    r.push(s, i as u32);
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            r.push(s, m.len() as u32);
+        }
+        r
+    }
+
+    /// Intersection count with `other`.
+    pub fn inter(&self, other: &Runs) -> u64 {
+        let (a, b) = (&self.iv, &other.iv);
+        let (mut i, mut j, mut n) = (0, 0, 0u64);
+        while i < a.len() && j < b.len() {
+            let s = a[i].0.max(b[j].0);
+            let e = a[i].1.min(b[j].1);
+            if e > s {
+                n += (e - s) as u64;
+            }
+            if a[i].1 < b[j].1 {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        n
+    }
+
+    /// Union of several masks.
+    pub fn union_all<'a>(masks: impl IntoIterator<Item = &'a Runs>) -> Runs {
+        let mut all: Vec<(u32, u32)> = masks
+            .into_iter()
+            .flat_map(|m| m.iv.iter().copied())
+            .collect();
+        all.sort_unstable();
+        let mut r = Runs::default();
+        let mut cur: Option<(u32, u32)> = None;
+        for (s, e) in all {
+            cur = match cur {
+                Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+                Some((cs, ce)) => {
+                    r.push(cs, ce);
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+        if let Some((cs, ce)) = cur {
+            r.push(cs, ce);
+        }
+        r
+    }
+
+    /// Bounding box in the column-major (transposed) frame of an image of height `h`:
+    /// `(x0, x1, y0, y1)`, half-open; `None` when empty.
+    pub fn bbox(&self, h: usize) -> Option<(usize, usize, usize, usize)> {
+        let (first, last) = (self.iv.first()?, self.iv.last()?);
+        let (x0, x1) = (first.0 as usize / h, (last.1 as usize - 1) / h + 1);
+        let (mut y0, mut y1) = (h, 0);
+        for &(s, e) in &self.iv {
+            let (s, e) = (s as usize, e as usize - 1);
+            if s / h != e / h {
+                return Some((x0, x1, 0, h)); // spans a column boundary: every row
+            }
+            y0 = y0.min(s % h);
+            y1 = y1.max(e % h + 1);
+        }
+        Some((x0, x1, y0, y1))
+    }
+
+    /// Paint the part of the mask inside the crop `(x0, x1, y0, y1)` of an image of
+    /// height `h` into `out` ((x1−x0) × (y1−y0), column-major like the image, zeroed).
+    pub fn paint_crop(&self, h: usize, crop: (usize, usize, usize, usize), out: &mut [u8]) {
+        let (x0, x1, y0, y1) = crop;
+        let ch = y1 - y0;
+        for &(s, e) in &self.iv {
+            let (mut p, e) = (s as usize, e as usize);
+            while p < e {
+                let (x, y) = (p / h, p % h);
+                let col_end = (x + 1) * h;
+                let q = e.min(col_end);
+                if (x0..x1).contains(&x) {
+                    let (a, b) = (y.max(y0), (q - x * h).min(y1));
+                    if b > a {
+                        out[(x - x0) * ch + (a - y0)..(x - x0) * ch + (b - y0)].fill(1);
+                    }
+                }
+                p = q;
+            }
+        }
+    }
+}
