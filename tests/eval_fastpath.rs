@@ -4,7 +4,7 @@
 use popen::data::{Mask, Rle};
 use popen::kernels::mask::{boundary_iou_cpu, boundary_width, pair_counts_cpu};
 use popen::metrics::eval::boundary_iou_runs;
-use popen::metrics::raster::Runs;
+use popen::metrics::raster::{boundary_iou_intervals, Runs};
 
 struct Lcg(u64);
 impl Lcg {
@@ -78,17 +78,23 @@ fn interval_counts_match_pair_counts_cpu() {
 }
 
 #[test]
-fn cropped_transposed_boundary_iou_matches_boundary_iou_cpu() {
+fn cropped_and_interval_boundary_iou_match_boundary_iou_cpu() {
     let mut r = Lcg(5);
-    for (h, w) in [(1, 1), (9, 5), (23, 37), (41, 19)] {
+    for (h, w) in [(1, 1), (9, 5), (23, 37), (41, 19), (3, 50)] {
         for ratio in [0.02, 0.08, 0.3] {
-            for _ in 0..10 {
+            for _ in 0..30 {
                 let a = random_mask(&mut r, h, w);
                 let b = random_mask(&mut r, h, w);
                 let want = boundary_iou_cpu(&a.data, &b.data, h, w, ratio).unwrap();
-                let got = boundary_iou_runs(&runs(&a), &runs(&b), h, boundary_width(h, w, ratio))
-                    .unwrap();
-                assert_eq!(got, want, "{h}x{w} ratio {ratio}: {a:?} vs {b:?}");
+                let d = boundary_width(h, w, ratio);
+                let (ra, rb) = (runs(&a), runs(&b));
+                let got = boundary_iou_runs(&ra, &rb, h, d).unwrap();
+                assert_eq!(got, want, "crop: {h}x{w} ratio {ratio}: {a:?} vs {b:?}");
+                let got = boundary_iou_intervals(&ra, &rb, h, d);
+                assert_eq!(
+                    got, want,
+                    "intervals: {h}x{w} ratio {ratio}: {a:?} vs {b:?}"
+                );
             }
         }
     }
