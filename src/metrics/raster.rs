@@ -299,12 +299,39 @@ impl Runs {
     }
 }
 
-/// Foreground intervals `[y0, y1)` of each image column `x0..x0 + len`.
-pub type Columns = (usize, Vec<Vec<(u32, u32)>>);
+/// Foreground intervals `[y0, y1)` of the image columns `x0 .. x0 + off.len() − 1`:
+/// column `x0 + k` holds `iv[off[k] .. off[k + 1]]` (one flat buffer, no per-column
+/// allocation).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Columns {
+    pub x0: usize,
+    pub off: Vec<usize>,
+    pub iv: Vec<(u32, u32)>,
+}
 
-/// `a ∩ b` of two sorted interval lists.
-fn intersect(a: &[(u32, u32)], b: &[(u32, u32)]) -> Vec<(u32, u32)> {
-    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+impl Columns {
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.off.len().saturating_sub(1)
+    }
+    /// True when there are no columns.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Intervals of the `k`-th column (image column `x0 + k`).
+    pub fn col(&self, k: usize) -> &[(u32, u32)] {
+        &self.iv[self.off[k]..self.off[k + 1]]
+    }
+    /// Pixels in all columns.
+    pub fn area(&self) -> u64 {
+        self.iv.iter().map(|&(s, e)| (e - s) as u64).sum()
+    }
+}
+
+/// `out = a ∩ b` for sorted interval lists.
+fn intersect_into(a: &[(u32, u32)], b: &[(u32, u32)], out: &mut Vec<(u32, u32)>) {
+    out.clear();
+    let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
         let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
         if e > s {
@@ -316,17 +343,27 @@ fn intersect(a: &[(u32, u32)], b: &[(u32, u32)]) -> Vec<(u32, u32)> {
             j += 1;
         }
     }
-    out
 }
 
 /// `|a ∩ b|` of two sorted interval lists.
 fn inter_len(a: &[(u32, u32)], b: &[(u32, u32)]) -> u64 {
-    intersect(a, b).iter().map(|&(s, e)| (e - s) as u64).sum()
+    let (mut i, mut j, mut n) = (0, 0, 0u64);
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if e > s {
+            n += (e - s) as u64;
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    n
 }
 
-/// `a \ b` for sorted interval lists with `b ⊆ a`.
-fn subtract(a: &[(u32, u32)], b: &[(u32, u32)]) -> Vec<(u32, u32)> {
-    let mut out = Vec::new();
+/// Append `a \ b` to `out`, for sorted interval lists with `b ⊆ a`.
+fn subtract_into(a: &[(u32, u32)], b: &[(u32, u32)], out: &mut Vec<(u32, u32)>) {
     let mut j = 0;
     for &(s, e) in a {
         let mut cur = s;
@@ -341,7 +378,6 @@ fn subtract(a: &[(u32, u32)], b: &[(u32, u32)]) -> Vec<(u32, u32)> {
             out.push((cur, e));
         }
     }
-    out
 }
 
 impl Runs {
@@ -349,17 +385,31 @@ impl Runs {
     /// its bounding columns; `None` when empty.
     pub fn columns(&self, h: usize) -> Option<Columns> {
         let (x0, x1, _, _) = self.bbox(h)?;
-        let mut cols = vec![Vec::new(); x1 - x0];
+        let mut c = Columns {
+            x0,
+            off: Vec::with_capacity(x1 - x0 + 1),
+            iv: Vec::with_capacity(self.iv.len() + (x1 - x0)),
+        };
+        c.off.push(0);
+        let mut x = x0;
         for &(s, e) in &self.iv {
             let (mut p, e) = (s as usize, e as usize);
             while p < e {
-                let x = p / h;
-                let q = e.min((x + 1) * h);
-                cols[x - x0].push(((p - x * h) as u32, (q - x * h) as u32));
+                let px = p / h;
+                while x < px {
+                    c.off.push(c.iv.len());
+                    x += 1;
+                }
+                let q = e.min((px + 1) * h);
+                c.iv.push(((p - px * h) as u32, (q - px * h) as u32));
                 p = q;
             }
         }
-        Some((x0, cols))
+        while x < x1 {
+            c.off.push(c.iv.len());
+            x += 1;
+        }
+        Some(c)
     }
 
     /// Boundary (Cheng et al.): the mask minus its erosion by a (2d+1)² square, pixels
@@ -369,34 +419,49 @@ impl Runs {
     /// all `2d+1` neighbouring columns (horizontal erosion; a neighbour outside the
     /// mask's bounding columns is empty).  Cost O(runs · d), not O(pixels).
     pub fn boundary(&self, h: usize, d: usize) -> Option<Columns> {
-        let (x0, cols) = self.columns(h)?;
-        let d32 = d as u32;
-        let vert: Vec<Vec<(u32, u32)>> = cols
-            .iter()
-            .map(|c| {
-                c.iter()
-                    .filter(|&&(s, e)| e - s > 2 * d32)
-                    .map(|&(s, e)| (s + d32, e - d32))
-                    .collect()
-            })
-            .collect();
+        let cols = self.columns(h)?;
         let n = cols.len();
-        let out = (0..n)
-            .map(|x| {
-                if x < d || x + d >= n {
-                    return cols[x].clone(); // the window leaves the mask: nothing eroded
+        let d32 = d as u32;
+        let mut vert = Columns {
+            x0: cols.x0,
+            off: Vec::with_capacity(n + 1),
+            iv: Vec::with_capacity(cols.iv.len()),
+        };
+        vert.off.push(0);
+        for k in 0..n {
+            for &(s, e) in cols.col(k) {
+                if e - s > 2 * d32 {
+                    vert.iv.push((s + d32, e - d32));
                 }
-                let mut e = vert[x - d].clone();
-                for v in &vert[x - d + 1..=x + d] {
-                    if e.is_empty() {
+            }
+            vert.off.push(vert.iv.len());
+        }
+        let mut out = Columns {
+            x0: cols.x0,
+            off: Vec::with_capacity(n + 1),
+            iv: Vec::with_capacity(cols.iv.len() * 2),
+        };
+        out.off.push(0);
+        let (mut acc, mut tmp) = (Vec::new(), Vec::new());
+        for x in 0..n {
+            if x < d || x + d >= n {
+                // the window reaches a column outside the mask: nothing is eroded
+                out.iv.extend_from_slice(cols.col(x));
+            } else {
+                acc.clear();
+                acc.extend_from_slice(vert.col(x - d));
+                for k in x - d + 1..=x + d {
+                    if acc.is_empty() {
                         break;
                     }
-                    e = intersect(&e, v);
+                    intersect_into(&acc, vert.col(k), &mut tmp);
+                    std::mem::swap(&mut acc, &mut tmp);
                 }
-                subtract(&cols[x], &e)
-            })
-            .collect();
-        Some((x0, out))
+                subtract_into(cols.col(x), &acc, &mut out.iv);
+            }
+            out.off.push(out.iv.len());
+        }
+        Some(out)
     }
 }
 
@@ -405,17 +470,14 @@ impl Runs {
 /// `kernels::mask::boundary_iou_cpu` on the dense masks (tested).
 pub fn boundary_iou_intervals(a: &Runs, b: &Runs, h: usize, d: usize) -> f64 {
     let (ba, bb) = (a.boundary(h, d), b.boundary(h, d));
-    let len = |c: &Option<Columns>| -> u64 {
-        c.as_ref().map_or(0, |(_, cols)| {
-            cols.iter().flatten().map(|&(s, e)| (e - s) as u64).sum()
-        })
-    };
-    let (la, lb) = (len(&ba), len(&bb));
+    let la = ba.as_ref().map_or(0, Columns::area);
+    let lb = bb.as_ref().map_or(0, Columns::area);
     let mut i = 0u64;
-    if let (Some((xa, ca)), Some((xb, cb))) = (&ba, &bb) {
-        let (lo, hi) = ((*xa).max(*xb), (xa + ca.len()).min(xb + cb.len()));
+    if let (Some(ca), Some(cb)) = (&ba, &bb) {
+        let lo = ca.x0.max(cb.x0);
+        let hi = (ca.x0 + ca.len()).min(cb.x0 + cb.len());
         for x in lo..hi {
-            i += inter_len(&ca[x - xa], &cb[x - xb]);
+            i += inter_len(ca.col(x - ca.x0), cb.col(x - cb.x0));
         }
     }
     let u = la + lb - i;
