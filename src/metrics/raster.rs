@@ -442,20 +442,45 @@ impl Runs {
             iv: Vec::with_capacity(cols.iv.len() * 2),
         };
         out.off.push(0);
+        // Window tests in O(1) by prefix counts: a window with an empty column erodes
+        // to nothing; a window of single-interval columns (the common case) erodes to
+        // [max start, min end); only the rest intersects interval lists.
+        let mut empty = vec![0u32; n + 1];
+        let mut multi = vec![0u32; n + 1];
+        let (mut first_s, mut first_e) = (vec![0u32; n], vec![0u32; n]);
+        for k in 0..n {
+            let c = vert.col(k);
+            empty[k + 1] = empty[k] + u32::from(c.is_empty());
+            multi[k + 1] = multi[k] + u32::from(c.len() > 1);
+            if let Some(&(a, b)) = c.first() {
+                (first_s[k], first_e[k]) = (a, b);
+            }
+        }
         let (mut acc, mut tmp) = (Vec::new(), Vec::new());
         for x in 0..n {
             if x < d || x + d >= n {
                 // the window reaches a column outside the mask: nothing is eroded
                 out.iv.extend_from_slice(cols.col(x));
             } else {
+                let (lo, hi) = (x - d, x + d + 1);
                 acc.clear();
-                acc.extend_from_slice(vert.col(x - d));
-                for k in x - d + 1..=x + d {
-                    if acc.is_empty() {
-                        break;
+                if empty[hi] - empty[lo] > 0 {
+                    // eroded to nothing
+                } else if multi[hi] == multi[lo] {
+                    let s = first_s[lo..hi].iter().copied().max().unwrap_or(0);
+                    let e = first_e[lo..hi].iter().copied().min().unwrap_or(0);
+                    if e > s {
+                        acc.push((s, e));
                     }
-                    intersect_into(&acc, vert.col(k), &mut tmp);
-                    std::mem::swap(&mut acc, &mut tmp);
+                } else {
+                    acc.extend_from_slice(vert.col(lo));
+                    for k in lo + 1..hi {
+                        if acc.is_empty() {
+                            break;
+                        }
+                        intersect_into(&acc, vert.col(k), &mut tmp);
+                        std::mem::swap(&mut acc, &mut tmp);
+                    }
                 }
                 subtract_into(cols.col(x), &acc, &mut out.iv);
             }
