@@ -234,29 +234,40 @@ impl Runs {
         n
     }
 
-    /// Union of several masks.
+    /// Union of several masks (pairwise merges of the sorted lists: no sort).
     pub fn union_all<'a>(masks: impl IntoIterator<Item = &'a Runs>) -> Runs {
-        let mut all: Vec<(u32, u32)> = masks
-            .into_iter()
-            .flat_map(|m| m.iv.iter().copied())
-            .collect();
-        all.sort_unstable();
-        let mut r = Runs::default();
-        let mut cur: Option<(u32, u32)> = None;
-        for (s, e) in all {
-            cur = match cur {
-                Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
-                Some((cs, ce)) => {
-                    r.push(cs, ce);
-                    Some((s, e))
-                }
-                None => Some((s, e)),
+        let mut acc = Runs::default();
+        for m in masks {
+            let (a, b) = (&acc.iv, &m.iv);
+            let mut r = Runs {
+                iv: Vec::with_capacity(a.len() + b.len()),
+                area: 0,
             };
+            let (mut i, mut j) = (0, 0);
+            let mut cur: Option<(u32, u32)> = None;
+            while i < a.len() || j < b.len() {
+                let next = if j >= b.len() || (i < a.len() && a[i].0 <= b[j].0) {
+                    i += 1;
+                    a[i - 1]
+                } else {
+                    j += 1;
+                    b[j - 1]
+                };
+                cur = match cur {
+                    Some((cs, ce)) if next.0 <= ce => Some((cs, ce.max(next.1))),
+                    Some((cs, ce)) => {
+                        r.push(cs, ce);
+                        Some(next)
+                    }
+                    None => Some(next),
+                };
+            }
+            if let Some((cs, ce)) = cur {
+                r.push(cs, ce);
+            }
+            acc = r;
         }
-        if let Some((cs, ce)) = cur {
-            r.push(cs, ce);
-        }
-        r
+        acc
     }
 
     /// Bounding box in the column-major (transposed) frame of an image of height `h`:
