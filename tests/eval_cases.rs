@@ -339,14 +339,34 @@ fn by_targets_splits_on_few_max() {
 }
 
 #[test]
-fn polygons_in_data_are_rasterized() {
-    // the polygon (2,1)-(6,1)-(6,4)-(2,4) covers pixel centres in columns 2..6, rows 1..4
-    let poly =
-        json!({"category_name": "cup", "segmentation": [[2.0, 1.0, 6.0, 1.0, 6.0, 4.0, 2.0, 4.0]]});
-    let data = json!([image("i.jpg", 1, vec![vec![poly]], None)]);
-    let r = run(&data, &[pred("i.jpg", 0, "", &[&rect(1, 4, 2, 6)])]);
+fn polygons_in_data_follow_the_coco_rule() {
+    // pycocotools.mask.frPyObjects on a 7×9 image (printed by hand with the venv):
+    // [2,1, 6,1, 6,4, 2,4]         → rows 1..4, columns 2..6
+    // [2.5,1.5, 6.5,1.5, 6.5,4.5, 2.5,4.5] → rows 2..5, columns 3..7 (a pixel-centre
+    // rule would give rows 1..4, columns 2..6 here)
+    for (poly, want) in [
+        (
+            vec![2.0, 1.0, 6.0, 1.0, 6.0, 4.0, 2.0, 4.0],
+            rect(1, 4, 2, 6),
+        ),
+        (
+            vec![2.5, 1.5, 6.5, 1.5, 6.5, 4.5, 2.5, 4.5],
+            rect(2, 5, 3, 7),
+        ),
+    ] {
+        let seg = json!({"category_name": "cup", "segmentation": [poly]});
+        let data = json!([image("i.jpg", 1, vec![vec![seg]], None)]);
+        let r = run(&data, &[pred("i.jpg", 0, "", &[&want])]);
+        close(r.overall.muse.giou, 1.0);
+    }
+    // two rings are united
+    let seg = json!({"category_name": "cup", "segmentation": [
+        [0.0, 0.0, 2.0, 0.0, 2.0, 2.0, 0.0, 2.0], [2.0, 1.0, 6.0, 1.0, 6.0, 4.0, 2.0, 4.0]]});
+    let data = json!([image("i.jpg", 1, vec![vec![seg]], None)]);
+    let want = rect(0, 2, 0, 2).union(&rect(1, 4, 2, 6)).unwrap();
+    let r = run(&data, &[pred("i.jpg", 0, "", &[&want])]);
     close(r.overall.muse.giou, 1.0);
-    let _ = Segmentation::Polygons(vec![]); // the schema type is the one the data uses
+    let _ = Segmentation::Polygons(vec![]); // the schema type the data uses
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! embedded procedural world, the text corrector, and the tokenizer.
 pub mod mask;
 pub mod muse;
+pub mod polygon;
 pub mod rle;
 
 pub use mask::Mask;

@@ -3,39 +3,46 @@
 use crate::error::{Error, Result};
 use std::collections::{BTreeSet, HashMap};
 
-/// The embedded vocabulary, used when `popen eval` gets no `--vocab`: the categories of
-/// the embedded world with common synonyms.  (A stand-in until the world's own
-/// `data::vocab::vocab_text()` lands; same format as a `--vocab` file.)
+/// The embedded vocabulary, used when `popen eval` gets no `--vocab`: the 33
+/// categories of the embedded world with their plurals and synonyms, in the format and
+/// order of the world's `data::vocab::vocab_text()` (copied from the world's category
+/// table while that module is on another branch; switch [`Vocab::embedded`] to it once
+/// merged).
 pub const DEFAULT_VOCAB: &str = "\
-# canonical, synonym, ...  (one object per line; see popen::metrics docs)
-apple
-banana
-orange
-bread, loaf
-cup, mug
-plate, dish
-bowl
-fork
-knife
-spoon
-bottle
-glass, wine glass, drinking glass
-laptop, notebook computer
-mouse, computer mouse
-keyboard
-monitor, screen, display
-book
-lamp, desk lamp
-pen, pencil
-chair, stool
-sofa, couch
-table, desk
-plant, potted plant, houseplant
-clock
-tv, television
-guitar
-piano, keyboard instrument
-drum
+# canonical, plural, synonyms ...  (one object per line; see popen::metrics docs)
+apple, apples
+banana, bananas
+orange, oranges, tangerine, tangerines
+carrot, carrots
+broccoli, broccolis
+cake, cakes, cupcake, cupcakes
+bread, breads, loaf, loaves
+fork, forks
+knife, knives
+spoon, spoons, teaspoon, teaspoons
+cup, cups, mug, mugs
+plate, plates, dish, dishes
+bowl, bowls
+bottle, bottles
+laptop, laptops, notebook, notebooks
+mouse, mice
+keyboard, keyboards
+book, books, novel, novels
+lamp, lamps
+phone, phones, smartphone, smartphones, cellphone, cellphones
+clock, clocks
+candle, candles
+chair, chairs, stool, stools
+couch, couches, sofa, sofas
+tv, tvs, television, televisions
+plant, plants, houseplant, houseplants
+vase, vases
+cat, cats, kitten, kittens
+dog, dogs, puppy, puppies
+violin, violins, fiddle, fiddles
+guitar, guitars
+drum, drums
+pillow, pillows, cushion, cushions
 ";
 
 /// A parsed vocabulary: term (as words) → canonical object index.
@@ -295,6 +302,10 @@ mod tests {
     #[test]
     fn embedded_vocabulary_parses() {
         let v = Vocab::embedded();
-        assert!(v.canonical.len() >= 25);
+        assert_eq!(v.canonical.len(), 33);
+        // listed irregular plurals are terms of their object
+        let m = v.mentions("two mice and three knives");
+        let objs: Vec<&str> = m.iter().map(|m| v.canonical[m.object].as_str()).collect();
+        assert_eq!(objs, vec!["mouse", "knife"]);
     }
 }

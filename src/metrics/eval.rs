@@ -2,8 +2,8 @@
 //! reduce in input order, report.  Definitions: [module docs of `metrics`](super).
 use super::assign::{assign, iou_weight};
 use super::chair::{chair_counts, Vocab};
-use super::raster::{boundary_iou_intervals, rasterize, rle_runs, Runs};
-use crate::data::muse::{MuseAnn, MuseImage, RleJson, Segmentation};
+use super::raster::{boundary_iou_intervals, rle_runs, segmentation_runs, Runs};
+use crate::data::muse::{MuseAnn, MuseImage, RleJson};
 use crate::error::{Error, Result};
 use crate::kernels::mask;
 use rayon::prelude::*;
@@ -208,20 +208,9 @@ fn anns_to_runs(
     w: usize,
     what: &dyn Fn(usize) -> String,
 ) -> std::result::Result<Vec<Runs>, (String, String)> {
-    let mut dense: Vec<u8> = Vec::new();
     anns.iter()
         .enumerate()
-        .map(|(k, a)| match &a.segmentation {
-            Segmentation::Rle(r) => rle_runs(r, h, w)
-                .map(|c| Runs::from_counts(&c))
-                .map_err(|e| (what(k), e)),
-            seg => {
-                dense.clear();
-                dense.resize(h * w, 0);
-                rasterize(seg, h, w, &mut dense).map_err(|e| (what(k), e))?;
-                Ok(Runs::from_dense(&dense))
-            }
-        })
+        .map(|(k, a)| segmentation_runs(&a.segmentation, h, w).map_err(|e| (what(k), e)))
         .collect()
 }
 

@@ -12,7 +12,9 @@
 //!
 //! Inputs. `DATA.json` is a list of MUSE image records (`file_name`, `height`, `width`,
 //! `questions`, `answers` = per question a list of annotations with `category_name` and
-//! `segmentation` as COCO RLE or polygons, optional `ann_list`). `PRED.jsonl` has one
+//! `segmentation` as COCO RLE or polygons, optional `ann_list`). Polygons are
+//! rasterized by the COCO rule, bit for bit as `pycocotools.frPyObjects`
+//! ([`crate::data::polygon`]), the rings of one annotation united. `PRED.jsonl` has one
 //! object per line, `{"file_name", "question", "text", "masks"}`; `question` is the
 //! 0-based index into the image's `questions`, `masks` a list of COCO RLE (compressed
 //! string or run list) of the image's size. All four keys are required; blank lines are

@@ -5,6 +5,7 @@
 //! `fill` per run.  Every metric of the evaluator (IoU counts, erosion by a square,
 //! the image diagonal) is invariant under transposition.
 use crate::data::muse::{RleCounts, RleJson, Segmentation};
+use crate::data::polygon::rle_from_polygon;
 use crate::data::Rle;
 
 /// Why a segmentation could not be rasterized (the caller adds file/line context).
@@ -37,7 +38,8 @@ pub fn rle_runs(r: &RleJson, h: usize, w: usize) -> Result<Vec<u32>, RasterError
     Ok(counts)
 }
 
-/// Fill `out` (W·H, column-major, zeroed by the caller) from validated runs.
+/// Fill `out` (W·H, column-major, zeroed by the caller) from validated runs (dense
+/// decoding; the evaluator itself counts on [`Runs`]).
 pub fn fill_runs(counts: &[u32], out: &mut [u8]) {
     let mut idx = 0usize;
     for (k, &c) in counts.iter().enumerate() {
@@ -49,63 +51,25 @@ pub fn fill_runs(counts: &[u32], out: &mut [u8]) {
     }
 }
 
-/// PROVISIONAL polygon fill, to be replaced by the COCO-exact rasterizer
-/// (`data::polygon`) when it lands: even-odd rule over all rings together, a pixel
-/// `(x, y)` is inside when its centre `(x + 0.5, y + 0.5)` is.  COCO's `frPoly` (which
-/// up-samples edges) can differ from this on boundary pixels.  Writes column-major.
-pub fn fill_polygons(polys: &[Vec<f64>], h: usize, w: usize, out: &mut [u8]) {
-    let mut xs: Vec<f64> = Vec::new();
-    for y in 0..h {
-        let cy = y as f64 + 0.5;
-        xs.clear();
-        for ring in polys {
-            let n = ring.len() / 2;
-            for i in 0..n {
-                let (x0, y0) = (ring[2 * i], ring[2 * i + 1]);
-                let j = (i + 1) % n;
-                let (x1, y1) = (ring[2 * j], ring[2 * j + 1]);
-                // half-open in y so a vertex on the scan line is counted once
-                if (y0 <= cy) != (y1 <= cy) {
-                    xs.push(x0 + (cy - y0) * (x1 - x0) / (y1 - y0));
-                }
-            }
-        }
-        xs.sort_by(f64::total_cmp);
-        for pair in xs.chunks_exact(2) {
-            // pixels whose centre lies in [a, b)
-            let a = (pair[0] - 0.5).ceil().max(0.0);
-            let b = (pair[1] - 0.5).ceil().min(w as f64);
-            let (a, b) = (a as usize, b.max(0.0) as usize);
-            for x in a..b.max(a) {
-                out[x * h + y] = 1;
-            }
-        }
-    }
-}
-
-/// Rasterize one segmentation of an `(h, w)` image into `out` (column-major, zeroed).
-pub fn rasterize(
-    seg: &Segmentation,
-    h: usize,
-    w: usize,
-    out: &mut [u8],
-) -> Result<(), RasterError> {
+/// Rasterize one segmentation of an `(h, w)` image to foreground intervals: RLE as
+/// given (size and run sum checked), polygons by the COCO rule bit for bit
+/// (`data::polygon::rle_from_polygon`, as `pycocotools.frPyObjects`), rings united.
+pub fn segmentation_runs(seg: &Segmentation, h: usize, w: usize) -> Result<Runs, RasterError> {
     match seg {
-        Segmentation::Rle(r) => fill_runs(&rle_runs(r, h, w)?, out),
+        Segmentation::Rle(r) => Ok(Runs::from_counts(&rle_runs(r, h, w)?)),
         Segmentation::Polygons(p) => {
-            if let Some((k, ring)) = p.iter().enumerate().find(|(_, r)| r.len() % 2 == 1) {
-                return Err(format!(
-                    "polygon {k} has an odd number ({}) of coordinates",
-                    ring.len()
-                ));
-            }
-            if p.iter().flatten().any(|v| !v.is_finite()) {
-                return Err("polygon has a non-finite coordinate".into());
-            }
-            fill_polygons(p, h, w, out)
+            let rings = p
+                .iter()
+                .enumerate()
+                .map(|(k, ring)| {
+                    rle_from_polygon(ring, h, w)
+                        .map(|r| Runs::from_counts(&r.counts))
+                        .map_err(|e| format!("polygon {k}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Runs::union_all(&rings))
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -118,25 +82,6 @@ mod tests {
         let mut out = vec![0u8; 6];
         fill_runs(&[1, 3, 2], &mut out);
         assert_eq!(out, vec![0, 1, 1, 1, 0, 0]);
-    }
-
-    #[test]
-    fn polygon_rectangle_covers_pixel_centres() {
-        // square from (1,1) to (3,4) in a 5x4 (h x w) image: columns 1,2 and rows 1,2,3
-        let (h, w) = (5, 4);
-        let mut out = vec![0u8; h * w];
-        fill_polygons(
-            &[vec![1.0, 1.0, 3.0, 1.0, 3.0, 4.0, 1.0, 4.0]],
-            h,
-            w,
-            &mut out,
-        );
-        for x in 0..w {
-            for y in 0..h {
-                let want = (1..3).contains(&x) && (1..4).contains(&y);
-                assert_eq!(out[x * h + y] == 1, want, "pixel ({x},{y})");
-            }
-        }
     }
 
     #[test]
