@@ -4,7 +4,7 @@
 Writes tests/fixtures/eval/{data.json, pred.jsonl, vocab.txt, expected.json}: a random
 MUSE-schema data set with odd image sizes, predictions (exact, shifted, grown, shrunk,
 swapped for another object, spurious, empty, missing, ties), texts with plurals and
-multi-word terms, and the report that the definitions in `popen::metrics` give.
+multi-word terms, polygon ground truth, and the report that the definitions in `popen::metrics` give.
 Masks are encoded and decoded with pycocotools; the assignment uses scipy's
 linear_sum_assignment; erosion uses scipy.ndimage.  Regenerate with
     /work/main/.venv/bin/python tools/eval_fixture.py
@@ -64,7 +64,10 @@ def encode(m, rng):
     return {"size": [h, w], "counts": r["counts"].decode("ascii")}
 
 
-def decode(r):
+def decode(r, hw=None):
+    if isinstance(r, list):  # polygons
+        h, w = hw
+        return cocomask.decode(cocomask.merge(cocomask.frPyObjects(r, h, w))).astype(bool)
     h, w = r["size"]
     if isinstance(r["counts"], list):
         r = cocomask.frPyObjects(r, h, w)
@@ -88,6 +91,16 @@ def shape(rng, h, w):
     if not m.any():
         m[int(cy) % h, int(cx) % w] = True
     return m
+
+
+def random_ring(rng, h, w):
+    """A star-shaped polygon with 5-8 fractional vertices, partly outside at times."""
+    n = int(rng.integers(5, 9))
+    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+    rad = rng.uniform(2, max(h, w) / 2.5, n)
+    xy = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).reshape(-1)
+    return [round(float(v), 2) for v in xy]
 
 
 def shift(m, dy, dx):
@@ -223,11 +236,21 @@ def make(rng):
         h, w = sizes[img % len(sizes)]
         n_obj = int(rng.integers(2, 9))
         objs = [shape(rng, h, w) for _ in range(n_obj)]
+        segs = [None] * len(objs)
         if img % 4 == 1:
             objs.append(objs[0].copy())  # a duplicate object: ties between ground truths
+            segs.append(None)
+        if img % 5 == 0:
+            # polygon ground truth (1-2 rings, fractional vertices), rasterized by
+            # pycocotools' frPyObjects + merge
+            for k in range(2):
+                rings = [random_ring(rng, h, w) for _ in range(1 + int(rng.random() < 0.4))]
+                objs.append(cocomask.decode(cocomask.merge(cocomask.frPyObjects(rings, h, w))).astype(bool))
+                segs.append(rings)
         cats = [CATEGORIES[int(rng.integers(len(CATEGORIES)))] for _ in objs]
-        ann = [{"category_name": c, "bbox": [], "segmentation": encode(m, rng)}
-               for c, m in zip(cats, objs)]
+        ann = [{"category_name": c, "bbox": [],
+                "segmentation": sg if sg is not None else encode(m, rng)}
+               for c, m, sg in zip(cats, objs, segs)]
         questions, answers, q_targets = [], [], []
         for q in range(int(rng.integers(2, 6))):
             k = int(rng.integers(0, min(len(objs), 6) + 1)) if rng.random() > 0.15 else 0
@@ -335,10 +358,10 @@ def evaluate(data, lines, vocab):
         objects = rec.get("ann_list")
         if objects is None:
             objects = [a for ans in rec["answers"] for a in ans]
-        obj_masks = [decode(a["segmentation"]) for a in objects]
+        obj_masks = [decode(a["segmentation"], (h, w)) for a in objects]
         present = present_objects([a["category_name"] for a in objects], canon, table)
         for q, ans in enumerate(rec["answers"]):
-            gts = [decode(a["segmentation"]) for a in ans]
+            gts = [decode(a["segmentation"], (h, w)) for a in ans]
             p = preds.get((rec["file_name"], q))
             missing = p is None
             pms = [decode(r) for r in p["masks"]] if p else []
