@@ -85,6 +85,20 @@ mod tests {
     }
 
     #[test]
+    fn window_fold_matches_naive() {
+        let v: Vec<u32> = (0..37u32).map(|i| (i * 7919 + 13) % 101).collect();
+        for k in 1..=37 {
+            let got = window_fold(&v, k, u32::max);
+            let want: Vec<u32> = v.windows(k).map(|w| *w.iter().max().unwrap()).collect();
+            assert_eq!(got, want, "k {k}");
+            let got = window_fold(&v, k, u32::min);
+            let want: Vec<u32> = v.windows(k).map(|w| *w.iter().min().unwrap()).collect();
+            assert_eq!(got, want, "k {k}");
+        }
+        assert!(window_fold(&v, 38, u32::max).is_empty());
+    }
+
+    #[test]
     fn size_and_sum_are_checked() {
         let r = RleJson {
             size: [3, 2],
@@ -336,6 +350,29 @@ fn subtract_into(a: &[(u32, u32)], b: &[(u32, u32)], out: &mut Vec<(u32, u32)>) 
     }
 }
 
+/// `out[i] = f(v[i], …, v[i+k−1])` for every full window (empty when `k > v.len()`),
+/// for an associative, commutative, idempotent `f` (max, min): van Herk–Gil-Werman,
+/// prefix and suffix folds within blocks of `k`, three passes whatever `k` is.
+fn window_fold(v: &[u32], k: usize, f: impl Fn(u32, u32) -> u32) -> Vec<u32> {
+    let n = v.len();
+    if k == 0 || k > n {
+        return Vec::new();
+    }
+    let mut pre = v.to_vec();
+    let mut suf = v.to_vec();
+    for i in 1..n {
+        if i % k != 0 {
+            pre[i] = f(pre[i - 1], v[i]);
+        }
+    }
+    for i in (0..n - 1).rev() {
+        if (i + 1) % k != 0 {
+            suf[i] = f(suf[i + 1], v[i]);
+        }
+    }
+    (0..=n - k).map(|i| f(suf[i], pre[i + k - 1])).collect()
+}
+
 impl Runs {
     /// The mask split into image columns (the rows of the column-major frame), over
     /// its bounding columns; `None` when empty.
@@ -412,6 +449,9 @@ impl Runs {
                 (first_s[k], first_e[k]) = (a, b);
             }
         }
+        // window max of starts / min of ends, O(1) per column (van Herk–Gil-Werman)
+        let s_max = window_fold(&first_s, 2 * d + 1, u32::max);
+        let e_min = window_fold(&first_e, 2 * d + 1, u32::min);
         let (mut acc, mut tmp) = (Vec::new(), Vec::new());
         for x in 0..n {
             if x < d || x + d >= n {
@@ -423,8 +463,7 @@ impl Runs {
                 if empty[hi] - empty[lo] > 0 {
                     // eroded to nothing
                 } else if multi[hi] == multi[lo] {
-                    let s = first_s[lo..hi].iter().copied().max().unwrap_or(0);
-                    let e = first_e[lo..hi].iter().copied().min().unwrap_or(0);
+                    let (s, e) = (s_max[lo], e_min[lo]);
                     if e > s {
                         acc.push((s, e));
                     }
