@@ -477,7 +477,14 @@ fn bad_data_is_an_error_naming_the_record_and_field() {
             .to_string()
     };
     assert!(p("[{").contains("DATA.json:1"));
-    let mut d = image("i.jpg", 2, vec![vec![]], None);
+    let mut d = image("i.jpg", 1, vec![vec![]], None);
+    d["height"] = json!(100_000);
+    d["width"] = json!(100_000);
+    assert!(p(&json!([d]).to_string()).contains("more than 4294967295 pixels"));
+    d = image("i.jpg", 0, vec![], None);
+    d["width"] = json!(0);
+    assert!(p(&json!([d]).to_string()).contains("is empty"));
+    d = image("i.jpg", 2, vec![vec![]], None);
     assert!(p(&json!([d]).to_string()).contains("1 answer lists for 2 questions"));
     d = image("i.jpg", 1, vec![vec![]], None);
     let e = p(&json!([d.clone(), d]).to_string());

@@ -75,6 +75,19 @@ pub fn parse_data(text: &str, source: &Path) -> Result<Vec<MuseImage>> {
                 msg: format!("size {}x{} is empty", img.height, img.width),
             });
         }
+        // pixel indices are u32 (interval arithmetic): 4.29 gigapixels at most
+        if img.height as u64 * img.width as u64 > u32::MAX as u64 {
+            return Err(Error::Data {
+                path: source.into(),
+                field: field("height/width"),
+                msg: format!(
+                    "size {}x{} has more than {} pixels",
+                    img.height,
+                    img.width,
+                    u32::MAX
+                ),
+            });
+        }
         if img.answers.len() != img.questions.len() {
             return Err(Error::Data {
                 path: source.into(),

@@ -360,13 +360,13 @@ fn window_fold(v: &[u32], k: usize, f: impl Fn(u32, u32) -> u32) -> Vec<u32> {
     }
     let mut pre = v.to_vec();
     let mut suf = v.to_vec();
-    for i in 1..n {
-        if i % k != 0 {
+    // blocks of k, walked without a division per element
+    for start in (0..n).step_by(k) {
+        let end = (start + k).min(n);
+        for i in start + 1..end {
             pre[i] = f(pre[i - 1], v[i]);
         }
-    }
-    for i in (0..n - 1).rev() {
-        if (i + 1) % k != 0 {
+        for i in (start..end - 1).rev() {
             suf[i] = f(suf[i + 1], v[i]);
         }
     }
