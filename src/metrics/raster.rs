@@ -353,13 +353,24 @@ fn subtract_into(a: &[(u32, u32)], b: &[(u32, u32)], out: &mut Vec<(u32, u32)>) 
 /// `out[i] = f(v[i], …, v[i+k−1])` for every full window (empty when `k > v.len()`),
 /// for an associative, commutative, idempotent `f` (max, min): van Herk–Gil-Werman,
 /// prefix and suffix folds within blocks of `k`, three passes whatever `k` is.
-fn window_fold(v: &[u32], k: usize, f: impl Fn(u32, u32) -> u32) -> Vec<u32> {
+/// `pre`, `suf` are scratch.
+fn window_fold_into(
+    v: &[u32],
+    k: usize,
+    f: impl Fn(u32, u32) -> u32,
+    pre: &mut Vec<u32>,
+    suf: &mut Vec<u32>,
+    out: &mut Vec<u32>,
+) {
+    out.clear();
     let n = v.len();
     if k == 0 || k > n {
-        return Vec::new();
+        return;
     }
-    let mut pre = v.to_vec();
-    let mut suf = v.to_vec();
+    pre.clear();
+    pre.extend_from_slice(v);
+    suf.clear();
+    suf.extend_from_slice(v);
     // blocks of k, walked without a division per element
     for start in (0..n).step_by(k) {
         let end = (start + k).min(n);
@@ -370,19 +381,51 @@ fn window_fold(v: &[u32], k: usize, f: impl Fn(u32, u32) -> u32) -> Vec<u32> {
             suf[i] = f(suf[i + 1], v[i]);
         }
     }
-    (0..=n - k).map(|i| f(suf[i], pre[i + k - 1])).collect()
+    out.extend((0..=n - k).map(|i| f(suf[i], pre[i + k - 1])));
+}
+
+#[cfg(test)]
+fn window_fold(v: &[u32], k: usize, f: impl Fn(u32, u32) -> u32) -> Vec<u32> {
+    let (mut pre, mut suf, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    window_fold_into(v, k, f, &mut pre, &mut suf, &mut out);
+    out
+}
+
+/// Reusable buffers of [`Runs::boundary_into`] (one per thread in the evaluator, so a
+/// boundary costs no allocation once they have grown).
+#[derive(Default)]
+pub struct BoundaryScratch {
+    cols: Columns,
+    vert: Columns,
+    empty: Vec<u32>,
+    multi: Vec<u32>,
+    first_s: Vec<u32>,
+    first_e: Vec<u32>,
+    pre: Vec<u32>,
+    suf: Vec<u32>,
+    s_max: Vec<u32>,
+    e_min: Vec<u32>,
+    acc: Vec<(u32, u32)>,
+    tmp: Vec<(u32, u32)>,
 }
 
 impl Runs {
     /// The mask split into image columns (the rows of the column-major frame), over
     /// its bounding columns; `None` when empty.
     pub fn columns(&self, h: usize) -> Option<Columns> {
-        let (x0, x1, _, _) = self.bbox(h)?;
-        let mut c = Columns {
-            x0,
-            off: Vec::with_capacity(x1 - x0 + 1),
-            iv: Vec::with_capacity(self.iv.len() + (x1 - x0)),
+        let mut c = Columns::default();
+        self.columns_into(h, &mut c).then_some(c)
+    }
+
+    /// [`Runs::columns`] into `c` (overwritten); `false` when the mask is empty.
+    pub fn columns_into(&self, h: usize, c: &mut Columns) -> bool {
+        c.off.clear();
+        c.iv.clear();
+        let Some((x0, x1, _, _)) = self.bbox(h) else {
+            c.x0 = 0;
+            return false;
         };
+        c.x0 = x0;
         c.off.push(0);
         let mut x = x0;
         for &(s, e) in &self.iv {
@@ -402,7 +445,7 @@ impl Runs {
             c.off.push(c.iv.len());
             x += 1;
         }
-        Some(c)
+        true
     }
 
     /// Boundary (Cheng et al.): the mask minus its erosion by a (2d+1)² square, pixels
@@ -410,16 +453,47 @@ impl Runs {
     /// computes with `d` 3×3 erosions, here on intervals: each column's runs shrink by
     /// `d` at both ends (vertical erosion), then a pixel stays eroded only if it is in
     /// all `2d+1` neighbouring columns (horizontal erosion; a neighbour outside the
-    /// mask's bounding columns is empty).  Cost O(runs · d), not O(pixels).
+    /// mask's bounding columns is empty).  Cost O(runs · d) at worst, O(runs) when the
+    /// columns hold one run each; never O(pixels).
     pub fn boundary(&self, h: usize, d: usize) -> Option<Columns> {
-        let cols = self.columns(h)?;
+        let mut out = Columns::default();
+        self.boundary_into(h, d, &mut BoundaryScratch::default(), &mut out)
+            .then_some(out)
+    }
+
+    /// [`Runs::boundary`] into `out` (overwritten) with reusable scratch; `false` when
+    /// the mask is empty.
+    pub fn boundary_into(
+        &self,
+        h: usize,
+        d: usize,
+        sc: &mut BoundaryScratch,
+        out: &mut Columns,
+    ) -> bool {
+        out.off.clear();
+        out.iv.clear();
+        let BoundaryScratch {
+            cols,
+            vert,
+            empty,
+            multi,
+            first_s,
+            first_e,
+            pre,
+            suf,
+            s_max,
+            e_min,
+            acc,
+            tmp,
+        } = sc;
+        if !self.columns_into(h, cols) {
+            return false;
+        }
         let n = cols.len();
         let d32 = d as u32;
-        let mut vert = Columns {
-            x0: cols.x0,
-            off: Vec::with_capacity(n + 1),
-            iv: Vec::with_capacity(cols.iv.len()),
-        };
+        vert.x0 = cols.x0;
+        vert.off.clear();
+        vert.iv.clear();
         vert.off.push(0);
         for k in 0..n {
             for &(s, e) in cols.col(k) {
@@ -429,18 +503,19 @@ impl Runs {
             }
             vert.off.push(vert.iv.len());
         }
-        let mut out = Columns {
-            x0: cols.x0,
-            off: Vec::with_capacity(n + 1),
-            iv: Vec::with_capacity(cols.iv.len() * 2),
-        };
+        out.x0 = cols.x0;
         out.off.push(0);
         // Window tests in O(1) by prefix counts: a window with an empty column erodes
         // to nothing; a window of single-interval columns (the common case) erodes to
         // [max start, min end); only the rest intersects interval lists.
-        let mut empty = vec![0u32; n + 1];
-        let mut multi = vec![0u32; n + 1];
-        let (mut first_s, mut first_e) = (vec![0u32; n], vec![0u32; n]);
+        empty.clear();
+        empty.resize(n + 1, 0);
+        multi.clear();
+        multi.resize(n + 1, 0);
+        first_s.clear();
+        first_s.resize(n, 0);
+        first_e.clear();
+        first_e.resize(n, 0);
         for k in 0..n {
             let c = vert.col(k);
             empty[k + 1] = empty[k] + u32::from(c.is_empty());
@@ -450,9 +525,8 @@ impl Runs {
             }
         }
         // window max of starts / min of ends, O(1) per column (van Herk–Gil-Werman)
-        let s_max = window_fold(&first_s, 2 * d + 1, u32::max);
-        let e_min = window_fold(&first_e, 2 * d + 1, u32::min);
-        let (mut acc, mut tmp) = (Vec::new(), Vec::new());
+        window_fold_into(first_s, 2 * d + 1, u32::max, pre, suf, s_max);
+        window_fold_into(first_e, 2 * d + 1, u32::min, pre, suf, e_min);
         for x in 0..n {
             if x < d || x + d >= n {
                 // the window reaches a column outside the mask: nothing is eroded
@@ -473,15 +547,15 @@ impl Runs {
                         if acc.is_empty() {
                             break;
                         }
-                        intersect_into(&acc, vert.col(k), &mut tmp);
-                        std::mem::swap(&mut acc, &mut tmp);
+                        intersect_into(acc, vert.col(k), tmp);
+                        std::mem::swap(acc, tmp);
                     }
                 }
-                subtract_into(cols.col(x), &acc, &mut out.iv);
+                subtract_into(cols.col(x), acc, &mut out.iv);
             }
             out.off.push(out.iv.len());
         }
-        Some(out)
+        true
     }
 }
 
@@ -489,21 +563,28 @@ impl Runs {
 /// intervals (see [`Runs::boundary`]); both boundaries empty gives 1.  Equal to
 /// `kernels::mask::boundary_iou_cpu` on the dense masks (tested).
 pub fn boundary_iou_intervals(a: &Runs, b: &Runs, h: usize, d: usize) -> f64 {
-    let (ba, bb) = (a.boundary(h, d), b.boundary(h, d));
-    let la = ba.as_ref().map_or(0, Columns::area);
-    let lb = bb.as_ref().map_or(0, Columns::area);
-    let mut i = 0u64;
-    if let (Some(ca), Some(cb)) = (&ba, &bb) {
-        let lo = ca.x0.max(cb.x0);
-        let hi = (ca.x0 + ca.len()).min(cb.x0 + cb.len());
-        for x in lo..hi {
-            i += inter_len(ca.col(x - ca.x0), cb.col(x - cb.x0));
+    thread_local! {
+        static BUF: std::cell::RefCell<(BoundaryScratch, Columns, Columns)> =
+            std::cell::RefCell::new(Default::default());
+    }
+    BUF.with(|buf| {
+        let (sc, ca, cb) = &mut *buf.borrow_mut();
+        let has_a = a.boundary_into(h, d, sc, ca);
+        let has_b = b.boundary_into(h, d, sc, cb);
+        let (la, lb) = (ca.area(), cb.area());
+        let mut i = 0u64;
+        if has_a && has_b {
+            let lo = ca.x0.max(cb.x0);
+            let hi = (ca.x0 + ca.len()).min(cb.x0 + cb.len());
+            for x in lo..hi {
+                i += inter_len(ca.col(x - ca.x0), cb.col(x - cb.x0));
+            }
         }
-    }
-    let u = la + lb - i;
-    if u == 0 {
-        1.0
-    } else {
-        i as f64 / u as f64
-    }
+        let u = la + lb - i;
+        if u == 0 {
+            1.0
+        } else {
+            i as f64 / u as f64
+        }
+    })
 }
