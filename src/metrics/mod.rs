@@ -5,8 +5,9 @@
 //! The command is `popen eval` ([`eval::evaluate_files`]); the pieces are usable alone:
 //! [`assign`] (the deterministic maximum-IoU assignment), [`chair`] (vocabulary and
 //! mention matching), [`eval`] (loading, validation, per-question scores, the report).
-//! Mask counts and boundary IoU come from the mask-metric kernels' CPU twins
-//! ([`crate::kernels::mask`]).
+//! [`raster`] decodes masks to foreground intervals and computes counts and boundaries
+//! on them; both are tested equal to the mask-metric kernels' CPU twins
+//! ([`crate::kernels::mask`]) on dense masks.
 //!
 //! # Definitions, exactly as implemented
 //!
@@ -23,7 +24,7 @@
 //! the same question, a mask of another size, an RLE that does not decode (bad
 //! character, runs that do not add up to `height × width`) and malformed JSON are errors
 //! that name the file and line. Every listed mask counts as a prediction, an all-zero
-//! one included.
+//! one included. Images must have at most `u32::MAX` pixels.
 //!
 //! Notation per question: `P` predicted masks, `G` ground-truth masks (the question's
 //! `answers` entry), `I(p,g)` / `U(p,g)` the intersection / union pixel counts,
@@ -33,8 +34,9 @@
 //! 1. Weights `w(p,g) = ⌊10¹² · I / U⌋` (exact integer arithmetic in 128 bits;
 //!    `10¹²` when `U = 0`). The assignment maximizes `Σ w` over one-to-one pairings
 //!    (Kuhn–Munkres from `pathfinding`, the matrix padded with zeros to a square).
-//!    Distinct IoUs of masks under 10⁶ pixels differ by more than 10⁻¹², so this is
-//!    the maximum-ΣIoU assignment up to `|P|·10⁻¹²` in the sum.
+//!    Distinct IoUs of masks under 10⁶ pixels differ by at least 10⁻¹², so their
+//!    weights differ; the chosen assignment's ΣIoU is within `|P|·10⁻¹²` of the
+//!    maximum.
 //! 2. Ties are broken lexicographically: among all maximizing assignments, prediction 0
 //!    takes the lowest-indexed ground truth it can (with "unmatched" ranked after every
 //!    ground truth), then prediction 1, and so on ([`assign::assign`] re-solves the
