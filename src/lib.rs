@@ -6,8 +6,11 @@
 //!
 //! - [`kernels`]: the CUDA kernels, the launch interface shared by the CUDA emulator
 //!   and cudarc, and the CPU twins.
+//! - [`metrics`]: the evaluation suite of `popen eval` (MUSE and LISA gIoU/cIoU, CHAIR,
+//!   boundary IoU, localization error, no-target accuracy), deterministic.
 pub mod error;
 pub mod kernels;
+pub mod metrics;
 
 pub use error::{Error, Result};
 pub mod data;

@@ -21,6 +21,8 @@ enum Cmd {
     Data(cli::data::Args),
     /// IoU and Boundary IoU of PNG masks matched by file name (gIoU, cIoU, JSON report).
     EvalMasks(cli::eval_masks::Args),
+    /// Score predictions (PRED.jsonl) against MUSE-schema ground truth (DATA.json).
+    Eval(cli::eval::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +31,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Info(a) => cli::info::run(a),
         Cmd::Data(a) => cli::data::run(a),
         Cmd::EvalMasks(a) => cli::eval_masks::run(a),
+        Cmd::Eval(a) => cli::eval::run(a),
     }
 }

@@ -1,5 +1,7 @@
 //! Data: masks, COCO RLE, the MUSE schema, readers for the real data sets, the
 //! embedded procedural world, the text corrector, and the tokenizer.
+pub mod corrector;
+pub mod diff;
 pub mod mask;
 pub mod muse;
 pub mod pickle;
@@ -7,11 +9,9 @@ pub mod polygon;
 pub mod readers;
 pub mod rle;
 pub mod sample;
-
-pub use mask::Mask;
-pub use rle::Rle;
-pub mod corrector;
-pub mod diff;
 pub mod tokenizer;
 pub mod vocab;
 pub mod world;
+
+pub use mask::Mask;
+pub use rle::Rle;
