@@ -11,3 +11,4 @@ pub mod kernels;
 
 pub use error::{Error, Result};
 pub mod data;
+pub mod model;
