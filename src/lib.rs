@@ -6,9 +6,15 @@
 //!
 //! - [`kernels`]: the CUDA kernels, the launch interface shared by the CUDA emulator
 //!   and cudarc, and the CPU twins.
+//! - [`backend`]: the backend contract (fused layer ops with their backward) and the
+//!   CPU reference backend.
+//! - [`nn`]: layers with forward and backward side by side, and the LLaMA decoder.
+//! - [`train`]: AdamW and the warmup-then-decay learning-rate schedule.
 pub mod error;
 pub mod kernels;
 
 pub use error::{Error, Result};
 pub mod data;
-pub mod model;
+pub mod backend;
+pub mod nn;
+pub mod train;
