@@ -14,7 +14,8 @@ pub mod error;
 pub mod kernels;
 
 pub use error::{Error, Result};
-pub mod data;
 pub mod backend;
+pub mod data;
+pub mod model;
 pub mod nn;
 pub mod train;
