@@ -1,0 +1,133 @@
+//! AdamW against a step computed by hand, frozen tensors untouched, and the
+//! warmup-then-decay schedule's shape.
+use popen::backend::Cpu;
+use popen::nn::{Llama, LlamaConfig, Tensor};
+use popen::train::{AdamW, AdamWConfig, WarmupDecayLR};
+
+const BE: Cpu = Cpu;
+
+#[test]
+fn adamw_first_two_steps_match_hand_computation() {
+    // constants exact in f32 (the step's hyper-parameters are f32), so f64 math is exact
+    const LR: f64 = 0.125;
+    const EPS: f64 = 1.0 / 1024.0;
+    let cfg = AdamWConfig {
+        lr: 0.125,
+        beta1: 0.875,
+        beta2: 0.9375,
+        eps: EPS as f32,
+        weight_decay: 0.5,
+    };
+    let mut p: Tensor<f64, Cpu> = Tensor::zeros(&BE, &[2]);
+    p.data = vec![1.0, -2.0];
+    p.grad = Some(vec![0.5, 0.25]);
+    let mut opt = AdamW::<f64, Cpu>::new(cfg);
+    opt.step(&BE, &mut [("p".into(), &mut p)], LR as f32)
+        .unwrap();
+    // step 1: m̂ = g, v̂ = g², so the Adam term is g/(|g|+ε) ≈ ±1 and
+    // p ← p − lr·(g/(|g|+ε) + wd·p)
+    let want1 = [
+        1.0 - LR * (0.5 / (0.5 + EPS) + 0.5 * 1.0),
+        -2.0 - LR * (0.25 / (0.25 + EPS) + 0.5 * -2.0),
+    ];
+    for (a, b) in p.data.iter().zip(&want1) {
+        assert!((a - b).abs() < 1e-12, "step 1: {a} vs {b}");
+    }
+    // step 2 with gradient g2 = (−0.5, 0.25)
+    p.grad = Some(vec![-0.5, 0.25]);
+    opt.step(&BE, &mut [("p".into(), &mut p)], LR as f32)
+        .unwrap();
+    let (b1, b2): (f64, f64) = (0.875, 0.9375);
+    for i in 0..2 {
+        let (g1, g2) = ([0.5, 0.25][i], [-0.5, 0.25][i]);
+        let m = b1 * (1.0 - b1) * g1 + (1.0 - b1) * g2;
+        let v = b2 * (1.0 - b2) * g1 * g1 + (1.0 - b2) * g2 * g2;
+        let mh = m / (1.0 - b1 * b1);
+        let vh = v / (1.0 - b2 * b2);
+        let p1 = want1[i];
+        let want = p1 - LR * (mh / (vh.sqrt() + EPS) + 0.5 * p1);
+        assert!(
+            (p.data[i] - want).abs() < 1e-12,
+            "step 2 [{i}]: {} vs {want}",
+            p.data[i]
+        );
+    }
+    assert_eq!(opt.t, 2);
+}
+
+#[test]
+fn frozen_parameters_are_bit_identical_after_a_step() {
+    let cfg = LlamaConfig {
+        vocab_size: 11,
+        hidden_size: 8,
+        intermediate_size: 5,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: Some(1),
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 16,
+        tie_word_embeddings: false,
+    };
+    let mut m: Llama = Llama::new(Cpu, cfg, 1).unwrap();
+    // freeze everything but the MLP of layer 0
+    for (name, t) in m.params_mut() {
+        t.set_trainable(&BE, name.contains(".mlp."));
+    }
+    let before: Vec<(String, Vec<f32>)> = m
+        .params_mut()
+        .into_iter()
+        .map(|(n, t)| (n, t.data.clone()))
+        .collect();
+    let ids = [1u32, 5, 7, 2, 9, 3];
+    let (logits, acts) = m.forward(&ids, 2, None, None).unwrap();
+    let dl: Vec<f32> = logits.iter().map(|x| x * 0.1 + 0.01).collect();
+    m.backward(&acts, &dl).unwrap();
+    let mut opt = AdamW::<f32, Cpu>::new(AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    });
+    let mut params = m.params_mut();
+    opt.step(&BE, &mut params, 3e-4).unwrap();
+    for ((name, t), (_, old)) in params.iter().zip(&before) {
+        let same = t
+            .data
+            .iter()
+            .zip(old)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert_eq!(
+            same,
+            !name.contains(".mlp."),
+            "{name}: frozen must be bit-identical, trainable must move"
+        );
+    }
+}
+
+#[test]
+fn warmup_decay_schedule_shape() {
+    let s = WarmupDecayLR::new(3e-4, 100, 1000).unwrap();
+    assert_eq!(s.lr(0), 0.0);
+    assert!((s.lr(50) - 1.5e-4).abs() < 1e-10);
+    assert!(
+        (s.lr(100) - 3e-4).abs() < 1e-10,
+        "peak at the end of warmup"
+    );
+    assert!((s.lr(550) - 1.5e-4).abs() < 1e-10, "halfway down the decay");
+    assert_eq!(s.lr(1000), 0.0);
+    assert_eq!(s.lr(5000), 0.0);
+    // monotone up then down
+    let lrs: Vec<f32> = (0..=1000).map(|t| s.lr(t)).collect();
+    assert!(lrs[..=100].windows(2).all(|w| w[0] < w[1]));
+    assert!(lrs[100..].windows(2).all(|w| w[0] > w[1]));
+    assert!(WarmupDecayLR::new(1e-3, 10, 5).is_err());
+    assert!(WarmupDecayLR::new(f32::NAN, 1, 5).is_err());
+}
+
+#[test]
+fn default_hyperparameters_are_the_papers() {
+    let c = AdamWConfig::default();
+    assert_eq!(
+        (c.lr, c.beta1, c.beta2, c.weight_decay),
+        (3e-4, 0.9, 0.95, 0.0)
+    );
+}
