@@ -5,6 +5,7 @@
 //! CPU backend and the reference the kernel is tested against.  Without a GPU the same
 //! `.cu` source runs on the host through the CUDA emulator (see [`device`]), so
 //! `cargo test` checks every kernel on every machine.
+pub mod attention;
 pub mod device;
 
 pub use device::{Backend, Device, DeviceBuf, Elem, KArg, LaunchCfg};
