@@ -813,7 +813,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         out: &mut Vec<F>,
         lse: &mut Vec<F>,
     ) -> Result<()> {
-        crate::nn::attention_cpu::attention_fwd_cpu(
+        crate::kernels::attention::attention_fwd_cpu(
             s,
             q,
             k,
@@ -840,7 +840,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         dv: &mut Vec<F>,
         dbias: Option<&mut Vec<F>>,
     ) -> Result<()> {
-        crate::nn::attention_cpu::attention_bwd_cpu(
+        crate::kernels::attention::attention_bwd_cpu(
             s,
             q,
             k,

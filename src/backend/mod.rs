@@ -57,21 +57,11 @@ pub enum Act {
     Relu,
 }
 
-/// Shape of one attention call.  Same meaning as `kernels::attention::AttnShape`:
-/// q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), out (B,NH,Tq,HS), lse (B,NH,Tq).
-/// `causal` masks keys after the query, aligned bottom-right when Tq < Tk (query i sits at
-/// position Tk − Tq + i, as in decoding with a KV cache).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AttnShape {
-    pub b: usize,
-    pub nh: usize,
-    pub nkv: usize,
-    pub tq: usize,
-    pub tk: usize,
-    pub hs: usize,
-    pub causal: bool,
-    pub scale: f32,
-}
+/// Shape of one attention call: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), out
+/// (B,NH,Tq,HS), lse (B,NH,Tq).  `causal` aligns bottom-right when Tq < Tk (query i sits
+/// at position Tk − Tq + i, as in decoding with a KV cache).  The same struct as the
+/// attention kernel's, so backends pass it through unchanged.
+pub use crate::kernels::attention::AttnShape;
 
 /// Hyper-parameters of one AdamW step (with the bias corrections already folded in by
 /// the caller through `step`).

@@ -16,7 +16,6 @@
 //!
 //! Sizes in comments: B batch, T tokens, C channels, N = B·T rows, V vocabulary,
 //! NH query heads, NKV key/value heads, HS head size, I intermediate size.
-pub mod attention_cpu;
 pub mod layers;
 pub mod llama;
 pub mod sample;
