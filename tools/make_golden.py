@@ -12,8 +12,8 @@ sentence embeddings of the real all-MiniLM-L6-v2 (the model itself is not commit
 Every weight is drawn at random and every norm weight/bias is pushed away from 1/0, so
 that a wrong tensor mapping (a swapped q/k, a missed bias, LayerNorm weight read as
 bias) changes the outputs.  Weights are saved in f32 (one fixture in bf16), but the
-reference forward runs in f64 on the same stored values, so the committed outputs are
-the exact answer for the stored weights and the Rust f32 forward is judged against that.
+reference forward reloads the saved files with `from_pretrained` in f64, so the committed
+outputs are the exact answer for the stored weights and the Rust f32 forward is judged against that.
 
 Run: /work/main/.venv/bin/python tools/make_golden.py   (deterministic: fixed seeds)
 """
@@ -61,12 +61,21 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
 
 
-def save_case(name: str, model, inputs: dict, outputs: dict, dtype=torch.float32) -> None:
+def save_case(name: str, model, inputs: dict, run, dtype=torch.float32) -> None:
+    """Save `model` in `dtype`, reload the saved files in f64 and record `run(reloaded)`.
+
+    Reloading (rather than casting the live model) makes the reference exactly the
+    stored weights: a cast would also round buffers that are not saved (LLaMA's RoPE
+    frequencies) to bf16.
+    """
     d = OUT / name
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
     model.to(dtype).save_pretrained(d, safe_serialization=True)
+    ref = type(model).from_pretrained(d, dtype=torch.float64, attn_implementation="eager").eval()
+    with torch.no_grad():
+        outputs = run(ref)
     save_file({k: v.contiguous() for k, v in inputs.items()}, str(d / "inputs.safetensors"))
     save_file(
         {k: v.detach().to(torch.float32).contiguous() for k, v in outputs.items()},
@@ -74,13 +83,6 @@ def save_case(name: str, model, inputs: dict, outputs: dict, dtype=torch.float32
     )
     # save_pretrained may also write generation_config.json; the loader ignores it.
     print(f"{name}: " + ", ".join(f"{k}{tuple(v.shape)}" for k, v in outputs.items()))
-
-
-def reference(model, dtype=torch.float32):
-    """Round weights to the stored dtype, then run the forward in f64 on those values."""
-    model = model.to(dtype).to(torch.float64)
-    model.eval()
-    return model
 
 
 def llama_config(**kw) -> LlamaConfig:
@@ -107,11 +109,12 @@ def make_llama(name: str, seed: int, dtype) -> None:
     perturb(model, seed)
     g = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(0, 37, (2, 7), generator=g)
-    ref = reference(model, dtype)
-    with torch.no_grad():
+
+    def run(ref):
         out = ref(input_ids=input_ids, output_hidden_states=True)
-    outputs = {"logits": out.logits, "last_hidden_state": out.hidden_states[-1]}
-    save_case(name, model, {"input_ids": input_ids}, outputs, dtype)
+        return {"logits": out.logits, "last_hidden_state": out.hidden_states[-1]}
+
+    save_case(name, model, {"input_ids": input_ids}, run, dtype)
 
 
 def clip_config() -> CLIPVisionConfig:
@@ -136,15 +139,16 @@ def make_clip(seed: int) -> None:
     perturb(model, seed)
     g = torch.Generator().manual_seed(seed + 1)
     pixel_values = torch.randn((2, 3, 15, 15), generator=g)
-    ref = reference(model)
-    with torch.no_grad():
+
+    def run(ref):
         out = ref(pixel_values=pixel_values.double(), output_hidden_states=True)
-    outputs = {
-        "last_hidden_state": out.last_hidden_state,
-        "pooler_output": out.pooler_output,
-        "penultimate_hidden_state": out.hidden_states[-2],
-    }
-    save_case("clip_vision_model", model, {"pixel_values": pixel_values}, outputs)
+        return {
+            "last_hidden_state": out.last_hidden_state,
+            "pooler_output": out.pooler_output,
+            "penultimate_hidden_state": out.hidden_states[-2],
+        }
+
+    save_case("clip_vision_model", model, {"pixel_values": pixel_values}, run)
 
 
 def make_bert(seed: int) -> None:
@@ -168,11 +172,12 @@ def make_bert(seed: int) -> None:
     # Row 1 is right-padded: its last three keys must be ignored by every query.
     attention_mask = torch.ones((2, 9), dtype=torch.int64)
     attention_mask[1, 6:] = 0
-    ref = reference(model)
-    with torch.no_grad():
+
+    def run(ref):
         out = ref(input_ids=input_ids, attention_mask=attention_mask)
-    outputs = {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
-    save_case("bert", model, {"input_ids": input_ids, "attention_mask": attention_mask}, outputs)
+        return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+
+    save_case("bert", model, {"input_ids": input_ids, "attention_mask": attention_mask}, run)
 
 
 def make_llava(seed: int) -> None:
@@ -224,15 +229,11 @@ def make_llava(seed: int) -> None:
         rows.append(torch.cat([pre, torch.full((n_patches,), image_token), post]))
     input_ids = torch.stack(rows)
     pixel_values = torch.randn((2, 3, 12, 12), generator=g)
-    ref = reference(model)
-    with torch.no_grad():
-        out = ref(input_ids=input_ids, pixel_values=pixel_values.double())
-    save_case(
-        "llava",
-        model,
-        {"input_ids": input_ids, "pixel_values": pixel_values},
-        {"logits": out.logits},
-    )
+
+    def run(ref):
+        return {"logits": ref(input_ids=input_ids, pixel_values=pixel_values.double()).logits}
+
+    save_case("llava", model, {"input_ids": input_ids, "pixel_values": pixel_values}, run)
 
 
 def make_llama_bf16(seed: int) -> None:

@@ -45,6 +45,19 @@ pub enum HfAct {
     Relu,
 }
 
+impl From<HfAct> for crate::backend::Act {
+    fn from(a: HfAct) -> Self {
+        use crate::backend::Act;
+        match a {
+            HfAct::GeluErf => Act::GeluErf,
+            HfAct::GeluTanh => Act::GeluTanh,
+            HfAct::QuickGelu => Act::QuickGelu,
+            HfAct::Silu => Act::Silu,
+            HfAct::Relu => Act::Relu,
+        }
+    }
+}
+
 /// A view of one JSON object inside a config file, for field errors with full names.
 #[derive(Clone, Copy)]
 pub struct Fields<'a> {
@@ -195,7 +208,13 @@ impl<'a> Fields<'a> {
     }
 
     /// `Err` unless `num % den == 0`, naming both fields.
-    pub fn divisible(&self, num_field: &str, num: usize, den_field: &str, den: usize) -> Result<()> {
+    pub fn divisible(
+        &self,
+        num_field: &str,
+        num: usize,
+        den_field: &str,
+        den: usize,
+    ) -> Result<()> {
         if num % den == 0 {
             Ok(())
         } else {
@@ -395,7 +414,10 @@ impl HfLlamaConfig {
     pub fn from_fields(f: &Fields<'_>) -> Result<Self> {
         let act = f.act_or("hidden_act", HfAct::Silu)?;
         if act != HfAct::Silu {
-            return Err(f.err("hidden_act", "LLaMA's MLP is SwiGLU: only `silu` is implemented"));
+            return Err(f.err(
+                "hidden_act",
+                "LLaMA's MLP is SwiGLU: only `silu` is implemented",
+            ));
         }
         if f.opt_usize("pretraining_tp")?.unwrap_or(1) != 1 {
             return Err(f.err("pretraining_tp", "only 1 is implemented"));
@@ -424,7 +446,10 @@ impl HfLlamaConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(f.err("head_dim", format!("RoPE needs an even head size, got {head_dim}")));
+            return Err(f.err(
+                "head_dim",
+                format!("RoPE needs an even head size, got {head_dim}"),
+            ));
         }
         Ok(Self {
             vocab_size: f.usize("vocab_size")?,
@@ -611,7 +636,10 @@ mod tests {
         v["num_key_value_heads"] = json!(3);
         let e = HfLlamaConfig::from_fields(&Fields::new(p, &v).unwrap()).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("x/config.json") && s.contains("num_attention_heads"), "{s}");
+        assert!(
+            s.contains("x/config.json") && s.contains("num_attention_heads"),
+            "{s}"
+        );
         let mut v = llama_json();
         v["hidden_size"] = json!("eight");
         let s = HfLlamaConfig::from_fields(&Fields::new(p, &v).unwrap())

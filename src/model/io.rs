@@ -239,7 +239,12 @@ impl StFile {
             return Err(st_err(path, "file changed size while being read"));
         }
         let data_start = (HEADER_LEN_BYTES + header_len) as usize;
-        validate_header(path, &buf[HEADER_LEN_BYTES as usize..data_start], file_len, header_len)?;
+        validate_header(
+            path,
+            &buf[HEADER_LEN_BYTES as usize..data_start],
+            file_len,
+            header_len,
+        )?;
         // The crate checks the rest: contiguous offsets, data section fully covered.
         let (_, meta) =
             SafeTensors::read_metadata(&buf).map_err(|e| st_err(path, format!("{e}")))?;
