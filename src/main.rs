@@ -17,11 +17,15 @@ struct Cli {
 enum Cmd {
     /// Show how the crate was built: kernels, PTX target, available devices.
     Info(cli::info::Args),
+    /// Run a Hugging Face model directory (llama, clip_vision_model, bert, llava) on
+    /// named input tensors and write its outputs as safetensors.
+    Forward(cli::forward::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),
+        Cmd::Forward(a) => cli::forward::run(a),
     }
 }
