@@ -5,11 +5,13 @@
 //!
 //! B batch, T tokens, C hidden size, V vocabulary, I intermediate size.
 use super::config::BertConfig;
-use super::weights::Checkpoint;
+use super::io::StDtype;
+use super::weights::{save_params, Checkpoint};
 use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::nn::{Attention, AttnCtx, Embedding, LayerNorm, Linear, Mlp, Tensor};
 use num_traits::Float;
+use std::path::Path;
 
 /// Tensor name prefixes: bare (`BertModel`, sentence-transformers) or `bert.` (a
 /// `BertFor…` head model's encoder).
@@ -33,6 +35,9 @@ pub struct BertLayer<F: Float = f32, B: Backend<F> = Cpu> {
 pub struct Bert<F: Float = f32, B: Backend<F> = Cpu> {
     pub cfg: BertConfig,
     pub be: B,
+    /// Prefix of the tensor names in the checkpoint it came from (empty or `bert.`);
+    /// [`Bert::save_weights`] writes the same names.
+    pub prefix: String,
     pub word_embeddings: Embedding<F, B>,
     pub position_embeddings: Embedding<F, B>,
     pub token_type_embeddings: Embedding<F, B>,
@@ -82,6 +87,7 @@ impl<F: Float, B: Backend<F>> Bert<F, B> {
             pooler: pooler.then(|| Linear::new(&be, c, c, true)),
             cfg,
             be,
+            prefix: String::new(),
         }
     }
 
@@ -166,7 +172,16 @@ impl<F: Float, B: Backend<F>> Bert<F, B> {
         let mut m = Self::new(be.clone(), cfg, pooler);
         m.set_trainable(false);
         ck.load_params(&be, m.params_mut(), |n| format!("{prefix}{n}"))?;
+        m.prefix = prefix;
         Ok(m)
+    }
+
+    /// Writes every parameter to one safetensors file, named `prefix + HF name`.
+    pub fn save_weights(&mut self, path: impl AsRef<Path>, dtype: StDtype) -> Result<()> {
+        let (be, prefix) = (self.be.clone(), self.prefix.clone());
+        let params: Vec<(String, &Tensor<F, B>)> =
+            self.params_mut().into_iter().map(|(n, t)| (n, &*t)).collect();
+        save_params(&be, path, params, |n| format!("{prefix}{n}"), dtype)
     }
 
     /// ids (B·T) with optional token types (B·T) and key mask (B, T: 1 = token,

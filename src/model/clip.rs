@@ -9,12 +9,14 @@
 //!
 //! B batch, C hidden size, P patch size, NP patches, S = NP + 1 positions, I MLP size.
 use super::config::ClipVisionConfig;
-use super::weights::Checkpoint;
+use super::io::StDtype;
+use super::weights::{save_params, Checkpoint};
 use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::nn::layers::ImageShape;
 use crate::nn::{Attention, AttnCtx, Embedding, LayerNorm, Mlp, PatchEmbed, Tensor};
 use num_traits::Float;
+use std::path::Path;
 
 /// Tensor name prefixes of a CLIP vision tower: inside a `CLIPModel` / published
 /// `CLIPVisionModel` checkpoint (`vision_model.`), or bare as transformers 5 saves a
@@ -37,6 +39,9 @@ pub struct ClipLayer<F: Float = f32, B: Backend<F> = Cpu> {
 pub struct ClipVision<F: Float = f32, B: Backend<F> = Cpu> {
     pub cfg: ClipVisionConfig,
     pub be: B,
+    /// Prefix of the tower's tensor names in the checkpoint it came from (`vision_model.`
+    /// or empty); [`ClipVision::save_weights`] writes the same names.
+    pub prefix: String,
     /// (C)
     pub class_embedding: Tensor<F, B>,
     /// conv weight (C, CH, P, P), no bias
@@ -89,6 +94,7 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             layers,
             cfg,
             be,
+            prefix: String::new(),
         }
     }
 
@@ -155,9 +161,18 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
     /// A tower filled from `ck`, whose tensor names start with `prefix`; frozen.
     pub fn load(be: B, cfg: ClipVisionConfig, ck: &Checkpoint, prefix: &str) -> Result<Self> {
         let mut m = Self::new(be.clone(), cfg);
+        m.prefix = prefix.to_string();
         m.set_trainable(false);
         ck.load_params(&be, m.params_mut(), |n| format!("{prefix}{n}"))?;
         Ok(m)
+    }
+
+    /// Writes every parameter to one safetensors file, named `prefix + HF name`.
+    pub fn save_weights(&mut self, path: impl AsRef<Path>, dtype: StDtype) -> Result<()> {
+        let (be, prefix) = (self.be.clone(), self.prefix.clone());
+        let params: Vec<(String, &Tensor<F, B>)> =
+            self.params_mut().into_iter().map(|(n, t)| (n, &*t)).collect();
+        save_params(&be, path, params, |n| format!("{prefix}{n}"), dtype)
     }
 
     /// pixels (B, CH, H, W) → hidden states 0..=`upto` (at most L) and, when `upto` is

@@ -9,15 +9,11 @@
 //!
 //! Every input problem is an [`Error::Data`] naming the inputs file and tensor; every
 //! config problem an [`Error::Config`] naming `config.json` and the field.
-use super::bert::Bert;
-use super::clip::{ClipVision, CLIP_MARKER, CLIP_PREFIXES};
 use super::config::{
     BertConfig, ClipVisionConfig, HfConfig, HfLlamaConfig, LlavaConfig, ModelType,
 };
 use super::io::{HostTensor, IntTensor, StDtype, StFile};
-use super::llama::{llama_config, load_llama, LlamaNames};
-use super::llava::Llava;
-use super::weights::Checkpoint;
+use super::pretrained::Pretrained;
 use crate::backend::Cpu;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -203,42 +199,33 @@ fn host(shape: Vec<usize>, data: Vec<f32>) -> Result<HostTensor> {
 }
 
 /// Runs the model in `dir` on `inputs` (CPU, f32) and returns its outputs by name.
+/// The inputs are checked against the config before the weights are read.
 pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, HostTensor)>> {
     let dir = dir.as_ref();
     let hf = HfConfig::read_dir(dir)?;
     let f = hf.fields();
-    let be = Cpu;
     match hf.model_type {
         ModelType::Llama => {
             let hc = HfLlamaConfig::from_fields(&f)?;
-            let cfg = llama_config(&hc, &hf.path, "")?;
             let (ids, b, t) = inputs.ids("vocab_size", hc.vocab_size)?;
-            check_len_vs_positions(
-                inputs,
-                t,
-                "max_position_embeddings",
-                hc.max_position_embeddings,
-            )?;
+            check_len_vs_positions(inputs, t, "max_position_embeddings", hc.max_position_embeddings)?;
             let mask = inputs.mask(b, t)?;
-            let ck = Checkpoint::open_dir(dir)?;
-            let names = LlamaNames::detect_causal_lm(&ck)?;
-            let m = load_llama::<f32, Cpu>(be, cfg, &ck, &names)?;
-            let (logits, acts) = m.forward(&ids, b, mask.as_deref(), None)?;
+            let Pretrained::Llama { model, .. } = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)? else {
+                unreachable!("model_type llama loads a Llama")
+            };
+            let (logits, acts) = model.forward(&ids, b, mask.as_deref(), None)?;
             Ok(vec![
                 ("logits".into(), host(vec![b, t, hc.vocab_size], logits)?),
-                (
-                    "last_hidden_state".into(),
-                    host(vec![b, t, hc.hidden_size], acts.hidden)?,
-                ),
+                ("last_hidden_state".into(), host(vec![b, t, hc.hidden_size], acts.hidden)?),
             ])
         }
         ModelType::ClipVision => {
             let cfg = ClipVisionConfig::from_fields(&f)?;
             let (px, b) = inputs.pixels(&cfg, &hf.path, "")?;
-            let ck = Checkpoint::open_dir(dir)?;
-            let prefix = ck.find_prefix(CLIP_PREFIXES, CLIP_MARKER)?;
             let (l, s, c) = (cfg.num_hidden_layers, cfg.num_positions(), cfg.hidden_size);
-            let m = ClipVision::<f32, Cpu>::load(be, cfg, &ck, &prefix)?;
+            let Pretrained::ClipVision(m) = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)? else {
+                unreachable!("model_type clip_vision_model loads a ClipVision")
+            };
             let mut out = m.forward(&px.data, b, l)?;
             let pooled = out.pooler_output.take().expect("full forward pools");
             let last = out.hidden_states.pop().expect("L+1 states");
@@ -246,21 +233,13 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
             Ok(vec![
                 ("last_hidden_state".into(), host(vec![b, s, c], last)?),
                 ("pooler_output".into(), host(vec![b, c], pooled)?),
-                (
-                    "penultimate_hidden_state".into(),
-                    host(vec![b, s, c], penult)?,
-                ),
+                ("penultimate_hidden_state".into(), host(vec![b, s, c], penult)?),
             ])
         }
         ModelType::Bert => {
             let cfg = BertConfig::from_fields(&f)?;
             let (ids, b, t) = inputs.ids("vocab_size", cfg.vocab_size)?;
-            check_len_vs_positions(
-                inputs,
-                t,
-                "max_position_embeddings",
-                cfg.max_position_embeddings,
-            )?;
+            check_len_vs_positions(inputs, t, "max_position_embeddings", cfg.max_position_embeddings)?;
             let mask = inputs.mask(b, t)?;
             if let Some(m) = &mask {
                 if let Some(row) = m.chunks(t).position(|r| r.iter().all(|&x| x == 0)) {
@@ -281,24 +260,15 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                             format!("shape {:?} differs from input_ids [{b}, {t}]", tt.shape),
                         ));
                     }
-                    Some(int_values(
-                        &inputs.path,
-                        "token_type_ids",
-                        tt,
-                        t,
-                        "type_vocab_size",
-                        cfg.type_vocab_size,
-                    )?)
+                    Some(int_values(&inputs.path, "token_type_ids", tt, t, "type_vocab_size", cfg.type_vocab_size)?)
                 }
             };
             let c = cfg.hidden_size;
-            let ck = Checkpoint::open_dir(dir)?;
-            let m = Bert::<f32, Cpu>::load(be, cfg, &ck)?;
+            let Pretrained::Bert(m) = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)? else {
+                unreachable!("model_type bert loads a Bert")
+            };
             let out = m.forward(&ids, types.as_deref(), b, mask.as_deref())?;
-            let mut v = vec![(
-                "last_hidden_state".to_string(),
-                host(vec![b, t, c], out.last_hidden_state)?,
-            )];
+            let mut v = vec![("last_hidden_state".to_string(), host(vec![b, t, c], out.last_hidden_state)?)];
             if let Some(p) = out.pooler_output {
                 v.push(("pooler_output".into(), host(vec![b, c], p)?));
             }
@@ -313,18 +283,17 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                 None => None,
             };
             let v = cfg.text.vocab_size;
-            let ck = Checkpoint::open_dir(dir)?;
-            let m = Llava::<f32, Cpu>::load(be, cfg, &ck, &hf.path)?;
+            let Pretrained::Llava(m) = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)? else {
+                unreachable!("model_type llava loads a Llava")
+            };
             let out = m
                 .forward(&ids, b, pixels.map(|(p, n)| (&p.data, n)), mask.as_deref())
                 .map_err(|e| match e {
+                    // image-token count and sequence-length problems are input problems
                     Error::InvalidArg { msg, .. } => data_err(&inputs.path, "input_ids", msg),
                     other => other,
                 })?;
-            Ok(vec![(
-                "logits".into(),
-                host(vec![b, out.t, v], out.logits)?,
-            )])
+            Ok(vec![("logits".into(), host(vec![b, out.t, v], out.logits)?)])
         }
     }
 }

@@ -4,10 +4,11 @@
 //! [`Llama::params_mut`] names parameters as `LlamaForCausalLM` does (`model.…`,
 //! `lm_head.weight`); [`LlamaNames`] maps those onto the names a given file uses.
 use super::config::HfLlamaConfig;
-use super::weights::Checkpoint;
+use super::io::StDtype;
+use super::weights::{save_params, Checkpoint};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::nn::{Llama, LlamaConfig};
+use crate::nn::{Llama, LlamaConfig, Tensor};
 use num_traits::Float;
 use std::path::Path;
 
@@ -102,4 +103,17 @@ pub fn load_llama<F: Float, B: Backend<F>>(
     m.set_trainable(false);
     ck.load_params(&be, m.params_mut(), |n| names.rename(n))?;
     Ok(m)
+}
+
+/// Writes every parameter of `m` to one safetensors file under `names`.
+pub fn save_llama<F: Float, B: Backend<F>>(
+    m: &mut Llama<F, B>,
+    path: impl AsRef<Path>,
+    names: &LlamaNames,
+    dtype: StDtype,
+) -> Result<()> {
+    let be = m.be.clone();
+    let params: Vec<(String, &Tensor<F, B>)> =
+        m.params_mut().into_iter().map(|(n, t)| (n, &*t)).collect();
+    save_params(&be, path, params, |n| names.rename(n), dtype)
 }

@@ -5,6 +5,7 @@
 //! - [`config`]: `config.json` parsing with errors that name the field.
 //! - [`weights`]: a checkpoint directory (single file or shards), parameters by name.
 //! - [`clip`], [`bert`], [`llama`], [`llava`]: the architectures.
+//! - [`pretrained`]: any supported directory by `model_type`, loaded and saved back.
 //! - [`forward`]: `popen forward`: any supported directory on named input tensors.
 //!
 //! Every model lists its parameters under their Hugging Face names (`params_mut`), so a
@@ -17,6 +18,7 @@ pub mod forward;
 pub mod io;
 pub mod llama;
 pub mod llava;
+pub mod pretrained;
 pub mod weights;
 
 pub use bert::{Bert, BertOutput};
@@ -24,4 +26,5 @@ pub use clip::{ClipOutput, ClipVision};
 pub use config::{BertConfig, ClipVisionConfig, HfConfig, HfLlamaConfig, LlavaConfig, ModelType};
 pub use io::{HostTensor, IntTensor, StDtype, StFile};
 pub use llava::{Llava, LlavaNames};
+pub use pretrained::Pretrained;
 pub use weights::Checkpoint;
