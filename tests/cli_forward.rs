@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden")
+        .join(name)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -27,9 +29,16 @@ fn cli_forward_matches_bert_golden() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(r.status.success(), "stderr: {}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        r.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let stdout = String::from_utf8_lossy(&r.stdout);
-    assert!(stdout.contains("last_hidden_state") && stdout.contains("[2, 9, 24]"), "{stdout}");
+    assert!(
+        stdout.contains("last_hidden_state") && stdout.contains("[2, 9, 24]"),
+        "{stdout}"
+    );
     let got = StFile::open(&out).unwrap();
     let want = StFile::open(dir.join("outputs.safetensors")).unwrap();
     for name in ["last_hidden_state", "pooler_output"] {
@@ -37,8 +46,16 @@ fn cli_forward_matches_bert_golden() {
         assert_eq!(got.info(name).unwrap().0, popen::model::StDtype::F32);
         assert_eq!(g.shape, w.shape);
         let scale = w.data.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = g.data.iter().zip(&w.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err / scale <= 1e-4, "{name}: relative error {}", err / scale);
+        let err = g
+            .data
+            .iter()
+            .zip(&w.data)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err / scale <= 1e-4,
+            "{name}: relative error {}",
+            err / scale
+        );
     }
 }
 
@@ -62,6 +79,9 @@ fn cli_forward_reports_bad_model_type() {
         .unwrap();
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("model_type") && err.contains("gpt2") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("model_type") && err.contains("gpt2") && err.contains("config.json"),
+        "{err}"
+    );
     assert!(!d.join("out.safetensors").exists());
 }

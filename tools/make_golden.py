@@ -103,18 +103,25 @@ def llama_config(**kw) -> LlamaConfig:
     )
 
 
-def make_llama(name: str, seed: int, dtype) -> None:
+def make_llama(name: str, seed: int, dtype, padded: bool) -> None:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config())
     perturb(model, seed)
     g = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(0, 37, (2, 7), generator=g)
+    inputs = {"input_ids": input_ids}
+    if padded:
+        # Row 1 right-padded: no query may see its last two keys.  (Right padding keeps
+        # every query with at least one visible key, where HF and we agree exactly.)
+        mask = torch.ones((2, 7), dtype=torch.int64)
+        mask[1, 5:] = 0
+        inputs["attention_mask"] = mask
 
     def run(ref):
-        out = ref(input_ids=input_ids, output_hidden_states=True)
+        out = ref(**inputs, output_hidden_states=True)
         return {"logits": out.logits, "last_hidden_state": out.hidden_states[-1]}
 
-    save_case(name, model, {"input_ids": input_ids}, run, dtype)
+    save_case(name, model, inputs, run, dtype)
 
 
 def clip_config() -> CLIPVisionConfig:
@@ -172,12 +179,20 @@ def make_bert(seed: int) -> None:
     # Row 1 is right-padded: its last three keys must be ignored by every query.
     attention_mask = torch.ones((2, 9), dtype=torch.int64)
     attention_mask[1, 6:] = 0
+    # Two segments in row 0, so the token-type table is read at both rows.
+    token_type_ids = torch.zeros((2, 9), dtype=torch.int64)
+    token_type_ids[0, 4:] = 1
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+    }
 
     def run(ref):
-        out = ref(input_ids=input_ids, attention_mask=attention_mask)
+        out = ref(**inputs)
         return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
 
-    save_case("bert", model, {"input_ids": input_ids, "attention_mask": attention_mask}, run)
+    save_case("bert", model, inputs, run)
 
 
 def make_llava(seed: int) -> None:
@@ -237,7 +252,7 @@ def make_llava(seed: int) -> None:
 
 
 def make_llama_bf16(seed: int) -> None:
-    make_llama("llama_bf16", seed, torch.bfloat16)
+    make_llama("llama_bf16", seed, torch.bfloat16, padded=False)
     # Older checkpoints spell the RoPE base at the top level; keep one fixture that way.
     path = OUT / "llama_bf16" / "config.json"
     cfg = json.loads(path.read_text())
@@ -312,7 +327,7 @@ def make_minilm() -> None:
 def main() -> None:
     torch.set_grad_enabled(False)
     OUT.mkdir(parents=True, exist_ok=True)
-    make_llama("llama", 1, torch.float32)
+    make_llama("llama", 1, torch.float32, padded=True)
     make_clip(2)
     make_bert(3)
     make_llava(4)

@@ -1,3 +1,3 @@
 //! Subcommands of the `popen` binary, one file each.
-pub mod info;
 pub mod forward;
+pub mod info;

@@ -179,8 +179,11 @@ impl<F: Float, B: Backend<F>> Bert<F, B> {
     /// Writes every parameter to one safetensors file, named `prefix + HF name`.
     pub fn save_weights(&mut self, path: impl AsRef<Path>, dtype: StDtype) -> Result<()> {
         let (be, prefix) = (self.be.clone(), self.prefix.clone());
-        let params: Vec<(String, &Tensor<F, B>)> =
-            self.params_mut().into_iter().map(|(n, t)| (n, &*t)).collect();
+        let params: Vec<(String, &Tensor<F, B>)> = self
+            .params_mut()
+            .into_iter()
+            .map(|(n, t)| (n, &*t))
+            .collect();
         save_params(&be, path, params, |n| format!("{prefix}{n}"), dtype)
     }
 

@@ -208,15 +208,24 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
         ModelType::Llama => {
             let hc = HfLlamaConfig::from_fields(&f)?;
             let (ids, b, t) = inputs.ids("vocab_size", hc.vocab_size)?;
-            check_len_vs_positions(inputs, t, "max_position_embeddings", hc.max_position_embeddings)?;
+            check_len_vs_positions(
+                inputs,
+                t,
+                "max_position_embeddings",
+                hc.max_position_embeddings,
+            )?;
             let mask = inputs.mask(b, t)?;
-            let Pretrained::Llama { model, .. } = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)? else {
+            let Pretrained::Llama { model, .. } = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)?
+            else {
                 unreachable!("model_type llama loads a Llama")
             };
             let (logits, acts) = model.forward(&ids, b, mask.as_deref(), None)?;
             Ok(vec![
                 ("logits".into(), host(vec![b, t, hc.vocab_size], logits)?),
-                ("last_hidden_state".into(), host(vec![b, t, hc.hidden_size], acts.hidden)?),
+                (
+                    "last_hidden_state".into(),
+                    host(vec![b, t, hc.hidden_size], acts.hidden)?,
+                ),
             ])
         }
         ModelType::ClipVision => {
@@ -233,13 +242,21 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
             Ok(vec![
                 ("last_hidden_state".into(), host(vec![b, s, c], last)?),
                 ("pooler_output".into(), host(vec![b, c], pooled)?),
-                ("penultimate_hidden_state".into(), host(vec![b, s, c], penult)?),
+                (
+                    "penultimate_hidden_state".into(),
+                    host(vec![b, s, c], penult)?,
+                ),
             ])
         }
         ModelType::Bert => {
             let cfg = BertConfig::from_fields(&f)?;
             let (ids, b, t) = inputs.ids("vocab_size", cfg.vocab_size)?;
-            check_len_vs_positions(inputs, t, "max_position_embeddings", cfg.max_position_embeddings)?;
+            check_len_vs_positions(
+                inputs,
+                t,
+                "max_position_embeddings",
+                cfg.max_position_embeddings,
+            )?;
             let mask = inputs.mask(b, t)?;
             if let Some(m) = &mask {
                 if let Some(row) = m.chunks(t).position(|r| r.iter().all(|&x| x == 0)) {
@@ -260,7 +277,14 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                             format!("shape {:?} differs from input_ids [{b}, {t}]", tt.shape),
                         ));
                     }
-                    Some(int_values(&inputs.path, "token_type_ids", tt, t, "type_vocab_size", cfg.type_vocab_size)?)
+                    Some(int_values(
+                        &inputs.path,
+                        "token_type_ids",
+                        tt,
+                        t,
+                        "type_vocab_size",
+                        cfg.type_vocab_size,
+                    )?)
                 }
             };
             let c = cfg.hidden_size;
@@ -268,7 +292,10 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                 unreachable!("model_type bert loads a Bert")
             };
             let out = m.forward(&ids, types.as_deref(), b, mask.as_deref())?;
-            let mut v = vec![("last_hidden_state".to_string(), host(vec![b, t, c], out.last_hidden_state)?)];
+            let mut v = vec![(
+                "last_hidden_state".to_string(),
+                host(vec![b, t, c], out.last_hidden_state)?,
+            )];
             if let Some(p) = out.pooler_output {
                 v.push(("pooler_output".into(), host(vec![b, c], p)?));
             }
@@ -293,7 +320,10 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                     Error::InvalidArg { msg, .. } => data_err(&inputs.path, "input_ids", msg),
                     other => other,
                 })?;
-            Ok(vec![("logits".into(), host(vec![b, out.t, v], out.logits)?)])
+            Ok(vec![(
+                "logits".into(),
+                host(vec![b, out.t, v], out.logits)?,
+            )])
         }
     }
 }

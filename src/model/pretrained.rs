@@ -2,7 +2,9 @@
 //! `save_pretrained` would write it: the same `config.json` and the same tensor names.
 use super::bert::Bert;
 use super::clip::{ClipVision, CLIP_MARKER, CLIP_PREFIXES};
-use super::config::{BertConfig, ClipVisionConfig, HfConfig, HfLlamaConfig, LlavaConfig, ModelType};
+use super::config::{
+    BertConfig, ClipVisionConfig, HfConfig, HfLlamaConfig, LlavaConfig, ModelType,
+};
 use super::io::StDtype;
 use super::llama::{llama_config, load_llama, save_llama, LlamaNames};
 use super::llava::Llava;
@@ -49,7 +51,9 @@ impl<F: Float, B: Backend<F>> Pretrained<F, B> {
                 let cfg = ClipVisionConfig::from_fields(&f)?;
                 let ck = Checkpoint::open_dir(dir)?;
                 let prefix = ck.find_prefix(CLIP_PREFIXES, CLIP_MARKER)?;
-                Ok(Pretrained::ClipVision(ClipVision::load(be, cfg, &ck, &prefix)?))
+                Ok(Pretrained::ClipVision(ClipVision::load(
+                    be, cfg, &ck, &prefix,
+                )?))
             }
             ModelType::Bert => {
                 let cfg = BertConfig::from_fields(&f)?;
@@ -77,11 +81,17 @@ impl<F: Float, B: Backend<F>> Pretrained<F, B> {
             }
             Pretrained::ClipVision(m) => {
                 let p = m.prefix.clone();
-                m.params_mut().into_iter().map(|(n, t)| (format!("{p}{n}"), t)).collect()
+                m.params_mut()
+                    .into_iter()
+                    .map(|(n, t)| (format!("{p}{n}"), t))
+                    .collect()
             }
             Pretrained::Bert(m) => {
                 let p = m.prefix.clone();
-                m.params_mut().into_iter().map(|(n, t)| (format!("{p}{n}"), t)).collect()
+                m.params_mut()
+                    .into_iter()
+                    .map(|(n, t)| (format!("{p}{n}"), t))
+                    .collect()
             }
             Pretrained::Llava(m) => m.params_mut(),
         }
@@ -89,7 +99,12 @@ impl<F: Float, B: Backend<F>> Pretrained<F, B> {
 
     /// Writes `dir/config.json` (the JSON `hf` was read from) and `dir/model.safetensors`
     /// with every parameter in `dtype` under the names it was loaded from.
-    pub fn save_pretrained(&mut self, hf: &HfConfig, dir: impl AsRef<Path>, dtype: StDtype) -> Result<()> {
+    pub fn save_pretrained(
+        &mut self,
+        hf: &HfConfig,
+        dir: impl AsRef<Path>,
+        dtype: StDtype,
+    ) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let cfg_path = dir.join("config.json");
