@@ -44,40 +44,54 @@ fn step(m: &mut Llama, ids: &[u32], targets: &[u32]) -> f32 {
     m.zero_grad();
     let (logits, acts) = m.forward(ids, BATCH, None, None).unwrap();
     let (mut lp, mut lse) = (vec![0.0f32; n], vec![0.0f32; n]);
-    be.logprob_fwd(&logits, targets, v, &mut lp, &mut lse).unwrap();
+    be.logprob_fwd(&logits, targets, v, &mut lp, &mut lse)
+        .unwrap();
     // loss = −mean logp  so: dlogp = −1/N
     let dlogp = vec![-1.0 / n as f32; n];
     let mut dlogits = vec![0.0f32; n * v];
-    be.logprob_bwd(&logits, targets, v, &lse, &dlogp, &mut dlogits).unwrap();
+    be.logprob_bwd(&logits, targets, v, &lse, &dlogp, &mut dlogits)
+        .unwrap();
     m.backward(&acts, &dlogits).unwrap();
     -lp.iter().sum::<f32>() / n as f32
 }
 
 fn bench(c: &mut Criterion) {
     let nt = threads();
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(nt).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(nt)
+        .build()
+        .unwrap();
     let cfg = bench_cfg();
     let params = cfg.num_params();
     let mut m: Llama = Llama::new(Cpu, cfg, 0).unwrap();
     let mut rng = Rng::new(1);
     let v = m.cfg.vocab_size as u64;
-    let ids: Vec<u32> = (0..BATCH * SEQ).map(|_| (rng.next_u64() % v) as u32).collect();
-    let targets: Vec<u32> = (0..BATCH * SEQ).map(|_| (rng.next_u64() % v) as u32).collect();
+    let ids: Vec<u32> = (0..BATCH * SEQ)
+        .map(|_| (rng.next_u64() % v) as u32)
+        .collect();
+    let targets: Vec<u32> = (0..BATCH * SEQ)
+        .map(|_| (rng.next_u64() % v) as u32)
+        .collect();
     let tokens = (BATCH * SEQ) as u64;
     // napkin math: a training step costs ≈ 6 FLOP per parameter per token (+ attention)
     let flops = 6.0 * params as f64 * tokens as f64;
-    eprintln!("llama bench: {params} parameters, B={BATCH} T={SEQ}, {nt} threads, ≈{:.1} GFLOP/step", flops / 1e9);
+    eprintln!(
+        "llama bench: {params} parameters, B={BATCH} T={SEQ}, {nt} threads, ≈{:.1} GFLOP/step",
+        flops / 1e9
+    );
 
     let mut g = c.benchmark_group(format!("cpu_llama_fwd_bwd_25m_b{BATCH}_t{SEQ}_{nt}thr"));
     g.sample_size(10);
     g.throughput(Throughput::Elements(tokens));
-    g.bench_function("step", |b| b.iter(|| pool.install(|| black_box(step(&mut m, &ids, &targets)))));
+    g.bench_function("step", |b| {
+        b.iter(|| pool.install(|| black_box(step(&mut m, &ids, &targets))))
+    });
     g.finish();
 
     // memory-copy baseline in the same run: one pass over the parameters' bytes
     let src = vec![1.0f32; params];
     let mut dst = vec![0.0f32; params];
-    let mut g = c.benchmark_group(format!("cpu_memcpy_{}mb", params * 4 >> 20));
+    let mut g = c.benchmark_group(format!("cpu_memcpy_{}mb", (params * 4) >> 20));
     g.sample_size(10);
     g.throughput(Throughput::Bytes((params * 4) as u64));
     g.bench_function("copy", |b| {

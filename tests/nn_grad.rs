@@ -339,6 +339,7 @@ fn patch_embed_backward_matches_finite_differences() {
     });
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attn_layer(
     rng: &mut Rng,
     c: usize,

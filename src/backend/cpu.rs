@@ -45,7 +45,7 @@ fn rows_mut<F: CpuFloat>(x: &mut [F], c: usize, g: impl Fn(usize, &mut [F]) + Sy
 }
 
 fn rows_of(op: &'static str, len: usize, c: usize) -> Result<usize> {
-    if c == 0 || len % c != 0 {
+    if c == 0 || !len.is_multiple_of(c) {
         return Err(Error::shape(
             op,
             format!("buffer of {len} elements is not a whole number of rows of {c}"),
@@ -158,7 +158,7 @@ fn rope_cos_sin(pos: usize, hs: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
 }
 
 fn check_heads(op: &'static str, hs: usize, theta: Option<f32>) -> Result<()> {
-    if theta.is_some() && hs % 2 != 0 {
+    if theta.is_some() && !hs.is_multiple_of(2) {
         return Err(Error::arg(
             op,
             format!("RoPE needs an even head size, got {hs}"),
@@ -745,7 +745,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         p: usize,
         out: &mut Vec<F>,
     ) -> Result<()> {
-        if p == 0 || h % p != 0 || w % p != 0 {
+        if p == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             return Err(Error::arg(
                 "patchify",
                 format!("image {h}x{w} is not a whole number of {p}x{p} patches"),
@@ -779,7 +779,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     ) -> Result<()> {
         // forward is a permutation (stride = kernel: patches do not overlap), so the
         // backward is the inverse permutation
-        if p == 0 || h % p != 0 || w % p != 0 {
+        if p == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             return Err(Error::arg(
                 "patchify_bwd",
                 format!("image {h}x{w} is not a whole number of {p}x{p} patches"),

@@ -89,6 +89,8 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
 
     // ---- memory ----
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// Upload host values.
+    #[allow(clippy::wrong_self_convention)]
     fn from_slice(&self, x: &[F]) -> Self::Buf;
     fn to_vec(&self, x: &Self::Buf) -> Vec<F>;
     fn len(&self, x: &Self::Buf) -> usize;
@@ -215,6 +217,7 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         hs: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
     /// Append along time: cache (B,H,T1,HS) ++ new (B,H,T2,HS) → (B,H,T1+T2,HS).
     fn concat_time(
         &self,

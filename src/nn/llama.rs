@@ -75,7 +75,7 @@ impl LlamaConfig {
                 return bad(name, "must be positive".into());
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 format!(
@@ -84,7 +84,7 @@ impl LlamaConfig {
                 ),
             );
         }
-        if self.num_attention_heads % self.n_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -94,7 +94,7 @@ impl LlamaConfig {
                 ),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(
                 "hidden_size",
                 format!("head size {} must be even for RoPE", self.head_dim()),
@@ -333,7 +333,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         key_mask: Option<&[u8]>,
         bias: Option<&B::Buf>,
     ) -> Result<(B::Buf, LlamaActs<B::Buf>)> {
-        if b == 0 || ids.len() % b != 0 {
+        if b == 0 || !ids.len().is_multiple_of(b) {
             return Err(Error::shape(
                 "Llama::forward",
                 format!("{} ids do not split into {b} rows", ids.len()),
@@ -539,7 +539,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         bias: Option<&B::Buf>,
     ) -> Result<B::Buf> {
         let b = cache.b;
-        if b == 0 || ids.len() % b != 0 {
+        if b == 0 || !ids.len().is_multiple_of(b) {
             return Err(Error::shape(
                 "Llama::forward_cached",
                 format!("{} ids do not split into {b} rows", ids.len()),

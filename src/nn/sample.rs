@@ -78,7 +78,9 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingCfg, rng: &mut Rng) -> Result<
             what: format!("logit {i} is NaN"),
         });
     }
-    if !(cfg.temperature >= 0.0) || !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+    let temperature_ok = cfg.temperature >= 0.0; // false for NaN
+    let top_p_ok = cfg.top_p > 0.0 && cfg.top_p <= 1.0;
+    if !temperature_ok || !top_p_ok {
         return Err(Error::arg(
             "sample_token",
             format!(
