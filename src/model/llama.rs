@@ -8,7 +8,8 @@ use super::io::StDtype;
 use super::weights::{save_params, Checkpoint};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::nn::{Llama, LlamaConfig, Tensor};
+use crate::nn::llama::LlamaLayer;
+use crate::nn::{Attention, Embedding, Linear, Llama, LlamaConfig, RmsNorm, SwiGluMlp, Tensor};
 use num_traits::Float;
 use std::path::Path;
 
@@ -92,6 +93,73 @@ pub fn llama_config(c: &HfLlamaConfig, path: &Path, prefix: &str) -> Result<Llam
     Ok(cfg)
 }
 
+/// A frozen tensor of `shape` with no storage yet: [`Checkpoint::load_params`] gives it
+/// its values (`Tensor::set` checks the count against the shape, not the old buffer).
+fn shell<F: Float, B: Backend<F>>(be: &B, shape: &[usize]) -> Tensor<F, B> {
+    Tensor {
+        shape: shape.to_vec(),
+        data: be.zeros(0),
+        grad: None,
+    }
+}
+
+fn shell_linear<F: Float, B: Backend<F>>(be: &B, fan_in: usize, fan_out: usize) -> Linear<F, B> {
+    Linear {
+        weight: shell(be, &[fan_out, fan_in]),
+        bias: None,
+    }
+}
+
+/// The layout of [`Llama::new`] without its costs: `new` draws random weights and
+/// allocates a gradient per tensor, which for a 7B model is minutes of RNG and a second
+/// 28 GB; a loader overwrites every value anyway.  The golden tests pin this layout to
+/// `transformers`, so a drift from `Llama::new` shows there.
+pub fn frozen_llama_shell<F: Float, B: Backend<F>>(be: B, cfg: LlamaConfig) -> Result<Llama<F, B>> {
+    cfg.validate()?;
+    let (c, hs, nh, nkv) = (
+        cfg.hidden_size,
+        cfg.head_dim(),
+        cfg.num_attention_heads,
+        cfg.n_kv_heads(),
+    );
+    let rms = |be: &B| RmsNorm {
+        weight: shell(be, &[c]),
+        eps: cfg.rms_norm_eps,
+    };
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|_| LlamaLayer {
+            input_layernorm: rms(&be),
+            self_attn: Attention {
+                q: shell_linear(&be, c, nh * hs),
+                k: shell_linear(&be, c, nkv * hs),
+                v: shell_linear(&be, c, nkv * hs),
+                o: shell_linear(&be, nh * hs, c),
+                nh,
+                nkv,
+                hs,
+                rope_theta: Some(cfg.rope_theta),
+                causal: true,
+            },
+            post_attention_layernorm: rms(&be),
+            mlp: SwiGluMlp {
+                gate: shell_linear(&be, c, cfg.intermediate_size),
+                up: shell_linear(&be, c, cfg.intermediate_size),
+                down: shell_linear(&be, cfg.intermediate_size, c),
+            },
+        })
+        .collect();
+    Ok(Llama {
+        embed_tokens: Embedding {
+            weight: shell(&be, &[cfg.vocab_size, c]),
+        },
+        layers,
+        norm: rms(&be),
+        lm_head: (!cfg.tie_word_embeddings).then(|| shell_linear(&be, c, cfg.vocab_size)),
+        cfg,
+        be,
+    })
+}
+
 /// A frozen [`Llama`] filled from `ck` under `names`.
 pub fn load_llama<F: Float, B: Backend<F>>(
     be: B,
@@ -99,8 +167,7 @@ pub fn load_llama<F: Float, B: Backend<F>>(
     ck: &Checkpoint,
     names: &LlamaNames,
 ) -> Result<Llama<F, B>> {
-    let mut m = Llama::new(be.clone(), cfg, 0)?;
-    m.set_trainable(false);
+    let mut m = frozen_llama_shell(be.clone(), cfg)?;
     ck.load_params(&be, m.params_mut(), |n| names.rename(n))?;
     Ok(m)
 }
