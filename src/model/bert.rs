@@ -200,7 +200,7 @@ impl<F: Float, B: Backend<F>> Bert<F, B> {
         let be = &self.be;
         let cfg = &self.cfg;
         let c = cfg.hidden_size;
-        if b == 0 || ids.is_empty() || ids.len() % b != 0 {
+        if b == 0 || ids.is_empty() || !ids.len().is_multiple_of(b) {
             return Err(Error::shape(
                 "Bert::forward",
                 format!("{} ids do not split into {b} non-empty rows", ids.len()),

@@ -215,7 +215,7 @@ impl<'a> Fields<'a> {
         den_field: &str,
         den: usize,
     ) -> Result<()> {
-        if num % den == 0 {
+        if num.is_multiple_of(den) {
             Ok(())
         } else {
             Err(self.err(

@@ -221,7 +221,7 @@ impl<F: Float, B: Backend<F>> Llava<F, B> {
     ) -> Result<LlavaOutput<B::Buf>> {
         let be = &self.be;
         let op = "Llava::forward";
-        if b == 0 || ids.is_empty() || ids.len() % b != 0 {
+        if b == 0 || ids.is_empty() || !ids.len().is_multiple_of(b) {
             return Err(Error::shape(
                 op,
                 format!("{} ids do not split into {b} rows", ids.len()),

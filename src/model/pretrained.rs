@@ -16,6 +16,8 @@ use num_traits::Float;
 use std::path::Path;
 
 /// A loaded model of one of the supported architectures.
+// One model per load: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Pretrained<F: Float = f32, B: Backend<F> = Cpu> {
     Llama {
