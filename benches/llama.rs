@@ -2,10 +2,11 @@
 //! to hold against PyTorch: `tools/bench_llama_torch.py` runs transformers'
 //! LlamaForCausalLM on the same config, batch, sequence length and thread count.
 //!
-//! `cargo bench --bench llama` (threads: POPEN_BENCH_THREADS, default 2).
+//! `cargo bench --bench llama` (threads: POPEN_BENCH_THREADS, default 2);
+//! `POPEN_BENCH_RAW=7 cargo bench --bench llama` prints median/min like the PyTorch script.
 //! One step = zero grads, forward, log-prob of a target per position, backward of the
 //! mean negative log-prob (the cross-entropy loss PyTorch's side uses).
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use popen::backend::{Backend, Cpu};
 use popen::nn::{Llama, LlamaConfig, Rng};
 use std::hint::black_box;
@@ -116,5 +117,81 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// `POPEN_BENCH_RAW=N`: skip criterion, time N steps after 2 warm-up steps and print one
+/// JSON line with the median and minimum, the same statistics as the PyTorch script
+/// (on a shared machine the minimum is the least disturbed step).
+fn raw(iters: usize) {
+    let nt = threads();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(nt)
+        .build()
+        .unwrap();
+    let cfg = bench_cfg();
+    let params = cfg.num_params();
+    let mut m: Llama = Llama::new(Cpu, cfg, 0).unwrap();
+    let mut rng = Rng::new(1);
+    let v = m.cfg.vocab_size as u64;
+    let ids: Vec<u32> = (0..BATCH * SEQ)
+        .map(|_| (rng.next_u64() % v) as u32)
+        .collect();
+    let targets: Vec<u32> = (0..BATCH * SEQ)
+        .map(|_| (rng.next_u64() % v) as u32)
+        .collect();
+    let frozen = std::env::var("POPEN_BENCH_FROZEN").is_ok_and(|s| s == "1");
+    if frozen {
+        m.set_trainable(false);
+    }
+    let mut times = vec![];
+    let mut cpu0 = 0.0;
+    for i in 0..iters + 2 {
+        if i == 2 {
+            cpu0 = process_cpu_s();
+        }
+        let t0 = std::time::Instant::now();
+        pool.install(|| black_box(step(&mut m, &ids, &targets)));
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let cpu_per_step = (process_cpu_s() - cpu0) / iters as f64;
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!(
+        "{{\"impl\": \"popen cpu{}\", \"threads\": {nt}, \"params\": {params}, \"batch\": {BATCH}, \"seq\": {SEQ}, \"median_s\": {med:.4}, \"min_s\": {:.4}, \"tokens_per_s\": {:.1}, \"cpu_s_per_step\": {cpu_per_step:.3}}}",
+        if frozen { " (frozen)" } else { "" },
+        times[0],
+        (BATCH * SEQ) as f64 / med
+    );
+}
+
+/// User + system CPU seconds of this process (Linux `/proc/self/stat`, 100 Hz ticks;
+/// NaN elsewhere).  On a shared machine CPU time per step is steadier than wall time.
+fn process_cpu_s() -> f64 {
+    const TICKS_PER_S: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // fields after the parenthesised command name; utime and stime are the 14th and 15th
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        f.get(i)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (tick(11) + tick(12)) / TICKS_PER_S
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    if let Some(n) = std::env::var("POPEN_BENCH_RAW")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        raw(n);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -59,10 +59,12 @@ def main() -> None:
     for _ in range(args.warmup):
         step()
     times = []
+    cpu0 = time.process_time()
     for _ in range(args.iters):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    cpu_per_step = (time.process_time() - cpu0) / args.iters
     times.sort()
     med = times[len(times) // 2]
     tokens = BATCH * SEQ
@@ -77,6 +79,9 @@ def main() -> None:
                 "median_s": round(med, 4),
                 "min_s": round(times[0], 4),
                 "tokens_per_s": round(tokens / med, 1),
+                # CPU seconds per step: steadier than wall time on a shared machine
+                # (with OMP_WAIT_POLICY=PASSIVE, so idle OpenMP threads do not spin)
+                "cpu_s_per_step": round(cpu_per_step, 3),
             }
         )
     )
