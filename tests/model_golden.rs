@@ -75,3 +75,47 @@ fn golden_bert_with_padding() {
 fn golden_llava() {
     check("llava", &["logits"]);
 }
+
+/// The goldens can fail: swapping two LayerNorms of one BERT block (same shapes, so the
+/// loader accepts it) must push the error far past the bound.
+#[test]
+fn golden_catches_a_wrong_mapping() {
+    use popen::model::io::{write_safetensors, OutValue};
+    let src = golden("bert");
+    let d = std::env::temp_dir().join(format!("popen-golden-swap-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
+    let f = StFile::open(src.join("model.safetensors")).unwrap();
+    let swap = |n: &str| -> String {
+        let (a, b) = (
+            "encoder.layer.0.attention.output.LayerNorm.weight",
+            "encoder.layer.0.output.LayerNorm.weight",
+        );
+        if n == a {
+            b.into()
+        } else if n == b {
+            a.into()
+        } else {
+            n.into()
+        }
+    };
+    let hosts: Vec<(String, popen::model::HostTensor)> = f
+        .names()
+        .into_iter()
+        .map(|n| (swap(&n), f.f32(&n).unwrap()))
+        .collect();
+    let out: Vec<(String, OutValue<'_>)> = hosts
+        .iter()
+        .map(|(n, t)| (n.clone(), OutValue::Float(t, popen::model::StDtype::F32)))
+        .collect();
+    write_safetensors(d.join("model.safetensors"), &out).unwrap();
+    let inputs = Inputs::read(src.join("inputs.safetensors")).unwrap();
+    let got = run_dir(&d, &inputs).unwrap();
+    let want = StFile::open(src.join("outputs.safetensors")).unwrap();
+    let e = rel_err(&got[0].1.data, &want.f32("last_hidden_state").unwrap().data);
+    println!("bert with two LayerNorms swapped: relative error {e:.3e}");
+    assert!(
+        e > 100.0 * MAX_REL_ERR,
+        "a swapped mapping went unnoticed ({e:.3e})"
+    );
+}
