@@ -123,6 +123,12 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| self.err(field, "missing"))
     }
 
+    /// A positive integer, `default` when absent (transformers' class default: published
+    /// configs such as LLaVA-1.5's `text_config` leave the standard sizes out).
+    pub fn usize_or(&self, field: &str, default: usize) -> Result<usize> {
+        Ok(self.opt_usize(field)?.unwrap_or(default))
+    }
+
     /// An optional positive integer.
     pub fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
         match self.get(field) {
@@ -300,13 +306,14 @@ impl ClipVisionConfig {
     /// From a `clip_vision_model` config, or the `vision_config` of a LLaVA / CLIP config.
     pub fn from_fields(f: &Fields<'_>) -> Result<Self> {
         let c = Self {
-            hidden_size: f.usize("hidden_size")?,
-            intermediate_size: f.usize("intermediate_size")?,
-            num_hidden_layers: f.usize("num_hidden_layers")?,
-            num_attention_heads: f.usize("num_attention_heads")?,
-            num_channels: f.opt_usize("num_channels")?.unwrap_or(3),
-            image_size: f.usize("image_size")?,
-            patch_size: f.usize("patch_size")?,
+            // defaults: CLIPVisionConfig's (ViT-B/32)
+            hidden_size: f.usize_or("hidden_size", 768)?,
+            intermediate_size: f.usize_or("intermediate_size", 3072)?,
+            num_hidden_layers: f.usize_or("num_hidden_layers", 12)?,
+            num_attention_heads: f.usize_or("num_attention_heads", 12)?,
+            num_channels: f.usize_or("num_channels", 3)?,
+            image_size: f.usize_or("image_size", 224)?,
+            patch_size: f.usize_or("patch_size", 32)?,
             layer_norm_eps: f.pos_f64_or("layer_norm_eps", 1e-5)?,
             hidden_act: f.act_or("hidden_act", HfAct::QuickGelu)?,
         };
@@ -365,13 +372,14 @@ impl BertConfig {
             return Err(f.err("is_decoder", "a decoder BERT is not implemented"));
         }
         let c = Self {
-            vocab_size: f.usize("vocab_size")?,
-            hidden_size: f.usize("hidden_size")?,
-            num_hidden_layers: f.usize("num_hidden_layers")?,
-            num_attention_heads: f.usize("num_attention_heads")?,
-            intermediate_size: f.usize("intermediate_size")?,
+            // defaults: BertConfig's (bert-base-uncased)
+            vocab_size: f.usize_or("vocab_size", 30522)?,
+            hidden_size: f.usize_or("hidden_size", 768)?,
+            num_hidden_layers: f.usize_or("num_hidden_layers", 12)?,
+            num_attention_heads: f.usize_or("num_attention_heads", 12)?,
+            intermediate_size: f.usize_or("intermediate_size", 3072)?,
             hidden_act: f.act_or("hidden_act", HfAct::GeluErf)?,
-            max_position_embeddings: f.usize("max_position_embeddings")?,
+            max_position_embeddings: f.usize_or("max_position_embeddings", 512)?,
             type_vocab_size: f.opt_usize("type_vocab_size")?.unwrap_or(2),
             layer_norm_eps: f.pos_f64_or("layer_norm_eps", 1e-12)?,
         };
@@ -422,8 +430,9 @@ impl HfLlamaConfig {
         if f.opt_usize("pretraining_tp")?.unwrap_or(1) != 1 {
             return Err(f.err("pretraining_tp", "only 1 is implemented"));
         }
-        let hidden_size = f.usize("hidden_size")?;
-        let num_attention_heads = f.usize("num_attention_heads")?;
+        // defaults: LlamaConfig's (LLaMA-7B), which LLaVA-1.5's text_config relies on
+        let hidden_size = f.usize_or("hidden_size", 4096)?;
+        let num_attention_heads = f.usize_or("num_attention_heads", 32)?;
         let num_key_value_heads = f
             .opt_usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
@@ -452,14 +461,14 @@ impl HfLlamaConfig {
             ));
         }
         Ok(Self {
-            vocab_size: f.usize("vocab_size")?,
+            vocab_size: f.usize_or("vocab_size", 32000)?,
             hidden_size,
-            intermediate_size: f.usize("intermediate_size")?,
-            num_hidden_layers: f.usize("num_hidden_layers")?,
+            intermediate_size: f.usize_or("intermediate_size", 11008)?,
+            num_hidden_layers: f.usize_or("num_hidden_layers", 32)?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            max_position_embeddings: f.usize("max_position_embeddings")?,
+            max_position_embeddings: f.usize_or("max_position_embeddings", 2048)?,
             rms_norm_eps: f.pos_f64_or("rms_norm_eps", 1e-6)?,
             rope_theta: rope_theta(f)?,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
@@ -533,9 +542,8 @@ impl LlavaConfig {
         let text = HfLlamaConfig::from_fields(&tf)?;
         let image_token_index = match f.opt_i64("image_token_index")? {
             Some(i) => i,
-            None => f
-                .opt_i64("image_token_id")?
-                .ok_or_else(|| f.err("image_token_index", "missing"))?,
+            // LlavaConfig's default
+            None => f.opt_i64("image_token_id")?.unwrap_or(32000),
         };
         if image_token_index < 0 || image_token_index as usize >= text.vocab_size {
             return Err(f.err(
@@ -629,6 +637,32 @@ mod tests {
         assert!(e.to_string().contains("llama3"), "{e}");
     }
 
+    /// LLaVA-1.5's published config names only what differs from the class defaults.
+    #[test]
+    fn llava_published_config_uses_class_defaults() {
+        let v = json!({
+            "model_type": "llava", "image_token_index": 32000,
+            "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+            "text_config": {"model_type": "llama", "max_position_embeddings": 4096,
+                            "rms_norm_eps": 1e-5, "vocab_size": 32064},
+            "vision_config": {"hidden_size": 1024, "image_size": 336,
+                              "intermediate_size": 4096, "model_type": "clip_vision_model",
+                              "num_attention_heads": 16, "num_hidden_layers": 24,
+                              "patch_size": 14, "projection_dim": 768}
+        });
+        let c = LlavaConfig::from_fields(&Fields::new(Path::new("c.json"), &v).unwrap()).unwrap();
+        assert_eq!((c.text.hidden_size, c.text.num_hidden_layers), (4096, 32));
+        assert_eq!(
+            (c.text.intermediate_size, c.text.num_key_value_heads),
+            (11008, 32)
+        );
+        assert_eq!(c.text.rope_theta, DEFAULT_ROPE_THETA);
+        assert_eq!(c.vision.hidden_act, HfAct::QuickGelu);
+        assert_eq!((c.vision.num_patches(), c.tokens_per_image()), (576, 576));
+        assert_eq!(c.feature_index(), 23);
+    }
+
     #[test]
     fn field_errors_name_the_field() {
         let p = Path::new("x/config.json");
@@ -646,7 +680,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(s.contains("`hidden_size`"), "{s}");
-        let v = json!({"vision_config": {"hidden_size": 4}, "text_config": llama_json()});
+        let v = json!({"vision_config": {"hidden_size": 4, "intermediate_size": -3},
+                       "text_config": llama_json()});
         let s = LlavaConfig::from_fields(&Fields::new(p, &v).unwrap())
             .unwrap_err()
             .to_string();
