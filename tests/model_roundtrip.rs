@@ -225,3 +225,48 @@ fn llava_expands_one_image_token_per_image() {
     let e = rel_err(&got[0].1.data, &want.data);
     assert!(e <= 1e-4, "relative error {e:.3e}");
 }
+
+/// A model made (and possibly trained) in Rust, saved, and loaded back as a Hugging Face
+/// directory gives the same logits; a tied head is neither saved nor needed.
+#[test]
+fn rust_llama_with_tied_head_saves_and_reloads() {
+    use popen::model::llama::{save_llama, LlamaNames};
+    use popen::nn::{Llama, LlamaConfig};
+    let cfg = LlamaConfig {
+        vocab_size: 23,
+        hidden_size: 12,
+        intermediate_size: 17,
+        num_hidden_layers: 2,
+        num_attention_heads: 3,
+        num_key_value_heads: Some(1),
+        rms_norm_eps: 1e-6,
+        rope_theta: 777.0,
+        max_position_embeddings: 16,
+        tie_word_embeddings: true,
+    };
+    let mut m = Llama::<f32, Cpu>::new(Cpu, cfg.clone(), 7).unwrap();
+    let dir = scratch("tied");
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 23, "hidden_size": 12, "intermediate_size": 17,
+        "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 777.0, "rope_type": "default"},
+        "max_position_embeddings": 16, "tie_word_embeddings": true
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let names = LlamaNames {
+        decoder: "model.".into(),
+        head: "lm_head.weight".into(),
+    };
+    save_llama(&mut m, dir.join("model.safetensors"), &names, StDtype::F32).unwrap();
+    let saved = StFile::open(dir.join("model.safetensors")).unwrap();
+    assert!(!saved.contains("lm_head.weight") && saved.contains("model.embed_tokens.weight"));
+    let ids: Vec<u32> = vec![1, 5, 22, 0, 9, 3, 3, 7];
+    let (want, _) = m.forward(&ids, 2, None, None).unwrap();
+    let (_, loaded) = Pretrained::<f32, Cpu>::load_dir(Cpu, &dir).unwrap();
+    let Pretrained::Llama { model, .. } = loaded else {
+        panic!("not a llama")
+    };
+    assert!(model.lm_head.is_none());
+    let (got, _) = model.forward(&ids, 2, None, None).unwrap();
+    assert_eq!(got, want);
+}
