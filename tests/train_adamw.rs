@@ -187,3 +187,30 @@ fn adamw_with_schedule_overfits_one_batch() {
         "loss {first} → {last}: did not learn the batch"
     );
 }
+
+#[test]
+fn clip_grad_norm_scales_to_the_limit_and_skips_frozen() {
+    let mut a: Tensor<f64, Cpu> = Tensor::zeros(&BE, &[2]);
+    a.grad = Some(vec![3.0, 0.0]);
+    let mut b: Tensor<f64, Cpu> = Tensor::zeros(&BE, &[1]);
+    b.grad = Some(vec![4.0]);
+    let mut frozen: Tensor<f64, Cpu> = Tensor::zeros(&BE, &[1]);
+    frozen.grad = None;
+    let mut ps = [
+        ("a".to_string(), &mut a),
+        ("b".to_string(), &mut b),
+        ("f".to_string(), &mut frozen),
+    ];
+    let n = popen::train::clip_grad_norm(&BE, &mut ps, 1.0).unwrap();
+    assert!((n - 5.0).abs() < 1e-6);
+    let ga = a.grad.clone().unwrap();
+    assert!((ga[0] - 0.6).abs() < 1e-12 && ga[1] == 0.0);
+    assert!((b.grad.as_ref().unwrap()[0] - 0.8).abs() < 1e-12);
+    // under the limit: untouched
+    let mut ps = [("a".to_string(), &mut a)];
+    popen::train::clip_grad_norm(&BE, &mut ps, 10.0).unwrap();
+    assert_eq!(a.grad.as_ref().unwrap(), &ga);
+    a.grad = Some(vec![f64::NAN, 0.0]);
+    let mut ps = [("a".to_string(), &mut a)];
+    assert!(popen::train::clip_grad_norm(&BE, &mut ps, 1.0).is_err());
+}

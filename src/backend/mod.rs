@@ -335,7 +335,7 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         logp: &mut Self::Buf,
         lse: &mut Self::Buf,
     ) -> Result<()>;
-    /// dlogits (N,V) = dlogp[n] · (onehot(target) − softmax), overwritten.
+    /// dlogits (N,V) = `dlogp[n] · (onehot(target) − softmax)`, overwritten.
     fn logprob_bwd(
         &self,
         logits: &Self::Buf,

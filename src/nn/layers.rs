@@ -251,7 +251,7 @@ impl<F: Float, B: Backend<F>> Embedding<F, B> {
         be.embedding_fwd(ids, &self.weight.data, c, &mut out)?;
         Ok(out)
     }
-    /// forward: out[n] = W[ids[n]]  so: dW[ids[n]] += dout[n] (skipped when frozen).
+    /// forward: `out[n] = W[ids[n]]`  so: `dW[ids[n]] += dout[n]` (skipped when frozen).
     pub fn backward(&mut self, be: &B, ids: &[u32], dout: &B::Buf) -> Result<()> {
         let c = self.dim();
         if let Some(g) = &mut self.weight.grad {

@@ -1,6 +1,6 @@
 //! The thin transformer's layers, each with its forward and backward side by side, and
 //! the LLaMA decoder built from them.  Every layer is generic over the float type `F`
-//! and the [`Backend`](crate::backend::Backend) `B` that computes it, so the CUDA
+//! and the [`Backend`] `B` that computes it, so the CUDA
 //! backend runs this same code.
 //!
 //! # The gradient rule (llm.c)
@@ -12,7 +12,34 @@
 //!   should.
 //! - **Activation gradients overwrite**: each backward returns fresh buffers.
 //! - **The residual stream accumulates**: `x + f(x)` sends its gradient down both
-//!   paths, added with [`Backend::axpy`](crate::backend::Backend::axpy).
+//!   paths, added with [`Backend::axpy`].
+//!
+//! # Example: one training step of a tiny LLaMA
+//!
+//! ```
+//! use popen::backend::{Backend, Cpu};
+//! use popen::nn::{Llama, LlamaConfig};
+//! use popen::train::{AdamW, AdamWConfig, WarmupDecayLR};
+//!
+//! let cfg = LlamaConfig {
+//!     vocab_size: 11, hidden_size: 8, intermediate_size: 12, num_hidden_layers: 1,
+//!     num_attention_heads: 2, num_key_value_heads: Some(1), rms_norm_eps: 1e-5,
+//!     rope_theta: 10000.0, max_position_embeddings: 16, tie_word_embeddings: false,
+//! };
+//! let mut model: Llama = Llama::new(Cpu, cfg, 0).unwrap();
+//! let (ids, targets) = ([1u32, 2, 3, 4], [2u32, 3, 4, 5]);
+//! let (logits, acts) = model.forward(&ids, 1, None, None).unwrap(); // (4, 11)
+//! // log p(target) per position, and the gradient of loss = −mean log p
+//! let (mut logp, mut lse) = (vec![0.0; 4], vec![0.0; 4]);
+//! Cpu.logprob_fwd(&logits, &targets, 11, &mut logp, &mut lse).unwrap();
+//! let mut dlogits = vec![0.0; 4 * 11];
+//! Cpu.logprob_bwd(&logits, &targets, 11, &lse, &vec![-0.25; 4], &mut dlogits).unwrap();
+//! model.zero_grad();
+//! model.backward(&acts, &dlogits).unwrap();
+//! let sched = WarmupDecayLR::new(3e-4, 100, 1000).unwrap();
+//! let mut opt = AdamW::new(AdamWConfig::default());
+//! opt.step(&Cpu, &mut model.params_mut(), sched.lr(1)).unwrap();
+//! ```
 //!
 //! Sizes in comments: B batch, T tokens, C channels, N = B·T rows, V vocabulary,
 //! NH query heads, NKV key/value heads, HS head size, I intermediate size.

@@ -88,3 +88,41 @@ impl<F: Float, B: Backend<F>> AdamW<F, B> {
         Ok(())
     }
 }
+
+/// Scale all gradients so that their joint L2 norm is at most `max_norm` (DeepSpeed's
+/// `gradient_clipping`, which LISA-style trainers set to 1.0).  Returns the norm
+/// before clipping; frozen tensors are ignored.  A non-finite norm is an error, so a
+/// diverging run stops instead of writing NaN into every weight.
+pub fn clip_grad_norm<F: Float, B: Backend<F>>(
+    be: &B,
+    params: &mut [(String, &mut Tensor<F, B>)],
+    max_norm: f32,
+) -> Result<f32> {
+    if !(max_norm.is_finite() && max_norm > 0.0) {
+        return Err(Error::arg(
+            "clip_grad_norm",
+            format!("max_norm {max_norm} must be finite and > 0"),
+        ));
+    }
+    let mut sq = 0.0f64;
+    for (_, p) in params.iter() {
+        if let Some(g) = &p.grad {
+            sq += be.sum_sq(g).to_f64().unwrap_or(f64::NAN);
+        }
+    }
+    let norm = sq.sqrt();
+    if !norm.is_finite() {
+        return Err(Error::NonFinite {
+            what: "gradient norm".into(),
+        });
+    }
+    if norm > max_norm as f64 {
+        let s = F::from(max_norm as f64 / norm).expect("scale representable");
+        for (_, p) in params.iter_mut() {
+            if let Some(g) = &mut p.grad {
+                be.scale(g, s);
+            }
+        }
+    }
+    Ok(norm as f32)
+}

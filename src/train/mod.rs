@@ -3,5 +3,5 @@
 pub mod adamw;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{clip_grad_norm, AdamW, AdamWConfig};
 pub use schedule::WarmupDecayLR;
