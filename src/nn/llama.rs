@@ -143,6 +143,8 @@ pub struct LayerActs<Buf> {
 pub struct LlamaActs<Buf> {
     pub b: usize,
     pub t: usize,
+    /// position of the first token (the cache length); the backward needs 0
+    pub pos0: usize,
     /// token ids when the input came from `embed_tokens` (for its gradient)
     pub ids: Option<Vec<u32>>,
     /// the forward's padding mask (B,T) and key bias γ (B,T), re-read by the backward
@@ -416,6 +418,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             LlamaActs {
                 b,
                 t,
+                pos0,
                 ids: None,
                 key_mask: key_mask.map(|m| m.to_vec()),
                 bias: bias.cloned(),
@@ -460,6 +463,15 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let n = acts.b * acts.t;
         crate::error::check_len("Llama::backward", "dlogits", be.len(dlogits), n * v)?;
+        if acts.pos0 != 0 {
+            return Err(Error::arg(
+                "Llama::backward",
+                format!(
+                    "activations come from a KV-cache forward at position {}; train on a full forward",
+                    acts.pos0
+                ),
+            ));
+        }
         // forward: logits = hidden Wᵀ (W = lm_head or the tied embedding table)
         let dhidden = match &mut self.lm_head {
             Some(h) => h
