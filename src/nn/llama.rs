@@ -595,4 +595,64 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         }
         Ok(out)
     }
+
+    /// Sample from several prompts of equal length at once (POPEN's K answers to one
+    /// question are K copies of the prompt).  Row r draws from its own stream seeded
+    /// `cfg.seed + r`, so row 0 reproduces [`Llama::generate`] with the same config.
+    /// A row stops after `eos`; the batch stops when every row has.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        cfg: &SamplingCfg,
+        eos: Option<u32>,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        let b = prompts.len();
+        let t = prompts.first().map_or(0, |p| p.len());
+        if b == 0 || t == 0 {
+            return Err(Error::arg(
+                "Llama::generate_batch",
+                "no prompts, or an empty prompt",
+            ));
+        }
+        if let Some(r) = prompts.iter().position(|p| p.len() != t) {
+            return Err(Error::shape(
+                "Llama::generate_batch",
+                format!(
+                    "prompt {r} has {} tokens, prompt 0 has {t}: lengths must match",
+                    prompts[r].len()
+                ),
+            ));
+        }
+        let v = self.cfg.vocab_size;
+        let mut rngs: Vec<Rng> = (0..b as u64)
+            .map(|r| Rng::new(cfg.seed.wrapping_add(r)))
+            .collect();
+        let mut cache = self.new_cache(b);
+        let flat: Vec<u32> = prompts.concat();
+        let mut logits = self.forward_cached(&flat, &mut cache, None, None)?;
+        let mut rows_t = t; // tokens per row in `logits`
+        let mut out = vec![Vec::with_capacity(max_new); b];
+        let mut done = vec![false; b];
+        for _ in 0..max_new {
+            let all = self.be.to_vec(&logits);
+            let mut next = Vec::with_capacity(b);
+            for r in 0..b {
+                let row = &all[((r + 1) * rows_t - 1) * v..][..v];
+                let last: Vec<f32> = row.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect();
+                let (tok, lp) = sample_token(&last, cfg, &mut rngs[r])?;
+                if !done[r] {
+                    out[r].push((tok, lp));
+                    done[r] = Some(tok) == eos;
+                }
+                next.push(tok);
+            }
+            if done.iter().all(|&d| d) || cache.len() + 1 > self.cfg.max_position_embeddings {
+                break;
+            }
+            logits = self.forward_cached(&next, &mut cache, None, None)?;
+            rows_t = 1;
+        }
+        Ok(out)
+    }
 }
