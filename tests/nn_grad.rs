@@ -512,3 +512,20 @@ fn bad_sizes_are_errors_not_panics() {
     let lin: Linear<f64, Cpu> = Linear::new(&BE, 4, 2, false);
     assert!(lin.forward(&BE, &vec![0.0; 7]).is_err());
 }
+
+#[test]
+fn fast_f32_exp_is_accurate() {
+    use popen::backend::cpu::exp_f32;
+    let mut worst = 0.0f64;
+    let mut x = -87.0f32;
+    while x < 88.0 {
+        let want = (x as f64).exp();
+        let rel = ((exp_f32(x) as f64) - want).abs() / want;
+        worst = worst.max(rel);
+        x += 0.0137;
+    }
+    assert!(worst < 3e-7, "worst relative error {worst}");
+    assert_eq!(exp_f32(0.0), 1.0);
+    assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
+    assert!(exp_f32(f32::NAN).is_nan());
+}
