@@ -116,7 +116,10 @@ pub fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * std::f32::consts::LOG2_E + ROUND_MAGIC) - ROUND_MAGIC;
+    // the magic sum's low mantissa bits hold n itself: 2^n is built from them with
+    // integer ops, avoiding a float→int conversion (which blocks vectorization)
+    let shifted = x * std::f32::consts::LOG2_E + ROUND_MAGIC;
+    let n = shifted - ROUND_MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // Horner form of Σ r^k / k!, k ≤ 7
     let p = 1.0 / 5040.0;
@@ -127,7 +130,11 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND_MAGIC.to_bits())
+        .wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
     p * scale
 }
 
@@ -198,7 +205,9 @@ fn row_max<F: CpuFloat>(r: &[F]) -> F {
             m[k] = m[k].max(c[k]);
         }
     }
-    tail.iter().chain(&m).fold(F::neg_infinity(), |a, &x| a.max(x))
+    tail.iter()
+        .chain(&m)
+        .fold(F::neg_infinity(), |a, &x| a.max(x))
 }
 
 /// Σ exp(x − mx) over a row.
