@@ -269,7 +269,9 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         x.len()
     }
     fn fill(&self, x: &mut Vec<F>, v: F) {
-        x.iter_mut().for_each(|e| *e = v);
+        // parallel: zeroing every gradient before a step touches as many bytes as the model
+        x.par_chunks_mut(MIN_ELEMS_PER_TASK)
+            .for_each(|c| c.iter_mut().for_each(|e| *e = v));
     }
     fn copy(&self, dst: &mut Vec<F>, src: &Vec<F>) -> Result<()> {
         check_len("copy", "src", src.len(), dst.len())?;
