@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench llama` (threads: POPEN_BENCH_THREADS, default 2);
 //! `POPEN_BENCH_RAW=7 cargo bench --bench llama` prints median/min like the PyTorch script.
+//! Compare with `OMP_WAIT_POLICY=PASSIVE python tools/bench_llama_torch.py --threads 2`
+//! run right before or after (on a shared machine, alternate the two a few times), and
+//! with `POPEN_BENCH_THREADS=1` against `--threads 1`, where contention matters least.
 //! One step = zero grads, forward, log-prob of a target per position, backward of the
 //! mean negative log-prob (the cross-entropy loss PyTorch's side uses).
 use criterion::{criterion_group, Criterion, Throughput};
