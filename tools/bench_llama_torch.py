@@ -8,6 +8,9 @@ runs the same: log-prob of a target per position, backward of the mean). The con
 must stay in sync with BENCH_CFG in benches/llama.rs.
 
 usage: /work/main/.venv/bin/python tools/bench_llama_torch.py [--threads 2] [--iters 5]
+
+On a shared machine set OMP_WAIT_POLICY=PASSIVE: otherwise idle OpenMP threads spin
+and the wall time swings by several times with the other processes' load.
 """
 import argparse
 import json
