@@ -8,10 +8,18 @@
 //!   and cudarc, and the CPU twins.
 //! - [`metrics`]: the evaluation suite of `popen eval` (MUSE and LISA gIoU/cIoU, CHAIR,
 //!   boundary IoU, localization error, no-target accuracy), deterministic.
+//! - [`backend`]: the backend contract (fused layer ops with their backward) and the
+//!   CPU reference backend.
+//! - [`nn`]: layers with forward and backward side by side, and the LLaMA decoder.
+//! - [`train`]: AdamW and the warmup-then-decay learning-rate schedule.
+pub mod backend;
+pub mod data;
 pub mod error;
 pub mod kernels;
 pub mod metrics;
+pub mod model;
+pub mod nn;
+pub mod popen;
+pub mod train;
 
 pub use error::{Error, Result};
-pub mod data;
-pub mod popen;

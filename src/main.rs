@@ -23,14 +23,27 @@ enum Cmd {
     EvalMasks(cli::eval_masks::Args),
     /// Score predictions (PRED.jsonl) against MUSE-schema ground truth (DATA.json).
     Eval(cli::eval::Args),
+    /// Run a Hugging Face model directory (llama, clip_vision_model, bert, llava) on
+    /// named input tensors and write its outputs as safetensors.
+    Forward(cli::forward::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {
+    let r = match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),
         Cmd::Data(a) => cli::data::run(a),
         Cmd::EvalMasks(a) => cli::eval_masks::run(a),
         Cmd::Eval(a) => cli::eval::run(a),
+        Cmd::Forward(a) => cli::forward::run(a),
+    };
+    // Print the error chain on one line and exit 1: bad input is not a crash, so no
+    // backtrace even when RUST_BACKTRACE is set.
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -1,0 +1,359 @@
+//! The backend contract: the transformer's fused layer ops, each with its backward.
+//!
+//! Model code ([`crate::nn`]) is generic over [`Backend`], so a CUDA backend is a
+//! second implementation of this trait, not a second model.  [`Cpu`] (rayon + the
+//! `gemm` crate) is the reference implementation; it is generic over the float type so
+//! that every backward can be checked in f64 against finite differences.
+//!
+//! Conventions for every op:
+//! - Buffers are flat, row-major; the shape is written on each argument.
+//! - `Accum::Replace` overwrites the output, `Accum::Add` accumulates into it.  Backward
+//!   ops follow the llm.c rule (see [`crate::nn`]): parameter gradients accumulate,
+//!   activation gradients overwrite.
+//! - A parameter-gradient slot of `None` means "frozen": the op skips that gradient but
+//!   still writes the activation gradient.
+//! - Every size is checked first; a mismatch is `Err(Error::Shape)`, never a panic or an
+//!   out-of-bounds read.
+//!
+//! Sizes: B batch, T tokens, C channels, N rows (= B·T), V vocabulary, NH query heads,
+//! NKV key/value heads, HS head size.
+use crate::error::Result;
+use num_traits::Float;
+
+pub mod cpu;
+pub use cpu::Cpu;
+
+/// Whether an op overwrites its output or adds into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accum {
+    Replace,
+    Add,
+}
+
+/// The shape of one matrix product `out (M,N) = op(a) · op(b)`.
+///
+/// `a` is stored (M,K), or (K,M) when `ta`; `b` is stored (K,N), or (N,K) when `tb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulSpec {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub ta: bool,
+    pub tb: bool,
+}
+
+/// Pointwise activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// `x · σ(1.702 x)` (CLIP).
+    QuickGelu,
+    /// `0.5 x (1 + erf(x/√2))` (BERT, HF "gelu").
+    GeluErf,
+    /// `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))` (HF "gelu_pytorch_tanh").
+    GeluTanh,
+    /// `x · σ(x)` (LLaMA's gate).
+    Silu,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+/// Shape of one attention call: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), out
+/// (B,NH,Tq,HS), lse (B,NH,Tq).  `causal` aligns bottom-right when Tq < Tk (query i sits
+/// at position Tk − Tq + i, as in decoding with a KV cache).  The same struct as the
+/// attention kernel's, so backends pass it through unchanged.
+pub use crate::kernels::attention::AttnShape;
+
+/// Hyper-parameters of one AdamW step (with the bias corrections already folded in by
+/// the caller through `step`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for the bias corrections `1 − βᵗ`.
+    pub step: u64,
+}
+
+/// The op families a transformer needs, each forward beside its backward.
+///
+/// `F` is the element type; the CPU backend implements it for every float, a CUDA
+/// backend would implement `Backend<f32>` (and bf16) only.
+pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
+    /// A buffer of `F` that lives wherever this backend computes.
+    type Buf: Clone + Send + Sync + std::fmt::Debug;
+
+    /// Short name for messages and benchmark group names ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    // ---- memory ----
+    fn zeros(&self, n: usize) -> Self::Buf;
+    /// Upload host values.
+    #[allow(clippy::wrong_self_convention)]
+    fn from_slice(&self, x: &[F]) -> Self::Buf;
+    fn to_vec(&self, x: &Self::Buf) -> Vec<F>;
+    fn len(&self, x: &Self::Buf) -> usize;
+    fn fill(&self, x: &mut Self::Buf, v: F);
+    /// `dst[..] = src[..]` (equal lengths).
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
+    /// `dst[dst_off..dst_off+n] = src[src_off..src_off+n]`.
+    fn copy_range(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// `dst += alpha · src` (the residual stream and gradient accumulation).
+    fn axpy(&self, dst: &mut Self::Buf, alpha: F, src: &Self::Buf) -> Result<()>;
+    /// `x *= alpha`.
+    fn scale(&self, x: &mut Self::Buf, alpha: F);
+    /// Σ x² (for gradient norms and tests).
+    fn sum_sq(&self, x: &Self::Buf) -> F;
+
+    // ---- matrix products ----
+    /// `out (M,N) (=|+=) op(a) · op(b)`; see [`MatmulSpec`].
+    fn matmul(
+        &self,
+        s: MatmulSpec,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        out: &mut Self::Buf,
+        acc: Accum,
+    ) -> Result<()>;
+    /// out (N,C) += bias (C), row-broadcast.
+    fn add_bias(&self, out: &mut Self::Buf, bias: &Self::Buf, c: usize) -> Result<()>;
+    /// dbias (C) += Σ_rows dout (N,C).
+    fn bias_bwd(&self, dout: &Self::Buf, dbias: &mut Self::Buf, c: usize) -> Result<()>;
+
+    // ---- norms ----
+    /// out (N,C) = x · rstd · w, rstd (N) = 1/√(mean(x²) + eps).  `w` None = no scale.
+    fn rmsnorm_fwd(
+        &self,
+        x: &Self::Buf,
+        w: Option<&Self::Buf>,
+        eps: f32,
+        c: usize,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dx (N,C) overwritten; dw (C) += (None = frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: Option<&Self::Buf>,
+        rstd: &Self::Buf,
+        c: usize,
+        dx: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+    ) -> Result<()>;
+    /// out (N,C) = (x − mean)·rstd·w + b; mean, rstd (N).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_fwd(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        eps: f32,
+        c: usize,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dx (N,C) overwritten; dw, db (C) += (None = frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &self,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        c: usize,
+        dx: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+        db: Option<&mut Self::Buf>,
+    ) -> Result<()>;
+
+    // ---- layout + RoPE ----
+    /// x (B,T,NH,HS) → out (B,NH,T,HS), rotating each head by RoPE at positions
+    /// `pos0 + t` when `theta` is Some (HF rotate_half convention: pairs (i, i+HS/2)).
+    #[allow(clippy::too_many_arguments)]
+    fn heads_split(
+        &self,
+        x: &Self::Buf,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        pos0: usize,
+        theta: Option<f32>,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of [`Backend::heads_split`]: dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn heads_split_bwd(
+        &self,
+        dout: &Self::Buf,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        pos0: usize,
+        theta: Option<f32>,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// x (B,NH,T,HS) → out (B,T,NH,HS).  Its backward is `heads_split` without RoPE.
+    fn heads_merge(
+        &self,
+        x: &Self::Buf,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    /// Append along time: cache (B,H,T1,HS) ++ new (B,H,T2,HS) → (B,H,T1+T2,HS).
+    fn concat_time(
+        &self,
+        cache: &Self::Buf,
+        new: &Self::Buf,
+        b: usize,
+        h: usize,
+        t1: usize,
+        t2: usize,
+        hs: usize,
+    ) -> Result<Self::Buf>;
+
+    // ---- activations ----
+    /// out = act(x), elementwise.
+    fn act_fwd(&self, act: Act, x: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    /// dx = act'(x) · dout (overwritten).
+    fn act_bwd(&self, act: Act, x: &Self::Buf, dout: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
+    /// out = silu(gate) · up (LLaMA's SwiGLU).
+    fn swiglu_fwd(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    /// dgate, dup overwritten.
+    fn swiglu_bwd(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dout: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- embeddings ----
+    /// out (N,C) = table (V,C)[ids (N)]; an id ≥ V is an error.
+    fn embedding_fwd(
+        &self,
+        ids: &[u32],
+        table: &Self::Buf,
+        c: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dtable (V,C) += scatter of dout (N,C) by ids.
+    fn embedding_bwd(
+        &self,
+        ids: &[u32],
+        dout: &Self::Buf,
+        c: usize,
+        dtable: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Patches of an image as matrix rows: pixels (B,CH,H,W) → out (B, (H/P)(W/P), CH·P·P),
+    /// each row ordered (ch, py, px) to match a conv weight (OC, CH, P, P).
+    #[allow(clippy::too_many_arguments)]
+    fn patchify(
+        &self,
+        pixels: &Self::Buf,
+        b: usize,
+        ch: usize,
+        h: usize,
+        w: usize,
+        p: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of [`Backend::patchify`]: dpixels overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn patchify_bwd(
+        &self,
+        dout: &Self::Buf,
+        b: usize,
+        ch: usize,
+        h: usize,
+        w: usize,
+        p: usize,
+        dpixels: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- attention ----
+    /// softmax(q kᵀ · scale + bias + mask) v; saves lse for the backward.
+    /// bias (B,Tk) per key, key_mask (B,Tk) 1 = attend, 0 = padding.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd(
+        &self,
+        s: &AttnShape,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        key_mask: Option<&[u8]>,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dq, dk, dv overwritten; dbias (B,Tk) overwritten when Some.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        s: &AttnShape,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        key_mask: Option<&[u8]>,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+    ) -> Result<()>;
+
+    // ---- log-probabilities ----
+    /// logp (N) = log_softmax(logits (N,V))[targets (N)], without storing the (N,V)
+    /// log-softmax; lse (N) saved for the backward.
+    fn logprob_fwd(
+        &self,
+        logits: &Self::Buf,
+        targets: &[u32],
+        v: usize,
+        logp: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dlogits (N,V) = `dlogp[n] · (onehot(target) − softmax)`, overwritten.
+    fn logprob_bwd(
+        &self,
+        logits: &Self::Buf,
+        targets: &[u32],
+        v: usize,
+        lse: &Self::Buf,
+        dlogp: &Self::Buf,
+        dlogits: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- optimizer ----
+    /// One decoupled-weight-decay Adam step on one tensor; m, v are its moment buffers.
+    fn adamw_step(
+        &self,
+        h: &AdamWStep,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+    ) -> Result<()>;
+}

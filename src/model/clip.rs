@@ -1,0 +1,257 @@
+//! CLIP vision tower (`CLIPVisionModel`): patch embedding (a conv without bias), a
+//! learned class token, learned absolute positions, `pre_layrnorm` (sic, the HF
+//! spelling), pre-LN encoder blocks with quick-GELU MLPs, and `post_layernorm` applied to
+//! the class token only (the pooled output).
+//!
+//! Hidden states are numbered as HF numbers them: state 0 is the embedding output
+//! after `pre_layrnorm`, state i is the output of block i, so the last state is
+//! `last_hidden_state` and state L−1 is the "penultimate" one LLaVA reads.
+//!
+//! B batch, C hidden size, P patch size, NP patches, S = NP + 1 positions, I MLP size.
+use super::config::ClipVisionConfig;
+use super::io::StDtype;
+use super::weights::{save_params, Checkpoint};
+use crate::backend::{Backend, Cpu};
+use crate::error::{Error, Result};
+use crate::nn::layers::ImageShape;
+use crate::nn::{Attention, AttnCtx, Embedding, LayerNorm, Mlp, PatchEmbed, Tensor};
+use num_traits::Float;
+use std::path::Path;
+
+/// Tensor name prefixes of a CLIP vision tower: inside a `CLIPModel` / published
+/// `CLIPVisionModel` checkpoint (`vision_model.`), or bare as transformers 5 saves a
+/// `CLIPVisionModel`.
+pub const CLIP_PREFIXES: &[&str] = &["vision_model.", ""];
+/// A tensor every CLIP vision checkpoint has, to find the prefix by.
+pub const CLIP_MARKER: &str = "embeddings.class_embedding";
+
+/// One pre-LN encoder block: `x += attn(ln1(x)); x += mlp(ln2(x))`.
+#[derive(Clone, Debug)]
+pub struct ClipLayer<F: Float = f32, B: Backend<F> = Cpu> {
+    pub layer_norm1: LayerNorm<F, B>,
+    pub self_attn: Attention<F, B>,
+    pub layer_norm2: LayerNorm<F, B>,
+    pub mlp: Mlp<F, B>,
+}
+
+/// `CLIPVisionModel`.
+#[derive(Clone, Debug)]
+pub struct ClipVision<F: Float = f32, B: Backend<F> = Cpu> {
+    pub cfg: ClipVisionConfig,
+    pub be: B,
+    /// Prefix of the tower's tensor names in the checkpoint it came from (`vision_model.`
+    /// or empty); [`ClipVision::save_weights`] writes the same names.
+    pub prefix: String,
+    /// (C)
+    pub class_embedding: Tensor<F, B>,
+    /// conv weight (C, CH, P, P), no bias
+    pub patch_embedding: PatchEmbed<F, B>,
+    /// (S, C)
+    pub position_embedding: Embedding<F, B>,
+    pub pre_layrnorm: LayerNorm<F, B>,
+    pub layers: Vec<ClipLayer<F, B>>,
+    pub post_layernorm: LayerNorm<F, B>,
+}
+
+/// Outputs of [`ClipVision::forward`]; buffers are row-major.
+#[derive(Clone, Debug)]
+pub struct ClipOutput<Buf> {
+    pub b: usize,
+    /// hidden states 0..=upto, each (B, S, C)
+    pub hidden_states: Vec<Buf>,
+    /// post_layernorm(state L [:, 0]) (B, C); None when the forward stopped early
+    pub pooler_output: Option<Buf>,
+}
+
+impl<F: Float, B: Backend<F>> ClipVision<F, B> {
+    /// Zero-initialised (norms at 1/0), every tensor trainable; fill with
+    /// [`ClipVision::load`] or by name through [`ClipVision::params_mut`].
+    pub fn new(be: B, cfg: ClipVisionConfig) -> Self {
+        let (c, eps) = (cfg.hidden_size, cfg.layer_norm_eps as f32);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| ClipLayer {
+                layer_norm1: LayerNorm::new(&be, c, eps),
+                self_attn: Attention::new(
+                    &be,
+                    c,
+                    cfg.num_attention_heads,
+                    cfg.num_attention_heads,
+                    cfg.head_dim(),
+                    true,
+                    None,
+                    false,
+                ),
+                layer_norm2: LayerNorm::new(&be, c, eps),
+                mlp: Mlp::new(&be, c, cfg.intermediate_size, cfg.hidden_act.into(), true),
+            })
+            .collect();
+        ClipVision {
+            class_embedding: Tensor::zeros(&be, &[c]),
+            patch_embedding: PatchEmbed::new(&be, cfg.num_channels, c, cfg.patch_size, false),
+            position_embedding: Embedding::new(&be, cfg.num_positions(), c),
+            pre_layrnorm: LayerNorm::new(&be, c, eps),
+            post_layernorm: LayerNorm::new(&be, c, eps),
+            layers,
+            cfg,
+            be,
+            prefix: String::new(),
+        }
+    }
+
+    /// Every parameter with its HF name relative to the tower (`embeddings.…`,
+    /// `encoder.layers.i.…`, `pre_layrnorm.…`, `post_layernorm.…`), in a fixed order.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
+        let mut out: Vec<(String, &mut Tensor<F, B>)> = vec![
+            (
+                "embeddings.class_embedding".into(),
+                &mut self.class_embedding,
+            ),
+            (
+                "embeddings.patch_embedding.weight".into(),
+                &mut self.patch_embedding.weight,
+            ),
+            (
+                "embeddings.position_embedding.weight".into(),
+                &mut self.position_embedding.weight,
+            ),
+            ("pre_layrnorm.weight".into(), &mut self.pre_layrnorm.weight),
+            ("pre_layrnorm.bias".into(), &mut self.pre_layrnorm.bias),
+        ];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layers.{i}");
+            let a = &mut l.self_attn;
+            for (n, lin) in [
+                ("q_proj", &mut a.q),
+                ("k_proj", &mut a.k),
+                ("v_proj", &mut a.v),
+                ("out_proj", &mut a.o),
+            ] {
+                out.push((format!("{p}.self_attn.{n}.weight"), &mut lin.weight));
+                if let Some(b) = &mut lin.bias {
+                    out.push((format!("{p}.self_attn.{n}.bias"), b));
+                }
+            }
+            out.push((format!("{p}.layer_norm1.weight"), &mut l.layer_norm1.weight));
+            out.push((format!("{p}.layer_norm1.bias"), &mut l.layer_norm1.bias));
+            for (n, lin) in [("fc1", &mut l.mlp.fc1), ("fc2", &mut l.mlp.fc2)] {
+                out.push((format!("{p}.mlp.{n}.weight"), &mut lin.weight));
+                if let Some(b) = &mut lin.bias {
+                    out.push((format!("{p}.mlp.{n}.bias"), b));
+                }
+            }
+            out.push((format!("{p}.layer_norm2.weight"), &mut l.layer_norm2.weight));
+            out.push((format!("{p}.layer_norm2.bias"), &mut l.layer_norm2.bias));
+        }
+        out.push((
+            "post_layernorm.weight".into(),
+            &mut self.post_layernorm.weight,
+        ));
+        out.push(("post_layernorm.bias".into(), &mut self.post_layernorm.bias));
+        out
+    }
+
+    /// Freeze (`false`) or unfreeze every parameter.
+    pub fn set_trainable(&mut self, trainable: bool) {
+        let be = self.be.clone();
+        for (_, t) in self.params_mut() {
+            t.set_trainable(&be, trainable);
+        }
+    }
+
+    /// A tower filled from `ck`, whose tensor names start with `prefix`; frozen.
+    pub fn load(be: B, cfg: ClipVisionConfig, ck: &Checkpoint, prefix: &str) -> Result<Self> {
+        let mut m = Self::new(be.clone(), cfg);
+        m.prefix = prefix.to_string();
+        m.set_trainable(false);
+        ck.load_params(&be, m.params_mut(), |n| format!("{prefix}{n}"))?;
+        Ok(m)
+    }
+
+    /// Writes every parameter to one safetensors file, named `prefix + HF name`.
+    pub fn save_weights(&mut self, path: impl AsRef<Path>, dtype: StDtype) -> Result<()> {
+        let (be, prefix) = (self.be.clone(), self.prefix.clone());
+        let params: Vec<(String, &Tensor<F, B>)> = self
+            .params_mut()
+            .into_iter()
+            .map(|(n, t)| (n, &*t))
+            .collect();
+        save_params(&be, path, params, |n| format!("{prefix}{n}"), dtype)
+    }
+
+    /// pixels (B, CH, H, W) → hidden states 0..=`upto` (at most L) and, when `upto` is
+    /// L, the pooled output.  H and W must equal `image_size`: the position table has
+    /// one row per patch of that size.
+    pub fn forward(&self, pixels: &B::Buf, b: usize, upto: usize) -> Result<ClipOutput<B::Buf>> {
+        let be = &self.be;
+        let cfg = &self.cfg;
+        let (c, s, np) = (cfg.hidden_size, cfg.num_positions(), cfg.num_patches());
+        let (ch, hw) = (cfg.num_channels, cfg.image_size);
+        let n_layers = self.layers.len();
+        if upto > n_layers {
+            return Err(Error::arg(
+                "ClipVision::forward",
+                format!("hidden state {upto} asked of a tower with {n_layers} layers"),
+            ));
+        }
+        if b == 0 || be.len(pixels) != b * ch * hw * hw {
+            return Err(Error::shape(
+                "ClipVision::forward",
+                format!(
+                    "pixel buffer of {} values is not (B={b}, {ch}, {hw}, {hw}) \
+                     (num_channels, image_size from the config)",
+                    be.len(pixels)
+                ),
+            ));
+        }
+        // embeddings: x[b, 0] = class, x[b, 1 + p] = patch p; then + positions
+        let (_, patches) =
+            self.patch_embedding
+                .forward(be, pixels, ImageShape { b, h: hw, w: hw })?; // (B, NP, C)
+        let mut x = be.zeros(b * s * c); // (B, S, C)
+        let mut pos = be.zeros(b * s * c);
+        for bi in 0..b {
+            be.copy_range(&mut x, bi * s * c, &self.class_embedding.data, 0, c)?;
+            be.copy_range(&mut x, (bi * s + 1) * c, &patches, bi * np * c, np * c)?;
+            be.copy_range(
+                &mut pos,
+                bi * s * c,
+                &self.position_embedding.weight.data,
+                0,
+                s * c,
+            )?;
+        }
+        be.axpy(&mut x, F::one(), &pos)?;
+        let (mut x, _) = self.pre_layrnorm.forward(be, &x)?;
+        let ctx = AttnCtx {
+            b,
+            t: s,
+            pos0: 0,
+            bias: None,
+            key_mask: None,
+        };
+        let mut hidden_states = vec![x.clone()];
+        for l in &self.layers[..upto] {
+            let (h, _) = l.layer_norm1.forward(be, &x)?;
+            let (a, _) = l.self_attn.forward(be, &h, &ctx, None)?;
+            be.axpy(&mut x, F::one(), &a)?;
+            let (h, _) = l.layer_norm2.forward(be, &x)?;
+            let (m, _) = l.mlp.forward(be, &h)?;
+            be.axpy(&mut x, F::one(), &m)?;
+            hidden_states.push(x.clone());
+        }
+        let pooler_output = if upto == n_layers {
+            let mut cls = be.zeros(b * c);
+            for bi in 0..b {
+                be.copy_range(&mut cls, bi * c, &x, bi * s * c, c)?;
+            }
+            Some(self.post_layernorm.forward(be, &cls)?.0)
+        } else {
+            None
+        };
+        Ok(ClipOutput {
+            b,
+            hidden_states,
+            pooler_output,
+        })
+    }
+}

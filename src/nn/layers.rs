@@ -1,0 +1,685 @@
+//! Linear, norms, embeddings, patch embedding, MLPs and attention: forward, then its
+//! backward right below.  Backward methods follow the gradient rule in [`crate::nn`].
+//!
+//! B batch, T tokens, C channels, N = B·T rows, NH heads, NKV kv heads, HS head size.
+use super::Tensor;
+use crate::backend::{Accum, Act, AttnShape, Backend, MatmulSpec};
+use crate::error::{Error, Result};
+use num_traits::Float;
+
+/// Rows of a (N, C) buffer, checked.
+fn rows<F: Float, B: Backend<F>>(be: &B, op: &'static str, x: &B::Buf, c: usize) -> Result<usize> {
+    let len = be.len(x);
+    if c == 0 || len % c != 0 {
+        return Err(Error::shape(
+            op,
+            format!("input of {len} elements is not a whole number of rows of {c}"),
+        ));
+    }
+    Ok(len / c)
+}
+
+// ---------------------------------------------------------------------------------
+
+/// `y = x Wᵀ + b`, W stored `[out, in]` as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub weight: Tensor<F, B>,
+    pub bias: Option<Tensor<F, B>>,
+}
+
+impl<F: Float, B: Backend<F>> Linear<F, B> {
+    /// Zero-initialised, trainable.
+    pub fn new(be: &B, fan_in: usize, fan_out: usize, bias: bool) -> Self {
+        Linear {
+            weight: Tensor::zeros(be, &[fan_out, fan_in]),
+            bias: bias.then(|| Tensor::zeros(be, &[fan_out])),
+        }
+    }
+    pub fn fan_in(&self) -> usize {
+        self.weight.shape[1]
+    }
+    pub fn fan_out(&self) -> usize {
+        self.weight.shape[0]
+    }
+
+    /// x (N, in) → y (N, out).
+    pub fn forward(&self, be: &B, x: &B::Buf) -> Result<B::Buf> {
+        let (i, o) = (self.fan_in(), self.fan_out());
+        let n = rows(be, "Linear::forward", x, i)?;
+        let mut y = be.zeros(n * o);
+        be.matmul(
+            MatmulSpec {
+                m: n,
+                k: i,
+                n: o,
+                ta: false,
+                tb: true,
+            },
+            x,
+            &self.weight.data,
+            &mut y,
+            Accum::Replace,
+        )?;
+        if let Some(b) = &self.bias {
+            be.add_bias(&mut y, &b.data, o)?;
+        }
+        Ok(y)
+    }
+
+    /// forward: y = x Wᵀ + b
+    /// so:      dW += dyᵀ x,  db += Σ_n dy,  dx = dy W (only when `need_dx`).
+    pub fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Buf,
+        need_dx: bool,
+    ) -> Result<Option<B::Buf>> {
+        let (i, o) = (self.fan_in(), self.fan_out());
+        let n = rows(be, "Linear::backward", x, i)?;
+        crate::error::check_len("Linear::backward", "dy", be.len(dy), n * o)?;
+        if let Some(dw) = &mut self.weight.grad {
+            be.matmul(
+                MatmulSpec {
+                    m: o,
+                    k: n,
+                    n: i,
+                    ta: true,
+                    tb: false,
+                },
+                dy,
+                x,
+                dw,
+                Accum::Add,
+            )?;
+        }
+        if let Some(Tensor { grad: Some(db), .. }) = &mut self.bias {
+            be.bias_bwd(dy, db, o)?;
+        }
+        if !need_dx {
+            return Ok(None);
+        }
+        let mut dx = be.zeros(n * i);
+        be.matmul(
+            MatmulSpec {
+                m: n,
+                k: o,
+                n: i,
+                ta: false,
+                tb: false,
+            },
+            dy,
+            &self.weight.data,
+            &mut dx,
+            Accum::Replace,
+        )?;
+        Ok(Some(dx))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+
+/// RMSNorm (LLaMA): `x / √(mean(x²) + eps) · w`.
+#[derive(Clone, Debug)]
+pub struct RmsNorm<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub weight: Tensor<F, B>,
+    pub eps: f32,
+}
+
+impl<F: Float, B: Backend<F>> RmsNorm<F, B> {
+    /// Weight of ones, trainable.
+    pub fn new(be: &B, c: usize, eps: f32) -> Self {
+        let mut weight = Tensor::zeros(be, &[c]);
+        weight.data = be.from_slice(&vec![F::one(); c]);
+        RmsNorm { weight, eps }
+    }
+    /// x (N,C) → (out (N,C), rstd (N)).
+    pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, B::Buf)> {
+        let c = self.weight.numel();
+        let n = rows(be, "RmsNorm::forward", x, c)?;
+        let (mut out, mut rstd) = (be.zeros(n * c), be.zeros(n));
+        be.rmsnorm_fwd(x, Some(&self.weight.data), self.eps, c, &mut out, &mut rstd)?;
+        Ok((out, rstd))
+    }
+    /// forward: out = x·rstd·w  so: dw += dout·x·rstd, dx = ∂/∂x (see the backend op).
+    pub fn backward(&mut self, be: &B, x: &B::Buf, rstd: &B::Buf, dout: &B::Buf) -> Result<B::Buf> {
+        let c = self.weight.numel();
+        let mut dx = be.zeros(be.len(x));
+        be.rmsnorm_bwd(
+            dout,
+            x,
+            Some(&self.weight.data),
+            rstd,
+            c,
+            &mut dx,
+            self.weight.grad.as_mut(),
+        )?;
+        Ok(dx)
+    }
+}
+
+/// LayerNorm (CLIP, BERT): `(x − mean)/√(var + eps) · w + b`.
+#[derive(Clone, Debug)]
+pub struct LayerNorm<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub weight: Tensor<F, B>,
+    pub bias: Tensor<F, B>,
+    pub eps: f32,
+}
+
+/// What a LayerNorm forward saves: mean and rstd (N).
+#[derive(Clone, Debug)]
+pub struct NormStats<Buf> {
+    pub mean: Buf,
+    pub rstd: Buf,
+}
+
+impl<F: Float, B: Backend<F>> LayerNorm<F, B> {
+    /// Weight of ones, bias of zeros, trainable.
+    pub fn new(be: &B, c: usize, eps: f32) -> Self {
+        let mut weight = Tensor::zeros(be, &[c]);
+        weight.data = be.from_slice(&vec![F::one(); c]);
+        LayerNorm {
+            weight,
+            bias: Tensor::zeros(be, &[c]),
+            eps,
+        }
+    }
+    /// x (N,C) → out (N,C) and the stats for the backward.
+    pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, NormStats<B::Buf>)> {
+        let c = self.weight.numel();
+        let n = rows(be, "LayerNorm::forward", x, c)?;
+        let (mut out, mut mean, mut rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+        be.layernorm_fwd(
+            x,
+            &self.weight.data,
+            &self.bias.data,
+            self.eps,
+            c,
+            &mut out,
+            &mut mean,
+            &mut rstd,
+        )?;
+        Ok((out, NormStats { mean, rstd }))
+    }
+    /// forward: out = (x − μ)·r·w + b  so: dw += dout·x̂, db += dout, dx (backend op).
+    pub fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        st: &NormStats<B::Buf>,
+        dout: &B::Buf,
+    ) -> Result<B::Buf> {
+        let c = self.weight.numel();
+        let mut dx = be.zeros(be.len(x));
+        be.layernorm_bwd(
+            dout,
+            x,
+            &self.weight.data,
+            &st.mean,
+            &st.rstd,
+            c,
+            &mut dx,
+            self.weight.grad.as_mut(),
+            self.bias.grad.as_mut(),
+        )?;
+        Ok(dx)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+
+/// Token (or position) embedding table `[V, C]`.
+#[derive(Clone, Debug)]
+pub struct Embedding<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub weight: Tensor<F, B>,
+}
+
+impl<F: Float, B: Backend<F>> Embedding<F, B> {
+    pub fn new(be: &B, v: usize, c: usize) -> Self {
+        Embedding {
+            weight: Tensor::zeros(be, &[v, c]),
+        }
+    }
+    pub fn dim(&self) -> usize {
+        self.weight.shape[1]
+    }
+    /// ids (N) → (N, C).
+    pub fn forward(&self, be: &B, ids: &[u32]) -> Result<B::Buf> {
+        let c = self.dim();
+        let mut out = be.zeros(ids.len() * c);
+        be.embedding_fwd(ids, &self.weight.data, c, &mut out)?;
+        Ok(out)
+    }
+    /// forward: `out[n] = W[ids[n]]`  so: `dW[ids[n]] += dout[n]` (skipped when frozen).
+    pub fn backward(&mut self, be: &B, ids: &[u32], dout: &B::Buf) -> Result<()> {
+        let c = self.dim();
+        if let Some(g) = &mut self.weight.grad {
+            be.embedding_bwd(ids, dout, c, g)?;
+        }
+        Ok(())
+    }
+}
+
+/// Patch embedding: a conv with stride = kernel = P, written as patchify + matmul.
+/// Weight `[OC, CH, P, P]` as PyTorch's Conv2d stores it, optional bias `[OC]`.
+#[derive(Clone, Debug)]
+pub struct PatchEmbed<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub weight: Tensor<F, B>,
+    pub bias: Option<Tensor<F, B>>,
+}
+
+/// Image geometry of one patch-embedding call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageShape {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl<F: Float, B: Backend<F>> PatchEmbed<F, B> {
+    pub fn new(be: &B, ch: usize, oc: usize, p: usize, bias: bool) -> Self {
+        PatchEmbed {
+            weight: Tensor::zeros(be, &[oc, ch, p, p]),
+            bias: bias.then(|| Tensor::zeros(be, &[oc])),
+        }
+    }
+    fn dims(&self) -> (usize, usize, usize) {
+        (
+            self.weight.shape[0],
+            self.weight.shape[1],
+            self.weight.shape[2],
+        )
+    }
+    /// The same weights viewed as a Linear (OC, CH·P·P) (no copy of the layout needed:
+    /// a row-major conv kernel is already that matrix).
+    fn as_linear(&self) -> Linear<F, B> {
+        let (oc, ch, p) = self.dims();
+        Linear {
+            weight: Tensor {
+                shape: vec![oc, ch * p * p],
+                data: self.weight.data.clone(),
+                grad: None,
+            },
+            bias: self.bias.as_ref().map(|b| Tensor {
+                shape: b.shape.clone(),
+                data: b.data.clone(),
+                grad: None,
+            }),
+        }
+    }
+    /// pixels (B,CH,H,W) → (patches (B·NP, CH·P·P) saved for the backward, out (B, NP, OC)),
+    /// NP = (H/P)(W/P) in row-major patch order.
+    pub fn forward(&self, be: &B, pixels: &B::Buf, img: ImageShape) -> Result<(B::Buf, B::Buf)> {
+        let (_, ch, p) = self.dims();
+        let mut patches = be.zeros(img.b * ch * img.h * img.w);
+        be.patchify(pixels, img.b, ch, img.h, img.w, p, &mut patches)?;
+        let out = self.as_linear().forward(be, &patches)?;
+        Ok((patches, out))
+    }
+    /// forward: out = patchify(pixels) Wᵀ + b
+    /// so:      dW += doutᵀ patches, db += Σ dout, dpixels = unpatchify(dout W) if asked.
+    pub fn backward(
+        &mut self,
+        be: &B,
+        patches: &B::Buf,
+        dout: &B::Buf,
+        img: ImageShape,
+        need_dpixels: bool,
+    ) -> Result<Option<B::Buf>> {
+        let (oc, ch, p) = self.dims();
+        let mut lin = self.as_linear();
+        lin.weight.grad = self.weight.grad.take();
+        if let (Some(lb), Some(b)) = (&mut lin.bias, &mut self.bias) {
+            lb.grad = b.grad.take();
+        }
+        let res = lin.backward(be, patches, dout, need_dpixels);
+        self.weight.grad = lin.weight.grad.take();
+        if let (Some(lb), Some(b)) = (&mut lin.bias, &mut self.bias) {
+            b.grad = lb.grad.take();
+        }
+        let _ = oc;
+        match res? {
+            Some(dpatches) => {
+                let mut dpix = be.zeros(be.len(&dpatches));
+                be.patchify_bwd(&dpatches, img.b, ch, img.h, img.w, p, &mut dpix)?;
+                Ok(Some(dpix))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+
+/// Two-layer MLP with a pointwise activation (CLIP: quick-GELU, BERT: GELU-erf,
+/// LLaVA projector: GELU).
+#[derive(Clone, Debug)]
+pub struct Mlp<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub fc1: Linear<F, B>,
+    pub fc2: Linear<F, B>,
+    pub act: Act,
+}
+
+/// Saved activations of an [`Mlp`] forward.
+#[derive(Clone, Debug)]
+pub struct MlpActs<Buf> {
+    pub x: Buf,
+    pub h: Buf,
+    pub a: Buf,
+}
+
+impl<F: Float, B: Backend<F>> Mlp<F, B> {
+    pub fn new(be: &B, c: usize, hidden: usize, act: Act, bias: bool) -> Self {
+        Mlp {
+            fc1: Linear::new(be, c, hidden, bias),
+            fc2: Linear::new(be, hidden, c, bias),
+            act,
+        }
+    }
+    /// x (N,C) → (N,C).
+    pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, MlpActs<B::Buf>)> {
+        let h = self.fc1.forward(be, x)?;
+        let mut a = be.zeros(be.len(&h));
+        be.act_fwd(self.act, &h, &mut a)?;
+        let y = self.fc2.forward(be, &a)?;
+        Ok((y, MlpActs { x: x.clone(), h, a }))
+    }
+    /// forward: y = fc2(act(fc1(x)))  so: backward through each in reverse.
+    pub fn backward(&mut self, be: &B, acts: &MlpActs<B::Buf>, dy: &B::Buf) -> Result<B::Buf> {
+        let da = self
+            .fc2
+            .backward(be, &acts.a, dy, true)?
+            .expect("dx requested");
+        let mut dh = be.zeros(be.len(&da));
+        be.act_bwd(self.act, &acts.h, &da, &mut dh)?;
+        Ok(self
+            .fc1
+            .backward(be, &acts.x, &dh, true)?
+            .expect("dx requested"))
+    }
+}
+
+/// LLaMA's gated MLP: `down(silu(gate(x)) · up(x))`, no biases.
+#[derive(Clone, Debug)]
+pub struct SwiGluMlp<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub gate: Linear<F, B>,
+    pub up: Linear<F, B>,
+    pub down: Linear<F, B>,
+}
+
+/// Saved activations of a [`SwiGluMlp`] forward.
+#[derive(Clone, Debug)]
+pub struct SwiGluActs<Buf> {
+    pub x: Buf,
+    pub g: Buf,
+    pub u: Buf,
+    pub a: Buf,
+}
+
+impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
+    pub fn new(be: &B, c: usize, inter: usize) -> Self {
+        SwiGluMlp {
+            gate: Linear::new(be, c, inter, false),
+            up: Linear::new(be, c, inter, false),
+            down: Linear::new(be, inter, c, false),
+        }
+    }
+    /// x (N,C) → (N,C); g, u, a are (N,I).
+    pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, SwiGluActs<B::Buf>)> {
+        let g = self.gate.forward(be, x)?;
+        let u = self.up.forward(be, x)?;
+        let mut a = be.zeros(be.len(&g));
+        be.swiglu_fwd(&g, &u, &mut a)?;
+        let y = self.down.forward(be, &a)?;
+        Ok((
+            y,
+            SwiGluActs {
+                x: x.clone(),
+                g,
+                u,
+                a,
+            },
+        ))
+    }
+    /// forward: y = down(silu(g)·u), g = gate(x), u = up(x)
+    /// so:      dx = gateᵀ-path(dg) + upᵀ-path(du)
+    pub fn backward(&mut self, be: &B, acts: &SwiGluActs<B::Buf>, dy: &B::Buf) -> Result<B::Buf> {
+        let da = self
+            .down
+            .backward(be, &acts.a, dy, true)?
+            .expect("dx requested");
+        let (mut dg, mut du) = (be.zeros(be.len(&da)), be.zeros(be.len(&da)));
+        be.swiglu_bwd(&acts.g, &acts.u, &da, &mut dg, &mut du)?;
+        let mut dx = self
+            .gate
+            .backward(be, &acts.x, &dg, true)?
+            .expect("dx requested");
+        let dxu = self
+            .up
+            .backward(be, &acts.x, &du, true)?
+            .expect("dx requested");
+        be.axpy(&mut dx, F::one(), &dxu)?;
+        Ok(dx)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+
+/// Multi-head attention with GQA, optional RoPE, causal or bidirectional, a per-key
+/// bias γ and a padding mask.  Projections are named after HF LLaMA (q, k, v, o);
+/// CLIP's `out_proj` and BERT's `output.dense` map onto `o`.
+#[derive(Clone, Debug)]
+pub struct Attention<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub q: Linear<F, B>,
+    pub k: Linear<F, B>,
+    pub v: Linear<F, B>,
+    pub o: Linear<F, B>,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hs: usize,
+    /// RoPE base (LLaMA) or None (learned absolute positions: CLIP, BERT).
+    pub rope_theta: Option<f32>,
+    pub causal: bool,
+}
+
+/// Per-call context of an attention forward.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnCtx<'a, Buf> {
+    pub b: usize,
+    pub t: usize,
+    /// Position of the first query (the KV-cache length when decoding).
+    pub pos0: usize,
+    /// Per-key additive bias γ (B, Tk).
+    pub bias: Option<&'a Buf>,
+    /// Padding mask over keys (B, Tk), 1 = attend, 0 = padding.
+    pub key_mask: Option<&'a [u8]>,
+}
+
+/// Saved activations of an [`Attention`] forward.
+#[derive(Clone, Debug)]
+pub struct AttnActs<Buf> {
+    pub x: Buf,
+    /// q (B,NH,T,HS) after RoPE; k, v (B,NKV,Tk,HS) after RoPE.
+    pub q: Buf,
+    pub k: Buf,
+    pub v: Buf,
+    /// per-head output (B,NH,T,HS) and its log-sum-exp (B,NH,T)
+    pub y: Buf,
+    pub lse: Buf,
+    /// y merged back to (B,T,NH·HS), the input of `o`
+    pub ym: Buf,
+}
+
+/// Keys and values of one layer seen so far: (B, NKV, len, HS) each.
+#[derive(Clone, Debug)]
+pub struct LayerKv<Buf> {
+    pub k: Buf,
+    pub v: Buf,
+    pub len: usize,
+}
+
+impl<F: Float, B: Backend<F>> Attention<F, B> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        be: &B,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+        bias: bool,
+        rope_theta: Option<f32>,
+        causal: bool,
+    ) -> Self {
+        Attention {
+            q: Linear::new(be, c, nh * hs, bias),
+            k: Linear::new(be, c, nkv * hs, bias),
+            v: Linear::new(be, c, nkv * hs, bias),
+            o: Linear::new(be, nh * hs, c, bias),
+            nh,
+            nkv,
+            hs,
+            rope_theta,
+            causal,
+        }
+    }
+
+    fn shape(&self, b: usize, tq: usize, tk: usize) -> AttnShape {
+        AttnShape {
+            b,
+            nh: self.nh,
+            nkv: self.nkv,
+            tq,
+            tk,
+            hs: self.hs,
+            // a single query sees every cached key: no mask needed (and none is wrong)
+            causal: self.causal && tq > 1,
+            scale: 1.0 / (self.hs as f32).sqrt(),
+        }
+    }
+
+    /// x (B·T, C) → (B·T, C).  With `cache`, the new keys/values are appended to it and
+    /// the queries attend to all of them (key-side bias and mask then cover all Tk keys).
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        ctx: &AttnCtx<'_, B::Buf>,
+        cache: Option<&mut LayerKv<B::Buf>>,
+    ) -> Result<(B::Buf, AttnActs<B::Buf>)> {
+        let (b, t, hs) = (ctx.b, ctx.t, self.hs);
+        let qf = self.q.forward(be, x)?;
+        let kf = self.k.forward(be, x)?;
+        let vf = self.v.forward(be, x)?;
+        let mut q = be.zeros(b * self.nh * t * hs);
+        let mut k = be.zeros(b * self.nkv * t * hs);
+        let mut v = be.zeros(b * self.nkv * t * hs);
+        be.heads_split(&qf, b, t, self.nh, hs, ctx.pos0, self.rope_theta, &mut q)?;
+        be.heads_split(&kf, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut k)?;
+        be.heads_split(&vf, b, t, self.nkv, hs, ctx.pos0, None, &mut v)?;
+        let (k, v, tk) = match cache {
+            Some(c) => {
+                if c.len != ctx.pos0 {
+                    return Err(Error::arg(
+                        "Attention::forward",
+                        format!(
+                            "KV cache holds {} positions but the call starts at {}",
+                            c.len, ctx.pos0
+                        ),
+                    ));
+                }
+                c.k = be.concat_time(&c.k, &k, b, self.nkv, c.len, t, hs)?;
+                c.v = be.concat_time(&c.v, &v, b, self.nkv, c.len, t, hs)?;
+                c.len += t;
+                (c.k.clone(), c.v.clone(), c.len)
+            }
+            None => (k, v, t),
+        };
+        let s = self.shape(b, t, tk);
+        let mut y = be.zeros(b * self.nh * t * hs);
+        let mut lse = be.zeros(b * self.nh * t);
+        be.attention_fwd(&s, &q, &k, &v, ctx.bias, ctx.key_mask, &mut y, &mut lse)?;
+        let mut ym = be.zeros(b * t * self.nh * hs);
+        be.heads_merge(&y, b, t, self.nh, hs, &mut ym)?;
+        let out = self.o.forward(be, &ym)?;
+        Ok((
+            out,
+            AttnActs {
+                x: x.clone(),
+                q,
+                k,
+                v,
+                y,
+                lse,
+                ym,
+            },
+        ))
+    }
+
+    /// Backward of a forward without cache.  Returns dx (B·T, C) and, when `want_dbias`,
+    /// dγ (B, T).
+    pub fn backward(
+        &mut self,
+        be: &B,
+        acts: &AttnActs<B::Buf>,
+        ctx: &AttnCtx<'_, B::Buf>,
+        dout: &B::Buf,
+        want_dbias: bool,
+    ) -> Result<(B::Buf, Option<B::Buf>)> {
+        let (b, t, hs) = (ctx.b, ctx.t, self.hs);
+        // forward: out = o(merge(y))
+        let dym = self
+            .o
+            .backward(be, &acts.ym, dout, true)?
+            .expect("dx requested");
+        // forward: ym = merge(y)  so: dy = split(dym) (no rotation)
+        let mut dy = be.zeros(be.len(&dym));
+        be.heads_split(&dym, b, t, self.nh, hs, 0, None, &mut dy)?;
+        // forward: y = attention(q, k, v; γ)
+        let s = self.shape(b, t, t);
+        let (mut dq, mut dk, mut dv) = (
+            be.zeros(be.len(&acts.q)),
+            be.zeros(be.len(&acts.k)),
+            be.zeros(be.len(&acts.v)),
+        );
+        let mut dbias = want_dbias.then(|| be.zeros(b * t));
+        be.attention_bwd(
+            &s,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            ctx.bias,
+            ctx.key_mask,
+            &acts.y,
+            &acts.lse,
+            &dy,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            dbias.as_mut(),
+        )?;
+        // forward: q = rope(split(qf))  so: dqf = split_bwd(dq) (the inverse rotation)
+        let mut dqf = be.zeros(be.len(&dq));
+        let mut dkf = be.zeros(be.len(&dk));
+        let mut dvf = be.zeros(be.len(&dv));
+        be.heads_split_bwd(&dq, b, t, self.nh, hs, ctx.pos0, self.rope_theta, &mut dqf)?;
+        be.heads_split_bwd(&dk, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut dkf)?;
+        be.heads_split_bwd(&dv, b, t, self.nkv, hs, ctx.pos0, None, &mut dvf)?;
+        // forward: qf = q(x), kf = k(x), vf = v(x)  so: dx = sum of the three paths
+        let mut dx = self
+            .q
+            .backward(be, &acts.x, &dqf, true)?
+            .expect("dx requested");
+        let dxk = self
+            .k
+            .backward(be, &acts.x, &dkf, true)?
+            .expect("dx requested");
+        let dxv = self
+            .v
+            .backward(be, &acts.x, &dvf, true)?
+            .expect("dx requested");
+        be.axpy(&mut dx, F::one(), &dxk)?;
+        be.axpy(&mut dx, F::one(), &dxv)?;
+        Ok((dx, dbias))
+    }
+}

