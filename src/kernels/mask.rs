@@ -455,31 +455,61 @@ pub fn soft_iou_sums_cpu<T: Float + Send + Sync>(
     check_len(OP, "prob", prob.len(), b * n)?;
     check_len(OP, "target", target.len(), b * n)?;
     check_len(OP, "sums", sums.len(), b * 3)?;
-    // eight lanes of partial sums: the loop vectorizes, and the f32 sums drift less
-    const LANES: usize = 8;
-    sums.par_chunks_mut(3).enumerate().for_each(|(k, s)| {
-        let (p, t) = (&prob[k * n..(k + 1) * n], &target[k * n..(k + 1) * n]);
-        let (mut ai, mut ap) = ([T::zero(); LANES], [T::zero(); LANES]);
-        let (pc, tc) = (p.chunks_exact(LANES), t.chunks_exact(LANES));
-        let (pr, tr) = (pc.remainder(), tc.remainder());
-        for (pc, tc) in pc.zip(tc) {
-            for j in 0..LANES {
-                // a select rather than p·t: cheaper and exact for a 0/1 target
-                ai[j] = ai[j] + if tc[j] != 0 { pc[j] } else { T::zero() };
-                ap[j] = ap[j] + pc[j];
-            }
+    // One pass over p and t, split into fixed chunks so rayon has work even for one
+    // mask; the chunk partials are added in chunk order, so the result does not depend
+    // on the thread count.
+    let per_mask = n.div_ceil(SOFT_IOU_CHUNK).max(1);
+    let parts: Vec<(T, T, u64)> = (0..b * per_mask)
+        .into_par_iter()
+        .map(|i| {
+            let (k, c) = (i / per_mask, i % per_mask);
+            let lo = k * n + (c * SOFT_IOU_CHUNK).min(n);
+            let hi = k * n + ((c + 1) * SOFT_IOU_CHUNK).min(n);
+            soft_iou_partial(&prob[lo..hi], &target[lo..hi])
+        })
+        .collect();
+    for (s, part) in sums.chunks_mut(3).zip(parts.chunks(per_mask)) {
+        let (mut i, mut p, mut t) = (T::zero(), T::zero(), 0u64);
+        for &(pi, pp, pt) in part {
+            (i, p, t) = (i + pi, p + pp, t + pt);
         }
-        for (&pv, &tv) in pr.iter().zip(tr) {
-            ai[0] = ai[0] + if tv != 0 { pv } else { T::zero() };
-            ap[0] = ap[0] + pv;
-        }
-        let sum = |a: [T; LANES]| a.iter().fold(T::zero(), |x, &y| x + y);
-        s[0] = sum(ai);
-        s[1] = sum(ap);
-        // Σt is an integer count: exact, and a byte loop that vectorizes
-        s[2] = T::from(area_cpu(t)).unwrap();
-    });
+        // Σt is an integer count: exact
+        (s[0], s[1], s[2]) = (i, p, T::from(t).unwrap());
+    }
     Ok(())
+}
+
+/// Pixels per rayon task of [`soft_iou_sums_cpu`]: 256 KiB of f32 probabilities, big
+/// enough that the hand-off is noise, small enough that 8 masks give both cores work.
+const SOFT_IOU_CHUNK: usize = 1 << 16;
+
+/// `(Σ p·t, Σ p, Σ t)` of one chunk, `t` nonzero = 1, in a single pass.
+#[inline]
+fn soft_iou_partial<T: Float>(p: &[T], t: &[u8]) -> (T, T, u64) {
+    // sixteen independent lanes per sum: no loop-carried add chain, so the loop
+    // vectorizes and runs at load bandwidth; the f32 sums also drift less
+    const LANES: usize = 16;
+    let (mut ai, mut ap) = ([T::zero(); LANES], [T::zero(); LANES]);
+    // u32 lanes cannot overflow: a chunk has at most SOFT_IOU_CHUNK pixels
+    let mut at = [0u32; LANES];
+    let (pc, tc) = (p.chunks_exact(LANES), t.chunks_exact(LANES));
+    let (pr, tr) = (pc.remainder(), tc.remainder());
+    for (pc, tc) in pc.zip(tc) {
+        for j in 0..LANES {
+            let on = tc[j] != 0;
+            // a select rather than p·t: cheaper and exact for a 0/1 target
+            ai[j] = ai[j] + if on { pc[j] } else { T::zero() };
+            ap[j] = ap[j] + pc[j];
+            at[j] += u32::from(on);
+        }
+    }
+    for (&pv, &tv) in pr.iter().zip(tr) {
+        ai[0] = ai[0] + if tv != 0 { pv } else { T::zero() };
+        ap[0] = ap[0] + pv;
+        at[0] += u32::from(tv != 0);
+    }
+    let sum = |a: [T; LANES]| a.iter().fold(T::zero(), |x, &y| x + y);
+    (sum(ai), sum(ap), at.iter().map(|&c| u64::from(c)).sum())
 }
 
 /// Soft IoU from its sums: `(I + ε) / (U + ε)` with `U = Σp + Σt − I`, ε =
