@@ -37,6 +37,28 @@ fn best(w: &[i64], g: usize, rows: &[usize], cols: &[usize]) -> i128 {
     kuhn_munkres(&m).0
 }
 
+/// The assignment when no two positive entries share a row or a column (masks that
+/// each overlap at most one mask of the other side, the common case): every maximizing
+/// assignment takes all of them — leaving one out loses its weight and nothing can
+/// replace it — so the answer is unique and needs no solver.  `None` otherwise.
+fn disjoint_pairs(w: &[i64], p: usize, g: usize) -> Option<Vec<Option<usize>>> {
+    let mut out = vec![None; p];
+    // at most a few dozen columns per question: a linear scan beats a set
+    let mut col_used = vec![false; g];
+    for (r, row) in w.chunks_exact(g).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            if x > 0 {
+                if out[r].is_some() || col_used[c] {
+                    return None;
+                }
+                out[r] = Some(c);
+                col_used[c] = true;
+            }
+        }
+    }
+    Some(out)
+}
+
 /// The matched pairs of a (P, G) weight matrix `w` (row-major, entries ≥ 0): for each
 /// prediction, `Some(ground truth)` when it is assigned with a positive weight, `None`
 /// otherwise.  Maximizes `Σ w`; ties broken lexicographically as in the module docs.
@@ -48,6 +70,18 @@ pub fn assign(w: &[i64], p: usize, g: usize) -> Vec<Option<usize>> {
     assert!(w.iter().all(|&x| x >= 0), "assign: negative weight");
     let mut out = vec![None; p];
     if p == 0 || g == 0 || w.iter().all(|&x| x == 0) {
+        return out;
+    }
+    if let Some(m) = disjoint_pairs(w, p, g) {
+        return m;
+    }
+    if p == 1 || g == 1 {
+        // one side has a single mask: the optimum is the largest weight, and the tie
+        // rule gives it to the lowest index (column for p = 1, row for g = 1)
+        let best = *w.iter().max().expect("w is not empty");
+        let k = w.iter().position(|&x| x == best).expect("max is in w");
+        let (r, c) = if p == 1 { (0, k) } else { (k, 0) };
+        out[r] = Some(c);
         return out;
     }
     let all_rows: Vec<usize> = (0..p).collect();

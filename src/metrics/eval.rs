@@ -292,11 +292,19 @@ fn score_image(
     let present: BTreeSet<String> = vocab.objects_of(object_names.iter().copied());
 
     let mut out = Vec::with_capacity(img.questions.len());
+    // buffers reused by every question of the image: interval lists only grow
+    let mut pool: Vec<Runs> = Vec::new();
+    let (mut up, mut ug, mut tmp) = (Runs::default(), Runs::default(), Runs::default());
     for (q, gt) in gts.iter().enumerate() {
         let pred = preds[q].as_ref();
-        let ps: Vec<Runs> = pred
-            .map(|p| p.masks.iter().map(|c| Runs::from_counts(c)).collect())
-            .unwrap_or_default();
+        let counts = pred.map_or(&[][..], |p| &p.masks[..]);
+        if pool.len() < counts.len() {
+            pool.resize_with(counts.len(), Runs::default);
+        }
+        for (r, c) in pool.iter_mut().zip(counts) {
+            r.set_counts(c);
+        }
+        let ps = &pool[..counts.len()];
         let (np, ng) = (ps.len(), gt.len());
         let mut s = QuestionScore {
             n_targets: ng,
@@ -358,7 +366,8 @@ fn score_image(
         s.matches = matches;
 
         // LISA: union of predictions vs union of targets
-        let (up, ug) = (Runs::union_all(&ps), Runs::union_all(gt));
+        up.set_union(ps, &mut tmp);
+        ug.set_union(gt, &mut tmp);
         s.lisa_inter = up.inter(&ug);
         s.lisa_union = up.area + ug.area - s.lisa_inter;
         s.lisa_iou = mask::iou_from_counts(s.lisa_inter, s.lisa_union);

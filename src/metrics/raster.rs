@@ -144,14 +144,21 @@ impl Runs {
     /// From validated COCO run lengths (zeros first).
     pub fn from_counts(counts: &[u32]) -> Runs {
         let mut r = Runs::default();
+        r.set_counts(counts);
+        r
+    }
+
+    /// [`Runs::from_counts`] into `self` (overwritten, its buffer reused).
+    pub fn set_counts(&mut self, counts: &[u32]) {
+        self.iv.clear();
+        self.area = 0;
         let mut idx = 0u32;
         for (k, &c) in counts.iter().enumerate() {
             if k % 2 == 1 {
-                r.push(idx, idx + c);
+                self.push(idx, idx + c);
             }
             idx += c;
         }
-        r
     }
 
     /// From a dense column-major mask (nonzero = foreground).
@@ -177,7 +184,25 @@ impl Runs {
     /// Intersection count with `other`.
     pub fn inter(&self, other: &Runs) -> u64 {
         let (a, b) = (&self.iv, &other.iv);
-        let (mut i, mut j, mut n) = (0, 0, 0u64);
+        let (Some(&(a0, a1)), Some(&(b0, b1))) = (a.first(), b.first()) else {
+            return 0;
+        };
+        let (a_end, b_end) = (a[a.len() - 1].1, b[b.len() - 1].1);
+        if a_end <= b0 || b_end <= a0 {
+            return 0; // disjoint spans: most object pairs of an image
+        }
+        // skip, by binary search, the intervals that end before the other list starts
+        let mut i = if a1 <= b0 {
+            a.partition_point(|x| x.1 <= b0)
+        } else {
+            0
+        };
+        let mut j = if b1 <= a0 {
+            b.partition_point(|x| x.1 <= a0)
+        } else {
+            0
+        };
+        let mut n = 0u64;
         while i < a.len() && j < b.len() {
             let s = a[i].0.max(b[j].0);
             let e = a[i].1.min(b[j].1);
@@ -196,12 +221,20 @@ impl Runs {
     /// Union of several masks (pairwise merges of the sorted lists: no sort).
     pub fn union_all<'a>(masks: impl IntoIterator<Item = &'a Runs>) -> Runs {
         let mut acc = Runs::default();
+        acc.set_union(masks, &mut Runs::default());
+        acc
+    }
+
+    /// [`Runs::union_all`] into `self` (overwritten) with `tmp` as scratch: both
+    /// buffers are reused, so a union costs no allocation once they have grown.
+    pub fn set_union<'a>(&mut self, masks: impl IntoIterator<Item = &'a Runs>, tmp: &mut Runs) {
+        self.iv.clear();
+        self.area = 0;
         for m in masks {
-            let (a, b) = (&acc.iv, &m.iv);
-            let mut r = Runs {
-                iv: Vec::with_capacity(a.len() + b.len()),
-                area: 0,
-            };
+            let (a, b) = (&self.iv, &m.iv);
+            let r = &mut *tmp;
+            r.iv.clear();
+            r.area = 0;
             let (mut i, mut j) = (0, 0);
             let mut cur: Option<(u32, u32)> = None;
             while i < a.len() || j < b.len() {
@@ -224,9 +257,8 @@ impl Runs {
             if let Some((cs, ce)) = cur {
                 r.push(cs, ce);
             }
-            acc = r;
+            std::mem::swap(self, tmp);
         }
-        acc
     }
 
     /// Bounding box in the column-major (transposed) frame of an image of height `h`:
@@ -421,23 +453,27 @@ impl Runs {
     pub fn columns_into(&self, h: usize, c: &mut Columns) -> bool {
         c.off.clear();
         c.iv.clear();
-        let Some((x0, x1, _, _)) = self.bbox(h) else {
+        let (Some(&(first, _)), Some(&(_, last))) = (self.iv.first(), self.iv.last()) else {
             c.x0 = 0;
             return false;
         };
+        // two divisions in all: the column of each piece is tracked by stepping the
+        // column start, since the intervals are sorted (a division per interval was a
+        // tenth of the boundary's time)
+        let (x0, x1) = (first as usize / h, (last as usize - 1) / h + 1);
         c.x0 = x0;
         c.off.push(0);
-        let mut x = x0;
+        let (mut x, mut col0) = (x0, x0 * h);
         for &(s, e) in &self.iv {
             let (mut p, e) = (s as usize, e as usize);
             while p < e {
-                let px = p / h;
-                while x < px {
+                while p >= col0 + h {
                     c.off.push(c.iv.len());
                     x += 1;
+                    col0 += h;
                 }
-                let q = e.min((px + 1) * h);
-                c.iv.push(((p - px * h) as u32, (q - px * h) as u32));
+                let q = e.min(col0 + h);
+                c.iv.push(((p - col0) as u32, (q - col0) as u32));
                 p = q;
             }
         }
