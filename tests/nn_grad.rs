@@ -529,3 +529,62 @@ fn fast_f32_exp_is_accurate() {
     assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
     assert!(exp_f32(f32::NAN).is_nan());
 }
+
+/// Products large enough that the CPU backend cuts the output into blocks, one serial
+/// gemm per rayon task: tall (row blocks) and wide (column blocks), every transpose,
+/// replace and accumulate, against an f64 triple loop; the same pool gives bitwise the
+/// same result run to run.
+#[test]
+fn blocked_matmul_matches_naive_for_every_layout_and_thread_count() {
+    use popen::backend::{Accum, MatmulSpec};
+    let mut rng = Rng::new(7);
+    let mut rnd32 = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    };
+    // (m, k, n): tall → row blocks, wide → column blocks, both above the serial cut-off
+    for (m, k, n) in [(150, 64, 100), (60, 64, 200), (97, 33, 250)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (a, b, init) = (rnd32(m * k), rnd32(k * n), rnd32(m * n));
+            let s = MatmulSpec { m, k, n, ta, tb };
+            let at = |i: usize, kk: usize| if ta { a[kk * m + i] } else { a[i * k + kk] } as f64;
+            let bt = |kk: usize, j: usize| if tb { b[j * k + kk] } else { b[kk * n + j] } as f64;
+            for acc in [Accum::Replace, Accum::Add] {
+                let mut first: Option<Vec<f32>> = None;
+                for threads in [1, 2, 3, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut out = init.clone();
+                    pool.install(|| Cpu.matmul(s, &a, &b, &mut out, acc))
+                        .unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut want = if acc == Accum::Add {
+                                init[i * n + j] as f64
+                            } else {
+                                0.0
+                            };
+                            for kk in 0..k {
+                                want += at(i, kk) * bt(kk, j);
+                            }
+                            let got = out[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * k as f64,
+                                "m={m} k={k} n={n} ta={ta} tb={tb} {acc:?} threads={threads} ({i},{j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                    if threads == 2 {
+                        match &first {
+                            None => first = Some(out),
+                            Some(f) => assert_eq!(f, &out, "2 threads must be reproducible"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -31,6 +31,76 @@ impl<T: Float + Send + Sync + std::fmt::Debug + 'static> CpuFloat for T {}
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
+/// Multiply-adds below which a product runs on one thread (a fork/join costs a few µs).
+const GEMM_SERIAL_FLOPS: usize = 1 << 18;
+/// Output blocks per rayon thread, so that a thread slowed by other load is balanced.
+const GEMM_BLOCKS_PER_THREAD: usize = 2;
+/// Block edges are a multiple of this, the widest gemm micro-kernel edge (AVX-512 f32).
+const GEMM_BLOCK_ALIGN: usize = 48;
+
+/// How many output blocks to cut an (m×k)·(k×n) product into for `threads` threads.
+fn split_parts(m: usize, n: usize, k: usize, threads: usize) -> usize {
+    if threads <= 1 || m * n * k < GEMM_SERIAL_FLOPS * threads {
+        return 1;
+    }
+    let max_parts = m.max(n) / GEMM_BLOCK_ALIGN;
+    (threads * GEMM_BLOCKS_PER_THREAD).min(max_parts).max(1)
+}
+
+/// Raw view of one checked product `out (·×n, row-major) (+)= op(a) · op(b)`, with
+/// (row stride, column stride) of op(a) and op(b), shareable across rayon tasks that
+/// write disjoint blocks of `out`.
+#[derive(Clone, Copy)]
+struct GemmView<F> {
+    n: usize,
+    k: usize,
+    out: *mut F,
+    a: *const F,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const F,
+    b_rs: isize,
+    b_cs: isize,
+    add: bool,
+}
+
+// SAFETY: the pointers come from slices borrowed for the whole parallel section, and
+// tasks only write disjoint blocks of `out`.
+unsafe impl<F: Send> Send for GemmView<F> {}
+unsafe impl<F: Sync> Sync for GemmView<F> {}
+
+impl<F: CpuFloat> GemmView<F> {
+    /// Computes rows `r0..r1`, columns `c0..c1` of `out` with a serial gemm.
+    ///
+    /// # Safety
+    /// The slices' lengths were checked against (m,k), (k,n), (m,n); `r0 ≤ r1 ≤ m`,
+    /// `c0 ≤ c1 ≤ n`; no other task writes this block; `F` is f32 or f64.
+    unsafe fn run(&self, r0: usize, r1: usize, c0: usize, c1: usize) {
+        let (ri, ci) = (r0 as isize, c0 as isize);
+        gemm::gemm::<F>(
+            r1 - r0,
+            c1 - c0,
+            self.k,
+            self.out.offset(ri * self.n as isize + ci),
+            1,
+            self.n as isize,
+            self.add,
+            self.a.offset(ri * self.a_rs),
+            self.a_cs,
+            self.a_rs,
+            self.b.offset(ci * self.b_cs),
+            self.b_cs,
+            self.b_rs,
+            F::one(),
+            F::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[inline]
 fn f<F: CpuFloat>(x: f64) -> F {
     F::from(x).expect("f64 constant representable in the backend float")
@@ -343,37 +413,41 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         let is_gemm_type =
             TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>();
         if is_gemm_type {
-            let threads = rayon::current_num_threads();
-            let par = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
+            let g = GemmView {
+                n,
+                k,
+                out: out.as_mut_ptr(),
+                a: a.as_ptr(),
+                a_rs,
+                a_cs,
+                b: b.as_ptr(),
+                b_rs,
+                b_cs,
+                add: acc == Accum::Add,
             };
-            // SAFETY: the lengths are checked above against (m,k), (k,n), (m,n), and the
-            // strides address exactly those row-major (or transposed) layouts; `F` is
-            // f32 or f64 (checked by TypeId), which gemm supports.
-            unsafe {
-                gemm::gemm::<F>(
-                    m,
-                    n,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    acc == Accum::Add,
-                    a.as_ptr(),
-                    a_cs,
-                    a_rs,
-                    b.as_ptr(),
-                    b_cs,
-                    b_rs,
-                    F::one(),
-                    F::one(),
-                    false,
-                    false,
-                    false,
-                    par,
-                );
+            // Split the output ourselves into independent blocks, one serial gemm each,
+            // instead of gemm's own threading: gemm synchronises its threads after every
+            // (k, n) panel and packs the right operand on one thread, so a second thread
+            // gave almost no speed-up on these shapes.  One fork/join per product, and
+            // each block's sums run in the same order for a given thread count.
+            let parts = split_parts(m, n, k, rayon::current_num_threads());
+            if parts <= 1 {
+                // SAFETY: see `GemmView::run`; the whole output is one block.
+                unsafe { g.run(0, m, 0, n) };
+            } else if m >= n {
+                let rows = m.div_ceil(parts).next_multiple_of(GEMM_BLOCK_ALIGN);
+                (0..m.div_ceil(rows)).into_par_iter().for_each(|p| {
+                    let r0 = p * rows;
+                    // SAFETY: blocks cover disjoint row ranges of `out`.
+                    unsafe { g.run(r0, (r0 + rows).min(m), 0, n) };
+                });
+            } else {
+                let cols = n.div_ceil(parts).next_multiple_of(GEMM_BLOCK_ALIGN);
+                (0..n.div_ceil(cols)).into_par_iter().for_each(|p| {
+                    let c0 = p * cols;
+                    // SAFETY: blocks cover disjoint column ranges of `out`.
+                    unsafe { g.run(0, m, c0, (c0 + cols).min(n)) };
+                });
             }
             return Ok(());
         }
