@@ -34,6 +34,7 @@
 //! attention_fwd_cpu(&s, &q, &k, &v, Some(&bias), None, &mut out, &mut lse).unwrap();
 //! assert!((out[0] - 5.0).abs() < 1e-5 && (lse[0] - 50.0).abs() < 1e-5);
 //! ```
+use super::fastmath::exp_f32;
 use crate::error::{Error, Result};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -430,40 +431,6 @@ fn exp_shift_sum<A: Acc>(x: &mut [A], g: Option<&[A]>, c: A) -> A {
         }
     }
     acc.iter().copied().sum()
-}
-
-/// `exp` for f32 without a libm call, so that the softmax loops vectorize: `2^n · e^r`
-/// with `r = x − n·ln2` in `[−ln2/2, ln2/2]` (ln2 split in two for an exact product)
-/// and a degree-6 Taylor polynomial for `e^r` (relative error about 2 ulp on that
-/// range).  The softmax only calls it with `x <= 0` (up to rounding); arguments above
-/// `MAX_ARG` saturate, below `MIN_ARG` (and −inf) give 0.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // Below this 2^n leaves the normal range of the f32 exponent.
-    const MIN_ARG: f32 = -87.3;
-    const MAX_ARG: f32 = 80.0;
-    // Adding 1.5·2^23 rounds to the nearest integer in the low mantissa bits, without
-    // the SSE4.1 `round` that the baseline x86-64 target lacks.
-    const ROUND_MAGIC: f32 = 12_582_912.0;
-    let xc = x.clamp(MIN_ARG, MAX_ARG);
-    let t = xc * LOG2E + ROUND_MAGIC;
-    let n = t - ROUND_MAGIC;
-    let ni = t.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((ni + 127) as u32) << 23);
-    let y = p * scale;
-    if x < MIN_ARG {
-        0.0
-    } else {
-        y
-    }
 }
 
 /// One row of the backward's `dS = P ∘ (dP − D)`, in place over `dP`, and `dγ += dS`.
