@@ -191,6 +191,28 @@ fn row_sum_exp<F: CpuFloat>(r: &[F], mx: F) -> F {
     acc.iter().fold(t, |a, &x| a + x)
 }
 
+/// The (cos, sin) tables of [`rope_cos_sin`] for positions `pos0..pos0 + t`, in `F`
+/// (empty without RoPE): what `heads_split` and its backward rotate by.
+fn rope_tables<F: CpuFloat>(
+    pos0: usize,
+    t: usize,
+    hs: usize,
+    theta: Option<f32>,
+) -> Vec<(Vec<F>, Vec<F>)> {
+    match theta {
+        Some(th) => (0..t)
+            .map(|ti| {
+                let (c, s) = rope_cos_sin(pos0 + ti, hs, th);
+                (
+                    c.into_iter().map(|v| f(v as f64)).collect(),
+                    s.into_iter().map(|v| f(v as f64)).collect(),
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
 /// HF LLaMA's inverse frequencies, computed in f32 as `transformers` does so that f32
 /// logits match it: inv_freq[i] = 1 / θ^(2i/HS).
 fn rope_cos_sin(pos: usize, hs: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
@@ -563,18 +585,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         check_heads("heads_split", hs, theta)?;
         check_len("heads_split", "x", x.len(), b * t * nh * hs)?;
         check_len("heads_split", "out", out.len(), b * t * nh * hs)?;
-        let tables: Vec<(Vec<F>, Vec<F>)> = match theta {
-            Some(th) => (0..t)
-                .map(|ti| {
-                    let (c, s) = rope_cos_sin(pos0 + ti, hs, th);
-                    (
-                        c.into_iter().map(|v| f(v as f64)).collect(),
-                        s.into_iter().map(|v| f(v as f64)).collect(),
-                    )
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let tables = rope_tables::<F>(pos0, t, hs, theta);
         // out row (bi, h, ti) ← x row (bi, ti, h)
         rows_mut(out, hs, |row, o| {
             let ti = row % t;
@@ -612,18 +623,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         check_heads("heads_split_bwd", hs, theta)?;
         check_len("heads_split_bwd", "dout", dout.len(), b * t * nh * hs)?;
         check_len("heads_split_bwd", "dx", dx.len(), b * t * nh * hs)?;
-        let tables: Vec<(Vec<F>, Vec<F>)> = match theta {
-            Some(th) => (0..t)
-                .map(|ti| {
-                    let (c, s) = rope_cos_sin(pos0 + ti, hs, th);
-                    (
-                        c.into_iter().map(|v| f(v as f64)).collect(),
-                        s.into_iter().map(|v| f(v as f64)).collect(),
-                    )
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let tables = rope_tables::<F>(pos0, t, hs, theta);
         // dx row (bi, ti, h) ← dout row (bi, h, ti)
         rows_mut(dx, hs, |row, d| {
             let h = row % nh;
