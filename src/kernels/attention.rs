@@ -35,7 +35,7 @@
 //! assert!((out[0] - 5.0).abs() < 1e-5 && (lse[0] - 50.0).abs() < 1e-5);
 //! ```
 use super::fastmath::exp_f32;
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -194,28 +194,36 @@ impl AttnShape {
             self.b * self.tk,
             self.b * self.nh * self.tq,
         );
-        check(op, "q (B,NH,Tq,HS)", q, ql)?;
-        check(op, "k (B,NKV,Tk,HS)", k, kvl)?;
-        check(op, "v (B,NKV,Tk,HS)", v, kvl)?;
+        check_len(op, "q (B,NH,Tq,HS)", q, ql)?;
+        check_len(op, "k (B,NKV,Tk,HS)", k, kvl)?;
+        check_len(op, "v (B,NKV,Tk,HS)", v, kvl)?;
         if let Some(n) = bias {
-            check(op, "bias (B,Tk)", n, bl)?;
+            check_len(op, "bias (B,Tk)", n, bl)?;
         }
         if let Some(n) = mask {
-            check(op, "key_mask (B,Tk)", n, bl)?;
+            check_len(op, "key_mask (B,Tk)", n, bl)?;
         }
-        check(op, "out (B,NH,Tq,HS)", out, ql)?;
-        check(op, "lse (B,NH,Tq)", lse, ll)
+        check_len(op, "out (B,NH,Tq,HS)", out, ql)?;
+        check_len(op, "lse (B,NH,Tq)", lse, ll)
     }
-}
 
-fn check(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
-    if got == want {
+    /// The backward's gradient sizes, given q, k, v lengths already checked by
+    /// [`AttnShape::check_fwd`]: dout and dq like q, dk like k, dv like v, dbias (B,Tk).
+    fn check_grads(
+        &self,
+        op: &'static str,
+        [q, k, v]: [usize; 3],
+        [dout, dq, dk, dv]: [usize; 4],
+        dbias: Option<usize>,
+    ) -> Result<()> {
+        check_len(op, "dout (B,NH,Tq,HS)", dout, q)?;
+        check_len(op, "dq (B,NH,Tq,HS)", dq, q)?;
+        check_len(op, "dk (B,NKV,Tk,HS)", dk, k)?;
+        check_len(op, "dv (B,NKV,Tk,HS)", dv, v)?;
+        if let Some(n) = dbias {
+            check_len(op, "dbias (B,Tk)", n, self.b * self.tk)?;
+        }
         Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            format!("{what} has {got} elements, expected {want}"),
-        ))
     }
 }
 
@@ -777,13 +785,12 @@ pub fn attention_bwd_cpu<F: Float + Send + Sync>(
         out.len(),
         lse.len(),
     )?;
-    check(OP, "dout (B,NH,Tq,HS)", dout.len(), q.len())?;
-    check(OP, "dq (B,NH,Tq,HS)", dq.len(), q.len())?;
-    check(OP, "dk (B,NKV,Tk,HS)", dk.len(), k.len())?;
-    check(OP, "dv (B,NKV,Tk,HS)", dv.len(), v.len())?;
-    if let Some(d) = &dbias {
-        check(OP, "dbias (B,Tk)", d.len(), s.b * s.tk)?;
-    }
+    s.check_grads(
+        OP,
+        [q.len(), k.len(), v.len()],
+        [dout.len(), dq.len(), dk.len(), dv.len()],
+        dbias.as_ref().map(|d| d.len()),
+    )?;
     let io = BwdIo {
         q,
         k,
@@ -1061,24 +1068,13 @@ pub fn attention_decode_cpu(
     out: &mut [f32],
 ) -> Result<()> {
     const OP: &str = "attention_decode_cpu";
-    check_decode(OP, s_b, nh, nkv, tmax, len, hs, scale)?;
-    check(OP, "q (B,NH,HS)", q.len(), s_b * nh * hs)?;
-    check(
+    check_decode(
         OP,
-        "k_cache (B,NKV,Tmax,HS)",
-        k_cache.len(),
-        s_b * nkv * tmax * hs,
+        [s_b, nh, nkv, tmax, len, hs],
+        scale,
+        [q.len(), k_cache.len(), v_cache.len(), out.len()],
+        bias.map(|g| g.len()),
     )?;
-    check(
-        OP,
-        "v_cache (B,NKV,Tmax,HS)",
-        v_cache.len(),
-        s_b * nkv * tmax * hs,
-    )?;
-    if let Some(g) = bias {
-        check(OP, "bias (B,Tmax)", g.len(), s_b * tmax)?;
-    }
-    check(OP, "out (B,NH,HS)", out.len(), s_b * nh * hs)?;
     if out.is_empty() {
         return Ok(());
     }
@@ -1107,16 +1103,14 @@ pub fn attention_decode_cpu(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Shape, scale, `len` and buffer sizes of a decode step: q (B,NH,HS),
+/// k_cache and v_cache (B,NKV,Tmax,HS), out (B,NH,HS), bias (B,Tmax).
 fn check_decode(
     op: &'static str,
-    b: usize,
-    nh: usize,
-    nkv: usize,
-    tmax: usize,
-    len: usize,
-    hs: usize,
+    [b, nh, nkv, tmax, len, hs]: [usize; 6],
     scale: f32,
+    [q, k_cache, v_cache, out]: [usize; 4],
+    bias: Option<usize>,
 ) -> Result<()> {
     let s = AttnShape {
         b,
@@ -1135,6 +1129,13 @@ fn check_decode(
             format!("len = {len} valid cache positions exceed Tmax = {tmax}"),
         ));
     }
+    check_len(op, "q (B,NH,HS)", q, b * nh * hs)?;
+    check_len(op, "k_cache (B,NKV,Tmax,HS)", k_cache, b * nkv * tmax * hs)?;
+    check_len(op, "v_cache (B,NKV,Tmax,HS)", v_cache, b * nkv * tmax * hs)?;
+    if let Some(n) = bias {
+        check_len(op, "bias (B,Tmax)", n, b * tmax)?;
+    }
+    check_len(op, "out (B,NH,HS)", out, b * nh * hs)?;
     Ok(())
 }
 
@@ -1340,13 +1341,12 @@ pub fn attention_bwd(
         out.len(),
         lse.len(),
     )?;
-    check(OP, "dout (B,NH,Tq,HS)", dout.len(), q.len())?;
-    check(OP, "dq (B,NH,Tq,HS)", dq.len(), q.len())?;
-    check(OP, "dk (B,NKV,Tk,HS)", dk.len(), k.len())?;
-    check(OP, "dv (B,NKV,Tk,HS)", dv.len(), v.len())?;
-    if let Some(d) = &dbias {
-        check(OP, "dbias (B,Tk)", d.len(), s.b * s.tk)?;
-    }
+    s.check_grads(
+        OP,
+        [q.len(), k.len(), v.len()],
+        [dout.len(), dq.len(), dk.len(), dv.len()],
+        dbias.as_ref().map(|d| d.len()),
+    )?;
     let rows = s.b * s.nh * s.tq;
     if rows == 0 {
         // No query row: zero kv-side gradients (dq is empty).
@@ -1430,24 +1430,13 @@ pub fn attention_decode(
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
     const OP: &str = "attention_decode";
-    check_decode(OP, s_b, nh, nkv, tmax, len, hs, scale)?;
-    check(OP, "q (B,NH,HS)", q.len(), s_b * nh * hs)?;
-    check(
+    check_decode(
         OP,
-        "k_cache (B,NKV,Tmax,HS)",
-        k_cache.len(),
-        s_b * nkv * tmax * hs,
+        [s_b, nh, nkv, tmax, len, hs],
+        scale,
+        [q.len(), k_cache.len(), v_cache.len(), out.len()],
+        bias.map(|g| g.len()),
     )?;
-    check(
-        OP,
-        "v_cache (B,NKV,Tmax,HS)",
-        v_cache.len(),
-        s_b * nkv * tmax * hs,
-    )?;
-    if let Some(g) = bias {
-        check(OP, "bias (B,Tmax)", g.len(), s_b * tmax)?;
-    }
-    check(OP, "out (B,NH,HS)", out.len(), s_b * nh * hs)?;
     if out.is_empty() {
         return Ok(());
     }
