@@ -2,21 +2,15 @@
 //! beside a memory-copy baseline measured in the same run.
 //! Bytes counted: fwd reads the logits (R·V·4); bwd reads logits and writes dlogits
 //! (2·R·V·4); the copy counts read + write.
+mod common;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use popen::kernels::logprob::*;
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;
 use std::hint::black_box;
-use std::time::Duration;
 
 fn bench(c: &mut Criterion) {
-    let bytes = 32usize << 20;
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let mut g = c.benchmark_group("cpu_memcpy_32MB");
-    g.throughput(Throughput::Bytes(2 * bytes as u64));
-    g.bench_function("copy", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
-    g.finish();
+    common::memcpy_baseline(c, 32 << 20);
 
     // B = 4 sequences of T = 64 over a LLaMA vocabulary of 32000
     let (b, t, v) = (4usize, 64usize, 32000usize);
@@ -106,7 +100,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    config = common::quick();
     targets = bench
 }
 criterion_main!(benches);

@@ -2,12 +2,12 @@
 //! memory-copy baseline measured in the same run.
 //! Bytes counted: the mask bytes each op must read (u8 masks; f32 probabilities +
 //! u8 targets for soft IoU); the copy counts read + write.
+mod common;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use popen::kernels::mask::*;
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;
 use std::hint::black_box;
-use std::time::Duration;
 
 const H: usize = 480;
 const W: usize = 640;
@@ -33,17 +33,8 @@ fn blobs(n: usize, seed: u64) -> Vec<u8> {
     m
 }
 
-fn memcpy_baseline(c: &mut Criterion, bytes: usize) {
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let mut g = c.benchmark_group(format!("cpu_memcpy_{}MB", bytes >> 20));
-    g.throughput(Throughput::Bytes(2 * bytes as u64));
-    g.bench_function("copy", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
-    g.finish();
-}
-
 fn bench(c: &mut Criterion) {
-    memcpy_baseline(c, 32 << 20);
+    common::memcpy_baseline(c, 32 << 20);
     let hw = H * W;
     // one pair (eval-masks): read 2·HW bytes
     let (p1, g1) = (blobs(1, 1), blobs(1, 2));
@@ -150,7 +141,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    config = common::quick();
     targets = bench
 }
 criterion_main!(benches);

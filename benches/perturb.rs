@@ -1,21 +1,15 @@
 //! Noise perturbation on the CPU (and one small emulator run) with throughput beside a
 //! memory-copy baseline measured in the same run.
 //! Bytes counted: each copy reads the image and writes the copy (2·E·4 per copy).
+mod common;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use popen::kernels::perturb::*;
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;
 use std::hint::black_box;
-use std::time::Duration;
 
 fn bench(c: &mut Criterion) {
-    let bytes = 32usize << 20;
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let mut g = c.benchmark_group("cpu_memcpy_32MB");
-    g.throughput(Throughput::Bytes(2 * bytes as u64));
-    g.bench_function("copy", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
-    g.finish();
+    common::memcpy_baseline(c, 32 << 20);
 
     // Np = 30 copies (the paper's) of one 3 × 336 × 336 image (LLaVA-1.5's CLIP input);
     // rectangles of 1/8 to 1/2 of each side
@@ -92,7 +86,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    config = common::quick();
     targets = bench
 }
 criterion_main!(benches);

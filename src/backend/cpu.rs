@@ -172,41 +172,8 @@ fn exp<F: CpuFloat>(x: F) -> F {
     }
 }
 
-/// e^x = 2^n · e^r with n = round(x·log₂e) and r = x − n·ln2 (Cody–Waite: ln2 split in
-/// a short high part and a low part, so r keeps its precision for large |x|), |r| ≤ ½ln2,
-/// and e^r by its degree-7 Taylor polynomial (truncation < 1e-8 relative, below f32
-/// rounding).  Inputs are clamped to the normal range: below −87.3 the result is
-/// ≈ 1e-38 instead of 0 (harmless wherever it is added to 1 or summed); NaN stays NaN.
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    /// 1.5·2²³: adding and subtracting it rounds an f32 to the nearest integer
-    /// without a rounding instruction (SSE2 has none).
-    const ROUND_MAGIC: f32 = 12_582_912.0;
-    /// ln2 = LN2_HI + LN2_LO; LN2_HI has 9 significant bits, so n·LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.3, 88.3);
-    // the magic sum's low mantissa bits hold n itself: 2^n is built from them with
-    // integer ops, avoiding a float→int conversion (which blocks vectorization)
-    let shifted = x * std::f32::consts::LOG2_E + ROUND_MAGIC;
-    let n = shifted - ROUND_MAGIC;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    // Horner form of Σ r^k / k!, k ≤ 7
-    let p = 1.0 / 5040.0;
-    let p = p * r + 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
-    let biased = shifted
-        .to_bits()
-        .wrapping_sub(ROUND_MAGIC.to_bits())
-        .wrapping_add(127);
-    let scale = f32::from_bits(biased << 23);
-    p * scale
-}
+/// The crate's one fast f32 `exp` (see [`crate::kernels::fastmath`]).
+pub use crate::kernels::fastmath::exp_f32;
 
 fn act_value<F: CpuFloat>(act: Act, x: F) -> F {
     let half: F = f(0.5);
@@ -292,6 +259,28 @@ fn row_sum_exp<F: CpuFloat>(r: &[F], mx: F) -> F {
     }
     let t = tail.iter().fold(F::zero(), |a, &x| a + exp(x - mx));
     acc.iter().fold(t, |a, &x| a + x)
+}
+
+/// The (cos, sin) tables of [`rope_cos_sin`] for positions `pos0..pos0 + t`, in `F`
+/// (empty without RoPE): what `heads_split` and its backward rotate by.
+fn rope_tables<F: CpuFloat>(
+    pos0: usize,
+    t: usize,
+    hs: usize,
+    theta: Option<f32>,
+) -> Vec<(Vec<F>, Vec<F>)> {
+    match theta {
+        Some(th) => (0..t)
+            .map(|ti| {
+                let (c, s) = rope_cos_sin(pos0 + ti, hs, th);
+                (
+                    c.into_iter().map(|v| f(v as f64)).collect(),
+                    s.into_iter().map(|v| f(v as f64)).collect(),
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    }
 }
 
 /// HF LLaMA's inverse frequencies, computed in f32 as `transformers` does so that f32
@@ -670,18 +659,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         check_heads("heads_split", hs, theta)?;
         check_len("heads_split", "x", x.len(), b * t * nh * hs)?;
         check_len("heads_split", "out", out.len(), b * t * nh * hs)?;
-        let tables: Vec<(Vec<F>, Vec<F>)> = match theta {
-            Some(th) => (0..t)
-                .map(|ti| {
-                    let (c, s) = rope_cos_sin(pos0 + ti, hs, th);
-                    (
-                        c.into_iter().map(|v| f(v as f64)).collect(),
-                        s.into_iter().map(|v| f(v as f64)).collect(),
-                    )
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let tables = rope_tables::<F>(pos0, t, hs, theta);
         // out row (bi, h, ti) ← x row (bi, ti, h)
         rows_mut(out, hs, |row, o| {
             let ti = row % t;
@@ -719,18 +697,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         check_heads("heads_split_bwd", hs, theta)?;
         check_len("heads_split_bwd", "dout", dout.len(), b * t * nh * hs)?;
         check_len("heads_split_bwd", "dx", dx.len(), b * t * nh * hs)?;
-        let tables: Vec<(Vec<F>, Vec<F>)> = match theta {
-            Some(th) => (0..t)
-                .map(|ti| {
-                    let (c, s) = rope_cos_sin(pos0 + ti, hs, th);
-                    (
-                        c.into_iter().map(|v| f(v as f64)).collect(),
-                        s.into_iter().map(|v| f(v as f64)).collect(),
-                    )
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let tables = rope_tables::<F>(pos0, t, hs, theta);
         // dx row (bi, ti, h) ← dout row (bi, h, ti)
         rows_mut(dx, hs, |row, d| {
             let h = row % nh;

@@ -34,7 +34,8 @@
 //! attention_fwd_cpu(&s, &q, &k, &v, Some(&bias), None, &mut out, &mut lse).unwrap();
 //! assert!((out[0] - 5.0).abs() < 1e-5 && (lse[0] - 50.0).abs() < 1e-5);
 //! ```
-use crate::error::{Error, Result};
+use super::fastmath::exp_f32;
+use crate::error::{check_len, Error, Result};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -193,28 +194,36 @@ impl AttnShape {
             self.b * self.tk,
             self.b * self.nh * self.tq,
         );
-        check(op, "q (B,NH,Tq,HS)", q, ql)?;
-        check(op, "k (B,NKV,Tk,HS)", k, kvl)?;
-        check(op, "v (B,NKV,Tk,HS)", v, kvl)?;
+        check_len(op, "q (B,NH,Tq,HS)", q, ql)?;
+        check_len(op, "k (B,NKV,Tk,HS)", k, kvl)?;
+        check_len(op, "v (B,NKV,Tk,HS)", v, kvl)?;
         if let Some(n) = bias {
-            check(op, "bias (B,Tk)", n, bl)?;
+            check_len(op, "bias (B,Tk)", n, bl)?;
         }
         if let Some(n) = mask {
-            check(op, "key_mask (B,Tk)", n, bl)?;
+            check_len(op, "key_mask (B,Tk)", n, bl)?;
         }
-        check(op, "out (B,NH,Tq,HS)", out, ql)?;
-        check(op, "lse (B,NH,Tq)", lse, ll)
+        check_len(op, "out (B,NH,Tq,HS)", out, ql)?;
+        check_len(op, "lse (B,NH,Tq)", lse, ll)
     }
-}
 
-fn check(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
-    if got == want {
+    /// The backward's gradient sizes, given q, k, v lengths already checked by
+    /// [`AttnShape::check_fwd`]: dout and dq like q, dk like k, dv like v, dbias (B,Tk).
+    fn check_grads(
+        &self,
+        op: &'static str,
+        [q, k, v]: [usize; 3],
+        [dout, dq, dk, dv]: [usize; 4],
+        dbias: Option<usize>,
+    ) -> Result<()> {
+        check_len(op, "dout (B,NH,Tq,HS)", dout, q)?;
+        check_len(op, "dq (B,NH,Tq,HS)", dq, q)?;
+        check_len(op, "dk (B,NKV,Tk,HS)", dk, k)?;
+        check_len(op, "dv (B,NKV,Tk,HS)", dv, v)?;
+        if let Some(n) = dbias {
+            check_len(op, "dbias (B,Tk)", n, self.b * self.tk)?;
+        }
         Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            format!("{what} has {got} elements, expected {want}"),
-        ))
     }
 }
 
@@ -430,40 +439,6 @@ fn exp_shift_sum<A: Acc>(x: &mut [A], g: Option<&[A]>, c: A) -> A {
         }
     }
     acc.iter().copied().sum()
-}
-
-/// `exp` for f32 without a libm call, so that the softmax loops vectorize: `2^n · e^r`
-/// with `r = x − n·ln2` in `[−ln2/2, ln2/2]` (ln2 split in two for an exact product)
-/// and a degree-6 Taylor polynomial for `e^r` (relative error about 2 ulp on that
-/// range).  The softmax only calls it with `x <= 0` (up to rounding); arguments above
-/// `MAX_ARG` saturate, below `MIN_ARG` (and −inf) give 0.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // Below this 2^n leaves the normal range of the f32 exponent.
-    const MIN_ARG: f32 = -87.3;
-    const MAX_ARG: f32 = 80.0;
-    // Adding 1.5·2^23 rounds to the nearest integer in the low mantissa bits, without
-    // the SSE4.1 `round` that the baseline x86-64 target lacks.
-    const ROUND_MAGIC: f32 = 12_582_912.0;
-    let xc = x.clamp(MIN_ARG, MAX_ARG);
-    let t = xc * LOG2E + ROUND_MAGIC;
-    let n = t - ROUND_MAGIC;
-    let ni = t.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((ni + 127) as u32) << 23);
-    let y = p * scale;
-    if x < MIN_ARG {
-        0.0
-    } else {
-        y
-    }
 }
 
 /// One row of the backward's `dS = P ∘ (dP − D)`, in place over `dP`, and `dγ += dS`.
@@ -810,13 +785,12 @@ pub fn attention_bwd_cpu<F: Float + Send + Sync>(
         out.len(),
         lse.len(),
     )?;
-    check(OP, "dout (B,NH,Tq,HS)", dout.len(), q.len())?;
-    check(OP, "dq (B,NH,Tq,HS)", dq.len(), q.len())?;
-    check(OP, "dk (B,NKV,Tk,HS)", dk.len(), k.len())?;
-    check(OP, "dv (B,NKV,Tk,HS)", dv.len(), v.len())?;
-    if let Some(d) = &dbias {
-        check(OP, "dbias (B,Tk)", d.len(), s.b * s.tk)?;
-    }
+    s.check_grads(
+        OP,
+        [q.len(), k.len(), v.len()],
+        [dout.len(), dq.len(), dk.len(), dv.len()],
+        dbias.as_ref().map(|d| d.len()),
+    )?;
     let io = BwdIo {
         q,
         k,
@@ -1094,24 +1068,13 @@ pub fn attention_decode_cpu(
     out: &mut [f32],
 ) -> Result<()> {
     const OP: &str = "attention_decode_cpu";
-    check_decode(OP, s_b, nh, nkv, tmax, len, hs, scale)?;
-    check(OP, "q (B,NH,HS)", q.len(), s_b * nh * hs)?;
-    check(
+    check_decode(
         OP,
-        "k_cache (B,NKV,Tmax,HS)",
-        k_cache.len(),
-        s_b * nkv * tmax * hs,
+        [s_b, nh, nkv, tmax, len, hs],
+        scale,
+        [q.len(), k_cache.len(), v_cache.len(), out.len()],
+        bias.map(|g| g.len()),
     )?;
-    check(
-        OP,
-        "v_cache (B,NKV,Tmax,HS)",
-        v_cache.len(),
-        s_b * nkv * tmax * hs,
-    )?;
-    if let Some(g) = bias {
-        check(OP, "bias (B,Tmax)", g.len(), s_b * tmax)?;
-    }
-    check(OP, "out (B,NH,HS)", out.len(), s_b * nh * hs)?;
     if out.is_empty() {
         return Ok(());
     }
@@ -1140,16 +1103,14 @@ pub fn attention_decode_cpu(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Shape, scale, `len` and buffer sizes of a decode step: q (B,NH,HS),
+/// k_cache and v_cache (B,NKV,Tmax,HS), out (B,NH,HS), bias (B,Tmax).
 fn check_decode(
     op: &'static str,
-    b: usize,
-    nh: usize,
-    nkv: usize,
-    tmax: usize,
-    len: usize,
-    hs: usize,
+    [b, nh, nkv, tmax, len, hs]: [usize; 6],
     scale: f32,
+    [q, k_cache, v_cache, out]: [usize; 4],
+    bias: Option<usize>,
 ) -> Result<()> {
     let s = AttnShape {
         b,
@@ -1168,6 +1129,13 @@ fn check_decode(
             format!("len = {len} valid cache positions exceed Tmax = {tmax}"),
         ));
     }
+    check_len(op, "q (B,NH,HS)", q, b * nh * hs)?;
+    check_len(op, "k_cache (B,NKV,Tmax,HS)", k_cache, b * nkv * tmax * hs)?;
+    check_len(op, "v_cache (B,NKV,Tmax,HS)", v_cache, b * nkv * tmax * hs)?;
+    if let Some(n) = bias {
+        check_len(op, "bias (B,Tmax)", n, b * tmax)?;
+    }
+    check_len(op, "out (B,NH,HS)", out, b * nh * hs)?;
     Ok(())
 }
 
@@ -1373,13 +1341,12 @@ pub fn attention_bwd(
         out.len(),
         lse.len(),
     )?;
-    check(OP, "dout (B,NH,Tq,HS)", dout.len(), q.len())?;
-    check(OP, "dq (B,NH,Tq,HS)", dq.len(), q.len())?;
-    check(OP, "dk (B,NKV,Tk,HS)", dk.len(), k.len())?;
-    check(OP, "dv (B,NKV,Tk,HS)", dv.len(), v.len())?;
-    if let Some(d) = &dbias {
-        check(OP, "dbias (B,Tk)", d.len(), s.b * s.tk)?;
-    }
+    s.check_grads(
+        OP,
+        [q.len(), k.len(), v.len()],
+        [dout.len(), dq.len(), dk.len(), dv.len()],
+        dbias.as_ref().map(|d| d.len()),
+    )?;
     let rows = s.b * s.nh * s.tq;
     if rows == 0 {
         // No query row: zero kv-side gradients (dq is empty).
@@ -1463,24 +1430,13 @@ pub fn attention_decode(
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
     const OP: &str = "attention_decode";
-    check_decode(OP, s_b, nh, nkv, tmax, len, hs, scale)?;
-    check(OP, "q (B,NH,HS)", q.len(), s_b * nh * hs)?;
-    check(
+    check_decode(
         OP,
-        "k_cache (B,NKV,Tmax,HS)",
-        k_cache.len(),
-        s_b * nkv * tmax * hs,
+        [s_b, nh, nkv, tmax, len, hs],
+        scale,
+        [q.len(), k_cache.len(), v_cache.len(), out.len()],
+        bias.map(|g| g.len()),
     )?;
-    check(
-        OP,
-        "v_cache (B,NKV,Tmax,HS)",
-        v_cache.len(),
-        s_b * nkv * tmax * hs,
-    )?;
-    if let Some(g) = bias {
-        check(OP, "bias (B,Tmax)", g.len(), s_b * tmax)?;
-    }
-    check(OP, "out (B,NH,HS)", out.len(), s_b * nh * hs)?;
     if out.is_empty() {
         return Ok(());
     }

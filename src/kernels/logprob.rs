@@ -57,37 +57,10 @@ impl RowOps for f64 {
     }
 }
 
-/// ln 2 split in two so `x − n·ln2` stays exact for |n| ≤ 128 (Cody–Waite).
-const LN2_HI: f32 = 0.693_145_75;
-const LN2_LO: f32 = 1.428_606_8e-6;
-/// 1.5·2^23: adding it rounds an f32 of magnitude < 2^22 to an integer, which then
-/// sits in the low mantissa bits.
-const ROUND_MAGIC: f32 = 12_582_912.0;
-/// Below this `exp` is treated as 2^-126·(tiny): clamping keeps the exponent field
-/// valid; the lost mass is < 1e-37 relative to a softmax sum ≥ 1.
-const EXP_MIN_ARG: f32 = -87.0;
-
-/// `exp(x)` for `x ≤ 0` (shifted logits), relative error ≈ 2e-7, branch-free so loops
-/// over it vectorize.
-#[inline(always)]
-fn exp_neg_f32(x: f32) -> f32 {
-    let x = x.max(EXP_MIN_ARG);
-    let t = x * std::f32::consts::LOG2_E + ROUND_MAGIC;
-    let n = t - ROUND_MAGIC;
-    let ni = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32;
-    let r = (x - n * LN2_HI) - n * LN2_LO; // |r| ≤ ln2/2
-                                           // Taylor to degree 6 on |r| ≤ 0.347: truncation r^7/7! < 1.3e-7
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((ni + 127) as u32) << 23)
-}
-
 /// The f32 row loops, written once and compiled twice: portable (SSE2 on x86-64) and,
 /// on x86-64 CPUs that have it, AVX2 (twice the lanes), picked at run time.
 mod f32_rows {
-    use super::exp_neg_f32;
+    use crate::kernels::fastmath::exp_f32;
 
     #[inline(always)]
     pub(super) fn row_max(x: &[f32]) -> f32 {
@@ -116,12 +89,12 @@ mod f32_rows {
         let tail = chunks.remainder();
         for c in chunks {
             for j in 0..8 {
-                acc[j] += exp_neg_f32(c[j] - m);
+                acc[j] += exp_f32(c[j] - m);
             }
         }
         let mut s = acc.iter().sum::<f32>();
         for &v in tail {
-            s += exp_neg_f32(v - m);
+            s += exp_f32(v - m);
         }
         s
     }
@@ -129,7 +102,7 @@ mod f32_rows {
     #[inline(always)]
     pub(super) fn softmax_grad(x: &[f32], l: f32, c: f32, out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = -c * exp_neg_f32(v - l);
+            *o = -c * exp_f32(v - l);
         }
     }
 

@@ -7,6 +7,7 @@
 //! `cargo test` checks every kernel on every machine.
 pub mod attention;
 pub mod device;
+pub mod fastmath;
 pub mod logprob;
 pub mod mask;
 pub mod perturb;

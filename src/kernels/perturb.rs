@@ -281,28 +281,14 @@ pub fn philox_fill(
     ctr_hi: [u32; 3],
     key: [u32; 2],
 ) -> Result<()> {
-    if !out.len().is_multiple_of(4) || out.len() / 4 > i32::MAX as usize {
-        return Err(Error::shape(
-            "philox_fill",
-            format!("out has {} elements, need a multiple of 4", out.len()),
-        ));
-    }
-    let n = out.len() / 4;
-    if n == 0 {
-        return Ok(());
-    }
-    dev.launch(
+    philox_launch(
+        dev,
+        "philox_fill",
         "philox_fill_u32",
-        LaunchCfg::linear(n, BLOCK),
-        &[
-            out.arg_mut(),
-            KArg::I32(n as i32),
-            KArg::U32(ctr_hi[0]),
-            KArg::U32(ctr_hi[1]),
-            KArg::U32(ctr_hi[2]),
-            KArg::U32(key[0]),
-            KArg::U32(key[1]),
-        ],
+        out.len(),
+        out.arg_mut(),
+        ctr_hi,
+        key,
     )
 }
 
@@ -313,21 +299,43 @@ pub fn philox_normal(
     ctr_hi: [u32; 3],
     key: [u32; 2],
 ) -> Result<()> {
-    if !out.len().is_multiple_of(4) || out.len() / 4 > i32::MAX as usize {
+    philox_launch(
+        dev,
+        "philox_normal",
+        "philox_normal_f32",
+        out.len(),
+        out.arg_mut(),
+        ctr_hi,
+        key,
+    )
+}
+
+/// The launch both Philox stream kernels share: one thread per 4 outputs of `out`
+/// (`len` elements, a multiple of 4), counter `(i, ctr_hi)` under `key`.
+fn philox_launch(
+    dev: &Device,
+    op: &'static str,
+    kernel: &str,
+    len: usize,
+    out: KArg,
+    ctr_hi: [u32; 3],
+    key: [u32; 2],
+) -> Result<()> {
+    if !len.is_multiple_of(4) || len / 4 > i32::MAX as usize {
         return Err(Error::shape(
-            "philox_normal",
-            format!("out has {} elements, need a multiple of 4", out.len()),
+            op,
+            format!("out has {len} elements, need a multiple of 4"),
         ));
     }
-    let n = out.len() / 4;
+    let n = len / 4;
     if n == 0 {
         return Ok(());
     }
     dev.launch(
-        "philox_normal_f32",
+        kernel,
         LaunchCfg::linear(n, BLOCK),
         &[
-            out.arg_mut(),
+            out,
             KArg::I32(n as i32),
             KArg::U32(ctr_hi[0]),
             KArg::U32(ctr_hi[1]),
