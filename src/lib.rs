@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod data;
 pub mod error;
+pub mod fsio;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
