@@ -4,7 +4,7 @@
 //! gradients.
 //!
 //! Sizes: N rows, C channels, V vocabulary, B batch, T tokens, NH heads, HS head size.
-use super::{Accum, Act, AdamWStep, AttnShape, Backend, MatmulSpec};
+use super::{image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MatmulSpec};
 use crate::error::{check_len, Error, Result};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -186,6 +186,7 @@ fn act_value<F: CpuFloat>(act: Act, x: F) -> F {
         }
         Act::Silu => x * sigmoid(x),
         Act::Relu => x.max(F::zero()),
+        Act::Sigmoid => sigmoid(x),
     }
 }
 
@@ -225,6 +226,8 @@ fn act_deriv<F: CpuFloat>(act: Act, x: F) -> F {
                 F::zero()
             }
         }
+        // d/dx σ(x) = σ(x)(1 − σ(x))
+        Act::Sigmoid => sigmoid(x) * (F::one() - sigmoid(x)),
     }
 }
 
@@ -1100,5 +1103,48 @@ impl<F: CpuFloat> Backend<F> for Cpu {
                 *p = *p - lr * (mhat / (vhat.sqrt() + eps) + wd * *p);
             });
         Ok(())
+    }
+
+    fn im2col(&self, x: &Vec<F>, g: &Conv2dGeom, out: &mut Vec<F>) -> Result<()> {
+        image::im2col(x, g, out)
+    }
+    fn im2col_bwd(&self, dout: &Vec<F>, g: &Conv2dGeom, dx: &mut Vec<F>) -> Result<()> {
+        image::im2col_bwd(dout, g, dx)
+    }
+    #[rustfmt::skip]
+    fn depth_to_space(&self, x: &Vec<F>, b: usize, h: usize, w: usize, c: usize, r: usize, out: &mut Vec<F>) -> Result<()> {
+        image::depth_to_space(x, b, h, w, c, r, out)
+    }
+    #[rustfmt::skip]
+    fn depth_to_space_bwd(&self, dout: &Vec<F>, b: usize, h: usize, w: usize, c: usize, r: usize, dx: &mut Vec<F>) -> Result<()> {
+        image::depth_to_space_bwd(dout, b, h, w, c, r, dx)
+    }
+    #[rustfmt::skip]
+    fn resize_bilinear(&self, x: &Vec<F>, b: usize, h: usize, w: usize, c: usize, ho: usize, wo: usize, out: &mut Vec<F>) -> Result<()> {
+        image::resize_bilinear(x, b, h, w, c, ho, wo, out)
+    }
+    #[rustfmt::skip]
+    fn resize_bilinear_bwd(&self, dout: &Vec<F>, b: usize, h: usize, w: usize, c: usize, ho: usize, wo: usize, dx: &mut Vec<F>) -> Result<()> {
+        image::resize_bilinear_bwd(dout, b, h, w, c, ho, wo, dx)
+    }
+    fn mul_rows(&self, x: &Vec<F>, g: &Vec<F>, c: usize, out: &mut Vec<F>) -> Result<()> {
+        image::mul_rows(x, g, c, out)
+    }
+    #[rustfmt::skip]
+    fn mul_rows_bwd(&self, x: &Vec<F>, g: &Vec<F>, dout: &Vec<F>, c: usize, dx: &mut Vec<F>, dg: &mut Vec<F>) -> Result<()> {
+        image::mul_rows_bwd(x, g, dout, c, dx, dg)
+    }
+    fn mask_loss_fwd(
+        &self,
+        logits: &Vec<F>,
+        target: &Vec<F>,
+        m: usize,
+        p: usize,
+    ) -> Result<Vec<(F, F)>> {
+        image::mask_loss_fwd(logits, target, m, p)
+    }
+    #[rustfmt::skip]
+    fn mask_loss_bwd(&self, logits: &Vec<F>, target: &Vec<F>, m: usize, p: usize, w_bce: F, w_dice: F, dlogits: &mut Vec<F>) -> Result<()> {
+        image::mask_loss_bwd(logits, target, m, p, w_bce, w_dice, dlogits)
     }
 }

@@ -17,10 +17,11 @@
 //!
 //! Sizes: B batch, T tokens, C channels, N rows (= B·T), V vocabulary, NH query heads,
 //! NKV key/value heads, HS head size.
-use crate::error::Result;
+use crate::error::{Error, Result};
 use num_traits::Float;
 
 pub mod cpu;
+pub mod image;
 pub use cpu::Cpu;
 
 /// Whether an op overwrites its output or adds into it.
@@ -55,6 +56,45 @@ pub enum Act {
     Silu,
     /// `max(x, 0)`.
     Relu,
+    /// `σ(x) = 1/(1 + e^{−x})` (the pixel decoder's mask gate).
+    Sigmoid,
+}
+
+/// Geometry of one stride-1 convolution on channels-last maps: input (B,H,W,C), square
+/// kernel K, zero padding `pad` on every side.  Its im2col matrix is (B,Ho,Wo,K·K·C)
+/// with Ho = H + 2·pad − K + 1 (and Wo alike), each row ordered (ky, kx, c).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dGeom {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub k: usize,
+    pub pad: usize,
+}
+
+impl Conv2dGeom {
+    /// (Ho, Wo); an error when the kernel is empty or larger than the padded input.
+    pub fn out_hw(&self) -> Result<(usize, usize)> {
+        let (ph, pw) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
+        if self.k == 0 || self.k > ph || self.k > pw {
+            return Err(Error::arg(
+                "Conv2dGeom",
+                format!(
+                    "kernel {k}x{k} does not fit the {h}x{w} input padded by {p} (= {ph}x{pw})",
+                    k = self.k,
+                    h = self.h,
+                    w = self.w,
+                    p = self.pad
+                ),
+            ));
+        }
+        Ok((ph - self.k + 1, pw - self.k + 1))
+    }
+    /// Width of one im2col row, K·K·C.
+    pub fn col_width(&self) -> usize {
+        self.k * self.k * self.c
+    }
 }
 
 /// Shape of one attention call: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), out
@@ -355,5 +395,103 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         grad: &Self::Buf,
         m: &mut Self::Buf,
         v: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- image ops (channels-last maps (B,H,W,C); CPU bodies in [`image`]) ----
+    /// x (B,H,W,C) → out (B,Ho,Wo,K·K·C), rows ordered (ky, kx, c), zero padding; see
+    /// [`Conv2dGeom`].  A stride-1 conv is then a matmul with a weight (OC, K·K·C).
+    fn im2col(&self, x: &Self::Buf, g: &Conv2dGeom, out: &mut Self::Buf) -> Result<()>;
+    /// dout (B,Ho,Wo,K·K·C) → dx (B,H,W,C), overwritten.
+    fn im2col_bwd(&self, dout: &Self::Buf, g: &Conv2dGeom, dx: &mut Self::Buf) -> Result<()>;
+    /// x (B,H,W,r·r·C) → out (B,r·H,r·W,C), input channels ordered (dy, dx, c): out pixel
+    /// (y·r+dy, x·r+dx) takes channels (dy, dx, ·) of pixel (y, x).  After a
+    /// Linear(C → r·r·C') it is a transposed conv with kernel r, stride r.
+    #[allow(clippy::too_many_arguments)]
+    fn depth_to_space(
+        &self,
+        x: &Self::Buf,
+        b: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        r: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dout (B,r·H,r·W,C) → dx (B,H,W,r·r·C), overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn depth_to_space_bwd(
+        &self,
+        dout: &Self::Buf,
+        b: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        r: usize,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// x (B,H,W,C) → out (B,Ho,Wo,C), PyTorch `F.interpolate(size=(Ho,Wo),
+    /// mode="bilinear", align_corners=False)`: source coordinate (dst + ½)·in/out − ½,
+    /// clamped at 0, neighbours clamped at the last pixel.
+    #[allow(clippy::too_many_arguments)]
+    fn resize_bilinear(
+        &self,
+        x: &Self::Buf,
+        b: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        ho: usize,
+        wo: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dout (B,Ho,Wo,C) → dx (B,H,W,C), overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn resize_bilinear_bwd(
+        &self,
+        dout: &Self::Buf,
+        b: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        ho: usize,
+        wo: usize,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// out (N,C) = x (N,C) · g (N), each row scaled by its own factor.
+    fn mul_rows(&self, x: &Self::Buf, g: &Self::Buf, c: usize, out: &mut Self::Buf) -> Result<()>;
+    /// dx (N,C) = dout·g, dg (N) = Σ_i dout[n,i]·x[n,i]; both overwritten.
+    fn mul_rows_bwd(
+        &self,
+        x: &Self::Buf,
+        g: &Self::Buf,
+        dout: &Self::Buf,
+        c: usize,
+        dx: &mut Self::Buf,
+        dg: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // ---- mask losses (LISA/PixelLM) ----
+    /// Per mask of logits (M,P) against target (M,P) in [0, 1]: (BCE-with-logits averaged
+    /// over the P pixels, Dice loss on σ(logits) with PixelLM's smoothing
+    /// `1 − (2·Σ(σ/s·t) + eps) / (Σσ/s + Σt/s + eps)`, s = 1000, eps = 1e-6).
+    fn mask_loss_fwd(
+        &self,
+        logits: &Self::Buf,
+        target: &Self::Buf,
+        m: usize,
+        p: usize,
+    ) -> Result<Vec<(F, F)>>;
+    /// dlogits (M,P) = d(Σ_masks w_bce·bce + w_dice·dice)/dlogits, overwritten (the
+    /// caller folds the 1/num_masks into the weights).
+    #[allow(clippy::too_many_arguments)]
+    fn mask_loss_bwd(
+        &self,
+        logits: &Self::Buf,
+        target: &Self::Buf,
+        m: usize,
+        p: usize,
+        w_bce: F,
+        w_dice: F,
+        dlogits: &mut Self::Buf,
     ) -> Result<()>;
 }
