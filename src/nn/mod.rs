@@ -43,10 +43,12 @@
 //!
 //! Sizes in comments: B batch, T tokens, C channels, N = B·T rows, V vocabulary,
 //! NH query heads, NKV key/value heads, HS head size, I intermediate size.
+pub mod conv;
 pub mod layers;
 pub mod llama;
 pub mod sample;
 
+pub use conv::{Conv2d, ConvTranspose2x2, CrossAttention};
 pub use layers::{
     Attention, AttnCtx, Embedding, LayerNorm, Linear, Mlp, PatchEmbed, RmsNorm, SwiGluMlp,
 };

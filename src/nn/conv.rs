@@ -1,0 +1,396 @@
+//! 2-D layers on channels-last feature maps (B, H, W, C) = B·H·W rows of C: a stride-1
+//! convolution (im2col + Linear), a 2×2 stride-2 transposed convolution (Linear +
+//! depth-to-space), and SAM-style attention between two token sets.  Each forward saves
+//! what its backward needs; backward follows the gradient rule in [`crate::nn`].
+//!
+//! B batch, H × W pixels, IC/OC in/out channels, K kernel, Tq/Tk query/key tokens,
+//! C channels, NH heads, HS head size.
+use super::layers::Linear;
+use super::Tensor;
+use crate::backend::{AttnShape, Backend, Conv2dGeom};
+use crate::error::{check_len, Error, Result};
+use num_traits::Float;
+
+/// Stride-1 convolution with a square kernel and zero padding, as `im2col` then a
+/// [`Linear`].
+///
+/// The weight is stored (OC, K·K·IC) in im2col order (ky, kx, ic) — **not** PyTorch's
+/// (OC, IC, K, K); [`Conv2d::from_torch_layout`] converts.
+#[derive(Clone, Debug)]
+pub struct Conv2d<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// weight (OC, K·K·IC), bias (OC) or None
+    pub lin: Linear<F, B>,
+    pub k: usize,
+    pub pad: usize,
+}
+
+/// What a [`Conv2d`] forward saves: the im2col matrix (B·Ho·Wo, K·K·IC) and the geometry.
+#[derive(Clone, Debug)]
+pub struct ConvActs<Buf> {
+    pub cols: Buf,
+    pub geom: Conv2dGeom,
+}
+
+impl<F: Float, B: Backend<F>> Conv2d<F, B> {
+    /// Zero-initialised, trainable.
+    pub fn new(be: &B, ic: usize, oc: usize, k: usize, pad: usize, bias: bool) -> Self {
+        Conv2d {
+            lin: Linear::new(be, k * k * ic, oc, bias),
+            k,
+            pad,
+        }
+    }
+    pub fn in_channels(&self) -> usize {
+        self.lin.fan_in() / (self.k * self.k).max(1)
+    }
+    pub fn out_channels(&self) -> usize {
+        self.lin.fan_out()
+    }
+
+    /// A PyTorch Conv2d weight (OC, IC, K, K) → this layer's (OC, K·K·IC).
+    pub fn from_torch_layout(w: &[F], oc: usize, ic: usize, k: usize) -> Result<Vec<F>> {
+        check_len(
+            "Conv2d::from_torch_layout",
+            "weight",
+            w.len(),
+            oc * ic * k * k,
+        )?;
+        let mut out = vec![F::zero(); w.len()];
+        for o in 0..oc {
+            for c in 0..ic {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        out[o * k * k * ic + (ky * k + kx) * ic + c] =
+                            w[((o * ic + c) * k + ky) * k + kx];
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// x (B,H,W,IC) → y (B,Ho,Wo,OC), Ho = H + 2·pad − K + 1.
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        b: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(B::Buf, ConvActs<B::Buf>)> {
+        let geom = Conv2dGeom {
+            b,
+            h,
+            w,
+            c: self.in_channels(),
+            k: self.k,
+            pad: self.pad,
+        };
+        let (ho, wo) = geom.out_hw()?;
+        let mut cols = be.zeros(b * ho * wo * geom.col_width());
+        be.im2col(x, &geom, &mut cols)?;
+        let y = self.lin.forward(be, &cols)?;
+        Ok((y, ConvActs { cols, geom }))
+    }
+
+    /// forward: y = im2col(x) Wᵀ + b
+    /// so:      dW += dyᵀ cols, db += Σ dy, dx = im2col_bwd(dy W).
+    pub fn backward(&mut self, be: &B, acts: &ConvActs<B::Buf>, dy: &B::Buf) -> Result<B::Buf> {
+        let dcols = self
+            .lin
+            .backward(be, &acts.cols, dy, true)?
+            .expect("dx requested");
+        let g = acts.geom;
+        let mut dx = be.zeros(g.b * g.h * g.w * g.c);
+        be.im2col_bwd(&dcols, &g, &mut dx)?;
+        Ok(dx)
+    }
+}
+
+/// Transposed convolution with kernel 2, stride 2 (SAM's and PixelLM's upscaling): a
+/// bias-free [`Linear`] IC → 4·OC whose output channels are ordered (dy, dx, oc), then
+/// depth-to-space, then one bias (OC) shared by the four sub-pixels as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct ConvTranspose2x2<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// weight (4·OC, IC), rows ordered (dy, dx, oc)
+    pub lin: Linear<F, B>,
+    /// bias (OC)
+    pub bias: Tensor<F, B>,
+}
+
+/// Upsampling factor of [`ConvTranspose2x2`].
+const UP: usize = 2;
+
+/// What a [`ConvTranspose2x2`] forward saves: its input and the map size.
+#[derive(Clone, Debug)]
+pub struct ConvTActs<Buf> {
+    pub x: Buf,
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl<F: Float, B: Backend<F>> ConvTranspose2x2<F, B> {
+    /// Zero-initialised, trainable.
+    pub fn new(be: &B, ic: usize, oc: usize) -> Self {
+        ConvTranspose2x2 {
+            lin: Linear::new(be, ic, UP * UP * oc, false),
+            bias: Tensor::zeros(be, &[oc]),
+        }
+    }
+    pub fn out_channels(&self) -> usize {
+        self.bias.numel()
+    }
+
+    /// A PyTorch ConvTranspose2d(k=2, s=2) weight (IC, OC, 2, 2) → this layer's (4·OC, IC).
+    pub fn from_torch_layout(w: &[F], ic: usize, oc: usize) -> Result<Vec<F>> {
+        check_len(
+            "ConvTranspose2x2::from_torch_layout",
+            "weight",
+            w.len(),
+            ic * oc * UP * UP,
+        )?;
+        let mut out = vec![F::zero(); w.len()];
+        for c in 0..ic {
+            for o in 0..oc {
+                for dy in 0..UP {
+                    for dx in 0..UP {
+                        out[((dy * UP + dx) * oc + o) * ic + c] =
+                            w[((c * oc + o) * UP + dy) * UP + dx];
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// x (B,H,W,IC) → y (B,2H,2W,OC).
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        b: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(B::Buf, ConvTActs<B::Buf>)> {
+        let oc = self.out_channels();
+        check_len(
+            "ConvTranspose2x2::forward",
+            "x",
+            be.len(x),
+            b * h * w * self.lin.fan_in(),
+        )?;
+        let z = self.lin.forward(be, x)?;
+        let mut y = be.zeros(b * h * w * UP * UP * oc);
+        be.depth_to_space(&z, b, h, w, oc, UP, &mut y)?;
+        be.add_bias(&mut y, &self.bias.data, oc)?;
+        let acts = ConvTActs {
+            x: x.clone(),
+            b,
+            h,
+            w,
+        };
+        Ok((y, acts))
+    }
+
+    /// forward: y = d2s(x Wᵀ) + b
+    /// so:      db += Σ dy, dz = d2s_bwd(dy), dW += dzᵀ x, dx = dz W.
+    pub fn backward(&mut self, be: &B, acts: &ConvTActs<B::Buf>, dy: &B::Buf) -> Result<B::Buf> {
+        let oc = self.out_channels();
+        if let Some(db) = &mut self.bias.grad {
+            be.bias_bwd(dy, db, oc)?;
+        }
+        let mut dz = be.zeros(be.len(dy));
+        be.depth_to_space_bwd(dy, acts.b, acts.h, acts.w, oc, UP, &mut dz)?;
+        Ok(self
+            .lin
+            .backward(be, &acts.x, &dz, true)?
+            .expect("dx requested"))
+    }
+}
+
+/// SAM's attention between token sets: q, k, v projected from three inputs (C →
+/// C/downsample_rate), split into NH heads, bidirectional softmax attention, merged,
+/// projected back to C.  No RoPE (positions enter as added encodings).  Cross-attention
+/// from x to y is `forward(x, y, y)`; self-attention is `forward(x, x, x)`, with the
+/// input gradients summed by the caller.
+#[derive(Clone, Debug)]
+pub struct CrossAttention<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub q: Linear<F, B>,
+    pub k: Linear<F, B>,
+    pub v: Linear<F, B>,
+    pub o: Linear<F, B>,
+    pub nh: usize,
+    /// head size, (C / downsample_rate) / NH
+    pub hs: usize,
+}
+
+/// What a [`CrossAttention`] forward saves.
+#[derive(Clone, Debug)]
+pub struct CrossActs<Buf> {
+    /// the three inputs (B·Tq, C), (B·Tk, C), (B·Tk, C)
+    pub xq: Buf,
+    pub xk: Buf,
+    pub xv: Buf,
+    /// heads q (B,NH,Tq,HS), k, v (B,NH,Tk,HS); attention output y (B,NH,Tq,HS), lse
+    /// (B,NH,Tq); ym = y merged (B·Tq, NH·HS)
+    pub q: Buf,
+    pub k: Buf,
+    pub v: Buf,
+    pub y: Buf,
+    pub lse: Buf,
+    pub ym: Buf,
+    pub b: usize,
+    pub tq: usize,
+    pub tk: usize,
+}
+
+impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
+    /// Zero-initialised, trainable, with biases.  C/downsample_rate must split into NH
+    /// whole heads.
+    pub fn new(be: &B, c: usize, nh: usize, downsample_rate: usize) -> Result<Self> {
+        if downsample_rate == 0
+            || nh == 0
+            || c % downsample_rate != 0
+            || (c / downsample_rate) % nh != 0
+            || c / downsample_rate == 0
+        {
+            return Err(Error::arg(
+                "CrossAttention::new",
+                format!("{c} channels / downsample rate {downsample_rate} do not split into {nh} whole heads"),
+            ));
+        }
+        let inner = c / downsample_rate;
+        Ok(CrossAttention {
+            q: Linear::new(be, c, inner, true),
+            k: Linear::new(be, c, inner, true),
+            v: Linear::new(be, c, inner, true),
+            o: Linear::new(be, inner, c, true),
+            nh,
+            hs: inner / nh,
+        })
+    }
+
+    fn shape(&self, b: usize, tq: usize, tk: usize) -> AttnShape {
+        AttnShape {
+            b,
+            nh: self.nh,
+            nkv: self.nh,
+            tq,
+            tk,
+            hs: self.hs,
+            causal: false,
+            scale: 1.0 / (self.hs as f32).sqrt(),
+        }
+    }
+
+    /// xq (B·Tq, C), xk and xv (B·Tk, C) → (B·Tq, C).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        be: &B,
+        xq: &B::Buf,
+        xk: &B::Buf,
+        xv: &B::Buf,
+        b: usize,
+        tq: usize,
+        tk: usize,
+    ) -> Result<(B::Buf, CrossActs<B::Buf>)> {
+        let (nh, hs) = (self.nh, self.hs);
+        let c = self.q.fan_in();
+        check_len("CrossAttention::forward", "xq", be.len(xq), b * tq * c)?;
+        check_len("CrossAttention::forward", "xk", be.len(xk), b * tk * c)?;
+        check_len("CrossAttention::forward", "xv", be.len(xv), b * tk * c)?;
+        let (qf, kf, vf) = (
+            self.q.forward(be, xq)?,
+            self.k.forward(be, xk)?,
+            self.v.forward(be, xv)?,
+        );
+        let mut q = be.zeros(b * nh * tq * hs);
+        let mut k = be.zeros(b * nh * tk * hs);
+        let mut v = be.zeros(b * nh * tk * hs);
+        be.heads_split(&qf, b, tq, nh, hs, 0, None, &mut q)?;
+        be.heads_split(&kf, b, tk, nh, hs, 0, None, &mut k)?;
+        be.heads_split(&vf, b, tk, nh, hs, 0, None, &mut v)?;
+        let s = self.shape(b, tq, tk);
+        let (mut y, mut lse) = (be.zeros(b * nh * tq * hs), be.zeros(b * nh * tq));
+        be.attention_fwd(&s, &q, &k, &v, None, None, &mut y, &mut lse)?;
+        let mut ym = be.zeros(b * tq * nh * hs);
+        be.heads_merge(&y, b, tq, nh, hs, &mut ym)?;
+        let out = self.o.forward(be, &ym)?;
+        let acts = CrossActs {
+            xq: xq.clone(),
+            xk: xk.clone(),
+            xv: xv.clone(),
+            q,
+            k,
+            v,
+            y,
+            lse,
+            ym,
+            b,
+            tq,
+            tk,
+        };
+        Ok((out, acts))
+    }
+
+    /// forward: out = o(merge(attn(split(q(xq)), split(k(xk)), split(v(xv)))))
+    /// so:      back through each step; returns (dxq, dxk, dxv), overwritten.
+    pub fn backward(
+        &mut self,
+        be: &B,
+        a: &CrossActs<B::Buf>,
+        dout: &B::Buf,
+    ) -> Result<(B::Buf, B::Buf, B::Buf)> {
+        let (nh, hs, b, tq, tk) = (self.nh, self.hs, a.b, a.tq, a.tk);
+        let dym = self
+            .o
+            .backward(be, &a.ym, dout, true)?
+            .expect("dx requested");
+        // forward: ym = merge(y)  so: dy = split(dym)
+        let mut dy = be.zeros(be.len(&dym));
+        be.heads_split(&dym, b, tq, nh, hs, 0, None, &mut dy)?;
+        let s = self.shape(b, tq, tk);
+        let (mut dq, mut dk, mut dv) = (
+            be.zeros(be.len(&a.q)),
+            be.zeros(be.len(&a.k)),
+            be.zeros(be.len(&a.v)),
+        );
+        be.attention_bwd(
+            &s, &a.q, &a.k, &a.v, None, None, &a.y, &a.lse, &dy, &mut dq, &mut dk, &mut dv, None,
+        )?;
+        // forward: q = split(qf) (no rotation)  so: dqf = merge(dq)
+        let (mut dqf, mut dkf, mut dvf) = (
+            be.zeros(be.len(&dq)),
+            be.zeros(be.len(&dk)),
+            be.zeros(be.len(&dv)),
+        );
+        be.heads_merge(&dq, b, tq, nh, hs, &mut dqf)?;
+        be.heads_merge(&dk, b, tk, nh, hs, &mut dkf)?;
+        be.heads_merge(&dv, b, tk, nh, hs, &mut dvf)?;
+        let dxq = self
+            .q
+            .backward(be, &a.xq, &dqf, true)?
+            .expect("dx requested");
+        let dxk = self
+            .k
+            .backward(be, &a.xk, &dkf, true)?
+            .expect("dx requested");
+        let dxv = self
+            .v
+            .backward(be, &a.xv, &dvf, true)?
+            .expect("dx requested");
+        Ok((dxq, dxk, dxv))
+    }
+
+    /// The four projections, for parameter listings.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear<F, B>); 4] {
+        [
+            ("q_proj", &mut self.q),
+            ("k_proj", &mut self.k),
+            ("v_proj", &mut self.v),
+            ("out_proj", &mut self.o),
+        ]
+    }
+}

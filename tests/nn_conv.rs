@@ -1,0 +1,240 @@
+//! The 2-D layers (Conv2d, ConvTranspose2x2, CrossAttention): forwards against direct
+//! definitions (PyTorch weight layouts included), every backward against f64 central
+//! finite differences on odd sizes, parameter and input gradients.
+//!
+//! The scalar checked is L = Σ w ∘ out with fixed random weights w, so dL/dout = w.
+use popen::backend::Cpu;
+use popen::nn::{randn, Conv2d, ConvTranspose2x2, CrossAttention, Linear, Rng};
+
+type T = Vec<f64>;
+const BE: Cpu = Cpu;
+/// Central-difference step: truncation error O(h²) ≈ 1e-10, rounding ≈ 1e-16/h.
+const H: f64 = 1e-5;
+const ATOL: f64 = 1e-7;
+const RTOL: f64 = 1e-5;
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn check(name: &str, analytic: &[f64], mut loss_at: impl FnMut(usize, f64) -> f64) {
+    assert!(!analytic.is_empty(), "{name}: nothing to check");
+    for (i, &a) in analytic.iter().enumerate() {
+        let num = (loss_at(i, H) - loss_at(i, -H)) / (2.0 * H);
+        assert!(
+            (a - num).abs() <= ATOL + RTOL * num.abs().max(a.abs()),
+            "{name}[{i}]: analytic {a:.10} vs numeric {num:.10}"
+        );
+    }
+    assert!(
+        analytic.iter().any(|v| v.abs() > 1e-6),
+        "{name}: gradient is all zero"
+    );
+}
+
+fn rnd(rng: &mut Rng, n: usize) -> T {
+    randn::<f64>(rng, n, 1.0)
+}
+
+fn perturbed(x: &[f64], i: usize, d: f64) -> T {
+    let mut y = x.to_vec();
+    y[i] += d;
+    y
+}
+
+fn fill(rng: &mut Rng, l: &mut Linear<f64, Cpu>) {
+    l.weight.data = randn(rng, l.weight.numel(), 0.5);
+    if let Some(b) = &mut l.bias {
+        b.data = randn(rng, b.numel(), 0.5);
+    }
+}
+
+/// Check dW and db of `lin` (found in the layer by `get`) against finite differences.
+fn check_linear<L: Clone>(
+    name: &str,
+    layer: &L,
+    trained: &Linear<f64, Cpu>,
+    get: impl Fn(&mut L) -> &mut Linear<f64, Cpu>,
+    loss: impl Fn(&L) -> f64,
+) {
+    check(
+        &format!("{name}.w"),
+        trained.weight.grad.as_ref().unwrap(),
+        |k, d| {
+            let mut l = layer.clone();
+            get(&mut l).weight.data[k] += d;
+            loss(&l)
+        },
+    );
+    if let Some(b) = &trained.bias {
+        check(&format!("{name}.b"), b.grad.as_ref().unwrap(), |k, d| {
+            let mut l = layer.clone();
+            get(&mut l).bias.as_mut().unwrap().data[k] += d;
+            loss(&l)
+        });
+    }
+}
+
+#[test]
+fn conv2d_matches_a_direct_convolution_and_its_backward_matches_finite_differences() {
+    let mut rng = Rng::new(31);
+    let (b, h, w, ic, oc) = (2, 5, 7, 3, 4);
+    for (k, pad) in [(3, 1), (1, 0), (2, 1)] {
+        // PyTorch layout (OC, IC, K, K), converted
+        let wt = rnd(&mut rng, oc * ic * k * k);
+        let mut conv: Conv2d<f64, Cpu> = Conv2d::new(&BE, ic, oc, k, pad, true);
+        conv.lin.weight.data = Conv2d::<f64, Cpu>::from_torch_layout(&wt, oc, ic, k).unwrap();
+        conv.lin.bias.as_mut().unwrap().data = rnd(&mut rng, oc);
+        let x = rnd(&mut rng, b * h * w * ic);
+        let (y, acts) = conv.forward(&BE, &x, b, h, w).unwrap();
+        let (ho, wo) = (h + 2 * pad - k + 1, w + 2 * pad - k + 1);
+        assert_eq!(y.len(), b * ho * wo * oc);
+        // y[b, oy, ox, o] = bias[o] + Σ wt[o, c, ky, kx] x[b, oy+ky−pad, ox+kx−pad, c]
+        for (bi, oy, ox, o) in [(1, 0, 0, 2), (0, ho - 1, wo - 1, 3), (1, 2, 3, 0)] {
+            let mut want = conv.lin.bias.as_ref().unwrap().data[o];
+            for c in 0..ic {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let (iy, ix) = (
+                            oy as i64 + ky as i64 - pad as i64,
+                            ox as i64 + kx as i64 - pad as i64,
+                        );
+                        if (0..h as i64).contains(&iy) && (0..w as i64).contains(&ix) {
+                            want += wt[((o * ic + c) * k + ky) * k + kx]
+                                * x[((bi * h + iy as usize) * w + ix as usize) * ic + c];
+                        }
+                    }
+                }
+            }
+            let got = y[((bi * ho + oy) * wo + ox) * oc + o];
+            assert!(
+                (got - want).abs() < 1e-12,
+                "k={k} ({bi},{oy},{ox},{o}): {got} vs {want}"
+            );
+        }
+        let g = rnd(&mut rng, y.len());
+        let loss = |c: &Conv2d<f64, Cpu>, x: &T| dot(&c.forward(&BE, x, b, h, w).unwrap().0, &g);
+        let mut c2 = conv.clone();
+        let dx = c2.backward(&BE, &acts, &g).unwrap();
+        check(&format!("conv k={k} dx"), &dx, |i, d| {
+            loss(&conv, &perturbed(&x, i, d))
+        });
+        check_linear(
+            &format!("conv k={k}"),
+            &conv,
+            &c2.lin,
+            |c| &mut c.lin,
+            |c| loss(c, &x),
+        );
+    }
+    let conv: Conv2d<f64, Cpu> = Conv2d::new(&BE, 3, 2, 3, 0, false);
+    assert!(
+        conv.forward(&BE, &vec![0.0; 2 * 2 * 2 * 3], 2, 2, 2)
+            .is_err(),
+        "kernel larger than input"
+    );
+    assert!(
+        conv.forward(&BE, &vec![0.0; 10], 1, 3, 3).is_err(),
+        "wrong input size"
+    );
+}
+
+#[test]
+fn conv_transpose_matches_pytorch_definition_and_its_backward_matches_finite_differences() {
+    let mut rng = Rng::new(32);
+    let (b, h, w, ic, oc) = (2, 3, 5, 3, 4);
+    let wt = rnd(&mut rng, ic * oc * 4); // PyTorch (IC, OC, 2, 2)
+    let mut ct: ConvTranspose2x2<f64, Cpu> = ConvTranspose2x2::new(&BE, ic, oc);
+    ct.lin.weight.data = ConvTranspose2x2::<f64, Cpu>::from_torch_layout(&wt, ic, oc).unwrap();
+    ct.bias.data = rnd(&mut rng, oc);
+    let x = rnd(&mut rng, b * h * w * ic);
+    let (y, acts) = ct.forward(&BE, &x, b, h, w).unwrap();
+    // y[b, 2y+dy, 2x+dx, o] = bias[o] + Σ_c x[b, y, x, c] wt[c, o, dy, dx]
+    for (bi, yy, xx, dy, dxx, o) in [(1, 2, 4, 1, 0, 3), (0, 0, 0, 0, 1, 1)] {
+        let mut want = ct.bias.data[o];
+        for c in 0..ic {
+            want += x[((bi * h + yy) * w + xx) * ic + c] * wt[((c * oc + o) * 2 + dy) * 2 + dxx];
+        }
+        let got = y[((bi * 2 * h + 2 * yy + dy) * 2 * w + 2 * xx + dxx) * oc + o];
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
+    let g = rnd(&mut rng, y.len());
+    let loss =
+        |c: &ConvTranspose2x2<f64, Cpu>, x: &T| dot(&c.forward(&BE, x, b, h, w).unwrap().0, &g);
+    let mut c2 = ct.clone();
+    let dx = c2.backward(&BE, &acts, &g).unwrap();
+    check("convT dx", &dx, |i, d| loss(&ct, &perturbed(&x, i, d)));
+    check_linear("convT", &ct, &c2.lin, |c| &mut c.lin, |c| loss(c, &x));
+    check("convT bias", c2.bias.grad.as_ref().unwrap(), |k, d| {
+        let mut c = ct.clone();
+        c.bias.data[k] += d;
+        loss(&c, &x)
+    });
+}
+
+#[test]
+fn cross_attention_backward_matches_finite_differences() {
+    let mut rng = Rng::new(33);
+    let (b, tq, tk, c) = (2, 3, 7, 8);
+    for (nh, ds) in [(2, 2), (2, 1)] {
+        let mut a: CrossAttention<f64, Cpu> = CrossAttention::new(&BE, c, nh, ds).unwrap();
+        for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+            fill(&mut rng, l);
+        }
+        assert_eq!(a.q.fan_out(), c / ds);
+        let (xq, xk, xv) = (
+            rnd(&mut rng, b * tq * c),
+            rnd(&mut rng, b * tk * c),
+            rnd(&mut rng, b * tk * c),
+        );
+        let g = rnd(&mut rng, b * tq * c);
+        let loss = |a: &CrossAttention<f64, Cpu>, xq: &T, xk: &T, xv: &T| {
+            dot(&a.forward(&BE, xq, xk, xv, b, tq, tk).unwrap().0, &g)
+        };
+        let (_, acts) = a.forward(&BE, &xq, &xk, &xv, b, tq, tk).unwrap();
+        let mut a2 = a.clone();
+        let (dq, dk, dv) = a2.backward(&BE, &acts, &g).unwrap();
+        check("xattn dxq", &dq, |i, d| {
+            loss(&a, &perturbed(&xq, i, d), &xk, &xv)
+        });
+        check("xattn dxk", &dk, |i, d| {
+            loss(&a, &xq, &perturbed(&xk, i, d), &xv)
+        });
+        check("xattn dxv", &dv, |i, d| {
+            loss(&a, &xq, &xk, &perturbed(&xv, i, d))
+        });
+        let lossp = |a: &CrossAttention<f64, Cpu>| loss(a, &xq, &xk, &xv);
+        check_linear("xattn q", &a, &a2.q, |a| &mut a.q, lossp);
+        // the key bias adds q·b_k to every score of a query: softmax ignores it
+        check("xattn k.w", a2.k.weight.grad.as_ref().unwrap(), |i, d| {
+            let mut aa = a.clone();
+            aa.k.weight.data[i] += d;
+            lossp(&aa)
+        });
+        let dbk = a2.k.bias.as_ref().unwrap().grad.as_ref().unwrap();
+        assert!(
+            dbk.iter().all(|v| v.abs() < 1e-12),
+            "key bias gradient {dbk:?}"
+        );
+        check_linear("xattn v", &a, &a2.v, |a| &mut a.v, lossp);
+        check_linear("xattn o", &a, &a2.o, |a| &mut a.o, lossp);
+        // self-attention is the same layer on one input: its gradient is the sum
+        let x = rnd(&mut rng, b * tq * c);
+        let gs = rnd(&mut rng, b * tq * c);
+        let (_, sacts) = a.forward(&BE, &x, &x, &x, b, tq, tq).unwrap();
+        let (d1, d2, d3) = a.clone().backward(&BE, &sacts, &gs).unwrap();
+        let dx: T = (0..x.len()).map(|i| d1[i] + d2[i] + d3[i]).collect();
+        check("self-attn dx", &dx, |i, d| {
+            let xp = perturbed(&x, i, d);
+            dot(&a.forward(&BE, &xp, &xp, &xp, b, tq, tq).unwrap().0, &gs)
+        });
+    }
+    assert!(
+        CrossAttention::<f64, Cpu>::new(&BE, 6, 2, 2).is_err(),
+        "3 channels in 2 heads"
+    );
+    let a: CrossAttention<f64, Cpu> = CrossAttention::new(&BE, 8, 2, 2).unwrap();
+    assert!(a
+        .forward(&BE, &vec![0.0; 8], &vec![0.0; 16], &vec![0.0; 15], 1, 1, 2)
+        .is_err());
+}
