@@ -251,9 +251,9 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
     pub fn new(be: &B, c: usize, nh: usize, downsample_rate: usize) -> Result<Self> {
         if downsample_rate == 0
             || nh == 0
-            || c % downsample_rate != 0
-            || (c / downsample_rate) % nh != 0
+            || !c.is_multiple_of(downsample_rate)
             || c / downsample_rate == 0
+            || !(c / downsample_rate).is_multiple_of(nh)
         {
             return Err(Error::arg(
                 "CrossAttention::new",
