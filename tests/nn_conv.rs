@@ -238,3 +238,63 @@ fn cross_attention_backward_matches_finite_differences() {
         .forward(&BE, &vec![0.0; 8], &vec![0.0; 16], &vec![0.0; 15], 1, 1, 2)
         .is_err());
 }
+
+#[test]
+fn two_way_transformer_backward_matches_finite_differences() {
+    use popen::nn::TwoWayTransformer;
+    let mut rng = Rng::new(34);
+    let (b, t, n, c) = (2, 3, 7, 8);
+    // depth 2: the first block skips the query encoding, the second adds it
+    let mut tr: TwoWayTransformer<f64, Cpu> = TwoWayTransformer::new(&BE, 2, c, 2, 5).unwrap();
+    {
+        let mut params = Vec::new();
+        tr.push_params(&mut params, "t");
+        for (name, p) in params {
+            if name.ends_with(".weight") && p.shape.len() == 2 {
+                p.data = randn(&mut rng, p.numel(), 0.5);
+            } else {
+                // norms and biases away from their 1/0 init so their gradients are generic
+                p.data = p.data.iter().map(|v| v + 0.3 * rng.normal()).collect();
+            }
+        }
+    }
+    let (tok, keys, kpe) = (
+        rnd(&mut rng, b * t * c),
+        rnd(&mut rng, b * n * c),
+        rnd(&mut rng, b * n * c),
+    );
+    let (gq, gk) = (rnd(&mut rng, b * t * c), rnd(&mut rng, b * n * c));
+    let loss = |tr: &TwoWayTransformer<f64, Cpu>, tok: &T, keys: &T| {
+        let (q, k, _) = tr.forward(&BE, tok, keys, &kpe, b, t, n).unwrap();
+        dot(&q, &gq) + dot(&k, &gk)
+    };
+    let (_, _, acts) = tr.forward(&BE, &tok, &keys, &kpe, b, t, n).unwrap();
+    let mut tr2 = tr.clone();
+    let (dtok, dkeys) = tr2.backward(&BE, &acts, &gq, &gk).unwrap();
+    check("two-way dtokens", &dtok, |i, d| {
+        loss(&tr, &perturbed(&tok, i, d), &keys)
+    });
+    check("two-way dkeys", &dkeys, |i, d| {
+        loss(&tr, &tok, &perturbed(&keys, i, d))
+    });
+    let mut grads = Vec::new();
+    tr2.push_params(&mut grads, "t");
+    let grads: Vec<(String, T)> = grads
+        .into_iter()
+        .map(|(n, p)| (n, p.grad.clone().unwrap()))
+        .collect();
+    for (pi, (name, g)) in grads.iter().enumerate() {
+        if name.ends_with("k_proj.bias") {
+            assert!(g.iter().all(|v| v.abs() < 1e-10), "{name}");
+            continue;
+        }
+        check(name, g, |i, d| {
+            let mut tt = tr.clone();
+            let mut ps = Vec::new();
+            tt.push_params(&mut ps, "t");
+            ps[pi].1.data[i] += d;
+            drop(ps);
+            loss(&tt, &tok, &keys)
+        });
+    }
+}

@@ -5,6 +5,7 @@
 //! - [`config`]: `config.json` parsing with errors that name the field.
 //! - [`weights`]: a checkpoint directory (single file or shards), parameters by name.
 //! - [`clip`], [`bert`], [`llama`], [`llava`]: the architectures.
+//! - [`seg`]: the segmentation head; [`seg::decoder`] is PixelLM's light pixel decoder.
 //! - [`pretrained`]: any supported directory by `model_type`, loaded and saved back.
 //! - [`forward`]: `popen forward`: any supported directory on named input tensors.
 //!
@@ -19,6 +20,7 @@ pub mod io;
 pub mod llama;
 pub mod llava;
 pub mod pretrained;
+pub mod seg;
 pub mod weights;
 
 pub use bert::{Bert, BertOutput};

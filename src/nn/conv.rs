@@ -383,14 +383,39 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
             .expect("dx requested");
         Ok((dxq, dxk, dxv))
     }
+}
 
-    /// The four projections, for parameter listings.
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear<F, B>); 4] {
-        [
-            ("q_proj", &mut self.q),
-            ("k_proj", &mut self.k),
-            ("v_proj", &mut self.v),
-            ("out_proj", &mut self.o),
-        ]
+/// A named-parameter list, as every model's `params_mut` returns it.
+pub type NamedParams<'a, F, B> = Vec<(String, &'a mut Tensor<F, B>)>;
+
+/// Appends `{prefix}.weight` and, when present, `{prefix}.bias` of a [`Linear`].
+pub fn push_linear<'a, F: Float, B: Backend<F>>(
+    out: &mut NamedParams<'a, F, B>,
+    prefix: &str,
+    l: &'a mut Linear<F, B>,
+) {
+    out.push((format!("{prefix}.weight"), &mut l.weight));
+    if let Some(b) = &mut l.bias {
+        out.push((format!("{prefix}.bias"), b));
+    }
+}
+
+/// Appends `{prefix}.weight` and `{prefix}.bias` of a [`LayerNorm`](super::LayerNorm).
+pub fn push_layernorm<'a, F: Float, B: Backend<F>>(
+    out: &mut NamedParams<'a, F, B>,
+    prefix: &str,
+    l: &'a mut super::LayerNorm<F, B>,
+) {
+    out.push((format!("{prefix}.weight"), &mut l.weight));
+    out.push((format!("{prefix}.bias"), &mut l.bias));
+}
+
+impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
+    /// `{prefix}.{q,k,v,out}_proj.{weight,bias}` (SAM's names).
+    pub fn push_params<'a>(&'a mut self, out: &mut NamedParams<'a, F, B>, prefix: &str) {
+        push_linear(out, &format!("{prefix}.q_proj"), &mut self.q);
+        push_linear(out, &format!("{prefix}.k_proj"), &mut self.k);
+        push_linear(out, &format!("{prefix}.v_proj"), &mut self.v);
+        push_linear(out, &format!("{prefix}.out_proj"), &mut self.o);
     }
 }

@@ -47,6 +47,7 @@ pub mod conv;
 pub mod layers;
 pub mod llama;
 pub mod sample;
+pub mod twoway;
 
 pub use conv::{Conv2d, ConvTranspose2x2, CrossAttention};
 pub use layers::{
@@ -54,6 +55,7 @@ pub use layers::{
 };
 pub use llama::{KvCache, Llama, LlamaConfig};
 pub use sample::{sample_token, Rng, SamplingCfg};
+pub use twoway::TwoWayTransformer;
 
 use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};

@@ -1,0 +1,669 @@
+//! PixelLM's light pixel decoder (no SAM image encoder): two ViT feature levels, each
+//! projected and refined by a conv neck, decoded at two scales by SAM-style two-way
+//! transformers between [a learned mask token, the target's embedding of that scale]
+//! and the image tokens; each scale's mask is the dot product of a hypernetwork vector
+//! with ×2-upsampled image features; scale 1 runs on upsampled level-1 features gated
+//! by `σ(mask₀) + 1`; both scales' logits are resized to the output and averaged.
+//!
+//! Structure follows PixelLM's `MaskDecoderMultiScale` (model/segment_anything/modeling
+//! in its release), with these deviations:
+//! - one mask token per scale and no IoU token/head: PixelLM keeps SAM's four mask
+//!   tokens and IoU head but uses only the first mask (`multimask_output=False`) and
+//!   never trains the IoU head, so they would be parameters without gradient;
+//! - no level embedding added to the tokens: each scale has its own transformer and its
+//!   own mask token, which already tell the scales apart;
+//! - the upscaling keeps D channels (SAM/PixelLM go to D/8): the config has no field for
+//!   a second width, and at our sizes the hypernetwork dot product is cheap;
+//! - scale 1's image side is level 1 upsampled bilinearly ×2 (PixelLM upsamples with its
+//!   `upsample_2x` ConvTranspose): the issue asks for bilinear, so no extra weights;
+//! - positions: SAM's random Fourier features (`PositionEmbeddingRandom`, as PixelLM)
+//!   with a fixed Gaussian drawn from [`PE_SEED`], not a trained or loaded buffer.
+//!
+//! Batching: every target runs as one batch row of the transformers (B_t = M), its
+//! image's features gathered per target (M is small); the projection and neck run once
+//! per image and their gradients are summed over that image's targets.
+//!
+//! B images, M targets, G = GH·GW grid tokens, Cv vision width, D decoder width,
+//! L scales, P = out_h·out_w output pixels.
+use crate::backend::{Act, Backend, MatmulSpec};
+use crate::error::{check_len, Error, Result};
+use crate::nn::conv::{push_layernorm, push_linear, ConvActs, ConvTActs, NamedParams};
+use crate::nn::layers::NormStats;
+use crate::nn::twoway::TwoWayActs;
+use crate::nn::{
+    randn, Conv2d, ConvTranspose2x2, LayerNorm, Linear, Rng, Tensor, TwoWayTransformer,
+};
+use num_traits::Float;
+use serde::{Deserialize, Serialize};
+
+/// LayerNorm2d epsilon (SAM's neck and upscaling).
+const LN2D_EPS: f32 = 1e-6;
+/// Seed of the fixed Gaussian of the random Fourier positional encoding.
+pub const PE_SEED: u64 = 0x5eed_0f9e;
+/// Number of ViT feature levels and of decoding scales.
+pub const LEVELS: usize = 2;
+/// Tokens per target in the transformers: [mask token, target embedding].
+const TOKENS: usize = 2;
+/// Hidden layers of the hypernetwork MLP (SAM: 3 Linear layers, ReLU between).
+const HYPER_LAYERS: usize = 3;
+/// The activation after the upscaling's LayerNorm2d (SAM: nn.GELU, erf form).
+const UPSCALE_ACT: Act = Act::GeluErf;
+
+/// Sizes of the pixel decoder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PixelDecoderConfig {
+    /// Cv, the ViT's width.
+    pub vision_dim: usize,
+    /// D, the decoder's width.
+    pub dim: usize,
+    /// Two-way blocks per scale (PixelLM: 2).
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_dim: usize,
+    /// L, decoding scales (must be 2, one per feature level).
+    pub scales: usize,
+    /// The ViT patch grid GH × GW.
+    pub grid_h: usize,
+    pub grid_w: usize,
+}
+
+impl PixelDecoderConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| {
+            Err(Error::arg("PixelDecoderConfig", format!("{field}: {msg}")))
+        };
+        if self.scales != LEVELS {
+            return bad(
+                "scales",
+                format!("{} given, the decoder has exactly {LEVELS}", self.scales),
+            );
+        }
+        for (field, v) in [
+            ("vision_dim", self.vision_dim),
+            ("dim", self.dim),
+            ("heads", self.heads),
+            ("mlp_dim", self.mlp_dim),
+            ("grid_h", self.grid_h),
+            ("grid_w", self.grid_w),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1".into());
+            }
+        }
+        // the Fourier encoding is [sin, cos] halves; the cross-attentions halve D into heads
+        let half = self.dim / crate::nn::twoway::CROSS_DOWNSAMPLE;
+        if !self.dim.is_multiple_of(2) || !half.is_multiple_of(self.heads) {
+            return bad(
+                "dim",
+                format!(
+                    "{} must be even and D/2 a multiple of heads = {}",
+                    self.dim, self.heads
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// SAM's neck on one level: 1×1 conv → LayerNorm2d → 3×3 conv → LayerNorm2d, no biases.
+#[derive(Clone, Debug)]
+struct Neck<F: Float, B: Backend<F>> {
+    conv1: Conv2d<F, B>,
+    ln1: LayerNorm<F, B>,
+    conv3: Conv2d<F, B>,
+    ln2: LayerNorm<F, B>,
+}
+
+/// ConvTranspose2x2 → LayerNorm2d → GELU.
+#[derive(Clone, Debug)]
+struct Upscale<F: Float, B: Backend<F>> {
+    convt: ConvTranspose2x2<F, B>,
+    ln: LayerNorm<F, B>,
+}
+
+/// The pixel decoder; parameters listed as `mask_decoder.*`.
+#[derive(Clone, Debug)]
+pub struct PixelDecoder<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    be: B,
+    cfg: PixelDecoderConfig,
+    proj: Vec<Linear<F, B>>,
+    neck: Vec<Neck<F, B>>,
+    mask_token: Vec<Tensor<F, B>>,
+    transformer: Vec<TwoWayTransformer<F, B>>,
+    upscale: Vec<Upscale<F, B>>,
+    hyper: Vec<Vec<Linear<F, B>>>,
+    /// the positional encoding's Gaussian (2, D/2), rows (x, y)
+    pe_gauss: Vec<f64>,
+}
+
+#[derive(Clone, Debug)]
+struct NeckActs<Buf> {
+    feat: Buf,
+    c1a: ConvActs<Buf>,
+    c1: Buf,
+    n1: NormStats<Buf>,
+    c3a: ConvActs<Buf>,
+    c3: Buf,
+    n2: NormStats<Buf>,
+}
+
+#[derive(Clone, Debug)]
+struct ScaleActs<Buf> {
+    tr: TwoWayActs<Buf>,
+    cta: ConvTActs<Buf>,
+    y: Buf,
+    lns: NormStats<Buf>,
+    yn: Buf,
+    /// upscaled features (M·4N, D), N = this scale's image tokens
+    u: Buf,
+    /// hypernetwork inputs of each layer (M, D) and pre-activations
+    h_in: Vec<Buf>,
+    h_pre: Vec<Buf>,
+    /// hypernetwork output (M, D)
+    hv: Buf,
+    /// this scale's logits (M, 4N)
+    logits: Buf,
+}
+
+/// What [`PixelDecoder::forward`] saves for the backward.
+#[derive(Clone, Debug)]
+pub struct DecoderActs<Buf> {
+    necks: Vec<NeckActs<Buf>>,
+    scales: Vec<ScaleActs<Buf>>,
+    /// level-1 features upsampled ×2 and gathered per target (M·4G, D), and the gate
+    /// σ(logits₀) + 1 (M·4G)
+    g1: Buf,
+    gate: Buf,
+    b: usize,
+    img_of: Vec<usize>,
+    out_h: usize,
+    out_w: usize,
+}
+
+/// Rows `idx[j]` of src (·, R) stacked: (len(idx), R).
+fn gather<F: Float, B: Backend<F>>(
+    be: &B,
+    src: &B::Buf,
+    r: usize,
+    idx: &[usize],
+) -> Result<B::Buf> {
+    let mut out = be.zeros(idx.len() * r);
+    for (j, &i) in idx.iter().enumerate() {
+        be.copy_range(&mut out, j * r, src, i * r, r)?;
+    }
+    Ok(out)
+}
+
+/// Backward of [`gather`]: `dst[idx[j]] += src[j]` over rows of R.
+fn scatter_add<F: Float, B: Backend<F>>(
+    be: &B,
+    dst: &mut B::Buf,
+    r: usize,
+    src: &B::Buf,
+    idx: &[usize],
+) -> Result<()> {
+    let (mut a, mut s) = (be.zeros(r), be.zeros(r));
+    for (j, &i) in idx.iter().enumerate() {
+        be.copy_range(&mut a, 0, dst, i * r, r)?;
+        be.copy_range(&mut s, 0, src, j * r, r)?;
+        be.axpy(&mut a, F::one(), &s)?;
+        be.copy_range(dst, i * r, &a, 0, r)?;
+    }
+    Ok(())
+}
+
+impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
+    /// A decoder with a seeded init: Linear and conv weights N(0, 1/fan_in), biases 0,
+    /// norms 1 and 0, mask tokens N(0, 1).
+    pub fn new(be: B, cfg: PixelDecoderConfig, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.dim;
+        let per_scale =
+            |_| -> Result<_> { TwoWayTransformer::new(&be, cfg.depth, d, cfg.heads, cfg.mlp_dim) };
+        let transformer = (0..LEVELS).map(per_scale).collect::<Result<_>>()?;
+        let mut pe_rng = Rng::new(PE_SEED);
+        let pe_gauss = (0..d).map(|_| pe_rng.normal()).collect();
+        let mut dec = PixelDecoder {
+            proj: (0..LEVELS)
+                .map(|_| Linear::new(&be, cfg.vision_dim, d, true))
+                .collect(),
+            neck: (0..LEVELS)
+                .map(|_| Neck {
+                    conv1: Conv2d::new(&be, d, d, 1, 0, false),
+                    ln1: LayerNorm::new(&be, d, LN2D_EPS),
+                    conv3: Conv2d::new(&be, d, d, 3, 1, false),
+                    ln2: LayerNorm::new(&be, d, LN2D_EPS),
+                })
+                .collect(),
+            mask_token: (0..LEVELS).map(|_| Tensor::zeros(&be, &[d])).collect(),
+            transformer,
+            upscale: (0..LEVELS)
+                .map(|_| Upscale {
+                    convt: ConvTranspose2x2::new(&be, d, d),
+                    ln: LayerNorm::new(&be, d, LN2D_EPS),
+                })
+                .collect(),
+            hyper: (0..LEVELS)
+                .map(|_| {
+                    (0..HYPER_LAYERS)
+                        .map(|_| Linear::new(&be, d, d, true))
+                        .collect()
+                })
+                .collect(),
+            pe_gauss,
+            be,
+            cfg,
+        };
+        let mut rng = Rng::new(seed);
+        let be = dec.be.clone();
+        for (name, t) in dec.params_mut() {
+            if name.contains(".mask_tokens.") {
+                t.data = be.from_slice(&randn::<F>(&mut rng, t.numel(), 1.0));
+            } else if name.ends_with(".weight") && t.shape.len() == 2 {
+                let fan_in = t.shape[1] as f64;
+                t.data = be.from_slice(&randn::<F>(&mut rng, t.numel(), 1.0 / fan_in.sqrt()));
+            }
+        }
+        Ok(dec)
+    }
+
+    pub fn config(&self) -> &PixelDecoderConfig {
+        &self.cfg
+    }
+
+    /// Every parameter under its name (`mask_decoder.*`).
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
+        let mut out: NamedParams<'_, F, B> = Vec::new();
+        let p = "mask_decoder";
+        for (l, lin) in self.proj.iter_mut().enumerate() {
+            push_linear(&mut out, &format!("{p}.feature_proj.{l}"), lin);
+        }
+        for (l, n) in self.neck.iter_mut().enumerate() {
+            push_linear(&mut out, &format!("{p}.neck.{l}.0"), &mut n.conv1.lin);
+            push_layernorm(&mut out, &format!("{p}.neck.{l}.1"), &mut n.ln1);
+            push_linear(&mut out, &format!("{p}.neck.{l}.2"), &mut n.conv3.lin);
+            push_layernorm(&mut out, &format!("{p}.neck.{l}.3"), &mut n.ln2);
+        }
+        for (s, t) in self.mask_token.iter_mut().enumerate() {
+            out.push((format!("{p}.mask_tokens.{s}.weight"), t));
+        }
+        for (s, t) in self.transformer.iter_mut().enumerate() {
+            t.push_params(&mut out, &format!("{p}.transformer.{s}"));
+        }
+        for (s, u) in self.upscale.iter_mut().enumerate() {
+            push_linear(
+                &mut out,
+                &format!("{p}.output_upscaling.{s}.0"),
+                &mut u.convt.lin,
+            );
+            out.push((
+                format!("{p}.output_upscaling.{s}.0.bias"),
+                &mut u.convt.bias,
+            ));
+            push_layernorm(&mut out, &format!("{p}.output_upscaling.{s}.1"), &mut u.ln);
+        }
+        for (s, h) in self.hyper.iter_mut().enumerate() {
+            for (i, lin) in h.iter_mut().enumerate() {
+                push_linear(
+                    &mut out,
+                    &format!("{p}.output_hypernetworks_mlps.{s}.layers.{i}"),
+                    lin,
+                );
+            }
+        }
+        out
+    }
+
+    /// SAM's random Fourier encoding of an h × w grid, tiled over `m` targets:
+    /// (m·h·w, D) = [sin(2π·c·G), cos(2π·c·G)] with c = (2(x+½)/w − 1, 2(y+½)/h − 1).
+    fn pos_encoding(&self, h: usize, w: usize, m: usize) -> B::Buf {
+        let half = self.cfg.dim / 2;
+        let mut one = Vec::with_capacity(h * w * self.cfg.dim);
+        for y in 0..h {
+            for x in 0..w {
+                let cx = 2.0 * (x as f64 + 0.5) / w as f64 - 1.0;
+                let cy = 2.0 * (y as f64 + 0.5) / h as f64 - 1.0;
+                let ang: Vec<f64> = (0..half)
+                    .map(|j| {
+                        std::f64::consts::TAU
+                            * (cx * self.pe_gauss[j] + cy * self.pe_gauss[half + j])
+                    })
+                    .collect();
+                one.extend(ang.iter().map(|a| F::from(a.sin()).unwrap()));
+                one.extend(ang.iter().map(|a| F::from(a.cos()).unwrap()));
+            }
+        }
+        let tiled: Vec<F> = (0..m).flat_map(|_| one.iter().copied()).collect();
+        self.be.from_slice(&tiled)
+    }
+
+    /// feats: the two ViT feature levels, each (B, GH·GW, Cv) without the class token
+    /// (level 0 → scale 0 (coarse), level 1 → scale 1); emb: (M, L, D) one embedding per
+    /// target and scale; img_of: (M) which image each target belongs to.  Returns logits
+    /// (M, out_h·out_w) at out_h × out_w (the padded square input size) and the saved
+    /// activations.
+    pub fn forward(
+        &self,
+        feats: [&B::Buf; 2],
+        b: usize,
+        emb: &B::Buf,
+        img_of: &[usize],
+        out_h: usize,
+        out_w: usize,
+    ) -> Result<(B::Buf, DecoderActs<B::Buf>)> {
+        let be = &self.be;
+        let (d, gh, gw) = (self.cfg.dim, self.cfg.grid_h, self.cfg.grid_w);
+        let (g, m) = (gh * gw, img_of.len());
+        check_len(
+            "PixelDecoder::forward",
+            "emb (M, L, D)",
+            be.len(emb),
+            m * LEVELS * d,
+        )?;
+        if let Some((t, &i)) = img_of.iter().enumerate().find(|(_, &i)| i >= b) {
+            return Err(Error::arg(
+                "PixelDecoder::forward",
+                format!("target {t} belongs to image {i} of a batch of {b}"),
+            ));
+        }
+        if out_h == 0 || out_w == 0 {
+            return Err(Error::arg(
+                "PixelDecoder::forward",
+                format!("output size {out_h}x{out_w}"),
+            ));
+        }
+        // per image: projection and neck of each level → z (B·G, D)
+        let mut necks = Vec::with_capacity(LEVELS);
+        let mut z = Vec::with_capacity(LEVELS);
+        for (l, feat) in feats.iter().enumerate() {
+            check_len(
+                "PixelDecoder::forward",
+                "feats (B, GH·GW, Cv)",
+                be.len(feat),
+                b * g * self.cfg.vision_dim,
+            )?;
+            let n = &self.neck[l];
+            let p = self.proj[l].forward(be, feat)?;
+            let (c1, c1a) = n.conv1.forward(be, &p, b, gh, gw)?;
+            let (n1o, n1) = n.ln1.forward(be, &c1)?;
+            let (c3, c3a) = n.conv3.forward(be, &n1o, b, gh, gw)?;
+            let (zl, n2) = n.ln2.forward(be, &c3)?;
+            let feat = (*feat).clone();
+            necks.push(NeckActs {
+                feat,
+                c1a,
+                c1,
+                n1,
+                c3a,
+                c3,
+                n2,
+            });
+            z.push(zl);
+        }
+        // scale 0 on the grid
+        let keys0 = gather(be, &z[0], g * d, img_of)?;
+        let s0 = self.run_scale(0, &keys0, emb, m, gh, gw)?;
+        // scale 1 on level 1 upsampled ×2, gated by σ(mask₀) + 1 (mask₀ is at that size)
+        let mut up1 = be.zeros(b * 4 * g * d);
+        be.resize_bilinear(&z[1], b, gh, gw, d, 2 * gh, 2 * gw, &mut up1)?;
+        let g1 = gather(be, &up1, 4 * g * d, img_of)?;
+        let mut gate = be.zeros(m * 4 * g);
+        be.act_fwd(Act::Sigmoid, &s0.logits, &mut gate)?;
+        be.axpy(
+            &mut gate,
+            F::one(),
+            &be.from_slice(&vec![F::one(); m * 4 * g]),
+        )?;
+        let mut keys1 = be.zeros(be.len(&g1));
+        be.mul_rows(&g1, &gate, d, &mut keys1)?;
+        let s1 = self.run_scale(1, &keys1, emb, m, 2 * gh, 2 * gw)?;
+        // each scale's logits resized to the output, averaged
+        let mut out = be.zeros(m * out_h * out_w);
+        for (s, sa) in [&s0, &s1].into_iter().enumerate() {
+            let (h, w) = (gh << (s + 1), gw << (s + 1));
+            let mut r = be.zeros(m * out_h * out_w);
+            be.resize_bilinear(&sa.logits, m, h, w, 1, out_h, out_w, &mut r)?;
+            be.axpy(&mut out, F::from(1.0 / LEVELS as f64).unwrap(), &r)?;
+        }
+        let acts = DecoderActs {
+            necks,
+            scales: vec![s0, s1],
+            g1,
+            gate,
+            b,
+            img_of: img_of.to_vec(),
+            out_h,
+            out_w,
+        };
+        Ok((out, acts))
+    }
+
+    /// One scale: tokens [mask token, emb[:, s]] against keys (M·h·w, D) → logits (M, 4hw).
+    fn run_scale(
+        &self,
+        s: usize,
+        keys: &B::Buf,
+        emb: &B::Buf,
+        m: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<ScaleActs<B::Buf>> {
+        let be = &self.be;
+        let d = self.cfg.dim;
+        let n = h * w;
+        let mut tokens = be.zeros(m * TOKENS * d);
+        for t in 0..m {
+            be.copy_range(&mut tokens, t * TOKENS * d, &self.mask_token[s].data, 0, d)?;
+            be.copy_range(
+                &mut tokens,
+                (t * TOKENS + 1) * d,
+                emb,
+                (t * LEVELS + s) * d,
+                d,
+            )?;
+        }
+        let pe = self.pos_encoding(h, w, m);
+        let (q, k, tr) = self.transformer[s].forward(be, &tokens, keys, &pe, m, TOKENS, n)?;
+        // image side: ×2 upsampling
+        let up = &self.upscale[s];
+        let (y, cta) = up.convt.forward(be, &k, m, h, w)?;
+        let (yn, lns) = up.ln.forward(be, &y)?;
+        let mut u = be.zeros(be.len(&yn));
+        be.act_fwd(UPSCALE_ACT, &yn, &mut u)?;
+        // token side: the mask token's output through the hypernetwork MLP
+        let idx: Vec<usize> = (0..m).map(|t| t * TOKENS).collect();
+        let mut x = gather(be, &q, d, &idx)?;
+        let (mut h_in, mut h_pre) = (Vec::new(), Vec::new());
+        for (i, lin) in self.hyper[s].iter().enumerate() {
+            let pre = lin.forward(be, &x)?;
+            h_in.push(x);
+            x = if i + 1 < HYPER_LAYERS {
+                let mut a = be.zeros(be.len(&pre));
+                be.act_fwd(Act::Relu, &pre, &mut a)?;
+                a
+            } else {
+                pre.clone()
+            };
+            h_pre.push(pre);
+        }
+        let hv = x;
+        // logits[t, p] = u[t, p, :] · hv[t, :]
+        let np = 4 * n;
+        let mut logits = be.zeros(m * np);
+        let (mut ut, mut ht, mut lt) = (be.zeros(np * d), be.zeros(d), be.zeros(np));
+        for t in 0..m {
+            be.copy_range(&mut ut, 0, &u, t * np * d, np * d)?;
+            be.copy_range(&mut ht, 0, &hv, t * d, d)?;
+            let spec = MatmulSpec {
+                m: np,
+                k: d,
+                n: 1,
+                ta: false,
+                tb: false,
+            };
+            be.matmul(spec, &ut, &ht, &mut lt, crate::backend::Accum::Replace)?;
+            be.copy_range(&mut logits, t * np, &lt, 0, np)?;
+        }
+        Ok(ScaleActs {
+            tr,
+            cta,
+            y,
+            lns,
+            yn,
+            u,
+            h_in,
+            h_pre,
+            hv,
+            logits,
+        })
+    }
+
+    /// Backward of one scale from dlogits (M, 4hw): accumulates parameter gradients,
+    /// writes d emb[:, s] into `demb`, returns d keys (M·h·w, D).
+    fn run_scale_bwd(
+        &mut self,
+        s: usize,
+        a: &ScaleActs<B::Buf>,
+        dlogits: &B::Buf,
+        m: usize,
+        demb: &mut B::Buf,
+    ) -> Result<B::Buf> {
+        let be = self.be.clone();
+        let d = self.cfg.dim;
+        let np = be.len(dlogits) / m.max(1);
+        // forward: logits[t, p] = u[t, p, :]·hv[t, :]
+        // so:      du[t, p, :] = dlogits[t, p]·hv[t, :],  dhv[t, :] = Σ_p dlogits[t, p]·u[t, p, :]
+        let mut du = be.zeros(be.len(&a.u));
+        let mut dhv = be.zeros(m * d);
+        let (mut ut, mut ht, mut gt) = (be.zeros(np * d), be.zeros(d), be.zeros(np));
+        let (mut dut, mut dht) = (be.zeros(np * d), be.zeros(d));
+        for t in 0..m {
+            be.copy_range(&mut ut, 0, &a.u, t * np * d, np * d)?;
+            be.copy_range(&mut ht, 0, &a.hv, t * d, d)?;
+            be.copy_range(&mut gt, 0, dlogits, t * np, np)?;
+            let outer = MatmulSpec {
+                m: np,
+                k: 1,
+                n: d,
+                ta: false,
+                tb: false,
+            };
+            be.matmul(outer, &gt, &ht, &mut dut, crate::backend::Accum::Replace)?;
+            let red = MatmulSpec {
+                m: d,
+                k: np,
+                n: 1,
+                ta: true,
+                tb: false,
+            };
+            be.matmul(red, &ut, &gt, &mut dht, crate::backend::Accum::Replace)?;
+            be.copy_range(&mut du, t * np * d, &dut, 0, np * d)?;
+            be.copy_range(&mut dhv, t * d, &dht, 0, d)?;
+        }
+        // hypernetwork, last layer first: x_{i+1} = relu(lin_i(x_i)) (no relu on the last)
+        let mut dx = dhv;
+        for i in (0..HYPER_LAYERS).rev() {
+            let dpre = if i + 1 < HYPER_LAYERS {
+                let mut dp = be.zeros(be.len(&dx));
+                be.act_bwd(Act::Relu, &a.h_pre[i], &dx, &mut dp)?;
+                dp
+            } else {
+                dx
+            };
+            dx = self.hyper[s][i]
+                .backward(&be, &a.h_in[i], &dpre, true)?
+                .expect("dx requested");
+        }
+        let idx: Vec<usize> = (0..m).map(|t| t * TOKENS).collect();
+        let mut dq = be.zeros(m * TOKENS * d);
+        scatter_add(&be, &mut dq, d, &dx, &idx)?;
+        // forward: u = gelu(ln(convt(k)))
+        let mut dyn_ = be.zeros(be.len(&du));
+        be.act_bwd(UPSCALE_ACT, &a.yn, &du, &mut dyn_)?;
+        let up = &mut self.upscale[s];
+        let dy = up.ln.backward(&be, &a.y, &a.lns, &dyn_)?;
+        let dk = up.convt.backward(&be, &a.cta, &dy)?;
+        let (dtokens, dkeys) = self.transformer[s].backward(&be, &a.tr, &dq, &dk)?;
+        // forward: tokens[t] = [mask_token, emb[t, s]]
+        let mut row = be.zeros(d);
+        for t in 0..m {
+            if let Some(gm) = &mut self.mask_token[s].grad {
+                be.copy_range(&mut row, 0, &dtokens, t * TOKENS * d, d)?;
+                be.axpy(gm, F::one(), &row)?;
+            }
+            be.copy_range(
+                demb,
+                (t * LEVELS + s) * d,
+                &dtokens,
+                (t * TOKENS + 1) * d,
+                d,
+            )?;
+        }
+        Ok(dkeys)
+    }
+
+    /// Backward from dlogits (M, out_h·out_w): accumulates parameter gradients (skipped
+    /// for frozen tensors) and returns d feats (both levels, (B, GH·GW, Cv), overwritten)
+    /// and d emb (M, L, D).
+    pub fn backward(
+        &mut self,
+        acts: &DecoderActs<B::Buf>,
+        dlogits: &B::Buf,
+    ) -> Result<([B::Buf; 2], B::Buf)> {
+        let be = self.be.clone();
+        let (d, gh, gw) = (self.cfg.dim, self.cfg.grid_h, self.cfg.grid_w);
+        let (g, m, b) = (gh * gw, acts.img_of.len(), acts.b);
+        let (oh, ow) = (acts.out_h, acts.out_w);
+        check_len(
+            "PixelDecoder::backward",
+            "dlogits",
+            be.len(dlogits),
+            m * oh * ow,
+        )?;
+        // forward: out = (1/L) Σ_s resize(logits_s)
+        let mut dl = Vec::with_capacity(LEVELS);
+        for s in 0..LEVELS {
+            let (h, w) = (gh << (s + 1), gw << (s + 1));
+            let mut dr = dlogits.clone();
+            be.scale(&mut dr, F::from(1.0 / LEVELS as f64).unwrap());
+            let mut dls = be.zeros(m * h * w);
+            be.resize_bilinear_bwd(&dr, m, h, w, 1, oh, ow, &mut dls)?;
+            dl.push(dls);
+        }
+        let mut demb = be.zeros(m * LEVELS * d);
+        // scale 1
+        let dkeys1 = self.run_scale_bwd(1, &acts.scales[1], &dl[1], m, &mut demb)?;
+        // forward: keys1 = g1 · gate, gate = σ(logits₀) + 1
+        let (mut dg1, mut dgate) = (be.zeros(be.len(&acts.g1)), be.zeros(be.len(&acts.gate)));
+        be.mul_rows_bwd(&acts.g1, &acts.gate, &dkeys1, d, &mut dg1, &mut dgate)?;
+        let mut dl0 = be.zeros(be.len(&dgate));
+        be.act_bwd(Act::Sigmoid, &acts.scales[0].logits, &dgate, &mut dl0)?;
+        be.axpy(&mut dl0, F::one(), &dl[0])?;
+        let mut dup1 = be.zeros(b * 4 * g * d);
+        scatter_add(&be, &mut dup1, 4 * g * d, &dg1, &acts.img_of)?;
+        let mut dz1 = be.zeros(b * g * d);
+        be.resize_bilinear_bwd(&dup1, b, gh, gw, d, 2 * gh, 2 * gw, &mut dz1)?;
+        // scale 0
+        let dkeys0 = self.run_scale_bwd(0, &acts.scales[0], &dl0, m, &mut demb)?;
+        let mut dz0 = be.zeros(b * g * d);
+        scatter_add(&be, &mut dz0, g * d, &dkeys0, &acts.img_of)?;
+        // necks and projections
+        let mut dfeats = Vec::with_capacity(LEVELS);
+        for (l, dz) in [dz0, dz1].into_iter().enumerate() {
+            let (a, n) = (&acts.necks[l], &mut self.neck[l]);
+            let dc3 = n.ln2.backward(&be, &a.c3, &a.n2, &dz)?;
+            let dn1 = n.conv3.backward(&be, &a.c3a, &dc3)?;
+            let dc1 = n.ln1.backward(&be, &a.c1, &a.n1, &dn1)?;
+            let dp = n.conv1.backward(&be, &a.c1a, &dc1)?;
+            dfeats.push(
+                self.proj[l]
+                    .backward(&be, &a.feat, &dp, true)?
+                    .expect("dx requested"),
+            );
+        }
+        let d1 = dfeats.pop().expect("two levels");
+        let d0 = dfeats.pop().expect("two levels");
+        Ok(([d0, d1], demb))
+    }
+}

@@ -1,0 +1,346 @@
+//! SAM's two-way transformer: a few tokens (queries) and a map of image tokens (keys)
+//! attend to each other in turn — token self-attention, token→image cross-attention, an
+//! MLP on the tokens, image→token cross-attention — with post-norms, then one final
+//! token→image attention.  Positional encodings are added to queries and keys before
+//! every attention (never to values); the query encoding is the input tokens themselves.
+//!
+//! B batch (one per target), T tokens, N image tokens, C channels.
+use super::conv::{push_layernorm, push_linear, CrossActs, CrossAttention, NamedParams};
+use super::layers::{MlpActs, NormStats};
+use super::{LayerNorm, Mlp};
+use crate::backend::{Act, Backend};
+use crate::error::{check_len, Result};
+use num_traits::Float;
+
+/// LayerNorm epsilon of the transformer's norms (PyTorch's default, as in SAM).
+const LN_EPS: f32 = 1e-5;
+/// SAM halves the channels inside the token↔image attentions.
+pub const CROSS_DOWNSAMPLE: usize = 2;
+
+/// `a + b` as a new buffer.
+fn add<F: Float, B: Backend<F>>(be: &B, a: &B::Buf, b: &B::Buf) -> Result<B::Buf> {
+    let mut c = a.clone();
+    be.axpy(&mut c, F::one(), b)?;
+    Ok(c)
+}
+
+/// `dst += src`.
+fn acc<F: Float, B: Backend<F>>(be: &B, dst: &mut B::Buf, src: &B::Buf) -> Result<()> {
+    be.axpy(dst, F::one(), src)
+}
+
+/// A forward's (queries, keys, saved activations).
+pub type QueriesKeys<Buf, A> = (Buf, Buf, A);
+
+/// One block of the two-way transformer.
+#[derive(Clone, Debug)]
+pub struct TwoWayBlock<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub self_attn: CrossAttention<F, B>,
+    pub norm1: LayerNorm<F, B>,
+    pub cross_t2i: CrossAttention<F, B>,
+    pub norm2: LayerNorm<F, B>,
+    pub mlp: Mlp<F, B>,
+    pub norm3: LayerNorm<F, B>,
+    pub cross_i2t: CrossAttention<F, B>,
+    pub norm4: LayerNorm<F, B>,
+    /// SAM's first block: the self-attention sees the tokens without their encoding and
+    /// replaces them (no residual).
+    pub skip_first_layer_pe: bool,
+}
+
+/// What a [`TwoWayBlock`] forward saves.
+#[derive(Clone, Debug)]
+pub struct BlockActs<Buf> {
+    a1: CrossActs<Buf>,
+    q1: Buf,
+    n1: NormStats<Buf>,
+    a2: CrossActs<Buf>,
+    q2: Buf,
+    n2: NormStats<Buf>,
+    mlp: MlpActs<Buf>,
+    q3: Buf,
+    n3: NormStats<Buf>,
+    a3: CrossActs<Buf>,
+    k4: Buf,
+    n4: NormStats<Buf>,
+}
+
+impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
+    pub fn new(
+        be: &B,
+        c: usize,
+        nh: usize,
+        mlp_dim: usize,
+        skip_first_layer_pe: bool,
+    ) -> Result<Self> {
+        Ok(TwoWayBlock {
+            self_attn: CrossAttention::new(be, c, nh, 1)?,
+            norm1: LayerNorm::new(be, c, LN_EPS),
+            cross_t2i: CrossAttention::new(be, c, nh, CROSS_DOWNSAMPLE)?,
+            norm2: LayerNorm::new(be, c, LN_EPS),
+            // SAM's MLPBlock: Linear → ReLU → Linear
+            mlp: Mlp::new(be, c, mlp_dim, Act::Relu, true),
+            norm3: LayerNorm::new(be, c, LN_EPS),
+            cross_i2t: CrossAttention::new(be, c, nh, CROSS_DOWNSAMPLE)?,
+            norm4: LayerNorm::new(be, c, LN_EPS),
+            skip_first_layer_pe,
+        })
+    }
+
+    /// queries, qpe (B·T, C), keys, kpe (B·N, C) → (queries, keys) of the same shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        be: &B,
+        q: &B::Buf,
+        k: &B::Buf,
+        qpe: &B::Buf,
+        kpe: &B::Buf,
+        b: usize,
+        t: usize,
+        n: usize,
+    ) -> Result<QueriesKeys<B::Buf, BlockActs<B::Buf>>> {
+        let (q1, a1) = if self.skip_first_layer_pe {
+            self.self_attn.forward(be, q, q, q, b, t, t)?
+        } else {
+            let qp = add(be, q, qpe)?;
+            let (a, acts) = self.self_attn.forward(be, &qp, &qp, q, b, t, t)?;
+            (add(be, q, &a)?, acts)
+        };
+        let (q1n, n1) = self.norm1.forward(be, &q1)?;
+        let kp = add(be, k, kpe)?;
+        let (a, a2) = self
+            .cross_t2i
+            .forward(be, &add(be, &q1n, qpe)?, &kp, k, b, t, n)?;
+        let q2 = add(be, &q1n, &a)?;
+        let (q2n, n2) = self.norm2.forward(be, &q2)?;
+        let (m, mlp) = self.mlp.forward(be, &q2n)?;
+        let q3 = add(be, &q2n, &m)?;
+        let (q3n, n3) = self.norm3.forward(be, &q3)?;
+        // image tokens query the tokens
+        let (a, a3) = self
+            .cross_i2t
+            .forward(be, &kp, &add(be, &q3n, qpe)?, &q3n, b, n, t)?;
+        let k4 = add(be, k, &a)?;
+        let (k4n, n4) = self.norm4.forward(be, &k4)?;
+        let acts = BlockActs {
+            a1,
+            q1,
+            n1,
+            a2,
+            q2,
+            n2,
+            mlp,
+            q3,
+            n3,
+            a3,
+            k4,
+            n4,
+        };
+        Ok((q3n, k4n, acts))
+    }
+
+    /// Returns (dqueries, dkeys, dqpe), overwritten; the key encoding is constant.
+    pub fn backward(
+        &mut self,
+        be: &B,
+        a: &BlockActs<B::Buf>,
+        dq_out: &B::Buf,
+        dk_out: &B::Buf,
+    ) -> Result<(B::Buf, B::Buf, B::Buf)> {
+        // forward: k4n = norm4(k + i2t(k + kpe, q3n + qpe, q3n))
+        let dk4 = self.norm4.backward(be, &a.k4, &a.n4, dk_out)?;
+        let (dkp, dqp3, dv3) = self.cross_i2t.backward(be, &a.a3, &dk4)?;
+        let mut dk = add(be, &dk4, &dkp)?;
+        let mut dq3n = add(be, dq_out, &dv3)?;
+        acc(be, &mut dq3n, &dqp3)?;
+        let mut dqpe = dqp3;
+        // forward: q3n = norm3(q2n + mlp(q2n))
+        let dq3 = self.norm3.backward(be, &a.q3, &a.n3, &dq3n)?;
+        let mut dq2n = self.mlp.backward(be, &a.mlp, &dq3)?;
+        acc(be, &mut dq2n, &dq3)?;
+        // forward: q2n = norm2(q1n + t2i(q1n + qpe, k + kpe, k))
+        let dq2 = self.norm2.backward(be, &a.q2, &a.n2, &dq2n)?;
+        let (dqp2, dkp2, dv2) = self.cross_t2i.backward(be, &a.a2, &dq2)?;
+        let dq1n = add(be, &dq2, &dqp2)?;
+        acc(be, &mut dqpe, &dqp2)?;
+        acc(be, &mut dk, &dkp2)?;
+        acc(be, &mut dk, &dv2)?;
+        // forward: q1n = norm1(q1)
+        let dq1 = self.norm1.backward(be, &a.q1, &a.n1, &dq1n)?;
+        // forward: q1 = attn(q, q, q)                      (first block)
+        //      or: q1 = q + attn(q + qpe, q + qpe, q)      (the others)
+        let (dqq, dqk, dqv) = self.self_attn.backward(be, &a.a1, &dq1)?;
+        let mut dq = add(be, &dqq, &dqk)?;
+        acc(be, &mut dq, &dqv)?;
+        if !self.skip_first_layer_pe {
+            acc(be, &mut dq, &dq1)?;
+            acc(be, &mut dqpe, &dqq)?;
+            acc(be, &mut dqpe, &dqk)?;
+        }
+        Ok((dq, dk, dqpe))
+    }
+
+    fn push_params<'a>(&'a mut self, out: &mut NamedParams<'a, F, B>, p: &str) {
+        self.self_attn.push_params(out, &format!("{p}.self_attn"));
+        push_layernorm(out, &format!("{p}.norm1"), &mut self.norm1);
+        self.cross_t2i
+            .push_params(out, &format!("{p}.cross_attn_token_to_image"));
+        push_layernorm(out, &format!("{p}.norm2"), &mut self.norm2);
+        push_linear(out, &format!("{p}.mlp.lin1"), &mut self.mlp.fc1);
+        push_linear(out, &format!("{p}.mlp.lin2"), &mut self.mlp.fc2);
+        push_layernorm(out, &format!("{p}.norm3"), &mut self.norm3);
+        self.cross_i2t
+            .push_params(out, &format!("{p}.cross_attn_image_to_token"));
+        push_layernorm(out, &format!("{p}.norm4"), &mut self.norm4);
+    }
+}
+
+/// SAM's `TwoWayTransformer`: `depth` blocks, then a final token→image attention with
+/// a residual and a norm on the tokens.
+#[derive(Clone, Debug)]
+pub struct TwoWayTransformer<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    pub layers: Vec<TwoWayBlock<F, B>>,
+    pub final_attn: CrossAttention<F, B>,
+    pub norm_final: LayerNorm<F, B>,
+}
+
+/// What a [`TwoWayTransformer`] forward saves.
+#[derive(Clone, Debug)]
+pub struct TwoWayActs<Buf> {
+    blocks: Vec<BlockActs<Buf>>,
+    fa: CrossActs<Buf>,
+    qf: Buf,
+    nf: NormStats<Buf>,
+    b: usize,
+    t: usize,
+    n: usize,
+}
+
+impl<F: Float, B: Backend<F>> TwoWayTransformer<F, B> {
+    /// Zero-initialised (norms: weight 1, bias 0).
+    pub fn new(be: &B, depth: usize, c: usize, nh: usize, mlp_dim: usize) -> Result<Self> {
+        Ok(TwoWayTransformer {
+            layers: (0..depth)
+                .map(|i| TwoWayBlock::new(be, c, nh, mlp_dim, i == 0))
+                .collect::<Result<_>>()?,
+            final_attn: CrossAttention::new(be, c, nh, CROSS_DOWNSAMPLE)?,
+            norm_final: LayerNorm::new(be, c, LN_EPS),
+        })
+    }
+
+    fn c(&self) -> usize {
+        self.norm_final.weight.numel()
+    }
+
+    /// tokens (B·T, C) (also the query encoding), keys, kpe (B·N, C) → (tokens, keys).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        be: &B,
+        tokens: &B::Buf,
+        keys: &B::Buf,
+        kpe: &B::Buf,
+        b: usize,
+        t: usize,
+        n: usize,
+    ) -> Result<QueriesKeys<B::Buf, TwoWayActs<B::Buf>>> {
+        let c = self.c();
+        check_len(
+            "TwoWayTransformer::forward",
+            "tokens",
+            be.len(tokens),
+            b * t * c,
+        )?;
+        check_len(
+            "TwoWayTransformer::forward",
+            "keys",
+            be.len(keys),
+            b * n * c,
+        )?;
+        check_len(
+            "TwoWayTransformer::forward",
+            "key encoding",
+            be.len(kpe),
+            b * n * c,
+        )?;
+        let (mut q, mut k) = (tokens.clone(), keys.clone());
+        let mut blocks = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let (q2, k2, a) = l.forward(be, &q, &k, tokens, kpe, b, t, n)?;
+            (q, k) = (q2, k2);
+            blocks.push(a);
+        }
+        let (a, fa) =
+            self.final_attn
+                .forward(be, &add(be, &q, tokens)?, &add(be, &k, kpe)?, &k, b, t, n)?;
+        let qf = add(be, &q, &a)?;
+        let (qn, nf) = self.norm_final.forward(be, &qf)?;
+        Ok((
+            qn,
+            k,
+            TwoWayActs {
+                blocks,
+                fa,
+                qf,
+                nf,
+                b,
+                t,
+                n,
+            },
+        ))
+    }
+
+    /// Returns (dtokens, dkeys), overwritten.
+    pub fn backward(
+        &mut self,
+        be: &B,
+        a: &TwoWayActs<B::Buf>,
+        dq_out: &B::Buf,
+        dk_out: &B::Buf,
+    ) -> Result<(B::Buf, B::Buf)> {
+        let c = self.c();
+        check_len(
+            "TwoWayTransformer::backward",
+            "dtokens",
+            be.len(dq_out),
+            a.b * a.t * c,
+        )?;
+        check_len(
+            "TwoWayTransformer::backward",
+            "dkeys",
+            be.len(dk_out),
+            a.b * a.n * c,
+        )?;
+        // forward: out = norm_final(q + final(q + qpe, k + kpe, k))
+        let dqf = self.norm_final.backward(be, &a.qf, &a.nf, dq_out)?;
+        let (dqp, dkp, dv) = self.final_attn.backward(be, &a.fa, &dqf)?;
+        let mut dq = add(be, &dqf, &dqp)?;
+        let mut dqpe = dqp;
+        let mut dk = add(be, dk_out, &dkp)?;
+        acc(be, &mut dk, &dv)?;
+        for (l, acts) in self.layers.iter_mut().zip(&a.blocks).rev() {
+            let (dq2, dk2, dqpe2) = l.backward(be, acts, &dq, &dk)?;
+            (dq, dk) = (dq2, dk2);
+            acc(be, &mut dqpe, &dqpe2)?;
+        }
+        // the query encoding is the input tokens themselves
+        acc(be, &mut dq, &dqpe)?;
+        Ok((dq, dk))
+    }
+
+    /// SAM's names under `prefix`: `layers.{i}.…`, `final_attn_token_to_image.…`,
+    /// `norm_final_attn.…`.
+    pub fn push_params<'a>(&'a mut self, out: &mut NamedParams<'a, F, B>, prefix: &str) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.push_params(out, &format!("{prefix}.layers.{i}"));
+        }
+        self.final_attn
+            .push_params(out, &format!("{prefix}.final_attn_token_to_image"));
+        push_layernorm(
+            out,
+            &format!("{prefix}.norm_final_attn"),
+            &mut self.norm_final,
+        );
+    }
+}
