@@ -12,6 +12,11 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng { state: seed }
     }
+    /// The whole generator state: `Rng::new(r.state())` continues exactly where `r`
+    /// is (SplitMix64's state is its seed), so checkpoints store this one number.
+    pub fn state(&self) -> u64 {
+        self.state
+    }
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;

@@ -28,6 +28,9 @@ impl Default for AdamWConfig {
     }
 }
 
+/// AdamW's moments `(m, v)` by parameter position (`None`: not stepped yet, or frozen).
+pub type Moments<Buf> = Vec<Option<(Buf, Buf)>>;
+
 /// Optimizer state: one (m, v) pair per parameter, by position in the list the caller
 /// passes to [`AdamW::step`] (keep the order fixed, e.g. `Llama::params_mut`).
 #[derive(Clone, Debug)]
@@ -35,7 +38,7 @@ pub struct AdamW<F: Float, B: Backend<F>> {
     pub cfg: AdamWConfig,
     /// Number of steps taken so far.
     pub t: u64,
-    state: Vec<Option<(B::Buf, B::Buf)>>,
+    state: Moments<B::Buf>,
 }
 
 impl<F: Float, B: Backend<F>> AdamW<F, B> {
@@ -45,6 +48,19 @@ impl<F: Float, B: Backend<F>> AdamW<F, B> {
             t: 0,
             state: Vec::new(),
         }
+    }
+
+    /// The moments `(m, v)` by parameter position; `None` where a parameter has not
+    /// been stepped (frozen, or before the first step).  For checkpoints.
+    pub fn moments(&self) -> &[Option<(B::Buf, B::Buf)>] {
+        &self.state
+    }
+
+    /// Restores moments saved from [`AdamW::moments`] and the step count `t` (the bias
+    /// corrections depend on it), so that a resumed run continues bit-exactly.
+    pub fn restore(&mut self, moments: Moments<B::Buf>, t: u64) {
+        self.state = moments;
+        self.t = t;
     }
 
     /// One step over `params` at learning rate `lr` (from the schedule).  Tensors with

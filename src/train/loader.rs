@@ -1,0 +1,238 @@
+//! The data side of training: the [`Dataset`] trait, the per-epoch order, and the
+//! background loader that prepares micro-batches ahead of the compute.
+//!
+//! The order is a pure function of (seed, epoch): a Fisher–Yates permutation drawn
+//! from a generator seeded by both.  The loader thread walks that order from a
+//! [`Cursor`] and hands micro-batches over a bounded channel, in order, so the
+//! lookahead overlaps loading with the compute but can never change what the trainer
+//! sees.  A micro-batch that reaches the end of an epoch continues into the next one.
+use crate::error::{Error, Result};
+use crate::nn::Rng;
+use serde::{Deserialize, Serialize};
+use std::sync::mpsc::{sync_channel, Receiver};
+
+/// Mixed into the seed so that the data order is independent of the model's RNG
+/// stream (both start from the one run seed).
+const DATA_ORDER_STREAM: u64 = 0xD1B5_4A32_D192_ED03;
+
+/// Training examples by index.  `load` reads and preprocesses one example; it runs on
+/// the loader thread, so it must be `Sync` and its items `Send`.
+pub trait Dataset: Sync {
+    /// One preprocessed example, ready for [`super::Trainable::accumulate`].
+    type Item: Send;
+    /// Number of examples (≥ 1 to train).
+    fn len(&self) -> usize;
+    /// Whether there are no examples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Example `i` (`i < len`).  A bad example is an `Err` naming its file, which
+    /// stops the run.
+    fn load(&self, i: usize) -> Result<Self::Item>;
+}
+
+/// Position in the data stream: the next example is `order(epoch)[position]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub position: usize,
+}
+
+/// The permutation of `0..n` for `epoch` (Fisher–Yates from a generator seeded by
+/// seed and epoch).
+pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut rng = Rng::new(Rng::new(seed ^ DATA_ORDER_STREAM).next_u64() ^ epoch);
+    // draw a few values first: consecutive SplitMix64 seeds start correlated
+    rng.next_u64();
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// One micro-batch and the cursor just past it.
+pub struct MicroBatch<T> {
+    /// Dataset indices, in order (for tests and logs).
+    pub indices: Vec<usize>,
+    pub items: Vec<T>,
+    /// Where the stream continues after this batch.
+    pub end: Cursor,
+}
+
+/// The micro-batches from `start` on, `size` examples each.  Pure bookkeeping, no
+/// loading: the loader thread drives it.
+struct IndexStream {
+    seed: u64,
+    n: usize,
+    cur: Cursor,
+    order: Vec<usize>,
+}
+
+impl IndexStream {
+    fn new(seed: u64, n: usize, start: Cursor) -> Self {
+        IndexStream {
+            seed,
+            n,
+            cur: start,
+            order: epoch_order(seed, start.epoch, n),
+        }
+    }
+    fn next_batch(&mut self, size: usize) -> (Vec<usize>, Cursor) {
+        let mut idx = Vec::with_capacity(size);
+        while idx.len() < size {
+            if self.cur.position >= self.n {
+                self.cur = Cursor {
+                    epoch: self.cur.epoch + 1,
+                    position: 0,
+                };
+                self.order = epoch_order(self.seed, self.cur.epoch, self.n);
+            }
+            idx.push(self.order[self.cur.position]);
+            self.cur.position += 1;
+        }
+        (idx, self.cur)
+    }
+}
+
+/// Starts the loader on a scoped thread: micro-batches of `size` from `start`, at most
+/// `ahead` waiting in the channel.  The thread stops after the first load error (sent
+/// as the last message) or when the receiver is dropped.
+pub fn spawn_loader<'scope, 'env, D: Dataset>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    data: &'env D,
+    seed: u64,
+    start: Cursor,
+    size: usize,
+    ahead: usize,
+) -> Result<Receiver<Result<MicroBatch<D::Item>>>>
+where
+    D::Item: 'env,
+{
+    let n = data.len();
+    if n == 0 {
+        return Err(Error::arg("train", "the training data set is empty"));
+    }
+    if start.position > n {
+        return Err(Error::arg(
+            "train",
+            format!(
+                "the checkpoint's data cursor (position {}) is past the data set's {n} \
+                 examples: resume with the data the run started with",
+                start.position
+            ),
+        ));
+    }
+    let (tx, rx) = sync_channel(ahead.max(1));
+    scope.spawn(move || {
+        let mut stream = IndexStream::new(seed, n, start);
+        loop {
+            let (indices, end) = stream.next_batch(size);
+            let items: Result<Vec<D::Item>> = indices.iter().map(|&i| data.load(i)).collect();
+            let failed = items.is_err();
+            let msg = items.map(|items| MicroBatch {
+                indices,
+                items,
+                end,
+            });
+            if tx.send(msg).is_err() || failed {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn order_is_a_permutation_that_changes_per_epoch_and_seed() {
+        let n = 37;
+        let a = epoch_order(5, 0, n);
+        let mut s = a.clone();
+        s.sort_unstable();
+        assert_eq!(s, (0..n).collect::<Vec<_>>());
+        assert_ne!(a, epoch_order(5, 1, n));
+        assert_ne!(a, epoch_order(6, 0, n));
+        assert_eq!(a, epoch_order(5, 0, n));
+    }
+
+    /// Loads slowly and unevenly, so the lookahead fills and drains at random moments.
+    struct Sleepy {
+        n: usize,
+    }
+    impl Dataset for Sleepy {
+        type Item = usize;
+        fn len(&self) -> usize {
+            self.n
+        }
+        fn load(&self, i: usize) -> Result<usize> {
+            std::thread::sleep(Duration::from_micros((i as u64 * 7919) % 300));
+            if i == usize::MAX {
+                return Err(Error::arg("load", "unreachable"));
+            }
+            Ok(i * 10)
+        }
+    }
+
+    fn take(ahead: usize, start: Cursor, batches: usize, size: usize) -> Vec<(Vec<usize>, Cursor)> {
+        let data = Sleepy { n: 13 };
+        std::thread::scope(|s| {
+            let rx = spawn_loader(s, &data, 3, start, size, ahead).unwrap();
+            (0..batches)
+                .map(|k| {
+                    if k % 3 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    let b = rx.recv().unwrap().unwrap();
+                    assert_eq!(
+                        b.items,
+                        b.indices.iter().map(|i| i * 10).collect::<Vec<_>>()
+                    );
+                    (b.indices, b.end)
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn loader_order_does_not_depend_on_lookahead_or_timing_and_resumes() {
+        let a = take(1, Cursor::default(), 11, 3);
+        let b = take(8, Cursor::default(), 11, 3);
+        assert_eq!(a, b);
+        // 11 batches of 3 = 33 items: epochs 0, 1 and 7 items of epoch 2
+        assert_eq!(
+            a[10].1,
+            Cursor {
+                epoch: 2,
+                position: 7
+            }
+        );
+        // batch 4 (items 12..15) spans the end of epoch 0
+        let e0 = epoch_order(3, 0, 13);
+        let e1 = epoch_order(3, 1, 13);
+        assert_eq!(a[4].0, vec![e0[12], e1[0], e1[1]]);
+        // restarting at a batch's end cursor continues the same stream
+        let c = take(2, a[5].1, 5, 3);
+        assert_eq!(&c[..], &a[6..11]);
+    }
+
+    #[test]
+    fn empty_data_and_bad_cursor_are_errors() {
+        let empty = Sleepy { n: 0 };
+        let data = Sleepy { n: 4 };
+        std::thread::scope(|s| {
+            assert!(spawn_loader(s, &empty, 0, Cursor::default(), 2, 2).is_err());
+            let far = Cursor {
+                epoch: 0,
+                position: 9,
+            };
+            let err = spawn_loader(s, &data, 0, far, 2, 2).err().unwrap();
+            assert!(err.to_string().contains("position 9"), "{err}");
+        });
+    }
+}
