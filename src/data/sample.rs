@@ -25,7 +25,9 @@ pub use super::readers::muse::{
 pub use super::readers::reasonseg::{load_reasonseg, load_reasonseg_flagged};
 pub use super::readers::refcoco::load_refcoco;
 
-/// The placeholder that stands for one target's mask in answer text.
+/// The placeholder that stands for one target's mask in answer text, and the
+/// tokenizer's segmentation token (always one token).  MUSE files spell it
+/// [`MUSE_SEG`](super::muse::MUSE_SEG).
 pub const SEG: &str = "<seg>";
 
 /// Largest image (pixels) a reader accepts: masks are one byte per pixel, so a size

@@ -11,13 +11,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::data::mask::Mask;
-use crate::data::muse::{MuseAnn, MuseImage};
+use crate::data::muse::{MuseAnn, MuseImage, MUSE_SEG};
 use crate::data::sample::{check_size, data_err, parse_json, read_file, safe_join, seg_to_mask};
 use crate::data::sample::{Sample, Target, SEG};
 use crate::error::Result;
-
-/// MUSE spells the placeholder `{seg}`; the crate's answers use [`SEG`].
-const MUSE_SEG: &str = "{seg}";
 
 /// A MUSE record as found in the files: the fields of [`MuseImage`] plus the id
 /// fields some releases carry.  Spelled out rather than `#[serde(flatten)]`, which

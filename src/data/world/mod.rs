@@ -25,11 +25,12 @@ pub mod rng;
 pub mod scenes;
 pub mod shapes;
 
-use crate::data::muse::{MuseAnn, MuseImage, RleJson, Segmentation};
+use crate::data::muse::{MuseAnn, MuseImage, RleJson, Segmentation, MUSE_SEG};
+use crate::data::sample::SEG;
 use crate::data::{Mask, Rle};
 use crate::error::{Error, Result};
 use categories::CATEGORIES;
-pub use instructions::{Family, Qa, NO_TARGET_ANSWERS as NO_TARGET_ANSWERS_PUB, SEG};
+pub use instructions::{Family, Qa, NO_TARGET_ANSWERS as NO_TARGET_ANSWERS_PUB};
 pub use render::{Layout, RgbImage};
 use rng::{mix, Rng};
 use std::path::{Path, PathBuf};
@@ -261,7 +262,8 @@ impl Sample {
         }
     }
     /// The MUSE record: questions, per-question target annotations in `<seg>` order,
-    /// answers with `<seg>`, and `ann_list` holding every object (Alg. 1's proposals).
+    /// answers with MUSE's `{seg}` placeholder, and `ann_list` holding every object
+    /// (Alg. 1's proposals).
     pub fn to_muse(&self, file_name: &str) -> MuseImage {
         MuseImage {
             file_name: file_name.to_string(),
@@ -274,7 +276,12 @@ impl Sample {
                 .iter()
                 .map(|q| q.targets.iter().map(|&k| self.ann(k)).collect())
                 .collect(),
-            text_answers: Some(self.qas.iter().map(|q| q.answer.clone()).collect()),
+            text_answers: Some(
+                self.qas
+                    .iter()
+                    .map(|q| q.answer.replace(SEG, MUSE_SEG))
+                    .collect(),
+            ),
             ann_list: Some((0..self.objects.len()).map(|k| self.ann(k)).collect()),
         }
     }
