@@ -5,6 +5,7 @@
 //! The command is `popen eval` ([`eval::evaluate_files`]); the pieces are usable alone:
 //! [`assign`] (the deterministic maximum-IoU assignment), [`chair`] (vocabulary and
 //! mention matching), [`eval`] (loading, validation, per-question scores, the report).
+//! [`masks`] is the engine of `popen eval-masks` (PNG masks in two folders).
 //! [`raster`] decodes masks to foreground intervals and computes counts and boundaries
 //! on them; both are tested equal to the mask-metric kernels' CPU twins
 //! ([`crate::kernels::mask`]) on dense masks.
@@ -24,7 +25,10 @@
 //! the same question, a mask of another size, an RLE that does not decode (bad
 //! character, runs that do not add up to `height × width`) and malformed JSON are errors
 //! that name the file and line. Every listed mask counts as a prediction, an all-zero
-//! one included. Images must have at most `u32::MAX` pixels.
+//! one included. `DATA.json` obeys the data readers' rules, checked by the same function
+//! ([`crate::data::sample::check_muse`]): sizes of at most 2²⁸ pixels, one answer list
+//! (and answer text, if any) per question, one `{seg}`/`<seg>` per annotation in each
+//! answer text, RLE of the image's size, relative image paths, one record per image.
 //!
 //! Notation per question: `P` predicted masks, `G` ground-truth masks (the question's
 //! `answers` entry), `I(p,g)` / `U(p,g)` the intersection / union pixel counts,
@@ -115,6 +119,7 @@
 pub mod assign;
 pub mod chair;
 pub mod eval;
+pub mod masks;
 pub mod raster;
 
 pub use eval::{evaluate, evaluate_files, EvalConfig, Metrics, Report};
