@@ -82,3 +82,108 @@ fn the_reader_accepts_both_spellings_and_counts_each() {
     let r: MuseImage = serde_json::from_value(record("i.png", "x {seg}", 1)).unwrap();
     assert_eq!(r.text_answers.unwrap()[0], "x {seg}");
 }
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/readers/muse")
+}
+
+/// What `popen eval` says about `data` with no predictions, and what the reader says.
+fn verdicts(
+    data: &Path,
+    root: &Path,
+    empty_pred: &Path,
+) -> (Result<(), String>, Result<(), String>) {
+    let eval = popen::metrics::evaluate_files(
+        data,
+        empty_pred,
+        None,
+        &popen::metrics::EvalConfig::default(),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string());
+    let reader = load_muse(data, root).map(|_| ()).map_err(|e| e.to_string());
+    (eval, reader)
+}
+
+#[test]
+fn eval_and_the_reader_give_the_same_verdict_on_every_file() {
+    let d = scratch("verdicts");
+    let pred = d.join("empty.jsonl");
+    std::fs::write(&pred, "").unwrap();
+    // rule breakers written here, beside the reader's own bad fixtures
+    let ok = record("i.png", "a cup {seg}", 1);
+    // `ok` changed by `f`, as a one-record file
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut r = ok.clone();
+        f(&mut r);
+        json!([r])
+    };
+    let made: Vec<(&str, Value)> = vec![
+        ("good.json", json!([ok.clone(), record("j.png", "x", 0)])),
+        ("wrapped.json", json!({"images": [ok.clone()]})),
+        ("same_image.json", json!([ok.clone(), ok.clone()])),
+        ("huge.json", with(&|r| r["height"] = json!(100_000))),
+        ("empty_size.json", with(&|r| r["width"] = json!(0))),
+        ("answers.json", with(&|r| r["answers"] = json!([[], []]))),
+        (
+            "texts.json",
+            with(&|r| r["text_answers"] = json!(["a", "b"])),
+        ),
+        (
+            "placeholders.json",
+            with(&|r| r["text_answers"] = json!(["a"])),
+        ),
+        (
+            "rle_size.json",
+            with(&|r| r["answers"][0][0]["segmentation"]["size"] = json!([5, 4])),
+        ),
+        (
+            "absolute.json",
+            with(&|r| r["file_name"] = json!("/etc/passwd")),
+        ),
+        ("escape.json", with(&|r| r["file_name"] = json!("../x.png"))),
+        ("no_name.json", with(&|r| r["file_name"] = json!(""))),
+    ];
+    let mut files: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for (name, v) in &made {
+        let p = d.join(name);
+        std::fs::write(&p, v.to_string()).unwrap();
+        files.push((p, d.clone()));
+    }
+    files.push((fixtures().join("muse.json"), fixtures()));
+    let mut bad: Vec<PathBuf> = std::fs::read_dir(fixtures().join("bad"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    bad.sort();
+    assert!(bad.len() >= 8, "{bad:?}");
+    files.extend(bad.into_iter().map(|p| (p, fixtures())));
+    let (mut accepted, mut rejected) = (0, 0);
+    for (path, root) in &files {
+        let (eval, reader) = verdicts(path, root, &pred);
+        let name = path.file_name().unwrap().to_string_lossy();
+        assert_eq!(
+            eval.is_ok(),
+            reader.is_ok(),
+            "{name}: eval {eval:?}, reader {reader:?}"
+        );
+        match (&eval, &reader) {
+            (Ok(()), _) => accepted += 1,
+            (Err(e), Err(r)) => {
+                rejected += 1;
+                assert!(e.contains(&*path.to_string_lossy()), "{name}: {e}");
+                // one rule set: the same message, except where only the pixels are wrong
+                // (the reader decodes every mask up front, eval while scoring)
+                if name != "rle_runs.json" {
+                    assert_eq!(e, r, "{name}");
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+    // good.json, wrapped.json, muse.json and images.json (whose images are only
+    // opened by `load_image`)
+    assert_eq!(accepted, 4, "accepted {accepted}, rejected {rejected}");
+    let _ = std::fs::remove_dir_all(&d);
+}

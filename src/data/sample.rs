@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 
 pub use super::readers::grandf::load_grandf;
 pub use super::readers::muse::{
-    image_samples, load_muse, load_muse_entries, muse_to_samples, MuseEntry,
+    check_muse, check_record, image_samples, load_muse, load_muse_entries, muse_to_samples,
+    parse_muse_entries, MuseEntry,
 };
 pub use super::readers::reasonseg::{load_reasonseg, load_reasonseg_flagged};
 pub use super::readers::refcoco::load_refcoco;
