@@ -589,13 +589,17 @@ pub fn evaluate_files(
     vocab: Option<&Path>,
     cfg: &EvalConfig,
 ) -> Result<Report> {
+    let parsed;
     let v = match vocab {
-        Some(p) => Vocab::parse(&read(p)?, &p.display().to_string())?,
-        None => Vocab::embedded(),
+        Some(p) => {
+            parsed = Vocab::parse(&read(p)?, &p.display().to_string())?;
+            &parsed
+        }
+        None => Vocab::world(),
     };
     let d = parse_data(&read(data)?, data)?;
     let p = parse_preds(&read(pred)?, pred, &d)?;
-    evaluate(&d, &p, &v, cfg, data)
+    evaluate(&d, &p, v, cfg, data)
 }
 
 impl Report {

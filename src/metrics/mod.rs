@@ -89,8 +89,8 @@
 //! is not among the image's objects is a hallucination. Every question is one response
 //! (a missing one is the empty text). `chair_s` = responses with at least one
 //! hallucination / all responses; `chair_i` = hallucinated mentions / all mentions
-//! (`null` when there are no mentions). Without `--vocab` the embedded vocabulary
-//! [`chair::DEFAULT_VOCAB`] is used.
+//! (`null` when there are no mentions). Without `--vocab` the world's vocabulary
+//! ([`crate::data::vocab::vocab_text`], the one the world's corrector uses) is used.
 //!
 //! **Localization error** (Supp D.3). Over MUSE-matched pairs, the share whose IoU with
 //! its ground truth is below 0.75 while its IoU with some *other* object of the image
