@@ -3,9 +3,10 @@
 //! from a MUSE-schema `DATA.json` and a `PRED.jsonl` of any model's predictions.
 //!
 //! The command is `popen eval` ([`eval::evaluate_files`]); the pieces are usable alone:
-//! [`assign`] (the deterministic maximum-IoU assignment), [`chair`] (vocabulary and
-//! mention matching), [`eval`] (loading, validation, per-question scores, the report).
-//! [`masks`] is the engine of `popen eval-masks` (PNG masks in two folders).
+//! [`assign`] (the deterministic maximum-IoU assignment), [`chair`] (CHAIR counts over
+//! the vocabulary and matcher of [`crate::data::vocab`]), [`eval`] (loading, validation, per-question scores, the report).
+//! [`pearson`] is Supp C's correlation coefficient.  [`masks`] is the engine of
+//! `popen eval-masks` (PNG masks in two folders).
 //! [`raster`] decodes masks to foreground intervals and computes counts and boundaries
 //! on them; both are tested equal to the mask-metric kernels' CPU twins
 //! ([`crate::kernels::mask`]) on dense masks.
@@ -118,8 +119,10 @@
 //! also shows that the transposed frame changes nothing.
 pub mod assign;
 pub mod chair;
+pub mod correlation;
 pub mod eval;
 pub mod masks;
 pub mod raster;
 
+pub use correlation::pearson;
 pub use eval::{evaluate, evaluate_files, EvalConfig, Metrics, Report};
