@@ -24,11 +24,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("fwd", |bn| {
         bn.iter(|| {
             let (lp, _) = logprob_fwd_cpu(black_box(&logits), &targets, v).unwrap();
-            seq_weighted_sum_cpu(&lp, &w, b, t, true).unwrap()
+            seq_weighted_sum_cpu(&lp, &w, &targets, v, b, t, true).unwrap()
         })
     });
     let (lp, lse) = logprob_fwd_cpu(&logits, &targets, v).unwrap();
-    let (_, scale) = seq_weighted_sum_cpu(&lp, &w, b, t, true).unwrap();
+    let (_, scale) = seq_weighted_sum_cpu(&lp, &w, &targets, v, b, t, true).unwrap();
     let d_out = vec![1f32; b];
     let mut dl = vec![0f32; r * v];
     g.throughput(Throughput::Bytes((2 * r * v * 4) as u64));
@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function("fwd", |bn| {
             bn.iter(|| {
                 logprob_fwd(&dev, &ld, &td, v, &mut lpd, &mut lsed).unwrap();
-                seq_weighted_sum(&dev, &lpd, &wd, b, t, true, &mut od, &mut sd).unwrap();
+                seq_weighted_sum(&dev, &lpd, &wd, &td, v, b, t, true, &mut od, &mut sd).unwrap();
                 dev.synchronize().unwrap()
             })
         });

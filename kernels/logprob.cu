@@ -69,20 +69,24 @@ extern "C" __global__ void logprob_fwd_f32(float* __restrict__ lp, float* __rest
     }
 }
 
-// out (B), scale (B), lp (B, T), w (B, T).  One block per sequence.
-// out[b] = scale[b] * sum_t w[b,t] lp[b,t], scale[b] = 1 / #{t : w[b,t] != 0} when
-// normalize (0 when no position counts), else 1.  Eq. 3's 1/|y|: |y| counts the
-// response tokens, not the weights (lambda-weighted tokens count once).
+// out (B), scale (B), lp (B, T), w (B, T), targets (B, T).  One block per sequence.
+// out[b] = scale[b] * sum_t w[b,t] lp[b,t], scale[b] = 1 / #{t : w[b,t] != 0 and
+// targets[b,t] in [0, V)} when normalize (0 when no position counts), else 1.  Eq. 3's
+// 1/|y|: |y| counts the response tokens, not the weights (lambda-weighted tokens count
+// once), and an ignored target is no token (ignore_index leaves it out of the mean).
 extern "C" __global__ void seq_weighted_sum_f32(float* __restrict__ out, float* __restrict__ scale,
                                                 const float* __restrict__ lp,
-                                                const float* __restrict__ w, int t, int normalize) {
+                                                const float* __restrict__ w,
+                                                const int* __restrict__ targets, int t, int v,
+                                                int normalize) {
     __shared__ float s1[32], s2[32];
     size_t b = blockIdx.x;
     float acc = 0.f, cnt = 0.f;
     for (int k = threadIdx.x; k < t; k += blockDim.x) {
         float wv = w[b * t + k];
+        int y = targets[b * t + k];
         acc += wv * lp[b * t + k];
-        cnt += wv != 0.f ? 1.f : 0.f;
+        cnt += (wv != 0.f && y >= 0 && y < v) ? 1.f : 0.f;
     }
     acc = warp_sum(acc);
     cnt = warp_sum(cnt);

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod popen;
+pub mod rng;
 pub mod train;
 
 pub use error::{Error, Result};

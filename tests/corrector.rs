@@ -3,10 +3,10 @@
 use popen::data::corrector::{correct, detokenize, inject, tokenize, Context, Injected};
 use popen::data::diff::changed_positions;
 use popen::data::vocab::hallucinated;
-use popen::data::world::{generate, Sample, Split, WorldConfig, NO_TARGET_ANSWERS_PUB};
+use popen::data::world::{generate, Scene, Split, WorldConfig, NO_TARGET_ANSWERS_PUB};
 use proptest::prelude::*;
 
-fn ctx(s: &Sample, targets: Option<&[usize]>) -> Context {
+fn ctx(s: &Scene, targets: Option<&[usize]>) -> Context {
     let present = s
         .object_names()
         .iter()

@@ -480,7 +480,7 @@ fn bad_data_is_an_error_naming_the_record_and_field() {
     let mut d = image("i.jpg", 1, vec![vec![]], None);
     d["height"] = json!(100_000);
     d["width"] = json!(100_000);
-    assert!(p(&json!([d]).to_string()).contains("more than 4294967295 pixels"));
+    assert!(p(&json!([d]).to_string()).contains("is over 268435456 pixels"));
     d = image("i.jpg", 0, vec![], None);
     d["width"] = json!(0);
     assert!(p(&json!([d]).to_string()).contains("is empty"));
@@ -488,8 +488,12 @@ fn bad_data_is_an_error_naming_the_record_and_field() {
     assert!(p(&json!([d]).to_string()).contains("1 answer lists for 2 questions"));
     d = image("i.jpg", 1, vec![vec![]], None);
     let e = p(&json!([d.clone(), d]).to_string());
-    assert!(e.contains("[1] (i.jpg) file_name"), "{e}");
-    // a ground-truth mask of the wrong size is found while scoring
+    assert!(
+        e.contains("[1].file_name") && e.contains("also record [0]"),
+        "{e}"
+    );
+    // a ground-truth mask of the wrong size is found by the readers' rules, and again
+    // while scoring data that did not come through `parse_data`
     let small = Mask::from_fn(3, 3, |_, _| true);
     let data = json!([
         image("ok.jpg", 1, vec![vec![]], None),
@@ -500,7 +504,12 @@ fn bad_data_is_an_error_naming_the_record_and_field() {
             None
         )
     ]);
-    let d = parse_data(&data.to_string(), Path::new("DATA.json")).unwrap();
+    let e = p(&data.to_string());
+    assert!(
+        e.contains("DATA.json: field `[1].answers[0][1].segmentation.size`: RLE size is 3x3"),
+        "{e}"
+    );
+    let d: Vec<popen::data::muse::MuseImage> = serde_json::from_value(data).unwrap();
     let pr: Predictions = vec![vec![None], vec![None]];
     let e = evaluate(
         &d,

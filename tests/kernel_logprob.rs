@@ -91,8 +91,8 @@ fn logprob_matches_cpu() {
         let c = case(b, t, v, 6.0, 2);
         let (logits, w) = (f32s(&c.logits), f32s(&c.w));
         let (lp, lse) = logprob_fwd_cpu(&logits, &c.targets, v).unwrap();
-        let (out, scale) = seq_weighted_sum_cpu(&lp, &w, b, t, true).unwrap();
-        let (out_sum, _) = seq_weighted_sum_cpu(&lp, &w, b, t, false).unwrap();
+        let (out, scale) = seq_weighted_sum_cpu(&lp, &w, &c.targets, v, b, t, true).unwrap();
+        let (out_sum, _) = seq_weighted_sum_cpu(&lp, &w, &c.targets, v, b, t, false).unwrap();
         let d_out: Vec<f32> = (0..b).map(|k| 0.5 - k as f32).collect();
         let mut dl = vec![0f32; b * t * v];
         logprob_bwd_cpu(&logits, &lse, &c.targets, &w, &d_out, &scale, t, v, &mut dl).unwrap();
@@ -116,13 +116,13 @@ fn logprob_matches_cpu() {
             let mut od = dev.zeros::<f32>(b).unwrap();
             let mut sd = dev.zeros::<f32>(b).unwrap();
             for (norm, want) in [(true, &out), (false, &out_sum)] {
-                seq_weighted_sum(&dev, &lpd, &wd, b, t, norm, &mut od, &mut sd).unwrap();
+                seq_weighted_sum(&dev, &lpd, &wd, &td, v, b, t, norm, &mut od, &mut sd).unwrap();
                 let got = dev.download(&od).unwrap();
                 for k in 0..b {
                     assert!(close(got[k], want[k], 1e-5), "{dev:?} seq {k} norm {norm}");
                 }
             }
-            seq_weighted_sum(&dev, &lpd, &wd, b, t, true, &mut od, &mut sd).unwrap();
+            seq_weighted_sum(&dev, &lpd, &wd, &td, v, b, t, true, &mut od, &mut sd).unwrap();
             let dd = dev.upload(&d_out).unwrap();
             let mut dld = dev.zeros::<f32>(b * t * v).unwrap();
             logprob_bwd(&dev, &ld, &lsed, &td, &wd, &dd, &sd, t, v, &mut dld).unwrap();
@@ -146,11 +146,13 @@ fn logprob_backward_matches_finite_differences() {
     for normalize in [true, false] {
         let f = |x: &[f64]| {
             let (lp, _) = logprob_fwd_cpu(x, &c.targets, c.v).unwrap();
-            let (o, _) = seq_weighted_sum_cpu(&lp, &c.w, c.b, c.t, normalize).unwrap();
+            let (o, _) =
+                seq_weighted_sum_cpu(&lp, &c.w, &c.targets, c.v, c.b, c.t, normalize).unwrap();
             o.iter().zip(&d_out).map(|(a, b)| a * b).sum::<f64>()
         };
         let (lp, lse) = logprob_fwd_cpu(&c.logits, &c.targets, c.v).unwrap();
-        let (_, scale) = seq_weighted_sum_cpu(&lp, &c.w, c.b, c.t, normalize).unwrap();
+        let (_, scale) =
+            seq_weighted_sum_cpu(&lp, &c.w, &c.targets, c.v, c.b, c.t, normalize).unwrap();
         let mut g = vec![0f64; c.logits.len()];
         logprob_bwd_cpu(
             &c.logits, &lse, &c.targets, &c.w, &d_out, &scale, c.t, c.v, &mut g,
@@ -228,5 +230,51 @@ fn cross_entropy_matches_cpu() {
         assert!(
             cross_entropy(&dev, &ld, &td, &md, 4, c.v, &mut loss, &mut lse, &mut scale).is_err()
         );
+    }
+}
+
+#[test]
+fn ignored_targets_do_not_count_in_the_length() {
+    // PyTorch's ignore_index: an ignored position is no token of the response, so it
+    // counts neither in the sum nor in Eq. 3's 1/|y|, whatever weight it was given.
+    let (b, t, v) = (2usize, 4usize, 5usize);
+    let c = case(b, t, v, 2.0, 17);
+    // sequence 0: position 2 ignored (-100) though weighted λ; sequence 1: position 0
+    // ignored by a target ≥ V, position 3 is prompt (weight 0)
+    let targets = [1, 2, -100, 3, 7, 0, 4, 1];
+    let w = [0.0, 1.0, 5.0, 1.0, 1.0, 1.0, 5.0, 0.0];
+    let (lp, _) = logprob_fwd_cpu(&c.logits, &targets, v).unwrap();
+    assert_eq!((lp[2], lp[4]), (0.0, 0.0));
+    let (out, scale) = seq_weighted_sum_cpu(&lp, &w, &targets, v, b, t, true).unwrap();
+    assert_eq!(scale, vec![0.5, 0.5]);
+    let want = [(lp[1] + lp[3]) / 2.0, (lp[5] + 5.0 * lp[6]) / 2.0];
+    assert!((out[0] - want[0]).abs() < 1e-15 && (out[1] - want[1]).abs() < 1e-15);
+    // the SFT cross-entropy is the mean NLL over the counted tokens only
+    let mask = [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0];
+    let (ce, _, _) = cross_entropy_cpu(&c.logits, &targets, &mask, b, v).unwrap();
+    let want_ce = [-(lp[1] + lp[3]) / 2.0, -(lp[5] + lp[6]) / 2.0];
+    assert!((ce[0] - want_ce[0]).abs() < 1e-15 && (ce[1] - want_ce[1]).abs() < 1e-15);
+    // the kernel counts the same way
+    let (logits, w32) = (f32s(&c.logits), f32s(&w));
+    for dev in Device::test_devices() {
+        let ld = dev.upload(&logits).unwrap();
+        let td = dev.upload(&targets).unwrap();
+        let wd = dev.upload(&w32).unwrap();
+        let mut lpd = dev.zeros::<f32>(b * t).unwrap();
+        let mut lsed = dev.zeros::<f32>(b * t).unwrap();
+        logprob_fwd(&dev, &ld, &td, v, &mut lpd, &mut lsed).unwrap();
+        let mut od = dev.zeros::<f32>(b).unwrap();
+        let mut sd = dev.zeros::<f32>(b).unwrap();
+        seq_weighted_sum(&dev, &lpd, &wd, &td, v, b, t, true, &mut od, &mut sd).unwrap();
+        let (got, gs) = (dev.download(&od).unwrap(), dev.download(&sd).unwrap());
+        for k in 0..b {
+            assert!(close(gs[k], 0.5, 1e-6), "{dev:?} scale {k}: {}", gs[k]);
+            assert!(
+                close(got[k], want[k] as f32, 1e-5),
+                "{dev:?} seq {k}: {} vs {}",
+                got[k],
+                want[k]
+            );
+        }
     }
 }

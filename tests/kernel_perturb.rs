@@ -241,3 +241,52 @@ fn polynomial_ln_and_sincos_are_accurate() {
     assert!(worst.0 < 1e-6, "ln relative error {}", worst.0);
     assert!(worst.1 < 1e-6, "sincos absolute error {}", worst.1);
 }
+
+#[test]
+fn perturb_noise_has_standard_deviation_sigma() {
+    // a zero image and a rectangle covering it: every output element is σ·z with z a
+    // standard normal, so the sample moments must be σ's (a wrong scale fails here even
+    // when kernel and twin agree)
+    let (b, c, h, w) = (1usize, 3usize, 33usize, 31usize);
+    let e = c * h * w;
+    for sigma in [0.37f32, 2.5] {
+        let cfg = PerturbCfg {
+            np: 8,
+            sigma,
+            rect_h: (h, h),
+            rect_w: (w, w),
+            seed: 0xC0FFEE,
+            first_copy: 0,
+        };
+        let img = vec![0f32; b * e];
+        let mut cpu = vec![0f32; cfg.np * b * e];
+        let mut rects = vec![Rect::default(); cfg.np * b];
+        perturb_cpu(&img, b, c, h, w, &cfg, &mut cpu, &mut rects).unwrap();
+        let mut outs = vec![("cpu".to_string(), cpu)];
+        for dev in Device::test_devices() {
+            let imgd = dev.upload(&img).unwrap();
+            let mut out = dev.zeros::<f32>(cfg.np * b * e).unwrap();
+            let mut rd = dev.zeros::<i32>(cfg.np * b * 4).unwrap();
+            perturb(&dev, &imgd, b, c, h, w, &cfg, &mut out, &mut rd).unwrap();
+            outs.push((format!("{dev:?}"), dev.download(&out).unwrap()));
+        }
+        for (who, x) in &outs {
+            let n = x.len() as f64;
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+            let (s, sd) = (var.sqrt(), sigma as f64);
+            // n = 24 552: the standard error of s is σ/√(2n) ≈ 0.45 % of σ
+            assert!((s / sd - 1.0).abs() < 0.02, "{who} σ={sd}: sample std {s}");
+            assert!(
+                mean.abs() < 4.0 * sd / n.sqrt(),
+                "{who} σ={sd}: mean {mean}"
+            );
+            // and normal in shape: 68.27 % within one σ
+            let within = x.iter().filter(|&&v| (v as f64).abs() < sd).count() as f64 / n;
+            assert!(
+                (within - 0.6827).abs() < 0.012,
+                "{who} σ={sd}: {within} within σ"
+            );
+        }
+    }
+}

@@ -138,3 +138,60 @@ fn seg_pref_indicator_and_bad_input() {
     let out = seg_pref_loss(&zero, &reference, &[[0, 1, 2]], &[true], 3, 4, BETA_S).unwrap();
     assert!(out.loss.is_finite() && out.d_policy.iter().all(|g| g.is_finite()));
 }
+
+#[test]
+fn seg_pref_hand_computed_with_unit_vectors() {
+    // D = 2, K = 3 images stored as [medium, worst, best] (order = [2, 0, 1]):
+    // reference best e0 = (1, 0), worst e1 = (0, 1), medium at 45°; the policy's
+    // medium embedding at 30°, nearer the best than the reference's medium.
+    let s = std::f64::consts::FRAC_1_SQRT_2;
+    let (c30, s30) = (3f64.sqrt() / 2.0, 0.5);
+    let reference = [s, s, 0.0, 1.0, 1.0, 0.0];
+    // the policy's other images are not read: any values
+    let policy = [c30, s30, 9.0, -4.0, 0.3, 7.0];
+    let order = [[2, 0, 1]];
+    // r_w = βs (cos30° − cos45°), r_l = βs (sin30° − cos45°), m = βs (√3 − 1)/2
+    let m1 = (3f64.sqrt() - 1.0) / 2.0;
+    for beta in [1.0, BETA_S] {
+        let out = seg_pref_loss(&policy, &reference, &order, &[true], 3, 2, beta).unwrap();
+        let m = beta * m1;
+        assert!(
+            (out.margin[0] - m).abs() < 1e-14,
+            "βs={beta}: {}",
+            out.margin[0]
+        );
+        assert!(
+            out.margin[0] > 0.0,
+            "medium nearer the best: positive margin"
+        );
+        let want = (1.0 + (-m).exp()).ln();
+        assert!(
+            (out.loss - want).abs() < 1e-14,
+            "βs={beta}: {} vs {want}",
+            out.loss
+        );
+        // ∂cos(f, b)/∂f = b − cos·f for unit f:
+        // (1/4, −√3/4) toward the best minus (−√3/4, 3/4) toward the worst
+        let r3 = 3f64.sqrt();
+        let dir = [(1.0 + r3) / 4.0, -(r3 + 3.0) / 4.0];
+        let sig = 1.0 / (1.0 + m.exp()); // σ(−m)
+        for j in 0..2 {
+            let g = -sig * beta * dir[j];
+            assert!((out.d_policy[j] - g).abs() < 1e-14, "βs={beta} grad {j}");
+        }
+        assert!(out.d_policy[2..].iter().all(|&g| g == 0.0));
+    }
+    // βs scales the margin linearly
+    let m_1 = seg_pref_loss(&policy, &reference, &order, &[true], 3, 2, 1.0).unwrap();
+    let m_s = seg_pref_loss(&policy, &reference, &order, &[true], 3, 2, BETA_S).unwrap();
+    assert!((m_s.margin[0] - BETA_S * m_1.margin[0]).abs() < 1e-13);
+    // best and worst swapped: the margin flips sign and the loss is the other side's
+    let swapped = seg_pref_loss(&policy, &reference, &[[1, 0, 2]], &[true], 3, 2, BETA_S).unwrap();
+    assert!((swapped.margin[0] + BETA_S * m1).abs() < 1e-13);
+    assert!((swapped.loss - (1.0 + (BETA_S * m1).exp()).ln()).abs() < 1e-12);
+    // the indicator off: no loss, no gradient, the margin still reported
+    let off = seg_pref_loss(&policy, &reference, &order, &[false], 3, 2, BETA_S).unwrap();
+    assert_eq!(off.loss, 0.0);
+    assert!(off.d_policy.iter().all(|&g| g == 0.0));
+    assert!((off.margin[0] - BETA_S * m1).abs() < 1e-13);
+}

@@ -1,7 +1,9 @@
 //! The real all-MiniLM-L6-v2 (fetched by tools/fetch_minilm.sh, or $POPEN_MINILM_DIR):
 //! our tokenizer use and mean-pooled sentence embeddings against values that
 //! tools/make_golden.py recorded with torch (and cross-checked against
-//! sentence-transformers).  Skipped, with the reason printed, when the model is absent.
+//! sentence-transformers).  Skipped, with the reason printed, when the model is absent
+//! — except in CI (`CI=true`), where an absent model fails the test: `.ci/run` fetches
+//! it, so a CI run that cannot is broken, not excused.
 use popen::backend::Cpu;
 use popen::model::bert::Bert;
 use popen::model::{BertConfig, Checkpoint, HfConfig, ModelType, StFile};
@@ -27,6 +29,11 @@ fn minilm_dir() -> Result<PathBuf, String> {
     }
 }
 
+/// A CI run, as CI services mark it (`CI=true`; `1` also counts).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
@@ -36,6 +43,7 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 fn minilm_mean_pooled_embeddings_match_torch() {
     let dir = match minilm_dir() {
         Ok(d) => d,
+        Err(why) if in_ci() => panic!("{why}: CI=true needs the model (.ci/run fetches it)"),
         Err(why) => {
             println!("skipped: {why}");
             return;
@@ -93,4 +101,39 @@ fn minilm_mean_pooled_embeddings_match_torch() {
     assert!(e <= MAX_REL_ERR, "normalized relative error {e:.3e}");
     // sanity that the comparison can fail: different sentences give different vectors
     assert!(rel_err(&norm[..384], &norm[384..768]) > 0.1);
+}
+
+/// The golden test itself, run in a child process with the model out of reach: it
+/// skips outside CI and fails under `CI=true`.
+#[test]
+fn absent_model_skips_locally_and_fails_in_ci() {
+    let run = |ci: Option<&str>| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "minilm_mean_pooled_embeddings_match_torch",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("POPEN_MINILM_DIR", "/nonexistent/minilm")
+        .env_remove("CI");
+        if let Some(v) = ci {
+            cmd.env("CI", v);
+        }
+        let o = cmd.output().unwrap();
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.success(), text)
+    };
+    let (ok, text) = run(None);
+    assert!(
+        ok && text.contains("skipped: no MiniLM at /nonexistent/minilm"),
+        "{text}"
+    );
+    for ci in ["true", "1"] {
+        let (ok, text) = run(Some(ci));
+        assert!(!ok, "CI={ci}: the test passed without the model:\n{text}");
+        assert!(text.contains("tools/fetch_minilm.sh"), "{text}");
+    }
+    let (ok, _) = run(Some("false"));
+    assert!(ok, "CI=false is not CI");
 }

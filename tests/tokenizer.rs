@@ -1,6 +1,7 @@
 //! The world tokenizer (train, save, load, round trip) and `<seg>` staying one token
 //! in a LLaMA-style Hugging Face tokenizer.
-use popen::data::tokenizer::{add_seg_token, Tok, SEG_TOKEN, WORLD_SPECIALS};
+use popen::data::sample::SEG;
+use popen::data::tokenizer::{add_seg_token, Tok, WORLD_SPECIALS};
 use popen::data::world::WorldConfig;
 
 fn world_tok() -> Tok {
@@ -119,7 +120,7 @@ fn seg_is_one_token_in_a_llama_style_tokenizer() {
     let mut raw = tokenizers::Tokenizer::from_file(&path).unwrap();
     let before = raw.encode(text, false).unwrap();
     let toks: Vec<&str> = before.get_tokens().iter().map(|s| s.as_str()).collect();
-    assert!(!toks.contains(&SEG_TOKEN), "{toks:?}");
+    assert!(!toks.contains(&SEG), "{toks:?}");
     assert!(toks.len() > 6, "{toks:?}");
 
     // After: one id per `<seg>`, in both contexts, and decoding gives the text back.
@@ -134,7 +135,7 @@ fn seg_is_one_token_in_a_llama_style_tokenizer() {
     );
     for t in enc.get_tokens() {
         assert!(
-            t == SEG_TOKEN || !t.contains("seg"),
+            t == SEG || !t.contains("seg"),
             "a piece of <seg> leaked: {:?}",
             enc.get_tokens()
         );

@@ -13,10 +13,11 @@
 //! `a cup <seg>`, `the two apples <seg> <seg>`, `one cat <seg>`, lists joined by `,`
 //! and `and` — which is the grammar the world writes and a model trained on it
 //! speaks.  Words outside an object phrase are kept as they are.
+use crate::data::sample::SEG;
 use crate::data::vocab::lookup;
 use crate::data::world::categories::by_name;
 use crate::data::world::instructions::{
-    capitalize, indefinite, number_word, parse_number_word, NO_TARGET_ANSWERS, SEG,
+    capitalize, indefinite, number_word, parse_number_word, NO_TARGET_ANSWERS,
 };
 use crate::data::world::rng::Rng;
 

@@ -3,6 +3,10 @@
 //! Loading with validation (files, fields, masks) lives beside these types.
 use serde::{Deserialize, Serialize};
 
+/// MUSE's spelling of the placeholder in `text_answers`; readers turn it into the
+/// crate's [`SEG`](super::sample::SEG) (and accept `SEG` itself as written).
+pub const MUSE_SEG: &str = "{seg}";
+
 /// One image with its questions and, per question, the annotations its answer
 /// segments (one per `<seg>`, in order).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -20,12 +20,15 @@ use crate::error::{Error, Result};
 
 pub use super::readers::grandf::load_grandf;
 pub use super::readers::muse::{
-    image_samples, load_muse, load_muse_entries, muse_to_samples, MuseEntry,
+    check_muse, check_record, image_samples, load_muse, load_muse_entries, muse_to_samples,
+    parse_muse_entries, MuseEntry,
 };
 pub use super::readers::reasonseg::{load_reasonseg, load_reasonseg_flagged};
 pub use super::readers::refcoco::load_refcoco;
 
-/// The placeholder that stands for one target's mask in answer text.
+/// The placeholder that stands for one target's mask in answer text, and the
+/// tokenizer's segmentation token (always one token).  MUSE files spell it
+/// [`MUSE_SEG`](super::muse::MUSE_SEG).
 pub const SEG: &str = "<seg>";
 
 /// Largest image (pixels) a reader accepts: masks are one byte per pixel, so a size

@@ -6,6 +6,7 @@
 //! `<image>`) are added as *special, unnormalized* tokens, which the `tokenizers`
 //! crate extracts from the raw text before normalization and pre-tokenization, so no
 //! neighbouring character or whitespace rule can split them.
+use crate::data::sample::SEG;
 use crate::error::{Error, Result};
 use std::path::Path;
 use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
@@ -16,8 +17,6 @@ use tokenizers::{
     TokenizerImpl,
 };
 
-/// The segmentation token.
-pub const SEG_TOKEN: &str = "<seg>";
 /// Marks where the image features go in the prompt.
 pub const IMAGE_TOKEN: &str = "<image>";
 pub const PAD_TOKEN: &str = "<pad>";
@@ -25,14 +24,8 @@ pub const BOS_TOKEN: &str = "<s>";
 pub const EOS_TOKEN: &str = "</s>";
 pub const UNK_TOKEN: &str = "<unk>";
 /// Special tokens of the world tokenizer, in id order (ids 0..6).
-pub const WORLD_SPECIALS: [&str; 6] = [
-    UNK_TOKEN,
-    PAD_TOKEN,
-    BOS_TOKEN,
-    EOS_TOKEN,
-    IMAGE_TOKEN,
-    SEG_TOKEN,
-];
+pub const WORLD_SPECIALS: [&str; 6] =
+    [UNK_TOKEN, PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, SEG];
 /// Default vocabulary size of the world tokenizer: the world's text has a few hundred
 /// distinct words, so this keeps nearly every word whole.
 pub const WORLD_VOCAB: usize = 800;
@@ -73,12 +66,12 @@ pub fn add_special(tok: &mut tokenizers::Tokenizer, token: &str) -> Result<u32> 
 
 /// Adds `<seg>` so that it always encodes to one id (see the module docs).
 pub fn add_seg_token(tok: &mut tokenizers::Tokenizer) -> Result<u32> {
-    add_special(tok, SEG_TOKEN)
+    add_special(tok, SEG)
 }
 
 impl Tok {
     fn from_inner(mut inner: tokenizers::Tokenizer) -> Result<Tok> {
-        let seg = add_special(&mut inner, SEG_TOKEN)?;
+        let seg = add_special(&mut inner, SEG)?;
         let image = add_special(&mut inner, IMAGE_TOKEN)?;
         let pad = add_special(&mut inner, PAD_TOKEN)?;
         let bos = inner

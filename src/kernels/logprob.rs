@@ -15,7 +15,7 @@
 //! // one sequence of 2 positions over a vocabulary of 3
 //! let logits = [0.0f64, 0.0, 0.0, 1.0, 2.0, 3.0];
 //! let (lp, _lse) = logprob_fwd_cpu(&logits, &[1, 2], 3).unwrap();
-//! let (seq, _) = seq_weighted_sum_cpu(&lp, &[1.0, 5.0], 1, 2, true).unwrap();
+//! let (seq, _) = seq_weighted_sum_cpu(&lp, &[1.0, 5.0], &[1, 2], 3, 1, 2, true).unwrap();
 //! let want = (lp[0] + 5.0 * lp[1]) / 2.0; // Eq. 3 with λ = 5 on position 1
 //! assert!((seq[0] - want).abs() < 1e-12);
 //! ```
@@ -206,13 +206,18 @@ pub fn logprob_fwd_cpu<T: RowOps>(
 }
 
 /// CPU twin of `seq_weighted_sum_f32`: `(out, scale)` with
-/// `out[b] = scale[b]·Σ_t w[b,t]·lp[b,t]` and `scale[b] = 1/#{t : w[b,t] ≠ 0}` when
-/// `normalize` (Eq. 3's `1/|y|`; 0 for a sequence with no response token), else 1.
+/// `out[b] = scale[b]·Σ_t w[b,t]·lp[b,t]` and
+/// `scale[b] = 1/#{t : w[b,t] ≠ 0 and targets[b,t] not ignored}` when `normalize`
+/// (Eq. 3's `1/|y|`; 0 for a sequence with no response token), else 1.  An ignored
+/// target (outside `[0, V)`) is not a token of the response, so it does not count in
+/// `|y|`, as PyTorch's `ignore_index` leaves it out of the mean.
 ///
-/// lp (B, T), w (B, T) → out (B), scale (B).
+/// lp (B, T), w (B, T), targets (B, T) → out (B), scale (B).
 pub fn seq_weighted_sum_cpu<T: Float>(
     lp: &[T],
     w: &[T],
+    targets: &[i32],
+    v: usize,
     b: usize,
     t: usize,
     normalize: bool,
@@ -220,13 +225,14 @@ pub fn seq_weighted_sum_cpu<T: Float>(
     const OP: &str = "seq_weighted_sum_cpu";
     check_len(OP, "lp", lp.len(), b * t)?;
     check_len(OP, "w", w.len(), b * t)?;
+    check_len(OP, "targets", targets.len(), b * t)?;
     let mut out = vec![T::zero(); b];
     let mut scale = vec![T::one(); b];
     for k in 0..b {
         let (mut acc, mut cnt) = (T::zero(), 0usize);
         for j in k * t..(k + 1) * t {
             acc = acc + w[j] * lp[j];
-            cnt += (w[j] != T::zero()) as usize;
+            cnt += (w[j] != T::zero() && target_of(targets[j], v).is_some()) as usize;
         }
         if normalize {
             scale[k] = if cnt > 0 {
@@ -309,7 +315,7 @@ pub fn cross_entropy_cpu<T: RowOps>(
     }
     let t = targets.len() / b;
     let (lp, lse) = logprob_fwd_cpu(logits, targets, v)?;
-    let (s, scale) = seq_weighted_sum_cpu(&lp, mask, b, t, true)?;
+    let (s, scale) = seq_weighted_sum_cpu(&lp, mask, targets, v, b, t, true)?;
     Ok((s.into_iter().map(|x| -x).collect(), lse, scale))
 }
 
@@ -356,14 +362,16 @@ pub fn logprob_fwd(
     )
 }
 
-/// Launch `seq_weighted_sum_f32`.
+/// Launch `seq_weighted_sum_f32` (see [`seq_weighted_sum_cpu`]).
 ///
-/// lp (B, T), w (B, T), out (B), scale (B) — overwritten.
+/// lp (B, T), w (B, T), targets (B, T), out (B), scale (B) — overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn seq_weighted_sum(
     dev: &Device,
     lp: &DeviceBuf<f32>,
     w: &DeviceBuf<f32>,
+    targets: &DeviceBuf<i32>,
+    v: usize,
     b: usize,
     t: usize,
     normalize: bool,
@@ -372,8 +380,10 @@ pub fn seq_weighted_sum(
 ) -> Result<()> {
     const OP: &str = "seq_weighted_sum";
     check_rows(OP, b, t.max(1))?;
+    check_rows(OP, b * t, v)?;
     check_len(OP, "lp", lp.len(), b * t)?;
     check_len(OP, "w", w.len(), b * t)?;
+    check_len(OP, "targets", targets.len(), b * t)?;
     check_len(OP, "out", out.len(), b)?;
     check_len(OP, "scale", scale.len(), b)?;
     if b == 0 {
@@ -387,7 +397,9 @@ pub fn seq_weighted_sum(
             scale.arg_mut(),
             lp.arg(),
             w.arg(),
+            targets.arg(),
             KArg::I32(t as i32),
+            KArg::I32(v as i32),
             KArg::I32(normalize as i32),
         ],
     )
@@ -473,7 +485,7 @@ pub fn cross_entropy(
     let mut lp = dev.zeros::<f32>(b * t)?;
     let mut sum = dev.zeros::<f32>(b)?;
     logprob_fwd(dev, logits, targets, v, &mut lp, lse)?;
-    seq_weighted_sum(dev, &lp, mask, b, t, true, &mut sum, scale)?;
+    seq_weighted_sum(dev, &lp, mask, targets, v, b, t, true, &mut sum, scale)?;
     check_len(OP, "loss", loss.len(), b)?;
     dev.launch(
         "scale_f32",

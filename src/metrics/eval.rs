@@ -4,6 +4,7 @@ use super::assign::{assign, iou_weight};
 use super::chair::{chair_counts, Vocab};
 use super::raster::{boundary_iou_intervals, rle_runs, segmentation_runs, Runs};
 use crate::data::muse::{MuseAnn, MuseImage, RleJson};
+use crate::data::sample::{check_muse, parse_muse_entries};
 use crate::error::{Error, Result};
 use crate::kernels::mask;
 use rayon::prelude::*;
@@ -57,55 +58,22 @@ pub struct Prediction {
 /// Predictions aligned with the data: `[image][question]`, `None` = missing.
 pub type Predictions = Vec<Vec<Option<Prediction>>>;
 
-/// Parse and check `DATA.json` text (`source` names it in errors): a list of MUSE image
-/// records with positive sizes, one answer list per question, unique file names.
+// pixel indices are u32 in the interval arithmetic: the readers' size limit keeps them so
+const _: () = assert!(crate::data::sample::MAX_IMAGE_PIXELS <= u32::MAX as usize);
+
+/// Parse and check `DATA.json` text (`source` names it in errors): a MUSE file (a list
+/// of image records or `{"images": [...]}`) under the data readers' rules
+/// ([`check_muse`]), so that `popen eval` and the readers accept the same files.  A
+/// record without `file_name` gets the path the readers derive from its `coco_url`,
+/// which is the name its predictions use.
 pub fn parse_data(text: &str, source: &Path) -> Result<Vec<MuseImage>> {
-    let data: Vec<MuseImage> = serde_json::from_str(text).map_err(|e| Error::Json {
-        path: source.into(),
-        line: Some(e.line()),
-        msg: format!("not a MUSE image list: {e}"),
-    })?;
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (i, img) in data.iter().enumerate() {
-        let field = |f: &str| format!("[{i}] ({}) {f}", img.file_name);
-        if img.height == 0 || img.width == 0 {
-            return Err(Error::Data {
-                path: source.into(),
-                field: field("height/width"),
-                msg: format!("size {}x{} is empty", img.height, img.width),
-            });
-        }
-        // pixel indices are u32 (interval arithmetic): 4.29 gigapixels at most
-        if img.height as u64 * img.width as u64 > u32::MAX as u64 {
-            return Err(Error::Data {
-                path: source.into(),
-                field: field("height/width"),
-                msg: format!(
-                    "size {}x{} has more than {} pixels",
-                    img.height,
-                    img.width,
-                    u32::MAX
-                ),
-            });
-        }
-        if img.answers.len() != img.questions.len() {
-            return Err(Error::Data {
-                path: source.into(),
-                field: field("answers"),
-                msg: format!(
-                    "{} answer lists for {} questions",
-                    img.answers.len(),
-                    img.questions.len()
-                ),
-            });
-        }
-        if let Some(j) = seen.insert(img.file_name.as_str(), i) {
-            return Err(Error::Data {
-                path: source.into(),
-                field: field("file_name"),
-                msg: format!("same file name as record [{j}]"),
-            });
-        }
+    let mut data: Vec<MuseImage> = parse_muse_entries(source, text)?
+        .into_iter()
+        .map(|e| e.image)
+        .collect();
+    let names = check_muse(source, &data)?;
+    for (img, name) in data.iter_mut().zip(names) {
+        img.file_name = name;
     }
     Ok(data)
 }
@@ -621,13 +589,17 @@ pub fn evaluate_files(
     vocab: Option<&Path>,
     cfg: &EvalConfig,
 ) -> Result<Report> {
+    let parsed;
     let v = match vocab {
-        Some(p) => Vocab::parse(&read(p)?, &p.display().to_string())?,
-        None => Vocab::embedded(),
+        Some(p) => {
+            parsed = Vocab::parse(&read(p)?, &p.display().to_string())?;
+            &parsed
+        }
+        None => Vocab::world(),
     };
     let d = parse_data(&read(data)?, data)?;
     let p = parse_preds(&read(pred)?, pred, &d)?;
-    evaluate(&d, &p, &v, cfg, data)
+    evaluate(&d, &p, v, cfg, data)
 }
 
 impl Report {

@@ -3,8 +3,10 @@
 //! from a MUSE-schema `DATA.json` and a `PRED.jsonl` of any model's predictions.
 //!
 //! The command is `popen eval` ([`eval::evaluate_files`]); the pieces are usable alone:
-//! [`assign`] (the deterministic maximum-IoU assignment), [`chair`] (vocabulary and
-//! mention matching), [`eval`] (loading, validation, per-question scores, the report).
+//! [`assign`] (the deterministic maximum-IoU assignment), [`chair`] (CHAIR counts over
+//! the vocabulary and matcher of [`crate::data::vocab`]), [`eval`] (loading, validation, per-question scores, the report).
+//! [`pearson`] is Supp C's correlation coefficient.  [`masks`] is the engine of
+//! `popen eval-masks` (PNG masks in two folders).
 //! [`raster`] decodes masks to foreground intervals and computes counts and boundaries
 //! on them; both are tested equal to the mask-metric kernels' CPU twins
 //! ([`crate::kernels::mask`]) on dense masks.
@@ -24,7 +26,10 @@
 //! the same question, a mask of another size, an RLE that does not decode (bad
 //! character, runs that do not add up to `height × width`) and malformed JSON are errors
 //! that name the file and line. Every listed mask counts as a prediction, an all-zero
-//! one included. Images must have at most `u32::MAX` pixels.
+//! one included. `DATA.json` obeys the data readers' rules, checked by the same function
+//! ([`crate::data::sample::check_muse`]): sizes of at most 2²⁸ pixels, one answer list
+//! (and answer text, if any) per question, one `{seg}`/`<seg>` per annotation in each
+//! answer text, RLE of the image's size, relative image paths, one record per image.
 //!
 //! Notation per question: `P` predicted masks, `G` ground-truth masks (the question's
 //! `answers` entry), `I(p,g)` / `U(p,g)` the intersection / union pixel counts,
@@ -85,8 +90,8 @@
 //! is not among the image's objects is a hallucination. Every question is one response
 //! (a missing one is the empty text). `chair_s` = responses with at least one
 //! hallucination / all responses; `chair_i` = hallucinated mentions / all mentions
-//! (`null` when there are no mentions). Without `--vocab` the embedded vocabulary
-//! [`chair::DEFAULT_VOCAB`] is used.
+//! (`null` when there are no mentions). Without `--vocab` the world's vocabulary
+//! ([`crate::data::vocab::vocab_text`], the one the world's corrector uses) is used.
 //!
 //! **Localization error** (Supp D.3). Over MUSE-matched pairs, the share whose IoU with
 //! its ground truth is below 0.75 while its IoU with some *other* object of the image
@@ -114,7 +119,10 @@
 //! also shows that the transposed frame changes nothing.
 pub mod assign;
 pub mod chair;
+pub mod correlation;
 pub mod eval;
+pub mod masks;
 pub mod raster;
 
+pub use correlation::pearson;
 pub use eval::{evaluate, evaluate_files, EvalConfig, Metrics, Report};

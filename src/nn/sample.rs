@@ -1,8 +1,10 @@
 //! Token sampling (greedy, temperature, top-p) with a seeded generator, returning each
 //! sampled token's log-probability under the model.
 use crate::error::{Error, Result};
+use crate::rng::{splitmix64, GOLDEN_GAMMA};
 
-/// SplitMix64: tiny, seedable, and the same sequence on every platform.
+/// A SplitMix64 stream ([`crate::rng`]): tiny, seedable, and the same sequence on
+/// every platform.
 #[derive(Clone, Debug)]
 pub struct Rng {
     state: u64,
@@ -18,11 +20,9 @@ impl Rng {
         self.state
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        let out = splitmix64(self.state);
+        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
+        out
     }
     /// Uniform in [0, 1) with 53 random bits.
     pub fn uniform(&mut self) -> f64 {

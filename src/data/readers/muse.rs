@@ -2,22 +2,23 @@
 //! question the annotations its answer segments, optional answer texts with `{seg}`
 //! placeholders, and optionally every object of the image (`ann_list`).
 //!
-//! Checks: `questions`, `answers` and `text_answers` have one entry per question; each
-//! answer text has exactly one placeholder per annotation; every RLE has the image's
-//! size; `file_name` stays inside the data root.  Polygons are rasterized with the COCO
-//! rule (bit-exact with pycocotools) and clipped to the image.
+//! The rules of a MUSE file are [`check_record`] and [`check_muse`], one set for every
+//! reader of it (these readers and `popen eval`): a plausible image size; `answers`
+//! and `text_answers` with one entry per question; each answer text with exactly one
+//! placeholder (`{seg}` or `<seg>`) per annotation; every RLE of the image's size;
+//! `file_name` (or `coco_url`) relative and inside the data root; no two records naming
+//! the same image.  Polygons are rasterized with the COCO rule (bit-exact with
+//! pycocotools) and clipped to the image.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::data::mask::Mask;
-use crate::data::muse::{MuseAnn, MuseImage};
+use crate::data::muse::{MuseAnn, MuseImage, Segmentation, MUSE_SEG};
 use crate::data::sample::{check_size, data_err, parse_json, read_file, safe_join, seg_to_mask};
 use crate::data::sample::{Sample, Target, SEG};
 use crate::error::Result;
-
-/// MUSE spells the placeholder `{seg}`; the crate's answers use [`SEG`].
-const MUSE_SEG: &str = "{seg}";
 
 /// A MUSE record as found in the files: the fields of [`MuseImage`] plus the id
 /// fields some releases carry.  Spelled out rather than `#[serde(flatten)]`, which
@@ -80,12 +81,18 @@ pub fn load_muse_entries(path: &Path) -> Result<Vec<MuseEntry>> {
     let bytes = read_file(path)?;
     let text =
         String::from_utf8(bytes).map_err(|e| data_err(path, "", format!("not UTF-8: {e}")))?;
+    parse_muse_entries(path, &text)
+}
+
+/// [`load_muse_entries`] on text already read (`path` names it in errors).  Parsing
+/// only: the rules are [`check_muse`].
+pub fn parse_muse_entries(path: &Path, text: &str) -> Result<Vec<MuseEntry>> {
     // pick the form by its first character rather than an untagged enum, so that
     // errors keep the path of the field that is wrong
     let records = if text.trim_start().starts_with('{') {
-        parse_json::<Wrapped>(path, &text)?.images
+        parse_json::<Wrapped>(path, text)?.images
     } else {
-        parse_json::<Vec<Record>>(path, &text)?
+        parse_json::<Vec<Record>>(path, text)?
     };
     Ok(records.into_iter().map(Record::into_entry).collect())
 }
@@ -96,8 +103,10 @@ pub fn load_muse_entries(path: &Path) -> Result<Vec<MuseEntry>> {
 /// here (height × width bytes per target and per object, per question): for the full
 /// MUSE release use [`load_muse_entries`] and decode per image instead.
 pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
+    let entries = load_muse_entries(path)?;
+    check_muse(path, entries.iter().map(|e| &e.image))?;
     let mut out = Vec::new();
-    for (i, e) in load_muse_entries(path)?.iter().enumerate() {
+    for (i, e) in entries.iter().enumerate() {
         out.extend(image_samples(path, root, i, e.id.as_deref(), &e.image)?);
     }
     Ok(out)
@@ -107,6 +116,7 @@ pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
 /// same checks as [`load_muse`]; `source` names them in errors (e.g. `world:seed=7`).
 pub fn muse_to_samples(images: &[MuseImage], root: &Path, source: &str) -> Result<Vec<Sample>> {
     let path = Path::new(source);
+    check_muse(path, images)?;
     let mut out = Vec::new();
     for (i, img) in images.iter().enumerate() {
         out.extend(image_samples(path, root, i, None, img)?);
@@ -121,6 +131,8 @@ fn id_string(v: &serde_json::Value) -> String {
     }
 }
 
+/// The image's path relative to the data root: `file_name`, or when it is empty
+/// `<split>/<file>` from the last two segments of `coco_url`.
 fn image_rel_path(path: &Path, i: usize, img: &MuseImage) -> Result<String> {
     if !img.file_name.is_empty() {
         return Ok(img.file_name.clone());
@@ -165,26 +177,9 @@ pub fn image_samples(
     id: Option<&str>,
     img: &MuseImage,
 ) -> Result<Vec<Sample>> {
+    let rel = check_record(path, i, img)?;
     let (h, w) = (img.height as usize, img.width as usize);
-    check_size(path, &format!("[{i}].height"), h, w)?;
     let nq = img.questions.len();
-    if img.answers.len() != nq {
-        return Err(data_err(
-            path,
-            format!("[{i}].answers"),
-            format!("{} answer lists for {nq} questions", img.answers.len()),
-        ));
-    }
-    if let Some(t) = &img.text_answers {
-        if t.len() != nq {
-            return Err(data_err(
-                path,
-                format!("[{i}].text_answers"),
-                format!("{} answer texts for {nq} questions", t.len()),
-            ));
-        }
-    }
-    let rel = image_rel_path(path, i, img)?;
     let image_path: PathBuf = safe_join(root, &rel, path, &format!("[{i}].file_name"))?;
     let image_id = id.map(str::to_string).unwrap_or_else(|| {
         Path::new(&rel)
@@ -208,24 +203,11 @@ pub fn image_samples(
     };
     let mut out = Vec::with_capacity(nq);
     for (q, targets) in per_question.into_iter().enumerate() {
-        let answer = match &img.text_answers {
-            Some(t) => {
-                let a = t[q].replace(MUSE_SEG, SEG);
-                let n = a.matches(SEG).count();
-                if n != targets.len() {
-                    return Err(data_err(
-                        path,
-                        format!("[{i}].text_answers[{q}]"),
-                        format!(
-                            "{n} `{{seg}}` placeholders but {} annotations in answers[{q}]",
-                            targets.len()
-                        ),
-                    ));
-                }
-                Some(a)
-            }
-            None => None,
-        };
+        // placeholder counts are checked by `check_record`
+        let answer = img
+            .text_answers
+            .as_ref()
+            .map(|t| t[q].replace(MUSE_SEG, SEG));
         out.push(Sample {
             image_id: image_id.clone(),
             image_path: image_path.clone(),
@@ -239,6 +221,94 @@ pub fn image_samples(
         });
     }
     Ok(out)
+}
+
+/// The rules of record `i` of a MUSE file (`path` names it in errors), without
+/// decoding a mask: a plausible image size (at most
+/// [`MAX_IMAGE_PIXELS`](crate::data::sample::MAX_IMAGE_PIXELS)); one answer list and one
+/// answer text per question; one placeholder (`{seg}` or `<seg>`) per annotation in
+/// each answer text; every RLE of the image's size; an image path that is relative and
+/// stays inside the data root.  Returns that path (see [`load_muse`]).  The data
+/// readers and `popen eval` both apply it, so they accept and reject the same files.
+pub fn check_record(path: &Path, i: usize, img: &MuseImage) -> Result<String> {
+    let (h, w) = (img.height as usize, img.width as usize);
+    check_size(path, &format!("[{i}].height"), h, w)?;
+    let nq = img.questions.len();
+    if img.answers.len() != nq {
+        return Err(data_err(
+            path,
+            format!("[{i}].answers"),
+            format!("{} answer lists for {nq} questions", img.answers.len()),
+        ));
+    }
+    if let Some(t) = &img.text_answers {
+        if t.len() != nq {
+            return Err(data_err(
+                path,
+                format!("[{i}].text_answers"),
+                format!("{} answer texts for {nq} questions", t.len()),
+            ));
+        }
+        for (q, (text, anns)) in t.iter().zip(&img.answers).enumerate() {
+            let n = text.matches(MUSE_SEG).count() + text.matches(SEG).count();
+            if n != anns.len() {
+                return Err(data_err(
+                    path,
+                    format!("[{i}].text_answers[{q}]"),
+                    format!(
+                        "{n} `{MUSE_SEG}` placeholders but {} annotations in answers[{q}]",
+                        anns.len()
+                    ),
+                ));
+            }
+        }
+    }
+    let lists = img
+        .answers
+        .iter()
+        .enumerate()
+        .map(|(q, a)| (format!("[{i}].answers[{q}]"), a))
+        .chain(img.ann_list.iter().map(|a| (format!("[{i}].ann_list"), a)));
+    for (field, anns) in lists {
+        for (k, a) in anns.iter().enumerate() {
+            if let Segmentation::Rle(r) = &a.segmentation {
+                let [rh, rw] = r.size;
+                if rh as usize != h || rw as usize != w {
+                    return Err(data_err(
+                        path,
+                        format!("{field}[{k}].segmentation.size"),
+                        format!("RLE size is {rh}x{rw} but the image is {h}x{w}"),
+                    ));
+                }
+            }
+        }
+    }
+    let rel = image_rel_path(path, i, img)?;
+    // the root is the caller's; a name that is safe under one root is safe under all
+    safe_join(Path::new(""), &rel, path, &format!("[{i}].file_name"))?;
+    Ok(rel)
+}
+
+/// [`check_record`] for every record of a MUSE file, and no two records naming the
+/// same image.  Returns each record's image path relative to the data root.
+pub fn check_muse<'a>(
+    path: &Path,
+    images: impl IntoIterator<Item = &'a MuseImage>,
+) -> Result<Vec<String>> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut rels = Vec::new();
+    for (i, img) in images.into_iter().enumerate() {
+        let rel = check_record(path, i, img)?;
+        if let Some(j) = seen.insert(rel.clone(), i) {
+            return Err(data_err(
+                path,
+                format!("[{i}].file_name"),
+                format!("image {rel:?} is also record [{j}]: one record per image"),
+            ));
+        }
+        rels.push(rel);
+    }
+    Ok(rels)
 }
 
 /// Without `ann_list`, the image's objects are the distinct targets of its questions.

@@ -11,9 +11,7 @@
 use super::categories::{Attr, CATEGORIES};
 use super::rng::Rng;
 use super::scenes::{tempting_absent, SCENES};
-
-/// The segmentation token.
-pub const SEG: &str = "<seg>";
+use crate::data::sample::SEG;
 
 /// Instruction family of a question.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,11 +1,13 @@
-//! The embedded world: a procedural generator of reasoning-segmentation samples that
-//! needs no download.  Each sample is one rendered scene (RGB, textured background,
+//! The embedded world: a procedural generator of reasoning-segmentation data that
+//! needs no download.  Each [`Scene`] is one rendered image (RGB, textured background,
 //! lighting and colour jitter, occlusion) with the instance mask of every object, the
 //! ground-truth object list, and a few questions whose answers carry one `<seg>` per
 //! target.  Scene types hold strong co-occurrence priors (fork with knife, mouse with
 //! laptop), so a small model learns them and names absent objects: the hallucinations
-//! POPEN's text preference fixes.  Deterministic: a sample depends only on
-//! `(seed, split, index)` and the size, so rayon can build samples in any order.
+//! POPEN's text preference fixes.  Deterministic: a scene depends only on
+//! `(seed, split, index)` and the size, so rayon can build scenes in any order.  A
+//! scene exports to MUSE records ([`Scene::to_muse`]), which the readers turn into the
+//! crate's per-question [`Sample`](crate::data::sample::Sample)s.
 //!
 //! ```
 //! use popen::data::world::{generate, Split, WorldConfig};
@@ -25,11 +27,12 @@ pub mod rng;
 pub mod scenes;
 pub mod shapes;
 
-use crate::data::muse::{MuseAnn, MuseImage, RleJson, Segmentation};
+use crate::data::muse::{MuseAnn, MuseImage, RleJson, Segmentation, MUSE_SEG};
+use crate::data::sample::SEG;
 use crate::data::{Mask, Rle};
 use crate::error::{Error, Result};
 use categories::CATEGORIES;
-pub use instructions::{Family, Qa, NO_TARGET_ANSWERS as NO_TARGET_ANSWERS_PUB, SEG};
+pub use instructions::{Family, Qa, NO_TARGET_ANSWERS as NO_TARGET_ANSWERS_PUB};
 pub use render::{Layout, RgbImage};
 use rng::{mix, Rng};
 use std::path::{Path, PathBuf};
@@ -131,9 +134,9 @@ pub struct Object {
     pub mask: Mask,
 }
 
-/// One generated sample.
+/// One generated scene: the image, its objects and its questions.
 #[derive(Clone, Debug)]
-pub struct Sample {
+pub struct Scene {
     pub split: Split,
     pub index: usize,
     /// Scene type id into [`scenes::SCENES`].
@@ -145,13 +148,13 @@ pub struct Sample {
     pub qas: Vec<Qa>,
 }
 
-/// The seed of sample `index` of `split` under data-set seed `seed`.
+/// The seed of scene `index` of `split` under data-set seed `seed`.
 pub fn sample_seed(seed: u64, split: Split, index: usize) -> u64 {
     mix(&[seed, split.id(), index as u64])
 }
 
-/// Generates one sample; the same arguments always give the same sample.
-pub fn generate(cfg: &WorldConfig, seed: u64, split: Split, index: usize) -> Result<Sample> {
+/// Generates one scene; the same arguments always give the same scene.
+pub fn generate(cfg: &WorldConfig, seed: u64, split: Split, index: usize) -> Result<Scene> {
     cfg.validate()?;
     let mut rng = Rng::new(sample_seed(seed, split, index));
     let scene = rng.below(scenes::SCENES.len());
@@ -195,7 +198,7 @@ pub fn generate(cfg: &WorldConfig, seed: u64, split: Split, index: usize) -> Res
         })
         .collect();
     let qas = instructions::generate(scene, &views, h, w, cfg.questions, &mut rng);
-    Ok(Sample {
+    Ok(Scene {
         split,
         index,
         scene,
@@ -224,7 +227,7 @@ fn centroid(m: &Mask) -> (f32, f32) {
     }
 }
 
-impl Sample {
+impl Scene {
     /// The image's file name inside `images/`.
     pub fn file_stem(&self) -> String {
         format!("{}_{:06}", self.split.name(), self.index)
@@ -261,7 +264,8 @@ impl Sample {
         }
     }
     /// The MUSE record: questions, per-question target annotations in `<seg>` order,
-    /// answers with `<seg>`, and `ann_list` holding every object (Alg. 1's proposals).
+    /// answers with MUSE's `{seg}` placeholder, and `ann_list` holding every object
+    /// (Alg. 1's proposals).
     pub fn to_muse(&self, file_name: &str) -> MuseImage {
         MuseImage {
             file_name: file_name.to_string(),
@@ -274,7 +278,12 @@ impl Sample {
                 .iter()
                 .map(|q| q.targets.iter().map(|&k| self.ann(k)).collect())
                 .collect(),
-            text_answers: Some(self.qas.iter().map(|q| q.answer.clone()).collect()),
+            text_answers: Some(
+                self.qas
+                    .iter()
+                    .map(|q| q.answer.replace(SEG, MUSE_SEG))
+                    .collect(),
+            ),
             ann_list: Some((0..self.objects.len()).map(|k| self.ann(k)).collect()),
         }
     }
@@ -300,11 +309,11 @@ pub struct DatasetSummary {
     pub no_target: usize,
 }
 
-/// Writes `n` samples of `split` to `dir`: `dir/<split>.json` (a list of MUSE
+/// Writes `n` scenes of `split` to `dir`: `dir/<split>.json` (a list of MUSE
 /// records) and `dir/images/<split>_NNNNNN.png`; for the test split also
 /// `test_few.json` (questions with ≤ 3 targets) and `test_many.json` (> 3).
-/// Samples are built in parallel; the output does not depend on the thread count.
-/// `tick` is called once per finished sample (for a progress bar).
+/// Scenes are built in parallel; the output does not depend on the thread count.
+/// `tick` is called once per finished scene (for a progress bar).
 pub fn write_dataset(
     dir: &Path,
     cfg: &WorldConfig,
@@ -316,7 +325,7 @@ pub fn write_dataset(
     use rayon::prelude::*;
     cfg.validate()?;
     if n == 0 {
-        return Err(Error::arg("world", "n must be at least 1 sample"));
+        return Err(Error::arg("world", "n must be at least 1 scene"));
     }
     let img_dir = dir.join("images");
     std::fs::create_dir_all(&img_dir).map_err(|e| Error::io(&img_dir, e))?;

@@ -1,15 +1,8 @@
-//! A small counter-free PRNG (SplitMix64 seeding a xoshiro256**) and hash noise.  Written
-//! here rather than taken from `rand` so that the world's bytes cannot change when a
-//! dependency changes its algorithms: same seed, same data set, forever.
-
-/// One SplitMix64 step: the mixer used both to seed [`Rng`] and to derive per-sample
-/// seeds from `(seed, split, index)`.
-pub fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+//! A small counter-free PRNG (xoshiro256** seeded through the crate's SplitMix64,
+//! [`crate::rng`]) and hash noise.  Written here rather than taken from `rand` so that
+//! the world's bytes cannot change when a dependency changes its algorithms: same
+//! seed, same data set, forever.
+use crate::rng::{splitmix64, GOLDEN_GAMMA};
 
 /// Mix several words into one seed (order matters).
 pub fn mix(words: &[u64]) -> u64 {
@@ -29,7 +22,7 @@ impl Rng {
         let mut z = seed;
         let mut s = [0u64; 4];
         for v in s.iter_mut() {
-            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = z.wrapping_add(GOLDEN_GAMMA);
             *v = splitmix64(z);
         }
         Rng { s }
@@ -97,7 +90,7 @@ fn lattice(seed: u64, x: i64, y: i64) -> f32 {
     // One mixer round over a linear combination: this runs several times per pixel,
     // and the full `mix` made it most of a sample's cost.
     let h = splitmix64(
-        seed ^ (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        seed ^ (x as u64).wrapping_mul(GOLDEN_GAMMA)
             ^ (y as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
     );
     (h >> 40) as f32 / (1u64 << 24) as f32
