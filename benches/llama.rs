@@ -41,7 +41,7 @@ fn threads() -> usize {
 }
 
 /// One training step's compute; returns the loss so nothing is optimised away.
-fn step(m: &mut Llama, ids: &[u32], targets: &[u32]) -> f32 {
+fn step(m: &mut Llama, ids: &[u32], targets: &[i32]) -> f32 {
     let be = Cpu;
     let v = m.cfg.vocab_size;
     let n = ids.len();
@@ -73,8 +73,8 @@ fn bench(c: &mut Criterion) {
     let ids: Vec<u32> = (0..BATCH * SEQ)
         .map(|_| (rng.next_u64() % v) as u32)
         .collect();
-    let targets: Vec<u32> = (0..BATCH * SEQ)
-        .map(|_| (rng.next_u64() % v) as u32)
+    let targets: Vec<i32> = (0..BATCH * SEQ)
+        .map(|_| (rng.next_u64() % v) as i32)
         .collect();
     let tokens = (BATCH * SEQ) as u64;
     // napkin math: a training step costs ≈ 6 FLOP per parameter per token (+ attention)
@@ -137,8 +137,8 @@ fn raw(iters: usize) {
     let ids: Vec<u32> = (0..BATCH * SEQ)
         .map(|_| (rng.next_u64() % v) as u32)
         .collect();
-    let targets: Vec<u32> = (0..BATCH * SEQ)
-        .map(|_| (rng.next_u64() % v) as u32)
+    let targets: Vec<i32> = (0..BATCH * SEQ)
+        .map(|_| (rng.next_u64() % v) as i32)
         .collect();
     let frozen = std::env::var("POPEN_BENCH_FROZEN").is_ok_and(|s| s == "1");
     if frozen {

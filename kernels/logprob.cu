@@ -3,8 +3,10 @@
 // upstream, without materializing the T x V log-softmax.  The same kernels give the
 // SFT cross-entropy.  CPU twins in src/kernels/logprob.rs.
 // B sequences, T positions, R = B*T rows, V vocabulary.
-// targets[r] outside [0, V) marks an ignored row (lp = 0, no gradient), as
-// ignore_index = -100 does in PyTorch; the kernels never read out of bounds on it.
+// A target of IGNORE_INDEX (-100, as in PyTorch) marks an ignored row (lp = 0, no
+// gradient).  The host entry points reject any other target outside [0, V); here, where
+// no error can be reported, every out-of-range target is treated as ignored so that the
+// kernels never read out of bounds on it.
 #include "common.cuh"
 
 // (max, sum of exp(x - max)) pairs combine associatively; an empty side has

@@ -465,7 +465,7 @@ fn logprob_backward_matches_finite_differences() {
     let mut rng = Rng::new(13);
     let (n, v) = (3, 7);
     let logits = rnd(&mut rng, n * v);
-    let targets = [2u32, 6, 0];
+    let targets = [2i32, 6, 0];
     let wt = rnd(&mut rng, n);
     let fwd = |x: &T| {
         let (mut lp, mut lse) = (vec![0.0; n], vec![0.0; n]);
@@ -484,6 +484,20 @@ fn logprob_backward_matches_finite_differences() {
     assert!(BE
         .logprob_fwd(&logits, &[2, 7, 0], v, &mut lp, &mut lse)
         .is_err());
+    assert!(BE
+        .logprob_fwd(&logits, &[2, -1, 0], v, &mut lp, &mut lse)
+        .is_err());
+    // the ignore index: log-prob 0 and no gradient on that row, the others unchanged
+    let ignored = [2, popen::kernels::logprob::IGNORE_INDEX, 0];
+    let (mut lp2, mut lse2) = (vec![0.0; n], vec![0.0; n]);
+    BE.logprob_fwd(&logits, &ignored, v, &mut lp2, &mut lse2)
+        .unwrap();
+    assert_eq!((lp2[0], lp2[1], lp2[2]), (lp[0], 0.0, lp[2]));
+    let mut dl2 = vec![0.0; n * v];
+    BE.logprob_bwd(&logits, &ignored, v, &lse2, &wt, &mut dl2)
+        .unwrap();
+    assert!(dl2[v..2 * v].iter().all(|&g| g == 0.0));
+    assert_eq!(dl2[..v], dl[..v]);
 }
 
 #[test]

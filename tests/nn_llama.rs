@@ -27,7 +27,7 @@ fn tiny(tied: bool) -> LlamaConfig {
 fn loss(
     m: &Llama<f64, Cpu>,
     ids: &[u32],
-    targets: &[u32],
+    targets: &[i32],
     w: &[f64],
     b: usize,
     mask: Option<&[u8]>,
@@ -60,7 +60,7 @@ fn llama_backward_matches_finite_differences() {
         }
         let (b, t) = (2, 5);
         let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % 13) as u32).collect();
-        let targets: Vec<u32> = (0..b * t).map(|i| ((i * 5 + 1) % 13) as u32).collect();
+        let targets: Vec<i32> = (0..b * t).map(|i| ((i * 5 + 1) % 13) as i32).collect();
         let w: Vec<f64> = randn(&mut rng, b * t, 1.0);
         let mask: Vec<u8> = (0..b * t).map(|i| u8::from(i != 6)).collect();
         let gamma: Vec<f64> = randn(&mut rng, b * t, 0.5);
@@ -119,7 +119,7 @@ fn llama_input_embedding_gradient_matches_finite_differences() {
     m.set_trainable(false);
     let (b, t, c, v) = (1, 4, 12, 13);
     let x: Vec<f64> = randn(&mut rng, b * t * c, 1.0);
-    let targets = [3u32, 0, 12, 5];
+    let targets = [3i32, 0, 12, 5];
     let w: Vec<f64> = randn(&mut rng, b * t, 1.0);
     let lossx = |x: &Vec<f64>| {
         let (logits, _) = m.forward_embeds(x.clone(), b, t, None, None, None).unwrap();
@@ -164,7 +164,7 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
     let ids: Vec<u32> = (0..b * t).map(|i| (i % 13) as u32).collect();
     let (logits, acts) = m.forward(&ids, b, None, None).unwrap();
     let v = 13;
-    let targets: Vec<u32> = ids.iter().map(|&i| (i + 1) % 13).collect();
+    let targets: Vec<i32> = ids.iter().map(|&i| ((i + 1) % 13) as i32).collect();
     let (mut lp, mut lse) = (vec![0.0f32; b * t], vec![0.0f32; b * t]);
     BE.logprob_fwd(&logits, &targets, v, &mut lp, &mut lse)
         .unwrap();

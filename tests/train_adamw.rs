@@ -151,7 +151,7 @@ fn adamw_with_schedule_overfits_one_batch() {
     let mut m: Llama = Llama::new(Cpu, cfg, 3).unwrap();
     let (b, t, v) = (2, 8, 17);
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 1) % v) as u32).collect();
-    let targets: Vec<u32> = (0..b * t).map(|i| ((i * 3 + 2) % v) as u32).collect();
+    let targets: Vec<i32> = (0..b * t).map(|i| ((i * 3 + 2) % v) as i32).collect();
     let sched = WarmupDecayLR::new(1e-2, 5, 60).unwrap();
     let mut opt = AdamW::<f32, Cpu>::new(AdamWConfig::default());
     let mut losses = vec![];

@@ -366,11 +366,13 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
 
     // ---- log-probabilities ----
     /// logp (N) = log_softmax(logits (N,V))[targets (N)], without storing the (N,V)
-    /// log-softmax; lse (N) saved for the backward.
+    /// log-softmax; lse (N) saved for the backward.  A target of
+    /// [`crate::kernels::logprob::IGNORE_INDEX`] gives logp 0 and no gradient; any other
+    /// target outside [0, V) is an error.
     fn logprob_fwd(
         &self,
         logits: &Self::Buf,
-        targets: &[u32],
+        targets: &[i32],
         v: usize,
         logp: &mut Self::Buf,
         lse: &mut Self::Buf,
@@ -379,7 +381,7 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     fn logprob_bwd(
         &self,
         logits: &Self::Buf,
-        targets: &[u32],
+        targets: &[i32],
         v: usize,
         lse: &Self::Buf,
         dlogp: &Self::Buf,

@@ -109,18 +109,18 @@ impl KArg {
 
 /// Which device a [`Device`] drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum DeviceKind {
     /// The kernels compiled for the host and run by the CUDA emulator.
     Emulator,
     /// A real GPU through cudarc.
     Cuda,
 }
 
-impl fmt::Display for Backend {
+impl fmt::Display for DeviceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Backend::Emulator => "emu",
-            Backend::Cuda => "cuda",
+            DeviceKind::Emulator => "emu",
+            DeviceKind::Cuda => "cuda",
         })
     }
 }
@@ -252,12 +252,12 @@ impl Device {
         v
     }
 
-    /// Which backend this is.
-    pub fn backend(&self) -> Backend {
+    /// Which kind of device this is.
+    pub fn kind(&self) -> DeviceKind {
         match &self.inner {
-            DevInner::Emu { .. } => Backend::Emulator,
+            DevInner::Emu { .. } => DeviceKind::Emulator,
             #[cfg(feature = "cuda")]
-            DevInner::Cuda(_) => Backend::Cuda,
+            DevInner::Cuda(_) => DeviceKind::Cuda,
         }
     }
 
@@ -387,7 +387,7 @@ impl Device {
 
 impl fmt::Debug for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Device({})", self.backend())
+        write!(f, "Device({})", self.kind())
     }
 }
 

@@ -2,13 +2,16 @@
 //! gather of the target token's log-prob, a weighted per-sequence sum, and the backward
 //! `w·(onehot − softmax)·upstream`, never materializing the `T × V` log-softmax.
 //! Kernels in `kernels/logprob.cu`; CPU twins here (generic over the float type so the
-//! gradient is checked in f64; f32 uses a vectorizable `exp`).
+//! gradient is checked in f64), on the crate's one row-softmax ([`crate::kernels::rows`]).
 //!
 //! B sequences, T positions, R = B·T rows, V vocabulary.  `logits[b,t]` predicts
 //! `targets[b,t]` (the caller shifts).  Weights (Eq. 3): λ on the tokens that differ
 //! between `y` and `y_c`, 1 on the other response tokens, 0 on prompt and padding.
-//! A target outside `[0, V)` marks an ignored row (log-prob 0, no gradient), the way
-//! `ignore_index = -100` does in PyTorch.
+//! A target of [`IGNORE_INDEX`] marks an ignored row (log-prob 0, no gradient), the way
+//! `ignore_index = -100` does in PyTorch.  Any other target outside `[0, V)` is an
+//! error in the CPU twins (and in the CPU backend, which calls them); the kernels, which
+//! cannot report one and whose targets live on the device, treat every out-of-range
+//! target as ignored so that they never read outside a row.
 //!
 //! ```
 //! use popen::kernels::logprob::*;
@@ -20,6 +23,7 @@
 //! assert!((seq[0] - want).abs() < 1e-12);
 //! ```
 use crate::error::{check_len, Error, Result};
+use crate::kernels::rows::{log_sum_exp, RowFloat};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -29,140 +33,59 @@ const BLOCK: u32 = 256;
 /// Rows per rayon task in the CPU twins (amortizes the hand-off on short rows).
 const ROWS_PER_TASK: usize = 4;
 
-/// Row primitives the CPU twins need, specialized per float type: f32 uses a
-/// polynomial `exp` that the compiler vectorizes; f64 uses the libm `exp`.
-pub trait RowOps: Float + Send + Sync + 'static {
-    /// `max_v x[v]` (−∞ for an empty row).
-    fn row_max(x: &[Self]) -> Self;
-    /// `Σ_v exp(x[v] − m)` for `m = max x`.
-    fn sum_exp_shifted(x: &[Self], m: Self) -> Self;
+/// The row primitives the CPU twins need beyond [`RowFloat`]'s (the crate's one
+/// row-softmax): f32 through the SIMD dispatch, f64 plain (gradient checks).
+pub trait RowOps: RowFloat {
     /// `out[v] = c·(1[v = y] − exp(x[v] − l))`.
-    fn softmax_grad(x: &[Self], l: Self, c: Self, y: Option<usize>, out: &mut [Self]);
-}
-
-impl RowOps for f64 {
-    fn row_max(x: &[f64]) -> f64 {
-        x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v))
-    }
-    fn sum_exp_shifted(x: &[f64], m: f64) -> f64 {
-        x.iter().map(|&v| (v - m).exp()).sum()
-    }
-    fn softmax_grad(x: &[f64], l: f64, c: f64, y: Option<usize>, out: &mut [f64]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = -c * (v - l).exp();
-        }
+    fn softmax_grad(x: &[Self], l: Self, c: Self, y: Option<usize>, out: &mut [Self]) {
+        neg_softmax_scaled(x, l, c, out);
         if let Some(y) = y {
-            out[y] += c;
+            out[y] = out[y] + c;
         }
     }
 }
 
-/// The f32 row loops, written once and compiled twice: portable (SSE2 on x86-64) and,
-/// on x86-64 CPUs that have it, AVX2 (twice the lanes), picked at run time.
-mod f32_rows {
-    use crate::kernels::fastmath::exp_f32;
-
-    #[inline(always)]
-    pub(super) fn row_max(x: &[f32]) -> f32 {
-        // eight running maxima with a plain compare: `f32::max` pins a NaN-aware
-        // sequential chain that does not vectorize (a NaN logit poisons the row anyway)
-        let mut acc = [f32::NEG_INFINITY; 8];
-        let chunks = x.chunks_exact(8);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for j in 0..8 {
-                acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
-            }
-        }
-        let mut m = acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        for &v in tail {
-            m = m.max(v);
-        }
-        m
-    }
-
-    #[inline(always)]
-    pub(super) fn sum_exp_shifted(x: &[f32], m: f32) -> f32 {
-        // eight partial sums: vectorizes, and the f32 error stays small
-        let mut acc = [0f32; 8];
-        let chunks = x.chunks_exact(8);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for j in 0..8 {
-                acc[j] += exp_f32(c[j] - m);
-            }
-        }
-        let mut s = acc.iter().sum::<f32>();
-        for &v in tail {
-            s += exp_f32(v - m);
-        }
-        s
-    }
-
-    #[inline(always)]
-    pub(super) fn softmax_grad(x: &[f32], l: f32, c: f32, out: &mut [f32]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = -c * exp_f32(v - l);
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    pub(super) mod avx2 {
-        // SAFETY (all three): callers check `is_x86_feature_detected!("avx2")` first.
-        #[target_feature(enable = "avx2")]
-        pub(crate) unsafe fn row_max(x: &[f32]) -> f32 {
-            super::row_max(x)
-        }
-        #[target_feature(enable = "avx2")]
-        pub(crate) unsafe fn sum_exp_shifted(x: &[f32], m: f32) -> f32 {
-            super::sum_exp_shifted(x, m)
-        }
-        #[target_feature(enable = "avx2")]
-        pub(crate) unsafe fn softmax_grad(x: &[f32], l: f32, c: f32, out: &mut [f32]) {
-            super::softmax_grad(x, l, c, out)
-        }
+/// `out[v] = −c·exp(x[v] − l)`.
+#[inline(always)]
+fn neg_softmax_scaled<T: RowFloat>(x: &[T], l: T, c: T, out: &mut [T]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = -c * T::exp1(v - l);
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2")
-}
+crate::simd_fn!(
+    fn neg_softmax_scaled_f32(x: &[f32], l: f32, c: f32, out: &mut [f32]) => neg_softmax_scaled::<f32>
+);
+
+impl RowOps for f64 {}
 
 impl RowOps for f32 {
-    fn row_max(x: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: AVX2 is present (checked above).
-            return unsafe { f32_rows::avx2::row_max(x) };
-        }
-        f32_rows::row_max(x)
-    }
-    fn sum_exp_shifted(x: &[f32], m: f32) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: AVX2 is present (checked above).
-            return unsafe { f32_rows::avx2::sum_exp_shifted(x, m) };
-        }
-        f32_rows::sum_exp_shifted(x, m)
-    }
     fn softmax_grad(x: &[f32], l: f32, c: f32, y: Option<usize>, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        let done = if has_avx2() {
-            // SAFETY: AVX2 is present (checked above).
-            unsafe { f32_rows::avx2::softmax_grad(x, l, c, out) };
-            true
-        } else {
-            false
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let done = false;
-        if !done {
-            f32_rows::softmax_grad(x, l, c, out);
-        }
+        neg_softmax_scaled_f32(x, l, c, out);
         if let Some(y) = y {
             out[y] += c;
         }
+    }
+}
+
+/// The target that marks an ignored row (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// `Err` unless every target is in `[0, V)` or [`IGNORE_INDEX`].
+pub fn check_targets(op: &'static str, targets: &[i32], v: usize) -> Result<()> {
+    match targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= v))
+    {
+        Some((row, &t)) => Err(Error::arg(
+            op,
+            format!(
+                "target {t} at row {row} is outside the vocabulary of {v} \
+                 (and is not the ignore index {IGNORE_INDEX})"
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -185,6 +108,7 @@ pub fn logprob_fwd_cpu<T: RowOps>(
     }
     let r = targets.len();
     check_len(OP, "logits", logits.len(), r * v)?;
+    check_targets(OP, targets, v)?;
     let mut lp = vec![T::zero(); r];
     let mut lse = vec![T::zero(); r];
     logits
@@ -193,12 +117,8 @@ pub fn logprob_fwd_cpu<T: RowOps>(
         .zip(targets.par_iter())
         .with_min_len(ROWS_PER_TASK)
         .for_each(|((x, (lp, lse)), &t)| {
-            let m = T::row_max(x);
-            let l = if m == T::neg_infinity() {
-                m // every logit is -inf: log of an empty sum
-            } else {
-                m + T::sum_exp_shifted(x, m).ln()
-            };
+            // −inf when every logit is −inf: the log of an empty sum
+            let l = log_sum_exp(x);
             *lse = l;
             *lp = target_of(t, v).map_or(T::zero(), |y| x[y] - l);
         });
@@ -274,6 +194,7 @@ pub fn logprob_bwd_cpu<T: RowOps>(
     check_len(OP, "w", w.len(), r)?;
     check_len(OP, "scale", scale.len(), b)?;
     check_len(OP, "dlogits", dlogits.len(), r * v)?;
+    check_targets(OP, targets, v)?;
     if v == 0 {
         return Ok(());
     }

@@ -12,8 +12,10 @@ pub mod logprob;
 pub mod mask;
 pub mod perturb;
 pub mod philox;
+pub mod rows;
+pub mod simd;
 
-pub use device::{Backend, Device, DeviceBuf, Elem, KArg, LaunchCfg};
+pub use device::{Device, DeviceBuf, DeviceKind, Elem, KArg, LaunchCfg};
 
 mod gen {
     include!(concat!(env!("OUT_DIR"), "/kernels_gen.rs"));

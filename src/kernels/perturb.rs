@@ -139,22 +139,9 @@ fn fill_normals_portable(g0: u32, image: u32, copy: u32, key: [u32; 2], out: &mu
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-/// SAFETY: call only where AVX2 is present.
-unsafe fn fill_normals_avx2(g0: u32, image: u32, copy: u32, key: [u32; 2], out: &mut [f32]) {
-    fill_normals_portable(g0, image, copy, key, out)
-}
-
-/// [`fill_normals_portable`], compiled for AVX2 where the CPU has it (twice the lanes).
-fn fill_normals(g0: u32, image: u32, copy: u32, key: [u32; 2], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked above).
-        return unsafe { fill_normals_avx2(g0, image, copy, key, out) };
-    }
-    fill_normals_portable(g0, image, copy, key, out)
-}
+crate::simd_fn!(
+    fn fill_normals(g0: u32, image: u32, copy: u32, key: [u32; 2], out: &mut [f32]) => fill_normals_portable
+);
 
 /// CPU twin of `perturb_fwd_f32`.
 ///

@@ -27,7 +27,7 @@
 //!     rope_theta: 10000.0, max_position_embeddings: 16, tie_word_embeddings: false,
 //! };
 //! let mut model: Llama = Llama::new(Cpu, cfg, 0).unwrap();
-//! let (ids, targets) = ([1u32, 2, 3, 4], [2u32, 3, 4, 5]);
+//! let (ids, targets) = ([1u32, 2, 3, 4], [2i32, 3, 4, 5]);
 //! let (logits, acts) = model.forward(&ids, 1, None, None).unwrap(); // (4, 11)
 //! // log p(target) per position, and the gradient of loss = −mean log p
 //! let (mut logp, mut lse) = (vec![0.0; 4], vec![0.0; 4]);

@@ -1,0 +1,169 @@
+//! Attention layout: heads split (with RoPE) and merged, and the KV-cache append.
+use super::{f, rows_mut, CpuFloat};
+use crate::error::{check_len, Error, Result};
+
+/// The (cos, sin) tables of [`rope_cos_sin`] for positions `pos0..pos0 + t`, in `F`
+/// (empty without RoPE): what `heads_split` and its backward rotate by.
+fn rope_tables<F: CpuFloat>(
+    pos0: usize,
+    t: usize,
+    hs: usize,
+    theta: Option<f32>,
+) -> Vec<(Vec<F>, Vec<F>)> {
+    match theta {
+        Some(th) => (0..t)
+            .map(|ti| {
+                let (c, s) = rope_cos_sin(pos0 + ti, hs, th);
+                (
+                    c.into_iter().map(|v| f(v as f64)).collect(),
+                    s.into_iter().map(|v| f(v as f64)).collect(),
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// HF LLaMA's inverse frequencies, computed in f32 as `transformers` does so that f32
+/// logits match it: inv_freq[i] = 1 / θ^(2i/HS).
+fn rope_cos_sin(pos: usize, hs: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = hs / 2;
+    let mut cos = Vec::with_capacity(half);
+    let mut sin = Vec::with_capacity(half);
+    for i in 0..half {
+        let inv = 1.0f32 / theta.powf((2 * i) as f32 / hs as f32);
+        let a = pos as f32 * inv;
+        cos.push(a.cos());
+        sin.push(a.sin());
+    }
+    (cos, sin)
+}
+
+fn check_heads(op: &'static str, hs: usize, theta: Option<f32>) -> Result<()> {
+    if theta.is_some() && !hs.is_multiple_of(2) {
+        return Err(Error::arg(
+            op,
+            format!("RoPE needs an even head size, got {hs}"),
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn heads_split<F: CpuFloat>(
+    x: &[F],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    pos0: usize,
+    theta: Option<f32>,
+    out: &mut [F],
+) -> Result<()> {
+    check_heads("heads_split", hs, theta)?;
+    check_len("heads_split", "x", x.len(), b * t * nh * hs)?;
+    check_len("heads_split", "out", out.len(), b * t * nh * hs)?;
+    let tables = rope_tables::<F>(pos0, t, hs, theta);
+    // out row (bi, h, ti) ← x row (bi, ti, h)
+    rows_mut(out, hs, |row, o| {
+        let ti = row % t;
+        let h = (row / t) % nh;
+        let bi = row / (t * nh);
+        let xr = &x[((bi * t + ti) * nh + h) * hs..][..hs];
+        match theta {
+            None => o.copy_from_slice(xr),
+            Some(_) => {
+                // forward (HF rotate_half): o[i]   = x[i]cos − x[i+h]sin
+                //                           o[i+h] = x[i+h]cos + x[i]sin
+                let (cos, sin) = &tables[ti];
+                let half = hs / 2;
+                for i in 0..half {
+                    o[i] = xr[i] * cos[i] - xr[i + half] * sin[i];
+                    o[i + half] = xr[i + half] * cos[i] + xr[i] * sin[i];
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn heads_split_bwd<F: CpuFloat>(
+    dout: &[F],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    pos0: usize,
+    theta: Option<f32>,
+    dx: &mut [F],
+) -> Result<()> {
+    check_heads("heads_split_bwd", hs, theta)?;
+    check_len("heads_split_bwd", "dout", dout.len(), b * t * nh * hs)?;
+    check_len("heads_split_bwd", "dx", dx.len(), b * t * nh * hs)?;
+    let tables = rope_tables::<F>(pos0, t, hs, theta);
+    // dx row (bi, ti, h) ← dout row (bi, h, ti)
+    rows_mut(dx, hs, |row, d| {
+        let h = row % nh;
+        let ti = (row / nh) % t;
+        let bi = row / (t * nh);
+        let gr = &dout[((bi * nh + h) * t + ti) * hs..][..hs];
+        match theta {
+            None => d.copy_from_slice(gr),
+            Some(_) => {
+                // forward: o[i] = x[i]cos − x[i+h]sin, o[i+h] = x[i+h]cos + x[i]sin
+                // so (the transposed rotation):
+                //          dx[i]   =  do[i]cos + do[i+h]sin
+                //          dx[i+h] = −do[i]sin + do[i+h]cos
+                let (cos, sin) = &tables[ti];
+                let half = hs / 2;
+                for i in 0..half {
+                    d[i] = gr[i] * cos[i] + gr[i + half] * sin[i];
+                    d[i + half] = gr[i + half] * cos[i] - gr[i] * sin[i];
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+pub(super) fn heads_merge<F: CpuFloat>(
+    x: &[F],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    out: &mut [F],
+) -> Result<()> {
+    check_len("heads_merge", "x", x.len(), b * t * nh * hs)?;
+    check_len("heads_merge", "out", out.len(), b * t * nh * hs)?;
+    // out row (bi, ti, h) ← x row (bi, h, ti)
+    rows_mut(out, hs, |row, o| {
+        let h = row % nh;
+        let ti = (row / nh) % t;
+        let bi = row / (t * nh);
+        o.copy_from_slice(&x[((bi * nh + h) * t + ti) * hs..][..hs]);
+    });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn concat_time<F: CpuFloat>(
+    cache: &[F],
+    new: &[F],
+    b: usize,
+    h: usize,
+    t1: usize,
+    t2: usize,
+    hs: usize,
+) -> Result<Vec<F>> {
+    check_len("concat_time", "cache", cache.len(), b * h * t1 * hs)?;
+    check_len("concat_time", "new", new.len(), b * h * t2 * hs)?;
+    let t = t1 + t2;
+    let mut out = vec![F::zero(); b * h * t * hs];
+    for bh in 0..b * h {
+        out[bh * t * hs..][..t1 * hs].copy_from_slice(&cache[bh * t1 * hs..][..t1 * hs]);
+        out[(bh * t + t1) * hs..][..t2 * hs].copy_from_slice(&new[bh * t2 * hs..][..t2 * hs]);
+    }
+    Ok(out)
+}

@@ -1,0 +1,175 @@
+//! Matrix products (the `gemm` crate, blocked over rayon) and the row-broadcast bias.
+use super::{reduce_rows, rows_mut, rows_of, CpuFloat};
+use crate::backend::{Accum, MatmulSpec};
+use crate::error::{check_len, Result};
+use rayon::prelude::*;
+use std::any::TypeId;
+
+/// Multiply-adds below which a product runs on one thread (a fork/join costs a few µs).
+const GEMM_SERIAL_FLOPS: usize = 1 << 18;
+/// Output blocks per rayon thread, so that a thread slowed by other load is balanced.
+const GEMM_BLOCKS_PER_THREAD: usize = 2;
+/// Block edges are a multiple of this, the widest gemm micro-kernel edge (AVX-512 f32).
+const GEMM_BLOCK_ALIGN: usize = 48;
+
+/// How many output blocks to cut an (m×k)·(k×n) product into for `threads` threads.
+fn split_parts(m: usize, n: usize, k: usize, threads: usize) -> usize {
+    if threads <= 1 || m * n * k < GEMM_SERIAL_FLOPS * threads {
+        return 1;
+    }
+    let max_parts = m.max(n) / GEMM_BLOCK_ALIGN;
+    (threads * GEMM_BLOCKS_PER_THREAD).min(max_parts).max(1)
+}
+
+/// Raw view of one checked product `out (·×n, row-major) (+)= op(a) · op(b)`, with
+/// (row stride, column stride) of op(a) and op(b), shareable across rayon tasks that
+/// write disjoint blocks of `out`.
+#[derive(Clone, Copy)]
+struct GemmView<F> {
+    n: usize,
+    k: usize,
+    out: *mut F,
+    a: *const F,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const F,
+    b_rs: isize,
+    b_cs: isize,
+    add: bool,
+}
+
+// SAFETY: the pointers come from slices borrowed for the whole parallel section, and
+// tasks only write disjoint blocks of `out`.
+unsafe impl<F: Send> Send for GemmView<F> {}
+unsafe impl<F: Sync> Sync for GemmView<F> {}
+
+impl<F: CpuFloat> GemmView<F> {
+    /// Computes rows `r0..r1`, columns `c0..c1` of `out` with a serial gemm.
+    ///
+    /// # Safety
+    /// The slices' lengths were checked against (m,k), (k,n), (m,n); `r0 ≤ r1 ≤ m`,
+    /// `c0 ≤ c1 ≤ n`; no other task writes this block; `F` is f32 or f64.
+    unsafe fn run(&self, r0: usize, r1: usize, c0: usize, c1: usize) {
+        let (ri, ci) = (r0 as isize, c0 as isize);
+        gemm::gemm::<F>(
+            r1 - r0,
+            c1 - c0,
+            self.k,
+            self.out.offset(ri * self.n as isize + ci),
+            1,
+            self.n as isize,
+            self.add,
+            self.a.offset(ri * self.a_rs),
+            self.a_cs,
+            self.a_rs,
+            self.b.offset(ci * self.b_cs),
+            self.b_cs,
+            self.b_rs,
+            F::one(),
+            F::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+pub(super) fn matmul<F: CpuFloat>(
+    s: MatmulSpec,
+    a: &[F],
+    b: &[F],
+    out: &mut [F],
+    acc: Accum,
+) -> Result<()> {
+    let MatmulSpec { m, k, n, ta, tb } = s;
+    check_len("matmul", "a", a.len(), m * k)?;
+    check_len("matmul", "b", b.len(), k * n)?;
+    check_len("matmul", "out", out.len(), m * n)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if acc == Accum::Replace {
+            out.iter_mut().for_each(|e| *e = F::zero());
+        }
+        return Ok(());
+    }
+    // element (i,kk) of op(a) and (kk,j) of op(b) as (row stride, column stride)
+    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    let is_gemm_type =
+        TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>();
+    if is_gemm_type {
+        let g = GemmView {
+            n,
+            k,
+            out: out.as_mut_ptr(),
+            a: a.as_ptr(),
+            a_rs,
+            a_cs,
+            b: b.as_ptr(),
+            b_rs,
+            b_cs,
+            add: acc == Accum::Add,
+        };
+        // Split the output ourselves into independent blocks, one serial gemm each,
+        // instead of gemm's own threading: gemm synchronises its threads after every
+        // (k, n) panel and packs the right operand on one thread, so a second thread
+        // gave almost no speed-up on these shapes.  One fork/join per product, and
+        // each block's sums run in the same order for a given thread count.
+        let parts = split_parts(m, n, k, rayon::current_num_threads());
+        if parts <= 1 {
+            // SAFETY: see `GemmView::run`; the whole output is one block.
+            unsafe { g.run(0, m, 0, n) };
+        } else if m >= n {
+            let rows = m.div_ceil(parts).next_multiple_of(GEMM_BLOCK_ALIGN);
+            (0..m.div_ceil(rows)).into_par_iter().for_each(|p| {
+                let r0 = p * rows;
+                // SAFETY: blocks cover disjoint row ranges of `out`.
+                unsafe { g.run(r0, (r0 + rows).min(m), 0, n) };
+            });
+        } else {
+            let cols = n.div_ceil(parts).next_multiple_of(GEMM_BLOCK_ALIGN);
+            (0..n.div_ceil(cols)).into_par_iter().for_each(|p| {
+                let c0 = p * cols;
+                // SAFETY: blocks cover disjoint column ranges of `out`.
+                unsafe { g.run(0, m, c0, (c0 + cols).min(n)) };
+            });
+        }
+        return Ok(());
+    }
+    // slow, correct fallback for other float types
+    rows_mut(out, n, |i, row| {
+        for (j, o) in row.iter_mut().enumerate() {
+            let mut sum = F::zero();
+            for kk in 0..k {
+                let av = a[(i as isize * a_rs + kk as isize * a_cs) as usize];
+                let bv = b[(kk as isize * b_rs + j as isize * b_cs) as usize];
+                sum = sum + av * bv;
+            }
+            *o = if acc == Accum::Add { *o + sum } else { sum };
+        }
+    });
+    Ok(())
+}
+
+pub(super) fn add_bias<F: CpuFloat>(out: &mut [F], bias: &[F], c: usize) -> Result<()> {
+    check_len("add_bias", "bias", bias.len(), c)?;
+    rows_of("add_bias", out.len(), c)?;
+    rows_mut(out, c, |_, r| {
+        r.iter_mut().zip(bias).for_each(|(o, b)| *o = *o + *b)
+    });
+    Ok(())
+}
+
+pub(super) fn bias_bwd<F: CpuFloat>(dout: &[F], dbias: &mut [F], c: usize) -> Result<()> {
+    // forward: out[n,i] += bias[i]  so: dbias[i] += Σ_n dout[n,i]
+    check_len("bias_bwd", "dbias", dbias.len(), c)?;
+    let n = rows_of("bias_bwd", dout.len(), c)?;
+    reduce_rows(n, c, dbias, |i, part| {
+        let r = &dout[i * c..(i + 1) * c];
+        part.iter_mut().zip(r).for_each(|(p, d)| *p = *p + *d);
+    });
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! Launch wrappers of `kernels/attention.cu` (emulator or GPU).
+use super::{check_decode, AttnShape};
+use crate::error::{Error, Result};
+use crate::kernels::{Device, DeviceBuf, Elem, KArg, LaunchCfg};
+
+/// Threads per block of every attention kernel (4 warps).
+const GPU_THREADS: u32 = 128;
+/// Queries per forward/backward block and keys per tile (one key per lane).
+const GPU_TILE: usize = 32;
+/// Row stride of the P / dS tiles in the backward (odd: conflict-free columns).
+const GPU_PS: usize = 33;
+/// Keys per decode block (one per thread).
+const GPU_DEC_CHUNK: usize = 128;
+/// Query rows per block of the backward preprocess (one warp each).
+const GPU_PRE_ROWS: usize = 4;
+
+/// Shared-memory row strides of the kernels' tiles: q side a multiple of 4 (float4
+/// reads), k side one more (odd: one row per lane without bank conflicts).
+fn tile_strides(hs: usize) -> (usize, usize) {
+    let qs = hs.div_ceil(4) * 4;
+    (qs, qs + 1)
+}
+
+/// Dynamic shared memory of `attention_fwd_*`: q tile, k and v tiles, P, key row.
+fn fwd_shmem(hs: usize) -> u32 {
+    let (qs, ks) = tile_strides(hs);
+    (4 * (GPU_TILE * qs + 2 * GPU_TILE * ks + GPU_TILE * GPU_TILE + GPU_TILE)) as u32
+}
+
+/// Dynamic shared memory of `attention_bwd_f32`: q, dout, k, v tiles, P and dS, key
+/// row, lse and D.
+fn bwd_shmem(hs: usize) -> u32 {
+    let (qs, ks) = tile_strides(hs);
+    (4 * (2 * GPU_TILE * qs + 2 * GPU_TILE * ks + 2 * GPU_TILE * GPU_PS + 3 * GPU_TILE)) as u32
+}
+
+fn opt_arg<T: Elem>(b: Option<&DeviceBuf<T>>) -> KArg {
+    b.map_or(KArg::Ptr(0), |x| x.arg())
+}
+
+/// A 1-D grid of `n` blocks of [`GPU_THREADS`], or an error when it does not fit.
+fn grid(op: &'static str, n: usize, shmem: u32) -> Result<LaunchCfg> {
+    let g = u32::try_from(n)
+        .ok()
+        .filter(|&g| g <= i32::MAX as u32)
+        .ok_or_else(|| Error::shape(op, format!("{n} blocks do not fit one grid")))?;
+    Ok(LaunchCfg::new([g, 1, 1], [GPU_THREADS, 1, 1], shmem))
+}
+
+fn i32_arg(x: usize) -> KArg {
+    // validate() bounds every size by i32::MAX.
+    KArg::I32(x as i32)
+}
+
+/// The shape arguments every attention kernel takes after its buffers.
+fn shape_args(s: &AttnShape) -> [KArg; 8] {
+    [
+        i32_arg(s.b),
+        i32_arg(s.nh),
+        i32_arg(s.nkv),
+        i32_arg(s.tq),
+        i32_arg(s.tk),
+        i32_arg(s.hs),
+        KArg::I32(i32::from(s.causal)),
+        KArg::F32(s.scale),
+    ]
+}
+
+/// Forward on a device (`attention_fwd_f32`): same contract as [`attention_fwd_cpu`].
+///
+/// q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias (B,Tk) or None, key_mask (B,Tk) or None;
+/// writes out (B,NH,Tq,HS) and lse (B,NH,Tq).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd(
+    dev: &Device,
+    s: &AttnShape,
+    q: &DeviceBuf<f32>,
+    k: &DeviceBuf<f32>,
+    v: &DeviceBuf<f32>,
+    bias: Option<&DeviceBuf<f32>>,
+    key_mask: Option<&DeviceBuf<u8>>,
+    out: &mut DeviceBuf<f32>,
+    lse: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    fwd_launch(
+        dev,
+        "attention_fwd",
+        "attention_fwd_f32",
+        s,
+        [q.len(), k.len(), v.len(), out.len()],
+        [q.arg(), k.arg(), v.arg()],
+        bias,
+        key_mask,
+        out.arg_mut(),
+        lse,
+    )
+}
+
+/// Forward with bf16 q, k, v and out (`attention_fwd_bf16`; the buffers hold bf16 bit
+/// patterns, e.g. `half::bf16::to_bits`); bias, lse and all arithmetic are f32.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_bf16(
+    dev: &Device,
+    s: &AttnShape,
+    q: &DeviceBuf<u16>,
+    k: &DeviceBuf<u16>,
+    v: &DeviceBuf<u16>,
+    bias: Option<&DeviceBuf<f32>>,
+    key_mask: Option<&DeviceBuf<u8>>,
+    out: &mut DeviceBuf<u16>,
+    lse: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    fwd_launch(
+        dev,
+        "attention_fwd_bf16",
+        "attention_fwd_bf16",
+        s,
+        [q.len(), k.len(), v.len(), out.len()],
+        [q.arg(), k.arg(), v.arg()],
+        bias,
+        key_mask,
+        out.arg_mut(),
+        lse,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_launch(
+    dev: &Device,
+    op: &'static str,
+    kernel: &str,
+    s: &AttnShape,
+    lens: [usize; 4],
+    qkv: [KArg; 3],
+    bias: Option<&DeviceBuf<f32>>,
+    key_mask: Option<&DeviceBuf<u8>>,
+    out: KArg,
+    lse: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    let [ql, kl, vl, ol] = lens;
+    s.check_fwd(
+        op,
+        ql,
+        kl,
+        vl,
+        bias.map(|x| x.len()),
+        key_mask.map(|x| x.len()),
+        ol,
+        lse.len(),
+    )?;
+    if lse.is_empty() {
+        return Ok(()); // no query row
+    }
+    let cfg = grid(op, s.tq.div_ceil(GPU_TILE) * s.nh * s.b, fwd_shmem(s.hs))?;
+    let mut args = vec![
+        out,
+        lse.arg_mut(),
+        qkv[0],
+        qkv[1],
+        qkv[2],
+        opt_arg(bias),
+        opt_arg(key_mask),
+    ];
+    args.extend(shape_args(s));
+    dev.launch(kernel, cfg, &args)
+}
+
+/// Backward on a device: `attention_bwd_preprocess_f32` (D = rowsum(dout ∘ out)), then
+/// `attention_bwd_f32` (dK, dV and per-kv-head dγ from key-tile blocks, dQ from
+/// query-tile blocks, no atomics: deterministic), then `attention_bwd_dbias_f32` (sum
+/// of dγ over kv heads) when `dbias` is given.  Same contract as [`attention_bwd_cpu`]:
+/// every gradient is overwritten.  Allocates D (B,NH,Tq) and, with dbias, a
+/// (B,NKV,Tk) partial.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    dev: &Device,
+    s: &AttnShape,
+    q: &DeviceBuf<f32>,
+    k: &DeviceBuf<f32>,
+    v: &DeviceBuf<f32>,
+    bias: Option<&DeviceBuf<f32>>,
+    key_mask: Option<&DeviceBuf<u8>>,
+    out: &DeviceBuf<f32>,
+    lse: &DeviceBuf<f32>,
+    dout: &DeviceBuf<f32>,
+    dq: &mut DeviceBuf<f32>,
+    dk: &mut DeviceBuf<f32>,
+    dv: &mut DeviceBuf<f32>,
+    dbias: Option<&mut DeviceBuf<f32>>,
+) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    s.check_fwd(
+        OP,
+        q.len(),
+        k.len(),
+        v.len(),
+        bias.map(|x| x.len()),
+        key_mask.map(|x| x.len()),
+        out.len(),
+        lse.len(),
+    )?;
+    s.check_grads(
+        OP,
+        [q.len(), k.len(), v.len()],
+        [dout.len(), dq.len(), dk.len(), dv.len()],
+        dbias.as_ref().map(|d| d.len()),
+    )?;
+    let rows = s.b * s.nh * s.tq;
+    if rows == 0 {
+        // No query row: zero kv-side gradients (dq is empty).
+        let zero = |dev: &Device, x: &mut DeviceBuf<f32>| dev.write(x, &vec![0.0; x.len()]);
+        zero(dev, dk)?;
+        zero(dev, dv)?;
+        if let Some(db) = dbias {
+            zero(dev, db)?;
+        }
+        return Ok(());
+    }
+    let mut d = dev.zeros::<f32>(rows)?;
+    let pre = grid(OP, rows.div_ceil(GPU_PRE_ROWS), 0)?;
+    dev.launch(
+        "attention_bwd_preprocess_f32",
+        pre,
+        &[
+            d.arg_mut(),
+            out.arg(),
+            dout.arg(),
+            i32_arg(rows),
+            i32_arg(s.hs),
+        ],
+    )?;
+    let mut part = match dbias {
+        Some(_) if s.b * s.tk > 0 => Some(dev.zeros::<f32>(s.b * s.nkv * s.tk)?),
+        _ => None,
+    };
+    let nkvb = s.tk.div_ceil(GPU_TILE) * s.nkv * s.b;
+    let nqb = s.tq.div_ceil(GPU_TILE) * s.nh * s.b;
+    let cfg = grid(OP, nkvb + nqb, bwd_shmem(s.hs))?;
+    let mut args = vec![
+        dq.arg_mut(),
+        dk.arg_mut(),
+        dv.arg_mut(),
+        part.as_mut().map_or(KArg::Ptr(0), |p| p.arg_mut()),
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        opt_arg(bias),
+        opt_arg(key_mask),
+        lse.arg(),
+        d.arg(),
+        dout.arg(),
+    ];
+    args.extend(shape_args(s));
+    dev.launch("attention_bwd_f32", cfg, &args)?;
+    if let (Some(db), Some(p)) = (dbias, part.as_ref()) {
+        dev.launch(
+            "attention_bwd_dbias_f32",
+            LaunchCfg::linear(s.b * s.tk, GPU_THREADS),
+            &[
+                db.arg_mut(),
+                p.arg(),
+                i32_arg(s.b),
+                i32_arg(s.nkv),
+                i32_arg(s.tk),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Single-query decode over a KV cache on a device (`attention_decode_f32` split over
+/// 128-key chunks, then `attention_decode_reduce_f32`): same contract as
+/// [`attention_decode_cpu`].  Allocates a (B,NH,ceil(len/128),HS+2) partial.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    dev: &Device,
+    s_b: usize,
+    nh: usize,
+    nkv: usize,
+    tmax: usize,
+    len: usize,
+    hs: usize,
+    scale: f32,
+    q: &DeviceBuf<f32>,
+    k_cache: &DeviceBuf<f32>,
+    v_cache: &DeviceBuf<f32>,
+    bias: Option<&DeviceBuf<f32>>,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "attention_decode";
+    check_decode(
+        OP,
+        [s_b, nh, nkv, tmax, len, hs],
+        scale,
+        [q.len(), k_cache.len(), v_cache.len(), out.len()],
+        bias.map(|g| g.len()),
+    )?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    let nsplit = len.div_ceil(GPU_DEC_CHUNK);
+    // With len = 0 the reduce sees no split and writes zeros.
+    let mut part = dev.zeros::<f32>((s_b * nh * nsplit * (hs + 2)).max(1))?;
+    let dims = [
+        i32_arg(s_b),
+        i32_arg(nh),
+        i32_arg(nkv),
+        i32_arg(tmax),
+        i32_arg(len),
+        i32_arg(hs),
+        KArg::F32(scale),
+        i32_arg(nsplit),
+    ];
+    if nsplit > 0 {
+        let mut args = vec![
+            part.arg_mut(),
+            q.arg(),
+            k_cache.arg(),
+            v_cache.arg(),
+            opt_arg(bias),
+        ];
+        args.extend(dims);
+        dev.launch(
+            "attention_decode_f32",
+            grid(OP, nsplit * nh * s_b, 0)?,
+            &args,
+        )?;
+    }
+    dev.launch(
+        "attention_decode_reduce_f32",
+        grid(OP, nh * s_b, 0)?,
+        &[
+            out.arg_mut(),
+            part.arg(),
+            i32_arg(s_b),
+            i32_arg(nh),
+            i32_arg(hs),
+            i32_arg(nsplit),
+        ],
+    )
+}
