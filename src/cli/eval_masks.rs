@@ -1,14 +1,14 @@
 //! `popen eval-masks --pred DIR --gt DIR [--dilation-ratio 0.02] [--out report.json]`:
 //! IoU and Boundary IoU of PNG masks matched by file name.
 //!
-//! A pixel is foreground when any colour channel is nonzero (alpha ignored), so 0/1,
-//! 0/255, 16-bit and colour-coded masks all read as expected.  Writes
+//! Masks are read by [`popen::data::png`] (nonzero in any colour channel = foreground).
+//! Writes
 //! `{"cases": {name: {"iou", "boundary_iou", "intersection", "union"}}, "giou",
 //! "ciou"}` with gIoU = mean IoU, cIoU = ΣI/ΣU, empty-vs-empty = 1.0.  PNGs decode in
 //! parallel (rayon); the metrics are the CPU twins of `popen::kernels::mask`.
-use anyhow::{bail, Context};
-use image::DynamicImage;
+use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
+use popen::data::png::load_mask_png;
 use popen::kernels::mask::{boundary_width, iou_from_counts, PackedMask, DEFAULT_DILATION_RATIO};
 use popen::Error;
 use rayon::prelude::*;
@@ -70,39 +70,6 @@ fn png_names(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
         }
     }
     Ok(names)
-}
-
-/// Decode a PNG mask: (height, width, 0/1 pixels).
-pub fn load_mask_png(path: &Path) -> popen::Result<(usize, usize, Vec<u8>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let img =
-        image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).map_err(|e| {
-            Error::Image {
-                path: path.to_path_buf(),
-                msg: format!("does not decode as PNG: {e}"),
-            }
-        })?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    fn any_nonzero<T: Copy + PartialEq + Default>(px: &[T], ch: usize, used: usize) -> Vec<u8> {
-        px.chunks_exact(ch)
-            .map(|p| p[..used].iter().any(|&v| v != T::default()) as u8)
-            .collect()
-    }
-    let data = match &img {
-        DynamicImage::ImageLuma8(b) => b.as_raw().iter().map(|&v| (v != 0) as u8).collect(),
-        DynamicImage::ImageLumaA8(b) => any_nonzero(b.as_raw(), 2, 1),
-        DynamicImage::ImageRgb8(b) => any_nonzero(b.as_raw(), 3, 3),
-        DynamicImage::ImageRgba8(b) => any_nonzero(b.as_raw(), 4, 3),
-        DynamicImage::ImageLuma16(b) => any_nonzero(b.as_raw(), 1, 1),
-        DynamicImage::ImageLumaA16(b) => any_nonzero(b.as_raw(), 2, 1),
-        DynamicImage::ImageRgb16(b) => any_nonzero(b.as_raw(), 3, 3),
-        DynamicImage::ImageRgba16(b) => any_nonzero(b.as_raw(), 4, 3),
-        other => {
-            let b = other.to_rgb8();
-            any_nonzero(b.as_raw(), 3, 3)
-        }
-    };
-    Ok((h, w, data))
 }
 
 fn eval_pair(pred: &Path, gt: &Path, ratio: f64) -> anyhow::Result<Case> {
@@ -219,7 +186,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     if let Some(out) = &a.out {
         let s = serde_json::to_string_pretty(&report)?;
-        std::fs::write(out, s).with_context(|| format!("writing {}", out.display()))?;
+        popen::fsio::write_atomic(out, s.as_bytes())?;
     }
     Ok(())
 }

@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use crate::data::mask::Mask;
 use crate::data::muse::{MuseAnn, MuseImage};
-use crate::data::sample::{check_size, data_err, parse_json, read_file, safe_join, seg_to_mask};
+use crate::data::paths::resolve_in_root;
+use crate::data::sample::{check_size, data_err, parse_json, read_file, seg_to_mask};
 use crate::data::sample::{Sample, Target, SEG};
 use crate::error::Result;
 
@@ -185,7 +186,7 @@ pub fn image_samples(
         }
     }
     let rel = image_rel_path(path, i, img)?;
-    let image_path: PathBuf = safe_join(root, &rel, path, &format!("[{i}].file_name"))?;
+    let image_path: PathBuf = resolve_in_root(root, &rel, path, &format!("[{i}].file_name"))?;
     let image_id = id.map(str::to_string).unwrap_or_else(|| {
         Path::new(&rel)
             .file_stem()
