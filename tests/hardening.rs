@@ -332,9 +332,9 @@ fn data_generate_on_a_full_disk_keeps_the_previous_data_set() {
         e.starts_with("error:") && e.contains("val.json") && e.contains("too large"),
         "{e}"
     );
-    assert_eq!(
-        std::fs::read(d.join("val.json")).unwrap(),
-        old,
+    // compared without printing: a damaged file is tens of kilobytes
+    assert!(
+        std::fs::read(d.join("val.json")).unwrap() == old,
         "val.json was damaged"
     );
     assert_eq!(leftover_temporaries(&d), Vec::<PathBuf>::new());
@@ -365,7 +365,10 @@ fn data_generate_on_a_full_disk_keeps_the_previous_data_set() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(std::fs::read(d.join("val.json")).unwrap(), old);
+    assert!(
+        std::fs::read(d.join("val.json")).unwrap() == old,
+        "val.json was damaged"
+    );
     assert_eq!(leftover_temporaries(&d), Vec::<PathBuf>::new());
 }
 
