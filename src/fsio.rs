@@ -46,6 +46,29 @@ pub fn write_atomic_with(
     }
 }
 
+/// Like [`write_atomic`], for writers that insist on a path of their own (the
+/// `safetensors` crate's `serialize_to_file`): `fill` writes the temporary path it is
+/// given, which is then flushed to disk and renamed over `path`.  On any error the
+/// temporary file is removed and `path` is left as it was.
+pub fn write_atomic_via_path(
+    path: impl AsRef<Path>,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let tmp = temp_path(path);
+    let result = fill(&tmp).and_then(|()| {
+        (|| -> std::io::Result<()> {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })()
+        .map_err(|e| Error::io(path, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

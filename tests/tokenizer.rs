@@ -51,68 +51,16 @@ fn load_reports_the_file() {
 
 /// A small tokenizer.json shaped like Hugging Face's LLaMA ones: BPE with byte
 /// fallback over `<0xNN>` tokens, SentencePiece word marks (Metaspace, prepend on
-/// the first piece only), and the usual decoder chain.
-fn llama_style_json() -> String {
-    let mut vocab = serde_json::Map::new();
-    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
-        vocab.insert(t.to_string(), i.into());
-    }
-    for b in 0..256u32 {
-        vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
-    }
-    let pieces = [
-        "\u{2581}",
-        "a",
-        "b",
-        "s",
-        "e",
-        "g",
-        ".",
-        "<",
-        ">",
-        "\u{2581}a",
-        "\u{2581}b",
-        "se",
-        "seg",
-        "<seg",
-    ];
-    for (i, p) in pieces.iter().enumerate() {
-        vocab.insert(p.to_string(), (259 + i as u32).into());
-    }
-    let j = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [
-            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
-        ],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
-        ]},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-            "vocab": vocab,
-            "merges": ["\u{2581} a", "\u{2581} b", "s e", "se g", "< seg"]
-        }
-    });
-    j.to_string()
-}
+/// the first piece only), and the usual decoder chain.  A committed fixture, which the
+/// `tokenizer_hf` fuzz target loads too.
+const LLAMA_STYLE_JSON: &str = include_str!("fixtures/tokenizer/llama_style.json");
 
 #[test]
 fn seg_is_one_token_in_a_llama_style_tokenizer() {
     let dir = std::env::temp_dir().join(format!("popen_llama_tok_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tokenizer.json");
-    std::fs::write(&path, llama_style_json()).unwrap();
+    std::fs::write(&path, LLAMA_STYLE_JSON).unwrap();
     let text = "a <seg> b<seg>.";
 
     // Before: `<seg>` is ordinary text and splits into pieces (the LISA bug's setting:

@@ -2,6 +2,7 @@
 //! and draw overlays of any MUSE-schema file.
 use anyhow::{bail, Context};
 use popen::data::muse::{MuseImage, Segmentation};
+use popen::data::paths::resolve_in_root;
 use popen::data::world::{self, overlay, Split, WorldConfig};
 use popen::data::Mask;
 use std::path::{Path, PathBuf};
@@ -116,7 +117,19 @@ fn generate(g: GenArgs) -> anyhow::Result<()> {
 
 fn decode(seg: &Segmentation, h: usize, w: usize, path: &Path) -> anyhow::Result<Mask> {
     match seg {
-        Segmentation::Rle(r) => Ok(r.to_rle()?.to_mask()?),
+        Segmentation::Rle(r) => {
+            // checked before decoding: the RLE's own size would otherwise decide how
+            // much is allocated
+            if r.size != [h as u32, w as u32] {
+                bail!(
+                    "{}: RLE size is {}x{} but the image is {h}x{w}",
+                    path.display(),
+                    r.size[0],
+                    r.size[1]
+                );
+            }
+            Ok(r.to_rle()?.to_mask()?)
+        }
         Segmentation::Polygons(_) => {
             bail!(
                 "{}: polygon segmentations are not drawn by `data show` (image {h}x{w})",
@@ -135,7 +148,7 @@ fn show(s: ShowArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.out)
         .with_context(|| format!("cannot create output directory {}", s.out.display()))?;
     for (i, r) in recs.iter().take(s.n).enumerate() {
-        let img_path = root.join(&r.file_name);
+        let img_path = resolve_in_root(root, &r.file_name, &s.data, &format!("[{i}].file_name"))?;
         let img = overlay::load_rgb(&img_path)?;
         let (h, w) = (img.height, img.width);
         let anns = r

@@ -33,8 +33,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let report = popen::metrics::evaluate_files(&a.data, &a.pred, a.vocab.as_deref(), &cfg)?;
     print!("{}", report.table());
     if let Some(out) = &a.out {
-        std::fs::write(out, report.to_json())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+        popen::fsio::write_atomic(out, report.to_json().as_bytes())?;
         println!("report written to {}", out.display());
     }
     Ok(())

@@ -1,7 +1,6 @@
 //! `popen eval-masks --pred DIR --gt DIR [--dilation-ratio 0.02] [--out report.json]`:
 //! IoU and Boundary IoU of PNG masks matched by file name; the engine and its
 //! definitions are [`popen::metrics::masks`].
-use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use popen::kernels::mask::DEFAULT_DILATION_RATIO;
 use popen::metrics::masks::{evaluate_mask_dirs, mask_pairs};
@@ -69,7 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     if let Some(out) = &a.out {
         let s = serde_json::to_string_pretty(&report)?;
-        std::fs::write(out, s).with_context(|| format!("writing {}", out.display()))?;
+        popen::fsio::write_atomic(out, s.as_bytes())?;
     }
     Ok(())
 }

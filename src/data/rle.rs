@@ -2,6 +2,7 @@
 //! that `pycocotools` writes.  Runs go over pixels in column-major order (down the
 //! first column, then the next), starting with a run of zeros.
 use super::mask::Mask;
+use super::sample::MAX_IMAGE_PIXELS;
 use crate::error::{Error, Result};
 
 /// A run-length encoded mask.
@@ -39,16 +40,24 @@ impl Rle {
         }
     }
 
-    /// Decode to a mask; `Err` when the runs do not add up to `height × width`.
+    /// Decode to a mask; `Err` when the runs do not add up to `height × width`, or
+    /// when that is over [`MAX_IMAGE_PIXELS`] (checked before anything is allocated).
     pub fn to_mask(&self) -> Result<Mask> {
         let (h, w) = (self.height, self.width);
+        let pixels = h.checked_mul(w).filter(|&n| n <= MAX_IMAGE_PIXELS);
+        let Some(pixels) = pixels else {
+            return Err(Error::arg(
+                "Rle::to_mask",
+                format!("size {h}x{w} is over {MAX_IMAGE_PIXELS} pixels"),
+            ));
+        };
         let total: u64 = self.counts.iter().map(|&c| c as u64).sum();
-        if total != (h * w) as u64 {
+        if total != pixels as u64 {
             return Err(Error::arg(
                 "Rle::to_mask",
                 format!(
                     "runs cover {total} pixels but the size {h}x{w} has {}",
-                    h * w
+                    pixels
                 ),
             ));
         }

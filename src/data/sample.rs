@@ -10,10 +10,11 @@
 //!   `instances.json`);
 //! - [`load_grandf`]: GranD-f grounded captions (GLaMM's GCG JSON).
 //!
-//! Readers validate everything but the pixels: JSON shape, mask sizes, paths.  Images
+//! Readers validate everything but the pixels: JSON shape, mask sizes, paths (which
+//! stay inside their root: [`super::paths::resolve_in_root`]).  Images
 //! are decoded only by [`load_image`], so a corrupt image is an `Err` naming the file at
 //! the point it is used (or counted by [`check_images`]), never a panic.
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::mask::Mask;
 use crate::error::{Error, Result};
@@ -133,35 +134,6 @@ pub fn check_images(samples: &[Sample]) -> Vec<(PathBuf, Error)> {
         }
     }
     bad
-}
-
-/// Join a data-set-relative file name onto `root`, refusing names that could leave
-/// the root: absolute paths, `..` components, drive prefixes.  `json` and `field` name
-/// where the file name came from, for the error.
-pub fn safe_join(root: &Path, rel: &str, json: &Path, field: &str) -> Result<PathBuf> {
-    let bad = |msg: &str| Error::Data {
-        path: json.to_path_buf(),
-        field: field.to_string(),
-        msg: format!("file name {rel:?} {msg}"),
-    };
-    if rel.is_empty() {
-        return Err(bad("is empty"));
-    }
-    let p = Path::new(rel);
-    for c in p.components() {
-        match c {
-            Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => return Err(bad("leaves the data root (`..`)")),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(bad("is absolute; it must be relative to the data root"))
-            }
-        }
-    }
-    // a backslash path from Windows tools is a second way out of the root
-    if rel.contains('\\') && rel.split('\\').any(|s| s == "..") {
-        return Err(bad("leaves the data root (`..`)"));
-    }
-    Ok(root.join(p))
 }
 
 /// Read a whole file, naming it in the error.

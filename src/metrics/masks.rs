@@ -8,7 +8,6 @@
 //! parallel (rayon); the metrics are the CPU twins of [`crate::kernels::mask`].
 use crate::error::{Error, Result};
 use crate::kernels::mask::{boundary_width, iou_from_counts, PackedMask};
-use image::DynamicImage;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,38 +53,7 @@ fn png_names(dir: &Path) -> Result<BTreeSet<String>> {
     Ok(names)
 }
 
-/// Decode a PNG mask: (height, width, 0/1 pixels).
-pub fn load_mask_png(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let img =
-        image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).map_err(|e| {
-            Error::Image {
-                path: path.to_path_buf(),
-                msg: format!("does not decode as PNG: {e}"),
-            }
-        })?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    fn any_nonzero<T: Copy + PartialEq + Default>(px: &[T], ch: usize, used: usize) -> Vec<u8> {
-        px.chunks_exact(ch)
-            .map(|p| p[..used].iter().any(|&v| v != T::default()) as u8)
-            .collect()
-    }
-    let data = match &img {
-        DynamicImage::ImageLuma8(b) => b.as_raw().iter().map(|&v| (v != 0) as u8).collect(),
-        DynamicImage::ImageLumaA8(b) => any_nonzero(b.as_raw(), 2, 1),
-        DynamicImage::ImageRgb8(b) => any_nonzero(b.as_raw(), 3, 3),
-        DynamicImage::ImageRgba8(b) => any_nonzero(b.as_raw(), 4, 3),
-        DynamicImage::ImageLuma16(b) => any_nonzero(b.as_raw(), 1, 1),
-        DynamicImage::ImageLumaA16(b) => any_nonzero(b.as_raw(), 2, 1),
-        DynamicImage::ImageRgb16(b) => any_nonzero(b.as_raw(), 3, 3),
-        DynamicImage::ImageRgba16(b) => any_nonzero(b.as_raw(), 4, 3),
-        other => {
-            let b = other.to_rgb8();
-            any_nonzero(b.as_raw(), 3, 3)
-        }
-    };
-    Ok((h, w, data))
-}
+pub use crate::data::png::load_mask_png;
 
 fn eval_pair(pred: &Path, gt: &Path, ratio: f64) -> Result<MaskCase> {
     let (ph, pw, p) = load_mask_png(pred)?;

@@ -423,8 +423,10 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[(String, OutValue<'_
         }
     }
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize_to_file(out.iter().map(|(k, v)| (*k, v)), Some(meta), path)
-        .map_err(|e| st_err(path, format!("write failed: {e}")))
+    crate::fsio::write_atomic_via_path(path, |tmp| {
+        safetensors::serialize_to_file(out.iter().map(|(k, v)| (*k, v)), Some(meta), tmp)
+            .map_err(|e| st_err(path, format!("write failed: {e}")))
+    })
 }
 
 /// Shorthand: every tensor F32.

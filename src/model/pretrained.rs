@@ -111,7 +111,7 @@ impl<F: Float, B: Backend<F>> Pretrained<F, B> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let cfg_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&hf.json).expect("a JSON value serialises");
-        std::fs::write(&cfg_path, text + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+        crate::fsio::write_atomic(&cfg_path, (text + "\n").as_bytes())?;
         let path = dir.join(SINGLE_FILE);
         match self {
             Pretrained::Llama { model, names } => save_llama(model, path, names, dtype),

@@ -19,10 +19,9 @@ use serde::Deserialize;
 
 use crate::data::mask::{Mask, FG};
 use crate::data::muse::RleJson;
+use crate::data::paths::resolve_in_root;
 use crate::data::polygon::paint_rle;
-use crate::data::sample::{
-    check_size, data_err, parse_json, read_file, safe_join, Sample, Target, SEG,
-};
+use crate::data::sample::{check_size, data_err, parse_json, read_file, Sample, Target, SEG};
 use crate::error::{Error, Result};
 
 /// The instruction paired with every GranD-f caption (grounded conversation generation).
@@ -66,7 +65,7 @@ pub fn load_grandf(path: &Path, root: &Path) -> Result<Vec<Sample>> {
 }
 
 fn record_sample(path: &Path, root: &Path, i: usize, r: &Record) -> Result<Sample> {
-    let image_path = safe_join(root, &r.file_name, path, &format!("[{i}].file_name"))?;
+    let image_path = resolve_in_root(root, &r.file_name, path, &format!("[{i}].file_name"))?;
     let caption = r.caption.trim_matches('"').trim();
     // code-point offsets -> byte offsets (the caption may hold non-ASCII text)
     let mut byte_at: Vec<usize> = caption.char_indices().map(|(b, _)| b).collect();

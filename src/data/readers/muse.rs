@@ -16,7 +16,8 @@ use serde::Deserialize;
 
 use crate::data::mask::Mask;
 use crate::data::muse::{MuseAnn, MuseImage, Segmentation, MUSE_SEG};
-use crate::data::sample::{check_size, data_err, parse_json, read_file, safe_join, seg_to_mask};
+use crate::data::paths::resolve_in_root;
+use crate::data::sample::{check_size, data_err, parse_json, read_file, seg_to_mask};
 use crate::data::sample::{Sample, Target, SEG};
 use crate::error::Result;
 
@@ -180,7 +181,7 @@ pub fn image_samples(
     let rel = check_record(path, i, img)?;
     let (h, w) = (img.height as usize, img.width as usize);
     let nq = img.questions.len();
-    let image_path: PathBuf = safe_join(root, &rel, path, &format!("[{i}].file_name"))?;
+    let image_path: PathBuf = resolve_in_root(root, &rel, path, &format!("[{i}].file_name"))?;
     let image_id = id.map(str::to_string).unwrap_or_else(|| {
         Path::new(&rel)
             .file_stem()
@@ -285,7 +286,7 @@ pub fn check_record(path: &Path, i: usize, img: &MuseImage) -> Result<String> {
     }
     let rel = image_rel_path(path, i, img)?;
     // the root is the caller's; a name that is safe under one root is safe under all
-    safe_join(Path::new(""), &rel, path, &format!("[{i}].file_name"))?;
+    resolve_in_root(Path::new(""), &rel, path, &format!("[{i}].file_name"))?;
     Ok(rel)
 }
 

@@ -17,8 +17,9 @@ use serde::Deserialize;
 
 use crate::data::mask::Mask;
 use crate::data::muse::Segmentation;
+use crate::data::paths::resolve_in_root;
 use crate::data::pickle::{self, Value};
-use crate::data::sample::{check_size, data_err, parse_json, read_file, safe_join, seg_to_mask};
+use crate::data::sample::{check_size, data_err, parse_json, read_file, seg_to_mask};
 use crate::data::sample::{Sample, Target};
 use crate::error::{Error, Result};
 
@@ -190,7 +191,7 @@ pub fn load_refcoco(dir: &Path, dataset: &str, split_by: &str, split: &str) -> R
             .map(|v| v.iter().map(|&j| decode(j)).collect::<Result<Vec<_>>>())
             .transpose()?
             .unwrap_or_default();
-        let image_path = safe_join(
+        let image_path = resolve_in_root(
             &image_root,
             &im.file_name,
             &inst_path,

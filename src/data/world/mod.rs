@@ -335,7 +335,7 @@ pub fn write_dataset(
             let s = generate(cfg, seed, split, i)?;
             let name = format!("images/{}.png", s.file_stem());
             let path = dir.join(&name);
-            std::fs::write(&path, s.png()?).map_err(|e| Error::io(&path, e))?;
+            crate::fsio::write_atomic(&path, &s.png()?)?;
             tick();
             Ok(s.to_muse(&name))
         })
@@ -391,6 +391,6 @@ fn write_json(dir: &Path, stem: &str, records: &[MuseImage]) -> Result<PathBuf> 
         line: None,
         msg: e.to_string(),
     })?;
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    crate::fsio::write_atomic(&path, text.as_bytes())?;
     Ok(path)
 }

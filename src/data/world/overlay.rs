@@ -202,7 +202,7 @@ pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
 /// Writes a PNG file.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     let bytes = png_bytes(img)?;
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+    crate::fsio::write_atomic(path, &bytes)
 }
 
 /// Reads an RGB PNG (or any format the `image` crate decodes) into an [`RgbImage`].
@@ -270,5 +270,5 @@ pub fn save_mask_png(m: &Mask, path: &Path) -> Result<()> {
         path: path.into(),
         msg: e.to_string(),
     })?;
-    std::fs::write(path, buf).map_err(|e| Error::io(path, e))
+    crate::fsio::write_atomic(path, &buf)
 }
