@@ -232,9 +232,11 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                 }
                 let mut step_loss = 0.0;
                 for micro in 0..accum {
-                    let batch = rx.recv().map_err(|_| {
-                        Error::Device("the data loader thread stopped unexpectedly".into())
-                    })??;
+                    // the loader sends its error before it stops, so a closed channel
+                    // means it panicked (a bug in `Dataset::load`)
+                    let batch = rx
+                        .recv()
+                        .map_err(|_| Error::arg("train", "the data loader thread panicked"))??;
                     let lp = model.accumulate(&batch.items, scale, &mut rng)?;
                     if !lp.loss.is_finite() {
                         return Err(Error::NonFinite {
