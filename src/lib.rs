@@ -11,7 +11,8 @@
 //! - [`backend`]: the backend contract (fused layer ops with their backward) and the
 //!   CPU reference backend.
 //! - [`nn`]: layers with forward and backward side by side, and the LLaMA decoder.
-//! - [`train`]: AdamW and the warmup-then-decay learning-rate schedule.
+//! - [`train`]: AdamW, the warmup-then-decay learning-rate schedule, and the trainer
+//!   (generic over the model) with kill-safe checkpoints, metrics and a loss plot.
 pub mod backend;
 pub mod data;
 pub mod error;

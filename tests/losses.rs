@@ -175,8 +175,8 @@ fn seg_pref_hand_computed_with_unit_vectors() {
         let r3 = 3f64.sqrt();
         let dir = [(1.0 + r3) / 4.0, -(r3 + 3.0) / 4.0];
         let sig = 1.0 / (1.0 + m.exp()); // σ(−m)
-        for j in 0..2 {
-            let g = -sig * beta * dir[j];
+        for (j, d) in dir.iter().enumerate() {
+            let g = -sig * beta * d;
             assert!((out.d_policy[j] - g).abs() < 1e-14, "βs={beta} grad {j}");
         }
         assert!(out.d_policy[2..].iter().all(|&g| g == 0.0));

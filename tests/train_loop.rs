@@ -390,6 +390,13 @@ fn a_run_of_another_model_is_a_clear_error() {
         assert!(err.contains("optimizer.safetensors"), "{err}");
         assert!(err.contains(what), "{err}");
     }
+    // resuming with another seed would train on another data stream
+    let mut s3 = s.clone();
+    s3.train.seed += 1;
+    let err = train_in_process(&run, &s3, &mut ToyLm::new(16, 2), true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.seed"), "{err}");
     // a finished run is not overwritten without --resume
     let err = train_in_process(&run, &s, &mut ToyLm::new(16, 2), false)
         .unwrap_err()
@@ -443,5 +450,43 @@ fn metrics_validation_and_plot_are_written() {
     assert!((lines[0]["lr"].as_f64().unwrap() - 3e-3 * 3.0 / 5.0).abs() < 1e-9);
     let png = image::open(run.join("loss.png")).unwrap();
     assert!(png.width() > 100 && png.height() > 100);
+    std::fs::remove_dir_all(&run).unwrap();
+}
+
+/// Fails to load one example, as a missing image would.
+struct BrokenData {
+    bad: usize,
+}
+
+impl Dataset for BrokenData {
+    type Item = Vec<u32>;
+    fn len(&self) -> usize {
+        17
+    }
+    fn load(&self, i: usize) -> Result<Vec<u32>> {
+        if i == self.bad {
+            return Err(popen::Error::Image {
+                path: format!("img{i}.png").into(),
+                msg: "does not decode".into(),
+            });
+        }
+        ToyData { n: 17 }.load(i)
+    }
+}
+
+#[test]
+fn a_load_error_stops_the_run_with_its_message() {
+    let s = spec(30);
+    let run = fresh_dir("broken");
+    let err = Trainer::new(s.train.clone(), &run)
+        .unwrap()
+        .progress(false)
+        .run(&mut ToyLm::new(16, 2), &BrokenData { bad: 5 })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("img5.png") && err.contains("does not decode"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&run).unwrap();
 }

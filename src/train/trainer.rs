@@ -172,6 +172,7 @@ impl<'a, M: Trainable> Trainer<'a, M> {
         }
         let (start, mut cursor, mut rng, mut elapsed0) = match &saved {
             Some(st) => {
+                check_same_stream(&run, &st.config, &self.cfg)?;
                 let dir = run.join(&st.checkpoint);
                 let moments = {
                     let params = model.params_mut();
@@ -231,9 +232,11 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                 }
                 let mut step_loss = 0.0;
                 for micro in 0..accum {
-                    let batch = rx.recv().map_err(|_| {
-                        Error::Device("the data loader thread stopped unexpectedly".into())
-                    })??;
+                    // the loader sends its error before it stops, so a closed channel
+                    // means it panicked (a bug in `Dataset::load`)
+                    let batch = rx
+                        .recv()
+                        .map_err(|_| Error::arg("train", "the data loader thread panicked"))??;
                     let lp = model.accumulate(&batch.items, scale, &mut rng)?;
                     if !lp.loss.is_finite() {
                         return Err(Error::NonFinite {
@@ -387,4 +390,36 @@ fn f32_json(x: f32) -> Value {
     x.to_string()
         .parse::<f64>()
         .map_or(Value::Null, Value::from)
+}
+
+/// The settings that decide which examples and random draws each step sees must not
+/// change on resume (the resumed run would silently train on another stream); the
+/// length, learning rate and logging may.
+fn check_same_stream(run: &Path, saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
+    let fields = [
+        ("seed", saved.seed, now.seed),
+        (
+            "micro_batch",
+            saved.micro_batch as u64,
+            now.micro_batch as u64,
+        ),
+        (
+            "grad_accum_steps",
+            saved.grad_accum_steps as u64,
+            now.grad_accum_steps as u64,
+        ),
+    ];
+    for (field, was, is) in fields {
+        if was != is {
+            return Err(Error::Config {
+                path: run.join(checkpoint::TRAIN_STATE_FILE),
+                field: format!("train.{field}"),
+                msg: format!(
+                    "the run was started with {was} and is resumed with {is}; resume with \
+                     the same value or start a new run directory"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
