@@ -26,6 +26,12 @@ enum Cmd {
     /// Run a Hugging Face model directory (llama, clip_vision_model, bert, llava) on
     /// named input tensors and write its outputs as safetensors.
     Forward(cli::forward::Args),
+    /// Train a stage of POPEN into a run directory (`sft`).
+    Train(cli::train::Args),
+    /// Answer every question of a MUSE-schema file with a trained model (PRED.jsonl).
+    Predict(cli::predict::Args),
+    /// Answer one question about one image: text on stdout, overlay and mask PNGs.
+    Infer(cli::infer::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +42,9 @@ fn main() -> std::process::ExitCode {
         Cmd::EvalMasks(a) => cli::eval_masks::run(a),
         Cmd::Eval(a) => cli::eval::run(a),
         Cmd::Forward(a) => cli::forward::run(a),
+        Cmd::Train(a) => cli::train::run(a),
+        Cmd::Predict(a) => cli::predict::run(a),
+        Cmd::Infer(a) => cli::infer::run(a),
     };
     // Print the error chain on one line and exit 1: bad input is not a crash, so no
     // backtrace even when RUST_BACKTRACE is set.

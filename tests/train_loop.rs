@@ -100,7 +100,10 @@ impl Trainable for ToyLm {
         self.calls += 1;
         let b = batch.len();
         let ids: Vec<u32> = batch.iter().flat_map(|s| s[..SEQ].to_vec()).collect();
-        let targets: Vec<i32> = batch.iter().flat_map(|s| s[1..].iter().map(|&t| t as i32)).collect();
+        let targets: Vec<i32> = batch
+            .iter()
+            .flat_map(|s| s[1..].iter().map(|&t| t as i32))
+            .collect();
         let (logits, acts) = self.llama.forward(&ids, b, None, None)?;
         let n = b * SEQ;
         let (mut logp, mut lse) = (vec![0.0f32; n], vec![0.0f32; n]);

@@ -14,6 +14,7 @@ use super::weights::{save_params, Checkpoint};
 use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::nn::layers::ImageShape;
+use crate::nn::layers::{AttnActs, MlpActs, NormStats};
 use crate::nn::{Attention, AttnCtx, Embedding, LayerNorm, Mlp, PatchEmbed, Tensor};
 use num_traits::Float;
 use std::path::Path;
@@ -253,5 +254,211 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             hidden_states,
             pooler_output,
         })
+    }
+}
+
+/// What one encoder block's training forward saves.
+#[derive(Clone, Debug)]
+pub struct ClipLayerActs<Buf> {
+    x: Buf,
+    st1: NormStats<Buf>,
+    attn: AttnActs<Buf>,
+    xm: Buf,
+    st2: NormStats<Buf>,
+    mlp: MlpActs<Buf>,
+}
+
+/// Hidden states 0..=upto and the saved activations.
+pub type ClipTrainOut<Buf> = (Vec<Buf>, ClipActs<Buf>);
+
+/// What [`ClipVision::forward_train`] saves for [`ClipVision::backward`].
+#[derive(Clone, Debug)]
+pub struct ClipActs<Buf> {
+    b: usize,
+    /// patchified pixels (B·NP, CH·P·P)
+    patches: Buf,
+    /// class + patches + positions (B, S, C), the input of `pre_layrnorm`
+    x0: Buf,
+    st0: NormStats<Buf>,
+    layers: Vec<ClipLayerActs<Buf>>,
+}
+
+impl<F: Float, B: Backend<F>> ClipVision<F, B> {
+    /// N(0, 0.02²) weights and class/position embeddings, unit norms, zero biases:
+    /// a tower trained from scratch (the tiny default) starts here.
+    pub fn init_random(&mut self, seed: u64) {
+        let be = self.be.clone();
+        let mut rng = crate::nn::Rng::new(seed);
+        for (name, t) in self.params_mut() {
+            if name.ends_with(".bias") || name.contains("layrnorm") || name.contains("layer_norm") {
+                continue;
+            }
+            t.data = be.from_slice(&crate::nn::randn::<F>(&mut rng, t.numel(), 0.02));
+        }
+    }
+
+    /// Training forward: hidden states 0..=`upto` (each (B, S, C)) and the activations
+    /// the backward needs.  Same arithmetic as [`ClipVision::forward`].
+    pub fn forward_train(
+        &self,
+        pixels: &B::Buf,
+        b: usize,
+        upto: usize,
+    ) -> Result<ClipTrainOut<B::Buf>> {
+        let be = &self.be;
+        let cfg = &self.cfg;
+        let (c, s, np) = (cfg.hidden_size, cfg.num_positions(), cfg.num_patches());
+        let (ch, hw) = (cfg.num_channels, cfg.image_size);
+        if upto > self.layers.len() {
+            return Err(Error::arg(
+                "ClipVision::forward_train",
+                format!("hidden state {upto} of a {}-layer tower", self.layers.len()),
+            ));
+        }
+        if b == 0 || be.len(pixels) != b * ch * hw * hw {
+            return Err(Error::shape(
+                "ClipVision::forward_train",
+                format!(
+                    "pixel buffer of {} values is not (B={b}, {ch}, {hw}, {hw})",
+                    be.len(pixels)
+                ),
+            ));
+        }
+        let img = ImageShape { b, h: hw, w: hw };
+        let (patches, pe) = self.patch_embedding.forward(be, pixels, img)?; // (B, NP, C)
+        let mut x = be.zeros(b * s * c);
+        let mut pos = be.zeros(b * s * c);
+        for bi in 0..b {
+            be.copy_range(&mut x, bi * s * c, &self.class_embedding.data, 0, c)?;
+            be.copy_range(&mut x, (bi * s + 1) * c, &pe, bi * np * c, np * c)?;
+            be.copy_range(
+                &mut pos,
+                bi * s * c,
+                &self.position_embedding.weight.data,
+                0,
+                s * c,
+            )?;
+        }
+        be.axpy(&mut x, F::one(), &pos)?;
+        let x0 = x;
+        let (mut x, st0) = self.pre_layrnorm.forward(be, &x0)?;
+        let ctx = self.ctx(b);
+        let mut hidden = vec![x.clone()];
+        let mut layers = Vec::with_capacity(upto);
+        for l in &self.layers[..upto] {
+            let (ln1, st1) = l.layer_norm1.forward(be, &x)?;
+            let (a, attn) = l.self_attn.forward(be, &ln1, &ctx, None)?;
+            let mut xm = x.clone();
+            be.axpy(&mut xm, F::one(), &a)?;
+            let (ln2, st2) = l.layer_norm2.forward(be, &xm)?;
+            let (m, mlp) = l.mlp.forward(be, &ln2)?;
+            let mut xo = xm.clone();
+            be.axpy(&mut xo, F::one(), &m)?;
+            layers.push(ClipLayerActs {
+                x,
+                st1,
+                attn,
+                xm,
+                st2,
+                mlp,
+            });
+            hidden.push(xo.clone());
+            x = xo;
+        }
+        Ok((
+            hidden,
+            ClipActs {
+                b,
+                patches,
+                x0,
+                st0,
+                layers,
+            },
+        ))
+    }
+
+    fn ctx<'a>(&self, b: usize) -> AttnCtx<'a, B::Buf> {
+        AttnCtx {
+            b,
+            t: self.cfg.num_positions(),
+            pos0: 0,
+            bias: None,
+            key_mask: None,
+        }
+    }
+
+    /// Backward from the gradients of the hidden states `dhidden[i]` (state i, (B, S, C);
+    /// `None` = no gradient reaches that state).  Parameter gradients accumulate; the
+    /// pixels get none (images are inputs).
+    pub fn backward(&mut self, acts: &ClipActs<B::Buf>, dhidden: &[Option<B::Buf>]) -> Result<()> {
+        let be = self.be.clone();
+        let upto = acts.layers.len();
+        if dhidden.len() != upto + 1 {
+            return Err(Error::shape(
+                "ClipVision::backward",
+                format!(
+                    "{} hidden-state gradients for {} states",
+                    dhidden.len(),
+                    upto + 1
+                ),
+            ));
+        }
+        let (c, s, np) = (
+            self.cfg.hidden_size,
+            self.cfg.num_positions(),
+            self.cfg.num_patches(),
+        );
+        let b = acts.b;
+        let n = b * s * c;
+        let mut dx = match &dhidden[upto] {
+            Some(d) => d.clone(),
+            None => be.zeros(n),
+        };
+        let ctx = self.ctx(b);
+        for (i, (l, la)) in self.layers[..upto]
+            .iter_mut()
+            .zip(&acts.layers)
+            .enumerate()
+            .rev()
+        {
+            // forward: xo = xm + mlp(ln2(xm))
+            let dln2 = l.mlp.backward(&be, &la.mlp, &dx)?;
+            let d = l.layer_norm2.backward(&be, &la.xm, &la.st2, &dln2)?;
+            be.axpy(&mut dx, F::one(), &d)?;
+            // forward: xm = x + attn(ln1(x))
+            let (dln1, _) = l.self_attn.backward(&be, &la.attn, &ctx, &dx, false)?;
+            let d = l.layer_norm1.backward(&be, &la.x, &la.st1, &dln1)?;
+            be.axpy(&mut dx, F::one(), &d)?;
+            // state i (the input of block i) may feed a reader too
+            if let Some(d) = &dhidden[i] {
+                be.axpy(&mut dx, F::one(), d)?;
+            }
+        }
+        // forward: state 0 = pre_layrnorm(x0)
+        let dx0 = self.pre_layrnorm.backward(&be, &acts.x0, &acts.st0, &dx)?;
+        // forward: x0[b,0] = class + pos[0], x0[b,1+p] = patch[b,p] + pos[1+p]
+        if let Some(g) = &mut self.position_embedding.weight.grad {
+            for bi in 0..b {
+                let mut row = be.zeros(s * c);
+                be.copy_range(&mut row, 0, &dx0, bi * s * c, s * c)?;
+                be.axpy(g, F::one(), &row)?;
+            }
+        }
+        if let Some(g) = &mut self.class_embedding.grad {
+            for bi in 0..b {
+                let mut row = be.zeros(c);
+                be.copy_range(&mut row, 0, &dx0, bi * s * c, c)?;
+                be.axpy(g, F::one(), &row)?;
+            }
+        }
+        let mut dpe = be.zeros(b * np * c);
+        for bi in 0..b {
+            be.copy_range(&mut dpe, bi * np * c, &dx0, (bi * s + 1) * c, np * c)?;
+        }
+        let hw = self.cfg.image_size;
+        let img = ImageShape { b, h: hw, w: hw };
+        self.patch_embedding
+            .backward(&be, &acts.patches, &dpe, img, false)?;
+        Ok(())
     }
 }

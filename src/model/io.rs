@@ -423,10 +423,11 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[(String, OutValue<'_
         }
     }
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    crate::fsio::write_atomic_via_path(path, |tmp| {
-        safetensors::serialize_to_file(out.iter().map(|(k, v)| (*k, v)), Some(meta), tmp)
-            .map_err(|e| st_err(path, format!("write failed: {e}")))
-    })
+    // serialized in memory, then written under a temporary name and renamed, so a
+    // reader never sees half a checkpoint
+    let bytes = safetensors::serialize(out.iter().map(|(k, v)| (*k, v)), Some(meta))
+        .map_err(|e| st_err(path, format!("write failed: {e}")))?;
+    crate::fsio::write_atomic(path, &bytes)
 }
 
 /// Shorthand: every tensor F32.

@@ -459,6 +459,18 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
     /// trainable tensor's `grad`; returns the gradient of the input embeddings
     /// (B·T, C), which also flows into `embed_tokens` when the forward used ids.
     pub fn backward(&mut self, acts: &LlamaActs<B::Buf>, dlogits: &B::Buf) -> Result<B::Buf> {
+        self.backward_with_hidden(acts, dlogits, None)
+    }
+
+    /// [`Llama::backward`] when the final hidden states (B·T, C) also feed another head
+    /// (the segmentation codebook projection): its gradient `dhidden` joins the one
+    /// coming back from the logits.
+    pub fn backward_with_hidden(
+        &mut self,
+        acts: &LlamaActs<B::Buf>,
+        dlogits: &B::Buf,
+        dhidden_extra: Option<&B::Buf>,
+    ) -> Result<B::Buf> {
         let be = self.be.clone();
         let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let n = acts.b * acts.t;
@@ -510,6 +522,11 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                 dh
             }
         };
+        let mut dhidden = dhidden;
+        if let Some(d) = dhidden_extra {
+            crate::error::check_len("Llama::backward", "dhidden", be.len(d), n * c)?;
+            be.axpy(&mut dhidden, F::one(), d)?;
+        }
         // forward: hidden = norm(x_last)
         let mut dx = self
             .norm

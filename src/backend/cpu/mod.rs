@@ -427,7 +427,13 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     fn mul_rows_bwd(&self, x: &Vec<F>, g: &Vec<F>, dout: &Vec<F>, c: usize, dx: &mut Vec<F>, dg: &mut Vec<F>) -> Result<()> {
         image::mul_rows_bwd(x, g, dout, c, dx, dg)
     }
-    fn mask_loss_fwd(&self, logits: &Vec<F>, target: &Vec<F>, m: usize, p: usize) -> Result<Vec<(F, F)>> {
+    fn mask_loss_fwd(
+        &self,
+        logits: &Vec<F>,
+        target: &Vec<F>,
+        m: usize,
+        p: usize,
+    ) -> Result<Vec<(F, F)>> {
         image::mask_loss_fwd(logits, target, m, p)
     }
     #[rustfmt::skip]

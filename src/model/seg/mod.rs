@@ -1,1 +1,29 @@
+//! POPEN's segmentation model (PixelLM's design, the paper's base): a CLIP-style ViT, the
+//! LLaVA projector and a LLaMA decoder that answers in text with codebook tokens; the
+//! codebook tokens' last hidden states, projected (`Linear → ReLU → Linear`) and averaged
+//! per scale, give each target's embedding `f` (Eq. 4, 6); a light pixel decoder turns
+//! `f` and two ViT feature levels into a mask.
+//!
+//! - [`config`]: sizes and settings ([`SegModelConfig`]), from a TOML `[model]` table;
+//! - [`preprocess`]: resize, normalize, pad;
+//! - [`prompt`]: the tokenizer with the codebook, the LLaVA v1 template;
+//! - [`model`]: [`SegModel`], one training step (forward + backward of
+//!   `CE + 2·BCE + 0.5·Dice`), freezing;
+//! - [`decoder`]: the pixel decoder;
+//! - [`infer`]: generation with the KV cache and masks;
+//! - [`data`]: data-set samples → training examples;
+//! - [`run`]: the model's files in a run directory.
+pub mod config;
+pub mod data;
 pub mod decoder;
+pub mod infer;
+pub mod model;
+pub mod preprocess;
+pub mod prompt;
+pub mod run;
+
+pub use config::{SegModelConfig, TinyLvlm};
+pub use infer::Prediction;
+pub use model::{Example, LossWeights, SegLoss, SegModel, Trainable};
+pub use preprocess::{preprocess, Pixels};
+pub use prompt::{Encoded, SegTokenizer};

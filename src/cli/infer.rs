@@ -1,0 +1,66 @@
+//! `popen infer`: one image, one prompt: the answer on stdout, an overlay PNG (each mask
+//! in its own colour, labelled with its phrase) and each mask as a 0/255 PNG.
+use super::model_args::{load_model, seg_phrases, DeviceArg};
+use anyhow::Context;
+use popen::data::world::overlay;
+use popen::data::Mask;
+use popen::model::seg::preprocess;
+use popen::nn::SamplingCfg;
+use std::path::PathBuf;
+
+/// Arguments of `popen infer`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A run directory (`popen train ...`'s `--out`).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The image (PNG or JPEG).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// The question.
+    #[arg(long)]
+    pub prompt: String,
+    /// Folder for `overlay.png` and `mask_<k>.png`.
+    #[arg(long, default_value = "infer_out")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check()?;
+    let (model, tok) = load_model(&a.checkpoint)?;
+    let img = image::ImageReader::open(&a.image)
+        .with_context(|| format!("{}: cannot open", a.image.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read", a.image.display()))?
+        .decode()
+        .with_context(|| format!("{}: does not decode", a.image.display()))?
+        .into_rgb8();
+    let px = preprocess(&img, model.cfg.image_size)?;
+    let p = model
+        .predict(&tok, &[(&px, a.prompt.as_str())], &SamplingCfg::greedy())?
+        .remove(0);
+    println!("{}", p.text);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    let masks = p
+        .masks
+        .into_iter()
+        .map(|m| Mask::from_vec(px.height, px.width, m))
+        .collect::<popen::Result<Vec<_>>>()?;
+    let mut labels = seg_phrases(&p.text);
+    labels.resize(masks.len(), String::new());
+    let base = overlay::load_rgb(&a.image)?;
+    let refs: Vec<&Mask> = masks.iter().collect();
+    let ov = overlay::overlay(&base, &refs, &labels, 4)?;
+    overlay::save_png(&ov, &a.out.join("overlay.png"))?;
+    for (k, m) in masks.iter().enumerate() {
+        overlay::save_mask_png(m, &a.out.join(format!("mask_{k}.png")))?;
+    }
+    eprintln!(
+        "{} mask(s); overlay.png and mask_<k>.png written to {}",
+        masks.len(),
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `popen predict`: a trained segmentation model answers every question of a
+//! MUSE-schema file; writes the `PRED.jsonl` that `popen eval` reads.
+use super::model_args::{load_model, DeviceArg};
+use popen::nn::SamplingCfg;
+use popen::popen::predict::{predict_items, questions, write_preds};
+use std::path::PathBuf;
+
+/// Arguments of `popen predict`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A run directory (`popen train ...`'s `--out`).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// MUSE-schema questions (answers are not read).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where to write the predictions, one JSON object per question.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Image folder (default: the data file's folder).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Questions per forward (their images are encoded together).
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Sampling seed (used when --temperature > 0).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check()?;
+    if a.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
+    let (model, tok) = load_model(&a.checkpoint)?;
+    let root = match &a.images {
+        Some(d) => d.clone(),
+        None => a.data.parent().map(PathBuf::from).unwrap_or_default(),
+    };
+    let items = questions(&a.data, &root)?;
+    let cfg = SamplingCfg {
+        temperature: a.temperature,
+        top_p: 1.0,
+        seed: a.seed,
+    };
+    let bar = super::progress::bar(items.len() as u64, "predict");
+    let lines = predict_items(&model, &tok, &items, a.batch, &cfg, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    write_preds(&a.out, &lines)?;
+    println!("{} predictions written to {}", lines.len(), a.out.display());
+    Ok(())
+}

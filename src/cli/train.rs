@@ -1,0 +1,103 @@
+//! `popen train sft|...`: the training stages.  Each writes a run directory (the
+//! contract in the README): `config.json`, `tokenizer.json`, `model.safetensors`,
+//! `train_state.json`, the checkpoints, `metrics.jsonl`, `loss.png`.
+use super::model_args::DeviceArg;
+use popen::popen::sft::{train_sft, SftConfig, SftPaths};
+use popen::train::{load_toml, TrainOverrides};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Arguments of `popen train`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub stage: Stage,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Stage {
+    /// Stage 1: supervised fine-tuning on answers and masks (CE + 2·BCE + 0.5·Dice).
+    Sft(SftArgs),
+}
+
+/// Options every stage shares.
+#[derive(clap::Args)]
+pub struct Common {
+    /// MUSE-schema training data.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The run directory to write (and to resume from).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Image folder (default: the data file's folder).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// A TOML run config: `[model]`, `[train]`, `[loss]`, `[trainable]` tables.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Optimizer steps in the whole run (the schedule follows).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Write a checkpoint every K steps (and at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Seed of the weights, the data order and sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Continue the run found in --out.
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+#[derive(clap::Args)]
+pub struct SftArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// MUSE-schema validation data, scored with `popen eval`'s metrics every
+    /// `val_every` steps (its first images).
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    match a.stage {
+        Stage::Sft(s) => sft(s),
+    }
+}
+
+fn sft(a: SftArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    c.device.check()?;
+    let mut cfg: SftConfig = match &c.config {
+        Some(p) => load_toml(p)?,
+        None => SftConfig::default(),
+    };
+    TrainOverrides {
+        steps: c.steps,
+        checkpoint_every: c.checkpoint_every,
+        seed: c.seed,
+        val_every: None,
+    }
+    .apply(&mut cfg.train)?;
+    if a.val.is_some() && cfg.train.val_every == 0 {
+        // a --val without a schedule: score at every checkpoint
+        cfg.train.val_every = cfg.train.checkpoint_every;
+    }
+    let paths = SftPaths {
+        data: c.data.clone(),
+        images: c.images.clone(),
+        out: c.out.clone(),
+        val: a.val.clone(),
+    };
+    let s = train_sft(&cfg, &paths, c.resume, std::io::stderr().is_terminal())?;
+    println!(
+        "stage 1 trained to step {} in {:.0} s; last loss {}; run directory {}",
+        s.step,
+        s.elapsed_s,
+        s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        c.out.display()
+    );
+    Ok(())
+}

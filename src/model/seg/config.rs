@@ -1,0 +1,121 @@
+//! The segmentation model's configuration: the LVLM's sizes (for the tiny model trained
+//! from scratch), the codebook, the pixel decoder and the image preprocessing.  Every
+//! field says where its default comes from.  Read from the `[model]` table of a run's
+//! TOML config (an unknown key is an error naming it) and saved in `RUN/config.json`
+//! under `"popen"`, beside the Hugging Face LLaVA fields.
+use serde::{Deserialize, Serialize};
+
+/// Sizes of the LVLM trained from scratch (the tiny default).  A LLaVA-1.5 checkpoint
+/// brings its own sizes and ignores this table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TinyLvlm {
+    /// ViT width.  Ours: small enough for a 2-core CPU.
+    pub vision_hidden: usize,
+    /// ViT blocks.  Ours.
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    /// ViT MLP width (CLIP: 4 × width).
+    pub vision_intermediate: usize,
+    /// Patch size in pixels (CLIP ViT-L/14 uses 14; ours: 16 on a 128 image, an 8 × 8 grid).
+    pub patch_size: usize,
+    /// LLaMA width.  Ours.
+    pub text_hidden: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub text_kv_heads: usize,
+    /// LLaMA MLP width (LLaMA: about 8/3 × width).
+    pub text_intermediate: usize,
+    /// Context length (prompt + image tokens + answer).
+    pub max_positions: usize,
+    /// World tokenizer vocabulary (BPE trained on the data's text).
+    pub vocab_size: usize,
+}
+
+impl Default for TinyLvlm {
+    fn default() -> Self {
+        TinyLvlm {
+            vision_hidden: 128,
+            vision_layers: 4,
+            vision_heads: 4,
+            vision_intermediate: 512,
+            patch_size: 16,
+            text_hidden: 192,
+            text_layers: 4,
+            text_heads: 6,
+            text_kv_heads: 6,
+            text_intermediate: 512,
+            max_positions: 256,
+            vocab_size: crate::data::tokenizer::WORLD_VOCAB,
+        }
+    }
+}
+
+/// The whole segmentation model's configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegModelConfig {
+    /// Images: longest side resized to this, padded bottom/right to a square (PixelLM
+    /// pads the same way; its CLIP side is 224 or 336, ours 128).
+    pub image_size: usize,
+    /// Codebook tokens per scale `S` (PixelLM: `seg_token_num` = 3).
+    pub tokens_per_scale: usize,
+    /// Scales `L` (PixelLM: 2; the decoder implements exactly 2).
+    pub scales: usize,
+    /// Width `D` of a segmentation embedding `f` (PixelLM: 256, SAM's prompt width).
+    pub seg_dim: usize,
+    /// Two-way transformer depth per scale (PixelLM / SAM: 2).
+    pub decoder_depth: usize,
+    pub decoder_heads: usize,
+    /// Two-way transformer MLP width (SAM: 2048 at D = 256).
+    pub decoder_mlp: usize,
+    /// ViT hidden states that feed the decoder's two levels (index 0 = embeddings,
+    /// i = block i's output; negative counts from the end as in Python).  PixelLM: the
+    /// penultimate layer and a middle one; the tiny model: the last and a middle one
+    /// (see `llm_feature_layer`).
+    pub decoder_layers: [i64; 2],
+    /// ViT hidden state the LLM reads (LLaVA's `vision_feature_layer`: −2, because
+    /// CLIP's last block is shaped by its contrastive loss).  The tiny tower is trained
+    /// from scratch here, so it reads the last state (−1) and no block goes unused.
+    pub llm_feature_layer: i64,
+    /// The LLaVA v1 system sentence before `USER:`.  Empty for the tiny model, whose
+    /// tokenizer never saw it (it would cost ~30 tokens per sample and say nothing).
+    pub system_prompt: String,
+    /// Longest answer `popen predict` generates, codebook tokens included.
+    pub max_new_tokens: usize,
+    /// Sizes of the LVLM trained from scratch.
+    pub lvlm: TinyLvlm,
+}
+
+impl Default for SegModelConfig {
+    fn default() -> Self {
+        SegModelConfig {
+            image_size: 128,
+            tokens_per_scale: 2,
+            scales: 2,
+            seg_dim: 64,
+            decoder_depth: 2,
+            decoder_heads: 2,
+            decoder_mlp: 128,
+            decoder_layers: [-1, 2],
+            llm_feature_layer: -1,
+            system_prompt: String::new(),
+            max_new_tokens: 64,
+            lvlm: TinyLvlm::default(),
+        }
+    }
+}
+
+impl SegModelConfig {
+    /// Codebook tokens per target (`S·L`).
+    pub fn group_len(&self) -> usize {
+        self.tokens_per_scale * self.scales
+    }
+}
+
+/// Resolves a Python-style hidden-state index against `n_states` states.
+pub fn state_index(i: i64, n_states: usize) -> Option<usize> {
+    let n = n_states as i64;
+    let j = if i < 0 { n + i } else { i };
+    (0..n).contains(&j).then_some(j as usize)
+}

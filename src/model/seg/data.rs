@@ -1,0 +1,64 @@
+//! From data-set samples (any reader: MUSE, the world, ReasonSeg, ...) to the model's
+//! training examples: decode and preprocess the image, tokenize question and answer,
+//! take each target's mask as 0/1 (ignored pixels count as background).
+use super::config::SegModelConfig;
+use super::model::Example;
+use super::preprocess::preprocess;
+use super::prompt::SegTokenizer;
+use crate::data::sample::{load_image, Sample, SEG};
+use crate::error::{Error, Result};
+
+/// One sample → one example.  Errors name the image file and what is wrong with it.
+pub fn example(cfg: &SegModelConfig, tok: &SegTokenizer, s: &Sample) -> Result<Example> {
+    let err = |field: &str, msg: String| Error::Data {
+        path: s.image_path.clone(),
+        field: format!("question {} {field}", s.question_index),
+        msg,
+    };
+    let answer = s.answer.as_deref().ok_or_else(|| {
+        err(
+            "answer",
+            "training needs answer text, this sample has none".into(),
+        )
+    })?;
+    let n_seg = answer.matches(SEG).count();
+    if n_seg != s.targets.len() {
+        return Err(err(
+            "answer",
+            format!("{n_seg} <seg> in the answer but {} masks", s.targets.len()),
+        ));
+    }
+    let masks = s
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(j, t)| {
+            if (t.mask.height, t.mask.width) != (s.height, s.width) {
+                return Err(err(
+                    "masks",
+                    format!(
+                        "mask {j} is {}x{}, the image {}x{}",
+                        t.mask.height, t.mask.width, s.height, s.width
+                    ),
+                ));
+            }
+            Ok(t.mask
+                .data
+                .iter()
+                .map(|&v| f32::from(u8::from(v == 1)))
+                .collect())
+        })
+        .collect::<Result<Vec<Vec<f32>>>>()?;
+    let img = load_image(s)?;
+    let pixels = preprocess(&img, cfg.image_size)?;
+    let enc = tok.encode(&cfg.system_prompt, &s.question, answer)?;
+    Ok(Example { pixels, enc, masks })
+}
+
+/// The texts a world tokenizer is trained on: every question and answer.
+pub fn corpus(samples: &[Sample]) -> Vec<String> {
+    samples
+        .iter()
+        .flat_map(|s| [s.question.clone(), s.answer.clone().unwrap_or_default()])
+        .collect()
+}

@@ -1,0 +1,740 @@
+//! The segmentation model: LLaVA (ViT → projector → LLaMA) + the codebook projection
+//! (`seg_head`) + the pixel decoder, with one training step (forward and backward of
+//! `L = CE + 2·BCE + 0.5·Dice`) and the pieces inference reuses.
+//!
+//! B images (one question each) per batch, T tokens per row (image tokens expanded,
+//! right-padded), K patches per image, Cv ViT width, H LLM width, D seg width, M targets
+//! in the batch, G = S·L codebook tokens per target.
+use super::config::{state_index, SegModelConfig};
+use super::decoder::{DecoderActs, PixelDecoder, PixelDecoderConfig};
+use super::preprocess::Pixels;
+use super::prompt::{Encoded, SegTokenizer};
+use crate::backend::{Act, Backend, Cpu};
+use crate::error::{Error, Result};
+use crate::kernels::logprob::IGNORE_INDEX;
+use crate::model::clip::{ClipActs, ClipVision};
+use crate::model::config::{ClipVisionConfig, HfAct, HfLlamaConfig, LlavaConfig};
+use crate::model::llava::{Llava, LlavaNames};
+use crate::nn::layers::MlpActs;
+use crate::nn::llama::LlamaActs;
+use crate::nn::{randn, Linear, Llama, Mlp, Rng, Tensor};
+use num_traits::Float;
+
+/// PixelLM's loss weights: `CE + 2·BCE + 0.5·Dice`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossWeights {
+    pub ce: f32,
+    pub bce: f32,
+    pub dice: f32,
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        LossWeights {
+            ce: 1.0,
+            bce: 2.0,
+            dice: 0.5,
+        }
+    }
+}
+
+/// One training example: a preprocessed image, its tokenized question and answer, and
+/// one ground-truth mask per `<seg>` (at the image's own size, 1 = object).
+#[derive(Clone, Debug)]
+pub struct Example {
+    pub pixels: Pixels,
+    pub enc: Encoded,
+    /// per target (height·width) of 0/1
+    pub masks: Vec<Vec<f32>>,
+}
+
+/// The loss of one batch and its parts (means over the batch's tokens and masks).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SegLoss {
+    pub total: f64,
+    pub ce: f64,
+    pub bce: f64,
+    pub dice: f64,
+    /// Labelled (answer) tokens.
+    pub n_labels: usize,
+    /// Every token the LLM processed (padding excluded).
+    pub n_tokens: usize,
+    pub n_masks: usize,
+}
+
+/// Which parts train (`true`) and which are frozen.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Trainable {
+    pub vision: bool,
+    pub projector: bool,
+    pub llm: bool,
+    pub seg_head: bool,
+    pub decoder: bool,
+}
+
+impl Default for Trainable {
+    /// Stage 1 of the tiny model: everything trains (there is no pretrained tower).
+    fn default() -> Self {
+        Trainable {
+            vision: true,
+            projector: true,
+            llm: true,
+            seg_head: true,
+            decoder: true,
+        }
+    }
+}
+
+/// The model.
+#[derive(Clone, Debug)]
+pub struct SegModel<F: Float = f32, B: Backend<F> = Cpu> {
+    pub cfg: SegModelConfig,
+    pub llava: Llava<F, B>,
+    /// `Linear(H,H) → ReLU → Linear(H,D)` on a codebook token's hidden state.
+    pub seg_head: Mlp<F, B>,
+    pub decoder: PixelDecoder<F, B>,
+}
+
+/// What the forward keeps for the backward.
+pub struct StepActs<Buf> {
+    b: usize,
+    t: usize,
+    ids: Vec<u32>,
+    image_rows: Vec<usize>,
+    vision: ClipActs<Buf>,
+    n_states: usize,
+    proj: MlpActs<Buf>,
+    llm: LlamaActs<Buf>,
+    logits: Buf,
+    targets: Vec<i32>,
+    label_w: Vec<bool>,
+    lse: Buf,
+    gather_rows: Vec<u32>,
+    /// None when the batch has no target
+    seg: Option<SegActs<Buf>>,
+    idx: [usize; 3],
+}
+
+struct SegActs<Buf> {
+    head: MlpActs<Buf>,
+    dec: DecoderActs<Buf>,
+    /// decoder logits (M, S·S)
+    logits: Buf,
+}
+
+/// The LLaVA configuration of the tiny model.
+pub fn tiny_llava_config(cfg: &SegModelConfig, vocab: usize, image_token: u32) -> LlavaConfig {
+    let l = &cfg.lvlm;
+    LlavaConfig {
+        vision: ClipVisionConfig {
+            hidden_size: l.vision_hidden,
+            intermediate_size: l.vision_intermediate,
+            num_hidden_layers: l.vision_layers,
+            num_attention_heads: l.vision_heads,
+            num_channels: 3,
+            image_size: cfg.image_size,
+            patch_size: l.patch_size,
+            layer_norm_eps: 1e-5,
+            hidden_act: HfAct::QuickGelu,
+        },
+        text: HfLlamaConfig {
+            vocab_size: vocab,
+            hidden_size: l.text_hidden,
+            intermediate_size: l.text_intermediate,
+            num_hidden_layers: l.text_layers,
+            num_attention_heads: l.text_heads,
+            num_key_value_heads: l.text_kv_heads,
+            head_dim: l.text_hidden / l.text_heads.max(1),
+            max_position_embeddings: l.max_positions,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+        },
+        image_token_index: image_token as usize,
+        projector_hidden_act: HfAct::GeluErf,
+        vision_feature_layer: cfg.llm_feature_layer,
+        drop_class_token: true,
+        projector_bias: true,
+    }
+}
+
+fn linear_init<F: Float, B: Backend<F>>(be: &B, l: &mut Linear<F, B>, rng: &mut Rng) {
+    let std = 1.0 / (l.fan_in() as f64).sqrt();
+    l.weight.data = be.from_slice(&randn::<F>(rng, l.weight.numel(), std));
+}
+
+impl<F: Float, B: Backend<F>> SegModel<F, B> {
+    /// The tiny model, every weight drawn from `seed`.
+    pub fn new_tiny(be: B, cfg: SegModelConfig, tok: &SegTokenizer, seed: u64) -> Result<Self> {
+        let lc = tiny_llava_config(&cfg, tok.vocab_size(), tok.tok.image);
+        Self::new(be, cfg, lc, seed)
+    }
+
+    /// A model of the given LLaVA shape with every weight drawn from `seed` (load a
+    /// checkpoint over it to use trained weights).
+    pub fn new(be: B, cfg: SegModelConfig, lc: LlavaConfig, seed: u64) -> Result<Self> {
+        let llcfg = crate::model::llama::llama_config(
+            &lc.text,
+            std::path::Path::new("config.json"),
+            "text_config.",
+        )?;
+        let mut rng = Rng::new(seed);
+        let language_model = Llama::new(be.clone(), llcfg, rng.next_u64())?;
+        let mut vision_tower = ClipVision::new(be.clone(), lc.vision.clone());
+        vision_tower.init_random(rng.next_u64());
+        let (cv, h) = (lc.vision.hidden_size, lc.text.hidden_size);
+        let mut projector = Mlp {
+            fc1: Linear::new(&be, cv, h, lc.projector_bias),
+            fc2: Linear::new(&be, h, h, lc.projector_bias),
+            act: lc.projector_hidden_act.into(),
+        };
+        linear_init(&be, &mut projector.fc1, &mut rng);
+        linear_init(&be, &mut projector.fc2, &mut rng);
+        let llava = Llava {
+            cfg: lc,
+            be: be.clone(),
+            vision_tower,
+            projector,
+            language_model,
+            names: LlavaNames::current(),
+        };
+        Self::with_llava(be, cfg, llava, &mut rng)
+    }
+
+    /// Adds a fresh codebook projection and pixel decoder to a LLaVA model.
+    pub fn with_llava(
+        be: B,
+        cfg: SegModelConfig,
+        llava: Llava<F, B>,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        if cfg.scales != 2 {
+            return Err(Error::arg(
+                "SegModel",
+                format!(
+                    "the pixel decoder has 2 scales, the config asks for {}",
+                    cfg.scales
+                ),
+            ));
+        }
+        let h = llava.cfg.text.hidden_size;
+        let mut seg_head = Mlp::new(&be, h, h, Act::Relu, true);
+        seg_head.fc2 = Linear::new(&be, h, cfg.seg_dim, true);
+        linear_init(&be, &mut seg_head.fc1, rng);
+        linear_init(&be, &mut seg_head.fc2, rng);
+        let v = &llava.cfg.vision;
+        let dcfg = PixelDecoderConfig {
+            vision_dim: v.hidden_size,
+            dim: cfg.seg_dim,
+            depth: cfg.decoder_depth,
+            heads: cfg.decoder_heads,
+            mlp_dim: cfg.decoder_mlp,
+            scales: cfg.scales,
+            grid_h: v.grid(),
+            grid_w: v.grid(),
+        };
+        let decoder = PixelDecoder::new(be.clone(), dcfg, rng.next_u64())?;
+        let m = SegModel {
+            cfg,
+            llava,
+            seg_head,
+            decoder,
+        };
+        m.state_indices()?;
+        Ok(m)
+    }
+
+    /// Hidden-state indices: [LLM features, decoder level 0, decoder level 1].
+    pub fn state_indices(&self) -> Result<[usize; 3]> {
+        let n = self.llava.cfg.vision.num_hidden_layers + 1;
+        let get = |i: i64, what: &str| {
+            state_index(i, n).ok_or_else(|| {
+                Error::arg(
+                    "SegModel",
+                    format!("{what} = {i} is not one of the tower's {n} hidden states"),
+                )
+            })
+        };
+        Ok([
+            get(self.cfg.llm_feature_layer, "llm_feature_layer")?,
+            get(self.cfg.decoder_layers[0], "decoder_layers[0]")?,
+            get(self.cfg.decoder_layers[1], "decoder_layers[1]")?,
+        ])
+    }
+
+    /// Every parameter: the LLaVA part under Hugging Face names, then `seg_head.*` and
+    /// `mask_decoder.*`.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
+        let mut out = self.llava.params_mut();
+        for (n, lin) in [
+            ("fc1", &mut self.seg_head.fc1),
+            ("fc2", &mut self.seg_head.fc2),
+        ] {
+            out.push((format!("seg_head.{n}.weight"), &mut lin.weight));
+            if let Some(b) = &mut lin.bias {
+                out.push((format!("seg_head.{n}.bias"), b));
+            }
+        }
+        out.extend(self.decoder.params_mut());
+        out
+    }
+
+    /// Freezes or unfreezes each part.
+    pub fn set_trainable(&mut self, t: Trainable) {
+        let be = self.llava.be.clone();
+        self.llava.vision_tower.set_trainable(t.vision);
+        for lin in [&mut self.llava.projector.fc1, &mut self.llava.projector.fc2] {
+            lin.weight.set_trainable(&be, t.projector);
+            if let Some(b) = &mut lin.bias {
+                b.set_trainable(&be, t.projector);
+            }
+        }
+        self.llava.language_model.set_trainable(t.llm);
+        for lin in [&mut self.seg_head.fc1, &mut self.seg_head.fc2] {
+            lin.weight.set_trainable(&be, t.seg_head);
+            if let Some(b) = &mut lin.bias {
+                b.set_trainable(&be, t.seg_head);
+            }
+        }
+        for (_, p) in self.decoder.params_mut() {
+            p.set_trainable(&be, t.decoder);
+        }
+    }
+
+    fn vision_trains(&mut self) -> bool {
+        self.llava
+            .vision_tower
+            .params_mut()
+            .iter()
+            .any(|(_, t)| t.grad.is_some())
+    }
+
+    /// The inverse scatter of [`Self::patches_of`]: (B·K, Cv) → (B, 1 + K, Cv), class row 0.
+    fn unpatches(&self, d: &B::Buf, b: usize) -> Result<B::Buf> {
+        let be = &self.llava.be;
+        let v = &self.llava.cfg.vision;
+        let (k, cv) = (v.num_patches(), v.hidden_size);
+        let mut out = be.zeros(b * (k + 1) * cv);
+        for i in 0..b {
+            be.copy_range(&mut out, (i * (k + 1) + 1) * cv, d, i * k * cv, k * cv)?;
+        }
+        Ok(out)
+    }
+
+    /// Image tokens per image (K).
+    pub fn tokens_per_image(&self) -> usize {
+        self.llava.cfg.vision.num_patches()
+    }
+
+    /// `ids` with its one image token expanded to K positions.
+    pub fn expand_ids(&self, enc: &Encoded) -> Vec<u32> {
+        let k = self.tokens_per_image();
+        let img = enc.ids[enc.image_pos];
+        let mut out = Vec::with_capacity(enc.ids.len() + k - 1);
+        out.extend_from_slice(&enc.ids[..enc.image_pos]);
+        out.extend(std::iter::repeat_n(img, k));
+        out.extend_from_slice(&enc.ids[enc.image_pos + 1..]);
+        out
+    }
+
+    /// Stacks the images of a batch into (B, 3, S, S).
+    pub fn stack_pixels(&self, px: &[&Pixels]) -> Result<B::Buf> {
+        let s = self.cfg.image_size;
+        let mut all = Vec::with_capacity(px.len() * 3 * s * s);
+        for p in px {
+            crate::error::check_len("SegModel", "pixels", p.data.len(), 3 * s * s)?;
+            all.extend(p.data.iter().map(|&x| F::from(x).unwrap()));
+        }
+        Ok(self.llava.be.from_slice(&all))
+    }
+
+    /// Codebook embeddings (M, L, D) from hidden states: `rows` are the hidden-state rows
+    /// (M·G) that predict each codebook token, in group order.
+    pub fn seg_embeddings(
+        &self,
+        hidden: &B::Buf,
+        rows: &[u32],
+    ) -> Result<(B::Buf, MlpActs<B::Buf>)> {
+        let be = &self.llava.be;
+        let h = self.llava.cfg.text.hidden_size;
+        let mut g = be.zeros(rows.len() * h);
+        be.embedding_fwd(rows, hidden, h, &mut g)?;
+        let (out, acts) = self.seg_head.forward(be, &g)?; // (M·G, D)
+        Ok((self.average_scales(&out, rows.len())?, acts))
+    }
+
+    /// (M·G, D) → (M, L, D): the S tokens of each scale averaged.
+    fn average_scales(&self, out: &B::Buf, n_rows: usize) -> Result<B::Buf> {
+        let be = &self.llava.be;
+        let (s, l, d) = (self.cfg.tokens_per_scale, self.cfg.scales, self.cfg.seg_dim);
+        let m = n_rows / (s * l);
+        let mut emb = be.zeros(m * l * d);
+        let inv = F::from(1.0 / s as f64).unwrap();
+        for mi in 0..m {
+            for li in 0..l {
+                let mut acc = be.zeros(d);
+                for si in 0..s {
+                    let mut row = be.zeros(d);
+                    be.copy_range(&mut row, 0, out, ((mi * l + li) * s + si) * d, d)?;
+                    be.axpy(&mut acc, inv, &row)?;
+                }
+                be.copy_range(&mut emb, (mi * l + li) * d, &acc, 0, d)?;
+            }
+        }
+        Ok(emb)
+    }
+
+    /// forward: emb[m,l] = 1/S Σ_s out[m,l,s]   so: dout[m,l,s] = demb[m,l] / S.
+    fn average_scales_bwd(&self, demb: &B::Buf, m: usize) -> Result<B::Buf> {
+        let be = &self.llava.be;
+        let (s, l, d) = (self.cfg.tokens_per_scale, self.cfg.scales, self.cfg.seg_dim);
+        let mut dout = be.zeros(m * l * s * d);
+        let inv = F::from(1.0 / s as f64).unwrap();
+        for ml in 0..m * l {
+            let mut row = be.zeros(d);
+            be.copy_range(&mut row, 0, demb, ml * d, d)?;
+            be.scale(&mut row, inv);
+            for si in 0..s {
+                be.copy_range(&mut dout, (ml * s + si) * d, &row, 0, d)?;
+            }
+        }
+        Ok(dout)
+    }
+
+    /// Logits (S·S) of one target → logits at the image's own size (H·W): crop to the
+    /// valid region, resize bilinearly when the image was resized.
+    pub fn to_image_logits(&self, logits: &B::Buf, off: usize, px: &Pixels) -> Result<B::Buf> {
+        let be = &self.llava.be;
+        let s = self.cfg.image_size;
+        let (vh, vw) = (px.valid_h, px.valid_w);
+        let mut crop = be.zeros(vh * vw);
+        for y in 0..vh {
+            be.copy_range(&mut crop, y * vw, logits, off + y * s, vw)?;
+        }
+        if (vh, vw) == (px.height, px.width) {
+            return Ok(crop);
+        }
+        let mut out = be.zeros(px.height * px.width);
+        be.resize_bilinear(&crop, 1, vh, vw, 1, px.height, px.width, &mut out)?;
+        Ok(out)
+    }
+
+    /// Backward of [`Self::to_image_logits`], accumulated into `dlogits` at `off`.
+    fn to_image_logits_bwd(
+        &self,
+        d: &B::Buf,
+        off: usize,
+        px: &Pixels,
+        dlogits: &mut B::Buf,
+    ) -> Result<()> {
+        let be = &self.llava.be;
+        let s = self.cfg.image_size;
+        let (vh, vw) = (px.valid_h, px.valid_w);
+        let dcrop = if (vh, vw) == (px.height, px.width) {
+            d.clone()
+        } else {
+            let mut dc = be.zeros(vh * vw);
+            be.resize_bilinear_bwd(d, 1, vh, vw, 1, px.height, px.width, &mut dc)?;
+            dc
+        };
+        for y in 0..vh {
+            be.copy_range(dlogits, off + y * s, &dcrop, y * vw, vw)?;
+        }
+        Ok(())
+    }
+
+    /// One training forward (and, with `backward`, the backward: parameter gradients
+    /// accumulate, scaled by `scale`) over a batch.  Returns the batch's loss.
+    pub fn step(
+        &mut self,
+        batch: &[Example],
+        w: LossWeights,
+        scale: f32,
+        backward: bool,
+    ) -> Result<SegLoss> {
+        let (loss, acts) = self.forward_train(batch, w)?;
+        if backward {
+            self.backward_train(batch, w, scale, &loss, acts)?;
+        }
+        Ok(loss)
+    }
+
+    fn forward_train(
+        &self,
+        batch: &[Example],
+        w: LossWeights,
+    ) -> Result<(SegLoss, StepActs<B::Buf>)> {
+        let be = self.llava.be.clone();
+        let op = "SegModel::step";
+        let b = batch.len();
+        if b == 0 {
+            return Err(Error::arg(op, "empty batch"));
+        }
+        let idx = self.state_indices()?;
+        let upto = idx.iter().copied().max().unwrap_or(0);
+        let k = self.tokens_per_image();
+        let hdim = self.llava.cfg.text.hidden_size;
+        let v = self.llava.cfg.text.vocab_size;
+        let g = self.cfg.group_len();
+        for (i, ex) in batch.iter().enumerate() {
+            if ex.masks.len() != ex.enc.groups.len() {
+                return Err(Error::arg(
+                    op,
+                    format!(
+                        "example {i}: {} masks for {} <seg> groups",
+                        ex.masks.len(),
+                        ex.enc.groups.len()
+                    ),
+                ));
+            }
+            for (j, m) in ex.masks.iter().enumerate() {
+                crate::error::check_len(
+                    op,
+                    &format!("example {i} mask {j}"),
+                    m.len(),
+                    ex.pixels.height * ex.pixels.width,
+                )?;
+            }
+        }
+        // vision
+        let px: Vec<&Pixels> = batch.iter().map(|e| &e.pixels).collect();
+        let pixels = self.stack_pixels(&px)?;
+        let (hs, vision) = self.llava.vision_tower.forward_train(&pixels, b, upto)?;
+        let (img, proj) = self
+            .llava
+            .projector
+            .forward(&be, &self.patches_of(&hs[idx[0]], b)?)?; // (B·K, H)
+                                                               // tokens: expanded, right-padded with EOS (causal attention never looks right)
+        let rows: Vec<Vec<u32>> = batch.iter().map(|e| self.expand_ids(&e.enc)).collect();
+        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        if t > self.llava.cfg.text.max_position_embeddings {
+            return Err(Error::arg(
+                op,
+                format!(
+                    "a sequence of {t} tokens ({k} of them image tokens) is longer than the \
+                     context of {}",
+                    self.llava.cfg.text.max_position_embeddings
+                ),
+            ));
+        }
+        let pad = batch[0].enc.ids.last().copied().unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * t);
+        let mut targets = vec![IGNORE_INDEX; b * t];
+        let mut label_w = vec![false; b * t];
+        let mut image_rows = Vec::with_capacity(b * k);
+        let mut gather_rows = Vec::new();
+        let mut n_tokens = 0;
+        for (r, (row, ex)) in rows.iter().zip(batch).enumerate() {
+            n_tokens += row.len();
+            ids.extend_from_slice(row);
+            ids.extend(std::iter::repeat_n(pad, t - row.len()));
+            let shift = k - 1; // positions after the image token move by K − 1
+            for p in ex.enc.answer_start + shift..row.len() {
+                // position p − 1 predicts token p
+                targets[r * t + p - 1] = row[p] as i32;
+                label_w[r * t + p - 1] = true;
+            }
+            image_rows.extend((0..k).map(|j| r * t + ex.enc.image_pos + j));
+            for &g0 in &ex.enc.groups {
+                for j in 0..g {
+                    gather_rows.push((r * t + g0 + shift + j - 1) as u32);
+                }
+            }
+        }
+        if let Some(&bad) = targets.iter().find(|&&x| x >= 0 && x as usize >= v) {
+            return Err(Error::arg(
+                op,
+                format!("token {bad} is outside the vocabulary of {v}"),
+            ));
+        }
+        let mut x = self.llava.language_model.embed(&ids)?;
+        for (j, &row) in image_rows.iter().enumerate() {
+            be.copy_range(&mut x, row * hdim, &img, j * hdim, hdim)?;
+        }
+        let (logits, llm) = self
+            .llava
+            .language_model
+            .forward_embeds(x, b, t, None, None, None)?;
+        // CE over answer tokens
+        let (mut logp, mut lse) = (be.zeros(b * t), be.zeros(b * t));
+        be.logprob_fwd(&logits, &targets, v, &mut logp, &mut lse)?;
+        let lp = be.to_vec(&logp);
+        let n_labels = label_w.iter().filter(|&&x| x).count();
+        let ce = -lp
+            .iter()
+            .zip(&label_w)
+            .filter(|(_, &w)| w)
+            .map(|(x, _)| x.to_f64().unwrap_or(f64::NAN))
+            .sum::<f64>()
+            / n_labels.max(1) as f64;
+        // masks
+        let m = gather_rows.len() / g;
+        let img_of: Vec<usize> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(r, e)| std::iter::repeat_n(r, e.enc.groups.len()))
+            .collect();
+        let (mut bce, mut dice) = (0.0, 0.0);
+        let seg = if m > 0 {
+            let (emb, head) = self.seg_embeddings(&llm.hidden, &gather_rows)?;
+            let f0 = self.patches_of(&hs[idx[1]], b)?;
+            let f1 = self.patches_of(&hs[idx[2]], b)?;
+            let s = self.cfg.image_size;
+            let (dl, dec) = self.decoder.forward([&f0, &f1], b, &emb, &img_of, s, s)?;
+            let mut mi = 0;
+            for ex in batch {
+                for mask in &ex.masks {
+                    let lg = self.to_image_logits(&dl, mi * s * s, &ex.pixels)?;
+                    let tgt = be.from_slice(
+                        &mask
+                            .iter()
+                            .map(|&x| F::from(x).unwrap())
+                            .collect::<Vec<_>>(),
+                    );
+                    let r = be.mask_loss_fwd(&lg, &tgt, 1, mask.len())?;
+                    bce += r[0].0.to_f64().unwrap_or(f64::NAN);
+                    dice += r[0].1.to_f64().unwrap_or(f64::NAN);
+                    mi += 1;
+                }
+            }
+            Some(SegActs {
+                head,
+                dec,
+                logits: dl,
+            })
+        } else {
+            None
+        };
+        let mf = m.max(1) as f64;
+        let (bce, dice) = (bce / mf, dice / mf);
+        let total = w.ce as f64 * ce + w.bce as f64 * bce + w.dice as f64 * dice;
+        Ok((
+            SegLoss {
+                total,
+                ce,
+                bce,
+                dice,
+                n_labels,
+                n_tokens,
+                n_masks: m,
+            },
+            StepActs {
+                b,
+                t,
+                ids,
+                image_rows,
+                vision,
+                n_states: upto + 1,
+                proj,
+                llm,
+                logits,
+                targets,
+                label_w,
+                lse,
+                gather_rows,
+                seg,
+                idx,
+            },
+        ))
+    }
+
+    fn backward_train(
+        &mut self,
+        batch: &[Example],
+        w: LossWeights,
+        scale: f32,
+        loss: &SegLoss,
+        a: StepActs<B::Buf>,
+    ) -> Result<()> {
+        let be = self.llava.be.clone();
+        let hdim = self.llava.cfg.text.hidden_size;
+        let v = self.llava.cfg.text.vocab_size;
+        let s = self.cfg.image_size;
+        let (b, t) = (a.b, a.t);
+        let m = loss.n_masks;
+        let mut dhidden = be.zeros(b * t * hdim);
+        let mut dfeats = None;
+        if let Some(sa) = &a.seg {
+            // forward: loss_mask = Σ_m (w_bce·bce_m + w_dice·dice_m) / M
+            let mut dlogits_mask = be.zeros(m * s * s);
+            let wm = scale as f64 / m.max(1) as f64;
+            let (wb, wd) = (
+                F::from(w.bce as f64 * wm).unwrap(),
+                F::from(w.dice as f64 * wm).unwrap(),
+            );
+            let mut mi = 0;
+            for ex in batch {
+                for mask in &ex.masks {
+                    let off = mi * s * s;
+                    let lg = self.to_image_logits(&sa.logits, off, &ex.pixels)?;
+                    let tgt = be.from_slice(
+                        &mask
+                            .iter()
+                            .map(|&x| F::from(x).unwrap())
+                            .collect::<Vec<_>>(),
+                    );
+                    let mut d = be.zeros(mask.len());
+                    be.mask_loss_bwd(&lg, &tgt, 1, mask.len(), wb, wd, &mut d)?;
+                    self.to_image_logits_bwd(&d, off, &ex.pixels, &mut dlogits_mask)?;
+                    mi += 1;
+                }
+            }
+            // decoder → codebook embeddings → the hidden states that predicted them
+            let (df, demb) = self.decoder.backward(&sa.dec, &dlogits_mask)?;
+            let dout = self.average_scales_bwd(&demb, m)?;
+            let dg = self.seg_head.backward(&be, &sa.head, &dout)?;
+            be.embedding_bwd(&a.gather_rows, &dg, hdim, &mut dhidden)?;
+            dfeats = Some(df);
+        }
+        // forward: ce = −Σ_labelled logp / n_labels
+        let wl = F::from(-(w.ce as f64) * scale as f64 / loss.n_labels.max(1) as f64).unwrap();
+        let dlogp: Vec<F> = a
+            .label_w
+            .iter()
+            .map(|&l| if l { wl } else { F::zero() })
+            .collect();
+        let dlogp = be.from_slice(&dlogp);
+        let mut dlogits = be.zeros(b * t * v);
+        be.logprob_bwd(&a.logits, &a.targets, v, &a.lse, &dlogp, &mut dlogits)?;
+        let lm = &mut self.llava.language_model;
+        let mut dx = lm.backward_with_hidden(&a.llm, &dlogits, Some(&dhidden))?; // (B·T, H)
+                                                                                 // image positions: their gradient goes to the projector, not to a token row
+        let mut dimg = be.zeros(a.image_rows.len() * hdim);
+        let zero = be.zeros(hdim);
+        for (j, &row) in a.image_rows.iter().enumerate() {
+            be.copy_range(&mut dimg, j * hdim, &dx, row * hdim, hdim)?;
+            be.copy_range(&mut dx, row * hdim, &zero, 0, hdim)?;
+        }
+        lm.embed_tokens.backward(&be, &a.ids, &dx)?;
+        let proj_trains = self.llava.projector.fc1.weight.grad.is_some();
+        let vision_trains = self.vision_trains();
+        if !(proj_trains || vision_trains) {
+            return Ok(());
+        }
+        let dfeat_llm = self.llava.projector.backward(&be, &a.proj, &dimg)?; // (B·K, Cv)
+        if !vision_trains {
+            return Ok(());
+        }
+        let mut dstates: Vec<Option<B::Buf>> = vec![None; a.n_states];
+        let mut add = |i: usize, d: B::Buf| -> Result<()> {
+            match &mut dstates[i] {
+                Some(x) => be.axpy(x, F::one(), &d),
+                slot @ None => {
+                    *slot = Some(d);
+                    Ok(())
+                }
+            }
+        };
+        add(a.idx[0], self.unpatches(&dfeat_llm, b)?)?;
+        if let Some([d0, d1]) = dfeats {
+            add(a.idx[1], self.unpatches(&d0, b)?)?;
+            add(a.idx[2], self.unpatches(&d1, b)?)?;
+        }
+        self.llava.vision_tower.backward(&a.vision, &dstates)?;
+        Ok(())
+    }
+}

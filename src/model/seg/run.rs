@@ -1,0 +1,144 @@
+//! A model's files in a run directory: `config.json` (the Hugging Face LLaVA config, so
+//! `popen forward --model-dir RUN` reads the LLaVA part, plus our fields under
+//! `"popen"`), `tokenizer.json` and `model.safetensors` (LLaVA tensors under their
+//! Hugging Face names, then `seg_head.*` and `mask_decoder.*`).  Each file is written
+//! under a temporary name and renamed.
+use super::config::SegModelConfig;
+use super::model::SegModel;
+use super::prompt::SegTokenizer;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::config::{HfAct, HfConfig, LlavaConfig};
+use crate::model::io::StDtype;
+use crate::model::weights::{save_params, Checkpoint};
+use crate::nn::Tensor;
+use num_traits::Float;
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+fn act_name(a: HfAct) -> &'static str {
+    match a {
+        HfAct::GeluErf => "gelu",
+        HfAct::GeluTanh => "gelu_pytorch_tanh",
+        HfAct::QuickGelu => "quick_gelu",
+        HfAct::Silu => "silu",
+        HfAct::Relu => "relu",
+    }
+}
+
+/// The Hugging Face `LlavaConfig` JSON of `c`.
+pub fn llava_json(c: &LlavaConfig) -> Value {
+    let (v, t) = (&c.vision, &c.text);
+    json!({
+        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "image_token_index": c.image_token_index,
+        "projector_hidden_act": act_name(c.projector_hidden_act),
+        "vision_feature_layer": c.vision_feature_layer,
+        "vision_feature_select_strategy": if c.drop_class_token { "default" } else { "full" },
+        "multimodal_projector_bias": c.projector_bias,
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "num_channels": v.num_channels,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": act_name(v.hidden_act),
+        },
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "hidden_act": "silu",
+        },
+    })
+}
+
+impl<F: Float, B: Backend<F>> SegModel<F, B> {
+    /// Writes `config.json`, `tokenizer.json` and `model.safetensors` into `dir`.
+    pub fn save(&mut self, dir: &Path, tok: &SegTokenizer) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut cfg = llava_json(&self.llava.cfg);
+        cfg["popen"] = serde_json::to_value(&self.cfg).expect("config serializes");
+        let text = serde_json::to_string_pretty(&cfg).expect("json serializes");
+        crate::fsio::write_atomic(dir.join(CONFIG_FILE), text.as_bytes())?;
+        tok.save(&dir.join(TOKENIZER_FILE))?;
+        self.save_weights(&dir.join(WEIGHTS_FILE))
+    }
+
+    /// Writes only the weights (f32).
+    pub fn save_weights(&mut self, path: &Path) -> Result<()> {
+        let be = self.llava.be.clone();
+        let params: Vec<(String, &Tensor<F, B>)> = self
+            .params_mut()
+            .into_iter()
+            .map(|(n, t)| (n, &*t))
+            .collect();
+        save_params(&be, path, params, |n| n.to_string(), StDtype::F32)
+    }
+
+    /// Fills every parameter from a safetensors file written by [`Self::save_weights`];
+    /// a file of another model (a missing tensor, another shape) is an error naming it.
+    pub fn load_weights(&mut self, path: &Path) -> Result<()> {
+        let be = self.llava.be.clone();
+        let ck = Checkpoint::open_file(path)?;
+        ck.load_params(&be, self.params_mut(), |n| n.to_string())
+    }
+
+    /// Loads a run directory written by [`Self::save`].
+    pub fn load(be: B, dir: &Path) -> Result<(Self, SegTokenizer)> {
+        let (cfg, lc) = read_config(dir)?;
+        let tok = SegTokenizer::load(&dir.join(TOKENIZER_FILE), cfg.group_len())?;
+        if tok.vocab_size() != lc.text.vocab_size {
+            return Err(Error::Config {
+                path: dir.join(CONFIG_FILE),
+                field: "text_config.vocab_size".into(),
+                msg: format!(
+                    "{} but {} holds {} tokens",
+                    lc.text.vocab_size,
+                    TOKENIZER_FILE,
+                    tok.vocab_size()
+                ),
+            });
+        }
+        let mut m = Self::new(be, cfg, lc, 0)?;
+        m.load_weights(&dir.join(WEIGHTS_FILE))?;
+        Ok((m, tok))
+    }
+}
+
+/// Reads `dir/config.json`: our fields under `"popen"` and the LLaVA config.
+pub fn read_config(dir: &Path) -> Result<(SegModelConfig, LlavaConfig)> {
+    let path = dir.join(CONFIG_FILE);
+    let hf = HfConfig::read(&path)?;
+    let lc = LlavaConfig::from_fields(&hf.fields())?;
+    let popen = hf.json.get("popen").ok_or_else(|| Error::Config {
+        path: path.clone(),
+        field: "popen".into(),
+        msg: "missing: this is not a popen segmentation model's run directory".into(),
+    })?;
+    let cfg: SegModelConfig =
+        serde_path_to_error::deserialize(popen.clone()).map_err(|e| Error::Config {
+            path: path.clone(),
+            field: format!("popen.{}", e.path()),
+            msg: e.inner().to_string(),
+        })?;
+    Ok((cfg, lc))
+}

@@ -1,0 +1,94 @@
+//! Predictions for a whole MUSE-schema file: the `PRED.jsonl` lines that `popen eval`
+//! reads, from any segmentation model.  Shared by `popen predict`, validation during
+//! training and `popen demo`.
+use crate::backend::Backend;
+use crate::data::muse::RleJson;
+use crate::data::readers::muse::{image_samples, load_muse_entries};
+use crate::data::sample::{load_image, Sample};
+use crate::data::{Mask, Rle};
+use crate::error::Result;
+use crate::metrics::eval::PredLine;
+use crate::model::seg::{preprocess, Pixels, SegModel, SegTokenizer};
+use crate::nn::SamplingCfg;
+use num_traits::Float;
+use std::path::Path;
+
+/// Every question of a MUSE file with its record's `file_name`.
+pub fn questions(data: &Path, root: &Path) -> Result<Vec<(String, Sample)>> {
+    let mut items = Vec::new();
+    for (i, e) in load_muse_entries(data)?.iter().enumerate() {
+        for s in image_samples(data, root, i, e.id.as_deref(), &e.image)? {
+            items.push((e.image.file_name.clone(), s));
+        }
+    }
+    Ok(items)
+}
+
+/// Answers every item, `batch` questions per forward; `progress(n)` after each batch.
+/// Question `i` (in file order) samples from the stream seeded `cfg.seed + i`, so the
+/// result does not depend on the batch size.
+pub fn predict_items<F: Float, B: Backend<F>>(
+    model: &SegModel<F, B>,
+    tok: &SegTokenizer,
+    items: &[(String, Sample)],
+    batch: usize,
+    cfg: &SamplingCfg,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<PredLine>> {
+    let batch = batch.max(1);
+    let mut lines = Vec::with_capacity(items.len());
+    let mut cache: Option<(std::path::PathBuf, Pixels)> = None;
+    for (ci, chunk) in items.chunks(batch).enumerate() {
+        let mut px = Vec::with_capacity(chunk.len());
+        for (_, s) in chunk {
+            let p = match &cache {
+                Some((path, p)) if *path == s.image_path => p.clone(),
+                _ => {
+                    let p = preprocess(&load_image(s)?, model.cfg.image_size)?;
+                    cache = Some((s.image_path.clone(), p.clone()));
+                    p
+                }
+            };
+            px.push(p);
+        }
+        let q: Vec<(&Pixels, &str)> = px
+            .iter()
+            .zip(chunk)
+            .map(|(p, (_, s))| (p, s.question.as_str()))
+            .collect();
+        let c = SamplingCfg {
+            seed: cfg.seed.wrapping_add((ci * batch) as u64),
+            ..*cfg
+        };
+        for ((file_name, s), p) in chunk.iter().zip(model.predict(tok, &q, &c)?) {
+            let masks = p
+                .masks
+                .into_iter()
+                .map(|m| {
+                    Ok(RleJson::from_rle(&Rle::from_mask(&Mask::from_vec(
+                        s.height, s.width, m,
+                    )?)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            lines.push(PredLine {
+                file_name: file_name.clone(),
+                question: s.question_index,
+                text: p.text,
+                masks,
+            });
+        }
+        progress(chunk.len());
+    }
+    Ok(lines)
+}
+
+/// Writes prediction lines as JSONL, atomically.
+pub fn write_preds(path: &Path, lines: &[PredLine]) -> Result<()> {
+    crate::fsio::write_atomic_with(path, |w| {
+        for l in lines {
+            serde_json::to_writer(&mut *w, l).map_err(std::io::Error::other)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+}

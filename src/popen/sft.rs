@@ -1,0 +1,191 @@
+//! Stage 1 (SFT): the segmentation model trained on answers and masks with
+//! `L = CE + 2·BCE + 0.5·Dice`, through the shared trainer.  `popen train sft` and
+//! `popen demo` call [`train_sft`].
+use crate::backend::Cpu;
+use crate::data::sample::{load_muse, Sample};
+use crate::error::{Error, Result};
+use crate::metrics::eval::{evaluate_files, EvalConfig};
+use crate::model::seg::data::{corpus, example};
+use crate::model::seg::run::{CONFIG_FILE, TOKENIZER_FILE};
+use crate::model::seg::{
+    Example, LossWeights, SegModel, SegModelConfig, SegTokenizer, Trainable as Parts,
+};
+use crate::nn::{Rng, SamplingCfg, Tensor};
+use crate::train::{Dataset, LossParts, TrainConfig, TrainSummary, Trainable, Trainer};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The run config of `popen train sft` (`--config FILE.toml`): `[model]`, `[train]`,
+/// `[loss]`, `[freeze]`; unknown keys are errors.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    pub model: SegModelConfig,
+    pub train: TrainConfig,
+    pub loss: LossWeights,
+    /// Which parts train (all, for the tiny model trained from scratch).
+    pub trainable: Parts,
+}
+
+/// The model as the trainer sees it.
+pub struct SftModel {
+    pub model: SegModel,
+    pub weights: LossWeights,
+}
+
+impl Trainable for SftModel {
+    type Item = Example;
+    type Be = Cpu;
+    fn backend(&self) -> Cpu {
+        Cpu
+    }
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        self.model.params_mut()
+    }
+    fn accumulate(&mut self, batch: &[Example], scale: f32, _rng: &mut Rng) -> Result<LossParts> {
+        let l = self.model.step(batch, self.weights, scale, true)?;
+        let parts: BTreeMap<String, f64> = [
+            ("ce".to_string(), l.ce),
+            ("bce".into(), l.bce),
+            ("dice".into(), l.dice),
+        ]
+        .into();
+        Ok(LossParts {
+            loss: l.total,
+            parts,
+            tokens: l.n_tokens,
+        })
+    }
+    fn save_weights(&mut self, path: &Path) -> Result<()> {
+        self.model.save_weights(path)
+    }
+    fn load_weights(&mut self, path: &Path) -> Result<()> {
+        self.model.load_weights(path)
+    }
+}
+
+/// Samples preprocessed on demand (the trainer's loader runs this ahead of the compute).
+pub struct SftData<'a> {
+    pub samples: Vec<Sample>,
+    pub cfg: &'a SegModelConfig,
+    pub tok: &'a SegTokenizer,
+}
+
+impl Dataset for SftData<'_> {
+    type Item = Example;
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+    fn load(&self, i: usize) -> Result<Example> {
+        example(self.cfg, self.tok, &self.samples[i])
+    }
+}
+
+/// Where a stage reads and writes.
+#[derive(Clone, Debug)]
+pub struct SftPaths {
+    pub data: PathBuf,
+    /// Image root (default: the data file's folder).
+    pub images: Option<PathBuf>,
+    pub out: PathBuf,
+    pub val: Option<PathBuf>,
+}
+
+fn root_of(data: &Path, images: &Option<PathBuf>) -> PathBuf {
+    images
+        .clone()
+        .unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default())
+}
+
+/// Images whose questions are scored at each validation (the first of the file).
+pub const VAL_IMAGES: usize = 20;
+
+/// Trains stage 1 into `paths.out`.  With `resume`, continues the run found there (its
+/// tokenizer and config are reused, so the model is the same).
+pub fn train_sft(
+    cfg: &SftConfig,
+    paths: &SftPaths,
+    resume: bool,
+    progress: bool,
+) -> Result<TrainSummary> {
+    let root = root_of(&paths.data, &paths.images);
+    let samples = load_muse(&paths.data, &root)?;
+    if samples.is_empty() {
+        return Err(Error::Data {
+            path: paths.data.clone(),
+            field: "questions".into(),
+            msg: "no question to train on".into(),
+        });
+    }
+    let out = &paths.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tok_path = out.join(TOKENIZER_FILE);
+    let tok = if resume && tok_path.exists() {
+        SegTokenizer::load(&tok_path, cfg.model.group_len())?
+    } else {
+        SegTokenizer::train(
+            &corpus(&samples),
+            cfg.model.lvlm.vocab_size,
+            cfg.model.group_len(),
+        )?
+    };
+    let mut model = SegModel::new_tiny(Cpu, cfg.model.clone(), &tok, cfg.train.seed)?;
+    model.set_trainable(cfg.trainable);
+    if !(resume && out.join(CONFIG_FILE).exists()) {
+        // config.json + tokenizer.json now; weights come with each checkpoint
+        let mut cfg_json = crate::model::seg::run::llava_json(&model.llava.cfg);
+        cfg_json["popen"] = serde_json::to_value(&model.cfg).expect("serializes");
+        cfg_json["popen_run"] = serde_json::to_value(cfg).expect("serializes");
+        let text = serde_json::to_string_pretty(&cfg_json).expect("serializes");
+        crate::fsio::write_atomic(out.join(CONFIG_FILE), text.as_bytes())?;
+        tok.save(&tok_path)?;
+    }
+    let data = SftData {
+        samples,
+        cfg: &cfg.model,
+        tok: &tok,
+    };
+    let mut sm = SftModel {
+        model,
+        weights: cfg.loss,
+    };
+    let mut trainer = Trainer::new(cfg.train.clone(), out)?
+        .resume(resume)
+        .progress(progress)
+        .title("stage 1 (SFT) loss");
+    if let Some(val) = &paths.val {
+        // the first VAL_IMAGES records, kept in the run so the scores can be redone
+        let vroot = root_of(val, &paths.images);
+        let text = std::fs::read_to_string(val).map_err(|e| Error::io(val, e))?;
+        let mut recs: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| Error::Json {
+                path: val.clone(),
+                line: Some(e.line()),
+                msg: e.to_string(),
+            })?;
+        recs.truncate(VAL_IMAGES);
+        let val = out.join("val_data.json");
+        crate::fsio::write_atomic(
+            &val,
+            serde_json::to_string(&recs).expect("serializes").as_bytes(),
+        )?;
+        let items = crate::popen::predict::questions(&val, &vroot)?;
+        let pred_path = out.join("val_pred.jsonl");
+        let tok2 = tok.clone();
+        trainer = trainer.validate_with(move |m: &mut SftModel, _step| {
+            let lines = crate::popen::predict::predict_items(
+                &m.model,
+                &tok2,
+                &items,
+                16,
+                &SamplingCfg::greedy(),
+                |_| {},
+            )?;
+            crate::popen::predict::write_preds(&pred_path, &lines)?;
+            let r = evaluate_files(&val, &pred_path, None, &EvalConfig::default())?;
+            Ok(serde_json::from_str(&r.to_json()).unwrap_or_default())
+        });
+    }
+    trainer.run(&mut sm, &data)
+}

@@ -1,0 +1,267 @@
+//! The segmentation model: whole-model gradient check in f64 (ViT → projector → LLaMA →
+//! codebook projection → pixel decoder, through `CE + 2·BCE + 0.5·Dice`), frozen parts
+//! untouched, bad input as errors.
+use popen::backend::Cpu;
+use popen::model::seg::config::TinyLvlm;
+use popen::model::seg::{
+    Example, LossWeights, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable,
+};
+use popen::nn::Rng;
+
+fn tiny_cfg() -> SegModelConfig {
+    SegModelConfig {
+        image_size: 8,
+        tokens_per_scale: 2,
+        scales: 2,
+        seg_dim: 6,
+        decoder_depth: 1,
+        decoder_heads: 1,
+        decoder_mlp: 6,
+        decoder_layers: [-1, 1],
+        llm_feature_layer: -2,
+        system_prompt: String::new(),
+        max_new_tokens: 12,
+        lvlm: TinyLvlm {
+            vision_hidden: 6,
+            vision_layers: 2,
+            vision_heads: 2,
+            vision_intermediate: 10,
+            patch_size: 4,
+            text_hidden: 8,
+            text_layers: 2,
+            text_heads: 2,
+            text_kv_heads: 1,
+            text_intermediate: 12,
+            max_positions: 64,
+            vocab_size: 70,
+        },
+    }
+}
+
+fn tokenizer(cfg: &SegModelConfig) -> SegTokenizer {
+    let texts: Vec<String> = [
+        "Where is the cup?",
+        "The cup <seg> is on the table.",
+        "Find the red apples.",
+        "I see two apples <seg> <seg> here.",
+        "Nothing fits.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    SegTokenizer::train(&texts, cfg.lvlm.vocab_size, cfg.group_len()).unwrap()
+}
+
+fn example(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng, q: &str, a: &str) -> Example {
+    let s = cfg.image_size;
+    // a 5×7 image: resized to 6×8 inside the 8×8 square, so the resize path runs
+    let (h, w) = (5, 7);
+    let (vh, vw) = popen::model::seg::preprocess::fit(h, w, s);
+    let data = (0..3 * s * s).map(|_| rng.normal() as f32).collect();
+    let enc = tok.encode("", q, a).unwrap();
+    let masks = (0..enc.groups.len())
+        .map(|_| {
+            (0..h * w)
+                .map(|_| f32::from(u8::from(rng.uniform() < 0.4)))
+                .collect()
+        })
+        .collect();
+    Example {
+        pixels: Pixels {
+            data,
+            valid_h: vh,
+            valid_w: vw,
+            height: h,
+            width: w,
+        },
+        enc,
+        masks,
+    }
+}
+
+fn batch(cfg: &SegModelConfig, tok: &SegTokenizer) -> Vec<Example> {
+    let mut rng = Rng::new(5);
+    vec![
+        example(
+            cfg,
+            tok,
+            &mut rng,
+            "Find the red apples.",
+            "I see two apples <seg> <seg> here.",
+        ),
+        example(
+            cfg,
+            tok,
+            &mut rng,
+            "Where is the cup?",
+            "The cup <seg> is on the table.",
+        ),
+        example(cfg, tok, &mut rng, "Where is the cup?", "Nothing fits."),
+    ]
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 3).unwrap();
+    let b = batch(&cfg, &tok);
+    let w = LossWeights::default();
+    for (_, t) in m.params_mut() {
+        t.zero_grad(&Cpu);
+    }
+    let l0 = m.step(&b, w, 1.0, true).unwrap();
+    assert!(l0.n_masks == 3 && l0.total.is_finite(), "{l0:?}");
+    let grads: Vec<(String, Vec<f64>)> = m
+        .params_mut()
+        .into_iter()
+        .map(|(n, t)| (n, t.grad.clone().expect("trainable")))
+        .collect();
+    let n_params = grads.len();
+    let mut rng = Rng::new(11);
+    let (mut checked, mut worst) = (0, 0.0f64);
+    let mut parts_seen = std::collections::BTreeSet::new();
+    for pi in 0..n_params {
+        let name = grads[pi].0.clone();
+        let g = &grads[pi].1;
+        // every tensor receives a gradient somewhere (the pixel decoder's too)
+        // (the pooled output's norm is never read by the model)
+        let gmax = g.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        assert!(
+            gmax > 0.0 || name.contains("post_layernorm"),
+            "{name} gets no gradient"
+        );
+        for _ in 0..2 {
+            let j = (rng.next_u64() % g.len() as u64) as usize;
+            let h = 1e-5;
+            let mut at = |delta: f64| {
+                let mut p = m.params_mut();
+                let t = &mut p[pi].1;
+                t.data[j] += delta;
+                drop(p);
+                let l = m.step(&b, w, 1.0, false).unwrap().total;
+                let mut p = m.params_mut();
+                p[pi].1.data[j] -= delta;
+                l
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            let err = (fd - g[j]).abs() / (fd.abs().max(g[j].abs()).max(1e-3));
+            worst = worst.max(err);
+            assert!(
+                err < 1e-4,
+                "{name}[{j}]: finite difference {fd} vs backward {}",
+                g[j]
+            );
+            checked += 1;
+        }
+        parts_seen.insert(name.split('.').next().unwrap_or("").to_string());
+    }
+    assert!(checked >= 2 * n_params);
+    for part in ["model", "seg_head", "mask_decoder"] {
+        assert!(
+            parts_seen.contains(part),
+            "no parameter of {part}: {parts_seen:?}"
+        );
+    }
+    eprintln!("{checked} entries of {n_params} tensors, worst relative error {worst:.2e}");
+}
+
+#[test]
+fn frozen_parts_stay_bit_identical() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 4).unwrap();
+    m.set_trainable(Trainable {
+        vision: false,
+        projector: false,
+        llm: true,
+        seg_head: true,
+        decoder: false,
+    });
+    let before: Vec<(String, Vec<f32>)> = m
+        .params_mut()
+        .into_iter()
+        .map(|(n, t)| (n, t.data.clone()))
+        .collect();
+    let b = batch(&cfg, &tok);
+    let mut opt = popen::train::AdamW::new(popen::train::AdamWConfig::default());
+    for _ in 0..2 {
+        m.step(&b, LossWeights::default(), 1.0, true).unwrap();
+        opt.step(&Cpu, &mut m.params_mut(), 1e-2).unwrap();
+    }
+    let mut moved = 0;
+    for ((n, a), (_, t)) in before.iter().zip(m.params_mut()) {
+        let frozen = n.contains("vision_tower")
+            || n.contains("multi_modal_projector")
+            || n.starts_with("mask_decoder");
+        if frozen {
+            assert!(t.grad.is_none(), "{n} has a gradient slot");
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                t.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{n} moved"
+            );
+        } else if a != &t.data {
+            moved += 1;
+        }
+    }
+    assert!(moved > 5, "only {moved} trainable tensors moved");
+}
+
+#[test]
+fn bad_examples_are_errors() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 4).unwrap();
+    let mut b = batch(&cfg, &tok);
+    b[0].masks.pop();
+    let e = m
+        .step(&b, LossWeights::default(), 1.0, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("1 masks for 2 <seg> groups") || e.contains("masks for"),
+        "{e}"
+    );
+    let mut b = batch(&cfg, &tok);
+    b[1].masks[0].truncate(3);
+    let e = m
+        .step(&b, LossWeights::default(), 1.0, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mask 0"), "{e}");
+    // a prompt longer than the context
+    let long = "Where is the cup? ".repeat(20);
+    let mut rng = Rng::new(1);
+    let b = vec![example(
+        &cfg,
+        &tok,
+        &mut rng,
+        &long,
+        "The cup <seg> is on the table.",
+    )];
+    let e = m
+        .step(&b, LossWeights::default(), 1.0, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("longer than the context"), "{e}");
+}
+
+#[test]
+fn codebook_groups_round_trip_and_incomplete_groups_drop() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let enc = tok
+        .encode("", "Where is the cup?", "The cup <seg> is on the table.")
+        .unwrap();
+    assert_eq!(enc.groups.len(), 1);
+    let ans = &enc.ids[enc.answer_start..];
+    let (text, groups) = tok.decode_answer(ans).unwrap();
+    assert_eq!(text, "The cup <seg> is on the table.");
+    assert_eq!(groups, vec![enc.groups[0] - enc.answer_start]);
+    // drop the group's last token: the target goes, the text keeps no <seg>
+    let mut cut = ans.to_vec();
+    cut.remove(enc.groups[0] - enc.answer_start + cfg.group_len() - 1);
+    let (text, groups) = tok.decode_answer(&cut).unwrap();
+    assert!(groups.is_empty() && !text.contains("<seg>"), "{text}");
+}
