@@ -7,18 +7,24 @@ use std::any::TypeId;
 
 /// Multiply-adds below which a product runs on one thread (a fork/join costs a few µs).
 const GEMM_SERIAL_FLOPS: usize = 1 << 18;
-/// Output blocks per rayon thread, so that a thread slowed by other load is balanced.
-const GEMM_BLOCKS_PER_THREAD: usize = 2;
+/// Output blocks a large product is cut into, whatever the thread count: the gemm
+/// micro-kernels' sums depend on the block's shape, so cutting by thread count would
+/// give other bits at 1 thread than at 2 (a run must give the same weights at any
+/// thread count).  Four blocks keep two threads balanced under other load.
+const GEMM_PARTS: usize = 4;
+/// Products at least this many multiply-adds (× 2) are cut into blocks.
+const GEMM_SPLIT_FLOPS: usize = 2 * GEMM_SERIAL_FLOPS;
 /// Block edges are a multiple of this, the widest gemm micro-kernel edge (AVX-512 f32).
 const GEMM_BLOCK_ALIGN: usize = 48;
 
-/// How many output blocks to cut an (m×k)·(k×n) product into for `threads` threads.
-fn split_parts(m: usize, n: usize, k: usize, threads: usize) -> usize {
-    if threads <= 1 || m * n * k < GEMM_SERIAL_FLOPS * threads {
+/// How many output blocks to cut an (m×k)·(k×n) product into (never depends on the
+/// thread count).
+fn split_parts(m: usize, n: usize, k: usize) -> usize {
+    if m * n * k < GEMM_SPLIT_FLOPS {
         return 1;
     }
     let max_parts = m.max(n) / GEMM_BLOCK_ALIGN;
-    (threads * GEMM_BLOCKS_PER_THREAD).min(max_parts).max(1)
+    GEMM_PARTS.min(max_parts).max(1)
 }
 
 /// Raw view of one checked product `out (·×n, row-major) (+)= op(a) · op(b)`, with
@@ -117,8 +123,8 @@ pub(super) fn matmul<F: CpuFloat>(
         // instead of gemm's own threading: gemm synchronises its threads after every
         // (k, n) panel and packs the right operand on one thread, so a second thread
         // gave almost no speed-up on these shapes.  One fork/join per product, and
-        // each block's sums run in the same order for a given thread count.
-        let parts = split_parts(m, n, k, rayon::current_num_threads());
+        // the blocks are the same at any thread count, so are the bits.
+        let parts = split_parts(m, n, k);
         if parts <= 1 {
             // SAFETY: see `GemmView::run`; the whole output is one block.
             unsafe { g.run(0, m, 0, n) };

@@ -70,24 +70,21 @@ fn reduce_rows<F: CpuFloat>(
     acc: &mut [F],
     per_row: impl Fn(usize, &mut [F]) + Sync + Send,
 ) {
-    let total = (0..n)
+    // Fixed chunks, summed in chunk order: the result is the same bits at any thread
+    // count (a rayon fold/reduce would split where work stealing happens to).
+    let chunks: Vec<Vec<F>> = (0..n.div_ceil(MIN_ROWS_PER_TASK))
         .into_par_iter()
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .fold(
-            || vec![F::zero(); c],
-            |mut part, i| {
+        .map(|k| {
+            let mut part = vec![F::zero(); c];
+            for i in k * MIN_ROWS_PER_TASK..((k + 1) * MIN_ROWS_PER_TASK).min(n) {
                 per_row(i, &mut part);
-                part
-            },
-        )
-        .reduce(
-            || vec![F::zero(); c],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x = *x + *y);
-                a
-            },
-        );
-    acc.iter_mut().zip(&total).for_each(|(x, y)| *x = *x + *y);
+            }
+            part
+        })
+        .collect();
+    for part in &chunks {
+        acc.iter_mut().zip(part).for_each(|(x, y)| *x = *x + *y);
+    }
 }
 
 impl<F: CpuFloat> Backend<F> for Cpu {

@@ -13,12 +13,16 @@ pub(super) const CPU_SCORE_BUDGET: usize = 1 << 16;
 pub(super) const CPU_MIN_Q_BLOCK: usize = 16;
 /// Work items wanted per rayon thread, so that uneven (causal) blocks balance.
 pub(super) const CPU_ITEMS_PER_THREAD: usize = 4;
+/// The thread count the query blocks are sized for.  A fixed number, not the pool's
+/// size: the blocks decide how sums are grouped (the gemm tiles, dK and dV summed over
+/// blocks), and a run must give the same bits at any thread count.
+pub(super) const CPU_BLOCK_THREADS: usize = 2;
 
 /// Queries per CPU work item for this shape: as many as the score budget allows, but
 /// enough items to keep every rayon thread busy.
 pub(super) fn cpu_q_block(s: &AttnShape) -> usize {
     let heads = (s.b * s.nh).max(1);
-    let want_items = rayon::current_num_threads() * CPU_ITEMS_PER_THREAD;
+    let want_items = CPU_BLOCK_THREADS * CPU_ITEMS_PER_THREAD;
     let per_head = want_items.div_ceil(heads);
     let for_threads = s.tq.div_ceil(per_head);
     let mut q = (CPU_SCORE_BUDGET / s.tk.max(1)).min(for_threads);

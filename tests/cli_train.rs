@@ -1,0 +1,345 @@
+//! `popen train sft`, `predict`, `infer` end to end on a tiny model and a tiny world:
+//! the run-directory contract, PRED.jsonl that `popen eval` reads, SIGKILL-and-resume
+//! ending byte-identical, the same weights at 1 and 2 threads, bad input as errors.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_popen");
+
+fn popen(args: &[&str], threads: &str) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RAYON_NUM_THREADS", threads)
+        .output()
+        .expect("run popen")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "popen failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    assert!(!o.status.success(), "popen should have failed");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("popen_cli_train_{}_{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny world (6 train images, 2 test images) and a tiny model's config.
+fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let w = dir.join("world");
+    let ws = w.to_str().unwrap();
+    for (split, n) in [("train", "6"), ("test", "2")] {
+        ok(&popen(
+            &[
+                "data", "generate", "--out", ws, "--n", n, "--seed", "3", "--split", split,
+            ],
+            "2",
+        ));
+    }
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[model]
+image_size = 32
+seg_dim = 8
+decoder_heads = 2
+decoder_mlp = 16
+max_new_tokens = 24
+[model.lvlm]
+vision_hidden = 16
+vision_layers = 2
+vision_heads = 2
+vision_intermediate = 32
+patch_size = 8
+text_hidden = 16
+text_layers = 2
+text_heads = 2
+text_kv_heads = 1
+text_intermediate = 32
+max_positions = 128
+vocab_size = 200
+[train]
+lr = 1e-3
+micro_batch = 4
+grad_accum_steps = 1
+warmup_steps = 2
+total_steps = 8
+checkpoint_every = 2
+log_every = 1
+"#,
+    )
+    .unwrap();
+    (w.join("train.json"), w.join("test.json"), cfg)
+}
+
+fn train(data: &Path, cfg: &Path, out: &Path, extra: &[&str], threads: &str) -> Output {
+    let mut args = vec![
+        "train",
+        "sft",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    popen(&args, threads)
+}
+
+#[test]
+fn train_predict_eval_and_the_run_directory() {
+    let d = tmp("flow");
+    let (train_json, test_json, cfg) = setup(&d);
+    let run = d.join("run");
+    ok(&train(
+        &train_json,
+        &cfg,
+        &run,
+        &["--val", test_json.to_str().unwrap()],
+        "2",
+    ));
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "train_state.json",
+        "metrics.jsonl",
+        "loss.png",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing from the run directory");
+    }
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"], 8);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i as u64 + 1);
+        for k in [
+            "loss",
+            "ce",
+            "bce",
+            "dice",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+        ] {
+            assert!(l[k].as_f64().is_some_and(f64::is_finite), "{k} in {l}");
+        }
+    }
+    assert!(
+        lines.iter().any(|l| l.get("val").is_some()),
+        "no validation logged"
+    );
+    // popen forward still reads the LLaVA part of the run directory's config
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["model_type"], "llava");
+    // predict → eval
+    let pred = d.join("pred.jsonl");
+    ok(&popen(
+        &[
+            "predict",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            test_json.to_str().unwrap(),
+            "--out",
+            pred.to_str().unwrap(),
+            "--batch",
+            "3",
+        ],
+        "2",
+    ));
+    let n_questions: usize = serde_json::from_str::<Vec<serde_json::Value>>(
+        &std::fs::read_to_string(&test_json).unwrap(),
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r["questions"].as_array().unwrap().len())
+    .sum();
+    assert_eq!(
+        std::fs::read_to_string(&pred).unwrap().lines().count(),
+        n_questions
+    );
+    let report = d.join("report.json");
+    ok(&popen(
+        &[
+            "eval",
+            "--data",
+            test_json.to_str().unwrap(),
+            "--pred",
+            pred.to_str().unwrap(),
+            "--out",
+            report.to_str().unwrap(),
+        ],
+        "2",
+    ));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["n_questions"], n_questions);
+    assert_eq!(r["missing"], 0);
+    // the batch size does not change the predictions
+    let pred1 = d.join("pred1.jsonl");
+    ok(&popen(
+        &[
+            "predict",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            test_json.to_str().unwrap(),
+            "--out",
+            pred1.to_str().unwrap(),
+            "--batch",
+            "1",
+        ],
+        "1",
+    ));
+    assert_eq!(
+        std::fs::read(&pred).unwrap(),
+        std::fs::read(&pred1).unwrap()
+    );
+    // infer: answer on stdout, overlay and masks on disk
+    let img = d.join("world/images/test_000000.png");
+    let out = d.join("infer");
+    let text = ok(&popen(
+        &[
+            "infer",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            "Where is the cup?",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "2",
+    ));
+    assert!(!text.is_empty());
+    assert!(out.join("overlay.png").is_file());
+}
+
+#[test]
+fn killed_and_resumed_ends_byte_identical_and_threads_agree() {
+    let d = tmp("kill");
+    let (train_json, _, cfg) = setup(&d);
+    let (a, b, c) = (d.join("a"), d.join("b"), d.join("c"));
+    // long enough that kills land mid-run
+    let steps = ["--steps", "48"];
+    ok(&train(&train_json, &cfg, &a, &steps, "2"));
+    // the same seed at one thread: the same bits
+    ok(&train(&train_json, &cfg, &c, &steps, "1"));
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    assert!(
+        wa == std::fs::read(c.join("model.safetensors")).unwrap(),
+        "1 and 2 threads differ"
+    );
+    // killed at several moments, resumed until it finishes
+    let mut rng = popen::nn::Rng::new(9);
+    let (mut kills, mut done) = (0, false);
+    for attempt in 0..40 {
+        let mut args = vec![
+            "train",
+            "sft",
+            "--data",
+            train_json.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            b.to_str().unwrap(),
+            "--steps",
+            "48",
+        ];
+        if b.join("config.json").exists() {
+            args.push("--resume");
+        }
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let wait_ms = 30 + rng.next_u64() % 700;
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        if child.try_wait().unwrap().is_none() && attempt < 30 {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+            continue;
+        }
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        done = true;
+        break;
+    }
+    assert!(done, "never finished");
+    assert!(kills >= 2, "only {kills} kills landed on a running trainer");
+    assert!(
+        wa == std::fs::read(b.join("model.safetensors")).unwrap(),
+        "resumed run differs after {kills} kills"
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let d = tmp("bad");
+    let (train_json, test_json, cfg) = setup(&d);
+    // an unknown config key names itself
+    let bad = d.join("bad.toml");
+    std::fs::write(&bad, "[model]\nimage_sise = 64\n").unwrap();
+    let e = err(&train(&train_json, &bad, &d.join("r1"), &[], "2"));
+    assert!(e.contains("image_sise"), "{e}");
+    // a device this build cannot serve
+    let e = err(&train(
+        &train_json,
+        &cfg,
+        &d.join("r2"),
+        &["--device", "cuda:0"],
+        "2",
+    ));
+    assert!(e.contains("--device cuda:0"), "{e}");
+    // a missing image names the file
+    std::fs::remove_file(d.join("world/images/train_000002.png")).unwrap();
+    let e = err(&train(&train_json, &cfg, &d.join("r3"), &[], "2"));
+    assert!(e.contains("train_000002.png"), "{e}");
+    // a run directory that is not a model's
+    let e = err(&popen(
+        &[
+            "predict",
+            "--checkpoint",
+            d.join("world").to_str().unwrap(),
+            "--data",
+            test_json.to_str().unwrap(),
+            "--out",
+            d.join("p.jsonl").to_str().unwrap(),
+        ],
+        "2",
+    ));
+    assert!(e.contains("config.json"), "{e}");
+    assert!(
+        !d.join("p.jsonl").exists(),
+        "a failed predict wrote its output"
+    );
+}
