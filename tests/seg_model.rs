@@ -265,3 +265,46 @@ fn codebook_groups_round_trip_and_incomplete_groups_drop() {
     let (text, groups) = tok.decode_answer(&cut).unwrap();
     assert!(groups.is_empty() && !text.contains("<seg>"), "{text}");
 }
+
+#[test]
+fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 8).unwrap();
+    let dir = std::env::temp_dir().join(format!("popen_seg_run_{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    m.save(&dir, &tok).unwrap();
+    let (mut back, tok2) = SegModel::<f32, Cpu>::load(Cpu, &dir).unwrap();
+    assert_eq!(tok2.vocab_size(), tok.vocab_size());
+    assert_eq!(back.cfg, m.cfg);
+    let a: Vec<Vec<f32>> = m
+        .params_mut()
+        .into_iter()
+        .map(|(_, t)| t.data.clone())
+        .collect();
+    let b: Vec<Vec<f32>> = back
+        .params_mut()
+        .into_iter()
+        .map(|(_, t)| t.data.clone())
+        .collect();
+    assert!(a == b, "weights changed through save/load");
+    // `popen forward` reads the LLaVA part: same LLM logits for the same ids
+    let (_, p) = popen::model::pretrained::Pretrained::<f32, Cpu>::load_dir(Cpu, &dir).unwrap();
+    let popen::model::pretrained::Pretrained::Llava(llava) = p else {
+        panic!("the run directory did not load as LLaVA");
+    };
+    let ids = [1u32, 5, 7, 9];
+    let (l1, _) = llava.language_model.forward(&ids, 1, None, None).unwrap();
+    let (l2, _) = m.llava.language_model.forward(&ids, 1, None, None).unwrap();
+    assert_eq!(l1, l2);
+    // a run directory of another model is an error naming the tensor
+    let mut cfg2 = cfg.clone();
+    cfg2.seg_dim = 8;
+    let mut other: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg2, &tok, 8).unwrap();
+    let e = other
+        .load_weights(&dir.join("model.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("seg_head") || e.contains("mask_decoder"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
