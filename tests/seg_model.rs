@@ -308,3 +308,81 @@ fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
     assert!(e.contains("seg_head") || e.contains("mask_decoder"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_pretrained_llava_grows_its_vocabulary_and_trains_with_a_frozen_tower() {
+    use popen::model::pretrained::Pretrained;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/llava");
+    let (_, p) = Pretrained::<f32, Cpu>::load_dir(Cpu, &dir).unwrap();
+    let Pretrained::Llava(llava) = p else {
+        panic!("not llava")
+    };
+    let v0 = llava.cfg.text.vocab_size;
+    let img = llava.cfg.image_token_index as u32;
+    let mut cfg = tiny_cfg();
+    cfg.image_size = llava.cfg.vision.image_size;
+    cfg.decoder_layers = [-1, 1];
+    let g = cfg.group_len();
+    // a wrong <image> id is refused
+    let e = SegModel::<f32, Cpu>::from_llava(Cpu, cfg.clone(), llava.clone(), v0 + g, img + 1, 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("image_token_index"), "{e}");
+    let mut m = SegModel::<f32, Cpu>::from_llava(Cpu, cfg.clone(), llava, v0 + g, img, 1).unwrap();
+    assert_eq!(m.llava.language_model.cfg.vocab_size, v0 + g);
+    // the loaded model's parts are frozen: train the LLM, projector, head and decoder
+    m.set_trainable(Trainable {
+        vision: false,
+        ..Trainable::default()
+    });
+    let cb: Vec<u32> = (v0 as u32..(v0 + g) as u32).collect();
+    let mut ids = vec![1u32, 5, img, 6, 7, 3];
+    let answer_start = ids.len();
+    ids.push(9);
+    let group = ids.len();
+    ids.extend(&cb);
+    ids.extend([8, 2]);
+    let s = cfg.image_size;
+    let mut rng = Rng::new(2);
+    let ex = Example {
+        pixels: Pixels {
+            data: (0..3 * s * s).map(|_| rng.normal() as f32).collect(),
+            valid_h: s,
+            valid_w: s,
+            height: s,
+            width: s,
+        },
+        enc: popen::model::seg::Encoded {
+            ids,
+            image_pos: 2,
+            answer_start,
+            groups: vec![group],
+        },
+        masks: vec![(0..s * s).map(|i| f32::from(u8::from(i % 5 < 2))).collect()],
+    };
+    let tower: Vec<Vec<f32>> = m
+        .llava
+        .vision_tower
+        .params_mut()
+        .into_iter()
+        .map(|(_, t)| t.data.clone())
+        .collect();
+    let emb0 = m.llava.language_model.embed_tokens.weight.data.clone();
+    let mut opt = popen::train::AdamW::new(popen::train::AdamWConfig::default());
+    let l = m
+        .step(&[ex.clone()], LossWeights::default(), 1.0, true)
+        .unwrap();
+    assert!(l.total.is_finite() && l.n_masks == 1);
+    opt.step(&Cpu, &mut m.params_mut(), 1e-2).unwrap();
+    let after: Vec<Vec<f32>> = m
+        .llava
+        .vision_tower
+        .params_mut()
+        .into_iter()
+        .map(|(_, t)| t.data.clone())
+        .collect();
+    assert!(tower == after, "the frozen tower moved");
+    assert_ne!(
+        emb0, m.llava.language_model.embed_tokens.weight.data,
+        "the LLM did not train"
+    );
+}

@@ -59,6 +59,10 @@ pub struct SftArgs {
     /// `val_every` steps (its first images).
     #[arg(long)]
     pub val: Option<PathBuf>,
+    /// Start from a Hugging Face LLaVA directory (config.json, weights, tokenizer.json;
+    /// LLaVA-1.5) instead of the tiny model from scratch; its vision tower stays frozen.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -90,6 +94,7 @@ fn sft(a: SftArgs) -> anyhow::Result<()> {
         images: c.images.clone(),
         out: c.out.clone(),
         val: a.val.clone(),
+        base: a.base.clone(),
     };
     let s = train_sft(&cfg, &paths, c.resume, std::io::stderr().is_terminal())?;
     println!(

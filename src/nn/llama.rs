@@ -226,6 +226,49 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         Ok(m)
     }
 
+    /// Grows the vocabulary to `v` tokens (new tokens appended, as
+    /// `resize_token_embeddings` does): each new row of the embedding table and of the
+    /// output head starts at the mean of the old rows, so the new tokens begin as an
+    /// "average" token rather than noise.  Trainability of each tensor is kept.
+    pub fn grow_vocab(&mut self, v: usize) -> Result<()> {
+        let old = self.cfg.vocab_size;
+        if v < old {
+            return Err(Error::arg(
+                "Llama::grow_vocab",
+                format!("cannot shrink the vocabulary from {old} to {v}"),
+            ));
+        }
+        let c = self.cfg.hidden_size;
+        let be = self.be.clone();
+        let grow = |t: &mut Tensor<F, B>| {
+            let mut w = be.to_vec(&t.data);
+            let mut mean = vec![F::zero(); c];
+            for r in w.chunks(c) {
+                for (m, &x) in mean.iter_mut().zip(r) {
+                    *m = *m + x;
+                }
+            }
+            let inv = F::from(1.0 / old.max(1) as f64).unwrap();
+            mean.iter_mut().for_each(|m| *m = *m * inv);
+            for _ in old..v {
+                w.extend_from_slice(&mean);
+            }
+            let trainable = t.grad.is_some();
+            *t = Tensor {
+                shape: vec![v, c],
+                data: be.from_slice(&w),
+                grad: None,
+            };
+            t.set_trainable(&be, trainable);
+        };
+        grow(&mut self.embed_tokens.weight);
+        if let Some(h) = &mut self.lm_head {
+            grow(&mut h.weight);
+        }
+        self.cfg.vocab_size = v;
+        Ok(())
+    }
+
     /// Every parameter with its Hugging Face name, in a fixed order.
     pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
         let mut out: Vec<(String, &mut Tensor<F, B>)> = vec![(

@@ -90,6 +90,9 @@ pub struct SftPaths {
     pub images: Option<PathBuf>,
     pub out: PathBuf,
     pub val: Option<PathBuf>,
+    /// A Hugging Face LLaVA directory to start from (LLaVA-1.5); None = the tiny model
+    /// from scratch.
+    pub base: Option<PathBuf>,
 }
 
 fn root_of(data: &Path, images: &Option<PathBuf>) -> PathBuf {
@@ -121,17 +124,32 @@ pub fn train_sft(
     let out = &paths.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let tok_path = out.join(TOKENIZER_FILE);
-    let tok = if resume && tok_path.exists() {
-        SegTokenizer::load(&tok_path, cfg.model.group_len())?
-    } else {
-        SegTokenizer::train(
-            &corpus(&samples),
-            cfg.model.lvlm.vocab_size,
-            cfg.model.group_len(),
-        )?
+    let (model, tok) = match &paths.base {
+        Some(base) => {
+            let (mut m, tok) =
+                SegModel::from_llava_dir(Cpu, cfg.model.clone(), base, cfg.train.seed)?;
+            // PixelLM freezes the pretrained vision tower whatever the config says
+            m.set_trainable(Parts {
+                vision: false,
+                ..cfg.trainable
+            });
+            (m, tok)
+        }
+        None => {
+            let tok = if resume && tok_path.exists() {
+                SegTokenizer::load(&tok_path, cfg.model.group_len())?
+            } else {
+                SegTokenizer::train(
+                    &corpus(&samples),
+                    cfg.model.lvlm.vocab_size,
+                    cfg.model.group_len(),
+                )?
+            };
+            let mut m = SegModel::new_tiny(Cpu, cfg.model.clone(), &tok, cfg.train.seed)?;
+            m.set_trainable(cfg.trainable);
+            (m, tok)
+        }
     };
-    let mut model = SegModel::new_tiny(Cpu, cfg.model.clone(), &tok, cfg.train.seed)?;
-    model.set_trainable(cfg.trainable);
     if !(resume && out.join(CONFIG_FILE).exists()) {
         // config.json + tokenizer.json now; weights come with each checkpoint
         let mut cfg_json = crate::model::seg::run::llava_json(&model.llava.cfg);

@@ -205,6 +205,75 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         Self::with_llava(be, cfg, llava, &mut rng)
     }
 
+    /// POPEN on a pretrained LLaVA (LLaVA-1.5): the vocabulary grows to the
+    /// tokenizer's (the codebook tokens are new), the image token must be the
+    /// tokenizer's `<image>`, the vision tower is frozen (as PixelLM freezes it), and a
+    /// fresh codebook projection and pixel decoder are added.
+    /// `vocab` and `image_token` are the tokenizer's size and `<image>` id.
+    pub fn from_llava(
+        be: B,
+        mut cfg: SegModelConfig,
+        mut llava: Llava<F, B>,
+        vocab: usize,
+        image_token: u32,
+        seed: u64,
+    ) -> Result<Self> {
+        if llava.cfg.image_token_index != image_token as usize {
+            return Err(Error::arg(
+                "SegModel::from_llava",
+                format!(
+                    "the model's image_token_index is {} but the tokenizer's <image> is {image_token}",
+                    llava.cfg.image_token_index
+                ),
+            ));
+        }
+        cfg.llm_feature_layer = llava.cfg.vision_feature_layer;
+        if cfg.image_size != llava.cfg.vision.image_size {
+            return Err(Error::arg(
+                "SegModel::from_llava",
+                format!(
+                    "model.image_size = {} but the vision tower takes {}",
+                    cfg.image_size, llava.cfg.vision.image_size
+                ),
+            ));
+        }
+        let v = vocab.max(llava.cfg.text.vocab_size);
+        llava.language_model.grow_vocab(v)?;
+        llava.cfg.text.vocab_size = v;
+        llava.vision_tower.set_trainable(false);
+        let mut rng = Rng::new(seed);
+        Self::with_llava(be, cfg, llava, &mut rng)
+    }
+
+    /// [`Self::from_llava`] on a Hugging Face LLaVA directory (`config.json`, weights,
+    /// `tokenizer.json`).
+    pub fn from_llava_dir(
+        be: B,
+        cfg: SegModelConfig,
+        dir: &std::path::Path,
+        seed: u64,
+    ) -> Result<(Self, SegTokenizer)> {
+        let tok = SegTokenizer::load(&dir.join("tokenizer.json"), cfg.group_len())?;
+        let (_, p) = crate::model::pretrained::Pretrained::<F, B>::load_dir(be.clone(), dir)?;
+        let crate::model::pretrained::Pretrained::Llava(mut llava) = p else {
+            return Err(Error::Config {
+                path: dir.join("config.json"),
+                field: "model_type".into(),
+                msg: "a segmentation model is built on a `llava` model".into(),
+            });
+        };
+        // loaded frozen: the LLM and projector train in stage 1 (the tower stays frozen)
+        llava.language_model.set_trainable(true);
+        for lin in [&mut llava.projector.fc1, &mut llava.projector.fc2] {
+            lin.weight.set_trainable(&be, true);
+            if let Some(b) = &mut lin.bias {
+                b.set_trainable(&be, true);
+            }
+        }
+        let m = Self::from_llava(be, cfg, llava, tok.vocab_size(), tok.tok.image, seed)?;
+        Ok((m, tok))
+    }
+
     /// Adds a fresh codebook projection and pixel decoder to a LLaVA model.
     pub fn with_llava(
         be: B,
