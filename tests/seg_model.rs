@@ -369,7 +369,7 @@ fn a_pretrained_llava_grows_its_vocabulary_and_trains_with_a_frozen_tower() {
     let emb0 = m.llava.language_model.embed_tokens.weight.data.clone();
     let mut opt = popen::train::AdamW::new(popen::train::AdamWConfig::default());
     let l = m
-        .step(&[ex.clone()], LossWeights::default(), 1.0, true)
+        .step(std::slice::from_ref(&ex), LossWeights::default(), 1.0, true)
         .unwrap();
     assert!(l.total.is_finite() && l.n_masks == 1);
     opt.step(&Cpu, &mut m.params_mut(), 1e-2).unwrap();
