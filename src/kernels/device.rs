@@ -237,19 +237,35 @@ impl Device {
         }
     }
 
-    /// The devices the tests run on: always the emulator, plus GPU 0 when one is usable
-    /// (unless `POPEN_TEST_CUDA=0`).
+    /// The devices the tests run on: always the emulator, plus GPU 0 as
+    /// `POPEN_TEST_CUDA` says (see [`Device::test_devices_with`]).
+    ///
+    /// # Panics
+    /// With `POPEN_TEST_CUDA=1` when GPU 0 cannot be opened: a test run that asked for
+    /// the GPU must fail rather than pass on the emulator alone.
+    #[track_caller]
     pub fn test_devices() -> Vec<Device> {
-        let mut v = vec![Device::emulator()];
-        if std::env::var("POPEN_TEST_CUDA")
-            .map(|s| s != "0")
-            .unwrap_or(true)
-        {
-            if let Ok(d) = Device::cuda(0) {
-                v.push(d);
-            }
+        let setting = std::env::var("POPEN_TEST_CUDA").ok();
+        match Device::test_devices_with(setting.as_deref(), || Device::cuda(0)) {
+            Ok(v) => v,
+            Err(e) => panic!("POPEN_TEST_CUDA=1 asks for GPU 0, which cannot be opened: {e}"),
         }
-        v
+    }
+
+    /// The test devices for a `POPEN_TEST_CUDA` setting: `"0"` the emulator only; `"1"`
+    /// the emulator and the GPU that `cuda` opens, an error when it fails; unset (or
+    /// anything else) the emulator, plus that GPU when it opens.
+    pub fn test_devices_with(
+        setting: Option<&str>,
+        cuda: impl FnOnce() -> Result<Device>,
+    ) -> Result<Vec<Device>> {
+        let mut v = vec![Device::emulator()];
+        match setting {
+            Some("0") => {}
+            Some("1") => v.push(cuda()?),
+            _ => v.extend(cuda().ok()),
+        }
+        Ok(v)
     }
 
     /// Which kind of device this is.
