@@ -232,3 +232,71 @@ fn shuffle_from_a_lane_that_does_not_exist_is_an_error() {
         .unwrap_err();
     assert!(e.to_string().contains("did not take part"), "{e}");
 }
+
+#[test]
+fn shared_memory_no_thread_wrote_reads_as_nan() {
+    // Static and dynamic shared memory are NaN-filled before every block: threads past
+    // `written` read NaN, also in blocks after the first (not the previous block's data).
+    let dev = Device::emulator();
+    let (blocks, threads, written) = (3usize, 96usize, 61);
+    let mut out = dev.zeros::<f32>(blocks * threads).unwrap();
+    dev.launch(
+        "emu_selftest_uninit_shared",
+        LaunchCfg::new([blocks as u32, 1, 1], [threads as u32, 1, 1], 256 * 4),
+        &[out.arg_mut(), KArg::I32(written)],
+    )
+    .unwrap();
+    let got = dev.download(&out).unwrap();
+    for b in 0..blocks {
+        for t in 0..threads {
+            let g = got[b * threads + t];
+            if (t as i32) < written {
+                assert_eq!(g, 2.0 * t as f32, "block {b} thread {t}");
+            } else {
+                assert!(
+                    g.is_nan(),
+                    "block {b} thread {t} read {g}, not the NaN fill"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn threads_at_two_different_barriers_are_an_error() {
+    let dev = Device::emulator();
+    let mut out = dev.zeros::<f32>(64).unwrap();
+    let e = dev
+        .launch(
+            "emu_selftest_two_barriers",
+            LaunchCfg::new([2, 1, 1], [64, 1, 1], 0),
+            &[out.arg_mut()],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("two different __syncthreads"), "{e}");
+}
+
+#[test]
+fn misaligned_float4_is_an_error_and_aligned_is_not() {
+    let dev = Device::emulator();
+    let x = dev
+        .upload(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+        .unwrap();
+    let mut out = dev.zeros::<f32>(4).unwrap();
+    let cfg = LaunchCfg::new([1, 1, 1], [32, 1, 1], 0);
+    dev.launch(
+        "emu_selftest_float4_load",
+        cfg,
+        &[out.arg_mut(), x.arg(), KArg::I32(4)],
+    )
+    .unwrap();
+    assert_eq!(dev.download(&out).unwrap(), [5.0, 6.0, 7.0, 8.0]);
+    let e = dev
+        .launch(
+            "emu_selftest_float4_load",
+            cfg,
+            &[out.arg_mut(), x.arg(), KArg::I32(1)],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("misaligned float4 load"), "{e}");
+}

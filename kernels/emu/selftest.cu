@@ -10,7 +10,7 @@
 // legal on both: the threads that return never reach a barrier in any path.
 // out (rows), x (rows, n)
 extern "C" __global__ void emu_selftest_rowsum_f32(float* out, const float* x, int n) {
-    __shared__ float warp_sums[32];
+    SHARED(float, warp_sums, [32]);
     const float* row = x + (size_t)blockIdx.x * n;
     float acc = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += row[i];
@@ -55,4 +55,39 @@ extern "C" __global__ void emu_selftest_deadlock(float* out) {
     } else {
         __syncthreads();
     }
+}
+
+// Reads shared memory that no thread wrote: thread t writes buf[t] for t < written and
+// every thread reads buf[t].  The emulator fills shared memory with NaN before each
+// block, so out[b, t] is NaN for t >= written (on the GPU: whatever was there).
+// out (gridDim.x, blockDim.x)
+extern "C" __global__ void emu_selftest_uninit_shared(float* out, int written) {
+    SHARED(float, buf, [256]);
+    DYN_SHARED(float, dyn);
+    int t = threadIdx.x;
+    if (t < written) {
+        buf[t] = (float)t;
+        dyn[t] = (float)t;
+    }
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + t] = buf[t] + dyn[t];
+}
+
+// Deliberate error: the first warp waits at one __syncthreads, the others at another.
+// The emulator must report two barriers, not release them together.
+extern "C" __global__ void emu_selftest_two_barriers(float* out) {
+    if (threadIdx.x < 32) {
+        __syncthreads();
+        out[threadIdx.x] = 1.0f;
+    } else {
+        __syncthreads();
+        out[threadIdx.x] = 2.0f;
+    }
+}
+
+// Deliberate error when offset % 4 != 0: a float4 load from a float pointer that is not
+// 16-byte aligned (the GPU faults with a misaligned address).  out (4), x (offset + 4)
+extern "C" __global__ void emu_selftest_float4_load(float* out, const float* x, int offset) {
+    if (threadIdx.x != 0) return;
+    store_float4(out, load_float4(x + offset));
 }
