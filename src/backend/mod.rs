@@ -21,7 +21,9 @@ use crate::error::Result;
 use num_traits::Float;
 
 pub mod cpu;
+pub mod device;
 pub use cpu::Cpu;
+pub use device::DeviceBackend;
 
 /// Whether an op overwrites its output or adds into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -175,9 +175,85 @@ impl<T: Elem> DeviceBuf<T> {
     }
 }
 
+impl<T: Elem> Clone for DeviceBuf<T> {
+    /// A device-to-device copy (no host round trip).
+    fn clone(&self) -> Self {
+        DeviceBuf {
+            len: self.len,
+            inner: match &self.inner {
+                BufInner::Host(v) => BufInner::Host(v.clone()),
+                #[cfg(feature = "cuda")]
+                BufInner::Cuda(s, st) => BufInner::Cuda(s.clone(), st.clone()),
+            },
+        }
+    }
+}
+
+impl<T: Elem> fmt::Debug for DeviceBuf<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceBuf<{}>({})", std::any::type_name::<T>(), self.len)
+    }
+}
+
+impl<T: Elem> DeviceBuf<T> {
+    /// The buffer from element `off` on as a read-only kernel argument (`off ≤ len`).
+    pub fn arg_at(&self, off: usize) -> KArg {
+        assert!(
+            off <= self.len,
+            "offset {off} past a buffer of {}",
+            self.len
+        );
+        match self.arg() {
+            KArg::Ptr(p) => KArg::Ptr(p + (off * std::mem::size_of::<T>()) as u64),
+            a => a,
+        }
+    }
+    /// [`DeviceBuf::arg_at`] for a buffer the kernel writes to.
+    pub fn arg_mut_at(&mut self, off: usize) -> KArg {
+        assert!(
+            off <= self.len,
+            "offset {off} past a buffer of {}",
+            self.len
+        );
+        match self.arg_mut() {
+            KArg::Ptr(p) => KArg::Ptr(p + (off * std::mem::size_of::<T>()) as u64),
+            a => a,
+        }
+    }
+    /// The emulator's host storage (None on a GPU).
+    pub(crate) fn host(&self) -> Option<&[T]> {
+        match &self.inner {
+            BufInner::Host(v) => Some(&v[..self.len]),
+            #[cfg(feature = "cuda")]
+            BufInner::Cuda(..) => None,
+        }
+    }
+    /// The emulator's host storage, writable (None on a GPU).
+    pub(crate) fn host_mut(&mut self) -> Option<&mut [T]> {
+        let n = self.len;
+        match &mut self.inner {
+            BufInner::Host(v) => Some(&mut v[..n]),
+            #[cfg(feature = "cuda")]
+            BufInner::Cuda(..) => None,
+        }
+    }
+}
+
+/// Host↔device copies a [`Device`] has made: what "buffers stay on the device" is
+/// tested against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyCount {
+    /// Host to device: `upload`, `write`.
+    pub htod: u64,
+    /// Device to host: `download`.
+    pub dtoh: u64,
+}
+
 /// A device to allocate on and launch kernels on.
 pub struct Device {
     inner: DevInner,
+    htod: std::sync::atomic::AtomicU64,
+    dtoh: std::sync::atomic::AtomicU64,
 }
 
 enum DevInner {
@@ -204,19 +280,37 @@ extern "C" {
 }
 
 impl Device {
+    fn with_inner(inner: DevInner) -> Device {
+        Device {
+            inner,
+            htod: Default::default(),
+            dtoh: Default::default(),
+        }
+    }
+
+    /// Host↔device copies made so far (uploads and writes, downloads).
+    pub fn copies(&self) -> CopyCount {
+        use std::sync::atomic::Ordering::Relaxed;
+        CopyCount {
+            htod: self.htod.load(Relaxed),
+            dtoh: self.dtoh.load(Relaxed),
+        }
+    }
+
+    fn count(&self, htod: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if htod { &self.htod } else { &self.dtoh }.fetch_add(1, Relaxed);
+    }
+
     /// The CUDA emulator, using every host core for blocks.
     pub fn emulator() -> Device {
-        Device {
-            inner: DevInner::Emu { max_workers: 0 },
-        }
+        Device::with_inner(DevInner::Emu { max_workers: 0 })
     }
     /// The emulator with at most `n` host threads running blocks (1 = blocks in order).
     pub fn emulator_with_workers(n: u32) -> Device {
-        Device {
-            inner: DevInner::Emu {
-                max_workers: n.max(1),
-            },
-        }
+        Device::with_inner(DevInner::Emu {
+            max_workers: n.max(1),
+        })
     }
 
     /// GPU `ordinal` through cudarc.  An error (never a panic) when the crate was built
@@ -224,9 +318,9 @@ impl Device {
     pub fn cuda(ordinal: usize) -> Result<Device> {
         #[cfg(feature = "cuda")]
         {
-            Ok(Device {
-                inner: DevInner::Cuda(cuda::CudaDev::new(ordinal)?),
-            })
+            Ok(Device::with_inner(DevInner::Cuda(cuda::CudaDev::new(
+                ordinal,
+            )?)))
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -279,6 +373,7 @@ impl Device {
 
     /// Copy host data to a new device buffer.
     pub fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {
+        self.count(true);
         match &self.inner {
             DevInner::Emu { .. } => Ok(DeviceBuf {
                 len: data.len(),
@@ -303,6 +398,7 @@ impl Device {
 
     /// Copy a device buffer back to the host (synchronizes).
     pub fn download<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>> {
+        self.count(false);
         match &buf.inner {
             BufInner::Host(v) => Ok(v.clone()),
             #[cfg(feature = "cuda")]
@@ -319,6 +415,7 @@ impl Device {
     /// Overwrite a device buffer from host data of the same length.
     pub fn write<T: Elem>(&self, buf: &mut DeviceBuf<T>, data: &[T]) -> Result<()> {
         crate::error::check_len("Device::write", "data", data.len(), buf.len())?;
+        self.count(true);
         match &mut buf.inner {
             BufInner::Host(v) => {
                 v.copy_from_slice(data);
