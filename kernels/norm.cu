@@ -47,3 +47,44 @@ extern "C" __global__ void rmsnorm_bwd_f32(float* dx, float* dxw, const float* d
         if (dxw) dxw[off + j] = dout[off + j] * x[off + j] * r;
     }
 }
+
+// out (N,C) = (x - mean) rstd w + b; mean, rstd (N), rstd = 1/sqrt(var + eps)
+extern "C" __global__ void layernorm_fwd_f32(float* out, float* mean, float* rstd, const float* x, const float* w,
+                                             const float* b, float eps, int c) {
+    SHARED(float, part, [32]);
+    size_t off = (size_t)blockIdx.x * c;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) s += x[off + j];
+    float mu = block_sum(s, part) / (float)c;
+    float q = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) q += (x[off + j] - mu) * (x[off + j] - mu);
+    float r = 1.0f / sqrtf(block_sum(q, part) / (float)c + eps);
+    if (threadIdx.x == 0) {
+        mean[blockIdx.x] = mu;
+        rstd[blockIdx.x] = r;
+    }
+    for (int j = threadIdx.x; j < c; j += blockDim.x) out[off + j] = (x[off + j] - mu) * r * w[j] + b[j];
+}
+
+// forward: xh = (x - mu) r, out = xh w + b
+// so:      dx = r (g - mean(g) - xh mean(g xh)), g = dout w   (overwritten)
+//          dxw (N,C) = dout xh, the per-row terms of dw (null: frozen); db is col_sum(dout)
+extern "C" __global__ void layernorm_bwd_f32(float* dx, float* dxw, const float* dout, const float* x,
+                                             const float* w, const float* mean, const float* rstd, int c) {
+    SHARED(float, part, [32]);
+    size_t off = (size_t)blockIdx.x * c;
+    float mu = mean[blockIdx.x], r = rstd[blockIdx.x];
+    float sg = 0.0f, sgx = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float g = dout[off + j] * w[j];
+        sg += g;
+        sgx += g * (x[off + j] - mu) * r;
+    }
+    float mg = block_sum(sg, part) / (float)c;
+    float mgx = block_sum(sgx, part) / (float)c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float xh = (x[off + j] - mu) * r;
+        dx[off + j] = r * (dout[off + j] * w[j] - mg - xh * mgx);
+        if (dxw) dxw[off + j] = dout[off + j] * xh;
+    }
+}

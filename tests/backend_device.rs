@@ -1,7 +1,7 @@
 //! The device backend on the CUDA emulator against the CPU backend (the reference):
-//! every implemented op at odd sizes, forward and backward, relative error ≤ 1e-5 of the
-//! output's scale; buffers stay on the device (host↔device copies counted); the ops not
-//! implemented yet are errors, not panics.
+//! every op of the contract at odd sizes, forward and backward, relative error ≤ 1e-5 of
+//! the output's scale; bad sizes are errors; buffers stay on the device (host↔device
+//! copies counted); a tiny LLaMA's training step equals the CPU's.
 use popen::backend::{Accum, Act, AdamWStep, AttnShape, Backend, Cpu, DeviceBackend, MatmulSpec};
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;
@@ -405,16 +405,131 @@ fn a_chain_of_ops_makes_no_host_copy() {
 }
 
 #[test]
-fn ops_not_on_the_device_yet_are_errors_not_panics() {
+fn layernorm_forward_and_backward_match_cpu() {
     let d = emu();
-    let x = d.zeros(12);
-    let mut o = d.zeros(12);
-    let e = d.heads_merge(&x, 1, 2, 2, 3, &mut o).unwrap_err();
-    assert!(e.to_string().contains("heads_merge"), "{e}");
-    let (w, b) = (d.zeros(3), d.zeros(3));
-    let (mut mean, mut rs) = (d.zeros(4), d.zeros(4));
+    let mut r = Philox::new(10);
+    let (n, c) = (11, 257);
+    let (x, xd) = both(&d, &rnd(&mut r, n * c, 3.0));
+    let (w, wd) = both(&d, &rnd(&mut r, c, 1.5));
+    let (b, bd) = both(&d, &rnd(&mut r, c, 0.5));
+    let (mut o, mut od) = (vec![0.0; n * c], d.zeros(n * c));
+    let (mut mu, mut mud) = (vec![0.0; n], d.zeros(n));
+    let (mut rs, mut rsd) = (vec![0.0; n], d.zeros(n));
+    Cpu.layernorm_fwd(&x, &w, &b, 1e-5, c, &mut o, &mut mu, &mut rs)
+        .unwrap();
+    d.layernorm_fwd(&xd, &wd, &bd, 1e-5, c, &mut od, &mut mud, &mut rsd)
+        .unwrap();
+    close("layernorm out", &d.to_vec(&od), &o);
+    close("layernorm mean", &d.to_vec(&mud), &mu);
+    close("layernorm rstd", &d.to_vec(&rsd), &rs);
+    let (g, gd) = both(&d, &rnd(&mut r, n * c, 1.0));
+    let (mut dx, mut dxd) = (vec![0.0; n * c], d.zeros(n * c));
+    let (mut dw, mut dwd) = both(&d, &rnd(&mut r, c, 1.0));
+    let (mut db, mut dbd) = both(&d, &rnd(&mut r, c, 1.0));
+    Cpu.layernorm_bwd(
+        &g,
+        &x,
+        &w,
+        &mu,
+        &rs,
+        c,
+        &mut dx,
+        Some(&mut dw),
+        Some(&mut db),
+    )
+    .unwrap();
+    d.layernorm_bwd(
+        &gd,
+        &xd,
+        &wd,
+        &mud,
+        &rsd,
+        c,
+        &mut dxd,
+        Some(&mut dwd),
+        Some(&mut dbd),
+    )
+    .unwrap();
+    close("layernorm dx", &d.to_vec(&dxd), &dx);
+    close("layernorm dw", &d.to_vec(&dwd), &dw);
+    close("layernorm db", &d.to_vec(&dbd), &db);
     assert!(d
-        .layernorm_fwd(&x, &w, &b, 1e-5, 3, &mut o, &mut mean, &mut rs)
+        .layernorm_fwd(&xd, &wd, &bd, 1e-5, c + 1, &mut od, &mut mud, &mut rsd)
         .is_err());
-    assert!(d.embedding_fwd(&[0, 1], &x, 6, &mut o).is_err());
+}
+
+#[test]
+fn heads_split_merge_and_rope_match_cpu() {
+    let d = emu();
+    let mut r = Philox::new(11);
+    let (b, t, nh, hs, pos0) = (2, 7, 3, 10, 5);
+    let n = b * t * nh * hs;
+    let (x, xd) = both(&d, &rnd(&mut r, n, 1.0));
+    for theta in [None, Some(10000.0f32), Some(500.0)] {
+        let (mut o, mut od) = (vec![0.0; n], d.zeros(n));
+        Cpu.heads_split(&x, b, t, nh, hs, pos0, theta, &mut o)
+            .unwrap();
+        d.heads_split(&xd, b, t, nh, hs, pos0, theta, &mut od)
+            .unwrap();
+        close(&format!("heads_split {theta:?}"), &d.to_vec(&od), &o);
+        Cpu.heads_split_bwd(&x, b, t, nh, hs, pos0, theta, &mut o)
+            .unwrap();
+        d.heads_split_bwd(&xd, b, t, nh, hs, pos0, theta, &mut od)
+            .unwrap();
+        close(&format!("heads_split_bwd {theta:?}"), &d.to_vec(&od), &o);
+    }
+    let (mut o, mut od) = (vec![0.0; n], d.zeros(n));
+    Cpu.heads_merge(&x, b, t, nh, hs, &mut o).unwrap();
+    d.heads_merge(&xd, b, t, nh, hs, &mut od).unwrap();
+    close("heads_merge", &d.to_vec(&od), &o);
+    // RoPE needs an even head size
+    let (x9, mut o9) = (d.zeros(b * t * nh * 9), d.zeros(b * t * nh * 9));
+    assert!(d
+        .heads_split(&x9, b, t, nh, 9, 0, Some(1e4), &mut o9)
+        .is_err());
+    let (t1, t2) = (6, 3);
+    let (c1, c1d) = both(&d, &rnd(&mut r, b * nh * t1 * hs, 1.0));
+    let (c2, c2d) = both(&d, &rnd(&mut r, b * nh * t2 * hs, 1.0));
+    let want = Cpu.concat_time(&c1, &c2, b, nh, t1, t2, hs).unwrap();
+    let got = d.concat_time(&c1d, &c2d, b, nh, t1, t2, hs).unwrap();
+    close("concat_time", &d.to_vec(&got), &want);
+    assert!(d.concat_time(&c1d, &c2d, b, nh, t1 + 1, t2, hs).is_err());
+}
+
+#[test]
+fn embedding_and_patchify_match_cpu() {
+    let d = emu();
+    let mut r = Philox::new(12);
+    let (v, c) = (13, 37);
+    let ids: Vec<u32> = [3u32, 0, 12, 3, 7, 3, 11].to_vec();
+    let (table, tabled) = both(&d, &rnd(&mut r, v * c, 1.0));
+    let (mut o, mut od) = (vec![0.0; ids.len() * c], d.zeros(ids.len() * c));
+    Cpu.embedding_fwd(&ids, &table, c, &mut o).unwrap();
+    d.embedding_fwd(&ids, &tabled, c, &mut od).unwrap();
+    close("embedding_fwd", &d.to_vec(&od), &o);
+    // repeated ids accumulate into a non-zero gradient
+    let (mut dt, mut dtd) = both(&d, &rnd(&mut r, v * c, 1.0));
+    Cpu.embedding_bwd(&ids, &o, c, &mut dt).unwrap();
+    d.embedding_bwd(&ids, &od, c, &mut dtd).unwrap();
+    close("embedding_bwd", &d.to_vec(&dtd), &dt);
+    assert!(d
+        .embedding_fwd(&[0, 13], &tabled, c, &mut d.zeros(2 * c))
+        .is_err());
+    let (b, ch, h, w, p) = (2, 3, 15, 9, 3);
+    let n = b * ch * h * w;
+    let (px, pxd) = both(&d, &rnd(&mut r, n, 1.0));
+    let (mut o, mut od) = (vec![0.0; n], d.zeros(n));
+    Cpu.patchify(&px, b, ch, h, w, p, &mut o).unwrap();
+    d.patchify(&pxd, b, ch, h, w, p, &mut od).unwrap();
+    close("patchify", &d.to_vec(&od), &o);
+    let (mut back, mut backd) = (vec![0.0; n], d.zeros(n));
+    Cpu.patchify_bwd(&o, b, ch, h, w, p, &mut back).unwrap();
+    d.patchify_bwd(&od, b, ch, h, w, p, &mut backd).unwrap();
+    close("patchify_bwd", &d.to_vec(&backd), &back);
+    assert_eq!(
+        d.to_vec(&backd),
+        px,
+        "the backward of a permutation is its inverse"
+    );
+    assert!(d.patchify(&pxd, b, ch, h, w, 4, &mut od).is_err());
 }

@@ -1,15 +1,13 @@
 //! The device backend: [`Backend<f32>`] over [`crate::kernels::Device`], so the same
 //! model code runs on the CUDA emulator (CI, no GPU) and on a GPU through cudarc.
 //!
-//! Every op is a kernel launch on buffers that stay on the device; the CPU backend is
-//! each kernel's twin, and `tests/backend_device.rs` checks every op against it.  Matrix
+//! Every op of the contract is a kernel launch on buffers that stay on the device; the
+//! CPU backend is each kernel's twin, and `tests/backend_device.rs` checks every op
+//! against it.  Matrix
 //! products go through [`gemm`] (the CPU `gemm` crate on the emulator; cuBLAS on a GPU is
 //! not wired yet and is an error).  Host↔device copies happen only where the contract
 //! hands over host data (token ids, targets, key masks) and in the memory ops
 //! `from_slice`/`to_vec`; [`crate::kernels::Device::copies`] counts them.
-//!
-//! Not done yet (each an `Err(Unsupported)` naming the op): LayerNorm, heads
-//! split/merge with RoPE, concat along time, embedding gather/scatter, patchify.
 //!
 //! The trait's memory ops (`zeros`, `fill`, `to_vec`, ...) cannot return an error; a
 //! device failure there (out of memory, a lost GPU) panics with the device's message.
@@ -22,6 +20,7 @@ use std::sync::Arc;
 
 mod elementwise;
 mod gemm;
+mod layout;
 mod model_ops;
 mod norm;
 
@@ -74,12 +73,6 @@ fn rows_of(op: &'static str, len: usize, c: usize) -> Result<usize> {
         ));
     }
     Ok(len / c)
-}
-
-fn not_yet(op: &'static str) -> Error {
-    Error::Unsupported(format!(
-        "{op} is not implemented on the device backend yet (issue 11)"
-    ))
 }
 
 #[track_caller]
@@ -178,80 +171,105 @@ impl Backend<f32> for DeviceBackend {
     }
     fn layernorm_fwd(
         &self,
-        _x: &DeviceBuf<f32>,
-        _w: &DeviceBuf<f32>,
-        _b: &DeviceBuf<f32>,
-        _eps: f32,
-        _c: usize,
-        _out: &mut DeviceBuf<f32>,
-        _mean: &mut DeviceBuf<f32>,
-        _rstd: &mut DeviceBuf<f32>,
+        x: &DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
+        b: &DeviceBuf<f32>,
+        eps: f32,
+        c: usize,
+        out: &mut DeviceBuf<f32>,
+        mean: &mut DeviceBuf<f32>,
+        rstd: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        Err(not_yet("layernorm_fwd"))
+        norm::layernorm_fwd(&self.dev, x, w, b, eps, c, out, mean, rstd)
     }
     fn layernorm_bwd(
         &self,
-        _dout: &DeviceBuf<f32>,
-        _x: &DeviceBuf<f32>,
-        _w: &DeviceBuf<f32>,
-        _mean: &DeviceBuf<f32>,
-        _rstd: &DeviceBuf<f32>,
-        _c: usize,
-        _dx: &mut DeviceBuf<f32>,
-        _dw: Option<&mut DeviceBuf<f32>>,
-        _db: Option<&mut DeviceBuf<f32>>,
+        dout: &DeviceBuf<f32>,
+        x: &DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
+        mean: &DeviceBuf<f32>,
+        rstd: &DeviceBuf<f32>,
+        c: usize,
+        dx: &mut DeviceBuf<f32>,
+        dw: Option<&mut DeviceBuf<f32>>,
+        db: Option<&mut DeviceBuf<f32>>,
     ) -> Result<()> {
-        Err(not_yet("layernorm_bwd"))
+        let saved = norm::LnSaved { w, mean, rstd };
+        norm::layernorm_bwd(&self.dev, dout, x, saved, c, dx, dw, db)
     }
 
     fn heads_split(
         &self,
-        _x: &DeviceBuf<f32>,
-        _b: usize,
-        _t: usize,
-        _nh: usize,
-        _hs: usize,
-        _pos0: usize,
-        _theta: Option<f32>,
-        _out: &mut DeviceBuf<f32>,
+        x: &DeviceBuf<f32>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        pos0: usize,
+        theta: Option<f32>,
+        out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        Err(not_yet("heads_split"))
+        let h = layout::Heads {
+            b,
+            t,
+            nh,
+            hs,
+            pos0,
+            theta,
+        };
+        layout::heads_split(&self.dev, &h, x, out)
     }
     fn heads_split_bwd(
         &self,
-        _dout: &DeviceBuf<f32>,
-        _b: usize,
-        _t: usize,
-        _nh: usize,
-        _hs: usize,
-        _pos0: usize,
-        _theta: Option<f32>,
-        _dx: &mut DeviceBuf<f32>,
+        dout: &DeviceBuf<f32>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        pos0: usize,
+        theta: Option<f32>,
+        dx: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        Err(not_yet("heads_split_bwd"))
+        let h = layout::Heads {
+            b,
+            t,
+            nh,
+            hs,
+            pos0,
+            theta,
+        };
+        layout::heads_split_bwd(&self.dev, &h, dout, dx)
     }
     fn heads_merge(
         &self,
-        _x: &DeviceBuf<f32>,
-        _b: usize,
-        _t: usize,
-        _nh: usize,
-        _hs: usize,
-        _out: &mut DeviceBuf<f32>,
+        x: &DeviceBuf<f32>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        Err(not_yet("heads_merge"))
+        let h = layout::Heads {
+            b,
+            t,
+            nh,
+            hs,
+            pos0: 0,
+            theta: None,
+        };
+        layout::heads_merge(&self.dev, &h, x, out)
     }
     fn concat_time(
         &self,
-        _cache: &DeviceBuf<f32>,
-        _new: &DeviceBuf<f32>,
-        _b: usize,
-        _h: usize,
-        _t1: usize,
-        _t2: usize,
-        _hs: usize,
+        cache: &DeviceBuf<f32>,
+        new: &DeviceBuf<f32>,
+        b: usize,
+        h: usize,
+        t1: usize,
+        t2: usize,
+        hs: usize,
     ) -> Result<DeviceBuf<f32>> {
-        Err(not_yet("concat_time"))
+        layout::concat_time(&self.dev, cache, new, [b, h, t1, t2, hs])
     }
 
     fn act_fwd(&self, act: Act, x: &DeviceBuf<f32>, out: &mut DeviceBuf<f32>) -> Result<()> {
@@ -287,45 +305,59 @@ impl Backend<f32> for DeviceBackend {
 
     fn embedding_fwd(
         &self,
-        _ids: &[u32],
-        _table: &DeviceBuf<f32>,
-        _c: usize,
-        _out: &mut DeviceBuf<f32>,
+        ids: &[u32],
+        table: &DeviceBuf<f32>,
+        c: usize,
+        out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        Err(not_yet("embedding_fwd"))
+        layout::embedding_fwd(&self.dev, ids, table, c, out)
     }
     fn embedding_bwd(
         &self,
-        _ids: &[u32],
-        _dout: &DeviceBuf<f32>,
-        _c: usize,
-        _dtable: &mut DeviceBuf<f32>,
+        ids: &[u32],
+        dout: &DeviceBuf<f32>,
+        c: usize,
+        dtable: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        Err(not_yet("embedding_bwd"))
+        layout::embedding_bwd(&self.dev, ids, dout, c, dtable)
     }
     fn patchify(
         &self,
-        _pixels: &DeviceBuf<f32>,
-        _b: usize,
-        _ch: usize,
-        _h: usize,
-        _w: usize,
-        _p: usize,
-        _out: &mut DeviceBuf<f32>,
+        pixels: &DeviceBuf<f32>,
+        b: usize,
+        ch: usize,
+        h: usize,
+        w: usize,
+        p: usize,
+        out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        Err(not_yet("patchify"))
+        layout::patchify(
+            &self.dev,
+            "patchify",
+            "patchify_fwd_f32",
+            pixels,
+            [b, ch, h, w, p],
+            out,
+        )
     }
     fn patchify_bwd(
         &self,
-        _dout: &DeviceBuf<f32>,
-        _b: usize,
-        _ch: usize,
-        _h: usize,
-        _w: usize,
-        _p: usize,
-        _dpixels: &mut DeviceBuf<f32>,
+        dout: &DeviceBuf<f32>,
+        b: usize,
+        ch: usize,
+        h: usize,
+        w: usize,
+        p: usize,
+        dpixels: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        Err(not_yet("patchify_bwd"))
+        layout::patchify(
+            &self.dev,
+            "patchify_bwd",
+            "patchify_bwd_f32",
+            dout,
+            [b, ch, h, w, p],
+            dpixels,
+        )
     }
 
     fn attention_fwd(
