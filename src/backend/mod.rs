@@ -23,7 +23,7 @@ use num_traits::Float;
 pub mod cpu;
 pub mod device;
 pub use cpu::Cpu;
-pub use device::DeviceBackend;
+pub use device::{DeviceBackend, DeviceChoice};
 
 /// Whether an op overwrites its output or adds into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

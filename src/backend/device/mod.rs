@@ -18,12 +18,14 @@ use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 use std::sync::Arc;
 
+mod choice;
 mod elementwise;
 mod gemm;
 mod layout;
 mod model_ops;
 mod norm;
 
+pub use choice::DeviceChoice;
 pub use gemm::gemm;
 
 /// Threads per block of the elementwise kernels.
