@@ -432,6 +432,30 @@ impl Device {
         }
     }
 
+    /// Row-major `out (M,N) (=|+=) op(a) · op(b)` with cuBLAS on a GPU; an error on the
+    /// emulator (whose products are the CPU backend's, see `backend::device::gemm`).
+    /// Lengths must already match (M,K), (K,N), (M,N); `m`, `n` ≥ 1.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cublas_sgemm(
+        &self,
+        mkn: [usize; 3],
+        ta: bool,
+        tb: bool,
+        a: &DeviceBuf<f32>,
+        b: &DeviceBuf<f32>,
+        out: &mut DeviceBuf<f32>,
+        add: bool,
+    ) -> Result<()> {
+        match &self.inner {
+            DevInner::Emu { .. } => {
+                let _ = (mkn, ta, tb, a, b, out, add);
+                Err(Error::Unsupported("cuBLAS on the emulator".into()))
+            }
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => c.sgemm(mkn, ta, tb, a, b, out, add),
+        }
+    }
+
     /// Wait for all launched work (a no-op on the emulator, which runs synchronously).
     pub fn synchronize(&self) -> Result<()> {
         match &self.inner {
@@ -514,6 +538,9 @@ mod cuda {
     pub(super) struct CudaDev {
         pub(super) stream: Arc<CudaStream>,
         funcs: HashMap<&'static str, CudaFunction>,
+        /// The cuBLAS handle, made on the first product (a machine without libcublas
+        /// can still launch the crate's own kernels).
+        blas: std::sync::Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
         _ctx: Arc<CudaContext>,
     }
 
@@ -554,8 +581,75 @@ mod cuda {
             Ok(CudaDev {
                 stream,
                 funcs,
+                blas: std::sync::Mutex::new(None),
                 _ctx: ctx,
             })
+        }
+
+        fn blas(&self) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+            let mut g = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = g.as_ref() {
+                return Ok(b.clone());
+            }
+            // SAFETY: only probes for the shared library (cudarc panics without it).
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err(Error::Device(
+                    "no cuBLAS (libcublas) on this machine".into(),
+                ));
+            }
+            let b = Arc::new(
+                cudarc::cublas::CudaBlas::new(self.stream.clone())
+                    .map_err(|e| derr("cuBLAS handle", e))?,
+            );
+            *g = Some(b.clone());
+            Ok(b)
+        }
+
+        /// Row-major `out (M,N) (=|+=) op(a) · op(b)` with one cuBLAS SGEMM.
+        ///
+        /// cuBLAS is column-major, and a row-major (r,c) buffer is the column-major
+        /// (c,r) transpose, so the call computes `outᵀ = op(b)ᵀ · op(a)ᵀ`: b first, a
+        /// second, each transposed in cuBLAS exactly when it is transposed here.
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn sgemm(
+            &self,
+            [m, k, n]: [usize; 3],
+            ta: bool,
+            tb: bool,
+            a: &DeviceBuf<f32>,
+            b: &DeviceBuf<f32>,
+            out: &mut DeviceBuf<f32>,
+            add: bool,
+        ) -> Result<()> {
+            use cudarc::cublas::{sys::cublasOperation_t as Op, Gemm, GemmConfig};
+            let int = |x: usize| {
+                i32::try_from(x)
+                    .map_err(|_| Error::shape("matmul", format!("{x} does not fit cuBLAS's int")))
+            };
+            let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+            let (BufInner::Cuda(sa, _), BufInner::Cuda(sb, _), BufInner::Cuda(so, _)) =
+                (&a.inner, &b.inner, &mut out.inner)
+            else {
+                return Err(Error::Device("matmul: a buffer is not on this GPU".into()));
+            };
+            let cfg = GemmConfig {
+                transa: op(tb),
+                transb: op(ta),
+                m: int(n)?,
+                n: int(m)?,
+                k: int(k)?,
+                alpha: 1.0f32,
+                // row stride of the stored b and a
+                lda: int(if tb { k } else { n })?,
+                ldb: int(if ta { m } else { k })?,
+                beta: if add { 1.0 } else { 0.0 },
+                ldc: int(n)?,
+            };
+            let blas = self.blas()?;
+            // SAFETY: the lengths were checked against (M,K), (K,N), (M,N) by the caller
+            // (`backend::device::gemm`), and the leading dimensions above are those of
+            // the stored row-major buffers, so cuBLAS stays inside each buffer.
+            unsafe { blas.gemm(cfg, sb, sa, so) }.map_err(|e| derr("cuBLAS sgemm", e))
         }
 
         pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {
