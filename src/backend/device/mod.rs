@@ -3,11 +3,10 @@
 //!
 //! Every op of the contract is a kernel launch on buffers that stay on the device; the
 //! CPU backend is each kernel's twin, and `tests/backend_device.rs` checks every op
-//! against it.  Matrix
-//! products go through [`gemm`] (the CPU `gemm` crate on the emulator; cuBLAS on a GPU is
-//! not wired yet and is an error).  Host↔device copies happen only where the contract
-//! hands over host data (token ids, targets, key masks) and in the memory ops
-//! `from_slice`/`to_vec`; [`crate::kernels::Device::copies`] counts them.
+//! against it.  Matrix products go through [`gemm`] (the CPU `gemm` crate on the
+//! emulator, one cuBLAS SGEMM on a GPU).  Host↔device copies happen only where the
+//! contract hands over host data (token ids, targets, key masks) and in the memory ops
+//! `from_slice`/`to_vec`/`sum_sq`; [`crate::kernels::Device::copies`] counts them.
 //!
 //! The trait's memory ops (`zeros`, `fill`, `to_vec`, ...) cannot return an error; a
 //! device failure there (out of memory, a lost GPU) panics with the device's message.
