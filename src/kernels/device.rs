@@ -197,6 +197,7 @@ impl<T: Elem> fmt::Debug for DeviceBuf<T> {
 
 impl<T: Elem> DeviceBuf<T> {
     /// The buffer from element `off` on as a read-only kernel argument (`off ≤ len`).
+    #[track_caller]
     pub fn arg_at(&self, off: usize) -> KArg {
         assert!(
             off <= self.len,
@@ -209,6 +210,7 @@ impl<T: Elem> DeviceBuf<T> {
         }
     }
     /// [`DeviceBuf::arg_at`] for a buffer the kernel writes to.
+    #[track_caller]
     pub fn arg_mut_at(&mut self, off: usize) -> KArg {
         assert!(
             off <= self.len,

@@ -33,7 +33,8 @@ impl Heads {
             i32_arg(op, "T", self.t)?,
             i32_arg(op, "NH", self.nh)?,
             i32_arg(op, "HS", self.hs)?,
-            i32_arg(op, "pos0 + T", self.pos0 + self.t).map(|_| KArg::I32(self.pos0 as i32))?,
+            // positions pos0..pos0 + T must all fit the kernel's int
+            i32_arg(op, "pos0 + T", self.pos0 + self.t).and(i32_arg(op, "pos0", self.pos0))?,
             KArg::F32(self.theta.unwrap_or(0.0)),
             KArg::I32(i32::from(self.theta.is_some())),
         ])
