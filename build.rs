@@ -8,13 +8,16 @@
 //!    `sm_$CUDA_COMPUTE_CAP` (default 90), then ptxas on the PTX for the
 //!    register/spill report.  A kernel that does not compile fails the build; a spill
 //!    is a build warning; the report is written to `$OUT_DIR/ptxas-report.txt` and its
-//!    path compiled in as `popen::kernels::PTXAS_REPORT`.  Without nvcc the crate still
+//!    text embedded as `popen::kernels::PTXAS_REPORT`.  Without nvcc the crate still
 //!    builds and the CUDA backend reports at run time that it has no kernels.
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The emulator's self-test kernels, relative to `kernels/`.
+const EMU_SELFTEST: &str = "emu/selftest.cu";
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -51,7 +54,21 @@ fn main() {
         }
     }
 
-    build_emulator(&kdir, &out, &files, &table);
+    // The emulator's own test kernels live apart from the production ones: compiled for
+    // the emulator only, never to PTX, and not listed in KERNELS.
+    let selftest = kdir.join(EMU_SELFTEST);
+    let selftest_names =
+        kernel_names(&fs::read_to_string(&selftest).expect("read emulator self-tests"));
+    let mut emu_files = files.clone();
+    emu_files.push(selftest.clone());
+    let mut emu_table = table.clone();
+    for name in &selftest_names {
+        if emu_table.iter().any(|(k, _)| k == name) {
+            panic!("kernel {name} is defined twice in kernels/");
+        }
+        emu_table.push((name.clone(), "selftest".into()));
+    }
+    build_emulator(&kdir, &out, &emu_files, &emu_table);
     let ptx = build_ptx(&kdir, &out, &files);
 
     // Rust side: kernel table and embedded PTX.
@@ -66,6 +83,16 @@ fn main() {
         writeln!(rs, "    ({k:?}, {m:?}),").unwrap();
     }
     writeln!(rs, "];").unwrap();
+    writeln!(
+        rs,
+        "/// The emulator's self-test kernels (`kernels/{EMU_SELFTEST}`): emulator only."
+    )
+    .unwrap();
+    writeln!(
+        rs,
+        "pub const EMU_SELFTEST_KERNELS: &[&str] = &{selftest_names:?};"
+    )
+    .unwrap();
     writeln!(
         rs,
         "/// PTX per file stem; empty when the crate was built without nvcc."
@@ -87,8 +114,22 @@ fn main() {
     )
     .unwrap();
     writeln!(rs, "pub const PTX_ARCH: &str = {:?};", ptx.arch).unwrap();
-    writeln!(rs, "/// ptxas register/spill report, or empty.").unwrap();
-    writeln!(rs, "pub const PTXAS_REPORT: &str = {:?};", ptx.report).unwrap();
+    writeln!(
+        rs,
+        "/// ptxas register/spill report (embedded at build time, so a binary carried to \
+         another machine still has it), or empty."
+    )
+    .unwrap();
+    if ptx.report.is_empty() {
+        writeln!(rs, "pub const PTXAS_REPORT: &str = \"\";").unwrap();
+    } else {
+        writeln!(
+            rs,
+            "pub const PTXAS_REPORT: &str = include_str!({:?});",
+            ptx.report
+        )
+        .unwrap();
+    }
     fs::write(out.join("kernels_gen.rs"), rs).unwrap();
 }
 

@@ -84,7 +84,7 @@ ATT_UNROLL
         float k0 = kr[d], k1 = kr[d + 1], k2 = kr[d + 2], k3 = kr[d + 3];
 ATT_UNROLL
         for (int r = 0; r < ATT_ROWS; ++r) {
-            float4 qv = *reinterpret_cast<const float4*>(qt + (row0 + r) * qs + d);
+            float4 qv = load_float4(qt + (row0 + r) * qs + d);
             acc[r] += qv.x * k0 + qv.y * k1 + qv.z * k2 + qv.w * k3;
         }
     }
@@ -445,9 +445,9 @@ extern "C" __global__ void attention_bwd_dbias_f32(float* dbias, const float* pa
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     attention_decode_f32(float* part, const float* q, const float* k_cache, const float* v_cache, const float* bias,
                          int B, int NH, int NKV, int Tmax, int len, int HS, float scale, int nsplit) {
-    __shared__ float qv[ATT_MAX_HS];
-    __shared__ float sc[DEC_CHUNK];
-    __shared__ float red[ATT_WARPS];
+    SHARED(float, qv, [ATT_MAX_HS]);
+    SHARED(float, sc, [DEC_CHUNK]);
+    SHARED(float, red, [ATT_WARPS]);
     const int split = blockIdx.x % nsplit, bh = blockIdx.x / nsplit;
     const int b = bh / NH, h = bh % NH, g = h / (NH / NKV);
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;

@@ -29,7 +29,8 @@ __device__ __forceinline__ void ms_combine(float& m, float& s, float m2, float s
 extern "C" __global__ void logprob_fwd_f32(float* __restrict__ lp, float* __restrict__ lse,
                                            const float* __restrict__ logits,
                                            const int* __restrict__ targets, int v) {
-    __shared__ float sm[32], ss[32];
+    SHARED(float, sm, [32]);
+    SHARED(float, ss, [32]);
     size_t r = blockIdx.x;
     const float* x = logits + r * v;
     float m = -INFINITY, s = 0.f;
@@ -81,7 +82,8 @@ extern "C" __global__ void seq_weighted_sum_f32(float* __restrict__ out, float* 
                                                 const float* __restrict__ w,
                                                 const int* __restrict__ targets, int t, int v,
                                                 int normalize) {
-    __shared__ float s1[32], s2[32];
+    SHARED(float, s1, [32]);
+    SHARED(float, s2, [32]);
     size_t b = blockIdx.x;
     float acc = 0.f, cnt = 0.f;
     for (int k = threadIdx.x; k < t; k += blockDim.x) {

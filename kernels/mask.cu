@@ -41,7 +41,7 @@ extern "C" __global__ void mask_pair_counts_u8(unsigned long long* __restrict__ 
                                                unsigned long long* __restrict__ uni,
                                                const unsigned char* __restrict__ pred,
                                                const unsigned char* __restrict__ gt, int hw) {
-    __shared__ unsigned scratch[32];
+    SHARED(unsigned, scratch, [32]);
     int j = blockIdx.x, i = blockIdx.y, g = gridDim.x;
     const unsigned char* a = pred + (size_t)i * hw;
     const unsigned char* b = gt + (size_t)j * hw;
@@ -120,7 +120,7 @@ extern "C" __global__ void mask_boundary_cols_u8(unsigned char* __restrict__ out
 extern "C" __global__ void soft_iou_fwd_f32(float* __restrict__ iou, float* __restrict__ sums,
                                             const float* __restrict__ prob,
                                             const unsigned char* __restrict__ target, int n) {
-    __shared__ float scratch[3][32];
+    SHARED(float, scratch, [3][32]);
     const float* p = prob + (size_t)blockIdx.x * n;
     const unsigned char* t = target + (size_t)blockIdx.x * n;
     float si = 0.f, sp = 0.f, st = 0.f;

@@ -138,7 +138,7 @@ extern "C" __global__ void perturb_fwd_f32(float* __restrict__ out, int* __restr
     int n = e_total - e0 < 4 ? (int)(e_total - e0) : 4;
     bool vec = n == 4 && (e_total & 3) == 0;
     if (vec) {
-        float4 t = *reinterpret_cast<const float4*>(src + e0);
+        float4 t = load_float4(src + e0);
         v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
     } else {
         for (int j = 0; j < n; ++j) v[j] = src[e0 + j];
@@ -160,7 +160,7 @@ extern "C" __global__ void perturb_fwd_f32(float* __restrict__ out, int* __restr
             if (in[j]) v[j] += sigma * z[j];
     }
     if (vec) {
-        *reinterpret_cast<float4*>(dst + e0) = make_float4(v[0], v[1], v[2], v[3]);
+        store_float4(dst + e0, make_float4(v[0], v[1], v[2], v[3]));
     } else {
         for (int j = 0; j < n; ++j) dst[e0 + j] = v[j];
     }

@@ -124,15 +124,96 @@ fn divergent_barriers_are_reported_as_deadlock() {
 
 #[test]
 fn every_kernel_file_is_in_the_table() {
-    // build.rs parses kernels/*.cu; the self-test kernels must be found.
+    // build.rs parses kernels/*.cu for the crate's kernels and kernels/emu/selftest.cu for
+    // the emulator's own, which stay out of the production list (and out of the PTX).
     let names: Vec<&str> = popen::kernels::KERNELS.iter().map(|(k, _)| *k).collect();
-    for k in [
-        "scale_f32",
-        "emu_selftest_rowsum_f32",
-        "emu_selftest_deadlock",
-    ] {
+    for k in ["scale_f32", "attention_fwd_f32"] {
         assert!(names.contains(&k), "{k} missing from {names:?}");
     }
+    let selftests = popen::kernels::EMU_SELFTEST_KERNELS;
+    for k in ["emu_selftest_rowsum_f32", "emu_selftest_deadlock"] {
+        assert!(selftests.contains(&k), "{k} missing from {selftests:?}");
+    }
+    for k in &names {
+        assert!(
+            !k.starts_with("emu_selftest"),
+            "{k} is a self-test among the kernels"
+        );
+    }
+}
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_sources(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_listed_kernel_is_named_by_a_launch_in_src_or_tests() {
+    // A kernel is launched by name, so one that no source names as a string literal is
+    // never launched: dead code that no test checks.  (That the naming wrapper is itself
+    // tested is up to each family's test file.)
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_sources(&root.join("src"), &mut files);
+    rust_sources(&root.join("tests"), &mut files);
+    let text: String = files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let names = popen::kernels::KERNELS.iter().map(|(k, _)| *k);
+    let missing: Vec<&str> = names
+        .chain(popen::kernels::EMU_SELFTEST_KERNELS.iter().copied())
+        .filter(|k| !text.contains(&format!("\"{k}\"")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "kernels no source launches: {missing:?}"
+    );
+}
+
+#[test]
+fn add_inplace_adds_at_odd_sizes() {
+    for dev in Device::test_devices() {
+        for n in [1usize, 127, 1001] {
+            let y0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 1.3).cos() * 2.0).collect();
+            let mut y = dev.upload(&y0).unwrap();
+            let xd = dev.upload(&x).unwrap();
+            dev.launch(
+                "add_inplace_f32",
+                LaunchCfg::linear(n, 128),
+                &[y.arg_mut(), xd.arg(), KArg::I32(n as i32)],
+            )
+            .unwrap();
+            let got = dev.download(&y).unwrap();
+            for i in 0..n {
+                assert_eq!(got[i], y0[i] + x[i], "{dev:?} n {n} element {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn popen_test_cuda_1_fails_when_the_gpu_cannot_be_opened() {
+    let no_gpu = || Err(popen::error::Error::Unsupported("no GPU here".into()));
+    let e = Device::test_devices_with(Some("1"), no_gpu).unwrap_err();
+    assert!(e.to_string().contains("no GPU here"), "{e}");
+    // unset: the emulator alone; "0": the GPU is not even tried
+    assert_eq!(Device::test_devices_with(None, no_gpu).unwrap().len(), 1);
+    let tried = std::cell::Cell::new(false);
+    let v = Device::test_devices_with(Some("0"), || {
+        tried.set(true);
+        no_gpu()
+    })
+    .unwrap();
+    assert_eq!((v.len(), tried.get()), (1, false));
 }
 
 #[test]
@@ -150,4 +231,72 @@ fn shuffle_from_a_lane_that_does_not_exist_is_an_error() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("did not take part"), "{e}");
+}
+
+#[test]
+fn shared_memory_no_thread_wrote_reads_as_nan() {
+    // Static and dynamic shared memory are NaN-filled before every block: threads past
+    // `written` read NaN, also in blocks after the first (not the previous block's data).
+    let dev = Device::emulator();
+    let (blocks, threads, written) = (3usize, 96usize, 61);
+    let mut out = dev.zeros::<f32>(blocks * threads).unwrap();
+    dev.launch(
+        "emu_selftest_uninit_shared",
+        LaunchCfg::new([blocks as u32, 1, 1], [threads as u32, 1, 1], 256 * 4),
+        &[out.arg_mut(), KArg::I32(written)],
+    )
+    .unwrap();
+    let got = dev.download(&out).unwrap();
+    for b in 0..blocks {
+        for t in 0..threads {
+            let g = got[b * threads + t];
+            if (t as i32) < written {
+                assert_eq!(g, 2.0 * t as f32, "block {b} thread {t}");
+            } else {
+                assert!(
+                    g.is_nan(),
+                    "block {b} thread {t} read {g}, not the NaN fill"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn threads_at_two_different_barriers_are_an_error() {
+    let dev = Device::emulator();
+    let mut out = dev.zeros::<f32>(64).unwrap();
+    let e = dev
+        .launch(
+            "emu_selftest_two_barriers",
+            LaunchCfg::new([2, 1, 1], [64, 1, 1], 0),
+            &[out.arg_mut()],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("two different __syncthreads"), "{e}");
+}
+
+#[test]
+fn misaligned_float4_is_an_error_and_aligned_is_not() {
+    let dev = Device::emulator();
+    let x = dev
+        .upload(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+        .unwrap();
+    let mut out = dev.zeros::<f32>(4).unwrap();
+    let cfg = LaunchCfg::new([1, 1, 1], [32, 1, 1], 0);
+    dev.launch(
+        "emu_selftest_float4_load",
+        cfg,
+        &[out.arg_mut(), x.arg(), KArg::I32(4)],
+    )
+    .unwrap();
+    assert_eq!(dev.download(&out).unwrap(), [5.0, 6.0, 7.0, 8.0]);
+    let e = dev
+        .launch(
+            "emu_selftest_float4_load",
+            cfg,
+            &[out.arg_mut(), x.arg(), KArg::I32(1)],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("misaligned float4 load"), "{e}");
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run every kernel test and bench (attention, perturb, mask, logprob, emulator) on a lent GPU.
+# Run every kernel test (attention, perturb, mask, logprob, emulator, the device backend
+# with cuBLAS) and bench on a lent GPU.
 #
 # The GPU machine has no Rust toolchain and no network, so the binaries are built here
 # and carried.  Here (nvcc 13.0 so the PTX matches the device's CUDA 13.0 driver):
@@ -20,7 +21,7 @@
 # if the GPU was not found (a run that silently used only the emulator proves nothing).
 set -uo pipefail
 
-TESTS="kernel_attention kernel_perturb kernel_mask kernel_logprob emulator"
+TESTS="kernel_attention kernel_perturb kernel_mask kernel_logprob emulator backend_device"
 BENCHES="attention perturb mask logprob"
 
 if [[ "${1:-}" == "--collect" ]]; then

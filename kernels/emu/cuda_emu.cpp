@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <cstdio>
 #include <mutex>
@@ -24,6 +25,11 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 // the GPU fails here too.
 constexpr unsigned kMaxDynShared = 227 * 1024;
 constexpr size_t kFiberStack = 256 * 1024;
+// Static shared memory per block on the GPU (without opt-in).
+constexpr size_t kMaxStaticShared = 48 * 1024;
+// What shared memory holds before a block writes it: all-ones bytes, NaN as an f32
+// (and as an f64), -1 as an integer.
+constexpr uint8_t kSharedPoison = 0xff;
 
 enum class State : uint8_t { Runnable, AtBlockBar, AtWarpBar, Exited };
 
@@ -33,6 +39,9 @@ struct Fiber {
     State state;
     unsigned warp_mask;  // mask given at a warp barrier
     uint32_t seq;        // warp collectives this thread has entered
+    size_t shared_off;   // static shared memory this thread has declared so far
+    const char* bar_file;  // call site of the __syncthreads it waits at
+    int bar_line;
 };
 
 struct Slot {
@@ -52,6 +61,8 @@ struct Worker {
     ucontext_t sched;
     int current = -1;
     std::vector<uint8_t> dyn;
+    std::vector<uint8_t> static_pool;
+    size_t static_touched = 0;  // bytes of static_pool handed out so far (re-poisoned per block)
     const EmuKernel* kernel = nullptr;
     void** args = nullptr;
     std::string error;
@@ -79,6 +90,8 @@ void fiber_entry() {
 bool run_block(Worker& w, unsigned nthreads) {
     const int nwarps = (int)((nthreads + kWarp - 1) / kWarp);
     w.error.clear();
+    std::fill(w.dyn.begin(), w.dyn.end(), kSharedPoison);
+    std::fill(w.static_pool.begin(), w.static_pool.begin() + (ptrdiff_t)w.static_touched, kSharedPoison);
     for (auto& ws : w.warps)
         for (auto& half : ws.xchg)
             for (auto& slot : half) slot.seq = UINT32_MAX;
@@ -92,6 +105,9 @@ bool run_block(Worker& w, unsigned nthreads) {
         f.state = State::Runnable;
         f.seq = 0;
         f.warp_mask = 0;
+        f.shared_off = 0;
+        f.bar_file = nullptr;
+        f.bar_line = 0;
     }
     for (;;) {
         for (unsigned i = 0; i < nthreads; ++i) {
@@ -128,6 +144,26 @@ bool run_block(Worker& w, unsigned nthreads) {
             }
         }
         if (!released && at_block == live) {
+            // One barrier per release: threads at two different __syncthreads would be
+            // released together here, while on the GPU that is undefined behaviour.
+            const Fiber* first = nullptr;
+            for (unsigned i = 0; i < nthreads; ++i) {
+                const Fiber& f = w.fibers[i];
+                if (f.state != State::AtBlockBar) continue;
+                if (!first) {
+                    first = &f;
+                } else if (f.bar_line != first->bar_line || std::strcmp(f.bar_file, first->bar_file) != 0) {
+                    char buf[512];
+                    snprintf(buf, sizeof buf,
+                             "kernel %s block (%u,%u,%u): threads wait at two different __syncthreads "
+                             "(thread %u at %s:%d, thread %u at %s:%d); undefined on the GPU",
+                             w.kernel->name, f.ctx.block_idx.x, f.ctx.block_idx.y, f.ctx.block_idx.z,
+                             (unsigned)(first - w.fibers.data()), first->bar_file, first->bar_line, i,
+                             f.bar_file, f.bar_line);
+                    w.error = buf;
+                    return false;
+                }
+            }
             for (unsigned i = 0; i < nthreads; ++i)
                 if (w.fibers[i].state == State::AtBlockBar) w.fibers[i].state = State::Runnable;
             released = true;
@@ -151,9 +187,43 @@ ThreadCtx& ctx() { return cur_fiber().ctx; }
 
 void* dyn_shared() { return tl_worker->dyn.data(); }
 
-void syncthreads() {
-    cur_fiber().state = State::AtBlockBar;
+void* static_shared(size_t bytes, size_t align) {
+    Worker* w = tl_worker;
+    Fiber& f = cur_fiber();
+    size_t off = (f.shared_off + align - 1) / align * align;
+    if (off + bytes > w->static_pool.size()) {
+        if (w->error.empty()) {
+            w->error = std::string("kernel ") + w->kernel->name + ": more than " +
+                       std::to_string(kMaxStaticShared) + " bytes of static shared memory";
+        }
+        return w->static_pool.data();
+    }
+    f.shared_off = off + bytes;
+    if (f.shared_off > w->static_touched) {
+        std::fill(w->static_pool.begin() + (ptrdiff_t)w->static_touched,
+                  w->static_pool.begin() + (ptrdiff_t)f.shared_off, kSharedPoison);
+        w->static_touched = f.shared_off;
+    }
+    return w->static_pool.data() + off;
+}
+
+void syncthreads(const char* file, int line) {
+    Fiber& f = cur_fiber();
+    f.state = State::AtBlockBar;
+    f.bar_file = file;
+    f.bar_line = line;
     yield_to_sched();
+}
+
+void check_align(const void* p, size_t align, const char* what) {
+    if ((uintptr_t)p % align == 0) return;
+    Worker* w = tl_worker;
+    if (w->error.empty()) {
+        char buf[256];
+        snprintf(buf, sizeof buf, "kernel %s: thread %d: misaligned %s at %p (needs %zu-byte alignment; the GPU faults)",
+                 w->kernel->name, w->current, what, p, align);
+        w->error = buf;
+    }
 }
 
 int lane_id() { return (int)(tl_worker->current % kWarp); }
@@ -255,7 +325,8 @@ extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const 
         w.args = args;
         w.fibers.resize(nthreads);
         w.warps.resize((nthreads + kWarp - 1) / kWarp);
-        w.dyn.assign(std::max<size_t>(shmem, 16), 0);
+        w.dyn.assign(std::max<size_t>(shmem, 16), kSharedPoison);
+        w.static_pool.assign(kMaxStaticShared, kSharedPoison);
         w.stacks_len = (size_t)nthreads * kFiberStack;
         void* mem = mmap(nullptr, w.stacks_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (mem == MAP_FAILED) {

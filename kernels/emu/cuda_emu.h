@@ -8,7 +8,14 @@
 //   releases a barrier once every live (not yet returned) thread has reached it;
 //   threads that return early simply leave the live set, so a `if (i >= n) return;`
 //   before a barrier cannot deadlock the others;
-// - `__shared__` is `static thread_local`: one copy per worker thread, hence per block;
+// - static shared memory (`SHARED` in common.cuh) is a per-worker pool handed out in
+//   declaration order; before each block it and the dynamic shared memory are filled
+//   with 0xff bytes (NaN as f32, -1 as an integer), so a read of shared memory that
+//   no thread wrote shows up in the results instead of reading the previous block's;
+// - `__syncthreads()` records its call site: threads of one block waiting at two
+//   different barriers are an error (undefined on the GPU), not a silent release;
+// - `load_float4` / `store_float4` check 16-byte alignment, as the GPU does (a
+//   misaligned vector access faults there);
 // - warp shuffles go through a per-warp exchange buffer (double buffered) and a warp
 //   barrier; all live lanes of a warp must take part (the `mask` argument is checked
 //   to cover them, as on Volta and later with full masks);
@@ -37,7 +44,10 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-#define __shared__ static thread_local
+// Static shared memory goes through SHARED(T, name, dims) (common.cuh), which the
+// emulator allocates per block and fills with NaN; a bare __shared__ would be one
+// zero-initialised copy per worker thread, hiding reads of unwritten shared memory.
+#define __shared__ __shared___is_not_emulated_use_SHARED_from_common_cuh
 #define __constant__ static const
 #define __restrict__ __restrict
 
@@ -47,10 +57,12 @@ struct uint3 {
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
-struct float2 {
+// Aligned as on the GPU (8 and 16 bytes), so that host layouts of arrays and structs of
+// them match the device's.
+struct alignas(8) float2 {
     float x, y;
 };
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
@@ -68,7 +80,13 @@ struct ThreadCtx {
 
 ThreadCtx& ctx();
 void* dyn_shared();
-void syncthreads();
+// `bytes` of this block's static shared memory, aligned to `align`: the next piece of
+// the pool for the calling thread (every thread declares the same pieces in order).
+void* static_shared(size_t bytes, size_t align);
+// Barrier at a call site (file, line).
+void syncthreads(const char* file, int line);
+// A launch error unless `p` is a multiple of `align` (what = "float4 load", ...).
+void check_align(const void* p, size_t align, const char* what);
 // Warp collectives: exchange `bits` (up to 8 bytes) and return the value held by
 // lane `src` (or the caller's own when `src` is out of range or has exited).
 uint64_t warp_exchange(unsigned mask, uint64_t bits, int src);
@@ -93,13 +111,24 @@ inline T from_bits(uint64_t b) {
 
 }  // namespace emu
 
+inline float4 load_float4(const float* p) {
+    ::emu::check_align(p, 16, "float4 load");
+    float4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+inline void store_float4(float* p, float4 v) {
+    ::emu::check_align(p, 16, "float4 store");
+    std::memcpy(p, &v, 16);
+}
+
 #define threadIdx (::emu::ctx().thread_idx)
 #define blockIdx (::emu::ctx().block_idx)
 #define blockDim (::emu::ctx().block_dim)
 #define gridDim (::emu::ctx().grid_dim)
 static constexpr int warpSize = 32;
 
-inline void __syncthreads() { ::emu::syncthreads(); }
+#define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::syncwarp(mask); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

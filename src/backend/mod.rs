@@ -21,8 +21,10 @@ use crate::error::{Error, Result};
 use num_traits::Float;
 
 pub mod cpu;
+pub mod device;
 pub mod image;
 pub use cpu::Cpu;
+pub use device::{DeviceBackend, DeviceChoice};
 
 /// Whether an op overwrites its output or adds into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

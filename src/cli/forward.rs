@@ -1,5 +1,7 @@
 //! `popen forward`: run a Hugging Face model directory on named input tensors.
-use popen::model::forward::forward_files;
+use popen::backend::{Cpu, DeviceBackend, DeviceChoice};
+use popen::kernels::Device;
+use popen::model::forward::forward_files_on;
 use std::path::PathBuf;
 
 /// Arguments of `popen forward`.
@@ -17,10 +19,24 @@ pub struct Args {
     /// Where to write the outputs (F32, by name: logits, last_hidden_state, ...).
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the model runs: cpu, emu (the kernels on the CUDA emulator) or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let outputs = forward_files(&a.model_dir, &a.inputs, &a.out)?;
+    let outputs = match a.device {
+        DeviceChoice::Cpu => forward_files_on(Cpu, &a.model_dir, &a.inputs, &a.out)?,
+        DeviceChoice::Emu => {
+            let be = DeviceBackend::new(Device::emulator());
+            forward_files_on(be, &a.model_dir, &a.inputs, &a.out)?
+        }
+        DeviceChoice::Cuda(n) => {
+            let dev = Device::cuda(n)
+                .map_err(|e| anyhow::anyhow!("--device cuda:{n}: cannot open the GPU: {e}"))?;
+            forward_files_on(DeviceBackend::new(dev), &a.model_dir, &a.inputs, &a.out)?
+        }
+    };
     for (name, t) in &outputs {
         println!("{name:<26} {:?}", t.shape);
     }

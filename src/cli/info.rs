@@ -24,8 +24,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Ok(_) => println!("cuda device 0: available"),
         Err(e) => println!("cuda device 0: unavailable ({e})"),
     }
-    if a.ptxas && !PTXAS_REPORT.is_empty() {
-        print!("{}", std::fs::read_to_string(PTXAS_REPORT)?);
+    if a.ptxas {
+        if PTXAS_REPORT.is_empty() {
+            println!("ptxas report: none (no nvcc at build time)");
+        } else {
+            print!("{PTXAS_REPORT}");
+        }
     }
     Ok(())
 }

@@ -175,9 +175,87 @@ impl<T: Elem> DeviceBuf<T> {
     }
 }
 
+impl<T: Elem> Clone for DeviceBuf<T> {
+    /// A device-to-device copy (no host round trip).
+    fn clone(&self) -> Self {
+        DeviceBuf {
+            len: self.len,
+            inner: match &self.inner {
+                BufInner::Host(v) => BufInner::Host(v.clone()),
+                #[cfg(feature = "cuda")]
+                BufInner::Cuda(s, st) => BufInner::Cuda(s.clone(), st.clone()),
+            },
+        }
+    }
+}
+
+impl<T: Elem> fmt::Debug for DeviceBuf<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceBuf<{}>({})", std::any::type_name::<T>(), self.len)
+    }
+}
+
+impl<T: Elem> DeviceBuf<T> {
+    /// The buffer from element `off` on as a read-only kernel argument (`off ≤ len`).
+    #[track_caller]
+    pub fn arg_at(&self, off: usize) -> KArg {
+        assert!(
+            off <= self.len,
+            "offset {off} past a buffer of {}",
+            self.len
+        );
+        match self.arg() {
+            KArg::Ptr(p) => KArg::Ptr(p + (off * std::mem::size_of::<T>()) as u64),
+            a => a,
+        }
+    }
+    /// [`DeviceBuf::arg_at`] for a buffer the kernel writes to.
+    #[track_caller]
+    pub fn arg_mut_at(&mut self, off: usize) -> KArg {
+        assert!(
+            off <= self.len,
+            "offset {off} past a buffer of {}",
+            self.len
+        );
+        match self.arg_mut() {
+            KArg::Ptr(p) => KArg::Ptr(p + (off * std::mem::size_of::<T>()) as u64),
+            a => a,
+        }
+    }
+    /// The emulator's host storage (None on a GPU).
+    pub(crate) fn host(&self) -> Option<&[T]> {
+        match &self.inner {
+            BufInner::Host(v) => Some(&v[..self.len]),
+            #[cfg(feature = "cuda")]
+            BufInner::Cuda(..) => None,
+        }
+    }
+    /// The emulator's host storage, writable (None on a GPU).
+    pub(crate) fn host_mut(&mut self) -> Option<&mut [T]> {
+        let n = self.len;
+        match &mut self.inner {
+            BufInner::Host(v) => Some(&mut v[..n]),
+            #[cfg(feature = "cuda")]
+            BufInner::Cuda(..) => None,
+        }
+    }
+}
+
+/// Host↔device copies a [`Device`] has made: what "buffers stay on the device" is
+/// tested against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyCount {
+    /// Host to device: `upload`, `write`.
+    pub htod: u64,
+    /// Device to host: `download`.
+    pub dtoh: u64,
+}
+
 /// A device to allocate on and launch kernels on.
 pub struct Device {
     inner: DevInner,
+    htod: std::sync::atomic::AtomicU64,
+    dtoh: std::sync::atomic::AtomicU64,
 }
 
 enum DevInner {
@@ -204,19 +282,37 @@ extern "C" {
 }
 
 impl Device {
+    fn with_inner(inner: DevInner) -> Device {
+        Device {
+            inner,
+            htod: Default::default(),
+            dtoh: Default::default(),
+        }
+    }
+
+    /// Host↔device copies made so far (uploads and writes, downloads).
+    pub fn copies(&self) -> CopyCount {
+        use std::sync::atomic::Ordering::Relaxed;
+        CopyCount {
+            htod: self.htod.load(Relaxed),
+            dtoh: self.dtoh.load(Relaxed),
+        }
+    }
+
+    fn count(&self, htod: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if htod { &self.htod } else { &self.dtoh }.fetch_add(1, Relaxed);
+    }
+
     /// The CUDA emulator, using every host core for blocks.
     pub fn emulator() -> Device {
-        Device {
-            inner: DevInner::Emu { max_workers: 0 },
-        }
+        Device::with_inner(DevInner::Emu { max_workers: 0 })
     }
     /// The emulator with at most `n` host threads running blocks (1 = blocks in order).
     pub fn emulator_with_workers(n: u32) -> Device {
-        Device {
-            inner: DevInner::Emu {
-                max_workers: n.max(1),
-            },
-        }
+        Device::with_inner(DevInner::Emu {
+            max_workers: n.max(1),
+        })
     }
 
     /// GPU `ordinal` through cudarc.  An error (never a panic) when the crate was built
@@ -224,9 +320,9 @@ impl Device {
     pub fn cuda(ordinal: usize) -> Result<Device> {
         #[cfg(feature = "cuda")]
         {
-            Ok(Device {
-                inner: DevInner::Cuda(cuda::CudaDev::new(ordinal)?),
-            })
+            Ok(Device::with_inner(DevInner::Cuda(cuda::CudaDev::new(
+                ordinal,
+            )?)))
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -237,19 +333,35 @@ impl Device {
         }
     }
 
-    /// The devices the tests run on: always the emulator, plus GPU 0 when one is usable
-    /// (unless `POPEN_TEST_CUDA=0`).
+    /// The devices the tests run on: always the emulator, plus GPU 0 as
+    /// `POPEN_TEST_CUDA` says (see [`Device::test_devices_with`]).
+    ///
+    /// # Panics
+    /// With `POPEN_TEST_CUDA=1` when GPU 0 cannot be opened: a test run that asked for
+    /// the GPU must fail rather than pass on the emulator alone.
+    #[track_caller]
     pub fn test_devices() -> Vec<Device> {
-        let mut v = vec![Device::emulator()];
-        if std::env::var("POPEN_TEST_CUDA")
-            .map(|s| s != "0")
-            .unwrap_or(true)
-        {
-            if let Ok(d) = Device::cuda(0) {
-                v.push(d);
-            }
+        let setting = std::env::var("POPEN_TEST_CUDA").ok();
+        match Device::test_devices_with(setting.as_deref(), || Device::cuda(0)) {
+            Ok(v) => v,
+            Err(e) => panic!("POPEN_TEST_CUDA=1 asks for GPU 0, which cannot be opened: {e}"),
         }
-        v
+    }
+
+    /// The test devices for a `POPEN_TEST_CUDA` setting: `"0"` the emulator only; `"1"`
+    /// the emulator and the GPU that `cuda` opens, an error when it fails; unset (or
+    /// anything else) the emulator, plus that GPU when it opens.
+    pub fn test_devices_with(
+        setting: Option<&str>,
+        cuda: impl FnOnce() -> Result<Device>,
+    ) -> Result<Vec<Device>> {
+        let mut v = vec![Device::emulator()];
+        match setting {
+            Some("0") => {}
+            Some("1") => v.push(cuda()?),
+            _ => v.extend(cuda().ok()),
+        }
+        Ok(v)
     }
 
     /// Which kind of device this is.
@@ -263,6 +375,7 @@ impl Device {
 
     /// Copy host data to a new device buffer.
     pub fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {
+        self.count(true);
         match &self.inner {
             DevInner::Emu { .. } => Ok(DeviceBuf {
                 len: data.len(),
@@ -287,6 +400,7 @@ impl Device {
 
     /// Copy a device buffer back to the host (synchronizes).
     pub fn download<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>> {
+        self.count(false);
         match &buf.inner {
             BufInner::Host(v) => Ok(v.clone()),
             #[cfg(feature = "cuda")]
@@ -303,6 +417,7 @@ impl Device {
     /// Overwrite a device buffer from host data of the same length.
     pub fn write<T: Elem>(&self, buf: &mut DeviceBuf<T>, data: &[T]) -> Result<()> {
         crate::error::check_len("Device::write", "data", data.len(), buf.len())?;
+        self.count(true);
         match &mut buf.inner {
             BufInner::Host(v) => {
                 v.copy_from_slice(data);
@@ -316,6 +431,30 @@ impl Device {
                 st.memcpy_htod(data, s)
                     .map_err(|e| Error::Device(format!("write: {e}")))
             }
+        }
+    }
+
+    /// Row-major `out (M,N) (=|+=) op(a) · op(b)` with cuBLAS on a GPU; an error on the
+    /// emulator (whose products are the CPU backend's, see `backend::device::gemm`).
+    /// Lengths must already match (M,K), (K,N), (M,N); `m`, `n` ≥ 1.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cublas_sgemm(
+        &self,
+        mkn: [usize; 3],
+        ta: bool,
+        tb: bool,
+        a: &DeviceBuf<f32>,
+        b: &DeviceBuf<f32>,
+        out: &mut DeviceBuf<f32>,
+        add: bool,
+    ) -> Result<()> {
+        match &self.inner {
+            DevInner::Emu { .. } => {
+                let _ = (mkn, ta, tb, a, b, out, add);
+                Err(Error::Unsupported("cuBLAS on the emulator".into()))
+            }
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => c.sgemm(mkn, ta, tb, a, b, out, add),
         }
     }
 
@@ -401,6 +540,9 @@ mod cuda {
     pub(super) struct CudaDev {
         pub(super) stream: Arc<CudaStream>,
         funcs: HashMap<&'static str, CudaFunction>,
+        /// The cuBLAS handle, made on the first product (a machine without libcublas
+        /// can still launch the crate's own kernels).
+        blas: std::sync::Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
         _ctx: Arc<CudaContext>,
     }
 
@@ -441,8 +583,75 @@ mod cuda {
             Ok(CudaDev {
                 stream,
                 funcs,
+                blas: std::sync::Mutex::new(None),
                 _ctx: ctx,
             })
+        }
+
+        fn blas(&self) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+            let mut g = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = g.as_ref() {
+                return Ok(b.clone());
+            }
+            // SAFETY: only probes for the shared library (cudarc panics without it).
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err(Error::Device(
+                    "no cuBLAS (libcublas) on this machine".into(),
+                ));
+            }
+            let b = Arc::new(
+                cudarc::cublas::CudaBlas::new(self.stream.clone())
+                    .map_err(|e| derr("cuBLAS handle", e))?,
+            );
+            *g = Some(b.clone());
+            Ok(b)
+        }
+
+        /// Row-major `out (M,N) (=|+=) op(a) · op(b)` with one cuBLAS SGEMM.
+        ///
+        /// cuBLAS is column-major, and a row-major (r,c) buffer is the column-major
+        /// (c,r) transpose, so the call computes `outᵀ = op(b)ᵀ · op(a)ᵀ`: b first, a
+        /// second, each transposed in cuBLAS exactly when it is transposed here.
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn sgemm(
+            &self,
+            [m, k, n]: [usize; 3],
+            ta: bool,
+            tb: bool,
+            a: &DeviceBuf<f32>,
+            b: &DeviceBuf<f32>,
+            out: &mut DeviceBuf<f32>,
+            add: bool,
+        ) -> Result<()> {
+            use cudarc::cublas::{sys::cublasOperation_t as Op, Gemm, GemmConfig};
+            let int = |x: usize| {
+                i32::try_from(x)
+                    .map_err(|_| Error::shape("matmul", format!("{x} does not fit cuBLAS's int")))
+            };
+            let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+            let (BufInner::Cuda(sa, _), BufInner::Cuda(sb, _), BufInner::Cuda(so, _)) =
+                (&a.inner, &b.inner, &mut out.inner)
+            else {
+                return Err(Error::Device("matmul: a buffer is not on this GPU".into()));
+            };
+            let cfg = GemmConfig {
+                transa: op(tb),
+                transb: op(ta),
+                m: int(n)?,
+                n: int(m)?,
+                k: int(k)?,
+                alpha: 1.0f32,
+                // row stride of the stored b and a
+                lda: int(if tb { k } else { n })?,
+                ldb: int(if ta { m } else { k })?,
+                beta: if add { 1.0 } else { 0.0 },
+                ldc: int(n)?,
+            };
+            let blas = self.blas()?;
+            // SAFETY: the lengths were checked against (M,K), (K,N), (M,N) by the caller
+            // (`backend::device::gemm`), and the leading dimensions above are those of
+            // the stored row-major buffers, so cuBLAS stays inside each buffer.
+            unsafe { blas.gemm(cfg, sb, sa, so) }.map_err(|e| derr("cuBLAS sgemm", e))
         }
 
         pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {

@@ -20,4 +20,4 @@ pub use device::{Device, DeviceBuf, DeviceKind, Elem, KArg, LaunchCfg};
 mod gen {
     include!(concat!(env!("OUT_DIR"), "/kernels_gen.rs"));
 }
-pub use gen::{KERNELS, PTX, PTXAS_REPORT, PTX_ARCH};
+pub use gen::{EMU_SELFTEST_KERNELS, KERNELS, PTX, PTXAS_REPORT, PTX_ARCH};

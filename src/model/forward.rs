@@ -14,7 +14,7 @@ use super::config::{
 };
 use super::io::{HostTensor, IntTensor, StDtype, StFile};
 use super::pretrained::Pretrained;
-use crate::backend::Cpu;
+use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -201,7 +201,18 @@ fn host(shape: Vec<usize>, data: Vec<f32>) -> Result<HostTensor> {
 /// Runs the model in `dir` on `inputs` (CPU, f32) and returns its outputs by name.
 /// The inputs are checked against the config before the weights are read.
 pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, HostTensor)>> {
+    run_dir_on(Cpu, dir, inputs)
+}
+
+/// [`run_dir`] on backend `be` (f32): the weights and activations live where `be`
+/// computes; the outputs are read back to the host.
+pub fn run_dir_on<B: Backend<f32>>(
+    be: B,
+    dir: impl AsRef<Path>,
+    inputs: &Inputs,
+) -> Result<Vec<(String, HostTensor)>> {
     let dir = dir.as_ref();
+    let host = |shape: Vec<usize>, data: &B::Buf| host(shape, be.to_vec(data));
     let hf = HfConfig::read_dir(dir)?;
     let f = hf.fields();
     match hf.model_type {
@@ -215,16 +226,16 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                 hc.max_position_embeddings,
             )?;
             let mask = inputs.mask(b, t)?;
-            let Pretrained::Llama { model, .. } = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)?
+            let Pretrained::Llama { model, .. } = Pretrained::<f32, B>::load(be.clone(), &hf, dir)?
             else {
                 unreachable!("model_type llama loads a Llama")
             };
             let (logits, acts) = model.forward(&ids, b, mask.as_deref(), None)?;
             Ok(vec![
-                ("logits".into(), host(vec![b, t, hc.vocab_size], logits)?),
+                ("logits".into(), host(vec![b, t, hc.vocab_size], &logits)?),
                 (
                     "last_hidden_state".into(),
-                    host(vec![b, t, hc.hidden_size], acts.hidden)?,
+                    host(vec![b, t, hc.hidden_size], &acts.hidden)?,
                 ),
             ])
         }
@@ -232,19 +243,20 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
             let cfg = ClipVisionConfig::from_fields(&f)?;
             let (px, b) = inputs.pixels(&cfg, &hf.path, "")?;
             let (l, s, c) = (cfg.num_hidden_layers, cfg.num_positions(), cfg.hidden_size);
-            let Pretrained::ClipVision(m) = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)? else {
+            let Pretrained::ClipVision(m) = Pretrained::<f32, B>::load(be.clone(), &hf, dir)?
+            else {
                 unreachable!("model_type clip_vision_model loads a ClipVision")
             };
-            let mut out = m.forward(&px.data, b, l)?;
+            let mut out = m.forward(&be.from_slice(&px.data), b, l)?;
             let pooled = out.pooler_output.take().expect("full forward pools");
             let last = out.hidden_states.pop().expect("L+1 states");
             let penult = out.hidden_states.pop().expect("L+1 states with L ≥ 1");
             Ok(vec![
-                ("last_hidden_state".into(), host(vec![b, s, c], last)?),
-                ("pooler_output".into(), host(vec![b, c], pooled)?),
+                ("last_hidden_state".into(), host(vec![b, s, c], &last)?),
+                ("pooler_output".into(), host(vec![b, c], &pooled)?),
                 (
                     "penultimate_hidden_state".into(),
-                    host(vec![b, s, c], penult)?,
+                    host(vec![b, s, c], &penult)?,
                 ),
             ])
         }
@@ -288,16 +300,16 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                 }
             };
             let c = cfg.hidden_size;
-            let Pretrained::Bert(m) = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)? else {
+            let Pretrained::Bert(m) = Pretrained::<f32, B>::load(be.clone(), &hf, dir)? else {
                 unreachable!("model_type bert loads a Bert")
             };
             let out = m.forward(&ids, types.as_deref(), b, mask.as_deref())?;
             let mut v = vec![(
                 "last_hidden_state".to_string(),
-                host(vec![b, t, c], out.last_hidden_state)?,
+                host(vec![b, t, c], &out.last_hidden_state)?,
             )];
             if let Some(p) = out.pooler_output {
-                v.push(("pooler_output".into(), host(vec![b, c], p)?));
+                v.push(("pooler_output".into(), host(vec![b, c], &p)?));
             }
             Ok(v)
         }
@@ -310,11 +322,12 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                 None => None,
             };
             let v = cfg.text.vocab_size;
-            let Pretrained::Llava(m) = Pretrained::<f32, Cpu>::load(Cpu, &hf, dir)? else {
+            let Pretrained::Llava(m) = Pretrained::<f32, B>::load(be.clone(), &hf, dir)? else {
                 unreachable!("model_type llava loads a Llava")
             };
+            let px = pixels.map(|(p, n)| (be.from_slice(&p.data), n));
             let out = m
-                .forward(&ids, b, pixels.map(|(p, n)| (&p.data, n)), mask.as_deref())
+                .forward(&ids, b, px.as_ref().map(|(p, n)| (p, *n)), mask.as_deref())
                 .map_err(|e| match e {
                     // image-token count and sequence-length problems are input problems
                     Error::InvalidArg { msg, .. } => data_err(&inputs.path, "input_ids", msg),
@@ -322,16 +335,27 @@ pub fn run_dir(dir: impl AsRef<Path>, inputs: &Inputs) -> Result<Vec<(String, Ho
                 })?;
             Ok(vec![(
                 "logits".into(),
-                host(vec![b, out.t, v], out.logits)?,
+                host(vec![b, out.t, v], &out.logits)?,
             )])
         }
     }
 }
 
-/// Reads `inputs`, runs `dir`, writes the outputs as F32 to `out`; returns the outputs.
+/// Reads `inputs`, runs `dir` (CPU), writes the outputs as F32 to `out`; returns the
+/// outputs.
 pub fn forward_files(dir: &Path, inputs: &Path, out: &Path) -> Result<Vec<(String, HostTensor)>> {
+    forward_files_on(Cpu, dir, inputs, out)
+}
+
+/// [`forward_files`] on backend `be`.
+pub fn forward_files_on<B: Backend<f32>>(
+    be: B,
+    dir: &Path,
+    inputs: &Path,
+    out: &Path,
+) -> Result<Vec<(String, HostTensor)>> {
     let inp = Inputs::read(inputs)?;
-    let outputs = run_dir(dir, &inp)?;
+    let outputs = run_dir_on(be, dir, &inp)?;
     let refs: Vec<(String, &HostTensor)> = outputs.iter().map(|(n, t)| (n.clone(), t)).collect();
     super::io::write_f32(out, &refs)?;
     Ok(outputs)

@@ -81,7 +81,7 @@ impl<F: CpuFloat> GemmView<F> {
     }
 }
 
-pub(super) fn matmul<F: CpuFloat>(
+pub(crate) fn matmul<F: CpuFloat>(
     s: MatmulSpec,
     a: &[F],
     b: &[F],

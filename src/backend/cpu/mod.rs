@@ -19,7 +19,7 @@ mod elementwise;
 mod embed;
 mod heads;
 mod logprob;
-mod matmul;
+pub(crate) mod matmul;
 mod norm;
 mod optim;
 

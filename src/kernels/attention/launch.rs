@@ -66,7 +66,7 @@ fn shape_args(s: &AttnShape) -> [KArg; 8] {
     ]
 }
 
-/// Forward on a device (`attention_fwd_f32`): same contract as [`attention_fwd_cpu`].
+/// Forward on a device (`attention_fwd_f32`): same contract as [`super::attention_fwd_cpu`].
 ///
 /// q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias (B,Tk) or None, key_mask (B,Tk) or None;
 /// writes out (B,NH,Tq,HS) and lse (B,NH,Tq).
@@ -168,7 +168,7 @@ fn fwd_launch(
 /// Backward on a device: `attention_bwd_preprocess_f32` (D = rowsum(dout ∘ out)), then
 /// `attention_bwd_f32` (dK, dV and per-kv-head dγ from key-tile blocks, dQ from
 /// query-tile blocks, no atomics: deterministic), then `attention_bwd_dbias_f32` (sum
-/// of dγ over kv heads) when `dbias` is given.  Same contract as [`attention_bwd_cpu`]:
+/// of dγ over kv heads) when `dbias` is given.  Same contract as [`super::attention_bwd_cpu`]:
 /// every gradient is overwritten.  Allocates D (B,NH,Tq) and, with dbias, a
 /// (B,NKV,Tk) partial.
 #[allow(clippy::too_many_arguments)]
@@ -270,7 +270,7 @@ pub fn attention_bwd(
 
 /// Single-query decode over a KV cache on a device (`attention_decode_f32` split over
 /// 128-key chunks, then `attention_decode_reduce_f32`): same contract as
-/// [`attention_decode_cpu`].  Allocates a (B,NH,ceil(len/128),HS+2) partial.
+/// [`super::attention_decode_cpu`].  Allocates a (B,NH,ceil(len/128),HS+2) partial.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     dev: &Device,

@@ -1,0 +1,121 @@
+// Layout ops of the device backend (src/backend/device/layout.rs): attention heads split
+// (with RoPE) and merged, the KV-cache append, embedding gather / scatter-add, image
+// patches.  CPU twins: src/backend/cpu/{heads,embed}.rs.  Every kernel is a grid-stride
+// loop over output elements.
+// B batch, T tokens, NH heads, HS head size, C channels, V vocabulary.
+#include "common.cuh"
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+// (cos, sin) of RoPE pair j at position pos, as HF LLaMA computes them in f32:
+// inv = 1 / theta^(2j/HS), angle = pos * inv.  pow and cos/sin in double, so that
+// --use_fast_math's approximate single-precision versions do not move the angle.
+__device__ __forceinline__ void rope_cs(int pos, int j, int hs, float theta, float* c, float* s) {
+    float e = (float)(2 * j) / (float)hs;
+    float inv = (float)(1.0 / pow((double)theta, (double)e));
+    float a = (float)pos * inv;
+    *c = (float)cos((double)a);
+    *s = (float)sin((double)a);
+}
+
+// x (B,T,NH,HS) -> out (B,NH,T,HS); rope != 0 rotates pairs (i, i + HS/2) at positions
+// pos0 + t:  o[i] = x[i] cos - x[i+h] sin,  o[i+h] = x[i+h] cos + x[i] sin
+extern "C" __global__ void heads_split_f32(float* out, const float* x, int b, int t, int nh, int hs, int pos0,
+                                           float theta, int rope) {
+    long long n = (long long)b * t * nh * hs;
+    GRID_STRIDE(e, n) {
+        int d = (int)(e % hs);
+        long long row = e / hs;  // (bi, h, ti)
+        int ti = (int)(row % t), h = (int)((row / t) % nh);
+        long long bi = row / ((long long)t * nh);
+        const float* xr = x + ((bi * t + ti) * nh + h) * hs;
+        if (!rope) {
+            out[e] = xr[d];
+            continue;
+        }
+        int half = hs / 2, j = d % half;
+        float c, s;
+        rope_cs(pos0 + ti, j, hs, theta, &c, &s);
+        out[e] = d < half ? xr[d] * c - xr[d + half] * s : xr[d] * c + xr[d - half] * s;
+    }
+}
+
+// x (B,NH,T,HS) -> out (B,T,NH,HS): heads_merge, and with rope != 0 the backward of
+// heads_split (the transposed rotation):
+//   forward was: o[i] = x[i] cos - x[i+h] sin, o[i+h] = x[i+h] cos + x[i] sin
+//   so:          dx[i] = do[i] cos + do[i+h] sin, dx[i+h] = do[i+h] cos - do[i] sin
+extern "C" __global__ void heads_merge_f32(float* out, const float* x, int b, int t, int nh, int hs, int pos0,
+                                           float theta, int rope) {
+    long long n = (long long)b * t * nh * hs;
+    GRID_STRIDE(e, n) {
+        int d = (int)(e % hs);
+        long long row = e / hs;  // (bi, ti, h)
+        int h = (int)(row % nh), ti = (int)((row / nh) % t);
+        long long bi = row / ((long long)t * nh);
+        const float* xr = x + ((bi * nh + h) * t + ti) * hs;
+        if (!rope) {
+            out[e] = xr[d];
+            continue;
+        }
+        int half = hs / 2, j = d % half;
+        float c, s;
+        rope_cs(pos0 + ti, j, hs, theta, &c, &s);
+        out[e] = d < half ? xr[d] * c + xr[d + half] * s : xr[d] * c - xr[d - half] * s;
+    }
+}
+
+// cache (BH,T1,HS) ++ new (BH,T2,HS) -> out (BH,T1+T2,HS)
+extern "C" __global__ void concat_time_f32(float* out, const float* cache, const float* fresh, long long bh, int t1,
+                                           int t2, int hs) {
+    int tt = t1 + t2;
+    GRID_STRIDE(e, bh * tt * hs) {
+        int d = (int)(e % hs);
+        int ti = (int)((e / hs) % tt);
+        long long g = e / ((long long)hs * tt);
+        out[e] = ti < t1 ? cache[(g * t1 + ti) * hs + d] : fresh[(g * t2 + ti - t1) * hs + d];
+    }
+}
+
+// out (N,C) = table (V,C)[ids (N)]; ids checked against V on the host
+extern "C" __global__ void embedding_fwd_f32(float* out, const float* table, const unsigned* ids, long long n, int c) {
+    GRID_STRIDE(e, n * c) {
+        long long r = e / c;
+        out[e] = table[(long long)ids[r] * c + e % c];
+    }
+}
+
+// forward: out[r] = table[ids[r]]  so: dtable[ids[r]] += dout[r]
+// One thread per column, rows in order: repeated ids add up without atomics, and the
+// sum is the same run to run.
+extern "C" __global__ void embedding_bwd_f32(float* dtable, const float* dout, const unsigned* ids, long long n,
+                                             int c) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    for (long long r = 0; r < n; ++r) dtable[(long long)ids[r] * c + j] += dout[r * c + j];
+}
+
+// Index into pixels (B,CH,H,W) of element e of the patch rows (B, (H/P)(W/P), CH P P),
+// each row ordered (ch, py, px).
+__device__ __forceinline__ long long patch_src(long long e, int ch, int h, int w, int p) {
+    int per = ch * p * p;
+    long long r = e / per;
+    int k = (int)(e % per);
+    int c = k / (p * p), py = (k / p) % p, px = k % p;
+    int gh = h / p, gw = w / p;
+    long long bi = r / ((long long)gh * gw);
+    int gy = (int)((r % ((long long)gh * gw)) / gw), gx = (int)(r % gw);
+    return ((bi * ch + c) * h + gy * p + py) * w + gx * p + px;
+}
+
+// out (B, (H/P)(W/P), CH P P) = the patches of pixels (B,CH,H,W)
+extern "C" __global__ void patchify_fwd_f32(float* out, const float* pixels, long long n, int ch, int h, int w, int p) {
+    GRID_STRIDE(e, n) out[e] = pixels[patch_src(e, ch, h, w, p)];
+}
+
+// The forward is a permutation (stride = patch: no overlap), so the backward is its
+// inverse: dpixels overwritten.
+extern "C" __global__ void patchify_bwd_f32(float* dpixels, const float* dout, long long n, int ch, int h, int w,
+                                            int p) {
+    GRID_STRIDE(e, n) dpixels[patch_src(e, ch, h, w, p)] = dout[e];
+}

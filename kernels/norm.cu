@@ -1,0 +1,90 @@
+// RMSNorm over the last axis, forward and backward, for the device backend
+// (src/backend/device/); the CPU twin is the CPU backend's (src/backend/cpu/norm.rs).
+// N rows, C channels.  One block per row; blockDim a multiple of 32, at most 1024.
+#include "common.cuh"
+
+// Sum over the block; every thread gets the total.  `part` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* part) {
+    v = warp_sum(v);
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    __syncthreads();  // part may still be read from a previous call
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    int nw = blockDim.x / WARP_SIZE;
+    float t = lane < nw ? part[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+// out (N,C) = x * rstd * w (w null: no scale), rstd (N) = 1/sqrt(mean(x^2) + eps)
+extern "C" __global__ void rmsnorm_fwd_f32(float* out, float* rstd, const float* x, const float* w, float eps,
+                                           int c) {
+    SHARED(float, part, [32]);
+    const float* xr = x + (size_t)blockIdx.x * c;
+    float* o = out + (size_t)blockIdx.x * c;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) ss += xr[j] * xr[j];
+    ss = block_sum(ss, part);
+    float r = 1.0f / sqrtf(ss / (float)c + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = xr[j] * r * (w ? w[j] : 1.0f);
+}
+
+// forward: out[j] = x[j] r w[j],  r = (sum x^2 / C + eps)^-1/2
+// so:      dx[j] = r dout[j] w[j] - r^3/C x[j] sum_k dout[k] w[k] x[k]   (overwritten)
+//          dxw (N,C) = dout x r, the per-row terms of dw, summed over rows by col_sum_f32
+//          (null: frozen weight)
+extern "C" __global__ void rmsnorm_bwd_f32(float* dx, float* dxw, const float* dout, const float* x,
+                                           const float* w, const float* rstd, int c) {
+    SHARED(float, part, [32]);
+    size_t off = (size_t)blockIdx.x * c;
+    float r = rstd[blockIdx.x];
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dot += dout[off + j] * (w ? w[j] : 1.0f) * x[off + j];
+    dot = block_sum(dot, part);
+    float k = r * r * r / (float)c * dot;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        dx[off + j] = r * dout[off + j] * (w ? w[j] : 1.0f) - k * x[off + j];
+        if (dxw) dxw[off + j] = dout[off + j] * x[off + j] * r;
+    }
+}
+
+// out (N,C) = (x - mean) rstd w + b; mean, rstd (N), rstd = 1/sqrt(var + eps)
+extern "C" __global__ void layernorm_fwd_f32(float* out, float* mean, float* rstd, const float* x, const float* w,
+                                             const float* b, float eps, int c) {
+    SHARED(float, part, [32]);
+    size_t off = (size_t)blockIdx.x * c;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) s += x[off + j];
+    float mu = block_sum(s, part) / (float)c;
+    float q = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) q += (x[off + j] - mu) * (x[off + j] - mu);
+    float r = 1.0f / sqrtf(block_sum(q, part) / (float)c + eps);
+    if (threadIdx.x == 0) {
+        mean[blockIdx.x] = mu;
+        rstd[blockIdx.x] = r;
+    }
+    for (int j = threadIdx.x; j < c; j += blockDim.x) out[off + j] = (x[off + j] - mu) * r * w[j] + b[j];
+}
+
+// forward: xh = (x - mu) r, out = xh w + b
+// so:      dx = r (g - mean(g) - xh mean(g xh)), g = dout w   (overwritten)
+//          dxw (N,C) = dout xh, the per-row terms of dw (null: frozen); db is col_sum(dout)
+extern "C" __global__ void layernorm_bwd_f32(float* dx, float* dxw, const float* dout, const float* x,
+                                             const float* w, const float* mean, const float* rstd, int c) {
+    SHARED(float, part, [32]);
+    size_t off = (size_t)blockIdx.x * c;
+    float mu = mean[blockIdx.x], r = rstd[blockIdx.x];
+    float sg = 0.0f, sgx = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float g = dout[off + j] * w[j];
+        sg += g;
+        sgx += g * (x[off + j] - mu) * r;
+    }
+    float mg = block_sum(sg, part) / (float)c;
+    float mgx = block_sum(sgx, part) / (float)c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float xh = (x[off + j] - mu) * r;
+        dx[off + j] = r * (dout[off + j] * w[j] - mg - xh * mgx);
+        if (dxw) dxw[off + j] = dout[off + j] * xh;
+    }
+}

@@ -1,0 +1,69 @@
+//! Which backend a command runs a model on: `--device cpu|emu|cuda[:N]`.
+use crate::error::{Error, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// A `--device` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The CPU backend (the reference).
+    Cpu,
+    /// The device backend on the CUDA emulator (slow; for checking the kernels).
+    Emu,
+    /// The device backend on GPU `N` (`cuda` = `cuda:0`).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::arg(
+                "--device",
+                format!("`{s}` is not a device: use cpu, emu, cuda or cuda:N"),
+            )
+        };
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "emu" => Ok(DeviceChoice::Emu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(bad),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Emu => f.write_str("emu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceChoice;
+
+    #[test]
+    fn device_choices_parse_and_print() {
+        for (s, d) in [
+            ("cpu", DeviceChoice::Cpu),
+            ("emu", DeviceChoice::Emu),
+            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda:3", DeviceChoice::Cuda(3)),
+        ] {
+            assert_eq!(s.parse::<DeviceChoice>().unwrap(), d);
+        }
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
+            let e = bad.parse::<DeviceChoice>().unwrap_err();
+            assert!(e.to_string().contains("cpu, emu, cuda or cuda:N"), "{e}");
+        }
+    }
+}

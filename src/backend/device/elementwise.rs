@@ -1,0 +1,284 @@
+//! Whole-buffer ops, activations, SwiGLU, bias and AdamW: launches of
+//! `kernels/elementwise.cu`.  CPU twins: `src/backend/cpu/{elementwise,act,matmul,optim}.rs`.
+use super::{i32_arg, i64_arg, linear, rows_of, BLOCK};
+use crate::backend::{Act, AdamWStep};
+use crate::error::{check_len, Error, Result};
+use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
+
+/// The activation codes of `kernels/elementwise.cu` (`ACT_*`).
+fn act_code(act: Act) -> i32 {
+    match act {
+        Act::QuickGelu => 0,
+        Act::GeluErf => 1,
+        Act::GeluTanh => 2,
+        Act::Silu => 3,
+        Act::Relu => 4,
+        Act::Sigmoid => 5,
+    }
+}
+
+pub(super) fn fill(dev: &Device, x: &mut DeviceBuf<f32>, v: f32) -> Result<()> {
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "fill_f32",
+        linear(n),
+        &[x.arg_mut(), KArg::F32(v), i64_arg(n)],
+    )
+}
+
+/// dst[dst_off..+n] = src[src_off..+n]
+pub(super) fn copy_range(
+    dev: &Device,
+    dst: &mut DeviceBuf<f32>,
+    dst_off: usize,
+    src: &DeviceBuf<f32>,
+    src_off: usize,
+    n: usize,
+) -> Result<()> {
+    if dst_off + n > dst.len() || src_off + n > src.len() {
+        return Err(Error::shape(
+            "copy_range",
+            format!(
+                "range of {n} at dst {dst_off} (len {}) / src {src_off} (len {})",
+                dst.len(),
+                src.len()
+            ),
+        ));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "copy_f32",
+        linear(n),
+        &[dst.arg_mut_at(dst_off), src.arg_at(src_off), i64_arg(n)],
+    )
+}
+
+pub(super) fn axpy(
+    dev: &Device,
+    dst: &mut DeviceBuf<f32>,
+    alpha: f32,
+    src: &DeviceBuf<f32>,
+) -> Result<()> {
+    check_len("axpy", "src", src.len(), dst.len())?;
+    let n = dst.len();
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "axpy_f32",
+        linear(n),
+        &[dst.arg_mut(), src.arg(), KArg::F32(alpha), i64_arg(n)],
+    )
+}
+
+pub(super) fn scale(dev: &Device, x: &mut DeviceBuf<f32>, alpha: f32) -> Result<()> {
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    // scale_f32 reads x[i] before writing y[i]: in place is safe
+    let (y, xa) = (x.arg_mut(), x.arg());
+    dev.launch(
+        "scale_f32",
+        linear(n),
+        &[y, xa, KArg::F32(alpha), i32_arg("scale", "N", n)?],
+    )
+}
+
+/// Σ x², one block, downloaded (the trait returns a host value).
+pub(super) fn sum_sq(dev: &Device, x: &DeviceBuf<f32>) -> Result<f32> {
+    let mut out = dev.zeros::<f32>(1)?;
+    dev.launch(
+        "sum_sq_f32",
+        LaunchCfg::new([1, 1, 1], [BLOCK, 1, 1], 0),
+        &[out.arg_mut(), x.arg(), i64_arg(x.len())],
+    )?;
+    Ok(dev.download(&out)?[0])
+}
+
+pub(super) fn act_fwd(
+    dev: &Device,
+    act: Act,
+    x: &DeviceBuf<f32>,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    check_len("act_fwd", "out", out.len(), x.len())?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    dev.launch(
+        "act_fwd_f32",
+        linear(x.len()),
+        &[
+            out.arg_mut(),
+            x.arg(),
+            KArg::I32(act_code(act)),
+            i64_arg(x.len()),
+        ],
+    )
+}
+
+/// forward: out = act(x)  so: dx = act'(x)·dout (overwritten)
+pub(super) fn act_bwd(
+    dev: &Device,
+    act: Act,
+    x: &DeviceBuf<f32>,
+    dout: &DeviceBuf<f32>,
+    dx: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    check_len("act_bwd", "dout", dout.len(), x.len())?;
+    check_len("act_bwd", "dx", dx.len(), x.len())?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    dev.launch(
+        "act_bwd_f32",
+        linear(x.len()),
+        &[
+            dx.arg_mut(),
+            x.arg(),
+            dout.arg(),
+            KArg::I32(act_code(act)),
+            i64_arg(x.len()),
+        ],
+    )
+}
+
+pub(super) fn swiglu_fwd(
+    dev: &Device,
+    gate: &DeviceBuf<f32>,
+    up: &DeviceBuf<f32>,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    let n = gate.len();
+    check_len("swiglu_fwd", "up", up.len(), n)?;
+    check_len("swiglu_fwd", "out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "swiglu_fwd_f32",
+        linear(n),
+        &[out.arg_mut(), gate.arg(), up.arg(), i64_arg(n)],
+    )
+}
+
+/// forward: out = silu(g)·u  so: du = silu(g)·dout, dg = silu'(g)·u·dout (overwritten)
+pub(super) fn swiglu_bwd(
+    dev: &Device,
+    gate: &DeviceBuf<f32>,
+    up: &DeviceBuf<f32>,
+    dout: &DeviceBuf<f32>,
+    dgate: &mut DeviceBuf<f32>,
+    dup: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    let n = gate.len();
+    check_len("swiglu_bwd", "up", up.len(), n)?;
+    check_len("swiglu_bwd", "dout", dout.len(), n)?;
+    check_len("swiglu_bwd", "dgate", dgate.len(), n)?;
+    check_len("swiglu_bwd", "dup", dup.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "swiglu_bwd_f32",
+        linear(n),
+        &[
+            dgate.arg_mut(),
+            dup.arg_mut(),
+            gate.arg(),
+            up.arg(),
+            dout.arg(),
+            i64_arg(n),
+        ],
+    )
+}
+
+/// out (N,C) += bias (C)
+pub(super) fn add_bias(
+    dev: &Device,
+    out: &mut DeviceBuf<f32>,
+    bias: &DeviceBuf<f32>,
+    c: usize,
+) -> Result<()> {
+    check_len("add_bias", "bias", bias.len(), c)?;
+    let n = rows_of("add_bias", out.len(), c)?;
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "add_bias_f32",
+        linear(n * c),
+        &[
+            out.arg_mut(),
+            bias.arg(),
+            i64_arg(n),
+            i32_arg("add_bias", "C", c)?,
+        ],
+    )
+}
+
+/// acc (C) += Σ_rows x (N,C): bias and norm-weight gradients.
+pub(super) fn col_sum(
+    dev: &Device,
+    op: &'static str,
+    x: &DeviceBuf<f32>,
+    acc: &mut DeviceBuf<f32>,
+    c: usize,
+) -> Result<()> {
+    check_len(op, "gradient (C)", acc.len(), c)?;
+    let n = rows_of(op, x.len(), c)?;
+    let blocks = u32::try_from(c.div_ceil(BLOCK as usize))
+        .map_err(|_| Error::shape(op, format!("C = {c} too large")))?;
+    dev.launch(
+        "col_sum_f32",
+        LaunchCfg::new([blocks, 1, 1], [BLOCK, 1, 1], 0),
+        &[acc.arg_mut(), x.arg(), i64_arg(n), i32_arg(op, "C", c)?],
+    )
+}
+
+pub(super) fn adamw(
+    dev: &Device,
+    h: &AdamWStep,
+    param: &mut DeviceBuf<f32>,
+    grad: &DeviceBuf<f32>,
+    m: &mut DeviceBuf<f32>,
+    v: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    let n = param.len();
+    check_len("adamw_step", "grad", grad.len(), n)?;
+    check_len("adamw_step", "m", m.len(), n)?;
+    check_len("adamw_step", "v", v.len(), n)?;
+    if h.step == 0 {
+        return Err(Error::arg("adamw_step", "step numbers start at 1"));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    // the bias corrections as the CPU backend computes them (f32 powi)
+    let c1 = 1.0 - h.beta1.powi(h.step as i32);
+    let c2 = 1.0 - h.beta2.powi(h.step as i32);
+    dev.launch(
+        "adamw_f32",
+        linear(n),
+        &[
+            param.arg_mut(),
+            m.arg_mut(),
+            v.arg_mut(),
+            grad.arg(),
+            KArg::F32(h.lr),
+            KArg::F32(h.beta1),
+            KArg::F32(h.beta2),
+            KArg::F32(h.eps),
+            KArg::F32(h.weight_decay),
+            KArg::F32(c1),
+            KArg::F32(c2),
+            i64_arg(n),
+        ],
+    )
+}

@@ -1,0 +1,32 @@
+//! The device's one matrix product.
+use crate::backend::{Accum, MatmulSpec};
+use crate::error::{check_len, Result};
+use crate::kernels::{Device, DeviceBuf};
+
+/// `out (M,N) (=|+=) op(a) · op(b)` on `dev`; see [`MatmulSpec`].
+///
+/// On the emulator the buffers are host memory and the product is the CPU backend's
+/// (the `gemm` crate); on a GPU it is one cuBLAS SGEMM (`Device::cublas_sgemm`), never a
+/// fallback through the host.
+pub fn gemm(
+    dev: &Device,
+    s: MatmulSpec,
+    a: &DeviceBuf<f32>,
+    b: &DeviceBuf<f32>,
+    out: &mut DeviceBuf<f32>,
+    acc: Accum,
+) -> Result<()> {
+    let MatmulSpec { m, k, n, ta, tb } = s;
+    check_len("matmul", "a", a.len(), m * k)?;
+    check_len("matmul", "b", b.len(), k * n)?;
+    check_len("matmul", "out", out.len(), m * n)?;
+    if let (Some(ah), Some(bh)) = (a.host(), b.host()) {
+        if let Some(oh) = out.host_mut() {
+            return crate::backend::cpu::matmul::matmul(s, ah, bh, oh, acc);
+        }
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    dev.cublas_sgemm([m, k, n], ta, tb, a, b, out, acc == Accum::Add)
+}

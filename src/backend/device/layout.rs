@@ -1,0 +1,237 @@
+//! Heads split (with RoPE) and merged, the KV-cache append, embeddings and image patches:
+//! launches of `kernels/layout.cu`.  CPU twins: `src/backend/cpu/{heads,embed}.rs`.
+//!
+//! B batch, T tokens, NH heads, HS head size, C channels, V vocabulary.
+use super::{i32_arg, i64_arg, linear, rows_of, BLOCK};
+use crate::error::{check_len, Error, Result};
+use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
+
+/// The shape of one heads layout call.
+#[derive(Clone, Copy)]
+pub(super) struct Heads {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub hs: usize,
+    pub pos0: usize,
+    pub theta: Option<f32>,
+}
+
+impl Heads {
+    fn check(&self, op: &'static str) -> Result<usize> {
+        if self.theta.is_some() && !self.hs.is_multiple_of(2) {
+            return Err(Error::arg(
+                op,
+                format!("RoPE needs an even head size, got {}", self.hs),
+            ));
+        }
+        Ok(self.b * self.t * self.nh * self.hs)
+    }
+    fn args(&self, op: &'static str) -> Result<[KArg; 7]> {
+        Ok([
+            i32_arg(op, "B", self.b)?,
+            i32_arg(op, "T", self.t)?,
+            i32_arg(op, "NH", self.nh)?,
+            i32_arg(op, "HS", self.hs)?,
+            // positions pos0..pos0 + T must all fit the kernel's int
+            i32_arg(op, "pos0 + T", self.pos0 + self.t).and(i32_arg(op, "pos0", self.pos0))?,
+            KArg::F32(self.theta.unwrap_or(0.0)),
+            KArg::I32(i32::from(self.theta.is_some())),
+        ])
+    }
+}
+
+/// `kernel` (heads_split_f32 or heads_merge_f32) from `x` into `out`, both of the
+/// heads' size.
+fn launch_heads(
+    dev: &Device,
+    op: &'static str,
+    kernel: &str,
+    h: &Heads,
+    x: &DeviceBuf<f32>,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    let n = h.check(op)?;
+    check_len(op, "input", x.len(), n)?;
+    check_len(op, "output", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let [b, t, nh, hs, pos0, theta, rope] = h.args(op)?;
+    dev.launch(
+        kernel,
+        linear(n),
+        &[out.arg_mut(), x.arg(), b, t, nh, hs, pos0, theta, rope],
+    )
+}
+
+/// x (B,T,NH,HS) → out (B,NH,T,HS), RoPE at positions pos0 + t when theta is Some.
+pub(super) fn heads_split(
+    dev: &Device,
+    h: &Heads,
+    x: &DeviceBuf<f32>,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    launch_heads(dev, "heads_split", "heads_split_f32", h, x, out)
+}
+
+/// dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten: the merge with the inverse rotation.
+pub(super) fn heads_split_bwd(
+    dev: &Device,
+    h: &Heads,
+    dout: &DeviceBuf<f32>,
+    dx: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    launch_heads(dev, "heads_split_bwd", "heads_merge_f32", h, dout, dx)
+}
+
+/// x (B,NH,T,HS) → out (B,T,NH,HS).
+pub(super) fn heads_merge(
+    dev: &Device,
+    h: &Heads,
+    x: &DeviceBuf<f32>,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    let plain = Heads {
+        theta: None,
+        pos0: 0,
+        ..*h
+    };
+    launch_heads(dev, "heads_merge", "heads_merge_f32", &plain, x, out)
+}
+
+/// cache (B,H,T1,HS) ++ new (B,H,T2,HS) → a new (B,H,T1+T2,HS).
+pub(super) fn concat_time(
+    dev: &Device,
+    cache: &DeviceBuf<f32>,
+    new: &DeviceBuf<f32>,
+    [b, h, t1, t2, hs]: [usize; 5],
+) -> Result<DeviceBuf<f32>> {
+    const OP: &str = "concat_time";
+    check_len(OP, "cache", cache.len(), b * h * t1 * hs)?;
+    check_len(OP, "new", new.len(), b * h * t2 * hs)?;
+    let n = b * h * (t1 + t2) * hs;
+    let mut out = dev.zeros::<f32>(n)?;
+    if n > 0 {
+        dev.launch(
+            "concat_time_f32",
+            linear(n),
+            &[
+                out.arg_mut(),
+                cache.arg(),
+                new.arg(),
+                i64_arg(b * h),
+                i32_arg(OP, "T1", t1)?,
+                i32_arg(OP, "T2", t2)?,
+                i32_arg(OP, "HS", hs)?,
+            ],
+        )?;
+    }
+    Ok(out)
+}
+
+/// Token ids checked against V, then uploaded (the contract hands them over on the host).
+fn upload_ids(dev: &Device, op: &'static str, ids: &[u32], v: usize) -> Result<DeviceBuf<u32>> {
+    if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+        return Err(Error::arg(
+            op,
+            format!("token id {id} at position {pos} is outside the table of {v} rows"),
+        ));
+    }
+    dev.upload(ids)
+}
+
+/// out (N,C) = table (V,C)[ids (N)]
+pub(super) fn embedding_fwd(
+    dev: &Device,
+    ids: &[u32],
+    table: &DeviceBuf<f32>,
+    c: usize,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "embedding_fwd";
+    let v = rows_of(OP, table.len(), c)?;
+    check_len(OP, "out", out.len(), ids.len() * c)?;
+    let idd = upload_ids(dev, OP, ids, v)?;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    dev.launch(
+        "embedding_fwd_f32",
+        linear(ids.len() * c),
+        &[
+            out.arg_mut(),
+            table.arg(),
+            idd.arg(),
+            i64_arg(ids.len()),
+            i32_arg(OP, "C", c)?,
+        ],
+    )
+}
+
+/// dtable (V,C) += scatter of dout (N,C) by ids
+pub(super) fn embedding_bwd(
+    dev: &Device,
+    ids: &[u32],
+    dout: &DeviceBuf<f32>,
+    c: usize,
+    dtable: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "embedding_bwd";
+    let v = rows_of(OP, dtable.len(), c)?;
+    check_len(OP, "dout", dout.len(), ids.len() * c)?;
+    let idd = upload_ids(dev, OP, ids, v)?;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let blocks = u32::try_from(c.div_ceil(BLOCK as usize))
+        .map_err(|_| Error::shape(OP, format!("C = {c} too large")))?;
+    dev.launch(
+        "embedding_bwd_f32",
+        LaunchCfg::new([blocks, 1, 1], [BLOCK, 1, 1], 0),
+        &[
+            dtable.arg_mut(),
+            dout.arg(),
+            idd.arg(),
+            i64_arg(ids.len()),
+            i32_arg(OP, "C", c)?,
+        ],
+    )
+}
+
+/// pixels (B,CH,H,W) ↔ patch rows (B, (H/P)(W/P), CH·P·P): `kernel` is
+/// patchify_fwd_f32 (dst = rows) or patchify_bwd_f32 (dst = pixels, overwritten).
+pub(super) fn patchify(
+    dev: &Device,
+    op: &'static str,
+    kernel: &str,
+    src: &DeviceBuf<f32>,
+    [b, ch, h, w, p]: [usize; 5],
+    dst: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    if p == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
+        return Err(Error::arg(
+            op,
+            format!("image {h}x{w} is not a whole number of {p}x{p} patches"),
+        ));
+    }
+    let n = b * ch * h * w;
+    check_len(op, "input", src.len(), n)?;
+    check_len(op, "output", dst.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        kernel,
+        linear(n),
+        &[
+            dst.arg_mut(),
+            src.arg(),
+            i64_arg(n),
+            i32_arg(op, "CH", ch)?,
+            i32_arg(op, "H", h)?,
+            i32_arg(op, "W", w)?,
+            i32_arg(op, "P", p)?,
+        ],
+    )
+}

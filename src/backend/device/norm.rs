@@ -1,0 +1,203 @@
+//! RMSNorm and LayerNorm: launches of `kernels/norm.cu`.  CPU twin: `src/backend/cpu/norm.rs`.
+use super::{elementwise::col_sum, i32_arg, rows_of, BLOCK};
+use crate::error::{check_len, Error, Result};
+use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
+
+/// One block per row.
+fn per_row(op: &'static str, n: usize) -> Result<LaunchCfg> {
+    let g = u32::try_from(n)
+        .ok()
+        .filter(|&g| g <= i32::MAX as u32)
+        .ok_or_else(|| Error::shape(op, format!("{n} rows do not fit one grid")))?;
+    Ok(LaunchCfg::new([g, 1, 1], [BLOCK, 1, 1], 0))
+}
+
+fn opt(b: Option<&DeviceBuf<f32>>) -> KArg {
+    b.map_or(KArg::Ptr(0), |x| x.arg())
+}
+
+/// x (N,C), w (C) or None → out (N,C), rstd (N)
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rmsnorm_fwd(
+    dev: &Device,
+    x: &DeviceBuf<f32>,
+    w: Option<&DeviceBuf<f32>>,
+    eps: f32,
+    c: usize,
+    out: &mut DeviceBuf<f32>,
+    rstd: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    let n = rows_of("rmsnorm_fwd", x.len(), c)?;
+    check_len("rmsnorm_fwd", "out", out.len(), n * c)?;
+    check_len("rmsnorm_fwd", "rstd", rstd.len(), n)?;
+    if let Some(w) = w {
+        check_len("rmsnorm_fwd", "weight", w.len(), c)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "rmsnorm_fwd_f32",
+        per_row("rmsnorm_fwd", n)?,
+        &[
+            out.arg_mut(),
+            rstd.arg_mut(),
+            x.arg(),
+            opt(w),
+            KArg::F32(eps),
+            i32_arg("rmsnorm_fwd", "C", c)?,
+        ],
+    )
+}
+
+/// dx (N,C) overwritten; dw (C) += Σ_rows dout·x·rstd (None = frozen).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rmsnorm_bwd(
+    dev: &Device,
+    dout: &DeviceBuf<f32>,
+    x: &DeviceBuf<f32>,
+    w: Option<&DeviceBuf<f32>>,
+    rstd: &DeviceBuf<f32>,
+    c: usize,
+    dx: &mut DeviceBuf<f32>,
+    dw: Option<&mut DeviceBuf<f32>>,
+) -> Result<()> {
+    let n = rows_of("rmsnorm_bwd", x.len(), c)?;
+    check_len("rmsnorm_bwd", "dout", dout.len(), n * c)?;
+    check_len("rmsnorm_bwd", "dx", dx.len(), n * c)?;
+    check_len("rmsnorm_bwd", "rstd", rstd.len(), n)?;
+    if let Some(w) = w {
+        check_len("rmsnorm_bwd", "weight", w.len(), c)?;
+    }
+    if let Some(dw) = &dw {
+        check_len("rmsnorm_bwd", "dweight", dw.len(), c)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    // the per-row dw terms, summed over rows in a fixed order by col_sum
+    let mut terms = match dw {
+        Some(_) => Some(dev.zeros::<f32>(n * c)?),
+        None => None,
+    };
+    let terms_arg = terms.as_mut().map_or(KArg::Ptr(0), |t| t.arg_mut());
+    dev.launch(
+        "rmsnorm_bwd_f32",
+        per_row("rmsnorm_bwd", n)?,
+        &[
+            dx.arg_mut(),
+            terms_arg,
+            dout.arg(),
+            x.arg(),
+            opt(w),
+            rstd.arg(),
+            i32_arg("rmsnorm_bwd", "C", c)?,
+        ],
+    )?;
+    if let (Some(dw), Some(t)) = (dw, &terms) {
+        col_sum(dev, "rmsnorm_bwd", t, dw, c)?;
+    }
+    Ok(())
+}
+
+/// x (N,C), w, b (C) → out (N,C), mean, rstd (N)
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layernorm_fwd(
+    dev: &Device,
+    x: &DeviceBuf<f32>,
+    w: &DeviceBuf<f32>,
+    b: &DeviceBuf<f32>,
+    eps: f32,
+    c: usize,
+    out: &mut DeviceBuf<f32>,
+    mean: &mut DeviceBuf<f32>,
+    rstd: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "layernorm_fwd";
+    let n = rows_of(OP, x.len(), c)?;
+    check_len(OP, "out", out.len(), n * c)?;
+    check_len(OP, "mean", mean.len(), n)?;
+    check_len(OP, "rstd", rstd.len(), n)?;
+    check_len(OP, "weight", w.len(), c)?;
+    check_len(OP, "bias", b.len(), c)?;
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "layernorm_fwd_f32",
+        per_row(OP, n)?,
+        &[
+            out.arg_mut(),
+            mean.arg_mut(),
+            rstd.arg_mut(),
+            x.arg(),
+            w.arg(),
+            b.arg(),
+            KArg::F32(eps),
+            i32_arg(OP, "C", c)?,
+        ],
+    )
+}
+
+/// The statistics a LayerNorm backward reads: w (C), mean and rstd (N).
+pub(super) struct LnSaved<'a> {
+    pub w: &'a DeviceBuf<f32>,
+    pub mean: &'a DeviceBuf<f32>,
+    pub rstd: &'a DeviceBuf<f32>,
+}
+
+/// dx (N,C) overwritten; dw, db (C) += (None = frozen).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layernorm_bwd(
+    dev: &Device,
+    dout: &DeviceBuf<f32>,
+    x: &DeviceBuf<f32>,
+    s: LnSaved<'_>,
+    c: usize,
+    dx: &mut DeviceBuf<f32>,
+    dw: Option<&mut DeviceBuf<f32>>,
+    db: Option<&mut DeviceBuf<f32>>,
+) -> Result<()> {
+    const OP: &str = "layernorm_bwd";
+    let n = rows_of(OP, x.len(), c)?;
+    check_len(OP, "dout", dout.len(), n * c)?;
+    check_len(OP, "dx", dx.len(), n * c)?;
+    check_len(OP, "weight", s.w.len(), c)?;
+    check_len(OP, "mean", s.mean.len(), n)?;
+    check_len(OP, "rstd", s.rstd.len(), n)?;
+    if let Some(dw) = &dw {
+        check_len(OP, "dweight", dw.len(), c)?;
+    }
+    if let Some(db) = &db {
+        check_len(OP, "dbias", db.len(), c)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let mut terms = match dw {
+        Some(_) => Some(dev.zeros::<f32>(n * c)?),
+        None => None,
+    };
+    let terms_arg = terms.as_mut().map_or(KArg::Ptr(0), |t| t.arg_mut());
+    dev.launch(
+        "layernorm_bwd_f32",
+        per_row(OP, n)?,
+        &[
+            dx.arg_mut(),
+            terms_arg,
+            dout.arg(),
+            x.arg(),
+            s.w.arg(),
+            s.mean.arg(),
+            s.rstd.arg(),
+            i32_arg(OP, "C", c)?,
+        ],
+    )?;
+    if let (Some(dw), Some(t)) = (dw, &terms) {
+        col_sum(dev, OP, t, dw, c)?;
+    }
+    if let Some(db) = db {
+        col_sum(dev, OP, dout, db, c)?;
+    }
+    Ok(())
+}
