@@ -343,3 +343,81 @@ fn bad_input_is_a_clear_error() {
         "a failed predict wrote its output"
     );
 }
+
+/// `popen` under a file-size limit of `kib` KiB (`ulimit -f`), SIGXFSZ ignored so that a
+/// write past it fails with EFBIG instead of killing the process.
+fn popen_limited(kib: u64, args: &[&str]) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run bash")
+}
+
+#[test]
+fn a_full_disk_keeps_the_last_checkpoint_and_the_old_predictions() {
+    let d = tmp("disk");
+    let (train_json, test_json, cfg) = setup(&d);
+    let run = d.join("run");
+    ok(&train(&train_json, &cfg, &run, &[], "2"));
+    let weights = std::fs::read(run.join("model.safetensors")).unwrap();
+    let state = std::fs::read(run.join("train_state.json")).unwrap();
+    // more steps, with checkpoints that cannot be written (the weights file alone is
+    // larger than the limit): the run fails naming a file, the last checkpoint stands
+    let kib = (weights.len() as u64 / 1024) / 2;
+    let o = popen_limited(
+        kib,
+        &[
+            "train",
+            "sft",
+            "--data",
+            train_json.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--resume",
+            "--steps",
+            "12",
+        ],
+    );
+    let e = err(&o);
+    assert!(
+        e.contains("safetensors") || e.contains("File too large"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(run.join("train_state.json")).unwrap(), state);
+    assert_eq!(
+        std::fs::read(run.join("model.safetensors")).unwrap(),
+        weights
+    );
+    // and it resumes from there without the limit
+    ok(&train(
+        &train_json,
+        &cfg,
+        &run,
+        &["--resume", "--steps", "12"],
+        "2",
+    ));
+    // predictions: an old PRED.jsonl survives a write that cannot finish
+    let pred = d.join("pred.jsonl");
+    std::fs::write(&pred, "old\n").unwrap();
+    let o = popen_limited(
+        0,
+        &[
+            "predict",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            test_json.to_str().unwrap(),
+            "--out",
+            pred.to_str().unwrap(),
+        ],
+    );
+    let e = err(&o);
+    assert!(e.contains("pred.jsonl"), "{e}");
+    assert_eq!(std::fs::read_to_string(&pred).unwrap(), "old\n");
+}
