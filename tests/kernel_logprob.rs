@@ -240,8 +240,9 @@ fn ignored_targets_do_not_count_in_the_length() {
     let (b, t, v) = (2usize, 4usize, 5usize);
     let c = case(b, t, v, 2.0, 17);
     // sequence 0: position 2 ignored (-100) though weighted λ; sequence 1: position 0
-    // ignored by a target ≥ V, position 3 is prompt (weight 0)
-    let targets = [1, 2, -100, 3, 7, 0, 4, 1];
+    // ignored too, position 3 is prompt (weight 0).  (A target ≥ V is an error, not an
+    // ignore: one ignore rule, `IGNORE_INDEX`.)
+    let targets = [1, 2, -100, 3, -100, 0, 4, 1];
     let w = [0.0, 1.0, 5.0, 1.0, 1.0, 1.0, 5.0, 0.0];
     let (lp, _) = logprob_fwd_cpu(&c.logits, &targets, v).unwrap();
     assert_eq!((lp[2], lp[4]), (0.0, 0.0));
