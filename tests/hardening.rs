@@ -447,3 +447,36 @@ fn eval_masks_out_on_a_full_disk_keeps_the_previous_report() {
     assert_eq!(std::fs::read(&out).unwrap(), b"old");
     assert_eq!(leftover_temporaries(&d), Vec::<PathBuf>::new());
 }
+
+#[test]
+fn forward_out_on_a_full_disk_keeps_the_previous_outputs() {
+    let g = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/llama");
+    let d = tmp("forward_full");
+    let out = d.join("out.safetensors");
+    let inputs = g.join("inputs.safetensors");
+    let a = [
+        "forward",
+        "--model-dir",
+        s(&g),
+        "--inputs",
+        s(&inputs),
+        "--out",
+        s(&out),
+    ];
+    let o = popen(&a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::metadata(&out).unwrap().len() > 1024);
+    std::fs::write(&out, b"previous outputs").unwrap();
+    let o = popen_limited(1, &a);
+    assert!(
+        !o.status.success(),
+        "forward succeeded past the file-size limit"
+    );
+    let e = stderr(&o);
+    assert!(
+        e.contains("out.safetensors") && e.contains("too large"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous outputs");
+    assert_eq!(leftover_temporaries(&d), Vec::<PathBuf>::new());
+}

@@ -1,0 +1,31 @@
+//! A LLaMA-style Hugging Face `tokenizer.json` (byte fallback, Metaspace) with `<seg>`
+//! added, on arbitrary UTF-8: `<seg>` is always one token.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use popen::data::tokenizer::{Tok, SEG_TOKEN};
+use std::sync::OnceLock;
+
+/// Built once, in libFuzzer's init (outside the per-input timeout).
+fn fixture() -> &'static Tok {
+    static TOK: OnceLock<Tok> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let p = popen_fuzz::scratch_file(
+            "tokenizer.json",
+            include_bytes!("../../tests/fixtures/tokenizer/llama_style.json"),
+        );
+        Tok::load(&p).expect("the fixture tokenizer loads")
+    })
+}
+
+fuzz_target!(init: {
+    fixture();
+}, |data: &[u8]| {
+    let tok = fixture();
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let ids = tok.encode(text).expect("any text encodes");
+    let n = ids.iter().filter(|&&i| i == tok.seg).count();
+    assert_eq!(n, text.matches(SEG_TOKEN).count(), "{text:?}");
+    let _ = tok.decode(&ids);
+});
