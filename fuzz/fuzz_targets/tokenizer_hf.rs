@@ -2,7 +2,8 @@
 //! added, on arbitrary UTF-8: `<seg>` is always one token.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use popen::data::tokenizer::{Tok, SEG_TOKEN};
+use popen::data::sample::SEG as SEG_TOKEN;
+use popen::data::tokenizer::Tok;
 use std::sync::OnceLock;
 
 /// Built once, in libFuzzer's init (outside the per-input timeout).

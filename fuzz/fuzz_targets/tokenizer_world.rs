@@ -1,7 +1,8 @@
 //! The world BPE tokenizer on arbitrary UTF-8: `<seg>` is always one token.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use popen::data::tokenizer::{Tok, SEG_TOKEN};
+use popen::data::sample::SEG as SEG_TOKEN;
+use popen::data::tokenizer::Tok;
 use popen::data::world::WorldConfig;
 use std::sync::OnceLock;
 
