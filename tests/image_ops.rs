@@ -5,44 +5,12 @@
 //!
 //! The scalar checked is L = Σ w ∘ out with fixed random weights w, so dL/dout = w.
 use popen::backend::{Act, Backend, Conv2dGeom, Cpu};
-use popen::nn::{randn, Rng};
+use popen::nn::Rng;
 
-type T = Vec<f64>;
+mod common;
+use common::fd::{check, dot, perturbed, rnd, T};
+
 const BE: Cpu = Cpu;
-/// Central-difference step: truncation error O(h²) ≈ 1e-10, rounding ≈ 1e-16/h.
-const H: f64 = 1e-5;
-const ATOL: f64 = 1e-7;
-const RTOL: f64 = 1e-5;
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// Compare `analytic[i]` with the central difference of `loss_at(i, ±H)` for every i.
-fn check(name: &str, analytic: &[f64], mut loss_at: impl FnMut(usize, f64) -> f64) {
-    assert!(!analytic.is_empty(), "{name}: nothing to check");
-    for (i, &a) in analytic.iter().enumerate() {
-        let num = (loss_at(i, H) - loss_at(i, -H)) / (2.0 * H);
-        assert!(
-            (a - num).abs() <= ATOL + RTOL * num.abs().max(a.abs()),
-            "{name}[{i}]: analytic {a:.10} vs numeric {num:.10}"
-        );
-    }
-    assert!(
-        analytic.iter().any(|v| v.abs() > 1e-6),
-        "{name}: gradient is all zero"
-    );
-}
-
-fn rnd(rng: &mut Rng, n: usize) -> T {
-    randn::<f64>(rng, n, 1.0)
-}
-
-fn perturbed(x: &[f64], i: usize, d: f64) -> T {
-    let mut y = x.to_vec();
-    y[i] += d;
-    y
-}
 
 #[test]
 fn im2col_gathers_padded_windows_and_its_backward_matches_finite_differences() {

@@ -6,41 +6,10 @@
 use popen::backend::Cpu;
 use popen::nn::{randn, Conv2d, ConvTranspose2x2, CrossAttention, Linear, Rng};
 
-type T = Vec<f64>;
+mod common;
+use common::fd::{check, dot, perturbed, rnd, T};
+
 const BE: Cpu = Cpu;
-/// Central-difference step: truncation error O(h²) ≈ 1e-10, rounding ≈ 1e-16/h.
-const H: f64 = 1e-5;
-const ATOL: f64 = 1e-7;
-const RTOL: f64 = 1e-5;
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn check(name: &str, analytic: &[f64], mut loss_at: impl FnMut(usize, f64) -> f64) {
-    assert!(!analytic.is_empty(), "{name}: nothing to check");
-    for (i, &a) in analytic.iter().enumerate() {
-        let num = (loss_at(i, H) - loss_at(i, -H)) / (2.0 * H);
-        assert!(
-            (a - num).abs() <= ATOL + RTOL * num.abs().max(a.abs()),
-            "{name}[{i}]: analytic {a:.10} vs numeric {num:.10}"
-        );
-    }
-    assert!(
-        analytic.iter().any(|v| v.abs() > 1e-6),
-        "{name}: gradient is all zero"
-    );
-}
-
-fn rnd(rng: &mut Rng, n: usize) -> T {
-    randn::<f64>(rng, n, 1.0)
-}
-
-fn perturbed(x: &[f64], i: usize, d: f64) -> T {
-    let mut y = x.to_vec();
-    y[i] += d;
-    y
-}
 
 fn fill(rng: &mut Rng, l: &mut Linear<f64, Cpu>) {
     l.weight.data = randn(rng, l.weight.numel(), 0.5);
