@@ -236,7 +236,19 @@ fn train_predict_eval_and_the_run_directory() {
         ],
         "2",
     ));
-    assert!(!text.is_empty());
+    // one mask PNG per <seg> of the printed answer, and the overlay
+    let n_seg = text.matches("<seg>").count();
+    let n_png = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("mask_")
+        })
+        .count();
+    assert_eq!(n_png, n_seg, "answer {text:?}");
     assert!(out.join("overlay.png").is_file());
 }
 

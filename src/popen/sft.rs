@@ -152,12 +152,8 @@ pub fn train_sft(
     };
     if !(resume && out.join(CONFIG_FILE).exists()) {
         // config.json + tokenizer.json now; weights come with each checkpoint
-        let mut cfg_json = crate::model::seg::run::llava_json(&model.llava.cfg);
-        cfg_json["popen"] = serde_json::to_value(&model.cfg).expect("serializes");
-        cfg_json["popen_run"] = serde_json::to_value(cfg).expect("serializes");
-        let text = serde_json::to_string_pretty(&cfg_json).expect("serializes");
-        crate::fsio::write_atomic(out.join(CONFIG_FILE), text.as_bytes())?;
-        tok.save(&tok_path)?;
+        let run = serde_json::to_value(cfg).expect("serializes");
+        model.save_config(out, &tok, Some(run))?;
     }
     let data = SftData {
         samples,

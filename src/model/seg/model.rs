@@ -120,8 +120,8 @@ pub struct StepActs<Buf> {
 struct SegActs<Buf> {
     head: MlpActs<Buf>,
     dec: DecoderActs<Buf>,
-    /// decoder logits (M, S·S)
-    logits: Buf,
+    /// per mask: logits at the image's size (H·W) and the 0/1 target
+    per_mask: Vec<(Buf, Buf)>,
 }
 
 /// The LLaVA configuration of the tiny model.
@@ -655,6 +655,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let s = self.cfg.image_size;
             let (dl, dec) = self.decoder.forward([&f0, &f1], b, &emb, &img_of, s, s)?;
             let mut mi = 0;
+            let mut per_mask = Vec::with_capacity(m);
             for ex in batch {
                 for mask in &ex.masks {
                     let lg = self.to_image_logits(&dl, mi * s * s, &ex.pixels)?;
@@ -667,13 +668,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                     let r = be.mask_loss_fwd(&lg, &tgt, 1, mask.len())?;
                     bce += r[0].0.to_f64().unwrap_or(f64::NAN);
                     dice += r[0].1.to_f64().unwrap_or(f64::NAN);
+                    per_mask.push((lg, tgt));
                     mi += 1;
                 }
             }
             Some(SegActs {
                 head,
                 dec,
-                logits: dl,
+                per_mask,
             })
         } else {
             None
@@ -735,22 +737,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 F::from(w.bce as f64 * wm).unwrap(),
                 F::from(w.dice as f64 * wm).unwrap(),
             );
-            let mut mi = 0;
-            for ex in batch {
-                for mask in &ex.masks {
-                    let off = mi * s * s;
-                    let lg = self.to_image_logits(&sa.logits, off, &ex.pixels)?;
-                    let tgt = be.from_slice(
-                        &mask
-                            .iter()
-                            .map(|&x| F::from(x).unwrap())
-                            .collect::<Vec<_>>(),
-                    );
-                    let mut d = be.zeros(mask.len());
-                    be.mask_loss_bwd(&lg, &tgt, 1, mask.len(), wb, wd, &mut d)?;
-                    self.to_image_logits_bwd(&d, off, &ex.pixels, &mut dlogits_mask)?;
-                    mi += 1;
-                }
+            let masks = batch
+                .iter()
+                .flat_map(|ex| ex.masks.iter().map(move |mk| (ex, mk.len())));
+            for (mi, ((ex, p), (lg, tgt))) in masks.zip(&sa.per_mask).enumerate() {
+                let mut d = be.zeros(p);
+                be.mask_loss_bwd(lg, tgt, 1, p, wb, wd, &mut d)?;
+                self.to_image_logits_bwd(&d, mi * s * s, &ex.pixels, &mut dlogits_mask)?;
             }
             // decoder → codebook embeddings → the hidden states that predicted them
             let (df, demb) = self.decoder.backward(&sa.dec, &dlogits_mask)?;

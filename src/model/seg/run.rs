@@ -74,13 +74,22 @@ pub fn llava_json(c: &LlavaConfig) -> Value {
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// Writes `config.json`, `tokenizer.json` and `model.safetensors` into `dir`.
     pub fn save(&mut self, dir: &Path, tok: &SegTokenizer) -> Result<()> {
+        self.save_config(dir, tok, None)?;
+        self.save_weights(&dir.join(WEIGHTS_FILE))
+    }
+
+    /// Writes `config.json` (the LLaVA config, ours under `"popen"`, and `run` — a
+    /// stage's run config — under `"popen_run"` when given) and `tokenizer.json`.
+    pub fn save_config(&self, dir: &Path, tok: &SegTokenizer, run: Option<Value>) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut cfg = llava_json(&self.llava.cfg);
         cfg["popen"] = serde_json::to_value(&self.cfg).expect("config serializes");
+        if let Some(r) = run {
+            cfg["popen_run"] = r;
+        }
         let text = serde_json::to_string_pretty(&cfg).expect("json serializes");
         crate::fsio::write_atomic(dir.join(CONFIG_FILE), text.as_bytes())?;
-        tok.save(&dir.join(TOKENIZER_FILE))?;
-        self.save_weights(&dir.join(WEIGHTS_FILE))
+        tok.save(&dir.join(TOKENIZER_FILE))
     }
 
     /// Writes only the weights (f32).
