@@ -2,7 +2,7 @@
 //! MUSE-schema file; writes the `PRED.jsonl` that `popen eval` reads.
 use super::model_args::{load_model, DeviceArg};
 use popen::nn::SamplingCfg;
-use popen::popen::predict::{predict_items, questions, write_preds};
+use popen::popen::predict::{data_root, predict_items, questions, write_preds};
 use std::path::PathBuf;
 
 /// Arguments of `popen predict`.
@@ -39,10 +39,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         anyhow::bail!("--batch must be at least 1");
     }
     let (model, tok) = load_model(&a.checkpoint)?;
-    let root = match &a.images {
-        Some(d) => d.clone(),
-        None => a.data.parent().map(PathBuf::from).unwrap_or_default(),
-    };
+    let root = data_root(&a.data, &a.images);
     let items = questions(&a.data, &root)?;
     let cfg = SamplingCfg {
         temperature: a.temperature,

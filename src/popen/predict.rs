@@ -13,6 +13,13 @@ use crate::nn::SamplingCfg;
 use num_traits::Float;
 use std::path::Path;
 
+/// Where a data file's images are: `images` when given, else the data file's folder.
+pub fn data_root(data: &Path, images: &Option<std::path::PathBuf>) -> std::path::PathBuf {
+    images
+        .clone()
+        .unwrap_or_else(|| data.parent().map(Into::into).unwrap_or_default())
+}
+
 /// Every question of a MUSE file with its record's `file_name`.
 pub fn questions(data: &Path, root: &Path) -> Result<Vec<(String, Sample)>> {
     let mut items = Vec::new();

@@ -95,12 +95,6 @@ pub struct SftPaths {
     pub base: Option<PathBuf>,
 }
 
-fn root_of(data: &Path, images: &Option<PathBuf>) -> PathBuf {
-    images
-        .clone()
-        .unwrap_or_else(|| data.parent().map(PathBuf::from).unwrap_or_default())
-}
-
 /// Images whose questions are scored at each validation (the first of the file).
 pub const VAL_IMAGES: usize = 20;
 
@@ -112,7 +106,7 @@ pub fn train_sft(
     resume: bool,
     progress: bool,
 ) -> Result<TrainSummary> {
-    let root = root_of(&paths.data, &paths.images);
+    let root = crate::popen::predict::data_root(&paths.data, &paths.images);
     let samples = load_muse(&paths.data, &root)?;
     if samples.is_empty() {
         return Err(Error::Data {
@@ -170,7 +164,7 @@ pub fn train_sft(
         .title("stage 1 (SFT) loss");
     if let Some(val) = &paths.val {
         // the first VAL_IMAGES records, kept in the run so the scores can be redone
-        let vroot = root_of(val, &paths.images);
+        let vroot = crate::popen::predict::data_root(val, &paths.images);
         let text = std::fs::read_to_string(val).map_err(|e| Error::io(val, e))?;
         let mut recs: Vec<serde_json::Value> =
             serde_json::from_str(&text).map_err(|e| Error::Json {
