@@ -9,10 +9,6 @@ use popen::kernels::Device;
 /// Relative tolerance against the largest reference value.
 const TOL: f32 = 1e-5;
 
-fn emu() -> DeviceBackend {
-    DeviceBackend::new(Device::emulator())
-}
-
 /// The device backend on every test device: the emulator, and GPU 0 when present (see
 /// `Device::test_devices`; `POPEN_TEST_CUDA=1` requires it).
 fn backends() -> Vec<DeviceBackend> {
@@ -613,38 +609,42 @@ fn train_steps<B: Backend<f32>>(be: B, copies: impl Fn() -> u64) -> Trained {
     (losses, params, per_step)
 }
 
+/// On every test device (the emulator; GPU 0 too under `POPEN_TEST_CUDA=1`).
 #[test]
-fn tiny_llama_training_step_on_emu_equals_cpu() {
+fn tiny_llama_training_step_on_the_device_equals_cpu() {
     let (loss_cpu, p_cpu, _) = train_steps(Cpu, || 0);
-    let d = emu();
-    let dev = d.clone();
-    let count = move || {
-        let c = dev.device().copies();
-        c.htod + c.dtoh
-    };
-    let (loss_emu, p_emu, copies) = train_steps(d, count);
-    for (a, b) in loss_emu.iter().zip(&loss_cpu) {
-        assert!((a - b).abs() <= 1e-4 * b.abs(), "loss emu {a} vs cpu {b}");
-    }
-    assert_eq!(p_cpu.len(), p_emu.len());
-    for ((name, e), (_, c)) in p_emu.iter().zip(&p_cpu) {
-        let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (i, (x, y)) in e.iter().zip(c).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * scale,
-                "{name}[{i}]: emu {x} vs cpu {y}"
-            );
+    for d in backends() {
+        let kind = d.device().kind();
+        let dev = d.clone();
+        let count = move || {
+            let c = dev.device().copies();
+            c.htod + c.dtoh
+        };
+        let (loss_dev, p_dev, copies) = train_steps(d, count);
+        for (a, b) in loss_dev.iter().zip(&loss_cpu) {
+            assert!((a - b).abs() <= 1e-4 * b.abs(), "loss {kind:?} {a} vs cpu {b}");
         }
+        assert_eq!(p_cpu.len(), p_dev.len());
+        for ((name, e), (_, c)) in p_dev.iter().zip(&p_cpu) {
+            let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (x, y)) in e.iter().zip(c).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-4 * scale,
+                    "{name}[{i}]: {kind:?} {x} vs cpu {y}"
+                );
+            }
+        }
+        // the steps did something: the loss went down on the fixed batch
+        assert!(loss_dev[1] < loss_dev[0], "losses {loss_dev:?}");
+        // buffers stay on the device: per step only the host data the contract hands
+        // over (token ids twice, targets twice, the unit d_out of the log-prob
+        // backward), the loss read back and dlogp uploaded by this test; none per layer
+        // or per tensor
+        assert!(
+            copies.iter().all(|&c| c <= MAX_COPIES_PER_STEP),
+            "{kind:?}: host<->device copies per step: {copies:?}"
+        );
     }
-    // the steps did something: the loss went down on the fixed batch
-    assert!(loss_emu[1] < loss_emu[0], "losses {loss_emu:?}");
-    // buffers stay on the device: per step only the host data the contract hands over
-    // (token ids twice, targets twice, the unit d_out of the log-prob backward), the
-    // loss read back and dlogp uploaded by this test; none per layer or per tensor
-    assert!(
-        copies.iter().all(|&c| c <= MAX_COPIES_PER_STEP),
-        "host<->device copies per step: {copies:?}"
-    );
 }
 
 /// Host↔device copies one training step of the tiny LLaMA may make (see the test).

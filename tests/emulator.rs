@@ -4,30 +4,30 @@ use popen::kernels::{Device, KArg, LaunchCfg};
 
 #[test]
 fn rowsum_uses_shared_memory_and_shuffles() {
-    for dev in Device::test_devices() {
-        // odd sizes: 37 rows of 1000, blocks of 3, 5 and 32 warps
-        for block in [96u32, 160, 1024] {
-            let (rows, n) = (37usize, 1000usize);
-            let x: Vec<f32> = (0..rows * n)
-                .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 3.0)
-                .collect();
-            let xd = dev.upload(&x).unwrap();
-            let mut out = dev.zeros::<f32>(rows).unwrap();
-            dev.launch(
-                "emu_selftest_rowsum_f32",
-                LaunchCfg::new([rows as u32, 1, 1], [block, 1, 1], 0),
-                &[out.arg_mut(), xd.arg(), KArg::I32(n as i32)],
-            )
-            .unwrap();
-            let got = dev.download(&out).unwrap();
-            for r in 0..rows {
-                let want: f64 = x[r * n..(r + 1) * n].iter().map(|&v| v as f64).sum();
-                assert!(
-                    (got[r] as f64 - want).abs() < 1e-2,
-                    "{dev:?} block {block} row {r}: {} vs {want}",
-                    got[r]
-                );
-            }
+    // the self-test kernels are built for the emulator alone (not in the GPU's PTX)
+    let dev = Device::emulator();
+    // odd sizes: 37 rows of 1000, blocks of 3, 5 and 32 warps
+    for block in [96u32, 160, 1024] {
+        let (rows, n) = (37usize, 1000usize);
+        let x: Vec<f32> = (0..rows * n)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 3.0)
+            .collect();
+        let xd = dev.upload(&x).unwrap();
+        let mut out = dev.zeros::<f32>(rows).unwrap();
+        dev.launch(
+            "emu_selftest_rowsum_f32",
+            LaunchCfg::new([rows as u32, 1, 1], [block, 1, 1], 0),
+            &[out.arg_mut(), xd.arg(), KArg::I32(n as i32)],
+        )
+        .unwrap();
+        let got = dev.download(&out).unwrap();
+        for r in 0..rows {
+            let want: f64 = x[r * n..(r + 1) * n].iter().map(|&v| v as f64).sum();
+            assert!(
+                (got[r] as f64 - want).abs() < 1e-2,
+                "{dev:?} block {block} row {r}: {} vs {want}",
+                got[r]
+            );
         }
     }
 }
@@ -51,26 +51,26 @@ fn early_return_before_barrier_does_not_deadlock() {
 
 #[test]
 fn atomics_across_blocks_are_exact() {
-    for dev in Device::test_devices() {
-        let n = 100_003usize;
-        let x: Vec<i32> = (0..n as i32)
-            .map(|i| i.wrapping_mul(2654435761u32 as i32).abs())
-            .collect();
-        let xd = dev.upload(&x).unwrap();
-        let mut c = dev.zeros::<u32>(7).unwrap();
-        dev.launch(
-            "emu_selftest_histogram",
-            LaunchCfg::linear(n, 256),
-            &[c.arg_mut(), xd.arg(), KArg::I32(n as i32), KArg::I32(7)],
-        )
-        .unwrap();
-        let got = dev.download(&c).unwrap();
-        let mut want = vec![0u32; 7];
-        for v in &x {
-            want[(*v % 7) as usize] += 1;
-        }
-        assert_eq!(got, want);
+    // the self-test kernels are built for the emulator alone (not in the GPU's PTX)
+    let dev = Device::emulator();
+    let n = 100_003usize;
+    let x: Vec<i32> = (0..n as i32)
+        .map(|i| i.wrapping_mul(2654435761u32 as i32).abs())
+        .collect();
+    let xd = dev.upload(&x).unwrap();
+    let mut c = dev.zeros::<u32>(7).unwrap();
+    dev.launch(
+        "emu_selftest_histogram",
+        LaunchCfg::linear(n, 256),
+        &[c.arg_mut(), xd.arg(), KArg::I32(n as i32), KArg::I32(7)],
+    )
+    .unwrap();
+    let got = dev.download(&c).unwrap();
+    let mut want = vec![0u32; 7];
+    for v in &x {
+        want[(*v % 7) as usize] += 1;
     }
+    assert_eq!(got, want);
 }
 
 #[test]

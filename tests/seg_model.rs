@@ -387,39 +387,45 @@ fn a_pretrained_llava_grows_its_vocabulary_and_trains_with_a_frozen_tower() {
     );
 }
 
+/// On every test device (the emulator; GPU 0 too under `POPEN_TEST_CUDA=1`, see
+/// `Device::test_devices`): one training step's loss and every gradient equal the CPU's.
 #[test]
-fn a_training_step_on_the_emulated_device_equals_the_cpu() {
+fn a_training_step_on_the_device_backend_equals_the_cpu() {
     use popen::backend::{Backend, DeviceBackend};
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
-    let dev = DeviceBackend::new(popen::kernels::Device::emulator());
     let mut c: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 6).unwrap();
-    let mut d: SegModel<f32, DeviceBackend> =
-        SegModel::new_tiny(dev.clone(), cfg.clone(), &tok, 6).unwrap();
     let b = batch(&cfg, &tok);
     let lc = c.step(&b, LossWeights::default(), 1.0, true).unwrap();
-    let ld = d.step(&b, LossWeights::default(), 1.0, true).unwrap();
-    assert!(
-        (lc.total - ld.total).abs() <= 1e-4 * lc.total.abs(),
-        "{lc:?} vs {ld:?}"
-    );
     let gc: Vec<(String, Vec<f32>)> = c
         .params_mut()
         .into_iter()
         .map(|(n, t)| (n, t.grad.clone().unwrap()))
         .collect();
-    let gd: Vec<Vec<f32>> = d
-        .params_mut()
-        .into_iter()
-        .map(|(_, t)| dev.to_vec(t.grad.as_ref().unwrap()))
-        .collect();
-    for ((n, a), b) in gc.iter().zip(&gd) {
-        let scale = a.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        // (+1e-7: the decoder's key biases get a gradient that is zero up to rounding)
+    for device in popen::kernels::Device::test_devices() {
+        let kind = device.kind();
+        let dev = DeviceBackend::new(device);
+        let mut d: SegModel<f32, DeviceBackend> =
+            SegModel::new_tiny(dev.clone(), cfg.clone(), &tok, 6).unwrap();
+        let ld = d.step(&b, LossWeights::default(), 1.0, true).unwrap();
         assert!(
-            err <= 1e-4 * scale + 1e-7,
-            "{n}: gradients differ by {err} (scale {scale})"
+            (lc.total - ld.total).abs() <= 1e-4 * lc.total.abs(),
+            "{kind:?}: {lc:?} vs {ld:?}"
         );
+        let gd: Vec<Vec<f32>> = d
+            .params_mut()
+            .into_iter()
+            .map(|(_, t)| dev.to_vec(t.grad.as_ref().unwrap()))
+            .collect();
+        assert_eq!(gc.len(), gd.len());
+        for ((n, a), b) in gc.iter().zip(&gd) {
+            let scale = a.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            // (+1e-7: the decoder's key biases get a gradient that is zero up to rounding)
+            assert!(
+                err <= 1e-4 * scale + 1e-7,
+                "{kind:?} {n}: gradients differ by {err} (scale {scale})"
+            );
+        }
     }
 }

@@ -1,64 +1,116 @@
 #!/usr/bin/env bash
-# Run every kernel test (attention, perturb, mask, logprob, emulator, the device backend
-# with cuBLAS) and bench on a lent GPU.
+# Check every kernel and the device backend on a lent GPU against their CPU twins, then
+# time the kernels and a LLaMA-7B-shaped layer stack beside PyTorch on the same GPU.
 #
 # The GPU machine has no Rust toolchain and no network, so the binaries are built here
-# and carried.  Here (nvcc 13.0 so the PTX matches the device's CUDA 13.0 driver):
+# and carried.  Here (nvcc 13.0, so the PTX matches the device's CUDA 13.0 driver):
 #
-#   export CARGO_TARGET_DIR=/work/target NVCC=/work/main/.cache/cuda-pypi/nvidia/cu13/bin/nvcc
-#   bash tools/gpu_check.sh --collect .device-bundle/kern2
+#   export NVCC="$(bash tools/install_nvcc.sh | tail -n1)"
+#   bash tools/gpu_check.sh --collect .device-bundle
 #
-# which runs `cargo test --no-run` / `cargo bench --no-run` with `--features cuda`
-# and copies the (stripped) binaries into the folder (.device-bundle/ is git-ignored).
-# Then on the device, with carry [".device-bundle/kern2"]:
+# builds the test binaries below and benches/gpu.rs with `--features cuda`, strips them
+# and packs them into .device-bundle/bins.tar.gz (.device-bundle/ is git-ignored).
+# Then on the device, with carry [".device-bundle"]:
 #
-#   bash tools/gpu_check.sh .device-bundle/kern2
+#   bash tools/gpu_check.sh .device-bundle
 #
-# It runs every test binary in the folder with POPEN_TEST_CUDA=1 (the tests then run
-# on the emulator and on GPU 0) and every bench binary with --bench, writing one log
-# per binary to $OUT (default ./gpu_logs; benches filtered to `cuda_` groups unless
-# BENCH_FILTER says otherwise), and exits non-zero if a test failed or
-# if the GPU was not found (a run that silently used only the emulator proves nothing).
+# which writes under $OUT (default ./gpu_logs; seven files, as the device tool returns
+# eight at most):
+#   nvidia-smi.txt
+#   tests.log              each test binary, run with POPEN_TEST_CUDA=1: every test on the
+#                          emulator and on GPU 0, failing if GPU 0 cannot be opened
+#   sanitizer.log          the first two failing tests again under compute-sanitizer
+#   bench_gpu.jsonl        benches/gpu.rs: copy ceiling, memory-bound kernels, attention,
+#                          the 7B-shaped stack's forward + backward
+#   bench_gpu_torch.jsonl  tools/bench_gpu_torch.py: the same shapes in PyTorch
+#   bench_err.log          both benches' stderr
+#   gpu_check.json         the summary (tests, each number beside PyTorch's, the goals)
+# and prints the summary last.  Exit status: non-zero if a test failed or no GPU ran.
 set -uo pipefail
 
-TESTS="kernel_attention kernel_perturb kernel_mask kernel_logprob emulator backend_device"
-BENCHES="attention perturb mask logprob"
+TESTS="kernel_attention kernel_perturb kernel_mask kernel_logprob emulator backend_device seg_model"
 
 if [[ "${1:-}" == "--collect" ]]; then
     dst="${2:?usage: gpu_check.sh --collect DIR}"
     : "${NVCC:?set NVCC so the kernels are compiled to PTX}"
     tgt="${CARGO_TARGET_DIR:-target}"
-    mkdir -p "$dst"
+    mkdir -p "$dst/bin"
     args=(); for t in $TESTS; do args+=(--test "$t"); done
     cargo test --no-run --features cuda "${args[@]}" || exit 1
-    args=(); for b in $BENCHES; do args+=(--bench "$b"); done
-    cargo bench --no-run --features cuda "${args[@]}" || exit 1
-    # newest executable of each name (cargo leaves older hashes beside it)
-    for n in $TESTS; do src=$(ls -t "$tgt"/debug/deps/"$n"-* | grep -v '\.d$' | head -1); cp "$src" "$dst/test_$n"; done
-    for n in $BENCHES; do src=$(ls -t "$tgt"/release/deps/"$n"-* | grep -v '\.d$' | head -1); cp "$src" "$dst/bench_$n"; done
-    strip "$dst"/test_* "$dst"/bench_* 2>/dev/null
+    cargo bench --no-run --features cuda --bench gpu || exit 1
+    # the newest executable of each name (cargo leaves older hashes beside it)
+    newest() { ls -t "$tgt"/$1/deps/"$2"-* | grep -v '\.d$' | head -1; }
+    for n in $TESTS; do cp "$(newest debug "$n")" "$dst/bin/test_$n"; done
+    cp "$(newest release gpu)" "$dst/bin/bench_gpu"
+    strip "$dst"/bin/test_* "$dst"/bin/bench_gpu
+    # the tests find their fixtures under the build's CARGO_MANIFEST_DIR
+    pwd > "$dst/bin/manifest_dir"
+    tar -C "$dst" -czf "$dst/bins.tar.gz" bin && rm -r "$dst/bin"
     du -sh "$dst"
     exit 0
 fi
 
 dir="${1:?usage: gpu_check.sh DIR (the folder made by --collect)}"
+here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${OUT:-gpu_logs}"
 mkdir -p "$out"
+t_start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t_start )) s] $*"; }
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || { echo "no nvidia-smi: not a GPU machine"; exit 2; }
+head -12 "$out/nvidia-smi.txt"
+work="$(mktemp -d)"
+tar -C "$work" -xzf "$dir/bins.tar.gz" || { echo "cannot unpack $dir/bins.tar.gz"; exit 2; }
+bin="$work/bin"
+# the tests read fixtures under the path they were built in: point it at this checkout
+built_in="$(cat "$bin/manifest_dir")"
+if [[ "$built_in" != "$here" && ! -e "$built_in" ]]; then
+    mkdir -p "$(dirname "$built_in")" && ln -s "$here" "$built_in" && stamp "linked $built_in -> $here"
+fi
+
+# cudarc loads libcuda (the driver's) and libcublas at run time: put every folder that
+# holds a libcublas on the library path (the CUDA toolkit's, or the pip wheels').
+libdirs=$(find /usr/local /opt /usr/lib -name 'libcublas.so*' -not -path '*/stubs/*' 2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd:)
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+stamp "libcublas folders: ${libdirs:-none found}"
+
 fail=0
-for t in "$dir"/test_*; do
-    n=$(basename "$t")
-    POPEN_TEST_CUDA=1 "$t" --test-threads=1 > "$out/$n.log" 2>&1; rc=$?
-    echo "$n: rc=$rc $(grep -E '^test result' "$out/$n.log" | tail -1)"
-    [[ $rc -eq 0 ]] || fail=1
+sanitized=0
+for n in $TESTS; do
+    t="$bin/test_$n"
+    log="$work/test_$n.log"
+    POPEN_TEST_CUDA=1 timeout "${TEST_TIMEOUT:-90}" "$t" --test-threads="${TEST_THREADS:-8}" > "$log" 2>&1
+    rc=$?
+    { echo "==== test_$n rc=$rc"; cat "$log"; } >> "$out/tests.log"
+    stamp "test_$n: rc=$rc $(grep -E '^test result' "$log" | tail -1)"
+    if [[ $rc -ne 0 ]]; then
+        fail=1
+        grep -E "^test .* FAILED|panicked" "$log" | head -8
+        # the first failing tests again, under the memory checker (two at most: it is slow)
+        if command -v compute-sanitizer > /dev/null && [[ $sanitized -lt 2 ]]; then
+            for f in $(grep -E "^test .* FAILED" "$log" | awk '{print $2}' | head -$((2 - sanitized))); do
+                POPEN_TEST_CUDA=1 timeout 60 compute-sanitizer --print-limit 20 "$t" --exact "$f" --test-threads=1 \
+                    >> "$out/sanitizer.log" 2>&1
+                sanitized=$((sanitized + 1))
+                stamp "compute-sanitizer on $f: $(grep -E 'ERROR SUMMARY' "$out/sanitizer.log" | tail -1)"
+            done
+        fi
+    fi
 done
-for b in "$dir"/bench_*; do
-    n=$(basename "$b")
-    # only the cuda_* groups by default (the CPU groups take minutes); BENCH_FILTER= runs all
-    "$b" --bench ${BENCH_FILTER-cuda_} > "$out/$n.log" 2>&1; echo "$n: rc=$?"
+
+# one process per section, so that one failing section does not lose the others
+for section in copy perturb logprob mask attention stack; do
+    timeout "${BENCH_TIMEOUT:-150}" "$bin/bench_gpu" --bench "$section" >> "$out/bench_gpu.jsonl" 2>> "$out/bench_err.log"
+    stamp "bench_gpu $section: rc=$? $(tail -1 "$out/bench_gpu.jsonl")"
 done
-if ! grep -q "^cuda_" "$out"/bench_*.log; then
-    echo "no cuda_* bench ran: Device::cuda(0) failed (see the logs), the tests used only the emulator"
+PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-150}" python3 "$here/tools/bench_gpu_torch.py" \
+    > "$out/bench_gpu_torch.jsonl" 2>> "$out/bench_err.log"
+stamp "bench_gpu_torch: rc=$? ($(wc -l < "$out/bench_gpu_torch.jsonl") lines)"
+if ! grep -q '"ms"' "$out/bench_gpu.jsonl"; then
+    echo "benches/gpu.rs timed nothing: Device::cuda(0) failed?"; cat "$out/bench_gpu.jsonl" "$out/bench_err.log" | tail -5
     fail=1
 fi
+
+python3 "$here/tools/gpu_summary.py" "$out" > "$out/gpu_check.json"
+cat "$out/gpu_check.json"
+rm -rf "$work"
 exit $fail

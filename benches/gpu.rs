@@ -1,0 +1,311 @@
+//! GPU throughput at sizes that fill the chip, for `tools/gpu_check.sh` on a lent GPU.
+//!
+//! One JSON object per line on stdout (`{"name": .., "ms": .., "gb_s" | "gflop_s" |
+//! "tokens_s": ..}`), so the check script can put them beside PyTorch's numbers
+//! (`tools/bench_gpu_torch.py` runs the same shapes). Without the `cuda` feature or a
+//! GPU it prints one line saying so and exits 0.
+//!
+//! Timing: after warm-up, `reps` rounds of `n` back-to-back launches closed by one
+//! synchronize; the median round over `n` is the time per call (the launch gaps are
+//! amortised, as in a training step where launches queue up). Inputs are random, never
+//! zeros. Bytes are counted as the fewest a kernel must move (each input read once, each
+//! output written once).
+//!
+//! `cargo bench --features cuda --bench gpu` (or the binary with `--bench`); the
+//! optional argument filters by name, e.g. `-- --bench attention`.
+use popen::backend::{Backend, DeviceBackend};
+use popen::kernels::attention::{attention_bwd, attention_fwd, AttnShape};
+use popen::kernels::logprob::{logprob_bwd, logprob_fwd, seq_weighted_sum};
+use popen::kernels::mask::{pair_counts, soft_iou_bwd, soft_iou_fwd};
+use popen::kernels::perturb::{perturb, PerturbCfg};
+use popen::kernels::philox::Philox;
+use popen::kernels::{Device, KArg, LaunchCfg};
+use popen::nn::llama::{Llama, LlamaConfig};
+use std::io::Write;
+use std::time::Instant;
+
+/// The LLaMA-7B-shaped stack: 7B's widths and vocabulary, `STACK_LAYERS` layers.
+/// Keep in sync with `STACK` in tools/bench_gpu_torch.py.
+pub fn stack_cfg() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 32000,
+        hidden_size: 4096,
+        intermediate_size: 11008,
+        num_hidden_layers: STACK_LAYERS,
+        num_attention_heads: 32,
+        num_key_value_heads: Some(32),
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: false,
+    }
+}
+const STACK_LAYERS: usize = 2;
+const STACK_BATCH: usize = 1;
+const STACK_SEQ: usize = 2048;
+
+/// Attention shapes (name, shape, padding mask); keep in sync with the torch script.
+fn attn_shapes() -> Vec<(&'static str, AttnShape, bool)> {
+    let s7b = AttnShape {
+        b: 2,
+        nh: 32,
+        nkv: 32,
+        tq: 2048,
+        tk: 2048,
+        hs: 128,
+        causal: true,
+        scale: 1.0 / (128f32).sqrt(),
+    };
+    vec![
+        ("b2_h32_t2048_d128_causal_bias", s7b, false),
+        (
+            "b8_h32_t1024_d128_bias_mask",
+            AttnShape {
+                b: 8,
+                tq: 1024,
+                tk: 1024,
+                causal: false,
+                ..s7b
+            },
+            true,
+        ),
+    ]
+}
+
+fn rand_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Philox::new(seed);
+    (0..n).map(|_| r.uniform(-1.0, 1.0) as f32).collect()
+}
+
+fn rand_u8(n: usize, seed: u64, p: f64) -> Vec<u8> {
+    let mut r = Philox::new(seed);
+    (0..n).map(|_| (r.uniform(0.0, 1.0) < p) as u8).collect()
+}
+
+/// Median seconds per call of `f` (see the module docs).
+fn time(dev: &Device, n: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    dev.synchronize().expect("synchronize");
+    let mut ts: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            dev.synchronize().expect("synchronize");
+            t0.elapsed().as_secs_f64() / n as f64
+        })
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    ts[reps / 2]
+}
+
+fn emit(name: &str, secs: f64, unit: &str, per_call: f64) {
+    println!(
+        "{{\"name\":\"{name}\",\"ms\":{:.4},\"{unit}\":{:.2}}}",
+        secs * 1e3,
+        per_call / secs
+    );
+    std::io::stdout().flush().ok();
+}
+
+fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
+    // the copy ceiling through our own launch path: 1 GiB read + 1 GiB written
+    if want("copy") {
+        let n = 256usize << 20;
+        let src = dev.upload(&rand_f32(n, 1)).unwrap();
+        let mut dst = dev.zeros::<f32>(n).unwrap();
+        let t = time(dev, 10, 5, || {
+            dev.launch(
+                "copy_f32",
+                LaunchCfg::new([132 * 16, 1, 1], [256, 1, 1], 0),
+                &[dst.arg_mut(), src.arg(), KArg::I64(n as i64)],
+            )
+            .unwrap()
+        });
+        emit("copy_f32_1GiB", t, "gb_s", 8.0 * n as f64 / 1e9);
+    }
+    // Np = 30 noisy copies of 8 images of 3×512×512 (bytes: each copy written once; the
+    // source image is read once per copy as well, as the CPU bench counts)
+    if want("perturb") {
+        let (b, ch, h, w) = (8usize, 3usize, 512usize, 512usize);
+        let cfg = PerturbCfg {
+            np: 30,
+            sigma: 0.5,
+            rect_h: (h / 8, h / 2),
+            rect_w: (w / 8, w / 2),
+            seed: 7,
+            first_copy: 0,
+        };
+        let e = b * ch * h * w;
+        let img = dev.upload(&rand_f32(e, 2)).unwrap();
+        let mut out = dev.zeros::<f32>(cfg.np * e).unwrap();
+        let mut rects = dev.zeros::<i32>(cfg.np * b * 4).unwrap();
+        let t = time(dev, 10, 5, || {
+            perturb(dev, &img, b, ch, h, w, &cfg, &mut out, &mut rects).unwrap()
+        });
+        emit("perturb_30x8x3x512x512", t, "gb_s", 8.0 * (cfg.np * e) as f64 / 1e9);
+    }
+    // log-probs of 8×1024 positions over a 32000-token vocabulary (1 GiB of logits)
+    if want("logprob") {
+        let (b, t_len, v) = (8usize, 1024usize, 32000usize);
+        let r = b * t_len;
+        let logits = dev.upload(&rand_f32(r * v, 3)).unwrap();
+        let mut rng = Philox::new(4);
+        let tg: Vec<i32> = (0..r).map(|_| (rng.next_u32() % v as u32) as i32).collect();
+        let targets = dev.upload(&tg).unwrap();
+        let w = dev.upload(&vec![1.0f32; r]).unwrap();
+        let d_out = dev.upload(&vec![1.0f32; b]).unwrap();
+        let (mut lp, mut lse) = (dev.zeros::<f32>(r).unwrap(), dev.zeros::<f32>(r).unwrap());
+        let (mut o, mut sc) = (dev.zeros::<f32>(b).unwrap(), dev.zeros::<f32>(b).unwrap());
+        let mut dl = dev.zeros::<f32>(r * v).unwrap();
+        let t = time(dev, 10, 5, || {
+            logprob_fwd(dev, &logits, &targets, v, &mut lp, &mut lse).unwrap()
+        });
+        emit("logprob_fwd_8192x32000", t, "gb_s", 4.0 * (r * v) as f64 / 1e9);
+        seq_weighted_sum(dev, &lp, &w, &targets, v, b, t_len, true, &mut o, &mut sc).unwrap();
+        let t = time(dev, 10, 5, || {
+            logprob_bwd(dev, &logits, &lse, &targets, &w, &d_out, &sc, t_len, v, &mut dl).unwrap()
+        });
+        emit("logprob_bwd_8192x32000", t, "gb_s", 8.0 * (r * v) as f64 / 1e9);
+    }
+    // mask IoU counts: 64 predictions × 16 ground truths of 1024×1024 (bytes: each mask
+    // read once)
+    if want("mask") {
+        let (p, g, h, w) = (64usize, 16usize, 1024usize, 1024usize);
+        let pred = dev.upload(&rand_u8(p * h * w, 5, 0.3)).unwrap();
+        let gt = dev.upload(&rand_u8(g * h * w, 6, 0.3)).unwrap();
+        let mut inter = dev.zeros::<u64>(p * g).unwrap();
+        let mut union = dev.zeros::<u64>(p * g).unwrap();
+        let t = time(dev, 5, 5, || {
+            pair_counts(dev, &pred, &gt, p, g, h, w, &mut inter, &mut union).unwrap()
+        });
+        emit("mask_pair_counts_64x16x1024x1024", t, "gb_s", ((p + g) * h * w) as f64 / 1e9);
+        // soft IoU over 64 masks of 1024×1024 (f32 probabilities, u8 targets)
+        let (b, n) = (64usize, 1024 * 1024);
+        let prob = dev.upload(&rand_f32(b * n, 7)).unwrap();
+        let tgt = dev.upload(&rand_u8(b * n, 8, 0.3)).unwrap();
+        let mut iou = dev.zeros::<f32>(b).unwrap();
+        let mut sums = dev.zeros::<f32>(3 * b).unwrap();
+        let d_iou = dev.upload(&vec![1.0f32; b]).unwrap();
+        let mut dp = dev.zeros::<f32>(b * n).unwrap();
+        let t = time(dev, 10, 5, || {
+            soft_iou_fwd(dev, &prob, &tgt, b, n, &mut iou, &mut sums).unwrap()
+        });
+        emit("soft_iou_fwd_64x1024x1024", t, "gb_s", 5.0 * (b * n) as f64 / 1e9);
+        let t = time(dev, 10, 5, || {
+            soft_iou_bwd(dev, &tgt, &sums, &d_iou, b, n, &mut dp).unwrap()
+        });
+        emit("soft_iou_bwd_64x1024x1024", t, "gb_s", 5.0 * (b * n) as f64 / 1e9);
+    }
+}
+
+fn bench_attention(dev: &Device) {
+    for (name, s, masked) in attn_shapes() {
+        let (nq, nk) = (s.b * s.nh * s.tq * s.hs, s.b * s.nkv * s.tk * s.hs);
+        let up = |v: Vec<f32>| dev.upload(&v).unwrap();
+        let (q, k, v) = (up(rand_f32(nq, 11)), up(rand_f32(nk, 12)), up(rand_f32(nk, 13)));
+        let bias = up(rand_f32(s.b * s.tk, 14));
+        // the last eighth of each row's keys is padding, as in the torch script
+        let mask = masked.then(|| {
+            let m: Vec<u8> = (0..s.b * s.tk)
+                .map(|i| (i % s.tk < s.tk - s.tk / 8) as u8)
+                .collect();
+            dev.upload(&m).unwrap()
+        });
+        let mut out = dev.zeros::<f32>(nq).unwrap();
+        let mut lse = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
+        let t = time(dev, 5, 5, || {
+            attention_fwd(dev, &s, &q, &k, &v, Some(&bias), mask.as_ref(), &mut out, &mut lse)
+                .unwrap()
+        });
+        emit(&format!("attention_fwd_{name}"), t, "gflop_s", s.fwd_flops() / 1e9);
+        let dout = up(rand_f32(nq, 15));
+        let (mut dq, mut dk, mut dv) = (
+            dev.zeros::<f32>(nq).unwrap(),
+            dev.zeros::<f32>(nk).unwrap(),
+            dev.zeros::<f32>(nk).unwrap(),
+        );
+        let mut db = dev.zeros::<f32>(s.b * s.tk).unwrap();
+        let t = time(dev, 5, 5, || {
+            attention_bwd(
+                dev,
+                &s,
+                &q,
+                &k,
+                &v,
+                Some(&bias),
+                mask.as_ref(),
+                &out,
+                &lse,
+                &dout,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                Some(&mut db),
+            )
+            .unwrap()
+        });
+        emit(&format!("attention_bwd_{name}"), t, "gflop_s", s.bwd_flops() / 1e9);
+    }
+}
+
+/// Forward + backward of the 7B-shaped stack on the device backend: embedding, the
+/// layers, the final norm, the LM head, the log-prob of a target per position and the
+/// backward of their mean (the loss PyTorch's side uses).
+fn bench_stack(dev: Device) {
+    let cfg = stack_cfg();
+    let be = DeviceBackend::new(dev);
+    let t0 = Instant::now();
+    let mut m: Llama<f32, DeviceBackend> = Llama::new(be.clone(), cfg.clone(), 1).unwrap();
+    eprintln!("stack: built in {:.1} s", t0.elapsed().as_secs_f64());
+    let (b, t, v) = (STACK_BATCH, STACK_SEQ, cfg.vocab_size);
+    let n = b * t;
+    let mut rng = Philox::new(9);
+    let ids: Vec<u32> = (0..n).map(|_| rng.next_u32() % v as u32).collect();
+    let targets: Vec<i32> = (0..n).map(|_| (rng.next_u32() % v as u32) as i32).collect();
+    let dlogp = be.from_slice(&vec![-1.0 / n as f32; n]);
+    let (mut lp, mut lse) = (be.zeros(n), be.zeros(n));
+    let mut dl = be.zeros(n * v);
+    let mut step = || {
+        m.zero_grad();
+        let (logits, acts) = m.forward(&ids, b, None, None).unwrap();
+        be.logprob_fwd(&logits, &targets, v, &mut lp, &mut lse)
+            .unwrap();
+        be.logprob_bwd(&logits, &targets, v, &lse, &dlogp, &mut dl)
+            .unwrap();
+        m.backward(&acts, &dl).unwrap();
+    };
+    let t = time(be.device(), 1, 5, &mut step);
+    let loss = -be.to_vec(&lp).iter().sum::<f32>() / n as f32;
+    eprintln!("stack: loss {loss} (ln V = {})", (v as f32).ln());
+    emit(
+        &format!("llama7b_stack_L{STACK_LAYERS}_b{b}_t{t}_fwd_bwd", t = STACK_SEQ),
+        t,
+        "tokens_s",
+        n as f64,
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other argument filters by name
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let dev = match Device::cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("{{\"skipped\":{:?}}}", format!("no usable GPU: {e}"));
+            return;
+        }
+    };
+    bench_memory(&dev, &want);
+    if want("attention") {
+        bench_attention(&dev);
+    }
+    if want("stack") {
+        bench_stack(dev);
+    }
+}

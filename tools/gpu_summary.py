@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Summarise a tools/gpu_check.sh run: python3 tools/gpu_summary.py OUT_DIR > gpu_check.json
+
+Reads OUT_DIR/tests.log (one section per test binary, cargo's `test result` lines), bench_gpu.jsonl (ours) and
+bench_gpu_torch.jsonl (PyTorch, same names), and writes one JSON object: the tests, each
+timing beside PyTorch's with the ratio torch_ms / ours_ms (> 1: ours is faster), each
+memory-bound kernel's bandwidth as a fraction of PyTorch's device-to-device copy, and the
+issue's goals with whether each was met.
+"""
+import json
+import os
+import re
+import sys
+
+
+def jsonl(path):
+    rows = {}
+    if not os.path.exists(path):
+        return rows
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "name" in r:
+                rows[r["name"]] = r
+    return rows
+
+
+def main():
+    out = sys.argv[1]
+    tests = {}
+    log = os.path.join(out, "tests.log")
+    sections = re.split(r"^==== test_(\S+) rc=(\d+)$", open(log, errors="replace").read() if os.path.exists(log) else "", flags=re.M)
+    for name, rc, text in zip(sections[1::3], sections[2::3], sections[3::3]):
+        m = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed; (\d+) ignored", text)
+        row = {"rc": int(rc)}
+        if m:
+            ok, passed, failed, ignored = m[-1]
+            row.update(result=ok, passed=int(passed), failed=int(failed), ignored=int(ignored))
+        else:
+            row["result"] = "no result line (crashed or timed out)"
+        row["failed_tests"] = re.findall(r"^test (\S+) \.\.\. FAILED", text, flags=re.M)
+        tests[name] = row
+    ours = jsonl(os.path.join(out, "bench_gpu.jsonl"))
+    torch = jsonl(os.path.join(out, "bench_gpu_torch.jsonl"))
+    pairs = {}
+    for name in sorted(set(ours) | set(torch)):
+        o, t = ours.get(name), torch.get(name)
+        row = {"ours_ms": o and o["ms"], "torch_ms": t and t["ms"]}
+        for unit in ("gb_s", "gflop_s", "tokens_s"):
+            if (o and unit in o) or (t and unit in t):
+                row["unit"] = unit
+                row["ours"] = o and o.get(unit)
+                row["torch"] = t and t.get(unit)
+        if o and t and o["ms"] > 0:
+            row["torch_over_ours"] = round(t["ms"] / o["ms"], 3)
+        pairs[name] = row
+    copy = torch.get("copy_1GiB", {}).get("gb_s") or ours.get("copy_f32_1GiB", {}).get("gb_s")
+    memory = {}
+    if copy:
+        for name, o in ours.items():
+            if "gb_s" in o and not name.startswith("copy"):
+                memory[name] = round(o["gb_s"] / copy, 3)
+    goals = {}
+    for shape in sorted({n[len("attention_fwd_"):] for n in ours if n.startswith("attention_fwd_")}):
+        f, b = f"attention_fwd_{shape}", f"attention_bwd_{shape}"
+        if all(k in ours and k in torch for k in (f, b)):
+            r = (torch[f]["ms"] + torch[b]["ms"]) / (ours[f]["ms"] + ours[b]["ms"])
+            goals[f"attention fwd+bwd {shape}: >= 1.5x SDPA float mask"] = {"ratio": round(r, 3), "met": r >= 1.5}
+    for name, frac in memory.items():
+        goals[f"{name}: >= 85% of copy bandwidth"] = {"fraction": frac, "met": frac >= 0.85}
+    for name in ours:
+        if name.startswith("llama7b_stack") and name in torch:
+            r = ours[name]["tokens_s"] / torch[name]["tokens_s"]
+            goals[f"{name}: >= 1.0x PyTorch"] = {"ratio": round(r, 3), "met": r >= 1.0}
+    print(json.dumps({"copy_ceiling_gb_s": copy, "tests": tests, "timings": pairs,
+                      "memory_fraction_of_copy": memory, "goals": goals}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
