@@ -144,7 +144,12 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
         let t = time(dev, 10, 5, || {
             perturb(dev, &img, b, ch, h, w, &cfg, &mut out, &mut rects).unwrap()
         });
-        emit("perturb_30x8x3x512x512", t, "gb_s", 8.0 * (cfg.np * e) as f64 / 1e9);
+        emit(
+            "perturb_30x8x3x512x512",
+            t,
+            "gb_s",
+            8.0 * (cfg.np * e) as f64 / 1e9,
+        );
     }
     // log-probs of 8×1024 positions over a 32000-token vocabulary (1 GiB of logits)
     if want("logprob") {
@@ -162,12 +167,25 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
         let t = time(dev, 10, 5, || {
             logprob_fwd(dev, &logits, &targets, v, &mut lp, &mut lse).unwrap()
         });
-        emit("logprob_fwd_8192x32000", t, "gb_s", 4.0 * (r * v) as f64 / 1e9);
+        emit(
+            "logprob_fwd_8192x32000",
+            t,
+            "gb_s",
+            4.0 * (r * v) as f64 / 1e9,
+        );
         seq_weighted_sum(dev, &lp, &w, &targets, v, b, t_len, true, &mut o, &mut sc).unwrap();
         let t = time(dev, 10, 5, || {
-            logprob_bwd(dev, &logits, &lse, &targets, &w, &d_out, &sc, t_len, v, &mut dl).unwrap()
+            logprob_bwd(
+                dev, &logits, &lse, &targets, &w, &d_out, &sc, t_len, v, &mut dl,
+            )
+            .unwrap()
         });
-        emit("logprob_bwd_8192x32000", t, "gb_s", 8.0 * (r * v) as f64 / 1e9);
+        emit(
+            "logprob_bwd_8192x32000",
+            t,
+            "gb_s",
+            8.0 * (r * v) as f64 / 1e9,
+        );
     }
     // mask IoU counts: 64 predictions × 16 ground truths of 1024×1024 (bytes: each mask
     // read once)
@@ -180,7 +198,12 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
         let t = time(dev, 5, 5, || {
             pair_counts(dev, &pred, &gt, p, g, h, w, &mut inter, &mut union).unwrap()
         });
-        emit("mask_pair_counts_64x16x1024x1024", t, "gb_s", ((p + g) * h * w) as f64 / 1e9);
+        emit(
+            "mask_pair_counts_64x16x1024x1024",
+            t,
+            "gb_s",
+            ((p + g) * h * w) as f64 / 1e9,
+        );
         // soft IoU over 64 masks of 1024×1024 (f32 probabilities, u8 targets)
         let (b, n) = (64usize, 1024 * 1024);
         let prob = dev.upload(&rand_f32(b * n, 7)).unwrap();
@@ -192,11 +215,21 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
         let t = time(dev, 10, 5, || {
             soft_iou_fwd(dev, &prob, &tgt, b, n, &mut iou, &mut sums).unwrap()
         });
-        emit("soft_iou_fwd_64x1024x1024", t, "gb_s", 5.0 * (b * n) as f64 / 1e9);
+        emit(
+            "soft_iou_fwd_64x1024x1024",
+            t,
+            "gb_s",
+            5.0 * (b * n) as f64 / 1e9,
+        );
         let t = time(dev, 10, 5, || {
             soft_iou_bwd(dev, &tgt, &sums, &d_iou, b, n, &mut dp).unwrap()
         });
-        emit("soft_iou_bwd_64x1024x1024", t, "gb_s", 5.0 * (b * n) as f64 / 1e9);
+        emit(
+            "soft_iou_bwd_64x1024x1024",
+            t,
+            "gb_s",
+            5.0 * (b * n) as f64 / 1e9,
+        );
     }
 }
 
@@ -204,7 +237,11 @@ fn bench_attention(dev: &Device) {
     for (name, s, masked) in attn_shapes() {
         let (nq, nk) = (s.b * s.nh * s.tq * s.hs, s.b * s.nkv * s.tk * s.hs);
         let up = |v: Vec<f32>| dev.upload(&v).unwrap();
-        let (q, k, v) = (up(rand_f32(nq, 11)), up(rand_f32(nk, 12)), up(rand_f32(nk, 13)));
+        let (q, k, v) = (
+            up(rand_f32(nq, 11)),
+            up(rand_f32(nk, 12)),
+            up(rand_f32(nk, 13)),
+        );
         let bias = up(rand_f32(s.b * s.tk, 14));
         // the last eighth of each row's keys is padding, as in the torch script
         let mask = masked.then(|| {
@@ -216,10 +253,25 @@ fn bench_attention(dev: &Device) {
         let mut out = dev.zeros::<f32>(nq).unwrap();
         let mut lse = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
         let t = time(dev, 5, 5, || {
-            attention_fwd(dev, &s, &q, &k, &v, Some(&bias), mask.as_ref(), &mut out, &mut lse)
-                .unwrap()
+            attention_fwd(
+                dev,
+                &s,
+                &q,
+                &k,
+                &v,
+                Some(&bias),
+                mask.as_ref(),
+                &mut out,
+                &mut lse,
+            )
+            .unwrap()
         });
-        emit(&format!("attention_fwd_{name}"), t, "gflop_s", s.fwd_flops() / 1e9);
+        emit(
+            &format!("attention_fwd_{name}"),
+            t,
+            "gflop_s",
+            s.fwd_flops() / 1e9,
+        );
         let dout = up(rand_f32(nq, 15));
         let (mut dq, mut dk, mut dv) = (
             dev.zeros::<f32>(nq).unwrap(),
@@ -246,7 +298,12 @@ fn bench_attention(dev: &Device) {
             )
             .unwrap()
         });
-        emit(&format!("attention_bwd_{name}"), t, "gflop_s", s.bwd_flops() / 1e9);
+        emit(
+            &format!("attention_bwd_{name}"),
+            t,
+            "gflop_s",
+            s.bwd_flops() / 1e9,
+        );
     }
 }
 
@@ -280,7 +337,10 @@ fn bench_stack(dev: Device) {
     let loss = -be.to_vec(&lp).iter().sum::<f32>() / n as f32;
     eprintln!("stack: loss {loss} (ln V = {})", (v as f32).ln());
     emit(
-        &format!("llama7b_stack_L{STACK_LAYERS}_b{b}_t{t}_fwd_bwd", t = STACK_SEQ),
+        &format!(
+            "llama7b_stack_L{STACK_LAYERS}_b{b}_t{t}_fwd_bwd",
+            t = STACK_SEQ
+        ),
         t,
         "tokens_s",
         n as f64,

@@ -622,7 +622,10 @@ fn tiny_llama_training_step_on_the_device_equals_cpu() {
         };
         let (loss_dev, p_dev, copies) = train_steps(d, count);
         for (a, b) in loss_dev.iter().zip(&loss_cpu) {
-            assert!((a - b).abs() <= 1e-4 * b.abs(), "loss {kind:?} {a} vs cpu {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs(),
+                "loss {kind:?} {a} vs cpu {b}"
+            );
         }
         assert_eq!(p_cpu.len(), p_dev.len());
         for ((name, e), (_, c)) in p_dev.iter().zip(&p_cpu) {

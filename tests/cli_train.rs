@@ -433,3 +433,64 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_old_predictions() {
     assert!(e.contains("pred.jsonl"), "{e}");
     assert_eq!(std::fs::read_to_string(&pred).unwrap(), "old\n");
 }
+
+/// The losses `metrics.jsonl` logged, by step.
+fn logged_losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn three_steps_on_the_emulated_device_log_the_cpus_losses() {
+    let d = tmp("emu");
+    let (train_json, test_json, cfg) = setup(&d);
+    let (cpu, emu) = (d.join("cpu"), d.join("emu"));
+    ok(&train(&train_json, &cfg, &cpu, &["--steps", "3"], "2"));
+    ok(&train(
+        &train_json,
+        &cfg,
+        &emu,
+        &["--steps", "3", "--device", "emu"],
+        "2",
+    ));
+    let (lc, le) = (logged_losses(&cpu), logged_losses(&emu));
+    assert_eq!(lc.len(), 3, "{lc:?}");
+    assert_eq!(lc.len(), le.len());
+    for ((sc, a), (se, b)) in lc.iter().zip(&le) {
+        assert_eq!(sc, se);
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "step {sc}: cpu {a} vs emu {b}"
+        );
+    }
+    // the emulator's run directory is an ordinary one: predict reads it on either device
+    for dev in ["cpu", "emu"] {
+        let pred = d.join(format!("pred_{dev}.jsonl"));
+        ok(&popen(
+            &[
+                "predict",
+                "--checkpoint",
+                emu.to_str().unwrap(),
+                "--data",
+                test_json.to_str().unwrap(),
+                "--out",
+                pred.to_str().unwrap(),
+                "--device",
+                dev,
+            ],
+            "2",
+        ));
+    }
+    let text = |dev: &str| std::fs::read_to_string(d.join(format!("pred_{dev}.jsonl"))).unwrap();
+    let answers = |s: String| -> Vec<String> {
+        s.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].to_string())
+            .collect()
+    };
+    assert!(!answers(text("cpu")).is_empty());
+    assert_eq!(answers(text("cpu")), answers(text("emu")));
+}

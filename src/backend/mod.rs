@@ -24,7 +24,7 @@ pub mod cpu;
 pub mod device;
 pub mod image;
 pub use cpu::Cpu;
-pub use device::{DeviceBackend, DeviceChoice};
+pub use device::{DeviceBackend, DeviceChoice, OnBackend};
 
 /// Whether an op overwrites its output or adds into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,10 +1,12 @@
 //! `popen infer`: one image, one prompt: the answer on stdout, an overlay PNG (each mask
 //! in its own colour, labelled with its phrase) and each mask as a 0/255 PNG.
-use super::model_args::{load_model, seg_phrases, DeviceArg};
+use super::model_args::{seg_phrases, DeviceArg};
 use anyhow::Context;
+use popen::backend::{Backend, OnBackend};
 use popen::data::world::overlay;
 use popen::data::Mask;
 use popen::model::seg::preprocess;
+use popen::model::seg::{Pixels, Prediction, SegModel};
 use popen::nn::SamplingCfg;
 use std::path::PathBuf;
 
@@ -28,8 +30,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check()?;
-    let (model, tok) = load_model(&a.checkpoint)?;
     let img = image::ImageReader::open(&a.image)
         .with_context(|| format!("{}: cannot open", a.image.display()))?
         .with_guessed_format()
@@ -37,10 +37,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .decode()
         .with_context(|| format!("{}: does not decode", a.image.display()))?
         .into_rgb8();
-    let px = preprocess(&img, model.cfg.image_size)?;
-    let p = model
-        .predict(&tok, &[(&px, a.prompt.as_str())], &SamplingCfg::greedy())?
-        .remove(0);
+    /// Load and answer on the backend `--device` names.
+    struct Job<'a>(&'a Args, &'a image::RgbImage);
+    impl OnBackend for Job<'_> {
+        type Out = (Pixels, Prediction);
+        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<(Pixels, Prediction)> {
+            let (model, tok) = SegModel::load(be, &self.0.checkpoint)?;
+            let px = preprocess(self.1, model.cfg.image_size)?;
+            let p = model
+                .predict(
+                    &tok,
+                    &[(&px, self.0.prompt.as_str())],
+                    &SamplingCfg::greedy(),
+                )?
+                .remove(0);
+            Ok((px, p))
+        }
+    }
+    let (px, p) = a.device.device.run(Job(&a, &img))?;
     println!("{}", p.text);
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
     let masks = p

@@ -1,33 +1,13 @@
 //! Options shared by the commands that run a model.
-use popen::backend::Cpu;
-use popen::model::seg::{SegModel, SegTokenizer};
-use std::path::Path;
+use popen::backend::DeviceChoice;
 
 /// `--device`: where the model runs.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DeviceArg {
-    /// `cpu` (the device backend will add `emu` and `cuda[:N]`).
+    /// cpu (the reference backend), emu (the kernels on the CUDA emulator: slow, for
+    /// checking) or cuda[:N] (GPU N; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    pub device: String,
-}
-
-impl DeviceArg {
-    /// `Err` for a device this build cannot serve.
-    pub fn check(&self) -> anyhow::Result<()> {
-        match self.device.as_str() {
-            "cpu" => Ok(()),
-            d if d == "emu" || d == "cuda" || d.starts_with("cuda:") => anyhow::bail!(
-                "--device {d}: the segmentation model runs on the CPU backend only in this \
-                 version (the device backend over the kernels is not wired to it yet)"
-            ),
-            d => anyhow::bail!("--device {d}: expected cpu, emu or cuda[:N]"),
-        }
-    }
-}
-
-/// Loads a run directory's model and tokenizer on the CPU.
-pub fn load_model(dir: &Path) -> anyhow::Result<(SegModel, SegTokenizer)> {
-    Ok(SegModel::load(Cpu, dir)?)
+    pub device: DeviceChoice,
 }
 
 /// The phrase each `<seg>` of `text` stands for: the words just before it (up to

@@ -1,6 +1,9 @@
 //! `popen predict`: a trained segmentation model answers every question of a
 //! MUSE-schema file; writes the `PRED.jsonl` that `popen eval` reads.
-use super::model_args::{load_model, DeviceArg};
+use super::model_args::DeviceArg;
+use popen::backend::{Backend, OnBackend};
+use popen::metrics::eval::PredLine;
+use popen::model::seg::SegModel;
 use popen::nn::SamplingCfg;
 use popen::popen::predict::{data_root, predict_items, questions, write_preds};
 use std::path::PathBuf;
@@ -34,21 +37,30 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check()?;
     if a.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
-    let (model, tok) = load_model(&a.checkpoint)?;
-    let root = data_root(&a.data, &a.images);
-    let items = questions(&a.data, &root)?;
-    let cfg = SamplingCfg {
-        temperature: a.temperature,
-        top_p: 1.0,
-        seed: a.seed,
-    };
-    let bar = super::progress::bar(items.len() as u64, "predict");
-    let lines = predict_items(&model, &tok, &items, a.batch, &cfg, |n| bar.inc(n as u64))?;
-    bar.finish_and_clear();
+    /// Load and predict on the backend `--device` names.
+    struct Job<'a>(&'a Args);
+    impl OnBackend for Job<'_> {
+        type Out = Vec<PredLine>;
+        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<Vec<PredLine>> {
+            let a = self.0;
+            let (model, tok) = SegModel::load(be, &a.checkpoint)?;
+            let root = data_root(&a.data, &a.images);
+            let items = questions(&a.data, &root)?;
+            let cfg = SamplingCfg {
+                temperature: a.temperature,
+                top_p: 1.0,
+                seed: a.seed,
+            };
+            let bar = super::progress::bar(items.len() as u64, "predict");
+            let lines = predict_items(&model, &tok, &items, a.batch, &cfg, |n| bar.inc(n as u64))?;
+            bar.finish_and_clear();
+            Ok(lines)
+        }
+    }
+    let lines = a.device.device.run(Job(&a))?;
     write_preds(&a.out, &lines)?;
     println!("{} predictions written to {}", lines.len(), a.out.display());
     Ok(())

@@ -2,8 +2,9 @@
 //! contract in the README): `config.json`, `tokenizer.json`, `model.safetensors`,
 //! `train_state.json`, the checkpoints, `metrics.jsonl`, `loss.png`.
 use super::model_args::DeviceArg;
+use popen::backend::{Backend, OnBackend};
 use popen::popen::sft::{train_sft, SftConfig, SftPaths};
-use popen::train::{load_toml, TrainOverrides};
+use popen::train::{load_toml, TrainOverrides, TrainSummary};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -73,7 +74,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn sft(a: SftArgs) -> anyhow::Result<()> {
     let c = &a.common;
-    c.device.check()?;
     let mut cfg: SftConfig = match &c.config {
         Some(p) => load_toml(p)?,
         None => SftConfig::default(),
@@ -96,7 +96,15 @@ fn sft(a: SftArgs) -> anyhow::Result<()> {
         val: a.val.clone(),
         base: a.base.clone(),
     };
-    let s = train_sft(&cfg, &paths, c.resume, std::io::stderr().is_terminal())?;
+    /// `train_sft` on the backend `--device` names.
+    struct Job<'a>(&'a SftConfig, &'a SftPaths, bool);
+    impl OnBackend for Job<'_> {
+        type Out = TrainSummary;
+        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<TrainSummary> {
+            train_sft(be, self.0, self.1, self.2, std::io::stderr().is_terminal())
+        }
+    }
+    let s = c.device.device.run(Job(&cfg, &paths, c.resume))?;
     println!(
         "stage 1 trained to step {} in {:.0} s; last loss {}; run directory {}",
         s.step,

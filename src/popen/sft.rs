@@ -1,7 +1,7 @@
 //! Stage 1 (SFT): the segmentation model trained on answers and masks with
 //! `L = CE + 2·BCE + 0.5·Dice`, through the shared trainer.  `popen train sft` and
 //! `popen demo` call [`train_sft`].
-use crate::backend::Cpu;
+use crate::backend::{Backend, Cpu};
 use crate::data::sample::{load_muse, Sample};
 use crate::error::{Error, Result};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
@@ -28,19 +28,19 @@ pub struct SftConfig {
     pub trainable: Parts,
 }
 
-/// The model as the trainer sees it.
-pub struct SftModel {
-    pub model: SegModel,
+/// The model as the trainer sees it, on backend `B`.
+pub struct SftModel<B: Backend<f32> = Cpu> {
+    pub model: SegModel<f32, B>,
     pub weights: LossWeights,
 }
 
-impl Trainable for SftModel {
+impl<B: Backend<f32>> Trainable for SftModel<B> {
     type Item = Example;
-    type Be = Cpu;
-    fn backend(&self) -> Cpu {
-        Cpu
+    type Be = B;
+    fn backend(&self) -> B {
+        self.model.llava.be.clone()
     }
-    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor<f32, B>)> {
         self.model.params_mut()
     }
     fn accumulate(&mut self, batch: &[Example], scale: f32, _rng: &mut Rng) -> Result<LossParts> {
@@ -98,9 +98,12 @@ pub struct SftPaths {
 /// Images whose questions are scored at each validation (the first of the file).
 pub const VAL_IMAGES: usize = 20;
 
-/// Trains stage 1 into `paths.out`.  With `resume`, continues the run found there (its
-/// tokenizer and config are reused, so the model is the same).
-pub fn train_sft(
+/// Trains stage 1 into `paths.out` on backend `be` (`popen train sft --device`).  With
+/// `resume`, continues the run found there (its tokenizer and config are reused, so the
+/// model is the same).  Checkpoints hold host-order f32 weights whatever the backend,
+/// so a run started on one device resumes on another.
+pub fn train_sft<B: Backend<f32>>(
+    be: B,
     cfg: &SftConfig,
     paths: &SftPaths,
     resume: bool,
@@ -121,7 +124,7 @@ pub fn train_sft(
     let (model, tok) = match &paths.base {
         Some(base) => {
             let (mut m, tok) =
-                SegModel::from_llava_dir(Cpu, cfg.model.clone(), base, cfg.train.seed)?;
+                SegModel::from_llava_dir(be, cfg.model.clone(), base, cfg.train.seed)?;
             // PixelLM freezes the pretrained vision tower whatever the config says
             m.set_trainable(Parts {
                 vision: false,
@@ -139,7 +142,7 @@ pub fn train_sft(
                     cfg.model.group_len(),
                 )?
             };
-            let mut m = SegModel::new_tiny(Cpu, cfg.model.clone(), &tok, cfg.train.seed)?;
+            let mut m = SegModel::new_tiny(be, cfg.model.clone(), &tok, cfg.train.seed)?;
             m.set_trainable(cfg.trainable);
             (m, tok)
         }
@@ -181,7 +184,7 @@ pub fn train_sft(
         let items = crate::popen::predict::questions(&val, &vroot)?;
         let pred_path = out.join("val_pred.jsonl");
         let tok2 = tok.clone();
-        trainer = trainer.validate_with(move |m: &mut SftModel, _step| {
+        trainer = trainer.validate_with(move |m: &mut SftModel<B>, _step| {
             let lines = crate::popen::predict::predict_items(
                 &m.model,
                 &tok2,

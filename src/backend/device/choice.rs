@@ -1,5 +1,7 @@
 //! Which backend a command runs a model on: `--device cpu|emu|cuda[:N]`.
+use crate::backend::{Backend, Cpu, DeviceBackend};
 use crate::error::{Error, Result};
+use crate::kernels::Device;
 use std::fmt;
 use std::str::FromStr;
 
@@ -12,6 +14,31 @@ pub enum DeviceChoice {
     Emu,
     /// The device backend on GPU `N` (`cuda` = `cuda:0`).
     Cuda(usize),
+}
+
+/// Work written once, generic over the backend, that [`DeviceChoice::run`] runs on the
+/// backend a `--device` names (Rust has no generic closures, so a job is a type).
+pub trait OnBackend {
+    type Out;
+    fn run<B: Backend<f32>>(self, be: B) -> Result<Self::Out>;
+}
+
+impl DeviceChoice {
+    /// Opens this device and runs `job` on it: the CPU backend, the device backend on
+    /// the emulator, or the device backend on GPU `N` (an error, never a panic, when
+    /// this build or machine has no such GPU).
+    pub fn run<J: OnBackend>(self, job: J) -> Result<J::Out> {
+        match self {
+            DeviceChoice::Cpu => job.run(Cpu),
+            DeviceChoice::Emu => job.run(DeviceBackend::new(Device::emulator())),
+            DeviceChoice::Cuda(n) => {
+                let dev = Device::cuda(n).map_err(|e| {
+                    Error::Device(format!("--device cuda:{n}: cannot open the GPU: {e}"))
+                })?;
+                job.run(DeviceBackend::new(dev))
+            }
+        }
+    }
 }
 
 impl FromStr for DeviceChoice {

@@ -25,7 +25,7 @@ mod layout;
 mod model_ops;
 mod norm;
 
-pub use choice::DeviceChoice;
+pub use choice::{DeviceChoice, OnBackend};
 pub use gemm::gemm;
 
 /// Threads per block of the elementwise kernels.
