@@ -23,6 +23,10 @@
 #   bench_gpu.jsonl        benches/gpu.rs: copy ceiling, memory-bound kernels, attention,
 #                          the 7B-shaped stack's forward + backward
 #   bench_gpu_torch.jsonl  tools/bench_gpu_torch.py: the same shapes in PyTorch
+#   train.log              `popen train sft` on a generated world, --device cuda and cpu
+#                          (STEPS steps, default 40, the stage-1 config), then `popen
+#                          predict` on its test split on both; wall times go to
+#                          bench_gpu.jsonl as train_sft_* and predict_* lines
 #   bench_err.log          both benches' stderr
 #   gpu_check.json         the summary (tests, each number beside PyTorch's, the goals)
 # and prints the summary last.  Exit status: non-zero if a test failed or no GPU ran.
@@ -38,11 +42,13 @@ if [[ "${1:-}" == "--collect" ]]; then
     args=(); for t in $TESTS; do args+=(--test "$t"); done
     cargo test --no-run --features cuda "${args[@]}" || exit 1
     cargo bench --no-run --features cuda --bench gpu || exit 1
+    cargo build --release --features cuda || exit 1
     # the newest executable of each name (cargo leaves older hashes beside it)
     newest() { ls -t "$tgt"/$1/deps/"$2"-* | grep -v '\.d$' | head -1; }
     for n in $TESTS; do cp "$(newest debug "$n")" "$dst/bin/test_$n"; done
     cp "$(newest release gpu)" "$dst/bin/bench_gpu"
-    strip "$dst"/bin/test_* "$dst"/bin/bench_gpu
+    cp "$tgt/release/popen" "$dst/bin/popen"
+    strip "$dst"/bin/test_* "$dst"/bin/bench_gpu "$dst"/bin/popen
     # the tests find their fixtures under the build's CARGO_MANIFEST_DIR
     pwd > "$dst/bin/manifest_dir"
     tar -C "$dst" -czf "$dst/bins.tar.gz" bin && rm -r "$dst/bin"
@@ -73,8 +79,11 @@ libdirs=$(find /usr/local /opt /usr/lib -name 'libcublas.so*' -not -path '*/stub
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 stamp "libcublas folders: ${libdirs:-none found}"
 
+# SECTIONS picks what runs (default all): tests bench torch train
+want() { [[ " ${SECTIONS:-tests bench torch train} " == *" $1 "* ]]; }
 fail=0
 sanitized=0
+want tests || TESTS=""
 for n in $TESTS; do
     t="$bin/test_$n"
     log="$work/test_$n.log"
@@ -98,17 +107,47 @@ for n in $TESTS; do
 done
 
 # one process per section, so that one failing section does not lose the others
-for section in copy perturb logprob mask attention stack; do
+want bench && for section in copy perturb logprob mask attention stack; do
     timeout "${BENCH_TIMEOUT:-150}" "$bin/bench_gpu" --bench "$section" >> "$out/bench_gpu.jsonl" 2>> "$out/bench_err.log"
     stamp "bench_gpu $section: rc=$? $(tail -1 "$out/bench_gpu.jsonl")"
 done
-PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-150}" python3 "$here/tools/bench_gpu_torch.py" \
-    > "$out/bench_gpu_torch.jsonl" 2>> "$out/bench_err.log"
-stamp "bench_gpu_torch: rc=$? ($(wc -l < "$out/bench_gpu_torch.jsonl") lines)"
-if ! grep -q '"ms"' "$out/bench_gpu.jsonl"; then
+if want torch; then
+    PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-150}" python3 "$here/tools/bench_gpu_torch.py" \
+        > "$out/bench_gpu_torch.jsonl" 2>> "$out/bench_err.log"
+    stamp "bench_gpu_torch: rc=$? ($(wc -l < "$out/bench_gpu_torch.jsonl") lines)"
+fi
+if want bench && ! grep -q '"ms"' "$out/bench_gpu.jsonl"; then
     echo "benches/gpu.rs timed nothing: Device::cuda(0) failed?"; cat "$out/bench_gpu.jsonl" "$out/bench_err.log" | tail -5
     fail=1
 fi
+
+# stage 1 end to end: the same run on the GPU and on this machine's CPU cores
+popen="$bin/popen"
+w="$work/world"
+steps="${STEPS:-40}"
+want train && {
+    "$popen" data generate --out "$w" --n 400 --seed 1 --split train > /dev/null &&
+    "$popen" data generate --out "$w" --n 50 --seed 1 --split test > /dev/null
+} >> "$out/train.log" 2>&1
+want train && for dev in cuda cpu; do
+    t0=$(date +%s.%N)
+    timeout "${TRAIN_TIMEOUT:-150}" "$popen" train sft --data "$w/train.json" --out "$work/run_$dev" \
+        --config "$here/tools/configs/stage1_world.toml" --steps "$steps" --device "$dev" >> "$out/train.log" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+    timeout "${TRAIN_TIMEOUT:-150}" "$popen" predict --checkpoint "$work/run_$dev" --data "$w/test.json" \
+        --out "$work/pred_$dev.jsonl" --device "$dev" >> "$out/train.log" 2>&1
+    rc2=$?
+    t2=$(date +%s.%N)
+    [[ $rc -eq 0 ]] && python3 -c "import json; print(json.dumps({'name': 'train_sft_world_${steps}steps_$dev', \
+        'ms': round(($t1 - $t0) * 1000 / $steps, 2), 'steps_s': round($steps / ($t1 - $t0), 3)}))" >> "$out/bench_gpu.jsonl"
+    [[ $rc2 -eq 0 ]] && python3 -c "import json; q = sum(1 for _ in open('$work/pred_$dev.jsonl')); \
+        print(json.dumps({'name': 'predict_world_test_$dev', 'ms': round(($t2 - $t1) * 1000, 1), \
+        'questions_s': round(q / ($t2 - $t1), 2)}))" >> "$out/bench_gpu.jsonl"
+    stamp "train sft --device $dev: rc=$rc; predict: rc=$rc2 $(tail -1 "$out/bench_gpu.jsonl")"
+    [[ $rc -eq 0 && $rc2 -eq 0 ]] || fail=1
+    grep '"loss"' "$work/run_$dev/metrics.jsonl" | head -3 | sed "s/^/$dev metrics: /" >> "$out/train.log"
+done
 
 python3 "$here/tools/gpu_summary.py" "$out" > "$out/gpu_check.json"
 cat "$out/gpu_check.json"

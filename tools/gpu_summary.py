@@ -50,7 +50,7 @@ def main():
     for name in sorted(set(ours) | set(torch)):
         o, t = ours.get(name), torch.get(name)
         row = {"ours_ms": o and o["ms"], "torch_ms": t and t["ms"]}
-        for unit in ("gb_s", "gflop_s", "tokens_s"):
+        for unit in ("gb_s", "gflop_s", "tokens_s", "steps_s", "questions_s"):
             if (o and unit in o) or (t and unit in t):
                 row["unit"] = unit
                 row["ours"] = o and o.get(unit)
@@ -76,6 +76,13 @@ def main():
         if name.startswith("llama7b_stack") and name in torch:
             r = ours[name]["tokens_s"] / torch[name]["tokens_s"]
             goals[f"{name}: >= 1.0x PyTorch"] = {"ratio": round(r, 3), "met": r >= 1.0}
+    # stage 1 end to end: the GPU's speed-up over the CPU cores of the same machine
+    for kind in ("train_sft", "predict"):
+        gpu = [n for n in ours if n.startswith(kind) and n.endswith("_cuda")]
+        for g in gpu:
+            c = g[: -len("_cuda")] + "_cpu"
+            if c in ours and ours[g]["ms"] > 0:
+                pairs[g]["cpu_over_cuda"] = round(ours[c]["ms"] / ours[g]["ms"], 3)
     print(json.dumps({"copy_ceiling_gb_s": copy, "tests": tests, "timings": pairs,
                       "memory_fraction_of_copy": memory, "goals": goals}, indent=1))
 

@@ -32,8 +32,9 @@ impl DeviceChoice {
             DeviceChoice::Cpu => job.run(Cpu),
             DeviceChoice::Emu => job.run(DeviceBackend::new(Device::emulator())),
             DeviceChoice::Cuda(n) => {
-                let dev = Device::cuda(n).map_err(|e| {
-                    Error::Device(format!("--device cuda:{n}: cannot open the GPU: {e}"))
+                let dev = Device::cuda(n).map_err(|e| match e {
+                    Error::Device(m) => Error::Device(format!("--device cuda:{n}: {m}")),
+                    other => other,
                 })?;
                 job.run(DeviceBackend::new(dev))
             }
