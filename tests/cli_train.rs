@@ -494,3 +494,163 @@ fn three_steps_on_the_emulated_device_log_the_cpus_losses() {
     assert!(!answers(text("cpu")).is_empty());
     assert_eq!(answers(text("cpu")), answers(text("emu")));
 }
+
+/// Every tensor of a safetensors file, by name, as raw bytes.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect()
+}
+
+#[test]
+fn stage2_collects_trains_resumes_and_predicts() {
+    let d = tmp("pref");
+    let (train_json, test_json, cfg) = setup(&d);
+    let sft = d.join("sft");
+    ok(&train(&train_json, &cfg, &sft, &[], "2"));
+    let pcfg = d.join("pref.toml");
+    std::fs::write(
+        &pcfg,
+        "[train]\nlr = 1e-3\nmicro_batch = 4\nwarmup_steps = 1\ntotal_steps = 10\n\
+         checkpoint_every = 2\nlog_every = 1\n",
+    )
+    .unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "pref",
+            "--from",
+            sft.to_str().unwrap(),
+            "--data",
+            train_json.to_str().unwrap(),
+            "--config",
+            pcfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let a = d.join("a");
+    let argv = args(&a);
+    let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+    ok(&popen(&argv, "2"));
+    for f in [
+        "pt.jsonl",
+        "collect.json",
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+    ] {
+        assert!(a.join(f).is_file(), "{f} missing from the stage-2 run");
+    }
+    // the counts add up, and every pair is in pt.jsonl with its changed positions
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("collect.json")).unwrap()).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap();
+    assert_eq!(
+        n("sampled") + n("resampled") + n("injected") + n("skipped"),
+        n("questions")
+    );
+    let pairs: Vec<serde_json::Value> = std::fs::read_to_string(a.join("pt.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        pairs.len() as u64,
+        n("sampled") + n("resampled") + n("injected")
+    );
+    assert!(!pairs.is_empty());
+    for p in &pairs {
+        assert_ne!(p["y"], p["yc"], "{p}");
+        assert!(
+            !p["ly"].as_array().unwrap().is_empty() || !p["lyc"].as_array().unwrap().is_empty()
+        );
+    }
+    // step 1: the policy is the reference, so Lt = ln 2 (the cache equals a recompute)
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(a.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let lt = first["lt"].as_f64().unwrap();
+    assert!((lt - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
+    // the tower and the decoder are bit-identical to stage 1's; the LLM moved
+    let (w1, w2) = (
+        tensors(&sft.join("model.safetensors")),
+        tensors(&a.join("model.safetensors")),
+    );
+    assert_eq!(w1.len(), w2.len());
+    let mut moved = 0;
+    for (name, t) in &w1 {
+        if name.contains("vision_tower") || name.starts_with("mask_decoder") {
+            assert!(t == &w2[name], "{name} changed in stage 2");
+        } else if t != &w2[name] {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "nothing trained");
+    // killed and resumed: the same bits as the uninterrupted run
+    let b = d.join("b");
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    let mut rng = popen::nn::Rng::new(3);
+    let (mut done, mut kills) = (false, 0);
+    for attempt in 0..30 {
+        let mut argv = args(&b);
+        if b.join("config.json").exists() {
+            argv.push("--resume".into());
+        }
+        let mut child = Command::new(BIN)
+            .args(&argv)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50 + rng.next_u64() % 600));
+        if child.try_wait().unwrap().is_none() && attempt < 20 {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+            continue;
+        }
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        done = true;
+        break;
+    }
+    assert!(done, "never finished");
+    assert!(kills >= 1, "no kill landed on a running stage 2");
+    assert!(
+        wa == std::fs::read(b.join("model.safetensors")).unwrap(),
+        "resumed stage 2 differs after {kills} kills"
+    );
+    // the stage-2 run directory is a model predict reads
+    let pred = d.join("pred.jsonl");
+    ok(&popen(
+        &[
+            "predict",
+            "--checkpoint",
+            a.to_str().unwrap(),
+            "--data",
+            test_json.to_str().unwrap(),
+            "--out",
+            pred.to_str().unwrap(),
+        ],
+        "2",
+    ));
+    assert!(std::fs::read_to_string(&pred).unwrap().lines().count() > 0);
+    // bad flags are errors
+    let mut argv = args(&d.join("c"));
+    argv.extend(["--norm".to_string(), "bogus".to_string()]);
+    let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+    assert!(err(&popen(&argv, "2")).contains("--norm bogus"));
+}

@@ -1,8 +1,9 @@
-//! `popen train sft|...`: the training stages.  Each writes a run directory (the
+//! `popen train sft|pref`: the training stages.  Each writes a run directory (the
 //! contract in the README): `config.json`, `tokenizer.json`, `model.safetensors`,
 //! `train_state.json`, the checkpoints, `metrics.jsonl`, `loss.png`.
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
+use popen::popen::pref::{train_pref, Eq3Norm, PrefConfig, PrefPaths, PrefSummary};
 use popen::popen::sft::{train_sft, SftConfig, SftPaths};
 use popen::train::{load_toml, TrainOverrides, TrainSummary};
 use std::io::IsTerminal;
@@ -19,6 +20,9 @@ pub struct Args {
 pub enum Stage {
     /// Stage 1: supervised fine-tuning on answers and masks (CE + 2·BCE + 0.5·Dice).
     Sft(SftArgs),
+    /// Stage 2: preference optimization from a stage-1 run (text preference Pt with the
+    /// DPO loss Lt, plus the stage-1 mask loss; Ps and Ls are not in this version).
+    Pref(PrefArgs),
 }
 
 /// Options every stage shares.
@@ -66,10 +70,89 @@ pub struct SftArgs {
     pub base: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+pub struct PrefArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The stage-1 run directory to start from (`popen train sft --out`).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Ablation: train without the text DPO loss Lt (Lce only).
+    #[arg(long)]
+    pub no_lt: bool,
+    /// Ablation: λ = 1 in Eq. 3 (changed tokens weigh as much as the others).
+    #[arg(long)]
+    pub no_lambda: bool,
+    /// Eq. 3's normalizer: `tokens` (1/|y|, the paper) or `weighted` (RLHF-V's).
+    #[arg(long)]
+    pub norm: Option<String>,
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     match a.stage {
         Stage::Sft(s) => sft(s),
+        Stage::Pref(p) => pref(p),
     }
+}
+
+fn pref(a: PrefArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let mut cfg: PrefConfig = match &c.config {
+        Some(p) => load_toml(p)?,
+        None => PrefConfig::default(),
+    };
+    TrainOverrides {
+        steps: c.steps,
+        checkpoint_every: c.checkpoint_every,
+        seed: c.seed,
+        val_every: None,
+    }
+    .apply(&mut cfg.train)?;
+    if a.no_lt {
+        cfg.loss.lt = false;
+    }
+    if a.no_lambda {
+        cfg.loss.lambda = 1.0;
+    }
+    match a.norm.as_deref() {
+        None => {}
+        Some("tokens") => cfg.loss.norm = Eq3Norm::Tokens,
+        Some("weighted") => cfg.loss.norm = Eq3Norm::Weighted,
+        Some(x) => anyhow::bail!("--norm {x}: expected tokens or weighted"),
+    }
+    let paths = PrefPaths {
+        from: a.from.clone(),
+        data: c.data.clone(),
+        images: c.images.clone(),
+        out: c.out.clone(),
+    };
+    /// `train_pref` on the backend `--device` names.
+    struct Job<'a>(&'a PrefConfig, &'a PrefPaths, bool);
+    impl OnBackend for Job<'_> {
+        type Out = PrefSummary;
+        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<PrefSummary> {
+            train_pref(be, self.0, self.1, self.2, std::io::stderr().is_terminal())
+        }
+    }
+    let s = c.device.device.run(Job(&cfg, &paths, c.resume))?;
+    let k = &s.counts;
+    println!(
+        "stage 2: {} text preference pairs from {} questions ({} sampled, {} resampled, {} \
+         injected, {} skipped; {} responses drawn); trained to step {} in {:.0} s; last loss {}; \
+         run directory {}",
+        s.pairs,
+        k.questions,
+        k.sampled,
+        k.resampled,
+        k.injected,
+        k.skipped,
+        k.samples_drawn,
+        s.train.step,
+        s.train.elapsed_s,
+        s.train.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        c.out.display()
+    );
+    Ok(())
 }
 
 fn sft(a: SftArgs) -> anyhow::Result<()> {

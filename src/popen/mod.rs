@@ -1,5 +1,7 @@
-//! The method itself: preference losses (Eq. 2–4) now; collection (Alg. 1), ensemble
-//! (Eq. 5, 6) and the training stages as they are built.
+//! The method itself: the preference losses (Eq. 2–4), stage 1 ([`sft`]), stage 2
+//! ([`pref`]: `Pt` and `Lt` so far), prediction; Alg. 1's `Ps`, the ensemble (Eq. 5, 6)
+//! and stage 3 as they are built.
 pub mod losses;
 pub mod predict;
+pub mod pref;
 pub mod sft;

@@ -32,9 +32,12 @@ impl DeviceChoice {
             DeviceChoice::Cpu => job.run(Cpu),
             DeviceChoice::Emu => job.run(DeviceBackend::new(Device::emulator())),
             DeviceChoice::Cuda(n) => {
-                let dev = Device::cuda(n).map_err(|e| match e {
-                    Error::Device(m) => Error::Device(format!("--device cuda:{n}: {m}")),
-                    other => other,
+                let dev = Device::cuda(n).map_err(|e| {
+                    let why = match e {
+                        Error::Device(m) => m,
+                        other => other.to_string(),
+                    };
+                    Error::Device(format!("--device cuda:{n}: {why}"))
                 })?;
                 job.run(DeviceBackend::new(dev))
             }

@@ -273,3 +273,19 @@ pub fn tempting_absent(kind: usize, present: &[usize]) -> Vec<usize> {
     }
     seen
 }
+
+/// [`tempting_absent`] when only the objects are known (a data file, not a scene): the
+/// scene type is the one whose items include the most of them (ties: the first).
+pub fn tempting_absent_for(present: &[usize]) -> Vec<usize> {
+    let covered = |k: usize| {
+        SCENES[k]
+            .items
+            .iter()
+            .filter(|(n, _)| by_name(n).is_some_and(|id| present.contains(&id)))
+            .count()
+    };
+    let kind = (0..SCENES.len())
+        .max_by_key(|&k| (covered(k), std::cmp::Reverse(k)))
+        .unwrap_or(0);
+    tempting_absent(kind, present)
+}

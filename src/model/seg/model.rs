@@ -97,6 +97,24 @@ pub struct SegModel<F: Float = f32, B: Backend<F> = Cpu> {
     pub decoder: PixelDecoder<F, B>,
 }
 
+/// A training forward's results for the caller's objective (see
+/// [`SegModel::forward_pass`]), and what the backward needs.
+pub struct TrainPass<Buf> {
+    /// Per padded position (B·T): log p of the next token (position p − 1 predicts
+    /// token p); meaningful where `labelled`.
+    pub logp: Vec<f64>,
+    /// The positions whose next token is an answer token.
+    pub labelled: Vec<bool>,
+    /// Per example: the positions holding its answer tokens' log-probs, in answer order
+    /// (`Encoded::ids[answer_start..]`).
+    pub answer_rows: Vec<Vec<usize>>,
+    /// Per mask (the examples with masks, in order): (BCE, Dice).
+    pub mask_losses: Vec<(f64, f64)>,
+    /// Every token the LLM processed (padding excluded).
+    pub n_tokens: usize,
+    acts: StepActs<Buf>,
+}
+
 /// What the forward keeps for the backward.
 pub struct StepActs<Buf> {
     b: usize,
@@ -109,7 +127,6 @@ pub struct StepActs<Buf> {
     llm: LlamaActs<Buf>,
     logits: Buf,
     targets: Vec<i32>,
-    label_w: Vec<bool>,
     lse: Buf,
     gather_rows: Vec<u32>,
     /// None when the batch has no target
@@ -518,6 +535,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 
     /// One training forward (and, with `backward`, the backward: parameter gradients
     /// accumulate, scaled by `scale`) over a batch.  Returns the batch's loss.
+    ///
+    /// forward: `L = w_ce·CE + w_bce·BCE + w_dice·Dice`, CE the mean over the labelled
+    /// tokens of −log p, BCE and Dice the means over the masks; so the backward feeds
+    /// `∂L/∂logp = −w_ce·scale/n_labels` on the labels and `w·scale/M` per mask term
+    /// into [`SegModel::backward_pass`].
     pub fn step(
         &mut self,
         batch: &[Example],
@@ -525,18 +547,53 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         scale: f32,
         backward: bool,
     ) -> Result<SegLoss> {
-        let (loss, acts) = self.forward_train(batch, w)?;
+        let pass = self.forward_pass(batch)?;
+        let n_labels = pass.labelled.iter().filter(|&&x| x).count();
+        let ce = -pass
+            .logp
+            .iter()
+            .zip(&pass.labelled)
+            .filter(|(_, &l)| l)
+            .map(|(x, _)| *x)
+            .sum::<f64>()
+            / n_labels.max(1) as f64;
+        let m = pass.mask_losses.len();
+        let mf = m.max(1) as f64;
+        let bce = pass.mask_losses.iter().map(|x| x.0).sum::<f64>() / mf;
+        let dice = pass.mask_losses.iter().map(|x| x.1).sum::<f64>() / mf;
+        let total = w.ce as f64 * ce + w.bce as f64 * bce + w.dice as f64 * dice;
+        let loss = SegLoss {
+            total,
+            ce,
+            bce,
+            dice,
+            n_labels,
+            n_tokens: pass.n_tokens,
+            n_masks: m,
+        };
         if backward {
-            self.backward_train(batch, w, scale, &loss, acts)?;
+            let wl = -(w.ce as f64) * scale as f64 / n_labels.max(1) as f64;
+            let dlogp: Vec<f64> = pass
+                .labelled
+                .iter()
+                .map(|&l| if l { wl } else { 0.0 })
+                .collect();
+            let wm = scale as f64 / mf;
+            let mask_w = (w.bce as f64 * wm, w.dice as f64 * wm);
+            self.backward_pass(batch, pass, &dlogp, mask_w)?;
         }
         Ok(loss)
     }
 
-    fn forward_train(
-        &self,
-        batch: &[Example],
-        w: LossWeights,
-    ) -> Result<(SegLoss, StepActs<B::Buf>)> {
+    /// The training forward without a loss: each position's next-token log-prob and
+    /// each mask's BCE and Dice, for an objective of the caller's (stage 2 weighs the
+    /// answer tokens of two responses against each other).  An example with no masks
+    /// is text only: its `<seg>` groups are not decoded.
+    pub fn forward_pass(&self, batch: &[Example]) -> Result<TrainPass<B::Buf>> {
+        self.forward_train(batch)
+    }
+
+    fn forward_train(&self, batch: &[Example]) -> Result<TrainPass<B::Buf>> {
         let be = self.llava.be.clone();
         let op = "SegModel::step";
         let b = batch.len();
@@ -550,7 +607,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let v = self.llava.cfg.text.vocab_size;
         let g = self.cfg.group_len();
         for (i, ex) in batch.iter().enumerate() {
-            if ex.masks.len() != ex.enc.groups.len() {
+            if !ex.masks.is_empty() && ex.masks.len() != ex.enc.groups.len() {
                 return Err(Error::arg(
                     op,
                     format!(
@@ -596,6 +653,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut label_w = vec![false; b * t];
         let mut image_rows = Vec::with_capacity(b * k);
         let mut gather_rows = Vec::new();
+        let mut answer_rows = Vec::with_capacity(b);
         let mut n_tokens = 0;
         for (r, (row, ex)) in rows.iter().zip(batch).enumerate() {
             n_tokens += row.len();
@@ -608,7 +666,18 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 label_w[r * t + p - 1] = true;
             }
             image_rows.extend((0..k).map(|j| r * t + ex.enc.image_pos + j));
-            for &g0 in &ex.enc.groups {
+            answer_rows.push(
+                (ex.enc.answer_start + shift..row.len())
+                    .map(|p| r * t + p - 1)
+                    .collect(),
+            );
+            // a text-only example (no masks) decodes none of its groups
+            let groups: &[usize] = if ex.masks.is_empty() {
+                &[]
+            } else {
+                &ex.enc.groups
+            };
+            for &g0 in groups {
                 for j in 0..g {
                     gather_rows.push((r * t + g0 + shift + j - 1) as u32);
                 }
@@ -628,26 +697,22 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .llava
             .language_model
             .forward_embeds(x, b, t, None, None, None)?;
-        // CE over answer tokens
+        // the log-prob of every next token
         let (mut logp, mut lse) = (be.zeros(b * t), be.zeros(b * t));
         be.logprob_fwd(&logits, &targets, v, &mut logp, &mut lse)?;
-        let lp = be.to_vec(&logp);
-        let n_labels = label_w.iter().filter(|&&x| x).count();
-        let ce = -lp
+        let lp: Vec<f64> = be
+            .to_vec(&logp)
             .iter()
-            .zip(&label_w)
-            .filter(|(_, &w)| w)
-            .map(|(x, _)| x.to_f64().unwrap_or(f64::NAN))
-            .sum::<f64>()
-            / n_labels.max(1) as f64;
+            .map(|x| x.to_f64().unwrap_or(f64::NAN))
+            .collect();
         // masks
         let m = gather_rows.len() / g;
         let img_of: Vec<usize> = batch
             .iter()
             .enumerate()
-            .flat_map(|(r, e)| std::iter::repeat_n(r, e.enc.groups.len()))
+            .flat_map(|(r, e)| std::iter::repeat_n(r, e.masks.len()))
             .collect();
-        let (mut bce, mut dice) = (0.0, 0.0);
+        let mut mask_losses = Vec::with_capacity(m);
         let seg = if m > 0 {
             let (emb, head) = self.seg_embeddings(&llm.hidden, &gather_rows)?;
             let f0 = self.patches_of(&hs[idx[1]], b)?;
@@ -666,8 +731,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                             .collect::<Vec<_>>(),
                     );
                     let r = be.mask_loss_fwd(&lg, &tgt, 1, mask.len())?;
-                    bce += r[0].0.to_f64().unwrap_or(f64::NAN);
-                    dice += r[0].1.to_f64().unwrap_or(f64::NAN);
+                    mask_losses.push((
+                        r[0].0.to_f64().unwrap_or(f64::NAN),
+                        r[0].1.to_f64().unwrap_or(f64::NAN),
+                    ));
                     per_mask.push((lg, tgt));
                     mi += 1;
                 }
@@ -680,20 +747,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         } else {
             None
         };
-        let mf = m.max(1) as f64;
-        let (bce, dice) = (bce / mf, dice / mf);
-        let total = w.ce as f64 * ce + w.bce as f64 * bce + w.dice as f64 * dice;
-        Ok((
-            SegLoss {
-                total,
-                ce,
-                bce,
-                dice,
-                n_labels,
-                n_tokens,
-                n_masks: m,
-            },
-            StepActs {
+        Ok(TrainPass {
+            logp: lp,
+            labelled: label_w,
+            answer_rows,
+            mask_losses,
+            n_tokens,
+            acts: StepActs {
                 b,
                 t,
                 ids,
@@ -704,39 +764,38 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 llm,
                 logits,
                 targets,
-                label_w,
                 lse,
                 gather_rows,
                 seg,
                 idx,
             },
-        ))
+        })
     }
 
-    fn backward_train(
+    /// The backward of [`SegModel::forward_pass`] for a loss `L` given by its gradient:
+    /// `dlogp` = ∂L/∂logp per position (b·t; zero where not labelled) and `mask_w` =
+    /// (∂L/∂BCE_m, ∂L/∂Dice_m), the same for every mask.  Parameter gradients accumulate.
+    pub fn backward_pass(
         &mut self,
         batch: &[Example],
-        w: LossWeights,
-        scale: f32,
-        loss: &SegLoss,
-        a: StepActs<B::Buf>,
+        pass: TrainPass<B::Buf>,
+        dlogp: &[f64],
+        mask_w: (f64, f64),
     ) -> Result<()> {
+        let a = pass.acts;
         let be = self.llava.be.clone();
         let hdim = self.llava.cfg.text.hidden_size;
         let v = self.llava.cfg.text.vocab_size;
         let s = self.cfg.image_size;
         let (b, t) = (a.b, a.t);
-        let m = loss.n_masks;
+        crate::error::check_len("SegModel::backward_pass", "dlogp", dlogp.len(), b * t)?;
+        let m = pass.mask_losses.len();
         let mut dhidden = be.zeros(b * t * hdim);
         let mut dfeats = None;
         if let Some(sa) = &a.seg {
-            // forward: loss_mask = Σ_m (w_bce·bce_m + w_dice·dice_m) / M
+            // ∂L/∂bce_m and ∂L/∂dice_m for every mask
             let mut dlogits_mask = be.zeros(m * s * s);
-            let wm = scale as f64 / m.max(1) as f64;
-            let (wb, wd) = (
-                F::from(w.bce as f64 * wm).unwrap(),
-                F::from(w.dice as f64 * wm).unwrap(),
-            );
+            let (wb, wd) = (F::from(mask_w.0).unwrap(), F::from(mask_w.1).unwrap());
             let masks = batch
                 .iter()
                 .flat_map(|ex| ex.masks.iter().map(move |mk| (ex, mk.len())));
@@ -752,13 +811,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             be.embedding_bwd(&a.gather_rows, &dg, hdim, &mut dhidden)?;
             dfeats = Some(df);
         }
-        // forward: ce = −Σ_labelled logp / n_labels
-        let wl = F::from(-(w.ce as f64) * scale as f64 / loss.n_labels.max(1) as f64).unwrap();
-        let dlogp: Vec<F> = a
-            .label_w
-            .iter()
-            .map(|&l| if l { wl } else { F::zero() })
-            .collect();
+        let dlogp: Vec<F> = dlogp.iter().map(|&x| F::from(x).unwrap()).collect();
         let dlogp = be.from_slice(&dlogp);
         let mut dlogits = be.zeros(b * t * v);
         be.logprob_bwd(&a.logits, &a.targets, v, &a.lse, &dlogp, &mut dlogits)?;

@@ -1,0 +1,298 @@
+//! The text preference data `Pt` (Sec. 3.2, Supp B): for each training question, a
+//! response `y` sampled from the SFT policy, its correction `yc` by the world's
+//! corrector, and the changed token positions `Ly`, `Lyc` on the model's own tokens.
+//!
+//! A response the corrector leaves unchanged has no error to learn from: up to
+//! `resamples` more are drawn; when all are clean, errors are injected into the
+//! ground-truth answer `yg` (the injector names absent objects that co-occur with what
+//! is there) to make `y`, with `yc = yg`.  Each pair keeps the reference model's
+//! sequence log-probs (Eq. 3), computed once here from the frozen SFT weights, as
+//! RLHF-V does.
+use super::PrefLossCfg;
+use crate::backend::Backend;
+use crate::data::corrector::{correct, inject, tokenize, Context};
+use crate::data::diff::changed_positions;
+use crate::data::sample::{load_image, Sample};
+use crate::data::world::categories::{by_name, CATEGORIES};
+use crate::data::world::scenes::tempting_absent_for;
+use crate::error::{Error, Result};
+use crate::model::seg::{preprocess, Example, Pixels, SegModel, SegModelConfig, SegTokenizer};
+use crate::nn::SamplingCfg;
+use num_traits::Float;
+use serde::{Deserialize, Serialize};
+
+/// How `y` was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PtSource {
+    /// The first sample had an error.
+    Sampled,
+    /// A later sample (of `resamples`) had one.
+    Resampled,
+    /// Every sample was clean: errors injected into the ground truth.
+    Injected,
+}
+
+/// One text preference pair, as kept in `RUN/pt.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PtPair {
+    /// Index of the question in the training file (its order in `load_muse`).
+    pub sample: usize,
+    pub y: String,
+    pub yc: String,
+    /// Changed positions among the answer tokens (`Encoded::ids[answer_start..]`).
+    pub ly: Vec<usize>,
+    pub lyc: Vec<usize>,
+    pub source: PtSource,
+    /// The reference model's Eq. 3 log-probs of `y` and `yc`.
+    pub ref_y: f64,
+    pub ref_yc: f64,
+}
+
+/// Counts of a collection (`RUN/collect.json`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PtCounts {
+    pub questions: usize,
+    pub sampled: usize,
+    pub resampled: usize,
+    pub injected: usize,
+    /// Questions with no pair: every sample clean and nothing absent to inject.
+    pub skipped: usize,
+    /// Responses sampled in all.
+    pub samples_drawn: usize,
+}
+
+/// Sampling settings of the collection (the `[collect]` table).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectCfg {
+    /// Sampling temperature of `y` (0.7) and nucleus mass (0.9).
+    pub temperature: f32,
+    pub top_p: f32,
+    /// More samples drawn when a response has no error (3, the issue's).
+    pub resamples: usize,
+    /// Examples per reference forward.
+    pub batch: usize,
+}
+
+impl Default for CollectCfg {
+    fn default() -> Self {
+        CollectCfg {
+            temperature: 0.7,
+            top_p: 0.9,
+            resamples: 3,
+            batch: 8,
+        }
+    }
+}
+
+/// What the corrector knows about a sample: its objects with counts, and its targets.
+pub fn context_of(s: &Sample) -> Context {
+    let mut present: Vec<(String, usize)> = Vec::new();
+    for o in &s.objects {
+        match present.iter_mut().find(|p| p.0 == o.category) {
+            Some(p) => p.1 += 1,
+            None => present.push((o.category.clone(), 1)),
+        }
+    }
+    let mut targets: Vec<(String, usize)> = Vec::new();
+    for t in &s.targets {
+        match targets.iter_mut().find(|p| p.0 == t.category) {
+            Some(p) => p.1 += 1,
+            None => targets.push((t.category.clone(), 1)),
+        }
+    }
+    Context {
+        present,
+        targets: Some(targets),
+    }
+}
+
+/// The absent categories the injector may name, most tempting first.
+fn absent_of(s: &Sample) -> Vec<&'static str> {
+    let present: Vec<usize> = s
+        .objects
+        .iter()
+        .filter_map(|o| by_name(&o.category))
+        .collect();
+    tempting_absent_for(&present)
+        .into_iter()
+        .map(|c| CATEGORIES[c].name)
+        .collect()
+}
+
+/// The sampling seed of question `i`'s attempt `a` (independent of batching).
+fn seed_of(seed: u64, i: usize, a: usize) -> u64 {
+    crate::rng::splitmix64(seed ^ ((i as u64) << 8) ^ a as u64)
+}
+
+/// `y` for question `i`: sampled (and resampled) from `model`, else injected; `None`
+/// when no pair can be made.  Counts go to `counts`.
+#[allow(clippy::too_many_arguments)]
+fn make_y<B: Backend<f32>>(
+    model: &SegModel<f32, B>,
+    tok: &SegTokenizer,
+    s: &Sample,
+    px: &Pixels,
+    i: usize,
+    cfg: &CollectCfg,
+    seed: u64,
+    counts: &mut PtCounts,
+) -> Result<Option<(String, String, PtSource)>> {
+    let ctx = context_of(s);
+    for a in 0..=cfg.resamples {
+        let sc = SamplingCfg {
+            temperature: cfg.temperature,
+            top_p: cfg.top_p,
+            seed: seed_of(seed, i, a),
+        };
+        let y = model
+            .predict(tok, &[(px, s.question.as_str())], &sc)?
+            .remove(0)
+            .text;
+        counts.samples_drawn += 1;
+        if tok
+            .encode(&model.cfg.system_prompt, &s.question, &y)
+            .is_err()
+        {
+            // text the tokenizer cannot take back (a stray codebook token): draw again
+            continue;
+        }
+        let yc = correct(&y, &ctx);
+        if tokenize(&y) != tokenize(&yc) {
+            let src = if a == 0 {
+                PtSource::Sampled
+            } else {
+                PtSource::Resampled
+            };
+            return Ok(Some((y, yc, src)));
+        }
+    }
+    let yg = s.answer.as_deref().ok_or_else(|| Error::Data {
+        path: s.image_path.clone(),
+        field: format!("question {} answer", s.question_index),
+        msg: "stage 2 needs the ground-truth answer".into(),
+    })?;
+    let absent = absent_of(s);
+    Ok(inject(yg, &absent, seed_of(seed, i, usize::MAX))
+        .map(|(y, _)| (y, yg.to_string(), PtSource::Injected)))
+}
+
+/// Text-only training examples of `(pixels, question, answer)` (no masks decoded).
+pub fn text_example(
+    cfg: &SegModelConfig,
+    tok: &SegTokenizer,
+    px: &Pixels,
+    question: &str,
+    answer: &str,
+) -> Result<Example> {
+    Ok(Example {
+        pixels: px.clone(),
+        enc: tok.encode(&cfg.system_prompt, question, answer)?,
+        masks: Vec::new(),
+    })
+}
+
+/// Eq. 3 log-probs of each example's answer, with λ on its changed positions.
+pub fn seq_logps<F: Float, B: Backend<F>>(
+    model: &SegModel<F, B>,
+    examples: &[Example],
+    changed: &[&[usize]],
+    loss: &PrefLossCfg,
+) -> Result<Vec<f64>> {
+    let pass = model.forward_pass(examples)?;
+    Ok(pass
+        .answer_rows
+        .iter()
+        .zip(changed)
+        .map(|(rows, ch)| {
+            let w = loss.eq3_weights(rows.len(), ch);
+            rows.iter().zip(&w).map(|(&r, w)| w * pass.logp[r]).sum()
+        })
+        .collect())
+}
+
+/// Collects `Pt` for `samples` with the SFT `model` (which is also the reference).
+/// `progress` is called with the number of questions done.
+pub fn collect_pt<B: Backend<f32>>(
+    model: &SegModel<f32, B>,
+    tok: &SegTokenizer,
+    samples: &[Sample],
+    cfg: &CollectCfg,
+    loss: &PrefLossCfg,
+    seed: u64,
+    mut progress: impl FnMut(usize),
+) -> Result<(Vec<PtPair>, PtCounts)> {
+    let mut counts = PtCounts {
+        questions: samples.len(),
+        ..Default::default()
+    };
+    let mut pairs = Vec::new();
+    let mut cache: Option<(std::path::PathBuf, Pixels)> = None;
+    let batch = cfg.batch.max(1);
+    let mut pending: Vec<(PtPair, Example, Example)> = Vec::new();
+    let flush =
+        |pending: &mut Vec<(PtPair, Example, Example)>, pairs: &mut Vec<PtPair>| -> Result<()> {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let mut exs = Vec::with_capacity(2 * pending.len());
+            let mut ch: Vec<&[usize]> = Vec::with_capacity(2 * pending.len());
+            for (p, ey, eyc) in pending.iter() {
+                exs.push(ey.clone());
+                exs.push(eyc.clone());
+                ch.push(&p.ly);
+                ch.push(&p.lyc);
+            }
+            let lp = seq_logps(model, &exs, &ch, loss)?;
+            for (k, (mut p, _, _)) in pending.drain(..).enumerate() {
+                p.ref_y = lp[2 * k];
+                p.ref_yc = lp[2 * k + 1];
+                pairs.push(p);
+            }
+            Ok(())
+        };
+    for (i, s) in samples.iter().enumerate() {
+        let px = match &cache {
+            Some((p, px)) if *p == s.image_path => px.clone(),
+            _ => {
+                let px = preprocess(&load_image(s)?, model.cfg.image_size)?;
+                cache = Some((s.image_path.clone(), px.clone()));
+                px
+            }
+        };
+        match make_y(model, tok, s, &px, i, cfg, seed, &mut counts)? {
+            None => counts.skipped += 1,
+            Some((y, yc, source)) => {
+                match source {
+                    PtSource::Sampled => counts.sampled += 1,
+                    PtSource::Resampled => counts.resampled += 1,
+                    PtSource::Injected => counts.injected += 1,
+                }
+                let ey = text_example(&model.cfg, tok, &px, &s.question, &y)?;
+                let eyc = text_example(&model.cfg, tok, &px, &s.question, &yc)?;
+                let (ly, lyc) = changed_positions(
+                    &ey.enc.ids[ey.enc.answer_start..],
+                    &eyc.enc.ids[eyc.enc.answer_start..],
+                );
+                let p = PtPair {
+                    sample: i,
+                    y,
+                    yc,
+                    ly,
+                    lyc,
+                    source,
+                    ref_y: 0.0,
+                    ref_yc: 0.0,
+                };
+                pending.push((p, ey, eyc));
+                if pending.len() == batch {
+                    flush(&mut pending, &mut pairs)?;
+                }
+            }
+        }
+        progress(1);
+    }
+    flush(&mut pending, &mut pairs)?;
+    Ok((pairs, counts))
+}

@@ -1,0 +1,421 @@
+//! Stage 2: preference optimization (Sec. 3.2) from a stage-1 run.
+//!
+//! This version trains on the text preference `Pt` ([`collect`]) with the DPO loss `Lt`
+//! (Eq. 2, 3) plus the stage-1 mask loss `Lce` on the ground-truth masks; the mask
+//! decoder and the vision tower are frozen, the LLM, the projector and the codebook
+//! head train.  The segmentation preference `Ps` (Alg. 1) and its loss `Ls` (Eq. 4) are
+//! not wired in yet: `popen train pref` says so in its summary, and the run's
+//! `collect.json` holds `Pt`'s counts only.
+//!
+//! **Eq. 3's normalizer.** The paper divides the λ-weighted sum of token log-probs by
+//! `|y|`, the number of tokens (`norm = "tokens"`, the default).  RLHF-V, which the
+//! paper follows, divides by the weighted count `|y| + (λ − 1)·|Ly|` instead
+//! (`norm = "weighted"`), which keeps a sequence log-prob on the scale of a mean token
+//! log-prob whatever the number of changed tokens.
+//!
+//! **The reference.** `πref` is the SFT model at the start of the stage and never
+//! changes, so its Eq. 3 log-probs are computed once during collection and kept with
+//! each pair (`RUN/pt.jsonl`); no second model is held in memory.
+pub mod collect;
+
+use crate::backend::{Backend, Cpu};
+use crate::data::sample::{load_muse, Sample};
+use crate::error::{Error, Result};
+use crate::model::seg::data::example;
+use crate::model::seg::run::CONFIG_FILE;
+use crate::model::seg::{Example, LossWeights, SegModel, SegTokenizer, Trainable as Parts};
+use crate::nn::{Rng, Tensor};
+use crate::popen::losses::{dpo_loss, BETA_T, LAMBDA};
+use crate::train::{Dataset, LossParts, TrainConfig, TrainSummary, Trainable, Trainer};
+use collect::{collect_pt, text_example, CollectCfg, PtCounts, PtPair};
+use num_traits::Float;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Eq. 3's normalizer (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Eq3Norm {
+    /// `1/|y|` (the paper).
+    Tokens,
+    /// `1/(|y| + (λ − 1)·|Ly|)` (RLHF-V).
+    Weighted,
+}
+
+/// The stage-2 loss settings (the `[loss]` table).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefLossCfg {
+    /// βt of Eq. 2 (0.5).
+    pub beta_t: f64,
+    /// λ of Eq. 3 (5); 1 = `--no-lambda`.
+    pub lambda: f64,
+    pub norm: Eq3Norm,
+    /// Train with `Lt` (`--no-lt` turns it off, leaving `Lce`).
+    pub lt: bool,
+    /// `Lce`: the stage-1 mask loss on the ground-truth masks (BCE and Dice weights).
+    pub bce: f32,
+    pub dice: f32,
+}
+
+impl Default for PrefLossCfg {
+    fn default() -> Self {
+        PrefLossCfg {
+            beta_t: BETA_T,
+            lambda: LAMBDA,
+            norm: Eq3Norm::Tokens,
+            lt: true,
+            bce: LossWeights::default().bce,
+            dice: LossWeights::default().dice,
+        }
+    }
+}
+
+impl PrefLossCfg {
+    /// The weight of each of `n` answer tokens in Eq. 3 (λ on `changed`, then the
+    /// normalizer): `log π(y) = Σ_i w_i·log p(y_i)`.
+    pub fn eq3_weights(&self, n: usize, changed: &[usize]) -> Vec<f64> {
+        let mut w = vec![1.0; n];
+        let mut n_changed = 0;
+        for &i in changed {
+            if i < n && w[i] == 1.0 {
+                w[i] = self.lambda;
+                n_changed += 1;
+            }
+        }
+        let denom = match self.norm {
+            Eq3Norm::Tokens => n as f64,
+            Eq3Norm::Weighted => n as f64 + (self.lambda - 1.0) * n_changed as f64,
+        };
+        if denom > 0.0 {
+            w.iter_mut().for_each(|x| *x /= denom);
+        }
+        w
+    }
+}
+
+/// The run config of `popen train pref` (`--config FILE.toml`): `[train]`, `[loss]`,
+/// `[collect]`; unknown keys are errors.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefConfig {
+    pub train: TrainConfig,
+    pub loss: PrefLossCfg,
+    pub collect: CollectCfg,
+}
+
+/// Where stage 2 reads and writes.
+#[derive(Clone, Debug)]
+pub struct PrefPaths {
+    /// The stage-1 run directory (`popen train sft --out`).
+    pub from: PathBuf,
+    pub data: PathBuf,
+    pub images: Option<PathBuf>,
+    pub out: PathBuf,
+}
+
+/// One training item: a `Pt` pair on its image, and the ground-truth example for `Lce`.
+pub struct PrefItem {
+    pub y: Example,
+    pub yc: Example,
+    pub ly: Vec<usize>,
+    pub lyc: Vec<usize>,
+    pub ref_y: f64,
+    pub ref_yc: f64,
+    pub gt: Example,
+}
+
+/// The policy as the trainer sees it.
+pub struct PrefModel<B: Backend<f32> = Cpu> {
+    pub model: SegModel<f32, B>,
+    pub loss: PrefLossCfg,
+}
+
+impl<B: Backend<f32>> Trainable for PrefModel<B> {
+    type Item = PrefItem;
+    type Be = B;
+    fn backend(&self) -> B {
+        self.model.llava.be.clone()
+    }
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor<f32, B>)> {
+        self.model.params_mut()
+    }
+    fn accumulate(&mut self, batch: &[PrefItem], scale: f32, _rng: &mut Rng) -> Result<LossParts> {
+        pref_step(&mut self.model, batch, &self.loss, scale, true)
+    }
+    fn save_weights(&mut self, path: &Path) -> Result<()> {
+        self.model.save_weights(path)
+    }
+    fn load_weights(&mut self, path: &Path) -> Result<()> {
+        self.model.load_weights(path)
+    }
+}
+
+/// One stage-2 micro-batch on `model`: the loss and its parts, and with `backward` the
+/// gradient of `scale · loss` accumulated into the trainable parameters.
+///
+/// forward: `L = Lt + w_bce·BCE + w_dice·Dice`, `Lt` the mean DPO loss (Eq. 2) of the
+/// batch's pairs on Eq. 3 log-probs `log π = Σ_i w_i·logp_i` against the cached
+/// reference values, BCE and Dice the means over the ground-truth masks (`Lce`);
+/// so `∂L/∂logp_i = w_i·∂Lt/∂log π` on each response's answer tokens.
+pub fn pref_step<F: Float, B: Backend<F>>(
+    model: &mut SegModel<F, B>,
+    batch: &[PrefItem],
+    lc: &PrefLossCfg,
+    scale: f32,
+    backward: bool,
+) -> Result<LossParts> {
+    let mut exs = Vec::with_capacity(3 * batch.len());
+    for it in batch {
+        exs.push(it.y.clone());
+        exs.push(it.yc.clone());
+        exs.push(it.gt.clone());
+    }
+    let pass = model.forward_pass(&exs)?;
+    let mut weights = Vec::with_capacity(2 * batch.len());
+    let (mut pol_c, mut pol_r, mut ref_c, mut ref_r) = (vec![], vec![], vec![], vec![]);
+    for (i, it) in batch.iter().enumerate() {
+        for (row, ch, pol) in [
+            (3 * i, &it.ly, &mut pol_r),
+            (3 * i + 1, &it.lyc, &mut pol_c),
+        ] {
+            let rows = &pass.answer_rows[row];
+            let w = lc.eq3_weights(rows.len(), ch);
+            pol.push(
+                rows.iter()
+                    .zip(&w)
+                    .map(|(&r, w)| w * pass.logp[r])
+                    .sum::<f64>(),
+            );
+            weights.push(w);
+        }
+        ref_r.push(it.ref_y);
+        ref_c.push(it.ref_yc);
+    }
+    let dpo = dpo_loss(&pol_c, &pol_r, &ref_c, &ref_r, lc.beta_t)?;
+    let m = pass.mask_losses.len();
+    let mf = m.max(1) as f64;
+    let bce = pass.mask_losses.iter().map(|x| x.0).sum::<f64>() / mf;
+    let dice = pass.mask_losses.iter().map(|x| x.1).sum::<f64>() / mf;
+    let lt = if lc.lt { dpo.loss } else { 0.0 };
+    let total = lt + lc.bce as f64 * bce + lc.dice as f64 * dice;
+    if !total.is_finite() {
+        return Err(Error::NonFinite {
+            what: "stage-2 loss".into(),
+        });
+    }
+    let b = batch.len() as f64;
+    let parts: BTreeMap<String, f64> = [
+        ("lt".to_string(), dpo.loss),
+        ("bce".into(), bce),
+        ("dice".into(), dice),
+        ("reward_margin".into(), dpo.margin.iter().sum::<f64>() / b),
+        (
+            "reward_acc".into(),
+            dpo.margin.iter().filter(|&&z| z > 0.0).count() as f64 / b,
+        ),
+    ]
+    .into();
+    let tokens = pass.n_tokens;
+    if backward {
+        let mut dlogp = vec![0.0; pass.logp.len()];
+        if lc.lt {
+            for i in 0..batch.len() {
+                let grads = [
+                    (3 * i, &weights[2 * i], dpo.d_policy_rejected[i]),
+                    (3 * i + 1, &weights[2 * i + 1], dpo.d_policy_chosen[i]),
+                ];
+                for (row, w, d) in grads {
+                    for (&r, w) in pass.answer_rows[row].iter().zip(w) {
+                        dlogp[r] = w * d * scale as f64;
+                    }
+                }
+            }
+        }
+        let wm = scale as f64 / mf;
+        model.backward_pass(
+            &exs,
+            pass,
+            &dlogp,
+            (lc.bce as f64 * wm, lc.dice as f64 * wm),
+        )?;
+    }
+    Ok(LossParts {
+        loss: total,
+        parts,
+        tokens,
+    })
+}
+
+/// `Pt` pairs on their samples, preprocessed on demand.
+pub struct PrefData<'a> {
+    pub pairs: Vec<PtPair>,
+    pub samples: &'a [Sample],
+    pub model_cfg: &'a crate::model::seg::SegModelConfig,
+    pub tok: &'a SegTokenizer,
+}
+
+impl Dataset for PrefData<'_> {
+    type Item = PrefItem;
+    fn len(&self) -> usize {
+        self.pairs.len()
+    }
+    fn load(&self, i: usize) -> Result<PrefItem> {
+        let p = &self.pairs[i];
+        let s = self.samples.get(p.sample).ok_or_else(|| {
+            Error::arg(
+                "PrefData",
+                format!(
+                    "pair {i} names question {} of {}",
+                    p.sample,
+                    self.samples.len()
+                ),
+            )
+        })?;
+        let gt = example(self.model_cfg, self.tok, s)?;
+        let px = &gt.pixels;
+        Ok(PrefItem {
+            y: text_example(self.model_cfg, self.tok, px, &s.question, &p.y)?,
+            yc: text_example(self.model_cfg, self.tok, px, &s.question, &p.yc)?,
+            ly: p.ly.clone(),
+            lyc: p.lyc.clone(),
+            ref_y: p.ref_y,
+            ref_yc: p.ref_yc,
+            gt,
+        })
+    }
+}
+
+/// What stage 2 collected and trained.
+#[derive(Clone, Debug)]
+pub struct PrefSummary {
+    pub counts: PtCounts,
+    pub pairs: usize,
+    pub train: TrainSummary,
+}
+
+/// The file of the collected pairs in a run directory.
+pub const PT_FILE: &str = "pt.jsonl";
+/// The collection's counts.
+pub const COLLECT_FILE: &str = "collect.json";
+
+fn read_pairs(path: &Path) -> Result<Vec<PtPair>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| {
+            serde_json::from_str(l).map_err(|e| Error::Json {
+                path: path.to_path_buf(),
+                line: Some(n + 1),
+                msg: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Stage 2 into `paths.out` on backend `be`: collects `Pt` with the stage-1 model of
+/// `paths.from` (or, with `resume`, reads the run's `pt.jsonl` back), then trains.
+pub fn train_pref<B: Backend<f32>>(
+    be: B,
+    cfg: &PrefConfig,
+    paths: &PrefPaths,
+    resume: bool,
+    progress: bool,
+) -> Result<PrefSummary> {
+    let root = crate::popen::predict::data_root(&paths.data, &paths.images);
+    let samples = load_muse(&paths.data, &root)?;
+    if samples.is_empty() {
+        return Err(Error::Data {
+            path: paths.data.clone(),
+            field: "questions".into(),
+            msg: "no question to train on".into(),
+        });
+    }
+    let out = &paths.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let (mut model, tok) = SegModel::load(be, &paths.from)?;
+    model.set_trainable(Parts {
+        vision: false,
+        projector: true,
+        llm: true,
+        seg_head: true,
+        decoder: false,
+    });
+    let pt_path = out.join(PT_FILE);
+    let (pairs, counts) = if resume && pt_path.exists() {
+        let pairs = read_pairs(&pt_path)?;
+        let counts: PtCounts = std::fs::read_to_string(out.join(COLLECT_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        (pairs, counts)
+    } else {
+        let bar = if progress {
+            let b = indicatif::ProgressBar::new(samples.len() as u64);
+            if let Ok(st) = indicatif::ProgressStyle::with_template(
+                "collect Pt {bar:30} {pos}/{len} questions [{elapsed_precise}<{eta_precise}]",
+            ) {
+                b.set_style(st);
+            }
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let (pairs, counts) = collect_pt(
+            &model,
+            &tok,
+            &samples,
+            &cfg.collect,
+            &cfg.loss,
+            cfg.train.seed,
+            |n| bar.inc(n as u64),
+        )?;
+        bar.finish_and_clear();
+        let lines: String = pairs
+            .iter()
+            .map(|p| serde_json::to_string(p).expect("serializes") + "\n")
+            .collect();
+        crate::fsio::write_atomic(&pt_path, lines.as_bytes())?;
+        crate::fsio::write_atomic(
+            out.join(COLLECT_FILE),
+            serde_json::to_string_pretty(&counts)
+                .expect("serializes")
+                .as_bytes(),
+        )?;
+        (pairs, counts)
+    };
+    if pairs.is_empty() {
+        return Err(Error::Data {
+            path: paths.data.clone(),
+            field: "questions".into(),
+            msg: format!("no preference pair could be made ({counts:?})"),
+        });
+    }
+    if !(resume && out.join(CONFIG_FILE).exists()) {
+        let run = serde_json::to_value(cfg).expect("serializes");
+        model.save_config(out, &tok, Some(run))?;
+    }
+    let n_pairs = pairs.len();
+    let data = PrefData {
+        pairs,
+        samples: &samples,
+        model_cfg: &model.cfg.clone(),
+        tok: &tok,
+    };
+    let mut pm = PrefModel {
+        model,
+        loss: cfg.loss.clone(),
+    };
+    let summary = Trainer::new(cfg.train.clone(), out)?
+        .resume(resume)
+        .progress(progress)
+        .title("stage 2 (preference) loss")
+        .run(&mut pm, &data)?;
+    Ok(PrefSummary {
+        counts,
+        pairs: n_pairs,
+        train: summary,
+    })
+}

@@ -1,0 +1,217 @@
+//! Stage 2 (text preference): Eq. 3's weights by hand, `Lt` at the start of the stage
+//! (policy = reference) equal to ln 2, and the whole stage-2 objective's gradient through
+//! the segmentation model against finite differences in f64.
+use popen::backend::Cpu;
+use popen::model::seg::config::TinyLvlm;
+use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
+use popen::nn::Rng;
+use popen::popen::pref::collect::seq_logps;
+use popen::popen::pref::{pref_step, Eq3Norm, PrefItem, PrefLossCfg};
+
+#[test]
+fn eq3_weights_by_hand() {
+    let paper = PrefLossCfg::default();
+    assert_eq!(paper.norm, Eq3Norm::Tokens);
+    // λ = 5 on position 1 of 4 tokens, divided by |y| = 4
+    assert_eq!(paper.eq3_weights(4, &[1]), vec![0.25, 1.25, 0.25, 0.25]);
+    // a repeated or out-of-range position changes nothing more
+    assert_eq!(
+        paper.eq3_weights(4, &[1, 1, 9]),
+        vec![0.25, 1.25, 0.25, 0.25]
+    );
+    // RLHF-V: divided by the weighted count 4 + (5 − 1)·1 = 8
+    let rlhfv = PrefLossCfg {
+        norm: Eq3Norm::Weighted,
+        ..PrefLossCfg::default()
+    };
+    assert_eq!(rlhfv.eq3_weights(4, &[1]), vec![0.125, 0.625, 0.125, 0.125]);
+    // --no-lambda: plain mean
+    let flat = PrefLossCfg {
+        lambda: 1.0,
+        ..PrefLossCfg::default()
+    };
+    assert_eq!(flat.eq3_weights(2, &[0]), vec![0.5, 0.5]);
+    assert!(paper.eq3_weights(0, &[]).is_empty());
+}
+
+fn tiny_cfg() -> SegModelConfig {
+    SegModelConfig {
+        image_size: 8,
+        tokens_per_scale: 2,
+        scales: 2,
+        seg_dim: 6,
+        decoder_depth: 1,
+        decoder_heads: 1,
+        decoder_mlp: 6,
+        decoder_layers: [-1, 1],
+        llm_feature_layer: -2,
+        system_prompt: String::new(),
+        max_new_tokens: 12,
+        lvlm: TinyLvlm {
+            vision_hidden: 6,
+            vision_layers: 2,
+            vision_heads: 2,
+            vision_intermediate: 10,
+            patch_size: 4,
+            text_hidden: 8,
+            text_layers: 2,
+            text_heads: 2,
+            text_kv_heads: 1,
+            text_intermediate: 12,
+            max_positions: 64,
+            vocab_size: 70,
+        },
+    }
+}
+
+fn tokenizer(cfg: &SegModelConfig) -> SegTokenizer {
+    let texts: Vec<String> = [
+        "Where is the cup?",
+        "The cup <seg> is on the table.",
+        "The apple <seg> is on the table.",
+        "I see two apples <seg> <seg> here.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    SegTokenizer::train(&texts, cfg.lvlm.vocab_size, cfg.group_len()).unwrap()
+}
+
+/// One pair on a random 5×7 image: `y` names the apple, `yc` the cup; the ground truth
+/// is `yc` with a random mask.
+fn item(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng) -> PrefItem {
+    let s = cfg.image_size;
+    let (h, w) = (5, 7);
+    let (vh, vw) = popen::model::seg::preprocess::fit(h, w, s);
+    let pixels = Pixels {
+        data: (0..3 * s * s).map(|_| rng.normal() as f32).collect(),
+        valid_h: vh,
+        valid_w: vw,
+        height: h,
+        width: w,
+    };
+    let q = "Where is the cup?";
+    let (y, yc) = (
+        "The apple <seg> is on the table.",
+        "The cup <seg> is on the table.",
+    );
+    let text = |a: &str| Example {
+        pixels: pixels.clone(),
+        enc: tok.encode("", q, a).unwrap(),
+        masks: vec![],
+    };
+    let (ey, eyc) = (text(y), text(yc));
+    let (ly, lyc) = popen::data::diff::changed_positions(
+        &ey.enc.ids[ey.enc.answer_start..],
+        &eyc.enc.ids[eyc.enc.answer_start..],
+    );
+    assert!(!ly.is_empty() && !lyc.is_empty(), "the two answers differ");
+    let mask = (0..h * w)
+        .map(|_| f32::from(u8::from(rng.uniform() < 0.4)))
+        .collect();
+    let gt = Example {
+        masks: vec![mask],
+        ..text(yc)
+    };
+    PrefItem {
+        y: ey,
+        yc: eyc,
+        ly,
+        lyc,
+        ref_y: 0.0,
+        ref_yc: 0.0,
+        gt,
+    }
+}
+
+/// Stage 2's parts: the LLM, projector and codebook head train; tower and decoder frozen.
+fn stage2(m: &mut SegModel<f64, Cpu>) {
+    m.set_trainable(Trainable {
+        vision: false,
+        projector: true,
+        llm: true,
+        seg_head: true,
+        decoder: false,
+    });
+}
+
+#[test]
+fn lt_is_ln2_when_the_policy_is_the_reference() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 3).unwrap();
+    stage2(&mut m);
+    let mut rng = Rng::new(5);
+    let mut items: Vec<PrefItem> = (0..2).map(|_| item(&cfg, &tok, &mut rng)).collect();
+    let lc = PrefLossCfg::default();
+    // the reference's cached values, computed the way collection does
+    for it in &mut items {
+        let lp = seq_logps(&m, &[it.y.clone(), it.yc.clone()], &[&it.ly, &it.lyc], &lc).unwrap();
+        (it.ref_y, it.ref_yc) = (lp[0], lp[1]);
+    }
+    let r = pref_step(&mut m, &items, &lc, 1.0, false).unwrap();
+    assert!(
+        (r.parts["lt"] - std::f64::consts::LN_2).abs() < 1e-12,
+        "{:?}",
+        r.parts
+    );
+    assert_eq!(r.parts["reward_margin"], 0.0);
+    // a wrong cache (the pair's two values swapped) moves it off ln 2
+    let (a, b) = (items[0].ref_y, items[0].ref_yc);
+    (items[0].ref_y, items[0].ref_yc) = (b, a);
+    let r = pref_step(&mut m, &items, &lc, 1.0, false).unwrap();
+    assert!((r.parts["lt"] - std::f64::consts::LN_2).abs() > 1e-6);
+}
+
+#[test]
+fn stage2_gradient_matches_finite_differences() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 4).unwrap();
+    stage2(&mut m);
+    let mut rng = Rng::new(8);
+    let mut items: Vec<PrefItem> = (0..2).map(|_| item(&cfg, &tok, &mut rng)).collect();
+    // references off the policy, so that σ(−z) is not ½ and both signs occur
+    (items[0].ref_y, items[0].ref_yc) = (-3.1, -4.4);
+    (items[1].ref_y, items[1].ref_yc) = (-5.0, -2.2);
+    let lc = PrefLossCfg::default();
+    for (_, t) in m.params_mut() {
+        t.zero_grad(&Cpu);
+    }
+    let r = pref_step(&mut m, &items, &lc, 1.0, true).unwrap();
+    assert!(r.loss.is_finite() && r.parts["lt"] > 0.0, "{r:?}");
+    let grads: Vec<(String, Option<Vec<f64>>)> = m
+        .params_mut()
+        .into_iter()
+        .map(|(n, t)| (n, t.grad.clone()))
+        .collect();
+    // frozen parts have no gradient slot
+    for (n, g) in &grads {
+        let frozen = n.contains("vision_tower") || n.starts_with("mask_decoder");
+        assert_eq!(g.is_none(), frozen, "{n}");
+    }
+    let mut rng = Rng::new(11);
+    let mut checked = 0;
+    for (pi, (name, g)) in grads.iter().enumerate() {
+        let Some(g) = g else { continue };
+        for _ in 0..2 {
+            let j = (rng.next_u64() % g.len() as u64) as usize;
+            let h = 1e-5;
+            let mut at = |delta: f64| {
+                m.params_mut()[pi].1.data[j] += delta;
+                let l = pref_step(&mut m, &items, &lc, 1.0, false).unwrap().loss;
+                m.params_mut()[pi].1.data[j] -= delta;
+                l
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            let err = (fd - g[j]).abs() / (fd.abs().max(g[j].abs()).max(1e-3));
+            assert!(
+                err < 1e-4,
+                "{name}[{j}]: finite difference {fd} vs backward {}",
+                g[j]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+}
