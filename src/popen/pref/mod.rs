@@ -17,6 +17,7 @@
 //! changes, so its Eq. 3 log-probs are computed once during collection and kept with
 //! each pair (`RUN/pt.jsonl`); no second model is held in memory.
 pub mod collect;
+pub mod curriculum;
 
 use crate::backend::{Backend, Cpu};
 use crate::data::sample::{load_muse, Sample};
