@@ -115,6 +115,23 @@ pub struct TrainPass<Buf> {
     acts: StepActs<Buf>,
 }
 
+impl<Buf> TrainPass<Buf> {
+    /// The segmentation embeddings `f` of the decoded masks, (M, L·D) row-major (one
+    /// row per mask, its L scale embeddings side by side), read back from the device.
+    pub fn seg_embeddings<F: Float, B: Backend<F, Buf = Buf>>(&self, be: &B) -> Vec<F> {
+        self.acts
+            .seg
+            .as_ref()
+            .map_or_else(Vec::new, |s| be.to_vec(&s.emb))
+    }
+    /// Each decoded mask's logits at its image's size (H·W), read back from the device.
+    pub fn mask_logits<F: Float, B: Backend<F, Buf = Buf>>(&self, be: &B) -> Vec<Vec<F>> {
+        self.acts.seg.as_ref().map_or_else(Vec::new, |s| {
+            s.per_mask.iter().map(|(lg, _)| be.to_vec(lg)).collect()
+        })
+    }
+}
+
 /// What the forward keeps for the backward.
 pub struct StepActs<Buf> {
     b: usize,
@@ -135,6 +152,8 @@ pub struct StepActs<Buf> {
 }
 
 struct SegActs<Buf> {
+    /// the segmentation embeddings f (M, L, D)
+    emb: Buf,
     head: MlpActs<Buf>,
     dec: DecoderActs<Buf>,
     /// per mask: logits at the image's size (H·W) and the 0/1 target
@@ -580,7 +599,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 .collect();
             let wm = scale as f64 / mf;
             let mask_w = (w.bce as f64 * wm, w.dice as f64 * wm);
-            self.backward_pass(batch, pass, &dlogp, mask_w)?;
+            self.backward_pass(batch, pass, &dlogp, mask_w, None)?;
         }
         Ok(loss)
     }
@@ -740,6 +759,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 }
             }
             Some(SegActs {
+                emb,
                 head,
                 dec,
                 per_mask,
@@ -773,14 +793,17 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 
     /// The backward of [`SegModel::forward_pass`] for a loss `L` given by its gradient:
-    /// `dlogp` = ∂L/∂logp per position (b·t; zero where not labelled) and `mask_w` =
-    /// (∂L/∂BCE_m, ∂L/∂Dice_m), the same for every mask.  Parameter gradients accumulate.
+    /// `dlogp` = ∂L/∂logp per position (b·t; zero where not labelled), `mask_w` =
+    /// (∂L/∂BCE_m, ∂L/∂Dice_m), the same for every mask, and `d_emb` = ∂L/∂f for the
+    /// segmentation embeddings (M, L·D, as [`TrainPass::seg_embeddings`]; stage 2's
+    /// `Ls`).  Parameter gradients accumulate.
     pub fn backward_pass(
         &mut self,
         batch: &[Example],
         pass: TrainPass<B::Buf>,
         dlogp: &[f64],
         mask_w: (f64, f64),
+        d_emb: Option<&[f64]>,
     ) -> Result<()> {
         let a = pass.acts;
         let be = self.llava.be.clone();
@@ -790,6 +813,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (b, t) = (a.b, a.t);
         crate::error::check_len("SegModel::backward_pass", "dlogp", dlogp.len(), b * t)?;
         let m = pass.mask_losses.len();
+        if a.seg.is_none() && d_emb.is_some_and(|d| !d.is_empty()) {
+            return Err(Error::arg(
+                "SegModel::backward_pass",
+                "a gradient for segmentation embeddings, but the batch decoded no mask",
+            ));
+        }
         let mut dhidden = be.zeros(b * t * hdim);
         let mut dfeats = None;
         if let Some(sa) = &a.seg {
@@ -805,7 +834,17 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 self.to_image_logits_bwd(&d, mi * s * s, &ex.pixels, &mut dlogits_mask)?;
             }
             // decoder → codebook embeddings → the hidden states that predicted them
-            let (df, demb) = self.decoder.backward(&sa.dec, &dlogits_mask)?;
+            let (df, mut demb) = self.decoder.backward(&sa.dec, &dlogits_mask)?;
+            if let Some(de) = d_emb {
+                crate::error::check_len(
+                    "SegModel::backward_pass",
+                    "d_emb",
+                    de.len(),
+                    be.len(&demb),
+                )?;
+                let de: Vec<F> = de.iter().map(|&x| F::from(x).unwrap()).collect();
+                be.axpy(&mut demb, F::one(), &be.from_slice(&de))?;
+            }
             let dout = self.average_scales_bwd(&demb, m)?;
             let dg = self.seg_head.backward(&be, &sa.head, &dout)?;
             be.embedding_bwd(&a.gather_rows, &dg, hdim, &mut dhidden)?;

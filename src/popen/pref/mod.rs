@@ -240,6 +240,7 @@ pub fn pref_step<F: Float, B: Backend<F>>(
             pass,
             &dlogp,
             (lc.bce as f64 * wm, lc.dice as f64 * wm),
+            None,
         )?;
     }
     Ok(LossParts {
