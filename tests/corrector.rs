@@ -1,6 +1,8 @@
 //! The corrector and the error injector on the world's own answers (property tests
 //! over seeds) and on hand-written answers.
-use popen::data::corrector::{correct, detokenize, inject, tokenize, Context, Injected};
+use popen::data::corrector::{
+    correct, detokenize, inject, mentioned_objects, tokenize, Context, Injected,
+};
 use popen::data::diff::changed_positions;
 use popen::data::vocab::hallucinated;
 use popen::data::world::{generate, Scene, Split, WorldConfig, NO_TARGET_ANSWERS_PUB};
@@ -23,7 +25,11 @@ fn ctx(s: &Scene, targets: Option<&[usize]>) -> Context {
         }
         v
     });
-    Context { present, targets }
+    Context {
+        present,
+        targets,
+        ..Default::default()
+    }
 }
 
 fn small() -> WorldConfig {
@@ -76,6 +82,7 @@ fn hand_worked_corrections() {
             ("apple".into(), 2),
         ],
         targets: None,
+        mentioned: vec![],
     };
     // An absent fork leaves the list; the list is re-joined.
     assert_eq!(
@@ -129,6 +136,7 @@ fn diff_marks_exactly_the_corrected_words() {
     let c = Context {
         present: vec![("knife".into(), 1), ("plate".into(), 1)],
         targets: None,
+        mentioned: vec![],
     };
     let yc = tokenize(&correct(&detokenize(&y), &c));
     let (ly, lyc) = changed_positions(&y, &yc);
@@ -199,8 +207,51 @@ proptest! {
             .map(|&w| if w < 33 { vocab[w].0.to_string() } else { fillers[(w - 33) % fillers.len()].to_string() })
             .collect();
         let y = detokenize(&text);
-        let c = Context { present: present.iter().map(|p| (p.to_string(), 1)).collect(), targets: None };
+        let c = Context { present: present.iter().map(|p| (p.to_string(), 1)).collect(), targets: None, mentioned: vec![] };
         let yc = correct(&y, &c);
         prop_assert!(hallucinated(&yc, &present).is_empty(), "{:?} -> {:?}", y, yc);
     }
+}
+
+#[test]
+fn a_relations_absent_anchor_is_modified_not_the_whole_answer_deleted() {
+    // found on the world by stage 2's collection: "above the phone" (absent, not
+    // segmented) used to delete the only sentence, turning a right target into
+    // "There is nothing like that in this image."
+    let c = Context {
+        present: vec![("chair".into(), 1), ("lamp".into(), 1), ("clock".into(), 1)],
+        targets: Some(vec![("lamp".into(), 1)]),
+        mentioned: vec!["lamp".into(), "chair".into()],
+    };
+    assert_eq!(
+        correct("The lamp <seg> is above the phone.", &c),
+        "The lamp <seg> is above the chair."
+    );
+    // without the ground truth's own anchor: a present object that is not a target
+    let c2 = Context {
+        mentioned: vec![],
+        ..c.clone()
+    };
+    assert_eq!(
+        correct("The lamp <seg> is above the phone.", &c2),
+        "The lamp <seg> is above the chair."
+    );
+    // a "nothing here" answer to a question with targets becomes the targets
+    assert_eq!(
+        correct("There is nothing like that in this image.", &c),
+        "I found the lamp <seg>."
+    );
+    // and stays when there are none
+    let none = Context {
+        targets: Some(vec![]),
+        ..c
+    };
+    assert_eq!(
+        correct("There is nothing like that in this image.", &none),
+        "There is nothing like that in this image."
+    );
+    assert_eq!(
+        mentioned_objects("The lamp <seg> is above the chair."),
+        vec!["lamp".to_string(), "chair".to_string()]
+    );
 }

@@ -2,9 +2,12 @@
 //! (prompts in Supp B).  The corrector edits a model answer `y` into `yc` that names
 //! only objects in the scene and, when the ground-truth targets are known, segments
 //! exactly those, keeping `y`'s sentences and word order wherever they are right:
-//! it *modifies* a wrong object into a missing target in place, *deletes* a wrong
+//! it *modifies* a wrong object into a missing target in place, *modifies* an absent
+//! object that is not segmented (the anchor of a relation, "above the phone") into a
+//! present non-target object (the ground truth's own, when known), *deletes* a wrong
 //! object from its list (or its sentence, when nothing else is left there), *adds*
-//! missing targets to the answer's first list, and fixes counts.  The injector does the
+//! missing targets to the answer's first list, fixes counts, and drops a "nothing here"
+//! sentence when the question has targets.  The injector does the
 //! opposite to a correct answer: one or two errors, always at least one naming an
 //! absent object that co-occurs with what is there (the hallucination a prior-driven
 //! model makes).
@@ -15,7 +18,7 @@
 //! speaks.  Words outside an object phrase are kept as they are.
 use crate::data::sample::SEG;
 use crate::data::vocab::lookup;
-use crate::data::world::categories::by_name;
+use crate::data::world::categories::{by_name, CATEGORIES};
 use crate::data::world::instructions::{
     capitalize, indefinite, number_word, parse_number_word, NO_TARGET_ANSWERS,
 };
@@ -91,8 +94,7 @@ impl Mention {
         self.number.unwrap_or(if self.plural { 2 } else { 1 })
     }
     fn render(&self) -> Vec<String> {
-        let cat = &crate::data::world::categories::CATEGORIES
-            [by_name(self.canonical).expect("vocab names a category")];
+        let cat = &CATEGORIES[by_name(self.canonical).expect("vocab names a category")];
         let noun = if self.plural { cat.plural } else { cat.name };
         let mut v = Vec::new();
         if self.the {
@@ -214,6 +216,18 @@ pub struct Context {
     /// `None`: unknown (only hallucinated objects and wrong counts are fixed);
     /// `Some(empty)`: a no-target question.
     pub targets: Option<Vec<(String, usize)>>,
+    /// Objects the ground-truth answer names (Supp B's "object list"), targets or not:
+    /// the first choice when an absent object that is not segmented (the anchor of a
+    /// relation, "above the phone") must be replaced.  Empty when unknown.
+    pub mentioned: Vec<String>,
+}
+
+/// The canonical names of the objects `text` names, in order (repeats kept).
+pub fn mentioned_objects(text: &str) -> Vec<String> {
+    parse_mentions(&tokenize(text))
+        .iter()
+        .map(|m| m.canonical.to_string())
+        .collect()
 }
 
 impl Context {
@@ -258,6 +272,18 @@ fn sentences(toks: &[String]) -> Vec<Vec<String>> {
     out
 }
 
+/// A present object that is not a target and not named in `s`: the first of the ground
+/// truth's [`Context::mentioned`], else the first present one.
+fn anchor_for(ctx: &Context, s: &Sentence) -> Option<String> {
+    let is_target = |n: &str| ctx.target_count(n).is_some();
+    let in_sentence = |n: &str| s.ms.iter().any(|m| m.canonical == n);
+    ctx.mentioned
+        .iter()
+        .chain(ctx.present.iter().map(|p| &p.0))
+        .find(|n| ctx.present_count(n).is_some() && !is_target(n) && !in_sentence(n))
+        .cloned()
+}
+
 /// Corrects `y` against `ctx` (see the module docs).  A correct answer comes back
 /// unchanged (up to spacing around punctuation).
 pub fn correct(y: &str, ctx: &Context) -> String {
@@ -276,6 +302,18 @@ pub fn correct(y: &str, ctx: &Context) -> String {
             }
         })
         .collect();
+    // 0. A question with targets gets no "nothing here" sentence.
+    if ctx.targets.as_ref().is_some_and(|t| !t.is_empty()) {
+        for s in sents.iter_mut() {
+            let text = detokenize(&s.toks);
+            if NO_TARGET_ANSWERS
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&text))
+            {
+                s.deleted = true;
+            }
+        }
+    }
     // 1. Judge each phrase; fix counts of the ones that stay.
     let mut bad: Vec<(usize, usize)> = Vec::new();
     let mut named_ok: Vec<&'static str> = Vec::new();
@@ -322,11 +360,22 @@ pub fn correct(y: &str, ctx: &Context) -> String {
     missing.reverse();
     for &(si, mi) in &bad {
         let ati = after_there_is(&sents[si].toks, sents[si].ms[mi].start);
+        if sents[si].ms[mi].segs == 0 {
+            // an absent object that is not segmented (a relation's anchor): modified
+            // into a present one that is not a target, the ground truth's first
+            if let Some(name) = anchor_for(ctx, &sents[si]) {
+                let have = ctx.present_count(&name).unwrap_or(1);
+                let m = &mut sents[si].ms[mi];
+                m.canonical = CATEGORIES[by_name(&name).unwrap_or(0)].name;
+                let n = m.count().min(have).max(1);
+                m.set_count(n, ati);
+                continue;
+            }
+        }
         let m = &mut sents[si].ms[mi];
         if m.segs > 0 {
             if let Some((name, n)) = missing.pop() {
-                m.canonical =
-                    crate::data::world::categories::CATEGORIES[by_name(&name).unwrap_or(0)].name;
+                m.canonical = CATEGORIES[by_name(&name).unwrap_or(0)].name;
                 m.set_count(n, ati);
                 m.segs = n;
                 continue;
@@ -373,9 +422,7 @@ pub fn correct(y: &str, ctx: &Context) -> String {
                         the,
                         article,
                         number: None,
-                        canonical: crate::data::world::categories::CATEGORIES
-                            [by_name(&name).unwrap_or(0)]
-                        .name,
+                        canonical: CATEGORIES[by_name(&name).unwrap_or(0)].name,
                         plural: false,
                         segs: 1,
                     };
@@ -564,8 +611,7 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
                 {
                     continue;
                 }
-                m.canonical =
-                    crate::data::world::categories::CATEGORIES[by_name(pick).unwrap_or(0)].name;
+                m.canonical = CATEGORIES[by_name(pick).unwrap_or(0)].name;
                 done.push(Injected::Replace(was, pick.to_string()));
             }
             1 => {
@@ -582,9 +628,7 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
                     the: first.the,
                     article: !first.the,
                     number: None,
-                    canonical: crate::data::world::categories::CATEGORIES
-                        [by_name(pick).unwrap_or(0)]
-                    .name,
+                    canonical: CATEGORIES[by_name(pick).unwrap_or(0)].name,
                     plural: false,
                     segs: 1,
                 };

@@ -10,7 +10,7 @@
 //! RLHF-V does.
 use super::PrefLossCfg;
 use crate::backend::Backend;
-use crate::data::corrector::{correct, inject, tokenize, Context};
+use crate::data::corrector::{correct, inject, mentioned_objects, tokenize, Context};
 use crate::data::diff::changed_positions;
 use crate::data::sample::{load_image, Sample};
 use crate::data::world::categories::{by_name, CATEGORIES};
@@ -105,6 +105,11 @@ pub fn context_of(s: &Sample) -> Context {
     Context {
         present,
         targets: Some(targets),
+        mentioned: s
+            .answer
+            .as_deref()
+            .map(|a| mentioned_objects(&a.replace("{seg}", crate::data::sample::SEG)))
+            .unwrap_or_default(),
     }
 }
 
