@@ -56,6 +56,7 @@ fn corrector_and_chair_agree_on_every_term() {
         let absent = Context {
             present: vec![(other.to_string(), 1)],
             targets: None,
+            mentioned: vec![],
         };
         let c = chair_counts(chair, &text, &present(&[other]));
         assert_eq!((c.mentions, c.hallucinated), (2, 1), "{text}");
@@ -71,6 +72,7 @@ fn corrector_and_chair_agree_on_every_term() {
         let here = Context {
             present: vec![(canonical.to_string(), 1), (other.to_string(), 1)],
             targets: None,
+            mentioned: vec![],
         };
         let both = present(&[canonical, other]);
         assert_eq!(chair_counts(chair, &text, &both).hallucinated, 0, "{text}");
