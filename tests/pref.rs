@@ -174,12 +174,19 @@ fn stage2_gradient_matches_finite_differences() {
     // references off the policy, so that σ(−z) is not ½ and both signs occur
     (items[0].ref_y, items[0].ref_yc) = (-3.1, -4.4);
     (items[1].ref_y, items[1].ref_yc) = (-5.0, -2.2);
-    let lc = PrefLossCfg::default();
+    // with the optional NLL of the chosen answer, so its gradient is checked too
+    let lc = PrefLossCfg {
+        nll: 0.7,
+        ..PrefLossCfg::default()
+    };
     for (_, t) in m.params_mut() {
         t.zero_grad(&Cpu);
     }
     let r = pref_step(&mut m, &items, &lc, 1.0, true).unwrap();
-    assert!(r.loss.is_finite() && r.parts["lt"] > 0.0, "{r:?}");
+    assert!(
+        r.loss.is_finite() && r.parts["lt"] > 0.0 && r.parts["nll"] > 0.0,
+        "{r:?}"
+    );
     let grads: Vec<(String, Option<Vec<f64>>)> = m
         .params_mut()
         .into_iter()

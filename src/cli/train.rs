@@ -86,6 +86,10 @@ pub struct PrefArgs {
     /// Eq. 3's normalizer: `tokens` (1/|y|, the paper) or `weighted` (RLHF-V's).
     #[arg(long)]
     pub norm: Option<String>,
+    /// Weight of an extra NLL of the chosen answer beside Lt (RPO's remedy for
+    /// likelihood displacement; 0, the paper's loss, by default).
+    #[arg(long)]
+    pub nll: Option<f64>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -113,6 +117,12 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
     }
     if a.no_lambda {
         cfg.loss.lambda = 1.0;
+    }
+    if let Some(w) = a.nll {
+        if !(w.is_finite() && w >= 0.0) {
+            anyhow::bail!("--nll {w}: expected a weight >= 0");
+        }
+        cfg.loss.nll = w;
     }
     match a.norm.as_deref() {
         None => {}

@@ -55,6 +55,10 @@ pub struct PrefLossCfg {
     pub norm: Eq3Norm,
     /// Train with `Lt` (`--no-lt` turns it off, leaving `Lce`).
     pub lt: bool,
+    /// Weight of an extra negative log-likelihood of the chosen answer `yc` (mean over
+    /// its tokens and the pairs), as RPO adds to DPO against likelihood displacement.
+    /// 0 (the default) is the paper's loss; `--nll W` sets it.
+    pub nll: f64,
     /// `Lce`: the stage-1 mask loss on the ground-truth masks (BCE and Dice weights).
     pub bce: f32,
     pub dice: f32,
@@ -67,6 +71,7 @@ impl Default for PrefLossCfg {
             lambda: LAMBDA,
             norm: Eq3Norm::Tokens,
             lt: true,
+            nll: 0.0,
             bce: LossWeights::default().bce,
             dice: LossWeights::default().dice,
         }
@@ -156,10 +161,12 @@ impl<B: Backend<f32>> Trainable for PrefModel<B> {
 /// One stage-2 micro-batch on `model`: the loss and its parts, and with `backward` the
 /// gradient of `scale · loss` accumulated into the trainable parameters.
 ///
-/// forward: `L = Lt + w_bce·BCE + w_dice·Dice`, `Lt` the mean DPO loss (Eq. 2) of the
-/// batch's pairs on Eq. 3 log-probs `log π = Σ_i w_i·logp_i` against the cached
-/// reference values, BCE and Dice the means over the ground-truth masks (`Lce`);
-/// so `∂L/∂logp_i = w_i·∂Lt/∂log π` on each response's answer tokens.
+/// forward: `L = Lt + α·NLL + w_bce·BCE + w_dice·Dice`, `Lt` the mean DPO loss (Eq. 2)
+/// of the batch's pairs on Eq. 3 log-probs `log π = Σ_i w_i·logp_i` against the cached
+/// reference values, `NLL = −(1/B) Σ_pairs (1/|yc|) Σ_i logp_i(yc)` (α = `nll`, 0 by
+/// default), BCE and Dice the means over the ground-truth masks (`Lce`);
+/// so `∂L/∂logp_i = w_i·∂Lt/∂log π` on each response's answer tokens, plus
+/// `−α/(B·|yc|)` on the chosen one's.
 pub fn pref_step<F: Float, B: Backend<F>>(
     model: &mut SegModel<F, B>,
     batch: &[PrefItem],
@@ -200,15 +207,23 @@ pub fn pref_step<F: Float, B: Backend<F>>(
     let bce = pass.mask_losses.iter().map(|x| x.0).sum::<f64>() / mf;
     let dice = pass.mask_losses.iter().map(|x| x.1).sum::<f64>() / mf;
     let lt = if lc.lt { dpo.loss } else { 0.0 };
-    let total = lt + lc.bce as f64 * bce + lc.dice as f64 * dice;
+    let b = batch.len() as f64;
+    let nll = (0..batch.len())
+        .map(|i| {
+            let rows = &pass.answer_rows[3 * i + 1];
+            -rows.iter().map(|&r| pass.logp[r]).sum::<f64>() / rows.len().max(1) as f64
+        })
+        .sum::<f64>()
+        / b;
+    let total = lt + lc.nll * nll + lc.bce as f64 * bce + lc.dice as f64 * dice;
     if !total.is_finite() {
         return Err(Error::NonFinite {
             what: "stage-2 loss".into(),
         });
     }
-    let b = batch.len() as f64;
     let parts: BTreeMap<String, f64> = [
         ("lt".to_string(), dpo.loss),
+        ("nll".into(), nll),
         ("bce".into(), bce),
         ("dice".into(), dice),
         ("reward_margin".into(), dpo.margin.iter().sum::<f64>() / b),
@@ -231,6 +246,15 @@ pub fn pref_step<F: Float, B: Backend<F>>(
                     for (&r, w) in pass.answer_rows[row].iter().zip(w) {
                         dlogp[r] = w * d * scale as f64;
                     }
+                }
+            }
+        }
+        if lc.nll != 0.0 {
+            for i in 0..batch.len() {
+                let rows = &pass.answer_rows[3 * i + 1];
+                let g = -lc.nll / (b * rows.len().max(1) as f64) * scale as f64;
+                for &r in rows {
+                    dlogp[r] += g;
                 }
             }
         }
