@@ -35,6 +35,13 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
+    // A closed stdout (`popen eval ... | head`) ends the process quietly, as it does
+    // for other Unix tools; Rust's runtime ignores SIGPIPE, and `print!` would panic.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),

@@ -106,3 +106,22 @@ fn bad_input_is_a_clear_error_not_a_panic() {
         "{err}"
     );
 }
+
+#[test]
+fn a_closed_stdout_ends_quietly_not_in_a_panic() {
+    // `popen eval ... | head -0`: the reader is gone before the table is printed
+    let mut child = Command::new(env!("CARGO_BIN_EXE_popen"))
+        .arg("eval")
+        .arg("--data")
+        .arg(fixture("data.json"))
+        .arg("--pred")
+        .arg(fixture("pred.jsonl"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
