@@ -648,6 +648,15 @@ fn stage2_collects_trains_resumes_and_predicts() {
         "2",
     ));
     assert!(std::fs::read_to_string(&pred).unwrap().lines().count() > 0);
+    // a damaged pt.jsonl on --resume names the file and its line
+    let mut text = std::fs::read_to_string(a.join("pt.jsonl")).unwrap();
+    text.push_str("{not json\n");
+    std::fs::write(a.join("pt.jsonl"), text).unwrap();
+    let mut argv = args(&a);
+    argv.push("--resume".into());
+    let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+    let e = err(&popen(&argv, "2"));
+    assert!(e.contains(&format!("pt.jsonl:{}", pairs.len() + 1)), "{e}");
     // bad flags are errors
     let mut argv = args(&d.join("c"));
     argv.extend(["--norm".to_string(), "bogus".to_string()]);
