@@ -98,6 +98,21 @@ pub struct SftPaths {
 /// Images whose questions are scored at each validation (the first of the file).
 pub const VAL_IMAGES: usize = 20;
 
+/// The questions of a training file (images under `images`, else beside the file); an
+/// empty file is an error, since no stage can train on it.
+pub fn training_samples(data: &Path, images: &Option<PathBuf>) -> Result<Vec<Sample>> {
+    let root = crate::popen::predict::data_root(data, images);
+    let samples = load_muse(data, &root)?;
+    if samples.is_empty() {
+        return Err(Error::Data {
+            path: data.to_path_buf(),
+            field: "questions".into(),
+            msg: "no question to train on".into(),
+        });
+    }
+    Ok(samples)
+}
+
 /// Trains stage 1 into `paths.out` on backend `be` (`popen train sft --device`).  With
 /// `resume`, continues the run found there (its tokenizer and config are reused, so the
 /// model is the same).  Checkpoints hold host-order f32 weights whatever the backend,
@@ -109,15 +124,7 @@ pub fn train_sft<B: Backend<f32>>(
     resume: bool,
     progress: bool,
 ) -> Result<TrainSummary> {
-    let root = crate::popen::predict::data_root(&paths.data, &paths.images);
-    let samples = load_muse(&paths.data, &root)?;
-    if samples.is_empty() {
-        return Err(Error::Data {
-            path: paths.data.clone(),
-            field: "questions".into(),
-            msg: "no question to train on".into(),
-        });
-    }
+    let samples = training_samples(&paths.data, &paths.images)?;
     let out = &paths.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let tok_path = out.join(TOKENIZER_FILE);

@@ -86,29 +86,30 @@ impl Default for CollectCfg {
     }
 }
 
+/// Each category of `objs` with its number of instances, in first-seen order.
+fn count_categories(objs: &[crate::data::sample::Target]) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for o in objs {
+        match out.iter_mut().find(|p| p.0 == o.category) {
+            Some(p) => p.1 += 1,
+            None => out.push((o.category.clone(), 1)),
+        }
+    }
+    out
+}
+
 /// What the corrector knows about a sample: its objects with counts, and its targets.
 pub fn context_of(s: &Sample) -> Context {
-    let mut present: Vec<(String, usize)> = Vec::new();
-    for o in &s.objects {
-        match present.iter_mut().find(|p| p.0 == o.category) {
-            Some(p) => p.1 += 1,
-            None => present.push((o.category.clone(), 1)),
-        }
-    }
-    let mut targets: Vec<(String, usize)> = Vec::new();
-    for t in &s.targets {
-        match targets.iter_mut().find(|p| p.0 == t.category) {
-            Some(p) => p.1 += 1,
-            None => targets.push((t.category.clone(), 1)),
-        }
-    }
+    let present = count_categories(&s.objects);
+    let targets = count_categories(&s.targets);
     Context {
         present,
         targets: Some(targets),
+        // the loaders have already turned MUSE's `{seg}` into `<seg>`
         mentioned: s
             .answer
             .as_deref()
-            .map(|a| mentioned_objects(&a.replace("{seg}", crate::data::sample::SEG)))
+            .map(mentioned_objects)
             .unwrap_or_default(),
     }
 }

@@ -20,7 +20,7 @@ pub mod collect;
 pub mod curriculum;
 
 use crate::backend::{Backend, Cpu};
-use crate::data::sample::{load_muse, Sample};
+use crate::data::sample::Sample;
 use crate::error::{Error, Result};
 use crate::model::seg::data::example;
 use crate::model::seg::run::CONFIG_FILE;
@@ -350,15 +350,7 @@ pub fn train_pref<B: Backend<f32>>(
     resume: bool,
     progress: bool,
 ) -> Result<PrefSummary> {
-    let root = crate::popen::predict::data_root(&paths.data, &paths.images);
-    let samples = load_muse(&paths.data, &root)?;
-    if samples.is_empty() {
-        return Err(Error::Data {
-            path: paths.data.clone(),
-            field: "questions".into(),
-            msg: "no question to train on".into(),
-        });
-    }
+    let samples = crate::popen::sft::training_samples(&paths.data, &paths.images)?;
     let out = &paths.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let (mut model, tok) = SegModel::load(be, &paths.from)?;
