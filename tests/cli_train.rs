@@ -101,6 +101,50 @@ fn train(data: &Path, cfg: &Path, out: &Path, extra: &[&str], threads: &str) -> 
     popen(&args, threads)
 }
 
+/// How [`kill_and_resume`] times its kills: `attempts` runs at most, killed after
+/// `base_ms` + a random part below `spread_ms` while fewer than `kill_until` have run.
+struct Kills {
+    seed: u64,
+    attempts: usize,
+    kill_until: usize,
+    base_ms: u64,
+    spread_ms: u64,
+}
+
+/// Runs `popen args…` into `out` (adding `--resume` once `out/config.json` exists),
+/// SIGKILLing it at random moments, until a run finishes; panics if none does or the
+/// finishing run fails.  Returns the number of kills that landed on a running process.
+fn kill_and_resume(args: &[String], out: &Path, k: Kills) -> usize {
+    let mut rng = popen::nn::Rng::new(k.seed);
+    let mut kills = 0;
+    for attempt in 0..k.attempts {
+        let mut argv = args.to_vec();
+        if out.join("config.json").exists() {
+            argv.push("--resume".into());
+        }
+        let mut child = Command::new(BIN)
+            .args(&argv)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(
+            k.base_ms + rng.next_u64() % k.spread_ms,
+        ));
+        if child.try_wait().unwrap().is_none() && attempt < k.kill_until {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+            continue;
+        }
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        return kills;
+    }
+    panic!("never finished");
+}
+
 #[test]
 fn train_predict_eval_and_the_run_directory() {
     let d = tmp("flow");
@@ -268,45 +312,32 @@ fn killed_and_resumed_ends_byte_identical_and_threads_agree() {
         "1 and 2 threads differ"
     );
     // killed at several moments, resumed until it finishes
-    let mut rng = popen::nn::Rng::new(9);
-    let (mut kills, mut done) = (0, false);
-    for attempt in 0..40 {
-        let mut args = vec![
-            "train",
-            "sft",
-            "--data",
-            train_json.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            b.to_str().unwrap(),
-            "--steps",
-            "48",
-        ];
-        if b.join("config.json").exists() {
-            args.push("--resume");
-        }
-        let mut child = Command::new(BIN)
-            .args(&args)
-            .env("RAYON_NUM_THREADS", "2")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let wait_ms = 30 + rng.next_u64() % 700;
-        std::thread::sleep(Duration::from_millis(wait_ms));
-        if child.try_wait().unwrap().is_none() && attempt < 30 {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            kills += 1;
-            continue;
-        }
-        let o = child.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        done = true;
-        break;
-    }
-    assert!(done, "never finished");
+    let args: Vec<String> = [
+        "train",
+        "sft",
+        "--data",
+        train_json.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        b.to_str().unwrap(),
+        "--steps",
+        "48",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let kills = kill_and_resume(
+        &args,
+        &b,
+        Kills {
+            seed: 9,
+            attempts: 40,
+            kill_until: 30,
+            base_ms: 30,
+            spread_ms: 700,
+        },
+    );
     assert!(kills >= 2, "only {kills} kills landed on a running trainer");
     assert!(
         wa == std::fs::read(b.join("model.safetensors")).unwrap(),
@@ -603,33 +634,17 @@ fn stage2_collects_trains_resumes_and_predicts() {
     // killed and resumed: the same bits as the uninterrupted run
     let b = d.join("b");
     let wa = std::fs::read(a.join("model.safetensors")).unwrap();
-    let mut rng = popen::nn::Rng::new(3);
-    let (mut done, mut kills) = (false, 0);
-    for attempt in 0..30 {
-        let mut argv = args(&b);
-        if b.join("config.json").exists() {
-            argv.push("--resume".into());
-        }
-        let mut child = Command::new(BIN)
-            .args(&argv)
-            .env("RAYON_NUM_THREADS", "2")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(50 + rng.next_u64() % 600));
-        if child.try_wait().unwrap().is_none() && attempt < 20 {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            kills += 1;
-            continue;
-        }
-        let o = child.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        done = true;
-        break;
-    }
-    assert!(done, "never finished");
+    let kills = kill_and_resume(
+        &args(&b),
+        &b,
+        Kills {
+            seed: 3,
+            attempts: 30,
+            kill_until: 20,
+            base_ms: 50,
+            spread_ms: 600,
+        },
+    );
     assert!(kills >= 1, "no kill landed on a running stage 2");
     assert!(
         wa == std::fs::read(b.join("model.safetensors")).unwrap(),
