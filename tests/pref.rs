@@ -2,11 +2,13 @@
 //! (policy = reference) equal to ln 2, and the whole stage-2 objective's gradient through
 //! the segmentation model against finite differences in f64.
 use popen::backend::Cpu;
-use popen::model::seg::config::TinyLvlm;
 use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
 use popen::nn::Rng;
 use popen::popen::pref::collect::seq_logps;
 use popen::popen::pref::{pref_step, Eq3Norm, PrefItem, PrefLossCfg};
+
+mod common;
+use common::seg::tiny_cfg;
 
 #[test]
 fn eq3_weights_by_hand() {
@@ -32,36 +34,6 @@ fn eq3_weights_by_hand() {
     };
     assert_eq!(flat.eq3_weights(2, &[0]), vec![0.5, 0.5]);
     assert!(paper.eq3_weights(0, &[]).is_empty());
-}
-
-fn tiny_cfg() -> SegModelConfig {
-    SegModelConfig {
-        image_size: 8,
-        tokens_per_scale: 2,
-        scales: 2,
-        seg_dim: 6,
-        decoder_depth: 1,
-        decoder_heads: 1,
-        decoder_mlp: 6,
-        decoder_layers: [-1, 1],
-        llm_feature_layer: -2,
-        system_prompt: String::new(),
-        max_new_tokens: 12,
-        lvlm: TinyLvlm {
-            vision_hidden: 6,
-            vision_layers: 2,
-            vision_heads: 2,
-            vision_intermediate: 10,
-            patch_size: 4,
-            text_hidden: 8,
-            text_layers: 2,
-            text_heads: 2,
-            text_kv_heads: 1,
-            text_intermediate: 12,
-            max_positions: 64,
-            vocab_size: 70,
-        },
-    }
 }
 
 fn tokenizer(cfg: &SegModelConfig) -> SegTokenizer {
