@@ -236,28 +236,28 @@ pub fn collect_pt<B: Backend<f32>>(
     let mut pairs = Vec::new();
     let mut cache: Option<(std::path::PathBuf, Pixels)> = None;
     let batch = cfg.batch.max(1);
-    let mut pending: Vec<(PtPair, Example, Example)> = Vec::new();
-    let flush =
-        |pending: &mut Vec<(PtPair, Example, Example)>, pairs: &mut Vec<PtPair>| -> Result<()> {
-            if pending.is_empty() {
-                return Ok(());
-            }
-            let mut exs = Vec::with_capacity(2 * pending.len());
-            let mut ch: Vec<&[usize]> = Vec::with_capacity(2 * pending.len());
-            for (p, ey, eyc) in pending.iter() {
-                exs.push(ey.clone());
-                exs.push(eyc.clone());
-                ch.push(&p.ly);
-                ch.push(&p.lyc);
-            }
-            let lp = seq_logps(model, &exs, &ch, loss)?;
-            for (k, (mut p, _, _)) in pending.drain(..).enumerate() {
-                p.ref_y = lp[2 * k];
-                p.ref_yc = lp[2 * k + 1];
-                pairs.push(p);
-            }
-            Ok(())
-        };
+    // pairs waiting for their reference log-probs, and their examples (y, yc, y, yc, …)
+    let (mut pending, mut pending_exs): (Vec<PtPair>, Vec<Example>) = (vec![], vec![]);
+    let flush = |pending: &mut Vec<PtPair>,
+                 exs: &mut Vec<Example>,
+                 pairs: &mut Vec<PtPair>|
+     -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let ch: Vec<&[usize]> = pending
+            .iter()
+            .flat_map(|p| [p.ly.as_slice(), p.lyc.as_slice()])
+            .collect();
+        let lp = seq_logps(model, exs, &ch, loss)?;
+        for (k, mut p) in pending.drain(..).enumerate() {
+            p.ref_y = lp[2 * k];
+            p.ref_yc = lp[2 * k + 1];
+            pairs.push(p);
+        }
+        exs.clear();
+        Ok(())
+    };
     for (i, s) in samples.iter().enumerate() {
         let px = match &cache {
             Some((p, px)) if *p == s.image_path => px.clone(),
@@ -291,14 +291,15 @@ pub fn collect_pt<B: Backend<f32>>(
                     ref_y: 0.0,
                     ref_yc: 0.0,
                 };
-                pending.push((p, ey, eyc));
+                pending.push(p);
+                pending_exs.extend([ey, eyc]);
                 if pending.len() == batch {
-                    flush(&mut pending, &mut pairs)?;
+                    flush(&mut pending, &mut pending_exs, &mut pairs)?;
                 }
             }
         }
         progress(1);
     }
-    flush(&mut pending, &mut pairs)?;
+    flush(&mut pending, &mut pending_exs, &mut pairs)?;
     Ok((pairs, counts))
 }
