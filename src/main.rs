@@ -32,6 +32,8 @@ enum Cmd {
     Predict(cli::predict::Args),
     /// Answer one question about one image: text on stdout, overlay and mask PNGs.
     Infer(cli::infer::Args),
+    /// The whole method on the embedded world: train, predict with three methods, score.
+    Demo(cli::demo::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Train(a) => cli::train::run(a),
         Cmd::Predict(a) => cli::predict::run(a),
         Cmd::Infer(a) => cli::infer::run(a),
+        Cmd::Demo(a) => cli::demo::run(a),
     };
     // Print the error chain on one line and exit 1: bad input is not a crash, so no
     // backtrace even when RUST_BACKTRACE is set.

@@ -1,9 +1,10 @@
 //! `popen infer`: one image, one prompt: the answer on stdout, an overlay PNG (each mask
 //! in its own colour, labelled with its phrase) and each mask as a 0/255 PNG.
-use super::model_args::{seg_phrases, DeviceArg};
+use super::model_args::DeviceArg;
 use anyhow::Context;
 use popen::backend::{Backend, OnBackend};
 use popen::data::world::overlay;
+use popen::data::world::overlay::seg_phrases;
 use popen::data::Mask;
 use popen::model::seg::preprocess;
 use popen::model::seg::{Pixels, Prediction, SegModel};

@@ -1,5 +1,6 @@
 //! Subcommands of the `popen` binary, one file each.
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod eval_masks;
 pub mod forward;

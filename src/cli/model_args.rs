@@ -10,24 +10,45 @@ pub struct DeviceArg {
     pub device: DeviceChoice,
 }
 
-/// The phrase each `<seg>` of `text` stands for: the words just before it (up to
-/// three, stopping at punctuation or another `<seg>`), for overlay labels.
-pub fn seg_phrases(text: &str) -> Vec<String> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let mut out = Vec::new();
-    for (i, w) in words.iter().enumerate() {
-        if !w.starts_with("<seg>") {
-            continue;
+/// The ensemble's options (Sec. 3.3, Table 6's ablations), shared by `predict`,
+/// `infer` and `train ensemble`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EnsembleArgs {
+    /// Answer with the K-way preference-based ensemble (0 = one greedy answer).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub ensemble: usize,
+    /// Temperature of the K samples.
+    #[arg(long, default_value_t = 0.7)]
+    pub ensemble_temperature: f32,
+    /// Ablation: the answer is the most likely sample, not a refined one.
+    #[arg(long)]
+    pub no_text_ensemble: bool,
+    /// Ablation: the refined answer's masks come from its own hidden states (no Eq. 6).
+    #[arg(long)]
+    pub no_seg_ensemble: bool,
+    /// Ablation: no attention bias γ.
+    #[arg(long)]
+    pub no_gamma: bool,
+    /// Ablation: no learnable prompt p̂, even when the run has one.
+    #[arg(long)]
+    pub no_prompt: bool,
+    /// What τ sums: token, sentence or both (Eq. 5).
+    #[arg(long, default_value = "both")]
+    pub tau: popen::popen::ensemble::TauMode,
+}
+
+impl EnsembleArgs {
+    /// The ensemble's settings with `k` answers.
+    pub fn cfg(&self, k: usize) -> popen::popen::ensemble::EnsembleCfg {
+        popen::popen::ensemble::EnsembleCfg {
+            k,
+            temperature: self.ensemble_temperature,
+            text: !self.no_text_ensemble,
+            seg: !self.no_seg_ensemble,
+            gamma: !self.no_gamma,
+            prompt: !self.no_prompt,
+            tau: self.tau,
+            ..Default::default()
         }
-        let mut phrase = Vec::new();
-        for p in words[..i].iter().rev().take(3) {
-            if p.starts_with("<seg>") || p.ends_with(',') || p.ends_with('.') {
-                break;
-            }
-            phrase.push(*p);
-        }
-        phrase.reverse();
-        out.push(phrase.join(" "));
     }
-    out
 }

@@ -1,11 +1,14 @@
 //! `popen predict`: a trained segmentation model answers every question of a
 //! MUSE-schema file; writes the `PRED.jsonl` that `popen eval` reads.
-use super::model_args::DeviceArg;
+use super::model_args::{DeviceArg, EnsembleArgs};
 use popen::backend::{Backend, OnBackend};
 use popen::metrics::eval::PredLine;
 use popen::model::seg::SegModel;
 use popen::nn::SamplingCfg;
-use popen::popen::predict::{data_root, predict_items, questions, write_preds};
+use popen::popen::ensemble::{load_prompt, PROMPT_FILE};
+use popen::popen::predict::{
+    data_root, predict_items, predict_items_ensemble, questions, write_preds,
+};
 use std::path::PathBuf;
 
 /// Arguments of `popen predict`.
@@ -33,6 +36,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     #[command(flatten)]
+    pub ensemble: EnsembleArgs,
+    #[command(flatten)]
     pub device: DeviceArg,
 }
 
@@ -55,7 +60,40 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 seed: a.seed,
             };
             let bar = super::progress::bar(items.len() as u64, "predict");
-            let lines = predict_items(&model, &tok, &items, a.batch, &cfg, |n| bar.inc(n as u64))?;
+            let inc = |n: usize| bar.inc(n as u64);
+            let lines = if a.ensemble.ensemble == 0 {
+                predict_items(&model, &tok, &items, a.batch, &cfg, inc)?
+            } else {
+                let hidden = model.llava.cfg.text.hidden_size;
+                let prompt = load_prompt(&a.checkpoint, hidden)?;
+                if prompt.is_none() && !a.ensemble.no_prompt {
+                    eprintln!(
+                        "note: {} has no {PROMPT_FILE} (stage 3 trains it): ensembling without p̂",
+                        a.checkpoint.display()
+                    );
+                }
+                let prompt = prompt.map(|p| model.llava.be.from_slice(&p));
+                let ecfg = a.ensemble.cfg(a.ensemble.ensemble);
+                let (lines, full) = predict_items_ensemble(
+                    &model,
+                    &tok,
+                    &items,
+                    a.batch,
+                    &ecfg,
+                    a.seed,
+                    prompt.as_ref(),
+                    inc,
+                )?;
+                let fell = full.iter().filter(|e| e.fallback).count();
+                if fell > 0 {
+                    eprintln!(
+                        "note: {fell} of {} questions did not fit the context for refinement: \
+                         their answer is the most likely sample",
+                        full.len()
+                    );
+                }
+                lines
+            };
             bar.finish_and_clear();
             Ok(lines)
         }

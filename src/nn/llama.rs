@@ -364,6 +364,39 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         }
     }
 
+    /// A batch-1 cache repeated for `k` rows: K answers to one prompt share its prefix,
+    /// computed once.  Each layer's (1, NKV, len, HS) block is copied `k` times.
+    pub fn repeat_cache(&self, c: &KvCache<B::Buf>, k: usize) -> Result<KvCache<B::Buf>> {
+        if c.b != 1 || k == 0 {
+            return Err(Error::shape(
+                "Llama::repeat_cache",
+                format!(
+                    "a cache of batch {} repeated {k} times (batch 1, k ≥ 1)",
+                    c.b
+                ),
+            ));
+        }
+        let be = &self.be;
+        let layers = c
+            .layers
+            .iter()
+            .map(|l| {
+                let n = be.len(&l.k);
+                let (mut kk, mut vv) = (be.zeros(k * n), be.zeros(k * n));
+                for r in 0..k {
+                    be.copy_range(&mut kk, r * n, &l.k, 0, n)?;
+                    be.copy_range(&mut vv, r * n, &l.v, 0, n)?;
+                }
+                Ok(LayerKv {
+                    k: kk,
+                    v: vv,
+                    len: l.len,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { b: k, layers })
+    }
+
     /// ids (B·T) → input embeddings (B·T, C).
     pub fn embed(&self, ids: &[u32]) -> Result<B::Buf> {
         self.embed_tokens.forward(&self.be, ids)

@@ -8,8 +8,9 @@ use crate::data::sample::{load_image, Sample};
 use crate::data::{Mask, Rle};
 use crate::error::Result;
 use crate::metrics::eval::PredLine;
-use crate::model::seg::{preprocess, Pixels, SegModel, SegTokenizer};
+use crate::model::seg::{preprocess, Pixels, Prediction, SegModel, SegTokenizer};
 use crate::nn::SamplingCfg;
+use crate::popen::ensemble::{sentence_ends, EnsembleCfg, EnsemblePrediction};
 use num_traits::Float;
 use std::path::Path;
 
@@ -40,6 +41,53 @@ pub fn predict_items<F: Float, B: Backend<F>>(
     items: &[(String, Sample)],
     batch: usize,
     cfg: &SamplingCfg,
+    progress: impl FnMut(usize),
+) -> Result<Vec<PredLine>> {
+    let answer =
+        |q: &[(&Pixels, &str)], seed: u64| model.predict(tok, q, &SamplingCfg { seed, ..*cfg });
+    answer_items(
+        items,
+        model.cfg.image_size,
+        batch,
+        cfg.seed,
+        answer,
+        progress,
+    )
+}
+
+/// [`predict_items`] with the K-way ensemble (Sec. 3.3); `prompt` is stage 3's `p̂`.
+/// Also returns each question's full ensemble answer (samples and scores).
+#[allow(clippy::too_many_arguments)]
+pub fn predict_items_ensemble<F: Float, B: Backend<F>>(
+    model: &SegModel<F, B>,
+    tok: &SegTokenizer,
+    items: &[(String, Sample)],
+    batch: usize,
+    cfg: &EnsembleCfg,
+    seed: u64,
+    prompt: Option<&B::Buf>,
+    progress: impl FnMut(usize),
+) -> Result<(Vec<PredLine>, Vec<EnsemblePrediction>)> {
+    let ends = sentence_ends(&tok.tok);
+    let mut full = Vec::with_capacity(items.len());
+    let answer = |q: &[(&Pixels, &str)], seed: u64| {
+        let e = model.predict_ensemble(tok, q, cfg, seed, prompt, &ends)?;
+        let answers = e.iter().map(|x| x.answer.clone()).collect();
+        full.extend(e);
+        Ok(answers)
+    };
+    let lines = answer_items(items, model.cfg.image_size, batch, seed, answer, progress)?;
+    Ok((lines, full))
+}
+
+/// The loop behind both: images loaded (each once per run of equal paths) and
+/// preprocessed, `answer(questions, seed)` per chunk with `seed + first index`.
+fn answer_items(
+    items: &[(String, Sample)],
+    image_size: usize,
+    batch: usize,
+    seed: u64,
+    mut answer: impl FnMut(&[(&Pixels, &str)], u64) -> Result<Vec<Prediction>>,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<PredLine>> {
     let batch = batch.max(1);
@@ -51,7 +99,7 @@ pub fn predict_items<F: Float, B: Backend<F>>(
             let p = match &cache {
                 Some((path, p)) if *path == s.image_path => p.clone(),
                 _ => {
-                    let p = preprocess(&load_image(s)?, model.cfg.image_size)?;
+                    let p = preprocess(&load_image(s)?, image_size)?;
                     cache = Some((s.image_path.clone(), p.clone()));
                     p
                 }
@@ -63,11 +111,8 @@ pub fn predict_items<F: Float, B: Backend<F>>(
             .zip(chunk)
             .map(|(p, (_, s))| (p, s.question.as_str()))
             .collect();
-        let c = SamplingCfg {
-            seed: cfg.seed.wrapping_add((ci * batch) as u64),
-            ..*cfg
-        };
-        for ((file_name, s), p) in chunk.iter().zip(model.predict(tok, &q, &c)?) {
+        let preds = answer(&q, seed.wrapping_add((ci * batch) as u64))?;
+        for ((file_name, s), p) in chunk.iter().zip(preds) {
             let masks = p
                 .masks
                 .into_iter()

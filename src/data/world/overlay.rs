@@ -272,3 +272,62 @@ pub fn save_mask_png(m: &Mask, path: &Path) -> Result<()> {
     })?;
     crate::fsio::write_atomic(path, &buf)
 }
+
+/// The phrase each `<seg>` of `text` stands for: the words just before it (up to
+/// three, stopping at punctuation or another `<seg>`), for overlay labels.
+pub fn seg_phrases(text: &str) -> Vec<String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let mut out = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if !w.starts_with("<seg>") {
+            continue;
+        }
+        let mut phrase = Vec::new();
+        for p in words[..i].iter().rev().take(3) {
+            if p.starts_with("<seg>") || p.ends_with(',') || p.ends_with('.') {
+                break;
+            }
+            phrase.push(*p);
+        }
+        phrase.reverse();
+        out.push(phrase.join(" "));
+    }
+    out
+}
+
+/// `img` with `title` above and `text` below it, wrapped to the image's width, in
+/// dark-boxed letters `scale` pixels per font pixel, on white.
+pub fn captioned(img: &RgbImage, title: &str, text: &str, scale: usize) -> RgbImage {
+    let per_line = (img.width / (4 * scale)).max(1).saturating_sub(1).max(1);
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        match lines.last_mut() {
+            Some(l) if l.chars().count() + 1 + word.chars().count() <= per_line => {
+                l.push(' ');
+                l.push_str(word);
+            }
+            _ => lines.push(word.chars().take(per_line).collect()),
+        }
+    }
+    let lh = 8 * scale;
+    let top = lh + scale;
+    let mut out = RgbImage::new(top + img.height + lines.len() * lh + scale, img.width);
+    out.data.fill(255);
+    for y in 0..img.height {
+        let (a, b) = ((top + y) * img.width * 3, y * img.width * 3);
+        out.data[a..a + img.width * 3].copy_from_slice(&img.data[b..b + img.width * 3]);
+    }
+    let title: String = title.chars().take(per_line).collect();
+    draw_text(&mut out, 0, 0, &title, scale, [255, 255, 255]);
+    for (i, l) in lines.iter().enumerate() {
+        draw_text(
+            &mut out,
+            top + img.height + scale + i * lh,
+            0,
+            l,
+            scale,
+            [255, 255, 255],
+        );
+    }
+    out
+}

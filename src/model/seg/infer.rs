@@ -6,7 +6,7 @@ use super::preprocess::Pixels;
 use super::prompt::SegTokenizer;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::nn::{sample_token, Rng, SamplingCfg};
+use crate::nn::{sample_token, KvCache, Rng, SamplingCfg};
 use num_traits::Float;
 
 /// One generated answer.
@@ -23,6 +23,14 @@ pub struct Prediction {
     pub logps: Vec<f32>,
 }
 
+/// One image encoded once: its projected tokens (K, C) for the LLM and the two ViT
+/// feature levels (K, Cv) for the pixel decoder.
+#[derive(Clone, Debug)]
+pub struct ImageEncoding<Buf> {
+    pub tokens: Buf,
+    pub feats: [Buf; 2],
+}
+
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// Answers each `(image, question)`; images are encoded in one batch, answers are
     /// generated one by one with the KV cache (greedy when `cfg.temperature` is 0).
@@ -33,15 +41,30 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         items: &[(&Pixels, &str)],
         cfg: &SamplingCfg,
     ) -> Result<Vec<Prediction>> {
-        if items.is_empty() {
+        let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
+        self.encode_images(&px)?
+            .iter()
+            .zip(items)
+            .enumerate()
+            .map(|(i, (enc, (p, q)))| {
+                let mut c = *cfg;
+                c.seed = cfg.seed.wrapping_add(i as u64);
+                self.answer_one(tok, p, q, enc, &c)
+            })
+            .collect()
+    }
+
+    /// Encodes a batch of images once: per image, its projected tokens for the LLM and
+    /// the two ViT feature levels for the pixel decoder.
+    pub fn encode_images(&self, px: &[&Pixels]) -> Result<Vec<ImageEncoding<B::Buf>>> {
+        if px.is_empty() {
             return Ok(Vec::new());
         }
         let be = &self.llava.be;
-        let b = items.len();
+        let b = px.len();
         let idx = self.state_indices()?;
         let upto = idx.iter().copied().max().unwrap_or(0);
-        let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
-        let pixels = self.stack_pixels(&px)?;
+        let pixels = self.stack_pixels(px)?;
         let out = self.llava.vision_tower.forward(&pixels, b, upto)?;
         let hs = &out.hidden_states;
         let (img, _) = self
@@ -53,19 +76,18 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let v = self.llava.cfg.vision.clone();
         let (k, cv) = (v.num_patches(), v.hidden_size);
         let hdim = self.llava.cfg.text.hidden_size;
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, (p, q))| {
-                let mut im = be.zeros(k * hdim);
-                be.copy_range(&mut im, 0, &img, i * k * hdim, k * hdim)?;
+        (0..b)
+            .map(|i| {
+                let mut tokens = be.zeros(k * hdim);
+                be.copy_range(&mut tokens, 0, &img, i * k * hdim, k * hdim)?;
                 let mut g0 = be.zeros(k * cv);
                 be.copy_range(&mut g0, 0, &f0, i * k * cv, k * cv)?;
                 let mut g1 = be.zeros(k * cv);
                 be.copy_range(&mut g1, 0, &f1, i * k * cv, k * cv)?;
-                let mut c = *cfg;
-                c.seed = cfg.seed.wrapping_add(i as u64);
-                self.answer_one(tok, p, q, &im, [&g0, &g1], &c)
+                Ok(ImageEncoding {
+                    tokens,
+                    feats: [g0, g1],
+                })
             })
             .collect()
     }
@@ -82,21 +104,29 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         Ok(f)
     }
 
-    fn answer_one(
+    /// The prompt of `question` with the image's tokens in place, through the LLM with
+    /// a fresh KV cache (batch 1): the cache and the logits of its last position.
+    pub fn prefill(
         &self,
         tok: &SegTokenizer,
-        px: &Pixels,
         question: &str,
-        img: &B::Buf,
-        feats: [&B::Buf; 2],
-        cfg: &SamplingCfg,
-    ) -> Result<Prediction> {
+        enc: &ImageEncoding<B::Buf>,
+    ) -> Result<(KvCache<B::Buf>, B::Buf, B::Buf)> {
+        self.prefill_holding(tok, question, enc, 0)
+    }
+
+    /// [`Self::prefill`] with the prompt's last `hold` tokens not fed (the ensemble feeds
+    /// the answer header `ASSISTANT:` after its own inputs).
+    pub fn prefill_holding(
+        &self,
+        tok: &SegTokenizer,
+        question: &str,
+        enc: &ImageEncoding<B::Buf>,
+        hold: usize,
+    ) -> Result<(KvCache<B::Buf>, B::Buf, B::Buf)> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
-        let (hdim, v) = (
-            self.llava.cfg.text.hidden_size,
-            self.llava.cfg.text.vocab_size,
-        );
+        let hdim = self.llava.cfg.text.hidden_size;
         let k = self.tokens_per_image();
         let (prompt, image_pos) = tok.prompt(&self.cfg.system_prompt, question)?;
         let mut ids = Vec::with_capacity(prompt.len() + k);
@@ -113,11 +143,37 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 ),
             ));
         }
+        if hold >= ids.len() - image_pos - k {
+            return Err(Error::arg(
+                "SegModel::prefill",
+                format!("holding back {hold} of the prompt's tokens after the image"),
+            ));
+        }
+        ids.truncate(ids.len() - hold);
         let mut x = lm.embed(&ids)?;
-        be.copy_range(&mut x, image_pos * hdim, img, 0, k * hdim)?;
+        be.copy_range(&mut x, image_pos * hdim, &enc.tokens, 0, k * hdim)?;
         let mut cache = lm.new_cache(1);
-        let (mut logits, mut acts) =
-            lm.forward_embeds(x, 1, ids.len(), None, None, Some(&mut cache))?;
+        let (logits, acts) = lm.forward_embeds(x, 1, ids.len(), None, None, Some(&mut cache))?;
+        Ok((cache, logits, acts.hidden))
+    }
+
+    fn answer_one(
+        &self,
+        tok: &SegTokenizer,
+        px: &Pixels,
+        question: &str,
+        enc: &ImageEncoding<B::Buf>,
+        cfg: &SamplingCfg,
+    ) -> Result<Prediction> {
+        let be = &self.llava.be;
+        let lm = &self.llava.language_model;
+        let (hdim, v) = (
+            self.llava.cfg.text.hidden_size,
+            self.llava.cfg.text.vocab_size,
+        );
+        let ctx = lm.cfg.max_position_embeddings;
+        let (mut cache, mut logits, hidden) = self.prefill(tok, question, enc)?;
+        let mut last_hidden = hidden;
         let mut rng = Rng::new(cfg.seed);
         let (mut gen, mut logps, mut hidden_rows) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.cfg.max_new_tokens {
@@ -128,9 +184,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 .collect();
             let (t, lp) = sample_token(&last, cfg, &mut rng)?;
             // the hidden state of the position that predicts `t`
-            let n = be.len(&acts.hidden) / hdim;
+            let n = be.len(&last_hidden) / hdim;
             let mut h = be.zeros(hdim);
-            be.copy_range(&mut h, 0, &acts.hidden, (n - 1) * hdim, hdim)?;
+            be.copy_range(&mut h, 0, &last_hidden, (n - 1) * hdim, hdim)?;
             hidden_rows.push(h);
             gen.push(t);
             logps.push(lp);
@@ -138,36 +194,75 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 break;
             }
             let x = lm.embed(&[t])?;
-            (logits, acts) = lm.forward_embeds(x, 1, 1, None, None, Some(&mut cache))?;
+            let (lg, acts) = lm.forward_embeds(x, 1, 1, None, None, Some(&mut cache))?;
+            (logits, last_hidden) = (lg, acts.hidden);
         }
-        let (text, groups) = tok.decode_answer(&gen)?;
-        let g = self.cfg.group_len();
-        let m = groups.len();
-        let (mut masks, mut mlogits) = (Vec::with_capacity(m), Vec::with_capacity(m));
-        if m > 0 {
-            let mut hid = be.zeros(m * g * hdim);
-            for (gi, &g0) in groups.iter().enumerate() {
-                for j in 0..g {
-                    be.copy_range(&mut hid, (gi * g + j) * hdim, &hidden_rows[g0 + j], 0, hdim)?;
-                }
-            }
-            let rows: Vec<u32> = (0..(m * g) as u32).collect();
-            let (emb, _) = self.seg_embeddings(&hid, &rows)?;
-            let s = self.cfg.image_size;
-            let (dl, _) = self.decoder.forward(feats, 1, &emb, &vec![0; m], s, s)?;
-            for mi in 0..m {
-                let lg = be.to_vec(&self.to_image_logits(&dl, mi * s * s, px)?);
-                let lg: Vec<f32> = lg.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect();
-                masks.push(lg.iter().map(|&x| u8::from(x > 0.0)).collect());
-                mlogits.push(lg);
-            }
-        }
+        self.finish_answer(tok, px, &enc.feats, gen, logps, &hidden_rows)
+    }
+
+    /// Text and masks of generated ids: each complete codebook group's hidden rows
+    /// (`hidden_rows[t]` predicted `ids[t]`) → embedding → mask at the image's size.
+    pub fn finish_answer(
+        &self,
+        tok: &SegTokenizer,
+        px: &Pixels,
+        feats: &[B::Buf; 2],
+        ids: Vec<u32>,
+        logps: Vec<f32>,
+        hidden_rows: &[B::Buf],
+    ) -> Result<Prediction> {
+        let (text, groups) = tok.decode_answer(&ids)?;
+        let (masks, logits) = self.masks_of_groups(px, feats, &groups, hidden_rows)?;
         Ok(Prediction {
             text,
             masks,
-            logits: mlogits,
-            ids: gen,
+            logits,
+            ids,
             logps,
         })
+    }
+
+    /// Masks (thresholded at logit 0) and mask logits at the image's size, one per group
+    /// starting at `groups[i]` in `hidden_rows`.
+    pub fn masks_of_groups(
+        &self,
+        px: &Pixels,
+        feats: &[B::Buf; 2],
+        groups: &[usize],
+        hidden_rows: &[B::Buf],
+    ) -> Result<(Vec<Vec<u8>>, Vec<Vec<f32>>)> {
+        let be = &self.llava.be;
+        let hdim = self.llava.cfg.text.hidden_size;
+        let g = self.cfg.group_len();
+        let m = groups.len();
+        let (mut masks, mut mlogits) = (Vec::with_capacity(m), Vec::with_capacity(m));
+        if m == 0 {
+            return Ok((masks, mlogits));
+        }
+        let mut hid = be.zeros(m * g * hdim);
+        for (gi, &g0) in groups.iter().enumerate() {
+            for j in 0..g {
+                let row = hidden_rows.get(g0 + j).ok_or_else(|| {
+                    Error::shape(
+                        "SegModel::masks_of_groups",
+                        format!("group at {g0} of {g} rows, {} rows", hidden_rows.len()),
+                    )
+                })?;
+                be.copy_range(&mut hid, (gi * g + j) * hdim, row, 0, hdim)?;
+            }
+        }
+        let rows: Vec<u32> = (0..(m * g) as u32).collect();
+        let (emb, _) = self.seg_embeddings(&hid, &rows)?;
+        let s = self.cfg.image_size;
+        let (dl, _) = self
+            .decoder
+            .forward([&feats[0], &feats[1]], 1, &emb, &vec![0; m], s, s)?;
+        for mi in 0..m {
+            let lg = be.to_vec(&self.to_image_logits(&dl, mi * s * s, px)?);
+            let lg: Vec<f32> = lg.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect();
+            masks.push(lg.iter().map(|&x| u8::from(x > 0.0)).collect());
+            mlogits.push(lg);
+        }
+        Ok((masks, mlogits))
     }
 }

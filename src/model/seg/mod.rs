@@ -23,7 +23,7 @@ pub mod prompt;
 pub mod run;
 
 pub use config::{SegModelConfig, TinyLvlm};
-pub use infer::Prediction;
+pub use infer::{ImageEncoding, Prediction};
 pub use model::{Example, LossWeights, SegLoss, SegModel, Trainable};
 pub use preprocess::{preprocess, Pixels};
 pub use prompt::{Encoded, SegTokenizer};

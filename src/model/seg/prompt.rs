@@ -113,6 +113,14 @@ impl SegTokenizer {
         Ok((ids, image_pos))
     }
 
+    /// The answer header `ASSISTANT:` as the prompt ends with it; empty when the
+    /// tokenizer merges it with what comes before.
+    pub fn answer_header(&self) -> Result<Vec<u32>> {
+        let h = self.tok.encode("ASSISTANT:")?;
+        let (p, _) = self.prompt("", "?")?;
+        Ok(if p.ends_with(&h) { h } else { Vec::new() })
+    }
+
     /// Prompt and answer for training: each `<seg>` of `answer` becomes a codebook group.
     pub fn encode(&self, system: &str, question: &str, answer: &str) -> Result<Encoded> {
         let (mut ids, image_pos) = self.prompt(system, question)?;

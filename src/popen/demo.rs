@@ -1,0 +1,472 @@
+//! `popen demo`: the whole method on the embedded world in one call: generate the world,
+//! stage 1, stage 2, predict the test split with three methods, score each with the
+//! `popen eval` engine, and draw the answers side by side.
+//!
+//! | method              | model                 | inference                         |
+//! |---------------------|-----------------------|-----------------------------------|
+//! | `sft`               | stage 1               | one greedy answer                 |
+//! | `popen_no_ensemble` | stage 2 (POPEN†)      | one greedy answer                 |
+//! | `popen`             | stage 2 (+ stage 3 p̂) | K-way ensemble (Sec. 3.3)         |
+//!
+//! Stage 3 (the learnable prompt `p̂`) is not built yet: the `popen` row ensembles
+//! without `p̂` and `results.json` says so (`"stage3": false`).
+//!
+//! Every stage writes its own run directory under `DIR`, so a killed demo resumes where it
+//! stopped (the stages resume from their checkpoints; finished ones are not redone).
+//! `DIR/demo.json` holds the settings; a `DIR` made with other settings is an error.
+use crate::backend::Backend;
+use crate::data::corrector::correct;
+use crate::data::world::{self, overlay, Split, WorldConfig};
+use crate::data::Mask;
+use crate::error::{Error, Result};
+use crate::metrics::eval::{evaluate_files, EvalConfig, Report};
+use crate::metrics::pearson;
+use crate::model::seg::{SegModel, SegTokenizer};
+use crate::nn::SamplingCfg;
+use crate::popen::ensemble::{load_prompt, sentence_ends, sentence_index, EnsembleCfg};
+use crate::popen::ensemble::{sentence_scores, token_scores, EnsemblePrediction};
+use crate::popen::predict::{predict_items, predict_items_ensemble, questions, write_preds};
+use crate::popen::pref::collect::context_of;
+use crate::popen::pref::{train_pref, PrefConfig, PrefPaths};
+use crate::popen::sft::{train_sft, SftConfig, SftPaths};
+use crate::train::config::parse_toml;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// The demo's settings (`DIR/demo.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoCfg {
+    pub seed: u64,
+    pub quick: bool,
+    /// World images generated for training and testing.
+    pub train_images: usize,
+    pub test_images: usize,
+    /// The first this many training images are stage 2's questions.
+    pub pref_images: usize,
+    pub sft_steps: u64,
+    pub pref_steps: u64,
+    /// Answers per ensemble (3, the paper's).
+    pub k: usize,
+    /// Test images drawn in `DIR/overlays/`.
+    pub overlays: usize,
+}
+
+/// The tiny model and schedule of `--quick` (the integration tests' size).
+const QUICK_MODEL: &str = r#"
+[model]
+image_size = 32
+seg_dim = 8
+decoder_heads = 2
+decoder_mlp = 16
+max_new_tokens = 24
+[model.lvlm]
+vision_hidden = 16
+vision_layers = 2
+vision_heads = 2
+vision_intermediate = 32
+patch_size = 8
+text_hidden = 16
+text_layers = 2
+text_heads = 2
+text_kv_heads = 1
+text_intermediate = 32
+max_positions = 160
+vocab_size = 200
+[train]
+lr = 1e-3
+micro_batch = 4
+grad_accum_steps = 1
+warmup_steps = 2
+log_every = 1
+"#;
+
+impl DemoCfg {
+    /// The default run: the built-in model, sized for ≈ 10 minutes on 2 cores.
+    pub fn standard(seed: u64) -> Self {
+        DemoCfg {
+            seed,
+            quick: false,
+            train_images: 600,
+            test_images: 40,
+            pref_images: 100,
+            sft_steps: 300,
+            pref_steps: 40,
+            k: 3,
+            overlays: 4,
+        }
+    }
+
+    /// `--quick`: a tiny model on a tiny world, for the tests (seconds, meaningless
+    /// numbers).
+    pub fn quick(seed: u64) -> Self {
+        DemoCfg {
+            seed,
+            quick: true,
+            train_images: 8,
+            test_images: 3,
+            pref_images: 4,
+            sft_steps: 12,
+            pref_steps: 4,
+            k: 3,
+            overlays: 2,
+        }
+    }
+
+    fn sft(&self) -> Result<SftConfig> {
+        let mut c: SftConfig = if self.quick {
+            parse_toml(Path::new("<quick model>"), QUICK_MODEL)?
+        } else {
+            SftConfig::default()
+        };
+        c.train.total_steps = self.sft_steps;
+        c.train.checkpoint_every = self.sft_steps.div_ceil(4).max(1);
+        c.train.seed = self.seed;
+        Ok(c)
+    }
+
+    fn pref(&self) -> Result<PrefConfig> {
+        let mut c = PrefConfig::default();
+        if self.quick {
+            c.train = self.sft()?.train;
+            c.train.warmup_steps = 1;
+        }
+        c.train.total_steps = self.pref_steps;
+        c.train.checkpoint_every = self.pref_steps.div_ceil(2).max(1);
+        c.train.seed = self.seed;
+        Ok(c)
+    }
+}
+
+/// One row of the results table, in `popen eval --out`'s units (ratios in [0, 1]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DemoRow {
+    pub method: String,
+    pub giou: Option<f64>,
+    pub ciou: Option<f64>,
+    pub boundary_iou: Option<f64>,
+    pub chair_s: Option<f64>,
+    pub chair_i: Option<f64>,
+    pub loc_error: Option<f64>,
+    pub no_target_acc: Option<f64>,
+}
+
+impl DemoRow {
+    fn of(method: &str, r: &Report) -> Self {
+        let m = &r.overall;
+        DemoRow {
+            method: method.into(),
+            giou: m.muse.giou,
+            ciou: m.muse.ciou,
+            boundary_iou: m.muse.boundary_iou,
+            chair_s: m.chair_s,
+            chair_i: m.chair_i,
+            loc_error: m.loc_error,
+            no_target_acc: m.no_target_acc,
+        }
+    }
+}
+
+/// `DIR/results.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DemoResults {
+    pub rows: Vec<DemoRow>,
+    pub seed: u64,
+    pub config: DemoCfg,
+    /// Seconds per step (`world`, `sft`, `pref`, `predict_<method>`).
+    pub timings: BTreeMap<String, f64>,
+    /// Supp C: token `τ` against token correctness (the world's corrector leaves the
+    /// token unchanged), and sentence `η` against its target's IoU; `None` when
+    /// undefined (too few pairs, or no spread).
+    pub pearson_text: Option<f64>,
+    pub pearson_seg: Option<f64>,
+    /// Whether the `popen` row used a stage-3 prompt `p̂` (not built yet: false).
+    pub stage3: bool,
+}
+
+impl DemoResults {
+    /// The table as Markdown, figures in percent.
+    pub fn markdown(&self) -> String {
+        let pc = |v: Option<f64>| v.map_or("–".into(), |x| format!("{:.1}", 100.0 * x));
+        let mut s = String::from(
+            "| method | gIoU | cIoU | bIoU | CHAIR_s | CHAIR_i | loc err | N-acc |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for r in &self.rows {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.method,
+                pc(r.giou),
+                pc(r.ciou),
+                pc(r.boundary_iou),
+                pc(r.chair_s),
+                pc(r.chair_i),
+                pc(r.loc_error),
+                pc(r.no_target_acc)
+            );
+        }
+        s
+    }
+}
+
+/// Runs the demo into `dir` on backend `be`; `progress` draws the stages' bars.
+pub fn run_demo<B: Backend<f32>>(
+    be: B,
+    cfg: &DemoCfg,
+    dir: &Path,
+    progress: bool,
+) -> Result<DemoResults> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let cfg_path = dir.join("demo.json");
+    let cfg_json = serde_json::to_string_pretty(cfg).expect("settings serialize");
+    match std::fs::read_to_string(&cfg_path) {
+        Ok(old) if old != cfg_json => {
+            return Err(Error::arg(
+                "popen demo",
+                format!(
+                    "{} holds a demo with other settings ({}): choose another --out or remove it",
+                    dir.display(),
+                    cfg_path.display()
+                ),
+            ))
+        }
+        Ok(_) => {}
+        Err(_) => crate::fsio::write_atomic(&cfg_path, cfg_json.as_bytes())?,
+    }
+    let mut timings = BTreeMap::new();
+    let mut timed = |name: &str, t: Instant| {
+        let s = t.elapsed().as_secs_f64();
+        eprintln!("demo: {name} done in {s:.1} s");
+        timings.insert(name.to_string(), s);
+    };
+    // the world
+    let t = Instant::now();
+    let wdir = dir.join("world");
+    let wcfg = WorldConfig::default();
+    for (split, n) in [
+        (Split::Train, cfg.train_images),
+        (Split::Test, cfg.test_images),
+    ] {
+        if !wdir.join(format!("{}.json", split.name())).exists() {
+            world::write_dataset(&wdir, &wcfg, cfg.seed, split, n, &|| {})?;
+        }
+    }
+    let train_json = wdir.join("train.json");
+    let test_json = wdir.join("test.json");
+    let pref_json = wdir.join("pref.json");
+    if !pref_json.exists() {
+        subset(&train_json, &pref_json, cfg.pref_images)?;
+    }
+    timed("world", t);
+    // stage 1
+    let t = Instant::now();
+    let sft_dir = dir.join("sft");
+    let sft_paths = SftPaths {
+        data: train_json.clone(),
+        images: None,
+        out: sft_dir.clone(),
+        val: None,
+        base: None,
+    };
+    train_sft(be.clone(), &cfg.sft()?, &sft_paths, true, progress)?;
+    timed("sft", t);
+    // stage 2
+    let t = Instant::now();
+    let pref_dir = dir.join("pref");
+    let pref_paths = PrefPaths {
+        from: sft_dir.clone(),
+        data: pref_json,
+        images: None,
+        out: pref_dir.clone(),
+    };
+    train_pref(be.clone(), &cfg.pref()?, &pref_paths, true, progress)?;
+    timed("pref", t);
+    // the three methods
+    let items = questions(&test_json, &wdir)?;
+    let ecfg = EnsembleCfg {
+        k: cfg.k,
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    let mut answers: Vec<(&str, Vec<crate::metrics::eval::PredLine>)> = Vec::new();
+    let (mut pearson_text, mut pearson_seg, mut stage3) = (None, None, false);
+    for (method, run, ensemble) in [
+        ("sft", &sft_dir, false),
+        ("popen_no_ensemble", &pref_dir, false),
+        ("popen", &pref_dir, true),
+    ] {
+        let t = Instant::now();
+        let (model, tok) = SegModel::load(be.clone(), run)?;
+        let lines = if ensemble {
+            let hidden = model.llava.cfg.text.hidden_size;
+            let prompt = load_prompt(run, hidden)?;
+            stage3 = prompt.is_some();
+            let prompt = prompt.map(|p| model.llava.be.from_slice(&p));
+            let (lines, full) = predict_items_ensemble(
+                &model,
+                &tok,
+                &items,
+                8,
+                &ecfg,
+                cfg.seed,
+                prompt.as_ref(),
+                |_| {},
+            )?;
+            let samples: Vec<&crate::data::sample::Sample> = items.iter().map(|x| &x.1).collect();
+            (pearson_text, pearson_seg) = correlations(&tok, &samples, &full)?;
+            lines
+        } else {
+            predict_items(&model, &tok, &items, 8, &SamplingCfg::greedy(), |_| {})?
+        };
+        let pred = dir.join(format!("pred_{method}.jsonl"));
+        write_preds(&pred, &lines)?;
+        let report = evaluate_files(&test_json, &pred, None, &EvalConfig::default())?;
+        rows.push(DemoRow::of(method, &report));
+        answers.push((method, lines));
+        timed(&format!("predict_{method}"), t);
+    }
+    draw_overlays(dir, &items, &answers, cfg.overlays)?;
+    let res = DemoResults {
+        rows,
+        seed: cfg.seed,
+        config: cfg.clone(),
+        timings,
+        pearson_text,
+        pearson_seg,
+        stage3,
+    };
+    let json = serde_json::to_string_pretty(&res).expect("results serialize") + "\n";
+    crate::fsio::write_atomic(dir.join("results.json"), json.as_bytes())?;
+    Ok(res)
+}
+
+/// The first `n` image records of a MUSE file, written beside it.
+fn subset(from: &Path, to: &Path, n: usize) -> Result<()> {
+    let text = std::fs::read_to_string(from).map_err(|e| Error::io(from, e))?;
+    let v: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: from.into(),
+        line: Some(e.line()),
+        msg: e.to_string(),
+    })?;
+    let out = serde_json::to_string(&v[..n.min(v.len())]).expect("json values serialize");
+    crate::fsio::write_atomic(to, out.as_bytes())
+}
+
+/// Pearson r of Supp C over every ensemble sample: `τ` of each answer token against
+/// whether the world's corrector keeps it (the answer re-encoded must give the sampled
+/// ids, else the sample is skipped), and `η` of each `<seg>` sentence against the IoU
+/// of its mask with the best-matching ground-truth target (0 when there is none).
+fn correlations(
+    tok: &SegTokenizer,
+    samples: &[&crate::data::sample::Sample],
+    full: &[EnsemblePrediction],
+) -> Result<(Option<f64>, Option<f64>)> {
+    let ends = sentence_ends(&tok.tok);
+    let (mut tx, mut ty, mut sx, mut sy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (s, e) in samples.iter().zip(full) {
+        let ctx = context_of(s);
+        for y in &e.samples {
+            let n = y
+                .ids
+                .iter()
+                .position(|&t| t == tok.tok.eos)
+                .unwrap_or(y.ids.len());
+            let (ids, lps) = (&y.ids[..n], &y.logps[..n]);
+            let sent = sentence_index(ids, &ends);
+            // text: τ against "the corrector keeps this token"
+            let yc = correct(&y.text, &ctx);
+            let a = tok.encode("", &s.question, &y.text)?;
+            let b = tok.encode("", &s.question, &yc)?;
+            let (ya, yb) = (&a.ids[a.answer_start..], &b.ids[b.answer_start..]);
+            if ya.len() == n + 1 && &ya[..n] == ids {
+                let (ly, _) = crate::data::diff::changed_positions(ya, yb);
+                let tau = token_scores(lps, &sent, Default::default());
+                for (i, &t) in tau.iter().enumerate() {
+                    tx.push(f64::from(t));
+                    ty.push(if ly.contains(&i) { 0.0 } else { 1.0 });
+                }
+            }
+            // segmentation: η against the mask's best IoU
+            let eta = sentence_scores(lps, &sent);
+            let (_, groups) = tok.decode_answer(ids)?;
+            for (g0, m) in groups.iter().zip(&y.masks) {
+                let best = s
+                    .targets
+                    .iter()
+                    .map(|t| iou(m, &t.mask))
+                    .fold(0.0, f64::max);
+                sx.push(f64::from(eta[sent[*g0]]));
+                sy.push(best);
+            }
+        }
+    }
+    Ok((pearson(&tx, &ty), pearson(&sx, &sy)))
+}
+
+fn iou(a: &[u8], b: &Mask) -> f64 {
+    if a.len() != b.data.len() {
+        return 0.0;
+    }
+    let (mut i, mut u) = (0usize, 0usize);
+    for (&x, &y) in a.iter().zip(&b.data) {
+        let (x, y) = (x != 0, y != 0);
+        i += usize::from(x && y);
+        u += usize::from(x || y);
+    }
+    if u == 0 {
+        0.0
+    } else {
+        i as f64 / u as f64
+    }
+}
+
+/// `DIR/overlays/<image>_q<question>.png`: question 0 of the first `n` test images, the
+/// methods side by side, each answer under its picture.
+fn draw_overlays(
+    dir: &Path,
+    items: &[(String, crate::data::sample::Sample)],
+    answers: &[(&str, Vec<crate::metrics::eval::PredLine>)],
+    n: usize,
+) -> Result<()> {
+    let odir = dir.join("overlays");
+    std::fs::create_dir_all(&odir).map_err(|e| Error::io(&odir, e))?;
+    let mut drawn = 0;
+    for (i, (_, s)) in items.iter().enumerate() {
+        if drawn == n {
+            break;
+        }
+        if s.question_index != 0 {
+            continue;
+        }
+        let base = overlay::load_rgb(&s.image_path)?;
+        let mut row: Option<crate::data::world::render::RgbImage> = None;
+        for (method, lines) in answers {
+            let l = &lines[i];
+            let masks = l
+                .masks
+                .iter()
+                .map(|m| m.to_rle().and_then(|r| r.to_mask()))
+                .collect::<Result<Vec<Mask>>>()?;
+            let mut labels = overlay::seg_phrases(&l.text);
+            labels.resize(masks.len(), String::new());
+            let refs: Vec<&Mask> = masks.iter().collect();
+            let ov = overlay::overlay(&base, &refs, &labels, 3)?;
+            let panel = overlay::captioned(&ov, method, &l.text, 2);
+            row = Some(match row {
+                None => panel,
+                Some(r) => overlay::side_by_side(&r, &panel, 8),
+            });
+        }
+        if let Some(r) = row {
+            let stem = s
+                .image_path
+                .file_stem()
+                .map_or_else(|| format!("image{i}"), |x| x.to_string_lossy().into_owned());
+            overlay::save_png(&r, &odir.join(format!("{stem}_q{}.png", s.question_index)))?;
+        }
+        drawn += 1;
+    }
+    Ok(())
+}

@@ -1,0 +1,412 @@
+//! The ensemble at inference: one image encoding and one prefix forward per question,
+//! the K samples decoded together from the shared KV cache, then the text half (Eq. 5)
+//! and the segmentation half (Eq. 6) continuing from the same prefix.
+use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
+use super::EnsembleCfg;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::seg::{ImageEncoding, Pixels, Prediction, SegModel, SegTokenizer};
+use crate::nn::{sample_token, KvCache, Rng, SamplingCfg};
+use num_traits::Float;
+
+/// One ensemble answer: the refined answer, the K samples it was made from, and their
+/// scores.
+#[derive(Clone, Debug)]
+pub struct EnsemblePrediction {
+    /// `ỹ` with its masks from `f̃`.
+    pub answer: Prediction,
+    /// The K sampled answers `y_k`, each with its own masks.
+    pub samples: Vec<Prediction>,
+    /// `τ` of each sample's tokens (EOS dropped), in [−1, 1].
+    pub tau: Vec<Vec<f32>>,
+    /// `η` of each sample's targets, one per `<seg>`, in [−1, 1].
+    pub eta: Vec<Vec<f32>>,
+    /// The refinement did not fit the context: `answer` is the most likely sample.
+    pub fallback: bool,
+}
+
+/// What every question of one call shares: `p̂`, the sentence-end table, the header.
+struct Fixed<'a, Buf> {
+    prompt: Option<&'a Buf>,
+    ends: &'a [bool],
+    header: Vec<u32>,
+}
+
+/// A sample's ids without EOS (what is fed back), and its log-probs.
+fn strip_eos(p: &Prediction, eos: u32) -> (&[u32], &[f32]) {
+    let n = p.ids.iter().position(|&t| t == eos).unwrap_or(p.ids.len());
+    (&p.ids[..n], &p.logps[..n])
+}
+
+/// Mean log-probability of an answer (EOS included): which sample is the most likely.
+fn mean_logp(p: &Prediction) -> f32 {
+    if p.logps.is_empty() {
+        f32::NEG_INFINITY
+    } else {
+        p.logps.iter().sum::<f32>() / p.logps.len() as f32
+    }
+}
+
+impl<F: Float, B: Backend<F>> SegModel<F, B> {
+    /// Answers each `(image, question)` with the K-way ensemble.  `prompt` is `p̂`
+    /// (P·C values, stage 3's); `ends` is [`super::sentence_ends`] of the tokenizer.
+    /// Item `i` samples from the streams seeded from `seed + i`.
+    pub fn predict_ensemble(
+        &self,
+        tok: &SegTokenizer,
+        items: &[(&Pixels, &str)],
+        cfg: &EnsembleCfg,
+        seed: u64,
+        prompt: Option<&B::Buf>,
+        ends: &[bool],
+    ) -> Result<Vec<EnsemblePrediction>> {
+        if cfg.k == 0 {
+            return Err(Error::arg("SegModel::predict_ensemble", "K must be ≥ 1"));
+        }
+        let hdim = self.llava.cfg.text.hidden_size;
+        if let Some(p) = prompt {
+            let n = self.llava.be.len(p);
+            if n == 0 || !n.is_multiple_of(hdim) {
+                return Err(Error::shape(
+                    "SegModel::predict_ensemble",
+                    format!("prompt of {n} values for hidden size {hdim}"),
+                ));
+            }
+        }
+        let fixed = Fixed {
+            prompt: if cfg.prompt { prompt } else { None },
+            ends,
+            header: tok.answer_header()?,
+        };
+        let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
+        self.encode_images(&px)?
+            .iter()
+            .zip(items)
+            .enumerate()
+            .map(|(i, (enc, (p, q)))| {
+                let s = seed.wrapping_add(i as u64);
+                self.ensemble_one(tok, p, q, enc, cfg, s, &fixed)
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ensemble_one(
+        &self,
+        tok: &SegTokenizer,
+        px: &Pixels,
+        question: &str,
+        enc: &ImageEncoding<B::Buf>,
+        cfg: &EnsembleCfg,
+        seed: u64,
+        fixed: &Fixed<'_, B::Buf>,
+    ) -> Result<EnsemblePrediction> {
+        let be = &self.llava.be;
+        let lm = &self.llava.language_model;
+        let hdim = self.llava.cfg.text.hidden_size;
+        let ctx = lm.cfg.max_position_embeddings;
+        let eos = tok.tok.eos;
+        let (prompt, ends, header) = (fixed.prompt, fixed.ends, &fixed.header[..]);
+        // [image, x] once; the answer header follows whatever is read next
+        let (prefix, mut logits, mut hidden) =
+            self.prefill_holding(tok, question, enc, header.len())?;
+        let h_prefix = row(be, &hidden, be.len(&hidden) / hdim - 1, hdim)?;
+        let mut sample_cache = prefix.clone();
+        if !header.is_empty() {
+            let (lg, acts) = lm.forward_embeds(
+                lm.embed(header)?,
+                1,
+                header.len(),
+                None,
+                None,
+                Some(&mut sample_cache),
+            )?;
+            (logits, hidden) = (lg, acts.hidden);
+        }
+        let sampling = SamplingCfg {
+            temperature: cfg.temperature,
+            top_p: cfg.top_p,
+            seed,
+        };
+        let (samples, sample_rows) = self.sample_k(
+            tok,
+            px,
+            enc,
+            &sample_cache,
+            &logits,
+            &hidden,
+            cfg.k,
+            &sampling,
+        )?;
+        drop(sample_cache);
+        // scores
+        let (mut tau, mut eta) = (Vec::with_capacity(cfg.k), Vec::with_capacity(cfg.k));
+        for s in &samples {
+            let (ids, lps) = strip_eos(s, eos);
+            let sent = sentence_index(ids, ends);
+            tau.push(token_scores(lps, &sent, cfg.tau));
+            let sc = sentence_scores(lps, &sent);
+            let (_, groups) = tok.decode_answer(ids)?;
+            eta.push(groups.iter().map(|&g| sc[sent[g]]).collect());
+        }
+        let best = (0..samples.len())
+            .max_by(|&a, &b| mean_logp(&samples[a]).total_cmp(&mean_logp(&samples[b])))
+            .unwrap_or(0);
+        let g = |s: f32| if cfg.gamma { gamma(s) } else { 0.0 };
+        // [y_1 … y_K, p̂, header] after the prefix, with γ(τ) on the y keys
+        let mut ys: Vec<u32> = Vec::new();
+        let mut y_bias: Vec<f32> = Vec::new();
+        for (s, t) in samples.iter().zip(&tau) {
+            let (ids, _) = strip_eos(s, eos);
+            ys.extend_from_slice(ids);
+            y_bias.extend(t.iter().map(|&x| g(x)));
+        }
+        let n_prompt = prompt.map_or(0, |p| be.len(p) / hdim);
+        let read_len = ys.len() + n_prompt + header.len();
+        let fits = prefix.len() + read_len + 1 < ctx;
+        let mut fallback = false;
+        let mut answer = if !cfg.text {
+            samples[best].clone()
+        } else if !fits {
+            fallback = true;
+            samples[best].clone()
+        } else {
+            let chunk = self.read_chunk(&ys, prompt, &[], header)?;
+            let mut bias = vec![0f32; prefix.len()];
+            bias.extend_from_slice(&y_bias);
+            bias.extend(std::iter::repeat_n(0.0, n_prompt + header.len()));
+            self.decode_refined(tok, px, enc, prefix.clone(), chunk, read_len, bias)?
+        };
+        // the segmentation half: [y_1 … y_K, p̂, {f}, header, ỹ] with γ(η) on the f keys
+        let (ans_ids, _) = strip_eos(&answer, eos);
+        let (_, ans_groups) = tok.decode_answer(ans_ids)?;
+        let gl = self.cfg.group_len();
+        if cfg.seg && !ans_groups.is_empty() {
+            let mut f_rows: Vec<B::Buf> = Vec::new();
+            let mut f_bias: Vec<f32> = Vec::new();
+            for ((s, e), hr) in samples.iter().zip(&eta).zip(&sample_rows) {
+                let (ids, _) = strip_eos(s, eos);
+                let (_, groups) = tok.decode_answer(ids)?;
+                for (&g0, &eta_n) in groups.iter().zip(e) {
+                    for j in 0..gl {
+                        f_rows.push(hr[g0 + j].clone());
+                        f_bias.push(g(eta_n));
+                    }
+                }
+            }
+            let n = read_len + f_rows.len() + ans_ids.len();
+            if prefix.len() + n < ctx {
+                let tail = [header, ans_ids].concat();
+                let chunk = self.read_chunk(&ys, prompt, &f_rows, &tail)?;
+                let mut bias = vec![0f32; prefix.len() + ys.len() + n_prompt];
+                bias.extend_from_slice(&f_bias);
+                bias.extend(std::iter::repeat_n(0.0, tail.len()));
+                let mut cache = prefix.clone();
+                let bias = be.from_slice(&to_f::<F>(&bias));
+                let (_, acts) =
+                    lm.forward_embeds(chunk, 1, n, None, Some(&bias), Some(&mut cache))?;
+                // the row that predicts ỹ's token t sits just before it
+                let start = read_len + f_rows.len();
+                let rows: Vec<B::Buf> = (0..ans_ids.len())
+                    .map(|t| match start + t {
+                        0 => Ok(h_prefix.clone()),
+                        i => row(be, &acts.hidden, i - 1, hdim),
+                    })
+                    .collect::<Result<_>>()?;
+                let (masks, logits) = self.masks_of_groups(px, &enc.feats, &ans_groups, &rows)?;
+                answer.masks = masks;
+                answer.logits = logits;
+            }
+        }
+        Ok(EnsemblePrediction {
+            answer,
+            samples,
+            tau,
+            eta,
+            fallback,
+        })
+    }
+
+    /// Embeddings of `[ids, prompt rows, extra rows, tail ids]`.
+    fn read_chunk(
+        &self,
+        ids: &[u32],
+        prompt: Option<&B::Buf>,
+        extra: &[B::Buf],
+        tail: &[u32],
+    ) -> Result<B::Buf> {
+        let be = &self.llava.be;
+        let lm = &self.llava.language_model;
+        let mut x = if ids.is_empty() {
+            be.zeros(0)
+        } else {
+            lm.embed(ids)?
+        };
+        if let Some(p) = prompt {
+            x = concat(be, &x, p)?;
+        }
+        for r in extra {
+            x = concat(be, &x, r)?;
+        }
+        if !tail.is_empty() {
+            x = concat(be, &x, &lm.embed(tail)?)?;
+        }
+        Ok(x)
+    }
+
+    /// K answers decoded together from the prefix cache (repeated K times); row `r`
+    /// samples from the stream seeded `splitmix64(seed) + r`.
+    #[allow(clippy::too_many_arguments)]
+    fn sample_k(
+        &self,
+        tok: &SegTokenizer,
+        px: &Pixels,
+        enc: &ImageEncoding<B::Buf>,
+        prefix: &KvCache<B::Buf>,
+        logits: &B::Buf,
+        hidden: &B::Buf,
+        k: usize,
+        cfg: &SamplingCfg,
+    ) -> Result<(Vec<Prediction>, Vec<Vec<B::Buf>>)> {
+        let be = &self.llava.be;
+        let lm = &self.llava.language_model;
+        let (hdim, v) = (
+            self.llava.cfg.text.hidden_size,
+            self.llava.cfg.text.vocab_size,
+        );
+        let ctx = lm.cfg.max_position_embeddings;
+        let eos = tok.tok.eos;
+        let base = crate::rng::splitmix64(cfg.seed);
+        let mut rngs: Vec<Rng> = (0..k as u64)
+            .map(|r| Rng::new(base.wrapping_add(r)))
+            .collect();
+        let mut cache = lm.repeat_cache(prefix, k)?;
+        // the prefix's last logits and hidden row, the same for every row at step 0
+        let n0 = be.len(hidden) / hdim;
+        let mut last_logits: Vec<Vec<f32>> = {
+            let all = be.to_vec(logits);
+            let row: Vec<f32> = all[all.len() - v..]
+                .iter()
+                .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                .collect();
+            vec![row; k]
+        };
+        let h0 = row(be, hidden, n0 - 1, hdim)?;
+        let mut last_hidden: Vec<B::Buf> = vec![h0; k];
+        let mut ids = vec![Vec::new(); k];
+        let mut logps = vec![Vec::new(); k];
+        let mut rows: Vec<Vec<B::Buf>> = vec![Vec::new(); k];
+        let mut done = vec![false; k];
+        for _ in 0..self.cfg.max_new_tokens {
+            let mut next = Vec::with_capacity(k);
+            for r in 0..k {
+                let (t, lp) = sample_token(&last_logits[r], cfg, &mut rngs[r])?;
+                if !done[r] {
+                    ids[r].push(t);
+                    logps[r].push(lp);
+                    rows[r].push(last_hidden[r].clone());
+                    done[r] = t == eos;
+                }
+                next.push(if done[r] { eos } else { t });
+            }
+            if done.iter().all(|&d| d) || cache.len() + 1 >= ctx {
+                break;
+            }
+            let x = lm.embed(&next)?;
+            let (lg, acts) = lm.forward_embeds(x, k, 1, None, None, Some(&mut cache))?;
+            let all = be.to_vec(&lg);
+            for r in 0..k {
+                last_logits[r] = all[r * v..(r + 1) * v]
+                    .iter()
+                    .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                    .collect();
+                last_hidden[r] = row(be, &acts.hidden, r, hdim)?;
+            }
+        }
+        let preds = (0..k)
+            .map(|r| {
+                self.finish_answer(
+                    tok,
+                    px,
+                    &enc.feats,
+                    std::mem::take(&mut ids[r]),
+                    std::mem::take(&mut logps[r]),
+                    &rows[r],
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((preds, rows))
+    }
+
+    /// `ỹ`: the read chunk through the prefix cache with `bias` on every key, then
+    /// greedy decoding (new keys unbiased).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_refined(
+        &self,
+        tok: &SegTokenizer,
+        px: &Pixels,
+        enc: &ImageEncoding<B::Buf>,
+        mut cache: KvCache<B::Buf>,
+        chunk: B::Buf,
+        n: usize,
+        mut bias: Vec<f32>,
+    ) -> Result<Prediction> {
+        let be = &self.llava.be;
+        let lm = &self.llava.language_model;
+        let (hdim, v) = (
+            self.llava.cfg.text.hidden_size,
+            self.llava.cfg.text.vocab_size,
+        );
+        let ctx = lm.cfg.max_position_embeddings;
+        let b = be.from_slice(&to_f::<F>(&bias));
+        let (mut logits, acts) =
+            lm.forward_embeds(chunk, 1, n, None, Some(&b), Some(&mut cache))?;
+        let mut last_hidden = row(be, &acts.hidden, n - 1, hdim)?;
+        let greedy = SamplingCfg::greedy();
+        let mut rng = Rng::new(0);
+        let (mut ids, mut logps, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.cfg.max_new_tokens {
+            let all = be.to_vec(&logits);
+            let last: Vec<f32> = all[all.len() - v..]
+                .iter()
+                .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                .collect();
+            let (t, lp) = sample_token(&last, &greedy, &mut rng)?;
+            rows.push(last_hidden.clone());
+            ids.push(t);
+            logps.push(lp);
+            if t == tok.tok.eos || cache.len() + 1 >= ctx {
+                break;
+            }
+            bias.push(0.0);
+            let b = be.from_slice(&to_f::<F>(&bias));
+            let x = lm.embed(&[t])?;
+            let (lg, acts) = lm.forward_embeds(x, 1, 1, None, Some(&b), Some(&mut cache))?;
+            logits = lg;
+            last_hidden = acts.hidden;
+        }
+        self.finish_answer(tok, px, &enc.feats, ids, logps, &rows)
+    }
+}
+
+/// Row `i` (width `w`) of a row-major buffer.
+fn row<F: Float, B: Backend<F>>(be: &B, x: &B::Buf, i: usize, w: usize) -> Result<B::Buf> {
+    let mut h = be.zeros(w);
+    be.copy_range(&mut h, 0, x, i * w, w)?;
+    Ok(h)
+}
+
+/// `[a, b]` end to end.
+fn concat<F: Float, B: Backend<F>>(be: &B, a: &B::Buf, b: &B::Buf) -> Result<B::Buf> {
+    let (na, nb) = (be.len(a), be.len(b));
+    let mut x = be.zeros(na + nb);
+    be.copy_range(&mut x, 0, a, 0, na)?;
+    be.copy_range(&mut x, na, b, 0, nb)?;
+    Ok(x)
+}
+
+fn to_f<F: Float>(v: &[f32]) -> Vec<F> {
+    v.iter()
+        .map(|&x| F::from(x).unwrap_or_else(F::zero))
+        .collect()
+}

@@ -1,0 +1,77 @@
+//! The preference-based ensemble (Sec. 3.3, Eq. 5 and 6): K answers sampled from one
+//! image encoding, re-read by the model through attention biased towards the tokens and
+//! segmentation embeddings it was most sure of.
+//!
+//! - [`scores`]: the preference scores `τ` (per token) and `η` (per `<seg>` sentence),
+//!   normalised to [−1, 1], and the bias `γ = σ(score) − 0.5`;
+//! - [`infer`]: the ensemble at inference (`SegModel::predict_ensemble`);
+//! - [`prompt`]: the learnable prompt `p̂` in a run directory.
+//!
+//! Choices the paper leaves open, made here (and tested in `tests/ensemble.rs`):
+//! - **Normalisation.**  Likelihoods are probabilities `p = exp(log p)` in [0, 1].
+//!   `τ = p_token + p̄_sentence − 1` (both halves, the paper's), `2·p_token − 1`
+//!   (`--tau token`) or `2·p̄_sentence − 1` (`--tau sentence`); `η = 2·p̄_sentence − 1`.
+//!   Each is an affine map of [0, 2] or [0, 1] onto [−1, 1], so no per-answer min–max
+//!   (which would turn a uniformly sure answer into a uniformly unsure one).
+//! - **Sentences** end after a token whose text holds `.`, `!` or `?`, and at the end of
+//!   the answer; a codebook group belongs to the sentence it is in.
+//! - **Layout.**  Text half: `[image, x, y_1 … y_K, p̂]`, then `ỹ` is decoded greedily,
+//!   `γ` on the keys of the `y_k` tokens and 0 elsewhere (EOS dropped from each `y_k`).
+//!   Segmentation half: `[image, x, y_1 … y_K, p̂, {f_k^n}, ỹ]` in one teacher-forced
+//!   forward, `γ = σ(η) − 0.5` on the `f` keys and 0 elsewhere (Eq. 6); `f̃` is read at
+//!   `ỹ`'s codebook positions.  The `f_k^n` fed back are the codebook tokens' last
+//!   hidden states (the LLM's own space; the decoder-space embeddings are a projection
+//!   of them), `G` rows per target.
+//! - **Prefix.**  The image and question go through the LLM once; the K samples, the
+//!   text half and the segmentation half all continue from that KV cache.
+//! - **Context.**  When `[prefix, y_1 … y_K, p̂]` leaves no room to answer, the answer
+//!   is the sample of highest mean likelihood (counted in
+//!   [`EnsemblePrediction::fallback`]); when the segmentation half does not fit, `ỹ`'s
+//!   own masks are kept.
+//! - **Ablations** (Table 6): without the text ensemble `ỹ` is the sample of highest
+//!   mean likelihood; without the segmentation ensemble its masks come from the text
+//!   half's own hidden states; without `γ` every bias is 0; without `p̂` no prompt rows.
+pub mod infer;
+pub mod prompt;
+pub mod scores;
+
+pub use infer::EnsemblePrediction;
+pub use prompt::{load_prompt, save_prompt, PROMPT_FILE, PROMPT_LEN};
+pub use scores::{gamma, sentence_ends, sentence_index, sentence_scores, token_scores, TauMode};
+
+use serde::{Deserialize, Serialize};
+
+/// Settings of the ensemble (Sec. 3.3, Table 6's ablations).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnsembleCfg {
+    /// Answers sampled per question (3, the paper's).
+    pub k: usize,
+    /// Sampling of the K answers (the refined answer is greedy).
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Refine the text (`ỹ` from the K answers); off: the most likely sample.
+    pub text: bool,
+    /// Refine the segmentation embeddings (Eq. 6).
+    pub seg: bool,
+    /// Bias the attention (`γ`); off: plain concatenation.
+    pub gamma: bool,
+    /// Use the learnable prompt `p̂` when the model has one.
+    pub prompt: bool,
+    pub tau: TauMode,
+}
+
+impl Default for EnsembleCfg {
+    fn default() -> Self {
+        EnsembleCfg {
+            k: 3,
+            temperature: 0.7,
+            top_p: 0.9,
+            text: true,
+            seg: true,
+            gamma: true,
+            prompt: true,
+            tau: TauMode::Both,
+        }
+    }
+}
