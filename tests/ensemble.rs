@@ -246,3 +246,148 @@ fn a_prompt_of_the_wrong_width_is_an_error() {
         .predict_ensemble(&tok, &[(&px, Q)], &k0, 0, None, &ends)
         .is_err());
 }
+
+/// A model that answers in codebook tokens only (every other row of the LM head zeroed,
+/// the codebook's scaled up), so that its samples and its refined answer carry targets.
+fn codebook_model(seed: u64) -> (SegModel, SegTokenizer) {
+    let mut c = cfg();
+    c.tokens_per_scale = 1; // groups of 2 codebook tokens
+    let tok = tokenizer(&c);
+    let mut m = SegModel::new_tiny(Cpu, c, &tok, seed).unwrap();
+    let cb = tok.codebook.clone();
+    let be = m.llava.be;
+    for (name, t) in m.params_mut() {
+        if name.ends_with("lm_head.weight") {
+            let c = t.shape[1];
+            let mut w = be.to_vec(&t.data);
+            for (r, row) in w.chunks_mut(c).enumerate() {
+                let keep = cb.contains(&(r as u32));
+                row.iter_mut()
+                    .for_each(|x| *x = if keep { *x * 40.0 } else { 0.0 });
+            }
+            t.data = be.from_slice(&w);
+        }
+    }
+    (m, tok)
+}
+
+#[test]
+fn refined_masks_are_the_biased_forward_over_the_samples_embeddings() {
+    let mut checked = 0;
+    for seed in 20..40 {
+        let (m, tok) = codebook_model(seed);
+        let px = pixels(&m.cfg, seed + 10);
+        let ends = sentence_ends(&tok.tok);
+        let ecfg = EnsembleCfg::default();
+        let e = m
+            .predict_ensemble(&tok, &[(&px, Q)], &ecfg, seed, None, &ends)
+            .unwrap()
+            .remove(0);
+        let groups = |ids: &[u32]| tok.decode_answer(ids).unwrap().1;
+        let n_f: usize = e.samples.iter().map(|s| groups(&s.ids).len()).sum();
+        if e.fallback || e.answer.masks.is_empty() || n_f == 0 {
+            continue;
+        }
+        let be = &m.llava.be;
+        let lm = &m.llava.language_model;
+        let hdim = m.llava.cfg.text.hidden_size;
+        let k = m.tokens_per_image();
+        let g = m.cfg.group_len();
+        let enc = m.encode_images(&[&px]).unwrap().remove(0);
+        let (prompt, image_pos) = tok.prompt("", Q).unwrap();
+        let header = tok.answer_header().unwrap();
+        let mut full: Vec<u32> = prompt[..image_pos].to_vec();
+        full.extend(std::iter::repeat_n(prompt[image_pos], k));
+        full.extend_from_slice(&prompt[image_pos + 1..]);
+        let body_len = full.len() - header.len();
+        let embed = |ids: &[u32]| {
+            let mut x = lm.embed(ids).unwrap();
+            be.copy_range(&mut x, image_pos * hdim, &enc.tokens, 0, k * hdim)
+                .unwrap();
+            x
+        };
+        // each sample's codebook hidden rows, from an uncached forward of prompt + sample
+        let eos = tok.tok.eos;
+        let strip =
+            |ids: &[u32]| ids[..ids.iter().position(|&t| t == eos).unwrap_or(ids.len())].to_vec();
+        let mut f_rows: Vec<f32> = Vec::new();
+        let mut f_bias: Vec<f32> = Vec::new();
+        let mut ys: Vec<u32> = Vec::new();
+        for (s, eta) in e.samples.iter().zip(&e.eta) {
+            let ids = strip(&s.ids);
+            let seq = [full.clone(), ids.clone()].concat();
+            let (_, acts) = lm
+                .forward_embeds(embed(&seq), 1, seq.len(), None, None, None)
+                .unwrap();
+            let h = be.to_vec(&acts.hidden);
+            for (&g0, &et) in groups(&ids).iter().zip(eta) {
+                for j in 0..g {
+                    let r = full.len() + g0 + j - 1;
+                    f_rows.extend_from_slice(&h[r * hdim..(r + 1) * hdim]);
+                    f_bias.push(gamma(et));
+                }
+            }
+            ys.extend_from_slice(&ids);
+        }
+        // [body, y_1 … y_K, f, header, ỹ] with γ(η) on the f keys only
+        let ans = strip(&e.answer.ids);
+        let mut ids: Vec<u32> = full[..body_len].to_vec();
+        ids.extend_from_slice(&ys);
+        let f_at = ids.len();
+        let n_f_rows = f_bias.len();
+        ids.extend(std::iter::repeat_n(0, n_f_rows)); // placeholders, overwritten
+        ids.extend_from_slice(&header);
+        let ans_at = ids.len();
+        ids.extend_from_slice(&ans);
+        let mut x = embed(&ids);
+        be.copy_range(
+            &mut x,
+            f_at * hdim,
+            &be.from_slice(&f_rows),
+            0,
+            n_f_rows * hdim,
+        )
+        .unwrap();
+        let mut bias = vec![0f32; f_at];
+        bias.extend_from_slice(&f_bias);
+        bias.resize(ids.len(), 0.0);
+        let (_, acts) = lm
+            .forward_embeds(x, 1, ids.len(), None, Some(&be.from_slice(&bias)), None)
+            .unwrap();
+        let rows: Vec<Vec<f32>> = (0..ans.len())
+            .map(|t| {
+                let r = ans_at + t - 1;
+                be.to_vec(&acts.hidden)[r * hdim..(r + 1) * hdim].to_vec()
+            })
+            .collect();
+        let rows: Vec<_> = rows.iter().map(|r| be.from_slice(r)).collect();
+        let (_, want) = m
+            .masks_of_groups(&px, &enc.feats, &groups(&ans), &rows)
+            .unwrap();
+        assert_eq!(want.len(), e.answer.logits.len());
+        for (a, b) in want.iter().zip(&e.answer.logits) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() < 1e-4 * (1.0 + x.abs()),
+                    "seed {seed}: {x} vs {y}"
+                );
+            }
+        }
+        // and the segmentation half changed something: the text half's own masks differ
+        let text_only = m
+            .predict_ensemble(
+                &tok,
+                &[(&px, Q)],
+                &EnsembleCfg { seg: false, ..ecfg },
+                seed,
+                None,
+                &ends,
+            )
+            .unwrap()
+            .remove(0);
+        assert_eq!(text_only.answer.ids, e.answer.ids);
+        assert_ne!(text_only.answer.logits, e.answer.logits, "seed {seed}");
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} seeds gave targets to refine");
+}

@@ -1,0 +1,142 @@
+//! `popen demo --quick` end to end: every row of `results.json` is `popen eval` of the
+//! prediction file it names; overlays and loss curves are drawn; a rerun resumes to the
+//! same results; a directory made with other settings is refused; `predict --ensemble`
+//! answers every question of a file.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_popen");
+
+fn popen(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run popen")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "popen failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("popen_cli_demo_{}_{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn quick_demo_rows_are_popen_eval_of_their_predictions() {
+    let d = tmp("quick");
+    let out = d.join("demo");
+    let o = out.to_str().unwrap();
+    let table = ok(&popen(&["demo", "--quick", "--out", o]));
+    assert!(table.contains("| method | gIoU |"), "{table}");
+    let res = json(&out.join("results.json"));
+    let rows = res["rows"].as_array().unwrap();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["sft", "popen_no_ensemble", "popen"]);
+    let test = out.join("world/test.json");
+    for r in rows {
+        let m = r["method"].as_str().unwrap();
+        let pred = out.join(format!("pred_{m}.jsonl"));
+        let rep = d.join(format!("{m}.json"));
+        ok(&popen(&[
+            "eval",
+            "--data",
+            test.to_str().unwrap(),
+            "--pred",
+            pred.to_str().unwrap(),
+            "--out",
+            rep.to_str().unwrap(),
+        ]));
+        let e = json(&rep);
+        assert_eq!(r["giou"], e["muse"]["giou"], "{m}");
+        assert_eq!(r["ciou"], e["muse"]["ciou"], "{m}");
+        assert_eq!(r["boundary_iou"], e["muse"]["boundary_iou"], "{m}");
+        for k in ["chair_s", "chair_i", "loc_error", "no_target_acc"] {
+            assert_eq!(r[k], e[k], "{m}: {k}");
+        }
+        // one line per question of the test split
+        assert_eq!(
+            std::fs::read_to_string(&pred).unwrap().lines().count() as u64,
+            e["n_questions"].as_u64().unwrap()
+        );
+    }
+    for k in ["world", "sft", "pref", "predict_sft", "predict_popen"] {
+        assert!(res["timings"][k].as_f64().unwrap() >= 0.0, "timing {k}");
+    }
+    assert_eq!(res["stage3"], false);
+    let overlays: Vec<_> = std::fs::read_dir(out.join("overlays")).unwrap().collect();
+    assert_eq!(overlays.len(), 2);
+    assert!(out.join("sft/loss.png").exists() && out.join("pref/loss.png").exists());
+
+    // rerun: every stage resumes as finished, and the results are the same
+    ok(&popen(&["demo", "--quick", "--out", o]));
+    let again = json(&out.join("results.json"));
+    assert_eq!(again["rows"], res["rows"]);
+    assert_eq!(again["pearson_text"], res["pearson_text"]);
+
+    // other settings in the same directory: refused, nothing overwritten
+    let before = std::fs::read(out.join("results.json")).unwrap();
+    let e = popen(&["demo", "--quick", "--seed", "1", "--out", o]);
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("other settings"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before);
+
+    // predict --ensemble on the demo's stage-2 run: every question answered, and the
+    // ablation without the text ensemble is a different answerer
+    let pe = d.join("ens.jsonl");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "predict",
+            "--checkpoint",
+            out.join("pref").to_str().unwrap(),
+            "--data",
+            test.to_str().unwrap(),
+            "--out",
+            pe.to_str().unwrap(),
+            "--ensemble",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        ok(&popen(&a));
+        std::fs::read_to_string(&pe).unwrap()
+    };
+    let full = run(&[]);
+    assert_eq!(
+        full,
+        std::fs::read_to_string(out.join("pred_popen.jsonl")).unwrap(),
+        "predict --ensemble 3 --seed 0 is the demo's popen row"
+    );
+    let bad = popen(
+        &args(&["--tau", "words"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!bad.status.success());
+}
