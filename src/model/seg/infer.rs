@@ -23,6 +23,18 @@ pub struct Prediction {
     pub logps: Vec<f32>,
 }
 
+/// The prompt after one forward: its KV cache, and the logits and last hidden states
+/// of its positions (the last row predicts the first answer token).
+#[derive(Clone, Debug)]
+pub struct Prefill<Buf> {
+    pub cache: KvCache<Buf>,
+    pub logits: Buf,
+    pub hidden: Buf,
+}
+
+/// Masks of one answer (height·width each, 1 = object) and their logits.
+pub type AnswerMasks = (Vec<Vec<u8>>, Vec<Vec<f32>>);
+
 /// One image encoded once: its projected tokens (K, C) for the LLM and the two ViT
 /// feature levels (K, Cv) for the pixel decoder.
 #[derive(Clone, Debug)]
@@ -111,7 +123,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         tok: &SegTokenizer,
         question: &str,
         enc: &ImageEncoding<B::Buf>,
-    ) -> Result<(KvCache<B::Buf>, B::Buf, B::Buf)> {
+    ) -> Result<Prefill<B::Buf>> {
         self.prefill_holding(tok, question, enc, 0)
     }
 
@@ -123,7 +135,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         question: &str,
         enc: &ImageEncoding<B::Buf>,
         hold: usize,
-    ) -> Result<(KvCache<B::Buf>, B::Buf, B::Buf)> {
+    ) -> Result<Prefill<B::Buf>> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let hdim = self.llava.cfg.text.hidden_size;
@@ -154,7 +166,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         be.copy_range(&mut x, image_pos * hdim, &enc.tokens, 0, k * hdim)?;
         let mut cache = lm.new_cache(1);
         let (logits, acts) = lm.forward_embeds(x, 1, ids.len(), None, None, Some(&mut cache))?;
-        Ok((cache, logits, acts.hidden))
+        Ok(Prefill {
+            cache,
+            logits,
+            hidden: acts.hidden,
+        })
     }
 
     fn answer_one(
@@ -172,8 +188,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             self.llava.cfg.text.vocab_size,
         );
         let ctx = lm.cfg.max_position_embeddings;
-        let (mut cache, mut logits, hidden) = self.prefill(tok, question, enc)?;
-        let mut last_hidden = hidden;
+        let Prefill {
+            mut cache,
+            mut logits,
+            hidden: mut last_hidden,
+        } = self.prefill(tok, question, enc)?;
         let mut rng = Rng::new(cfg.seed);
         let (mut gen, mut logps, mut hidden_rows) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.cfg.max_new_tokens {
@@ -230,7 +249,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         feats: &[B::Buf; 2],
         groups: &[usize],
         hidden_rows: &[B::Buf],
-    ) -> Result<(Vec<Vec<u8>>, Vec<Vec<f32>>)> {
+    ) -> Result<AnswerMasks> {
         let be = &self.llava.be;
         let hdim = self.llava.cfg.text.hidden_size;
         let g = self.cfg.group_len();

@@ -23,7 +23,7 @@ pub mod prompt;
 pub mod run;
 
 pub use config::{SegModelConfig, TinyLvlm};
-pub use infer::{ImageEncoding, Prediction};
+pub use infer::{AnswerMasks, ImageEncoding, Prediction, Prefill};
 pub use model::{Example, LossWeights, SegLoss, SegModel, Trainable};
 pub use preprocess::{preprocess, Pixels};
 pub use prompt::{Encoded, SegTokenizer};

@@ -5,7 +5,7 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::seg::{ImageEncoding, Pixels, Prediction, SegModel, SegTokenizer};
+use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::{sample_token, KvCache, Rng, SamplingCfg};
 use num_traits::Float;
 
@@ -30,6 +30,12 @@ struct Fixed<'a, Buf> {
     prompt: Option<&'a Buf>,
     ends: &'a [bool],
     header: Vec<u32>,
+}
+
+/// The K samples and, per sample, the hidden row that predicted each of its tokens.
+struct Samples<Buf> {
+    preds: Vec<Prediction>,
+    rows: Vec<Vec<Buf>>,
 }
 
 /// A sample's ids without EOS (what is fed back), and its log-probs.
@@ -108,8 +114,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let eos = tok.tok.eos;
         let (prompt, ends, header) = (fixed.prompt, fixed.ends, &fixed.header[..]);
         // [image, x] once; the answer header follows whatever is read next
-        let (prefix, mut logits, mut hidden) =
-            self.prefill_holding(tok, question, enc, header.len())?;
+        let Prefill {
+            cache: prefix,
+            mut logits,
+            mut hidden,
+        } = self.prefill_holding(tok, question, enc, header.len())?;
         let h_prefix = row(be, &hidden, be.len(&hidden) / hdim - 1, hdim)?;
         let mut sample_cache = prefix.clone();
         if !header.is_empty() {
@@ -128,7 +137,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             top_p: cfg.top_p,
             seed,
         };
-        let (samples, sample_rows) = self.sample_k(
+        let Samples {
+            preds: samples,
+            rows: sample_rows,
+        } = self.sample_k(
             tok,
             px,
             enc,
@@ -267,7 +279,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         hidden: &B::Buf,
         k: usize,
         cfg: &SamplingCfg,
-    ) -> Result<(Vec<Prediction>, Vec<Vec<B::Buf>>)> {
+    ) -> Result<Samples<B::Buf>> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let (hdim, v) = (
@@ -335,7 +347,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((preds, rows))
+        Ok(Samples { preds, rows })
     }
 
     /// `ỹ`: the read chunk through the prefix cache with `bias` on every key, then
