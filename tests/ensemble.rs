@@ -3,10 +3,11 @@
 //! forward of `[image, x, y_1 … y_K, header]` with the per-key bias `γ(τ)` predicts;
 //! ablations and seeds behave as documented.
 use popen::backend::{Backend, Cpu};
+use popen::model::seg::Trainable;
 use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::{Rng, SamplingCfg};
 use popen::popen::ensemble::{
-    gamma, sentence_ends, sentence_index, token_scores, EnsembleCfg, TauMode,
+    gamma, sentence_ends, sentence_index, token_scores, EnsembleCfg, RefineData, SegPair, TauMode,
 };
 
 mod common;
@@ -390,4 +391,152 @@ fn refined_masks_are_the_biased_forward_over_the_samples_embeddings() {
         checked += 1;
     }
     assert!(checked >= 3, "only {checked} seeds gave targets to refine");
+}
+
+fn frozen() -> Trainable {
+    Trainable {
+        vision: false,
+        projector: false,
+        llm: false,
+        seg_head: false,
+        decoder: false,
+    }
+}
+
+/// Stage-3 data of one question, made by hand: three "samples", two `f` groups, a
+/// refined answer with one target matched to a ground-truth mask.
+fn refine_data(m: &SegModel<f64, Cpu>, tok: &SegTokenizer, rng: &mut Rng) -> RefineData {
+    let s = m.cfg.image_size;
+    let (h, w) = (5, 7);
+    let (vh, vw) = popen::model::seg::preprocess::fit(h, w, s);
+    let pixels = Pixels {
+        data: (0..3 * s * s).map(|_| rng.normal() as f32).collect(),
+        valid_h: vh,
+        valid_w: vw,
+        height: h,
+        width: w,
+    };
+    let answer_of = |a: &str| {
+        let e = tok.encode("", Q, a).unwrap();
+        e.ids[e.answer_start..].to_vec()
+    };
+    let mut ys = Vec::new();
+    for a in [
+        "The cup <seg> is red.",
+        "The apple is here.",
+        "It is on the table.",
+    ] {
+        let mut ids = answer_of(a);
+        ids.pop(); // EOS
+        ys.extend(ids);
+    }
+    let y_bias: Vec<f32> = ys.iter().map(|_| gamma(rng.normal() as f32)).collect();
+    let hdim = m.llava.cfg.text.hidden_size;
+    let n_f = 2 * m.cfg.group_len();
+    let f_rows: Vec<f32> = (0..n_f * hdim).map(|_| rng.normal() as f32).collect();
+    let f_bias: Vec<f32> = (0..n_f).map(|_| gamma(rng.normal() as f32)).collect();
+    let answer = answer_of("The cup <seg> is on the table.");
+    let (_, answer_groups) = tok.decode_answer(&answer).unwrap();
+    assert_eq!(answer_groups.len(), 1);
+    let gt: Vec<u8> = (0..h * w).map(|_| u8::from(rng.uniform() < 0.4)).collect();
+    RefineData {
+        pixels,
+        question: Q.into(),
+        ys,
+        y_bias,
+        f_rows,
+        f_bias,
+        answer,
+        answer_groups,
+        delta_text: vec![0.3, -0.2, 0.05],
+        seg_pairs: vec![SegPair {
+            target: 0,
+            gt,
+            orig: vec![0.2, 0.0, 0.5],
+        }],
+    }
+}
+
+#[test]
+fn stage3_gradient_in_the_prompt_matches_finite_differences() {
+    let c = cfg();
+    let tok = tokenizer(&c);
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, c, &tok, 5).unwrap();
+    m.set_trainable(frozen());
+    let mut rng = Rng::new(77);
+    let d = refine_data(&m, &tok, &mut rng);
+    let hdim = m.llava.cfg.text.hidden_size;
+    let prompt: Vec<f64> = (0..3 * hdim).map(|_| 0.5 * rng.normal()).collect();
+    let before: Vec<Vec<f64>> = m.params_mut().iter().map(|(_, t)| m_vec(t)).collect();
+    let (loss, _) = m.refine_loss(&tok, &d, &prompt, true).unwrap();
+    assert!(loss.lti.is_some() && loss.lsi.is_some(), "{loss:?}");
+    // both terms reach the prompt
+    for (name, dd) in [
+        (
+            "text",
+            RefineData {
+                seg_pairs: vec![],
+                ..d.clone()
+            },
+        ),
+        (
+            "seg",
+            RefineData {
+                delta_text: vec![],
+                ..d.clone()
+            },
+        ),
+    ] {
+        let (_, gi) = m.refine_loss(&tok, &dd, &prompt, true).unwrap();
+        assert!(
+            gi.unwrap().iter().any(|x| x.abs() > 1e-9),
+            "{name} term has no gradient"
+        );
+    }
+    // each term on its own, and both together: central differences in f64
+    for (name, dd) in [
+        (
+            "text",
+            RefineData {
+                seg_pairs: vec![],
+                ..d.clone()
+            },
+        ),
+        (
+            "seg",
+            RefineData {
+                delta_text: vec![],
+                ..d.clone()
+            },
+        ),
+        ("both", d.clone()),
+    ] {
+        let (_, g) = m.refine_loss(&tok, &dd, &prompt, true).unwrap();
+        let g = g.unwrap();
+        let eps = 1e-4;
+        let mut worst = 0.0f64;
+        let gmax = g.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        for i in 0..prompt.len() {
+            let mut p = prompt.clone();
+            p[i] += eps;
+            let (lp, _) = m.refine_loss(&tok, &dd, &p, false).unwrap();
+            p[i] -= 2.0 * eps;
+            let (lm, _) = m.refine_loss(&tok, &dd, &p, false).unwrap();
+            let fd = (lp.total() - lm.total()) / (2.0 * eps);
+            worst = worst.max((fd - g[i]).abs() / gmax);
+        }
+        assert!(
+            worst < 2e-5,
+            "{name}: worst relative error {worst:e} (max |g| {gmax:e})"
+        );
+        eprintln!("{name}: worst relative error {worst:e} (max |g| {gmax:e})");
+    }
+    // the model stayed frozen: no weight moved, no gradient was kept
+    let after: Vec<Vec<f64>> = m.params_mut().iter().map(|(_, t)| m_vec(t)).collect();
+    assert_eq!(before, after);
+    assert!(m.params_mut().iter().all(|(_, t)| t.grad.is_none()));
+}
+
+fn m_vec(t: &popen::nn::Tensor<f64, Cpu>) -> Vec<f64> {
+    Cpu.to_vec(&t.data)
 }

@@ -494,7 +494,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 
     /// forward: emb[m,l] = 1/S Σ_s out[m,l,s]   so: dout[m,l,s] = demb[m,l] / S.
-    fn average_scales_bwd(&self, demb: &B::Buf, m: usize) -> Result<B::Buf> {
+    pub(crate) fn average_scales_bwd(&self, demb: &B::Buf, m: usize) -> Result<B::Buf> {
         let be = &self.llava.be;
         let (s, l, d) = (self.cfg.tokens_per_scale, self.cfg.scales, self.cfg.seg_dim);
         let mut dout = be.zeros(m * l * s * d);
@@ -529,7 +529,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 
     /// Backward of [`Self::to_image_logits`], accumulated into `dlogits` at `off`.
-    fn to_image_logits_bwd(
+    pub(crate) fn to_image_logits_bwd(
         &self,
         d: &B::Buf,
         off: usize,

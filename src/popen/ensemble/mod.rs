@@ -5,7 +5,8 @@
 //! - [`scores`]: the preference scores `τ` (per token) and `η` (per `<seg>` sentence),
 //!   normalised to [−1, 1], and the bias `γ = σ(score) − 0.5`;
 //! - [`infer`]: the ensemble at inference (`SegModel::predict_ensemble`);
-//! - [`prompt`]: the learnable prompt `p̂` in a run directory.
+//! - [`prompt`]: the learnable prompt `p̂` in a run directory;
+//! - [`refine`]: stage 3's loss (Supp, Eq. 8, 9) and its gradient in `p̂`.
 //!
 //! Choices the paper leaves open, made here (and tested in `tests/ensemble.rs`):
 //! - **Normalisation.**  Likelihoods are probabilities `p = exp(log p)` in [0, 1].
@@ -33,10 +34,12 @@
 //!   half's own hidden states; without `γ` every bias is 0; without `p̂` no prompt rows.
 pub mod infer;
 pub mod prompt;
+pub mod refine;
 pub mod scores;
 
 pub use infer::EnsemblePrediction;
 pub use prompt::{load_prompt, save_prompt, PROMPT_FILE, PROMPT_LEN};
+pub use refine::{RefineData, RefineLoss, SegPair};
 pub use scores::{gamma, sentence_ends, sentence_index, sentence_scores, token_scores, TauMode};
 
 use serde::{Deserialize, Serialize};
