@@ -74,13 +74,29 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
             e["n_questions"].as_u64().unwrap()
         );
     }
-    for k in ["world", "sft", "pref", "predict_sft", "predict_popen"] {
+    for k in [
+        "world",
+        "sft",
+        "pref",
+        "ensemble",
+        "predict_sft",
+        "predict_popen",
+    ] {
         assert!(res["timings"][k].as_f64().unwrap() >= 0.0, "timing {k}");
     }
-    assert_eq!(res["stage3"], false);
+    assert_eq!(
+        res["stage3"], true,
+        "the popen row answers with stage 3's prompt"
+    );
+    assert!(res["lti"].is_boolean());
     let overlays: Vec<_> = std::fs::read_dir(out.join("overlays")).unwrap().collect();
     assert_eq!(overlays.len(), 2);
-    assert!(out.join("sft/loss.png").exists() && out.join("pref/loss.png").exists());
+    for stage in ["sft", "pref", "ensemble"] {
+        assert!(
+            out.join(stage).join("loss.png").exists(),
+            "{stage}/loss.png"
+        );
+    }
 
     // rerun: every stage resumes as finished, and the results are the same
     ok(&popen(&["demo", "--quick", "--out", o]));
@@ -99,14 +115,13 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
     );
     assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before);
 
-    // predict --ensemble on the demo's stage-2 run: every question answered, and the
-    // ablation without the text ensemble is a different answerer
+    // predict --ensemble on the demo's stage-3 run is the demo's popen row
     let pe = d.join("ens.jsonl");
     let args = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "predict",
             "--checkpoint",
-            out.join("pref").to_str().unwrap(),
+            out.join("ensemble").to_str().unwrap(),
             "--data",
             test.to_str().unwrap(),
             "--out",
@@ -139,4 +154,64 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
             .collect::<Vec<_>>(),
     );
     assert!(!bad.status.success());
+}
+
+#[test]
+fn stage3_trains_only_the_prompt_and_refuses_without_minilm() {
+    let d = tmp("stage3");
+    let out = d.join("demo");
+    ok(&popen(&["demo", "--quick", "--out", out.to_str().unwrap()]));
+    // the frozen model: every tensor of the stage-2 run is bit-identical in stage 3's,
+    // which adds only the prompt
+    let a = popen::model::StFile::open(out.join("pref/model.safetensors")).unwrap();
+    let b = popen::model::StFile::open(out.join("ensemble/model.safetensors")).unwrap();
+    let (na, nb) = (a.names(), b.names());
+    let extra: Vec<&String> = nb.iter().filter(|n| !na.contains(n)).collect();
+    assert_eq!(extra, ["ensemble_prompt"]);
+    for n in &na {
+        assert_eq!(
+            a.f32(n).unwrap(),
+            b.f32(n).unwrap(),
+            "{n} changed in stage 3"
+        );
+    }
+    let p = b.f32("ensemble_prompt").unwrap();
+    assert_eq!(p.shape[0], 10);
+
+    // without MiniLM, Lti refuses to start and names the script; --no-lti trains
+    let train = out.join("world/pref.json");
+    let args = |o: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "ensemble",
+            "--from",
+            out.join("pref").to_str().unwrap(),
+            "--data",
+            train.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+            "--steps",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |a: Vec<String>, minilm: &str| {
+        Command::new(BIN)
+            .args(&a)
+            .env("POPEN_MINILM_DIR", minilm)
+            .output()
+            .unwrap()
+    };
+    let no = d.join("no_minilm");
+    let e = run(args(&no, &[]), "/nonexistent/minilm");
+    assert!(!e.status.success());
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(msg.contains("tools/fetch_minilm.sh"), "{msg}");
+    assert!(!no.join("model.safetensors").exists(), "nothing trained");
+    ok(&run(args(&no, &["--no-lti"]), "/nonexistent/minilm"));
+    assert!(no.join("model.safetensors").exists());
 }

@@ -540,3 +540,21 @@ fn stage3_gradient_in_the_prompt_matches_finite_differences() {
 fn m_vec(t: &popen::nn::Tensor<f64, Cpu>) -> Vec<f64> {
     Cpu.to_vec(&t.data)
 }
+
+#[test]
+fn a_refinement_longer_than_the_context_is_skipped_not_an_error() {
+    let mut c = cfg();
+    c.lvlm.max_positions = 40;
+    let tok = tokenizer(&c);
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, c, &tok, 5).unwrap();
+    m.set_trainable(frozen());
+    let mut rng = Rng::new(78);
+    let d = refine_data(&m, &tok, &mut rng);
+    let hdim = m.llava.cfg.text.hidden_size;
+    let prompt = vec![0.1; 3 * hdim];
+    let (l, g) = m.refine_loss(&tok, &d, &prompt, true).unwrap();
+    assert_eq!((l.lti, l.lsi), (None, None));
+    assert!(g.unwrap().iter().all(|&x| x == 0.0));
+    // a prompt of the wrong width is an error, not a skip
+    assert!(m.refine_loss(&tok, &d, &prompt[1..], false).is_err());
+}

@@ -45,8 +45,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         pr(r.pearson_text),
         pr(r.pearson_seg)
     );
-    if !r.stage3 {
-        println!("(stage 3 is not built yet: `popen` ensembles the stage-2 model without p̂)");
+    if !r.lti {
+        println!("(stage 3 trained without Lti: no MiniLM here; tools/fetch_minilm.sh fetches it)");
     }
     println!("results, predictions and overlays in {}", a.out.display());
     Ok(())

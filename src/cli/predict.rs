@@ -5,7 +5,7 @@ use popen::backend::{Backend, OnBackend};
 use popen::metrics::eval::PredLine;
 use popen::model::seg::SegModel;
 use popen::nn::SamplingCfg;
-use popen::popen::ensemble::{load_prompt, PROMPT_FILE};
+use popen::popen::ensemble::load_prompt;
 use popen::popen::predict::{
     data_root, predict_items, predict_items_ensemble, questions, write_preds,
 };
@@ -68,7 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let prompt = load_prompt(&a.checkpoint, hidden)?;
                 if prompt.is_none() && !a.ensemble.no_prompt {
                     eprintln!(
-                        "note: {} has no {PROMPT_FILE} (stage 3 trains it): ensembling without p̂",
+                        "note: {} has no learnable prompt p̂ (stage 3 trains it): ensembling without it",
                         a.checkpoint.display()
                     );
                 }

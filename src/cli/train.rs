@@ -1,8 +1,9 @@
-//! `popen train sft|pref`: the training stages.  Each writes a run directory (the
+//! `popen train sft|pref|ensemble`: the training stages.  Each writes a run directory (the
 //! contract in the README): `config.json`, `tokenizer.json`, `model.safetensors`,
 //! `train_state.json`, the checkpoints, `metrics.jsonl`, `loss.png`.
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
+use popen::popen::ensemble::stage3::{train_ensemble, EnsemblePaths, EnsembleTrainConfig};
 use popen::popen::pref::{train_pref, Eq3Norm, PrefConfig, PrefPaths, PrefSummary};
 use popen::popen::sft::{train_sft, SftConfig, SftPaths};
 use popen::train::{load_toml, TrainOverrides, TrainSummary};
@@ -23,6 +24,9 @@ pub enum Stage {
     /// Stage 2: preference optimization from a stage-1 run (text preference Pt with the
     /// DPO loss Lt, plus the stage-1 mask loss; Ps and Ls are not in this version).
     Pref(PrefArgs),
+    /// Stage 3: train the ensemble's learnable prompt p̂ from a stage-2 run (Lti + Lsi,
+    /// the model frozen); `popen predict --ensemble K` then answers with it.
+    Ensemble(EnsembleTrainArgs),
 }
 
 /// Options every stage shares.
@@ -92,11 +96,92 @@ pub struct PrefArgs {
     pub nll: Option<f64>,
 }
 
+#[derive(clap::Args)]
+pub struct EnsembleTrainArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The stage-2 run directory to start from (`popen train pref --out`).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// all-MiniLM-L6-v2 for Lti (default: $POPEN_MINILM_DIR, else where
+    /// tools/fetch_minilm.sh puts it).
+    #[arg(long)]
+    pub minilm: Option<PathBuf>,
+    /// Answers per ensemble (default: the config's, 3).
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Ablation: train without Lti (Eq. 8; then MiniLM is not needed).
+    #[arg(long)]
+    pub no_lti: bool,
+    /// Ablation: train without Lsi (Eq. 9).
+    #[arg(long)]
+    pub no_lsi: bool,
+    /// Ablation: no segmentation ensemble (so no Lsi).
+    #[arg(long)]
+    pub no_seg_ensemble: bool,
+    /// Ablation: no attention bias γ.
+    #[arg(long)]
+    pub no_gamma: bool,
+    /// What τ sums: token, sentence or both (Eq. 5).
+    #[arg(long)]
+    pub tau: Option<popen::popen::ensemble::TauMode>,
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     match a.stage {
         Stage::Sft(s) => sft(s),
         Stage::Pref(p) => pref(p),
+        Stage::Ensemble(e) => ensemble(e),
     }
+}
+
+fn ensemble(a: EnsembleTrainArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let mut cfg: EnsembleTrainConfig = match &c.config {
+        Some(p) => load_toml(p)?,
+        None => EnsembleTrainConfig::default(),
+    };
+    TrainOverrides {
+        steps: c.steps,
+        checkpoint_every: c.checkpoint_every,
+        seed: c.seed,
+        val_every: None,
+    }
+    .apply(&mut cfg.train)?;
+    if let Some(k) = a.k {
+        cfg.ensemble.k = k;
+    }
+    cfg.lti &= !a.no_lti;
+    cfg.lsi &= !a.no_lsi;
+    cfg.ensemble.seg &= !a.no_seg_ensemble;
+    cfg.ensemble.gamma &= !a.no_gamma;
+    if let Some(t) = a.tau {
+        cfg.ensemble.tau = t;
+    }
+    let paths = EnsemblePaths {
+        from: a.from.clone(),
+        data: c.data.clone(),
+        images: c.images.clone(),
+        out: c.out.clone(),
+        minilm: a.minilm.clone(),
+    };
+    /// `train_ensemble` on the backend `--device` names.
+    struct Job<'a>(&'a EnsembleTrainConfig, &'a EnsemblePaths, bool);
+    impl OnBackend for Job<'_> {
+        type Out = TrainSummary;
+        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<TrainSummary> {
+            train_ensemble(be, self.0, self.1, self.2, std::io::stderr().is_terminal())
+        }
+    }
+    let s = c.device.device.run(Job(&cfg, &paths, c.resume))?;
+    println!(
+        "stage 3 trained the ensemble prompt to step {} in {:.0} s; last loss {}; run directory {}",
+        s.step,
+        s.elapsed_s,
+        s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        c.out.display()
+    );
+    Ok(())
 }
 
 fn pref(a: PrefArgs) -> anyhow::Result<()> {

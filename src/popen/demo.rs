@@ -6,10 +6,11 @@
 //! |---------------------|-----------------------|-----------------------------------|
 //! | `sft`               | stage 1               | one greedy answer                 |
 //! | `popen_no_ensemble` | stage 2 (POPEN†)      | one greedy answer                 |
-//! | `popen`             | stage 2 (+ stage 3 p̂) | K-way ensemble (Sec. 3.3)         |
+//! | `popen`             | stage 3 (p̂ on stage 2)| K-way ensemble (Sec. 3.3)         |
 //!
-//! Stage 3 (the learnable prompt `p̂`) is not built yet: the `popen` row ensembles
-//! without `p̂` and `results.json` says so (`"stage3": false`).
+//! Stage 3 trains `Lti` only when all-MiniLM-L6-v2 is on this machine
+//! (`tools/fetch_minilm.sh`); without it the demo trains `Lsi` alone and says so, on
+//! stderr and in `results.json` (`"lti": false`), so that it runs with no download.
 //!
 //! Every stage writes its own run directory under `DIR`, so a killed demo resumes where it
 //! stopped (the stages resume from their checkpoints; finished ones are not redone).
@@ -23,6 +24,9 @@ use crate::metrics::eval::{evaluate_files, EvalConfig, Report};
 use crate::metrics::pearson;
 use crate::model::seg::{SegModel, SegTokenizer};
 use crate::nn::SamplingCfg;
+use crate::popen::ensemble::stage3::{
+    find_minilm, train_ensemble, EnsemblePaths, EnsembleTrainConfig,
+};
 use crate::popen::ensemble::{load_prompt, sentence_ends, sentence_index, EnsembleCfg};
 use crate::popen::ensemble::{sentence_scores, token_scores, EnsemblePrediction};
 use crate::popen::predict::{predict_items, predict_items_ensemble, questions, write_preds};
@@ -48,6 +52,7 @@ pub struct DemoCfg {
     pub pref_images: usize,
     pub sft_steps: u64,
     pub pref_steps: u64,
+    pub ensemble_steps: u64,
     /// Answers per ensemble (3, the paper's).
     pub k: usize,
     /// Test images drawn in `DIR/overlays/`.
@@ -95,6 +100,7 @@ impl DemoCfg {
             pref_images: 200,
             sft_steps: 800,
             pref_steps: 100,
+            ensemble_steps: 60,
             k: 3,
             overlays: 4,
         }
@@ -111,6 +117,7 @@ impl DemoCfg {
             pref_images: 4,
             sft_steps: 12,
             pref_steps: 4,
+            ensemble_steps: 3,
             k: 3,
             overlays: 2,
         }
@@ -124,6 +131,26 @@ impl DemoCfg {
         };
         c.train.total_steps = self.sft_steps;
         c.train.checkpoint_every = self.sft_steps.div_ceil(4).max(1);
+        c.train.seed = self.seed;
+        Ok(c)
+    }
+
+    fn ensemble(&self, lti: bool) -> Result<EnsembleTrainConfig> {
+        let mut c = EnsembleTrainConfig {
+            lti,
+            ..Default::default()
+        };
+        c.ensemble.k = self.k;
+        if self.quick {
+            c.train = self.sft()?.train;
+            c.train.warmup_steps = 1;
+        } else {
+            // the prompt alone trains: a higher rate than the model's, few warm-up steps
+            c.train.lr = 1e-3;
+            c.train.warmup_steps = 5;
+        }
+        c.train.total_steps = self.ensemble_steps;
+        c.train.checkpoint_every = self.ensemble_steps.div_ceil(2).max(1);
         c.train.seed = self.seed;
         Ok(c)
     }
@@ -183,8 +210,10 @@ pub struct DemoResults {
     /// undefined (too few pairs, or no spread).
     pub pearson_text: Option<f64>,
     pub pearson_seg: Option<f64>,
-    /// Whether the `popen` row used a stage-3 prompt `p̂` (not built yet: false).
+    /// Whether the `popen` row used a stage-3 prompt `p̂`, and whether stage 3 trained
+    /// with `Lti` (MiniLM present).
     pub stage3: bool,
+    pub lti: bool,
 }
 
 impl DemoResults {
@@ -284,6 +313,23 @@ pub fn run_demo<B: Backend<f32>>(
     };
     train_pref(be.clone(), &cfg.pref()?, &pref_paths, true, progress)?;
     timed("pref", t);
+    // stage 3
+    let t = Instant::now();
+    let ens_dir = dir.join("ensemble");
+    let minilm = find_minilm(None);
+    if let Err(e) = &minilm {
+        eprintln!("demo: stage 3 without Lti: {e}");
+    }
+    let lti = minilm.is_ok();
+    let ens_paths = EnsemblePaths {
+        from: pref_dir.clone(),
+        data: pref_paths.data.clone(),
+        images: None,
+        out: ens_dir.clone(),
+        minilm: minilm.ok(),
+    };
+    train_ensemble(be.clone(), &cfg.ensemble(lti)?, &ens_paths, true, progress)?;
+    timed("ensemble", t);
     // the three methods
     let items = questions(&test_json, &wdir)?;
     let ecfg = EnsembleCfg {
@@ -296,7 +342,7 @@ pub fn run_demo<B: Backend<f32>>(
     for (method, run, ensemble) in [
         ("sft", &sft_dir, false),
         ("popen_no_ensemble", &pref_dir, false),
-        ("popen", &pref_dir, true),
+        ("popen", &ens_dir, true),
     ] {
         let t = Instant::now();
         let (model, tok) = SegModel::load(be.clone(), run)?;
@@ -337,6 +383,7 @@ pub fn run_demo<B: Backend<f32>>(
         pearson_text,
         pearson_seg,
         stage3,
+        lti,
     };
     let json = serde_json::to_string_pretty(&res).expect("results serialize") + "\n";
     crate::fsio::write_atomic(dir.join("results.json"), json.as_bytes())?;

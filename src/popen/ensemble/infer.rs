@@ -23,6 +23,9 @@ pub struct EnsemblePrediction {
     pub eta: Vec<Vec<f32>>,
     /// The refinement did not fit the context: `answer` is the most likely sample.
     pub fallback: bool,
+    /// The samples' segmentation embeddings as the segmentation half reads them: each
+    /// target's `G` codebook hidden rows (n_f × C, sample by sample, target by target).
+    pub f_rows: Vec<f32>,
 }
 
 /// What every question of one call shares: `p̂`, the sentence-end table, the header.
@@ -193,19 +196,24 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (ans_ids, _) = strip_eos(&answer, eos);
         let (_, ans_groups) = tok.decode_answer(ans_ids)?;
         let gl = self.cfg.group_len();
-        if cfg.seg && !ans_groups.is_empty() {
-            let mut f_rows: Vec<B::Buf> = Vec::new();
-            let mut f_bias: Vec<f32> = Vec::new();
-            for ((s, e), hr) in samples.iter().zip(&eta).zip(&sample_rows) {
-                let (ids, _) = strip_eos(s, eos);
-                let (_, groups) = tok.decode_answer(ids)?;
-                for (&g0, &eta_n) in groups.iter().zip(e) {
-                    for j in 0..gl {
-                        f_rows.push(hr[g0 + j].clone());
-                        f_bias.push(g(eta_n));
-                    }
+        let mut f_rows: Vec<B::Buf> = Vec::new();
+        let mut f_bias: Vec<f32> = Vec::new();
+        for ((s, e), hr) in samples.iter().zip(&eta).zip(&sample_rows) {
+            let (ids, _) = strip_eos(s, eos);
+            let (_, groups) = tok.decode_answer(ids)?;
+            for (&g0, &eta_n) in groups.iter().zip(e) {
+                for j in 0..gl {
+                    f_rows.push(hr[g0 + j].clone());
+                    f_bias.push(g(eta_n));
                 }
             }
+        }
+        let f_host: Vec<f32> = f_rows
+            .iter()
+            .flat_map(|r| be.to_vec(r))
+            .map(|x| x.to_f32().unwrap_or(f32::NAN))
+            .collect();
+        if cfg.seg && !ans_groups.is_empty() {
             let n = read_len + f_rows.len() + ans_ids.len();
             if prefix.len() + n < ctx {
                 let tail = [header, ans_ids].concat();
@@ -236,6 +244,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             tau,
             eta,
             fallback,
+            f_rows: f_host,
         })
     }
 

@@ -6,7 +6,8 @@
 //!   normalised to [−1, 1], and the bias `γ = σ(score) − 0.5`;
 //! - [`infer`]: the ensemble at inference (`SegModel::predict_ensemble`);
 //! - [`prompt`]: the learnable prompt `p̂` in a run directory;
-//! - [`refine`]: stage 3's loss (Supp, Eq. 8, 9) and its gradient in `p̂`.
+//! - [`refine`]: stage 3's loss (Supp, Eq. 8, 9) and its gradient in `p̂`;
+//! - [`stage3`]: stage 3's training (`popen train ensemble`).
 //!
 //! Choices the paper leaves open, made here (and tested in `tests/ensemble.rs`):
 //! - **Normalisation.**  Likelihoods are probabilities `p = exp(log p)` in [0, 1].
@@ -36,9 +37,10 @@ pub mod infer;
 pub mod prompt;
 pub mod refine;
 pub mod scores;
+pub mod stage3;
 
 pub use infer::EnsemblePrediction;
-pub use prompt::{load_prompt, save_prompt, PROMPT_FILE, PROMPT_LEN};
+pub use prompt::{load_prompt, PROMPT_LEN, PROMPT_TENSOR};
 pub use refine::{RefineData, RefineLoss, SegPair};
 pub use scores::{gamma, sentence_ends, sentence_index, sentence_scores, token_scores, TauMode};
 

@@ -107,15 +107,19 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         crate::error::check_len(op, "f_rows", d.f_rows.len(), d.f_bias.len() * hdim)?;
         let mut loss = RefineLoss::default();
         let mut grad = vec![F::zero(); prompt.len()];
+        // a term whose sequence does not fit the context is skipped, as the ensemble
+        // skips that half at inference
         if !d.delta_text.is_empty() && !d.answer.is_empty() {
-            let (l, g) = self.text_term(tok, d, prompt, backward)?;
-            loss.lti = Some(l);
-            add(&mut grad, &g);
+            if let Some((l, g)) = self.text_term(tok, d, prompt, backward)? {
+                loss.lti = Some(l);
+                add(&mut grad, &g);
+            }
         }
         if !d.seg_pairs.is_empty() && !d.answer_groups.is_empty() {
-            let (l, g) = self.seg_term(tok, d, prompt, backward)?;
-            loss.lsi = Some(l);
-            add(&mut grad, &g);
+            if let Some((l, g)) = self.seg_term(tok, d, prompt, backward)? {
+                loss.lsi = Some(l);
+                add(&mut grad, &g);
+            }
         }
         if !loss.total().is_finite() {
             return Err(Error::NonFinite {
@@ -134,7 +138,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         prompt: &[F],
         extra: (&[f32], &[f32]),
         tail: &[u32],
-    ) -> Result<Sequence<B::Buf>> {
+    ) -> Result<Option<Sequence<B::Buf>>> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let hdim = self.llava.cfg.text.hidden_size;
@@ -159,14 +163,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         ids.extend_from_slice(tail);
         bias.resize(ids.len(), 0.0);
         let ctx = self.llava.cfg.text.max_position_embeddings;
-        if ids.len() > ctx {
-            return Err(Error::arg(
-                "SegModel::refine_loss",
-                format!(
-                    "the refinement sequence takes {} positions, the context holds {ctx}",
-                    ids.len()
-                ),
-            ));
+        if ids.len() >= ctx {
+            return Ok(None);
         }
         let enc = self.encode_images(&[&d.pixels])?.remove(0);
         let mut x = lm.embed(&ids)?;
@@ -190,14 +188,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .iter()
             .map(|&v| F::from(v).unwrap_or_else(F::zero))
             .collect();
-        Ok(Sequence {
+        Ok(Some(Sequence {
             x,
             bias: be.from_slice(&bias),
             t: ids.len(),
             p_at,
             tail_at,
             feats: enc.feats,
-        })
+        }))
     }
 
     /// `Lti` and its gradient.
@@ -207,12 +205,15 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         d: &RefineData,
         prompt: &[F],
         backward: bool,
-    ) -> Result<(f64, Vec<F>)> {
+    ) -> Result<Option<(f64, Vec<F>)>> {
         let be = self.llava.be.clone();
         let hdim = self.llava.cfg.text.hidden_size;
         let v = self.llava.cfg.text.vocab_size;
         let n = d.answer.len();
-        let seq = self.refine_sequence(tok, d, prompt, (&[], &[]), &d.answer[..n - 1])?;
+        let Some(seq) = self.refine_sequence(tok, d, prompt, (&[], &[]), &d.answer[..n - 1])?
+        else {
+            return Ok(None);
+        };
         let lm = &mut self.llava.language_model;
         let (logits, acts) = lm.forward_embeds(seq.x, 1, seq.t, None, Some(&seq.bias), None)?;
         let mut targets = vec![crate::kernels::logprob::IGNORE_INDEX; seq.t];
@@ -235,7 +236,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             dl_dp += (sigmoid(z) - 1.0) * IMPROVEMENT_SCALE * delta / kk;
         }
         if !backward {
-            return Ok((loss, Vec::new()));
+            return Ok(Some((loss, Vec::new())));
         }
         let mut dlogp = vec![F::zero(); seq.t];
         let c = F::from(dl_dp * p / n as f64).unwrap_or_else(F::zero);
@@ -252,7 +253,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             &mut dlogits,
         )?;
         let dx = lm.backward_with_hidden(&acts, &dlogits, None)?;
-        Ok((loss, prompt_rows(&be, &dx, seq.p_at, hdim, prompt.len())?))
+        Ok(Some((
+            loss,
+            prompt_rows(&be, &dx, seq.p_at, hdim, prompt.len())?,
+        )))
     }
 
     /// `Lsi` and its gradient.
@@ -262,7 +266,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         d: &RefineData,
         prompt: &[F],
         backward: bool,
-    ) -> Result<(f64, Vec<F>)> {
+    ) -> Result<Option<(f64, Vec<F>)>> {
         let be = self.llava.be.clone();
         let hdim = self.llava.cfg.text.hidden_size;
         let v = self.llava.cfg.text.vocab_size;
@@ -270,7 +274,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let s = self.cfg.image_size;
         let eos = tok.tok.eos;
         let ans: Vec<u32> = d.answer.iter().copied().take_while(|&t| t != eos).collect();
-        let seq = self.refine_sequence(tok, d, prompt, (&d.f_rows, &d.f_bias), &ans)?;
+        let Some(seq) = self.refine_sequence(tok, d, prompt, (&d.f_rows, &d.f_bias), &ans)? else {
+            return Ok(None);
+        };
         let (_, acts) = self.llava.language_model.forward_embeds(
             seq.x,
             1,
@@ -339,7 +345,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             }
         }
         if !backward {
-            return Ok((loss, Vec::new()));
+            return Ok(Some((loss, Vec::new())));
         }
         let (_, demb) = self.decoder.backward(&dec, &dlogits_mask)?;
         let dout = self.average_scales_bwd(&demb, m)?;
@@ -351,7 +357,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .llava
             .language_model
             .backward_with_hidden(&acts, &dlogits, Some(&dhidden))?;
-        Ok((loss, prompt_rows(&be, &dx, seq.p_at, hdim, prompt.len())?))
+        Ok(Some((
+            loss,
+            prompt_rows(&be, &dx, seq.p_at, hdim, prompt.len())?,
+        )))
     }
 }
 
