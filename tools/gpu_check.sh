@@ -23,7 +23,8 @@
 #   bench_gpu.jsonl        benches/gpu.rs: copy ceiling, memory-bound kernels, attention,
 #                          the 7B-shaped stack's forward + backward
 #   bench_gpu_torch.jsonl  tools/bench_gpu_torch.py: the same shapes in PyTorch
-#   train.log              `popen train sft` on a generated world, --device cuda and cpu
+#   train.log              `popen train sft` on a generated world, --device cuda and cpu, then
+#                          `predict` and `predict --ensemble 3` on each run
 #                          (STEPS steps, default 40, the stage-1 config), then `popen
 #                          predict` on its test split on both; wall times go to
 #                          bench_gpu.jsonl as train_sft_* and predict_* lines
@@ -144,8 +145,16 @@ want train && for dev in cuda cpu; do
     [[ $rc2 -eq 0 ]] && python3 -c "import json; q = sum(1 for _ in open('$work/pred_$dev.jsonl')); \
         print(json.dumps({'name': 'predict_world_test_$dev', 'ms': round(($t2 - $t1) * 1000, 1), \
         'questions_s': round(q / ($t2 - $t1), 2)}))" >> "$out/bench_gpu.jsonl"
-    stamp "train sft --device $dev: rc=$rc; predict: rc=$rc2 $(tail -1 "$out/bench_gpu.jsonl")"
-    [[ $rc -eq 0 && $rc2 -eq 0 ]] || fail=1
+    # the K = 3 ensemble (Sec. 3.3) on the same run: per-key bias through the kernels
+    timeout "${TRAIN_TIMEOUT:-150}" "$popen" predict --checkpoint "$work/run_$dev" --data "$w/test.json" \
+        --out "$work/ens_$dev.jsonl" --device "$dev" --ensemble 3 >> "$out/train.log" 2>&1
+    rc3=$?
+    t3=$(date +%s.%N)
+    [[ $rc3 -eq 0 ]] && python3 -c "import json; q = sum(1 for _ in open('$work/ens_$dev.jsonl')); \
+        print(json.dumps({'name': 'predict_ensemble3_world_test_$dev', 'ms': round(($t3 - $t2) * 1000, 1), \
+        'questions_s': round(q / ($t3 - $t2), 2)}))" >> "$out/bench_gpu.jsonl"
+    stamp "train sft --device $dev: rc=$rc; predict: rc=$rc2; ensemble: rc=$rc3 $(tail -1 "$out/bench_gpu.jsonl")"
+    [[ $rc -eq 0 && $rc2 -eq 0 && $rc3 -eq 0 ]] || fail=1
     grep '"loss"' "$work/run_$dev/metrics.jsonl" | head -3 | sed "s/^/$dev metrics: /" >> "$out/train.log"
 done
 

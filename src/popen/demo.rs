@@ -90,7 +90,8 @@ log_every = 1
 
 impl DemoCfg {
     /// The default run: the built-in model with stage 1 as long as the longest measured
-    /// run (800 steps; 300 left the masks near empty), ≈ 20 minutes on 2 cores.
+    /// run (800 steps; 300 left the masks near empty): about 32 minutes on the shared
+    /// 2-core machine (stage 1 alone 19), over the 10 the issue asks for.
     pub fn standard(seed: u64) -> Self {
         DemoCfg {
             seed,
