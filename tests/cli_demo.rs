@@ -5,31 +5,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_popen");
+mod common;
+use common::cli::{ok, BIN};
 
 fn popen(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run popen")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "popen failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    common::cli::popen(args, "2")
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("popen_cli_demo_{}_{name}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::cli::tmp("cli_demo", name)
 }
 
 fn json(p: &Path) -> serde_json::Value {

@@ -5,36 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_popen");
-
-fn popen(args: &[&str], threads: &str) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("RAYON_NUM_THREADS", threads)
-        .output()
-        .expect("run popen")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "popen failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    assert!(!o.status.success(), "popen should have failed");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::cli::{err, ok, popen, BIN};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("popen_cli_train_{}_{name}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::cli::tmp("cli_train", name)
 }
 
 /// A tiny world (6 train images, 2 test images) and a tiny model's config.

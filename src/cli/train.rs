@@ -60,6 +60,38 @@ pub struct Common {
     pub device: DeviceArg,
 }
 
+impl Common {
+    /// The stage's config: `--config` (or the defaults) with `--steps`,
+    /// `--checkpoint-every` and `--seed` applied to its `[train]` table.
+    fn config<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        train: impl FnOnce(&mut T) -> &mut popen::train::TrainConfig,
+    ) -> anyhow::Result<T> {
+        let mut cfg: T = match &self.config {
+            Some(p) => load_toml(p)?,
+            None => T::default(),
+        };
+        TrainOverrides {
+            steps: self.steps,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+            val_every: None,
+        }
+        .apply(train(&mut cfg))?;
+        Ok(cfg)
+    }
+}
+
+/// "to step N in S s; last loss L": how a run ended.
+fn ended(s: &TrainSummary) -> String {
+    format!(
+        "to step {} in {:.0} s; last loss {}",
+        s.step,
+        s.elapsed_s,
+        s.last_loss.map_or("-".into(), |l| format!("{l:.4}"))
+    )
+}
+
 #[derive(clap::Args)]
 pub struct SftArgs {
     #[command(flatten)]
@@ -137,17 +169,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn ensemble(a: EnsembleTrainArgs) -> anyhow::Result<()> {
     let c = &a.common;
-    let mut cfg: EnsembleTrainConfig = match &c.config {
-        Some(p) => load_toml(p)?,
-        None => EnsembleTrainConfig::default(),
-    };
-    TrainOverrides {
-        steps: c.steps,
-        checkpoint_every: c.checkpoint_every,
-        seed: c.seed,
-        val_every: None,
-    }
-    .apply(&mut cfg.train)?;
+    let mut cfg = c.config(|x: &mut EnsembleTrainConfig| &mut x.train)?;
     if let Some(k) = a.k {
         cfg.ensemble.k = k;
     }
@@ -175,10 +197,8 @@ fn ensemble(a: EnsembleTrainArgs) -> anyhow::Result<()> {
     }
     let s = c.device.device.run(Job(&cfg, &paths, c.resume))?;
     println!(
-        "stage 3 trained the ensemble prompt to step {} in {:.0} s; last loss {}; run directory {}",
-        s.step,
-        s.elapsed_s,
-        s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        "stage 3 trained the ensemble prompt {}; run directory {}",
+        ended(&s),
         c.out.display()
     );
     Ok(())
@@ -186,17 +206,7 @@ fn ensemble(a: EnsembleTrainArgs) -> anyhow::Result<()> {
 
 fn pref(a: PrefArgs) -> anyhow::Result<()> {
     let c = &a.common;
-    let mut cfg: PrefConfig = match &c.config {
-        Some(p) => load_toml(p)?,
-        None => PrefConfig::default(),
-    };
-    TrainOverrides {
-        steps: c.steps,
-        checkpoint_every: c.checkpoint_every,
-        seed: c.seed,
-        val_every: None,
-    }
-    .apply(&mut cfg.train)?;
+    let mut cfg = c.config(|x: &mut PrefConfig| &mut x.train)?;
     if a.no_lt {
         cfg.loss.lt = false;
     }
@@ -233,8 +243,7 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
     let k = &s.counts;
     println!(
         "stage 2: {} text preference pairs from {} questions ({} sampled, {} resampled, {} \
-         injected, {} skipped; {} responses drawn); trained to step {} in {:.0} s; last loss {}; \
-         run directory {}",
+         injected, {} skipped; {} responses drawn); trained {}; run directory {}",
         s.pairs,
         k.questions,
         k.sampled,
@@ -242,9 +251,7 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
         k.injected,
         k.skipped,
         k.samples_drawn,
-        s.train.step,
-        s.train.elapsed_s,
-        s.train.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        ended(&s.train),
         c.out.display()
     );
     Ok(())
@@ -252,17 +259,7 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
 
 fn sft(a: SftArgs) -> anyhow::Result<()> {
     let c = &a.common;
-    let mut cfg: SftConfig = match &c.config {
-        Some(p) => load_toml(p)?,
-        None => SftConfig::default(),
-    };
-    TrainOverrides {
-        steps: c.steps,
-        checkpoint_every: c.checkpoint_every,
-        seed: c.seed,
-        val_every: None,
-    }
-    .apply(&mut cfg.train)?;
+    let mut cfg = c.config(|x: &mut SftConfig| &mut x.train)?;
     if a.val.is_some() && cfg.train.val_every == 0 {
         // a --val without a schedule: score at every checkpoint
         cfg.train.val_every = cfg.train.checkpoint_every;
@@ -284,10 +281,8 @@ fn sft(a: SftArgs) -> anyhow::Result<()> {
     }
     let s = c.device.device.run(Job(&cfg, &paths, c.resume))?;
     println!(
-        "stage 1 trained to step {} in {:.0} s; last loss {}; run directory {}",
-        s.step,
-        s.elapsed_s,
-        s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        "stage 1 trained {}; run directory {}",
+        ended(&s),
         c.out.display()
     );
     Ok(())

@@ -196,11 +196,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut rng = Rng::new(cfg.seed);
         let (mut gen, mut logps, mut hidden_rows) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.cfg.max_new_tokens {
-            let all = be.to_vec(&logits);
-            let last: Vec<f32> = all[all.len() - v..]
-                .iter()
-                .map(|x| x.to_f32().unwrap_or(f32::NAN))
-                .collect();
+            let last = last_row_f32(be, &logits, v);
             let (t, lp) = sample_token(&last, cfg, &mut rng)?;
             // the hidden state of the position that predicts `t`
             let n = be.len(&last_hidden) / hdim;
@@ -284,4 +280,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
         Ok((masks, mlogits))
     }
+}
+
+/// The last row (width `v`) of a row-major buffer, as f32: the logits of the position
+/// that predicts the next token.
+pub(crate) fn last_row_f32<F: Float, B: Backend<F>>(be: &B, x: &B::Buf, v: usize) -> Vec<f32> {
+    let all = be.to_vec(x);
+    all[all.len() - v..]
+        .iter()
+        .map(|x| x.to_f32().unwrap_or(f32::NAN))
+        .collect()
 }

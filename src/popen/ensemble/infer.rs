@@ -5,6 +5,7 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::seg::infer::last_row_f32;
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::{sample_token, KvCache, Rng, SamplingCfg};
 use num_traits::Float;
@@ -304,14 +305,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut cache = lm.repeat_cache(prefix, k)?;
         // the prefix's last logits and hidden row, the same for every row at step 0
         let n0 = be.len(hidden) / hdim;
-        let mut last_logits: Vec<Vec<f32>> = {
-            let all = be.to_vec(logits);
-            let row: Vec<f32> = all[all.len() - v..]
-                .iter()
-                .map(|x| x.to_f32().unwrap_or(f32::NAN))
-                .collect();
-            vec![row; k]
-        };
+        let mut last_logits: Vec<Vec<f32>> = vec![last_row_f32(be, logits, v); k];
         let h0 = row(be, hidden, n0 - 1, hdim)?;
         let mut last_hidden: Vec<B::Buf> = vec![h0; k];
         let mut ids = vec![Vec::new(); k];
@@ -387,11 +381,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut rng = Rng::new(0);
         let (mut ids, mut logps, mut rows) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.cfg.max_new_tokens {
-            let all = be.to_vec(&logits);
-            let last: Vec<f32> = all[all.len() - v..]
-                .iter()
-                .map(|x| x.to_f32().unwrap_or(f32::NAN))
-                .collect();
+            let last = last_row_f32(be, &logits, v);
             let (t, lp) = sample_token(&last, &greedy, &mut rng)?;
             rows.push(last_hidden.clone());
             ids.push(t);
