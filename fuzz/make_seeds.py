@@ -63,6 +63,9 @@ def main():
     for n in ["broken.png", "small.png"]:
         put("png_mask", n, read("readers", "muse", "bad", n))
 
+    put("run_config", "stage1_world", open(os.path.join(ROOT, "tools", "configs", "stage1_world.toml"), "rb").read())
+    put("run_config", "stage3", b"prompt_len = 10\nlti = false\n[train]\nlr = 1e-3\ntotal_steps = 60\n[ensemble]\nk = 3\ntau = \"both\"\n")
+    put("run_config", "stage2", b"[train]\nmicro_batch = 8\n[loss]\nnll = 1.0\n[collect]\nresamples = 3\n")
     put("eval_data", "eval_fixture", read("eval", "data.json"))
     put("eval_data", "muse", read("readers", "muse", "muse.json"))
     lines = read("eval", "pred.jsonl").splitlines(keepends=True)
