@@ -1,6 +1,7 @@
 //! `popen infer`: one image, one prompt: the answer on stdout, an overlay PNG (each mask
-//! in its own colour, labelled with its phrase) and each mask as a 0/255 PNG.
-use super::model_args::DeviceArg;
+//! in its own colour, labelled with its phrase) and each mask as a 0/255 PNG.  With
+//! `--ensemble K` the answer is the ensemble's refined one (the K samples on stderr).
+use super::model_args::{DeviceArg, EnsembleArgs};
 use anyhow::Context;
 use popen::backend::{Backend, OnBackend};
 use popen::data::world::overlay;
@@ -9,6 +10,7 @@ use popen::data::Mask;
 use popen::model::seg::preprocess;
 use popen::model::seg::{Pixels, Prediction, SegModel};
 use popen::nn::SamplingCfg;
+use popen::popen::ensemble::{load_prompt, sentence_ends};
 use std::path::PathBuf;
 
 /// Arguments of `popen infer`.
@@ -26,6 +28,11 @@ pub struct Args {
     /// Folder for `overlay.png` and `mask_<k>.png`.
     #[arg(long, default_value = "infer_out")]
     pub out: PathBuf,
+    /// Seed of the ensemble's samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub ensemble: EnsembleArgs,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -44,15 +51,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         type Out = (Pixels, Prediction);
         fn run<B: Backend<f32>>(self, be: B) -> popen::Result<(Pixels, Prediction)> {
             let (model, tok) = SegModel::load(be, &self.0.checkpoint)?;
+            let a = self.0;
             let px = preprocess(self.1, model.cfg.image_size)?;
-            let p = model
-                .predict(
-                    &tok,
-                    &[(&px, self.0.prompt.as_str())],
-                    &SamplingCfg::greedy(),
-                )?
+            let item = [(&px, a.prompt.as_str())];
+            if a.ensemble.ensemble == 0 {
+                let p = model
+                    .predict(&tok, &item, &SamplingCfg::greedy())?
+                    .remove(0);
+                return Ok((px, p));
+            }
+            let hidden = model.llava.cfg.text.hidden_size;
+            let prompt = load_prompt(&a.checkpoint, hidden)?.map(|p| model.llava.be.from_slice(&p));
+            let ends = sentence_ends(&tok.tok);
+            let cfg = a.ensemble.cfg(a.ensemble.ensemble);
+            let e = model
+                .predict_ensemble(&tok, &item, &cfg, a.seed, prompt.as_ref(), &ends)?
                 .remove(0);
-            Ok((px, p))
+            for (k, s) in e.samples.iter().enumerate() {
+                eprintln!("sample {}: {}", k + 1, s.text);
+            }
+            if e.fallback {
+                eprintln!("note: the samples left no room in the context: the most likely one is the answer");
+            }
+            Ok((px, e.answer))
         }
     }
     let (px, p) = a.device.device.run(Job(&a, &img))?;
