@@ -13,6 +13,11 @@
 //! - [`nn`]: layers with forward and backward side by side, and the LLaMA decoder.
 //! - [`train`]: AdamW, the warmup-then-decay learning-rate schedule, and the trainer
 //!   (generic over the model) with kill-safe checkpoints, metrics and a loss plot.
+//! - [`model`]: Hugging Face checkpoints (CLIP vision, LLaMA, BERT, LLaVA) and the
+//!   segmentation model ([`model::seg`]).
+//! - [`data`]: masks, RLE, the readers and the embedded world.
+//! - [`popen`](mod@popen): the method: the three stages, the K-way ensemble, prediction
+//!   and `popen demo`.
 pub mod backend;
 pub mod data;
 pub mod error;

@@ -463,7 +463,7 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     ) -> Result<()>;
     /// out (N,C) = x (N,C) · g (N), each row scaled by its own factor.
     fn mul_rows(&self, x: &Self::Buf, g: &Self::Buf, c: usize, out: &mut Self::Buf) -> Result<()>;
-    /// dx (N,C) = dout·g, dg (N) = Σ_i dout[n,i]·x[n,i]; both overwritten.
+    /// dx (N,C) = dout·g, dg (N) = Σ_i dout\[n,i\]·x\[n,i\]; both overwritten.
     fn mul_rows_bwd(
         &self,
         x: &Self::Buf,

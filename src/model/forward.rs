@@ -1,8 +1,8 @@
 //! `popen forward`: run a Hugging Face model directory on named input tensors and
 //! return named f32 outputs (the contract in DESIGN §7 and the README).
 //!
-//! Inputs: `input_ids` (I64 [B,T]), `attention_mask` (I64 [B,T] of 0/1, optional),
-//! `token_type_ids` (I64 [B,T], optional, BERT only), `pixel_values` (float [B,3,H,W]).
+//! Inputs: `input_ids` (I64 \[B,T\]), `attention_mask` (I64 \[B,T\] of 0/1, optional),
+//! `token_type_ids` (I64 \[B,T\], optional, BERT only), `pixel_values` (float \[B,3,H,W\]).
 //! Outputs by architecture: llama → `logits`, `last_hidden_state`; clip_vision_model →
 //! `last_hidden_state`, `pooler_output`, `penultimate_hidden_state`; bert →
 //! `last_hidden_state`, `pooler_output`; llava → `logits`.

@@ -5,7 +5,7 @@
 //! `f` and two ViT feature levels into a mask.
 //!
 //! - [`config`]: sizes and settings ([`SegModelConfig`]), from a TOML `[model]` table;
-//! - [`preprocess`]: resize, normalize, pad;
+//! - [`preprocess`](mod@preprocess): resize, normalize, pad;
 //! - [`prompt`]: the tokenizer with the codebook, the LLaVA v1 template;
 //! - [`model`]: [`SegModel`], one training step (forward + backward of
 //!   `CE + 2·BCE + 0.5·Dice`), freezing;
