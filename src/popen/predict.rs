@@ -56,7 +56,8 @@ pub fn predict_items<F: Float, B: Backend<F>>(
 }
 
 /// [`predict_items`] with the K-way ensemble (Sec. 3.3); `prompt` is stage 3's `p̂`.
-/// Also returns each question's full ensemble answer (samples and scores).
+/// Also returns each question's ensemble answer (samples, masks and scores; the float
+/// mask logits and the fed-back rows are dropped to keep memory flat).
 #[allow(clippy::too_many_arguments)]
 pub fn predict_items_ensemble<F: Float, B: Backend<F>>(
     model: &SegModel<F, B>,
@@ -71,8 +72,15 @@ pub fn predict_items_ensemble<F: Float, B: Backend<F>>(
     let ends = sentence_ends(&tok.tok);
     let mut full = Vec::with_capacity(items.len());
     let answer = |q: &[(&Pixels, &str)], seed: u64| {
-        let e = model.predict_ensemble(tok, q, cfg, seed, prompt, &ends)?;
+        let mut e = model.predict_ensemble(tok, q, cfg, seed, prompt, &ends)?;
         let answers = e.iter().map(|x| x.answer.clone()).collect();
+        // kept for scores and counts: the float mask logits (H·W per target and sample)
+        // and the fed-back rows would grow with the data set
+        for x in &mut e {
+            x.answer.logits.clear();
+            x.f_rows.clear();
+            x.samples.iter_mut().for_each(|s| s.logits.clear());
+        }
         full.extend(e);
         Ok(answers)
     };
