@@ -470,30 +470,8 @@ fn stage3_gradient_in_the_prompt_matches_finite_differences() {
     let before: Vec<Vec<f64>> = m.params_mut().iter().map(|(_, t)| m_vec(t)).collect();
     let (loss, _) = m.refine_loss(&tok, &d, &prompt, true).unwrap();
     assert!(loss.lti.is_some() && loss.lsi.is_some(), "{loss:?}");
-    // both terms reach the prompt
-    for (name, dd) in [
-        (
-            "text",
-            RefineData {
-                seg_pairs: vec![],
-                ..d.clone()
-            },
-        ),
-        (
-            "seg",
-            RefineData {
-                delta_text: vec![],
-                ..d.clone()
-            },
-        ),
-    ] {
-        let (_, gi) = m.refine_loss(&tok, &dd, &prompt, true).unwrap();
-        assert!(
-            gi.unwrap().iter().any(|x| x.abs() > 1e-9),
-            "{name} term has no gradient"
-        );
-    }
-    // each term on its own, and both together: central differences in f64
+    // each term on its own (each must reach the prompt), and both together: central
+    // differences in f64
     for (name, dd) in [
         (
             "text",
@@ -516,6 +494,7 @@ fn stage3_gradient_in_the_prompt_matches_finite_differences() {
         let eps = 1e-4;
         let mut worst = 0.0f64;
         let gmax = g.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        assert!(gmax > 1e-9, "{name}: no gradient reaches the prompt");
         for i in 0..prompt.len() {
             let mut p = prompt.clone();
             p[i] += eps;

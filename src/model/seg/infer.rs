@@ -32,6 +32,13 @@ pub struct Prefill<Buf> {
     pub hidden: Buf,
 }
 
+/// Generated ids, each one's log-probability and the hidden row that predicted it.
+pub(crate) struct Decoded<Buf> {
+    pub ids: Vec<u32>,
+    pub logps: Vec<f32>,
+    pub rows: Vec<Buf>,
+}
+
 /// Masks of one answer (height·width each, 1 = object) and their logits.
 pub type AnswerMasks = (Vec<Vec<u8>>, Vec<Vec<f32>>);
 
@@ -181,6 +188,22 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         enc: &ImageEncoding<B::Buf>,
         cfg: &SamplingCfg,
     ) -> Result<Prediction> {
+        let pre = self.prefill(tok, question, enc)?;
+        let d = self.decode(tok, pre, cfg, None)?;
+        self.finish_answer(tok, px, &enc.feats, d.ids, d.logps, &d.rows)
+    }
+
+    /// Generates after `pre` (batch 1) with its KV cache until EOS, `max_new_tokens` or
+    /// the context's end: the ids, each one's log-probability, and the hidden row that
+    /// predicted each.  `bias`, when given, covers every key already in the cache and
+    /// grows by 0 for each generated key.
+    pub(crate) fn decode(
+        &self,
+        tok: &SegTokenizer,
+        pre: Prefill<B::Buf>,
+        cfg: &SamplingCfg,
+        mut bias: Option<Vec<f32>>,
+    ) -> Result<Decoded<B::Buf>> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let (hdim, v) = (
@@ -192,7 +215,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             mut cache,
             mut logits,
             hidden: mut last_hidden,
-        } = self.prefill(tok, question, enc)?;
+        } = pre;
         let mut rng = Rng::new(cfg.seed);
         let (mut gen, mut logps, mut hidden_rows) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.cfg.max_new_tokens {
@@ -208,11 +231,26 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             if t == tok.tok.eos || cache.len() + 1 >= ctx {
                 break;
             }
+            let b = match &mut bias {
+                Some(b) => {
+                    b.push(0.0);
+                    let f: Vec<F> = b
+                        .iter()
+                        .map(|&x| F::from(x).unwrap_or_else(F::zero))
+                        .collect();
+                    Some(be.from_slice(&f))
+                }
+                None => None,
+            };
             let x = lm.embed(&[t])?;
-            let (lg, acts) = lm.forward_embeds(x, 1, 1, None, None, Some(&mut cache))?;
+            let (lg, acts) = lm.forward_embeds(x, 1, 1, None, b.as_ref(), Some(&mut cache))?;
             (logits, last_hidden) = (lg, acts.hidden);
         }
-        self.finish_answer(tok, px, &enc.feats, gen, logps, &hidden_rows)
+        Ok(Decoded {
+            ids: gen,
+            logps,
+            rows: hidden_rows,
+        })
     }
 
     /// Text and masks of generated ids: each complete codebook group's hidden rows

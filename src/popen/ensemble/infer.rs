@@ -364,39 +364,19 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         mut cache: KvCache<B::Buf>,
         chunk: B::Buf,
         n: usize,
-        mut bias: Vec<f32>,
+        bias: Vec<f32>,
     ) -> Result<Prediction> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
-        let (hdim, v) = (
-            self.llava.cfg.text.hidden_size,
-            self.llava.cfg.text.vocab_size,
-        );
-        let ctx = lm.cfg.max_position_embeddings;
         let b = be.from_slice(&to_f::<F>(&bias));
-        let (mut logits, acts) =
-            lm.forward_embeds(chunk, 1, n, None, Some(&b), Some(&mut cache))?;
-        let mut last_hidden = row(be, &acts.hidden, n - 1, hdim)?;
-        let greedy = SamplingCfg::greedy();
-        let mut rng = Rng::new(0);
-        let (mut ids, mut logps, mut rows) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..self.cfg.max_new_tokens {
-            let last = last_row_f32(be, &logits, v);
-            let (t, lp) = sample_token(&last, &greedy, &mut rng)?;
-            rows.push(last_hidden.clone());
-            ids.push(t);
-            logps.push(lp);
-            if t == tok.tok.eos || cache.len() + 1 >= ctx {
-                break;
-            }
-            bias.push(0.0);
-            let b = be.from_slice(&to_f::<F>(&bias));
-            let x = lm.embed(&[t])?;
-            let (lg, acts) = lm.forward_embeds(x, 1, 1, None, Some(&b), Some(&mut cache))?;
-            logits = lg;
-            last_hidden = acts.hidden;
-        }
-        self.finish_answer(tok, px, &enc.feats, ids, logps, &rows)
+        let (logits, acts) = lm.forward_embeds(chunk, 1, n, None, Some(&b), Some(&mut cache))?;
+        let pre = Prefill {
+            cache,
+            logits,
+            hidden: acts.hidden,
+        };
+        let d = self.decode(tok, pre, &SamplingCfg::greedy(), Some(bias))?;
+        self.finish_answer(tok, px, &enc.feats, d.ids, d.logps, &d.rows)
     }
 }
 

@@ -19,7 +19,7 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::kernels::mask::{soft_iou_bwd_cpu, soft_iou_from_sums, soft_iou_sums_cpu};
-use crate::model::seg::{Pixels, SegModel, SegTokenizer};
+use crate::model::seg::{ImageEncoding, Pixels, SegModel, SegTokenizer};
 use num_traits::Float;
 
 /// The scale inside both `log σ` (Eq. 8, 9).
@@ -107,16 +107,18 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         crate::error::check_len(op, "f_rows", d.f_rows.len(), d.f_bias.len() * hdim)?;
         let mut loss = RefineLoss::default();
         let mut grad = vec![F::zero(); prompt.len()];
+        // the frozen tower's encoding, shared by both halves
+        let enc = self.encode_images(&[&d.pixels])?.remove(0);
         // a term whose sequence does not fit the context is skipped, as the ensemble
         // skips that half at inference
         if !d.delta_text.is_empty() && !d.answer.is_empty() {
-            if let Some((l, g)) = self.text_term(tok, d, prompt, backward)? {
+            if let Some((l, g)) = self.text_term(tok, d, &enc, prompt, backward)? {
                 loss.lti = Some(l);
                 add(&mut grad, &g);
             }
         }
         if !d.seg_pairs.is_empty() && !d.answer_groups.is_empty() {
-            if let Some((l, g)) = self.seg_term(tok, d, prompt, backward)? {
+            if let Some((l, g)) = self.seg_term(tok, d, &enc, prompt, backward)? {
                 loss.lsi = Some(l);
                 add(&mut grad, &g);
             }
@@ -135,6 +137,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         &self,
         tok: &SegTokenizer,
         d: &RefineData,
+        enc: &ImageEncoding<B::Buf>,
         prompt: &[F],
         extra: (&[f32], &[f32]),
         tail: &[u32],
@@ -166,7 +169,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if ids.len() >= ctx {
             return Ok(None);
         }
-        let enc = self.encode_images(&[&d.pixels])?.remove(0);
         let mut x = lm.embed(&ids)?;
         be.copy_range(&mut x, image_pos * hdim, &enc.tokens, 0, k * hdim)?;
         be.copy_range(&mut x, p_at * hdim, &be.from_slice(prompt), 0, prompt.len())?;
@@ -194,7 +196,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             t: ids.len(),
             p_at,
             tail_at,
-            feats: enc.feats,
         }))
     }
 
@@ -203,6 +204,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         &mut self,
         tok: &SegTokenizer,
         d: &RefineData,
+        enc: &ImageEncoding<B::Buf>,
         prompt: &[F],
         backward: bool,
     ) -> Result<Option<(f64, Vec<F>)>> {
@@ -210,7 +212,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let hdim = self.llava.cfg.text.hidden_size;
         let v = self.llava.cfg.text.vocab_size;
         let n = d.answer.len();
-        let Some(seq) = self.refine_sequence(tok, d, prompt, (&[], &[]), &d.answer[..n - 1])?
+        let Some(seq) =
+            self.refine_sequence(tok, d, enc, prompt, (&[], &[]), &d.answer[..n - 1])?
         else {
             return Ok(None);
         };
@@ -264,6 +267,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         &mut self,
         tok: &SegTokenizer,
         d: &RefineData,
+        enc: &ImageEncoding<B::Buf>,
         prompt: &[F],
         backward: bool,
     ) -> Result<Option<(f64, Vec<F>)>> {
@@ -274,7 +278,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let s = self.cfg.image_size;
         let eos = tok.tok.eos;
         let ans: Vec<u32> = d.answer.iter().copied().take_while(|&t| t != eos).collect();
-        let Some(seq) = self.refine_sequence(tok, d, prompt, (&d.f_rows, &d.f_bias), &ans)? else {
+        let Some(seq) = self.refine_sequence(tok, d, enc, prompt, (&d.f_rows, &d.f_bias), &ans)?
+        else {
             return Ok(None);
         };
         let (_, acts) = self.llava.language_model.forward_embeds(
@@ -292,7 +297,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .flat_map(|&g0| (0..g).map(move |j| (seq.tail_at + g0 + j - 1) as u32))
             .collect();
         let (emb, head) = self.seg_embeddings(&acts.hidden, &rows)?;
-        let feats = [&seq.feats[0], &seq.feats[1]];
+        let feats = [&enc.feats[0], &enc.feats[1]];
         let (dl, dec) = self.decoder.forward(feats, 1, &emb, &vec![0; m], s, s)?;
         let px = &d.pixels;
         let npx = px.height * px.width;
@@ -371,7 +376,6 @@ struct Sequence<Buf> {
     t: usize,
     p_at: usize,
     tail_at: usize,
-    feats: [Buf; 2],
 }
 
 /// The `p̂` rows of an input-embedding gradient: `n` values from row `p_at` (width `w`).
