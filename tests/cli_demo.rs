@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::cli::{ok, BIN};
+use common::cli::{kill_and_resume, ok, Kills, BIN};
 
 fn popen(args: &[&str]) -> Output {
     common::cli::popen(args, "2")
@@ -174,8 +174,6 @@ fn stage3_trains_only_the_prompt_and_refuses_without_minilm() {
             train.to_str().unwrap(),
             "--out",
             o.to_str().unwrap(),
-            "--steps",
-            "2",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -191,11 +189,37 @@ fn stage3_trains_only_the_prompt_and_refuses_without_minilm() {
             .unwrap()
     };
     let no = d.join("no_minilm");
-    let e = run(args(&no, &[]), "/nonexistent/minilm");
+    let e = run(args(&no, &["--steps", "2"]), "/nonexistent/minilm");
     assert!(!e.status.success());
     let msg = String::from_utf8_lossy(&e.stderr);
     assert!(msg.contains("tools/fetch_minilm.sh"), "{msg}");
     assert!(!no.join("model.safetensors").exists(), "nothing trained");
-    ok(&run(args(&no, &["--no-lti"]), "/nonexistent/minilm"));
+    ok(&run(
+        args(&no, &["--steps", "2", "--no-lti"]),
+        "/nonexistent/minilm",
+    ));
     assert!(no.join("model.safetensors").exists());
+
+    // killed at random moments and resumed: the same bits as an uninterrupted run
+    let long = ["--no-lti", "--steps", "10", "--checkpoint-every", "1"];
+    let a = d.join("a");
+    ok(&run(args(&a, &long), "/nonexistent/minilm"));
+    let b = d.join("b");
+    let kills = kill_and_resume(
+        &args(&b, &long),
+        &b,
+        Kills {
+            seed: 5,
+            attempts: 30,
+            kill_until: 20,
+            base_ms: 30,
+            spread_ms: 400,
+        },
+    );
+    assert!(kills >= 1, "no kill landed on a running stage 3");
+    assert!(
+        std::fs::read(a.join("model.safetensors")).unwrap()
+            == std::fs::read(b.join("model.safetensors")).unwrap(),
+        "resumed stage 3 differs after {kills} kills"
+    );
 }

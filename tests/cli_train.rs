@@ -3,10 +3,9 @@
 //! ending byte-identical, the same weights at 1 and 2 threads, bad input as errors.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 mod common;
-use common::cli::{err, ok, popen, BIN};
+use common::cli::{err, kill_and_resume, ok, popen, Kills, BIN};
 
 fn tmp(name: &str) -> PathBuf {
     common::cli::tmp("cli_train", name)
@@ -74,50 +73,6 @@ fn train(data: &Path, cfg: &Path, out: &Path, extra: &[&str], threads: &str) -> 
     ];
     args.extend_from_slice(extra);
     popen(&args, threads)
-}
-
-/// How [`kill_and_resume`] times its kills: `attempts` runs at most, killed after
-/// `base_ms` + a random part below `spread_ms` while fewer than `kill_until` have run.
-struct Kills {
-    seed: u64,
-    attempts: usize,
-    kill_until: usize,
-    base_ms: u64,
-    spread_ms: u64,
-}
-
-/// Runs `popen args…` into `out` (adding `--resume` once `out/config.json` exists),
-/// SIGKILLing it at random moments, until a run finishes; panics if none does or the
-/// finishing run fails.  Returns the number of kills that landed on a running process.
-fn kill_and_resume(args: &[String], out: &Path, k: Kills) -> usize {
-    let mut rng = popen::nn::Rng::new(k.seed);
-    let mut kills = 0;
-    for attempt in 0..k.attempts {
-        let mut argv = args.to_vec();
-        if out.join("config.json").exists() {
-            argv.push("--resume".into());
-        }
-        let mut child = Command::new(BIN)
-            .args(&argv)
-            .env("RAYON_NUM_THREADS", "2")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(
-            k.base_ms + rng.next_u64() % k.spread_ms,
-        ));
-        if child.try_wait().unwrap().is_none() && attempt < k.kill_until {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            kills += 1;
-            continue;
-        }
-        let o = child.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        return kills;
-    }
-    panic!("never finished");
 }
 
 #[test]

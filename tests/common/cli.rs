@@ -1,6 +1,7 @@
 //! Running the `popen` binary from the CLI tests.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_popen");
 
@@ -36,4 +37,48 @@ pub fn tmp(file: &str, name: &str) -> PathBuf {
     std::fs::remove_dir_all(&d).ok();
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// How [`kill_and_resume`] times its kills: `attempts` runs at most, killed after
+/// `base_ms` + a random part below `spread_ms` while fewer than `kill_until` have run.
+pub struct Kills {
+    pub seed: u64,
+    pub attempts: usize,
+    pub kill_until: usize,
+    pub base_ms: u64,
+    pub spread_ms: u64,
+}
+
+/// Runs `popen args…` into `out` (adding `--resume` once `out/config.json` exists),
+/// SIGKILLing it at random moments, until a run finishes; panics if none does or the
+/// finishing run fails.  Returns the number of kills that landed on a running process.
+pub fn kill_and_resume(args: &[String], out: &Path, k: Kills) -> usize {
+    let mut rng = popen::nn::Rng::new(k.seed);
+    let mut kills = 0;
+    for attempt in 0..k.attempts {
+        let mut argv = args.to_vec();
+        if out.join("config.json").exists() {
+            argv.push("--resume".into());
+        }
+        let mut child = Command::new(BIN)
+            .args(&argv)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(
+            k.base_ms + rng.next_u64() % k.spread_ms,
+        ));
+        if child.try_wait().unwrap().is_none() && attempt < k.kill_until {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+            continue;
+        }
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        return kills;
+    }
+    panic!("never finished");
 }
