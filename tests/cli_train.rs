@@ -478,7 +478,7 @@ fn stage2_collects_trains_resumes_and_predicts() {
     std::fs::write(
         &pcfg,
         "[train]\nlr = 1e-3\nmicro_batch = 4\nwarmup_steps = 1\ntotal_steps = 10\n\
-         checkpoint_every = 2\nlog_every = 1\n",
+         checkpoint_every = 2\nlog_every = 1\n[ps]\nnp = 4\nregenerations = 1\nbatch = 4\n",
     )
     .unwrap();
     let args = |out: &Path| -> Vec<String> {
@@ -504,6 +504,7 @@ fn stage2_collects_trains_resumes_and_predicts() {
     ok(&popen(&argv, "2"));
     for f in [
         "pt.jsonl",
+        "ps.jsonl",
         "collect.json",
         "config.json",
         "tokenizer.json",
@@ -534,6 +535,42 @@ fn stage2_collects_trains_resumes_and_predicts() {
         assert!(
             !p["ly"].as_array().unwrap().is_empty() || !p["lyc"].as_array().unwrap().is_empty()
         );
+    }
+    // Ps: one record per question with a target, Alg. 1's counts add up
+    let ps = &c["ps"];
+    let np = |k: &str| ps[k].as_u64().unwrap();
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(a.join("ps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!recs.is_empty());
+    assert_eq!(recs.len() as u64, np("questions") - np("no_target"));
+    assert_eq!(np("s_selected") + np("s_skipped"), recs.len() as u64);
+    let draws: u64 = recs.iter().map(|r| r["draws"].as_u64().unwrap()).sum();
+    assert_eq!(np("copies"), 4 * draws);
+    assert_eq!(np("regenerations"), draws - recs.len() as u64);
+    for r in &recs {
+        assert!((1..=2).contains(&r["draws"].as_u64().unwrap()), "{r}");
+        let rules: Vec<&str> = r["triples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["rule"].as_str().unwrap())
+            .collect();
+        for want in ["biou", "random_s", "random_biou"] {
+            assert!(rules.contains(&want), "{r}");
+        }
+    }
+    // every logged step reports Ls and the curriculum's half (steps 1-5 first, 6-10 second)
+    for line in std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (step, phase) = (m["step"].as_u64().unwrap(), m["phase"].as_f64().unwrap());
+        assert_eq!(phase, if step <= 5 { 1.0 } else { 2.0 }, "{m}");
+        assert!(m["ls"].as_f64().unwrap().is_finite(), "{m}");
     }
     // step 1: the policy is the reference, so Lt = ln 2 (the cache equals a recompute)
     let first: serde_json::Value = serde_json::from_str(
@@ -609,4 +646,21 @@ fn stage2_collects_trains_resumes_and_predicts() {
     argv.extend(["--norm".to_string(), "bogus".to_string()]);
     let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
     assert!(err(&popen(&argv, "2")).contains("--norm bogus"));
+    let mut argv = args(&d.join("c"));
+    argv.extend(["--ps-collection".to_string(), "bogus".to_string()]);
+    let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+    assert!(err(&popen(&argv, "2")).contains("expected random, s, biou, curriculum or hybrid"));
+    // --no-ls: no Ps collected, no Ls logged
+    let nols = d.join("nols");
+    let mut argv = args(&nols);
+    argv.extend([
+        "--no-ls".to_string(),
+        "--steps".to_string(),
+        "2".to_string(),
+    ]);
+    let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+    ok(&popen(&argv, "2"));
+    assert!(!nols.join("ps.jsonl").exists());
+    let m = std::fs::read_to_string(nols.join("metrics.jsonl")).unwrap();
+    assert!(!m.contains("\"ls\""), "{m}");
 }

@@ -93,6 +93,7 @@ fn item(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng) -> PrefItem {
         ref_y: 0.0,
         ref_yc: 0.0,
         gt,
+        ps: None,
     }
 }
 

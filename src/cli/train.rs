@@ -21,8 +21,9 @@ pub struct Args {
 pub enum Stage {
     /// Stage 1: supervised fine-tuning on answers and masks (CE + 2·BCE + 0.5·Dice).
     Sft(SftArgs),
-    /// Stage 2: preference optimization from a stage-1 run (text preference Pt with the
-    /// DPO loss Lt, plus the stage-1 mask loss; Ps and Ls are not in this version).
+    /// Stage 2: preference optimization from a stage-1 run: Lt (DPO on the text
+    /// preference Pt) + Ls (Eq. 4 on the segmentation preference Ps, collected by
+    /// Alg. 1's curriculum) + the stage-1 mask loss.
     Pref(PrefArgs),
     /// Stage 3: train the ensemble's learnable prompt p̂ from a stage-2 run (Lti + Lsi,
     /// the model frozen); `popen predict --ensemble K` then answers with it.
@@ -126,6 +127,15 @@ pub struct PrefArgs {
     /// likelihood displacement; 0, the paper's loss, by default).
     #[arg(long)]
     pub nll: Option<f64>,
+    /// Ablation: train without the segmentation preference loss Ls (Ps is not collected).
+    #[arg(long)]
+    pub no_ls: bool,
+    /// Ablation: drop Eq. 4's indicator (every target's Ls counts).
+    #[arg(long)]
+    pub no_indicator: bool,
+    /// Which Ps triples train when: curriculum (the paper), s, biou, random, hybrid.
+    #[arg(long, value_name = "MODE")]
+    pub ps_collection: Option<popen::popen::pref::ps::PsMode>,
 }
 
 #[derive(clap::Args)]
@@ -213,6 +223,15 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
     if a.no_lambda {
         cfg.loss.lambda = 1.0;
     }
+    if a.no_ls {
+        cfg.loss.ls = false;
+    }
+    if a.no_indicator {
+        cfg.loss.indicator = false;
+    }
+    if let Some(m) = a.ps_collection {
+        cfg.ps.mode = m;
+    }
     if let Some(w) = a.nll {
         if !(w.is_finite() && w >= 0.0) {
             anyhow::bail!("--nll {w}: expected a weight >= 0");
@@ -254,6 +273,26 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
         ended(&s.train),
         c.out.display()
     );
+    match &s.ps {
+        Some(p) => println!(
+            "stage 2: {} segmentation preference records from {} questions with targets \
+             ({} met the first half's condition, {} did not after {} regenerations; {} \
+             perturbed copies read, {} with s < 0, {} with s > 0.8)",
+            s.ps_records,
+            p.questions - p.no_target,
+            p.s_selected,
+            p.s_skipped,
+            p.regenerations,
+            p.copies,
+            p.copies_s_below_0,
+            p.copies_s_above_0_8
+        ),
+        None if s.ps_records > 0 => println!(
+            "stage 2: {} segmentation preference records (read back from the run)",
+            s.ps_records
+        ),
+        None => {}
+    }
     Ok(())
 }
 

@@ -57,6 +57,11 @@ pub trait Trainable {
     /// Forward and backward over one micro-batch: parameter gradients **accumulate**
     /// (`+=`) the gradient of `scale · loss`.  Returns the unscaled loss and its parts.
     /// `rng` is the run's generator (sampling, augmentation); it is checkpointed.
+    /// Called before each optimizer step's micro-batches with the step (1-based) and the
+    /// run's total: a schedule inside the objective (stage 2's curriculum) reads it here.
+    /// A resumed run calls it again from its next step, so state kept here must be a
+    /// function of the step alone.
+    fn begin_step(&mut self, _step: u64, _total: u64) {}
     fn accumulate(&mut self, batch: &[Self::Item], scale: f32, rng: &mut Rng) -> Result<LossParts>;
     /// Writes every parameter to one safetensors file (`model.safetensors`).
     fn save_weights(&mut self, path: &Path) -> Result<()>;
@@ -230,6 +235,7 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                 for (_, p) in model.params_mut() {
                     p.zero_grad(&be);
                 }
+                model.begin_step(step, total);
                 let mut step_loss = 0.0;
                 for micro in 0..accum {
                     // the loader sends its error before it stops, so a closed channel

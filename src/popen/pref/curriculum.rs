@@ -49,17 +49,28 @@ pub fn localization_score(iou_gt: &[f64], iou_props: &[Vec<f64>], props_vs_gt: &
         return 0.0;
     }
     let total: f64 = (0..n)
-        .map(|t| {
-            let other = iou_props[t]
-                .iter()
-                .zip(&props_vs_gt[t])
-                .filter(|(_, &g)| g < MATCH_IOU)
-                .map(|(&x, _)| x)
-                .fold(0.0f64, f64::max);
-            iou_gt[t] - other
-        })
+        .map(|t| target_localization(iou_gt[t], &iou_props[t], &props_vs_gt[t]))
         .sum();
     total / n as f64
+}
+
+/// One target's term of Eq. 1: `IoU(M, M_g) − max_{j: M_s^j ∉ M_g} IoU(M, M_s^j)`
+/// (the per-target score the indicator of Eq. 4 compares in the first half).
+pub fn target_localization(iou_gt: f64, iou_props: &[f64], props_vs_gt: &[f64]) -> f64 {
+    let other = iou_props
+        .iter()
+        .zip(props_vs_gt)
+        .filter(|(_, &g)| g < MATCH_IOU)
+        .map(|(&x, _)| x)
+        .fold(0.0f64, f64::max);
+    iou_gt - other
+}
+
+/// The copies of `among` ordered best first by `scores` (ties by index): the order a
+/// triple of randomly chosen copies gets (`--ps-collection random`).
+pub fn order_by(scores: &[f64], among: Triple) -> Triple {
+    let v = ranked(scores, &among);
+    [v[0], v[1], v[2]]
 }
 
 /// Indices of `scores` sorted by descending score, ties by ascending index.

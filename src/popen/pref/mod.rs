@@ -1,11 +1,17 @@
 //! Stage 2: preference optimization (Sec. 3.2) from a stage-1 run.
 //!
-//! This version trains on the text preference `Pt` ([`collect`]) with the DPO loss `Lt`
-//! (Eq. 2, 3) plus the stage-1 mask loss `Lce` on the ground-truth masks; the mask
-//! decoder and the vision tower are frozen, the LLM, the projector and the codebook
-//! head train.  The segmentation preference `Ps` (Alg. 1) and its loss `Ls` (Eq. 4) are
-//! not wired in yet: `popen train pref` says so in its summary, and the run's
-//! `collect.json` holds `Pt`'s counts only.
+//! The loss is `Lt + Ls + Lce`: the DPO loss `Lt` (Eq. 2, 3) on the text preference
+//! `Pt` ([`collect`]), the segmentation preference loss `Ls` (Eq. 4, [`ls`]) on the
+//! triples of `Ps` (Alg. 1, [`ps`], [`curriculum`]), and the stage-1 mask loss `Lce` on
+//! the ground-truth masks.  The mask decoder and the vision tower are frozen; the LLM,
+//! the projector and the codebook head train.
+//!
+//! **The curriculum.** Steps `1 ..= ⌈T/2⌉` of a `T`-step run are the first half (triples
+//! chosen by `s`, indicator by Eq. 1's term), the rest the second (triples chosen by
+//! boundary IoU among the top 5 by `s`, indicator by boundary IoU); `[ps] mode`
+//! (`--ps-collection`) swaps in Table 5's alternatives.  The dataset is the `Pt` pairs;
+//! each carries its question's `Ps` record, so a question whose `Pt` collection was
+//! skipped trains no `Ls` either.
 //!
 //! **Eq. 3's normalizer.** The paper divides the λ-weighted sum of token log-probs by
 //! `|y|`, the number of tokens (`norm = "tokens"`, the default).  RLHF-V, which the
@@ -18,6 +24,8 @@
 //! each pair (`RUN/pt.jsonl`); no second model is held in memory.
 pub mod collect;
 pub mod curriculum;
+pub mod ls;
+pub mod ps;
 
 use crate::backend::{Backend, Cpu};
 use crate::data::sample::Sample;
@@ -29,7 +37,10 @@ use crate::nn::{Rng, Tensor};
 use crate::popen::losses::{dpo_loss, BETA_T, LAMBDA};
 use crate::train::{Dataset, LossParts, TrainConfig, TrainSummary, Trainable, Trainer};
 use collect::{collect_pt, text_example, CollectCfg, PtCounts, PtPair};
+use curriculum::Phase;
+use ls::{ls_step, PsItem};
 use num_traits::Float;
+use ps::{collect_ps, PsCfg, PsCounts, PsRecord, TargetRefs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +70,12 @@ pub struct PrefLossCfg {
     /// its tokens and the pairs), as RPO adds to DPO against likelihood displacement.
     /// 0 (the default) is the paper's loss; `--nll W` sets it.
     pub nll: f64,
+    /// Collect `Ps` and train with `Ls` (`--no-ls` turns both off).
+    pub ls: bool,
+    /// βs of Eq. 4 (10).
+    pub beta_s: f64,
+    /// Eq. 4's indicator (`--no-indicator`: every target's loss counts).
+    pub indicator: bool,
     /// `Lce`: the stage-1 mask loss on the ground-truth masks (BCE and Dice weights).
     pub bce: f32,
     pub dice: f32,
@@ -72,6 +89,9 @@ impl Default for PrefLossCfg {
             norm: Eq3Norm::Tokens,
             lt: true,
             nll: 0.0,
+            ls: true,
+            beta_s: crate::popen::losses::BETA_S,
+            indicator: true,
             bce: LossWeights::default().bce,
             dice: LossWeights::default().dice,
         }
@@ -102,13 +122,14 @@ impl PrefLossCfg {
 }
 
 /// The run config of `popen train pref` (`--config FILE.toml`): `[train]`, `[loss]`,
-/// `[collect]`; unknown keys are errors.
+/// `[collect]` (`Pt`), `[ps]` (`Ps`); unknown keys are errors.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrefConfig {
     pub train: TrainConfig,
     pub loss: PrefLossCfg,
     pub collect: CollectCfg,
+    pub ps: PsCfg,
 }
 
 /// Where stage 2 reads and writes.
@@ -121,7 +142,8 @@ pub struct PrefPaths {
     pub out: PathBuf,
 }
 
-/// One training item: a `Pt` pair on its image, and the ground-truth example for `Lce`.
+/// One training item: a `Pt` pair on its image, the ground-truth example for `Lce`,
+/// and the question's `Ps` when it has one.
 pub struct PrefItem {
     pub y: Example,
     pub yc: Example,
@@ -130,12 +152,26 @@ pub struct PrefItem {
     pub ref_y: f64,
     pub ref_yc: f64,
     pub gt: Example,
+    pub ps: Option<PsItem>,
 }
 
 /// The policy as the trainer sees it.
 pub struct PrefModel<B: Backend<f32> = Cpu> {
     pub model: SegModel<f32, B>,
     pub loss: PrefLossCfg,
+    pub ps: PsCfg,
+    /// The curriculum's half of the current step (set by [`Trainable::begin_step`]).
+    pub phase: Phase,
+}
+
+/// The curriculum's half of `step` (1-based) in a run of `total` steps: the first
+/// `⌈total/2⌉` steps are the first half.
+pub fn phase_of(step: u64, total: u64) -> Phase {
+    if 2 * step.saturating_sub(1) < total {
+        Phase::First
+    } else {
+        Phase::Second
+    }
 }
 
 impl<B: Backend<f32>> Trainable for PrefModel<B> {
@@ -147,8 +183,39 @@ impl<B: Backend<f32>> Trainable for PrefModel<B> {
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor<f32, B>)> {
         self.model.params_mut()
     }
+    fn begin_step(&mut self, step: u64, total: u64) {
+        self.phase = phase_of(step, total);
+    }
     fn accumulate(&mut self, batch: &[PrefItem], scale: f32, _rng: &mut Rng) -> Result<LossParts> {
-        pref_step(&mut self.model, batch, &self.loss, scale, true)
+        let mut lp = pref_step(&mut self.model, batch, &self.loss, scale, true)?;
+        if self.loss.ls {
+            let items: Vec<(&Example, &PsItem)> = batch
+                .iter()
+                .filter_map(|it| it.ps.as_ref().map(|p| (&it.gt, p)))
+                .collect();
+            let phase = self.phase;
+            let out = ls_step(
+                &mut self.model,
+                &items,
+                &self.loss,
+                &self.ps,
+                phase,
+                scale,
+                true,
+            )?;
+            let ls = out.as_ref().map_or(0.0, |o| o.loss);
+            lp.loss += ls;
+            if let Some(o) = out {
+                lp.parts.extend(o.parts);
+            } else {
+                lp.parts.insert("ls".into(), 0.0);
+            }
+            lp.parts.insert(
+                "phase".into(),
+                if phase == Phase::First { 1.0 } else { 2.0 },
+            );
+        }
+        Ok(lp)
     }
     fn save_weights(&mut self, path: &Path) -> Result<()> {
         self.model.save_weights(path)
@@ -274,9 +341,11 @@ pub fn pref_step<F: Float, B: Backend<F>>(
     })
 }
 
-/// `Pt` pairs on their samples, preprocessed on demand.
+/// `Pt` pairs on their samples (with each question's `Ps`), preprocessed on demand.
 pub struct PrefData<'a> {
     pub pairs: Vec<PtPair>,
+    /// `Ps` records by question index.
+    pub ps: BTreeMap<usize, PsRecord>,
     pub samples: &'a [Sample],
     pub model_cfg: &'a crate::model::seg::SegModelConfig,
     pub tok: &'a SegTokenizer,
@@ -301,6 +370,13 @@ impl Dataset for PrefData<'_> {
         })?;
         let gt = example(self.model_cfg, self.tok, s)?;
         let px = &gt.pixels;
+        let ps = match self.ps.get(&p.sample) {
+            Some(r) => Some(PsItem {
+                record: r.clone(),
+                refs: TargetRefs::of_sample(s)?,
+            }),
+            None => None,
+        };
         Ok(PrefItem {
             y: text_example(self.model_cfg, self.tok, px, &s.question, &p.y)?,
             yc: text_example(self.model_cfg, self.tok, px, &s.question, &p.yc)?,
@@ -309,6 +385,7 @@ impl Dataset for PrefData<'_> {
             ref_y: p.ref_y,
             ref_yc: p.ref_yc,
             gt,
+            ps,
         })
     }
 }
@@ -318,15 +395,30 @@ impl Dataset for PrefData<'_> {
 pub struct PrefSummary {
     pub counts: PtCounts,
     pub pairs: usize,
+    /// `Ps`'s counts and records (`None` with `--no-ls`).
+    pub ps: Option<PsCounts>,
+    pub ps_records: usize,
     pub train: TrainSummary,
+}
+
+/// The counts of both collections, as `RUN/collect.json` keeps them (`Pt`'s at the top
+/// level, `Ps`'s under `ps`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CollectCounts {
+    #[serde(flatten)]
+    pub pt: PtCounts,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ps: Option<PsCounts>,
 }
 
 /// The file of the collected pairs in a run directory.
 pub const PT_FILE: &str = "pt.jsonl";
-/// The collection's counts.
+/// The file of the collected segmentation triples.
+pub const PS_FILE: &str = "ps.jsonl";
+/// The collections' counts.
 pub const COLLECT_FILE: &str = "collect.json";
 
-fn read_pairs(path: &Path) -> Result<Vec<PtPair>> {
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     text.lines()
         .enumerate()
@@ -341,8 +433,28 @@ fn read_pairs(path: &Path) -> Result<Vec<PtPair>> {
         .collect()
 }
 
-/// Stage 2 into `paths.out` on backend `be`: collects `Pt` with the stage-1 model of
-/// `paths.from` (or, with `resume`, reads the run's `pt.jsonl` back), then trains.
+fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let lines: String = rows
+        .iter()
+        .map(|p| serde_json::to_string(p).expect("serializes") + "\n")
+        .collect();
+    crate::fsio::write_atomic(path, lines.as_bytes())
+}
+
+fn bar(progress: bool, len: usize, template: &str) -> indicatif::ProgressBar {
+    if !progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len as u64);
+    if let Ok(st) = indicatif::ProgressStyle::with_template(template) {
+        b.set_style(st);
+    }
+    b
+}
+
+/// Stage 2 into `paths.out` on backend `be`: collects `Pt` and (unless `--no-ls`) `Ps`
+/// with the stage-1 model of `paths.from` (or, with `resume`, reads the run's
+/// `pt.jsonl` and `ps.jsonl` back), then trains.
 pub fn train_pref<B: Backend<f32>>(
     be: B,
     cfg: &PrefConfig,
@@ -350,6 +462,9 @@ pub fn train_pref<B: Backend<f32>>(
     resume: bool,
     progress: bool,
 ) -> Result<PrefSummary> {
+    if cfg.loss.ls {
+        cfg.ps.validate()?;
+    }
     let samples = crate::popen::sft::training_samples(&paths.data, &paths.images)?;
     let out = &paths.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -362,62 +477,85 @@ pub fn train_pref<B: Backend<f32>>(
         decoder: false,
     });
     let pt_path = out.join(PT_FILE);
-    let (pairs, counts) = if resume && pt_path.exists() {
-        let pairs = read_pairs(&pt_path)?;
-        let counts: PtCounts = std::fs::read_to_string(out.join(COLLECT_FILE))
+    let ps_path = out.join(PS_FILE);
+    let collect_path = out.join(COLLECT_FILE);
+    let mut counts: CollectCounts = if resume {
+        std::fs::read_to_string(&collect_path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        (pairs, counts)
+            .unwrap_or_default()
     } else {
-        let bar = if progress {
-            let b = indicatif::ProgressBar::new(samples.len() as u64);
-            if let Ok(st) = indicatif::ProgressStyle::with_template(
-                "collect Pt {bar:30} {pos}/{len} questions [{elapsed_precise}<{eta_precise}]",
-            ) {
-                b.set_style(st);
-            }
-            b
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        let (pairs, counts) = collect_pt(
+        CollectCounts::default()
+    };
+    let pairs: Vec<PtPair> = if resume && pt_path.exists() {
+        read_jsonl(&pt_path)?
+    } else {
+        let b = bar(
+            progress,
+            samples.len(),
+            "collect Pt {bar:30} {pos}/{len} questions [{elapsed_precise}<{eta_precise}]",
+        );
+        let (pairs, c) = collect_pt(
             &model,
             &tok,
             &samples,
             &cfg.collect,
             &cfg.loss,
             cfg.train.seed,
-            |n| bar.inc(n as u64),
+            |n| b.inc(n as u64),
         )?;
-        bar.finish_and_clear();
-        let lines: String = pairs
-            .iter()
-            .map(|p| serde_json::to_string(p).expect("serializes") + "\n")
-            .collect();
-        crate::fsio::write_atomic(&pt_path, lines.as_bytes())?;
+        b.finish_and_clear();
+        write_jsonl(&pt_path, &pairs)?;
+        counts.pt = c;
+        counts.ps = None;
         crate::fsio::write_atomic(
-            out.join(COLLECT_FILE),
+            &collect_path,
             serde_json::to_string_pretty(&counts)
                 .expect("serializes")
                 .as_bytes(),
         )?;
-        (pairs, counts)
+        pairs
     };
     if pairs.is_empty() {
         return Err(Error::Data {
             path: paths.data.clone(),
             field: "questions".into(),
-            msg: format!("no preference pair could be made ({counts:?})"),
+            msg: format!("no preference pair could be made ({:?})", counts.pt),
         });
     }
+    let ps_records: Vec<PsRecord> = if !cfg.loss.ls {
+        Vec::new()
+    } else if resume && ps_path.exists() {
+        read_jsonl(&ps_path)?
+    } else {
+        let b = bar(
+            progress,
+            samples.len(),
+            "collect Ps {bar:30} {pos}/{len} questions [{elapsed_precise}<{eta_precise}]",
+        );
+        let (recs, c) = collect_ps(&model, &tok, &samples, &cfg.ps, cfg.train.seed, |n| {
+            b.inc(n as u64)
+        })?;
+        b.finish_and_clear();
+        write_jsonl(&ps_path, &recs)?;
+        counts.ps = Some(c);
+        crate::fsio::write_atomic(
+            &collect_path,
+            serde_json::to_string_pretty(&counts)
+                .expect("serializes")
+                .as_bytes(),
+        )?;
+        recs
+    };
     if !(resume && out.join(CONFIG_FILE).exists()) {
         let run = serde_json::to_value(cfg).expect("serializes");
         model.save_config(out, &tok, Some(run))?;
     }
     let n_pairs = pairs.len();
+    let n_ps = ps_records.len();
     let data = PrefData {
         pairs,
+        ps: ps_records.into_iter().map(|r| (r.sample, r)).collect(),
         samples: &samples,
         model_cfg: &model.cfg.clone(),
         tok: &tok,
@@ -425,6 +563,8 @@ pub fn train_pref<B: Backend<f32>>(
     let mut pm = PrefModel {
         model,
         loss: cfg.loss.clone(),
+        ps: cfg.ps.clone(),
+        phase: Phase::First,
     };
     let summary = Trainer::new(cfg.train.clone(), out)?
         .resume(resume)
@@ -432,8 +572,10 @@ pub fn train_pref<B: Backend<f32>>(
         .title("stage 2 (preference) loss")
         .run(&mut pm, &data)?;
     Ok(PrefSummary {
-        counts,
+        counts: counts.pt,
         pairs: n_pairs,
+        ps: counts.ps,
+        ps_records: n_ps,
         train: summary,
     })
 }
