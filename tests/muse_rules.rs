@@ -187,3 +187,52 @@ fn eval_and_the_reader_give_the_same_verdict_on_every_file() {
     assert_eq!(accepted, 4, "accepted {accepted}, rejected {rejected}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_file_claiming_more_mask_bytes_than_the_budget_is_refused_before_decoding() {
+    use popen::data::sample::{load_muse_within, MAX_DECODED_MASK_BYTES};
+    let d = scratch("budget");
+    // a few hundred bytes claiming 20 empty masks of 16384 × 16384 (5 GiB decoded)
+    let side = 16384u64;
+    let seg = json!({"size": [side, side], "counts": [side * side]});
+    let n = 20;
+    let rec = json!({
+        "file_name": "big.png", "height": side, "width": side,
+        "questions": (0..n).map(|q| format!("q{q}")).collect::<Vec<_>>(),
+        "answers": (0..n).map(|_| vec![json!({"category_name": "cup", "segmentation": seg})]).collect::<Vec<_>>(),
+        "ann_list": [],
+    });
+    let p = d.join("big.json");
+    std::fs::write(&p, serde_json::to_string(&json!([rec])).unwrap()).unwrap();
+    assert!(std::fs::metadata(&p).unwrap().len() < 2000);
+    assert!(20 * side * side > MAX_DECODED_MASK_BYTES);
+    let e = load_muse(&p, &d).unwrap_err().to_string();
+    assert!(
+        e.contains("big.json") && e.contains("over the limit"),
+        "{e}"
+    );
+    // the claim counts each question's objects too: 2 targets + 2 questions × 3 objects
+    // of 4×5 = 8 masks · 20 bytes = 160 bytes
+    let mut r = record(
+        "a.png",
+        &format!("the cup {MUSE_SEG} and the cup {MUSE_SEG}"),
+        2,
+    );
+    r["questions"] = json!(["q0", "q1"]);
+    r["answers"] = json!([r["answers"][0].clone(), []]);
+    r["text_answers"] = json!([r["text_answers"][0].clone(), "nothing"]);
+    r["ann_list"] = r["answers"][0].clone();
+    let one = r["answers"][0][0].clone();
+    r["ann_list"].as_array_mut().unwrap().push(one);
+    let p = d.join("small.json");
+    std::fs::write(&p, serde_json::to_string(&json!([r])).unwrap()).unwrap();
+    let imgs: Vec<MuseImage> = serde_json::from_value(json!([r])).unwrap();
+    assert_eq!(
+        popen::data::sample::decoded_mask_bytes(&imgs),
+        (2 + 2 * 3) * 20
+    );
+    assert_eq!(load_muse_within(&p, &d, 160).unwrap().len(), 2);
+    let e = load_muse_within(&p, &d, 159).unwrap_err().to_string();
+    assert!(e.contains("160 bytes, over the limit of 159"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}

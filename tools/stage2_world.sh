@@ -9,7 +9,8 @@
 # VARIANT is a name and the extra flags of `train pref`, as name=flags, e.g.
 #   tools/stage2_world.sh stage2 base= nolt=--no-lt nll1="--nll 1" lr5=--lr-1e-5
 # (`--lr-1e-5` is this script's own: lr 1e-5 instead of the config's 1e-4).  Default:
-# the README's rows.  Build first: cargo build --release.
+# the README's rows.  Ps reads 12 copies per question without regeneration (the
+# README says why).  Build first: cargo build --release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-stage2_world}"
@@ -17,7 +18,7 @@ shift || true
 bin="$PWD/target/release/popen"
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(base= nolt=--no-lt weighted="--norm weighted" lr5=--lr-1e-5 nll1="--nll 1")
+[ ${#variants[@]} -gt 0 ] || variants=(nols="--no-ls" nolt_nols="--no-lt --no-ls" nll1_nols="--nll 1 --no-ls" base= nolt=--no-lt nll1="--nll 1" nll1_biou="--nll 1 --ps-collection biou")
 mkdir -p "$out"
 cd "$out"
 t() { local s; s=$(date +%s); "$@"; echo "  $(( $(date +%s) - s )) s: $*" >&2; }
@@ -40,7 +41,7 @@ for v in "${variants[@]}"; do
   flags="${v#*=}"
   lr=1e-4
   if [[ "$flags" == *--lr-1e-5* ]]; then lr=1e-5; flags="${flags//--lr-1e-5/}"; fi
-  printf '[train]\nlr = %s\nmicro_batch = 8\nwarmup_steps = 10\ntotal_steps = 150\ncheckpoint_every = 50\nlog_every = 10\n' "$lr" > "pref_$name.toml"
+  printf '[train]\nlr = %s\nmicro_batch = 8\nwarmup_steps = 10\ntotal_steps = 150\ncheckpoint_every = 50\nlog_every = 10\n[ps]\nnp = 12\nregenerations = 0\n' "$lr" > "pref_$name.toml"
   rm -rf "pref_$name"
   # shellcheck disable=SC2086
   t "$bin" train pref --from sft --data world2/train.json --out "pref_$name" --config "pref_$name.toml" $flags

@@ -5,5 +5,6 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let p = popen_fuzz::scratch_file("muse.json", data);
     let root = popen_fuzz::scratch_dir().join("images");
-    let _ = popen::data::sample::load_muse(&p, &root);
+    // a budget under the 2 GiB memory limit libFuzzer runs with
+    let _ = popen::data::sample::load_muse_within(&p, &root, 256 << 20);
 });

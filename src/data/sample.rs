@@ -21,8 +21,9 @@ use crate::error::{Error, Result};
 
 pub use super::readers::grandf::load_grandf;
 pub use super::readers::muse::{
-    check_muse, check_record, image_samples, load_muse, load_muse_entries, muse_to_samples,
-    parse_muse_entries, MuseEntry,
+    check_mask_budget, check_muse, check_record, decoded_mask_bytes, image_samples, load_muse,
+    load_muse_entries, load_muse_within, muse_to_samples, parse_muse_entries, MuseEntry,
+    MAX_DECODED_MASK_BYTES,
 };
 pub use super::readers::reasonseg::{load_reasonseg, load_reasonseg_flagged};
 pub use super::readers::refcoco::load_refcoco;

@@ -98,14 +98,62 @@ pub fn parse_muse_entries(path: &Path, text: &str) -> Result<Vec<MuseEntry>> {
     Ok(records.into_iter().map(Record::into_entry).collect())
 }
 
+/// The most bytes [`load_muse`] and [`muse_to_samples`] decode masks into (4 GiB).  A
+/// file's claim (height × width bytes per target and per object, per question) is
+/// checked against it before any mask is decoded, so a small file that claims huge
+/// images is an error and not an out-of-memory abort.
+pub const MAX_DECODED_MASK_BYTES: u64 = 4 << 30;
+
+/// The bytes decoding every mask of `images` would take: per record, `h·w` times its
+/// targets plus, per question, its objects (the `ann_list`, or at most every target
+/// when there is none).
+pub fn decoded_mask_bytes<'a>(images: impl IntoIterator<Item = &'a MuseImage>) -> u128 {
+    images
+        .into_iter()
+        .map(|img| {
+            let px = u128::from(img.height) * u128::from(img.width);
+            let targets: u128 = img.answers.iter().map(|a| a.len() as u128).sum();
+            let objects = img.ann_list.as_ref().map_or(targets, |l| l.len() as u128);
+            px * (targets + img.questions.len() as u128 * objects)
+        })
+        .sum()
+}
+
+/// An error naming `path` when decoding `images` would take more than `max_bytes`.
+pub fn check_mask_budget<'a>(
+    path: &Path,
+    images: impl IntoIterator<Item = &'a MuseImage>,
+    max_bytes: u64,
+) -> Result<()> {
+    let need = decoded_mask_bytes(images);
+    if need > u128::from(max_bytes) {
+        return Err(data_err(
+            path,
+            "",
+            format!(
+                "decoding every mask would take {need} bytes, over the limit of {max_bytes}; \
+                 split the file, or read it with `load_muse_entries` and decode per image"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Load a MUSE JSON file; image paths are `root/file_name` (or, when `file_name` is
 /// empty, `root/<split>/<name>` from the last two segments of `coco_url`, e.g.
 /// `train2017/000000000139.jpg`).  One [`Sample`] per question.  Every mask is decoded
-/// here (height × width bytes per target and per object, per question): for the full
-/// MUSE release use [`load_muse_entries`] and decode per image instead.
+/// here (height × width bytes per target and per object, per question), at most
+/// [`MAX_DECODED_MASK_BYTES`] in all: for the full MUSE release use
+/// [`load_muse_entries`] and decode per image instead.
 pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
+    load_muse_within(path, root, MAX_DECODED_MASK_BYTES)
+}
+
+/// [`load_muse`] with another limit on the bytes of decoded masks.
+pub fn load_muse_within(path: &Path, root: &Path, max_bytes: u64) -> Result<Vec<Sample>> {
     let entries = load_muse_entries(path)?;
     check_muse(path, entries.iter().map(|e| &e.image))?;
+    check_mask_budget(path, entries.iter().map(|e| &e.image), max_bytes)?;
     let mut out = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         out.extend(image_samples(path, root, i, e.id.as_deref(), &e.image)?);
@@ -118,6 +166,7 @@ pub fn load_muse(path: &Path, root: &Path) -> Result<Vec<Sample>> {
 pub fn muse_to_samples(images: &[MuseImage], root: &Path, source: &str) -> Result<Vec<Sample>> {
     let path = Path::new(source);
     check_muse(path, images)?;
+    check_mask_budget(path, images, MAX_DECODED_MASK_BYTES)?;
     let mut out = Vec::new();
     for (i, img) in images.iter().enumerate() {
         out.extend(image_samples(path, root, i, None, img)?);
