@@ -480,3 +480,27 @@ fn forward_out_on_a_full_disk_keeps_the_previous_outputs() {
     assert_eq!(std::fs::read(&out).unwrap(), b"previous outputs");
     assert_eq!(leftover_temporaries(&d), Vec::<PathBuf>::new());
 }
+
+#[test]
+fn a_train_state_naming_a_folder_outside_its_step_is_refused() {
+    use popen::train::checkpoint::read_train_state;
+    let d = std::env::temp_dir().join(format!("popen_hardening_state_{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let state = |ck: &str| {
+        format!(
+            r#"{{"step":2,"checkpoint":"{ck}","format":1,"cursor":{{"epoch":0,"position":8}},
+               "rng_state":7,"adamw_t":2,"elapsed_s":1.0,"config":{{}}}}"#
+        )
+    };
+    std::fs::write(d.join("train_state.json"), state("checkpoints/step-000002")).unwrap();
+    assert_eq!(read_train_state(&d).unwrap().unwrap().step, 2);
+    for bad in ["../../elsewhere", "/tmp/x", "checkpoints/step-000001"] {
+        std::fs::write(d.join("train_state.json"), state(bad)).unwrap();
+        let e = read_train_state(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("train_state.json") && e.contains("checkpoint") && e.contains(bad),
+            "{bad}: {e}"
+        );
+    }
+    std::fs::remove_dir_all(&d).ok();
+}

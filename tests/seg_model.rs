@@ -278,7 +278,48 @@ fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("seg_head") || e.contains("mask_decoder"), "{e}");
+    // a config that claims a model larger than its weights file is refused before
+    // anything is allocated for it (here 10^6 hidden units: 4·10^12 bytes)
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["text_config"]["hidden_size"] = serde_json::json!(1_000_000);
+    j["text_config"]["intermediate_size"] = serde_json::json!(1_000_000);
+    std::fs::write(dir.join("config.json"), j.to_string()).unwrap();
+    let e = SegModel::<f32, Cpu>::load(Cpu, &dir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("at least") && e.contains("model.safetensors"),
+        "{e}"
+    );
+    std::fs::write(dir.join("config.json"), text).unwrap();
+    assert!(SegModel::<f32, Cpu>::load(Cpu, &dir).is_ok());
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_parameter_lower_bound_is_below_the_count_and_near_it() {
+    use popen::model::seg::run::min_param_count;
+    let tiny = tiny_cfg();
+    let default = SegModelConfig {
+        lvlm: popen::model::seg::config::TinyLvlm {
+            vocab_size: 200,
+            ..Default::default()
+        },
+        ..SegModelConfig::default()
+    };
+    for cfg in [tiny, default] {
+        let tok = tokenizer(&cfg);
+        let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 1).unwrap();
+        let n: u128 = m
+            .params_mut()
+            .iter()
+            .map(|(_, t)| t.data.len() as u128)
+            .sum();
+        let lo = min_param_count(&cfg, &m.llava.cfg);
+        assert!(lo <= n && 2 * lo >= n, "bound {lo} for {n} parameters");
+    }
 }
 
 #[test]

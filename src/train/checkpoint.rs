@@ -110,6 +110,20 @@ pub fn read_train_state(run: &Path) -> Result<Option<TrainState>> {
             ),
         });
     }
+    // the checkpoint folder is followed on resume: only the one this step names, so a
+    // hostile state file cannot point outside the run directory
+    if st.checkpoint != checkpoint_rel(st.step) {
+        return Err(Error::Data {
+            path,
+            field: "checkpoint".into(),
+            msg: format!(
+                "`{}` is not step {}'s checkpoint folder `{}`",
+                st.checkpoint,
+                st.step,
+                checkpoint_rel(st.step)
+            ),
+        });
+    }
     Ok(Some(st))
 }
 

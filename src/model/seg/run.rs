@@ -127,10 +127,80 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 ),
             });
         }
+        // the config sizes what `new` allocates: a config that claims more than the
+        // weights file can hold is refused before anything is allocated for it
+        let weights = dir.join(WEIGHTS_FILE);
+        let have = std::fs::metadata(&weights)
+            .map_err(|e| Error::io(&weights, e))?
+            .len();
+        let need = min_param_count(&cfg, &lc).saturating_mul(4);
+        if need > u128::from(have) {
+            return Err(Error::Config {
+                path: dir.join(CONFIG_FILE),
+                field: "text_config".into(),
+                msg: format!(
+                    "describes a model of at least {} f32 parameters ({need} bytes), but {} \
+                     holds {have} bytes",
+                    need / 4,
+                    weights.display()
+                ),
+            });
+        }
         let mut m = Self::new(be, cfg, lc, 0)?;
-        m.load_weights(&dir.join(WEIGHTS_FILE))?;
+        m.load_weights(&weights)?;
         Ok((m, tok))
     }
+}
+
+/// A lower bound on the parameters `SegModel::new` allocates for `cfg` and `lc` (the
+/// large matrices only, in saturating arithmetic, so a hostile config cannot overflow
+/// it): LLaMA's embeddings, attention and MLP projections (and an untied head), the
+/// ViT's patch embedding and blocks, the projector, the codebook head and the pixel
+/// decoder's projections, convolutions and MLPs.
+pub fn min_param_count(cfg: &SegModelConfig, lc: &LlavaConfig) -> u128 {
+    let u = |x: usize| x as u128;
+    let t = &lc.text;
+    let (h, v) = (u(t.hidden_size), u(t.vocab_size));
+    let q = u(t.num_attention_heads).saturating_mul(u(t.head_dim));
+    let kv = u(t.num_key_value_heads).saturating_mul(u(t.head_dim));
+    let layer = h
+        .saturating_mul(q.saturating_add(kv).saturating_mul(2))
+        .saturating_add(h.saturating_mul(u(t.intermediate_size)).saturating_mul(3));
+    let head = if t.tie_word_embeddings {
+        0
+    } else {
+        v.saturating_mul(h)
+    };
+    let text = v
+        .saturating_mul(h)
+        .saturating_add(head)
+        .saturating_add(layer.saturating_mul(u(t.num_hidden_layers)));
+    let vi = &lc.vision;
+    let hv = u(vi.hidden_size);
+    let patch = u(vi.num_channels)
+        .saturating_mul(u(vi.patch_size))
+        .saturating_mul(u(vi.patch_size))
+        .saturating_mul(hv);
+    let vblock = hv
+        .saturating_mul(hv)
+        .saturating_mul(4)
+        .saturating_add(hv.saturating_mul(u(vi.intermediate_size)).saturating_mul(2));
+    let vision = patch.saturating_add(vblock.saturating_mul(u(vi.num_hidden_layers)));
+    let projector = hv.saturating_mul(h).saturating_add(h.saturating_mul(h));
+    let d = u(cfg.seg_dim);
+    let seg_head = h.saturating_mul(h).saturating_add(h.saturating_mul(d));
+    let level = hv
+        .saturating_mul(d)
+        .saturating_add(d.saturating_mul(d).saturating_mul(10))
+        .saturating_add(
+            d.saturating_mul(u(cfg.decoder_mlp))
+                .saturating_mul(2)
+                .saturating_mul(u(cfg.decoder_depth)),
+        );
+    let decoder = level.saturating_mul(u(super::decoder::LEVELS));
+    [text, vision, projector, seg_head, decoder]
+        .into_iter()
+        .fold(0u128, u128::saturating_add)
 }
 
 /// Reads `dir/config.json`: our fields under `"popen"` and the LLaVA config.
