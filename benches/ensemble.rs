@@ -12,7 +12,7 @@ use popen::backend::Cpu;
 use popen::data::world::{self, Split, WorldConfig};
 use popen::model::seg::{preprocess, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::SamplingCfg;
-use popen::popen::ensemble::{sentence_ends, EnsembleCfg};
+use popen::method::ensemble::{sentence_ends, EnsembleCfg};
 
 fn bench(c: &mut Criterion) {
     let scene = world::generate(&WorldConfig::default(), 0, Split::Test, 0).unwrap();

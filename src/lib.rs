@@ -16,7 +16,7 @@
 //! - [`model`]: Hugging Face checkpoints (CLIP vision, LLaMA, BERT, LLaVA) and the
 //!   segmentation model ([`model::seg`]).
 //! - [`data`]: masks, RLE, the readers and the embedded world.
-//! - [`popen`](mod@popen): the method: the three stages, the K-way ensemble, prediction
+//! - [`method`]: the method: the three stages, the K-way ensemble, prediction
 //!   and `popen demo`.
 pub mod backend;
 pub mod data;
@@ -26,7 +26,7 @@ pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod nn;
-pub mod popen;
+pub mod method;
 pub mod rng;
 pub mod train;
 

@@ -1,7 +1,7 @@
-//! Alg. 1's selection rules (`popen::popen::pref::curriculum`): Eq. 1 by hand, and
+//! Alg. 1's selection rules (`popen::method::pref::curriculum`): Eq. 1 by hand, and
 //! property tests for the first half's condition and ordering, the second half's top-5
 //! rule, and the regeneration bound.
-use popen::popen::pref::curriculum::{
+use popen::method::pref::curriculum::{
     collect_with_regeneration, localization_score, select, Outcome, Phase, S_HIGH, S_LOW, TOP_BY_S,
 };
 use proptest::prelude::*;

@@ -6,7 +6,7 @@ use popen::backend::{Backend, Cpu};
 use popen::model::seg::Trainable;
 use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::{Rng, SamplingCfg};
-use popen::popen::ensemble::{
+use popen::method::ensemble::{
     gamma, sentence_ends, sentence_index, token_scores, EnsembleCfg, RefineData, SegPair, TauMode,
 };
 

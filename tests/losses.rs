@@ -1,7 +1,7 @@
 //! DPO (Eq. 2) and segmentation preference (Eq. 4) losses: invariants and f64 central
 //! finite differences of every gradient.
 use popen::kernels::philox::Philox;
-use popen::popen::losses::*;
+use popen::method::losses::*;
 
 fn randv(r: &mut Philox, n: usize, s: f64) -> Vec<f64> {
     (0..n).map(|_| r.uniform(-s, s)).collect()

@@ -4,8 +4,8 @@
 use popen::backend::Cpu;
 use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
 use popen::nn::Rng;
-use popen::popen::pref::collect::seq_logps;
-use popen::popen::pref::{pref_step, Eq3Norm, PrefItem, PrefLossCfg};
+use popen::method::pref::collect::seq_logps;
+use popen::method::pref::{pref_step, Eq3Norm, PrefItem, PrefLossCfg};
 
 mod common;
 use common::seg::tiny_cfg;

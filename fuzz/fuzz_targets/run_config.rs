@@ -3,9 +3,9 @@
 //! stage 3 (`[train]`, `[ensemble]`, `prompt_len`, `lti`, `lsi`), then validated.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use popen::popen::ensemble::stage3::EnsembleTrainConfig;
-use popen::popen::pref::PrefConfig;
-use popen::popen::sft::SftConfig;
+use popen::method::ensemble::stage3::EnsembleTrainConfig;
+use popen::method::pref::PrefConfig;
+use popen::method::sft::SftConfig;
 use popen::train::parse_toml;
 use std::path::Path;
 

@@ -27,6 +27,7 @@ fn tiny() -> SegModelConfig {
         decoder_depth: 1,
         decoder_heads: 1,
         decoder_mlp: 4,
+        decoder_layers: [-1, 1],
         max_new_tokens: 8,
         lvlm: TinyLvlm {
             vision_hidden: 4,
@@ -86,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
         0..=2 => {
             if let Ok((m, _)) = SegModel::<f32, Cpu>::load(Cpu, dir) {
                 let h = m.llava.cfg.text.hidden_size;
-                let _ = popen::popen::ensemble::load_prompt(dir, h);
+                let _ = popen::method::ensemble::load_prompt(dir, h);
             }
         }
         3 => {

@@ -2,7 +2,7 @@
 //! three methods predicted and scored), a Markdown table on stdout.
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
-use popen::popen::demo::{run_demo, DemoCfg, DemoResults};
+use popen::method::demo::{run_demo, DemoCfg, DemoResults};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 

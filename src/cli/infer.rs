@@ -10,7 +10,7 @@ use popen::data::Mask;
 use popen::model::seg::preprocess;
 use popen::model::seg::{Pixels, Prediction, SegModel};
 use popen::nn::SamplingCfg;
-use popen::popen::ensemble::{load_prompt, sentence_ends};
+use popen::method::ensemble::{load_prompt, sentence_ends};
 use std::path::PathBuf;
 
 /// Arguments of `popen infer`.

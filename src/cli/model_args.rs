@@ -34,13 +34,13 @@ pub struct EnsembleArgs {
     pub no_prompt: bool,
     /// What τ sums: token, sentence or both (Eq. 5).
     #[arg(long, default_value = "both")]
-    pub tau: popen::popen::ensemble::TauMode,
+    pub tau: popen::method::ensemble::TauMode,
 }
 
 impl EnsembleArgs {
     /// The ensemble's settings with `k` answers.
-    pub fn cfg(&self, k: usize) -> popen::popen::ensemble::EnsembleCfg {
-        popen::popen::ensemble::EnsembleCfg {
+    pub fn cfg(&self, k: usize) -> popen::method::ensemble::EnsembleCfg {
+        popen::method::ensemble::EnsembleCfg {
             k,
             temperature: self.ensemble_temperature,
             text: !self.no_text_ensemble,

@@ -5,8 +5,8 @@ use popen::backend::{Backend, OnBackend};
 use popen::metrics::eval::PredLine;
 use popen::model::seg::SegModel;
 use popen::nn::SamplingCfg;
-use popen::popen::ensemble::load_prompt;
-use popen::popen::predict::{
+use popen::method::ensemble::load_prompt;
+use popen::method::predict::{
     data_root, predict_items, predict_items_ensemble, questions, write_preds,
 };
 use std::path::PathBuf;

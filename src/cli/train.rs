@@ -3,9 +3,9 @@
 //! `train_state.json`, the checkpoints, `metrics.jsonl`, `loss.png`.
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
-use popen::popen::ensemble::stage3::{train_ensemble, EnsemblePaths, EnsembleTrainConfig};
-use popen::popen::pref::{train_pref, Eq3Norm, PrefConfig, PrefPaths, PrefSummary};
-use popen::popen::sft::{train_sft, SftConfig, SftPaths};
+use popen::method::ensemble::stage3::{train_ensemble, EnsemblePaths, EnsembleTrainConfig};
+use popen::method::pref::{train_pref, Eq3Norm, PrefConfig, PrefPaths, PrefSummary};
+use popen::method::sft::{train_sft, SftConfig, SftPaths};
 use popen::train::{load_toml, TrainOverrides, TrainSummary};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -135,7 +135,7 @@ pub struct PrefArgs {
     pub no_indicator: bool,
     /// Which Ps triples train when: curriculum (the paper), s, biou, random, hybrid.
     #[arg(long, value_name = "MODE")]
-    pub ps_collection: Option<popen::popen::pref::ps::PsMode>,
+    pub ps_collection: Option<popen::method::pref::ps::PsMode>,
 }
 
 #[derive(clap::Args)]
@@ -166,7 +166,7 @@ pub struct EnsembleTrainArgs {
     pub no_gamma: bool,
     /// What τ sums: token, sentence or both (Eq. 5).
     #[arg(long)]
-    pub tau: Option<popen::popen::ensemble::TauMode>,
+    pub tau: Option<popen::method::ensemble::TauMode>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {

@@ -24,15 +24,15 @@ use crate::metrics::eval::{evaluate_files, EvalConfig, Report};
 use crate::metrics::pearson;
 use crate::model::seg::{SegModel, SegTokenizer};
 use crate::nn::SamplingCfg;
-use crate::popen::ensemble::stage3::{
+use crate::method::ensemble::stage3::{
     find_minilm, train_ensemble, EnsemblePaths, EnsembleTrainConfig,
 };
-use crate::popen::ensemble::{load_prompt, sentence_ends, sentence_index, EnsembleCfg};
-use crate::popen::ensemble::{sentence_scores, token_scores, EnsemblePrediction};
-use crate::popen::predict::{predict_items, predict_items_ensemble, questions, write_preds};
-use crate::popen::pref::collect::context_of;
-use crate::popen::pref::{train_pref, PrefConfig, PrefPaths};
-use crate::popen::sft::{train_sft, SftConfig, SftPaths};
+use crate::method::ensemble::{load_prompt, sentence_ends, sentence_index, EnsembleCfg};
+use crate::method::ensemble::{sentence_scores, token_scores, EnsemblePrediction};
+use crate::method::predict::{predict_items, predict_items_ensemble, questions, write_preds};
+use crate::method::pref::collect::context_of;
+use crate::method::pref::{train_pref, PrefConfig, PrefPaths};
+use crate::method::sft::{train_sft, SftConfig, SftPaths};
 use crate::train::config::parse_toml;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -15,7 +15,7 @@ use super::PrefLossCfg;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::seg::{Example, SegModel};
-use crate::popen::losses::{seg_pref_indicator, seg_pref_loss};
+use crate::method::losses::{seg_pref_indicator, seg_pref_loss};
 use num_traits::Float;
 use std::collections::BTreeMap;
 

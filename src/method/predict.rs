@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::metrics::eval::PredLine;
 use crate::model::seg::{preprocess, Pixels, Prediction, SegModel, SegTokenizer};
 use crate::nn::SamplingCfg;
-use crate::popen::ensemble::{sentence_ends, EnsembleCfg, EnsemblePrediction};
+use crate::method::ensemble::{sentence_ends, EnsembleCfg, EnsemblePrediction};
 use num_traits::Float;
 use std::path::Path;
 

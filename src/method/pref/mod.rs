@@ -34,7 +34,7 @@ use crate::model::seg::data::example;
 use crate::model::seg::run::CONFIG_FILE;
 use crate::model::seg::{Example, LossWeights, SegModel, SegTokenizer, Trainable as Parts};
 use crate::nn::{Rng, Tensor};
-use crate::popen::losses::{dpo_loss, BETA_T, LAMBDA};
+use crate::method::losses::{dpo_loss, BETA_T, LAMBDA};
 use crate::train::{Dataset, LossParts, TrainConfig, TrainSummary, Trainable, Trainer};
 use collect::{collect_pt, text_example, CollectCfg, PtCounts, PtPair};
 use curriculum::Phase;
@@ -90,7 +90,7 @@ impl Default for PrefLossCfg {
             lt: true,
             nll: 0.0,
             ls: true,
-            beta_s: crate::popen::losses::BETA_S,
+            beta_s: crate::method::losses::BETA_S,
             indicator: true,
             bce: LossWeights::default().bce,
             dice: LossWeights::default().dice,
@@ -465,7 +465,7 @@ pub fn train_pref<B: Backend<f32>>(
     if cfg.loss.ls {
         cfg.ps.validate()?;
     }
-    let samples = crate::popen::sft::training_samples(&paths.data, &paths.images)?;
+    let samples = crate::method::sft::training_samples(&paths.data, &paths.images)?;
     let out = &paths.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let (mut model, tok) = SegModel::load(be, &paths.from)?;

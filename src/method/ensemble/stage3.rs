@@ -431,7 +431,7 @@ pub fn train_ensemble<B: Backend<f32>>(
     } else {
         None
     };
-    let samples = crate::popen::sft::training_samples(&paths.data, &paths.images)?;
+    let samples = crate::method::sft::training_samples(&paths.data, &paths.images)?;
     let out = &paths.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let (mut model, tok) = SegModel::load(be.clone(), &paths.from)?;

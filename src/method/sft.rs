@@ -101,7 +101,7 @@ pub const VAL_IMAGES: usize = 20;
 /// The questions of a training file (images under `images`, else beside the file); an
 /// empty file is an error, since no stage can train on it.
 pub fn training_samples(data: &Path, images: &Option<PathBuf>) -> Result<Vec<Sample>> {
-    let root = crate::popen::predict::data_root(data, images);
+    let root = crate::method::predict::data_root(data, images);
     let samples = load_muse(data, &root)?;
     if samples.is_empty() {
         return Err(Error::Data {
@@ -174,7 +174,7 @@ pub fn train_sft<B: Backend<f32>>(
         .title("stage 1 (SFT) loss");
     if let Some(val) = &paths.val {
         // the first VAL_IMAGES records, kept in the run so the scores can be redone
-        let vroot = crate::popen::predict::data_root(val, &paths.images);
+        let vroot = crate::method::predict::data_root(val, &paths.images);
         let text = std::fs::read_to_string(val).map_err(|e| Error::io(val, e))?;
         let mut recs: Vec<serde_json::Value> =
             serde_json::from_str(&text).map_err(|e| Error::Json {
@@ -188,11 +188,11 @@ pub fn train_sft<B: Backend<f32>>(
             &val,
             serde_json::to_string(&recs).expect("serializes").as_bytes(),
         )?;
-        let items = crate::popen::predict::questions(&val, &vroot)?;
+        let items = crate::method::predict::questions(&val, &vroot)?;
         let pred_path = out.join("val_pred.jsonl");
         let tok2 = tok.clone();
         trainer = trainer.validate_with(move |m: &mut SftModel<B>, _step| {
-            let lines = crate::popen::predict::predict_items(
+            let lines = crate::method::predict::predict_items(
                 &m.model,
                 &tok2,
                 &items,
@@ -200,7 +200,7 @@ pub fn train_sft<B: Backend<f32>>(
                 &SamplingCfg::greedy(),
                 |_| {},
             )?;
-            crate::popen::predict::write_preds(&pred_path, &lines)?;
+            crate::method::predict::write_preds(&pred_path, &lines)?;
             let r = evaluate_files(&val, &pred_path, None, &EvalConfig::default())?;
             Ok(serde_json::from_str(&r.to_json()).unwrap_or_default())
         });
