@@ -49,6 +49,28 @@ fn load_reports_the_file() {
     assert!(e.to_string().contains("/nonexistent/tokenizer.json"), "{e}");
 }
 
+/// Found by the `run_dir` fuzz target: control characters inside the `decoder`
+/// field's strings made the `tokenizers` crate panic (an `expect` in its decoder
+/// deserializer); the file is now parsed as JSON first and refused with its line.
+#[test]
+fn a_tokenizer_json_that_panicked_the_tokenizers_crate_is_an_error() {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tokenizer/bad_decoder_control_char.json");
+    let e = Tok::load(&p).err().unwrap().to_string();
+    assert!(
+        e.contains("bad_decoder_control_char.json") && e.contains("control character"),
+        "{e}"
+    );
+    // well-formed JSON of a wrong shape in the same field is the crate's own error
+    let d = std::env::temp_dir().join(format!("popen_tok_shape_{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(LLAMA_STYLE_JSON).unwrap();
+    j["decoder"] = serde_json::json!({"type": "Metaspace", "prepend_scheme": 7});
+    std::fs::write(d.join("tokenizer.json"), j.to_string()).unwrap();
+    assert!(Tok::load(&d.join("tokenizer.json")).is_err());
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// A small tokenizer.json shaped like Hugging Face's LLaMA ones: BPE with byte
 /// fallback over `<0xNN>` tokens, SentencePiece word marks (Metaspace, prepend on
 /// the first piece only), and the usual decoder chain.  A committed fixture, which the

@@ -168,8 +168,20 @@ impl Tok {
 
     /// Loads a `tokenizer.json` (ours or a Hugging Face one) and makes sure `<seg>`,
     /// `<image>` and `<pad>` exist as single special tokens.
+    ///
+    /// The file is parsed as JSON here first: the `tokenizers` crate panics (an
+    /// `expect` in its decoder deserializer) on some malformed JSON inside the
+    /// `decoder` field, while well-formed JSON of any shape there is an error it
+    /// returns.  So a syntax error is ours to report, with its line and column.
     pub fn load(path: &Path) -> Result<Tok> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str::<serde_json::Value>(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            line: Some(e.line()),
+            msg: e.to_string(),
+        })?;
+        let inner: tokenizers::Tokenizer = text
+            .parse()
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Tok::from_inner(inner)
     }
