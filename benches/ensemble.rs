@@ -10,9 +10,9 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use popen::backend::Cpu;
 use popen::data::world::{self, Split, WorldConfig};
+use popen::method::ensemble::{sentence_ends, EnsembleCfg};
 use popen::model::seg::{preprocess, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::SamplingCfg;
-use popen::method::ensemble::{sentence_ends, EnsembleCfg};
 
 fn bench(c: &mut Criterion) {
     let scene = world::generate(&WorldConfig::default(), 0, Split::Test, 0).unwrap();

@@ -23,10 +23,10 @@ pub mod data;
 pub mod error;
 pub mod fsio;
 pub mod kernels;
+pub mod method;
 pub mod metrics;
 pub mod model;
 pub mod nn;
-pub mod method;
 pub mod rng;
 pub mod train;
 

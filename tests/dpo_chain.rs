@@ -5,8 +5,8 @@
 use popen::backend::Cpu;
 use popen::data::diff::changed_positions;
 use popen::kernels::logprob::{logprob_bwd_cpu, logprob_fwd_cpu, seq_weighted_sum_cpu};
-use popen::nn::{randn, Llama, LlamaConfig, Rng};
 use popen::method::losses::{dpo_loss, BETA_T, LAMBDA};
+use popen::nn::{randn, Llama, LlamaConfig, Rng};
 
 const V: usize = 13;
 const PAD: u32 = 0;

@@ -3,12 +3,12 @@
 //! forward of `[image, x, y_1 … y_K, header]` with the per-key bias `γ(τ)` predicts;
 //! ablations and seeds behave as documented.
 use popen::backend::{Backend, Cpu};
-use popen::model::seg::Trainable;
-use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer};
-use popen::nn::{Rng, SamplingCfg};
 use popen::method::ensemble::{
     gamma, sentence_ends, sentence_index, token_scores, EnsembleCfg, RefineData, SegPair, TauMode,
 };
+use popen::model::seg::Trainable;
+use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer};
+use popen::nn::{Rng, SamplingCfg};
 
 mod common;
 use common::seg::tiny_cfg;

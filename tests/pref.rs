@@ -2,10 +2,10 @@
 //! (policy = reference) equal to ln 2, and the whole stage-2 objective's gradient through
 //! the segmentation model against finite differences in f64.
 use popen::backend::Cpu;
-use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
-use popen::nn::Rng;
 use popen::method::pref::collect::seq_logps;
 use popen::method::pref::{pref_step, Eq3Norm, PrefItem, PrefLossCfg};
+use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
+use popen::nn::Rng;
 
 mod common;
 use common::seg::tiny_cfg;

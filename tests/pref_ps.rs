@@ -7,14 +7,14 @@
 use popen::backend::Cpu;
 use popen::data::mask::Mask;
 use popen::data::sample::{Sample, Target};
-use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
-use popen::nn::Rng;
 use popen::method::pref::curriculum::Phase;
 use popen::method::pref::ls::{ls_step, PsItem};
 use popen::method::pref::ps::{
     collect_question, perturbed, PsCfg, PsCounts, PsMode, PsRecord, Rule, TargetRefs,
 };
 use popen::method::pref::{phase_of, PrefLossCfg};
+use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
+use popen::nn::Rng;
 use std::path::PathBuf;
 
 mod common;

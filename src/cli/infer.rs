@@ -7,10 +7,10 @@ use popen::backend::{Backend, OnBackend};
 use popen::data::world::overlay;
 use popen::data::world::overlay::seg_phrases;
 use popen::data::Mask;
+use popen::method::ensemble::{load_prompt, sentence_ends};
 use popen::model::seg::preprocess;
 use popen::model::seg::{Pixels, Prediction, SegModel};
 use popen::nn::SamplingCfg;
-use popen::method::ensemble::{load_prompt, sentence_ends};
 use std::path::PathBuf;
 
 /// Arguments of `popen infer`.

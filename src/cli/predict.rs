@@ -2,13 +2,13 @@
 //! MUSE-schema file; writes the `PRED.jsonl` that `popen eval` reads.
 use super::model_args::{DeviceArg, EnsembleArgs};
 use popen::backend::{Backend, OnBackend};
-use popen::metrics::eval::PredLine;
-use popen::model::seg::SegModel;
-use popen::nn::SamplingCfg;
 use popen::method::ensemble::load_prompt;
 use popen::method::predict::{
     data_root, predict_items, predict_items_ensemble, questions, write_preds,
 };
+use popen::metrics::eval::PredLine;
+use popen::model::seg::SegModel;
+use popen::nn::SamplingCfg;
 use std::path::PathBuf;
 
 /// Arguments of `popen predict`.

@@ -136,6 +136,19 @@ pub struct PrefArgs {
     /// Which Ps triples train when: curriculum (the paper), s, biou, random, hybrid.
     #[arg(long, value_name = "MODE")]
     pub ps_collection: Option<popen::method::pref::ps::PsMode>,
+    /// Who corrects the sampled answers for Pt: `world` (the world's own corrector) or
+    /// `chat` (an OpenAI-compatible chat-completions endpoint with Supp B's prompts).
+    #[arg(long, value_name = "world|chat")]
+    pub corrector: Option<String>,
+    /// The chat endpoint's base URL (else POPEN_CHAT_URL), e.g. http://localhost:8000/v1.
+    #[arg(long)]
+    pub chat_url: Option<String>,
+    /// The chat model (else POPEN_CHAT_MODEL).
+    #[arg(long)]
+    pub chat_model: Option<String>,
+    /// The endpoint's key (else POPEN_CHAT_KEY, else OPENAI_API_KEY; never saved).
+    #[arg(long)]
+    pub chat_key: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -232,6 +245,22 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
     if let Some(m) = a.ps_collection {
         cfg.ps.mode = m;
     }
+    use popen::data::chat::CorrectorKind;
+    match a.corrector.as_deref() {
+        None => {}
+        Some("world") => cfg.collect.corrector = CorrectorKind::World,
+        Some("chat") => cfg.collect.corrector = CorrectorKind::Chat,
+        Some(x) => anyhow::bail!("--corrector {x}: expected world or chat"),
+    }
+    if let Some(u) = &a.chat_url {
+        cfg.collect.chat.url = u.clone();
+    }
+    if let Some(m) = &a.chat_model {
+        cfg.collect.chat.model = m.clone();
+    }
+    if let Some(k) = &a.chat_key {
+        cfg.collect.chat.key = Some(k.clone());
+    }
     if let Some(w) = a.nll {
         if !(w.is_finite() && w >= 0.0) {
             anyhow::bail!("--nll {w}: expected a weight >= 0");
@@ -273,6 +302,20 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
         ended(&s.train),
         c.out.display()
     );
+    if let Some(c) = &s.chat {
+        println!(
+            "stage 2: the chat corrector took {} requests ({} from its cache, {} usable, {} \
+             malformed, {} failed after {} retries; {} timeouts, {} HTTP errors)",
+            c.requests,
+            c.cached,
+            c.answered,
+            c.malformed,
+            c.failed,
+            c.retries,
+            c.timeouts,
+            c.http_errors
+        );
+    }
     match &s.ps {
         Some(p) => println!(
             "stage 2: {} segmentation preference records from {} questions with targets \

@@ -1,5 +1,6 @@
 //! Data: masks, COCO RLE, the MUSE schema, readers for the real data sets, the
 //! embedded procedural world, the text corrector, and the tokenizer.
+pub mod chat;
 pub mod corrector;
 pub mod diff;
 pub mod mask;

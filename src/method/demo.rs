@@ -20,10 +20,6 @@ use crate::data::corrector::correct;
 use crate::data::world::{self, overlay, Split, WorldConfig};
 use crate::data::Mask;
 use crate::error::{Error, Result};
-use crate::metrics::eval::{evaluate_files, EvalConfig, Report};
-use crate::metrics::pearson;
-use crate::model::seg::{SegModel, SegTokenizer};
-use crate::nn::SamplingCfg;
 use crate::method::ensemble::stage3::{
     find_minilm, train_ensemble, EnsemblePaths, EnsembleTrainConfig,
 };
@@ -33,6 +29,10 @@ use crate::method::predict::{predict_items, predict_items_ensemble, questions, w
 use crate::method::pref::collect::context_of;
 use crate::method::pref::{train_pref, PrefConfig, PrefPaths};
 use crate::method::sft::{train_sft, SftConfig, SftPaths};
+use crate::metrics::eval::{evaluate_files, EvalConfig, Report};
+use crate::metrics::pearson;
+use crate::model::seg::{SegModel, SegTokenizer};
+use crate::nn::SamplingCfg;
 use crate::train::config::parse_toml;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

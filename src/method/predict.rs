@@ -7,10 +7,10 @@ use crate::data::readers::muse::{image_samples, load_muse_entries};
 use crate::data::sample::{load_image, Sample};
 use crate::data::{Mask, Rle};
 use crate::error::Result;
+use crate::method::ensemble::{sentence_ends, EnsembleCfg, EnsemblePrediction};
 use crate::metrics::eval::PredLine;
 use crate::model::seg::{preprocess, Pixels, Prediction, SegModel, SegTokenizer};
 use crate::nn::SamplingCfg;
-use crate::method::ensemble::{sentence_ends, EnsembleCfg, EnsemblePrediction};
 use num_traits::Float;
 use std::path::Path;
 

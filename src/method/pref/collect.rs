@@ -10,7 +10,8 @@
 //! RLHF-V does.
 use super::PrefLossCfg;
 use crate::backend::Backend;
-use crate::data::corrector::{correct, inject, mentioned_objects, tokenize, Context};
+use crate::data::chat::{ChatCfg, Corrector, CorrectorKind};
+use crate::data::corrector::{mentioned_objects, tokenize, Context};
 use crate::data::diff::changed_positions;
 use crate::data::sample::{load_image, Sample};
 use crate::data::world::categories::{by_name, CATEGORIES};
@@ -60,6 +61,10 @@ pub struct PtCounts {
     pub skipped: usize,
     /// Responses sampled in all.
     pub samples_drawn: usize,
+    /// Sampled answers the corrector gave no correction for (a failed or malformed
+    /// request of the chat corrector), each followed by another draw.
+    #[serde(default)]
+    pub uncorrected: usize,
 }
 
 /// Sampling settings of the collection (the `[collect]` table).
@@ -73,6 +78,9 @@ pub struct CollectCfg {
     pub resamples: usize,
     /// Examples per reference forward.
     pub batch: usize,
+    /// `world` (the default) or `chat` (an OpenAI-compatible endpoint, `[collect.chat]`).
+    pub corrector: CorrectorKind,
+    pub chat: ChatCfg,
 }
 
 impl Default for CollectCfg {
@@ -82,6 +90,8 @@ impl Default for CollectCfg {
             top_p: 0.9,
             resamples: 3,
             batch: 8,
+            corrector: CorrectorKind::World,
+            chat: ChatCfg::default(),
         }
     }
 }
@@ -137,6 +147,7 @@ fn seed_of(seed: u64, i: usize, a: usize) -> u64 {
 #[allow(clippy::too_many_arguments)]
 fn make_y<B: Backend<f32>>(
     model: &SegModel<f32, B>,
+    corrector: &mut dyn Corrector,
     tok: &SegTokenizer,
     s: &Sample,
     px: &Pixels,
@@ -164,7 +175,10 @@ fn make_y<B: Backend<f32>>(
             // text the tokenizer cannot take back (a stray codebook token): draw again
             continue;
         }
-        let yc = correct(&y, &ctx);
+        let Some(yc) = corrector.correct(&s.question, &y, &ctx)? else {
+            counts.uncorrected += 1;
+            continue;
+        };
         if tokenize(&y) != tokenize(&yc) {
             let src = if a == 0 {
                 PtSource::Sampled
@@ -180,8 +194,9 @@ fn make_y<B: Backend<f32>>(
         msg: "stage 2 needs the ground-truth answer".into(),
     })?;
     let absent = absent_of(s);
-    Ok(inject(yg, &absent, seed_of(seed, i, usize::MAX))
-        .map(|(y, _)| (y, yg.to_string(), PtSource::Injected)))
+    Ok(corrector
+        .inject(&s.question, yg, &absent, seed_of(seed, i, usize::MAX))?
+        .map(|y| (y, yg.to_string(), PtSource::Injected)))
 }
 
 /// Text-only training examples of `(pixels, question, answer)` (no masks decoded).
@@ -220,8 +235,10 @@ pub fn seq_logps<F: Float, B: Backend<F>>(
 
 /// Collects `Pt` for `samples` with the SFT `model` (which is also the reference).
 /// `progress` is called with the number of questions done.
+#[allow(clippy::too_many_arguments)]
 pub fn collect_pt<B: Backend<f32>>(
     model: &SegModel<f32, B>,
+    corrector: &mut dyn Corrector,
     tok: &SegTokenizer,
     samples: &[Sample],
     cfg: &CollectCfg,
@@ -267,7 +284,7 @@ pub fn collect_pt<B: Backend<f32>>(
                 px
             }
         };
-        match make_y(model, tok, s, &px, i, cfg, seed, &mut counts)? {
+        match make_y(model, corrector, tok, s, &px, i, cfg, seed, &mut counts)? {
             None => counts.skipped += 1,
             Some((y, yc, source)) => {
                 match source {

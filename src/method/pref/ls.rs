@@ -14,8 +14,8 @@ use super::ps::{perturbed, PsCfg, PsRecord, TargetRefs};
 use super::PrefLossCfg;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::seg::{Example, SegModel};
 use crate::method::losses::{seg_pref_indicator, seg_pref_loss};
+use crate::model::seg::{Example, SegModel};
 use num_traits::Float;
 use std::collections::BTreeMap;
 

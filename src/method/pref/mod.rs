@@ -30,11 +30,11 @@ pub mod ps;
 use crate::backend::{Backend, Cpu};
 use crate::data::sample::Sample;
 use crate::error::{Error, Result};
+use crate::method::losses::{dpo_loss, BETA_T, LAMBDA};
 use crate::model::seg::data::example;
 use crate::model::seg::run::CONFIG_FILE;
 use crate::model::seg::{Example, LossWeights, SegModel, SegTokenizer, Trainable as Parts};
 use crate::nn::{Rng, Tensor};
-use crate::method::losses::{dpo_loss, BETA_T, LAMBDA};
 use crate::train::{Dataset, LossParts, TrainConfig, TrainSummary, Trainable, Trainer};
 use collect::{collect_pt, text_example, CollectCfg, PtCounts, PtPair};
 use curriculum::Phase;
@@ -398,6 +398,8 @@ pub struct PrefSummary {
     /// `Ps`'s counts and records (`None` with `--no-ls`).
     pub ps: Option<PsCounts>,
     pub ps_records: usize,
+    /// The chat corrector's outcomes, when it ran.
+    pub chat: Option<crate::data::chat::ChatCounts>,
     pub train: TrainSummary,
 }
 
@@ -409,6 +411,9 @@ pub struct CollectCounts {
     pub pt: PtCounts,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ps: Option<PsCounts>,
+    /// The chat corrector's outcomes (`[collect] corrector = "chat"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<crate::data::chat::ChatCounts>,
 }
 
 /// The file of the collected pairs in a run directory.
@@ -417,6 +422,8 @@ pub const PT_FILE: &str = "pt.jsonl";
 pub const PS_FILE: &str = "ps.jsonl";
 /// The collections' counts.
 pub const COLLECT_FILE: &str = "collect.json";
+/// The chat corrector's answers, unless `[collect.chat] cache` says elsewhere.
+pub const CHAT_CACHE_DIR: &str = "chat_cache";
 
 fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -495,8 +502,22 @@ pub fn train_pref<B: Backend<f32>>(
             samples.len(),
             "collect Pt {bar:30} {pos}/{len} questions [{elapsed_precise}<{eta_precise}]",
         );
+        use crate::data::chat::{ChatCorrector, Corrector, CorrectorKind, WorldCorrector};
+        let mut world = WorldCorrector;
+        let mut chat = match cfg.collect.corrector {
+            CorrectorKind::World => None,
+            CorrectorKind::Chat => Some(ChatCorrector::new(
+                cfg.collect.chat.clone().with_env(),
+                &out.join(CHAT_CACHE_DIR),
+            )?),
+        };
+        let corrector: &mut dyn Corrector = match &mut chat {
+            Some(c) => c,
+            None => &mut world,
+        };
         let (pairs, c) = collect_pt(
             &model,
+            corrector,
             &tok,
             &samples,
             &cfg.collect,
@@ -508,6 +529,7 @@ pub fn train_pref<B: Backend<f32>>(
         write_jsonl(&pt_path, &pairs)?;
         counts.pt = c;
         counts.ps = None;
+        counts.chat = chat.map(|c| c.counts);
         crate::fsio::write_atomic(
             &collect_path,
             serde_json::to_string_pretty(&counts)
@@ -576,6 +598,7 @@ pub fn train_pref<B: Backend<f32>>(
         pairs: n_pairs,
         ps: counts.ps,
         ps_records: n_ps,
+        chat: counts.chat,
         train: summary,
     })
 }
