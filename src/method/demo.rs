@@ -269,8 +269,11 @@ pub fn run_demo<B: Backend<f32>>(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_path = dir.join("demo.json");
     let cfg_json = serde_json::to_string_pretty(cfg).expect("settings serialize");
+    // compared as settings, not as text: a demo.json written before a setting with a
+    // default existed still resumes
+    let same = |old: &str| serde_json::from_str::<DemoCfg>(old).is_ok_and(|o| o == *cfg);
     match std::fs::read_to_string(&cfg_path) {
-        Ok(old) if old != cfg_json => {
+        Ok(old) if !same(&old) => {
             return Err(Error::arg(
                 "popen demo",
                 format!(
