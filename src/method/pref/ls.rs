@@ -5,7 +5,7 @@
 //! reference's best, per target, by the triple's measure (Eq. 1's term or boundary IoU).
 //!
 //! forward: `Ls = (1/J) Σ_j Ls_j` over the J triples that train in this phase
-//! ([`PsMode::rules`]), `Ls_j` the mean over its targets (Eq. 4);
+//! ([`super::ps::PsMode::rules`]), `Ls_j` the mean over its targets (Eq. 4);
 //! so: `∂Ls/∂fθ_j = (1/J)·∂Ls_j/∂fθ_j`, which goes into the model through the
 //! segmentation embeddings' gradient (`backward_pass`'s `d_emb`); the mask losses of
 //! these copies get weight 0 (no `Lce` on perturbed images).
