@@ -102,11 +102,16 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// A client with a timeout long enough for a loaded test machine.
 fn client(url: &str, cache: &std::path::Path) -> ChatCorrector {
+    client_timing_out(url, cache, 10.0)
+}
+
+fn client_timing_out(url: &str, cache: &std::path::Path, timeout_s: f64) -> ChatCorrector {
     let cfg = ChatCfg {
         url: url.into(),
         model: "mock-1".into(),
-        timeout_s: 0.5,
+        timeout_s,
         retries: 1,
         backoff_ms: 10,
         key: Some("sk-test".into()),
@@ -179,8 +184,8 @@ fn malformed_answers_errors_and_timeouts_are_counted_outcomes() {
     assert_eq!((c.counts.http_errors, c.counts.retries), (1, 1));
     assert_eq!(seen.lock().unwrap().len(), 2);
     // slower than the timeout twice: given up after one retry
-    let (url, _) = mock(vec![Reply::Slow(1500, GOOD.into())]);
-    let mut c = client(&url, &cache);
+    let (url, _) = mock(vec![Reply::Slow(4000, GOOD.into())]);
+    let mut c = client_timing_out(&url, &cache, 1.0);
     assert_eq!(c.correct("q3", "a", &ctx()).unwrap(), None);
     assert_eq!(
         (c.counts.timeouts, c.counts.retries, c.counts.failed),
