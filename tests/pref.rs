@@ -160,39 +160,15 @@ fn stage2_gradient_matches_finite_differences() {
         r.loss.is_finite() && r.parts["lt"] > 0.0 && r.parts["nll"] > 0.0,
         "{r:?}"
     );
-    let grads: Vec<(String, Option<Vec<f64>>)> = m
-        .params_mut()
-        .into_iter()
-        .map(|(n, t)| (n, t.grad.clone()))
-        .collect();
+    let grads = common::seg::grads_of(&mut m);
     // frozen parts have no gradient slot
     for (n, g) in &grads {
         let frozen = n.contains("vision_tower") || n.starts_with("mask_decoder");
         assert_eq!(g.is_none(), frozen, "{n}");
     }
-    let mut rng = Rng::new(11);
-    let mut checked = 0;
-    for (pi, (name, g)) in grads.iter().enumerate() {
-        let Some(g) = g else { continue };
-        for _ in 0..2 {
-            let j = (rng.next_u64() % g.len() as u64) as usize;
-            let h = 1e-5;
-            let mut at = |delta: f64| {
-                m.params_mut()[pi].1.data[j] += delta;
-                let l = pref_step(&mut m, &items, &lc, 1.0, false).unwrap().loss;
-                m.params_mut()[pi].1.data[j] -= delta;
-                l
-            };
-            let fd = (at(h) - at(-h)) / (2.0 * h);
-            let err = (fd - g[j]).abs() / (fd.abs().max(g[j].abs()).max(1e-3));
-            assert!(
-                err < 1e-4,
-                "{name}[{j}]: finite difference {fd} vs backward {}",
-                g[j]
-            );
-            checked += 1;
-        }
-    }
+    let (checked, _) = common::seg::check_param_grads(&mut m, &grads, 11, |m| {
+        pref_step(m, &items, &lc, 1.0, false).unwrap().loss
+    });
     assert!(checked >= 20, "{checked}");
 }
 
@@ -220,34 +196,8 @@ fn seg_embedding_gradient_matches_finite_differences() {
     let dlogp = vec![0.0; pass.logp.len()];
     m.backward_pass(&batch, pass, &dlogp, (0.0, 0.0), Some(&c))
         .unwrap();
-    let grads: Vec<(String, Option<Vec<f64>>)> = m
-        .params_mut()
-        .into_iter()
-        .map(|(n, t)| (n, t.grad.clone()))
-        .collect();
-    let mut rng = Rng::new(12);
-    let (mut checked, mut nonzero) = (0, 0);
-    for (pi, (name, g)) in grads.iter().enumerate() {
-        let Some(g) = g else { continue };
-        for _ in 0..2 {
-            let j = (rng.next_u64() % g.len() as u64) as usize;
-            let h = 1e-5;
-            m.params_mut()[pi].1.data[j] += h;
-            let up = loss(&m);
-            m.params_mut()[pi].1.data[j] -= 2.0 * h;
-            let down = loss(&m);
-            m.params_mut()[pi].1.data[j] += h;
-            let fd = (up - down) / (2.0 * h);
-            let err = (fd - g[j]).abs() / (fd.abs().max(g[j].abs()).max(1e-3));
-            assert!(
-                err < 1e-4,
-                "{name}[{j}]: finite difference {fd} vs backward {}",
-                g[j]
-            );
-            checked += 1;
-            nonzero += usize::from(g[j] != 0.0);
-        }
-    }
+    let grads = common::seg::grads_of(&mut m);
+    let (checked, nonzero) = common::seg::check_param_grads(&mut m, &grads, 12, |m| loss(m));
     assert!(
         checked >= 20 && nonzero > 0,
         "{checked} checked, {nonzero} nonzero"

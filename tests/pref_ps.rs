@@ -456,38 +456,13 @@ fn ls_gradient_matches_finite_differences() {
         .unwrap()
         .unwrap();
     assert!(out.triples >= 1 && out.loss > 0.0, "{out:?}");
-    let grads: Vec<(String, Option<Vec<f64>>)> = m
-        .params_mut()
-        .into_iter()
-        .map(|(n, t)| (n, t.grad.clone()))
-        .collect();
-    let mut rng = Rng::new(21);
-    let (mut checked, mut nonzero) = (0, 0);
-    for (pi, (name, g)) in grads.iter().enumerate() {
-        let Some(g) = g else { continue };
-        for _ in 0..2 {
-            let j = (rng.next_u64() % g.len() as u64) as usize;
-            let h = 1e-5;
-            let mut at = |delta: f64| {
-                m.params_mut()[pi].1.data[j] += delta;
-                let l = ls_step(&mut m, &items, &lc, &ps, Phase::Second, 1.0, false)
-                    .unwrap()
-                    .unwrap()
-                    .loss;
-                m.params_mut()[pi].1.data[j] -= delta;
-                l
-            };
-            let fd = (at(h) - at(-h)) / (2.0 * h);
-            let err = (fd - g[j]).abs() / (fd.abs().max(g[j].abs()).max(1e-3));
-            assert!(
-                err < 1e-4,
-                "{name}[{j}]: finite difference {fd} vs backward {}",
-                g[j]
-            );
-            checked += 1;
-            nonzero += usize::from(g[j] != 0.0);
-        }
-    }
+    let grads = common::seg::grads_of(&mut m);
+    let (checked, nonzero) = common::seg::check_param_grads(&mut m, &grads, 21, |m| {
+        ls_step(m, &items, &lc, &ps, Phase::Second, 1.0, false)
+            .unwrap()
+            .unwrap()
+            .loss
+    });
     assert!(
         checked >= 20 && nonzero > 0,
         "{checked} checked, {nonzero} nonzero"

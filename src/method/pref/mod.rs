@@ -416,6 +416,14 @@ pub struct CollectCounts {
     pub chat: Option<crate::data::chat::ChatCounts>,
 }
 
+impl CollectCounts {
+    /// Writes `collect.json` (atomically).
+    fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("serializes");
+        crate::fsio::write_atomic(path, text.as_bytes())
+    }
+}
+
 /// The file of the collected pairs in a run directory.
 pub const PT_FILE: &str = "pt.jsonl";
 /// The file of the collected segmentation triples.
@@ -530,12 +538,7 @@ pub fn train_pref<B: Backend<f32>>(
         counts.pt = c;
         counts.ps = None;
         counts.chat = chat.map(|c| c.counts);
-        crate::fsio::write_atomic(
-            &collect_path,
-            serde_json::to_string_pretty(&counts)
-                .expect("serializes")
-                .as_bytes(),
-        )?;
+        counts.save(&collect_path)?;
         pairs
     };
     if pairs.is_empty() {
@@ -561,12 +564,7 @@ pub fn train_pref<B: Backend<f32>>(
         b.finish_and_clear();
         write_jsonl(&ps_path, &recs)?;
         counts.ps = Some(c);
-        crate::fsio::write_atomic(
-            &collect_path,
-            serde_json::to_string_pretty(&counts)
-                .expect("serializes")
-                .as_bytes(),
-        )?;
+        counts.save(&collect_path)?;
         recs
     };
     if !(resume && out.join(CONFIG_FILE).exists()) {
