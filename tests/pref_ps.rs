@@ -38,7 +38,7 @@ fn copies_carry_noise_of_std_sigma_in_one_rectangle_of_the_valid_region() {
         sigma: 0.7,
         ..PsCfg::default()
     };
-    let copies = perturbed(&px, &cfg, 99, 0, 30).unwrap();
+    let copies = perturbed(&px, &cfg.noise(), 99, 0, 30).unwrap();
     assert_eq!(copies.len(), 30);
     let (mut sum, mut sq, mut n) = (0.0f64, 0.0f64, 0usize);
     for (k, cp) in copies.iter().enumerate() {
@@ -71,7 +71,9 @@ fn copies_carry_noise_of_std_sigma_in_one_rectangle_of_the_valid_region() {
         // every pixel of that rectangle changed (a normal draw is never exactly 0)
         assert_eq!(changed0, h * w, "copy {k}");
         // rebuilt alone from (seed, copy): bit-identical
-        let again = perturbed(&px, &cfg, 99, k as u32, 1).unwrap().remove(0);
+        let again = perturbed(&px, &cfg.noise(), 99, k as u32, 1)
+            .unwrap()
+            .remove(0);
         assert_eq!(again.data, cp.data, "copy {k} rebuilt");
     }
     let mean = sum / n as f64;
@@ -80,7 +82,7 @@ fn copies_carry_noise_of_std_sigma_in_one_rectangle_of_the_valid_region() {
     assert!(mean.abs() < 0.02, "mean {mean}");
     assert!((sd / 0.7 - 1.0).abs() < 0.02, "sample std {sd} for σ = 0.7");
     // another seed, other copies
-    let other = perturbed(&px, &cfg, 100, 0, 1).unwrap().remove(0);
+    let other = perturbed(&px, &cfg.noise(), 100, 0, 1).unwrap().remove(0);
     assert_ne!(other.data, copies[0].data);
     // bad settings are errors, not panics
     for bad in [
@@ -283,7 +285,7 @@ fn collection_caches_what_a_recompute_gives() {
         assert!(c[0] != c[1] && c[1] != c[2] && c[0] != c[2], "{c:?}");
         // each cached embedding is what the model gives for that copy read alone
         for (slot, &copy) in c.iter().enumerate() {
-            let px = perturbed(&gt.pixels, &ps, rec.seed, copy, 1)
+            let px = perturbed(&gt.pixels, &rec.noise, rec.seed, copy, 1)
                 .unwrap()
                 .remove(0);
             let ex = popen::model::seg::Example {
@@ -349,6 +351,25 @@ fn ls_is_ln2_when_the_policy_is_the_reference_and_the_indicator_gates_it() {
     assert_eq!(out.parts["ls_active"], 1.0);
     assert!((out.loss - std::f64::consts::LN_2).abs() < 1e-5, "{out:?}");
     assert!(out.parts["ls_margin"].abs() < 1e-4, "{out:?}");
+    // the record's own noise rebuilds the copies, whatever [ps] says at training time
+    let other_noise = PsCfg {
+        sigma: 5.0,
+        rect_min: 1.0,
+        rect_max: 1.0,
+        ..ps.clone()
+    };
+    let again = ls_step(
+        &mut m,
+        &[(&gt, &item)],
+        &lc,
+        &other_noise,
+        Phase::First,
+        1.0,
+        false,
+    )
+    .unwrap()
+    .unwrap();
+    assert!((again.loss - out.loss).abs() < 1e-12, "{again:?}");
     // a wrong cache moves it: the medium slot not the policy's medium copy (a random
     // vector), with best and worst apart (this tiny model's copies give nearly one
     // embedding, and with best = worst Eq. 4's margin is 0 whatever the medium)

@@ -68,7 +68,8 @@ pub fn ls_step<F: Float, B: Backend<F>>(
                     ),
                 ));
             }
-            let px = perturbed(&gt.pixels, ps, it.record.seed, t.copies[1], 1)?.remove(0);
+            let r = &it.record;
+            let px = perturbed(&gt.pixels, &r.noise, r.seed, t.copies[1], 1)?.remove(0);
             exs.push(Example {
                 pixels: px,
                 enc: gt.enc.clone(),

@@ -15,7 +15,7 @@
 //!   (1.0 = one standard deviation of the CLIP normalization), not clamped.  The copies
 //!   of question `i` come from seed `splitmix64(seed ^ PS_STREAM ^ i)`, copy `k` of
 //!   draw `d` being counter copy `d·Np + k`, so a copy is rebuilt exactly at training
-//!   time from `(seed, copy)` and never stored.
+//!   time from `(seed, copy)` and the record's [`Noise`], and never stored.
 //! - **Proposals.** The world's instance masks (`Sample::objects`), which play SAM's
 //!   class-agnostic masks.
 //! - **One order per image.** Alg. 1 ranks images by the pair-level score (the mean of
@@ -168,6 +168,26 @@ impl PsCfg {
         Ok(())
     }
 
+    /// The noise settings, as a record keeps them.
+    pub fn noise(&self) -> Noise {
+        Noise {
+            sigma: self.sigma,
+            rect_min: self.rect_min,
+            rect_max: self.rect_max,
+        }
+    }
+}
+
+/// How a question's copies were perturbed, kept with its record so that training
+/// rebuilds the very copies collection read, whatever `[ps]` says then.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Noise {
+    pub sigma: f32,
+    pub rect_min: f64,
+    pub rect_max: f64,
+}
+
+impl Noise {
     /// The perturbation of `np` copies from absolute copy `first` on an image whose valid
     /// region is `vh × vw`.
     fn perturb_cfg(&self, seed: u64, first: u32, np: usize, vh: usize, vw: usize) -> PerturbCfg {
@@ -193,7 +213,7 @@ pub fn question_seed(seed: u64, i: usize) -> u64 {
 /// left as it is.
 pub fn perturbed(
     px: &Pixels,
-    cfg: &PsCfg,
+    noise: &Noise,
     seed: u64,
     first: u32,
     np: usize,
@@ -219,7 +239,7 @@ pub fn perturbed(
             crop[(c * vh + y) * vw..(c * vh + y + 1) * vw].copy_from_slice(&px.data[src..src + vw]);
         }
     }
-    let pc = cfg.perturb_cfg(seed, first, np, vh, vw);
+    let pc = noise.perturb_cfg(seed, first, np, vh, vw);
     let mut out = vec![0f32; np * crop.len()];
     let mut rects = vec![Rect::default(); np];
     perturb_cpu(&crop, 1, 3, vh, vw, &pc, &mut out, &mut rects)?;
@@ -345,6 +365,8 @@ pub struct PsRecord {
     pub sample: usize,
     /// Perturbation seed of the question's copies.
     pub seed: u64,
+    /// Their noise settings.
+    pub noise: Noise,
     /// Draws of `Np` copies made (1 + regenerations used).
     pub draws: usize,
     pub triples: Vec<PsTriple>,
@@ -476,7 +498,7 @@ pub fn collect_question<F: Float, B: Backend<F>>(
     let mut draws: Vec<Vec<CopyResult>> = Vec::new();
     let outcome = collect_with_regeneration(Phase::First, cfg.regenerations, |k| {
         let first = (k * cfg.np) as u32;
-        let copies = perturbed(&gt.pixels, cfg, qseed, first, cfg.np)?;
+        let copies = perturbed(&gt.pixels, &cfg.noise(), qseed, first, cfg.np)?;
         let d = read_copies(model, &gt, &refs, copies, cfg.batch)?;
         counts.copies += d.len();
         let s: Vec<f64> = d.iter().map(|c| mean(&c.s)).collect();
@@ -519,6 +541,7 @@ pub fn collect_question<F: Float, B: Backend<F>>(
     Ok(Some(PsRecord {
         sample: i,
         seed: qseed,
+        noise: cfg.noise(),
         draws: n_draws,
         triples,
     }))
