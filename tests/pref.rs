@@ -4,7 +4,7 @@
 use popen::backend::Cpu;
 use popen::method::pref::collect::seq_logps;
 use popen::method::pref::{pref_step, Eq3Norm, PrefItem, PrefLossCfg};
-use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
+use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::Rng;
 
 mod common;
@@ -97,23 +97,12 @@ fn item(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng) -> PrefItem {
     }
 }
 
-/// Stage 2's parts: the LLM, projector and codebook head train; tower and decoder frozen.
-fn stage2(m: &mut SegModel<f64, Cpu>) {
-    m.set_trainable(Trainable {
-        vision: false,
-        projector: true,
-        llm: true,
-        seg_head: true,
-        decoder: false,
-    });
-}
-
 #[test]
 fn lt_is_ln2_when_the_policy_is_the_reference() {
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 3).unwrap();
-    stage2(&mut m);
+    common::seg::stage2(&mut m);
     let mut rng = Rng::new(5);
     let mut items: Vec<PrefItem> = (0..2).map(|_| item(&cfg, &tok, &mut rng)).collect();
     let lc = PrefLossCfg::default();
@@ -141,7 +130,7 @@ fn stage2_gradient_matches_finite_differences() {
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 4).unwrap();
-    stage2(&mut m);
+    common::seg::stage2(&mut m);
     let mut rng = Rng::new(8);
     let mut items: Vec<PrefItem> = (0..2).map(|_| item(&cfg, &tok, &mut rng)).collect();
     // references off the policy, so that σ(−z) is not ½ and both signs occur
@@ -179,7 +168,7 @@ fn seg_embedding_gradient_matches_finite_differences() {
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 6).unwrap();
-    stage2(&mut m);
+    common::seg::stage2(&mut m);
     let mut rng = Rng::new(2);
     let batch: Vec<Example> = (0..2).map(|_| item(&cfg, &tok, &mut rng).gt).collect();
     let pass = m.forward_pass(&batch).unwrap();

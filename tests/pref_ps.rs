@@ -13,7 +13,7 @@ use popen::method::pref::ps::{
     collect_question, perturbed, PsCfg, PsCounts, PsMode, PsRecord, Rule, TargetRefs,
 };
 use popen::method::pref::{phase_of, PrefLossCfg};
-use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable};
+use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::Rng;
 use std::path::PathBuf;
 
@@ -235,16 +235,6 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-fn stage2(m: &mut SegModel<f64, Cpu>) {
-    m.set_trainable(Trainable {
-        vision: false,
-        projector: true,
-        llm: true,
-        seg_head: true,
-        decoder: false,
-    });
-}
-
 fn small_ps() -> PsCfg {
     PsCfg {
         np: 6,
@@ -334,7 +324,7 @@ fn ls_is_ln2_when_the_policy_is_the_reference_and_the_indicator_gates_it() {
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 3).unwrap();
-    stage2(&mut m);
+    common::seg::stage2(&mut m);
     let (item, s) = record(&m, &tok, "ln2");
     let gt = popen::model::seg::data::example(&cfg, &tok, &s).unwrap();
     let lc = PrefLossCfg::default();
@@ -452,7 +442,7 @@ fn ls_gradient_matches_finite_differences() {
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 5).unwrap();
-    stage2(&mut m);
+    common::seg::stage2(&mut m);
     let (mut item, s) = record(&m, &tok, "fd");
     let gt = popen::model::seg::data::example(&cfg, &tok, &s).unwrap();
     // references off the policy, so that σ(−m) is not ½ and the gradient is not tiny

@@ -79,3 +79,14 @@ pub fn check_param_grads(
     }
     (checked, nonzero)
 }
+
+/// Stage 2's parts: the LLM, projector and codebook head train; tower and decoder frozen.
+pub fn stage2(m: &mut popen::model::seg::SegModel<f64, popen::backend::Cpu>) {
+    m.set_trainable(popen::model::seg::Trainable {
+        vision: false,
+        projector: true,
+        llm: true,
+        seg_head: true,
+        decoder: false,
+    });
+}
