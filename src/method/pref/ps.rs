@@ -496,6 +496,8 @@ pub fn collect_question<F: Float, B: Backend<F>>(
     let n = gt.masks.len();
     let qseed = question_seed(seed, i);
     let mut draws: Vec<Vec<CopyResult>> = Vec::new();
+    // the first draw's pair-level scores: the second half's and the random triples'
+    let mut first_scores = (Vec::new(), Vec::new());
     let outcome = collect_with_regeneration(Phase::First, cfg.regenerations, |k| {
         let first = (k * cfg.np) as u32;
         let copies = perturbed(&gt.pixels, &cfg.noise(), qseed, first, cfg.np)?;
@@ -506,11 +508,13 @@ pub fn collect_question<F: Float, B: Backend<F>>(
         counts.copies_s_below_0 += s.iter().filter(|&&x| x < 0.0).count();
         counts.copies_s_above_0_8 += s.iter().filter(|&&x| x > 0.8).count();
         draws.push(d);
+        if k == 0 {
+            first_scores = (s.clone(), b.clone());
+        }
         Ok::<_, Error>((s, b))
     })?;
     let d0 = &draws[0];
-    let s0: Vec<f64> = d0.iter().map(|c| mean(&c.s)).collect();
-    let b0: Vec<f64> = d0.iter().map(|c| mean(&c.b)).collect();
+    let (s0, b0) = first_scores;
     counts.mean_s_max += s0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     counts.mean_s_min += s0.iter().copied().fold(f64::INFINITY, f64::min);
     let mut triples = Vec::new();
