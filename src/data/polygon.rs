@@ -27,9 +27,10 @@ use crate::error::{Error, Result};
 /// `pycocotools` upsamples by this factor before walking the edges.
 const COCO_SCALE: f64 = 5.0;
 
-/// Largest vertex coordinate accepted (pixels).  The edge walk visits one point per
-/// fine-grid step, so a coordinate of 1e9 would allocate gigabytes; no image is this
-/// big.
+/// Largest vertex coordinate accepted (pixels).  pycocotools keeps fine-grid
+/// coordinates (5 × pixels) in 32-bit integers, so far beyond this its arithmetic
+/// wraps; no image is this big.  Within it, an edge's cost does not depend on its
+/// length (the walk is clipped to the image, see `Walk`).
 pub const MAX_COORD: f64 = 1_048_576.0;
 
 /// C's `(int)x` as x86-64 computes it (`cvttsd2si`): truncation toward zero, and the
@@ -98,68 +99,11 @@ pub fn rle_from_polygon(xy: &[f64], height: usize, width: usize) -> Result<Rle> 
     x.push(x[0]);
     y.push(y[0]);
 
-    // Toggle positions (column-major pixel index).  The edge walk is streamed: the
-    // downsampling step only looks at consecutive walk points (u, v), also across edges.
-    let mut toggles: Vec<u32> = Vec::new();
-    let mut prev: Option<(i32, i32)> = None;
-    let (hf, wf) = (h as f64, w as f64);
-    let mut visit = |u: i32, v: i32| {
-        if let Some((pu, pv)) = prev {
-            if u != pu {
-                // the walk crossed a fine column boundary; its left fine column
-                let col = if u < pu { u } else { u - 1 } as f64;
-                let xd = (col + 0.5) / COCO_SCALE - 0.5;
-                if xd.floor() == xd && xd >= 0.0 && xd <= wf - 1.0 {
-                    let row = v.min(pv) as f64;
-                    let mut yd = (row + 0.5) / COCO_SCALE - 0.5;
-                    if yd < 0.0 {
-                        yd = 0.0;
-                    } else if yd > hf {
-                        yd = hf;
-                    }
-                    let yd = yd.ceil();
-                    // pycocotools: (uint)(x*(int)h + y), wrapping 32-bit arithmetic
-                    let a = (xd as i32).wrapping_mul(h as i32).wrapping_add(yd as i32) as u32;
-                    toggles.push(a);
-                }
-            }
-        }
-        prev = Some((u, v));
-    };
+    let mut walk = Walk::new(h, w);
     for j in 0..k {
-        let (mut xs, mut xe, mut ys, mut ye) = (x[j], x[j + 1], y[j], y[j + 1]);
-        let dx = (xe as i64 - xs as i64).unsigned_abs() as i64;
-        let dy = (ys as i64 - ye as i64).unsigned_abs() as i64;
-        // walk from the lower end of the longer axis; `flip` keeps the original order
-        let flip = (dx >= dy && xs > xe) || (dx < dy && ys > ye);
-        if flip {
-            std::mem::swap(&mut xs, &mut xe);
-            std::mem::swap(&mut ys, &mut ye);
-        }
-        // dx = dy = 0 (repeated vertex) gives 0/0 = NaN here, as in C
-        let s = if dx >= dy {
-            (ye - ys) as f64 / dx as f64
-        } else {
-            (xe - xs) as f64 / dy as f64
-        };
-        if dx >= dy {
-            for d in 0..=dx {
-                let t = if flip { dx - d } else { d };
-                visit(
-                    (t + xs as i64) as i32,
-                    c_int(ys as f64 + s * t as f64 + 0.5),
-                );
-            }
-        } else {
-            for d in 0..=dy {
-                let t = if flip { dy - d } else { d };
-                visit(
-                    c_int(xs as f64 + s * t as f64 + 0.5),
-                    (t + ys as i64) as i32,
-                );
-            }
-        }
+        walk.edge(x[j], y[j], x[j + 1], y[j + 1]);
     }
+    let mut toggles = walk.toggles;
     toggles.push((h * w) as u32);
     toggles.sort_unstable();
     // differences between sorted toggles are the runs; a zero run merges its two
@@ -190,6 +134,234 @@ pub fn rle_from_polygon(xy: &[f64], height: usize, width: usize) -> Result<Rle> 
         width: w,
         counts,
     })
+}
+
+/// pycocotools' edge walk over the fine grid, streamed: the downsampling step only looks
+/// at consecutive walk points `(u, v)`, also across edges, so the walk keeps the last
+/// point it visited and the toggle positions (column-major pixel index) it found.
+///
+/// A walk point far outside the image cannot toggle anything by itself, so an edge is
+/// not walked point by point where it is outside: only the points within one fine
+/// column (or row) of the image are visited, and the stretches before and after are
+/// summed up exactly (see [`Walk::edge`]).  The cost of an edge is then O(w + h) fine
+/// steps, not its length: a polygon with vertices at ±[`MAX_COORD`] costs what one
+/// around the image does.  `tests/coco_rle.rs` checks this against the point-by-point
+/// walk on random polygons far outside small images.
+struct Walk {
+    h: usize,
+    w: usize,
+    prev: Option<(i32, i32)>,
+    toggles: Vec<u32>,
+}
+
+impl Walk {
+    fn new(h: usize, w: usize) -> Self {
+        Walk {
+            h,
+            w,
+            prev: None,
+            toggles: Vec::new(),
+        }
+    }
+
+    /// Fine column `col` and fine row `row` of a crossing, downsampled: the toggle
+    /// position, or `None` when `col` is not a pixel centre inside the image.
+    fn toggle_at(&self, col: i64, row: i64) -> Option<u32> {
+        let (hf, wf) = (self.h as f64, self.w as f64);
+        let xd = (col as f64 + 0.5) / COCO_SCALE - 0.5;
+        if !(xd.floor() == xd && xd >= 0.0 && xd <= wf - 1.0) {
+            return None;
+        }
+        let mut yd = (row as f64 + 0.5) / COCO_SCALE - 0.5;
+        if yd < 0.0 {
+            yd = 0.0;
+        } else if yd > hf {
+            yd = hf;
+        }
+        let yd = yd.ceil();
+        // pycocotools: (uint)(x*(int)h + y), wrapping 32-bit arithmetic
+        Some(
+            (xd as i32)
+                .wrapping_mul(self.h as i32)
+                .wrapping_add(yd as i32) as u32,
+        )
+    }
+
+    /// Visit one walk point: a crossing from the previous point's fine column to this
+    /// one's toggles the run at the lower of the two rows.
+    fn visit(&mut self, u: i32, v: i32) {
+        if let Some((pu, pv)) = self.prev {
+            if u != pu {
+                // the walk crossed a fine column boundary; its left fine column
+                let col = if u < pu { u } else { u - 1 };
+                if let Some(t) = self.toggle_at(col as i64, v.min(pv) as i64) {
+                    self.toggles.push(t);
+                }
+            }
+        }
+        self.prev = Some((u, v));
+    }
+
+    /// Move to a walk point whose crossing from the previous point toggles nothing
+    /// (the caller knows), without checking.
+    fn jump(&mut self, u: i32, v: i32) {
+        self.prev = Some((u, v));
+    }
+
+    /// The crossings of a stretch of the walk whose fine column moves monotonically by
+    /// at most one per step from `ua` to `ub`, every crossing at a fine row that
+    /// downsamples to the same clamped row (`row` is one such fine row): each column
+    /// boundary between `ua` and `ub` is crossed exactly once.
+    fn crossings(&mut self, ua: i32, ub: i32, row: i64) {
+        let (lo, hi) = (ua.min(ub) as i64, ua.max(ub) as i64);
+        // only columns 0 ..= 5w can be pixel centres inside the image
+        let last_col = COCO_SCALE as i64 * self.w as i64;
+        for col in lo.max(0)..hi.min(last_col + 1) {
+            if let Some(t) = self.toggle_at(col, row) {
+                self.toggles.push(t);
+            }
+        }
+    }
+
+    /// Walk the edge from fine-grid vertex `(xs, ys)` to `(xe, ye)` as pycocotools
+    /// does: from the lower end of the longer axis, one point per step of it.
+    ///
+    /// Along the longer axis the points are consecutive integers; along the shorter
+    /// one they move by at most one fine cell per step (the slope is below 1) and
+    /// monotonically.  So:
+    /// - x-major (`dx ≥ dy`): a crossing at step `d` needs the lower of the two fine
+    ///   columns in `2 ..= 5w − 3` (a pixel centre), so only the points with
+    ///   `u ∈ [−1, 5w + 1]` are visited; the points before them are on one side of the
+    ///   image (no crossing counts) and the walk jumps to the last of them.
+    /// - y-major: a crossing's row `r` is clamped to 0 when `r ≤ 2` and to `h` when
+    ///   `r ≥ 5h + 2`, so only points with `v ∈ [2, 5h + 3]` are visited; before and
+    ///   after them every crossing's row clamps to the same value, and the crossings
+    ///   are the column boundaries between the stretch's first and last `u`
+    ///   ([`Walk::crossings`]).
+    fn edge(&mut self, xs: i32, ys: i32, xe: i32, ye: i32) {
+        let (mut xs, mut xe, mut ys, mut ye) = (xs, xe, ys, ye);
+        let dx = (xe as i64 - xs as i64).abs();
+        let dy = (ys as i64 - ye as i64).abs();
+        let xmajor = dx >= dy;
+        // walk from the lower end of the longer axis; `flip` keeps the original order
+        let flip = (xmajor && xs > xe) || (!xmajor && ys > ye);
+        if flip {
+            std::mem::swap(&mut xs, &mut xe);
+            std::mem::swap(&mut ys, &mut ye);
+        }
+        let n = if xmajor { dx } else { dy };
+        // dx = dy = 0 (repeated vertex) gives 0/0 = NaN here, as in C
+        let s = if xmajor {
+            (ye - ys) as f64 / dx as f64
+        } else {
+            (xe - xs) as f64 / dy as f64
+        };
+        // step d's point; `t` counts from the walk's lower end
+        let point = |d: i64| -> (i32, i32) {
+            let t = if flip { n - d } else { d };
+            if xmajor {
+                (
+                    (t + xs as i64) as i32,
+                    c_int(ys as f64 + s * t as f64 + 0.5),
+                )
+            } else {
+                (
+                    c_int(xs as f64 + s * t as f64 + 0.5),
+                    (t + ys as i64) as i32,
+                )
+            }
+        };
+        // the steps whose long-axis coordinate lies in [lo, hi]: a range of d
+        let (start, lo, hi) = if xmajor {
+            (xs as i64, -1, COCO_SCALE as i64 * self.w as i64 + 1)
+        } else {
+            (ys as i64, 2, COCO_SCALE as i64 * self.h as i64 + 3)
+        };
+        let (t0, t1) = ((lo - start).max(0), (hi - start).min(n));
+        let (a, b) = if flip { (n - t1, n - t0) } else { (t0, t1) };
+
+        let p0 = point(0);
+        self.visit(p0.0, p0.1);
+        if a > b {
+            // wholly on one side of the window
+            let pn = point(n);
+            if !xmajor {
+                self.crossings(p0.0, pn.0, p0.1 as i64);
+            }
+            self.jump(pn.0, pn.1);
+            return;
+        }
+        // before the window: points 0 ..= a−1, crossings 1 ..= a−1 among them
+        if a >= 2 {
+            let pa = point(a - 1);
+            if !xmajor {
+                self.crossings(p0.0, pa.0, p0.1 as i64);
+            }
+            self.jump(pa.0, pa.1);
+        }
+        // In the window of a y-major edge, the columns move monotonically: only the
+        // points with u ∈ [−1, 5w + 1] can cross a pixel centre (as for x-major edges),
+        // found by bisection; the others are on one side or the other.
+        let (a2, b2) = if xmajor {
+            (a, b)
+        } else {
+            let (ul, ur) = (-1, COCO_SCALE as i64 * self.w as i64 + 1);
+            let u = |d: i64| point(d).0 as i64;
+            let rising = u(b) >= u(a);
+            let entered = |d: i64| if rising { u(d) >= ul } else { u(d) <= ur };
+            let left = |d: i64| if rising { u(d) > ur } else { u(d) < ul };
+            (first_true(a, b, entered), first_true(a, b, left) - 1)
+        };
+        if a2 > b2 {
+            // no point of the window near the image's columns: no crossing counts
+            let pb = point(b);
+            self.jump(pb.0, pb.1);
+        } else {
+            if a2 >= 2 && a2 > a {
+                let p = point(a2 - 1);
+                self.jump(p.0, p.1);
+            }
+            for d in a2.max(1)..=b2 {
+                let p = point(d);
+                self.visit(p.0, p.1);
+            }
+            if b2 < b {
+                // the step out of the columns is visited (it crosses no centre), then on
+                let p = point(b2 + 1);
+                self.visit(p.0, p.1);
+                let pb = point(b);
+                self.jump(pb.0, pb.1);
+            }
+        }
+        // after the window: the crossing into point b+1 is visited, those among
+        // points b+1 ..= n are summed up
+        if b < n {
+            let pb = point(b + 1);
+            self.visit(pb.0, pb.1);
+            if b + 1 < n {
+                let pn = point(n);
+                if !xmajor {
+                    self.crossings(pb.0, pn.0, pb.1 as i64);
+                }
+                self.jump(pn.0, pn.1);
+            }
+        }
+    }
+}
+
+/// The first `d` in `lo ..= hi` where `pred` holds, `pred` false then true along the
+/// range; `hi + 1` when it never holds.
+fn first_true(lo: i64, hi: i64, pred: impl Fn(i64) -> bool) -> i64 {
+    let (mut lo, mut hi) = (lo, hi + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
 }
 
 /// Union of several COCO polygons (one annotation's `segmentation` list), as
