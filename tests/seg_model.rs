@@ -442,3 +442,54 @@ fn a_training_step_on_the_device_backend_equals_the_cpu() {
         }
     }
 }
+
+#[test]
+fn batched_prediction_is_each_question_predicted_alone() {
+    // Questions of two prompt lengths (two decode batches), several per length, so rows
+    // of one batch end at different steps and leave it while the others run on.
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let m: SegModel = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 21).unwrap();
+    let mut rng = Rng::new(8);
+    let qs = [
+        "Where is the cup?",
+        "Find the red apples.",
+        "Where is the cup?",
+        "Nothing fits.",
+        "Find the red apples.",
+        "Where is the cup?",
+        "Find the red apples.",
+        "Where is the cup?",
+    ];
+    let px: Vec<Pixels> = qs
+        .iter()
+        .map(|q| example(&cfg, &tok, &mut rng, q, "Nothing fits.").pixels)
+        .collect();
+    let items: Vec<(&Pixels, &str)> = px.iter().zip(qs).collect();
+    let mut mixed = false;
+    for (seed, temperature) in [(0, 0.0), (1, 3.0), (2, 3.0), (3, 3.0), (4, 3.0)] {
+        let sc = |s: u64| popen::nn::SamplingCfg {
+            temperature,
+            seed: s,
+            ..popen::nn::SamplingCfg::greedy()
+        };
+        let all = m.predict(&tok, &items, &sc(seed)).unwrap();
+        assert_eq!(all.len(), items.len());
+        for (i, it) in items.iter().enumerate() {
+            let one = m
+                .predict(&tok, &[*it], &sc(seed + i as u64))
+                .unwrap()
+                .remove(0);
+            let b = &all[i];
+            assert_eq!(b.ids, one.ids, "seed {seed}, item {i}");
+            assert_eq!(b.text, one.text, "seed {seed}, item {i}");
+            assert_eq!(b.masks, one.masks, "seed {seed}, item {i}");
+            for (x, y) in b.logps.iter().zip(&one.logps) {
+                assert!((x - y).abs() < 1e-5, "seed {seed}, item {i}: {x} vs {y}");
+            }
+        }
+        let lens: std::collections::BTreeSet<usize> = all.iter().map(|p| p.ids.len()).collect();
+        mixed |= temperature > 0.0 && lens.len() > 1;
+    }
+    assert!(mixed, "no batch had rows ending at different steps");
+}

@@ -365,7 +365,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
     }
 
     /// A batch-1 cache repeated for `k` rows: K answers to one prompt share its prefix,
-    /// computed once.  Each layer's (1, NKV, len, HS) block is copied `k` times.
+    /// computed once.
     pub fn repeat_cache(&self, c: &KvCache<B::Buf>, k: usize) -> Result<KvCache<B::Buf>> {
         if c.b != 1 || k == 0 {
             return Err(Error::shape(
@@ -376,16 +376,39 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                 ),
             ));
         }
+        self.select_cache_rows(c, &vec![0; k])
+    }
+
+    /// The cache of rows `rows` of `c`, in that order (a row may repeat): rows that
+    /// finish leave a batched decode, a shared prefix is repeated.  Each layer's
+    /// (1, NKV, len, HS) block of a row is copied.
+    pub fn select_cache_rows(
+        &self,
+        c: &KvCache<B::Buf>,
+        rows: &[usize],
+    ) -> Result<KvCache<B::Buf>> {
+        if rows.is_empty() {
+            return Err(Error::shape(
+                "Llama::select_cache_rows",
+                format!("no rows selected from a cache of batch {}", c.b),
+            ));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= c.b) {
+            return Err(Error::shape(
+                "Llama::select_cache_rows",
+                format!("row {r} of a cache of batch {}", c.b),
+            ));
+        }
         let be = &self.be;
         let layers = c
             .layers
             .iter()
             .map(|l| {
-                let n = be.len(&l.k);
-                let (mut kk, mut vv) = (be.zeros(k * n), be.zeros(k * n));
-                for r in 0..k {
-                    be.copy_range(&mut kk, r * n, &l.k, 0, n)?;
-                    be.copy_range(&mut vv, r * n, &l.v, 0, n)?;
+                let n = be.len(&l.k) / c.b;
+                let (mut kk, mut vv) = (be.zeros(rows.len() * n), be.zeros(rows.len() * n));
+                for (i, &r) in rows.iter().enumerate() {
+                    be.copy_range(&mut kk, i * n, &l.k, r * n, n)?;
+                    be.copy_range(&mut vv, i * n, &l.v, r * n, n)?;
                 }
                 Ok(LayerKv {
                     k: kk,
@@ -394,7 +417,10 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { b: k, layers })
+        Ok(KvCache {
+            b: rows.len(),
+            layers,
+        })
     }
 
     /// ids (B·T) → input embeddings (B·T, C).

@@ -5,9 +5,9 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::seg::infer::last_row_f32;
+use crate::model::seg::infer::{last_row_f32, row, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
-use crate::nn::{sample_token, KvCache, Rng, SamplingCfg};
+use crate::nn::{KvCache, Rng, SamplingCfg};
 use num_traits::Float;
 
 /// One ensemble answer: the refined answer, the K samples it was made from, and their
@@ -296,60 +296,27 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             self.llava.cfg.text.hidden_size,
             self.llava.cfg.text.vocab_size,
         );
-        let ctx = lm.cfg.max_position_embeddings;
-        let eos = tok.tok.eos;
         let base = crate::rng::splitmix64(cfg.seed);
-        let mut rngs: Vec<Rng> = (0..k as u64)
-            .map(|r| Rng::new(base.wrapping_add(r)))
-            .collect();
-        let mut cache = lm.repeat_cache(prefix, k)?;
         // the prefix's last logits and hidden row, the same for every row at step 0
         let n0 = be.len(hidden) / hdim;
-        let mut last_logits: Vec<Vec<f32>> = vec![last_row_f32(be, logits, v); k];
-        let h0 = row(be, hidden, n0 - 1, hdim)?;
-        let mut last_hidden: Vec<B::Buf> = vec![h0; k];
-        let mut ids = vec![Vec::new(); k];
-        let mut logps = vec![Vec::new(); k];
-        let mut rows: Vec<Vec<B::Buf>> = vec![Vec::new(); k];
-        let mut done = vec![false; k];
-        for _ in 0..self.cfg.max_new_tokens {
-            let mut next = Vec::with_capacity(k);
-            for r in 0..k {
-                let (t, lp) = sample_token(&last_logits[r], cfg, &mut rngs[r])?;
-                if !done[r] {
-                    ids[r].push(t);
-                    logps[r].push(lp);
-                    rows[r].push(last_hidden[r].clone());
-                    done[r] = t == eos;
-                }
-                next.push(if done[r] { eos } else { t });
-            }
-            if done.iter().all(|&d| d) || cache.len() + 1 >= ctx {
-                break;
-            }
-            let x = lm.embed(&next)?;
-            let (lg, acts) = lm.forward_embeds(x, k, 1, None, None, Some(&mut cache))?;
-            let all = be.to_vec(&lg);
-            for r in 0..k {
-                last_logits[r] = all[r * v..(r + 1) * v]
-                    .iter()
-                    .map(|x| x.to_f32().unwrap_or(f32::NAN))
-                    .collect();
-                last_hidden[r] = row(be, &acts.hidden, r, hdim)?;
-            }
+        let decoded = self.decode_rows(
+            tok,
+            Rows {
+                cache: lm.repeat_cache(prefix, k)?,
+                logits: vec![last_row_f32(be, logits, v); k],
+                hidden: vec![row(be, hidden, n0 - 1, hdim)?; k],
+                rngs: (0..k as u64)
+                    .map(|r| Rng::new(base.wrapping_add(r)))
+                    .collect(),
+                bias: None,
+            },
+            cfg,
+        )?;
+        let (mut preds, mut rows) = (Vec::with_capacity(k), Vec::with_capacity(k));
+        for d in decoded {
+            preds.push(self.finish_answer(tok, px, &enc.feats, d.ids, d.logps, &d.rows)?);
+            rows.push(d.rows);
         }
-        let preds = (0..k)
-            .map(|r| {
-                self.finish_answer(
-                    tok,
-                    px,
-                    &enc.feats,
-                    std::mem::take(&mut ids[r]),
-                    std::mem::take(&mut logps[r]),
-                    &rows[r],
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
         Ok(Samples { preds, rows })
     }
 
@@ -378,13 +345,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let d = self.decode(tok, pre, &SamplingCfg::greedy(), Some(bias))?;
         self.finish_answer(tok, px, &enc.feats, d.ids, d.logps, &d.rows)
     }
-}
-
-/// Row `i` (width `w`) of a row-major buffer.
-fn row<F: Float, B: Backend<F>>(be: &B, x: &B::Buf, i: usize, w: usize) -> Result<B::Buf> {
-    let mut h = be.zeros(w);
-    be.copy_range(&mut h, 0, x, i * w, w)?;
-    Ok(h)
 }
 
 /// `[a, b]` end to end.

@@ -39,6 +39,17 @@ pub(crate) struct Decoded<Buf> {
     pub rows: Vec<Buf>,
 }
 
+/// B answers decoded together ([`SegModel::decode_rows`]): one KV cache of batch B and,
+/// per row, the logits (V) and hidden state (C) of its last position, its sampling
+/// stream and, when the keys are biased, the bias of every key in the cache.
+pub(crate) struct Rows<Buf> {
+    pub cache: KvCache<Buf>,
+    pub logits: Vec<Vec<f32>>,
+    pub hidden: Vec<Buf>,
+    pub rngs: Vec<Rng>,
+    pub bias: Option<Vec<Vec<f32>>>,
+}
+
 /// Masks of one answer (height·width each, 1 = object) and their logits.
 pub type AnswerMasks = (Vec<Vec<u8>>, Vec<Vec<f32>>);
 
@@ -51,9 +62,14 @@ pub struct ImageEncoding<Buf> {
 }
 
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
-    /// Answers each `(image, question)`; images are encoded in one batch, answers are
-    /// generated one by one with the KV cache (greedy when `cfg.temperature` is 0).
-    /// Item `i` samples from the stream seeded `cfg.seed + i`.
+    /// Answers each `(image, question)`; images are encoded in one batch, and the
+    /// questions whose prompts have the same length are decoded together, one KV cache
+    /// for all of them (greedy when `cfg.temperature` is 0).  Item `i` samples from the
+    /// stream seeded `cfg.seed + i`.
+    ///
+    /// Rows of one decode are never padded: a row then computes what it would alone (the
+    /// same ids, and masks and log-probabilities up to the rounding of a batched matrix
+    /// product; `tests/seg_model.rs` checks the ids and texts are identical).
     pub fn predict(
         &self,
         tok: &SegTokenizer,
@@ -61,16 +77,84 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         cfg: &SamplingCfg,
     ) -> Result<Vec<Prediction>> {
         let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
-        self.encode_images(&px)?
+        let encs = self.encode_images(&px)?;
+        let prompts = items
             .iter()
-            .zip(items)
-            .enumerate()
-            .map(|(i, (enc, (p, q)))| {
-                let mut c = *cfg;
-                c.seed = cfg.seed.wrapping_add(i as u64);
-                self.answer_one(tok, p, q, enc, &c)
+            .map(|(_, q)| self.prompt_ids(tok, q, 0))
+            .collect::<Result<Vec<_>>>()?;
+        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, (ids, _)) in prompts.iter().enumerate() {
+            groups.entry(ids.len()).or_default().push(i);
+        }
+        let mut out: Vec<Option<Prediction>> = (0..items.len()).map(|_| None).collect();
+        for idx in groups.values() {
+            let seeds: Vec<u64> = idx
+                .iter()
+                .map(|&i| cfg.seed.wrapping_add(i as u64))
+                .collect();
+            let rows = self.prefill_rows(&prompts, &encs, idx, &seeds)?;
+            for (&i, d) in idx.iter().zip(self.decode_rows(tok, rows, cfg)?) {
+                let p = self.finish_answer(tok, px[i], &encs[i].feats, d.ids, d.logps, &d.rows)?;
+                out[i] = Some(p);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The prompts `idx` (all of one length T) with their images' tokens in place,
+    /// through the LLM as one batch with a fresh KV cache: the rows ready to decode,
+    /// row `r` sampling from the stream seeded `seeds[r]`.
+    fn prefill_rows(
+        &self,
+        prompts: &[(Vec<u32>, usize)],
+        encs: &[ImageEncoding<B::Buf>],
+        idx: &[usize],
+        seeds: &[u64],
+    ) -> Result<Rows<B::Buf>> {
+        let be = &self.llava.be;
+        let lm = &self.llava.language_model;
+        let (hdim, v) = (
+            self.llava.cfg.text.hidden_size,
+            self.llava.cfg.text.vocab_size,
+        );
+        let k = self.tokens_per_image();
+        let (b, t) = (idx.len(), prompts[idx[0]].0.len());
+        if let Some(&i) = idx.iter().find(|&&i| prompts[i].0.len() != t) {
+            return Err(Error::shape(
+                "SegModel::prefill_rows",
+                format!(
+                    "prompt {i} has {} tokens, the batch's first {t}",
+                    prompts[i].0.len()
+                ),
+            ));
+        }
+        let ids: Vec<u32> = idx.iter().flat_map(|&i| prompts[i].0.clone()).collect();
+        let mut x = lm.embed(&ids)?;
+        for (r, &i) in idx.iter().enumerate() {
+            let pos = prompts[i].1;
+            be.copy_range(&mut x, (r * t + pos) * hdim, &encs[i].tokens, 0, k * hdim)?;
+        }
+        let mut cache = lm.new_cache(b);
+        let (logits, acts) = lm.forward_embeds(x, b, t, None, None, Some(&mut cache))?;
+        let all = be.to_vec(&logits);
+        let logits = (0..b)
+            .map(|r| {
+                all[((r + 1) * t - 1) * v..][..v]
+                    .iter()
+                    .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                    .collect()
             })
-            .collect()
+            .collect();
+        let hidden = (0..b)
+            .map(|r| row(be, &acts.hidden, (r + 1) * t - 1, hdim))
+            .collect::<Result<_>>()?;
+        Ok(Rows {
+            cache,
+            logits,
+            hidden,
+            rngs: seeds.iter().map(|&s| Rng::new(s)).collect(),
+            bias: None,
+        })
     }
 
     /// Encodes a batch of images once: per image, its projected tokens for the LLM and
@@ -147,12 +231,34 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let lm = &self.llava.language_model;
         let hdim = self.llava.cfg.text.hidden_size;
         let k = self.tokens_per_image();
+        let (ids, image_pos) = self.prompt_ids(tok, question, hold)?;
+        let mut x = lm.embed(&ids)?;
+        be.copy_range(&mut x, image_pos * hdim, &enc.tokens, 0, k * hdim)?;
+        let mut cache = lm.new_cache(1);
+        let (logits, acts) = lm.forward_embeds(x, 1, ids.len(), None, None, Some(&mut cache))?;
+        Ok(Prefill {
+            cache,
+            logits,
+            hidden: acts.hidden,
+        })
+    }
+
+    /// The prompt of `question` as ids, `<image>` repeated once per image token, and
+    /// the position of the first image token; the last `hold` tokens are left out.  A
+    /// prompt that fills the context is an error.
+    fn prompt_ids(
+        &self,
+        tok: &SegTokenizer,
+        question: &str,
+        hold: usize,
+    ) -> Result<(Vec<u32>, usize)> {
+        let k = self.tokens_per_image();
         let (prompt, image_pos) = tok.prompt(&self.cfg.system_prompt, question)?;
         let mut ids = Vec::with_capacity(prompt.len() + k);
         ids.extend_from_slice(&prompt[..image_pos]);
         ids.extend(std::iter::repeat_n(prompt[image_pos], k));
         ids.extend_from_slice(&prompt[image_pos + 1..]);
-        let ctx = lm.cfg.max_position_embeddings;
+        let ctx = self.llava.language_model.cfg.max_position_embeddings;
         if ids.len() >= ctx {
             return Err(Error::arg(
                 "SegModel::predict",
@@ -169,28 +275,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             ));
         }
         ids.truncate(ids.len() - hold);
-        let mut x = lm.embed(&ids)?;
-        be.copy_range(&mut x, image_pos * hdim, &enc.tokens, 0, k * hdim)?;
-        let mut cache = lm.new_cache(1);
-        let (logits, acts) = lm.forward_embeds(x, 1, ids.len(), None, None, Some(&mut cache))?;
-        Ok(Prefill {
-            cache,
-            logits,
-            hidden: acts.hidden,
-        })
-    }
-
-    fn answer_one(
-        &self,
-        tok: &SegTokenizer,
-        px: &Pixels,
-        question: &str,
-        enc: &ImageEncoding<B::Buf>,
-        cfg: &SamplingCfg,
-    ) -> Result<Prediction> {
-        let pre = self.prefill(tok, question, enc)?;
-        let d = self.decode(tok, pre, cfg, None)?;
-        self.finish_answer(tok, px, &enc.feats, d.ids, d.logps, &d.rows)
+        Ok((ids, image_pos))
     }
 
     /// Generates after `pre` (batch 1) with its KV cache until EOS, `max_new_tokens` or
@@ -202,8 +287,37 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         tok: &SegTokenizer,
         pre: Prefill<B::Buf>,
         cfg: &SamplingCfg,
-        mut bias: Option<Vec<f32>>,
+        bias: Option<Vec<f32>>,
     ) -> Result<Decoded<B::Buf>> {
+        let be = &self.llava.be;
+        let (hdim, v) = (
+            self.llava.cfg.text.hidden_size,
+            self.llava.cfg.text.vocab_size,
+        );
+        let n = be.len(&pre.hidden) / hdim;
+        let rows = Rows {
+            logits: vec![last_row_f32(be, &pre.logits, v)],
+            hidden: vec![row(be, &pre.hidden, n - 1, hdim)?],
+            cache: pre.cache,
+            rngs: vec![Rng::new(cfg.seed)],
+            bias: bias.map(|b| vec![b]),
+        };
+        let mut d = self.decode_rows(tok, rows, cfg)?;
+        d.pop()
+            .ok_or_else(|| Error::shape("SegModel::decode", "no row decoded"))
+    }
+
+    /// Generates for B rows at once, each until its EOS, `max_new_tokens` or the
+    /// context's end: per row the ids, each one's log-probability and the hidden row that
+    /// predicted each.  A row that has ended leaves the batch (its cache rows are
+    /// dropped), so the others run on.  With `rows.bias`, each row's bias covers every
+    /// key in the cache and grows by 0 for each generated key.
+    pub(crate) fn decode_rows(
+        &self,
+        tok: &SegTokenizer,
+        rows: Rows<B::Buf>,
+        cfg: &SamplingCfg,
+    ) -> Result<Vec<Decoded<B::Buf>>> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let (hdim, v) = (
@@ -211,46 +325,89 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             self.llava.cfg.text.vocab_size,
         );
         let ctx = lm.cfg.max_position_embeddings;
-        let Prefill {
+        let Rows {
             mut cache,
             mut logits,
-            hidden: mut last_hidden,
-        } = pre;
-        let mut rng = Rng::new(cfg.seed);
-        let (mut gen, mut logps, mut hidden_rows) = (Vec::new(), Vec::new(), Vec::new());
+            mut hidden,
+            mut rngs,
+            mut bias,
+        } = rows;
+        let b = cache.b;
+        if logits.len() != b || hidden.len() != b || rngs.len() != b {
+            return Err(Error::shape(
+                "SegModel::decode_rows",
+                format!(
+                    "a cache of batch {b} with {} logit rows, {} hidden rows, {} streams",
+                    logits.len(),
+                    hidden.len(),
+                    rngs.len()
+                ),
+            ));
+        }
+        let mut out: Vec<Decoded<B::Buf>> = (0..b)
+            .map(|_| Decoded {
+                ids: Vec::new(),
+                logps: Vec::new(),
+                rows: Vec::new(),
+            })
+            .collect();
+        // `live[j]`: the row of `out` that cache row j decodes
+        let mut live: Vec<usize> = (0..b).collect();
         for _ in 0..self.cfg.max_new_tokens {
-            let last = last_row_f32(be, &logits, v);
-            let (t, lp) = sample_token(&last, cfg, &mut rng)?;
-            // the hidden state of the position that predicts `t`
-            let n = be.len(&last_hidden) / hdim;
-            let mut h = be.zeros(hdim);
-            be.copy_range(&mut h, 0, &last_hidden, (n - 1) * hdim, hdim)?;
-            hidden_rows.push(h);
-            gen.push(t);
-            logps.push(lp);
-            if t == tok.tok.eos || cache.len() + 1 >= ctx {
+            let (mut keep, mut next) = (Vec::new(), Vec::new());
+            for (j, &r) in live.iter().enumerate() {
+                let (t, lp) = sample_token(&logits[j], cfg, &mut rngs[r])?;
+                out[r].ids.push(t);
+                out[r].logps.push(lp);
+                out[r].rows.push(hidden[j].clone());
+                if t != tok.tok.eos {
+                    keep.push(j);
+                    next.push(t);
+                }
+            }
+            if keep.is_empty() || cache.len() + 1 >= ctx {
                 break;
             }
-            let b = match &mut bias {
-                Some(b) => {
-                    b.push(0.0);
-                    let f: Vec<F> = b
-                        .iter()
-                        .map(|&x| F::from(x).unwrap_or_else(F::zero))
+            if keep.len() < live.len() {
+                cache = lm.select_cache_rows(&cache, &keep)?;
+                live = keep.iter().map(|&j| live[j]).collect();
+                if let Some(bs) = &mut bias {
+                    *bs = keep.iter().map(|&j| std::mem::take(&mut bs[j])).collect();
+                }
+            }
+            let bias_buf = match &mut bias {
+                Some(bs) => {
+                    let f: Vec<F> = bs
+                        .iter_mut()
+                        .flat_map(|row| {
+                            row.push(0.0);
+                            row.iter()
+                                .map(|&x| F::from(x).unwrap_or_else(F::zero))
+                                .collect::<Vec<F>>()
+                        })
                         .collect();
                     Some(be.from_slice(&f))
                 }
                 None => None,
             };
-            let x = lm.embed(&[t])?;
-            let (lg, acts) = lm.forward_embeds(x, 1, 1, None, b.as_ref(), Some(&mut cache))?;
-            (logits, last_hidden) = (lg, acts.hidden);
+            let x = lm.embed(&next)?;
+            let n = next.len();
+            let (lg, acts) =
+                lm.forward_embeds(x, n, 1, None, bias_buf.as_ref(), Some(&mut cache))?;
+            let all = be.to_vec(&lg);
+            logits = (0..n)
+                .map(|j| {
+                    all[j * v..(j + 1) * v]
+                        .iter()
+                        .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                        .collect()
+                })
+                .collect();
+            hidden = (0..n)
+                .map(|j| row(be, &acts.hidden, j, hdim))
+                .collect::<Result<_>>()?;
         }
-        Ok(Decoded {
-            ids: gen,
-            logps,
-            rows: hidden_rows,
-        })
+        Ok(out)
     }
 
     /// Text and masks of generated ids: each complete codebook group's hidden rows
@@ -328,4 +485,16 @@ pub(crate) fn last_row_f32<F: Float, B: Backend<F>>(be: &B, x: &B::Buf, v: usize
         .iter()
         .map(|x| x.to_f32().unwrap_or(f32::NAN))
         .collect()
+}
+
+/// Row `i` (width `w`) of a row-major buffer.
+pub(crate) fn row<F: Float, B: Backend<F>>(
+    be: &B,
+    x: &B::Buf,
+    i: usize,
+    w: usize,
+) -> Result<B::Buf> {
+    let mut h = be.zeros(w);
+    be.copy_range(&mut h, 0, x, i * w, w)?;
+    Ok(h)
 }
