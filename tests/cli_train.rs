@@ -2,10 +2,10 @@
 //! the run-directory contract, PRED.jsonl that `popen eval` reads, SIGKILL-and-resume
 //! ending byte-identical, the same weights at 1 and 2 threads, bad input as errors.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
-use common::cli::{err, kill_and_resume, ok, popen, Kills, BIN};
+use common::cli::{err, kill_and_resume, ok, popen, popen_limited, Kills};
 
 fn tmp(name: &str) -> PathBuf {
     common::cli::tmp("cli_train", name)
@@ -315,19 +315,6 @@ fn bad_input_is_a_clear_error() {
         !d.join("p.jsonl").exists(),
         "a failed predict wrote its output"
     );
-}
-
-/// `popen` under a file-size limit of `kib` KiB (`ulimit -f`), SIGXFSZ ignored so that a
-/// write past it fails with EFBIG instead of killing the process.
-fn popen_limited(kib: u64, args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
-        .arg(BIN)
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run bash")
 }
 
 #[test]

@@ -9,22 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::cli::popen_limited;
+
 fn popen(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_popen"))
         .args(args)
         .output()
         .expect("run popen")
-}
-
-/// `popen args` with files limited to `kib` KiB.
-fn popen_limited(kib: u64, args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_popen"))
-        .args(args)
-        .output()
-        .expect("run bash")
 }
 
 fn tmp(name: &str) -> PathBuf {

@@ -14,6 +14,20 @@ pub fn popen(args: &[&str], threads: &str) -> Output {
         .expect("run popen")
 }
 
+/// `popen ARGS` under a file-size limit of `kib` KiB (`ulimit -f`, RLIMIT_FSIZE) with 2
+/// rayon threads, SIGXFSZ ignored so that a write past the limit fails with EFBIG
+/// instead of killing the process: a full disk, without root.
+pub fn popen_limited(kib: u64, args: &[&str]) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run bash")
+}
+
 /// Its stdout, after asserting success (both streams shown when it failed).
 pub fn ok(o: &Output) -> String {
     assert!(
