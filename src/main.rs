@@ -32,6 +32,8 @@ enum Cmd {
     Predict(cli::predict::Args),
     /// Answer one question about one image: text on stdout, overlay and mask PNGs.
     Infer(cli::infer::Args),
+    /// Do a run's segmentation embeddings carry their targets' categories?
+    ProbeEmbeddings(cli::probe::Args),
     /// The whole method on the embedded world: train, predict with three methods, score.
     Demo(cli::demo::Args),
 }
@@ -54,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Train(a) => cli::train::run(a),
         Cmd::Predict(a) => cli::predict::run(a),
         Cmd::Infer(a) => cli::infer::run(a),
+        Cmd::ProbeEmbeddings(a) => cli::probe::run(a),
         Cmd::Demo(a) => cli::demo::run(a),
     };
     // Print the error chain on one line and exit 1: bad input is not a crash, so no

@@ -224,6 +224,37 @@ fn train_predict_eval_and_the_run_directory() {
         .count();
     assert_eq!(n_png, n_seg, "answer {text:?}");
     assert!(out.join("overlay.png").is_file());
+    // probe-embeddings: one embedding per target of the questions read
+    let probe = d.join("probe.json");
+    let text = ok(&popen(
+        &[
+            "probe-embeddings",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            test_json.to_str().unwrap(),
+            "--out",
+            probe.to_str().unwrap(),
+        ],
+        "2",
+    ));
+    assert!(
+        text.contains("nearest-neighbour category accuracy"),
+        "{text}"
+    );
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+    let n_targets: usize = serde_json::from_str::<Vec<serde_json::Value>>(
+        &std::fs::read_to_string(&test_json).unwrap(),
+    )
+    .unwrap()
+    .iter()
+    .flat_map(|r| r["answers"].as_array().unwrap().clone())
+    .map(|a| a.as_array().unwrap().len())
+    .sum();
+    assert_eq!(p["items"], n_targets);
+    let acc = p["nn_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{p}");
 }
 
 #[test]

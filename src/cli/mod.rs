@@ -8,5 +8,6 @@ pub mod infer;
 pub mod info;
 pub mod model_args;
 pub mod predict;
+pub mod probe;
 pub mod progress;
 pub mod train;

@@ -7,6 +7,8 @@
 //! the vocabulary and matcher of [`crate::data::vocab`]), [`eval`] (loading, validation, per-question scores, the report).
 //! [`pearson`] is Supp C's correlation coefficient.  [`masks`] is the engine of
 //! `popen eval-masks` (PNG masks in two folders).
+//! [`separability`] asks whether embeddings carry their targets' categories
+//! (`popen probe-embeddings`).
 //! [`raster`] decodes masks to foreground intervals and computes counts and boundaries
 //! on them; both are tested equal to the mask-metric kernels' CPU twins
 //! ([`crate::kernels::mask`]) on dense masks.
@@ -123,6 +125,7 @@ pub mod correlation;
 pub mod eval;
 pub mod masks;
 pub mod raster;
+pub mod separability;
 
 pub use correlation::pearson;
 pub use eval::{evaluate, evaluate_files, EvalConfig, Metrics, Report};

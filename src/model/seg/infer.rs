@@ -157,6 +157,23 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         })
     }
 
+    /// The segmentation embeddings `f` of every target of `examples`, read
+    /// teacher-forced on each example's answer: one row (L·D, the scales side by side)
+    /// per target, examples in order.
+    pub fn target_embeddings(&self, examples: &[super::model::Example]) -> Result<Vec<Vec<f32>>> {
+        let m: usize = examples.iter().map(|e| e.masks.len()).sum();
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        let emb = self.forward_pass(examples)?.seg_embeddings(&self.llava.be);
+        let e = emb.len() / m;
+        Ok(emb
+            .chunks(e.max(1))
+            .take(m)
+            .map(|r| r.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect())
+            .collect())
+    }
+
     /// Encodes a batch of images once: per image, its projected tokens for the LLM and
     /// the two ViT feature levels for the pixel decoder.
     pub fn encode_images(&self, px: &[&Pixels]) -> Result<Vec<ImageEncoding<B::Buf>>> {
