@@ -255,6 +255,9 @@ fn train_predict_eval_and_the_run_directory() {
     assert_eq!(p["items"], n_targets);
     let acc = p["nn_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc), "{p}");
+    let iou = p["teacher_forced_mean_iou"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&iou), "{p}");
+    assert!(text.contains("teacher-forced masks"), "{text}");
 }
 
 #[test]

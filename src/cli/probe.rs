@@ -1,8 +1,10 @@
 //! `popen probe-embeddings`: do a run's segmentation embeddings `f` carry their targets'
 //! categories?  Every target of a MUSE-schema file is read teacher-forced on its
-//! answer; the measures are [`popen::metrics::separability`]'s.
+//! answer; the measures are [`popen::metrics::separability`]'s, beside the mean IoU of
+//! the teacher-forced masks with their targets (grounding without the text's errors).
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
+use popen::kernels::mask::{iou_from_counts, pair_counts_cpu};
 use popen::method::predict::{data_root, questions};
 use popen::metrics::separability::{separability, Separability};
 use popen::model::seg::data::example;
@@ -42,8 +44,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     /// Load and read the embeddings on the backend `--device` names.
     struct Job<'a>(&'a Args);
     impl OnBackend for Job<'_> {
-        type Out = Separability;
-        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<Separability> {
+        type Out = (Separability, f64);
+        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<(Separability, f64)> {
             let a = self.0;
             let (model, tok) = SegModel::load(be, &a.checkpoint)?;
             let root = data_root(&a.data, &a.images);
@@ -54,29 +56,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .collect();
             let mut image_of: BTreeMap<String, usize> = BTreeMap::new();
             let mut rows = Vec::new();
+            let mut ious = Vec::new();
             let bar = super::progress::bar(items.len() as u64, "probe");
             for chunk in items.chunks(a.batch) {
                 let exs = chunk
                     .iter()
                     .map(|(_, s)| example(&model.cfg, &tok, s))
                     .collect::<popen::Result<Vec<_>>>()?;
-                let mut emb = model.target_embeddings(&exs)?.into_iter();
-                for (file, s) in chunk {
+                let (emb, logits) = model.target_embeddings(&exs)?;
+                let (mut emb, mut logits) = (emb.into_iter(), logits.into_iter());
+                for ((file, s), ex) in chunk.iter().zip(&exs) {
                     let n = image_of.len();
                     let g = *image_of.entry(file.clone()).or_insert(n);
-                    for t in &s.targets {
-                        if let Some(f) = emb.next() {
+                    for (t, gt) in s.targets.iter().zip(&ex.masks) {
+                        if let (Some(f), Some(lg)) = (emb.next(), logits.next()) {
                             rows.push((t.category.clone(), g, f));
+                            ious.push(mask_iou(&lg, gt)?);
                         }
                     }
                 }
                 bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
-            Ok(separability(&rows))
+            let mean_iou = ious.iter().sum::<f64>() / ious.len().max(1) as f64;
+            Ok((separability(&rows), mean_iou))
         }
     }
-    let s = a.device.device.run(Job(&a))?;
+    let (s, mean_iou) = a.device.device.run(Job(&a))?;
     let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
     println!(
         "{} targets, {} categories (images compared with other images only)",
@@ -92,8 +98,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         f(s.nn_accuracy),
         s.chance
     );
+    println!("teacher-forced masks: mean IoU with their targets {mean_iou:.4}");
     if let Some(out) = &a.out {
-        popen::fsio::write_atomic(out, serde_json::to_string_pretty(&s)?.as_bytes())?;
+        let mut j = serde_json::to_value(&s)?;
+        j["teacher_forced_mean_iou"] = mean_iou.into();
+        popen::fsio::write_atomic(out, serde_json::to_string_pretty(&j)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// IoU of a mask's logits (thresholded at 0) with a 0/1 target, by the mask kernel's
+/// CPU twin (1 when both are empty).
+fn mask_iou(logits: &[f32], target: &[f32]) -> popen::Result<f64> {
+    let p: Vec<u8> = logits.iter().map(|&l| u8::from(l > 0.0)).collect();
+    let g: Vec<u8> = target.iter().map(|&t| u8::from(t > 0.5)).collect();
+    let (mut inter, mut union) = ([0u64], [0u64]);
+    pair_counts_cpu(&p, &g, 1, 1, 1, p.len(), &mut inter, &mut union)?;
+    Ok(iou_from_counts(inter[0], union[0]))
 }

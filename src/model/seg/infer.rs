@@ -53,6 +53,9 @@ pub(crate) struct Rows<Buf> {
 /// Masks of one answer (height·width each, 1 = object) and their logits.
 pub type AnswerMasks = (Vec<Vec<u8>>, Vec<Vec<f32>>);
 
+/// Per target, teacher-forced: its embedding `f` (L·D) and its mask logits (H·W).
+pub type TargetReadout = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// One image encoded once: its projected tokens (K, C) for the LLM and the two ViT
 /// feature levels (K, Cv) for the pixel decoder.
 #[derive(Clone, Debug)]
@@ -158,20 +161,26 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 
     /// The segmentation embeddings `f` of every target of `examples`, read
-    /// teacher-forced on each example's answer: one row (L·D, the scales side by side)
-    /// per target, examples in order.
-    pub fn target_embeddings(&self, examples: &[super::model::Example]) -> Result<Vec<Vec<f32>>> {
+    /// teacher-forced on each example's answer, and each target's mask logits at its
+    /// image's size: one row of `f` (L·D, the scales side by side) and one logit map
+    /// (H·W) per target, examples in order.
+    pub fn target_embeddings(
+        &self,
+        examples: &[super::model::Example],
+    ) -> Result<TargetReadout> {
         let m: usize = examples.iter().map(|e| e.masks.len()).sum();
         if m == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
-        let emb = self.forward_pass(examples)?.seg_embeddings(&self.llava.be);
+        let be = &self.llava.be;
+        let pass = self.forward_pass(examples)?;
+        let emb = pass.seg_embeddings(be);
         let e = emb.len() / m;
-        Ok(emb
-            .chunks(e.max(1))
-            .take(m)
-            .map(|r| r.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect())
-            .collect())
+        let to_f32 =
+            |r: &[F]| -> Vec<f32> { r.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect() };
+        let f = emb.chunks(e.max(1)).take(m).map(to_f32).collect();
+        let logits = pass.mask_logits(be).iter().map(|l| to_f32(l)).collect();
+        Ok((f, logits))
     }
 
     /// Encodes a batch of images once: per image, its projected tokens for the LLM and
