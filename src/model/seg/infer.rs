@@ -164,10 +164,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// teacher-forced on each example's answer, and each target's mask logits at its
     /// image's size: one row of `f` (L·D, the scales side by side) and one logit map
     /// (H·W) per target, examples in order.
-    pub fn target_embeddings(
-        &self,
-        examples: &[super::model::Example],
-    ) -> Result<TargetReadout> {
+    pub fn target_embeddings(&self, examples: &[super::model::Example]) -> Result<TargetReadout> {
         let m: usize = examples.iter().map(|e| e.masks.len()).sum();
         if m == 0 {
             return Ok((Vec::new(), Vec::new()));
