@@ -139,15 +139,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
         let mut cache = lm.new_cache(b);
         let (logits, acts) = lm.forward_embeds(x, b, t, None, None, Some(&mut cache))?;
-        let all = be.to_vec(&logits);
-        let logits = (0..b)
-            .map(|r| {
-                all[((r + 1) * t - 1) * v..][..v]
-                    .iter()
-                    .map(|x| x.to_f32().unwrap_or(f32::NAN))
-                    .collect()
-            })
-            .collect();
+        let ends: Vec<usize> = (0..b).map(|r| (r + 1) * t - 1).collect();
+        let logits = rows_f32(be, &logits, &ends, v);
         let hidden = (0..b)
             .map(|r| row(be, &acts.hidden, (r + 1) * t - 1, hdim))
             .collect::<Result<_>>()?;
@@ -417,15 +410,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let n = next.len();
             let (lg, acts) =
                 lm.forward_embeds(x, n, 1, None, bias_buf.as_ref(), Some(&mut cache))?;
-            let all = be.to_vec(&lg);
-            logits = (0..n)
-                .map(|j| {
-                    all[j * v..(j + 1) * v]
-                        .iter()
-                        .map(|x| x.to_f32().unwrap_or(f32::NAN))
-                        .collect()
-                })
-                .collect();
+            logits = rows_f32(be, &lg, &(0..n).collect::<Vec<_>>(), v);
             hidden = (0..n)
                 .map(|j| row(be, &acts.hidden, j, hdim))
                 .collect::<Result<_>>()?;
@@ -503,10 +488,25 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 /// The last row (width `v`) of a row-major buffer, as f32: the logits of the position
 /// that predicts the next token.
 pub(crate) fn last_row_f32<F: Float, B: Backend<F>>(be: &B, x: &B::Buf, v: usize) -> Vec<f32> {
+    let n = be.len(x) / v.max(1);
+    rows_f32(be, x, &[n.saturating_sub(1)], v).remove(0)
+}
+
+/// Rows `rows` (width `v`) of a row-major buffer, as f32, read back in one copy.
+fn rows_f32<F: Float, B: Backend<F>>(
+    be: &B,
+    x: &B::Buf,
+    rows: &[usize],
+    v: usize,
+) -> Vec<Vec<f32>> {
     let all = be.to_vec(x);
-    all[all.len() - v..]
-        .iter()
-        .map(|x| x.to_f32().unwrap_or(f32::NAN))
+    rows.iter()
+        .map(|&r| {
+            all[r * v..(r + 1) * v]
+                .iter()
+                .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                .collect()
+        })
         .collect()
 }
 
