@@ -351,6 +351,78 @@ fn bad_input_is_a_clear_error() {
     );
 }
 
+/// The category losses on: the classes come from the data's objects (sorted, in the
+/// run's config), the heads are saved with the model, their losses are logged, and the
+/// run predicts.
+#[test]
+fn the_category_losses_train_log_and_reload() {
+    let d = tmp("patch");
+    let (train_json, test_json, cfg) = setup(&d);
+    let pcfg = d.join("patch.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &pcfg,
+        format!("{text}\n[loss]\npatch_class = 1.0\nseg_class = 0.5\n"),
+    )
+    .unwrap();
+    let run = d.join("run");
+    ok(&train(&train_json, &pcfg, &run, &["--steps", "3"], "2"));
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let classes: Vec<String> =
+        serde_json::from_value(cfg_json["popen"]["classes"].clone()).unwrap();
+    let data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&train_json).unwrap()).unwrap();
+    let mut want: Vec<String> = data
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["ann_list"].as_array().unwrap().iter())
+        .map(|a| a["category_name"].as_str().unwrap().to_string())
+        .collect();
+    want.sort();
+    want.dedup();
+    assert_eq!(classes, want);
+    let weights = tensors(&run.join("model.safetensors"));
+    for head in ["patch_head", "seg_class_head"] {
+        assert!(
+            weights.contains_key(&format!("{head}.weight")),
+            "{head} not saved"
+        );
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        // a cross-entropy, and a fresh head is far from sure
+        for k in ["patch_class", "seg_class"] {
+            let p = l[k].as_f64().unwrap_or(f64::NAN);
+            assert!(p.is_finite() && p > 0.0, "{k} in {l}");
+        }
+    }
+    ok(&popen(
+        &[
+            "predict",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            test_json.to_str().unwrap(),
+            "--out",
+            d.join("pred.jsonl").to_str().unwrap(),
+        ],
+        "2",
+    ));
+    // without the loss there is no head and no logged part
+    let plain = d.join("plain");
+    ok(&train(&train_json, &cfg, &plain, &["--steps", "1"], "2"));
+    assert!(!tensors(&plain.join("model.safetensors")).contains_key("patch_head.weight"));
+    let first = std::fs::read_to_string(plain.join("metrics.jsonl")).unwrap();
+    assert!(!first.contains("_class"), "{first}");
+}
+
 #[test]
 fn a_full_disk_keeps_the_last_checkpoint_and_the_old_predictions() {
     let d = tmp("disk");

@@ -71,6 +71,7 @@ fn item(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng) -> PrefItem {
         pixels: pixels.clone(),
         enc: tok.encode("", q, a).unwrap(),
         masks: vec![],
+        classes: Default::default(),
     };
     let (ey, eyc) = (text(y), text(yc));
     let (ly, lyc) = popen::data::diff::changed_positions(
@@ -183,7 +184,7 @@ fn seg_embedding_gradient_matches_finite_differences() {
         t.zero_grad(&Cpu);
     }
     let dlogp = vec![0.0; pass.logp.len()];
-    m.backward_pass(&batch, pass, &dlogp, (0.0, 0.0), Some(&c))
+    m.backward_pass(&batch, pass, &dlogp, (0.0, 0.0), Some(&c), (0.0, 0.0))
         .unwrap();
     let grads = common::seg::grads_of(&mut m);
     let (checked, nonzero) = common::seg::check_param_grads(&mut m, &grads, 12, |m| loss(m));
@@ -202,6 +203,6 @@ fn seg_embedding_gradient_matches_finite_differences() {
     let pass = m.forward_pass(&text).unwrap();
     let dl = vec![0.0; pass.logp.len()];
     assert!(m
-        .backward_pass(&text, pass, &dl, (0.0, 0.0), Some(&c))
+        .backward_pass(&text, pass, &dl, (0.0, 0.0), Some(&c), (0.0, 0.0))
         .is_err());
 }

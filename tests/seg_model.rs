@@ -48,6 +48,7 @@ fn example(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng, q: &str, a: 
         },
         enc,
         masks,
+        classes: Default::default(),
     }
 }
 
@@ -76,14 +77,60 @@ fn batch(cfg: &SegModelConfig, tok: &SegTokenizer) -> Vec<Example> {
 fn whole_model_gradient_matches_finite_differences() {
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
-    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 3).unwrap();
     let b = batch(&cfg, &tok);
-    let w = LossWeights::default();
+    check_whole_model_gradient(&cfg, &tok, &b, LossWeights::default(), &[]);
+}
+
+/// The same check with both category heads: labelled patches (one example has none,
+/// one patch is ignored) and labelled targets (one example has none, one target is
+/// ignored), both losses weighed in.
+#[test]
+fn whole_model_gradient_with_the_category_losses_matches_finite_differences() {
+    use popen::kernels::logprob::IGNORE_INDEX;
+    use popen::model::seg::category::Classes;
+    let mut cfg = tiny_cfg();
+    cfg.classes = vec!["apple".into(), "cup".into()];
+    let tok = tokenizer(&cfg);
+    let mut b = batch(&cfg, &tok);
+    // an 8 × 8 image in patches of 4: K = 4; examples 0 and 1 have 2 and 1 targets
+    b[0].classes = Classes {
+        patches: vec![0, 1, IGNORE_INDEX, 2],
+        targets: vec![1, IGNORE_INDEX],
+    };
+    b[1].classes = Classes {
+        patches: Vec::new(),
+        targets: vec![2],
+    };
+    b[2].classes = Classes {
+        patches: vec![2, 0, 0, 1],
+        targets: Vec::new(),
+    };
+    let w = LossWeights {
+        patch_class: 1.5,
+        seg_class: 0.7,
+        ..LossWeights::default()
+    };
+    check_whole_model_gradient(&cfg, &tok, &b, w, &["patch_head", "seg_class_head"]);
+}
+
+/// Every parameter's gradient (two entries per tensor) against central differences in
+/// f64; `also` names parts beyond the model, codebook head and decoder that must be
+/// among the parameters.
+fn check_whole_model_gradient(
+    cfg: &SegModelConfig,
+    tok: &SegTokenizer,
+    b: &[Example],
+    w: LossWeights,
+    also: &[&str],
+) {
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), tok, 3).unwrap();
     for (_, t) in m.params_mut() {
         t.zero_grad(&Cpu);
     }
-    let l0 = m.step(&b, w, 1.0, true).unwrap();
+    let l0 = m.step(b, w, 1.0, true).unwrap();
     assert!(l0.n_masks == 3 && l0.total.is_finite(), "{l0:?}");
+    assert_eq!(l0.patch_class > 0.0, w.patch_class > 0.0, "{l0:?}");
+    assert_eq!(l0.seg_class > 0.0, w.seg_class > 0.0, "{l0:?}");
     let grads: Vec<(String, Vec<f64>)> = m
         .params_mut()
         .into_iter()
@@ -111,7 +158,7 @@ fn whole_model_gradient_matches_finite_differences() {
                 let t = &mut p[pi].1;
                 t.data[j] += delta;
                 drop(p);
-                let l = m.step(&b, w, 1.0, false).unwrap().total;
+                let l = m.step(b, w, 1.0, false).unwrap().total;
                 let mut p = m.params_mut();
                 p[pi].1.data[j] -= delta;
                 l
@@ -129,9 +176,9 @@ fn whole_model_gradient_matches_finite_differences() {
         parts_seen.insert(name.split('.').next().unwrap_or("").to_string());
     }
     assert!(checked >= 2 * n_params);
-    for part in ["model", "seg_head", "mask_decoder"] {
+    for part in ["model", "seg_head", "mask_decoder"].iter().chain(also) {
         assert!(
-            parts_seen.contains(part),
+            parts_seen.contains(*part),
             "no parameter of {part}: {parts_seen:?}"
         );
     }
@@ -371,6 +418,7 @@ fn a_pretrained_llava_grows_its_vocabulary_and_trains_with_a_frozen_tower() {
             groups: vec![group],
         },
         masks: vec![(0..s * s).map(|i| f32::from(u8::from(i % 5 < 2))).collect()],
+        classes: Default::default(),
     };
     let tower: Vec<Vec<f32>> = m
         .llava

@@ -2,6 +2,9 @@
 //! categories?  Every target of a MUSE-schema file is read teacher-forced on its
 //! answer; the measures are [`popen::metrics::separability`]'s, beside the mean IoU of
 //! the teacher-forced masks with their targets (grounding without the text's errors).
+//! The same measures on each target's *region features* — the pixel decoder's two ViT
+//! feature levels averaged over the patches the target's mask covers — say whether the
+//! image side knows the category at all: if it does not, no `f` can select the target.
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
 use popen::kernels::mask::{iou_from_counts, pair_counts_cpu};
@@ -44,8 +47,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     /// Load and read the embeddings on the backend `--device` names.
     struct Job<'a>(&'a Args);
     impl OnBackend for Job<'_> {
-        type Out = (Separability, f64);
-        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<(Separability, f64)> {
+        type Out = (Separability, [Separability; 2], f64);
+        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<Self::Out> {
             let a = self.0;
             let (model, tok) = SegModel::load(be, &a.checkpoint)?;
             let root = data_root(&a.data, &a.images);
@@ -56,6 +59,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .collect();
             let mut image_of: BTreeMap<String, usize> = BTreeMap::new();
             let mut rows = Vec::new();
+            let mut regions: [Vec<(String, usize, Vec<f32>)>; 2] = Default::default();
             let mut ious = Vec::new();
             let bar = super::progress::bar(items.len() as u64, "probe");
             for chunk in items.chunks(a.batch) {
@@ -65,10 +69,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     .collect::<popen::Result<Vec<_>>>()?;
                 let (emb, logits) = model.target_embeddings(&exs)?;
                 let (mut emb, mut logits) = (emb.into_iter(), logits.into_iter());
-                for ((file, s), ex) in chunk.iter().zip(&exs) {
+                let px: Vec<_> = exs.iter().map(|e| &e.pixels).collect();
+                let enc = model.encode_images(&px)?;
+                for (((file, s), ex), enc) in chunk.iter().zip(&exs).zip(&enc) {
                     let n = image_of.len();
                     let g = *image_of.entry(file.clone()).or_insert(n);
+                    let feats = enc.feats.each_ref().map(|f| model.llava.be.to_vec(f));
                     for (t, gt) in s.targets.iter().zip(&ex.masks) {
+                        let grid =
+                            model.llava.cfg.vision.image_size / model.llava.cfg.vision.patch_size;
+                        let w = patch_weights(gt, &ex.pixels, grid);
+                        for (level, f) in regions.iter_mut().zip(&feats) {
+                            level.push((t.category.clone(), g, pool(f, &w)));
+                        }
                         if let (Some(f), Some(lg)) = (emb.next(), logits.next()) {
                             rows.push((t.category.clone(), g, f));
                             ious.push(mask_iou(&lg, gt)?);
@@ -79,10 +92,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             bar.finish_and_clear();
             let mean_iou = ious.iter().sum::<f64>() / ious.len().max(1) as f64;
-            Ok((separability(&rows), mean_iou))
+            Ok((
+                separability(&rows),
+                regions.map(|r| separability(&r)),
+                mean_iou,
+            ))
         }
     }
-    let (s, mean_iou) = a.device.device.run(Job(&a))?;
+    let (s, regions, mean_iou) = a.device.device.run(Job(&a))?;
     let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
     println!(
         "{} targets, {} categories (images compared with other images only)",
@@ -99,9 +116,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.chance
     );
     println!("teacher-forced masks: mean IoU with their targets {mean_iou:.4}");
+    for (level, r) in regions.iter().enumerate() {
+        println!(
+            "region features, decoder level {level}: nearest-neighbour category accuracy {}, \
+             cosine same {} / different {}",
+            f(r.nn_accuracy),
+            f(r.cos_same),
+            f(r.cos_diff)
+        );
+    }
     if let Some(out) = &a.out {
         let mut j = serde_json::to_value(&s)?;
         j["teacher_forced_mean_iou"] = mean_iou.into();
+        j["region_features"] = serde_json::to_value(&regions)?;
         popen::fsio::write_atomic(out, serde_json::to_string_pretty(&j)?.as_bytes())?;
     }
     Ok(())
@@ -115,4 +142,44 @@ fn mask_iou(logits: &[f32], target: &[f32]) -> popen::Result<f64> {
     let (mut inter, mut union) = ([0u64], [0u64]);
     pair_counts_cpu(&p, &g, 1, 1, 1, p.len(), &mut inter, &mut union)?;
     Ok(iou_from_counts(inter[0], union[0]))
+}
+
+/// Per patch of the `grid × grid` tower input, the share of a target's pixels (the mask
+/// at the image's own size, mapped into the resized frame) that fall in it.
+fn patch_weights(
+    mask: &[f32],
+    px: &popen::model::seg::preprocess::Pixels,
+    grid: usize,
+) -> Vec<f32> {
+    let mut w = vec![0f32; grid * grid];
+    let side = grid as f64;
+    // the resized image fills valid_h × valid_w of the S × S square
+    let s = px.valid_h.max(px.valid_w) as f64;
+    for (i, &m) in mask.iter().enumerate() {
+        if m > 0.5 {
+            let (y, x) = (i / px.width, i % px.width);
+            let yy = (y as f64 + 0.5) * px.valid_h as f64 / px.height as f64;
+            let xx = (x as f64 + 0.5) * px.valid_w as f64 / px.width as f64;
+            let py = ((yy / s * side) as usize).min(grid - 1);
+            let px_ = ((xx / s * side) as usize).min(grid - 1);
+            w[py * grid + px_] += 1.0;
+        }
+    }
+    let total: f32 = w.iter().sum();
+    if total > 0.0 {
+        w.iter_mut().for_each(|x| *x /= total);
+    }
+    w
+}
+
+/// The weighted mean of a (patches, C) feature map's rows.
+fn pool(feats: &[f32], w: &[f32]) -> Vec<f32> {
+    let c = feats.len() / w.len().max(1);
+    let mut out = vec![0f32; c];
+    for (row, &wi) in feats.chunks(c.max(1)).zip(w) {
+        if wi > 0.0 {
+            out.iter_mut().zip(row).for_each(|(o, &x)| *o += wi * x);
+        }
+    }
+    out
 }

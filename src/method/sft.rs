@@ -45,12 +45,18 @@ impl<B: Backend<f32>> Trainable for SftModel<B> {
     }
     fn accumulate(&mut self, batch: &[Example], scale: f32, _rng: &mut Rng) -> Result<LossParts> {
         let l = self.model.step(batch, self.weights, scale, true)?;
-        let parts: BTreeMap<String, f64> = [
+        let mut parts: BTreeMap<String, f64> = [
             ("ce".to_string(), l.ce),
             ("bce".into(), l.bce),
             ("dice".into(), l.dice),
         ]
         .into();
+        if self.weights.patch_class > 0.0 {
+            parts.insert("patch_class".into(), l.patch_class);
+        }
+        if self.weights.seg_class > 0.0 {
+            parts.insert("seg_class".into(), l.seg_class);
+        }
         Ok(LossParts {
             loss: l.total,
             parts,
@@ -113,6 +119,43 @@ pub fn training_samples(data: &Path, images: &Option<PathBuf>) -> Result<Vec<Sam
     Ok(samples)
 }
 
+/// `cfg` with `model.classes` filled from the data's annotated objects and targets
+/// (sorted category names) when a category loss (`loss.patch_class`, `loss.seg_class`)
+/// is on and the config names none.  The heads stand in for a pretraining the tiny
+/// model lacks ([`crate::model::seg::category`]), so a pretrained LLaVA refuses them, as
+/// does data without categories.
+pub fn with_classes(cfg: &SftConfig, samples: &[Sample], paths: &SftPaths) -> Result<SftConfig> {
+    let mut cfg = cfg.clone();
+    if cfg.loss.patch_class <= 0.0 && cfg.loss.seg_class <= 0.0 {
+        return Ok(cfg);
+    }
+    let err = |msg: &str| Error::Config {
+        path: paths.data.clone(),
+        field: "loss.patch_class / loss.seg_class".into(),
+        msg: msg.into(),
+    };
+    if paths.base.is_some() {
+        return Err(err(
+            "the category losses stand in for the pretraining of a model trained from \
+             scratch, not for a pretrained LLaVA: set them to 0",
+        ));
+    }
+    if cfg.model.classes.is_empty() {
+        let names: std::collections::BTreeSet<&str> = samples
+            .iter()
+            .flat_map(|s| s.objects.iter().chain(&s.targets))
+            .map(|o| o.category.as_str())
+            .collect();
+        cfg.model.classes = names.into_iter().map(String::from).collect();
+    }
+    if cfg.model.classes.is_empty() {
+        return Err(err(
+            "the data names no object category to learn: set the category losses to 0",
+        ));
+    }
+    Ok(cfg)
+}
+
 /// Trains stage 1 into `paths.out` on backend `be` (`popen train sft --device`).  With
 /// `resume`, continues the run found there (its tokenizer and config are reused, so the
 /// model is the same).  Checkpoints hold host-order f32 weights whatever the backend,
@@ -125,6 +168,7 @@ pub fn train_sft<B: Backend<f32>>(
     progress: bool,
 ) -> Result<TrainSummary> {
     let samples = training_samples(&paths.data, &paths.images)?;
+    let cfg = &with_classes(cfg, &samples, paths)?;
     let out = &paths.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let tok_path = out.join(TOKENIZER_FILE);

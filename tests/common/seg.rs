@@ -31,6 +31,7 @@ pub fn tiny_cfg() -> SegModelConfig {
             max_positions: 64,
             vocab_size: 70,
         },
+        classes: Vec::new(),
     }
 }
 

@@ -211,6 +211,7 @@ pub fn text_example(
         pixels: px.clone(),
         enc: tok.encode(&cfg.system_prompt, question, answer)?,
         masks: Vec::new(),
+        classes: Default::default(),
     })
 }
 

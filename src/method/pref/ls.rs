@@ -74,6 +74,7 @@ pub fn ls_step<F: Float, B: Backend<F>>(
                 pixels: px,
                 enc: gt.enc.clone(),
                 masks: gt.masks.clone(),
+                classes: Default::default(),
             });
             jobs.push((*it, t));
         }
@@ -148,7 +149,7 @@ pub fn ls_step<F: Float, B: Backend<F>>(
     .into();
     if backward {
         let zeros = vec![0f64; pass.logp.len()];
-        model.backward_pass(&exs, pass, &zeros, (0.0, 0.0), Some(&d_emb))?;
+        model.backward_pass(&exs, pass, &zeros, (0.0, 0.0), Some(&d_emb), (0.0, 0.0))?;
     }
     Ok(Some(LsOut {
         loss,

@@ -332,6 +332,7 @@ pub fn pref_step<F: Float, B: Backend<F>>(
             &dlogp,
             (lc.bce as f64 * wm, lc.dice as f64 * wm),
             None,
+            (0.0, 0.0),
         )?;
     }
     Ok(LossParts {

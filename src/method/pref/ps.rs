@@ -429,6 +429,7 @@ fn read_copies<F: Float, B: Backend<F>>(
                 pixels,
                 enc: gt.enc.clone(),
                 masks: gt.masks.clone(),
+                classes: Default::default(),
             })
             .collect();
         let pass = model.forward_pass(&exs)?;

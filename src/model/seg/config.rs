@@ -85,6 +85,10 @@ pub struct SegModelConfig {
     pub max_new_tokens: usize,
     /// Sizes of the LVLM trained from scratch.
     pub lvlm: TinyLvlm,
+    /// Object categories of the auxiliary patch-category head (ours, not PixelLM's; see
+    /// [`super::patch`]): empty = no head.  `popen train sft` fills it from the training
+    /// data's annotated objects when `loss.patch_class` > 0.
+    pub classes: Vec<String>,
 }
 
 impl Default for SegModelConfig {
@@ -102,6 +106,7 @@ impl Default for SegModelConfig {
             system_prompt: String::new(),
             max_new_tokens: 64,
             lvlm: TinyLvlm::default(),
+            classes: Vec::new(),
         }
     }
 }

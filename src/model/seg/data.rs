@@ -52,7 +52,21 @@ pub fn example(cfg: &SegModelConfig, tok: &SegTokenizer, s: &Sample) -> Result<E
     let img = load_image(s)?;
     let pixels = preprocess(&img, cfg.image_size)?;
     let enc = tok.encode(&cfg.system_prompt, &s.question, answer)?;
-    Ok(Example { pixels, enc, masks })
+    let classes = if cfg.classes.is_empty() {
+        Default::default()
+    } else {
+        let grid = cfg.image_size / cfg.lvlm.patch_size.max(1);
+        super::category::Classes {
+            patches: super::category::patch_labels(&s.objects, &pixels, grid, &cfg.classes),
+            targets: super::category::target_labels(&s.targets, &cfg.classes),
+        }
+    };
+    Ok(Example {
+        pixels,
+        enc,
+        masks,
+        classes,
+    })
 }
 
 /// The texts a world tokenizer is trained on: every question and answer.

@@ -10,9 +10,12 @@
 //! - [`model`]: [`SegModel`], one training step (forward + backward of
 //!   `CE + 2·BCE + 0.5·Dice`), freezing;
 //! - [`decoder`]: the pixel decoder;
+//! - [`category`]: the auxiliary category heads (ours) that teach the tiny model to
+//!   recognize objects;
 //! - [`infer`]: generation with the KV cache and masks;
 //! - [`data`]: data-set samples → training examples;
 //! - [`run`]: the model's files in a run directory.
+pub mod category;
 pub mod config;
 pub mod data;
 pub mod decoder;

@@ -21,12 +21,19 @@ use crate::nn::{randn, Linear, Llama, Mlp, Rng, Tensor};
 use num_traits::Float;
 
 /// PixelLM's loss weights: `CE + 2·BCE + 0.5·Dice`.
+/// A `[loss]` table may name only some weights: the others keep these defaults.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LossWeights {
     pub ce: f32,
     pub bce: f32,
     pub dice: f32,
+    /// The auxiliary patch-category loss (ours; [`super::category`]).  0 = off, as in
+    /// PixelLM.
+    pub patch_class: f32,
+    /// The auxiliary category loss on the segmentation embeddings `f` (ours;
+    /// [`super::category`]).  0 = off, as in PixelLM.
+    pub seg_class: f32,
 }
 
 impl Default for LossWeights {
@@ -35,6 +42,8 @@ impl Default for LossWeights {
             ce: 1.0,
             bce: 2.0,
             dice: 0.5,
+            patch_class: 0.0,
+            seg_class: 0.0,
         }
     }
 }
@@ -47,6 +56,8 @@ pub struct Example {
     pub enc: Encoded,
     /// per target (height·width) of 0/1
     pub masks: Vec<Vec<f32>>,
+    /// Category labels for the auxiliary heads (empty = this example trains neither).
+    pub classes: super::category::Classes,
 }
 
 /// The loss of one batch and its parts (means over the batch's tokens and masks).
@@ -56,6 +67,11 @@ pub struct SegLoss {
     pub ce: f64,
     pub bce: f64,
     pub dice: f64,
+    /// The patch-category cross-entropy (0 without the head or labels).
+    pub patch_class: f64,
+    /// The category cross-entropy of the segmentation embeddings (0 without the head
+    /// or labels).
+    pub seg_class: f64,
     /// Labelled (answer) tokens.
     pub n_labels: usize,
     /// Every token the LLM processed (padding excluded).
@@ -95,6 +111,12 @@ pub struct SegModel<F: Float = f32, B: Backend<F> = Cpu> {
     /// `Linear(H,H) → ReLU → Linear(H,D)` on a codebook token's hidden state.
     pub seg_head: Mlp<F, B>,
     pub decoder: PixelDecoder<F, B>,
+    /// The auxiliary patch-category head `Linear(Cv, 1 + C)` (present when
+    /// `cfg.classes` is not empty; trains with the vision tower).
+    pub patch_head: Option<Linear<F, B>>,
+    /// The auxiliary category head on `f`, `Linear(L·D, 1 + C)` (present when
+    /// `cfg.classes` is not empty; trains with the codebook head).
+    pub seg_class_head: Option<Linear<F, B>>,
 }
 
 /// A training forward's results for the caller's objective (see
@@ -110,6 +132,11 @@ pub struct TrainPass<Buf> {
     pub answer_rows: Vec<Vec<usize>>,
     /// Per mask (the examples with masks, in order): (BCE, Dice).
     pub mask_losses: Vec<(f64, f64)>,
+    /// The patch-category cross-entropy; `None` without the head or labelled patches.
+    pub patch_loss: Option<f64>,
+    /// The segmentation embeddings' category cross-entropy; `None` without the head
+    /// or labelled targets.
+    pub seg_class_loss: Option<f64>,
     /// Every token the LLM processed (padding excluded).
     pub n_tokens: usize,
     acts: StepActs<Buf>,
@@ -148,6 +175,8 @@ pub struct StepActs<Buf> {
     gather_rows: Vec<u32>,
     /// None when the batch has no target
     seg: Option<SegActs<Buf>>,
+    patch: Option<super::category::HeadActs<Buf>>,
+    seg_class: Option<super::category::HeadActs<Buf>>,
     idx: [usize; 3],
 }
 
@@ -343,11 +372,34 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             grid_w: v.grid(),
         };
         let decoder = PixelDecoder::new(be.clone(), dcfg, rng.next_u64())?;
+        // drawn after every other weight, so a model without the head is unchanged
+        let (patch_head, seg_class_head) = if cfg.classes.is_empty() {
+            (None, None)
+        } else {
+            if v.image_size / v.patch_size.max(1) != cfg.image_size / cfg.lvlm.patch_size.max(1) {
+                return Err(Error::arg(
+                    "SegModel",
+                    format!(
+                        "model.classes labels a grid of model.lvlm.patch_size = {}, \
+                         but the vision tower's patches are {}",
+                        cfg.lvlm.patch_size, v.patch_size
+                    ),
+                ));
+            }
+            let n = 1 + cfg.classes.len();
+            let mut p = Linear::new(&be, v.hidden_size, n, true);
+            linear_init(&be, &mut p, rng);
+            let mut s = Linear::new(&be, cfg.scales * cfg.seg_dim, n, true);
+            linear_init(&be, &mut s, rng);
+            (Some(p), Some(s))
+        };
         let m = SegModel {
             cfg,
             llava,
             seg_head,
             decoder,
+            patch_head,
+            seg_class_head,
         };
         m.state_indices()?;
         Ok(m)
@@ -385,6 +437,17 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             }
         }
         out.extend(self.decoder.params_mut());
+        for (n, head) in [
+            ("patch_head", &mut self.patch_head),
+            ("seg_class_head", &mut self.seg_class_head),
+        ] {
+            if let Some(l) = head {
+                out.push((format!("{n}.weight"), &mut l.weight));
+                if let Some(b) = &mut l.bias {
+                    out.push((format!("{n}.bias"), b));
+                }
+            }
+        }
         out
     }
 
@@ -408,6 +471,17 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         for (_, p) in self.decoder.params_mut() {
             p.set_trainable(&be, t.decoder);
         }
+        for (head, on) in [
+            (&mut self.patch_head, t.vision),
+            (&mut self.seg_class_head, t.seg_head),
+        ] {
+            if let Some(l) = head {
+                l.weight.set_trainable(&be, on);
+                if let Some(b) = &mut l.bias {
+                    b.set_trainable(&be, on);
+                }
+            }
+        }
     }
 
     fn vision_trains(&mut self) -> bool {
@@ -426,6 +500,88 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut out = be.zeros(b * (k + 1) * cv);
         for i in 0..b {
             be.copy_range(&mut out, (i * (k + 1) + 1) * cv, d, i * k * cv, k * cv)?;
+        }
+        Ok(out)
+    }
+
+    /// The patch-category loss of a batch on the hidden state `h` (B, 1 + K, Cv) of
+    /// decoder level 0: the patches of the examples with labels, through the head.
+    fn patch_forward(
+        &self,
+        batch: &[Example],
+        h: &B::Buf,
+    ) -> Result<Option<(f64, super::category::HeadActs<B::Buf>)>> {
+        let Some(head) = &self.patch_head else {
+            return Ok(None);
+        };
+        let be = &self.llava.be;
+        let v = &self.llava.cfg.vision;
+        let (k, cv) = (v.num_patches(), v.hidden_size);
+        let rows: Vec<usize> = (0..batch.len())
+            .filter(|&i| !batch[i].classes.patches.is_empty())
+            .collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut x = be.zeros(rows.len() * k * cv);
+        let mut labels = Vec::with_capacity(rows.len() * k);
+        for (j, &i) in rows.iter().enumerate() {
+            let l = &batch[i].classes.patches;
+            crate::error::check_len(
+                "SegModel",
+                &format!("example {i} patch classes"),
+                l.len(),
+                k,
+            )?;
+            labels.extend_from_slice(l);
+            be.copy_range(&mut x, j * k * cv, h, (i * (k + 1) + 1) * cv, k * cv)?;
+        }
+        super::category::forward(be, head, x, labels)
+    }
+
+    /// The category loss of the segmentation embeddings `emb` (M, L·D) of a batch's
+    /// decoded targets (examples with masks, in order); a target of an example without
+    /// labels is ignored.
+    fn seg_class_forward(
+        &self,
+        batch: &[Example],
+        emb: &B::Buf,
+    ) -> Result<Option<(f64, super::category::HeadActs<B::Buf>)>> {
+        let Some(head) = &self.seg_class_head else {
+            return Ok(None);
+        };
+        let mut labels = Vec::new();
+        for (i, ex) in batch
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.masks.is_empty())
+        {
+            let t = &ex.classes.targets;
+            if t.is_empty() {
+                labels.extend(std::iter::repeat_n(IGNORE_INDEX, ex.masks.len()));
+            } else {
+                crate::error::check_len(
+                    "SegModel",
+                    &format!("example {i} target classes"),
+                    t.len(),
+                    ex.masks.len(),
+                )?;
+                labels.extend_from_slice(t);
+            }
+        }
+        super::category::forward(&self.llava.be, head, emb.clone(), labels)
+    }
+
+    /// The backward of [`Self::patch_forward`]'s gather: (N·K, Cv) of the labelled
+    /// examples → (B, 1 + K, Cv).
+    fn patch_unscatter(&self, batch: &[Example], dx: &B::Buf) -> Result<B::Buf> {
+        let be = &self.llava.be;
+        let v = &self.llava.cfg.vision;
+        let (k, cv) = (v.num_patches(), v.hidden_size);
+        let mut out = be.zeros(batch.len() * (k + 1) * cv);
+        let rows = (0..batch.len()).filter(|&i| !batch[i].classes.patches.is_empty());
+        for (j, i) in rows.enumerate() {
+            be.copy_range(&mut out, (i * (k + 1) + 1) * cv, dx, j * k * cv, k * cv)?;
         }
         Ok(out)
     }
@@ -580,12 +736,20 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mf = m.max(1) as f64;
         let bce = pass.mask_losses.iter().map(|x| x.0).sum::<f64>() / mf;
         let dice = pass.mask_losses.iter().map(|x| x.1).sum::<f64>() / mf;
-        let total = w.ce as f64 * ce + w.bce as f64 * bce + w.dice as f64 * dice;
+        let patch_class = pass.patch_loss.unwrap_or(0.0);
+        let seg_class = pass.seg_class_loss.unwrap_or(0.0);
+        let total = w.ce as f64 * ce
+            + w.bce as f64 * bce
+            + w.dice as f64 * dice
+            + w.patch_class as f64 * patch_class
+            + w.seg_class as f64 * seg_class;
         let loss = SegLoss {
             total,
             ce,
             bce,
             dice,
+            patch_class,
+            seg_class,
             n_labels,
             n_tokens: pass.n_tokens,
             n_masks: m,
@@ -599,7 +763,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 .collect();
             let wm = scale as f64 / mf;
             let mask_w = (w.bce as f64 * wm, w.dice as f64 * wm);
-            self.backward_pass(batch, pass, &dlogp, mask_w, None)?;
+            let class_w = (
+                w.patch_class as f64 * scale as f64,
+                w.seg_class as f64 * scale as f64,
+            );
+            self.backward_pass(batch, pass, &dlogp, mask_w, None, class_w)?;
         }
         Ok(loss)
     }
@@ -649,6 +817,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let px: Vec<&Pixels> = batch.iter().map(|e| &e.pixels).collect();
         let pixels = self.stack_pixels(&px)?;
         let (hs, vision) = self.llava.vision_tower.forward_train(&pixels, b, upto)?;
+        let (patch_loss, patch) = match self.patch_forward(batch, &hs[idx[1]])? {
+            Some((l, a)) => (Some(l), Some(a)),
+            None => (None, None),
+        };
         let (img, proj) = self
             .llava
             .projector
@@ -732,8 +904,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .flat_map(|(r, e)| std::iter::repeat_n(r, e.masks.len()))
             .collect();
         let mut mask_losses = Vec::with_capacity(m);
+        let (mut seg_class_loss, mut seg_class) = (None, None);
         let seg = if m > 0 {
             let (emb, head) = self.seg_embeddings(&llm.hidden, &gather_rows)?;
+            if let Some((l, a)) = self.seg_class_forward(batch, &emb)? {
+                seg_class_loss = Some(l);
+                seg_class = Some(a);
+            }
             let f0 = self.patches_of(&hs[idx[1]], b)?;
             let f1 = self.patches_of(&hs[idx[2]], b)?;
             let s = self.cfg.image_size;
@@ -772,6 +949,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             labelled: label_w,
             answer_rows,
             mask_losses,
+            patch_loss,
+            seg_class_loss,
             n_tokens,
             acts: StepActs {
                 b,
@@ -787,6 +966,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 lse,
                 gather_rows,
                 seg,
+                patch,
+                seg_class,
                 idx,
             },
         })
@@ -796,7 +977,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// `dlogp` = ∂L/∂logp per position (b·t; zero where not labelled), `mask_w` =
     /// (∂L/∂BCE_m, ∂L/∂Dice_m), the same for every mask, and `d_emb` = ∂L/∂f for the
     /// segmentation embeddings (M, L·D, as [`TrainPass::seg_embeddings`]; stage 2's
-    /// `Ls`).  Parameter gradients accumulate.
+    /// `Ls`), and `class_w` = ∂L/∂ of the patch-category and the seg-category losses
+    /// ((0, 0) when the objective has no such term).  Parameter gradients accumulate.
     pub fn backward_pass(
         &mut self,
         batch: &[Example],
@@ -804,6 +986,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         dlogp: &[f64],
         mask_w: (f64, f64),
         d_emb: Option<&[f64]>,
+        class_w: (f64, f64),
     ) -> Result<()> {
         let a = pass.acts;
         let be = self.llava.be.clone();
@@ -844,6 +1027,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 )?;
                 let de: Vec<F> = de.iter().map(|&x| F::from(x).unwrap()).collect();
                 be.axpy(&mut demb, F::one(), &be.from_slice(&de))?;
+            }
+            if let (Some(ca), Some(head)) = (&a.seg_class, &mut self.seg_class_head) {
+                if class_w.1 != 0.0 {
+                    let d = super::category::backward(&be, head, ca, class_w.1)?;
+                    be.axpy(&mut demb, F::one(), &d)?;
+                }
             }
             let dout = self.average_scales_bwd(&demb, m)?;
             let dg = self.seg_head.backward(&be, &sa.head, &dout)?;
@@ -887,6 +1076,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if let Some([d0, d1]) = dfeats {
             add(a.idx[1], self.unpatches(&d0, b)?)?;
             add(a.idx[2], self.unpatches(&d1, b)?)?;
+        }
+        if let (Some(pa), Some(head)) = (&a.patch, &mut self.patch_head) {
+            if class_w.0 != 0.0 {
+                let dx = super::category::backward(&be, head, pa, class_w.0)?;
+                add(a.idx[1], self.patch_unscatter(batch, &dx)?)?;
+            }
         }
         self.llava.vision_tower.backward(&a.vision, &dstates)?;
         Ok(())

@@ -155,8 +155,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 /// A lower bound on the parameters `SegModel::new` allocates for `cfg` and `lc` (the
 /// large matrices only, in saturating arithmetic, so a hostile config cannot overflow
 /// it): LLaMA's embeddings, attention and MLP projections (and an untied head), the
-/// ViT's patch embedding and blocks, the projector, the codebook head and the pixel
-/// decoder's projections, convolutions and MLPs.
+/// ViT's patch embedding and blocks, the projector, the codebook head, the pixel
+/// decoder's projections, convolutions and MLPs, and the patch-category head.
 pub fn min_param_count(cfg: &SegModelConfig, lc: &LlavaConfig) -> u128 {
     let u = |x: usize| x as u128;
     let t = &lc.text;
@@ -198,7 +198,12 @@ pub fn min_param_count(cfg: &SegModelConfig, lc: &LlavaConfig) -> u128 {
                 .saturating_mul(u(cfg.decoder_depth)),
         );
     let decoder = level.saturating_mul(u(super::decoder::LEVELS));
-    [text, vision, projector, seg_head, decoder]
+    let patch_head = if cfg.classes.is_empty() {
+        0
+    } else {
+        hv.saturating_mul(u(cfg.classes.len()).saturating_add(1))
+    };
+    [text, vision, projector, seg_head, decoder, patch_head]
         .into_iter()
         .fold(0u128, u128::saturating_add)
 }
