@@ -5,6 +5,8 @@
 //! The same measures on each target's *region features* — the pixel decoder's two ViT
 //! feature levels averaged over the patches the target's mask covers — say whether the
 //! image side knows the category at all: if it does not, no `f` can select the target.
+//! A model with the patch-category head ([`popen::model::seg::category`]) also reports
+//! the head's accuracy on the labelled patches.
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
 use popen::kernels::mask::{iou_from_counts, pair_counts_cpu};
@@ -40,6 +42,27 @@ pub struct Args {
     pub device: DeviceArg,
 }
 
+/// What `popen probe-embeddings` measures (`--out` writes it as JSON).
+#[derive(serde::Serialize)]
+struct Probe {
+    /// of the segmentation embeddings `f`
+    #[serde(flatten)]
+    f: Separability,
+    teacher_forced_mean_iou: f64,
+    /// of the region features at the decoder's two levels
+    region_features: [Separability; 2],
+    /// the patch head's accuracy on object patches and on all labelled patches
+    patch_head_accuracy: Option<PatchAccuracy>,
+}
+
+#[derive(serde::Serialize)]
+struct PatchAccuracy {
+    objects: f64,
+    all: f64,
+    object_patches: usize,
+    patches: usize,
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
@@ -47,7 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     /// Load and read the embeddings on the backend `--device` names.
     struct Job<'a>(&'a Args);
     impl OnBackend for Job<'_> {
-        type Out = (Separability, [Separability; 2], f64);
+        type Out = Probe;
         fn run<B: Backend<f32>>(self, be: B) -> popen::Result<Self::Out> {
             let a = self.0;
             let (model, tok) = SegModel::load(be, &a.checkpoint)?;
@@ -61,6 +84,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let mut rows = Vec::new();
             let mut regions: [Vec<(String, usize, Vec<f32>)>; 2] = Default::default();
             let mut ious = Vec::new();
+            // (right, labelled) over object patches and over all labelled patches
+            let mut patch_hits = [(0usize, 0usize); 2];
             let bar = super::progress::bar(items.len() as u64, "probe");
             for chunk in items.chunks(a.batch) {
                 let exs = chunk
@@ -75,6 +100,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     let n = image_of.len();
                     let g = *image_of.entry(file.clone()).or_insert(n);
                     let feats = enc.feats.each_ref().map(|f| model.llava.be.to_vec(f));
+                    if let Some(head) = &model.patch_head {
+                        let be = &model.llava.be;
+                        let lg = be.to_vec(&head.forward(be, &enc.feats[0])?);
+                        let c = head.fan_out();
+                        for (row, &label) in lg.chunks(c).zip(&ex.classes.patches) {
+                            if label < 0 {
+                                continue;
+                            }
+                            let best = argmax(row) as i32;
+                            for (k, hits) in patch_hits.iter_mut().enumerate() {
+                                if k == 1 || label > 0 {
+                                    hits.0 += usize::from(best == label);
+                                    hits.1 += 1;
+                                }
+                            }
+                        }
+                    }
                     for (t, gt) in s.targets.iter().zip(&ex.masks) {
                         let grid =
                             model.llava.cfg.vision.image_size / model.llava.cfg.vision.patch_size;
@@ -92,14 +134,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             bar.finish_and_clear();
             let mean_iou = ious.iter().sum::<f64>() / ious.len().max(1) as f64;
-            Ok((
-                separability(&rows),
-                regions.map(|r| separability(&r)),
-                mean_iou,
-            ))
+            let ratio = |(r, n): (usize, usize)| r as f64 / n.max(1) as f64;
+            Ok(Probe {
+                f: separability(&rows),
+                teacher_forced_mean_iou: mean_iou,
+                region_features: regions.map(|r| separability(&r)),
+                patch_head_accuracy: model.patch_head.as_ref().map(|_| PatchAccuracy {
+                    objects: ratio(patch_hits[0]),
+                    all: ratio(patch_hits[1]),
+                    object_patches: patch_hits[0].1,
+                    patches: patch_hits[1].1,
+                }),
+            })
         }
     }
-    let (s, regions, mean_iou) = a.device.device.run(Job(&a))?;
+    let p = a.device.device.run(Job(&a))?;
+    let s = &p.f;
     let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
     println!(
         "{} targets, {} categories (images compared with other images only)",
@@ -115,8 +165,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         f(s.nn_accuracy),
         s.chance
     );
-    println!("teacher-forced masks: mean IoU with their targets {mean_iou:.4}");
-    for (level, r) in regions.iter().enumerate() {
+    println!(
+        "teacher-forced masks: mean IoU with their targets {:.4}",
+        p.teacher_forced_mean_iou
+    );
+    for (level, r) in p.region_features.iter().enumerate() {
         println!(
             "region features, decoder level {level}: nearest-neighbour category accuracy {}, \
              cosine same {} / different {}",
@@ -125,11 +178,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             f(r.cos_diff)
         );
     }
+    if let Some(h) = &p.patch_head_accuracy {
+        println!(
+            "patch head: accuracy {:.4} on {} object patches, {:.4} on all {} labelled patches",
+            h.objects, h.object_patches, h.all, h.patches
+        );
+    }
     if let Some(out) = &a.out {
-        let mut j = serde_json::to_value(&s)?;
-        j["teacher_forced_mean_iou"] = mean_iou.into();
-        j["region_features"] = serde_json::to_value(&regions)?;
-        popen::fsio::write_atomic(out, serde_json::to_string_pretty(&j)?.as_bytes())?;
+        popen::fsio::write_atomic(out, serde_json::to_string_pretty(&p)?.as_bytes())?;
     }
     Ok(())
 }
@@ -182,4 +238,18 @@ fn pool(feats: &[f32], w: &[f32]) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Index of the largest value (the first of ties; 0 for an empty row).
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
 }
