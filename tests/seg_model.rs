@@ -86,6 +86,12 @@ fn whole_model_gradient_matches_finite_differences() {
 /// ignored), both losses weighed in.
 #[test]
 fn whole_model_gradient_with_the_category_losses_matches_finite_differences() {
+    let (cfg, tok, b, w) = with_categories();
+    check_whole_model_gradient(&cfg, &tok, &b, w, &["patch_head", "seg_class_head"]);
+}
+
+/// The tiny config with two classes, [`batch`] labelled, and both category losses on.
+fn with_categories() -> (SegModelConfig, SegTokenizer, Vec<Example>, LossWeights) {
     use popen::kernels::logprob::IGNORE_INDEX;
     use popen::model::seg::category::Classes;
     let mut cfg = tiny_cfg();
@@ -110,7 +116,7 @@ fn whole_model_gradient_with_the_category_losses_matches_finite_differences() {
         seg_class: 0.7,
         ..LossWeights::default()
     };
-    check_whole_model_gradient(&cfg, &tok, &b, w, &["patch_head", "seg_class_head"]);
+    (cfg, tok, b, w)
 }
 
 /// Every parameter's gradient (two entries per tensor) against central differences in
@@ -449,15 +455,15 @@ fn a_pretrained_llava_grows_its_vocabulary_and_trains_with_a_frozen_tower() {
 }
 
 /// On every test device (the emulator; GPU 0 too under `POPEN_TEST_CUDA=1`, see
-/// `Device::test_devices`): one training step's loss and every gradient equal the CPU's.
+/// `Device::test_devices`): one training step's loss and every gradient equal the CPU's
+/// (the category losses on, so their heads run on the device too).
 #[test]
 fn a_training_step_on_the_device_backend_equals_the_cpu() {
     use popen::backend::{Backend, DeviceBackend};
-    let cfg = tiny_cfg();
-    let tok = tokenizer(&cfg);
+    let (cfg, tok, b, w) = with_categories();
     let mut c: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 6).unwrap();
-    let b = batch(&cfg, &tok);
-    let lc = c.step(&b, LossWeights::default(), 1.0, true).unwrap();
+    let lc = c.step(&b, w, 1.0, true).unwrap();
+    assert!(lc.patch_class > 0.0 && lc.seg_class > 0.0, "{lc:?}");
     let gc: Vec<(String, Vec<f32>)> = c
         .params_mut()
         .into_iter()
@@ -468,7 +474,7 @@ fn a_training_step_on_the_device_backend_equals_the_cpu() {
         let dev = DeviceBackend::new(device);
         let mut d: SegModel<f32, DeviceBackend> =
             SegModel::new_tiny(dev.clone(), cfg.clone(), &tok, 6).unwrap();
-        let ld = d.step(&b, LossWeights::default(), 1.0, true).unwrap();
+        let ld = d.step(&b, w, 1.0, true).unwrap();
         assert!(
             (lc.total - ld.total).abs() <= 1e-4 * lc.total.abs(),
             "{kind:?}: {lc:?} vs {ld:?}"

@@ -251,3 +251,64 @@ pub fn train_sft<B: Backend<f32>>(
     }
     trainer.run(&mut sm, &data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::mask::Mask;
+    use crate::data::sample::Target;
+
+    fn sample(categories: &[&str]) -> Sample {
+        let t = |c: &&str| Target {
+            category: c.to_string(),
+            mask: Mask {
+                height: 1,
+                width: 1,
+                data: vec![1],
+            },
+        };
+        Sample {
+            image_id: "0".into(),
+            image_path: "x.png".into(),
+            height: 1,
+            width: 1,
+            question: "q".into(),
+            question_index: 0,
+            answer: Some("a".into()),
+            targets: categories.iter().take(1).map(t).collect(),
+            objects: categories.iter().map(t).collect(),
+        }
+    }
+
+    #[test]
+    fn category_classes_come_from_the_data_or_refuse() {
+        let paths = SftPaths {
+            data: "train.json".into(),
+            images: None,
+            out: "run".into(),
+            val: None,
+            base: None,
+        };
+        let mut cfg = SftConfig::default();
+        let data = [sample(&["cup", "apple"]), sample(&["lamp", "cup"])];
+        // off: nothing changes
+        assert_eq!(with_classes(&cfg, &data, &paths).unwrap(), cfg);
+        cfg.loss.seg_class = 1.0;
+        let c = with_classes(&cfg, &data, &paths).unwrap();
+        assert_eq!(c.model.classes, ["apple", "cup", "lamp"]);
+        // the config's own list is kept
+        cfg.model.classes = vec!["lamp".into()];
+        let c = with_classes(&cfg, &data, &paths).unwrap();
+        assert_eq!(c.model.classes, ["lamp"]);
+        cfg.model.classes.clear();
+        // no category in the data, or a pretrained LLaVA: clear errors naming the field
+        let e = with_classes(&cfg, &[sample(&[])], &paths).unwrap_err();
+        assert!(e.to_string().contains("loss.patch_class"), "{e}");
+        let llava = SftPaths {
+            base: Some("llava".into()),
+            ..paths
+        };
+        let e = with_classes(&cfg, &data, &llava).unwrap_err();
+        assert!(e.to_string().contains("pretrained LLaVA"), "{e}");
+    }
+}
