@@ -90,7 +90,14 @@ micro_batch = 4
 grad_accum_steps = 1
 warmup_steps = 2
 log_every = 1
+[loss]
+patch_class = 1.0
+seg_class = 1.0
 "#;
+
+/// Stage 1 of the default run: the measured world config (`lr = 1e-3`, batch 16,
+/// `dice = 2`, both category losses), one file for the demo and `tools/stage1_world.sh`.
+const STAGE1_WORLD: &str = include_str!("../../tools/configs/stage1_world.toml");
 
 fn default_ps_copies() -> usize {
     12
@@ -143,7 +150,7 @@ impl DemoCfg {
         let mut c: SftConfig = if self.quick {
             parse_toml(Path::new("<quick model>"), QUICK_MODEL)?
         } else {
-            SftConfig::default()
+            parse_toml(Path::new("tools/configs/stage1_world.toml"), STAGE1_WORLD)?
         };
         c.train.total_steps = self.sft_steps;
         c.train.checkpoint_every = self.sft_steps.div_ceil(4).max(1);
