@@ -75,6 +75,20 @@ fn train(data: &Path, cfg: &Path, out: &Path, extra: &[&str], threads: &str) -> 
     popen(&args, threads)
 }
 
+fn predict(run: &Path, data: &Path, out: &Path, extra: &[&str], threads: &str) -> Output {
+    let mut args = vec![
+        "predict",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    popen(&args, threads)
+}
+
 #[test]
 fn train_predict_eval_and_the_run_directory() {
     let d = tmp("flow");
@@ -131,20 +145,7 @@ fn train_predict_eval_and_the_run_directory() {
     assert_eq!(cfg_json["model_type"], "llava");
     // predict → eval
     let pred = d.join("pred.jsonl");
-    ok(&popen(
-        &[
-            "predict",
-            "--checkpoint",
-            run.to_str().unwrap(),
-            "--data",
-            test_json.to_str().unwrap(),
-            "--out",
-            pred.to_str().unwrap(),
-            "--batch",
-            "3",
-        ],
-        "2",
-    ));
+    ok(&predict(&run, &test_json, &pred, &["--batch", "3"], "2"));
     let n_questions: usize = serde_json::from_str::<Vec<serde_json::Value>>(
         &std::fs::read_to_string(&test_json).unwrap(),
     )
@@ -175,20 +176,7 @@ fn train_predict_eval_and_the_run_directory() {
     assert_eq!(r["missing"], 0);
     // the batch size does not change the predictions
     let pred1 = d.join("pred1.jsonl");
-    ok(&popen(
-        &[
-            "predict",
-            "--checkpoint",
-            run.to_str().unwrap(),
-            "--data",
-            test_json.to_str().unwrap(),
-            "--out",
-            pred1.to_str().unwrap(),
-            "--batch",
-            "1",
-        ],
-        "1",
-    ));
+    ok(&predict(&run, &test_json, &pred1, &["--batch", "1"], "1"));
     assert_eq!(
         std::fs::read(&pred).unwrap(),
         std::fs::read(&pred1).unwrap()
@@ -332,16 +320,11 @@ fn bad_input_is_a_clear_error() {
     let e = err(&train(&train_json, &cfg, &d.join("r3"), &[], "2"));
     assert!(e.contains("train_000002.png"), "{e}");
     // a run directory that is not a model's
-    let e = err(&popen(
-        &[
-            "predict",
-            "--checkpoint",
-            d.join("world").to_str().unwrap(),
-            "--data",
-            test_json.to_str().unwrap(),
-            "--out",
-            d.join("p.jsonl").to_str().unwrap(),
-        ],
+    let e = err(&predict(
+        &d.join("world"),
+        &test_json,
+        &d.join("p.jsonl"),
+        &[],
         "2",
     ));
     assert!(e.contains("config.json"), "{e}");
@@ -403,18 +386,7 @@ fn the_category_losses_train_log_and_reload() {
             assert!(p.is_finite() && p > 0.0, "{k} in {l}");
         }
     }
-    ok(&popen(
-        &[
-            "predict",
-            "--checkpoint",
-            run.to_str().unwrap(),
-            "--data",
-            test_json.to_str().unwrap(),
-            "--out",
-            d.join("pred.jsonl").to_str().unwrap(),
-        ],
-        "2",
-    ));
+    ok(&predict(&run, &test_json, &d.join("pred.jsonl"), &[], "2"));
     // without the loss there is no head and no logged part
     let plain = d.join("plain");
     ok(&train(&train_json, &cfg, &plain, &["--steps", "1"], "2"));
@@ -524,20 +496,7 @@ fn three_steps_on_the_emulated_device_log_the_cpus_losses() {
     // the emulator's run directory is an ordinary one: predict reads it on either device
     for dev in ["cpu", "emu"] {
         let pred = d.join(format!("pred_{dev}.jsonl"));
-        ok(&popen(
-            &[
-                "predict",
-                "--checkpoint",
-                emu.to_str().unwrap(),
-                "--data",
-                test_json.to_str().unwrap(),
-                "--out",
-                pred.to_str().unwrap(),
-                "--device",
-                dev,
-            ],
-            "2",
-        ));
+        ok(&predict(&emu, &test_json, &pred, &["--device", dev], "2"));
     }
     // every question answered on both (the texts may differ where two tokens' logits
     // tie to within the twins' rounding, so they are not compared)
@@ -712,18 +671,7 @@ fn stage2_collects_trains_resumes_and_predicts() {
     );
     // the stage-2 run directory is a model predict reads
     let pred = d.join("pred.jsonl");
-    ok(&popen(
-        &[
-            "predict",
-            "--checkpoint",
-            a.to_str().unwrap(),
-            "--data",
-            test_json.to_str().unwrap(),
-            "--out",
-            pred.to_str().unwrap(),
-        ],
-        "2",
-    ));
+    ok(&predict(&a, &test_json, &pred, &[], "2"));
     assert!(std::fs::read_to_string(&pred).unwrap().lines().count() > 0);
     // a damaged pt.jsonl on --resume names the file and its line
     let mut text = std::fs::read_to_string(a.join("pt.jsonl")).unwrap();
