@@ -85,9 +85,10 @@ pub struct SegModelConfig {
     pub max_new_tokens: usize,
     /// Sizes of the LVLM trained from scratch.
     pub lvlm: TinyLvlm,
-    /// Object categories of the auxiliary patch-category head (ours, not PixelLM's; see
-    /// [`super::patch`]): empty = no head.  `popen train sft` fills it from the training
-    /// data's annotated objects when `loss.patch_class` > 0.
+    /// Object categories of the auxiliary category heads (ours, not PixelLM's; see
+    /// [`super::category`]): empty = no heads.  `popen train sft` fills it from the
+    /// training data's categories (sorted) when `loss.patch_class` or `loss.seg_class`
+    /// is above 0.
     pub classes: Vec<String>,
 }
 
