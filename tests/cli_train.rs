@@ -246,6 +246,13 @@ fn train_predict_eval_and_the_run_directory() {
     let iou = p["teacher_forced_mean_iou"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&iou), "{p}");
     assert!(text.contains("teacher-forced masks"), "{text}");
+    // one region feature per target at each decoder level; no patch head in this model
+    let regions = p["region_features"].as_array().unwrap();
+    assert_eq!(regions.len(), 2);
+    for r in regions {
+        assert_eq!(r["items"], n_targets, "{r}");
+    }
+    assert!(p["patch_head_accuracy"].is_null(), "{p}");
 }
 
 #[test]
@@ -387,6 +394,31 @@ fn the_category_losses_train_log_and_reload() {
         }
     }
     ok(&predict(&run, &test_json, &d.join("pred.jsonl"), &[], "2"));
+    // probe-embeddings reads the patch head: accuracies over the labelled patches
+    let probe = d.join("probe.json");
+    ok(&popen(
+        &[
+            "probe-embeddings",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            test_json.to_str().unwrap(),
+            "--out",
+            probe.to_str().unwrap(),
+        ],
+        "2",
+    ));
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+    let h = &p["patch_head_accuracy"];
+    // 32 px images in patches of 8: at most 16 labelled patches per question read
+    let questions = p["items"].as_u64().unwrap(); // ≥ the questions with targets
+    let patches = h["patches"].as_u64().unwrap();
+    assert!(patches > 0 && patches <= 16 * questions, "{p}");
+    assert!(h["object_patches"].as_u64().unwrap() <= patches, "{p}");
+    for k in ["objects", "all"] {
+        assert!((0.0..=1.0).contains(&h[k].as_f64().unwrap()), "{k}: {p}");
+    }
     // without the loss there is no head and no logged part
     let plain = d.join("plain");
     ok(&train(&train_json, &cfg, &plain, &["--steps", "1"], "2"));
