@@ -504,39 +504,36 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         Ok(out)
     }
 
-    /// The patch-category loss of a batch on the hidden state `h` (B, 1 + K, Cv) of
-    /// decoder level 0: the patches of the examples with labels, through the head.
+    /// The patch-category loss of a batch on its level-0 patches `f0` (B·K, Cv), through
+    /// the head; an example without labels has its patches ignored.
     fn patch_forward(
         &self,
         batch: &[Example],
-        h: &B::Buf,
+        f0: &B::Buf,
     ) -> Result<Option<(f64, super::category::HeadActs<B::Buf>)>> {
         let Some(head) = &self.patch_head else {
             return Ok(None);
         };
-        let be = &self.llava.be;
-        let v = &self.llava.cfg.vision;
-        let (k, cv) = (v.num_patches(), v.hidden_size);
-        let rows: Vec<usize> = (0..batch.len())
-            .filter(|&i| !batch[i].classes.patches.is_empty())
-            .collect();
-        if rows.is_empty() {
+        if batch.iter().all(|e| e.classes.patches.is_empty()) {
             return Ok(None);
         }
-        let mut x = be.zeros(rows.len() * k * cv);
-        let mut labels = Vec::with_capacity(rows.len() * k);
-        for (j, &i) in rows.iter().enumerate() {
-            let l = &batch[i].classes.patches;
-            crate::error::check_len(
-                "SegModel",
-                &format!("example {i} patch classes"),
-                l.len(),
-                k,
-            )?;
-            labels.extend_from_slice(l);
-            be.copy_range(&mut x, j * k * cv, h, (i * (k + 1) + 1) * cv, k * cv)?;
+        let k = self.tokens_per_image();
+        let mut labels = Vec::with_capacity(batch.len() * k);
+        for (i, ex) in batch.iter().enumerate() {
+            let l = &ex.classes.patches;
+            if l.is_empty() {
+                labels.extend(std::iter::repeat_n(IGNORE_INDEX, k));
+            } else {
+                crate::error::check_len(
+                    "SegModel",
+                    &format!("example {i} patch classes"),
+                    l.len(),
+                    k,
+                )?;
+                labels.extend_from_slice(l);
+            }
         }
-        super::category::forward(be, head, x, labels)
+        super::category::forward(&self.llava.be, head, f0.clone(), labels)
     }
 
     /// The category loss of the segmentation embeddings `emb` (M, L·D) of a batch's
@@ -570,20 +567,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             }
         }
         super::category::forward(&self.llava.be, head, emb.clone(), labels)
-    }
-
-    /// The backward of [`Self::patch_forward`]'s gather: (N·K, Cv) of the labelled
-    /// examples → (B, 1 + K, Cv).
-    fn patch_unscatter(&self, batch: &[Example], dx: &B::Buf) -> Result<B::Buf> {
-        let be = &self.llava.be;
-        let v = &self.llava.cfg.vision;
-        let (k, cv) = (v.num_patches(), v.hidden_size);
-        let mut out = be.zeros(batch.len() * (k + 1) * cv);
-        let rows = (0..batch.len()).filter(|&i| !batch[i].classes.patches.is_empty());
-        for (j, i) in rows.enumerate() {
-            be.copy_range(&mut out, (i * (k + 1) + 1) * cv, dx, j * k * cv, k * cv)?;
-        }
-        Ok(out)
     }
 
     /// Image tokens per image (K).
@@ -817,10 +800,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let px: Vec<&Pixels> = batch.iter().map(|e| &e.pixels).collect();
         let pixels = self.stack_pixels(&px)?;
         let (hs, vision) = self.llava.vision_tower.forward_train(&pixels, b, upto)?;
-        let (patch_loss, patch) = match self.patch_forward(batch, &hs[idx[1]])? {
-            Some((l, a)) => (Some(l), Some(a)),
-            None => (None, None),
-        };
+        // decoder level 0's patches: the pixel decoder's and the patch head's input
+        let f0 = self.patches_of(&hs[idx[1]], b)?;
+        let (patch_loss, patch) = self.patch_forward(batch, &f0)?.unzip();
         let (img, proj) = self
             .llava
             .projector
@@ -907,11 +889,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (mut seg_class_loss, mut seg_class) = (None, None);
         let seg = if m > 0 {
             let (emb, head) = self.seg_embeddings(&llm.hidden, &gather_rows)?;
-            if let Some((l, a)) = self.seg_class_forward(batch, &emb)? {
-                seg_class_loss = Some(l);
-                seg_class = Some(a);
-            }
-            let f0 = self.patches_of(&hs[idx[1]], b)?;
+            (seg_class_loss, seg_class) = self.seg_class_forward(batch, &emb)?.unzip();
             let f1 = self.patches_of(&hs[idx[2]], b)?;
             let s = self.cfg.image_size;
             let (dl, dec) = self.decoder.forward([&f0, &f1], b, &emb, &img_of, s, s)?;
@@ -1080,7 +1058,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if let (Some(pa), Some(head)) = (&a.patch, &mut self.patch_head) {
             if class_w.0 != 0.0 {
                 let dx = super::category::backward(&be, head, pa, class_w.0)?;
-                add(a.idx[1], self.patch_unscatter(batch, &dx)?)?;
+                add(a.idx[1], self.unpatches(&dx, b)?)?;
             }
         }
         self.llava.vision_tower.backward(&a.vision, &dstates)?;
