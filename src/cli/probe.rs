@@ -208,17 +208,10 @@ fn patch_weights(
     grid: usize,
 ) -> Vec<f32> {
     let mut w = vec![0f32; grid * grid];
-    let side = grid as f64;
-    // the resized image fills valid_h × valid_w of the S × S square
-    let s = px.valid_h.max(px.valid_w) as f64;
-    for (i, &m) in mask.iter().enumerate() {
+    let cell = popen::model::seg::category::pixel_patches(px, grid);
+    for (&p, &m) in cell.iter().zip(mask) {
         if m > 0.5 {
-            let (y, x) = (i / px.width, i % px.width);
-            let yy = (y as f64 + 0.5) * px.valid_h as f64 / px.height as f64;
-            let xx = (x as f64 + 0.5) * px.valid_w as f64 / px.width as f64;
-            let py = ((yy / s * side) as usize).min(grid - 1);
-            let px_ = ((xx / s * side) as usize).min(grid - 1);
-            w[py * grid + px_] += 1.0;
+            w[p] += 1.0;
         }
     }
     let total: f32 = w.iter().sum();

@@ -67,22 +67,12 @@ pub fn patch_labels(objects: &[Target], px: &Pixels, grid: usize, classes: &[Str
     if n == 0 {
         return Vec::new();
     }
-    // the resized image fills valid_h × valid_w of the S × S square
-    let side = px.valid_h.max(px.valid_w) as f64;
-    let cell = |y: usize, x: usize| {
-        let yy = (y as f64 + 0.5) * px.valid_h as f64 / px.height as f64;
-        let xx = (x as f64 + 0.5) * px.valid_w as f64 / px.width as f64;
-        let py = ((yy / side * grid as f64) as usize).min(grid - 1);
-        let pxx = ((xx / side * grid as f64) as usize).min(grid - 1);
-        py * grid + pxx
-    };
+    let cell = pixel_patches(px, grid);
     // image pixels per patch, and object pixels per (patch, class); class C = unknown
     let c = classes.len();
     let mut pixels = vec![0u32; n];
-    for y in 0..px.height {
-        for x in 0..px.width {
-            pixels[cell(y, x)] += 1;
-        }
+    for &p in &cell {
+        pixels[p] += 1;
     }
     let mut counts = vec![0u32; n * (c + 1)];
     for o in objects {
@@ -90,9 +80,9 @@ pub fn patch_labels(objects: &[Target], px: &Pixels, grid: usize, classes: &[Str
             continue;
         }
         let k = classes.iter().position(|x| *x == o.category).unwrap_or(c);
-        for (i, &v) in o.mask.data.iter().enumerate() {
+        for (&p, &v) in cell.iter().zip(&o.mask.data) {
             if v == 1 {
-                counts[cell(i / px.width, i % px.width) * (c + 1) + k] += 1;
+                counts[p * (c + 1) + k] += 1;
             }
         }
     }
@@ -112,6 +102,27 @@ pub fn patch_labels(objects: &[Target], px: &Pixels, grid: usize, classes: &[Str
             } else {
                 IGNORE_INDEX
             }
+        })
+        .collect()
+}
+
+/// Per pixel of the image at its own size (row-major), the patch of the `grid × grid`
+/// tower input its centre falls in, through the resize into the padded square.
+pub fn pixel_patches(px: &Pixels, grid: usize) -> Vec<usize> {
+    if grid == 0 {
+        return vec![0; px.height * px.width];
+    }
+    // the resized image fills valid_h × valid_w of the S × S square
+    let side = px.valid_h.max(px.valid_w) as f64;
+    let at = |i: usize, valid: usize, size: usize| {
+        let v = (i as f64 + 0.5) * valid as f64 / size as f64;
+        ((v / side * grid as f64) as usize).min(grid - 1)
+    };
+    let cols: Vec<usize> = (0..px.width).map(|x| at(x, px.valid_w, px.width)).collect();
+    (0..px.height)
+        .flat_map(|y| {
+            let row = at(y, px.valid_h, px.height) * grid;
+            cols.iter().map(move |&c| row + c)
         })
         .collect()
 }
