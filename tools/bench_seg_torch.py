@@ -24,6 +24,11 @@ Batch: 16 questions of 112 positions (64 image + 48 text, the world's ~110) and 
 target masks (the world averages 1.9 per question).  Prints one JSON line.
 
 usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/bench_seg_torch.py [--threads 2] [--iters 10]
+       [--text 48] [--masks 30]
+
+`cargo bench --bench seg_step` times our step on a fixed world batch and prints its
+padded positions and masks; `--text 42 --masks 25` gives this script the same shapes
+(16 x (64 + 42) = 1696 positions).
 """
 import argparse
 import json
@@ -227,11 +232,16 @@ class Model(nn.Module):
 
 
 def main():
+    global T_TEXT, M
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--text", type=int, default=T_TEXT,
+                    help="text positions per question (benches/seg_step.rs prints its batch's)")
+    ap.add_argument("--masks", type=int, default=M, help="target masks in the batch")
     a = ap.parse_args()
+    T_TEXT, M = a.text, a.masks
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = Model()
