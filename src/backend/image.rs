@@ -293,6 +293,11 @@ pub fn resize_bilinear_bwd<F: CpuFloat>(
 ) -> Result<()> {
     // forward: out[oy,ox] = Σ_{a∈{0,1}, e∈{0,1}} λy_a λx_e · x[iy_a, ix_e]
     // so:      dx[iy_a, ix_e] += λy_a λx_e · dout[oy,ox]   (a scatter: one task per image)
+    // The weights are a product, so the scatter is done one axis at a time:
+    //          t[oy, ix_e]   += λx_e · dout[oy, ox]   (along x, a (Ho, W, C) buffer)
+    //          dx[iy_a, ·]   += λy_a · t[oy, ·]       (along y, whole rows of W·C)
+    // 2·Ho·(Wo + W)·C multiply-adds instead of 4·Ho·Wo·C, and the second pass runs
+    // over contiguous rows.
     check_resize(
         "resize_bilinear_bwd",
         dx.len(),
@@ -308,25 +313,30 @@ pub fn resize_bilinear_bwd<F: CpuFloat>(
         return Ok(());
     }
     let (ty, tx) = (taps::<F>(h, ho), taps::<F>(w, wo));
-    dx.par_chunks_mut(h * w * c)
-        .enumerate()
-        .for_each(|(bi, d)| {
-            d.iter_mut().for_each(|v| *v = F::zero());
-            for (oy, a) in ty.iter().enumerate() {
-                for (ox, e) in tx.iter().enumerate() {
-                    let g = &dout[((bi * ho + oy) * wo + ox) * c..][..c];
-                    for (iy, ly) in [(a.i0, a.l0), (a.i1, a.l1)] {
-                        for (ix, lx) in [(e.i0, e.l0), (e.i1, e.l1)] {
-                            let wgt = ly * lx;
-                            let dst = &mut d[(iy * w + ix) * c..][..c];
-                            dst.iter_mut()
-                                .zip(g)
-                                .for_each(|(v, gi)| *v = *v + wgt * *gi);
-                        }
+    let row = w * c;
+    dx.par_chunks_mut(h * row).enumerate().for_each(|(bi, d)| {
+        let mut t = vec![F::zero(); ho * row];
+        for (oy, tr) in t.chunks_exact_mut(row).enumerate() {
+            let src = &dout[(bi * ho + oy) * wo * c..][..wo * c];
+            for (e, g) in tx.iter().zip(src.chunks_exact(c)) {
+                for (ix, lx) in [(e.i0, e.l0), (e.i1, e.l1)] {
+                    let dst = &mut tr[ix * c..][..c];
+                    for i in 0..c {
+                        dst[i] = dst[i] + lx * g[i];
                     }
                 }
             }
-        });
+        }
+        d.iter_mut().for_each(|v| *v = F::zero());
+        for (a, tr) in ty.iter().zip(t.chunks_exact(row)) {
+            for (iy, ly) in [(a.i0, a.l0), (a.i1, a.l1)] {
+                let dst = &mut d[iy * row..][..row];
+                for i in 0..row {
+                    dst[i] = dst[i] + ly * tr[i];
+                }
+            }
+        }
+    });
     Ok(())
 }
 
