@@ -46,6 +46,9 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Freed buffers stay in the process for the next training step instead of being
+    // faulted in and zeroed again (popen::backend::cpu::heap).
+    popen::backend::cpu::keep_freed_memory();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),

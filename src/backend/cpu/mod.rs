@@ -18,6 +18,7 @@ mod act;
 mod elementwise;
 mod embed;
 mod heads;
+pub mod heap;
 mod logprob;
 pub(crate) mod matmul;
 mod norm;
@@ -25,6 +26,7 @@ mod optim;
 
 /// The crate's one fast f32 `exp` (see [`crate::kernels::fastmath`]).
 pub use crate::kernels::fastmath::exp_f32;
+pub use heap::keep_freed_memory;
 
 /// Rows per rayon task: below this a row loop is cheaper than a task split.
 const MIN_ROWS_PER_TASK: usize = 16;
