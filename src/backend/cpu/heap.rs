@@ -39,3 +39,24 @@ pub fn keep_freed_memory() -> bool {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn glibc_takes_both_settings_and_memory_still_works() {
+        // mallopt rejects an mmap threshold above its cap (then this fails), and the
+        // allocator must keep working after the change
+        assert!(keep_freed_memory());
+        let v: Vec<f32> = vec![1.5; MMAP_THRESHOLD / 4 - 1024];
+        assert_eq!(
+            v.iter().map(|&x| x as f64).sum::<f64>(),
+            1.5 * v.len() as f64
+        );
+        drop(v);
+        let w: Vec<u8> = vec![7; MMAP_THRESHOLD * 2];
+        assert_eq!(w[MMAP_THRESHOLD * 2 - 1], 7);
+    }
+}
