@@ -81,7 +81,7 @@ const ERF_SERIES: [f32; 8] = {
 /// `erf(x)` in f32 without a libm call, so that loops over it (the erf GELU of the
 /// LLaVA projector and the pixel decoder's upsampling) vectorize.
 ///
-/// On `a = |x|`: the Maclaurin series below [`ERF_SERIES_MAX`], Abramowitz & Stegun
+/// On `a = |x|`: the Maclaurin series below 0.75, Abramowitz & Stegun
 /// 7.1.26 with [`exp_f32`] above; both are computed and one selected (no branch), the
 /// sign restored.  Measured absolute error < 2.5e-7 over `[−6, 6]` (the formula's
 /// 1.5e-7 plus f32 rounding), which is what the f32 GELU `½x(1 + erf(x/√2))` needs.
