@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
                 }
                 let loss = m.step(&batch, cfg.loss, 1.0, true).unwrap();
                 let mut params = m.params_mut();
-                clip_grad_norm(&Cpu, &mut params, 1.0).unwrap();
+                clip_grad_norm(&Cpu, &mut params, cfg.train.clip_grad_norm).unwrap();
                 opt.step(&Cpu, &mut params, 1e-4).unwrap();
                 loss.total
             })

@@ -62,8 +62,8 @@ const ERF_A: [f32; 5] = [
 /// Below this `|x|` the Maclaurin series is used: there `1 − t·P(t)·e^{−a²}` cancels
 /// (the product is near 1) and loses up to 6.5e-7 to f32 rounding.
 const ERF_SERIES_MAX: f32 = 0.75;
-/// `erf(a) = (2/√π) Σ (−1)ⁿ a^(2n+1) / (n!(2n+1))`, n < 8 (`n!(2n+1)` = 1, 3, 10, …): the first omitted term is
-/// below 1.1e-9 at `a = 0.75`.
+/// `erf(a) = (2/√π) Σ (−1)ⁿ a^(2n+1) / (n!(2n+1))`, n < 8 (`n!(2n+1)` = 1, 3, 10, …):
+/// the first omitted term is below 1.1e-9 at `a = 0.75`.
 const ERF_SERIES: [f32; 8] = {
     const S: f32 = std::f32::consts::FRAC_2_SQRT_PI;
     [
@@ -89,10 +89,10 @@ const ERF_SERIES: [f32; 8] = {
 #[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
     let a = x.abs();
+    let a2 = a * a;
     let t = 1.0 / (1.0 + ERF_P * a);
     let p = t * (ERF_A[0] + t * (ERF_A[1] + t * (ERF_A[2] + t * (ERF_A[3] + t * ERF_A[4]))));
-    let tail = 1.0 - p * exp_f32(-a * a);
-    let a2 = a * a;
+    let tail = 1.0 - p * exp_f32(-a2);
     let c = &ERF_SERIES;
     let series = a
         * (c[0]

@@ -104,7 +104,7 @@ fn act_deriv<F: CpuFloat>(act: Act, x: F) -> F {
     }
 }
 
-/// Calls `$run(|x| $per(Act::X, x))` with the activation a constant in each arm, so
+/// Calls `$run(|x, g| $per(Act::X, x, g))` with the activation a constant in each arm, so
 /// every element loop is compiled for one activation (a `match` inside the loop kept
 /// it from vectorizing: the erf GELU ran at ~10 ns per element).
 macro_rules! per_act {

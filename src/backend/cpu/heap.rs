@@ -9,8 +9,7 @@
 //! limits; the process's resident memory then stays at its peak instead of falling
 //! between steps.
 //!
-//! Measured with `cargo bench --bench seg_step` (stage-1 step of the world config,
-//! 2 threads): about 15–25 % less time per step (README, "Benchmarks").
+//! Measured with `cargo bench --bench seg_step` in the README's "Benchmarks".
 
 /// Allocations below this come from the heap and are reused after `free`; glibc caps
 /// the threshold at 32 MiB on 64-bit targets (the tiny model's largest buffer, the
