@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
-use common::cli::{err, kill_and_resume, ok, popen, popen_limited, Kills};
+use common::cli::{err, json_file, kill_and_resume, ok, popen, popen_limited, Kills};
 
 fn tmp(name: &str) -> PathBuf {
     common::cli::tmp("cli_train", name)
@@ -111,9 +111,7 @@ fn train_predict_eval_and_the_run_directory() {
     ] {
         assert!(run.join(f).is_file(), "{f} missing from the run directory");
     }
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("train_state.json")).unwrap())
-            .unwrap();
+    let state = json_file(run.join("train_state.json"));
     assert_eq!(state["step"], 8);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -140,8 +138,7 @@ fn train_predict_eval_and_the_run_directory() {
         "no validation logged"
     );
     // popen forward still reads the LLaVA part of the run directory's config
-    let cfg_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let cfg_json = json_file(run.join("config.json"));
     assert_eq!(cfg_json["model_type"], "llava");
     // predict → eval
     let pred = d.join("pred.jsonl");
@@ -170,8 +167,7 @@ fn train_predict_eval_and_the_run_directory() {
         ],
         "2",
     ));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = json_file(&report);
     assert_eq!(r["n_questions"], n_questions);
     assert_eq!(r["missing"], 0);
     // the batch size does not change the predictions
@@ -230,8 +226,7 @@ fn train_predict_eval_and_the_run_directory() {
         text.contains("nearest-neighbour category accuracy"),
         "{text}"
     );
-    let p: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+    let p = json_file(&probe);
     let n_targets: usize = serde_json::from_str::<Vec<serde_json::Value>>(
         &std::fs::read_to_string(&test_json).unwrap(),
     )
@@ -357,12 +352,10 @@ fn the_category_losses_train_log_and_reload() {
     .unwrap();
     let run = d.join("run");
     ok(&train(&train_json, &pcfg, &run, &["--steps", "3"], "2"));
-    let cfg_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let cfg_json = json_file(run.join("config.json"));
     let classes: Vec<String> =
         serde_json::from_value(cfg_json["popen"]["classes"].clone()).unwrap();
-    let data: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&train_json).unwrap()).unwrap();
+    let data = json_file(&train_json);
     let mut want: Vec<String> = data
         .as_array()
         .unwrap()
@@ -408,8 +401,7 @@ fn the_category_losses_train_log_and_reload() {
         ],
         "2",
     ));
-    let p: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+    let p = json_file(&probe);
     let h = &p["patch_head_accuracy"];
     // 32 px images in patches of 8: at most 16 labelled patches per question read
     let questions = p["items"].as_u64().unwrap(); // ≥ the questions with targets
@@ -597,8 +589,7 @@ fn stage2_collects_trains_resumes_and_predicts() {
         assert!(a.join(f).is_file(), "{f} missing from the stage-2 run");
     }
     // the counts add up, and every pair is in pt.jsonl with its changed positions
-    let c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.join("collect.json")).unwrap()).unwrap();
+    let c = json_file(a.join("collect.json"));
     let n = |k: &str| c[k].as_u64().unwrap();
     assert_eq!(
         n("sampled") + n("resampled") + n("injected") + n("skipped"),

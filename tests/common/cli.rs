@@ -46,6 +46,13 @@ pub fn err(o: &Output) -> String {
 }
 
 /// A fresh directory under the temp dir, unique to this process, test file and name.
+/// A JSON file the command wrote (report, config, state), parsed.
+pub fn json_file(path: impl AsRef<Path>) -> serde_json::Value {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 pub fn tmp(file: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("popen_{file}_{}_{name}", std::process::id()));
     std::fs::remove_dir_all(&d).ok();
