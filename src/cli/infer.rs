@@ -7,7 +7,7 @@ use popen::backend::{Backend, OnBackend};
 use popen::data::world::overlay;
 use popen::data::world::overlay::seg_phrases;
 use popen::data::Mask;
-use popen::method::ensemble::{load_prompt, sentence_ends};
+use popen::method::ensemble::{load_prompt, sentence_ends, EnsembleCfg};
 use popen::model::seg::preprocess;
 use popen::model::seg::{Pixels, Prediction, SegModel};
 use popen::nn::SamplingCfg;
@@ -63,7 +63,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let hidden = model.llava.cfg.text.hidden_size;
             let prompt = load_prompt(&a.checkpoint, hidden)?.map(|p| model.llava.be.from_slice(&p));
             let ends = sentence_ends(&tok.tok);
-            let cfg = a.ensemble.cfg(a.ensemble.ensemble);
+            // only the answer's masks are written
+            let cfg = EnsembleCfg {
+                sample_masks: false,
+                ..a.ensemble.cfg(a.ensemble.ensemble)
+            };
             let e = model
                 .predict_ensemble(&tok, &item, &cfg, a.seed, prompt.as_ref(), &ends)?
                 .remove(0);

@@ -2,7 +2,7 @@
 //! MUSE-schema file; writes the `PRED.jsonl` that `popen eval` reads.
 use super::model_args::{DeviceArg, EnsembleArgs};
 use popen::backend::{Backend, OnBackend};
-use popen::method::ensemble::load_prompt;
+use popen::method::ensemble::{load_prompt, EnsembleCfg};
 use popen::method::predict::{
     data_root, predict_items, predict_items_ensemble, questions, write_preds,
 };
@@ -73,7 +73,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     );
                 }
                 let prompt = prompt.map(|p| model.llava.be.from_slice(&p));
-                let ecfg = a.ensemble.cfg(a.ensemble.ensemble);
+                // only the answers' masks are written
+                let ecfg = EnsembleCfg {
+                    sample_masks: false,
+                    ..a.ensemble.cfg(a.ensemble.ensemble)
+                };
                 let (lines, full) = predict_items_ensemble(
                     &model,
                     &tok,

@@ -423,6 +423,31 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         })
     }
 
+    /// Cuts the cache back to its first `len` positions (a rejected draft's keys).
+    pub fn truncate_cache(&self, c: &mut KvCache<B::Buf>, len: usize) -> Result<()> {
+        let old = c.len();
+        if len > old {
+            return Err(Error::shape(
+                "Llama::truncate_cache",
+                format!("{len} positions kept of a cache of {old}"),
+            ));
+        }
+        let be = &self.be;
+        let (nkv, hs) = (self.cfg.n_kv_heads(), self.cfg.head_dim());
+        // each layer's k and v are (B, NKV, len, HS): copy each head's first `len` rows
+        for l in &mut c.layers {
+            for buf in [&mut l.k, &mut l.v] {
+                let mut cut = be.zeros(c.b * nkv * len * hs);
+                for bh in 0..c.b * nkv {
+                    be.copy_range(&mut cut, bh * len * hs, buf, bh * old * hs, len * hs)?;
+                }
+                *buf = cut;
+            }
+            l.len = len;
+        }
+        Ok(())
+    }
+
     /// ids (B·T) → input embeddings (B·T, C).
     pub fn embed(&self, ids: &[u32]) -> Result<B::Buf> {
         self.embed_tokens.forward(&self.be, ids)

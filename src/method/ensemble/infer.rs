@@ -5,7 +5,7 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::seg::infer::{last_row_f32, row, Rows};
+use crate::model::seg::infer::{row, rows_f32, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::{KvCache, Rng, SamplingCfg};
 use num_traits::Float;
@@ -34,6 +34,12 @@ struct Fixed<'a, Buf> {
     prompt: Option<&'a Buf>,
     ends: &'a [bool],
     header: Vec<u32>,
+}
+
+/// A question's prefix `[image, x]`: its KV cache (batch 1) and last hidden row.
+struct Head<Buf> {
+    prefix: KvCache<Buf>,
+    h_prefix: Buf,
 }
 
 /// The K samples and, per sample, the hidden row that predicted each of its tokens.
@@ -89,26 +95,50 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             header: tok.answer_header()?,
         };
         let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
-        self.encode_images(&px)?
+        let encs = self.encode_images(&px)?;
+        // [image, x] without the answer header: the header follows whatever is read next
+        let bodies = items
             .iter()
-            .zip(items)
-            .enumerate()
-            .map(|(i, (enc, (p, q)))| {
-                let s = seed.wrapping_add(i as u64);
-                self.ensemble_one(tok, p, q, enc, cfg, s, &fixed)
-            })
-            .collect()
+            .map(|(_, q)| self.prompt_ids(tok, q, fixed.header.len()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, (ids, _)) in bodies.iter().enumerate() {
+            groups.entry(ids.len()).or_default().push(i);
+        }
+        let mut out: Vec<Option<EnsemblePrediction>> = (0..items.len()).map(|_| None).collect();
+        for idx in groups.values() {
+            let seeds: Vec<u64> = idx.iter().map(|&i| seed.wrapping_add(i as u64)).collect();
+            let pre = self.prefill_rows(&bodies, &encs, idx, &seeds)?;
+            let mut sampled = self.sample_k(tok, &px, &encs, idx, &pre, cfg, &seeds, &fixed)?;
+            for (r, &i) in idx.iter().enumerate().rev() {
+                let prefix = self
+                    .llava
+                    .language_model
+                    .select_cache_rows(&pre.cache, &[r])?;
+                let samples = sampled.pop().ok_or_else(|| {
+                    Error::shape("SegModel::predict_ensemble", "fewer sample sets than rows")
+                })?;
+                let head = Head {
+                    prefix,
+                    h_prefix: pre.hidden[r].clone(),
+                };
+                out[i] = Some(self.refine_one(tok, px[i], &encs[i], head, samples, cfg, &fixed)?);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
 
+    /// The text half (Eq. 5) and the segmentation half (Eq. 6) of one question, from
+    /// its prefix `[image, x]` and its K samples.
     #[allow(clippy::too_many_arguments)]
-    fn ensemble_one(
+    fn refine_one(
         &self,
         tok: &SegTokenizer,
         px: &Pixels,
-        question: &str,
         enc: &ImageEncoding<B::Buf>,
+        head: Head<B::Buf>,
+        sampled: Samples<B::Buf>,
         cfg: &EnsembleCfg,
-        seed: u64,
         fixed: &Fixed<'_, B::Buf>,
     ) -> Result<EnsemblePrediction> {
         let be = &self.llava.be;
@@ -117,44 +147,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let ctx = lm.cfg.max_position_embeddings;
         let eos = tok.tok.eos;
         let (prompt, ends, header) = (fixed.prompt, fixed.ends, &fixed.header[..]);
-        // [image, x] once; the answer header follows whatever is read next
-        let Prefill {
-            cache: prefix,
-            mut logits,
-            mut hidden,
-        } = self.prefill_holding(tok, question, enc, header.len())?;
-        let h_prefix = row(be, &hidden, be.len(&hidden) / hdim - 1, hdim)?;
-        let mut sample_cache = prefix.clone();
-        if !header.is_empty() {
-            let (lg, acts) = lm.forward_embeds(
-                lm.embed(header)?,
-                1,
-                header.len(),
-                None,
-                None,
-                Some(&mut sample_cache),
-            )?;
-            (logits, hidden) = (lg, acts.hidden);
-        }
-        let sampling = SamplingCfg {
-            temperature: cfg.temperature,
-            top_p: cfg.top_p,
-            seed,
-        };
+        let Head { prefix, h_prefix } = head;
         let Samples {
             preds: samples,
             rows: sample_rows,
-        } = self.sample_k(
-            tok,
-            px,
-            enc,
-            &sample_cache,
-            &logits,
-            &hidden,
-            cfg.k,
-            &sampling,
-        )?;
-        drop(sample_cache);
+        } = sampled;
         // scores
         let (mut tau, mut eta) = (Vec::with_capacity(cfg.k), Vec::with_capacity(cfg.k));
         for s in &samples {
@@ -180,18 +177,18 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let n_prompt = prompt.map_or(0, |p| be.len(p) / hdim);
         let read_len = ys.len() + n_prompt + header.len();
         let fits = prefix.len() + read_len + 1 < ctx;
-        let mut fallback = false;
-        let mut answer = if !cfg.text {
-            samples[best].clone()
-        } else if !fits {
-            fallback = true;
-            samples[best].clone()
+        // the answer is the most likely sample without the text ensemble or room for it
+        let fallback = cfg.text && !fits;
+        // `ỹ` and the hidden row that predicted each of its tokens
+        let (mut answer, answer_rows) = if !cfg.text || !fits {
+            (samples[best].clone(), sample_rows[best].clone())
         } else {
             let chunk = self.read_chunk(&ys, prompt, &[], header)?;
             let mut bias = vec![0f32; prefix.len()];
             bias.extend_from_slice(&y_bias);
             bias.extend(std::iter::repeat_n(0.0, n_prompt + header.len()));
-            self.decode_refined(tok, px, enc, prefix.clone(), chunk, read_len, bias)?
+            let drafts: Vec<&[u32]> = samples.iter().map(|s| s.ids.as_slice()).collect();
+            self.decode_refined(tok, prefix.clone(), chunk, read_len, bias, &drafts)?
         };
         // the segmentation half: [y_1 … y_K, p̂, {f}, header, ỹ] with γ(η) on the f keys
         let (ans_ids, _) = strip_eos(&answer, eos);
@@ -214,6 +211,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .flat_map(|r| be.to_vec(r))
             .map(|x| x.to_f32().unwrap_or(f32::NAN))
             .collect();
+        let mut seg_done = false;
         if cfg.seg && !ans_groups.is_empty() {
             let n = read_len + f_rows.len() + ans_ids.len();
             if prefix.len() + n < ctx {
@@ -234,10 +232,15 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                         i => row(be, &acts.hidden, i - 1, hdim),
                     })
                     .collect::<Result<_>>()?;
-                let (masks, logits) = self.masks_of_groups(px, &enc.feats, &ans_groups, &rows)?;
-                answer.masks = masks;
-                answer.logits = logits;
+                (answer.masks, answer.logits) =
+                    self.masks_of_groups(px, &enc.feats, &ans_groups, &rows)?;
+                seg_done = true;
             }
+        }
+        // without the segmentation half, `ỹ`'s own masks (a sample's may already be in)
+        if !seg_done && answer.masks.len() != ans_groups.len() {
+            (answer.masks, answer.logits) =
+                self.masks_of_groups(px, &enc.feats, &ans_groups, &answer_rows)?;
         }
         Ok(EnsemblePrediction {
             answer,
@@ -276,63 +279,96 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         Ok(x)
     }
 
-    /// K answers decoded together from the prefix cache (repeated K times); row `r`
-    /// samples from the stream seeded `splitmix64(seed) + r`.
+    /// The K answers of every question of one prompt length, decoded together: the
+    /// answer header is fed after the bodies' cache `pre`, each row is repeated K times,
+    /// and the B·K rows decode as one batch.  Sample `j` of the question seeded `s`
+    /// draws from the stream seeded `splitmix64(s) + j`.  Returns one set per row of
+    /// `pre`, in order.
     #[allow(clippy::too_many_arguments)]
     fn sample_k(
         &self,
         tok: &SegTokenizer,
-        px: &Pixels,
-        enc: &ImageEncoding<B::Buf>,
-        prefix: &KvCache<B::Buf>,
-        logits: &B::Buf,
-        hidden: &B::Buf,
-        k: usize,
-        cfg: &SamplingCfg,
-    ) -> Result<Samples<B::Buf>> {
+        px: &[&Pixels],
+        encs: &[ImageEncoding<B::Buf>],
+        idx: &[usize],
+        pre: &Rows<B::Buf>,
+        cfg: &EnsembleCfg,
+        seeds: &[u64],
+        fixed: &Fixed<'_, B::Buf>,
+    ) -> Result<Vec<Samples<B::Buf>>> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let (hdim, v) = (
             self.llava.cfg.text.hidden_size,
             self.llava.cfg.text.vocab_size,
         );
-        let base = crate::rng::splitmix64(cfg.seed);
-        // the prefix's last logits and hidden row, the same for every row at step 0
-        let n0 = be.len(hidden) / hdim;
-        let decoded = self.decode_rows(
-            tok,
-            Rows {
-                cache: lm.repeat_cache(prefix, k)?,
-                logits: vec![last_row_f32(be, logits, v); k],
-                hidden: vec![row(be, hidden, n0 - 1, hdim)?; k],
-                rngs: (0..k as u64)
-                    .map(|r| Rng::new(base.wrapping_add(r)))
-                    .collect(),
-                bias: None,
-            },
-            cfg,
-        )?;
-        let (mut preds, mut rows) = (Vec::with_capacity(k), Vec::with_capacity(k));
-        for d in decoded {
-            preds.push(self.finish_answer(tok, px, &enc.feats, d.ids, d.logps, &d.rows)?);
-            rows.push(d.rows);
+        let (b, k, header) = (idx.len(), cfg.k, &fixed.header[..]);
+        let (mut cache, mut logits, mut hidden) =
+            (pre.cache.clone(), pre.logits.clone(), pre.hidden.clone());
+        if !header.is_empty() {
+            let ids: Vec<u32> = (0..b).flat_map(|_| header.iter().copied()).collect();
+            let hl = header.len();
+            let (lg, acts) =
+                lm.forward_embeds(lm.embed(&ids)?, b, hl, None, None, Some(&mut cache))?;
+            let last: Vec<usize> = (0..b).map(|r| (r + 1) * hl - 1).collect();
+            logits = rows_f32(be, &lg, &last, v);
+            hidden = last
+                .iter()
+                .map(|&i| row(be, &acts.hidden, i, hdim))
+                .collect::<Result<_>>()?;
         }
-        Ok(Samples { preds, rows })
+        let rep: Vec<usize> = (0..b).flat_map(|r| std::iter::repeat_n(r, k)).collect();
+        let rows = Rows {
+            cache: lm.select_cache_rows(&cache, &rep)?,
+            logits: rep.iter().map(|&r| logits[r].clone()).collect(),
+            hidden: rep.iter().map(|&r| hidden[r].clone()).collect(),
+            rngs: seeds
+                .iter()
+                .flat_map(|&s| {
+                    let base = crate::rng::splitmix64(s);
+                    (0..k as u64).map(move |j| Rng::new(base.wrapping_add(j)))
+                })
+                .collect(),
+            bias: None,
+        };
+        drop(cache);
+        let sampling = SamplingCfg {
+            temperature: cfg.temperature,
+            top_p: cfg.top_p,
+            seed: 0,
+        };
+        let mut decoded = self.decode_rows(tok, rows, &sampling)?.into_iter();
+        let mut out = Vec::with_capacity(b);
+        for &i in idx {
+            let (mut preds, mut rows) = (Vec::with_capacity(k), Vec::with_capacity(k));
+            for d in decoded.by_ref().take(k) {
+                let p = if cfg.sample_masks {
+                    self.finish_answer(tok, px[i], &encs[i].feats, d.ids, d.logps, &d.rows)?
+                } else {
+                    self.finish_text(tok, d.ids, d.logps)?
+                };
+                preds.push(p);
+                rows.push(d.rows);
+            }
+            out.push(Samples { preds, rows });
+        }
+        Ok(out)
     }
 
-    /// `ỹ`: the read chunk through the prefix cache with `bias` on every key, then
-    /// greedy decoding (new keys unbiased).
+    /// `ỹ` (its masks not yet decoded) and the hidden row that predicted each of its
+    /// tokens: the read chunk through the prefix cache with `bias` on every key, then
+    /// greedy decoding (new keys unbiased), checked against the samples as drafts
+    /// ([`crate::model::seg::draft`]).
     #[allow(clippy::too_many_arguments)]
     fn decode_refined(
         &self,
         tok: &SegTokenizer,
-        px: &Pixels,
-        enc: &ImageEncoding<B::Buf>,
         mut cache: KvCache<B::Buf>,
         chunk: B::Buf,
         n: usize,
         bias: Vec<f32>,
-    ) -> Result<Prediction> {
+        drafts: &[&[u32]],
+    ) -> Result<(Prediction, Vec<B::Buf>)> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let b = be.from_slice(&to_f::<F>(&bias));
@@ -342,8 +378,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             logits,
             hidden: acts.hidden,
         };
-        let d = self.decode(tok, pre, &SamplingCfg::greedy(), Some(bias))?;
-        self.finish_answer(tok, px, &enc.feats, d.ids, d.logps, &d.rows)
+        let d = self.decode_drafted(tok, pre, Some(bias), drafts)?;
+        Ok((self.finish_text(tok, d.ids, d.logps)?, d.rows))
     }
 }
 

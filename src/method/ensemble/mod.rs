@@ -25,7 +25,12 @@
 //!   hidden states (the LLM's own space; the decoder-space embeddings are a projection
 //!   of them), `G` rows per target.
 //! - **Prefix.**  The image and question go through the LLM once; the K samples, the
-//!   text half and the segmentation half all continue from that KV cache.
+//!   text half and the segmentation half all continue from that KV cache.  The
+//!   questions of one call whose prompts have the same length are read in one batch
+//!   and their K samples each decoded as one batch of B·K rows (never padded, as in
+//!   `SegModel::predict`); the two halves then run question by question.
+//! - **Decoding `ỹ`** is greedy, with the K samples as drafts
+//!   ([`crate::model::seg::draft`]): the same tokens, fewer forwards.
 //! - **Context.**  When `[prefix, y_1 … y_K, p̂]` leaves no room to answer, the answer
 //!   is the sample of highest mean likelihood (counted in
 //!   [`EnsemblePrediction::fallback`]); when the segmentation half does not fit, `ỹ`'s
@@ -64,6 +69,10 @@ pub struct EnsembleCfg {
     /// Use the learnable prompt `p̂` when the model has one.
     pub prompt: bool,
     pub tau: TauMode,
+    /// Decode each sample's own masks too (stage 3's `Lsi` and the demo's Pearson r
+    /// read them); off, `EnsemblePrediction::samples` carry no masks.  `popen predict`
+    /// and `popen infer` write only the answer's masks and turn it off.
+    pub sample_masks: bool,
 }
 
 impl Default for EnsembleCfg {
@@ -77,6 +86,7 @@ impl Default for EnsembleCfg {
             gamma: true,
             prompt: true,
             tau: TauMode::Both,
+            sample_masks: true,
         }
     }
 }

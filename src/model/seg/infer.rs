@@ -33,7 +33,8 @@ pub struct Prefill<Buf> {
 }
 
 /// Generated ids, each one's log-probability and the hidden row that predicted it.
-pub(crate) struct Decoded<Buf> {
+#[derive(Clone, Debug)]
+pub struct Decoded<Buf> {
     pub ids: Vec<u32>,
     pub logps: Vec<f32>,
     pub rows: Vec<Buf>,
@@ -107,7 +108,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// The prompts `idx` (all of one length T) with their images' tokens in place,
     /// through the LLM as one batch with a fresh KV cache: the rows ready to decode,
     /// row `r` sampling from the stream seeded `seeds[r]`.
-    fn prefill_rows(
+    pub(crate) fn prefill_rows(
         &self,
         prompts: &[(Vec<u32>, usize)],
         encs: &[ImageEncoding<B::Buf>],
@@ -262,7 +263,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// The prompt of `question` as ids, `<image>` repeated once per image token, and
     /// the position of the first image token; the last `hold` tokens are left out.  A
     /// prompt that fills the context is an error.
-    fn prompt_ids(
+    pub(crate) fn prompt_ids(
         &self,
         tok: &SegTokenizer,
         question: &str,
@@ -298,7 +299,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// the context's end: the ids, each one's log-probability, and the hidden row that
     /// predicted each.  `bias`, when given, covers every key already in the cache and
     /// grows by 0 for each generated key.
-    pub(crate) fn decode(
+    pub fn decode(
         &self,
         tok: &SegTokenizer,
         pre: Prefill<B::Buf>,
@@ -440,6 +441,24 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         })
     }
 
+    /// [`Self::finish_answer`] without the masks: the text of generated ids, `masks`
+    /// and `logits` left empty.
+    pub fn finish_text(
+        &self,
+        tok: &SegTokenizer,
+        ids: Vec<u32>,
+        logps: Vec<f32>,
+    ) -> Result<Prediction> {
+        let (text, _) = tok.decode_answer(&ids)?;
+        Ok(Prediction {
+            text,
+            masks: Vec::new(),
+            logits: Vec::new(),
+            ids,
+            logps,
+        })
+    }
+
     /// Masks (thresholded at logit 0) and mask logits at the image's size, one per group
     /// starting at `groups[i]` in `hidden_rows`.
     pub fn masks_of_groups(
@@ -493,7 +512,7 @@ pub(crate) fn last_row_f32<F: Float, B: Backend<F>>(be: &B, x: &B::Buf, v: usize
 }
 
 /// Rows `rows` (width `v`) of a row-major buffer, as f32, read back in one copy.
-fn rows_f32<F: Float, B: Backend<F>>(
+pub(crate) fn rows_f32<F: Float, B: Backend<F>>(
     be: &B,
     x: &B::Buf,
     rows: &[usize],

@@ -13,12 +13,14 @@
 //! - [`category`]: the auxiliary category heads (ours) that teach the tiny model to
 //!   recognize objects;
 //! - [`infer`]: generation with the KV cache and masks;
+//! - [`draft`]: greedy decoding that checks a whole draft continuation per forward;
 //! - [`data`]: data-set samples → training examples;
 //! - [`run`]: the model's files in a run directory.
 pub mod category;
 pub mod config;
 pub mod data;
 pub mod decoder;
+pub mod draft;
 pub mod infer;
 pub mod model;
 pub mod preprocess;
@@ -26,7 +28,7 @@ pub mod prompt;
 pub mod run;
 
 pub use config::{SegModelConfig, TinyLvlm};
-pub use infer::{AnswerMasks, ImageEncoding, Prediction, Prefill};
+pub use infer::{AnswerMasks, Decoded, ImageEncoding, Prediction, Prefill};
 pub use model::{Example, LossWeights, SegLoss, SegModel, Trainable};
 pub use preprocess::{preprocess, Pixels};
 pub use prompt::{Encoded, SegTokenizer};
