@@ -1,4 +1,6 @@
-//! Matrix products (the `gemm` crate, blocked over rayon) and the row-broadcast bias.
+//! Matrix products (the `gemm` crate, blocked over rayon; a few rows times a weight
+//! matrix by dot products, `few_rows`) and the row-broadcast bias.
+use super::few_rows::{matmul_few_rows, FEW_ROWS};
 use super::{reduce_rows, rows_mut, rows_of, CpuFloat};
 use crate::backend::{Accum, MatmulSpec};
 use crate::error::{check_len, Result};
@@ -104,6 +106,13 @@ pub(crate) fn matmul<F: CpuFloat>(
     // element (i,kk) of op(a) and (kk,j) of op(b) as (row stride, column stride)
     let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // a few rows times a weight matrix (decoding): dot products beat gemm's packing
+    if !ta && tb && (2..=FEW_ROWS).contains(&m) {
+        if let (Some(a), Some(b), Some(out)) = (as_f32(a), as_f32(b), as_f32_mut(out)) {
+            matmul_few_rows(a, b, out, m, k, n, acc == Accum::Add);
+            return Ok(());
+        }
+    }
     let is_gemm_type =
         TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>();
     if is_gemm_type {
@@ -158,6 +167,20 @@ pub(crate) fn matmul<F: CpuFloat>(
         }
     });
     Ok(())
+}
+
+/// `x` as f32 when `F` is f32.
+fn as_f32<F: CpuFloat>(x: &[F]) -> Option<&[f32]> {
+    (TypeId::of::<F>() == TypeId::of::<f32>())
+        // SAFETY: F is f32, so the slice's layout is that of [f32].
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
+/// `x` as f32 when `F` is f32.
+fn as_f32_mut<F: CpuFloat>(x: &mut [F]) -> Option<&mut [f32]> {
+    (TypeId::of::<F>() == TypeId::of::<f32>())
+        // SAFETY: F is f32, so the slice's layout is that of [f32].
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
 }
 
 pub(super) fn add_bias<F: CpuFloat>(out: &mut [F], bias: &[F], c: usize) -> Result<()> {

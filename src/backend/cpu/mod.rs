@@ -17,6 +17,7 @@ use rayon::prelude::*;
 mod act;
 mod elementwise;
 mod embed;
+mod few_rows;
 mod heads;
 pub mod heap;
 mod logprob;
