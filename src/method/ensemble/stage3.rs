@@ -304,24 +304,26 @@ impl<B: Backend<f32>> Trainable for Stage3Model<B> {
         let prompt_host = be.to_vec(&self.prompt.data);
         let (mut lti, mut lsi, mut n_lti, mut n_lsi, mut used) = (0.0, 0.0, 0, 0, 0);
         let mut grad = vec![0f32; prompt_host.len()];
-        for item in batch {
-            let seed = rng.next_u64();
-            let e = self
-                .model
-                .predict_ensemble(
-                    &self.tok,
-                    &[(&item.pixels, item.question.as_str())],
-                    &self.cfg.ensemble,
-                    seed,
-                    Some(&self.prompt.data),
-                    &self.ends,
-                )?
-                .remove(0);
+        // the micro-batch's questions answered together (question i: streams from seed + i)
+        let seed = rng.next_u64();
+        let questions: Vec<(&Pixels, &str)> = batch
+            .iter()
+            .map(|it| (&it.pixels, it.question.as_str()))
+            .collect();
+        let answers = self.model.predict_ensemble(
+            &self.tok,
+            &questions,
+            &self.cfg.ensemble,
+            seed,
+            Some(&self.prompt.data),
+            &self.ends,
+        )?;
+        for (item, e) in batch.iter().zip(&answers) {
             let Some(d) = refine_data(
                 &self.tok,
                 &self.cfg,
                 item,
-                &e,
+                e,
                 &self.ends,
                 self.encoder.as_ref(),
             )?
