@@ -5,7 +5,7 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::seg::infer::{row, rows_f32, Rows};
+use crate::model::seg::infer::{length_groups, row, rows_f32, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::{KvCache, Rng, SamplingCfg};
 use num_traits::Float;
@@ -101,12 +101,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .iter()
             .map(|(_, q)| self.prompt_ids(tok, q, fixed.header.len()))
             .collect::<Result<Vec<_>>>()?;
-        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-        for (i, (ids, _)) in bodies.iter().enumerate() {
-            groups.entry(ids.len()).or_default().push(i);
-        }
         let mut out: Vec<Option<EnsemblePrediction>> = (0..items.len()).map(|_| None).collect();
-        for idx in groups.values() {
+        for idx in &length_groups(&bodies) {
             let seeds: Vec<u64> = idx.iter().map(|&i| seed.wrapping_add(i as u64)).collect();
             let pre = self.prefill_rows(&bodies, &encs, idx, &seeds)?;
             let mut sampled = self.sample_k(tok, &px, &encs, idx, &pre, cfg, &seeds, &fixed)?;

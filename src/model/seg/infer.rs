@@ -86,12 +86,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .iter()
             .map(|(_, q)| self.prompt_ids(tok, q, 0))
             .collect::<Result<Vec<_>>>()?;
-        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-        for (i, (ids, _)) in prompts.iter().enumerate() {
-            groups.entry(ids.len()).or_default().push(i);
-        }
+        let groups = length_groups(&prompts);
         let mut out: Vec<Option<Prediction>> = (0..items.len()).map(|_| None).collect();
-        for idx in groups.values() {
+        for idx in &groups {
             let seeds: Vec<u64> = idx
                 .iter()
                 .map(|&i| cfg.seed.wrapping_add(i as u64))
@@ -502,6 +499,16 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
         Ok((masks, mlogits))
     }
+}
+
+/// The indices of `prompts` by prompt length, shortest first: the questions that can
+/// share one prefill and one decode without padding.
+pub(crate) fn length_groups(prompts: &[(Vec<u32>, usize)]) -> Vec<Vec<usize>> {
+    let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, (ids, _)) in prompts.iter().enumerate() {
+        groups.entry(ids.len()).or_default().push(i);
+    }
+    groups.into_values().collect()
 }
 
 /// The last row (width `v`) of a row-major buffer, as f32: the logits of the position
