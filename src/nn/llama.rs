@@ -364,21 +364,6 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         }
     }
 
-    /// A batch-1 cache repeated for `k` rows: K answers to one prompt share its prefix,
-    /// computed once.
-    pub fn repeat_cache(&self, c: &KvCache<B::Buf>, k: usize) -> Result<KvCache<B::Buf>> {
-        if c.b != 1 || k == 0 {
-            return Err(Error::shape(
-                "Llama::repeat_cache",
-                format!(
-                    "a cache of batch {} repeated {k} times (batch 1, k ≥ 1)",
-                    c.b
-                ),
-            ));
-        }
-        self.select_cache_rows(c, &vec![0; k])
-    }
-
     /// The cache of rows `rows` of `c`, in that order (a row may repeat): rows that
     /// finish leave a batched decode, a shared prefix is repeated.  Each layer's
     /// (1, NKV, len, HS) block of a row is copied.

@@ -12,7 +12,7 @@
 //! kept tokens.  Same ids, log-probabilities and hidden rows as [`SegModel::decode`]
 //! with greedy sampling, up to the rounding of a many-row forward against one-row ones;
 //! a forward per round instead of per token.
-use super::infer::{row, rows_f32, Decoded, Prefill};
+use super::infer::{last_row_f32, row, rows_f32, Decoded, Prefill};
 use super::model::SegModel;
 use super::prompt::SegTokenizer;
 use crate::backend::Backend;
@@ -90,7 +90,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             crate::error::check_len("SegModel::decode_drafted", "bias", b.len(), cache.len())?;
         }
         let n = be.len(&hidden) / hdim;
-        let mut logits = rows_f32(be, &logits, &[be.len(&logits) / v - 1], v).remove(0);
+        let mut logits = last_row_f32(be, &logits, v);
         let mut hidden = row(be, &hidden, n - 1, hdim)?;
         let mut out = Decoded {
             ids: Vec::new(),

@@ -229,23 +229,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         question: &str,
         enc: &ImageEncoding<B::Buf>,
     ) -> Result<Prefill<B::Buf>> {
-        self.prefill_holding(tok, question, enc, 0)
-    }
-
-    /// [`Self::prefill`] with the prompt's last `hold` tokens not fed (the ensemble feeds
-    /// the answer header `ASSISTANT:` after its own inputs).
-    pub fn prefill_holding(
-        &self,
-        tok: &SegTokenizer,
-        question: &str,
-        enc: &ImageEncoding<B::Buf>,
-        hold: usize,
-    ) -> Result<Prefill<B::Buf>> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let hdim = self.llava.cfg.text.hidden_size;
         let k = self.tokens_per_image();
-        let (ids, image_pos) = self.prompt_ids(tok, question, hold)?;
+        let (ids, image_pos) = self.prompt_ids(tok, question, 0)?;
         let mut x = lm.embed(&ids)?;
         be.copy_range(&mut x, image_pos * hdim, &enc.tokens, 0, k * hdim)?;
         let mut cache = lm.new_cache(1);
