@@ -182,6 +182,47 @@ proptest! {
         }
     }
 
+    /// Arbitrary answers with the targets known: the correction segments each target
+    /// category in one phrase, with exactly the targets' count of `<seg>`s.
+    #[test]
+    fn corrected_random_text_segments_each_target_once(
+        words in proptest::collection::vec(0usize..60, 1..25),
+        present_mask in proptest::collection::vec(any::<bool>(), 33),
+        target_pick in proptest::collection::vec(0usize..33, 1..4),
+        counts in proptest::collection::vec(1usize..4, 4),
+    ) {
+        let vocab = popen::data::vocab::vocab();
+        let mut present: Vec<(String, usize)> = vocab.iter().zip(&present_mask).filter(|(_, &p)| p).map(|(v, _)| (v.0.to_string(), 3)).collect();
+        let mut targets: Vec<(String, usize)> = Vec::new();
+        for (&t, &n) in target_pick.iter().zip(&counts) {
+            let name = vocab[t].0.to_string();
+            if targets.iter().all(|x| x.0 != name) {
+                targets.push((name.clone(), n));
+            }
+            if present.iter().all(|p| p.0 != name) {
+                present.push((name, 3));
+            }
+        }
+        let fillers = ["the", "a", "two", "<seg>", "and", ",", "is", "near", ".", "I", "see"];
+        let text: Vec<String> = words
+            .iter()
+            .map(|&w| if w < 33 { vocab[w].0.to_string() } else { fillers[(w - 33) % fillers.len()].to_string() })
+            .collect();
+        let y = detokenize(&text);
+        let c = Context { present, targets: Some(targets.clone()), mentioned: vec![] };
+        let yc = correct(&y, &c);
+        let want: usize = targets.iter().map(|t| t.1).sum();
+        prop_assert_eq!(yc.matches("<seg>").count(), want, "{:?} -> {:?}", y, yc);
+        // each target category opens exactly one segmented phrase
+        let toks = tokenize(&yc);
+        for t in &targets {
+            let phrases = toks.windows(2).filter(|w| {
+                w[1] == "<seg>" && popen::data::vocab::lookup(&w[0].to_ascii_lowercase()).is_some_and(|l| l.0 == t.0)
+            }).count();
+            prop_assert_eq!(phrases, 1, "{} in {:?} -> {:?}", t.0, y, yc);
+        }
+    }
+
     /// Injection is a function of its seed.
     #[test]
     fn inject_is_deterministic(seed in 0u64..1_000_000) {
@@ -235,6 +276,33 @@ fn a_relations_absent_anchor_is_modified_not_the_whole_answer_deleted() {
     assert_eq!(
         correct("The lamp <seg> is above the phone.", &c2),
         "The lamp <seg> is above the chair."
+    );
+    // a target segmented twice: the repeat is a wrong object, here modified into the
+    // missing target (found in stage 2's `Pt`: "the plant <seg> and the two plants
+    // <seg> <seg>" used to become two phrases of two plants each)
+    let c3 = Context {
+        present: vec![
+            ("plant".into(), 2),
+            ("pillow".into(), 1),
+            ("clock".into(), 1),
+        ],
+        targets: Some(vec![("pillow".into(), 1), ("plant".into(), 2)]),
+        mentioned: vec!["pillow".into(), "plant".into()],
+    };
+    assert_eq!(
+        correct(
+            "Sure, I found the plant <seg> and the two plants <seg> <seg>.",
+            &c3
+        ),
+        "Sure, I found the two plants <seg> <seg> and the pillow <seg>."
+    );
+    // and dropped when no target is missing
+    assert_eq!(
+        correct(
+            "Sure, I found the pillow <seg>, the plant <seg> and the two plants <seg> <seg>.",
+            &c3
+        ),
+        "Sure, I found the pillow <seg> and the two plants <seg> <seg>."
     );
     // a "nothing here" answer to a question with targets becomes the targets
     assert_eq!(

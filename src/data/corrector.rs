@@ -5,9 +5,11 @@
 //! it *modifies* a wrong object into a missing target in place, *modifies* an absent
 //! object that is not segmented (the anchor of a relation, "above the phone") into a
 //! present non-target object (the ground truth's own, when known), *deletes* a wrong
-//! object from its list (or its sentence, when nothing else is left there), *adds*
-//! missing targets to the answer's first list, fixes counts, and drops a "nothing here"
-//! sentence when the question has targets.  The injector does the
+//! object from its list (or its sentence, when nothing else is left there), treats a
+//! target segmented a second time as a wrong object, drops `<seg>`s that follow no
+//! object, *adds* missing targets to the
+//! answer's first list, fixes counts, and drops a "nothing here" sentence when the
+//! question has targets.  The injector does the
 //! opposite to a correct answer: one or two errors, always at least one naming an
 //! absent object that co-occurs with what is there (the hallucination a prior-driven
 //! model makes).
@@ -290,6 +292,7 @@ pub fn correct(y: &str, ctx: &Context) -> String {
     let mut sents: Vec<Sentence> = sentences(&tokenize(y))
         .into_iter()
         .map(|toks| {
+            let toks = drop_orphan_segs(toks);
             let ms = parse_mentions(&toks);
             let lists = lists(&toks, &ms);
             let fate = vec![Fate::Keep; ms.len()];
@@ -327,8 +330,10 @@ pub fn correct(y: &str, ctx: &Context) -> String {
             };
             let want = if m.segs > 0 && ctx.targets.is_some() {
                 match ctx.target_count(m.canonical) {
-                    Some(n) => Some(n),
-                    None => {
+                    // A target already segmented by an earlier phrase is named twice:
+                    // the repeat is wrong (the ground truth names each target once).
+                    Some(n) if !named_ok.contains(&m.canonical) => Some(n),
+                    _ => {
                         bad.push((si, mi));
                         continue;
                     }
@@ -383,7 +388,6 @@ pub fn correct(y: &str, ctx: &Context) -> String {
         }
         sents[si].fate[mi] = Fate::Drop;
     }
-    missing.reverse();
     // 3. A dropped phrase leaves its list; a sentence whose list empties goes.
     for s in sents.iter_mut() {
         for l in &s.lists {
@@ -392,6 +396,25 @@ pub fn correct(y: &str, ctx: &Context) -> String {
             }
         }
     }
+    // A target is missing when no surviving phrase segments it: a sentence that went
+    // may have taken a right target with it.
+    let covered: Vec<&str> = sents
+        .iter()
+        .filter(|s| !s.deleted)
+        .flat_map(|s| {
+            s.ms.iter()
+                .zip(&s.fate)
+                .filter(|(m, f)| **f == Fate::Keep && m.segs > 0)
+                .map(|(m, _)| m.canonical)
+        })
+        .collect();
+    let mut missing: Vec<(String, usize)> = ctx
+        .targets
+        .iter()
+        .flatten()
+        .filter(|t| !covered.contains(&t.0.as_str()))
+        .cloned()
+        .collect();
     // 4. Missing targets join the first surviving list that segments something.
     if !missing.is_empty() {
         let spot = sents.iter().enumerate().find_map(|(si, s)| {
@@ -472,6 +495,18 @@ pub fn correct(y: &str, ctx: &Context) -> String {
         return NO_TARGET_ANSWERS[0].to_string();
     }
     out.join(" ")
+}
+
+/// Drops the `<seg>`s that follow no object phrase: they segment nothing the answer
+/// names (the ground truth never has one).
+fn drop_orphan_segs(toks: Vec<String>) -> Vec<String> {
+    let ms = parse_mentions(&toks);
+    let covered = |i: usize| ms.iter().any(|m| (m.start..m.end).contains(&i));
+    toks.into_iter()
+        .enumerate()
+        .filter(|(i, t)| t != SEG || covered(*i))
+        .map(|(_, t)| t)
+        .collect()
 }
 
 /// Rebuilds a sentence with its lists re-joined from the surviving phrases.
