@@ -32,6 +32,26 @@ fn ctx(s: &Scene, targets: Option<&[usize]>) -> Context {
     }
 }
 
+/// An answer from word codes: below 33 a vocabulary word, else a filler (articles,
+/// `<seg>`, joiners, punctuation).
+fn random_answer(words: &[usize]) -> String {
+    let vocab = popen::data::vocab::vocab();
+    let fillers = [
+        "the", "a", "two", "<seg>", "and", ",", "is", "near", ".", "I", "see",
+    ];
+    let text: Vec<String> = words
+        .iter()
+        .map(|&w| {
+            if w < 33 {
+                vocab[w].0.to_string()
+            } else {
+                fillers[(w - 33) % fillers.len()].to_string()
+            }
+        })
+        .collect();
+    detokenize(&text)
+}
+
 fn small() -> WorldConfig {
     WorldConfig {
         height: 64,
@@ -203,12 +223,7 @@ proptest! {
                 present.push((name, 3));
             }
         }
-        let fillers = ["the", "a", "two", "<seg>", "and", ",", "is", "near", ".", "I", "see"];
-        let text: Vec<String> = words
-            .iter()
-            .map(|&w| if w < 33 { vocab[w].0.to_string() } else { fillers[(w - 33) % fillers.len()].to_string() })
-            .collect();
-        let y = detokenize(&text);
+        let y = random_answer(&words);
         let c = Context { present, targets: Some(targets.clone()), mentioned: vec![] };
         let yc = correct(&y, &c);
         let want: usize = targets.iter().map(|t| t.1).sum();
@@ -242,12 +257,7 @@ proptest! {
     ) {
         let vocab = popen::data::vocab::vocab();
         let present: Vec<&str> = vocab.iter().zip(&present_mask).filter(|(_, &p)| p).map(|(v, _)| v.0).collect();
-        let fillers = ["the", "a", "two", "<seg>", "and", ",", "is", "near", ".", "I", "see"];
-        let text: Vec<String> = words
-            .iter()
-            .map(|&w| if w < 33 { vocab[w].0.to_string() } else { fillers[(w - 33) % fillers.len()].to_string() })
-            .collect();
-        let y = detokenize(&text);
+        let y = random_answer(&words);
         let c = Context { present: present.iter().map(|p| (p.to_string(), 1)).collect(), targets: None, mentioned: vec![] };
         let yc = correct(&y, &c);
         prop_assert!(hallucinated(&yc, &present).is_empty(), "{:?} -> {:?}", y, yc);

@@ -236,6 +236,15 @@ impl Context {
     fn present_count(&self, name: &str) -> Option<usize> {
         self.present.iter().find(|p| p.0 == name).map(|p| p.1)
     }
+    /// The targets (in order, with their counts) whose name is not in `named`.
+    fn targets_not_in(&self, named: &[&str]) -> Vec<(String, usize)> {
+        self.targets
+            .iter()
+            .flatten()
+            .filter(|t| !named.contains(&t.0.as_str()))
+            .cloned()
+            .collect()
+    }
     fn target_count(&self, name: &str) -> Option<usize> {
         self.targets
             .as_ref()?
@@ -355,13 +364,7 @@ pub fn correct(y: &str, ctx: &Context) -> String {
         }
     }
     // 2. Wrong phrases become missing targets in place while any are left, else go.
-    let mut missing: Vec<(String, usize)> = ctx
-        .targets
-        .iter()
-        .flatten()
-        .filter(|t| !named_ok.contains(&t.0.as_str()))
-        .cloned()
-        .collect();
+    let mut missing = ctx.targets_not_in(&named_ok);
     missing.reverse();
     for &(si, mi) in &bad {
         let ati = after_there_is(&sents[si].toks, sents[si].ms[mi].start);
@@ -408,13 +411,7 @@ pub fn correct(y: &str, ctx: &Context) -> String {
                 .map(|(m, _)| m.canonical)
         })
         .collect();
-    let mut missing: Vec<(String, usize)> = ctx
-        .targets
-        .iter()
-        .flatten()
-        .filter(|t| !covered.contains(&t.0.as_str()))
-        .cloned()
-        .collect();
+    let mut missing = ctx.targets_not_in(&covered);
     // 4. Missing targets join the first surviving list that segments something.
     if !missing.is_empty() {
         let spot = sents.iter().enumerate().find_map(|(si, s)| {
