@@ -7,12 +7,11 @@
 //! present non-target object (the ground truth's own, when known), *deletes* a wrong
 //! object from its list (or its sentence, when nothing else is left there), treats a
 //! target segmented a second time as a wrong object, drops `<seg>`s that follow no
-//! object, *adds* missing targets to the
-//! answer's first list, fixes counts, and drops a "nothing here" sentence when the
-//! question has targets.  The injector does the
-//! opposite to a correct answer: one or two errors, always at least one naming an
-//! absent object that co-occurs with what is there (the hallucination a prior-driven
-//! model makes).
+//! object, *adds* missing targets (those no surviving phrase segments) to the answer's
+//! first list, fixes counts, and drops a "nothing here" sentence when the question has
+//! targets.  The injector does the opposite to a correct answer: one or two errors,
+//! always at least one naming an absent object that co-occurs with what is there (the
+//! hallucination a prior-driven model makes).
 //!
 //! Both read answers through one small grammar — object phrases `the apple <seg>`,
 //! `a cup <seg>`, `the two apples <seg> <seg>`, `one cat <seg>`, lists joined by `,`

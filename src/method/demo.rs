@@ -98,6 +98,8 @@ seg_class = 1.0
 /// Stage 1 of the default run: the measured world config (`lr = 1e-3`, batch 16,
 /// `dice = 2`, both category losses), one file for the demo and `tools/stage1_world.sh`.
 const STAGE1_WORLD: &str = include_str!("../../tools/configs/stage1_world.toml");
+/// Stage 2 of the default run: the world's learning rate (the file says why and what
+/// was measured); the steps and the `[ps]` copies come from [`DemoCfg`].
 const STAGE2_WORLD: &str = include_str!("../../tools/configs/stage2_world.toml");
 
 fn default_ps_copies() -> usize {
@@ -114,9 +116,9 @@ impl DemoCfg {
     /// no regeneration: each copy is a forward of the model (about 20 ms here), and on
     /// this world the stage-1 model's copies never reach `s > 0.8` (measured: 0 of 51
     /// questions, the mean best `s` 0.10), so Alg. 1's regenerations only cost time.
-    /// Its learning rate is `tools/configs/stage2_world.toml`'s 3e-5, not Table 7's
-    /// 3e-4 (which updates LoRA adapters, where this model trains every weight); the
-    /// file says what was measured.
+    /// Its learning rate is `tools/configs/stage2_world.toml`'s, below Table 7's 3e-4
+    /// (which updates LoRA adapters, where this model trains every weight); the file
+    /// says what was measured.
     pub fn standard(seed: u64) -> Self {
         DemoCfg {
             seed,
