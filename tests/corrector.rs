@@ -186,7 +186,7 @@ proptest! {
         let present = s.object_names();
         let absent = s.tempting_absent();
         for (q, qa) in s.qas.iter().enumerate() {
-            let Some((y, errs)) = inject(&qa.answer, &absent, seed ^ q as u64) else { continue };
+            let Some((y, errs)) = inject(&qa.answer, &absent, 0.0, seed ^ q as u64) else { continue };
             prop_assert!(!hallucinated(&y, &present).is_empty(), "no absent object in {:?} ({:?})", y, errs);
             prop_assert!(errs.iter().any(|e| !matches!(e, Injected::Count(..))));
             let yc = correct(&y, &ctx(&s, Some(&qa.targets)));
@@ -199,6 +199,36 @@ proptest! {
             }
             let yc_blind = correct(&y, &ctx(&s, None));
             prop_assert!(hallucinated(&yc_blind, &present).is_empty(), "{:?} -> {:?}", y, yc_blind);
+        }
+    }
+
+    /// With `omit = 1` an answer with targets loses one (and its `<seg>`s) and names
+    /// nothing absent through that error; the correction puts the targets back.  A
+    /// no-target answer still gets a hallucination.
+    #[test]
+    fn inject_omission_then_correct(seed in 0u64..1_000_000) {
+        let s = generate(&small(), seed, Split::Train, 3).unwrap();
+        let present = s.object_names();
+        let absent = s.tempting_absent();
+        for (q, qa) in s.qas.iter().enumerate() {
+            let Some((y, errs)) = inject(&qa.answer, &absent, 1.0, seed ^ q as u64) else { continue };
+            prop_assert_ne!(&y, &qa.answer);
+            if qa.targets.is_empty() {
+                prop_assert!(!hallucinated(&y, &present).is_empty(), "{:?} ({:?})", y, errs);
+                continue;
+            }
+            let Injected::Omit(gone) = &errs[0] else {
+                return Err(TestCaseError::fail(format!("first error {:?} on {:?}", errs, qa.answer)));
+            };
+            prop_assert!(present.contains(&gone.as_str()), "{} is not in the scene", gone);
+            prop_assert!(!mentioned_objects(&y).contains(gone), "{:?} -> {:?}", qa.answer, y);
+            if errs.len() == 1 {
+                prop_assert!(y.matches("<seg>").count() < qa.targets.len(), "{:?} -> {:?}", qa.answer, y);
+                prop_assert!(hallucinated(&y, &present).is_empty(), "{:?}", y);
+            }
+            let yc = correct(&y, &ctx(&s, Some(&qa.targets)));
+            prop_assert!(hallucinated(&yc, &present).is_empty(), "{:?} -> {:?}", y, yc);
+            prop_assert_eq!(yc.matches("<seg>").count(), qa.targets.len(), "{:?} -> {:?}", y, yc);
         }
     }
 
@@ -244,7 +274,7 @@ proptest! {
         let s = generate(&small(), seed, Split::Val, 2).unwrap();
         let absent = s.tempting_absent();
         for qa in &s.qas {
-            prop_assert_eq!(inject(&qa.answer, &absent, seed), inject(&qa.answer, &absent, seed));
+            prop_assert_eq!(inject(&qa.answer, &absent, 0.5, seed), inject(&qa.answer, &absent, 0.5, seed));
         }
     }
 
@@ -332,4 +362,51 @@ fn a_relations_absent_anchor_is_modified_not_the_whole_answer_deleted() {
         mentioned_objects("The lamp <seg> is above the chair."),
         vec!["lamp".to_string(), "chair".to_string()]
     );
+}
+
+/// Deleting the only target of a one-sentence answer leaves a "nothing here" answer
+/// (the second error, when drawn, has nothing left to act on); in a list, the phrase
+/// leaves the list and "there are" agrees with what is left.
+#[test]
+fn omission_of_the_only_target_is_a_nothing_answer() {
+    let absent = ["lamp", "cup"];
+    for seed in 0..64 {
+        let (y, errs) = inject(
+            "Sure, the apple <seg> is rich in vitamins.",
+            &absent,
+            1.0,
+            seed,
+        )
+        .unwrap();
+        assert!(
+            NO_TARGET_ANSWERS_PUB.contains(&y.as_str()),
+            "seed {seed}: {y}"
+        );
+        assert_eq!(errs, vec![Injected::Omit("apple".into())], "seed {seed}");
+        let c = Context {
+            present: vec![("apple".into(), 1)],
+            targets: Some(vec![("apple".into(), 1)]),
+            ..Default::default()
+        };
+        assert_eq!(correct(&y, &c).matches("<seg>").count(), 1, "seed {seed}");
+    }
+    let mut lists = 0;
+    for seed in 0..64 {
+        let (y, errs) = inject(
+            "There are the apple <seg> and the banana <seg>.",
+            &absent,
+            1.0,
+            seed,
+        )
+        .unwrap();
+        let Injected::Omit(gone) = &errs[0] else {
+            panic!("seed {seed}: {errs:?}")
+        };
+        let kept = if gone == "apple" { "banana" } else { "apple" };
+        if errs.len() == 1 {
+            assert_eq!(y, format!("There is the {kept} <seg>."), "seed {seed}");
+            lists += 1;
+        }
+    }
+    assert!(lists > 10, "{lists} single-error cases of 64");
 }

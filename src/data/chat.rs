@@ -67,14 +67,18 @@ pub trait Corrector {
 
 /// The world's corrector and injector ([`correct`], [`inject`]): exact and offline.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct WorldCorrector;
+pub struct WorldCorrector {
+    /// The chance that an injected answer's first error deletes a target rather than
+    /// naming an absent object (`[collect] omit`).
+    pub omit: f32,
+}
 
 impl Corrector for WorldCorrector {
     fn correct(&mut self, _q: &str, y: &str, ctx: &Context) -> Result<Option<String>> {
         Ok(Some(correct(y, ctx)))
     }
     fn inject(&mut self, _q: &str, yg: &str, absent: &[&str], seed: u64) -> Result<Option<String>> {
-        Ok(inject(yg, absent, seed).map(|(y, _)| y))
+        Ok(inject(yg, absent, self.omit, seed).map(|(y, _)| y))
     }
 }
 

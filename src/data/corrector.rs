@@ -9,9 +9,10 @@
 //! target segmented a second time as a wrong object, drops `<seg>`s that follow no
 //! object, *adds* missing targets (those no surviving phrase segments) to the answer's
 //! first list, fixes counts, and drops a "nothing here" sentence when the question has
-//! targets.  The injector does the opposite to a correct answer: one or two errors,
-//! always at least one naming an absent object that co-occurs with what is there (the
-//! hallucination a prior-driven model makes).
+//! targets.  The injector does the opposite to a correct answer: one or two errors, the
+//! first naming an absent object that co-occurs with what is there (the hallucination
+//! a prior-driven model makes) or, with a set probability, deleting a target (the
+//! omission a policy pushed toward "nothing" makes).
 //!
 //! Both read answers through one small grammar — object phrases `the apple <seg>`,
 //! `a cup <seg>`, `the two apples <seg> <seg>`, `one cat <seg>`, lists joined by `,`
@@ -573,14 +574,21 @@ pub enum Injected {
     Add(String),
     /// A count raised by one: `(object, new count)`.
     Count(String, usize),
+    /// A target deleted with its `<seg>`s (an omission).
+    Omit(String),
 }
 
-/// Introduces one or two errors into a correct answer `yg` (Supp B): the first always
-/// names an object from `absent` (absent objects, most tempting first) — by replacing
-/// an object, adding one to a list, or adding a sentence about one; the second
-/// (with probability ½) is another hallucination or a wrong count.  Deterministic in
-/// `seed`.  Returns the answer and what was done; `None` when `absent` is empty.
-pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injected>)> {
+/// Introduces one or two errors into a correct answer `yg` (Supp B: "modify, add, or
+/// delete certain words or sentences").  The first error names an object from `absent`
+/// (absent objects, most tempting first) — by replacing an object, adding one to a
+/// list, or adding a sentence about one — except that, with probability `omit` and
+/// when `yg` has targets, it *deletes* a target instead: the phrase and its `<seg>`s
+/// leave their list, the sentence goes when its list empties, and an answer left with
+/// no sentence becomes a "nothing here" answer.  The second error (with probability ½)
+/// is another hallucination or a wrong count.  Deterministic in `seed`; with
+/// `omit = 0` no draw is spent on it.  Returns the answer and what was done; `None`
+/// when `absent` is empty.
+pub fn inject(yg: &str, absent: &[&str], omit: f32, seed: u64) -> Option<(String, Vec<Injected>)> {
     if absent.is_empty() {
         return None;
     }
@@ -607,13 +615,33 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
         let segged: Vec<(usize, usize)> = sents
             .iter()
             .enumerate()
+            .filter(|(_, s)| !s.deleted)
             .flat_map(|(si, s)| {
                 s.ms.iter()
                     .enumerate()
-                    .filter(|(_, m)| m.segs > 0)
+                    .filter(|&(mi, m)| m.segs > 0 && s.fate[mi] == Fate::Keep)
                     .map(move |(mi, _)| (si, mi))
             })
             .collect();
+        if segged.is_empty() && !done.is_empty() {
+            // everything segmented was deleted: one error is enough
+            break;
+        }
+        if e == 0 && !segged.is_empty() && omit > 0.0 && rng.chance(omit) {
+            let (si, mi) = segged[rng.below(segged.len())];
+            let s = &mut sents[si];
+            s.fate[mi] = Fate::Drop;
+            let li = s
+                .lists
+                .iter()
+                .position(|l| l.contains(&mi))
+                .expect("every mention is in a list");
+            if s.lists[li].iter().all(|&k| s.fate[k] == Fate::Drop) {
+                s.deleted = true;
+            }
+            done.push(Injected::Omit(s.ms[mi].canonical.to_string()));
+            continue;
+        }
         if segged.is_empty() {
             // A no-target answer: hallucinate a whole answer.
             let name = pool[rng.below(pool.len())];
@@ -692,7 +720,18 @@ pub fn inject(yg: &str, absent: &[&str], seed: u64) -> Option<(String, Vec<Injec
             }
         }
     }
-    let text: Vec<String> = sents.iter().map(render_sentence).collect();
+    let text: Vec<String> = sents
+        .iter()
+        .filter(|s| !s.deleted)
+        .map(render_sentence)
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    if text.is_empty() {
+        return Some((
+            NO_TARGET_ANSWERS[rng.below(NO_TARGET_ANSWERS.len())].to_string(),
+            done,
+        ));
+    }
     Some((text.join(" "), done))
 }
 

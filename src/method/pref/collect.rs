@@ -5,7 +5,8 @@
 //! A response the corrector leaves unchanged has no error to learn from: up to
 //! `resamples` more are drawn; when all are clean, errors are injected into the
 //! ground-truth answer `yg` (the injector names absent objects that co-occur with what
-//! is there) to make `y`, with `yc = yg`.  Each pair keeps the reference model's
+//! is there, or, with probability `omit`, deletes a target: Supp B's prompt asks to
+//! "modify, add, or delete") to make `y`, with `yc = yg`.  Each pair keeps the reference model's
 //! sequence log-probs (Eq. 3), computed once here from the frozen SFT weights, as
 //! RLHF-V does.
 use super::PrefLossCfg;
@@ -78,6 +79,10 @@ pub struct CollectCfg {
     pub resamples: usize,
     /// Examples per reference forward.
     pub batch: usize,
+    /// The chance that an injected `y` deletes a target instead of naming an absent
+    /// object first (the world's injector; a chat endpoint follows Supp B's prompt).
+    /// 0 (the default) injects hallucinations only.
+    pub omit: f32,
     /// `world` (the default) or `chat` (an OpenAI-compatible endpoint, `[collect.chat]`).
     pub corrector: CorrectorKind,
     pub chat: ChatCfg,
@@ -90,9 +95,36 @@ impl Default for CollectCfg {
             top_p: 0.9,
             resamples: 3,
             batch: 8,
+            omit: 0.0,
             corrector: CorrectorKind::World,
             chat: ChatCfg::default(),
         }
+    }
+}
+
+impl CollectCfg {
+    /// Errors for values no collection can use.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::arg("[collect]", msg));
+        if !(self.omit.is_finite() && (0.0..=1.0).contains(&self.omit)) {
+            return bad(format!(
+                "omit = {}: need a probability in [0, 1]",
+                self.omit
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!(
+                "temperature = {}: need a finite value ≥ 0",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p = {}: need 0 < top_p ≤ 1", self.top_p));
+        }
+        if self.batch == 0 {
+            return bad("batch = 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -320,4 +352,54 @@ pub fn collect_pt<B: Backend<f32>>(
     }
     flush(&mut pending, &mut pending_exs, &mut pairs)?;
     Ok((pairs, counts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CollectCfg;
+
+    #[test]
+    fn validate_names_the_bad_value() {
+        assert!(CollectCfg::default().validate().is_ok());
+        for (cfg, key) in [
+            (
+                CollectCfg {
+                    omit: 1.5,
+                    ..Default::default()
+                },
+                "omit",
+            ),
+            (
+                CollectCfg {
+                    omit: f32::NAN,
+                    ..Default::default()
+                },
+                "omit",
+            ),
+            (
+                CollectCfg {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                CollectCfg {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                CollectCfg {
+                    batch: 0,
+                    ..Default::default()
+                },
+                "batch",
+            ),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("[collect]"), "{e}");
+        }
+    }
 }

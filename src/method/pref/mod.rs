@@ -478,6 +478,7 @@ pub fn train_pref<B: Backend<f32>>(
     resume: bool,
     progress: bool,
 ) -> Result<PrefSummary> {
+    cfg.collect.validate()?;
     if cfg.loss.ls {
         cfg.ps.validate()?;
     }
@@ -512,7 +513,9 @@ pub fn train_pref<B: Backend<f32>>(
             "collect Pt {bar:30} {pos}/{len} questions [{elapsed_precise}<{eta_precise}]",
         );
         use crate::data::chat::{ChatCorrector, Corrector, CorrectorKind, WorldCorrector};
-        let mut world = WorldCorrector;
+        let mut world = WorldCorrector {
+            omit: cfg.collect.omit,
+        };
         let mut chat = match cfg.collect.corrector {
             CorrectorKind::World => None,
             CorrectorKind::Chat => Some(ChatCorrector::new(
