@@ -268,6 +268,46 @@ struct Sentence {
     deleted: bool,
 }
 
+impl Sentence {
+    /// A sentence's tokens read into phrases and lists, every phrase kept.
+    fn parse(toks: Vec<String>) -> Self {
+        let ms = parse_mentions(&toks);
+        let lists = lists(&toks, &ms);
+        let fate = vec![Fate::Keep; ms.len()];
+        Sentence {
+            toks,
+            ms,
+            fate,
+            lists,
+            deleted: false,
+        }
+    }
+
+    /// A dropped phrase leaves its list; a sentence whose list empties goes.
+    fn settle_drops(&mut self) {
+        if self
+            .lists
+            .iter()
+            .any(|l| l.iter().all(|&k| self.fate[k] == Fate::Drop))
+        {
+            self.deleted = true;
+        }
+    }
+}
+
+/// The answer's surviving sentences, joined; `None` when nothing is left of it.
+fn render_answer(sents: &[Sentence]) -> Option<String> {
+    let out: Vec<String> = sents
+        .iter()
+        .filter(|s| !s.deleted)
+        .map(render_sentence)
+        .collect();
+    if out.iter().all(|s| s.trim().is_empty()) {
+        return None;
+    }
+    Some(out.join(" "))
+}
+
 fn sentences(toks: &[String]) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     let mut cur = Vec::new();
@@ -300,19 +340,7 @@ fn anchor_for(ctx: &Context, s: &Sentence) -> Option<String> {
 pub fn correct(y: &str, ctx: &Context) -> String {
     let mut sents: Vec<Sentence> = sentences(&tokenize(y))
         .into_iter()
-        .map(|toks| {
-            let toks = drop_orphan_segs(toks);
-            let ms = parse_mentions(&toks);
-            let lists = lists(&toks, &ms);
-            let fate = vec![Fate::Keep; ms.len()];
-            Sentence {
-                toks,
-                ms,
-                fate,
-                lists,
-                deleted: false,
-            }
-        })
+        .map(|toks| Sentence::parse(drop_orphan_segs(toks)))
         .collect();
     // 0. A question with targets gets no "nothing here" sentence.
     if ctx.targets.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -392,13 +420,7 @@ pub fn correct(y: &str, ctx: &Context) -> String {
         sents[si].fate[mi] = Fate::Drop;
     }
     // 3. A dropped phrase leaves its list; a sentence whose list empties goes.
-    for s in sents.iter_mut() {
-        for l in &s.lists {
-            if l.iter().all(|&k| s.fate[k] == Fate::Drop) {
-                s.deleted = true;
-            }
-        }
-    }
+    sents.iter_mut().for_each(Sentence::settle_drops);
     // A target is missing when no surviving phrase segments it: a sentence that went
     // may have taken a right target with it.
     let covered: Vec<&str> = sents
@@ -469,29 +491,11 @@ pub fn correct(y: &str, ctx: &Context) -> String {
                     "I found {}.",
                     crate::data::world::instructions::join_list(&items)
                 );
-                let toks = tokenize(&text);
-                let ms = parse_mentions(&toks);
-                let lists = lists(&toks, &ms);
-                let fate = vec![Fate::Keep; ms.len()];
-                sents.push(Sentence {
-                    toks,
-                    ms,
-                    fate,
-                    lists,
-                    deleted: false,
-                });
+                sents.push(Sentence::parse(tokenize(&text)));
             }
         }
     }
-    let out: Vec<String> = sents
-        .iter()
-        .filter(|s| !s.deleted)
-        .map(render_sentence)
-        .collect();
-    if out.iter().all(|s| s.trim().is_empty()) {
-        return NO_TARGET_ANSWERS[0].to_string();
-    }
-    out.join(" ")
+    render_answer(&sents).unwrap_or_else(|| NO_TARGET_ANSWERS[0].to_string())
 }
 
 /// Drops the `<seg>`s that follow no object phrase: they segment nothing the answer
@@ -595,18 +599,7 @@ pub fn inject(yg: &str, absent: &[&str], omit: f32, seed: u64) -> Option<(String
     let mut rng = Rng::new(seed);
     let mut sents: Vec<Sentence> = sentences(&tokenize(yg))
         .into_iter()
-        .map(|toks| {
-            let ms = parse_mentions(&toks);
-            let lists = lists(&toks, &ms);
-            let fate = vec![Fate::Keep; ms.len()];
-            Sentence {
-                toks,
-                ms,
-                fate,
-                lists,
-                deleted: false,
-            }
-        })
+        .map(Sentence::parse)
         .collect();
     let mut pool: Vec<&str> = absent.iter().take(3).copied().collect();
     let mut done = Vec::new();
@@ -631,14 +624,7 @@ pub fn inject(yg: &str, absent: &[&str], omit: f32, seed: u64) -> Option<(String
             let (si, mi) = segged[rng.below(segged.len())];
             let s = &mut sents[si];
             s.fate[mi] = Fate::Drop;
-            let li = s
-                .lists
-                .iter()
-                .position(|l| l.contains(&mi))
-                .expect("every mention is in a list");
-            if s.lists[li].iter().all(|&k| s.fate[k] == Fate::Drop) {
-                s.deleted = true;
-            }
+            s.settle_drops();
             done.push(Injected::Omit(s.ms[mi].canonical.to_string()));
             continue;
         }
@@ -699,17 +685,7 @@ pub fn inject(yg: &str, absent: &[&str], omit: f32, seed: u64) -> Option<(String
             }
             2 => {
                 let text = format!("There is also {} {pick} {SEG}.", indefinite(pick));
-                let toks = tokenize(&text);
-                let ms = parse_mentions(&toks);
-                let lists = lists(&toks, &ms);
-                let fate = vec![Fate::Keep; ms.len()];
-                sents.push(Sentence {
-                    toks,
-                    ms,
-                    fate,
-                    lists,
-                    deleted: false,
-                });
+                sents.push(Sentence::parse(tokenize(&text)));
                 done.push(Injected::Add(pick.to_string()));
             }
             _ => {
@@ -720,19 +696,9 @@ pub fn inject(yg: &str, absent: &[&str], omit: f32, seed: u64) -> Option<(String
             }
         }
     }
-    let text: Vec<String> = sents
-        .iter()
-        .filter(|s| !s.deleted)
-        .map(render_sentence)
-        .filter(|t| !t.trim().is_empty())
-        .collect();
-    if text.is_empty() {
-        return Some((
-            NO_TARGET_ANSWERS[rng.below(NO_TARGET_ANSWERS.len())].to_string(),
-            done,
-        ));
-    }
-    Some((text.join(" "), done))
+    let text = render_answer(&sents)
+        .unwrap_or_else(|| NO_TARGET_ANSWERS[rng.below(NO_TARGET_ANSWERS.len())].to_string());
+    Some((text, done))
 }
 
 /// One text-preference example's token side: `y` and `yc` as ids and the changed
