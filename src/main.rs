@@ -34,6 +34,8 @@ enum Cmd {
     Infer(cli::infer::Args),
     /// Do a run's segmentation embeddings carry their targets' categories?
     ProbeEmbeddings(cli::probe::Args),
+    /// The log-likelihood a run gives each question's own answer, teacher-forced.
+    ScoreAnswers(cli::score::Args),
     /// The whole method on the embedded world: train, predict with three methods, score.
     Demo(cli::demo::Args),
 }
@@ -60,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Predict(a) => cli::predict::run(a),
         Cmd::Infer(a) => cli::infer::run(a),
         Cmd::ProbeEmbeddings(a) => cli::probe::run(a),
+        Cmd::ScoreAnswers(a) => cli::score::run(a),
         Cmd::Demo(a) => cli::demo::run(a),
     };
     // Print the error chain on one line and exit 1: bad input is not a crash, so no

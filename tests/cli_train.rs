@@ -248,6 +248,79 @@ fn train_predict_eval_and_the_run_directory() {
         assert_eq!(r["items"], n_targets, "{r}");
     }
     assert!(p["patch_head_accuracy"].is_null(), "{p}");
+    score_answers(&d, &run, &test_json);
+}
+
+/// `popen score-answers`: one line per question in file order with the file's own
+/// answer, a finite negative log-likelihood over at least the codebook tokens and the
+/// end of sequence, the same at any batch size; data without answer texts is an error.
+fn score_answers(d: &Path, run: &Path, data: &Path) {
+    let score = |out: &Path, data: &Path, batch: &str| {
+        popen(
+            &[
+                "score-answers",
+                "--checkpoint",
+                run.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--batch",
+                batch,
+            ],
+            "2",
+        )
+    };
+    let read = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (s3, s1) = (d.join("scores3.jsonl"), d.join("scores1.jsonl"));
+    ok(&score(&s3, data, "3"));
+    ok(&score(&s1, data, "1"));
+    let records: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(data).unwrap()).unwrap();
+    let expected: Vec<(String, String)> = records
+        .iter()
+        .flat_map(|r| {
+            let q = r["questions"].as_array().unwrap().iter();
+            let a = r["text_answers"].as_array().unwrap().iter();
+            q.zip(a).map(|(q, a)| {
+                let a = a.as_str().unwrap().replace("{seg}", "<seg>");
+                (q.as_str().unwrap().to_string(), a)
+            })
+        })
+        .collect();
+    let (l3, l1) = (read(&s3), read(&s1));
+    assert_eq!(l3.len(), expected.len());
+    assert_eq!(l1.len(), expected.len());
+    // the tiny config's codebook: 2 tokens per scale × 2 scales per <seg>
+    for ((a, b), (q, ans)) in l3.iter().zip(&l1).zip(&expected) {
+        assert_eq!(a["question"], q.as_str());
+        assert_eq!(a["answer"], ans.as_str());
+        let lp = a["logp"].as_f64().unwrap();
+        assert!(lp.is_finite() && lp < 0.0, "{a}");
+        let min_tokens = 1 + 4 * ans.matches("<seg>").count() as u64;
+        assert!(a["tokens"].as_u64().unwrap() >= min_tokens, "{a}");
+        assert_eq!(a["tokens"], b["tokens"]);
+        let lp1 = b["logp"].as_f64().unwrap();
+        assert!(
+            (lp - lp1).abs() <= 1e-3 * lp.abs().max(1.0),
+            "{lp} vs {lp1}"
+        );
+    }
+    let mut bare = records.clone();
+    for r in &mut bare {
+        r.as_object_mut().unwrap().remove("text_answers");
+    }
+    let bare_json = data.with_file_name("no_text.json");
+    std::fs::write(&bare_json, serde_json::to_string(&bare).unwrap()).unwrap();
+    let e = err(&score(&d.join("bare.jsonl"), &bare_json, "2"));
+    assert!(e.contains("text answer"), "{e}");
+    assert!(!d.join("bare.jsonl").exists());
 }
 
 #[test]

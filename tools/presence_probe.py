@@ -13,17 +13,29 @@ objects).
 objects answered with a `<seg>` and of absent ones answered without one, and their
 mean (balanced accuracy: 50 % is chance, whatever the model's bias toward "nothing").
 
+Greedy answers show only what a model ranks first: a model that leans towards counting
+looks blind even if its likelihoods do tell present from absent.  `abstain` writes the
+probe's questions each answered with each of the world's "nothing here" answers;
+`popen score-answers` gives their log-likelihoods, and `auc` the probability that an
+absent object's question gets more "nothing" likelihood (log-sum over the answers) than a
+present one's: the ROC AUC, 50 % at chance, threshold- and bias-free.
+
     python3 tools/presence_probe.py make world/val.json world/probe.json
     popen predict --checkpoint RUN --data world/probe.json --out probe.jsonl
     python3 tools/presence_probe.py score world/probe.json probe.jsonl
+    python3 tools/presence_probe.py abstain world/probe.json world/abstain.json
+    popen score-answers --checkpoint RUN --data world/abstain.json --out scores.jsonl
+    python3 tools/presence_probe.py auc world/probe.json scores.jsonl
 """
 import argparse
 import json
+import math
 import random
 import re
 from pathlib import Path
 
 CATEGORIES_RS = Path(__file__).resolve().parent.parent / "src/data/world/categories.rs"
+INSTRUCTIONS_RS = CATEGORIES_RS.parent / "instructions.rs"
 NOTHING = "There is nothing like that in this image."
 
 
@@ -89,6 +101,59 @@ def score(args):
         )
 
 
+def nothing_answers():
+    m = re.search(r"NO_TARGET_ANSWERS: \[&str; \d+\] = \[(.*?)\];", INSTRUCTIONS_RS.read_text(), re.S)
+    if not m:
+        raise SystemExit(f"NO_TARGET_ANSWERS not found in {INSTRUCTIONS_RS}")
+    return re.findall(r'"([^"]+)"', m.group(1))
+
+
+def presence(probe):
+    """(file_name, question) -> whether its object is present."""
+    return {
+        (r["file_name"], q): len(a) > 0
+        for r in probe
+        for q, a in zip(r["questions"], r["answers"])
+    }
+
+
+def abstain(args):
+    probe = json.loads(Path(args.probe).read_text())
+    answers = nothing_answers()
+    out = []
+    for r in probe:
+        qs = [q for q in r["questions"] for _ in answers]
+        out.append(
+            dict(r, questions=qs, answers=[[] for _ in qs], text_answers=answers * len(r["questions"]))
+        )
+    Path(args.out).write_text(json.dumps(out))
+    print(f"{sum(len(r['questions']) for r in out)} answers to score written to {args.out}")
+
+
+def auc(args):
+    present = presence(json.loads(Path(args.probe).read_text()))
+    for f in args.scores:
+        logps = {}
+        for line in Path(f).read_text().splitlines():
+            s = json.loads(line)
+            key = (s["file_name"], s["question"])
+            if key not in present:
+                raise SystemExit(f"{f}: {key} is not a probe question")
+            logps.setdefault(key, []).append(s["logp"])
+        score = {k: max(v) + math.log(sum(math.exp(x - max(v)) for x in v)) for k, v in logps.items()}
+        pos = [v for k, v in score.items() if not present[k]]
+        neg = [v for k, v in score.items() if present[k]]
+        if not pos or not neg:
+            raise SystemExit(f"{f}: needs both present and absent questions")
+        wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+        mean = lambda xs: sum(xs) / len(xs)
+        print(
+            f"{f}: AUC of 'nothing' likelihood, absent over present {100 * wins / (len(pos) * len(neg)):.1f} % "
+            f"({len(pos)} absent, {len(neg)} present); mean log p(nothing) absent {mean(pos):.2f}, "
+            f"present {mean(neg):.2f}"
+        )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -100,8 +165,14 @@ def main():
     s = sub.add_parser("score")
     s.add_argument("probe")
     s.add_argument("pred", nargs="+")
+    a = sub.add_parser("abstain")
+    a.add_argument("probe")
+    a.add_argument("out")
+    u = sub.add_parser("auc")
+    u.add_argument("probe")
+    u.add_argument("scores", nargs="+")
     args = ap.parse_args()
-    make(args) if args.cmd == "make" else score(args)
+    {"make": make, "score": score, "abstain": abstain, "auc": auc}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -10,4 +10,5 @@ pub mod model_args;
 pub mod predict;
 pub mod probe;
 pub mod progress;
+pub mod score;
 pub mod train;
