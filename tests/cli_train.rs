@@ -323,6 +323,42 @@ fn score_answers(d: &Path, run: &Path, data: &Path) {
     assert!(!d.join("bare.jsonl").exists());
 }
 
+/// `[data] presence_questions`: the run trains on the added questions (the tokenizer,
+/// trained on the data's text, learns their words), records the setting, and refuses
+/// data whose objects the world does not know, naming the key and the file.
+#[test]
+fn the_presence_mix_trains_is_recorded_and_refuses_foreign_categories() {
+    let d = tmp("presence");
+    let (train_json, _, cfg) = setup(&d);
+    let mix = d.join("mix.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap() + "[data]\npresence_questions = 2\n";
+    std::fs::write(&mix, text).unwrap();
+    let (run, plain) = (d.join("run"), d.join("plain"));
+    ok(&train(&train_json, &mix, &run, &["--steps", "2"], "2"));
+    ok(&train(&train_json, &cfg, &plain, &["--steps", "2"], "2"));
+    let c = json_file(run.join("config.json"));
+    assert_eq!(c["popen_run"]["data"]["presence_questions"], 2, "{c}");
+    // the counting phrasings ("Count the … in the picture") are in the mix's vocabulary
+    // whatever the world drew; more text, more distinct merges
+    let vocab = |r: &Path| json_file(r.join("tokenizer.json"))["model"]["vocab"].clone();
+    assert_ne!(vocab(&run), vocab(&plain));
+    let mut recs: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&train_json).unwrap()).unwrap();
+    recs[0]["ann_list"][0]["category_name"] = "zebra".into();
+    let foreign = train_json.with_file_name("foreign.json");
+    std::fs::write(&foreign, serde_json::to_string(&recs).unwrap()).unwrap();
+    let e = err(&train(
+        &foreign,
+        &mix,
+        &d.join("bad"),
+        &["--steps", "2"],
+        "2",
+    ));
+    assert!(e.contains("data.presence_questions"), "{e}");
+    assert!(e.contains("zebra") && e.contains("foreign.json"), "{e}");
+    assert!(!d.join("bad/model.safetensors").exists());
+}
+
 #[test]
 fn killed_and_resumed_ends_byte_identical_and_threads_agree() {
     let d = tmp("kill");

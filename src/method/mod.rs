@@ -7,4 +7,5 @@ pub mod ensemble;
 pub mod losses;
 pub mod predict;
 pub mod pref;
+pub mod presence;
 pub mod sft;

@@ -4,6 +4,7 @@
 use crate::backend::{Backend, Cpu};
 use crate::data::sample::{load_muse, Sample};
 use crate::error::{Error, Result};
+use crate::method::presence::{presence_samples, DataMix};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
 use crate::model::seg::data::{corpus, example};
 use crate::model::seg::run::{CONFIG_FILE, TOKENIZER_FILE};
@@ -17,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The run config of `popen train sft` (`--config FILE.toml`): `[model]`, `[train]`,
-/// `[loss]`, `[freeze]`; unknown keys are errors.
+/// `[loss]`, `[trainable]`, `[data]`; unknown keys are errors.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SftConfig {
@@ -26,6 +27,8 @@ pub struct SftConfig {
     pub loss: LossWeights,
     /// Which parts train (all, for the tiny model trained from scratch).
     pub trainable: Parts,
+    /// What is added to the training data (the presence mix).
+    pub data: DataMix,
 }
 
 /// The model as the trainer sees it, on backend `B`.
@@ -167,7 +170,14 @@ pub fn train_sft<B: Backend<f32>>(
     resume: bool,
     progress: bool,
 ) -> Result<TrainSummary> {
-    let samples = training_samples(&paths.data, &paths.images)?;
+    let mut samples = training_samples(&paths.data, &paths.images)?;
+    let extra = presence_samples(
+        &samples,
+        cfg.data.presence_questions,
+        cfg.train.seed,
+        &paths.data,
+    )?;
+    samples.extend(extra);
     let cfg = &with_classes(cfg, &samples, paths)?;
     let out = &paths.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

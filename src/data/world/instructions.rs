@@ -494,24 +494,36 @@ fn counting(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
     } else {
         *rng.pick(&cats)
     };
+    Some(count_qa(objs, cat, rng))
+}
+
+/// A counting question about category `cat`, answered for this scene: its instances
+/// left to right with one `<seg>` each (family `Counting`), or, when none is here, a
+/// no-target answer (family `NoTarget`).  The world's counting family asks it about a
+/// present category; stage 1's presence mix ([`crate::method::presence::presence_samples`])
+/// asks it about present and absent ones alike.
+pub fn count_qa(objs: &[ObjView], cat: usize, rng: &mut Rng) -> Qa {
     let idx: Vec<usize> = (0..objs.len())
         .filter(|&i| objs[i].category == cat)
         .collect();
     let (_, targets) = list_phrase(objs, &idx, Det::A);
     let n = idx.len();
-    let phrase = object_phrase(cat, n, Det::A, true);
-    let answer = if n == 1 {
+    let answer = match n {
+        0 => rng.pick(&NO_TARGET_ANSWERS).to_string(),
         // "one apple" rather than "an apple": the count is the point of the answer.
-        format!("There is one {} {SEG}.", CATEGORIES[cat].name)
-    } else {
-        format!("There are {phrase}.")
+        1 => format!("There is one {} {SEG}.", CATEGORIES[cat].name),
+        _ => format!("There are {}.", object_phrase(cat, n, Det::A, true)),
     };
-    Some(Qa {
-        family: Family::Counting,
+    Qa {
+        family: if n == 0 {
+            Family::NoTarget
+        } else {
+            Family::Counting
+        },
         question: counting_question(cat, rng),
         answer,
         targets,
-    })
+    }
 }
 
 fn attribute(objs: &[ObjView], rng: &mut Rng) -> Option<Qa> {
