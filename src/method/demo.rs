@@ -109,8 +109,8 @@ fn default_ps_copies() -> usize {
 impl DemoCfg {
     /// The default run: the built-in model with stage 1 as in
     /// `tools/configs/stage1_world.toml` for 800 steps (300 left the masks near empty):
-    /// 38 minutes on the shared 2-core machine (stage 1 alone 21; 10.5 minutes for it
-    /// on an idle machine), over the 10 the issue asks for.
+    /// 12 minutes on an idle 2-core machine (seed 2: stage 1 331 s, stage 2 212 s,
+    /// stage 3 152 s, predictions 25 s), over the 10 the issue asks for.
     ///
     /// Stage 2's `Ps` reads 12 perturbed copies per question, not the paper's 30, with
     /// no regeneration: each copy is a forward of the model (about 20 ms here), and on
