@@ -23,6 +23,7 @@ use crate::data::world::instructions::{count_qa, ObjView};
 use crate::data::world::rng::{mix, Rng};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// `[data]` of the stage-1 config.
@@ -48,14 +49,16 @@ pub fn presence_samples(
     if per_image == 0 {
         return Ok(Vec::new());
     }
+    // each image once, in first-seen order, with the number after its last question
     let mut images: Vec<(&Sample, usize)> = Vec::new();
+    let mut seen: HashMap<&Path, usize> = HashMap::new();
     for s in samples {
-        match images
-            .iter_mut()
-            .find(|(f, _)| f.image_path == s.image_path)
-        {
-            Some((_, n)) => *n = (*n).max(s.question_index + 1),
-            None => images.push((s, s.question_index + 1)),
+        match seen.get(s.image_path.as_path()) {
+            Some(&k) => images[k].1 = images[k].1.max(s.question_index + 1),
+            None => {
+                seen.insert(&s.image_path, images.len());
+                images.push((s, s.question_index + 1));
+            }
         }
     }
     let mut out = Vec::new();
