@@ -6,10 +6,9 @@
 //! command's output).
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
-use popen::data::sample::{load_image, SEG};
-use popen::method::predict::{data_root, questions};
+use popen::method::predict::{data_root, questions, LastImage};
 use popen::method::pref::collect::text_example;
-use popen::model::seg::{preprocess, SegModel};
+use popen::model::seg::SegModel;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -19,7 +18,8 @@ pub struct Args {
     /// A run directory (`popen train ...`'s `--out`).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// MUSE-schema questions, each with its text answer (`{seg}` or `<seg>` per target).
+    /// MUSE-schema questions, each with its text answer (`{seg}` or `<seg>` per target;
+    /// the reader writes both as `<seg>`).
     #[arg(long)]
     pub data: PathBuf,
     /// Image folder (default: the data file's folder).
@@ -60,6 +60,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let root = data_root(&a.data, &a.images);
             let items = questions(&a.data, &root)?;
             let mut out = Vec::with_capacity(items.len());
+            let mut last = LastImage::default();
             let bar = super::progress::bar(items.len() as u64, "score");
             for chunk in items.chunks(a.batch) {
                 let mut exs = Vec::with_capacity(chunk.len());
@@ -70,8 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         field: format!("text_answers of {file}"),
                         msg: "score-answers needs each question's text answer".into(),
                     })?;
-                    let answer = answer.replace("{seg}", SEG);
-                    let px = preprocess(&load_image(s)?, model.cfg.image_size)?;
+                    let px = last.pixels(s, model.cfg.image_size)?;
                     exs.push(text_example(&model.cfg, &tok, &px, &s.question, &answer)?);
                     answers.push(answer);
                 }

@@ -21,6 +21,25 @@ pub fn data_root(data: &Path, images: &Option<std::path::PathBuf>) -> std::path:
         .unwrap_or_else(|| data.parent().map(Into::into).unwrap_or_default())
 }
 
+/// The last image read, preprocessed: a file's questions about one image follow each
+/// other, so each image is decoded and resized once.
+#[derive(Default)]
+pub struct LastImage(Option<(std::path::PathBuf, Pixels)>);
+
+impl LastImage {
+    /// The pixels of `s`'s image at `image_size`, read unless it is the last one.
+    pub fn pixels(&mut self, s: &Sample, image_size: usize) -> Result<Pixels> {
+        match &self.0 {
+            Some((path, p)) if *path == s.image_path => Ok(p.clone()),
+            _ => {
+                let p = preprocess(&load_image(s)?, image_size)?;
+                self.0 = Some((s.image_path.clone(), p.clone()));
+                Ok(p)
+            }
+        }
+    }
+}
+
 /// Every question of a MUSE file with its record's `file_name`.
 pub fn questions(data: &Path, root: &Path) -> Result<Vec<(String, Sample)>> {
     let mut items = Vec::new();
@@ -100,20 +119,12 @@ fn answer_items(
 ) -> Result<Vec<PredLine>> {
     let batch = batch.max(1);
     let mut lines = Vec::with_capacity(items.len());
-    let mut cache: Option<(std::path::PathBuf, Pixels)> = None;
+    let mut last = LastImage::default();
     for (ci, chunk) in items.chunks(batch).enumerate() {
-        let mut px = Vec::with_capacity(chunk.len());
-        for (_, s) in chunk {
-            let p = match &cache {
-                Some((path, p)) if *path == s.image_path => p.clone(),
-                _ => {
-                    let p = preprocess(&load_image(s)?, image_size)?;
-                    cache = Some((s.image_path.clone(), p.clone()));
-                    p
-                }
-            };
-            px.push(p);
-        }
+        let px = chunk
+            .iter()
+            .map(|(_, s)| last.pixels(s, image_size))
+            .collect::<Result<Vec<_>>>()?;
         let q: Vec<(&Pixels, &str)> = px
             .iter()
             .zip(chunk)

@@ -16,9 +16,9 @@
 //! Absent categories are drawn uniformly from the world's categories not in the image;
 //! the draws are seeded by the training seed and the image's index, so a run's data do
 //! not depend on the thread count or on a resume.
-use crate::data::mask::Mask;
 use crate::data::sample::Sample;
 use crate::data::world::categories::{by_name, CATEGORIES};
+use crate::data::world::centroid;
 use crate::data::world::instructions::{count_qa, ObjView};
 use crate::data::world::rng::{mix, Rng};
 use crate::error::{Error, Result};
@@ -108,25 +108,10 @@ pub fn presence_samples(
     Ok(out)
 }
 
-/// A mask's centre of mass (x, y) in pixels; the mask's centre when it is empty.
-fn centroid(m: &Mask) -> (f32, f32) {
-    let (mut sx, mut sy, mut n) = (0f64, 0f64, 0f64);
-    for (p, &v) in m.data.iter().enumerate() {
-        if v == 1 {
-            sx += (p % m.width) as f64;
-            sy += (p / m.width) as f64;
-            n += 1.0;
-        }
-    }
-    if n == 0.0 {
-        return (m.width as f32 / 2.0, m.height as f32 / 2.0);
-    }
-    ((sx / n) as f32, (sy / n) as f32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::mask::Mask;
     use crate::data::sample::{Target, SEG};
     use crate::data::world::instructions::NO_TARGET_ANSWERS;
 

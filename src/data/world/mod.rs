@@ -209,7 +209,9 @@ pub fn generate(cfg: &WorldConfig, seed: u64, split: Split, index: usize) -> Res
     })
 }
 
-fn centroid(m: &Mask) -> (f32, f32) {
+/// A mask's centre of mass (x, y) in pixels, pixel centres at +0.5; (0, 0) when empty.
+/// The instruction generator orders objects by it.
+pub fn centroid(m: &Mask) -> (f32, f32) {
     let (mut sx, mut sy, mut n) = (0f64, 0f64, 0f64);
     for y in 0..m.height {
         for x in 0..m.width {

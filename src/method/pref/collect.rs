@@ -14,11 +14,11 @@ use crate::backend::Backend;
 use crate::data::chat::{ChatCfg, Corrector, CorrectorKind};
 use crate::data::corrector::{mentioned_objects, tokenize, Context};
 use crate::data::diff::changed_positions;
-use crate::data::sample::{load_image, Sample};
+use crate::data::sample::Sample;
 use crate::data::world::categories::{by_name, CATEGORIES};
 use crate::data::world::scenes::tempting_absent_for;
 use crate::error::{Error, Result};
-use crate::model::seg::{preprocess, Example, Pixels, SegModel, SegModelConfig, SegTokenizer};
+use crate::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer};
 use crate::nn::SamplingCfg;
 use num_traits::Float;
 use serde::{Deserialize, Serialize};
@@ -284,7 +284,7 @@ pub fn collect_pt<B: Backend<f32>>(
         ..Default::default()
     };
     let mut pairs = Vec::new();
-    let mut cache: Option<(std::path::PathBuf, Pixels)> = None;
+    let mut last = crate::method::predict::LastImage::default();
     let batch = cfg.batch.max(1);
     // pairs waiting for their reference log-probs, and their examples (y, yc, y, yc, …)
     let (mut pending, mut pending_exs): (Vec<PtPair>, Vec<Example>) = (vec![], vec![]);
@@ -309,14 +309,7 @@ pub fn collect_pt<B: Backend<f32>>(
         Ok(())
     };
     for (i, s) in samples.iter().enumerate() {
-        let px = match &cache {
-            Some((p, px)) if *p == s.image_path => px.clone(),
-            _ => {
-                let px = preprocess(&load_image(s)?, model.cfg.image_size)?;
-                cache = Some((s.image_path.clone(), px.clone()));
-                px
-            }
-        };
+        let px = last.pixels(s, model.cfg.image_size)?;
         match make_y(model, corrector, tok, s, &px, i, cfg, seed, &mut counts)? {
             None => counts.skipped += 1,
             Some((y, yc, source)) => {
