@@ -69,6 +69,49 @@ pub fn write_atomic_via_path(
     result
 }
 
+/// The lock file of a run directory (`RUN/.lock`).
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive lock on a run directory, held while a stage writes it: a second
+/// `popen train` (or `popen demo`) on the same directory stops with an error instead of
+/// interleaving its checkpoints with the first one's.  The lock is the operating
+/// system's advisory file lock on `DIR/.lock`, so a killed run leaves nothing to clean
+/// up: the lock goes with the process, and a rerun resumes.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Creates `dir` if needed and locks it; `Err` naming the directory when another
+    /// process holds it.
+    pub fn acquire(dir: &Path) -> Result<RunLock> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(RunLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::io(
+                &path,
+                std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!(
+                        "another process is writing the run directory {}: wait for it to \
+                         finish (or stop it) and run again, or choose another --out",
+                        dir.display()
+                    ),
+                ),
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +132,23 @@ mod tests {
         assert!(!temp_path(&p).exists());
         write_atomic(&p, b"new").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_locked_run_directory_refuses_a_second_writer_until_released() {
+        let dir = std::env::temp_dir().join(format!("popen-lock-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let held = RunLock::acquire(&dir).unwrap();
+        assert!(dir.join(LOCK_FILE).exists());
+        let e = RunLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("another process") && e.contains(&*dir.to_string_lossy()),
+            "{e}"
+        );
+        drop(held);
+        let again = RunLock::acquire(&dir).unwrap();
+        drop(again);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -359,6 +359,41 @@ fn the_presence_mix_trains_is_recorded_and_refuses_foreign_categories() {
     assert!(!d.join("bad/model.safetensors").exists());
 }
 
+/// `[data] reread`: the run records the setting and trains on another stream (the
+/// re-read questions are added to the data), and a fraction outside [0, 1] is refused
+/// before anything is written.
+#[test]
+fn the_reread_mix_trains_is_recorded_and_refuses_a_bad_fraction() {
+    let d = tmp("reread");
+    let (train_json, _, cfg) = setup(&d);
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let mix = d.join("mix.toml");
+    std::fs::write(&mix, base.clone() + "[data]\nreread = 1.0\nreread_k = 2\n").unwrap();
+    let (run, plain) = (d.join("run"), d.join("plain"));
+    ok(&train(&train_json, &mix, &run, &["--steps", "2"], "2"));
+    ok(&train(&train_json, &cfg, &plain, &["--steps", "2"], "2"));
+    let c = json_file(run.join("config.json"));
+    assert_eq!(c["popen_run"]["data"]["reread"], 1.0, "{c}");
+    assert_eq!(c["popen_run"]["data"]["reread_k"], 2, "{c}");
+    let first_loss = |r: &Path| {
+        let text = std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        line["loss"].as_f64().unwrap()
+    };
+    assert_ne!(first_loss(&run), first_loss(&plain));
+    let bad = d.join("bad.toml");
+    std::fs::write(&bad, base + "[data]\nreread = 1.5\n").unwrap();
+    let e = err(&train(
+        &train_json,
+        &bad,
+        &d.join("bad"),
+        &["--steps", "2"],
+        "2",
+    ));
+    assert!(e.contains("[data] reread") && e.contains("1.5"), "{e}");
+    assert!(!d.join("bad").exists());
+}
+
 #[test]
 fn killed_and_resumed_ends_byte_identical_and_threads_agree() {
     let d = tmp("kill");

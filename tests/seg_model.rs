@@ -291,6 +291,49 @@ fn codebook_groups_round_trip_and_incomplete_groups_drop() {
     assert!(groups.is_empty() && !text.contains("<seg>"), "{text}");
 }
 
+/// Stage 1's re-read questions put the answers to read where the ensemble's text half
+/// puts its samples: after the question, before the answer header; only the answer is
+/// labelled and only its groups are targets.
+#[test]
+fn answers_to_read_sit_between_the_question_and_the_answer_header() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let (q, a) = ("Where is the cup?", "The cup <seg> is on the table.");
+    let read = [
+        "I see two apples <seg> <seg> here.".to_string(),
+        "Nothing fits.".to_string(),
+    ];
+    let plain = tok.encode("", q, a).unwrap();
+    assert_eq!(tok.encode_reading("", q, &[], a).unwrap(), plain);
+    let enc = tok.encode_reading("", q, &read, a).unwrap();
+    let (prompt, image_pos) = tok.prompt("", q).unwrap();
+    let header = tok.answer_header().unwrap();
+    assert!(!header.is_empty());
+    let mut want = prompt[..prompt.len() - header.len()].to_vec();
+    for r in &read {
+        want.extend(tok.answer_ids(r).unwrap());
+    }
+    want.extend_from_slice(&header);
+    assert_eq!(enc.answer_start, want.len());
+    want.extend(tok.answer_ids(a).unwrap());
+    want.push(tok.tok.eos);
+    assert_eq!(enc.ids, want);
+    assert_eq!(enc.image_pos, image_pos);
+    // the read answer's two groups are input, the answer's one group the target
+    let n_groups = enc.ids.iter().filter(|&&t| t == tok.codebook[0]).count();
+    assert_eq!(n_groups, 3);
+    assert_eq!(enc.groups.len(), 1);
+    assert_eq!(
+        &enc.ids[enc.answer_start..],
+        &plain.ids[plain.answer_start..],
+        "the answer tokenizes as without reading"
+    );
+    assert_eq!(
+        enc.groups[0] - enc.answer_start,
+        plain.groups[0] - plain.answer_start
+    );
+}
+
 #[test]
 fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
     let cfg = tiny_cfg();

@@ -61,6 +61,11 @@ pub struct DemoCfg {
     pub k: usize,
     /// Test images drawn in `DIR/overlays/`.
     pub overlays: usize,
+    /// Stage 1's re-read mix (`[data] reread`, [`crate::method::reread`]): the fraction
+    /// of the questions asked again with K candidate answers to read first.  A
+    /// `demo.json` without it was made without it.
+    #[serde(default)]
+    pub reread: f32,
 }
 
 /// The tiny model and schedule of `--quick` (the integration tests' size).
@@ -132,6 +137,7 @@ impl DemoCfg {
             ps_copies: 12,
             k: 3,
             overlays: 4,
+            reread: 0.25,
         }
     }
 
@@ -150,6 +156,7 @@ impl DemoCfg {
             ps_copies: 3,
             k: 3,
             overlays: 2,
+            reread: 0.5,
         }
     }
 
@@ -162,6 +169,8 @@ impl DemoCfg {
         c.train.total_steps = self.sft_steps;
         c.train.checkpoint_every = self.sft_steps.div_ceil(4).max(1);
         c.train.seed = self.seed;
+        c.data.reread = self.reread;
+        c.data.reread_k = self.k;
         Ok(c)
     }
 
@@ -281,7 +290,8 @@ pub fn run_demo<B: Backend<f32>>(
     dir: &Path,
     progress: bool,
 ) -> Result<DemoResults> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // one demo per directory (each stage also locks its own run directory)
+    let _lock = crate::fsio::RunLock::acquire(dir)?;
     let cfg_path = dir.join("demo.json");
     let cfg_json = serde_json::to_string_pretty(cfg).expect("settings serialize");
     // compared as settings, not as text: a demo.json written before a setting with a

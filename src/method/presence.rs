@@ -22,19 +22,8 @@ use crate::data::world::centroid;
 use crate::data::world::instructions::{count_qa, ObjView};
 use crate::data::world::rng::{mix, Rng};
 use crate::error::{Error, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
-
-/// `[data]` of the stage-1 config.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataMix {
-    /// Per training image, this many counting questions about present categories and as
-    /// many about absent ones (fewer where the image or the world has fewer); 0 = off
-    /// (the default: the data as given).
-    pub presence_questions: usize,
-}
 
 /// The presence questions for the images of `samples` (each image once, in first-seen
 /// order; the questions follow the image's own, numbered after them).  Every object

@@ -4,9 +4,10 @@
 use crate::backend::{Backend, Cpu};
 use crate::data::sample::{load_muse, Sample};
 use crate::error::{Error, Result};
-use crate::method::presence::{presence_samples, DataMix};
+use crate::method::presence::presence_samples;
+use crate::method::reread::{fitting, reread_items, Reread};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
-use crate::model::seg::data::{corpus, example};
+use crate::model::seg::data::{corpus, example, example_reading};
 use crate::model::seg::run::{CONFIG_FILE, TOKENIZER_FILE};
 use crate::model::seg::{
     Example, LossWeights, SegModel, SegModelConfig, SegTokenizer, Trainable as Parts,
@@ -27,8 +28,35 @@ pub struct SftConfig {
     pub loss: LossWeights,
     /// Which parts train (all, for the tiny model trained from scratch).
     pub trainable: Parts,
-    /// What is added to the training data (the presence mix).
+    /// What is added to the training data (the presence and re-read mixes).
     pub data: DataMix,
+}
+
+/// `[data]` of the stage-1 config: questions added to the training data (both mixes
+/// are ours, off by default; the README's stage-1 section has the measurements).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataMix {
+    /// Per training image, this many counting questions about present categories and as
+    /// many about absent ones (fewer where the image or the world has fewer); 0 = off
+    /// ([`crate::method::presence`]).
+    pub presence_questions: usize,
+    /// The fraction of the training questions asked once more with `reread_k` candidate
+    /// answers to read first, in the ensemble's layout; 0 = off
+    /// ([`crate::method::reread`]).
+    pub reread: f32,
+    /// Candidate answers per re-read question (3, the ensemble's K).
+    pub reread_k: usize,
+}
+
+impl Default for DataMix {
+    fn default() -> Self {
+        DataMix {
+            presence_questions: 0,
+            reread: 0.0,
+            reread_k: 3,
+        }
+    }
 }
 
 /// The model as the trainer sees it, on backend `B`.
@@ -74,9 +102,12 @@ impl<B: Backend<f32>> Trainable for SftModel<B> {
     }
 }
 
-/// Samples preprocessed on demand (the trainer's loader runs this ahead of the compute).
+/// Samples preprocessed on demand (the trainer's loader runs this ahead of the compute):
+/// the samples, then the re-read questions.
 pub struct SftData<'a> {
     pub samples: Vec<Sample>,
+    /// Samples asked again with answers to read first (`[data] reread`).
+    pub reread: Vec<Reread>,
     pub cfg: &'a SegModelConfig,
     pub tok: &'a SegTokenizer,
 }
@@ -84,10 +115,18 @@ pub struct SftData<'a> {
 impl Dataset for SftData<'_> {
     type Item = Example;
     fn len(&self) -> usize {
-        self.samples.len()
+        self.samples.len() + self.reread.len()
     }
     fn load(&self, i: usize) -> Result<Example> {
-        example(self.cfg, self.tok, &self.samples[i])
+        match i.checked_sub(self.samples.len()) {
+            None => example(self.cfg, self.tok, &self.samples[i]),
+            Some(r) => {
+                let Reread { index, read } = &self.reread[r];
+                let s = &self.samples[*index];
+                let n = fitting(self.cfg, self.tok, s, read)?;
+                example_reading(self.cfg, self.tok, s, &read[..n])
+            }
+        }
     }
 }
 
@@ -178,9 +217,11 @@ pub fn train_sft<B: Backend<f32>>(
         &paths.data,
     )?;
     samples.extend(extra);
+    let reread = reread_items(&samples, cfg.data.reread, cfg.data.reread_k, cfg.train.seed)?;
     let cfg = &with_classes(cfg, &samples, paths)?;
     let out = &paths.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // held until the stage returns: one writer per run directory
+    let _lock = crate::fsio::RunLock::acquire(out)?;
     let tok_path = out.join(TOKENIZER_FILE);
     let (model, tok) = match &paths.base {
         Some(base) => {
@@ -215,6 +256,7 @@ pub fn train_sft<B: Backend<f32>>(
     }
     let data = SftData {
         samples,
+        reread,
         cfg: &cfg.model,
         tok: &tok,
     };

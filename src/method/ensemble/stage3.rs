@@ -435,7 +435,8 @@ pub fn train_ensemble<B: Backend<f32>>(
     };
     let samples = crate::method::sft::training_samples(&paths.data, &paths.images)?;
     let out = &paths.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // held until the stage returns: one writer per run directory
+    let _lock = crate::fsio::RunLock::acquire(out)?;
     let (mut model, tok) = SegModel::load(be.clone(), &paths.from)?;
     model.set_trainable(Parts {
         vision: false,

@@ -10,6 +10,18 @@ use crate::error::{Error, Result};
 
 /// One sample → one example.  Errors name the image file and what is wrong with it.
 pub fn example(cfg: &SegModelConfig, tok: &SegTokenizer, s: &Sample) -> Result<Example> {
+    example_reading(cfg, tok, s, &[])
+}
+
+/// [`example`] with answers read before the answer, in the ensemble's layout
+/// ([`SegTokenizer::encode_reading`]; stage 1's re-read mix,
+/// `crate::method::reread`).
+pub fn example_reading(
+    cfg: &SegModelConfig,
+    tok: &SegTokenizer,
+    s: &Sample,
+    read: &[String],
+) -> Result<Example> {
     let err = |field: &str, msg: String| Error::Data {
         path: s.image_path.clone(),
         field: format!("question {} {field}", s.question_index),
@@ -51,7 +63,7 @@ pub fn example(cfg: &SegModelConfig, tok: &SegTokenizer, s: &Sample) -> Result<E
         .collect::<Result<Vec<Vec<f32>>>>()?;
     let img = load_image(s)?;
     let pixels = preprocess(&img, cfg.image_size)?;
-    let enc = tok.encode(&cfg.system_prompt, &s.question, answer)?;
+    let enc = tok.encode_reading(&cfg.system_prompt, &s.question, read, answer)?;
     let classes = if cfg.classes.is_empty() {
         Default::default()
     } else {

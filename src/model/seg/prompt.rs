@@ -123,10 +123,38 @@ impl SegTokenizer {
 
     /// Prompt and answer for training: each `<seg>` of `answer` becomes a codebook group.
     pub fn encode(&self, system: &str, question: &str, answer: &str) -> Result<Encoded> {
+        self.encode_reading(system, question, &[], answer)
+    }
+
+    /// The ids of an answer text as the model generates it: each `<seg>` a codebook
+    /// group, no EOS.
+    pub fn answer_ids(&self, answer: &str) -> Result<Vec<u32>> {
+        self.tok
+            .encode(&answer.replace(SEG_TOKEN, &self.group_text()))
+    }
+
+    /// [`Self::encode`] with answers to read before answering, in the ensemble's text
+    /// layout (`crate::method::ensemble`): the prompt without its answer header, then
+    /// each of `read` as [`Self::answer_ids`] gives it, then the header and the answer.
+    /// Only the answer is labelled.  With `read` empty this is the plain template.
+    pub fn encode_reading(
+        &self,
+        system: &str,
+        question: &str,
+        read: &[String],
+        answer: &str,
+    ) -> Result<Encoded> {
         let (mut ids, image_pos) = self.prompt(system, question)?;
+        if !read.is_empty() {
+            let header = self.answer_header()?;
+            ids.truncate(ids.len() - header.len());
+            for r in read {
+                ids.extend(self.answer_ids(r)?);
+            }
+            ids.extend(header);
+        }
         let answer_start = ids.len();
-        let text = answer.replace(SEG_TOKEN, &self.group_text());
-        ids.extend(self.tok.encode(&text)?);
+        ids.extend(self.answer_ids(answer)?);
         ids.push(self.tok.eos);
         let first = self.codebook[0];
         let groups: Vec<usize> = (answer_start..ids.len())
