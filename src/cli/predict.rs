@@ -29,7 +29,8 @@ pub struct Args {
     /// Questions per forward (their images are encoded together).
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
-    /// Sampling seed (used when --temperature > 0).
+    /// Sampling seed: of the answers with --temperature > 0, and of the K samples with
+    /// --ensemble K (question i draws from the streams seeded from seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// 0 = greedy.

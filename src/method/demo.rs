@@ -113,9 +113,10 @@ fn default_ps_copies() -> usize {
 
 impl DemoCfg {
     /// The default run: the built-in model with stage 1 as in
-    /// `tools/configs/stage1_world.toml` for 800 steps (300 left the masks near empty):
-    /// 12 minutes on an idle 2-core machine (seed 2: stage 1 331 s, stage 2 212 s,
-    /// stage 3 152 s, predictions 25 s), over the 10 the issue asks for.
+    /// `tools/configs/stage1_world.toml` for 800 steps (300 left the masks near empty),
+    /// with the re-read mix at 0.25: 12.75 minutes on an idle 2-core machine (seed 2:
+    /// stage 1 359 s, stage 2 207 s, stage 3 171 s, predictions 27 s), over the 10 the
+    /// issue asks for; the mix costs stage 1 about 8 % (331 s without it).
     ///
     /// Stage 2's `Ps` reads 12 perturbed copies per question, not the paper's 30, with
     /// no regeneration: each copy is a forward of the model (about 20 ms here), and on

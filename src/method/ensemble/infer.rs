@@ -172,7 +172,15 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
         let n_prompt = prompt.map_or(0, |p| be.len(p) / hdim);
         let read_len = ys.len() + n_prompt + header.len();
-        let fits = prefix.len() + read_len + 1 < ctx;
+        // room for an answer as long as the longest sample (EOS included): with less, `ỹ`
+        // would be cut off mid-sentence by the context's end
+        let longest = samples
+            .iter()
+            .map(|s| s.ids.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let fits = prefix.len() + read_len + longest < ctx;
         // the answer is the most likely sample without the text ensemble or room for it
         let fallback = cfg.text && !fits;
         // `ỹ` and the hidden row that predicted each of its tokens

@@ -31,8 +31,8 @@
 //!   `SegModel::predict`); the two halves then run question by question.
 //! - **Decoding `ỹ`** is greedy, with the K samples as drafts
 //!   ([`crate::model::seg::draft`]): the same tokens, fewer forwards.
-//! - **Context.**  When `[prefix, y_1 … y_K, p̂]` leaves no room to answer, the answer
-//!   is the sample of highest mean likelihood (counted in
+//! - **Context.**  When `[prefix, y_1 … y_K, p̂]` leaves less room than the longest
+//!   sample (EOS included) takes, the answer is the sample of highest mean likelihood (counted in
 //!   [`EnsemblePrediction::fallback`]); when the segmentation half does not fit, `ỹ`'s
 //!   own masks are kept.
 //! - **Ablations** (Table 6): without the text ensemble `ỹ` is the sample of highest
