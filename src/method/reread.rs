@@ -13,9 +13,10 @@
 //! right of the cat.").  `p̂` alone (10 embeddings) does not repair that.
 //!
 //! With the mix at 0.25 (the demo's default since), demo seeds 1 and 2: the ensemble's
-//! row rises from 10.8 / 15.5 to 14.9 / 21.0 and from 12.8 / 18.1 to 18.6 / 21.1
-//! (gIoU / cIoU), its CHAIR_i falls by 5.6 and 9.1 points, and its refined answers are
-//! sentences again; stage 1's own greedy answers move by 0.0 / −1.9 and +1.5 / +0.3.
+//! row rises from 10.8 / 15.5 to 16.4 / 22.2 and from 12.8 / 18.1 to 19.9 / 22.1
+//! (gIoU / cIoU; with the ensemble's context rule, `crate::method::ensemble`), its
+//! CHAIR_i falls by 5.6 and 6.2 points, and its refined answers are sentences again;
+//! stage 1's own greedy answers move by 0.0 / −1.9 and +1.5 / +0.3.
 //! The full method stays below POPEN† (the README's demo section has the tables).
 //!
 //! Candidates: each of the K is the ground-truth answer with chance ½, else the answer
