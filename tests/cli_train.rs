@@ -381,6 +381,20 @@ fn the_reread_mix_trains_is_recorded_and_refuses_a_bad_fraction() {
         line["loss"].as_f64().unwrap()
     };
     assert_ne!(first_loss(&run), first_loss(&plain));
+    // the mix adds examples: resuming the plain run with it would change its stream
+    let state = std::fs::read(plain.join("train_state.json")).unwrap();
+    let e = err(&train(
+        &train_json,
+        &mix,
+        &plain,
+        &["--resume", "--steps", "3"],
+        "2",
+    ));
+    assert!(e.contains("examples") && e.contains("[data]"), "{e}");
+    assert_eq!(
+        std::fs::read(plain.join("train_state.json")).unwrap(),
+        state
+    );
     let bad = d.join("bad.toml");
     std::fs::write(&bad, base + "[data]\nreread = 1.5\n").unwrap();
     let e = err(&train(
@@ -399,8 +413,9 @@ fn killed_and_resumed_ends_byte_identical_and_threads_agree() {
     let d = tmp("kill");
     let (train_json, _, cfg) = setup(&d);
     let (a, b, c) = (d.join("a"), d.join("b"), d.join("c"));
-    // long enough that kills land mid-run
-    let steps = ["--steps", "48"];
+    // long enough that kills land mid-run (at 48 steps a resumed run could finish
+    // inside the sleep before the next kill under a loaded machine, leaving one kill)
+    let steps = ["--steps", "96"];
     ok(&train(&train_json, &cfg, &a, &steps, "2"));
     // the same seed at one thread: the same bits
     ok(&train(&train_json, &cfg, &c, &steps, "1"));
@@ -420,7 +435,7 @@ fn killed_and_resumed_ends_byte_identical_and_threads_agree() {
         "--out",
         b.to_str().unwrap(),
         "--steps",
-        "48",
+        "96",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -65,6 +65,11 @@ pub struct TrainState {
     pub elapsed_s: f64,
     /// The settings the run was started with (total_steps may grow on resume).
     pub config: TrainConfig,
+    /// Examples in the data set the run trains on: a resume on another number would
+    /// continue the cursor into another stream.  `None` in runs written before it was
+    /// recorded (not checked).
+    #[serde(default)]
+    pub examples: Option<usize>,
 }
 
 /// `checkpoints/step-NNNNNN`, relative to the run directory.

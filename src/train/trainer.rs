@@ -178,6 +178,7 @@ impl<'a, M: Trainable> Trainer<'a, M> {
         let (start, mut cursor, mut rng, mut elapsed0) = match &saved {
             Some(st) => {
                 check_same_stream(&run, &st.config, &self.cfg)?;
+                check_same_data(&run, st.examples, data.len())?;
                 let dir = run.join(&st.checkpoint);
                 let moments = {
                     let params = model.params_mut();
@@ -302,6 +303,7 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                         adamw_t: opt.t,
                         elapsed_s: elapsed,
                         config: cfg.clone(),
+                        examples: Some(data.len()),
                     };
                     writer.write(&state, |dir| {
                         model.save_weights(&dir.join(MODEL_FILE))?;
@@ -396,6 +398,23 @@ fn f32_json(x: f32) -> Value {
     x.to_string()
         .parse::<f64>()
         .map_or(Value::Null, Value::from)
+}
+
+/// A run resumes on a data set of the length it started with (the data file, and the
+/// stage-1 mixes that add questions to it): the cursor indexes that stream.
+fn check_same_data(run: &Path, saved: Option<usize>, now: usize) -> Result<()> {
+    match saved {
+        Some(was) if was != now => Err(Error::Config {
+            path: run.join(checkpoint::TRAIN_STATE_FILE),
+            field: "examples".into(),
+            msg: format!(
+                "the run was started on {was} training examples and is resumed on {now}: \
+                 resume with the data (and `[data]` settings) it started with, or start a \
+                 new run directory"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The settings that decide which examples and random draws each step sees must not
