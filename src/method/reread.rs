@@ -1,6 +1,7 @@
 //! Stage 1's re-read mix (`[data] reread`, ours, not the paper's): some training
 //! questions are asked again with K candidate answers placed before the answer, in the
-//! ensemble's text layout ([`SegTokenizer::encode_reading`]), and the model learns to
+//! ensemble's text layout ([`crate::model::seg::SegTokenizer::encode_reading`]; answers
+//! that do not fit the context are dropped from the end), and the model learns to
 //! answer with the ground truth after reading them.
 //!
 //! Why: the ensemble's text half (Sec. 3.3) reads `[image, x, y_1 … y_K, p̂]` and then
@@ -29,7 +30,6 @@ use crate::data::corrector::inject;
 use crate::data::sample::Sample;
 use crate::data::world::rng::{mix, Rng};
 use crate::error::{Error, Result};
-use crate::model::seg::{SegModelConfig, SegTokenizer};
 use std::collections::BTreeSet;
 
 /// The chance that a candidate's first error deletes a target (else it names an absent
@@ -97,28 +97,6 @@ pub fn reread_items(samples: &[Sample], fraction: f32, k: usize, seed: u64) -> R
         out.push(Reread { index: i, read });
     }
     Ok(out)
-}
-
-/// How many of `read` (a prefix) fit the context with `s`'s question and answer: the
-/// re-read question drops candidates from the end rather than fail a long answer.
-pub fn fitting(
-    cfg: &SegModelConfig,
-    tok: &SegTokenizer,
-    s: &Sample,
-    read: &[String],
-) -> Result<usize> {
-    let answer = s.answer.as_deref().unwrap_or_default();
-    let grid = cfg.image_size / cfg.lvlm.patch_size.max(1);
-    let image = grid * grid;
-    let mut n = read.len();
-    while n > 0 {
-        let enc = tok.encode_reading(&cfg.system_prompt, &s.question, &read[..n], answer)?;
-        if enc.ids.len() - 1 + image <= cfg.lvlm.max_positions {
-            break;
-        }
-        n -= 1;
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use crate::backend::{Backend, Cpu};
 use crate::data::sample::{load_muse, Sample};
 use crate::error::{Error, Result};
 use crate::method::presence::presence_samples;
-use crate::method::reread::{fitting, reread_items, Reread};
+use crate::method::reread::{reread_items, Reread};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
 use crate::model::seg::data::{corpus, example, example_reading};
 use crate::model::seg::run::{CONFIG_FILE, TOKENIZER_FILE};
@@ -108,6 +108,9 @@ pub struct SftData<'a> {
     pub samples: Vec<Sample>,
     /// Samples asked again with answers to read first (`[data] reread`).
     pub reread: Vec<Reread>,
+    /// The most ids a re-read example may take (the model's context less its image
+    /// positions, plus the one image token): answers to read beyond it are dropped.
+    pub max_ids: usize,
     pub cfg: &'a SegModelConfig,
     pub tok: &'a SegTokenizer,
 }
@@ -122,9 +125,13 @@ impl Dataset for SftData<'_> {
             None => example(self.cfg, self.tok, &self.samples[i]),
             Some(r) => {
                 let Reread { index, read } = &self.reread[r];
-                let s = &self.samples[*index];
-                let n = fitting(self.cfg, self.tok, s, read)?;
-                example_reading(self.cfg, self.tok, s, &read[..n])
+                example_reading(
+                    self.cfg,
+                    self.tok,
+                    &self.samples[*index],
+                    read,
+                    self.max_ids,
+                )
             }
         }
     }
@@ -254,9 +261,13 @@ pub fn train_sft<B: Backend<f32>>(
         let run = serde_json::to_value(cfg).expect("serializes");
         model.save_config(out, &tok, Some(run))?;
     }
+    // the model's own context and image positions (a pretrained LLaVA's, not `cfg`'s)
+    let max_ids =
+        (model.llava.cfg.text.max_position_embeddings + 1).saturating_sub(model.tokens_per_image());
     let data = SftData {
         samples,
         reread,
+        max_ids,
         cfg: &cfg.model,
         tok: &tok,
     };

@@ -10,17 +10,20 @@ use crate::error::{Error, Result};
 
 /// One sample → one example.  Errors name the image file and what is wrong with it.
 pub fn example(cfg: &SegModelConfig, tok: &SegTokenizer, s: &Sample) -> Result<Example> {
-    example_reading(cfg, tok, s, &[])
+    example_reading(cfg, tok, s, &[], usize::MAX)
 }
 
 /// [`example`] with answers read before the answer, in the ensemble's layout
 /// ([`SegTokenizer::encode_reading`]; stage 1's re-read mix,
-/// `crate::method::reread`).
+/// `crate::method::reread`).  Answers to read that would take the ids past `max_ids`
+/// (the model's context less its image positions, plus the one image token) are
+/// dropped from the end; the question and answer themselves are never cut.
 pub fn example_reading(
     cfg: &SegModelConfig,
     tok: &SegTokenizer,
     s: &Sample,
     read: &[String],
+    max_ids: usize,
 ) -> Result<Example> {
     let err = |field: &str, msg: String| Error::Data {
         path: s.image_path.clone(),
@@ -63,7 +66,12 @@ pub fn example_reading(
         .collect::<Result<Vec<Vec<f32>>>>()?;
     let img = load_image(s)?;
     let pixels = preprocess(&img, cfg.image_size)?;
-    let enc = tok.encode_reading(&cfg.system_prompt, &s.question, read, answer)?;
+    let mut n = read.len();
+    let mut enc = tok.encode_reading(&cfg.system_prompt, &s.question, read, answer)?;
+    while n > 0 && enc.ids.len() > max_ids {
+        n -= 1;
+        enc = tok.encode_reading(&cfg.system_prompt, &s.question, &read[..n], answer)?;
+    }
     let classes = if cfg.classes.is_empty() {
         Default::default()
     } else {
