@@ -887,3 +887,89 @@ fn stage2_collects_trains_resumes_and_predicts() {
     let m = std::fs::read_to_string(nols.join("metrics.jsonl")).unwrap();
     assert!(!m.contains("\"ls\""), "{m}");
 }
+
+#[test]
+fn stage2_reread_mix_reads_the_policys_samples_and_refuses_a_bad_fraction() {
+    let d = tmp("pref_reread");
+    let (train_json, _, cfg) = setup(&d);
+    let sft = d.join("sft");
+    ok(&train(&train_json, &cfg, &sft, &[], "2"));
+    let run = |out: &Path, collect: &str| -> Output {
+        let pcfg = d.join("pref.toml");
+        std::fs::write(
+            &pcfg,
+            format!(
+                "[train]\nlr = 1e-3\nmicro_batch = 4\nwarmup_steps = 1\ntotal_steps = 2\n\
+                 log_every = 1\n[collect]\n{collect}\n"
+            ),
+        )
+        .unwrap();
+        let argv = [
+            "train",
+            "pref",
+            "--no-ls",
+            "--from",
+            sft.to_str().unwrap(),
+            "--data",
+            train_json.to_str().unwrap(),
+            "--config",
+            pcfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        popen(&argv, "2")
+    };
+    let a = d.join("a");
+    ok(&run(&a, "reread = 1.0\nreread_k = 2"));
+    let lines = |f: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // every question with a pair is re-read (fraction 1), with at most K = 2 answers
+    let pairs = lines(&a.join("pt.jsonl"));
+    let rr = lines(&a.join("reread.jsonl"));
+    let with_pair: std::collections::BTreeSet<u64> = pairs
+        .iter()
+        .map(|p| p["sample"].as_u64().unwrap())
+        .collect();
+    let read: std::collections::BTreeSet<u64> =
+        rr.iter().map(|r| r["index"].as_u64().unwrap()).collect();
+    assert_eq!(read, with_pair);
+    let answers: usize = rr.iter().map(|r| r["read"].as_array().unwrap().len()).sum();
+    assert!(answers > 0 && rr.iter().all(|r| r["read"].as_array().unwrap().len() <= 2));
+    let c = json_file(a.join("collect.json"));
+    assert_eq!(
+        c["reread"]["questions"].as_u64().unwrap() as usize,
+        rr.len()
+    );
+    assert_eq!(c["reread"]["answers"].as_u64().unwrap() as usize, answers);
+    // the re-read rows train: a logged part, finite and positive
+    let m = lines(&a.join("metrics.jsonl"));
+    assert!(
+        m.iter()
+            .any(|l| l["reread"].as_f64().is_some_and(|v| v > 0.0)),
+        "{m:?}"
+    );
+    // the same seed draws the same samples
+    let b = d.join("b");
+    ok(&run(&b, "reread = 1.0\nreread_k = 2"));
+    assert_eq!(
+        std::fs::read(a.join("reread.jsonl")).unwrap(),
+        std::fs::read(b.join("reread.jsonl")).unwrap()
+    );
+    // off: no file, no part
+    let off = d.join("off");
+    ok(&run(&off, "reread = 0.0"));
+    assert!(!off.join("reread.jsonl").exists());
+    assert!(!std::fs::read_to_string(off.join("metrics.jsonl"))
+        .unwrap()
+        .contains("\"reread\""));
+    // a fraction out of range is an error naming the key, before anything is written
+    let bad = d.join("bad");
+    let e = err(&run(&bad, "reread = 1.5"));
+    assert!(e.contains("[collect] reread"), "{e}");
+    assert!(!bad.join("pt.jsonl").exists());
+}

@@ -224,6 +224,16 @@ fn answers_depend_on_the_seed_and_not_on_the_batch() {
         other.iter().zip(&all).any(|(a, b)| a.samples != b.samples),
         "another seed draws other samples"
     );
+    // stage 2's re-read mix draws the ensemble's samples: the same tokens, no masks
+    let drawn = m.sample_answers(&tok, &items, &ecfg, 11).unwrap();
+    assert_eq!(drawn.len(), items.len());
+    for (i, (set, e)) in drawn.iter().zip(&all).enumerate() {
+        assert_eq!(set.len(), ecfg.k);
+        for (a, b) in set.iter().zip(&e.samples) {
+            assert_eq!((&a.ids, &a.text), (&b.ids, &b.text), "item {i}");
+            assert!(a.masks.is_empty(), "item {i}: text only");
+        }
+    }
 }
 
 /// The same tokens and text, log-probabilities within 1e-4, each mask off in at most

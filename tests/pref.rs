@@ -95,6 +95,23 @@ fn item(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng) -> PrefItem {
         ref_yc: 0.0,
         gt,
         ps: None,
+        reread: None,
+    }
+}
+
+/// `it`'s question asked again after reading `read`, answered with its ground truth.
+fn reread_row(tok: &SegTokenizer, it: &PrefItem, read: &[&str]) -> Example {
+    let read: Vec<String> = read.iter().map(|r| r.to_string()).collect();
+    Example {
+        enc: tok
+            .encode_reading(
+                "",
+                "Where is the cup?",
+                &read,
+                "The cup <seg> is on the table.",
+            )
+            .unwrap(),
+        ..it.gt.clone()
     }
 }
 
@@ -119,6 +136,8 @@ fn lt_is_ln2_when_the_policy_is_the_reference() {
         r.parts
     );
     assert_eq!(r.parts["reward_margin"], 0.0);
+    // no re-read row, no re-read part
+    assert!(!r.parts.contains_key("reread"), "{:?}", r.parts);
     // a wrong cache (the pair's two values swapped) moves it off ln 2
     let (a, b) = (items[0].ref_y, items[0].ref_yc);
     (items[0].ref_y, items[0].ref_yc) = (b, a);
@@ -142,6 +161,9 @@ fn stage2_gradient_matches_finite_differences() {
         nll: 0.7,
         ..PrefLossCfg::default()
     };
+    // and a re-read row (`[collect] reread`) on the first pair
+    let row = reread_row(&tok, &items[0], &["The apple <seg> is on the table."]);
+    items[0].reread = Some(row.clone());
     for (_, t) in m.params_mut() {
         t.zero_grad(&Cpu);
     }
@@ -149,6 +171,16 @@ fn stage2_gradient_matches_finite_differences() {
     assert!(
         r.loss.is_finite() && r.parts["lt"] > 0.0 && r.parts["nll"] > 0.0,
         "{r:?}"
+    );
+    // R = −(1/B)·(1/|a|)·Σ log p over the re-read answer, B = 2 pairs
+    let pass = m.forward_pass(std::slice::from_ref(&row)).unwrap();
+    let rows = &pass.answer_rows[0];
+    assert!(rows.len() >= 5, "{rows:?}");
+    let want = -rows.iter().map(|&i| pass.logp[i]).sum::<f64>() / rows.len() as f64 / 2.0;
+    assert!(
+        (r.parts["reread"] - want).abs() < 1e-12,
+        "{} vs {want}",
+        r.parts["reread"]
     );
     let grads = common::seg::grads_of(&mut m);
     // frozen parts have no gradient slot

@@ -336,6 +336,12 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
         ),
         None => {}
     }
+    if let Some(r) = &s.reread {
+        println!(
+            "stage 2: {} questions re-read after {} of the stage-1 model's own answers",
+            r.questions, r.answers
+        );
+    }
     Ok(())
 }
 

@@ -66,6 +66,11 @@ pub struct DemoCfg {
     /// `demo.json` without it was made without it.
     #[serde(default)]
     pub reread: f32,
+    /// Stage 2's re-read mix (`[collect] reread`, [`crate::method::reread::sampled_rereads`]):
+    /// the fraction of stage 2's questions asked again after K answers the stage-1
+    /// model samples for them.  A `demo.json` without it was made without it.
+    #[serde(default)]
+    pub pref_reread: f32,
 }
 
 /// The tiny model and schedule of `--quick` (the integration tests' size).
@@ -139,6 +144,7 @@ impl DemoCfg {
             k: 3,
             overlays: 4,
             reread: 0.25,
+            pref_reread: 0.5,
         }
     }
 
@@ -158,6 +164,7 @@ impl DemoCfg {
             k: 3,
             overlays: 2,
             reread: 0.5,
+            pref_reread: 0.5,
         }
     }
 
@@ -206,6 +213,8 @@ impl DemoCfg {
         c.train.checkpoint_every = self.pref_steps.div_ceil(2).max(1);
         c.ps.np = self.ps_copies;
         c.ps.regenerations = 0;
+        c.collect.reread = self.pref_reread;
+        c.collect.reread_k = self.k;
         c.train.seed = self.seed;
         Ok(c)
     }

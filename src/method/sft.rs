@@ -261,9 +261,7 @@ pub fn train_sft<B: Backend<f32>>(
         let run = serde_json::to_value(cfg).expect("serializes");
         model.save_config(out, &tok, Some(run))?;
     }
-    // the model's own context and image positions (a pretrained LLaVA's, not `cfg`'s)
-    let max_ids =
-        (model.llava.cfg.text.max_position_embeddings + 1).saturating_sub(model.tokens_per_image());
+    let max_ids = model.max_ids();
     let data = SftData {
         samples,
         reread,

@@ -96,32 +96,108 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         };
         let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
         let encs = self.encode_images(&px)?;
+        let mut out: Vec<Option<EnsemblePrediction>> = (0..items.len()).map(|_| None).collect();
+        self.sampled_groups(
+            tok,
+            items,
+            &px,
+            &encs,
+            cfg,
+            seed,
+            &fixed,
+            |idx, pre, mut sampled| {
+                for (r, &i) in idx.iter().enumerate().rev() {
+                    let prefix = self
+                        .llava
+                        .language_model
+                        .select_cache_rows(&pre.cache, &[r])?;
+                    let samples = sampled.pop().ok_or_else(|| {
+                        Error::shape("SegModel::predict_ensemble", "fewer sample sets than rows")
+                    })?;
+                    let head = Head {
+                        prefix,
+                        h_prefix: pre.hidden[r].clone(),
+                    };
+                    out[i] =
+                        Some(self.refine_one(tok, px[i], &encs[i], head, samples, cfg, &fixed)?);
+                }
+                Ok(())
+            },
+        )?;
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The K answers the ensemble samples for each `(image, question)` and nothing
+    /// more: the same streams as [`Self::predict_ensemble`] with the same `seed` (item
+    /// `i` from `seed + i`), `cfg.k`, `cfg.temperature` and `cfg.top_p`, text only (no
+    /// masks decoded).  Stage 2's re-read mix reads them (`crate::method::reread`).
+    pub fn sample_answers(
+        &self,
+        tok: &SegTokenizer,
+        items: &[(&Pixels, &str)],
+        cfg: &EnsembleCfg,
+        seed: u64,
+    ) -> Result<Vec<Vec<Prediction>>> {
+        if cfg.k == 0 {
+            return Err(Error::arg("SegModel::sample_answers", "K must be ≥ 1"));
+        }
+        let cfg = EnsembleCfg {
+            sample_masks: false,
+            ..*cfg
+        };
+        let fixed = Fixed {
+            prompt: None,
+            ends: &[],
+            header: tok.answer_header()?,
+        };
+        let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
+        let encs = self.encode_images(&px)?;
+        let mut out: Vec<Vec<Prediction>> = vec![Vec::new(); items.len()];
+        self.sampled_groups(
+            tok,
+            items,
+            &px,
+            &encs,
+            &cfg,
+            seed,
+            &fixed,
+            |idx, _, sampled| {
+                for (&i, s) in idx.iter().zip(sampled) {
+                    out[i] = s.preds;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// The prefix `[image, x]` and the K samples of the questions of each prompt
+    /// length, handed to `then` with the group's item indices (question `i` seeded
+    /// `seed + i`).
+    #[allow(clippy::too_many_arguments)]
+    fn sampled_groups(
+        &self,
+        tok: &SegTokenizer,
+        items: &[(&Pixels, &str)],
+        px: &[&Pixels],
+        encs: &[ImageEncoding<B::Buf>],
+        cfg: &EnsembleCfg,
+        seed: u64,
+        fixed: &Fixed<'_, B::Buf>,
+        mut then: impl FnMut(&[usize], &Rows<B::Buf>, Vec<Samples<B::Buf>>) -> Result<()>,
+    ) -> Result<()> {
         // [image, x] without the answer header: the header follows whatever is read next
         let bodies = items
             .iter()
             .map(|(_, q)| self.prompt_ids(tok, q, fixed.header.len()))
             .collect::<Result<Vec<_>>>()?;
-        let mut out: Vec<Option<EnsemblePrediction>> = (0..items.len()).map(|_| None).collect();
         for idx in &length_groups(&bodies) {
             let seeds: Vec<u64> = idx.iter().map(|&i| seed.wrapping_add(i as u64)).collect();
-            let pre = self.prefill_rows(&bodies, &encs, idx, &seeds)?;
-            let mut sampled = self.sample_k(tok, &px, &encs, idx, &pre, cfg, &seeds, &fixed)?;
-            for (r, &i) in idx.iter().enumerate().rev() {
-                let prefix = self
-                    .llava
-                    .language_model
-                    .select_cache_rows(&pre.cache, &[r])?;
-                let samples = sampled.pop().ok_or_else(|| {
-                    Error::shape("SegModel::predict_ensemble", "fewer sample sets than rows")
-                })?;
-                let head = Head {
-                    prefix,
-                    h_prefix: pre.hidden[r].clone(),
-                };
-                out[i] = Some(self.refine_one(tok, px[i], &encs[i], head, samples, cfg, &fixed)?);
-            }
+            let pre = self.prefill_rows(&bodies, encs, idx, &seeds)?;
+            let sampled = self.sample_k(tok, px, encs, idx, &pre, cfg, &seeds, fixed)?;
+            then(idx, &pre, sampled)?;
         }
-        Ok(out.into_iter().flatten().collect())
+        Ok(())
     }
 
     /// The text half (Eq. 5) and the segmentation half (Eq. 6) of one question, from

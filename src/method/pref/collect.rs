@@ -86,6 +86,12 @@ pub struct CollectCfg {
     /// `world` (the default) or `chat` (an OpenAI-compatible endpoint, `[collect.chat]`).
     pub corrector: CorrectorKind,
     pub chat: ChatCfg,
+    /// Stage 2's re-read mix ([`crate::method::reread::sampled_rereads`]; ours, 0 = off):
+    /// the fraction of the questions asked once more after `reread_k` (3) answers the
+    /// stage-1 policy samples for them at `temperature` and `top_p`, in the ensemble's
+    /// layout; the answer's cross-entropy and masks train with the pairs.
+    pub reread: f32,
+    pub reread_k: usize,
 }
 
 impl Default for CollectCfg {
@@ -98,6 +104,8 @@ impl Default for CollectCfg {
             omit: 0.0,
             corrector: CorrectorKind::World,
             chat: ChatCfg::default(),
+            reread: 0.0,
+            reread_k: 3,
         }
     }
 }
@@ -124,7 +132,11 @@ impl CollectCfg {
         if self.batch == 0 {
             return bad("batch = 0".into());
         }
-        Ok(())
+        crate::method::reread::check(
+            ("[collect] reread", "[collect] reread_k"),
+            self.reread,
+            self.reread_k,
+        )
     }
 }
 

@@ -574,6 +574,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         self.llava.cfg.vision.num_patches()
     }
 
+    /// The most token ids an example may have: the model's context less the image's K
+    /// positions, plus the one image token that stands for them (the model's own
+    /// values, so a pretrained LLaVA's, not a config's).
+    pub fn max_ids(&self) -> usize {
+        (self.llava.cfg.text.max_position_embeddings + 1).saturating_sub(self.tokens_per_image())
+    }
+
     /// `ids` with its one image token expanded to K positions.
     pub fn expand_ids(&self, enc: &Encoded) -> Vec<u32> {
         let k = self.tokens_per_image();
