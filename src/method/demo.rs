@@ -121,7 +121,10 @@ impl DemoCfg {
     /// `tools/configs/stage1_world.toml` for 800 steps (300 left the masks near empty),
     /// with the re-read mix at 0.25: 12.75 minutes on an idle 2-core machine (seed 2:
     /// stage 1 359 s, stage 2 207 s, stage 3 171 s, predictions 27 s), over the 10 the
-    /// issue asks for; the mix costs stage 1 about 8 % (331 s without it).
+    /// issue asks for; the mix costs stage 1 about 8 % (331 s without it).  Stage 2
+    /// adds its own re-read mix at 0.5 (its samples: about 16 s for 300 questions; its
+    /// rows: a second pass each step); with it the `popen` row rose in each of 3 seeds
+    /// by 0.4–0.7 gIoU and its CHAIR_i fell by 0.6–1.6 (the README has the table).
     ///
     /// Stage 2's `Ps` reads 12 perturbed copies per question, not the paper's 30, with
     /// no regeneration: each copy is a forward of the model (about 20 ms here), and on
