@@ -703,6 +703,15 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// `popen train pref --from SFT --data DATA --config CFG --out OUT`.
+fn pref_args(sft: &Path, data: &Path, cfg: &Path, out: &Path) -> Vec<String> {
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let mut v: Vec<String> = ["train", "pref", "--from"].map(String::from).into();
+    v.extend([p(sft), "--data".into(), p(data), "--config".into(), p(cfg)]);
+    v.extend(["--out".into(), p(out)]);
+    v
+}
+
 #[test]
 fn stage2_collects_trains_resumes_and_predicts() {
     let d = tmp("pref");
@@ -716,23 +725,7 @@ fn stage2_collects_trains_resumes_and_predicts() {
          checkpoint_every = 2\nlog_every = 1\n[ps]\nnp = 4\nregenerations = 1\nbatch = 4\n",
     )
     .unwrap();
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "pref",
-            "--from",
-            sft.to_str().unwrap(),
-            "--data",
-            train_json.to_str().unwrap(),
-            "--config",
-            pcfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let args = |out: &Path| pref_args(&sft, &train_json, &pcfg, out);
     let a = d.join("a");
     let argv = args(&a);
     let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
@@ -904,19 +897,9 @@ fn stage2_reread_mix_reads_the_policys_samples_and_refuses_a_bad_fraction() {
             ),
         )
         .unwrap();
-        let argv = [
-            "train",
-            "pref",
-            "--no-ls",
-            "--from",
-            sft.to_str().unwrap(),
-            "--data",
-            train_json.to_str().unwrap(),
-            "--config",
-            pcfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
+        let mut argv = pref_args(&sft, &train_json, &pcfg, out);
+        argv.push("--no-ls".into());
+        let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
         popen(&argv, "2")
     };
     let a = d.join("a");

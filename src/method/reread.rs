@@ -37,7 +37,10 @@
 //! the most likely sample, and `ỹ` merged or repeated the samples' objects where it
 //! differed from it.  Stage 2 trains the answer after its samples with the same
 //! cross-entropy as stage 1 (its masks join `Lce`); `crate::method::pref::pref_step`
-//! has the formula.
+//! has the formula.  Measured against the same stage-1 models without it (demo seeds
+//! 0–2, the mix at 0.5): the ensemble's row gains 0.4–0.7 gIoU and loses 0.6–1.6
+//! CHAIR_i in every seed, cIoU −0.1 to +0.7; the refinement still merges samples that
+//! disagree.
 use crate::backend::Backend;
 use crate::data::corrector::inject;
 use crate::data::sample::Sample;
