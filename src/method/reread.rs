@@ -27,7 +27,7 @@
 //! data not in the image, so any data set with object categories works.  The draws are
 //! seeded by the training seed and the question's index in the file.
 //!
-//! **Stage 2's mix** (`[collect] reread`, [`sampled_rereads`]; ours too): the same
+//! **Stage 2's mix** (`[collect] reread`, [`reread_picks`], [`sampled_rereads`]; ours too): the same
 //! layout, but the K candidates are the stage-1 policy's own samples, drawn the way the
 //! ensemble draws them ([`SegModel::sample_answers`]: one prefix, K samples at
 //! `[collect]`'s temperature and top-p, 0.7 and 0.9 as the ensemble's), collected once
@@ -126,35 +126,46 @@ pub fn reread_items(samples: &[Sample], fraction: f32, k: usize, seed: u64) -> R
     Ok(out)
 }
 
-/// Stage 2's re-read questions: each question of `samples` with an answer text is
-/// picked with chance `fraction` (seeded by `seed` and its index, independently of
-/// stage 1's picks), and reads the K answers `model` samples for it
-/// ([`SegModel::sample_answers`] with `cfg`'s K, temperature and top-p; the j-th picked
-/// question from the stream `seed'` + j, whatever `batch`).  Samples the tokenizer
-/// cannot take back as an answer are dropped.  `progress` is called with the number of
-/// questions done.
+/// Stage 2's re-read questions: each question `i` of `samples` with an answer text and
+/// `keep(i)` (stage 2 keeps the questions with a pair) is picked with chance `fraction`,
+/// seeded by `seed` and its index, independently of stage 1's picks.  `fraction`
+/// outside [0, 1] or K = 0 is an error naming `[collect] reread` or `reread_k`.
+pub fn reread_picks(
+    samples: &[Sample],
+    fraction: f32,
+    k: usize,
+    seed: u64,
+    keep: impl Fn(usize) -> bool,
+) -> Result<Vec<usize>> {
+    check(("[collect] reread", "[collect] reread_k"), fraction, k)?;
+    if fraction == 0.0 {
+        return Ok(Vec::new());
+    }
+    Ok((0..samples.len())
+        .filter(|&i| {
+            samples[i].answer.is_some()
+                && keep(i)
+                && Rng::new(mix(&[seed, i as u64, 0x7061_6972_7265_6164])).chance(fraction)
+        })
+        .collect())
+}
+
+/// The answers the `picked` questions ([`reread_picks`]) read: the K answers `model`
+/// samples for each ([`SegModel::sample_answers`] with `cfg`'s K, temperature and
+/// top-p; the j-th picked question from the stream `seed'` + j, whatever `batch`).
+/// Samples the tokenizer cannot take back as an answer are dropped.  `progress` is
+/// called with the number of questions done.
 #[allow(clippy::too_many_arguments)]
 pub fn sampled_rereads<B: Backend<f32>>(
     model: &SegModel<f32, B>,
     tok: &SegTokenizer,
     samples: &[Sample],
-    fraction: f32,
+    picked: &[usize],
     cfg: &EnsembleCfg,
     batch: usize,
     seed: u64,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Reread>> {
-    check(("[collect] reread", "[collect] reread_k"), fraction, cfg.k)?;
-    let picked: Vec<usize> = if fraction == 0.0 {
-        Vec::new()
-    } else {
-        (0..samples.len())
-            .filter(|&i| {
-                samples[i].answer.is_some()
-                    && Rng::new(mix(&[seed, i as u64, 0x7061_6972_7265_6164])).chance(fraction)
-            })
-            .collect()
-    };
     let base = mix(&[seed, 0x7361_6d70_6c65]);
     let batch = batch.max(1);
     let mut last = crate::method::predict::LastImage::default();

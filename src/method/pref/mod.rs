@@ -32,8 +32,8 @@ use crate::data::sample::Sample;
 use crate::error::{Error, Result};
 use crate::method::ensemble::EnsembleCfg;
 use crate::method::losses::{dpo_loss, BETA_T, LAMBDA};
-use crate::method::reread::{sampled_rereads, Reread};
-use crate::model::seg::data::{example, example_reading};
+use crate::method::reread::{reread_picks, sampled_rereads, Reread};
+use crate::model::seg::data::{encode_fitting, example};
 use crate::model::seg::model::TrainPass;
 use crate::model::seg::run::CONFIG_FILE;
 use crate::model::seg::{Example, LossWeights, SegModel, SegTokenizer, Trainable as Parts};
@@ -423,15 +423,20 @@ impl Dataset for PrefData<'_> {
             lyc: p.lyc.clone(),
             ref_y: p.ref_y,
             ref_yc: p.ref_yc,
-            reread: match self.reread.get(&p.sample) {
-                Some(read) => Some(example_reading(
-                    self.model_cfg,
-                    self.tok,
-                    s,
-                    read,
-                    self.max_ids,
-                )?),
-                None => None,
+            // the ground truth's image and masks, read once
+            reread: match (self.reread.get(&p.sample), &s.answer) {
+                (Some(read), Some(answer)) => Some(Example {
+                    enc: encode_fitting(
+                        self.model_cfg,
+                        self.tok,
+                        &s.question,
+                        read,
+                        answer,
+                        self.max_ids,
+                    )?,
+                    ..gt.clone()
+                }),
+                _ => None,
             },
             gt,
             ps,
@@ -644,9 +649,16 @@ pub fn train_pref<B: Backend<f32>>(
     } else {
         // only the questions that train: those with a pair
         let with_pair: std::collections::BTreeSet<usize> = pairs.iter().map(|p| p.sample).collect();
+        let picked = reread_picks(
+            &samples,
+            cfg.collect.reread,
+            cfg.collect.reread_k,
+            cfg.train.seed,
+            |i| with_pair.contains(&i),
+        )?;
         let b = bar(
             progress,
-            samples.len(),
+            picked.len(),
             "collect re-read {bar:30} {pos}/{len} questions [{elapsed_precise}<{eta_precise}]",
         );
         let ens = EnsembleCfg {
@@ -655,19 +667,16 @@ pub fn train_pref<B: Backend<f32>>(
             top_p: cfg.collect.top_p,
             ..EnsembleCfg::default()
         };
-        let recs: Vec<Reread> = sampled_rereads(
+        let recs = sampled_rereads(
             &model,
             &tok,
             &samples,
-            cfg.collect.reread,
+            &picked,
             &ens,
             cfg.collect.batch,
             cfg.train.seed,
             |n| b.inc(n as u64),
-        )?
-        .into_iter()
-        .filter(|r| with_pair.contains(&r.index))
-        .collect();
+        )?;
         b.finish_and_clear();
         write_jsonl(&reread_path, &recs)?;
         counts.reread = Some(RereadCounts {

@@ -66,12 +66,7 @@ pub fn example_reading(
         .collect::<Result<Vec<Vec<f32>>>>()?;
     let img = load_image(s)?;
     let pixels = preprocess(&img, cfg.image_size)?;
-    let mut n = read.len();
-    let mut enc = tok.encode_reading(&cfg.system_prompt, &s.question, read, answer)?;
-    while n > 0 && enc.ids.len() > max_ids {
-        n -= 1;
-        enc = tok.encode_reading(&cfg.system_prompt, &s.question, &read[..n], answer)?;
-    }
+    let enc = encode_fitting(cfg, tok, &s.question, read, answer, max_ids)?;
     let classes = if cfg.classes.is_empty() {
         Default::default()
     } else {
@@ -87,6 +82,25 @@ pub fn example_reading(
         masks,
         classes,
     })
+}
+
+/// [`SegTokenizer::encode_reading`] with the answers to read that would take the ids
+/// past `max_ids` dropped from the end (the question and answer are never cut).
+pub fn encode_fitting(
+    cfg: &SegModelConfig,
+    tok: &SegTokenizer,
+    question: &str,
+    read: &[String],
+    answer: &str,
+    max_ids: usize,
+) -> Result<super::prompt::Encoded> {
+    let mut n = read.len();
+    let mut enc = tok.encode_reading(&cfg.system_prompt, question, read, answer)?;
+    while n > 0 && enc.ids.len() > max_ids {
+        n -= 1;
+        enc = tok.encode_reading(&cfg.system_prompt, question, &read[..n], answer)?;
+    }
+    Ok(enc)
 }
 
 /// The texts a world tokenizer is trained on: every question and answer.
