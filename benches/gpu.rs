@@ -13,7 +13,7 @@
 //!
 //! `cargo bench --features cuda --bench gpu` (or the binary with `--bench`); the
 //! optional argument filters by name, e.g. `-- --bench attention`.
-use popen::backend::{Backend, DeviceBackend};
+use popen::backend::{Backend, Conv2dGeom, DeviceBackend};
 use popen::kernels::attention::{attention_bwd, attention_fwd, AttnShape};
 use popen::kernels::logprob::{logprob_bwd, logprob_fwd, seq_weighted_sum};
 use popen::kernels::mask::{pair_counts, soft_iou_bwd, soft_iou_fwd};
@@ -233,6 +233,89 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
     }
 }
 
+/// The pixel decoder's image ops (`kernels/image.cu`) through the device backend, at a
+/// 7B-scale decoder's sizes: 8 images of 32×32 features, 64 masks resized to 1024×1024.
+fn bench_image(be: &DeviceBackend, want: &dyn Fn(&str) -> bool) {
+    if !want("image") {
+        return;
+    }
+    let dev = be.device();
+    let gb = |floats: usize| 4.0 * floats as f64 / 1e9;
+    // im2col of a 3×3 conv, padding 1: the input read once, the columns written once
+    let g = Conv2dGeom {
+        b: 8,
+        h: 32,
+        w: 32,
+        c: 256,
+        k: 3,
+        pad: 1,
+    };
+    let (nx, no) = (8 * 32 * 32 * 256, 8 * 32 * 32 * 9 * 256);
+    let x = be.from_slice(&rand_f32(nx, 11));
+    let (mut cols, mut dx) = (be.zeros(no), be.zeros(nx));
+    let t = time(dev, 10, 5, || be.im2col(&x, &g, &mut cols).unwrap());
+    emit("im2col_8x32x32x256_k3", t, "gb_s", gb(nx + no));
+    let t = time(dev, 10, 5, || be.im2col_bwd(&cols, &g, &mut dx).unwrap());
+    emit("im2col_bwd_8x32x32x256_k3", t, "gb_s", gb(nx + no));
+    // depth-to-space ×2 of 8 × 32×32 × 4·256 (a permutation: read once, written once)
+    let n = 8 * 32 * 32 * 4 * 256;
+    let y = be.from_slice(&rand_f32(n, 12));
+    let mut up = be.zeros(n);
+    let t = time(dev, 10, 5, || {
+        be.depth_to_space(&y, 8, 32, 32, 256, 2, &mut up).unwrap()
+    });
+    emit("depth_to_space_8x32x32x1024_r2", t, "gb_s", gb(2 * n));
+    // per-row scale of 8 × 64×64 rows of 256 channels
+    let (rows, c) = (8 * 64 * 64, 256);
+    let (a, s) = (
+        be.from_slice(&rand_f32(rows * c, 13)),
+        be.from_slice(&rand_f32(rows, 14)),
+    );
+    let mut o = be.zeros(rows * c);
+    let t = time(dev, 10, 5, || be.mul_rows(&a, &s, c, &mut o).unwrap());
+    emit("mul_rows_32768x256", t, "gb_s", gb(2 * rows * c + rows));
+    // 64 masks of 128×128 logits resized to 1024×1024, and the backward
+    let (m, h, hi) = (64usize, 128usize, 1024usize);
+    let lo = be.from_slice(&rand_f32(m * h * h, 15));
+    let mut big = be.zeros(m * hi * hi);
+    let mut dlo = be.zeros(m * h * h);
+    let t = time(dev, 5, 5, || {
+        be.resize_bilinear(&lo, m, h, h, 1, hi, hi, &mut big)
+            .unwrap()
+    });
+    emit(
+        "resize_64x128x128_to_1024",
+        t,
+        "gb_s",
+        gb(m * (h * h + hi * hi)),
+    );
+    let t = time(dev, 5, 5, || {
+        be.resize_bilinear_bwd(&big, m, h, h, 1, hi, hi, &mut dlo)
+            .unwrap()
+    });
+    emit(
+        "resize_bwd_64x1024_to_128",
+        t,
+        "gb_s",
+        gb(m * (h * h + hi * hi)),
+    );
+    // BCE + Dice over the 64 full-size masks (logits and targets read; the backward
+    // reads both twice, once for the sums and once per pixel, and writes the gradient)
+    let p = hi * hi;
+    let target: Vec<f32> = rand_u8(m * p, 16, 0.3).iter().map(|&v| v as f32).collect();
+    let tg = be.from_slice(&target);
+    let mut dl = be.zeros(m * p);
+    let t = time(dev, 5, 5, || {
+        be.mask_loss_fwd(&big, &tg, m, p).unwrap();
+    });
+    emit("mask_loss_fwd_64x1024x1024", t, "gb_s", gb(2 * m * p));
+    let t = time(dev, 5, 5, || {
+        be.mask_loss_bwd(&big, &tg, m, p, 2.0, 0.5, &mut dl)
+            .unwrap()
+    });
+    emit("mask_loss_bwd_64x1024x1024", t, "gb_s", gb(3 * m * p));
+}
+
 fn bench_attention(dev: &Device) {
     for (name, s, masked) in attn_shapes() {
         let (nq, nk) = (s.b * s.nh * s.tq * s.hs, s.b * s.nkv * s.tk * s.hs);
@@ -310,9 +393,8 @@ fn bench_attention(dev: &Device) {
 /// Forward + backward of the 7B-shaped stack on the device backend: embedding, the
 /// layers, the final norm, the LM head, the log-prob of a target per position and the
 /// backward of their mean (the loss PyTorch's side uses).
-fn bench_stack(dev: Device) {
+fn bench_stack(be: DeviceBackend) {
     let cfg = stack_cfg();
-    let be = DeviceBackend::new(dev);
     let t0 = Instant::now();
     let mut m: Llama<f32, DeviceBackend> = Llama::new(be.clone(), cfg.clone(), 1).unwrap();
     eprintln!("stack: built in {:.1} s", t0.elapsed().as_secs_f64());
@@ -361,11 +443,13 @@ fn main() {
             return;
         }
     };
-    bench_memory(&dev, &want);
+    let be = DeviceBackend::new(dev);
+    bench_memory(be.device(), &want);
+    bench_image(&be, &want);
     if want("attention") {
-        bench_attention(&dev);
+        bench_attention(be.device());
     }
     if want("stack") {
-        bench_stack(dev);
+        bench_stack(be);
     }
 }

@@ -34,3 +34,16 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
     return v;
 }
+
+// Sum over the block (blockDim a multiple of 32); every thread gets the total.  `part`
+// holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* part) {
+    v = warp_sum(v);
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    __syncthreads();  // part may still be read from a previous call
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    int nw = blockDim.x / WARP_SIZE;
+    float t = lane < nw ? part[lane] : 0.0f;
+    return warp_sum(t);
+}

@@ -3,18 +3,6 @@
 // N rows, C channels.  One block per row; blockDim a multiple of 32, at most 1024.
 #include "common.cuh"
 
-// Sum over the block; every thread gets the total.  `part` holds 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* part) {
-    v = warp_sum(v);
-    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    __syncthreads();  // part may still be read from a previous call
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    int nw = blockDim.x / WARP_SIZE;
-    float t = lane < nw ? part[lane] : 0.0f;
-    return warp_sum(t);
-}
-
 // out (N,C) = x * rstd * w (w null: no scale), rstd (N) = 1/sqrt(mean(x^2) + eps)
 extern "C" __global__ void rmsnorm_fwd_f32(float* out, float* rstd, const float* x, const float* w, float eps,
                                            int c) {

@@ -291,6 +291,58 @@ fn attention_forward_and_backward_match_cpu() {
 }
 
 #[test]
+fn key_masks_and_targets_are_uploaded_once_per_value() {
+    // the backend keeps the last key mask and target list it uploaded: the same value
+    // again costs no copy, and a new value (even of the same length) is used, not the
+    // stale one
+    for d in backends() {
+        let mut r = Philox::new(13);
+        let s = AttnShape {
+            b: 2,
+            nh: 2,
+            nkv: 2,
+            tq: 3,
+            tk: 6,
+            hs: 4,
+            causal: false,
+            scale: 0.5,
+        };
+        let (nq, nk) = (s.b * s.nh * s.tq * s.hs, s.b * s.nkv * s.tk * s.hs);
+        let (q, qd) = both(&d, &rnd(&mut r, nq, 1.0));
+        let (k, kd) = both(&d, &rnd(&mut r, nk, 1.0));
+        let (v, vd) = both(&d, &rnd(&mut r, nk, 1.0));
+        let nl = s.b * s.nh * s.tq;
+        let masks: [Vec<u8>; 3] = [
+            (0..12).map(|i| u8::from(i % 3 != 0)).collect(),
+            (0..12).map(|i| u8::from(i % 4 != 1)).collect(),
+            (0..12).map(|i| u8::from(i % 3 != 0)).collect(),
+        ];
+        for (i, mask) in masks.iter().chain(&masks[2..]).enumerate() {
+            let (mut o, mut od) = (vec![0.0; nq], d.zeros(nq));
+            let (mut l, mut ld) = (vec![0.0; nl], d.zeros(nl));
+            Cpu.attention_fwd(&s, &q, &k, &v, None, Some(mask), &mut o, &mut l)
+                .unwrap();
+            let before = d.device().copies();
+            d.attention_fwd(&s, &qd, &kd, &vd, None, Some(mask), &mut od, &mut ld)
+                .unwrap();
+            // masks 0, 1 and 2 differ from the one before; the 4th repeats the 3rd
+            let up = d.device().copies().htod - before.htod;
+            assert_eq!(up, u64::from(i < 3), "mask {i}: uploads");
+            close(&format!("attention out with mask {i}"), &d.to_vec(&od), &o);
+        }
+        let (n, vocab) = (5, 17);
+        let (x, xd) = both(&d, &rnd(&mut r, n * vocab, 2.0));
+        for t in [[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]] {
+            let (mut lp, mut lpd) = (vec![0.0; n], d.zeros(n));
+            let (mut lse, mut lsed) = (vec![0.0; n], d.zeros(n));
+            Cpu.logprob_fwd(&x, &t, vocab, &mut lp, &mut lse).unwrap();
+            d.logprob_fwd(&xd, &t, vocab, &mut lpd, &mut lsed).unwrap();
+            close(&format!("logprob with targets {t:?}"), &d.to_vec(&lpd), &lp);
+        }
+    }
+}
+
+#[test]
 fn logprob_forward_and_backward_match_cpu() {
     for d in backends() {
         let mut r = Philox::new(7);
@@ -549,6 +601,135 @@ fn embedding_and_patchify_match_cpu() {
             "the backward of a permutation is its inverse"
         );
         assert!(d.patchify(&pxd, b, ch, h, w, 4, &mut od).is_err());
+    }
+}
+
+/// A device buffer of n NaNs: an op that must overwrite its output and leaves any
+/// element unwritten fails `close`.
+fn nans(d: &DeviceBackend, n: usize) -> popen::kernels::DeviceBuf<f32> {
+    d.from_slice(&vec![f32::NAN; n])
+}
+
+#[test]
+fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
+    use popen::backend::Conv2dGeom;
+    for d in backends() {
+        let mut r = Philox::new(12);
+        let mut copies = 0u64;
+        // im2col: padded 3×3, unpadded 2×2, and padding wider than the kernel's reach
+        for (b, h, w, c, k, pad) in [(2, 5, 7, 3, 3, 1), (1, 6, 4, 5, 2, 0), (2, 3, 5, 2, 3, 2)] {
+            let g = Conv2dGeom { b, h, w, c, k, pad };
+            let (ho, wo) = g.out_hw().unwrap();
+            let (nx, no) = (b * h * w * c, b * ho * wo * g.col_width());
+            let (x, xd) = both(&d, &rnd(&mut r, nx, 2.0));
+            let (dout, doutd) = both(&d, &rnd(&mut r, no, 1.0));
+            let before = d.device().copies();
+            let (mut o, mut od) = (vec![0.0; no], nans(&d, no));
+            let (mut dx, mut dxd) = (vec![0.0; nx], nans(&d, nx));
+            Cpu.im2col(&x, &g, &mut o).unwrap();
+            d.im2col(&xd, &g, &mut od).unwrap();
+            Cpu.im2col_bwd(&dout, &g, &mut dx).unwrap();
+            d.im2col_bwd(&doutd, &g, &mut dxd).unwrap();
+            copies +=
+                d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh - 2; // the two NaN uploads
+            close(&format!("im2col {g:?}"), &d.to_vec(&od), &o);
+            close(&format!("im2col_bwd {g:?}"), &d.to_vec(&dxd), &dx);
+            assert!(d.im2col(&xd, &g, &mut nans(&d, no + 1)).is_err());
+        }
+        // depth-to-space and its inverse
+        for (b, h, w, c, rr) in [(2, 3, 5, 3, 2), (1, 2, 3, 4, 3)] {
+            let n = b * h * w * rr * rr * c;
+            let (x, xd) = both(&d, &rnd(&mut r, n, 2.0));
+            let (mut o, mut od) = (vec![0.0; n], nans(&d, n));
+            let (mut dx, mut dxd) = (vec![0.0; n], nans(&d, n));
+            let before = d.device().copies();
+            Cpu.depth_to_space(&x, b, h, w, c, rr, &mut o).unwrap();
+            d.depth_to_space(&xd, b, h, w, c, rr, &mut od).unwrap();
+            Cpu.depth_to_space_bwd(&x, b, h, w, c, rr, &mut dx).unwrap();
+            d.depth_to_space_bwd(&xd, b, h, w, c, rr, &mut dxd).unwrap();
+            copies +=
+                d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh;
+            close("depth_to_space", &d.to_vec(&od), &o);
+            close("depth_to_space_bwd", &d.to_vec(&dxd), &dx);
+            assert!(d.depth_to_space(&xd, b, h, w, c, 0, &mut od).is_err());
+        }
+        // bilinear resize: up, down, by odd factors, from one pixel, and the same size
+        for (h, w, ho, wo) in [
+            (3, 5, 13, 11),
+            (9, 14, 4, 5),
+            (1, 1, 5, 3),
+            (4, 4, 4, 4),
+            (7, 3, 2, 9),
+        ] {
+            let (b, c) = (2, 3);
+            let (nx, no) = (b * h * w * c, b * ho * wo * c);
+            let (x, xd) = both(&d, &rnd(&mut r, nx, 2.0));
+            let (dout, doutd) = both(&d, &rnd(&mut r, no, 1.0));
+            let (mut o, mut od) = (vec![0.0; no], nans(&d, no));
+            let (mut dx, mut dxd) = (vec![0.0; nx], nans(&d, nx));
+            let before = d.device().copies();
+            Cpu.resize_bilinear(&x, b, h, w, c, ho, wo, &mut o).unwrap();
+            d.resize_bilinear(&xd, b, h, w, c, ho, wo, &mut od).unwrap();
+            Cpu.resize_bilinear_bwd(&dout, b, h, w, c, ho, wo, &mut dx)
+                .unwrap();
+            d.resize_bilinear_bwd(&doutd, b, h, w, c, ho, wo, &mut dxd)
+                .unwrap();
+            copies +=
+                d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh;
+            let what = format!("{h}x{w} -> {ho}x{wo}");
+            close(&format!("resize {what}"), &d.to_vec(&od), &o);
+            close(&format!("resize_bwd {what}"), &d.to_vec(&dxd), &dx);
+            assert!(d.resize_bilinear(&xd, b, h, w, c, 0, wo, &mut od).is_err());
+        }
+        // per-row scale
+        let (n, c) = (13, 37);
+        let (x, xd) = both(&d, &rnd(&mut r, n * c, 2.0));
+        let (g, gd) = both(&d, &rnd(&mut r, n, 1.5));
+        let (dout, doutd) = both(&d, &rnd(&mut r, n * c, 1.0));
+        let (mut o, mut od) = (vec![0.0; n * c], nans(&d, n * c));
+        let (mut dx, mut dxd) = (vec![0.0; n * c], nans(&d, n * c));
+        let (mut dg, mut dgd) = (vec![0.0; n], nans(&d, n));
+        let before = d.device().copies();
+        Cpu.mul_rows(&x, &g, c, &mut o).unwrap();
+        d.mul_rows(&xd, &gd, c, &mut od).unwrap();
+        Cpu.mul_rows_bwd(&x, &g, &dout, c, &mut dx, &mut dg)
+            .unwrap();
+        d.mul_rows_bwd(&xd, &gd, &doutd, c, &mut dxd, &mut dgd)
+            .unwrap();
+        copies += d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh;
+        close("mul_rows", &d.to_vec(&od), &o);
+        close("mul_rows_bwd dx", &d.to_vec(&dxd), &dx);
+        close("mul_rows_bwd dg", &d.to_vec(&dgd), &dg);
+        assert!(d.mul_rows(&xd, &gd, c + 1, &mut od).is_err());
+        // mask losses: more pixels than a block's threads, logits of both signs and
+        // large |x|, soft and hard targets, and one empty target
+        let (m, p) = (5, 301);
+        let logits = rnd(&mut r, m * p, 8.0);
+        let mut target: Vec<f32> = (0..m * p)
+            .map(|i| match i % 7 {
+                0 => 0.3,
+                1..=3 => 1.0,
+                _ => 0.0,
+            })
+            .collect();
+        target[2 * p..3 * p].iter_mut().for_each(|t| *t = 0.0);
+        let (ld, td) = (d.from_slice(&logits), d.from_slice(&target));
+        let (mut dl, mut dld) = (vec![0.0; m * p], nans(&d, m * p));
+        let before = d.device().copies();
+        let want = Cpu.mask_loss_fwd(&logits, &target, m, p).unwrap();
+        let got = d.mask_loss_fwd(&ld, &td, m, p).unwrap();
+        Cpu.mask_loss_bwd(&logits, &target, m, p, 2.0, 0.5, &mut dl)
+            .unwrap();
+        d.mask_loss_bwd(&ld, &td, m, p, 2.0, 0.5, &mut dld).unwrap();
+        // the forward's (BCE, Dice) pairs come back: one download
+        copies +=
+            d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh - 1;
+        let flat = |v: &[(f32, f32)]| v.iter().flat_map(|&(a, b)| [a, b]).collect::<Vec<_>>();
+        close("mask_loss_fwd", &flat(&got), &flat(&want));
+        close("mask_loss_bwd", &d.to_vec(&dld), &dl);
+        assert!(d.mask_loss_fwd(&ld, &td, m, p + 1).is_err());
+        assert!(d.mask_loss_bwd(&ld, &td, m, 0, 2.0, 0.5, &mut dld).is_err());
+        assert_eq!(copies, 0, "host↔device copies made by the image ops");
     }
 }
 

@@ -109,7 +109,7 @@ pub fn im2col_bwd<F: CpuFloat>(dout: &[F], g: &Conv2dGeom, dx: &mut [F]) -> Resu
 
 // ---- depth to space ----
 
-fn check_d2s(op: &'static str, r: usize) -> Result<()> {
+pub(crate) fn check_d2s(op: &'static str, r: usize) -> Result<()> {
     if r == 0 {
         return Err(Error::arg(op, "upsampling factor r must be at least 1"));
     }
@@ -220,7 +220,7 @@ fn taps<F: CpuFloat>(n_in: usize, n_out: usize) -> Vec<Tap<F>> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_resize(
+pub(crate) fn check_resize(
     op: &'static str,
     x_len: usize,
     out_len: usize,
@@ -396,7 +396,13 @@ pub fn mul_rows_bwd<F: CpuFloat>(
 
 // ---- mask losses ----
 
-fn check_masks(op: &'static str, logits: usize, target: usize, m: usize, p: usize) -> Result<()> {
+pub(crate) fn check_masks(
+    op: &'static str,
+    logits: usize,
+    target: usize,
+    m: usize,
+    p: usize,
+) -> Result<()> {
     if p == 0 {
         return Err(Error::arg(op, "a mask needs at least one pixel (P = 0)"));
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 mod choice;
 mod elementwise;
 mod gemm;
-mod image_host;
+mod image;
 mod layout;
 mod model_ops;
 mod norm;
@@ -38,11 +38,15 @@ const MAX_BLOCKS: usize = 1024;
 #[derive(Clone, Debug)]
 pub struct DeviceBackend {
     dev: Arc<Device>,
+    inputs: Arc<model_ops::HostInputs>,
 }
 
 impl DeviceBackend {
     pub fn new(dev: Device) -> Self {
-        DeviceBackend { dev: Arc::new(dev) }
+        DeviceBackend {
+            dev: Arc::new(dev),
+            inputs: Arc::new(model_ops::HostInputs::new()),
+        }
     }
     /// The device this backend launches on.
     pub fn device(&self) -> &Device {
@@ -373,7 +377,7 @@ impl Backend<f32> for DeviceBackend {
         out: &mut DeviceBuf<f32>,
         lse: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        model_ops::attention_fwd(&self.dev, s, q, k, v, bias, key_mask, out, lse)
+        model_ops::attention_fwd(self, s, q, k, v, bias, key_mask, out, lse)
     }
     fn attention_bwd(
         &self,
@@ -392,7 +396,7 @@ impl Backend<f32> for DeviceBackend {
         dbias: Option<&mut DeviceBuf<f32>>,
     ) -> Result<()> {
         let grads = model_ops::AttnGrads { dq, dk, dv, dbias };
-        model_ops::attention_bwd(&self.dev, s, q, k, v, bias, key_mask, out, lse, dout, grads)
+        model_ops::attention_bwd(self, s, q, k, v, bias, key_mask, out, lse, dout, grads)
     }
 
     fn logprob_fwd(
@@ -403,7 +407,7 @@ impl Backend<f32> for DeviceBackend {
         logp: &mut DeviceBuf<f32>,
         lse: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        model_ops::logprob_fwd(&self.dev, logits, targets, v, logp, lse)
+        model_ops::logprob_fwd(self, logits, targets, v, logp, lse)
     }
     fn logprob_bwd(
         &self,
@@ -414,7 +418,7 @@ impl Backend<f32> for DeviceBackend {
         dlogp: &DeviceBuf<f32>,
         dlogits: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        model_ops::logprob_bwd(&self.dev, logits, targets, v, lse, dlogp, dlogits)
+        model_ops::logprob_bwd(self, logits, targets, v, lse, dlogp, dlogits)
     }
 
     fn adamw_step(
@@ -428,9 +432,9 @@ impl Backend<f32> for DeviceBackend {
         elementwise::adamw(&self.dev, h, param, grad, m, v)
     }
 
-    // The pixel decoder's ops: host-staged for now (see `image_host`).
+    // The pixel decoder's ops: `kernels/image.cu`.
     fn im2col(&self, x: &DeviceBuf<f32>, g: &Conv2dGeom, out: &mut DeviceBuf<f32>) -> Result<()> {
-        image_host::im2col(&self.dev, x, g, out)
+        image::im2col(&self.dev, x, g, out)
     }
     fn im2col_bwd(
         &self,
@@ -438,23 +442,23 @@ impl Backend<f32> for DeviceBackend {
         g: &Conv2dGeom,
         dx: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        image_host::im2col_bwd(&self.dev, dout, g, dx)
+        image::im2col_bwd(&self.dev, dout, g, dx)
     }
     #[rustfmt::skip]
     fn depth_to_space(&self, x: &DeviceBuf<f32>, b: usize, h: usize, w: usize, c: usize, r: usize, out: &mut DeviceBuf<f32>) -> Result<()> {
-        image_host::depth_to_space(&self.dev, x, image_host::Dims { b, h, w, c }, r, out)
+        image::depth_to_space(&self.dev, x, image::Dims { b, h, w, c }, r, out)
     }
     #[rustfmt::skip]
     fn depth_to_space_bwd(&self, dout: &DeviceBuf<f32>, b: usize, h: usize, w: usize, c: usize, r: usize, dx: &mut DeviceBuf<f32>) -> Result<()> {
-        image_host::depth_to_space_bwd(&self.dev, dout, image_host::Dims { b, h, w, c }, r, dx)
+        image::depth_to_space_bwd(&self.dev, dout, image::Dims { b, h, w, c }, r, dx)
     }
     #[rustfmt::skip]
     fn resize_bilinear(&self, x: &DeviceBuf<f32>, b: usize, h: usize, w: usize, c: usize, ho: usize, wo: usize, out: &mut DeviceBuf<f32>) -> Result<()> {
-        image_host::resize_bilinear(&self.dev, x, image_host::Dims { b, h, w, c }, ho, wo, out)
+        image::resize_bilinear(&self.dev, x, image::Dims { b, h, w, c }, ho, wo, out)
     }
     #[rustfmt::skip]
     fn resize_bilinear_bwd(&self, dout: &DeviceBuf<f32>, b: usize, h: usize, w: usize, c: usize, ho: usize, wo: usize, dx: &mut DeviceBuf<f32>) -> Result<()> {
-        image_host::resize_bilinear_bwd(&self.dev, dout, image_host::Dims { b, h, w, c }, ho, wo, dx)
+        image::resize_bilinear_bwd(&self.dev, dout, image::Dims { b, h, w, c }, ho, wo, dx)
     }
     fn mul_rows(
         &self,
@@ -463,11 +467,11 @@ impl Backend<f32> for DeviceBackend {
         c: usize,
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        image_host::mul_rows(&self.dev, x, g, c, out)
+        image::mul_rows(&self.dev, x, g, c, out)
     }
     #[rustfmt::skip]
     fn mul_rows_bwd(&self, x: &DeviceBuf<f32>, g: &DeviceBuf<f32>, dout: &DeviceBuf<f32>, c: usize, dx: &mut DeviceBuf<f32>, dg: &mut DeviceBuf<f32>) -> Result<()> {
-        image_host::mul_rows_bwd(&self.dev, x, g, dout, c, dx, dg)
+        image::mul_rows_bwd(&self.dev, x, g, dout, c, dx, dg)
     }
     fn mask_loss_fwd(
         &self,
@@ -476,10 +480,10 @@ impl Backend<f32> for DeviceBackend {
         m: usize,
         p: usize,
     ) -> Result<Vec<(f32, f32)>> {
-        image_host::mask_loss_fwd(&self.dev, logits, target, m, p)
+        image::mask_loss_fwd(&self.dev, logits, target, m, p)
     }
     #[rustfmt::skip]
     fn mask_loss_bwd(&self, logits: &DeviceBuf<f32>, target: &DeviceBuf<f32>, m: usize, p: usize, w_bce: f32, w_dice: f32, dlogits: &mut DeviceBuf<f32>) -> Result<()> {
-        image_host::mask_loss_bwd(&self.dev, logits, target, m, p, w_bce, w_dice, dlogits)
+        image::mask_loss_bwd(&self.dev, logits, target, m, p, w_bce, w_dice, dlogits)
     }
 }

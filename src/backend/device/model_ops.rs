@@ -1,9 +1,83 @@
 //! Attention and log-probs on the device: the attention and log-prob kernels' launch
-//! wrappers, with the host data the contract hands over (key mask, targets) uploaded.
+//! wrappers, with the host data the contract hands over (key mask, targets) uploaded
+//! once per distinct value ([`HostInputs`]).
+use super::DeviceBackend;
 use crate::backend::AttnShape;
 use crate::error::{check_len, Result};
 use crate::kernels::logprob::check_targets;
-use crate::kernels::{attention, logprob, Device, DeviceBuf};
+use crate::kernels::{attention, logprob, Device, DeviceBuf, Elem};
+use std::sync::Mutex;
+
+/// The last host slice of one kind that was uploaded, with its device copy.  One
+/// training step hands every layer the same key mask, forward and backward, and the
+/// log-prob forward and backward the same targets: each is uploaded once, not once per
+/// call.  The copies are only read by kernels, so reusing one is safe.
+pub(super) struct Memo<T: Elem> {
+    last: Mutex<Option<(Vec<T>, DeviceBuf<T>)>>,
+}
+
+impl<T: Elem + PartialEq> Memo<T> {
+    fn new() -> Self {
+        Memo {
+            last: Mutex::new(None),
+        }
+    }
+
+    /// `f` on the device copy of `host`, uploaded unless it was the last one.
+    fn with<R>(
+        &self,
+        dev: &Device,
+        host: &[T],
+        f: impl FnOnce(&DeviceBuf<T>) -> Result<R>,
+    ) -> Result<R> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((h, buf)) if h.as_slice() == host => f(buf),
+            _ => {
+                let buf = dev.upload(host)?;
+                let r = f(&buf);
+                *last = Some((host.to_vec(), buf));
+                r
+            }
+        }
+    }
+}
+
+/// The host inputs of the contract, memoized per kind (see [`Memo`]).
+pub(super) struct HostInputs {
+    masks: Memo<u8>,
+    targets: Memo<i32>,
+    ones: Memo<f32>,
+}
+
+impl HostInputs {
+    pub(super) fn new() -> Self {
+        HostInputs {
+            masks: Memo::new(),
+            targets: Memo::new(),
+            ones: Memo::new(),
+        }
+    }
+
+    /// `f` with the key mask on the device (None stays None).
+    fn mask<R>(
+        &self,
+        dev: &Device,
+        key_mask: Option<&[u8]>,
+        f: impl FnOnce(Option<&DeviceBuf<u8>>) -> Result<R>,
+    ) -> Result<R> {
+        match key_mask {
+            Some(m) => self.masks.with(dev, m, |b| f(Some(b))),
+            None => f(None),
+        }
+    }
+}
+
+impl std::fmt::Debug for HostInputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostInputs")
+    }
+}
 
 /// The gradients one attention backward writes.
 pub(super) struct AttnGrads<'a> {
@@ -13,15 +87,11 @@ pub(super) struct AttnGrads<'a> {
     pub dbias: Option<&'a mut DeviceBuf<f32>>,
 }
 
-fn upload_mask(dev: &Device, key_mask: Option<&[u8]>) -> Result<Option<DeviceBuf<u8>>> {
-    key_mask.map(|m| dev.upload(m)).transpose()
-}
-
 /// q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias (B,Tk) or None, key_mask (B,Tk) or None
 /// → out (B,NH,Tq,HS), lse (B,NH,Tq)
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fwd(
-    dev: &Device,
+    be: &DeviceBackend,
     s: &AttnShape,
     q: &DeviceBuf<f32>,
     k: &DeviceBuf<f32>,
@@ -31,14 +101,16 @@ pub(super) fn attention_fwd(
     out: &mut DeviceBuf<f32>,
     lse: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    let mask = upload_mask(dev, key_mask)?;
-    attention::attention_fwd(dev, s, q, k, v, bias, mask.as_ref(), out, lse)
+    let (dev, inputs) = (be.device(), &*be.inputs);
+    inputs.mask(dev, key_mask, |mask| {
+        attention::attention_fwd(dev, s, q, k, v, bias, mask, out, lse)
+    })
 }
 
 /// dq, dk, dv overwritten; dbias (B,Tk) overwritten when given.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_bwd(
-    dev: &Device,
+    be: &DeviceBackend,
     s: &AttnShape,
     q: &DeviceBuf<f32>,
     k: &DeviceBuf<f32>,
@@ -50,47 +122,38 @@ pub(super) fn attention_bwd(
     dout: &DeviceBuf<f32>,
     g: AttnGrads<'_>,
 ) -> Result<()> {
-    let mask = upload_mask(dev, key_mask)?;
-    attention::attention_bwd(
-        dev,
-        s,
-        q,
-        k,
-        v,
-        bias,
-        mask.as_ref(),
-        out,
-        lse,
-        dout,
-        g.dq,
-        g.dk,
-        g.dv,
-        g.dbias,
-    )
+    let (dev, inputs) = (be.device(), &*be.inputs);
+    inputs.mask(dev, key_mask, |mask| {
+        attention::attention_bwd(
+            dev, s, q, k, v, bias, mask, out, lse, dout, g.dq, g.dk, g.dv, g.dbias,
+        )
+    })
 }
 
 /// logits (N,V), targets (N) → logp (N), lse (N); the host-side target rule of
 /// [`check_targets`] first (the kernel cannot report a bad target).
 pub(super) fn logprob_fwd(
-    dev: &Device,
+    be: &DeviceBackend,
     logits: &DeviceBuf<f32>,
     targets: &[i32],
     v: usize,
     logp: &mut DeviceBuf<f32>,
     lse: &mut DeviceBuf<f32>,
 ) -> Result<()> {
+    let (dev, inputs) = (be.device(), &*be.inputs);
     let n = super::rows_of("logprob_fwd", logits.len(), v)?;
     check_len("logprob_fwd", "targets", targets.len(), n)?;
     check_targets("logprob_fwd", targets, v)?;
-    let t = dev.upload(targets)?;
-    logprob::logprob_fwd(dev, logits, &t, v, logp, lse)
+    inputs.targets.with(dev, targets, |t| {
+        logprob::logprob_fwd(dev, logits, t, v, logp, lse)
+    })
 }
 
 /// forward: logp[n] = x[n, y_n] − lse(x[n])
 /// so:      dlogits[n, j] = dlogp[n]·(1[j = y_n] − softmax(x[n])[j]) (overwritten): the
 /// Eq. 3 backward kernel for one sequence of N rows with w = dlogp, d_out = scale = 1.
 pub(super) fn logprob_bwd(
-    dev: &Device,
+    be: &DeviceBackend,
     logits: &DeviceBuf<f32>,
     targets: &[i32],
     v: usize,
@@ -98,11 +161,14 @@ pub(super) fn logprob_bwd(
     dlogp: &DeviceBuf<f32>,
     dlogits: &mut DeviceBuf<f32>,
 ) -> Result<()> {
+    let (dev, inputs) = (be.device(), &*be.inputs);
     let n = super::rows_of("logprob_bwd", logits.len(), v)?;
     check_len("logprob_bwd", "targets", targets.len(), n)?;
     check_len("logprob_bwd", "dlogp", dlogp.len(), n)?;
     check_targets("logprob_bwd", targets, v)?;
-    let t = dev.upload(targets)?;
-    let one = dev.upload(&[1.0f32])?;
-    logprob::logprob_bwd(dev, logits, lse, &t, dlogp, &one, &one, n, v, dlogits)
+    inputs.targets.with(dev, targets, |t| {
+        inputs.ones.with(dev, &[1.0], |one| {
+            logprob::logprob_bwd(dev, logits, lse, t, dlogp, one, one, n, v, dlogits)
+        })
+    })
 }

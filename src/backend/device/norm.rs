@@ -4,7 +4,7 @@ use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
 /// One block per row.
-fn per_row(op: &'static str, n: usize) -> Result<LaunchCfg> {
+pub(super) fn per_row(op: &'static str, n: usize) -> Result<LaunchCfg> {
     let g = u32::try_from(n)
         .ok()
         .filter(|&g| g <= i32::MAX as u32)

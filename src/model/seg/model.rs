@@ -656,6 +656,32 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         Ok(dout)
     }
 
+    /// (BCE, Dice) of each `(logits, target)` pair: the masks of one pixel count side by
+    /// side in one launch, so a batch makes one read-back per image size, not per mask.
+    fn mask_losses(&self, per_mask: &[(B::Buf, B::Buf)]) -> Result<Vec<(f64, f64)>> {
+        let be = &self.llava.be;
+        let mut by_size: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, (lg, _)) in per_mask.iter().enumerate() {
+            by_size.entry(be.len(lg)).or_default().push(i);
+        }
+        let mut out = vec![(f64::NAN, f64::NAN); per_mask.len()];
+        for (p, idx) in by_size {
+            let (mut lg, mut tg) = (be.zeros(idx.len() * p), be.zeros(idx.len() * p));
+            for (j, &i) in idx.iter().enumerate() {
+                be.copy_range(&mut lg, j * p, &per_mask[i].0, 0, p)?;
+                be.copy_range(&mut tg, j * p, &per_mask[i].1, 0, p)?;
+            }
+            let r = be.mask_loss_fwd(&lg, &tg, idx.len(), p)?;
+            for (&i, (bce, dice)) in idx.iter().zip(r) {
+                out[i] = (
+                    bce.to_f64().unwrap_or(f64::NAN),
+                    dice.to_f64().unwrap_or(f64::NAN),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// Logits (S·S) of one target → logits at the image's own size (H·W): crop to the
     /// valid region, resize bilinearly when the image was resized.
     pub fn to_image_logits(&self, logits: &B::Buf, off: usize, px: &Pixels) -> Result<B::Buf> {
@@ -900,26 +926,31 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let f1 = self.patches_of(&hs[idx[2]], b)?;
             let s = self.cfg.image_size;
             let (dl, dec) = self.decoder.forward([&f0, &f1], b, &emb, &img_of, s, s)?;
-            let mut mi = 0;
+            // every target in one upload, then each mask's logits at its image's size
+            let all: Vec<F> = batch
+                .iter()
+                .flat_map(|ex| ex.masks.iter().flatten())
+                .map(|&x| F::from(x).unwrap_or_else(F::nan))
+                .collect();
+            let all = be.from_slice(&all);
+            let (mut mi, mut off) = (0, 0);
             let mut per_mask = Vec::with_capacity(m);
             for ex in batch {
                 for mask in &ex.masks {
                     let lg = self.to_image_logits(&dl, mi * s * s, &ex.pixels)?;
-                    let tgt = be.from_slice(
-                        &mask
-                            .iter()
-                            .map(|&x| F::from(x).unwrap())
-                            .collect::<Vec<_>>(),
-                    );
-                    let r = be.mask_loss_fwd(&lg, &tgt, 1, mask.len())?;
-                    mask_losses.push((
-                        r[0].0.to_f64().unwrap_or(f64::NAN),
-                        r[0].1.to_f64().unwrap_or(f64::NAN),
-                    ));
+                    crate::error::check_len(
+                        "SegModel::forward_pass",
+                        "mask",
+                        mask.len(),
+                        be.len(&lg),
+                    )?;
+                    let mut tgt = be.zeros(mask.len());
+                    be.copy_range(&mut tgt, 0, &all, off, mask.len())?;
                     per_mask.push((lg, tgt));
-                    mi += 1;
+                    (mi, off) = (mi + 1, off + mask.len());
                 }
             }
+            mask_losses = self.mask_losses(&per_mask)?;
             Some(SegActs {
                 emb,
                 head,

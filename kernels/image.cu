@@ -1,0 +1,249 @@
+// The pixel decoder's image ops for the device backend (src/backend/device/image.rs):
+// im2col, depth-to-space, bilinear resize, per-row scale and the mask losses, each
+// backward under its forward.  CPU twins: src/backend/image.rs (the same formulas, the
+// reference the kernels are tested against in tests/backend_device.rs).
+// Feature maps are channels-last (B,H,W,C).  B batch, H x W input pixels, C channels,
+// K kernel, Ho x Wo output pixels, r upsampling factor, N rows, M masks, P pixels.
+// No two threads write one element (the backwards are gathers, or the inverse of a
+// permutation): no atomics, and the same sums run to run.
+#include "common.cuh"
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+// ---- im2col (stride-1 convolution as a matrix product) ----
+
+// x (B,H,W,C) -> out (B,Ho,Wo,K K C), each row ordered (ky, kx, c), zero padding:
+//   out[(b,oy,ox), (ky,kx,c)] = x[b, oy+ky-pad, ox+kx-pad, c], 0 outside
+extern "C" __global__ void im2col_f32(float* out, const float* x, int b, int h, int w, int c, int k, int pad, int ho,
+                                      int wo) {
+    long long n = (long long)b * ho * wo * k * k * c;
+    GRID_STRIDE(e, n) {
+        int ch = (int)(e % c);
+        int kk = (int)((e / c) % (k * k));
+        long long row = e / ((long long)c * k * k);
+        int ox = (int)(row % wo), oy = (int)((row / wo) % ho);
+        long long bi = row / ((long long)wo * ho);
+        int iy = oy + kk / k - pad, ix = ox + kk % k - pad;
+        out[e] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[((bi * h + iy) * w + ix) * c + ch] : 0.0f;
+    }
+}
+
+// forward: out[(b,oy,ox), (ky,kx,c)] = x[b, oy+ky-pad, ox+kx-pad, c]
+// so:      dx[b,iy,ix,c] = sum_{ky,kx} dout[(b, iy+pad-ky, ix+pad-kx), (ky,kx,c)] over the
+//          (oy, ox) inside the output   (overwritten)
+extern "C" __global__ void im2col_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int k, int pad,
+                                          int ho, int wo) {
+    long long n = (long long)b * h * w * c;
+    long long width = (long long)k * k * c;
+    GRID_STRIDE(e, n) {
+        int ch = (int)(e % c);
+        int ix = (int)((e / c) % w), iy = (int)((e / ((long long)c * w)) % h);
+        long long bi = e / ((long long)c * w * h);
+        float acc = 0.0f;
+        for (int ky = 0; ky < k; ++ky) {
+            int oy = iy + pad - ky;
+            if (oy < 0 || oy >= ho) continue;
+            for (int kx = 0; kx < k; ++kx) {
+                int ox = ix + pad - kx;
+                if (ox < 0 || ox >= wo) continue;
+                acc += dout[((bi * ho + oy) * wo + ox) * width + (ky * k + kx) * c + ch];
+            }
+        }
+        dx[e] = acc;
+    }
+}
+
+// ---- depth-to-space (the transposed conv k = r, stride r after a Linear) ----
+
+// Index into x (B,H,W,r r C) of element e of out (B,rH,rW,C): out pixel (y r + dy,
+// x r + dx) takes channels (dy, dx, .) of pixel (y, x).
+__device__ __forceinline__ long long d2s_src(long long e, int h, int w, int c, int r) {
+    int ch = (int)(e % c);
+    int X = (int)((e / c) % ((long long)w * r));
+    int Y = (int)((e / ((long long)c * w * r)) % ((long long)h * r));
+    long long bi = e / ((long long)c * w * r * h * r);
+    return ((bi * h + Y / r) * w + X / r) * ((long long)r * r * c) + ((Y % r) * r + X % r) * c + ch;
+}
+
+// x (B,H,W,r r C) -> out (B,rH,rW,C)
+extern "C" __global__ void depth_to_space_f32(float* out, const float* x, long long n, int h, int w, int c, int r) {
+    GRID_STRIDE(e, n) out[e] = x[d2s_src(e, h, w, c, r)];
+}
+
+// The forward is a permutation, so the backward is its inverse: dx (B,H,W,r r C)
+// overwritten from dout (B,rH,rW,C).
+extern "C" __global__ void depth_to_space_bwd_f32(float* dx, const float* dout, long long n, int h, int w, int c,
+                                                  int r) {
+    GRID_STRIDE(e, n) dx[d2s_src(e, h, w, c, r)] = dout[e];
+}
+
+// ---- bilinear resize, PyTorch's align_corners=False ----
+
+// One output coordinate's taps along an axis, as the CPU twin computes them (in double):
+// src = max((d + 1/2) in/out - 1/2, 0), i0 = floor(src) (at most in - 1),
+// i1 = min(i0 + 1, in - 1), l1 = src - i0, l0 = 1 - l1.
+struct Tap {
+    int i0, i1;
+    float l0, l1;
+};
+__device__ __forceinline__ Tap tap(int d, int n_in, int n_out) {
+    double scale = (double)n_in / (double)n_out;
+    double src = ((double)d + 0.5) * scale - 0.5;
+    if (src < 0.0) src = 0.0;
+    int i0 = (int)floor(src);
+    if (i0 > n_in - 1) i0 = n_in - 1;
+    Tap t;
+    t.i0 = i0;
+    t.i1 = i0 < n_in - 1 ? i0 + 1 : i0;
+    double l1 = src - (double)i0;
+    t.l0 = (float)(1.0 - l1);
+    t.l1 = (float)l1;
+    return t;
+}
+
+// x (B,H,W,C) -> out (B,Ho,Wo,C):
+//   out = ly0 (lx0 x[i0,j0] + lx1 x[i0,j1]) + ly1 (lx0 x[i1,j0] + lx1 x[i1,j1])
+extern "C" __global__ void resize_bilinear_f32(float* out, const float* x, int b, int h, int w, int c, int ho,
+                                               int wo) {
+    long long n = (long long)b * ho * wo * c;
+    GRID_STRIDE(e, n) {
+        int ch = (int)(e % c);
+        int ox = (int)((e / c) % wo), oy = (int)((e / ((long long)c * wo)) % ho);
+        long long bi = e / ((long long)c * wo * ho);
+        Tap a = tap(oy, h, ho), t = tap(ox, w, wo);
+        const float* xb = x + bi * h * w * c + ch;
+        float p00 = xb[((long long)a.i0 * w + t.i0) * c], p01 = xb[((long long)a.i0 * w + t.i1) * c];
+        float p10 = xb[((long long)a.i1 * w + t.i0) * c], p11 = xb[((long long)a.i1 * w + t.i1) * c];
+        out[e] = a.l0 * (t.l0 * p00 + t.l1 * p01) + a.l1 * (t.l0 * p10 + t.l1 * p11);
+    }
+}
+
+// The weight output coordinate d gives input coordinate i along an axis (both taps may
+// be i at the last pixel).
+__device__ __forceinline__ float tap_weight(Tap t, int i) {
+    return (t.i0 == i ? t.l0 : 0.0f) + (t.i1 == i ? t.l1 : 0.0f);
+}
+
+// The output coordinates whose taps can reach input coordinate i: src(d) lies in
+// (i - 1, i + 1], so d lies in ((i - 1/2) out/in - 1/2, (i + 3/2) out/in - 1/2]; one
+// more on each side for rounding (tap_weight is exact, so extra d add 0).
+__device__ __forceinline__ void tap_range(int i, int n_in, int n_out, int* lo, int* hi) {
+    double inv = (double)n_out / (double)n_in;
+    int a = (int)floor(((double)i - 0.5) * inv - 0.5) - 1;
+    int z = (int)ceil(((double)i + 1.5) * inv - 0.5) + 1;
+    *lo = a < 0 ? 0 : a;
+    *hi = z > n_out - 1 ? n_out - 1 : z;
+}
+
+// forward: out[oy,ox] = sum_{a,e in {0,1}} ly_a lx_e x[iy_a, ix_e]
+// so:      dx[iy,ix] = sum_{oy,ox} wy(oy,iy) wx(ox,ix) dout[oy,ox]   (overwritten), over
+//          the few (oy, ox) whose taps reach (iy, ix)
+extern "C" __global__ void resize_bilinear_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int ho,
+                                                   int wo) {
+    long long n = (long long)b * h * w * c;
+    GRID_STRIDE(e, n) {
+        int ch = (int)(e % c);
+        int ix = (int)((e / c) % w), iy = (int)((e / ((long long)c * w)) % h);
+        long long bi = e / ((long long)c * w * h);
+        int ylo, yhi, xlo, xhi;
+        tap_range(iy, h, ho, &ylo, &yhi);
+        tap_range(ix, w, wo, &xlo, &xhi);
+        const float* db = dout + bi * ho * wo * c + ch;
+        float acc = 0.0f;
+        for (int oy = ylo; oy <= yhi; ++oy) {
+            float wy = tap_weight(tap(oy, h, ho), iy);
+            if (wy == 0.0f) continue;
+            float row = 0.0f;
+            for (int ox = xlo; ox <= xhi; ++ox) {
+                float wx = tap_weight(tap(ox, w, wo), ix);
+                if (wx != 0.0f) row += wx * db[((long long)oy * wo + ox) * c];
+            }
+            acc += wy * row;
+        }
+        dx[e] = acc;
+    }
+}
+
+// ---- per-row scale ----
+
+// out (N,C) = x (N,C) g (N), row-broadcast.  The backward's dx = dout g is the same op.
+extern "C" __global__ void mul_rows_f32(float* out, const float* x, const float* g, long long n, int c) {
+    GRID_STRIDE(e, n) out[e] = x[e] * g[e / c];
+}
+
+// forward: out[n,i] = x[n,i] g[n]
+// so:      dg[n] = sum_i dout[n,i] x[n,i]   (overwritten).  One block per row.
+extern "C" __global__ void mul_rows_bwd_dg_f32(float* dg, const float* x, const float* dout, int c) {
+    SHARED(float, part, [32]);
+    size_t off = (size_t)blockIdx.x * c;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) s += dout[off + j] * x[off + j];
+    s = block_sum(s, part);
+    if (threadIdx.x == 0) dg[blockIdx.x] = s;
+}
+
+// ---- mask losses (LISA/PixelLM: BCE-with-logits and Dice) ----
+
+// sigma(x) without overflow for either sign
+__device__ __forceinline__ float sigmoid_stable(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
+// The Dice sums of one mask over the block: sum sigma/s t, sum sigma/s, sum t/s.
+__device__ __forceinline__ void dice_sums(const float* x, const float* t, int p, float s, float* part, float* inter,
+                                          float* ssig, float* st) {
+    float a = 0.0f, q = 0.0f, u = 0.0f;
+    for (int j = threadIdx.x; j < p; j += blockDim.x) {
+        float sg = sigmoid_stable(x[j]) / s;
+        a += sg * t[j];
+        q += sg;
+        u += t[j] / s;
+    }
+    *inter = block_sum(a, part);
+    *ssig = block_sum(q, part);
+    *st = block_sum(u, part);
+}
+
+// Per mask m (one block each) of logits, target (M,P): out[2m] = BCE-with-logits averaged
+// over the P pixels, out[2m+1] = Dice loss 1 - (2 sum sigma/s t + eps)/(sum sigma/s +
+// sum t/s + eps), s = dice_scale, eps = dice_eps (PixelLM's smoothing).
+extern "C" __global__ void mask_loss_fwd_f32(float* out, const float* logits, const float* target, int p,
+                                             float dice_scale, float dice_eps) {
+    SHARED(float, part, [32]);
+    size_t off = (size_t)blockIdx.x * p;
+    const float *x = logits + off, *t = target + off;
+    float bce = 0.0f;
+    // max(x,0) - x t + log(1 + e^{-|x|}): no overflow for either sign
+    for (int j = threadIdx.x; j < p; j += blockDim.x) bce += fmaxf(x[j], 0.0f) - x[j] * t[j] + log1pf(expf(-fabsf(x[j])));
+    bce = block_sum(bce, part);
+    float inter, ssig, st;
+    dice_sums(x, t, p, dice_scale, part, &inter, &ssig, &st);
+    if (threadIdx.x == 0) {
+        out[2 * blockIdx.x] = bce / (float)p;
+        out[2 * blockIdx.x + 1] = 1.0f - (2.0f * inter + dice_eps) / (ssig + st + dice_eps);
+    }
+}
+
+// forward: bce = (1/P) sum_j [max(x_j,0) - x_j t_j + log1p(e^{-|x_j|})]
+// so:      d bce/d x_j = (sigma_j - t_j)/P
+// forward: dice = 1 - num/den, num = 2 sum sigma_j t_j/s + eps, den = sum sigma_j/s + sum t_j/s + eps
+// so:      d dice/d sigma_j = -(2 t_j/s)/den + num/(s den^2),  d sigma_j/d x_j = sigma_j (1 - sigma_j)
+// dlogits (M,P) = w_bce d bce + w_dice d dice, overwritten.  One block per mask.
+extern "C" __global__ void mask_loss_bwd_f32(float* dlogits, const float* logits, const float* target, int p,
+                                             float w_bce, float w_dice, float dice_scale, float dice_eps) {
+    SHARED(float, part, [32]);
+    size_t off = (size_t)blockIdx.x * p;
+    const float *x = logits + off, *t = target + off;
+    float inter, ssig, st;
+    dice_sums(x, t, p, dice_scale, part, &inter, &ssig, &st);
+    float num = 2.0f * inter + dice_eps, den = ssig + st + dice_eps;
+    float common = num / (dice_scale * den * den), inv_p = 1.0f / (float)p;
+    for (int j = threadIdx.x; j < p; j += blockDim.x) {
+        float sg = sigmoid_stable(x[j]);
+        float dd = common - 2.0f * t[j] / (dice_scale * den);
+        dlogits[off + j] = w_bce * (sg - t[j]) * inv_p + w_dice * dd * sg * (1.0f - sg);
+    }
+}

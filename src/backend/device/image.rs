@@ -1,0 +1,321 @@
+//! The pixel decoder's image ops (im2col, depth-to-space, bilinear resize, per-row
+//! scale, the mask losses): launches of `kernels/image.cu`.  CPU twins:
+//! `src/backend/image.rs`, whose size checks these share.
+//!
+//! Feature maps are channels-last (B,H,W,C); sizes as in `kernels/image.cu`.
+use super::{i32_arg, i64_arg, linear, norm::per_row};
+use crate::backend::image::{check_d2s, check_masks, check_resize, DICE_EPS, DICE_SCALE};
+use crate::backend::Conv2dGeom;
+use crate::error::{check_len, Result};
+use crate::kernels::{Device, DeviceBuf, KArg};
+
+/// (B, H, W, C) of a layout op's input side.
+#[derive(Clone, Copy)]
+pub(super) struct Dims {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+/// The geometry as the kernels' ints: B, H, W, C, K, pad, Ho, Wo.
+fn conv_args(op: &'static str, g: &Conv2dGeom, ho: usize, wo: usize) -> Result<Vec<KArg>> {
+    [
+        ("B", g.b),
+        ("H", g.h),
+        ("W", g.w),
+        ("C", g.c),
+        ("K", g.k),
+        ("pad", g.pad),
+        ("Ho", ho),
+        ("Wo", wo),
+    ]
+    .into_iter()
+    .map(|(what, n)| i32_arg(op, what, n))
+    .collect()
+}
+
+/// x (B,H,W,C) → out (B,Ho,Wo,K·K·C), zero padding.
+pub(super) fn im2col(
+    dev: &Device,
+    x: &DeviceBuf<f32>,
+    g: &Conv2dGeom,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "im2col";
+    let (ho, wo) = g.out_hw()?;
+    check_len(OP, "x", x.len(), g.b * g.h * g.w * g.c)?;
+    check_len(OP, "out", out.len(), g.b * ho * wo * g.col_width())?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec![out.arg_mut(), x.arg()];
+    args.extend(conv_args(OP, g, ho, wo)?);
+    dev.launch("im2col_f32", linear(out.len()), &args)
+}
+
+/// dout (B,Ho,Wo,K·K·C) → dx (B,H,W,C), overwritten.
+pub(super) fn im2col_bwd(
+    dev: &Device,
+    dout: &DeviceBuf<f32>,
+    g: &Conv2dGeom,
+    dx: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "im2col_bwd";
+    let (ho, wo) = g.out_hw()?;
+    check_len(OP, "dout", dout.len(), g.b * ho * wo * g.col_width())?;
+    check_len(OP, "dx", dx.len(), g.b * g.h * g.w * g.c)?;
+    if dx.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec![dx.arg_mut(), dout.arg()];
+    args.extend(conv_args(OP, g, ho, wo)?);
+    dev.launch("im2col_bwd_f32", linear(dx.len()), &args)
+}
+
+/// `kernel` (the forward or its inverse permutation) from `src` into `dst`, both of
+/// B·H·W·r·r·C elements.
+fn launch_d2s(
+    dev: &Device,
+    op: &'static str,
+    kernel: &str,
+    (d, r): (Dims, usize),
+    src: &DeviceBuf<f32>,
+    dst: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    check_d2s(op, r)?;
+    let n = d.b * d.h * d.w * r * r * d.c;
+    check_len(op, "input", src.len(), n)?;
+    check_len(op, "output", dst.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    // the kernel's int index math covers (r·H)·(r·W)·C per image
+    i32_arg(op, "r·H·r·W·C", d.h * d.w * r * r * d.c)?;
+    dev.launch(
+        kernel,
+        linear(n),
+        &[
+            dst.arg_mut(),
+            src.arg(),
+            i64_arg(n),
+            i32_arg(op, "H", d.h)?,
+            i32_arg(op, "W", d.w)?,
+            i32_arg(op, "C", d.c)?,
+            i32_arg(op, "r", r)?,
+        ],
+    )
+}
+
+/// x (B,H,W,r·r·C) → out (B,r·H,r·W,C); input channels ordered (dy, dx, c).
+pub(super) fn depth_to_space(
+    dev: &Device,
+    x: &DeviceBuf<f32>,
+    d: Dims,
+    r: usize,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    launch_d2s(dev, "depth_to_space", "depth_to_space_f32", (d, r), x, out)
+}
+
+/// dout (B,r·H,r·W,C) → dx (B,H,W,r·r·C), overwritten.
+pub(super) fn depth_to_space_bwd(
+    dev: &Device,
+    dout: &DeviceBuf<f32>,
+    d: Dims,
+    r: usize,
+    dx: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    // the bwd kernel walks dout's elements and writes each to its dx place
+    launch_d2s(
+        dev,
+        "depth_to_space_bwd",
+        "depth_to_space_bwd_f32",
+        (d, r),
+        dout,
+        dx,
+    )
+}
+
+/// B, H, W, C, Ho, Wo as the kernels' ints.
+fn resize_args(op: &'static str, d: Dims, ho: usize, wo: usize) -> Result<Vec<KArg>> {
+    [d.b, d.h, d.w, d.c, ho, wo]
+        .into_iter()
+        .zip(["B", "H", "W", "C", "Ho", "Wo"])
+        .map(|(n, what)| i32_arg(op, what, n))
+        .collect()
+}
+
+/// x (B,H,W,C) → out (B,Ho,Wo,C), `align_corners=False`.
+pub(super) fn resize_bilinear(
+    dev: &Device,
+    x: &DeviceBuf<f32>,
+    d: Dims,
+    ho: usize,
+    wo: usize,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "resize_bilinear";
+    check_resize(OP, x.len(), out.len(), d.b, d.h, d.w, d.c, ho, wo)?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec![out.arg_mut(), x.arg()];
+    args.extend(resize_args(OP, d, ho, wo)?);
+    dev.launch("resize_bilinear_f32", linear(out.len()), &args)
+}
+
+/// dout (B,Ho,Wo,C) → dx (B,H,W,C), overwritten.
+pub(super) fn resize_bilinear_bwd(
+    dev: &Device,
+    dout: &DeviceBuf<f32>,
+    d: Dims,
+    ho: usize,
+    wo: usize,
+    dx: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "resize_bilinear_bwd";
+    check_resize(OP, dx.len(), dout.len(), d.b, d.h, d.w, d.c, ho, wo)?;
+    if dx.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec![dx.arg_mut(), dout.arg()];
+    args.extend(resize_args(OP, d, ho, wo)?);
+    dev.launch("resize_bilinear_bwd_f32", linear(dx.len()), &args)
+}
+
+/// out (N,C) = x (N,C) · g (N).
+pub(super) fn mul_rows(
+    dev: &Device,
+    x: &DeviceBuf<f32>,
+    g: &DeviceBuf<f32>,
+    c: usize,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    launch_mul_rows(dev, "mul_rows", x, g, c, out)
+}
+
+fn launch_mul_rows(
+    dev: &Device,
+    op: &'static str,
+    x: &DeviceBuf<f32>,
+    g: &DeviceBuf<f32>,
+    c: usize,
+    out: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    let n = g.len() * c;
+    check_len(op, "x", x.len(), n)?;
+    check_len(op, "out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "mul_rows_f32",
+        linear(n),
+        &[
+            out.arg_mut(),
+            x.arg(),
+            g.arg(),
+            i64_arg(n),
+            i32_arg(op, "C", c)?,
+        ],
+    )
+}
+
+/// dx (N,C) = dout·g, dg (N) = Σ_i dout·x; both overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn mul_rows_bwd(
+    dev: &Device,
+    x: &DeviceBuf<f32>,
+    g: &DeviceBuf<f32>,
+    dout: &DeviceBuf<f32>,
+    c: usize,
+    dx: &mut DeviceBuf<f32>,
+    dg: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "mul_rows_bwd";
+    let n = g.len();
+    check_len(OP, "x", x.len(), n * c)?;
+    check_len(OP, "dg", dg.len(), n)?;
+    // forward: out = x·g (row-broadcast), so dx = dout·g: the forward op on dout
+    launch_mul_rows(dev, OP, dout, g, c, dx)?;
+    if n == 0 {
+        return Ok(());
+    }
+    if c == 0 {
+        return super::elementwise::fill(dev, dg, 0.0);
+    }
+    dev.launch(
+        "mul_rows_bwd_dg_f32",
+        per_row(OP, n)?,
+        &[dg.arg_mut(), x.arg(), dout.arg(), i32_arg(OP, "C", c)?],
+    )
+}
+
+/// Per mask of logits (M,P) against target (M,P): (BCE averaged over the pixels, Dice
+/// loss), computed on the device; the 2·M values are the one download.
+pub(super) fn mask_loss_fwd(
+    dev: &Device,
+    logits: &DeviceBuf<f32>,
+    target: &DeviceBuf<f32>,
+    m: usize,
+    p: usize,
+) -> Result<Vec<(f32, f32)>> {
+    const OP: &str = "mask_loss_fwd";
+    check_masks(OP, logits.len(), target.len(), m, p)?;
+    if m == 0 {
+        return Ok(Vec::new());
+    }
+    let mut out = dev.zeros::<f32>(2 * m)?;
+    dev.launch(
+        "mask_loss_fwd_f32",
+        per_row(OP, m)?,
+        &[
+            out.arg_mut(),
+            logits.arg(),
+            target.arg(),
+            i32_arg(OP, "P", p)?,
+            KArg::F32(DICE_SCALE as f32),
+            KArg::F32(DICE_EPS as f32),
+        ],
+    )?;
+    Ok(dev
+        .download(&out)?
+        .chunks_exact(2)
+        .map(|v| (v[0], v[1]))
+        .collect())
+}
+
+/// dlogits (M,P) = d(Σ_masks w_bce·bce + w_dice·dice)/dlogits, overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn mask_loss_bwd(
+    dev: &Device,
+    logits: &DeviceBuf<f32>,
+    target: &DeviceBuf<f32>,
+    m: usize,
+    p: usize,
+    w_bce: f32,
+    w_dice: f32,
+    dlogits: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "mask_loss_bwd";
+    check_masks(OP, logits.len(), target.len(), m, p)?;
+    check_len(OP, "dlogits", dlogits.len(), m * p)?;
+    if m == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "mask_loss_bwd_f32",
+        per_row(OP, m)?,
+        &[
+            dlogits.arg_mut(),
+            logits.arg(),
+            target.arg(),
+            i32_arg(OP, "P", p)?,
+            KArg::F32(w_bce),
+            KArg::F32(w_dice),
+            KArg::F32(DICE_SCALE as f32),
+            KArg::F32(DICE_EPS as f32),
+        ],
+    )
+}
