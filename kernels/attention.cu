@@ -498,9 +498,11 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     }
 }
 
-// out (B,NH,HS) from the splits of attention_decode_f32; grid.x = NH · B, block 128.
+// out (B,NH,HS) from the splits of attention_decode_f32, and lse (B,NH) when not null
+// (natural log, as attention_fwd_f32 writes it; -inf when no key is visible);
+// grid.x = NH · B, block 128.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-    attention_decode_reduce_f32(float* out, const float* part, int B, int NH, int HS, int nsplit) {
+    attention_decode_reduce_f32(float* out, float* lse, const float* part, int B, int NH, int HS, int nsplit) {
     const int bh = blockIdx.x;
     const float* pp = part + (size_t)bh * nsplit * (HS + 2);
     float mx = neg_inf();
@@ -510,6 +512,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
         const float m = pp[(size_t)s * (HS + 2)];
         if (m != neg_inf()) l += exp2f(m - mx) * pp[(size_t)s * (HS + 2) + 1];
     }
+    // the scores were scaled by log2(e): back to natural log
+    if (lse && threadIdx.x == 0) lse[bh] = l > 0.0f ? (mx + log2f(l)) * LN2_F : neg_inf();
     for (int d = threadIdx.x; d < HS; d += blockDim.x) {
         float a = 0.0f;
         for (int s = 0; s < nsplit; ++s) {

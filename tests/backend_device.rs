@@ -210,13 +210,21 @@ fn activations_and_swiglu_match_cpu() {
 fn attention_forward_and_backward_match_cpu() {
     for d in backends() {
         let mut r = Philox::new(6);
-        for causal in [false, true] {
+        // one query over many keys without a mask is a decode step: the split-K decode
+        // kernel (more keys than one 128-key chunk), its lse included
+        for (causal, tq, tk, masked) in [
+            (false, 7, 11, true),
+            (true, 7, 11, true),
+            (false, 1, 300, false),
+            (true, 1, 13, false),
+            (true, 1, 13, true),
+        ] {
             let s = AttnShape {
                 b: 2,
                 nh: 4,
                 nkv: 2,
-                tq: 7,
-                tk: 11,
+                tq,
+                tk,
                 hs: 5,
                 causal,
                 scale: 0.4,
@@ -228,23 +236,16 @@ fn attention_forward_and_backward_match_cpu() {
             let (v, vd) = both(&d, &rnd(&mut r, nk, 1.0));
             let (bias, biasd) = both(&d, &rnd(&mut r, s.b * s.tk, 1.0));
             let mask: Vec<u8> = (0..s.b * s.tk).map(|i| u8::from(i % 5 != 2)).collect();
+            let mask = masked.then_some(&mask[..]);
             let (mut o, mut od) = (vec![0.0; nq], d.zeros(nq));
             let nl = s.b * s.nh * s.tq;
             let (mut l, mut ld) = (vec![0.0; nl], d.zeros(nl));
-            Cpu.attention_fwd(&s, &q, &k, &v, Some(&bias), Some(&mask), &mut o, &mut l)
+            Cpu.attention_fwd(&s, &q, &k, &v, Some(&bias), mask, &mut o, &mut l)
                 .unwrap();
-            d.attention_fwd(
-                &s,
-                &qd,
-                &kd,
-                &vd,
-                Some(&biasd),
-                Some(&mask),
-                &mut od,
-                &mut ld,
-            )
-            .unwrap();
+            d.attention_fwd(&s, &qd, &kd, &vd, Some(&biasd), mask, &mut od, &mut ld)
+                .unwrap();
             close("attention out", &d.to_vec(&od), &o);
+            close("attention lse", &d.to_vec(&ld), &l);
             let (g, gd) = both(&d, &rnd(&mut r, nq, 1.0));
             let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
             let mut db = vec![0.0; s.b * s.tk];
@@ -256,7 +257,7 @@ fn attention_forward_and_backward_match_cpu() {
                 &k,
                 &v,
                 Some(&bias),
-                Some(&mask),
+                mask,
                 &o,
                 &l,
                 &g,
@@ -272,7 +273,7 @@ fn attention_forward_and_backward_match_cpu() {
                 &kd,
                 &vd,
                 Some(&biasd),
-                Some(&mask),
+                mask,
                 &od,
                 &ld,
                 &gd,
@@ -748,6 +749,58 @@ fn tiny_llama<B: Backend<f32>>(be: B) -> popen::nn::llama::Llama<f32, B> {
         tie_word_embeddings: true,
     };
     popen::nn::llama::Llama::new(be, cfg, 3).unwrap()
+}
+
+/// The logits of a prefill of 5 tokens, then of each later token fed one at a time
+/// through the KV cache, with a per-key bias on the prefill's keys that grows by 0 for
+/// each new key (as the ensemble's refinement decodes).
+fn cached_logits<B: Backend<f32>>(
+    m: &popen::nn::llama::Llama<f32, B>,
+    ids: &[u32],
+) -> Vec<Vec<f32>> {
+    let be = &m.be;
+    let mut bias: Vec<f32> = (0..5).map(|i| 0.4 * i as f32 - 0.7).collect();
+    let mut cache = m.new_cache(1);
+    let (lg, _) = m
+        .forward_embeds(
+            m.embed(&ids[..5]).unwrap(),
+            1,
+            5,
+            None,
+            Some(&be.from_slice(&bias)),
+            Some(&mut cache),
+        )
+        .unwrap();
+    let mut out = vec![be.to_vec(&lg)];
+    for t in 5..ids.len() {
+        bias.push(0.0);
+        let (lg, _) = m
+            .forward_embeds(
+                m.embed(&ids[t..t + 1]).unwrap(),
+                1,
+                1,
+                None,
+                Some(&be.from_slice(&bias)),
+                Some(&mut cache),
+            )
+            .unwrap();
+        out.push(be.to_vec(&lg));
+    }
+    out
+}
+
+#[test]
+fn kv_cache_decoding_on_the_device_equals_the_cpu() {
+    // every decoding step runs the decode kernel on the device
+    let ids: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % 17).collect();
+    let want = cached_logits(&tiny_llama(Cpu), &ids);
+    assert_eq!(want.len(), 20);
+    for d in backends() {
+        let got = cached_logits(&tiny_llama(d.clone()), &ids);
+        for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+            close(&format!("{:?} logits at step {t}", d.device().kind()), g, w);
+        }
+    }
 }
 
 /// What `train_steps` returns: the loss of each step, every parameter after the steps

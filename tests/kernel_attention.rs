@@ -560,9 +560,22 @@ fn decode_equals_last_row_of_full_forward() {
                 })
                 .collect();
             let mut got = vec![f32::NAN; b * nh * hs];
+            let mut got_lse = vec![f32::NAN; b * nh];
             let bias_opt = use_bias.then_some(&bias[..]);
             attention_decode_cpu(
-                b, nh, nkv, tmax, len, hs, scale, &q, &kc, &vc, bias_opt, &mut got,
+                b,
+                nh,
+                nkv,
+                tmax,
+                len,
+                hs,
+                scale,
+                &q,
+                &kc,
+                &vc,
+                bias_opt,
+                &mut got,
+                Some(&mut got_lse),
             )
             .unwrap();
             if len == 0 {
@@ -601,6 +614,12 @@ fn decode_equals_last_row_of_full_forward() {
             let got64: Vec<f64> = got.iter().map(|&x| x as f64).collect();
             let e = rel_err(&got64, &want);
             assert!(e < 1e-5, "len {len} bias {use_bias}: rel err {e}");
+            // the normaliser is the full forward's at the last position
+            let want_lse: Vec<f64> = (0..b * nh)
+                .map(|bh| lse[bh * len + len - 1] as f64)
+                .collect();
+            let e = rel_err(&to64(&got_lse), &want_lse);
+            assert!(e < 1e-5, "len {len} bias {use_bias}: lse rel err {e}");
         }
     }
 }
@@ -673,6 +692,7 @@ fn bad_sizes_are_errors_and_zero_sizes_are_empty() {
         &[0.0; 32],
         None,
         &mut [0.0; 16],
+        None,
     )
     .unwrap_err();
     assert!(e.to_string().contains("len"), "{e}");
@@ -935,21 +955,59 @@ fn attention_decode_matches_cpu() {
             for use_bias in [false, true] {
                 let bopt = use_bias.then_some(&bias[..]);
                 let mut want = vec![0.0f32; b * nh * hs];
+                let mut want_lse = vec![0.0f32; b * nh];
                 attention_decode_cpu(
-                    b, nh, nkv, tmax, len, hs, scale, &q, &kc, &vc, bopt, &mut want,
+                    b,
+                    nh,
+                    nkv,
+                    tmax,
+                    len,
+                    hs,
+                    scale,
+                    &q,
+                    &kc,
+                    &vc,
+                    bopt,
+                    &mut want,
+                    Some(&mut want_lse),
                 )
                 .unwrap();
                 let mut out = dev.upload(&vec![f32::NAN; b * nh * hs]).unwrap();
+                let mut lse = dev.upload(&vec![f32::NAN; b * nh]).unwrap();
                 let bd_opt = use_bias.then_some(&bd);
                 attention_decode(
-                    &dev, b, nh, nkv, tmax, len, hs, scale, &qd, &kd, &vd, bd_opt, &mut out,
+                    &dev,
+                    b,
+                    nh,
+                    nkv,
+                    tmax,
+                    len,
+                    hs,
+                    scale,
+                    &qd,
+                    &kd,
+                    &vd,
+                    bd_opt,
+                    &mut out,
+                    Some(&mut lse),
                 )
                 .unwrap();
                 let got = to64(&dev.download(&out).unwrap());
                 let e = rel_err(&got, &to64(&want));
                 assert!(e < 1e-5, "{dev:?} len {len} bias {use_bias}: rel err {e}");
+                let got_lse = dev.download(&lse).unwrap();
                 if len == 0 {
                     assert!(got.iter().all(|x| *x == 0.0));
+                    assert!(got_lse
+                        .iter()
+                        .chain(&want_lse)
+                        .all(|x| *x == f32::NEG_INFINITY));
+                } else {
+                    let e = rel_err(&to64(&got_lse), &to64(&want_lse));
+                    assert!(
+                        e < 1e-5,
+                        "{dev:?} len {len} bias {use_bias}: lse rel err {e}"
+                    );
                 }
             }
         }
@@ -1005,6 +1063,7 @@ fn device_wrappers_reject_bad_sizes() {
         &k,
         None,
         &mut o,
+        None,
     );
     assert!(e.is_err());
 }

@@ -5,8 +5,11 @@
 //! CPU backend is each kernel's twin, and `tests/backend_device.rs` checks every op
 //! against it.  Matrix products go through [`gemm`] (the CPU `gemm` crate on the
 //! emulator, one cuBLAS SGEMM on a GPU).  Host↔device copies happen only where the
-//! contract hands over host data (token ids, targets, key masks) and in the memory ops
+//! contract hands over host data (token ids, targets, key masks; a key mask or target
+//! list equal to the last one is not uploaded again) and in the memory ops
 //! `from_slice`/`to_vec`/`sum_sq`; [`crate::kernels::Device::copies`] counts them.
+//! Attention with one query and no key mask (a decoding step over the KV cache) runs
+//! the split-K decode kernel.
 //!
 //! The trait's memory ops (`zeros`, `fill`, `to_vec`, ...) cannot return an error; a
 //! device failure there (out of memory, a lost GPU) panics with the device's message.

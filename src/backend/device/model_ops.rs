@@ -102,6 +102,26 @@ pub(super) fn attention_fwd(
     lse: &mut DeviceBuf<f32>,
 ) -> Result<()> {
     let (dev, inputs) = (be.device(), &*be.inputs);
+    if s.tq == 1 && key_mask.is_none() {
+        // one query per head over every key (a decoding step with a KV cache): the
+        // split-K decode kernel, whose parallelism is over key chunks, not queries
+        return attention::attention_decode(
+            dev,
+            s.b,
+            s.nh,
+            s.nkv,
+            s.tk,
+            s.tk,
+            s.hs,
+            s.scale,
+            q,
+            k,
+            v,
+            bias,
+            out,
+            Some(lse),
+        );
+    }
     inputs.mask(dev, key_mask, |mask| {
         attention::attention_fwd(dev, s, q, k, v, bias, mask, out, lse)
     })

@@ -3,7 +3,7 @@
 //! B batch, NH query heads, NKV key/value heads, Tq queries, Tk keys, HS head size.
 use super::cpu_rows::*;
 use super::{check_decode, AttnShape};
-use crate::error::Result;
+use crate::error::{check_len, Result};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -474,7 +474,9 @@ fn bwd_block<A: Acc>(
 ///
 /// q (B,NH,HS): one new query per (batch, head); k_cache, v_cache (B,NKV,Tmax,HS) of
 /// which positions `0..len` are valid; bias (B,Tmax) or None (only `0..len` is read);
-/// writes out (B,NH,HS).  `len = 0` (or a bias of −inf on every valid key) gives 0.
+/// writes out (B,NH,HS) and, when given, lse (B,NH), the natural-log normaliser as
+/// [`attention_fwd_cpu`] writes it.  `len = 0` (or a bias of −inf on every valid key)
+/// gives 0 and an lse of −inf.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode_cpu(
     s_b: usize,
@@ -489,6 +491,7 @@ pub fn attention_decode_cpu(
     v_cache: &[f32],
     bias: Option<&[f32]>,
     out: &mut [f32],
+    lse: Option<&mut [f32]>,
 ) -> Result<()> {
     const OP: &str = "attention_decode_cpu";
     check_decode(
@@ -498,30 +501,45 @@ pub fn attention_decode_cpu(
         [q.len(), k_cache.len(), v_cache.len(), out.len()],
         bias.map(|g| g.len()),
     )?;
+    let mut own = Vec::new();
+    let lse = match lse {
+        Some(l) => {
+            check_len(OP, "lse (B,NH)", l.len(), s_b * nh)?;
+            l
+        }
+        None => {
+            own.resize(s_b * nh, 0.0);
+            &mut own[..]
+        }
+    };
     if out.is_empty() {
         return Ok(());
     }
     let group = nh / nkv;
-    out.par_chunks_mut(hs).enumerate().for_each(|(bh, o)| {
-        let (b, h) = (bh / nh, bh % nh);
-        let kv0 = (b * nkv + h / group) * tmax * hs;
-        let qv = &q[bh * hs..(bh + 1) * hs];
-        let mut p: Vec<f32> = (0..len)
-            .map(|j| {
-                let kj = &k_cache[kv0 + j * hs..kv0 + (j + 1) * hs];
-                let dot: f32 = qv.iter().zip(kj).map(|(&a, &b)| a * b).sum();
-                dot * scale + bias.map_or(0.0, |g| g[b * tmax + j])
-            })
-            .collect();
-        let krow = vec![0.0f32; len];
-        o.fill(0.0);
-        let (_, inv) = softmax_row(&mut p, &krow, len);
-        for (j, &pj) in p.iter().enumerate() {
-            let vj = &v_cache[kv0 + j * hs..kv0 + (j + 1) * hs];
-            for (x, &vv) in o.iter_mut().zip(vj) {
-                *x += pj * inv * vv;
+    out.par_chunks_mut(hs)
+        .zip(lse.par_iter_mut())
+        .enumerate()
+        .for_each(|(bh, (o, lse))| {
+            let (b, h) = (bh / nh, bh % nh);
+            let kv0 = (b * nkv + h / group) * tmax * hs;
+            let qv = &q[bh * hs..(bh + 1) * hs];
+            let mut p: Vec<f32> = (0..len)
+                .map(|j| {
+                    let kj = &k_cache[kv0 + j * hs..kv0 + (j + 1) * hs];
+                    let dot: f32 = qv.iter().zip(kj).map(|(&a, &b)| a * b).sum();
+                    dot * scale + bias.map_or(0.0, |g| g[b * tmax + j])
+                })
+                .collect();
+            let krow = vec![0.0f32; len];
+            o.fill(0.0);
+            let (l, inv) = softmax_row(&mut p, &krow, len);
+            *lse = l;
+            for (j, &pj) in p.iter().enumerate() {
+                let vj = &v_cache[kv0 + j * hs..kv0 + (j + 1) * hs];
+                for (x, &vv) in o.iter_mut().zip(vj) {
+                    *x += pj * inv * vv;
+                }
             }
-        }
-    });
+        });
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Launch wrappers of `kernels/attention.cu` (emulator or GPU).
 use super::{check_decode, AttnShape};
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, Elem, KArg, LaunchCfg};
 
 /// Threads per block of every attention kernel (4 warps).
@@ -286,6 +286,7 @@ pub fn attention_decode(
     v_cache: &DeviceBuf<f32>,
     bias: Option<&DeviceBuf<f32>>,
     out: &mut DeviceBuf<f32>,
+    lse: Option<&mut DeviceBuf<f32>>,
 ) -> Result<()> {
     const OP: &str = "attention_decode";
     check_decode(
@@ -295,6 +296,9 @@ pub fn attention_decode(
         [q.len(), k_cache.len(), v_cache.len(), out.len()],
         bias.map(|g| g.len()),
     )?;
+    if let Some(l) = &lse {
+        check_len(OP, "lse (B,NH)", l.len(), s_b * nh)?;
+    }
     if out.is_empty() {
         return Ok(());
     }
@@ -331,6 +335,7 @@ pub fn attention_decode(
         grid(OP, nh * s_b, 0)?,
         &[
             out.arg_mut(),
+            lse.map_or(KArg::Ptr(0), |l| l.arg_mut()),
             part.arg(),
             i32_arg(s_b),
             i32_arg(nh),
