@@ -394,9 +394,7 @@ fn refined_masks_are_the_biased_forward_over_the_samples_embeddings() {
             })
             .collect();
         let rows: Vec<_> = rows.iter().map(|r| be.from_slice(r)).collect();
-        let (_, want) = m
-            .masks_of_groups(&px, &enc.feats, &groups(&ans), &rows)
-            .unwrap();
+        let (_, want) = m.masks_of_groups(&px, &enc, &groups(&ans), &rows).unwrap();
         assert_eq!(want.len(), e.answer.logits.len());
         for (a, b) in want.iter().zip(&e.answer.logits) {
             for (x, y) in a.iter().zip(b) {

@@ -32,6 +32,7 @@ pub fn tiny_cfg() -> SegModelConfig {
             vocab_size: 70,
         },
         classes: Vec::new(),
+        pixel_skip: false,
     }
 }
 

@@ -313,14 +313,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                     })
                     .collect::<Result<_>>()?;
                 (answer.masks, answer.logits) =
-                    self.masks_of_groups(px, &enc.feats, &ans_groups, &rows)?;
+                    self.masks_of_groups(px, enc, &ans_groups, &rows)?;
                 seg_done = true;
             }
         }
         // without the segmentation half, `ỹ`'s own masks (a sample's may already be in)
         if !seg_done && answer.masks.len() != ans_groups.len() {
             (answer.masks, answer.logits) =
-                self.masks_of_groups(px, &enc.feats, &ans_groups, &answer_rows)?;
+                self.masks_of_groups(px, enc, &ans_groups, &answer_rows)?;
         }
         Ok(EnsemblePrediction {
             answer,
@@ -423,7 +423,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let (mut preds, mut rows) = (Vec::with_capacity(k), Vec::with_capacity(k));
             for d in decoded.by_ref().take(k) {
                 let p = if cfg.sample_masks {
-                    self.finish_answer(tok, px[i], &encs[i].feats, d.ids, d.logps, &d.rows)?
+                    self.finish_answer(tok, px[i], &encs[i], d.ids, d.logps, &d.rows)?
                 } else {
                     self.finish_text(tok, d.ids, d.logps)?
                 };

@@ -297,8 +297,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .flat_map(|&g0| (0..g).map(move |j| (seq.tail_at + g0 + j - 1) as u32))
             .collect();
         let (emb, head) = self.seg_embeddings(&acts.hidden, &rows)?;
-        let feats = [&enc.feats[0], &enc.feats[1]];
-        let (dl, dec) = self.decoder.forward(feats, 1, &emb, &vec![0; m], s, s)?;
+        let (dl, dec) = self
+            .decoder
+            .forward(enc.decoder_images(), &emb, &vec![0; m], s, s)?;
         let px = &d.pixels;
         let npx = px.height * px.width;
         let kk = d.seg_pairs.first().map_or(1, |p| p.orig.len()).max(1) as f64;

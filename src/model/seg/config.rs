@@ -90,6 +90,12 @@ pub struct SegModelConfig {
     /// training data's categories (sorted) when `loss.patch_class` or `loss.seg_class`
     /// is above 0.
     pub classes: Vec<String>,
+    /// The pixel decoder's pixel skip (ours, not PixelLM's; see
+    /// [`super::decoder::PixelDecoderConfig::skip_patch`]): the image's pixels, in
+    /// patches on the finest mask grid, added to the features the finest mask is read
+    /// from.  Off by default (PixelLM's decoder; a run directory written before the skip
+    /// existed reads as off); on in `tools/configs/stage1_world.toml`.
+    pub pixel_skip: bool,
 }
 
 impl Default for SegModelConfig {
@@ -108,6 +114,7 @@ impl Default for SegModelConfig {
             max_new_tokens: 64,
             lvlm: TinyLvlm::default(),
             classes: Vec::new(),
+            pixel_skip: false,
         }
     }
 }

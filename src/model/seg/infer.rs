@@ -1,6 +1,7 @@
 //! Inference: encode the images once, generate each answer with the KV cache, read the
 //! codebook tokens' hidden states as they are generated, and decode one mask per
 //! complete codebook group at the image's own size.
+use super::decoder::DecoderImages;
 use super::model::SegModel;
 use super::preprocess::Pixels;
 use super::prompt::SegTokenizer;
@@ -57,12 +58,25 @@ pub type AnswerMasks = (Vec<Vec<u8>>, Vec<Vec<f32>>);
 /// Per target, teacher-forced: its embedding `f` (L·D) and its mask logits (H·W).
 pub type TargetReadout = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
-/// One image encoded once: its projected tokens (K, C) for the LLM and the two ViT
-/// feature levels (K, Cv) for the pixel decoder.
+/// One image encoded once: its projected tokens (K, C) for the LLM, and for the pixel
+/// decoder the two ViT feature levels (K, Cv) and the preprocessed pixels (3, S, S)
+/// that its pixel skip reads.
 #[derive(Clone, Debug)]
 pub struct ImageEncoding<Buf> {
     pub tokens: Buf,
     pub feats: [Buf; 2],
+    pub pixels: Buf,
+}
+
+impl<Buf> ImageEncoding<Buf> {
+    /// This image as the pixel decoder's input (a batch of one).
+    pub fn decoder_images(&self) -> DecoderImages<'_, Buf> {
+        DecoderImages {
+            levels: [&self.feats[0], &self.feats[1]],
+            pixels: Some(&self.pixels),
+            b: 1,
+        }
+    }
 }
 
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
@@ -95,7 +109,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 .collect();
             let rows = self.prefill_rows(&prompts, &encs, idx, &seeds)?;
             for (&i, d) in idx.iter().zip(self.decode_rows(tok, rows, cfg)?) {
-                let p = self.finish_answer(tok, px[i], &encs[i].feats, d.ids, d.logps, &d.rows)?;
+                let p = self.finish_answer(tok, px[i], &encs[i], d.ids, d.logps, &d.rows)?;
                 out[i] = Some(p);
             }
         }
@@ -193,6 +207,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let v = self.llava.cfg.vision.clone();
         let (k, cv) = (v.num_patches(), v.hidden_size);
         let hdim = self.llava.cfg.text.hidden_size;
+        let npix = be.len(&pixels) / b;
         (0..b)
             .map(|i| {
                 let mut tokens = be.zeros(k * hdim);
@@ -201,9 +216,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 be.copy_range(&mut g0, 0, &f0, i * k * cv, k * cv)?;
                 let mut g1 = be.zeros(k * cv);
                 be.copy_range(&mut g1, 0, &f1, i * k * cv, k * cv)?;
+                let mut pix = be.zeros(npix);
+                be.copy_range(&mut pix, 0, &pixels, i * npix, npix)?;
                 Ok(ImageEncoding {
                     tokens,
                     feats: [g0, g1],
+                    pixels: pix,
                 })
             })
             .collect()
@@ -410,13 +428,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         &self,
         tok: &SegTokenizer,
         px: &Pixels,
-        feats: &[B::Buf; 2],
+        enc: &ImageEncoding<B::Buf>,
         ids: Vec<u32>,
         logps: Vec<f32>,
         hidden_rows: &[B::Buf],
     ) -> Result<Prediction> {
         let (text, groups) = tok.decode_answer(&ids)?;
-        let (masks, logits) = self.masks_of_groups(px, feats, &groups, hidden_rows)?;
+        let (masks, logits) = self.masks_of_groups(px, enc, &groups, hidden_rows)?;
         Ok(Prediction {
             text,
             masks,
@@ -449,7 +467,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     pub fn masks_of_groups(
         &self,
         px: &Pixels,
-        feats: &[B::Buf; 2],
+        enc: &ImageEncoding<B::Buf>,
         groups: &[usize],
         hidden_rows: &[B::Buf],
     ) -> Result<AnswerMasks> {
@@ -478,7 +496,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let s = self.cfg.image_size;
         let (dl, _) = self
             .decoder
-            .forward([&feats[0], &feats[1]], 1, &emb, &vec![0; m], s, s)?;
+            .forward(enc.decoder_images(), &emb, &vec![0; m], s, s)?;
         for mi in 0..m {
             let lg = be.to_vec(&self.to_image_logits(&dl, mi * s * s, px)?);
             let lg: Vec<f32> = lg.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect();

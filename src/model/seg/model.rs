@@ -6,7 +6,7 @@
 //! right-padded), K patches per image, Cv ViT width, H LLM width, D seg width, M targets
 //! in the batch, G = S·L codebook tokens per target.
 use super::config::{state_index, SegModelConfig};
-use super::decoder::{DecoderActs, PixelDecoder, PixelDecoderConfig};
+use super::decoder::{DecoderActs, DecoderImages, PixelDecoder, PixelDecoderConfig};
 use super::preprocess::Pixels;
 use super::prompt::{Encoded, SegTokenizer};
 use crate::backend::{Act, Backend, Cpu};
@@ -370,6 +370,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             scales: cfg.scales,
             grid_h: v.grid(),
             grid_w: v.grid(),
+            skip_patch: if cfg.pixel_skip {
+                skip_patch(v.image_size, v.grid())?
+            } else {
+                0
+            },
         };
         let decoder = PixelDecoder::new(be.clone(), dcfg, rng.next_u64())?;
         // drawn after every other weight, so a model without the head is unchanged
@@ -925,7 +930,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             (seg_class_loss, seg_class) = self.seg_class_forward(batch, &emb)?.unzip();
             let f1 = self.patches_of(&hs[idx[2]], b)?;
             let s = self.cfg.image_size;
-            let (dl, dec) = self.decoder.forward([&f0, &f1], b, &emb, &img_of, s, s)?;
+            let images = DecoderImages {
+                levels: [&f0, &f1],
+                pixels: Some(&pixels),
+                b,
+            };
+            let (dl, dec) = self.decoder.forward(images, &emb, &img_of, s, s)?;
             // every target in one upload, then each mask's logits at its image's size
             let all: Vec<F> = batch
                 .iter()
@@ -1101,5 +1111,36 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
         self.llava.vision_tower.backward(&a.vision, &dstates)?;
         Ok(())
+    }
+}
+
+/// The pixel skip's patch size for an image of `image_size` on a `grid` × `grid` patch
+/// grid: scale 1's output grid is 4·grid, so q = image_size / (4·grid), which must be
+/// whole.
+fn skip_patch(image_size: usize, grid: usize) -> Result<usize> {
+    if grid == 0 || !image_size.is_multiple_of(4 * grid) {
+        return Err(Error::arg(
+            "SegModel",
+            format!(
+                "[model] pixel_skip needs the image size ({image_size}) to be a multiple of \
+                 4 × the patch grid ({grid}); set pixel_skip = false for this tower"
+            ),
+        ));
+    }
+    Ok(image_size / (4 * grid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skip_patch;
+
+    #[test]
+    fn the_skip_patch_divides_the_image_or_is_an_error() {
+        assert_eq!(skip_patch(128, 8).unwrap(), 4); // the tiny model: 16-pixel patches
+        assert_eq!(skip_patch(8, 2).unwrap(), 1);
+        // LLaVA-1.5's CLIP: 336 pixels on a 24 × 24 grid would need q = 3.5
+        let e = skip_patch(336, 24).unwrap_err().to_string();
+        assert!(e.contains("pixel_skip"), "{e}");
+        assert!(skip_patch(128, 0).is_err());
     }
 }
