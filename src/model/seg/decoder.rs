@@ -17,7 +17,10 @@
 //! - scale 1's image side is level 1 upsampled bilinearly ×2 (PixelLM upsamples with its
 //!   `upsample_2x` ConvTranspose): the issue asks for bilinear, so no extra weights;
 //! - positions: SAM's random Fourier features (`PositionEmbeddingRandom`, as PixelLM)
-//!   with a fixed Gaussian drawn from [`PE_SEED`], not a trained or loaded buffer.
+//!   with a fixed Gaussian drawn from [`PE_SEED`], not a trained or loaded buffer;
+//! - an optional pixel skip ([`PixelDecoderConfig::skip_patch`], off unless the config
+//!   asks): the image's own pixels on scale 1's grid, added to that scale's features
+//!   (why and what it measured: `PixelSkip`'s doc and the README).
 //!
 //! Batching: every target runs as one batch row of the transformers (B_t = M), its
 //! image's features gathered per target (M is small); the projection and neck run once
@@ -74,7 +77,7 @@ pub struct PixelDecoderConfig {
     /// cut into q × q patches on scale 1's output grid (4·GH × 4·GW, so the pixels are
     /// 4·GH·q × 4·GW·q), through `patch embed → LayerNorm → GELU → Linear` to D
     /// channels, are added to scale 1's upscaled features before the hypernetwork's dot
-    /// product.  See [`PixelSkip`].
+    /// product.  See `PixelSkip`.
     #[serde(default)]
     pub skip_patch: usize,
 }
