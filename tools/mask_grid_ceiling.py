@@ -48,30 +48,26 @@ def main():
     s = int(sys.argv[2]) if len(sys.argv) > 2 else 128
     limit = int(sys.argv[3]) if len(sys.argv) > 3 else None
     res = {(g, kind): [] for g in GRIDS for kind in ("averaged", "fitted")}
-    n = 0
-    for rec in data:
-        for answer in rec["answers"]:
-            for t in answer:
-                seg = t["segmentation"]
-                gt = cmask.decode({"size": seg["size"], "counts": seg["counts"].encode()})
-                h, w = gt.shape
-                pad = np.zeros((s, s))
-                pad[:h, :w] = gt
-                valid = np.zeros((s, s))
-                valid[:h, :w] = 1
-                gt = gt.astype(bool)
-                for g in GRIDS:
-                    a = resize_matrix(g, s)
-                    avg = pad.reshape(g, s // g, g, s // g).mean((1, 3)) - 0.5
-                    res[(g, "averaged")].append(iou((a @ avg @ a.T)[:h, :w] > 0, gt))
-                    z = np.zeros((g, g))
-                    for _ in range(FIT_STEPS):
-                        p = 1 / (1 + np.exp(-(a @ z @ a.T)))
-                        z -= FIT_LR * (a.T @ ((p - pad) * valid) @ a)
-                    res[(g, "fitted")].append(iou((a @ z @ a.T)[:h, :w] > 0, gt))
-                n += 1
-                if limit and n >= limit:
-                    break
+    targets = [t for rec in data for answer in rec["answers"] for t in answer]
+    n = len(targets[:limit] if limit else targets)
+    for t in targets[:n]:
+        seg = t["segmentation"]
+        gt = cmask.decode({"size": seg["size"], "counts": seg["counts"].encode()})
+        h, w = gt.shape
+        pad = np.zeros((s, s))
+        pad[:h, :w] = gt
+        valid = np.zeros((s, s))
+        valid[:h, :w] = 1
+        gt = gt.astype(bool)
+        for g in GRIDS:
+            a = resize_matrix(g, s)
+            avg = pad.reshape(g, s // g, g, s // g).mean((1, 3)) - 0.5
+            res[(g, "averaged")].append(iou((a @ avg @ a.T)[:h, :w] > 0, gt))
+            z = np.zeros((g, g))
+            for _ in range(FIT_STEPS):
+                p = 1 / (1 + np.exp(-(a @ z @ a.T)))
+                z -= FIT_LR * (a.T @ ((p - pad) * valid) @ a)
+            res[(g, "fitted")].append(iou((a @ z @ a.T)[:h, :w] > 0, gt))
     print(f"{n} targets, {s} x {s} input")
     for (g, kind), v in res.items():
         v = np.array(v)
