@@ -157,6 +157,18 @@ struct PixelSkip<F: Float, B: Backend<F>> {
     out: Linear<F, B>,
 }
 
+impl<F: Float, B: Backend<F>> PixelSkip<F, B> {
+    /// Whether any of its parameters has a gradient slot (is trainable).
+    fn trains(&self) -> bool {
+        let p = &self.patch;
+        [&p.weight, &self.ln.weight, &self.ln.bias, &self.out.weight]
+            .into_iter()
+            .chain(p.bias.as_ref())
+            .chain(self.out.bias.as_ref())
+            .any(|t| t.grad.is_some())
+    }
+}
+
 #[derive(Clone, Debug)]
 struct SkipActs<Buf> {
     patches: Buf,
@@ -769,7 +781,10 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         // scale 1
         let (dkeys1, du1) = self.run_scale_bwd(1, &acts.scales[1], &dl[1], m, &mut demb)?;
         // forward: u₁ += gather(out(gelu(ln(patch(pixels)))), img_of)
-        if let (Some(sk), Some(sa)) = (&mut self.skip, &acts.skip) {
+        let shape = self.skip_shape(b);
+        // the skip reads only inputs, so a frozen skip has nothing to compute
+        let skip = self.skip.as_mut().filter(|sk| sk.trains());
+        if let (Some(sk), Some(sa)) = (skip, &acts.skip) {
             let mut dout = be.zeros(b * 16 * g * d);
             scatter_add(&be, &mut dout, 16 * g * d, &du1, &acts.img_of)?;
             let da = sk
@@ -779,11 +794,6 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
             let mut dyn_ = be.zeros(be.len(&da));
             be.act_bwd(UPSCALE_ACT, &sa.yn, &da, &mut dyn_)?;
             let dy = sk.ln.backward(&be, &sa.y, &sa.lns, &dyn_)?;
-            let shape = ImageShape {
-                b,
-                h: 4 * gh * self.cfg.skip_patch,
-                w: 4 * gw * self.cfg.skip_patch,
-            };
             sk.patch.backward(&be, &sa.patches, &dy, shape, false)?;
         }
         // forward: keys1 = g1 · gate, gate = σ(logits₀) + 1
