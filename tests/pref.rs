@@ -72,6 +72,7 @@ fn item(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng) -> PrefItem {
         enc: tok.encode("", q, a).unwrap(),
         masks: vec![],
         classes: Default::default(),
+        categories: Vec::new(),
     };
     let (ey, eyc) = (text(y), text(yc));
     let (ly, lyc) = popen::data::diff::changed_positions(

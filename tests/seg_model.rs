@@ -49,6 +49,7 @@ fn example(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng, q: &str, a: 
         enc,
         masks,
         classes: Default::default(),
+        categories: Vec::new(),
     }
 }
 
@@ -113,12 +114,95 @@ fn with_categories() -> (SegModelConfig, SegTokenizer, Vec<Example>, LossWeights
         patches: vec![2, 0, 0, 1],
         targets: Vec::new(),
     };
+    // the two apples may take each other's place (the world config's instance matching)
+    b[0].categories = vec!["apple".into(), "apple".into()];
+    b[1].categories = vec!["cup".into()];
     let w = LossWeights {
         patch_class: 1.5,
         seg_class: 0.7,
+        instance_matching: true,
         ..LossWeights::default()
     };
     (cfg, tok, b, w)
+}
+
+/// The loss and every gradient of one step, from zeroed gradients.
+fn loss_and_grads(
+    m: &mut SegModel<f64, Cpu>,
+    b: &[Example],
+    w: LossWeights,
+) -> (f64, Vec<Vec<f64>>) {
+    for (_, t) in m.params_mut() {
+        t.zero_grad(&Cpu);
+    }
+    let l = m.step(b, w, 1.0, true).unwrap().total;
+    let g = m
+        .params_mut()
+        .into_iter()
+        .map(|(_, t)| t.grad.clone().expect("trainable"))
+        .collect();
+    (l, g)
+}
+
+/// With instance matching, two targets of one category are scored in the cheaper of
+/// their two orders, and the step (loss and every gradient) is exactly the in-order
+/// step on the targets in that order; targets of two categories keep their order.
+/// Over several random images and masks both orders must occur.
+#[test]
+fn instance_matching_takes_the_cheaper_order_of_alike_targets() {
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 3).unwrap();
+    let on = LossWeights {
+        instance_matching: true,
+        ..LossWeights::default()
+    };
+    let (mut kept, mut swapped) = (0, 0);
+    for seed in 0..8 {
+        let mut rng = Rng::new(100 + seed);
+        let q = "Find the red apples.";
+        let mut ex = example(
+            &cfg,
+            &tok,
+            &mut rng,
+            q,
+            "I see two apples <seg> <seg> here.",
+        );
+        ex.categories = vec!["apple".into(), "apple".into()];
+        let mut rev = ex.clone();
+        rev.masks.reverse();
+        let (l_ab, g_ab) =
+            loss_and_grads(&mut m, std::slice::from_ref(&ex), LossWeights::default());
+        let (l_ba, g_ba) =
+            loss_and_grads(&mut m, std::slice::from_ref(&rev), LossWeights::default());
+        let (l_on, g_on) = loss_and_grads(&mut m, std::slice::from_ref(&ex), on);
+        assert!(l_ab != l_ba, "seed {seed}: the two orders cost the same");
+        let (want_l, want_g) = if l_ba < l_ab {
+            swapped += 1;
+            (l_ba, g_ba)
+        } else {
+            kept += 1;
+            (l_ab, g_ab)
+        };
+        assert!(
+            (l_on - want_l).abs() <= 1e-12 * want_l.abs(),
+            "seed {seed}: {l_on} vs {want_l}"
+        );
+        for (a, b) in g_on.iter().flatten().zip(want_g.iter().flatten()) {
+            assert!(
+                (a - b).abs() <= 1e-12 * (1.0 + b.abs()),
+                "seed {seed}: {a} vs {b}"
+            );
+        }
+        // two categories: nothing to match
+        ex.categories = vec!["apple".into(), "cup".into()];
+        let (l_two, _) = loss_and_grads(&mut m, std::slice::from_ref(&ex), on);
+        assert_eq!(l_two, l_ab, "seed {seed}");
+        // categories that do not name every target are an error
+        ex.categories.pop();
+        assert!(m.step(std::slice::from_ref(&ex), on, 1.0, false).is_err());
+    }
+    assert!(kept > 0 && swapped > 0, "kept {kept}, swapped {swapped}");
 }
 
 /// Every parameter's gradient (two entries per tensor) against central differences in
@@ -489,6 +573,7 @@ fn a_pretrained_llava_grows_its_vocabulary_and_trains_with_a_frozen_tower() {
         },
         masks: vec![(0..s * s).map(|i| f32::from(u8::from(i % 5 < 2))).collect()],
         classes: Default::default(),
+        categories: Vec::new(),
     };
     let tower: Vec<Vec<f32>> = m
         .llava
@@ -578,9 +663,9 @@ fn a_training_step_on_the_device_backend_equals_the_cpu() {
 /// mask: up, the ids (embedding forward and backward, the codebook rows), the pixels,
 /// the labels and category labels, the positional encodings (one per scale), the
 /// decoder's gate offset, the mask targets (one upload), d log p; down, the log-probs,
-/// the mask losses (one per image size) and the two category losses.  Measured: 18 up,
-/// 4 down.
-const SEG_STEP_COPIES: u64 = 22;
+/// the mask losses (one per image size), the pair losses of instance matching's alike
+/// targets (one per image size) and the two category losses.  Measured: 18 up, 5 down.
+const SEG_STEP_COPIES: u64 = 23;
 
 #[test]
 fn batched_prediction_is_each_question_predicted_alone() {

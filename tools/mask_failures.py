@@ -10,7 +10,9 @@ that overlaps it best and sort the target into
   background  no instance holds 20 % of the mask
   missing     the question's answer has no mask
 
-and print the shares, the IoU histogram and the best masks' precision and recall.
+and print the shares, the IoU histogram and the best masks' precision and recall, and
+the mean best IoU of targets with and without an alike sibling (another target of
+their category in the same answer: the instances `[loss] instance_matching` is about).
 `other_cat` is split by the answer's text: does it name the target's category (the mask
 went astray while the text was right) or only the category under the mask (the mask
 follows a wrong text)?
@@ -42,6 +44,7 @@ def main(data_path, pred_path):
     kinds = dict(good=0, shape=0, same_cat=0, other_cat=0, background=0, missing=0)
     text = dict(names_target=0, names_mask_object_only=0, neither=0)
     ious, prec, rec = [], [], []
+    by_sibling = {True: [], False: []}
     for e in data:
         inst = [decode(a["segmentation"]) for a in e.get("ann_list", [])]
         cats = [a["category_name"] for a in e.get("ann_list", [])]
@@ -49,15 +52,21 @@ def main(data_path, pred_path):
             pred = preds[(e["file_name"], qi)]
             masks = [decode(m) for m in pred["masks"]]
             words = pred["text"].lower()
+            n_cat = {}
+            for a in answer:
+                n_cat[a["category_name"]] = n_cat.get(a["category_name"], 0) + 1
             for a in answer:
                 t = decode(a["segmentation"])
+                sibling = n_cat[a["category_name"]] > 1
                 if not masks:
                     kinds["missing"] += 1
                     ious.append(0.0)
+                    by_sibling[sibling].append(0.0)
                     continue
                 best = max(masks, key=lambda m: iou(m, t))
                 b = iou(best, t)
                 ious.append(b)
+                by_sibling[sibling].append(b)
                 inter = np.logical_and(best, t).sum()
                 prec.append(inter / max(best.sum(), 1))
                 rec.append(inter / max(t.sum(), 1))
@@ -90,6 +99,10 @@ def main(data_path, pred_path):
     print(f"best IoU per target: mean {ious.mean():.3f}, median {np.median(ious):.3f}")
     for lo, hi in [(0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 1.01)]:
         print(f"  IoU in [{lo}, {min(hi, 1)}): {100 * ((ious >= lo) & (ious < hi)).mean():5.1f} %")
+    for k, name in [(True, "with"), (False, "without")]:
+        v = by_sibling[k]
+        if v:
+            print(f"best IoU, {len(v)} targets {name} an alike sibling: mean {np.mean(v):.3f}")
     if prec:
         print(f"best mask: precision {np.mean(prec):.3f}, recall {np.mean(rec):.3f}")
 

@@ -256,6 +256,7 @@ pub fn text_example(
         enc: tok.encode(&cfg.system_prompt, question, answer)?,
         masks: Vec::new(),
         classes: Default::default(),
+        categories: Vec::new(),
     })
 }
 

@@ -75,6 +75,7 @@ pub fn ls_step<F: Float, B: Backend<F>>(
                 enc: gt.enc.clone(),
                 masks: gt.masks.clone(),
                 classes: Default::default(),
+                categories: gt.categories.clone(),
             });
             jobs.push((*it, t));
         }

@@ -430,6 +430,7 @@ fn read_copies<F: Float, B: Backend<F>>(
                 enc: gt.enc.clone(),
                 masks: gt.masks.clone(),
                 classes: Default::default(),
+                categories: gt.categories.clone(),
             })
             .collect();
         let pass = model.forward_pass(&exs)?;

@@ -81,6 +81,7 @@ pub fn example_reading(
         enc,
         masks,
         classes,
+        categories: s.targets.iter().map(|t| t.category.clone()).collect(),
     })
 }
 

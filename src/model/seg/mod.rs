@@ -12,6 +12,8 @@
 //! - [`decoder`]: the pixel decoder;
 //! - [`category`]: the auxiliary category heads (ours) that teach the tiny model to
 //!   recognize objects;
+//! - [`matching`]: which masks the loss scores against which targets (instance
+//!   matching, ours);
 //! - [`infer`]: generation with the KV cache and masks;
 //! - [`draft`]: greedy decoding that checks a whole draft continuation per forward;
 //! - [`data`]: data-set samples → training examples;
@@ -22,6 +24,7 @@ pub mod data;
 pub mod decoder;
 pub mod draft;
 pub mod infer;
+pub mod matching;
 pub mod model;
 pub mod preprocess;
 pub mod prompt;

@@ -34,6 +34,10 @@ pub struct LossWeights {
     /// The auxiliary category loss on the segmentation embeddings `f` (ours;
     /// [`super::category`]).  0 = off, as in PixelLM.
     pub seg_class: f32,
+    /// Score the masks of one category's `<seg>`s against the permutation of its
+    /// targets with the least loss, not in the data's order (ours; [`super::matching`]).
+    /// Off, as in PixelLM.
+    pub instance_matching: bool,
 }
 
 impl Default for LossWeights {
@@ -44,6 +48,7 @@ impl Default for LossWeights {
             dice: 0.5,
             patch_class: 0.0,
             seg_class: 0.0,
+            instance_matching: false,
         }
     }
 }
@@ -58,6 +63,9 @@ pub struct Example {
     pub masks: Vec<Vec<f32>>,
     /// Category labels for the auxiliary heads (empty = this example trains neither).
     pub classes: super::category::Classes,
+    /// Per target, its category name ("" or no entries: unknown), for
+    /// [`LossWeights::instance_matching`].
+    pub categories: Vec<String>,
 }
 
 /// The loss of one batch and its parts (means over the batch's tokens and masks).
@@ -663,7 +671,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 
     /// (BCE, Dice) of each `(logits, target)` pair: the masks of one pixel count side by
     /// side in one launch, so a batch makes one read-back per image size, not per mask.
-    fn mask_losses(&self, per_mask: &[(B::Buf, B::Buf)]) -> Result<Vec<(f64, f64)>> {
+    fn mask_losses(&self, per_mask: &[(&B::Buf, &B::Buf)]) -> Result<Vec<(f64, f64)>> {
         let be = &self.llava.be;
         let mut by_size: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
         for (i, (lg, _)) in per_mask.iter().enumerate() {
@@ -673,8 +681,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         for (p, idx) in by_size {
             let (mut lg, mut tg) = (be.zeros(idx.len() * p), be.zeros(idx.len() * p));
             for (j, &i) in idx.iter().enumerate() {
-                be.copy_range(&mut lg, j * p, &per_mask[i].0, 0, p)?;
-                be.copy_range(&mut tg, j * p, &per_mask[i].1, 0, p)?;
+                be.copy_range(&mut lg, j * p, per_mask[i].0, 0, p)?;
+                be.copy_range(&mut tg, j * p, per_mask[i].1, 0, p)?;
             }
             let r = be.mask_loss_fwd(&lg, &tg, idx.len(), p)?;
             for (&i, (bce, dice)) in idx.iter().zip(r) {
@@ -685,6 +693,72 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             }
         }
         Ok(out)
+    }
+
+    /// [`LossWeights::instance_matching`]: within each set of alike targets
+    /// ([`super::matching::alike_sets`] of an example's categories), the masks take the
+    /// permutation of the set's targets with the least `w.bce·BCE + w.dice·Dice`; the
+    /// pass's targets and mask losses are replaced by the permuted ones, so the
+    /// backward follows.  One launch per image size scores every pair of every set.
+    fn match_instances(
+        &self,
+        batch: &[Example],
+        pass: &mut TrainPass<B::Buf>,
+        w: LossWeights,
+    ) -> Result<()> {
+        let Some(sa) = pass.acts.seg.as_mut() else {
+            return Ok(());
+        };
+        let mut sets: Vec<Vec<usize>> = Vec::new();
+        let mut first = 0;
+        for (i, ex) in batch.iter().enumerate() {
+            if ex.masks.is_empty() {
+                continue;
+            }
+            if !ex.categories.is_empty() && ex.categories.len() != ex.masks.len() {
+                return Err(Error::arg(
+                    "SegModel::step",
+                    format!(
+                        "example {i} has {} masks but {} target categories",
+                        ex.masks.len(),
+                        ex.categories.len()
+                    ),
+                ));
+            }
+            for set in super::matching::alike_sets(&ex.categories) {
+                sets.push(set.into_iter().map(|j| first + j).collect());
+            }
+            first += ex.masks.len();
+        }
+        let pairs: Vec<(&B::Buf, &B::Buf)> = sets
+            .iter()
+            .flat_map(|s| {
+                let pm = &sa.per_mask;
+                s.iter()
+                    .flat_map(move |&i| s.iter().map(move |&j| (&pm[i].0, &pm[j].1)))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let losses = self.mask_losses(&pairs)?;
+        let mut at = 0;
+        for s in &sets {
+            let n = s.len();
+            let pair = &losses[at..at + n * n];
+            let cost: Vec<f64> = pair
+                .iter()
+                .map(|(b, d)| w.bce as f64 * b + w.dice as f64 * d)
+                .collect();
+            let perm = super::matching::min_cost_assignment(&cost, n)?;
+            let targets: Vec<B::Buf> = perm.iter().map(|&p| sa.per_mask[s[p]].1.clone()).collect();
+            for ((k, &i), tgt) in s.iter().enumerate().zip(targets) {
+                sa.per_mask[i].1 = tgt;
+                pass.mask_losses[i] = pair[k * n + perm[k]];
+            }
+            at += n * n;
+        }
+        Ok(())
     }
 
     /// Logits (S·S) of one target → logits at the image's own size (H·W): crop to the
@@ -743,7 +817,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         scale: f32,
         backward: bool,
     ) -> Result<SegLoss> {
-        let pass = self.forward_pass(batch)?;
+        let mut pass = self.forward_pass(batch)?;
+        if w.instance_matching {
+            self.match_instances(batch, &mut pass, w)?;
+        }
         let n_labels = pass.labelled.iter().filter(|&&x| x).count();
         let ce = -pass
             .logp
@@ -960,7 +1037,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                     (mi, off) = (mi + 1, off + mask.len());
                 }
             }
-            mask_losses = self.mask_losses(&per_mask)?;
+            mask_losses =
+                self.mask_losses(&per_mask.iter().map(|(l, t)| (l, t)).collect::<Vec<_>>())?;
             Some(SegActs {
                 emb,
                 head,
