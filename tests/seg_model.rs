@@ -114,7 +114,7 @@ fn with_categories() -> (SegModelConfig, SegTokenizer, Vec<Example>, LossWeights
         patches: vec![2, 0, 0, 1],
         targets: Vec::new(),
     };
-    // the two apples may take each other's place (the world config's instance matching)
+    // the two apples may take each other's place (instance matching on)
     b[0].categories = vec!["apple".into(), "apple".into()];
     b[1].categories = vec!["cup".into()];
     let w = LossWeights {

@@ -699,7 +699,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// ([`super::matching::alike_sets`] of an example's categories), the masks take the
     /// permutation of the set's targets with the least `w.bce·BCE + w.dice·Dice`; the
     /// pass's targets and mask losses are replaced by the permuted ones, so the
-    /// backward follows.  One launch per image size scores every pair of every set.
+    /// backward follows.  One launch per image size scores every pair of every set that
+    /// the forward pass did not (a mask against another target of its set).
     fn match_instances(
         &self,
         batch: &[Example],
@@ -730,22 +731,36 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             }
             first += ex.masks.len();
         }
+        if sets.is_empty() {
+            return Ok(());
+        }
+        // the pairs off the diagonal: the forward pass scored each mask's own target
+        let pm = &sa.per_mask;
         let pairs: Vec<(&B::Buf, &B::Buf)> = sets
             .iter()
             .flat_map(|s| {
-                let pm = &sa.per_mask;
-                s.iter()
-                    .flat_map(move |&i| s.iter().map(move |&j| (&pm[i].0, &pm[j].1)))
+                s.iter().flat_map(move |&i| {
+                    s.iter()
+                        .filter(move |&&j| j != i)
+                        .map(move |&j| (&pm[i].0, &pm[j].1))
+                })
             })
             .collect();
-        if pairs.is_empty() {
-            return Ok(());
-        }
-        let losses = self.mask_losses(&pairs)?;
-        let mut at = 0;
+        let mut off_diagonal = self.mask_losses(&pairs)?.into_iter();
         for s in &sets {
             let n = s.len();
-            let pair = &losses[at..at + n * n];
+            let mut pair = Vec::with_capacity(n * n);
+            for &i in s {
+                for &j in s {
+                    pair.push(if j == i {
+                        pass.mask_losses[i]
+                    } else {
+                        off_diagonal
+                            .next()
+                            .ok_or_else(|| Error::arg("SegModel::step", "a pair loss is missing"))?
+                    });
+                }
+            }
             let cost: Vec<f64> = pair
                 .iter()
                 .map(|(b, d)| w.bce as f64 * b + w.dice as f64 * d)
@@ -756,7 +771,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 sa.per_mask[i].1 = tgt;
                 pass.mask_losses[i] = pair[k * n + perm[k]];
             }
-            at += n * n;
         }
         Ok(())
     }
