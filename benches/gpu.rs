@@ -52,6 +52,7 @@ fn attn_shapes() -> Vec<(&'static str, AttnShape, bool)> {
         nkv: 32,
         tq: 2048,
         tk: 2048,
+        kv_stride: 2048,
         hs: 128,
         causal: true,
         scale: 1.0 / (128f32).sqrt(),
@@ -64,6 +65,7 @@ fn attn_shapes() -> Vec<(&'static str, AttnShape, bool)> {
                 b: 8,
                 tq: 1024,
                 tk: 1024,
+                kv_stride: 1024,
                 causal: false,
                 ..s7b
             },

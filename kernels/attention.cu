@@ -1,7 +1,9 @@
 // Biased attention (POPEN Eq. 5, 6): O = softmax(Q Kᵀ·scale + γ + mask) V per head.
 // B batch, NH query heads, NKV kv heads (head h reads kv head h / (NH/NKV)), Tq queries,
 // Tk keys, HS head size (1..=128, any value).
-// Layouts: q, out, dout (B,NH,Tq,HS); k, v (B,NKV,Tk,HS); bias γ (B,Tk) or null;
+// Layouts: q, out, dout (B,NH,Tq,HS); k, v (B,NKV,Tk,HS) (the forward: (B,NKV,Ks,HS),
+// Ks >= Tk rows per block of which the first Tk are read, so that a preallocated KV cache
+// is read in place); bias γ (B,Tk) or null;
 // key_mask (B,Tk) bytes, 1 = attend, or null; lse (B,NH,Tq) natural-log log-sum-exp.
 // Causal: query i sees key j iff j <= i + (Tk - Tq).  A row that sees no key has out = 0,
 // lse = -inf and zero gradients.  The Tq×Tk score matrix is never stored: tiles of 32
@@ -104,8 +106,8 @@ __device__ __forceinline__ int att_key_end(int causal, int i0, int rows, int Tq,
 // ---------------------------------------------------------------------------------------
 template <typename T>
 __device__ void attention_fwd_body(T* out, float* lse, const T* q, const T* k, const T* v, const float* bias,
-                                   const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int HS,
-                                   int causal, float scale) {
+                                   const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks,
+                                   int HS, int causal, float scale) {
     DYN_SHARED(float, fwd_sm);
     const int qs = att_qs(HS), ks = att_ks(HS);
     float* qt = fwd_sm;
@@ -123,8 +125,8 @@ __device__ void attention_fwd_body(T* out, float* lse, const T* q, const T* k, c
     const int off = Tk - Tq;
     const float sl2 = scale * LOG2E_F;
     const T* qh = q + ((size_t)bh * Tq + i0) * HS;
-    const T* kh = k + (size_t)(b * NKV + g) * Tk * HS;
-    const T* vh = v + (size_t)(b * NKV + g) * Tk * HS;
+    const T* kh = k + (size_t)(b * NKV + g) * Ks * HS;
+    const T* vh = v + (size_t)(b * NKV + g) * Ks * HS;
 
     att_load_tile(qt, qs, qh, rows, HS);
 
@@ -201,9 +203,9 @@ ATT_UNROLL
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1)
     attention_fwd_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
-                      const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int HS, int causal,
-                      float scale) {
-    attention_fwd_body<float>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, HS, causal, scale);
+                      const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
+                      int causal, float scale) {
+    attention_fwd_body<float>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal, scale);
 }
 
 // 166 registers without spills at one block per SM guaranteed (ptxas spills at its
@@ -213,8 +215,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1)
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1)
     attention_fwd_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                        const __nv_bfloat16* v, const float* bias, const unsigned char* key_mask, int B, int NH,
-                       int NKV, int Tq, int Tk, int HS, int causal, float scale) {
-    attention_fwd_body<__nv_bfloat16>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, HS, causal, scale);
+                       int NKV, int Tq, int Tk, int Ks, int HS, int causal, float scale) {
+    attention_fwd_body<__nv_bfloat16>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal,
+                                      scale);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -439,7 +442,7 @@ extern "C" __global__ void attention_bwd_dbias_f32(float* dbias, const float* pa
 // Split over keys: block (split, head, b) takes keys [split·128, split·128 + 128) and
 // writes (m·log2e-domain max, sum of exp2, unnormalized Σ p v) to part
 // (B,NH,nsplit,HS+2); attention_decode_reduce_f32 merges the splits.
-// q (B,NH,HS), k_cache, v_cache (B,NKV,Tmax,HS), bias (B,Tmax) or null.
+// q (B,NH,HS), k_cache, v_cache (B,NKV,Tmax,HS), bias (B,len) or null.
 // grid.x = nsplit · NH · B, block 128; no dynamic shared memory.
 // ---------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
@@ -465,7 +468,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
             float a = 0.0f;
             for (int d = lane; d < HS; d += WARP_SIZE) a += qv[d] * kr[d];
             a = warp_sum(a);
-            x = a * sl2 + (bias ? bias[(size_t)b * Tmax + j0 + jj] * LOG2E_F : 0.0f);
+            x = a * sl2 + (bias ? bias[(size_t)b * len + j0 + jj] * LOG2E_F : 0.0f);
         }
         if (lane == 0) sc[jj] = x;
     }

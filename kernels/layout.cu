@@ -65,15 +65,15 @@ extern "C" __global__ void heads_merge_f32(float* out, const float* x, int b, in
     }
 }
 
-// cache (BH,T1,HS) ++ new (BH,T2,HS) -> out (BH,T1+T2,HS)
-extern "C" __global__ void concat_time_f32(float* out, const float* cache, const float* fresh, long long bh, int t1,
-                                           int t2, int hs) {
-    int tt = t1 + t2;
-    GRID_STRIDE(e, bh * tt * hs) {
+// dst (BH,dst_t,HS) rows [dst_at, dst_at+n) <- src (BH,src_t,HS) rows [src_at, src_at+n):
+// a KV cache's new keys written in place, or a cache moved into a larger one.
+extern "C" __global__ void copy_time_f32(float* dst, const float* src, long long bh, int dst_t, int dst_at, int src_t,
+                                         int src_at, int n, int hs) {
+    GRID_STRIDE(e, bh * n * hs) {
         int d = (int)(e % hs);
-        int ti = (int)((e / hs) % tt);
-        long long g = e / ((long long)hs * tt);
-        out[e] = ti < t1 ? cache[(g * t1 + ti) * hs + d] : fresh[(g * t2 + ti - t1) * hs + d];
+        int ti = (int)((e / hs) % n);
+        long long g = e / ((long long)hs * n);
+        dst[(g * dst_t + dst_at + ti) * hs + d] = src[(g * src_t + src_at + ti) * hs + d];
     }
 }
 

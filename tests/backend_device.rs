@@ -2,7 +2,9 @@
 //! every op of the contract at odd sizes, forward and backward, relative error ≤ 1e-5 of
 //! the output's scale; bad sizes are errors; buffers stay on the device (host↔device
 //! copies counted); a tiny LLaMA's training step equals the CPU's.
-use popen::backend::{Accum, Act, AdamWStep, AttnShape, Backend, Cpu, DeviceBackend, MatmulSpec};
+use popen::backend::{
+    Accum, Act, AdamWStep, AttnShape, Backend, Cpu, DeviceBackend, MatmulSpec, TimeCopy,
+};
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;
 
@@ -225,6 +227,7 @@ fn attention_forward_and_backward_match_cpu() {
                 nkv: 2,
                 tq,
                 tk,
+                kv_stride: tk,
                 hs: 5,
                 causal,
                 scale: 0.4,
@@ -246,6 +249,32 @@ fn attention_forward_and_backward_match_cpu() {
                 .unwrap();
             close("attention out", &d.to_vec(&od), &o);
             close("attention lse", &d.to_vec(&ld), &l);
+            // the same keys read in place from a cache of capacity tk + 3 whose unused
+            // rows are NaN: nothing past Tk is read
+            let ks = AttnShape {
+                kv_stride: s.tk + 3,
+                ..s
+            };
+            let pad = |x: &[f32]| -> Vec<f32> {
+                x.chunks(s.tk * s.hs)
+                    .flat_map(|blk| {
+                        let mut v = blk.to_vec();
+                        v.resize((s.tk + 3) * s.hs, f32::NAN);
+                        v
+                    })
+                    .collect()
+            };
+            let (kp, kpd) = both(&d, &pad(&k));
+            let (vp, vpd) = both(&d, &pad(&v));
+            let (mut o2, mut od2) = (vec![0.0; nq], d.zeros(nq));
+            let (mut l2, mut ld2) = (vec![0.0; nl], d.zeros(nl));
+            Cpu.attention_fwd(&ks, &q, &kp, &vp, Some(&bias), mask, &mut o2, &mut l2)
+                .unwrap();
+            d.attention_fwd(&ks, &qd, &kpd, &vpd, Some(&biasd), mask, &mut od2, &mut ld2)
+                .unwrap();
+            close("attention out, strided keys (cpu)", &o2, &o);
+            close("attention out, strided keys", &d.to_vec(&od2), &o);
+            close("attention lse, strided keys", &d.to_vec(&ld2), &l);
             let (g, gd) = both(&d, &rnd(&mut r, nq, 1.0));
             let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
             let mut db = vec![0.0; s.b * s.tk];
@@ -304,6 +333,7 @@ fn key_masks_and_targets_are_uploaded_once_per_value() {
             nkv: 2,
             tq: 3,
             tk: 6,
+            kv_stride: 6,
             hs: 4,
             causal: false,
             scale: 0.5,
@@ -556,13 +586,42 @@ fn heads_split_merge_and_rope_match_cpu() {
         assert!(d
             .heads_split(&x9, b, t, nh, 9, 0, Some(1e4), &mut o9)
             .is_err());
-        let (t1, t2) = (6, 3);
-        let (c1, c1d) = both(&d, &rnd(&mut r, b * nh * t1 * hs, 1.0));
-        let (c2, c2d) = both(&d, &rnd(&mut r, b * nh * t2 * hs, 1.0));
-        let want = Cpu.concat_time(&c1, &c2, b, nh, t1, t2, hs).unwrap();
-        let got = d.concat_time(&c1d, &c2d, b, nh, t1, t2, hs).unwrap();
-        close("concat_time", &d.to_vec(&got), &want);
-        assert!(d.concat_time(&c1d, &c2d, b, nh, t1 + 1, t2, hs).is_err());
+        // a KV cache's write in place: 3 rows into rows 4..7 of blocks of 9, from rows
+        // 1..4 of blocks of 5; every other row of dst is left as it was
+        let tc = TimeCopy {
+            bh: b * nh,
+            hs,
+            dst_t: 9,
+            dst_at: 4,
+            src_t: 5,
+            src_at: 1,
+            n: 3,
+        };
+        let (src, srcd) = both(&d, &rnd(&mut r, b * nh * 5 * hs, 1.0));
+        let (mut dst, mut dstd) = both(&d, &rnd(&mut r, b * nh * 9 * hs, 1.0));
+        let before = dst.clone();
+        Cpu.copy_time(&mut dst, &src, tc).unwrap();
+        d.copy_time(&mut dstd, &srcd, tc).unwrap();
+        close("copy_time", &d.to_vec(&dstd), &dst);
+        for g in 0..b * nh {
+            for row in 0..9 {
+                let got = &dst[(g * 9 + row) * hs..][..hs];
+                let want = if (4..7).contains(&row) {
+                    &src[(g * 5 + row - 3) * hs..][..hs]
+                } else {
+                    &before[(g * 9 + row) * hs..][..hs]
+                };
+                assert_eq!(got, want, "block {g} row {row}");
+            }
+        }
+        for bad in [
+            TimeCopy { dst_at: 7, ..tc },
+            TimeCopy { src_at: 3, ..tc },
+            TimeCopy { dst_t: 10, ..tc },
+        ] {
+            assert!(d.copy_time(&mut dstd, &srcd, bad).is_err(), "{bad:?}");
+            assert!(Cpu.copy_time(&mut dst, &src, bad).is_err(), "{bad:?}");
+        }
     }
 }
 

@@ -39,6 +39,7 @@ fn shape(
         nkv,
         tq,
         tk,
+        kv_stride: tk,
         hs,
         causal,
         scale: 1.0 / (hs as f32).sqrt(),
@@ -561,7 +562,11 @@ fn decode_equals_last_row_of_full_forward() {
                 .collect();
             let mut got = vec![f32::NAN; b * nh * hs];
             let mut got_lse = vec![f32::NAN; b * nh];
-            let bias_opt = use_bias.then_some(&bias[..]);
+            // the bias of the valid keys (B,len)
+            let bf: Vec<f32> = (0..b)
+                .flat_map(|bi| bias[bi * tmax..][..len].to_vec())
+                .collect();
+            let bias_opt = use_bias.then_some(&bf[..]);
             attention_decode_cpu(
                 b,
                 nh,
@@ -589,6 +594,7 @@ fn decode_equals_last_row_of_full_forward() {
                 nkv,
                 tq: len,
                 tk: len,
+                kv_stride: len,
                 hs,
                 causal: true,
                 scale,
@@ -600,9 +606,6 @@ fn decode_equals_last_row_of_full_forward() {
             };
             let (kf, vf) = (take(&kc, nkv), take(&vc, nkv));
             let qf = take(&qs, nh);
-            let bf: Vec<f32> = (0..b)
-                .flat_map(|bi| bias[bi * tmax..][..len].to_vec())
-                .collect();
             let mut out = vec![0.0f32; qf.len()];
             let mut lse = vec![0.0f32; b * nh * len];
             let bias_f = use_bias.then_some(&bf[..]);
@@ -945,15 +948,19 @@ fn attention_decode_matches_cpu() {
         bias[tmax + 200] = f32::NEG_INFINITY;
         let q = f32s(&r.vec(b * nh * hs, 1.5));
         let scale = 1.0 / (hs as f32).sqrt();
-        let (qd, kd, vd, bd) = (
+        let (qd, kd, vd) = (
             dev.upload(&q).unwrap(),
             dev.upload(&kc).unwrap(),
             dev.upload(&vc).unwrap(),
-            dev.upload(&bias).unwrap(),
         );
         for len in [0, 1, 129, 300] {
+            // the bias of the valid keys (B,len)
+            let bl: Vec<f32> = (0..b)
+                .flat_map(|bi| bias[bi * tmax..][..len].to_vec())
+                .collect();
+            let bd = dev.upload(&bl).unwrap();
             for use_bias in [false, true] {
-                let bopt = use_bias.then_some(&bias[..]);
+                let bopt = use_bias.then_some(&bl[..]);
                 let mut want = vec![0.0f32; b * nh * hs];
                 let mut want_lse = vec![0.0f32; b * nh];
                 attention_decode_cpu(
@@ -1133,4 +1140,83 @@ fn cpu_bwd_is_deterministic() {
     for _ in 0..3 {
         assert!(run() == first, "backward differs between runs");
     }
+}
+
+/// `c` with its keys and values in blocks of `tk + extra` rows, the extra rows NaN (as
+/// a preallocated KV cache's unused rows): a read past Tk poisons the output.
+fn strided(c: &Case, extra: usize) -> Case {
+    let s = AttnShape {
+        kv_stride: c.s.tk + extra,
+        ..c.s
+    };
+    let pad = |x: &[f64]| -> Vec<f64> {
+        let n = c.s.tk * c.s.hs;
+        let blocks = c.s.b * c.s.nkv;
+        (0..blocks)
+            .flat_map(|g| {
+                let mut v = x[g * n..(g + 1) * n].to_vec();
+                v.resize((c.s.tk + extra) * c.s.hs, f64::NAN);
+                v
+            })
+            .collect()
+    };
+    Case {
+        s,
+        q: c.q.clone(),
+        k: pad(&c.k),
+        v: pad(&c.v),
+        bias: c.bias.clone(),
+        mask: c.mask.clone(),
+    }
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The forward reads keys in place from blocks of `kv_stride ≥ Tk` rows (a KV cache
+/// with room to grow): the CPU twin and the kernel give bit for bit what they give on
+/// the packed keys, over every kernel case (causal, GQA, masks, several key tiles).
+#[test]
+fn forward_reads_strided_keys_in_place() {
+    for c in kernel_cases() {
+        let cs = strided(&c, 5);
+        let (o, l) = run_cpu_fwd_f32(&c);
+        let (os, ls) = run_cpu_fwd_f32(&cs);
+        assert_eq!(bits(&os), bits(&o), "cpu {}", tag(&c));
+        assert_eq!(bits(&ls), bits(&l), "cpu {}", tag(&c));
+        for dev in Device::test_devices() {
+            let (o, l) = dev_fwd(&dev, &c);
+            let (os, ls) = dev_fwd(&dev, &cs);
+            assert_eq!(bits(&os), bits(&o), "{dev:?} {}", tag(&c));
+            assert_eq!(bits(&ls), bits(&l), "{dev:?} {}", tag(&c));
+        }
+    }
+}
+
+/// A stride below Tk is an error, and the backward takes packed keys only.
+#[test]
+fn strided_keys_are_checked() {
+    let c = case(shape(1, 2, 1, 3, 4, 8, true), 5, false, false, false);
+    let bad = AttnShape {
+        kv_stride: 3,
+        ..c.s
+    };
+    let (q, k) = (f32s(&c.q), f32s(&c.k));
+    let (mut out, mut lse) = (vec![0.0f32; q.len()], vec![0.0f32; 6]);
+    let e = attention_fwd_cpu(&bad, &q, &k, &k, None, None, &mut out, &mut lse).unwrap_err();
+    assert!(e.to_string().contains("kv_stride"), "{e}");
+    let cs = strided(&c, 2);
+    let (qs, ks) = (f32s(&cs.q), f32s(&cs.k));
+    attention_fwd_cpu(&cs.s, &qs, &ks, &ks, None, None, &mut out, &mut lse).unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; q.len()],
+        vec![0.0f32; ks.len()],
+        vec![0.0f32; ks.len()],
+    );
+    let e = attention_bwd_cpu(
+        &cs.s, &qs, &ks, &ks, None, None, &out, &lse, &out, &mut dq, &mut dk, &mut dv, None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("packed"), "{e}");
 }

@@ -430,6 +430,7 @@ fn causal_attention_ignores_future_and_padded_keys() {
         nkv: 1,
         tq: 4,
         tk: 4,
+        kv_stride: 4,
         hs: 3,
         causal: true,
         scale: 0.5,

@@ -239,6 +239,81 @@ fn kv_cache_decoding_equals_full_forward() {
     );
 }
 
+/// The preallocated cache: a decode grows it by doubling (O(log n) moves, never a copy
+/// per step), a truncated cache fed again and a cache of selected rows (one repeated)
+/// give the full forward's logits, and a reserve past the context is an error.
+#[test]
+fn kv_cache_grows_by_doubling_and_truncates_and_selects_rows_in_place() {
+    let mut m: Llama = Llama::new(Cpu, tiny(false), 5).unwrap();
+    let mut rng = Rng::new(7);
+    for (name, t) in m.params_mut() {
+        if !name.ends_with("norm.weight") {
+            t.data = randn(&mut rng, t.numel(), 0.2);
+        }
+    }
+    let (b, t, v) = (2, 12, 13);
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % 13) as u32).collect();
+    let (full, _) = m.forward(&ids, b, None, None).unwrap();
+    let take = |t0: usize, t1: usize, rows: &[usize]| -> Vec<u32> {
+        rows.iter()
+            .flat_map(|&bi| ids[bi * t + t0..bi * t + t1].to_vec())
+            .collect()
+    };
+    let close = |lg: &[f32], rows: &[usize], t0: usize, t1: usize| {
+        for (i, &bi) in rows.iter().enumerate() {
+            for ti in t0..t1 {
+                let a = rows_of(&full, v, t, bi, ti);
+                let c = &lg[(i * (t1 - t0) + ti - t0) * v..][..v];
+                let worst = a
+                    .iter()
+                    .zip(c)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
+                assert!(worst < 1e-5, "row {bi} position {ti}: {worst}");
+            }
+        }
+    };
+    let mut cache = m.new_cache(b);
+    assert_eq!(cache.capacity(), 0);
+    let mut caps = vec![];
+    m.forward_cached(&take(0, 2, &[0, 1]), &mut cache, None, None)
+        .unwrap();
+    for ti in 2..t {
+        let lg = m
+            .forward_cached(&take(ti, ti + 1, &[0, 1]), &mut cache, None, None)
+            .unwrap();
+        close(&lg, &[0, 1], ti, ti + 1);
+        if caps.last() != Some(&cache.capacity()) {
+            caps.push(cache.capacity());
+        }
+    }
+    // 2 → 4 → 8 → 16: each growth at least doubles
+    assert_eq!(caps, vec![4, 8, 16]);
+    assert_eq!(cache.len(), t);
+    // a rejected draft: back to 7 positions, then the same tokens again
+    m.truncate_cache(&mut cache, 7).unwrap();
+    assert_eq!((cache.len(), cache.capacity()), (7, 16));
+    let lg = m
+        .forward_cached(&take(7, 10, &[0, 1]), &mut cache, None, None)
+        .unwrap();
+    close(&lg, &[0, 1], 7, 10);
+    assert!(m.truncate_cache(&mut cache, 11).is_err());
+    // rows 1, 0, 1 of the cache go on as their own sequences
+    let mut sel = m.select_cache_rows(&cache, &[1, 0, 1]).unwrap();
+    let lg = m
+        .forward_cached(&take(10, 12, &[1, 0, 1]), &mut sel, None, None)
+        .unwrap();
+    close(&lg, &[1, 0, 1], 10, 12);
+    let max = m.cfg.max_position_embeddings;
+    assert!(m.reserve_cache(&mut sel, max + 1).is_err());
+    m.reserve_cache(&mut sel, max).unwrap();
+    assert_eq!(sel.capacity(), max);
+}
+
+fn rows_of(x: &[f32], v: usize, t: usize, bi: usize, ti: usize) -> &[f32] {
+    &x[(bi * t + ti) * v..][..v]
+}
+
 #[test]
 fn greedy_picks_argmax_and_logprob_is_log_softmax() {
     let mut rng = Rng::new(1);

@@ -99,8 +99,45 @@ impl Conv2dGeom {
     }
 }
 
-/// Shape of one attention call: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), out
-/// (B,NH,Tq,HS), lse (B,NH,Tq).  `causal` aligns bottom-right when Tq < Tk (query i sits
+/// One [`Backend::copy_time`]: `n` time rows of each of `bh` blocks of `hs` values, from
+/// rows `src_at..` of `src` (BH, `src_t`, HS) to rows `dst_at..` of `dst` (BH, `dst_t`, HS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeCopy {
+    pub bh: usize,
+    pub hs: usize,
+    pub dst_t: usize,
+    pub dst_at: usize,
+    pub src_t: usize,
+    pub src_at: usize,
+    pub n: usize,
+}
+
+impl TimeCopy {
+    /// The rows fit both buffers and the buffers have their stated lengths.
+    pub fn check(&self, op: &'static str, dst: usize, src: usize) -> Result<()> {
+        let len = |t: usize| self.bh.checked_mul(t).and_then(|x| x.checked_mul(self.hs));
+        let fits = |at: usize, t: usize| at.checked_add(self.n).is_some_and(|e| e <= t);
+        if !fits(self.dst_at, self.dst_t) || !fits(self.src_at, self.src_t) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "rows {}..+{n} of a block of {} ← rows {}..+{n} of a block of {}",
+                    self.dst_at,
+                    self.dst_t,
+                    self.src_at,
+                    self.src_t,
+                    n = self.n
+                ),
+            ));
+        }
+        let want = |t| len(t).ok_or_else(|| Error::shape(op, format!("{self:?} overflows")));
+        crate::error::check_len(op, "dst (BH,dst_t,HS)", dst, want(self.dst_t)?)?;
+        crate::error::check_len(op, "src (BH,src_t,HS)", src, want(self.src_t)?)
+    }
+}
+
+/// Shape of one attention call: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS) (or a cache's
+/// (B,NKV,kv_stride,HS) in the forward), out (B,NH,Tq,HS), lse (B,NH,Tq).  `causal` aligns bottom-right when Tq < Tk (query i sits
 /// at position Tk − Tq + i, as in decoding with a KV cache).  The same struct as the
 /// attention kernel's, so backends pass it through unchanged.
 pub use crate::kernels::attention::AttnShape;
@@ -259,18 +296,10 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         hs: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
-    /// Append along time: cache (B,H,T1,HS) ++ new (B,H,T2,HS) → (B,H,T1+T2,HS).
-    fn concat_time(
-        &self,
-        cache: &Self::Buf,
-        new: &Self::Buf,
-        b: usize,
-        h: usize,
-        t1: usize,
-        t2: usize,
-        hs: usize,
-    ) -> Result<Self::Buf>;
+    /// Copies `n` time rows of each of `bh` blocks: `dst` (BH, `dst_t`, HS) rows
+    /// `dst_at..dst_at+n` ← `src` (BH, `src_t`, HS) rows `src_at..src_at+n`.  Writes a
+    /// KV cache's new keys in place and moves a cache into a larger one.
+    fn copy_time(&self, dst: &mut Self::Buf, src: &Self::Buf, t: TimeCopy) -> Result<()>;
 
     // ---- activations ----
     /// out = act(x), elementwise.
@@ -334,7 +363,9 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
 
     // ---- attention ----
     /// softmax(q kᵀ · scale + bias + mask) v; saves lse for the backward.
-    /// bias (B,Tk) per key, key_mask (B,Tk) 1 = attend, 0 = padding.
+    /// k, v (B,NKV,`s.kv_stride`,HS) of which each block's first Tk rows are keys (a
+    /// preallocated KV cache is read in place); bias (B,Tk) per key, key_mask (B,Tk)
+    /// 1 = attend, 0 = padding.
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
         &self,

@@ -278,6 +278,7 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
             nkv: self.nh,
             tq,
             tk,
+            kv_stride: tk,
             hs: self.hs,
             causal: false,
             scale: 1.0 / (self.hs as f32).sqrt(),

@@ -3,7 +3,7 @@
 //!
 //! B batch, T tokens, C channels, N = B·T rows, NH heads, NKV kv heads, HS head size.
 use super::Tensor;
-use crate::backend::{Accum, Act, AttnShape, Backend, MatmulSpec};
+use crate::backend::{Accum, Act, AttnShape, Backend, MatmulSpec, TimeCopy};
 use crate::error::{Error, Result};
 use num_traits::Float;
 
@@ -511,12 +511,16 @@ pub struct AttnActs<Buf> {
     pub ym: Buf,
 }
 
-/// Keys and values of one layer seen so far: (B, NKV, len, HS) each.
+/// Keys and values of one layer seen so far, preallocated: `k` and `v` are
+/// (B, NKV, cap, HS) each, of which each block's first `len` rows are valid.  A new key
+/// is written in place and attention reads the cache where it lies, so a decoding step
+/// copies nothing that is already cached ([`crate::nn::Llama::reserve_cache`] grows it).
 #[derive(Clone, Debug)]
 pub struct LayerKv<Buf> {
     pub k: Buf,
     pub v: Buf,
     pub len: usize,
+    pub cap: usize,
 }
 
 impl<F: Float, B: Backend<F>> Attention<F, B> {
@@ -551,6 +555,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             nkv: self.nkv,
             tq,
             tk,
+            kv_stride: tk,
             hs: self.hs,
             // a single query sees every cached key: no mask needed (and none is wrong)
             causal: self.causal && tq > 1,
@@ -558,8 +563,10 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         }
     }
 
-    /// x (B·T, C) → (B·T, C).  With `cache`, the new keys/values are appended to it and
-    /// the queries attend to all of them (key-side bias and mask then cover all Tk keys).
+    /// x (B·T, C) → (B·T, C).  With `cache`, the new keys/values are written into it
+    /// (it must have room: [`crate::nn::Llama::reserve_cache`]) and the queries attend
+    /// to all of them (key-side bias and mask then cover all Tk keys).  The activations
+    /// keep only the new keys, which are all of them when the cache started empty.
     pub fn forward(
         &self,
         be: &B,
@@ -577,7 +584,9 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         be.heads_split(&qf, b, t, self.nh, hs, ctx.pos0, self.rope_theta, &mut q)?;
         be.heads_split(&kf, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut k)?;
         be.heads_split(&vf, b, t, self.nkv, hs, ctx.pos0, None, &mut v)?;
-        let (k, v, tk) = match cache {
+        let mut y = be.zeros(b * self.nh * t * hs);
+        let mut lse = be.zeros(b * self.nh * t);
+        match cache {
             Some(c) => {
                 if c.len != ctx.pos0 {
                     return Err(Error::arg(
@@ -588,17 +597,38 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                         ),
                     ));
                 }
-                c.k = be.concat_time(&c.k, &k, b, self.nkv, c.len, t, hs)?;
-                c.v = be.concat_time(&c.v, &v, b, self.nkv, c.len, t, hs)?;
+                if c.len + t > c.cap {
+                    return Err(Error::arg(
+                        "Attention::forward",
+                        format!(
+                            "KV cache of capacity {} cannot take {t} positions after {}",
+                            c.cap, c.len
+                        ),
+                    ));
+                }
+                let put = TimeCopy {
+                    bh: b * self.nkv,
+                    hs,
+                    dst_t: c.cap,
+                    dst_at: c.len,
+                    src_t: t,
+                    src_at: 0,
+                    n: t,
+                };
+                be.copy_time(&mut c.k, &k, put)?;
+                be.copy_time(&mut c.v, &v, put)?;
                 c.len += t;
-                (c.k.clone(), c.v.clone(), c.len)
+                let s = AttnShape {
+                    kv_stride: c.cap,
+                    ..self.shape(b, t, c.len)
+                };
+                be.attention_fwd(&s, &q, &c.k, &c.v, ctx.bias, ctx.key_mask, &mut y, &mut lse)?;
             }
-            None => (k, v, t),
-        };
-        let s = self.shape(b, t, tk);
-        let mut y = be.zeros(b * self.nh * t * hs);
-        let mut lse = be.zeros(b * self.nh * t);
-        be.attention_fwd(&s, &q, &k, &v, ctx.bias, ctx.key_mask, &mut y, &mut lse)?;
+            None => {
+                let s = self.shape(b, t, t);
+                be.attention_fwd(&s, &q, &k, &v, ctx.bias, ctx.key_mask, &mut y, &mut lse)?;
+            }
+        }
         let mut ym = be.zeros(b * t * self.nh * hs);
         be.heads_merge(&y, b, t, self.nh, hs, &mut ym)?;
         let out = self.o.forward(be, &ym)?;

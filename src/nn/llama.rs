@@ -9,7 +9,7 @@
 use super::layers::{AttnActs, AttnCtx, LayerKv, SwiGluActs};
 use super::sample::{sample_token, Rng, SamplingCfg};
 use super::{randn, Attention, Embedding, Linear, RmsNorm, SwiGluMlp, Tensor};
-use crate::backend::{Accum, Backend, Cpu, MatmulSpec};
+use crate::backend::{Accum, Backend, Cpu, MatmulSpec, TimeCopy};
 use crate::error::{Error, Result};
 use num_traits::Float;
 use serde::{Deserialize, Serialize};
@@ -166,8 +166,13 @@ pub struct KvCache<Buf> {
 }
 
 impl<Buf> KvCache<Buf> {
+    /// Positions cached.
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, |l| l.len)
+    }
+    /// Positions the cache holds before it must grow.
+    pub fn capacity(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.cap)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -350,7 +355,8 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         }
     }
 
-    /// An empty KV cache for batch `b`.
+    /// An empty KV cache for batch `b`, with room for nothing yet: a forward through it
+    /// grows it ([`Llama::reserve_cache`]); reserve first when the length is known.
     pub fn new_cache(&self, b: usize) -> KvCache<B::Buf> {
         KvCache {
             b,
@@ -359,14 +365,52 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                     k: self.be.zeros(0),
                     v: self.be.zeros(0),
                     len: 0,
+                    cap: 0,
                 })
                 .collect(),
         }
     }
 
+    /// Makes room for `positions` in all (cached ones included).  A cache that must grow
+    /// takes at least twice its capacity (up to `max_position_embeddings`), so a decode
+    /// of n tokens moves the cache O(log n) times, not n times.
+    pub fn reserve_cache(&self, c: &mut KvCache<B::Buf>, positions: usize) -> Result<()> {
+        let max = self.cfg.max_position_embeddings;
+        if positions > max {
+            return Err(Error::arg(
+                "Llama::reserve_cache",
+                format!("{positions} positions beyond max_position_embeddings {max}"),
+            ));
+        }
+        if positions <= c.capacity() {
+            return Ok(());
+        }
+        let cap = positions.max((2 * c.capacity()).min(max));
+        let (nkv, hs) = (self.cfg.n_kv_heads(), self.cfg.head_dim());
+        let be = &self.be;
+        for l in &mut c.layers {
+            let keep = TimeCopy {
+                bh: c.b * nkv,
+                hs,
+                dst_t: cap,
+                dst_at: 0,
+                src_t: l.cap,
+                src_at: 0,
+                n: l.len,
+            };
+            for buf in [&mut l.k, &mut l.v] {
+                let mut grown = be.zeros(c.b * nkv * cap * hs);
+                be.copy_time(&mut grown, buf, keep)?;
+                *buf = grown;
+            }
+            l.cap = cap;
+        }
+        Ok(())
+    }
+
     /// The cache of rows `rows` of `c`, in that order (a row may repeat): rows that
     /// finish leave a batched decode, a shared prefix is repeated.  Each layer's
-    /// (1, NKV, len, HS) block of a row is copied.
+    /// (1, NKV, cap, HS) block of a row is copied; the capacity is kept.
     pub fn select_cache_rows(
         &self,
         c: &KvCache<B::Buf>,
@@ -399,6 +443,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                     k: kk,
                     v: vv,
                     len: l.len,
+                    cap: l.cap,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -408,7 +453,8 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         })
     }
 
-    /// Cuts the cache back to its first `len` positions (a rejected draft's keys).
+    /// Cuts the cache back to its first `len` positions (a rejected draft's keys): the
+    /// rows past `len` are left where they are, to be overwritten.
     pub fn truncate_cache(&self, c: &mut KvCache<B::Buf>, len: usize) -> Result<()> {
         let old = c.len();
         if len > old {
@@ -417,17 +463,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                 format!("{len} positions kept of a cache of {old}"),
             ));
         }
-        let be = &self.be;
-        let (nkv, hs) = (self.cfg.n_kv_heads(), self.cfg.head_dim());
-        // each layer's k and v are (B, NKV, len, HS): copy each head's first `len` rows
         for l in &mut c.layers {
-            for buf in [&mut l.k, &mut l.v] {
-                let mut cut = be.zeros(c.b * nkv * len * hs);
-                for bh in 0..c.b * nkv {
-                    be.copy_range(&mut cut, bh * len * hs, buf, bh * old * hs, len * hs)?;
-                }
-                *buf = cut;
-            }
             l.len = len;
         }
         Ok(())
@@ -491,6 +527,9 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                     self.cfg.max_position_embeddings
                 ),
             ));
+        }
+        if let Some(cc) = cache.as_deref_mut() {
+            self.reserve_cache(cc, pos0 + t)?;
         }
         let ctx = AttnCtx {
             b,

@@ -1,5 +1,6 @@
 //! Attention layout: heads split (with RoPE) and merged, and the KV-cache append.
 use super::{f, rows_mut, CpuFloat};
+use crate::backend::TimeCopy;
 use crate::error::{check_len, Error, Result};
 
 /// The (cos, sin) tables of [`rope_cos_sin`] for positions `pos0..pos0 + t`, in `F`
@@ -147,23 +148,12 @@ pub(super) fn heads_merge<F: CpuFloat>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn concat_time<F: CpuFloat>(
-    cache: &[F],
-    new: &[F],
-    b: usize,
-    h: usize,
-    t1: usize,
-    t2: usize,
-    hs: usize,
-) -> Result<Vec<F>> {
-    check_len("concat_time", "cache", cache.len(), b * h * t1 * hs)?;
-    check_len("concat_time", "new", new.len(), b * h * t2 * hs)?;
-    let t = t1 + t2;
-    let mut out = vec![F::zero(); b * h * t * hs];
-    for bh in 0..b * h {
-        out[bh * t * hs..][..t1 * hs].copy_from_slice(&cache[bh * t1 * hs..][..t1 * hs]);
-        out[(bh * t + t1) * hs..][..t2 * hs].copy_from_slice(&new[bh * t2 * hs..][..t2 * hs]);
+pub(super) fn copy_time<F: CpuFloat>(dst: &mut [F], src: &[F], t: TimeCopy) -> Result<()> {
+    t.check("copy_time", dst.len(), src.len())?;
+    let w = t.n * t.hs;
+    for g in 0..t.bh {
+        dst[(g * t.dst_t + t.dst_at) * t.hs..][..w]
+            .copy_from_slice(&src[(g * t.src_t + t.src_at) * t.hs..][..w]);
     }
-    Ok(out)
+    Ok(())
 }

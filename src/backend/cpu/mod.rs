@@ -8,7 +8,7 @@
 //! kernels' CPU twins ([`crate::kernels::attention`], [`crate::kernels::logprob`]).
 //!
 //! Sizes: N rows, C channels, V vocabulary, B batch, T tokens, NH heads, HS head size.
-use super::{image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MatmulSpec};
+use super::{image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MatmulSpec, TimeCopy};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu};
 use crate::kernels::logprob::RowOps;
@@ -254,17 +254,8 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     ) -> Result<()> {
         heads::heads_merge(x, b, t, nh, hs, out)
     }
-    fn concat_time(
-        &self,
-        cache: &Vec<F>,
-        new: &Vec<F>,
-        b: usize,
-        h: usize,
-        t1: usize,
-        t2: usize,
-        hs: usize,
-    ) -> Result<Vec<F>> {
-        heads::concat_time(cache, new, b, h, t1, t2, hs)
+    fn copy_time(&self, dst: &mut Vec<F>, src: &Vec<F>, t: TimeCopy) -> Result<()> {
+        heads::copy_time(dst, src, t)
     }
     fn act_fwd(&self, act: Act, x: &Vec<F>, out: &mut Vec<F>) -> Result<()> {
         act::act_fwd(act, x, out)

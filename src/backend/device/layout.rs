@@ -3,6 +3,7 @@
 //!
 //! B batch, T tokens, NH heads, HS head size, C channels, V vocabulary.
 use super::{i32_arg, i64_arg, linear, rows_of, BLOCK};
+use crate::backend::TimeCopy;
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
@@ -100,34 +101,34 @@ pub(super) fn heads_merge(
     launch_heads(dev, "heads_merge", "heads_merge_f32", &plain, x, out)
 }
 
-/// cache (B,H,T1,HS) ++ new (B,H,T2,HS) → a new (B,H,T1+T2,HS).
-pub(super) fn concat_time(
+/// dst (BH,dst_t,HS) rows `dst_at..+n` ← src (BH,src_t,HS) rows `src_at..+n`, in place.
+pub(super) fn copy_time(
     dev: &Device,
-    cache: &DeviceBuf<f32>,
-    new: &DeviceBuf<f32>,
-    [b, h, t1, t2, hs]: [usize; 5],
-) -> Result<DeviceBuf<f32>> {
-    const OP: &str = "concat_time";
-    check_len(OP, "cache", cache.len(), b * h * t1 * hs)?;
-    check_len(OP, "new", new.len(), b * h * t2 * hs)?;
-    let n = b * h * (t1 + t2) * hs;
-    let mut out = dev.zeros::<f32>(n)?;
-    if n > 0 {
-        dev.launch(
-            "concat_time_f32",
-            linear(n),
-            &[
-                out.arg_mut(),
-                cache.arg(),
-                new.arg(),
-                i64_arg(b * h),
-                i32_arg(OP, "T1", t1)?,
-                i32_arg(OP, "T2", t2)?,
-                i32_arg(OP, "HS", hs)?,
-            ],
-        )?;
+    dst: &mut DeviceBuf<f32>,
+    src: &DeviceBuf<f32>,
+    t: TimeCopy,
+) -> Result<()> {
+    const OP: &str = "copy_time";
+    t.check(OP, dst.len(), src.len())?;
+    let n = t.bh * t.n * t.hs;
+    if n == 0 {
+        return Ok(());
     }
-    Ok(out)
+    dev.launch(
+        "copy_time_f32",
+        linear(n),
+        &[
+            dst.arg_mut(),
+            src.arg(),
+            i64_arg(t.bh),
+            i32_arg(OP, "dst_t", t.dst_t)?,
+            i32_arg(OP, "dst_at", t.dst_at)?,
+            i32_arg(OP, "src_t", t.src_t)?,
+            i32_arg(OP, "src_at", t.src_at)?,
+            i32_arg(OP, "n", t.n)?,
+            i32_arg(OP, "HS", t.hs)?,
+        ],
+    )
 }
 
 /// Token ids checked against V, then uploaded (the contract hands them over on the host).

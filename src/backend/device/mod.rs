@@ -15,7 +15,7 @@
 //! device failure there (out of memory, a lost GPU) panics with the device's message.
 //!
 //! Sizes: N rows, C channels, V vocabulary.
-use super::{Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MatmulSpec};
+use super::{Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MatmulSpec, TimeCopy};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 use std::sync::Arc;
@@ -268,17 +268,8 @@ impl Backend<f32> for DeviceBackend {
         };
         layout::heads_merge(&self.dev, &h, x, out)
     }
-    fn concat_time(
-        &self,
-        cache: &DeviceBuf<f32>,
-        new: &DeviceBuf<f32>,
-        b: usize,
-        h: usize,
-        t1: usize,
-        t2: usize,
-        hs: usize,
-    ) -> Result<DeviceBuf<f32>> {
-        layout::concat_time(&self.dev, cache, new, [b, h, t1, t2, hs])
+    fn copy_time(&self, dst: &mut DeviceBuf<f32>, src: &DeviceBuf<f32>, t: TimeCopy) -> Result<()> {
+        layout::copy_time(&self.dev, dst, src, t)
     }
 
     fn act_fwd(&self, act: Act, x: &DeviceBuf<f32>, out: &mut DeviceBuf<f32>) -> Result<()> {

@@ -87,8 +87,8 @@ pub(super) struct AttnGrads<'a> {
     pub dbias: Option<&'a mut DeviceBuf<f32>>,
 }
 
-/// q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias (B,Tk) or None, key_mask (B,Tk) or None
-/// → out (B,NH,Tq,HS), lse (B,NH,Tq)
+/// q (B,NH,Tq,HS), k and v (B,NKV,kv_stride,HS) (the first Tk rows of each block are
+/// read), bias (B,Tk) or None, key_mask (B,Tk) or None → out (B,NH,Tq,HS), lse (B,NH,Tq)
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fwd(
     be: &DeviceBackend,
@@ -110,7 +110,7 @@ pub(super) fn attention_fwd(
             s.b,
             s.nh,
             s.nkv,
-            s.tk,
+            s.kv_stride,
             s.tk,
             s.hs,
             s.scale,

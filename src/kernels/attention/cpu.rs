@@ -9,8 +9,8 @@ use rayon::prelude::*;
 
 /// Forward of biased attention on the CPU (rayon over (batch, head, query block)).
 ///
-/// q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias γ (B,Tk) or None, key_mask (B,Tk) or
-/// None (1 = attend); writes out (B,NH,Tq,HS) and lse (B,NH,Tq), the natural-log
+/// q (B,NH,Tq,HS), k and v (B,NKV,kv_stride,HS) of which each block's first Tk rows
+/// are read, bias γ (B,Tk) or None, key_mask (B,Tk) or None (1 = attend); writes out (B,NH,Tq,HS) and lse (B,NH,Tq), the natural-log
 /// log-sum-exp of the scaled and biased scores of each row (−inf for a row that sees no
 /// key).  Memory beyond the outputs: per rayon thread, a score tile of at most
 /// `max(2^16, 16·Tk)` elements (`cpu_q_block`) and copies of one head's K and V; never Tq×Tk.
@@ -66,7 +66,7 @@ fn fwd_impl<F: Float + Send + Sync, A: Acc>(
         .enumerate()
         .for_each(|(bh, (o_head, l_head))| {
             let (b, h) = (bh / nh, bh % nh);
-            let kv0 = (b * nkv + h / group) * tk * hs;
+            let kv0 = (b * nkv + h / group) * s.kv_stride * hs;
             let kh: Scratch<A> = acc_copy(&k[kv0..kv0 + tk * hs]);
             let vh: Scratch<A> = acc_copy(&v[kv0..kv0 + tk * hs]);
             let krow: Vec<A> = key_row(b, tk, bias, key_mask);
@@ -473,7 +473,7 @@ fn bwd_block<A: Acc>(
 /// Single-query attention over a KV cache on the CPU (bidirectional over the cache).
 ///
 /// q (B,NH,HS): one new query per (batch, head); k_cache, v_cache (B,NKV,Tmax,HS) of
-/// which positions `0..len` are valid; bias (B,Tmax) or None (only `0..len` is read);
+/// which positions `0..len` are valid; bias (B,len) or None, one value per valid key;
 /// writes out (B,NH,HS) and, when given, lse (B,NH), the natural-log normaliser as
 /// [`attention_fwd_cpu`] writes it.  `len = 0` (or a bias of −inf on every valid key)
 /// gives 0 and an lse of −inf.
@@ -527,7 +527,7 @@ pub fn attention_decode_cpu(
                 .map(|j| {
                     let kj = &k_cache[kv0 + j * hs..kv0 + (j + 1) * hs];
                     let dot: f32 = qv.iter().zip(kj).map(|(&a, &b)| a * b).sum();
-                    dot * scale + bias.map_or(0.0, |g| g[b * tmax + j])
+                    dot * scale + bias.map_or(0.0, |g| g[b * len + j])
                 })
                 .collect();
             let krow = vec![0.0f32; len];

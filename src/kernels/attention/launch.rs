@@ -52,24 +52,32 @@ fn i32_arg(x: usize) -> KArg {
     KArg::I32(x as i32)
 }
 
-/// The shape arguments every attention kernel takes after its buffers.
-fn shape_args(s: &AttnShape) -> [KArg; 8] {
-    [
+/// The shape arguments the attention kernels take after their buffers: the forward
+/// reads keys at `kv_stride` rows per block (`Ks`), the backward packed ones.
+fn shape_args(s: &AttnShape, with_stride: bool) -> Vec<KArg> {
+    let mut a = vec![
         i32_arg(s.b),
         i32_arg(s.nh),
         i32_arg(s.nkv),
         i32_arg(s.tq),
         i32_arg(s.tk),
+    ];
+    if with_stride {
+        a.push(i32_arg(s.kv_stride));
+    }
+    a.extend([
         i32_arg(s.hs),
         KArg::I32(i32::from(s.causal)),
         KArg::F32(s.scale),
-    ]
+    ]);
+    a
 }
 
 /// Forward on a device (`attention_fwd_f32`): same contract as [`super::attention_fwd_cpu`].
 ///
-/// q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias (B,Tk) or None, key_mask (B,Tk) or None;
-/// writes out (B,NH,Tq,HS) and lse (B,NH,Tq).
+/// q (B,NH,Tq,HS), k and v (B,NKV,kv_stride,HS) of which each block's first Tk rows are
+/// read, bias (B,Tk) or None, key_mask (B,Tk) or None; writes out (B,NH,Tq,HS) and lse
+/// (B,NH,Tq).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     dev: &Device,
@@ -161,7 +169,7 @@ fn fwd_launch(
         opt_arg(bias),
         opt_arg(key_mask),
     ];
-    args.extend(shape_args(s));
+    args.extend(shape_args(s, true));
     dev.launch(kernel, cfg, &args)
 }
 
@@ -250,7 +258,7 @@ pub fn attention_bwd(
         d.arg(),
         dout.arg(),
     ];
-    args.extend(shape_args(s));
+    args.extend(shape_args(s, false));
     dev.launch("attention_bwd_f32", cfg, &args)?;
     if let (Some(db), Some(p)) = (dbias, part.as_ref()) {
         dev.launch(

@@ -16,7 +16,9 @@
 //!
 //! Conventions shared by every function here:
 //! - layouts: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias γ (B,Tk), key_mask (B,Tk) with
-//!   1 = attend and 0 = padding, out (B,NH,Tq,HS), lse (B,NH,Tq);
+//!   1 = attend and 0 = padding, out (B,NH,Tq,HS), lse (B,NH,Tq); the forward also reads
+//!   k and v as (B,NKV,kv_stride,HS), the first Tk rows of each block (a preallocated KV
+//!   cache in place; [`AttnShape::kv_stride`]);
 //! - causal: query `i` (0-based in Tq) sees key `j` iff `j <= i + (Tk - Tq)`, i.e. the
 //!   queries are the last Tq positions of the key sequence, as with a KV cache;
 //! - a row with no visible key (causal cut, padding, or a bias of −inf everywhere) has
@@ -28,7 +30,7 @@
 //! ```
 //! use popen::kernels::attention::{attention_fwd_cpu, AttnShape};
 //! // one head, two queries over two keys; a large bias on key 1 takes all the weight
-//! let s = AttnShape { b: 1, nh: 1, nkv: 1, tq: 2, tk: 2, hs: 1, causal: false, scale: 1.0 };
+//! let s = AttnShape { b: 1, nh: 1, nkv: 1, tq: 2, tk: 2, kv_stride: 2, hs: 1, causal: false, scale: 1.0 };
 //! let (q, k, v) = ([0.0f32, 0.0], [0.0f32, 0.0], [1.0f32, 5.0]);
 //! let bias = [0.0f32, 50.0];
 //! let (mut out, mut lse) = ([0.0f32; 2], [0.0f32; 2]);
@@ -60,6 +62,10 @@ pub struct AttnShape {
     pub tq: usize,
     /// Keys per sequence Tk.
     pub tk: usize,
+    /// Rows from the start of one (batch, kv head) block of `k` and `v` to the next:
+    /// `tk` for packed buffers, a preallocated KV cache's capacity (≥ `tk`, of which
+    /// the first `tk` rows are read) for a cache.  The backward takes packed buffers only.
+    pub kv_stride: usize,
     /// Head size HS, `1..=128`.
     pub hs: usize,
     /// Query `i` sees key `j` iff `j <= i + (Tk - Tq)`.
@@ -117,6 +123,15 @@ impl AttnShape {
                 format!("head size hs = {} is outside 1..={MAX_HEAD_SIZE}", self.hs),
             ));
         }
+        if self.kv_stride < self.tk {
+            return Err(Error::arg(
+                op,
+                format!(
+                    "kv_stride = {} rows per key block is less than tk = {}",
+                    self.kv_stride, self.tk
+                ),
+            ));
+        }
         if !self.scale.is_finite() {
             return Err(Error::arg(
                 op,
@@ -145,7 +160,7 @@ impl AttnShape {
     fn kv_len(&self) -> Option<usize> {
         self.b
             .checked_mul(self.nkv)?
-            .checked_mul(self.tk)?
+            .checked_mul(self.kv_stride)?
             .checked_mul(self.hs)
     }
     fn lse_len(&self) -> Option<usize> {
@@ -168,13 +183,18 @@ impl AttnShape {
         self.validate(op)?;
         let (ql, kvl, bl, ll) = (
             self.b * self.nh * self.tq * self.hs,
-            self.b * self.nkv * self.tk * self.hs,
+            self.b * self.nkv * self.kv_stride * self.hs,
             self.b * self.tk,
             self.b * self.nh * self.tq,
         );
         check_len(op, "q (B,NH,Tq,HS)", q, ql)?;
-        check_len(op, "k (B,NKV,Tk,HS)", k, kvl)?;
-        check_len(op, "v (B,NKV,Tk,HS)", v, kvl)?;
+        let [kl, vl] = if self.kv_stride == self.tk {
+            ["k (B,NKV,Tk,HS)", "v (B,NKV,Tk,HS)"]
+        } else {
+            ["k (B,NKV,kv_stride,HS)", "v (B,NKV,kv_stride,HS)"]
+        };
+        check_len(op, kl, k, kvl)?;
+        check_len(op, vl, v, kvl)?;
         if let Some(n) = bias {
             check_len(op, "bias (B,Tk)", n, bl)?;
         }
@@ -194,6 +214,15 @@ impl AttnShape {
         [dout, dq, dk, dv]: [usize; 4],
         dbias: Option<usize>,
     ) -> Result<()> {
+        if self.kv_stride != self.tk {
+            return Err(Error::arg(
+                op,
+                format!(
+                    "the backward takes packed keys (kv_stride = tk), not kv_stride = {} with tk = {}",
+                    self.kv_stride, self.tk
+                ),
+            ));
+        }
         check_len(op, "dout (B,NH,Tq,HS)", dout, q)?;
         check_len(op, "dq (B,NH,Tq,HS)", dq, q)?;
         check_len(op, "dk (B,NKV,Tk,HS)", dk, k)?;
@@ -206,7 +235,8 @@ impl AttnShape {
 }
 
 /// Shape, scale, `len` and buffer sizes of a decode step: q (B,NH,HS),
-/// k_cache and v_cache (B,NKV,Tmax,HS), out (B,NH,HS), bias (B,Tmax).
+/// k_cache and v_cache (B,NKV,Tmax,HS), out (B,NH,HS), bias (B,len): one value per
+/// valid key, as [`AttnShape`]'s bias (B,Tk).
 fn check_decode(
     op: &'static str,
     [b, nh, nkv, tmax, len, hs]: [usize; 6],
@@ -219,23 +249,24 @@ fn check_decode(
         nh,
         nkv,
         tq: 1,
-        tk: tmax,
+        tk: len,
+        kv_stride: tmax,
         hs,
         causal: false,
         scale,
     };
-    s.validate(op)?;
     if len > tmax {
         return Err(Error::arg(
             op,
             format!("len = {len} valid cache positions exceed Tmax = {tmax}"),
         ));
     }
+    s.validate(op)?;
     check_len(op, "q (B,NH,HS)", q, b * nh * hs)?;
     check_len(op, "k_cache (B,NKV,Tmax,HS)", k_cache, b * nkv * tmax * hs)?;
     check_len(op, "v_cache (B,NKV,Tmax,HS)", v_cache, b * nkv * tmax * hs)?;
     if let Some(n) = bias {
-        check_len(op, "bias (B,Tmax)", n, b * tmax)?;
+        check_len(op, "bias (B,len)", n, b * len)?;
     }
     check_len(op, "out (B,NH,HS)", out, b * nh * hs)?;
     Ok(())
