@@ -190,17 +190,21 @@ fn rows(x: &[f32], v: usize, b: usize, t: usize, bi: usize, ti: usize) -> &[f32]
     &x[(bi * t + ti) * v..][..v]
 }
 
-#[test]
-fn kv_cache_decoding_equals_full_forward() {
-    let m: Llama = Llama::new(Cpu, tiny(false), 5).unwrap();
-    let mut m = m;
-    // weights large enough that attention is far from uniform
-    let mut rng = Rng::new(6);
+/// The tiny untied model with weights large enough that attention is far from uniform.
+fn peaked_llama(seed: u64) -> Llama {
+    let mut m: Llama = Llama::new(Cpu, tiny(false), 5).unwrap();
+    let mut rng = Rng::new(seed);
     for (name, t) in m.params_mut() {
         if !name.ends_with("norm.weight") {
             t.data = randn(&mut rng, t.numel(), 0.2);
         }
     }
+    m
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() {
+    let m = peaked_llama(6);
     let (b, t, v) = (2, 9, 13);
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 5 + 2) % 13) as u32).collect();
     let (full, _) = m.forward(&ids, b, None, None).unwrap();
@@ -244,13 +248,7 @@ fn kv_cache_decoding_equals_full_forward() {
 /// give the full forward's logits, and a reserve past the context is an error.
 #[test]
 fn kv_cache_grows_by_doubling_and_truncates_and_selects_rows_in_place() {
-    let mut m: Llama = Llama::new(Cpu, tiny(false), 5).unwrap();
-    let mut rng = Rng::new(7);
-    for (name, t) in m.params_mut() {
-        if !name.ends_with("norm.weight") {
-            t.data = randn(&mut rng, t.numel(), 0.2);
-        }
-    }
+    let m = peaked_llama(7);
     let (b, t, v) = (2, 12, 13);
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % 13) as u32).collect();
     let (full, _) = m.forward(&ids, b, None, None).unwrap();
