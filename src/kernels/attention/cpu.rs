@@ -15,7 +15,7 @@ use rayon::prelude::*;
 /// key).  Memory beyond the outputs: per rayon thread, a score tile of at most
 /// `max(2^16, 16·Tk)` elements (`cpu_q_block`) and copies of one head's K and V; never Tq×Tk.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_fwd_cpu<F: Float + Send + Sync>(
+pub fn attention_fwd_cpu<F: Float + Send + Sync + 'static>(
     s: &AttnShape,
     q: &[F],
     k: &[F],
@@ -44,7 +44,7 @@ pub fn attention_fwd_cpu<F: Float + Send + Sync>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn fwd_impl<F: Float + Send + Sync, A: Acc>(
+fn fwd_impl<F: Float + Send + Sync + 'static, A: Acc>(
     s: &AttnShape,
     q: &[F],
     k: &[F],
@@ -67,8 +67,8 @@ fn fwd_impl<F: Float + Send + Sync, A: Acc>(
         .for_each(|(bh, (o_head, l_head))| {
             let (b, h) = (bh / nh, bh % nh);
             let kv0 = (b * nkv + h / group) * s.kv_stride * hs;
-            let kh: Scratch<A> = acc_copy(&k[kv0..kv0 + tk * hs]);
-            let vh: Scratch<A> = acc_copy(&v[kv0..kv0 + tk * hs]);
+            let kh: AccView<A> = acc_view(&k[kv0..kv0 + tk * hs]);
+            let vh: AccView<A> = acc_view(&v[kv0..kv0 + tk * hs]);
             let krow: Vec<A> = key_row(b, tk, bias, key_mask);
             let q_head = &q[bh * tq * hs..(bh + 1) * tq * hs];
             o_head

@@ -129,6 +129,35 @@ pub(super) fn to_acc<F: Float, A: Acc>(src: &[F], dst: &mut Vec<A>) {
     dst.extend(src.iter().map(|&x| A::from(x).unwrap_or_else(A::nan)));
 }
 
+/// A slice in the compute type: the slice itself when it already is of that type (the
+/// f32 forward reads a KV cache in place, as the kernel does), else a pooled copy.
+pub(super) enum AccView<'a, A: Acc> {
+    Borrowed(&'a [A]),
+    Owned(Scratch<A>),
+}
+
+impl<A: Acc> std::ops::Deref for AccView<'_, A> {
+    type Target = [A];
+    fn deref(&self) -> &[A] {
+        match self {
+            AccView::Borrowed(x) => x,
+            AccView::Owned(x) => x,
+        }
+    }
+}
+
+/// `src` as the compute type, borrowed when `F` is `A`.
+pub(super) fn acc_view<F: Float + 'static, A: Acc>(src: &[F]) -> AccView<'_, A> {
+    if std::any::TypeId::of::<F>() == std::any::TypeId::of::<A>() {
+        // SAFETY: F and A are the same type (equal TypeIds), so the slice's pointer,
+        // length, alignment and lifetime are those of a &[A].
+        let same = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<A>(), src.len()) };
+        AccView::Borrowed(same)
+    } else {
+        AccView::Owned(acc_copy(src))
+    }
+}
+
 /// A pooled copy of a slice in the compute type.
 pub(super) fn acc_copy<F: Float, A: Acc>(src: &[F]) -> Scratch<A> {
     let mut d = Scratch::new(src.len());
