@@ -137,9 +137,10 @@ impl TimeCopy {
 }
 
 /// Shape of one attention call: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS) (or a cache's
-/// (B,NKV,kv_stride,HS) in the forward), out (B,NH,Tq,HS), lse (B,NH,Tq).  `causal` aligns bottom-right when Tq < Tk (query i sits
-/// at position Tk − Tq + i, as in decoding with a KV cache).  The same struct as the
-/// attention kernel's, so backends pass it through unchanged.
+/// (B,NKV,kv_stride,HS) in the forward), out (B,NH,Tq,HS), lse (B,NH,Tq).  `causal`
+/// aligns bottom-right when Tq < Tk (query i sits at position Tk − Tq + i, as in decoding
+/// with a KV cache).  The same struct as the attention kernel's, so backends pass it
+/// through unchanged.
 pub use crate::kernels::attention::AttnShape;
 
 /// Hyper-parameters of one AdamW step (with the bias corrections already folded in by

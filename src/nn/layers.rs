@@ -586,7 +586,8 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         be.heads_split(&vf, b, t, self.nkv, hs, ctx.pos0, None, &mut v)?;
         let mut y = be.zeros(b * self.nh * t * hs);
         let mut lse = be.zeros(b * self.nh * t);
-        match cache {
+        // the keys attention reads: the new ones alone, or the cache they were written to
+        let (s, keys, values) = match cache {
             Some(c) => {
                 if c.len != ctx.pos0 {
                     return Err(Error::arg(
@@ -622,13 +623,20 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                     kv_stride: c.cap,
                     ..self.shape(b, t, c.len)
                 };
-                be.attention_fwd(&s, &q, &c.k, &c.v, ctx.bias, ctx.key_mask, &mut y, &mut lse)?;
+                (s, &c.k, &c.v)
             }
-            None => {
-                let s = self.shape(b, t, t);
-                be.attention_fwd(&s, &q, &k, &v, ctx.bias, ctx.key_mask, &mut y, &mut lse)?;
-            }
-        }
+            None => (self.shape(b, t, t), &k, &v),
+        };
+        be.attention_fwd(
+            &s,
+            &q,
+            keys,
+            values,
+            ctx.bias,
+            ctx.key_mask,
+            &mut y,
+            &mut lse,
+        )?;
         let mut ym = be.zeros(b * t * self.nh * hs);
         be.heads_merge(&y, b, t, self.nh, hs, &mut ym)?;
         let out = self.o.forward(be, &ym)?;

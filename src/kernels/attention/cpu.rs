@@ -10,10 +10,12 @@ use rayon::prelude::*;
 /// Forward of biased attention on the CPU (rayon over (batch, head, query block)).
 ///
 /// q (B,NH,Tq,HS), k and v (B,NKV,kv_stride,HS) of which each block's first Tk rows
-/// are read, bias γ (B,Tk) or None, key_mask (B,Tk) or None (1 = attend); writes out (B,NH,Tq,HS) and lse (B,NH,Tq), the natural-log
-/// log-sum-exp of the scaled and biased scores of each row (−inf for a row that sees no
-/// key).  Memory beyond the outputs: per rayon thread, a score tile of at most
-/// `max(2^16, 16·Tk)` elements (`cpu_q_block`) and copies of one head's K and V; never Tq×Tk.
+/// are read, bias γ (B,Tk) or None, key_mask (B,Tk) or None (1 = attend); writes out
+/// (B,NH,Tq,HS) and lse (B,NH,Tq), the natural-log log-sum-exp of the scaled and biased
+/// scores of each row (−inf for a row that sees no key).  Memory beyond the outputs: per
+/// rayon thread, a score tile of at most `max(2^16, 16·Tk)` elements (`cpu_q_block`) and,
+/// when the compute type is wider than the input's, copies of one head's K and V; never
+/// Tq×Tk.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_cpu<F: Float + Send + Sync + 'static>(
     s: &AttnShape,
