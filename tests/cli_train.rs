@@ -409,9 +409,31 @@ fn the_reread_mix_trains_is_recorded_and_refuses_a_bad_fraction() {
 }
 
 #[test]
+fn the_shift_augmentation_trains_is_recorded_and_changes_what_a_step_sees() {
+    let d = tmp("shift");
+    let (train_json, _, cfg) = setup(&d);
+    let shifted = d.join("shift.toml");
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&shifted, base + "[data]\nshift = 6\n").unwrap();
+    let (run, plain) = (d.join("run"), d.join("plain"));
+    ok(&train(&train_json, &shifted, &run, &["--steps", "2"], "2"));
+    ok(&train(&train_json, &cfg, &plain, &["--steps", "2"], "2"));
+    let c = json_file(run.join("config.json"));
+    assert_eq!(c["popen_run"]["data"]["shift"], 6, "{c}");
+    // the same examples in the same order, the images and masks moved
+    let (a, b) = (logged_losses(&run), logged_losses(&plain));
+    assert_eq!(a.len(), b.len());
+    assert_ne!(a[0].1, b[0].1, "the shift changed nothing: {a:?}");
+}
+
+#[test]
 fn killed_and_resumed_ends_byte_identical_and_threads_agree() {
     let d = tmp("kill");
-    let (train_json, _, cfg) = setup(&d);
+    let (train_json, _, tiny) = setup(&d);
+    // with the translation augmentation: each visit's shift must come back on resume
+    let cfg = d.join("shift.toml");
+    let base = std::fs::read_to_string(&tiny).unwrap();
+    std::fs::write(&cfg, base + "[data]\nshift = 3\n").unwrap();
     let (a, b, c) = (d.join("a"), d.join("b"), d.join("c"));
     // long enough that kills land mid-run (at 48 steps a resumed run could finish
     // inside the sleep before the next kill under a loaded machine, leaving one kill)

@@ -2,12 +2,13 @@
 //! `L = CE + 2·BCE + 0.5·Dice`, through the shared trainer.  `popen train sft` and
 //! `popen demo` call [`train_sft`].
 use crate::backend::{Backend, Cpu};
-use crate::data::sample::{load_muse, Sample};
+use crate::data::sample::{load_image, load_muse, Sample};
 use crate::error::{Error, Result};
 use crate::method::presence::presence_samples;
 use crate::method::reread::{reread_items, Reread};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
-use crate::model::seg::data::{corpus, example, example_reading};
+use crate::model::seg::augment;
+use crate::model::seg::data::{corpus, example, example_of_image, example_reading};
 use crate::model::seg::run::{CONFIG_FILE, TOKENIZER_FILE};
 use crate::model::seg::{
     Example, LossWeights, SegModel, SegModelConfig, SegTokenizer, Trainable as Parts,
@@ -47,6 +48,9 @@ pub struct DataMix {
     pub reread: f32,
     /// Candidate answers per re-read question (3, the ensemble's K).
     pub reread_k: usize,
+    /// The most pixels each way that a visit of a training image moves the scene by,
+    /// every object kept whole in the frame; 0 = off ([`crate::model::seg::augment`]).
+    pub shift: usize,
 }
 
 impl Default for DataMix {
@@ -55,6 +59,7 @@ impl Default for DataMix {
             presence_questions: 0,
             reread: 0.0,
             reread_k: 3,
+            shift: 0,
         }
     }
 }
@@ -113,6 +118,8 @@ pub struct SftData<'a> {
     pub max_ids: usize,
     pub cfg: &'a SegModelConfig,
     pub tok: &'a SegTokenizer,
+    /// `[data] shift`: each visit moves the scene by up to this many pixels; 0 = off.
+    pub shift: usize,
 }
 
 impl Dataset for SftData<'_> {
@@ -134,6 +141,21 @@ impl Dataset for SftData<'_> {
                 )
             }
         }
+    }
+    fn load_augmented(&self, i: usize, draw: u64) -> Result<Example> {
+        if self.shift == 0 {
+            return self.load(i);
+        }
+        let (s, read, max_ids) = match i.checked_sub(self.samples.len()) {
+            None => (&self.samples[i], &[][..], usize::MAX),
+            Some(r) => {
+                let Reread { index, read } = &self.reread[r];
+                (&self.samples[*index], &read[..], self.max_ids)
+            }
+        };
+        let sh = augment::draw_shift(s, self.shift, draw);
+        let (img, moved) = augment::translate(&load_image(s)?, s, sh)?;
+        example_of_image(self.cfg, self.tok, &moved, &img, read, max_ids)
     }
 }
 
@@ -268,6 +290,7 @@ pub fn train_sft<B: Backend<f32>>(
         max_ids,
         cfg: &cfg.model,
         tok: &tok,
+        shift: cfg.data.shift,
     };
     let mut sm = SftModel {
         model,

@@ -29,6 +29,23 @@ pub trait Dataset: Sync {
     /// Example `i` (`i < len`).  A bad example is an `Err` naming its file, which
     /// stops the run.
     fn load(&self, i: usize) -> Result<Self::Item>;
+    /// Example `i` for one visit of it: `draw` is a pure function of (run seed,
+    /// epoch, `i`), for data sets that augment (a different view per epoch that a
+    /// resumed run sees again).  The loader calls this; the default is [`Self::load`].
+    fn load_augmented(&self, i: usize, draw: u64) -> Result<Self::Item> {
+        let _ = draw;
+        self.load(i)
+    }
+}
+
+/// Mixed into the seed of [`Dataset::load_augmented`]'s draws, so that they are
+/// independent of the data order's stream.
+const AUGMENT_STREAM: u64 = 0x6A09_E667_F3BC_C909;
+
+/// The `draw` of example `i`'s visit in `epoch` ([`Dataset::load_augmented`]).
+pub fn visit_draw(seed: u64, epoch: u64, i: usize) -> u64 {
+    use crate::rng::splitmix64;
+    splitmix64(splitmix64(splitmix64(seed ^ AUGMENT_STREAM) ^ epoch) ^ i as u64)
 }
 
 /// Position in the data stream: the next example is `order(epoch)[position]`.
@@ -79,7 +96,8 @@ impl IndexStream {
             order: epoch_order(seed, start.epoch, n),
         }
     }
-    fn next_batch(&mut self, size: usize) -> (Vec<usize>, Cursor) {
+    /// The next `size` (example, epoch) pairs and the cursor past them.
+    fn next_batch(&mut self, size: usize) -> (Vec<(usize, u64)>, Cursor) {
         let mut idx = Vec::with_capacity(size);
         while idx.len() < size {
             if self.cur.position >= self.n {
@@ -89,7 +107,7 @@ impl IndexStream {
                 };
                 self.order = epoch_order(self.seed, self.cur.epoch, self.n);
             }
-            idx.push(self.order[self.cur.position]);
+            idx.push((self.order[self.cur.position], self.cur.epoch));
             self.cur.position += 1;
         }
         (idx, self.cur)
@@ -128,8 +146,12 @@ where
     scope.spawn(move || {
         let mut stream = IndexStream::new(seed, n, start);
         loop {
-            let (indices, end) = stream.next_batch(size);
-            let items: Result<Vec<D::Item>> = indices.iter().map(|&i| data.load(i)).collect();
+            let (visits, end) = stream.next_batch(size);
+            let items: Result<Vec<D::Item>> = visits
+                .iter()
+                .map(|&(i, epoch)| data.load_augmented(i, visit_draw(seed, epoch, i)))
+                .collect();
+            let indices = visits.into_iter().map(|(i, _)| i).collect();
             let failed = items.is_err();
             let msg = items.map(|items| MicroBatch {
                 indices,
@@ -219,6 +241,46 @@ mod tests {
         // restarting at a batch's end cursor continues the same stream
         let c = take(2, a[5].1, 5, 3);
         assert_eq!(&c[..], &a[6..11]);
+    }
+
+    /// Hands back each visit's draw.
+    struct Draws;
+    impl Dataset for Draws {
+        type Item = (usize, u64);
+        fn len(&self) -> usize {
+            5
+        }
+        fn load(&self, i: usize) -> Result<(usize, u64)> {
+            Ok((i, 0))
+        }
+        fn load_augmented(&self, i: usize, draw: u64) -> Result<(usize, u64)> {
+            Ok((i, draw))
+        }
+    }
+
+    #[test]
+    fn each_visit_gets_the_draw_of_its_seed_epoch_and_example() {
+        // 4 batches of 3 over 5 examples: epochs 0 and 1 and two of epoch 2, the second
+        // batch spanning epochs 0 and 1
+        let got: Vec<(usize, u64)> = std::thread::scope(|s| {
+            let rx = spawn_loader(s, &Draws, 11, Cursor::default(), 3, 2).unwrap();
+            (0..4)
+                .flat_map(|_| rx.recv().unwrap().unwrap().items)
+                .collect()
+        });
+        let want: Vec<(usize, u64)> = (0..3u64)
+            .flat_map(|e| epoch_order(11, e, 5).into_iter().map(move |i| (i, e)))
+            .take(12)
+            .map(|(i, e)| (i, visit_draw(11, e, i)))
+            .collect();
+        assert_eq!(got, want);
+        // the draws differ by example, epoch and seed
+        let mut all: Vec<u64> = (0..3u64)
+            .flat_map(|e| (0..5).flat_map(move |i| [visit_draw(11, e, i), visit_draw(12, e, i)]))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 30);
     }
 
     #[test]

@@ -55,6 +55,6 @@ pub mod trainer;
 pub use adamw::{clip_grad_norm, AdamW, AdamWConfig, Moments};
 pub use checkpoint::{read_train_state, TrainState};
 pub use config::{load_toml, parse_toml, TrainConfig, TrainOverrides};
-pub use loader::{epoch_order, Cursor, Dataset};
+pub use loader::{epoch_order, visit_draw, Cursor, Dataset};
 pub use schedule::WarmupDecayLR;
 pub use trainer::{LossParts, TrainSummary, Trainable, Trainer, ValidateFn};

@@ -25,6 +25,19 @@ pub fn example_reading(
     read: &[String],
     max_ids: usize,
 ) -> Result<Example> {
+    example_of_image(cfg, tok, s, &load_image(s)?, read, max_ids)
+}
+
+/// [`example_reading`] of an image already decoded (`img`, the sample's size; stage 1's
+/// augmentation passes a moved copy, [`super::augment`]).
+pub fn example_of_image(
+    cfg: &SegModelConfig,
+    tok: &SegTokenizer,
+    s: &Sample,
+    img: &image::RgbImage,
+    read: &[String],
+    max_ids: usize,
+) -> Result<Example> {
     let err = |field: &str, msg: String| Error::Data {
         path: s.image_path.clone(),
         field: format!("question {} {field}", s.question_index),
@@ -64,8 +77,7 @@ pub fn example_reading(
                 .collect())
         })
         .collect::<Result<Vec<Vec<f32>>>>()?;
-    let img = load_image(s)?;
-    let pixels = preprocess(&img, cfg.image_size)?;
+    let pixels = preprocess(img, cfg.image_size)?;
     let enc = encode_fitting(cfg, tok, &s.question, read, answer, max_ids)?;
     let classes = if cfg.classes.is_empty() {
         Default::default()

@@ -18,6 +18,7 @@
 //! - [`draft`]: greedy decoding that checks a whole draft continuation per forward;
 //! - [`data`]: data-set samples → training examples;
 //! - [`run`]: the model's files in a run directory.
+pub mod augment;
 pub mod category;
 pub mod config;
 pub mod data;

@@ -1,0 +1,100 @@
+//! Stage 1's translation augmentation (`[data] shift`) through the data pipeline: a
+//! visit of a world example moves its image and every mask by one drawn shift, loses
+//! no mask pixel and keeps the text; the draw repeats for the same visit; `shift = 0`
+//! is the plain example.
+use popen::data::world::{write_dataset, Split, WorldConfig};
+use popen::method::reread::Reread;
+use popen::method::sft::{training_samples, SftData};
+use popen::model::seg::augment::draw_shift;
+use popen::model::seg::data::corpus;
+use popen::model::seg::{Example, SegTokenizer};
+use popen::train::{visit_draw, Dataset};
+
+mod common;
+
+fn same(a: &Example, b: &Example) -> bool {
+    a.pixels.data == b.pixels.data
+        && a.enc.ids == b.enc.ids
+        && a.masks == b.masks
+        && a.classes.patches == b.classes.patches
+        && a.classes.targets == b.classes.targets
+}
+
+#[test]
+fn a_shifted_visit_moves_the_image_and_every_mask_and_keeps_the_text() {
+    let dir = common::cli::tmp("augment", "world");
+    let world = WorldConfig {
+        height: 48,
+        width: 64,
+        questions: 2,
+    };
+    write_dataset(&dir, &world, 5, Split::Train, 4, &|| {}).unwrap();
+    let samples = training_samples(&dir.join("train.json"), &None).unwrap();
+    let mut cfg = common::seg::tiny_cfg();
+    cfg.image_size = 64;
+    cfg.lvlm.patch_size = 16;
+    cfg.lvlm.max_positions = 512;
+    cfg.lvlm.vocab_size = 300;
+    let mut classes: Vec<String> = samples
+        .iter()
+        .flat_map(|s| s.objects.iter().map(|o| o.category.clone()))
+        .collect();
+    classes.sort();
+    classes.dedup();
+    cfg.classes = classes;
+    let tok = SegTokenizer::train(&corpus(&samples), 300, cfg.group_len()).unwrap();
+    let data = |shift| SftData {
+        samples: samples.clone(),
+        // one re-read example, of sample 1: it moves like the sample itself
+        reread: vec![Reread {
+            index: 1,
+            read: vec![samples[1].answer.clone().unwrap()],
+        }],
+        max_ids: 400,
+        cfg: &cfg,
+        tok: &tok,
+        shift,
+    };
+    let (plain, moved) = (data(0), data(3));
+    let (h, w) = (world.height as i64, world.width as i64);
+    let mut n_moved = 0;
+    for i in 0..plain.len() {
+        let s = &samples[if i < samples.len() { i } else { 1 }];
+        let base = plain.load(i).unwrap();
+        assert!(same(&plain.load_augmented(i, 11).unwrap(), &base));
+        for epoch in 0..3 {
+            let d = visit_draw(7, epoch, i);
+            let a = moved.load_augmented(i, d).unwrap();
+            assert!(same(&a, &moved.load_augmented(i, d).unwrap()), "draw {d}");
+            // the text and the targets' labels are the original's
+            assert_eq!(a.enc.ids, base.enc.ids);
+            assert_eq!(a.classes.targets, base.classes.targets);
+            assert_eq!(a.categories, base.categories);
+            let sh = draw_shift(s, 3, d);
+            assert!(sh.dy.abs() <= 3 && sh.dx.abs() <= 3, "{sh:?}");
+            // each mask is the original's moved by (dy, dx), nothing lost at the border
+            for (m, m0) in a.masks.iter().zip(&base.masks) {
+                for y in 0..h {
+                    for x in 0..w {
+                        let (sy, sx) = (y - sh.dy, x - sh.dx);
+                        let want = if (0..h).contains(&sy) && (0..w).contains(&sx) {
+                            m0[(sy * w + sx) as usize]
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(m[(y * w + x) as usize], want, "visit {i}/{epoch} {sh:?}");
+                    }
+                }
+                let ones = |v: &[f32]| v.iter().filter(|&&x| x == 1.0).count();
+                assert_eq!(ones(m), ones(m0), "a mask lost pixels: {sh:?}");
+            }
+            if sh.dy != 0 || sh.dx != 0 {
+                n_moved += 1;
+                assert_ne!(a.pixels.data, base.pixels.data, "{sh:?}");
+            } else {
+                assert!(same(&a, &base));
+            }
+        }
+    }
+    assert!(n_moved > plain.len(), "only {n_moved} moved visits");
+}
