@@ -16,6 +16,10 @@
 //!
 //! The draw is a pure function of `(run seed, epoch, example)` (the loader's
 //! [`crate::train::Dataset::load_augmented`]), so a resumed run sees the same shifts.
+//!
+//! Measured (README, stage 1, 4000 steps, `shift = 12`): the gap between training and
+//! test images halves, and the test split does not move; the world's config keeps it
+//! off.
 use crate::data::mask::Mask;
 use crate::data::sample::{Sample, Target};
 use crate::error::{Error, Result};
