@@ -8,7 +8,7 @@ use crate::method::presence::presence_samples;
 use crate::method::reread::{reread_items, Reread};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
 use crate::model::seg::augment;
-use crate::model::seg::data::{corpus, example, example_of_image, example_reading};
+use crate::model::seg::data::{corpus, example_of_image, example_reading};
 use crate::model::seg::run::{CONFIG_FILE, TOKENIZER_FILE};
 use crate::model::seg::{
     Example, LossWeights, SegModel, SegModelConfig, SegTokenizer, Trainable as Parts,
@@ -128,34 +128,31 @@ impl Dataset for SftData<'_> {
         self.samples.len() + self.reread.len()
     }
     fn load(&self, i: usize) -> Result<Example> {
-        match i.checked_sub(self.samples.len()) {
-            None => example(self.cfg, self.tok, &self.samples[i]),
-            Some(r) => {
-                let Reread { index, read } = &self.reread[r];
-                example_reading(
-                    self.cfg,
-                    self.tok,
-                    &self.samples[*index],
-                    read,
-                    self.max_ids,
-                )
-            }
-        }
+        let (s, read, max_ids) = self.source(i);
+        example_reading(self.cfg, self.tok, s, read, max_ids)
     }
     fn load_augmented(&self, i: usize, draw: u64) -> Result<Example> {
         if self.shift == 0 {
             return self.load(i);
         }
-        let (s, read, max_ids) = match i.checked_sub(self.samples.len()) {
-            None => (&self.samples[i], &[][..], usize::MAX),
-            Some(r) => {
-                let Reread { index, read } = &self.reread[r];
-                (&self.samples[*index], &read[..], self.max_ids)
-            }
-        };
+        let (s, read, max_ids) = self.source(i);
         let sh = augment::draw_shift(s, self.shift, draw);
         let (img, moved) = augment::translate(&load_image(s)?, s, sh)?;
         example_of_image(self.cfg, self.tok, &moved, &img, read, max_ids)
+    }
+}
+
+impl SftData<'_> {
+    /// Example `i`'s sample, the answers it reads first and its id budget: the
+    /// samples, then the re-read questions.
+    fn source(&self, i: usize) -> (&Sample, &[String], usize) {
+        match i.checked_sub(self.samples.len()) {
+            None => (&self.samples[i], &[], usize::MAX),
+            Some(r) => {
+                let Reread { index, read } = &self.reread[r];
+                (&self.samples[*index], read, self.max_ids)
+            }
+        }
     }
 }
 
