@@ -461,6 +461,15 @@ fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
         .map(|(_, t)| t.data.clone())
         .collect();
     assert!(a == b, "weights changed through save/load");
+    // loaded for inference: no gradient buffers until a stage unfreezes its parts
+    let mut frozen = 0;
+    for (name, t) in back.params_mut() {
+        assert!(t.grad.is_none(), "{name} was loaded with a gradient buffer");
+        frozen += 1;
+    }
+    assert_eq!(frozen, a.len());
+    back.set_trainable(popen::model::seg::Trainable::default());
+    assert!(back.params_mut().iter().all(|(_, t)| t.grad.is_some()));
     // `popen forward` reads the LLaVA part: same LLM logits for the same ids
     let (_, p) = popen::model::pretrained::Pretrained::<f32, Cpu>::load_dir(Cpu, &dir).unwrap();
     let popen::model::pretrained::Pretrained::Llava(llava) = p else {

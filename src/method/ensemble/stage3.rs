@@ -438,13 +438,7 @@ pub fn train_ensemble<B: Backend<f32>>(
     // held until the stage returns: one writer per run directory
     let _lock = crate::fsio::RunLock::acquire(out)?;
     let (mut model, tok) = SegModel::load(be.clone(), &paths.from)?;
-    model.set_trainable(Parts {
-        vision: false,
-        projector: false,
-        llm: false,
-        seg_head: false,
-        decoder: false,
-    });
+    model.set_trainable(Parts::frozen());
     if !(resume && out.join(crate::model::seg::run::CONFIG_FILE).exists()) {
         let run = serde_json::to_value(cfg).expect("serializes");
         model.save_config(out, &tok, Some(run))?;

@@ -34,7 +34,7 @@ use crate::method::ensemble::EnsembleCfg;
 use crate::method::losses::{dpo_loss, BETA_T, LAMBDA};
 use crate::method::reread::{reread_picks, sampled_rereads, Reread};
 use crate::model::seg::data::{encode_fitting, example};
-use crate::model::seg::model::TrainPass;
+use crate::model::seg::pass::TrainPass;
 use crate::model::seg::run::CONFIG_FILE;
 use crate::model::seg::{Example, LossWeights, SegModel, SegTokenizer, Trainable as Parts};
 use crate::nn::{Rng, Tensor};

@@ -286,6 +286,14 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
     /// A decoder with a seeded init: Linear and conv weights N(0, 1/fan_in), biases 0,
     /// norms 1 and 0, mask tokens N(0, 1).
     pub fn new(be: B, cfg: PixelDecoderConfig, seed: u64) -> Result<Self> {
+        let mut dec = Self::zeroed(be, cfg)?;
+        dec.init_random(seed);
+        Ok(dec)
+    }
+
+    /// Every weight zero (norms 1 and 0): the shape a checkpoint is read into, with
+    /// nothing drawn (the positional encoding's fixed Gaussian is not a parameter).
+    pub fn zeroed(be: B, cfg: PixelDecoderConfig) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.dim;
         let per_scale =
@@ -293,7 +301,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let transformer = (0..LEVELS).map(per_scale).collect::<Result<_>>()?;
         let mut pe_rng = Rng::new(PE_SEED);
         let pe_gauss = (0..d).map(|_| pe_rng.normal()).collect();
-        let mut dec = PixelDecoder {
+        let dec = PixelDecoder {
             proj: (0..LEVELS)
                 .map(|_| Linear::new(&be, cfg.vision_dim, d, true))
                 .collect(),
@@ -329,9 +337,15 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
             be,
             cfg,
         };
+        Ok(dec)
+    }
+
+    /// [`Self::new`]'s draws: Linear and conv weights N(0, 1/fan_in), mask tokens
+    /// N(0, 1), in parameter order.
+    pub fn init_random(&mut self, seed: u64) {
         let mut rng = Rng::new(seed);
-        let be = dec.be.clone();
-        for (name, t) in dec.params_mut() {
+        let be = self.be.clone();
+        for (name, t) in self.params_mut() {
             if name.contains(".mask_tokens.") {
                 t.data = be.from_slice(&randn::<F>(&mut rng, t.numel(), 1.0));
             } else if name.ends_with(".weight") && t.shape.len() >= 2 {
@@ -340,7 +354,6 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
                 t.data = be.from_slice(&randn::<F>(&mut rng, t.numel(), 1.0 / fan_in.sqrt()));
             }
         }
-        Ok(dec)
     }
 
     pub fn config(&self) -> &PixelDecoderConfig {

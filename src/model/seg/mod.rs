@@ -7,8 +7,11 @@
 //! - [`config`]: sizes and settings ([`SegModelConfig`]), from a TOML `[model]` table;
 //! - [`preprocess`](mod@preprocess): resize, normalize, pad;
 //! - [`prompt`]: the tokenizer with the codebook, the LLaVA v1 template;
-//! - [`model`]: [`SegModel`], one training step (forward + backward of
-//!   `CE + 2·BCE + 0.5·Dice`), freezing;
+//! - [`model`]: [`SegModel`], its parameters and freezing, and the pieces training and
+//!   inference share;
+//! - [`construct`]: building one from a seed or on a pretrained LLaVA;
+//! - [`pass`]: one training step (forward + backward of `CE + 2·BCE + 0.5·Dice`) and the
+//!   [`pass::TrainPass`] other objectives drive;
 //! - [`decoder`]: the pixel decoder;
 //! - [`category`]: the auxiliary category heads (ours) that teach the tiny model to
 //!   recognize objects;
@@ -21,12 +24,14 @@
 pub mod augment;
 pub mod category;
 pub mod config;
+pub mod construct;
 pub mod data;
 pub mod decoder;
 pub mod draft;
 pub mod infer;
 pub mod matching;
 pub mod model;
+pub mod pass;
 pub mod preprocess;
 pub mod prompt;
 pub mod run;

@@ -4,12 +4,13 @@
 //! Hugging Face names, then `seg_head.*` and `mask_decoder.*`).  Each file is written
 //! under a temporary name and renamed.
 use super::config::SegModelConfig;
-use super::model::SegModel;
+use super::model::{SegModel, Trainable};
 use super::prompt::SegTokenizer;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::config::{HfAct, HfConfig, LlavaConfig};
 use crate::model::io::StDtype;
+use crate::model::llava::Llava;
 use crate::model::weights::{save_params, Checkpoint};
 use crate::nn::Tensor;
 use num_traits::Float;
@@ -111,7 +112,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         ck.load_params(&be, self.params_mut(), |n| n.to_string())
     }
 
-    /// Loads a run directory written by [`Self::save`].
+    /// Loads a run directory written by [`Self::save`], every part frozen (a stage
+    /// unfreezes what it trains with [`Self::set_trainable`]).
     pub fn load(be: B, dir: &Path) -> Result<(Self, SegTokenizer)> {
         let (cfg, lc) = read_config(dir)?;
         let tok = SegTokenizer::load(&dir.join(TOKENIZER_FILE), cfg.group_len())?;
@@ -146,8 +148,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 ),
             });
         }
-        let mut m = Self::new(be, cfg, lc, 0)?;
-        m.load_weights(&weights)?;
+        // read, not drawn: the LLaVA part loads as `popen forward` loads it (no random
+        // weights drawn first, no gradient buffers), and the parts POPEN adds are read
+        // into zeroed tensors; everything is frozen until a stage unfreezes its parts
+        let ck = Checkpoint::open_file(&weights)?;
+        let llava = Llava::load(be.clone(), lc, &ck, &dir.join(CONFIG_FILE))?;
+        let mut m = Self::attach(be.clone(), cfg, llava, None)?;
+        m.set_trainable(Trainable::frozen());
+        ck.load_params(&be, m.own_params_mut(), |n| n.to_string())?;
         Ok((m, tok))
     }
 }

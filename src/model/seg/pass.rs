@@ -1,0 +1,665 @@
+//! The training pass of a [`SegModel`]: forward and backward of
+//! `L = CE + 2·BCE + 0.5·Dice` and the auxiliary category losses, and the
+//! [`TrainPass`] that other objectives (stage 2, stage 3) read and drive.
+
+use super::decoder::{DecoderActs, DecoderImages};
+use super::model::{Example, LossWeights, SegLoss, SegModel};
+use super::preprocess::Pixels;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::kernels::logprob::IGNORE_INDEX;
+use crate::model::clip::ClipActs;
+use crate::nn::layers::MlpActs;
+use crate::nn::llama::LlamaActs;
+use num_traits::Float;
+
+/// A training forward's results for the caller's objective (see
+/// [`SegModel::forward_pass`]), and what the backward needs.
+pub struct TrainPass<Buf> {
+    /// Per padded position (B·T): log p of the next token (position p − 1 predicts
+    /// token p); meaningful where `labelled`.
+    pub logp: Vec<f64>,
+    /// The positions whose next token is an answer token.
+    pub labelled: Vec<bool>,
+    /// Per example: the positions holding its answer tokens' log-probs, in answer order
+    /// (`Encoded::ids[answer_start..]`).
+    pub answer_rows: Vec<Vec<usize>>,
+    /// Per mask (the examples with masks, in order): (BCE, Dice).
+    pub mask_losses: Vec<(f64, f64)>,
+    /// The patch-category cross-entropy; `None` without the head or labelled patches.
+    pub patch_loss: Option<f64>,
+    /// The segmentation embeddings' category cross-entropy; `None` without the head
+    /// or labelled targets.
+    pub seg_class_loss: Option<f64>,
+    /// Every token the LLM processed (padding excluded).
+    pub n_tokens: usize,
+    acts: StepActs<Buf>,
+}
+
+impl<Buf> TrainPass<Buf> {
+    /// The segmentation embeddings `f` of the decoded masks, (M, L·D) row-major (one
+    /// row per mask, its L scale embeddings side by side), read back from the device.
+    pub fn seg_embeddings<F: Float, B: Backend<F, Buf = Buf>>(&self, be: &B) -> Vec<F> {
+        self.acts
+            .seg
+            .as_ref()
+            .map_or_else(Vec::new, |s| be.to_vec(&s.emb))
+    }
+    /// Each decoded mask's logits at its image's size (H·W), read back from the device.
+    pub fn mask_logits<F: Float, B: Backend<F, Buf = Buf>>(&self, be: &B) -> Vec<Vec<F>> {
+        self.acts.seg.as_ref().map_or_else(Vec::new, |s| {
+            s.per_mask.iter().map(|(lg, _)| be.to_vec(lg)).collect()
+        })
+    }
+}
+
+/// What the forward keeps for the backward.
+pub struct StepActs<Buf> {
+    b: usize,
+    t: usize,
+    ids: Vec<u32>,
+    image_rows: Vec<usize>,
+    vision: ClipActs<Buf>,
+    n_states: usize,
+    proj: MlpActs<Buf>,
+    llm: LlamaActs<Buf>,
+    logits: Buf,
+    targets: Vec<i32>,
+    lse: Buf,
+    gather_rows: Vec<u32>,
+    /// None when the batch has no target
+    seg: Option<SegActs<Buf>>,
+    patch: Option<super::category::HeadActs<Buf>>,
+    seg_class: Option<super::category::HeadActs<Buf>>,
+    idx: [usize; 3],
+}
+
+struct SegActs<Buf> {
+    /// the segmentation embeddings f (M, L, D)
+    emb: Buf,
+    head: MlpActs<Buf>,
+    dec: DecoderActs<Buf>,
+    /// per mask: logits at the image's size (H·W) and the 0/1 target
+    per_mask: Vec<(Buf, Buf)>,
+}
+
+impl<F: Float, B: Backend<F>> SegModel<F, B> {
+    fn vision_trains(&mut self) -> bool {
+        self.llava
+            .vision_tower
+            .params_mut()
+            .iter()
+            .any(|(_, t)| t.grad.is_some())
+    }
+
+    /// The inverse scatter of [`Self::patches_of`]: (B·K, Cv) → (B, 1 + K, Cv), class row 0.
+    fn unpatches(&self, d: &B::Buf, b: usize) -> Result<B::Buf> {
+        let be = &self.llava.be;
+        let v = &self.llava.cfg.vision;
+        let (k, cv) = (v.num_patches(), v.hidden_size);
+        let mut out = be.zeros(b * (k + 1) * cv);
+        for i in 0..b {
+            be.copy_range(&mut out, (i * (k + 1) + 1) * cv, d, i * k * cv, k * cv)?;
+        }
+        Ok(out)
+    }
+
+    /// The patch-category loss of a batch on its level-0 patches `f0` (B·K, Cv), through
+    /// the head; an example without labels has its patches ignored.
+    fn patch_forward(
+        &self,
+        batch: &[Example],
+        f0: &B::Buf,
+    ) -> Result<Option<(f64, super::category::HeadActs<B::Buf>)>> {
+        let Some(head) = &self.patch_head else {
+            return Ok(None);
+        };
+        if batch.iter().all(|e| e.classes.patches.is_empty()) {
+            return Ok(None);
+        }
+        let k = self.tokens_per_image();
+        let mut labels = Vec::with_capacity(batch.len() * k);
+        for (i, ex) in batch.iter().enumerate() {
+            let l = &ex.classes.patches;
+            if l.is_empty() {
+                labels.extend(std::iter::repeat_n(IGNORE_INDEX, k));
+            } else {
+                crate::error::check_len(
+                    "SegModel",
+                    &format!("example {i} patch classes"),
+                    l.len(),
+                    k,
+                )?;
+                labels.extend_from_slice(l);
+            }
+        }
+        super::category::forward(&self.llava.be, head, f0.clone(), labels)
+    }
+
+    /// The category loss of the segmentation embeddings `emb` (M, L·D) of a batch's
+    /// decoded targets (examples with masks, in order); a target of an example without
+    /// labels is ignored.
+    fn seg_class_forward(
+        &self,
+        batch: &[Example],
+        emb: &B::Buf,
+    ) -> Result<Option<(f64, super::category::HeadActs<B::Buf>)>> {
+        let Some(head) = &self.seg_class_head else {
+            return Ok(None);
+        };
+        let mut labels = Vec::new();
+        for (i, ex) in batch
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.masks.is_empty())
+        {
+            let t = &ex.classes.targets;
+            if t.is_empty() {
+                labels.extend(std::iter::repeat_n(IGNORE_INDEX, ex.masks.len()));
+            } else {
+                crate::error::check_len(
+                    "SegModel",
+                    &format!("example {i} target classes"),
+                    t.len(),
+                    ex.masks.len(),
+                )?;
+                labels.extend_from_slice(t);
+            }
+        }
+        super::category::forward(&self.llava.be, head, emb.clone(), labels)
+    }
+
+    /// (BCE, Dice) of each `(logits, target)` pair: the masks of one pixel count side by
+    /// side in one launch, so a batch makes one read-back per image size, not per mask.
+    fn mask_losses(&self, per_mask: &[(&B::Buf, &B::Buf)]) -> Result<Vec<(f64, f64)>> {
+        let be = &self.llava.be;
+        let mut by_size: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, (lg, _)) in per_mask.iter().enumerate() {
+            by_size.entry(be.len(lg)).or_default().push(i);
+        }
+        let mut out = vec![(f64::NAN, f64::NAN); per_mask.len()];
+        for (p, idx) in by_size {
+            let (mut lg, mut tg) = (be.zeros(idx.len() * p), be.zeros(idx.len() * p));
+            for (j, &i) in idx.iter().enumerate() {
+                be.copy_range(&mut lg, j * p, per_mask[i].0, 0, p)?;
+                be.copy_range(&mut tg, j * p, per_mask[i].1, 0, p)?;
+            }
+            let r = be.mask_loss_fwd(&lg, &tg, idx.len(), p)?;
+            for (&i, (bce, dice)) in idx.iter().zip(r) {
+                out[i] = (
+                    bce.to_f64().unwrap_or(f64::NAN),
+                    dice.to_f64().unwrap_or(f64::NAN),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`LossWeights::instance_matching`]: within each set of alike targets
+    /// ([`super::matching::alike_sets`] of an example's categories), the masks take the
+    /// permutation of the set's targets with the least `w.bce·BCE + w.dice·Dice`; the
+    /// pass's targets and mask losses are replaced by the permuted ones, so the
+    /// backward follows.  One launch per image size scores every pair of every set that
+    /// the forward pass did not (a mask against another target of its set).
+    fn match_instances(
+        &self,
+        batch: &[Example],
+        pass: &mut TrainPass<B::Buf>,
+        w: LossWeights,
+    ) -> Result<()> {
+        let Some(sa) = pass.acts.seg.as_mut() else {
+            return Ok(());
+        };
+        let mut sets: Vec<Vec<usize>> = Vec::new();
+        let mut first = 0;
+        for (i, ex) in batch.iter().enumerate() {
+            if ex.masks.is_empty() {
+                continue;
+            }
+            if !ex.categories.is_empty() && ex.categories.len() != ex.masks.len() {
+                return Err(Error::arg(
+                    "SegModel::step",
+                    format!(
+                        "example {i} has {} masks but {} target categories",
+                        ex.masks.len(),
+                        ex.categories.len()
+                    ),
+                ));
+            }
+            for set in super::matching::alike_sets(&ex.categories) {
+                sets.push(set.into_iter().map(|j| first + j).collect());
+            }
+            first += ex.masks.len();
+        }
+        if sets.is_empty() {
+            return Ok(());
+        }
+        // the pairs off the diagonal: the forward pass scored each mask's own target
+        let pm = &sa.per_mask;
+        let pairs: Vec<(&B::Buf, &B::Buf)> = sets
+            .iter()
+            .flat_map(|s| {
+                s.iter().flat_map(move |&i| {
+                    s.iter()
+                        .filter(move |&&j| j != i)
+                        .map(move |&j| (&pm[i].0, &pm[j].1))
+                })
+            })
+            .collect();
+        let mut off_diagonal = self.mask_losses(&pairs)?.into_iter();
+        for s in &sets {
+            let n = s.len();
+            let mut pair = Vec::with_capacity(n * n);
+            for &i in s {
+                for &j in s {
+                    pair.push(if j == i {
+                        pass.mask_losses[i]
+                    } else {
+                        off_diagonal
+                            .next()
+                            .ok_or_else(|| Error::arg("SegModel::step", "a pair loss is missing"))?
+                    });
+                }
+            }
+            let cost: Vec<f64> = pair
+                .iter()
+                .map(|(b, d)| w.bce as f64 * b + w.dice as f64 * d)
+                .collect();
+            let perm = super::matching::min_cost_assignment(&cost, n)?;
+            let targets: Vec<B::Buf> = perm.iter().map(|&p| sa.per_mask[s[p]].1.clone()).collect();
+            for ((k, &i), tgt) in s.iter().enumerate().zip(targets) {
+                sa.per_mask[i].1 = tgt;
+                pass.mask_losses[i] = pair[k * n + perm[k]];
+            }
+        }
+        Ok(())
+    }
+
+    /// One training forward (and, with `backward`, the backward: parameter gradients
+    /// accumulate, scaled by `scale`) over a batch.  Returns the batch's loss.
+    ///
+    /// forward: `L = w_ce·CE + w_bce·BCE + w_dice·Dice`, CE the mean over the labelled
+    /// tokens of −log p, BCE and Dice the means over the masks; so the backward feeds
+    /// `∂L/∂logp = −w_ce·scale/n_labels` on the labels and `w·scale/M` per mask term
+    /// into [`SegModel::backward_pass`].
+    pub fn step(
+        &mut self,
+        batch: &[Example],
+        w: LossWeights,
+        scale: f32,
+        backward: bool,
+    ) -> Result<SegLoss> {
+        let mut pass = self.forward_pass(batch)?;
+        if w.instance_matching {
+            self.match_instances(batch, &mut pass, w)?;
+        }
+        let n_labels = pass.labelled.iter().filter(|&&x| x).count();
+        let ce = -pass
+            .logp
+            .iter()
+            .zip(&pass.labelled)
+            .filter(|(_, &l)| l)
+            .map(|(x, _)| *x)
+            .sum::<f64>()
+            / n_labels.max(1) as f64;
+        let m = pass.mask_losses.len();
+        let mf = m.max(1) as f64;
+        let bce = pass.mask_losses.iter().map(|x| x.0).sum::<f64>() / mf;
+        let dice = pass.mask_losses.iter().map(|x| x.1).sum::<f64>() / mf;
+        let patch_class = pass.patch_loss.unwrap_or(0.0);
+        let seg_class = pass.seg_class_loss.unwrap_or(0.0);
+        let total = w.ce as f64 * ce
+            + w.bce as f64 * bce
+            + w.dice as f64 * dice
+            + w.patch_class as f64 * patch_class
+            + w.seg_class as f64 * seg_class;
+        let loss = SegLoss {
+            total,
+            ce,
+            bce,
+            dice,
+            patch_class,
+            seg_class,
+            n_labels,
+            n_tokens: pass.n_tokens,
+            n_masks: m,
+        };
+        if backward {
+            let wl = -(w.ce as f64) * scale as f64 / n_labels.max(1) as f64;
+            let dlogp: Vec<f64> = pass
+                .labelled
+                .iter()
+                .map(|&l| if l { wl } else { 0.0 })
+                .collect();
+            let wm = scale as f64 / mf;
+            let mask_w = (w.bce as f64 * wm, w.dice as f64 * wm);
+            let class_w = (
+                w.patch_class as f64 * scale as f64,
+                w.seg_class as f64 * scale as f64,
+            );
+            self.backward_pass(batch, pass, &dlogp, mask_w, None, class_w)?;
+        }
+        Ok(loss)
+    }
+
+    /// The training forward without a loss: each position's next-token log-prob and
+    /// each mask's BCE and Dice, for an objective of the caller's (stage 2 weighs the
+    /// answer tokens of two responses against each other).  An example with no masks
+    /// is text only: its `<seg>` groups are not decoded.
+    pub fn forward_pass(&self, batch: &[Example]) -> Result<TrainPass<B::Buf>> {
+        self.forward_train(batch)
+    }
+
+    fn forward_train(&self, batch: &[Example]) -> Result<TrainPass<B::Buf>> {
+        let be = self.llava.be.clone();
+        let op = "SegModel::step";
+        let b = batch.len();
+        if b == 0 {
+            return Err(Error::arg(op, "empty batch"));
+        }
+        let idx = self.state_indices()?;
+        let upto = idx.iter().copied().max().unwrap_or(0);
+        let k = self.tokens_per_image();
+        let hdim = self.llava.cfg.text.hidden_size;
+        let v = self.llava.cfg.text.vocab_size;
+        let g = self.cfg.group_len();
+        for (i, ex) in batch.iter().enumerate() {
+            if !ex.masks.is_empty() && ex.masks.len() != ex.enc.groups.len() {
+                return Err(Error::arg(
+                    op,
+                    format!(
+                        "example {i}: {} masks for {} <seg> groups",
+                        ex.masks.len(),
+                        ex.enc.groups.len()
+                    ),
+                ));
+            }
+            for (j, m) in ex.masks.iter().enumerate() {
+                crate::error::check_len(
+                    op,
+                    &format!("example {i} mask {j}"),
+                    m.len(),
+                    ex.pixels.height * ex.pixels.width,
+                )?;
+            }
+        }
+        // vision
+        let px: Vec<&Pixels> = batch.iter().map(|e| &e.pixels).collect();
+        let pixels = self.stack_pixels(&px)?;
+        let (hs, vision) = self.llava.vision_tower.forward_train(&pixels, b, upto)?;
+        // decoder level 0's patches: the pixel decoder's and the patch head's input
+        let f0 = self.patches_of(&hs[idx[1]], b)?;
+        let (patch_loss, patch) = self.patch_forward(batch, &f0)?.unzip();
+        let (img, proj) = self
+            .llava
+            .projector
+            .forward(&be, &self.patches_of(&hs[idx[0]], b)?)?; // (B·K, H)
+                                                               // tokens: expanded, right-padded with EOS (causal attention never looks right)
+        let rows: Vec<Vec<u32>> = batch.iter().map(|e| self.expand_ids(&e.enc)).collect();
+        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        if t > self.llava.cfg.text.max_position_embeddings {
+            return Err(Error::arg(
+                op,
+                format!(
+                    "a sequence of {t} tokens ({k} of them image tokens) is longer than the \
+                     context of {}",
+                    self.llava.cfg.text.max_position_embeddings
+                ),
+            ));
+        }
+        let pad = batch[0].enc.ids.last().copied().unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * t);
+        let mut targets = vec![IGNORE_INDEX; b * t];
+        let mut label_w = vec![false; b * t];
+        let mut image_rows = Vec::with_capacity(b * k);
+        let mut gather_rows = Vec::new();
+        let mut answer_rows = Vec::with_capacity(b);
+        let mut n_tokens = 0;
+        for (r, (row, ex)) in rows.iter().zip(batch).enumerate() {
+            n_tokens += row.len();
+            ids.extend_from_slice(row);
+            ids.extend(std::iter::repeat_n(pad, t - row.len()));
+            let shift = k - 1; // positions after the image token move by K − 1
+            for p in ex.enc.answer_start + shift..row.len() {
+                // position p − 1 predicts token p
+                targets[r * t + p - 1] = row[p] as i32;
+                label_w[r * t + p - 1] = true;
+            }
+            image_rows.extend((0..k).map(|j| r * t + ex.enc.image_pos + j));
+            answer_rows.push(
+                (ex.enc.answer_start + shift..row.len())
+                    .map(|p| r * t + p - 1)
+                    .collect(),
+            );
+            // a text-only example (no masks) decodes none of its groups
+            let groups: &[usize] = if ex.masks.is_empty() {
+                &[]
+            } else {
+                &ex.enc.groups
+            };
+            for &g0 in groups {
+                for j in 0..g {
+                    gather_rows.push((r * t + g0 + shift + j - 1) as u32);
+                }
+            }
+        }
+        if let Some(&bad) = targets.iter().find(|&&x| x >= 0 && x as usize >= v) {
+            return Err(Error::arg(
+                op,
+                format!("token {bad} is outside the vocabulary of {v}"),
+            ));
+        }
+        let mut x = self.llava.language_model.embed(&ids)?;
+        for (j, &row) in image_rows.iter().enumerate() {
+            be.copy_range(&mut x, row * hdim, &img, j * hdim, hdim)?;
+        }
+        let (logits, llm) = self
+            .llava
+            .language_model
+            .forward_embeds(x, b, t, None, None, None)?;
+        // the log-prob of every next token
+        let (mut logp, mut lse) = (be.zeros(b * t), be.zeros(b * t));
+        be.logprob_fwd(&logits, &targets, v, &mut logp, &mut lse)?;
+        let lp: Vec<f64> = be
+            .to_vec(&logp)
+            .iter()
+            .map(|x| x.to_f64().unwrap_or(f64::NAN))
+            .collect();
+        // masks
+        let m = gather_rows.len() / g;
+        let img_of: Vec<usize> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(r, e)| std::iter::repeat_n(r, e.masks.len()))
+            .collect();
+        let mut mask_losses = Vec::with_capacity(m);
+        let (mut seg_class_loss, mut seg_class) = (None, None);
+        let seg = if m > 0 {
+            let (emb, head) = self.seg_embeddings(&llm.hidden, &gather_rows)?;
+            (seg_class_loss, seg_class) = self.seg_class_forward(batch, &emb)?.unzip();
+            let f1 = self.patches_of(&hs[idx[2]], b)?;
+            let s = self.cfg.image_size;
+            let images = DecoderImages {
+                levels: [&f0, &f1],
+                pixels: Some(&pixels),
+                b,
+            };
+            let (dl, dec) = self.decoder.forward(images, &emb, &img_of, s, s)?;
+            // every target in one upload, then each mask's logits at its image's size
+            let all: Vec<F> = batch
+                .iter()
+                .flat_map(|ex| ex.masks.iter().flatten())
+                .map(|&x| F::from(x).unwrap_or_else(F::nan))
+                .collect();
+            let all = be.from_slice(&all);
+            let (mut mi, mut off) = (0, 0);
+            let mut per_mask = Vec::with_capacity(m);
+            for ex in batch {
+                for mask in &ex.masks {
+                    let lg = self.to_image_logits(&dl, mi * s * s, &ex.pixels)?;
+                    crate::error::check_len(
+                        "SegModel::forward_pass",
+                        "mask",
+                        mask.len(),
+                        be.len(&lg),
+                    )?;
+                    let mut tgt = be.zeros(mask.len());
+                    be.copy_range(&mut tgt, 0, &all, off, mask.len())?;
+                    per_mask.push((lg, tgt));
+                    (mi, off) = (mi + 1, off + mask.len());
+                }
+            }
+            mask_losses =
+                self.mask_losses(&per_mask.iter().map(|(l, t)| (l, t)).collect::<Vec<_>>())?;
+            Some(SegActs {
+                emb,
+                head,
+                dec,
+                per_mask,
+            })
+        } else {
+            None
+        };
+        Ok(TrainPass {
+            logp: lp,
+            labelled: label_w,
+            answer_rows,
+            mask_losses,
+            patch_loss,
+            seg_class_loss,
+            n_tokens,
+            acts: StepActs {
+                b,
+                t,
+                ids,
+                image_rows,
+                vision,
+                n_states: upto + 1,
+                proj,
+                llm,
+                logits,
+                targets,
+                lse,
+                gather_rows,
+                seg,
+                patch,
+                seg_class,
+                idx,
+            },
+        })
+    }
+
+    /// The backward of [`SegModel::forward_pass`] for a loss `L` given by its gradient:
+    /// `dlogp` = ∂L/∂logp per position (b·t; zero where not labelled), `mask_w` =
+    /// (∂L/∂BCE_m, ∂L/∂Dice_m), the same for every mask, and `d_emb` = ∂L/∂f for the
+    /// segmentation embeddings (M, L·D, as [`TrainPass::seg_embeddings`]; stage 2's
+    /// `Ls`), and `class_w` = ∂L/∂ of the patch-category and the seg-category losses
+    /// ((0, 0) when the objective has no such term).  Parameter gradients accumulate.
+    pub fn backward_pass(
+        &mut self,
+        batch: &[Example],
+        pass: TrainPass<B::Buf>,
+        dlogp: &[f64],
+        mask_w: (f64, f64),
+        d_emb: Option<&[f64]>,
+        class_w: (f64, f64),
+    ) -> Result<()> {
+        let a = pass.acts;
+        let be = self.llava.be.clone();
+        let hdim = self.llava.cfg.text.hidden_size;
+        let v = self.llava.cfg.text.vocab_size;
+        let s = self.cfg.image_size;
+        let (b, t) = (a.b, a.t);
+        crate::error::check_len("SegModel::backward_pass", "dlogp", dlogp.len(), b * t)?;
+        let m = pass.mask_losses.len();
+        if a.seg.is_none() && d_emb.is_some_and(|d| !d.is_empty()) {
+            return Err(Error::arg(
+                "SegModel::backward_pass",
+                "a gradient for segmentation embeddings, but the batch decoded no mask",
+            ));
+        }
+        let mut dhidden = be.zeros(b * t * hdim);
+        let mut dfeats = None;
+        if let Some(sa) = &a.seg {
+            // ∂L/∂bce_m and ∂L/∂dice_m for every mask
+            let mut dlogits_mask = be.zeros(m * s * s);
+            let (wb, wd) = (F::from(mask_w.0).unwrap(), F::from(mask_w.1).unwrap());
+            let masks = batch
+                .iter()
+                .flat_map(|ex| ex.masks.iter().map(move |mk| (ex, mk.len())));
+            for (mi, ((ex, p), (lg, tgt))) in masks.zip(&sa.per_mask).enumerate() {
+                let mut d = be.zeros(p);
+                be.mask_loss_bwd(lg, tgt, 1, p, wb, wd, &mut d)?;
+                self.to_image_logits_bwd(&d, mi * s * s, &ex.pixels, &mut dlogits_mask)?;
+            }
+            // decoder → codebook embeddings → the hidden states that predicted them
+            let (df, mut demb) = self.decoder.backward(&sa.dec, &dlogits_mask)?;
+            if let Some(de) = d_emb {
+                crate::error::check_len(
+                    "SegModel::backward_pass",
+                    "d_emb",
+                    de.len(),
+                    be.len(&demb),
+                )?;
+                let de: Vec<F> = de.iter().map(|&x| F::from(x).unwrap()).collect();
+                be.axpy(&mut demb, F::one(), &be.from_slice(&de))?;
+            }
+            if let (Some(ca), Some(head)) = (&a.seg_class, &mut self.seg_class_head) {
+                if class_w.1 != 0.0 {
+                    let d = super::category::backward(&be, head, ca, class_w.1)?;
+                    be.axpy(&mut demb, F::one(), &d)?;
+                }
+            }
+            let dout = self.average_scales_bwd(&demb, m)?;
+            let dg = self.seg_head.backward(&be, &sa.head, &dout)?;
+            be.embedding_bwd(&a.gather_rows, &dg, hdim, &mut dhidden)?;
+            dfeats = Some(df);
+        }
+        let dlogp: Vec<F> = dlogp.iter().map(|&x| F::from(x).unwrap()).collect();
+        let dlogp = be.from_slice(&dlogp);
+        let mut dlogits = be.zeros(b * t * v);
+        be.logprob_bwd(&a.logits, &a.targets, v, &a.lse, &dlogp, &mut dlogits)?;
+        let lm = &mut self.llava.language_model;
+        let mut dx = lm.backward_with_hidden(&a.llm, &dlogits, Some(&dhidden))?; // (B·T, H)
+                                                                                 // image positions: their gradient goes to the projector, not to a token row
+        let mut dimg = be.zeros(a.image_rows.len() * hdim);
+        let zero = be.zeros(hdim);
+        for (j, &row) in a.image_rows.iter().enumerate() {
+            be.copy_range(&mut dimg, j * hdim, &dx, row * hdim, hdim)?;
+            be.copy_range(&mut dx, row * hdim, &zero, 0, hdim)?;
+        }
+        lm.embed_tokens.backward(&be, &a.ids, &dx)?;
+        let proj_trains = self.llava.projector.fc1.weight.grad.is_some();
+        let vision_trains = self.vision_trains();
+        if !(proj_trains || vision_trains) {
+            return Ok(());
+        }
+        let dfeat_llm = self.llava.projector.backward(&be, &a.proj, &dimg)?; // (B·K, Cv)
+        if !vision_trains {
+            return Ok(());
+        }
+        let mut dstates: Vec<Option<B::Buf>> = vec![None; a.n_states];
+        let mut add = |i: usize, d: B::Buf| -> Result<()> {
+            match &mut dstates[i] {
+                Some(x) => be.axpy(x, F::one(), &d),
+                slot @ None => {
+                    *slot = Some(d);
+                    Ok(())
+                }
+            }
+        };
+        add(a.idx[0], self.unpatches(&dfeat_llm, b)?)?;
+        if let Some([d0, d1]) = dfeats {
+            add(a.idx[1], self.unpatches(&d0, b)?)?;
+            add(a.idx[2], self.unpatches(&d1, b)?)?;
+        }
+        if let (Some(pa), Some(head)) = (&a.patch, &mut self.patch_head) {
+            if class_w.0 != 0.0 {
+                let dx = super::category::backward(&be, head, pa, class_w.0)?;
+                add(a.idx[1], self.unpatches(&dx, b)?)?;
+            }
+        }
+        self.llava.vision_tower.backward(&a.vision, &dstates)?;
+        Ok(())
+    }
+}
