@@ -423,16 +423,6 @@ fn refined_masks_are_the_biased_forward_over_the_samples_embeddings() {
     assert!(checked >= 3, "only {checked} seeds gave targets to refine");
 }
 
-fn frozen() -> Trainable {
-    Trainable {
-        vision: false,
-        projector: false,
-        llm: false,
-        seg_head: false,
-        decoder: false,
-    }
-}
-
 /// Stage-3 data of one question, made by hand: three "samples", two `f` groups, a
 /// refined answer with one target matched to a ground-truth mask.
 fn refine_data(m: &SegModel<f64, Cpu>, tok: &SegTokenizer, rng: &mut Rng) -> RefineData {
@@ -492,7 +482,7 @@ fn stage3_gradient_in_the_prompt_matches_finite_differences() {
     let c = cfg();
     let tok = tokenizer(&c);
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, c, &tok, 5).unwrap();
-    m.set_trainable(frozen());
+    m.set_trainable(Trainable::frozen());
     let mut rng = Rng::new(77);
     let d = refine_data(&m, &tok, &mut rng);
     let hdim = m.llava.cfg.text.hidden_size;
@@ -556,7 +546,7 @@ fn a_refinement_longer_than_the_context_is_skipped_not_an_error() {
     c.lvlm.max_positions = 40;
     let tok = tokenizer(&c);
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, c, &tok, 5).unwrap();
-    m.set_trainable(frozen());
+    m.set_trainable(Trainable::frozen());
     let mut rng = Rng::new(78);
     let d = refine_data(&m, &tok, &mut rng);
     let hdim = m.llava.cfg.text.hidden_size;
