@@ -493,3 +493,95 @@ fn a_load_error_stops_the_run_with_its_message() {
     );
     std::fs::remove_dir_all(&run).unwrap();
 }
+
+/// The run's raw weights of every tensor, by name, from a safetensors file.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let f = Checkpoint::open_file(path).unwrap();
+    let mut names = f.names();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let d = f.f32(&n).unwrap().data;
+            (n, d)
+        })
+        .collect()
+}
+
+#[test]
+fn the_moving_average_is_what_the_run_publishes_and_a_resume_continues_it() {
+    use popen::train::ema::decay_at;
+    let mut s = spec(9);
+    s.train.ema = 0.8;
+    s.train.checkpoint_every = 1;
+    s.train.keep_checkpoints = 20;
+    let run = fresh_dir("ema");
+    let mut m = ToyLm::new(s.hidden, s.layers);
+    let init: Vec<(String, Vec<f32>)> = {
+        let mut v: Vec<(String, Vec<f32>)> = m
+            .llama
+            .params_mut()
+            .into_iter()
+            .map(|(n, t)| (n, t.data.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    train_in_process(&run, &s, &mut m, false).unwrap();
+    // by hand, from the raw weights each checkpoint kept: w̄ ← d_t·w̄ + (1 − d_t)·w
+    let mut avg: Vec<Vec<f64>> = init
+        .iter()
+        .map(|(_, d)| d.iter().map(|&x| x as f64).collect())
+        .collect();
+    for t in 1..=9u64 {
+        let raw = tensors(&run.join(format!("checkpoints/step-{t:06}/model.safetensors")));
+        let d = decay_at(0.8, t) as f64;
+        for (a, (_, w)) in avg.iter_mut().zip(&raw) {
+            for (x, &y) in a.iter_mut().zip(w) {
+                *x = d * *x + (1.0 - d) * y as f64;
+            }
+        }
+    }
+    let published = tensors(&run.join("model.safetensors"));
+    let last_raw = tensors(&run.join("checkpoints/step-000009/model.safetensors"));
+    let (mut err, mut scale, mut moved) = (0f64, 0f64, 0f64);
+    for ((a, (name, p)), (_, r)) in avg.iter().zip(&published).zip(&last_raw) {
+        assert_eq!(a.len(), p.len(), "{name}");
+        for ((&x, &y), &z) in a.iter().zip(p).zip(r) {
+            err = err.max((x - y as f64).abs());
+            scale = scale.max(x.abs());
+            moved = moved.max((y - z).abs() as f64);
+        }
+    }
+    assert!(
+        err <= 1e-5 * scale,
+        "published vs hand average: {err} (scale {scale})"
+    );
+    // the average is not the raw weights: the run did not publish those
+    assert!(
+        moved > 1e3 * err.max(1e-9),
+        "the average equals the raw weights ({moved})"
+    );
+    // a run stopped after step 6 (a NaN at step 8's first micro-batch; checkpoints at 3
+    // and 6) and resumed ends where the straight run did, to the byte: the average was
+    // checkpointed, not restarted from the raw weights
+    let mut s2 = s.clone();
+    s2.train.checkpoint_every = 3;
+    s2.train.keep_checkpoints = 2;
+    let straight = fresh_dir("ema-straight");
+    train_in_process(&straight, &s2, &mut ToyLm::new(s.hidden, s.layers), false).unwrap();
+    let stopped = fresh_dir("ema-stopped");
+    let mut m = ToyLm::new(s.hidden, s.layers);
+    m.nan_at = Some(15);
+    assert!(train_in_process(&stopped, &s2, &mut m, false).is_err());
+    assert_eq!(read_train_state(&stopped).unwrap().unwrap().step, 6);
+    let sum = train_in_process(&stopped, &s2, &mut ToyLm::new(s.hidden, s.layers), true).unwrap();
+    assert_eq!(sum.resumed_from, Some(6));
+    assert!(
+        weights(&stopped) == weights(&straight),
+        "the resumed average differs"
+    );
+    for d in [run, straight, stopped] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! RUN/train_state.json                 {"step": N, "checkpoint": "checkpoints/step-00000N", …}
-//! RUN/model.safetensors                the latest checkpoint's weights
+//! RUN/model.safetensors                the latest checkpoint's weights (its averaged
+//!                                      ones with `[train] ema`, see `train::ema`)
 //! RUN/checkpoints/step-NNNNNN/         model.safetensors, optimizer.safetensors, state.json
+//!                                      (and ema.safetensors with `[train] ema`)
 //! ```
 //!
 //! A checkpoint spans several files, so it is made visible in one atomic step:
@@ -239,6 +241,10 @@ impl CheckpointWriter<'_> {
         for f in [MODEL_FILE, OPTIMIZER_FILE] {
             sync_path(&tmp.join(f))?;
         }
+        let ema = tmp.join(crate::train::ema::EMA_FILE);
+        if ema.exists() {
+            sync_path(&ema)?;
+        }
         let json = serde_json::to_vec_pretty(state).expect("train state serialises");
         write_atomic(tmp.join(CHECKPOINT_STATE_FILE), &json)?;
         sync_path(&tmp)?;
@@ -280,9 +286,16 @@ impl CheckpointWriter<'_> {
     }
 }
 
-/// Replaces `RUN/model.safetensors` atomically by the checkpoint's weights.
+/// Replaces `RUN/model.safetensors` atomically by the checkpoint's weights: its
+/// averaged model when it has one (`[train] ema`), else its raw weights.
 pub fn publish_weights(run: &Path, checkpoint_rel: &str) -> Result<()> {
-    let src = run.join(checkpoint_rel).join(MODEL_FILE);
+    let dir = run.join(checkpoint_rel);
+    let ema = dir.join(crate::train::ema::EMA_FILE);
+    let src = if ema.exists() {
+        ema
+    } else {
+        dir.join(MODEL_FILE)
+    };
     let bytes = io(&src, std::fs::read(&src))?;
     write_atomic(run.join(MODEL_FILE), &bytes)
 }

@@ -64,6 +64,10 @@ pub struct TrainConfig {
     /// Micro-batches the background loader prepares ahead of the compute.  This
     /// crate's choice: 4 (loading one is far cheaper than a forward/backward).
     pub prefetch: usize,
+    /// Decay of an exponential moving average of the trainable weights, which the run
+    /// directory's `model.safetensors` then holds (see [`super::ema`]); 0 = off.  Ours,
+    /// not the paper's: default 0.
+    pub ema: f32,
 }
 
 impl Default for TrainConfig {
@@ -86,6 +90,7 @@ impl Default for TrainConfig {
             seed: 0,
             keep_checkpoints: 2,
             prefetch: 4,
+            ema: 0.0,
         }
     }
 }
@@ -119,6 +124,9 @@ impl TrainConfig {
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return bad("weight_decay", format!("{} must be ≥ 0", self.weight_decay));
+        }
+        if !(0.0..1.0).contains(&self.ema) {
+            return bad("ema", format!("{} must be in [0, 1) (0 = off)", self.ema));
         }
         if !(self.clip_grad_norm.is_finite() && self.clip_grad_norm >= 0.0) {
             return bad(

@@ -8,6 +8,7 @@
 //! - [`trainer`]: the loop ([`Trainer`]), the model interface ([`Trainable`]).
 //! - [`loader`]: [`Dataset`], the per-epoch order and the background loader.
 //! - [`checkpoint`]: the run directory's checkpoint protocol.
+//! - [`ema`]: the optional moving average of the weights (`[train] ema`).
 //! - [`log`] and [`plot`]: `metrics.jsonl` and `loss.png`.
 //!
 //! # Wiring a command (`popen train sft`)
@@ -46,6 +47,7 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod config;
+pub mod ema;
 pub mod loader;
 pub mod log;
 pub mod plot;

@@ -15,6 +15,7 @@ use crate::train::checkpoint::{
     self, checkpoint_rel, publish_weights, read_train_state, CheckpointWriter, TrainState,
     CHECKPOINT_FORMAT, MODEL_FILE, OPTIMIZER_FILE,
 };
+use crate::train::ema::{Ema, EMA_FILE};
 use crate::train::loader::{spawn_loader, Cursor, Dataset};
 use crate::train::log::MetricsLog;
 use crate::train::plot::{write_loss_plot, LOSS_PLOT_FILE};
@@ -175,6 +176,7 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                 ),
             ));
         }
+        let mut ema: Option<Ema<<M::Be as Backend<f32>>::Buf>> = None;
         let (start, mut cursor, mut rng, mut elapsed0) = match &saved {
             Some(st) => {
                 check_same_stream(&run, &st.config, &self.cfg)?;
@@ -184,6 +186,11 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                     let params = model.params_mut();
                     checkpoint::load_moments(&be, &dir.join(OPTIMIZER_FILE), &params)?
                 };
+                if self.cfg.ema > 0.0 && dir.join(EMA_FILE).exists() {
+                    // the average: read the averaged model, keep its trainable tensors
+                    model.load_weights(&dir.join(EMA_FILE))?;
+                    ema = Some(Ema::new(self.cfg.ema, &model.params_mut()));
+                }
                 model.load_weights(&dir.join(MODEL_FILE))?;
                 opt.restore(moments, st.adamw_t);
                 // a kill between train_state.json and the weights copy left it stale
@@ -197,6 +204,10 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                 0.0,
             ),
         };
+        // a fresh run, or one started without the average: it starts here
+        if self.cfg.ema > 0.0 && ema.is_none() {
+            ema = Some(Ema::new(self.cfg.ema, &model.params_mut()));
+        }
         let writer = CheckpointWriter {
             run: &run,
             keep: self.cfg.keep_checkpoints,
@@ -275,6 +286,9 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                     })?;
                 let lr = sched.lr(step);
                 opt.step(&be, &mut params, lr)?;
+                if let Some(e) = ema.as_mut() {
+                    e.update(&be, &params, step)?;
+                }
                 drop(params);
                 window.steps += 1;
                 bar.set_position(step);
@@ -307,6 +321,12 @@ impl<'a, M: Trainable> Trainer<'a, M> {
                     };
                     writer.write(&state, |dir| {
                         model.save_weights(&dir.join(MODEL_FILE))?;
+                        if let Some(e) = ema.as_mut() {
+                            e.swap(&mut model.params_mut());
+                            let saved = model.save_weights(&dir.join(EMA_FILE));
+                            e.swap(&mut model.params_mut());
+                            saved?;
+                        }
                         let params = model.params_mut();
                         checkpoint::save_moments(
                             &be,
