@@ -17,7 +17,9 @@
 //! continues from them) and the whole model with `w̄` in place of each trainable tensor
 //! in `ema.safetensors`; the run directory's `model.safetensors`, which `popen predict`
 //! and the next stage read, is that averaged model.  Frozen tensors are not averaged
-//! (they do not move).
+//! (they do not move).  A resumed run continues the checkpointed average; a run
+//! started without `ema` and resumed with it starts the average at the resumed weights.
+//! `--val` scores the raw weights.
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::nn::Tensor;
