@@ -361,7 +361,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
     }
 
     /// Every parameter under its name (`mask_decoder.*`).
-    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
+    pub fn params_mut(&mut self) -> NamedParams<'_, F, B> {
         let mut out: NamedParams<'_, F, B> = Vec::new();
         let p = "mask_decoder";
         for (l, lin) in self.proj.iter_mut().enumerate() {

@@ -12,8 +12,9 @@ use super::prompt::Encoded;
 use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::llava::Llava;
+use crate::nn::conv::{push_linear, NamedParams};
 use crate::nn::layers::MlpActs;
-use crate::nn::{Linear, Mlp, Tensor};
+use crate::nn::{Linear, Mlp};
 use num_traits::Float;
 
 /// PixelLM's loss weights: `CE + 2·BCE + 0.5·Dice`.
@@ -157,26 +158,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 
     /// Every parameter: the LLaVA part under Hugging Face names, then `seg_head.*` and
     /// `mask_decoder.*`.
-    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
-        let (mut out, own) = self.split_params_mut();
-        out.extend(own);
-        out
-    }
-
-    /// The parameters POPEN adds to LLaVA: `seg_head.*`, `mask_decoder.*` and the
-    /// category heads.
-    pub(super) fn own_params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
-        self.split_params_mut().1
-    }
-
-    /// (the LLaVA part's parameters, the parts POPEN adds).
-    #[allow(clippy::type_complexity)]
-    fn split_params_mut(
-        &mut self,
-    ) -> (
-        Vec<(String, &mut Tensor<F, B>)>,
-        Vec<(String, &mut Tensor<F, B>)>,
-    ) {
+    pub fn params_mut(&mut self) -> NamedParams<'_, F, B> {
         let SegModel {
             llava,
             seg_head,
@@ -185,26 +167,20 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             seg_class_head,
             ..
         } = self;
-        let mut own = Vec::new();
-        for (n, lin) in [("fc1", &mut seg_head.fc1), ("fc2", &mut seg_head.fc2)] {
-            own.push((format!("seg_head.{n}.weight"), &mut lin.weight));
-            if let Some(b) = &mut lin.bias {
-                own.push((format!("seg_head.{n}.bias"), b));
-            }
-        }
-        own.extend(decoder.params_mut());
-        for (n, head) in [
-            ("patch_head", patch_head),
-            ("seg_class_head", seg_class_head),
-        ] {
-            if let Some(l) = head {
-                own.push((format!("{n}.weight"), &mut l.weight));
-                if let Some(b) = &mut l.bias {
-                    own.push((format!("{n}.bias"), b));
-                }
-            }
-        }
-        (llava.params_mut(), own)
+        let mut out = llava.params_mut();
+        out.extend(own_params(seg_head, decoder, patch_head, seg_class_head));
+        out
+    }
+
+    /// The parameters POPEN adds to LLaVA: `seg_head.*`, `mask_decoder.*` and the
+    /// category heads.
+    pub(super) fn own_params_mut(&mut self) -> NamedParams<'_, F, B> {
+        own_params(
+            &mut self.seg_head,
+            &mut self.decoder,
+            &mut self.patch_head,
+            &mut self.seg_class_head,
+        )
     }
 
     /// Freezes or unfreezes each part.
@@ -368,4 +344,25 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
         Ok(())
     }
+}
+
+/// The parts POPEN adds to LLaVA, named as a run directory stores them (one list for
+/// [`SegModel::params_mut`] and [`SegModel::own_params_mut`]).
+fn own_params<'a, F: Float, B: Backend<F>>(
+    seg_head: &'a mut Mlp<F, B>,
+    decoder: &'a mut PixelDecoder<F, B>,
+    patch_head: &'a mut Option<Linear<F, B>>,
+    seg_class_head: &'a mut Option<Linear<F, B>>,
+) -> NamedParams<'a, F, B> {
+    let mut own = Vec::new();
+    push_linear(&mut own, "seg_head.fc1", &mut seg_head.fc1);
+    push_linear(&mut own, "seg_head.fc2", &mut seg_head.fc2);
+    own.extend(decoder.params_mut());
+    if let Some(l) = patch_head {
+        push_linear(&mut own, "patch_head", l);
+    }
+    if let Some(l) = seg_class_head {
+        push_linear(&mut own, "seg_class_head", l);
+    }
+    own
 }

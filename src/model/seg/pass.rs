@@ -120,18 +120,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let k = self.tokens_per_image();
         let mut labels = Vec::with_capacity(batch.len() * k);
         for (i, ex) in batch.iter().enumerate() {
-            let l = &ex.classes.patches;
-            if l.is_empty() {
-                labels.extend(std::iter::repeat_n(IGNORE_INDEX, k));
-            } else {
-                crate::error::check_len(
-                    "SegModel",
-                    &format!("example {i} patch classes"),
-                    l.len(),
-                    k,
-                )?;
-                labels.extend_from_slice(l);
-            }
+            push_labels(&mut labels, &ex.classes.patches, k, || {
+                format!("example {i} patch classes")
+            })?;
         }
         super::category::forward(&self.llava.be, head, f0.clone(), labels)
     }
@@ -153,18 +144,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .enumerate()
             .filter(|(_, e)| !e.masks.is_empty())
         {
-            let t = &ex.classes.targets;
-            if t.is_empty() {
-                labels.extend(std::iter::repeat_n(IGNORE_INDEX, ex.masks.len()));
-            } else {
-                crate::error::check_len(
-                    "SegModel",
-                    &format!("example {i} target classes"),
-                    t.len(),
-                    ex.masks.len(),
-                )?;
-                labels.extend_from_slice(t);
-            }
+            push_labels(&mut labels, &ex.classes.targets, ex.masks.len(), || {
+                format!("example {i} target classes")
+            })?;
         }
         super::category::forward(&self.llava.be, head, emb.clone(), labels)
     }
@@ -662,4 +644,21 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         self.llava.vision_tower.backward(&a.vision, &dstates)?;
         Ok(())
     }
+}
+
+/// Appends one example's `n` category labels: its own (which must be `n`), or `n` ignored
+/// ones when it has none.
+fn push_labels(
+    labels: &mut Vec<i32>,
+    own: &[i32],
+    n: usize,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    if own.is_empty() {
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, n));
+    } else {
+        crate::error::check_len("SegModel", &what(), own.len(), n)?;
+        labels.extend_from_slice(own);
+    }
+    Ok(())
 }
