@@ -98,6 +98,23 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
         String::from_utf8_lossy(&e.stderr)
     );
     assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before);
+    // a stage 1 of another length is another setting too
+    let e = popen(&["demo", "--quick", "--sft-steps", "13", "--out", o]);
+    assert!(!e.status.success());
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        err.contains("other settings") && err.contains("13"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before);
+    // and no stage 1 at all is not a demo
+    let e = popen(&["demo", "--quick", "--sft-steps", "0", "--out", o]);
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("--sft-steps"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
 
     // predict --ensemble on the demo's stage-3 run is the demo's popen row
     let pe = d.join("ens.jsonl");

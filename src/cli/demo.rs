@@ -19,16 +19,24 @@ pub struct Args {
     /// A tiny model on a tiny world: seconds, for checking the pipeline, not the method.
     #[arg(long)]
     pub quick: bool,
+    /// Stage 1's optimizer steps instead of the default's 800 (`--quick`'s 12): the
+    /// whole method on a longer-trained stage 1 (4000 steps: the world's stage-1 table).
+    /// Recorded in `demo.json` like every setting.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub sft_steps: Option<u64>,
     #[command(flatten)]
     pub device: DeviceArg,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = if a.quick {
+    let mut cfg = if a.quick {
         DemoCfg::quick(a.seed)
     } else {
         DemoCfg::standard(a.seed)
     };
+    if let Some(n) = a.sft_steps {
+        cfg.sft_steps = n;
+    }
     /// The demo on the backend `--device` names.
     struct Job<'a>(&'a DemoCfg, &'a PathBuf);
     impl OnBackend for Job<'_> {

@@ -297,6 +297,35 @@ impl DemoResults {
 }
 
 /// Runs the demo into `dir` on backend `be`; `progress` draws the stages' bars.
+/// The settings a `demo.json` holds that differ from `cfg`, as `name: there → asked`.
+fn settings_diff(old: &str, cfg: &DemoCfg) -> String {
+    // through DemoCfg, so a setting absent from an older file shows as its default
+    let as_map = |c: &DemoCfg| match serde_json::to_value(c) {
+        Ok(serde_json::Value::Object(m)) => Some(m),
+        _ => None,
+    };
+    let there = serde_json::from_str::<DemoCfg>(old).ok();
+    let (Some(there), Some(asked)) = (there.as_ref().and_then(as_map), as_map(cfg)) else {
+        return "not a demo's settings".into();
+    };
+    let mut keys: Vec<&String> = there.keys().chain(asked.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&serde_json::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+    let diff: Vec<String> = keys
+        .into_iter()
+        .filter(|k| there.get(*k) != asked.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} there, {} asked",
+                show(there.get(k)),
+                show(asked.get(k))
+            )
+        })
+        .collect();
+    diff.join(", ")
+}
+
 pub fn run_demo<B: Backend<f32>>(
     be: B,
     cfg: &DemoCfg,
@@ -311,16 +340,15 @@ pub fn run_demo<B: Backend<f32>>(
     // default existed still resumes
     let same = |old: &str| serde_json::from_str::<DemoCfg>(old).is_ok_and(|o| o == *cfg);
     match std::fs::read_to_string(&cfg_path) {
-        Ok(old) if !same(&old) => {
-            return Err(Error::arg(
-                "popen demo",
-                format!(
-                    "{} holds a demo with other settings ({}): choose another --out or remove it",
-                    dir.display(),
-                    cfg_path.display()
-                ),
-            ))
-        }
+        Ok(old) if !same(&old) => return Err(Error::arg(
+            "popen demo",
+            format!(
+                "{} holds a demo with other settings ({}; {}): choose another --out or remove it",
+                dir.display(),
+                cfg_path.display(),
+                settings_diff(&old, cfg)
+            ),
+        )),
         Ok(_) => {}
         Err(_) => crate::fsio::write_atomic(&cfg_path, cfg_json.as_bytes())?,
     }
