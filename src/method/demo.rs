@@ -340,15 +340,17 @@ pub fn run_demo<B: Backend<f32>>(
     // default existed still resumes
     let same = |old: &str| serde_json::from_str::<DemoCfg>(old).is_ok_and(|o| o == *cfg);
     match std::fs::read_to_string(&cfg_path) {
-        Ok(old) if !same(&old) => return Err(Error::arg(
-            "popen demo",
-            format!(
+        Ok(old) if !same(&old) => {
+            return Err(Error::arg(
+                "popen demo",
+                format!(
                 "{} holds a demo with other settings ({}; {}): choose another --out or remove it",
                 dir.display(),
                 cfg_path.display(),
                 settings_diff(&old, cfg)
             ),
-        )),
+            ))
+        }
         Ok(_) => {}
         Err(_) => crate::fsio::write_atomic(&cfg_path, cfg_json.as_bytes())?,
     }
