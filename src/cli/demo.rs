@@ -19,8 +19,9 @@ pub struct Args {
     /// A tiny model on a tiny world: seconds, for checking the pipeline, not the method.
     #[arg(long)]
     pub quick: bool,
-    /// Stage 1's optimizer steps instead of the default's 800 (`--quick`'s 12): the
-    /// whole method on a longer-trained stage 1 (4000 steps: the world's stage-1 table).
+    /// Stage 1's optimizer steps instead of the demo's own (`DemoCfg::standard`,
+    /// `DemoCfg::quick`): the whole method on a longer-trained stage 1 (4000 steps: the
+    /// world's stage-1 table).
     /// Recorded in `demo.json` like every setting.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub sft_steps: Option<u64>,

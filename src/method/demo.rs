@@ -296,10 +296,10 @@ impl DemoResults {
     }
 }
 
-/// Runs the demo into `dir` on backend `be`; `progress` draws the stages' bars.
 /// The settings a `demo.json` holds that differ from `cfg`, as `name: there → asked`.
 fn settings_diff(old: &str, cfg: &DemoCfg) -> String {
-    // through DemoCfg, so a setting absent from an older file shows as its default
+    // read through DemoCfg, so a setting absent from an older file shows as its default,
+    // and both sides have the same keys
     let as_map = |c: &DemoCfg| match serde_json::to_value(c) {
         Ok(serde_json::Value::Object(m)) => Some(m),
         _ => None,
@@ -308,24 +308,17 @@ fn settings_diff(old: &str, cfg: &DemoCfg) -> String {
     let (Some(there), Some(asked)) = (there.as_ref().and_then(as_map), as_map(cfg)) else {
         return "not a demo's settings".into();
     };
-    let mut keys: Vec<&String> = there.keys().chain(asked.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let show = |v: Option<&serde_json::Value>| v.map_or("absent".to_string(), |v| v.to_string());
-    let diff: Vec<String> = keys
-        .into_iter()
-        .filter(|k| there.get(*k) != asked.get(*k))
-        .map(|k| {
-            format!(
-                "{k}: {} there, {} asked",
-                show(there.get(k)),
-                show(asked.get(k))
-            )
+    asked
+        .iter()
+        .filter_map(|(k, v)| {
+            let t = there.get(k)?;
+            (t != v).then(|| format!("{k}: {t} there, {v} asked"))
         })
-        .collect();
-    diff.join(", ")
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
+/// Runs the demo into `dir` on backend `be`; `progress` draws the stages' bars.
 pub fn run_demo<B: Backend<f32>>(
     be: B,
     cfg: &DemoCfg,
@@ -341,15 +334,14 @@ pub fn run_demo<B: Backend<f32>>(
     let same = |old: &str| serde_json::from_str::<DemoCfg>(old).is_ok_and(|o| o == *cfg);
     match std::fs::read_to_string(&cfg_path) {
         Ok(old) if !same(&old) => {
+            let what = format!("{}; {}", cfg_path.display(), settings_diff(&old, cfg));
             return Err(Error::arg(
                 "popen demo",
                 format!(
-                "{} holds a demo with other settings ({}; {}): choose another --out or remove it",
-                dir.display(),
-                cfg_path.display(),
-                settings_diff(&old, cfg)
-            ),
-            ))
+                    "{} holds a demo with other settings ({what}): choose another --out or remove it",
+                    dir.display()
+                ),
+            ));
         }
         Ok(_) => {}
         Err(_) => crate::fsio::write_atomic(&cfg_path, cfg_json.as_bytes())?,
