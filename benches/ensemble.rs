@@ -13,7 +13,11 @@
 //! `POPEN_BENCH_DATA` a MUSE file: the run's model on the file's first 20 images' questions,
 //! 16 questions per call as `popen predict` batches them, greedy against the ensemble
 //! with K = 3 (the samples' own masks off, as `popen predict --ensemble 3` runs it).
+//!
+//! Each iteration runs on a thread of rayon's pool, as the `popen` binary runs its
+//! commands ([`popen::backend::cpu::on_worker`]).
 use criterion::{criterion_group, criterion_main, Criterion};
+use popen::backend::cpu::on_worker;
 use popen::backend::{Backend, Cpu};
 use popen::data::sample::load_image;
 use popen::data::world::{self, Split, WorldConfig};
@@ -47,23 +51,27 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("single", |b| {
         b.iter(|| {
-            model
-                .predict(&tok, &[(&px, q.as_str())], &SamplingCfg::greedy())
-                .unwrap()
+            on_worker(|| {
+                model
+                    .predict(&tok, &[(&px, q.as_str())], &SamplingCfg::greedy())
+                    .unwrap()
+            })
         })
     });
     g.bench_function("ensemble_k3", |b| {
         b.iter(|| {
-            model
-                .predict_ensemble(
-                    &tok,
-                    &[(&px, q.as_str())],
-                    &EnsembleCfg::default(),
-                    0,
-                    None,
-                    &ends,
-                )
-                .unwrap()
+            on_worker(|| {
+                model
+                    .predict_ensemble(
+                        &tok,
+                        &[(&px, q.as_str())],
+                        &EnsembleCfg::default(),
+                        0,
+                        None,
+                        &ends,
+                    )
+                    .unwrap()
+            })
         })
     });
     g.finish();
@@ -109,18 +117,22 @@ fn bench_run(c: &mut Criterion, run: &Path, data: &Path) {
     g.sample_size(10);
     g.bench_function("single", |b| {
         b.iter(|| {
-            for chunk in qs.chunks(16) {
-                model.predict(&tok, chunk, &SamplingCfg::greedy()).unwrap();
-            }
+            on_worker(|| {
+                for chunk in qs.chunks(16) {
+                    model.predict(&tok, chunk, &SamplingCfg::greedy()).unwrap();
+                }
+            })
         })
     });
     g.bench_function("ensemble_k3", |b| {
         b.iter(|| {
-            for chunk in qs.chunks(16) {
-                model
-                    .predict_ensemble(&tok, chunk, &ecfg, 0, prompt.as_ref(), &ends)
-                    .unwrap();
-            }
+            on_worker(|| {
+                for chunk in qs.chunks(16) {
+                    model
+                        .predict_ensemble(&tok, chunk, &ecfg, 0, prompt.as_ref(), &ends)
+                        .unwrap();
+                }
+            })
         })
     });
     g.finish();

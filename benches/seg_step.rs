@@ -10,6 +10,7 @@
 //! once (positions, masks) so the PyTorch script's shapes can be checked against them
 //! (`tools/bench_seg_torch.py --text 42 --masks 25` for this batch).
 use criterion::{criterion_group, criterion_main, Criterion};
+use popen::backend::cpu::on_worker;
 use popen::backend::Cpu;
 use popen::data::world::{write_dataset, Split, WorldConfig};
 use popen::method::sft::{training_samples, with_classes, SftConfig, SftPaths};
@@ -72,17 +73,25 @@ fn bench(c: &mut Criterion) {
         let masks: usize = batch.iter().map(|e| e.masks.len()).sum();
         let positions: usize = batch.iter().map(|e| m.expand_ids(&e.enc).len()).sum();
         eprintln!("{name}: {BATCH} questions, {positions} positions, {masks} masks");
+        let mut step = || {
+            for (_, p) in m.params_mut() {
+                p.zero_grad(&Cpu);
+            }
+            let loss = m.step(&batch, cfg.loss, 1.0, true).unwrap();
+            let mut params = m.params_mut();
+            clip_grad_norm(&Cpu, &mut params, cfg.train.clip_grad_norm).unwrap();
+            opt.step(&Cpu, &mut params, 1e-4).unwrap();
+            loss.total
+        };
         g.bench_function(name, |b| {
-            b.iter(|| {
-                for (_, p) in m.params_mut() {
-                    p.zero_grad(&Cpu);
-                }
-                let loss = m.step(&batch, cfg.loss, 1.0, true).unwrap();
-                let mut params = m.params_mut();
-                clip_grad_norm(&Cpu, &mut params, cfg.train.clip_grad_norm).unwrap();
-                opt.step(&Cpu, &mut params, 1e-4).unwrap();
-                loss.total
-            })
+            // on a thread of rayon's pool, as the `popen` binary runs
+            // (`POPEN_BENCH_OFF_POOL=1`: from the bench's own thread, to measure what
+            // that buys)
+            if std::env::var_os("POPEN_BENCH_OFF_POOL").is_some() {
+                b.iter(&mut step)
+            } else {
+                b.iter(|| on_worker(&mut step))
+            }
         });
     }
     g.finish();

@@ -52,7 +52,13 @@ fn main() -> std::process::ExitCode {
     // faulted in and zeroed again (popen::backend::cpu::heap).
     popen::backend::cpu::keep_freed_memory();
     let cli = Cli::parse();
-    let r = match cli.cmd {
+    // Commands run on a thread of rayon's pool (popen::backend::cpu::on_worker); give
+    // the pool's threads the stack a main thread has.  RAYON_NUM_THREADS still sets
+    // their number.  An error here means a pool already exists: keep it.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
+    let r = popen::backend::cpu::on_worker(|| match cli.cmd {
         Cmd::Info(a) => cli::info::run(a),
         Cmd::Data(a) => cli::data::run(a),
         Cmd::EvalMasks(a) => cli::eval_masks::run(a),
@@ -64,7 +70,7 @@ fn main() -> std::process::ExitCode {
         Cmd::ProbeEmbeddings(a) => cli::probe::run(a),
         Cmd::ScoreAnswers(a) => cli::score::run(a),
         Cmd::Demo(a) => cli::demo::run(a),
-    };
+    });
     // Print the error chain on one line and exit 1: bad input is not a crash, so no
     // backtrace even when RUST_BACKTRACE is set.
     match r {

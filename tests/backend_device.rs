@@ -96,6 +96,11 @@ fn matmul_matches_cpu_in_every_layout() {
                         &d.to_vec(&od),
                         &o,
                     );
+                    close(
+                        &format!("matmul_new ta={ta} tb={tb}"),
+                        &d.to_vec(&d.matmul_new(s, &ad, &bd).unwrap()),
+                        &Cpu.matmul_new(s, &a, &b).unwrap(),
+                    );
                 }
             }
         }

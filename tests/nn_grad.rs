@@ -603,3 +603,77 @@ fn blocked_matmul_matches_naive_for_every_layout_and_thread_count() {
         }
     }
 }
+
+/// `matmul_new` (a new buffer the CPU backend does not zero first) is bitwise
+/// `matmul` with `Accum::Replace` into zeros, on every path: blocked gemm, one serial
+/// gemm, gemm's vector paths (m = 1, n = 1), the few-rows dot products, k = 0 and
+/// empty outputs, f32 and f64.  Before each product a freed buffer of the output's
+/// size full of NaN lies in the heap to be reused: an output element read before it
+/// is written would come out NaN.
+#[test]
+fn matmul_new_is_replace_into_zeros_on_every_path() {
+    use popen::backend::{Accum, MatmulSpec};
+    fn check<F: popen::backend::cpu::CpuFloat>(rnd: &mut dyn FnMut(usize) -> Vec<f64>) {
+        let shapes = [
+            (150, 64, 100),
+            (60, 64, 200),
+            (9, 17, 11),
+            (1, 33, 77),
+            (77, 33, 1),
+            (3, 40, 50),
+            (5, 0, 7),
+            (0, 4, 6),
+        ];
+        for (m, k, n) in shapes {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let cast = |v: Vec<f64>| -> Vec<F> {
+                    v.into_iter().map(|x| F::from(x).unwrap()).collect()
+                };
+                let (a, b) = (cast(rnd(m * k)), cast(rnd(k * n)));
+                let s = MatmulSpec { m, k, n, ta, tb };
+                let mut want = vec![F::zero(); m * n];
+                Cpu.matmul(s, &a, &b, &mut want, Accum::Replace).unwrap();
+                drop(std::hint::black_box(vec![F::nan(); m * n]));
+                let got = Cpu.matmul_new(s, &a, &b).unwrap();
+                assert_eq!(got.len(), m * n);
+                let bits = |x: &F| x.to_f64().unwrap().to_bits();
+                if let Some(i) = (0..m * n).find(|&i| bits(&got[i]) != bits(&want[i])) {
+                    panic!(
+                        "m={m} k={k} n={n} ta={ta} tb={tb}: element {i} is {:?}, want {:?}",
+                        got[i], want[i]
+                    );
+                }
+            }
+        }
+        let s = MatmulSpec {
+            m: 4,
+            k: 3,
+            n: 5,
+            ta: false,
+            tb: false,
+        };
+        let err = Cpu
+            .matmul_new(s, &vec![F::zero(); 12], &vec![F::zero(); 14])
+            .unwrap_err();
+        assert!(err.to_string().contains("15"), "{err}");
+    }
+    let mut rng = Rng::new(11);
+    let mut rnd = |n: usize| -> Vec<f64> {
+        (0..n)
+            .map(|_| (rng.next_u64() % 2001) as f64 / 1000.0 - 1.0)
+            .collect()
+    };
+    check::<f32>(&mut rnd);
+    check::<f64>(&mut rnd);
+}
+
+/// `on_worker` runs its closure on a thread of rayon's global pool and hands back the
+/// result (the `popen` binary runs every command this way).
+#[test]
+fn on_worker_runs_on_a_pool_thread() {
+    use popen::backend::cpu::on_worker;
+    assert_eq!(rayon::current_thread_index(), None);
+    let (index, v) = on_worker(|| (rayon::current_thread_index(), 6 * 7));
+    assert!(index.is_some());
+    assert_eq!(v, 42);
+}

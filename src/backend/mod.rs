@@ -203,6 +203,14 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         out: &mut Self::Buf,
         acc: Accum,
     ) -> Result<()>;
+    /// `op(a) · op(b)` in a new (M,N) buffer: [`Backend::matmul`] with
+    /// [`Accum::Replace`] into [`Backend::zeros`], which a backend may do without
+    /// zeroing the buffer first (the CPU backend does).
+    fn matmul_new(&self, s: MatmulSpec, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf> {
+        let mut out = self.zeros(s.m * s.n);
+        self.matmul(s, a, b, &mut out, Accum::Replace)?;
+        Ok(out)
+    }
     /// out (N,C) += bias (C), row-broadcast.
     fn add_bias(&self, out: &mut Self::Buf, bias: &Self::Buf, c: usize) -> Result<()>;
     /// dbias (C) += Σ_rows dout (N,C).

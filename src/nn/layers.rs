@@ -47,8 +47,7 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
     pub fn forward(&self, be: &B, x: &B::Buf) -> Result<B::Buf> {
         let (i, o) = (self.fan_in(), self.fan_out());
         let n = rows(be, "Linear::forward", x, i)?;
-        let mut y = be.zeros(n * o);
-        be.matmul(
+        let mut y = be.matmul_new(
             MatmulSpec {
                 m: n,
                 k: i,
@@ -58,8 +57,6 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
             },
             x,
             &self.weight.data,
-            &mut y,
-            Accum::Replace,
         )?;
         if let Some(b) = &self.bias {
             be.add_bias(&mut y, &b.data, o)?;
@@ -100,8 +97,7 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
         if !need_dx {
             return Ok(None);
         }
-        let mut dx = be.zeros(n * i);
-        be.matmul(
+        let dx = be.matmul_new(
             MatmulSpec {
                 m: n,
                 k: o,
@@ -111,8 +107,6 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
             },
             dy,
             &self.weight.data,
-            &mut dx,
-            Accum::Replace,
         )?;
         Ok(Some(dx))
     }

@@ -587,8 +587,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             None => {
                 let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
                 let n = self.be.len(hidden) / c;
-                let mut logits = self.be.zeros(n * v);
-                self.be.matmul(
+                self.be.matmul_new(
                     MatmulSpec {
                         m: n,
                         k: c,
@@ -598,10 +597,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                     },
                     hidden,
                     &self.embed_tokens.weight.data,
-                    &mut logits,
-                    Accum::Replace,
-                )?;
-                Ok(logits)
+                )
             }
         }
     }
@@ -656,8 +652,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                         Accum::Add,
                     )?;
                 }
-                let mut dh = be.zeros(n * c);
-                be.matmul(
+                be.matmul_new(
                     MatmulSpec {
                         m: n,
                         k: v,
@@ -667,10 +662,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                     },
                     dlogits,
                     &self.embed_tokens.weight.data,
-                    &mut dh,
-                    Accum::Replace,
-                )?;
-                dh
+                )?
             }
         };
         let mut dhidden = dhidden;

@@ -55,8 +55,9 @@ impl<F: CpuFloat> GemmView<F> {
     /// Computes rows `r0..r1`, columns `c0..c1` of `out` with a serial gemm.
     ///
     /// # Safety
-    /// The slices' lengths were checked against (m,k), (k,n), (m,n); `r0 ≤ r1 ≤ m`,
-    /// `c0 ≤ c1 ≤ n`; no other task writes this block; `F` is f32 or f64.
+    /// `a` and `b` hold (m,k) and (k,n) elements, `out` points to m·n writable ones
+    /// (initialized or not: with `add` false they are written, never read);
+    /// `r0 ≤ r1 ≤ m`, `c0 ≤ c1 ≤ n`; no other task writes this block; `F` is f32 or f64.
     unsafe fn run(&self, r0: usize, r1: usize, c0: usize, c1: usize) {
         let (ri, ci) = (r0 as isize, c0 as isize);
         gemm::gemm::<F>(
@@ -83,6 +84,93 @@ impl<F: CpuFloat> GemmView<F> {
     }
 }
 
+impl<F: CpuFloat> GemmView<F> {
+    /// Computes all `m` rows of `out`: one serial gemm, or blocks over rayon.
+    ///
+    /// # Safety
+    /// As [`GemmView::run`] for the whole output (`m` rows, `self.n` columns).
+    unsafe fn run_blocked(&self, m: usize) {
+        let n = self.n;
+        // Split the output ourselves into independent blocks, one serial gemm each,
+        // instead of gemm's own threading: gemm synchronises its threads after every
+        // (k, n) panel and packs the right operand on one thread, so a second thread
+        // gave almost no speed-up on these shapes.  One fork/join per product, and
+        // the blocks are the same at any thread count, so are the bits.
+        let parts = split_parts(m, n, self.k);
+        if parts <= 1 {
+            // SAFETY: the whole output is one block.
+            unsafe { self.run(0, m, 0, n) };
+        } else if m >= n {
+            let rows = m.div_ceil(parts).next_multiple_of(GEMM_BLOCK_ALIGN);
+            (0..m.div_ceil(rows)).into_par_iter().for_each(|p| {
+                let r0 = p * rows;
+                // SAFETY: blocks cover disjoint row ranges of `out`.
+                unsafe { self.run(r0, (r0 + rows).min(m), 0, n) };
+            });
+        } else {
+            let cols = n.div_ceil(parts).next_multiple_of(GEMM_BLOCK_ALIGN);
+            (0..n.div_ceil(cols)).into_par_iter().for_each(|p| {
+                let c0 = p * cols;
+                // SAFETY: blocks cover disjoint column ranges of `out`.
+                unsafe { self.run(0, m, c0, (c0 + cols).min(n)) };
+            });
+        }
+    }
+}
+
+/// Whether `gemm` serves `F` (f32 and f64; other floats take the plain loop).
+fn is_gemm_type<F: 'static>() -> bool {
+    TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>()
+}
+
+/// (row stride, column stride) of op(a) (M×K) and op(b) (K×N), row-major storage.
+fn strides(s: MatmulSpec) -> [(isize, isize); 2] {
+    let MatmulSpec { m, k, n, ta, tb } = s;
+    let a = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let b = if tb { (1, k as isize) } else { (n as isize, 1) };
+    [a, b]
+}
+
+/// `op(a) · op(b)` in a new buffer.  Where `gemm` computes it, the buffer is not zeroed
+/// first: `gemm` with `read_dst = false` writes every element of the output without
+/// reading it (it ignores the old value, `alpha = 0` on every path: the micro-kernels,
+/// gemv and gevv), so the output is written through a raw pointer into the vector's
+/// capacity and its length set afterwards.  Zeroing was a tenth of a training step's
+/// CPU samples, all of it on the one thread that runs the model between products.
+pub(crate) fn matmul_new<F: CpuFloat>(s: MatmulSpec, a: &[F], b: &[F]) -> Result<Vec<F>> {
+    let MatmulSpec { m, k, n, ta, tb } = s;
+    check_len("matmul", "a", a.len(), m * k)?;
+    check_len("matmul", "b", b.len(), k * n)?;
+    let few_rows = !ta && tb && (2..=FEW_ROWS).contains(&m);
+    if m == 0 || n == 0 || k == 0 || few_rows || !is_gemm_type::<F>() {
+        let mut out = vec![F::zero(); m * n];
+        matmul(s, a, b, &mut out, Accum::Replace)?;
+        return Ok(out);
+    }
+    let [(a_rs, a_cs), (b_rs, b_cs)] = strides(s);
+    let mut out = Vec::<F>::with_capacity(m * n);
+    let g = GemmView {
+        n,
+        k,
+        out: out.as_mut_ptr(),
+        a: a.as_ptr(),
+        a_rs,
+        a_cs,
+        b: b.as_ptr(),
+        b_rs,
+        b_cs,
+        add: false,
+    };
+    // SAFETY: `a` and `b` were checked against (m,k) and (k,n); `out` has capacity for
+    // m·n elements and no reference to it exists while gemm writes.  gemm writes every
+    // element of the m×n output (blocks cover it) without reading it (`add: false`).
+    unsafe {
+        g.run_blocked(m);
+        out.set_len(m * n);
+    }
+    Ok(out)
+}
+
 pub(crate) fn matmul<F: CpuFloat>(
     s: MatmulSpec,
     a: &[F],
@@ -104,8 +192,7 @@ pub(crate) fn matmul<F: CpuFloat>(
         return Ok(());
     }
     // element (i,kk) of op(a) and (kk,j) of op(b) as (row stride, column stride)
-    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    let [(a_rs, a_cs), (b_rs, b_cs)] = strides(s);
     // a few rows times a weight matrix (decoding): dot products beat gemm's packing
     if !ta && tb && (2..=FEW_ROWS).contains(&m) {
         if let (Some(a), Some(b), Some(out)) = (as_f32(a), as_f32(b), as_f32_mut(out)) {
@@ -113,9 +200,7 @@ pub(crate) fn matmul<F: CpuFloat>(
             return Ok(());
         }
     }
-    let is_gemm_type =
-        TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>();
-    if is_gemm_type {
+    if is_gemm_type::<F>() {
         let g = GemmView {
             n,
             k,
@@ -128,30 +213,8 @@ pub(crate) fn matmul<F: CpuFloat>(
             b_cs,
             add: acc == Accum::Add,
         };
-        // Split the output ourselves into independent blocks, one serial gemm each,
-        // instead of gemm's own threading: gemm synchronises its threads after every
-        // (k, n) panel and packs the right operand on one thread, so a second thread
-        // gave almost no speed-up on these shapes.  One fork/join per product, and
-        // the blocks are the same at any thread count, so are the bits.
-        let parts = split_parts(m, n, k);
-        if parts <= 1 {
-            // SAFETY: see `GemmView::run`; the whole output is one block.
-            unsafe { g.run(0, m, 0, n) };
-        } else if m >= n {
-            let rows = m.div_ceil(parts).next_multiple_of(GEMM_BLOCK_ALIGN);
-            (0..m.div_ceil(rows)).into_par_iter().for_each(|p| {
-                let r0 = p * rows;
-                // SAFETY: blocks cover disjoint row ranges of `out`.
-                unsafe { g.run(r0, (r0 + rows).min(m), 0, n) };
-            });
-        } else {
-            let cols = n.div_ceil(parts).next_multiple_of(GEMM_BLOCK_ALIGN);
-            (0..n.div_ceil(cols)).into_par_iter().for_each(|p| {
-                let c0 = p * cols;
-                // SAFETY: blocks cover disjoint column ranges of `out`.
-                unsafe { g.run(0, m, c0, (c0 + cols).min(n)) };
-            });
-        }
+        // SAFETY: the lengths were checked above; `out` is borrowed for the call.
+        unsafe { g.run_blocked(m) };
         return Ok(());
     }
     // slow, correct fallback for other float types

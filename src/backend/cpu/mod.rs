@@ -29,6 +29,21 @@ mod optim;
 pub use crate::kernels::fastmath::exp_f32;
 pub use heap::keep_freed_memory;
 
+/// Runs `op` on a thread of rayon's global pool and returns its result.
+///
+/// A thread outside the pool (a program's main thread) that starts a parallel loop
+/// hands it to the pool and sleeps until it is done, so every one of a training step's
+/// thousands of small parallel ops costs two cross-thread wake-ups, and the pool has
+/// one thread fewer for the work.  On a pool thread the loop is split with the other
+/// threads by work stealing instead.  The `popen` binary runs each command this way;
+/// the results are the same bits (the CPU backend's splits do not depend on which
+/// thread runs them).
+pub fn on_worker<R: Send>(op: impl FnOnce() -> R + Send) -> R {
+    let mut out = None;
+    rayon::scope(|_| out = Some(op()));
+    out.expect("rayon::scope runs its closure before returning")
+}
+
 /// Rows per rayon task: below this a row loop is cheaper than a task split.
 const MIN_ROWS_PER_TASK: usize = 16;
 /// Elements per rayon task for elementwise ops.
@@ -142,6 +157,9 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         acc: Accum,
     ) -> Result<()> {
         matmul::matmul(s, a, b, out, acc)
+    }
+    fn matmul_new(&self, s: MatmulSpec, a: &Vec<F>, b: &Vec<F>) -> Result<Vec<F>> {
+        matmul::matmul_new(s, a, b)
     }
     fn add_bias(&self, out: &mut Vec<F>, bias: &Vec<F>, c: usize) -> Result<()> {
         matmul::add_bias(out, bias, c)
