@@ -148,6 +148,72 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
         std::fs::read_to_string(out.join("pred_popen.jsonl")).unwrap(),
         "predict --ensemble 3 --seed 0 is the demo's popen row"
     );
+    // --samples writes the K samples beside each answer and leaves the answers alone
+    let sp = d.join("samples.jsonl");
+    let a = args(&["--samples", sp.to_str().unwrap()]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let said = ok(&popen(&a));
+    assert_eq!(std::fs::read_to_string(&pe).unwrap(), full);
+    let preds: Vec<serde_json::Value> = full
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let samples: Vec<serde_json::Value> = std::fs::read_to_string(&sp)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), preds.len());
+    let mut kinds = [0usize; 3];
+    for (s, p) in samples.iter().zip(&preds) {
+        assert_eq!(s["file_name"], p["file_name"]);
+        assert_eq!(s["question"], p["question"]);
+        assert_eq!(s["answer"], p["text"]);
+        let ys = s["samples"].as_array().unwrap();
+        assert_eq!(ys.len(), 3);
+        let texts: Vec<&str> = ys.iter().map(|y| y["text"].as_str().unwrap()).collect();
+        let lp: Vec<f64> = ys
+            .iter()
+            .map(|y| y["mean_logp"].as_f64().unwrap())
+            .collect();
+        let best = s["most_likely"].as_u64().unwrap() as usize;
+        assert!(lp.iter().all(|&x| x <= lp[best]), "{s}");
+        let answer = s["answer"].as_str().unwrap();
+        match s["copies"].as_u64() {
+            Some(i) => assert_eq!(texts.iter().position(|t| *t == answer), Some(i as usize)),
+            None => assert!(!texts.contains(&answer), "{s}"),
+        }
+        kinds[if texts[best] == answer {
+            0
+        } else if texts.contains(&answer) {
+            1
+        } else {
+            2
+        }] += 1;
+    }
+    let counts = format!(
+        "most likely sample in {}, another sample in {}, none of the samples in {} of {}",
+        kinds[0],
+        kinds[1],
+        kinds[2],
+        preds.len()
+    );
+    assert!(said.contains(&counts), "{said}\nwant: {counts}");
+    // the samples are the ensemble's: without --ensemble, --samples is refused
+    let e = popen(&[
+        "predict",
+        "--checkpoint",
+        out.join("ensemble").to_str().unwrap(),
+        "--data",
+        test.to_str().unwrap(),
+        "--out",
+        d.join("greedy.jsonl").to_str().unwrap(),
+        "--samples",
+        d.join("s2.jsonl").to_str().unwrap(),
+    ]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--ensemble"));
+    assert!(!d.join("greedy.jsonl").exists() && !d.join("s2.jsonl").exists());
     let bad = popen(
         &args(&["--tau", "words"])
             .iter()

@@ -4,7 +4,8 @@ use super::model_args::{DeviceArg, EnsembleArgs};
 use popen::backend::{Backend, OnBackend};
 use popen::method::ensemble::{load_prompt, EnsembleCfg};
 use popen::method::predict::{
-    data_root, predict_items, predict_items_ensemble, questions, write_preds,
+    data_root, predict_items, predict_items_ensemble, questions, sample_lines, write_jsonl,
+    write_preds, CopyCounts, SampleLine,
 };
 use popen::metrics::eval::PredLine;
 use popen::model::seg::SegModel;
@@ -38,6 +39,11 @@ pub struct Args {
     pub temperature: f32,
     #[command(flatten)]
     pub ensemble: EnsembleArgs,
+    /// With --ensemble K: also write each question's K samples beside its answer `ỹ`
+    /// (JSONL: the samples' texts, mean log-probabilities and η, the most likely one,
+    /// which sample `ỹ` copies if any) to this file.
+    #[arg(long, value_name = "SAMPLES.jsonl")]
+    pub samples: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -46,11 +52,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
+    if a.samples.is_some() && a.ensemble.ensemble == 0 {
+        anyhow::bail!("--samples needs --ensemble K (the samples are the ensemble's)");
+    }
     /// Load and predict on the backend `--device` names.
     struct Job<'a>(&'a Args);
     impl OnBackend for Job<'_> {
-        type Out = Vec<PredLine>;
-        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<Vec<PredLine>> {
+        type Out = (Vec<PredLine>, Option<Vec<SampleLine>>);
+        fn run<B: Backend<f32>>(self, be: B) -> popen::Result<Self::Out> {
             let a = self.0;
             let (model, tok) = SegModel::load(be, &a.checkpoint)?;
             let root = data_root(&a.data, &a.images);
@@ -62,8 +71,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             let bar = super::progress::bar(items.len() as u64, "predict");
             let inc = |n: usize| bar.inc(n as u64);
-            let lines = if a.ensemble.ensemble == 0 {
-                predict_items(&model, &tok, &items, a.batch, &cfg, inc)?
+            let out = if a.ensemble.ensemble == 0 {
+                (
+                    predict_items(&model, &tok, &items, a.batch, &cfg, inc)?,
+                    None,
+                )
             } else {
                 let hidden = model.llava.cfg.text.hidden_size;
                 let prompt = load_prompt(&a.checkpoint, hidden)?;
@@ -97,14 +109,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         full.len()
                     );
                 }
-                lines
+                let samples = a
+                    .samples
+                    .is_some()
+                    .then(|| sample_lines(&items, &lines, &full));
+                (lines, samples)
             };
             bar.finish_and_clear();
-            Ok(lines)
+            Ok(out)
         }
     }
-    let lines = a.device.device.run(Job(&a))?;
+    let (lines, samples) = a.device.device.run(Job(&a))?;
     write_preds(&a.out, &lines)?;
     println!("{} predictions written to {}", lines.len(), a.out.display());
+    if let (Some(path), Some(samples)) = (&a.samples, samples) {
+        write_jsonl(path, &samples)?;
+        let c = CopyCounts::of(&samples);
+        println!(
+            "samples written to {}: the answer is the most likely sample in {}, another \
+             sample in {}, none of the samples in {} of {} questions",
+            path.display(),
+            c.most_likely,
+            c.other_sample,
+            c.new_text,
+            samples.len()
+        );
+    }
     Ok(())
 }

@@ -7,7 +7,9 @@ use crate::data::readers::muse::{image_samples, load_muse_entries};
 use crate::data::sample::{load_image, Sample};
 use crate::data::{Mask, Rle};
 use crate::error::Result;
-use crate::method::ensemble::{sentence_ends, EnsembleCfg, EnsemblePrediction};
+use crate::method::ensemble::{
+    mean_logp, most_likely, sentence_ends, EnsembleCfg, EnsemblePrediction,
+};
 use crate::metrics::eval::PredLine;
 use crate::model::seg::{preprocess, Pixels, Prediction, SegModel, SegTokenizer};
 use crate::nn::SamplingCfg;
@@ -153,8 +155,100 @@ fn answer_items(
     Ok(lines)
 }
 
+/// One question's K samples beside the ensemble's answer `ỹ` (`popen predict
+/// --samples`): what the refinement read and what it made of it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SampleLine {
+    pub file_name: String,
+    /// 0-based index into the image's `questions`.
+    pub question: usize,
+    /// `ỹ`'s text (the prediction line's).
+    pub answer: String,
+    /// The K samples, in sampling order.
+    pub samples: Vec<SampleText>,
+    /// The sample with the highest mean log-probability (the answer without the text
+    /// half).
+    pub most_likely: usize,
+    /// The first sample whose text is `ỹ`'s, if any.
+    pub copies: Option<usize>,
+    /// The refinement did not fit the context: the answer is the most likely sample.
+    pub fallback: bool,
+}
+
+/// One sample `y_k` of [`SampleLine`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SampleText {
+    pub text: String,
+    /// Mean log-probability of its tokens, EOS included.
+    pub mean_logp: f32,
+    /// `η` of each of its `<seg>` sentences, in [−1, 1].
+    pub eta: Vec<f32>,
+}
+
+/// The [`SampleLine`]s of [`predict_items_ensemble`]'s result.
+pub fn sample_lines(
+    items: &[(String, Sample)],
+    lines: &[PredLine],
+    full: &[EnsemblePrediction],
+) -> Vec<SampleLine> {
+    items
+        .iter()
+        .zip(lines)
+        .zip(full)
+        .map(|(((file_name, s), l), e)| SampleLine {
+            file_name: file_name.clone(),
+            question: s.question_index,
+            answer: l.text.clone(),
+            samples: e
+                .samples
+                .iter()
+                .zip(&e.eta)
+                .map(|(p, eta)| SampleText {
+                    text: p.text.clone(),
+                    mean_logp: mean_logp(p),
+                    eta: eta.clone(),
+                })
+                .collect(),
+            most_likely: most_likely(&e.samples),
+            copies: e.samples.iter().position(|p| p.text == l.text),
+            fallback: e.fallback,
+        })
+        .collect()
+}
+
+/// How `ỹ` relates to the samples over [`SampleLine`]s: the most likely sample's text,
+/// another sample's, or none of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CopyCounts {
+    pub most_likely: usize,
+    pub other_sample: usize,
+    pub new_text: usize,
+}
+
+impl CopyCounts {
+    pub fn of(lines: &[SampleLine]) -> Self {
+        let mut c = Self::default();
+        for l in lines {
+            let same = |i: usize| l.samples.get(i).is_some_and(|s| s.text == l.answer);
+            if same(l.most_likely) {
+                c.most_likely += 1;
+            } else if l.copies.is_some() {
+                c.other_sample += 1;
+            } else {
+                c.new_text += 1;
+            }
+        }
+        c
+    }
+}
+
 /// Writes prediction lines as JSONL, atomically.
 pub fn write_preds(path: &Path, lines: &[PredLine]) -> Result<()> {
+    write_jsonl(path, lines)
+}
+
+/// Writes one JSON object per line, atomically.
+pub fn write_jsonl<T: serde::Serialize>(path: &Path, lines: &[T]) -> Result<()> {
     crate::fsio::write_atomic_with(path, |w| {
         for l in lines {
             serde_json::to_writer(&mut *w, l).map_err(std::io::Error::other)?;

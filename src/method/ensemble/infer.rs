@@ -55,12 +55,20 @@ fn strip_eos(p: &Prediction, eos: u32) -> (&[u32], &[f32]) {
 }
 
 /// Mean log-probability of an answer (EOS included): which sample is the most likely.
-fn mean_logp(p: &Prediction) -> f32 {
+pub fn mean_logp(p: &Prediction) -> f32 {
     if p.logps.is_empty() {
         f32::NEG_INFINITY
     } else {
         p.logps.iter().sum::<f32>() / p.logps.len() as f32
     }
+}
+
+/// The index of the sample with the highest [`mean_logp`] (the last of equals; 0 when
+/// there are none): the answer without the text half.
+pub fn most_likely(samples: &[Prediction]) -> usize {
+    (0..samples.len())
+        .max_by(|&a, &b| mean_logp(&samples[a]).total_cmp(&mean_logp(&samples[b])))
+        .unwrap_or(0)
 }
 
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
@@ -234,9 +242,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let (_, groups) = tok.decode_answer(ids)?;
             eta.push(groups.iter().map(|&g| sc[sent[g]]).collect());
         }
-        let best = (0..samples.len())
-            .max_by(|&a, &b| mean_logp(&samples[a]).total_cmp(&mean_logp(&samples[b])))
-            .unwrap_or(0);
+        let best = most_likely(&samples);
         let g = |s: f32| if cfg.gamma { gamma(s) } else { 0.0 };
         // [y_1 … y_K, p̂, header] after the prefix, with γ(τ) on the y keys
         let mut ys: Vec<u32> = Vec::new();

@@ -44,7 +44,7 @@ pub mod refine;
 pub mod scores;
 pub mod stage3;
 
-pub use infer::EnsemblePrediction;
+pub use infer::{mean_logp, most_likely, EnsemblePrediction};
 pub use prompt::{load_prompt, PROMPT_LEN, PROMPT_TENSOR};
 pub use refine::{RefineData, RefineLoss, SegPair};
 pub use scores::{gamma, sentence_ends, sentence_index, sentence_scores, token_scores, TauMode};
