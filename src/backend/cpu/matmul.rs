@@ -82,9 +82,7 @@ impl<F: CpuFloat> GemmView<F> {
             gemm::Parallelism::None,
         );
     }
-}
 
-impl<F: CpuFloat> GemmView<F> {
     /// Computes all `m` rows of `out`: one serial gemm, or blocks over rayon.
     ///
     /// # Safety
@@ -123,7 +121,14 @@ fn is_gemm_type<F: 'static>() -> bool {
     TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>()
 }
 
-/// (row stride, column stride) of op(a) (M×K) and op(b) (K×N), row-major storage.
+/// A few rows times a (transposed) weight matrix, as in decoding: dot products beat
+/// gemm's packing (`few_rows`; f32 only, other types take gemm).
+fn is_few_rows(s: MatmulSpec) -> bool {
+    !s.ta && s.tb && (2..=FEW_ROWS).contains(&s.m)
+}
+
+/// (row stride, column stride) of op(a) (M×K) and op(b) (K×N), row-major storage: element
+/// (i,kk) of op(a) is at `i·rs + kk·cs`.
 fn strides(s: MatmulSpec) -> [(isize, isize); 2] {
     let MatmulSpec { m, k, n, ta, tb } = s;
     let a = if ta { (1, m as isize) } else { (k as isize, 1) };
@@ -138,11 +143,10 @@ fn strides(s: MatmulSpec) -> [(isize, isize); 2] {
 /// capacity and its length set afterwards.  Zeroing was a tenth of a training step's
 /// CPU samples, all of it on the one thread that runs the model between products.
 pub(crate) fn matmul_new<F: CpuFloat>(s: MatmulSpec, a: &[F], b: &[F]) -> Result<Vec<F>> {
-    let MatmulSpec { m, k, n, ta, tb } = s;
+    let MatmulSpec { m, k, n, .. } = s;
     check_len("matmul", "a", a.len(), m * k)?;
     check_len("matmul", "b", b.len(), k * n)?;
-    let few_rows = !ta && tb && (2..=FEW_ROWS).contains(&m);
-    if m == 0 || n == 0 || k == 0 || few_rows || !is_gemm_type::<F>() {
+    if m == 0 || n == 0 || k == 0 || is_few_rows(s) || !is_gemm_type::<F>() {
         let mut out = vec![F::zero(); m * n];
         matmul(s, a, b, &mut out, Accum::Replace)?;
         return Ok(out);
@@ -178,7 +182,7 @@ pub(crate) fn matmul<F: CpuFloat>(
     out: &mut [F],
     acc: Accum,
 ) -> Result<()> {
-    let MatmulSpec { m, k, n, ta, tb } = s;
+    let MatmulSpec { m, k, n, .. } = s;
     check_len("matmul", "a", a.len(), m * k)?;
     check_len("matmul", "b", b.len(), k * n)?;
     check_len("matmul", "out", out.len(), m * n)?;
@@ -191,10 +195,8 @@ pub(crate) fn matmul<F: CpuFloat>(
         }
         return Ok(());
     }
-    // element (i,kk) of op(a) and (kk,j) of op(b) as (row stride, column stride)
     let [(a_rs, a_cs), (b_rs, b_cs)] = strides(s);
-    // a few rows times a weight matrix (decoding): dot products beat gemm's packing
-    if !ta && tb && (2..=FEW_ROWS).contains(&m) {
+    if is_few_rows(s) {
         if let (Some(a), Some(b), Some(out)) = (as_f32(a), as_f32(b), as_f32_mut(out)) {
             matmul_few_rows(a, b, out, m, k, n, acc == Accum::Add);
             return Ok(());
