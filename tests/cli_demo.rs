@@ -118,21 +118,18 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
 
     // predict --ensemble on the demo's stage-3 run is the demo's popen row
     let pe = d.join("ens.jsonl");
+    let predict = |extra: &[&str]| -> Vec<String> {
+        let ckpt = out.join("ensemble");
+        let base = ["predict", "--checkpoint", ckpt.to_str().unwrap()];
+        let data = ["--data", test.to_str().unwrap()];
+        base.iter()
+            .chain(&data)
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "predict",
-            "--checkpoint",
-            out.join("ensemble").to_str().unwrap(),
-            "--data",
-            test.to_str().unwrap(),
-            "--out",
-            pe.to_str().unwrap(),
-            "--ensemble",
-            "3",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut v = predict(&["--out", pe.to_str().unwrap(), "--ensemble", "3"]);
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
@@ -200,20 +197,17 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
     );
     assert!(said.contains(&counts), "{said}\nwant: {counts}");
     // the samples are the ensemble's: without --ensemble, --samples is refused
-    let e = popen(&[
-        "predict",
-        "--checkpoint",
-        out.join("ensemble").to_str().unwrap(),
-        "--data",
-        test.to_str().unwrap(),
+    let (greedy, s2) = (d.join("greedy.jsonl"), d.join("s2.jsonl"));
+    let a = predict(&[
         "--out",
-        d.join("greedy.jsonl").to_str().unwrap(),
+        greedy.to_str().unwrap(),
         "--samples",
-        d.join("s2.jsonl").to_str().unwrap(),
+        s2.to_str().unwrap(),
     ]);
+    let e = popen(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("--ensemble"));
-    assert!(!d.join("greedy.jsonl").exists() && !d.join("s2.jsonl").exists());
+    assert!(!greedy.exists() && !s2.exists());
     let bad = popen(
         &args(&["--tau", "words"])
             .iter()

@@ -52,6 +52,23 @@ unsafe impl<F: Send> Send for GemmView<F> {}
 unsafe impl<F: Sync> Sync for GemmView<F> {}
 
 impl<F: CpuFloat> GemmView<F> {
+    /// The view of `out (+)= op(a) · op(b)` for `s` (the lengths checked by the caller).
+    fn new(s: MatmulSpec, a: &[F], b: &[F], out: *mut F, add: bool) -> Self {
+        let [(a_rs, a_cs), (b_rs, b_cs)] = strides(s);
+        Self {
+            n: s.n,
+            k: s.k,
+            out,
+            a: a.as_ptr(),
+            a_rs,
+            a_cs,
+            b: b.as_ptr(),
+            b_rs,
+            b_cs,
+            add,
+        }
+    }
+
     /// Computes rows `r0..r1`, columns `c0..c1` of `out` with a serial gemm.
     ///
     /// # Safety
@@ -151,20 +168,8 @@ pub(crate) fn matmul_new<F: CpuFloat>(s: MatmulSpec, a: &[F], b: &[F]) -> Result
         matmul(s, a, b, &mut out, Accum::Replace)?;
         return Ok(out);
     }
-    let [(a_rs, a_cs), (b_rs, b_cs)] = strides(s);
     let mut out = Vec::<F>::with_capacity(m * n);
-    let g = GemmView {
-        n,
-        k,
-        out: out.as_mut_ptr(),
-        a: a.as_ptr(),
-        a_rs,
-        a_cs,
-        b: b.as_ptr(),
-        b_rs,
-        b_cs,
-        add: false,
-    };
+    let g = GemmView::new(s, a, b, out.as_mut_ptr(), false);
     // SAFETY: `a` and `b` were checked against (m,k) and (k,n); `out` has capacity for
     // m·n elements and no reference to it exists while gemm writes.  gemm writes every
     // element of the m×n output (blocks cover it) without reading it (`add: false`).
@@ -195,7 +200,6 @@ pub(crate) fn matmul<F: CpuFloat>(
         }
         return Ok(());
     }
-    let [(a_rs, a_cs), (b_rs, b_cs)] = strides(s);
     if is_few_rows(s) {
         if let (Some(a), Some(b), Some(out)) = (as_f32(a), as_f32(b), as_f32_mut(out)) {
             matmul_few_rows(a, b, out, m, k, n, acc == Accum::Add);
@@ -203,23 +207,13 @@ pub(crate) fn matmul<F: CpuFloat>(
         }
     }
     if is_gemm_type::<F>() {
-        let g = GemmView {
-            n,
-            k,
-            out: out.as_mut_ptr(),
-            a: a.as_ptr(),
-            a_rs,
-            a_cs,
-            b: b.as_ptr(),
-            b_rs,
-            b_cs,
-            add: acc == Accum::Add,
-        };
+        let g = GemmView::new(s, a, b, out.as_mut_ptr(), acc == Accum::Add);
         // SAFETY: the lengths were checked above; `out` is borrowed for the call.
         unsafe { g.run_blocked(m) };
         return Ok(());
     }
     // slow, correct fallback for other float types
+    let [(a_rs, a_cs), (b_rs, b_cs)] = strides(s);
     rows_mut(out, n, |i, row| {
         for (j, o) in row.iter_mut().enumerate() {
             let mut sum = F::zero();
