@@ -109,10 +109,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         full.len()
                     );
                 }
-                let samples = a
-                    .samples
-                    .is_some()
-                    .then(|| sample_lines(&items, &lines, &full));
+                let samples = a.samples.is_some().then(|| sample_lines(&lines, &full));
                 (lines, samples)
             };
             bar.finish_and_clear();

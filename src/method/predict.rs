@@ -185,19 +185,15 @@ pub struct SampleText {
     pub eta: Vec<f32>,
 }
 
-/// The [`SampleLine`]s of [`predict_items_ensemble`]'s result.
-pub fn sample_lines(
-    items: &[(String, Sample)],
-    lines: &[PredLine],
-    full: &[EnsemblePrediction],
-) -> Vec<SampleLine> {
-    items
+/// The [`SampleLine`]s of [`predict_items_ensemble`]'s result (its lines and ensemble
+/// answers, question by question).
+pub fn sample_lines(lines: &[PredLine], full: &[EnsemblePrediction]) -> Vec<SampleLine> {
+    lines
         .iter()
-        .zip(lines)
         .zip(full)
-        .map(|(((file_name, s), l), e)| SampleLine {
-            file_name: file_name.clone(),
-            question: s.question_index,
+        .map(|(l, e)| SampleLine {
+            file_name: l.file_name.clone(),
+            question: l.question,
             answer: l.text.clone(),
             samples: e
                 .samples
