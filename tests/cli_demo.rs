@@ -215,6 +215,30 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
             .collect::<Vec<_>>(),
     );
     assert!(!bad.status.success());
+    // --text-vote: each answer is the text most of its K samples give, ties to the
+    // most likely; it replaces the text half, so --no-text-ensemble with it is refused
+    let sv = d.join("vote_samples.jsonl");
+    let a = args(&["--text-vote", "--samples", sv.to_str().unwrap()]);
+    ok(&popen(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    for l in std::fs::read_to_string(&sv).unwrap().lines() {
+        let s: serde_json::Value = serde_json::from_str(l).unwrap();
+        let ys = s["samples"].as_array().unwrap();
+        let texts: Vec<&str> = ys.iter().map(|y| y["text"].as_str().unwrap()).collect();
+        let votes = |i: usize| texts.iter().filter(|t| **t == texts[i]).count();
+        let lp = |i: usize| ys[i]["mean_logp"].as_f64().unwrap();
+        let want = (0..3)
+            .max_by(|&a, &b| votes(a).cmp(&votes(b)).then(lp(a).total_cmp(&lp(b))))
+            .unwrap();
+        assert_eq!(s["answer"], texts[want], "{s}");
+    }
+    let both = popen(
+        &args(&["--text-vote", "--no-text-ensemble"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("--no-text-ensemble"));
 }
 
 #[test]

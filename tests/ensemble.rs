@@ -4,7 +4,8 @@
 //! ablations and seeds behave as documented.
 use popen::backend::{Backend, Cpu};
 use popen::method::ensemble::{
-    gamma, sentence_ends, sentence_index, token_scores, EnsembleCfg, RefineData, SegPair, TauMode,
+    gamma, majority, mean_logp, most_likely, sentence_ends, sentence_index, token_scores,
+    EnsembleCfg, RefineData, SegPair, TauMode,
 };
 use popen::model::seg::Trainable;
 use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer};
@@ -188,6 +189,99 @@ fn without_the_text_ensemble_the_answer_is_the_most_likely_sample() {
         assert_eq!(t.len(), n);
         assert!(t.iter().all(|v| (-1.0..=1.0).contains(v)));
     }
+}
+
+/// A sample with these ids and one log-probability per id.
+fn sample(ids: &[u32], logps: &[f32]) -> popen::model::seg::Prediction {
+    popen::model::seg::Prediction {
+        text: format!("{ids:?}"),
+        masks: Vec::new(),
+        logits: Vec::new(),
+        ids: ids.to_vec(),
+        logps: logps.to_vec(),
+    }
+}
+
+#[test]
+fn the_vote_takes_the_answer_most_samples_give_and_breaks_ties_by_likelihood() {
+    // two samples say [1, 2], the most likely says [3]: the pair wins, and of the pair
+    // the more likely one
+    let s = [
+        sample(&[1, 2], &[-1.0, -1.0]),
+        sample(&[3], &[-0.1]),
+        sample(&[1, 2], &[-0.5, -0.5]),
+    ];
+    assert_eq!(most_likely(&s), 1);
+    assert_eq!(majority(&s), 2);
+    // no two agree: the most likely
+    let s = [
+        sample(&[1], &[-1.0]),
+        sample(&[2], &[-0.2]),
+        sample(&[3], &[-0.7]),
+    ];
+    assert_eq!(majority(&s), 1);
+    // two answers given twice each: the one with the most likely sample
+    let s = [
+        sample(&[1], &[-1.0]),
+        sample(&[2], &[-0.9]),
+        sample(&[1], &[-0.3]),
+        sample(&[2], &[-0.4]),
+    ];
+    assert_eq!(majority(&s), 2);
+    // answers are compared by their text: the same text with and without EOS (9) is
+    // one answer
+    let mut s = [
+        sample(&[1, 9], &[-2.0, -2.0]),
+        sample(&[2], &[-0.1]),
+        sample(&[1], &[-3.0]),
+    ];
+    s[0].text = s[2].text.clone();
+    assert_eq!(majority(&s), 0);
+    assert_eq!(majority(&[]), 0);
+}
+
+#[test]
+fn with_the_vote_the_answer_is_the_majority_sample() {
+    // answers of at most 3 tokens from a sharpened head (its weights × 150), so that
+    // samples agree often enough to find questions where two agree against a more
+    // likely third (7 of these 24)
+    let mut c = cfg();
+    c.max_new_tokens = 3;
+    let tok = tokenizer(&c);
+    let mut m = SegModel::new_tiny(Cpu, c, &tok, 8).unwrap();
+    let be = m.llava.be;
+    for (name, t) in m.params_mut() {
+        if name.ends_with("lm_head.weight") {
+            let w: Vec<f32> = be.to_vec(&t.data).iter().map(|x| x * 150.0).collect();
+            t.data = be.from_slice(&w);
+        }
+    }
+    let ends = sentence_ends(&tok.tok);
+    let ecfg = EnsembleCfg {
+        text: false,
+        vote: true,
+        seg: false,
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let mut overruled = 0;
+    for seed in 0..24u64 {
+        let px = pixels(&m.cfg, 100 + seed);
+        let e = m
+            .predict_ensemble(&tok, &[(&px, Q)], &ecfg, seed, None, &ends)
+            .unwrap()
+            .remove(0);
+        let (v, best) = (majority(&e.samples), most_likely(&e.samples));
+        assert_eq!(e.answer, e.samples[v], "seed {seed}");
+        if e.samples[v].text != e.samples[best].text {
+            assert!(mean_logp(&e.samples[v]) < mean_logp(&e.samples[best]));
+            overruled += 1;
+        }
+    }
+    assert!(
+        overruled > 0,
+        "no question where the vote overrules the most likely sample"
+    );
 }
 
 #[test]

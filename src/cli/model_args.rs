@@ -23,6 +23,10 @@ pub struct EnsembleArgs {
     /// Ablation: the answer is the most likely sample, not a refined one.
     #[arg(long)]
     pub no_text_ensemble: bool,
+    /// Ablation (not the paper's): the answer is the one most of the K samples give
+    /// (ties: the most likely), not a refined one.
+    #[arg(long, conflicts_with = "no_text_ensemble")]
+    pub text_vote: bool,
     /// Ablation: the refined answer's masks come from its own hidden states (no Eq. 6).
     #[arg(long)]
     pub no_seg_ensemble: bool,
@@ -43,7 +47,8 @@ impl EnsembleArgs {
         popen::method::ensemble::EnsembleCfg {
             k,
             temperature: self.ensemble_temperature,
-            text: !self.no_text_ensemble,
+            text: !self.no_text_ensemble && !self.text_vote,
+            vote: self.text_vote,
             seg: !self.no_seg_ensemble,
             gamma: !self.no_gamma,
             prompt: !self.no_prompt,

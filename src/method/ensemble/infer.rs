@@ -71,6 +71,20 @@ pub fn most_likely(samples: &[Prediction]) -> usize {
         .unwrap_or(0)
 }
 
+/// The index of the sample whose answer text most of the samples give: the answer of
+/// the `--text-vote` ablation.  Between answers given equally often, the one with the
+/// most likely sample ([`mean_logp`]) wins, as between the samples of one answer; so
+/// when no two samples agree it is [`most_likely`].
+pub fn majority(samples: &[Prediction]) -> usize {
+    let votes = |i: usize| samples.iter().filter(|s| s.text == samples[i].text).count();
+    (0..samples.len())
+        .max_by(|&a, &b| {
+            (votes(a).cmp(&votes(b)))
+                .then(mean_logp(&samples[a]).total_cmp(&mean_logp(&samples[b])))
+        })
+        .unwrap_or(0)
+}
+
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// Answers each `(image, question)` with the K-way ensemble.  `prompt` is `p̂`
     /// (P·C values, stage 3's); `ends` is [`super::sentence_ends`] of the tokenizer.
@@ -242,7 +256,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let (_, groups) = tok.decode_answer(ids)?;
             eta.push(groups.iter().map(|&g| sc[sent[g]]).collect());
         }
-        let best = most_likely(&samples);
+        let best = if cfg.vote {
+            majority(&samples)
+        } else {
+            most_likely(&samples)
+        };
         let g = |s: f32| if cfg.gamma { gamma(s) } else { 0.0 };
         // [y_1 … y_K, p̂, header] after the prefix, with γ(τ) on the y keys
         let mut ys: Vec<u32> = Vec::new();

@@ -38,13 +38,16 @@
 //! - **Ablations** (Table 6): without the text ensemble `ỹ` is the sample of highest
 //!   mean likelihood; without the segmentation ensemble its masks come from the text
 //!   half's own hidden states; without `γ` every bias is 0; without `p̂` no prompt rows.
+//!   Not in Table 6 (ours, a baseline for the text half): `--text-vote` answers with
+//!   the text most of the K samples give ([`majority`]; ties to the most likely), so
+//!   what Eq. 5's re-reading adds over the samples' agreement can be measured.
 pub mod infer;
 pub mod prompt;
 pub mod refine;
 pub mod scores;
 pub mod stage3;
 
-pub use infer::{mean_logp, most_likely, EnsemblePrediction};
+pub use infer::{majority, mean_logp, most_likely, EnsemblePrediction};
 pub use prompt::{load_prompt, PROMPT_LEN, PROMPT_TENSOR};
 pub use refine::{RefineData, RefineLoss, SegPair};
 pub use scores::{gamma, sentence_ends, sentence_index, sentence_scores, token_scores, TauMode};
@@ -60,8 +63,13 @@ pub struct EnsembleCfg {
     /// Sampling of the K answers (the refined answer is greedy).
     pub temperature: f32,
     pub top_p: f32,
-    /// Refine the text (`ỹ` from the K answers); off: the most likely sample.
+    /// Refine the text (`ỹ` from the K answers); off: the most likely sample, or with
+    /// `vote` the [`majority`] one.
     pub text: bool,
+    /// Not the paper's (an ablation baseline for the text half): where the answer is a
+    /// sample (`text` off, or the refinement does not fit the context), take the one most
+    /// samples agree with ([`majority`]) instead of the most likely.
+    pub vote: bool,
     /// Refine the segmentation embeddings (Eq. 6).
     pub seg: bool,
     /// Bias the attention (`γ`); off: plain concatenation.
@@ -82,6 +90,7 @@ impl Default for EnsembleCfg {
             temperature: 0.7,
             top_p: 0.9,
             text: true,
+            vote: false,
             seg: true,
             gamma: true,
             prompt: true,
