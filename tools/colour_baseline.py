@@ -3,7 +3,7 @@
 ground-truth target of a MUSE-schema data file, a 4x4x4 RGB histogram of its pixels
 (plus its box's aspect ratio) names its category by the nearest neighbour (cosine)
 among the targets of *other* images: the baseline `popen probe-embeddings`' region
-features are read against (the README's stage-1 section).
+features are read against (docs/stage1.md).
 
     .venv/bin/python tools/colour_baseline.py DATA.json [IMAGE_ROOT]   # tools/setup_python.sh
 """

@@ -13,7 +13,7 @@ what a decoder whose finest logits live on that grid can draw.
 
     .venv/bin/python tools/mask_grid_ceiling.py DATA.json [S] [MAX_TARGETS]   # tools/setup_python.sh
 
-The README's pixel-skip section quotes this on the demo's test split (S = 128).
+docs/stage1.md's pixel-skip section quotes this on the demo's test split (S = 128).
 """
 import json
 import sys

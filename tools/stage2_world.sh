@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 2 on the world, as measured in the README: a stage-1 model (800 steps of
+# Stage 2 on the world, as measured in docs/stage2.md: a stage-1 model (800 steps of
 # tools/configs/stage1_world.toml on 2000 images), then `popen train pref` on Pt
 # collected from a separate 300-image world, each variant predicted and scored on the
 # 200 test images with `popen eval`.
@@ -9,8 +9,8 @@
 # VARIANT is a name and the extra flags of `train pref`, as name=flags, e.g.
 #   tools/stage2_world.sh stage2 base= nolt=--no-lt nll1="--nll 1" lr5=--lr-1e-5
 # (`--lr-1e-5` is this script's own: lr 1e-5 instead of the config's 1e-4).  Default:
-# the README's rows.  Ps reads 12 copies per question without regeneration (the
-# README says why).  Build first: cargo build --release.
+# the rows of docs/stage2.md.  Ps reads 12 copies per question without regeneration (docs/stage2.md
+# says why).  Build first: cargo build --release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-stage2_world}"

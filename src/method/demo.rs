@@ -124,7 +124,7 @@ impl DemoCfg {
     /// issue asks for; the mix costs stage 1 about 8 % (331 s without it).  Stage 2
     /// adds its own re-read mix at 0.5 (its samples: about 16 s for 300 questions; its
     /// rows: a second pass each step); with it the `popen` row rose in each of 3 seeds
-    /// by 0.4–0.7 gIoU and its CHAIR_i fell by 0.6–1.6 (the README has the table).
+    /// by 0.4–0.7 gIoU and its CHAIR_i fell by 0.6–1.6 (docs/demo.md has the table).
     ///
     /// Stage 2's `Ps` reads 12 perturbed copies per question, not the paper's 30, with
     /// no regeneration: each copy is a forward of the model (about 20 ms here), and on

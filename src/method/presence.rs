@@ -11,7 +11,8 @@
 //! after 800 steps, 48.8 % after 3000).  The paper's base has this from LLaVA-1.5's
 //! instruction mix, whose VQA questions (VQAv2, GQA, …) ask about objects that are and
 //! are not there; the tiny model trained from scratch gets it here.  The measurements
-//! are in the README (stage 1, "Presence").
+//! are in docs/stage2.md ("Why: the stage-1 model cannot tell whether a named object
+//! is present").
 //!
 //! Absent categories are drawn uniformly from the world's categories not in the image;
 //! the draws are seeded by the training seed and the image's index, so a run's data do

@@ -18,7 +18,7 @@
 //! (gIoU / cIoU; with the ensemble's context rule, `crate::method::ensemble`), its
 //! CHAIR_i falls by 5.6 and 6.2 points, and its refined answers are sentences again;
 //! stage 1's own greedy answers move by 0.0 / −1.9 and +1.5 / +0.3.
-//! The full method stays below POPEN† (the README's demo section has the tables).
+//! The full method stays below POPEN† (docs/demo.md has the tables).
 //!
 //! Candidates: each of the K is the ground-truth answer with chance ½, else the answer
 //! with one or two errors from the Pt injector ([`inject`]: an absent object named, a

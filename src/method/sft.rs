@@ -34,7 +34,7 @@ pub struct SftConfig {
 }
 
 /// `[data]` of the stage-1 config: questions added to the training data (both mixes
-/// are ours, off by default; the README's stage-1 section has the measurements).
+/// are ours, off by default; docs/stage1.md has the measurements).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataMix {

@@ -3,7 +3,7 @@
 //!
 //! On the world's 2000 training images the tiny model overfits from about 4000 steps:
 //! its gIoU on its own training images keeps rising while the test split's stops
-//! (README, stage 1).  With `shift = m`, each visit of a training example moves the
+//! (docs/stage1.md).  With `shift = m`, each visit of a training example moves the
 //! whole scene by `(dy, dx)` pixels, `|dy|, |dx| ≤ m`:
 //!
 //! - the image's pixels move; the pixels uncovered at the border repeat the nearest
@@ -17,7 +17,7 @@
 //! The draw is a pure function of `(run seed, epoch, example)` (the loader's
 //! [`crate::train::Dataset::load_augmented`]), so a resumed run sees the same shifts.
 //!
-//! Measured (README, stage 1, 4000 steps, `shift = 12`): the gap between training and
+//! Measured (docs/stage1.md, 4000 steps, `shift = 12`): the gap between training and
 //! test images halves, and the test split does not move; the world's config keeps it
 //! off.
 use crate::data::mask::Mask;

@@ -20,7 +20,7 @@
 //!   with a fixed Gaussian drawn from [`PE_SEED`], not a trained or loaded buffer;
 //! - an optional pixel skip ([`PixelDecoderConfig::skip_patch`], off unless the config
 //!   asks): the image's own pixels on scale 1's grid, added to that scale's features
-//!   (why and what it measured: `PixelSkip`'s doc and the README).
+//!   (why and what it measured: `PixelSkip`'s doc and docs/stage1.md).
 //!
 //! Batching: every target runs as one batch row of the transformers (B_t = M), its
 //! image's features gathered per target (M is small); the projection and neck run once
