@@ -677,3 +677,20 @@ fn on_worker_runs_on_a_pool_thread() {
     assert!(index.is_some());
     assert_eq!(v, 42);
 }
+
+#[test]
+fn map_jobs_keeps_the_jobs_order_on_the_cpu_and_runs_them_on_the_pool() {
+    use popen::backend::{map_jobs, Backend, Cpu};
+    assert!(<Cpu as Backend<f32>>::concurrent_callers(&Cpu));
+    let jobs: Vec<usize> = (0..64).collect();
+    let out = map_jobs::<f32, _, _, _>(&Cpu, jobs, |i| {
+        // uneven work, so that the jobs finish out of order
+        let spin: u64 = (0..((64 - i) * 2000) as u64).fold(0, |a, x| a ^ x.wrapping_mul(31));
+        (i * i, rayon::current_thread_index().is_some(), spin)
+    });
+    assert_eq!(out.len(), 64);
+    for (i, (sq, on_pool, _)) in out.iter().enumerate() {
+        assert_eq!(*sq, i * i);
+        assert!(on_pool);
+    }
+}

@@ -143,6 +143,23 @@ impl TimeCopy {
 /// through unchanged.
 pub use crate::kernels::attention::AttnShape;
 
+/// `f` of each job, in the jobs' order: on several threads at once where the backend
+/// gains from it ([`Backend::concurrent_callers`]), else one after another.  The
+/// results are the same either way when each job is independent of the others (the
+/// CPU backend's ops give the same values on any thread).
+pub fn map_jobs<F: Float, B: Backend<F>, T: Send, R: Send>(
+    be: &B,
+    jobs: Vec<T>,
+    f: impl Fn(T) -> R + Sync + Send,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    if be.concurrent_callers() && jobs.len() > 1 {
+        jobs.into_par_iter().map(f).collect()
+    } else {
+        jobs.into_iter().map(f).collect()
+    }
+}
+
 /// Hyper-parameters of one AdamW step (with the bias corrections already folded in by
 /// the caller through `step`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -166,6 +183,15 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
 
     /// Short name for messages and benchmark group names ("cpu", "cuda").
     fn name(&self) -> &'static str;
+
+    /// Whether independent pieces of work (the questions of a batch) gain from being
+    /// run on several threads at once, each calling this backend.  The CPU backend says
+    /// yes: its ops split across rayon's pool, and one question's small ops (a batch of
+    /// one) keep that pool busy with hand-offs more than with work.  The default is
+    /// no: a device runs one stream, and its callers stay on one thread.
+    fn concurrent_callers(&self) -> bool {
+        false
+    }
 
     // ---- memory ----
     fn zeros(&self, n: usize) -> Self::Buf;

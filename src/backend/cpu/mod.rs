@@ -111,6 +111,9 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
     }
+    fn concurrent_callers(&self) -> bool {
+        true
+    }
     fn zeros(&self, n: usize) -> Vec<F> {
         vec![F::zero(); n]
     }

@@ -3,9 +3,9 @@
 //! and the segmentation half (Eq. 6) continuing from the same prefix.
 use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
-use crate::backend::Backend;
+use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
-use crate::model::seg::infer::{length_groups, row, rows_f32, Rows};
+use crate::model::seg::infer::{all_answered, length_groups, row, rows_f32, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::{KvCache, Rng, SamplingCfg};
 use num_traits::Float;
@@ -118,8 +118,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         };
         let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
         let encs = self.encode_images(&px)?;
-        let mut out: Vec<Option<EnsemblePrediction>> = (0..items.len()).map(|_| None).collect();
-        self.sampled_groups(
+        let answers = self.sampled_groups(
             tok,
             items,
             &px,
@@ -127,26 +126,29 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             cfg,
             seed,
             &fixed,
-            |idx, pre, mut sampled| {
-                for (r, &i) in idx.iter().enumerate().rev() {
+            |idx, pre, sampled| {
+                let mut jobs = Vec::with_capacity(idx.len());
+                for ((r, &i), samples) in idx.iter().enumerate().zip(sampled) {
                     let prefix = self
                         .llava
                         .language_model
                         .select_cache_rows(&pre.cache, &[r])?;
-                    let samples = sampled.pop().ok_or_else(|| {
-                        Error::shape("SegModel::predict_ensemble", "fewer sample sets than rows")
-                    })?;
                     let head = Head {
                         prefix,
                         h_prefix: pre.hidden[r].clone(),
                     };
-                    out[i] =
-                        Some(self.refine_one(tok, px[i], &encs[i], head, samples, cfg, &fixed)?);
+                    jobs.push((i, head, samples));
                 }
-                Ok(())
+                // the questions are independent: each is refined alone
+                map_jobs(&self.llava.be, jobs, |(i, head, samples)| {
+                    let e = self.refine_one(tok, px[i], &encs[i], head, samples, cfg, &fixed)?;
+                    Ok((i, e))
+                })
+                .into_iter()
+                .collect()
             },
         )?;
-        Ok(out.into_iter().flatten().collect())
+        Ok(answers)
     }
 
     /// The K answers the ensemble samples for each `(image, question)` and nothing
@@ -174,7 +176,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         };
         let px: Vec<&Pixels> = items.iter().map(|x| x.0).collect();
         let encs = self.encode_images(&px)?;
-        let mut out: Vec<Vec<Prediction>> = vec![Vec::new(); items.len()];
         self.sampled_groups(
             tok,
             items,
@@ -184,20 +185,22 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             seed,
             &fixed,
             |idx, _, sampled| {
-                for (&i, s) in idx.iter().zip(sampled) {
-                    out[i] = s.preds;
-                }
-                Ok(())
+                Ok(idx
+                    .iter()
+                    .copied()
+                    .zip(sampled.into_iter().map(|s| s.preds))
+                    .collect())
             },
-        )?;
-        Ok(out)
+        )
     }
 
     /// The prefix `[image, x]` and the K samples of the questions of each prompt
     /// length, handed to `then` with the group's item indices (question `i` seeded
-    /// `seed + i`).
+    /// `seed + i`), which gives each question's result with its index; the results in
+    /// the items' order.  The groups are independent and may run at once
+    /// ([`map_jobs`]).
     #[allow(clippy::too_many_arguments)]
-    fn sampled_groups(
+    fn sampled_groups<R: Send>(
         &self,
         tok: &SegTokenizer,
         items: &[(&Pixels, &str)],
@@ -206,20 +209,28 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         cfg: &EnsembleCfg,
         seed: u64,
         fixed: &Fixed<'_, B::Buf>,
-        mut then: impl FnMut(&[usize], &Rows<B::Buf>, Vec<Samples<B::Buf>>) -> Result<()>,
-    ) -> Result<()> {
+        then: impl Fn(&[usize], &Rows<B::Buf>, Vec<Samples<B::Buf>>) -> Result<Vec<(usize, R)>>
+            + Sync
+            + Send,
+    ) -> Result<Vec<R>> {
         // [image, x] without the answer header: the header follows whatever is read next
         let bodies = items
             .iter()
             .map(|(_, q)| self.prompt_ids(tok, q, fixed.header.len()))
             .collect::<Result<Vec<_>>>()?;
-        for idx in &length_groups(&bodies) {
+        let group = |idx: Vec<usize>| {
             let seeds: Vec<u64> = idx.iter().map(|&i| seed.wrapping_add(i as u64)).collect();
-            let pre = self.prefill_rows(&bodies, encs, idx, &seeds)?;
-            let sampled = self.sample_k(tok, px, encs, idx, &pre, cfg, &seeds, fixed)?;
-            then(idx, &pre, sampled)?;
+            let pre = self.prefill_rows(&bodies, encs, &idx, &seeds)?;
+            let sampled = self.sample_k(tok, px, encs, &idx, &pre, cfg, &seeds, fixed)?;
+            then(&idx, &pre, sampled)
+        };
+        let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+        for done in map_jobs(&self.llava.be, length_groups(&bodies), group) {
+            for (i, r) in done? {
+                out[i] = Some(r);
+            }
         }
-        Ok(())
+        all_answered("SegModel::sampled_groups", out)
     }
 
     /// The text half (Eq. 5) and the segmentation half (Eq. 6) of one question, from

@@ -28,7 +28,9 @@
 //!   text half and the segmentation half all continue from that KV cache.  The
 //!   questions of one call whose prompts have the same length are read in one batch
 //!   and their K samples each decoded as one batch of B·K rows (never padded, as in
-//!   `SegModel::predict`); the two halves then run question by question.
+//!   `SegModel::predict`); the two halves then run question by question.  The groups
+//!   of one length, and the questions' two halves, are independent and run on several
+//!   threads at once on the CPU ([`crate::backend::map_jobs`]), with the same results.
 //! - **Decoding `ỹ`** is greedy, with the K samples as drafts
 //!   ([`crate::model::seg::draft`]): the same tokens, fewer forwards.
 //! - **Context.**  When `[prefix, y_1 … y_K, p̂]` leaves less room than the longest

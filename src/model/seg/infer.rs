@@ -5,7 +5,7 @@ use super::decoder::DecoderImages;
 use super::model::SegModel;
 use super::preprocess::Pixels;
 use super::prompt::SegTokenizer;
-use crate::backend::Backend;
+use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
 use crate::nn::{sample_token, KvCache, Rng, SamplingCfg};
 use num_traits::Float;
@@ -100,20 +100,33 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .iter()
             .map(|(_, q)| self.prompt_ids(tok, q, 0))
             .collect::<Result<Vec<_>>>()?;
-        let groups = length_groups(&prompts);
-        let mut out: Vec<Option<Prediction>> = (0..items.len()).map(|_| None).collect();
-        for idx in &groups {
+        // the groups of one prompt length are independent, as are their answers' masks
+        let be = &self.llava.be;
+        let group = |idx: Vec<usize>| -> Result<Vec<(usize, Prediction)>> {
             let seeds: Vec<u64> = idx
                 .iter()
                 .map(|&i| cfg.seed.wrapping_add(i as u64))
                 .collect();
-            let rows = self.prefill_rows(&prompts, &encs, idx, &seeds)?;
-            for (&i, d) in idx.iter().zip(self.decode_rows(tok, rows, cfg)?) {
+            let rows = self.prefill_rows(&prompts, &encs, &idx, &seeds)?;
+            let decoded: Vec<_> = idx
+                .iter()
+                .copied()
+                .zip(self.decode_rows(tok, rows, cfg)?)
+                .collect();
+            map_jobs(be, decoded, |(i, d)| {
                 let p = self.finish_answer(tok, px[i], &encs[i], d.ids, d.logps, &d.rows)?;
+                Ok((i, p))
+            })
+            .into_iter()
+            .collect()
+        };
+        let mut out: Vec<Option<Prediction>> = (0..items.len()).map(|_| None).collect();
+        for done in map_jobs(be, length_groups(&prompts), group) {
+            for (i, p) in done? {
                 out[i] = Some(p);
             }
         }
-        Ok(out.into_iter().flatten().collect())
+        all_answered("SegModel::predict", out)
     }
 
     /// The prompts `idx` (all of one length T) with their images' tokens in place,
@@ -505,6 +518,18 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
         Ok((masks, mlogits))
     }
+}
+
+/// Every question's result, in order; a question left without one is an error (a
+/// group that returned fewer results than it has questions).
+pub(crate) fn all_answered<R>(what: &'static str, out: Vec<Option<R>>) -> Result<Vec<R>> {
+    let n = out.len();
+    out.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.ok_or_else(|| Error::shape(what, format!("no answer for question {i} of {n}")))
+        })
+        .collect()
 }
 
 /// The indices of `prompts` by prompt length, shortest first: the questions that can
