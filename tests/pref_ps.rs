@@ -10,7 +10,7 @@ use popen::data::sample::{Sample, Target};
 use popen::method::pref::curriculum::Phase;
 use popen::method::pref::ls::{ls_step, PsItem};
 use popen::method::pref::ps::{
-    collect_question, perturbed, PsCfg, PsCounts, PsMode, PsRecord, Rule, TargetRefs,
+    collect_ps, collect_question, perturbed, PsCfg, PsCounts, PsMode, PsRecord, Rule, TargetRefs,
 };
 use popen::method::pref::{phase_of, PrefLossCfg};
 use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer};
@@ -305,6 +305,36 @@ fn collection_caches_what_a_recompute_gives() {
         .unwrap()
         .is_none());
     assert_eq!(c.no_target, 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn collection_over_many_questions_is_each_question_collected_in_turn() {
+    // the questions run side by side (backend::map_jobs); records and counts must be
+    // those of collecting one question after another
+    let cfg = tiny_cfg();
+    let tok = tokenizer(&cfg);
+    let m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 3).unwrap();
+    let dir = tmp("many");
+    let mut samples: Vec<Sample> = (0..11).map(|i| sample(&dir, 1 + i % 2)).collect();
+    samples[4].answer = Some("There is nothing to segment.".into());
+    samples[4].targets.clear();
+    let ps = small_ps();
+    let mut reported = 0;
+    let (recs, counts) = collect_ps(&m, &tok, &samples, &ps, 5, |n| reported += n).unwrap();
+    assert_eq!(reported, samples.len());
+    let mut want_counts = PsCounts::default();
+    let mut want = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        want.extend(collect_question(&m, &tok, s, i, &ps, 5, &mut want_counts).unwrap());
+    }
+    let with = (want_counts.questions - want_counts.no_target) as f64;
+    want_counts.mean_s_max /= with;
+    want_counts.mean_s_min /= with;
+    assert_eq!(recs, want);
+    assert_eq!(recs.len(), 10);
+    assert_eq!(counts, want_counts);
+    assert_eq!(counts.no_target, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -30,7 +30,7 @@
 use super::curriculum::{
     collect_with_regeneration, order_by, select, target_localization, Outcome, Phase, Triple,
 };
-use crate::backend::Backend;
+use crate::backend::{map_jobs, Backend};
 use crate::data::sample::Sample;
 use crate::error::{Error, Result};
 use crate::kernels::mask::DEFAULT_DILATION_RATIO;
@@ -401,6 +401,39 @@ pub struct PsCounts {
     pub mean_s_min: f64,
 }
 
+impl PsCounts {
+    /// Adds another run's counts and sums (before [`collect_ps`] turns the two sums
+    /// into means).
+    fn add(&mut self, o: &PsCounts) {
+        // every field named, so that a new count cannot be left out
+        let PsCounts {
+            questions,
+            no_target,
+            s_selected,
+            s_skipped,
+            regenerations,
+            copies,
+            copies_s_below_0,
+            copies_s_above_0_8,
+            mean_s_max,
+            mean_s_min,
+        } = o;
+        self.questions += questions;
+        self.no_target += no_target;
+        self.s_selected += s_selected;
+        self.s_skipped += s_skipped;
+        self.regenerations += regenerations;
+        self.copies += copies;
+        self.copies_s_below_0 += copies_s_below_0;
+        self.copies_s_above_0_8 += copies_s_above_0_8;
+        self.mean_s_max += mean_s_max;
+        self.mean_s_min += mean_s_min;
+    }
+}
+
+/// Questions collected side by side at most (a chunk between two progress reports).
+const PS_JOBS: usize = 8;
+
 /// What the reference gives for one copy: per target `s` term, boundary IoU and `f`.
 struct CopyResult {
     s: Vec<f64>,
@@ -566,11 +599,21 @@ pub fn collect_ps<F: Float, B: Backend<F>>(
     cfg.validate()?;
     let mut counts = PsCounts::default();
     let mut out = Vec::new();
-    for (i, s) in samples.iter().enumerate() {
-        if let Some(r) = collect_question(model, tok, s, i, cfg, seed, &mut counts)? {
-            out.push(r);
+    // questions are independent (each draws from its own seed): a chunk of them runs
+    // side by side where the backend gains from it, and their counts are added in
+    // question order, so every sum is the one-by-one sum
+    let idx: Vec<usize> = (0..samples.len()).collect();
+    for chunk in idx.chunks(PS_JOBS) {
+        let done = map_jobs(&model.llava.be, chunk.to_vec(), |i| {
+            let mut c = PsCounts::default();
+            collect_question(model, tok, &samples[i], i, cfg, seed, &mut c).map(|r| (r, c))
+        });
+        for d in done {
+            let (r, c) = d?;
+            counts.add(&c);
+            out.extend(r);
+            progress(1);
         }
-        progress(1);
     }
     let with = counts.questions - counts.no_target;
     if with > 0 {
