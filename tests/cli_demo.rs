@@ -133,10 +133,10 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
+    // `popen` with owned arguments
+    let call = |a: Vec<String>| popen(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let run = |extra: &[&str]| {
-        let a = args(extra);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        ok(&popen(&a));
+        ok(&call(args(extra)));
         std::fs::read_to_string(&pe).unwrap()
     };
     let full = run(&[]);
@@ -147,9 +147,7 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
     );
     // --samples writes the K samples beside each answer and leaves the answers alone
     let sp = d.join("samples.jsonl");
-    let a = args(&["--samples", sp.to_str().unwrap()]);
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let said = ok(&popen(&a));
+    let said = ok(&call(args(&["--samples", sp.to_str().unwrap()])));
     assert_eq!(std::fs::read_to_string(&pe).unwrap(), full);
     let preds: Vec<serde_json::Value> = full
         .lines()
@@ -198,28 +196,25 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
     assert!(said.contains(&counts), "{said}\nwant: {counts}");
     // the samples are the ensemble's: without --ensemble, --samples is refused
     let (greedy, s2) = (d.join("greedy.jsonl"), d.join("s2.jsonl"));
-    let a = predict(&[
+    let e = call(predict(&[
         "--out",
         greedy.to_str().unwrap(),
         "--samples",
         s2.to_str().unwrap(),
-    ]);
-    let e = popen(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    ]));
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("--ensemble"));
     assert!(!greedy.exists() && !s2.exists());
-    let bad = popen(
-        &args(&["--tau", "words"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let bad = call(args(&["--tau", "words"]));
     assert!(!bad.status.success());
     // --text-vote: each answer is the text most of its K samples give, ties to the
     // most likely; it replaces the text half, so --no-text-ensemble with it is refused
     let sv = d.join("vote_samples.jsonl");
-    let a = args(&["--text-vote", "--samples", sv.to_str().unwrap()]);
-    ok(&popen(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    ok(&call(args(&[
+        "--text-vote",
+        "--samples",
+        sv.to_str().unwrap(),
+    ])));
     for l in std::fs::read_to_string(&sv).unwrap().lines() {
         let s: serde_json::Value = serde_json::from_str(l).unwrap();
         let ys = s["samples"].as_array().unwrap();
@@ -231,12 +226,7 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
             .unwrap();
         assert_eq!(s["answer"], texts[want], "{s}");
     }
-    let both = popen(
-        &args(&["--text-vote", "--no-text-ensemble"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let both = call(args(&["--text-vote", "--no-text-ensemble"]));
     assert!(!both.status.success());
     assert!(String::from_utf8_lossy(&both.stderr).contains("--no-text-ensemble"));
 }

@@ -5,7 +5,7 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
-use crate::model::seg::infer::{all_answered, length_groups, row, rows_f32, Rows};
+use crate::model::seg::infer::{by_length_groups, row, rows_f32, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::{KvCache, Rng, SamplingCfg};
 use num_traits::Float;
@@ -224,13 +224,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let sampled = self.sample_k(tok, px, encs, &idx, &pre, cfg, &seeds, fixed)?;
             then(&idx, &pre, sampled)
         };
-        let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
-        for done in map_jobs(&self.llava.be, length_groups(&bodies), group) {
-            for (i, r) in done? {
-                out[i] = Some(r);
-            }
-        }
-        all_answered("SegModel::sampled_groups", out)
+        by_length_groups(&self.llava.be, "SegModel::sampled_groups", &bodies, group)
     }
 
     /// The text half (Eq. 5) and the segmentation half (Eq. 6) of one question, from

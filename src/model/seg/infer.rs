@@ -120,13 +120,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .into_iter()
             .collect()
         };
-        let mut out: Vec<Option<Prediction>> = (0..items.len()).map(|_| None).collect();
-        for done in map_jobs(be, length_groups(&prompts), group) {
-            for (i, p) in done? {
-                out[i] = Some(p);
-            }
-        }
-        all_answered("SegModel::predict", out)
+        by_length_groups(be, "SegModel::predict", &prompts, group)
     }
 
     /// The prompts `idx` (all of one length T) with their images' tokens in place,
@@ -520,10 +514,23 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 }
 
-/// Every question's result, in order; a question left without one is an error (a
-/// group that returned fewer results than it has questions).
-pub(crate) fn all_answered<R>(what: &'static str, out: Vec<Option<R>>) -> Result<Vec<R>> {
-    let n = out.len();
+/// `group` of each [`length_groups`] group of `prompts` (the groups side by side where
+/// the backend gains from it, [`map_jobs`]), which gives each of its questions' result
+/// with the question's index; the results in the prompts' order.  A question left
+/// without one is an error.
+pub(crate) fn by_length_groups<F: Float, B: Backend<F>, R: Send>(
+    be: &B,
+    what: &'static str,
+    prompts: &[(Vec<u32>, usize)],
+    group: impl Fn(Vec<usize>) -> Result<Vec<(usize, R)>> + Sync + Send,
+) -> Result<Vec<R>> {
+    let n = prompts.len();
+    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    for done in map_jobs(be, length_groups(prompts), group) {
+        for (i, r) in done? {
+            out[i] = Some(r);
+        }
+    }
     out.into_iter()
         .enumerate()
         .map(|(i, r)| {
