@@ -215,7 +215,9 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
         "--samples",
         sv.to_str().unwrap(),
     ])));
-    for l in std::fs::read_to_string(&sv).unwrap().lines() {
+    let voted = std::fs::read_to_string(&sv).unwrap();
+    assert_eq!(voted.lines().count(), preds.len());
+    for l in voted.lines() {
         let s: serde_json::Value = serde_json::from_str(l).unwrap();
         let ys = s["samples"].as_array().unwrap();
         let texts: Vec<&str> = ys.iter().map(|y| y["text"].as_str().unwrap()).collect();
