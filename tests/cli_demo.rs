@@ -294,7 +294,9 @@ fn stage3_trains_only_the_prompt_and_refuses_without_minilm() {
     assert!(no.join("model.safetensors").exists());
 
     // killed at random moments and resumed: the same bits as an uninterrupted run
-    let long = ["--no-lti", "--steps", "10", "--checkpoint-every", "1"];
+    // long enough (about 0.9 s uninterrupted on 2 cores) that a kill 30–430 ms after a
+    // start finds it running
+    let long = ["--no-lti", "--steps", "30", "--checkpoint-every", "1"];
     let a = d.join("a");
     ok(&run(args(&a, &long), "/nonexistent/minilm"));
     let b = d.join("b");
