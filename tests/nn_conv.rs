@@ -267,3 +267,108 @@ fn two_way_transformer_backward_matches_finite_differences() {
         });
     }
 }
+
+/// The ViT's convolutional stem (`popen::model::stem`): its output against the stem
+/// written out by hand (4 × 4 cells, the two norms and GELUs, the 3 × 3 conv, then the
+/// R × R cells of each patch in (dy, dx, c) order through the merge), on a non-square
+/// image in patches of 8 (R = 2); every parameter's gradient against finite differences.
+#[test]
+fn conv_stem_matches_its_definition_and_its_backward_matches_finite_differences() {
+    use popen::backend::{Act, Backend};
+    use popen::model::stem::{ConvStem, STEM_CELL};
+    use popen::nn::layers::ImageShape;
+    let mut rng = Rng::new(47);
+    let (b, h, w, ch, c1, c, p) = (2, 16, 24, 3, 3, 5, 8);
+    let img = ImageShape { b, h, w };
+    let mut stem: ConvStem<f64, Cpu> = ConvStem::new(&BE, ch, c1, c, p).unwrap();
+    for (_, t) in stem.params_mut() {
+        t.data = randn(&mut rng, t.numel(), 0.5);
+    }
+    let x = rnd(&mut rng, b * ch * h * w);
+    let (y, acts) = stem.forward(&BE, &x, img).unwrap();
+    let (q, r) = (STEM_CELL, p / STEM_CELL);
+    let (gh, gw, np) = (h / q, w / q, (h / p) * (w / p));
+    assert_eq!(y.len(), b * np * c);
+    // by hand: y1[b, cy, cx, o] = bias[o] + Σ W[o, ch, py, px] x[b, ch, cy·q+py, cx·q+px]
+    let (cw, cb) = (
+        &stem.cell.weight.data,
+        &stem.cell.bias.as_ref().unwrap().data,
+    );
+    let mut y1 = vec![0.0; b * gh * gw * c1];
+    for bi in 0..b {
+        for cy in 0..gh {
+            for cx in 0..gw {
+                for o in 0..c1 {
+                    let mut s = cb[o];
+                    for k in 0..ch {
+                        for py in 0..q {
+                            for px in 0..q {
+                                s += cw[((o * ch + k) * q + py) * q + px]
+                                    * x[((bi * ch + k) * h + cy * q + py) * w + cx * q + px];
+                            }
+                        }
+                    }
+                    y1[((bi * gh + cy) * gw + cx) * c1 + o] = s;
+                }
+            }
+        }
+    }
+    let norm_act = |ln: &popen::nn::LayerNorm<f64, Cpu>, v: &T| {
+        let n = ln.forward(&BE, v).unwrap().0;
+        let mut a = vec![0.0; n.len()];
+        BE.act_fwd(Act::GeluErf, &n, &mut a).unwrap();
+        a
+    };
+    let a1 = norm_act(&stem.layer_norm1, &y1);
+    let y2 = stem.conv.forward(&BE, &a1, b, gh, gw).unwrap().0;
+    let a2 = norm_act(&stem.layer_norm2, &y2);
+    // out[b, patch (py, px), o] = Σ merge[o, (dy, dx, k)] a2[b, py·r+dy, px·r+dx, k]
+    let mw = &stem.merge.weight.data;
+    for bi in 0..b {
+        for py in 0..h / p {
+            for px in 0..w / p {
+                for o in 0..c {
+                    let mut want = 0.0;
+                    for dy in 0..r {
+                        for dx in 0..r {
+                            for k in 0..c1 {
+                                let cell = (bi * gh + py * r + dy) * gw + px * r + dx;
+                                want +=
+                                    mw[o * r * r * c1 + (dy * r + dx) * c1 + k] * a2[cell * c1 + k];
+                            }
+                        }
+                    }
+                    let got = y[((bi * (h / p) + py) * (w / p) + px) * c + o];
+                    assert!(
+                        (got - want).abs() < 1e-12,
+                        "({bi},{py},{px},{o}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    let g = rnd(&mut rng, y.len());
+    let loss = |s: &ConvStem<f64, Cpu>| dot(&s.forward(&BE, &x, img).unwrap().0, &g);
+    let mut trained = stem.clone();
+    for (_, t) in trained.params_mut() {
+        t.zero_grad(&BE);
+    }
+    trained.backward(&BE, &acts, &g).unwrap();
+    let grads: Vec<(&str, T)> = trained
+        .params_mut()
+        .into_iter()
+        .map(|(n, t)| (n, t.grad.clone().unwrap()))
+        .collect();
+    assert_eq!(grads.len(), 8);
+    for (pi, (name, grad)) in grads.iter().enumerate() {
+        check(&format!("stem.{name}"), grad, |k, d| {
+            let mut s = stem.clone();
+            s.params_mut()[pi].1.data[k] += d;
+            loss(&s)
+        });
+    }
+    // a patch that is no whole number of cells, an image of no whole number of patches
+    assert!(ConvStem::<f64, Cpu>::new(&BE, ch, c1, c, 6).is_err());
+    let bad = ImageShape { b, h: 12, w };
+    assert!(stem.forward(&BE, &vec![0.0; b * ch * 12 * w], bad).is_err());
+}

@@ -91,14 +91,17 @@ fn whole_model_gradient_with_the_category_losses_matches_finite_differences() {
     check_whole_model_gradient(&cfg, &tok, &b, w, &["patch_head", "seg_class_head"]);
 }
 
-/// The tiny config with two classes, [`batch`] labelled, both category losses on, and
-/// the decoder's pixel skip (the world config's model: q = 1 on this 8 × 8 image).
+/// The tiny config with two classes, [`batch`] labelled, both category losses on, the
+/// decoder's pixel skip (the world config's model: q = 1 on this 8 × 8 image) and the
+/// ViT's convolutional stem (one 4 × 4 cell per patch of 4 here; tests/nn_conv.rs
+/// checks the stem alone with several cells per patch).
 fn with_categories() -> (SegModelConfig, SegTokenizer, Vec<Example>, LossWeights) {
     use popen::kernels::logprob::IGNORE_INDEX;
     use popen::model::seg::category::Classes;
     let mut cfg = tiny_cfg();
     cfg.classes = vec!["apple".into(), "cup".into()];
     cfg.pixel_skip = true;
+    cfg.lvlm.vision_stem = 3;
     let tok = tokenizer(&cfg);
     let mut b = batch(&cfg, &tok);
     // an 8 × 8 image in patches of 4: K = 4; examples 0 and 1 have 2 and 1 targets
@@ -441,7 +444,8 @@ fn answers_to_read_sit_between_the_question_and_the_answer_header() {
 
 #[test]
 fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
-    let cfg = tiny_cfg();
+    let mut cfg = tiny_cfg();
+    cfg.lvlm.vision_stem = 2;
     let tok = tokenizer(&cfg);
     let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 8).unwrap();
     let dir = std::env::temp_dir().join(format!("popen_seg_run_{}", std::process::id()));
@@ -479,6 +483,21 @@ fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
     let (l1, _) = llava.language_model.forward(&ids, 1, None, None).unwrap();
     let (l2, _) = m.llava.language_model.forward(&ids, 1, None, None).unwrap();
     assert_eq!(l1, l2);
+    // ... and its vision tower, the stem included: the same hidden states
+    let pixels: Vec<f32> = (0..3 * 8 * 8).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
+    let h1 = llava
+        .vision_tower
+        .forward(&pixels, 1, 2)
+        .unwrap()
+        .hidden_states;
+    let h2 = m
+        .llava
+        .vision_tower
+        .forward(&pixels, 1, 2)
+        .unwrap()
+        .hidden_states;
+    assert!(m.llava.vision_tower.stem.is_some() && llava.vision_tower.stem.is_some());
+    assert_eq!(h1, h2);
     // a run directory of another model is an error naming the tensor
     let mut cfg2 = cfg.clone();
     cfg2.seg_dim = 8;
@@ -519,7 +538,9 @@ fn the_parameter_lower_bound_is_below_the_count_and_near_it() {
         },
         ..SegModelConfig::default()
     };
-    for cfg in [tiny, default] {
+    let mut stem = default.clone();
+    stem.lvlm.vision_stem = 32;
+    for cfg in [tiny, default, stem] {
         let tok = tokenizer(&cfg);
         let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 1).unwrap();
         let n: u128 = m

@@ -1,7 +1,9 @@
 //! CLIP vision tower (`CLIPVisionModel`): patch embedding (a conv without bias), a
 //! learned class token, learned absolute positions, `pre_layrnorm` (sic, the HF
 //! spelling), pre-LN encoder blocks with quick-GELU MLPs, and `post_layernorm` applied to
-//! the class token only (the pooled output).
+//! the class token only (the pooled output).  A tower whose config asks for it
+//! (`popen_stem_channels`, ours) adds a convolutional stem's output to the patch
+//! embedding ([`super::stem`]); no Hugging Face CLIP has one.
 //!
 //! Hidden states are numbered as HF numbers them: state 0 is the embedding output
 //! after `pre_layrnorm`, state i is the output of block i, so the last state is
@@ -10,6 +12,7 @@
 //! B batch, C hidden size, P patch size, NP patches, S = NP + 1 positions, I MLP size.
 use super::config::ClipVisionConfig;
 use super::io::StDtype;
+use super::stem::{ConvStem, StemActs};
 use super::weights::{save_params, Checkpoint};
 use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
@@ -47,6 +50,9 @@ pub struct ClipVision<F: Float = f32, B: Backend<F> = Cpu> {
     pub class_embedding: Tensor<F, B>,
     /// conv weight (C, CH, P, P), no bias
     pub patch_embedding: PatchEmbed<F, B>,
+    /// The convolutional stem added to the patch embedding (ours; `cfg.stem_channels`
+    /// above 0), listed as `embeddings.stem.*`.
+    pub stem: Option<ConvStem<F, B>>,
     /// (S, C)
     pub position_embedding: Embedding<F, B>,
     pub pre_layrnorm: LayerNorm<F, B>,
@@ -66,8 +72,9 @@ pub struct ClipOutput<Buf> {
 
 impl<F: Float, B: Backend<F>> ClipVision<F, B> {
     /// Zero-initialised (norms at 1/0), every tensor trainable; fill with
-    /// [`ClipVision::load`] or by name through [`ClipVision::params_mut`].
-    pub fn new(be: B, cfg: ClipVisionConfig) -> Self {
+    /// [`ClipVision::load`] or by name through [`ClipVision::params_mut`].  An error
+    /// when the config asks for a stem its patch size cannot hold.
+    pub fn new(be: B, cfg: ClipVisionConfig) -> Result<Self> {
         let (c, eps) = (cfg.hidden_size, cfg.layer_norm_eps as f32);
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| ClipLayer {
@@ -86,9 +93,14 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
                 mlp: Mlp::new(&be, c, cfg.intermediate_size, cfg.hidden_act.into(), true),
             })
             .collect();
-        ClipVision {
+        let stem = match cfg.stem_channels {
+            0 => None,
+            c1 => Some(ConvStem::new(&be, cfg.num_channels, c1, c, cfg.patch_size)?),
+        };
+        Ok(ClipVision {
             class_embedding: Tensor::zeros(&be, &[c]),
             patch_embedding: PatchEmbed::new(&be, cfg.num_channels, c, cfg.patch_size, false),
+            stem,
             position_embedding: Embedding::new(&be, cfg.num_positions(), c),
             pre_layrnorm: LayerNorm::new(&be, c, eps),
             post_layernorm: LayerNorm::new(&be, c, eps),
@@ -96,7 +108,7 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             cfg,
             be,
             prefix: String::new(),
-        }
+        })
     }
 
     /// Every parameter with its HF name relative to the tower (`embeddings.…`,
@@ -118,6 +130,11 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             ("pre_layrnorm.weight".into(), &mut self.pre_layrnorm.weight),
             ("pre_layrnorm.bias".into(), &mut self.pre_layrnorm.bias),
         ];
+        if let Some(stem) = &mut self.stem {
+            for (n, t) in stem.params_mut() {
+                out.push((format!("embeddings.stem.{n}"), t));
+            }
+        }
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("encoder.layers.{i}");
             let a = &mut l.self_attn;
@@ -161,7 +178,7 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
 
     /// A tower filled from `ck`, whose tensor names start with `prefix`; frozen.
     pub fn load(be: B, cfg: ClipVisionConfig, ck: &Checkpoint, prefix: &str) -> Result<Self> {
-        let mut m = Self::new(be.clone(), cfg);
+        let mut m = Self::new(be.clone(), cfg)?;
         m.prefix = prefix.to_string();
         m.set_trainable(false);
         ck.load_params(&be, m.params_mut(), |n| format!("{prefix}{n}"))?;
@@ -205,9 +222,11 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             ));
         }
         // embeddings: x[b, 0] = class, x[b, 1 + p] = patch p; then + positions
-        let (_, patches) =
-            self.patch_embedding
-                .forward(be, pixels, ImageShape { b, h: hw, w: hw })?; // (B, NP, C)
+        let img = ImageShape { b, h: hw, w: hw };
+        let (_, mut patches) = self.patch_embedding.forward(be, pixels, img)?; // (B, NP, C)
+        if let Some(stem) = &self.stem {
+            be.axpy(&mut patches, F::one(), &stem.forward(be, pixels, img)?.0)?;
+        }
         let mut x = be.zeros(b * s * c); // (B, S, C)
         let mut pos = be.zeros(b * s * c);
         for bi in 0..b {
@@ -277,6 +296,8 @@ pub struct ClipActs<Buf> {
     b: usize,
     /// patchified pixels (B·NP, CH·P·P)
     patches: Buf,
+    /// the stem's activations, when the tower has one
+    stem: Option<StemActs<Buf>>,
     /// class + patches + positions (B, S, C), the input of `pre_layrnorm`
     x0: Buf,
     st0: NormStats<Buf>,
@@ -325,7 +346,15 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             ));
         }
         let img = ImageShape { b, h: hw, w: hw };
-        let (patches, pe) = self.patch_embedding.forward(be, pixels, img)?; // (B, NP, C)
+        let (patches, mut pe) = self.patch_embedding.forward(be, pixels, img)?; // (B, NP, C)
+        let stem = match &self.stem {
+            Some(stem) => {
+                let (y, acts) = stem.forward(be, pixels, img)?;
+                be.axpy(&mut pe, F::one(), &y)?;
+                Some(acts)
+            }
+            None => None,
+        };
         let mut x = be.zeros(b * s * c);
         let mut pos = be.zeros(b * s * c);
         for bi in 0..b {
@@ -370,6 +399,7 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             ClipActs {
                 b,
                 patches,
+                stem,
                 x0,
                 st0,
                 layers,
@@ -459,6 +489,10 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         let img = ImageShape { b, h: hw, w: hw };
         self.patch_embedding
             .backward(&be, &acts.patches, &dpe, img, false)?;
+        // forward: patch[b,p] = patch_embedding + stem (both of the pixels)
+        if let (Some(stem), Some(sa)) = (&mut self.stem, &acts.stem) {
+            stem.backward(&be, sa, &dpe)?;
+        }
         Ok(())
     }
 }

@@ -300,6 +300,10 @@ pub struct ClipVisionConfig {
     pub patch_size: usize,
     pub layer_norm_eps: f64,
     pub hidden_act: HfAct,
+    /// Channels of the convolutional stem added to the patch embedding (ours, not
+    /// CLIP's: [`crate::model::stem`]); 0 = none, as every Hugging Face CLIP.  Read from
+    /// and written to `popen_stem_channels`, absent when 0.
+    pub stem_channels: usize,
 }
 
 impl ClipVisionConfig {
@@ -316,6 +320,7 @@ impl ClipVisionConfig {
             patch_size: f.usize_or("patch_size", 32)?,
             layer_norm_eps: f.pos_f64_or("layer_norm_eps", 1e-5)?,
             hidden_act: f.act_or("hidden_act", HfAct::QuickGelu)?,
+            stem_channels: f.usize_or("popen_stem_channels", 0)?,
         };
         f.divisible(
             "hidden_size",
@@ -324,6 +329,16 @@ impl ClipVisionConfig {
             c.num_attention_heads,
         )?;
         f.divisible("image_size", c.image_size, "patch_size", c.patch_size)?;
+        let cell = crate::model::stem::STEM_CELL;
+        if c.stem_channels > 0 && !c.patch_size.is_multiple_of(cell) {
+            return Err(f.err(
+                "popen_stem_channels",
+                format!(
+                    "a stem needs patches of a multiple of {cell} pixels, not {}",
+                    c.patch_size
+                ),
+            ));
+        }
         Ok(c)
     }
     /// Patches per image side.
@@ -686,5 +701,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(s.contains("vision_config.intermediate_size"), "{s}");
+        // a stem (ours) needs patches of whole 4-pixel cells: 336 / 14 has none
+        let v = json!({"vision_config": {"hidden_size": 8, "num_attention_heads": 2,
+                                         "image_size": 336, "patch_size": 14,
+                                         "popen_stem_channels": 16},
+                       "text_config": llama_json()});
+        let s = LlavaConfig::from_fields(&Fields::new(p, &v).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains("vision_config.popen_stem_channels"), "{s}");
     }
 }

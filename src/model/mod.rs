@@ -21,6 +21,7 @@ pub mod llama;
 pub mod llava;
 pub mod pretrained;
 pub mod seg;
+pub mod stem;
 pub mod weights;
 
 pub use bert::{Bert, BertOutput};

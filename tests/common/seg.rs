@@ -23,6 +23,7 @@ pub fn tiny_cfg() -> SegModelConfig {
             vision_heads: 2,
             vision_intermediate: 10,
             patch_size: 4,
+            vision_stem: 0,
             text_hidden: 8,
             text_layers: 2,
             text_heads: 2,

@@ -19,6 +19,10 @@ pub struct TinyLvlm {
     pub vision_intermediate: usize,
     /// Patch size in pixels (CLIP ViT-L/14 uses 14; ours: 16 on a 128 image, an 8 × 8 grid).
     pub patch_size: usize,
+    /// Channels of the ViT's convolutional stem (ours, not CLIP's:
+    /// [`crate::model::stem`]); 0 = none, CLIP's plain patch embedding (the default, and
+    /// how a run directory written before the stem existed reads).
+    pub vision_stem: usize,
     /// LLaMA width.  Ours.
     pub text_hidden: usize,
     pub text_layers: usize,
@@ -40,6 +44,7 @@ impl Default for TinyLvlm {
             vision_heads: 4,
             vision_intermediate: 512,
             patch_size: 16,
+            vision_stem: 0,
             text_hidden: 192,
             text_layers: 4,
             text_heads: 6,

@@ -27,6 +27,7 @@ pub fn tiny_llava_config(cfg: &SegModelConfig, vocab: usize, image_token: u32) -
             patch_size: l.patch_size,
             layer_norm_eps: 1e-5,
             hidden_act: HfAct::QuickGelu,
+            stem_channels: l.vision_stem,
         },
         text: HfLlamaConfig {
             vocab_size: vocab,
@@ -76,7 +77,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         )?;
         let mut rng = Rng::new(seed);
         let language_model = Llama::new(be.clone(), llcfg, rng.next_u64())?;
-        let mut vision_tower = ClipVision::new(be.clone(), lc.vision.clone());
+        let mut vision_tower = ClipVision::new(be.clone(), lc.vision.clone())?;
         vision_tower.init_random(rng.next_u64());
         let (cv, h) = (lc.vision.hidden_size, lc.text.hidden_size);
         let mut projector = Mlp {

@@ -34,7 +34,7 @@ fn act_name(a: HfAct) -> &'static str {
 /// The Hugging Face `LlavaConfig` JSON of `c`.
 pub fn llava_json(c: &LlavaConfig) -> Value {
     let (v, t) = (&c.vision, &c.text);
-    json!({
+    let mut j = json!({
         "model_type": "llava",
         "architectures": ["LlavaForConditionalGeneration"],
         "image_token_index": c.image_token_index,
@@ -69,7 +69,11 @@ pub fn llava_json(c: &LlavaConfig) -> Value {
             "tie_word_embeddings": t.tie_word_embeddings,
             "hidden_act": "silu",
         },
-    })
+    });
+    if v.stem_channels > 0 {
+        j["vision_config"]["popen_stem_channels"] = json!(v.stem_channels);
+    }
+    j
 }
 
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
@@ -163,7 +167,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 /// A lower bound on the parameters `SegModel::new` allocates for `cfg` and `lc` (the
 /// large matrices only, in saturating arithmetic, so a hostile config cannot overflow
 /// it): LLaMA's embeddings, attention and MLP projections (and an untied head), the
-/// ViT's patch embedding and blocks, the projector, the codebook head, the pixel
+/// ViT's patch embedding, stem and blocks, the projector, the codebook head, the pixel
 /// decoder's projections, convolutions and MLPs, and the patch-category head.
 pub fn min_param_count(cfg: &SegModelConfig, lc: &LlavaConfig) -> u128 {
     let u = |x: usize| x as u128;
@@ -193,7 +197,16 @@ pub fn min_param_count(cfg: &SegModelConfig, lc: &LlavaConfig) -> u128 {
         .saturating_mul(hv)
         .saturating_mul(4)
         .saturating_add(hv.saturating_mul(u(vi.intermediate_size)).saturating_mul(2));
-    let vision = patch.saturating_add(vblock.saturating_mul(u(vi.num_hidden_layers)));
+    let c1 = u(vi.stem_channels);
+    let stem =
+        c1.saturating_mul(c1)
+            .saturating_mul(9)
+            .saturating_add(c1.saturating_mul(hv).saturating_mul(
+                u(vi.patch_size / crate::model::stem::STEM_CELL).saturating_pow(2),
+            ));
+    let vision = patch
+        .saturating_add(stem)
+        .saturating_add(vblock.saturating_mul(u(vi.num_hidden_layers)));
     let projector = hv.saturating_mul(h).saturating_add(h.saturating_mul(h));
     let d = u(cfg.seg_dim);
     let seg_head = h.saturating_mul(h).saturating_add(h.saturating_mul(d));
