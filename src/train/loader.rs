@@ -9,7 +9,10 @@
 use crate::error::{Error, Result};
 use crate::nn::Rng;
 use serde::{Deserialize, Serialize};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvError, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Mixed into the seed so that the data order is independent of the model's RNG
 /// stream (both start from the one run seed).
@@ -114,9 +117,49 @@ impl IndexStream {
     }
 }
 
+/// The receiving end of [`spawn_loader`].  Dropping it stops the loader and waits until
+/// its thread has ended, running rayon's pending work meanwhile when the caller is a
+/// pool thread: the loader may be inside pool work of its own, which a pool thread that
+/// only waited (as the end of a `std::thread::scope` does) would never run.
+pub struct Loader<T> {
+    rx: Option<Receiver<T>>,
+    done: Arc<AtomicBool>,
+}
+
+impl<T> Loader<T> {
+    /// The next message ([`recv_on_pool`]); an error once the loader has ended.
+    pub fn recv(&self) -> std::result::Result<T, RecvError> {
+        match &self.rx {
+            Some(rx) => recv_on_pool(rx),
+            None => Err(RecvError),
+        }
+    }
+}
+
+impl<T> Drop for Loader<T> {
+    fn drop(&mut self) {
+        // a loader blocked in `send` sees the closed channel and ends
+        self.rx.take();
+        while !self.done.load(Ordering::Acquire) {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::thread::sleep(IDLE_WAIT);
+            }
+        }
+    }
+}
+
+/// Sets its flag when dropped: the loader thread's end, a panic included.
+struct DoneOnDrop(Arc<AtomicBool>);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Starts the loader on a scoped thread: micro-batches of `size` from `start`, at most
 /// `ahead` waiting in the channel.  The thread stops after the first load error (sent
-/// as the last message) or when the receiver is dropped.
+/// as the last message) or when the [`Loader`] is dropped.
 pub fn spawn_loader<'scope, 'env, D: Dataset>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     data: &'env D,
@@ -124,7 +167,7 @@ pub fn spawn_loader<'scope, 'env, D: Dataset>(
     start: Cursor,
     size: usize,
     ahead: usize,
-) -> Result<Receiver<Result<MicroBatch<D::Item>>>>
+) -> Result<Loader<Result<MicroBatch<D::Item>>>>
 where
     D::Item: 'env,
 {
@@ -143,7 +186,10 @@ where
         ));
     }
     let (tx, rx) = sync_channel(ahead.max(1));
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = DoneOnDrop(done.clone());
     scope.spawn(move || {
+        let _flag = flag;
         let mut stream = IndexStream::new(seed, n, start);
         loop {
             let (visits, end) = stream.next_batch(size);
@@ -163,13 +209,128 @@ where
             }
         }
     });
-    Ok(rx)
+    Ok(Loader { rx: Some(rx), done })
+}
+
+/// How long [`recv_on_pool`] waits for a batch before it looks for pool work again.
+const IDLE_WAIT: Duration = Duration::from_micros(200);
+
+/// `rx.recv()` for a caller that may be one of rayon's pool threads (the `popen` binary
+/// runs every command on one: `backend::cpu::on_worker`).  A loader's own work may use
+/// the pool (a preference item's mask counts do), and a pool thread parked in `recv`
+/// cannot run it: with one pool thread (`RAYON_NUM_THREADS=1`, a one-core machine) the
+/// two would wait for each other forever.  So while no batch has come, the caller runs
+/// the pool's pending work, and waits on the channel for at most [`IDLE_WAIT`] at a
+/// time when there is none (a batch that comes ends the wait at once).  Off the pool it
+/// is `rx.recv()`.
+pub fn recv_on_pool<T>(rx: &Receiver<T>) -> std::result::Result<T, RecvError> {
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Ok(v),
+            Err(TryRecvError::Disconnected) => return Err(RecvError),
+            Err(TryRecvError::Empty) => match rayon::yield_now() {
+                None => return rx.recv(),
+                Some(rayon::Yield::Executed) => {}
+                Some(rayon::Yield::Idle) => match rx.recv_timeout(IDLE_WAIT) {
+                    Ok(v) => return Ok(v),
+                    Err(RecvTimeoutError::Disconnected) => return Err(RecvError),
+                    Err(RecvTimeoutError::Timeout) => {}
+                },
+            },
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A consumer on a one-thread pool, a producer that needs that pool: `recv` would
+    /// wait forever (the stage-2 loader did so under `RAYON_NUM_THREADS=1`).
+    #[test]
+    fn a_pool_thread_waiting_for_a_batch_runs_the_loaders_pool_work() {
+        use rayon::prelude::*;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let got = pool.install(|| {
+                let (tx, rx) = sync_channel(1);
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        for k in 0..3u64 {
+                            let v = pool.install(|| (0..1000u64).into_par_iter().sum::<u64>());
+                            tx.send(v + k).unwrap();
+                        }
+                    });
+                    (0..3)
+                        .map(|_| recv_on_pool(&rx).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            });
+            done_tx.send(got).ok();
+        });
+        let got = done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the pool thread and the loader waited for each other");
+        assert_eq!(got, vec![499_500, 499_501, 499_502]);
+        // off the pool it is a plain recv, and a closed channel is an error
+        let (tx, rx) = sync_channel::<u8>(1);
+        tx.send(7).unwrap();
+        drop(tx);
+        assert_eq!(recv_on_pool(&rx), Ok(7));
+        assert!(recv_on_pool(&rx).is_err());
+    }
+
+    /// The same through [`spawn_loader`]: a data set whose loading needs the consumer's
+    /// one-thread pool; two batches received, then the [`Loader`] dropped while the
+    /// loader thread is in pool work or waiting to send (a run's end), and the scope
+    /// still ends (it waited forever before the drop ran the pool's work).
+    #[test]
+    fn a_loader_on_a_one_thread_pool_delivers_and_ends() {
+        struct OnPool<'p>(&'p rayon::ThreadPool);
+        impl Dataset for OnPool<'_> {
+            type Item = u64;
+            fn len(&self) -> usize {
+                5
+            }
+            fn load(&self, i: usize) -> Result<u64> {
+                use rayon::prelude::*;
+                Ok(self
+                    .0
+                    .install(|| (0..1000u64).into_par_iter().map(|x| x * i as u64).sum()))
+            }
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let data = OnPool(&pool);
+            let got = pool.install(|| {
+                std::thread::scope(|s| {
+                    let loader = spawn_loader(s, &data, 0, Cursor::default(), 2, 1).unwrap();
+                    let mut items = loader.recv().unwrap().unwrap().items;
+                    items.extend(loader.recv().unwrap().unwrap().items);
+                    items
+                })
+            });
+            done_tx.send(got).ok();
+        });
+        let items = done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the pool thread and the loader waited for each other");
+        assert_eq!(items.len(), 4);
+        let mut idx: Vec<u64> = items.iter().map(|v| v / 499_500).collect();
+        assert!(items.iter().all(|v| v % 499_500 == 0), "{items:?}");
+        idx.sort_unstable();
+        idx.dedup();
+        assert_eq!(idx.len(), 4, "four distinct examples: {items:?}");
+    }
 
     #[test]
     fn order_is_a_permutation_that_changes_per_epoch_and_seed() {
