@@ -42,6 +42,7 @@ fn tiny() -> SegModelConfig {
             text_intermediate: 8,
             max_positions: 64,
             vocab_size: 120,
+            ..TinyLvlm::default()
         },
         ..SegModelConfig::default()
     }
