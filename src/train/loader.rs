@@ -246,18 +246,31 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    /// A consumer on a one-thread pool, a producer that needs that pool: `recv` would
-    /// wait forever (the stage-2 loader did so under `RAYON_NUM_THREADS=1`).
-    #[test]
-    fn a_pool_thread_waiting_for_a_batch_runs_the_loaders_pool_work() {
-        use rayon::prelude::*;
+    /// Runs `f` with a fresh one-thread pool on a thread of its own and returns what it
+    /// returns; fails the test after 60 s (the deadlocks these tests catch never end).
+    fn on_one_thread_pool<T: Send + 'static>(
+        f: impl FnOnce(&rayon::ThreadPool) -> T + Send + 'static,
+    ) -> T {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(1)
                 .build()
                 .unwrap();
-            let got = pool.install(|| {
+            done_tx.send(f(&pool)).ok();
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the pool thread and the loader waited for each other")
+    }
+
+    /// A consumer on a one-thread pool, a producer that needs that pool: `recv` would
+    /// wait forever (the stage-2 loader did so under `RAYON_NUM_THREADS=1`).
+    #[test]
+    fn a_pool_thread_waiting_for_a_batch_runs_the_loaders_pool_work() {
+        use rayon::prelude::*;
+        let got = on_one_thread_pool(|pool| {
+            pool.install(|| {
                 let (tx, rx) = sync_channel(1);
                 std::thread::scope(|s| {
                     s.spawn(|| {
@@ -270,12 +283,8 @@ mod tests {
                         .map(|_| recv_on_pool(&rx).unwrap())
                         .collect::<Vec<_>>()
                 })
-            });
-            done_tx.send(got).ok();
+            })
         });
-        let got = done_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the pool thread and the loader waited for each other");
         assert_eq!(got, vec![499_500, 499_501, 499_502]);
         // off the pool it is a plain recv, and a closed channel is an error
         let (tx, rx) = sync_channel::<u8>(1);
@@ -304,26 +313,17 @@ mod tests {
                     .install(|| (0..1000u64).into_par_iter().map(|x| x * i as u64).sum()))
             }
         }
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap();
-            let data = OnPool(&pool);
-            let got = pool.install(|| {
+        let items = on_one_thread_pool(|pool| {
+            let data = OnPool(pool);
+            pool.install(|| {
                 std::thread::scope(|s| {
                     let loader = spawn_loader(s, &data, 0, Cursor::default(), 2, 1).unwrap();
                     let mut items = loader.recv().unwrap().unwrap().items;
                     items.extend(loader.recv().unwrap().unwrap().items);
                     items
                 })
-            });
-            done_tx.send(got).ok();
+            })
         });
-        let items = done_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the pool thread and the loader waited for each other");
         assert_eq!(items.len(), 4);
         let mut idx: Vec<u64> = items.iter().map(|v| v / 499_500).collect();
         assert!(items.iter().all(|v| v % 499_500 == 0), "{items:?}");
