@@ -119,9 +119,12 @@ fn default_ps_copies() -> usize {
 impl DemoCfg {
     /// The default run: the built-in model with stage 1 as in
     /// `tools/configs/stage1_world.toml` for 800 steps (300 left the masks near empty),
-    /// with the re-read mix at 0.25: 12.75 minutes on an idle 2-core machine (seed 2:
-    /// stage 1 359 s, stage 2 207 s, stage 3 171 s, predictions 27 s), over the 10 the
-    /// issue asks for; the mix costs stage 1 about 8 % (331 s without it).  Stage 2
+    /// with the re-read mix at 0.25: 7.5 minutes on an idle 2-core AMD EPYC (seed 0:
+    /// stage 1 264 s, stage 2 115 s, stage 3 61 s, predictions 7 s; 12.75 minutes on a
+    /// slower host before the later speed-ups), inside the 10 the issue asks for; the
+    /// mix cost stage 1 about 8 % when it was measured.  A 4000-step stage 1
+    /// (`--sft-steps`) gives meaningful masks (SFT 38.9 gIoU) but not the paper's
+    /// ordering either (docs/demo.md), so the default keeps the budget.  Stage 2
     /// adds its own re-read mix at 0.5 (its samples: about 16 s for 300 questions; its
     /// rows: a second pass each step); with it the `popen` row rose in each of 3 seeds
     /// by 0.4–0.7 gIoU and its CHAIR_i fell by 0.6–1.6 (docs/demo.md has the table).
