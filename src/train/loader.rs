@@ -220,7 +220,7 @@ const IDLE_WAIT: Duration = Duration::from_micros(200);
 /// the pool (a preference item's mask counts do), and a pool thread parked in `recv`
 /// cannot run it: with one pool thread (`RAYON_NUM_THREADS=1`, a one-core machine) the
 /// two would wait for each other forever.  So while no batch has come, the caller runs
-/// the pool's pending work, and waits on the channel for at most `IDLE_WAIT` (200 µs) at a
+/// the pool's pending work, and waits on the channel for at most `IDLE_WAIT` at a
 /// time when there is none (a batch that comes ends the wait at once).  Off the pool it
 /// is `rx.recv()`.
 pub fn recv_on_pool<T>(rx: &Receiver<T>) -> std::result::Result<T, RecvError> {
