@@ -8,49 +8,88 @@ use std::path::PathBuf;
 pub enum Error {
     /// A buffer or tensor has the wrong size for the operation.
     #[error("shape mismatch in {op}: {msg}")]
-    Shape { op: &'static str, msg: String },
+    Shape {
+        /// Operation that rejected the input, e.g. `"ConvStem::forward"`.
+        op: &'static str,
+        /// What does not match, with the sizes involved.
+        msg: String,
+    },
     /// An argument is out of its documented range.
     #[error("invalid argument to {op}: {msg}")]
-    InvalidArg { op: &'static str, msg: String },
+    InvalidArg {
+        /// Operation that rejected the argument, e.g. `"ConvStem::new"`.
+        op: &'static str,
+        /// The value given and the range it must lie in.
+        msg: String,
+    },
     /// NaN or infinity where a finite number is required.
     #[error("non-finite value in {what}")]
-    NonFinite { what: String },
+    NonFinite {
+        /// The quantity (and where known, the step or element) that went non-finite.
+        what: String,
+    },
     /// File system error with the path it concerns.
     #[error("{path}: {source}")]
     Io {
+        /// File or directory being read or written.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
     /// Malformed JSON (or JSON lines); `line` is 1-based where it applies.
     #[error("{path}{}: {msg}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Json {
+        /// File that failed to parse.
         path: PathBuf,
+        /// 1-based line number for JSON-lines files; `None` for a whole-file document.
         line: Option<usize>,
+        /// Parser message or description of the malformed value.
         msg: String,
     },
     /// A data file is readable but a field in it is wrong.
     #[error("{path}: field `{field}`: {msg}")]
     Data {
+        /// Data file the field comes from.
         path: PathBuf,
+        /// Name of the offending field.
         field: String,
+        /// What is wrong with the field's value.
         msg: String,
     },
     /// A safetensors file is truncated, hostile or does not match the model.
     #[error("{path}: {msg}")]
-    Safetensors { path: PathBuf, msg: String },
+    Safetensors {
+        /// The safetensors file.
+        path: PathBuf,
+        /// What is wrong: the header, a tensor's dtype, shape or byte range.
+        msg: String,
+    },
     /// A tensor the model needs is absent from the checkpoint.
     #[error("{path}: missing tensor `{name}`")]
-    MissingTensor { path: PathBuf, name: String },
+    MissingTensor {
+        /// The checkpoint file searched.
+        path: PathBuf,
+        /// Name of the absent tensor.
+        name: String,
+    },
     /// A model configuration value is missing or unsupported.
     #[error("{path}: config field `{field}`: {msg}")]
     Config {
+        /// The configuration file (e.g. `config.json`).
         path: PathBuf,
+        /// Name of the missing or unsupported field.
         field: String,
+        /// Why the value is rejected.
         msg: String,
     },
     /// An image that does not decode or has the wrong size.
     #[error("{path}: {msg}")]
-    Image { path: PathBuf, msg: String },
+    Image {
+        /// The image file, or `<memory>` when encoding to a buffer.
+        path: PathBuf,
+        /// Decode error or size mismatch.
+        msg: String,
+    },
     /// Tokenizer load/train/encode failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

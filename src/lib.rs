@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # popen
 //!
 //! POPEN — preference-based optimization and ensemble for reasoning segmentation with

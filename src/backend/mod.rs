@@ -29,7 +29,9 @@ pub use device::{DeviceBackend, DeviceChoice, OnBackend};
 /// Whether an op overwrites its output or adds into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accum {
+    /// `out = result`; the old contents are ignored.
     Replace,
+    /// `out += result`.
     Add,
 }
 
@@ -38,10 +40,15 @@ pub enum Accum {
 /// `a` is stored (M,K), or (K,M) when `ta`; `b` is stored (K,N), or (N,K) when `tb`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MatmulSpec {
+    /// Rows of `out` and of `op(a)`.
     pub m: usize,
+    /// The contracted dimension: columns of `op(a)`, rows of `op(b)`.
     pub k: usize,
+    /// Columns of `out` and of `op(b)`.
     pub n: usize,
+    /// `a` is stored transposed, (K,M).
     pub ta: bool,
+    /// `b` is stored transposed, (N,K).
     pub tb: bool,
 }
 
@@ -67,11 +74,17 @@ pub enum Act {
 /// with Ho = H + 2·pad − K + 1 (and Wo alike), each row ordered (ky, kx, c).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dGeom {
+    /// Batch size B.
     pub b: usize,
+    /// Input height H, before padding.
     pub h: usize,
+    /// Input width W, before padding.
     pub w: usize,
+    /// Input channels C.
     pub c: usize,
+    /// Side K of the square kernel.
     pub k: usize,
+    /// Zero rows/columns added on every side of the input.
     pub pad: usize,
 }
 
@@ -103,12 +116,19 @@ impl Conv2dGeom {
 /// rows `src_at..` of `src` (BH, `src_t`, HS) to rows `dst_at..` of `dst` (BH, `dst_t`, HS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimeCopy {
+    /// Number of blocks BH (B·NKV for a KV cache).
     pub bh: usize,
+    /// Values per time row, HS.
     pub hs: usize,
+    /// Time rows per block of `dst` (a cache's capacity).
     pub dst_t: usize,
+    /// First time row written in each block of `dst`.
     pub dst_at: usize,
+    /// Time rows per block of `src`.
     pub src_t: usize,
+    /// First time row read in each block of `src`.
     pub src_at: usize,
+    /// Time rows copied per block.
     pub n: usize,
 }
 
@@ -164,10 +184,15 @@ pub fn map_jobs<F: Float, B: Backend<F>, T: Send, R: Send>(
 /// the caller through `step`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
+    /// Learning rate; it also scales the decoupled weight decay.
     pub lr: f32,
+    /// Decay of the first-moment (mean) estimate `m`.
     pub beta1: f32,
+    /// Decay of the second-moment estimate `v`.
     pub beta2: f32,
+    /// Added to `√v̂` in the denominator.
     pub eps: f32,
+    /// Decoupled weight decay: the step subtracts `lr · weight_decay · param`.
     pub weight_decay: f32,
     /// 1-based step number, for the bias corrections `1 − βᵗ`.
     pub step: u64,
@@ -194,12 +219,16 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     }
 
     // ---- memory ----
+    /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Self::Buf;
     /// Upload host values.
     #[allow(clippy::wrong_self_convention)]
     fn from_slice(&self, x: &[F]) -> Self::Buf;
+    /// Download to host values.
     fn to_vec(&self, x: &Self::Buf) -> Vec<F>;
+    /// Number of elements in `x`.
     fn len(&self, x: &Self::Buf) -> usize;
+    /// Sets every element of `x` to `v`.
     fn fill(&self, x: &mut Self::Buf, v: F);
     /// `dst[..] = src[..]` (equal lengths).
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;

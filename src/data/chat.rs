@@ -86,8 +86,10 @@ impl Corrector for WorldCorrector {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CorrectorKind {
+    /// The world's own exact, offline corrector ([`WorldCorrector`]).
     #[default]
     World,
+    /// An OpenAI-compatible chat-completions endpoint ([`ChatCorrector`], `[collect.chat]`).
     Chat,
 }
 
@@ -174,6 +176,7 @@ pub struct ChatCorrector {
     cfg: ChatCfg,
     cache: PathBuf,
     agent: ureq::Agent,
+    /// Outcomes of the requests made so far (written to `RUN/collect.json` under `chat`).
     pub counts: ChatCounts,
 }
 

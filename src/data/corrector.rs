@@ -214,6 +214,7 @@ fn lists(toks: &[String], ms: &[Mention]) -> Vec<Vec<usize>> {
 /// the ground-truth answer (canonical name, number of instances).
 #[derive(Clone, Debug, Default)]
 pub struct Context {
+    /// Objects in the scene: canonical name and number of instances.
     pub present: Vec<(String, usize)>,
     /// `None`: unknown (only hallucinated objects and wrong counts are fixed);
     /// `Some(empty)`: a no-target question.
@@ -705,9 +706,13 @@ pub fn inject(yg: &str, absent: &[&str], omit: f32, seed: u64) -> Option<(String
 /// positions `Ly`, `Lyc` (Sec. 3.2) from the token diff.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreferencePair {
+    /// Token ids of the sampled answer `y` (no special tokens added).
     pub y: Vec<u32>,
+    /// Token ids of its correction `yc`.
     pub yc: Vec<u32>,
+    /// `Ly`: ascending indices into `y` of the changed tokens.
     pub ly: Vec<usize>,
+    /// `Lyc`: ascending indices into `yc` of the changed tokens.
     pub lyc: Vec<usize>,
 }
 

@@ -13,8 +13,11 @@ pub const MIN_BLOCK: usize = 3;
 /// A run `a[a_start..a_start+len] == b[b_start..b_start+len]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block {
+    /// Start of the run in `a`.
     pub a_start: usize,
+    /// Start of the run in `b`.
     pub b_start: usize,
+    /// Length of the run, in elements.
     pub len: usize,
 }
 

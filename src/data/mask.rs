@@ -11,7 +11,9 @@ pub const IGNORE: u8 = 255;
 /// ([`IGNORE`] = excluded from scoring where a reader says so).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Mask {
+    /// Rows, in pixels.
     pub height: usize,
+    /// Columns, in pixels.
     pub width: usize,
     /// height × width, row-major
     pub data: Vec<u8>,

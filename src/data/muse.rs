@@ -14,10 +14,15 @@ pub struct MuseImage {
     /// Image path relative to the data root.
     #[serde(default)]
     pub file_name: String,
+    /// COCO image URL; when `file_name` is empty the readers take the image path from
+    /// its last two segments (`…/<split>/<file>` gives `<split>/<file>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coco_url: Option<String>,
+    /// Image height, in pixels.
     pub height: u32,
+    /// Image width, in pixels.
     pub width: u32,
+    /// The image's questions (reasoning instructions), one answer per question.
     pub questions: Vec<String>,
     /// Per question, the annotations of its targets, in `<seg>` order.
     pub answers: Vec<Vec<MuseAnn>>,
@@ -32,10 +37,12 @@ pub struct MuseImage {
 /// One annotated object.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MuseAnn {
+    /// The object's category name.
     pub category_name: String,
     /// `[x, y, w, h]`
     #[serde(default)]
     pub bbox: Vec<f64>,
+    /// The object's mask, as polygons or RLE.
     pub segmentation: Segmentation,
 }
 
@@ -45,6 +52,7 @@ pub struct MuseAnn {
 pub enum Segmentation {
     /// `[[x0, y0, x1, y1, ...], ...]`
     Polygons(Vec<Vec<f64>>),
+    /// A run-length encoded mask.
     Rle(RleJson),
 }
 
@@ -53,6 +61,7 @@ pub enum Segmentation {
 pub struct RleJson {
     /// `[height, width]`
     pub size: [u32; 2],
+    /// The runs, compressed or not (see [`RleCounts`]).
     pub counts: RleCounts,
 }
 
@@ -60,7 +69,9 @@ pub struct RleJson {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum RleCounts {
+    /// pycocotools' compressed string.
     Compressed(String),
+    /// Alternating run lengths, zeros first, column-major.
     Runs(Vec<u32>),
 }
 

@@ -17,17 +17,25 @@ use crate::error::{Error, Result};
 /// A plain Python value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// `None`
     None,
+    /// `True` / `False`
     Bool(bool),
+    /// `int` (Python 2 `long` too); one that does not fit in i64 is an `Err`
     Int(i64),
+    /// `float` (a double)
     Float(f64),
     /// `str` (and Python 2 `str`, decoded as UTF-8, else Latin-1)
     Str(String),
+    /// `bytes`
     Bytes(Vec<u8>),
+    /// `list`
     List(Vec<Value>),
+    /// `tuple`
     Tuple(Vec<Value>),
     /// key-value pairs in insertion order
     Dict(Vec<(Value, Value)>),
+    /// `set` or `frozenset`, items in the order the pickle adds them
     Set(Vec<Value>),
 }
 
@@ -42,12 +50,14 @@ impl Value {
             _ => None,
         }
     }
+    /// The text of a `str`; `None` for any other type.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),
             _ => None,
         }
     }
+    /// An int, or a bool as 0 / 1; `None` for any other type.
     pub fn as_i64(&self) -> Option<i64> {
         match self {
             Value::Int(i) => Some(*i),

@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 /// A run-length encoded mask.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rle {
+    /// Rows of the mask, in pixels.
     pub height: usize,
+    /// Columns of the mask, in pixels.
     pub width: usize,
     /// Alternating run lengths, zeros first, column-major.
     pub counts: Vec<u32>,

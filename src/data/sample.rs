@@ -60,6 +60,7 @@ pub(crate) fn check_size(path: &Path, field: &str, height: usize, width: usize) 
 /// One segmented object: its category (or phrase) and its mask.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Target {
+    /// Category name (MUSE, refCOCO), label (ReasonSeg) or grounded phrase (GranD-f).
     pub category: String,
     /// `height × width` of the sample; 1 = object, 0 = background, and
     /// [`IGNORE`](super::mask::IGNORE) = excluded from scoring (ReasonSeg).
@@ -73,8 +74,12 @@ pub struct Sample {
     pub image_id: String,
     /// Absolute or root-relative path of the image file (not opened by the readers).
     pub image_path: PathBuf,
+    /// Image height, in pixels (every mask's height).
     pub height: usize,
+    /// Image width, in pixels (every mask's width).
     pub width: usize,
+    /// The instruction: a MUSE / ReasonSeg question, a refCOCO referring sentence, or
+    /// GranD-f's fixed caption request.
     pub question: String,
     /// Index of this question among the image's questions (or a ref's sentences).
     pub question_index: usize,

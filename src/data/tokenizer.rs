@@ -19,9 +19,13 @@ use tokenizers::{
 
 /// Marks where the image features go in the prompt.
 pub const IMAGE_TOKEN: &str = "<image>";
+/// Padding token; [`Tok`] adds it as a special token when the vocabulary lacks it.
 pub const PAD_TOKEN: &str = "<pad>";
+/// Begin-of-sequence token (a loaded tokenizer may use `<|begin_of_text|>` instead).
 pub const BOS_TOKEN: &str = "<s>";
+/// End-of-sequence token (a loaded tokenizer may use `<|end_of_text|>` instead).
 pub const EOS_TOKEN: &str = "</s>";
+/// Unknown token: the world BPE's fallback for text outside its vocabulary.
 pub const UNK_TOKEN: &str = "<unk>";
 /// Special tokens of the world tokenizer, in id order (ids 0..6).
 pub const WORLD_SPECIALS: [&str; 6] =
@@ -39,11 +43,17 @@ fn terr(what: &str, e: impl std::fmt::Display) -> Error {
 /// A tokenizer with the ids the model needs.
 #[derive(Clone)]
 pub struct Tok {
+    /// The wrapped `tokenizers` tokenizer, with the special tokens added.
     pub inner: tokenizers::Tokenizer,
+    /// Id of [`SEG`] (`<seg>`).
     pub seg: u32,
+    /// Id of [`IMAGE_TOKEN`].
     pub image: u32,
+    /// Id of [`PAD_TOKEN`].
     pub pad: u32,
+    /// Id of [`BOS_TOKEN`], else of `<|begin_of_text|>`.
     pub bos: u32,
+    /// Id of [`EOS_TOKEN`], else of `<|end_of_text|>`.
     pub eos: u32,
 }
 

@@ -45,8 +45,12 @@ mod cuda_repr {
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchCfg {
+    /// Number of blocks along x, y, z (`gridDim`).
     pub grid: [u32; 3],
+    /// Threads per block along x, y, z (`blockDim`).
     pub block: [u32; 3],
+    /// Dynamic shared memory per block, in bytes; above 48 KiB the CUDA path raises the
+    /// kernel's opt-in limit first.
     pub shmem: u32,
 }
 
@@ -71,10 +75,15 @@ impl LaunchCfg {
 pub enum KArg {
     /// Device address (host address on the emulator).
     Ptr(u64),
+    /// 32-bit signed integer (`int`).
     I32(i32),
+    /// 32-bit unsigned integer (`unsigned int`).
     U32(u32),
+    /// 64-bit signed integer (`long long`).
     I64(i64),
+    /// 64-bit unsigned integer (`unsigned long long`).
     U64(u64),
+    /// 32-bit float (`float`).
     F32(f32),
 }
 

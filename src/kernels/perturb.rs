@@ -48,9 +48,13 @@ pub struct PerturbCfg {
 /// One noise rectangle: rows `y0 .. y0+h`, columns `x0 .. x0+w`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Rect {
+    /// Top row, in pixels.
     pub y0: usize,
+    /// Left column, in pixels.
     pub x0: usize,
+    /// Height in pixels.
     pub h: usize,
+    /// Width in pixels.
     pub w: usize,
 }
 

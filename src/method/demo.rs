@@ -43,15 +43,23 @@ use std::time::Instant;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DemoCfg {
+    /// Seed of the world, of every stage's training (`[train] seed`) and of the
+    /// ensemble's sampling.
     pub seed: u64,
+    /// `--quick`: the tiny model (the integration tests' size) instead of the built-in
+    /// world model; stages 2 and 3 then take stage 1's `[train]` settings.
     pub quick: bool,
-    /// World images generated for training and testing.
+    /// World images generated for stage 1's training split.
     pub train_images: usize,
+    /// World images of the test split, which the three methods answer and are scored on.
     pub test_images: usize,
     /// The first this many training images are stage 2's questions.
     pub pref_images: usize,
+    /// Stage 1's optimizer steps (`[train] total_steps`; a checkpoint every quarter).
     pub sft_steps: u64,
+    /// Stage 2's optimizer steps (a checkpoint every half).
     pub pref_steps: u64,
+    /// Stage 3's optimizer steps, in which only `p̂` trains (a checkpoint every half).
     pub ensemble_steps: u64,
     /// Perturbed copies per question in stage 2's `Ps` (`[ps] np`; the paper's 30 cost
     /// 2.5× as much, see [`DemoCfg::standard`]).
@@ -229,13 +237,25 @@ impl DemoCfg {
 /// One row of the results table, in `popen eval --out`'s units (ratios in [0, 1]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DemoRow {
+    /// `sft`, `popen_no_ensemble` or `popen` (the module docs' table).
     pub method: String,
+    /// MUSE gIoU: the matched pairs' IoUs summed over the questions, over the summed
+    /// `max(|P|, |G|)`.
     pub giou: Option<f64>,
+    /// MUSE cIoU: the matched pairs' summed intersections over their summed unions,
+    /// unmatched masks adding their areas to the unions.
     pub ciou: Option<f64>,
+    /// Mean Boundary IoU of the matched pairs.
     pub boundary_iou: Option<f64>,
+    /// CHAIR_s: the fraction of answers that name at least one object absent from the
+    /// image.
     pub chair_s: Option<f64>,
+    /// CHAIR_i: the fraction of object mentions that name an absent object.
     pub chair_i: Option<f64>,
+    /// The fraction of matched pairs that are localization errors (IoU < 0.75 with the
+    /// target, > 0.25 with another object).
     pub loc_error: Option<f64>,
+    /// The fraction of no-target questions answered with no mask.
     pub no_target_acc: Option<f64>,
 }
 
@@ -258,8 +278,11 @@ impl DemoRow {
 /// `DIR/results.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DemoResults {
+    /// One row per method: `sft`, `popen_no_ensemble`, `popen`.
     pub rows: Vec<DemoRow>,
+    /// The demo's seed (`config.seed`).
     pub seed: u64,
+    /// The settings the demo ran with (`DIR/demo.json`).
     pub config: DemoCfg,
     /// Seconds per step (`world`, `sft`, `pref`, `predict_<method>`).
     pub timings: BTreeMap<String, f64>,
@@ -267,10 +290,13 @@ pub struct DemoResults {
     /// token unchanged), and sentence `η` against its target's IoU; `None` when
     /// undefined (too few pairs, or no spread).
     pub pearson_text: Option<f64>,
+    /// Supp C's r for segmentation: sentence `η` against its mask's IoU with the
+    /// best-matching target (see `pearson_text`).
     pub pearson_seg: Option<f64>,
     /// Whether the `popen` row used a stage-3 prompt `p̂`, and whether stage 3 trained
     /// with `Lti` (MiniLM present).
     pub stage3: bool,
+    /// Whether stage 3 trained with `Lti` (all-MiniLM-L6-v2 found); `false`: `Lsi` alone.
     pub lti: bool,
 }
 

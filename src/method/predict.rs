@@ -159,6 +159,7 @@ fn answer_items(
 /// --samples`): what the refinement read and what it made of it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SampleLine {
+    /// The image's `file_name`, as in the prediction line.
     pub file_name: String,
     /// 0-based index into the image's `questions`.
     pub question: usize,
@@ -178,6 +179,7 @@ pub struct SampleLine {
 /// One sample `y_k` of [`SampleLine`].
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SampleText {
+    /// The sample's answer text.
     pub text: String,
     /// Mean log-probability of its tokens, EOS included.
     pub mean_logp: f32,
@@ -216,12 +218,16 @@ pub fn sample_lines(lines: &[PredLine], full: &[EnsemblePrediction]) -> Vec<Samp
 /// another sample's, or none of them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CopyCounts {
+    /// Questions whose `ỹ` is the most likely sample's text.
     pub most_likely: usize,
+    /// Questions whose `ỹ` is another sample's text.
     pub other_sample: usize,
+    /// Questions whose `ỹ` is none of the samples' texts.
     pub new_text: usize,
 }
 
 impl CopyCounts {
+    /// Counts `lines` by where each answer's text comes from.
     pub fn of(lines: &[SampleLine]) -> Self {
         let mut c = Self::default();
         for l in lines {

@@ -59,7 +59,10 @@ pub const OMIT: f32 = 1.0 / 3.0;
 /// line of stage 2's `RUN/reread.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Reread {
+    /// Index of the question among the training samples it was picked from.
     pub index: usize,
+    /// The answers read before the answer, in order: up to K candidates (stage 1's
+    /// ground truth or injected errors, stage 2's policy samples).
     pub read: Vec<String>,
 }
 

@@ -24,8 +24,11 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SftConfig {
+    /// `[model]`: the segmentation model's size and settings.
     pub model: SegModelConfig,
+    /// `[train]`: optimizer, schedule, checkpoints and seed.
     pub train: TrainConfig,
+    /// `[loss]`: the weights of CE, BCE, Dice and the auxiliary category losses.
     pub loss: LossWeights,
     /// Which parts train (all, for the tiny model trained from scratch).
     pub trainable: Parts,
@@ -66,7 +69,9 @@ impl Default for DataMix {
 
 /// The model as the trainer sees it, on backend `B`.
 pub struct SftModel<B: Backend<f32> = Cpu> {
+    /// The model being trained.
     pub model: SegModel<f32, B>,
+    /// The `[loss]` weights of each step's loss.
     pub weights: LossWeights,
 }
 
@@ -110,13 +115,16 @@ impl<B: Backend<f32>> Trainable for SftModel<B> {
 /// Samples preprocessed on demand (the trainer's loader runs this ahead of the compute):
 /// the samples, then the re-read questions.
 pub struct SftData<'a> {
+    /// The training questions: the file's, then the presence mix's.
     pub samples: Vec<Sample>,
     /// Samples asked again with answers to read first (`[data] reread`).
     pub reread: Vec<Reread>,
     /// The most ids a re-read example may take (the model's context less its image
     /// positions, plus the one image token): answers to read beyond it are dropped.
     pub max_ids: usize,
+    /// The model's config, which the examples are built for.
     pub cfg: &'a SegModelConfig,
+    /// The tokenizer that encodes the examples.
     pub tok: &'a SegTokenizer,
     /// `[data] shift`: each visit moves the scene by up to this many pixels; 0 = off.
     pub shift: usize,
@@ -159,10 +167,14 @@ impl SftData<'_> {
 /// Where a stage reads and writes.
 #[derive(Clone, Debug)]
 pub struct SftPaths {
+    /// The training file (MUSE schema).
     pub data: PathBuf,
     /// Image root (default: the data file's folder).
     pub images: Option<PathBuf>,
+    /// The run directory to write (and to resume from).
     pub out: PathBuf,
+    /// Validation data (MUSE schema): its first [`VAL_IMAGES`] images are answered
+    /// greedily and scored with `popen eval`'s metrics at each validation.
     pub val: Option<PathBuf>,
     /// A Hugging Face LLaVA directory to start from (LLaVA-1.5); None = the tiny model
     /// from scratch.

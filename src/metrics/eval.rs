@@ -38,10 +38,13 @@ impl Default for EvalConfig {
 /// One line of `PRED.jsonl` as written.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct PredLine {
+    /// Image the prediction belongs to; must equal a `file_name` of `DATA.json`.
     pub file_name: String,
     /// 0-based index into the image's `questions`.
     pub question: usize,
+    /// The model's response text, scored by CHAIR.
     pub text: String,
+    /// Predicted masks as COCO RLE of the image's size; each one counts as a prediction.
     pub masks: Vec<RleJson>,
 }
 
@@ -50,6 +53,7 @@ pub struct PredLine {
 pub struct Prediction {
     /// 1-based line in `PRED.jsonl`.
     pub line: usize,
+    /// The model's response text, scored by CHAIR.
     pub text: String,
     /// Per mask, runs that cover exactly the image (validated).
     pub masks: Vec<Vec<u32>>,
@@ -159,24 +163,37 @@ pub fn parse_preds(text: &str, source: &Path, data: &[MuseImage]) -> Result<Pred
 /// What one question contributes to the sums.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct QuestionScore {
+    /// `|G|`: ground-truth masks of the question.
     pub n_targets: usize,
+    /// `|P|`: predicted masks (0 when the prediction is missing).
     pub n_pred: usize,
+    /// `PRED.jsonl` has no line for the question; it is scored as text `""` with no masks.
     pub missing: bool,
     /// MUSE numerator: Σ IoU of matched pairs (1 for empty vs empty).
     pub muse_iou: f64,
     /// MUSE denominator: `max(|P|, |G|)`, 1 for empty vs empty.
     pub muse_denom: u64,
+    /// MUSE `ΣI`: intersection pixels of the matched pairs.
     pub muse_inter: u64,
+    /// MUSE `ΣU`: union pixels of the matched pairs plus the area of every unmatched
+    /// prediction and ground truth.
     pub muse_union: u64,
+    /// Pairs matched by the MUSE assignment (pairs with IoU 0 count as unmatched).
     pub n_matched: u64,
     /// Σ Boundary IoU over matched pairs.
     pub boundary_iou: f64,
     /// Matched pairs that are localization errors.
     pub loc_errors: u64,
+    /// LISA IoU of the union of the predicted masks with the union of the ground truths
+    /// (1 for empty vs empty).
     pub lisa_iou: f64,
+    /// Intersection pixels of the two unions.
     pub lisa_inter: u64,
+    /// Union pixels of the two unions.
     pub lisa_union: u64,
+    /// CHAIR mentions of vocabulary objects in the response text.
     pub mentions: u64,
+    /// Mentions whose object is not among the image's objects.
     pub hallucinated: u64,
     /// The matched ground truth of each prediction (for per-question inspection).
     pub matches: Vec<Option<usize>>,
@@ -437,29 +454,43 @@ impl Acc {
 /// MUSE-protocol scores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MuseScores {
+    /// Σ per-question IoU sums / Σ `max(|P|, |G|)`.
     pub giou: Option<f64>,
+    /// `ΣI / ΣU` over the questions (1 when `ΣU = 0`).
     pub ciou: Option<f64>,
+    /// Mean Boundary IoU over matched pairs; `None` when nothing matched.
     pub boundary_iou: Option<f64>,
 }
 
 /// LISA-protocol scores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LisaScores {
+    /// Mean over questions of the IoU of the unions.
     pub giou: Option<f64>,
+    /// `ΣI / ΣU` of the unions over the questions (1 when `ΣU = 0`).
     pub ciou: Option<f64>,
 }
 
 /// The integer counts behind the ratios.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Counts {
+    /// `Σ|P|`: predicted masks.
     pub predicted_masks: u64,
+    /// `Σ|G|`: ground-truth masks.
     pub target_masks: u64,
+    /// Pairs matched by the MUSE assignment.
     pub matched: u64,
+    /// Matched pairs that are localization errors.
     pub loc_errors: u64,
+    /// CHAIR mentions of vocabulary objects.
     pub mentions: u64,
+    /// Mentions of objects not in their image.
     pub hallucinated_mentions: u64,
+    /// Responses with at least one hallucinated mention.
     pub hallucinating_responses: u64,
+    /// Questions with no ground-truth mask.
     pub no_target_questions: u64,
+    /// No-target questions that got no predicted mask.
     pub no_target_correct: u64,
 }
 
@@ -467,32 +498,49 @@ pub struct Counts {
 /// over is empty.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
+    /// Scores under the MUSE (multi-target) protocol.
     pub muse: MuseScores,
+    /// Scores under the LISA (union of masks) protocol.
     pub lisa: LisaScores,
+    /// CHAIR_S: responses with at least one hallucination / all responses.
     pub chair_s: Option<f64>,
+    /// CHAIR_I: hallucinated mentions / all mentions.
     pub chair_i: Option<f64>,
+    /// Questions in the set.
     pub n_questions: u64,
+    /// Questions with no line in `PRED.jsonl`.
     pub missing: u64,
+    /// Localization errors / matched pairs (Supp D.3).
     pub loc_error: Option<f64>,
+    /// No-target accuracy (GSVA's N-acc): share of no-target questions with no
+    /// predicted mask.
     pub no_target_acc: Option<f64>,
+    /// The integer counts behind the ratios.
     pub counts: Counts,
 }
 
 /// The `few` / `many` splits.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ByTargets {
+    /// Questions with at most `few_max` ground-truth masks, no-target ones included.
     pub few: Metrics,
+    /// Questions with more than `few_max` ground-truth masks.
     pub many: Metrics,
 }
 
 /// The report of `popen eval`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    /// Metrics over every question; flattened into the report's top level in JSON.
     #[serde(flatten)]
     pub overall: Metrics,
+    /// The same metrics over the `few` and `many` splits.
     pub by_targets: ByTargets,
+    /// Image records in `DATA.json`.
     pub n_images: u64,
+    /// Boundary IoU's dilation ratio used (fraction of the image diagonal).
     pub dilation_ratio: f64,
+    /// Largest target count of the `few` split used.
     pub few_max: usize,
 }
 

@@ -17,9 +17,13 @@ use std::path::Path;
 /// Metrics of one mask pair.
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct MaskCase {
+    /// Intersection / union of the foregrounds (1.0 for empty vs empty).
     pub iou: f64,
+    /// IoU of the two boundaries at width `d = max(1, round(ratio · diagonal))`.
     pub boundary_iou: f64,
+    /// Foreground pixels in both masks.
     pub intersection: u64,
+    /// Foreground pixels in either mask.
     pub union: u64,
 }
 
@@ -27,8 +31,11 @@ pub struct MaskCase {
 /// [`Report`](super::Report)).
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct MaskReport {
+    /// Per file name, the metrics of that pair (sorted by name).
     pub cases: BTreeMap<String, MaskCase>,
+    /// Mean IoU over the pairs.
     pub giou: f64,
+    /// `ΣI / ΣU` over the pairs (1.0 when `ΣU = 0`).
     pub ciou: f64,
 }
 

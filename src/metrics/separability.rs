@@ -13,11 +13,19 @@
 /// What [`separability`] measures.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Separability {
+    /// Items `(category, group, vector)` given.
     pub items: usize,
+    /// Distinct categories among the items.
     pub categories: usize,
+    /// Mean cosine over cross-image pairs of the same category; `None` without such a pair.
     pub cos_same: Option<f64>,
+    /// Mean cosine over cross-image pairs of different categories; `None` without such a
+    /// pair.
     pub cos_diff: Option<f64>,
+    /// Leave-one-out nearest-neighbour accuracy over the items that have a neighbour in
+    /// another image; `None` when none has.
     pub nn_accuracy: Option<f64>,
+    /// Share of the most frequent category (0 when there are no items).
     pub chance: f64,
 }
 

@@ -23,25 +23,35 @@ pub const BERT_MARKER: &str = "embeddings.word_embeddings.weight";
 /// `attention.output.{dense,LayerNorm}`, `intermediate.dense`, `output.{dense,LayerNorm}`.
 #[derive(Clone, Debug)]
 pub struct BertLayer<F: Float = f32, B: Backend<F> = Cpu> {
+    /// Bidirectional self-attention with biases (`attention.self.*`, o = `attention.output.dense`).
     pub attention: Attention<F, B>,
+    /// `attention.output.LayerNorm`, applied to `x + attn(x)`.
     pub attention_norm: LayerNorm<F, B>,
     /// fc1 = `intermediate.dense`, fc2 = `output.dense`
     pub mlp: Mlp<F, B>,
+    /// `output.LayerNorm`, applied to `h + mlp(h)`.
     pub output_norm: LayerNorm<F, B>,
 }
 
 /// `BertModel`.
 #[derive(Clone, Debug)]
 pub struct Bert<F: Float = f32, B: Backend<F> = Cpu> {
+    /// Sizes and hyper-parameters (HF `config.json`).
     pub cfg: BertConfig,
+    /// Backend that holds the weights and runs the forward pass.
     pub be: B,
     /// Prefix of the tensor names in the checkpoint it came from (empty or `bert.`);
     /// [`Bert::save_weights`] writes the same names.
     pub prefix: String,
+    /// Token embeddings, (V, C).
     pub word_embeddings: Embedding<F, B>,
+    /// Absolute position embeddings, (`max_position_embeddings`, C).
     pub position_embeddings: Embedding<F, B>,
+    /// Segment embeddings, (`type_vocab_size`, C); type 0 when none are given.
     pub token_type_embeddings: Embedding<F, B>,
+    /// `embeddings.LayerNorm`, applied to the summed embeddings.
     pub embeddings_norm: LayerNorm<F, B>,
+    /// `encoder.layer.{i}`, `num_hidden_layers` of them.
     pub layers: Vec<BertLayer<F, B>>,
     /// `pooler.dense`; None for checkpoints saved without a pooler.
     pub pooler: Option<Linear<F, B>>,

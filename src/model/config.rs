@@ -12,9 +12,13 @@ use std::path::{Path, PathBuf};
 /// The architectures `popen forward` runs, from `model_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelType {
+    /// `llama`: a LLaMA decoder.
     Llama,
+    /// `clip_vision_model`: a CLIP vision tower.
     ClipVision,
+    /// `bert`: a BERT encoder.
     Bert,
+    /// `llava`: LLaVA-1.5 (CLIP tower, projector, LLaMA decoder).
     Llava,
 }
 
@@ -236,8 +240,11 @@ impl<'a> Fields<'a> {
 /// unchanged) and `model_type`.
 #[derive(Clone, Debug)]
 pub struct HfConfig {
+    /// The file read; errors name it.
     pub path: PathBuf,
+    /// The whole file as parsed (a JSON object).
     pub json: Value,
+    /// Architecture named by the top-level `model_type`.
     pub model_type: ModelType,
 }
 
@@ -291,14 +298,24 @@ impl HfConfig {
 /// CLIP vision tower (`CLIPVisionConfig`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClipVisionConfig {
+    /// Width C of the tower's residual stream; a multiple of `num_attention_heads`
+    /// (default 768).
     pub hidden_size: usize,
+    /// Inner width I of each block's MLP (default 3072).
     pub intermediate_size: usize,
+    /// Encoder blocks L (default 12).
     pub num_hidden_layers: usize,
+    /// Attention heads per block (default 12).
     pub num_attention_heads: usize,
+    /// Input image channels CH (default 3).
     pub num_channels: usize,
+    /// Side of the square input image in pixels; a multiple of `patch_size` (default 224).
     pub image_size: usize,
+    /// Side P of one square patch in pixels (default 32).
     pub patch_size: usize,
+    /// Epsilon of every LayerNorm (default 1e-5).
     pub layer_norm_eps: f64,
+    /// MLP activation (default `quick_gelu`).
     pub hidden_act: HfAct,
     /// Channels of the convolutional stem added to the patch embedding (ours, not
     /// CLIP's: [`crate::model::stem`]); 0 = none, as every Hugging Face CLIP.  Read from
@@ -362,18 +379,29 @@ impl ClipVisionConfig {
 /// BERT encoder (`BertConfig`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BertConfig {
+    /// Rows V of the word embedding table (default 30522).
     pub vocab_size: usize,
+    /// Width C of the residual stream; a multiple of `num_attention_heads` (default 768).
     pub hidden_size: usize,
+    /// Encoder blocks (default 12).
     pub num_hidden_layers: usize,
+    /// Attention heads per block (default 12).
     pub num_attention_heads: usize,
+    /// Inner width I of each block's MLP (default 3072).
     pub intermediate_size: usize,
+    /// MLP activation (default `gelu`, the erf form).
     pub hidden_act: HfAct,
+    /// Rows of the absolute position table: the longest input in tokens (default 512).
     pub max_position_embeddings: usize,
+    /// Rows of the token-type (segment) table (default 2).
     pub type_vocab_size: usize,
+    /// Epsilon of every LayerNorm (default 1e-12).
     pub layer_norm_eps: f64,
 }
 
 impl BertConfig {
+    /// From a `bert` config; refuses a non-`absolute` `position_embedding_type` and
+    /// `is_decoder: true`.
     pub fn from_fields(f: &Fields<'_>) -> Result<Self> {
         if let Some(pe) = f.opt_str("position_embedding_type")? {
             if pe != "absolute" {
@@ -415,18 +443,37 @@ impl BertConfig {
 /// LLaMA decoder as Hugging Face describes it (`LlamaConfig`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HfLlamaConfig {
+    /// Rows V of the token embedding and of the output head (default 32000).
     pub vocab_size: usize,
+    /// Width C of the decoder's residual stream (default 4096).
     pub hidden_size: usize,
+    /// Inner width of each block's SwiGLU MLP (default 11008).
     pub intermediate_size: usize,
+    /// Decoder blocks (default 32).
     pub num_hidden_layers: usize,
+    /// Query heads per block (default 32).
     pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); divides `num_attention_heads`,
+    /// `num_attention_heads` when absent.
     pub num_key_value_heads: usize,
+    /// Size of one attention head; even (RoPE), `hidden_size / num_attention_heads`
+    /// when absent.
     pub head_dim: usize,
+    /// Longest sequence (prompt plus generated tokens) in positions (default 2048).
     pub max_position_embeddings: usize,
+    /// Epsilon of every RMSNorm (default 1e-6).
     pub rms_norm_eps: f64,
+    /// RoPE base, from `rope_parameters.rope_theta` or `rope_theta`
+    /// (default [`DEFAULT_ROPE_THETA`]).
     pub rope_theta: f64,
+    /// The output head reuses the token embedding matrix (no `lm_head.weight`;
+    /// default false).
     pub tie_word_embeddings: bool,
+    /// Biases on the attention projections (default false; true is refused by
+    /// [`crate::model::llama::llama_config`]).
     pub attention_bias: bool,
+    /// Biases on the MLP projections (default false; true is refused by
+    /// [`crate::model::llama::llama_config`]).
     pub mlp_bias: bool,
 }
 
@@ -434,6 +481,8 @@ pub struct HfLlamaConfig {
 pub const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 
 impl HfLlamaConfig {
+    /// From a `llama` config or LLaVA's `text_config`; refuses an activation other than
+    /// `silu`, `pretraining_tp` ≠ 1, an odd head size and a scaled RoPE.
     pub fn from_fields(f: &Fields<'_>) -> Result<Self> {
         let act = f.act_or("hidden_act", HfAct::Silu)?;
         if act != HfAct::Silu {
@@ -530,19 +579,27 @@ fn rope_theta(f: &Fields<'_>) -> Result<f64> {
 /// LLaVA-1.5 (`LlavaConfig`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlavaConfig {
+    /// The vision tower (`vision_config`).
     pub vision: ClipVisionConfig,
+    /// The language model (`text_config`; only `llama`).
     pub text: HfLlamaConfig,
+    /// Token id of the image placeholder whose embeddings the projected patches replace
+    /// (`image_token_index`, or `image_token_id`; default 32000); inside the text vocabulary.
     pub image_token_index: usize,
+    /// Activation between the projector's `linear_1` and `linear_2` (default `gelu`).
     pub projector_hidden_act: HfAct,
     /// Index into the tower's hidden states (embeddings = 0, layer i output = i + 1);
     /// negative counts from the end, as in Python.
     pub vision_feature_layer: i64,
     /// `default` drops the class token, `full` keeps it.
     pub drop_class_token: bool,
+    /// Biases on the projector's linears (`multimodal_projector_bias`, default true).
     pub projector_bias: bool,
 }
 
 impl LlavaConfig {
+    /// From a `llava` config with nested `vision_config` and `text_config`; refuses a
+    /// list of feature layers and an index outside the tower's hidden states.
     pub fn from_fields(f: &Fields<'_>) -> Result<Self> {
         let vision = ClipVisionConfig::from_fields(&f.nested("vision_config")?)?;
         let tf = f.nested("text_config")?;

@@ -21,10 +21,15 @@ use std::path::{Path, PathBuf};
 /// The named tensors of one inputs file.
 #[derive(Clone, Debug)]
 pub struct Inputs {
+    /// The safetensors file read; input errors name it.
     pub path: PathBuf,
+    /// Token ids, I64 (B, T); required by every architecture but the CLIP tower.
     pub input_ids: Option<IntTensor>,
+    /// Key mask, I64 (B, T): 1 = token, 0 = padding; optional.
     pub attention_mask: Option<IntTensor>,
+    /// Segment ids, I64 (B, T); read by BERT only, zeros when absent.
     pub token_type_ids: Option<IntTensor>,
+    /// Images (B, CH, H, W), read as f32 from F32/F16/BF16; for LLaVA B counts images.
     pub pixel_values: Option<HostTensor>,
 }
 

@@ -30,8 +30,11 @@ const METADATA_KEY: &str = "__metadata__";
 /// Element types this crate reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StDtype {
+    /// IEEE single precision, 4 bytes.
     F32,
+    /// IEEE half precision, 2 bytes.
     F16,
+    /// bfloat16 (f32's 8-bit exponent, 7-bit mantissa), 2 bytes.
     BF16,
     /// Integer inputs (`input_ids`, `attention_mask`) and index buffers.
     I64,
@@ -90,7 +93,9 @@ impl StDtype {
 /// A dense row-major f32 tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostTensor {
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// Elements in row-major order; as many as the product of `shape`.
     pub data: Vec<f32>,
 }
 
@@ -110,7 +115,9 @@ impl HostTensor {
 /// A dense row-major i64 tensor (token ids, masks).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IntTensor {
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// Elements in row-major order; as many as the product of `shape`.
     pub data: Vec<i64>,
 }
 
@@ -387,6 +394,7 @@ fn encode_f32(t: &HostTensor, dtype: StDtype) -> Vec<u8> {
 pub enum OutValue<'a> {
     /// Floats, stored in the given float dtype (rounded to nearest even).
     Float(&'a HostTensor, StDtype),
+    /// Integers, stored as I64.
     Int(&'a IntTensor),
 }
 

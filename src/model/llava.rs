@@ -46,8 +46,11 @@ pub const LLAVA_HEAD_NAMES: &[&str] = &["lm_head.weight", "language_model.lm_hea
 /// Where one LLaVA checkpoint keeps each part.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LlavaNames {
+    /// Prefix of the vision tower's tensors (one of [`LLAVA_VISION_PREFIXES`]).
     pub vision: String,
+    /// Prefix of the projector's `linear_{1,2}` tensors (one of [`LLAVA_PROJECTOR_PREFIXES`]).
     pub projector: String,
+    /// Decoder prefix and output head name.
     pub text: LlamaNames,
 }
 
@@ -104,11 +107,15 @@ impl LlavaNames {
 /// `LlavaForConditionalGeneration`.
 #[derive(Clone, Debug)]
 pub struct Llava<F: Float = f32, B: Backend<F> = Cpu> {
+    /// The parsed `config.json`.
     pub cfg: LlavaConfig,
+    /// Backend that holds the weights and runs the forward pass.
     pub be: B,
+    /// CLIP tower, read at `cfg.vision_feature_layer`.
     pub vision_tower: ClipVision<F, B>,
     /// fc1 = `linear_1` (Cv → C), fc2 = `linear_2` (C → C)
     pub projector: Mlp<F, B>,
+    /// LLaMA decoder with its output head.
     pub language_model: Llama<F, B>,
     /// The names parameters are listed and saved under.
     pub names: LlavaNames,
@@ -119,6 +126,7 @@ pub struct Llava<F: Float = f32, B: Backend<F> = Cpu> {
 pub struct LlavaOutput<Buf> {
     /// (B, T', V), T' = T after image-token expansion
     pub logits: Buf,
+    /// T', the sequence length after image-token expansion (T when nothing was expanded).
     pub t: usize,
     /// the token ids of the sequence the decoder saw (B·T'), image tokens included
     pub ids: Vec<u32>,

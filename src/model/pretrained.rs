@@ -20,12 +20,18 @@ use std::path::Path;
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Pretrained<F: Float = f32, B: Backend<F> = Cpu> {
+    /// `llama`: a `LlamaForCausalLM`.
     Llama {
+        /// The decoder with its output head.
         model: Llama<F, B>,
+        /// Decoder prefix and head name found in the checkpoint, reused when saving.
         names: LlamaNames,
     },
+    /// `clip_vision_model`: a CLIP vision tower.
     ClipVision(ClipVision<F, B>),
+    /// `bert`: a BERT encoder, with its pooler when the checkpoint has one.
     Bert(Bert<F, B>),
+    /// `llava`: LLaVA-1.5.
     Llava(Llava<F, B>),
 }
 

@@ -35,9 +35,11 @@ const STEM_ACT: Act = Act::GeluErf;
 pub struct ConvStem<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
     /// (C1, 3, Q, Q) + bias
     pub cell: PatchEmbed<F, B>,
+    /// LayerNorm over the C1 channels of each cell, before the first GELU.
     pub layer_norm1: LayerNorm<F, B>,
     /// (C1, 9·C1) in im2col order (ky, kx, c), no bias
     pub conv: Conv2d<F, B>,
+    /// LayerNorm over the C1 channels after the 3 × 3 conv, before the second GELU.
     pub layer_norm2: LayerNorm<F, B>,
     /// (C, R²·C1), input ordered (dy, dx, c), no bias
     pub merge: Linear<F, B>,

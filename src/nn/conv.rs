@@ -20,14 +20,18 @@ use num_traits::Float;
 pub struct Conv2d<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
     /// weight (OC, K·K·IC), bias (OC) or None
     pub lin: Linear<F, B>,
+    /// kernel side K
     pub k: usize,
+    /// zero padding on every side
     pub pad: usize,
 }
 
 /// What a [`Conv2d`] forward saves: the im2col matrix (B·Ho·Wo, K·K·IC) and the geometry.
 #[derive(Clone, Debug)]
 pub struct ConvActs<Buf> {
+    /// im2col of the input, (B·Ho·Wo, K·K·IC)
     pub cols: Buf,
+    /// input size, kernel and padding of the call
     pub geom: Conv2dGeom,
 }
 
@@ -40,9 +44,11 @@ impl<F: Float, B: Backend<F>> Conv2d<F, B> {
             pad,
         }
     }
+    /// IC, from the weight's width K·K·IC.
     pub fn in_channels(&self) -> usize {
         self.lin.fan_in() / (self.k * self.k).max(1)
     }
+    /// OC, the weight's rows.
     pub fn out_channels(&self) -> usize {
         self.lin.fan_out()
     }
@@ -124,9 +130,13 @@ const UP: usize = 2;
 /// What a [`ConvTranspose2x2`] forward saves: its input and the map size.
 #[derive(Clone, Debug)]
 pub struct ConvTActs<Buf> {
+    /// the input x (B,H,W,IC)
     pub x: Buf,
+    /// batch B
     pub b: usize,
+    /// input height H
     pub h: usize,
+    /// input width W
     pub w: usize,
 }
 
@@ -138,6 +148,7 @@ impl<F: Float, B: Backend<F>> ConvTranspose2x2<F, B> {
             bias: Tensor::zeros(be, &[oc]),
         }
     }
+    /// OC, the bias's length.
     pub fn out_channels(&self) -> usize {
         self.bias.numel()
     }
@@ -216,10 +227,15 @@ impl<F: Float, B: Backend<F>> ConvTranspose2x2<F, B> {
 /// input gradients summed by the caller.
 #[derive(Clone, Debug)]
 pub struct CrossAttention<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// query projection C → C/downsample_rate
     pub q: Linear<F, B>,
+    /// key projection C → C/downsample_rate
     pub k: Linear<F, B>,
+    /// value projection C → C/downsample_rate
     pub v: Linear<F, B>,
+    /// output projection C/downsample_rate → C
     pub o: Linear<F, B>,
+    /// number of heads NH
     pub nh: usize,
     /// head size, (C / downsample_rate) / NH
     pub hs: usize,
@@ -230,18 +246,28 @@ pub struct CrossAttention<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
 pub struct CrossActs<Buf> {
     /// the three inputs (B·Tq, C), (B·Tk, C), (B·Tk, C)
     pub xq: Buf,
+    /// key input (B·Tk, C)
     pub xk: Buf,
+    /// value input (B·Tk, C)
     pub xv: Buf,
     /// heads q (B,NH,Tq,HS), k, v (B,NH,Tk,HS); attention output y (B,NH,Tq,HS), lse
     /// (B,NH,Tq); ym = y merged (B·Tq, NH·HS)
     pub q: Buf,
+    /// key heads (B,NH,Tk,HS)
     pub k: Buf,
+    /// value heads (B,NH,Tk,HS)
     pub v: Buf,
+    /// attention output (B,NH,Tq,HS)
     pub y: Buf,
+    /// log-sum-exp of each query's scores (B,NH,Tq)
     pub lse: Buf,
+    /// `y` with heads merged, (B·Tq, NH·HS): the output projection's input
     pub ym: Buf,
+    /// batch B
     pub b: usize,
+    /// query tokens Tq
     pub tq: usize,
+    /// key tokens Tk
     pub tk: usize,
 }
 

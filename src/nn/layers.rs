@@ -24,7 +24,9 @@ fn rows<F: Float, B: Backend<F>>(be: &B, op: &'static str, x: &B::Buf, c: usize)
 /// `y = x Wᵀ + b`, W stored `[out, in]` as in PyTorch.
 #[derive(Clone, Debug)]
 pub struct Linear<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// W `[out, in]`.
     pub weight: Tensor<F, B>,
+    /// b `[out]`, or None for a bias-free layer.
     pub bias: Option<Tensor<F, B>>,
 }
 
@@ -36,9 +38,11 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
             bias: bias.then(|| Tensor::zeros(be, &[fan_out])),
         }
     }
+    /// Input width `in`: the weight's columns.
     pub fn fan_in(&self) -> usize {
         self.weight.shape[1]
     }
+    /// Output width `out`: the weight's rows.
     pub fn fan_out(&self) -> usize {
         self.weight.shape[0]
     }
@@ -117,7 +121,9 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
 /// RMSNorm (LLaMA): `x / √(mean(x²) + eps) · w`.
 #[derive(Clone, Debug)]
 pub struct RmsNorm<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// Scale w (C).
     pub weight: Tensor<F, B>,
+    /// Added to mean(x²) under the square root.
     pub eps: f32,
 }
 
@@ -156,15 +162,20 @@ impl<F: Float, B: Backend<F>> RmsNorm<F, B> {
 /// LayerNorm (CLIP, BERT): `(x − mean)/√(var + eps) · w + b`.
 #[derive(Clone, Debug)]
 pub struct LayerNorm<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// Scale w (C).
     pub weight: Tensor<F, B>,
+    /// Shift b (C).
     pub bias: Tensor<F, B>,
+    /// Added to the variance under the square root.
     pub eps: f32,
 }
 
 /// What a LayerNorm forward saves: mean and rstd (N).
 #[derive(Clone, Debug)]
 pub struct NormStats<Buf> {
+    /// Mean of each row (N).
     pub mean: Buf,
+    /// 1/√(var + eps) of each row (N).
     pub rstd: Buf,
 }
 
@@ -226,15 +237,18 @@ impl<F: Float, B: Backend<F>> LayerNorm<F, B> {
 /// Token (or position) embedding table `[V, C]`.
 #[derive(Clone, Debug)]
 pub struct Embedding<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// Table (V, C): row `id` is that token's (or position's) vector.
     pub weight: Tensor<F, B>,
 }
 
 impl<F: Float, B: Backend<F>> Embedding<F, B> {
+    /// A zero table of `v` rows of `c`, trainable.
     pub fn new(be: &B, v: usize, c: usize) -> Self {
         Embedding {
             weight: Tensor::zeros(be, &[v, c]),
         }
     }
+    /// Width C of one embedding.
     pub fn dim(&self) -> usize {
         self.weight.shape[1]
     }
@@ -259,19 +273,25 @@ impl<F: Float, B: Backend<F>> Embedding<F, B> {
 /// Weight `[OC, CH, P, P]` as PyTorch's Conv2d stores it, optional bias `[OC]`.
 #[derive(Clone, Debug)]
 pub struct PatchEmbed<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// Kernel `[OC, CH, P, P]`.
     pub weight: Tensor<F, B>,
+    /// Bias `[OC]`, or None.
     pub bias: Option<Tensor<F, B>>,
 }
 
 /// Image geometry of one patch-embedding call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageShape {
+    /// Batch B.
     pub b: usize,
+    /// Image height H in pixels (a multiple of P).
     pub h: usize,
+    /// Image width W in pixels (a multiple of P).
     pub w: usize,
 }
 
 impl<F: Float, B: Backend<F>> PatchEmbed<F, B> {
+    /// Zero-initialised, trainable: `ch` input channels, `oc` outputs, patch side `p`.
     pub fn new(be: &B, ch: usize, oc: usize, p: usize, bias: bool) -> Self {
         PatchEmbed {
             weight: Tensor::zeros(be, &[oc, ch, p, p]),
@@ -321,7 +341,7 @@ impl<F: Float, B: Backend<F>> PatchEmbed<F, B> {
         img: ImageShape,
         need_dpixels: bool,
     ) -> Result<Option<B::Buf>> {
-        let (oc, ch, p) = self.dims();
+        let (_, ch, p) = self.dims();
         let mut lin = self.as_linear();
         lin.weight.grad = self.weight.grad.take();
         if let (Some(lb), Some(b)) = (&mut lin.bias, &mut self.bias) {
@@ -332,7 +352,6 @@ impl<F: Float, B: Backend<F>> PatchEmbed<F, B> {
         if let (Some(lb), Some(b)) = (&mut lin.bias, &mut self.bias) {
             b.grad = lb.grad.take();
         }
-        let _ = oc;
         match res? {
             Some(dpatches) => {
                 let mut dpix = be.zeros(be.len(&dpatches));
@@ -350,20 +369,27 @@ impl<F: Float, B: Backend<F>> PatchEmbed<F, B> {
 /// LLaVA projector: GELU).
 #[derive(Clone, Debug)]
 pub struct Mlp<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// C → hidden.
     pub fc1: Linear<F, B>,
+    /// hidden → C.
     pub fc2: Linear<F, B>,
+    /// Activation between `fc1` and `fc2`.
     pub act: Act,
 }
 
 /// Saved activations of an [`Mlp`] forward.
 #[derive(Clone, Debug)]
 pub struct MlpActs<Buf> {
+    /// Input x (N,C).
     pub x: Buf,
+    /// `fc1(x)` (N,hidden), before the activation.
     pub h: Buf,
+    /// `act(h)` (N,hidden), the input of `fc2`.
     pub a: Buf,
 }
 
 impl<F: Float, B: Backend<F>> Mlp<F, B> {
+    /// Zero-initialised, trainable: C → `hidden` → C, with biases when `bias`.
     pub fn new(be: &B, c: usize, hidden: usize, act: Act, bias: bool) -> Self {
         Mlp {
             fc1: Linear::new(be, c, hidden, bias),
@@ -397,21 +423,29 @@ impl<F: Float, B: Backend<F>> Mlp<F, B> {
 /// LLaMA's gated MLP: `down(silu(gate(x)) · up(x))`, no biases.
 #[derive(Clone, Debug)]
 pub struct SwiGluMlp<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// C → I, through silu.
     pub gate: Linear<F, B>,
+    /// C → I, multiplied by the gate.
     pub up: Linear<F, B>,
+    /// I → C.
     pub down: Linear<F, B>,
 }
 
 /// Saved activations of a [`SwiGluMlp`] forward.
 #[derive(Clone, Debug)]
 pub struct SwiGluActs<Buf> {
+    /// Input x (N,C).
     pub x: Buf,
+    /// `gate(x)` (N,I).
     pub g: Buf,
+    /// `up(x)` (N,I).
     pub u: Buf,
+    /// `silu(g)·u` (N,I), the input of `down`.
     pub a: Buf,
 }
 
 impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
+    /// Zero-initialised, trainable, with C channels and I = `inter`.
     pub fn new(be: &B, c: usize, inter: usize) -> Self {
         SwiGluMlp {
             gate: Linear::new(be, c, inter, false),
@@ -465,22 +499,32 @@ impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
 /// CLIP's `out_proj` and BERT's `output.dense` map onto `o`.
 #[derive(Clone, Debug)]
 pub struct Attention<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// C → NH·HS.
     pub q: Linear<F, B>,
+    /// C → NKV·HS.
     pub k: Linear<F, B>,
+    /// C → NKV·HS.
     pub v: Linear<F, B>,
+    /// NH·HS → C.
     pub o: Linear<F, B>,
+    /// Query heads NH.
     pub nh: usize,
+    /// Key/value heads NKV; each serves NH/NKV query heads (GQA).
     pub nkv: usize,
+    /// Head size HS.
     pub hs: usize,
     /// RoPE base (LLaMA) or None (learned absolute positions: CLIP, BERT).
     pub rope_theta: Option<f32>,
+    /// Each query attends only to keys at its position or before.
     pub causal: bool,
 }
 
 /// Per-call context of an attention forward.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnCtx<'a, Buf> {
+    /// Batch B.
     pub b: usize,
+    /// New tokens T per sequence (the queries of this call).
     pub t: usize,
     /// Position of the first query (the KV-cache length when decoding).
     pub pos0: usize,
@@ -493,13 +537,17 @@ pub struct AttnCtx<'a, Buf> {
 /// Saved activations of an [`Attention`] forward.
 #[derive(Clone, Debug)]
 pub struct AttnActs<Buf> {
+    /// Input x (B·T, C).
     pub x: Buf,
-    /// q (B,NH,T,HS) after RoPE; k, v (B,NKV,Tk,HS) after RoPE.
+    /// q (B,NH,T,HS) after RoPE.
     pub q: Buf,
+    /// keys of this call (B,NKV,T,HS), after RoPE
     pub k: Buf,
+    /// values of this call (B,NKV,T,HS)
     pub v: Buf,
     /// per-head output (B,NH,T,HS) and its log-sum-exp (B,NH,T)
     pub y: Buf,
+    /// log-sum-exp of each query's scores (B,NH,T)
     pub lse: Buf,
     /// y merged back to (B,T,NH·HS), the input of `o`
     pub ym: Buf,
@@ -511,13 +559,19 @@ pub struct AttnActs<Buf> {
 /// copies nothing that is already cached ([`crate::nn::Llama::reserve_cache`] grows it).
 #[derive(Clone, Debug)]
 pub struct LayerKv<Buf> {
+    /// Cached keys (B, NKV, cap, HS), post-RoPE.
     pub k: Buf,
+    /// Cached values (B, NKV, cap, HS).
     pub v: Buf,
+    /// Valid rows per block: positions cached so far.
     pub len: usize,
+    /// Rows allocated per block.
     pub cap: usize,
 }
 
 impl<F: Float, B: Backend<F>> Attention<F, B> {
+    /// Zero-initialised, trainable: C → NH heads of HS for q, NKV heads for k and v, and
+    /// back; with biases when `bias`, RoPE when `rope_theta` is Some.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         be: &B,

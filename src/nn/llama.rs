@@ -30,28 +30,40 @@ fn default_max_pos() -> usize {
 /// The fields of a Hugging Face LLaMA `config.json` that the model uses.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// Token vocabulary V: rows of the embedding table and of the output head.
     pub vocab_size: usize,
+    /// Width C of the residual stream.
     pub hidden_size: usize,
+    /// Width I of the SwiGLU MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Number of decoder blocks.
     pub num_hidden_layers: usize,
+    /// Query heads NH; the head size is `hidden_size / num_attention_heads`.
     pub num_attention_heads: usize,
     /// GQA: query heads share key/value heads in groups (None in old configs = MHA).
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    /// Epsilon of every RMSNorm (default 1e-6).
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f32,
+    /// RoPE base (default 10000).
     #[serde(default = "default_theta")]
     pub rope_theta: f32,
+    /// Longest sequence, cache included, that a forward accepts (default 2048).
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// The output head reuses `embed_tokens`' table instead of its own `lm_head` (default
+    /// false).
     #[serde(default)]
     pub tie_word_embeddings: bool,
 }
 
 impl LlamaConfig {
+    /// Key/value heads NKV: `num_key_value_heads`, or NH when it is absent.
     pub fn n_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
+    /// Head size HS = `hidden_size / num_attention_heads`.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads.max(1)
     }
@@ -117,9 +129,13 @@ impl LlamaConfig {
 /// One decoder block.
 #[derive(Clone, Debug)]
 pub struct LlamaLayer<F: Float = f32, B: Backend<F> = Cpu> {
+    /// RMSNorm before attention.
     pub input_layernorm: RmsNorm<F, B>,
+    /// Causal GQA self-attention with RoPE, no biases.
     pub self_attn: Attention<F, B>,
+    /// RMSNorm before the MLP.
     pub post_attention_layernorm: RmsNorm<F, B>,
+    /// SwiGLU MLP C → I → C.
     pub mlp: SwiGluMlp<F, B>,
 }
 
@@ -128,20 +144,28 @@ pub struct LlamaLayer<F: Float = f32, B: Backend<F> = Cpu> {
 pub struct LayerActs<Buf> {
     /// residual stream entering the block (N,C)
     pub x: Buf,
+    /// `input_layernorm(x)` (N,C)
     pub ln1: Buf,
+    /// its rstd (N)
     pub rstd1: Buf,
+    /// what the attention saved
     pub attn: AttnActs<Buf>,
     /// residual after attention (N,C)
     pub xm: Buf,
+    /// `post_attention_layernorm(xm)` (N,C)
     pub ln2: Buf,
+    /// its rstd (N)
     pub rstd2: Buf,
+    /// what the MLP saved
     pub mlp: SwiGluActs<Buf>,
 }
 
 /// Everything a [`Llama::forward`] saves for [`Llama::backward`].
 #[derive(Clone, Debug)]
 pub struct LlamaActs<Buf> {
+    /// batch B
     pub b: usize,
+    /// tokens T per sequence in this call
     pub t: usize,
     /// position of the first token (the cache length); the backward needs 0
     pub pos0: usize,
@@ -149,10 +173,13 @@ pub struct LlamaActs<Buf> {
     pub ids: Option<Vec<u32>>,
     /// the forward's padding mask (B,T) and key bias γ (B,T), re-read by the backward
     pub key_mask: Option<Vec<u8>>,
+    /// the key bias γ, see `key_mask`
     pub bias: Option<Buf>,
+    /// each block's saved activations, first block first
     pub layers: Vec<LayerActs<Buf>>,
     /// residual stream after the last block (N,C)
     pub x_last: Buf,
+    /// rstd (N) of the final norm
     pub rstd_f: Buf,
     /// after the final norm (N,C): HF's `last_hidden_state`
     pub hidden: Buf,
@@ -161,7 +188,9 @@ pub struct LlamaActs<Buf> {
 /// Keys and values of every layer seen so far (batch B).
 #[derive(Clone, Debug)]
 pub struct KvCache<Buf> {
+    /// Batch B the cache was made for; a forward with another batch is an error.
     pub b: usize,
+    /// One key/value cache per decoder block.
     pub layers: Vec<LayerKv<Buf>>,
 }
 
@@ -174,6 +203,7 @@ impl<Buf> KvCache<Buf> {
     pub fn capacity(&self) -> usize {
         self.layers.first().map_or(0, |l| l.cap)
     }
+    /// No position cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -182,10 +212,15 @@ impl<Buf> KvCache<Buf> {
 /// `LlamaForCausalLM`.
 #[derive(Clone, Debug)]
 pub struct Llama<F: Float = f32, B: Backend<F> = Cpu> {
+    /// The config the model was built from (`vocab_size` follows [`Llama::grow_vocab`]).
     pub cfg: LlamaConfig,
+    /// The backend that holds the weights and runs every op.
     pub be: B,
+    /// Token embeddings (V, C).
     pub embed_tokens: Embedding<F, B>,
+    /// The decoder blocks, `model.layers.{i}`.
     pub layers: Vec<LlamaLayer<F, B>>,
+    /// Final RMSNorm, before the output head.
     pub norm: RmsNorm<F, B>,
     /// None when tied to `embed_tokens`.
     pub lm_head: Option<Linear<F, B>>,

@@ -35,13 +35,22 @@ pub type QueriesKeys<Buf, A> = (Buf, Buf, A);
 /// One block of the two-way transformer.
 #[derive(Clone, Debug)]
 pub struct TwoWayBlock<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// Token self-attention, full width C.
     pub self_attn: CrossAttention<F, B>,
+    /// Post-norm of the tokens after the self-attention.
     pub norm1: LayerNorm<F, B>,
+    /// Tokens attend to the image (width C/2 inside); SAM's `cross_attn_token_to_image`.
     pub cross_t2i: CrossAttention<F, B>,
+    /// Post-norm of the tokens after the token→image attention.
     pub norm2: LayerNorm<F, B>,
+    /// Token MLP C → `mlp_dim` → C with ReLU; SAM's `mlp.lin1`, `mlp.lin2`.
     pub mlp: Mlp<F, B>,
+    /// Post-norm of the tokens after the MLP.
     pub norm3: LayerNorm<F, B>,
+    /// Image tokens attend to the tokens (width C/2 inside); SAM's
+    /// `cross_attn_image_to_token`.
     pub cross_i2t: CrossAttention<F, B>,
+    /// Post-norm of the image tokens after the image→token attention.
     pub norm4: LayerNorm<F, B>,
     /// SAM's first block: the self-attention sees the tokens without their encoding and
     /// replaces them (no residual).
@@ -66,6 +75,8 @@ pub struct BlockActs<Buf> {
 }
 
 impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
+    /// Zero-initialised (norms: weight 1, bias 0): `c` channels, `nh` heads in every
+    /// attention, an MLP hidden width of `mlp_dim`.
     pub fn new(
         be: &B,
         c: usize,
@@ -200,8 +211,11 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
 /// a residual and a norm on the tokens.
 #[derive(Clone, Debug)]
 pub struct TwoWayTransformer<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
+    /// The `depth` blocks; only the first has `skip_first_layer_pe` set.
     pub layers: Vec<TwoWayBlock<F, B>>,
+    /// Final token→image attention (width C/2 inside); SAM's `final_attn_token_to_image`.
     pub final_attn: CrossAttention<F, B>,
+    /// Norm on the tokens after the final attention; SAM's `norm_final_attn`.
     pub norm_final: LayerNorm<F, B>,
 }
 

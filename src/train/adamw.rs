@@ -9,10 +9,16 @@ use num_traits::Float;
 /// Hyper-parameters; defaults are the paper's (Supp Table 7).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
+    /// Peak learning rate (Table 7: 3e-4).  [`AdamW::step`] does not read it: it takes
+    /// the rate of each step from its `lr` argument (the schedule).
     pub lr: f32,
+    /// Decay of the first-moment average `m` (Table 7: 0.9).
     pub beta1: f32,
+    /// Decay of the second-moment average `v` (Table 7: 0.95).
     pub beta2: f32,
+    /// ε added to `√v̂` in the denominator (1e-8, `torch.optim.AdamW`'s default).
     pub eps: f32,
+    /// Decoupled weight decay `wd` (Table 7: 0).
     pub weight_decay: f32,
 }
 
@@ -35,6 +41,7 @@ pub type Moments<Buf> = Vec<Option<(Buf, Buf)>>;
 /// passes to [`AdamW::step`] (keep the order fixed, e.g. `Llama::params_mut`).
 #[derive(Clone, Debug)]
 pub struct AdamW<F: Float, B: Backend<F>> {
+    /// Hyper-parameters of every step (the step's rate comes from [`AdamW::step`]'s `lr`).
     pub cfg: AdamWConfig,
     /// Number of steps taken so far.
     pub t: u64,
@@ -42,6 +49,8 @@ pub struct AdamW<F: Float, B: Backend<F>> {
 }
 
 impl<F: Float, B: Backend<F>> AdamW<F, B> {
+    /// An optimizer with no moments yet and `t = 0`; moments are created at a
+    /// parameter's first step.
     pub fn new(cfg: AdamWConfig) -> Self {
         AdamW {
             cfg,

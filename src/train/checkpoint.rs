@@ -56,6 +56,7 @@ pub struct TrainState {
     pub step: u64,
     /// The checkpoint folder, relative to the run directory.
     pub checkpoint: String,
+    /// Layout version; resume rejects any other than [`CHECKPOINT_FORMAT`].
     pub format: u32,
     /// The next example of the data stream.
     pub cursor: Cursor,
@@ -218,7 +219,9 @@ pub fn load_moments<B: Backend<f32>>(
 /// What a checkpoint writes besides the train state: the model's weights and the
 /// optimizer moments, each by a closure so that this module stays model-agnostic.
 pub struct CheckpointWriter<'a> {
+    /// The run directory `RUN`.
     pub run: &'a Path,
+    /// Checkpoint folders kept by [`CheckpointWriter::prune`], newest first (0 acts as 1).
     pub keep: usize,
 }
 

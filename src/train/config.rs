@@ -187,9 +187,13 @@ impl TrainConfig {
 /// config's value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrainOverrides {
+    /// `--steps`: replaces `total_steps`.
     pub steps: Option<u64>,
+    /// `--checkpoint-every`: replaces `checkpoint_every`.
     pub checkpoint_every: Option<u64>,
+    /// `--seed`: replaces `seed`.
     pub seed: Option<u64>,
+    /// Replaces `val_every` (no `popen train` flag sets it).
     pub val_every: Option<u64>,
 }
 

@@ -54,7 +54,9 @@ pub fn visit_draw(seed: u64, epoch: u64, i: usize) -> u64 {
 /// Position in the data stream: the next example is `order(epoch)[position]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
+    /// Epoch whose order [`epoch_order`] is being walked (0-based).
     pub epoch: u64,
+    /// Index into that epoch's order of the next example (`0..n`).
     pub position: usize,
 }
 
@@ -76,6 +78,7 @@ pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
 pub struct MicroBatch<T> {
     /// Dataset indices, in order (for tests and logs).
     pub indices: Vec<usize>,
+    /// The loaded examples ([`Dataset::load_augmented`]), one per index.
     pub items: Vec<T>,
     /// Where the stream continues after this batch.
     pub end: Cursor,

@@ -19,7 +19,9 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 /// One point of the loss curve, as read back for the plot.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LossPoint {
+    /// Optimizer step of the log line.
     pub step: u64,
+    /// Mean loss over the steps since the previous line.
     pub loss: f64,
     /// The named loss parts, by name.
     pub parts: Vec<(String, f64)>,

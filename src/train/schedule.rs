@@ -9,10 +9,15 @@ use crate::error::{Error, Result};
 /// Paper default: 100 warmup steps.
 pub const DEFAULT_WARMUP_STEPS: u64 = 100;
 
+/// Linear warm-up from 0 to `peak`, then linear decay to 0 at step `total` (see the
+/// module docs); build it with [`WarmupDecayLR::new`], which checks the ranges.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct WarmupDecayLR {
+    /// Largest learning rate, reached at step `warmup`.
     pub peak: f32,
+    /// Steps of the linear warm-up (≤ `total`; 0 starts the decay at once).
     pub warmup: u64,
+    /// Step at which the rate reaches 0 (> 0).
     pub total: u64,
 }
 

@@ -55,14 +55,14 @@ pub trait Trainable {
     /// Every parameter, trainable (`grad` is `Some`) or frozen, in a fixed order with
     /// unique names; the optimizer state is matched by position and checked by name.
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor<f32, Self::Be>)>;
-    /// Forward and backward over one micro-batch: parameter gradients **accumulate**
-    /// (`+=`) the gradient of `scale · loss`.  Returns the unscaled loss and its parts.
-    /// `rng` is the run's generator (sampling, augmentation); it is checkpointed.
     /// Called before each optimizer step's micro-batches with the step (1-based) and the
     /// run's total: a schedule inside the objective (stage 2's curriculum) reads it here.
     /// A resumed run calls it again from its next step, so state kept here must be a
     /// function of the step alone.
     fn begin_step(&mut self, _step: u64, _total: u64) {}
+    /// Forward and backward over one micro-batch `batch`: gradients accumulate the
+    /// gradient of `scale · loss` (the trainer passes `1 / grad_accum_steps`).  Returns
+    /// the unscaled loss and its parts; `rng` is the run's checkpointed generator.
     fn accumulate(&mut self, batch: &[Self::Item], scale: f32, rng: &mut Rng) -> Result<LossParts>;
     /// Writes every parameter to one safetensors file (`model.safetensors`).
     fn save_weights(&mut self, path: &Path) -> Result<()>;

@@ -19,7 +19,9 @@ pub enum DeviceChoice {
 /// Work written once, generic over the backend, that [`DeviceChoice::run`] runs on the
 /// backend a `--device` names (Rust has no generic closures, so a job is a type).
 pub trait OnBackend {
+    /// What the job returns.
     type Out;
+    /// Runs the job on `be`.
     fn run<B: Backend<f32>>(self, be: B) -> Result<Self::Out>;
 }
 

@@ -45,6 +45,7 @@ pub struct DeviceBackend {
 }
 
 impl DeviceBackend {
+    /// A backend that launches every op on `dev` (the emulator or a GPU).
     pub fn new(dev: Device) -> Self {
         DeviceBackend {
             dev: Arc::new(dev),

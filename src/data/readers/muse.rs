@@ -73,6 +73,7 @@ struct Wrapped {
 pub struct MuseEntry {
     /// The record's `id` (or `image_id`) when it has one.
     pub id: Option<String>,
+    /// The record's fields, masks undecoded.
     pub image: MuseImage,
 }
 

@@ -69,7 +69,9 @@ pub const ALL_ATTRS: [Attr; 18] = [
 /// A colour with the word the answers use for it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Colour {
+    /// The word the answers use ("red").
     pub word: &'static str,
+    /// Base colour before jitter and lighting, 0..=255 per channel.
     pub rgb: [u8; 3],
 }
 
@@ -80,28 +82,43 @@ const fn c(word: &'static str, r: u8, g: u8, b: u8) -> Colour {
     }
 }
 
+/// `red`, RGB (200, 30, 35).
 pub const RED: Colour = c("red", 200, 30, 35);
+/// `yellow`, RGB (235, 205, 40).
 pub const YELLOW: Colour = c("yellow", 235, 205, 40);
+/// `orange`, RGB (240, 130, 20).
 pub const ORANGE: Colour = c("orange", 240, 130, 20);
+/// `green`, RGB (50, 150, 50).
 pub const GREEN: Colour = c("green", 50, 150, 50);
+/// `brown`, RGB (130, 80, 40).
 pub const BROWN: Colour = c("brown", 130, 80, 40);
+/// `white`, RGB (238, 236, 230).
 pub const WHITE: Colour = c("white", 238, 236, 230);
+/// `black`, RGB (30, 30, 34).
 pub const BLACK: Colour = c("black", 30, 30, 34);
+/// `grey`, RGB (140, 140, 145).
 pub const GREY: Colour = c("grey", 140, 140, 145);
+/// `silver`, RGB (195, 198, 205).
 pub const SILVER: Colour = c("silver", 195, 198, 205);
+/// `blue`, RGB (40, 80, 190).
 pub const BLUE: Colour = c("blue", 40, 80, 190);
+/// `pink`, RGB (235, 140, 170).
 pub const PINK: Colour = c("pink", 235, 140, 170);
+/// `purple`, RGB (120, 50, 150).
 pub const PURPLE: Colour = c("purple", 120, 50, 150);
 
 /// One object category.
 #[derive(Debug)]
 pub struct Category {
+    /// Singular name, the canonical one ("apple"); also the MUSE `category_name`.
     pub name: &'static str,
+    /// Plural name ("apples").
     pub plural: &'static str,
     /// Other words that name the same object (for the CHAIR vocabulary and the corrector).
     pub synonyms: &'static [&'static str],
     /// Colours an instance may have (one is drawn per instance).
     pub colours: &'static [Colour],
+    /// What the object is for: the attributes function instructions ask about.
     pub attrs: &'static [Attr],
     /// Nominal size as a fraction of the image's smaller side.
     pub size: f32,
@@ -110,6 +127,7 @@ pub struct Category {
 }
 
 impl Category {
+    /// Whether the category has attribute `a`.
     pub fn has(&self, a: Attr) -> bool {
         self.attrs.contains(&a)
     }

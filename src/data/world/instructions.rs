@@ -16,16 +16,25 @@ use crate::data::sample::SEG;
 /// Instruction family of a question.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
+    /// Function or affordance: what serves a need ("I lack vitamins, what should I eat?").
     Function,
+    /// One object by its position relative to another ("the cup to the left of the
+    /// laptop").
     Spatial,
+    /// Every instance of one category, counted ("How many apples are there?").
     Counting,
+    /// Everything of one colour.
     Attribute,
+    /// Two or three named categories at once.
     MultiTarget,
+    /// A description of the scene, segmenting each object.
     Describe,
+    /// A question nothing in the image answers; the answer segments nothing.
     NoTarget,
 }
 
 impl Family {
+    /// Snake-case name (`function`, …, `multi_target`, `no_target`).
     pub fn name(self) -> &'static str {
         match self {
             Family::Function => "function",
@@ -42,7 +51,9 @@ impl Family {
 /// A placed object as the instruction generator sees it.
 #[derive(Clone, Debug)]
 pub struct ObjView {
+    /// Category id into [`CATEGORIES`].
     pub category: usize,
+    /// The instance's colour word ("red").
     pub colour: &'static str,
     /// Mask centroid (x, y) in pixels.
     pub centre: (f32, f32),
@@ -51,9 +62,13 @@ pub struct ObjView {
 /// One question with its answer; `targets` index the scene's objects in `<seg>` order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Qa {
+    /// The instruction family the question was drawn from.
     pub family: Family,
+    /// The instruction text.
     pub question: String,
+    /// The answer text, with one [`SEG`] per target.
     pub answer: String,
+    /// Indices into the scene's objects, one per `<seg>` of `answer`, in order.
     pub targets: Vec<usize>,
 }
 
@@ -93,7 +108,9 @@ pub fn indefinite(word: &str) -> &'static str {
 /// How an object phrase opens: `the apple` / `an apple`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Det {
+    /// Definite: `the apple`, `the two apples`.
     The,
+    /// Indefinite: `an apple`, `two cups` (a bare number when more than one).
     A,
 }
 

@@ -47,7 +47,9 @@ pub const FEW_TARGETS_MAX: usize = 3;
 /// Size and question count of generated samples.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorldConfig {
+    /// Image height in pixels, [`MIN_SIDE`]..=[`MAX_SIDE`] (default 96).
     pub height: usize,
+    /// Image width in pixels, [`MIN_SIDE`]..=[`MAX_SIDE`] (default 128).
     pub width: usize,
     /// Questions per image.
     pub questions: usize,
@@ -87,12 +89,17 @@ impl WorldConfig {
 /// Data split; each has its own seed stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Split {
+    /// Training scenes (`train`).
     Train,
+    /// Validation scenes (`val`).
     Val,
+    /// Test scenes (`test`); written also as few- and many-target parts.
     Test,
 }
 
 impl Split {
+    /// The split's name as written in file names and parsed by `FromStr`:
+    /// `train`, `val` or `test`.
     pub fn name(self) -> &'static str {
         match self {
             Split::Train => "train",
@@ -127,24 +134,33 @@ impl std::str::FromStr for Split {
 /// One object in a scene with its visible-pixel mask.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Object {
+    /// Category id into [`categories::CATEGORIES`].
     pub category: usize,
+    /// The category's name ("apple"), as in the answers and the MUSE `category_name`.
     pub name: &'static str,
     /// The colour word of this instance ("red").
     pub colour: &'static str,
+    /// The object's visible pixels after occlusion, image-sized.
     pub mask: Mask,
 }
 
 /// One generated scene: the image, its objects and its questions.
 #[derive(Clone, Debug)]
 pub struct Scene {
+    /// The split the scene was generated for.
     pub split: Split,
+    /// Index of the scene within its split (with the seed and split, fixes the scene).
     pub index: usize,
     /// Scene type id into [`scenes::SCENES`].
     pub scene: usize,
+    /// The placed objects and lighting the image was drawn from.
     pub layout: Layout,
+    /// The rendered image, `cfg.height × cfg.width`.
     pub image: RgbImage,
     /// Objects in depth order (back to front).
     pub objects: Vec<Object>,
+    /// The questions with their answers and targets: at most `cfg.questions`, no two
+    /// with the same question or answer.
     pub qas: Vec<Qa>,
 }
 
@@ -306,8 +322,11 @@ impl Scene {
 pub struct DatasetSummary {
     /// JSON files written (the split, and for test its few/many-target parts).
     pub json: Vec<PathBuf>,
+    /// Images (scenes) written.
     pub images: usize,
+    /// Questions over all images.
     pub questions: usize,
+    /// Questions whose answer has no target.
     pub no_target: usize,
 }
 

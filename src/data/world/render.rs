@@ -18,13 +18,16 @@ const PLACE_TRIES: usize = 30;
 /// An 8-bit RGB image, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RgbImage {
+    /// Rows, in pixels.
     pub height: usize,
+    /// Columns, in pixels.
     pub width: usize,
     /// height × width × 3
     pub data: Vec<u8>,
 }
 
 impl RgbImage {
+    /// An all-black image.
     pub fn new(height: usize, width: usize) -> Self {
         RgbImage {
             height,
@@ -32,10 +35,12 @@ impl RgbImage {
             data: vec![0; height * width * 3],
         }
     }
+    /// The `[r, g, b]` pixel at row `y`, column `x` (panics out of bounds).
     pub fn get(&self, y: usize, x: usize) -> [u8; 3] {
         let i = (y * self.width + x) * 3;
         [self.data[i], self.data[i + 1], self.data[i + 2]]
     }
+    /// Sets the pixel at row `y`, column `x` to `[r, g, b]` (panics out of bounds).
     pub fn set(&mut self, y: usize, x: usize, c: [u8; 3]) {
         let i = (y * self.width + x) * 3;
         self.data[i..i + 3].copy_from_slice(&c);
@@ -45,14 +50,19 @@ impl RgbImage {
 /// One placed instance: category, colour, pose.
 #[derive(Clone, Debug)]
 pub struct Placed {
+    /// Category id into [`CATEGORIES`].
     pub category: usize,
+    /// Index into the category's `colours`.
     pub colour: usize,
     /// Centre in pixels.
     pub cx: f32,
+    /// Centre's row coordinate, in pixels.
     pub cy: f32,
     /// Pixels per local unit.
     pub scale: f32,
+    /// Rotation in radians, within the category's pose range.
     pub rot: f32,
+    /// Whether the shape is flipped left-right (local x negated) before rotation.
     pub mirror: bool,
     /// Per-instance colour jitter (multiplicative per channel).
     pub jitter: [f32; 3],
@@ -61,11 +71,15 @@ pub struct Placed {
 /// Global lighting of a scene.
 #[derive(Clone, Debug)]
 pub struct Lighting {
+    /// Luminance multiplier for the whole image (drawn in 0.8..1.12).
     pub brightness: f32,
+    /// Per-channel RGB multiplier (each drawn in 0.92..1.08).
     pub tint: [f32; 3],
-    /// Gradient direction (unit) and strength across the image.
+    /// Direction of the luminance gradient across the image (a unit vector).
     pub dir: (f32, f32),
+    /// Luminance gradient strength along `dir`, relative to the diagonal (0..0.25).
     pub gradient: f32,
+    /// Seed of the per-pixel grain noise.
     pub noise_seed: u64,
     /// Per-pixel noise amplitude in 0..255 units.
     pub grain: f32,
@@ -74,11 +88,17 @@ pub struct Lighting {
 /// Everything needed to draw a scene again: background, objects in depth order, light.
 #[derive(Clone, Debug)]
 pub struct Layout {
+    /// Image height in pixels.
     pub height: usize,
+    /// Image width in pixels.
     pub width: usize,
+    /// Scene type id into [`SCENES`] (wall, floor, horizon).
     pub scene: usize,
+    /// Seed of the background's texture noise.
     pub bg_seed: u64,
+    /// Placed instances in depth order (back to front; later covers earlier).
     pub objects: Vec<Placed>,
+    /// The scene's global lighting.
     pub light: Lighting,
 }
 

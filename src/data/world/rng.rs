@@ -18,6 +18,7 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A generator whose four state words are successive SplitMix64 outputs from `seed`.
     pub fn new(seed: u64) -> Self {
         let mut z = seed;
         let mut s = [0u64; 4];
@@ -27,6 +28,7 @@ impl Rng {
         }
         Rng { s }
     }
+    /// The next 64 random bits (one xoshiro256** step).
     pub fn next_u64(&mut self) -> u64 {
         let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
         let t = self.s[1] << 17;

@@ -10,11 +10,13 @@ use super::rng::Rng;
 /// One scene type.
 #[derive(Debug)]
 pub struct SceneKind {
+    /// The scene type's name ("kitchen table", "desk").
     pub name: &'static str,
-    /// `(category, probability of presence, background wall/floor style)`
+    /// `(category, probability of presence)`
     pub items: &'static [(&'static str, f32)],
-    /// Wall colour and floor/table colour.
+    /// Wall colour (RGB).
     pub wall: [u8; 3],
+    /// Floor or table colour (RGB), textured by `floor_tex`.
     pub floor: [u8; 3],
     /// Floor texture: 0 wood grain, 1 carpet noise, 2 tiles.
     pub floor_tex: u8,
@@ -25,8 +27,11 @@ pub struct SceneKind {
 /// A co-occurrence prior: if `source` is present, `target` is present with `p`.
 #[derive(Debug, Clone, Copy)]
 pub struct Rule {
+    /// Category name whose presence triggers the rule.
     pub source: &'static str,
+    /// Category name made present (or absent) by the rule, overriding its own draw.
     pub target: &'static str,
+    /// P(target | source), before placement.
     pub p: f32,
 }
 

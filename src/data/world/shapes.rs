@@ -6,50 +6,76 @@
 pub enum Shape {
     /// Centre, radii and rotation (radians).
     Ellipse {
+        /// Centre `(x, y)`.
         c: (f32, f32),
+        /// Radii along the ellipse's own x and y axes.
         r: (f32, f32),
+        /// Rotation of those axes, in radians.
         rot: f32,
     },
     /// Axis-aligned rectangle `x0, y0, x1, y1`, corners rounded by `round`.
     Rect {
+        /// Left edge.
         x0: f32,
+        /// Top edge.
         y0: f32,
+        /// Right edge.
         x1: f32,
+        /// Bottom edge.
         y1: f32,
+        /// Corner radius; 0 for square corners.
         round: f32,
     },
     /// Segment `a`–`b` thickened by `r`.
     Capsule {
+        /// One end of the segment.
         a: (f32, f32),
+        /// The other end.
         b: (f32, f32),
+        /// Half the thickness: points within `r` of the segment are inside.
         r: f32,
     },
     /// Simple polygon (even-odd rule).
     Poly(Vec<(f32, f32)>),
     /// Annulus: centre, outer and inner radius.
-    Ring { c: (f32, f32), ro: f32, ri: f32 },
+    Ring {
+        /// Centre `(x, y)`.
+        c: (f32, f32),
+        /// Outer radius.
+        ro: f32,
+        /// Inner radius (the hole).
+        ri: f32,
+    },
 }
 
 /// Surface pattern, evaluated in local coordinates so it turns with the object.
 #[derive(Clone, Copy, Debug)]
 pub enum Tex {
+    /// Plain colour (factor 1).
     Flat,
     /// Smooth blotches of relative amplitude `amp`.
     Noise(f32),
     /// Parallel bands across y (`horizontal`) or x with this period.
     Stripes {
+        /// Band period, in local units.
         period: f32,
+        /// Sine amplitude of the shade factor (`1 ± amp`).
         amp: f32,
+        /// Bands vary along y (horizontal bands) when true, along x otherwise.
         horizontal: bool,
     },
     /// A lattice of darker dots (peel, keys, florets).
     Dots {
+        /// Lattice spacing, in local units.
         period: f32,
+        /// How much a dot darkens (factor `1 - amp`).
         amp: f32,
     },
     /// Grid of lines (keyboard keys, tiles).
     Grid {
+        /// Cell size, in local units (lines take a fifth of it).
         period: f32,
+        /// How much a line darkens (factor `1 - amp`).
         amp: f32,
     },
 }
@@ -57,12 +83,15 @@ pub enum Tex {
 /// One coloured piece of an object.
 #[derive(Clone, Debug)]
 pub struct Part {
+    /// The region the part covers, in local units.
     pub shape: Shape,
     /// Linear-ish RGB in [0, 255].
     pub rgb: [f32; 3],
+    /// The pattern shading `rgb`.
     pub tex: Tex,
 }
 
+/// An axis-aligned ellipse centred at `(cx, cy)` with radii `rx`, `ry`.
 pub fn ellipse(cx: f32, cy: f32, rx: f32, ry: f32) -> Shape {
     Shape::Ellipse {
         c: (cx, cy),
@@ -70,6 +99,7 @@ pub fn ellipse(cx: f32, cy: f32, rx: f32, ry: f32) -> Shape {
         rot: 0.0,
     }
 }
+/// An ellipse centred at `(cx, cy)` with radii `rx`, `ry`, rotated by `rot` radians.
 pub fn ellipse_rot(cx: f32, cy: f32, rx: f32, ry: f32, rot: f32) -> Shape {
     Shape::Ellipse {
         c: (cx, cy),
@@ -77,6 +107,7 @@ pub fn ellipse_rot(cx: f32, cy: f32, rx: f32, ry: f32, rot: f32) -> Shape {
         rot,
     }
 }
+/// A square-cornered rectangle from `(x0, y0)` to `(x1, y1)`.
 pub fn rect(x0: f32, y0: f32, x1: f32, y1: f32) -> Shape {
     Shape::Rect {
         x0,
@@ -86,6 +117,7 @@ pub fn rect(x0: f32, y0: f32, x1: f32, y1: f32) -> Shape {
         round: 0.0,
     }
 }
+/// A rectangle from `(x0, y0)` to `(x1, y1)` with corners of radius `round`.
 pub fn rrect(x0: f32, y0: f32, x1: f32, y1: f32, round: f32) -> Shape {
     Shape::Rect {
         x0,
@@ -95,6 +127,7 @@ pub fn rrect(x0: f32, y0: f32, x1: f32, y1: f32, round: f32) -> Shape {
         round,
     }
 }
+/// The segment `(ax, ay)`–`(bx, by)` thickened by `r`.
 pub fn capsule(ax: f32, ay: f32, bx: f32, by: f32, r: f32) -> Shape {
     Shape::Capsule {
         a: (ax, ay),
@@ -102,9 +135,11 @@ pub fn capsule(ax: f32, ay: f32, bx: f32, by: f32, r: f32) -> Shape {
         r,
     }
 }
+/// A polygon through `pts` (even-odd rule).
 pub fn poly(pts: &[(f32, f32)]) -> Shape {
     Shape::Poly(pts.to_vec())
 }
+/// An annulus centred at `(cx, cy)` with outer radius `ro` and inner radius `ri`.
 pub fn ring(cx: f32, cy: f32, ro: f32, ri: f32) -> Shape {
     Shape::Ring {
         c: (cx, cy),

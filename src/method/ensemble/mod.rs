@@ -64,6 +64,7 @@ pub struct EnsembleCfg {
     pub k: usize,
     /// Sampling of the K answers (the refined answer is greedy).
     pub temperature: f32,
+    /// Nucleus mass of the K samples' sampling (0.9).
     pub top_p: f32,
     /// Refine the text (`ỹ` from the K answers); off: the most likely sample, or with
     /// `vote` the [`majority`] one.
@@ -78,6 +79,8 @@ pub struct EnsembleCfg {
     pub gamma: bool,
     /// Use the learnable prompt `p̂` when the model has one.
     pub prompt: bool,
+    /// What `τ` sums (`--tau`): the token's likelihood, its sentence's mean, or both
+    /// (the paper's, the default).
     pub tau: TauMode,
     /// Decode each sample's own masks too (stage 3's `Lsi` and the demo's Pearson r
     /// read them); off, `EnsemblePrediction::samples` carry no masks.  `popen predict`

@@ -28,16 +28,22 @@ pub const IMPROVEMENT_SCALE: f64 = 10.0;
 /// One question's stage-3 data: what the ensemble drew with the frozen model.
 #[derive(Clone, Debug)]
 pub struct RefineData {
+    /// The question's preprocessed image.
     pub pixels: Pixels,
+    /// The question `x`.
     pub question: String,
     /// `y_1 … y_K` end to end (EOS dropped) and the bias on each of their keys.
     pub ys: Vec<u32>,
+    /// `γ = σ(τ) − 0.5` of each id of `ys` (0 with `gamma` off).
     pub y_bias: Vec<f32>,
     /// The samples' codebook hidden rows (n_f × C) and the bias on each.
     pub f_rows: Vec<f32>,
+    /// `γ = σ(η) − 0.5` of each row of `f_rows`, its target's `η` over all its `G` rows
+    /// (n_f values; 0 with `gamma` off).
     pub f_bias: Vec<f32>,
     /// `ỹ` as generated (EOS included when generated) and its groups' start positions.
     pub answer: Vec<u32>,
+    /// One per target of `ỹ`: the index in `answer` where its codebook group starts.
     pub answer_groups: Vec<usize>,
     /// `Δ_k = cos(h̃, h_g) − cos(h_k, h_g)`, one per sample; empty: no `Lti`.
     pub delta_text: Vec<f64>,
@@ -60,11 +66,16 @@ pub struct SegPair {
 /// The loss of one question.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RefineLoss {
+    /// `Lti` (Eq. 8); `None` when not computed (no cosine gaps, no answer, or the text
+    /// sequence does not fit the context).
     pub lti: Option<f64>,
+    /// `Lsi` (Eq. 9); `None` when not computed (no matched pair, no codebook group, or
+    /// the segmentation sequence does not fit the context).
     pub lsi: Option<f64>,
 }
 
 impl RefineLoss {
+    /// `Lti + Lsi`, a term not computed counting as 0.
     pub fn total(&self) -> f64 {
         self.lti.unwrap_or(0.0) + self.lsi.unwrap_or(0.0)
     }

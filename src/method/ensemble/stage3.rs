@@ -34,12 +34,15 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnsembleTrainConfig {
+    /// `[train]`: optimizer, schedule, checkpoints and seed; only `p̂` trains.
     pub train: TrainConfig,
+    /// `[ensemble]`: how the ensemble answers each step (K, sampling, `τ`, ablations).
     pub ensemble: EnsembleCfg,
     /// Embeddings in `p̂` (10, Supp Table 7).
     pub prompt_len: usize,
     /// `Lti` (Eq. 8; needs MiniLM) and `Lsi` (Eq. 9).
     pub lti: bool,
+    /// Train with `Lsi` (Eq. 9); at least one of `lti` and `lsi` must be on.
     pub lsi: bool,
 }
 
@@ -60,8 +63,11 @@ impl Default for EnsembleTrainConfig {
 pub struct EnsemblePaths {
     /// The stage-2 run directory.
     pub from: PathBuf,
+    /// The training file (MUSE schema) whose questions the ensemble answers.
     pub data: PathBuf,
+    /// Image root (default: the data file's folder).
     pub images: Option<PathBuf>,
+    /// The stage-3 run directory to write (and to resume from).
     pub out: PathBuf,
     /// all-MiniLM-L6-v2 (default: `$POPEN_MINILM_DIR`, else where the fetch script puts it).
     pub minilm: Option<PathBuf>,
@@ -100,6 +106,8 @@ pub struct SentenceEncoder {
 }
 
 impl SentenceEncoder {
+    /// Loads the model and its `tokenizer.json` from `dir` (as [`find_minilm`] finds it),
+    /// padding off.
     pub fn load(dir: &Path) -> Result<Self> {
         let hf = HfConfig::read_dir(dir)?;
         let cfg = BertConfig::from_fields(&hf.fields())?;
@@ -144,7 +152,9 @@ fn cos(a: &[f32], b: &[f32]) -> f64 {
 /// One question of the training file, preprocessed.
 #[derive(Clone, Debug)]
 pub struct Stage3Item {
+    /// The image, preprocessed at the model's `image_size`.
     pub pixels: Pixels,
+    /// The question `x`.
     pub question: String,
     /// The ground-truth answer `y_g` (with `<seg>`).
     pub answer: String,
@@ -152,7 +162,8 @@ pub struct Stage3Item {
     pub gt: Vec<Vec<u8>>,
 }
 
-/// The hard IoU of two masks (0 when both are empty or the sizes differ).
+/// Intersection and union counts of two masks (`(0, 1)` when the sizes differ), for
+/// a hard IoU.
 fn iou(a: &[u8], b: &[u8]) -> (u64, u64) {
     if a.len() != b.len() {
         return (0, 1);
@@ -213,6 +224,7 @@ pub fn refine_data(
     let strip =
         |ids: &[u32]| ids[..ids.iter().position(|&t| t == eos).unwrap_or(ids.len())].to_vec();
     let (mut ys, mut y_bias, mut f_bias) = (Vec::new(), Vec::new(), Vec::new());
+    // the tokenizer holds one codebook token per position of a group: G = S·L
     let gl = tok.codebook.len();
     for (s, eta) in e.samples.iter().zip(&e.eta) {
         let ids = strip(&s.ids);
@@ -280,10 +292,15 @@ pub fn refine_data(
 
 /// The model as stage 3's trainer sees it: the frozen stage-2 model and `p̂`.
 pub struct Stage3Model<B: Backend<f32> = Cpu> {
+    /// The stage-2 model, frozen.
     pub model: SegModel<f32, B>,
+    /// Its tokenizer.
     pub tok: SegTokenizer,
+    /// `p̂`, (P, C) with C the LLM's hidden size: the one tensor that trains.
     pub prompt: Tensor<f32, B>,
+    /// Stage 3's settings.
     pub cfg: EnsembleTrainConfig,
+    /// MiniLM, for `Lti`'s cosine gaps; `None` with `lti` off.
     pub encoder: Option<SentenceEncoder>,
     ends: Vec<bool>,
 }
@@ -385,7 +402,9 @@ impl<B: Backend<f32>> Trainable for Stage3Model<B> {
 
 /// The training file's questions, preprocessed on demand.
 pub struct Stage3Data {
+    /// The training file's questions.
     pub samples: Vec<Sample>,
+    /// Side `S` of the square the images are resized and padded to (the model's).
     pub image_size: usize,
 }
 

@@ -40,23 +40,34 @@ pub enum PtSource {
 pub struct PtPair {
     /// Index of the question in the training file (its order in `load_muse`).
     pub sample: usize,
+    /// The rejected response: a sample of the SFT policy, or the ground truth with
+    /// errors injected.
     pub y: String,
+    /// The chosen response: the corrector's correction of `y` (the ground truth when
+    /// `y` was injected).
     pub yc: String,
     /// Changed positions among the answer tokens (`Encoded::ids[answer_start..]`).
     pub ly: Vec<usize>,
+    /// The same for `yc`.
     pub lyc: Vec<usize>,
+    /// How `y` was made.
     pub source: PtSource,
     /// The reference model's Eq. 3 log-probs of `y` and `yc`.
     pub ref_y: f64,
+    /// The reference model's Eq. 3 log-prob of `yc`.
     pub ref_yc: f64,
 }
 
 /// Counts of a collection (`RUN/collect.json`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PtCounts {
+    /// Questions in the training file.
     pub questions: usize,
+    /// Pairs whose `y` is the first sample.
     pub sampled: usize,
+    /// Pairs whose `y` is a later sample.
     pub resampled: usize,
+    /// Pairs whose `y` is the ground truth with errors injected.
     pub injected: usize,
     /// Questions with no pair: every sample clean and nothing absent to inject.
     pub skipped: usize,
@@ -74,10 +85,12 @@ pub struct PtCounts {
 pub struct CollectCfg {
     /// Sampling temperature of `y` (0.7) and nucleus mass (0.9).
     pub temperature: f32,
+    /// Nucleus mass of `y`'s sampling (0.9).
     pub top_p: f32,
     /// More samples drawn when a response has no error (3, the issue's).
     pub resamples: usize,
-    /// Examples per reference forward.
+    /// Examples per reference forward, and questions per sampling call of stage 2's
+    /// re-read mix.
     pub batch: usize,
     /// The chance that an injected `y` deletes a target instead of naming an absent
     /// object first (the world's injector; a chat endpoint follows Supp B's prompt).
@@ -85,12 +98,14 @@ pub struct CollectCfg {
     pub omit: f32,
     /// `world` (the default) or `chat` (an OpenAI-compatible endpoint, `[collect.chat]`).
     pub corrector: CorrectorKind,
+    /// `[collect.chat]`: the endpoint of the `chat` corrector.
     pub chat: ChatCfg,
     /// Stage 2's re-read mix ([`crate::method::reread::sampled_rereads`]; ours, 0 = off):
     /// the fraction of the questions asked once more after `reread_k` (3) answers the
     /// stage-1 policy samples for them at `temperature` and `top_p`, in the ensemble's
     /// layout; the answer's cross-entropy and masks train with the pairs.
     pub reread: f32,
+    /// Answers sampled per re-read question (3, the ensemble's K).
     pub reread_k: usize,
 }
 

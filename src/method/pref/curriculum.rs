@@ -29,7 +29,10 @@ pub const MATCH_IOU: f64 = 0.5;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// The first `⌈T/2⌉` steps of a `T`-step run; its rule ([`select`]) picks by `s`
+    /// (Eq. 1).
     First,
+    /// The remaining steps; its rule picks by boundary IoU among the top 5 by `s`.
     Second,
 }
 
@@ -113,9 +116,17 @@ pub fn select(phase: Phase, s: &[f64], b: &[f64]) -> Option<Triple> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// A triple from the `draws`-th set of copies (1-based).
-    Selected { triple: Triple, draws: usize },
+    Selected {
+        /// The chosen copies, best first.
+        triple: Triple,
+        /// Sets of copies drawn, the chosen one included.
+        draws: usize,
+    },
     /// No set met the condition within the bound.
-    Skipped { draws: usize },
+    Skipped {
+        /// Sets of copies drawn, all of them failing.
+        draws: usize,
+    },
 }
 
 /// Alg. 1's loop: `draw(k)` makes the k-th set of copies (k = 0, 1, …) and returns

@@ -22,16 +22,21 @@ use std::collections::BTreeMap;
 /// A question's `Ps` as a training item carries it.
 #[derive(Clone, Debug)]
 pub struct PsItem {
+    /// The question's `Ps` record: the copies' seed and noise, and the triples.
     pub record: PsRecord,
+    /// Its ground truth and proposals, which score the policy's masks for the indicator.
     pub refs: TargetRefs,
 }
 
 /// `Ls` of one micro-batch and its parts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LsOut {
+    /// `Ls`: the mean over the J triples of each one's mean over its targets (Eq. 4).
     pub loss: f64,
     /// Triples that trained (J).
     pub triples: usize,
+    /// For the log: `ls`, `ls_active` (the fraction of targets whose indicator is on)
+    /// and `ls_margin` (the mean margin per target).
     pub parts: BTreeMap<String, f64>,
 }
 

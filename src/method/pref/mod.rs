@@ -66,6 +66,7 @@ pub struct PrefLossCfg {
     pub beta_t: f64,
     /// λ of Eq. 3 (5); 1 = `--no-lambda`.
     pub lambda: f64,
+    /// Eq. 3's normalizer: `tokens` (the paper's, the default) or `weighted` (RLHF-V).
     pub norm: Eq3Norm,
     /// Train with `Lt` (`--no-lt` turns it off, leaving `Lce`).
     pub lt: bool,
@@ -81,6 +82,7 @@ pub struct PrefLossCfg {
     pub indicator: bool,
     /// `Lce`: the stage-1 mask loss on the ground-truth masks (BCE and Dice weights).
     pub bce: f32,
+    /// Weight of `Lce`'s Dice term (0.5, stage 1's default).
     pub dice: f32,
 }
 
@@ -129,9 +131,14 @@ impl PrefLossCfg {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrefConfig {
+    /// `[train]`: optimizer, schedule, checkpoints, and the seed of training and of both
+    /// collections.
     pub train: TrainConfig,
+    /// `[loss]`: which of `Lt`, `Ls`, `Lce` train, and their settings.
     pub loss: PrefLossCfg,
+    /// `[collect]`: how `Pt` is collected, and stage 2's re-read mix.
     pub collect: CollectCfg,
+    /// `[ps]`: how `Ps` is collected (Alg. 1) and which triples train when.
     pub ps: PsCfg,
 }
 
@@ -140,21 +147,34 @@ pub struct PrefConfig {
 pub struct PrefPaths {
     /// The stage-1 run directory (`popen train sft --out`).
     pub from: PathBuf,
+    /// The training file (MUSE schema) whose questions give `Pt`, `Ps` and `Lce`.
     pub data: PathBuf,
+    /// Image root (default: the data file's folder).
     pub images: Option<PathBuf>,
+    /// The stage-2 run directory to write (and to resume from): the collections
+    /// (`pt.jsonl`, `ps.jsonl`, `reread.jsonl`, `collect.json`) and the checkpoints.
     pub out: PathBuf,
 }
 
 /// One training item: a `Pt` pair on its image, the ground-truth example for `Lce`,
 /// and the question's `Ps` when it has one.
 pub struct PrefItem {
+    /// The rejected response `y` on the question's image (text only, no masks).
     pub y: Example,
+    /// The chosen response `yc` (text only, no masks).
     pub yc: Example,
+    /// Changed positions among `y`'s answer tokens, weighted by λ in Eq. 3.
     pub ly: Vec<usize>,
+    /// Changed positions among `yc`'s answer tokens.
     pub lyc: Vec<usize>,
+    /// The reference's Eq. 3 log-prob of `y`, computed at collection.
     pub ref_y: f64,
+    /// The reference's Eq. 3 log-prob of `yc`.
     pub ref_yc: f64,
+    /// The question with its ground-truth answer and masks: `Lce`'s row, and what the
+    /// `Ps` copies perturb and are teacher-forced on.
     pub gt: Example,
+    /// The question's `Ps`; `None` when it has none (no target, or `Ls` off).
     pub ps: Option<PsItem>,
     /// The question asked again after the policy's own samples (`[collect] reread`),
     /// with the ground-truth answer and masks.
@@ -163,8 +183,11 @@ pub struct PrefItem {
 
 /// The policy as the trainer sees it.
 pub struct PrefModel<B: Backend<f32> = Cpu> {
+    /// The policy (the vision tower and the mask decoder frozen).
     pub model: SegModel<f32, B>,
+    /// The `[loss]` settings.
     pub loss: PrefLossCfg,
+    /// The `[ps]` settings (`mode` picks the triples that train in each half).
     pub ps: PsCfg,
     /// The curriculum's half of the current step (set by [`Trainable::begin_step`]).
     pub phase: Phase,
@@ -377,11 +400,15 @@ pub fn pref_step<F: Float, B: Backend<F>>(
 
 /// `Pt` pairs on their samples (with each question's `Ps`), preprocessed on demand.
 pub struct PrefData<'a> {
+    /// The `Pt` pairs, one training item each.
     pub pairs: Vec<PtPair>,
     /// `Ps` records by question index.
     pub ps: BTreeMap<usize, PsRecord>,
+    /// The training file's questions, which the pairs and records index.
     pub samples: &'a [Sample],
+    /// The model's config, which the examples are built for.
     pub model_cfg: &'a crate::model::seg::SegModelConfig,
+    /// The tokenizer that encodes the examples.
     pub tok: &'a SegTokenizer,
     /// The answers each re-read question reads (`[collect] reread`), by question index.
     pub reread: BTreeMap<usize, Vec<String>>,
@@ -447,15 +474,19 @@ impl Dataset for PrefData<'_> {
 /// What stage 2 collected and trained.
 #[derive(Clone, Debug)]
 pub struct PrefSummary {
+    /// `Pt`'s counts.
     pub counts: PtCounts,
+    /// `Pt` pairs trained on.
     pub pairs: usize,
     /// `Ps`'s counts and records (`None` with `--no-ls`).
     pub ps: Option<PsCounts>,
+    /// Questions with a `Ps` record.
     pub ps_records: usize,
     /// The chat corrector's outcomes, when it ran.
     pub chat: Option<crate::data::chat::ChatCounts>,
     /// The re-read mix's counts (`[collect] reread`).
     pub reread: Option<RereadCounts>,
+    /// How the training run ended.
     pub train: TrainSummary,
 }
 
@@ -463,8 +494,10 @@ pub struct PrefSummary {
 /// level, `Ps`'s under `ps`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CollectCounts {
+    /// `Pt`'s counts, at the top level.
     #[serde(flatten)]
     pub pt: PtCounts,
+    /// `Ps`'s counts; absent when `Ps` was not collected (`--no-ls`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ps: Option<PsCounts>,
     /// The chat corrector's outcomes (`[collect] corrector = "chat"`).
@@ -479,7 +512,9 @@ pub struct CollectCounts {
 /// The counts of stage 2's re-read mix.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RereadCounts {
+    /// Questions re-read after the policy's samples.
     pub questions: usize,
+    /// Sampled answers those questions read, in all.
     pub answers: usize,
 }
 

@@ -120,6 +120,8 @@ pub struct PsCfg {
     pub sigma: f32,
     /// Rectangle side range as fractions of the valid image side.
     pub rect_min: f64,
+    /// Upper end of that range; defaults 0.25 and 0.6, with
+    /// `0 < rect_min ≤ rect_max ≤ 1`.
     pub rect_max: f64,
     /// Extra draws when the first half's condition fails (Alg. 1's regeneration bound).
     pub regenerations: usize,
@@ -182,8 +184,11 @@ impl PsCfg {
 /// rebuilds the very copies collection read, whatever `[ps]` says then.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Noise {
+    /// Noise std in normalized pixel units ([`PsCfg::sigma`]).
     pub sigma: f32,
+    /// Smallest rectangle side, as a fraction of the valid image side.
     pub rect_min: f64,
+    /// Largest rectangle side, as a fraction of the valid image side.
     pub rect_max: f64,
 }
 
@@ -263,9 +268,13 @@ pub fn perturbed(
 /// proposals (0/1 at the image's size), with each proposal's IoU against each target.
 #[derive(Clone, Debug)]
 pub struct TargetRefs {
+    /// Image height in pixels (every mask holds `h·w` values).
     pub h: usize,
+    /// Image width in pixels.
     pub w: usize,
+    /// (N) each target's ground-truth mask, 0/1.
     pub gt: Vec<Vec<u8>>,
+    /// (Ns) the proposals: the image's instance masks (`Sample::objects`), 0/1.
     pub props: Vec<Vec<u8>>,
     /// (N, Ns): IoU(M_s^j, M_g^n).
     pub props_vs_gt: Vec<Vec<f64>>,
@@ -297,6 +306,8 @@ fn ious(a: &[Vec<u8>], b: &[Vec<u8>], h: usize, w: usize) -> Result<Vec<Vec<f64>
 }
 
 impl TargetRefs {
+    /// The references of `s`: its targets and objects as 0/1 masks; an error when a
+    /// mask does not hold `height·width` values.
     pub fn of_sample(s: &Sample) -> Result<Self> {
         let (h, w) = (s.height, s.width);
         let gt: Vec<Vec<u8>> = s.targets.iter().map(|t| binary(&t.mask)).collect();
@@ -348,6 +359,7 @@ fn mean(x: &[f64]) -> f64 {
 /// One preference triple with what the reference gave for it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PsTriple {
+    /// The rule that chose the copies, which also picks the indicator's measure.
     pub rule: Rule,
     /// Absolute copy indices, best, medium, worst.
     pub copies: [u32; 3],
@@ -369,6 +381,8 @@ pub struct PsRecord {
     pub noise: Noise,
     /// Draws of `Np` copies made (1 + regenerations used).
     pub draws: usize,
+    /// The collected triples, at most one per [`Rule`] (`s` only when a draw met the
+    /// first half's condition).
     pub triples: Vec<PsTriple>,
 }
 
@@ -382,6 +396,7 @@ impl PsRecord {
 /// Counts of a `Ps` collection (`RUN/collect.json`, under `ps`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PsCounts {
+    /// Questions read, with targets or without.
     pub questions: usize,
     /// Questions with no target (no `<seg>`): no `Ps`.
     pub no_target: usize,
@@ -395,9 +410,12 @@ pub struct PsCounts {
     pub copies: usize,
     /// Copies with `s < 0` and with `s > 0.8`.
     pub copies_s_below_0: usize,
+    /// Copies with `s > 0.8`.
     pub copies_s_above_0_8: usize,
     /// Means over questions of the first draw's highest and lowest `s`.
     pub mean_s_max: f64,
+    /// The mean of the first draw's lowest `s` (over the questions with targets, as
+    /// `mean_s_max`).
     pub mean_s_min: f64,
 }
 

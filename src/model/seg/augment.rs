@@ -29,7 +29,9 @@ use image::RgbImage;
 /// A translation: the content at `(y, x)` moves to `(y + dy, x + dx)`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Shift {
+    /// Rows down, in pixels (negative: up).
     pub dy: i64,
+    /// Columns right, in pixels (negative: left).
     pub dx: i64,
 }
 

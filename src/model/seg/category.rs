@@ -39,7 +39,9 @@ use num_traits::Float;
 /// [`patch_labels`]; empty = none).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Classes {
+    /// Patch-head labels, `grid × grid` row-major ([`patch_labels`]).
     pub patches: Vec<i32>,
+    /// Seg-class-head labels, one per target in answer order ([`target_labels`]).
     pub targets: Vec<i32>,
 }
 

@@ -14,6 +14,7 @@ pub struct TinyLvlm {
     pub vision_hidden: usize,
     /// ViT blocks.  Ours.
     pub vision_layers: usize,
+    /// ViT attention heads; divide `vision_hidden`.  Ours (a head width of 32).
     pub vision_heads: usize,
     /// ViT MLP width (CLIP: 4 × width).
     pub vision_intermediate: usize,
@@ -25,8 +26,12 @@ pub struct TinyLvlm {
     pub vision_stem: usize,
     /// LLaMA width.  Ours.
     pub text_hidden: usize,
+    /// LLaMA blocks.  Ours.
     pub text_layers: usize,
+    /// LLaMA query heads; divide `text_hidden`.  Ours (a head width of 32).
     pub text_heads: usize,
+    /// LLaMA key/value heads (grouped-query attention when below `text_heads`, which
+    /// they divide).  Ours: as many as `text_heads`, as LLaMA-7B.
     pub text_kv_heads: usize,
     /// LLaMA MLP width (LLaMA: about 8/3 × width).
     pub text_intermediate: usize,
@@ -71,6 +76,7 @@ pub struct SegModelConfig {
     pub seg_dim: usize,
     /// Two-way transformer depth per scale (PixelLM / SAM: 2).
     pub decoder_depth: usize,
+    /// Two-way transformer attention heads (SAM: 8 at D = 256; ours: 2 at D = 64).
     pub decoder_heads: usize,
     /// Two-way transformer MLP width (SAM: 2048 at D = 256).
     pub decoder_mlp: usize,

@@ -66,12 +66,16 @@ pub struct PixelDecoderConfig {
     pub dim: usize,
     /// Two-way blocks per scale (PixelLM: 2).
     pub depth: usize,
+    /// Attention heads of the two-way transformers; D/2 must be a multiple of it (the
+    /// cross-attentions run at D/2).
     pub heads: usize,
+    /// Hidden width of each two-way block's token MLP (D → `mlp_dim` → D, ReLU).
     pub mlp_dim: usize,
     /// L, decoding scales (must be 2, one per feature level).
     pub scales: usize,
     /// The ViT patch grid GH × GW.
     pub grid_h: usize,
+    /// GW, the grid's width in patches.
     pub grid_w: usize,
     /// Patch size q of the pixel skip (ours; 0 = none, PixelLM has none): the pixels,
     /// cut into q × q patches on scale 1's output grid (4·GH × 4·GW, so the pixels are
@@ -183,8 +187,12 @@ struct SkipActs<Buf> {
 /// when the decoder has a pixel skip (ignored otherwise).
 #[derive(Clone, Copy, Debug)]
 pub struct DecoderImages<'a, Buf> {
+    /// The two feature levels, each (B, GH·GW, Cv).
     pub levels: [&'a Buf; 2],
+    /// Pixels (B, 3, 4·GH·q, 4·GW·q) for the pixel skip: required when the decoder has
+    /// one, ignored otherwise.
     pub pixels: Option<&'a Buf>,
+    /// Number of images B.
     pub b: usize,
 }
 
@@ -356,6 +364,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         }
     }
 
+    /// The sizes the decoder was built with.
     pub fn config(&self) -> &PixelDecoderConfig {
         &self.cfg
     }

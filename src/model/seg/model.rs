@@ -22,8 +22,11 @@ use num_traits::Float;
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossWeights {
+    /// Weight of the answer tokens' cross-entropy (PixelLM: 1).
     pub ce: f32,
+    /// Weight of the masks' BCE (PixelLM: 2).
     pub bce: f32,
+    /// Weight of the masks' Dice loss (PixelLM: 0.5).
     pub dice: f32,
     /// The auxiliary patch-category loss (ours; [`super::category`]).  0 = off, as in
     /// PixelLM.
@@ -54,7 +57,9 @@ impl Default for LossWeights {
 /// one ground-truth mask per `<seg>` (at the image's own size, 1 = object).
 #[derive(Clone, Debug)]
 pub struct Example {
+    /// The image resized and padded for the tower.
     pub pixels: Pixels,
+    /// Question and answer token ids, with the image token and codebook groups located.
     pub enc: Encoded,
     /// per target (height·width) of 0/1
     pub masks: Vec<Vec<f32>>,
@@ -68,9 +73,13 @@ pub struct Example {
 /// The loss of one batch and its parts (means over the batch's tokens and masks).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SegLoss {
+    /// The weighted sum of the parts, with [`LossWeights`].
     pub total: f64,
+    /// Mean −log p over the labelled tokens.
     pub ce: f64,
+    /// Mean over the masks of each mask's BCE-with-logits (itself a mean over pixels).
     pub bce: f64,
+    /// Mean over the masks of each mask's Dice loss.
     pub dice: f64,
     /// The patch-category cross-entropy (0 without the head or labels).
     pub patch_class: f64,
@@ -81,6 +90,7 @@ pub struct SegLoss {
     pub n_labels: usize,
     /// Every token the LLM processed (padding excluded).
     pub n_tokens: usize,
+    /// Masks scored (M, one per `<seg>` target).
     pub n_masks: usize,
 }
 
@@ -88,10 +98,15 @@ pub struct SegLoss {
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Trainable {
+    /// The ViT, and the patch-category head with it.
     pub vision: bool,
+    /// LLaVA's projector (`linear_1`, `linear_2`).
     pub projector: bool,
+    /// The LLaMA decoder: embeddings, blocks and output head.
     pub llm: bool,
+    /// The codebook projection `seg_head`, and the seg-class head with it.
     pub seg_head: bool,
+    /// The pixel decoder (`mask_decoder.*`).
     pub decoder: bool,
 }
 
@@ -124,10 +139,13 @@ impl Default for Trainable {
 /// The model.
 #[derive(Clone, Debug)]
 pub struct SegModel<F: Float = f32, B: Backend<F> = Cpu> {
+    /// The `[model]` configuration it was built from.
     pub cfg: SegModelConfig,
+    /// ViT → projector → LLaMA.
     pub llava: Llava<F, B>,
     /// `Linear(H,H) → ReLU → Linear(H,D)` on a codebook token's hidden state.
     pub seg_head: Mlp<F, B>,
+    /// Decodes each target's `f` and the ViT's two feature levels into a mask.
     pub decoder: PixelDecoder<F, B>,
     /// The auxiliary patch-category head `Linear(Cv, 1 + C)` (present when
     /// `cfg.classes` is not empty; trains with the vision tower).

@@ -8,6 +8,7 @@ use image::RgbImage;
 
 /// CLIP's normalization constants (OpenAI CLIP, also LLaVA's image processor).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// CLIP's per-channel standard deviations (RGB), dividing after the mean is subtracted.
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// One image ready for the tower.
@@ -17,9 +18,11 @@ pub struct Pixels {
     pub data: Vec<f32>,
     /// The resized image's size inside the square (the rest is padding).
     pub valid_h: usize,
+    /// Width of the resized image inside the square, in pixels (≤ S).
     pub valid_w: usize,
     /// The original size.
     pub height: usize,
+    /// The original width in pixels.
     pub width: usize,
 }
 

@@ -30,6 +30,7 @@ pub const TEMPLATE_WORDS: &str = "USER: <image> ASSISTANT:";
 /// The tokenizer of a segmentation model: the base tokenizer plus the codebook.
 #[derive(Clone)]
 pub struct SegTokenizer {
+    /// The base tokenizer, the codebook tokens among its added tokens.
     pub tok: Tok,
     /// Token id of `[SEGj]`, j < S·L.
     pub codebook: Vec<u32>,
@@ -76,12 +77,15 @@ impl SegTokenizer {
         Self::new(Tok::load(path)?, group_len)
     }
 
+    /// Writes `tokenizer.json` (codebook tokens included) to `path` through a temporary
+    /// file and a rename.
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = crate::fsio::temp_path(path);
         self.tok.save(&tmp)?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 
+    /// Vocabulary size including added tokens (the codebook among them).
     pub fn vocab_size(&self) -> usize {
         self.tok.vocab_size()
     }

@@ -17,8 +17,11 @@ use num_traits::Float;
 use serde_json::{json, Value};
 use std::path::Path;
 
+/// The run directory's config: the LLaVA config, ours under `"popen"`.
 pub const CONFIG_FILE: &str = "config.json";
+/// The run directory's tokenizer, codebook tokens included.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The run directory's weights (f32): LLaVA's, then `seg_head.*` and `mask_decoder.*`.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 fn act_name(a: HfAct) -> &'static str {
