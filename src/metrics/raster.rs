@@ -77,6 +77,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn runs_count_overlapping_pushes_once() {
+        let mut r = Runs::default();
+        r.push(2, 5);
+        r.push(5, 7); // touching: one run
+        r.push(6, 9); // overlapping: only 7..9 is new
+        r.push(3, 4); // inside: nothing new
+        r.push(12, 13);
+        assert_eq!(r.iv, vec![(2, 9), (12, 13)]);
+        assert_eq!(r.area, 8);
+    }
+
+    #[test]
     fn runs_fill_column_major() {
         // 3x2 image, column-major [0,1,1 | 1,0,0] = runs 1,3,2
         let mut out = vec![0u8; 6];
@@ -125,7 +137,9 @@ mod tests {
 /// `kernels::mask::pair_counts_cpu` on the dense masks (tested).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Runs {
+    /// The intervals `[start, end)`, sorted, non-empty and non-adjacent.
     pub iv: Vec<(u32, u32)>,
+    /// Foreground pixels: the summed interval lengths.
     pub area: u64,
 }
 
@@ -134,10 +148,16 @@ impl Runs {
         if e <= s {
             return;
         }
-        self.area += (e - s) as u64;
         match self.iv.last_mut() {
-            Some(last) if last.1 >= s => last.1 = last.1.max(e),
-            _ => self.iv.push((s, e)),
+            // overlapping or touching the last run: only the pixels past its end are new
+            Some(last) if last.1 >= s => {
+                self.area += e.saturating_sub(last.1) as u64;
+                last.1 = last.1.max(e);
+            }
+            _ => {
+                self.area += (e - s) as u64;
+                self.iv.push((s, e));
+            }
         }
     }
 
@@ -306,8 +326,11 @@ impl Runs {
 /// allocation).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Columns {
+    /// Image column of the first stored column.
     pub x0: usize,
+    /// Offsets into `iv`, one per column plus a final end offset.
     pub off: Vec<usize>,
+    /// Row intervals `[y0, y1)` of all columns, column after column.
     pub iv: Vec<(u32, u32)>,
 }
 

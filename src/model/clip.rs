@@ -32,16 +32,22 @@ pub const CLIP_MARKER: &str = "embeddings.class_embedding";
 /// One pre-LN encoder block: `x += attn(ln1(x)); x += mlp(ln2(x))`.
 #[derive(Clone, Debug)]
 pub struct ClipLayer<F: Float = f32, B: Backend<F> = Cpu> {
+    /// LayerNorm before attention (ln1).
     pub layer_norm1: LayerNorm<F, B>,
+    /// Bidirectional self-attention with biases (`self_attn.{q,k,v,out}_proj`).
     pub self_attn: Attention<F, B>,
+    /// LayerNorm before the MLP (ln2).
     pub layer_norm2: LayerNorm<F, B>,
+    /// `mlp.fc1` (C → I) and `mlp.fc2` (I → C), with `hidden_act` between.
     pub mlp: Mlp<F, B>,
 }
 
 /// `CLIPVisionModel`.
 #[derive(Clone, Debug)]
 pub struct ClipVision<F: Float = f32, B: Backend<F> = Cpu> {
+    /// Sizes and hyper-parameters (HF `vision_config`).
     pub cfg: ClipVisionConfig,
+    /// Backend that holds the weights and runs the forward pass.
     pub be: B,
     /// Prefix of the tower's tensor names in the checkpoint it came from (`vision_model.`
     /// or empty); [`ClipVision::save_weights`] writes the same names.
@@ -55,14 +61,18 @@ pub struct ClipVision<F: Float = f32, B: Backend<F> = Cpu> {
     pub stem: Option<ConvStem<F, B>>,
     /// (S, C)
     pub position_embedding: Embedding<F, B>,
+    /// LayerNorm on the embeddings (class token + patches + positions); gives state 0.
     pub pre_layrnorm: LayerNorm<F, B>,
+    /// `encoder.layers.{i}`, `num_hidden_layers` (L) of them.
     pub layers: Vec<ClipLayer<F, B>>,
+    /// LayerNorm on the class token of state L; gives the pooled output.
     pub post_layernorm: LayerNorm<F, B>,
 }
 
 /// Outputs of [`ClipVision::forward`]; buffers are row-major.
 #[derive(Clone, Debug)]
 pub struct ClipOutput<Buf> {
+    /// Batch size B.
     pub b: usize,
     /// hidden states 0..=upto, each (B, S, C)
     pub hidden_states: Vec<Buf>,
@@ -311,7 +321,12 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         let be = self.be.clone();
         let mut rng = crate::nn::Rng::new(seed);
         for (name, t) in self.params_mut() {
-            if name.ends_with(".bias") || name.contains("layrnorm") || name.contains("layer_norm") {
+            // every norm stays at its unit weight: CLIP spells them `pre_layrnorm`,
+            // `layer_norm1`/`2` and `post_layernorm`
+            let norm = ["layrnorm", "layer_norm", "layernorm"]
+                .iter()
+                .any(|n| name.contains(n));
+            if name.ends_with(".bias") || norm {
                 continue;
             }
             t.data = be.from_slice(&crate::nn::randn::<F>(&mut rng, t.numel(), 0.02));
@@ -494,5 +509,45 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             stem.backward(&be, sa, &dpe)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::HfAct;
+
+    #[test]
+    fn a_random_tower_starts_with_unit_norms_and_drawn_weights() {
+        let cfg = ClipVisionConfig {
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_channels: 3,
+            image_size: 16,
+            patch_size: 8,
+            layer_norm_eps: 1e-5,
+            hidden_act: HfAct::QuickGelu,
+            stem_channels: 4,
+        };
+        let mut t = ClipVision::new(Cpu, cfg).unwrap();
+        t.init_random(7);
+        let (mut norms, mut drawn) = (0, 0);
+        for (name, p) in t.params_mut() {
+            let v: Vec<f32> = p.data.clone();
+            if name.ends_with(".bias") {
+                assert!(v.iter().all(|&x| x == 0.0), "{name}");
+            } else if name.contains("norm") {
+                assert!(v.iter().all(|&x| x == 1.0), "{name}: a norm starts at 1");
+                norms += 1;
+            } else {
+                assert!(v.iter().any(|&x| x != 0.0 && x.abs() < 0.2), "{name}");
+                drawn += 1;
+            }
+        }
+        // pre, 2 per layer, post; the stem's two
+        assert_eq!(norms, 1 + 2 * 2 + 1 + 2);
+        assert!(drawn > 0);
     }
 }
