@@ -86,6 +86,61 @@ fn greedy_samples_from_the_shared_prefix_are_the_single_answer() {
     }
 }
 
+/// The K samples of a question share one cache row while their draws agree and split
+/// when they differ: each sample must still be the answer decoded alone from its
+/// stream (`splitmix64(seed) + j`), whether it split early, late or never.
+#[test]
+fn shared_samples_are_the_answers_decoded_alone() {
+    let (mut shared_then_split, mut checked) = (0, 0);
+    for seed in [1u64, 2, 3, 4] {
+        let (m, tok) = model(seed);
+        let px = pixels(&m.cfg, seed + 20);
+        let enc = m.encode_images(&[&px]).unwrap().remove(0);
+        let ends = sentence_ends(&tok.tok);
+        for temperature in [0.05f32, 0.2, 1.0] {
+            let ecfg = EnsembleCfg {
+                temperature,
+                top_p: 0.95,
+                ..Default::default()
+            };
+            let e = m
+                .predict_ensemble(&tok, &[(&px, Q)], &ecfg, seed, None, &ends)
+                .unwrap()
+                .remove(0);
+            let base = popen::rng::splitmix64(seed);
+            for (j, s) in e.samples.iter().enumerate() {
+                let alone_cfg = SamplingCfg {
+                    temperature,
+                    top_p: 0.95,
+                    seed: base.wrapping_add(j as u64),
+                };
+                let pre = m.prefill(&tok, Q, &enc).unwrap();
+                let d = m.decode(&tok, pre, &alone_cfg, None).unwrap();
+                let what = format!("seed {seed}, temperature {temperature}, sample {j}");
+                assert_eq!(s.ids, d.ids, "{what}");
+                for (a, b) in s.logps.iter().zip(&d.logps) {
+                    assert!((a - b).abs() < 1e-4, "{what}: logp {a} vs {b}");
+                }
+                checked += 1;
+            }
+            // pairs that drew the same first token and then differ: a split after sharing
+            for a in 0..e.samples.len() {
+                for b in a + 1..e.samples.len() {
+                    let (x, y) = (&e.samples[a].ids, &e.samples[b].ids);
+                    if x.first() == y.first() && x != y {
+                        shared_then_split += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 4 * 3 * 3);
+    assert!(
+        shared_then_split > 0,
+        "no two samples shared a token and then split: the test does not reach the split"
+    );
+}
+
 #[test]
 fn the_refined_answer_is_the_biased_forward_of_the_concatenation() {
     for (seed, gamma_on) in [(4, true), (5, true), (6, false)] {

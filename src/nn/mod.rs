@@ -54,7 +54,7 @@ pub use layers::{
     Attention, AttnCtx, Embedding, LayerNorm, Linear, Mlp, PatchEmbed, RmsNorm, SwiGluMlp,
 };
 pub use llama::{KvCache, Llama, LlamaConfig};
-pub use sample::{sample_token, Rng, SamplingCfg};
+pub use sample::{sample_token, Rng, SamplingCfg, TokenDist};
 pub use twoway::TwoWayTransformer;
 
 use crate::backend::{Backend, Cpu};
@@ -65,8 +65,11 @@ use num_traits::Float;
 /// `[out, in]`), its values on the backend, and its gradient slot (`None` = frozen).
 #[derive(Clone, Debug)]
 pub struct Tensor<F: Float = f32, B: Backend<F> = Cpu> {
+    /// Dimensions, outermost first (Hugging Face order: a Linear weight is `[out, in]`).
     pub shape: Vec<usize>,
+    /// The values, flat and row-major, `numel()` long.
     pub data: B::Buf,
+    /// Gradient accumulator, same length as `data`; `None` = frozen.
     pub grad: Option<B::Buf>,
 }
 

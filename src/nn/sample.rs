@@ -11,6 +11,7 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A stream starting from `seed` (any value, 0 included).
     pub fn new(seed: u64) -> Self {
         Rng { state: seed }
     }
@@ -19,6 +20,7 @@ impl Rng {
     pub fn state(&self) -> u64 {
         self.state
     }
+    /// The next 64 random bits; advances the state by one step.
     pub fn next_u64(&mut self) -> u64 {
         let out = splitmix64(self.state);
         self.state = self.state.wrapping_add(GOLDEN_GAMMA);
@@ -44,10 +46,12 @@ pub struct SamplingCfg {
     /// Nucleus: sample only among the most probable tokens whose mass reaches `top_p`
     /// (1.0 = no cut).
     pub top_p: f32,
+    /// Seed of the [`Rng`] a generation draws from; unused when greedy.
     pub seed: u64,
 }
 
 impl SamplingCfg {
+    /// Argmax decoding: temperature 0, no top-p cut, seed 0.
     pub fn greedy() -> Self {
         SamplingCfg {
             temperature: 0.0,
@@ -74,62 +78,131 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
 /// Pick one token from `logits (V)`.  Returns the token and its log-probability under
 /// the model (log_softmax of the raw logits: temperature and top-p change which token
 /// is drawn, not the score, so the log-probs can feed DPO and the token scores τ).
+/// The same as [`TokenDist::new`] then [`TokenDist::draw`].
 pub fn sample_token(logits: &[f32], cfg: &SamplingCfg, rng: &mut Rng) -> Result<(u32, f32)> {
-    if logits.is_empty() {
-        return Err(Error::arg("sample_token", "empty logits"));
-    }
-    if let Some(i) = logits.iter().position(|x| x.is_nan()) {
-        return Err(Error::NonFinite {
-            what: format!("logit {i} is NaN"),
-        });
-    }
-    let temperature_ok = cfg.temperature >= 0.0; // false for NaN
-    let top_p_ok = cfg.top_p > 0.0 && cfg.top_p <= 1.0;
-    if !temperature_ok || !top_p_ok {
-        return Err(Error::arg(
-            "sample_token",
-            format!(
-                "temperature {} must be ≥ 0 and top_p {} in (0, 1]",
-                cfg.temperature, cfg.top_p
-            ),
-        ));
-    }
-    let logp = log_softmax(logits);
-    let argmax = (0..logits.len())
-        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
-        .unwrap();
-    if cfg.temperature == 0.0 {
-        return Ok((argmax as u32, logp[argmax] as f32));
-    }
-    // tempered probabilities, sorted descending (ties by index, for determinism)
-    let t = cfg.temperature as f64;
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    let mx = logits[order[0]] as f64 / t;
-    let w: Vec<f64> = order
-        .iter()
-        .map(|&i| (logits[i] as f64 / t - mx).exp())
-        .collect();
-    let total: f64 = w.iter().sum();
-    // nucleus: the shortest prefix whose mass reaches top_p (at least one token)
-    let mut keep = 0;
-    let mut mass = 0.0;
-    while keep < order.len() {
-        mass += w[keep] / total;
-        keep += 1;
-        if mass >= cfg.top_p as f64 {
-            break;
+    Ok(TokenDist::new(logits, cfg)?.draw(rng))
+}
+
+/// Tokens sorted first when drawing from a nucleus; the whole vocabulary is sorted only
+/// when their mass falls short of `top_p`.
+const NUCLEUS_HEAD: usize = 64;
+
+/// The distribution [`sample_token`] draws from, made once for a row of logits, so
+/// that several streams with the same logits (samples of one answer that have drawn
+/// the same tokens so far) sort and normalise them once.
+#[derive(Clone, Debug)]
+pub struct TokenDist {
+    /// log_softmax of the raw logits (V): the score of whichever token is drawn.
+    logp: Vec<f64>,
+    /// Greedy: the argmax (the lowest index among equals); no stream is read.
+    greedy: Option<usize>,
+    /// The nucleus: token ids by descending tempered probability (ties by index), and
+    /// their unnormalised tempered weights.
+    order: Vec<usize>,
+    w: Vec<f64>,
+    /// The nucleus's total weight.
+    kept: f64,
+}
+
+impl TokenDist {
+    /// The distribution of `logits (V)` under `cfg` (its seed unused).  Empty or NaN
+    /// logits, a negative temperature or a `top_p` outside (0, 1] are errors.
+    pub fn new(logits: &[f32], cfg: &SamplingCfg) -> Result<Self> {
+        if logits.is_empty() {
+            return Err(Error::arg("sample_token", "empty logits"));
         }
-    }
-    let kept: f64 = w[..keep].iter().sum();
-    let mut u = rng.uniform() * kept;
-    let mut pick = order[keep - 1];
-    for (r, &i) in order[..keep].iter().enumerate() {
-        if u < w[r] {
-            pick = i;
-            break;
+        if let Some(i) = logits.iter().position(|x| x.is_nan()) {
+            return Err(Error::NonFinite {
+                what: format!("logit {i} is NaN"),
+            });
         }
-        u -= w[r];
+        let temperature_ok = cfg.temperature >= 0.0; // false for NaN
+        let top_p_ok = cfg.top_p > 0.0 && cfg.top_p <= 1.0;
+        if !temperature_ok || !top_p_ok {
+            return Err(Error::arg(
+                "sample_token",
+                format!(
+                    "temperature {} must be ≥ 0 and top_p {} in (0, 1]",
+                    cfg.temperature, cfg.top_p
+                ),
+            ));
+        }
+        let logp = log_softmax(logits);
+        if cfg.temperature == 0.0 {
+            let argmax = (0..logits.len())
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+                .unwrap_or(0);
+            return Ok(TokenDist {
+                logp,
+                greedy: Some(argmax),
+                order: Vec::new(),
+                w: Vec::new(),
+                kept: 0.0,
+            });
+        }
+        // tempered probabilities, sorted descending (ties by index, for determinism)
+        let t = cfg.temperature as f64;
+        let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 / t;
+        let weight = |i: usize| (logits[i] as f64 / t - mx).exp();
+        let total: f64 = (0..logits.len()).map(weight).sum();
+        // nucleus: the shortest prefix whose mass reaches top_p (at least one token).  The
+        // order is total, so the first m of a full sort are the m largest, sorted: sort
+        // those first and the rest only when they fall short of top_p
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let head = NUCLEUS_HEAD.min(order.len());
+        if head < order.len() {
+            order.select_nth_unstable_by(head - 1, desc);
+        }
+        order[..head].sort_unstable_by(desc);
+        let nucleus = |order: &[usize]| {
+            let (mut keep, mut mass) = (0, 0.0);
+            while keep < order.len() {
+                mass += weight(order[keep]) / total;
+                keep += 1;
+                if mass >= cfg.top_p as f64 {
+                    return Some(keep);
+                }
+            }
+            None
+        };
+        let keep = match nucleus(&order[..head]) {
+            Some(keep) => keep,
+            None => {
+                order.sort_unstable_by(desc);
+                nucleus(&order).unwrap_or(order.len())
+            }
+        };
+        order.truncate(keep);
+        let w: Vec<f64> = order.iter().map(|&i| weight(i)).collect();
+        let kept: f64 = w.iter().sum();
+        Ok(TokenDist {
+            logp,
+            greedy: None,
+            order,
+            w,
+            kept,
+        })
     }
-    Ok((pick as u32, logp[pick] as f32))
+
+    /// One token and its log-probability under the model; reads one uniform from `rng`
+    /// unless greedy.
+    pub fn draw(&self, rng: &mut Rng) -> (u32, f32) {
+        let pick = match self.greedy {
+            Some(i) => i,
+            None => {
+                let mut u = rng.uniform() * self.kept;
+                let mut pick = self.order[self.order.len() - 1];
+                for (r, &i) in self.order.iter().enumerate() {
+                    if u < self.w[r] {
+                        pick = i;
+                        break;
+                    }
+                    u -= self.w[r];
+                }
+                pick
+            }
+        };
+        (pick as u32, self.logp[pick] as f32)
+    }
 }

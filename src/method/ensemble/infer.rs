@@ -389,8 +389,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 
     /// The K answers of every question of one prompt length, decoded together: the
-    /// answer header is fed after the bodies' cache `pre`, each row is repeated K times,
-    /// and the B·K rows decode as one batch.  Sample `j` of the question seeded `s`
+    /// answer header is fed after the bodies' cache `pre`, and the B·K answers decode as
+    /// one batch, the K of a question sharing its cache row while their draws agree
+    /// ([`SegModel::decode_rows`]).  Sample `j` of the question seeded `s`
     /// draws from the stream seeded `splitmix64(s) + j`.  Returns one set per row of
     /// `pre`, in order.
     #[allow(clippy::too_many_arguments)]
@@ -426,11 +427,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 .map(|&i| row(be, &acts.hidden, i, hdim))
                 .collect::<Result<_>>()?;
         }
-        let rep: Vec<usize> = (0..b).flat_map(|r| std::iter::repeat_n(r, k)).collect();
+        // the K samples of a question share its cache row until their draws differ
         let rows = Rows {
-            cache: lm.select_cache_rows(&cache, &rep)?,
-            logits: rep.iter().map(|&r| logits[r].clone()).collect(),
-            hidden: rep.iter().map(|&r| hidden[r].clone()).collect(),
+            cache,
+            logits,
+            hidden,
             rngs: seeds
                 .iter()
                 .flat_map(|&s| {
@@ -438,9 +439,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                     (0..k as u64).map(move |j| Rng::new(base.wrapping_add(j)))
                 })
                 .collect(),
+            members: (0..b).map(|r| (r * k..(r + 1) * k).collect()).collect(),
             bias: None,
         };
-        drop(cache);
         let sampling = SamplingCfg {
             temperature: cfg.temperature,
             top_p: cfg.top_p,

@@ -27,8 +27,10 @@
 //! - **Prefix.**  The image and question go through the LLM once; the K samples, the
 //!   text half and the segmentation half all continue from that KV cache.  The
 //!   questions of one call whose prompts have the same length are read in one batch
-//!   and their K samples each decoded as one batch of B·K rows (never padded, as in
-//!   `SegModel::predict`); the two halves then run question by question.  The groups
+//!   and their B·K samples decoded as one batch (never padded, as in
+//!   `SegModel::predict`), the K samples of a question sharing one cache row, and so
+//!   one forward per step, for as long as they draw the same tokens; the two halves
+//!   then run question by question.  The groups
 //!   of one length, and the questions' two halves, are independent and run on several
 //!   threads at once on the CPU ([`crate::backend::map_jobs`]), with the same results.
 //! - **Decoding `ỹ`** is greedy, with the K samples as drafts

@@ -7,7 +7,7 @@ use super::preprocess::Pixels;
 use super::prompt::SegTokenizer;
 use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
-use crate::nn::{sample_token, KvCache, Rng, SamplingCfg};
+use crate::nn::{KvCache, Rng, SamplingCfg, TokenDist};
 use num_traits::Float;
 
 /// One generated answer.
@@ -19,8 +19,9 @@ pub struct Prediction {
     pub masks: Vec<Vec<u8>>,
     /// Mask logits per `<seg>` (height·width), for ensembles and soft scores.
     pub logits: Vec<Vec<f32>>,
-    /// The generated ids (EOS included when generated) and each one's log-probability.
+    /// The generated ids (EOS included when generated).
     pub ids: Vec<u32>,
+    /// Each id's log-probability under the model (raw logits, whatever the sampling).
     pub logps: Vec<f32>,
 }
 
@@ -28,28 +29,59 @@ pub struct Prediction {
 /// of its positions (the last row predicts the first answer token).
 #[derive(Clone, Debug)]
 pub struct Prefill<Buf> {
+    /// Keys and values of the prompt's positions (batch 1).
     pub cache: KvCache<Buf>,
+    /// Logits of every position read (T, V).
     pub logits: Buf,
+    /// Last-layer hidden states after the final norm (T, C).
     pub hidden: Buf,
 }
 
 /// Generated ids, each one's log-probability and the hidden row that predicted it.
 #[derive(Clone, Debug)]
 pub struct Decoded<Buf> {
+    /// The generated ids (EOS included when generated).
     pub ids: Vec<u32>,
+    /// Each id's log-probability under the model.
     pub logps: Vec<f32>,
+    /// The hidden state (C) that predicted each id: `rows[t]` predicted `ids[t]`.
     pub rows: Vec<Buf>,
 }
 
-/// B answers decoded together ([`SegModel::decode_rows`]): one KV cache of batch B and,
-/// per row, the logits (V) and hidden state (C) of its last position, its sampling
-/// stream and, when the keys are biased, the bias of every key in the cache.
+/// Answers decoded together ([`SegModel::decode_rows`]): one KV cache of batch B and,
+/// per cache row, the logits (V) and hidden state (C) of its last position, the
+/// answers it holds (`members`: indices into `rngs`, one answer per sampling stream)
+/// and, when the keys are biased, the bias of every key in the cache.  A cache row
+/// holds several answers while their histories are the same (the K samples of one
+/// question start so): they share its forwards until their draws differ.
 pub(crate) struct Rows<Buf> {
     pub cache: KvCache<Buf>,
     pub logits: Vec<Vec<f32>>,
     pub hidden: Vec<Buf>,
     pub rngs: Vec<Rng>,
+    pub members: Vec<Vec<usize>>,
     pub bias: Option<Vec<Vec<f32>>>,
+}
+
+impl<Buf> Rows<Buf> {
+    /// One answer per cache row: row `r` samples from `rngs[r]`.
+    pub(crate) fn one_per_row(
+        cache: KvCache<Buf>,
+        logits: Vec<Vec<f32>>,
+        hidden: Vec<Buf>,
+        rngs: Vec<Rng>,
+        bias: Option<Vec<Vec<f32>>>,
+    ) -> Self {
+        let members = (0..rngs.len()).map(|r| vec![r]).collect();
+        Rows {
+            cache,
+            logits,
+            hidden,
+            rngs,
+            members,
+            bias,
+        }
+    }
 }
 
 /// Masks of one answer (height·width each, 1 = object) and their logits.
@@ -63,8 +95,11 @@ pub type TargetReadout = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 /// that its pixel skip reads.
 #[derive(Clone, Debug)]
 pub struct ImageEncoding<Buf> {
+    /// The image's tokens after the projector (K, C): what `<image>` stands for.
     pub tokens: Buf,
+    /// The decoder's two ViT levels, class token dropped (K, Cv) each.
     pub feats: [Buf; 2],
+    /// The preprocessed image (3, S, S).
     pub pixels: Buf,
 }
 
@@ -163,13 +198,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let hidden = (0..b)
             .map(|r| row(be, &acts.hidden, (r + 1) * t - 1, hdim))
             .collect::<Result<_>>()?;
-        Ok(Rows {
+        Ok(Rows::one_per_row(
             cache,
             logits,
             hidden,
-            rngs: seeds.iter().map(|&s| Rng::new(s)).collect(),
-            bias: None,
-        })
+            seeds.iter().map(|&s| Rng::new(s)).collect(),
+            None,
+        ))
     }
 
     /// The segmentation embeddings `f` of every target of `examples`, read
@@ -322,23 +357,28 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             self.llava.cfg.text.vocab_size,
         );
         let n = be.len(&pre.hidden) / hdim;
-        let rows = Rows {
-            logits: vec![last_row_f32(be, &pre.logits, v)],
-            hidden: vec![row(be, &pre.hidden, n - 1, hdim)?],
-            cache: pre.cache,
-            rngs: vec![Rng::new(cfg.seed)],
-            bias: bias.map(|b| vec![b]),
-        };
+        let rows = Rows::one_per_row(
+            pre.cache,
+            vec![last_row_f32(be, &pre.logits, v)],
+            vec![row(be, &pre.hidden, n - 1, hdim)?],
+            vec![Rng::new(cfg.seed)],
+            bias.map(|b| vec![b]),
+        );
         let mut d = self.decode_rows(tok, rows, cfg)?;
         d.pop()
             .ok_or_else(|| Error::shape("SegModel::decode", "no row decoded"))
     }
 
-    /// Generates for B rows at once, each until its EOS, `max_new_tokens` or the
-    /// context's end: per row the ids, each one's log-probability and the hidden row that
-    /// predicted each.  A row that has ended leaves the batch (its cache rows are
-    /// dropped), so the others run on.  With `rows.bias`, each row's bias covers every
-    /// key in the cache and grows by 0 for each generated key.
+    /// Generates the answers of `rows` at once, each until its EOS, `max_new_tokens` or
+    /// the context's end: per answer (in the order of `rows.rngs`) the ids, each one's
+    /// log-probability and the hidden row that predicted each.  Each answer draws from
+    /// its own stream; the answers of one cache row draw from its logits, and those
+    /// that draw the same token go on sharing one cache row, while the others each take
+    /// a copy of it.  An answer that ends leaves the batch (a cache row whose answers
+    /// all ended is dropped), so the others run on.  Every answer is what it would be
+    /// decoded alone, up to the rounding of a batched matrix product.  With
+    /// `rows.bias`, each cache row's bias covers every key in the cache and grows by 0
+    /// for each generated key.
     pub(crate) fn decode_rows(
         &self,
         tok: &SegTokenizer,
@@ -357,51 +397,79 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             mut logits,
             mut hidden,
             mut rngs,
+            members,
             mut bias,
         } = rows;
-        let b = cache.b;
-        if logits.len() != b || hidden.len() != b || rngs.len() != b {
+        let (b, n_out) = (cache.b, rngs.len());
+        let mut seen = vec![false; n_out];
+        let each_once = members.iter().flatten().all(|&r| {
+            let fresh = r < n_out && !seen[r];
+            if fresh {
+                seen[r] = true;
+            }
+            fresh
+        }) && seen.iter().all(|&x| x);
+        if logits.len() != b
+            || hidden.len() != b
+            || members.len() != b
+            || members.iter().any(|m| m.is_empty())
+            || !each_once
+        {
             return Err(Error::shape(
                 "SegModel::decode_rows",
                 format!(
-                    "a cache of batch {b} with {} logit rows, {} hidden rows, {} streams",
+                    "a cache of batch {b} with {} logit rows, {} hidden rows, {} member lists \
+                     (each non-empty, together naming each of {n_out} streams once)",
                     logits.len(),
                     hidden.len(),
-                    rngs.len()
+                    members.len(),
                 ),
             ));
         }
-        let mut out: Vec<Decoded<B::Buf>> = (0..b)
+        let mut out: Vec<Decoded<B::Buf>> = (0..n_out)
             .map(|_| Decoded {
                 ids: Vec::new(),
                 logps: Vec::new(),
                 rows: Vec::new(),
             })
             .collect();
-        // `live[j]`: the row of `out` that cache row j decodes
-        let mut live: Vec<usize> = (0..b).collect();
+        // `live[j]`: the answers that cache row j decodes
+        let mut live = members;
         for _ in 0..self.cfg.max_new_tokens {
-            let (mut keep, mut next) = (Vec::new(), Vec::new());
-            for (j, &r) in live.iter().enumerate() {
-                let (t, lp) = sample_token(&logits[j], cfg, &mut rngs[r])?;
-                out[r].ids.push(t);
-                out[r].logps.push(lp);
-                out[r].rows.push(hidden[j].clone());
-                if t != tok.tok.eos {
-                    keep.push(j);
-                    next.push(t);
+            // per new cache row: the row it continues, its token, its answers
+            let (mut src, mut next, mut groups) =
+                (Vec::new(), Vec::new(), Vec::<Vec<usize>>::new());
+            for (j, answers) in live.iter().enumerate() {
+                let dist = TokenDist::new(&logits[j], cfg)?;
+                let first = next.len();
+                for &r in answers {
+                    let (t, lp) = dist.draw(&mut rngs[r]);
+                    out[r].ids.push(t);
+                    out[r].logps.push(lp);
+                    out[r].rows.push(hidden[j].clone());
+                    if t == tok.tok.eos {
+                        continue;
+                    }
+                    match next[first..].iter().position(|&u| u == t) {
+                        Some(g) => groups[first + g].push(r),
+                        None => {
+                            src.push(j);
+                            next.push(t);
+                            groups.push(vec![r]);
+                        }
+                    }
                 }
             }
-            if keep.is_empty() || cache.len() + 1 >= ctx {
+            if next.is_empty() || cache.len() + 1 >= ctx {
                 break;
             }
-            if keep.len() < live.len() {
-                cache = lm.select_cache_rows(&cache, &keep)?;
-                live = keep.iter().map(|&j| live[j]).collect();
+            if src.len() != live.len() || src.iter().enumerate().any(|(i, &j)| i != j) {
+                cache = lm.select_cache_rows(&cache, &src)?;
                 if let Some(bs) = &mut bias {
-                    *bs = keep.iter().map(|&j| std::mem::take(&mut bs[j])).collect();
+                    *bs = src.iter().map(|&j| bs[j].clone()).collect();
                 }
             }
+            live = groups;
             let bias_buf = match &mut bias {
                 Some(bs) => {
                     let f: Vec<F> = bs
