@@ -243,6 +243,94 @@ fn kv_cache_decoding_equals_full_forward() {
     );
 }
 
+/// `forward_tail` reads the positions before its tail only as far as the cache needs
+/// them (the last layer's keys and values): its tail rows and the cache it leaves must
+/// be the full cached forward's, with a key bias and a padding mask, after a cache that
+/// already holds positions, for a tail of one row, several, and all of them.
+#[test]
+fn forward_tail_equals_the_full_forward_on_its_rows_and_cache() {
+    let m = peaked_llama(8);
+    let (b, t0, t, v, c) = (2, 3, 7, 13, 12);
+    let ids: Vec<u32> = (0..b * (t0 + t))
+        .map(|i| ((i * 7 + 3) % 13) as u32)
+        .collect();
+    let part = |a: usize, n: usize| -> Vec<u32> {
+        (0..b)
+            .flat_map(|bi| ids[bi * (t0 + t) + a..][..n].to_vec())
+            .collect()
+    };
+    let tk = t0 + t;
+    let bias: Vec<f32> = (0..b * tk)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+        .collect();
+    let mask: Vec<u8> = (0..b * tk).map(|i| u8::from(i % tk != 1)).collect();
+    for m_tail in [1, 3, t] {
+        let mut full_cache = m.new_cache(b);
+        let mut tail_cache = m.new_cache(b);
+        for cache in [&mut full_cache, &mut tail_cache] {
+            m.forward_cached(&part(0, t0), cache, None, None).unwrap();
+        }
+        let g = BE.from_slice(&bias);
+        let x = m.embed(&part(t0, t)).unwrap();
+        let (lf, af) = m
+            .forward_embeds(
+                x.clone(),
+                b,
+                t,
+                Some(&mask),
+                Some(&g),
+                Some(&mut full_cache),
+            )
+            .unwrap();
+        let (lt, ht) = m
+            .forward_tail(x, b, t, m_tail, Some(&mask), Some(&g), &mut tail_cache)
+            .unwrap();
+        assert_eq!(lt.len(), b * m_tail * v, "tail {m_tail}");
+        assert_eq!(ht.len(), b * m_tail * c, "tail {m_tail}");
+        let mut worst = 0.0f32;
+        for bi in 0..b {
+            for ti in 0..m_tail {
+                let tf = t - m_tail + ti;
+                let pairs = [
+                    (rows(&lf, v, b, t, bi, tf), rows(&lt, v, b, m_tail, bi, ti)),
+                    (
+                        rows(&af.hidden, c, b, t, bi, tf),
+                        rows(&ht, c, b, m_tail, bi, ti),
+                    ),
+                ];
+                for (x, y) in pairs {
+                    for (p, q) in x.iter().zip(y) {
+                        worst = worst.max((p - q).abs());
+                    }
+                }
+            }
+        }
+        assert!(worst < 1e-5, "tail {m_tail}: rows differ by {worst}");
+        assert_eq!(tail_cache.len(), full_cache.len());
+        let n = tail_cache.len();
+        for (lf, lt) in full_cache.layers.iter().zip(&tail_cache.layers) {
+            for (kf, kt) in [(&lf.k, &lt.k), (&lf.v, &lt.v)] {
+                // (B, NKV, cap, HS): compare the positions written
+                let hs = 4;
+                let (cf, ct) = (lf.cap, lt.cap);
+                for blk in 0..kf.len() / (cf * hs) {
+                    for p in 0..n * hs {
+                        let (x, y) = (kf[blk * cf * hs + p], kt[blk * ct * hs + p]);
+                        assert!((x - y).abs() < 1e-5, "tail {m_tail}: cache {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+    let mut cache = m.new_cache(b);
+    let x = m.embed(&part(0, t)).unwrap();
+    for bad in [0, t + 1] {
+        assert!(m
+            .forward_tail(x.clone(), b, t, bad, None, None, &mut cache)
+            .is_err());
+    }
+}
+
 /// The preallocated cache: a decode grows it by doubling (O(log n) moves, never a copy
 /// per step), a truncated cache fed again and a cache of selected rows (one repeated)
 /// give the full forward's logits, and a reserve past the context is an error.

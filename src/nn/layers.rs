@@ -637,36 +637,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         // the keys attention reads: the new ones alone, or the cache they were written to
         let (s, keys, values) = match cache {
             Some(c) => {
-                if c.len != ctx.pos0 {
-                    return Err(Error::arg(
-                        "Attention::forward",
-                        format!(
-                            "KV cache holds {} positions but the call starts at {}",
-                            c.len, ctx.pos0
-                        ),
-                    ));
-                }
-                if c.len + t > c.cap {
-                    return Err(Error::arg(
-                        "Attention::forward",
-                        format!(
-                            "KV cache of capacity {} cannot take {t} positions after {}",
-                            c.cap, c.len
-                        ),
-                    ));
-                }
-                let put = TimeCopy {
-                    bh: b * self.nkv,
-                    hs,
-                    dst_t: c.cap,
-                    dst_at: c.len,
-                    src_t: t,
-                    src_at: 0,
-                    n: t,
-                };
-                be.copy_time(&mut c.k, &k, put)?;
-                be.copy_time(&mut c.v, &v, put)?;
-                c.len += t;
+                self.append_kv(be, ctx, c, &k, &v)?;
                 let s = AttnShape {
                     kv_stride: c.cap,
                     ..self.shape(b, t, c.len)
@@ -700,6 +671,72 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                 ym,
             },
         ))
+    }
+
+    /// What [`Self::forward`] leaves in `cache` for x (B·T, C), without its output: the
+    /// keys and values of positions `ctx.pos0..` (RoPE applied) written after the
+    /// cache's `ctx.pos0` positions.  No query is formed, so a model's last layer need
+    /// do no more than this for the positions whose outputs nobody reads
+    /// ([`crate::nn::Llama::forward_tail`]).
+    pub fn fill_cache(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        ctx: &AttnCtx<'_, B::Buf>,
+        cache: &mut LayerKv<B::Buf>,
+    ) -> Result<()> {
+        let (b, t, hs) = (ctx.b, ctx.t, self.hs);
+        let kf = self.k.forward(be, x)?;
+        let vf = self.v.forward(be, x)?;
+        let mut k = be.zeros(b * self.nkv * t * hs);
+        let mut v = be.zeros(b * self.nkv * t * hs);
+        be.heads_split(&kf, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut k)?;
+        be.heads_split(&vf, b, t, self.nkv, hs, ctx.pos0, None, &mut v)?;
+        self.append_kv(be, ctx, cache, &k, &v)
+    }
+
+    /// Writes this call's keys and values k, v (B,NKV,T,HS) after the cache's
+    /// `ctx.pos0` positions, which must be all it holds, into its room.
+    fn append_kv(
+        &self,
+        be: &B,
+        ctx: &AttnCtx<'_, B::Buf>,
+        c: &mut LayerKv<B::Buf>,
+        k: &B::Buf,
+        v: &B::Buf,
+    ) -> Result<()> {
+        let (b, t, hs) = (ctx.b, ctx.t, self.hs);
+        if c.len != ctx.pos0 {
+            return Err(Error::arg(
+                "Attention::forward",
+                format!(
+                    "KV cache holds {} positions but the call starts at {}",
+                    c.len, ctx.pos0
+                ),
+            ));
+        }
+        if c.len + t > c.cap {
+            return Err(Error::arg(
+                "Attention::forward",
+                format!(
+                    "KV cache of capacity {} cannot take {t} positions after {}",
+                    c.cap, c.len
+                ),
+            ));
+        }
+        let put = TimeCopy {
+            bh: b * self.nkv,
+            hs,
+            dst_t: c.cap,
+            dst_at: c.len,
+            src_t: t,
+            src_at: 0,
+            n: t,
+        };
+        be.copy_time(&mut c.k, k, put)?;
+        be.copy_time(&mut c.v, v, put)?;
+        c.len += t;
+        Ok(())
     }
 
     /// Backward of a forward without cache.  Returns dx (B·T, C) and, when `want_dbias`,

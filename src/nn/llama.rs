@@ -541,31 +541,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         bias: Option<&B::Buf>,
         mut cache: Option<&mut KvCache<B::Buf>>,
     ) -> Result<(B::Buf, LlamaActs<B::Buf>)> {
-        let be = &self.be;
-        let c = self.cfg.hidden_size;
-        crate::error::check_len("Llama::forward_embeds", "embeddings", be.len(&x), b * t * c)?;
-        let pos0 = cache.as_ref().map_or(0, |c| c.len());
-        if let Some(cc) = &cache {
-            if cc.b != b {
-                return Err(Error::shape(
-                    "Llama::forward_embeds",
-                    format!("cache for batch {} used with batch {b}", cc.b),
-                ));
-            }
-        }
-        if pos0 + t > self.cfg.max_position_embeddings {
-            return Err(Error::arg(
-                "Llama::forward_embeds",
-                format!(
-                    "position {} beyond max_position_embeddings {}",
-                    pos0 + t,
-                    self.cfg.max_position_embeddings
-                ),
-            ));
-        }
-        if let Some(cc) = cache.as_deref_mut() {
-            self.reserve_cache(cc, pos0 + t)?;
-        }
+        let pos0 = self.begin_call("Llama::forward_embeds", &x, b, t, cache.as_deref_mut())?;
         let ctx = AttnCtx {
             b,
             t,
@@ -576,28 +552,12 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         let mut x = x;
         let mut layer_acts = Vec::with_capacity(self.layers.len());
         for (li, l) in self.layers.iter().enumerate() {
-            let (ln1, rstd1) = l.input_layernorm.forward(be, &x)?;
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[li]);
-            let (a, attn) = l.self_attn.forward(be, &ln1, &ctx, kv)?;
-            let mut xm = x.clone();
-            be.axpy(&mut xm, F::one(), &a)?;
-            let (ln2, rstd2) = l.post_attention_layernorm.forward(be, &xm)?;
-            let (m, mlp) = l.mlp.forward(be, &ln2)?;
-            let mut xo = xm.clone();
-            be.axpy(&mut xo, F::one(), &m)?;
-            layer_acts.push(LayerActs {
-                x,
-                ln1,
-                rstd1,
-                attn,
-                xm,
-                ln2,
-                rstd2,
-                mlp,
-            });
+            let (xo, acts) = self.block_forward(l, x, &ctx, kv)?;
+            layer_acts.push(acts);
             x = xo;
         }
-        let (hidden, rstd_f) = self.norm.forward(be, &x)?;
+        let (hidden, rstd_f) = self.norm.forward(&self.be, &x)?;
         let logits = self.head_forward(&hidden)?;
         Ok((
             logits,
@@ -614,6 +574,181 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                 hidden,
             },
         ))
+    }
+
+    /// The logits (B·m, V) and final hidden states (B·m, C) of the last `m` positions
+    /// of each row of x (B·T, C), every position's keys and values written into
+    /// `cache` as [`Self::forward_embeds`] writes them (`key_mask` and `bias` cover the
+    /// cache and all T new keys, as there).  The positions before the tail are read
+    /// with [`Attention::fill_cache`] in the last layer and no head: for a prompt whose
+    /// last row alone predicts, that layer's queries, MLP and the vocabulary product
+    /// run on one row instead of T.  The tail rows equal `forward_embeds`'s up to the
+    /// rounding of smaller matrix products (`tests/nn_llama.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_tail(
+        &self,
+        x: B::Buf,
+        b: usize,
+        t: usize,
+        m: usize,
+        key_mask: Option<&[u8]>,
+        bias: Option<&B::Buf>,
+        cache: &mut KvCache<B::Buf>,
+    ) -> Result<(B::Buf, B::Buf)> {
+        let be = &self.be;
+        let c = self.cfg.hidden_size;
+        if m == 0 || m > t {
+            return Err(Error::arg(
+                "Llama::forward_tail",
+                format!("a tail of {m} positions of {t}"),
+            ));
+        }
+        crate::error::check_len("Llama::forward_tail", "embeddings", be.len(&x), b * t * c)?;
+        let head = t - m;
+        if head > 0 {
+            let tk = cache.len() + t;
+            // room for both reads at once: one move of the cache at most
+            self.reserve_cache(cache, tk)?;
+            let (xh, xt) = (
+                self.rows_of(&x, b, t, 0, head)?,
+                self.rows_of(&x, b, t, head, m)?,
+            );
+            let mask_h: Option<Vec<u8>> = match key_mask {
+                Some(km) => {
+                    crate::error::check_len("Llama::forward_tail", "key mask", km.len(), b * tk)?;
+                    Some(km.chunks(tk).flat_map(|r| r[..tk - m].to_vec()).collect())
+                }
+                None => None,
+            };
+            let bias_h = match bias {
+                Some(g) => {
+                    crate::error::check_len("Llama::forward_tail", "bias", be.len(g), b * tk)?;
+                    Some(self.rows_of(g, b, tk, 0, tk - m)?)
+                }
+                None => None,
+            };
+            self.fill_cache(xh, b, head, mask_h.as_deref(), bias_h.as_ref(), cache)?;
+            let (logits, acts) = self.forward_embeds(xt, b, m, key_mask, bias, Some(cache))?;
+            return Ok((logits, acts.hidden));
+        }
+        let (logits, acts) = self.forward_embeds(x, b, t, key_mask, bias, Some(cache))?;
+        Ok((logits, acts.hidden))
+    }
+
+    /// Writes the keys and values of x (B·T, C) into `cache` as
+    /// [`Self::forward_embeds`] does, computing no more than they need: every layer but
+    /// the last in full, the last up to its keys and values, no final norm or head.
+    fn fill_cache(
+        &self,
+        x: B::Buf,
+        b: usize,
+        t: usize,
+        key_mask: Option<&[u8]>,
+        bias: Option<&B::Buf>,
+        cache: &mut KvCache<B::Buf>,
+    ) -> Result<()> {
+        let pos0 = self.begin_call("Llama::fill_cache", &x, b, t, Some(&mut *cache))?;
+        let ctx = AttnCtx {
+            b,
+            t,
+            pos0,
+            bias,
+            key_mask,
+        };
+        let mut x = x;
+        let last = self.layers.len().saturating_sub(1);
+        for (li, l) in self.layers.iter().enumerate() {
+            let kv = &mut cache.layers[li];
+            if li < last {
+                x = self.block_forward(l, x, &ctx, Some(kv))?.0;
+            } else {
+                let (ln1, _) = l.input_layernorm.forward(&self.be, &x)?;
+                l.self_attn.fill_cache(&self.be, &ln1, &ctx, kv)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks every forward makes (x is B·T·C, the cache is of batch B, the
+    /// positions fit the context), then room in the cache: the first position.
+    fn begin_call(
+        &self,
+        op: &'static str,
+        x: &B::Buf,
+        b: usize,
+        t: usize,
+        cache: Option<&mut KvCache<B::Buf>>,
+    ) -> Result<usize> {
+        let c = self.cfg.hidden_size;
+        crate::error::check_len(op, "embeddings", self.be.len(x), b * t * c)?;
+        let pos0 = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(cc) = &cache {
+            if cc.b != b {
+                return Err(Error::shape(
+                    op,
+                    format!("cache for batch {} used with batch {b}", cc.b),
+                ));
+            }
+        }
+        if pos0 + t > self.cfg.max_position_embeddings {
+            return Err(Error::arg(
+                op,
+                format!(
+                    "position {} beyond max_position_embeddings {}",
+                    pos0 + t,
+                    self.cfg.max_position_embeddings
+                ),
+            ));
+        }
+        if let Some(cc) = cache {
+            self.reserve_cache(cc, pos0 + t)?;
+        }
+        Ok(pos0)
+    }
+
+    /// One decoder block on the residual stream x (B·T, C): the stream after it and
+    /// what its backward reads.
+    fn block_forward(
+        &self,
+        l: &LlamaLayer<F, B>,
+        x: B::Buf,
+        ctx: &AttnCtx<'_, B::Buf>,
+        kv: Option<&mut LayerKv<B::Buf>>,
+    ) -> Result<(B::Buf, LayerActs<B::Buf>)> {
+        let be = &self.be;
+        let (ln1, rstd1) = l.input_layernorm.forward(be, &x)?;
+        let (a, attn) = l.self_attn.forward(be, &ln1, ctx, kv)?;
+        let mut xm = x.clone();
+        be.axpy(&mut xm, F::one(), &a)?;
+        let (ln2, rstd2) = l.post_attention_layernorm.forward(be, &xm)?;
+        let (m, mlp) = l.mlp.forward(be, &ln2)?;
+        let mut xo = xm.clone();
+        be.axpy(&mut xo, F::one(), &m)?;
+        Ok((
+            xo,
+            LayerActs {
+                x,
+                ln1,
+                rstd1,
+                attn,
+                xm,
+                ln2,
+                rstd2,
+                mlp,
+            },
+        ))
+    }
+
+    /// Columns `[at, at + n)` of each of the B rows of a (B, T·W) buffer, W the width
+    /// implied by its length: (B, n·W).
+    fn rows_of(&self, a: &B::Buf, b: usize, t: usize, at: usize, n: usize) -> Result<B::Buf> {
+        let be = &self.be;
+        let w = be.len(a) / (b * t).max(1);
+        let mut out = be.zeros(b * n * w);
+        for r in 0..b {
+            be.copy_range(&mut out, r * n * w, a, (r * t + at) * w, n * w)?;
+        }
+        Ok(out)
     }
 
     fn head_forward(&self, hidden: &B::Buf) -> Result<B::Buf> {

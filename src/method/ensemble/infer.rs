@@ -331,14 +331,15 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 bias.extend(std::iter::repeat_n(0.0, tail.len()));
                 let mut cache = prefix.clone();
                 let bias = be.from_slice(&to_f::<F>(&bias));
-                let (_, acts) =
-                    lm.forward_embeds(chunk, 1, n, None, Some(&bias), Some(&mut cache))?;
-                // the row that predicts ỹ's token t sits just before it
+                // the row that predicts ỹ's token t sits just before it: only the
+                // chunk's last |ỹ| + 1 rows are read
                 let start = read_len + f_rows.len();
+                let m = (ans_ids.len() + 1).min(n);
+                let (_, tail) = lm.forward_tail(chunk, 1, n, m, None, Some(&bias), &mut cache)?;
                 let rows: Vec<B::Buf> = (0..ans_ids.len())
                     .map(|t| match start + t {
                         0 => Ok(h_prefix.clone()),
-                        i => row(be, &acts.hidden, i - 1, hdim),
+                        i => row(be, &tail, i - 1 - (n - m), hdim),
                     })
                     .collect::<Result<_>>()?;
                 (answer.masks, answer.logits) =
@@ -418,13 +419,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if !header.is_empty() {
             let ids: Vec<u32> = (0..b).flat_map(|_| header.iter().copied()).collect();
             let hl = header.len();
-            let (lg, acts) =
-                lm.forward_embeds(lm.embed(&ids)?, b, hl, None, None, Some(&mut cache))?;
-            let last: Vec<usize> = (0..b).map(|r| (r + 1) * hl - 1).collect();
-            logits = rows_f32(be, &lg, &last, v);
-            hidden = last
-                .iter()
-                .map(|&i| row(be, &acts.hidden, i, hdim))
+            let (lg, hd) = lm.forward_tail(lm.embed(&ids)?, b, hl, 1, None, None, &mut cache)?;
+            logits = rows_f32(be, &lg, &(0..b).collect::<Vec<_>>(), v);
+            hidden = (0..b)
+                .map(|r| row(be, &hd, r, hdim))
                 .collect::<Result<_>>()?;
         }
         // the K samples of a question share its cache row until their draws differ
@@ -482,11 +480,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let b = be.from_slice(&to_f::<F>(&bias));
-        let (logits, acts) = lm.forward_embeds(chunk, 1, n, None, Some(&b), Some(&mut cache))?;
+        // only the chunk's last row predicts
+        let (logits, hidden) = lm.forward_tail(chunk, 1, n, 1, None, Some(&b), &mut cache)?;
         let pre = Prefill {
             cache,
             logits,
-            hidden: acts.hidden,
+            hidden,
         };
         let d = self.decode_drafted(tok, pre, Some(bias), drafts)?;
         Ok((self.finish_text(tok, d.ids, d.logps)?, d.rows))

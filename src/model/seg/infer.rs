@@ -192,11 +192,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             be.copy_range(&mut x, (r * t + pos) * hdim, &encs[i].tokens, 0, k * hdim)?;
         }
         let mut cache = lm.new_cache(b);
-        let (logits, acts) = lm.forward_embeds(x, b, t, None, None, Some(&mut cache))?;
-        let ends: Vec<usize> = (0..b).map(|r| (r + 1) * t - 1).collect();
-        let logits = rows_f32(be, &logits, &ends, v);
+        // only each prompt's last row predicts
+        let (logits, hidden) = lm.forward_tail(x, b, t, 1, None, None, &mut cache)?;
+        let logits = rows_f32(be, &logits, &(0..b).collect::<Vec<_>>(), v);
         let hidden = (0..b)
-            .map(|r| row(be, &acts.hidden, (r + 1) * t - 1, hdim))
+            .map(|r| row(be, &hidden, r, hdim))
             .collect::<Result<_>>()?;
         Ok(Rows::one_per_row(
             cache,
