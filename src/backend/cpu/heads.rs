@@ -12,32 +12,38 @@ fn rope_tables<F: CpuFloat>(
     theta: Option<f32>,
 ) -> Vec<(Vec<F>, Vec<F>)> {
     match theta {
-        Some(th) => (0..t)
-            .map(|ti| {
-                let (c, s) = rope_cos_sin(pos0 + ti, hs, th);
-                (
-                    c.into_iter().map(|v| f(v as f64)).collect(),
-                    s.into_iter().map(|v| f(v as f64)).collect(),
-                )
-            })
-            .collect(),
+        Some(th) => {
+            let inv = inv_freq(hs, th);
+            (0..t)
+                .map(|ti| {
+                    let (c, s) = rope_cos_sin(pos0 + ti, &inv);
+                    (
+                        c.into_iter().map(|v| f(v as f64)).collect(),
+                        s.into_iter().map(|v| f(v as f64)).collect(),
+                    )
+                })
+                .collect()
+        }
         None => Vec::new(),
     }
 }
 
 /// HF LLaMA's inverse frequencies, computed in f32 as `transformers` does so that f32
-/// logits match it: inv_freq[i] = 1 / θ^(2i/HS).
-fn rope_cos_sin(pos: usize, hs: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
-    let half = hs / 2;
-    let mut cos = Vec::with_capacity(half);
-    let mut sin = Vec::with_capacity(half);
-    for i in 0..half {
-        let inv = 1.0f32 / theta.powf((2 * i) as f32 / hs as f32);
-        let a = pos as f32 * inv;
-        cos.push(a.cos());
-        sin.push(a.sin());
-    }
-    (cos, sin)
+/// logits match it: inv_freq[i] = 1 / θ^(2i/HS), i < HS/2.
+fn inv_freq(hs: usize, theta: f32) -> Vec<f32> {
+    (0..hs / 2)
+        .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / hs as f32))
+        .collect()
+}
+
+/// cos and sin of `pos · inv_freq[i]` in f32 (as `transformers` computes them).
+fn rope_cos_sin(pos: usize, inv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    inv.iter()
+        .map(|&w| {
+            let a = pos as f32 * w;
+            (a.cos(), a.sin())
+        })
+        .unzip()
 }
 
 fn check_heads(op: &'static str, hs: usize, theta: Option<f32>) -> Result<()> {
