@@ -26,14 +26,16 @@ pub struct Prediction {
 }
 
 /// The prompt after one forward: its KV cache, and the logits and last hidden states
-/// of its positions (the last row predicts the first answer token).
+/// of the positions whose outputs were computed (all of them after
+/// [`SegModel::prefill`], the last alone after a `forward_tail` read); the last row
+/// predicts the first answer token.
 #[derive(Clone, Debug)]
 pub struct Prefill<Buf> {
-    /// Keys and values of the prompt's positions (batch 1).
+    /// Keys and values of every position read (batch 1).
     pub cache: KvCache<Buf>,
-    /// Logits of every position read (T, V).
+    /// Logits of the positions computed (T, V).
     pub logits: Buf,
-    /// Last-layer hidden states after the final norm (T, C).
+    /// Their last-layer hidden states after the final norm (T, C).
     pub hidden: Buf,
 }
 
