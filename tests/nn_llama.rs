@@ -311,7 +311,7 @@ fn forward_tail_equals_the_full_forward_on_its_rows_and_cache() {
         for (lf, lt) in full_cache.layers.iter().zip(&tail_cache.layers) {
             for (kf, kt) in [(&lf.k, &lt.k), (&lf.v, &lt.v)] {
                 // (B, NKV, cap, HS): compare the positions written
-                let hs = 4;
+                let hs = m.cfg.head_dim();
                 let (cf, ct) = (lf.cap, lt.cap);
                 for blk in 0..kf.len() / (cf * hs) {
                     for p in 0..n * hs {

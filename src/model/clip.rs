@@ -321,12 +321,9 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         let be = self.be.clone();
         let mut rng = crate::nn::Rng::new(seed);
         for (name, t) in self.params_mut() {
-            // every norm stays at its unit weight: CLIP spells them `pre_layrnorm`,
-            // `layer_norm1`/`2` and `post_layernorm`
-            let norm = ["layrnorm", "layer_norm", "layernorm"]
-                .iter()
-                .any(|n| name.contains(n));
-            if name.ends_with(".bias") || norm {
+            // every norm stays at its unit weight (CLIP spells them `pre_layrnorm`,
+            // `layer_norm1`/`2` and `post_layernorm`)
+            if name.ends_with(".bias") || name.contains("norm") {
                 continue;
             }
             t.data = be.from_slice(&crate::nn::randn::<F>(&mut rng, t.numel(), 0.02));

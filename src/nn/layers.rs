@@ -708,7 +708,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         let (b, t, hs) = (ctx.b, ctx.t, self.hs);
         if c.len != ctx.pos0 {
             return Err(Error::arg(
-                "Attention::forward",
+                "Attention::append_kv",
                 format!(
                     "KV cache holds {} positions but the call starts at {}",
                     c.len, ctx.pos0
@@ -717,7 +717,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         }
         if c.len + t > c.cap {
             return Err(Error::arg(
-                "Attention::forward",
+                "Attention::append_kv",
                 format!(
                     "KV cache of capacity {} cannot take {t} positions after {}",
                     c.cap, c.len

@@ -605,14 +605,11 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         }
         crate::error::check_len("Llama::forward_tail", "embeddings", be.len(&x), b * t * c)?;
         let head = t - m;
+        let mut x = x;
         if head > 0 {
             let tk = cache.len() + t;
             // room for both reads at once: one move of the cache at most
             self.reserve_cache(cache, tk)?;
-            let (xh, xt) = (
-                self.rows_of(&x, b, t, 0, head)?,
-                self.rows_of(&x, b, t, head, m)?,
-            );
             let mask_h: Option<Vec<u8>> = match key_mask {
                 Some(km) => {
                     crate::error::check_len("Llama::forward_tail", "key mask", km.len(), b * tk)?;
@@ -627,11 +624,11 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                 }
                 None => None,
             };
+            let xh = self.rows_of(&x, b, t, 0, head)?;
             self.fill_cache(xh, b, head, mask_h.as_deref(), bias_h.as_ref(), cache)?;
-            let (logits, acts) = self.forward_embeds(xt, b, m, key_mask, bias, Some(cache))?;
-            return Ok((logits, acts.hidden));
+            x = self.rows_of(&x, b, t, head, m)?;
         }
-        let (logits, acts) = self.forward_embeds(x, b, t, key_mask, bias, Some(cache))?;
+        let (logits, acts) = self.forward_embeds(x, b, m, key_mask, bias, Some(cache))?;
         Ok((logits, acts.hidden))
     }
 

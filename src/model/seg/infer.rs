@@ -403,14 +403,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             mut bias,
         } = rows;
         let (b, n_out) = (cache.b, rngs.len());
-        let mut seen = vec![false; n_out];
-        let each_once = members.iter().flatten().all(|&r| {
-            let fresh = r < n_out && !seen[r];
-            if fresh {
-                seen[r] = true;
-            }
-            fresh
-        }) && seen.iter().all(|&x| x);
+        let mut named: Vec<usize> = members.iter().flatten().copied().collect();
+        named.sort_unstable();
+        let each_once = named.into_iter().eq(0..n_out);
         if logits.len() != b
             || hidden.len() != b
             || members.len() != b
@@ -465,7 +460,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             if next.is_empty() || cache.len() + 1 >= ctx {
                 break;
             }
-            if src.len() != live.len() || src.iter().enumerate().any(|(i, &j)| i != j) {
+            // unless every row goes on as it is: one token each, none ended
+            if !src.iter().copied().eq(0..live.len()) {
                 cache = lm.select_cache_rows(&cache, &src)?;
                 if let Some(bs) = &mut bias {
                     *bs = src.iter().map(|&j| bs[j].clone()).collect();
