@@ -9,9 +9,12 @@
 //! with `POPEN_BENCH_THREADS=1` against `--threads 1`, where contention matters least.
 //! One step = zero grads, forward, log-prob of a target per position, backward of the
 //! mean negative log-prob (the cross-entropy loss PyTorch's side uses).
+//!
+//! `cargo bench --bench llama -- linear_packed`: a frozen Linear's product, plain
+//! against packed (`Linear::pack`), at decoding's row counts.
 use criterion::{criterion_group, Criterion, Throughput};
 use popen::backend::{Backend, Cpu};
-use popen::nn::{Llama, LlamaConfig, Rng};
+use popen::nn::{randn, Linear, Llama, LlamaConfig, Rng};
 use std::hint::black_box;
 
 /// Keep in sync with CFG in tools/bench_llama_torch.py.
@@ -120,6 +123,46 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// A frozen Linear's forward, plain (`[out, in]`) against packed (`[in, out]`,
+/// `Linear::pack`), at the world model's LLM shapes and decoding's row counts (one row
+/// per answer being generated; a batch of 16 questions, or 16 × K samples):
+/// `cargo bench --bench llama -- linear_packed`.
+fn bench_linear(c: &mut Criterion) {
+    let be = Cpu;
+    let mut rng = Rng::new(2);
+    let mut g = c.benchmark_group("cpu_linear_packed");
+    g.sample_size(20);
+    g.warm_up_time(std::time::Duration::from_millis(300));
+    g.measurement_time(std::time::Duration::from_millis(800));
+    for (fan_in, fan_out) in [(192, 192), (192, 512), (512, 192), (192, 804)] {
+        let mut plain = Linear::new(&be, fan_in, fan_out, false);
+        plain.weight.data = randn(&mut rng, fan_in * fan_out, 0.1);
+        plain.weight.grad = None;
+        let mut packed = plain.clone();
+        packed.pack(&be).unwrap();
+        for rows in [1, 2, 8, 16, 48] {
+            let x: Vec<f32> = randn(&mut rng, rows * fan_in, 1.0);
+            for (name, l) in [("plain", &plain), ("packed", &packed)] {
+                g.bench_function(format!("{fan_in}x{fan_out}_rows{rows}/{name}"), |b| {
+                    // timed on a thread of rayon's pool, as the `popen` binary runs its
+                    // commands (`on_worker`): from the main thread each product large
+                    // enough to split would pay two cross-thread wake-ups
+                    b.iter_custom(|iters| {
+                        popen::backend::cpu::on_worker(|| {
+                            let t = std::time::Instant::now();
+                            for _ in 0..iters {
+                                black_box(l.forward(&be, &x).unwrap());
+                            }
+                            t.elapsed()
+                        })
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 /// `POPEN_BENCH_RAW=N`: skip criterion, time N steps after 2 warm-up steps and print one
 /// JSON line with the median and minimum, the same statistics as the PyTorch script
 /// (on a shared machine the minimum is the least disturbed step).
@@ -185,7 +228,7 @@ fn process_cpu_s() -> f64 {
     (tick(11) + tick(12)) / TICKS_PER_S
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench, bench_linear);
 
 fn main() {
     if let Some(n) = std::env::var("POPEN_BENCH_RAW")

@@ -454,6 +454,20 @@ fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
     let (mut back, tok2) = SegModel::<f32, Cpu>::load(Cpu, &dir).unwrap();
     assert_eq!(tok2.vocab_size(), tok.vocab_size());
     assert_eq!(back.cfg, m.cfg);
+    // loaded for reading: the LLM's layers packed, the same logits (up to rounding)
+    let lm = &back.llava.language_model;
+    assert!(lm.layers[0].self_attn.q.is_packed() && lm.layers[0].mlp.down.is_packed());
+    let ids = [1u32, 5, 7, 9, 2, 3, 4, 6, 8, 10];
+    let (l1, _) = lm.forward(&ids, 1, None, None).unwrap();
+    let (l2, _) = m.llava.language_model.forward(&ids, 1, None, None).unwrap();
+    let scale = l2.iter().fold(1f32, |a, v| a.max(v.abs()));
+    let err = l1
+        .iter()
+        .zip(&l2)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err <= 1e-5 * scale, "packed logits off by {err}");
+    // `params_mut` (and so saving) sees every tensor whole
     let a: Vec<Vec<f32>> = m
         .params_mut()
         .into_iter()

@@ -218,6 +218,14 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         false
     }
 
+    /// Whether a frozen [`crate::nn::Linear`]'s forward is faster with its weight
+    /// stored `[in, out]` ([`crate::nn::Linear::pack`]).  The CPU backend says yes: gemm
+    /// would repack a row-major `[out, in]` weight on every product.  The default is
+    /// no (a device's GEMM reads either layout as it is).
+    fn prefers_packed_weights(&self) -> bool {
+        false
+    }
+
     // ---- memory ----
     /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Self::Buf;

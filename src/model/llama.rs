@@ -104,10 +104,7 @@ fn shell<F: Float, B: Backend<F>>(be: &B, shape: &[usize]) -> Tensor<F, B> {
 }
 
 fn shell_linear<F: Float, B: Backend<F>>(be: &B, fan_in: usize, fan_out: usize) -> Linear<F, B> {
-    Linear {
-        weight: shell(be, &[fan_out, fan_in]),
-        bias: None,
-    }
+    Linear::from_parts(shell(be, &[fan_out, fan_in]), None)
 }
 
 /// The layout of [`Llama::new`] without its costs: `new` draws random weights and

@@ -19,23 +19,53 @@ fn rows<F: Float, B: Backend<F>>(be: &B, op: &'static str, x: &B::Buf, c: usize)
     Ok(len / c)
 }
 
+/// The `[cols, rows]` transpose of a row-major `[rows, cols]` matrix.
+fn transposed<F: Float>(w: &[F], rows: usize, cols: usize) -> Vec<F> {
+    let mut t = vec![F::zero(); w.len()];
+    for (r, row) in w.chunks_exact(cols).enumerate().take(rows) {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
+}
+
 // ---------------------------------------------------------------------------------
 
 /// `y = x Wᵀ + b`, W stored `[out, in]` as in PyTorch.
+///
+/// **Packed layers.** A frozen layer can be *packed* ([`Linear::pack`]): its values
+/// move from `weight.data` (`[out, in]`, left empty) to a private `[in, out]` copy, so
+/// that the forward's product reads the weight in the layout the CPU's gemm wants
+/// (`x · Wᵀ` with W row-major makes gemm repack W on every call, which costs as much
+/// as the product itself when `x` has a few dozen rows, as in decoding).  The values
+/// live in one place at a time; [`Linear::unpack`] moves them back.  Whoever changes a
+/// packed layer's weight must unpack it first; if `weight.data` is given values while
+/// packed anyway, those values win and the packed copy is ignored.
 #[derive(Clone, Debug)]
 pub struct Linear<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
-    /// W `[out, in]`.
+    /// W `[out, in]` (empty while the layer is packed).
     pub weight: Tensor<F, B>,
     /// b `[out]`, or None for a bias-free layer.
     pub bias: Option<Tensor<F, B>>,
+    /// Wᵀ `[in, out]` while packed.
+    packed: Option<B::Buf>,
 }
 
 impl<F: Float, B: Backend<F>> Linear<F, B> {
     /// Zero-initialised, trainable.
     pub fn new(be: &B, fan_in: usize, fan_out: usize, bias: bool) -> Self {
+        Linear::from_parts(
+            Tensor::zeros(be, &[fan_out, fan_in]),
+            bias.then(|| Tensor::zeros(be, &[fan_out])),
+        )
+    }
+    /// A layer of these tensors (W `[out, in]`, b `[out]`), unpacked.
+    pub fn from_parts(weight: Tensor<F, B>, bias: Option<Tensor<F, B>>) -> Self {
         Linear {
-            weight: Tensor::zeros(be, &[fan_out, fan_in]),
-            bias: bias.then(|| Tensor::zeros(be, &[fan_out])),
+            weight,
+            bias,
+            packed: None,
         }
     }
     /// Input width `in`: the weight's columns.
@@ -47,20 +77,76 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
         self.weight.shape[0]
     }
 
+    /// Whether the layer holds a packed `[in, out]` copy ([`Linear::pack`]), which its
+    /// products use while `weight.data` is empty.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// The packed copy, when it holds the values (`weight.data` empty; `len` measures it).
+    fn packed_weight_of(&self, len: impl Fn(&B::Buf) -> usize) -> Option<&B::Buf> {
+        self.packed
+            .as_ref()
+            .filter(|_| len(&self.weight.data) == 0 && self.weight.numel() > 0)
+    }
+
+    /// Moves a frozen layer's weight into the `[in, out]` layout its forward multiplies
+    /// fastest on this backend ([`Backend::prefers_packed_weights`]; a no-op where the
+    /// backend does not, or when already packed).  Returns whether it packed.  The
+    /// products give the same values as unpacked (on the CPU the same bits: gemm's
+    /// micro-kernels sum in the same order, only its repacking of W is skipped).  A
+    /// trainable layer is refused: its optimizer updates `weight.data`.
+    pub fn pack(&mut self, be: &B) -> Result<bool> {
+        if !be.prefers_packed_weights() || self.packed_weight_of(|b| be.len(b)).is_some() {
+            return Ok(false);
+        }
+        if self.weight.grad.is_some() {
+            return Err(Error::arg(
+                "Linear::pack",
+                format!(
+                    "the layer {:?} is trainable: only a frozen layer is packed",
+                    self.weight.shape
+                ),
+            ));
+        }
+        let (i, o) = (self.fan_in(), self.fan_out());
+        let w = be.to_vec(&self.weight.data);
+        crate::error::check_len("Linear::pack", "weight", w.len(), o * i)?;
+        self.packed = Some(be.from_slice(&transposed(&w, o, i)));
+        self.weight.data = be.zeros(0);
+        Ok(true)
+    }
+
+    /// Moves a packed layer's values back into `weight.data` (`[out, in]`); a no-op
+    /// for an unpacked layer.
+    pub fn unpack(&mut self, be: &B) {
+        if let Some(wt) = self.packed.take() {
+            if be.len(&self.weight.data) == 0 {
+                let (i, o) = (self.fan_in(), self.fan_out());
+                self.weight.data = be.from_slice(&transposed(&be.to_vec(&wt), i, o));
+            }
+        }
+    }
+
     /// x (N, in) → y (N, out).
     pub fn forward(&self, be: &B, x: &B::Buf) -> Result<B::Buf> {
         let (i, o) = (self.fan_in(), self.fan_out());
         let n = rows(be, "Linear::forward", x, i)?;
+        // packed: x · (Wᵀ stored [in, out]); else x · Wᵀ with W stored [out, in]
+        let (w, tb) = match self.packed_weight_of(|b| be.len(b)) {
+            Some(wt) => (wt, false),
+            None => (&self.weight.data, true),
+        };
         let mut y = be.matmul_new(
             MatmulSpec {
                 m: n,
                 k: i,
                 n: o,
                 ta: false,
-                tb: true,
+                tb,
             },
             x,
-            &self.weight.data,
+            w,
         )?;
         if let Some(b) = &self.bias {
             be.add_bias(&mut y, &b.data, o)?;
@@ -101,16 +187,21 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
         if !need_dx {
             return Ok(None);
         }
+        // W [out, in] as stored, or the packed Wᵀ [in, out] read transposed
+        let (w, tb) = match self.packed_weight_of(|b| be.len(b)) {
+            Some(wt) => (wt, true),
+            None => (&self.weight.data, false),
+        };
         let dx = be.matmul_new(
             MatmulSpec {
                 m: n,
                 k: o,
                 n: i,
                 ta: false,
-                tb: false,
+                tb,
             },
             dy,
-            &self.weight.data,
+            w,
         )?;
         Ok(Some(dx))
     }
@@ -309,18 +400,18 @@ impl<F: Float, B: Backend<F>> PatchEmbed<F, B> {
     /// a row-major conv kernel is already that matrix).
     fn as_linear(&self) -> Linear<F, B> {
         let (oc, ch, p) = self.dims();
-        Linear {
-            weight: Tensor {
+        Linear::from_parts(
+            Tensor {
                 shape: vec![oc, ch * p * p],
                 data: self.weight.data.clone(),
                 grad: None,
             },
-            bias: self.bias.as_ref().map(|b| Tensor {
+            self.bias.as_ref().map(|b| Tensor {
                 shape: b.shape.clone(),
                 data: b.data.clone(),
                 grad: None,
             }),
-        }
+        )
     }
     /// pixels (B,CH,H,W) → (patches (B·NP, CH·P·P) saved for the backward, out (B, NP, OC)),
     /// NP = (H/P)(W/P) in row-major patch order.

@@ -278,6 +278,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                 format!("cannot shrink the vocabulary from {old} to {v}"),
             ));
         }
+        self.unpack();
         let c = self.cfg.hidden_size;
         let be = self.be.clone();
         let grow = |t: &mut Tensor<F, B>| {
@@ -309,8 +310,50 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         Ok(())
     }
 
-    /// Every parameter with its Hugging Face name, in a fixed order.
+    /// The Linear layers: every block's projections, then the head.
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear<F, B>> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                let (a, m) = (&mut l.self_attn, &mut l.mlp);
+                [
+                    &mut a.q,
+                    &mut a.k,
+                    &mut a.v,
+                    &mut a.o,
+                    &mut m.gate,
+                    &mut m.up,
+                    &mut m.down,
+                ]
+            })
+            .chain(self.lm_head.as_mut())
+    }
+
+    /// Packs every frozen Linear ([`Linear::pack`]) for faster products on a backend
+    /// that prefers it; the trainable ones are left as they are.  Returns how many it
+    /// packed.  [`Llama::params_mut`] (so saving, loading and freezing) unpacks them
+    /// again: call this once the weights are final, before reading with them.
+    pub fn pack_frozen(&mut self) -> Result<usize> {
+        let be = self.be.clone();
+        let mut packed = 0;
+        for l in self.linears_mut() {
+            if l.weight.grad.is_none() && l.pack(&be)? {
+                packed += 1;
+            }
+        }
+        Ok(packed)
+    }
+
+    /// Moves every packed Linear's values back into its `weight.data`.
+    pub fn unpack(&mut self) {
+        let be = self.be.clone();
+        self.linears_mut().for_each(|l| l.unpack(&be));
+    }
+
+    /// Every parameter with its Hugging Face name, in a fixed order (packed layers are
+    /// unpacked first, so each tensor holds its values).
     pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor<F, B>)> {
+        self.unpack();
         let mut out: Vec<(String, &mut Tensor<F, B>)> = vec![(
             "model.embed_tokens.weight".into(),
             &mut self.embed_tokens.weight,

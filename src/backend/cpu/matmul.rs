@@ -1,6 +1,6 @@
 //! Matrix products (the `gemm` crate, blocked over rayon; a few rows times a weight
 //! matrix by dot products, `few_rows`) and the row-broadcast bias.
-use super::few_rows::{matmul_few_rows, FEW_ROWS};
+use super::few_rows::{matmul_few_rows, matmul_rows_packed, FEW_ROWS, PACKED_ROWS};
 use super::{reduce_rows, rows_mut, rows_of, CpuFloat};
 use crate::backend::{Accum, MatmulSpec};
 use crate::error::{check_len, Result};
@@ -144,6 +144,12 @@ fn is_few_rows(s: MatmulSpec) -> bool {
     !s.ta && s.tb && (2..=FEW_ROWS).contains(&s.m)
 }
 
+/// A few rows times a row-major matrix, as in a packed Linear's decoding step
+/// (`matmul_rows_packed`; f32 only).
+fn is_few_rows_packed(s: MatmulSpec) -> bool {
+    !s.ta && !s.tb && (1..=PACKED_ROWS).contains(&s.m)
+}
+
 /// (row stride, column stride) of op(a) (M×K) and op(b) (K×N), row-major storage: element
 /// (i,kk) of op(a) is at `i·rs + kk·cs`.
 fn strides(s: MatmulSpec) -> [(isize, isize); 2] {
@@ -163,7 +169,8 @@ pub(crate) fn matmul_new<F: CpuFloat>(s: MatmulSpec, a: &[F], b: &[F]) -> Result
     let MatmulSpec { m, k, n, .. } = s;
     check_len("matmul", "a", a.len(), m * k)?;
     check_len("matmul", "b", b.len(), k * n)?;
-    if m == 0 || n == 0 || k == 0 || is_few_rows(s) || !is_gemm_type::<F>() {
+    if m == 0 || n == 0 || k == 0 || is_few_rows(s) || is_few_rows_packed(s) || !is_gemm_type::<F>()
+    {
         let mut out = vec![F::zero(); m * n];
         matmul(s, a, b, &mut out, Accum::Replace)?;
         return Ok(out);
@@ -203,6 +210,12 @@ pub(crate) fn matmul<F: CpuFloat>(
     if is_few_rows(s) {
         if let (Some(a), Some(b), Some(out)) = (as_f32(a), as_f32(b), as_f32_mut(out)) {
             matmul_few_rows(a, b, out, m, k, n, acc == Accum::Add);
+            return Ok(());
+        }
+    }
+    if is_few_rows_packed(s) {
+        if let (Some(a), Some(b), Some(out)) = (as_f32(a), as_f32(b), as_f32_mut(out)) {
+            matmul_rows_packed(a, b, out, m, k, n, acc == Accum::Add);
             return Ok(());
         }
     }

@@ -114,6 +114,9 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     fn concurrent_callers(&self) -> bool {
         true
     }
+    fn prefers_packed_weights(&self) -> bool {
+        true
+    }
     fn zeros(&self, n: usize) -> Vec<F> {
         vec![F::zero(); n]
     }

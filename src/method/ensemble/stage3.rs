@@ -317,6 +317,10 @@ impl<B: Backend<f32>> Trainable for Stage3Model<B> {
         p
     }
     fn accumulate(&mut self, batch: &[Stage3Item], scale: f32, rng: &mut Rng) -> Result<LossParts> {
+        // the trainer's `params_mut` (zeroing, the optimizer, checkpoints) unpacks the
+        // frozen LLM; its reads here are most of the step, so pack it again (a no-op
+        // when packed)
+        self.model.pack_frozen()?;
         let be = self.model.llava.be.clone();
         let prompt_host = be.to_vec(&self.prompt.data);
         let (mut lti, mut lsi, mut n_lti, mut n_lsi, mut used) = (0.0, 0.0, 0, 0, 0);

@@ -589,14 +589,9 @@ pub fn train_pref<B: Backend<f32>>(
     let out = &paths.out;
     // held until the stage returns: one writer per run directory
     let _lock = crate::fsio::RunLock::acquire(out)?;
+    // loaded frozen, the LLM packed (`SegModel::pack_frozen`): the collection only
+    // reads the model; the trained parts are unfrozen (and unpacked) after it
     let (mut model, tok) = SegModel::load(be, &paths.from)?;
-    model.set_trainable(Parts {
-        vision: false,
-        projector: true,
-        llm: true,
-        seg_head: true,
-        decoder: false,
-    });
     let pt_path = out.join(PT_FILE);
     let ps_path = out.join(PS_FILE);
     let collect_path = out.join(COLLECT_FILE);
@@ -736,6 +731,13 @@ pub fn train_pref<B: Backend<f32>>(
         reread: rereads.into_iter().map(|r| (r.index, r.read)).collect(),
         max_ids: model.max_ids(),
     };
+    model.set_trainable(Parts {
+        vision: false,
+        projector: true,
+        llm: true,
+        seg_head: true,
+        decoder: false,
+    });
     let mut pm = PrefModel {
         model,
         loss: cfg.loss.clone(),

@@ -120,7 +120,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 
     /// Loads a run directory written by [`Self::save`], every part frozen (a stage
-    /// unfreezes what it trains with [`Self::set_trainable`]).
+    /// unfreezes what it trains with [`Self::set_trainable`]) and the LLM's layers
+    /// packed for reading ([`Self::pack_frozen`]).
     pub fn load(be: B, dir: &Path) -> Result<(Self, SegTokenizer)> {
         let (cfg, lc) = read_config(dir)?;
         let tok = SegTokenizer::load(&dir.join(TOKENIZER_FILE), cfg.group_len())?;
@@ -163,6 +164,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut m = Self::attach(be.clone(), cfg, llava, None)?;
         m.set_trainable(Trainable::frozen());
         ck.load_params(&be, m.own_params_mut(), |n| n.to_string())?;
+        m.pack_frozen()?;
         Ok((m, tok))
     }
 }
