@@ -317,10 +317,6 @@ impl<B: Backend<f32>> Trainable for Stage3Model<B> {
         p
     }
     fn accumulate(&mut self, batch: &[Stage3Item], scale: f32, rng: &mut Rng) -> Result<LossParts> {
-        // the trainer's `params_mut` (zeroing, the optimizer, checkpoints) unpacks the
-        // frozen LLM; its reads here are most of the step, so pack it again (a no-op
-        // when packed)
-        self.model.pack_frozen()?;
         let be = self.model.llava.be.clone();
         let prompt_host = be.to_vec(&self.prompt.data);
         let (mut lti, mut lsi, mut n_lti, mut n_lsi, mut used) = (0.0, 0.0, 0, 0, 0);
@@ -461,6 +457,9 @@ pub fn train_ensemble<B: Backend<f32>>(
     // held until the stage returns: one writer per run directory
     let _lock = crate::fsio::RunLock::acquire(out)?;
     let (mut model, tok) = SegModel::load(be.clone(), &paths.from)?;
+    // this unpacks the LLM that `load` packed (`SegModel::pack_frozen`), and it stays
+    // so: the trainer lists every tensor each step, and the gradient to p̂ reads each
+    // weight transposed, where the packed layout is the slow one (measured: no gain)
     model.set_trainable(Parts::frozen());
     if !(resume && out.join(crate::model::seg::run::CONFIG_FILE).exists()) {
         let run = serde_json::to_value(cfg).expect("serializes");
