@@ -6,6 +6,8 @@
 use popen::model::forward::{run_dir, Inputs};
 use popen::model::StFile;
 use std::path::{Path, PathBuf};
+mod common;
+use common::close::rel_err;
 
 /// The bound the issue sets for f32.
 const MAX_REL_ERR: f32 = 1e-4;
@@ -14,11 +16,6 @@ fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/golden")
         .join(name)
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 /// Runs the fixture `name`; returns the worst relative error over its outputs.

@@ -8,6 +8,8 @@ use popen::backend::Cpu;
 use popen::model::bert::Bert;
 use popen::model::{BertConfig, Checkpoint, HfConfig, ModelType, StFile};
 use std::path::{Path, PathBuf};
+mod common;
+use common::close::rel_err;
 
 /// Relative error bound (max abs error over max |reference|), as for the goldens.
 const MAX_REL_ERR: f32 = 1e-4;
@@ -32,11 +34,6 @@ fn minilm_dir() -> Result<PathBuf, String> {
 /// A CI run, as CI services mark it (`CI=true`; `1` also counts).
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[test]

@@ -6,6 +6,8 @@ use popen::model::io::{write_safetensors, HostTensor, IntTensor, OutValue};
 use popen::model::llava::LlavaNames;
 use popen::model::{Pretrained, StDtype, StFile};
 use std::path::{Path, PathBuf};
+mod common;
+use common::close::rel_err;
 
 fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -18,11 +20,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 /// Every tensor of a file as (name, stored dtype, f32 values), sorted by name.

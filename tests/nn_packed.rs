@@ -1,21 +1,13 @@
-//! Packed Linear layers (`Linear::pack`, `Llama::pack_frozen`): the same products as
-//! the plain layout, forward and backward; the values in one place at a time and back
-//! whole on unpacking; a trainable layer refused; values set while packed win.
+//! Packed Linear layers (`Linear::pack`): the same products as the plain layout,
+//! forward and backward; the values in one place at a time and back whole on
+//! unpacking; a trainable layer refused; values set while packed win.  A packed LLaMA
+//! (`Llama::pack_frozen`) is checked in nn_llama.rs.
 use popen::backend::Cpu;
-use popen::nn::{randn, Linear, Llama, LlamaConfig, Rng, Tensor};
+use popen::nn::{randn, Linear, Rng, Tensor};
+mod common;
+use common::close::rel_err;
 
 const BE: Cpu = Cpu;
-
-/// Largest |a − b| over the scale of `b` (1 at least).
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale
-}
 
 /// A frozen layer `fan_in → fan_out` with random weights and bias.
 fn frozen_linear(rng: &mut Rng, fan_in: usize, fan_out: usize) -> Linear {
@@ -102,66 +94,4 @@ fn a_trainable_layer_is_not_packed_and_values_set_while_packed_win() {
     l.unpack(&BE);
     assert!(!l.is_packed());
     assert_eq!(l.weight.data, fresh);
-}
-
-fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 17,
-        hidden_size: 12,
-        intermediate_size: 9,
-        num_hidden_layers: 2,
-        num_attention_heads: 3,
-        num_key_value_heads: Some(1),
-        rms_norm_eps: 1e-5,
-        rope_theta: 50.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-    }
-}
-
-#[test]
-fn a_packed_llama_gives_the_same_logits_and_params_mut_unpacks() {
-    let mut m: Llama = Llama::new(Cpu, tiny(), 3).unwrap();
-    let mut rng = Rng::new(13);
-    for (name, t) in m.params_mut() {
-        if !name.ends_with("norm.weight") {
-            t.data = randn(&mut rng, t.numel(), 0.3);
-        }
-    }
-    // trainable: nothing packs
-    assert_eq!(m.pack_frozen().unwrap(), 0);
-    m.set_trainable(false);
-    let before: Vec<Vec<f32>> = m
-        .params_mut()
-        .into_iter()
-        .map(|(_, t)| t.data.clone())
-        .collect();
-    let ids = [1u32, 4, 9, 16, 2, 7];
-    let (want, _) = m.forward(&ids, 2, None, None).unwrap();
-    // 7 projections per block and the head
-    assert_eq!(m.pack_frozen().unwrap(), 2 * 7 + 1);
-    assert!(m.layers[1].mlp.down.is_packed() && m.lm_head.as_ref().unwrap().is_packed());
-    let (got, _) = m.forward(&ids, 2, None, None).unwrap();
-    let e = rel_err(&got, &want);
-    assert!(e <= 1e-5, "packed logits off by {e}");
-    // decoding one row at a time through the cache (the one-row product)
-    let mut cache = m.new_cache(1);
-    let mut last = Vec::new();
-    for &id in &ids[..3] {
-        last = m.forward_cached(&[id], &mut cache, None, None).unwrap();
-    }
-    let v = m.cfg.vocab_size;
-    let e = rel_err(&last, &want[2 * v..3 * v]);
-    assert!(e <= 1e-5, "packed cached decoding off by {e}");
-    // every tensor whole again, with its values, once listed for change
-    let after: Vec<Vec<f32>> = m
-        .params_mut()
-        .into_iter()
-        .map(|(_, t)| t.data.clone())
-        .collect();
-    assert!(
-        before == after,
-        "params_mut did not restore the packed values"
-    );
-    assert!(!m.layers[0].self_attn.q.is_packed());
 }

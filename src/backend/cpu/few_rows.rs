@@ -97,15 +97,31 @@ pub(crate) fn matmul_few_rows(
     n: usize,
     add: bool,
 ) {
+    by_column_blocks(out, m, n, m * n * k, add, |j0, blk| {
+        block_f32(a, w, k, j0, blk)
+    });
+}
+
+/// `out (m×n) (+)=` the column blocks `block(j0, blk)` computes (`blk`: m × the block's
+/// width, row-major), `COLS` columns each, over rayon from `SERIAL` multiply-adds
+/// (`work`); the blocks are the same at any thread count, so are the bits.
+fn by_column_blocks(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    work: usize,
+    add: bool,
+    block: impl Fn(usize, &mut [f32]) + Sync,
+) {
     let nblk = n.div_ceil(COLS);
     let run = |b: usize| {
         let j0 = b * COLS;
         let nb = COLS.min(n - j0);
         let mut blk = vec![0f32; m * nb];
-        block_f32(a, w, k, j0, &mut blk);
+        block(j0, &mut blk);
         blk
     };
-    let blocks: Vec<Vec<f32>> = if m * n * k < SERIAL {
+    let blocks: Vec<Vec<f32>> = if work < SERIAL {
         (0..nblk).map(run).collect()
     } else {
         (0..nblk).into_par_iter().map(run).collect()
@@ -193,32 +209,7 @@ pub(crate) fn matmul_rows_packed(
         _ => rows_block_2,
     };
     debug_assert!((1..=PACKED_ROWS).contains(&m));
-    let nblk = n.div_ceil(COLS);
-    let run = |b: usize| {
-        let j0 = b * COLS;
-        let nb = COLS.min(n - j0);
-        let mut blk = vec![0f32; m * nb];
-        block(a, w, n, j0, &mut blk);
-        blk
-    };
-    let blocks: Vec<Vec<f32>> = if m * n * k < SERIAL {
-        (0..nblk).map(run).collect()
-    } else {
-        (0..nblk).into_par_iter().map(run).collect()
-    };
-    for (b, blk) in blocks.iter().enumerate() {
-        let j0 = b * COLS;
-        let nb = COLS.min(n - j0);
-        for i in 0..m {
-            let o = &mut out[i * n + j0..i * n + j0 + nb];
-            let s = &blk[i * nb..(i + 1) * nb];
-            if add {
-                o.iter_mut().zip(s).for_each(|(o, s)| *o += s);
-            } else {
-                o.copy_from_slice(s);
-            }
-        }
-    }
+    by_column_blocks(out, m, n, m * n * k, add, |j0, blk| block(a, w, n, j0, blk));
 }
 
 #[cfg(test)]
@@ -226,31 +217,28 @@ mod tests {
     use super::*;
     use crate::nn::Rng;
 
-    /// 1–2 rows times a row-major matrix against an f64 reference, at odd sizes (tails
-    /// of the 64-column blocks and of the rayon blocks, a product large enough to split
-    /// over rayon), replacing and adding.
-    #[test]
-    fn packed_rows_match_f64_products() {
-        let mut rng = Rng::new(5);
-        for (m, k, n) in [
-            (1, 1, 1),
-            (2, 17, 5),
-            (1, 192, 130),
-            (2, 33, 67),
-            (1, 512, 193),
-            (2, 100, 804),
-            (2, 700, 901),
-        ] {
+    /// `kernel(a, w, out, m, k, n, add)` against an f64 reference on each (m, k, n),
+    /// replacing and adding; `w_at(j, c, k, n)` is where `w` holds element (c, j) of
+    /// the right operand.
+    #[allow(clippy::type_complexity)]
+    fn check_against_f64(
+        seed: u64,
+        shapes: &[(usize, usize, usize)],
+        w_at: fn(usize, usize, usize, usize) -> usize,
+        kernel: fn(&[f32], &[f32], &mut [f32], usize, usize, usize, bool),
+    ) {
+        let mut rng = Rng::new(seed);
+        for &(m, k, n) in shapes {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
-            let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
             let init: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
             for add in [false, true] {
                 let mut out = init.clone();
-                matmul_rows_packed(&a, &w, &mut out, m, k, n, add);
+                kernel(&a, &w, &mut out, m, k, n, add);
                 for i in 0..m {
                     for j in 0..n {
                         let mut want: f64 = (0..k)
-                            .map(|c| a[i * k + c] as f64 * w[c * n + j] as f64)
+                            .map(|c| a[i * k + c] as f64 * w[w_at(j, c, k, n)] as f64)
                             .sum();
                         if add {
                             want += init[i * n + j] as f64;
@@ -266,41 +254,34 @@ mod tests {
         }
     }
 
-    /// Against an f64 reference, at odd sizes (tails of `k`, of the 4-row passes and of
-    /// the column blocks), replacing and adding.
+    /// `a · wᵀ` with `w` (n×k), at odd sizes (tails of `k`, of the 4-row passes and of
+    /// the column blocks).
     #[test]
     fn matches_f64_products() {
-        let mut rng = Rng::new(3);
-        for (m, k, n) in [
+        let shapes = [
             (1, 1, 1),
             (1, 17, 5),
             (3, 192, 130),
             (7, 33, 67),
             (16, 512, 193),
             (2, 100, 804),
-        ] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
-            let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
-            let init: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
-            for add in [false, true] {
-                let mut out = init.clone();
-                matmul_few_rows(&a, &w, &mut out, m, k, n, add);
-                for i in 0..m {
-                    for j in 0..n {
-                        let mut want: f64 = (0..k)
-                            .map(|c| a[i * k + c] as f64 * w[j * k + c] as f64)
-                            .sum();
-                        if add {
-                            want += init[i * n + j] as f64;
-                        }
-                        let got = out[i * n + j] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
-                            "({m},{k},{n}) add {add} at ({i},{j}): {got} vs {want}"
-                        );
-                    }
-                }
-            }
-        }
+        ];
+        check_against_f64(3, &shapes, |j, c, k, _| j * k + c, matmul_few_rows);
+    }
+
+    /// 1–2 rows times `w` (k×n) row-major, at odd sizes (tails of the 64-column blocks
+    /// and of the rayon blocks, a product large enough to split over rayon).
+    #[test]
+    fn packed_rows_match_f64_products() {
+        let shapes = [
+            (1, 1, 1),
+            (2, 17, 5),
+            (1, 192, 130),
+            (2, 33, 67),
+            (1, 512, 193),
+            (2, 100, 804),
+            (2, 700, 901),
+        ];
+        check_against_f64(5, &shapes, |j, c, _, n| c * n + j, matmul_rows_packed);
     }
 }
