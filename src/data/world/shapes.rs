@@ -168,7 +168,9 @@ impl Shape {
                 if u < *x0 || u > *x1 || v < *y0 || v > *y1 {
                     return false;
                 }
-                if *round <= 0.0 {
+                // a radius beyond half the shorter side rounds as much as it can
+                let round = round.min((x1 - x0) / 2.0).min((y1 - y0) / 2.0);
+                if round <= 0.0 {
                     return true;
                 }
                 // Distance into the corner square decides the rounding.
@@ -190,6 +192,9 @@ impl Shape {
             Shape::Poly(p) => {
                 let mut inside = false;
                 let n = p.len();
+                if n == 0 {
+                    return false;
+                }
                 let mut j = n - 1;
                 for i in 0..n {
                     let (xi, yi) = p[i];
@@ -264,5 +269,28 @@ impl Tex {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shapes the public constructors accept but the world never draws: an empty
+    /// polygon and a corner radius beyond half a side are answers, not panics.
+    #[test]
+    fn degenerate_shapes_answer_without_panicking() {
+        assert!(!poly(&[]).contains(0.0, 0.0));
+        // radius 5 on a 4 × 2 rectangle: as round as it can be (radius 1)
+        let r = rrect(0.0, 0.0, 4.0, 2.0, 5.0);
+        assert!(r.contains(2.0, 1.0), "the centre is inside");
+        assert!(!r.contains(0.05, 0.05), "a corner is cut");
+        assert_eq!(
+            r.contains(0.3, 1.0),
+            rrect(0.0, 0.0, 4.0, 2.0, 1.0).contains(0.3, 1.0)
+        );
+        // a radius within half the side is unchanged
+        let a = rrect(0.0, 0.0, 4.0, 4.0, 1.5);
+        assert!(!a.contains(0.1, 0.1) && a.contains(1.5, 0.1));
     }
 }
