@@ -83,21 +83,22 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
         self.packed.is_some()
     }
 
-    /// The packed copy, when it holds the values (`weight.data` empty; `len` measures it).
-    fn packed_weight_of(&self, len: impl Fn(&B::Buf) -> usize) -> Option<&B::Buf> {
+    /// The packed copy, when it holds the values (`weight.data` empty).
+    fn packed_weight(&self, be: &B) -> Option<&B::Buf> {
         self.packed
             .as_ref()
-            .filter(|_| len(&self.weight.data) == 0 && self.weight.numel() > 0)
+            .filter(|_| be.len(&self.weight.data) == 0 && self.weight.numel() > 0)
     }
 
     /// Moves a frozen layer's weight into the `[in, out]` layout its forward multiplies
     /// fastest on this backend ([`Backend::prefers_packed_weights`]; a no-op where the
     /// backend does not, or when already packed).  Returns whether it packed.  The
-    /// products give the same values as unpacked (on the CPU the same bits: gemm's
-    /// micro-kernels sum in the same order, only its repacking of W is skipped).  A
-    /// trainable layer is refused: its optimizer updates `weight.data`.
+    /// products equal the unpacked ones up to rounding (on the CPU the same bits from 9
+    /// rows up, where gemm computes both and only skips its repacking of W; fewer rows
+    /// run other kernels, which sum in another order).  A trainable layer is refused:
+    /// its optimizer updates `weight.data`.
     pub fn pack(&mut self, be: &B) -> Result<bool> {
-        if !be.prefers_packed_weights() || self.packed_weight_of(|b| be.len(b)).is_some() {
+        if !be.prefers_packed_weights() || self.packed_weight(be).is_some() {
             return Ok(false);
         }
         if self.weight.grad.is_some() {
@@ -133,7 +134,7 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
         let (i, o) = (self.fan_in(), self.fan_out());
         let n = rows(be, "Linear::forward", x, i)?;
         // packed: x · (Wᵀ stored [in, out]); else x · Wᵀ with W stored [out, in]
-        let (w, tb) = match self.packed_weight_of(|b| be.len(b)) {
+        let (w, tb) = match self.packed_weight(be) {
             Some(wt) => (wt, false),
             None => (&self.weight.data, true),
         };
@@ -188,7 +189,7 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
             return Ok(None);
         }
         // W [out, in] as stored, or the packed Wᵀ [in, out] read transposed
-        let (w, tb) = match self.packed_weight_of(|b| be.len(b)) {
+        let (w, tb) = match self.packed_weight(be) {
             Some(wt) => (wt, true),
             None => (&self.weight.data, false),
         };
