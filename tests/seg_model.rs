@@ -708,7 +708,10 @@ fn a_training_step_on_the_device_backend_equals_the_cpu() {
 /// the labels and category labels, the positional encodings (one per scale), the
 /// decoder's gate offset, the mask targets (one upload), d log p; down, the log-probs,
 /// the mask losses (one per image size), the pair losses of instance matching's alike
-/// targets (one per image size) and the two category losses.  Measured: 18 up, 5 down.
+/// targets (one per image size) and the two category losses.  Measured: 18 up, 5 down,
+/// on a batch whose examples run the LLM as one group of lengths
+/// (`popen::model::seg::layout`); each further group adds its own uploads (ids,
+/// targets, d log p) and its download of log-probs.
 const SEG_STEP_COPIES: u64 = 23;
 
 #[test]
@@ -760,4 +763,121 @@ fn batched_prediction_is_each_question_predicted_alone() {
         mixed |= temperature > 0.0 && lens.len() > 1;
     }
     assert!(mixed, "no batch had rows ending at different steps");
+}
+
+/// A batch of very different lengths runs the LLM in several groups
+/// (`popen::model::seg::layout`), and every example's log-probs, mask losses and
+/// gradients are those of its own pass: the grouping changes nothing but the order of
+/// the sums.  The backward is given weights per log-prob and per mask, so the batch's
+/// gradient is the sum of the examples'.
+#[test]
+fn a_batch_in_length_groups_is_each_example_alone() {
+    let mut cfg = tiny_cfg();
+    cfg.lvlm.max_positions = 128;
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 9).unwrap();
+    let mut rng = Rng::new(12);
+    let long_q = "Where is the cup? Find the red apples. Where is the cup? Find the red apples.";
+    let b = vec![
+        example(
+            &cfg,
+            &tok,
+            &mut rng,
+            "Where is the cup?",
+            "The cup <seg> is on the table.",
+        ),
+        example(
+            &cfg,
+            &tok,
+            &mut rng,
+            long_q,
+            "I see two apples <seg> <seg> here.",
+        ),
+        example(
+            &cfg,
+            &tok,
+            &mut rng,
+            "Find the red apples.",
+            "Nothing fits.",
+        ),
+        example(
+            &cfg,
+            &tok,
+            &mut rng,
+            "Where is the cup?",
+            "The cup <seg> is on the table.",
+        ),
+        example(
+            &cfg,
+            &tok,
+            &mut rng,
+            "Find the red apples.",
+            "Nothing fits.",
+        ),
+    ];
+    let lens: Vec<usize> = b.iter().map(|e| e.enc.ids.len()).collect();
+    let weights = |pass: &popen::model::seg::pass::TrainPass<Vec<f64>>| {
+        let mut d = vec![0.0; pass.positions];
+        for rows in &pass.answer_rows {
+            for (i, &r) in rows.iter().enumerate() {
+                d[r] = 0.3 + 0.1 * i as f64;
+            }
+        }
+        d
+    };
+    let mask_w = (0.7, 0.4);
+    let backward = |m: &mut SegModel<f64, Cpu>, exs: &[Example]| {
+        for (_, t) in m.params_mut() {
+            t.zero_grad(&Cpu);
+        }
+        let pass = m.forward_pass(exs).unwrap();
+        let d = weights(&pass);
+        m.backward_pass(exs, pass, &d, mask_w, None, (0.0, 0.0))
+            .unwrap();
+        common::seg::grads_of(m)
+    };
+    let pass = m.forward_pass(&b).unwrap();
+    let longest = lens.iter().max().unwrap() + m.tokens_per_image() - 1;
+    assert!(
+        pass.positions < b.len() * longest,
+        "one group: {} positions for lengths {lens:?}",
+        pass.positions
+    );
+    assert_eq!(pass.logp.len(), pass.positions);
+    let mut masks = Vec::new();
+    let mut sum: Vec<(String, Option<Vec<f64>>)> = Vec::new();
+    for (r, ex) in b.iter().enumerate() {
+        let one = m.forward_pass(std::slice::from_ref(ex)).unwrap();
+        let (rb, ro) = (&pass.answer_rows[r], &one.answer_rows[0]);
+        assert_eq!(rb.len(), ro.len(), "example {r}");
+        for (&i, &j) in rb.iter().zip(ro) {
+            let (x, y) = (pass.logp[i], one.logp[j]);
+            assert!((x - y).abs() < 1e-12, "example {r}: log p {x} vs {y}");
+        }
+        masks.extend(one.mask_losses);
+        let g = backward(&mut m, std::slice::from_ref(ex));
+        if sum.is_empty() {
+            sum = g;
+        } else {
+            for ((_, s), (_, x)) in sum.iter_mut().zip(g) {
+                if let (Some(s), Some(x)) = (s, x) {
+                    s.iter_mut().zip(x).for_each(|(s, x)| *s += x);
+                }
+            }
+        }
+    }
+    assert_eq!(masks.len(), pass.mask_losses.len());
+    for ((b0, d0), (b1, d1)) in pass.mask_losses.iter().zip(&masks) {
+        assert!((b0 - b1).abs() < 1e-12 && (d0 - d1).abs() < 1e-12);
+    }
+    let all = backward(&mut m, &b);
+    for ((name, g), (_, s)) in all.iter().zip(&sum) {
+        let (Some(g), Some(s)) = (g, s) else { continue };
+        let scale = s.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
+        let err = g.iter().zip(s).fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            err < 1e-10 * scale.max(1.0),
+            "{name}: {err} (scale {scale})"
+        );
+    }
 }

@@ -12,6 +12,8 @@
 //! - [`construct`]: building one from a seed or on a pretrained LLaVA;
 //! - [`pass`]: one training step (forward + backward of `CE + 2·BCE + 0.5·Dice`) and the
 //!   [`pass::TrainPass`] other objectives drive;
+//! - [`layout`]: where a batch's token positions sit (the examples in groups of
+//!   similar length, so the LLM does not run on padding);
 //! - [`decoder`]: the pixel decoder;
 //! - [`category`]: the auxiliary category heads (ours) that teach the tiny model to
 //!   recognize objects;
@@ -29,6 +31,7 @@ pub mod data;
 pub mod decoder;
 pub mod draft;
 pub mod infer;
+pub mod layout;
 pub mod matching;
 pub mod model;
 pub mod pass;
