@@ -98,7 +98,7 @@ fn train_predict_eval_and_the_run_directory() {
         &train_json,
         &cfg,
         &run,
-        &["--val", test_json.to_str().unwrap()],
+        &["--val", test_json.to_str().unwrap(), "--val-every", "3"],
         "2",
     ));
     for f in [
@@ -133,10 +133,13 @@ fn train_predict_eval_and_the_run_directory() {
             assert!(l[k].as_f64().is_some_and(f64::is_finite), "{k} in {l}");
         }
     }
-    assert!(
-        lines.iter().any(|l| l.get("val").is_some()),
-        "no validation logged"
-    );
+    // `--val-every 3` over the config's checkpoints every 2 steps
+    let val_steps: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("val").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(val_steps, [3, 6], "validated at steps {val_steps:?}");
     // popen forward still reads the LLaVA part of the run directory's config
     let cfg_json = json_file(run.join("config.json"));
     assert_eq!(cfg_json["model_type"], "llava");
@@ -498,6 +501,16 @@ fn bad_input_is_a_clear_error() {
         "2",
     ));
     assert!(e.contains("--device cuda:0"), "{e}");
+    // a validation schedule without validation data
+    let e = err(&train(
+        &train_json,
+        &cfg,
+        &d.join("r4"),
+        &["--val-every", "2"],
+        "2",
+    ));
+    assert!(e.contains("--val-every needs --val"), "{e}");
+    assert!(!d.join("r4").exists(), "a refused run wrote its directory");
     // a missing image names the file
     std::fs::remove_file(d.join("world/images/train_000002.png")).unwrap();
     let e = err(&train(&train_json, &cfg, &d.join("r3"), &[], "2"));

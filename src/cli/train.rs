@@ -63,9 +63,11 @@ pub struct Common {
 
 impl Common {
     /// The stage's config: `--config` (or the defaults) with `--steps`,
-    /// `--checkpoint-every` and `--seed` applied to its `[train]` table.
+    /// `--checkpoint-every`, `--seed` and the stage's `val_every` (stage 1's
+    /// `--val-every`) applied to its `[train]` table.
     fn config<T: serde::de::DeserializeOwned + Default>(
         &self,
+        val_every: Option<u64>,
         train: impl FnOnce(&mut T) -> &mut popen::train::TrainConfig,
     ) -> anyhow::Result<T> {
         let mut cfg: T = match &self.config {
@@ -76,7 +78,7 @@ impl Common {
             steps: self.steps,
             checkpoint_every: self.checkpoint_every,
             seed: self.seed,
-            val_every: None,
+            val_every,
         }
         .apply(train(&mut cfg))?;
         Ok(cfg)
@@ -101,6 +103,10 @@ pub struct SftArgs {
     /// `val_every` steps (its first images).
     #[arg(long)]
     pub val: Option<PathBuf>,
+    /// Score `--val` every N steps (replaces the config's `val_every`; without either,
+    /// at every checkpoint).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub val_every: Option<u64>,
     /// Start from a Hugging Face LLaVA directory (config.json, weights, tokenizer.json;
     /// LLaVA-1.5) instead of the tiny model from scratch; its vision tower stays frozen.
     #[arg(long)]
@@ -192,7 +198,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn ensemble(a: EnsembleTrainArgs) -> anyhow::Result<()> {
     let c = &a.common;
-    let mut cfg = c.config(|x: &mut EnsembleTrainConfig| &mut x.train)?;
+    let mut cfg = c.config(None, |x: &mut EnsembleTrainConfig| &mut x.train)?;
     if let Some(k) = a.k {
         cfg.ensemble.k = k;
     }
@@ -229,7 +235,7 @@ fn ensemble(a: EnsembleTrainArgs) -> anyhow::Result<()> {
 
 fn pref(a: PrefArgs) -> anyhow::Result<()> {
     let c = &a.common;
-    let mut cfg = c.config(|x: &mut PrefConfig| &mut x.train)?;
+    let mut cfg = c.config(None, |x: &mut PrefConfig| &mut x.train)?;
     if a.no_lt {
         cfg.loss.lt = false;
     }
@@ -347,7 +353,10 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
 
 fn sft(a: SftArgs) -> anyhow::Result<()> {
     let c = &a.common;
-    let mut cfg = c.config(|x: &mut SftConfig| &mut x.train)?;
+    if a.val_every.is_some() && a.val.is_none() {
+        anyhow::bail!("--val-every needs --val (the validation data it schedules)");
+    }
+    let mut cfg = c.config(a.val_every, |x: &mut SftConfig| &mut x.train)?;
     if a.val.is_some() && cfg.train.val_every == 0 {
         // a --val without a schedule: score at every checkpoint
         cfg.train.val_every = cfg.train.checkpoint_every;

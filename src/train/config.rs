@@ -183,8 +183,8 @@ impl TrainConfig {
 }
 
 /// The command-line flags that override a loaded [`TrainConfig`] (the contract of
-/// `popen train …`: `--steps`, `--checkpoint-every`, `--seed`).  `None` keeps the
-/// config's value.
+/// `popen train …`: `--steps`, `--checkpoint-every`, `--seed`, and stage 1's
+/// `--val-every`).  `None` keeps the config's value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrainOverrides {
     /// `--steps`: replaces `total_steps`.
@@ -193,7 +193,7 @@ pub struct TrainOverrides {
     pub checkpoint_every: Option<u64>,
     /// `--seed`: replaces `seed`.
     pub seed: Option<u64>,
-    /// Replaces `val_every` (no `popen train` flag sets it).
+    /// `--val-every` (`popen train sft`): replaces `val_every`.
     pub val_every: Option<u64>,
 }
 
