@@ -97,4 +97,25 @@ fn a_shifted_visit_moves_the_image_and_every_mask_and_keeps_the_text() {
         }
     }
     assert!(n_moved > plain.len(), "only {n_moved} moved visits");
+    // an object mask of another size is an error naming it, shifted or not (its patches
+    // were skipped silently before)
+    let mut bad = samples.clone();
+    let o = &mut bad[2].objects[0].mask;
+    (o.height, o.width) = (o.height - 1, o.width);
+    o.data.truncate(o.height * o.width);
+    for shift in [0, 3] {
+        let d = SftData {
+            samples: bad.clone(),
+            reread: Vec::new(),
+            ..data(shift)
+        };
+        let e = (d.load_augmented(2, visit_draw(7, 0, 2)).err())
+            .expect("an object mask of another size was accepted")
+            .to_string();
+        assert!(
+            e.contains("mask") && e.contains("47x64"),
+            "shift {shift}: {e}"
+        );
+        assert!(d.load_augmented(1, visit_draw(7, 0, 1)).is_ok());
+    }
 }

@@ -63,7 +63,8 @@ pub const MIN_SHARE: f64 = 0.25;
 
 /// One label per patch of the `grid × grid` tower input (row-major), for the objects of
 /// one image at its own size; `classes` are the head's categories (an object of
-/// another category makes its patches ignored).
+/// another category makes its patches ignored).  An object whose mask is not the
+/// image's size adds nothing here: [`super::data::example`] refuses such a sample.
 pub fn patch_labels(objects: &[Target], px: &Pixels, grid: usize, classes: &[String]) -> Vec<i32> {
     let n = grid * grid;
     if n == 0 {

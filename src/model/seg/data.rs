@@ -82,6 +82,18 @@ pub fn example_of_image(
     let classes = if cfg.classes.is_empty() {
         Default::default()
     } else {
+        // the objects label the patches: one of another size is an error, not skipped
+        if let Some((j, o)) = (s.objects.iter().enumerate())
+            .find(|(_, o)| (o.mask.height, o.mask.width) != (s.height, s.width))
+        {
+            return Err(err(
+                "objects",
+                format!(
+                    "object {j} ({}) has a {}x{} mask, the image is {}x{}",
+                    o.category, o.mask.height, o.mask.width, s.height, s.width
+                ),
+            ));
+        }
         let grid = cfg.image_size / cfg.lvlm.patch_size.max(1);
         super::category::Classes {
             patches: super::category::patch_labels(&s.objects, &pixels, grid, &cfg.classes),
