@@ -109,9 +109,10 @@ fn a_shifted_visit_moves_the_image_and_every_mask_and_keeps_the_text() {
             reread: Vec::new(),
             ..data(shift)
         };
-        let e = (d.load_augmented(2, visit_draw(7, 0, 2)).err())
-            .expect("an object mask of another size was accepted")
-            .to_string();
+        let e = match d.load_augmented(2, visit_draw(7, 0, 2)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("shift {shift}: an object mask of another size was accepted"),
+        };
         assert!(
             e.contains("mask") && e.contains("47x64"),
             "shift {shift}: {e}"
