@@ -778,43 +778,19 @@ fn a_batch_in_length_groups_is_each_example_alone() {
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 9).unwrap();
     let mut rng = Rng::new(12);
     let long_q = "Where is the cup? Find the red apples. Where is the cup? Find the red apples.";
-    let b = vec![
-        example(
-            &cfg,
-            &tok,
-            &mut rng,
-            "Where is the cup?",
-            "The cup <seg> is on the table.",
-        ),
-        example(
-            &cfg,
-            &tok,
-            &mut rng,
-            long_q,
-            "I see two apples <seg> <seg> here.",
-        ),
-        example(
-            &cfg,
-            &tok,
-            &mut rng,
-            "Find the red apples.",
-            "Nothing fits.",
-        ),
-        example(
-            &cfg,
-            &tok,
-            &mut rng,
-            "Where is the cup?",
-            "The cup <seg> is on the table.",
-        ),
-        example(
-            &cfg,
-            &tok,
-            &mut rng,
-            "Find the red apples.",
-            "Nothing fits.",
-        ),
+    let cup = ("Where is the cup?", "The cup <seg> is on the table.");
+    let none = ("Find the red apples.", "Nothing fits.");
+    let qa = [
+        cup,
+        (long_q, "I see two apples <seg> <seg> here."),
+        none,
+        cup,
+        none,
     ];
+    let b: Vec<Example> = qa
+        .iter()
+        .map(|(q, a)| example(&cfg, &tok, &mut rng, q, a))
+        .collect();
     let lens: Vec<usize> = b.iter().map(|e| e.enc.ids.len()).collect();
     let weights = |pass: &popen::model::seg::pass::TrainPass<Vec<f64>>| {
         let mut d = vec![0.0; pass.positions];
