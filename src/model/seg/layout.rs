@@ -62,6 +62,13 @@ pub(crate) struct Group {
     pub off: usize,
 }
 
+impl Group {
+    /// The pass positions of the group's examples.
+    pub fn span(&self) -> std::ops::Range<usize> {
+        self.off..self.off + self.members.len() * self.t
+    }
+}
+
 /// The positions of one pass: group by group, example by example, `t` per example.
 #[derive(Clone, Debug)]
 pub(crate) struct Layout {
@@ -185,7 +192,7 @@ mod tests {
                 seen[q] = true;
             }
         }
-        let padded: usize = l.groups.iter().map(|g| g.members.len() * g.t).sum();
+        let padded: usize = l.groups.iter().map(|g| g.span().len()).sum();
         assert_eq!(padded, l.len);
         assert!(l.len < lens.len() * 90);
     }

@@ -34,10 +34,8 @@ pub struct TrainPass<Buf> {
     /// The segmentation embeddings' category cross-entropy; `None` without the head
     /// or labelled targets.
     pub seg_class_loss: Option<f64>,
-    /// Every token the LLM processed (padding excluded).
+    /// Every token the LLM processed (padding excluded; `logp.len()` counts it).
     pub n_tokens: usize,
-    /// Every position the LLM processed (padding included): `logp.len()`.
-    pub positions: usize,
     acts: StepActs<Buf>,
 }
 
@@ -349,8 +347,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// its longest ([`super::layout::length_groups`]), rather than once over the batch
     /// padded to its longest example: on the world's stage 1 (a re-read example in most
     /// batches of 16) that cut the positions processed from 1.63 × the real tokens to
-    /// 1.06 ×, in 3.2 groups per batch (its first 30 batches).  No example's result depends on the grouping (a test checks every
-    /// example's log-probs, mask losses and gradients against its own pass).
+    /// 1.06 ×, in 3.2 groups per batch (its first 30 batches).  No example's result
+    /// depends on the grouping (a test checks every example's log-probs, mask losses
+    /// and gradients against its own pass).
     pub fn forward_pass(&self, batch: &[Example]) -> Result<TrainPass<B::Buf>> {
         self.forward_train(batch)
     }
@@ -457,19 +456,20 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 format!("token {bad} is outside the vocabulary of {v}"),
             ));
         }
-        // the LLM once per group; each example's image rows from the projector
-        let image_row = |r: usize, j: usize| layout.pos(r, batch[r].enc.image_pos + j);
+        // the LLM once per group; each example's image rows (B·K) from the projector
+        let image_rows: Vec<usize> = (0..b)
+            .flat_map(|r| (0..k).map(move |j| (r, j)))
+            .map(|(r, j)| layout.pos(r, batch[r].enc.image_pos + j))
+            .collect();
         let lm = &self.llava.language_model;
         let mut llm = Vec::with_capacity(layout.groups.len());
         let mut lp = Vec::with_capacity(layout.len);
         for grp in &layout.groups {
-            let span = grp.off..grp.off + grp.members.len() * grp.t;
+            let span = grp.span();
             let mut x = lm.embed(&ids[span.clone()])?;
-            for &r in &grp.members {
-                for j in 0..k {
-                    let row = image_row(r, j) - grp.off;
-                    be.copy_range(&mut x, row * hdim, &img, (r * k + j) * hdim, hdim)?;
-                }
+            for j in grp.members.iter().flat_map(|&r| r * k..(r + 1) * k) {
+                let row = image_rows[j] - grp.off;
+                be.copy_range(&mut x, row * hdim, &img, j * hdim, hdim)?;
             }
             let (logits, acts) =
                 lm.forward_embeds(x, grp.members.len(), grp.t, None, None, None)?;
@@ -484,17 +484,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             );
             llm.push(GroupActs { acts, logits, lse });
         }
-        let image_rows: Vec<usize> = (0..b)
-            .flat_map(|r| (0..k).map(move |j| (r, j)))
-            .map(|(r, j)| image_row(r, j))
-            .collect();
         // every group's last hidden states, in pass positions
         let hidden = if let [one] = &llm[..] {
             one.acts.hidden.clone()
         } else {
             let mut h = be.zeros(layout.len * hdim);
             for (grp, ga) in layout.groups.iter().zip(&llm) {
-                let n = grp.members.len() * grp.t * hdim;
+                let n = grp.span().len() * hdim;
                 be.copy_range(&mut h, grp.off * hdim, &ga.acts.hidden, 0, n)?;
             }
             h
@@ -562,7 +558,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             patch_loss,
             seg_class_loss,
             n_tokens,
-            positions: layout.len,
             acts: StepActs {
                 b,
                 layout,
@@ -583,7 +578,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 
     /// The backward of [`SegModel::forward_pass`] for a loss `L` given by its gradient:
-    /// `dlogp` = ∂L/∂logp per position (`positions` of them; zero where not labelled), `mask_w` =
+    /// `dlogp` = ∂L/∂logp per position (as many as `logp`; zero where not labelled), `mask_w` =
     /// (∂L/∂BCE_m, ∂L/∂Dice_m), the same for every mask, and `d_emb` = ∂L/∂f for the
     /// segmentation embeddings (M, L·D, as [`TrainPass::seg_embeddings`]; stage 2's
     /// `Ls`), and `class_w` = ∂L/∂ of the patch-category and the seg-category losses
@@ -656,31 +651,29 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut dimg = be.zeros(a.image_rows.len() * hdim);
         let zero = be.zeros(hdim);
         for (grp, ga) in a.layout.groups.iter().zip(&a.llm) {
-            let span = grp.off..grp.off + grp.members.len() * grp.t;
+            let span = grp.span();
             let n = span.len();
             let dl: Vec<F> = dlogp[span.clone()]
                 .iter()
                 .map(|&x| F::from(x).unwrap())
                 .collect();
             let mut dlogits = be.zeros(n * v);
-            let (targets, lse) = (&a.targets[span.clone()], &ga.lse);
+            let targets = &a.targets[span.clone()];
             be.logprob_bwd(
                 &ga.logits,
                 targets,
                 v,
-                lse,
+                &ga.lse,
                 &be.from_slice(&dl),
                 &mut dlogits,
             )?;
             let mut dh = be.zeros(n * hdim);
             be.copy_range(&mut dh, 0, &dhidden, grp.off * hdim, n * hdim)?;
             let mut dx = lm.backward_with_hidden(&ga.acts, &dlogits, Some(&dh))?; // (n·t, H)
-            for &r in &grp.members {
-                for j in r * k..(r + 1) * k {
-                    let row = a.image_rows[j] - grp.off;
-                    be.copy_range(&mut dimg, j * hdim, &dx, row * hdim, hdim)?;
-                    be.copy_range(&mut dx, row * hdim, &zero, 0, hdim)?;
-                }
+            for j in grp.members.iter().flat_map(|&r| r * k..(r + 1) * k) {
+                let row = a.image_rows[j] - grp.off;
+                be.copy_range(&mut dimg, j * hdim, &dx, row * hdim, hdim)?;
+                be.copy_range(&mut dx, row * hdim, &zero, 0, hdim)?;
             }
             lm.embed_tokens.backward(&be, &a.ids[span], &dx)?;
         }
