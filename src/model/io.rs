@@ -121,6 +121,15 @@ pub struct IntTensor {
     pub data: Vec<i64>,
 }
 
+impl IntTensor {
+    /// `Err(Shape)` unless `data.len()` is the product of `shape`.
+    pub fn new(shape: Vec<usize>, data: Vec<i64>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        crate::error::check_len("IntTensor::new", "data", data.len(), n)?;
+        Ok(Self { shape, data })
+    }
+}
+
 fn st_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Safetensors {
         path: path.to_path_buf(),
@@ -403,6 +412,18 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[(String, OutValue<'_
     let path = path.as_ref();
     let mut out: BTreeMap<&str, OutTensor> = BTreeMap::new();
     for (name, v) in tensors {
+        // the fields are public, so a tensor built by hand may disagree with its shape:
+        // refuse it here rather than write a file no reader accepts
+        let (len, shape) = match v {
+            OutValue::Float(t, _) => (t.data.len(), &t.shape),
+            OutValue::Int(t) => (t.data.len(), &t.shape),
+        };
+        if len != shape.iter().product::<usize>() {
+            return Err(Error::arg(
+                "write_safetensors",
+                format!("tensor `{name}`: {len} elements for shape {shape:?}"),
+            ));
+        }
         let t = match v {
             OutValue::Float(t, dtype) => {
                 if !dtype.is_float() {
@@ -460,10 +481,7 @@ mod tests {
     #[test]
     fn roundtrip_all_dtypes() {
         let t = HostTensor::new(vec![2, 3], vec![1.0, -2.5, 3.25, 0.0, 1e-3, 7.0]).unwrap();
-        let ids = IntTensor {
-            shape: vec![3],
-            data: vec![0, -1, i64::MAX],
-        };
+        let ids = IntTensor::new(vec![3], vec![0, -1, i64::MAX]).unwrap();
         let p = tmp("rt.safetensors");
         write_safetensors(
             &p,
@@ -490,5 +508,31 @@ mod tests {
         assert!(f.f32("ids").is_err());
         assert!(f.i64("a").is_err());
         assert!(matches!(f.f32("zzz"), Err(Error::MissingTensor { .. })));
+    }
+
+    /// A tensor whose elements disagree with its shape is refused by name, by the
+    /// constructors and by the writer (the fields are public), and nothing is written.
+    #[test]
+    fn a_tensor_whose_data_disagrees_with_its_shape_is_refused() {
+        assert!(IntTensor::new(vec![2, 2], vec![1, 2, 3]).is_err());
+        assert!(HostTensor::new(vec![2, 2], vec![1.0; 5]).is_err());
+        let p = tmp("bad.safetensors");
+        let _ = std::fs::remove_file(&p);
+        let ids = IntTensor {
+            shape: vec![2, 2],
+            data: vec![1, 2, 3],
+        };
+        let e = write_safetensors(&p, &[("ids".into(), OutValue::Int(&ids))]).unwrap_err();
+        assert!(
+            e.to_string().contains("`ids`") && e.to_string().contains("[2, 2]"),
+            "{e}"
+        );
+        let t = HostTensor {
+            shape: vec![3],
+            data: vec![0.0; 4],
+        };
+        let e = write_f32(&p, &[("w".into(), &t)]).unwrap_err();
+        assert!(e.to_string().contains("`w`"), "{e}");
+        assert!(!p.exists());
     }
 }
