@@ -360,6 +360,31 @@ fn the_presence_mix_trains_is_recorded_and_refuses_foreign_categories() {
     assert!(e.contains("data.presence_questions"), "{e}");
     assert!(e.contains("zebra") && e.contains("foreign.json"), "{e}");
     assert!(!d.join("bad/model.safetensors").exists());
+    // `presence_absent` is recorded, and a draw it does not know is an error naming it
+    let cooccur = d.join("cooccur.toml");
+    let text = std::fs::read_to_string(&mix).unwrap() + "presence_absent = \"cooccur\"\n";
+    std::fs::write(&cooccur, text).unwrap();
+    let run_c = d.join("run_c");
+    ok(&train(
+        &train_json,
+        &cooccur,
+        &run_c,
+        &["--steps", "1"],
+        "2",
+    ));
+    let c = json_file(run_c.join("config.json"));
+    assert_eq!(c["popen_run"]["data"]["presence_absent"], "cooccur", "{c}");
+    let bad = d.join("bad_draw.toml");
+    let text = std::fs::read_to_string(&mix).unwrap() + "presence_absent = \"tempting\"\n";
+    std::fs::write(&bad, text).unwrap();
+    let e = err(&train(
+        &train_json,
+        &bad,
+        &d.join("bad2"),
+        &["--steps", "1"],
+        "2",
+    ));
+    assert!(e.contains("tempting"), "{e}");
 }
 
 /// `[data] reread`: the run records the setting and trains on another stream (the

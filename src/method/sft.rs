@@ -4,7 +4,7 @@
 use crate::backend::{Backend, Cpu};
 use crate::data::sample::{load_image, load_muse, Sample};
 use crate::error::{Error, Result};
-use crate::method::presence::presence_samples;
+use crate::method::presence::{presence_samples, AbsentDraw};
 use crate::method::reread::{reread_items, Reread};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
 use crate::model::seg::augment;
@@ -45,6 +45,9 @@ pub struct DataMix {
     /// many about absent ones (fewer where the image or the world has fewer); 0 = off
     /// ([`crate::method::presence`]).
     pub presence_questions: usize,
+    /// How the presence mix picks its absent categories: `uniform` or `cooccur`
+    /// ([`AbsentDraw`]).
+    pub presence_absent: AbsentDraw,
     /// The fraction of the training questions asked once more with `reread_k` candidate
     /// answers to read first, in the ensemble's layout; 0 = off
     /// ([`crate::method::reread`]).
@@ -60,6 +63,7 @@ impl Default for DataMix {
     fn default() -> Self {
         DataMix {
             presence_questions: 0,
+            presence_absent: AbsentDraw::Uniform,
             reread: 0.0,
             reread_k: 3,
             shift: 0,
@@ -251,6 +255,7 @@ pub fn train_sft<B: Backend<f32>>(
     let extra = presence_samples(
         &samples,
         cfg.data.presence_questions,
+        cfg.data.presence_absent,
         cfg.train.seed,
         &paths.data,
     )?;
