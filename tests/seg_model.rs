@@ -1,7 +1,7 @@
 //! The segmentation model: whole-model gradient check in f64 (ViT → projector → LLaMA →
 //! codebook projection → pixel decoder, through `CE + 2·BCE + 0.5·Dice`), frozen parts
 //! untouched, bad input as errors.
-use popen::backend::Cpu;
+use popen::backend::{Backend, Cpu};
 use popen::model::seg::{
     Example, LossWeights, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable,
 };
@@ -79,7 +79,7 @@ fn whole_model_gradient_matches_finite_differences() {
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
     let b = batch(&cfg, &tok);
-    check_whole_model_gradient(&cfg, &tok, &b, LossWeights::default(), &[]);
+    check_whole_model_gradient(&cfg, &tok, &b, LossWeights::default(), &[], None);
 }
 
 /// The same check with both category heads: labelled patches (one example has none,
@@ -88,7 +88,101 @@ fn whole_model_gradient_matches_finite_differences() {
 #[test]
 fn whole_model_gradient_with_the_category_losses_matches_finite_differences() {
     let (cfg, tok, b, w) = with_categories();
-    check_whole_model_gradient(&cfg, &tok, &b, w, &["patch_head", "seg_class_head"]);
+    check_whole_model_gradient(&cfg, &tok, &b, w, &["patch_head", "seg_class_head"], None);
+}
+
+/// The presence token (`[model] presence_token`) reads the patch head through a
+/// stop-gradient, so the check freezes the tower and its patch head: the evidence is
+/// then a constant and every gradient left, `presence_proj`'s included, is exact.
+#[test]
+fn whole_model_gradient_with_the_presence_token_matches_finite_differences() {
+    let (mut cfg, tok, b, w) = with_categories();
+    cfg.presence_token = true;
+    let t = Trainable {
+        vision: false,
+        ..Trainable::default()
+    };
+    check_whole_model_gradient(
+        &cfg,
+        &tok,
+        &b,
+        w,
+        &["presence_proj", "seg_class_head"],
+        Some(t),
+    );
+}
+
+/// With the presence token, the inference path (`encode_images` → `prefill`) reads the
+/// image tokens the training pass reads: the first answer token's log-probability is
+/// the same both ways, and moving `presence_proj` moves both alike (so the token is read
+/// and sits in the same place).
+#[test]
+fn the_presence_token_is_read_alike_by_training_and_inference() {
+    let (mut cfg, tok, b, _) = with_categories();
+    cfg.presence_token = true;
+    let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg, &tok, 5).unwrap();
+    assert_eq!(m.tokens_per_image(), m.patches_per_image() + 1);
+    let ex = &b[0];
+    let first = ex.enc.ids[ex.enc.answer_start] as usize;
+    let both = |m: &SegModel<f64, Cpu>| {
+        let pass = m.forward_pass(std::slice::from_ref(ex)).unwrap();
+        let train = pass.logp[pass.answer_rows[0][0]];
+        let enc = m.encode_images(&[&ex.pixels]).unwrap();
+        let pre = m.prefill(&tok, "Find the red apples.", &enc[0]).unwrap();
+        let all = Cpu.to_vec(&pre.logits);
+        let v = m.llava.cfg.text.vocab_size;
+        let last = &all[all.len() - v..];
+        let mx = last.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+        let lse = mx + last.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+        (train, last[first] - lse)
+    };
+    let (t0, i0) = both(&m);
+    assert!((t0 - i0).abs() < 1e-10, "training {t0} vs inference {i0}");
+    let proj = m.presence_proj.as_mut().unwrap();
+    let bias = proj.bias.as_mut().unwrap();
+    let moved: Vec<f64> = Cpu.to_vec(&bias.data).iter().map(|x| x + 0.5).collect();
+    bias.data = Cpu.from_slice(&moved);
+    let (t1, i1) = both(&m);
+    assert!((t1 - i1).abs() < 1e-10, "training {t1} vs inference {i1}");
+    assert!(
+        (t1 - t0).abs() > 1e-6,
+        "the presence token is not read: {t0} → {t1}"
+    );
+}
+
+/// A run directory keeps the presence token: the setting, and `presence_proj.*` under
+/// those names; without `classes` the token is a config error naming it.
+#[test]
+fn a_run_directory_keeps_the_presence_token() {
+    let (mut cfg, tok, _, _) = with_categories();
+    cfg.presence_token = true;
+    let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 8).unwrap();
+    let dir = std::env::temp_dir().join(format!("popen_seg_presence_{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    m.save(&dir, &tok).unwrap();
+    let (mut back, _) = SegModel::<f32, Cpu>::load(Cpu, &dir).unwrap();
+    assert!(back.cfg.presence_token);
+    let named = |m: &mut SegModel<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
+        m.params_mut()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("presence_proj."))
+            .map(|(n, t)| (n, t.data.clone()))
+            .collect()
+    };
+    let (a, b) = (named(&mut m), named(&mut back));
+    assert_eq!(
+        a.len(),
+        2,
+        "{:?}",
+        a.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    assert!(a == b, "presence_proj changed through save/load");
+    std::fs::remove_dir_all(&dir).ok();
+    cfg.classes.clear();
+    let e = SegModel::<f32, Cpu>::new_tiny(Cpu, cfg, &tok, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("presence_token"), "{e}");
 }
 
 /// The tiny config with two classes, [`batch`] labelled, both category losses on, the
@@ -217,8 +311,12 @@ fn check_whole_model_gradient(
     b: &[Example],
     w: LossWeights,
     also: &[&str],
+    trainable: Option<Trainable>,
 ) {
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), tok, 3).unwrap();
+    if let Some(t) = trainable {
+        m.set_trainable(t);
+    }
     for (_, t) in m.params_mut() {
         t.zero_grad(&Cpu);
     }
@@ -226,18 +324,25 @@ fn check_whole_model_gradient(
     assert!(l0.n_masks == 3 && l0.total.is_finite(), "{l0:?}");
     assert_eq!(l0.patch_class > 0.0, w.patch_class > 0.0, "{l0:?}");
     assert_eq!(l0.seg_class > 0.0, w.seg_class > 0.0, "{l0:?}");
-    let grads: Vec<(String, Vec<f64>)> = m
+    // (index, name, gradient) of every trainable tensor: all of them unless `trainable`
+    let grads: Vec<(usize, String, Vec<f64>)> = m
         .params_mut()
         .into_iter()
-        .map(|(n, t)| (n, t.grad.clone().expect("trainable")))
+        .enumerate()
+        .filter_map(|(i, (n, t))| match &t.grad {
+            Some(g) => Some((i, n, g.clone())),
+            None => {
+                assert!(trainable.is_some(), "{n} is frozen");
+                None
+            }
+        })
         .collect();
     let n_params = grads.len();
     let mut rng = Rng::new(11);
     let (mut checked, mut worst, mut kinks) = (0, 0.0f64, 0);
     let mut parts_seen = std::collections::BTreeSet::new();
-    for pi in 0..n_params {
-        let name = grads[pi].0.clone();
-        let g = &grads[pi].1;
+    for (pi, name, g) in &grads {
+        let (pi, name) = (*pi, name.clone());
         // every tensor receives a gradient somewhere (the pixel decoder's too)
         // (the pooled output's norm is never read by the model)
         let gmax = g.iter().fold(0.0f64, |a, x| a.max(x.abs()));
@@ -653,10 +758,29 @@ fn a_pretrained_llava_grows_its_vocabulary_and_trains_with_a_frozen_tower() {
 /// a bounded number of host↔device copies.
 #[test]
 fn a_training_step_on_the_device_backend_equals_the_cpu() {
-    use popen::backend::{Backend, DeviceBackend};
     let (cfg, tok, b, w) = with_categories();
-    let mut c: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 6).unwrap();
-    let lc = c.step(&b, w, 1.0, true).unwrap();
+    device_step_equals_cpu(&cfg, &tok, &b, w, SEG_STEP_COPIES);
+}
+
+/// The same with the presence token, which adds one read-back of the patch head's
+/// logits and one upload of the evidence per step (`popen::model::seg::evidence`).
+#[test]
+fn a_training_step_with_the_presence_token_on_the_device_backend_equals_the_cpu() {
+    let (mut cfg, tok, b, w) = with_categories();
+    cfg.presence_token = true;
+    device_step_equals_cpu(&cfg, &tok, &b, w, SEG_STEP_COPIES + 2);
+}
+
+fn device_step_equals_cpu(
+    cfg: &SegModelConfig,
+    tok: &SegTokenizer,
+    b: &[Example],
+    w: LossWeights,
+    max_copies: u64,
+) {
+    use popen::backend::DeviceBackend;
+    let mut c: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), tok, 6).unwrap();
+    let lc = c.step(b, w, 1.0, true).unwrap();
     assert!(lc.patch_class > 0.0 && lc.seg_class > 0.0, "{lc:?}");
     let gc: Vec<(String, Vec<f32>)> = c
         .params_mut()
@@ -667,16 +791,16 @@ fn a_training_step_on_the_device_backend_equals_the_cpu() {
         let kind = device.kind();
         let dev = DeviceBackend::new(device);
         let mut d: SegModel<f32, DeviceBackend> =
-            SegModel::new_tiny(dev.clone(), cfg.clone(), &tok, 6).unwrap();
+            SegModel::new_tiny(dev.clone(), cfg.clone(), tok, 6).unwrap();
         let before = dev.device().copies();
-        let ld = d.step(&b, w, 1.0, true).unwrap();
+        let ld = d.step(b, w, 1.0, true).unwrap();
         let after = dev.device().copies();
         // per step, not per layer or per mask (the batch has 3 masks of one size); with
         // the pixel decoder's ops staged through the host, one read-back per mask and the
         // key mask uploaded per layer this step made 97
         let copies = (after.htod - before.htod) + (after.dtoh - before.dtoh);
         assert!(
-            copies <= SEG_STEP_COPIES,
+            copies <= max_copies,
             "{kind:?}: {copies} host<->device copies in one step ({} up, {} down)",
             after.htod - before.htod,
             after.dtoh - before.dtoh

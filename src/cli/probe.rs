@@ -6,13 +6,16 @@
 //! feature levels averaged over the patches the target's mask covers — say whether the
 //! image side knows the category at all: if it does not, no `f` can select the target.
 //! A model with the patch-category head ([`popen::model::seg::category`]) also reports
-//! the head's accuracy on the labelled patches.
+//! the head's accuracy on the labelled patches, and how well its per-image evidence
+//! (the presence token's input, [`popen::model::seg::evidence`]) tells the categories
+//! in an image from those not in it: the ROC AUC over every (image, category).
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
 use popen::kernels::mask::{iou_from_counts, pair_counts_cpu};
 use popen::method::predict::{data_root, questions};
 use popen::metrics::separability::{separability, Separability};
 use popen::model::seg::data::example;
+use popen::model::seg::evidence::max_class_probs;
 use popen::model::seg::SegModel;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -53,6 +56,9 @@ struct Probe {
     region_features: [Separability; 2],
     /// the patch head's accuracy on object patches and on all labelled patches
     patch_head_accuracy: Option<PatchAccuracy>,
+    /// P(e[present] > e[absent]) of the patch head's evidence over every (image,
+    /// category) of the head's classes (ties half)
+    presence_evidence_auc: Option<f64>,
 }
 
 #[derive(serde::Serialize)]
@@ -86,6 +92,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let mut ious = Vec::new();
             // (right, labelled) over object patches and over all labelled patches
             let mut patch_hits = [(0usize, 0usize); 2];
+            // the evidence of each (image, class): (e, class in the image)
+            let mut evidence: Vec<(f32, bool)> = Vec::new();
             let bar = super::progress::bar(items.len() as u64, "probe");
             for chunk in items.chunks(a.batch) {
                 let exs = chunk
@@ -99,11 +107,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 for (((file, s), ex), enc) in chunk.iter().zip(&exs).zip(&enc) {
                     let n = image_of.len();
                     let g = *image_of.entry(file.clone()).or_insert(n);
+                    let first_visit = g == n;
                     let feats = enc.feats.each_ref().map(|f| model.llava.be.to_vec(f));
                     if let Some(head) = &model.patch_head {
                         let be = &model.llava.be;
                         let lg = be.to_vec(&head.forward(be, &enc.feats[0])?);
                         let c = head.fan_out();
+                        if first_visit {
+                            let kp = model.patches_per_image();
+                            let e = max_class_probs(&lg, 1, kp, c);
+                            for (name, &ek) in model.cfg.classes.iter().zip(&e) {
+                                let here = s.objects.iter().any(|o| o.category == *name);
+                                evidence.push((ek, here));
+                            }
+                        }
                         for (row, &label) in lg.chunks(c).zip(&ex.classes.patches) {
                             if label < 0 {
                                 continue;
@@ -145,6 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     object_patches: patch_hits[0].1,
                     patches: patch_hits[1].1,
                 }),
+                presence_evidence_auc: roc_auc(&evidence),
             })
         }
     }
@@ -184,10 +202,47 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             h.objects, h.object_patches, h.all, h.patches
         );
     }
+    if let Some(auc) = p.presence_evidence_auc {
+        println!(
+            "patch head's evidence (highest probability of a category over the image's \
+             patches): ROC AUC {auc:.4}, categories in the image over those not"
+        );
+    }
     if let Some(out) = &a.out {
         popen::fsio::write_atomic(out, serde_json::to_string_pretty(&p)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// P(a > b) for a scored item `a` labelled true and `b` labelled false (ties half), by
+/// ranks; `None` unless both labels occur.
+fn roc_auc(items: &[(f32, bool)]) -> Option<f64> {
+    let mut v: Vec<(f32, bool)> = items.to_vec();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut below, mut wins, mut i) = (0.0f64, 0.0f64, 0);
+    let pos = v.iter().filter(|x| x.1).count() as f64;
+    let neg = v.len() as f64 - pos;
+    if pos == 0.0 || neg == 0.0 {
+        return None;
+    }
+    while i < v.len() {
+        // a run of equal scores: its positives beat the negatives below and tie its own
+        let j = i + v[i..].iter().take_while(|x| x.0 == v[i].0).count();
+        let (p, n) = v[i..j].iter().fold(
+            (0.0, 0.0),
+            |(p, n), x| {
+                if x.1 {
+                    (p + 1.0, n)
+                } else {
+                    (p, n + 1.0)
+                }
+            },
+        );
+        wins += p * (below + 0.5 * n);
+        below += n;
+        i = j;
+    }
+    Some(wins / (pos * neg))
 }
 
 /// IoU of a mask's logits (thresholded at 0) with a 0/1 target, by the mask kernel's
@@ -245,4 +300,19 @@ fn argmax(row: &[f32]) -> usize {
             }
         })
         .0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::roc_auc;
+
+    #[test]
+    fn roc_auc_counts_wins_and_half_ties() {
+        // positives 3, 2; negatives 1, 2: wins 3>1, 3>2, 2>1, and 2 = 2 half
+        let v = [(3.0, true), (1.0, false), (2.0, true), (2.0, false)];
+        assert_eq!(roc_auc(&v), Some(3.5 / 4.0));
+        let flipped: Vec<(f32, bool)> = v.iter().map(|&(x, l)| (-x, l)).collect();
+        assert_eq!(roc_auc(&flipped), Some(0.5 / 4.0));
+        assert_eq!(roc_auc(&[(1.0, true)]), None);
+    }
 }

@@ -210,6 +210,15 @@ pub fn training_samples(data: &Path, images: &Option<PathBuf>) -> Result<Vec<Sam
 /// does data without categories.
 pub fn with_classes(cfg: &SftConfig, samples: &[Sample], paths: &SftPaths) -> Result<SftConfig> {
     let mut cfg = cfg.clone();
+    if cfg.model.presence_token && cfg.loss.patch_class <= 0.0 {
+        return Err(Error::Config {
+            path: paths.data.clone(),
+            field: "model.presence_token".into(),
+            msg: "the presence token reads the patch-category head, which only \
+                  loss.patch_class > 0 trains"
+                .into(),
+        });
+    }
     if cfg.loss.patch_class <= 0.0 && cfg.loss.seg_class <= 0.0 {
         return Ok(cfg);
     }
@@ -402,6 +411,15 @@ mod tests {
         // no category in the data, or a pretrained LLaVA: clear errors naming the field
         let e = with_classes(&cfg, &[sample(&[])], &paths).unwrap_err();
         assert!(e.to_string().contains("loss.patch_class"), "{e}");
+        // the presence token reads the patch head: refused without its loss
+        cfg.model.presence_token = true;
+        let e = with_classes(&cfg, &data, &paths).unwrap_err();
+        assert!(e.to_string().contains("model.presence_token"), "{e}");
+        cfg.loss.patch_class = 1.0;
+        let c = with_classes(&cfg, &data, &paths).unwrap();
+        assert_eq!(c.model.classes, ["apple", "cup", "lamp"]);
+        cfg.model.presence_token = false;
+        cfg.loss.patch_class = 0.0;
         let llava = SftPaths {
             base: Some("llava".into()),
             ..paths

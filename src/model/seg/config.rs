@@ -107,6 +107,12 @@ pub struct SegModelConfig {
     /// from.  Off by default (PixelLM's decoder; a run directory written before the skip
     /// existed reads as off); on in `tools/configs/stage1_world.toml`.
     pub pixel_skip: bool,
+    /// The presence token (ours, not PixelLM's; [`super::evidence`]): one more image
+    /// token per image, carrying per category the patch-category head's highest
+    /// probability over the image's patches, so that the LLM can look up whether a
+    /// named object is there.  Needs `classes` (the head).  Off by default (a run
+    /// directory written before it existed reads as off).
+    pub presence_token: bool,
 }
 
 impl Default for SegModelConfig {
@@ -126,6 +132,7 @@ impl Default for SegModelConfig {
             lvlm: TinyLvlm::default(),
             classes: Vec::new(),
             pixel_skip: false,
+            presence_token: false,
         }
     }
 }

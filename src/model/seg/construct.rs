@@ -237,8 +237,23 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let mut p = Linear::new(&be, v.hidden_size, n, true);
             linear_init(&be, &mut p, rng.as_deref_mut());
             let mut s = Linear::new(&be, cfg.scales * cfg.seg_dim, n, true);
-            linear_init(&be, &mut s, rng);
+            linear_init(&be, &mut s, rng.as_deref_mut());
             (Some(p), Some(s))
+        };
+        // drawn last, so a model without the token is unchanged
+        let presence_proj = if cfg.presence_token {
+            if cfg.classes.is_empty() {
+                return Err(Error::arg(
+                    "SegModel",
+                    "[model] presence_token reads the patch-category head, which needs \
+                     model.classes (popen train sft fills them when loss.patch_class > 0)",
+                ));
+            }
+            let mut l = Linear::new(&be, cfg.classes.len(), llava.cfg.text.hidden_size, true);
+            linear_init(&be, &mut l, rng);
+            Some(l)
+        } else {
+            None
         };
         let m = SegModel {
             cfg,
@@ -247,6 +262,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             decoder,
             patch_head,
             seg_class_head,
+            presence_proj,
         };
         m.state_indices()?;
         Ok(m)

@@ -248,14 +248,20 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .forward(be, &self.patches_of(&hs[idx[0]], b)?)?;
         let f0 = self.patches_of(&hs[idx[1]], b)?;
         let f1 = self.patches_of(&hs[idx[2]], b)?;
+        let presence = match self.presence_evidence(&f0, b)? {
+            Some(e) => self.presence_rows(&e)?,
+            None => None,
+        };
+        let img = self.image_tokens(img, presence.as_ref(), b)?;
         let v = self.llava.cfg.vision.clone();
         let (k, cv) = (v.num_patches(), v.hidden_size);
+        let kt = self.tokens_per_image();
         let hdim = self.llava.cfg.text.hidden_size;
         let npix = be.len(&pixels) / b;
         (0..b)
             .map(|i| {
-                let mut tokens = be.zeros(k * hdim);
-                be.copy_range(&mut tokens, 0, &img, i * k * hdim, k * hdim)?;
+                let mut tokens = be.zeros(kt * hdim);
+                be.copy_range(&mut tokens, 0, &img, i * kt * hdim, kt * hdim)?;
                 let mut g0 = be.zeros(k * cv);
                 be.copy_range(&mut g0, 0, &f0, i * k * cv, k * cv)?;
                 let mut g1 = be.zeros(k * cv);

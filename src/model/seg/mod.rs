@@ -30,6 +30,7 @@ pub mod construct;
 pub mod data;
 pub mod decoder;
 pub mod draft;
+pub mod evidence;
 pub mod infer;
 pub mod layout;
 pub mod matching;

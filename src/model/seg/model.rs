@@ -153,6 +153,10 @@ pub struct SegModel<F: Float = f32, B: Backend<F> = Cpu> {
     /// The auxiliary category head on `f`, `Linear(L·D, 1 + C)` (present when
     /// `cfg.classes` is not empty; trains with the codebook head).
     pub seg_class_head: Option<Linear<F, B>>,
+    /// The presence token's projection `Linear(C, H)` of the per-category evidence
+    /// (present when `cfg.presence_token`; trains with the projector;
+    /// [`super::evidence`]).
+    pub presence_proj: Option<Linear<F, B>>,
 }
 
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
@@ -194,10 +198,17 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             decoder,
             patch_head,
             seg_class_head,
+            presence_proj,
             ..
         } = self;
         let mut out = llava.params_mut();
-        out.extend(own_params(seg_head, decoder, patch_head, seg_class_head));
+        out.extend(own_params(
+            seg_head,
+            decoder,
+            patch_head,
+            seg_class_head,
+            presence_proj,
+        ));
         out
     }
 
@@ -209,6 +220,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             &mut self.decoder,
             &mut self.patch_head,
             &mut self.seg_class_head,
+            &mut self.presence_proj,
         )
     }
 
@@ -235,6 +247,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         for (head, on) in [
             (&mut self.patch_head, t.vision),
             (&mut self.seg_class_head, t.seg_head),
+            (&mut self.presence_proj, t.projector),
         ] {
             if let Some(l) = head {
                 l.weight.set_trainable(&be, on);
@@ -245,8 +258,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
     }
 
-    /// Image tokens per image (K).
+    /// Image tokens per image (K): one per patch, and the presence token last when the
+    /// model has one.
     pub fn tokens_per_image(&self) -> usize {
+        self.patches_per_image() + usize::from(self.presence_proj.is_some())
+    }
+
+    /// The vision tower's patches per image (the patch head's and the decoder's grid).
+    pub fn patches_per_image(&self) -> usize {
         self.llava.cfg.vision.num_patches()
     }
 
@@ -382,6 +401,7 @@ fn own_params<'a, F: Float, B: Backend<F>>(
     decoder: &'a mut PixelDecoder<F, B>,
     patch_head: &'a mut Option<Linear<F, B>>,
     seg_class_head: &'a mut Option<Linear<F, B>>,
+    presence_proj: &'a mut Option<Linear<F, B>>,
 ) -> NamedParams<'a, F, B> {
     let mut own = Vec::new();
     push_linear(&mut own, "seg_head.fc1", &mut seg_head.fc1);
@@ -392,6 +412,9 @@ fn own_params<'a, F: Float, B: Backend<F>>(
     }
     if let Some(l) = seg_class_head {
         push_linear(&mut own, "seg_class_head", l);
+    }
+    if let Some(l) = presence_proj {
+        push_linear(&mut own, "presence_proj", l);
     }
     own
 }

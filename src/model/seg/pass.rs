@@ -68,6 +68,8 @@ pub struct StepActs<Buf> {
     vision: ClipActs<Buf>,
     n_states: usize,
     proj: MlpActs<Buf>,
+    /// the presence token's input, the evidence (B, C) ([`super::evidence`])
+    presence: Option<Buf>,
     /// per group of `layout`
     llm: Vec<GroupActs<Buf>>,
     /// per position of `layout`
@@ -131,7 +133,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if batch.iter().all(|e| e.classes.patches.is_empty()) {
             return Ok(None);
         }
-        let k = self.tokens_per_image();
+        let k = self.patches_per_image();
         let mut labels = Vec::with_capacity(batch.len() * k);
         for (i, ex) in batch.iter().enumerate() {
             push_labels(&mut labels, &ex.classes.patches, k, || {
@@ -397,7 +399,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (img, proj) = self
             .llava
             .projector
-            .forward(&be, &self.patches_of(&hs[idx[0]], b)?)?; // (B·K, H)
+            .forward(&be, &self.patches_of(&hs[idx[0]], b)?)?; // (B·Kp, H)
+        let presence = self.presence_evidence(&f0, b)?;
+        let presence_rows = match &presence {
+            Some(e) => self.presence_rows(e)?,
+            None => None,
+        };
+        let img = self.image_tokens(img, presence_rows.as_ref(), b)?; // (B·K, H)
         let rows: Vec<Vec<u32>> = batch.iter().map(|e| self.expand_ids(&e.enc)).collect();
         let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         if t > self.llava.cfg.text.max_position_embeddings {
@@ -566,6 +574,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 vision,
                 n_states: upto + 1,
                 proj,
+                presence,
                 llm,
                 targets,
                 gather_rows,
@@ -677,6 +686,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             }
             lm.embed_tokens.backward(&be, &a.ids[span], &dx)?;
         }
+        let dimg = self.image_tokens_bwd(dimg, a.presence.as_ref(), b)?; // (B·Kp, H)
         let proj_trains = self.llava.projector.fc1.weight.grad.is_some();
         let vision_trains = self.vision_trains();
         if !(proj_trains || vision_trains) {

@@ -229,9 +229,16 @@ pub fn min_param_count(cfg: &SegModelConfig, lc: &LlavaConfig) -> u128 {
     } else {
         hv.saturating_mul(u(cfg.classes.len()).saturating_add(1))
     };
-    [text, vision, projector, seg_head, decoder, patch_head]
-        .into_iter()
-        .fold(0u128, u128::saturating_add)
+    let presence = if cfg.presence_token {
+        u(cfg.classes.len()).saturating_mul(h).saturating_add(h)
+    } else {
+        0
+    };
+    [
+        text, vision, projector, seg_head, decoder, patch_head, presence,
+    ]
+    .into_iter()
+    .fold(0u128, u128::saturating_add)
 }
 
 /// Reads `dir/config.json`: our fields under `"popen"` and the LLaVA config.
