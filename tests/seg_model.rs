@@ -7,6 +7,8 @@ use popen::model::seg::{
 };
 use popen::nn::Rng;
 
+use popen::model::seg::config::PresenceTokens;
+
 mod common;
 use common::seg::tiny_cfg;
 
@@ -91,25 +93,28 @@ fn whole_model_gradient_with_the_category_losses_matches_finite_differences() {
     check_whole_model_gradient(&cfg, &tok, &b, w, &["patch_head", "seg_class_head"], None);
 }
 
-/// The presence token (`[model] presence_token`) reads the patch head through a
-/// stop-gradient, so the check freezes the tower and its patch head: the evidence is
-/// then a constant and every gradient left, `presence_proj`'s included, is exact.
+/// The presence tokens (`[model] presence_tokens`, both kinds) read the patch head
+/// through a stop-gradient, so the check freezes the tower and its patch head: the
+/// evidence is then a constant and every gradient left, `presence_proj`'s included, is
+/// exact.
 #[test]
-fn whole_model_gradient_with_the_presence_token_matches_finite_differences() {
-    let (mut cfg, tok, b, w) = with_categories();
-    cfg.presence_token = true;
-    let t = Trainable {
-        vision: false,
-        ..Trainable::default()
-    };
-    check_whole_model_gradient(
-        &cfg,
-        &tok,
-        &b,
-        w,
-        &["presence_proj", "seg_class_head"],
-        Some(t),
-    );
+fn whole_model_gradient_with_the_presence_tokens_matches_finite_differences() {
+    for kind in [PresenceTokens::One, PresenceTokens::PerCategory] {
+        let (mut cfg, tok, b, w) = with_categories();
+        cfg.presence_tokens = kind;
+        let t = Trainable {
+            vision: false,
+            ..Trainable::default()
+        };
+        check_whole_model_gradient(
+            &cfg,
+            &tok,
+            &b,
+            w,
+            &["presence_proj", "seg_class_head"],
+            Some(t),
+        );
+    }
 }
 
 /// With the presence token, the inference path (`encode_images` → `prefill`) reads the
@@ -117,11 +122,17 @@ fn whole_model_gradient_with_the_presence_token_matches_finite_differences() {
 /// the same both ways, and moving `presence_proj` moves both alike (so the token is read
 /// and sits in the same place).
 #[test]
-fn the_presence_token_is_read_alike_by_training_and_inference() {
+fn the_presence_tokens_are_read_alike_by_training_and_inference() {
+    for (kind, n) in [(PresenceTokens::One, 1), (PresenceTokens::PerCategory, 2)] {
+        presence_read_alike(kind, n);
+    }
+}
+
+fn presence_read_alike(kind: PresenceTokens, n: usize) {
     let (mut cfg, tok, b, _) = with_categories();
-    cfg.presence_token = true;
+    cfg.presence_tokens = kind;
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg, &tok, 5).unwrap();
-    assert_eq!(m.tokens_per_image(), m.patches_per_image() + 1);
+    assert_eq!(m.tokens_per_image(), m.patches_per_image() + n);
     let ex = &b[0];
     let first = ex.enc.ids[ex.enc.answer_start] as usize;
     let both = |m: &SegModel<f64, Cpu>| {
@@ -138,10 +149,9 @@ fn the_presence_token_is_read_alike_by_training_and_inference() {
     };
     let (t0, i0) = both(&m);
     assert!((t0 - i0).abs() < 1e-10, "training {t0} vs inference {i0}");
-    let proj = m.presence_proj.as_mut().unwrap();
-    let bias = proj.bias.as_mut().unwrap();
-    let moved: Vec<f64> = Cpu.to_vec(&bias.data).iter().map(|x| x + 0.5).collect();
-    bias.data = Cpu.from_slice(&moved);
+    let w = &mut m.presence_proj.as_mut().unwrap().weight;
+    let moved: Vec<f64> = Cpu.to_vec(&w.data).iter().map(|x| x + 0.5).collect();
+    w.data = Cpu.from_slice(&moved);
     let (t1, i1) = both(&m);
     assert!((t1 - i1).abs() < 1e-10, "training {t1} vs inference {i1}");
     assert!(
@@ -155,13 +165,13 @@ fn the_presence_token_is_read_alike_by_training_and_inference() {
 #[test]
 fn a_run_directory_keeps_the_presence_token() {
     let (mut cfg, tok, _, _) = with_categories();
-    cfg.presence_token = true;
+    cfg.presence_tokens = PresenceTokens::One;
     let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 8).unwrap();
     let dir = std::env::temp_dir().join(format!("popen_seg_presence_{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     m.save(&dir, &tok).unwrap();
     let (mut back, _) = SegModel::<f32, Cpu>::load(Cpu, &dir).unwrap();
-    assert!(back.cfg.presence_token);
+    assert_eq!(back.cfg.presence_tokens, PresenceTokens::One);
     let named = |m: &mut SegModel<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
         m.params_mut()
             .into_iter()
@@ -182,7 +192,7 @@ fn a_run_directory_keeps_the_presence_token() {
     let e = SegModel::<f32, Cpu>::new_tiny(Cpu, cfg, &tok, 8)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("presence_token"), "{e}");
+    assert!(e.contains("presence_tokens"), "{e}");
 }
 
 /// The tiny config with two classes, [`batch`] labelled, both category losses on, the
@@ -765,10 +775,12 @@ fn a_training_step_on_the_device_backend_equals_the_cpu() {
 /// The same with the presence token, which adds one read-back of the patch head's
 /// logits and one upload of the evidence per step (`popen::model::seg::evidence`).
 #[test]
-fn a_training_step_with_the_presence_token_on_the_device_backend_equals_the_cpu() {
-    let (mut cfg, tok, b, w) = with_categories();
-    cfg.presence_token = true;
-    device_step_equals_cpu(&cfg, &tok, &b, w, SEG_STEP_COPIES + 2);
+fn a_training_step_with_the_presence_tokens_on_the_device_backend_equals_the_cpu() {
+    for kind in [PresenceTokens::One, PresenceTokens::PerCategory] {
+        let (mut cfg, tok, b, w) = with_categories();
+        cfg.presence_tokens = kind;
+        device_step_equals_cpu(&cfg, &tok, &b, w, SEG_STEP_COPIES + 2);
+    }
 }
 
 fn device_step_equals_cpu(

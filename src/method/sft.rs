@@ -8,6 +8,7 @@ use crate::method::presence::{presence_samples, AbsentDraw};
 use crate::method::reread::{reread_items, Reread};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
 use crate::model::seg::augment;
+use crate::model::seg::config::PresenceTokens;
 use crate::model::seg::data::{corpus, example_of_image, example_reading};
 use crate::model::seg::run::{CONFIG_FILE, TOKENIZER_FILE};
 use crate::model::seg::{
@@ -210,11 +211,11 @@ pub fn training_samples(data: &Path, images: &Option<PathBuf>) -> Result<Vec<Sam
 /// does data without categories.
 pub fn with_classes(cfg: &SftConfig, samples: &[Sample], paths: &SftPaths) -> Result<SftConfig> {
     let mut cfg = cfg.clone();
-    if cfg.model.presence_token && cfg.loss.patch_class <= 0.0 {
+    if cfg.model.presence_tokens != PresenceTokens::Off && cfg.loss.patch_class <= 0.0 {
         return Err(Error::Config {
             path: paths.data.clone(),
-            field: "model.presence_token".into(),
-            msg: "the presence token reads the patch-category head, which only \
+            field: "model.presence_tokens".into(),
+            msg: "the presence tokens read the patch-category head, which only \
                   loss.patch_class > 0 trains"
                 .into(),
         });
@@ -412,13 +413,13 @@ mod tests {
         let e = with_classes(&cfg, &[sample(&[])], &paths).unwrap_err();
         assert!(e.to_string().contains("loss.patch_class"), "{e}");
         // the presence token reads the patch head: refused without its loss
-        cfg.model.presence_token = true;
+        cfg.model.presence_tokens = PresenceTokens::One;
         let e = with_classes(&cfg, &data, &paths).unwrap_err();
-        assert!(e.to_string().contains("model.presence_token"), "{e}");
+        assert!(e.to_string().contains("model.presence_tokens"), "{e}");
         cfg.loss.patch_class = 1.0;
         let c = with_classes(&cfg, &data, &paths).unwrap();
         assert_eq!(c.model.classes, ["apple", "cup", "lamp"]);
-        cfg.model.presence_token = false;
+        cfg.model.presence_tokens = PresenceTokens::Off;
         cfg.loss.patch_class = 0.0;
         let llava = SftPaths {
             base: Some("llava".into()),

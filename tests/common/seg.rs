@@ -34,7 +34,7 @@ pub fn tiny_cfg() -> SegModelConfig {
         },
         classes: Vec::new(),
         pixel_skip: false,
-        presence_token: false,
+        presence_tokens: popen::model::seg::config::PresenceTokens::Off,
     }
 }
 

@@ -107,12 +107,28 @@ pub struct SegModelConfig {
     /// from.  Off by default (PixelLM's decoder; a run directory written before the skip
     /// existed reads as off); on in `tools/configs/stage1_world.toml`.
     pub pixel_skip: bool,
-    /// The presence token (ours, not PixelLM's; [`super::evidence`]): one more image
-    /// token per image, carrying per category the patch-category head's highest
+    /// The presence tokens (ours, not PixelLM's; [`super::evidence`]): more image
+    /// tokens per image carrying, per category, the patch-category head's highest
     /// probability over the image's patches, so that the LLM can look up whether a
     /// named object is there.  Needs `classes` (the head).  Off by default (a run
-    /// directory written before it existed reads as off).
-    pub presence_token: bool,
+    /// directory written before they existed reads as off).
+    pub presence_tokens: PresenceTokens,
+}
+
+/// How the patch head's per-category evidence reaches the LLM (`[model]
+/// presence_tokens`; [`super::evidence`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceTokens {
+    /// Not at all (PixelLM).
+    #[default]
+    Off,
+    /// One token: `Linear(C, H)` of the C evidences.
+    One,
+    /// One token per category c: `E[c] + e[c]·v`, a learned key for the category and
+    /// its evidence along a learned direction (`Linear(C + 1, H)` without bias of
+    /// `[onehot(c), e[c]]`), so that the LLM finds a named category by attention.
+    PerCategory,
 }
 
 impl Default for SegModelConfig {
@@ -132,7 +148,7 @@ impl Default for SegModelConfig {
             lvlm: TinyLvlm::default(),
             classes: Vec::new(),
             pixel_skip: false,
-            presence_token: false,
+            presence_tokens: PresenceTokens::Off,
         }
     }
 }
@@ -141,6 +157,15 @@ impl SegModelConfig {
     /// Codebook tokens per target (`S·L`).
     pub fn group_len(&self) -> usize {
         self.tokens_per_scale * self.scales
+    }
+
+    /// Presence tokens per image ([`PresenceTokens`]).
+    pub fn presence_tokens_per_image(&self) -> usize {
+        match self.presence_tokens {
+            PresenceTokens::Off => 0,
+            PresenceTokens::One => 1,
+            PresenceTokens::PerCategory => self.classes.len(),
+        }
     }
 }
 

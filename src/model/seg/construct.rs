@@ -1,7 +1,7 @@
 //! Building a [`SegModel`]: the tiny model from a seed, or one on a pretrained LLaVA
 //! (a run directory loads with [`SegModel::load`], in `run`).
 
-use super::config::SegModelConfig;
+use super::config::{PresenceTokens, SegModelConfig};
 use super::decoder::{PixelDecoder, PixelDecoderConfig};
 use super::model::SegModel;
 use super::prompt::SegTokenizer;
@@ -241,20 +241,23 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             (Some(p), Some(s))
         };
         // drawn last, so a model without the token is unchanged
-        let presence_proj = if cfg.presence_token {
-            if cfg.classes.is_empty() {
+        let (c, h) = (cfg.classes.len(), llava.cfg.text.hidden_size);
+        let presence_proj = match cfg.presence_tokens {
+            _ if cfg.presence_tokens != PresenceTokens::Off && c == 0 => {
                 return Err(Error::arg(
                     "SegModel",
-                    "[model] presence_token reads the patch-category head, which needs \
+                    "[model] presence_tokens read the patch-category head, which needs \
                      model.classes (popen train sft fills them when loss.patch_class > 0)",
                 ));
             }
-            let mut l = Linear::new(&be, cfg.classes.len(), llava.cfg.text.hidden_size, true);
-            linear_init(&be, &mut l, rng);
-            Some(l)
-        } else {
-            None
+            PresenceTokens::Off => None,
+            PresenceTokens::One => Some(Linear::new(&be, c, h, true)),
+            PresenceTokens::PerCategory => Some(Linear::new(&be, c + 1, h, false)),
         };
+        let presence_proj = presence_proj.map(|mut l| {
+            linear_init(&be, &mut l, rng);
+            l
+        });
         let m = SegModel {
             cfg,
             llava,

@@ -248,7 +248,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .forward(be, &self.patches_of(&hs[idx[0]], b)?)?;
         let f0 = self.patches_of(&hs[idx[1]], b)?;
         let f1 = self.patches_of(&hs[idx[2]], b)?;
-        let presence = match self.presence_evidence(&f0, b)? {
+        let presence = match self.presence_input(&f0, b)? {
             Some(e) => self.presence_rows(&e)?,
             None => None,
         };

@@ -153,9 +153,9 @@ pub struct SegModel<F: Float = f32, B: Backend<F> = Cpu> {
     /// The auxiliary category head on `f`, `Linear(L·D, 1 + C)` (present when
     /// `cfg.classes` is not empty; trains with the codebook head).
     pub seg_class_head: Option<Linear<F, B>>,
-    /// The presence token's projection `Linear(C, H)` of the per-category evidence
-    /// (present when `cfg.presence_token`; trains with the projector;
-    /// [`super::evidence`]).
+    /// The presence tokens' projection of the per-category evidence: `Linear(C, H)` for
+    /// one token, `Linear(C + 1, H)` without bias for one per category (present unless
+    /// `cfg.presence_tokens` is off; trains with the projector; [`super::evidence`]).
     pub presence_proj: Option<Linear<F, B>>,
 }
 
@@ -258,10 +258,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
     }
 
-    /// Image tokens per image (K): one per patch, and the presence token last when the
-    /// model has one.
+    /// Image tokens per image (K): one per patch, then the presence tokens
+    /// ([`SegModelConfig::presence_tokens_per_image`]).
     pub fn tokens_per_image(&self) -> usize {
-        self.patches_per_image() + usize::from(self.presence_proj.is_some())
+        self.patches_per_image() + self.cfg.presence_tokens_per_image()
     }
 
     /// The vision tower's patches per image (the patch head's and the decoder's grid).

@@ -400,7 +400,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .llava
             .projector
             .forward(&be, &self.patches_of(&hs[idx[0]], b)?)?; // (B·Kp, H)
-        let presence = self.presence_evidence(&f0, b)?;
+        let presence = self.presence_input(&f0, b)?;
         let presence_rows = match &presence {
             Some(e) => self.presence_rows(e)?,
             None => None,

@@ -229,10 +229,11 @@ pub fn min_param_count(cfg: &SegModelConfig, lc: &LlavaConfig) -> u128 {
     } else {
         hv.saturating_mul(u(cfg.classes.len()).saturating_add(1))
     };
-    let presence = if cfg.presence_token {
-        u(cfg.classes.len()).saturating_mul(h).saturating_add(h)
-    } else {
+    // one token: C·H weights and H biases; one per category: (C + 1)·H weights
+    let presence = if cfg.presence_tokens == super::config::PresenceTokens::Off {
         0
+    } else {
+        u(cfg.classes.len()).saturating_add(1).saturating_mul(h)
     };
     [
         text, vision, projector, seg_head, decoder, patch_head, presence,
