@@ -240,7 +240,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             linear_init(&be, &mut s, rng.as_deref_mut());
             (Some(p), Some(s))
         };
-        // drawn last, so a model without the token is unchanged
+        // drawn last, so a model without presence tokens is unchanged
         let (c, h) = (cfg.classes.len(), llava.cfg.text.hidden_size);
         let presence_proj = match cfg.presence_tokens {
             _ if cfg.presence_tokens != PresenceTokens::Off && c == 0 => {

@@ -68,7 +68,8 @@ pub struct StepActs<Buf> {
     vision: ClipActs<Buf>,
     n_states: usize,
     proj: MlpActs<Buf>,
-    /// the presence token's input, the evidence (B, C) ([`super::evidence`])
+    /// the presence tokens' input, built from the evidence (see
+    /// [`super::evidence`]); `None` without presence tokens
     presence: Option<Buf>,
     /// per group of `layout`
     llm: Vec<GroupActs<Buf>>,
