@@ -64,36 +64,30 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         Ok(Some(be.from_slice(&input)))
     }
 
-    /// The presence tokens' rows (B·P, H) for the projection's input `x`
-    /// ([`Self::presence_input`]).
-    pub(crate) fn presence_rows(&self, x: &B::Buf) -> Result<Option<B::Buf>> {
-        match &self.presence_proj {
-            Some(l) => Ok(Some(l.forward(&self.llava.be, x)?)),
-            None => Ok(None),
-        }
-    }
-
     /// The image tokens (B·K, H) of a batch: each image's Kp patch rows of `patches`
-    /// (B·Kp, H), then its P rows of `presence` (B·P, H) when there are any.
+    /// (B·Kp, H), then its P presence rows, read from the level-0 patches `f0` (B·Kp,
+    /// Cv); and the presence projection's input ([`Self::presence_input`]), which the
+    /// backward needs.  Without presence tokens, `patches` as they are.
     pub(crate) fn image_tokens(
         &self,
         patches: B::Buf,
-        presence: Option<&B::Buf>,
+        f0: &B::Buf,
         b: usize,
-    ) -> Result<B::Buf> {
-        let Some(rows) = presence else {
-            return Ok(patches);
+    ) -> Result<(B::Buf, Option<B::Buf>)> {
+        let (Some(x), Some(proj)) = (self.presence_input(f0, b)?, &self.presence_proj) else {
+            return Ok((patches, None));
         };
         let be = &self.llava.be;
+        let rows = proj.forward(be, &x)?; // (B·P, H)
         let (kp, h) = (self.patches_per_image(), self.llava.cfg.text.hidden_size);
         let np = self.cfg.presence_tokens_per_image();
         let k = kp + np;
         let mut out = be.zeros(b * k * h);
         for i in 0..b {
             be.copy_range(&mut out, i * k * h, &patches, i * kp * h, kp * h)?;
-            be.copy_range(&mut out, (i * k + kp) * h, rows, i * np * h, np * h)?;
+            be.copy_range(&mut out, (i * k + kp) * h, &rows, i * np * h, np * h)?;
         }
-        Ok(out)
+        Ok((out, Some(x)))
     }
 
     /// Backward of [`Self::image_tokens`] and of the presence projection: splits the

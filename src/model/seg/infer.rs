@@ -248,11 +248,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .forward(be, &self.patches_of(&hs[idx[0]], b)?)?;
         let f0 = self.patches_of(&hs[idx[1]], b)?;
         let f1 = self.patches_of(&hs[idx[2]], b)?;
-        let presence = match self.presence_input(&f0, b)? {
-            Some(e) => self.presence_rows(&e)?,
-            None => None,
-        };
-        let img = self.image_tokens(img, presence.as_ref(), b)?;
+        let (img, _) = self.image_tokens(img, &f0, b)?;
         let v = self.llava.cfg.vision.clone();
         let (k, cv) = (v.num_patches(), v.hidden_size);
         let kt = self.tokens_per_image();

@@ -401,12 +401,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .llava
             .projector
             .forward(&be, &self.patches_of(&hs[idx[0]], b)?)?; // (B·Kp, H)
-        let presence = self.presence_input(&f0, b)?;
-        let presence_rows = match &presence {
-            Some(e) => self.presence_rows(e)?,
-            None => None,
-        };
-        let img = self.image_tokens(img, presence_rows.as_ref(), b)?; // (B·K, H)
+        let (img, presence) = self.image_tokens(img, &f0, b)?; // (B·K, H)
         let rows: Vec<Vec<u32>> = batch.iter().map(|e| self.expand_ids(&e.enc)).collect();
         let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         if t > self.llava.cfg.text.max_position_embeddings {
