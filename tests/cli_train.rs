@@ -1016,3 +1016,80 @@ fn stage2_reread_mix_reads_the_policys_samples_and_refuses_a_bad_fraction() {
     assert!(e.contains("[collect] reread"), "{e}");
     assert!(!bad.join("pt.jsonl").exists());
 }
+
+#[test]
+fn stage2_image_pref_collects_contrasts_trains_and_refuses_a_bad_pick() {
+    let d = tmp("pref_image");
+    let (train_json, _, cfg) = setup(&d);
+    let sft = d.join("sft");
+    ok(&train(&train_json, &cfg, &sft, &[], "2"));
+    let pcfg = d.join("pref.toml");
+    std::fs::write(
+        &pcfg,
+        "[train]\nlr = 1e-3\nmicro_batch = 4\nwarmup_steps = 1\ntotal_steps = 2\nlog_every = 1\n",
+    )
+    .unwrap();
+    let run = |out: &Path, extra: &[&str]| -> Output {
+        let mut argv = pref_args(&sft, &train_json, &pcfg, out);
+        argv.push("--no-ls".into());
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+        popen(&argv, "2")
+    };
+    let lines = |f: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let a = d.join("a");
+    ok(&run(
+        &a,
+        &["--image-pref", "1", "--image-pref-contrast", "similar"],
+    ));
+    let c = json_file(a.join("config.json"));
+    assert_eq!(c["popen_run"]["loss"]["image_pref"], 1.0, "{c}");
+    assert_eq!(
+        c["popen_run"]["loss"]["image_pref_contrast"], "similar",
+        "{c}"
+    );
+    // pairs whose chosen answer names an object carry a contrast: another question,
+    // with the reference's log-prob of yc on its image
+    let pairs = lines(&a.join("pt.jsonl"));
+    let with: Vec<&serde_json::Value> =
+        pairs.iter().filter(|p| p["contrast"].is_object()).collect();
+    assert!(!with.is_empty(), "no contrast in {pairs:?}");
+    for p in &with {
+        assert_ne!(p["contrast"]["sample"], p["sample"], "{p}");
+        let r = p["contrast"]["ref_yc"].as_f64().unwrap();
+        assert!(r.is_finite() && r < 0.0, "{p}");
+    }
+    // step 1: the policy is the reference, so the term is ln 2 (the contrast rows'
+    // cached reference equals the training pass's)
+    let m = lines(&a.join("metrics.jsonl"));
+    let first = m[0]["image_pref"].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
+    // off: no contrast collected, no part
+    let off = d.join("off");
+    ok(&run(&off, &[]));
+    assert!(lines(&off.join("pt.jsonl"))
+        .iter()
+        .all(|p| p.get("contrast").is_none()));
+    assert!(lines(&off.join("metrics.jsonl"))
+        .iter()
+        .all(|l| l.get("image_pref").is_none()));
+    // a pick it does not know, or a negative weight, is an error naming the flag
+    for (extra, name) in [
+        (
+            &["--image-pref-contrast", "closest"][..],
+            "--image-pref-contrast",
+        ),
+        (&["--image-pref=-1"][..], "--image-pref"),
+    ] {
+        let out = run(&d.join("bad"), extra);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(name), "{err}");
+    }
+}

@@ -3,6 +3,7 @@
 //! the segmentation model against finite differences in f64.
 use popen::backend::Cpu;
 use popen::method::pref::collect::seq_logps;
+use popen::method::pref::contrast::ContrastRow;
 use popen::method::pref::{pref_step, Eq3Norm, PrefItem, PrefLossCfg};
 use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::Rng;
@@ -97,6 +98,23 @@ fn item(cfg: &SegModelConfig, tok: &SegTokenizer, rng: &mut Rng) -> PrefItem {
         gt,
         ps: None,
         reread: None,
+        contrast: None,
+    }
+}
+
+/// `it`'s chosen answer on another random image (`[loss] image_pref`'s contrast row).
+fn contrast_row(it: &PrefItem, rng: &mut Rng, ref_yc: f64) -> ContrastRow {
+    let mut pixels = it.yc.pixels.clone();
+    pixels
+        .data
+        .iter_mut()
+        .for_each(|x| *x = rng.normal() as f32);
+    ContrastRow {
+        example: Example {
+            pixels,
+            ..it.yc.clone()
+        },
+        ref_yc,
     }
 }
 
@@ -130,7 +148,24 @@ fn lt_is_ln2_when_the_policy_is_the_reference() {
         let lp = seq_logps(&m, &[it.y.clone(), it.yc.clone()], &[&it.ly, &it.lyc], &lc).unwrap();
         (it.ref_y, it.ref_yc) = (lp[0], lp[1]);
     }
+    // the image-conditional term on one pair, its reference on the contrast image
+    // cached the same way
+    let lc_img = PrefLossCfg {
+        image_pref: 1.0,
+        ..lc.clone()
+    };
+    let mut c = contrast_row(&items[1], &mut rng, 0.0);
+    c.ref_yc = seq_logps(&m, &[c.example.clone()], &[&items[1].lyc], &lc).unwrap()[0];
+    items[1].contrast = Some(c);
+    let r = pref_step(&mut m, &items, &lc_img, 1.0, false).unwrap();
+    assert!(
+        (r.parts["image_pref"] - std::f64::consts::LN_2).abs() < 1e-12,
+        "{:?}",
+        r.parts
+    );
+    // off by its weight: no part, and the same Lt
     let r = pref_step(&mut m, &items, &lc, 1.0, false).unwrap();
+    assert!(!r.parts.contains_key("image_pref"), "{:?}", r.parts);
     assert!(
         (r.parts["lt"] - std::f64::consts::LN_2).abs() < 1e-12,
         "{:?}",
@@ -160,8 +195,11 @@ fn stage2_gradient_matches_finite_differences() {
     // with the optional NLL of the chosen answer, so its gradient is checked too
     let lc = PrefLossCfg {
         nll: 0.7,
+        image_pref: 0.8,
         ..PrefLossCfg::default()
     };
+    // and the image-conditional term on the second pair (its reference off the policy)
+    items[1].contrast = Some(contrast_row(&items[1], &mut rng, -3.7));
     // and a re-read row (`[collect] reread`) on the first pair
     let row = reread_row(&tok, &items[0], &["The apple <seg> is on the table."]);
     items[0].reread = Some(row.clone());
@@ -170,7 +208,10 @@ fn stage2_gradient_matches_finite_differences() {
     }
     let r = pref_step(&mut m, &items, &lc, 1.0, true).unwrap();
     assert!(
-        r.loss.is_finite() && r.parts["lt"] > 0.0 && r.parts["nll"] > 0.0,
+        r.loss.is_finite()
+            && r.parts["lt"] > 0.0
+            && r.parts["nll"] > 0.0
+            && r.parts["image_pref"] > 0.0,
         "{r:?}"
     );
     // R = −(1/B)·(1/|a|)·Σ log p over the re-read answer, B = 2 pairs

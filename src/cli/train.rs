@@ -4,6 +4,7 @@
 use super::model_args::DeviceArg;
 use popen::backend::{Backend, OnBackend};
 use popen::method::ensemble::stage3::{train_ensemble, EnsemblePaths, EnsembleTrainConfig};
+use popen::method::pref::contrast::ContrastPick;
 use popen::method::pref::{train_pref, Eq3Norm, PrefConfig, PrefPaths, PrefSummary};
 use popen::method::sft::{train_sft, SftConfig, SftPaths};
 use popen::train::{load_toml, TrainOverrides, TrainSummary};
@@ -133,6 +134,15 @@ pub struct PrefArgs {
     /// likelihood displacement; 0, the paper's loss, by default).
     #[arg(long)]
     pub nll: Option<f64>,
+    /// Weight of the image-conditional preference (ours; 0, off, by default): the chosen
+    /// answer on its image over the same answer on an image that lacks what it names.
+    #[arg(long)]
+    pub image_pref: Option<f64>,
+    /// Which image is that contrast: `next` (the first after the question's without
+    /// what the answer names) or `similar` (of those, the one sharing the most
+    /// categories with the question's image).
+    #[arg(long)]
+    pub image_pref_contrast: Option<String>,
     /// Ablation: train without the segmentation preference loss Ls (Ps is not collected).
     #[arg(long)]
     pub no_ls: bool,
@@ -272,6 +282,18 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
             anyhow::bail!("--nll {w}: expected a weight >= 0");
         }
         cfg.loss.nll = w;
+    }
+    if let Some(w) = a.image_pref {
+        if !(w.is_finite() && w >= 0.0) {
+            anyhow::bail!("--image-pref {w}: expected a weight >= 0");
+        }
+        cfg.loss.image_pref = w;
+    }
+    match a.image_pref_contrast.as_deref() {
+        None => {}
+        Some("next") => cfg.loss.image_pref_contrast = ContrastPick::Next,
+        Some("similar") => cfg.loss.image_pref_contrast = ContrastPick::Similar,
+        Some(x) => anyhow::bail!("--image-pref-contrast {x}: expected next or similar"),
     }
     match a.norm.as_deref() {
         None => {}

@@ -9,6 +9,7 @@
 //! "modify, add, or delete") to make `y`, with `yc = yg`.  Each pair keeps the reference model's
 //! sequence log-probs (Eq. 3), computed once here from the frozen SFT weights, as
 //! RLHF-V does.
+use super::contrast::{contrast_of, Contrast};
 use super::PrefLossCfg;
 use crate::backend::Backend;
 use crate::data::chat::{ChatCfg, Corrector, CorrectorKind};
@@ -56,6 +57,10 @@ pub struct PtPair {
     pub ref_y: f64,
     /// The reference model's Eq. 3 log-prob of `yc`.
     pub ref_yc: f64,
+    /// `yc` on another image that lacks what it names (`[loss] image_pref`,
+    /// [`super::contrast`]); absent when off or when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contrast: Option<Contrast>,
 }
 
 /// Counts of a collection (`RUN/collect.json`).
@@ -314,7 +319,8 @@ pub fn collect_pt<B: Backend<f32>>(
     let mut pairs = Vec::new();
     let mut last = crate::method::predict::LastImage::default();
     let batch = cfg.batch.max(1);
-    // pairs waiting for their reference log-probs, and their examples (y, yc, y, yc, …)
+    // pairs waiting for their reference log-probs, and their examples: y, yc and, with
+    // a contrast, yc on the contrast image
     let (mut pending, mut pending_exs): (Vec<PtPair>, Vec<Example>) = (vec![], vec![]);
     let flush = |pending: &mut Vec<PtPair>,
                  exs: &mut Vec<Example>,
@@ -325,17 +331,28 @@ pub fn collect_pt<B: Backend<f32>>(
         }
         let ch: Vec<&[usize]> = pending
             .iter()
-            .flat_map(|p| [p.ly.as_slice(), p.lyc.as_slice()])
+            .flat_map(|p| {
+                let n = if p.contrast.is_some() { 3 } else { 2 };
+                [p.ly.as_slice(), p.lyc.as_slice(), p.lyc.as_slice()]
+                    .into_iter()
+                    .take(n)
+            })
             .collect();
         let lp = seq_logps(model, exs, &ch, loss)?;
-        for (k, mut p) in pending.drain(..).enumerate() {
-            p.ref_y = lp[2 * k];
-            p.ref_yc = lp[2 * k + 1];
+        let mut lp = lp.into_iter();
+        for mut p in pending.drain(..) {
+            p.ref_y = lp.next().expect("one value per example");
+            p.ref_yc = lp.next().expect("one value per example");
+            if let Some(c) = &mut p.contrast {
+                c.ref_yc = lp.next().expect("one value per example");
+            }
             pairs.push(p);
         }
         exs.clear();
         Ok(())
     };
+    // the contrast images, decoded as needed
+    let mut contrast_image = crate::method::predict::LastImage::default();
     for (i, s) in samples.iter().enumerate() {
         let px = last.pixels(s, model.cfg.image_size)?;
         match make_y(model, corrector, tok, s, &px, i, cfg, seed, &mut counts)? {
@@ -352,7 +369,16 @@ pub fn collect_pt<B: Backend<f32>>(
                     &ey.enc.ids[ey.enc.answer_start..],
                     &eyc.enc.ids[eyc.enc.answer_start..],
                 );
-                let p = PtPair {
+                let contrast = match loss.image_pref > 0.0 {
+                    true => contrast_of(samples, i, &yc, loss.image_pref_contrast),
+                    false => None,
+                };
+                pending_exs.extend([ey, eyc]);
+                if let Some(j) = contrast {
+                    let pj = contrast_image.pixels(&samples[j], model.cfg.image_size)?;
+                    pending_exs.push(text_example(&model.cfg, tok, &pj, &s.question, &yc)?);
+                }
+                pending.push(PtPair {
                     sample: i,
                     y,
                     yc,
@@ -361,9 +387,11 @@ pub fn collect_pt<B: Backend<f32>>(
                     source,
                     ref_y: 0.0,
                     ref_yc: 0.0,
-                };
-                pending.push(p);
-                pending_exs.extend([ey, eyc]);
+                    contrast: contrast.map(|sample| Contrast {
+                        sample,
+                        ref_yc: 0.0,
+                    }),
+                });
                 if pending.len() == batch {
                     flush(&mut pending, &mut pending_exs, &mut pairs)?;
                 }

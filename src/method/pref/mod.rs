@@ -23,6 +23,7 @@
 //! changes, so its Eq. 3 log-probs are computed once during collection and kept with
 //! each pair (`RUN/pt.jsonl`); no second model is held in memory.
 pub mod collect;
+pub mod contrast;
 pub mod curriculum;
 pub mod ls;
 pub mod ps;
@@ -40,6 +41,7 @@ use crate::model::seg::{Example, LossWeights, SegModel, SegTokenizer, Trainable 
 use crate::nn::{Rng, Tensor};
 use crate::train::{Dataset, LossParts, TrainConfig, TrainSummary, Trainable, Trainer};
 use collect::{collect_pt, text_example, CollectCfg, PtCounts, PtPair};
+use contrast::ContrastRow;
 use curriculum::Phase;
 use ls::{ls_step, PsItem};
 use num_traits::Float;
@@ -74,6 +76,13 @@ pub struct PrefLossCfg {
     /// its tokens and the pairs), as RPO adds to DPO against likelihood displacement.
     /// 0 (the default) is the paper's loss; `--nll W` sets it.
     pub nll: f64,
+    /// Weight of the image-conditional preference ([`contrast`], ours): `yc` on its
+    /// image over `yc` on an image that lacks what it names.  0 (the default) is off
+    /// and collects no contrast; `--image-pref W` sets it.
+    pub image_pref: f64,
+    /// Which image is the contrast: `next` (the default) or `similar`
+    /// ([`contrast::ContrastPick`]); `--image-pref-contrast` sets it.
+    pub image_pref_contrast: contrast::ContrastPick,
     /// Collect `Ps` and train with `Ls` (`--no-ls` turns both off).
     pub ls: bool,
     /// βs of Eq. 4 (10).
@@ -94,6 +103,8 @@ impl Default for PrefLossCfg {
             norm: Eq3Norm::Tokens,
             lt: true,
             nll: 0.0,
+            image_pref: 0.0,
+            image_pref_contrast: contrast::ContrastPick::Next,
             ls: true,
             beta_s: crate::method::losses::BETA_S,
             indicator: true,
@@ -179,6 +190,8 @@ pub struct PrefItem {
     /// The question asked again after the policy's own samples (`[collect] reread`),
     /// with the ground-truth answer and masks.
     pub reread: Option<Example>,
+    /// `yc` on the pair's contrast image (`[loss] image_pref`), when it has one.
+    pub contrast: Option<ContrastRow>,
 }
 
 /// The policy as the trainer sees it.
@@ -257,15 +270,18 @@ impl<B: Backend<f32>> Trainable for PrefModel<B> {
 /// One stage-2 micro-batch on `model`: the loss and its parts, and with `backward` the
 /// gradient of `scale · loss` accumulated into the trainable parameters.
 ///
-/// forward: `L = Lt + α·NLL + R + w_bce·BCE + w_dice·Dice`, `Lt` the mean DPO loss
+/// forward: `L = Lt + α·NLL + ω·L_img + R + w_bce·BCE + w_dice·Dice`, `Lt` the mean DPO loss
 /// (Eq. 2) of the batch's pairs on Eq. 3 log-probs `log π = Σ_i w_i·logp_i` against the
 /// cached reference values, `NLL = −(1/B) Σ_pairs (1/|yc|) Σ_i logp_i(yc)` (α = `nll`,
-/// 0 by default), `R = −(1/B) Σ_{pairs with a re-read row} (1/|a|) Σ_i logp_i(a)` the
+/// 0 by default), `L_img` the mean DPO loss of `yc` on its image over `yc` on its
+/// contrast image, with `yc`'s weights on both, over the pairs with a contrast row (ω =
+/// `image_pref`, 0 by default; [`contrast`]), `R = −(1/B) Σ_{pairs with a re-read row} (1/|a|) Σ_i logp_i(a)` the
 /// cross-entropy of the ground-truth answer `a` after the policy's samples (`[collect]
 /// reread`; B counts every pair, so R's weight follows the fraction), BCE and Dice the
 /// means over the ground-truth masks of the batch, the re-read rows' included (`Lce`);
 /// so `∂L/∂logp_i = w_i·∂Lt/∂log π` on each response's answer tokens, plus
-/// `−α/(B·|yc|)` on the chosen one's and `−1/(B·|a|)` on a re-read answer's.
+/// `−α/(B·|yc|)` on the chosen one's, `ω·w_i·∂L_img/∂log π` on the chosen one's and
+/// its contrast row's, and `−1/(B·|a|)` on a re-read answer's.
 pub fn pref_step<F: Float, B: Backend<F>>(
     model: &mut SegModel<F, B>,
     batch: &[PrefItem],
@@ -278,6 +294,16 @@ pub fn pref_step<F: Float, B: Backend<F>>(
         exs.push(it.y.clone());
         exs.push(it.yc.clone());
         exs.push(it.gt.clone());
+    }
+    // `yc` on the contrast images after the 3·B rows: (item, row)
+    let mut contrast = Vec::new();
+    if lc.image_pref != 0.0 {
+        for (i, it) in batch.iter().enumerate() {
+            if let Some(c) = &it.contrast {
+                contrast.push((i, exs.len()));
+                exs.push(c.example.clone());
+            }
+        }
     }
     // the re-read rows in a pass of their own: they are several answers long, and in
     // one pass the pairs' rows pad to them (demo seed 1, 100 steps: 215 s in one pass,
@@ -309,6 +335,29 @@ pub fn pref_step<F: Float, B: Backend<F>>(
         ref_c.push(it.ref_yc);
     }
     let dpo = dpo_loss(&pol_c, &pol_r, &ref_c, &ref_r, lc.beta_t)?;
+    // the image-conditional preference: yc on its image (chosen) over yc on the
+    // contrast image (rejected), with yc's Eq. 3 weights on both
+    let img = match contrast.is_empty() {
+        true => None,
+        false => {
+            let eq3 = |row: usize, w: &[f64]| {
+                let rows = &pass.answer_rows[row];
+                rows.iter()
+                    .zip(w)
+                    .map(|(&r, w)| w * pass.logp[r])
+                    .sum::<f64>()
+            };
+            let (mut pc, mut pr, mut rc, mut rr) = (vec![], vec![], vec![], vec![]);
+            for &(i, row) in &contrast {
+                let it = &batch[i];
+                pc.push(pol_c[i]);
+                pr.push(eq3(row, &weights[2 * i + 1]));
+                rc.push(it.ref_yc);
+                rr.push(it.contrast.as_ref().map_or(0.0, |c| c.ref_yc));
+            }
+            Some(dpo_loss(&pc, &pr, &rc, &rr, lc.beta_t)?)
+        }
+    };
     let mask_losses: Vec<(f64, f64)> = [Some(&pass), rr_pass.as_ref()]
         .into_iter()
         .flatten()
@@ -330,7 +379,13 @@ pub fn pref_step<F: Float, B: Backend<F>>(
     let rr = rr_pass.as_ref().map_or(0.0, |p| {
         (0..rr_exs.len()).map(|j| mean_nll(p, j)).sum::<f64>() / b
     });
-    let total = lt + lc.nll * nll + rr + lc.bce as f64 * bce + lc.dice as f64 * dice;
+    let l_img = img.as_ref().map_or(0.0, |d| d.loss);
+    let total = lt
+        + lc.nll * nll
+        + lc.image_pref * l_img
+        + rr
+        + lc.bce as f64 * bce
+        + lc.dice as f64 * dice;
     if !total.is_finite() {
         return Err(Error::NonFinite {
             what: "stage-2 loss".into(),
@@ -351,6 +406,14 @@ pub fn pref_step<F: Float, B: Backend<F>>(
     if rr_pass.is_some() {
         parts.insert("reread".into(), rr);
     }
+    if let Some(d) = &img {
+        let n = d.margin.len() as f64;
+        parts.insert("image_pref".into(), d.loss);
+        parts.insert(
+            "image_pref_acc".into(),
+            d.margin.iter().filter(|&&z| z > 0.0).count() as f64 / n,
+        );
+    }
     let tokens = pass.n_tokens + rr_pass.as_ref().map_or(0, |p| p.n_tokens);
     if backward {
         let mut dlogp = vec![0.0; pass.logp.len()];
@@ -363,6 +426,20 @@ pub fn pref_step<F: Float, B: Backend<F>>(
                 for (row, w, d) in grads {
                     for (&r, w) in pass.answer_rows[row].iter().zip(w) {
                         dlogp[r] = w * d * scale as f64;
+                    }
+                }
+            }
+        }
+        if let Some(d) = &img {
+            for (k, &(i, row)) in contrast.iter().enumerate() {
+                let w = &weights[2 * i + 1];
+                let grads = [
+                    (3 * i + 1, d.d_policy_chosen[k]),
+                    (row, d.d_policy_rejected[k]),
+                ];
+                for (row, g) in grads {
+                    for (&r, w) in pass.answer_rows[row].iter().zip(w) {
+                        dlogp[r] += lc.image_pref * w * g * scale as f64;
                     }
                 }
             }
@@ -464,6 +541,33 @@ impl Dataset for PrefData<'_> {
                     ..gt.clone()
                 }),
                 _ => None,
+            },
+            contrast: match &p.contrast {
+                Some(c) => {
+                    let other = self.samples.get(c.sample).ok_or_else(|| {
+                        Error::arg(
+                            "PrefData",
+                            format!(
+                                "pair {i}'s contrast names question {} of {}",
+                                c.sample,
+                                self.samples.len()
+                            ),
+                        )
+                    })?;
+                    let pixels = crate::method::predict::LastImage::default()
+                        .pixels(other, self.model_cfg.image_size)?;
+                    Some(ContrastRow {
+                        example: text_example(
+                            self.model_cfg,
+                            self.tok,
+                            &pixels,
+                            &s.question,
+                            &p.yc,
+                        )?,
+                        ref_yc: c.ref_yc,
+                    })
+                }
+                None => None,
             },
             gt,
             ps,
