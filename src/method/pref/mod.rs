@@ -492,6 +492,9 @@ pub struct PrefData<'a> {
     /// The longest re-read row in ids (the model's context less its image positions,
     /// plus the image token); answers to read past it are dropped from the end.
     pub max_ids: usize,
+    /// Build each pair's contrast row (`[loss] image_pref` on); off, a `pt.jsonl`
+    /// collected with contrasts trains without reading their images.
+    pub contrast: bool,
 }
 
 impl Dataset for PrefData<'_> {
@@ -542,7 +545,7 @@ impl Dataset for PrefData<'_> {
                 }),
                 _ => None,
             },
-            contrast: match &p.contrast {
+            contrast: match p.contrast.as_ref().filter(|_| self.contrast) {
                 Some(c) => {
                     let other = self.samples.get(c.sample).ok_or_else(|| {
                         Error::arg(
@@ -834,6 +837,7 @@ pub fn train_pref<B: Backend<f32>>(
         tok: &tok,
         reread: rereads.into_iter().map(|r| (r.index, r.read)).collect(),
         max_ids: model.max_ids(),
+        contrast: cfg.loss.image_pref != 0.0,
     };
     model.set_trainable(Parts {
         vision: false,
