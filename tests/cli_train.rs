@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
-use common::cli::{err, json_file, kill_and_resume, ok, popen, popen_limited, Kills};
+use common::cli::{err, json_file, jsonl_file, kill_and_resume, ok, popen, popen_limited, Kills};
 
 fn tmp(name: &str) -> PathBuf {
     common::cli::tmp("cli_train", name)
@@ -113,11 +113,7 @@ fn train_predict_eval_and_the_run_directory() {
     }
     let state = json_file(run.join("train_state.json"));
     assert_eq!(state["step"], 8);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl_file(run.join("metrics.jsonl"));
     assert_eq!(lines.len(), 8);
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["step"], i as u64 + 1);
@@ -592,11 +588,7 @@ fn the_category_losses_train_log_and_reload() {
             "{head} not saved"
         );
     }
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl_file(run.join("metrics.jsonl"));
     assert_eq!(lines.len(), 3);
     for l in &lines {
         // a cross-entropy, and a fresh head is far from sure
@@ -807,11 +799,7 @@ fn stage2_collects_trains_resumes_and_predicts() {
         n("sampled") + n("resampled") + n("injected") + n("skipped"),
         n("questions")
     );
-    let pairs: Vec<serde_json::Value> = std::fs::read_to_string(a.join("pt.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let pairs = jsonl_file(a.join("pt.jsonl"));
     assert_eq!(
         pairs.len() as u64,
         n("sampled") + n("resampled") + n("injected")
@@ -826,11 +814,7 @@ fn stage2_collects_trains_resumes_and_predicts() {
     // Ps: one record per question with a target, Alg. 1's counts add up
     let ps = &c["ps"];
     let np = |k: &str| ps[k].as_u64().unwrap();
-    let recs: Vec<serde_json::Value> = std::fs::read_to_string(a.join("ps.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let recs = jsonl_file(a.join("ps.jsonl"));
     assert!(!recs.is_empty());
     assert_eq!(recs.len() as u64, np("questions") - np("no_target"));
     assert_eq!(np("s_selected") + np("s_skipped"), recs.len() as u64);
@@ -964,16 +948,9 @@ fn stage2_reread_mix_reads_the_policys_samples_and_refuses_a_bad_fraction() {
     };
     let a = d.join("a");
     ok(&run(&a, "reread = 1.0\nreread_k = 2"));
-    let lines = |f: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(f)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
     // every question with a pair is re-read (fraction 1), with at most K = 2 answers
-    let pairs = lines(&a.join("pt.jsonl"));
-    let rr = lines(&a.join("reread.jsonl"));
+    let pairs = jsonl_file(a.join("pt.jsonl"));
+    let rr = jsonl_file(a.join("reread.jsonl"));
     let with_pair: std::collections::BTreeSet<u64> = pairs
         .iter()
         .map(|p| p["sample"].as_u64().unwrap())
@@ -990,7 +967,7 @@ fn stage2_reread_mix_reads_the_policys_samples_and_refuses_a_bad_fraction() {
     );
     assert_eq!(c["reread"]["answers"].as_u64().unwrap() as usize, answers);
     // the re-read rows train: a logged part, finite and positive
-    let m = lines(&a.join("metrics.jsonl"));
+    let m = jsonl_file(a.join("metrics.jsonl"));
     assert!(
         m.iter()
             .any(|l| l["reread"].as_f64().is_some_and(|v| v > 0.0)),
@@ -1036,13 +1013,6 @@ fn stage2_image_pref_collects_contrasts_trains_and_refuses_a_bad_pick() {
         let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
         popen(&argv, "2")
     };
-    let lines = |f: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(f)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
     let a = d.join("a");
     ok(&run(
         &a,
@@ -1056,7 +1026,7 @@ fn stage2_image_pref_collects_contrasts_trains_and_refuses_a_bad_pick() {
     );
     // pairs whose chosen answer names an object carry a contrast: another question,
     // with the reference's log-prob of yc on its image
-    let pairs = lines(&a.join("pt.jsonl"));
+    let pairs = jsonl_file(a.join("pt.jsonl"));
     let with: Vec<&serde_json::Value> =
         pairs.iter().filter(|p| p["contrast"].is_object()).collect();
     assert!(!with.is_empty(), "no contrast in {pairs:?}");
@@ -1067,16 +1037,16 @@ fn stage2_image_pref_collects_contrasts_trains_and_refuses_a_bad_pick() {
     }
     // step 1: the policy is the reference, so the term is ln 2 (the contrast rows'
     // cached reference equals the training pass's)
-    let m = lines(&a.join("metrics.jsonl"));
+    let m = jsonl_file(a.join("metrics.jsonl"));
     let first = m[0]["image_pref"].as_f64().unwrap();
     assert!((first - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
     // off: no contrast collected, no part
     let off = d.join("off");
     ok(&run(&off, &[]));
-    assert!(lines(&off.join("pt.jsonl"))
+    assert!(jsonl_file(off.join("pt.jsonl"))
         .iter()
         .all(|p| p.get("contrast").is_none()));
-    assert!(lines(&off.join("metrics.jsonl"))
+    assert!(jsonl_file(off.join("metrics.jsonl"))
         .iter()
         .all(|l| l.get("image_pref").is_none()));
     // a pick it does not know, or a negative weight, is an error naming the flag

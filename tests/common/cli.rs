@@ -53,6 +53,15 @@ pub fn json_file(path: impl AsRef<Path>) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// Every line of a JSON-lines file, parsed.
+pub fn jsonl_file(path: impl AsRef<Path>) -> Vec<serde_json::Value> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect()
+}
+
 pub fn tmp(file: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("popen_{file}_{}_{name}", std::process::id()));
     std::fs::remove_dir_all(&d).ok();
