@@ -1062,4 +1062,17 @@ fn stage2_image_pref_collects_contrasts_trains_and_refuses_a_bad_pick() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(name), "{err}");
     }
+    // and so is a negative weight in the config, before anything is collected
+    let neg = d.join("neg.toml");
+    std::fs::write(
+        &neg,
+        std::fs::read_to_string(&pcfg).unwrap() + "[loss]\nimage_pref = -0.5\n",
+    )
+    .unwrap();
+    let bad = d.join("bad_toml");
+    let argv = pref_args(&sft, &train_json, &neg, &bad);
+    let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+    let e = err(&popen(&argv, "2"));
+    assert!(e.contains("image_pref"), "{e}");
+    assert!(!bad.join("pt.jsonl").exists());
 }

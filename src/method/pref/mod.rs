@@ -115,6 +115,20 @@ impl Default for PrefLossCfg {
 }
 
 impl PrefLossCfg {
+    /// Errors for weights no run can use: `nll` and `image_pref` must be finite and
+    /// ≥ 0 (a negative one would reward the opposite).
+    pub fn validate(&self) -> Result<()> {
+        for (name, w) in [("nll", self.nll), ("image_pref", self.image_pref)] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(Error::arg(
+                    "[loss]",
+                    format!("{name} = {w}: expected a weight >= 0"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The weight of each of `n` answer tokens in Eq. 3 (λ on `changed`, then the
     /// normalizer): `log π(y) = Σ_i w_i·log p(y_i)`.
     pub fn eq3_weights(&self, n: usize, changed: &[usize]) -> Vec<f64> {
@@ -270,15 +284,16 @@ impl<B: Backend<f32>> Trainable for PrefModel<B> {
 /// One stage-2 micro-batch on `model`: the loss and its parts, and with `backward` the
 /// gradient of `scale · loss` accumulated into the trainable parameters.
 ///
-/// forward: `L = Lt + α·NLL + ω·L_img + R + w_bce·BCE + w_dice·Dice`, `Lt` the mean DPO loss
-/// (Eq. 2) of the batch's pairs on Eq. 3 log-probs `log π = Σ_i w_i·logp_i` against the
-/// cached reference values, `NLL = −(1/B) Σ_pairs (1/|yc|) Σ_i logp_i(yc)` (α = `nll`,
-/// 0 by default), `L_img` the mean DPO loss of `yc` on its image over `yc` on its
-/// contrast image, with `yc`'s weights on both, over the pairs with a contrast row (ω =
-/// `image_pref`, 0 by default; [`contrast`]), `R = −(1/B) Σ_{pairs with a re-read row} (1/|a|) Σ_i logp_i(a)` the
-/// cross-entropy of the ground-truth answer `a` after the policy's samples (`[collect]
-/// reread`; B counts every pair, so R's weight follows the fraction), BCE and Dice the
-/// means over the ground-truth masks of the batch, the re-read rows' included (`Lce`);
+/// forward: `L = Lt + α·NLL + ω·L_img + R + w_bce·BCE + w_dice·Dice`, `Lt` the mean
+/// DPO loss (Eq. 2) of the batch's pairs on Eq. 3 log-probs `log π = Σ_i w_i·logp_i`
+/// against the cached reference values, `NLL = −(1/B) Σ_pairs (1/|yc|) Σ_i logp_i(yc)`
+/// (α = `nll`, 0 by default), `L_img` the mean DPO loss of `yc` on its image over `yc`
+/// on its contrast image, with `yc`'s weights on both, over the pairs with a contrast
+/// row (ω = `image_pref`, 0 by default; [`contrast`]),
+/// `R = −(1/B) Σ_{pairs with a re-read row} (1/|a|) Σ_i logp_i(a)` the cross-entropy
+/// of the ground-truth answer `a` after the policy's samples (`[collect] reread`; B
+/// counts every pair, so R's weight follows the fraction), BCE and Dice the means over
+/// the ground-truth masks of the batch, the re-read rows' included (`Lce`);
 /// so `∂L/∂logp_i = w_i·∂Lt/∂log π` on each response's answer tokens, plus
 /// `−α/(B·|yc|)` on the chosen one's, `ω·w_i·∂L_img/∂log π` on the chosen one's and
 /// its contrast row's, and `−1/(B·|a|)` on a re-read answer's.
@@ -689,6 +704,7 @@ pub fn train_pref<B: Backend<f32>>(
     progress: bool,
 ) -> Result<PrefSummary> {
     cfg.collect.validate()?;
+    cfg.loss.validate()?;
     if cfg.loss.ls {
         cfg.ps.validate()?;
     }
