@@ -1040,6 +1040,27 @@ fn stage2_image_pref_collects_contrasts_trains_and_refuses_a_bad_pick() {
     let m = jsonl_file(a.join("metrics.jsonl"));
     let first = m[0]["image_pref"].as_f64().unwrap();
     assert!((first - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
+    // erased: the contrast is the pair's own image, painted over where yc's objects
+    // are, so the reference's value differs from ref_yc; still ln 2 at step 1 (the
+    // training pass paints the same image)
+    let e = d.join("erased");
+    ok(&run(
+        &e,
+        &["--image-pref", "1", "--image-pref-contrast", "erased"],
+    ));
+    let pairs = jsonl_file(e.join("pt.jsonl"));
+    let with: Vec<&serde_json::Value> =
+        pairs.iter().filter(|p| p["contrast"].is_object()).collect();
+    assert!(!with.is_empty(), "no contrast in {pairs:?}");
+    for p in &with {
+        assert_eq!(p["contrast"]["sample"], p["sample"], "{p}");
+        assert_eq!(p["contrast"]["erased"], true, "{p}");
+        let r = p["contrast"]["ref_yc"].as_f64().unwrap();
+        assert!(r.is_finite() && r != p["ref_yc"].as_f64().unwrap(), "{p}");
+    }
+    let m = jsonl_file(e.join("metrics.jsonl"));
+    let first = m[0]["image_pref"].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
     // off: no contrast collected, no part
     let off = d.join("off");
     ok(&run(&off, &[]));

@@ -139,8 +139,9 @@ pub struct PrefArgs {
     #[arg(long)]
     pub image_pref: Option<f64>,
     /// Which image is that contrast: `next` (the first after the question's without
-    /// what the answer names) or `similar` (of those, the one sharing the most
-    /// categories with the question's image).
+    /// what the answer names), `similar` (of those, the one sharing the most
+    /// categories with the question's image) or `erased` (the question's own image with
+    /// what the answer names painted over).
     #[arg(long)]
     pub image_pref_contrast: Option<String>,
     /// Ablation: train without the segmentation preference loss Ls (Ps is not collected).
@@ -293,7 +294,8 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
         None => {}
         Some("next") => cfg.loss.image_pref_contrast = ContrastPick::Next,
         Some("similar") => cfg.loss.image_pref_contrast = ContrastPick::Similar,
-        Some(x) => anyhow::bail!("--image-pref-contrast {x}: expected next or similar"),
+        Some("erased") => cfg.loss.image_pref_contrast = ContrastPick::Erased,
+        Some(x) => anyhow::bail!("--image-pref-contrast {x}: expected next, similar or erased"),
     }
     match a.norm.as_deref() {
         None => {}

@@ -9,7 +9,7 @@
 //! "modify, add, or delete") to make `y`, with `yc = yg`.  Each pair keeps the reference model's
 //! sequence log-probs (Eq. 3), computed once here from the frozen SFT weights, as
 //! RLHF-V does.
-use super::contrast::{contrast_of, Contrast};
+use super::contrast::{contrast_of, contrast_pixels, Contrast, ContrastPick};
 use super::PrefLossCfg;
 use crate::backend::Backend;
 use crate::data::chat::{ChatCfg, Corrector, CorrectorKind};
@@ -373,9 +373,18 @@ pub fn collect_pt<B: Backend<f32>>(
                     true => contrast_of(samples, i, &yc, loss.image_pref_contrast),
                     false => None,
                 };
+                let contrast = contrast.map(|sample| Contrast {
+                    sample,
+                    ref_yc: 0.0,
+                    erased: loss.image_pref_contrast == ContrastPick::Erased,
+                });
                 pending_exs.extend([ey, eyc]);
-                if let Some(j) = contrast {
-                    let pj = contrast_image.pixels(&samples[j], model.cfg.image_size)?;
+                if let Some(c) = &contrast {
+                    let pj = match c.erased {
+                        true => contrast_pixels(samples, i, c, &yc, model.cfg.image_size)?,
+                        // another image, decoded unless it was the last contrast
+                        false => contrast_image.pixels(&samples[c.sample], model.cfg.image_size)?,
+                    };
                     pending_exs.push(text_example(&model.cfg, tok, &pj, &s.question, &yc)?);
                 }
                 pending.push(PtPair {
@@ -387,10 +396,7 @@ pub fn collect_pt<B: Backend<f32>>(
                     source,
                     ref_y: 0.0,
                     ref_yc: 0.0,
-                    contrast: contrast.map(|sample| Contrast {
-                        sample,
-                        ref_yc: 0.0,
-                    }),
+                    contrast,
                 });
                 if pending.len() == batch {
                     flush(&mut pending, &mut pending_exs, &mut pairs)?;

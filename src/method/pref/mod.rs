@@ -562,18 +562,13 @@ impl Dataset for PrefData<'_> {
             },
             contrast: match p.contrast.as_ref().filter(|_| self.contrast) {
                 Some(c) => {
-                    let other = self.samples.get(c.sample).ok_or_else(|| {
-                        Error::arg(
-                            "PrefData",
-                            format!(
-                                "pair {i}'s contrast names question {} of {}",
-                                c.sample,
-                                self.samples.len()
-                            ),
-                        )
-                    })?;
-                    let pixels = crate::method::predict::LastImage::default()
-                        .pixels(other, self.model_cfg.image_size)?;
+                    let pixels = contrast::contrast_pixels(
+                        self.samples,
+                        p.sample,
+                        c,
+                        &p.yc,
+                        self.model_cfg.image_size,
+                    )?;
                     Some(ContrastRow {
                         example: text_example(
                             self.model_cfg,
