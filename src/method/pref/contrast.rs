@@ -23,9 +23,16 @@
 //! **The contrast image `I'`.** Among the images of the training file that are another
 //! file than the pair's and whose annotated objects include none of the categories
 //! `yc` names (so `yc` is wrong on `I'` because what it names is not there),
-//! [`ContrastPick`] chooses one.  A `yc` that names no object ("There is nothing like
+//! [`ContrastPick`] chooses one; or, with [`ContrastPick::Erased`], `I'` is the pair's
+//! own image with those objects painted over ([`erase_objects`]), so that nothing but
+//! the named objects differs.  A `yc` that names no object ("There is nothing like
 //! that in this image") has no contrast: whether "nothing" is right on another image
 //! depends on what the question asks for, which the data does not say.
+//!
+//! **Measured** (docs/stage2.md): `next` and `similar` make the answers follow the
+//! scene and name no fewer absent objects; `erased` lowers CHAIR by naming less
+//! (recall and gIoU fall with it) without a better presence probe, and at weight 10
+//! it breaks a stage-1 model that cannot tell the painted image from its own.
 use crate::data::corrector::mentioned_objects;
 use crate::data::mask::Mask;
 use crate::data::sample::{load_image, Sample};
