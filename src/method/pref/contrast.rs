@@ -231,9 +231,10 @@ pub fn erase_objects(img: &RgbImage, masks: &[&Mask]) -> Result<RgbImage> {
 
 #[cfg(test)]
 mod tests {
-    use super::{contrast_of, erase_objects, ContrastPick};
+    use super::{contrast_of, contrast_pixels, erase_objects, Contrast, ContrastPick};
     use crate::data::mask::Mask;
     use crate::data::sample::{Sample, Target};
+    use crate::model::seg::preprocess;
     use image::RgbImage;
     use std::path::PathBuf;
 
@@ -373,6 +374,74 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("9x14") && e.contains("9x13"), "{e}");
+    }
+
+    #[test]
+    fn the_contrast_pixels_paint_over_only_what_yc_names() {
+        let dir = std::env::temp_dir().join(format!("popen-contrast-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (w, h) = (12usize, 8usize);
+        // a grey image with a red cup (left) and a blue apple (right)
+        let cup = Mask::from_fn(h, w, |y, x| (2..5).contains(&y) && (1..4).contains(&x));
+        let apple = Mask::from_fn(h, w, |y, x| (2..5).contains(&y) && (7..10).contains(&x));
+        let img = RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let (x, y) = (x as usize, y as usize);
+            match (cup.get(y, x), apple.get(y, x)) {
+                (1, _) => image::Rgb([250, 0, 0]),
+                (_, 1) => image::Rgb([0, 0, 250]),
+                _ => image::Rgb([90; 3]),
+            }
+        });
+        let path = dir.join("a.png");
+        img.save(&path).unwrap();
+        let mut own = sample("a.png", &[]);
+        (own.image_path, own.height, own.width) = (path, h, w);
+        own.objects = vec![
+            Target {
+                category: "cup".into(),
+                mask: cup.clone(),
+            },
+            Target {
+                category: "apple".into(),
+                mask: apple,
+            },
+        ];
+        let samples = [own];
+        let c = |erased| Contrast {
+            sample: 0,
+            ref_yc: 0.0,
+            erased,
+        };
+        let yc = "The cup <seg>.";
+        let plain = contrast_pixels(&samples, 0, &c(false), yc, 12).unwrap();
+        let painted = contrast_pixels(&samples, 0, &c(true), yc, 12).unwrap();
+        assert_eq!(plain.data, preprocess(&img, 12).unwrap().data);
+        let mut grown = vec![false; h * w]; // the cup, grown by one pixel
+        for (y, x) in (0..h).flat_map(|y| (0..w).map(move |x| (y, x))) {
+            grown[y * w + x] = (1..6).contains(&y) && x < 5;
+        }
+        let expect = preprocess(&erase_objects(&img, &[&cup]).unwrap(), 12).unwrap();
+        assert_eq!(painted.data, expect.data);
+        // the cup's pixels changed and the apple's did not (the image fills the 12 × 12
+        // input's first 8 rows unscaled, channel-major)
+        for (y, x) in (0..h).flat_map(|y| (0..w).map(move |x| (y, x))) {
+            let i = y * 12 + x; // red channel
+            match grown[y * w + x] {
+                true if cup.get(y, x) == 1 => assert_ne!(painted.data[i], plain.data[i]),
+                true => {}
+                false => assert_eq!(painted.data[i], plain.data[i], "({y}, {x})"),
+            }
+        }
+        // a contrast naming a question the file does not have is an error naming both
+        let bad = Contrast {
+            sample: 5,
+            ..c(true)
+        };
+        let e = contrast_pixels(&samples, 0, &bad, yc, 12)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("question 5 of 1"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
