@@ -54,6 +54,7 @@ fn a_shifted_visit_moves_the_image_and_every_mask_and_keeps_the_text() {
         cfg: &cfg,
         tok: &tok,
         shift,
+        counterfactual: Vec::new(),
     };
     let (plain, moved) = (data(0), data(3));
     let (h, w) = (world.height as i64, world.width as i64);

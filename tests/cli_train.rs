@@ -383,26 +383,33 @@ fn the_presence_mix_trains_is_recorded_and_refuses_foreign_categories() {
     assert!(e.contains("tempting"), "{e}");
 }
 
-/// `[data] reread`: the run records the setting and trains on another stream (the
-/// re-read questions are added to the data), and a fraction outside [0, 1] is refused
-/// before anything is written.
-#[test]
-fn the_reread_mix_trains_is_recorded_and_refuses_a_bad_fraction() {
-    let d = tmp("reread");
+/// A `[data]` mix that adds examples (`good`, TOML lines): the run records each of
+/// `recorded` under `popen_run.data` and trains on another stream, resuming a plain run
+/// with the mix is refused, and `bad` is refused before anything is written with an
+/// error containing each of `bad_says`.
+fn check_mix(
+    tag: &str,
+    good: &str,
+    recorded: &[(&str, serde_json::Value)],
+    bad: &str,
+    bad_says: &[&str],
+) {
+    let d = tmp(tag);
     let (train_json, _, cfg) = setup(&d);
     let base = std::fs::read_to_string(&cfg).unwrap();
     let mix = d.join("mix.toml");
-    std::fs::write(&mix, base.clone() + "[data]\nreread = 1.0\nreread_k = 2\n").unwrap();
+    std::fs::write(&mix, base.clone() + "[data]\n" + good).unwrap();
     let (run, plain) = (d.join("run"), d.join("plain"));
     ok(&train(&train_json, &mix, &run, &["--steps", "2"], "2"));
     ok(&train(&train_json, &cfg, &plain, &["--steps", "2"], "2"));
     let c = json_file(run.join("config.json"));
-    assert_eq!(c["popen_run"]["data"]["reread"], 1.0, "{c}");
-    assert_eq!(c["popen_run"]["data"]["reread_k"], 2, "{c}");
+    for (key, want) in recorded {
+        assert_eq!(&c["popen_run"]["data"][key], want, "{key}: {c}");
+    }
     let first_loss = |r: &Path| {
-        let text = std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
-        let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        line["loss"].as_f64().unwrap()
+        jsonl_file(r.join("metrics.jsonl"))[0]["loss"]
+            .as_f64()
+            .unwrap()
     };
     assert_ne!(first_loss(&run), first_loss(&plain));
     // the mix adds examples: resuming the plain run with it would change its stream
@@ -419,17 +426,41 @@ fn the_reread_mix_trains_is_recorded_and_refuses_a_bad_fraction() {
         std::fs::read(plain.join("train_state.json")).unwrap(),
         state
     );
-    let bad = d.join("bad.toml");
-    std::fs::write(&bad, base + "[data]\nreread = 1.5\n").unwrap();
+    let bad_toml = d.join("bad.toml");
+    std::fs::write(&bad_toml, base + "[data]\n" + bad).unwrap();
     let e = err(&train(
         &train_json,
-        &bad,
+        &bad_toml,
         &d.join("bad"),
         &["--steps", "2"],
         "2",
     ));
-    assert!(e.contains("[data] reread") && e.contains("1.5"), "{e}");
+    assert!(bad_says.iter().all(|w| e.contains(w)), "{e}");
     assert!(!d.join("bad").exists());
+}
+
+/// `[data] reread`: the re-read questions are added to the data.
+#[test]
+fn the_reread_mix_trains_is_recorded_and_refuses_a_bad_fraction() {
+    check_mix(
+        "reread",
+        "reread = 1.0\nreread_k = 2\n",
+        &[("reread", 1.0.into()), ("reread_k", 2.into())],
+        "reread = 1.5\n",
+        &["[data] reread", "1.5"],
+    );
+}
+
+/// `[data] erased`: the counterfactual questions are added to the data.
+#[test]
+fn the_counterfactual_mix_trains_is_recorded_and_refuses_a_bad_fraction() {
+    check_mix(
+        "erased",
+        "erased = 1.0\n",
+        &[("erased", 1.0.into())],
+        "erased = -0.5\n",
+        &["[data] erased", "-0.5"],
+    );
 }
 
 #[test]

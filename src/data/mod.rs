@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod corrector;
 pub mod diff;
+pub mod erase;
 pub mod mask;
 pub mod muse;
 pub mod paths;

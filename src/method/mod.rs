@@ -2,6 +2,7 @@
 //! optional data mixes [`presence`] and [`reread`]), stage 2 ([`pref`]: `Pt`, Alg. 1's
 //! `Ps`, `Lt` and `Ls`), the ensemble and stage 3 ([`ensemble`]: Eq. 5, 6, 8, 9),
 //! prediction ([`predict`]) and the whole method on the embedded world ([`demo`]).
+pub mod counterfactual;
 pub mod demo;
 pub mod ensemble;
 pub mod losses;

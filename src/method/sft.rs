@@ -4,6 +4,7 @@
 use crate::backend::{Backend, Cpu};
 use crate::data::sample::{load_image, load_muse, Sample};
 use crate::error::{Error, Result};
+use crate::method::counterfactual::{counterfactual_items, Counterfactual};
 use crate::method::presence::{presence_samples, AbsentDraw};
 use crate::method::reread::{reread_items, Reread};
 use crate::metrics::eval::{evaluate_files, EvalConfig};
@@ -58,6 +59,10 @@ pub struct DataMix {
     /// The most pixels each way that a visit of a training image moves the scene by,
     /// every object kept whole in the frame; 0 = off ([`crate::model::seg::augment`]).
     pub shift: usize,
+    /// The fraction of the training questions with targets asked once more about their
+    /// image with the targets painted out, answered "nothing"; 0 = off
+    /// ([`crate::method::counterfactual`]).
+    pub erased: f32,
 }
 
 impl Default for DataMix {
@@ -68,6 +73,7 @@ impl Default for DataMix {
             reread: 0.0,
             reread_k: 3,
             shift: 0,
+            erased: 0.0,
         }
     }
 }
@@ -133,29 +139,52 @@ pub struct SftData<'a> {
     pub tok: &'a SegTokenizer,
     /// `[data] shift`: each visit moves the scene by up to this many pixels; 0 = off.
     pub shift: usize,
+    /// Questions asked about their image with the targets painted out (`[data]
+    /// erased`), after the re-read questions.
+    pub counterfactual: Vec<Counterfactual>,
 }
 
 impl Dataset for SftData<'_> {
     type Item = Example;
     fn len(&self) -> usize {
-        self.samples.len() + self.reread.len()
+        self.samples.len() + self.reread.len() + self.counterfactual.len()
     }
     fn load(&self, i: usize) -> Result<Example> {
-        let (s, read, max_ids) = self.source(i);
-        example_reading(self.cfg, self.tok, s, read, max_ids)
+        match self.counterfactual_at(i) {
+            Some(c) => {
+                example_of_image(self.cfg, self.tok, &c.sample, &c.image()?, &[], usize::MAX)
+            }
+            None => {
+                let (s, read, max_ids) = self.source(i);
+                example_reading(self.cfg, self.tok, s, read, max_ids)
+            }
+        }
     }
     fn load_augmented(&self, i: usize, draw: u64) -> Result<Example> {
         if self.shift == 0 {
             return self.load(i);
         }
-        let (s, read, max_ids) = self.source(i);
+        let (s, img, read, max_ids) = match self.counterfactual_at(i) {
+            Some(c) => (&c.sample, c.image()?, &[][..], usize::MAX),
+            None => {
+                let (s, read, max_ids) = self.source(i);
+                (s, load_image(s)?, read, max_ids)
+            }
+        };
         let sh = augment::draw_shift(s, self.shift, draw);
-        let (img, moved) = augment::translate(&load_image(s)?, s, sh)?;
+        let (img, moved) = augment::translate(&img, s, sh)?;
         example_of_image(self.cfg, self.tok, &moved, &img, read, max_ids)
     }
 }
 
 impl SftData<'_> {
+    /// Example `i`'s counterfactual question, when it is one (they come last).
+    fn counterfactual_at(&self, i: usize) -> Option<&Counterfactual> {
+        let first = self.samples.len() + self.reread.len();
+        i.checked_sub(first)
+            .and_then(|j| self.counterfactual.get(j))
+    }
+
     /// Example `i`'s sample, the answers it reads first and its id budget: the
     /// samples, then the re-read questions.
     fn source(&self, i: usize) -> (&Sample, &[String], usize) {
@@ -262,6 +291,7 @@ pub fn train_sft<B: Backend<f32>>(
     progress: bool,
 ) -> Result<TrainSummary> {
     let mut samples = training_samples(&paths.data, &paths.images)?;
+    let n_file = samples.len();
     let extra = presence_samples(
         &samples,
         cfg.data.presence_questions,
@@ -271,6 +301,8 @@ pub fn train_sft<B: Backend<f32>>(
     )?;
     samples.extend(extra);
     let reread = reread_items(&samples, cfg.data.reread, cfg.data.reread_k, cfg.train.seed)?;
+    // the file's questions only (not the presence mix's)
+    let counterfactual = counterfactual_items(&samples[..n_file], cfg.data.erased, cfg.train.seed)?;
     let cfg = &with_classes(cfg, &samples, paths)?;
     let out = &paths.out;
     // held until the stage returns: one writer per run directory
@@ -315,6 +347,7 @@ pub fn train_sft<B: Backend<f32>>(
         cfg: &cfg.model,
         tok: &tok,
         shift: cfg.data.shift,
+        counterfactual,
     };
     let mut sm = SftModel {
         model,
