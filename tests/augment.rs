@@ -2,12 +2,10 @@
 //! visit of a world example moves its image and every mask by one drawn shift, loses
 //! no mask pixel and keeps the text; the draw repeats for the same visit; `shift = 0`
 //! is the plain example.
-use popen::data::world::{write_dataset, Split, WorldConfig};
 use popen::method::reread::Reread;
-use popen::method::sft::{training_samples, SftData};
+use popen::method::sft::SftData;
 use popen::model::seg::augment::draw_shift;
-use popen::model::seg::data::corpus;
-use popen::model::seg::{Example, SegTokenizer};
+use popen::model::seg::Example;
 use popen::train::{visit_draw, Dataset};
 
 mod common;
@@ -22,27 +20,7 @@ fn same(a: &Example, b: &Example) -> bool {
 
 #[test]
 fn a_shifted_visit_moves_the_image_and_every_mask_and_keeps_the_text() {
-    let dir = common::cli::tmp("augment", "world");
-    let world = WorldConfig {
-        height: 48,
-        width: 64,
-        questions: 2,
-    };
-    write_dataset(&dir, &world, 5, Split::Train, 4, &|| {}).unwrap();
-    let samples = training_samples(&dir.join("train.json"), &None).unwrap();
-    let mut cfg = common::seg::tiny_cfg();
-    cfg.image_size = 64;
-    cfg.lvlm.patch_size = 16;
-    cfg.lvlm.max_positions = 512;
-    cfg.lvlm.vocab_size = 300;
-    let mut classes: Vec<String> = samples
-        .iter()
-        .flat_map(|s| s.objects.iter().map(|o| o.category.clone()))
-        .collect();
-    classes.sort();
-    classes.dedup();
-    cfg.classes = classes;
-    let tok = SegTokenizer::train(&corpus(&samples), 300, cfg.group_len()).unwrap();
+    let (samples, cfg, tok) = common::seg::world_data("augment", 2);
     let data = |shift| SftData {
         samples: samples.clone(),
         // one re-read example, of sample 1: it moves like the sample itself
@@ -57,7 +35,7 @@ fn a_shifted_visit_moves_the_image_and_every_mask_and_keeps_the_text() {
         counterfactual: Vec::new(),
     };
     let (plain, moved) = (data(0), data(3));
-    let (h, w) = (world.height as i64, world.width as i64);
+    let (h, w) = (48i64, 64i64); // the world's image size
     let mut n_moved = 0;
     for i in 0..plain.len() {
         let s = &samples[if i < samples.len() { i } else { 1 }];

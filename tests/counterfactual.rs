@@ -2,38 +2,15 @@
 //! counterfactual example is its question's image with the targets painted out and
 //! nothing else changed, answered without a `<seg>`, and it moves like any example
 //! under `[data] shift`.
-use popen::data::world::{write_dataset, Split, WorldConfig};
 use popen::method::counterfactual::counterfactual_items;
-use popen::method::sft::{training_samples, SftData};
-use popen::model::seg::data::corpus;
-use popen::model::seg::SegTokenizer;
+use popen::method::sft::SftData;
 use popen::train::{visit_draw, Dataset};
 
 mod common;
 
 #[test]
 fn a_counterfactual_example_is_its_image_without_the_targets_and_answers_nothing() {
-    let dir = common::cli::tmp("counterfactual", "world");
-    let world = WorldConfig {
-        height: 48,
-        width: 64,
-        questions: 3,
-    };
-    write_dataset(&dir, &world, 5, Split::Train, 4, &|| {}).unwrap();
-    let samples = training_samples(&dir.join("train.json"), &None).unwrap();
-    let mut cfg = common::seg::tiny_cfg();
-    cfg.image_size = 64; // the 48 × 64 images fill it unscaled
-    cfg.lvlm.patch_size = 16;
-    cfg.lvlm.max_positions = 512;
-    cfg.lvlm.vocab_size = 300;
-    let mut classes: Vec<String> = samples
-        .iter()
-        .flat_map(|s| s.objects.iter().map(|o| o.category.clone()))
-        .collect();
-    classes.sort();
-    classes.dedup();
-    cfg.classes = classes;
-    let tok = SegTokenizer::train(&corpus(&samples), 300, cfg.group_len()).unwrap();
+    let (samples, cfg, tok) = common::seg::world_data("counterfactual", 3);
     let cf = counterfactual_items(&samples, 1.0, 3).unwrap();
     let with_targets = samples.iter().filter(|s| !s.targets.is_empty()).count();
     assert_eq!(cf.len(), with_targets);
@@ -48,7 +25,7 @@ fn a_counterfactual_example_is_its_image_without_the_targets_and_answers_nothing
     };
     let d = data(0);
     assert_eq!(d.len(), samples.len() + cf.len());
-    let (h, w) = (world.height, world.width);
+    let (h, w) = (48usize, 64usize); // the world's image size
     for (j, c) in cf.iter().enumerate() {
         let i = samples
             .iter()

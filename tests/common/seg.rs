@@ -94,3 +94,40 @@ pub fn stage2(m: &mut popen::model::seg::SegModel<f64, popen::backend::Cpu>) {
         decoder: false,
     });
 }
+
+/// A small world written under `tmp(tag, "world")` (5 images of 48 × 64, `questions`
+/// each) with its training samples, a model config whose 64-pixel input the images fill
+/// unscaled (patch 16, context 512, the world's classes) and a tokenizer trained on it.
+pub fn world_data(
+    tag: &str,
+    questions: usize,
+) -> (
+    Vec<popen::data::sample::Sample>,
+    SegModelConfig,
+    popen::model::seg::SegTokenizer,
+) {
+    use popen::data::world::{write_dataset, Split, WorldConfig};
+    let dir = super::cli::tmp(tag, "world");
+    let world = WorldConfig {
+        height: 48,
+        width: 64,
+        questions,
+    };
+    write_dataset(&dir, &world, 5, Split::Train, 4, &|| {}).unwrap();
+    let samples = popen::method::sft::training_samples(&dir.join("train.json"), &None).unwrap();
+    let mut cfg = tiny_cfg();
+    cfg.image_size = 64;
+    cfg.lvlm.patch_size = 16;
+    cfg.lvlm.max_positions = 512;
+    cfg.lvlm.vocab_size = 300;
+    let mut classes: Vec<String> = samples
+        .iter()
+        .flat_map(|s| s.objects.iter().map(|o| o.category.clone()))
+        .collect();
+    classes.sort();
+    classes.dedup();
+    cfg.classes = classes;
+    let corpus = popen::model::seg::data::corpus(&samples);
+    let tok = popen::model::seg::SegTokenizer::train(&corpus, 300, cfg.group_len()).unwrap();
+    (samples, cfg, tok)
+}
