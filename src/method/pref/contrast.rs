@@ -24,8 +24,8 @@
 //! file than the pair's and whose annotated objects include none of the categories
 //! `yc` names (so `yc` is wrong on `I'` because what it names is not there),
 //! [`ContrastPick`] chooses one; or, with [`ContrastPick::Erased`], `I'` is the pair's
-//! own image with those objects painted over ([`crate::data::erase::erase_objects`]), so that nothing but
-//! the named objects differs.  A `yc` that names no object ("There is nothing like
+//! own image with those objects painted over ([`crate::data::erase::erase_objects`]),
+//! so that nothing but the named objects differs.  A `yc` that names no object ("There is nothing like
 //! that in this image") has no contrast: whether "nothing" is right on another image
 //! depends on what the question asks for, which the data does not say.
 //!
@@ -77,8 +77,9 @@ pub enum ContrastPick {
     /// where a tempting object would be hallucinated.
     Similar,
     /// The pair's own image with every annotated object of a category `yc` names
-    /// painted over ([`crate::data::erase::erase_objects`]): the same scene, the same other objects, only
-    /// what `yc` names gone.  A `yc` naming no annotated object of its image has none.
+    /// painted over ([`crate::data::erase::erase_objects`]): the same scene, the same
+    /// other objects, only what `yc` names gone.  A `yc` naming no annotated object of
+    /// its image has none.
     Erased,
 }
 
