@@ -231,6 +231,57 @@ fn quick_demo_rows_are_popen_eval_of_their_predictions() {
     let both = call(args(&["--text-vote", "--no-text-ensemble"]));
     assert!(!both.status.success());
     assert!(String::from_utf8_lossy(&both.stderr).contains("--no-text-ensemble"));
+
+    // --consensus on the most likely sample: an answer names only objects more than
+    // half of its samples name; where that holds already the prediction is the one
+    // without --consensus, and an edited answer has one mask per <seg> (it is read
+    // teacher-forced, so every group is complete)
+    let plain = run(&["--no-text-ensemble"]);
+    let sc = d.join("consensus_samples.jsonl");
+    let consensus = run(&[
+        "--consensus",
+        "--no-text-ensemble",
+        "--samples",
+        sc.to_str().unwrap(),
+    ]);
+    let mut edited = 0;
+    assert_eq!(consensus.lines().count(), plain.lines().count());
+    for ((l, p), q) in std::fs::read_to_string(&sc)
+        .unwrap()
+        .lines()
+        .zip(consensus.lines())
+        .zip(plain.lines())
+    {
+        let s: serde_json::Value = serde_json::from_str(l).unwrap();
+        let p: serde_json::Value = serde_json::from_str(p).unwrap();
+        let texts: Vec<&str> = s["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|y| y["text"].as_str().unwrap())
+            .collect();
+        let answer = s["answer"].as_str().unwrap();
+        assert_eq!(p["text"], answer);
+        let named = popen::data::vocab::mentions;
+        let votes = |c: &str| texts.iter().filter(|t| named(t).contains(&c)).count();
+        let best = texts[s["most_likely"].as_u64().unwrap() as usize];
+        if named(best).iter().all(|c| 2 * votes(c) > texts.len()) {
+            assert_eq!(answer, best, "{s}");
+            assert_eq!(p, serde_json::from_str::<serde_json::Value>(q).unwrap());
+        } else {
+            edited += 1;
+            assert!(
+                named(answer).iter().all(|c| 2 * votes(c) > texts.len()),
+                "{s}"
+            );
+            let masks = p["masks"].as_array().unwrap().len();
+            assert_eq!(masks, answer.matches("<seg>").count(), "{p}");
+        }
+    }
+    assert!(
+        edited > 0,
+        "no answer named an object most samples leave out"
+    );
 }
 
 #[test]

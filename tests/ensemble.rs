@@ -798,3 +798,124 @@ fn the_answer_does_not_need_the_samples_masks() {
     }
     assert!(checked >= 4, "only {checked} answers with targets");
 }
+
+/// A model that answers in the words of "the cup and the apple" and EOS only, at
+/// random among them, so that its samples name objects and disagree on them: every
+/// token's embedding carries a large constant in dimension 0, which the last hidden
+/// state keeps, and the LM head's rows weigh it up for those words and down for the
+/// rest (their other weights scaled up, the rest's zeroed).
+fn object_model(seed: u64) -> (SegModel, SegTokenizer) {
+    let c = cfg();
+    // the words are single tokens
+    let words = "The cup and the apple and the lamp.";
+    let none = popen::data::world::instructions::NO_TARGET_ANSWERS[0];
+    let mut texts = vec![Q.to_string(), none.to_string()];
+    texts.extend(std::iter::repeat_n(words.to_string(), 50));
+    let tok = SegTokenizer::train(&texts, c.lvlm.vocab_size, c.group_len()).unwrap();
+    let mut m = SegModel::new_tiny(Cpu, c, &tok, seed).unwrap();
+    let mut keep = tok.answer_ids(words).unwrap();
+    keep.push(tok.tok.eos);
+    let be = m.llava.be;
+    for (name, t) in m.params_mut() {
+        let (emb, head) = (
+            name.ends_with("embed_tokens.weight"),
+            name.ends_with("lm_head.weight"),
+        );
+        if !emb && !head {
+            continue;
+        }
+        let c = t.shape[1];
+        let mut w = be.to_vec(&t.data);
+        if emb {
+            w.chunks_mut(c).for_each(|row| row[0] = 10.0);
+        } else {
+            for (r, row) in w.chunks_mut(c).enumerate() {
+                let k = keep.contains(&(r as u32));
+                row.iter_mut()
+                    .for_each(|x| *x = if k { *x * 40.0 } else { 0.0 });
+                row[0] = if k { 5.0 } else { -5.0 };
+            }
+        }
+        t.data = be.from_slice(&w);
+    }
+    (m, tok)
+}
+
+/// `--consensus` without the text ensemble: the answer names only the objects most
+/// samples name; where the most likely sample already does, it is that sample, and
+/// where it is edited, its log-probabilities are a plain forward's of
+/// `[image, x, header, answer]` (the edited text read teacher-forced).
+#[test]
+fn the_consensus_answer_is_the_edited_sample_read_teacher_forced() {
+    use popen::data::vocab::mentions;
+    use popen::method::ensemble::{consensus_answer, consensus_objects};
+    let (mut edited, mut kept) = (0, 0);
+    for seed in 0..40 {
+        let (m, tok) = object_model(seed);
+        let px = pixels(&m.cfg, seed + 10);
+        let ends = sentence_ends(&tok.tok);
+        let ecfg = EnsembleCfg {
+            text: false,
+            seg: false,
+            consensus: true,
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let e = m
+            .predict_ensemble(&tok, &[(&px, Q)], &ecfg, seed, None, &ends)
+            .unwrap()
+            .remove(0);
+        let texts: Vec<&str> = e.samples.iter().map(|s| s.text.as_str()).collect();
+        let best = &e.samples[most_likely(&e.samples)];
+        let agreed = consensus_objects(&texts);
+        assert!(
+            mentions(&e.answer.text).iter().all(|c| agreed.contains(c)),
+            "seed {seed}: {:?} names an object outside {agreed:?}",
+            e.answer.text
+        );
+        let Some(want) = consensus_answer(&best.text, &texts) else {
+            assert_eq!(&e.answer, best, "seed {seed}");
+            kept += 1;
+            continue;
+        };
+        edited += 1;
+        let eos = tok.tok.eos;
+        assert_eq!(
+            e.answer.ids,
+            [tok.answer_ids(&want).unwrap(), vec![eos]].concat()
+        );
+        // the same input, built by hand and run without a cache
+        let be = &m.llava.be;
+        let lm = &m.llava.language_model;
+        let hdim = m.llava.cfg.text.hidden_size;
+        let k = m.tokens_per_image();
+        let (prompt, image_pos) = tok.prompt("", Q).unwrap();
+        let mut ids: Vec<u32> = prompt[..image_pos].to_vec();
+        ids.extend(std::iter::repeat_n(prompt[image_pos], k));
+        ids.extend_from_slice(&prompt[image_pos + 1..]);
+        let t0 = ids.len();
+        let ans = &e.answer.ids;
+        ids.extend_from_slice(&ans[..ans.len() - 1]);
+        let enc = m.encode_images(&[&px]).unwrap().remove(0);
+        let mut x = lm.embed(&ids).unwrap();
+        be.copy_range(&mut x, image_pos * hdim, &enc.tokens, 0, k * hdim)
+            .unwrap();
+        let (logits, _) = lm
+            .forward_embeds(x, 1, ids.len(), None, None, None)
+            .unwrap();
+        let logits = be.to_vec(&logits);
+        let v = m.llava.cfg.text.vocab_size;
+        assert_eq!(e.answer.logps.len(), ans.len());
+        for (j, (&id, &lp)) in ans.iter().zip(&e.answer.logps).enumerate() {
+            let row = &logits[(t0 - 1 + j) * v..(t0 + j) * v];
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = mx + row.iter().map(|&z| (z - mx).exp()).sum::<f32>().ln();
+            let got = row[id as usize] - lse;
+            assert!(
+                (got - lp).abs() < 1e-4,
+                "seed {seed}: token {j}: {got} vs {lp}"
+            );
+        }
+    }
+    assert!(edited >= 3 && kept >= 3, "{edited} edited, {kept} kept");
+}

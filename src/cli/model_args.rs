@@ -27,6 +27,10 @@ pub struct EnsembleArgs {
     /// (ties: the most likely), not a refined one.
     #[arg(long, conflicts_with = "no_text_ensemble")]
     pub text_vote: bool,
+    /// Not the paper's: the answer (refined, most likely or voted) keeps only the objects
+    /// more than half of the K samples name; its masks follow the edited text.
+    #[arg(long)]
+    pub consensus: bool,
     /// Ablation: the refined answer's masks come from its own hidden states (no Eq. 6).
     #[arg(long)]
     pub no_seg_ensemble: bool,
@@ -49,6 +53,7 @@ impl EnsembleArgs {
             temperature: self.ensemble_temperature,
             text: !self.no_text_ensemble && !self.text_vote,
             vote: self.text_vote,
+            consensus: self.consensus,
             seg: !self.no_seg_ensemble,
             gamma: !self.no_gamma,
             prompt: !self.no_prompt,

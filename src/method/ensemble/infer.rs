@@ -289,7 +289,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         // the answer is the most likely sample without the text ensemble or room for it
         let fallback = cfg.text && !fits;
         // `ỹ` and the hidden row that predicted each of its tokens
-        let (mut answer, answer_rows) = if !cfg.text || !fits {
+        let (mut answer, mut answer_rows) = if !cfg.text || !fits {
             (samples[best].clone(), sample_rows[best].clone())
         } else {
             let chunk = self.read_chunk(&ys, prompt, &[], header)?;
@@ -299,6 +299,26 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let drafts: Vec<&[u32]> = samples.iter().map(|s| s.ids.as_slice()).collect();
             self.decode_refined(tok, prefix.clone(), chunk, read_len, bias, &drafts)?
         };
+        // `--consensus`: the objects too few samples name leave the answer
+        if cfg.consensus {
+            let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
+            if let Some(text) = super::consensus_answer(&answer.text, &texts) {
+                let mut ids = tok.answer_ids(&text)?;
+                ids.push(eos);
+                // an edit that would not fit the context is not made
+                if prefix.len() + header.len() + ids.len() < ctx {
+                    // without a header the prefix's last row predicts the first token:
+                    // its log-prob is known where a sample drew the same token
+                    let first = samples
+                        .iter()
+                        .find(|s| s.ids.first() == ids.first())
+                        .and_then(|s| s.logps.first().copied())
+                        .unwrap_or(f32::NAN);
+                    (answer, answer_rows) =
+                        self.read_answer(tok, prefix.clone(), &h_prefix, header, ids, first)?;
+                }
+            }
+        }
         // the segmentation half: [y_1 … y_K, p̂, {f}, header, ỹ] with γ(η) on the f keys
         let (ans_ids, _) = strip_eos(&answer, eos);
         let (_, ans_groups) = tok.decode_answer(ans_ids)?;
@@ -360,6 +380,48 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             fallback,
             f_rows: f_host,
         })
+    }
+
+    /// An answer given rather than generated, read teacher-forced after the prefix
+    /// `[image, x]` and the answer header: its log-probabilities and the hidden row
+    /// that predicts each of its tokens (as a decoded answer's), no masks yet.  With no
+    /// header the first token is predicted by the prefix's last row, `h_prefix`, whose
+    /// logits are not kept: its log-prob is `first_logp`.
+    fn read_answer(
+        &self,
+        tok: &SegTokenizer,
+        mut cache: KvCache<B::Buf>,
+        h_prefix: &B::Buf,
+        header: &[u32],
+        ids: Vec<u32>,
+        first_logp: f32,
+    ) -> Result<(Prediction, Vec<B::Buf>)> {
+        let be = &self.llava.be;
+        let lm = &self.llava.language_model;
+        let (hdim, v) = (
+            self.llava.cfg.text.hidden_size,
+            self.llava.cfg.text.vocab_size,
+        );
+        let chunk = [header, &ids].concat();
+        let n = chunk.len();
+        let (logits, hidden) =
+            lm.forward_tail(lm.embed(&chunk)?, 1, n, n, None, None, &mut cache)?;
+        let lg = rows_f32(be, &logits, &(0..n).collect::<Vec<_>>(), v);
+        // chunk row p predicts chunk token p + 1; the prefix's last row the first one
+        let (mut rows, mut logps) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
+        for (t, &id) in ids.iter().enumerate() {
+            match (header.len() + t).checked_sub(1) {
+                None => {
+                    rows.push(h_prefix.clone());
+                    logps.push(first_logp);
+                }
+                Some(p) => {
+                    rows.push(row(be, &hidden, p, hdim)?);
+                    logps.push(log_softmax_at(&lg[p], id));
+                }
+            }
+        }
+        Ok((self.finish_text(tok, ids, logps)?, rows))
     }
 
     /// Embeddings of `[ids, prompt rows, extra rows, tail ids]`.
@@ -499,6 +561,13 @@ fn concat<F: Float, B: Backend<F>>(be: &B, a: &B::Buf, b: &B::Buf) -> Result<B::
     be.copy_range(&mut x, 0, a, 0, na)?;
     be.copy_range(&mut x, na, b, 0, nb)?;
     Ok(x)
+}
+
+/// `log softmax(logits)[id]`, in f64 for the sum.
+fn log_softmax_at(logits: &[f32], id: u32) -> f32 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().map(|&x| f64::from(x - m).exp()).sum();
+    (f64::from(logits[id as usize] - m) - z.ln()) as f32
 }
 
 fn to_f<F: Float>(v: &[f32]) -> Vec<F> {

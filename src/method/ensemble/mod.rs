@@ -45,12 +45,18 @@
 //!   Not in Table 6 (ours, a baseline for the text half): `--text-vote` answers with
 //!   the text most of the K samples give ([`majority`]; ties to the most likely), so
 //!   what Eq. 5's re-reading adds over the samples' agreement can be measured.
+//!   `--consensus` (ours, [`consensus`]) removes from the answer, whichever of these
+//!   gave it, the objects that at most half of the samples name, and its masks are
+//!   decoded for the edited text (through the segmentation half, or without it from a
+//!   teacher-forced read of the edited answer after the prefix).
+pub mod consensus;
 pub mod infer;
 pub mod prompt;
 pub mod refine;
 pub mod scores;
 pub mod stage3;
 
+pub use consensus::{consensus_answer, consensus_objects};
 pub use infer::{majority, mean_logp, most_likely, EnsemblePrediction};
 pub use prompt::{load_prompt, PROMPT_LEN, PROMPT_TENSOR};
 pub use refine::{RefineData, RefineLoss, SegPair};
@@ -75,6 +81,10 @@ pub struct EnsembleCfg {
     /// sample (`text` off, or the refinement does not fit the context), take the one most
     /// samples agree with ([`majority`]) instead of the most likely.
     pub vote: bool,
+    /// Not the paper's (`--consensus`): the text answer — refined, most likely or
+    /// voted — keeps only the objects more than half of the K samples name
+    /// ([`consensus_answer`]); its masks follow the edited text.
+    pub consensus: bool,
     /// Refine the segmentation embeddings (Eq. 6).
     pub seg: bool,
     /// Bias the attention (`γ`); off: plain concatenation.
@@ -98,6 +108,7 @@ impl Default for EnsembleCfg {
             top_p: 0.9,
             text: true,
             vote: false,
+            consensus: false,
             seg: true,
             gamma: true,
             prompt: true,
