@@ -13,7 +13,10 @@
 //! 103 of 524 answers to questions with targets name nothing (10 without it).  The edit
 //! drops 34.5 % of the absent mentions and 24.0 % of the present ones: agreement is an
 //! uncertainty signal, about 1.35–1.6 times as likely to remove an absent object as a
-//! present one, not a hallucination detector.  Off by default.
+//! present one, not a hallucination detector.  Emptying the least likely answers until
+//! recall is the same (`tools/likelihood_filter.py`) removes absent objects more
+//! selectively (2.1 times as often as present ones; CHAIR_s 22.2), at 1.2 gIoU less:
+//! agreement adds nothing to what the answer's own likelihood knows.  Off by default.
 //!
 //! The edit is the corrector's ([`crate::data::corrector::correct`]) with the consensus
 //! as the scene: an object phrase whose object too few samples name leaves its list with
