@@ -6,125 +6,23 @@
 //! [`Llama::params_mut`].
 //!
 //! B batch, T tokens, C hidden size, N = B·T, V vocabulary, I intermediate size.
+//!
+//! Here: the blocks, the model, its forward and backward; `config` the `config.json`
+//! fields and their checks; `decode` the KV cache and sampling with it.
 use super::layers::{AttnActs, AttnCtx, LayerKv, SwiGluActs};
-use super::sample::{sample_token, Rng, SamplingCfg};
+use super::sample::Rng;
 use super::{randn, Attention, Embedding, Linear, RmsNorm, SwiGluMlp, Tensor};
-use crate::backend::{Accum, Backend, Cpu, MatmulSpec, TimeCopy};
+use crate::backend::{Accum, Backend, Cpu, MatmulSpec};
 use crate::error::{Error, Result};
 use num_traits::Float;
-use serde::{Deserialize, Serialize};
+
+mod config;
+mod decode;
+pub use config::LlamaConfig;
+pub use decode::KvCache;
 
 /// HF's default `initializer_range`: weights start as N(0, 0.02²).
 const INIT_STD: f64 = 0.02;
-
-fn default_eps() -> f32 {
-    1e-6
-}
-fn default_theta() -> f32 {
-    10000.0
-}
-fn default_max_pos() -> usize {
-    2048
-}
-
-/// The fields of a Hugging Face LLaMA `config.json` that the model uses.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LlamaConfig {
-    /// Token vocabulary V: rows of the embedding table and of the output head.
-    pub vocab_size: usize,
-    /// Width C of the residual stream.
-    pub hidden_size: usize,
-    /// Width I of the SwiGLU MLP's hidden layer.
-    pub intermediate_size: usize,
-    /// Number of decoder blocks.
-    pub num_hidden_layers: usize,
-    /// Query heads NH; the head size is `hidden_size / num_attention_heads`.
-    pub num_attention_heads: usize,
-    /// GQA: query heads share key/value heads in groups (None in old configs = MHA).
-    #[serde(default)]
-    pub num_key_value_heads: Option<usize>,
-    /// Epsilon of every RMSNorm (default 1e-6).
-    #[serde(default = "default_eps")]
-    pub rms_norm_eps: f32,
-    /// RoPE base (default 10000).
-    #[serde(default = "default_theta")]
-    pub rope_theta: f32,
-    /// Longest sequence, cache included, that a forward accepts (default 2048).
-    #[serde(default = "default_max_pos")]
-    pub max_position_embeddings: usize,
-    /// The output head reuses `embed_tokens`' table instead of its own `lm_head` (default
-    /// false).
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-}
-
-impl LlamaConfig {
-    /// Key/value heads NKV: `num_key_value_heads`, or NH when it is absent.
-    pub fn n_kv_heads(&self) -> usize {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-    /// Head size HS = `hidden_size / num_attention_heads`.
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads.max(1)
-    }
-    /// Every size positive, heads dividing the hidden size, an even head size for RoPE.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, msg: String| {
-            Err(Error::Config {
-                path: "LlamaConfig".into(),
-                field: field.into(),
-                msg,
-            })
-        };
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.n_kv_heads()),
-        ] {
-            if v == 0 {
-                return bad(name, "must be positive".into());
-            }
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return bad(
-                "num_attention_heads",
-                format!(
-                    "{} does not divide hidden_size {}",
-                    self.num_attention_heads, self.hidden_size
-                ),
-            );
-        }
-        if !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
-            return bad(
-                "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads {}",
-                    self.n_kv_heads(),
-                    self.num_attention_heads
-                ),
-            );
-        }
-        if !self.head_dim().is_multiple_of(2) {
-            return bad(
-                "hidden_size",
-                format!("head size {} must be even for RoPE", self.head_dim()),
-            );
-        }
-        Ok(())
-    }
-    /// Number of parameters (the head counted once when tied).
-    pub fn num_params(&self) -> usize {
-        let (c, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let kv = self.n_kv_heads() * self.head_dim();
-        let layer = 2 * c + 2 * c * c + 2 * c * kv + 3 * c * i;
-        v * c
-            + self.num_hidden_layers * layer
-            + c
-            + if self.tie_word_embeddings { 0 } else { v * c }
-    }
-}
 
 /// One decoder block.
 #[derive(Clone, Debug)]
@@ -183,30 +81,6 @@ pub struct LlamaActs<Buf> {
     pub rstd_f: Buf,
     /// after the final norm (N,C): HF's `last_hidden_state`
     pub hidden: Buf,
-}
-
-/// Keys and values of every layer seen so far (batch B).
-#[derive(Clone, Debug)]
-pub struct KvCache<Buf> {
-    /// Batch B the cache was made for; a forward with another batch is an error.
-    pub b: usize,
-    /// One key/value cache per decoder block.
-    pub layers: Vec<LayerKv<Buf>>,
-}
-
-impl<Buf> KvCache<Buf> {
-    /// Positions cached.
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len)
-    }
-    /// Positions the cache holds before it must grow.
-    pub fn capacity(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.cap)
-    }
-    /// No position cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// `LlamaForCausalLM`.
@@ -431,120 +305,6 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         for (_, t) in self.params_mut() {
             t.zero_grad(&be);
         }
-    }
-
-    /// An empty KV cache for batch `b`, with room for nothing yet: a forward through it
-    /// grows it ([`Llama::reserve_cache`]); reserve first when the length is known.
-    pub fn new_cache(&self, b: usize) -> KvCache<B::Buf> {
-        KvCache {
-            b,
-            layers: (0..self.cfg.num_hidden_layers)
-                .map(|_| LayerKv {
-                    k: self.be.zeros(0),
-                    v: self.be.zeros(0),
-                    len: 0,
-                    cap: 0,
-                })
-                .collect(),
-        }
-    }
-
-    /// Makes room for `positions` in all (cached ones included).  A cache that must grow
-    /// takes at least twice its capacity (up to `max_position_embeddings`), so a decode
-    /// of n tokens moves the cache O(log n) times, not n times.
-    pub fn reserve_cache(&self, c: &mut KvCache<B::Buf>, positions: usize) -> Result<()> {
-        let max = self.cfg.max_position_embeddings;
-        if positions > max {
-            return Err(Error::arg(
-                "Llama::reserve_cache",
-                format!("{positions} positions beyond max_position_embeddings {max}"),
-            ));
-        }
-        if positions <= c.capacity() {
-            return Ok(());
-        }
-        let cap = positions.max((2 * c.capacity()).min(max));
-        let (nkv, hs) = (self.cfg.n_kv_heads(), self.cfg.head_dim());
-        let be = &self.be;
-        for l in &mut c.layers {
-            let keep = TimeCopy {
-                bh: c.b * nkv,
-                hs,
-                dst_t: cap,
-                dst_at: 0,
-                src_t: l.cap,
-                src_at: 0,
-                n: l.len,
-            };
-            for buf in [&mut l.k, &mut l.v] {
-                let mut grown = be.zeros(c.b * nkv * cap * hs);
-                be.copy_time(&mut grown, buf, keep)?;
-                *buf = grown;
-            }
-            l.cap = cap;
-        }
-        Ok(())
-    }
-
-    /// The cache of rows `rows` of `c`, in that order (a row may repeat): rows that
-    /// finish leave a batched decode, a shared prefix is repeated.  Each layer's
-    /// (1, NKV, cap, HS) block of a row is copied; the capacity is kept.
-    pub fn select_cache_rows(
-        &self,
-        c: &KvCache<B::Buf>,
-        rows: &[usize],
-    ) -> Result<KvCache<B::Buf>> {
-        if rows.is_empty() {
-            return Err(Error::shape(
-                "Llama::select_cache_rows",
-                format!("no rows selected from a cache of batch {}", c.b),
-            ));
-        }
-        if let Some(&r) = rows.iter().find(|&&r| r >= c.b) {
-            return Err(Error::shape(
-                "Llama::select_cache_rows",
-                format!("row {r} of a cache of batch {}", c.b),
-            ));
-        }
-        let be = &self.be;
-        let layers = c
-            .layers
-            .iter()
-            .map(|l| {
-                let n = be.len(&l.k) / c.b;
-                let (mut kk, mut vv) = (be.zeros(rows.len() * n), be.zeros(rows.len() * n));
-                for (i, &r) in rows.iter().enumerate() {
-                    be.copy_range(&mut kk, i * n, &l.k, r * n, n)?;
-                    be.copy_range(&mut vv, i * n, &l.v, r * n, n)?;
-                }
-                Ok(LayerKv {
-                    k: kk,
-                    v: vv,
-                    len: l.len,
-                    cap: l.cap,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache {
-            b: rows.len(),
-            layers,
-        })
-    }
-
-    /// Cuts the cache back to its first `len` positions (a rejected draft's keys): the
-    /// rows past `len` are left where they are, to be overwritten.
-    pub fn truncate_cache(&self, c: &mut KvCache<B::Buf>, len: usize) -> Result<()> {
-        let old = c.len();
-        if len > old {
-            return Err(Error::shape(
-                "Llama::truncate_cache",
-                format!("{len} positions kept of a cache of {old}"),
-            ));
-        }
-        for l in &mut c.layers {
-            l.len = len;
-        }
-        Ok(())
     }
 
     /// ids (B·T) → input embeddings (B·T, C).
@@ -907,122 +667,5 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             self.embed_tokens.backward(&be, ids, &dx)?;
         }
         Ok(dx)
-    }
-}
-
-impl<F: Float, B: Backend<F>> Llama<F, B> {
-    /// Feed `t` new tokens per row (B·t ids) through the cache; returns their logits
-    /// (B·t, V).  `key_mask` and `bias`, when given, cover all cache + new keys (B, Tk).
-    pub fn forward_cached(
-        &self,
-        ids: &[u32],
-        cache: &mut KvCache<B::Buf>,
-        key_mask: Option<&[u8]>,
-        bias: Option<&B::Buf>,
-    ) -> Result<B::Buf> {
-        let b = cache.b;
-        if b == 0 || !ids.len().is_multiple_of(b) {
-            return Err(Error::shape(
-                "Llama::forward_cached",
-                format!("{} ids do not split into {b} rows", ids.len()),
-            ));
-        }
-        let x = self.embed(ids)?;
-        let (logits, _) = self.forward_embeds(x, b, ids.len() / b, key_mask, bias, Some(cache))?;
-        Ok(logits)
-    }
-
-    /// Sample up to `max_new` tokens after `prompt` (batch 1) with the KV cache; stops
-    /// after `eos` when given.  Returns each new token with its log-probability under
-    /// the model (log_softmax of the logits).
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        max_new: usize,
-        cfg: &SamplingCfg,
-        eos: Option<u32>,
-    ) -> Result<Vec<(u32, f32)>> {
-        if prompt.is_empty() {
-            return Err(Error::arg("Llama::generate", "empty prompt"));
-        }
-        let v = self.cfg.vocab_size;
-        let mut rng = Rng::new(cfg.seed);
-        let mut cache = self.new_cache(1);
-        let mut logits = self.forward_cached(prompt, &mut cache, None, None)?;
-        let mut out = Vec::with_capacity(max_new);
-        for _ in 0..max_new {
-            let all = self.be.to_vec(&logits);
-            let last: Vec<f32> = all[all.len() - v..]
-                .iter()
-                .map(|x| x.to_f32().unwrap_or(f32::NAN))
-                .collect();
-            let (tok, lp) = sample_token(&last, cfg, &mut rng)?;
-            out.push((tok, lp));
-            if Some(tok) == eos || cache.len() + 1 > self.cfg.max_position_embeddings {
-                break;
-            }
-            logits = self.forward_cached(&[tok], &mut cache, None, None)?;
-        }
-        Ok(out)
-    }
-
-    /// Sample from several prompts of equal length at once (POPEN's K answers to one
-    /// question are K copies of the prompt).  Row r draws from its own stream seeded
-    /// `cfg.seed + r`, so row 0 reproduces [`Llama::generate`] with the same config.
-    /// A row stops after `eos`; the batch stops when every row has.
-    pub fn generate_batch(
-        &self,
-        prompts: &[Vec<u32>],
-        max_new: usize,
-        cfg: &SamplingCfg,
-        eos: Option<u32>,
-    ) -> Result<Vec<Vec<(u32, f32)>>> {
-        let b = prompts.len();
-        let t = prompts.first().map_or(0, |p| p.len());
-        if b == 0 || t == 0 {
-            return Err(Error::arg(
-                "Llama::generate_batch",
-                "no prompts, or an empty prompt",
-            ));
-        }
-        if let Some(r) = prompts.iter().position(|p| p.len() != t) {
-            return Err(Error::shape(
-                "Llama::generate_batch",
-                format!(
-                    "prompt {r} has {} tokens, prompt 0 has {t}: lengths must match",
-                    prompts[r].len()
-                ),
-            ));
-        }
-        let v = self.cfg.vocab_size;
-        let mut rngs: Vec<Rng> = (0..b as u64)
-            .map(|r| Rng::new(cfg.seed.wrapping_add(r)))
-            .collect();
-        let mut cache = self.new_cache(b);
-        let flat: Vec<u32> = prompts.concat();
-        let mut logits = self.forward_cached(&flat, &mut cache, None, None)?;
-        let mut rows_t = t; // tokens per row in `logits`
-        let mut out = vec![Vec::with_capacity(max_new); b];
-        let mut done = vec![false; b];
-        for _ in 0..max_new {
-            let all = self.be.to_vec(&logits);
-            let mut next = Vec::with_capacity(b);
-            for r in 0..b {
-                let row = &all[((r + 1) * rows_t - 1) * v..][..v];
-                let last: Vec<f32> = row.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect();
-                let (tok, lp) = sample_token(&last, cfg, &mut rngs[r])?;
-                if !done[r] {
-                    out[r].push((tok, lp));
-                    done[r] = Some(tok) == eos;
-                }
-                next.push(tok);
-            }
-            if done.iter().all(|&d| d) || cache.len() + 1 > self.cfg.max_position_embeddings {
-                break;
-            }
-            logits = self.forward_cached(&next, &mut cache, None, None)?;
-            rows_t = 1;
-        }
-        Ok(out)
     }
 }
