@@ -437,20 +437,28 @@ fn codebook_model(seed: u64) -> (SegModel, SegTokenizer) {
     let tok = tokenizer(&c);
     let mut m = SegModel::new_tiny(Cpu, c, &tok, seed).unwrap();
     let cb = tok.codebook.clone();
+    edit_rows(&mut m, "lm_head.weight", |r, row| {
+        let keep = cb.contains(&(r as u32));
+        row.iter_mut()
+            .for_each(|x| *x = if keep { *x * 40.0 } else { 0.0 });
+    });
+    (m, tok)
+}
+
+/// Applies `f(r, row)` to every row of the matrix whose name ends with `suffix`.
+fn edit_rows(m: &mut SegModel, suffix: &str, f: impl Fn(usize, &mut [f32])) {
     let be = m.llava.be;
+    let mut found = false;
     for (name, t) in m.params_mut() {
-        if name.ends_with("lm_head.weight") {
+        if name.ends_with(suffix) {
             let c = t.shape[1];
             let mut w = be.to_vec(&t.data);
-            for (r, row) in w.chunks_mut(c).enumerate() {
-                let keep = cb.contains(&(r as u32));
-                row.iter_mut()
-                    .for_each(|x| *x = if keep { *x * 40.0 } else { 0.0 });
-            }
+            w.chunks_mut(c).enumerate().for_each(|(r, row)| f(r, row));
             t.data = be.from_slice(&w);
+            found = true;
         }
     }
-    (m, tok)
+    assert!(found, "no parameter named *{suffix}");
 }
 
 #[test]
@@ -806,7 +814,7 @@ fn the_answer_does_not_need_the_samples_masks() {
 /// rest (their other weights scaled up, the rest's zeroed).
 fn object_model(seed: u64) -> (SegModel, SegTokenizer) {
     let c = cfg();
-    // the words are single tokens
+    // most of the words become whole tokens
     let words = "The cup and the apple and the lamp.";
     let none = popen::data::world::instructions::NO_TARGET_ANSWERS[0];
     let mut texts = vec![Q.to_string(), none.to_string()];
@@ -815,29 +823,13 @@ fn object_model(seed: u64) -> (SegModel, SegTokenizer) {
     let mut m = SegModel::new_tiny(Cpu, c, &tok, seed).unwrap();
     let mut keep = tok.answer_ids(words).unwrap();
     keep.push(tok.tok.eos);
-    let be = m.llava.be;
-    for (name, t) in m.params_mut() {
-        let (emb, head) = (
-            name.ends_with("embed_tokens.weight"),
-            name.ends_with("lm_head.weight"),
-        );
-        if !emb && !head {
-            continue;
-        }
-        let c = t.shape[1];
-        let mut w = be.to_vec(&t.data);
-        if emb {
-            w.chunks_mut(c).for_each(|row| row[0] = 10.0);
-        } else {
-            for (r, row) in w.chunks_mut(c).enumerate() {
-                let k = keep.contains(&(r as u32));
-                row.iter_mut()
-                    .for_each(|x| *x = if k { *x * 40.0 } else { 0.0 });
-                row[0] = if k { 5.0 } else { -5.0 };
-            }
-        }
-        t.data = be.from_slice(&w);
-    }
+    edit_rows(&mut m, "embed_tokens.weight", |_, row| row[0] = 10.0);
+    edit_rows(&mut m, "lm_head.weight", |r, row| {
+        let k = keep.contains(&(r as u32));
+        row.iter_mut()
+            .for_each(|x| *x = if k { *x * 40.0 } else { 0.0 });
+        row[0] = if k { 5.0 } else { -5.0 };
+    });
     (m, tok)
 }
 
