@@ -233,34 +233,21 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             &mut self.embed_tokens.weight,
         )];
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                &mut l.input_layernorm.weight,
-            ));
-            out.push((
-                format!("{p}.self_attn.q_proj.weight"),
-                &mut l.self_attn.q.weight,
-            ));
-            out.push((
-                format!("{p}.self_attn.k_proj.weight"),
-                &mut l.self_attn.k.weight,
-            ));
-            out.push((
-                format!("{p}.self_attn.v_proj.weight"),
-                &mut l.self_attn.v.weight,
-            ));
-            out.push((
-                format!("{p}.self_attn.o_proj.weight"),
-                &mut l.self_attn.o.weight,
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                &mut l.post_attention_layernorm.weight,
-            ));
-            out.push((format!("{p}.mlp.gate_proj.weight"), &mut l.mlp.gate.weight));
-            out.push((format!("{p}.mlp.up_proj.weight"), &mut l.mlp.up.weight));
-            out.push((format!("{p}.mlp.down_proj.weight"), &mut l.mlp.down.weight));
+            let named = [
+                ("input_layernorm", &mut l.input_layernorm.weight),
+                ("self_attn.q_proj", &mut l.self_attn.q.weight),
+                ("self_attn.k_proj", &mut l.self_attn.k.weight),
+                ("self_attn.v_proj", &mut l.self_attn.v.weight),
+                ("self_attn.o_proj", &mut l.self_attn.o.weight),
+                (
+                    "post_attention_layernorm",
+                    &mut l.post_attention_layernorm.weight,
+                ),
+                ("mlp.gate_proj", &mut l.mlp.gate.weight),
+                ("mlp.up_proj", &mut l.mlp.up.weight),
+                ("mlp.down_proj", &mut l.mlp.down.weight),
+            ];
+            out.extend(named.map(|(n, t)| (format!("model.layers.{i}.{n}.weight"), t)));
         }
         out.push(("model.norm.weight".into(), &mut self.norm.weight));
         if let Some(h) = &mut self.lm_head {
