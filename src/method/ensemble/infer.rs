@@ -7,6 +7,7 @@ use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
 use crate::model::seg::infer::{by_length_groups, row, rows_f32, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
+use crate::nn::sample::log_softmax;
 use crate::nn::{KvCache, Rng, SamplingCfg};
 use num_traits::Float;
 
@@ -406,8 +407,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let n = chunk.len();
         let (logits, hidden) =
             lm.forward_tail(lm.embed(&chunk)?, 1, n, n, None, None, &mut cache)?;
-        let lg = rows_f32(be, &logits, &(0..n).collect::<Vec<_>>(), v);
-        // chunk row p predicts chunk token p + 1; the prefix's last row the first one
+        // chunk row p predicts chunk token p + 1 (the last row, after EOS, nothing); the
+        // prefix's last row the first one
+        let lg = rows_f32(be, &logits, &(0..n - 1).collect::<Vec<_>>(), v);
         let (mut rows, mut logps) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
         for (t, &id) in ids.iter().enumerate() {
             match (header.len() + t).checked_sub(1) {
@@ -417,7 +419,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 }
                 Some(p) => {
                     rows.push(row(be, &hidden, p, hdim)?);
-                    logps.push(log_softmax_at(&lg[p], id));
+                    // the score a sampled token gets (`sample_token`)
+                    logps.push(log_softmax(&lg[p])[id as usize] as f32);
                 }
             }
         }
@@ -561,13 +564,6 @@ fn concat<F: Float, B: Backend<F>>(be: &B, a: &B::Buf, b: &B::Buf) -> Result<B::
     be.copy_range(&mut x, 0, a, 0, na)?;
     be.copy_range(&mut x, na, b, 0, nb)?;
     Ok(x)
-}
-
-/// `log softmax(logits)[id]`, in f64 for the sum.
-fn log_softmax_at(logits: &[f32], id: u32) -> f32 {
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f64 = logits.iter().map(|&x| f64::from(x - m).exp()).sum();
-    (f64::from(logits[id as usize] - m) - z.ln()) as f32
 }
 
 fn to_f<F: Float>(v: &[f32]) -> Vec<F> {
