@@ -2,57 +2,94 @@
 // N elements.
 #include "common.cuh"
 
-// y[i] = a * x[i]
-extern "C" __global__ void scale_f32(float* y, const float* x, float a, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    y[i] = a * x[i];
+// Every whole-buffer kernel is a grid-stride loop (any grid covers any N) that moves
+// four elements per load where all its pointers are 16-byte aligned (the common case:
+// whole buffers and offsets that are multiples of 4), then the rest one at a time.  The
+// arithmetic per element is the same on both paths, so results do not depend on which
+// one ran.
+
+__device__ __forceinline__ long long gs_first() { return blockIdx.x * (long long)blockDim.x + threadIdx.x; }
+__device__ __forceinline__ long long gs_stride() { return (long long)gridDim.x * blockDim.x; }
+__device__ __forceinline__ bool aligned16(const void* a, const void* b = nullptr, const void* c = nullptr,
+                                          const void* d = nullptr) {
+    return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) | reinterpret_cast<uintptr_t>(c) |
+             reinterpret_cast<uintptr_t>(d)) & 15) == 0;
+}
+// Elements [0, head) go four at a time (head = n rounded down to 4 when `vec`, else 0).
+__device__ __forceinline__ long long vec_head(bool vec, long long n) { return vec ? (n & ~3LL) : 0; }
+
+template <typename F>
+__device__ __forceinline__ float4 map4(F f, float4 a) {
+    return make_float4(f(a.x), f(a.y), f(a.z), f(a.w));
+}
+template <typename F>
+__device__ __forceinline__ float4 map4(F f, float4 a, float4 b) {
+    return make_float4(f(a.x, b.x), f(a.y, b.y), f(a.z, b.z), f(a.w, b.w));
+}
+
+// y[i] = a * x[i] (y may be x)
+extern "C" __global__ void scale_f32(float* y, const float* x, float a, long long n) {
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y, x), n);
+    auto f = [a](float v) { return a * v; };
+    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, map4(f, load_float4(x + i)));
+    for (long long i = head + t; i < n; i += s) y[i] = f(x[i]);
 }
 
 // y[i] += x[i]
-extern "C" __global__ void add_inplace_f32(float* y, const float* x, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    y[i] += x[i];
+extern "C" __global__ void add_inplace_f32(float* y, const float* x, long long n) {
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y, x), n);
+    auto f = [](float u, float v) { return u + v; };
+    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, map4(f, load_float4(y + i), load_float4(x + i)));
+    for (long long i = head + t; i < n; i += s) y[i] = f(y[i], x[i]);
 }
 
 // ---- the device backend's whole-buffer ops (src/backend/device/) ----
-// N elements; every kernel is a grid-stride loop, so any grid covers any N.
 
 // y[i] = v
 extern "C" __global__ void fill_f32(float* y, float v, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        y[i] = v;
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y), n);
+    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, make_float4(v, v, v, v));
+    for (long long i = head + t; i < n; i += s) y[i] = v;
 }
 
 // y[i] += a * x[i]
 extern "C" __global__ void axpy_f32(float* y, const float* x, float a, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        y[i] += a * x[i];
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y, x), n);
+    auto f = [a](float u, float v) { return u + a * v; };
+    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, map4(f, load_float4(y + i), load_float4(x + i)));
+    for (long long i = head + t; i < n; i += s) y[i] = f(y[i], x[i]);
 }
 
 // y[i] = x[i] (y and x do not overlap)
 extern "C" __global__ void copy_f32(float* y, const float* x, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        y[i] = x[i];
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y, x), n);
+    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, load_float4(x + i));
+    for (long long i = head + t; i < n; i += s) y[i] = x[i];
 }
 
-// out[0] = sum_i x[i]^2, one block (blockDim a multiple of 32, at most 1024): a fixed
-// summation order, so the result is the same run to run.
-extern "C" __global__ void sum_sq_f32(float* out, const float* x, long long n) {
-    SHARED(float, part, [32]);
+// part[blockIdx.x] = sum of x[i]^2 over this block's grid-stride share of [0, n); then
+// sum_parts_f32 adds the parts in order.  For a fixed grid the summation order is fixed,
+// so the result is the same run to run.
+extern "C" __global__ void sum_sq_part_f32(float* part, const float* x, long long n) {
+    SHARED(float, scratch, [32]);
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(x), n);
     float acc = 0.0f;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += x[i] * x[i];
-    acc = warp_sum(acc);
-    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        int nw = blockDim.x / WARP_SIZE;
-        float v = lane < nw ? part[lane] : 0.0f;
-        v = warp_sum(v);
-        if (lane == 0) out[0] = v;
+    for (long long i = 4 * t; i < head; i += 4 * s) {
+        float4 v = load_float4(x + i);
+        acc += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
+    for (long long i = head + t; i < n; i += s) acc += x[i] * x[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) part[blockIdx.x] = acc;
+}
+
+// out[0] = sum of part[0..n) in a fixed order; one block (blockDim a multiple of 32).
+extern "C" __global__ void sum_parts_f32(float* out, const float* part, int n) {
+    SHARED(float, scratch, [32]);
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += part[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[0] = acc;
 }
 
 // Activation codes, as src/backend/device/mod.rs passes them.
@@ -121,53 +158,89 @@ __device__ __forceinline__ float act_deriv(int act, float x) {
 
 // out = act(x)
 extern "C" __global__ void act_fwd_f32(float* out, const float* x, int act, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        out[i] = act_value(act, x[i]);
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(out, x), n);
+    auto f = [act](float v) { return act_value(act, v); };
+    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(out + i, map4(f, load_float4(x + i)));
+    for (long long i = head + t; i < n; i += s) out[i] = f(x[i]);
 }
 
 // forward: out = act(x)  so: dx = act'(x) dout
 extern "C" __global__ void act_bwd_f32(float* dx, const float* x, const float* dout, int act, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        dx[i] = act_deriv(act, x[i]) * dout[i];
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(dx, x, dout), n);
+    auto f = [act](float v, float g) { return act_deriv(act, v) * g; };
+    for (long long i = 4 * t; i < head; i += 4 * s)
+        store_float4(dx + i, map4(f, load_float4(x + i), load_float4(dout + i)));
+    for (long long i = head + t; i < n; i += s) dx[i] = f(x[i], dout[i]);
 }
 
 // out = silu(gate) * up
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g * sigmoidf_(g) * u; }
 extern "C" __global__ void swiglu_fwd_f32(float* out, const float* gate, const float* up, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float g = gate[i];
-        out[i] = g * sigmoidf_(g) * up[i];
-    }
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(out, gate, up), n);
+    for (long long i = 4 * t; i < head; i += 4 * s)
+        store_float4(out + i, map4(swiglu_value, load_float4(gate + i), load_float4(up + i)));
+    for (long long i = head + t; i < n; i += s) out[i] = swiglu_value(gate[i], up[i]);
 }
 
 // forward: out = silu(g) u  so: du = silu(g) dout, dg = silu'(g) u dout
+__device__ __forceinline__ void swiglu_grad(float g, float u, float d, float& dg, float& du) {
+    float sg = sigmoidf_(g);
+    du = g * sg * d;
+    dg = sg * (1.0f + g * (1.0f - sg)) * u * d;
+}
 extern "C" __global__ void swiglu_bwd_f32(float* dgate, float* dup, const float* gate, const float* up,
                                           const float* dout, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float g = gate[i], s = sigmoidf_(g), d = dout[i];
-        dup[i] = g * s * d;
-        dgate[i] = s * (1.0f + g * (1.0f - s)) * up[i] * d;
+    const long long t = gs_first(), s = gs_stride();
+    const long long head = vec_head(aligned16(dgate, dup, gate, up) && aligned16(dout), n);
+    for (long long i = 4 * t; i < head; i += 4 * s) {
+        float4 g = load_float4(gate + i), u = load_float4(up + i), d = load_float4(dout + i), dg, du;
+        swiglu_grad(g.x, u.x, d.x, dg.x, du.x);
+        swiglu_grad(g.y, u.y, d.y, dg.y, du.y);
+        swiglu_grad(g.z, u.z, d.z, dg.z, du.z);
+        swiglu_grad(g.w, u.w, d.w, dg.w, du.w);
+        store_float4(dgate + i, dg);
+        store_float4(dup + i, du);
     }
+    for (long long i = head + t; i < n; i += s) swiglu_grad(gate[i], up[i], dout[i], dgate[i], dup[i]);
 }
 
 // One AdamW step; c1 = 1 - beta1^t, c2 = 1 - beta2^t (bias corrections, from the host).
 // Decoupled decay: applied to the weight, not folded into the gradient.
+struct AdamW {
+    float lr, beta1, beta2, eps, wd, c1, c2;
+    __device__ __forceinline__ void step(float& p, float& m, float& v, float g) const {
+        m = beta1 * m + (1.0f - beta1) * g;
+        v = beta2 * v + (1.0f - beta2) * g * g;
+        p = p - lr * ((m / c1) / (sqrtf(v / c2) + eps) + wd * p);
+    }
+};
 extern "C" __global__ void adamw_f32(float* param, float* m, float* v, const float* grad, float lr, float beta1,
                                      float beta2, float eps, float wd, float c1, float c2, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float g = grad[i];
-        float mi = beta1 * m[i] + (1.0f - beta1) * g;
-        float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        float p = param[i];
-        param[i] = p - lr * ((mi / c1) / (sqrtf(vi / c2) + eps) + wd * p);
+    const AdamW o{lr, beta1, beta2, eps, wd, c1, c2};
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(param, m, v, grad), n);
+    for (long long i = 4 * t; i < head; i += 4 * s) {
+        float4 p = load_float4(param + i), mi = load_float4(m + i), vi = load_float4(v + i), g = load_float4(grad + i);
+        o.step(p.x, mi.x, vi.x, g.x);
+        o.step(p.y, mi.y, vi.y, g.y);
+        o.step(p.z, mi.z, vi.z, g.z);
+        o.step(p.w, mi.w, vi.w, g.w);
+        store_float4(param + i, p);
+        store_float4(m + i, mi);
+        store_float4(v + i, vi);
     }
+    for (long long i = head + t; i < n; i += s) o.step(param[i], m[i], v[i], grad[i]);
 }
 
-// out (N,C) += bias (C), row-broadcast
+// out (N,C) += bias (C), row-broadcast; four at a time when C is a multiple of 4 (then
+// each group of four lies in one row).
 extern "C" __global__ void add_bias_f32(float* out, const float* bias, long long n, int c) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n * c; i += (long long)gridDim.x * blockDim.x)
-        out[i] += bias[i % c];
+    const long long t = gs_first(), s = gs_stride(), total = n * c;
+    const long long head = vec_head(aligned16(out, bias) && (c & 3) == 0, total);
+    for (long long i = 4 * t; i < head; i += 4 * s) {
+        float4 o = load_float4(out + i), b = load_float4(bias + i % c);
+        store_float4(out + i, make_float4(o.x + b.x, o.y + b.y, o.z + b.z, o.w + b.w));
+    }
+    for (long long i = head + t; i < total; i += s) out[i] += bias[i % c];
 }
 
 // acc (C) += sum over rows of x (N,C): one thread per column, rows in order, so the sum

@@ -23,8 +23,20 @@ __device__ __forceinline__ void ms_combine(float& m, float& s, float m2, float s
     m = mm;
 }
 
+// One value into a running (max, sum of exp(x - max)).
+__device__ __forceinline__ void ms_push(float& m, float& s, float xv) {
+    if (xv > m) {
+        s = s * expf(m - xv) + 1.f;  // exp(-inf) = 0 on the first element
+        m = xv;
+    } else if (xv != -INFINITY) {  // a row of -inf so far would give NaN
+        s += expf(xv - m);
+    }
+}
+
 // lp (R), lse (R), logits (R, V), targets (R).  One block per row: one pass over V
-// keeping a running (max, sum) per thread, then a warp/block combine.
+// keeping a running (max, sum) per thread, then a warp/block combine.  Rows are read
+// four values per load when V is a multiple of 4 (then every row is 16-byte aligned):
+// the running max moves once per four values.
 // lp[r] = logits[r, t] - lse[r], lse[r] = log sum_v exp(logits[r, v]).
 extern "C" __global__ void logprob_fwd_f32(float* __restrict__ lp, float* __restrict__ lse,
                                            const float* __restrict__ logits,
@@ -34,15 +46,21 @@ extern "C" __global__ void logprob_fwd_f32(float* __restrict__ lp, float* __rest
     size_t r = blockIdx.x;
     const float* x = logits + r * v;
     float m = -INFINITY, s = 0.f;
-    for (int k = threadIdx.x; k < v; k += blockDim.x) {
-        float xv = x[k];
-        if (xv > m) {
-            s = s * expf(m - xv) + 1.f;  // exp(-inf) = 0 on the first element
-            m = xv;
-        } else if (xv != -INFINITY) {  // a row of -inf so far would give NaN
-            s += expf(xv - m);
+    int head = 0;
+    if ((v & 3) == 0 && (reinterpret_cast<uintptr_t>(logits) & 15) == 0) {
+        head = v;
+        for (int k = 4 * threadIdx.x; k < v; k += 4 * blockDim.x) {
+            float4 q = load_float4(x + k);
+            float mx = fmaxf(fmaxf(q.x, q.y), fmaxf(q.z, q.w));
+            if (mx == -INFINITY) continue;  // nothing to add
+            if (mx > m) {
+                s *= expf(m - mx);  // 0 while m = -inf (s is 0 then too)
+                m = mx;
+            }
+            s += expf(q.x - m) + expf(q.y - m) + expf(q.z - m) + expf(q.w - m);
         }
     }
+    for (int k = head + threadIdx.x; k < v; k += blockDim.x) ms_push(m, s, x[k]);
     for (int o = 16; o > 0; o >>= 1) {
         float m2 = __shfl_xor_sync(FULL_MASK, m, o);
         float s2 = __shfl_xor_sync(FULL_MASK, s, o);
@@ -131,8 +149,14 @@ extern "C" __global__ void logprob_bwd_f32(float* __restrict__ dlogits,
     float l = lse[r];
     const float* x = logits + r * v;
     float* dx = dlogits + r * v;
-    for (int k = threadIdx.x; k < v; k += blockDim.x) {
-        float p = expf(x[k] - l);
-        dx[k] = coef * ((k == y ? 1.f : 0.f) - p);
+    auto d = [coef, l, y](int k, float xv) { return coef * ((k == y ? 1.f : 0.f) - expf(xv - l)); };
+    int head = 0;
+    if ((v & 3) == 0 && ((reinterpret_cast<uintptr_t>(logits) | reinterpret_cast<uintptr_t>(dlogits)) & 15) == 0) {
+        head = v;
+        for (int k = 4 * threadIdx.x; k < v; k += 4 * blockDim.x) {
+            float4 q = load_float4(x + k);
+            store_float4(dx + k, make_float4(d(k, q.x), d(k + 1, q.y), d(k + 2, q.z), d(k + 3, q.w)));
+        }
     }
+    for (int k = head + threadIdx.x; k < v; k += blockDim.x) dx[k] = d(k, x[k]);
 }

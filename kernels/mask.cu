@@ -8,6 +8,8 @@
 // Must equal SOFT_IOU_EPS in mask.rs.
 #define SOFT_IOU_EPS 1e-6f
 
+__device__ __forceinline__ int imin_(int a, int b) { return a < b ? a : b; }
+
 __device__ __forceinline__ unsigned warp_sum_u32(unsigned v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
     return v;
@@ -115,16 +117,37 @@ extern "C" __global__ void mask_boundary_cols_u8(unsigned char* __restrict__ out
     out[i] = (m[i] != 0 && !eroded) ? 1 : 0;
 }
 
-// sums (B, 3) = [I, sum p, sum t], iou (B), prob (B, N), target (B, N).  One block per
-// mask.  iou = (I + eps) / (U + eps), U = sum p + sum t - I.
-extern "C" __global__ void soft_iou_fwd_f32(float* __restrict__ iou, float* __restrict__ sums,
-                                            const float* __restrict__ prob,
-                                            const unsigned char* __restrict__ target, int n) {
+// Soft IoU forward in two launches, so that every SM has work however few the masks:
+// soft_iou_part_f32 with grid = (chunks, B) sums one chunk of one mask each into
+// part (B, chunks, 3) = [I, sum p, sum t]; soft_iou_finish_f32 (grid = B, one warp)
+// adds each mask's chunks in order and writes sums (B, 3) and iou (B), where
+// iou = (I + eps) / (U + eps), U = sum p + sum t - I.  prob (B, N), target (B, N).
+// A chunk is `chunk` pixels (a multiple of 4); pixels go four per load when N is a
+// multiple of 4 and both rows are aligned.
+extern "C" __global__ void soft_iou_part_f32(float* __restrict__ part, const float* __restrict__ prob,
+                                             const unsigned char* __restrict__ target, int n, int chunk) {
     SHARED(float, scratch, [3][32]);
-    const float* p = prob + (size_t)blockIdx.x * n;
-    const unsigned char* t = target + (size_t)blockIdx.x * n;
+    const size_t b = blockIdx.y;
+    const int lo = blockIdx.x * chunk, hi = imin_(lo + chunk, n);
+    const float* p = prob + b * n;
+    const unsigned char* t = target + b * n;
     float si = 0.f, sp = 0.f, st = 0.f;
-    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+    int head = lo;
+    if ((n & 3) == 0 && ((reinterpret_cast<uintptr_t>(prob) & 15) | (reinterpret_cast<uintptr_t>(target) & 3)) == 0) {
+        head = lo + ((hi - lo) & ~3);
+        for (int k = lo + 4 * threadIdx.x; k < head; k += 4 * blockDim.x) {
+            float4 v = load_float4(p + k);
+            unsigned tt = *reinterpret_cast<const unsigned*>(t + k);
+            sp += (v.x + v.y) + (v.z + v.w);
+            float vt[4] = {v.x, v.y, v.z, v.w};
+            for (int c = 0; c < 4; ++c)
+                if ((tt >> (8 * c)) & 0xffu) {
+                    si += vt[c];
+                    st += 1.f;
+                }
+        }
+    }
+    for (int k = head + threadIdx.x; k < hi; k += blockDim.x) {
         float v = p[k];
         sp += v;
         if (t[k] != 0) {
@@ -148,29 +171,62 @@ extern "C" __global__ void soft_iou_fwd_f32(float* __restrict__ iou, float* __re
         sp = warp_sum(lane < nw ? scratch[1][lane] : 0.f);
         st = warp_sum(lane < nw ? scratch[2][lane] : 0.f);
         if (lane == 0) {
-            float* s = sums + 3 * (size_t)blockIdx.x;
-            s[0] = si;
-            s[1] = sp;
-            s[2] = st;
-            iou[blockIdx.x] = (si + SOFT_IOU_EPS) / (sp + st - si + SOFT_IOU_EPS);
+            float* o = part + 3 * (b * gridDim.x + blockIdx.x);
+            o[0] = si;
+            o[1] = sp;
+            o[2] = st;
         }
+    }
+}
+
+extern "C" __global__ void soft_iou_finish_f32(float* __restrict__ iou, float* __restrict__ sums,
+                                               const float* __restrict__ part, int chunks) {
+    const size_t b = blockIdx.x;
+    const int lane = threadIdx.x;
+    if (lane >= WARP_SIZE) return;  // one warp per mask (blockDim 32)
+    float si = 0.f, sp = 0.f, st = 0.f;
+    for (int c = lane; c < chunks; c += WARP_SIZE) {
+        const float* o = part + 3 * (b * chunks + c);
+        si += o[0];
+        sp += o[1];
+        st += o[2];
+    }
+    si = warp_sum(si);
+    sp = warp_sum(sp);
+    st = warp_sum(st);
+    if (lane == 0) {
+        float* s = sums + 3 * b;
+        s[0] = si;
+        s[1] = sp;
+        s[2] = st;
+        iou[b] = (si + SOFT_IOU_EPS) / (sp + st - si + SOFT_IOU_EPS);
     }
 }
 
 // forward: iou = (I + eps) / (U + eps), I = sum p t, U = sum p + sum t - I
 // so:      d_prob[j] = d_iou * (t_j (U + eps) - (I + eps)(1 - t_j)) / (U + eps)^2
-// d_prob (B, N), sums (B, 3), d_iou (B), target (B, N); grid = (ceil(N / block), B).
+// d_prob (B, N), sums (B, 3), d_iou (B), target (B, N); grid = (ceil(N / (4 block)), B):
+// a thread writes four pixels.
 extern "C" __global__ void soft_iou_bwd_f32(float* __restrict__ d_prob,
                                             const float* __restrict__ sums,
                                             const float* __restrict__ d_iou,
                                             const unsigned char* __restrict__ target, int n) {
-    int k = blockIdx.x * blockDim.x + threadIdx.x;
-    if (k >= n) return;
     size_t b = blockIdx.y;
     const float* s = sums + 3 * b;
     float i = s[0] + SOFT_IOU_EPS;
     float u = s[1] + s[2] - s[0] + SOFT_IOU_EPS;
     float g = d_iou[b];
-    size_t j = b * n + k;
-    d_prob[j] = target[j] != 0 ? g / u : -g * i / (u * u);
+    const float on = g / u, off = -g * i / (u * u);
+    float* dp = d_prob + b * n;
+    const unsigned char* t = target + b * n;
+    // grid.x covers ceil(N / 4) / blockDim groups of four pixels
+    const int k = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (k >= n) return;
+    if ((n & 3) == 0 && ((reinterpret_cast<uintptr_t>(d_prob) & 15) | (reinterpret_cast<uintptr_t>(target) & 3)) == 0) {
+        unsigned tt = *reinterpret_cast<const unsigned*>(t + k);
+        store_float4(dp + k, make_float4(tt & 0xffu ? on : off, (tt >> 8) & 0xffu ? on : off,
+                                         (tt >> 16) & 0xffu ? on : off, tt >> 24 ? on : off));
+    } else {
+        for (int c = k; c < k + 4 && c < n; ++c) dp[c] = t[c] != 0 ? on : off;
+    }
 }

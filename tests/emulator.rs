@@ -90,10 +90,10 @@ fn wrong_argument_count_or_width_is_an_error() {
         .launch(
             "scale_f32",
             LaunchCfg::linear(4, 32),
-            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I64(4)],
+            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I32(4)],
         )
         .unwrap_err();
-    assert!(e.to_string().contains("argument 3 has 8 bytes"), "{e}");
+    assert!(e.to_string().contains("argument 3 has 4 bytes"), "{e}");
     let e = dev
         .launch("no_such_kernel", LaunchCfg::linear(4, 32), &[])
         .unwrap_err();
@@ -102,7 +102,7 @@ fn wrong_argument_count_or_width_is_an_error() {
         .launch(
             "scale_f32",
             LaunchCfg::linear(4, 2048),
-            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I32(4)],
+            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I64(4)],
         )
         .unwrap_err();
     assert!(e.to_string().contains("1..=1024"), "{e}");
@@ -189,7 +189,7 @@ fn add_inplace_adds_at_odd_sizes() {
             dev.launch(
                 "add_inplace_f32",
                 LaunchCfg::linear(n, 128),
-                &[y.arg_mut(), xd.arg(), KArg::I32(n as i32)],
+                &[y.arg_mut(), xd.arg(), KArg::I64(n as i64)],
             )
             .unwrap();
             let got = dev.download(&y).unwrap();

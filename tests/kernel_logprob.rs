@@ -85,9 +85,9 @@ fn logprob_fwd_cpu_matches_naive_log_softmax() {
 
 #[test]
 fn logprob_matches_cpu() {
-    // V = 1031 (not a multiple of the block), T = 5, B = 3; and a vocabulary smaller
-    // than a warp so most lanes see nothing.
-    for &(b, t, v) in &[(3usize, 5usize, 1031usize), (2, 3, 7)] {
+    // V = 1031 (not a multiple of the block), T = 5, B = 3; a vocabulary smaller than a
+    // warp so most lanes see nothing; V = 1032, read four values per load.
+    for &(b, t, v) in &[(3usize, 5usize, 1031usize), (2, 3, 7), (2, 3, 1032)] {
         let c = case(b, t, v, 6.0, 2);
         let (logits, w) = (f32s(&c.logits), f32s(&c.w));
         let (lp, lse) = logprob_fwd_cpu(&logits, &c.targets, v).unwrap();

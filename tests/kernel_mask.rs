@@ -300,7 +300,14 @@ fn soft_case(b: usize, n: usize, seed: u64) -> (Vec<f64>, Vec<u8>) {
 
 #[test]
 fn soft_iou_matches_cpu() {
-    let (b, n) = (3, 1001);
+    // 1001 pixels: one chunk, one pixel per load; 16_396: three chunks of the device
+    // forward, four pixels per load
+    for n in [1001, 16_396] {
+        soft_iou_matches_cpu_at(3, n);
+    }
+}
+
+fn soft_iou_matches_cpu_at(b: usize, n: usize) {
     let (p64, t) = soft_case(b, n, 4);
     let p: Vec<f32> = p64.iter().map(|&v| v as f32).collect();
     let mut want = vec![0f32; b];

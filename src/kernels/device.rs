@@ -13,7 +13,7 @@
 //! let mut y = dev.zeros::<f32>(3).unwrap();
 //! // y = 2 * x
 //! dev.launch("scale_f32", LaunchCfg::linear(3, 128),
-//!            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I32(3)]).unwrap();
+//!            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I64(3)]).unwrap();
 //! assert_eq!(dev.download(&y).unwrap(), vec![2.0, 4.0, 6.0]);
 //! ```
 use crate::error::{Error, Result};

@@ -415,7 +415,7 @@ pub fn cross_entropy(
             loss.arg_mut(),
             sum.arg(),
             KArg::F32(-1.0),
-            KArg::I32(b as i32),
+            KArg::I64(b as i64),
         ],
     )
 }

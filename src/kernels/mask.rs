@@ -716,8 +716,9 @@ pub fn boundary_pair_counts(
     pair_counts(dev, &bp, &bg, p, g, h, w, inter, union)
 }
 
-/// Launch `soft_iou_fwd_f32`: the device twin of [`soft_iou_fwd_cpu`] and
-/// [`soft_iou_sums_cpu`] (f32, block-tree sums).
+/// Launch `soft_iou_part_f32` and `soft_iou_finish_f32`: the device twin of
+/// [`soft_iou_fwd_cpu`] and [`soft_iou_sums_cpu`] (f32; chunk sums by block trees, the
+/// chunks of a mask added in a fixed order, so the result is the same run to run).
 ///
 /// prob (B, N), target (B, N), iou (B), sums (B, 3) — overwritten.
 pub fn soft_iou_fwd(
@@ -743,18 +744,37 @@ pub fn soft_iou_fwd(
     if b == 0 {
         return Ok(());
     }
+    if b > MAX_GRID_YZ {
+        return Err(Error::arg(OP, format!("{b} masks do not fit one grid")));
+    }
+    let chunks = n.div_ceil(SOFT_IOU_DEVICE_CHUNK).max(1);
+    let mut part = dev.zeros::<f32>(3 * b * chunks)?;
     dev.launch(
-        "soft_iou_fwd_f32",
-        LaunchCfg::new([b as u32, 1, 1], [BLOCK, 1, 1], 0),
+        "soft_iou_part_f32",
+        LaunchCfg::new([chunks as u32, b as u32, 1], [BLOCK, 1, 1], 0),
         &[
-            iou.arg_mut(),
-            sums.arg_mut(),
+            part.arg_mut(),
             prob.arg(),
             target.arg(),
             KArg::I32(n as i32),
+            KArg::I32(SOFT_IOU_DEVICE_CHUNK as i32),
+        ],
+    )?;
+    dev.launch(
+        "soft_iou_finish_f32",
+        LaunchCfg::new([b as u32, 1, 1], [32, 1, 1], 0),
+        &[
+            iou.arg_mut(),
+            sums.arg_mut(),
+            part.arg(),
+            KArg::I32(chunks as i32),
         ],
     )
 }
+
+/// Pixels per block of `soft_iou_part_f32` (a multiple of 4): 8 loads of four per
+/// thread, so 64 masks of 1024² give 8192 blocks and a 256² mask still 16.
+const SOFT_IOU_DEVICE_CHUNK: usize = 8 * 4 * BLOCK as usize;
 
 /// Launch `soft_iou_bwd_f32`: the device twin of [`soft_iou_bwd_cpu`].
 ///
@@ -782,7 +802,8 @@ pub fn soft_iou_bwd(
     if b == 0 || n == 0 {
         return Ok(());
     }
-    let gx = n.div_ceil(BLOCK as usize) as u32;
+    // a thread writes four pixels
+    let gx = n.div_ceil(4 * BLOCK as usize) as u32;
     dev.launch(
         "soft_iou_bwd_f32",
         LaunchCfg::new([gx, b as u32, 1], [BLOCK, 1, 1], 0),

@@ -86,17 +86,27 @@ pub(super) fn scale(dev: &Device, x: &mut DeviceBuf<f32>, alpha: f32) -> Result<
     dev.launch(
         "scale_f32",
         linear(n),
-        &[y, xa, KArg::F32(alpha), i32_arg("scale", "N", n)?],
+        &[y, xa, KArg::F32(alpha), i64_arg(n)],
     )
 }
 
-/// Σ x², one block, downloaded (the trait returns a host value).
+/// Σ x², downloaded (the trait returns a host value): one partial sum per block of a
+/// grid-stride launch, then one block adds the parts in order.  The grid depends on
+/// `x.len()` alone, so the summation order, and the result, is the same run to run.
 pub(super) fn sum_sq(dev: &Device, x: &DeviceBuf<f32>) -> Result<f32> {
+    let cfg = linear(x.len());
+    let blocks = cfg.grid[0] as usize;
+    let mut part = dev.zeros::<f32>(blocks)?;
     let mut out = dev.zeros::<f32>(1)?;
     dev.launch(
-        "sum_sq_f32",
+        "sum_sq_part_f32",
+        cfg,
+        &[part.arg_mut(), x.arg(), i64_arg(x.len())],
+    )?;
+    dev.launch(
+        "sum_parts_f32",
         LaunchCfg::new([1, 1, 1], [BLOCK, 1, 1], 0),
-        &[out.arg_mut(), x.arg(), i64_arg(x.len())],
+        &[out.arg_mut(), part.arg(), KArg::I32(blocks as i32)],
     )?;
     Ok(dev.download(&out)?[0])
 }
