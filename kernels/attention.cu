@@ -49,10 +49,30 @@ __device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162
 __device__ __forceinline__ void st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
+// The f32 tile load four values per global load when rows are 16-byte aligned (hs a
+// multiple of 4, so there are no pad columns); false: not taken.  Stores stay scalar
+// (the k-side stride is odd).
+__device__ __forceinline__ bool att_load_tile4(float* dst, int ds, const float* src, int valid, int hs) {
+    if ((hs & 3) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0) return false;
+    const int w4 = hs / 4;
+    for (int idx = threadIdx.x; idx < ATT_BQ * w4; idx += blockDim.x) {
+        const int r = idx / w4, d = 4 * (idx - r * w4);
+        const float4 v = r < valid ? load_float4(src + (size_t)r * hs + d) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float* o = dst + r * ds + d;
+        o[0] = v.x;
+        o[1] = v.y;
+        o[2] = v.z;
+        o[3] = v.w;
+    }
+    return true;
+}
+__device__ __forceinline__ bool att_load_tile4(float*, int, const __nv_bfloat16*, int, int) { return false; }
+
 // rows × hs of src (row stride hs) into dst (row stride ds), rows past `valid` and the
 // pad columns [hs, ds or qs) as zeros, so that padded dot products add exact zeros.
 template <typename T>
 __device__ __forceinline__ void att_load_tile(float* dst, int ds, const T* src, int valid, int hs) {
+    if (att_load_tile4(dst, ds, src, valid, hs)) return;
     int w = att_qs(hs);
     for (int idx = threadIdx.x; idx < ATT_BQ * w; idx += blockDim.x) {
         int r = idx / w, d = idx - r * w;
