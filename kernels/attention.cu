@@ -29,7 +29,7 @@
 #define ATT_ROWS 8            // query rows per warp (ATT_BQ / ATT_WARPS)
 #define ATT_NC 4              // dimension chunks of 32 per lane: HS <= 128
 #define ATT_MAX_HS 128
-#define ATT_PS 33             // row stride of the 32×32 P / dS tiles: odd, so column reads do not conflict
+#define ATT_PS 32             // row stride of the backward's 32×32 P / dS tiles (rows read as float4)
 #define DEC_CHUNK 128         // keys per decode block (one per thread)
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.6931471805599453f
@@ -190,16 +190,26 @@ ATT_UNROLL
             pt[(row0 + r) * ATT_BK + lane] = p;
         }
         __syncwarp();
-        const int jn = imin(ATT_BK, kend - t0);
-        for (int jj = 0; jj < jn; ++jj) {
-            float vv[ATT_NC];
+        // Four keys per step, P read as float4 broadcasts; the keys up to the next
+        // multiple of 4 past kend have p = 0 exactly (causally hidden), so adding them
+        // changes nothing, and each acc element adds its terms in key order as before.
+        const int jn = imin(ATT_BK, (imin(ATT_BK, kend - t0) + 3) & ~3);
+        for (int jj = 0; jj < jn; jj += 4) {
+            float vv[4][ATT_NC];
 ATT_UNROLL
-            for (int c = 0; c < ATT_NC; ++c) vv[c] = vt[jj * ks + imin(lane + 32 * c, qs - 1)];
+            for (int e = 0; e < 4; ++e)
+ATT_UNROLL
+                for (int c = 0; c < ATT_NC; ++c) vv[e][c] = vt[(jj + e) * ks + imin(lane + 32 * c, qs - 1)];
 ATT_UNROLL
             for (int r = 0; r < ATT_ROWS; ++r) {
-                const float p = pt[(row0 + r) * ATT_BK + jj];
+                const float4 p = load_float4(pt + (row0 + r) * ATT_BK + jj);
 ATT_UNROLL
-                for (int c = 0; c < ATT_NC; ++c) acc[r][c] += p * vv[c];
+                for (int c = 0; c < ATT_NC; ++c) {
+                    acc[r][c] += p.x * vv[0][c];
+                    acc[r][c] += p.y * vv[1][c];
+                    acc[r][c] += p.z * vv[2][c];
+                    acc[r][c] += p.w * vv[3][c];
+                }
             }
         }
     }
@@ -346,7 +356,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
         att_load_tile(kt, ks, k + ((size_t)bg * Tk + t0) * HS, kv, HS);
         att_load_tile(vt, ks, v + ((size_t)bg * Tk + t0) * HS, kv, HS);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
-        // Thread (warp, lane) owns key t0+lane, dims warp + 4c.
+        // Thread (warp, lane) owns key t0+lane and dims 4·warp + 16c + e (c < 8, e < 4), so
+        // that the q-side rows, the same for the whole warp, are read as float4
+        // broadcasts (qs is a multiple of 4 and the tiles start 16-byte aligned).
         float dka[ATT_MAX_HS / ATT_WARPS], dva[ATT_MAX_HS / ATT_WARPS], dg = 0.0f;
 ATT_UNROLL
         for (int c = 0; c < ATT_MAX_HS / ATT_WARPS; ++c) dka[c] = dva[c] = 0.0f;
@@ -370,11 +382,18 @@ ATT_UNROLL
                     const float pv = pt[i * ATT_PS + lane], dsv = dst[i * ATT_PS + lane];
                     dg += dsv;
 ATT_UNROLL
-                    for (int c = 0; c < ATT_MAX_HS / ATT_WARPS; ++c) {
-                        const int d = warp + ATT_WARPS * c;
+                    for (int c = 0; c < ATT_MAX_HS / (4 * ATT_WARPS); ++c) {
+                        const int d = 4 * warp + 4 * ATT_WARPS * c;
                         if (d < qs) {  // pad columns hold zeros
-                            dva[c] += pv * dot_[i * qs + d];
-                            dka[c] += dsv * qt[i * qs + d];
+                            const float4 o = load_float4(dot_ + i * qs + d), x = load_float4(qt + i * qs + d);
+                            dva[4 * c] += pv * o.x;
+                            dva[4 * c + 1] += pv * o.y;
+                            dva[4 * c + 2] += pv * o.z;
+                            dva[4 * c + 3] += pv * o.w;
+                            dka[4 * c] += dsv * x.x;
+                            dka[4 * c + 1] += dsv * x.y;
+                            dka[4 * c + 2] += dsv * x.z;
+                            dka[4 * c + 3] += dsv * x.w;
                         }
                     }
                 }
@@ -384,7 +403,7 @@ ATT_UNROLL
             const size_t krow = ((size_t)bg * Tk + t0 + lane) * HS;
 ATT_UNROLL
             for (int c = 0; c < ATT_MAX_HS / ATT_WARPS; ++c) {
-                const int d = warp + ATT_WARPS * c;
+                const int d = 4 * warp + 4 * ATT_WARPS * (c / 4) + c % 4;
                 if (d < HS) {
                     dk[krow + d] = dka[c] * scale;
                     dv[krow + d] = dva[c];
@@ -420,16 +439,24 @@ ATT_UNROLL
 ATT_UNROLL
             for (int r = 0; r < ATT_ROWS; ++r) dst[(row0 + r) * ATT_PS + lane] = ds[r];
             __syncwarp();
-            const int jn = imin(ATT_BK, kend - t0);
-            for (int jj = 0; jj < jn; ++jj) {
-                float kk[ATT_NC];
+            // Four keys per step as in the forward (dS = 0 exactly on hidden keys).
+            const int jn = imin(ATT_BK, (imin(ATT_BK, kend - t0) + 3) & ~3);
+            for (int jj = 0; jj < jn; jj += 4) {
+                float kk[4][ATT_NC];
 ATT_UNROLL
-                for (int c = 0; c < ATT_NC; ++c) kk[c] = kt[jj * ks + imin(lane + 32 * c, qs - 1)];
+                for (int e = 0; e < 4; ++e)
+ATT_UNROLL
+                    for (int c = 0; c < ATT_NC; ++c) kk[e][c] = kt[(jj + e) * ks + imin(lane + 32 * c, qs - 1)];
 ATT_UNROLL
                 for (int r = 0; r < ATT_ROWS; ++r) {
-                    const float dsv = dst[(row0 + r) * ATT_PS + jj];
+                    const float4 d = load_float4(dst + (row0 + r) * ATT_PS + jj);
 ATT_UNROLL
-                    for (int c = 0; c < ATT_NC; ++c) acc[r][c] += dsv * kk[c];
+                    for (int c = 0; c < ATT_NC; ++c) {
+                        acc[r][c] += d.x * kk[0][c];
+                        acc[r][c] += d.y * kk[1][c];
+                        acc[r][c] += d.z * kk[2][c];
+                        acc[r][c] += d.w * kk[3][c];
+                    }
                 }
             }
         }

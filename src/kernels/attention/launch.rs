@@ -7,8 +7,9 @@ use crate::kernels::{Device, DeviceBuf, Elem, KArg, LaunchCfg};
 const GPU_THREADS: u32 = 128;
 /// Queries per forward/backward block and keys per tile (one key per lane).
 const GPU_TILE: usize = 32;
-/// Row stride of the P / dS tiles in the backward (odd: conflict-free columns).
-const GPU_PS: usize = 33;
+/// Row stride of the P / dS tiles in the backward (a multiple of 4: rows are read as
+/// float4).
+const GPU_PS: usize = 32;
 /// Keys per decode block (one per thread).
 const GPU_DEC_CHUNK: usize = 128;
 /// Query rows per block of the backward preprocess (one warp each).
