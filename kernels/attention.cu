@@ -322,8 +322,10 @@ __device__ __forceinline__ void att_load_qside(float* qt, float* dot_, float* ls
 // P and dP are recomputed in both kinds (7 tile products instead of 5): the price of
 // determinism without a dQ atomic.
 // Dynamic shared memory (floats): q, dout tiles 32·qs each, k, v tiles 32·ks each,
-// P and dS 32·33 each, key row, lse·log2e and D 32 each.
-extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+// P and dS 32·32 each, key row, lse·log2e and D 32 each (about 74 KB at HS = 128: three
+// blocks per SM, so registers may go to 170 without costing a block; at the default
+// bound of 128 ptxas spilled).
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_bwd_f32(float* dq, float* dk, float* dv, float* dbias_part, const float* q, const float* k,
                       const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
                       const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS, int causal,

@@ -192,38 +192,73 @@ __device__ __forceinline__ float sigmoid_stable(float x) {
     return e / (1.0f + e);
 }
 
-// The Dice sums of one mask over the block: sum sigma/s t, sum sigma/s, sum t/s.
-__device__ __forceinline__ void dice_sums(const float* x, const float* t, int p, float s, float* part, float* inter,
-                                          float* ssig, float* st) {
-    float a = 0.0f, q = 0.0f, u = 0.0f;
-    for (int j = threadIdx.x; j < p; j += blockDim.x) {
-        float sg = sigmoid_stable(x[j]) / s;
-        a += sg * t[j];
-        q += sg;
-        u += t[j] / s;
+// The loss sums of pixels [lo, hi) of one mask, added into this thread's
+// acc = (sum bce_j, sum sigma_j/s t_j, sum sigma_j/s, sum t_j/s), four pixels per load
+// when the rows are 16-byte aligned (P a multiple of 4).
+struct MaskLossAcc {
+    float bce = 0.0f, inter = 0.0f, ssig = 0.0f, st = 0.0f;
+    __device__ __forceinline__ void add(float x, float t, float s) {
+        // max(x,0) - x t + log(1 + e^{-|x|}): no overflow for either sign
+        bce += fmaxf(x, 0.0f) - x * t + log1pf(expf(-fabsf(x)));
+        float sg = sigmoid_stable(x) / s;
+        inter += sg * t;
+        ssig += sg;
+        st += t / s;
     }
-    *inter = block_sum(a, part);
-    *ssig = block_sum(q, part);
-    *st = block_sum(u, part);
+};
+
+// Mask losses in two or three launches so that every SM has work however few the masks
+// (one block per mask left most of a GPU idle):
+// mask_loss_part_f32, grid (chunks, M): part (M, chunks, 4) = the sums of MaskLossAcc
+// over one chunk of `chunk` pixels (a multiple of 4) of one mask, by a block tree;
+// mask_loss_finish_f32, grid M, one warp: adds each mask's chunks in order into
+// sums (M, 4) and out (M, 2) = (BCE averaged over the P pixels, Dice loss
+// 1 - (2 sum sigma/s t + eps)/(sum sigma/s + sum t/s + eps)), s = dice_scale,
+// eps = dice_eps (PixelLM's smoothing); mask_loss_bwd_f32 reads sums.
+extern "C" __global__ void mask_loss_part_f32(float* part, const float* logits, const float* target, int p, int chunk,
+                                              float dice_scale) {
+    SHARED(float, scratch, [32]);
+    const size_t m = blockIdx.y;
+    const int lo = blockIdx.x * chunk, hi = lo + chunk < p ? lo + chunk : p;
+    const float *x = logits + m * p, *t = target + m * p;
+    MaskLossAcc a;
+    int head = lo;
+    if ((p & 3) == 0 && ((reinterpret_cast<uintptr_t>(logits) | reinterpret_cast<uintptr_t>(target)) & 15) == 0) {
+        head = lo + ((hi - lo) & ~3);
+        for (int j = lo + 4 * threadIdx.x; j < head; j += 4 * blockDim.x) {
+            float4 xv = load_float4(x + j), tv = load_float4(t + j);
+            a.add(xv.x, tv.x, dice_scale);
+            a.add(xv.y, tv.y, dice_scale);
+            a.add(xv.z, tv.z, dice_scale);
+            a.add(xv.w, tv.w, dice_scale);
+        }
+    }
+    for (int j = head + threadIdx.x; j < hi; j += blockDim.x) a.add(x[j], t[j], dice_scale);
+    float* o = part + 4 * (m * gridDim.x + blockIdx.x);
+    float v;
+    v = block_sum(a.bce, scratch);
+    if (threadIdx.x == 0) o[0] = v;
+    v = block_sum(a.inter, scratch);
+    if (threadIdx.x == 0) o[1] = v;
+    v = block_sum(a.ssig, scratch);
+    if (threadIdx.x == 0) o[2] = v;
+    v = block_sum(a.st, scratch);
+    if (threadIdx.x == 0) o[3] = v;
 }
 
-// Per mask m (one block each) of logits, target (M,P): out[2m] = BCE-with-logits averaged
-// over the P pixels, out[2m+1] = Dice loss 1 - (2 sum sigma/s t + eps)/(sum sigma/s +
-// sum t/s + eps), s = dice_scale, eps = dice_eps (PixelLM's smoothing).
-extern "C" __global__ void mask_loss_fwd_f32(float* out, const float* logits, const float* target, int p,
-                                             float dice_scale, float dice_eps) {
-    SHARED(float, part, [32]);
-    size_t off = (size_t)blockIdx.x * p;
-    const float *x = logits + off, *t = target + off;
-    float bce = 0.0f;
-    // max(x,0) - x t + log(1 + e^{-|x|}): no overflow for either sign
-    for (int j = threadIdx.x; j < p; j += blockDim.x) bce += fmaxf(x[j], 0.0f) - x[j] * t[j] + log1pf(expf(-fabsf(x[j])));
-    bce = block_sum(bce, part);
-    float inter, ssig, st;
-    dice_sums(x, t, p, dice_scale, part, &inter, &ssig, &st);
-    if (threadIdx.x == 0) {
-        out[2 * blockIdx.x] = bce / (float)p;
-        out[2 * blockIdx.x + 1] = 1.0f - (2.0f * inter + dice_eps) / (ssig + st + dice_eps);
+extern "C" __global__ void mask_loss_finish_f32(float* out, float* sums, const float* part, int chunks, int p,
+                                                float dice_eps) {
+    const size_t m = blockIdx.x;
+    const int lane = threadIdx.x;
+    if (lane >= WARP_SIZE) return;  // one warp per mask (blockDim 32)
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c = lane; c < chunks; c += WARP_SIZE)
+        for (int k = 0; k < 4; ++k) s[k] += part[4 * (m * chunks + c) + k];
+    for (int k = 0; k < 4; ++k) s[k] = warp_sum(s[k]);
+    if (lane == 0) {
+        for (int k = 0; k < 4; ++k) sums[4 * m + k] = s[k];
+        out[2 * m] = s[0] / (float)p;
+        out[2 * m + 1] = 1.0f - (2.0f * s[1] + dice_eps) / (s[2] + s[3] + dice_eps);
     }
 }
 
@@ -231,19 +266,18 @@ extern "C" __global__ void mask_loss_fwd_f32(float* out, const float* logits, co
 // so:      d bce/d x_j = (sigma_j - t_j)/P
 // forward: dice = 1 - num/den, num = 2 sum sigma_j t_j/s + eps, den = sum sigma_j/s + sum t_j/s + eps
 // so:      d dice/d sigma_j = -(2 t_j/s)/den + num/(s den^2),  d sigma_j/d x_j = sigma_j (1 - sigma_j)
-// dlogits (M,P) = w_bce d bce + w_dice d dice, overwritten.  One block per mask.
-extern "C" __global__ void mask_loss_bwd_f32(float* dlogits, const float* logits, const float* target, int p,
-                                             float w_bce, float w_dice, float dice_scale, float dice_eps) {
-    SHARED(float, part, [32]);
-    size_t off = (size_t)blockIdx.x * p;
-    const float *x = logits + off, *t = target + off;
-    float inter, ssig, st;
-    dice_sums(x, t, p, dice_scale, part, &inter, &ssig, &st);
-    float num = 2.0f * inter + dice_eps, den = ssig + st + dice_eps;
+// dlogits (M,P) = w_bce d bce + w_dice d dice, overwritten; sums (M, 4) from
+// mask_loss_finish_f32.  grid (ceil(P / blockDim), M), one pixel per thread.
+extern "C" __global__ void mask_loss_bwd_f32(float* dlogits, const float* logits, const float* target,
+                                             const float* sums, int p, float w_bce, float w_dice, float dice_scale,
+                                             float dice_eps) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= p) return;
+    const size_t m = blockIdx.y, off = m * p + j;
+    const float* s = sums + 4 * m;
+    float num = 2.0f * s[1] + dice_eps, den = s[2] + s[3] + dice_eps;
     float common = num / (dice_scale * den * den), inv_p = 1.0f / (float)p;
-    for (int j = threadIdx.x; j < p; j += blockDim.x) {
-        float sg = sigmoid_stable(x[j]);
-        float dd = common - 2.0f * t[j] / (dice_scale * den);
-        dlogits[off + j] = w_bce * (sg - t[j]) * inv_p + w_dice * dd * sg * (1.0f - sg);
-    }
+    float sg = sigmoid_stable(logits[off]), t = target[off];
+    float dd = common - 2.0f * t / (dice_scale * den);
+    dlogits[off] = w_bce * (sg - t) * inv_p + w_dice * dd * sg * (1.0f - sg);
 }

@@ -777,34 +777,47 @@ fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
         close("mul_rows_bwd dx", &d.to_vec(&dxd), &dx);
         close("mul_rows_bwd dg", &d.to_vec(&dgd), &dg);
         assert!(d.mul_rows(&xd, &gd, c + 1, &mut od).is_err());
-        // mask losses: more pixels than a block's threads, logits of both signs and
-        // large |x|, soft and hard targets, and one empty target
-        let (m, p) = (5, 301);
-        let logits = rnd(&mut r, m * p, 8.0);
-        let mut target: Vec<f32> = (0..m * p)
-            .map(|i| match i % 7 {
-                0 => 0.3,
-                1..=3 => 1.0,
-                _ => 0.0,
-            })
-            .collect();
-        target[2 * p..3 * p].iter_mut().for_each(|t| *t = 0.0);
-        let (ld, td) = (d.from_slice(&logits), d.from_slice(&target));
-        let (mut dl, mut dld) = (vec![0.0; m * p], nans(&d, m * p));
-        let before = d.device().copies();
-        let want = Cpu.mask_loss_fwd(&logits, &target, m, p).unwrap();
-        let got = d.mask_loss_fwd(&ld, &td, m, p).unwrap();
-        Cpu.mask_loss_bwd(&logits, &target, m, p, 2.0, 0.5, &mut dl)
-            .unwrap();
-        d.mask_loss_bwd(&ld, &td, m, p, 2.0, 0.5, &mut dld).unwrap();
-        // the forward's (BCE, Dice) pairs come back: one download
-        copies +=
-            d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh - 1;
-        let flat = |v: &[(f32, f32)]| v.iter().flat_map(|&(a, b)| [a, b]).collect::<Vec<_>>();
-        close("mask_loss_fwd", &flat(&got), &flat(&want));
-        close("mask_loss_bwd", &d.to_vec(&dld), &dl);
-        assert!(d.mask_loss_fwd(&ld, &td, m, p + 1).is_err());
-        assert!(d.mask_loss_bwd(&ld, &td, m, 0, 2.0, 0.5, &mut dld).is_err());
+        // mask losses: more pixels than a block's threads (301: one chunk, one pixel per
+        // load; 16 396: three chunks, four per load), logits of both signs and large
+        // |x|, soft and hard targets, and one empty target
+        for (m, p) in [(5, 301), (3, 16_396)] {
+            let logits = rnd(&mut r, m * p, 8.0);
+            let mut target: Vec<f32> = (0..m * p)
+                .map(|i| match i % 7 {
+                    0 => 0.3,
+                    1..=3 => 1.0,
+                    _ => 0.0,
+                })
+                .collect();
+            target[2 * p..3 * p].iter_mut().for_each(|t| *t = 0.0);
+            let (ld, td) = (d.from_slice(&logits), d.from_slice(&target));
+            let mut dld = nans(&d, m * p);
+            let before = d.device().copies();
+            let got = d.mask_loss_fwd(&ld, &td, m, p).unwrap();
+            d.mask_loss_bwd(&ld, &td, m, p, 2.0, 0.5, &mut dld).unwrap();
+            // the forward's (BCE, Dice) pairs come back: one download
+            copies +=
+                d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh - 1;
+            // the reference in f64: over 16k pixels the f32 CPU twin's sequential sums
+            // are themselves about 1e-5 off, the device's chunked trees closer
+            let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+            let (l64, t64) = (wide(&logits), wide(&target));
+            let want: Vec<f32> = Cpu
+                .mask_loss_fwd(&l64, &t64, m, p)
+                .unwrap()
+                .iter()
+                .flat_map(|&(a, b)| [a as f32, b as f32])
+                .collect();
+            let mut dl64 = vec![0.0f64; m * p];
+            Cpu.mask_loss_bwd(&l64, &t64, m, p, 2.0, 0.5, &mut dl64)
+                .unwrap();
+            let dl: Vec<f32> = dl64.iter().map(|&x| x as f32).collect();
+            let flat = |v: &[(f32, f32)]| v.iter().flat_map(|&(a, b)| [a, b]).collect::<Vec<_>>();
+            close("mask_loss_fwd", &flat(&got), &want);
+            close("mask_loss_bwd", &d.to_vec(&dld), &dl);
+            assert!(d.mask_loss_fwd(&ld, &td, m, p + 1).is_err());
+            assert!(d.mask_loss_bwd(&ld, &td, m, 0, 2.0, 0.5, &mut dld).is_err());
+        }
         assert_eq!(copies, 0, "host↔device copies made by the image ops");
     }
 }

@@ -1,6 +1,6 @@
 //! Whole-buffer ops, activations, SwiGLU, bias and AdamW: launches of
 //! `kernels/elementwise.cu`.  CPU twins: `src/backend/cpu/{elementwise,act,matmul,optim}.rs`.
-use super::{i32_arg, i64_arg, linear, rows_of, BLOCK};
+use super::{i32_arg, i64_arg, linear, rows_of, BLOCK, MAX_BLOCKS};
 use crate::backend::{Act, AdamWStep};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -91,13 +91,22 @@ pub(super) fn scale(dev: &Device, x: &mut DeviceBuf<f32>, alpha: f32) -> Result<
 }
 
 /// Σ x², downloaded (the trait returns a host value): one partial sum per block of a
-/// grid-stride launch, then one block adds the parts in order.  The grid depends on
+/// grid-stride launch (each thread at least 32 elements), then one block adds the parts
+/// in order; a buffer one block covers is summed in one launch.  The grid depends on
 /// `x.len()` alone, so the summation order, and the result, is the same run to run.
 pub(super) fn sum_sq(dev: &Device, x: &DeviceBuf<f32>) -> Result<f32> {
-    let cfg = linear(x.len());
-    let blocks = cfg.grid[0] as usize;
-    let mut part = dev.zeros::<f32>(blocks)?;
+    let blocks = x.len().div_ceil(32 * BLOCK as usize).clamp(1, MAX_BLOCKS);
+    let cfg = LaunchCfg::new([blocks as u32, 1, 1], [BLOCK, 1, 1], 0);
     let mut out = dev.zeros::<f32>(1)?;
+    if blocks == 1 {
+        dev.launch(
+            "sum_sq_part_f32",
+            cfg,
+            &[out.arg_mut(), x.arg(), i64_arg(x.len())],
+        )?;
+        return Ok(dev.download(&out)?[0]);
+    }
+    let mut part = dev.zeros::<f32>(blocks)?;
     dev.launch(
         "sum_sq_part_f32",
         cfg,

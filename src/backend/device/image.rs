@@ -3,11 +3,11 @@
 //! `src/backend/image.rs`, whose size checks these share.
 //!
 //! Feature maps are channels-last (B,H,W,C); sizes as in `kernels/image.cu`.
-use super::{i32_arg, i64_arg, linear, norm::per_row};
+use super::{i32_arg, i64_arg, linear, norm::per_row, BLOCK};
 use crate::backend::image::{check_d2s, check_masks, check_resize, DICE_EPS, DICE_SCALE};
 use crate::backend::Conv2dGeom;
-use crate::error::{check_len, Result};
-use crate::kernels::{Device, DeviceBuf, KArg};
+use crate::error::{check_len, Error, Result};
+use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
 /// (B, H, W, C) of a layout op's input side.
 #[derive(Clone, Copy)]
@@ -252,6 +252,55 @@ pub(super) fn mul_rows_bwd(
     )
 }
 
+/// Pixels per block of `mask_loss_part_f32` (a multiple of 4): 64 masks of 1024² give
+/// 8192 blocks, a 64² mask one.
+const MASK_LOSS_CHUNK: usize = 8 * 4 * BLOCK as usize;
+
+/// The per-mask loss sums (M, 4) and (BCE, Dice) pairs (M, 2), on the device: the chunk
+/// partials of `mask_loss_part_f32`, added in order by `mask_loss_finish_f32`.
+fn mask_loss_sums(
+    dev: &Device,
+    op: &'static str,
+    logits: &DeviceBuf<f32>,
+    target: &DeviceBuf<f32>,
+    m: usize,
+    p: usize,
+) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
+    let chunks = p.div_ceil(MASK_LOSS_CHUNK).max(1);
+    let my = u32::try_from(m)
+        .ok()
+        .filter(|&g| g <= 65_535)
+        .ok_or_else(|| Error::shape(op, format!("{m} masks do not fit one grid")))?;
+    let mut part = dev.zeros::<f32>(4 * m * chunks)?;
+    let mut sums = dev.zeros::<f32>(4 * m)?;
+    let mut out = dev.zeros::<f32>(2 * m)?;
+    dev.launch(
+        "mask_loss_part_f32",
+        LaunchCfg::new([chunks as u32, my, 1], [BLOCK, 1, 1], 0),
+        &[
+            part.arg_mut(),
+            logits.arg(),
+            target.arg(),
+            i32_arg(op, "P", p)?,
+            KArg::I32(MASK_LOSS_CHUNK as i32),
+            KArg::F32(DICE_SCALE as f32),
+        ],
+    )?;
+    dev.launch(
+        "mask_loss_finish_f32",
+        LaunchCfg::new([my, 1, 1], [32, 1, 1], 0),
+        &[
+            out.arg_mut(),
+            sums.arg_mut(),
+            part.arg(),
+            KArg::I32(chunks as i32),
+            i32_arg(op, "P", p)?,
+            KArg::F32(DICE_EPS as f32),
+        ],
+    )?;
+    Ok((sums, out))
+}
+
 /// Per mask of logits (M,P) against target (M,P): (BCE averaged over the pixels, Dice
 /// loss), computed on the device; the 2·M values are the one download.
 pub(super) fn mask_loss_fwd(
@@ -266,19 +315,7 @@ pub(super) fn mask_loss_fwd(
     if m == 0 {
         return Ok(Vec::new());
     }
-    let mut out = dev.zeros::<f32>(2 * m)?;
-    dev.launch(
-        "mask_loss_fwd_f32",
-        per_row(OP, m)?,
-        &[
-            out.arg_mut(),
-            logits.arg(),
-            target.arg(),
-            i32_arg(OP, "P", p)?,
-            KArg::F32(DICE_SCALE as f32),
-            KArg::F32(DICE_EPS as f32),
-        ],
-    )?;
+    let (_, out) = mask_loss_sums(dev, OP, logits, target, m, p)?;
     Ok(dev
         .download(&out)?
         .chunks_exact(2)
@@ -304,13 +341,17 @@ pub(super) fn mask_loss_bwd(
     if m == 0 {
         return Ok(());
     }
+    let (sums, _) = mask_loss_sums(dev, OP, logits, target, m, p)?;
+    let gx = u32::try_from(p.div_ceil(BLOCK as usize))
+        .map_err(|_| Error::shape(OP, format!("P = {p} does not fit one grid")))?;
     dev.launch(
         "mask_loss_bwd_f32",
-        per_row(OP, m)?,
+        LaunchCfg::new([gx, m as u32, 1], [BLOCK, 1, 1], 0),
         &[
             dlogits.arg_mut(),
             logits.arg(),
             target.arg(),
+            sums.arg(),
             i32_arg(OP, "P", p)?,
             KArg::F32(w_bce),
             KArg::F32(w_dice),
