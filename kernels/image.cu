@@ -8,38 +8,61 @@
 // permutation): no atomics, and the same sums run to run.
 #include "common.cuh"
 
-#define GRID_STRIDE(i, n) \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+// A grid-stride loop with index type I: the ops below split an element index into
+// (batch, pixel, channel) by division, and a 32-bit division is a few times cheaper than
+// a 64-bit one, so each kernel runs its body with I = int whenever every index fits.
+#define GRID_STRIDE_T(I, i, n) \
+    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)(n); i += (I)gridDim.x * (I)blockDim.x)
+#define INDEX_FITS_INT(n) ((long long)(n) + (long long)gridDim.x * blockDim.x <= 2147483647LL)
+// Runs BODY<int>(...) or BODY<long long>(...) by the element count n.
+#define BY_INDEX_WIDTH(n, BODY, ...)                   \
+    do {                                               \
+        if (INDEX_FITS_INT(n)) BODY<int>(__VA_ARGS__); \
+        else BODY<long long>(__VA_ARGS__);             \
+    } while (0)
 
 // ---- im2col (stride-1 convolution as a matrix product) ----
 
 // x (B,H,W,C) -> out (B,Ho,Wo,K K C), each row ordered (ky, kx, c), zero padding:
 //   out[(b,oy,ox), (ky,kx,c)] = x[b, oy+ky-pad, ox+kx-pad, c], 0 outside
-extern "C" __global__ void im2col_f32(float* out, const float* x, int b, int h, int w, int c, int k, int pad, int ho,
-                                      int wo) {
-    long long n = (long long)b * ho * wo * k * k * c;
-    GRID_STRIDE(e, n) {
-        int ch = (int)(e % c);
-        int kk = (int)((e / c) % (k * k));
-        long long row = e / ((long long)c * k * k);
-        int ox = (int)(row % wo), oy = (int)((row / wo) % ho);
-        long long bi = row / ((long long)wo * ho);
-        int iy = oy + kk / k - pad, ix = ox + kk % k - pad;
+template <typename I>
+__device__ __forceinline__ void im2col_body(float* out, const float* x, long long n, int h, int w, int c, int k,
+                                            int pad, int ho, int wo) {
+    GRID_STRIDE_T(I, e, n) {
+        const int ch = (int)(e % c);
+        const I q = e / c;
+        const int kk = (int)(q % (k * k));
+        const I row = q / (k * k);
+        const int ox = (int)(row % wo);
+        const I r2 = row / wo;
+        const int oy = (int)(r2 % ho);
+        const I bi = r2 / ho;
+        const int iy = oy + kk / k - pad, ix = ox + kk % k - pad;
         out[e] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[((bi * h + iy) * w + ix) * c + ch] : 0.0f;
     }
+}
+extern "C" __global__ void im2col_f32(float* out, const float* x, int b, int h, int w, int c, int k, int pad, int ho,
+                                      int wo) {
+    const long long n = (long long)b * ho * wo * k * k * c;
+    const long long reach = (long long)b * h * w * c;  // x's length
+    BY_INDEX_WIDTH(n > reach ? n : reach, im2col_body, out, x, n, h, w, c, k, pad, ho, wo);
 }
 
 // forward: out[(b,oy,ox), (ky,kx,c)] = x[b, oy+ky-pad, ox+kx-pad, c]
 // so:      dx[b,iy,ix,c] = sum_{ky,kx} dout[(b, iy+pad-ky, ix+pad-kx), (ky,kx,c)] over the
 //          (oy, ox) inside the output   (overwritten)
-extern "C" __global__ void im2col_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int k, int pad,
-                                          int ho, int wo) {
-    long long n = (long long)b * h * w * c;
-    long long width = (long long)k * k * c;
-    GRID_STRIDE(e, n) {
-        int ch = (int)(e % c);
-        int ix = (int)((e / c) % w), iy = (int)((e / ((long long)c * w)) % h);
-        long long bi = e / ((long long)c * w * h);
+template <typename I>
+__device__ __forceinline__ void im2col_bwd_body(float* dx, const float* dout, long long n, int h, int w, int c,
+                                                int k, int pad, int ho, int wo) {
+    // the largest index read is dout's, (B·Ho·Wo)·K²C: the caller's check covers it
+    const I width = (I)k * k * c;
+    GRID_STRIDE_T(I, e, n) {
+        const int ch = (int)(e % c);
+        const I q = e / c;
+        const int ix = (int)(q % w);
+        const I q2 = q / w;
+        const int iy = (int)(q2 % h);
+        const I bi = q2 / h;
         float acc = 0.0f;
         for (int ky = 0; ky < k; ++ky) {
             int oy = iy + pad - ky;
@@ -53,29 +76,46 @@ extern "C" __global__ void im2col_bwd_f32(float* dx, const float* dout, int b, i
         dx[e] = acc;
     }
 }
+extern "C" __global__ void im2col_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int k, int pad,
+                                          int ho, int wo) {
+    const long long n = (long long)b * h * w * c;
+    const long long reach = (long long)b * ho * wo * k * k * c;  // dout's length
+    BY_INDEX_WIDTH(n > reach ? n : reach, im2col_bwd_body, dx, dout, n, h, w, c, k, pad, ho, wo);
+}
 
 // ---- depth-to-space (the transposed conv k = r, stride r after a Linear) ----
 
 // Index into x (B,H,W,r r C) of element e of out (B,rH,rW,C): out pixel (y r + dy,
 // x r + dx) takes channels (dy, dx, .) of pixel (y, x).
-__device__ __forceinline__ long long d2s_src(long long e, int h, int w, int c, int r) {
-    int ch = (int)(e % c);
-    int X = (int)((e / c) % ((long long)w * r));
-    int Y = (int)((e / ((long long)c * w * r)) % ((long long)h * r));
-    long long bi = e / ((long long)c * w * r * h * r);
-    return ((bi * h + Y / r) * w + X / r) * ((long long)r * r * c) + ((Y % r) * r + X % r) * c + ch;
+template <typename I>
+__device__ __forceinline__ I d2s_src(I e, int h, int w, int c, int r) {
+    const int ch = (int)(e % c);
+    const I q = e / c;
+    const int X = (int)(q % (w * r));
+    const I q2 = q / (w * r);
+    const int Y = (int)(q2 % (h * r));
+    const I bi = q2 / (h * r);
+    return ((bi * h + Y / r) * w + X / r) * ((I)r * r * c) + ((Y % r) * r + X % r) * c + ch;
+}
+template <typename I>
+__device__ __forceinline__ void d2s_body(float* out, const float* x, long long n, int h, int w, int c, int r) {
+    GRID_STRIDE_T(I, e, n) out[e] = x[d2s_src<I>(e, h, w, c, r)];
+}
+template <typename I>
+__device__ __forceinline__ void d2s_bwd_body(float* dx, const float* dout, long long n, int h, int w, int c, int r) {
+    GRID_STRIDE_T(I, e, n) dx[d2s_src<I>(e, h, w, c, r)] = dout[e];
 }
 
-// x (B,H,W,r r C) -> out (B,rH,rW,C)
+// x (B,H,W,r r C) -> out (B,rH,rW,C) (both of n elements)
 extern "C" __global__ void depth_to_space_f32(float* out, const float* x, long long n, int h, int w, int c, int r) {
-    GRID_STRIDE(e, n) out[e] = x[d2s_src(e, h, w, c, r)];
+    BY_INDEX_WIDTH(n, d2s_body, out, x, n, h, w, c, r);
 }
 
 // The forward is a permutation, so the backward is its inverse: dx (B,H,W,r r C)
 // overwritten from dout (B,rH,rW,C).
 extern "C" __global__ void depth_to_space_bwd_f32(float* dx, const float* dout, long long n, int h, int w, int c,
                                                   int r) {
-    GRID_STRIDE(e, n) dx[d2s_src(e, h, w, c, r)] = dout[e];
+    BY_INDEX_WIDTH(n, d2s_bwd_body, dx, dout, n, h, w, c, r);
 }
 
 // ---- bilinear resize, PyTorch's align_corners=False ----
@@ -87,8 +127,8 @@ struct Tap {
     int i0, i1;
     float l0, l1;
 };
-__device__ __forceinline__ Tap tap(int d, int n_in, int n_out) {
-    double scale = (double)n_in / (double)n_out;
+// scale = n_in / n_out in double, computed once per thread by the callers.
+__device__ __forceinline__ Tap tap(int d, int n_in, double scale) {
     double src = ((double)d + 0.5) * scale - 0.5;
     if (src < 0.0) src = 0.0;
     int i0 = (int)floor(src);
@@ -104,19 +144,29 @@ __device__ __forceinline__ Tap tap(int d, int n_in, int n_out) {
 
 // x (B,H,W,C) -> out (B,Ho,Wo,C):
 //   out = ly0 (lx0 x[i0,j0] + lx1 x[i0,j1]) + ly1 (lx0 x[i1,j0] + lx1 x[i1,j1])
-extern "C" __global__ void resize_bilinear_f32(float* out, const float* x, int b, int h, int w, int c, int ho,
-                                               int wo) {
-    long long n = (long long)b * ho * wo * c;
-    GRID_STRIDE(e, n) {
-        int ch = (int)(e % c);
-        int ox = (int)((e / c) % wo), oy = (int)((e / ((long long)c * wo)) % ho);
-        long long bi = e / ((long long)c * wo * ho);
-        Tap a = tap(oy, h, ho), t = tap(ox, w, wo);
+template <typename I>
+__device__ __forceinline__ void resize_body(float* out, const float* x, long long n, int h, int w, int c, int ho,
+                                            int wo) {
+    const double sy = (double)h / (double)ho, sx = (double)w / (double)wo;
+    GRID_STRIDE_T(I, e, n) {
+        const int ch = (int)(e % c);
+        const I q = e / c;
+        const int ox = (int)(q % wo);
+        const I q2 = q / wo;
+        const int oy = (int)(q2 % ho);
+        const I bi = q2 / ho;
+        Tap a = tap(oy, h, sy), t = tap(ox, w, sx);
         const float* xb = x + bi * h * w * c + ch;
-        float p00 = xb[((long long)a.i0 * w + t.i0) * c], p01 = xb[((long long)a.i0 * w + t.i1) * c];
-        float p10 = xb[((long long)a.i1 * w + t.i0) * c], p11 = xb[((long long)a.i1 * w + t.i1) * c];
+        float p00 = xb[((I)a.i0 * w + t.i0) * c], p01 = xb[((I)a.i0 * w + t.i1) * c];
+        float p10 = xb[((I)a.i1 * w + t.i0) * c], p11 = xb[((I)a.i1 * w + t.i1) * c];
         out[e] = a.l0 * (t.l0 * p00 + t.l1 * p01) + a.l1 * (t.l0 * p10 + t.l1 * p11);
     }
+}
+extern "C" __global__ void resize_bilinear_f32(float* out, const float* x, int b, int h, int w, int c, int ho,
+                                               int wo) {
+    const long long n = (long long)b * ho * wo * c;
+    const long long reach = (long long)b * h * w * c;  // x's length
+    BY_INDEX_WIDTH(n > reach ? n : reach, resize_body, out, x, n, h, w, c, ho, wo);
 }
 
 // The weight output coordinate d gives input coordinate i along an axis (both taps may
@@ -128,8 +178,8 @@ __device__ __forceinline__ float tap_weight(Tap t, int i) {
 // The output coordinates whose taps can reach input coordinate i: src(d) lies in
 // (i - 1, i + 1], so d lies in ((i - 1/2) out/in - 1/2, (i + 3/2) out/in - 1/2]; one
 // more on each side for rounding (tap_weight is exact, so extra d add 0).
-__device__ __forceinline__ void tap_range(int i, int n_in, int n_out, int* lo, int* hi) {
-    double inv = (double)n_out / (double)n_in;
+// inv = n_out / n_in in double.
+__device__ __forceinline__ void tap_range(int i, int n_out, double inv, int* lo, int* hi) {
     int a = (int)floor(((double)i - 0.5) * inv - 0.5) - 1;
     int z = (int)ceil(((double)i + 1.5) * inv - 0.5) + 1;
     *lo = a < 0 ? 0 : a;
@@ -139,37 +189,52 @@ __device__ __forceinline__ void tap_range(int i, int n_in, int n_out, int* lo, i
 // forward: out[oy,ox] = sum_{a,e in {0,1}} ly_a lx_e x[iy_a, ix_e]
 // so:      dx[iy,ix] = sum_{oy,ox} wy(oy,iy) wx(ox,ix) dout[oy,ox]   (overwritten), over
 //          the few (oy, ox) whose taps reach (iy, ix)
-extern "C" __global__ void resize_bilinear_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int ho,
-                                                   int wo) {
-    long long n = (long long)b * h * w * c;
-    GRID_STRIDE(e, n) {
-        int ch = (int)(e % c);
-        int ix = (int)((e / c) % w), iy = (int)((e / ((long long)c * w)) % h);
-        long long bi = e / ((long long)c * w * h);
+template <typename I>
+__device__ __forceinline__ void resize_bwd_body(float* dx, const float* dout, long long n, int h, int w, int c,
+                                                int ho, int wo) {
+    const double sy = (double)h / (double)ho, sx = (double)w / (double)wo;
+    const double iy_inv = (double)ho / (double)h, ix_inv = (double)wo / (double)w;
+    GRID_STRIDE_T(I, e, n) {
+        const int ch = (int)(e % c);
+        const I q = e / c;
+        const int ix = (int)(q % w);
+        const I q2 = q / w;
+        const int iy = (int)(q2 % h);
+        const I bi = q2 / h;
         int ylo, yhi, xlo, xhi;
-        tap_range(iy, h, ho, &ylo, &yhi);
-        tap_range(ix, w, wo, &xlo, &xhi);
+        tap_range(iy, ho, iy_inv, &ylo, &yhi);
+        tap_range(ix, wo, ix_inv, &xlo, &xhi);
         const float* db = dout + bi * ho * wo * c + ch;
         float acc = 0.0f;
         for (int oy = ylo; oy <= yhi; ++oy) {
-            float wy = tap_weight(tap(oy, h, ho), iy);
+            float wy = tap_weight(tap(oy, h, sy), iy);
             if (wy == 0.0f) continue;
             float row = 0.0f;
             for (int ox = xlo; ox <= xhi; ++ox) {
-                float wx = tap_weight(tap(ox, w, wo), ix);
-                if (wx != 0.0f) row += wx * db[((long long)oy * wo + ox) * c];
+                float wx = tap_weight(tap(ox, w, sx), ix);
+                if (wx != 0.0f) row += wx * db[((I)oy * wo + ox) * c];
             }
             acc += wy * row;
         }
         dx[e] = acc;
     }
 }
+extern "C" __global__ void resize_bilinear_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int ho,
+                                                   int wo) {
+    const long long n = (long long)b * h * w * c;
+    const long long reach = (long long)b * ho * wo * c;  // dout's length
+    BY_INDEX_WIDTH(n > reach ? n : reach, resize_bwd_body, dx, dout, n, h, w, c, ho, wo);
+}
 
 // ---- per-row scale ----
 
 // out (N,C) = x (N,C) g (N), row-broadcast.  The backward's dx = dout g is the same op.
+template <typename I>
+__device__ __forceinline__ void mul_rows_body(float* out, const float* x, const float* g, long long n, int c) {
+    GRID_STRIDE_T(I, e, n) out[e] = x[e] * g[e / c];
+}
 extern "C" __global__ void mul_rows_f32(float* out, const float* x, const float* g, long long n, int c) {
-    GRID_STRIDE(e, n) out[e] = x[e] * g[e / c];
+    BY_INDEX_WIDTH(n, mul_rows_body, out, x, g, n, c);
 }
 
 // forward: out[n,i] = x[n,i] g[n]
