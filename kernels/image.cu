@@ -21,6 +21,24 @@
         else BODY<long long>(__VA_ARGS__);             \
     } while (0)
 
+// Element e of a channels-last (B,H,W,C) tensor as (b, y, x, ch).
+template <typename I>
+struct Bhwc {
+    I b;
+    int y, x, ch;
+};
+template <typename I>
+__device__ __forceinline__ Bhwc<I> split_bhwc(I e, int h, int w, int c) {
+    Bhwc<I> p;
+    p.ch = (int)(e % c);
+    const I q = e / c;
+    p.x = (int)(q % w);
+    const I q2 = q / w;
+    p.y = (int)(q2 % h);
+    p.b = q2 / h;
+    return p;
+}
+
 // ---- im2col (stride-1 convolution as a matrix product) ----
 
 // x (B,H,W,C) -> out (B,Ho,Wo,K K C), each row ordered (ky, kx, c), zero padding:
@@ -57,12 +75,9 @@ __device__ __forceinline__ void im2col_bwd_body(float* dx, const float* dout, lo
     // the largest index read is dout's, (B·Ho·Wo)·K²C: the caller's check covers it
     const I width = (I)k * k * c;
     GRID_STRIDE_T(I, e, n) {
-        const int ch = (int)(e % c);
-        const I q = e / c;
-        const int ix = (int)(q % w);
-        const I q2 = q / w;
-        const int iy = (int)(q2 % h);
-        const I bi = q2 / h;
+        const Bhwc<I> px = split_bhwc<I>(e, h, w, c);
+        const int ch = px.ch, ix = px.x, iy = px.y;
+        const I bi = px.b;
         float acc = 0.0f;
         for (int ky = 0; ky < k; ++ky) {
             int oy = iy + pad - ky;
@@ -89,13 +104,8 @@ extern "C" __global__ void im2col_bwd_f32(float* dx, const float* dout, int b, i
 // x r + dx) takes channels (dy, dx, .) of pixel (y, x).
 template <typename I>
 __device__ __forceinline__ I d2s_src(I e, int h, int w, int c, int r) {
-    const int ch = (int)(e % c);
-    const I q = e / c;
-    const int X = (int)(q % (w * r));
-    const I q2 = q / (w * r);
-    const int Y = (int)(q2 % (h * r));
-    const I bi = q2 / (h * r);
-    return ((bi * h + Y / r) * w + X / r) * ((I)r * r * c) + ((Y % r) * r + X % r) * c + ch;
+    const Bhwc<I> o = split_bhwc<I>(e, h * r, w * r, c);
+    return ((o.b * h + o.y / r) * w + o.x / r) * ((I)r * r * c) + ((o.y % r) * r + o.x % r) * c + o.ch;
 }
 template <typename I>
 __device__ __forceinline__ void d2s_body(float* out, const float* x, long long n, int h, int w, int c, int r) {
@@ -149,14 +159,9 @@ __device__ __forceinline__ void resize_body(float* out, const float* x, long lon
                                             int wo) {
     const double sy = (double)h / (double)ho, sx = (double)w / (double)wo;
     GRID_STRIDE_T(I, e, n) {
-        const int ch = (int)(e % c);
-        const I q = e / c;
-        const int ox = (int)(q % wo);
-        const I q2 = q / wo;
-        const int oy = (int)(q2 % ho);
-        const I bi = q2 / ho;
-        Tap a = tap(oy, h, sy), t = tap(ox, w, sx);
-        const float* xb = x + bi * h * w * c + ch;
+        const Bhwc<I> o = split_bhwc<I>(e, ho, wo, c);
+        Tap a = tap(o.y, h, sy), t = tap(o.x, w, sx);
+        const float* xb = x + o.b * h * w * c + o.ch;
         float p00 = xb[((I)a.i0 * w + t.i0) * c], p01 = xb[((I)a.i0 * w + t.i1) * c];
         float p10 = xb[((I)a.i1 * w + t.i0) * c], p11 = xb[((I)a.i1 * w + t.i1) * c];
         out[e] = a.l0 * (t.l0 * p00 + t.l1 * p01) + a.l1 * (t.l0 * p10 + t.l1 * p11);
@@ -195,12 +200,9 @@ __device__ __forceinline__ void resize_bwd_body(float* dx, const float* dout, lo
     const double sy = (double)h / (double)ho, sx = (double)w / (double)wo;
     const double iy_inv = (double)ho / (double)h, ix_inv = (double)wo / (double)w;
     GRID_STRIDE_T(I, e, n) {
-        const int ch = (int)(e % c);
-        const I q = e / c;
-        const int ix = (int)(q % w);
-        const I q2 = q / w;
-        const int iy = (int)(q2 % h);
-        const I bi = q2 / h;
+        const Bhwc<I> px = split_bhwc<I>(e, h, w, c);
+        const int ch = px.ch, ix = px.x, iy = px.y;
+        const I bi = px.b;
         int ylo, yhi, xlo, xhi;
         tap_range(iy, ho, iy_inv, &ylo, &yhi);
         tap_range(ix, wo, ix_inv, &xlo, &xhi);
