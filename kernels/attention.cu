@@ -6,13 +6,14 @@
 // is read in place); bias γ (B,Tk) or null;
 // key_mask (B,Tk) bytes, 1 = attend, or null; lse (B,NH,Tq) natural-log log-sum-exp.
 // Causal: query i sees key j iff j <= i + (Tk - Tq).  A row that sees no key has out = 0,
-// lse = -inf and zero gradients.  The Tq×Tk score matrix is never stored: tiles of 32
-// queries × 32 keys live in shared memory and registers only.
+// lse = -inf and zero gradients.  The Tq×Tk score matrix is never stored: tiles of 32 or
+// 64 queries × 32 keys live in shared memory and registers only.
 //
-// Plain SIMT f32 (no tensor cores): one block of 4 warps takes 32 queries (8 rows per
-// warp); for score tiles a lane owns one key, for output rows a lane owns dimensions
-// lane, lane+32, lane+64, lane+96.  Softmax runs in the log2 domain (exp2f is one
-// instruction), scores as dot·scale·log2(e) + γ·log2(e).
+// Plain SIMT f32 (no tensor cores), register tiled: every thread computes a small tile of
+// scores (4 × 4 or 2 × 4) and of its outputs from float4 reads of shared memory, so that
+// a shared load feeds 8 to 16 FMAs (the layouts are written at each kernel).  Softmax
+// runs in the log2 domain (exp2f is one instruction), scores as dot·scale·log2(e) +
+// γ·log2(e).
 #include "common.cuh"
 
 // Loop unrolling for nvcc; the host compiler of the emulator does not know the pragma.
@@ -24,12 +25,9 @@
 
 #define ATT_THREADS 128
 #define ATT_WARPS 4
-#define ATT_BQ 32             // queries per block
-#define ATT_BK 32             // keys per tile (one per lane)
-#define ATT_ROWS 8            // query rows per warp (ATT_BQ / ATT_WARPS)
-#define ATT_NC 4              // dimension chunks of 32 per lane: HS <= 128
+#define ATT_BQ 32             // queries per tile of the dK / dV kernel
+#define ATT_BK 32             // keys per tile
 #define ATT_MAX_HS 128
-#define ATT_PS 32             // row stride of the backward's 32×32 P / dS tiles (rows read as float4)
 #define DEC_CHUNK 128         // keys per decode block (one per thread)
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.6931471805599453f
@@ -39,46 +37,14 @@ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
-// Shared-memory row strides: q-side tiles are read as float4 broadcasts (stride a
-// multiple of 4), k-side tiles are read one row per lane (odd stride: no bank conflict).
+// Shared-memory row stride of the q-side tiles (and of every tile's padded width): a
+// multiple of 4, rows read as float4.
 __device__ __forceinline__ int att_qs(int hs) { return (hs + 3) & ~3; }
-__device__ __forceinline__ int att_ks(int hs) { return att_qs(hs) + 1; }
 
 __device__ __forceinline__ float ld(const float* p) { return *p; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ void st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-
-// The f32 tile load four values per global load when rows are 16-byte aligned (hs a
-// multiple of 4, so there are no pad columns); false: not taken.  Stores stay scalar
-// (the k-side stride is odd).
-__device__ __forceinline__ bool att_load_tile4(float* dst, int ds, const float* src, int valid, int hs) {
-    if ((hs & 3) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0) return false;
-    const int w4 = hs / 4;
-    for (int idx = threadIdx.x; idx < ATT_BQ * w4; idx += blockDim.x) {
-        const int r = idx / w4, d = 4 * (idx - r * w4);
-        const float4 v = r < valid ? load_float4(src + (size_t)r * hs + d) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        float* o = dst + r * ds + d;
-        o[0] = v.x;
-        o[1] = v.y;
-        o[2] = v.z;
-        o[3] = v.w;
-    }
-    return true;
-}
-__device__ __forceinline__ bool att_load_tile4(float*, int, const __nv_bfloat16*, int, int) { return false; }
-
-// rows × hs of src (row stride hs) into dst (row stride ds), rows past `valid` and the
-// pad columns [hs, ds or qs) as zeros, so that padded dot products add exact zeros.
-template <typename T>
-__device__ __forceinline__ void att_load_tile(float* dst, int ds, const T* src, int valid, int hs) {
-    if (att_load_tile4(dst, ds, src, valid, hs)) return;
-    int w = att_qs(hs);
-    for (int idx = threadIdx.x; idx < ATT_BQ * w; idx += blockDim.x) {
-        int r = idx / w, d = idx - r * w;
-        dst[r * ds + d] = (r < valid && d < hs) ? ld(src + (size_t)r * hs + d) : 0.0f;
-    }
-}
 
 // Additive per-key row of a key tile in the log2 domain: γ·log2(e), or -inf for padding
 // and for keys past Tk.
@@ -93,25 +59,6 @@ __device__ __forceinline__ void att_load_keyrow(float* kb, const float* bias, co
     }
 }
 
-// Dot products of this warp's 8 query rows (q tile, stride qs, zero padded) with the
-// lane's key (k tile, stride ks): acc[r] = q[row0 + r] · k[lane].
-__device__ __forceinline__ void att_dots(float acc[ATT_ROWS], const float* qt, int qs, int row0, const float* kt,
-                                         int ks, int hs) {
-    int lane = threadIdx.x % WARP_SIZE;
-    const float* kr = kt + lane * ks;
-ATT_UNROLL
-    for (int r = 0; r < ATT_ROWS; ++r) acc[r] = 0.0f;
-    int w = att_qs(hs);
-    for (int d = 0; d < w; d += 4) {
-        float k0 = kr[d], k1 = kr[d + 1], k2 = kr[d + 2], k3 = kr[d + 3];
-ATT_UNROLL
-        for (int r = 0; r < ATT_ROWS; ++r) {
-            float4 qv = load_float4(qt + (row0 + r) * qs + d);
-            acc[r] += qv.x * k0 + qv.y * k1 + qv.z * k2 + qv.w * k3;
-        }
-    }
-}
-
 // Last key (exclusive) that any of the queries i0..i0+rows-1 may see.
 __device__ __forceinline__ int att_key_end(int causal, int i0, int rows, int Tq, int Tk) {
     if (!causal) return Tk;
@@ -120,134 +67,228 @@ __device__ __forceinline__ int att_key_end(int causal, int i0, int rows, int Tq,
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward.  grid.x = ceil(Tq/32) · NH · B (query tile fastest), block 128.
-// Dynamic shared memory (floats): q tile 32·qs, k and v tiles 32·ks each, P 32·32, key
-// row 32.
+// Forward, register tiled.  grid.x = ceil(Tq/64) · NH · B (query tile fastest), block
+// 128.  A block takes 64 queries and walks the key tiles of 32.  Thread t belongs to
+// row group rg = t / 8 (rows 4·rg .. 4·rg+3 of the block) and column group kg = t % 8;
+// the 8 threads of a row group are 8 consecutive lanes of one warp, so a row's max and
+// sum are three shuffles.  For S = Q Kᵀ a thread holds a 4 × 4 register tile (its rows
+// × keys kg, kg+8, kg+16, kg+24): per 4 dimensions it reads 4 q rows (the same for its
+// 8 lanes: broadcasts) and 4 k rows (8 distinct rows per 8 lanes at a stride ≡ 4 mod 32
+// floats: no bank conflict) as float4, 8 loads for 64 FMAs.  For O += P V it holds its
+// 4 rows × 16 dimensions (kg·4 + 32c + e): per 4 keys 4 P reads and 16 V reads (8 lanes
+// read 128 consecutive bytes) for 256 FMAs.
+// Dynamic shared memory (floats): q tile 64·qs, k tile 32·kst, v tile 32·qs, P 64·36,
+// key row 32 (75 KB at HS = 128: three blocks per SM).
 // ---------------------------------------------------------------------------------------
+#define FT_BQ 64                 // queries per forward block
+#define FT_PS (ATT_BK + 4)       // row stride of the forward's P tile
+#define FT_DIMS 16               // output dimensions per thread (16 · 8 = 128 = ATT_MAX_HS)
+
+// k-side row stride of the forward: a multiple of 4 that is ≡ 4 mod 32, so that 8 lanes
+// reading float4s of 8 consecutive rows hit 8 distinct bank quads.
+__device__ __forceinline__ int ft_ks(int hs) {
+    const int qs = att_qs(hs);
+    return ((qs - 4 + 31) & ~31) + 4;
+}
+
+// `rows` × hs of src (row stride hs) into dst (row stride ds, a multiple of 4), rows past
+// `valid` and the pad columns [hs, qs) as zeros.  When the rows are 16-byte aligned f32,
+// asynchronous 16-byte copies: every copy of the tile is in flight at once, and the
+// caller waits with cp_async_wait_all() before its __syncthreads() (one memory latency
+// per tile, not one per copy); otherwise plain loads and float4 stores.
 template <typename T>
+__device__ __forceinline__ void ft_load_tile(float* dst, int ds, const T* src, int rows, int valid, int hs) {
+    const int qs = att_qs(hs), w4 = qs / 4;
+    const bool vec = sizeof(T) == 4 && (hs & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0;
+    for (int idx = threadIdx.x; idx < rows * w4; idx += blockDim.x) {
+        const int r = idx / w4, d = 4 * (idx - r * w4);
+        const T* sr = src + (size_t)r * hs + d;
+        if (vec) {
+            cp_async16(dst + r * ds + d, reinterpret_cast<const float*>(r < valid ? sr : src), r < valid);
+            continue;
+        }
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r < valid) {
+            x.x = ld(sr);
+            if (d + 1 < hs) x.y = ld(sr + 1);
+            if (d + 2 < hs) x.z = ld(sr + 2);
+            if (d + 3 < hs) x.w = ld(sr + 3);
+        }
+        store_float4(dst + r * ds + d, x);
+    }
+}
+
+// Register tile of dot products: s[r][c] = a[row0 + r] · b[kg + 8c] over the padded
+// width qs (a: stride qs, read as broadcasts by the 8 lanes of a row group; b: stride
+// bs ≡ 4 mod 32, 8 distinct rows per 8 lanes).
+template <int R>
+__device__ __forceinline__ void ft_dots(float s[R][4], const float* a, int qs, int row0, const float* bt, int bs,
+                                        int kg) {
+ATT_UNROLL
+    for (int r = 0; r < R; ++r)
+ATT_UNROLL
+        for (int c = 0; c < 4; ++c) s[r][c] = 0.0f;
+ATT_UNROLL  // complete when qs is a compile-time constant (the QS = 128 bodies)
+    for (int d = 0; d < qs; d += 4) {
+        float4 av[R], bv[4];
+ATT_UNROLL
+        for (int r = 0; r < R; ++r) av[r] = load_float4(a + (row0 + r) * qs + d);
+ATT_UNROLL
+        for (int c = 0; c < 4; ++c) bv[c] = load_float4(bt + (kg + 8 * c) * bs + d);
+ATT_UNROLL
+        for (int r = 0; r < R; ++r)
+ATT_UNROLL
+            for (int c = 0; c < 4; ++c)
+                s[r][c] += av[r].x * bv[c].x + av[r].y * bv[c].y + av[r].z * bv[c].z + av[r].w * bv[c].w;
+    }
+}
+
+// QS: the padded head width when known at compile time (128: every loop over dimensions
+// unrolls completely), 0 for any other (read from HS at run time).
+template <typename T, int QS>
 __device__ void attention_fwd_body(T* out, float* lse, const T* q, const T* k, const T* v, const float* bias,
                                    const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks,
                                    int HS, int causal, float scale) {
     DYN_SHARED(float, fwd_sm);
-    const int qs = att_qs(HS), ks = att_ks(HS);
+    const int qs = QS > 0 ? QS : att_qs(HS), kst = ft_ks(qs);
     float* qt = fwd_sm;
-    float* kt = qt + ATT_BQ * qs;
-    float* vt = kt + ATT_BK * ks;
-    float* pt = vt + ATT_BK * ks;
-    float* kb = pt + ATT_BQ * ATT_BK;
+    float* kt = qt + FT_BQ * qs;
+    float* vt = kt + ATT_BK * kst;
+    float* pt = vt + ATT_BK * qs;
+    float* kb = pt + FT_BQ * FT_PS;
 
-    const int ntq = (Tq + ATT_BQ - 1) / ATT_BQ;
+    const int ntq = (Tq + FT_BQ - 1) / FT_BQ;
     const int tile = blockIdx.x % ntq, bh = blockIdx.x / ntq;
     const int b = bh / NH, h = bh % NH, g = h / (NH / NKV);
-    const int i0 = tile * ATT_BQ, rows = imin(ATT_BQ, Tq - i0);
-    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    const int row0 = warp * ATT_ROWS;
+    const int i0 = tile * FT_BQ, rows = imin(FT_BQ, Tq - i0);
+    const int rg = threadIdx.x / 8, kg = threadIdx.x % 8;
     const int off = Tk - Tq;
     const float sl2 = scale * LOG2E_F;
     const T* qh = q + ((size_t)bh * Tq + i0) * HS;
     const T* kh = k + (size_t)(b * NKV + g) * Ks * HS;
     const T* vh = v + (size_t)(b * NKV + g) * Ks * HS;
 
-    att_load_tile(qt, qs, qh, rows, HS);
+    ft_load_tile(qt, qs, qh, FT_BQ, rows, HS);
+    cp_async_wait_all();
 
-    float m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][ATT_NC];
+    float m[4], l[4], acc[4][FT_DIMS];
 ATT_UNROLL
-    for (int r = 0; r < ATT_ROWS; ++r) {
+    for (int r = 0; r < 4; ++r) {
         m[r] = neg_inf();
         l[r] = 0.0f;
 ATT_UNROLL
-        for (int c = 0; c < ATT_NC; ++c) acc[r][c] = 0.0f;
+        for (int c = 0; c < FT_DIMS; ++c) acc[r][c] = 0.0f;
     }
 
     const int kend = att_key_end(causal, i0, rows, Tq, Tk);
     for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
         __syncthreads();  // the previous tile is no longer read
         const int kv = imin(ATT_BK, Tk - t0);
-        att_load_tile(kt, ks, kh + (size_t)t0 * HS, kv, HS);
-        att_load_tile(vt, ks, vh + (size_t)t0 * HS, kv, HS);
+        ft_load_tile(kt, kst, kh + (size_t)t0 * HS, ATT_BK, kv, HS);
+        ft_load_tile(vt, qs, vh + (size_t)t0 * HS, ATT_BK, kv, HS);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
+        cp_async_wait_all();
         __syncthreads();
 
-        float s[ATT_ROWS];
-        att_dots(s, qt, qs, row0, kt, ks, HS);
-        const int j = t0 + lane;
+        float s[4][4];
+        ft_dots<4>(s, qt, qs, 4 * rg, kt, kst, kg);
 ATT_UNROLL
-        for (int r = 0; r < ATT_ROWS; ++r) {
-            const int i = i0 + row0 + r;
-            float x = s[r] * sl2 + kb[lane];
-            if (causal && j > i + off) x = neg_inf();
-            const float mn = fmaxf(m[r], warp_max(x));
-            float p = 0.0f, corr = 1.0f;
-            if (mn != neg_inf()) {  // warp-uniform
-                p = exp2f(x - mn);
-                corr = exp2f(m[r] - mn);  // 0 on the first visible tile
+        for (int r = 0; r < 4; ++r) {
+            const int i = i0 + 4 * rg + r;
+            float x[4], mx = neg_inf();
+ATT_UNROLL
+            for (int c = 0; c < 4; ++c) {
+                const int jj = kg + 8 * c;
+                x[c] = s[r][c] * sl2 + kb[jj];
+                if (causal && t0 + jj > i + off) x[c] = neg_inf();
+                mx = fmaxf(mx, x[c]);
             }
-            // Each lane keeps a partial row sum; one warp sum at the end.
-            l[r] = l[r] * corr + p;
+            // the row's 8 lanes: consecutive, so xor 1, 2, 4 stays in the group
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
+            const float mn = fmaxf(m[r], mx);
+            float corr = 1.0f, ps = 0.0f;
+            if (mn != neg_inf()) corr = exp2f(m[r] - mn);  // 0 on the first visible tile
 ATT_UNROLL
-            for (int c = 0; c < ATT_NC; ++c) acc[r][c] *= corr;
+            for (int c = 0; c < 4; ++c) {
+                const float p = mn != neg_inf() ? exp2f(x[c] - mn) : 0.0f;
+                ps += p;
+                pt[(4 * rg + r) * FT_PS + kg + 8 * c] = p;
+            }
+            // Each lane keeps a partial row sum; the group's sum at the end.
+            l[r] = l[r] * corr + ps;
+ATT_UNROLL
+            for (int c = 0; c < FT_DIMS; ++c) acc[r][c] *= corr;
             m[r] = mn;
-            pt[(row0 + r) * ATT_BK + lane] = p;
         }
-        __syncwarp();
-        // Four keys per step, P read as float4 broadcasts; the keys up to the next
-        // multiple of 4 past kend have p = 0 exactly (causally hidden), so adding them
-        // changes nothing, and each acc element adds its terms in key order as before.
+        __syncwarp();  // a row group's P rows are written and read by its own 8 lanes
+        // Four keys per step; the keys up to the next multiple of 4 past kend have p = 0
+        // exactly (causally hidden) and zero v rows past Tk, so adding them changes
+        // nothing, and each acc element adds its terms in key order.
         const int jn = imin(ATT_BK, (imin(ATT_BK, kend - t0) + 3) & ~3);
         for (int jj = 0; jj < jn; jj += 4) {
-            float vv[4][ATT_NC];
+            float4 p[4];
 ATT_UNROLL
-            for (int e = 0; e < 4; ++e)
+            for (int r = 0; r < 4; ++r) p[r] = load_float4(pt + (4 * rg + r) * FT_PS + jj);
 ATT_UNROLL
-                for (int c = 0; c < ATT_NC; ++c) vv[e][c] = vt[(jj + e) * ks + imin(lane + 32 * c, qs - 1)];
+            for (int c = 0; c < FT_DIMS / 4; ++c) {
+                const int d = 4 * kg + 32 * c;
+                if (d >= qs) continue;
+                float4 vv[4];
 ATT_UNROLL
-            for (int r = 0; r < ATT_ROWS; ++r) {
-                const float4 p = load_float4(pt + (row0 + r) * ATT_BK + jj);
+                for (int e = 0; e < 4; ++e) vv[e] = load_float4(vt + (jj + e) * qs + d);
 ATT_UNROLL
-                for (int c = 0; c < ATT_NC; ++c) {
-                    acc[r][c] += p.x * vv[0][c];
-                    acc[r][c] += p.y * vv[1][c];
-                    acc[r][c] += p.z * vv[2][c];
-                    acc[r][c] += p.w * vv[3][c];
+                for (int r = 0; r < 4; ++r) {
+                    float* a = acc[r] + 4 * c;
+                    a[0] += p[r].x * vv[0].x + p[r].y * vv[1].x + p[r].z * vv[2].x + p[r].w * vv[3].x;
+                    a[1] += p[r].x * vv[0].y + p[r].y * vv[1].y + p[r].z * vv[2].y + p[r].w * vv[3].y;
+                    a[2] += p[r].x * vv[0].z + p[r].y * vv[1].z + p[r].z * vv[2].z + p[r].w * vv[3].z;
+                    a[3] += p[r].x * vv[0].w + p[r].y * vv[1].w + p[r].z * vv[2].w + p[r].w * vv[3].w;
                 }
             }
         }
     }
 
 ATT_UNROLL
-    for (int r = 0; r < ATT_ROWS; ++r) {
-        const float tot = warp_sum(l[r]);
-        const int rr = row0 + r;
+    for (int r = 0; r < 4; ++r) {
+        float tot = l[r];
+        tot += __shfl_xor_sync(FULL_MASK, tot, 1);
+        tot += __shfl_xor_sync(FULL_MASK, tot, 2);
+        tot += __shfl_xor_sync(FULL_MASK, tot, 4);
+        const int rr = 4 * rg + r;
         if (rr >= rows) continue;
         const bool any = tot > 0.0f;
         const float inv = any ? 1.0f / tot : 0.0f;
         T* o = out + ((size_t)bh * Tq + i0 + rr) * HS;
 ATT_UNROLL
-        for (int c = 0; c < ATT_NC; ++c) {
-            const int d = lane + 32 * c;
+        for (int c = 0; c < FT_DIMS; ++c) {
+            const int d = 4 * kg + 32 * (c / 4) + c % 4;
             if (d < HS) st(o + d, acc[r][c] * inv);
         }
-        if (lane == 0) lse[(size_t)bh * Tq + i0 + rr] = any ? (m[r] + log2f(tot)) * LN2_F : neg_inf();
+        if (kg == 0) lse[(size_t)bh * Tq + i0 + rr] = any ? (m[r] + log2f(tot)) * LN2_F : neg_inf();
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_fwd_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
                       const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
                       int causal, float scale) {
-    attention_fwd_body<float>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal, scale);
+    if (att_qs(HS) == ATT_MAX_HS)
+        attention_fwd_body<float, ATT_MAX_HS>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal,
+                                              scale);
+    else
+        attention_fwd_body<float, 0>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal, scale);
 }
 
-// 166 registers without spills at one block per SM guaranteed (ptxas spills at its
-// default target of 128).
 // bf16 q, k, v and out; f32 bias, lse and all arithmetic (tiles are widened to f32 in
 // shared memory: the gain is halved global traffic, the accumulation stays exact f32).
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_fwd_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                        const __nv_bfloat16* v, const float* bias, const unsigned char* key_mask, int B, int NH,
                        int NKV, int Tq, int Tk, int Ks, int HS, int causal, float scale) {
-    attention_fwd_body<__nv_bfloat16>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal,
-                                      scale);
+    attention_fwd_body<__nv_bfloat16, 0>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal,
+                                         scale);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -273,207 +314,285 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     if (lane == 0) D[row] = acc;
 }
 
-// P and dS of this warp's 8 query rows × the lane's key, from the q / dout tiles
-// (stride qs), k / v tiles (stride ks), the key row, lse·log2(e) and D per query row.
-__device__ __forceinline__ void att_p_ds(float p[ATT_ROWS], float ds[ATT_ROWS], const float* qt, const float* dot_,
-                                         int qs, int row0, const float* kt, const float* vt, int ks, int HS,
-                                         const float* kb, const float* lse2, const float* Dt, float sl2, int causal,
-                                         int i0, int t0, int off) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    float dp[ATT_ROWS];
-    att_dots(p, qt, qs, row0, kt, ks, HS);
-    att_dots(dp, dot_, qs, row0, vt, ks, HS);
-    const int j = t0 + lane;
+// P and dS of rows row0 .. row0+R-1 × keys kg + 8c of a 32-key tile, in place of the
+// dot products: s holds q·k on entry and P on return, dp holds dout·v and becomes dS.
+// lse2 (lse·log2 e, −inf for rows past Tq) and Dt are indexed by the tile's row.
+template <int R>
+__device__ __forceinline__ void ft_p_ds(float s[R][4], float dp[R][4], const float* kb, const float* lse2,
+                                        const float* Dt, int row0, int kg, float sl2, int causal, int i0, int t0,
+                                        int off) {
 ATT_UNROLL
-    for (int r = 0; r < ATT_ROWS; ++r) {
+    for (int r = 0; r < R; ++r) {
         const int i = i0 + row0 + r;
-        const float l2 = lse2[row0 + r];
-        float x = p[r] * sl2 + kb[lane];
-        const bool hidden = (causal && j > i + off) || l2 == neg_inf();
-        const float pr = hidden ? 0.0f : exp2f(x - l2);
-        p[r] = pr;
-        ds[r] = pr * (dp[r] - Dt[row0 + r]);
+        const float l2 = lse2[row0 + r], dd = Dt[row0 + r];
+ATT_UNROLL
+        for (int c = 0; c < 4; ++c) {
+            const int jj = kg + 8 * c;
+            const float x = s[r][c] * sl2 + kb[jj];
+            const bool hidden = (causal && t0 + jj > i + off) || l2 == neg_inf();
+            const float p = hidden ? 0.0f : exp2f(x - l2);
+            s[r][c] = p;
+            dp[r][c] = p * (dp[r][c] - dd);
+        }
     }
 }
 
-// Loads the query-side tiles of the backward: q, dout (32 rows from i0 of head bh),
-// lse·log2(e) and D; rows past Tq get lse = −inf (they then contribute nothing).
-__device__ __forceinline__ void att_load_qside(float* qt, float* dot_, float* lse2, float* Dt, int qs,
-                                               const float* q, const float* dout, const float* lse, const float* D,
-                                               size_t bh, int i0, int Tq, int HS) {
-    const int rows = imin(ATT_BQ, Tq - i0);
-    att_load_tile(qt, qs, q + (bh * Tq + i0) * HS, rows, HS);
-    att_load_tile(dot_, qs, dout + (bh * Tq + i0) * HS, rows, HS);
-    if (threadIdx.x < ATT_BQ) {
-        const int r = threadIdx.x;
-        lse2[r] = r < rows ? lse[bh * Tq + i0 + r] * LOG2E_F : neg_inf();
-        Dt[r] = r < rows ? D[bh * Tq + i0 + r] : 0.0f;
+// Loads the query-side tiles of the backward: `rows` rows of q and dout from i0 of head
+// bh (stride qs), lse·log2(e) and D; rows past Tq get lse = −inf (they then contribute
+// nothing).
+__device__ __forceinline__ void ft_load_qside(float* qt, float* dot_, float* lse2, float* Dt, int qs, int rows,
+                                              const float* q, const float* dout, const float* lse, const float* D,
+                                              size_t bh, int i0, int Tq, int HS) {
+    const int valid = imin(rows, Tq - i0);
+    ft_load_tile(qt, qs, q + (bh * Tq + i0) * HS, rows, valid, HS);
+    ft_load_tile(dot_, qs, dout + (bh * Tq + i0) * HS, rows, valid, HS);
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        lse2[r] = r < valid ? lse[bh * Tq + i0 + r] * LOG2E_F : neg_inf();
+        Dt[r] = r < valid ? D[bh * Tq + i0 + r] : 0.0f;
     }
 }
 
-// Two kinds of block in one launch, both reading only the inputs and writing disjoint
-// outputs, so the result is deterministic without atomics:
-// - blocks [0, nkvb): one 32-key tile of one (b, kv head) each; loop over the heads of
-//   the group and the query tiles that see the keys; accumulate dK, dV in registers
-//   (thread = key lane × dims warp, warp+4, ...) and Σ_i dS for dγ, written per kv
-//   head to dbias_part (B,NKV,Tk) (null: not wanted);
-// - blocks [nkvb, nkvb + nqb): one 32-query tile of one (b, head) each; loop over key
-//   tiles; accumulate dQ (thread = row × dims lane, lane+32, ...).
-// P and dP are recomputed in both kinds (7 tile products instead of 5): the price of
-// determinism without a dQ atomic.
-// Dynamic shared memory (floats): q, dout tiles 32·qs each, k, v tiles 32·ks each,
-// P and dS 32·32 each, key row, lse·log2e and D 32 each (about 74 KB at HS = 128: three
-// blocks per SM, so registers may go to 170 without costing a block; at the default
-// bound of 128 ptxas spilled).
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
-    attention_bwd_f32(float* dq, float* dk, float* dv, float* dbias_part, const float* q, const float* k,
-                      const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
-                      const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS, int causal,
-                      float scale) {
-    DYN_SHARED(float, bwd_sm);
-    const int qs = att_qs(HS), ks = att_ks(HS);
-    float* qt = bwd_sm;
+// dQ = scale · dS K, one block per 64-query tile of one (b, head), walking the key tiles
+// of 32 that its rows see (the forward's layout: thread = row group t / 8 × column group
+// t % 8; S and dP as two 4 × 4 register tiles; dQ as 4 rows × 16 dimensions).
+// P and dP are recomputed here and in attention_bwd_dkv_f32: the price of determinism
+// without a dQ atomic.
+// Dynamic shared memory (floats): q, dout tiles 64·qs each, k, v tiles 32·kst each, dS
+// 64·36, key row 32, lse·log2e and D 64 each (107 KB at HS = 128: two blocks per SM).
+template <int QS>
+__device__ void attention_bwd_dq_body(float* dq, const float* q, const float* k, const float* v, const float* bias,
+                                      const unsigned char* key_mask, const float* lse, const float* D,
+                                      const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS, int causal,
+                                      float scale) {
+    DYN_SHARED(float, dq_sm);
+    const int qs = QS > 0 ? QS : att_qs(HS), kst = ft_ks(qs);
+    float* qt = dq_sm;
+    float* dot_ = qt + FT_BQ * qs;
+    float* kt = dot_ + FT_BQ * qs;
+    float* vt = kt + ATT_BK * kst;
+    float* dst = vt + ATT_BK * kst;
+    float* kb = dst + FT_BQ * FT_PS;
+    float* lse2 = kb + ATT_BK;
+    float* Dt = lse2 + FT_BQ;
+
+    const int rg = threadIdx.x / 8, kg = threadIdx.x % 8;
+    const int off = Tk - Tq;
+    const float sl2 = scale * LOG2E_F;
+    const int ntq = (Tq + FT_BQ - 1) / FT_BQ;
+    const int tile = blockIdx.x % ntq, bhi = blockIdx.x / ntq;
+    const size_t bh = bhi;
+    const int b = bhi / NH, h = bhi % NH, g = h / (NH / NKV);
+    const int i0 = tile * FT_BQ, rows = imin(FT_BQ, Tq - i0);
+    ft_load_qside(qt, dot_, lse2, Dt, qs, FT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+    cp_async_wait_all();
+    float acc[4][FT_DIMS];
+ATT_UNROLL
+    for (int r = 0; r < 4; ++r)
+ATT_UNROLL
+        for (int c = 0; c < FT_DIMS; ++c) acc[r][c] = 0.0f;
+    const int kend = att_key_end(causal, i0, rows, Tq, Tk);
+    const size_t bg = (size_t)b * NKV + g;
+    for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
+        __syncthreads();
+        const int kv = imin(ATT_BK, Tk - t0);
+        ft_load_tile(kt, kst, k + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
+        ft_load_tile(vt, kst, v + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
+        att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
+        cp_async_wait_all();
+        __syncthreads();
+        float p[4][4], ds[4][4];
+        ft_dots<4>(p, qt, qs, 4 * rg, kt, kst, kg);
+        ft_dots<4>(ds, dot_, qs, 4 * rg, vt, kst, kg);
+        ft_p_ds<4>(p, ds, kb, lse2, Dt, 4 * rg, kg, sl2, causal, i0, t0, off);
+ATT_UNROLL
+        for (int r = 0; r < 4; ++r)
+ATT_UNROLL
+            for (int c = 0; c < 4; ++c) dst[(4 * rg + r) * FT_PS + kg + 8 * c] = ds[r][c];
+        __syncwarp();  // a row group's dS rows are written and read by its own 8 lanes
+        // Four keys per step as in the forward (dS = 0 exactly on hidden keys, k rows past
+        // Tk are zeros).
+        const int jn = imin(ATT_BK, (imin(ATT_BK, kend - t0) + 3) & ~3);
+        for (int jj = 0; jj < jn; jj += 4) {
+            float4 dsv[4];
+ATT_UNROLL
+            for (int r = 0; r < 4; ++r) dsv[r] = load_float4(dst + (4 * rg + r) * FT_PS + jj);
+ATT_UNROLL
+            for (int c = 0; c < FT_DIMS / 4; ++c) {
+                const int d = 4 * kg + 32 * c;
+                if (d >= qs) continue;
+                float4 kk[4];
+ATT_UNROLL
+                for (int e = 0; e < 4; ++e) kk[e] = load_float4(kt + (jj + e) * kst + d);
+ATT_UNROLL
+                for (int r = 0; r < 4; ++r) {
+                    float* a = acc[r] + 4 * c;
+                    const float4 w = dsv[r];
+                    a[0] += w.x * kk[0].x + w.y * kk[1].x + w.z * kk[2].x + w.w * kk[3].x;
+                    a[1] += w.x * kk[0].y + w.y * kk[1].y + w.z * kk[2].y + w.w * kk[3].y;
+                    a[2] += w.x * kk[0].z + w.y * kk[1].z + w.z * kk[2].z + w.w * kk[3].z;
+                    a[3] += w.x * kk[0].w + w.y * kk[1].w + w.z * kk[2].w + w.w * kk[3].w;
+                }
+            }
+        }
+    }
+ATT_UNROLL
+    for (int r = 0; r < 4; ++r) {
+        const int rr = 4 * rg + r;
+        if (rr >= rows) continue;
+        float* o = dq + (bh * Tq + i0 + rr) * HS;
+ATT_UNROLL
+        for (int c = 0; c < FT_DIMS; ++c) {
+            const int d = 4 * kg + 32 * (c / 4) + c % 4;
+            if (d < HS) o[d] = acc[r][c] * scale;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_bwd_dq_f32(float* dq, const float* q, const float* k, const float* v, const float* bias,
+                         const unsigned char* key_mask, const float* lse, const float* D, const float* dout, int B,
+                         int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
+    if (att_qs(HS) == ATT_MAX_HS)
+        attention_bwd_dq_body<ATT_MAX_HS>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS, causal,
+                                          scale);
+    else
+        attention_bwd_dq_body<0>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS, causal, scale);
+}
+
+// dK = scale · dSᵀ Q, dV = Pᵀ dO and Σ_i dS for dγ, one block per 32-key tile of one
+// (b, kv head), looping over the heads of the group and the 32-query tiles that see the
+// keys.  S and dP as 2 × 4 register tiles (thread = rows 2·(t / 8) + r × keys t % 8 + 8c),
+// P and dS stored transposed (key-major, rows read as float4); then thread t owns keys
+// 4·(t / 16) .. +3 × dimensions 4·(t % 16) + 64c + e (c < 2): per 4 query rows 8 P / dS
+// reads (broadcasts over 16 lanes) and 16 q / dout reads for 256 FMAs.  dγ goes per kv
+// head to dbias_part (B,NKV,Tk) (null: not wanted).
+// Dynamic shared memory (floats): q, dout tiles 32·qs each, k, v tiles 32·kst each,
+// Pᵀ and dSᵀ 32·36 each, key row, lse·log2e and D 32 each (74 KB at HS = 128: three
+// blocks per SM).
+template <int QS>
+__device__ void attention_bwd_dkv_body(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
+                                       const float* v, const float* bias, const unsigned char* key_mask,
+                                       const float* lse, const float* D, const float* dout, int B, int NH, int NKV,
+                                       int Tq, int Tk, int HS, int causal, float scale) {
+    DYN_SHARED(float, dkv_sm);
+    const int qs = QS > 0 ? QS : att_qs(HS), kst = ft_ks(qs);
+    float* qt = dkv_sm;
     float* dot_ = qt + ATT_BQ * qs;
     float* kt = dot_ + ATT_BQ * qs;
-    float* vt = kt + ATT_BK * ks;
-    float* pt = vt + ATT_BK * ks;
-    float* dst = pt + ATT_BQ * ATT_PS;
-    float* kb = dst + ATT_BQ * ATT_PS;
+    float* vt = kt + ATT_BK * kst;
+    float* pT = vt + ATT_BK * kst;
+    float* dsT = pT + ATT_BK * FT_PS;
+    float* kb = dsT + ATT_BK * FT_PS;
     float* lse2 = kb + ATT_BK;
     float* Dt = lse2 + ATT_BQ;
 
-    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    const int row0 = warp * ATT_ROWS;
+    const int rg = threadIdx.x / 8, kg = threadIdx.x % 8;   // S / dP tiles
+    const int kq = threadIdx.x / 16, dg = threadIdx.x % 16;  // dK / dV tiles
     const int off = Tk - Tq;
     const int group = NH / NKV;
     const float sl2 = scale * LOG2E_F;
-    const int ntk = (Tk + ATT_BK - 1) / ATT_BK, ntq = (Tq + ATT_BQ - 1) / ATT_BQ;
-    const int nkvb = ntk * NKV * B;
-
-    if ((int)blockIdx.x < nkvb) {
-        // ---- dK, dV, dγ of one key tile ----
-        const int tile = blockIdx.x % ntk, bg = blockIdx.x / ntk;
-        const int b = bg / NKV, g = bg % NKV;
-        const int t0 = tile * ATT_BK, kv = imin(ATT_BK, Tk - t0);
-        att_load_tile(kt, ks, k + ((size_t)bg * Tk + t0) * HS, kv, HS);
-        att_load_tile(vt, ks, v + ((size_t)bg * Tk + t0) * HS, kv, HS);
-        att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
-        // Thread (warp, lane) owns key t0+lane and dims 4·warp + 16c + e (c < 8, e < 4), so
-        // that the q-side rows, the same for the whole warp, are read as float4
-        // broadcasts (qs is a multiple of 4 and the tiles start 16-byte aligned).
-        float dka[ATT_MAX_HS / ATT_WARPS], dva[ATT_MAX_HS / ATT_WARPS], dg = 0.0f;
+    const int ntk = (Tk + ATT_BK - 1) / ATT_BK;
+    const int tile = blockIdx.x % ntk, bg = blockIdx.x / ntk;
+    const int b = bg / NKV, g = bg % NKV;
+    const int t0 = tile * ATT_BK, kv = imin(ATT_BK, Tk - t0);
+    ft_load_tile(kt, kst, k + ((size_t)bg * Tk + t0) * HS, ATT_BK, kv, HS);
+    ft_load_tile(vt, kst, v + ((size_t)bg * Tk + t0) * HS, ATT_BK, kv, HS);
+    att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
+    cp_async_wait_all();
+    float dka[4][8], dva[4][8], dgs[4];
 ATT_UNROLL
-        for (int c = 0; c < ATT_MAX_HS / ATT_WARPS; ++c) dka[c] = dva[c] = 0.0f;
-        // First query that sees key t0 under the causal rule: i + off >= t0.
-        const int ifirst = causal ? imax(0, t0 - off) : 0;
-        for (int hh = 0; hh < group; ++hh) {
-            const size_t bh = (size_t)b * NH + g * group + hh;
-            for (int i0 = (ifirst / ATT_BQ) * ATT_BQ; i0 < Tq; i0 += ATT_BQ) {
-                __syncthreads();  // previous tiles no longer read (and k/v/kb loaded)
-                att_load_qside(qt, dot_, lse2, Dt, qs, q, dout, lse, D, bh, i0, Tq, HS);
-                __syncthreads();
-                float p[ATT_ROWS], ds[ATT_ROWS];
-                att_p_ds(p, ds, qt, dot_, qs, row0, kt, vt, ks, HS, kb, lse2, Dt, sl2, causal, i0, t0, off);
+    for (int e = 0; e < 4; ++e) {
+        dgs[e] = 0.0f;
 ATT_UNROLL
-                for (int r = 0; r < ATT_ROWS; ++r) {
-                    pt[(row0 + r) * ATT_PS + lane] = p[r];
-                    dst[(row0 + r) * ATT_PS + lane] = ds[r];
+        for (int c = 0; c < 8; ++c) dka[e][c] = dva[e][c] = 0.0f;
+    }
+    // First query that sees key t0 under the causal rule: i + off >= t0.
+    const int ifirst = causal ? imax(0, t0 - off) : 0;
+    for (int hh = 0; hh < group; ++hh) {
+        const size_t bh = (size_t)b * NH + g * group + hh;
+        for (int i0 = (ifirst / ATT_BQ) * ATT_BQ; i0 < Tq; i0 += ATT_BQ) {
+            __syncthreads();  // previous tiles no longer read (and k/v/kb loaded)
+            ft_load_qside(qt, dot_, lse2, Dt, qs, ATT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+            cp_async_wait_all();
+            __syncthreads();
+            float p[2][4], ds[2][4];
+            ft_dots<2>(p, qt, qs, 2 * rg, kt, kst, kg);
+            ft_dots<2>(ds, dot_, qs, 2 * rg, vt, kst, kg);
+            ft_p_ds<2>(p, ds, kb, lse2, Dt, 2 * rg, kg, sl2, causal, i0, t0, off);
+ATT_UNROLL
+            for (int r = 0; r < 2; ++r)
+ATT_UNROLL
+                for (int c = 0; c < 4; ++c) {
+                    pT[(kg + 8 * c) * FT_PS + 2 * rg + r] = p[r][c];
+                    dsT[(kg + 8 * c) * FT_PS + 2 * rg + r] = ds[r][c];
                 }
-                __syncthreads();
-                for (int i = 0; i < ATT_BQ; ++i) {
-                    const float pv = pt[i * ATT_PS + lane], dsv = dst[i * ATT_PS + lane];
-                    dg += dsv;
+            __syncthreads();
+            // Rows past Tq have P = dS = 0 and zero q / dout rows.
+            for (int ii = 0; ii < ATT_BQ; ii += 4) {
+                float4 pv[4], sv[4];
 ATT_UNROLL
-                    for (int c = 0; c < ATT_MAX_HS / (4 * ATT_WARPS); ++c) {
-                        const int d = 4 * warp + 4 * ATT_WARPS * c;
-                        if (d < qs) {  // pad columns hold zeros
-                            const float4 o = load_float4(dot_ + i * qs + d), x = load_float4(qt + i * qs + d);
-                            dva[4 * c] += pv * o.x;
-                            dva[4 * c + 1] += pv * o.y;
-                            dva[4 * c + 2] += pv * o.z;
-                            dva[4 * c + 3] += pv * o.w;
-                            dka[4 * c] += dsv * x.x;
-                            dka[4 * c + 1] += dsv * x.y;
-                            dka[4 * c + 2] += dsv * x.z;
-                            dka[4 * c + 3] += dsv * x.w;
-                        }
+                for (int e = 0; e < 4; ++e) {
+                    pv[e] = load_float4(pT + (4 * kq + e) * FT_PS + ii);
+                    sv[e] = load_float4(dsT + (4 * kq + e) * FT_PS + ii);
+                    dgs[e] += sv[e].x + sv[e].y + sv[e].z + sv[e].w;
+                }
+ATT_UNROLL
+                for (int c = 0; c < 2; ++c) {
+                    const int d = 4 * dg + 64 * c;
+                    if (d >= qs) continue;
+                    float4 o[4], x[4];
+ATT_UNROLL
+                    for (int u = 0; u < 4; ++u) {
+                        o[u] = load_float4(dot_ + (ii + u) * qs + d);
+                        x[u] = load_float4(qt + (ii + u) * qs + d);
+                    }
+ATT_UNROLL
+                    for (int e = 0; e < 4; ++e) {
+                        float* va = dva[e] + 4 * c;
+                        float* ka = dka[e] + 4 * c;
+                        const float4 pw = pv[e], sw = sv[e];
+                        va[0] += pw.x * o[0].x + pw.y * o[1].x + pw.z * o[2].x + pw.w * o[3].x;
+                        va[1] += pw.x * o[0].y + pw.y * o[1].y + pw.z * o[2].y + pw.w * o[3].y;
+                        va[2] += pw.x * o[0].z + pw.y * o[1].z + pw.z * o[2].z + pw.w * o[3].z;
+                        va[3] += pw.x * o[0].w + pw.y * o[1].w + pw.z * o[2].w + pw.w * o[3].w;
+                        ka[0] += sw.x * x[0].x + sw.y * x[1].x + sw.z * x[2].x + sw.w * x[3].x;
+                        ka[1] += sw.x * x[0].y + sw.y * x[1].y + sw.z * x[2].y + sw.w * x[3].y;
+                        ka[2] += sw.x * x[0].z + sw.y * x[1].z + sw.z * x[2].z + sw.w * x[3].z;
+                        ka[3] += sw.x * x[0].w + sw.y * x[1].w + sw.z * x[2].w + sw.w * x[3].w;
                     }
                 }
-            }
-        }
-        if (lane < kv) {
-            const size_t krow = ((size_t)bg * Tk + t0 + lane) * HS;
-ATT_UNROLL
-            for (int c = 0; c < ATT_MAX_HS / ATT_WARPS; ++c) {
-                const int d = 4 * warp + 4 * ATT_WARPS * (c / 4) + c % 4;
-                if (d < HS) {
-                    dk[krow + d] = dka[c] * scale;
-                    dv[krow + d] = dva[c];
-                }
-            }
-            // Every warp summed the same dS column; warp 0 writes it.
-            if (warp == 0 && dbias_part) dbias_part[(size_t)bg * Tk + t0 + lane] = dg;
-        }
-    } else {
-        // ---- dQ of one query tile ----
-        const int qb = blockIdx.x - nkvb;
-        const int tile = qb % ntq, bhi = qb / ntq;
-        const size_t bh = bhi;
-        const int b = bhi / NH, h = bhi % NH, g = h / group;
-        const int i0 = tile * ATT_BQ, rows = imin(ATT_BQ, Tq - i0);
-        att_load_qside(qt, dot_, lse2, Dt, qs, q, dout, lse, D, bh, i0, Tq, HS);
-        float acc[ATT_ROWS][ATT_NC];
-ATT_UNROLL
-        for (int r = 0; r < ATT_ROWS; ++r)
-ATT_UNROLL
-            for (int c = 0; c < ATT_NC; ++c) acc[r][c] = 0.0f;
-        const int kend = att_key_end(causal, i0, rows, Tq, Tk);
-        const size_t bg = (size_t)b * NKV + g;
-        for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
-            __syncthreads();
-            const int kv = imin(ATT_BK, Tk - t0);
-            att_load_tile(kt, ks, k + (bg * Tk + t0) * HS, kv, HS);
-            att_load_tile(vt, ks, v + (bg * Tk + t0) * HS, kv, HS);
-            att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
-            __syncthreads();
-            float p[ATT_ROWS], ds[ATT_ROWS];
-            att_p_ds(p, ds, qt, dot_, qs, row0, kt, vt, ks, HS, kb, lse2, Dt, sl2, causal, i0, t0, off);
-ATT_UNROLL
-            for (int r = 0; r < ATT_ROWS; ++r) dst[(row0 + r) * ATT_PS + lane] = ds[r];
-            __syncwarp();
-            // Four keys per step as in the forward (dS = 0 exactly on hidden keys).
-            const int jn = imin(ATT_BK, (imin(ATT_BK, kend - t0) + 3) & ~3);
-            for (int jj = 0; jj < jn; jj += 4) {
-                float kk[4][ATT_NC];
-ATT_UNROLL
-                for (int e = 0; e < 4; ++e)
-ATT_UNROLL
-                    for (int c = 0; c < ATT_NC; ++c) kk[e][c] = kt[(jj + e) * ks + imin(lane + 32 * c, qs - 1)];
-ATT_UNROLL
-                for (int r = 0; r < ATT_ROWS; ++r) {
-                    const float4 d = load_float4(dst + (row0 + r) * ATT_PS + jj);
-ATT_UNROLL
-                    for (int c = 0; c < ATT_NC; ++c) {
-                        acc[r][c] += d.x * kk[0][c];
-                        acc[r][c] += d.y * kk[1][c];
-                        acc[r][c] += d.z * kk[2][c];
-                        acc[r][c] += d.w * kk[3][c];
-                    }
-                }
-            }
-        }
-ATT_UNROLL
-        for (int r = 0; r < ATT_ROWS; ++r) {
-            const int rr = row0 + r;
-            if (rr >= rows) continue;
-            float* o = dq + (bh * Tq + i0 + rr) * HS;
-ATT_UNROLL
-            for (int c = 0; c < ATT_NC; ++c) {
-                const int d = lane + 32 * c;
-                if (d < HS) o[d] = acc[r][c] * scale;
             }
         }
     }
+ATT_UNROLL
+    for (int e = 0; e < 4; ++e) {
+        const int key = 4 * kq + e;
+        if (key >= kv) continue;
+        const size_t krow = ((size_t)bg * Tk + t0 + key) * HS;
+ATT_UNROLL
+        for (int c = 0; c < 8; ++c) {
+            const int d = 4 * dg + 64 * (c / 4) + c % 4;
+            if (d < HS) {
+                dk[krow + d] = dka[e][c] * scale;
+                dv[krow + d] = dva[e][c];
+            }
+        }
+        // The 16 lanes of a key group summed the same dS rows; the first writes them.
+        if (dg == 0 && dbias_part) dbias_part[(size_t)bg * Tk + t0 + key] = dgs[e];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
+    attention_bwd_dkv_f32(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
+                          const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
+                          const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
+                          int causal, float scale) {
+    if (att_qs(HS) == ATT_MAX_HS)
+        attention_bwd_dkv_body<ATT_MAX_HS>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq,
+                                           Tk, HS, causal, scale);
+    else
+        attention_bwd_dkv_body<0>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS,
+                                  causal, scale);
 }
 
 // dbias (B,Tk) = Σ over kv heads of dbias_part (B,NKV,Tk), in head order.

@@ -25,6 +25,24 @@ __device__ __forceinline__ void store_float4(float* p, float4 v) { *reinterpret_
 #define WARP_SIZE 32
 #define FULL_MASK 0xffffffffu
 
+// Asynchronous 16-byte copy global -> shared (sm_80 `cp.async`, no register on the way):
+// `valid` false writes zeros and reads nothing (src must still be a mapped address).  The
+// copies a thread issued are complete after cp_async_wait_all(); other threads see them
+// after the __syncthreads() that follows.  On the emulator both are a checked float4 copy.
+#ifdef __CUDACC__
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+#else
+inline void cp_async16(float* dst, const float* src, bool valid) {
+    store_float4(dst, valid ? load_float4(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+}
+inline void cp_async_wait_all() {}
+#endif
+
 // Sum over the 32 lanes of a warp; every lane gets the total.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

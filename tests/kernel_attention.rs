@@ -757,6 +757,8 @@ fn kernel_cases() -> Vec<Case> {
         // Tk − Tq = 1: the first query that sees key tile 32..64 is query 31, the last
         // row of the query tile before, which the backward must not skip.
         (1, 2, 1, 40, 41, 20),
+        // Several 64-query forward blocks and 32-key tiles, partial last ones.
+        (1, 4, 2, 131, 133, 72),
     ] {
         for causal in [false, true] {
             for (bias, mask) in [(false, false), (true, false), (true, true)] {

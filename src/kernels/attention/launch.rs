@@ -7,32 +7,46 @@ use crate::kernels::{Device, DeviceBuf, Elem, KArg, LaunchCfg};
 const GPU_THREADS: u32 = 128;
 /// Queries per forward/backward block and keys per tile (one key per lane).
 const GPU_TILE: usize = 32;
-/// Row stride of the P / dS tiles in the backward (a multiple of 4: rows are read as
-/// float4).
-const GPU_PS: usize = 32;
 /// Keys per decode block (one per thread).
 const GPU_DEC_CHUNK: usize = 128;
 /// Query rows per block of the backward preprocess (one warp each).
 const GPU_PRE_ROWS: usize = 4;
 
-/// Shared-memory row strides of the kernels' tiles: q side a multiple of 4 (float4
-/// reads), k side one more (odd: one row per lane without bank conflicts).
+/// Queries per block of the forward and of the dQ kernel (the dK / dV kernel walks
+/// query tiles of [`GPU_TILE`]).
+const GPU_FWD_QUERIES: usize = 64;
+
+/// Row strides of the kernels' tiles: q side a multiple of 4 (float4 reads), k side the
+/// next multiple of 4 that is ≡ 4 mod 32 (8 lanes read 8 rows without bank conflicts);
+/// P / dS tiles 32 + 4.
 fn tile_strides(hs: usize) -> (usize, usize) {
     let qs = hs.div_ceil(4) * 4;
-    (qs, qs + 1)
+    (qs, (qs - 4).div_ceil(32) * 32 + 4)
 }
+const GPU_PS: usize = GPU_TILE + 4;
 
-/// Dynamic shared memory of `attention_fwd_*`: q tile, k and v tiles, P, key row.
+/// Dynamic shared memory of `attention_fwd_*`: q tile (64 rows), k and v tiles (32
+/// rows), P (64 rows), key row.
 fn fwd_shmem(hs: usize) -> u32 {
     let (qs, ks) = tile_strides(hs);
-    (4 * (GPU_TILE * qs + 2 * GPU_TILE * ks + GPU_TILE * GPU_TILE + GPU_TILE)) as u32
+    let q = GPU_FWD_QUERIES;
+    (4 * (q * qs + GPU_TILE * ks + GPU_TILE * qs + q * GPU_PS + GPU_TILE)) as u32
 }
 
-/// Dynamic shared memory of `attention_bwd_f32`: q, dout, k, v tiles, P and dS, key
-/// row, lse and D.
-fn bwd_shmem(hs: usize) -> u32 {
+/// Dynamic shared memory of `attention_bwd_dq_f32`: q and dout tiles (64 rows), k and v
+/// tiles (32 rows), dS (64 rows), key row, lse and D (64 each).
+fn bwd_dq_shmem(hs: usize) -> u32 {
     let (qs, ks) = tile_strides(hs);
-    (4 * (2 * GPU_TILE * qs + 2 * GPU_TILE * ks + 2 * GPU_TILE * GPU_PS + 3 * GPU_TILE)) as u32
+    let q = GPU_FWD_QUERIES;
+    (4 * (2 * q * qs + 2 * GPU_TILE * ks + q * GPU_PS + GPU_TILE + 2 * q)) as u32
+}
+
+/// Dynamic shared memory of `attention_bwd_dkv_f32`: q, dout, k, v tiles (32 rows each),
+/// Pᵀ and dSᵀ (32 rows each), key row, lse and D.
+fn bwd_dkv_shmem(hs: usize) -> u32 {
+    let (qs, ks) = tile_strides(hs);
+    let t = GPU_TILE;
+    (4 * (2 * t * qs + 2 * t * ks + 2 * t * GPU_PS + 3 * t)) as u32
 }
 
 fn opt_arg<T: Elem>(b: Option<&DeviceBuf<T>>) -> KArg {
@@ -160,7 +174,11 @@ fn fwd_launch(
     if lse.is_empty() {
         return Ok(()); // no query row
     }
-    let cfg = grid(op, s.tq.div_ceil(GPU_TILE) * s.nh * s.b, fwd_shmem(s.hs))?;
+    let cfg = grid(
+        op,
+        s.tq.div_ceil(GPU_FWD_QUERIES) * s.nh * s.b,
+        fwd_shmem(s.hs),
+    )?;
     let mut args = vec![
         out,
         lse.arg_mut(),
@@ -175,8 +193,9 @@ fn fwd_launch(
 }
 
 /// Backward on a device: `attention_bwd_preprocess_f32` (D = rowsum(dout ∘ out)), then
-/// `attention_bwd_f32` (dK, dV and per-kv-head dγ from key-tile blocks, dQ from
-/// query-tile blocks, no atomics: deterministic), then `attention_bwd_dbias_f32` (sum
+/// `attention_bwd_dq_f32` (dQ from 64-query blocks) and `attention_bwd_dkv_f32` (dK, dV
+/// and per-kv-head dγ from 32-key blocks; both recompute P and dP, no atomics:
+/// deterministic), then `attention_bwd_dbias_f32` (sum
 /// of dγ over kv heads) when `dbias` is given.  Same contract as [`super::attention_bwd_cpu`]:
 /// every gradient is overwritten.  Allocates D (B,NH,Tq) and, with dbias, a
 /// (B,NKV,Tk) partial.
@@ -242,14 +261,8 @@ pub fn attention_bwd(
         Some(_) if s.b * s.tk > 0 => Some(dev.zeros::<f32>(s.b * s.nkv * s.tk)?),
         _ => None,
     };
-    let nkvb = s.tk.div_ceil(GPU_TILE) * s.nkv * s.b;
-    let nqb = s.tq.div_ceil(GPU_TILE) * s.nh * s.b;
-    let cfg = grid(OP, nkvb + nqb, bwd_shmem(s.hs))?;
-    let mut args = vec![
-        dq.arg_mut(),
-        dk.arg_mut(),
-        dv.arg_mut(),
-        part.as_mut().map_or(KArg::Ptr(0), |p| p.arg_mut()),
+    let shape = shape_args(s, false);
+    let common = [
         q.arg(),
         k.arg(),
         v.arg(),
@@ -259,8 +272,30 @@ pub fn attention_bwd(
         d.arg(),
         dout.arg(),
     ];
-    args.extend(shape_args(s, false));
-    dev.launch("attention_bwd_f32", cfg, &args)?;
+    let nqb = s.tq.div_ceil(GPU_FWD_QUERIES) * s.nh * s.b;
+    let mut args = vec![dq.arg_mut()];
+    args.extend(common.iter().cloned());
+    args.extend(shape.iter().cloned());
+    dev.launch(
+        "attention_bwd_dq_f32",
+        grid(OP, nqb, bwd_dq_shmem(s.hs))?,
+        &args,
+    )?;
+    let nkvb = s.tk.div_ceil(GPU_TILE) * s.nkv * s.b;
+    if nkvb > 0 {
+        let mut args = vec![
+            dk.arg_mut(),
+            dv.arg_mut(),
+            part.as_mut().map_or(KArg::Ptr(0), |p| p.arg_mut()),
+        ];
+        args.extend(common.iter().cloned());
+        args.extend(shape.iter().cloned());
+        dev.launch(
+            "attention_bwd_dkv_f32",
+            grid(OP, nkvb, bwd_dkv_shmem(s.hs))?,
+            &args,
+        )?;
+    }
     if let (Some(db), Some(p)) = (dbias, part.as_ref()) {
         dev.launch(
             "attention_bwd_dbias_f32",
