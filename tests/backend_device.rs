@@ -88,6 +88,28 @@ fn memory_ops_match_cpu() {
     }
 }
 
+/// A batch of Σ x² (the gradient norm's parts): each equal to its own `sum_sq` (bit for
+/// bit: the same launches into another slot), in one download whatever the batch size.
+#[test]
+fn sum_sq_many_equals_each_sum_sq_in_one_download() {
+    for d in backends() {
+        let mut r = Philox::new(3);
+        let bufs: Vec<_> = [0usize, 1, 1001, 300_007, 17]
+            .iter()
+            .map(|&n| d.from_slice(&rnd(&mut r, n, 2.0)))
+            .collect();
+        let refs: Vec<_> = bufs.iter().collect();
+        let one: Vec<f32> = bufs.iter().map(|b| d.sum_sq(b)).collect();
+        let before = d.device().copies();
+        let many = d.sum_sq_many(&refs);
+        let after = d.device().copies();
+        assert_eq!(after.dtoh, before.dtoh + 1, "downloads of one batch");
+        assert_eq!(many, one);
+        assert_eq!(one[0], 0.0);
+        assert!(d.sum_sq_many(&[]).is_empty());
+    }
+}
+
 #[test]
 fn matmul_matches_cpu_in_every_layout() {
     for d in backends() {

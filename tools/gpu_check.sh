@@ -34,7 +34,7 @@
 # and prints the summary last.  Exit status: non-zero if a test failed or no GPU ran.
 set -uo pipefail
 
-TESTS="kernel_attention kernel_perturb kernel_mask kernel_logprob emulator backend_device seg_model"
+TESTS="${TESTS:-kernel_attention kernel_perturb kernel_mask kernel_logprob emulator backend_device seg_model}"
 
 if [[ "${1:-}" == "--collect" ]]; then
     dst="${2:?usage: gpu_check.sh --collect DIR}"
@@ -81,7 +81,8 @@ libdirs=$(find /usr/local /opt /usr/lib -name 'libcublas.so*' -not -path '*/stub
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 stamp "libcublas folders: ${libdirs:-none found}"
 
-# SECTIONS picks what runs (default all): tests bench torch train
+# SECTIONS picks what runs (default all): tests bench torch train; TESTS and BENCH_SECTIONS
+# narrow the test binaries and the sections of benches/gpu.rs
 want() { [[ " ${SECTIONS:-tests bench torch train} " == *" $1 "* ]]; }
 fail=0
 sanitized=0
@@ -109,7 +110,7 @@ for n in $TESTS; do
 done
 
 # one process per section, so that one failing section does not lose the others
-want bench && for section in copy perturb logprob mask image attention stack; do
+want bench && for section in ${BENCH_SECTIONS:-copy perturb logprob mask image attention stack}; do
     timeout "${BENCH_TIMEOUT:-150}" "$bin/bench_gpu" --bench "$section" >> "$out/bench_gpu.jsonl" 2>> "$out/bench_err.log"
     stamp "bench_gpu $section: rc=$? $(tail -1 "$out/bench_gpu.jsonl")"
 done

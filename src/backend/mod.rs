@@ -255,6 +255,11 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     fn scale(&self, x: &mut Self::Buf, alpha: F);
     /// Σ x² (for gradient norms and tests).
     fn sum_sq(&self, x: &Self::Buf) -> F;
+    /// [`Backend::sum_sq`] of each buffer, in order, each equal to its `sum_sq` (a
+    /// gradient norm's parts); a device backend returns them in one download.
+    fn sum_sq_many(&self, xs: &[&Self::Buf]) -> Vec<F> {
+        xs.iter().map(|x| self.sum_sq(x)).collect()
+    }
 
     // ---- matrix products ----
     /// `out (M,N) (=|+=) op(a) · op(b)`; see [`MatmulSpec`].

@@ -129,12 +129,13 @@ pub fn clip_grad_norm<F: Float, B: Backend<F>>(
             format!("max_norm {max_norm} must be finite and > 0"),
         ));
     }
-    let mut sq = 0.0f64;
-    for (_, p) in params.iter() {
-        if let Some(g) = &p.grad {
-            sq += be.sum_sq(g).to_f64().unwrap_or(f64::NAN);
-        }
-    }
+    let grads: Vec<&B::Buf> = params.iter().filter_map(|(_, p)| p.grad.as_ref()).collect();
+    // one host round trip for all the parts on a device; added in tensor order
+    let sq: f64 = be
+        .sum_sq_many(&grads)
+        .iter()
+        .map(|s| s.to_f64().unwrap_or(f64::NAN))
+        .sum();
     let norm = sq.sqrt();
     if !norm.is_finite() {
         return Err(Error::NonFinite {

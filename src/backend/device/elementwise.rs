@@ -90,34 +90,41 @@ pub(super) fn scale(dev: &Device, x: &mut DeviceBuf<f32>, alpha: f32) -> Result<
     )
 }
 
-/// Σ x², downloaded (the trait returns a host value): one partial sum per block of a
-/// grid-stride launch (each thread at least 32 elements), then one block adds the parts
-/// in order; a buffer one block covers is summed in one launch.  The grid depends on
-/// `x.len()` alone, so the summation order, and the result, is the same run to run.
-pub(super) fn sum_sq(dev: &Device, x: &DeviceBuf<f32>) -> Result<f32> {
-    let blocks = x.len().div_ceil(32 * BLOCK as usize).clamp(1, MAX_BLOCKS);
-    let cfg = LaunchCfg::new([blocks as u32, 1, 1], [BLOCK, 1, 1], 0);
-    let mut out = dev.zeros::<f32>(1)?;
-    if blocks == 1 {
+/// Σ x² of each buffer, downloaded together (the trait returns host values): per buffer
+/// one partial sum per block of a grid-stride launch (each thread at least 32 elements),
+/// then one block adds the parts in order into the buffer's slot of one result vector; a
+/// buffer one block covers is summed in one launch.  The grid depends on the buffer's
+/// length alone, so the summation order, and the result, is the same run to run and
+/// whatever else is in the batch.  One device-to-host copy for the whole batch.
+pub(super) fn sum_sq_many(dev: &Device, xs: &[&DeviceBuf<f32>]) -> Result<Vec<f32>> {
+    if xs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = dev.zeros::<f32>(xs.len())?;
+    let mut part = dev.zeros::<f32>(MAX_BLOCKS)?;
+    for (i, x) in xs.iter().enumerate() {
+        let blocks = x.len().div_ceil(32 * BLOCK as usize).clamp(1, MAX_BLOCKS);
+        let cfg = LaunchCfg::new([blocks as u32, 1, 1], [BLOCK, 1, 1], 0);
+        if blocks == 1 {
+            dev.launch(
+                "sum_sq_part_f32",
+                cfg,
+                &[out.arg_mut_at(i), x.arg(), i64_arg(x.len())],
+            )?;
+            continue;
+        }
         dev.launch(
             "sum_sq_part_f32",
             cfg,
-            &[out.arg_mut(), x.arg(), i64_arg(x.len())],
+            &[part.arg_mut(), x.arg(), i64_arg(x.len())],
         )?;
-        return Ok(dev.download(&out)?[0]);
+        dev.launch(
+            "sum_parts_f32",
+            LaunchCfg::new([1, 1, 1], [BLOCK, 1, 1], 0),
+            &[out.arg_mut_at(i), part.arg(), KArg::I32(blocks as i32)],
+        )?;
     }
-    let mut part = dev.zeros::<f32>(blocks)?;
-    dev.launch(
-        "sum_sq_part_f32",
-        cfg,
-        &[part.arg_mut(), x.arg(), i64_arg(x.len())],
-    )?;
-    dev.launch(
-        "sum_parts_f32",
-        LaunchCfg::new([1, 1, 1], [BLOCK, 1, 1], 0),
-        &[out.arg_mut(), part.arg(), KArg::I32(blocks as i32)],
-    )?;
-    Ok(dev.download(&out)?[0])
+    dev.download(&out)
 }
 
 pub(super) fn act_fwd(

@@ -136,7 +136,10 @@ impl Backend<f32> for DeviceBackend {
         ok(elementwise::scale(&self.dev, x, alpha))
     }
     fn sum_sq(&self, x: &DeviceBuf<f32>) -> f32 {
-        ok(elementwise::sum_sq(&self.dev, x))
+        ok(elementwise::sum_sq_many(&self.dev, &[x]))[0]
+    }
+    fn sum_sq_many(&self, xs: &[&DeviceBuf<f32>]) -> Vec<f32> {
+        ok(elementwise::sum_sq_many(&self.dev, xs))
     }
 
     fn matmul(
