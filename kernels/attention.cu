@@ -158,7 +158,9 @@ __device__ void attention_fwd_body(T* out, float* lse, const T* q, const T* k, c
     float* kb = pt + FT_BQ * FT_PS;
 
     const int ntq = (Tq + FT_BQ - 1) / FT_BQ;
-    const int tile = blockIdx.x % ntq, bh = blockIdx.x / ntq;
+    // Last query tile first: under the causal rule a tile's work grows with its index, and
+    // the longest blocks starting first leave the shortest for the end of the grid.
+    const int tile = ntq - 1 - (int)(blockIdx.x % ntq), bh = blockIdx.x / ntq;
     const int b = bh / NH, h = bh % NH, g = h / (NH / NKV);
     const int i0 = tile * FT_BQ, rows = imin(FT_BQ, Tq - i0);
     const int rg = threadIdx.x / 8, kg = threadIdx.x % 8;
@@ -379,7 +381,7 @@ __device__ void attention_bwd_dq_body(float* dq, const float* q, const float* k,
     const int off = Tk - Tq;
     const float sl2 = scale * LOG2E_F;
     const int ntq = (Tq + FT_BQ - 1) / FT_BQ;
-    const int tile = blockIdx.x % ntq, bhi = blockIdx.x / ntq;
+    const int tile = ntq - 1 - (int)(blockIdx.x % ntq), bhi = blockIdx.x / ntq;  // longest first
     const size_t bh = bhi;
     const int b = bhi / NH, h = bhi % NH, g = h / (NH / NKV);
     const int i0 = tile * FT_BQ, rows = imin(FT_BQ, Tq - i0);
