@@ -5,7 +5,7 @@ use crate::kernels::{Device, DeviceBuf, Elem, KArg, LaunchCfg};
 
 /// Threads per block of every attention kernel (4 warps).
 const GPU_THREADS: u32 = 128;
-/// Queries per forward/backward block and keys per tile (one key per lane).
+/// Keys per tile of every kernel, and queries per query tile of the dK / dV kernel.
 const GPU_TILE: usize = 32;
 /// Keys per decode block (one per thread).
 const GPU_DEC_CHUNK: usize = 128;
