@@ -143,6 +143,40 @@ ATT_UNROLL
     }
 }
 
+// acc[r][c] += Σ_j w[row0 + r][j] · t[j][d(c)] over the first `keys` keys of a 32-key
+// tile: w is a P or dS tile (stride FT_PS, rows read as float4 broadcasts by the row
+// group's 8 lanes), t a v or k tile (stride ts), d(c) = 4·kg + 32·(c / 4) + c % 4 the
+// thread's 16 dimensions (8 lanes read 128 consecutive bytes).  Four keys per step: the
+// keys up to the next multiple of 4 must carry w = 0 exactly (causally hidden) and finite
+// t rows (zeros past Tk), so that adding them changes nothing; each acc element adds its
+// terms in key order.
+__device__ __forceinline__ void ft_rows_times_tile(float acc[4][FT_DIMS], const float* w, int row0, const float* t,
+                                                   int ts, int keys, int kg, int qs) {
+    const int jn = imin(ATT_BK, (keys + 3) & ~3);
+    for (int jj = 0; jj < jn; jj += 4) {
+        float4 wr[4];
+ATT_UNROLL
+        for (int r = 0; r < 4; ++r) wr[r] = load_float4(w + (row0 + r) * FT_PS + jj);
+ATT_UNROLL
+        for (int c = 0; c < FT_DIMS / 4; ++c) {
+            const int d = 4 * kg + 32 * c;
+            if (d >= qs) continue;
+            float4 tv[4];
+ATT_UNROLL
+            for (int e = 0; e < 4; ++e) tv[e] = load_float4(t + (jj + e) * ts + d);
+ATT_UNROLL
+            for (int r = 0; r < 4; ++r) {
+                float* a = acc[r] + 4 * c;
+                const float4 x = wr[r];
+                a[0] += x.x * tv[0].x + x.y * tv[1].x + x.z * tv[2].x + x.w * tv[3].x;
+                a[1] += x.x * tv[0].y + x.y * tv[1].y + x.z * tv[2].y + x.w * tv[3].y;
+                a[2] += x.x * tv[0].z + x.y * tv[1].z + x.z * tv[2].z + x.w * tv[3].z;
+                a[3] += x.x * tv[0].w + x.y * tv[1].w + x.z * tv[2].w + x.w * tv[3].w;
+            }
+        }
+    }
+}
+
 // QS: the padded head width when known at compile time (128: every loop over dimensions
 // unrolls completely), 0 for any other (read from HS at run time).
 template <typename T, int QS>
@@ -225,31 +259,7 @@ ATT_UNROLL
             m[r] = mn;
         }
         __syncwarp();  // a row group's P rows are written and read by its own 8 lanes
-        // Four keys per step; the keys up to the next multiple of 4 past kend have p = 0
-        // exactly (causally hidden) and zero v rows past Tk, so adding them changes
-        // nothing, and each acc element adds its terms in key order.
-        const int jn = imin(ATT_BK, (imin(ATT_BK, kend - t0) + 3) & ~3);
-        for (int jj = 0; jj < jn; jj += 4) {
-            float4 p[4];
-ATT_UNROLL
-            for (int r = 0; r < 4; ++r) p[r] = load_float4(pt + (4 * rg + r) * FT_PS + jj);
-ATT_UNROLL
-            for (int c = 0; c < FT_DIMS / 4; ++c) {
-                const int d = 4 * kg + 32 * c;
-                if (d >= qs) continue;
-                float4 vv[4];
-ATT_UNROLL
-                for (int e = 0; e < 4; ++e) vv[e] = load_float4(vt + (jj + e) * qs + d);
-ATT_UNROLL
-                for (int r = 0; r < 4; ++r) {
-                    float* a = acc[r] + 4 * c;
-                    a[0] += p[r].x * vv[0].x + p[r].y * vv[1].x + p[r].z * vv[2].x + p[r].w * vv[3].x;
-                    a[1] += p[r].x * vv[0].y + p[r].y * vv[1].y + p[r].z * vv[2].y + p[r].w * vv[3].y;
-                    a[2] += p[r].x * vv[0].z + p[r].y * vv[1].z + p[r].z * vv[2].z + p[r].w * vv[3].z;
-                    a[3] += p[r].x * vv[0].w + p[r].y * vv[1].w + p[r].z * vv[2].w + p[r].w * vv[3].w;
-                }
-            }
-        }
+        ft_rows_times_tile(acc, pt, 4 * rg, vt, qs, imin(ATT_BK, kend - t0), kg, qs);
     }
 
 ATT_UNROLL
@@ -411,31 +421,8 @@ ATT_UNROLL
 ATT_UNROLL
             for (int c = 0; c < 4; ++c) dst[(4 * rg + r) * FT_PS + kg + 8 * c] = ds[r][c];
         __syncwarp();  // a row group's dS rows are written and read by its own 8 lanes
-        // Four keys per step as in the forward (dS = 0 exactly on hidden keys, k rows past
-        // Tk are zeros).
-        const int jn = imin(ATT_BK, (imin(ATT_BK, kend - t0) + 3) & ~3);
-        for (int jj = 0; jj < jn; jj += 4) {
-            float4 dsv[4];
-ATT_UNROLL
-            for (int r = 0; r < 4; ++r) dsv[r] = load_float4(dst + (4 * rg + r) * FT_PS + jj);
-ATT_UNROLL
-            for (int c = 0; c < FT_DIMS / 4; ++c) {
-                const int d = 4 * kg + 32 * c;
-                if (d >= qs) continue;
-                float4 kk[4];
-ATT_UNROLL
-                for (int e = 0; e < 4; ++e) kk[e] = load_float4(kt + (jj + e) * kst + d);
-ATT_UNROLL
-                for (int r = 0; r < 4; ++r) {
-                    float* a = acc[r] + 4 * c;
-                    const float4 w = dsv[r];
-                    a[0] += w.x * kk[0].x + w.y * kk[1].x + w.z * kk[2].x + w.w * kk[3].x;
-                    a[1] += w.x * kk[0].y + w.y * kk[1].y + w.z * kk[2].y + w.w * kk[3].y;
-                    a[2] += w.x * kk[0].z + w.y * kk[1].z + w.z * kk[2].z + w.w * kk[3].z;
-                    a[3] += w.x * kk[0].w + w.y * kk[1].w + w.z * kk[2].w + w.w * kk[3].w;
-                }
-            }
-        }
+        // dS = 0 exactly on hidden keys, and k rows past Tk are zeros.
+        ft_rows_times_tile(acc, dst, 4 * rg, kt, kst, imin(ATT_BK, kend - t0), kg, qs);
     }
 ATT_UNROLL
     for (int r = 0; r < 4; ++r) {
