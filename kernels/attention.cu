@@ -81,11 +81,12 @@ __device__ __forceinline__ int att_key_end(int causal, int i0, int rows, int Tq,
 // key row 32 (75 KB at HS = 128: three blocks per SM).
 // ---------------------------------------------------------------------------------------
 #define FT_BQ 64                 // queries per forward block
-#define FT_PS (ATT_BK + 4)       // row stride of the forward's P tile
+#define FT_PS (ATT_BK + 4)       // row stride of the P / dS tiles (and of Pᵀ / dSᵀ: 32 + 4)
 #define FT_DIMS 16               // output dimensions per thread (16 · 8 = 128 = ATT_MAX_HS)
 
-// k-side row stride of the forward: a multiple of 4 that is ≡ 4 mod 32, so that 8 lanes
-// reading float4s of 8 consecutive rows hit 8 distinct bank quads.
+// Row stride of every kernel's k (and the backward's v) tile: a multiple of 4 that is
+// ≡ 4 mod 32, so that 8 lanes reading float4s of 8 consecutive rows hit 8 distinct bank
+// quads.
 __device__ __forceinline__ int ft_ks(int hs) {
     const int qs = att_qs(hs);
     return ((qs - 4 + 31) & ~31) + 4;

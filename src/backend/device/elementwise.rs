@@ -100,10 +100,12 @@ pub(super) fn sum_sq_many(dev: &Device, xs: &[&DeviceBuf<f32>]) -> Result<Vec<f3
     if xs.is_empty() {
         return Ok(Vec::new());
     }
+    let blocks_of = |n: usize| n.div_ceil(32 * BLOCK as usize).clamp(1, MAX_BLOCKS);
     let mut out = dev.zeros::<f32>(xs.len())?;
-    let mut part = dev.zeros::<f32>(MAX_BLOCKS)?;
+    // one partial buffer for the batch, as large as its largest buffer needs
+    let mut part = dev.zeros::<f32>(xs.iter().map(|x| blocks_of(x.len())).max().unwrap_or(1))?;
     for (i, x) in xs.iter().enumerate() {
-        let blocks = x.len().div_ceil(32 * BLOCK as usize).clamp(1, MAX_BLOCKS);
+        let blocks = blocks_of(x.len());
         let cfg = LaunchCfg::new([blocks as u32, 1, 1], [BLOCK, 1, 1], 0);
         if blocks == 1 {
             dev.launch(

@@ -15,15 +15,16 @@ const GPU_PRE_ROWS: usize = 4;
 /// Queries per block of the forward and of the dQ kernel (the dK / dV kernel walks
 /// query tiles of [`GPU_TILE`]).
 const GPU_FWD_QUERIES: usize = 64;
+/// Row stride of the P / dS tiles (keys per tile + 4; rows read as float4).
+const GPU_PS: usize = GPU_TILE + 4;
 
 /// Row strides of the kernels' tiles: q side a multiple of 4 (float4 reads), k side the
 /// next multiple of 4 that is ≡ 4 mod 32 (8 lanes read 8 rows without bank conflicts);
-/// P / dS tiles 32 + 4.
+/// P / dS tiles [`GPU_PS`].
 fn tile_strides(hs: usize) -> (usize, usize) {
     let qs = hs.div_ceil(4) * 4;
     (qs, (qs - 4).div_ceil(32) * 32 + 4)
 }
-const GPU_PS: usize = GPU_TILE + 4;
 
 /// Dynamic shared memory of `attention_fwd_*`: q tile (64 rows), k and v tiles (32
 /// rows), P (64 rows), key row.
@@ -274,8 +275,8 @@ pub fn attention_bwd(
     ];
     let nqb = s.tq.div_ceil(GPU_FWD_QUERIES) * s.nh * s.b;
     let mut args = vec![dq.arg_mut()];
-    args.extend(common.iter().cloned());
-    args.extend(shape.iter().cloned());
+    args.extend(common.iter().copied());
+    args.extend(shape.iter().copied());
     dev.launch(
         "attention_bwd_dq_f32",
         grid(OP, nqb, bwd_dq_shmem(s.hs))?,
@@ -288,8 +289,8 @@ pub fn attention_bwd(
             dv.arg_mut(),
             part.as_mut().map_or(KArg::Ptr(0), |p| p.arg_mut()),
         ];
-        args.extend(common.iter().cloned());
-        args.extend(shape.iter().cloned());
+        args.extend(common.iter().copied());
+        args.extend(shape.iter().copied());
         dev.launch(
             "attention_bwd_dkv_f32",
             grid(OP, nkvb, bwd_dkv_shmem(s.hs))?,
