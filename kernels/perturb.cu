@@ -112,45 +112,63 @@ __device__ __forceinline__ void perturb_rect(int* r, unsigned copy, unsigned ima
 // grid.y = NP*B (copy-major), grid.x * blockDim.x threads cover ceil(E/4) groups of
 // four elements: one Philox block gives the four normals of a group.
 // out[k,b,e] = img[b,e] + sigma * z(seed, first_copy+k, b, e) inside the rectangle.
+// The block draws its rectangle once (thread 0, shared); a thread splits its first
+// element into (row, column) with one 32-bit division pair when E fits an int (a
+// 64-bit one otherwise) and steps the other three: outside the rectangle a thread is a
+// float4 copy.
 extern "C" __global__ void perturb_fwd_f32(float* __restrict__ out, int* __restrict__ rects,
                                            const float* __restrict__ img, int nb, int c, int h,
                                            int w, float sigma, int rh_min, int rh_max, int rw_min,
                                            int rw_max, unsigned seed_lo, unsigned seed_hi,
                                            unsigned first_copy) {
-    int k = blockIdx.y / nb, b = blockIdx.y % nb;
-    unsigned copy = first_copy + (unsigned)k;
-    int r[4];
-    perturb_rect(r, copy, (unsigned)b, h, w, rh_min, rh_max, rw_min, rw_max, seed_lo, seed_hi);
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        int* dst = rects + 4 * (size_t)blockIdx.y;
-        dst[0] = r[0];
-        dst[1] = r[1];
-        dst[2] = r[2];
-        dst[3] = r[3];
+    SHARED(int, rect, [4]);
+    const int k = blockIdx.y / nb, b = blockIdx.y % nb;
+    const unsigned copy = first_copy + (unsigned)k;
+    if (threadIdx.x == 0) {
+        perturb_rect(rect, copy, (unsigned)b, h, w, rh_min, rh_max, rw_min, rw_max, seed_lo, seed_hi);
+        if (blockIdx.x == 0) {
+            int* dst = rects + 4 * (size_t)blockIdx.y;
+            for (int j = 0; j < 4; ++j) dst[j] = rect[j];
+        }
     }
-    long long e_total = (long long)c * h * w;
-    long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long e0 = 4 * g;
+    __syncthreads();
+    const int y0 = rect[0], x0 = rect[1], y1 = rect[0] + rect[2], x1 = rect[1] + rect[3];
+    const long long e_total = (long long)c * h * w;
+    const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long e0 = 4 * g;
     if (e0 >= e_total) return;
     const float* src = img + (size_t)b * e_total;
     float* dst = out + (size_t)blockIdx.y * e_total;
     float v[4];
-    int n = e_total - e0 < 4 ? (int)(e_total - e0) : 4;
-    bool vec = n == 4 && (e_total & 3) == 0;
+    const int n = e_total - e0 < 4 ? (int)(e_total - e0) : 4;
+    const bool vec = n == 4 && (e_total & 3) == 0;
     if (vec) {
         float4 t = load_float4(src + e0);
         v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
     } else {
         for (int j = 0; j < n; ++j) v[j] = src[e0 + j];
     }
+    // (row, column) of element e0, then of the next three by steps
+    int x, y;
+    if (e_total <= 2147483647LL) {
+        const int q = (int)e0 / w;
+        x = (int)e0 - q * w;
+        y = q % h;
+    } else {
+        const long long q = e0 / w;
+        x = (int)(e0 - q * w);
+        y = (int)(q % h);
+    }
     // Which of the four elements fall in the rectangle; draw only when one does.
     bool in[4];
     bool any = false;
     for (int j = 0; j < 4; ++j) {
-        long long e = e0 + j;
-        int x = (int)(e % w), y = (int)((e / w) % h);
-        in[j] = j < n && y >= r[0] && y < r[0] + r[2] && x >= r[1] && x < r[1] + r[3];
+        in[j] = j < n && y >= y0 && y < y1 && x >= x0 && x < x1;
         any |= in[j];
+        if (++x == w) {
+            x = 0;
+            if (++y == h) y = 0;
+        }
     }
     if (any) {
         u32x4 q = philox4x32_10(u32x4{(unsigned)g, (unsigned)b, copy, DOMAIN_NOISE}, seed_lo, seed_hi);
