@@ -13,13 +13,14 @@
 // 16-byte vector access; the address must be 16-byte aligned (the GPU faults otherwise).
 __device__ __forceinline__ float4 load_float4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ void store_float4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ uint4 load_uint4(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 #else
 #include "emu/cuda_emu.h"
 #define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dyn_shared())
 // Per block, from the emulator's static pool (NaN-filled before each block).
 #define SHARED(T, name, dims) \
     T(&name) dims = *reinterpret_cast<T(*) dims>(::emu::static_shared(sizeof(T dims), alignof(T)))
-// load_float4 / store_float4: cuda_emu.h (checks the alignment)
+// load_float4 / store_float4 / load_uint4: cuda_emu.h (checks the alignment)
 #endif
 
 #define WARP_SIZE 32

@@ -15,61 +15,123 @@ __device__ __forceinline__ unsigned warp_sum_u32(unsigned v) {
     return v;
 }
 
-// Sum of one value over the block; the result is valid in thread 0.  blockDim.x is a
-// multiple of 32 (checked by the wrappers).
-__device__ __forceinline__ unsigned block_sum_u32(unsigned v, unsigned* scratch) {
-    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    v = warp_sum_u32(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    unsigned t = 0;
-    if (warp == 0) {
-        int nw = blockDim.x / WARP_SIZE;
-        t = lane < nw ? scratch[lane] : 0u;
-        t = warp_sum_u32(t);
-    }
-    return t;
-}
-
 // High bit of each byte of x set iff that byte is nonzero.
 __device__ __forceinline__ unsigned nonzero_bytes(unsigned x) {
     return (((x & 0x7f7f7f7fu) + 0x7f7f7f7fu) | x) & 0x80808080u;
 }
 
-// inter (P, G), uni (P, G), pred (P, HW), gt (G, HW).  grid = (G, P), one block per
-// pair.  Counts read four pixels per load when HW is a multiple of 4 (then every mask
-// starts on a 4-byte boundary).
-extern "C" __global__ void mask_pair_counts_u8(unsigned long long* __restrict__ inter,
-                                               unsigned long long* __restrict__ uni,
-                                               const unsigned char* __restrict__ pred,
-                                               const unsigned char* __restrict__ gt, int hw) {
-    SHARED(unsigned, scratch, [32]);
-    int j = blockIdx.x, i = blockIdx.y, g = gridDim.x;
-    const unsigned char* a = pred + (size_t)i * hw;
-    const unsigned char* b = gt + (size_t)j * hw;
-    unsigned ni = 0, nu = 0;
-    if ((hw & 3) == 0) {
-        const unsigned* a4 = reinterpret_cast<const unsigned*>(a);
-        const unsigned* b4 = reinterpret_cast<const unsigned*>(b);
-        for (int k = threadIdx.x; k < hw / 4; k += blockDim.x) {
-            unsigned za = nonzero_bytes(a4[k]), zb = nonzero_bytes(b4[k]);
-            ni += __popc(za & zb);
-            nu += __popc(za | zb);
-        }
+// Pair counts in two launches, like a matrix product over bits.  A block of
+// mask_pair_part_u8 takes a tile of PAIR_TP predictions x PAIR_TG references and one
+// chunk of pixels (grid = (chunks, ceil(P / PAIR_TP), ceil(G / PAIR_TG))); it walks the
+// chunk 1024 pixels at a time, packing each mask's 1024 bytes into 32 words of
+// foreground bits in shared memory (each byte of the tile's masks is read once), then
+// each thread counts |a & b| for its 4 pairs by popcount.  It writes per chunk
+// inter_part (chunks, P, G) and cnt_part (chunks, P + G), the masks' own foreground
+// counts (the tiles at grid.z = 0 write the predictions', those at grid.y = 0 the
+// references').  mask_pair_finish_u8 (one thread per pair) adds the chunks:
+// inter = sum inter_part, union = |a| + |b| - inter.  Integer sums: exact in any order.
+#define PAIR_TP 64
+#define PAIR_TG 16
+#define PAIR_SUB 1024                // pixels per step: 32 words of 32 bits per mask
+#define PAIR_WORDS (PAIR_SUB / 32)
+#define PAIR_STRIDE (PAIR_WORDS + 1)  // row stride of the bit tile: conflict-free columns
+
+// 32 foreground bits of pixels [lo, lo + 32) of mask m (bits past hw are 0).  Any fixed
+// order of the bits will do: both masks of a pair are packed alike.  vec: hw is a
+// multiple of 16, so every mask starts on a 16-byte boundary.
+__device__ __forceinline__ unsigned pack32(const unsigned char* __restrict__ m, int lo, int hw, bool vec) {
+    unsigned bits = 0;
+    if (vec && lo + 32 <= hw) {
+        const uint4 u = load_uint4(m + lo), v = load_uint4(m + lo + 16);
+        const unsigned x[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
+        for (int k = 0; k < 8; ++k) bits |= (nonzero_bytes(x[k]) >> 7) << k;  // byte 4k + j -> bit 8j + k
     } else {
-        for (int k = threadIdx.x; k < hw; k += blockDim.x) {
-            bool x = a[k] != 0, y = b[k] != 0;
-            ni += x && y;
-            nu += x || y;
+        const int n = hw - lo < 32 ? hw - lo : 32;
+        for (int k = 0; k < n; ++k) bits |= (m[lo + k] != 0 ? 1u : 0u) << k;
+    }
+    return bits;
+}
+
+// inter_part (chunks, P, G), cnt_part (chunks, P + G), pred (P, HW), gt (G, HW); a chunk
+// is `chunk` pixels (a multiple of PAIR_SUB).  blockDim = 256 (PAIR_TP * PAIR_TG / 4).
+extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, unsigned* __restrict__ cnt_part,
+                                             const unsigned char* __restrict__ pred,
+                                             const unsigned char* __restrict__ gt, int np, int ng, int hw,
+                                             int chunk) {
+    SHARED(unsigned, bits, [PAIR_TP + PAIR_TG][PAIR_STRIDE]);
+    const int p0 = blockIdx.y * PAIR_TP, g0 = blockIdx.z * PAIR_TG;
+    const int lo = blockIdx.x * chunk, hi = lo + chunk < hw ? lo + chunk : hw;
+    const bool vec = (hw & 15) == 0;
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    constexpr int nwarps = 8;
+    // packing: warp `warp` packs masks warp, warp + nwarps, ... of the tile, lane = word
+    // (one mask's 32 words per warp step), and keeps the masks' foreground counts
+    constexpr int ROWS = PAIR_TP + PAIR_TG;
+    constexpr int PER_WARP = (ROWS + nwarps - 1) / nwarps;
+    unsigned cnt[PER_WARP];
+    for (int r = 0; r < PER_WARP; ++r) cnt[r] = 0;
+    // counting: thread = prediction ti / 4 x references 4 (ti % 4) .. 4 (ti % 4) + 3
+    const int pi = threadIdx.x / 4, gj = 4 * (threadIdx.x % 4);
+    unsigned acc[4] = {0u, 0u, 0u, 0u};
+    for (int base = lo; base < hi; base += PAIR_SUB) {
+        for (int r = 0; r < PER_WARP; ++r) {
+            const int row = warp + nwarps * r;
+            if (row >= ROWS) break;
+            const bool is_pred = row < PAIR_TP;
+            const int idx = is_pred ? p0 + row : g0 + row - PAIR_TP;
+            const int off = base + 32 * lane;
+            unsigned word = 0;
+            if (idx < (is_pred ? np : ng) && off < hi)
+                word = pack32((is_pred ? pred : gt) + (size_t)idx * hw, off, hi, vec);
+            bits[row][lane] = word;
+            cnt[r] += __popc(word);
         }
+        __syncthreads();
+        const unsigned* a = bits[pi];
+        const unsigned* b = bits[PAIR_TP + gj];
+        for (int k = 0; k < PAIR_WORDS; ++k) {
+            const unsigned x = a[k];
+            acc[0] += __popc(x & b[k]);
+            acc[1] += __popc(x & b[PAIR_STRIDE + k]);
+            acc[2] += __popc(x & b[2 * PAIR_STRIDE + k]);
+            acc[3] += __popc(x & b[3 * PAIR_STRIDE + k]);
+        }
+        __syncthreads();  // the tile is rewritten next step
     }
-    unsigned ti = block_sum_u32(ni, scratch);
-    __syncthreads();  // scratch is reused
-    unsigned tu = block_sum_u32(nu, scratch);
-    if (threadIdx.x == 0) {
-        inter[(size_t)i * g + j] = ti;
-        uni[(size_t)i * g + j] = tu;
+    const size_t c = blockIdx.x;
+    const int i = p0 + pi;
+    if (i < np)
+        for (int j = 0; j < 4; ++j)
+            if (g0 + gj + j < ng) inter_part[(c * np + i) * ng + g0 + gj + j] = acc[j];
+    for (int r = 0; r < PER_WARP; ++r) {
+        const int row = warp + nwarps * r;
+        if (row >= ROWS) break;
+        const unsigned t = warp_sum_u32(cnt[r]);
+        const bool is_pred = row < PAIR_TP;
+        const int idx = is_pred ? p0 + row : g0 + row - PAIR_TP;
+        const bool mine = is_pred ? blockIdx.z == 0 : blockIdx.y == 0;
+        if (lane == 0 && mine && idx < (is_pred ? np : ng))
+            cnt_part[c * (np + ng) + (is_pred ? idx : np + idx)] = t;
     }
+}
+
+// inter (P, G), uni (P, G) from mask_pair_part_u8's partials; one thread per pair.
+extern "C" __global__ void mask_pair_finish_u8(unsigned long long* __restrict__ inter,
+                                               unsigned long long* __restrict__ uni,
+                                               const unsigned* __restrict__ inter_part,
+                                               const unsigned* __restrict__ cnt_part, int np, int ng,
+                                               int chunks) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long long)np * ng) return;
+    const int i = (int)(e / ng), j = (int)(e % ng);
+    unsigned long long ti = 0, ca = 0, cb = 0;
+    for (int c = 0; c < chunks; ++c) {
+        ti += inter_part[(size_t)c * np * ng + e];
+        ca += cnt_part[(size_t)c * (np + ng) + i];
+        cb += cnt_part[(size_t)c * (np + ng) + np + j];
+    }
+    inter[e] = ti;
+    uni[e] = ca + cb - ti;
 }
 
 // Horizontal half of the erosion by a (2d+1) x (2d+1) square, outside = background:

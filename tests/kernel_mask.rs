@@ -215,11 +215,16 @@ fn pair_counts_cpu_matches_naive() {
 #[test]
 fn pair_counts_matches_cpu() {
     let mut rng = Philox::new(21);
-    // HW = 19·23 (byte path) and 12·20 (four pixels per load)
+    // HW = 19·23 and 20·50 (byte loads), 12·20 (16-byte loads, one partial word),
+    // 40·48 (16-byte loads, two chunks of 1024 pixels, 2 × 2 tiles of 64 × 16 pairs),
+    // 28·36 (half of the last word past the mask), 66 × 17 pairs by byte loads
     for &(p, g, h, w) in &[
         (3usize, 5usize, 19usize, 23usize),
         (4, 2, 12, 20),
         (1, 1, 1, 3),
+        (70, 19, 40, 48),
+        (5, 3, 28, 36),
+        (66, 17, 20, 50),
     ] {
         let pred: Vec<u8> = (0..p).flat_map(|_| random_mask(&mut rng, h, w)).collect();
         let gt: Vec<u8> = (0..g).flat_map(|_| random_mask(&mut rng, h, w)).collect();

@@ -14,7 +14,7 @@
 //   no thread wrote shows up in the results instead of reading the previous block's;
 // - `__syncthreads()` records its call site: threads of one block waiting at two
 //   different barriers are an error (undefined on the GPU), not a silent release;
-// - `load_float4` / `store_float4` check 16-byte alignment, as the GPU does (a
+// - `load_float4` / `store_float4` / `load_uint4` check 16-byte alignment, as the GPU does (a
 //   misaligned vector access faults there);
 // - warp shuffles go through a per-warp exchange buffer (double buffered) and a warp
 //   barrier; all live lanes of a warp must take part (the `mask` argument is checked
@@ -65,6 +65,9 @@ struct alignas(8) float2 {
 struct alignas(16) float4 {
     float x, y, z, w;
 };
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
@@ -114,6 +117,12 @@ inline T from_bits(uint64_t b) {
 inline float4 load_float4(const float* p) {
     ::emu::check_align(p, 16, "float4 load");
     float4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+inline uint4 load_uint4(const void* p) {
+    ::emu::check_align(p, 16, "uint4 load");
+    uint4 v;
     std::memcpy(&v, p, 16);
     return v;
 }

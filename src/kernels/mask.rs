@@ -575,8 +575,17 @@ pub fn soft_iou_bwd_cpu<T: Float + Send + Sync>(
 /// Threads per block of the mask kernels (a multiple of 32: the block reductions
 /// shuffle over full warps).
 const BLOCK: u32 = 256;
-/// CUDA's limit on `gridDim.y` (P in `mask_pair_counts_u8`, B in `soft_iou_bwd_f32`).
+/// CUDA's limit on `gridDim.y` and `gridDim.z` (the pair tiles of `mask_pair_part_u8`,
+/// B in `soft_iou_bwd_f32`).
 const MAX_GRID_YZ: usize = 65_535;
+/// Predictions and references per tile of `mask_pair_part_u8` (`PAIR_TP`, `PAIR_TG` in
+/// `mask.cu`), its threads (one per 4 pairs) and pixels per step (`PAIR_SUB`).
+const PAIR_TP: usize = 64;
+const PAIR_TG: usize = 16;
+const PAIR_THREADS: u32 = (PAIR_TP * PAIR_TG / 4) as u32;
+const PAIR_SUB: usize = 1024;
+/// Blocks `pair_counts` aims for (chunks × tiles): a few per SM of a large GPU.
+const PAIR_BLOCKS: usize = 512;
 
 fn check_dims(op: &'static str, h: usize, w: usize) -> Result<usize> {
     let hw = h
@@ -586,7 +595,10 @@ fn check_dims(op: &'static str, h: usize, w: usize) -> Result<usize> {
     Ok(hw)
 }
 
-/// Launch `mask_pair_counts_u8`: the device twin of [`pair_counts_cpu`], exact.
+/// Launch `mask_pair_part_u8` and `mask_pair_finish_u8`: the device twin of
+/// [`pair_counts_cpu`], exact.  The masks are read once per tile of 64 predictions × 16
+/// references, packed to bits on the way; the pixels are split into chunks so that a
+/// few tiles still fill the GPU.
 ///
 /// pred (P, H, W), gt (G, H, W), inter (P, G), union (P, G) — overwritten.
 #[allow(clippy::too_many_arguments)]
@@ -610,18 +622,55 @@ pub fn pair_counts(
     if p == 0 || g == 0 {
         return Ok(());
     }
-    if p > MAX_GRID_YZ || g > u32::MAX as usize {
-        return Err(Error::arg(OP, format!("P = {p} exceeds {MAX_GRID_YZ}")));
+    let (tiles_p, tiles_g) = (p.div_ceil(PAIR_TP), g.div_ceil(PAIR_TG));
+    if tiles_p > MAX_GRID_YZ || tiles_g > MAX_GRID_YZ || p * g > i32::MAX as usize {
+        return Err(Error::arg(
+            OP,
+            format!("{p} × {g} pairs exceed one launch's grid"),
+        ));
     }
+    // Enough (chunk, tile) blocks to fill a large GPU; a chunk at least PAIR_SUB pixels.
+    let chunks = PAIR_BLOCKS
+        .div_ceil(tiles_p * tiles_g)
+        .clamp(1, hw.div_ceil(PAIR_SUB).max(1));
+    let chunk = hw.div_ceil(chunks).div_ceil(PAIR_SUB).max(1) * PAIR_SUB;
+    let chunks = hw.div_ceil(chunk).max(1);
+    let mut inter_part = dev.zeros::<u32>(chunks * p * g)?;
+    let mut cnt_part = dev.zeros::<u32>(chunks * (p + g))?;
+    let (np, ng) = (KArg::I32(p as i32), KArg::I32(g as i32));
     dev.launch(
-        "mask_pair_counts_u8",
-        LaunchCfg::new([g as u32, p as u32, 1], [BLOCK, 1, 1], 0),
+        "mask_pair_part_u8",
+        LaunchCfg::new(
+            [chunks as u32, tiles_p as u32, tiles_g as u32],
+            [PAIR_THREADS, 1, 1],
+            0,
+        ),
+        &[
+            inter_part.arg_mut(),
+            cnt_part.arg_mut(),
+            pred.arg(),
+            gt.arg(),
+            np,
+            ng,
+            KArg::I32(hw as i32),
+            KArg::I32(chunk as i32),
+        ],
+    )?;
+    dev.launch(
+        "mask_pair_finish_u8",
+        LaunchCfg::new(
+            [(p * g).div_ceil(BLOCK as usize) as u32, 1, 1],
+            [BLOCK, 1, 1],
+            0,
+        ),
         &[
             inter.arg_mut(),
             union.arg_mut(),
-            pred.arg(),
-            gt.arg(),
-            KArg::I32(hw as i32),
+            inter_part.arg(),
+            cnt_part.arg(),
+            np,
+            ng,
+            KArg::I32(chunks as i32),
         ],
     )
 }
