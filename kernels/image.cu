@@ -252,22 +252,17 @@ extern "C" __global__ void mul_rows_bwd_dg_f32(float* dg, const float* x, const 
 
 // ---- mask losses (LISA/PixelLM: BCE-with-logits and Dice) ----
 
-// sigma(x) without overflow for either sign
-__device__ __forceinline__ float sigmoid_stable(float x) {
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    float e = expf(x);
-    return e / (1.0f + e);
-}
-
 // The loss sums of pixels [lo, hi) of one mask, added into this thread's
 // acc = (sum bce_j, sum sigma_j/s t_j, sum sigma_j/s, sum t_j/s), four pixels per load
 // when the rows are 16-byte aligned (P a multiple of 4).
 struct MaskLossAcc {
     float bce = 0.0f, inter = 0.0f, ssig = 0.0f, st = 0.0f;
     __device__ __forceinline__ void add(float x, float t, float s) {
-        // max(x,0) - x t + log(1 + e^{-|x|}): no overflow for either sign
-        bce += fmaxf(x, 0.0f) - x * t + log1pf(expf(-fabsf(x)));
-        float sg = sigmoid_stable(x) / s;
+        // max(x,0) - x t + log(1 + e^{-|x|}): no overflow for either sign; the one
+        // exponential also gives sigma(x) = (x >= 0 ? 1 : e^{-|x|}) / (1 + e^{-|x|})
+        const float e = expf(-fabsf(x));
+        bce += fmaxf(x, 0.0f) - x * t + log1pf(e);
+        float sg = (x >= 0.0f ? 1.0f : e) / (1.0f + e) / s;
         inter += sg * t;
         ssig += sg;
         st += t / s;
@@ -284,7 +279,7 @@ struct MaskLossAcc {
 // eps = dice_eps (PixelLM's smoothing); mask_loss_bwd_f32 reads sums.
 extern "C" __global__ void mask_loss_part_f32(float* part, const float* logits, const float* target, int p, int chunk,
                                               float dice_scale) {
-    SHARED(float, scratch, [32]);
+    SHARED(float, scratch, [4][32]);
     const size_t m = blockIdx.y;
     const int lo = blockIdx.x * chunk, hi = lo + chunk < p ? lo + chunk : p;
     const float *x = logits + m * p, *t = target + m * p;
@@ -301,16 +296,20 @@ extern "C" __global__ void mask_loss_part_f32(float* part, const float* logits, 
         }
     }
     for (int j = head + threadIdx.x; j < hi; j += blockDim.x) a.add(x[j], t[j], dice_scale);
-    float* o = part + 4 * (m * gridDim.x + blockIdx.x);
-    float v;
-    v = block_sum(a.bce, scratch);
-    if (threadIdx.x == 0) o[0] = v;
-    v = block_sum(a.inter, scratch);
-    if (threadIdx.x == 0) o[1] = v;
-    v = block_sum(a.ssig, scratch);
-    if (threadIdx.x == 0) o[2] = v;
-    v = block_sum(a.st, scratch);
-    if (threadIdx.x == 0) o[3] = v;
+    // the four sums over the block at once: warp trees, then warp 0 over the warps
+    float v[4] = {warp_sum(a.bce), warp_sum(a.inter), warp_sum(a.ssig), warp_sum(a.st)};
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    if (lane == 0)
+        for (int k = 0; k < 4; ++k) scratch[k][warp] = v[k];
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x / WARP_SIZE;
+        float* o = part + 4 * (m * gridDim.x + blockIdx.x);
+        for (int k = 0; k < 4; ++k) {
+            const float t = warp_sum(lane < nw ? scratch[k][lane] : 0.0f);
+            if (lane == 0) o[k] = t;
+        }
+    }
 }
 
 extern "C" __global__ void mask_loss_finish_f32(float* out, float* sums, const float* part, int chunks, int p,
@@ -334,17 +333,35 @@ extern "C" __global__ void mask_loss_finish_f32(float* out, float* sums, const f
 // forward: dice = 1 - num/den, num = 2 sum sigma_j t_j/s + eps, den = sum sigma_j/s + sum t_j/s + eps
 // so:      d dice/d sigma_j = -(2 t_j/s)/den + num/(s den^2),  d sigma_j/d x_j = sigma_j (1 - sigma_j)
 // dlogits (M,P) = w_bce d bce + w_dice d dice, overwritten; sums (M, 4) from
-// mask_loss_finish_f32.  grid (ceil(P / blockDim), M), one pixel per thread.
+// mask_loss_finish_f32.  grid (ceil(P / (4 blockDim)), M), four pixels per thread (one
+// float4 of each row when P is a multiple of 4 and the rows are 16-byte aligned).
+struct MaskLossGrad {
+    float common, two_over_sden, w_bce_p, w_dice;
+    __device__ __forceinline__ float at(float x, float t) const {
+        const float e = expf(-fabsf(x));
+        const float sg = (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+        return w_bce_p * (sg - t) + w_dice * (common - two_over_sden * t) * sg * (1.0f - sg);
+    }
+};
 extern "C" __global__ void mask_loss_bwd_f32(float* dlogits, const float* logits, const float* target,
                                              const float* sums, int p, float w_bce, float w_dice, float dice_scale,
                                              float dice_eps) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int j = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (j >= p) return;
     const size_t m = blockIdx.y, off = m * p + j;
     const float* s = sums + 4 * m;
-    float num = 2.0f * s[1] + dice_eps, den = s[2] + s[3] + dice_eps;
-    float common = num / (dice_scale * den * den), inv_p = 1.0f / (float)p;
-    float sg = sigmoid_stable(logits[off]), t = target[off];
-    float dd = common - 2.0f * t / (dice_scale * den);
-    dlogits[off] = w_bce * (sg - t) * inv_p + w_dice * dd * sg * (1.0f - sg);
+    const float num = 2.0f * s[1] + dice_eps, den = s[2] + s[3] + dice_eps;
+    MaskLossGrad g;
+    g.common = num / (dice_scale * den * den);
+    g.two_over_sden = 2.0f / (dice_scale * den);
+    g.w_bce_p = w_bce / (float)p;
+    g.w_dice = w_dice;
+    if ((p & 3) == 0 &&
+        ((reinterpret_cast<uintptr_t>(logits) | reinterpret_cast<uintptr_t>(target) |
+          reinterpret_cast<uintptr_t>(dlogits)) & 15) == 0) {
+        const float4 x = load_float4(logits + off), t = load_float4(target + off);
+        store_float4(dlogits + off, make_float4(g.at(x.x, t.x), g.at(x.y, t.y), g.at(x.z, t.z), g.at(x.w, t.w)));
+    } else {
+        for (int k = 0; k < 4 && j + k < p; ++k) dlogits[off + k] = g.at(logits[off + k], target[off + k]);
+    }
 }

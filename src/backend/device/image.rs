@@ -342,7 +342,8 @@ pub(super) fn mask_loss_bwd(
         return Ok(());
     }
     let (sums, _) = mask_loss_sums(dev, OP, logits, target, m, p)?;
-    let gx = u32::try_from(p.div_ceil(BLOCK as usize))
+    // four pixels per thread
+    let gx = u32::try_from(p.div_ceil(4 * BLOCK as usize))
         .map_err(|_| Error::shape(OP, format!("P = {p} does not fit one grid")))?;
     dev.launch(
         "mask_loss_bwd_f32",
