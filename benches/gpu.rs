@@ -418,6 +418,17 @@ fn bench_stack(be: DeviceBackend) {
         m.backward(&acts, &dl).unwrap();
     };
     let t = time(be.device(), 1, 5, &mut step);
+    // one more step, profiled: where the time goes, by kernel and product shape
+    be.device().set_profiling(true);
+    step();
+    let rows = be.device().take_profile().expect("profile");
+    be.device().set_profiling(false);
+    for r in rows {
+        println!(
+            "{{\"profile\":\"stack\",\"kernel\":{:?},\"calls\":{},\"ms\":{:.4}}}",
+            r.name, r.calls, r.ms
+        );
+    }
     let loss = -be.to_vec(&lp).iter().sum::<f32>() / n as f32;
     eprintln!("stack: loss {loss} (ln V = {})", (v as f32).ln());
     emit(

@@ -140,6 +140,18 @@ def bench_stack(dev, n_copy, n_mm, r_lp, v_lp):
 
     layers = STACK["num_hidden_layers"]
     emit(f"llama7b_stack_L{layers}_b{STACK_BATCH}_t{STACK_SEQ}_fwd_bwd", timeit(step, 1), "tokens_s", float(n))
+    # one more step under the profiler: GPU time by kernel, as benches/gpu.rs prints ours
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us > 0:
+            print(json.dumps({"profile": "stack", "kernel": ev.key, "calls": ev.count, "ms": round(us / 1e3, 4)}))
 
 
 SECTIONS = [

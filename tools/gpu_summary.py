@@ -29,6 +29,22 @@ def jsonl(path):
     return rows
 
 
+def profiles(path, top=30):
+    """The per-kernel profile rows ({"profile": what, "kernel", "calls", "ms"}) by what."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("{") and '"profile"' in line:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out.setdefault(r["profile"], []).append({k: r[k] for k in ("kernel", "calls", "ms")})
+    return {k: sorted(v, key=lambda r: -r["ms"])[:top] for k, v in out.items()}
+
+
 def main():
     out = sys.argv[1]
     tests = {}
@@ -83,8 +99,10 @@ def main():
             c = g[: -len("_cuda")] + "_cpu"
             if c in ours and ours[g]["ms"] > 0:
                 pairs[g]["cpu_over_cuda"] = round(ours[c]["ms"] / ours[g]["ms"], 3)
+    prof = {f"{k}_ours": v for k, v in profiles(os.path.join(out, "bench_gpu.jsonl")).items()}
+    prof.update({f"{k}_torch": v for k, v in profiles(os.path.join(out, "bench_gpu_torch.jsonl")).items()})
     print(json.dumps({"copy_ceiling_gb_s": copy, "tests": tests, "timings": pairs,
-                      "memory_fraction_of_copy": memory, "goals": goals}, indent=1))
+                      "memory_fraction_of_copy": memory, "goals": goals, "profiles": prof}, indent=1))
 
 
 if __name__ == "__main__":

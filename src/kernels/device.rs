@@ -16,6 +16,7 @@
 //!            &[y.arg_mut(), x.arg(), KArg::F32(2.0), KArg::I64(3)]).unwrap();
 //! assert_eq!(dev.download(&y).unwrap(), vec![2.0, 4.0, 6.0]);
 //! ```
+use super::profile::{Profiler, Start};
 use crate::error::{Error, Result};
 use std::ffi::{c_char, c_void, CString};
 use std::fmt;
@@ -265,6 +266,7 @@ pub struct Device {
     inner: DevInner,
     htod: std::sync::atomic::AtomicU64,
     dtoh: std::sync::atomic::AtomicU64,
+    profiler: Profiler,
 }
 
 enum DevInner {
@@ -296,7 +298,41 @@ impl Device {
             inner,
             htod: Default::default(),
             dtoh: Default::default(),
+            profiler: Profiler::default(),
         }
+    }
+
+    pub(crate) fn profiler(&self) -> &Profiler {
+        &self.profiler
+    }
+
+    /// A timing mark on the device's queue (see [`super::profile`]).
+    fn mark(&self) -> Result<Start> {
+        match &self.inner {
+            DevInner::Emu { .. } => Ok(Start::Host(std::time::Instant::now())),
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => c
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map(Start::Cuda)
+                .map_err(|e| Error::Device(format!("profile event: {e}"))),
+        }
+    }
+
+    /// `f`, timed under `name` when profiling is on.
+    fn profiled(
+        &self,
+        name: impl FnOnce() -> String,
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if !self.profiler.on() {
+            return f();
+        }
+        let start = self.mark()?;
+        f()?;
+        let end = self.mark()?;
+        self.profiler.finish(name(), start, end);
+        Ok(())
     }
 
     /// Host↔device copies made so far (uploads and writes, downloads).
@@ -463,7 +499,14 @@ impl Device {
                 Err(Error::Unsupported("cuBLAS on the emulator".into()))
             }
             #[cfg(feature = "cuda")]
-            DevInner::Cuda(c) => c.sgemm(mkn, ta, tb, a, b, out, add),
+            DevInner::Cuda(c) => {
+                let t = |x: bool| if x { 'T' } else { 'N' };
+                let [m, k, n] = mkn;
+                self.profiled(
+                    || format!("sgemm {m}x{k}x{n} {}{}", t(ta), t(tb)),
+                    || c.sgemm(mkn, ta, tb, a, b, out, add),
+                )
+            }
         }
     }
 
@@ -485,6 +528,10 @@ impl Device {
     /// the kernel's C++ signature, so a wrapper that passes arguments in the wrong
     /// number or width fails loudly in CI rather than on the GPU.
     pub fn launch(&self, name: &str, cfg: LaunchCfg, args: &[KArg]) -> Result<()> {
+        self.profiled(|| name.to_string(), || self.launch_now(name, cfg, args))
+    }
+
+    fn launch_now(&self, name: &str, cfg: LaunchCfg, args: &[KArg]) -> Result<()> {
         match &self.inner {
             DevInner::Emu { max_workers } => {
                 let mut raw: Vec<[u8; 8]> = Vec::with_capacity(args.len());

@@ -12,10 +12,12 @@ pub mod logprob;
 pub mod mask;
 pub mod perturb;
 pub mod philox;
+pub mod profile;
 pub mod rows;
 pub mod simd;
 
 pub use device::{Device, DeviceBuf, DeviceKind, Elem, KArg, LaunchCfg};
+pub use profile::KernelTime;
 
 mod gen {
     include!(concat!(env!("OUT_DIR"), "/kernels_gen.rs"));
