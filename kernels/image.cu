@@ -8,124 +8,159 @@
 // permutation): no atomics, and the same sums run to run.
 #include "common.cuh"
 
-// A grid-stride loop with index type I: the ops below split an element index into
-// (batch, pixel, channel) by division, and a 32-bit division is a few times cheaper than
-// a 64-bit one, so each kernel runs its body with I = int whenever every index fits.
-#define GRID_STRIDE_T(I, i, n) \
-    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)(n); i += (I)gridDim.x * (I)blockDim.x)
-#define INDEX_FITS_INT(n) ((long long)(n) + (long long)gridDim.x * blockDim.x <= 2147483647LL)
-// Runs BODY<int>(...) or BODY<long long>(...) by the element count n.
-#define BY_INDEX_WIDTH(n, BODY, ...)                   \
-    do {                                               \
-        if (INDEX_FITS_INT(n)) BODY<int>(__VA_ARGS__); \
-        else BODY<long long>(__VA_ARGS__);             \
-    } while (0)
+// The layout ops below (im2col, depth-to-space, resize, per-row scale) run on 2-D blocks
+// that the wrappers pick: threadIdx.y picks a pixel (or a row) among the block's
+// blockDim.y, threadIdx.x walks that pixel's channels, four floats at a time (float4)
+// when every run is a multiple of 4 floats and the pointers are 16-byte aligned.  The
+// grid names the pixel run, the row and the image, so no thread divides per element;
+// grid.y and grid.z are at most 65535 and the kernels loop over the rest.  Offsets are
+// 64-bit once per pixel and ints within one (a pixel's K K C, a row's W C: the wrappers
+// check that every int, plus a grid step, fits).
 
-// Element e of a channels-last (B,H,W,C) tensor as (b, y, x, ch).
-template <typename I>
-struct Bhwc {
-    I b;
-    int y, x, ch;
-};
-template <typename I>
-__device__ __forceinline__ Bhwc<I> split_bhwc(I e, int h, int w, int c) {
-    Bhwc<I> p;
-    p.ch = (int)(e % c);
-    const I q = e / c;
-    p.x = (int)(q % w);
-    const I q2 = q / w;
-    p.y = (int)(q2 % h);
-    p.b = q2 / h;
-    return p;
+// The float4 path applies: every run a multiple of 4 floats and both pointers aligned.
+__device__ __forceinline__ bool vec_ok(bool runs_of_4, const void* a, const void* b) {
+    return runs_of_4 && ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15) == 0;
 }
+
+// Unit j of a run: 4 floats when V (one float4 access), 1 otherwise (in .x; the other
+// lanes are 0 and dead on the GPU).
+template <bool V>
+__device__ __forceinline__ float4 ld(const float* p) {
+    if (V) return load_float4(p);
+    return make_float4(*p, 0.0f, 0.0f, 0.0f);
+}
+template <bool V>
+__device__ __forceinline__ void st(float* p, float4 v) {
+    if (V) store_float4(p, v);
+    else *p = v.x;
+}
+// acc + a v per lane (one rounding, as fmaf)
+__device__ __forceinline__ float4 fma4(float a, float4 v, float4 acc) {
+    return make_float4(fmaf(a, v.x, acc.x), fmaf(a, v.y, acc.y), fmaf(a, v.z, acc.z), fmaf(a, v.w, acc.w));
+}
+__device__ __forceinline__ float4 add4(float4 a, float4 b) {
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+__device__ __forceinline__ float4 zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+
+// dst[0, n) = src[0, n) (or 0) by threads t, t + step, ... of a block row.
+template <bool V>
+__device__ __forceinline__ void copy_run(float* dst, const float* src, int n, int t, int step) {
+    const int u = V ? 4 : 1;
+    for (int j = u * t; j < n; j += u * step) st<V>(dst + j, ld<V>(src + j));
+}
+template <bool V>
+__device__ __forceinline__ void zero_run(float* dst, int n, int t, int step) {
+    const int u = V ? 4 : 1;
+    for (int j = u * t; j < n; j += u * step) st<V>(dst + j, zero4());
+}
+
+// This thread's pixel along the grid's x: blockIdx.x blockDim.y + threadIdx.y.
+__device__ __forceinline__ unsigned pixel_x() { return blockIdx.x * blockDim.y + threadIdx.y; }
 
 // ---- im2col (stride-1 convolution as a matrix product) ----
 
 // x (B,H,W,C) -> out (B,Ho,Wo,K K C), each row ordered (ky, kx, c), zero padding:
 //   out[(b,oy,ox), (ky,kx,c)] = x[b, oy+ky-pad, ox+kx-pad, c], 0 outside
-template <typename I>
-__device__ __forceinline__ void im2col_body(float* out, const float* x, long long n, int h, int w, int c, int k,
-                                            int pad, int ho, int wo) {
-    GRID_STRIDE_T(I, e, n) {
-        const int ch = (int)(e % c);
-        const I q = e / c;
-        const int kk = (int)(q % (k * k));
-        const I row = q / (k * k);
-        const int ox = (int)(row % wo);
-        const I r2 = row / wo;
-        const int oy = (int)(r2 % ho);
-        const I bi = r2 / ho;
-        const int iy = oy + kk / k - pad, ix = ox + kk % k - pad;
-        out[e] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[((bi * h + iy) * w + ix) * c + ch] : 0.0f;
-    }
+// grid (Wo / blockDim.y, Ho, B): thread row ty copies output pixel ox's K K runs of C
+// floats (x pixel (iy, ix) or zeros).
+template <bool V>
+__device__ __forceinline__ void im2col_body(float* out, const float* x, int b, int h, int w, int c, int k, int pad,
+                                            int ho, int wo, int ox) {
+    const int kkc = k * k * c;
+    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
+        for (int oy = blockIdx.y; oy < ho; oy += gridDim.y) {
+            float* o = out + (((long long)bi * ho + oy) * wo + ox) * kkc;
+            for (int ky = 0; ky < k; ++ky) {
+                const int iy = oy - pad + ky;
+                for (int kx = 0; kx < k; ++kx, o += c) {
+                    const int ix = ox - pad + kx;
+                    if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+                        copy_run<V>(o, x + (((long long)bi * h + iy) * w + ix) * c, c, threadIdx.x, blockDim.x);
+                    else
+                        zero_run<V>(o, c, threadIdx.x, blockDim.x);
+                }
+            }
+        }
 }
 extern "C" __global__ void im2col_f32(float* out, const float* x, int b, int h, int w, int c, int k, int pad, int ho,
                                       int wo) {
-    const long long n = (long long)b * ho * wo * k * k * c;
-    const long long reach = (long long)b * h * w * c;  // x's length
-    BY_INDEX_WIDTH(n > reach ? n : reach, im2col_body, out, x, n, h, w, c, k, pad, ho, wo);
+    const unsigned ox = pixel_x();
+    if (ox >= (unsigned)wo) return;
+    if (vec_ok(c % 4 == 0, out, x)) im2col_body<true>(out, x, b, h, w, c, k, pad, ho, wo, (int)ox);
+    else im2col_body<false>(out, x, b, h, w, c, k, pad, ho, wo, (int)ox);
 }
 
 // forward: out[(b,oy,ox), (ky,kx,c)] = x[b, oy+ky-pad, ox+kx-pad, c]
 // so:      dx[b,iy,ix,c] = sum_{ky,kx} dout[(b, iy+pad-ky, ix+pad-kx), (ky,kx,c)] over the
 //          (oy, ox) inside the output   (overwritten)
-template <typename I>
-__device__ __forceinline__ void im2col_bwd_body(float* dx, const float* dout, long long n, int h, int w, int c,
-                                                int k, int pad, int ho, int wo) {
-    // the largest index read is dout's, (B·Ho·Wo)·K²C: the caller's check covers it
-    const I width = (I)k * k * c;
-    GRID_STRIDE_T(I, e, n) {
-        const Bhwc<I> px = split_bhwc<I>(e, h, w, c);
-        const int ch = px.ch, ix = px.x, iy = px.y;
-        const I bi = px.b;
-        float acc = 0.0f;
-        for (int ky = 0; ky < k; ++ky) {
-            int oy = iy + pad - ky;
-            if (oy < 0 || oy >= ho) continue;
-            for (int kx = 0; kx < k; ++kx) {
-                int ox = ix + pad - kx;
-                if (ox < 0 || ox >= wo) continue;
-                acc += dout[((bi * ho + oy) * wo + ox) * width + (ky * k + kx) * c + ch];
+// grid (W / blockDim.y, H, B): thread row ty sums input pixel ix's K K taps, in (ky, kx)
+// order as the CPU twin, a float4 of channels at a time.
+template <bool V>
+__device__ __forceinline__ void im2col_bwd_body(float* dx, const float* dout, int b, int h, int w, int c, int k,
+                                                int pad, int ho, int wo, int ix) {
+    const int kkc = k * k * c, u = V ? 4 : 1;
+    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
+        for (int iy = blockIdx.y; iy < h; iy += gridDim.y) {
+            float* d = dx + (((long long)bi * h + iy) * w + ix) * c;
+            for (int j = u * threadIdx.x; j < c; j += u * blockDim.x) {
+                float4 acc = zero4();
+                for (int ky = 0; ky < k; ++ky) {
+                    const int oy = iy + pad - ky;
+                    if (oy < 0 || oy >= ho) continue;
+                    const float* row = dout + ((long long)bi * ho + oy) * wo * kkc + ky * k * c + j;
+                    for (int kx = 0; kx < k; ++kx) {
+                        const int ox = ix + pad - kx;
+                        if (ox < 0 || ox >= wo) continue;
+                        acc = add4(acc, ld<V>(row + (long long)ox * kkc + kx * c));
+                    }
+                }
+                st<V>(d + j, acc);
             }
         }
-        dx[e] = acc;
-    }
 }
 extern "C" __global__ void im2col_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int k, int pad,
                                           int ho, int wo) {
-    const long long n = (long long)b * h * w * c;
-    const long long reach = (long long)b * ho * wo * k * k * c;  // dout's length
-    BY_INDEX_WIDTH(n > reach ? n : reach, im2col_bwd_body, dx, dout, n, h, w, c, k, pad, ho, wo);
+    const unsigned ix = pixel_x();
+    if (ix >= (unsigned)w) return;
+    if (vec_ok(c % 4 == 0, dx, dout)) im2col_bwd_body<true>(dx, dout, b, h, w, c, k, pad, ho, wo, (int)ix);
+    else im2col_bwd_body<false>(dx, dout, b, h, w, c, k, pad, ho, wo, (int)ix);
 }
 
 // ---- depth-to-space (the transposed conv k = r, stride r after a Linear) ----
 
-// Index into x (B,H,W,r r C) of element e of out (B,rH,rW,C): out pixel (y r + dy,
-// x r + dx) takes channels (dy, dx, .) of pixel (y, x).
-template <typename I>
-__device__ __forceinline__ I d2s_src(I e, int h, int w, int c, int r) {
-    const Bhwc<I> o = split_bhwc<I>(e, h * r, w * r, c);
-    return ((o.b * h + o.y / r) * w + o.x / r) * ((I)r * r * c) + ((o.y % r) * r + o.x % r) * c + o.ch;
-}
-template <typename I>
-__device__ __forceinline__ void d2s_body(float* out, const float* x, long long n, int h, int w, int c, int r) {
-    GRID_STRIDE_T(I, e, n) out[e] = x[d2s_src<I>(e, h, w, c, r)];
-}
-template <typename I>
-__device__ __forceinline__ void d2s_bwd_body(float* dx, const float* dout, long long n, int h, int w, int c, int r) {
-    GRID_STRIDE_T(I, e, n) dx[d2s_src<I>(e, h, w, c, r)] = dout[e];
+// x (B,H,W,r r C) -> out (B,rH,rW,C): out pixel (y r + dy, x r + dx) takes channels
+// (dy, dx, .) of pixel (y, x), so out row y r + dy is W runs of r C floats, run x being
+// channels (dy, ., .) of x pixel (y, x).  grid (W / blockDim.y, r H, B): thread row ty
+// copies run x of one out row (BWD: the inverse copy, dx from dout).
+template <bool V, bool BWD>
+__device__ __forceinline__ void d2s_body(float* dst, const float* src, int b, int h, int w, int c, int r, int xx) {
+    const int run = r * c, rows = r * h;
+    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
+        for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+            const int y = row / r, dy = row - y * r;  // once per run
+            const long long xo = ((((long long)bi * h + y) * w + xx) * r + dy) * run;
+            const long long oo = (((long long)bi * rows + row) * w + xx) * run;
+            if (BWD) copy_run<V>(dst + xo, src + oo, run, threadIdx.x, blockDim.x);
+            else copy_run<V>(dst + oo, src + xo, run, threadIdx.x, blockDim.x);
+        }
 }
 
-// x (B,H,W,r r C) -> out (B,rH,rW,C) (both of n elements)
-extern "C" __global__ void depth_to_space_f32(float* out, const float* x, long long n, int h, int w, int c, int r) {
-    BY_INDEX_WIDTH(n, d2s_body, out, x, n, h, w, c, r);
+// x (B,H,W,r r C) -> out (B,rH,rW,C) (both of B H W r r C elements)
+extern "C" __global__ void depth_to_space_f32(float* out, const float* x, int b, int h, int w, int c, int r) {
+    const unsigned xx = pixel_x();
+    if (xx >= (unsigned)w) return;
+    if (vec_ok(r * c % 4 == 0, out, x)) d2s_body<true, false>(out, x, b, h, w, c, r, (int)xx);
+    else d2s_body<false, false>(out, x, b, h, w, c, r, (int)xx);
 }
 
 // The forward is a permutation, so the backward is its inverse: dx (B,H,W,r r C)
 // overwritten from dout (B,rH,rW,C).
-extern "C" __global__ void depth_to_space_bwd_f32(float* dx, const float* dout, long long n, int h, int w, int c,
-                                                  int r) {
-    BY_INDEX_WIDTH(n, d2s_bwd_body, dx, dout, n, h, w, c, r);
+extern "C" __global__ void depth_to_space_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int r) {
+    const unsigned xx = pixel_x();
+    if (xx >= (unsigned)w) return;
+    if (vec_ok(r * c % 4 == 0, dx, dout)) d2s_body<true, true>(dx, dout, b, h, w, c, r, (int)xx);
+    else d2s_body<false, true>(dx, dout, b, h, w, c, r, (int)xx);
 }
 
 // ---- bilinear resize, PyTorch's align_corners=False ----
@@ -133,13 +168,18 @@ extern "C" __global__ void depth_to_space_bwd_f32(float* dx, const float* dout, 
 // One output coordinate's taps along an axis, as the CPU twin computes them (in double):
 // src = max((d + 1/2) in/out - 1/2, 0), i0 = floor(src) (at most in - 1),
 // i1 = min(i0 + 1, in - 1), l1 = src - i0, l0 = 1 - l1.
-struct Tap {
+struct alignas(16) Tap {
     int i0, i1;
     float l0, l1;
 };
-// scale = n_in / n_out in double, computed once per thread by the callers.
+// scale = n_in / n_out in double, computed once per thread by the callers.  The product
+// and difference are rounded apart (no fused multiply-add), as on the CPU.
 __device__ __forceinline__ Tap tap(int d, int n_in, double scale) {
+#ifdef __CUDACC__
+    double src = __dsub_rn(__dmul_rn((double)d + 0.5, scale), 0.5);
+#else
     double src = ((double)d + 0.5) * scale - 0.5;
+#endif
     if (src < 0.0) src = 0.0;
     int i0 = (int)floor(src);
     if (i0 > n_in - 1) i0 = n_in - 1;
@@ -152,91 +192,182 @@ __device__ __forceinline__ Tap tap(int d, int n_in, double scale) {
     return t;
 }
 
+// Output rows per block band of resize_bilinear_f32 (their y taps in shared memory).
+#define RESIZE_ROWS 16
+
 // x (B,H,W,C) -> out (B,Ho,Wo,C):
 //   out = ly0 (lx0 x[i0,j0] + lx1 x[i0,j1]) + ly1 (lx0 x[i1,j0] + lx1 x[i1,j1])
-template <typename I>
-__device__ __forceinline__ void resize_body(float* out, const float* x, long long n, int h, int w, int c, int ho,
-                                            int wo) {
+// grid (Wo / blockDim.y, Ho / RESIZE_ROWS, B): thread row ty owns output column ox (its
+// x tap computed once) down a band of RESIZE_ROWS rows, whose y taps the block computes
+// once into shared memory; the four source pixels are reloaded only when the y taps
+// change (an upsampling's rows share them).
+template <bool V>
+__device__ __forceinline__ void resize_body(float* out, const float* x, int b, int h, int w, int c, int ho, int wo,
+                                            Tap* ty) {
     const double sy = (double)h / (double)ho, sx = (double)w / (double)wo;
-    GRID_STRIDE_T(I, e, n) {
-        const Bhwc<I> o = split_bhwc<I>(e, ho, wo, c);
-        Tap a = tap(o.y, h, sy), t = tap(o.x, w, sx);
-        const float* xb = x + o.b * h * w * c + o.ch;
-        float p00 = xb[((I)a.i0 * w + t.i0) * c], p01 = xb[((I)a.i0 * w + t.i1) * c];
-        float p10 = xb[((I)a.i1 * w + t.i0) * c], p11 = xb[((I)a.i1 * w + t.i1) * c];
-        out[e] = a.l0 * (t.l0 * p00 + t.l1 * p01) + a.l1 * (t.l0 * p10 + t.l1 * p11);
-    }
+    const int ox = (int)pixel_x(), u = V ? 4 : 1;
+    const bool live = ox < wo;  // the others only help with the y taps
+    const Tap t = tap(live ? ox : 0, w, sx);
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+    const int bands = (ho + RESIZE_ROWS - 1) / RESIZE_ROWS;
+    const long long wc = (long long)w * c, owc = (long long)wo * c;
+    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
+        for (int band = blockIdx.y; band < bands; band += gridDim.y) {
+            const int oy0 = band * RESIZE_ROWS, rows = ho - oy0 < RESIZE_ROWS ? ho - oy0 : RESIZE_ROWS;
+            __syncthreads();  // the previous band's taps are read
+            for (int i = tid; i < rows; i += nt) ty[i] = tap(oy0 + i, h, sy);
+            __syncthreads();
+            if (!live) continue;
+            const float* xb = x + (long long)bi * h * wc;
+            float* o = out + ((long long)bi * ho + oy0) * owc + (long long)ox * c;
+            for (int j = u * threadIdx.x; j < c; j += u * blockDim.x) {
+                int r0 = -1, r1 = -1;
+                float4 p00 = zero4(), p01 = p00, p10 = p00, p11 = p00;
+                for (int i = 0; i < rows; ++i) {
+                    const Tap a = ty[i];
+                    if (a.i0 != r0 || a.i1 != r1) {
+                        r0 = a.i0;
+                        r1 = a.i1;
+                        const float *x0 = xb + r0 * wc + j, *x1 = xb + r1 * wc + j;
+                        p00 = ld<V>(x0 + t.i0 * c);
+                        p01 = ld<V>(x0 + t.i1 * c);
+                        p10 = ld<V>(x1 + t.i0 * c);
+                        p11 = ld<V>(x1 + t.i1 * c);
+                    }
+                    float4 v;
+                    v.x = a.l0 * (t.l0 * p00.x + t.l1 * p01.x) + a.l1 * (t.l0 * p10.x + t.l1 * p11.x);
+                    v.y = a.l0 * (t.l0 * p00.y + t.l1 * p01.y) + a.l1 * (t.l0 * p10.y + t.l1 * p11.y);
+                    v.z = a.l0 * (t.l0 * p00.z + t.l1 * p01.z) + a.l1 * (t.l0 * p10.z + t.l1 * p11.z);
+                    v.w = a.l0 * (t.l0 * p00.w + t.l1 * p01.w) + a.l1 * (t.l0 * p10.w + t.l1 * p11.w);
+                    st<V>(o + i * owc + j, v);
+                }
+            }
+        }
 }
 extern "C" __global__ void resize_bilinear_f32(float* out, const float* x, int b, int h, int w, int c, int ho,
                                                int wo) {
-    const long long n = (long long)b * ho * wo * c;
-    const long long reach = (long long)b * h * w * c;  // x's length
-    BY_INDEX_WIDTH(n > reach ? n : reach, resize_body, out, x, n, h, w, c, ho, wo);
+    SHARED(Tap, ty, [RESIZE_ROWS]);
+    if (vec_ok(c % 4 == 0, out, x)) resize_body<true>(out, x, b, h, w, c, ho, wo, ty);
+    else resize_body<false>(out, x, b, h, w, c, ho, wo, ty);
 }
 
-// The weight output coordinate d gives input coordinate i along an axis (both taps may
-// be i at the last pixel).
-__device__ __forceinline__ float tap_weight(Tap t, int i) {
-    return (t.i0 == i ? t.l0 : 0.0f) + (t.i1 == i ? t.l1 : 0.0f);
+// The output coordinates whose taps can name input coordinate i: those with i0(d) in
+// {i - 1, i} (i1 = i0 + 1 or, at the last pixel, i0).  i0 never decreases with d, so
+// they are one run [lo, hi] (hi < lo when there is none).
+struct alignas(8) Reach {
+    int lo, hi;
+};
+// The first d in [0, n_out) with i0(d) >= i, or n_out, by bisection.
+__device__ __forceinline__ int first_tap_from(int i, int n_in, int n_out, double scale) {
+    int lo = 0, hi = n_out;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (tap(mid, n_in, scale).i0 >= i) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
 }
 
-// The output coordinates whose taps can reach input coordinate i: src(d) lies in
-// (i - 1, i + 1], so d lies in ((i - 1/2) out/in - 1/2, (i + 3/2) out/in - 1/2]; one
-// more on each side for rounding (tap_weight is exact, so extra d add 0).
-// inv = n_out / n_in in double.
-__device__ __forceinline__ void tap_range(int i, int n_out, double inv, int* lo, int* hi) {
-    int a = (int)floor(((double)i - 0.5) * inv - 0.5) - 1;
-    int z = (int)ceil(((double)i + 1.5) * inv - 0.5) + 1;
-    *lo = a < 0 ? 0 : a;
-    *hi = z > n_out - 1 ? n_out - 1 : z;
+// The backward's tap tables, one thread per entry: tab = y taps (Ho Tap) | x taps
+// (Wo Tap) | y reach (H Reach) | x reach (W Reach).
+extern "C" __global__ void resize_taps_f32(float* tab, int h, int ho, int w, int wo) {
+    Tap* ty = reinterpret_cast<Tap*>(tab);
+    Tap* tx = ty + ho;
+    Reach* ry = reinterpret_cast<Reach*>(tx + wo);
+    Reach* rx = ry + h;
+    const double sy = (double)h / (double)ho, sx = (double)w / (double)wo;
+    const long long n = (long long)ho + wo + h + w;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        long long i = e;
+        if (i < ho) {
+            ty[i] = tap((int)i, h, sy);
+        } else if ((i -= ho) < wo) {
+            tx[i] = tap((int)i, w, sx);
+        } else if ((i -= wo) < h) {
+            ry[i].lo = first_tap_from((int)i - 1, h, ho, sy);
+            ry[i].hi = first_tap_from((int)i + 1, h, ho, sy) - 1;
+        } else {
+            i -= h;
+            rx[i].lo = first_tap_from((int)i - 1, w, wo, sx);
+            rx[i].hi = first_tap_from((int)i + 1, w, wo, sx) - 1;
+        }
+    }
 }
 
 // forward: out[oy,ox] = sum_{a,e in {0,1}} ly_a lx_e x[iy_a, ix_e]
-// so:      dx[iy,ix] = sum_{oy,ox} wy(oy,iy) wx(ox,ix) dout[oy,ox]   (overwritten), over
-//          the few (oy, ox) whose taps reach (iy, ix)
-template <typename I>
-__device__ __forceinline__ void resize_bwd_body(float* dx, const float* dout, long long n, int h, int w, int c,
-                                                int ho, int wo) {
-    const double sy = (double)h / (double)ho, sx = (double)w / (double)wo;
-    const double iy_inv = (double)ho / (double)h, ix_inv = (double)wo / (double)w;
-    GRID_STRIDE_T(I, e, n) {
-        const Bhwc<I> px = split_bhwc<I>(e, h, w, c);
-        const int ch = px.ch, ix = px.x, iy = px.y;
-        const I bi = px.b;
-        int ylo, yhi, xlo, xhi;
-        tap_range(iy, ho, iy_inv, &ylo, &yhi);
-        tap_range(ix, wo, ix_inv, &xlo, &xhi);
-        const float* db = dout + bi * ho * wo * c + ch;
-        float acc = 0.0f;
-        for (int oy = ylo; oy <= yhi; ++oy) {
-            float wy = tap_weight(tap(oy, h, sy), iy);
-            if (wy == 0.0f) continue;
-            float row = 0.0f;
-            for (int ox = xlo; ox <= xhi; ++ox) {
-                float wx = tap_weight(tap(ox, w, sx), ix);
-                if (wx != 0.0f) row += wx * db[((I)oy * wo + ox) * c];
+// so:      dx[iy,ix] = sum_oy wy(oy,iy) (sum_ox wx(ox,ix) dout[oy,ox])   (overwritten),
+//          w(d,i) = l0(d) [i0(d) = i] + l1(d) [i1(d) = i], summed as the CPU twin's two
+//          passes: over ox ascending (the l0 term before the l1 term), then over oy
+//          ascending; only the (oy, ox) in the reach of (iy, ix) add anything.
+// tab from resize_taps_f32.  grid (W / blockDim.y, H / band, B): thread row ty owns input
+// column ix of a band of `band` input rows.  It walks the output rows oy that reach the
+// band, forms row oy's x sum once and adds it into the (at most two) input rows its y
+// taps name.  i0 never decreases with oy, so two rows are open at a time: a row is
+// written once no later oy can reach it.  Rows reaching two bands are summed by both.
+template <bool V>
+__device__ __forceinline__ void resize_bwd_body(float* dx, const float* dout, const float* tab, int b, int h, int w,
+                                                int c, int ho, int wo, int band, int ix) {
+    const Tap* ty = reinterpret_cast<const Tap*>(tab);
+    const Tap* tx = ty + ho;
+    const Reach* ry = reinterpret_cast<const Reach*>(tx + wo);
+    const Reach xr = (ry + h)[ix];
+    const int bands = (h + band - 1) / band, u = V ? 4 : 1;
+    const long long wc = (long long)w * c, owc = (long long)wo * c;
+    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
+        for (int bn = blockIdx.y; bn < bands; bn += gridDim.y) {
+            const int iy0 = bn * band, iy1 = h - iy0 < band ? h : iy0 + band;
+            const int lo = ry[iy0].lo, hi = ry[iy1 - 1].hi;
+            const float* db = dout + (long long)bi * ho * owc;
+            float* d = dx + (long long)bi * h * wc + (long long)ix * c;
+            for (int j = u * threadIdx.x; j < c; j += u * blockDim.x) {
+                float4 acc0 = zero4(), acc1 = zero4();  // input rows cur, cur + 1
+                int cur = iy0;
+                for (int oy = lo; oy <= hi; ++oy) {
+                    const float* src = db + oy * owc + j;
+                    float4 row = zero4();
+                    for (int ox = xr.lo; ox <= xr.hi; ++ox) {
+                        const Tap t = tx[ox];
+                        const float4 g = ld<V>(src + ox * c);
+                        if (t.i0 == ix) row = fma4(t.l0, g, row);
+                        if (t.i1 == ix) row = fma4(t.l1, g, row);
+                    }
+                    const Tap a = ty[oy];
+                    // rows below i0 are complete (i0 >= iy0 - 1 and i0 < iy1 in the reach)
+                    for (; cur < a.i0; ++cur, acc0 = acc1, acc1 = zero4()) st<V>(d + cur * wc + j, acc0);
+                    if (a.i0 == cur) acc0 = fma4(a.l0, row, acc0);
+                    if (a.i1 == cur) acc0 = fma4(a.l1, row, acc0);
+                    else if (a.i1 == cur + 1 && cur + 1 < iy1) acc1 = fma4(a.l1, row, acc1);
+                }
+                for (; cur < iy1; ++cur, acc0 = acc1, acc1 = zero4()) st<V>(d + cur * wc + j, acc0);
             }
-            acc += wy * row;
         }
-        dx[e] = acc;
-    }
 }
-extern "C" __global__ void resize_bilinear_bwd_f32(float* dx, const float* dout, int b, int h, int w, int c, int ho,
-                                                   int wo) {
-    const long long n = (long long)b * h * w * c;
-    const long long reach = (long long)b * ho * wo * c;  // dout's length
-    BY_INDEX_WIDTH(n > reach ? n : reach, resize_bwd_body, dx, dout, n, h, w, c, ho, wo);
+extern "C" __global__ void __launch_bounds__(256, 4) resize_bilinear_bwd_f32(float* dx, const float* dout, const float* tab, int b, int h,
+                                                   int w, int c, int ho, int wo, int band) {
+    const unsigned ix = pixel_x();
+    if (ix >= (unsigned)w) return;
+    if (vec_ok(c % 4 == 0, dx, dout)) resize_bwd_body<true>(dx, dout, tab, b, h, w, c, ho, wo, band, (int)ix);
+    else resize_bwd_body<false>(dx, dout, tab, b, h, w, c, ho, wo, band, (int)ix);
 }
 
 // ---- per-row scale ----
 
 // out (N,C) = x (N,C) g (N), row-broadcast.  The backward's dx = dout g is the same op.
-template <typename I>
-__device__ __forceinline__ void mul_rows_body(float* out, const float* x, const float* g, long long n, int c) {
-    GRID_STRIDE_T(I, e, n) out[e] = x[e] * g[e / c];
+// grid N / blockDim.y: thread row ty scales row n (g[n] read once).
+template <bool V>
+__device__ __forceinline__ void mul_rows_body(float* out, const float* x, float s, int c) {
+    const int u = V ? 4 : 1;
+    for (int j = u * threadIdx.x; j < c; j += u * blockDim.x) {
+        const float4 v = ld<V>(x + j);
+        st<V>(out + j, make_float4(v.x * s, v.y * s, v.z * s, v.w * s));
+    }
 }
 extern "C" __global__ void mul_rows_f32(float* out, const float* x, const float* g, long long n, int c) {
-    BY_INDEX_WIDTH(n, mul_rows_body, out, x, g, n, c);
+    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= n) return;
+    const long long off = row * c;
+    if (vec_ok(c % 4 == 0, out, x)) mul_rows_body<true>(out + off, x + off, g[row], c);
+    else mul_rows_body<false>(out + off, x + off, g[row], c);
 }
 
 // forward: out[n,i] = x[n,i] g[n]

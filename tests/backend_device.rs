@@ -714,8 +714,18 @@ fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
     for d in backends() {
         let mut r = Philox::new(12);
         let mut copies = 0u64;
-        // im2col: padded 3×3, unpadded 2×2, and padding wider than the kernel's reach
-        for (b, h, w, c, k, pad) in [(2, 5, 7, 3, 3, 1), (1, 6, 4, 5, 2, 0), (2, 3, 5, 2, 3, 2)] {
+        // im2col: padded 3×3, unpadded 2×2, and padding wider than the kernel's reach;
+        // channels by float4 (C = 4, 8), more channel units than a block row has threads
+        // (C = 261 by floats, 1028 by float4s), more pixels in a row than a block has rows
+        for (b, h, w, c, k, pad) in [
+            (2, 5, 7, 3, 3, 1),
+            (1, 6, 4, 5, 2, 0),
+            (2, 3, 5, 2, 3, 2),
+            (2, 4, 6, 4, 3, 1),
+            (1, 3, 70, 8, 3, 1),
+            (1, 2, 3, 261, 2, 1),
+            (1, 2, 2, 1028, 2, 0),
+        ] {
             let g = Conv2dGeom { b, h, w, c, k, pad };
             let (ho, wo) = g.out_hw().unwrap();
             let (nx, no) = (b * h * w * c, b * ho * wo * g.col_width());
@@ -734,8 +744,9 @@ fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
             close(&format!("im2col_bwd {g:?}"), &d.to_vec(&dxd), &dx);
             assert!(d.im2col(&xd, &g, &mut nans(&d, no + 1)).is_err());
         }
-        // depth-to-space and its inverse
-        for (b, h, w, c, rr) in [(2, 3, 5, 3, 2), (1, 2, 3, 4, 3)] {
+        // depth-to-space and its inverse: runs of r·C = 6 floats, 12 (float4s), and more
+        // input pixels in a row than a block has rows (runs of 3 floats, 85 per block)
+        for (b, h, w, c, rr) in [(2, 3, 5, 3, 2), (1, 2, 3, 4, 3), (1, 2, 100, 3, 1)] {
             let n = b * h * w * rr * rr * c;
             let (x, xd) = both(&d, &rnd(&mut r, n, 2.0));
             let (mut o, mut od) = (vec![0.0; n], nans(&d, n));
@@ -751,15 +762,21 @@ fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
             close("depth_to_space_bwd", &d.to_vec(&dxd), &dx);
             assert!(d.depth_to_space(&xd, b, h, w, c, 0, &mut od).is_err());
         }
-        // bilinear resize: up, down, by odd factors, from one pixel, and the same size
-        for (h, w, ho, wo) in [
-            (3, 5, 13, 11),
-            (9, 14, 4, 5),
-            (1, 1, 5, 3),
-            (4, 4, 4, 4),
-            (7, 3, 2, 9),
+        // bilinear resize: up, down, by odd factors, from one pixel, and the same size;
+        // masks (C = 1) wider than a block (256 columns) and taller than a forward band
+        // (16 rows) or several backward bands (4 rows), up and down; channels by float4
+        for (h, w, ho, wo, c) in [
+            (3, 5, 13, 11, 3),
+            (9, 14, 4, 5, 3),
+            (1, 1, 5, 3, 3),
+            (4, 4, 4, 4, 3),
+            (7, 3, 2, 9, 3),
+            (10, 70, 37, 300, 1),
+            (37, 300, 10, 70, 1),
+            (6, 9, 20, 5, 4),
+            (13, 5, 6, 7, 8),
         ] {
-            let (b, c) = (2, 3);
+            let b = 2;
             let (nx, no) = (b * h * w * c, b * ho * wo * c);
             let (x, xd) = both(&d, &rnd(&mut r, nx, 2.0));
             let (dout, doutd) = both(&d, &rnd(&mut r, no, 1.0));
@@ -779,26 +796,29 @@ fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
             close(&format!("resize_bwd {what}"), &d.to_vec(&dxd), &dx);
             assert!(d.resize_bilinear(&xd, b, h, w, c, 0, wo, &mut od).is_err());
         }
-        // per-row scale
-        let (n, c) = (13, 37);
-        let (x, xd) = both(&d, &rnd(&mut r, n * c, 2.0));
-        let (g, gd) = both(&d, &rnd(&mut r, n, 1.5));
-        let (dout, doutd) = both(&d, &rnd(&mut r, n * c, 1.0));
-        let (mut o, mut od) = (vec![0.0; n * c], nans(&d, n * c));
-        let (mut dx, mut dxd) = (vec![0.0; n * c], nans(&d, n * c));
-        let (mut dg, mut dgd) = (vec![0.0; n], nans(&d, n));
-        let before = d.device().copies();
-        Cpu.mul_rows(&x, &g, c, &mut o).unwrap();
-        d.mul_rows(&xd, &gd, c, &mut od).unwrap();
-        Cpu.mul_rows_bwd(&x, &g, &dout, c, &mut dx, &mut dg)
-            .unwrap();
-        d.mul_rows_bwd(&xd, &gd, &doutd, c, &mut dxd, &mut dgd)
-            .unwrap();
-        copies += d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh;
-        close("mul_rows", &d.to_vec(&od), &o);
-        close("mul_rows_bwd dx", &d.to_vec(&dxd), &dx);
-        close("mul_rows_bwd dg", &d.to_vec(&dgd), &dg);
-        assert!(d.mul_rows(&xd, &gd, c + 1, &mut od).is_err());
+        // per-row scale: by floats, by float4s over more rows than a block has, and more
+        // float4s in a row than a block row has threads
+        for (n, c) in [(13, 37), (300, 8), (5, 1100)] {
+            let (x, xd) = both(&d, &rnd(&mut r, n * c, 2.0));
+            let (g, gd) = both(&d, &rnd(&mut r, n, 1.5));
+            let (dout, doutd) = both(&d, &rnd(&mut r, n * c, 1.0));
+            let (mut o, mut od) = (vec![0.0; n * c], nans(&d, n * c));
+            let (mut dx, mut dxd) = (vec![0.0; n * c], nans(&d, n * c));
+            let (mut dg, mut dgd) = (vec![0.0; n], nans(&d, n));
+            let before = d.device().copies();
+            Cpu.mul_rows(&x, &g, c, &mut o).unwrap();
+            d.mul_rows(&xd, &gd, c, &mut od).unwrap();
+            Cpu.mul_rows_bwd(&x, &g, &dout, c, &mut dx, &mut dg)
+                .unwrap();
+            d.mul_rows_bwd(&xd, &gd, &doutd, c, &mut dxd, &mut dgd)
+                .unwrap();
+            copies +=
+                d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh;
+            close("mul_rows", &d.to_vec(&od), &o);
+            close("mul_rows_bwd dx", &d.to_vec(&dxd), &dx);
+            close("mul_rows_bwd dg", &d.to_vec(&dgd), &dg);
+            assert!(d.mul_rows(&xd, &gd, c + 1, &mut od).is_err());
+        }
         // mask losses: more pixels than a block's threads (301: one chunk, one pixel per
         // load; 16 396: three chunks, four per load), logits of both signs and large
         // |x|, soft and hard targets, and one empty target

@@ -2,7 +2,9 @@
 //! scale, the mask losses): launches of `kernels/image.cu`.  CPU twins:
 //! `src/backend/image.rs`, whose size checks these share.
 //!
-//! Feature maps are channels-last (B,H,W,C); sizes as in `kernels/image.cu`.
+//! Feature maps are channels-last (B,H,W,C); sizes as in `kernels/image.cu`.  The layout
+//! ops run on 2-D blocks: x over one pixel's channels (float4s when the run is a
+//! multiple of 4 floats), y over pixels; the grid names (pixel run, row, image).
 use super::{i32_arg, i64_arg, linear, norm::per_row, BLOCK};
 use crate::backend::image::{check_d2s, check_masks, check_resize, DICE_EPS, DICE_SCALE};
 use crate::backend::Conv2dGeom;
@@ -18,8 +20,53 @@ pub(super) struct Dims {
     pub c: usize,
 }
 
-/// The geometry as the kernels' ints: B, H, W, C, K, pad, Ho, Wo.
+/// The most blocks along grid.y and grid.z; the kernels loop over more rows or images.
+const GRID_YZ: usize = 65_535;
+/// Room the kernels' int loop counters need past a size: a grid.y / grid.z step or a
+/// block row's float4 step.
+const STEP_ROOM: usize = 1 << 17;
+
+/// `n` as a kernel int that a loop may step past by up to [`STEP_ROOM`] without wrapping.
+fn int_arg(op: &'static str, what: &str, n: usize) -> Result<KArg> {
+    if n > i32::MAX as usize - STEP_ROOM {
+        return Err(Error::shape(
+            op,
+            format!("{what} = {n} does not fit a 32-bit int"),
+        ));
+    }
+    i32_arg(op, what, n)
+}
+
+/// The launch of a layout kernel: `run` floats per pixel (float4 units when a multiple
+/// of 4), `pixels` pixels per row along grid.x (blockDim.y of them per block), `rows`
+/// rows along grid.y and `images` along grid.z (both capped at [`GRID_YZ`]).
+fn pixel_launch(
+    op: &'static str,
+    run: usize,
+    pixels: usize,
+    rows: usize,
+    images: usize,
+) -> Result<LaunchCfg> {
+    let units = if run.is_multiple_of(4) { run / 4 } else { run };
+    let bx = units.clamp(1, BLOCK as usize);
+    let by = (BLOCK as usize / bx).min(pixels).max(1);
+    let gx = u32::try_from(pixels.div_ceil(by))
+        .ok()
+        .filter(|&g| g <= i32::MAX as u32)
+        .ok_or_else(|| Error::shape(op, format!("{pixels} pixels do not fit one grid")))?;
+    let cap = |n: usize| n.clamp(1, GRID_YZ) as u32;
+    Ok(LaunchCfg::new(
+        [gx, cap(rows), cap(images)],
+        [bx as u32, by as u32, 1],
+        0,
+    ))
+}
+
+/// The geometry as the kernels' ints: B, H, W, C, K, pad, Ho, Wo (and the runs the
+/// kernels index by int: a column row K·K·C, and H + 2·pad + K).
 fn conv_args(op: &'static str, g: &Conv2dGeom, ho: usize, wo: usize) -> Result<Vec<KArg>> {
+    int_arg(op, "K·K·C", g.col_width())?;
+    int_arg(op, "H + 2·pad + K", g.h.max(g.w) + 2 * g.pad + g.k)?;
     [
         ("B", g.b),
         ("H", g.h),
@@ -31,7 +78,7 @@ fn conv_args(op: &'static str, g: &Conv2dGeom, ho: usize, wo: usize) -> Result<V
         ("Wo", wo),
     ]
     .into_iter()
-    .map(|(what, n)| i32_arg(op, what, n))
+    .map(|(what, n)| int_arg(op, what, n))
     .collect()
 }
 
@@ -51,7 +98,8 @@ pub(super) fn im2col(
     }
     let mut args = vec![out.arg_mut(), x.arg()];
     args.extend(conv_args(OP, g, ho, wo)?);
-    dev.launch("im2col_f32", linear(out.len()), &args)
+    // one output pixel per thread row: K·K runs of C floats
+    dev.launch("im2col_f32", pixel_launch(OP, g.c, wo, ho, g.b)?, &args)
 }
 
 /// dout (B,Ho,Wo,K·K·C) → dx (B,H,W,C), overwritten.
@@ -70,7 +118,12 @@ pub(super) fn im2col_bwd(
     }
     let mut args = vec![dx.arg_mut(), dout.arg()];
     args.extend(conv_args(OP, g, ho, wo)?);
-    dev.launch("im2col_bwd_f32", linear(dx.len()), &args)
+    // one input pixel per thread row, summing its K² taps
+    dev.launch(
+        "im2col_bwd_f32",
+        pixel_launch(OP, g.c, g.w, g.h, g.b)?,
+        &args,
+    )
 }
 
 /// `kernel` (the forward or its inverse permutation) from `src` into `dst`, both of
@@ -90,19 +143,22 @@ fn launch_d2s(
     if n == 0 {
         return Ok(());
     }
-    // the kernel's int index math covers (r·H)·(r·W)·C per image
-    i32_arg(op, "r·H·r·W·C", d.h * d.w * r * r * d.c)?;
+    // the kernels index a run of r·C floats and the r·H output rows by int
+    int_arg(op, "r·C", r * d.c)?;
+    int_arg(op, "r·H", r * d.h)?;
+    // one run of r·C floats (an input pixel's channels (dy, ·, ·)) per thread row
+    let cfg = pixel_launch(op, r * d.c, d.w, r * d.h, d.b)?;
     dev.launch(
         kernel,
-        linear(n),
+        cfg,
         &[
             dst.arg_mut(),
             src.arg(),
-            i64_arg(n),
-            i32_arg(op, "H", d.h)?,
-            i32_arg(op, "W", d.w)?,
-            i32_arg(op, "C", d.c)?,
-            i32_arg(op, "r", r)?,
+            int_arg(op, "B", d.b)?,
+            int_arg(op, "H", d.h)?,
+            int_arg(op, "W", d.w)?,
+            int_arg(op, "C", d.c)?,
+            int_arg(op, "r", r)?,
         ],
     )
 }
@@ -126,7 +182,6 @@ pub(super) fn depth_to_space_bwd(
     r: usize,
     dx: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    // the bwd kernel walks dout's elements and writes each to its dx place
     launch_d2s(
         dev,
         "depth_to_space_bwd",
@@ -137,14 +192,22 @@ pub(super) fn depth_to_space_bwd(
     )
 }
 
-/// B, H, W, C, Ho, Wo as the kernels' ints.
+/// B, H, W, C, Ho, Wo as the kernels' ints (and the rows W·C, Wo·C they index by int).
 fn resize_args(op: &'static str, d: Dims, ho: usize, wo: usize) -> Result<Vec<KArg>> {
+    int_arg(op, "W·C", d.w * d.c)?;
+    int_arg(op, "Wo·C", wo * d.c)?;
     [d.b, d.h, d.w, d.c, ho, wo]
         .into_iter()
         .zip(["B", "H", "W", "C", "Ho", "Wo"])
-        .map(|(n, what)| i32_arg(op, what, n))
+        .map(|(n, what)| int_arg(op, what, n))
         .collect()
 }
+
+/// Output rows per block of `resize_bilinear_f32` (`RESIZE_ROWS` there).
+const RESIZE_ROWS: usize = 16;
+/// Input rows per block of `resize_bilinear_bwd_f32`: each band re-sums the output rows
+/// that reach two bands (about one in `RESIZE_BWD_BAND·Ho/H`).
+const RESIZE_BWD_BAND: usize = 4;
 
 /// x (B,H,W,C) → out (B,Ho,Wo,C), `align_corners=False`.
 pub(super) fn resize_bilinear(
@@ -162,10 +225,13 @@ pub(super) fn resize_bilinear(
     }
     let mut args = vec![out.arg_mut(), x.arg()];
     args.extend(resize_args(OP, d, ho, wo)?);
-    dev.launch("resize_bilinear_f32", linear(out.len()), &args)
+    // an output column per thread row, down a band of RESIZE_ROWS rows
+    let cfg = pixel_launch(OP, d.c, wo, ho.div_ceil(RESIZE_ROWS), d.b)?;
+    dev.launch("resize_bilinear_f32", cfg, &args)
 }
 
-/// dout (B,Ho,Wo,C) → dx (B,H,W,C), overwritten.
+/// dout (B,Ho,Wo,C) → dx (B,H,W,C), overwritten: the tap tables into scratch, then one
+/// pass that sums along x and y in the CPU twin's order.
 pub(super) fn resize_bilinear_bwd(
     dev: &Device,
     dout: &DeviceBuf<f32>,
@@ -179,9 +245,20 @@ pub(super) fn resize_bilinear_bwd(
     if dx.is_empty() {
         return Ok(());
     }
-    let mut args = vec![dx.arg_mut(), dout.arg()];
-    args.extend(resize_args(OP, d, ho, wo)?);
-    dev.launch("resize_bilinear_bwd_f32", linear(dx.len()), &args)
+    let dims = resize_args(OP, d, ho, wo)?;
+    // Tap (4 floats) per output coordinate, Reach (2) per input coordinate
+    let mut tab = dev.zeros::<f32>(4 * (ho + wo) + 2 * (d.h + d.w))?;
+    dev.launch(
+        "resize_taps_f32",
+        linear(ho + wo + d.h + d.w),
+        &[tab.arg_mut(), dims[1], dims[4], dims[2], dims[5]],
+    )?;
+    let mut args = vec![dx.arg_mut(), dout.arg(), tab.arg()];
+    args.extend(dims);
+    args.push(KArg::I32(RESIZE_BWD_BAND as i32));
+    // an input column per thread row, down a band of RESIZE_BWD_BAND rows
+    let cfg = pixel_launch(OP, d.c, d.w, d.h.div_ceil(RESIZE_BWD_BAND), d.b)?;
+    dev.launch("resize_bilinear_bwd_f32", cfg, &args)
 }
 
 /// out (N,C) = x (N,C) · g (N).
@@ -203,21 +280,22 @@ fn launch_mul_rows(
     c: usize,
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    let n = g.len() * c;
-    check_len(op, "x", x.len(), n)?;
-    check_len(op, "out", out.len(), n)?;
-    if n == 0 {
+    let n = g.len();
+    check_len(op, "x", x.len(), n * c)?;
+    check_len(op, "out", out.len(), n * c)?;
+    if n * c == 0 {
         return Ok(());
     }
+    // a row per thread row
     dev.launch(
         "mul_rows_f32",
-        linear(n),
+        pixel_launch(op, c, n, 1, 1)?,
         &[
             out.arg_mut(),
             x.arg(),
             g.arg(),
             i64_arg(n),
-            i32_arg(op, "C", c)?,
+            int_arg(op, "C", c)?,
         ],
     )
 }
