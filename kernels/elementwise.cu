@@ -243,6 +243,19 @@ extern "C" __global__ void add_bias_f32(float* out, const float* bias, long long
     for (long long i = head + t; i < total; i += s) out[i] += bias[i % c];
 }
 
+// part (ceil(N / rows), C): part[k] = the sum of rows k rows .. (k + 1) rows - 1 of x
+// (N,C), in order; grid = (ceil(C / blockDim), chunks).  col_sum_f32 then adds the
+// chunks in order: a fixed tree, the same run to run, with every SM busy even when C is
+// a few thousand columns.
+extern "C" __global__ void col_sum_part_f32(float* part, const float* x, long long n, int c, int rows) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    const long long lo = (long long)blockIdx.y * rows, hi = lo + rows < n ? lo + rows : n;
+    float s = 0.0f;
+    for (long long r = lo; r < hi; ++r) s += x[r * c + j];
+    part[(size_t)blockIdx.y * c + j] = s;
+}
+
 // acc (C) += sum over rows of x (N,C): one thread per column, rows in order, so the sum
 // is the same run to run (a parameter gradient: bias, norm weights).
 extern "C" __global__ void col_sum_f32(float* acc, const float* x, long long n, int c) {

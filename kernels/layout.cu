@@ -19,25 +19,34 @@ __device__ __forceinline__ void rope_cs(int pos, int j, int hs, float theta, flo
     *s = (float)sin((double)a);
 }
 
+// The heads layouts below take one thread per (token, lane) and loop over the heads:
+// with RoPE a lane is a rotation pair j < HS/2 (its cos / sin computed once for all
+// heads), without it a lane is one dimension d < HS.  No division per element.
+// Token row = bi T + ti; (B,T,NH,HS) keeps a token's heads together, (B,NH,T,HS) puts
+// head h of it at ((bi NH + h) T + ti) HS.
+
 // x (B,T,NH,HS) -> out (B,NH,T,HS); rope != 0 rotates pairs (i, i + HS/2) at positions
 // pos0 + t:  o[i] = x[i] cos - x[i+h] sin,  o[i+h] = x[i+h] cos + x[i] sin
 extern "C" __global__ void heads_split_f32(float* out, const float* x, int b, int t, int nh, int hs, int pos0,
                                            float theta, int rope) {
-    long long n = (long long)b * t * nh * hs;
-    GRID_STRIDE(e, n) {
-        int d = (int)(e % hs);
-        long long row = e / hs;  // (bi, h, ti)
-        int ti = (int)(row % t), h = (int)((row / t) % nh);
-        long long bi = row / ((long long)t * nh);
-        const float* xr = x + ((bi * t + ti) * nh + h) * hs;
+    const int half = hs / 2, lanes = rope ? half : hs;
+    const long long hstride = (long long)t * hs;  // between heads of one token in out
+    GRID_STRIDE(g, (long long)b * t * lanes) {
+        const long long row = g / lanes;
+        const int j = (int)(g - row * lanes), ti = (int)(row % t);
+        const float* xr = x + row * nh * hs;
+        float* o = out + ((row - ti) * nh + ti) * hs;  // (bi, h = 0, ti)
         if (!rope) {
-            out[e] = xr[d];
+            for (int h = 0; h < nh; ++h) o[h * hstride + j] = xr[h * hs + j];
             continue;
         }
-        int half = hs / 2, j = d % half;
         float c, s;
         rope_cs(pos0 + ti, j, hs, theta, &c, &s);
-        out[e] = d < half ? xr[d] * c - xr[d + half] * s : xr[d] * c + xr[d - half] * s;
+        for (int h = 0; h < nh; ++h) {
+            const float lo = xr[h * hs + j], hi = xr[h * hs + j + half];
+            o[h * hstride + j] = lo * c - hi * s;
+            o[h * hstride + j + half] = hi * c + lo * s;
+        }
     }
 }
 
@@ -47,21 +56,24 @@ extern "C" __global__ void heads_split_f32(float* out, const float* x, int b, in
 //   so:          dx[i] = do[i] cos + do[i+h] sin, dx[i+h] = do[i+h] cos - do[i] sin
 extern "C" __global__ void heads_merge_f32(float* out, const float* x, int b, int t, int nh, int hs, int pos0,
                                            float theta, int rope) {
-    long long n = (long long)b * t * nh * hs;
-    GRID_STRIDE(e, n) {
-        int d = (int)(e % hs);
-        long long row = e / hs;  // (bi, ti, h)
-        int h = (int)(row % nh), ti = (int)((row / nh) % t);
-        long long bi = row / ((long long)t * nh);
-        const float* xr = x + ((bi * nh + h) * t + ti) * hs;
+    const int half = hs / 2, lanes = rope ? half : hs;
+    const long long hstride = (long long)t * hs;  // between heads of one token in x
+    GRID_STRIDE(g, (long long)b * t * lanes) {
+        const long long row = g / lanes;
+        const int j = (int)(g - row * lanes), ti = (int)(row % t);
+        const float* xr = x + ((row - ti) * nh + ti) * hs;  // (bi, h = 0, ti)
+        float* o = out + row * nh * hs;
         if (!rope) {
-            out[e] = xr[d];
+            for (int h = 0; h < nh; ++h) o[h * hs + j] = xr[h * hstride + j];
             continue;
         }
-        int half = hs / 2, j = d % half;
         float c, s;
         rope_cs(pos0 + ti, j, hs, theta, &c, &s);
-        out[e] = d < half ? xr[d] * c + xr[d + half] * s : xr[d] * c - xr[d - half] * s;
+        for (int h = 0; h < nh; ++h) {
+            const float lo = xr[h * hstride + j], hi = xr[h * hstride + j + half];
+            o[h * hs + j] = lo * c + hi * s;
+            o[h * hs + j + half] = hi * c - lo * s;
+        }
     }
 }
 
@@ -86,13 +98,23 @@ extern "C" __global__ void embedding_fwd_f32(float* out, const float* table, con
 }
 
 // forward: out[r] = table[ids[r]]  so: dtable[ids[r]] += dout[r]
-// One thread per column, rows in order: repeated ids add up without atomics, and the
-// sum is the same run to run.
-extern "C" __global__ void embedding_bwd_f32(float* dtable, const float* dout, const unsigned* ids, long long n,
+// By groups of equal ids, without atomics: groups (U + 1 + U + N) = [first row of each
+// group in `order` (U + 1 offsets), the group's id (U), the rows sorted by id, ascending
+// within a group (N)], made on the host from the ids.  grid = (U, ceil(C / blockDim)):
+// block (u, .) adds group u's rows into its table row in row order, so every entry is
+// the sequential sum dtable + dout[r1] + dout[r2] + ... and the same run to run.
+extern "C" __global__ void embedding_bwd_f32(float* dtable, const float* dout, const unsigned* groups, int u,
                                              int c) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
     if (j >= c) return;
-    for (long long r = 0; r < n; ++r) dtable[(long long)ids[r] * c + j] += dout[r * c + j];
+    const unsigned g = blockIdx.x;
+    const unsigned* start = groups;
+    const unsigned* id = groups + u + 1;
+    const unsigned* order = groups + 2 * u + 1;
+    float* dst = dtable + (size_t)id[g] * c + j;
+    float acc = *dst;
+    for (unsigned k = start[g]; k < start[g + 1]; ++k) acc += dout[(size_t)order[k] * c + j];
+    *dst = acc;
 }
 
 // Index into pixels (B,CH,H,W) of element e of the patch rows (B, (H/P)(W/P), CH P P),

@@ -153,18 +153,20 @@ fn matmul_matches_cpu_in_every_layout() {
 fn bias_forward_and_backward_match_cpu() {
     for d in backends() {
         let mut r = Philox::new(3);
-        let (n, c) = (29, 301);
-        let (bias, biasd) = both(&d, &rnd(&mut r, c, 1.0));
-        let (mut o, mut od) = both(&d, &rnd(&mut r, n * c, 1.0));
-        Cpu.add_bias(&mut o, &bias, c).unwrap();
-        d.add_bias(&mut od, &biasd, c).unwrap();
-        close("add_bias", &d.to_vec(&od), &o);
-        // parameter gradients accumulate: start from a non-zero dbias
-        let (mut db, mut dbd) = both(&d, &rnd(&mut r, c, 1.0));
-        Cpu.bias_bwd(&o, &mut db, c).unwrap();
-        d.bias_bwd(&od, &mut dbd, c).unwrap();
-        close("bias_bwd", &d.to_vec(&dbd), &db);
-        assert!(d.add_bias(&mut od, &biasd, c + 1).is_err());
+        // 29 rows: one pass down the columns; 203 rows of 5: chunks of rows first
+        for (n, c) in [(29, 301), (203, 5)] {
+            let (bias, biasd) = both(&d, &rnd(&mut r, c, 1.0));
+            let (mut o, mut od) = both(&d, &rnd(&mut r, n * c, 1.0));
+            Cpu.add_bias(&mut o, &bias, c).unwrap();
+            d.add_bias(&mut od, &biasd, c).unwrap();
+            close("add_bias", &d.to_vec(&od), &o);
+            // parameter gradients accumulate: start from a non-zero dbias
+            let (mut db, mut dbd) = both(&d, &rnd(&mut r, c, 1.0));
+            Cpu.bias_bwd(&o, &mut db, c).unwrap();
+            d.bias_bwd(&od, &mut dbd, c).unwrap();
+            close("bias_bwd", &d.to_vec(&dbd), &db);
+            assert!(d.add_bias(&mut od, &biasd, c + 1).is_err());
+        }
     }
 }
 

@@ -263,12 +263,41 @@ pub(super) fn col_sum(
     let n = rows_of(op, x.len(), c)?;
     let blocks = u32::try_from(c.div_ceil(BLOCK as usize))
         .map_err(|_| Error::shape(op, format!("C = {c} too large")))?;
+    let sum_rows = |x: &DeviceBuf<f32>, acc: &mut DeviceBuf<f32>, n: usize| {
+        dev.launch(
+            "col_sum_f32",
+            LaunchCfg::new([blocks, 1, 1], [BLOCK, 1, 1], 0),
+            &[acc.arg_mut(), x.arg(), i64_arg(n), i32_arg(op, "C", c)?],
+        )
+    };
+    // Few column blocks and many rows: chunks of rows first (their sums in order), then
+    // the chunks in order, so that a GPU has COL_SUM_BLOCKS blocks at work.
+    let chunks = COL_SUM_BLOCKS
+        .div_ceil(blocks as usize)
+        .min(n / COL_SUM_MIN_ROWS);
+    if chunks < 2 {
+        return sum_rows(x, acc, n);
+    }
+    let rows = n.div_ceil(chunks);
+    let chunks = n.div_ceil(rows);
+    let mut part = dev.zeros::<f32>(chunks * c)?;
     dev.launch(
-        "col_sum_f32",
-        LaunchCfg::new([blocks, 1, 1], [BLOCK, 1, 1], 0),
-        &[acc.arg_mut(), x.arg(), i64_arg(n), i32_arg(op, "C", c)?],
-    )
+        "col_sum_part_f32",
+        LaunchCfg::new([blocks, chunks as u32, 1], [BLOCK, 1, 1], 0),
+        &[
+            part.arg_mut(),
+            x.arg(),
+            i64_arg(n),
+            i32_arg(op, "C", c)?,
+            i32_arg(op, "rows per chunk", rows)?,
+        ],
+    )?;
+    sum_rows(&part, acc, chunks)
 }
+
+/// Blocks `col_sum` aims for, and the fewest rows worth a chunk of their own.
+const COL_SUM_BLOCKS: usize = 512;
+const COL_SUM_MIN_ROWS: usize = 16;
 
 pub(super) fn adamw(
     dev: &Device,

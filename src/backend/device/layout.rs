@@ -59,9 +59,11 @@ fn launch_heads(
         return Ok(());
     }
     let [b, t, nh, hs, pos0, theta, rope] = h.args(op)?;
+    // one thread per (token, lane): a rotation pair with RoPE, a dimension without
+    let lanes = if h.theta.is_some() { h.hs / 2 } else { h.hs };
     dev.launch(
         kernel,
-        linear(n),
+        linear(h.b * h.t * lanes),
         &[out.arg_mut(), x.arg(), b, t, nh, hs, pos0, theta, rope],
     )
 }
@@ -131,14 +133,20 @@ pub(super) fn copy_time(
     )
 }
 
-/// Token ids checked against V, then uploaded (the contract hands them over on the host).
-fn upload_ids(dev: &Device, op: &'static str, ids: &[u32], v: usize) -> Result<DeviceBuf<u32>> {
-    if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
-        return Err(Error::arg(
+/// Token ids checked against a table of V rows (the contract hands them over on the host).
+fn check_ids(op: &'static str, ids: &[u32], v: usize) -> Result<()> {
+    match ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+        Some((pos, &id)) => Err(Error::arg(
             op,
             format!("token id {id} at position {pos} is outside the table of {v} rows"),
-        ));
+        )),
+        None => Ok(()),
     }
+}
+
+/// Token ids checked against V, then uploaded.
+fn upload_ids(dev: &Device, op: &'static str, ids: &[u32], v: usize) -> Result<DeviceBuf<u32>> {
+    check_ids(op, ids, v)?;
     dev.upload(ids)
 }
 
@@ -170,7 +178,29 @@ pub(super) fn embedding_fwd(
     )
 }
 
-/// dtable (V,C) += scatter of dout (N,C) by ids
+/// The rows of `ids` grouped by id for `embedding_bwd_f32`: `[start (U + 1), id (U),
+/// order (N)]`, groups sorted by id, rows ascending within a group.
+fn id_groups(ids: &[u32]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+    order.sort_by_key(|&r| (ids[r as usize], r));
+    let mut start = Vec::new();
+    let mut uid = Vec::new();
+    for (k, &r) in order.iter().enumerate() {
+        let id = ids[r as usize];
+        if uid.last() != Some(&id) {
+            uid.push(id);
+            start.push(k as u32);
+        }
+    }
+    start.push(order.len() as u32);
+    let mut out = start;
+    out.extend(uid);
+    out.extend(order);
+    out
+}
+
+/// dtable (V,C) += scatter of dout (N,C) by ids: one block per distinct id (and column
+/// block), adding its rows in order, so each entry is the CPU twin's sequential sum.
 pub(super) fn embedding_bwd(
     dev: &Device,
     ids: &[u32],
@@ -181,20 +211,29 @@ pub(super) fn embedding_bwd(
     const OP: &str = "embedding_bwd";
     let v = rows_of(OP, dtable.len(), c)?;
     check_len(OP, "dout", dout.len(), ids.len() * c)?;
-    let idd = upload_ids(dev, OP, ids, v)?;
-    if ids.is_empty() {
+    check_ids(OP, ids, v)?;
+    if ids.is_empty() || c == 0 {
         return Ok(());
     }
-    let blocks = u32::try_from(c.div_ceil(BLOCK as usize))
-        .map_err(|_| Error::shape(OP, format!("C = {c} too large")))?;
+    let n = u32::try_from(ids.len())
+        .ok()
+        .filter(|&n| n < u32::MAX / 2)
+        .ok_or_else(|| Error::shape(OP, format!("{} ids do not fit one launch", ids.len())))?;
+    let groups = id_groups(ids);
+    let u = (groups.len() - 1 - n as usize) / 2; // (U + 1) + U + N entries
+    let cb = u32::try_from(c.div_ceil(BLOCK as usize))
+        .ok()
+        .filter(|&g| g <= 65_535)
+        .ok_or_else(|| Error::shape(OP, format!("C = {c} too large")))?;
+    let gd = dev.upload(&groups)?;
     dev.launch(
         "embedding_bwd_f32",
-        LaunchCfg::new([blocks, 1, 1], [BLOCK, 1, 1], 0),
+        LaunchCfg::new([u as u32, cb, 1], [BLOCK, 1, 1], 0),
         &[
             dtable.arg_mut(),
             dout.arg(),
-            idd.arg(),
-            i64_arg(ids.len()),
+            gd.arg(),
+            i32_arg(OP, "U", u)?,
             i32_arg(OP, "C", c)?,
         ],
     )
