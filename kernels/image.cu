@@ -296,58 +296,61 @@ extern "C" __global__ void resize_taps_f32(float* tab, int h, int ho, int w, int
 
 // forward: out[oy,ox] = sum_{a,e in {0,1}} ly_a lx_e x[iy_a, ix_e]
 // so:      dx[iy,ix] = sum_oy wy(oy,iy) (sum_ox wx(ox,ix) dout[oy,ox])   (overwritten),
-//          w(d,i) = l0(d) [i0(d) = i] + l1(d) [i1(d) = i], summed as the CPU twin's two
-//          passes: over ox ascending (the l0 term before the l1 term), then over oy
-//          ascending; only the (oy, ox) in the reach of (iy, ix) add anything.
-// tab from resize_taps_f32.  grid (W / blockDim.y, H / band, B): thread row ty owns input
-// column ix of a band of `band` input rows.  It walks the output rows oy that reach the
-// band, forms row oy's x sum once and adds it into the (at most two) input rows its y
-// taps name.  i0 never decreases with oy, so two rows are open at a time: a row is
-// written once no later oy can reach it.  Rows reaching two bands are summed by both.
+//          w(d,i) = l0(d) [i0(d) = i] + l1(d) [i1(d) = i]
+// in two passes, as the CPU twin sums: along x into t (B,Ho,W,C), ox ascending (the l0
+// term before the l1 term), then along y, oy ascending; only the output coordinates in
+// the reach of an input coordinate (tap tables from resize_taps_f32) add anything.
+// Both passes: grid (W / blockDim.y, rows, B), thread row ty owns input column ix of one
+// row (oy for the x pass, iy for the y pass), threadIdx.x its channels.
+
+// d[0, C) = sum over k in reach, ascending, of w(k, i) src0[k kstride + (0, C)]
 template <bool V>
-__device__ __forceinline__ void resize_bwd_body(float* dx, const float* dout, const float* tab, int b, int h, int w,
-                                                int c, int ho, int wo, int band, int ix) {
-    const Tap* ty = reinterpret_cast<const Tap*>(tab);
-    const Tap* tx = ty + ho;
-    const Reach* ry = reinterpret_cast<const Reach*>(tx + wo);
-    const Reach xr = (ry + h)[ix];
-    const int bands = (h + band - 1) / band, u = V ? 4 : 1;
-    const long long wc = (long long)w * c, owc = (long long)wo * c;
-    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
-        for (int bn = blockIdx.y; bn < bands; bn += gridDim.y) {
-            const int iy0 = bn * band, iy1 = h - iy0 < band ? h : iy0 + band;
-            const int lo = ry[iy0].lo, hi = ry[iy1 - 1].hi;
-            const float* db = dout + (long long)bi * ho * owc;
-            float* d = dx + (long long)bi * h * wc + (long long)ix * c;
-            for (int j = u * threadIdx.x; j < c; j += u * blockDim.x) {
-                float4 acc0 = zero4(), acc1 = zero4();  // input rows cur, cur + 1
-                int cur = iy0;
-                for (int oy = lo; oy <= hi; ++oy) {
-                    const float* src = db + oy * owc + j;
-                    float4 row = zero4();
-                    for (int ox = xr.lo; ox <= xr.hi; ++ox) {
-                        const Tap t = tx[ox];
-                        const float4 g = ld<V>(src + ox * c);
-                        if (t.i0 == ix) row = fma4(t.l0, g, row);
-                        if (t.i1 == ix) row = fma4(t.l1, g, row);
-                    }
-                    const Tap a = ty[oy];
-                    // rows below i0 are complete (i0 >= iy0 - 1 and i0 < iy1 in the reach)
-                    for (; cur < a.i0; ++cur, acc0 = acc1, acc1 = zero4()) st<V>(d + cur * wc + j, acc0);
-                    if (a.i0 == cur) acc0 = fma4(a.l0, row, acc0);
-                    if (a.i1 == cur) acc0 = fma4(a.l1, row, acc0);
-                    else if (a.i1 == cur + 1 && cur + 1 < iy1) acc1 = fma4(a.l1, row, acc1);
-                }
-                for (; cur < iy1; ++cur, acc0 = acc1, acc1 = zero4()) st<V>(d + cur * wc + j, acc0);
-            }
+__device__ __forceinline__ void tap_sum(float* d, const float* src0, long long kstride, const Tap* taps, Reach reach,
+                                        int i, int c) {
+    const int u = V ? 4 : 1;
+    for (int j = u * threadIdx.x; j < c; j += u * blockDim.x) {
+        float4 acc = zero4();
+        for (int k = reach.lo; k <= reach.hi; ++k) {
+            const Tap t = taps[k];
+            const float4 v = ld<V>(src0 + k * kstride + j);
+            if (t.i0 == i) acc = fma4(t.l0, v, acc);
+            if (t.i1 == i) acc = fma4(t.l1, v, acc);
         }
+        st<V>(d + j, acc);
+    }
 }
-extern "C" __global__ void __launch_bounds__(256, 4) resize_bilinear_bwd_f32(float* dx, const float* dout, const float* tab, int b, int h,
-                                                   int w, int c, int ho, int wo, int band) {
+// t (B,Ho,W,C) from dout (B,Ho,Wo,C): grid (W / blockDim.y, Ho, B)
+extern "C" __global__ void resize_bilinear_bwd_x_f32(float* t, const float* dout, const float* tab, int b, int h,
+                                                     int w, int c, int ho, int wo) {
     const unsigned ix = pixel_x();
     if (ix >= (unsigned)w) return;
-    if (vec_ok(c % 4 == 0, dx, dout)) resize_bwd_body<true>(dx, dout, tab, b, h, w, c, ho, wo, band, (int)ix);
-    else resize_bwd_body<false>(dx, dout, tab, b, h, w, c, ho, wo, band, (int)ix);
+    const Tap* tx = reinterpret_cast<const Tap*>(tab) + ho;
+    const Reach reach = reinterpret_cast<const Reach*>(tx + wo)[h + ix];
+    const bool vec = vec_ok(c % 4 == 0, t, dout);
+    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
+        for (int oy = blockIdx.y; oy < ho; oy += gridDim.y) {
+            const long long row = (long long)bi * ho + oy;
+            float* d = t + (row * w + ix) * c;
+            const float* src = dout + row * wo * c;
+            if (vec) tap_sum<true>(d, src, c, tx, reach, (int)ix, c);
+            else tap_sum<false>(d, src, c, tx, reach, (int)ix, c);
+        }
+}
+// dx (B,H,W,C) from t (B,Ho,W,C): grid (W / blockDim.y, H, B)
+extern "C" __global__ void resize_bilinear_bwd_y_f32(float* dx, const float* t, const float* tab, int b, int h,
+                                                     int w, int c, int ho, int wo) {
+    const unsigned ix = pixel_x();
+    if (ix >= (unsigned)w) return;
+    const Tap* ty = reinterpret_cast<const Tap*>(tab);
+    const Reach* ry = reinterpret_cast<const Reach*>(ty + ho + wo);
+    const bool vec = vec_ok(c % 4 == 0, dx, t);
+    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
+        for (int iy = blockIdx.y; iy < h; iy += gridDim.y) {
+            float* d = dx + (((long long)bi * h + iy) * w + ix) * c;
+            const float* src = t + ((long long)bi * ho * w + ix) * c;
+            if (vec) tap_sum<true>(d, src, (long long)w * c, ty, ry[iy], iy, c);
+            else tap_sum<false>(d, src, (long long)w * c, ty, ry[iy], iy, c);
+        }
 }
 
 // ---- per-row scale ----

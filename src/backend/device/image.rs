@@ -205,10 +205,6 @@ fn resize_args(op: &'static str, d: Dims, ho: usize, wo: usize) -> Result<Vec<KA
 
 /// Output rows per block of `resize_bilinear_f32` (`RESIZE_ROWS` there).
 const RESIZE_ROWS: usize = 16;
-/// Input rows per block of `resize_bilinear_bwd_f32`: each band re-sums the output rows
-/// that reach two bands (about one in `RESIZE_BWD_BAND·Ho/H`).
-const RESIZE_BWD_BAND: usize = 4;
-
 /// x (B,H,W,C) → out (B,Ho,Wo,C), `align_corners=False`.
 pub(super) fn resize_bilinear(
     dev: &Device,
@@ -230,8 +226,8 @@ pub(super) fn resize_bilinear(
     dev.launch("resize_bilinear_f32", cfg, &args)
 }
 
-/// dout (B,Ho,Wo,C) → dx (B,H,W,C), overwritten: the tap tables into scratch, then one
-/// pass that sums along x and y in the CPU twin's order.
+/// dout (B,Ho,Wo,C) → dx (B,H,W,C), overwritten: the tap tables into scratch, then two
+/// passes that sum along x and then y in the CPU twin's order.
 pub(super) fn resize_bilinear_bwd(
     dev: &Device,
     dout: &DeviceBuf<f32>,
@@ -253,12 +249,22 @@ pub(super) fn resize_bilinear_bwd(
         linear(ho + wo + d.h + d.w),
         &[tab.arg_mut(), dims[1], dims[4], dims[2], dims[5]],
     )?;
-    let mut args = vec![dx.arg_mut(), dout.arg(), tab.arg()];
+    // along x into t (B,Ho,W,C), then along y into dx: an input column per thread row
+    let mut t = dev.zeros::<f32>(d.b * ho * d.w * d.c)?;
+    let mut args = vec![t.arg_mut(), dout.arg(), tab.arg()];
+    args.extend(dims.iter().copied());
+    dev.launch(
+        "resize_bilinear_bwd_x_f32",
+        pixel_launch(OP, d.c, d.w, ho, d.b)?,
+        &args,
+    )?;
+    let mut args = vec![dx.arg_mut(), t.arg(), tab.arg()];
     args.extend(dims);
-    args.push(KArg::I32(RESIZE_BWD_BAND as i32));
-    // an input column per thread row, down a band of RESIZE_BWD_BAND rows
-    let cfg = pixel_launch(OP, d.c, d.w, d.h.div_ceil(RESIZE_BWD_BAND), d.b)?;
-    dev.launch("resize_bilinear_bwd_f32", cfg, &args)
+    dev.launch(
+        "resize_bilinear_bwd_y_f32",
+        pixel_launch(OP, d.c, d.w, d.h, d.b)?,
+        &args,
+    )
 }
 
 /// out (N,C) = x (N,C) · g (N).
