@@ -102,6 +102,21 @@ fn time(dev: &Device, n: usize, reps: usize, mut f: impl FnMut()) -> f64 {
     ts[reps / 2]
 }
 
+/// One more call of `f`, profiled: its launches by kernel, printed as
+/// `{"profile": what, "kernel", "calls", "ms"}` rows (tools/gpu_summary.py collects them).
+fn profile_once(dev: &Device, what: &str, f: impl FnOnce()) {
+    dev.set_profiling(true);
+    f();
+    let rows = dev.take_profile().expect("profile");
+    dev.set_profiling(false);
+    for r in rows {
+        println!(
+            "{{\"profile\":\"{what}\",\"kernel\":{:?},\"calls\":{},\"ms\":{:.4}}}",
+            r.name, r.calls, r.ms
+        );
+    }
+}
+
 fn emit(name: &str, secs: f64, unit: &str, per_call: f64) {
     println!(
         "{{\"name\":\"{name}\",\"ms\":{:.4},\"{unit}\":{:.2}}}",
@@ -152,6 +167,9 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
             "gb_s",
             8.0 * (cfg.np * e) as f64 / 1e9,
         );
+        profile_once(dev, "perturb", || {
+            perturb(dev, &img, b, ch, h, w, &cfg, &mut out, &mut rects).unwrap()
+        });
     }
     // log-probs of 8×1024 positions over a 32000-token vocabulary (1 GiB of logits)
     if want("logprob") {
@@ -206,6 +224,9 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
             "gb_s",
             ((p + g) * h * w) as f64 / 1e9,
         );
+        profile_once(dev, "mask_pair_counts", || {
+            pair_counts(dev, &pred, &gt, p, g, h, w, &mut inter, &mut union).unwrap()
+        });
         // soft IoU over 64 masks of 1024×1024 (f32 probabilities, u8 targets)
         let (b, n) = (64usize, 1024 * 1024);
         let prob = dev.upload(&rand_f32(b * n, 7)).unwrap();
@@ -301,6 +322,10 @@ fn bench_image(be: &DeviceBackend, want: &dyn Fn(&str) -> bool) {
         "gb_s",
         gb(m * (h * h + hi * hi)),
     );
+    profile_once(dev, "resize_bwd", || {
+        be.resize_bilinear_bwd(&big, m, h, h, 1, hi, hi, &mut dlo)
+            .unwrap()
+    });
     // BCE + Dice over the 64 full-size masks (logits and targets read; the backward
     // reads both twice, once for the sums and once per pixel, and writes the gradient)
     let p = hi * hi;
@@ -316,6 +341,10 @@ fn bench_image(be: &DeviceBackend, want: &dyn Fn(&str) -> bool) {
             .unwrap()
     });
     emit("mask_loss_bwd_64x1024x1024", t, "gb_s", gb(3 * m * p));
+    profile_once(dev, "mask_loss_bwd", || {
+        be.mask_loss_bwd(&big, &tg, m, p, 2.0, 0.5, &mut dl)
+            .unwrap()
+    });
 }
 
 fn bench_attention(dev: &Device) {
@@ -419,16 +448,7 @@ fn bench_stack(be: DeviceBackend) {
     };
     let t = time(be.device(), 1, 5, &mut step);
     // one more step, profiled: where the time goes, by kernel and product shape
-    be.device().set_profiling(true);
-    step();
-    let rows = be.device().take_profile().expect("profile");
-    be.device().set_profiling(false);
-    for r in rows {
-        println!(
-            "{{\"profile\":\"stack\",\"kernel\":{:?},\"calls\":{},\"ms\":{:.4}}}",
-            r.name, r.calls, r.ms
-        );
-    }
+    profile_once(be.device(), "stack", step);
     let loss = -be.to_vec(&lp).iter().sum::<f32>() / n as f32;
     eprintln!("stack: loss {loss} (ln V = {})", (v as f32).ln());
     emit(

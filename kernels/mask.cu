@@ -28,7 +28,7 @@ __device__ __forceinline__ unsigned nonzero_bytes(unsigned x) {
 // each thread counts |a & b| for its 4 pairs by popcount.  It writes per chunk
 // inter_part (chunks, P, G) and cnt_part (chunks, P + G), the masks' own foreground
 // counts (the tiles at grid.z = 0 write the predictions', those at grid.y = 0 the
-// references').  mask_pair_finish_u8 (one thread per pair) adds the chunks:
+// references').  mask_pair_finish_u8 (one warp per pair) adds the chunks:
 // inter = sum inter_part, union = |a| + |b| - inter.  Integer sums: exact in any order.
 #define PAIR_TP 64
 #define PAIR_TG 16
@@ -115,23 +115,33 @@ extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, 
     }
 }
 
-// inter (P, G), uni (P, G) from mask_pair_part_u8's partials; one thread per pair.
+// inter (P, G), uni (P, G) from mask_pair_part_u8's partials; one warp per pair, its
+// lanes over the chunks (many loads in flight; a thread walking the chunks alone waits
+// out one memory latency per chunk).  blockDim = 256: 8 pairs per block.
 extern "C" __global__ void mask_pair_finish_u8(unsigned long long* __restrict__ inter,
                                                unsigned long long* __restrict__ uni,
                                                const unsigned* __restrict__ inter_part,
                                                const unsigned* __restrict__ cnt_part, int np, int ng,
                                                int chunks) {
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (long long)np * ng) return;
+    const long long e = (long long)blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (e >= (long long)np * ng) return;  // whole warps leave together
+    const int lane = threadIdx.x % WARP_SIZE;
     const int i = (int)(e / ng), j = (int)(e % ng);
     unsigned long long ti = 0, ca = 0, cb = 0;
-    for (int c = 0; c < chunks; ++c) {
+    for (int c = lane; c < chunks; c += WARP_SIZE) {
         ti += inter_part[(size_t)c * np * ng + e];
         ca += cnt_part[(size_t)c * (np + ng) + i];
         cb += cnt_part[(size_t)c * (np + ng) + np + j];
     }
-    inter[e] = ti;
-    uni[e] = ca + cb - ti;
+    for (int o = 16; o > 0; o >>= 1) {
+        ti += __shfl_xor_sync(FULL_MASK, ti, o);
+        ca += __shfl_xor_sync(FULL_MASK, ca, o);
+        cb += __shfl_xor_sync(FULL_MASK, cb, o);
+    }
+    if (lane == 0) {
+        inter[e] = ti;
+        uni[e] = ca + cb - ti;
+    }
 }
 
 // Horizontal half of the erosion by a (2d+1) x (2d+1) square, outside = background:

@@ -124,6 +124,20 @@ extern "C" __global__ void perturb_fwd_f32(float* __restrict__ out, int* __restr
     SHARED(int, rect, [4]);
     const int k = blockIdx.y / nb, b = blockIdx.y % nb;
     const unsigned copy = first_copy + (unsigned)k;
+    const long long e_total = (long long)c * h * w;
+    const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long e0 = 4 * g;
+    // the load first, so that it is in flight while thread 0 draws the rectangle
+    const int n = e0 >= e_total ? 0 : e_total - e0 < 4 ? (int)(e_total - e0) : 4;
+    const bool vec = n == 4 && (e_total & 3) == 0;
+    const float* src = img + (size_t)b * e_total;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (vec) {
+        float4 t = load_float4(src + e0);
+        v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+    } else {
+        for (int j = 0; j < n; ++j) v[j] = src[e0 + j];
+    }
     if (threadIdx.x == 0) {
         perturb_rect(rect, copy, (unsigned)b, h, w, rh_min, rh_max, rw_min, rw_max, seed_lo, seed_hi);
         if (blockIdx.x == 0) {
@@ -132,22 +146,9 @@ extern "C" __global__ void perturb_fwd_f32(float* __restrict__ out, int* __restr
         }
     }
     __syncthreads();
+    if (n == 0) return;
     const int y0 = rect[0], x0 = rect[1], y1 = rect[0] + rect[2], x1 = rect[1] + rect[3];
-    const long long e_total = (long long)c * h * w;
-    const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long e0 = 4 * g;
-    if (e0 >= e_total) return;
-    const float* src = img + (size_t)b * e_total;
     float* dst = out + (size_t)blockIdx.y * e_total;
-    float v[4];
-    const int n = e_total - e0 < 4 ? (int)(e_total - e0) : 4;
-    const bool vec = n == 4 && (e_total & 3) == 0;
-    if (vec) {
-        float4 t = load_float4(src + e0);
-        v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
-    } else {
-        for (int j = 0; j < n; ++j) v[j] = src[e0 + j];
-    }
     // (row, column) of element e0, then of the next three by steps
     int x, y;
     if (e_total <= 2147483647LL) {

@@ -623,7 +623,7 @@ pub fn pair_counts(
         return Ok(());
     }
     let (tiles_p, tiles_g) = (p.div_ceil(PAIR_TP), g.div_ceil(PAIR_TG));
-    if tiles_p > MAX_GRID_YZ || tiles_g > MAX_GRID_YZ || p * g > i32::MAX as usize {
+    if tiles_p > MAX_GRID_YZ || tiles_g > MAX_GRID_YZ || p * g > i32::MAX as usize / 32 {
         return Err(Error::arg(
             OP,
             format!("{p} × {g} pairs exceed one launch's grid"),
@@ -658,8 +658,9 @@ pub fn pair_counts(
     )?;
     dev.launch(
         "mask_pair_finish_u8",
+        // one warp per pair
         LaunchCfg::new(
-            [(p * g).div_ceil(BLOCK as usize) as u32, 1, 1],
+            [(p * g).div_ceil(BLOCK as usize / 32) as u32, 1, 1],
             [BLOCK, 1, 1],
             0,
         ),
