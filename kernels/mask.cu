@@ -35,20 +35,22 @@ __device__ __forceinline__ unsigned nonzero_bytes(unsigned x) {
 #define PAIR_SUB 1024                // pixels per step: 32 words of 32 bits per mask
 #define PAIR_WORDS (PAIR_SUB / 32)
 #define PAIR_STRIDE (PAIR_WORDS + 1)  // row stride of the bit tile: conflict-free columns
+#define PAIR_LOADS 5                  // masks whose loads a thread has in flight at once
 
 // 32 foreground bits of pixels [lo, lo + 32) of mask m (bits past hw are 0).  Any fixed
 // order of the bits will do: both masks of a pair are packed alike.  vec: hw is a
 // multiple of 16, so every mask starts on a 16-byte boundary.
-__device__ __forceinline__ unsigned pack32(const unsigned char* __restrict__ m, int lo, int hw, bool vec) {
+__device__ __forceinline__ unsigned pack_bytes(uint4 u, uint4 v) {
+    const unsigned x[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
     unsigned bits = 0;
-    if (vec && lo + 32 <= hw) {
-        const uint4 u = load_uint4(m + lo), v = load_uint4(m + lo + 16);
-        const unsigned x[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
-        for (int k = 0; k < 8; ++k) bits |= (nonzero_bytes(x[k]) >> 7) << k;  // byte 4k + j -> bit 8j + k
-    } else {
-        const int n = hw - lo < 32 ? hw - lo : 32;
-        for (int k = 0; k < n; ++k) bits |= (m[lo + k] != 0 ? 1u : 0u) << k;
-    }
+    for (int k = 0; k < 8; ++k) bits |= (nonzero_bytes(x[k]) >> 7) << k;  // byte 4k + j -> bit 8j + k
+    return bits;
+}
+__device__ __forceinline__ unsigned pack32(const unsigned char* __restrict__ m, int lo, int hw, bool vec) {
+    if (vec && lo + 32 <= hw) return pack_bytes(load_uint4(m + lo), load_uint4(m + lo + 16));
+    unsigned bits = 0;
+    const int n = hw - lo < 32 ? hw - lo : 32;
+    for (int k = 0; k < n; ++k) bits |= (m[lo + k] != 0 ? 1u : 0u) << k;
     return bits;
 }
 
@@ -74,17 +76,44 @@ extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, 
     const int pi = threadIdx.x / 4, gj = 4 * (threadIdx.x % 4);
     unsigned acc[4] = {0u, 0u, 0u, 0u};
     for (int base = lo; base < hi; base += PAIR_SUB) {
-        for (int r = 0; r < PER_WARP; ++r) {
-            const int row = warp + nwarps * r;
-            if (row >= ROWS) break;
-            const bool is_pred = row < PAIR_TP;
-            const int idx = is_pred ? p0 + row : g0 + row - PAIR_TP;
-            const int off = base + 32 * lane;
-            unsigned word = 0;
-            if (idx < (is_pred ? np : ng) && off < hi)
-                word = pack32((is_pred ? pred : gt) + (size_t)idx * hw, off, hi, vec);
-            bits[row][lane] = word;
-            cnt[r] += __popc(word);
+        // PAIR_LOADS masks' loads issued before any is used (an in-order GPU would
+        // otherwise wait out one memory latency per mask), then packed
+        const int off = base + 32 * lane;
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+        for (int r0 = 0; r0 < PER_WARP; r0 += PAIR_LOADS) {
+            const unsigned char* src[PAIR_LOADS];
+            uint4 raw[PAIR_LOADS][2];
+            bool full[PAIR_LOADS];
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+            for (int q = 0; q < PAIR_LOADS; ++q) {
+                const int row = warp + nwarps * (r0 + q);
+                const bool is_pred = row < PAIR_TP;
+                const int idx = is_pred ? p0 + row : g0 + row - PAIR_TP;
+                const bool live = r0 + q < PER_WARP && row < ROWS && idx < (is_pred ? np : ng) && off < hi;
+                src[q] = live ? (is_pred ? pred : gt) + (size_t)idx * hw : nullptr;
+                full[q] = live && vec && off + 32 <= hi;
+                if (full[q]) {
+                    raw[q][0] = load_uint4(src[q] + off);
+                    raw[q][1] = load_uint4(src[q] + off + 16);
+                }
+            }
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+            for (int q = 0; q < PAIR_LOADS; ++q) {
+                if (r0 + q >= PER_WARP) break;
+                const int row = warp + nwarps * (r0 + q);
+                if (row >= ROWS) break;
+                const unsigned word = full[q] ? pack_bytes(raw[q][0], raw[q][1])
+                                      : src[q] ? pack32(src[q], off, hi, false)
+                                               : 0u;
+                bits[row][lane] = word;
+                cnt[r0 + q] += __popc(word);
+            }
         }
         __syncthreads();
         const unsigned* a = bits[pi];
