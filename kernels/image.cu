@@ -295,13 +295,16 @@ extern "C" __global__ void resize_taps_f32(float* tab, int h, int ho, int w, int
 }
 
 // forward: out[oy,ox] = sum_{a,e in {0,1}} ly_a lx_e x[iy_a, ix_e]
-// so:      dx[iy,ix] = sum_oy wy(oy,iy) (sum_ox wx(ox,ix) dout[oy,ox])   (overwritten),
+// so:      dx[iy,ix] = sum_ox wx(ox,ix) (sum_oy wy(oy,iy) dout[oy,ox])   (overwritten),
 //          w(d,i) = l0(d) [i0(d) = i] + l1(d) [i1(d) = i]
-// in two passes, as the CPU twin sums: along x into t (B,Ho,W,C), ox ascending (the l0
-// term before the l1 term), then along y, oy ascending; only the output coordinates in
-// the reach of an input coordinate (tap tables from resize_taps_f32) add anything.
-// Both passes: grid (W / blockDim.y, rows, B), thread row ty owns input column ix of one
-// row (oy for the x pass, iy for the y pass), threadIdx.x its channels.
+// in two passes: along y into t (B,H,Wo,C), oy ascending, then along x, ox ascending
+// (each the l0 term before the l1 term); only the output coordinates in the reach of
+// an input coordinate (tap tables from resize_taps_f32) add anything.  The y pass goes
+// first: its lanes run along ox, so its reads of dout are contiguous and its taps the
+// same for the whole block row; the x pass, whose lanes read at the scale's stride,
+// runs on the smaller t.  (The CPU twin sums x first: the two orders differ by
+// rounding.)  Both passes: grid (columns / blockDim.y, H, B), thread row ty owns one
+// column of one row iy, threadIdx.x its channels.
 
 // d[0, C) = sum over k in reach, ascending, of w(k, i) src0[k kstride + (0, C)]
 template <bool V>
@@ -319,37 +322,37 @@ __device__ __forceinline__ void tap_sum(float* d, const float* src0, long long k
         st<V>(d + j, acc);
     }
 }
-// t (B,Ho,W,C) from dout (B,Ho,Wo,C): grid (W / blockDim.y, Ho, B)
-extern "C" __global__ void resize_bilinear_bwd_x_f32(float* t, const float* dout, const float* tab, int b, int h,
+// t (B,H,Wo,C) from dout (B,Ho,Wo,C): grid (Wo / blockDim.y, H, B)
+extern "C" __global__ void resize_bilinear_bwd_y_f32(float* t, const float* dout, const float* tab, int b, int h,
+                                                     int w, int c, int ho, int wo) {
+    const unsigned ox = pixel_x();
+    if (ox >= (unsigned)wo) return;
+    const Tap* ty = reinterpret_cast<const Tap*>(tab);
+    const Reach* ry = reinterpret_cast<const Reach*>(ty + ho + wo);
+    const bool vec = vec_ok(c % 4 == 0, t, dout);
+    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
+        for (int iy = blockIdx.y; iy < h; iy += gridDim.y) {
+            float* d = t + (((long long)bi * h + iy) * wo + ox) * c;
+            const float* src = dout + ((long long)bi * ho * wo + ox) * c;
+            if (vec) tap_sum<true>(d, src, (long long)wo * c, ty, ry[iy], iy, c);
+            else tap_sum<false>(d, src, (long long)wo * c, ty, ry[iy], iy, c);
+        }
+}
+// dx (B,H,W,C) from t (B,H,Wo,C): grid (W / blockDim.y, H, B)
+extern "C" __global__ void resize_bilinear_bwd_x_f32(float* dx, const float* t, const float* tab, int b, int h,
                                                      int w, int c, int ho, int wo) {
     const unsigned ix = pixel_x();
     if (ix >= (unsigned)w) return;
     const Tap* tx = reinterpret_cast<const Tap*>(tab) + ho;
     const Reach reach = reinterpret_cast<const Reach*>(tx + wo)[h + ix];
-    const bool vec = vec_ok(c % 4 == 0, t, dout);
-    for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
-        for (int oy = blockIdx.y; oy < ho; oy += gridDim.y) {
-            const long long row = (long long)bi * ho + oy;
-            float* d = t + (row * w + ix) * c;
-            const float* src = dout + row * wo * c;
-            if (vec) tap_sum<true>(d, src, c, tx, reach, (int)ix, c);
-            else tap_sum<false>(d, src, c, tx, reach, (int)ix, c);
-        }
-}
-// dx (B,H,W,C) from t (B,Ho,W,C): grid (W / blockDim.y, H, B)
-extern "C" __global__ void resize_bilinear_bwd_y_f32(float* dx, const float* t, const float* tab, int b, int h,
-                                                     int w, int c, int ho, int wo) {
-    const unsigned ix = pixel_x();
-    if (ix >= (unsigned)w) return;
-    const Tap* ty = reinterpret_cast<const Tap*>(tab);
-    const Reach* ry = reinterpret_cast<const Reach*>(ty + ho + wo);
     const bool vec = vec_ok(c % 4 == 0, dx, t);
     for (int bi = blockIdx.z; bi < b; bi += gridDim.z)
         for (int iy = blockIdx.y; iy < h; iy += gridDim.y) {
-            float* d = dx + (((long long)bi * h + iy) * w + ix) * c;
-            const float* src = t + ((long long)bi * ho * w + ix) * c;
-            if (vec) tap_sum<true>(d, src, (long long)w * c, ty, ry[iy], iy, c);
-            else tap_sum<false>(d, src, (long long)w * c, ty, ry[iy], iy, c);
+            const long long row = (long long)bi * h + iy;
+            float* d = dx + (row * w + ix) * c;
+            const float* src = t + row * wo * c;
+            if (vec) tap_sum<true>(d, src, c, tx, reach, (int)ix, c);
+            else tap_sum<false>(d, src, c, tx, reach, (int)ix, c);
         }
 }
 

@@ -227,7 +227,7 @@ pub(super) fn resize_bilinear(
 }
 
 /// dout (B,Ho,Wo,C) → dx (B,H,W,C), overwritten: the tap tables into scratch, then two
-/// passes that sum along x and then y in the CPU twin's order.
+/// passes that sum along y (reading dout row by row) and then x.
 pub(super) fn resize_bilinear_bwd(
     dev: &Device,
     dout: &DeviceBuf<f32>,
@@ -249,19 +249,19 @@ pub(super) fn resize_bilinear_bwd(
         linear(ho + wo + d.h + d.w),
         &[tab.arg_mut(), dims[1], dims[4], dims[2], dims[5]],
     )?;
-    // along x into t (B,Ho,W,C), then along y into dx: an input column per thread row
-    let mut t = dev.zeros::<f32>(d.b * ho * d.w * d.c)?;
+    // along y into t (B,H,Wo,C), then along x into dx: a column per thread row
+    let mut t = dev.zeros::<f32>(d.b * d.h * wo * d.c)?;
     let mut args = vec![t.arg_mut(), dout.arg(), tab.arg()];
     args.extend(dims.iter().copied());
     dev.launch(
-        "resize_bilinear_bwd_x_f32",
-        pixel_launch(OP, d.c, d.w, ho, d.b)?,
+        "resize_bilinear_bwd_y_f32",
+        pixel_launch(OP, d.c, wo, d.h, d.b)?,
         &args,
     )?;
     let mut args = vec![dx.arg_mut(), t.arg(), tab.arg()];
     args.extend(dims);
     dev.launch(
-        "resize_bilinear_bwd_y_f32",
+        "resize_bilinear_bwd_x_f32",
         pixel_launch(OP, d.c, d.w, d.h, d.b)?,
         &args,
     )
