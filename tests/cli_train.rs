@@ -742,13 +742,47 @@ fn three_steps_on_the_emulated_device_log_the_cpus_losses() {
     let (train_json, test_json, cfg) = setup(&d);
     let (cpu, emu) = (d.join("cpu"), d.join("emu"));
     ok(&train(&train_json, &cfg, &cpu, &["--steps", "3"], "2"));
+    let prof = d.join("profile.jsonl");
     ok(&train(
         &train_json,
         &cfg,
         &emu,
-        &["--steps", "3", "--device", "emu"],
+        &[
+            "--steps",
+            "3",
+            "--device",
+            "emu",
+            "--profile",
+            prof.to_str().unwrap(),
+        ],
         "2",
     ));
+    // --profile: the run's kernels by total time, each launched at least once
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&prof)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
+    for k in ["attention_fwd_f32", "attention_bwd_dq_f32", "adamw_f32"] {
+        assert!(names.contains(&k), "{k} not in the profile: {names:?}");
+    }
+    let ms: Vec<f64> = rows.iter().map(|r| r["ms"].as_f64().unwrap()).collect();
+    assert!(
+        ms.windows(2).all(|w| w[0] >= w[1]),
+        "not largest first: {ms:?}"
+    );
+    assert!(rows.iter().all(|r| r["calls"].as_u64().unwrap() >= 1));
+    // the CPU backend launches no kernels: an error before any work
+    let e = err(&train(
+        &train_json,
+        &cfg,
+        &d.join("cpu_prof"),
+        &["--steps", "1", "--profile", "-"],
+        "2",
+    ));
+    assert!(e.contains("--device emu or cuda"), "{e}");
+    assert!(!d.join("cpu_prof").join("metrics.jsonl").exists());
     let (lc, le) = (logged_losses(&cpu), logged_losses(&emu));
     assert_eq!(lc.len(), 3, "{lc:?}");
     assert_eq!(lc.len(), le.len());

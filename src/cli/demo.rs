@@ -46,7 +46,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             run_demo(be, self.0, self.1, std::io::stderr().is_terminal())
         }
     }
-    let r = a.device.device.run(Job(&cfg, &a.out))?;
+    let r = a.device.run(Job(&cfg, &a.out))?;
     print!("{}", r.markdown());
     let pr = |v: Option<f64>| v.map_or("undefined".into(), |x| format!("{x:.3}"));
     println!(

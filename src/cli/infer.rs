@@ -80,7 +80,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Ok((px, e.answer))
         }
     }
-    let (px, p) = a.device.device.run(Job(&a, &img))?;
+    let (px, p) = a.device.run(Job(&a, &img))?;
     println!("{}", p.text);
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
     let masks = p

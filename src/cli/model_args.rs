@@ -1,13 +1,54 @@
 //! Options shared by the commands that run a model.
-use popen::backend::DeviceChoice;
+use popen::backend::{DeviceChoice, OnBackend};
+use popen::kernels::KernelTime;
+use std::path::{Path, PathBuf};
 
-/// `--device`: where the model runs.
+/// `--device`: where the model runs; `--profile`: where its kernel times go.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DeviceArg {
     /// cpu (the reference backend), emu (the kernels on the CUDA emulator: slow, for
     /// checking) or cuda[:N] (GPU N; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
+    /// Time every kernel launch and matrix product of the run (`--device emu` or
+    /// `cuda`) and write the totals by kernel to FILE as JSON lines
+    /// (`{"kernel", "calls", "ms"}`, largest first); `-` prints a table on stderr.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+}
+
+impl DeviceArg {
+    /// Runs `job` on the backend `--device` names, profiled when `--profile` asks.
+    pub fn run<J: OnBackend>(&self, job: J) -> anyhow::Result<J::Out> {
+        let Some(path) = &self.profile else {
+            return Ok(self.device.run(job)?);
+        };
+        let (out, rows) = self.device.run_profiled(job)?;
+        write_profile(path, &rows)?;
+        Ok(out)
+    }
+}
+
+/// The profile as JSON lines at `path` (written atomically), or a table on stderr for `-`.
+fn write_profile(path: &Path, rows: &[KernelTime]) -> anyhow::Result<()> {
+    if path == Path::new("-") {
+        let total: f64 = rows.iter().map(|r| r.ms).sum();
+        eprintln!("{:>10} {:>8} {:>6}  kernel", "ms", "calls", "%");
+        for r in rows {
+            let pct = 100.0 * r.ms / total.max(f64::MIN_POSITIVE);
+            eprintln!("{:>10.3} {:>8} {:>6.1}  {}", r.ms, r.calls, pct, r.name);
+        }
+        eprintln!("{total:>10.3} in all");
+        return Ok(());
+    }
+    let mut text = String::new();
+    for r in rows {
+        let row = serde_json::json!({"kernel": r.name, "calls": r.calls, "ms": r.ms});
+        text.push_str(&row.to_string());
+        text.push('\n');
+    }
+    popen::fsio::write_atomic(path, text.as_bytes())?;
+    Ok(())
 }
 
 /// The ensemble's options (Sec. 3.3, Table 6's ablations), shared by `predict`,

@@ -116,7 +116,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Ok(out)
         }
     }
-    let (lines, samples) = a.device.device.run(Job(&a))?;
+    let (lines, samples) = a.device.run(Job(&a))?;
     write_preds(&a.out, &lines)?;
     println!("{} predictions written to {}", lines.len(), a.out.display());
     if let (Some(path), Some(samples)) = (&a.samples, samples) {

@@ -166,7 +166,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             })
         }
     }
-    let p = a.device.device.run(Job(&a))?;
+    let p = a.device.run(Job(&a))?;
     let s = &p.f;
     let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
     println!(

@@ -92,7 +92,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Ok(out)
         }
     }
-    let lines = a.device.device.run(Job(&a))?;
+    let lines = a.device.run(Job(&a))?;
     let mut buf = Vec::new();
     for l in &lines {
         serde_json::to_writer(&mut buf, l)?;

@@ -235,7 +235,7 @@ fn ensemble(a: EnsembleTrainArgs) -> anyhow::Result<()> {
             train_ensemble(be, self.0, self.1, self.2, std::io::stderr().is_terminal())
         }
     }
-    let s = c.device.device.run(Job(&cfg, &paths, c.resume))?;
+    let s = c.device.run(Job(&cfg, &paths, c.resume))?;
     println!(
         "stage 3 trained the ensemble prompt {}; run directory {}",
         ended(&s),
@@ -317,7 +317,7 @@ fn pref(a: PrefArgs) -> anyhow::Result<()> {
             train_pref(be, self.0, self.1, self.2, std::io::stderr().is_terminal())
         }
     }
-    let s = c.device.device.run(Job(&cfg, &paths, c.resume))?;
+    let s = c.device.run(Job(&cfg, &paths, c.resume))?;
     let k = &s.counts;
     println!(
         "stage 2: {} text preference pairs from {} questions ({} sampled, {} resampled, {} \
@@ -400,7 +400,7 @@ fn sft(a: SftArgs) -> anyhow::Result<()> {
             train_sft(be, self.0, self.1, self.2, std::io::stderr().is_terminal())
         }
     }
-    let s = c.device.device.run(Job(&cfg, &paths, c.resume))?;
+    let s = c.device.run(Job(&cfg, &paths, c.resume))?;
     println!(
         "stage 1 trained {}; run directory {}",
         ended(&s),

@@ -1,7 +1,7 @@
 //! Which backend a command runs a model on: `--device cpu|emu|cuda[:N]`.
 use crate::backend::{Backend, Cpu, DeviceBackend};
 use crate::error::{Error, Result};
-use crate::kernels::Device;
+use crate::kernels::{Device, KernelTime};
 use std::fmt;
 use std::str::FromStr;
 
@@ -32,7 +32,33 @@ impl DeviceChoice {
     pub fn run<J: OnBackend>(self, job: J) -> Result<J::Out> {
         match self {
             DeviceChoice::Cpu => job.run(Cpu),
-            DeviceChoice::Emu => job.run(DeviceBackend::new(Device::emulator())),
+            _ => job.run(self.device_backend()?),
+        }
+    }
+
+    /// [`run`](Self::run) with every kernel launch and matrix product of the job timed
+    /// ([`Device::set_profiling`]): the job's result and the per-kernel table, largest
+    /// total first.  An error before any work on `cpu`, which launches no kernels.
+    pub fn run_profiled<J: OnBackend>(self, job: J) -> Result<(J::Out, Vec<KernelTime>)> {
+        if self == DeviceChoice::Cpu {
+            return Err(Error::arg(
+                "--profile",
+                "the CPU backend launches no kernels: profile with --device emu or cuda[:N]",
+            ));
+        }
+        let be = self.device_backend()?;
+        be.device().set_profiling(true);
+        let out = job.run(be.clone())?;
+        let rows = be.device().take_profile()?;
+        be.device().set_profiling(false);
+        Ok((out, rows))
+    }
+
+    /// The device backend on the emulator or on GPU `N`; an error on `cpu`.
+    fn device_backend(self) -> Result<DeviceBackend> {
+        match self {
+            DeviceChoice::Cpu => Err(Error::arg("--device", "cpu is not a kernel device")),
+            DeviceChoice::Emu => Ok(DeviceBackend::new(Device::emulator())),
             DeviceChoice::Cuda(n) => {
                 let dev = Device::cuda(n).map_err(|e| {
                     let why = match e {
@@ -41,7 +67,7 @@ impl DeviceChoice {
                     };
                     Error::Device(format!("--device cuda:{n}: {why}"))
                 })?;
-                job.run(DeviceBackend::new(dev))
+                Ok(DeviceBackend::new(dev))
             }
         }
     }
