@@ -37,17 +37,17 @@ __device__ __forceinline__ unsigned nonzero_bytes(unsigned x) {
 #define PAIR_STRIDE (PAIR_WORDS + 1)  // row stride of the bit tile: conflict-free columns
 #define PAIR_LOADS 5                  // masks whose loads a thread has in flight at once
 
-// 32 foreground bits of pixels [lo, lo + 32) of mask m (bits past hw are 0).  Any fixed
-// order of the bits will do: both masks of a pair are packed alike.  vec: hw is a
-// multiple of 16, so every mask starts on a 16-byte boundary.
+// 32 foreground bits of 32 pixels.  Any fixed order of the bits will do: both masks of a
+// pair are packed alike.  pack_bytes: the pixels as two 16-byte loads (the mask's words
+// start on 16-byte boundaries when HW is a multiple of 16); pack32: pixels [lo, lo + 32)
+// of mask m by bytes, bits past hw 0 (the tail, or HW not a multiple of 16).
 __device__ __forceinline__ unsigned pack_bytes(uint4 u, uint4 v) {
     const unsigned x[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
     unsigned bits = 0;
     for (int k = 0; k < 8; ++k) bits |= (nonzero_bytes(x[k]) >> 7) << k;  // byte 4k + j -> bit 8j + k
     return bits;
 }
-__device__ __forceinline__ unsigned pack32(const unsigned char* __restrict__ m, int lo, int hw, bool vec) {
-    if (vec && lo + 32 <= hw) return pack_bytes(load_uint4(m + lo), load_uint4(m + lo + 16));
+__device__ __forceinline__ unsigned pack32(const unsigned char* __restrict__ m, int lo, int hw) {
     unsigned bits = 0;
     const int n = hw - lo < 32 ? hw - lo : 32;
     for (int k = 0; k < n; ++k) bits |= (m[lo + k] != 0 ? 1u : 0u) << k;
@@ -109,7 +109,7 @@ extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, 
                 const int row = warp + nwarps * (r0 + q);
                 if (row >= ROWS) break;
                 const unsigned word = full[q] ? pack_bytes(raw[q][0], raw[q][1])
-                                      : src[q] ? pack32(src[q], off, hi, false)
+                                      : src[q] ? pack32(src[q], off, hi)
                                                : 0u;
                 bits[row][lane] = word;
                 cnt[r0 + q] += __popc(word);

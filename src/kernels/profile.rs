@@ -48,25 +48,34 @@ pub struct KernelTime {
     pub ms: f64,
 }
 
-/// A launch in flight: how its start was marked.
+/// One end of a launch: the host clock on the emulator, an event on a GPU's stream.
 pub(crate) enum Start {
     Host(Instant),
     #[cfg(feature = "cuda")]
     Cuda(cudarc::driver::CudaEvent),
 }
 
-/// A finished launch; GPU times are read when the profile is taken.
-enum Mark {
-    Host(f64),
-    #[cfg(feature = "cuda")]
-    Cuda(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent),
+/// Milliseconds from `a` to `b` (a GPU's events are read, waiting for them, here).
+fn elapsed_ms(a: &Start, b: &Start) -> Result<f64> {
+    match (a, b) {
+        (Start::Host(a), Start::Host(b)) => Ok((*b - *a).as_secs_f64() * 1e3),
+        #[cfg(feature = "cuda")]
+        (Start::Cuda(a), Start::Cuda(b)) => a
+            .elapsed_ms(b)
+            .map(f64::from)
+            .map_err(|e| crate::error::Error::Device(format!("profile: {e}"))),
+        #[cfg(feature = "cuda")]
+        _ => Err(crate::error::Error::Device(
+            "profile: a launch marked by two clocks".into(),
+        )),
+    }
 }
 
-/// The recorder a [`Device`] carries.
+/// The recorder a [`Device`] carries: each launch's name and its two ends.
 #[derive(Default)]
 pub(crate) struct Profiler {
     on: AtomicBool,
-    marks: Mutex<Vec<(String, Mark)>>,
+    marks: Mutex<Vec<(String, Start, Start)>>,
 }
 
 impl Profiler {
@@ -79,17 +88,10 @@ impl Profiler {
     }
 
     pub(crate) fn finish(&self, name: String, start: Start, end: Start) {
-        let mark = match (start, end) {
-            (Start::Host(a), Start::Host(b)) => Mark::Host((b - a).as_secs_f64() * 1e3),
-            #[cfg(feature = "cuda")]
-            (Start::Cuda(a), Start::Cuda(b)) => Mark::Cuda(a, b),
-            #[cfg(feature = "cuda")]
-            _ => return, // one device marks one way
-        };
-        self.lock().push((name, mark));
+        self.lock().push((name, start, end));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Mark)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Start, Start)>> {
         // a panic while pushing leaves a valid Vec: keep using it
         self.marks.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -98,17 +100,8 @@ impl Profiler {
     pub(crate) fn take(&self) -> Result<Vec<KernelTime>> {
         let marks = std::mem::take(&mut *self.lock());
         let mut rows: Vec<KernelTime> = Vec::new();
-        for (name, mark) in marks {
-            // (one arm without the `cuda` feature)
-            #[cfg_attr(not(feature = "cuda"), allow(clippy::infallible_destructuring_match))]
-            let ms = match mark {
-                Mark::Host(ms) => ms,
-                #[cfg(feature = "cuda")]
-                Mark::Cuda(a, b) => f64::from(
-                    a.elapsed_ms(&b)
-                        .map_err(|e| crate::error::Error::Device(format!("profile: {e}")))?,
-                ),
-            };
+        for (name, start, end) in marks {
+            let ms = elapsed_ms(&start, &end)?;
             match rows.iter_mut().find(|r| r.name == name) {
                 Some(r) => {
                     r.calls += 1;

@@ -179,8 +179,8 @@ pub(super) fn embedding_fwd(
 }
 
 /// The rows of `ids` grouped by id for `embedding_bwd_f32`: `[start (U + 1), id (U),
-/// order (N)]`, groups sorted by id, rows ascending within a group.
-fn id_groups(ids: &[u32]) -> Vec<u32> {
+/// order (N)]`, groups sorted by id, rows ascending within a group; and U.
+fn id_groups(ids: &[u32]) -> (Vec<u32>, usize) {
     let mut order: Vec<u32> = (0..ids.len() as u32).collect();
     order.sort_by_key(|&r| (ids[r as usize], r));
     let mut start = Vec::new();
@@ -193,10 +193,11 @@ fn id_groups(ids: &[u32]) -> Vec<u32> {
         }
     }
     start.push(order.len() as u32);
+    let u = uid.len();
     let mut out = start;
     out.extend(uid);
     out.extend(order);
-    out
+    (out, u)
 }
 
 /// dtable (V,C) += scatter of dout (N,C) by ids: one block per distinct id (and column
@@ -215,12 +216,14 @@ pub(super) fn embedding_bwd(
     if ids.is_empty() || c == 0 {
         return Ok(());
     }
-    let n = u32::try_from(ids.len())
-        .ok()
-        .filter(|&n| n < u32::MAX / 2)
-        .ok_or_else(|| Error::shape(OP, format!("{} ids do not fit one launch", ids.len())))?;
-    let groups = id_groups(ids);
-    let u = (groups.len() - 1 - n as usize) / 2; // (U + 1) + U + N entries
+    // (U + 1) + U + N ≤ 3N + 1 entries, each index a u32
+    if ids.len() >= u32::MAX as usize / 3 {
+        return Err(Error::shape(
+            OP,
+            format!("{} ids do not fit one launch", ids.len()),
+        ));
+    }
+    let (groups, u) = id_groups(ids);
     let cb = u32::try_from(c.div_ceil(BLOCK as usize))
         .ok()
         .filter(|&g| g <= 65_535)
