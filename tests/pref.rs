@@ -5,7 +5,7 @@ use popen::backend::Cpu;
 use popen::method::pref::collect::seq_logps;
 use popen::method::pref::contrast::ContrastRow;
 use popen::method::pref::{pref_step, Eq3Norm, PrefItem, PrefLossCfg};
-use popen::model::seg::{Example, Pixels, SegModel, SegModelConfig, SegTokenizer};
+use popen::model::seg::{Example, HeadWeights, Pixels, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::Rng;
 
 mod common;
@@ -258,8 +258,15 @@ fn seg_embedding_gradient_matches_finite_differences() {
         t.zero_grad(&Cpu);
     }
     let dlogp = vec![0.0; pass.logp.len()];
-    m.backward_pass(&batch, pass, &dlogp, (0.0, 0.0), Some(&c), (0.0, 0.0))
-        .unwrap();
+    m.backward_pass(
+        &batch,
+        pass,
+        &dlogp,
+        (0.0, 0.0),
+        Some(&c),
+        HeadWeights::NONE,
+    )
+    .unwrap();
     let grads = common::seg::grads_of(&mut m);
     let (checked, nonzero) = common::seg::check_param_grads(&mut m, &grads, 12, |m| loss(m));
     assert!(
@@ -277,6 +284,6 @@ fn seg_embedding_gradient_matches_finite_differences() {
     let pass = m.forward_pass(&text).unwrap();
     let dl = vec![0.0; pass.logp.len()];
     assert!(m
-        .backward_pass(&text, pass, &dl, (0.0, 0.0), Some(&c), (0.0, 0.0))
+        .backward_pass(&text, pass, &dl, (0.0, 0.0), Some(&c), HeadWeights::NONE)
         .is_err());
 }

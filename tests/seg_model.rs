@@ -3,7 +3,7 @@
 //! untouched, bad input as errors.
 use popen::backend::{Backend, Cpu};
 use popen::model::seg::{
-    Example, LossWeights, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable,
+    Example, HeadWeights, LossWeights, Pixels, SegModel, SegModelConfig, SegTokenizer, Trainable,
 };
 use popen::nn::Rng;
 
@@ -84,13 +84,20 @@ fn whole_model_gradient_matches_finite_differences() {
     check_whole_model_gradient(&cfg, &tok, &b, LossWeights::default(), &[], None);
 }
 
-/// The same check with both category heads: labelled patches (one example has none,
-/// one patch is ignored) and labelled targets (one example has none, one target is
-/// ignored), both losses weighed in.
+/// The same check with both category heads and the place head: labelled patches (one
+/// example has none, one patch is ignored) and labelled targets (one example has none,
+/// one target is ignored), every loss weighed in.
 #[test]
 fn whole_model_gradient_with_the_category_losses_matches_finite_differences() {
     let (cfg, tok, b, w) = with_categories();
-    check_whole_model_gradient(&cfg, &tok, &b, w, &["patch_head", "seg_class_head"], None);
+    check_whole_model_gradient(
+        &cfg,
+        &tok,
+        &b,
+        w,
+        &["patch_head", "seg_class_head", "seg_place_head"],
+        None,
+    );
 }
 
 /// The presence tokens (`[model] presence_tokens`, both kinds) read the patch head
@@ -195,8 +202,41 @@ fn a_run_directory_keeps_the_presence_token() {
     assert!(e.contains("presence_tokens"), "{e}");
 }
 
-/// The tiny config with two classes, [`batch`] labelled, both category losses on, the
-/// decoder's pixel skip (the world config's model: q = 1 on this 8 × 8 image) and the
+/// A run directory keeps the place head: the setting, and `seg_place_head.*` under
+/// those names, one output per tower patch.
+#[test]
+fn a_run_directory_keeps_the_place_head() {
+    let mut cfg = tiny_cfg();
+    cfg.place_head = true;
+    let tok = tokenizer(&cfg);
+    let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg, &tok, 8).unwrap();
+    let k = m.patches_per_image();
+    assert_eq!(m.seg_place_head.as_ref().unwrap().fan_out(), k);
+    let dir = std::env::temp_dir().join(format!("popen_seg_place_{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    m.save(&dir, &tok).unwrap();
+    let (mut back, _) = SegModel::<f32, Cpu>::load(Cpu, &dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(back.cfg.place_head);
+    let named = |m: &mut SegModel<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
+        m.params_mut()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("seg_place_head."))
+            .map(|(n, t)| (n, t.data.clone()))
+            .collect()
+    };
+    let (a, b) = (named(&mut m), named(&mut back));
+    assert_eq!(
+        a.len(),
+        2,
+        "{:?}",
+        a.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    assert!(a == b, "seg_place_head changed through save/load");
+}
+
+/// The tiny config with two classes, [`batch`] labelled, both category losses and the
+/// place loss on, the decoder's pixel skip (the world config's model: q = 1 on this 8 × 8 image) and the
 /// ViT's convolutional stem (one 4 × 4 cell per patch of 4 here; tests/nn_conv.rs
 /// checks the stem alone with several cells per patch).
 fn with_categories() -> (SegModelConfig, SegTokenizer, Vec<Example>, LossWeights) {
@@ -204,6 +244,7 @@ fn with_categories() -> (SegModelConfig, SegTokenizer, Vec<Example>, LossWeights
     use popen::model::seg::category::Classes;
     let mut cfg = tiny_cfg();
     cfg.classes = vec!["apple".into(), "cup".into()];
+    cfg.place_head = true;
     cfg.pixel_skip = true;
     cfg.lvlm.vision_stem = 3;
     let tok = tokenizer(&cfg);
@@ -212,14 +253,17 @@ fn with_categories() -> (SegModelConfig, SegTokenizer, Vec<Example>, LossWeights
     b[0].classes = Classes {
         patches: vec![0, 1, IGNORE_INDEX, 2],
         targets: vec![1, IGNORE_INDEX],
+        places: vec![3, 1],
     };
     b[1].classes = Classes {
         patches: Vec::new(),
         targets: vec![2],
+        places: vec![IGNORE_INDEX],
     };
     b[2].classes = Classes {
         patches: vec![2, 0, 0, 1],
         targets: Vec::new(),
+        places: Vec::new(),
     };
     // the two apples may take each other's place (instance matching on)
     b[0].categories = vec!["apple".into(), "apple".into()];
@@ -227,6 +271,7 @@ fn with_categories() -> (SegModelConfig, SegTokenizer, Vec<Example>, LossWeights
     let w = LossWeights {
         patch_class: 1.5,
         seg_class: 0.7,
+        seg_place: 0.9,
         instance_matching: true,
         ..LossWeights::default()
     };
@@ -257,12 +302,18 @@ fn loss_and_grads(
 /// Over several random images and masks both orders must occur.
 #[test]
 fn instance_matching_takes_the_cheaper_order_of_alike_targets() {
-    let cfg = tiny_cfg();
+    let mut cfg = tiny_cfg();
+    cfg.place_head = true;
     let tok = tokenizer(&cfg);
     let mut m: SegModel<f64, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 3).unwrap();
+    // the place labels must follow the targets the masks are matched to
+    let in_order = LossWeights {
+        seg_place: 0.8,
+        ..LossWeights::default()
+    };
     let on = LossWeights {
         instance_matching: true,
-        ..LossWeights::default()
+        ..in_order
     };
     let (mut kept, mut swapped) = (0, 0);
     for seed in 0..8 {
@@ -276,15 +327,28 @@ fn instance_matching_takes_the_cheaper_order_of_alike_targets() {
             "I see two apples <seg> <seg> here.",
         );
         ex.categories = vec!["apple".into(), "apple".into()];
+        ex.classes.places = vec![0, 3];
         let mut rev = ex.clone();
         rev.masks.reverse();
-        let (l_ab, g_ab) =
-            loss_and_grads(&mut m, std::slice::from_ref(&ex), LossWeights::default());
-        let (l_ba, g_ba) =
-            loss_and_grads(&mut m, std::slice::from_ref(&rev), LossWeights::default());
+        rev.classes.places.reverse();
+        let (l_ab, g_ab) = loss_and_grads(&mut m, std::slice::from_ref(&ex), in_order);
+        let (l_ba, g_ba) = loss_and_grads(&mut m, std::slice::from_ref(&rev), in_order);
         let (l_on, g_on) = loss_and_grads(&mut m, std::slice::from_ref(&ex), on);
-        assert!(l_ab != l_ba, "seed {seed}: the two orders cost the same");
-        let (want_l, want_g) = if l_ba < l_ab {
+        // the order is chosen by the masks' cost alone (the text's and the place
+        // head's losses are the same for both orders but the place labels' order)
+        let masks_only = LossWeights {
+            ce: 0.0,
+            ..LossWeights::default()
+        };
+        let mask_cost = |m: &mut SegModel<f64, Cpu>, e: &Example| {
+            m.step(std::slice::from_ref(e), masks_only, 1.0, false)
+                .unwrap()
+                .total
+        };
+        let (c_ab, c_ba) = (mask_cost(&mut m, &ex), mask_cost(&mut m, &rev));
+        assert!(c_ab != c_ba, "seed {seed}: the two orders cost the same");
+        assert!(l_ab != l_ba, "seed {seed}: the place labels are not read");
+        let (want_l, want_g) = if c_ba < c_ab {
             swapped += 1;
             (l_ba, g_ba)
         } else {
@@ -334,6 +398,7 @@ fn check_whole_model_gradient(
     assert!(l0.n_masks == 3 && l0.total.is_finite(), "{l0:?}");
     assert_eq!(l0.patch_class > 0.0, w.patch_class > 0.0, "{l0:?}");
     assert_eq!(l0.seg_class > 0.0, w.seg_class > 0.0, "{l0:?}");
+    assert_eq!(l0.seg_place > 0.0, w.seg_place > 0.0, "{l0:?}");
     // (index, name, gradient) of every trainable tensor: all of them unless `trainable`
     let grads: Vec<(usize, String, Vec<f64>)> = m
         .params_mut()
@@ -841,14 +906,14 @@ fn device_step_equals_cpu(
 
 /// Host↔device copies one segmentation training step may make, none per layer or per
 /// mask: up, the ids (embedding forward and backward, the codebook rows), the pixels,
-/// the labels and category labels, the positional encodings (one per scale), the
+/// the labels and the heads' labels, the positional encodings (one per scale), the
 /// decoder's gate offset, the mask targets (one upload), d log p; down, the log-probs,
 /// the mask losses (one per image size), the pair losses of instance matching's alike
-/// targets (one per image size) and the two category losses.  Measured: 18 up, 5 down,
-/// on a batch whose examples run the LLM as one group of lengths
+/// targets (one per image size) and the three head losses (the place loss twice: once
+/// more when matching reorders its labels).  Measured: 22 up, 7 down, on a batch whose examples run the LLM as one group of lengths
 /// (`popen::model::seg::layout`); each further group adds its own uploads (ids,
 /// targets, d log p) and its download of log-probs.
-const SEG_STEP_COPIES: u64 = 23;
+const SEG_STEP_COPIES: u64 = 29;
 
 #[test]
 fn batched_prediction_is_each_question_predicted_alone() {
@@ -944,7 +1009,7 @@ fn a_batch_in_length_groups_is_each_example_alone() {
         }
         let pass = m.forward_pass(exs).unwrap();
         let d = weights(&pass);
-        m.backward_pass(exs, pass, &d, mask_w, None, (0.0, 0.0))
+        m.backward_pass(exs, pass, &d, mask_w, None, HeadWeights::NONE)
             .unwrap();
         common::seg::grads_of(m)
     };

@@ -109,6 +109,9 @@ impl<B: Backend<f32>> Trainable for SftModel<B> {
         if self.weights.seg_class > 0.0 {
             parts.insert("seg_class".into(), l.seg_class);
         }
+        if self.weights.seg_place > 0.0 {
+            parts.insert("seg_place".into(), l.seg_place);
+        }
         Ok(LossParts {
             loss: l.total,
             parts,
@@ -235,7 +238,8 @@ pub fn training_samples(data: &Path, images: &Option<PathBuf>) -> Result<Vec<Sam
 
 /// `cfg` with `model.classes` filled from the data's annotated objects and targets
 /// (sorted category names) when a category loss (`loss.patch_class`, `loss.seg_class`)
-/// is on and the config names none.  The heads stand in for a pretraining the tiny
+/// is on and the config names none, and `model.place_head` on when `loss.seg_place`
+/// is.  The heads stand in for a pretraining the tiny
 /// model lacks ([`crate::model::seg::category`]), so a pretrained LLaVA refuses them, as
 /// does data without categories.
 pub fn with_classes(cfg: &SftConfig, samples: &[Sample], paths: &SftPaths) -> Result<SftConfig> {
@@ -249,6 +253,8 @@ pub fn with_classes(cfg: &SftConfig, samples: &[Sample], paths: &SftPaths) -> Re
                 .into(),
         });
     }
+    // the place head needs no categories, only the targets' masks
+    cfg.model.place_head |= cfg.loss.seg_place > 0.0;
     if cfg.loss.patch_class <= 0.0 && cfg.loss.seg_class <= 0.0 {
         return Ok(cfg);
     }
@@ -460,5 +466,12 @@ mod tests {
         };
         let e = with_classes(&cfg, &data, &llava).unwrap_err();
         assert!(e.to_string().contains("pretrained LLaVA"), "{e}");
+        // the place loss turns its head on, and needs no categories (a pretrained
+        // LLaVA too)
+        cfg.loss.seg_class = 0.0;
+        assert!(!with_classes(&cfg, &data, &llava).unwrap().model.place_head);
+        cfg.loss.seg_place = 1.0;
+        let c = with_classes(&cfg, &[sample(&[])], &llava).unwrap();
+        assert!(c.model.place_head && c.model.classes.is_empty());
     }
 }

@@ -35,6 +35,7 @@ pub fn tiny_cfg() -> SegModelConfig {
         classes: Vec::new(),
         pixel_skip: false,
         presence_tokens: popen::model::seg::config::PresenceTokens::Off,
+        place_head: false,
     }
 }
 

@@ -15,7 +15,7 @@ use super::PrefLossCfg;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::method::losses::{seg_pref_indicator, seg_pref_loss};
-use crate::model::seg::{Example, SegModel};
+use crate::model::seg::{Example, HeadWeights, SegModel};
 use num_traits::Float;
 use std::collections::BTreeMap;
 
@@ -155,7 +155,14 @@ pub fn ls_step<F: Float, B: Backend<F>>(
     .into();
     if backward {
         let zeros = vec![0f64; pass.logp.len()];
-        model.backward_pass(&exs, pass, &zeros, (0.0, 0.0), Some(&d_emb), (0.0, 0.0))?;
+        model.backward_pass(
+            &exs,
+            pass,
+            &zeros,
+            (0.0, 0.0),
+            Some(&d_emb),
+            HeadWeights::NONE,
+        )?;
     }
     Ok(Some(LsOut {
         loss,

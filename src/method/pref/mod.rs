@@ -35,7 +35,7 @@ use crate::method::ensemble::EnsembleCfg;
 use crate::method::losses::{dpo_loss, BETA_T, LAMBDA};
 use crate::method::reread::{reread_picks, sampled_rereads, Reread};
 use crate::model::seg::data::{encode_fitting, example};
-use crate::model::seg::pass::TrainPass;
+use crate::model::seg::pass::{HeadWeights, TrainPass};
 use crate::model::seg::run::CONFIG_FILE;
 use crate::model::seg::{Example, LossWeights, SegModel, SegTokenizer, Trainable as Parts};
 use crate::nn::{Rng, Tensor};
@@ -474,13 +474,13 @@ pub fn pref_step<F: Float, B: Backend<F>>(
         }
         let wm = scale as f64 / mf;
         let mask_w = (lc.bce as f64 * wm, lc.dice as f64 * wm);
-        model.backward_pass(&exs, pass, &dlogp, mask_w, None, (0.0, 0.0))?;
+        model.backward_pass(&exs, pass, &dlogp, mask_w, None, HeadWeights::NONE)?;
         if let Some(p) = rr_pass {
             let mut dlogp = vec![0.0; p.logp.len()];
             for rows in &p.answer_rows {
                 mean_grad(&mut dlogp, rows, 1.0);
             }
-            model.backward_pass(&rr_exs, p, &dlogp, mask_w, None, (0.0, 0.0))?;
+            model.backward_pass(&rr_exs, p, &dlogp, mask_w, None, HeadWeights::NONE)?;
         }
     }
     Ok(LossParts {

@@ -43,6 +43,44 @@ pub struct Classes {
     pub patches: Vec<i32>,
     /// Seg-class-head labels, one per target in answer order ([`target_labels`]).
     pub targets: Vec<i32>,
+    /// Place-head labels, one per target in answer order ([`place_labels`]; empty
+    /// without the head).
+    pub places: Vec<i32>,
+}
+
+/// One label per target for the place head: the patch of the `grid × grid` tower input
+/// (row-major, as [`pixel_patches`]) that holds the target's centroid, or
+/// [`IGNORE_INDEX`] for an empty mask.  The centroid is the mean of the mask's pixel
+/// centres, taken to the pixel it falls in; a mask of another size than the image is
+/// ignored too ([`super::data::example`] refuses such a sample before this).
+pub fn place_labels(targets: &[Target], px: &Pixels, grid: usize) -> Vec<i32> {
+    if grid == 0 {
+        return vec![IGNORE_INDEX; targets.len()];
+    }
+    let cell = pixel_patches(px, grid);
+    targets
+        .iter()
+        .map(|t| {
+            if (t.mask.height, t.mask.width) != (px.height, px.width) {
+                return IGNORE_INDEX;
+            }
+            let (mut n, mut sy, mut sx) = (0u64, 0u64, 0u64);
+            for (i, &v) in t.mask.data.iter().enumerate() {
+                if v == 1 {
+                    n += 1;
+                    sy += (i / px.width) as u64;
+                    sx += (i % px.width) as u64;
+                }
+            }
+            if n == 0 {
+                return IGNORE_INDEX;
+            }
+            // the mean of the pixel centres (i + 0.5), then the pixel it falls in
+            let y = ((sy as f64 / n as f64 + 0.5) as usize).min(px.height - 1);
+            let x = ((sx as f64 / n as f64 + 0.5) as usize).min(px.width - 1);
+            cell[y * px.width + x] as i32
+        })
+        .collect()
 }
 
 /// One label per target: `1 + ` its index in `classes`, or [`IGNORE_INDEX`].
@@ -257,6 +295,46 @@ mod tests {
             patch_labels(&[quarter, cup], &px, 2, &classes),
             vec![2, 1, 0, 0]
         );
+    }
+
+    /// The place label is the patch of the mask's centroid, not of its first or most
+    /// pixels; an empty mask is ignored.
+    #[test]
+    fn place_labels_take_the_centroid_patch() {
+        // a 16 × 16 image filling its square, patches of 8 (grid 2)
+        let (h, w) = (16, 16);
+        let px = Pixels {
+            data: Vec::new(),
+            valid_h: 16,
+            valid_w: 16,
+            height: h,
+            width: w,
+        };
+        // an L with 8 pixels in patch 0 (row 0, x < 8) and 7 in patch 1 (x = 15, rows
+        // 1..8), whose centroid (y 1.87, x 8.87) is in patch 1
+        let l_shape = object("cup", h, w, |y, x| {
+            (y == 0 && x < 8) || ((1..8).contains(&y) && x == 15)
+        });
+        // rows 9..16, x 9..16: centroid (12, 12), patch row 1, column 1
+        let right = object("cup", h, w, |y, x| y > 8 && x > 8);
+        let empty = object("cup", h, w, |_, _| false);
+        assert_eq!(
+            place_labels(&[l_shape, right, empty], &px, 2),
+            vec![1, 3, IGNORE_INDEX]
+        );
+        // the left three columns: centroid (7.5, 1) → pixel (8, 1), patch row 1, column 0
+        let left = object("cup", h, w, |_, x| x < 3);
+        assert_eq!(place_labels(std::slice::from_ref(&left), &px, 2), vec![2]);
+        // the image shown in the top half of the square (valid 8 × 16): every image row
+        // lies in patch row 0, so the bottom-right corner is patch 1, not 3
+        let top = Pixels {
+            valid_h: 8,
+            ..px.clone()
+        };
+        let corner = object("cup", h, w, |y, x| y >= 12 && x >= 12);
+        assert_eq!(place_labels(std::slice::from_ref(&corner), &px, 2), vec![3]);
+        assert_eq!(place_labels(&[corner], &top, 2), vec![1]);
+        assert_eq!(place_labels(&[left], &px, 0), vec![IGNORE_INDEX]);
     }
 
     /// A resized image: its pixels land in the patches of the resized frame.

@@ -113,6 +113,12 @@ pub struct SegModelConfig {
     /// named object is there.  Needs `classes` (the head).  Off by default (a run
     /// directory written before they existed reads as off).
     pub presence_tokens: PresenceTokens,
+    /// The place head (ours, not PixelLM's; [`super::category::place_labels`]): an
+    /// auxiliary classifier on each target's `f` that names the tower patch holding the
+    /// target's centroid, so that `f` says where the target is as well as what it is.
+    /// Off by default (a run directory written before it existed reads as off);
+    /// `popen train sft` turns it on when `loss.seg_place` is above 0.
+    pub place_head: bool,
 }
 
 /// How the patch head's per-category evidence reaches the LLM (`[model]
@@ -149,6 +155,7 @@ impl Default for SegModelConfig {
             classes: Vec::new(),
             pixel_skip: false,
             presence_tokens: PresenceTokens::Off,
+            place_head: false,
         }
     }
 }

@@ -220,19 +220,21 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             decoder.init_random(rng.next_u64());
         }
         // drawn after every other weight, so a model without the head is unchanged
+        if (!cfg.classes.is_empty() || cfg.place_head)
+            && v.image_size / v.patch_size.max(1) != cfg.image_size / cfg.lvlm.patch_size.max(1)
+        {
+            return Err(Error::arg(
+                "SegModel",
+                format!(
+                    "model.classes and model.place_head label a grid of \
+                     model.lvlm.patch_size = {}, but the vision tower's patches are {}",
+                    cfg.lvlm.patch_size, v.patch_size
+                ),
+            ));
+        }
         let (patch_head, seg_class_head) = if cfg.classes.is_empty() {
             (None, None)
         } else {
-            if v.image_size / v.patch_size.max(1) != cfg.image_size / cfg.lvlm.patch_size.max(1) {
-                return Err(Error::arg(
-                    "SegModel",
-                    format!(
-                        "model.classes labels a grid of model.lvlm.patch_size = {}, \
-                         but the vision tower's patches are {}",
-                        cfg.lvlm.patch_size, v.patch_size
-                    ),
-                ));
-            }
             let n = 1 + cfg.classes.len();
             let mut p = Linear::new(&be, v.hidden_size, n, true);
             linear_init(&be, &mut p, rng.as_deref_mut());
@@ -255,6 +257,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             PresenceTokens::PerCategory => Some(Linear::new(&be, c + 1, h, false)),
         };
         let presence_proj = presence_proj.map(|mut l| {
+            linear_init(&be, &mut l, rng.as_deref_mut());
+            l
+        });
+        // drawn after the presence projection, so a model without the head is unchanged
+        let seg_place_head = cfg.place_head.then(|| {
+            let mut l = Linear::new(&be, cfg.scales * cfg.seg_dim, v.num_patches(), true);
             linear_init(&be, &mut l, rng);
             l
         });
@@ -266,6 +274,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             patch_head,
             seg_class_head,
             presence_proj,
+            seg_place_head,
         };
         m.state_indices()?;
         Ok(m)

@@ -79,8 +79,17 @@ pub fn example_of_image(
         .collect::<Result<Vec<Vec<f32>>>>()?;
     let pixels = preprocess(img, cfg.image_size)?;
     let enc = encode_fitting(cfg, tok, &s.question, read, answer, max_ids)?;
+    let grid = cfg.image_size / cfg.lvlm.patch_size.max(1);
+    let places = if cfg.place_head {
+        super::category::place_labels(&s.targets, &pixels, grid)
+    } else {
+        Vec::new()
+    };
     let classes = if cfg.classes.is_empty() {
-        Default::default()
+        super::category::Classes {
+            places,
+            ..Default::default()
+        }
     } else {
         // the objects label the patches: one of another size is an error, not skipped
         if let Some((j, o)) = (s.objects.iter().enumerate())
@@ -94,10 +103,10 @@ pub fn example_of_image(
                 ),
             ));
         }
-        let grid = cfg.image_size / cfg.lvlm.patch_size.max(1);
         super::category::Classes {
             patches: super::category::patch_labels(&s.objects, &pixels, grid, &cfg.classes),
             targets: super::category::target_labels(&s.targets, &cfg.classes),
+            places,
         }
     };
     Ok(Example {

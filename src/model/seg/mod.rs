@@ -43,5 +43,6 @@ pub mod run;
 pub use config::{SegModelConfig, TinyLvlm};
 pub use infer::{AnswerMasks, Decoded, ImageEncoding, Prediction, Prefill};
 pub use model::{Example, LossWeights, SegLoss, SegModel, Trainable};
+pub use pass::HeadWeights;
 pub use preprocess::{preprocess, Pixels};
 pub use prompt::{Encoded, SegTokenizer};

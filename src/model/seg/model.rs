@@ -34,6 +34,9 @@ pub struct LossWeights {
     /// The auxiliary category loss on the segmentation embeddings `f` (ours;
     /// [`super::category`]).  0 = off, as in PixelLM.
     pub seg_class: f32,
+    /// The auxiliary place loss on the segmentation embeddings `f` (ours; the place
+    /// head of [`super::category::place_labels`]).  0 = off, as in PixelLM.
+    pub seg_place: f32,
     /// Score the masks of one category's `<seg>`s against the permutation of its
     /// targets with the least loss, not in the data's order (ours; [`super::matching`]).
     /// Off, as in PixelLM.
@@ -48,6 +51,7 @@ impl Default for LossWeights {
             dice: 0.5,
             patch_class: 0.0,
             seg_class: 0.0,
+            seg_place: 0.0,
             instance_matching: false,
         }
     }
@@ -86,6 +90,9 @@ pub struct SegLoss {
     /// The category cross-entropy of the segmentation embeddings (0 without the head
     /// or labels).
     pub seg_class: f64,
+    /// The place cross-entropy of the segmentation embeddings (0 without the head or
+    /// labels).
+    pub seg_place: f64,
     /// Labelled (answer) tokens.
     pub n_labels: usize,
     /// Every token the LLM processed (padding excluded).
@@ -104,7 +111,7 @@ pub struct Trainable {
     pub projector: bool,
     /// The LLaMA decoder: embeddings, blocks and output head.
     pub llm: bool,
-    /// The codebook projection `seg_head`, and the seg-class head with it.
+    /// The codebook projection `seg_head`, and the seg-class and place heads with it.
     pub seg_head: bool,
     /// The pixel decoder (`mask_decoder.*`).
     pub decoder: bool,
@@ -157,6 +164,9 @@ pub struct SegModel<F: Float = f32, B: Backend<F> = Cpu> {
     /// one token, `Linear(C + 1, H)` without bias for one per category (present unless
     /// `cfg.presence_tokens` is off; trains with the projector; [`super::evidence`]).
     pub presence_proj: Option<Linear<F, B>>,
+    /// The auxiliary place head on `f`, `Linear(L·D, K)` over the K tower patches
+    /// (present when `cfg.place_head`; trains with the codebook head).
+    pub seg_place_head: Option<Linear<F, B>>,
 }
 
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
@@ -199,15 +209,19 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             patch_head,
             seg_class_head,
             presence_proj,
+            seg_place_head,
             ..
         } = self;
         let mut out = llava.params_mut();
         out.extend(own_params(
             seg_head,
             decoder,
-            patch_head,
-            seg_class_head,
-            presence_proj,
+            [
+                ("patch_head", patch_head),
+                ("seg_class_head", seg_class_head),
+                ("presence_proj", presence_proj),
+                ("seg_place_head", seg_place_head),
+            ],
         ));
         out
     }
@@ -218,9 +232,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         own_params(
             &mut self.seg_head,
             &mut self.decoder,
-            &mut self.patch_head,
-            &mut self.seg_class_head,
-            &mut self.presence_proj,
+            [
+                ("patch_head", &mut self.patch_head),
+                ("seg_class_head", &mut self.seg_class_head),
+                ("presence_proj", &mut self.presence_proj),
+                ("seg_place_head", &mut self.seg_place_head),
+            ],
         )
     }
 
@@ -248,6 +265,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             (&mut self.patch_head, t.vision),
             (&mut self.seg_class_head, t.seg_head),
             (&mut self.presence_proj, t.projector),
+            (&mut self.seg_place_head, t.seg_head),
         ] {
             if let Some(l) = head {
                 l.weight.set_trainable(&be, on);
@@ -399,22 +417,16 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 fn own_params<'a, F: Float, B: Backend<F>>(
     seg_head: &'a mut Mlp<F, B>,
     decoder: &'a mut PixelDecoder<F, B>,
-    patch_head: &'a mut Option<Linear<F, B>>,
-    seg_class_head: &'a mut Option<Linear<F, B>>,
-    presence_proj: &'a mut Option<Linear<F, B>>,
+    heads: [(&str, &'a mut Option<Linear<F, B>>); 4],
 ) -> NamedParams<'a, F, B> {
     let mut own = Vec::new();
     push_linear(&mut own, "seg_head.fc1", &mut seg_head.fc1);
     push_linear(&mut own, "seg_head.fc2", &mut seg_head.fc2);
     own.extend(decoder.params_mut());
-    if let Some(l) = patch_head {
-        push_linear(&mut own, "patch_head", l);
-    }
-    if let Some(l) = seg_class_head {
-        push_linear(&mut own, "seg_class_head", l);
-    }
-    if let Some(l) = presence_proj {
-        push_linear(&mut own, "presence_proj", l);
+    for (name, head) in heads {
+        if let Some(l) = head {
+            push_linear(&mut own, name, l);
+        }
     }
     own
 }

@@ -34,6 +34,9 @@ pub struct TrainPass<Buf> {
     /// The segmentation embeddings' category cross-entropy; `None` without the head
     /// or labelled targets.
     pub seg_class_loss: Option<f64>,
+    /// The segmentation embeddings' place cross-entropy; `None` without the head or
+    /// labelled targets.
+    pub seg_place_loss: Option<f64>,
     /// Every token the LLM processed (padding excluded; `logp.len()` counts it).
     pub n_tokens: usize,
     acts: StepActs<Buf>,
@@ -54,6 +57,28 @@ impl<Buf> TrainPass<Buf> {
             s.per_mask.iter().map(|(lg, _)| be.to_vec(lg)).collect()
         })
     }
+}
+
+/// ∂L/∂ of the auxiliary heads' losses for [`SegModel::backward_pass`]: the
+/// patch-category, the seg-category and the place cross-entropies ([`NONE`](Self::NONE)
+/// for an objective without them).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HeadWeights {
+    /// ∂L/∂ the patch-category loss.
+    pub patch_class: f64,
+    /// ∂L/∂ the seg-category loss.
+    pub seg_class: f64,
+    /// ∂L/∂ the place loss.
+    pub seg_place: f64,
+}
+
+impl HeadWeights {
+    /// No auxiliary term.
+    pub const NONE: HeadWeights = HeadWeights {
+        patch_class: 0.0,
+        seg_class: 0.0,
+        seg_place: 0.0,
+    };
 }
 
 /// What the forward keeps for the backward.
@@ -80,6 +105,7 @@ pub struct StepActs<Buf> {
     seg: Option<SegActs<Buf>>,
     patch: Option<super::category::HeadActs<Buf>>,
     seg_class: Option<super::category::HeadActs<Buf>>,
+    seg_place: Option<super::category::HeadActs<Buf>>,
     idx: [usize; 3],
 }
 
@@ -168,6 +194,36 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         super::category::forward(&self.llava.be, head, emb.clone(), labels)
     }
 
+    /// The place loss of the segmentation embeddings `emb` (M, L·D), as
+    /// [`Self::seg_class_forward`]; `order` (M) gives, per mask, the index of the
+    /// target it is scored against among the batch's targets (instance matching may
+    /// permute alike targets), `None` = in order.
+    fn seg_place_forward(
+        &self,
+        batch: &[Example],
+        emb: &B::Buf,
+        order: Option<&[usize]>,
+    ) -> Result<Option<(f64, super::category::HeadActs<B::Buf>)>> {
+        let Some(head) = &self.seg_place_head else {
+            return Ok(None);
+        };
+        let mut labels = Vec::new();
+        for (i, ex) in batch
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.masks.is_empty())
+        {
+            push_labels(&mut labels, &ex.classes.places, ex.masks.len(), || {
+                format!("example {i} target places")
+            })?;
+        }
+        if let Some(order) = order {
+            crate::error::check_len("SegModel", "target order", order.len(), labels.len())?;
+            labels = order.iter().map(|&t| labels[t]).collect();
+        }
+        super::category::forward(&self.llava.be, head, emb.clone(), labels)
+    }
+
     /// (BCE, Dice) of each `(logits, target)` pair: the masks of one pixel count side by
     /// side in one launch, so a batch makes one read-back per image size, not per mask.
     fn mask_losses(&self, per_mask: &[(&B::Buf, &B::Buf)]) -> Result<Vec<(f64, f64)>> {
@@ -205,9 +261,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         batch: &[Example],
         pass: &mut TrainPass<B::Buf>,
         w: LossWeights,
-    ) -> Result<()> {
+    ) -> Result<Option<Vec<usize>>> {
         let Some(sa) = pass.acts.seg.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         let mut sets: Vec<Vec<usize>> = Vec::new();
         let mut first = 0;
@@ -231,8 +287,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             first += ex.masks.len();
         }
         if sets.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
+        let mut order: Vec<usize> = (0..sa.per_mask.len()).collect();
         // the pairs off the diagonal: the forward pass scored each mask's own target
         let pm = &sa.per_mask;
         let pairs: Vec<(&B::Buf, &B::Buf)> = sets
@@ -269,9 +326,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             for ((k, &i), tgt) in s.iter().enumerate().zip(targets) {
                 sa.per_mask[i].1 = tgt;
                 pass.mask_losses[i] = pair[k * n + perm[k]];
+                order[i] = s[perm[k]];
             }
         }
-        Ok(())
+        Ok(Some(order))
     }
 
     /// One training forward (and, with `backward`, the backward: parameter gradients
@@ -290,7 +348,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     ) -> Result<SegLoss> {
         let mut pass = self.forward_pass(batch)?;
         if w.instance_matching {
-            self.match_instances(batch, &mut pass, w)?;
+            let order = self.match_instances(batch, &mut pass, w)?;
+            // the place labels follow the targets the masks are now scored against
+            if let (Some(order), Some(sa)) = (order, &pass.acts.seg) {
+                (pass.seg_place_loss, pass.acts.seg_place) = self
+                    .seg_place_forward(batch, &sa.emb, Some(&order))?
+                    .unzip();
+            }
         }
         let n_labels = pass.labelled.iter().filter(|&&x| x).count();
         let ce = -pass
@@ -307,11 +371,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let dice = pass.mask_losses.iter().map(|x| x.1).sum::<f64>() / mf;
         let patch_class = pass.patch_loss.unwrap_or(0.0);
         let seg_class = pass.seg_class_loss.unwrap_or(0.0);
+        let seg_place = pass.seg_place_loss.unwrap_or(0.0);
         let total = w.ce as f64 * ce
             + w.bce as f64 * bce
             + w.dice as f64 * dice
             + w.patch_class as f64 * patch_class
-            + w.seg_class as f64 * seg_class;
+            + w.seg_class as f64 * seg_class
+            + w.seg_place as f64 * seg_place;
         let loss = SegLoss {
             total,
             ce,
@@ -319,6 +385,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             dice,
             patch_class,
             seg_class,
+            seg_place,
             n_labels,
             n_tokens: pass.n_tokens,
             n_masks: m,
@@ -332,11 +399,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 .collect();
             let wm = scale as f64 / mf;
             let mask_w = (w.bce as f64 * wm, w.dice as f64 * wm);
-            let class_w = (
-                w.patch_class as f64 * scale as f64,
-                w.seg_class as f64 * scale as f64,
-            );
-            self.backward_pass(batch, pass, &dlogp, mask_w, None, class_w)?;
+            let heads = HeadWeights {
+                patch_class: w.patch_class as f64 * scale as f64,
+                seg_class: w.seg_class as f64 * scale as f64,
+                seg_place: w.seg_place as f64 * scale as f64,
+            };
+            self.backward_pass(batch, pass, &dlogp, mask_w, None, heads)?;
         }
         Ok(loss)
     }
@@ -508,9 +576,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .collect();
         let mut mask_losses = Vec::with_capacity(m);
         let (mut seg_class_loss, mut seg_class) = (None, None);
+        let (mut seg_place_loss, mut seg_place) = (None, None);
         let seg = if m > 0 {
             let (emb, head) = self.seg_embeddings(&hidden, &gather_rows)?;
             (seg_class_loss, seg_class) = self.seg_class_forward(batch, &emb)?.unzip();
+            (seg_place_loss, seg_place) = self.seg_place_forward(batch, &emb, None)?.unzip();
             let f1 = self.patches_of(&hs[idx[2]], b)?;
             let s = self.cfg.image_size;
             let images = DecoderImages {
@@ -561,6 +631,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             mask_losses,
             patch_loss,
             seg_class_loss,
+            seg_place_loss,
             n_tokens,
             acts: StepActs {
                 b,
@@ -577,6 +648,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 seg,
                 patch,
                 seg_class,
+                seg_place,
                 idx,
             },
         })
@@ -586,8 +658,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// `dlogp` = ∂L/∂logp per position (as many as `logp`; zero where not labelled), `mask_w` =
     /// (∂L/∂BCE_m, ∂L/∂Dice_m), the same for every mask, and `d_emb` = ∂L/∂f for the
     /// segmentation embeddings (M, L·D, as [`TrainPass::seg_embeddings`]; stage 2's
-    /// `Ls`), and `class_w` = ∂L/∂ of the patch-category and the seg-category losses
-    /// ((0, 0) when the objective has no such term).  Parameter gradients accumulate.
+    /// `Ls`), and `heads` = ∂L/∂ of the auxiliary heads' losses ([`HeadWeights::NONE`]
+    /// when the objective has no such term).  Parameter gradients accumulate.
     pub fn backward_pass(
         &mut self,
         batch: &[Example],
@@ -595,7 +667,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         dlogp: &[f64],
         mask_w: (f64, f64),
         d_emb: Option<&[f64]>,
-        class_w: (f64, f64),
+        heads: HeadWeights,
     ) -> Result<()> {
         let a = pass.acts;
         let be = self.llava.be.clone();
@@ -638,10 +710,15 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 let de: Vec<F> = de.iter().map(|&x| F::from(x).unwrap()).collect();
                 be.axpy(&mut demb, F::one(), &be.from_slice(&de))?;
             }
-            if let (Some(ca), Some(head)) = (&a.seg_class, &mut self.seg_class_head) {
-                if class_w.1 != 0.0 {
-                    let d = super::category::backward(&be, head, ca, class_w.1)?;
-                    be.axpy(&mut demb, F::one(), &d)?;
+            for (acts, head, w) in [
+                (&a.seg_class, &mut self.seg_class_head, heads.seg_class),
+                (&a.seg_place, &mut self.seg_place_head, heads.seg_place),
+            ] {
+                if let (Some(ha), Some(head)) = (acts, head) {
+                    if w != 0.0 {
+                        let d = super::category::backward(&be, head, ha, w)?;
+                        be.axpy(&mut demb, F::one(), &d)?;
+                    }
                 }
             }
             let dout = self.average_scales_bwd(&demb, m)?;
@@ -708,8 +785,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             add(a.idx[2], self.unpatches(&d1, b)?)?;
         }
         if let (Some(pa), Some(head)) = (&a.patch, &mut self.patch_head) {
-            if class_w.0 != 0.0 {
-                let dx = super::category::backward(&be, head, pa, class_w.0)?;
+            if heads.patch_class != 0.0 {
+                let dx = super::category::backward(&be, head, pa, heads.patch_class)?;
                 add(a.idx[1], self.unpatches(&dx, b)?)?;
             }
         }
