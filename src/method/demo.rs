@@ -114,7 +114,7 @@ seg_class = 1.0
 "#;
 
 /// Stage 1 of the default run: the measured world config (`lr = 1e-3`, batch 16,
-/// `dice = 2`, both category losses), one file for the demo and `tools/stage1_world.sh`.
+/// `dice = 2`, both category losses and the place loss), one file for the demo and `tools/stage1_world.sh`.
 const STAGE1_WORLD: &str = include_str!("../../tools/configs/stage1_world.toml");
 /// Stage 2 of the default run: the world's learning rate (the file says why and what
 /// was measured); the steps and the `[ps]` copies come from [`DemoCfg`].
