@@ -174,27 +174,8 @@ fn a_run_directory_keeps_the_presence_token() {
     let (mut cfg, tok, _, _) = with_categories();
     cfg.presence_tokens = PresenceTokens::One;
     let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 8).unwrap();
-    let dir = std::env::temp_dir().join(format!("popen_seg_presence_{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    m.save(&dir, &tok).unwrap();
-    let (mut back, _) = SegModel::<f32, Cpu>::load(Cpu, &dir).unwrap();
+    let back = saved_and_loaded(&mut m, &tok, "presence_proj");
     assert_eq!(back.cfg.presence_tokens, PresenceTokens::One);
-    let named = |m: &mut SegModel<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
-        m.params_mut()
-            .into_iter()
-            .filter(|(n, _)| n.starts_with("presence_proj."))
-            .map(|(n, t)| (n, t.data.clone()))
-            .collect()
-    };
-    let (a, b) = (named(&mut m), named(&mut back));
-    assert_eq!(
-        a.len(),
-        2,
-        "{:?}",
-        a.iter().map(|x| &x.0).collect::<Vec<_>>()
-    );
-    assert!(a == b, "presence_proj changed through save/load");
-    std::fs::remove_dir_all(&dir).ok();
     cfg.classes.clear();
     let e = SegModel::<f32, Cpu>::new_tiny(Cpu, cfg, &tok, 8)
         .unwrap_err()
@@ -212,27 +193,38 @@ fn a_run_directory_keeps_the_place_head() {
     let mut m: SegModel<f32, Cpu> = SegModel::new_tiny(Cpu, cfg, &tok, 8).unwrap();
     let k = m.patches_per_image();
     assert_eq!(m.seg_place_head.as_ref().unwrap().fan_out(), k);
-    let dir = std::env::temp_dir().join(format!("popen_seg_place_{}", std::process::id()));
+    let back = saved_and_loaded(&mut m, &tok, "seg_place_head");
+    assert!(back.cfg.place_head);
+}
+
+/// `m` saved to a run directory and loaded back, checking that the loaded model's
+/// `prefix.*` tensors (a Linear: weight and bias) equal `m`'s.
+fn saved_and_loaded(
+    m: &mut SegModel<f32, Cpu>,
+    tok: &SegTokenizer,
+    prefix: &str,
+) -> SegModel<f32, Cpu> {
+    let dir = std::env::temp_dir().join(format!("popen_seg_{prefix}_{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
-    m.save(&dir, &tok).unwrap();
+    m.save(&dir, tok).unwrap();
     let (mut back, _) = SegModel::<f32, Cpu>::load(Cpu, &dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
-    assert!(back.cfg.place_head);
     let named = |m: &mut SegModel<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
         m.params_mut()
             .into_iter()
-            .filter(|(n, _)| n.starts_with("seg_place_head."))
+            .filter(|(n, _)| n.starts_with(&format!("{prefix}.")))
             .map(|(n, t)| (n, t.data.clone()))
             .collect()
     };
-    let (a, b) = (named(&mut m), named(&mut back));
+    let (a, b) = (named(m), named(&mut back));
     assert_eq!(
         a.len(),
         2,
         "{:?}",
         a.iter().map(|x| &x.0).collect::<Vec<_>>()
     );
-    assert!(a == b, "seg_place_head changed through save/load");
+    assert!(a == b, "{prefix} changed through save/load");
+    back
 }
 
 /// The tiny config with two classes, [`batch`] labelled, both category losses and the

@@ -181,16 +181,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let Some(head) = &self.seg_class_head else {
             return Ok(None);
         };
-        let mut labels = Vec::new();
-        for (i, ex) in batch
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| !e.masks.is_empty())
-        {
-            push_labels(&mut labels, &ex.classes.targets, ex.masks.len(), || {
-                format!("example {i} target classes")
-            })?;
-        }
+        let labels = per_target(batch, |c| &c.targets, "classes")?;
         super::category::forward(&self.llava.be, head, emb.clone(), labels)
     }
 
@@ -207,16 +198,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let Some(head) = &self.seg_place_head else {
             return Ok(None);
         };
-        let mut labels = Vec::new();
-        for (i, ex) in batch
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| !e.masks.is_empty())
-        {
-            push_labels(&mut labels, &ex.classes.places, ex.masks.len(), || {
-                format!("example {i} target places")
-            })?;
-        }
+        let mut labels = per_target(batch, |c| &c.places, "places")?;
         if let Some(order) = order {
             crate::error::check_len("SegModel", "target order", order.len(), labels.len())?;
             labels = order.iter().map(|&t| labels[t]).collect();
@@ -793,6 +775,26 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         self.llava.vision_tower.backward(&a.vision, &dstates)?;
         Ok(())
     }
+}
+
+/// One head label per decoded target of `batch` (examples with masks, in order), read
+/// by `pick` from each example's labels (`what` names them in errors).
+fn per_target(
+    batch: &[Example],
+    pick: impl Fn(&super::category::Classes) -> &[i32],
+    what: &str,
+) -> Result<Vec<i32>> {
+    let mut labels = Vec::new();
+    for (i, ex) in batch
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.masks.is_empty())
+    {
+        push_labels(&mut labels, pick(&ex.classes), ex.masks.len(), || {
+            format!("example {i} target {what}")
+        })?;
+    }
+    Ok(labels)
 }
 
 /// Appends one example's `n` category labels: its own (which must be `n`), or `n` ignored
