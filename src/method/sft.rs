@@ -239,9 +239,9 @@ pub fn training_samples(data: &Path, images: &Option<PathBuf>) -> Result<Vec<Sam
 /// `cfg` with `model.classes` filled from the data's annotated objects and targets
 /// (sorted category names) when a category loss (`loss.patch_class`, `loss.seg_class`)
 /// is on and the config names none, and `model.place_head` on when `loss.seg_place`
-/// is.  The heads stand in for a pretraining the tiny
-/// model lacks ([`crate::model::seg::category`]), so a pretrained LLaVA refuses them, as
-/// does data without categories.
+/// is.  The category heads stand in for a pretraining the tiny model lacks
+/// ([`crate::model::seg::category`]), so a pretrained LLaVA refuses them, as does data
+/// without categories; the place head needs neither.
 pub fn with_classes(cfg: &SftConfig, samples: &[Sample], paths: &SftPaths) -> Result<SftConfig> {
     let mut cfg = cfg.clone();
     if cfg.model.presence_tokens != PresenceTokens::Off && cfg.loss.patch_class <= 0.0 {

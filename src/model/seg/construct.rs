@@ -219,7 +219,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if let Some(rng) = rng.as_deref_mut() {
             decoder.init_random(rng.next_u64());
         }
-        // drawn after every other weight, so a model without the head is unchanged
+        // the heads' labels are read on the config's grid (super::data::example_of_image)
         if (!cfg.classes.is_empty() || cfg.place_head)
             && v.image_size / v.patch_size.max(1) != cfg.image_size / cfg.lvlm.patch_size.max(1)
         {
@@ -232,6 +232,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 ),
             ));
         }
+        // drawn after every other weight, so a model without the heads is unchanged
         let (patch_head, seg_class_head) = if cfg.classes.is_empty() {
             (None, None)
         } else {
