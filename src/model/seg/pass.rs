@@ -62,7 +62,7 @@ impl<Buf> TrainPass<Buf> {
 /// ∂L/∂ of the auxiliary heads' losses for [`SegModel::backward_pass`]: the
 /// patch-category, the seg-category and the place cross-entropies ([`NONE`](Self::NONE)
 /// for an objective without them).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HeadWeights {
     /// ∂L/∂ the patch-category loss.
     pub patch_class: f64,
@@ -237,7 +237,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// permutation of the set's targets with the least `w.bce·BCE + w.dice·Dice`; the
     /// pass's targets and mask losses are replaced by the permuted ones, so the
     /// backward follows.  One launch per image size scores every pair of every set that
-    /// the forward pass did not (a mask against another target of its set).
+    /// the forward pass did not (a mask against another target of its set).  Returns,
+    /// per mask, the index of the target it is now scored against (`None`: no set).
     fn match_instances(
         &self,
         batch: &[Example],
@@ -332,7 +333,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if w.instance_matching {
             let order = self.match_instances(batch, &mut pass, w)?;
             // the place labels follow the targets the masks are now scored against
-            if let (Some(order), Some(sa)) = (order, &pass.acts.seg) {
+            let moved = order
+                .filter(|o| o.iter().enumerate().any(|(i, &t)| i != t))
+                .zip(pass.acts.seg.as_ref());
+            if let Some((order, sa)) = moved {
                 (pass.seg_place_loss, pass.acts.seg_place) = self
                     .seg_place_forward(batch, &sa.emb, Some(&order))?
                     .unzip();
