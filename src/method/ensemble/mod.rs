@@ -24,8 +24,9 @@
 //!   `ỹ`'s codebook positions.  The `f_k^n` fed back are the codebook tokens' last
 //!   hidden states (the LLM's own space; the decoder-space embeddings are a projection
 //!   of them), `G` rows per target.  The `y_k` are read in the order they were
-//!   drawn (the paper does not say): ordering them by mean likelihood, either way,
-//!   changed no measured figure by more than a seed does (docs/demo.md).
+//!   drawn, `EnsemblePrediction::samples`' order (the paper does not say; the tests
+//!   rebuild the read in that order).  Ordered by mean likelihood instead, either
+//!   way, one measured run moved by a few answers of 180 (docs/demo.md).
 //! - **Prefix.**  The image and question go through the LLM once; the K samples, the
 //!   text half and the segmentation half all continue from that KV cache.  The
 //!   questions of one call whose prompts have the same length are read in one batch
