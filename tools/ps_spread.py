@@ -10,7 +10,8 @@ gradient are near zero whatever the masks of those copies are: `Ls` has nothing 
 pull on.  For each file (`popen train pref`'s `RUN/ps.jsonl`) and each collection rule
 (`s`, `biou`, `random_s`, `random_biou`), this prints over every target of every
 triple: the count, the median, 10th percentile and minimum of cos(f_best, f_worst),
-and the median of 1 − cos.  Standard library only.
+and the median of 1 − cos; targets whose best or worst `f` is zero (no direction) are
+counted apart.  Standard library only.
 """
 import json
 import math
@@ -45,19 +46,24 @@ def spread(path):
                     best = emb[(3 * i) * e:(3 * i + 1) * e]
                     worst = emb[(3 * i + 2) * e:(3 * i + 3) * e]
                     out.setdefault(t["rule"], []).append(cos(best, worst))
-    return {k: sorted(v) for k, v in out.items()}
+    # a zero embedding has no direction: counted apart, not sorted among the cosines
+    return {k: (sorted(c for c in v if not math.isnan(c)), sum(map(math.isnan, v)))
+            for k, v in out.items()}
 
 
 def main(paths):
     if not paths:
         sys.exit(__doc__)
-    print("| file | rule | targets | median cos | p10 | min | median 1 − cos |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| file | rule | targets | median cos | p10 | min | median 1 − cos | zero `f` |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for path in paths:
-        for rule, v in sorted(spread(path).items()):
+        for rule, (v, zero) in sorted(spread(path).items()):
+            if not v:
+                print(f"| {path} | {rule} | 0 | – | – | – | – | {zero} |")
+                continue
             med = v[len(v) // 2]
             print(f"| {path} | {rule} | {len(v)} | {med:.6f} | {v[len(v) // 10]:.6f} | "
-                  f"{v[0]:.6f} | {1.0 - med:.2e} |")
+                  f"{v[0]:.6f} | {1.0 - med:.2e} | {zero} |")
 
 
 if __name__ == "__main__":
