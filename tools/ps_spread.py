@@ -27,7 +27,8 @@ def cos(a, b):
 
 
 def spread(path):
-    """Per rule, the sorted cos(f_best, f_worst) of every target of every triple."""
+    """Per rule: the sorted cos(f_best, f_worst) of every target of every triple whose
+    two `f` have a direction, and the count of those with a zero `f`."""
     out = {}
     with open(path) as f:
         for line in f:
