@@ -120,19 +120,23 @@ const STAGE1_WORLD: &str = include_str!("../../tools/configs/stage1_world.toml")
 /// was measured); the steps and the `[ps]` copies come from [`DemoCfg`].
 const STAGE2_WORLD: &str = include_str!("../../tools/configs/stage2_world.toml");
 
+/// [`STAGE1_WORLD`] parsed.
+fn stage1_world() -> Result<SftConfig> {
+    parse_toml(Path::new("tools/configs/stage1_world.toml"), STAGE1_WORLD)
+}
+
 fn default_ps_copies() -> usize {
     12
 }
 
 impl DemoCfg {
     /// The default run: the built-in model with stage 1 as in
-    /// `tools/configs/stage1_world.toml` for 800 steps (300 left the masks near empty),
-    /// with the re-read mix at 0.25: 7.5 minutes on an idle 2-core AMD EPYC (seed 0:
-    /// stage 1 264 s, stage 2 115 s, stage 3 61 s, predictions 7 s; 12.75 minutes on a
-    /// slower host before the later speed-ups), inside the 10 the issue asks for; the
-    /// mix cost stage 1 about 8 % when it was measured.  A 4000-step stage 1
-    /// (`--sft-steps`) gives meaningful masks (SFT 38.9 gIoU) but not the paper's
-    /// ordering either (docs/demo.md), so the default keeps the budget.  Stage 2
+    /// `tools/configs/stage1_world.toml`, its `total_steps` included (5000: the length
+    /// measured to meet the stage-1 floor, gIoU >= 40 on the 200-image test split in
+    /// every seed, docs/stage1.md), with the re-read mix at 0.25.  Quality comes before
+    /// the 10-minute budget: the 800 steps the demo ran before kept it inside 10 minutes
+    /// (7.5 on an idle 2-core AMD EPYC) with masks near 23 gIoU, too poor to judge the
+    /// method on; `--sft-steps 800` still runs that.  Stage 2
     /// adds its own re-read mix at 0.5 (its samples: about 16 s for 300 questions; its
     /// rows: a second pass each step); with it the `popen` row rose in each of 3 seeds
     /// by 0.4–0.7 gIoU and its CHAIR_i fell by 0.6–1.6 (docs/demo.md has the table).
@@ -144,14 +148,16 @@ impl DemoCfg {
     /// Its learning rate is `tools/configs/stage2_world.toml`'s, below Table 7's 3e-4
     /// (which updates LoRA adapters, where this model trains every weight); the file
     /// says what was measured.
-    pub fn standard(seed: u64) -> Self {
-        DemoCfg {
+    ///
+    /// An error only if the embedded stage-1 config does not parse (a build defect).
+    pub fn standard(seed: u64) -> Result<Self> {
+        Ok(DemoCfg {
             seed,
             quick: false,
             train_images: 2000,
             test_images: 60,
             pref_images: 200,
-            sft_steps: 800,
+            sft_steps: stage1_world()?.train.total_steps,
             pref_steps: 100,
             ensemble_steps: 60,
             ps_copies: 12,
@@ -159,7 +165,7 @@ impl DemoCfg {
             overlays: 4,
             reread: 0.25,
             pref_reread: 0.5,
-        }
+        })
     }
 
     /// `--quick`: a tiny model on a tiny world, for the tests (seconds, meaningless
@@ -186,10 +192,16 @@ impl DemoCfg {
         let mut c: SftConfig = if self.quick {
             parse_toml(Path::new("<quick model>"), QUICK_MODEL)?
         } else {
-            parse_toml(Path::new("tools/configs/stage1_world.toml"), STAGE1_WORLD)?
+            stage1_world()?
         };
         c.train.total_steps = self.sft_steps;
-        c.train.checkpoint_every = self.sft_steps.div_ceil(4).max(1);
+        // a checkpoint every quarter, and at least as often as the config asks (a killed
+        // 5000-step stage 1 loses at most the config's 200 steps)
+        c.train.checkpoint_every = self
+            .sft_steps
+            .div_ceil(4)
+            .min(c.train.checkpoint_every)
+            .max(1);
         c.train.seed = self.seed;
         c.data.reread = self.reread;
         c.data.reread_k = self.k;
@@ -627,4 +639,26 @@ fn draw_overlays(
         drawn += 1;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_trains_stage1_as_its_config_says() {
+        let file = stage1_world().unwrap();
+        let d = DemoCfg::standard(3).unwrap();
+        assert_eq!(d.sft_steps, file.train.total_steps);
+        let c = d.sft().unwrap();
+        assert_eq!(c.train.total_steps, file.train.total_steps);
+        assert_eq!(c.train.lr, file.train.lr);
+        assert_eq!(c.train.seed, 3);
+        assert_eq!((c.data.reread, c.data.reread_k), (0.25, 3));
+        // a killed run loses at most the config's checkpoint interval
+        assert!(c.train.checkpoint_every <= file.train.checkpoint_every);
+        // and a short run still checkpoints every quarter
+        let short = DemoCfg { sft_steps: 40, ..d };
+        assert_eq!(short.sft().unwrap().train.checkpoint_every, 10);
+    }
 }
