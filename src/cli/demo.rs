@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long)]
     pub quick: bool,
     /// Stage 1's optimizer steps instead of the demo's own (`DemoCfg::standard`: the
-    /// stage-1 config's 5000; `DemoCfg::quick`: 12): 800 runs the whole method in
+    /// stage-1 config's `total_steps`; `DemoCfg::quick`: 12): 800 runs the whole method in
     /// about 8 minutes on 2 cores, on poorer masks.  Recorded in `demo.json` like every
     /// setting.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]

@@ -131,9 +131,10 @@ fn default_ps_copies() -> usize {
 
 impl DemoCfg {
     /// The default run: the built-in model with stage 1 as in
-    /// `tools/configs/stage1_world.toml`, its `total_steps` included (5000: the length
+    /// `tools/configs/stage1_world.toml`, its `total_steps` included (the length
     /// measured to meet the stage-1 floor, gIoU >= 40 on the 200-image test split in
-    /// every seed, docs/stage1.md), with the re-read mix at 0.25.  Quality comes before
+    /// every seed without the re-read mix, docs/stage1.md; with it 42.4 / 38.7 / 40.7),
+    /// with the re-read mix at 0.25.  Quality comes before
     /// the 10-minute budget: the 800 steps the demo ran before kept it inside 10 minutes
     /// (7.5 on an idle 2-core AMD EPYC) with masks near 23 gIoU, too poor to judge the
     /// method on; `--sft-steps 800` still runs that.  Stage 2
