@@ -838,29 +838,38 @@ fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
             let mut dld = nans(&d, m * p);
             let before = d.device().copies();
             let got = d.mask_loss_fwd(&ld, &td, m, p).unwrap();
-            d.mask_loss_bwd(&ld, &td, m, p, 2.0, 0.5, &mut dld).unwrap();
-            // the forward's (BCE, Dice) pairs come back: one download
+            d.mask_loss_bwd(&ld, &td, &got.sums, m, p, 2.0, 0.5, &mut dld)
+                .unwrap();
+            // the forward's (BCE, Dice) pairs come back: one download; the sums stay
             copies +=
                 d.device().copies().htod + d.device().copies().dtoh - before.htod - before.dtoh - 1;
             // the reference in f64: over 16k pixels the f32 CPU twin's sequential sums
             // are themselves about 1e-5 off, the device's chunked trees closer
             let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
             let (l64, t64) = (wide(&logits), wide(&target));
-            let want: Vec<f32> = Cpu
-                .mask_loss_fwd(&l64, &t64, m, p)
-                .unwrap()
+            let want64 = Cpu.mask_loss_fwd(&l64, &t64, m, p).unwrap();
+            let want: Vec<f32> = want64
+                .losses
                 .iter()
                 .flat_map(|&(a, b)| [a as f32, b as f32])
                 .collect();
             let mut dl64 = vec![0.0f64; m * p];
-            Cpu.mask_loss_bwd(&l64, &t64, m, p, 2.0, 0.5, &mut dl64)
+            Cpu.mask_loss_bwd(&l64, &t64, &want64.sums, m, p, 2.0, 0.5, &mut dl64)
                 .unwrap();
+            let sums64: Vec<f32> = want64.sums.iter().map(|&x| x as f32).collect();
             let dl: Vec<f32> = dl64.iter().map(|&x| x as f32).collect();
             let flat = |v: &[(f32, f32)]| v.iter().flat_map(|&(a, b)| [a, b]).collect::<Vec<_>>();
-            close("mask_loss_fwd", &flat(&got), &want);
+            close("mask_loss_fwd", &flat(&got.losses), &want);
+            close("mask_loss_fwd sums", &d.to_vec(&got.sums), &sums64);
             close("mask_loss_bwd", &d.to_vec(&dld), &dl);
             assert!(d.mask_loss_fwd(&ld, &td, m, p + 1).is_err());
-            assert!(d.mask_loss_bwd(&ld, &td, m, 0, 2.0, 0.5, &mut dld).is_err());
+            assert!(d
+                .mask_loss_bwd(&ld, &td, &got.sums, m, 0, 2.0, 0.5, &mut dld)
+                .is_err());
+            let short = d.from_slice(&vec![0.0f32; 4 * m - 1]);
+            assert!(d
+                .mask_loss_bwd(&ld, &td, &short, m, p, 2.0, 0.5, &mut dld)
+                .is_err());
         }
         assert_eq!(copies, 0, "host↔device copies made by the image ops");
     }

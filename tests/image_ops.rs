@@ -240,7 +240,8 @@ fn mask_loss_matches_hand_worked_two_pixel_mask() {
     // den = 1.380797…/1000 + 1/1000 + 1e-6; dice = 1 − num/den = 0.5797291006630014
     let l = BE
         .mask_loss_fwd(&vec![0.0f64, 2.0], &vec![1.0, 0.0], 1, 2)
-        .unwrap();
+        .unwrap()
+        .losses;
     assert_eq!(l.len(), 1);
     assert!(
         (l[0].0 - 1.410_037_595_801_459).abs() < 1e-14,
@@ -255,12 +256,14 @@ fn mask_loss_matches_hand_worked_two_pixel_mask() {
     // a perfect, confident prediction: both losses near 0
     let l = BE
         .mask_loss_fwd(&vec![30.0f64, -30.0, 30.0], &vec![1.0, 0.0, 1.0], 1, 3)
-        .unwrap();
+        .unwrap()
+        .losses;
     assert!(l[0].0 < 1e-12 && l[0].1 < 1e-6, "{:?}", l[0]);
     // huge logits stay finite (the stable form of BCE)
     let l = BE
         .mask_loss_fwd(&vec![1e4f64, -1e4], &vec![0.0, 1.0], 1, 2)
-        .unwrap();
+        .unwrap()
+        .losses;
     assert!((l[0].0 - 1e4).abs() < 1e-9 && l[0].1.is_finite());
 }
 
@@ -279,12 +282,16 @@ fn mask_loss_backward_matches_finite_differences() {
     let loss = |x: &T| -> f64 {
         BE.mask_loss_fwd(x, &target, m, p)
             .unwrap()
+            .losses
             .iter()
             .map(|(b, d)| wb * b + wd * d)
             .sum()
     };
+    // the backward reads the forward's sums of the unperturbed logits
+    let sums = BE.mask_loss_fwd(&logits, &target, m, p).unwrap().sums;
+    assert_eq!(sums.len(), 4 * m);
     let mut dl = vec![9.0; m * p];
-    BE.mask_loss_bwd(&logits, &target, m, p, wb, wd, &mut dl)
+    BE.mask_loss_bwd(&logits, &target, &sums, m, p, wb, wd, &mut dl)
         .unwrap();
     check("mask loss dlogits", &dl, |i, d| {
         loss(&perturbed(&logits, i, d))
@@ -294,11 +301,12 @@ fn mask_loss_backward_matches_finite_differences() {
         let loss = |x: &T| -> f64 {
             BE.mask_loss_fwd(x, &target, m, p)
                 .unwrap()
+                .losses
                 .iter()
                 .map(|(b, d)| wb * b + wd * d)
                 .sum()
         };
-        BE.mask_loss_bwd(&logits, &target, m, p, wb, wd, &mut dl)
+        BE.mask_loss_bwd(&logits, &target, &sums, m, p, wb, wd, &mut dl)
             .unwrap();
         check(&format!("mask loss ({wb},{wd})"), &dl, |i, d| {
             loss(&perturbed(&logits, i, d))
@@ -362,11 +370,25 @@ fn image_ops_reject_bad_sizes() {
         .mask_loss_bwd(
             &vec![0.0; 6],
             &vec![0.0; 6],
+            &vec![0.0; 8],
             2,
             3,
             1.0,
             1.0,
             &mut vec![0.0; 5]
+        )
+        .is_err());
+    // sums of another mask count
+    assert!(BE
+        .mask_loss_bwd(
+            &vec![0.0; 6],
+            &vec![0.0; 6],
+            &vec![0.0; 4],
+            2,
+            3,
+            1.0,
+            1.0,
+            &mut vec![0.0; 6]
         )
         .is_err());
 }

@@ -9,7 +9,7 @@
 //! Sizes: B batch, H × W input pixels, C channels, K kernel, Ho × Wo output pixels,
 //! r upsampling factor, N rows, M masks, P pixels per mask.
 use super::cpu::CpuFloat;
-use super::Conv2dGeom;
+use super::{Conv2dGeom, MaskLosses};
 use crate::error::{check_len, Error, Result};
 use rayon::prelude::*;
 
@@ -412,19 +412,20 @@ pub(crate) fn check_masks(
 
 /// Per mask m: (BCE-with-logits averaged over its P pixels, Dice loss on σ(logits) with
 /// PixelLM's smoothing `1 − (2·Σ(σ/s·t) + eps) / (Σσ/s + Σt/s + eps)`, s = [`DICE_SCALE`],
-/// eps = [`DICE_EPS`]).  logits, target (M,P); target in [0, 1].
+/// eps = [`DICE_EPS`]), and the sums (M, 4) they are made of (see
+/// [`MaskLosses::sums`]).  logits, target (M,P); target in [0, 1].
 pub fn mask_loss_fwd<F: CpuFloat>(
     logits: &[F],
     target: &[F],
     m: usize,
     p: usize,
-) -> Result<Vec<(F, F)>> {
+) -> Result<MaskLosses<F, Vec<F>>> {
     check_masks("mask_loss_fwd", logits.len(), target.len(), m, p)?;
-    let (s, eps): (F, F) = (f(DICE_SCALE), f(DICE_EPS));
-    Ok(logits
+    let s: F = f(DICE_SCALE);
+    let sums: Vec<F> = logits
         .par_chunks(p)
         .zip(target.par_chunks(p))
-        .map(|(x, t)| {
+        .flat_map_iter(|(x, t)| {
             let (mut bce, mut inter, mut ssig, mut st) =
                 (F::zero(), F::zero(), F::zero(), F::zero());
             for (&x, &t) in x.iter().zip(t) {
@@ -435,18 +436,34 @@ pub fn mask_loss_fwd<F: CpuFloat>(
                 ssig = ssig + sg;
                 st = st + t / s;
             }
-            let two: F = f(2.0);
-            let dice = F::one() - (two * inter + eps) / (ssig + st + eps);
-            (bce / f(p as f64), dice)
+            [bce, inter, ssig, st]
         })
-        .collect())
+        .collect();
+    let losses = sums
+        .chunks_exact(4)
+        .map(|q| (q[0] / f(p as f64), F::one() - dice_ratio(q)))
+        .collect();
+    Ok(MaskLosses { losses, sums })
 }
 
-/// dlogits (M,P) = d(Σ_m w_bce·bce_m + w_dice·dice_m)/dlogits, overwritten.
+/// (num, den) of the Dice ratio num/den from one mask's four sums.
+fn dice_parts<F: CpuFloat>(q: &[F]) -> (F, F) {
+    let eps: F = f(DICE_EPS);
+    (f::<F>(2.0) * q[1] + eps, q[2] + q[3] + eps)
+}
+
+fn dice_ratio<F: CpuFloat>(q: &[F]) -> F {
+    let (num, den) = dice_parts(q);
+    num / den
+}
+
+/// dlogits (M,P) = d(Σ_m w_bce·bce_m + w_dice·dice_m)/dlogits, overwritten; `sums` (M, 4)
+/// = [`mask_loss_fwd`]'s of the same logits and target.
 #[allow(clippy::too_many_arguments)]
 pub fn mask_loss_bwd<F: CpuFloat>(
     logits: &[F],
     target: &[F],
+    sums: &[F],
     m: usize,
     p: usize,
     w_bce: F,
@@ -458,23 +475,17 @@ pub fn mask_loss_bwd<F: CpuFloat>(
     // forward: dice = 1 − num/den, num = 2·Σ σ_j t_j/s + eps, den = Σ σ_j/s + Σ t_j/s + eps
     // so:      ∂dice/∂σ_j = −(2 t_j/s)/den + num/(s·den²),  ∂σ_j/∂x_j = σ_j(1 − σ_j)
     check_masks("mask_loss_bwd", logits.len(), target.len(), m, p)?;
+    check_len("mask_loss_bwd", "sums", sums.len(), 4 * m)?;
     check_len("mask_loss_bwd", "dlogits", dlogits.len(), m * p)?;
-    let (s, eps, two): (F, F, F) = (f(DICE_SCALE), f(DICE_EPS), f(2.0));
+    let (s, two): (F, F) = (f(DICE_SCALE), f(2.0));
     let inv_p = F::one() / f(p as f64);
     dlogits
         .par_chunks_mut(p)
         .zip(logits.par_chunks(p))
         .zip(target.par_chunks(p))
-        .for_each(|((d, x), t)| {
-            let (mut inter, mut ssig, mut st) = (F::zero(), F::zero(), F::zero());
-            for (&x, &t) in x.iter().zip(t) {
-                let sg = sigmoid(x) / s;
-                inter = inter + sg * t;
-                ssig = ssig + sg;
-                st = st + t / s;
-            }
-            let num = two * inter + eps;
-            let den = ssig + st + eps;
+        .zip(sums.par_chunks(4))
+        .for_each(|(((d, x), t), q)| {
+            let (num, den) = dice_parts(q);
             let common = num / (s * den * den);
             for j in 0..p {
                 let sg = sigmoid(x[j]);

@@ -163,6 +163,17 @@ impl TimeCopy {
 /// through unchanged.
 pub use crate::kernels::attention::AttnShape;
 
+/// What [`Backend::mask_loss_fwd`] returns for M masks.
+#[derive(Debug, Clone)]
+pub struct MaskLosses<F, Buf> {
+    /// Per mask: (BCE averaged over its pixels, Dice loss).
+    pub losses: Vec<(F, F)>,
+    /// Per mask, the four sums both losses are made of (M, 4): Σ of the BCE terms,
+    /// Σ σ/s·t, Σ σ/s and Σ t/s (s = [`DICE_SCALE`](crate::backend::image::DICE_SCALE)).
+    /// Hand them to [`Backend::mask_loss_bwd`] with the same logits and target.
+    pub sums: Buf,
+}
+
 /// `f` of each job, in the jobs' order: on several threads at once where the backend
 /// gains from it ([`Backend::concurrent_callers`]), else one after another.  The
 /// results are the same either way when each job is independent of the others (the
@@ -586,20 +597,25 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     /// Per mask of logits (M,P) against target (M,P) in [0, 1]: (BCE-with-logits averaged
     /// over the P pixels, Dice loss on σ(logits) with PixelLM's smoothing
     /// `1 − (2·Σ(σ/s·t) + eps) / (Σσ/s + Σt/s + eps)`, s = 1000, eps = 1e-6).
+    /// The losses come back to the host; the per-mask sums the backward needs stay
+    /// where they were computed ([`MaskLosses::sums`]).
     fn mask_loss_fwd(
         &self,
         logits: &Self::Buf,
         target: &Self::Buf,
         m: usize,
         p: usize,
-    ) -> Result<Vec<(F, F)>>;
+    ) -> Result<MaskLosses<F, Self::Buf>>;
     /// dlogits (M,P) = d(Σ_masks w_bce·bce + w_dice·dice)/dlogits, overwritten (the
-    /// caller folds the 1/num_masks into the weights).
+    /// caller folds the 1/num_masks into the weights); `sums` = the forward's
+    /// [`MaskLosses::sums`] of the same logits and target, so the backward reads each
+    /// pixel once instead of summing the masks again.
     #[allow(clippy::too_many_arguments)]
     fn mask_loss_bwd(
         &self,
         logits: &Self::Buf,
         target: &Self::Buf,
+        sums: &Self::Buf,
         m: usize,
         p: usize,
         w_bce: F,

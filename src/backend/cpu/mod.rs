@@ -8,7 +8,9 @@
 //! kernels' CPU twins ([`crate::kernels::attention`], [`crate::kernels::logprob`]).
 //!
 //! Sizes: N rows, C channels, V vocabulary, B batch, T tokens, NH heads, HS head size.
-use super::{image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MatmulSpec, TimeCopy};
+use super::{
+    image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, TimeCopy,
+};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu};
 use crate::kernels::logprob::RowOps;
@@ -448,11 +450,11 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         target: &Vec<F>,
         m: usize,
         p: usize,
-    ) -> Result<Vec<(F, F)>> {
+    ) -> Result<MaskLosses<F, Vec<F>>> {
         image::mask_loss_fwd(logits, target, m, p)
     }
     #[rustfmt::skip]
-    fn mask_loss_bwd(&self, logits: &Vec<F>, target: &Vec<F>, m: usize, p: usize, w_bce: F, w_dice: F, dlogits: &mut Vec<F>) -> Result<()> {
-        image::mask_loss_bwd(logits, target, m, p, w_bce, w_dice, dlogits)
+    fn mask_loss_bwd(&self, logits: &Vec<F>, target: &Vec<F>, sums: &Vec<F>, m: usize, p: usize, w_bce: F, w_dice: F, dlogits: &mut Vec<F>) -> Result<()> {
+        image::mask_loss_bwd(logits, target, sums, m, p, w_bce, w_dice, dlogits)
     }
 }

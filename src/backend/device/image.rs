@@ -7,7 +7,7 @@
 //! multiple of 4 floats), y over pixels; the grid names (pixel run, row, image).
 use super::{i32_arg, i64_arg, linear, norm::per_row, BLOCK};
 use crate::backend::image::{check_d2s, check_masks, check_resize, DICE_EPS, DICE_SCALE};
-use crate::backend::Conv2dGeom;
+use crate::backend::{Conv2dGeom, MaskLosses};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
@@ -393,26 +393,32 @@ pub(super) fn mask_loss_fwd(
     target: &DeviceBuf<f32>,
     m: usize,
     p: usize,
-) -> Result<Vec<(f32, f32)>> {
+) -> Result<MaskLosses<f32, DeviceBuf<f32>>> {
     const OP: &str = "mask_loss_fwd";
     check_masks(OP, logits.len(), target.len(), m, p)?;
     if m == 0 {
-        return Ok(Vec::new());
+        return Ok(MaskLosses {
+            losses: Vec::new(),
+            sums: dev.zeros(0)?,
+        });
     }
-    let (_, out) = mask_loss_sums(dev, OP, logits, target, m, p)?;
-    Ok(dev
+    let (sums, out) = mask_loss_sums(dev, OP, logits, target, m, p)?;
+    let losses = dev
         .download(&out)?
         .chunks_exact(2)
         .map(|v| (v[0], v[1]))
-        .collect())
+        .collect();
+    Ok(MaskLosses { losses, sums })
 }
 
-/// dlogits (M,P) = d(Σ_masks w_bce·bce + w_dice·dice)/dlogits, overwritten.
+/// dlogits (M,P) = d(Σ_masks w_bce·bce + w_dice·dice)/dlogits, overwritten; `sums` (M, 4)
+/// = the forward's, so one pass reads logits and target once and writes dlogits.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn mask_loss_bwd(
     dev: &Device,
     logits: &DeviceBuf<f32>,
     target: &DeviceBuf<f32>,
+    sums: &DeviceBuf<f32>,
     m: usize,
     p: usize,
     w_bce: f32,
@@ -421,11 +427,11 @@ pub(super) fn mask_loss_bwd(
 ) -> Result<()> {
     const OP: &str = "mask_loss_bwd";
     check_masks(OP, logits.len(), target.len(), m, p)?;
+    check_len(OP, "sums", sums.len(), 4 * m)?;
     check_len(OP, "dlogits", dlogits.len(), m * p)?;
     if m == 0 {
         return Ok(());
     }
-    let (sums, _) = mask_loss_sums(dev, OP, logits, target, m, p)?;
     // four pixels per thread
     let gx = u32::try_from(p.div_ceil(4 * BLOCK as usize))
         .map_err(|_| Error::shape(OP, format!("P = {p} does not fit one grid")))?;

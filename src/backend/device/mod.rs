@@ -15,7 +15,9 @@
 //! device failure there (out of memory, a lost GPU) panics with the device's message.
 //!
 //! Sizes: N rows, C channels, V vocabulary.
-use super::{Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MatmulSpec, TimeCopy};
+use super::{
+    Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, TimeCopy,
+};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 use std::sync::Arc;
@@ -477,11 +479,11 @@ impl Backend<f32> for DeviceBackend {
         target: &DeviceBuf<f32>,
         m: usize,
         p: usize,
-    ) -> Result<Vec<(f32, f32)>> {
+    ) -> Result<MaskLosses<f32, DeviceBuf<f32>>> {
         image::mask_loss_fwd(&self.dev, logits, target, m, p)
     }
     #[rustfmt::skip]
-    fn mask_loss_bwd(&self, logits: &DeviceBuf<f32>, target: &DeviceBuf<f32>, m: usize, p: usize, w_bce: f32, w_dice: f32, dlogits: &mut DeviceBuf<f32>) -> Result<()> {
-        image::mask_loss_bwd(&self.dev, logits, target, m, p, w_bce, w_dice, dlogits)
+    fn mask_loss_bwd(&self, logits: &DeviceBuf<f32>, target: &DeviceBuf<f32>, sums: &DeviceBuf<f32>, m: usize, p: usize, w_bce: f32, w_dice: f32, dlogits: &mut DeviceBuf<f32>) -> Result<()> {
+        image::mask_loss_bwd(&self.dev, logits, target, sums, m, p, w_bce, w_dice, dlogits)
     }
 }

@@ -355,6 +355,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                     .collect();
                 self.to_image_logits_bwd(
                     &be.from_slice(&dlg),
+                    0,
                     pair.target * s * s,
                     px,
                     &mut dlogits_mask,

@@ -387,10 +387,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         Ok(out)
     }
 
-    /// Backward of [`Self::to_image_logits`], accumulated into `dlogits` at `off`.
+    /// Backward of [`Self::to_image_logits`]: the gradient of one image's logits,
+    /// `d[d_off..d_off + H·W]`, written into `dlogits` at `off` (the valid crop of the
+    /// `S×S` map; the rest is left as it is).
     pub(crate) fn to_image_logits_bwd(
         &self,
         d: &B::Buf,
+        d_off: usize,
         off: usize,
         px: &Pixels,
         dlogits: &mut B::Buf,
@@ -398,15 +401,26 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let be = &self.llava.be;
         let s = self.cfg.image_size;
         let (vh, vw) = (px.valid_h, px.valid_w);
-        let dcrop = if (vh, vw) == (px.height, px.width) {
-            d.clone()
+        if (vh, vw) == (px.height, px.width) {
+            for y in 0..vh {
+                be.copy_range(dlogits, off + y * s, d, d_off + y * vw, vw)?;
+            }
+            return Ok(());
+        }
+        let (h, w) = (px.height, px.width);
+        let staged;
+        let dimg = if d_off == 0 && be.len(d) == h * w {
+            d
         } else {
-            let mut dc = be.zeros(vh * vw);
-            be.resize_bilinear_bwd(d, 1, vh, vw, 1, px.height, px.width, &mut dc)?;
-            dc
+            let mut one = be.zeros(h * w);
+            be.copy_range(&mut one, 0, d, d_off, h * w)?;
+            staged = one;
+            &staged
         };
+        let mut dc = be.zeros(vh * vw);
+        be.resize_bilinear_bwd(dimg, 1, vh, vw, 1, h, w, &mut dc)?;
         for y in 0..vh {
-            be.copy_range(dlogits, off + y * s, &dcrop, y * vw, vw)?;
+            be.copy_range(dlogits, off + y * s, &dc, y * vw, vw)?;
         }
         Ok(())
     }

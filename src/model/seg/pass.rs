@@ -124,6 +124,22 @@ struct SegActs<Buf> {
     dec: DecoderActs<Buf>,
     /// per mask: logits at the image's size (H·W) and the 0/1 target
     per_mask: Vec<(Buf, Buf)>,
+    /// `per_mask` as the loss launches read it (the masks of one pixel count side by
+    /// side), with the forward's sums for the backward
+    groups: Vec<MaskGroup<Buf>>,
+}
+
+/// The masks of one pixel count side by side: one loss launch forward, one backward.
+struct MaskGroup<Buf> {
+    /// the masks' indices (into `SegActs::per_mask`), in the order they lie here
+    idx: Vec<usize>,
+    /// pixels per mask
+    p: usize,
+    /// (idx.len(), p) each
+    logits: Buf,
+    target: Buf,
+    /// [`crate::backend::MaskLosses::sums`] of `logits` against `target`
+    sums: Buf,
 }
 
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
@@ -208,13 +224,19 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 
     /// (BCE, Dice) of each `(logits, target)` pair: the masks of one pixel count side by
     /// side in one launch, so a batch makes one read-back per image size, not per mask.
-    fn mask_losses(&self, per_mask: &[(&B::Buf, &B::Buf)]) -> Result<Vec<(f64, f64)>> {
+    /// The groups, with the sums the backward needs, come back too.
+    #[allow(clippy::type_complexity)]
+    fn mask_losses(
+        &self,
+        per_mask: &[(&B::Buf, &B::Buf)],
+    ) -> Result<(Vec<(f64, f64)>, Vec<MaskGroup<B::Buf>>)> {
         let be = &self.llava.be;
         let mut by_size: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
         for (i, (lg, _)) in per_mask.iter().enumerate() {
             by_size.entry(be.len(lg)).or_default().push(i);
         }
         let mut out = vec![(f64::NAN, f64::NAN); per_mask.len()];
+        let mut groups = Vec::with_capacity(by_size.len());
         for (p, idx) in by_size {
             let (mut lg, mut tg) = (be.zeros(idx.len() * p), be.zeros(idx.len() * p));
             for (j, &i) in idx.iter().enumerate() {
@@ -222,14 +244,21 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 be.copy_range(&mut tg, j * p, per_mask[i].1, 0, p)?;
             }
             let r = be.mask_loss_fwd(&lg, &tg, idx.len(), p)?;
-            for (&i, (bce, dice)) in idx.iter().zip(r) {
+            for (&i, &(bce, dice)) in idx.iter().zip(&r.losses) {
                 out[i] = (
                     bce.to_f64().unwrap_or(f64::NAN),
                     dice.to_f64().unwrap_or(f64::NAN),
                 );
             }
+            groups.push(MaskGroup {
+                idx,
+                p,
+                logits: lg,
+                target: tg,
+                sums: r.sums,
+            });
         }
-        Ok(out)
+        Ok((out, groups))
     }
 
     /// [`LossWeights::instance_matching`]: within each set of alike targets
@@ -285,7 +314,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 })
             })
             .collect();
-        let mut off_diagonal = self.mask_losses(&pairs)?.into_iter();
+        let mut off_diagonal = self.mask_losses(&pairs)?.0.into_iter();
         for s in &sets {
             let n = s.len();
             let mut pair = Vec::with_capacity(n * n);
@@ -311,6 +340,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 pass.mask_losses[i] = pair[k * n + perm[k]];
                 order[i] = s[perm[k]];
             }
+        }
+        if order.iter().enumerate().any(|(i, &t)| t != i) {
+            // the backward reads the groups: score them on the permuted targets
+            let pm: Vec<(&B::Buf, &B::Buf)> = sa.per_mask.iter().map(|(l, t)| (l, t)).collect();
+            sa.groups = self.mask_losses(&pm)?.1;
         }
         Ok(Some(order))
     }
@@ -599,13 +633,15 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                     (mi, off) = (mi + 1, off + mask.len());
                 }
             }
-            mask_losses =
+            let groups;
+            (mask_losses, groups) =
                 self.mask_losses(&per_mask.iter().map(|(l, t)| (l, t)).collect::<Vec<_>>())?;
             Some(SegActs {
                 emb,
                 head,
                 dec,
                 per_mask,
+                groups,
             })
         } else {
             None
@@ -676,13 +712,24 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             // ∂L/∂bce_m and ∂L/∂dice_m for every mask
             let mut dlogits_mask = be.zeros(m * s * s);
             let (wb, wd) = (F::from(mask_w.0).unwrap(), F::from(mask_w.1).unwrap());
-            let masks = batch
+            let pixels: Vec<&super::Pixels> = batch
                 .iter()
-                .flat_map(|ex| ex.masks.iter().map(move |mk| (ex, mk.len())));
-            for (mi, ((ex, p), (lg, tgt))) in masks.zip(&sa.per_mask).enumerate() {
-                let mut d = be.zeros(p);
-                be.mask_loss_bwd(lg, tgt, 1, p, wb, wd, &mut d)?;
-                self.to_image_logits_bwd(&d, mi * s * s, &ex.pixels, &mut dlogits_mask)?;
+                .flat_map(|ex| ex.masks.iter().map(move |_| &ex.pixels))
+                .collect();
+            crate::error::check_len("SegModel::backward_pass", "masks", pixels.len(), m)?;
+            for g in &sa.groups {
+                let n = g.idx.len();
+                let mut d = be.zeros(n * g.p);
+                be.mask_loss_bwd(&g.logits, &g.target, &g.sums, n, g.p, wb, wd, &mut d)?;
+                for (j, &mi) in g.idx.iter().enumerate() {
+                    self.to_image_logits_bwd(
+                        &d,
+                        j * g.p,
+                        mi * s * s,
+                        pixels[mi],
+                        &mut dlogits_mask,
+                    )?;
+                }
             }
             // decoder → codebook embeddings → the hidden states that predicted them
             let (df, mut demb) = self.decoder.backward(&sa.dec, &dlogits_mask)?;
