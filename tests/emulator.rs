@@ -300,3 +300,15 @@ fn misaligned_float4_is_an_error_and_aligned_is_not() {
         .unwrap_err();
     assert!(e.to_string().contains("misaligned float4 load"), "{e}");
 }
+
+/// `Device::uninit` on the emulator is poisoned, so a kernel reading what it never
+/// wrote gives NaN (floats) or the largest value (unsigned) in the tests.
+#[test]
+fn uninit_buffers_are_poisoned_on_the_emulator() {
+    let dev = Device::emulator();
+    let f = dev.download(&dev.uninit::<f32>(7).unwrap()).unwrap();
+    assert!(f.len() == 7 && f.iter().all(|x| x.is_nan()), "{f:?}");
+    let u = dev.download(&dev.uninit::<u32>(3).unwrap()).unwrap();
+    assert_eq!(u, vec![u32::MAX; 3]);
+    assert!(dev.uninit::<u8>(0).unwrap().is_empty());
+}

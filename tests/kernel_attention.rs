@@ -133,9 +133,14 @@ fn naive_fwd(c: &Case) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// Largest |a − b| relative to the largest |b| (so entries near zero do not blow up
-/// the ratio; a softmax-weighted average has entries of order max|v|).
+/// the ratio; a softmax-weighted average has entries of order max|v|); infinite where
+/// an entry of either is NaN (`f64::max` would skip it, and an output the kernel never
+/// wrote would pass).
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
+    if a.iter().chain(b).any(|x| x.is_nan()) {
+        return f64::INFINITY;
+    }
     let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
     a.iter()
         .zip(b)

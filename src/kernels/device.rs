@@ -117,6 +117,9 @@ impl KArg {
     }
 }
 
+/// The byte the emulator fills a [`Device::uninit`] buffer with.
+pub const UNINIT_BYTE: u8 = 0xFF;
+
 /// Which device a [`Device`] drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -443,6 +446,27 @@ impl Device {
         }
     }
 
+    /// A new device buffer whose contents are unspecified, for a kernel that writes every
+    /// element before anything reads it (scratch, partials, outputs overwritten whole):
+    /// a GPU skips the memset [`Device::zeros`] makes.  The emulator fills it with
+    /// [`UNINIT_BYTE`] bytes (NaN as `f32`/`f64`, the largest value as an unsigned
+    /// integer, −1 as a signed one), so a kernel that reads an element it never wrote
+    /// shows up in the tests.
+    pub fn uninit<T: Elem>(&self, n: usize) -> Result<DeviceBuf<T>> {
+        match &self.inner {
+            DevInner::Emu { .. } => {
+                let mut v = vec![T::zeroed(); n];
+                bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(UNINIT_BYTE);
+                Ok(DeviceBuf {
+                    len: n,
+                    inner: BufInner::Host(v),
+                })
+            }
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => c.uninit(n),
+        }
+    }
+
     /// Copy a device buffer back to the host (synchronizes).
     pub fn download<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>> {
         self.count(false);
@@ -602,6 +626,32 @@ mod cuda {
         _ctx: Arc<CudaContext>,
     }
 
+    /// Let the device's default memory pool keep what buffers free (release threshold
+    /// `u64::MAX`).  With the driver's default of 0 the pool hands its memory back at
+    /// every synchronize, and the next step's allocations map it again.  A pool that
+    /// refuses keeps the default: slower, not wrong.
+    fn keep_pool_memory(ctx: &CudaContext) {
+        use cudarc::driver::sys;
+        if !ctx.has_async_alloc() {
+            return;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold = u64::MAX;
+        // SAFETY: `pool` is written by the driver for a device the context opened;
+        // the attribute takes a pointer to a u64 that outlives the call.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                == sys::CUresult::CUDA_SUCCESS
+            {
+                let _ = sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                );
+            }
+        }
+    }
+
     fn derr(what: &str, e: impl fmt::Display) -> Error {
         Error::Device(format!("{what}: {e}"))
     }
@@ -621,6 +671,11 @@ mod cuda {
                 ));
             }
             let ctx = CudaContext::new(ordinal).map_err(|e| derr("CudaContext::new", e))?;
+            // SAFETY: every buffer, launch, copy and cuBLAS call of this device goes to
+            // its one stream, in order, so cudarc's per-buffer events (two created per
+            // allocation, recorded at each use) order nothing that the stream does not.
+            unsafe { ctx.disable_event_tracking() };
+            keep_pool_memory(&ctx);
             let stream = ctx.default_stream();
             let mut funcs = HashMap::new();
             for (stem, ptx) in crate::kernels::PTX {
@@ -730,6 +785,17 @@ mod cuda {
                 .stream
                 .alloc_zeros::<T>(n.max(1))
                 .map_err(|e| derr("alloc", e))?;
+            Ok(DeviceBuf {
+                len: n,
+                inner: BufInner::Cuda(s, self.stream.clone()),
+            })
+        }
+
+        pub(super) fn uninit<T: Elem>(&self, n: usize) -> Result<DeviceBuf<T>> {
+            // SAFETY: the buffer's contents are unspecified until a kernel writes them;
+            // `Device::uninit`'s contract makes its callers write every element before
+            // reading (the emulator's poisoned fill checks that in the tests).
+            let s = unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| derr("alloc", e))?;
             Ok(DeviceBuf {
                 len: n,
                 inner: BufInner::Cuda(s, self.stream.clone()),

@@ -403,8 +403,8 @@ pub fn cross_entropy(
         ));
     }
     let t = targets.len() / b;
-    let mut lp = dev.zeros::<f32>(b * t)?;
-    let mut sum = dev.zeros::<f32>(b)?;
+    let mut lp = dev.uninit::<f32>(b * t)?;
+    let mut sum = dev.uninit::<f32>(b)?;
     logprob_fwd(dev, logits, targets, v, &mut lp, lse)?;
     seq_weighted_sum(dev, &lp, mask, targets, v, b, t, true, &mut sum, scale)?;
     check_len(OP, "loss", loss.len(), b)?;

@@ -635,8 +635,8 @@ pub fn pair_counts(
         .clamp(1, hw.div_ceil(PAIR_SUB).max(1));
     let chunk = hw.div_ceil(chunks).div_ceil(PAIR_SUB).max(1) * PAIR_SUB;
     let chunks = hw.div_ceil(chunk).max(1);
-    let mut inter_part = dev.zeros::<u32>(chunks * p * g)?;
-    let mut cnt_part = dev.zeros::<u32>(chunks * (p + g))?;
+    let mut inter_part = dev.uninit::<u32>(chunks * p * g)?;
+    let mut cnt_part = dev.uninit::<u32>(chunks * (p + g))?;
     let (np, ng) = (KArg::I32(p as i32), KArg::I32(g as i32));
     dev.launch(
         "mask_pair_part_u8",
@@ -702,7 +702,7 @@ pub fn boundary(
     if total == 0 {
         return Ok(());
     }
-    let mut er = dev.zeros::<u8>(total)?;
+    let mut er = dev.uninit::<u8>(total)?;
     let cfg = LaunchCfg::linear(total, BLOCK);
     dev.launch(
         "mask_erode_rows_u8",
@@ -759,8 +759,8 @@ pub fn boundary_pair_counts(
     check_len(OP, "pred", pred.len(), p * hw)?;
     check_len(OP, "gt", gt.len(), g * hw)?;
     let d = boundary_width(h, w, dilation_ratio);
-    let mut bp = dev.zeros::<u8>(p * hw)?;
-    let mut bg = dev.zeros::<u8>(g * hw)?;
+    let mut bp = dev.uninit::<u8>(p * hw)?;
+    let mut bg = dev.uninit::<u8>(g * hw)?;
     boundary(dev, pred, p, h, w, d, &mut bp)?;
     boundary(dev, gt, g, h, w, d, &mut bg)?;
     pair_counts(dev, &bp, &bg, p, g, h, w, inter, union)
@@ -798,7 +798,7 @@ pub fn soft_iou_fwd(
         return Err(Error::arg(OP, format!("{b} masks do not fit one grid")));
     }
     let chunks = n.div_ceil(SOFT_IOU_DEVICE_CHUNK).max(1);
-    let mut part = dev.zeros::<f32>(3 * b * chunks)?;
+    let mut part = dev.uninit::<f32>(3 * b * chunks)?;
     dev.launch(
         "soft_iou_part_f32",
         LaunchCfg::new([chunks as u32, b as u32, 1], [BLOCK, 1, 1], 0),

@@ -101,9 +101,9 @@ pub(super) fn sum_sq_many(dev: &Device, xs: &[&DeviceBuf<f32>]) -> Result<Vec<f3
         return Ok(Vec::new());
     }
     let blocks_of = |n: usize| n.div_ceil(32 * BLOCK as usize).clamp(1, MAX_BLOCKS);
-    let mut out = dev.zeros::<f32>(xs.len())?;
+    let mut out = dev.uninit::<f32>(xs.len())?;
     // one partial buffer for the batch, as large as its largest buffer needs
-    let mut part = dev.zeros::<f32>(xs.iter().map(|x| blocks_of(x.len())).max().unwrap_or(1))?;
+    let mut part = dev.uninit::<f32>(xs.iter().map(|x| blocks_of(x.len())).max().unwrap_or(1))?;
     for (i, x) in xs.iter().enumerate() {
         let blocks = blocks_of(x.len());
         let cfg = LaunchCfg::new([blocks as u32, 1, 1], [BLOCK, 1, 1], 0);
@@ -280,7 +280,7 @@ pub(super) fn col_sum(
     }
     let rows = n.div_ceil(chunks);
     let chunks = n.div_ceil(rows);
-    let mut part = dev.zeros::<f32>(chunks * c)?;
+    let mut part = dev.uninit::<f32>(chunks * c)?;
     dev.launch(
         "col_sum_part_f32",
         LaunchCfg::new([blocks, chunks as u32, 1], [BLOCK, 1, 1], 0),

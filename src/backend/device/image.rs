@@ -243,14 +243,14 @@ pub(super) fn resize_bilinear_bwd(
     }
     let dims = resize_args(OP, d, ho, wo)?;
     // Tap (4 floats) per output coordinate, Reach (2) per input coordinate
-    let mut tab = dev.zeros::<f32>(4 * (ho + wo) + 2 * (d.h + d.w))?;
+    let mut tab = dev.uninit::<f32>(4 * (ho + wo) + 2 * (d.h + d.w))?;
     dev.launch(
         "resize_taps_f32",
         linear(ho + wo + d.h + d.w),
         &[tab.arg_mut(), dims[1], dims[4], dims[2], dims[5]],
     )?;
     // along y into t (B,H,Wo,C), then along x into dx: a column per thread row
-    let mut t = dev.zeros::<f32>(d.b * d.h * wo * d.c)?;
+    let mut t = dev.uninit::<f32>(d.b * d.h * wo * d.c)?;
     let mut args = vec![t.arg_mut(), dout.arg(), tab.arg()];
     args.extend(dims.iter().copied());
     dev.launch(
@@ -355,9 +355,9 @@ fn mask_loss_sums(
         .ok()
         .filter(|&g| g <= 65_535)
         .ok_or_else(|| Error::shape(op, format!("{m} masks do not fit one grid")))?;
-    let mut part = dev.zeros::<f32>(4 * m * chunks)?;
-    let mut sums = dev.zeros::<f32>(4 * m)?;
-    let mut out = dev.zeros::<f32>(2 * m)?;
+    let mut part = dev.uninit::<f32>(4 * m * chunks)?;
+    let mut sums = dev.uninit::<f32>(4 * m)?;
+    let mut out = dev.uninit::<f32>(2 * m)?;
     dev.launch(
         "mask_loss_part_f32",
         LaunchCfg::new([chunks as u32, my, 1], [BLOCK, 1, 1], 0),

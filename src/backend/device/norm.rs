@@ -77,7 +77,7 @@ pub(super) fn rmsnorm_bwd(
     }
     // the per-row dw terms, summed over rows in a fixed order by col_sum
     let mut terms = match dw {
-        Some(_) => Some(dev.zeros::<f32>(n * c)?),
+        Some(_) => Some(dev.uninit::<f32>(n * c)?),
         None => None,
     };
     let terms_arg = terms.as_mut().map_or(KArg::Ptr(0), |t| t.arg_mut());
@@ -175,7 +175,7 @@ pub(super) fn layernorm_bwd(
         return Ok(());
     }
     let mut terms = match dw {
-        Some(_) => Some(dev.zeros::<f32>(n * c)?),
+        Some(_) => Some(dev.uninit::<f32>(n * c)?),
         None => None,
     };
     let terms_arg = terms.as_mut().map_or(KArg::Ptr(0), |t| t.arg_mut());

@@ -245,7 +245,7 @@ pub fn attention_bwd(
         }
         return Ok(());
     }
-    let mut d = dev.zeros::<f32>(rows)?;
+    let mut d = dev.uninit::<f32>(rows)?;
     let pre = grid(OP, rows.div_ceil(GPU_PRE_ROWS), 0)?;
     dev.launch(
         "attention_bwd_preprocess_f32",
@@ -259,7 +259,7 @@ pub fn attention_bwd(
         ],
     )?;
     let mut part = match dbias {
-        Some(_) if s.b * s.tk > 0 => Some(dev.zeros::<f32>(s.b * s.nkv * s.tk)?),
+        Some(_) if s.b * s.tk > 0 => Some(dev.uninit::<f32>(s.b * s.nkv * s.tk)?),
         _ => None,
     };
     let shape = shape_args(s, false);
@@ -349,7 +349,7 @@ pub fn attention_decode(
     }
     let nsplit = len.div_ceil(GPU_DEC_CHUNK);
     // With len = 0 the reduce sees no split and writes zeros.
-    let mut part = dev.zeros::<f32>((s_b * nh * nsplit * (hs + 2)).max(1))?;
+    let mut part = dev.uninit::<f32>((s_b * nh * nsplit * (hs + 2)).max(1))?;
     let dims = [
         i32_arg(s_b),
         i32_arg(nh),
