@@ -764,7 +764,7 @@ fn drafted_greedy_decoding_is_greedy_decoding() {
                         .iter()
                         .zip(&b)
                         .map(|(x, y)| (x - y).abs())
-                        .fold(0f32, |m, e| if e > m || e.is_nan() { e } else { m }); // NaN sticks
+                        .fold(0f32, common::close::sticky_max);
                     assert!(err < 1e-3, "seed {seed}: hidden row off by {err}");
                 }
                 rounds += 1;

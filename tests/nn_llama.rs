@@ -356,7 +356,7 @@ fn kv_cache_grows_by_doubling_and_truncates_and_selects_rows_in_place() {
                     .iter()
                     .zip(c)
                     .map(|(x, y)| (x - y).abs())
-                    .fold(0.0, |m, e| if e > m || e.is_nan() { e } else { m }); // NaN sticks
+                    .fold(0.0, common::close::sticky_max);
                 assert!(worst < 1e-5, "row {bi} position {ti}: {worst}");
             }
         }

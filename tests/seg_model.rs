@@ -637,7 +637,7 @@ fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
         .iter()
         .zip(&l2)
         .map(|(a, b)| (a - b).abs())
-        .fold(0f32, |m, e| if e > m || e.is_nan() { e } else { m }); // NaN sticks
+        .fold(0f32, common::close::sticky_max);
     assert!(err <= 1e-5 * scale, "packed logits off by {err}");
     // `params_mut` (and so saving) sees every tensor whole
     let a: Vec<Vec<f32>> = m
@@ -886,7 +886,9 @@ fn device_step_equals_cpu(
         assert_eq!(gc.len(), gd.len());
         for ((n, a), b) in gc.iter().zip(&gd) {
             let scale = a.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| {
+                common::close::sticky_max(m, (x - y).abs())
+            });
             // (+1e-7: the decoder's key biases get a gradient that is zero up to rounding)
             assert!(
                 err <= 1e-4 * scale + 1e-7,
@@ -1042,7 +1044,9 @@ fn a_batch_in_length_groups_is_each_example_alone() {
     for ((name, g), (_, s)) in all.iter().zip(&sum) {
         let (Some(g), Some(s)) = (g, s) else { continue };
         let scale = s.iter().fold(1e-3f64, |a, x| a.max(x.abs()));
-        let err = g.iter().zip(s).fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        let err = g.iter().zip(s).fold(0f64, |a, (x, y)| {
+            common::close::sticky_max(a, (x - y).abs())
+        });
         assert!(
             err < 1e-10 * scale.max(1.0),
             "{name}: {err} (scale {scale})"
