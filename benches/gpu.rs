@@ -14,7 +14,9 @@
 //! `cargo bench --features cuda --bench gpu` (or the binary with `--bench`); the
 //! optional argument filters by name, e.g. `-- --bench attention`.
 use popen::backend::{Backend, Conv2dGeom, DeviceBackend};
-use popen::kernels::attention::{attention_bwd, attention_fwd, AttnShape};
+use popen::kernels::attention::{
+    attention_bwd, attention_fwd, attention_fwd_tc, tensor_core_head_size, AttnShape,
+};
 use popen::kernels::logprob::{logprob_bwd, logprob_fwd, seq_weighted_sum};
 use popen::kernels::mask::{pair_counts, soft_iou_bwd, soft_iou_fwd};
 use popen::kernels::perturb::{perturb, PerturbCfg};
@@ -387,6 +389,47 @@ fn bench_attention(dev: &Device) {
             "gflop_s",
             s.fwd_flops() / 1e9,
         );
+        // the tensor-core forward (3×TF32), not yet the default: its time and its
+        // largest difference from the SIMT forward's output on the same inputs
+        if tensor_core_head_size(s.hs) {
+            let mut out_tc = dev.zeros::<f32>(nq).unwrap();
+            let mut lse_tc = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
+            let t = time(dev, 5, 5, || {
+                attention_fwd_tc(
+                    dev,
+                    &s,
+                    &q,
+                    &k,
+                    &v,
+                    Some(&bias),
+                    mask.as_ref(),
+                    &mut out_tc,
+                    &mut lse_tc,
+                )
+                .unwrap()
+            });
+            emit(
+                &format!("tensorcore_attention_fwd_{name}"),
+                t,
+                "gflop_s",
+                s.fwd_flops() / 1e9,
+            );
+            let (a, b) = (dev.download(&out).unwrap(), dev.download(&out_tc).unwrap());
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, |m, e| if e > m || e.is_nan() { e } else { m });
+            // a check row, not a timing (NaN as a string: JSON has no NaN)
+            let diff = if diff.is_finite() {
+                diff.to_string()
+            } else {
+                format!("\"{diff}\"")
+            };
+            println!(
+                "{{\"check\":\"tensorcore_attention_fwd_{name}\",\"max_abs_diff_vs_simt\":{diff}}}"
+            );
+        }
         let dout = up(rand_f32(nq, 15));
         let (mut dq, mut dk, mut dv) = (
             dev.zeros::<f32>(nq).unwrap(),

@@ -305,6 +305,154 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
 }
 
 // ---------------------------------------------------------------------------------------
+// Forward on tensor cores (mma_f32_16x8x8: 3×TF32 on a GPU), for head widths whose
+// padded width qs is a multiple of 8.  The same grid, block, tiles (64 queries, 32 keys)
+// and arithmetic as attention_fwd_body; warp w owns query rows 16w .. 16w+15 of the block
+// and holds them as mma fragments: lane 4g + t keeps rows g and g+8, scores of keys 2t,
+// 2t+1 of each 8-key column (so a row's max and sum are two shuffles among its 4 lanes)
+// and output dimensions 2t, 2t+1 of each 8-wide column.  P goes through shared memory
+// (the score fragment is not the layout of an A operand).  Strides make every fragment
+// read conflict-free: q and k tiles ≡ 4 mod 32 (lanes read 8 rows × 4 columns), v ≡ 8
+// mod 32 (4 rows × 8 columns), P 36.
+// Dynamic shared memory (floats): q 64·ks, k 32·ks, v 32·vs, P 64·36, key row 32 (77 KB
+// at HS = 128).
+// ---------------------------------------------------------------------------------------
+#define TC_MAX_COLS (ATT_MAX_HS / 8)  // 8-wide output columns at most
+
+__device__ __forceinline__ int tc_vs(int qs) { return ((qs - 8 + 31) & ~31) + 8; }
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_fwd_tc_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
+                         const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
+                         int causal, float scale) {
+    DYN_SHARED(float, tc_sm);
+    const int qs = att_qs(HS), ks = ft_ks(qs), vs = tc_vs(qs);
+    float* qt = tc_sm;
+    float* kt = qt + FT_BQ * ks;
+    float* vt = kt + ATT_BK * ks;
+    float* pt = vt + ATT_BK * vs;
+    float* kb = pt + FT_BQ * FT_PS;
+
+    const int ntq = (Tq + FT_BQ - 1) / FT_BQ;
+    const int tile = ntq - 1 - (int)(blockIdx.x % ntq), bh = blockIdx.x / ntq;
+    const int b = bh / NH, h = bh % NH, kvh = h / (NH / NKV);
+    const int i0 = tile * FT_BQ, rows = imin(FT_BQ, Tq - i0);
+    const int lane = threadIdx.x % WARP_SIZE, r0 = 16 * (threadIdx.x / WARP_SIZE);
+    const int g = lane / 4, t = lane % 4;
+    const int off = Tk - Tq;
+    const float sl2 = scale * LOG2E_F;
+    const float* qh = q + ((size_t)bh * Tq + i0) * HS;
+    const float* kh = k + (size_t)(b * NKV + kvh) * Ks * HS;
+    const float* vh = v + (size_t)(b * NKV + kvh) * Ks * HS;
+
+    ft_load_tile(qt, ks, qh, FT_BQ, rows, HS);
+    cp_async_wait_all();
+
+    // rows r0 + g (index 0) and r0 + g + 8 (index 1)
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
+    float o[TC_MAX_COLS][4];
+ATT_UNROLL
+    for (int c = 0; c < TC_MAX_COLS; ++c)
+        for (int e = 0; e < 4; ++e) o[c][e] = 0.0f;
+
+    const int kend = att_key_end(causal, i0, rows, Tq, Tk);
+    for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
+        __syncthreads();  // the previous tile is no longer read
+        const int kv = imin(ATT_BK, Tk - t0);
+        ft_load_tile(kt, ks, kh + (size_t)t0 * HS, ATT_BK, kv, HS);
+        ft_load_tile(vt, vs, vh + (size_t)t0 * HS, ATT_BK, kv, HS);
+        att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
+        cp_async_wait_all();
+        __syncthreads();
+
+        // S (16 × 32) = Q Kᵀ: four 8-key columns, k over the padded width
+        float s[4][4];
+ATT_UNROLL
+        for (int n = 0; n < 4; ++n)
+            for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+        for (int d0 = 0; d0 < qs; d0 += 8) {
+            const float* qa = qt + (r0 + g) * ks + d0 + t;
+            const float a[4] = {qa[0], qa[8 * ks], qa[4], qa[8 * ks + 4]};
+ATT_UNROLL
+            for (int n = 0; n < 4; ++n) {
+                const float* kr = kt + (8 * n + g) * ks + d0 + t;
+                const float bb[2] = {kr[0], kr[4]};
+                mma_f32_16x8x8(s[n], a, bb);
+            }
+        }
+        // online softmax of rows g (e = 0, 1) and g + 8 (e = 2, 3)
+ATT_UNROLL
+        for (int half = 0; half < 2; ++half) {
+            const int i = i0 + r0 + g + 8 * half;
+            float x[8], mx = neg_inf();
+ATT_UNROLL
+            for (int n = 0; n < 4; ++n)
+                for (int e = 0; e < 2; ++e) {
+                    const int jj = 8 * n + 2 * t + e;
+                    float xv = s[n][2 * half + e] * sl2 + kb[jj];
+                    if (causal && t0 + jj > i + off) xv = neg_inf();
+                    x[2 * n + e] = xv;
+                    mx = fmaxf(mx, xv);
+                }
+            // the row's 4 lanes are consecutive: xor 1, 2 stays among them
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+            const float mn = fmaxf(m[half], mx);
+            float corr = 1.0f, ps = 0.0f;
+            if (mn != neg_inf()) corr = exp2f(m[half] - mn);
+            float* prow = pt + (r0 + g + 8 * half) * FT_PS;
+ATT_UNROLL
+            for (int n = 0; n < 4; ++n)
+                for (int e = 0; e < 2; ++e) {
+                    const float p = mn != neg_inf() ? exp2f(x[2 * n + e] - mn) : 0.0f;
+                    ps += p;
+                    prow[8 * n + 2 * t + e] = p;
+                }
+            l[half] = l[half] * corr + ps;  // a partial row sum per lane; summed at the end
+ATT_UNROLL
+            for (int c = 0; c < TC_MAX_COLS; ++c) {
+                o[c][2 * half] *= corr;
+                o[c][2 * half + 1] *= corr;
+            }
+            m[half] = mn;
+        }
+        __syncwarp();  // the warp's P rows are written and read by its own lanes
+        // O (16 × qs) += P (16 × 32) V (32 × qs): hidden keys carry P = 0, keys past Tk
+        // zero rows of V, so all 32 keys are added
+        for (int j0 = 0; j0 < ATT_BK; j0 += 8) {
+            const float* pa = pt + (r0 + g) * FT_PS + j0 + t;
+            const float a[4] = {pa[0], pa[8 * FT_PS], pa[4], pa[8 * FT_PS + 4]};
+ATT_UNROLL
+            for (int c = 0; c < TC_MAX_COLS; ++c) {
+                if (8 * c >= qs) break;
+                const float* vr = vt + (j0 + t) * vs + 8 * c + g;
+                const float bb[2] = {vr[0], vr[4 * vs]};
+                mma_f32_16x8x8(o[c], a, bb);
+            }
+        }
+    }
+
+ATT_UNROLL
+    for (int half = 0; half < 2; ++half) {
+        float tot = l[half];
+        tot += __shfl_xor_sync(FULL_MASK, tot, 1);
+        tot += __shfl_xor_sync(FULL_MASK, tot, 2);
+        const int rr = r0 + g + 8 * half;
+        if (rr >= rows) continue;
+        const bool any = tot > 0.0f;
+        const float inv = any ? 1.0f / tot : 0.0f;
+        float* orow = out + ((size_t)bh * Tq + i0 + rr) * HS;
+ATT_UNROLL
+        for (int c = 0; c < TC_MAX_COLS; ++c)
+            for (int e = 0; e < 2; ++e) {
+                const int d = 8 * c + 2 * t + e;
+                if (d < HS) orow[d] = o[c][2 * half + e] * inv;
+            }
+        if (t == 0) lse[(size_t)bh * Tq + i0 + rr] = any ? (m[half] + log2f(tot)) * LN2_F : neg_inf();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Backward.
 // forward was: S = scale·Q Kᵀ + γ (−inf where hidden), P = softmax(S) = exp(S − lse),
 //              O = P V

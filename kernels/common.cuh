@@ -44,6 +44,49 @@ inline void cp_async16(float* dst, const float* src, bool valid) {
 inline void cp_async_wait_all() {}
 #endif
 
+// Warp-wide c (16×8) += a (16×8) · b (8×8) in f32, in the register layout of the tensor
+// cores' `mma.m16n8k8` (PTX ISA, tf32 fragments): lane = 4·g + t (g = lane / 4, t = lane
+// % 4) holds a[0..3] = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; b[0..1] = B[t][g],
+// B[t+4][g]; c[0..3] = C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1].  Every lane of the
+// warp must call it together.
+// GPU: 3×TF32, as CUTLASS's OpMultiplyAddFastF32 (PyTorch's f32 attention): x = big +
+// small with big = tf32(x), small = tf32(x − big); a·b ≈ small_a·big_b + big_a·small_b +
+// big_a·big_b, three tensor-core products (small·small, about 2⁻²² of a·b, dropped), the
+// small terms first.  Emulator: the same sums in plain f32 (one warp-wide exchange of the
+// fragments, kernels/emu).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+__device__ __forceinline__ unsigned tf32_big(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ void mma_tf32_16x8x8(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_f32_16x8x8(float c[4], const float a[4], const float b[2]) {
+    unsigned ab[4], as[4], bb[2], bs[2];
+    for (int i = 0; i < 4; ++i) {
+        ab[i] = tf32_big(a[i]);
+        as[i] = tf32_big(a[i] - __uint_as_float(ab[i]));
+    }
+    for (int i = 0; i < 2; ++i) {
+        bb[i] = tf32_big(b[i]);
+        bs[i] = tf32_big(b[i] - __uint_as_float(bb[i]));
+    }
+    mma_tf32_16x8x8(c, as, bb);
+    mma_tf32_16x8x8(c, ab, bs);
+    mma_tf32_16x8x8(c, ab, bb);
+}
+#else
+__device__ __forceinline__ void mma_f32_16x8x8(float c[4], const float a[4], const float b[2]) {
+    ::emu::warp_mma_16x8x8(c, a, b);
+}
+#endif
+
 // Sum over the 32 lanes of a warp; every lane gets the total.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

@@ -736,7 +736,7 @@ fn bad_sizes_are_errors_and_zero_sizes_are_empty() {
 // ---------------------------------------------------------------------------------------
 // Kernels (emulator, plus a GPU when present) against the CPU twin.
 // ---------------------------------------------------------------------------------------
-use popen::kernels::Device;
+use popen::kernels::{Device, DeviceBuf, DeviceKind};
 
 /// The case with every input rounded to f32, so that the f64 twin on it is the exact
 /// answer for the f32 kernel's inputs and the comparison measures only the kernel's
@@ -797,6 +797,23 @@ fn to64(x: &[f32]) -> Vec<f64> {
 
 /// Uploads a case's inputs and runs the forward kernel; returns (out, lse).
 fn dev_fwd(dev: &Device, c: &Case) -> (Vec<f32>, Vec<f32>) {
+    dev_fwd_with(dev, c, attention_fwd)
+}
+
+/// The forward kernels' common signature ([`attention_fwd`], [`attention_fwd_tc`]).
+type FwdFn = fn(
+    &Device,
+    &AttnShape,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    Option<&DeviceBuf<f32>>,
+    Option<&DeviceBuf<u8>>,
+    &mut DeviceBuf<f32>,
+    &mut DeviceBuf<f32>,
+) -> popen::Result<()>;
+
+fn dev_fwd_with(dev: &Device, c: &Case, fwd: FwdFn) -> (Vec<f32>, Vec<f32>) {
     let s = &c.s;
     let q = dev.upload(&f32s(&c.q)).unwrap();
     let k = dev.upload(&f32s(&c.k)).unwrap();
@@ -805,7 +822,7 @@ fn dev_fwd(dev: &Device, c: &Case) -> (Vec<f32>, Vec<f32>) {
     let mask = c.mask.as_ref().map(|m| dev.upload(m).unwrap());
     let mut out = dev.upload(&vec![f32::NAN; c.q.len()]).unwrap();
     let mut lse = dev.upload(&vec![f32::NAN; s.b * s.nh * s.tq]).unwrap();
-    attention_fwd(
+    fwd(
         dev,
         s,
         &q,
@@ -840,6 +857,46 @@ fn attention_fwd_matches_cpu() {
 /// The bf16 forward: inputs rounded to bf16 (the CPU twin reads the same rounded
 /// values), out rounded to bf16 once at the end: error ≤ 2^-9 of |out| plus the f32
 /// part, so 4e-3 of the largest entry.
+/// The tensor-core forward vs the exact answer on every kernel case whose head size it
+/// takes (40, 128, 72: one, sixteen and nine 8-wide steps; causal, GQA, bias, masks,
+/// partial tiles).  On the emulator its products are plain f32 (the bound above holds);
+/// on a GPU they are 3×TF32, whose operands keep about 21 of f32's 24 bits, so the
+/// scores' error grows about 4× and the bound is 4e-5.  A wrong fragment layout moves
+/// out by O(max|v|).  Head sizes it does not take are an error, not a wrong answer.
+#[test]
+fn attention_fwd_tc_matches_cpu() {
+    let mut ran = 0;
+    for dev in Device::test_devices() {
+        let tol = if dev.kind() == DeviceKind::Emulator {
+            1e-5
+        } else {
+            4e-5
+        };
+        for c in kernel_cases() {
+            if !tensor_core_head_size(c.s.hs) {
+                let s = &c.s;
+                let up = |x: &[f64]| dev.upload(&f32s(x)).unwrap();
+                let (q, k, v) = (up(&c.q), up(&c.k), up(&c.v));
+                let mut out = dev.zeros::<f32>(c.q.len()).unwrap();
+                let mut lse = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
+                let e = attention_fwd_tc(&dev, s, &q, &k, &v, None, None, &mut out, &mut lse)
+                    .unwrap_err();
+                assert!(e.to_string().contains("multiple of"), "{e}");
+                continue;
+            }
+            let (want_o, want_l) = run_cpu_fwd_f64(&c);
+            let (o, l) = dev_fwd_with(&dev, &c, attention_fwd_tc);
+            let e = rel_err(&to64(&o), &want_o);
+            assert!(e < tol, "{dev:?} {}: tc out rel err {e}", tag(&c));
+            assert_lse_close(&to64(&l), &want_l, tol, &format!("{dev:?} tc {}", tag(&c)));
+            ran += 1;
+        }
+    }
+    assert!(ran >= 18, "only {ran} cases ran on tensor cores");
+    assert!(tensor_core_head_size(128) && tensor_core_head_size(8) && tensor_core_head_size(5));
+    assert!(!tensor_core_head_size(4) && !tensor_core_head_size(20) && !tensor_core_head_size(0));
+}
+
 #[test]
 fn attention_fwd_bf16_matches_cpu() {
     use half::bf16;
@@ -1197,6 +1254,12 @@ fn forward_reads_strided_keys_in_place() {
             let (os, ls) = dev_fwd(&dev, &cs);
             assert_eq!(bits(&os), bits(&o), "{dev:?} {}", tag(&c));
             assert_eq!(bits(&ls), bits(&l), "{dev:?} {}", tag(&c));
+            if tensor_core_head_size(c.s.hs) {
+                let (o, l) = dev_fwd_with(&dev, &c, attention_fwd_tc);
+                let (os, ls) = dev_fwd_with(&dev, &cs, attention_fwd_tc);
+                assert_eq!(bits(&os), bits(&o), "{dev:?} tc {}", tag(&c));
+                assert_eq!(bits(&ls), bits(&l), "{dev:?} tc {}", tag(&c));
+            }
         }
     }
 }

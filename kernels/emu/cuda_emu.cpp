@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <atomic>
 #include <cstdio>
@@ -49,8 +50,15 @@ struct Slot {
     uint32_t seq;  // which collective wrote it; a stale slot means the lane did not take part
 };
 
+// One lane's operands of a warp-wide 16×8×8 product (warp_mma_16x8x8).
+struct MmaSlot {
+    float a[4], b[2];
+    uint32_t seq;
+};
+
 struct WarpState {
     Slot xchg[2][kWarp];
+    MmaSlot mma[2][kWarp];
 };
 
 struct Worker {
@@ -92,9 +100,12 @@ bool run_block(Worker& w, unsigned nthreads) {
     w.error.clear();
     std::fill(w.dyn.begin(), w.dyn.end(), kSharedPoison);
     std::fill(w.static_pool.begin(), w.static_pool.begin() + (ptrdiff_t)w.static_touched, kSharedPoison);
-    for (auto& ws : w.warps)
+    for (auto& ws : w.warps) {
         for (auto& half : ws.xchg)
             for (auto& slot : half) slot.seq = UINT32_MAX;
+        for (auto& half : ws.mma)
+            for (auto& slot : half) slot.seq = UINT32_MAX;
+    }
     for (unsigned i = 0; i < nthreads; ++i) {
         Fiber& f = w.fibers[i];
         getcontext(&f.uc);
@@ -267,6 +278,44 @@ uint64_t warp_exchange(unsigned mask, uint64_t bits, int src) {
         return bits;
     }
     return half[src].bits;
+}
+
+// The lanes' fragments side by side (double-buffered by the same parity as the
+// exchanges: `seq` counts both), one barrier, then each lane sums its four outputs in k
+// order.  Every lane of the warp must take part (`mma.sync.aligned`).
+void warp_mma_16x8x8(float c[4], const float a[4], const float b[2]) {
+    Worker* w = tl_worker;
+    int me = w->current;
+    Fiber& f = w->fibers[me];
+    uint32_t seq = f.seq++;
+    MmaSlot* half = w->warps[me / kWarp].mma[seq & 1];
+    MmaSlot& mine = half[me % kWarp];
+    for (int i = 0; i < 4; ++i) mine.a[i] = a[i];
+    for (int i = 0; i < 2; ++i) mine.b[i] = b[i];
+    mine.seq = seq;
+    syncwarp(0xffffffffu);
+    for (int l = 0; l < kWarp; ++l) {
+        if (half[l].seq == seq) continue;
+        if (w->error.empty()) {
+            char buf[200];
+            snprintf(buf, sizeof buf, "kernel %s: lane %d of warp %d did not take part in a warp-wide mma (undefined on the GPU)",
+                     w->kernel->name, l, me / kWarp);
+            w->error = buf;
+        }
+        return;
+    }
+    const int lane = me % kWarp, g = lane / 4, t = lane % 4;
+    for (int k = 0; k < 8; ++k) {
+        // A[row][k]: lane 4·row + k % 4, register (k < 4 ? 0 : 2) (+1 for rows 8..15);
+        // B[k][n]: lane 4·n + k % 4, register (k < 4 ? 0 : 1)
+        const int ra = k < 4 ? 0 : 2, rb = k < 4 ? 0 : 1, kl = k % 4;
+        const float ag = half[4 * g + kl].a[ra], ag8 = half[4 * g + kl].a[ra + 1];
+        const float b0 = half[4 * (2 * t) + kl].b[rb], b1 = half[4 * (2 * t + 1) + kl].b[rb];
+        c[0] = std::fma(ag, b0, c[0]);
+        c[1] = std::fma(ag, b1, c[1]);
+        c[2] = std::fma(ag8, b0, c[2]);
+        c[3] = std::fma(ag8, b1, c[3]);
+    }
 }
 
 unsigned warp_ballot(unsigned mask, bool pred) {

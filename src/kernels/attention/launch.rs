@@ -26,6 +26,15 @@ fn tile_strides(hs: usize) -> (usize, usize) {
     (qs, (qs - 4).div_ceil(32) * 32 + 4)
 }
 
+/// Dynamic shared memory of `attention_fwd_tc_f32`: q and k tiles at the k stride, the v
+/// tile at a stride ≡ 8 mod 32, P, key row.
+fn fwd_tc_shmem(hs: usize) -> u32 {
+    let (qs, ks) = tile_strides(hs);
+    let vs = (qs - 8).div_ceil(32) * 32 + 8;
+    let q = GPU_FWD_QUERIES;
+    (4 * (q * ks + GPU_TILE * ks + GPU_TILE * vs + q * GPU_PS + GPU_TILE)) as u32
+}
+
 /// Dynamic shared memory of `attention_fwd_*`: q tile (64 rows), k and v tiles (32
 /// rows), P (64 rows), key row.
 fn fwd_shmem(hs: usize) -> u32 {
@@ -120,6 +129,53 @@ pub fn attention_fwd(
     )
 }
 
+/// Whether [`attention_fwd_tc`] takes head size `hs`: its padded width (a multiple of 4)
+/// must be a multiple of 8, the tensor cores' k step (8, 16, …, 128; 40 and 72 too).
+pub fn tensor_core_head_size(hs: usize) -> bool {
+    (1..=128).contains(&hs) && hs.div_ceil(4).is_multiple_of(2)
+}
+
+/// Forward on tensor cores (`attention_fwd_tc_f32`: 3×TF32 products on a GPU, f32 on the
+/// emulator), same contract as [`attention_fwd`]; an error for a head size that
+/// [`tensor_core_head_size`] refuses.  Not yet the default: it has passed the emulator's
+/// tests and has not been timed on a GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_tc(
+    dev: &Device,
+    s: &AttnShape,
+    q: &DeviceBuf<f32>,
+    k: &DeviceBuf<f32>,
+    v: &DeviceBuf<f32>,
+    bias: Option<&DeviceBuf<f32>>,
+    key_mask: Option<&DeviceBuf<u8>>,
+    out: &mut DeviceBuf<f32>,
+    lse: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "attention_fwd_tc";
+    if !tensor_core_head_size(s.hs) {
+        return Err(Error::arg(
+            OP,
+            format!(
+                "head size {} pads to {}, not a multiple of the tensor cores' 8",
+                s.hs,
+                s.hs.div_ceil(4) * 4
+            ),
+        ));
+    }
+    fwd_launch(
+        dev,
+        OP,
+        "attention_fwd_tc_f32",
+        s,
+        [q.len(), k.len(), v.len(), out.len()],
+        [q.arg(), k.arg(), v.arg()],
+        bias,
+        key_mask,
+        out.arg_mut(),
+        lse,
+    )
+}
+
 /// Forward with bf16 q, k, v and out (`attention_fwd_bf16`; the buffers hold bf16 bit
 /// patterns, e.g. `half::bf16::to_bits`); bias, lse and all arithmetic are f32.
 #[allow(clippy::too_many_arguments)]
@@ -175,11 +231,12 @@ fn fwd_launch(
     if lse.is_empty() {
         return Ok(()); // no query row
     }
-    let cfg = grid(
-        op,
-        s.tq.div_ceil(GPU_FWD_QUERIES) * s.nh * s.b,
-        fwd_shmem(s.hs),
-    )?;
+    let shmem = if kernel == "attention_fwd_tc_f32" {
+        fwd_tc_shmem(s.hs)
+    } else {
+        fwd_shmem(s.hs)
+    };
+    let cfg = grid(op, s.tq.div_ceil(GPU_FWD_QUERIES) * s.nh * s.b, shmem)?;
     let mut args = vec![
         out,
         lse.arg_mut(),

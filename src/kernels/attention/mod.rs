@@ -44,7 +44,10 @@ mod cpu_rows;
 mod launch;
 
 pub use cpu::{attention_bwd_cpu, attention_decode_cpu, attention_fwd_cpu};
-pub use launch::{attention_bwd, attention_decode, attention_fwd, attention_fwd_bf16};
+pub use launch::{
+    attention_bwd, attention_decode, attention_fwd, attention_fwd_bf16, attention_fwd_tc,
+    tensor_core_head_size,
+};
 
 /// Largest head size the kernels support (one warp holds a row of up to 4×32 values).
 pub const MAX_HEAD_SIZE: usize = 128;
