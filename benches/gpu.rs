@@ -15,7 +15,8 @@
 //! optional argument filters by name, e.g. `-- --bench attention`.
 use popen::backend::{Backend, Conv2dGeom, DeviceBackend};
 use popen::kernels::attention::{
-    attention_bwd, attention_fwd, attention_fwd_tc, tensor_core_head_size, AttnShape,
+    attention_bwd, attention_bwd_tc, attention_fwd, attention_fwd_tc, tensor_core_head_size,
+    AttnShape,
 };
 use popen::kernels::logprob::{logprob_bwd, logprob_fwd, seq_weighted_sum};
 use popen::kernels::mask::{pair_counts, soft_iou_bwd, soft_iou_fwd};
@@ -414,20 +415,10 @@ fn bench_attention(dev: &Device) {
                 "gflop_s",
                 s.fwd_flops() / 1e9,
             );
-            let (a, b) = (dev.download(&out).unwrap(), dev.download(&out_tc).unwrap());
-            let diff = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, |m, e| if e > m || e.is_nan() { e } else { m });
-            // a check row, not a timing (NaN as a string: JSON has no NaN)
-            let diff = if diff.is_finite() {
-                diff.to_string()
-            } else {
-                format!("\"{diff}\"")
-            };
-            println!(
-                "{{\"check\":\"tensorcore_attention_fwd_{name}\",\"max_abs_diff_vs_simt\":{diff}}}"
+            check_row(
+                &format!("tensorcore_attention_fwd_{name}"),
+                &dev.download(&out).unwrap(),
+                &dev.download(&out_tc).unwrap(),
             );
         }
         let dout = up(rand_f32(nq, 15));
@@ -462,7 +453,58 @@ fn bench_attention(dev: &Device) {
             "gflop_s",
             s.bwd_flops() / 1e9,
         );
+        // dQ on tensor cores (not yet the default), and its largest difference from
+        // the SIMT dQ
+        if tensor_core_head_size(s.hs) {
+            let want = dev.download(&dq).unwrap();
+            let t = time(dev, 5, 5, || {
+                attention_bwd_tc(
+                    dev,
+                    &s,
+                    &q,
+                    &k,
+                    &v,
+                    Some(&bias),
+                    mask.as_ref(),
+                    &out,
+                    &lse,
+                    &dout,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    Some(&mut db),
+                )
+                .unwrap()
+            });
+            emit(
+                &format!("tensorcore_attention_bwd_{name}"),
+                t,
+                "gflop_s",
+                s.bwd_flops() / 1e9,
+            );
+            check_row(
+                &format!("tensorcore_attention_bwd_dq_{name}"),
+                &want,
+                &dev.download(&dq).unwrap(),
+            );
+        }
     }
+}
+
+/// A check row beside the timings: the largest |a − b| (NaN sticks; as a string, since
+/// JSON has no NaN).
+fn check_row(what: &str, a: &[f32], b: &[f32]) {
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, |m, e| if e > m || e.is_nan() { e } else { m });
+    let diff = if diff.is_finite() {
+        diff.to_string()
+    } else {
+        format!("\"{diff}\"")
+    };
+    println!("{{\"check\":\"{what}\",\"max_abs_diff_vs_simt\":{diff}}}");
 }
 
 /// Forward + backward of the 7B-shaped stack on the device backend: embedding, the

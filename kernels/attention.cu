@@ -597,6 +597,115 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
         attention_bwd_dq_body<0>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS, causal, scale);
 }
 
+// dQ on tensor cores (mma_f32_16x8x8), for head widths whose padded width qs is a
+// multiple of 8: the blocks, tiles and arithmetic of attention_bwd_dq_body, in the
+// fragment layout of attention_fwd_tc_f32 (warp w owns query rows 16w .. 16w+15; S and dP
+// as four 8-key fragments, dQ as qs/8 8-wide ones); dS goes through shared memory.
+// Dynamic shared memory (floats): q, dout tiles 64·ks each, k, v tiles 32·ks each, dS
+// 64·36, key row 32, lse·log2e and D 64 each (108 KB at HS = 128).
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_bwd_dq_tc_f32(float* dq, const float* q, const float* k, const float* v, const float* bias,
+                            const unsigned char* key_mask, const float* lse, const float* D, const float* dout,
+                            int B, int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
+    DYN_SHARED(float, dqt_sm);
+    const int qs = att_qs(HS), ks = ft_ks(qs);
+    float* qt = dqt_sm;
+    float* dot_ = qt + FT_BQ * ks;
+    float* kt = dot_ + FT_BQ * ks;
+    float* vt = kt + ATT_BK * ks;
+    float* dst = vt + ATT_BK * ks;
+    float* kb = dst + FT_BQ * FT_PS;
+    float* lse2 = kb + ATT_BK;
+    float* Dt = lse2 + FT_BQ;
+    const int lane = threadIdx.x % WARP_SIZE, r0 = 16 * (threadIdx.x / WARP_SIZE);
+    const int g = lane / 4, t = lane % 4;
+    const int off = Tk - Tq;
+    const float sl2 = scale * LOG2E_F;
+    const int ntq = (Tq + FT_BQ - 1) / FT_BQ;
+    const int tile = ntq - 1 - (int)(blockIdx.x % ntq), bhi = blockIdx.x / ntq;  // longest first
+    const size_t bh = bhi;
+    const int b = bhi / NH, h = bhi % NH, kvh = h / (NH / NKV);
+    const int i0 = tile * FT_BQ, rows = imin(FT_BQ, Tq - i0);
+    ft_load_qside(qt, dot_, lse2, Dt, ks, FT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+    cp_async_wait_all();
+    float acc[TC_MAX_COLS][4];
+ATT_UNROLL
+    for (int c = 0; c < TC_MAX_COLS; ++c)
+        for (int e = 0; e < 4; ++e) acc[c][e] = 0.0f;
+    const int kend = att_key_end(causal, i0, rows, Tq, Tk);
+    const size_t bg = (size_t)b * NKV + kvh;
+    for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
+        __syncthreads();
+        const int kv = imin(ATT_BK, Tk - t0);
+        ft_load_tile(kt, ks, k + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
+        ft_load_tile(vt, ks, v + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
+        att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
+        cp_async_wait_all();
+        __syncthreads();
+        // S = Q Kᵀ and dP = dO Vᵀ (16 × 32 each)
+        float sc[4][4], dp[4][4];
+ATT_UNROLL
+        for (int n = 0; n < 4; ++n)
+            for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.0f;
+        for (int d0 = 0; d0 < qs; d0 += 8) {
+            const float* qa = qt + (r0 + g) * ks + d0 + t;
+            const float* oa = dot_ + (r0 + g) * ks + d0 + t;
+            const float a[4] = {qa[0], qa[8 * ks], qa[4], qa[8 * ks + 4]};
+            const float ao[4] = {oa[0], oa[8 * ks], oa[4], oa[8 * ks + 4]};
+ATT_UNROLL
+            for (int n = 0; n < 4; ++n) {
+                const float* kr = kt + (8 * n + g) * ks + d0 + t;
+                const float* vr = vt + (8 * n + g) * ks + d0 + t;
+                const float bk[2] = {kr[0], kr[4]}, bv[2] = {vr[0], vr[4]};
+                mma_f32_16x8x8(sc[n], a, bk);
+                mma_f32_16x8x8(dp[n], ao, bv);
+            }
+        }
+        // P and dS = P ∘ (dP − D) of rows g (e = 0, 1) and g + 8 (e = 2, 3), into dS's tile
+ATT_UNROLL
+        for (int half = 0; half < 2; ++half) {
+            const int rr = r0 + g + 8 * half, i = i0 + rr;
+            const float l2 = lse2[rr], dd = Dt[rr];
+            float* drow = dst + rr * FT_PS;
+ATT_UNROLL
+            for (int n = 0; n < 4; ++n)
+                for (int e = 0; e < 2; ++e) {
+                    const int jj = 8 * n + 2 * t + e;
+                    const float x = sc[n][2 * half + e] * sl2 + kb[jj];
+                    const bool hidden = (causal && t0 + jj > i + off) || l2 == neg_inf();
+                    const float p = hidden ? 0.0f : exp2f(x - l2);
+                    drow[jj] = p * (dp[n][2 * half + e] - dd);
+                }
+        }
+        __syncwarp();  // the warp's dS rows are written and read by its own lanes
+        // dQ (16 × qs) += dS (16 × 32) K (32 × qs): dS = 0 on hidden keys, k rows past Tk
+        // are zeros
+        for (int j0 = 0; j0 < ATT_BK; j0 += 8) {
+            const float* sa = dst + (r0 + g) * FT_PS + j0 + t;
+            const float a[4] = {sa[0], sa[8 * FT_PS], sa[4], sa[8 * FT_PS + 4]};
+ATT_UNROLL
+            for (int c = 0; c < TC_MAX_COLS; ++c) {
+                if (8 * c >= qs) break;
+                const float* kr = kt + (j0 + t) * ks + 8 * c + g;
+                const float bb[2] = {kr[0], kr[4 * ks]};
+                mma_f32_16x8x8(acc[c], a, bb);
+            }
+        }
+    }
+ATT_UNROLL
+    for (int half = 0; half < 2; ++half) {
+        const int rr = r0 + g + 8 * half;
+        if (rr >= rows) continue;
+        float* o = dq + (bh * Tq + i0 + rr) * HS;
+ATT_UNROLL
+        for (int c = 0; c < TC_MAX_COLS; ++c)
+            for (int e = 0; e < 2; ++e) {
+                const int d = 8 * c + 2 * t + e;
+                if (d < HS) o[d] = acc[c][2 * half + e] * scale;
+            }
+    }
+}
+
 // dK = scale · dSᵀ Q, dV = Pᵀ dO and Σ_i dS for dγ, one block per 32-key tile of one
 // (b, kv head), looping over the heads of the group and the 32-query tiles that see the
 // keys.  S and dP as 2 × 4 register tiles (thread = rows 2·(t / 8) + r × keys t % 8 + 8c),

@@ -951,10 +951,49 @@ fn attention_fwd_bf16_matches_cpu() {
 /// Backward kernels vs the f64 twin on the same inputs, the kernel fed its own forward.
 /// Gradients are sums over up to Tq·NH/NKV terms of products of order 1, so their
 /// rounding error relative to the largest entry is a little above the forward's: 2e-5.
+/// The backward kernels' common signature ([`attention_bwd`], [`attention_bwd_tc`]).
+type BwdFn = fn(
+    &Device,
+    &AttnShape,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    Option<&DeviceBuf<f32>>,
+    Option<&DeviceBuf<u8>>,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    &mut DeviceBuf<f32>,
+    &mut DeviceBuf<f32>,
+    &mut DeviceBuf<f32>,
+    Option<&mut DeviceBuf<f32>>,
+) -> popen::Result<()>;
+
 #[test]
 fn attention_bwd_matches_cpu() {
+    bwd_matches_cpu(attention_bwd, "", |_| true, 2e-5);
+}
+
+/// With dQ on tensor cores, on the cases whose head size they take (18); on a GPU the
+/// 3×TF32 products take the bound to 8e-5 (see `attention_fwd_tc_matches_cpu`).
+#[test]
+fn attention_bwd_tc_matches_cpu() {
+    bwd_matches_cpu(attention_bwd_tc, "tc ", tensor_core_head_size, 8e-5);
+}
+
+fn bwd_matches_cpu(bwd: BwdFn, what: &str, takes: fn(usize) -> bool, gpu_tol: f64) {
+    let mut ran = 0;
     for dev in Device::test_devices() {
+        let tol = if dev.kind() == DeviceKind::Emulator {
+            2e-5
+        } else {
+            gpu_tol
+        };
         for c in kernel_cases() {
+            if !takes(c.s.hs) {
+                continue;
+            }
+            ran += 1;
             let s = &c.s;
             let (out, lse) = run_cpu_fwd_f64(&c);
             let want = run_cpu_bwd_f64(&c, &out, &lse, 7);
@@ -967,7 +1006,7 @@ fn attention_bwd_matches_cpu() {
             let nan = |n: usize| dev.upload(&vec![f32::NAN; n]).unwrap();
             let (mut dq, mut dk, mut dv) = (nan(c.q.len()), nan(c.k.len()), nan(c.v.len()));
             let mut db = nan(s.b * s.tk);
-            attention_bwd(
+            bwd(
                 &dev,
                 s,
                 &q,
@@ -992,10 +1031,11 @@ fn attention_bwd_matches_cpu() {
             ] {
                 let got = to64(&dev.download(got).unwrap());
                 let e = rel_err(&got, want);
-                assert!(e < 2e-5, "{dev:?} {}: d{name} rel err {e}", tag(&c));
+                assert!(e < tol, "{dev:?} {what}{}: d{name} rel err {e}", tag(&c));
             }
         }
     }
+    assert!(ran >= 18, "only {ran} cases ran");
 }
 
 /// The decode kernel (split over 128-key chunks) vs the CPU decode, with caches longer

@@ -102,14 +102,17 @@ def main():
         if all(k in ours and k in torch for k in (f, b)):
             r = (torch[f]["ms"] + torch[b]["ms"]) / (ours[f]["ms"] + ours[b]["ms"])
             goals[f"attention fwd+bwd {shape}: >= 1.5x SDPA float mask"] = {"ratio": round(r, 3), "met": r >= 1.5}
-        # the tensor-core forward (not yet the default) in place of the SIMT one
-        tc = f"tensorcore_attention_fwd_{shape}"
-        if tc in ours and all(k in ours and k in torch for k in (f, b)):
-            r = (torch[f]["ms"] + torch[b]["ms"]) / (ours[tc]["ms"] + ours[b]["ms"])
-            goals[f"attention fwd+bwd {shape}, tensor-core fwd: >= 1.5x SDPA float mask"] = {
+        # the tensor-core kernels (forward; backward with dQ on them), not yet the
+        # default, each in place of the SIMT one where it was timed
+        tf, tb = f"tensorcore_attention_fwd_{shape}", f"tensorcore_attention_bwd_{shape}"
+        if (tf in ours or tb in ours) and all(k in ours and k in torch for k in (f, b)):
+            of, ob = ours.get(tf, ours[f])["ms"], ours.get(tb, ours[b])["ms"]
+            r = (torch[f]["ms"] + torch[b]["ms"]) / (of + ob)
+            goals[f"attention fwd+bwd {shape}, tensor-core kernels: >= 1.5x SDPA float mask"] = {
                 "ratio": round(r, 3),
                 "met": r >= 1.5,
-                "fwd_speedup_over_simt": round(ours[f]["ms"] / ours[tc]["ms"], 3),
+                "fwd_speedup_over_simt": round(ours[f]["ms"] / of, 3),
+                "bwd_speedup_over_simt": round(ours[b]["ms"] / ob, 3),
             }
     for name, frac in memory.items():
         goals[f"{name}: >= 85% of copy bandwidth"] = {"fraction": frac, "met": frac >= 0.85}

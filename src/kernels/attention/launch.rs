@@ -51,6 +51,14 @@ fn bwd_dq_shmem(hs: usize) -> u32 {
     (4 * (2 * q * qs + 2 * GPU_TILE * ks + q * GPU_PS + GPU_TILE + 2 * q)) as u32
 }
 
+/// Dynamic shared memory of `attention_bwd_dq_tc_f32`: as `attention_bwd_dq_f32`'s with
+/// the q and dout tiles at the k stride.
+fn bwd_dq_tc_shmem(hs: usize) -> u32 {
+    let (_, ks) = tile_strides(hs);
+    let q = GPU_FWD_QUERIES;
+    (4 * (2 * q * ks + 2 * GPU_TILE * ks + q * GPU_PS + GPU_TILE + 2 * q)) as u32
+}
+
 /// Dynamic shared memory of `attention_bwd_dkv_f32`: q, dout, k, v tiles (32 rows each),
 /// Pᵀ and dSᵀ (32 rows each), key row, lse and D.
 fn bwd_dkv_shmem(hs: usize) -> u32 {
@@ -135,6 +143,19 @@ pub fn tensor_core_head_size(hs: usize) -> bool {
     (1..=128).contains(&hs) && hs.div_ceil(4).is_multiple_of(2)
 }
 
+fn check_tensor_core_head_size(op: &'static str, hs: usize) -> Result<()> {
+    if tensor_core_head_size(hs) {
+        return Ok(());
+    }
+    Err(Error::arg(
+        op,
+        format!(
+            "head size {hs} pads to {}, not a multiple of the tensor cores' 8",
+            hs.div_ceil(4) * 4
+        ),
+    ))
+}
+
 /// Forward on tensor cores (`attention_fwd_tc_f32`: 3×TF32 products on a GPU, f32 on the
 /// emulator), same contract as [`attention_fwd`]; an error for a head size that
 /// [`tensor_core_head_size`] refuses.  Not yet the default: it has passed the emulator's
@@ -152,16 +173,7 @@ pub fn attention_fwd_tc(
     lse: &mut DeviceBuf<f32>,
 ) -> Result<()> {
     const OP: &str = "attention_fwd_tc";
-    if !tensor_core_head_size(s.hs) {
-        return Err(Error::arg(
-            OP,
-            format!(
-                "head size {} pads to {}, not a multiple of the tensor cores' 8",
-                s.hs,
-                s.hs.div_ceil(4) * 4
-            ),
-        ));
-    }
+    check_tensor_core_head_size(OP, s.hs)?;
     fwd_launch(
         dev,
         OP,
@@ -274,6 +286,57 @@ pub fn attention_bwd(
     dv: &mut DeviceBuf<f32>,
     dbias: Option<&mut DeviceBuf<f32>>,
 ) -> Result<()> {
+    bwd_launch(
+        dev, s, q, k, v, bias, key_mask, out, lse, dout, dq, dk, dv, dbias, false,
+    )
+}
+
+/// Backward with dQ on tensor cores (`attention_bwd_dq_tc_f32`: 3×TF32 on a GPU; dK, dV
+/// and dγ as [`attention_bwd`]), same contract; an error for a head size that
+/// [`tensor_core_head_size`] refuses.  Not yet the default: it has passed the emulator's
+/// tests and has not been timed on a GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_tc(
+    dev: &Device,
+    s: &AttnShape,
+    q: &DeviceBuf<f32>,
+    k: &DeviceBuf<f32>,
+    v: &DeviceBuf<f32>,
+    bias: Option<&DeviceBuf<f32>>,
+    key_mask: Option<&DeviceBuf<u8>>,
+    out: &DeviceBuf<f32>,
+    lse: &DeviceBuf<f32>,
+    dout: &DeviceBuf<f32>,
+    dq: &mut DeviceBuf<f32>,
+    dk: &mut DeviceBuf<f32>,
+    dv: &mut DeviceBuf<f32>,
+    dbias: Option<&mut DeviceBuf<f32>>,
+) -> Result<()> {
+    check_tensor_core_head_size("attention_bwd_tc", s.hs)?;
+    bwd_launch(
+        dev, s, q, k, v, bias, key_mask, out, lse, dout, dq, dk, dv, dbias, true,
+    )
+}
+
+/// [`attention_bwd`]'s launches, dQ by the tensor-core kernel when `tc`.
+#[allow(clippy::too_many_arguments)]
+fn bwd_launch(
+    dev: &Device,
+    s: &AttnShape,
+    q: &DeviceBuf<f32>,
+    k: &DeviceBuf<f32>,
+    v: &DeviceBuf<f32>,
+    bias: Option<&DeviceBuf<f32>>,
+    key_mask: Option<&DeviceBuf<u8>>,
+    out: &DeviceBuf<f32>,
+    lse: &DeviceBuf<f32>,
+    dout: &DeviceBuf<f32>,
+    dq: &mut DeviceBuf<f32>,
+    dk: &mut DeviceBuf<f32>,
+    dv: &mut DeviceBuf<f32>,
+    dbias: Option<&mut DeviceBuf<f32>>,
+    tc: bool,
+) -> Result<()> {
     const OP: &str = "attention_bwd";
     s.check_fwd(
         OP,
@@ -334,11 +397,12 @@ pub fn attention_bwd(
     let mut args = vec![dq.arg_mut()];
     args.extend(common.iter().copied());
     args.extend(shape.iter().copied());
-    dev.launch(
-        "attention_bwd_dq_f32",
-        grid(OP, nqb, bwd_dq_shmem(s.hs))?,
-        &args,
-    )?;
+    let (dq_kernel, dq_shmem) = if tc {
+        ("attention_bwd_dq_tc_f32", bwd_dq_tc_shmem(s.hs))
+    } else {
+        ("attention_bwd_dq_f32", bwd_dq_shmem(s.hs))
+    };
+    dev.launch(dq_kernel, grid(OP, nqb, dq_shmem)?, &args)?;
     let nkvb = s.tk.div_ceil(GPU_TILE) * s.nkv * s.b;
     if nkvb > 0 {
         let mut args = vec![
