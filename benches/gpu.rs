@@ -453,10 +453,13 @@ fn bench_attention(dev: &Device) {
             "gflop_s",
             s.bwd_flops() / 1e9,
         );
-        // dQ on tensor cores (not yet the default), and its largest difference from
-        // the SIMT dQ
+        // the backward on tensor cores (not yet the default), and its gradients'
+        // largest difference from the SIMT ones
         if tensor_core_head_size(s.hs) {
-            let want = dev.download(&dq).unwrap();
+            let want: Vec<Vec<f32>> = [&dq, &dk, &dv, &db]
+                .iter()
+                .map(|x| dev.download(x).unwrap())
+                .collect();
             let t = time(dev, 5, 5, || {
                 attention_bwd_tc(
                     dev,
@@ -482,11 +485,16 @@ fn bench_attention(dev: &Device) {
                 "gflop_s",
                 s.bwd_flops() / 1e9,
             );
-            check_row(
-                &format!("tensorcore_attention_bwd_dq_{name}"),
-                &want,
-                &dev.download(&dq).unwrap(),
-            );
+            for ((what, got), want) in [("dq", &dq), ("dk", &dk), ("dv", &dv), ("dbias", &db)]
+                .into_iter()
+                .zip(&want)
+            {
+                check_row(
+                    &format!("tensorcore_attention_bwd_{what}_{name}"),
+                    want,
+                    &dev.download(got).unwrap(),
+                );
+            }
         }
     }
 }

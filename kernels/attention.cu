@@ -842,6 +842,136 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
                                   causal, scale);
 }
 
+// dK, dV and dγ on tensor cores (mma_f32_16x8x8), for head widths whose padded width qs
+// is a multiple of 8: the blocks (32 keys of one (b, kv head)), query tiles (32) and
+// arithmetic of attention_bwd_dkv_body, transposed so that keys are the mma rows.  Per
+// query tile: warp w computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for keys 16·(w % 2) .. +15 ×
+// queries 16·(w / 2) .. +15 and writes Pᵀ and dSᵀ to shared memory; then warp w adds
+// dV += Pᵀ dO and dK += dSᵀ Q for the same 16 keys × the (w / 2)-th half of the 8-wide
+// dimension columns, and thread t < 32 adds key t's dSᵀ row in query order (dγ).
+// Dynamic shared memory (floats): q, dout, k, v tiles 32·ks each, Pᵀ and dSᵀ 32·36
+// each, key row, lse·log2e and D 32 each (75 KB at HS = 128).
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_bwd_dkv_tc_f32(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
+                             const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
+                             const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
+                             int causal, float scale) {
+    DYN_SHARED(float, dkvt_sm);
+    const int qs = att_qs(HS), ks = ft_ks(qs);
+    float* qt = dkvt_sm;
+    float* dot_ = qt + ATT_BQ * ks;
+    float* kt = dot_ + ATT_BQ * ks;
+    float* vt = kt + ATT_BK * ks;
+    float* pT = vt + ATT_BK * ks;
+    float* dsT = pT + ATT_BK * FT_PS;
+    float* kb = dsT + ATT_BK * FT_PS;
+    float* lse2 = kb + ATT_BK;
+    float* Dt = lse2 + ATT_BQ;
+    const int lane = threadIdx.x % WARP_SIZE, w = threadIdx.x / WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+    const int kr0 = 16 * (w % 2), qc0 = 16 * (w / 2);  // key rows; query columns of Sᵀ
+    const int ncols = qs / 8, c_lo = (w / 2) * ((ncols + 1) / 2), c_hi = imin(ncols, c_lo + (ncols + 1) / 2);
+    const int off = Tk - Tq;
+    const int group = NH / NKV;
+    const float sl2 = scale * LOG2E_F;
+    const int ntk = (Tk + ATT_BK - 1) / ATT_BK;
+    const int tile = blockIdx.x % ntk, bg = blockIdx.x / ntk;
+    const int b = bg / NKV, kvh = bg % NKV;
+    const int t0 = tile * ATT_BK, kv = imin(ATT_BK, Tk - t0);
+    ft_load_tile(kt, ks, k + ((size_t)bg * Tk + t0) * HS, ATT_BK, kv, HS);
+    ft_load_tile(vt, ks, v + ((size_t)bg * Tk + t0) * HS, ATT_BK, kv, HS);
+    att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
+    cp_async_wait_all();
+    // this warp's dK, dV columns c_lo + c (c < TC_MAX_COLS / 2), rows kr0 + g (+8)
+    float dka[TC_MAX_COLS / 2][4], dva[TC_MAX_COLS / 2][4];
+ATT_UNROLL
+    for (int c = 0; c < TC_MAX_COLS / 2; ++c)
+        for (int e = 0; e < 4; ++e) dka[c][e] = dva[c][e] = 0.0f;
+    float dgs = 0.0f;  // thread t < 32: key t's Σ dS
+    const int ifirst = causal ? imax(0, t0 - off) : 0;
+    for (int hh = 0; hh < group; ++hh) {
+        const size_t bh = (size_t)b * NH + kvh * group + hh;
+        for (int i0 = (ifirst / ATT_BQ) * ATT_BQ; i0 < Tq; i0 += ATT_BQ) {
+            __syncthreads();  // previous tiles no longer read (and k/v/kb loaded)
+            ft_load_qside(qt, dot_, lse2, Dt, ks, ATT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+            cp_async_wait_all();
+            __syncthreads();
+            float sc[2][4], dp[2][4];
+ATT_UNROLL
+            for (int n = 0; n < 2; ++n)
+                for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.0f;
+            for (int d0 = 0; d0 < qs; d0 += 8) {
+                const float* ka = kt + (kr0 + g) * ks + d0 + t;
+                const float* va = vt + (kr0 + g) * ks + d0 + t;
+                const float ak[4] = {ka[0], ka[8 * ks], ka[4], ka[8 * ks + 4]};
+                const float av[4] = {va[0], va[8 * ks], va[4], va[8 * ks + 4]};
+ATT_UNROLL
+                for (int n = 0; n < 2; ++n) {
+                    const float* qr = qt + (qc0 + 8 * n + g) * ks + d0 + t;
+                    const float* orr = dot_ + (qc0 + 8 * n + g) * ks + d0 + t;
+                    const float bq[2] = {qr[0], qr[4]}, bo[2] = {orr[0], orr[4]};
+                    mma_f32_16x8x8(sc[n], ak, bq);
+                    mma_f32_16x8x8(dp[n], av, bo);
+                }
+            }
+            // Pᵀ and dSᵀ of keys kr0 + g (e = 0, 1) and kr0 + g + 8 (e = 2, 3)
+ATT_UNROLL
+            for (int half = 0; half < 2; ++half) {
+                const int jj = kr0 + g + 8 * half;
+ATT_UNROLL
+                for (int n = 0; n < 2; ++n)
+                    for (int e = 0; e < 2; ++e) {
+                        const int ii = qc0 + 8 * n + 2 * t + e;
+                        const float l2 = lse2[ii];
+                        const float x = sc[n][2 * half + e] * sl2 + kb[jj];
+                        const bool hidden = (causal && t0 + jj > i0 + ii + off) || l2 == neg_inf();
+                        const float p = hidden ? 0.0f : exp2f(x - l2);
+                        pT[jj * FT_PS + ii] = p;
+                        dsT[jj * FT_PS + ii] = p * (dp[n][2 * half + e] - Dt[ii]);
+                    }
+            }
+            __syncthreads();  // Pᵀ and dSᵀ come from all four warps
+            if (threadIdx.x < ATT_BK)
+                for (int ii = 0; ii < ATT_BQ; ++ii) dgs += dsT[threadIdx.x * FT_PS + ii];
+            // Rows past Tq have P = dS = 0 and zero q / dout rows.
+            for (int j0 = 0; j0 < ATT_BQ; j0 += 8) {
+                const float* pa = pT + (kr0 + g) * FT_PS + j0 + t;
+                const float* sa = dsT + (kr0 + g) * FT_PS + j0 + t;
+                const float ap[4] = {pa[0], pa[8 * FT_PS], pa[4], pa[8 * FT_PS + 4]};
+                const float as[4] = {sa[0], sa[8 * FT_PS], sa[4], sa[8 * FT_PS + 4]};
+ATT_UNROLL
+                for (int c = 0; c < TC_MAX_COLS / 2; ++c) {
+                    if (c_lo + c >= c_hi) break;
+                    const int d = 8 * (c_lo + c) + g;
+                    const float* orow = dot_ + (j0 + t) * ks + d;
+                    const float* qrow = qt + (j0 + t) * ks + d;
+                    const float bo[2] = {orow[0], orow[4 * ks]}, bq[2] = {qrow[0], qrow[4 * ks]};
+                    mma_f32_16x8x8(dva[c], ap, bo);
+                    mma_f32_16x8x8(dka[c], as, bq);
+                }
+            }
+        }
+    }
+ATT_UNROLL
+    for (int half = 0; half < 2; ++half) {
+        const int key = kr0 + g + 8 * half;
+        if (key >= kv) continue;
+        const size_t krow = ((size_t)bg * Tk + t0 + key) * HS;
+ATT_UNROLL
+        for (int c = 0; c < TC_MAX_COLS / 2; ++c) {
+            if (c_lo + c >= c_hi) break;
+            for (int e = 0; e < 2; ++e) {
+                const int d = 8 * (c_lo + c) + 2 * t + e;
+                if (d < HS) {
+                    dk[krow + d] = dka[c][2 * half + e] * scale;
+                    dv[krow + d] = dva[c][2 * half + e];
+                }
+            }
+        }
+    }
+    if (dbias_part && (int)threadIdx.x < kv) dbias_part[(size_t)bg * Tk + t0 + threadIdx.x] = dgs;
+}
+
 // dbias (B,Tk) = Σ over kv heads of dbias_part (B,NKV,Tk), in head order.
 extern "C" __global__ void attention_bwd_dbias_f32(float* dbias, const float* part, int B, int NKV, int Tk) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;

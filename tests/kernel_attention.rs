@@ -974,7 +974,7 @@ fn attention_bwd_matches_cpu() {
     bwd_matches_cpu(attention_bwd, "", |_| true, 2e-5);
 }
 
-/// With dQ on tensor cores, on the cases whose head size they take (18); on a GPU the
+/// On tensor cores, on the cases whose head size they take (18); on a GPU the
 /// 3×TF32 products take the bound to 8e-5 (see `attention_fwd_tc_matches_cpu`).
 #[test]
 fn attention_bwd_tc_matches_cpu() {

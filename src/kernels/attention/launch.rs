@@ -59,6 +59,14 @@ fn bwd_dq_tc_shmem(hs: usize) -> u32 {
     (4 * (2 * q * ks + 2 * GPU_TILE * ks + q * GPU_PS + GPU_TILE + 2 * q)) as u32
 }
 
+/// Dynamic shared memory of `attention_bwd_dkv_tc_f32`: as `attention_bwd_dkv_f32`'s
+/// with the q and dout tiles at the k stride.
+fn bwd_dkv_tc_shmem(hs: usize) -> u32 {
+    let (_, ks) = tile_strides(hs);
+    let t = GPU_TILE;
+    (4 * (4 * t * ks + 2 * t * GPU_PS + 3 * t)) as u32
+}
+
 /// Dynamic shared memory of `attention_bwd_dkv_f32`: q, dout, k, v tiles (32 rows each),
 /// Pᵀ and dSᵀ (32 rows each), key row, lse and D.
 fn bwd_dkv_shmem(hs: usize) -> u32 {
@@ -291,8 +299,9 @@ pub fn attention_bwd(
     )
 }
 
-/// Backward with dQ on tensor cores (`attention_bwd_dq_tc_f32`: 3×TF32 on a GPU; dK, dV
-/// and dγ as [`attention_bwd`]), same contract; an error for a head size that
+/// Backward on tensor cores (`attention_bwd_dq_tc_f32` and `attention_bwd_dkv_tc_f32`:
+/// 3×TF32 on a GPU; the preprocess and dγ's sum over kv heads as [`attention_bwd`]),
+/// same contract; an error for a head size that
 /// [`tensor_core_head_size`] refuses.  Not yet the default: it has passed the emulator's
 /// tests and has not been timed on a GPU.
 #[allow(clippy::too_many_arguments)]
@@ -318,7 +327,7 @@ pub fn attention_bwd_tc(
     )
 }
 
-/// [`attention_bwd`]'s launches, dQ by the tensor-core kernel when `tc`.
+/// [`attention_bwd`]'s launches, dQ and dK / dV by the tensor-core kernels when `tc`.
 #[allow(clippy::too_many_arguments)]
 fn bwd_launch(
     dev: &Device,
@@ -412,11 +421,12 @@ fn bwd_launch(
         ];
         args.extend(common.iter().copied());
         args.extend(shape.iter().copied());
-        dev.launch(
-            "attention_bwd_dkv_f32",
-            grid(OP, nkvb, bwd_dkv_shmem(s.hs))?,
-            &args,
-        )?;
+        let (dkv_kernel, dkv_shmem) = if tc {
+            ("attention_bwd_dkv_tc_f32", bwd_dkv_tc_shmem(s.hs))
+        } else {
+            ("attention_bwd_dkv_f32", bwd_dkv_shmem(s.hs))
+        };
+        dev.launch(dkv_kernel, grid(OP, nkvb, dkv_shmem)?, &args)?;
     }
     if let (Some(db), Some(p)) = (dbias, part.as_ref()) {
         dev.launch(
