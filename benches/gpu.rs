@@ -518,7 +518,9 @@ fn check_row(what: &str, a: &[f32], b: &[f32]) {
 /// Forward + backward of the 7B-shaped stack on the device backend: embedding, the
 /// layers, the final norm, the LM head, the log-prob of a target per position and the
 /// backward of their mean (the loss PyTorch's side uses).
-fn bench_stack(be: DeviceBackend) {
+/// The 7B-shaped stack's training step; `tag` prefixes the row's name and the profile
+/// (`tensorcore_` with the tensor-core attention kernels).
+fn bench_stack(be: DeviceBackend, tag: &str) {
     let cfg = stack_cfg();
     let t0 = Instant::now();
     let mut m: Llama<f32, DeviceBackend> = Llama::new(be.clone(), cfg.clone(), 1).unwrap();
@@ -542,12 +544,12 @@ fn bench_stack(be: DeviceBackend) {
     };
     let t = time(be.device(), 1, 5, &mut step);
     // one more step, profiled: where the time goes, by kernel and product shape
-    profile_once(be.device(), "stack", step);
+    profile_once(be.device(), &format!("{tag}stack"), step);
     let loss = -be.to_vec(&lp).iter().sum::<f32>() / n as f32;
     eprintln!("stack: loss {loss} (ln V = {})", (v as f32).ln());
     emit(
         &format!(
-            "llama7b_stack_L{STACK_LAYERS}_b{b}_t{t}_fwd_bwd",
+            "{tag}llama7b_stack_L{STACK_LAYERS}_b{b}_t{t}_fwd_bwd",
             t = STACK_SEQ
         ),
         t,
@@ -577,6 +579,8 @@ fn main() {
         bench_attention(be.device());
     }
     if want("stack") {
-        bench_stack(be);
+        bench_stack(be.clone(), "");
+        // attention on the tensor-core kernels (not yet the default)
+        bench_stack(be.with_tensor_core_attention(true), "tensorcore_");
     }
 }

@@ -877,13 +877,22 @@ fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
 
 /// The tiny LLaMA of the training tests, on backend `be`.
 fn tiny_llama<B: Backend<f32>>(be: B) -> popen::nn::llama::Llama<f32, B> {
+    tiny_llama_heads(be, (4, 2))
+}
+
+/// The tiny LLaMA with (query heads, kv heads) of its 16 dimensions: (4, 2) gives head
+/// size 4, (2, 1) head size 8 (which the tensor-core attention kernels take).
+fn tiny_llama_heads<B: Backend<f32>>(
+    be: B,
+    (nh, nkv): (usize, usize),
+) -> popen::nn::llama::Llama<f32, B> {
     let cfg = popen::nn::llama::LlamaConfig {
         vocab_size: 17,
         hidden_size: 16,
         intermediate_size: 24,
         num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
+        num_attention_heads: nh,
+        num_key_value_heads: Some(nkv),
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         max_position_embeddings: 32,
@@ -950,9 +959,9 @@ type Trained = (Vec<f32>, Vec<(String, Vec<f32>)>, Vec<u64>);
 
 /// Two training steps (forward, mean token log-prob loss, backward, AdamW); `copies`
 /// reads the device's running count of host↔device copies.
-fn train_steps<B: Backend<f32>>(be: B, copies: impl Fn() -> u64) -> Trained {
+fn train_steps<B: Backend<f32>>(be: B, heads: (usize, usize), copies: impl Fn() -> u64) -> Trained {
     use popen::train::adamw::{AdamW, AdamWConfig};
-    let mut m = tiny_llama(be.clone());
+    let mut m = tiny_llama_heads(be.clone(), heads);
     let (b, t, v) = (2, 7, 17);
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 1) % v) as u32).collect();
     let targets: Vec<i32> = (0..b * t).map(|i| ((i * 3 + 2) % v) as i32).collect();
@@ -984,22 +993,49 @@ fn train_steps<B: Backend<f32>>(be: B, copies: impl Fn() -> u64) -> Trained {
     (losses, params, per_step)
 }
 
-/// On every test device (the emulator; GPU 0 too under `POPEN_TEST_CUDA=1`).
+/// On every test device (the emulator; GPU 0 too under `POPEN_TEST_CUDA=1`), and with
+/// attention on the tensor-core kernels (head size 8).
 #[test]
 fn tiny_llama_training_step_on_the_device_equals_cpu() {
-    let (loss_cpu, p_cpu, _) = train_steps(Cpu, || 0);
+    for (heads, tc) in [((4, 2), false), ((2, 1), true)] {
+        training_step_equals_cpu(heads, tc);
+    }
+}
+
+fn training_step_equals_cpu(heads: (usize, usize), tc: bool) {
+    let (loss_cpu, p_cpu, _) = train_steps(Cpu, heads, || 0);
     for d in backends() {
+        let d = d.with_tensor_core_attention(tc);
+        assert_eq!(d.tensor_core_attention(16 / heads.0), tc, "heads {heads:?}");
         let kind = d.device().kind();
         let dev = d.clone();
         let count = move || {
             let c = dev.device().copies();
             c.htod + c.dtoh
         };
-        let (loss_dev, p_dev, copies) = train_steps(d, count);
+        d.device().set_profiling(true);
+        let (loss_dev, p_dev, copies) = train_steps(d.clone(), heads, count);
+        // the attention kernels that ran are the ones asked for
+        let ran: Vec<String> = d
+            .device()
+            .take_profile()
+            .unwrap()
+            .into_iter()
+            .map(|k| k.name)
+            .collect();
+        d.device().set_profiling(false);
+        for k in [
+            "attention_fwd_tc_f32",
+            "attention_bwd_dq_tc_f32",
+            "attention_bwd_dkv_tc_f32",
+        ] {
+            assert_eq!(ran.iter().any(|n| n == k), tc, "{kind:?}: {k} in {ran:?}");
+        }
+        assert_eq!(ran.iter().any(|n| n == "attention_fwd_f32"), !tc, "{ran:?}");
         for (a, b) in loss_dev.iter().zip(&loss_cpu) {
             assert!(
                 (a - b).abs() <= 1e-4 * b.abs(),
-                "loss {kind:?} {a} vs cpu {b}"
+                "loss {kind:?} tc {tc} {a} vs cpu {b}"
             );
         }
         assert_eq!(p_cpu.len(), p_dev.len());
@@ -1008,7 +1044,7 @@ fn tiny_llama_training_step_on_the_device_equals_cpu() {
             for (i, (x, y)) in e.iter().zip(c).enumerate() {
                 assert!(
                     (x - y).abs() <= 1e-4 * scale,
-                    "{name}[{i}]: {kind:?} {x} vs cpu {y}"
+                    "{name}[{i}]: {kind:?} tc {tc} {x} vs cpu {y}"
                 );
             }
         }

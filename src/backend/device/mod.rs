@@ -44,6 +44,7 @@ const MAX_BLOCKS: usize = 1024;
 pub struct DeviceBackend {
     dev: Arc<Device>,
     inputs: Arc<model_ops::HostInputs>,
+    tensor_core_attention: bool,
 }
 
 impl DeviceBackend {
@@ -52,7 +53,20 @@ impl DeviceBackend {
         DeviceBackend {
             dev: Arc::new(dev),
             inputs: Arc::new(model_ops::HostInputs::new()),
+            tensor_core_attention: false,
         }
+    }
+    /// The same backend with attention's forward and backward on the tensor-core
+    /// kernels ([`crate::kernels::attention::attention_fwd_tc`], `attention_bwd_tc`)
+    /// wherever they take the head size, when `on`.  Off by default until a GPU has
+    /// timed them; the single-query decode kernel is used either way.
+    pub fn with_tensor_core_attention(mut self, on: bool) -> Self {
+        self.tensor_core_attention = on;
+        self
+    }
+    /// Whether attention runs on the tensor-core kernels for head size `hs`.
+    pub fn tensor_core_attention(&self, hs: usize) -> bool {
+        self.tensor_core_attention && crate::kernels::attention::tensor_core_head_size(hs)
     }
     /// The device this backend launches on.
     pub fn device(&self) -> &Device {

@@ -122,8 +122,13 @@ pub(super) fn attention_fwd(
             Some(lse),
         );
     }
+    let fwd = if be.tensor_core_attention(s.hs) {
+        attention::attention_fwd_tc
+    } else {
+        attention::attention_fwd
+    };
     inputs.mask(dev, key_mask, |mask| {
-        attention::attention_fwd(dev, s, q, k, v, bias, mask, out, lse)
+        fwd(dev, s, q, k, v, bias, mask, out, lse)
     })
 }
 
@@ -143,8 +148,13 @@ pub(super) fn attention_bwd(
     g: AttnGrads<'_>,
 ) -> Result<()> {
     let (dev, inputs) = (be.device(), &*be.inputs);
+    let bwd = if be.tensor_core_attention(s.hs) {
+        attention::attention_bwd_tc
+    } else {
+        attention::attention_bwd
+    };
     inputs.mask(dev, key_mask, |mask| {
-        attention::attention_bwd(
+        bwd(
             dev, s, q, k, v, bias, mask, out, lse, dout, g.dq, g.dk, g.dv, g.dbias,
         )
     })
