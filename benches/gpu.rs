@@ -16,7 +16,7 @@
 use popen::backend::{Backend, Conv2dGeom, DeviceBackend};
 use popen::kernels::attention::{
     attention_bwd, attention_bwd_tc, attention_fwd, attention_fwd_tc, tensor_core_head_size,
-    AttnShape,
+    AttnBwdFn, AttnFwdFn, AttnShape,
 };
 use popen::kernels::logprob::{logprob_bwd, logprob_fwd, seq_weighted_sum};
 use popen::kernels::mask::{pair_counts, soft_iou_bwd, soft_iou_fwd};
@@ -368,35 +368,19 @@ fn bench_attention(dev: &Device) {
                 .collect();
             dev.upload(&m).unwrap()
         });
-        let mut out = dev.zeros::<f32>(nq).unwrap();
-        let mut lse = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
-        let t = time(dev, 5, 5, || {
-            attention_fwd(
-                dev,
-                &s,
-                &q,
-                &k,
-                &v,
-                Some(&bias),
-                mask.as_ref(),
-                &mut out,
-                &mut lse,
-            )
-            .unwrap()
-        });
-        emit(
-            &format!("attention_fwd_{name}"),
-            t,
-            "gflop_s",
-            s.fwd_flops() / 1e9,
-        );
-        // the tensor-core forward (3×TF32), not yet the default: its time and its
-        // largest difference from the SIMT forward's output on the same inputs
+        // the SIMT kernels, then the tensor-core ones (3×TF32, not yet the default)
+        // where they take the head size, with their outputs' and gradients' largest
+        // differences from the SIMT kernels' on the same inputs
+        let mut kinds: Vec<(&str, AttnFwdFn, AttnBwdFn)> = vec![("", attention_fwd, attention_bwd)];
         if tensor_core_head_size(s.hs) {
-            let mut out_tc = dev.zeros::<f32>(nq).unwrap();
-            let mut lse_tc = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
+            kinds.push(("tensorcore_", attention_fwd_tc, attention_bwd_tc));
+        }
+        let mut fwds = Vec::new();
+        for &(tag, fwd, _) in &kinds {
+            let mut out = dev.zeros::<f32>(nq).unwrap();
+            let mut lse = dev.zeros::<f32>(s.b * s.nh * s.tq).unwrap();
             let t = time(dev, 5, 5, || {
-                attention_fwd_tc(
+                fwd(
                     dev,
                     &s,
                     &q,
@@ -404,64 +388,39 @@ fn bench_attention(dev: &Device) {
                     &v,
                     Some(&bias),
                     mask.as_ref(),
-                    &mut out_tc,
-                    &mut lse_tc,
+                    &mut out,
+                    &mut lse,
                 )
                 .unwrap()
             });
             emit(
-                &format!("tensorcore_attention_fwd_{name}"),
+                &format!("{tag}attention_fwd_{name}"),
                 t,
                 "gflop_s",
                 s.fwd_flops() / 1e9,
             );
-            check_row(
-                &format!("tensorcore_attention_fwd_{name}"),
-                &dev.download(&out).unwrap(),
-                &dev.download(&out_tc).unwrap(),
-            );
+            if let Some((simt, _)) = fwds.first() {
+                check_row(
+                    &format!("{tag}attention_fwd_{name}"),
+                    &dev.download(simt).unwrap(),
+                    &dev.download(&out).unwrap(),
+                );
+            }
+            fwds.push((out, lse));
         }
+        // every backward reads the SIMT forward's out and lse
+        let (out, lse) = &fwds[0];
         let dout = up(rand_f32(nq, 15));
-        let (mut dq, mut dk, mut dv) = (
-            dev.zeros::<f32>(nq).unwrap(),
-            dev.zeros::<f32>(nk).unwrap(),
-            dev.zeros::<f32>(nk).unwrap(),
-        );
-        let mut db = dev.zeros::<f32>(s.b * s.tk).unwrap();
-        let t = time(dev, 5, 5, || {
-            attention_bwd(
-                dev,
-                &s,
-                &q,
-                &k,
-                &v,
-                Some(&bias),
-                mask.as_ref(),
-                &out,
-                &lse,
-                &dout,
-                &mut dq,
-                &mut dk,
-                &mut dv,
-                Some(&mut db),
-            )
-            .unwrap()
-        });
-        emit(
-            &format!("attention_bwd_{name}"),
-            t,
-            "gflop_s",
-            s.bwd_flops() / 1e9,
-        );
-        // the backward on tensor cores (not yet the default), and its gradients'
-        // largest difference from the SIMT ones
-        if tensor_core_head_size(s.hs) {
-            let want: Vec<Vec<f32>> = [&dq, &dk, &dv, &db]
-                .iter()
-                .map(|x| dev.download(x).unwrap())
-                .collect();
+        let mut simt_grads: Option<Vec<Vec<f32>>> = None;
+        for &(tag, _, bwd) in &kinds {
+            let (mut dq, mut dk, mut dv) = (
+                dev.zeros::<f32>(nq).unwrap(),
+                dev.zeros::<f32>(nk).unwrap(),
+                dev.zeros::<f32>(nk).unwrap(),
+            );
+            let mut db = dev.zeros::<f32>(s.b * s.tk).unwrap();
             let t = time(dev, 5, 5, || {
-                attention_bwd_tc(
+                bwd(
                     dev,
                     &s,
                     &q,
@@ -469,8 +428,8 @@ fn bench_attention(dev: &Device) {
                     &v,
                     Some(&bias),
                     mask.as_ref(),
-                    &out,
-                    &lse,
+                    out,
+                    lse,
                     &dout,
                     &mut dq,
                     &mut dk,
@@ -480,20 +439,24 @@ fn bench_attention(dev: &Device) {
                 .unwrap()
             });
             emit(
-                &format!("tensorcore_attention_bwd_{name}"),
+                &format!("{tag}attention_bwd_{name}"),
                 t,
                 "gflop_s",
                 s.bwd_flops() / 1e9,
             );
-            for ((what, got), want) in [("dq", &dq), ("dk", &dk), ("dv", &dv), ("dbias", &db)]
-                .into_iter()
-                .zip(&want)
-            {
-                check_row(
-                    &format!("tensorcore_attention_bwd_{what}_{name}"),
-                    want,
-                    &dev.download(got).unwrap(),
-                );
+            let grads: Vec<Vec<f32>> = [&dq, &dk, &dv, &db]
+                .iter()
+                .map(|x| dev.download(x).unwrap())
+                .collect();
+            match &simt_grads {
+                None => simt_grads = Some(grads),
+                Some(want) => {
+                    for ((what, got), want) in
+                        ["dq", "dk", "dv", "dbias"].iter().zip(&grads).zip(want)
+                    {
+                        check_row(&format!("{tag}attention_bwd_{what}_{name}"), want, got);
+                    }
+                }
             }
         }
     }

@@ -371,12 +371,12 @@ ATT_UNROLL
         for (int n = 0; n < 4; ++n)
             for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
         for (int d0 = 0; d0 < qs; d0 += 8) {
-            const float* qa = qt + (r0 + g) * ks + d0 + t;
-            const float a[4] = {qa[0], qa[8 * ks], qa[4], qa[8 * ks + 4]};
+            float a[4];
+            mma_load_a(a, qt, ks, r0, d0);
 ATT_UNROLL
             for (int n = 0; n < 4; ++n) {
-                const float* kr = kt + (8 * n + g) * ks + d0 + t;
-                const float bb[2] = {kr[0], kr[4]};
+                float bb[2];
+                mma_load_bt(bb, kt, ks, d0, 8 * n);
                 mma_f32_16x8x8(s[n], a, bb);
             }
         }
@@ -420,13 +420,13 @@ ATT_UNROLL
         // O (16 × qs) += P (16 × 32) V (32 × qs): hidden keys carry P = 0, keys past Tk
         // zero rows of V, so all 32 keys are added
         for (int j0 = 0; j0 < ATT_BK; j0 += 8) {
-            const float* pa = pt + (r0 + g) * FT_PS + j0 + t;
-            const float a[4] = {pa[0], pa[8 * FT_PS], pa[4], pa[8 * FT_PS + 4]};
+            float a[4];
+            mma_load_a(a, pt, FT_PS, r0, j0);
 ATT_UNROLL
             for (int c = 0; c < TC_MAX_COLS; ++c) {
                 if (8 * c >= qs) break;
-                const float* vr = vt + (j0 + t) * vs + 8 * c + g;
-                const float bb[2] = {vr[0], vr[4 * vs]};
+                float bb[2];
+                mma_load_b(bb, vt, vs, j0, 8 * c);
                 mma_f32_16x8x8(o[c], a, bb);
             }
         }
@@ -648,15 +648,14 @@ ATT_UNROLL
         for (int n = 0; n < 4; ++n)
             for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.0f;
         for (int d0 = 0; d0 < qs; d0 += 8) {
-            const float* qa = qt + (r0 + g) * ks + d0 + t;
-            const float* oa = dot_ + (r0 + g) * ks + d0 + t;
-            const float a[4] = {qa[0], qa[8 * ks], qa[4], qa[8 * ks + 4]};
-            const float ao[4] = {oa[0], oa[8 * ks], oa[4], oa[8 * ks + 4]};
+            float a[4], ao[4];
+            mma_load_a(a, qt, ks, r0, d0);
+            mma_load_a(ao, dot_, ks, r0, d0);
 ATT_UNROLL
             for (int n = 0; n < 4; ++n) {
-                const float* kr = kt + (8 * n + g) * ks + d0 + t;
-                const float* vr = vt + (8 * n + g) * ks + d0 + t;
-                const float bk[2] = {kr[0], kr[4]}, bv[2] = {vr[0], vr[4]};
+                float bk[2], bv[2];
+                mma_load_bt(bk, kt, ks, d0, 8 * n);
+                mma_load_bt(bv, vt, ks, d0, 8 * n);
                 mma_f32_16x8x8(sc[n], a, bk);
                 mma_f32_16x8x8(dp[n], ao, bv);
             }
@@ -681,13 +680,13 @@ ATT_UNROLL
         // dQ (16 × qs) += dS (16 × 32) K (32 × qs): dS = 0 on hidden keys, k rows past Tk
         // are zeros
         for (int j0 = 0; j0 < ATT_BK; j0 += 8) {
-            const float* sa = dst + (r0 + g) * FT_PS + j0 + t;
-            const float a[4] = {sa[0], sa[8 * FT_PS], sa[4], sa[8 * FT_PS + 4]};
+            float a[4];
+            mma_load_a(a, dst, FT_PS, r0, j0);
 ATT_UNROLL
             for (int c = 0; c < TC_MAX_COLS; ++c) {
                 if (8 * c >= qs) break;
-                const float* kr = kt + (j0 + t) * ks + 8 * c + g;
-                const float bb[2] = {kr[0], kr[4 * ks]};
+                float bb[2];
+                mma_load_b(bb, kt, ks, j0, 8 * c);
                 mma_f32_16x8x8(acc[c], a, bb);
             }
         }
@@ -901,15 +900,14 @@ ATT_UNROLL
             for (int n = 0; n < 2; ++n)
                 for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.0f;
             for (int d0 = 0; d0 < qs; d0 += 8) {
-                const float* ka = kt + (kr0 + g) * ks + d0 + t;
-                const float* va = vt + (kr0 + g) * ks + d0 + t;
-                const float ak[4] = {ka[0], ka[8 * ks], ka[4], ka[8 * ks + 4]};
-                const float av[4] = {va[0], va[8 * ks], va[4], va[8 * ks + 4]};
+                float ak[4], av[4];
+                mma_load_a(ak, kt, ks, kr0, d0);
+                mma_load_a(av, vt, ks, kr0, d0);
 ATT_UNROLL
                 for (int n = 0; n < 2; ++n) {
-                    const float* qr = qt + (qc0 + 8 * n + g) * ks + d0 + t;
-                    const float* orr = dot_ + (qc0 + 8 * n + g) * ks + d0 + t;
-                    const float bq[2] = {qr[0], qr[4]}, bo[2] = {orr[0], orr[4]};
+                    float bq[2], bo[2];
+                    mma_load_bt(bq, qt, ks, d0, qc0 + 8 * n);
+                    mma_load_bt(bo, dot_, ks, d0, qc0 + 8 * n);
                     mma_f32_16x8x8(sc[n], ak, bq);
                     mma_f32_16x8x8(dp[n], av, bo);
                 }
@@ -935,17 +933,15 @@ ATT_UNROLL
                 for (int ii = 0; ii < ATT_BQ; ++ii) dgs += dsT[threadIdx.x * FT_PS + ii];
             // Rows past Tq have P = dS = 0 and zero q / dout rows.
             for (int j0 = 0; j0 < ATT_BQ; j0 += 8) {
-                const float* pa = pT + (kr0 + g) * FT_PS + j0 + t;
-                const float* sa = dsT + (kr0 + g) * FT_PS + j0 + t;
-                const float ap[4] = {pa[0], pa[8 * FT_PS], pa[4], pa[8 * FT_PS + 4]};
-                const float as[4] = {sa[0], sa[8 * FT_PS], sa[4], sa[8 * FT_PS + 4]};
+                float ap[4], as[4];
+                mma_load_a(ap, pT, FT_PS, kr0, j0);
+                mma_load_a(as, dsT, FT_PS, kr0, j0);
 ATT_UNROLL
                 for (int c = 0; c < TC_MAX_COLS / 2; ++c) {
                     if (c_lo + c >= c_hi) break;
-                    const int d = 8 * (c_lo + c) + g;
-                    const float* orow = dot_ + (j0 + t) * ks + d;
-                    const float* qrow = qt + (j0 + t) * ks + d;
-                    const float bo[2] = {orow[0], orow[4 * ks]}, bq[2] = {qrow[0], qrow[4 * ks]};
+                    float bo[2], bq[2];
+                    mma_load_b(bo, dot_, ks, j0, 8 * (c_lo + c));
+                    mma_load_b(bq, qt, ks, j0, 8 * (c_lo + c));
                     mma_f32_16x8x8(dva[c], ap, bo);
                     mma_f32_16x8x8(dka[c], as, bq);
                 }

@@ -87,6 +87,31 @@ __device__ __forceinline__ void mma_f32_16x8x8(float c[4], const float a[4], con
 }
 #endif
 
+// mma_f32_16x8x8's operands read from row-major tiles (row stride ld) in its layout:
+// A = tile rows row0 .. row0+15 × columns col0 .. col0+7; B[k][n] = tile[k0 + k][n0 + n]
+// (mma_load_b) or tile[n0 + n][k0 + k] (mma_load_bt: the tile's rows are B's columns, as
+// K's rows are for Q Kᵀ).
+__device__ __forceinline__ void mma_load_a(float a[4], const float* tile, int ld, int row0, int col0) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const float* p = tile + (row0 + lane / 4) * ld + col0 + lane % 4;
+    a[0] = p[0];
+    a[1] = p[8 * ld];
+    a[2] = p[4];
+    a[3] = p[8 * ld + 4];
+}
+__device__ __forceinline__ void mma_load_b(float b[2], const float* tile, int ld, int k0, int n0) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const float* p = tile + (k0 + lane % 4) * ld + n0 + lane / 4;
+    b[0] = p[0];
+    b[1] = p[4 * ld];
+}
+__device__ __forceinline__ void mma_load_bt(float b[2], const float* tile, int ld, int k0, int n0) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const float* p = tile + (n0 + lane / 4) * ld + k0 + lane % 4;
+    b[0] = p[0];
+    b[1] = p[4];
+}
+
 // Sum over the 32 lanes of a warp; every lane gets the total.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

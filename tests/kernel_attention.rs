@@ -736,7 +736,7 @@ fn bad_sizes_are_errors_and_zero_sizes_are_empty() {
 // ---------------------------------------------------------------------------------------
 // Kernels (emulator, plus a GPU when present) against the CPU twin.
 // ---------------------------------------------------------------------------------------
-use popen::kernels::{Device, DeviceBuf, DeviceKind};
+use popen::kernels::{Device, DeviceKind};
 
 /// The case with every input rounded to f32, so that the f64 twin on it is the exact
 /// answer for the f32 kernel's inputs and the comparison measures only the kernel's
@@ -800,20 +800,7 @@ fn dev_fwd(dev: &Device, c: &Case) -> (Vec<f32>, Vec<f32>) {
     dev_fwd_with(dev, c, attention_fwd)
 }
 
-/// The forward kernels' common signature ([`attention_fwd`], [`attention_fwd_tc`]).
-type FwdFn = fn(
-    &Device,
-    &AttnShape,
-    &DeviceBuf<f32>,
-    &DeviceBuf<f32>,
-    &DeviceBuf<f32>,
-    Option<&DeviceBuf<f32>>,
-    Option<&DeviceBuf<u8>>,
-    &mut DeviceBuf<f32>,
-    &mut DeviceBuf<f32>,
-) -> popen::Result<()>;
-
-fn dev_fwd_with(dev: &Device, c: &Case, fwd: FwdFn) -> (Vec<f32>, Vec<f32>) {
+fn dev_fwd_with(dev: &Device, c: &Case, fwd: AttnFwdFn) -> (Vec<f32>, Vec<f32>) {
     let s = &c.s;
     let q = dev.upload(&f32s(&c.q)).unwrap();
     let k = dev.upload(&f32s(&c.k)).unwrap();
@@ -951,23 +938,6 @@ fn attention_fwd_bf16_matches_cpu() {
 /// Backward kernels vs the f64 twin on the same inputs, the kernel fed its own forward.
 /// Gradients are sums over up to Tq·NH/NKV terms of products of order 1, so their
 /// rounding error relative to the largest entry is a little above the forward's: 2e-5.
-/// The backward kernels' common signature ([`attention_bwd`], [`attention_bwd_tc`]).
-type BwdFn = fn(
-    &Device,
-    &AttnShape,
-    &DeviceBuf<f32>,
-    &DeviceBuf<f32>,
-    &DeviceBuf<f32>,
-    Option<&DeviceBuf<f32>>,
-    Option<&DeviceBuf<u8>>,
-    &DeviceBuf<f32>,
-    &DeviceBuf<f32>,
-    &DeviceBuf<f32>,
-    &mut DeviceBuf<f32>,
-    &mut DeviceBuf<f32>,
-    &mut DeviceBuf<f32>,
-    Option<&mut DeviceBuf<f32>>,
-) -> popen::Result<()>;
 
 #[test]
 fn attention_bwd_matches_cpu() {
@@ -981,7 +951,7 @@ fn attention_bwd_tc_matches_cpu() {
     bwd_matches_cpu(attention_bwd_tc, "tc ", tensor_core_head_size, 8e-5);
 }
 
-fn bwd_matches_cpu(bwd: BwdFn, what: &str, takes: fn(usize) -> bool, gpu_tol: f64) {
+fn bwd_matches_cpu(bwd: AttnBwdFn, what: &str, takes: fn(usize) -> bool, gpu_tol: f64) {
     let mut ran = 0;
     for dev in Device::test_devices() {
         let tol = if dev.kind() == DeviceKind::Emulator {

@@ -122,7 +122,7 @@ pub(super) fn attention_fwd(
             Some(lse),
         );
     }
-    let fwd = if be.tensor_core_attention(s.hs) {
+    let fwd: attention::AttnFwdFn = if be.tensor_core_attention(s.hs) {
         attention::attention_fwd_tc
     } else {
         attention::attention_fwd
@@ -148,7 +148,7 @@ pub(super) fn attention_bwd(
     g: AttnGrads<'_>,
 ) -> Result<()> {
     let (dev, inputs) = (be.device(), &*be.inputs);
-    let bwd = if be.tensor_core_attention(s.hs) {
+    let bwd: attention::AttnBwdFn = if be.tensor_core_attention(s.hs) {
         attention::attention_bwd_tc
     } else {
         attention::attention_bwd

@@ -26,53 +26,54 @@ fn tile_strides(hs: usize) -> (usize, usize) {
     (qs, (qs - 4).div_ceil(32) * 32 + 4)
 }
 
-/// Dynamic shared memory of `attention_fwd_tc_f32`: q and k tiles at the k stride, the v
-/// tile at a stride ≡ 8 mod 32, P, key row.
-fn fwd_tc_shmem(hs: usize) -> u32 {
+/// Row strides (floats) of a kernel family's shared tiles: the q-side tiles (q, dout),
+/// the k tile and the forward's v tile (the backward's v tile takes the k stride).  The
+/// SIMT kernels read q-side rows as float4 broadcasts (q = the padded width); the
+/// tensor-core kernels read every tile as mma fragments, 8 rows × 4 columns (q, k ≡ 4
+/// mod 32) or 4 rows × 8 columns (the forward's v ≡ 8 mod 32).
+struct Strides {
+    q: usize,
+    k: usize,
+    v: usize,
+}
+
+fn strides(hs: usize, tc: bool) -> Strides {
     let (qs, ks) = tile_strides(hs);
-    let vs = (qs - 8).div_ceil(32) * 32 + 8;
-    let q = GPU_FWD_QUERIES;
-    (4 * (q * ks + GPU_TILE * ks + GPU_TILE * vs + q * GPU_PS + GPU_TILE)) as u32
+    if tc {
+        let vs = (qs - 8).div_ceil(32) * 32 + 8;
+        Strides {
+            q: ks,
+            k: ks,
+            v: vs,
+        }
+    } else {
+        Strides {
+            q: qs,
+            k: ks,
+            v: qs,
+        }
+    }
 }
 
 /// Dynamic shared memory of `attention_fwd_*`: q tile (64 rows), k and v tiles (32
 /// rows), P (64 rows), key row.
-fn fwd_shmem(hs: usize) -> u32 {
-    let (qs, ks) = tile_strides(hs);
+fn fwd_shmem(st: &Strides) -> u32 {
     let q = GPU_FWD_QUERIES;
-    (4 * (q * qs + GPU_TILE * ks + GPU_TILE * qs + q * GPU_PS + GPU_TILE)) as u32
+    (4 * (q * st.q + GPU_TILE * st.k + GPU_TILE * st.v + q * GPU_PS + GPU_TILE)) as u32
 }
 
-/// Dynamic shared memory of `attention_bwd_dq_f32`: q and dout tiles (64 rows), k and v
+/// Dynamic shared memory of `attention_bwd_dq_*`: q and dout tiles (64 rows), k and v
 /// tiles (32 rows), dS (64 rows), key row, lse and D (64 each).
-fn bwd_dq_shmem(hs: usize) -> u32 {
-    let (qs, ks) = tile_strides(hs);
+fn bwd_dq_shmem(st: &Strides) -> u32 {
     let q = GPU_FWD_QUERIES;
-    (4 * (2 * q * qs + 2 * GPU_TILE * ks + q * GPU_PS + GPU_TILE + 2 * q)) as u32
+    (4 * (2 * q * st.q + 2 * GPU_TILE * st.k + q * GPU_PS + GPU_TILE + 2 * q)) as u32
 }
 
-/// Dynamic shared memory of `attention_bwd_dq_tc_f32`: as `attention_bwd_dq_f32`'s with
-/// the q and dout tiles at the k stride.
-fn bwd_dq_tc_shmem(hs: usize) -> u32 {
-    let (_, ks) = tile_strides(hs);
-    let q = GPU_FWD_QUERIES;
-    (4 * (2 * q * ks + 2 * GPU_TILE * ks + q * GPU_PS + GPU_TILE + 2 * q)) as u32
-}
-
-/// Dynamic shared memory of `attention_bwd_dkv_tc_f32`: as `attention_bwd_dkv_f32`'s
-/// with the q and dout tiles at the k stride.
-fn bwd_dkv_tc_shmem(hs: usize) -> u32 {
-    let (_, ks) = tile_strides(hs);
-    let t = GPU_TILE;
-    (4 * (4 * t * ks + 2 * t * GPU_PS + 3 * t)) as u32
-}
-
-/// Dynamic shared memory of `attention_bwd_dkv_f32`: q, dout, k, v tiles (32 rows each),
+/// Dynamic shared memory of `attention_bwd_dkv_*`: q, dout, k, v tiles (32 rows each),
 /// Pᵀ and dSᵀ (32 rows each), key row, lse and D.
-fn bwd_dkv_shmem(hs: usize) -> u32 {
-    let (qs, ks) = tile_strides(hs);
+fn bwd_dkv_shmem(st: &Strides) -> u32 {
     let t = GPU_TILE;
-    (4 * (2 * t * qs + 2 * t * ks + 2 * t * GPU_PS + 3 * t)) as u32
+    (4 * (2 * t * st.q + 2 * t * st.k + 2 * t * GPU_PS + 3 * t)) as u32
 }
 
 fn opt_arg<T: Elem>(b: Option<&DeviceBuf<T>>) -> KArg {
@@ -134,7 +135,7 @@ pub fn attention_fwd(
     fwd_launch(
         dev,
         "attention_fwd",
-        "attention_fwd_f32",
+        ("attention_fwd_f32", false),
         s,
         [q.len(), k.len(), v.len(), out.len()],
         [q.arg(), k.arg(), v.arg()],
@@ -144,6 +145,38 @@ pub fn attention_fwd(
         lse,
     )
 }
+
+/// The device forwards' common signature ([`attention_fwd`], [`attention_fwd_tc`]), so
+/// that a caller can pick one per head size.
+pub type AttnFwdFn = fn(
+    &Device,
+    &AttnShape,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    Option<&DeviceBuf<f32>>,
+    Option<&DeviceBuf<u8>>,
+    &mut DeviceBuf<f32>,
+    &mut DeviceBuf<f32>,
+) -> Result<()>;
+
+/// The device backwards' common signature ([`attention_bwd`], [`attention_bwd_tc`]).
+pub type AttnBwdFn = fn(
+    &Device,
+    &AttnShape,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    Option<&DeviceBuf<f32>>,
+    Option<&DeviceBuf<u8>>,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    &DeviceBuf<f32>,
+    &mut DeviceBuf<f32>,
+    &mut DeviceBuf<f32>,
+    &mut DeviceBuf<f32>,
+    Option<&mut DeviceBuf<f32>>,
+) -> Result<()>;
 
 /// Whether [`attention_fwd_tc`] takes head size `hs`: its padded width (a multiple of 4)
 /// must be a multiple of 8, the tensor cores' k step (8, 16, …, 128; 40 and 72 too).
@@ -185,7 +218,7 @@ pub fn attention_fwd_tc(
     fwd_launch(
         dev,
         OP,
-        "attention_fwd_tc_f32",
+        ("attention_fwd_tc_f32", true),
         s,
         [q.len(), k.len(), v.len(), out.len()],
         [q.arg(), k.arg(), v.arg()],
@@ -213,7 +246,7 @@ pub fn attention_fwd_bf16(
     fwd_launch(
         dev,
         "attention_fwd_bf16",
-        "attention_fwd_bf16",
+        ("attention_fwd_bf16", false),
         s,
         [q.len(), k.len(), v.len(), out.len()],
         [q.arg(), k.arg(), v.arg()],
@@ -228,7 +261,7 @@ pub fn attention_fwd_bf16(
 fn fwd_launch(
     dev: &Device,
     op: &'static str,
-    kernel: &str,
+    (kernel, tc): (&str, bool),
     s: &AttnShape,
     lens: [usize; 4],
     qkv: [KArg; 3],
@@ -251,11 +284,7 @@ fn fwd_launch(
     if lse.is_empty() {
         return Ok(()); // no query row
     }
-    let shmem = if kernel == "attention_fwd_tc_f32" {
-        fwd_tc_shmem(s.hs)
-    } else {
-        fwd_shmem(s.hs)
-    };
+    let shmem = fwd_shmem(&strides(s.hs, tc));
     let cfg = grid(op, s.tq.div_ceil(GPU_FWD_QUERIES) * s.nh * s.b, shmem)?;
     let mut args = vec![
         out,
@@ -406,12 +435,13 @@ fn bwd_launch(
     let mut args = vec![dq.arg_mut()];
     args.extend(common.iter().copied());
     args.extend(shape.iter().copied());
-    let (dq_kernel, dq_shmem) = if tc {
-        ("attention_bwd_dq_tc_f32", bwd_dq_tc_shmem(s.hs))
+    let st = strides(s.hs, tc);
+    let dq_kernel = if tc {
+        "attention_bwd_dq_tc_f32"
     } else {
-        ("attention_bwd_dq_f32", bwd_dq_shmem(s.hs))
+        "attention_bwd_dq_f32"
     };
-    dev.launch(dq_kernel, grid(OP, nqb, dq_shmem)?, &args)?;
+    dev.launch(dq_kernel, grid(OP, nqb, bwd_dq_shmem(&st))?, &args)?;
     let nkvb = s.tk.div_ceil(GPU_TILE) * s.nkv * s.b;
     if nkvb > 0 {
         let mut args = vec![
@@ -421,12 +451,12 @@ fn bwd_launch(
         ];
         args.extend(common.iter().copied());
         args.extend(shape.iter().copied());
-        let (dkv_kernel, dkv_shmem) = if tc {
-            ("attention_bwd_dkv_tc_f32", bwd_dkv_tc_shmem(s.hs))
+        let dkv_kernel = if tc {
+            "attention_bwd_dkv_tc_f32"
         } else {
-            ("attention_bwd_dkv_f32", bwd_dkv_shmem(s.hs))
+            "attention_bwd_dkv_f32"
         };
-        dev.launch(dkv_kernel, grid(OP, nkvb, dkv_shmem)?, &args)?;
+        dev.launch(dkv_kernel, grid(OP, nkvb, bwd_dkv_shmem(&st))?, &args)?;
     }
     if let (Some(db), Some(p)) = (dbias, part.as_ref()) {
         dev.launch(

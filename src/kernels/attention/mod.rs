@@ -46,7 +46,7 @@ mod launch;
 pub use cpu::{attention_bwd_cpu, attention_decode_cpu, attention_fwd_cpu};
 pub use launch::{
     attention_bwd, attention_bwd_tc, attention_decode, attention_fwd, attention_fwd_bf16,
-    attention_fwd_tc, tensor_core_head_size,
+    attention_fwd_tc, tensor_core_head_size, AttnBwdFn, AttnFwdFn,
 };
 
 /// Largest head size the kernels support (one warp holds a row of up to 4×32 values).
