@@ -59,6 +59,17 @@ __device__ __forceinline__ void att_load_keyrow(float* kb, const float* bias, co
     }
 }
 
+// Whether key_mask keeps any key of the tile t0 .. t0+31 of batch b (every tile without
+// a mask).  Each warp reads the same 32 bytes and votes, so the answer is the same in
+// every warp of the block: a loop may skip the tile with no barrier.  Skipping is exact:
+// a tile whose keys are all hidden adds P = 0 (dS = 0) to every sum.
+__device__ __forceinline__ bool att_tile_visible(const unsigned char* key_mask, int b, int t0, int Tk) {
+    static_assert(ATT_BK == WARP_SIZE, "one key of the tile per lane");
+    if (key_mask == nullptr) return true;
+    const int j = t0 + (int)(threadIdx.x % WARP_SIZE);
+    return __any_sync(FULL_MASK, j < Tk && key_mask[(size_t)b * Tk + j] != 0) != 0;
+}
+
 // Last key (exclusive) that any of the queries i0..i0+rows-1 may see.
 __device__ __forceinline__ int att_key_end(int causal, int i0, int rows, int Tq, int Tk) {
     if (!causal) return Tk;
@@ -219,6 +230,7 @@ ATT_UNROLL
 
     const int kend = att_key_end(causal, i0, rows, Tq, Tk);
     for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
+        if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();  // the previous tile is no longer read
         const int kv = imin(ATT_BK, Tk - t0);
         ft_load_tile(kt, kst, kh + (size_t)t0 * HS, ATT_BK, kv, HS);
@@ -357,6 +369,7 @@ ATT_UNROLL
 
     const int kend = att_key_end(causal, i0, rows, Tq, Tk);
     for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
+        if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();  // the previous tile is no longer read
         const int kv = imin(ATT_BK, Tk - t0);
         ft_load_tile(kt, ks, kh + (size_t)t0 * HS, ATT_BK, kv, HS);
@@ -554,6 +567,7 @@ ATT_UNROLL
     const int kend = att_key_end(causal, i0, rows, Tq, Tk);
     const size_t bg = (size_t)b * NKV + g;
     for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
+        if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();
         const int kv = imin(ATT_BK, Tk - t0);
         ft_load_tile(kt, kst, k + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
@@ -635,6 +649,7 @@ ATT_UNROLL
     const int kend = att_key_end(causal, i0, rows, Tq, Tk);
     const size_t bg = (size_t)b * NKV + kvh;
     for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
+        if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();
         const int kv = imin(ATT_BK, Tk - t0);
         ft_load_tile(kt, ks, k + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
@@ -754,7 +769,9 @@ ATT_UNROLL
     }
     // First query that sees key t0 under the causal rule: i + off >= t0.
     const int ifirst = causal ? imax(0, t0 - off) : 0;
-    for (int hh = 0; hh < group; ++hh) {
+    // a tile of padding only: dK = dV = 0 and no dγ, without a query tile
+    const int heads = att_tile_visible(key_mask, b, t0, Tk) ? group : 0;
+    for (int hh = 0; hh < heads; ++hh) {
         const size_t bh = (size_t)b * NH + g * group + hh;
         for (int i0 = (ifirst / ATT_BQ) * ATT_BQ; i0 < Tq; i0 += ATT_BQ) {
             __syncthreads();  // previous tiles no longer read (and k/v/kb loaded)
@@ -888,7 +905,9 @@ ATT_UNROLL
         for (int e = 0; e < 4; ++e) dka[c][e] = dva[c][e] = 0.0f;
     float dgs = 0.0f;  // thread t < 32: key t's Σ dS
     const int ifirst = causal ? imax(0, t0 - off) : 0;
-    for (int hh = 0; hh < group; ++hh) {
+    // a tile of padding only: dK = dV = 0 and no dγ, without a query tile
+    const int heads = att_tile_visible(key_mask, b, t0, Tk) ? group : 0;
+    for (int hh = 0; hh < heads; ++hh) {
         const size_t bh = (size_t)b * NH + kvh * group + hh;
         for (int i0 = (ifirst / ATT_BQ) * ATT_BQ; i0 < Tq; i0 += ATT_BQ) {
             __syncthreads();  // previous tiles no longer read (and k/v/kb loaded)
