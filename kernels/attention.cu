@@ -103,12 +103,13 @@ __device__ __forceinline__ int ft_ks(int hs) {
     return ((qs - 4 + 31) & ~31) + 4;
 }
 
-// `rows` × hs of src (row stride hs) into dst (row stride ds, a multiple of 4), rows past
-// `valid` and the pad columns [hs, qs) as zeros.  When the rows are 16-byte aligned f32,
+// `rows` × hs of src (row stride hs) into dst (row stride ds, a multiple of 4; with SW a
+// multiple of 32 and the rows swizzled as mma_off lays them out), rows past `valid` and
+// the pad columns [hs, qs) as zeros.  When the rows are 16-byte aligned f32,
 // asynchronous 16-byte copies: every copy of the tile is in flight at once, and the
 // caller waits with cp_async_wait_all() before its __syncthreads() (one memory latency
 // per tile, not one per copy); otherwise plain loads and float4 stores.
-template <typename T>
+template <bool SW = false, typename T>
 __device__ __forceinline__ void ft_load_tile(float* dst, int ds, const T* src, int rows, int valid, int hs) {
     const int qs = att_qs(hs), w4 = qs / 4;
     const bool vec = sizeof(T) == 4 && (hs & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0;
@@ -116,7 +117,7 @@ __device__ __forceinline__ void ft_load_tile(float* dst, int ds, const T* src, i
         const int r = idx / w4, d = 4 * (idx - r * w4);
         const T* sr = src + (size_t)r * hs + d;
         if (vec) {
-            cp_async16(dst + r * ds + d, reinterpret_cast<const float*>(r < valid ? sr : src), r < valid);
+            cp_async16(dst + mma_off<SW>(ds, r, d), reinterpret_cast<const float*>(r < valid ? sr : src), r < valid);
             continue;
         }
         float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -126,7 +127,7 @@ __device__ __forceinline__ void ft_load_tile(float* dst, int ds, const T* src, i
             if (d + 2 < hs) x.z = ld(sr + 2);
             if (d + 3 < hs) x.w = ld(sr + 3);
         }
-        store_float4(dst + r * ds + d, x);
+        store_float4(dst + mma_off<SW>(ds, r, d), x);
     }
 }
 
@@ -332,6 +333,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
 #define TC_MAX_COLS (ATT_MAX_HS / 8)  // 8-wide output columns at most
 
 __device__ __forceinline__ int tc_vs(int qs) { return ((qs - 8 + 31) & ~31) + 8; }
+// Row stride of a swizzled tile (mma_off<true>): the padded width rounded up to 32, 4
+// floats under ft_ks(qs), so it fits the space of a ks-strided tile.
+__device__ __forceinline__ int tc_sw(int qs) { return (qs + 31) & ~31; }
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
     attention_fwd_tc_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
@@ -514,12 +518,13 @@ ATT_UNROLL
 // Loads the query-side tiles of the backward: `rows` rows of q and dout from i0 of head
 // bh (stride qs), lse·log2(e) and D; rows past Tq get lse = −inf (they then contribute
 // nothing).
+template <bool SW = false>
 __device__ __forceinline__ void ft_load_qside(float* qt, float* dot_, float* lse2, float* Dt, int qs, int rows,
                                               const float* q, const float* dout, const float* lse, const float* D,
                                               size_t bh, int i0, int Tq, int HS) {
     const int valid = imin(rows, Tq - i0);
-    ft_load_tile(qt, qs, q + (bh * Tq + i0) * HS, rows, valid, HS);
-    ft_load_tile(dot_, qs, dout + (bh * Tq + i0) * HS, rows, valid, HS);
+    ft_load_tile<SW>(qt, qs, q + (bh * Tq + i0) * HS, rows, valid, HS);
+    ft_load_tile<SW>(dot_, qs, dout + (bh * Tq + i0) * HS, rows, valid, HS);
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
         lse2[r] = r < valid ? lse[bh * Tq + i0 + r] * LOG2E_F : neg_inf();
         Dt[r] = r < valid ? D[bh * Tq + i0 + r] : 0.0f;
@@ -614,7 +619,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
 // dQ on tensor cores (mma_f32_16x8x8), for head widths whose padded width qs is a
 // multiple of 8: the blocks, tiles and arithmetic of attention_bwd_dq_body, in the
 // fragment layout of attention_fwd_tc_f32 (warp w owns query rows 16w .. 16w+15; S and dP
-// as four 8-key fragments, dQ as qs/8 8-wide ones); dS goes through shared memory.
+// as four 8-key fragments, dQ as qs/8 8-wide ones); dS goes through shared memory.  The
+// k tile is read as Bᵀ (Q Kᵀ) and as B (dS K), so it is swizzled (stride tc_sw, see
+// mma_off); the others are read one way, at strides ≡ 4 mod 32: no bank conflict.
 // Dynamic shared memory (floats): q, dout tiles 64·ks each, k, v tiles 32·ks each, dS
 // 64·36, key row 32, lse·log2e and D 64 each (108 KB at HS = 128).
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
@@ -622,7 +629,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
                             const unsigned char* key_mask, const float* lse, const float* D, const float* dout,
                             int B, int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
     DYN_SHARED(float, dqt_sm);
-    const int qs = att_qs(HS), ks = ft_ks(qs);
+    const int qs = att_qs(HS), ks = ft_ks(qs), sw = tc_sw(qs);
     float* qt = dqt_sm;
     float* dot_ = qt + FT_BQ * ks;
     float* kt = dot_ + FT_BQ * ks;
@@ -652,7 +659,7 @@ ATT_UNROLL
         if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();
         const int kv = imin(ATT_BK, Tk - t0);
-        ft_load_tile(kt, ks, k + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
+        ft_load_tile<true>(kt, sw, k + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
         ft_load_tile(vt, ks, v + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
         cp_async_wait_all();
@@ -669,7 +676,7 @@ ATT_UNROLL
 ATT_UNROLL
             for (int n = 0; n < 4; ++n) {
                 float bk[2], bv[2];
-                mma_load_bt(bk, kt, ks, d0, 8 * n);
+                mma_load_bt<true>(bk, kt, sw, d0, 8 * n);
                 mma_load_bt(bv, vt, ks, d0, 8 * n);
                 mma_f32_16x8x8(sc[n], a, bk);
                 mma_f32_16x8x8(dp[n], ao, bv);
@@ -701,7 +708,7 @@ ATT_UNROLL
             for (int c = 0; c < TC_MAX_COLS; ++c) {
                 if (8 * c >= qs) break;
                 float bb[2];
-                mma_load_b(bb, kt, ks, j0, 8 * c);
+                mma_load_b<true>(bb, kt, sw, j0, 8 * c);
                 mma_f32_16x8x8(acc[c], a, bb);
             }
         }
@@ -864,7 +871,10 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
 // query tile: warp w computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for keys 16·(w % 2) .. +15 ×
 // queries 16·(w / 2) .. +15 and writes Pᵀ and dSᵀ to shared memory; then warp w adds
 // dV += Pᵀ dO and dK += dSᵀ Q for the same 16 keys × the (w / 2)-th half of the 8-wide
-// dimension columns, and thread t < 32 adds key t's dSᵀ row in query order (dγ).
+// dimension columns.  The q and dout tiles are read as Bᵀ and as B, so they are swizzled
+// (stride tc_sw, see mma_off).  dγ: each lane sums the dS it computes in registers, over
+// all query tiles; the 4 lanes of a key row and the two warps that share its keys add
+// up at the end.
 // Dynamic shared memory (floats): q, dout, k, v tiles 32·ks each, Pᵀ and dSᵀ 32·36
 // each, key row, lse·log2e and D 32 each (75 KB at HS = 128).
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
@@ -873,7 +883,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
                              const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
                              int causal, float scale) {
     DYN_SHARED(float, dkvt_sm);
-    const int qs = att_qs(HS), ks = ft_ks(qs);
+    const int qs = att_qs(HS), ks = ft_ks(qs), sw = tc_sw(qs);
     float* qt = dkvt_sm;
     float* dot_ = qt + ATT_BQ * ks;
     float* kt = dot_ + ATT_BQ * ks;
@@ -903,7 +913,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
 ATT_UNROLL
     for (int c = 0; c < TC_MAX_COLS / 2; ++c)
         for (int e = 0; e < 4; ++e) dka[c][e] = dva[c][e] = 0.0f;
-    float dgs = 0.0f;  // thread t < 32: key t's Σ dS
+    float dgs[2] = {0.0f, 0.0f};  // Σ dS of keys kr0 + g (+ 8) over this lane's queries
     const int ifirst = causal ? imax(0, t0 - off) : 0;
     // a tile of padding only: dK = dV = 0 and no dγ, without a query tile
     const int heads = att_tile_visible(key_mask, b, t0, Tk) ? group : 0;
@@ -911,7 +921,7 @@ ATT_UNROLL
         const size_t bh = (size_t)b * NH + kvh * group + hh;
         for (int i0 = (ifirst / ATT_BQ) * ATT_BQ; i0 < Tq; i0 += ATT_BQ) {
             __syncthreads();  // previous tiles no longer read (and k/v/kb loaded)
-            ft_load_qside(qt, dot_, lse2, Dt, ks, ATT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+            ft_load_qside<true>(qt, dot_, lse2, Dt, sw, ATT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
             cp_async_wait_all();
             __syncthreads();
             float sc[2][4], dp[2][4];
@@ -925,8 +935,8 @@ ATT_UNROLL
 ATT_UNROLL
                 for (int n = 0; n < 2; ++n) {
                     float bq[2], bo[2];
-                    mma_load_bt(bq, qt, ks, d0, qc0 + 8 * n);
-                    mma_load_bt(bo, dot_, ks, d0, qc0 + 8 * n);
+                    mma_load_bt<true>(bq, qt, sw, d0, qc0 + 8 * n);
+                    mma_load_bt<true>(bo, dot_, sw, d0, qc0 + 8 * n);
                     mma_f32_16x8x8(sc[n], ak, bq);
                     mma_f32_16x8x8(dp[n], av, bo);
                 }
@@ -943,13 +953,13 @@ ATT_UNROLL
                         const float x = sc[n][2 * half + e] * sl2 + kb[jj];
                         const bool hidden = (causal && t0 + jj > i0 + ii + off) || l2 == neg_inf();
                         const float p = hidden ? 0.0f : exp2f(x - l2);
+                        const float ds = p * (dp[n][2 * half + e] - Dt[ii]);
                         pT[jj * FT_PS + ii] = p;
-                        dsT[jj * FT_PS + ii] = p * (dp[n][2 * half + e] - Dt[ii]);
+                        dsT[jj * FT_PS + ii] = ds;
+                        dgs[half] += ds;
                     }
             }
             __syncthreads();  // Pᵀ and dSᵀ come from all four warps
-            if (threadIdx.x < ATT_BK)
-                for (int ii = 0; ii < ATT_BQ; ++ii) dgs += dsT[threadIdx.x * FT_PS + ii];
             // Rows past Tq have P = dS = 0 and zero q / dout rows.
             for (int j0 = 0; j0 < ATT_BQ; j0 += 8) {
                 float ap[4], as[4];
@@ -959,8 +969,8 @@ ATT_UNROLL
                 for (int c = 0; c < TC_MAX_COLS / 2; ++c) {
                     if (c_lo + c >= c_hi) break;
                     float bo[2], bq[2];
-                    mma_load_b(bo, dot_, ks, j0, 8 * (c_lo + c));
-                    mma_load_b(bq, qt, ks, j0, 8 * (c_lo + c));
+                    mma_load_b<true>(bo, dot_, sw, j0, 8 * (c_lo + c));
+                    mma_load_b<true>(bq, qt, sw, j0, 8 * (c_lo + c));
                     mma_f32_16x8x8(dva[c], ap, bo);
                     mma_f32_16x8x8(dka[c], as, bq);
                 }
@@ -984,7 +994,23 @@ ATT_UNROLL
             }
         }
     }
-    if (dbias_part && (int)threadIdx.x < kv) dbias_part[(size_t)bg * Tk + t0 + threadIdx.x] = dgs;
+    if (dbias_part == nullptr) return;  // uniform: no barrier is skipped by some threads
+    // dγ: the row's 4 lanes, then warps w ≥ 2 hand their keys' sums to warps w − 2
+    // through the dSᵀ tile (no longer read once every warp is past the barrier)
+ATT_UNROLL
+    for (int half = 0; half < 2; ++half) {
+        dgs[half] += __shfl_xor_sync(FULL_MASK, dgs[half], 1);
+        dgs[half] += __shfl_xor_sync(FULL_MASK, dgs[half], 2);
+    }
+    __syncthreads();
+    if (w >= 2 && t == 0)
+        for (int half = 0; half < 2; ++half) dsT[kr0 + g + 8 * half] = dgs[half];
+    __syncthreads();
+    if (w < 2 && t == 0)
+        for (int half = 0; half < 2; ++half) {
+            const int key = kr0 + g + 8 * half;
+            if (key < kv) dbias_part[(size_t)bg * Tk + t0 + key] = dgs[half] + dsT[key];
+        }
 }
 
 // dbias (B,Tk) = Σ over kv heads of dbias_part (B,NKV,Tk), in head order.

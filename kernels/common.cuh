@@ -91,25 +91,65 @@ __device__ __forceinline__ void mma_f32_16x8x8(float c[4], const float a[4], con
 // A = tile rows row0 .. row0+15 × columns col0 .. col0+7; B[k][n] = tile[k0 + k][n0 + n]
 // (mma_load_b) or tile[n0 + n][k0 + k] (mma_load_bt: the tile's rows are B's columns, as
 // K's rows are for Q Kᵀ).
+//
+// Banks.  A and Bᵀ reads take 8 rows × 4 columns per register (lane 4g + t: row g,
+// column t), B reads 4 rows × 8 columns (row t, column g).  A plain tile serves one kind
+// without conflict: ld ≡ 4 mod 32 the first (bank 4g + t), ld ≡ 8 mod 32 the second
+// (bank 8t + g), never both.  A tile read both ways (K in dQ: Q Kᵀ then dS K; Q and dO
+// in dK / dV) is swizzled (SW): ld a multiple of 32 and element (r, c) at
+// r·ld + (c ^ mma_swz(r)), mma_swz(r) = 4·π(r mod 8) with π = 0 2 4 6 1 3 5 7.  Rows
+// g = 0..7 then XOR bits 2..4 of the column with 8 different values (A, Bᵀ: bank
+// (c ^ 4π(g)), all 32 distinct), and rows t = 0..3 (or 4..7) with 8t (or 8t + 4), which
+// moves B's 8 columns to 4 different 8-bank groups.  The swizzle moves whole 4-float
+// groups, so a row's float4 / 16-byte copies stay whole.  emu_selftest_mma_banks
+// (kernels/emu/selftest.cu) counts the wavefronts of every read the kernels make.
+__device__ __forceinline__ int mma_swz(int r) { return ((r & 3) << 3) | (r & 4); }
+
+// Offset of element (r, c) of a tile, plain or swizzled.
+template <bool SW>
+__device__ __forceinline__ int mma_off(int ld, int r, int c) {
+    return r * ld + (SW ? c ^ mma_swz(r) : c);
+}
+
+// Offsets of the elements a lane reads for one operand: A (4), B (2) or Bᵀ (2).
+template <bool SW>
+__device__ __forceinline__ void mma_offs_a(int o[4], int ld, int row0, int col0) {
+    const int lane = threadIdx.x % WARP_SIZE, r = row0 + lane / 4, c = col0 + lane % 4;
+    o[0] = mma_off<SW>(ld, r, c);
+    o[1] = mma_off<SW>(ld, r + 8, c);
+    o[2] = mma_off<SW>(ld, r, c + 4);
+    o[3] = mma_off<SW>(ld, r + 8, c + 4);
+}
+template <bool SW>
+__device__ __forceinline__ void mma_offs_b(int o[2], int ld, int k0, int n0) {
+    const int lane = threadIdx.x % WARP_SIZE, k = k0 + lane % 4, n = n0 + lane / 4;
+    o[0] = mma_off<SW>(ld, k, n);
+    o[1] = mma_off<SW>(ld, k + 4, n);
+}
+template <bool SW>
+__device__ __forceinline__ void mma_offs_bt(int o[2], int ld, int k0, int n0) {
+    const int lane = threadIdx.x % WARP_SIZE, k = k0 + lane % 4, n = n0 + lane / 4;
+    o[0] = mma_off<SW>(ld, n, k);
+    o[1] = mma_off<SW>(ld, n, k + 4);
+}
+
+template <bool SW = false>
 __device__ __forceinline__ void mma_load_a(float a[4], const float* tile, int ld, int row0, int col0) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const float* p = tile + (row0 + lane / 4) * ld + col0 + lane % 4;
-    a[0] = p[0];
-    a[1] = p[8 * ld];
-    a[2] = p[4];
-    a[3] = p[8 * ld + 4];
+    int o[4];
+    mma_offs_a<SW>(o, ld, row0, col0);
+    for (int i = 0; i < 4; ++i) a[i] = tile[o[i]];
 }
+template <bool SW = false>
 __device__ __forceinline__ void mma_load_b(float b[2], const float* tile, int ld, int k0, int n0) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const float* p = tile + (k0 + lane % 4) * ld + n0 + lane / 4;
-    b[0] = p[0];
-    b[1] = p[4 * ld];
+    int o[2];
+    mma_offs_b<SW>(o, ld, k0, n0);
+    for (int i = 0; i < 2; ++i) b[i] = tile[o[i]];
 }
+template <bool SW = false>
 __device__ __forceinline__ void mma_load_bt(float b[2], const float* tile, int ld, int k0, int n0) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const float* p = tile + (n0 + lane / 4) * ld + k0 + lane % 4;
-    b[0] = p[0];
-    b[1] = p[4];
+    int o[2];
+    mma_offs_bt<SW>(o, ld, k0, n0);
+    for (int i = 0; i < 2; ++i) b[i] = tile[o[i]];
 }
 
 // Sum over the 32 lanes of a warp; every lane gets the total.

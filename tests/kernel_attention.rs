@@ -736,7 +736,7 @@ fn bad_sizes_are_errors_and_zero_sizes_are_empty() {
 // ---------------------------------------------------------------------------------------
 // Kernels (emulator, plus a GPU when present) against the CPU twin.
 // ---------------------------------------------------------------------------------------
-use popen::kernels::{Device, DeviceKind};
+use popen::kernels::{Device, DeviceKind, KArg, LaunchCfg};
 
 /// The case with every input rounded to f32, so that the f64 twin on it is the exact
 /// answer for the f32 kernel's inputs and the comparison measures only the kernel's
@@ -1318,4 +1318,56 @@ fn strided_keys_are_checked() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("packed"), "{e}");
+}
+
+/// The tensor-core kernels' fragment reads from shared memory take one wavefront each
+/// (no bank conflict), at every head width they take: the emulator's
+/// `emu_selftest_mma_banks` counts the wavefronts of every read `mma_load_a` / `_b` /
+/// `_bt` make from a tile, by the same offsets the kernels use.  The strides are the
+/// kernels' (kernels/attention.cu): q-side and k tiles ft_ks ≡ 4 mod 32, the forward's
+/// v tc_vs ≡ 8 mod 32, P / dS 36, and the tiles read both as B and Bᵀ (k in dQ; q and
+/// dout in dK / dV) swizzled at tc_sw, a multiple of 32.  The count can fail: a B read
+/// at a stride ≡ 4 mod 32 (the backward before the swizzle) takes two wavefronts, and a
+/// Bᵀ read of a tile at a multiple of 32 left plain takes eight.
+#[test]
+fn tensor_core_fragment_reads_are_conflict_free() {
+    let dev = Device::emulator();
+    let waves = |kind: i32, ld: usize, sw: bool, qs: usize| -> i32 {
+        let mut out = dev.zeros::<i32>(1).unwrap();
+        dev.launch(
+            "emu_selftest_mma_banks",
+            LaunchCfg::new([1, 1, 1], [32, 1, 1], 0),
+            &[
+                out.arg_mut(),
+                KArg::I32(kind),
+                KArg::I32(ld as i32),
+                KArg::I32(i32::from(sw)),
+                KArg::I32(qs as i32),
+            ],
+        )
+        .unwrap();
+        dev.download(&out).unwrap()[0]
+    };
+    let (a, b, bt) = (0, 1, 2);
+    let up32 = |x: usize| x.div_ceil(32) * 32;
+    for qs in (8..=128).step_by(8) {
+        assert!(tensor_core_head_size(qs));
+        let ks = up32(qs - 4) + 4;
+        let vs = up32(qs - 8) + 8;
+        let sw = up32(qs);
+        let reads = [
+            ("q, dout, k, v as A", a, ks, false, qs),
+            ("k, v as Bᵀ", bt, ks, false, qs),
+            ("P, dS, Pᵀ, dSᵀ as A", a, 36, false, 32),
+            ("the forward's v as B", b, vs, false, qs),
+            ("swizzled as A", a, sw, true, qs),
+            ("swizzled as Bᵀ", bt, sw, true, qs),
+            ("swizzled as B", b, sw, true, qs),
+        ];
+        for (what, kind, ld, swz, cols) in reads {
+            assert_eq!(waves(kind, ld, swz, cols), 1, "qs {qs}: {what} (ld {ld})");
+        }
+        assert_eq!(waves(b, ks, false, qs), 2, "qs {qs}: B at ld {ks}");
+        assert_eq!(waves(bt, sw, false, qs), 8, "qs {qs}: Bᵀ at ld {sw}, plain");
+    }
 }

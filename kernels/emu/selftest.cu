@@ -1,6 +1,8 @@
 // The CUDA emulator's self-test kernels: each exercises (or deliberately breaks) one
 // thing the emulator must get right.  Compiled for the emulator only (build.rs), never
-// to PTX, and not listed among the crate's kernels; launched by tests/emulator.rs.
+// to PTX, and not listed among the crate's kernels; launched by tests/emulator.rs (the
+// bank count of the tensor-core fragment reads, emu_selftest_mma_banks, by
+// tests/kernel_attention.rs beside the kernels it checks).
 #include "common.cuh"
 
 // Per-block sum of x (one block per row of length n), through shared memory and warp
@@ -90,4 +92,54 @@ extern "C" __global__ void emu_selftest_two_barriers(float* out) {
 extern "C" __global__ void emu_selftest_float4_load(float* out, const float* x, int offset) {
     if (threadIdx.x != 0) return;
     store_float4(out, load_float4(x + offset));
+}
+
+// Bank conflicts of the tensor-core kernels' fragment reads (mma_load_a / _b / _bt,
+// kernels/common.cuh): the most wavefronts any one warp-wide read takes, over every
+// register and every tile position the kernels use (rows and columns at multiples of 8
+// below 32 × qs).  A read takes as many wavefronts as the most distinct 32-bit words
+// that fall in one of the 32 banks (lanes reading the same word share it).  kind: 0 = A,
+// 1 = B, 2 = Bᵀ; the tile has row stride ld and is swizzled when sw != 0.  One warp;
+// out (1).
+__device__ int emu_wavefronts(int* offs, int off) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    offs[lane] = off;
+    __syncwarp();
+    int words = 0;  // distinct words in this lane's bank
+    for (int j = 0; j < WARP_SIZE; ++j) {
+        if (offs[j] % 32 != off % 32) continue;
+        bool first = true;
+        for (int i = 0; i < j; ++i) first = first && offs[i] != offs[j];
+        words += first;
+    }
+    __syncwarp();  // offs is written again by the next read
+    return (int)warp_max((float)words);
+}
+
+// kind 0 (A): rows row0 .. +15, columns col0 .. +7; kind 1 (B): rows k0 .. +7, columns
+// n0 .. +7; kind 2 (Bᵀ): rows n0 .. +7, columns k0 .. +7; the row and column starts run
+// over multiples of 8, rows below 32 and columns below qs.
+template <bool SW>
+__device__ int emu_mma_read_wavefronts(int* offs, int kind, int ld, int qs) {
+    int most = 0;
+    for (int r0 = 0; r0 < 32; r0 += 8)
+        for (int c0 = 0; c0 < qs; c0 += 8) {
+            int o[4] = {0, 0, 0, 0};
+            if (kind == 0) mma_offs_a<SW>(o, ld, r0, c0);
+            if (kind == 1) mma_offs_b<SW>(o, ld, r0, c0);
+            if (kind == 2) mma_offs_bt<SW>(o, ld, c0, r0);
+            const int regs = kind == 0 ? 4 : 2;
+            for (int i = 0; i < regs; ++i) {
+                const int w = emu_wavefronts(offs, o[i]);
+                most = most > w ? most : w;
+            }
+        }
+    return most;
+}
+
+extern "C" __global__ void emu_selftest_mma_banks(int* out, int kind, int ld, int sw, int qs) {
+    SHARED(int, offs, [WARP_SIZE]);
+    const int most = sw ? emu_mma_read_wavefronts<true>(offs, kind, ld, qs)
+                        : emu_mma_read_wavefronts<false>(offs, kind, ld, qs);
+    if (threadIdx.x == 0) out[0] = most;
 }

@@ -30,7 +30,9 @@ fn tile_strides(hs: usize) -> (usize, usize) {
 /// the k tile and the forward's v tile (the backward's v tile takes the k stride).  The
 /// SIMT kernels read q-side rows as float4 broadcasts (q = the padded width); the
 /// tensor-core kernels read every tile as mma fragments, 8 rows × 4 columns (q, k ≡ 4
-/// mod 32) or 4 rows × 8 columns (the forward's v ≡ 8 mod 32).
+/// mod 32) or 4 rows × 8 columns (the forward's v ≡ 8 mod 32); the backward's tiles
+/// read both ways are swizzled at a stride 4 floats under `k` (`tc_sw` in
+/// kernels/attention.cu), in the same space.
 struct Strides {
     q: usize,
     k: usize,
