@@ -337,12 +337,12 @@ __device__ __forceinline__ int tc_vs(int qs) { return ((qs - 8 + 31) & ~31) + 8;
 // floats under ft_ks(qs), so it fits the space of a ks-strided tile.
 __device__ __forceinline__ int tc_sw(int qs) { return (qs + 31) & ~31; }
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
-    attention_fwd_tc_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
-                         const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
-                         int causal, float scale) {
+template <int QS>
+__device__ void attention_fwd_tc_body(float* out, float* lse, const float* q, const float* k, const float* v,
+                                      const float* bias, const unsigned char* key_mask, int B, int NH, int NKV,
+                                      int Tq, int Tk, int Ks, int HS, int causal, float scale) {
     DYN_SHARED(float, tc_sm);
-    const int qs = att_qs(HS), ks = ft_ks(qs), vs = tc_vs(qs);
+    const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs), vs = tc_vs(qs);
     float* qt = tc_sm;
     float* kt = qt + FT_BQ * ks;
     float* vt = kt + ATT_BK * ks;
@@ -387,6 +387,7 @@ ATT_UNROLL
 ATT_UNROLL
         for (int n = 0; n < 4; ++n)
             for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+ATT_UNROLL  // complete in the QS = 128 bodies
         for (int d0 = 0; d0 < qs; d0 += 8) {
             float a[4];
             mma_load_a(a, qt, ks, r0, d0);
@@ -467,6 +468,17 @@ ATT_UNROLL
             }
         if (t == 0) lse[(size_t)bh * Tq + i0 + rr] = any ? (m[half] + log2f(tot)) * LN2_F : neg_inf();
     }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_fwd_tc_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
+                         const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
+                         int causal, float scale) {
+    if (att_qs(HS) == ATT_MAX_HS)
+        attention_fwd_tc_body<ATT_MAX_HS>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal,
+                                          scale);
+    else
+        attention_fwd_tc_body<0>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal, scale);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -624,12 +636,13 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
 // mma_off); the others are read one way, at strides ≡ 4 mod 32: no bank conflict.
 // Dynamic shared memory (floats): q, dout tiles 64·ks each, k, v tiles 32·ks each, dS
 // 64·36, key row 32, lse·log2e and D 64 each (108 KB at HS = 128).
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
-    attention_bwd_dq_tc_f32(float* dq, const float* q, const float* k, const float* v, const float* bias,
-                            const unsigned char* key_mask, const float* lse, const float* D, const float* dout,
-                            int B, int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
+template <int QS>
+__device__ void attention_bwd_dq_tc_body(float* dq, const float* q, const float* k, const float* v,
+                                         const float* bias, const unsigned char* key_mask, const float* lse,
+                                         const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk,
+                                         int HS, int causal, float scale) {
     DYN_SHARED(float, dqt_sm);
-    const int qs = att_qs(HS), ks = ft_ks(qs), sw = tc_sw(qs);
+    const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs), sw = tc_sw(qs);
     float* qt = dqt_sm;
     float* dot_ = qt + FT_BQ * ks;
     float* kt = dot_ + FT_BQ * ks;
@@ -669,6 +682,7 @@ ATT_UNROLL
 ATT_UNROLL
         for (int n = 0; n < 4; ++n)
             for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.0f;
+ATT_UNROLL  // complete in the QS = 128 bodies
         for (int d0 = 0; d0 < qs; d0 += 8) {
             float a[4], ao[4];
             mma_load_a(a, qt, ks, r0, d0);
@@ -725,6 +739,17 @@ ATT_UNROLL
                 if (d < HS) o[d] = acc[c][2 * half + e] * scale;
             }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_bwd_dq_tc_f32(float* dq, const float* q, const float* k, const float* v, const float* bias,
+                            const unsigned char* key_mask, const float* lse, const float* D, const float* dout,
+                            int B, int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
+    if (att_qs(HS) == ATT_MAX_HS)
+        attention_bwd_dq_tc_body<ATT_MAX_HS>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS,
+                                             causal, scale);
+    else
+        attention_bwd_dq_tc_body<0>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS, causal, scale);
 }
 
 // dK = scale · dSᵀ Q, dV = Pᵀ dO and Σ_i dS for dγ, one block per 32-key tile of one
@@ -877,13 +902,13 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
 // up at the end.
 // Dynamic shared memory (floats): q, dout, k, v tiles 32·ks each, Pᵀ and dSᵀ 32·36
 // each, key row, lse·log2e and D 32 each (75 KB at HS = 128).
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
-    attention_bwd_dkv_tc_f32(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
-                             const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
-                             const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
-                             int causal, float scale) {
+template <int QS>
+__device__ void attention_bwd_dkv_tc_body(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
+                                          const float* v, const float* bias, const unsigned char* key_mask,
+                                          const float* lse, const float* D, const float* dout, int B, int NH, int NKV,
+                                          int Tq, int Tk, int HS, int causal, float scale) {
     DYN_SHARED(float, dkvt_sm);
-    const int qs = att_qs(HS), ks = ft_ks(qs), sw = tc_sw(qs);
+    const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs), sw = tc_sw(qs);
     float* qt = dkvt_sm;
     float* dot_ = qt + ATT_BQ * ks;
     float* kt = dot_ + ATT_BQ * ks;
@@ -928,6 +953,7 @@ ATT_UNROLL
 ATT_UNROLL
             for (int n = 0; n < 2; ++n)
                 for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.0f;
+ATT_UNROLL  // complete in the QS = 128 bodies
             for (int d0 = 0; d0 < qs; d0 += 8) {
                 float ak[4], av[4];
                 mma_load_a(ak, kt, ks, kr0, d0);
@@ -1011,6 +1037,19 @@ ATT_UNROLL
             const int key = kr0 + g + 8 * half;
             if (key < kv) dbias_part[(size_t)bg * Tk + t0 + key] = dgs[half] + dsT[key];
         }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_bwd_dkv_tc_f32(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
+                             const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
+                             const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
+                             int causal, float scale) {
+    if (att_qs(HS) == ATT_MAX_HS)
+        attention_bwd_dkv_tc_body<ATT_MAX_HS>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH,
+                                              NKV, Tq, Tk, HS, causal, scale);
+    else
+        attention_bwd_dkv_tc_body<0>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk,
+                                     HS, causal, scale);
 }
 
 // dbias (B,Tk) = Σ over kv heads of dbias_part (B,NKV,Tk), in head order.
