@@ -49,17 +49,23 @@ inline void cp_async_wait_all() {}
 // % 4) holds a[0..3] = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; b[0..1] = B[t][g],
 // B[t+4][g]; c[0..3] = C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1].  Every lane of the
 // warp must call it together.
-// GPU: 3×TF32, as CUTLASS's OpMultiplyAddFastF32 (PyTorch's f32 attention): x = big +
-// small with big = tf32(x), small = tf32(x − big); a·b ≈ small_a·big_b + big_a·small_b +
-// big_a·big_b, three tensor-core products (small·small, about 2⁻²² of a·b, dropped), the
-// small terms first.  Emulator: the same sums in plain f32 (one warp-wide exchange of the
-// fragments, kernels/emu).
+//
+// 3×TF32, as CUTLASS's OpMultiplyAddFastF32 (PyTorch's f32 attention) and Triton's
+// tf32x3: x = big + small with big = x rounded to TF32 and small = x − big (exact);
+// a·b ≈ small_a·big_b + big_a·small_b + big_a·big_b, three TF32 products, the small
+// terms first (small·small, about 2⁻²² of a·b, dropped).  The tensor cores read only a
+// TF32 operand's 19 high bits, so small goes in as it is.  The same code runs on the
+// emulator, whose product (kernels/emu) reads its operands the same way: its tests see
+// the GPU's 3×TF32 arithmetic, not plain f32.
+
+// x rounded to TF32 (to nearest, ties away from zero) as the tensor cores read it: half
+// a TF32 unit added to the magnitude bits, the 13 low bits cleared.  cvt.rna.tf32.f32
+// compiles to the same integer add and mask behind a test for ±inf; here ±inf stays
+// ±inf without the test (the add stays in the cleared bits), and a NaN whose payload
+// carries into the sign gives big = −0 and small = NaN, so the product is NaN still.
+__device__ __forceinline__ unsigned tf32_big(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-__device__ __forceinline__ unsigned tf32_big(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-}
 __device__ __forceinline__ void mma_tf32_16x8x8(float c[4], const unsigned a[4], const unsigned b[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -67,25 +73,26 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float c[4], const unsigned a[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#else
+__device__ __forceinline__ void mma_tf32_16x8x8(float c[4], const unsigned a[4], const unsigned b[2]) {
+    ::emu::warp_mma_tf32_16x8x8(c, a, b);
+}
+#endif
+
 __device__ __forceinline__ void mma_f32_16x8x8(float c[4], const float a[4], const float b[2]) {
     unsigned ab[4], as[4], bb[2], bs[2];
     for (int i = 0; i < 4; ++i) {
         ab[i] = tf32_big(a[i]);
-        as[i] = tf32_big(a[i] - __uint_as_float(ab[i]));
+        as[i] = __float_as_uint(a[i] - __uint_as_float(ab[i]));
     }
     for (int i = 0; i < 2; ++i) {
         bb[i] = tf32_big(b[i]);
-        bs[i] = tf32_big(b[i] - __uint_as_float(bb[i]));
+        bs[i] = __float_as_uint(b[i] - __uint_as_float(bb[i]));
     }
     mma_tf32_16x8x8(c, as, bb);
     mma_tf32_16x8x8(c, ab, bs);
     mma_tf32_16x8x8(c, ab, bb);
 }
-#else
-__device__ __forceinline__ void mma_f32_16x8x8(float c[4], const float a[4], const float b[2]) {
-    ::emu::warp_mma_16x8x8(c, a, b);
-}
-#endif
 
 // mma_f32_16x8x8's operands read from row-major tiles (row stride ld) in its layout:
 // A = tile rows row0 .. row0+15 × columns col0 .. col0+7; B[k][n] = tile[k0 + k][n0 + n]

@@ -50,7 +50,7 @@ struct Slot {
     uint32_t seq;  // which collective wrote it; a stale slot means the lane did not take part
 };
 
-// One lane's operands of a warp-wide 16×8×8 product (warp_mma_16x8x8).
+// One lane's operands of a warp-wide 16×8×8 product (warp_mma_tf32_16x8x8), as TF32.
 struct MmaSlot {
     float a[4], b[2];
     uint32_t seq;
@@ -282,16 +282,25 @@ uint64_t warp_exchange(unsigned mask, uint64_t bits, int src) {
 
 // The lanes' fragments side by side (double-buffered by the same parity as the
 // exchanges: `seq` counts both), one barrier, then each lane sums its four outputs in k
-// order.  Every lane of the warp must take part (`mma.sync.aligned`).
-void warp_mma_16x8x8(float c[4], const float a[4], const float b[2]) {
+// order.  Every lane of the warp must take part (`mma.sync.aligned`).  The operands are
+// TF32 as the tensor cores read them: the 19 high bits of each register (sign, exponent,
+// 10 mantissa bits), the rest ignored; products of two such values are exact in f32, so
+// each step is one f32 rounding of the sum, as an fma gives.
+void warp_mma_tf32_16x8x8(float c[4], const unsigned a[4], const unsigned b[2]) {
     Worker* w = tl_worker;
     int me = w->current;
     Fiber& f = w->fibers[me];
     uint32_t seq = f.seq++;
     MmaSlot* half = w->warps[me / kWarp].mma[seq & 1];
     MmaSlot& mine = half[me % kWarp];
-    for (int i = 0; i < 4; ++i) mine.a[i] = a[i];
-    for (int i = 0; i < 2; ++i) mine.b[i] = b[i];
+    auto tf32 = [](unsigned bits) {
+        bits &= 0xffffe000u;
+        float x;
+        std::memcpy(&x, &bits, 4);
+        return x;
+    };
+    for (int i = 0; i < 4; ++i) mine.a[i] = tf32(a[i]);
+    for (int i = 0; i < 2; ++i) mine.b[i] = tf32(b[i]);
     mine.seq = seq;
     syncwarp(0xffffffffu);
     for (int l = 0; l < kWarp; ++l) {

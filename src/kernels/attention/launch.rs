@@ -199,8 +199,8 @@ fn check_tensor_core_head_size(op: &'static str, hs: usize) -> Result<()> {
     ))
 }
 
-/// Forward on tensor cores (`attention_fwd_tc_f32`: 3×TF32 products on a GPU, f32 on the
-/// emulator), same contract as [`attention_fwd`]; an error for a head size that
+/// Forward on tensor cores (`attention_fwd_tc_f32`: 3×TF32 products, on the emulator
+/// too), same contract as [`attention_fwd`]; an error for a head size that
 /// [`tensor_core_head_size`] refuses.  Not yet the default: it has passed the emulator's
 /// tests and has not been timed on a GPU.
 #[allow(clippy::too_many_arguments)]
