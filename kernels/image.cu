@@ -192,6 +192,12 @@ __device__ __forceinline__ Tap tap(int d, int n_in, double scale) {
     return t;
 }
 
+// t.l0·p + t.l1·q, lane by lane.
+__device__ __forceinline__ float4 lerp4(const Tap& t, float4 p, float4 q) {
+    return make_float4(t.l0 * p.x + t.l1 * q.x, t.l0 * p.y + t.l1 * q.y, t.l0 * p.z + t.l1 * q.z,
+                       t.l0 * p.w + t.l1 * q.w);
+}
+
 // Output rows per block band of resize_bilinear_f32 (their y taps in shared memory).
 #define RESIZE_ROWS 16
 
@@ -199,8 +205,8 @@ __device__ __forceinline__ Tap tap(int d, int n_in, double scale) {
 //   out = ly0 (lx0 x[i0,j0] + lx1 x[i0,j1]) + ly1 (lx0 x[i1,j0] + lx1 x[i1,j1])
 // grid (Wo / blockDim.y, Ho / RESIZE_ROWS, B): thread row ty owns output column ox (its
 // x tap computed once) down a band of RESIZE_ROWS rows, whose y taps the block computes
-// once into shared memory; the four source pixels are reloaded only when the y taps
-// change (an upsampling's rows share them).
+// once into shared memory; the four source pixels are reloaded, and interpolated along x,
+// only when the y taps change (an upsampling's rows share them).
 template <bool V>
 __device__ __forceinline__ void resize_body(float* out, const float* x, int b, int h, int w, int c, int ho, int wo,
                                             Tap* ty) {
@@ -221,25 +227,21 @@ __device__ __forceinline__ void resize_body(float* out, const float* x, int b, i
             const float* xb = x + (long long)bi * h * wc;
             float* o = out + ((long long)bi * ho + oy0) * owc + (long long)ox * c;
             for (int j = u * threadIdx.x; j < c; j += u * blockDim.x) {
+                // the two source rows interpolated along x, redone only when the y taps
+                // name other rows; then one multiply and one fma per output value
                 int r0 = -1, r1 = -1;
-                float4 p00 = zero4(), p01 = p00, p10 = p00, p11 = p00;
-                for (int i = 0; i < rows; ++i) {
+                float4 h0 = zero4(), h1 = h0;
+                float* op = o + j;
+                for (int i = 0; i < rows; ++i, op += owc) {
                     const Tap a = ty[i];
                     if (a.i0 != r0 || a.i1 != r1) {
                         r0 = a.i0;
                         r1 = a.i1;
                         const float *x0 = xb + r0 * wc + j, *x1 = xb + r1 * wc + j;
-                        p00 = ld<V>(x0 + t.i0 * c);
-                        p01 = ld<V>(x0 + t.i1 * c);
-                        p10 = ld<V>(x1 + t.i0 * c);
-                        p11 = ld<V>(x1 + t.i1 * c);
+                        h0 = lerp4(t, ld<V>(x0 + t.i0 * c), ld<V>(x0 + t.i1 * c));
+                        h1 = lerp4(t, ld<V>(x1 + t.i0 * c), ld<V>(x1 + t.i1 * c));
                     }
-                    float4 v;
-                    v.x = a.l0 * (t.l0 * p00.x + t.l1 * p01.x) + a.l1 * (t.l0 * p10.x + t.l1 * p11.x);
-                    v.y = a.l0 * (t.l0 * p00.y + t.l1 * p01.y) + a.l1 * (t.l0 * p10.y + t.l1 * p11.y);
-                    v.z = a.l0 * (t.l0 * p00.z + t.l1 * p01.z) + a.l1 * (t.l0 * p10.z + t.l1 * p11.z);
-                    v.w = a.l0 * (t.l0 * p00.w + t.l1 * p01.w) + a.l1 * (t.l0 * p10.w + t.l1 * p11.w);
-                    st<V>(o + i * owc + j, v);
+                    st<V>(op, lerp4(a, h0, h1));
                 }
             }
         }
