@@ -88,6 +88,20 @@ __device__ __forceinline__ bool att_tile_visible(const unsigned char* key_mask, 
     return __any_sync(FULL_MASK, j < Tk && key_mask[(size_t)b * Tk + j] != 0) != 0;
 }
 
+// Runs the statement with QS = ATT_MAX_HS when the padded head width is 128 (a body whose
+// dimension loops unroll completely) and QS = 0 otherwise (the width read at run time):
+//   ATT_BY_HEAD_SIZE(HS, attention_fwd_body<float, QS>(out, lse, ...));
+#define ATT_BY_HEAD_SIZE(hs, ...)          \
+    do {                                   \
+        if (att_qs(hs) == ATT_MAX_HS) {    \
+            constexpr int QS = ATT_MAX_HS; \
+            __VA_ARGS__;                   \
+        } else {                           \
+            constexpr int QS = 0;          \
+            __VA_ARGS__;                   \
+        }                                  \
+    } while (0)
+
 // Last key (exclusive) that any of the queries i0..i0+rows-1 may see.
 __device__ __forceinline__ int att_key_end(int causal, int i0, int rows, int Tq, int Tk) {
     if (!causal) return Tk;
@@ -316,11 +330,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_fwd_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
                       const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
                       int causal, float scale) {
-    if (att_qs(HS) == ATT_MAX_HS)
-        attention_fwd_body<float, ATT_MAX_HS>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal,
-                                              scale);
-    else
-        attention_fwd_body<float, 0>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal, scale);
+    ATT_BY_HEAD_SIZE(HS, attention_fwd_body<float, QS>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS,
+                                                       causal, scale));
 }
 
 // bf16 q, k, v and out; f32 bias, lse and all arithmetic (tiles are widened to f32 in
@@ -490,11 +501,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
     attention_fwd_tc_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
                          const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
                          int causal, float scale) {
-    if (att_qs(HS) == ATT_MAX_HS)
-        attention_fwd_tc_body<ATT_MAX_HS>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal,
-                                          scale);
-    else
-        attention_fwd_tc_body<0>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal, scale);
+    ATT_BY_HEAD_SIZE(HS, attention_fwd_tc_body<QS>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS,
+                                                   causal, scale));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -637,11 +645,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
     attention_bwd_dq_f32(float* dq, const float* q, const float* k, const float* v, const float* bias,
                          const unsigned char* key_mask, const float* lse, const float* D, const float* dout, int B,
                          int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
-    if (att_qs(HS) == ATT_MAX_HS)
-        attention_bwd_dq_body<ATT_MAX_HS>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS, causal,
-                                          scale);
-    else
-        attention_bwd_dq_body<0>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS, causal, scale);
+    ATT_BY_HEAD_SIZE(HS, attention_bwd_dq_body<QS>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS,
+                                                   causal, scale));
 }
 
 // dQ on tensor cores (mma_f32_16x8x8), for head widths whose padded width qs is a
@@ -761,11 +766,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
     attention_bwd_dq_tc_f32(float* dq, const float* q, const float* k, const float* v, const float* bias,
                             const unsigned char* key_mask, const float* lse, const float* D, const float* dout,
                             int B, int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
-    if (att_qs(HS) == ATT_MAX_HS)
-        attention_bwd_dq_tc_body<ATT_MAX_HS>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS,
-                                             causal, scale);
-    else
-        attention_bwd_dq_tc_body<0>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS, causal, scale);
+    ATT_BY_HEAD_SIZE(HS, attention_bwd_dq_tc_body<QS>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk,
+                                                      HS, causal, scale));
 }
 
 // dK = scale · dSᵀ Q, dV = Pᵀ dO and Σ_i dS for dγ, one block per 32-key tile of one
@@ -895,12 +897,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
                           const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
                           const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
                           int causal, float scale) {
-    if (att_qs(HS) == ATT_MAX_HS)
-        attention_bwd_dkv_body<ATT_MAX_HS>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq,
-                                           Tk, HS, causal, scale);
-    else
-        attention_bwd_dkv_body<0>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS,
-                                  causal, scale);
+    ATT_BY_HEAD_SIZE(HS, attention_bwd_dkv_body<QS>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH,
+                                                    NKV, Tq, Tk, HS, causal, scale));
 }
 
 // dK, dV and dγ on tensor cores (mma_f32_16x8x8), for head widths whose padded width qs
@@ -1057,12 +1055,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
                              const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
                              const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
                              int causal, float scale) {
-    if (att_qs(HS) == ATT_MAX_HS)
-        attention_bwd_dkv_tc_body<ATT_MAX_HS>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH,
-                                              NKV, Tq, Tk, HS, causal, scale);
-    else
-        attention_bwd_dkv_tc_body<0>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk,
-                                     HS, causal, scale);
+    ATT_BY_HEAD_SIZE(HS, attention_bwd_dkv_tc_body<QS>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B,
+                                                       NH, NKV, Tq, Tk, HS, causal, scale));
 }
 
 // dbias (B,Tk) = Σ over kv heads of dbias_part (B,NKV,Tk), in head order.
