@@ -350,16 +350,16 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
 // and arithmetic as attention_fwd_body; warp w owns query rows 16w .. 16w+15 of the block
 // and holds them as mma fragments: lane 4g + t keeps rows g and g+8, scores of keys 2t,
 // 2t+1 of each 8-key column (so a row's max and sum are two shuffles among its 4 lanes)
-// and output dimensions 2t, 2t+1 of each 8-wide column.  P goes through shared memory
-// (the score fragment is not the layout of an A operand).  Strides make every fragment
-// read conflict-free: q and k tiles ≡ 4 mod 32 (lanes read 8 rows × 4 columns), v ≡ 8
-// mod 32 (4 rows × 8 columns), P 36.
-// Dynamic shared memory (floats): q 64·ks, k 32·ks, v 32·vs, P 64·36, key row 32 (77 KB
-// at HS = 128).
+// and output dimensions 2t, 2t+1 of each 8-wide column.  P stays in registers: the
+// score fragment of 8 keys is the A operand of O += P V with the keys taken in the order
+// 2t, 2t+1 (mma_c_as_a), and V's rows are read in that order (mma_load_b_pairs).  The
+// tiles' stride ks ≡ 4 mod 32 makes every fragment read conflict-free (q as A, k as Bᵀ,
+// v as B by row pairs).
+// Dynamic shared memory (floats): q 64·ks, k and v 32·ks each, key row 32 (68 KB at
+// HS = 128: three blocks per SM).
 // ---------------------------------------------------------------------------------------
 #define TC_MAX_COLS (ATT_MAX_HS / 8)  // 8-wide output columns at most
 
-__device__ __forceinline__ int tc_vs(int qs) { return ((qs - 8 + 31) & ~31) + 8; }
 // Row stride of a swizzled tile (mma_off<true>): the padded width rounded up to 32, 4
 // floats under ft_ks(qs), so it fits the space of a ks-strided tile.
 __device__ __forceinline__ int tc_sw(int qs) { return (qs + 31) & ~31; }
@@ -369,12 +369,11 @@ __device__ void attention_fwd_tc_body(float* out, float* lse, const float* q, co
                                       const float* bias, const unsigned char* key_mask, int B, int NH, int NKV,
                                       int Tq, int Tk, int Ks, int HS, int causal, float scale) {
     DYN_SHARED(float, tc_sm);
-    const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs), vs = tc_vs(qs);
+    const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs);
     float* qt = tc_sm;
     float* kt = qt + FT_BQ * ks;
     float* vt = kt + ATT_BK * ks;
-    float* pt = vt + ATT_BK * vs;
-    float* kb = pt + FT_BQ * FT_PS;
+    float* kb = vt + ATT_BK * ks;
 
     const int ntq = (Tq + FT_BQ - 1) / FT_BQ;
     const int tile = ntq - 1 - (int)(blockIdx.x % ntq), bh = blockIdx.x / ntq;
@@ -404,7 +403,7 @@ ATT_UNROLL
         __syncthreads();  // the previous tile is no longer read
         const int kv = imin(ATT_BK, Tk - t0);
         ft_load_tile(kt, ks, kh + (size_t)t0 * HS, ATT_BK, kv, HS);
-        ft_load_tile(vt, vs, vh + (size_t)t0 * HS, ATT_BK, kv, HS);
+        ft_load_tile(vt, ks, vh + (size_t)t0 * HS, ATT_BK, kv, HS);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
         cp_async_wait_all();
         __syncthreads();
@@ -445,13 +444,12 @@ ATT_UNROLL
             const float mn = fmaxf(m[half], mx);
             float corr = 1.0f, ps = 0.0f;
             if (mn != neg_inf()) corr = exp2f(m[half] - mn);
-            float* prow = pt + (r0 + g + 8 * half) * FT_PS;
 ATT_UNROLL
             for (int n = 0; n < 4; ++n)
                 for (int e = 0; e < 2; ++e) {
                     const float p = mn != neg_inf() ? exp2f(x[2 * n + e] - mn) : 0.0f;
                     ps += p;
-                    prow[8 * n + 2 * t + e] = p;
+                    s[n][2 * half + e] = p;  // the scores' fragment now holds P
                 }
             l[half] = l[half] * corr + ps;  // a partial row sum per lane; summed at the end
 ATT_UNROLL
@@ -461,17 +459,17 @@ ATT_UNROLL
             }
             m[half] = mn;
         }
-        __syncwarp();  // the warp's P rows are written and read by its own lanes
-        // O (16 × qs) += P (16 × 32) V (32 × qs): hidden keys carry P = 0, keys past Tk
-        // zero rows of V, so all 32 keys are added
-        for (int j0 = 0; j0 < ATT_BK; j0 += 8) {
+        // O (16 × qs) += P (16 × 32) V (32 × qs), 8 keys a step, P from its registers:
+        // hidden keys carry P = 0, keys past Tk zero rows of V, so all 32 keys are added
+ATT_UNROLL
+        for (int n = 0; n < 4; ++n) {
             float a[4];
-            mma_load_a(a, pt, FT_PS, r0, j0);
+            mma_c_as_a(a, s[n]);
 ATT_UNROLL
             for (int c = 0; c < TC_MAX_COLS; ++c) {
                 if (8 * c >= qs) break;
                 float bb[2];
-                mma_load_b(bb, vt, vs, j0, 8 * c);
+                mma_load_b_pairs(bb, vt, ks, 8 * n, 8 * c);
                 mma_f32_16x8x8(o[c], a, bb);
             }
         }
@@ -497,7 +495,7 @@ ATT_UNROLL
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_fwd_tc_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
                          const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
                          int causal, float scale) {

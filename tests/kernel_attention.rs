@@ -1325,12 +1325,14 @@ fn strided_keys_are_checked() {
 /// The tensor-core kernels' fragment reads from shared memory take one wavefront each
 /// (no bank conflict), at every head width they take: the emulator's
 /// `emu_selftest_mma_banks` counts the wavefronts of every read `mma_load_a` / `_b` /
-/// `_bt` make from a tile, by the same offsets the kernels use.  The strides are the
-/// kernels' (kernels/attention.cu): q-side and k tiles ft_ks ≡ 4 mod 32, the forward's
-/// v tc_vs ≡ 8 mod 32, P / dS 36, and the tiles read both as B and Bᵀ (k in dQ; q and
-/// dout in dK / dV) swizzled at tc_sw, a multiple of 32.  The count can fail: a B read
-/// at a stride ≡ 4 mod 32 (the backward before the swizzle) takes two wavefronts, and a
-/// Bᵀ read of a tile at a multiple of 32 left plain takes eight.
+/// `_bt` / `_b_pairs` make from a tile, by the same offsets the kernels use.  The
+/// strides are the kernels' (kernels/attention.cu): q-side, k and v tiles ft_ks ≡ 4 mod
+/// 32 (the forward reads v by row pairs, for P in registers), dS / Pᵀ / dSᵀ 36, and the
+/// tiles read both as B and Bᵀ (k in dQ; q and dout in dK / dV) swizzled at tc_sw, a
+/// multiple of 32.  The count can fail: a B read
+/// at a stride ≡ 4 mod 32 (the backward before the swizzle) or a B read by row pairs at
+/// one ≡ 8 mod 32 takes two wavefronts, and a Bᵀ read of a tile at a multiple of 32 left
+/// plain takes eight.
 #[test]
 fn tensor_core_fragment_reads_are_conflict_free() {
     let dev = Device::emulator();
@@ -1350,18 +1352,17 @@ fn tensor_core_fragment_reads_are_conflict_free() {
         .unwrap();
         dev.download(&out).unwrap()[0]
     };
-    let (a, b, bt) = (0, 1, 2);
+    let (a, b, bt, b_pairs) = (0, 1, 2, 3);
     let up32 = |x: usize| x.div_ceil(32) * 32;
     for qs in (8..=128).step_by(8) {
         assert!(tensor_core_head_size(qs));
         let ks = up32(qs - 4) + 4;
-        let vs = up32(qs - 8) + 8;
         let sw = up32(qs);
         let reads = [
             ("q, dout, k, v as A", a, ks, false, qs),
             ("k, v as Bᵀ", bt, ks, false, qs),
-            ("P, dS, Pᵀ, dSᵀ as A", a, 36, false, 32),
-            ("the forward's v as B", b, vs, false, qs),
+            ("dS, Pᵀ, dSᵀ as A", a, 36, false, 32),
+            ("the forward's v as B by row pairs", b_pairs, ks, false, qs),
             ("swizzled as A", a, sw, true, qs),
             ("swizzled as Bᵀ", bt, sw, true, qs),
             ("swizzled as B", b, sw, true, qs),
@@ -1370,6 +1371,12 @@ fn tensor_core_fragment_reads_are_conflict_free() {
             assert_eq!(waves(kind, ld, swz, cols), 1, "qs {qs}: {what} (ld {ld})");
         }
         assert_eq!(waves(b, ks, false, qs), 2, "qs {qs}: B at ld {ks}");
+        let ld8 = up32(qs - 8) + 8;
+        assert_eq!(
+            waves(b_pairs, ld8, false, qs),
+            2,
+            "qs {qs}: B pairs at ld {ld8}"
+        );
         assert_eq!(waves(bt, sw, false, qs), 8, "qs {qs}: Bᵀ at ld {sw}, plain");
     }
 }

@@ -27,41 +27,44 @@ fn tile_strides(hs: usize) -> (usize, usize) {
 }
 
 /// Row strides (floats) of a kernel family's shared tiles: the q-side tiles (q, dout),
-/// the k tile and the forward's v tile (the backward's v tile takes the k stride).  The
-/// SIMT kernels read q-side rows as float4 broadcasts (q = the padded width); the
-/// tensor-core kernels read every tile as mma fragments, 8 rows × 4 columns (q, k ≡ 4
-/// mod 32) or 4 rows × 8 columns (the forward's v ≡ 8 mod 32); the backward's tiles
-/// read both ways are swizzled at a stride 4 floats under `k` (`tc_sw` in
-/// kernels/attention.cu), in the same space.
+/// the k tile and the forward's v tile (the backward's v tile takes the k stride); and
+/// whether the forward keeps P in shared memory.  The SIMT kernels read q-side rows as
+/// float4 broadcasts (q = the padded width) and stage P; the tensor-core kernels read
+/// every tile as mma fragments at a stride ≡ 4 mod 32 and keep P in registers; the
+/// backward's tiles read both ways are swizzled at a stride 4 floats under `k` (`tc_sw`
+/// in kernels/attention.cu), in the same space.
 struct Strides {
     q: usize,
     k: usize,
     v: usize,
+    fwd_p: bool,
 }
 
 fn strides(hs: usize, tc: bool) -> Strides {
     let (qs, ks) = tile_strides(hs);
     if tc {
-        let vs = (qs - 8).div_ceil(32) * 32 + 8;
         Strides {
             q: ks,
             k: ks,
-            v: vs,
+            v: ks,
+            fwd_p: false,
         }
     } else {
         Strides {
             q: qs,
             k: ks,
             v: qs,
+            fwd_p: true,
         }
     }
 }
 
 /// Dynamic shared memory of `attention_fwd_*`: q tile (64 rows), k and v tiles (32
-/// rows), P (64 rows), key row.
+/// rows), P (64 rows, SIMT only), key row.
 fn fwd_shmem(st: &Strides) -> u32 {
     let q = GPU_FWD_QUERIES;
-    (4 * (q * st.q + GPU_TILE * st.k + GPU_TILE * st.v + q * GPU_PS + GPU_TILE)) as u32
+    let p = if st.fwd_p { q * GPU_PS } else { 0 };
+    (4 * (q * st.q + GPU_TILE * st.k + GPU_TILE * st.v + p + GPU_TILE)) as u32
 }
 
 /// Dynamic shared memory of `attention_bwd_dq_*`: q and dout tiles (64 rows), k and v
