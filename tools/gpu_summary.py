@@ -13,51 +13,39 @@ import re
 import sys
 
 
-def jsonl(path):
-    rows = {}
+def json_rows(path, key):
+    """The JSON objects of a JSON-lines file that have `key`; other lines are skipped."""
     if not os.path.exists(path):
-        return rows
+        return
     for line in open(path):
         line = line.strip()
-        if line.startswith("{"):
+        if line.startswith("{") and f'"{key}"' in line:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if "name" in r:
-                rows[r["name"]] = r
-    return rows
+            if key in r:
+                yield r
+
+
+def jsonl(path):
+    """The timing rows ({"name": ..., "ms", ...}) by name."""
+    return {r["name"]: r for r in json_rows(path, "name")}
 
 
 def checks(path):
     """The bench's check rows ({"check": what, ...}: not timings), by what."""
     out = {}
-    if not os.path.exists(path):
-        return out
-    for line in open(path):
-        line = line.strip()
-        if line.startswith("{") and '"check"' in line:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[r.pop("check")] = r
+    for r in json_rows(path, "check"):
+        out[r.pop("check")] = r
     return out
 
 
 def profiles(path, top=30):
     """The per-kernel profile rows ({"profile": what, "kernel", "calls", "ms"}) by what."""
     out = {}
-    if not os.path.exists(path):
-        return out
-    for line in open(path):
-        line = line.strip()
-        if line.startswith("{") and '"profile"' in line:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out.setdefault(r["profile"], []).append({k: r[k] for k in ("kernel", "calls", "ms")})
+    for r in json_rows(path, "profile"):
+        out.setdefault(r["profile"], []).append({k: r[k] for k in ("kernel", "calls", "ms")})
     return {k: sorted(v, key=lambda r: -r["ms"])[:top] for k, v in out.items()}
 
 
