@@ -650,11 +650,13 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
 // dQ on tensor cores (mma_f32_16x8x8), for head widths whose padded width qs is a
 // multiple of 8: the blocks, tiles and arithmetic of attention_bwd_dq_body, in the
 // fragment layout of attention_fwd_tc_f32 (warp w owns query rows 16w .. 16w+15; S and dP
-// as four 8-key fragments, dQ as qs/8 8-wide ones); dS goes through shared memory.  The
-// k tile is read as Bᵀ (Q Kᵀ) and as B (dS K), so it is swizzled (stride tc_sw, see
-// mma_off); the others are read one way, at strides ≡ 4 mod 32: no bank conflict.
-// Dynamic shared memory (floats): q, dout tiles 64·ks each, k, v tiles 32·ks each, dS
-// 64·36, key row 32, lse·log2e and D 64 each (108 KB at HS = 128).
+// as four 8-key fragments, dQ as qs/8 8-wide ones).  dS stays in registers: S and dP
+// take their keys in A order (mma_load_bt_a_order), so each dS fragment is an A operand
+// of dQ = dS K as it is (mma_c_as_a).  The k tile is read as Bᵀ (Q Kᵀ) and as B (dS K),
+// so it is swizzled (stride tc_sw, see mma_off); the others are read one way, at strides
+// ≡ 4 mod 32: no bank conflict.
+// Dynamic shared memory (floats): q, dout tiles 64·ks each, k, v tiles 32·ks each, key
+// row 32, lse·log2e and D 64 each (100 KB at HS = 128).
 template <int QS>
 __device__ void attention_bwd_dq_tc_body(float* dq, const float* q, const float* k, const float* v,
                                          const float* bias, const unsigned char* key_mask, const float* lse,
@@ -666,8 +668,7 @@ __device__ void attention_bwd_dq_tc_body(float* dq, const float* q, const float*
     float* dot_ = qt + FT_BQ * ks;
     float* kt = dot_ + FT_BQ * ks;
     float* vt = kt + ATT_BK * ks;
-    float* dst = vt + ATT_BK * ks;
-    float* kb = dst + FT_BQ * FT_PS;
+    float* kb = vt + ATT_BK * ks;
     float* lse2 = kb + ATT_BK;
     float* Dt = lse2 + FT_BQ;
     const int lane = threadIdx.x % WARP_SIZE, r0 = 16 * (threadIdx.x / WARP_SIZE);
@@ -696,7 +697,8 @@ ATT_UNROLL
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
         cp_async_wait_all();
         __syncthreads();
-        // S = Q Kᵀ and dP = dO Vᵀ (16 × 32 each)
+        // S = Q Kᵀ and dP = dO Vᵀ (16 × 32 each), keys in A order: lane 4g + t's entries
+        // e = 0, 1 of key group n are keys 8n + t, 8n + t + 4
         float sc[4][4], dp[4][4];
 ATT_UNROLL
         for (int n = 0; n < 4; ++n)
@@ -709,39 +711,38 @@ ATT_UNROLL  // complete in the QS = 128 bodies
 ATT_UNROLL
             for (int n = 0; n < 4; ++n) {
                 float bk[2], bv[2];
-                mma_load_bt<true>(bk, kt, sw, d0, 8 * n);
-                mma_load_bt(bv, vt, ks, d0, 8 * n);
+                mma_load_bt_a_order<true>(bk, kt, sw, d0, 8 * n);
+                mma_load_bt_a_order(bv, vt, ks, d0, 8 * n);
                 mma_f32_16x8x8(sc[n], a, bk);
                 mma_f32_16x8x8(dp[n], ao, bv);
             }
         }
-        // P and dS = P ∘ (dP − D) of rows g (e = 0, 1) and g + 8 (e = 2, 3), into dS's tile
+        // P and dS = P ∘ (dP − D) of rows g (e = 0, 1) and g + 8 (e = 2, 3), in place of S
 ATT_UNROLL
         for (int half = 0; half < 2; ++half) {
             const int rr = r0 + g + 8 * half, i = i0 + rr;
             const float l2 = lse2[rr], dd = Dt[rr];
-            float* drow = dst + rr * FT_PS;
 ATT_UNROLL
             for (int n = 0; n < 4; ++n)
                 for (int e = 0; e < 2; ++e) {
-                    const int jj = 8 * n + 2 * t + e;
+                    const int jj = 8 * n + t + 4 * e;
                     const float x = sc[n][2 * half + e] * sl2 + kb[jj];
                     const bool hidden = (causal && t0 + jj > i + off) || l2 == neg_inf();
                     const float p = hidden ? 0.0f : exp2f(x - l2);
-                    drow[jj] = p * (dp[n][2 * half + e] - dd);
+                    sc[n][2 * half + e] = p * (dp[n][2 * half + e] - dd);
                 }
         }
-        __syncwarp();  // the warp's dS rows are written and read by its own lanes
-        // dQ (16 × qs) += dS (16 × 32) K (32 × qs): dS = 0 on hidden keys, k rows past Tk
-        // are zeros
-        for (int j0 = 0; j0 < ATT_BK; j0 += 8) {
+        // dQ (16 × qs) += dS (16 × 32) K (32 × qs), dS from registers (mma_c_as_a): dS = 0
+        // on hidden keys, k rows past Tk are zeros
+ATT_UNROLL
+        for (int n = 0; n < 4; ++n) {
             float a[4];
-            mma_load_a(a, dst, FT_PS, r0, j0);
+            mma_c_as_a(a, sc[n]);
 ATT_UNROLL
             for (int c = 0; c < TC_MAX_COLS; ++c) {
                 if (8 * c >= qs) break;
                 float bb[2];
-                mma_load_b<true>(bb, kt, sw, j0, 8 * c);
+                mma_load_b<true>(bb, kt, sw, 8 * n, 8 * c);
                 mma_f32_16x8x8(acc[c], a, bb);
             }
         }

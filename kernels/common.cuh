@@ -149,6 +149,19 @@ __device__ __forceinline__ void mma_offs_bt(int o[2], int ld, int k0, int n0) {
     o[1] = mma_off<SW>(ld, n, k + 4);
 }
 
+// Bᵀ with its columns in the k order of an A operand: B[k][n] = tile[n0 + σ(n)][k0 + k],
+// σ(g) = g / 2 + 4·(g mod 2) (rows 0 4 1 5 2 6 3 7).  Lane 4g + t's C fragment of the
+// product then holds columns t and t + 4 (not 2t and 2t + 1) of rows g and g + 8: an A
+// operand in the plain k order (mma_c_as_a), read against B as mma_load_b reads it.  The
+// warp reads the same 8 rows as mma_offs_bt, in another lane order: the same banks.
+template <bool SW>
+__device__ __forceinline__ void mma_offs_bt_a_order(int o[2], int ld, int k0, int n0) {
+    const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, k = k0 + lane % 4;
+    const int n = n0 + (g >> 1) + 4 * (g & 1);
+    o[0] = mma_off<SW>(ld, n, k);
+    o[1] = mma_off<SW>(ld, n, k + 4);
+}
+
 template <bool SW = false>
 __device__ __forceinline__ void mma_load_a(float a[4], const float* tile, int ld, int row0, int col0) {
     int o[4];
@@ -169,6 +182,13 @@ __device__ __forceinline__ void mma_load_bt(float b[2], const float* tile, int l
 }
 
 template <bool SW = false>
+__device__ __forceinline__ void mma_load_bt_a_order(float b[2], const float* tile, int ld, int k0, int n0) {
+    int o[2];
+    mma_offs_bt_a_order<SW>(o, ld, k0, n0);
+    for (int i = 0; i < 2; ++i) b[i] = tile[o[i]];
+}
+
+template <bool SW = false>
 __device__ __forceinline__ void mma_load_b_pairs(float b[2], const float* tile, int ld, int k0, int n0) {
     int o[2];
     mma_offs_b_pairs<SW>(o, ld, k0, n0);
@@ -179,7 +199,8 @@ __device__ __forceinline__ void mma_load_b_pairs(float b[2], const float* tile, 
 // g + 8) as an A operand whose k order is κ of mma_offs_b_pairs: A[g][t] = C[g][2t],
 // A[g][t + 4] = C[g][2t + 1], and the same for row g + 8.  The product with B read by
 // mma_load_b_pairs is the product of C and B in the plain order: the sum over k is the
-// same sum.
+// same sum.  When C came from a Bᵀ read by mma_load_bt_a_order, its columns 2t, 2t + 1
+// are columns t, t + 4 of the product, so the A operand is in the plain k order.
 __device__ __forceinline__ void mma_c_as_a(float a[4], const float c[4]) {
     a[0] = c[0];
     a[1] = c[2];

@@ -1325,9 +1325,10 @@ fn strided_keys_are_checked() {
 /// The tensor-core kernels' fragment reads from shared memory take one wavefront each
 /// (no bank conflict), at every head width they take: the emulator's
 /// `emu_selftest_mma_banks` counts the wavefronts of every read `mma_load_a` / `_b` /
-/// `_bt` / `_b_pairs` make from a tile, by the same offsets the kernels use.  The
-/// strides are the kernels' (kernels/attention.cu): q-side, k and v tiles ft_ks ≡ 4 mod
-/// 32 (the forward reads v by row pairs, for P in registers), dS / Pᵀ / dSᵀ 36, and the
+/// `_bt` / `_b_pairs` / `_bt_a_order` make from a tile, by the same offsets the kernels
+/// use.  The strides are the kernels' (kernels/attention.cu): q-side, k and v tiles
+/// ft_ks ≡ 4 mod 32 (the forward reads v by row pairs, for P in registers; dQ reads k
+/// and v as Bᵀ in A order, for dS in registers), Pᵀ / dSᵀ 36, and the
 /// tiles read both as B and Bᵀ (k in dQ; q and dout in dK / dV) swizzled at tc_sw, a
 /// multiple of 32.  The count can fail: a B read
 /// at a stride ≡ 4 mod 32 (the backward before the swizzle) or a B read by row pairs at
@@ -1352,7 +1353,7 @@ fn tensor_core_fragment_reads_are_conflict_free() {
         .unwrap();
         dev.download(&out).unwrap()[0]
     };
-    let (a, b, bt, b_pairs) = (0, 1, 2, 3);
+    let (a, b, bt, b_pairs, bt_a_order) = (0, 1, 2, 3, 4);
     let up32 = |x: usize| x.div_ceil(32) * 32;
     for qs in (8..=128).step_by(8) {
         assert!(tensor_core_head_size(qs));
@@ -1361,10 +1362,18 @@ fn tensor_core_fragment_reads_are_conflict_free() {
         let reads = [
             ("q, dout, k, v as A", a, ks, false, qs),
             ("k, v as Bᵀ", bt, ks, false, qs),
-            ("dS, Pᵀ, dSᵀ as A", a, 36, false, 32),
+            (
+                "the dQ kernel's v as Bᵀ in A order",
+                bt_a_order,
+                ks,
+                false,
+                qs,
+            ),
+            ("Pᵀ, dSᵀ as A", a, 36, false, 32),
             ("the forward's v as B by row pairs", b_pairs, ks, false, qs),
             ("swizzled as A", a, sw, true, qs),
             ("swizzled as Bᵀ", bt, sw, true, qs),
+            ("swizzled as Bᵀ in A order", bt_a_order, sw, true, qs),
             ("swizzled as B", b, sw, true, qs),
         ];
         for (what, kind, ld, swz, cols) in reads {
@@ -1378,5 +1387,10 @@ fn tensor_core_fragment_reads_are_conflict_free() {
             "qs {qs}: B pairs at ld {ld8}"
         );
         assert_eq!(waves(bt, sw, false, qs), 8, "qs {qs}: Bᵀ at ld {sw}, plain");
+        assert_eq!(
+            waves(bt_a_order, sw, false, qs),
+            8,
+            "qs {qs}: Bᵀ in A order at ld {sw}, plain"
+        );
     }
 }

@@ -28,16 +28,18 @@ fn tile_strides(hs: usize) -> (usize, usize) {
 
 /// Row strides (floats) of a kernel family's shared tiles: the q-side tiles (q, dout),
 /// the k tile and the forward's v tile (the backward's v tile takes the k stride); and
-/// whether the forward keeps P in shared memory.  The SIMT kernels read q-side rows as
-/// float4 broadcasts (q = the padded width) and stage P; the tensor-core kernels read
-/// every tile as mma fragments at a stride ≡ 4 mod 32 and keep P in registers; the
+/// whether the forward keeps P, and the dQ kernel dS, in shared memory.  The SIMT
+/// kernels read q-side rows as float4 broadcasts (q = the padded width) and stage P and
+/// dS; the tensor-core kernels read every tile as mma fragments at a stride ≡ 4 mod 32
+/// and keep P and dS in registers; the
 /// backward's tiles read both ways are swizzled at a stride 4 floats under `k` (`tc_sw`
 /// in kernels/attention.cu), in the same space.
 struct Strides {
     q: usize,
     k: usize,
     v: usize,
-    fwd_p: bool,
+    /// P (forward) and dS (dQ) go through shared memory.
+    staged: bool,
 }
 
 fn strides(hs: usize, tc: bool) -> Strides {
@@ -47,14 +49,14 @@ fn strides(hs: usize, tc: bool) -> Strides {
             q: ks,
             k: ks,
             v: ks,
-            fwd_p: false,
+            staged: false,
         }
     } else {
         Strides {
             q: qs,
             k: ks,
             v: qs,
-            fwd_p: true,
+            staged: true,
         }
     }
 }
@@ -63,15 +65,16 @@ fn strides(hs: usize, tc: bool) -> Strides {
 /// rows), P (64 rows, SIMT only), key row.
 fn fwd_shmem(st: &Strides) -> u32 {
     let q = GPU_FWD_QUERIES;
-    let p = if st.fwd_p { q * GPU_PS } else { 0 };
+    let p = if st.staged { q * GPU_PS } else { 0 };
     (4 * (q * st.q + GPU_TILE * st.k + GPU_TILE * st.v + p + GPU_TILE)) as u32
 }
 
 /// Dynamic shared memory of `attention_bwd_dq_*`: q and dout tiles (64 rows), k and v
-/// tiles (32 rows), dS (64 rows), key row, lse and D (64 each).
+/// tiles (32 rows), dS (64 rows, SIMT only), key row, lse and D (64 each).
 fn bwd_dq_shmem(st: &Strides) -> u32 {
     let q = GPU_FWD_QUERIES;
-    (4 * (2 * q * st.q + 2 * GPU_TILE * st.k + q * GPU_PS + GPU_TILE + 2 * q)) as u32
+    let ds = if st.staged { q * GPU_PS } else { 0 };
+    (4 * (2 * q * st.q + 2 * GPU_TILE * st.k + ds + GPU_TILE + 2 * q)) as u32
 }
 
 /// Dynamic shared memory of `attention_bwd_dkv_*`: q, dout, k, v tiles (32 rows each),
