@@ -348,14 +348,13 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
 // Forward on tensor cores (mma_f32_16x8x8: 3×TF32 on a GPU), for head widths whose
 // padded width qs is a multiple of 8.  The same grid, block, tiles (64 queries, 32 keys)
 // and arithmetic as attention_fwd_body; warp w owns query rows 16w .. 16w+15 of the block
-// and holds them as mma fragments: lane 4g + t keeps rows g and g+8, scores of keys 2t,
-// 2t+1 of each 8-key column (so a row's max and sum are two shuffles among its 4 lanes)
-// and output dimensions 2t, 2t+1 of each 8-wide column.  P stays in registers: the
-// score fragment of 8 keys is the A operand of O += P V with the keys taken in the order
-// 2t, 2t+1 (mma_c_as_a), and V's rows are read in that order (mma_load_b_pairs).  The
-// tiles' stride ks ≡ 4 mod 32 makes every fragment read conflict-free (q as A, k as Bᵀ,
-// v as B by row pairs).
-// Dynamic shared memory (floats): q 64·ks, k and v 32·ks each, key row 32 (68 KB at
+// and holds them as mma fragments: lane 4g + t keeps rows g and g+8, scores of keys t,
+// t+4 of each 8-key column (so a row's max and sum are two shuffles among its 4 lanes)
+// and output dimensions 2t, 2t+1 of each 8-wide column.  P stays in registers: S takes
+// its keys in A order (mma_load_bt_a_order), so the score fragment of 8 keys is the A
+// operand of O += P V as it is (mma_c_as_a).  q (as A) and k (as Bᵀ) at the stride
+// ks ≡ 4 mod 32 and v (as B) at ks + 4 ≡ 8 mod 32 are read without bank conflicts.
+// Dynamic shared memory (floats): q 64·ks, k 32·ks, v 32·(ks + 4), key row 32 (68 KB at
 // HS = 128: three blocks per SM).
 // ---------------------------------------------------------------------------------------
 #define TC_MAX_COLS (ATT_MAX_HS / 8)  // 8-wide output columns at most
@@ -369,11 +368,11 @@ __device__ void attention_fwd_tc_body(float* out, float* lse, const float* q, co
                                       const float* bias, const unsigned char* key_mask, int B, int NH, int NKV,
                                       int Tq, int Tk, int Ks, int HS, int causal, float scale) {
     DYN_SHARED(float, tc_sm);
-    const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs);
+    const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs), vs = ks + 4;
     float* qt = tc_sm;
     float* kt = qt + FT_BQ * ks;
     float* vt = kt + ATT_BK * ks;
-    float* kb = vt + ATT_BK * ks;
+    float* kb = vt + ATT_BK * vs;
 
     const int ntq = (Tq + FT_BQ - 1) / FT_BQ;
     const int tile = ntq - 1 - (int)(blockIdx.x % ntq), bh = blockIdx.x / ntq;
@@ -403,12 +402,13 @@ ATT_UNROLL
         __syncthreads();  // the previous tile is no longer read
         const int kv = imin(ATT_BK, Tk - t0);
         ft_load_tile(kt, ks, kh + (size_t)t0 * HS, ATT_BK, kv, HS);
-        ft_load_tile(vt, ks, vh + (size_t)t0 * HS, ATT_BK, kv, HS);
+        ft_load_tile(vt, vs, vh + (size_t)t0 * HS, ATT_BK, kv, HS);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
         cp_async_wait_all();
         __syncthreads();
 
-        // S (16 × 32) = Q Kᵀ: four 8-key columns, k over the padded width
+        // S (16 × 32) = Q Kᵀ: four 8-key columns in A order (entries e = 0, 1 of column n
+        // are keys 8n + t, 8n + t + 4), k over the padded width
         float s[4][4];
 ATT_UNROLL
         for (int n = 0; n < 4; ++n)
@@ -420,7 +420,7 @@ ATT_UNROLL  // complete in the QS = 128 bodies
 ATT_UNROLL
             for (int n = 0; n < 4; ++n) {
                 float bb[2];
-                mma_load_bt(bb, kt, ks, d0, 8 * n);
+                mma_load_bt_a_order(bb, kt, ks, d0, 8 * n);
                 mma_f32_16x8x8(s[n], a, bb);
             }
         }
@@ -432,7 +432,7 @@ ATT_UNROLL
 ATT_UNROLL
             for (int n = 0; n < 4; ++n)
                 for (int e = 0; e < 2; ++e) {
-                    const int jj = 8 * n + 2 * t + e;
+                    const int jj = 8 * n + t + 4 * e;
                     float xv = s[n][2 * half + e] * sl2 + kb[jj];
                     if (causal && t0 + jj > i + off) xv = neg_inf();
                     x[2 * n + e] = xv;
@@ -469,7 +469,7 @@ ATT_UNROLL
             for (int c = 0; c < TC_MAX_COLS; ++c) {
                 if (8 * c >= qs) break;
                 float bb[2];
-                mma_load_b_pairs(bb, vt, ks, 8 * n, 8 * c);
+                mma_load_b(bb, vt, vs, 8 * n, 8 * c);
                 mma_f32_16x8x8(o[c], a, bb);
             }
         }

@@ -133,15 +133,6 @@ __device__ __forceinline__ void mma_offs_b(int o[2], int ld, int k0, int n0) {
     o[0] = mma_off<SW>(ld, k, n);
     o[1] = mma_off<SW>(ld, k + 4, n);
 }
-// B with its k order that of a C fragment's columns: B[k][n] = tile[k0 + κ(k)][n0 + n],
-// κ(t) = 2t, κ(t + 4) = 2t + 1, so lane 4g + t reads rows k0 + 2t and k0 + 2t + 1.  Rows
-// 2t at a stride ≡ 4 mod 32 fall in 4 different 8-bank groups: no conflict.
-template <bool SW>
-__device__ __forceinline__ void mma_offs_b_pairs(int o[2], int ld, int k0, int n0) {
-    const int lane = threadIdx.x % WARP_SIZE, k = k0 + 2 * (lane % 4), n = n0 + lane / 4;
-    o[0] = mma_off<SW>(ld, k, n);
-    o[1] = mma_off<SW>(ld, k + 1, n);
-}
 template <bool SW>
 __device__ __forceinline__ void mma_offs_bt(int o[2], int ld, int k0, int n0) {
     const int lane = threadIdx.x % WARP_SIZE, k = k0 + lane % 4, n = n0 + lane / 4;
@@ -188,19 +179,11 @@ __device__ __forceinline__ void mma_load_bt_a_order(float b[2], const float* til
     for (int i = 0; i < 2; ++i) b[i] = tile[o[i]];
 }
 
-template <bool SW = false>
-__device__ __forceinline__ void mma_load_b_pairs(float b[2], const float* tile, int ld, int k0, int n0) {
-    int o[2];
-    mma_offs_b_pairs<SW>(o, ld, k0, n0);
-    for (int i = 0; i < 2; ++i) b[i] = tile[o[i]];
-}
-
-// A C fragment (16 rows × 8 columns: lane 4g + t holds columns 2t, 2t + 1 of rows g and
-// g + 8) as an A operand whose k order is κ of mma_offs_b_pairs: A[g][t] = C[g][2t],
-// A[g][t + 4] = C[g][2t + 1], and the same for row g + 8.  The product with B read by
-// mma_load_b_pairs is the product of C and B in the plain order: the sum over k is the
-// same sum.  When C came from a Bᵀ read by mma_load_bt_a_order, its columns 2t, 2t + 1
-// are columns t, t + 4 of the product, so the A operand is in the plain k order.
+// A C fragment (16 rows × 8 columns: lane 4g + t holds entries 2t, 2t + 1 of rows g and
+// g + 8) as an A operand (lane 4g + t holds columns t, t + 4): A[g][t] = C[g][2t],
+// A[g][t + 4] = C[g][2t + 1], and the same for row g + 8.  When C is a product with Bᵀ
+// read by mma_load_bt_a_order, its entries 2t, 2t + 1 are its columns t, t + 4, so the A
+// operand is C in the plain column order, to multiply B read by mma_load_b.
 __device__ __forceinline__ void mma_c_as_a(float a[4], const float c[4]) {
     a[0] = c[0];
     a[1] = c[2];

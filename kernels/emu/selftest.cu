@@ -99,9 +99,8 @@ extern "C" __global__ void emu_selftest_float4_load(float* out, const float* x, 
 // register and every tile position the kernels use (rows and columns at multiples of 8
 // below 32 × qs).  A read takes as many wavefronts as the most distinct 32-bit words
 // that fall in one of the 32 banks (lanes reading the same word share it).  kind: 0 = A,
-// 1 = B, 2 = Bᵀ, 3 = B by row pairs (mma_load_b_pairs), 4 = Bᵀ in A order
-// (mma_load_bt_a_order); the tile has row stride ld and is swizzled when sw != 0.  One
-// warp; out (1).
+// 1 = B, 2 = Bᵀ, 3 = Bᵀ in A order (mma_load_bt_a_order); the tile has row stride ld and
+// is swizzled when sw != 0.  One warp; out (1).
 __device__ int emu_wavefronts(int* offs, int off) {
     const int lane = threadIdx.x % WARP_SIZE;
     offs[lane] = off;
@@ -118,9 +117,9 @@ __device__ int emu_wavefronts(int* offs, int off) {
 }
 
 // kind 0 (A): rows row0 .. +15, columns col0 .. +7; kind 1 (B): rows k0 .. +7, columns
-// n0 .. +7; kind 2 (Bᵀ): rows n0 .. +7, columns k0 .. +7; kind 3 as kind 1 with the rows
-// in pairs; kind 4 as kind 2 with the rows in A order; the row and column starts run
-// over multiples of 8, rows below 32 and columns below qs.
+// n0 .. +7; kind 2 (Bᵀ): rows n0 .. +7, columns k0 .. +7; kind 3 as kind 2 with the rows
+// in A order; the row and column starts run over multiples of 8, rows below 32 and
+// columns below qs.
 template <bool SW>
 __device__ int emu_mma_read_wavefronts(int* offs, int kind, int ld, int qs) {
     int most = 0;
@@ -130,8 +129,7 @@ __device__ int emu_mma_read_wavefronts(int* offs, int kind, int ld, int qs) {
             if (kind == 0) mma_offs_a<SW>(o, ld, r0, c0);
             if (kind == 1) mma_offs_b<SW>(o, ld, r0, c0);
             if (kind == 2) mma_offs_bt<SW>(o, ld, c0, r0);
-            if (kind == 3) mma_offs_b_pairs<SW>(o, ld, r0, c0);
-            if (kind == 4) mma_offs_bt_a_order<SW>(o, ld, c0, r0);
+            if (kind == 3) mma_offs_bt_a_order<SW>(o, ld, c0, r0);
             const int regs = kind == 0 ? 4 : 2;
             for (int i = 0; i < regs; ++i) {
                 const int w = emu_wavefronts(offs, o[i]);

@@ -30,8 +30,8 @@ fn tile_strides(hs: usize) -> (usize, usize) {
 /// the k tile and the forward's v tile (the backward's v tile takes the k stride); and
 /// whether the forward keeps P, and the dQ kernel dS, in shared memory.  The SIMT
 /// kernels read q-side rows as float4 broadcasts (q = the padded width) and stage P and
-/// dS; the tensor-core kernels read every tile as mma fragments at a stride ≡ 4 mod 32
-/// and keep P and dS in registers; the
+/// dS; the tensor-core kernels read tiles as mma fragments at a stride ≡ 4 mod 32 (the
+/// forward's v, read as B only, at ≡ 8 mod 32) and keep P and dS in registers; the
 /// backward's tiles read both ways are swizzled at a stride 4 floats under `k` (`tc_sw`
 /// in kernels/attention.cu), in the same space.
 struct Strides {
@@ -48,7 +48,7 @@ fn strides(hs: usize, tc: bool) -> Strides {
         Strides {
             q: ks,
             k: ks,
-            v: ks,
+            v: ks + 4,
             staged: false,
         }
     } else {
