@@ -276,6 +276,44 @@ fn threads_at_two_different_barriers_are_an_error() {
     assert!(e.to_string().contains("two different __syncthreads"), "{e}");
 }
 
+/// A write past the dynamic shared memory a launch asked for is an error, whether it
+/// lands just past the end (checked after each block) or far past it (checked when the
+/// launch is done); a write inside it is not.
+#[test]
+fn write_past_dynamic_shared_memory_is_an_error() {
+    let dev = Device::emulator();
+    let mut out = dev.zeros::<f32>(1).unwrap();
+    let mut write = |i: i32, floats: u32| {
+        let cfg = LaunchCfg::new([3, 1, 1], [32, 1, 1], 4 * floats);
+        let r = dev.launch(
+            "emu_selftest_dyn_shared_write",
+            cfg,
+            &[out.arg_mut(), KArg::I32(i)],
+        );
+        r.map_err(|e| e.to_string())
+    };
+    write(9, 10).unwrap();
+    // who: the block, when the write is within 4 KiB of the end; else found at the end
+    let cases = [
+        (10, 10, "block ("),
+        (0, 0, "block ("),
+        (9000, 10, "a block"),
+    ];
+    for (i, floats, who) in cases {
+        let e = write(i, floats).unwrap_err();
+        let byte = 4 * i;
+        let past = format!(
+            "byte {byte} of dynamic shared memory, past the {} bytes",
+            4 * floats
+        );
+        assert!(
+            e.contains(&past) && e.contains(who),
+            "float {i} of {floats}: {e}"
+        );
+    }
+    assert_eq!(dev.download(&out).unwrap(), [1.0]);
+}
+
 #[test]
 fn misaligned_float4_is_an_error_and_aligned_is_not() {
     let dev = Device::emulator();

@@ -31,6 +31,12 @@ constexpr size_t kMaxStaticShared = 48 * 1024;
 // What shared memory holds before a block writes it: all-ones bytes, NaN as an f32
 // (and as an f64), -1 as an integer.
 constexpr uint8_t kSharedPoison = 0xff;
+// Dynamic shared memory is one buffer of kMaxDynShared bytes per worker, poisoned once
+// whole and then, before each block, the part the launch asked for.  The kDynGuard bytes
+// past that part are checked after each block and the rest of the buffer when the
+// worker is done, so a write past the launch's size is an error (the GPU faults on an
+// out-of-range shared address), not a heap corruption or a silent success.
+constexpr size_t kDynGuard = 4096;
 
 enum class State : uint8_t { Runnable, AtBlockBar, AtWarpBar, Exited };
 
@@ -68,7 +74,8 @@ struct Worker {
     size_t stacks_len = 0;
     ucontext_t sched;
     int current = -1;
-    std::vector<uint8_t> dyn;
+    std::vector<uint8_t> dyn;  // kMaxDynShared bytes; the launch uses the first `shmem`
+    size_t shmem = 0;
     std::vector<uint8_t> static_pool;
     size_t static_touched = 0;  // bytes of static_pool handed out so far (re-poisoned per block)
     const EmuKernel* kernel = nullptr;
@@ -94,11 +101,36 @@ void fiber_entry() {
     setcontext(&w->sched);
 }
 
-// Run one block to completion on this worker.  Returns false on deadlock.
+// Where dyn[from, to) was written (is not poison), or `to`.
+size_t first_written(const std::vector<uint8_t>& dyn, size_t from, size_t to) {
+    size_t i = from;
+    for (; i + 8 <= to; i += 8) {  // 8 bytes a step; the byte loop below finds which
+        uint64_t word;
+        std::memcpy(&word, dyn.data() + i, 8);
+        if (word != 0x0101010101010101ull * kSharedPoison) break;
+    }
+    for (; i < to; ++i)
+        if (dyn[i] != kSharedPoison) return i;
+    return to;
+}
+
+// An error if a block wrote dyn[from, to), past the launch's dynamic shared memory.
+bool dyn_overrun(Worker& w, size_t from, size_t to, const char* who) {
+    const size_t hit = first_written(w.dyn, from, to);
+    if (hit == to) return false;
+    char buf[256];
+    snprintf(buf, sizeof buf, "kernel %s: %s wrote byte %zu of dynamic shared memory, past the %zu bytes it was "
+             "launched with", w.kernel->name, who, hit, w.shmem);
+    w.error = buf;
+    return true;
+}
+
+// Run one block to completion on this worker.  Returns false on an error (w.error):
+// deadlock, two different barriers, a write past the dynamic shared memory.
 bool run_block(Worker& w, unsigned nthreads) {
     const int nwarps = (int)((nthreads + kWarp - 1) / kWarp);
     w.error.clear();
-    std::fill(w.dyn.begin(), w.dyn.end(), kSharedPoison);
+    std::fill(w.dyn.begin(), w.dyn.begin() + (ptrdiff_t)w.shmem, kSharedPoison);
     std::fill(w.static_pool.begin(), w.static_pool.begin() + (ptrdiff_t)w.static_touched, kSharedPoison);
     for (auto& ws : w.warps) {
         for (auto& half : ws.xchg)
@@ -136,7 +168,12 @@ bool run_block(Worker& w, unsigned nthreads) {
             if (s != State::Exited) ++live;
             if (s == State::AtBlockBar) ++at_block;
         }
-        if (live == 0) return true;
+        if (live == 0) {
+            char who[64];
+            const uint3 b = w.fibers[0].ctx.block_idx;
+            snprintf(who, sizeof who, "block (%u,%u,%u)", b.x, b.y, b.z);
+            return !dyn_overrun(w, w.shmem, std::min(w.dyn.size(), w.shmem + kDynGuard), who);
+        }
         for (int wi = 0; wi < nwarps; ++wi) {
             unsigned lo = (unsigned)wi * kWarp, hi = std::min(nthreads, lo + kWarp);
             unsigned live_lanes = 0, arrived = 0, need = 0;
@@ -383,7 +420,8 @@ extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const 
         w.args = args;
         w.fibers.resize(nthreads);
         w.warps.resize((nthreads + kWarp - 1) / kWarp);
-        w.dyn.assign(std::max<size_t>(shmem, 16), kSharedPoison);
+        w.dyn.assign(kMaxDynShared, kSharedPoison);
+        w.shmem = shmem;
         w.static_pool.assign(kMaxStaticShared, kSharedPoison);
         w.stacks_len = (size_t)nthreads * kFiberStack;
         void* mem = mmap(nullptr, w.stacks_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -414,6 +452,11 @@ extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const 
                 failed = true;
                 break;
             }
+        }
+        if (!failed.load() && dyn_overrun(w, w.shmem, w.dyn.size(), "a block")) {
+            std::lock_guard<std::mutex> g(err_mu);
+            if (first_error.empty()) first_error = w.error;
+            failed = true;
         }
         tl_worker = nullptr;
         munmap(w.stacks, w.stacks_len);

@@ -94,6 +94,16 @@ extern "C" __global__ void emu_selftest_float4_load(float* out, const float* x, 
     store_float4(out, load_float4(x + offset));
 }
 
+// Deliberate error when the launch's dynamic shared memory holds fewer than i + 1 floats:
+// thread 0 writes float i of it (the GPU faults on an out-of-range shared address).
+// out (1).
+extern "C" __global__ void emu_selftest_dyn_shared_write(float* out, int i) {
+    DYN_SHARED(float, sm);
+    if (threadIdx.x != 0) return;
+    sm[i] = 1.0f;
+    out[0] = sm[i];
+}
+
 // Bank conflicts of the tensor-core kernels' fragment reads (mma_load_a / _b / _bt,
 // kernels/common.cuh): the most wavefronts any one warp-wide read takes, over every
 // register and every tile position the kernels use (rows and columns at multiples of 8
