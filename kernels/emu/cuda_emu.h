@@ -12,6 +12,8 @@
 //   declaration order; before each block it and the dynamic shared memory are filled
 //   with 0xff bytes (NaN as f32, -1 as an integer), so a read of shared memory that
 //   no thread wrote shows up in the results instead of reading the previous block's;
+// - a write past the dynamic shared memory the launch asked for is an error (the GPU
+//   faults on an out-of-range shared address), found by poison checks after each block;
 // - `__syncthreads()` records its call site: threads of one block waiting at two
 //   different barriers are an error (undefined on the GPU), not a silent release;
 // - `load_float4` / `store_float4` / `load_uint4` check 16-byte alignment, as the GPU does (a
