@@ -1,6 +1,6 @@
 //! The CUDA emulator itself: barriers, early returns, shuffles, dynamic shared memory,
 //! atomics across concurrent blocks, argument checking, deadlock reporting.
-use popen::kernels::{Device, KArg, LaunchCfg};
+use popen::kernels::{Device, DeviceKind, KArg, LaunchCfg};
 
 #[test]
 fn rowsum_uses_shared_memory_and_shuffles() {
@@ -349,4 +349,29 @@ fn uninit_buffers_are_poisoned_on_the_emulator() {
     let u = dev.download(&dev.uninit::<u32>(3).unwrap()).unwrap();
     assert_eq!(u, vec![u32::MAX; 3]);
     assert!(dev.uninit::<u8>(0).unwrap().is_empty());
+}
+
+/// `Device::resident_blocks`: one wave of a kernel's blocks (the emulator answers as
+/// an H100 holding 4 blocks per SM); an unknown kernel or a block no SM can hold is an
+/// error, on every test device.
+#[test]
+fn resident_blocks_is_a_wave_and_bad_blocks_are_errors() {
+    use popen::kernels::{EMU_BLOCKS_PER_SM, EMU_SMS};
+    for dev in Device::test_devices() {
+        let wave = dev.resident_blocks("mask_pair_part_u8", 256, 0).unwrap();
+        if dev.kind() == DeviceKind::Emulator {
+            assert_eq!(wave, EMU_SMS * EMU_BLOCKS_PER_SM);
+        }
+        assert!(wave >= 1, "{dev:?}: {wave}");
+        let e = dev.resident_blocks("no_such_kernel", 256, 0).unwrap_err();
+        assert!(e.to_string().contains("no kernel named"), "{dev:?}: {e}");
+        assert!(dev.resident_blocks("mask_pair_part_u8", 2048, 0).is_err());
+        assert!(dev
+            .resident_blocks("mask_pair_part_u8", 256, 300 * 1024)
+            .is_err());
+    }
+    let e = Device::emulator()
+        .resident_blocks("mask_pair_part_u8", 0, 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("no SM holds"), "{e}");
 }

@@ -377,6 +377,13 @@ unsigned warp_ballot(unsigned mask, bool pred) {
 
 using namespace emu;
 
+// Whether kernel `name` can run a block of `threads` threads with `shmem` bytes of
+// dynamic shared memory: 1 yes, 0 no (the launch would fail), -1 no such kernel.
+extern "C" int popen_emu_block_fits(const char* name, unsigned threads, unsigned shmem) {
+    if (!popen_emu_find(name)) return -1;
+    return threads >= 1 && threads <= kMaxThreadsPerBlock && shmem <= kMaxDynShared ? 1 : 0;
+}
+
 extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3],
                                 unsigned shmem, void** args, size_t nargs, const size_t* arg_sizes,
                                 unsigned max_workers, char* err, size_t errlen) {

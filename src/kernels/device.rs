@@ -264,6 +264,12 @@ pub struct CopyCount {
     pub dtoh: u64,
 }
 
+/// SMs of the GPU the emulator answers [`Device::resident_blocks`] as (an H100 SXM).
+pub const EMU_SMS: usize = 132;
+/// Blocks of any kernel one SM holds, as the emulator answers
+/// [`Device::resident_blocks`].
+pub const EMU_BLOCKS_PER_SM: usize = 4;
+
 /// A device to allocate on and launch kernels on.
 pub struct Device {
     inner: DevInner,
@@ -281,6 +287,7 @@ enum DevInner {
 }
 
 extern "C" {
+    fn popen_emu_block_fits(name: *const c_char, threads: u32, shmem: u32) -> i32;
     fn popen_emu_launch(
         name: *const c_char,
         grid: *const u32,
@@ -546,6 +553,40 @@ impl Device {
         }
     }
 
+    /// How many blocks of kernel `name` (`threads` per block, `shmem` bytes of dynamic
+    /// shared memory) the device runs at once: its SMs × the blocks of that kernel one SM
+    /// holds (the driver's occupancy, which counts the kernel's registers).  A grid of
+    /// this many blocks is one full wave; one block more starts a second wave that runs
+    /// on a few SMs while the rest wait.  The emulator answers as a GPU of
+    /// [`EMU_SMS`] SMs holding [`EMU_BLOCKS_PER_SM`] blocks each, so that the tests run
+    /// the grids a GPU would.  An error for an unknown kernel or a block no SM can hold.
+    pub fn resident_blocks(&self, name: &str, threads: u32, shmem: u32) -> Result<usize> {
+        let unknown = || Error::Device(format!("no kernel named {name}"));
+        let too_big = || {
+            Error::Device(format!(
+                "{name}: no SM holds a block of {threads} threads and {shmem} bytes of \
+                 dynamic shared memory"
+            ))
+        };
+        match &self.inner {
+            DevInner::Emu { .. } => {
+                let cname = CString::new(name).map_err(|_| unknown())?;
+                // SAFETY: reads the NUL-terminated name only.
+                match unsafe { popen_emu_block_fits(cname.as_ptr(), threads, shmem) } {
+                    1 => Ok(EMU_SMS * EMU_BLOCKS_PER_SM),
+                    0 => Err(too_big()),
+                    _ => Err(unknown()),
+                }
+            }
+            #[cfg(feature = "cuda")]
+            DevInner::Cuda(c) => match c.resident_blocks(name, threads, shmem)? {
+                None => Err(unknown()),
+                Some(0) => Err(too_big()),
+                Some(n) => Ok(n),
+            },
+        }
+    }
+
     /// Launch kernel `name` (an `extern "C" __global__` function in `kernels/*.cu`).
     ///
     /// On the emulator the argument count and each argument's size are checked against
@@ -623,6 +664,8 @@ mod cuda {
         /// The cuBLAS handle, made on the first product (a machine without libcublas
         /// can still launch the crate's own kernels).
         blas: std::sync::Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
+        /// Streaming multiprocessors.
+        sms: usize,
         _ctx: Arc<CudaContext>,
     }
 
@@ -654,6 +697,19 @@ mod cuda {
 
     fn derr(what: &str, e: impl fmt::Display) -> Error {
         Error::Device(format!("{what}: {e}"))
+    }
+
+    /// Opt kernel `f` in to `shmem` bytes of dynamic shared memory (above 48 KiB a
+    /// kernel must ask).
+    fn allow_shared(f: &CudaFunction, shmem: u32) -> Result<()> {
+        if shmem > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shmem as i32,
+            )
+            .map_err(|e| derr("set shared memory", e))?;
+        }
+        Ok(())
     }
 
     impl CudaDev {
@@ -691,10 +747,16 @@ mod cuda {
                     }
                 }
             }
+            let sms = ctx
+                .attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                )
+                .map_err(|e| derr("SM count", e))?;
             Ok(CudaDev {
                 stream,
                 funcs,
                 blas: std::sync::Mutex::new(None),
+                sms: sms.max(1) as usize,
                 _ctx: ctx,
             })
         }
@@ -802,18 +864,29 @@ mod cuda {
             })
         }
 
+        /// SMs × blocks per SM of kernel `name`; None for an unknown kernel.
+        pub(super) fn resident_blocks(
+            &self,
+            name: &str,
+            threads: u32,
+            shmem: u32,
+        ) -> Result<Option<usize>> {
+            let Some(f) = self.funcs.get(name) else {
+                return Ok(None);
+            };
+            allow_shared(f, shmem)?;
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(threads, shmem as usize, None)
+                .map_err(|e| derr(&format!("occupancy of {name}"), e))?;
+            Ok(Some(self.sms * per_sm as usize))
+        }
+
         pub(super) fn launch(&self, name: &str, cfg: LaunchCfg, args: &[KArg]) -> Result<()> {
             let f = self
                 .funcs
                 .get(name)
                 .ok_or_else(|| Error::Device(format!("no kernel named {name} in the PTX")))?;
-            if cfg.shmem > 48 * 1024 {
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    cfg.shmem as i32,
-                )
-                .map_err(|e| derr("set shared memory", e))?;
-            }
+            allow_shared(f, cfg.shmem)?;
             let vals: Vec<KArg> = args.to_vec();
             let mut b = self.stream.launch_builder(f);
             for a in &vals {

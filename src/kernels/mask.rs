@@ -584,8 +584,6 @@ const PAIR_TP: usize = 64;
 const PAIR_TG: usize = 16;
 const PAIR_THREADS: u32 = (PAIR_TP * PAIR_TG / 4) as u32;
 const PAIR_SUB: usize = 1024;
-/// Blocks `pair_counts` aims for (chunks × tiles): a few per SM of a large GPU.
-const PAIR_BLOCKS: usize = 512;
 
 fn check_dims(op: &'static str, h: usize, w: usize) -> Result<usize> {
     let hw = h
@@ -629,11 +627,13 @@ pub fn pair_counts(
             format!("{p} × {g} pairs exceed one launch's grid"),
         ));
     }
-    // Enough (chunk, tile) blocks to fill a large GPU; a chunk at least PAIR_SUB pixels.
-    let chunks = PAIR_BLOCKS
-        .div_ceil(tiles_p * tiles_g)
-        .clamp(1, hw.div_ceil(PAIR_SUB).max(1));
-    let chunk = hw.div_ceil(chunks).div_ceil(PAIR_SUB).max(1) * PAIR_SUB;
+    // (chunk, tile) blocks in one wave: as many as the device runs at once, at most (a
+    // block more would start a second wave of a few blocks, on a few SMs, while the
+    // others idle); a chunk a whole number of PAIR_SUB steps, all chunks alike.
+    let wave = dev.resident_blocks("mask_pair_part_u8", PAIR_THREADS, 0)?;
+    let steps = hw.div_ceil(PAIR_SUB).max(1);
+    let chunks = (wave / (tiles_p * tiles_g)).clamp(1, steps);
+    let chunk = steps.div_ceil(chunks) * PAIR_SUB;
     let chunks = hw.div_ceil(chunk).max(1);
     let mut inter_part = dev.uninit::<u32>(chunks * p * g)?;
     let mut cnt_part = dev.uninit::<u32>(chunks * (p + g))?;

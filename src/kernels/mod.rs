@@ -16,7 +16,9 @@ pub mod profile;
 pub mod rows;
 pub mod simd;
 
-pub use device::{Device, DeviceBuf, DeviceKind, Elem, KArg, LaunchCfg};
+pub use device::{
+    Device, DeviceBuf, DeviceKind, Elem, KArg, LaunchCfg, EMU_BLOCKS_PER_SM, EMU_SMS,
+};
 pub use profile::KernelTime;
 
 mod gen {
