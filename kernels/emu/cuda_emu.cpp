@@ -31,8 +31,8 @@ constexpr size_t kMaxStaticShared = 48 * 1024;
 // What shared memory holds before a block writes it: all-ones bytes, NaN as an f32
 // (and as an f64), -1 as an integer.
 constexpr uint8_t kSharedPoison = 0xff;
-// Dynamic shared memory is one buffer of kMaxDynShared bytes per worker, poisoned once
-// whole and then, before each block, the part the launch asked for.  The kDynGuard bytes
+// Dynamic shared memory is one buffer of kMaxDynShared + kDynGuard bytes per worker,
+// poisoned once whole and then, before each block, the part the launch asked for.  The kDynGuard bytes
 // past that part are checked after each block and the rest of the buffer when the
 // worker is done, so a write past the launch's size is an error (the GPU faults on an
 // out-of-range shared address), not a heap corruption or a silent success.
@@ -74,7 +74,7 @@ struct Worker {
     size_t stacks_len = 0;
     ucontext_t sched;
     int current = -1;
-    std::vector<uint8_t> dyn;  // kMaxDynShared bytes; the launch uses the first `shmem`
+    std::vector<uint8_t> dyn;  // kMaxDynShared + kDynGuard bytes; the launch uses `shmem`
     size_t shmem = 0;
     std::vector<uint8_t> static_pool;
     size_t static_touched = 0;  // bytes of static_pool handed out so far (re-poisoned per block)
@@ -172,7 +172,7 @@ bool run_block(Worker& w, unsigned nthreads) {
             char who[64];
             const uint3 b = w.fibers[0].ctx.block_idx;
             snprintf(who, sizeof who, "block (%u,%u,%u)", b.x, b.y, b.z);
-            return !dyn_overrun(w, w.shmem, std::min(w.dyn.size(), w.shmem + kDynGuard), who);
+            return !dyn_overrun(w, w.shmem, w.shmem + kDynGuard, who);
         }
         for (int wi = 0; wi < nwarps; ++wi) {
             unsigned lo = (unsigned)wi * kWarp, hi = std::min(nthreads, lo + kWarp);
@@ -427,7 +427,7 @@ extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const 
         w.args = args;
         w.fibers.resize(nthreads);
         w.warps.resize((nthreads + kWarp - 1) / kWarp);
-        w.dyn.assign(kMaxDynShared, kSharedPoison);
+        w.dyn.assign(kMaxDynShared + kDynGuard, kSharedPoison);
         w.shmem = shmem;
         w.static_pool.assign(kMaxStaticShared, kSharedPoison);
         w.stacks_len = (size_t)nthreads * kFiberStack;
