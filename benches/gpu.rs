@@ -22,6 +22,7 @@ use popen::kernels::logprob::{logprob_bwd, logprob_fwd, seq_weighted_sum};
 use popen::kernels::mask::{pair_counts, soft_iou_bwd, soft_iou_fwd};
 use popen::kernels::perturb::{perturb, PerturbCfg};
 use popen::kernels::philox::Philox;
+use popen::kernels::probe::{probe, Probe};
 use popen::kernels::{Device, KArg, LaunchCfg};
 use popen::nn::llama::{Llama, LlamaConfig};
 use std::io::Write;
@@ -521,6 +522,30 @@ fn bench_stack(be: DeviceBackend, tag: &str) {
     );
 }
 
+/// The probes' rates (`probe_tflop_s` rows: `mma_tf32` one HMMA per product, `ffma`):
+/// four waves of 128-thread blocks, long enough (16 Ki steps) that launch costs vanish.
+fn bench_probes(dev: &Device) {
+    const THREADS: u32 = 128;
+    const ITERS: usize = 1 << 14;
+    for (which, name) in [(Probe::MmaTf32, "mma_tf32"), (Probe::Ffma, "ffma")] {
+        let wave = dev
+            .resident_blocks(which.kernel(), THREADS, 0)
+            .expect("occupancy");
+        let blocks = 4 * wave as u32;
+        let mut out = dev.zeros::<f32>((blocks * THREADS) as usize).expect("out");
+        let secs = time(dev, 1, 5, || {
+            probe(dev, which, blocks, THREADS, ITERS, &mut out).expect("probe")
+        });
+        let flops = which.flops_per_thread(ITERS) * (blocks * THREADS) as f64;
+        println!(
+            "{{\"name\":\"probe_{name}\",\"ms\":{:.4},\"tflop_s\":{:.1},\"blocks\":{blocks},\"wave\":{wave}}}",
+            secs * 1e3,
+            flops / secs / 1e12
+        );
+        std::io::stdout().flush().ok();
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; any other argument filters by name
     let filter: Vec<String> = std::env::args()
@@ -536,6 +561,9 @@ fn main() {
         }
     };
     let be = DeviceBackend::new(dev);
+    if want("probe") {
+        bench_probes(be.device());
+    }
     bench_memory(be.device(), &want);
     bench_image(&be, &want);
     if want("attention") {

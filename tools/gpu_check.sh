@@ -20,8 +20,8 @@
 #   tests.log              each test binary, run with POPEN_TEST_CUDA=1: every test on the
 #                          emulator and on GPU 0, failing if GPU 0 cannot be opened
 #   sanitizer.log          the first two failing tests again under compute-sanitizer
-#   bench_gpu.jsonl        benches/gpu.rs: copy ceiling, memory-bound kernels, the pixel
-#                          decoder's image ops, attention,
+#   bench_gpu.jsonl        benches/gpu.rs: the probes' HMMA and FFMA rates, copy ceiling,
+#                          memory-bound kernels, the pixel decoder's image ops, attention,
 #                          the 7B-shaped stack's forward + backward
 #   bench_gpu_torch.jsonl  tools/bench_gpu_torch.py: the same shapes in PyTorch
 #   train.log              `popen train sft` on a generated world, --device cuda and cpu, then
@@ -34,7 +34,7 @@
 # and prints the summary last.  Exit status: non-zero if a test failed or no GPU ran.
 set -uo pipefail
 
-TESTS="${TESTS:-kernel_attention kernel_perturb kernel_mask kernel_logprob emulator backend_device seg_model}"
+TESTS="${TESTS:-kernel_attention kernel_perturb kernel_mask kernel_logprob kernel_probe emulator backend_device seg_model}"
 
 if [[ "${1:-}" == "--collect" ]]; then
     dst="${2:?usage: gpu_check.sh --collect DIR}"
@@ -110,7 +110,7 @@ for n in $TESTS; do
 done
 
 # one process per section, so that one failing section does not lose the others
-want bench && for section in ${BENCH_SECTIONS:-copy perturb logprob mask image attention stack}; do
+want bench && for section in ${BENCH_SECTIONS:-probe copy perturb logprob mask image attention stack}; do
     timeout "${BENCH_TIMEOUT:-150}" "$bin/bench_gpu" --bench "$section" >> "$out/bench_gpu.jsonl" 2>> "$out/bench_err.log"
     stamp "bench_gpu $section: rc=$? $(tail -1 "$out/bench_gpu.jsonl")"
 done

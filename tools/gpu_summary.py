@@ -70,7 +70,7 @@ def main():
     for name in sorted(set(ours) | set(torch)):
         o, t = ours.get(name), torch.get(name)
         row = {"ours_ms": o and o["ms"], "torch_ms": t and t["ms"]}
-        for unit in ("gb_s", "gflop_s", "tokens_s", "steps_s", "questions_s"):
+        for unit in ("gb_s", "gflop_s", "tflop_s", "tokens_s", "steps_s", "questions_s"):
             if (o and unit in o) or (t and unit in t):
                 row["unit"] = unit
                 row["ours"] = o and o.get(unit)

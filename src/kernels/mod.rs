@@ -12,6 +12,7 @@ pub mod logprob;
 pub mod mask;
 pub mod perturb;
 pub mod philox;
+pub mod probe;
 pub mod profile;
 pub mod rows;
 pub mod simd;
