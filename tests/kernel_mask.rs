@@ -217,7 +217,10 @@ fn pair_counts_matches_cpu() {
     let mut rng = Philox::new(21);
     // HW = 19·23 and 20·50 (byte loads), 12·20 (16-byte loads, one partial word),
     // 40·48 (16-byte loads, two chunks of 1024 pixels, 2 × 2 tiles of 64 × 16 pairs),
-    // 28·36 (half of the last word past the mask), 66 × 17 pairs by byte loads
+    // 28·36 (half of the last word past the mask), 66 × 17 pairs by byte loads; 600·1024
+    // and 613·1001 (16-byte and byte loads) have more 1024-pixel steps than the
+    // emulator's wave of blocks (Device::resident_blocks: 528), so each block walks
+    // two steps
     for &(p, g, h, w) in &[
         (3usize, 5usize, 19usize, 23usize),
         (4, 2, 12, 20),
@@ -225,6 +228,8 @@ fn pair_counts_matches_cpu() {
         (70, 19, 40, 48),
         (5, 3, 28, 36),
         (66, 17, 20, 50),
+        (2, 3, 600, 1024),
+        (1, 1, 613, 1001),
     ] {
         let pred: Vec<u8> = (0..p).flat_map(|_| random_mask(&mut rng, h, w)).collect();
         let gt: Vec<u8> = (0..g).flat_map(|_| random_mask(&mut rng, h, w)).collect();
