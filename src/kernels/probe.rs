@@ -83,8 +83,9 @@ pub fn probe(
 
 /// The CPU twin of [`probe`]: what each of `n` threads (`threads` per block) writes.
 /// Thread lane `4g + t` of a warp holds, for the product, entries (g, 2t), (g, 2t + 1),
-/// (g + 8, 2t), (g + 8, 2t + 1) of C = A B with A[r][k] = (r + k) mod 3 and B[k][n] =
-/// (k + 2n) mod 5; each chain starts at its index.  Summed in the kernel's order.
+/// (g + 8, 2t), (g + 8, 2t + 1) of C = A B with `A[r][k] = (r + k) mod 3` and
+/// `B[k][n] = (k + 2n) mod 5`; each chain starts at its index.  Summed in the kernel's
+/// order.
 pub fn probe_cpu(which: Probe, n: usize, threads: u32, iters: usize) -> Result<Vec<f32>> {
     check("probe_cpu", threads, iters)?;
     let c_entry = |r: usize, col: usize| -> f32 {
