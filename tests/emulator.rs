@@ -314,6 +314,30 @@ fn write_past_dynamic_shared_memory_is_an_error() {
     assert_eq!(dev.download(&out).unwrap(), [1.0]);
 }
 
+/// A write past the end of a static shared array is an error (on the GPU it lands in
+/// the next array, silently); the last element is not.
+#[test]
+fn write_past_a_static_shared_array_is_an_error() {
+    let dev = Device::emulator();
+    let mut out = dev.zeros::<f32>(1).unwrap();
+    let mut write = |i: i32| {
+        let cfg = LaunchCfg::new([2, 1, 1], [32, 1, 1], 0);
+        let r = dev.launch(
+            "emu_selftest_static_shared_write",
+            cfg,
+            &[out.arg_mut(), KArg::I32(i)],
+        );
+        r.map_err(|e| e.to_string())
+    };
+    write(7).unwrap();
+    for i in [8, 20] {
+        let e = write(i).unwrap_err();
+        let past = format!("wrote byte {} of its static shared array 0", 4 * i);
+        assert!(e.contains(&past) && e.contains("32 bytes"), "float {i}: {e}");
+    }
+    assert_eq!(dev.download(&out).unwrap(), [3.0]);
+}
+
 #[test]
 fn misaligned_float4_is_an_error_and_aligned_is_not() {
     let dev = Device::emulator();

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace emu {
@@ -37,6 +38,12 @@ constexpr uint8_t kSharedPoison = 0xff;
 // worker is done, so a write past the launch's size is an error (the GPU faults on an
 // out-of-range shared address), not a heap corruption or a silent success.
 constexpr size_t kDynGuard = 4096;
+// Each static shared array is followed in the pool by kStaticGuard bytes of poison that
+// no array owns, checked after each block: a write past an array (on the GPU it lands in
+// the next array or in nothing, silently) is an error here.  The 48 KB limit counts the
+// arrays as the GPU lays them out, without the guards.
+constexpr size_t kStaticGuard = 64;
+constexpr size_t kStaticPool = 2 * kMaxStaticShared;  // arrays and their guards
 
 enum class State : uint8_t { Runnable, AtBlockBar, AtWarpBar, Exited };
 
@@ -47,6 +54,7 @@ struct Fiber {
     unsigned warp_mask;  // mask given at a warp barrier
     uint32_t seq;        // warp collectives this thread has entered
     size_t shared_off;   // static shared memory this thread has declared so far
+    size_t shared_gpu;   // the same as the GPU lays it out (no guards)
     const char* bar_file;  // call site of the __syncthreads it waits at
     int bar_line;
 };
@@ -78,6 +86,7 @@ struct Worker {
     size_t shmem = 0;
     std::vector<uint8_t> static_pool;
     size_t static_touched = 0;  // bytes of static_pool handed out so far (re-poisoned per block)
+    std::vector<std::pair<size_t, size_t>> static_guards;  // (guard offset, its array's bytes)
     const EmuKernel* kernel = nullptr;
     void** args = nullptr;
     std::string error;
@@ -125,6 +134,21 @@ bool dyn_overrun(Worker& w, size_t from, size_t to, const char* who) {
     return true;
 }
 
+// An error if a block wrote a static shared array's guard.
+bool static_overrun(Worker& w, const char* who) {
+    for (size_t i = 0; i < w.static_guards.size(); ++i) {
+        const auto [at, bytes] = w.static_guards[i];
+        const size_t hit = first_written(w.static_pool, at, at + kStaticGuard);
+        if (hit == at + kStaticGuard) continue;
+        char buf[256];
+        snprintf(buf, sizeof buf, "kernel %s: %s wrote byte %zu of its static shared array %zu (SHARED, %zu "
+                 "bytes), past its end", w.kernel->name, who, bytes + (hit - at), i, bytes);
+        w.error = buf;
+        return true;
+    }
+    return false;
+}
+
 // Run one block to completion on this worker.  Returns false on an error (w.error):
 // deadlock, two different barriers, a write past the dynamic shared memory.
 bool run_block(Worker& w, unsigned nthreads) {
@@ -149,6 +173,7 @@ bool run_block(Worker& w, unsigned nthreads) {
         f.seq = 0;
         f.warp_mask = 0;
         f.shared_off = 0;
+        f.shared_gpu = 0;
         f.bar_file = nullptr;
         f.bar_line = 0;
     }
@@ -172,7 +197,7 @@ bool run_block(Worker& w, unsigned nthreads) {
             char who[64];
             const uint3 b = w.fibers[0].ctx.block_idx;
             snprintf(who, sizeof who, "block (%u,%u,%u)", b.x, b.y, b.z);
-            return !dyn_overrun(w, w.shmem, w.shmem + kDynGuard, who);
+            return !dyn_overrun(w, w.shmem, w.shmem + kDynGuard, who) && !static_overrun(w, who);
         }
         for (int wi = 0; wi < nwarps; ++wi) {
             unsigned lo = (unsigned)wi * kWarp, hi = std::min(nthreads, lo + kWarp);
@@ -238,18 +263,20 @@ void* dyn_shared() { return tl_worker->dyn.data(); }
 void* static_shared(size_t bytes, size_t align) {
     Worker* w = tl_worker;
     Fiber& f = cur_fiber();
-    size_t off = (f.shared_off + align - 1) / align * align;
-    if (off + bytes > w->static_pool.size()) {
+    f.shared_gpu = (f.shared_gpu + align - 1) / align * align + bytes;
+    const size_t off = (f.shared_off + align - 1) / align * align;
+    if (f.shared_gpu > kMaxStaticShared || off + bytes + kStaticGuard > w->static_pool.size()) {
         if (w->error.empty()) {
             w->error = std::string("kernel ") + w->kernel->name + ": more than " +
                        std::to_string(kMaxStaticShared) + " bytes of static shared memory";
         }
         return w->static_pool.data();
     }
-    f.shared_off = off + bytes;
-    if (f.shared_off > w->static_touched) {
+    f.shared_off = off + bytes + kStaticGuard;
+    if (f.shared_off > w->static_touched) {  // the first thread to declare this array
         std::fill(w->static_pool.begin() + (ptrdiff_t)w->static_touched,
                   w->static_pool.begin() + (ptrdiff_t)f.shared_off, kSharedPoison);
+        w->static_guards.emplace_back(off + bytes, bytes);
         w->static_touched = f.shared_off;
     }
     return w->static_pool.data() + off;
@@ -429,7 +456,7 @@ extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const 
         w.warps.resize((nthreads + kWarp - 1) / kWarp);
         w.dyn.assign(kMaxDynShared + kDynGuard, kSharedPoison);
         w.shmem = shmem;
-        w.static_pool.assign(kMaxStaticShared, kSharedPoison);
+        w.static_pool.assign(kStaticPool, kSharedPoison);
         w.stacks_len = (size_t)nthreads * kFiberStack;
         void* mem = mmap(nullptr, w.stacks_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (mem == MAP_FAILED) {

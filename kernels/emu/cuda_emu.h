@@ -14,6 +14,8 @@
 //   no thread wrote shows up in the results instead of reading the previous block's;
 // - a write past the dynamic shared memory the launch asked for is an error (the GPU
 //   faults on an out-of-range shared address), found by poison checks after each block;
+//   so is a write past a static shared array (the GPU writes the next array silently):
+//   each array is followed by a poisoned guard that no array owns;
 // - `__syncthreads()` records its call site: threads of one block waiting at two
 //   different barriers are an error (undefined on the GPU), not a silent release;
 // - `load_float4` / `store_float4` / `load_uint4` check 16-byte alignment, as the GPU does (a

@@ -104,6 +104,17 @@ extern "C" __global__ void emu_selftest_dyn_shared_write(float* out, int i) {
     out[0] = sm[i];
 }
 
+// Deliberate error when i >= 8: thread 0 writes float i of a static shared array of 8,
+// past its end (into the next array on the GPU, silently).  out (1).
+extern "C" __global__ void emu_selftest_static_shared_write(float* out, int i) {
+    SHARED(float, a, [8]);
+    SHARED(float, b, [8]);
+    if (threadIdx.x != 0) return;
+    a[i] = 1.0f;
+    b[0] = 2.0f;
+    out[0] = a[i] + b[0];
+}
+
 // Bank conflicts of the tensor-core kernels' fragment reads (mma_load_a / _b / _bt,
 // kernels/common.cuh): the most wavefronts any one warp-wide read takes, over every
 // register and every tile position the kernels use (rows and columns at multiples of 8
