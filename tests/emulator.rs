@@ -333,7 +333,10 @@ fn write_past_a_static_shared_array_is_an_error() {
     for i in [8, 20] {
         let e = write(i).unwrap_err();
         let past = format!("wrote byte {} of its static shared array 0", 4 * i);
-        assert!(e.contains(&past) && e.contains("32 bytes"), "float {i}: {e}");
+        assert!(
+            e.contains(&past) && e.contains("32 bytes"),
+            "float {i}: {e}"
+        );
     }
     assert_eq!(dev.download(&out).unwrap(), [3.0]);
 }
