@@ -33,9 +33,9 @@ constexpr size_t kMaxStaticShared = 48 * 1024;
 // (and as an f64), -1 as an integer.
 constexpr uint8_t kSharedPoison = 0xff;
 // Dynamic shared memory is one buffer of kMaxDynShared + kDynGuard bytes per worker,
-// poisoned once whole and then, before each block, the part the launch asked for.  The kDynGuard bytes
-// past that part are checked after each block and the rest of the buffer when the
-// worker is done, so a write past the launch's size is an error (the GPU faults on an
+// poisoned once whole and then, before each block, the part the launch asked for.  The
+// kDynGuard bytes past that part are checked after each block and the rest of the
+// buffer when the worker is done, so a write past the launch's size is an error (the GPU faults on an
 // out-of-range shared address), not a heap corruption or a silent success.
 constexpr size_t kDynGuard = 4096;
 // Each static shared array is followed in the pool by kStaticGuard bytes of poison that
@@ -150,7 +150,8 @@ bool static_overrun(Worker& w, const char* who) {
 }
 
 // Run one block to completion on this worker.  Returns false on an error (w.error):
-// deadlock, two different barriers, a write past the dynamic shared memory.
+// deadlock, two different barriers, a write past the dynamic shared memory or past a
+// static shared array.
 bool run_block(Worker& w, unsigned nthreads) {
     const int nwarps = (int)((nthreads + kWarp - 1) / kWarp);
     w.error.clear();

@@ -98,7 +98,8 @@ void check_align(const void* p, size_t align, const char* what);
 // lane `src` (or the caller's own when `src` is out of range or has exited).
 uint64_t warp_exchange(unsigned mask, uint64_t bits, int src);
 // c (16×8) += a (16×8) · b (8×8) over the warp, in mma.m16n8k8's register layout (see
-// mma_f32_16x8x8 in common.cuh), plain f32.
+// mma_f32_16x8x8 in common.cuh), the operands read as TF32 (their 19 high bits), the
+// products summed in f32.
 void warp_mma_tf32_16x8x8(float c[4], const unsigned a[4], const unsigned b[2]);
 // Ballot over the live lanes of the caller's warp.
 unsigned warp_ballot(unsigned mask, bool pred);

@@ -108,9 +108,9 @@ pub fn probe_cpu(which: Probe, n: usize, threads: u32, iters: usize) -> Result<V
                             (g + 8, 2 * t),
                             (g + 8, 2 * t + 1),
                         ] {
-                            let mut c = start;
+                            let (step, mut c) = (c_entry(r, col), start);
                             for _ in 0..iters {
-                                c += c_entry(r, col);
+                                c += step;
                             }
                             s += c;
                         }

@@ -337,8 +337,8 @@ pub fn attention_bwd(
 }
 
 /// Backward on tensor cores (`attention_bwd_dq_tc_f32` and `attention_bwd_dkv_tc_f32`:
-/// 3×TF32 products, on the emulator too; the preprocess and dγ's sum over kv heads as [`attention_bwd`]),
-/// same contract; an error for a head size that
+/// 3×TF32 products, on the emulator too; the preprocess and dγ's sum over kv heads as
+/// [`attention_bwd`]), same contract; an error for a head size that
 /// [`tensor_core_head_size`] refuses.  Not yet the default: it has passed the emulator's
 /// tests and has not been timed on a GPU.
 #[allow(clippy::too_many_arguments)]
