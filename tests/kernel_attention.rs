@@ -1326,7 +1326,7 @@ fn strided_keys_are_checked() {
 /// (no bank conflict), at every head width they take: the emulator's
 /// `emu_selftest_mma_banks` counts the wavefronts of every read `mma_load_a` / `_b` /
 /// `_bt` / `_bt_a_order` make from a tile, by the same offsets the kernels use.  The
-/// strides are the kernels' (kernels/attention.cu): q-side, k and v tiles ft_ks ≡ 4 mod
+/// strides are the kernels' (kernels/attention*.cu): q-side, k and v tiles ft_ks ≡ 4 mod
 /// 32 (the forward's v, read as B, 4 more: ≡ 8 mod 32), Pᵀ / dSᵀ 36, and the tiles read
 /// both as B and Bᵀ (k in dQ; q and dout in dK / dV) swizzled at tc_sw, a multiple of
 /// 32.  The count can fail: a B read at a stride ≡ 4 mod 32 (the backward before the

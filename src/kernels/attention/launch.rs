@@ -1,4 +1,5 @@
-//! Launch wrappers of `kernels/attention.cu` (emulator or GPU).
+//! Launch wrappers of `kernels/attention.cu` and `kernels/attention_tc.cu` (emulator or
+//! GPU).
 use super::{check_decode, AttnShape};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, Elem, KArg, LaunchCfg};
@@ -33,7 +34,7 @@ fn tile_strides(hs: usize) -> (usize, usize) {
 /// dS; the tensor-core kernels read tiles as mma fragments at a stride ≡ 4 mod 32 (the
 /// forward's v, read as B only, at ≡ 8 mod 32) and keep P and dS in registers; the
 /// backward's tiles read both ways are swizzled at a stride 4 floats under `k` (`tc_sw`
-/// in kernels/attention.cu), in the same space.
+/// in kernels/attention_tc.cu), in the same space.
 struct Strides {
     q: usize,
     k: usize,

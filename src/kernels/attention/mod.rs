@@ -7,7 +7,8 @@
 //! backward recomputes the scores from it and returns `dQ, dK, dV` and `dγ`.  A
 //! single-query decode reads a KV cache.
 //!
-//! Three pieces under one name: the CUDA kernels in `kernels/attention.cu`, the launch
+//! Three pieces under one name: the CUDA kernels (`kernels/attention.cu`, SIMT, and
+//! `kernels/attention_tc.cu`, tensor cores, over `kernels/attention.cuh`), the launch
 //! wrappers (`attention_fwd`, ... in `launch.rs`), and the CPU twins
 //! (`attention_fwd_cpu`, ... in `cpu.rs`, on the row loops of `cpu_rows.rs`), which are
 //! also the CPU backend of the transformer.  This file holds the shapes and their checks.
