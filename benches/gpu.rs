@@ -19,7 +19,7 @@ use popen::kernels::attention::{
     AttnBwdFn, AttnFwdFn, AttnShape,
 };
 use popen::kernels::logprob::{logprob_bwd, logprob_fwd, seq_weighted_sum};
-use popen::kernels::mask::{pair_counts, soft_iou_bwd, soft_iou_fwd};
+use popen::kernels::mask::{pair_counts, pair_counts_with, soft_iou_bwd, soft_iou_fwd, PairPart};
 use popen::kernels::perturb::{perturb, PerturbCfg};
 use popen::kernels::philox::Philox;
 use popen::kernels::probe::{probe, Probe};
@@ -231,6 +231,29 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
         profile_once(dev, "mask_pair_counts", || {
             pair_counts(dev, &pred, &gt, p, g, h, w, &mut inter, &mut union).unwrap()
         });
+        // the other part kernel (3 loads in flight, 3 blocks per SM): if it wins, it
+        // becomes PairPart's default
+        let t = time(dev, 5, 5, || {
+            pair_counts_with(
+                dev,
+                PairPart::Loads3,
+                &pred,
+                &gt,
+                p,
+                g,
+                h,
+                w,
+                &mut inter,
+                &mut union,
+            )
+            .unwrap()
+        });
+        emit(
+            "mask_pair_counts_loads3_64x16x1024x1024",
+            t,
+            "gb_s",
+            ((p + g) * h * w) as f64 / 1e9,
+        );
         // soft IoU over 64 masks of 1024×1024 (f32 probabilities, u8 targets)
         let (b, n) = (64usize, 1024 * 1024);
         let prob = dev.upload(&rand_f32(b * n, 7)).unwrap();

@@ -25,7 +25,12 @@ __device__ __forceinline__ unsigned nonzero_bytes(unsigned x) {
 // chunk of pixels (grid = (chunks, ceil(P / PAIR_TP), ceil(G / PAIR_TG))); it walks the
 // chunk 1024 pixels at a time, packing each mask's 1024 bytes into 32 words of
 // foreground bits in shared memory (each byte of the tile's masks is read once), then
-// each thread counts |a & b| for its 4 pairs by popcount.  It writes per chunk
+// each thread counts |a & b| for its 4 pairs by popcount.  The bit tile is double
+// buffered (step s packs tile s mod 2), so a step needs one barrier, between packing
+// and counting: a warp done counting goes on to load the next step's masks while the
+// others still count, instead of waiting at a second barrier for the tile to be free.
+// Tile s mod 2 is free again at step s + 2: every warp passed the barrier of step s + 1,
+// so every warp finished counting step s.  It writes per chunk
 // inter_part (chunks, P, G) and cnt_part (chunks, P + G), the masks' own foreground
 // counts (the tiles at grid.z = 0 write the predictions', those at grid.y = 0 the
 // references').  mask_pair_finish_u8 (one warp per pair) adds the chunks:
@@ -35,7 +40,6 @@ __device__ __forceinline__ unsigned nonzero_bytes(unsigned x) {
 #define PAIR_SUB 1024                // pixels per step: 32 words of 32 bits per mask
 #define PAIR_WORDS (PAIR_SUB / 32)
 #define PAIR_STRIDE (PAIR_WORDS + 1)  // row stride of the bit tile: conflict-free columns
-#define PAIR_LOADS 5                  // masks whose loads a thread has in flight at once
 
 // 32 foreground bits of 32 pixels.  Any fixed order of the bits will do: both masks of a
 // pair are packed alike.  pack_bytes: the pixels as two 16-byte loads (the mask's words
@@ -54,13 +58,16 @@ __device__ __forceinline__ unsigned pack32(const unsigned char* __restrict__ m, 
     return bits;
 }
 
+#define PAIR_ROWS (PAIR_TP + PAIR_TG)
+
 // inter_part (chunks, P, G), cnt_part (chunks, P + G), pred (P, HW), gt (G, HW); a chunk
 // is `chunk` pixels (a multiple of PAIR_SUB).  blockDim = 256 (PAIR_TP * PAIR_TG / 4).
-extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, unsigned* __restrict__ cnt_part,
-                                             const unsigned char* __restrict__ pred,
-                                             const unsigned char* __restrict__ gt, int np, int ng, int hw,
-                                             int chunk) {
-    SHARED(unsigned, bits, [PAIR_TP + PAIR_TG][PAIR_STRIDE]);
+// LOADS: masks whose loads a warp has in flight at once (each 32 bytes per lane).
+template <int LOADS>
+__device__ __forceinline__ void pair_part_body(unsigned* __restrict__ inter_part, unsigned* __restrict__ cnt_part,
+                                               const unsigned char* __restrict__ pred,
+                                               const unsigned char* __restrict__ gt, int np, int ng, int hw,
+                                               int chunk, unsigned (*tiles)[PAIR_ROWS][PAIR_STRIDE]) {
     const int p0 = blockIdx.y * PAIR_TP, g0 = blockIdx.z * PAIR_TG;
     const int lo = blockIdx.x * chunk, hi = lo + chunk < hw ? lo + chunk : hw;
     const bool vec = (hw & 15) == 0;
@@ -68,28 +75,29 @@ extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, 
     constexpr int nwarps = 8;
     // packing: warp `warp` packs masks warp, warp + nwarps, ... of the tile, lane = word
     // (one mask's 32 words per warp step), and keeps the masks' foreground counts
-    constexpr int ROWS = PAIR_TP + PAIR_TG;
+    constexpr int ROWS = PAIR_ROWS;
     constexpr int PER_WARP = (ROWS + nwarps - 1) / nwarps;
     unsigned cnt[PER_WARP];
     for (int r = 0; r < PER_WARP; ++r) cnt[r] = 0;
     // counting: thread = prediction ti / 4 x references 4 (ti % 4) .. 4 (ti % 4) + 3
     const int pi = threadIdx.x / 4, gj = 4 * (threadIdx.x % 4);
     unsigned acc[4] = {0u, 0u, 0u, 0u};
-    for (int base = lo; base < hi; base += PAIR_SUB) {
-        // PAIR_LOADS masks' loads issued before any is used (an in-order GPU would
+    for (int base = lo, step = 0; base < hi; base += PAIR_SUB, ++step) {
+        unsigned(*bits)[PAIR_STRIDE] = tiles[step & 1];
+        // LOADS masks' loads issued before any is used (an in-order GPU would
         // otherwise wait out one memory latency per mask), then packed
         const int off = base + 32 * lane;
 #ifdef __CUDACC__
 #pragma unroll
 #endif
-        for (int r0 = 0; r0 < PER_WARP; r0 += PAIR_LOADS) {
-            const unsigned char* src[PAIR_LOADS];
-            uint4 raw[PAIR_LOADS][2];
-            bool full[PAIR_LOADS];
+        for (int r0 = 0; r0 < PER_WARP; r0 += LOADS) {
+            const unsigned char* src[LOADS];
+            uint4 raw[LOADS][2];
+            bool full[LOADS];
 #ifdef __CUDACC__
 #pragma unroll
 #endif
-            for (int q = 0; q < PAIR_LOADS; ++q) {
+            for (int q = 0; q < LOADS; ++q) {
                 const int row = warp + nwarps * (r0 + q);
                 const bool is_pred = row < PAIR_TP;
                 const int idx = is_pred ? p0 + row : g0 + row - PAIR_TP;
@@ -104,7 +112,7 @@ extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, 
 #ifdef __CUDACC__
 #pragma unroll
 #endif
-            for (int q = 0; q < PAIR_LOADS; ++q) {
+            for (int q = 0; q < LOADS; ++q) {
                 if (r0 + q >= PER_WARP) break;
                 const int row = warp + nwarps * (r0 + q);
                 if (row >= ROWS) break;
@@ -125,7 +133,6 @@ extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, 
             acc[2] += __popc(x & b[2 * PAIR_STRIDE + k]);
             acc[3] += __popc(x & b[3 * PAIR_STRIDE + k]);
         }
-        __syncthreads();  // the tile is rewritten next step
     }
     const size_t c = blockIdx.x;
     const int i = p0 + pi;
@@ -142,6 +149,25 @@ extern "C" __global__ void mask_pair_part_u8(unsigned* __restrict__ inter_part, 
         if (lane == 0 && mine && idx < (is_pred ? np : ng))
             cnt_part[c * (np + ng) + (is_pred ? idx : np + idx)] = t;
     }
+}
+
+// Two variants, one register budget each, for the GPU bench to time (src/kernels/mask.rs,
+// PairPart): 5 loads in flight per warp at 2 blocks per SM (122 registers), and 3 at 3
+// blocks per SM (80 registers; with 4 per SM every variant spills).  More bytes in flight
+// per warp, or more warps.
+extern "C" __global__ void __launch_bounds__(PAIR_TP* PAIR_TG / 4, 2)
+    mask_pair_part_u8(unsigned* __restrict__ inter_part, unsigned* __restrict__ cnt_part,
+                      const unsigned char* __restrict__ pred, const unsigned char* __restrict__ gt, int np, int ng,
+                      int hw, int chunk) {
+    SHARED(unsigned, tiles, [2][PAIR_ROWS][PAIR_STRIDE]);
+    pair_part_body<5>(inter_part, cnt_part, pred, gt, np, ng, hw, chunk, tiles);
+}
+extern "C" __global__ void __launch_bounds__(PAIR_TP* PAIR_TG / 4, 3)
+    mask_pair_part3_u8(unsigned* __restrict__ inter_part, unsigned* __restrict__ cnt_part,
+                       const unsigned char* __restrict__ pred, const unsigned char* __restrict__ gt, int np, int ng,
+                       int hw, int chunk) {
+    SHARED(unsigned, tiles, [2][PAIR_ROWS][PAIR_STRIDE]);
+    pair_part_body<3>(inter_part, cnt_part, pred, gt, np, ng, hw, chunk, tiles);
 }
 
 // inter (P, G), uni (P, G) from mask_pair_part_u8's partials; one warp per pair, its

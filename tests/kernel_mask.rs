@@ -220,7 +220,8 @@ fn pair_counts_matches_cpu() {
     // 28·36 (half of the last word past the mask), 66 × 17 pairs by byte loads; 600·1024
     // and 613·1001 (16-byte and byte loads) have more 1024-pixel steps than the
     // emulator's wave of blocks (Device::resident_blocks: 528), so each block walks
-    // two steps
+    // two steps (and packs them into both of its double-buffered bit tiles).  Both part
+    // kernels, PairPart::Loads5 (the default) and Loads3.
     for &(p, g, h, w) in &[
         (3usize, 5usize, 19usize, 23usize),
         (4, 2, 12, 20),
@@ -243,6 +244,19 @@ fn pair_counts_matches_cpu() {
             pair_counts(&dev, &pd, &gd, p, g, h, w, &mut i, &mut u).unwrap();
             assert_eq!(dev.download(&i).unwrap(), wi, "{dev:?} {p}x{g} {h}x{w}");
             assert_eq!(dev.download(&u).unwrap(), wu, "{dev:?} {p}x{g} {h}x{w}");
+            let mut i = dev.zeros::<u64>(p * g).unwrap();
+            let mut u = dev.zeros::<u64>(p * g).unwrap();
+            pair_counts_with(&dev, PairPart::Loads3, &pd, &gd, p, g, h, w, &mut i, &mut u).unwrap();
+            assert_eq!(
+                dev.download(&i).unwrap(),
+                wi,
+                "Loads3 {dev:?} {p}x{g} {h}x{w}"
+            );
+            assert_eq!(
+                dev.download(&u).unwrap(),
+                wu,
+                "Loads3 {dev:?} {p}x{g} {h}x{w}"
+            );
             // wrong sizes are errors
             assert!(pair_counts(&dev, &pd, &gd, p, g, h, w + 1, &mut i, &mut u).is_err());
         }

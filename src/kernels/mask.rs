@@ -593,6 +593,28 @@ fn check_dims(op: &'static str, h: usize, w: usize) -> Result<usize> {
     Ok(hw)
 }
 
+/// Which kernel [`pair_counts_with`] packs and counts with: the same work and results,
+/// two register budgets (`mask.cu`).  Which is faster is a question for a GPU: the bench
+/// (`benches/gpu.rs`) times both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PairPart {
+    /// `mask_pair_part_u8`: 5 masks' loads in flight per warp, 2 blocks per SM.
+    #[default]
+    Loads5,
+    /// `mask_pair_part3_u8`: 3 masks' loads in flight per warp, 3 blocks per SM.
+    Loads3,
+}
+
+impl PairPart {
+    /// The kernel's name.
+    pub fn kernel(self) -> &'static str {
+        match self {
+            PairPart::Loads5 => "mask_pair_part_u8",
+            PairPart::Loads3 => "mask_pair_part3_u8",
+        }
+    }
+}
+
 /// Launch `mask_pair_part_u8` and `mask_pair_finish_u8`: the device twin of
 /// [`pair_counts_cpu`], exact.  The masks are read once per tile of 64 predictions × 16
 /// references, packed to bits on the way; the pixels are split into chunks so that a
@@ -602,6 +624,24 @@ fn check_dims(op: &'static str, h: usize, w: usize) -> Result<usize> {
 #[allow(clippy::too_many_arguments)]
 pub fn pair_counts(
     dev: &Device,
+    pred: &DeviceBuf<u8>,
+    gt: &DeviceBuf<u8>,
+    p: usize,
+    g: usize,
+    h: usize,
+    w: usize,
+    inter: &mut DeviceBuf<u64>,
+    union: &mut DeviceBuf<u64>,
+) -> Result<()> {
+    pair_counts_with(dev, PairPart::default(), pred, gt, p, g, h, w, inter, union)
+}
+
+/// [`pair_counts`] with the part kernel named: for benchmarks and for tests that hold
+/// every variant to the CPU twin.
+#[allow(clippy::too_many_arguments)]
+pub fn pair_counts_with(
+    dev: &Device,
+    part: PairPart,
     pred: &DeviceBuf<u8>,
     gt: &DeviceBuf<u8>,
     p: usize,
@@ -630,7 +670,7 @@ pub fn pair_counts(
     // (chunk, tile) blocks in one wave: as many as the device runs at once, at most (a
     // block more would start a second wave of a few blocks, on a few SMs, while the
     // others idle); a chunk a whole number of PAIR_SUB steps, all chunks alike.
-    let wave = dev.resident_blocks("mask_pair_part_u8", PAIR_THREADS, 0)?;
+    let wave = dev.resident_blocks(part.kernel(), PAIR_THREADS, 0)?;
     let steps = hw.div_ceil(PAIR_SUB).max(1);
     let chunks = (wave / (tiles_p * tiles_g)).clamp(1, steps);
     let chunk = steps.div_ceil(chunks) * PAIR_SUB;
@@ -639,7 +679,7 @@ pub fn pair_counts(
     let mut cnt_part = dev.uninit::<u32>(chunks * (p + g))?;
     let (np, ng) = (KArg::I32(p as i32), KArg::I32(g as i32));
     dev.launch(
-        "mask_pair_part_u8",
+        part.kernel(),
         LaunchCfg::new(
             [chunks as u32, tiles_p as u32, tiles_g as u32],
             [PAIR_THREADS, 1, 1],
