@@ -308,19 +308,47 @@ extern "C" __global__ void resize_taps_f32(float* tab, int h, int ho, int w, int
 // rounding.)  Both passes: grid (columns / blockDim.y, H, B), thread row ty owns one
 // column of one row iy, threadIdx.x its channels.
 
-// d[0, C) = sum over k in reach, ascending, of w(k, i) src0[k kstride + (0, C)]
+// acc + w(k, i) v, given output coordinate k's taps t: the l0 term before the l1 term.
+__device__ __forceinline__ float4 tap_add(float4 acc, const Tap& t, float4 v, int i) {
+    if (t.i0 == i) acc = fma4(t.l0, v, acc);
+    if (t.i1 == i) acc = fma4(t.l1, v, acc);
+    return acc;
+}
+// Output coordinate k's taps as one 16-byte load (field by field, the compiler loads the
+// weights only when an index matches: a second memory latency after the first).
+__device__ __forceinline__ Tap ld_tap(const Tap* taps, int k) {
+    const float4 f = load_float4(reinterpret_cast<const float*>(taps + k));
+    Tap t;
+    t.i0 = __float_as_int(f.x);
+    t.i1 = __float_as_int(f.y);
+    t.l0 = f.z;
+    t.l1 = f.w;
+    return t;
+}
+// Output coordinates per batch of tap_sum's loads.
+#define TAP_BATCH 4
+// d[0, C) = sum over k in reach, ascending, of w(k, i) src0[k kstride + (0, C)].  The
+// reach is a run of about 2·scale coordinates (16 at 8× upsampling); its taps and values
+// are loaded TAP_BATCH at a time, every load of a batch issued before any is used, so a
+// thread waits out one memory latency per batch rather than one per coordinate (the
+// sums keep their ascending order: the same result either way).
 template <bool V>
 __device__ __forceinline__ void tap_sum(float* d, const float* src0, long long kstride, const Tap* taps, Reach reach,
                                         int i, int c) {
     const int u = V ? 4 : 1;
     for (int j = u * threadIdx.x; j < c; j += u * blockDim.x) {
         float4 acc = zero4();
-        for (int k = reach.lo; k <= reach.hi; ++k) {
-            const Tap t = taps[k];
-            const float4 v = ld<V>(src0 + k * kstride + j);
-            if (t.i0 == i) acc = fma4(t.l0, v, acc);
-            if (t.i1 == i) acc = fma4(t.l1, v, acc);
+        int k = reach.lo;
+        for (; k + TAP_BATCH - 1 <= reach.hi; k += TAP_BATCH) {
+            Tap t[TAP_BATCH];
+            float4 v[TAP_BATCH];
+            for (int e = 0; e < TAP_BATCH; ++e) {
+                t[e] = ld_tap(taps, k + e);
+                v[e] = ld<V>(src0 + (k + e) * kstride + j);
+            }
+            for (int e = 0; e < TAP_BATCH; ++e) acc = tap_add(acc, t[e], v[e], i);
         }
+        for (; k <= reach.hi; ++k) acc = tap_add(acc, ld_tap(taps, k), ld<V>(src0 + k * kstride + j), i);
         st<V>(d + j, acc);
     }
 }
