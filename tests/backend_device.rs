@@ -875,6 +875,47 @@ fn image_ops_match_cpu_forward_and_backward_without_host_copies() {
     }
 }
 
+#[test]
+fn mask_loss_bce_keeps_its_digits_for_confident_logits() {
+    // Logits of 9 to 16 with the sign of a hard target: each pixel's BCE is
+    // log1p(e^{-|x|}), 1.1e-7 to 1.2e-4, and so is the mean.  Held to 1e-5 of itself,
+    // not of a scale: a kernel that formed log(1 + e) in f32 would round 1 + e first and
+    // miss by about 1e-4 of it (8e-5 with logf(1 + e) in place of the kernel's log1p;
+    // the kernel's own series misses by 5e-8).
+    let mut r = Philox::new(77);
+    let (m, p) = (2usize, 4099usize);
+    let logits: Vec<f32> = rnd(&mut r, m * p, 1.0)
+        .iter()
+        .map(|&u| {
+            let mag = 12.5 + 3.5 * u.clamp(-1.0, 1.0);
+            if u.to_bits() % 2 == 0 {
+                mag
+            } else {
+                -mag
+            }
+        })
+        .collect();
+    let target: Vec<f32> = logits.iter().map(|&x| f32::from(x > 0.0)).collect();
+    let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    let want = Cpu
+        .mask_loss_fwd(&wide(&logits), &wide(&target), m, p)
+        .unwrap();
+    for d in backends() {
+        let got = d
+            .mask_loss_fwd(&d.from_slice(&logits), &d.from_slice(&target), m, p)
+            .unwrap();
+        for k in 0..m {
+            let (g, w) = (f64::from(got.losses[k].0), want.losses[k].0);
+            assert!(w > 1e-7 && w < 1.3e-4, "mask {k}: reference BCE {w}");
+            assert!(
+                (g - w).abs() <= 1e-5 * w,
+                "mask {k}: device BCE {g} vs cpu {w} (rel {:.2e})",
+                (g - w).abs() / w
+            );
+        }
+    }
+}
+
 /// The tiny LLaMA of the training tests, on backend `be`.
 fn tiny_llama<B: Backend<f32>>(be: B) -> popen::nn::llama::Llama<f32, B> {
     tiny_llama_heads(be, (4, 2))
