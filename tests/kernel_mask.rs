@@ -244,8 +244,9 @@ fn pair_counts_matches_cpu() {
             pair_counts(&dev, &pd, &gd, p, g, h, w, &mut i, &mut u).unwrap();
             assert_eq!(dev.download(&i).unwrap(), wi, "{dev:?} {p}x{g} {h}x{w}");
             assert_eq!(dev.download(&u).unwrap(), wu, "{dev:?} {p}x{g} {h}x{w}");
-            let mut i = dev.zeros::<u64>(p * g).unwrap();
-            let mut u = dev.zeros::<u64>(p * g).unwrap();
+            // outputs that start as u64::MAX: an entry the kernel leaves unwritten shows
+            let mut i = dev.upload(&vec![u64::MAX; p * g]).unwrap();
+            let mut u = dev.upload(&vec![u64::MAX; p * g]).unwrap();
             pair_counts_with(&dev, PairPart::Loads3, &pd, &gd, p, g, h, w, &mut i, &mut u).unwrap();
             assert_eq!(
                 dev.download(&i).unwrap(),

@@ -615,10 +615,10 @@ impl PairPart {
     }
 }
 
-/// Launch `mask_pair_part_u8` and `mask_pair_finish_u8`: the device twin of
-/// [`pair_counts_cpu`], exact.  The masks are read once per tile of 64 predictions × 16
-/// references, packed to bits on the way; the pixels are split into chunks so that a
-/// few tiles still fill the GPU.
+/// Launch `mask_pair_part_u8` (the default [`PairPart`]) and `mask_pair_finish_u8`: the
+/// device twin of [`pair_counts_cpu`], exact.  The masks are read once per tile of 64
+/// predictions × 16 references, packed to bits on the way; the pixels are split into
+/// chunks so that a few tiles still fill the GPU.
 ///
 /// pred (P, H, W), gt (G, H, W), inter (P, G), union (P, G) — overwritten.
 #[allow(clippy::too_many_arguments)]
