@@ -58,10 +58,11 @@ __device__ __forceinline__ unsigned pack32(const unsigned char* __restrict__ m, 
     return bits;
 }
 
-#define PAIR_ROWS (PAIR_TP + PAIR_TG)
+#define PAIR_ROWS (PAIR_TP + PAIR_TG)      // masks per tile
+#define PAIR_THREADS (PAIR_TP * PAIR_TG / 4)  // threads per block: one per 4 pairs
 
 // inter_part (chunks, P, G), cnt_part (chunks, P + G), pred (P, HW), gt (G, HW); a chunk
-// is `chunk` pixels (a multiple of PAIR_SUB).  blockDim = 256 (PAIR_TP * PAIR_TG / 4).
+// is `chunk` pixels (a multiple of PAIR_SUB).  blockDim = PAIR_THREADS (256).
 // LOADS: masks whose loads a warp has in flight at once (each 32 bytes per lane).
 template <int LOADS>
 __device__ __forceinline__ void pair_part_body(unsigned* __restrict__ inter_part, unsigned* __restrict__ cnt_part,
@@ -72,11 +73,10 @@ __device__ __forceinline__ void pair_part_body(unsigned* __restrict__ inter_part
     const int lo = blockIdx.x * chunk, hi = lo + chunk < hw ? lo + chunk : hw;
     const bool vec = (hw & 15) == 0;
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    constexpr int nwarps = 8;
+    constexpr int nwarps = PAIR_THREADS / WARP_SIZE;
     // packing: warp `warp` packs masks warp, warp + nwarps, ... of the tile, lane = word
     // (one mask's 32 words per warp step), and keeps the masks' foreground counts
-    constexpr int ROWS = PAIR_ROWS;
-    constexpr int PER_WARP = (ROWS + nwarps - 1) / nwarps;
+    constexpr int PER_WARP = (PAIR_ROWS + nwarps - 1) / nwarps;
     unsigned cnt[PER_WARP];
     for (int r = 0; r < PER_WARP; ++r) cnt[r] = 0;
     // counting: thread = prediction ti / 4 x references 4 (ti % 4) .. 4 (ti % 4) + 3
@@ -101,7 +101,7 @@ __device__ __forceinline__ void pair_part_body(unsigned* __restrict__ inter_part
                 const int row = warp + nwarps * (r0 + q);
                 const bool is_pred = row < PAIR_TP;
                 const int idx = is_pred ? p0 + row : g0 + row - PAIR_TP;
-                const bool live = r0 + q < PER_WARP && row < ROWS && idx < (is_pred ? np : ng) && off < hi;
+                const bool live = r0 + q < PER_WARP && row < PAIR_ROWS && idx < (is_pred ? np : ng) && off < hi;
                 src[q] = live ? (is_pred ? pred : gt) + (size_t)idx * hw : nullptr;
                 full[q] = live && vec && off + 32 <= hi;
                 if (full[q]) {
@@ -115,7 +115,7 @@ __device__ __forceinline__ void pair_part_body(unsigned* __restrict__ inter_part
             for (int q = 0; q < LOADS; ++q) {
                 if (r0 + q >= PER_WARP) break;
                 const int row = warp + nwarps * (r0 + q);
-                if (row >= ROWS) break;
+                if (row >= PAIR_ROWS) break;
                 const unsigned word = full[q] ? pack_bytes(raw[q][0], raw[q][1])
                                       : src[q] ? pack32(src[q], off, hi)
                                                : 0u;
@@ -141,7 +141,7 @@ __device__ __forceinline__ void pair_part_body(unsigned* __restrict__ inter_part
             if (g0 + gj + j < ng) inter_part[(c * np + i) * ng + g0 + gj + j] = acc[j];
     for (int r = 0; r < PER_WARP; ++r) {
         const int row = warp + nwarps * r;
-        if (row >= ROWS) break;
+        if (row >= PAIR_ROWS) break;
         const unsigned t = warp_sum_u32(cnt[r]);
         const bool is_pred = row < PAIR_TP;
         const int idx = is_pred ? p0 + row : g0 + row - PAIR_TP;
@@ -155,14 +155,14 @@ __device__ __forceinline__ void pair_part_body(unsigned* __restrict__ inter_part
 // PairPart): 5 loads in flight per warp at 2 blocks per SM (122 registers), and 3 at 3
 // blocks per SM (80 registers; with 4 per SM every variant spills).  More bytes in flight
 // per warp, or more warps.
-extern "C" __global__ void __launch_bounds__(PAIR_TP* PAIR_TG / 4, 2)
+extern "C" __global__ void __launch_bounds__(PAIR_THREADS, 2)
     mask_pair_part_u8(unsigned* __restrict__ inter_part, unsigned* __restrict__ cnt_part,
                       const unsigned char* __restrict__ pred, const unsigned char* __restrict__ gt, int np, int ng,
                       int hw, int chunk) {
     SHARED(unsigned, tiles, [2][PAIR_ROWS][PAIR_STRIDE]);
     pair_part_body<5>(inter_part, cnt_part, pred, gt, np, ng, hw, chunk, tiles);
 }
-extern "C" __global__ void __launch_bounds__(PAIR_TP* PAIR_TG / 4, 3)
+extern "C" __global__ void __launch_bounds__(PAIR_THREADS, 3)
     mask_pair_part3_u8(unsigned* __restrict__ inter_part, unsigned* __restrict__ cnt_part,
                        const unsigned char* __restrict__ pred, const unsigned char* __restrict__ gt, int np, int ng,
                        int hw, int chunk) {
