@@ -217,7 +217,9 @@ fn build_emulator(kdir: &Path, out: &Path, files: &[PathBuf], table: &[(String, 
             // e.g. POPEN_EMU_SANITIZE=address: bounds-check every emulated kernel access.
             build
                 .flag(format!("-fsanitize={s}"))
-                .flag("-fno-omit-frame-pointer");
+                .flag("-fno-omit-frame-pointer")
+                // fibers switch through ucontext, which the sanitizers follow
+                .define("POPEN_EMU_UCONTEXT", None);
             println!("cargo:rustc-link-lib=dylib=asan");
         }
     }

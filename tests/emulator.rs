@@ -236,21 +236,25 @@ fn shuffle_from_a_lane_that_does_not_exist_is_an_error() {
 #[test]
 fn shared_memory_no_thread_wrote_reads_as_nan() {
     // Static and dynamic shared memory are NaN-filled before every block: threads past
-    // `written` read NaN, also in blocks after the first (not the previous block's data).
+    // `written` read NaN, also in blocks after the first (not the previous block's data)
+    // and in a launch after one that wrote them all (the emulator keeps a worker's
+    // shared memory between launches).
     let dev = Device::emulator();
     let (blocks, threads, written) = (3usize, 96usize, 61);
     let mut out = dev.zeros::<f32>(blocks * threads).unwrap();
-    dev.launch(
-        "emu_selftest_uninit_shared",
-        LaunchCfg::new([blocks as u32, 1, 1], [threads as u32, 1, 1], 256 * 4),
-        &[out.arg_mut(), KArg::I32(written)],
-    )
-    .unwrap();
+    for w in [threads, written] {
+        dev.launch(
+            "emu_selftest_uninit_shared",
+            LaunchCfg::new([blocks as u32, 1, 1], [threads as u32, 1, 1], 256 * 4),
+            &[out.arg_mut(), KArg::I32(w as i32)],
+        )
+        .unwrap();
+    }
     let got = dev.download(&out).unwrap();
     for b in 0..blocks {
         for t in 0..threads {
             let g = got[b * threads + t];
-            if (t as i32) < written {
+            if t < written {
                 assert_eq!(g, 2.0 * t as f32, "block {b} thread {t}");
             } else {
                 assert!(
@@ -292,6 +296,10 @@ fn write_past_dynamic_shared_memory_is_an_error() {
         );
         r.map_err(|e| e.to_string())
     };
+    write(9, 10).unwrap();
+    // a write far into a larger launch's memory is not found by a later, smaller launch
+    // that is given the same memory
+    write(1000, 2000).unwrap();
     write(9, 10).unwrap();
     // who: the block, when the write is within 4 KiB of the end; else found at the end
     let cases = [

@@ -4,7 +4,6 @@
 #include "cuda_emu.h"
 #include "emu_api.h"
 
-#include <ucontext.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -18,8 +17,89 @@
 #include <utility>
 #include <vector>
 
+// Fiber switching.  On x86-64, a switch of our own (`popen_emu_switch` below): glibc's
+// swapcontext also saves and restores the signal mask, a system call at every switch,
+// and switches (two per thread at every barrier and warp collective) were 51 % of
+// tests/kernel_attention.rs's time under perf, 14 points of it in the kernel.  Elsewhere,
+// and under a sanitizer (POPEN_EMU_SANITIZE defines POPEN_EMU_UCONTEXT: AddressSanitizer
+// follows stack switches by intercepting swapcontext), ucontext.
+#if defined(__x86_64__) && !defined(POPEN_EMU_UCONTEXT)
+#define EMU_OWN_SWITCH 1
+#else
+#define EMU_OWN_SWITCH 0
+#include <ucontext.h>
+#endif
+
 namespace emu {
 namespace {
+
+#if EMU_OWN_SWITCH
+// popen_emu_switch(from, to): pushes the callee-saved registers of the System V ABI
+// (rbp, rbx, r12–r15) on the running stack, stores its stack pointer in *from, takes
+// `to` as the stack pointer, pops that stack's registers and returns into it.  The ABI's
+// other callee-saved state, MXCSR and the x87 control word, is not switched: no kernel
+// changes rounding or exception modes, so every fiber runs with its worker's.
+extern "C" void popen_emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .p2align 4
+    .globl popen_emu_switch
+    .hidden popen_emu_switch
+    .type popen_emu_switch, @function
+popen_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size popen_emu_switch, .-popen_emu_switch
+)");
+
+// A suspended fiber or scheduler: its stack pointer, under the registers
+// popen_emu_switch pushed.
+struct Ctx {
+    void* sp = nullptr;
+};
+
+// `c` starts `entry` on the stack [stack, stack + len) at its first switch: the stack
+// holds six zero registers (rbp = 0 ends a backtrace there), then `entry` for
+// popen_emu_switch's `ret`, then a null return address for `entry`, which must never
+// return.  Its rsp is then 8 mod 16, as after a call.
+void ctx_make(Ctx& c, char* stack, size_t len, void (*entry)()) {
+    void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack) + len) & ~uintptr_t{15});
+    *--sp = nullptr;
+    *--sp = reinterpret_cast<void*>(entry);
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    c.sp = sp;
+}
+
+// Suspend the running code in `from` and resume `to`.
+inline void ctx_swap(Ctx& from, Ctx& to) { popen_emu_switch(&from.sp, to.sp); }
+#else
+struct Ctx {
+    ucontext_t uc;
+};
+
+void ctx_make(Ctx& c, char* stack, size_t len, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = len;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+
+inline void ctx_swap(Ctx& from, Ctx& to) { swapcontext(&from.uc, &to.uc); }
+#endif
 
 constexpr int kWarp = 32;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
@@ -48,7 +128,7 @@ constexpr size_t kStaticPool = 2 * kMaxStaticShared;  // arrays and their guards
 enum class State : uint8_t { Runnable, AtBlockBar, AtWarpBar, Exited };
 
 struct Fiber {
-    ucontext_t uc;
+    Ctx resume;  // where the fiber goes on at its next switch
     ThreadCtx ctx;
     State state;
     unsigned warp_mask;  // mask given at a warp barrier
@@ -80,7 +160,7 @@ struct Worker {
     std::vector<WarpState> warps;
     char* stacks = nullptr;
     size_t stacks_len = 0;
-    ucontext_t sched;
+    Ctx sched;
     int current = -1;
     std::vector<uint8_t> dyn;  // kMaxDynShared + kDynGuard bytes; the launch uses `shmem`
     size_t shmem = 0;
@@ -94,11 +174,86 @@ struct Worker {
 
 thread_local Worker* tl_worker = nullptr;
 
+// A worker's memory, kept between launches: fiber stacks whose pages are already mapped
+// in, and the shared-memory buffers, poisoned whole.  Mapping and poisoning them afresh
+// for every launch (and faulting the stacks in) was about a third of the time of
+// `popen predict --device emu`, whose launches are many and small.  A launch's workers
+// are threads of their own, so the memory waits in one list for any launch.
+struct Kept {
+    char* stacks = nullptr;
+    size_t stacks_len = 0;
+    std::vector<uint8_t> dyn, static_pool;
+};
+constexpr size_t kMaxKept = 16;  // the rest is unmapped and freed
+struct KeptList {
+    std::mutex mu;
+    std::vector<Kept> list;
+};
+// Never destroyed: a launch on another thread may still give memory back while the
+// process exits.
+KeptList& kept() {
+    static KeptList* k = new KeptList;
+    return *k;
+}
+
+// Memory with stacks for `nthreads` fibers into w, kept or new; false if none can be
+// mapped.
+bool take_memory(Worker& w, unsigned nthreads) {
+    const size_t need = (size_t)nthreads * kFiberStack;
+    Kept k;
+    {
+        KeptList& kl = kept();
+        std::lock_guard<std::mutex> g(kl.mu);
+        auto it = std::find_if(kl.list.begin(), kl.list.end(), [&](const Kept& e) { return e.stacks_len >= need; });
+        if (it != kl.list.end()) {
+            k = std::move(*it);
+            kl.list.erase(it);
+        }
+    }
+    if (!k.stacks) {
+        void* mem = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mem == MAP_FAILED) return false;
+        k.stacks = (char*)mem;
+        k.stacks_len = need;
+        k.dyn.assign(kMaxDynShared + kDynGuard, kSharedPoison);
+        k.static_pool.assign(kStaticPool, kSharedPoison);
+    }
+    w.stacks = k.stacks;
+    w.stacks_len = k.stacks_len;
+    w.dyn = std::move(k.dyn);
+    w.static_pool = std::move(k.static_pool);
+    return true;
+}
+
+// Gives w's memory back for later launches when `clean` (its last check found nothing
+// written past the launch's dynamic shared memory), that memory poisoned again where
+// the launch may have written it; otherwise, or when enough is kept, frees it.  (The
+// static pool needs nothing: a launch poisons each array and its guard when it is
+// first declared.)
+void give_memory(Worker& w, bool clean) {
+    Kept k;
+    k.stacks = w.stacks;
+    k.stacks_len = w.stacks_len;
+    w.stacks = nullptr;
+    if (clean) {
+        std::fill(w.dyn.begin(), w.dyn.begin() + (ptrdiff_t)w.shmem, kSharedPoison);
+        k.dyn = std::move(w.dyn);
+        k.static_pool = std::move(w.static_pool);
+        KeptList& kl = kept();
+        std::lock_guard<std::mutex> g(kl.mu);
+        if (kl.list.size() < kMaxKept) {
+            kl.list.push_back(std::move(k));
+            return;
+        }
+    }
+    munmap(k.stacks, k.stacks_len);
+}
+
 Fiber& cur_fiber() { return tl_worker->fibers[tl_worker->current]; }
 
 void yield_to_sched() {
     Worker* w = tl_worker;
-    swapcontext(&w->fibers[w->current].uc, &w->sched);
+    ctx_swap(w->fibers[w->current].resume, w->sched);
 }
 
 void fiber_entry() {
@@ -106,8 +261,9 @@ void fiber_entry() {
     w->kernel->tramp(w->args);
     // Returning from the kernel leaves the live set; the scheduler decides when the
     // block is done (all fibers exited), so early returns never strand a barrier.
-    w->fibers[w->current].state = State::Exited;
-    setcontext(&w->sched);
+    Fiber& f = w->fibers[w->current];
+    f.state = State::Exited;
+    ctx_swap(f.resume, w->sched);  // never resumed: run_block makes its context anew
 }
 
 // Where dyn[from, to) was written (is not poison), or `to`.
@@ -165,11 +321,7 @@ bool run_block(Worker& w, unsigned nthreads) {
     }
     for (unsigned i = 0; i < nthreads; ++i) {
         Fiber& f = w.fibers[i];
-        getcontext(&f.uc);
-        f.uc.uc_stack.ss_sp = w.stacks + (size_t)i * kFiberStack;
-        f.uc.uc_stack.ss_size = kFiberStack;
-        f.uc.uc_link = nullptr;
-        makecontext(&f.uc, fiber_entry, 0);
+        ctx_make(f.resume, w.stacks + (size_t)i * kFiberStack, kFiberStack, fiber_entry);
         f.state = State::Runnable;
         f.seq = 0;
         f.warp_mask = 0;
@@ -182,7 +334,7 @@ bool run_block(Worker& w, unsigned nthreads) {
         for (unsigned i = 0; i < nthreads; ++i) {
             if (w.fibers[i].state == State::Runnable) {
                 w.current = (int)i;
-                swapcontext(&w.sched, &w.fibers[i].uc);
+                ctx_swap(w.sched, w.fibers[i].resume);
             }
         }
         w.current = -1;
@@ -455,18 +607,13 @@ extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const 
         w.args = args;
         w.fibers.resize(nthreads);
         w.warps.resize((nthreads + kWarp - 1) / kWarp);
-        w.dyn.assign(kMaxDynShared + kDynGuard, kSharedPoison);
         w.shmem = shmem;
-        w.static_pool.assign(kStaticPool, kSharedPoison);
-        w.stacks_len = (size_t)nthreads * kFiberStack;
-        void* mem = mmap(nullptr, w.stacks_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (mem == MAP_FAILED) {
+        if (!take_memory(w, nthreads)) {
             std::lock_guard<std::mutex> g(err_mu);
             first_error = "emulator: cannot map fiber stacks";
             failed = true;
             return;
         }
-        w.stacks = (char*)mem;
         tl_worker = &w;
         for (;;) {
             if (failed.load()) break;
@@ -488,13 +635,18 @@ extern "C" int popen_emu_launch(const char* name, const unsigned grid[3], const 
                 break;
             }
         }
-        if (!failed.load() && dyn_overrun(w, w.shmem, w.dyn.size(), "a block")) {
-            std::lock_guard<std::mutex> g(err_mu);
-            if (first_error.empty()) first_error = w.error;
-            failed = true;
+        bool clean = false;
+        if (!failed.load()) {
+            if (dyn_overrun(w, w.shmem, w.dyn.size(), "a block")) {
+                std::lock_guard<std::mutex> g(err_mu);
+                if (first_error.empty()) first_error = w.error;
+                failed = true;
+            } else {
+                clean = w.error.empty();
+            }
         }
         tl_worker = nullptr;
-        munmap(w.stacks, w.stacks_len);
+        give_memory(w, clean);
     };
 
     if (nworkers <= 1) {
