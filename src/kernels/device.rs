@@ -330,7 +330,7 @@ impl Device {
     }
 
     /// `f`, timed under `name` when profiling is on.
-    fn profiled(
+    pub(crate) fn profiled(
         &self,
         name: impl FnOnce() -> String,
         f: impl FnOnce() -> Result<()>,
@@ -441,16 +441,26 @@ impl Device {
         }
     }
 
-    /// A new zero-filled device buffer.
+    /// A new zero-filled device buffer.  Profiled (see [`Device::set_profiling`]) as
+    /// `zeros (alloc + memset)`: on a GPU the fill is a memset on the stream, which costs
+    /// the host a driver call as a launch does; [`Device::uninit`] makes none.
     pub fn zeros<T: Elem>(&self, n: usize) -> Result<DeviceBuf<T>> {
-        match &self.inner {
-            DevInner::Emu { .. } => Ok(DeviceBuf {
-                len: n,
-                inner: BufInner::Host(vec![T::zeroed(); n]),
-            }),
-            #[cfg(feature = "cuda")]
-            DevInner::Cuda(c) => c.zeros(n),
-        }
+        let mut buf = None;
+        self.profiled(
+            || "zeros (alloc + memset)".into(),
+            || {
+                buf = Some(match &self.inner {
+                    DevInner::Emu { .. } => DeviceBuf {
+                        len: n,
+                        inner: BufInner::Host(vec![T::zeroed(); n]),
+                    },
+                    #[cfg(feature = "cuda")]
+                    DevInner::Cuda(c) => c.zeros(n)?,
+                });
+                Ok(())
+            },
+        )?;
+        buf.ok_or_else(|| Error::Device("zeros: no buffer".into()))
     }
 
     /// A new device buffer whose contents are unspecified, for a kernel that writes every
@@ -530,14 +540,10 @@ impl Device {
                 Err(Error::Unsupported("cuBLAS on the emulator".into()))
             }
             #[cfg(feature = "cuda")]
-            DevInner::Cuda(c) => {
-                let t = |x: bool| if x { 'T' } else { 'N' };
-                let [m, k, n] = mkn;
-                self.profiled(
-                    || format!("sgemm {m}x{k}x{n} {}{}", t(ta), t(tb)),
-                    || c.sgemm(mkn, ta, tb, a, b, out, add),
-                )
-            }
+            DevInner::Cuda(c) => self.profiled(
+                || super::profile::sgemm_name(mkn, ta, tb),
+                || c.sgemm(mkn, ta, tb, a, b, out, add),
+            ),
         }
     }
 

@@ -1,11 +1,14 @@
 //! Per-kernel timing of a [`Device`]'s work: where a training step's time goes.
 //!
 //! Off by default.  [`Device::set_profiling`] turns it on; from then on every kernel
-//! launch and every cuBLAS product is bracketed by two timing events on the GPU's stream
-//! (on the emulator, which runs each launch to completion, by the host clock), and
-//! [`Device::take_profile`] waits for the work, adds the times up by name and clears
-//! them.  Products are named by their shape (`sgemm 2048x4096x11008 NT`: M×K×N, then
-//! whether `a` and `b` are transposed), so one table separates the model's matrices.
+//! launch, every matrix product (cuBLAS on a GPU, the host's on the emulator) and every
+//! zero-filled allocation ([`Device::zeros`], a memset on a GPU) is bracketed by two
+//! timing events on the GPU's stream (on the emulator, which runs each launch to
+//! completion, by the host clock), and [`Device::take_profile`] waits for the work, adds
+//! the times up by name and clears them.  Products are named by their shape (`sgemm
+//! 2048x4096x11008 NT`: M×K×N, then whether `a` and `b` are transposed), so one table
+//! separates the model's matrices.  The calls of a profile count what costs the host a
+//! driver call on a GPU, which bounds a small model's speed there.
 //!
 //! ```
 //! use popen::kernels::{Device, KArg, LaunchCfg};
@@ -46,6 +49,13 @@ pub struct KernelTime {
     pub calls: usize,
     /// Their total time in milliseconds.
     pub ms: f64,
+}
+
+/// A product's row name: `sgemm MxKxN` and whether `a`, `b` are transposed (`N`/`T`),
+/// the same for cuBLAS on a GPU and the emulator's host product.
+pub(crate) fn sgemm_name([m, k, n]: [usize; 3], ta: bool, tb: bool) -> String {
+    let t = |x: bool| if x { 'T' } else { 'N' };
+    format!("sgemm {m}x{k}x{n} {}{}", t(ta), t(tb))
 }
 
 /// One end of a launch: the host clock on the emulator, an event on a GPU's stream.

@@ -22,7 +22,11 @@ pub fn gemm(
     check_len("matmul", "out", out.len(), m * n)?;
     if let (Some(ah), Some(bh)) = (a.host(), b.host()) {
         if let Some(oh) = out.host_mut() {
-            return crate::backend::cpu::matmul::matmul(s, ah, bh, oh, acc);
+            // named as a GPU's profile names the cuBLAS call
+            return dev.profiled(
+                || crate::kernels::profile::sgemm_name([m, k, n], ta, tb),
+                || crate::backend::cpu::matmul::matmul(s, ah, bh, oh, acc),
+            );
         }
     }
     if m == 0 || n == 0 {
