@@ -240,6 +240,16 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     // ---- memory ----
     /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// A new buffer of `n` for an op that writes every element before anything reads it:
+    /// an output whose contract is `out = …` or "overwritten", or a buffer filled whole
+    /// by `copy_range`s.  [`Backend::zeros`] by default (the CPU backend).  The device
+    /// backend skips the fill, on a GPU a memset and a driver call as costly to the host
+    /// as a launch, and the emulator fills it with NaN instead, so an op that reads an
+    /// element before writing it fails the device-against-CPU tests.  A buffer that an
+    /// op adds into (`+=`, gradients) must come from `zeros`.
+    fn uninit(&self, n: usize) -> Self::Buf {
+        self.zeros(n)
+    }
     /// Upload host values.
     #[allow(clippy::wrong_self_convention)]
     fn from_slice(&self, x: &[F]) -> Self::Buf;

@@ -128,14 +128,14 @@ impl<F: Float, B: Backend<F>> ConvStem<F, B> {
         let (gh, gw) = (img.h / STEM_CELL, img.w / STEM_CELL);
         let (cells, y1) = self.cell.forward(be, pixels, img)?; // (B·G·G, C1)
         let (n1, st1) = self.layer_norm1.forward(be, &y1)?;
-        let mut a1 = be.zeros(be.len(&n1));
+        let mut a1 = be.uninit(be.len(&n1));
         be.act_fwd(STEM_ACT, &n1, &mut a1)?;
         let (y2, conv) = self.conv.forward(be, &a1, img.b, gh, gw)?;
         let (n2, st2) = self.layer_norm2.forward(be, &y2)?;
-        let mut a2 = be.zeros(be.len(&n2));
+        let mut a2 = be.uninit(be.len(&n2));
         be.act_fwd(STEM_ACT, &n2, &mut a2)?;
         // space-to-depth is the inverse permutation of depth-to-space, i.e. its backward
-        let mut merged_in = be.zeros(be.len(&a2));
+        let mut merged_in = be.uninit(be.len(&a2));
         be.depth_to_space_bwd(&a2, img.b, gh / r, gw / r, c1, r, &mut merged_in)?;
         let out = self.merge.forward(be, &merged_in)?;
         Ok((
@@ -165,13 +165,13 @@ impl<F: Float, B: Backend<F>> ConvStem<F, B> {
             .merge
             .backward(be, &acts.merged_in, dout, true)?
             .expect("dx requested");
-        let mut da2 = be.zeros(be.len(&ds));
+        let mut da2 = be.uninit(be.len(&ds));
         be.depth_to_space(&ds, img.b, gh / r, gw / r, c1, r, &mut da2)?;
-        let mut dn2 = be.zeros(be.len(&da2));
+        let mut dn2 = be.uninit(be.len(&da2));
         be.act_bwd(STEM_ACT, &acts.n2, &da2, &mut dn2)?;
         let dy2 = self.layer_norm2.backward(be, &acts.y2, &acts.st2, &dn2)?;
         let da1 = self.conv.backward(be, &acts.conv, &dy2)?;
-        let mut dn1 = be.zeros(be.len(&da1));
+        let mut dn1 = be.uninit(be.len(&da1));
         be.act_bwd(STEM_ACT, &acts.n1, &da1, &mut dn1)?;
         let dy1 = self.layer_norm1.backward(be, &acts.y1, &acts.st1, &dn1)?;
         self.cell.backward(be, &acts.cells, &dy1, img, false)?;

@@ -93,7 +93,7 @@ impl<F: Float, B: Backend<F>> Conv2d<F, B> {
             pad: self.pad,
         };
         let (ho, wo) = geom.out_hw()?;
-        let mut cols = be.zeros(b * ho * wo * geom.col_width());
+        let mut cols = be.uninit(b * ho * wo * geom.col_width());
         be.im2col(x, &geom, &mut cols)?;
         let y = self.lin.forward(be, &cols)?;
         Ok((y, ConvActs { cols, geom }))
@@ -107,7 +107,7 @@ impl<F: Float, B: Backend<F>> Conv2d<F, B> {
             .backward(be, &acts.cols, dy, true)?
             .expect("dx requested");
         let g = acts.geom;
-        let mut dx = be.zeros(g.b * g.h * g.w * g.c);
+        let mut dx = be.uninit(g.b * g.h * g.w * g.c);
         be.im2col_bwd(&dcols, &g, &mut dx)?;
         Ok(dx)
     }
@@ -192,7 +192,7 @@ impl<F: Float, B: Backend<F>> ConvTranspose2x2<F, B> {
             b * h * w * self.lin.fan_in(),
         )?;
         let z = self.lin.forward(be, x)?;
-        let mut y = be.zeros(b * h * w * UP * UP * oc);
+        let mut y = be.uninit(b * h * w * UP * UP * oc);
         be.depth_to_space(&z, b, h, w, oc, UP, &mut y)?;
         be.add_bias(&mut y, &self.bias.data, oc)?;
         let acts = ConvTActs {
@@ -211,7 +211,7 @@ impl<F: Float, B: Backend<F>> ConvTranspose2x2<F, B> {
         if let Some(db) = &mut self.bias.grad {
             be.bias_bwd(dy, db, oc)?;
         }
-        let mut dz = be.zeros(be.len(dy));
+        let mut dz = be.uninit(be.len(dy));
         be.depth_to_space_bwd(dy, acts.b, acts.h, acts.w, oc, UP, &mut dz)?;
         Ok(self
             .lin
@@ -333,16 +333,16 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
             self.k.forward(be, xk)?,
             self.v.forward(be, xv)?,
         );
-        let mut q = be.zeros(b * nh * tq * hs);
-        let mut k = be.zeros(b * nh * tk * hs);
-        let mut v = be.zeros(b * nh * tk * hs);
+        let mut q = be.uninit(b * nh * tq * hs);
+        let mut k = be.uninit(b * nh * tk * hs);
+        let mut v = be.uninit(b * nh * tk * hs);
         be.heads_split(&qf, b, tq, nh, hs, 0, None, &mut q)?;
         be.heads_split(&kf, b, tk, nh, hs, 0, None, &mut k)?;
         be.heads_split(&vf, b, tk, nh, hs, 0, None, &mut v)?;
         let s = self.shape(b, tq, tk);
-        let (mut y, mut lse) = (be.zeros(b * nh * tq * hs), be.zeros(b * nh * tq));
+        let (mut y, mut lse) = (be.uninit(b * nh * tq * hs), be.uninit(b * nh * tq));
         be.attention_fwd(&s, &q, &k, &v, None, None, &mut y, &mut lse)?;
-        let mut ym = be.zeros(b * tq * nh * hs);
+        let mut ym = be.uninit(b * tq * nh * hs);
         be.heads_merge(&y, b, tq, nh, hs, &mut ym)?;
         let out = self.o.forward(be, &ym)?;
         let acts = CrossActs {
@@ -376,22 +376,22 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
             .backward(be, &a.ym, dout, true)?
             .expect("dx requested");
         // forward: ym = merge(y)  so: dy = split(dym)
-        let mut dy = be.zeros(be.len(&dym));
+        let mut dy = be.uninit(be.len(&dym));
         be.heads_split(&dym, b, tq, nh, hs, 0, None, &mut dy)?;
         let s = self.shape(b, tq, tk);
         let (mut dq, mut dk, mut dv) = (
-            be.zeros(be.len(&a.q)),
-            be.zeros(be.len(&a.k)),
-            be.zeros(be.len(&a.v)),
+            be.uninit(be.len(&a.q)),
+            be.uninit(be.len(&a.k)),
+            be.uninit(be.len(&a.v)),
         );
         be.attention_bwd(
             &s, &a.q, &a.k, &a.v, None, None, &a.y, &a.lse, &dy, &mut dq, &mut dk, &mut dv, None,
         )?;
         // forward: q = split(qf) (no rotation)  so: dqf = merge(dq)
         let (mut dqf, mut dkf, mut dvf) = (
-            be.zeros(be.len(&dq)),
-            be.zeros(be.len(&dk)),
-            be.zeros(be.len(&dv)),
+            be.uninit(be.len(&dq)),
+            be.uninit(be.len(&dk)),
+            be.uninit(be.len(&dv)),
         );
         be.heads_merge(&dq, b, tq, nh, hs, &mut dqf)?;
         be.heads_merge(&dk, b, tk, nh, hs, &mut dkf)?;

@@ -230,14 +230,14 @@ impl<F: Float, B: Backend<F>> RmsNorm<F, B> {
     pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, B::Buf)> {
         let c = self.weight.numel();
         let n = rows(be, "RmsNorm::forward", x, c)?;
-        let (mut out, mut rstd) = (be.zeros(n * c), be.zeros(n));
+        let (mut out, mut rstd) = (be.uninit(n * c), be.uninit(n));
         be.rmsnorm_fwd(x, Some(&self.weight.data), self.eps, c, &mut out, &mut rstd)?;
         Ok((out, rstd))
     }
     /// forward: out = x·rstd·w  so: dw += dout·x·rstd, dx = ∂/∂x (see the backend op).
     pub fn backward(&mut self, be: &B, x: &B::Buf, rstd: &B::Buf, dout: &B::Buf) -> Result<B::Buf> {
         let c = self.weight.numel();
-        let mut dx = be.zeros(be.len(x));
+        let mut dx = be.uninit(be.len(x));
         be.rmsnorm_bwd(
             dout,
             x,
@@ -286,7 +286,7 @@ impl<F: Float, B: Backend<F>> LayerNorm<F, B> {
     pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, NormStats<B::Buf>)> {
         let c = self.weight.numel();
         let n = rows(be, "LayerNorm::forward", x, c)?;
-        let (mut out, mut mean, mut rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+        let (mut out, mut mean, mut rstd) = (be.uninit(n * c), be.uninit(n), be.uninit(n));
         be.layernorm_fwd(
             x,
             &self.weight.data,
@@ -308,7 +308,7 @@ impl<F: Float, B: Backend<F>> LayerNorm<F, B> {
         dout: &B::Buf,
     ) -> Result<B::Buf> {
         let c = self.weight.numel();
-        let mut dx = be.zeros(be.len(x));
+        let mut dx = be.uninit(be.len(x));
         be.layernorm_bwd(
             dout,
             x,
@@ -347,7 +347,7 @@ impl<F: Float, B: Backend<F>> Embedding<F, B> {
     /// ids (N) → (N, C).
     pub fn forward(&self, be: &B, ids: &[u32]) -> Result<B::Buf> {
         let c = self.dim();
-        let mut out = be.zeros(ids.len() * c);
+        let mut out = be.uninit(ids.len() * c);
         be.embedding_fwd(ids, &self.weight.data, c, &mut out)?;
         Ok(out)
     }
@@ -418,7 +418,7 @@ impl<F: Float, B: Backend<F>> PatchEmbed<F, B> {
     /// NP = (H/P)(W/P) in row-major patch order.
     pub fn forward(&self, be: &B, pixels: &B::Buf, img: ImageShape) -> Result<(B::Buf, B::Buf)> {
         let (_, ch, p) = self.dims();
-        let mut patches = be.zeros(img.b * ch * img.h * img.w);
+        let mut patches = be.uninit(img.b * ch * img.h * img.w);
         be.patchify(pixels, img.b, ch, img.h, img.w, p, &mut patches)?;
         let out = self.as_linear().forward(be, &patches)?;
         Ok((patches, out))
@@ -446,7 +446,7 @@ impl<F: Float, B: Backend<F>> PatchEmbed<F, B> {
         }
         match res? {
             Some(dpatches) => {
-                let mut dpix = be.zeros(be.len(&dpatches));
+                let mut dpix = be.uninit(be.len(&dpatches));
                 be.patchify_bwd(&dpatches, img.b, ch, img.h, img.w, p, &mut dpix)?;
                 Ok(Some(dpix))
             }
@@ -492,7 +492,7 @@ impl<F: Float, B: Backend<F>> Mlp<F, B> {
     /// x (N,C) → (N,C).
     pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, MlpActs<B::Buf>)> {
         let h = self.fc1.forward(be, x)?;
-        let mut a = be.zeros(be.len(&h));
+        let mut a = be.uninit(be.len(&h));
         be.act_fwd(self.act, &h, &mut a)?;
         let y = self.fc2.forward(be, &a)?;
         Ok((y, MlpActs { x: x.clone(), h, a }))
@@ -503,7 +503,7 @@ impl<F: Float, B: Backend<F>> Mlp<F, B> {
             .fc2
             .backward(be, &acts.a, dy, true)?
             .expect("dx requested");
-        let mut dh = be.zeros(be.len(&da));
+        let mut dh = be.uninit(be.len(&da));
         be.act_bwd(self.act, &acts.h, &da, &mut dh)?;
         Ok(self
             .fc1
@@ -549,7 +549,7 @@ impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
     pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, SwiGluActs<B::Buf>)> {
         let g = self.gate.forward(be, x)?;
         let u = self.up.forward(be, x)?;
-        let mut a = be.zeros(be.len(&g));
+        let mut a = be.uninit(be.len(&g));
         be.swiglu_fwd(&g, &u, &mut a)?;
         let y = self.down.forward(be, &a)?;
         Ok((
@@ -569,7 +569,7 @@ impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
             .down
             .backward(be, &acts.a, dy, true)?
             .expect("dx requested");
-        let (mut dg, mut du) = (be.zeros(be.len(&da)), be.zeros(be.len(&da)));
+        let (mut dg, mut du) = (be.uninit(be.len(&da)), be.uninit(be.len(&da)));
         be.swiglu_bwd(&acts.g, &acts.u, &da, &mut dg, &mut du)?;
         let mut dx = self
             .gate
@@ -718,14 +718,14 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         let qf = self.q.forward(be, x)?;
         let kf = self.k.forward(be, x)?;
         let vf = self.v.forward(be, x)?;
-        let mut q = be.zeros(b * self.nh * t * hs);
-        let mut k = be.zeros(b * self.nkv * t * hs);
-        let mut v = be.zeros(b * self.nkv * t * hs);
+        let mut q = be.uninit(b * self.nh * t * hs);
+        let mut k = be.uninit(b * self.nkv * t * hs);
+        let mut v = be.uninit(b * self.nkv * t * hs);
         be.heads_split(&qf, b, t, self.nh, hs, ctx.pos0, self.rope_theta, &mut q)?;
         be.heads_split(&kf, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut k)?;
         be.heads_split(&vf, b, t, self.nkv, hs, ctx.pos0, None, &mut v)?;
-        let mut y = be.zeros(b * self.nh * t * hs);
-        let mut lse = be.zeros(b * self.nh * t);
+        let mut y = be.uninit(b * self.nh * t * hs);
+        let mut lse = be.uninit(b * self.nh * t);
         // the keys attention reads: the new ones alone, or the cache they were written to
         let (s, keys, values) = match cache {
             Some(c) => {
@@ -748,7 +748,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             &mut y,
             &mut lse,
         )?;
-        let mut ym = be.zeros(b * t * self.nh * hs);
+        let mut ym = be.uninit(b * t * self.nh * hs);
         be.heads_merge(&y, b, t, self.nh, hs, &mut ym)?;
         let out = self.o.forward(be, &ym)?;
         Ok((
@@ -780,8 +780,8 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         let (b, t, hs) = (ctx.b, ctx.t, self.hs);
         let kf = self.k.forward(be, x)?;
         let vf = self.v.forward(be, x)?;
-        let mut k = be.zeros(b * self.nkv * t * hs);
-        let mut v = be.zeros(b * self.nkv * t * hs);
+        let mut k = be.uninit(b * self.nkv * t * hs);
+        let mut v = be.uninit(b * self.nkv * t * hs);
         be.heads_split(&kf, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut k)?;
         be.heads_split(&vf, b, t, self.nkv, hs, ctx.pos0, None, &mut v)?;
         self.append_kv(be, ctx, cache, &k, &v)
@@ -848,16 +848,16 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             .backward(be, &acts.ym, dout, true)?
             .expect("dx requested");
         // forward: ym = merge(y)  so: dy = split(dym) (no rotation)
-        let mut dy = be.zeros(be.len(&dym));
+        let mut dy = be.uninit(be.len(&dym));
         be.heads_split(&dym, b, t, self.nh, hs, 0, None, &mut dy)?;
         // forward: y = attention(q, k, v; γ)
         let s = self.shape(b, t, t);
         let (mut dq, mut dk, mut dv) = (
-            be.zeros(be.len(&acts.q)),
-            be.zeros(be.len(&acts.k)),
-            be.zeros(be.len(&acts.v)),
+            be.uninit(be.len(&acts.q)),
+            be.uninit(be.len(&acts.k)),
+            be.uninit(be.len(&acts.v)),
         );
-        let mut dbias = want_dbias.then(|| be.zeros(b * t));
+        let mut dbias = want_dbias.then(|| be.uninit(b * t));
         be.attention_bwd(
             &s,
             &acts.q,
@@ -874,9 +874,9 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             dbias.as_mut(),
         )?;
         // forward: q = rope(split(qf))  so: dqf = split_bwd(dq) (the inverse rotation)
-        let mut dqf = be.zeros(be.len(&dq));
-        let mut dkf = be.zeros(be.len(&dk));
-        let mut dvf = be.zeros(be.len(&dv));
+        let mut dqf = be.uninit(be.len(&dq));
+        let mut dkf = be.uninit(be.len(&dk));
+        let mut dvf = be.uninit(be.len(&dv));
         be.heads_split_bwd(&dq, b, t, self.nh, hs, ctx.pos0, self.rope_theta, &mut dqf)?;
         be.heads_split_bwd(&dk, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut dkf)?;
         be.heads_split_bwd(&dv, b, t, self.nkv, hs, ctx.pos0, None, &mut dvf)?;

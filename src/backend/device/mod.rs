@@ -119,6 +119,9 @@ impl Backend<f32> for DeviceBackend {
     fn zeros(&self, n: usize) -> DeviceBuf<f32> {
         ok(self.dev.zeros(n))
     }
+    fn uninit(&self, n: usize) -> DeviceBuf<f32> {
+        ok(self.dev.uninit(n))
+    }
     fn from_slice(&self, x: &[f32]) -> DeviceBuf<f32> {
         ok(self.dev.upload(x))
     }
@@ -158,6 +161,16 @@ impl Backend<f32> for DeviceBackend {
         ok(elementwise::sum_sq_many(&self.dev, xs))
     }
 
+    fn matmul_new(
+        &self,
+        s: MatmulSpec,
+        a: &DeviceBuf<f32>,
+        b: &DeviceBuf<f32>,
+    ) -> Result<DeviceBuf<f32>> {
+        let mut out = self.uninit(s.m * s.n);
+        gemm(&self.dev, s, a, b, &mut out, Accum::Replace)?;
+        Ok(out)
+    }
     fn matmul(
         &self,
         s: MatmulSpec,

@@ -234,7 +234,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         for (j, &a) in d.answer.iter().enumerate() {
             targets[seq.tail_at - 1 + j] = a as i32;
         }
-        let (mut logp, mut lse) = (be.zeros(seq.t), be.zeros(seq.t));
+        let (mut logp, mut lse) = (be.uninit(seq.t), be.uninit(seq.t));
         be.logprob_fwd(&logits, &targets, v, &mut logp, &mut lse)?;
         let lp = be.to_vec(&logp);
         let mean = (0..n)
@@ -257,7 +257,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         for j in 0..n {
             dlogp[seq.tail_at - 1 + j] = c;
         }
-        let mut dlogits = be.zeros(seq.t * v);
+        let mut dlogits = be.uninit(seq.t * v);
         be.logprob_bwd(
             &logits,
             &targets,
@@ -399,7 +399,7 @@ fn prompt_rows<F: Float, B: Backend<F>>(
     w: usize,
     n: usize,
 ) -> Result<Vec<F>> {
-    let mut out = be.zeros(n);
+    let mut out = be.uninit(n);
     be.copy_range(&mut out, 0, dx, p_at * w, n)?;
     Ok(be.to_vec(&out))
 }

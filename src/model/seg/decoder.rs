@@ -265,7 +265,7 @@ fn gather<F: Float, B: Backend<F>>(
     r: usize,
     idx: &[usize],
 ) -> Result<B::Buf> {
-    let mut out = be.zeros(idx.len() * r);
+    let mut out = be.uninit(idx.len() * r);
     for (j, &i) in idx.iter().enumerate() {
         be.copy_range(&mut out, j * r, src, i * r, r)?;
     }
@@ -508,17 +508,17 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let keys0 = gather(be, &z[0], g * d, img_of)?;
         let s0 = self.run_scale(0, &keys0, emb, m, gh, gw, None)?;
         // scale 1 on level 1 upsampled ×2, gated by σ(mask₀) + 1 (mask₀ is at that size)
-        let mut up1 = be.zeros(b * 4 * g * d);
+        let mut up1 = be.uninit(b * 4 * g * d);
         be.resize_bilinear(&z[1], b, gh, gw, d, 2 * gh, 2 * gw, &mut up1)?;
         let g1 = gather(be, &up1, 4 * g * d, img_of)?;
-        let mut gate = be.zeros(m * 4 * g);
+        let mut gate = be.uninit(m * 4 * g);
         be.act_fwd(Act::Sigmoid, &s0.logits, &mut gate)?;
         be.axpy(
             &mut gate,
             F::one(),
             &be.from_slice(&vec![F::one(); m * 4 * g]),
         )?;
-        let mut keys1 = be.zeros(be.len(&g1));
+        let mut keys1 = be.uninit(be.len(&g1));
         be.mul_rows(&g1, &gate, d, &mut keys1)?;
         let skip = self.skip_forward(img.pixels, b)?;
         let skip_rows = match &skip {
@@ -530,7 +530,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let mut out = be.zeros(m * out_h * out_w);
         for (s, sa) in [&s0, &s1].into_iter().enumerate() {
             let (h, w) = (gh << (s + 1), gw << (s + 1));
-            let mut r = be.zeros(m * out_h * out_w);
+            let mut r = be.uninit(m * out_h * out_w);
             be.resize_bilinear(&sa.logits, m, h, w, 1, out_h, out_w, &mut r)?;
             be.axpy(&mut out, F::from(1.0 / LEVELS as f64).unwrap(), &r)?;
         }
@@ -575,7 +575,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         )?;
         let (patches, y) = sk.patch.forward(be, pixels, shape)?;
         let (yn, lns) = sk.ln.forward(be, &y)?;
-        let mut a = be.zeros(be.len(&yn));
+        let mut a = be.uninit(be.len(&yn));
         be.act_fwd(UPSCALE_ACT, &yn, &mut a)?;
         let out = sk.out.forward(be, &a)?;
         Ok(Some((
@@ -633,7 +633,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let up = &self.upscale[s];
         let (y, cta) = up.convt.forward(be, &k, m, h, w)?;
         let (yn, lns) = up.ln.forward(be, &y)?;
-        let mut u = be.zeros(be.len(&yn));
+        let mut u = be.uninit(be.len(&yn));
         be.act_fwd(UPSCALE_ACT, &yn, &mut u)?;
         if let Some(sk) = skip {
             be.axpy(&mut u, F::one(), sk)?;
@@ -646,7 +646,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
             let pre = lin.forward(be, &x)?;
             h_in.push(x);
             x = if i + 1 < HYPER_LAYERS {
-                let mut a = be.zeros(be.len(&pre));
+                let mut a = be.uninit(be.len(&pre));
                 be.act_fwd(Act::Relu, &pre, &mut a)?;
                 a
             } else {
@@ -733,7 +733,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let mut dx = dhv;
         for i in (0..HYPER_LAYERS).rev() {
             let dpre = if i + 1 < HYPER_LAYERS {
-                let mut dp = be.zeros(be.len(&dx));
+                let mut dp = be.uninit(be.len(&dx));
                 be.act_bwd(Act::Relu, &a.h_pre[i], &dx, &mut dp)?;
                 dp
             } else {
@@ -747,7 +747,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let mut dq = be.zeros(m * TOKENS * d);
         scatter_add(&be, &mut dq, d, &dx, &idx)?;
         // forward: u = gelu(ln(convt(k)))
-        let mut dyn_ = be.zeros(be.len(&du));
+        let mut dyn_ = be.uninit(be.len(&du));
         be.act_bwd(UPSCALE_ACT, &a.yn, &du, &mut dyn_)?;
         let up = &mut self.upscale[s];
         let dy = up.ln.backward(&be, &a.y, &a.lns, &dyn_)?;
@@ -795,7 +795,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
             let (h, w) = (gh << (s + 1), gw << (s + 1));
             let mut dr = dlogits.clone();
             be.scale(&mut dr, F::from(1.0 / LEVELS as f64).unwrap());
-            let mut dls = be.zeros(m * h * w);
+            let mut dls = be.uninit(m * h * w);
             be.resize_bilinear_bwd(&dr, m, h, w, 1, oh, ow, &mut dls)?;
             dl.push(dls);
         }
@@ -813,20 +813,20 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
                 .out
                 .backward(&be, &sa.a, &dout, true)?
                 .expect("dx requested");
-            let mut dyn_ = be.zeros(be.len(&da));
+            let mut dyn_ = be.uninit(be.len(&da));
             be.act_bwd(UPSCALE_ACT, &sa.yn, &da, &mut dyn_)?;
             let dy = sk.ln.backward(&be, &sa.y, &sa.lns, &dyn_)?;
             sk.patch.backward(&be, &sa.patches, &dy, shape, false)?;
         }
         // forward: keys1 = g1 · gate, gate = σ(logits₀) + 1
-        let (mut dg1, mut dgate) = (be.zeros(be.len(&acts.g1)), be.zeros(be.len(&acts.gate)));
+        let (mut dg1, mut dgate) = (be.uninit(be.len(&acts.g1)), be.uninit(be.len(&acts.gate)));
         be.mul_rows_bwd(&acts.g1, &acts.gate, &dkeys1, d, &mut dg1, &mut dgate)?;
-        let mut dl0 = be.zeros(be.len(&dgate));
+        let mut dl0 = be.uninit(be.len(&dgate));
         be.act_bwd(Act::Sigmoid, &acts.scales[0].logits, &dgate, &mut dl0)?;
         be.axpy(&mut dl0, F::one(), &dl[0])?;
         let mut dup1 = be.zeros(b * 4 * g * d);
         scatter_add(&be, &mut dup1, 4 * g * d, &dg1, &acts.img_of)?;
-        let mut dz1 = be.zeros(b * g * d);
+        let mut dz1 = be.uninit(b * g * d);
         be.resize_bilinear_bwd(&dup1, b, gh, gw, d, 2 * gh, 2 * gw, &mut dz1)?;
         // scale 0
         let (dkeys0, _) = self.run_scale_bwd(0, &acts.scales[0], &dl0, m, &mut demb)?;

@@ -256,13 +256,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let npix = be.len(&pixels) / b;
         (0..b)
             .map(|i| {
-                let mut tokens = be.zeros(kt * hdim);
+                let mut tokens = be.uninit(kt * hdim);
                 be.copy_range(&mut tokens, 0, &img, i * kt * hdim, kt * hdim)?;
-                let mut g0 = be.zeros(k * cv);
+                let mut g0 = be.uninit(k * cv);
                 be.copy_range(&mut g0, 0, &f0, i * k * cv, k * cv)?;
-                let mut g1 = be.zeros(k * cv);
+                let mut g1 = be.uninit(k * cv);
                 be.copy_range(&mut g1, 0, &f1, i * k * cv, k * cv)?;
-                let mut pix = be.zeros(npix);
+                let mut pix = be.uninit(npix);
                 be.copy_range(&mut pix, 0, &pixels, i * npix, npix)?;
                 Ok(ImageEncoding {
                     tokens,
@@ -278,7 +278,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let be = &self.llava.be;
         let v = &self.llava.cfg.vision;
         let (k, cv) = (v.num_patches(), v.hidden_size);
-        let mut f = be.zeros(b * k * cv);
+        let mut f = be.uninit(b * k * cv);
         for i in 0..b {
             be.copy_range(&mut f, i * k * cv, h, (i * (k + 1) + 1) * cv, k * cv)?;
         }
@@ -649,7 +649,7 @@ pub(crate) fn row<F: Float, B: Backend<F>>(
     i: usize,
     w: usize,
 ) -> Result<B::Buf> {
-    let mut h = be.zeros(w);
+    let mut h = be.uninit(w);
     be.copy_range(&mut h, 0, x, i * w, w)?;
     Ok(h)
 }

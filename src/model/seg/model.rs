@@ -325,7 +325,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     ) -> Result<(B::Buf, MlpActs<B::Buf>)> {
         let be = &self.llava.be;
         let h = self.llava.cfg.text.hidden_size;
-        let mut g = be.zeros(rows.len() * h);
+        let mut g = be.uninit(rows.len() * h);
         be.embedding_fwd(rows, hidden, h, &mut g)?;
         let (out, acts) = self.seg_head.forward(be, &g)?; // (M·G, D)
         Ok((self.average_scales(&out, rows.len())?, acts))
@@ -342,7 +342,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             for li in 0..l {
                 let mut acc = be.zeros(d);
                 for si in 0..s {
-                    let mut row = be.zeros(d);
+                    let mut row = be.uninit(d);
                     be.copy_range(&mut row, 0, out, ((mi * l + li) * s + si) * d, d)?;
                     be.axpy(&mut acc, inv, &row)?;
                 }
@@ -359,7 +359,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut dout = be.zeros(m * l * s * d);
         let inv = F::from(1.0 / s as f64).unwrap();
         for ml in 0..m * l {
-            let mut row = be.zeros(d);
+            let mut row = be.uninit(d);
             be.copy_range(&mut row, 0, demb, ml * d, d)?;
             be.scale(&mut row, inv);
             for si in 0..s {
@@ -375,14 +375,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let be = &self.llava.be;
         let s = self.cfg.image_size;
         let (vh, vw) = (px.valid_h, px.valid_w);
-        let mut crop = be.zeros(vh * vw);
+        let mut crop = be.uninit(vh * vw);
         for y in 0..vh {
             be.copy_range(&mut crop, y * vw, logits, off + y * s, vw)?;
         }
         if (vh, vw) == (px.height, px.width) {
             return Ok(crop);
         }
-        let mut out = be.zeros(px.height * px.width);
+        let mut out = be.uninit(px.height * px.width);
         be.resize_bilinear(&crop, 1, vh, vw, 1, px.height, px.width, &mut out)?;
         Ok(out)
     }
@@ -412,12 +412,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let dimg = if d_off == 0 && be.len(d) == h * w {
             d
         } else {
-            let mut one = be.zeros(h * w);
+            let mut one = be.uninit(h * w);
             be.copy_range(&mut one, 0, d, d_off, h * w)?;
             staged = one;
             &staged
         };
-        let mut dc = be.zeros(vh * vw);
+        let mut dc = be.uninit(vh * vw);
         be.resize_bilinear_bwd(dimg, 1, vh, vw, 1, h, w, &mut dc)?;
         for y in 0..vh {
             be.copy_range(dlogits, off + y * s, &dc, y * vw, vw)?;

@@ -238,7 +238,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut out = vec![(f64::NAN, f64::NAN); per_mask.len()];
         let mut groups = Vec::with_capacity(by_size.len());
         for (p, idx) in by_size {
-            let (mut lg, mut tg) = (be.zeros(idx.len() * p), be.zeros(idx.len() * p));
+            let (mut lg, mut tg) = (be.uninit(idx.len() * p), be.uninit(idx.len() * p));
             for (j, &i) in idx.iter().enumerate() {
                 be.copy_range(&mut lg, j * p, per_mask[i].0, 0, p)?;
                 be.copy_range(&mut tg, j * p, per_mask[i].1, 0, p)?;
@@ -567,7 +567,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 lm.forward_embeds(x, grp.members.len(), grp.t, None, None, None)?;
             // the log-prob of every next token
             let n = span.len();
-            let (mut logp, mut lse) = (be.zeros(n), be.zeros(n));
+            let (mut logp, mut lse) = (be.uninit(n), be.uninit(n));
             be.logprob_fwd(&logits, &targets[span], v, &mut logp, &mut lse)?;
             lp.extend(
                 be.to_vec(&logp)
@@ -627,7 +627,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                         mask.len(),
                         be.len(&lg),
                     )?;
-                    let mut tgt = be.zeros(mask.len());
+                    let mut tgt = be.uninit(mask.len());
                     be.copy_range(&mut tgt, 0, &all, off, mask.len())?;
                     per_mask.push((lg, tgt));
                     (mi, off) = (mi + 1, off + mask.len());
@@ -719,7 +719,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             crate::error::check_len("SegModel::backward_pass", "masks", pixels.len(), m)?;
             for g in &sa.groups {
                 let n = g.idx.len();
-                let mut d = be.zeros(n * g.p);
+                let mut d = be.uninit(n * g.p);
                 be.mask_loss_bwd(&g.logits, &g.target, &g.sums, n, g.p, wb, wd, &mut d)?;
                 for (j, &mi) in g.idx.iter().enumerate() {
                     self.to_image_logits_bwd(
@@ -772,7 +772,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 .iter()
                 .map(|&x| F::from(x).unwrap())
                 .collect();
-            let mut dlogits = be.zeros(n * v);
+            let mut dlogits = be.uninit(n * v);
             let targets = &a.targets[span.clone()];
             be.logprob_bwd(
                 &ga.logits,
@@ -782,7 +782,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 &be.from_slice(&dl),
                 &mut dlogits,
             )?;
-            let mut dh = be.zeros(n * hdim);
+            let mut dh = be.uninit(n * hdim);
             be.copy_range(&mut dh, 0, &dhidden, grp.off * hdim, n * hdim)?;
             let mut dx = lm.backward_with_hidden(&ga.acts, &dlogits, Some(&dh))?; // (n·t, H)
             for j in grp.members.iter().flat_map(|&r| r * k..(r + 1) * k) {

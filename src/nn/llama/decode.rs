@@ -111,7 +111,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             .iter()
             .map(|l| {
                 let n = be.len(&l.k) / c.b;
-                let (mut kk, mut vv) = (be.zeros(rows.len() * n), be.zeros(rows.len() * n));
+                let (mut kk, mut vv) = (be.uninit(rows.len() * n), be.uninit(rows.len() * n));
                 for (i, &r) in rows.iter().enumerate() {
                     be.copy_range(&mut kk, i * n, &l.k, r * n, n)?;
                     be.copy_range(&mut vv, i * n, &l.v, r * n, n)?;

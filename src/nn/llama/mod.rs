@@ -531,7 +531,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
     fn rows_of(&self, a: &B::Buf, b: usize, t: usize, at: usize, n: usize) -> Result<B::Buf> {
         let be = &self.be;
         let w = be.len(a) / (b * t).max(1);
-        let mut out = be.zeros(b * n * w);
+        let mut out = be.uninit(b * n * w);
         for r in 0..b {
             be.copy_range(&mut out, r * n * w, a, (r * t + at) * w, n * w)?;
         }
