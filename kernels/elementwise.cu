@@ -67,6 +67,16 @@ extern "C" __global__ void copy_f32(float* y, const float* x, long long n) {
     for (long long i = head + t; i < n; i += s) y[i] = x[i];
 }
 
+// y[r dst_stride + c] = x[r src_stride + c] for the n = rows * width values (r, c) of
+// `rows` runs of `width`: a crop out of a wider map, or back into it.
+extern "C" __global__ void copy_rows_f32(float* y, const float* x, long long width, long long dst_stride,
+                                         long long src_stride, long long n) {
+    for (long long i = gs_first(); i < n; i += gs_stride()) {
+        const long long r = i / width, c = i - r * width;
+        y[r * dst_stride + c] = x[r * src_stride + c];
+    }
+}
+
 // part[blockIdx.x] = sum of x[i]^2 over this block's grid-stride share of [0, n); then
 // sum_parts_f32 adds the parts in order.  For a fixed grid the summation order is fixed,
 // so the result is the same run to run.

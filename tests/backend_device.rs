@@ -3,7 +3,7 @@
 //! the output's scale; bad sizes are errors; buffers stay on the device (host↔device
 //! copies counted); a tiny LLaMA's training step equals the CPU's.
 use popen::backend::{
-    Accum, Act, AdamWStep, AttnShape, Backend, Cpu, DeviceBackend, MatmulSpec, TimeCopy,
+    Accum, Act, AdamWStep, AttnShape, Backend, Cpu, DeviceBackend, MatmulSpec, RowCopy, TimeCopy,
 };
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;
@@ -78,6 +78,33 @@ fn memory_ops_match_cpu() {
         d.copy_range(&mut yd, 5, &xd, 17, 333).unwrap();
         close("copy_range", &d.to_vec(&yd), &y);
         assert!(d.copy_range(&mut yd, n - 101, &xd, 0, 200).is_err());
+        // runs between maps of different widths (a crop), more values than one launch
+        // has threads at the larger size
+        let (rows, width, stride) = if n > 100_000 {
+            (997, 281, 300)
+        } else {
+            (13, 29, 37)
+        };
+        let c = RowCopy {
+            rows,
+            width,
+            dst_off: 7,
+            dst_stride: width + 2,
+            src_off: 11,
+            src_stride: stride,
+        };
+        let mut want = y.clone();
+        for r in 0..rows {
+            let (o, i) = (c.dst_off + r * c.dst_stride, c.src_off + r * c.src_stride);
+            want[o..o + width].copy_from_slice(&x[i..i + width]);
+        }
+        Cpu.copy_rows(&mut y, &x, c).unwrap();
+        d.copy_rows(&mut yd, &xd, c).unwrap();
+        assert_eq!(y, want, "copy_rows on the CPU");
+        close("copy_rows", &d.to_vec(&yd), &want);
+        let past = RowCopy { src_stride: n, ..c };
+        assert!(Cpu.copy_rows(&mut y, &x, past).is_err());
+        assert!(d.copy_rows(&mut yd, &xd, past).is_err());
         Cpu.copy(&mut y, &x).unwrap();
         d.copy(&mut yd, &xd).unwrap();
         close("copy", &d.to_vec(&yd), &y);

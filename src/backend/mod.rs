@@ -156,6 +156,55 @@ impl TimeCopy {
     }
 }
 
+/// One [`Backend::copy_rows`]: `rows` runs of `width` values, run r from
+/// `src[src_off + r·src_stride ..]` to `dst[dst_off + r·dst_stride ..]` (a crop out of a
+/// wider map, or back into it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowCopy {
+    /// Number of runs.
+    pub rows: usize,
+    /// Values per run.
+    pub width: usize,
+    /// Where the first run goes in `dst`.
+    pub dst_off: usize,
+    /// From one run to the next in `dst`.
+    pub dst_stride: usize,
+    /// Where the first run comes from in `src`.
+    pub src_off: usize,
+    /// From one run to the next in `src`.
+    pub src_stride: usize,
+}
+
+impl RowCopy {
+    /// Every run lies inside both buffers.
+    pub fn check(&self, op: &'static str, dst: usize, src: usize) -> Result<()> {
+        if self.rows == 0 || self.width == 0 {
+            return Ok(());
+        }
+        let end = |off: usize, stride: usize| {
+            (self.rows - 1)
+                .checked_mul(stride)
+                .and_then(|x| x.checked_add(off))
+                .and_then(|x| x.checked_add(self.width))
+        };
+        for (what, len, off, stride) in [
+            ("dst", dst, self.dst_off, self.dst_stride),
+            ("src", src, self.src_off, self.src_stride),
+        ] {
+            if end(off, stride).is_none_or(|e| e > len) {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{} runs of {} at {what} {off} every {stride} pass its length {len}",
+                        self.rows, self.width
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Shape of one attention call: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS) (or a cache's
 /// (B,NKV,kv_stride,HS) in the forward), out (B,NH,Tq,HS), lse (B,NH,Tq).  `causal`
 /// aligns bottom-right when Tq < Tk (query i sits at position Tk − Tq + i, as in decoding
@@ -270,6 +319,16 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         src_off: usize,
         n: usize,
     ) -> Result<()>;
+    /// The runs of `c` from `src` into `dst` ([`RowCopy`]).  By default one
+    /// [`Backend::copy_range`] per run; the device backend makes it one launch.
+    fn copy_rows(&self, dst: &mut Self::Buf, src: &Self::Buf, c: RowCopy) -> Result<()> {
+        c.check("copy_rows", self.len(dst), self.len(src))?;
+        for r in 0..c.rows {
+            let (d, s) = (c.dst_off + r * c.dst_stride, c.src_off + r * c.src_stride);
+            self.copy_range(dst, d, src, s, c.width)?;
+        }
+        Ok(())
+    }
     /// `dst += alpha · src` (the residual stream and gradient accumulation).
     fn axpy(&self, dst: &mut Self::Buf, alpha: F, src: &Self::Buf) -> Result<()>;
     /// `x *= alpha`.

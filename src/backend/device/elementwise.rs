@@ -1,7 +1,7 @@
 //! Whole-buffer ops, activations, SwiGLU, bias and AdamW: launches of
 //! `kernels/elementwise.cu`.  CPU twins: `src/backend/cpu/{elementwise,act,matmul,optim}.rs`.
 use super::{i32_arg, i64_arg, linear, rows_of, BLOCK, MAX_BLOCKS};
-use crate::backend::{Act, AdamWStep};
+use crate::backend::{Act, AdamWStep, RowCopy};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
@@ -55,6 +55,33 @@ pub(super) fn copy_range(
         "copy_f32",
         linear(n),
         &[dst.arg_mut_at(dst_off), src.arg_at(src_off), i64_arg(n)],
+    )
+}
+
+/// The runs of `c` from `src` into `dst`, one launch (`copy_rows_f32`).
+pub(super) fn copy_rows(
+    dev: &Device,
+    dst: &mut DeviceBuf<f32>,
+    src: &DeviceBuf<f32>,
+    c: RowCopy,
+) -> Result<()> {
+    const OP: &str = "copy_rows";
+    c.check(OP, dst.len(), src.len())?;
+    let n = c.rows * c.width;
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "copy_rows_f32",
+        linear(n),
+        &[
+            dst.arg_mut_at(c.dst_off),
+            src.arg_at(c.src_off),
+            i64_arg(c.width),
+            i64_arg(c.dst_stride),
+            i64_arg(c.src_stride),
+            i64_arg(n),
+        ],
     )
 }
 

@@ -16,7 +16,8 @@
 //!
 //! Sizes: N rows, C channels, V vocabulary.
 use super::{
-    Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, TimeCopy,
+    Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, RowCopy,
+    TimeCopy,
 };
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -147,6 +148,9 @@ impl Backend<f32> for DeviceBackend {
         n: usize,
     ) -> Result<()> {
         elementwise::copy_range(&self.dev, dst, dst_off, src, src_off, n)
+    }
+    fn copy_rows(&self, dst: &mut DeviceBuf<f32>, src: &DeviceBuf<f32>, c: RowCopy) -> Result<()> {
+        elementwise::copy_rows(&self.dev, dst, src, c)
     }
     fn axpy(&self, dst: &mut DeviceBuf<f32>, alpha: f32, src: &DeviceBuf<f32>) -> Result<()> {
         elementwise::axpy(&self.dev, dst, alpha, src)

@@ -9,7 +9,7 @@ use super::config::{state_index, SegModelConfig};
 use super::decoder::PixelDecoder;
 use super::preprocess::Pixels;
 use super::prompt::Encoded;
-use crate::backend::{Backend, Cpu};
+use crate::backend::{Backend, Cpu, RowCopy};
 use crate::error::{Error, Result};
 use crate::model::llava::Llava;
 use crate::nn::conv::{push_linear, NamedParams};
@@ -376,9 +376,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let s = self.cfg.image_size;
         let (vh, vw) = (px.valid_h, px.valid_w);
         let mut crop = be.uninit(vh * vw);
-        for y in 0..vh {
-            be.copy_range(&mut crop, y * vw, logits, off + y * s, vw)?;
-        }
+        be.copy_rows(&mut crop, logits, crop_copy(vh, vw, s, off, 0, false))?;
         if (vh, vw) == (px.height, px.width) {
             return Ok(crop);
         }
@@ -402,10 +400,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let s = self.cfg.image_size;
         let (vh, vw) = (px.valid_h, px.valid_w);
         if (vh, vw) == (px.height, px.width) {
-            for y in 0..vh {
-                be.copy_range(dlogits, off + y * s, d, d_off + y * vw, vw)?;
-            }
-            return Ok(());
+            return be.copy_rows(dlogits, d, crop_copy(vh, vw, s, off, d_off, true));
         }
         let (h, w) = (px.height, px.width);
         let staged;
@@ -419,10 +414,33 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         };
         let mut dc = be.uninit(vh * vw);
         be.resize_bilinear_bwd(dimg, 1, vh, vw, 1, h, w, &mut dc)?;
-        for y in 0..vh {
-            be.copy_range(dlogits, off + y * s, &dc, y * vw, vw)?;
-        }
-        Ok(())
+        be.copy_rows(dlogits, &dc, crop_copy(vh, vw, s, off, 0, true))
+    }
+}
+
+/// The valid `vh × vw` crop of an S-wide map at `map_off`, as runs between the map and a
+/// packed `vh·vw` buffer at `packed_off`: out of the map, or back into it (`into_map`).
+fn crop_copy(
+    vh: usize,
+    vw: usize,
+    s: usize,
+    map_off: usize,
+    packed_off: usize,
+    into_map: bool,
+) -> RowCopy {
+    let (map, packed) = ((map_off, s), (packed_off, vw));
+    let ((dst_off, dst_stride), (src_off, src_stride)) = if into_map {
+        (map, packed)
+    } else {
+        (packed, map)
+    };
+    RowCopy {
+        rows: vh,
+        width: vw,
+        dst_off,
+        dst_stride,
+        src_off,
+        src_stride,
     }
 }
 

@@ -559,9 +559,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         for grp in &layout.groups {
             let span = grp.span();
             let mut x = lm.embed(&ids[span.clone()])?;
-            for j in grp.members.iter().flat_map(|&r| r * k..(r + 1) * k) {
-                let row = image_rows[j] - grp.off;
-                be.copy_range(&mut x, row * hdim, &img, j * hdim, hdim)?;
+            let rows = grp.members.iter().flat_map(|&r| r * k..(r + 1) * k);
+            for (row, j, n) in row_runs(rows.map(|j| (image_rows[j] - grp.off, j))) {
+                be.copy_range(&mut x, row * hdim, &img, j * hdim, n * hdim)?;
             }
             let (logits, acts) =
                 lm.forward_embeds(x, grp.members.len(), grp.t, None, None, None)?;
@@ -764,8 +764,15 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let k = self.tokens_per_image();
         let lm = &mut self.llava.language_model;
         let mut dimg = be.zeros(a.image_rows.len() * hdim);
-        let zero = be.zeros(hdim);
-        for (grp, ga) in a.layout.groups.iter().zip(&a.llm) {
+        let runs: Vec<_> = (a.layout.groups.iter())
+            .map(|grp| {
+                let rows = grp.members.iter().flat_map(|&r| r * k..(r + 1) * k);
+                row_runs(rows.map(|j| (j, a.image_rows[j] - grp.off)))
+            })
+            .collect();
+        let longest = runs.iter().flatten().map(|r| r.2).max().unwrap_or(0);
+        let zero = be.zeros(longest * hdim);
+        for ((grp, ga), runs) in a.layout.groups.iter().zip(&a.llm).zip(&runs) {
             let span = grp.span();
             let n = span.len();
             let dl: Vec<F> = dlogp[span.clone()]
@@ -785,10 +792,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let mut dh = be.uninit(n * hdim);
             be.copy_range(&mut dh, 0, &dhidden, grp.off * hdim, n * hdim)?;
             let mut dx = lm.backward_with_hidden(&ga.acts, &dlogits, Some(&dh))?; // (n·t, H)
-            for j in grp.members.iter().flat_map(|&r| r * k..(r + 1) * k) {
-                let row = a.image_rows[j] - grp.off;
-                be.copy_range(&mut dimg, j * hdim, &dx, row * hdim, hdim)?;
-                be.copy_range(&mut dx, row * hdim, &zero, 0, hdim)?;
+            for &(j, row, m) in runs {
+                be.copy_range(&mut dimg, j * hdim, &dx, row * hdim, m * hdim)?;
+                be.copy_range(&mut dx, row * hdim, &zero, 0, m * hdim)?;
             }
             lm.embed_tokens.backward(&be, &a.ids[span], &dx)?;
         }
@@ -830,6 +836,19 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 
 /// One head label per decoded target of `batch` (examples with masks, in order), read
 /// by `pick` from each example's labels (`what` names them in errors).
+/// Row pairs (dst, src) as runs (dst, src, rows) of consecutive pairs that advance
+/// together, so that each run is one `copy_range` (a sequence's image tokens are one run).
+fn row_runs(pairs: impl IntoIterator<Item = (usize, usize)>) -> Vec<(usize, usize, usize)> {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for (d, s) in pairs {
+        match runs.last_mut() {
+            Some((d0, s0, n)) if *d0 + *n == d && *s0 + *n == s => *n += 1,
+            _ => runs.push((d, s, 1)),
+        }
+    }
+    runs
+}
+
 fn per_target(
     batch: &[Example],
     pick: impl Fn(&super::category::Classes) -> &[i32],
@@ -863,4 +882,21 @@ fn push_labels(
         labels.extend_from_slice(own);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_runs;
+
+    #[test]
+    fn row_runs_join_only_pairs_that_advance_together() {
+        // two sequences' image rows: 3 consecutive, then 2 after a gap on the dst side;
+        // then a pair whose src does not follow, and one that goes back
+        let pairs = [(4, 0), (5, 1), (6, 2), (9, 3), (10, 4), (11, 7), (3, 8)];
+        assert_eq!(
+            row_runs(pairs),
+            [(4, 0, 3), (9, 3, 2), (11, 7, 1), (3, 8, 1)]
+        );
+        assert!(row_runs([]).is_empty());
+    }
 }
