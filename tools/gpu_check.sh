@@ -29,6 +29,8 @@
 #                          (STEPS steps, default 40, the stage-1 config), then `popen
 #                          predict` on its test split on both; wall times go to
 #                          bench_gpu.jsonl as train_sft_* and predict_* lines
+#   predict_profile_cuda.jsonl  `predict --device cuda --profile` on the cuda run: GPU time
+#                          and calls by kernel, product and zero-fill
 #   bench_err.log          both benches' stderr
 #   gpu_check.json         the summary (tests, each number beside PyTorch's, the goals)
 # and prints the summary last.  Exit status: non-zero if a test failed or no GPU ran.
@@ -159,6 +161,14 @@ want train && for dev in cuda cpu; do
     [[ $rc -eq 0 && $rc2 -eq 0 && $rc3 -eq 0 ]] || fail=1
     grep '"loss"' "$work/run_$dev/metrics.jsonl" | head -3 | sed "s/^/$dev metrics: /" >> "$out/train.log"
 done
+# where predict's GPU time and driver calls go, by kernel, product and zero-fill (a
+# profiled run is not a timed one: each entry costs two events)
+want train && [[ -d "$work/run_cuda" ]] && {
+    timeout "${TRAIN_TIMEOUT:-150}" "$popen" predict --checkpoint "$work/run_cuda" --data "$w/test.json" \
+        --out "$work/pred_profiled.jsonl" --device cuda --profile "$out/predict_profile_cuda.jsonl" \
+        >> "$out/train.log" 2>&1
+    stamp "predict --profile on cuda: rc=$? ($(wc -l < "$out/predict_profile_cuda.jsonl" 2>/dev/null) rows)"
+}
 
 python3 "$here/tools/gpu_summary.py" "$out" > "$out/gpu_check.json"
 cat "$out/gpu_check.json"
