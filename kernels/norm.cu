@@ -17,6 +17,24 @@ extern "C" __global__ void rmsnorm_fwd_f32(float* out, float* rstd, const float*
     for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = xr[j] * r * (w ? w[j] : 1.0f);
 }
 
+// sum (N,C) = x + a, then out and rstd as rmsnorm_fwd_f32 gives them for sum: a residual
+// add and the norm after it in one pass.  Each thread reads back only the sums it wrote.
+extern "C" __global__ void add_rmsnorm_fwd_f32(float* sum, float* out, float* rstd, const float* x, const float* a,
+                                               const float* w, float eps, int c) {
+    SHARED(float, part, [32]);
+    const size_t off = (size_t)blockIdx.x * c;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        const float s = x[off + j] + a[off + j];
+        sum[off + j] = s;
+        ss += s * s;
+    }
+    ss = block_sum(ss, part);
+    float r = 1.0f / sqrtf(ss / (float)c + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) out[off + j] = sum[off + j] * r * (w ? w[j] : 1.0f);
+}
+
 // forward: out[j] = x[j] r w[j],  r = (sum x^2 / C + eps)^-1/2
 // so:      dx[j] = r dout[j] w[j] - r^3/C x[j] sum_k dout[k] w[k] x[k]   (overwritten)
 //          dxw (N,C) = dout x r, the per-row terms of dw, summed over rows by col_sum_f32

@@ -230,9 +230,34 @@ fn rmsnorm_forward_and_backward_match_cpu() {
             d.rmsnorm_bwd(&gd, &xd, wdv, &rsd, c, &mut dx2, None)
                 .unwrap();
             close("rmsnorm dx (frozen)", &d.to_vec(&dx2), &dx);
+            // a residual add and the norm in one launch: the CPU's add then norm, and
+            // bit for bit the device's own axpy then norm (same per-row order)
+            let (a, ad) = both(&d, &rnd(&mut r, n * c, 2.0));
+            let (mut sum, mut o2, mut rs2) = (vec![0.0; n * c], vec![0.0; n * c], vec![0.0; n]);
+            Cpu.add_rmsnorm_fwd(&x, &a, wc, 1e-5, c, &mut sum, &mut o2, &mut rs2)
+                .unwrap();
+            let (mut sumd, mut o2d, mut rs2d) = (d.uninit(n * c), d.uninit(n * c), d.uninit(n));
+            d.add_rmsnorm_fwd(&xd, &ad, wdv, 1e-5, c, &mut sumd, &mut o2d, &mut rs2d)
+                .unwrap();
+            let plain: Vec<f32> = x.iter().zip(&a).map(|(x, a)| x + a).collect();
+            assert_eq!(sum, plain, "add_rmsnorm sum on the CPU");
+            close("add_rmsnorm sum", &d.to_vec(&sumd), &sum);
+            close("add_rmsnorm out", &d.to_vec(&o2d), &o2);
+            close("add_rmsnorm rstd", &d.to_vec(&rs2d), &rs2);
+            let mut xa = xd.clone();
+            d.axpy(&mut xa, 1.0, &ad).unwrap();
+            d.rmsnorm_fwd(&xa, wdv, 1e-5, c, &mut od, &mut rsd).unwrap();
+            assert_eq!(d.to_vec(&o2d), d.to_vec(&od), "fused against axpy + norm");
+            assert_eq!(d.to_vec(&rs2d), d.to_vec(&rsd), "fused rstd");
         }
         let (x, mut o, mut rs) = (d.zeros(10), d.zeros(10), d.zeros(3));
         assert!(d.rmsnorm_fwd(&x, None, 1e-5, 3, &mut o, &mut rs).is_err());
+        // three rows of 3, but a holds two
+        let (x9, a6) = (d.zeros(9), d.zeros(6));
+        let (mut s9, mut o9, mut r3) = (d.zeros(9), d.zeros(9), d.zeros(3));
+        let e = d.add_rmsnorm_fwd(&x9, &a6, None, 1e-5, 3, &mut s9, &mut o9, &mut r3);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("a has 6 elements, expected 9"), "{e}");
     }
 }
 

@@ -375,6 +375,26 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         out: &mut Self::Buf,
         rstd: &mut Self::Buf,
     ) -> Result<()>;
+    /// A residual add and the norm after it: `sum = x + a`, then out and rstd of
+    /// [`Backend::rmsnorm_fwd`] on `sum`; all three overwritten.  By default a copy, an
+    /// [`Backend::axpy`] and the norm (the same arithmetic); the device backend makes it
+    /// one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm_fwd(
+        &self,
+        x: &Self::Buf,
+        a: &Self::Buf,
+        w: Option<&Self::Buf>,
+        eps: f32,
+        c: usize,
+        sum: &mut Self::Buf,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Result<()> {
+        self.copy(sum, x)?;
+        self.axpy(sum, F::one(), a)?;
+        self.rmsnorm_fwd(sum, w, eps, c, out, rstd)
+    }
     /// dx (N,C) overwritten; dw (C) += (None = frozen).
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_bwd(

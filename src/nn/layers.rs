@@ -234,6 +234,21 @@ impl<F: Float, B: Backend<F>> RmsNorm<F, B> {
         be.rmsnorm_fwd(x, Some(&self.weight.data), self.eps, c, &mut out, &mut rstd)?;
         Ok((out, rstd))
     }
+    /// x, a (N,C) → (x + a, its norm (N,C), rstd (N)): a residual add and this norm in
+    /// one op ([`Backend::add_rmsnorm_fwd`]).
+    pub fn forward_added(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        a: &B::Buf,
+    ) -> Result<(B::Buf, B::Buf, B::Buf)> {
+        let c = self.weight.numel();
+        let n = rows(be, "RmsNorm::forward_added", x, c)?;
+        let (mut sum, mut out, mut rstd) = (be.uninit(n * c), be.uninit(n * c), be.uninit(n));
+        let w = Some(&self.weight.data);
+        be.add_rmsnorm_fwd(x, a, w, self.eps, c, &mut sum, &mut out, &mut rstd)?;
+        Ok((sum, out, rstd))
+    }
     /// forward: out = x·rstd·w  so: dw += dout·x·rstd, dx = ∂/∂x (see the backend op).
     pub fn backward(&mut self, be: &B, x: &B::Buf, rstd: &B::Buf, dout: &B::Buf) -> Result<B::Buf> {
         let c = self.weight.numel();

@@ -192,6 +192,19 @@ impl Backend<f32> for DeviceBackend {
         elementwise::col_sum(&self.dev, "bias_bwd", dout, dbias, c)
     }
 
+    fn add_rmsnorm_fwd(
+        &self,
+        x: &DeviceBuf<f32>,
+        a: &DeviceBuf<f32>,
+        w: Option<&DeviceBuf<f32>>,
+        eps: f32,
+        c: usize,
+        sum: &mut DeviceBuf<f32>,
+        out: &mut DeviceBuf<f32>,
+        rstd: &mut DeviceBuf<f32>,
+    ) -> Result<()> {
+        norm::add_rmsnorm_fwd(&self.dev, x, a, w, eps, c, sum, out, rstd)
+    }
     fn rmsnorm_fwd(
         &self,
         x: &DeviceBuf<f32>,

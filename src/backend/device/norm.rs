@@ -50,6 +50,47 @@ pub(super) fn rmsnorm_fwd(
     )
 }
 
+/// sum = x + a (N,C), then out (N,C), rstd (N) as [`rmsnorm_fwd`] gives them for sum.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn add_rmsnorm_fwd(
+    dev: &Device,
+    x: &DeviceBuf<f32>,
+    a: &DeviceBuf<f32>,
+    w: Option<&DeviceBuf<f32>>,
+    eps: f32,
+    c: usize,
+    sum: &mut DeviceBuf<f32>,
+    out: &mut DeviceBuf<f32>,
+    rstd: &mut DeviceBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "add_rmsnorm_fwd";
+    let n = rows_of(OP, x.len(), c)?;
+    check_len(OP, "a", a.len(), n * c)?;
+    check_len(OP, "sum", sum.len(), n * c)?;
+    check_len(OP, "out", out.len(), n * c)?;
+    check_len(OP, "rstd", rstd.len(), n)?;
+    if let Some(w) = w {
+        check_len(OP, "weight", w.len(), c)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    dev.launch(
+        "add_rmsnorm_fwd_f32",
+        per_row(OP, n)?,
+        &[
+            sum.arg_mut(),
+            out.arg_mut(),
+            rstd.arg_mut(),
+            x.arg(),
+            a.arg(),
+            opt(w),
+            KArg::F32(eps),
+            i32_arg(OP, "C", c)?,
+        ],
+    )
+}
+
 /// dx (N,C) overwritten; dw (C) += Σ_rows dout·x·rstd (None = frozen).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_bwd(

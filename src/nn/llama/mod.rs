@@ -505,9 +505,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         let be = &self.be;
         let (ln1, rstd1) = l.input_layernorm.forward(be, &x)?;
         let (a, attn) = l.self_attn.forward(be, &ln1, ctx, kv)?;
-        let mut xm = x.clone();
-        be.axpy(&mut xm, F::one(), &a)?;
-        let (ln2, rstd2) = l.post_attention_layernorm.forward(be, &xm)?;
+        let (xm, ln2, rstd2) = l.post_attention_layernorm.forward_added(be, &x, &a)?;
         let (m, mlp) = l.mlp.forward(be, &ln2)?;
         let mut xo = xm.clone();
         be.axpy(&mut xo, F::one(), &m)?;
