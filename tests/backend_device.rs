@@ -105,6 +105,12 @@ fn memory_ops_match_cpu() {
         let past = RowCopy { src_stride: n, ..c };
         assert!(Cpu.copy_rows(&mut y, &x, past).is_err());
         assert!(d.copy_rows(&mut yd, &xd, past).is_err());
+        let overlapping = RowCopy {
+            dst_stride: width - 1,
+            ..c
+        };
+        assert!(Cpu.copy_rows(&mut y, &x, overlapping).is_err());
+        assert!(d.copy_rows(&mut yd, &xd, overlapping).is_err());
         Cpu.copy(&mut y, &x).unwrap();
         d.copy(&mut yd, &xd).unwrap();
         close("copy", &d.to_vec(&yd), &y);

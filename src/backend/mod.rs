@@ -176,10 +176,20 @@ pub struct RowCopy {
 }
 
 impl RowCopy {
-    /// Every run lies inside both buffers.
+    /// Every run lies inside both buffers, and no two runs write the same place of
+    /// `dst` (a device writes the runs at once, in no order).
     pub fn check(&self, op: &'static str, dst: usize, src: usize) -> Result<()> {
         if self.rows == 0 || self.width == 0 {
             return Ok(());
+        }
+        if self.rows > 1 && self.dst_stride < self.width {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "runs of {} every {} overlap in dst",
+                    self.width, self.dst_stride
+                ),
+            ));
         }
         let end = |off: usize, stride: usize| {
             (self.rows - 1)

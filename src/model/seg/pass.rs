@@ -764,7 +764,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let k = self.tokens_per_image();
         let lm = &mut self.llava.language_model;
         let mut dimg = be.zeros(a.image_rows.len() * hdim);
-        let runs: Vec<_> = (a.layout.groups.iter())
+        let runs: Vec<_> = a
+            .layout
+            .groups
+            .iter()
             .map(|grp| {
                 let rows = grp.members.iter().flat_map(|&r| r * k..(r + 1) * k);
                 row_runs(rows.map(|j| (j, a.image_rows[j] - grp.off)))
