@@ -77,18 +77,6 @@ extern "C" __global__ void heads_merge_f32(float* out, const float* x, int b, in
     }
 }
 
-// dst (BH,dst_t,HS) rows [dst_at, dst_at+n) <- src (BH,src_t,HS) rows [src_at, src_at+n):
-// a KV cache's new keys written in place, or a cache moved into a larger one.
-extern "C" __global__ void copy_time_f32(float* dst, const float* src, long long bh, int dst_t, int dst_at, int src_t,
-                                         int src_at, int n, int hs) {
-    GRID_STRIDE(e, bh * n * hs) {
-        int d = (int)(e % hs);
-        int ti = (int)((e / hs) % n);
-        long long g = e / ((long long)hs * n);
-        dst[(g * dst_t + dst_at + ti) * hs + d] = src[(g * src_t + src_at + ti) * hs + d];
-    }
-}
-
 // out (N,C) = table (V,C)[ids (N)]; ids checked against V on the host
 extern "C" __global__ void embedding_fwd_f32(float* out, const float* table, const unsigned* ids, long long n, int c) {
     GRID_STRIDE(e, n * c) {

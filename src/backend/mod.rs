@@ -133,6 +133,18 @@ pub struct TimeCopy {
 }
 
 impl TimeCopy {
+    /// The copy as runs: each block's `n` rows are contiguous in both buffers, so a block
+    /// is one run of `n·hs` values.
+    pub fn runs(&self) -> RowCopy {
+        RowCopy {
+            rows: self.bh,
+            width: self.n * self.hs,
+            dst_off: self.dst_at * self.hs,
+            dst_stride: self.dst_t * self.hs,
+            src_off: self.src_at * self.hs,
+            src_stride: self.src_t * self.hs,
+        }
+    }
     /// The rows fit both buffers and the buffers have their stated lengths.
     pub fn check(&self, op: &'static str, dst: usize, src: usize) -> Result<()> {
         let len = |t: usize| self.bh.checked_mul(t).and_then(|x| x.checked_mul(self.hs));
@@ -486,7 +498,11 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     /// Copies `n` time rows of each of `bh` blocks: `dst` (BH, `dst_t`, HS) rows
     /// `dst_at..dst_at+n` ← `src` (BH, `src_t`, HS) rows `src_at..src_at+n`.  Writes a
     /// KV cache's new keys in place and moves a cache into a larger one.
-    fn copy_time(&self, dst: &mut Self::Buf, src: &Self::Buf, t: TimeCopy) -> Result<()>;
+    /// One [`Backend::copy_rows`]: a block's `n` rows are one run ([`TimeCopy::runs`]).
+    fn copy_time(&self, dst: &mut Self::Buf, src: &Self::Buf, t: TimeCopy) -> Result<()> {
+        t.check("copy_time", self.len(dst), self.len(src))?;
+        self.copy_rows(dst, src, t.runs())
+    }
 
     // ---- activations ----
     /// out = act(x), elementwise.

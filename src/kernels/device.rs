@@ -330,19 +330,19 @@ impl Device {
     }
 
     /// `f`, timed under `name` when profiling is on.
-    pub(crate) fn profiled(
+    pub(crate) fn profiled<R>(
         &self,
         name: impl FnOnce() -> String,
-        f: impl FnOnce() -> Result<()>,
-    ) -> Result<()> {
+        f: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
         if !self.profiler.on() {
             return f();
         }
         let start = self.mark()?;
-        f()?;
+        let r = f()?;
         let end = self.mark()?;
         self.profiler.finish(name(), start, end);
-        Ok(())
+        Ok(r)
     }
 
     /// Host↔device copies made so far (uploads and writes, downloads).
@@ -445,22 +445,17 @@ impl Device {
     /// `zeros (alloc + memset)`: on a GPU the fill is a memset on the stream, which costs
     /// the host a driver call as a launch does; [`Device::uninit`] makes none.
     pub fn zeros<T: Elem>(&self, n: usize) -> Result<DeviceBuf<T>> {
-        let mut buf = None;
         self.profiled(
             || "zeros (alloc + memset)".into(),
-            || {
-                buf = Some(match &self.inner {
-                    DevInner::Emu { .. } => DeviceBuf {
-                        len: n,
-                        inner: BufInner::Host(vec![T::zeroed(); n]),
-                    },
-                    #[cfg(feature = "cuda")]
-                    DevInner::Cuda(c) => c.zeros(n)?,
-                });
-                Ok(())
+            || match &self.inner {
+                DevInner::Emu { .. } => Ok(DeviceBuf {
+                    len: n,
+                    inner: BufInner::Host(vec![T::zeroed(); n]),
+                }),
+                #[cfg(feature = "cuda")]
+                DevInner::Cuda(c) => c.zeros(n),
             },
-        )?;
-        buf.ok_or_else(|| Error::Device("zeros: no buffer".into()))
+        )
     }
 
     /// A new device buffer whose contents are unspecified, for a kernel that writes every

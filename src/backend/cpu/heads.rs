@@ -1,6 +1,5 @@
 //! Attention layout: heads split (with RoPE) and merged, and the KV-cache append.
 use super::{f, rows_mut, CpuFloat};
-use crate::backend::TimeCopy;
 use crate::error::{check_len, Error, Result};
 
 /// The (cos, sin) tables of [`rope_cos_sin`] for positions `pos0..pos0 + t`, in `F`
@@ -151,15 +150,5 @@ pub(super) fn heads_merge<F: CpuFloat>(
         let bi = row / (t * nh);
         o.copy_from_slice(&x[((bi * nh + h) * t + ti) * hs..][..hs]);
     });
-    Ok(())
-}
-
-pub(super) fn copy_time<F: CpuFloat>(dst: &mut [F], src: &[F], t: TimeCopy) -> Result<()> {
-    t.check("copy_time", dst.len(), src.len())?;
-    let w = t.n * t.hs;
-    for g in 0..t.bh {
-        dst[(g * t.dst_t + t.dst_at) * t.hs..][..w]
-            .copy_from_slice(&src[(g * t.src_t + t.src_at) * t.hs..][..w]);
-    }
     Ok(())
 }

@@ -8,9 +8,7 @@
 //! kernels' CPU twins ([`crate::kernels::attention`], [`crate::kernels::logprob`]).
 //!
 //! Sizes: N rows, C channels, V vocabulary, B batch, T tokens, NH heads, HS head size.
-use super::{
-    image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, TimeCopy,
-};
+use super::{image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu};
 use crate::kernels::logprob::RowOps;
@@ -279,9 +277,6 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         out: &mut Vec<F>,
     ) -> Result<()> {
         heads::heads_merge(x, b, t, nh, hs, out)
-    }
-    fn copy_time(&self, dst: &mut Vec<F>, src: &Vec<F>, t: TimeCopy) -> Result<()> {
-        heads::copy_time(dst, src, t)
     }
     fn act_fwd(&self, act: Act, x: &Vec<F>, out: &mut Vec<F>) -> Result<()> {
         act::act_fwd(act, x, out)

@@ -3,7 +3,6 @@
 //!
 //! B batch, T tokens, NH heads, HS head size, C channels, V vocabulary.
 use super::{i32_arg, i64_arg, linear, rows_of, BLOCK};
-use crate::backend::TimeCopy;
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
@@ -101,36 +100,6 @@ pub(super) fn heads_merge(
         ..*h
     };
     launch_heads(dev, "heads_merge", "heads_merge_f32", &plain, x, out)
-}
-
-/// dst (BH,dst_t,HS) rows `dst_at..+n` ← src (BH,src_t,HS) rows `src_at..+n`, in place.
-pub(super) fn copy_time(
-    dev: &Device,
-    dst: &mut DeviceBuf<f32>,
-    src: &DeviceBuf<f32>,
-    t: TimeCopy,
-) -> Result<()> {
-    const OP: &str = "copy_time";
-    t.check(OP, dst.len(), src.len())?;
-    let n = t.bh * t.n * t.hs;
-    if n == 0 {
-        return Ok(());
-    }
-    dev.launch(
-        "copy_time_f32",
-        linear(n),
-        &[
-            dst.arg_mut(),
-            src.arg(),
-            i64_arg(t.bh),
-            i32_arg(OP, "dst_t", t.dst_t)?,
-            i32_arg(OP, "dst_at", t.dst_at)?,
-            i32_arg(OP, "src_t", t.src_t)?,
-            i32_arg(OP, "src_at", t.src_at)?,
-            i32_arg(OP, "n", t.n)?,
-            i32_arg(OP, "HS", t.hs)?,
-        ],
-    )
 }
 
 /// Token ids checked against a table of V rows (the contract hands them over on the host).

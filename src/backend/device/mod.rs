@@ -17,7 +17,6 @@
 //! Sizes: N rows, C channels, V vocabulary.
 use super::{
     Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, RowCopy,
-    TimeCopy,
 };
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -317,9 +316,6 @@ impl Backend<f32> for DeviceBackend {
             theta: None,
         };
         layout::heads_merge(&self.dev, &h, x, out)
-    }
-    fn copy_time(&self, dst: &mut DeviceBuf<f32>, src: &DeviceBuf<f32>, t: TimeCopy) -> Result<()> {
-        layout::copy_time(&self.dev, dst, src, t)
     }
 
     fn act_fwd(&self, act: Act, x: &DeviceBuf<f32>, out: &mut DeviceBuf<f32>) -> Result<()> {
