@@ -213,3 +213,15 @@ __device__ __forceinline__ float block_sum(float v, float* part) {
     float t = lane < nw ? part[lane] : 0.0f;
     return warp_sum(t);
 }
+
+// Row kernels (norms, per-row dots) run on the launch the wrappers' `per_row` picks: a
+// warp per row (blockDim 32 × rows per block) for short rows, a block per row (blockDim
+// a multiple of 32 × 1) for long ones.  A short row on a whole block left most of its
+// threads idle and made every row wait at two barriers per sum.
+// The row this thread works on (uniform over a warp, and over the block in the second case):
+__device__ __forceinline__ long long row_index() { return (long long)blockIdx.x * blockDim.y + threadIdx.y; }
+// Sum over the threads of one row, a warp or the block; every one gets the total.  The
+// choice is uniform over the block, so the barriers in block_sum are reached by all.
+__device__ __forceinline__ float row_sum(float v, float* part) {
+    return blockDim.x == WARP_SIZE ? warp_sum(v) : block_sum(v, part);
+}

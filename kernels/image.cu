@@ -407,14 +407,17 @@ extern "C" __global__ void mul_rows_f32(float* out, const float* x, const float*
 }
 
 // forward: out[n,i] = x[n,i] g[n]
-// so:      dg[n] = sum_i dout[n,i] x[n,i]   (overwritten).  One block per row.
-extern "C" __global__ void mul_rows_bwd_dg_f32(float* dg, const float* x, const float* dout, int c) {
+// so:      dg[n] = sum_i dout[n,i] x[n,i]   (overwritten).  A warp or a block per row
+// (common.cuh: row_index, row_sum).
+extern "C" __global__ void mul_rows_bwd_dg_f32(float* dg, const float* x, const float* dout, long long n, int c) {
     SHARED(float, part, [32]);
-    size_t off = (size_t)blockIdx.x * c;
+    const long long row = row_index();
+    if (row >= n) return;
+    const long long off = row * c;
     float s = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) s += dout[off + j] * x[off + j];
-    s = block_sum(s, part);
-    if (threadIdx.x == 0) dg[blockIdx.x] = s;
+    s = row_sum(s, part);
+    if (threadIdx.x == 0) dg[row] = s;
 }
 
 // ---- mask losses (LISA/PixelLM: BCE-with-logits and Dice) ----

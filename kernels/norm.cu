@@ -1,37 +1,42 @@
 // RMSNorm over the last axis, forward and backward, for the device backend
 // (src/backend/device/); the CPU twin is the CPU backend's (src/backend/cpu/norm.rs).
-// N rows, C channels.  One block per row; blockDim a multiple of 32, at most 1024.
+// N rows, C channels.  A warp or a block per row (common.cuh: row_index, row_sum); a
+// thread past the last row returns before any sum, with the rest of its warp (or block).
 #include "common.cuh"
 
 // out (N,C) = x * rstd * w (w null: no scale), rstd (N) = 1/sqrt(mean(x^2) + eps)
 extern "C" __global__ void rmsnorm_fwd_f32(float* out, float* rstd, const float* x, const float* w, float eps,
-                                           int c) {
+                                           long long n, int c) {
     SHARED(float, part, [32]);
-    const float* xr = x + (size_t)blockIdx.x * c;
-    float* o = out + (size_t)blockIdx.x * c;
+    const long long row = row_index();
+    if (row >= n) return;
+    const float* xr = x + row * c;
+    float* o = out + row * c;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) ss += xr[j] * xr[j];
-    ss = block_sum(ss, part);
+    ss = row_sum(ss, part);
     float r = 1.0f / sqrtf(ss / (float)c + eps);
-    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    if (threadIdx.x == 0) rstd[row] = r;
     for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = xr[j] * r * (w ? w[j] : 1.0f);
 }
 
 // sum (N,C) = x + a, then out and rstd as rmsnorm_fwd_f32 gives them for sum: a residual
 // add and the norm after it in one pass.  Each thread reads back only the sums it wrote.
 extern "C" __global__ void add_rmsnorm_fwd_f32(float* sum, float* out, float* rstd, const float* x, const float* a,
-                                               const float* w, float eps, int c) {
+                                               const float* w, float eps, long long n, int c) {
     SHARED(float, part, [32]);
-    const size_t off = (size_t)blockIdx.x * c;
+    const long long row = row_index();
+    if (row >= n) return;
+    const long long off = row * c;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         const float s = x[off + j] + a[off + j];
         sum[off + j] = s;
         ss += s * s;
     }
-    ss = block_sum(ss, part);
+    ss = row_sum(ss, part);
     float r = 1.0f / sqrtf(ss / (float)c + eps);
-    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    if (threadIdx.x == 0) rstd[row] = r;
     for (int j = threadIdx.x; j < c; j += blockDim.x) out[off + j] = sum[off + j] * r * (w ? w[j] : 1.0f);
 }
 
@@ -40,13 +45,15 @@ extern "C" __global__ void add_rmsnorm_fwd_f32(float* sum, float* out, float* rs
 //          dxw (N,C) = dout x r, the per-row terms of dw, summed over rows by col_sum_f32
 //          (null: frozen weight)
 extern "C" __global__ void rmsnorm_bwd_f32(float* dx, float* dxw, const float* dout, const float* x,
-                                           const float* w, const float* rstd, int c) {
+                                           const float* w, const float* rstd, long long n, int c) {
     SHARED(float, part, [32]);
-    size_t off = (size_t)blockIdx.x * c;
-    float r = rstd[blockIdx.x];
+    const long long row = row_index();
+    if (row >= n) return;
+    const long long off = row * c;
+    float r = rstd[row];
     float dot = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) dot += dout[off + j] * (w ? w[j] : 1.0f) * x[off + j];
-    dot = block_sum(dot, part);
+    dot = row_sum(dot, part);
     float k = r * r * r / (float)c * dot;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         dx[off + j] = r * dout[off + j] * (w ? w[j] : 1.0f) - k * x[off + j];
@@ -56,18 +63,20 @@ extern "C" __global__ void rmsnorm_bwd_f32(float* dx, float* dxw, const float* d
 
 // out (N,C) = (x - mean) rstd w + b; mean, rstd (N), rstd = 1/sqrt(var + eps)
 extern "C" __global__ void layernorm_fwd_f32(float* out, float* mean, float* rstd, const float* x, const float* w,
-                                             const float* b, float eps, int c) {
+                                             const float* b, float eps, long long n, int c) {
     SHARED(float, part, [32]);
-    size_t off = (size_t)blockIdx.x * c;
+    const long long row = row_index();
+    if (row >= n) return;
+    const long long off = row * c;
     float s = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) s += x[off + j];
-    float mu = block_sum(s, part) / (float)c;
+    float mu = row_sum(s, part) / (float)c;
     float q = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) q += (x[off + j] - mu) * (x[off + j] - mu);
-    float r = 1.0f / sqrtf(block_sum(q, part) / (float)c + eps);
+    float r = 1.0f / sqrtf(row_sum(q, part) / (float)c + eps);
     if (threadIdx.x == 0) {
-        mean[blockIdx.x] = mu;
-        rstd[blockIdx.x] = r;
+        mean[row] = mu;
+        rstd[row] = r;
     }
     for (int j = threadIdx.x; j < c; j += blockDim.x) out[off + j] = (x[off + j] - mu) * r * w[j] + b[j];
 }
@@ -76,18 +85,21 @@ extern "C" __global__ void layernorm_fwd_f32(float* out, float* mean, float* rst
 // so:      dx = r (g - mean(g) - xh mean(g xh)), g = dout w   (overwritten)
 //          dxw (N,C) = dout xh, the per-row terms of dw (null: frozen); db is col_sum(dout)
 extern "C" __global__ void layernorm_bwd_f32(float* dx, float* dxw, const float* dout, const float* x,
-                                             const float* w, const float* mean, const float* rstd, int c) {
+                                             const float* w, const float* mean, const float* rstd, long long n,
+                                             int c) {
     SHARED(float, part, [32]);
-    size_t off = (size_t)blockIdx.x * c;
-    float mu = mean[blockIdx.x], r = rstd[blockIdx.x];
+    const long long row = row_index();
+    if (row >= n) return;
+    const long long off = row * c;
+    float mu = mean[row], r = rstd[row];
     float sg = 0.0f, sgx = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         float g = dout[off + j] * w[j];
         sg += g;
         sgx += g * (x[off + j] - mu) * r;
     }
-    float mg = block_sum(sg, part) / (float)c;
-    float mgx = block_sum(sgx, part) / (float)c;
+    float mg = row_sum(sg, part) / (float)c;
+    float mgx = row_sum(sgx, part) / (float)c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         float xh = (x[off + j] - mu) * r;
         dx[off + j] = r * (dout[off + j] * w[j] - mg - xh * mgx);

@@ -207,8 +207,13 @@ fn bias_forward_and_backward_match_cpu() {
 fn rmsnorm_forward_and_backward_match_cpu() {
     for d in backends() {
         let mut r = Philox::new(4);
-        let (n, c) = (13, 333);
-        for with_w in [true, false] {
+        // a warp per row, and a block per row (rows of more than 1024 floats)
+        for (n, c, with_w) in [
+            (13, 333, true),
+            (13, 333, false),
+            (3, 1029, true),
+            (3, 1029, false),
+        ] {
             let (x, xd) = both(&d, &rnd(&mut r, n * c, 2.0));
             let (w, wd) = both(&d, &rnd(&mut r, c, 1.5));
             let (mut o, mut od) = (vec![0.0; n * c], d.zeros(n * c));
@@ -604,54 +609,56 @@ fn a_chain_of_ops_makes_no_host_copy() {
 fn layernorm_forward_and_backward_match_cpu() {
     for d in backends() {
         let mut r = Philox::new(10);
-        let (n, c) = (11, 257);
-        let (x, xd) = both(&d, &rnd(&mut r, n * c, 3.0));
-        let (w, wd) = both(&d, &rnd(&mut r, c, 1.5));
-        let (b, bd) = both(&d, &rnd(&mut r, c, 0.5));
-        let (mut o, mut od) = (vec![0.0; n * c], d.zeros(n * c));
-        let (mut mu, mut mud) = (vec![0.0; n], d.zeros(n));
-        let (mut rs, mut rsd) = (vec![0.0; n], d.zeros(n));
-        Cpu.layernorm_fwd(&x, &w, &b, 1e-5, c, &mut o, &mut mu, &mut rs)
+        // a warp per row, and a block per row (rows of more than 1024 floats)
+        for (n, c) in [(11, 257), (3, 1031)] {
+            let (x, xd) = both(&d, &rnd(&mut r, n * c, 3.0));
+            let (w, wd) = both(&d, &rnd(&mut r, c, 1.5));
+            let (b, bd) = both(&d, &rnd(&mut r, c, 0.5));
+            let (mut o, mut od) = (vec![0.0; n * c], d.zeros(n * c));
+            let (mut mu, mut mud) = (vec![0.0; n], d.zeros(n));
+            let (mut rs, mut rsd) = (vec![0.0; n], d.zeros(n));
+            Cpu.layernorm_fwd(&x, &w, &b, 1e-5, c, &mut o, &mut mu, &mut rs)
+                .unwrap();
+            d.layernorm_fwd(&xd, &wd, &bd, 1e-5, c, &mut od, &mut mud, &mut rsd)
+                .unwrap();
+            close("layernorm out", &d.to_vec(&od), &o);
+            close("layernorm mean", &d.to_vec(&mud), &mu);
+            close("layernorm rstd", &d.to_vec(&rsd), &rs);
+            let (g, gd) = both(&d, &rnd(&mut r, n * c, 1.0));
+            let (mut dx, mut dxd) = (vec![0.0; n * c], d.zeros(n * c));
+            let (mut dw, mut dwd) = both(&d, &rnd(&mut r, c, 1.0));
+            let (mut db, mut dbd) = both(&d, &rnd(&mut r, c, 1.0));
+            Cpu.layernorm_bwd(
+                &g,
+                &x,
+                &w,
+                &mu,
+                &rs,
+                c,
+                &mut dx,
+                Some(&mut dw),
+                Some(&mut db),
+            )
             .unwrap();
-        d.layernorm_fwd(&xd, &wd, &bd, 1e-5, c, &mut od, &mut mud, &mut rsd)
+            d.layernorm_bwd(
+                &gd,
+                &xd,
+                &wd,
+                &mud,
+                &rsd,
+                c,
+                &mut dxd,
+                Some(&mut dwd),
+                Some(&mut dbd),
+            )
             .unwrap();
-        close("layernorm out", &d.to_vec(&od), &o);
-        close("layernorm mean", &d.to_vec(&mud), &mu);
-        close("layernorm rstd", &d.to_vec(&rsd), &rs);
-        let (g, gd) = both(&d, &rnd(&mut r, n * c, 1.0));
-        let (mut dx, mut dxd) = (vec![0.0; n * c], d.zeros(n * c));
-        let (mut dw, mut dwd) = both(&d, &rnd(&mut r, c, 1.0));
-        let (mut db, mut dbd) = both(&d, &rnd(&mut r, c, 1.0));
-        Cpu.layernorm_bwd(
-            &g,
-            &x,
-            &w,
-            &mu,
-            &rs,
-            c,
-            &mut dx,
-            Some(&mut dw),
-            Some(&mut db),
-        )
-        .unwrap();
-        d.layernorm_bwd(
-            &gd,
-            &xd,
-            &wd,
-            &mud,
-            &rsd,
-            c,
-            &mut dxd,
-            Some(&mut dwd),
-            Some(&mut dbd),
-        )
-        .unwrap();
-        close("layernorm dx", &d.to_vec(&dxd), &dx);
-        close("layernorm dw", &d.to_vec(&dwd), &dw);
-        close("layernorm db", &d.to_vec(&dbd), &db);
-        assert!(d
-            .layernorm_fwd(&xd, &wd, &bd, 1e-5, c + 1, &mut od, &mut mud, &mut rsd)
-            .is_err());
+            close("layernorm dx", &d.to_vec(&dxd), &dx);
+            close("layernorm dw", &d.to_vec(&dwd), &dw);
+            close("layernorm db", &d.to_vec(&dbd), &db);
+            assert!(d
+                .layernorm_fwd(&xd, &wd, &bd, 1e-5, c + 1, &mut od, &mut mud, &mut rsd)
+                .is_err());
+        }
     }
 }
 

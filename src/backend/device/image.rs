@@ -329,10 +329,11 @@ pub(super) fn mul_rows_bwd(
     if c == 0 {
         return super::elementwise::fill(dev, dg, 0.0);
     }
+    let (cfg, n_arg, c_arg) = per_row(OP, n, c)?;
     dev.launch(
         "mul_rows_bwd_dg_f32",
-        per_row(OP, n)?,
-        &[dg.arg_mut(), x.arg(), dout.arg(), i32_arg(OP, "C", c)?],
+        cfg,
+        &[dg.arg_mut(), x.arg(), dout.arg(), n_arg, c_arg],
     )
 }
 

@@ -1,15 +1,30 @@
 //! RMSNorm and LayerNorm: launches of `kernels/norm.cu`.  CPU twin: `src/backend/cpu/norm.rs`.
-use super::{elementwise::col_sum, i32_arg, rows_of, BLOCK};
+use super::{elementwise::col_sum, i32_arg, i64_arg, rows_of, BLOCK};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
-/// One block per row.
-pub(super) fn per_row(op: &'static str, n: usize) -> Result<LaunchCfg> {
-    let g = u32::try_from(n)
+/// Rows of at most this many floats go one to a warp, [`BLOCK`] / 32 rows to a block;
+/// longer rows one to a block of [`BLOCK`] threads (`kernels/common.cuh`: `row_index`,
+/// `row_sum`).  At the bound a lane walks 32 floats of its row; LLaMA-7B's 4096-wide
+/// norms take the block.  A 64-channel LayerNorm2d row on a whole block left 3/4 of its
+/// threads idle and waited at two barriers per sum.  The bound is a choice, not yet timed
+/// on a GPU.
+pub(super) const WARP_ROW_MAX: usize = 1024;
+
+/// The launch of a row kernel over `n` rows of `c` floats, and its last two arguments,
+/// `n` (`long long`) and `C` (`int`).
+pub(super) fn per_row(op: &'static str, n: usize, c: usize) -> Result<(LaunchCfg, KArg, KArg)> {
+    let (bx, by) = if c <= WARP_ROW_MAX {
+        (32, BLOCK / 32)
+    } else {
+        (BLOCK, 1)
+    };
+    let g = u32::try_from(n.div_ceil(by as usize))
         .ok()
         .filter(|&g| g <= i32::MAX as u32)
         .ok_or_else(|| Error::shape(op, format!("{n} rows do not fit one grid")))?;
-    Ok(LaunchCfg::new([g, 1, 1], [BLOCK, 1, 1], 0))
+    let cfg = LaunchCfg::new([g, 1, 1], [bx, by, 1], 0);
+    Ok((cfg, i64_arg(n), i32_arg(op, "C", c)?))
 }
 
 fn opt(b: Option<&DeviceBuf<f32>>) -> KArg {
@@ -36,16 +51,18 @@ pub(super) fn rmsnorm_fwd(
     if n == 0 {
         return Ok(());
     }
+    let (cfg, n_arg, c_arg) = per_row("rmsnorm_fwd", n, c)?;
     dev.launch(
         "rmsnorm_fwd_f32",
-        per_row("rmsnorm_fwd", n)?,
+        cfg,
         &[
             out.arg_mut(),
             rstd.arg_mut(),
             x.arg(),
             opt(w),
             KArg::F32(eps),
-            i32_arg("rmsnorm_fwd", "C", c)?,
+            n_arg,
+            c_arg,
         ],
     )
 }
@@ -75,9 +92,10 @@ pub(super) fn add_rmsnorm_fwd(
     if n == 0 {
         return Ok(());
     }
+    let (cfg, n_arg, c_arg) = per_row(OP, n, c)?;
     dev.launch(
         "add_rmsnorm_fwd_f32",
-        per_row(OP, n)?,
+        cfg,
         &[
             sum.arg_mut(),
             out.arg_mut(),
@@ -86,7 +104,8 @@ pub(super) fn add_rmsnorm_fwd(
             a.arg(),
             opt(w),
             KArg::F32(eps),
-            i32_arg(OP, "C", c)?,
+            n_arg,
+            c_arg,
         ],
     )
 }
@@ -122,9 +141,10 @@ pub(super) fn rmsnorm_bwd(
         None => None,
     };
     let terms_arg = terms.as_mut().map_or(KArg::Ptr(0), |t| t.arg_mut());
+    let (cfg, n_arg, c_arg) = per_row("rmsnorm_bwd", n, c)?;
     dev.launch(
         "rmsnorm_bwd_f32",
-        per_row("rmsnorm_bwd", n)?,
+        cfg,
         &[
             dx.arg_mut(),
             terms_arg,
@@ -132,7 +152,8 @@ pub(super) fn rmsnorm_bwd(
             x.arg(),
             opt(w),
             rstd.arg(),
-            i32_arg("rmsnorm_bwd", "C", c)?,
+            n_arg,
+            c_arg,
         ],
     )?;
     if let (Some(dw), Some(t)) = (dw, &terms) {
@@ -164,9 +185,10 @@ pub(super) fn layernorm_fwd(
     if n == 0 {
         return Ok(());
     }
+    let (cfg, n_arg, c_arg) = per_row(OP, n, c)?;
     dev.launch(
         "layernorm_fwd_f32",
-        per_row(OP, n)?,
+        cfg,
         &[
             out.arg_mut(),
             mean.arg_mut(),
@@ -175,7 +197,8 @@ pub(super) fn layernorm_fwd(
             w.arg(),
             b.arg(),
             KArg::F32(eps),
-            i32_arg(OP, "C", c)?,
+            n_arg,
+            c_arg,
         ],
     )
 }
@@ -220,9 +243,10 @@ pub(super) fn layernorm_bwd(
         None => None,
     };
     let terms_arg = terms.as_mut().map_or(KArg::Ptr(0), |t| t.arg_mut());
+    let (cfg, n_arg, c_arg) = per_row(OP, n, c)?;
     dev.launch(
         "layernorm_bwd_f32",
-        per_row(OP, n)?,
+        cfg,
         &[
             dx.arg_mut(),
             terms_arg,
@@ -231,7 +255,8 @@ pub(super) fn layernorm_bwd(
             s.w.arg(),
             s.mean.arg(),
             s.rstd.arg(),
-            i32_arg(OP, "C", c)?,
+            n_arg,
+            c_arg,
         ],
     )?;
     if let (Some(dw), Some(t)) = (dw, &terms) {
