@@ -469,13 +469,24 @@ extern "C" __global__ void attention_bwd_dbias_f32(float* dbias, const float* pa
 // (B,NH,nsplit,HS+2); attention_decode_reduce_f32 merges the splits.
 // q (B,NH,HS), k_cache, v_cache (B,NKV,Tmax,HS), bias (B,len) or null.
 // grid.x = nsplit · NH · B, block 128; no dynamic shared memory.
+//
+// Scores: a group of G lanes per key, G the least power of two that covers the row's
+// units (float4s when HS is a multiple of 4 and the caches 16-byte aligned, else
+// floats), at most 32; a warp takes 32 / G keys at a time and sums each group in log2 G
+// shuffles.  Σ p v: R = 128 / HS rows of HS threads when HS <= 64 (row r sums keys r,
+// r + R, ..., each coalesced over the cache row; the R partials are added in row order),
+// else a thread per dimension over all keys.  (A warp per key spent five shuffles on
+// every key whatever HS, and a thread per dimension left 3/4 of the block idle at
+// HS = 32.)
 // ---------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     attention_decode_f32(float* part, const float* q, const float* k_cache, const float* v_cache, const float* bias,
                          int B, int NH, int NKV, int Tmax, int len, int HS, float scale, int nsplit) {
-    SHARED(float, qv, [ATT_MAX_HS]);
+    SHARED(float4, qv4, [ATT_MAX_HS / 4]);
     SHARED(float, sc, [DEC_CHUNK]);
     SHARED(float, red, [ATT_WARPS]);
+    SHARED(float, pv, [ATT_THREADS]);
+    float* qv = &qv4[0].x;
     const int split = blockIdx.x % nsplit, bh = blockIdx.x / nsplit;
     const int b = bh / NH, h = bh % NH, g = h / (NH / NKV);
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
@@ -485,28 +496,36 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     const float* vh = v_cache + (size_t)(b * NKV + g) * Tmax * HS;
     for (int d = threadIdx.x; d < HS; d += blockDim.x) qv[d] = q[(size_t)bh * HS + d];
     __syncthreads();
-    // Scores: a warp per key, lanes over dimensions (coalesced reads of the cache row).
-    for (int jj = warp; jj < DEC_CHUNK; jj += ATT_WARPS) {
-        float x = neg_inf();
+    const bool v4 = HS % 4 == 0 && ((reinterpret_cast<uintptr_t>(k_cache) & 15) == 0);
+    const int units = v4 ? HS / 4 : HS;
+    int G = 1;
+    while (G < units && G < WARP_SIZE) G <<= 1;
+    const int kpw = WARP_SIZE / G, sub = lane / G, gl = lane % G;
+    // base is uniform over the warp: every lane reaches every shuffle
+    for (int base = warp * kpw; base < jn; base += ATT_WARPS * kpw) {
+        const int jj = base + sub;
+        float a = 0.0f;
         if (jj < jn) {
             const float* kr = kh + (size_t)(j0 + jj) * HS;
-            float a = 0.0f;
-            for (int d = lane; d < HS; d += WARP_SIZE) a += qv[d] * kr[d];
-            a = warp_sum(a);
-            x = a * sl2 + (bias ? bias[(size_t)b * len + j0 + jj] * LOG2E_F : 0.0f);
+            if (v4) {
+                for (int u = gl; u < units; u += G) a = fma4(a, qv4[u], load_float4(kr + 4 * u));
+            } else {
+                for (int d = gl; d < HS; d += G) a += qv[d] * kr[d];
+            }
         }
-        if (lane == 0) sc[jj] = x;
+        for (int o = G / 2; o > 0; o >>= 1) a += __shfl_xor_sync(FULL_MASK, a, o);
+        if (gl == 0 && jj < jn) sc[jj] = a * sl2 + (bias ? bias[(size_t)b * len + j0 + jj] * LOG2E_F : 0.0f);
     }
     __syncthreads();
     // Block max of the chunk (thread t holds key t).
-    float x = sc[threadIdx.x];
+    float x = (int)threadIdx.x < jn ? sc[threadIdx.x] : neg_inf();
     float mw = warp_max(x);
     if (lane == 0) red[warp] = mw;
     __syncthreads();
     float mx = red[0];
     for (int w = 1; w < ATT_WARPS; ++w) mx = fmaxf(mx, red[w]);
     const float p = mx == neg_inf() ? 0.0f : exp2f(x - mx);
-    __syncthreads();  // everyone has read red
+    __syncthreads();  // everyone has read red (and sc)
     sc[threadIdx.x] = p;
     float lw = warp_sum(p);
     if (lane == 0) red[warp] = lw;
@@ -518,11 +537,25 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
         o[0] = mx;
         o[1] = l;
     }
-    // Σ_j p_j v_j: a thread per dimension, coalesced over the cache row.
-    for (int d = threadIdx.x; d < HS; d += blockDim.x) {
-        float a = 0.0f;
-        for (int jj = 0; jj < jn; ++jj) a += sc[jj] * vh[(size_t)(j0 + jj) * HS + d];
-        o[2 + d] = a;
+    if (HS <= ATT_THREADS / 2) {
+        const int R = ATT_THREADS / HS, r = threadIdx.x / HS, d = threadIdx.x % HS;
+        if (r < R) {
+            float a = 0.0f;
+            for (int jj = r; jj < jn; jj += R) a += sc[jj] * vh[(size_t)(j0 + jj) * HS + d];
+            pv[threadIdx.x] = a;
+        }
+        __syncthreads();
+        if ((int)threadIdx.x < HS) {
+            float a = 0.0f;
+            for (int rr = 0; rr < R; ++rr) a += pv[rr * HS + threadIdx.x];
+            o[2 + threadIdx.x] = a;
+        }
+    } else {
+        for (int d = threadIdx.x; d < HS; d += blockDim.x) {
+            float a = 0.0f;
+            for (int jj = 0; jj < jn; ++jj) a += sc[jj] * vh[(size_t)(j0 + jj) * HS + d];
+            o[2 + d] = a;
+        }
     }
 }
 

@@ -1030,86 +1030,93 @@ fn bwd_matches_cpu(bwd: AttnBwdFn, what: &str, takes: fn(usize) -> bool, gpu_tol
 }
 
 /// The decode kernel (split over 128-key chunks) vs the CPU decode, with caches longer
-/// than one chunk, GQA, bias with −inf entries, and len = 0.
+/// than one chunk, GQA, bias with −inf entries, and len = 0; head sizes read as floats
+/// (7, 6), as float4s by groups of 16 and 8 lanes (40, 32) and by whole warps (128),
+/// and summed over keys by rows of threads (HS <= 64) or a thread per dimension (128).
 #[test]
 fn attention_decode_matches_cpu() {
     for dev in Device::test_devices() {
-        let (b, nh, nkv, tmax, hs) = (2, 6, 2, 300, 40);
-        let mut r = Rng(77);
-        let kc = f32s(&r.vec(b * nkv * tmax * hs, 1.5));
-        let vc = f32s(&r.vec(b * nkv * tmax * hs, 1.0));
-        let mut bias = f32s(&r.vec(b * tmax, 1.0));
-        bias[3] = f32::NEG_INFINITY;
-        bias[tmax + 200] = f32::NEG_INFINITY;
-        let q = f32s(&r.vec(b * nh * hs, 1.5));
-        let scale = 1.0 / (hs as f32).sqrt();
-        let (qd, kd, vd) = (
-            dev.upload(&q).unwrap(),
-            dev.upload(&kc).unwrap(),
-            dev.upload(&vc).unwrap(),
-        );
-        for len in [0, 1, 129, 300] {
-            // the bias of the valid keys (B,len)
-            let bl: Vec<f32> = (0..b)
-                .flat_map(|bi| bias[bi * tmax..][..len].to_vec())
-                .collect();
-            let bd = dev.upload(&bl).unwrap();
-            for use_bias in [false, true] {
-                let bopt = use_bias.then_some(&bl[..]);
-                let mut want = vec![0.0f32; b * nh * hs];
-                let mut want_lse = vec![0.0f32; b * nh];
-                attention_decode_cpu(
-                    b,
-                    nh,
-                    nkv,
-                    tmax,
-                    len,
-                    hs,
-                    scale,
-                    &q,
-                    &kc,
-                    &vc,
-                    bopt,
-                    &mut want,
-                    Some(&mut want_lse),
-                )
-                .unwrap();
-                let mut out = dev.upload(&vec![f32::NAN; b * nh * hs]).unwrap();
-                let mut lse = dev.upload(&vec![f32::NAN; b * nh]).unwrap();
-                let bd_opt = use_bias.then_some(&bd);
-                attention_decode(
-                    &dev,
-                    b,
-                    nh,
-                    nkv,
-                    tmax,
-                    len,
-                    hs,
-                    scale,
-                    &qd,
-                    &kd,
-                    &vd,
-                    bd_opt,
-                    &mut out,
-                    Some(&mut lse),
-                )
-                .unwrap();
-                let got = to64(&dev.download(&out).unwrap());
-                let e = rel_err(&got, &to64(&want));
-                assert!(e < 1e-5, "{dev:?} len {len} bias {use_bias}: rel err {e}");
-                let got_lse = dev.download(&lse).unwrap();
-                if len == 0 {
-                    assert!(got.iter().all(|x| *x == 0.0));
-                    assert!(got_lse
-                        .iter()
-                        .chain(&want_lse)
-                        .all(|x| *x == f32::NEG_INFINITY));
-                } else {
-                    let e = rel_err(&to64(&got_lse), &to64(&want_lse));
+        for hs in [7, 6, 40, 32, 128] {
+            let (b, nh, nkv, tmax) = (2, 6, 2, 300);
+            let mut r = Rng(77);
+            let kc = f32s(&r.vec(b * nkv * tmax * hs, 1.5));
+            let vc = f32s(&r.vec(b * nkv * tmax * hs, 1.0));
+            let mut bias = f32s(&r.vec(b * tmax, 1.0));
+            bias[3] = f32::NEG_INFINITY;
+            bias[tmax + 200] = f32::NEG_INFINITY;
+            let q = f32s(&r.vec(b * nh * hs, 1.5));
+            let scale = 1.0 / (hs as f32).sqrt();
+            let (qd, kd, vd) = (
+                dev.upload(&q).unwrap(),
+                dev.upload(&kc).unwrap(),
+                dev.upload(&vc).unwrap(),
+            );
+            for len in [0, 1, 129, 300] {
+                // the bias of the valid keys (B,len)
+                let bl: Vec<f32> = (0..b)
+                    .flat_map(|bi| bias[bi * tmax..][..len].to_vec())
+                    .collect();
+                let bd = dev.upload(&bl).unwrap();
+                for use_bias in [false, true] {
+                    let bopt = use_bias.then_some(&bl[..]);
+                    let mut want = vec![0.0f32; b * nh * hs];
+                    let mut want_lse = vec![0.0f32; b * nh];
+                    attention_decode_cpu(
+                        b,
+                        nh,
+                        nkv,
+                        tmax,
+                        len,
+                        hs,
+                        scale,
+                        &q,
+                        &kc,
+                        &vc,
+                        bopt,
+                        &mut want,
+                        Some(&mut want_lse),
+                    )
+                    .unwrap();
+                    let mut out = dev.upload(&vec![f32::NAN; b * nh * hs]).unwrap();
+                    let mut lse = dev.upload(&vec![f32::NAN; b * nh]).unwrap();
+                    let bd_opt = use_bias.then_some(&bd);
+                    attention_decode(
+                        &dev,
+                        b,
+                        nh,
+                        nkv,
+                        tmax,
+                        len,
+                        hs,
+                        scale,
+                        &qd,
+                        &kd,
+                        &vd,
+                        bd_opt,
+                        &mut out,
+                        Some(&mut lse),
+                    )
+                    .unwrap();
+                    let got = to64(&dev.download(&out).unwrap());
+                    let e = rel_err(&got, &to64(&want));
                     assert!(
                         e < 1e-5,
-                        "{dev:?} len {len} bias {use_bias}: lse rel err {e}"
+                        "{dev:?} hs {hs} len {len} bias {use_bias}: rel err {e}"
                     );
+                    let got_lse = dev.download(&lse).unwrap();
+                    if len == 0 {
+                        assert!(got.iter().all(|x| *x == 0.0));
+                        assert!(got_lse
+                            .iter()
+                            .chain(&want_lse)
+                            .all(|x| *x == f32::NEG_INFINITY));
+                    } else {
+                        let e = rel_err(&to64(&got_lse), &to64(&want_lse));
+                        assert!(
+                            e < 1e-5,
+                            "{dev:?} hs {hs} len {len} bias {use_bias}: lse rel err {e}"
+                        );
+                    }
                 }
             }
         }
