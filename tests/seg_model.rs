@@ -900,14 +900,14 @@ fn device_step_equals_cpu(
 
 /// Host↔device copies one segmentation training step may make, none per layer or per
 /// mask: up, the ids (embedding forward and backward, the codebook rows), the pixels,
-/// the labels and the heads' labels, the positional encodings (one per scale), the
-/// decoder's gate offset, the mask targets (one upload), d log p; down, the log-probs,
-/// the mask losses (one per image size), the pair losses of instance matching's alike
-/// targets (one per image size) and the three head losses (the place loss twice: once
-/// more when matching reorders its labels).  Measured: 22 up, 7 down, on a batch whose examples run the LLM as one group of lengths
-/// (`popen::model::seg::layout`); each further group adds its own uploads (ids,
-/// targets, d log p) and its download of log-probs.
-const SEG_STEP_COPIES: u64 = 29;
+/// the labels and the heads' labels, the positional encodings (one per scale), the mask
+/// targets (one upload), d log p; down, the log-probs, the mask losses (one per image
+/// size), the pair losses of instance matching's alike targets (one per image size) and
+/// the three head losses (the place loss twice: once more when matching reorders its
+/// labels).  Measured: 21 up, 6 down, on a batch whose examples run the LLM as one
+/// group of lengths (`popen::model::seg::layout`); each further group adds its own
+/// uploads (ids, targets, d log p) and its download of log-probs.
+const SEG_STEP_COPIES: u64 = 27;
 
 #[test]
 fn batched_prediction_is_each_question_predicted_alone() {

@@ -28,7 +28,7 @@
 //!
 //! B images, M targets, G = GH·GW grid tokens, Cv vision width, D decoder width,
 //! L scales, P = out_h·out_w output pixels.
-use crate::backend::{Act, Backend, MatmulSpec};
+use crate::backend::{Act, Backend, MatmulSpec, RowCopy};
 use crate::error::{check_len, Error, Result};
 use crate::nn::conv::{push_layernorm, push_linear, ConvActs, ConvTActs, NamedParams};
 use crate::nn::layers::NormStats;
@@ -258,7 +258,29 @@ pub struct DecoderActs<Buf> {
     out_w: usize,
 }
 
-/// Rows `idx[j]` of src (·, R) stacked: (len(idx), R).
+/// `idx` cut into runs that step by one stride: `(j, count, idx[j], stride)` covers
+/// entries j .. j + count, `idx[j + k] = idx[j] + k·stride`.  A mask's token rows
+/// (`t·TOKENS`) are one run, and the masks of one image (`img_of`) one run of stride 0.
+fn idx_runs(idx: &[usize]) -> Vec<(usize, usize, usize, usize)> {
+    let mut runs = Vec::new();
+    let mut j = 0;
+    while j < idx.len() {
+        let mut count = 1;
+        let mut stride = 0;
+        if let Some(step) = idx.get(j + 1).and_then(|&n| n.checked_sub(idx[j])) {
+            stride = step;
+            count = 2;
+            while idx.get(j + count) == Some(&(idx[j + count - 1] + stride)) {
+                count += 1;
+            }
+        }
+        runs.push((j, count, idx[j], stride));
+        j += count;
+    }
+    runs
+}
+
+/// Rows `idx[j]` of src (·, R) stacked: (len(idx), R); one `copy_rows` per run of `idx`.
 fn gather<F: Float, B: Backend<F>>(
     be: &B,
     src: &B::Buf,
@@ -266,13 +288,23 @@ fn gather<F: Float, B: Backend<F>>(
     idx: &[usize],
 ) -> Result<B::Buf> {
     let mut out = be.uninit(idx.len() * r);
-    for (j, &i) in idx.iter().enumerate() {
-        be.copy_range(&mut out, j * r, src, i * r, r)?;
+    for (j, count, i, stride) in idx_runs(idx) {
+        let c = RowCopy {
+            rows: count,
+            width: r,
+            dst_off: j * r,
+            dst_stride: r,
+            src_off: i * r,
+            src_stride: stride * r,
+        };
+        be.copy_rows(&mut out, src, c)?;
     }
     Ok(out)
 }
 
-/// Backward of [`gather`]: `dst[idx[j]] += src[j]` over rows of R.
+/// Backward of [`gather`]: `dst[idx[j]] += src[j]` over rows of R, a few ops per run of
+/// `idx`: a run of distinct rows is added as one block, a run into one row (stride 0)
+/// adds its column sums.
 fn scatter_add<F: Float, B: Backend<F>>(
     be: &B,
     dst: &mut B::Buf,
@@ -280,12 +312,38 @@ fn scatter_add<F: Float, B: Backend<F>>(
     src: &B::Buf,
     idx: &[usize],
 ) -> Result<()> {
-    let (mut a, mut s) = (be.zeros(r), be.zeros(r));
-    for (j, &i) in idx.iter().enumerate() {
-        be.copy_range(&mut a, 0, dst, i * r, r)?;
-        be.copy_range(&mut s, 0, src, j * r, r)?;
+    for (j, count, i, stride) in idx_runs(idx) {
+        let mut s = be.uninit(count * r);
+        be.copy_range(&mut s, 0, src, j * r, count * r)?;
+        if stride == 0 && count > 1 {
+            let mut a = be.uninit(r);
+            be.copy_range(&mut a, 0, dst, i * r, r)?;
+            be.bias_bwd(&s, &mut a, r)?;
+            be.copy_range(dst, i * r, &a, 0, r)?;
+            continue;
+        }
+        let (rows, runs) = (
+            RowCopy {
+                rows: count,
+                width: r,
+                dst_off: 0,
+                dst_stride: r,
+                src_off: i * r,
+                src_stride: stride * r,
+            },
+            RowCopy {
+                rows: count,
+                width: r,
+                dst_off: i * r,
+                dst_stride: stride * r,
+                src_off: 0,
+                src_stride: r,
+            },
+        );
+        let mut a = be.uninit(count * r);
+        be.copy_rows(&mut a, dst, rows)?;
         be.axpy(&mut a, F::one(), &s)?;
-        be.copy_range(dst, i * r, &a, 0, r)?;
+        be.copy_rows(dst, &a, runs)?;
     }
     Ok(())
 }
@@ -513,11 +571,9 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let g1 = gather(be, &up1, 4 * g * d, img_of)?;
         let mut gate = be.uninit(m * 4 * g);
         be.act_fwd(Act::Sigmoid, &s0.logits, &mut gate)?;
-        be.axpy(
-            &mut gate,
-            F::one(),
-            &be.from_slice(&vec![F::one(); m * 4 * g]),
-        )?;
+        let mut one = be.uninit(m * 4 * g);
+        be.fill(&mut one, F::one());
+        be.axpy(&mut gate, F::one(), &one)?;
         let mut keys1 = be.uninit(be.len(&g1));
         be.mul_rows(&g1, &gate, d, &mut keys1)?;
         let skip = self.skip_forward(img.pixels, b)?;
@@ -616,17 +672,19 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let be = &self.be;
         let d = self.cfg.dim;
         let n = h * w;
-        let mut tokens = be.zeros(m * TOKENS * d);
-        for t in 0..m {
-            be.copy_range(&mut tokens, t * TOKENS * d, &self.mask_token[s].data, 0, d)?;
-            be.copy_range(
-                &mut tokens,
-                (t * TOKENS + 1) * d,
-                emb,
-                (t * LEVELS + s) * d,
-                d,
-            )?;
-        }
+        // tokens[t] = [mask_token, emb[t, s]]: the mask token to every mask (a source
+        // stride of 0), then the embeddings
+        let mut tokens = be.uninit(m * TOKENS * d);
+        let to_tokens = |slot: usize, src_off: usize, src_stride: usize| RowCopy {
+            rows: m,
+            width: d,
+            dst_off: slot * d,
+            dst_stride: TOKENS * d,
+            src_off,
+            src_stride,
+        };
+        be.copy_rows(&mut tokens, &self.mask_token[s].data, to_tokens(0, 0, 0))?;
+        be.copy_rows(&mut tokens, emb, to_tokens(1, s * d, LEVELS * d))?;
         let pe = self.pos_encoding(h, w, m);
         let (q, k, tr) = self.transformer[s].forward(be, &tokens, keys, &pe, m, TOKENS, n)?;
         // image side: ×2 upsampling
@@ -754,20 +812,20 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let dk = up.convt.backward(&be, &a.cta, &dy)?;
         let (dtokens, dkeys) = self.transformer[s].backward(&be, &a.tr, &dq, &dk)?;
         // forward: tokens[t] = [mask_token, emb[t, s]]
-        let mut row = be.zeros(d);
-        for t in 0..m {
-            if let Some(gm) = &mut self.mask_token[s].grad {
-                be.copy_range(&mut row, 0, &dtokens, t * TOKENS * d, d)?;
-                be.axpy(gm, F::one(), &row)?;
-            }
-            be.copy_range(
-                demb,
-                (t * LEVELS + s) * d,
-                &dtokens,
-                (t * TOKENS + 1) * d,
-                d,
-            )?;
+        let from_tokens = |slot: usize, dst_off: usize, dst_stride: usize| RowCopy {
+            rows: m,
+            width: d,
+            dst_off,
+            dst_stride,
+            src_off: slot * d,
+            src_stride: TOKENS * d,
+        };
+        if let Some(gm) = &mut self.mask_token[s].grad {
+            let mut rows = be.uninit(m * d);
+            be.copy_rows(&mut rows, &dtokens, from_tokens(0, 0, d))?;
+            be.bias_bwd(&rows, gm, d)?;
         }
+        be.copy_rows(demb, &dtokens, from_tokens(1, s * d, LEVELS * d))?;
         Ok((dkeys, du))
     }
 
@@ -849,5 +907,55 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let d1 = dfeats.pop().expect("two levels");
         let d0 = dfeats.pop().expect("two levels");
         Ok(([d0, d1], demb))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+
+    #[test]
+    fn idx_runs_cover_idx_in_order() {
+        assert_eq!(idx_runs(&[]), vec![]);
+        assert_eq!(idx_runs(&[5]), vec![(0, 1, 5, 0)]);
+        assert_eq!(idx_runs(&[0, 2, 4, 6]), vec![(0, 4, 0, 2)]);
+        assert_eq!(
+            idx_runs(&[0, 0, 0, 1, 1, 3]),
+            vec![(0, 3, 0, 0), (3, 2, 1, 0), (5, 1, 3, 0)]
+        );
+        // a step down starts a new run
+        assert_eq!(idx_runs(&[3, 1, 2]), vec![(0, 1, 3, 0), (1, 2, 1, 1)]);
+    }
+
+    /// gather and scatter_add against a row at a time, with repeated, unsorted and
+    /// strided indices.
+    #[test]
+    fn gather_and_scatter_add_are_row_by_row() {
+        let r = 3;
+        let src: Vec<f64> = (0..8 * r).map(|i| (i * i % 11) as f64 - 4.5).collect();
+        for idx in [
+            vec![2, 0, 2, 1, 1, 1, 3, 5, 7],
+            vec![0, 2, 4, 6],
+            vec![4, 4],
+            vec![],
+        ] {
+            let got = gather(&Cpu, &src, r, &idx).unwrap();
+            let want: Vec<f64> = idx
+                .iter()
+                .flat_map(|&i| src[i * r..][..r].to_vec())
+                .collect();
+            assert_eq!(got, want, "gather {idx:?}");
+            let g: Vec<f64> = (0..idx.len() * r).map(|i| 0.25 * i as f64 + 1.0).collect();
+            let mut dst = src.clone();
+            scatter_add(&Cpu, &mut dst, r, &g, &idx).unwrap();
+            let mut want = src.clone();
+            for (j, &i) in idx.iter().enumerate() {
+                for c in 0..r {
+                    want[i * r + c] += g[j * r + c];
+                }
+            }
+            assert_eq!(dst, want, "scatter_add {idx:?}");
+        }
     }
 }

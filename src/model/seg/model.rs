@@ -334,37 +334,46 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// (M·G, D) → (M, L, D): the S tokens of each scale averaged.
     fn average_scales(&self, out: &B::Buf, n_rows: usize) -> Result<B::Buf> {
         let be = &self.llava.be;
-        let (s, l, d) = (self.cfg.tokens_per_scale, self.cfg.scales, self.cfg.seg_dim);
-        let m = n_rows / (s * l);
-        let mut emb = be.zeros(m * l * d);
+        let (s, d) = (self.cfg.tokens_per_scale, self.cfg.seg_dim);
+        let ml = n_rows / s;
+        let mut emb = be.zeros(ml * d);
         let inv = F::from(1.0 / s as f64).unwrap();
-        for mi in 0..m {
-            for li in 0..l {
-                let mut acc = be.zeros(d);
-                for si in 0..s {
-                    let mut row = be.uninit(d);
-                    be.copy_range(&mut row, 0, out, ((mi * l + li) * s + si) * d, d)?;
-                    be.axpy(&mut acc, inv, &row)?;
-                }
-                be.copy_range(&mut emb, (mi * l + li) * d, &acc, 0, d)?;
-            }
+        // token si of every (m, l), added in the order of s: the sums a row at a time made
+        let mut rows = be.uninit(ml * d);
+        for si in 0..s {
+            be.copy_rows(&mut rows, out, Self::scale_rows(si, ml, s, d, false))?;
+            be.axpy(&mut emb, inv, &rows)?;
         }
         Ok(emb)
+    }
+
+    /// Token `si` of each of the `ml` (m, l) groups of S rows of D: from (M·L·S, D) to
+    /// (M·L, D), or back (`back`).
+    fn scale_rows(si: usize, ml: usize, s: usize, d: usize, back: bool) -> RowCopy {
+        let (one, grouped) = ((0, d), (si * d, s * d));
+        let ((dst_off, dst_stride), (src_off, src_stride)) =
+            if back { (grouped, one) } else { (one, grouped) };
+        RowCopy {
+            rows: ml,
+            width: d,
+            dst_off,
+            dst_stride,
+            src_off,
+            src_stride,
+        }
     }
 
     /// forward: emb[m,l] = 1/S Σ_s out[m,l,s]   so: dout[m,l,s] = demb[m,l] / S.
     pub(crate) fn average_scales_bwd(&self, demb: &B::Buf, m: usize) -> Result<B::Buf> {
         let be = &self.llava.be;
         let (s, l, d) = (self.cfg.tokens_per_scale, self.cfg.scales, self.cfg.seg_dim);
-        let mut dout = be.zeros(m * l * s * d);
+        let mut dout = be.uninit(m * l * s * d);
         let inv = F::from(1.0 / s as f64).unwrap();
-        for ml in 0..m * l {
-            let mut row = be.uninit(d);
-            be.copy_range(&mut row, 0, demb, ml * d, d)?;
-            be.scale(&mut row, inv);
-            for si in 0..s {
-                be.copy_range(&mut dout, (ml * s + si) * d, &row, 0, d)?;
-            }
+        let mut rows = be.uninit(m * l * d);
+        be.copy(&mut rows, demb)?;
+        be.scale(&mut rows, inv);
+        for si in 0..s {
+            be.copy_rows(&mut dout, &rows, Self::scale_rows(si, m * l, s, d, true))?;
         }
         Ok(dout)
     }
