@@ -143,6 +143,53 @@ fn sum_sq_many_equals_each_sum_sq_in_one_download() {
     }
 }
 
+/// Each of a batch's products against the CPU's one product at a time, in every layout,
+/// on both backends (the decoder's per-mask shapes have N = 1 or K = 1).
+#[test]
+fn matmul_batched_is_each_product_in_every_layout() {
+    for d in backends() {
+        let mut r = Philox::new(12);
+        for (batch, m, k, n) in [(5, 13, 6, 7), (1, 9, 4, 3), (4, 21, 8, 1), (3, 17, 1, 5)] {
+            for (ta, tb, acc) in [
+                (false, false, Accum::Replace),
+                (true, false, Accum::Add),
+                (false, true, Accum::Replace),
+                (true, true, Accum::Add),
+            ] {
+                let s = MatmulSpec { m, k, n, ta, tb };
+                let (la, lb, lo) = (m * k, k * n, m * n);
+                let (a, ad) = both(&d, &rnd(&mut r, batch * la, 1.0));
+                let (b, bd) = both(&d, &rnd(&mut r, batch * lb, 1.0));
+                let (o0, mut od) = both(&d, &rnd(&mut r, batch * lo, 1.0));
+                let mut want = o0.clone();
+                for i in 0..batch {
+                    let mut oi = want[i * lo..][..lo].to_vec();
+                    let (ai, bi) = (a[i * la..][..la].to_vec(), b[i * lb..][..lb].to_vec());
+                    Cpu.matmul(s, &ai, &bi, &mut oi, acc).unwrap();
+                    want[i * lo..][..lo].copy_from_slice(&oi);
+                }
+                let mut o = o0.clone();
+                Cpu.matmul_batched(s, batch, &a, &b, &mut o, acc).unwrap();
+                assert_eq!(o, want, "CPU batch {batch} {m}x{k}x{n} ta={ta} tb={tb}");
+                d.matmul_batched(s, batch, &ad, &bd, &mut od, acc).unwrap();
+                let what = format!("matmul_batched {batch} {m}x{k}x{n} ta={ta} tb={tb} {acc:?}");
+                close(&what, &d.to_vec(&od), &want);
+            }
+        }
+        let s = MatmulSpec {
+            m: 3,
+            k: 2,
+            n: 4,
+            ta: false,
+            tb: false,
+        };
+        let (a, b, mut o) = (d.zeros(2 * 6), d.zeros(2 * 8), d.zeros(2 * 12 - 1));
+        assert!(d
+            .matmul_batched(s, 2, &a, &b, &mut o, Accum::Replace)
+            .is_err());
+    }
+}
+
 #[test]
 fn matmul_matches_cpu_in_every_layout() {
     for d in backends() {

@@ -373,6 +373,19 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         out: &mut Self::Buf,
         acc: Accum,
     ) -> Result<()>;
+    /// `out[i] (M,N) (=|+=) op(a[i]) · op(b[i])` for `batch` products stored one after
+    /// another: a is batch × (M,K) (or (K,M) when `ta`), b batch × (K,N), out batch ×
+    /// (M,N).  One cuBLAS call on a GPU; the pixel decoder's per-mask products (each
+    /// mask's hypernetwork vector against its upscaled features) are one batch.
+    fn matmul_batched(
+        &self,
+        s: MatmulSpec,
+        batch: usize,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        out: &mut Self::Buf,
+        acc: Accum,
+    ) -> Result<()>;
     /// `op(a) · op(b)` in a new (M,N) buffer: [`Backend::matmul`] with
     /// [`Accum::Replace`] into [`Backend::zeros`], which a backend may do without
     /// zeroing the buffer first (the CPU backend does).

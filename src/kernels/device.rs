@@ -515,15 +515,18 @@ impl Device {
         }
     }
 
-    /// Row-major `out (M,N) (=|+=) op(a) · op(b)` with cuBLAS on a GPU; an error on the
-    /// emulator (whose products are the CPU backend's, see `backend::device::gemm`).
-    /// Lengths must already match (M,K), (K,N), (M,N); `m`, `n` ≥ 1.
+    /// Row-major `out[i] (M,N) (=|+=) op(a[i]) · op(b[i])` for `batch` products stored
+    /// one after another, with cuBLAS on a GPU (strided batched when `batch` > 1); an
+    /// error on the emulator (whose products are the CPU backend's, see
+    /// `backend::device::gemm`).  Lengths must already match batch × (M,K), (K,N), (M,N);
+    /// `m`, `n`, `batch` ≥ 1.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cublas_sgemm(
         &self,
         mkn: [usize; 3],
         ta: bool,
         tb: bool,
+        batch: usize,
         a: &DeviceBuf<f32>,
         b: &DeviceBuf<f32>,
         out: &mut DeviceBuf<f32>,
@@ -531,13 +534,13 @@ impl Device {
     ) -> Result<()> {
         match &self.inner {
             DevInner::Emu { .. } => {
-                let _ = (mkn, ta, tb, a, b, out, add);
+                let _ = (mkn, ta, tb, batch, a, b, out, add);
                 Err(Error::Unsupported("cuBLAS on the emulator".into()))
             }
             #[cfg(feature = "cuda")]
             DevInner::Cuda(c) => self.profiled(
-                || super::profile::sgemm_name(mkn, ta, tb),
-                || c.sgemm(mkn, ta, tb, a, b, out, add),
+                || super::profile::sgemm_name(mkn, ta, tb, batch),
+                || c.sgemm(mkn, ta, tb, batch, a, b, out, add),
             ),
         }
     }
@@ -787,17 +790,21 @@ mod cuda {
         /// (c,r) transpose, so the call computes `outᵀ = op(b)ᵀ · op(a)ᵀ`: b first, a
         /// second, each transposed in cuBLAS exactly when it is transposed here.
         #[allow(clippy::too_many_arguments)]
+        #[allow(clippy::too_many_arguments)]
         pub(super) fn sgemm(
             &self,
             [m, k, n]: [usize; 3],
             ta: bool,
             tb: bool,
+            batch: usize,
             a: &DeviceBuf<f32>,
             b: &DeviceBuf<f32>,
             out: &mut DeviceBuf<f32>,
             add: bool,
         ) -> Result<()> {
-            use cudarc::cublas::{sys::cublasOperation_t as Op, Gemm, GemmConfig};
+            use cudarc::cublas::{
+                sys::cublasOperation_t as Op, Gemm, GemmConfig, StridedBatchedConfig,
+            };
             let int = |x: usize| {
                 i32::try_from(x)
                     .map_err(|_| Error::shape("matmul", format!("{x} does not fit cuBLAS's int")))
@@ -822,10 +829,30 @@ mod cuda {
                 ldc: int(n)?,
             };
             let blas = self.blas()?;
-            // SAFETY: the lengths were checked against (M,K), (K,N), (M,N) by the caller
-            // (`backend::device::gemm`), and the leading dimensions above are those of
-            // the stored row-major buffers, so cuBLAS stays inside each buffer.
-            unsafe { blas.gemm(cfg, sb, sa, so) }.map_err(|e| derr("cuBLAS sgemm", e))
+            if batch == 1 {
+                // SAFETY: the lengths were checked against (M,K), (K,N), (M,N) by the
+                // caller (`backend::device::gemm`), and the leading dimensions above are
+                // those of the stored row-major buffers, so cuBLAS stays inside each buffer.
+                return unsafe { blas.gemm(cfg, sb, sa, so) }.map_err(|e| derr("cuBLAS sgemm", e));
+            }
+            // cuBLAS's A is our b, its B our a (the column-major view above); each
+            // product's operands follow the last one's
+            let stride = |x: usize| {
+                i64::try_from(x).map_err(|_| {
+                    Error::shape("matmul", format!("{x} does not fit cuBLAS's stride"))
+                })
+            };
+            let cfg = StridedBatchedConfig {
+                gemm: cfg,
+                batch_size: int(batch)?,
+                stride_a: stride(k * n)?,
+                stride_b: stride(m * k)?,
+                stride_c: stride(m * n)?,
+            };
+            // SAFETY: as above, for each of the `batch` products, whose lengths the caller
+            // checked against batch × (M,K), (K,N), (M,N).
+            unsafe { blas.gemm_strided_batched(cfg, sb, sa, so) }
+                .map_err(|e| derr("cuBLAS sgemm strided batched", e))
         }
 
         pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {

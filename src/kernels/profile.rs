@@ -53,9 +53,14 @@ pub struct KernelTime {
 
 /// A product's row name: `sgemm MxKxN` and whether `a`, `b` are transposed (`N`/`T`),
 /// the same for cuBLAS on a GPU and the emulator's host product.
-pub(crate) fn sgemm_name([m, k, n]: [usize; 3], ta: bool, tb: bool) -> String {
+pub(crate) fn sgemm_name([m, k, n]: [usize; 3], ta: bool, tb: bool, batch: usize) -> String {
     let t = |x: bool| if x { 'T' } else { 'N' };
-    format!("sgemm {m}x{k}x{n} {}{}", t(ta), t(tb))
+    let times = if batch == 1 {
+        String::new()
+    } else {
+        format!(" x{batch}")
+    };
+    format!("sgemm {m}x{k}x{n} {}{}{times}", t(ta), t(tb))
 }
 
 /// One end of a launch: the host clock on the emulator, an event on a GPU's stream.

@@ -187,6 +187,30 @@ pub(crate) fn matmul_new<F: CpuFloat>(s: MatmulSpec, a: &[F], b: &[F]) -> Result
     Ok(out)
 }
 
+/// [`matmul`] on each of `batch` products stored one after another.
+pub(crate) fn matmul_batched<F: CpuFloat>(
+    s: MatmulSpec,
+    batch: usize,
+    a: &[F],
+    b: &[F],
+    out: &mut [F],
+    acc: Accum,
+) -> Result<()> {
+    let (la, lb, lo) = (s.m * s.k, s.k * s.n, s.m * s.n);
+    check_len("matmul", "a", a.len(), batch * la)?;
+    check_len("matmul", "b", b.len(), batch * lb)?;
+    check_len("matmul", "out", out.len(), batch * lo)?;
+    (0..batch).try_for_each(|i| {
+        matmul(
+            s,
+            &a[i * la..][..la],
+            &b[i * lb..][..lb],
+            &mut out[i * lo..][..lo],
+            acc,
+        )
+    })
+}
+
 pub(crate) fn matmul<F: CpuFloat>(
     s: MatmulSpec,
     a: &[F],

@@ -164,6 +164,17 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     ) -> Result<()> {
         matmul::matmul(s, a, b, out, acc)
     }
+    fn matmul_batched(
+        &self,
+        s: MatmulSpec,
+        batch: usize,
+        a: &Vec<F>,
+        b: &Vec<F>,
+        out: &mut Vec<F>,
+        acc: Accum,
+    ) -> Result<()> {
+        matmul::matmul_batched(s, batch, a, b, out, acc)
+    }
     fn matmul_new(&self, s: MatmulSpec, a: &Vec<F>, b: &Vec<F>) -> Result<Vec<F>> {
         matmul::matmul_new(s, a, b)
     }

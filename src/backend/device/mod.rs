@@ -31,7 +31,7 @@ mod model_ops;
 mod norm;
 
 pub use choice::{DeviceChoice, OnBackend};
-pub use gemm::gemm;
+pub use gemm::{gemm, gemm_batched};
 
 /// Threads per block of the elementwise kernels.
 const BLOCK: u32 = 256;
@@ -183,6 +183,17 @@ impl Backend<f32> for DeviceBackend {
         acc: Accum,
     ) -> Result<()> {
         gemm(&self.dev, s, a, b, out, acc)
+    }
+    fn matmul_batched(
+        &self,
+        s: MatmulSpec,
+        batch: usize,
+        a: &DeviceBuf<f32>,
+        b: &DeviceBuf<f32>,
+        out: &mut DeviceBuf<f32>,
+        acc: Accum,
+    ) -> Result<()> {
+        gemm_batched(&self.dev, s, batch, a, b, out, acc)
     }
     fn add_bias(&self, out: &mut DeviceBuf<f32>, bias: &DeviceBuf<f32>, c: usize) -> Result<()> {
         elementwise::add_bias(&self.dev, out, bias, c)

@@ -28,7 +28,7 @@
 //!
 //! B images, M targets, G = GH·GW grid tokens, Cv vision width, D decoder width,
 //! L scales, P = out_h·out_w output pixels.
-use crate::backend::{Act, Backend, MatmulSpec, RowCopy};
+use crate::backend::{Accum, Act, Backend, MatmulSpec, RowCopy};
 use crate::error::{check_len, Error, Result};
 use crate::nn::conv::{push_layernorm, push_linear, ConvActs, ConvTActs, NamedParams};
 use crate::nn::layers::NormStats;
@@ -713,23 +713,17 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
             h_pre.push(pre);
         }
         let hv = x;
-        // logits[t, p] = u[t, p, :] · hv[t, :]
+        // logits[t, p] = u[t, p, :] · hv[t, :], a product per mask
         let np = 4 * n;
-        let mut logits = be.zeros(m * np);
-        let (mut ut, mut ht, mut lt) = (be.zeros(np * d), be.zeros(d), be.zeros(np));
-        for t in 0..m {
-            be.copy_range(&mut ut, 0, &u, t * np * d, np * d)?;
-            be.copy_range(&mut ht, 0, &hv, t * d, d)?;
-            let spec = MatmulSpec {
-                m: np,
-                k: d,
-                n: 1,
-                ta: false,
-                tb: false,
-            };
-            be.matmul(spec, &ut, &ht, &mut lt, crate::backend::Accum::Replace)?;
-            be.copy_range(&mut logits, t * np, &lt, 0, np)?;
-        }
+        let mut logits = be.uninit(m * np);
+        let spec = MatmulSpec {
+            m: np,
+            k: d,
+            n: 1,
+            ta: false,
+            tb: false,
+        };
+        be.matmul_batched(spec, m, &u, &hv, &mut logits, Accum::Replace)?;
         Ok(ScaleActs {
             tr,
             cta,
@@ -760,33 +754,24 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         let np = be.len(dlogits) / m.max(1);
         // forward: logits[t, p] = u[t, p, :]·hv[t, :]
         // so:      du[t, p, :] = dlogits[t, p]·hv[t, :],  dhv[t, :] = Σ_p dlogits[t, p]·u[t, p, :]
-        let mut du = be.zeros(be.len(&a.u));
-        let mut dhv = be.zeros(m * d);
-        let (mut ut, mut ht, mut gt) = (be.zeros(np * d), be.zeros(d), be.zeros(np));
-        let (mut dut, mut dht) = (be.zeros(np * d), be.zeros(d));
-        for t in 0..m {
-            be.copy_range(&mut ut, 0, &a.u, t * np * d, np * d)?;
-            be.copy_range(&mut ht, 0, &a.hv, t * d, d)?;
-            be.copy_range(&mut gt, 0, dlogits, t * np, np)?;
-            let outer = MatmulSpec {
-                m: np,
-                k: 1,
-                n: d,
-                ta: false,
-                tb: false,
-            };
-            be.matmul(outer, &gt, &ht, &mut dut, crate::backend::Accum::Replace)?;
-            let red = MatmulSpec {
-                m: d,
-                k: np,
-                n: 1,
-                ta: true,
-                tb: false,
-            };
-            be.matmul(red, &ut, &gt, &mut dht, crate::backend::Accum::Replace)?;
-            be.copy_range(&mut du, t * np * d, &dut, 0, np * d)?;
-            be.copy_range(&mut dhv, t * d, &dht, 0, d)?;
-        }
+        let mut du = be.uninit(be.len(&a.u));
+        let mut dhv = be.uninit(m * d);
+        let outer = MatmulSpec {
+            m: np,
+            k: 1,
+            n: d,
+            ta: false,
+            tb: false,
+        };
+        be.matmul_batched(outer, m, dlogits, &a.hv, &mut du, Accum::Replace)?;
+        let red = MatmulSpec {
+            m: d,
+            k: np,
+            n: 1,
+            ta: true,
+            tb: false,
+        };
+        be.matmul_batched(red, m, &a.u, dlogits, &mut dhv, Accum::Replace)?;
         // hypernetwork, last layer first: x_{i+1} = relu(lin_i(x_i)) (no relu on the last)
         let mut dx = dhv;
         for i in (0..HYPER_LAYERS).rev() {
