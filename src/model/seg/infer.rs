@@ -5,7 +5,7 @@ use super::decoder::DecoderImages;
 use super::model::SegModel;
 use super::preprocess::Pixels;
 use super::prompt::SegTokenizer;
-use crate::backend::{map_jobs, Backend};
+use crate::backend::{map_jobs, Backend, RowCopy};
 use crate::error::{Error, Result};
 use crate::nn::{KvCache, Rng, SamplingCfg, TokenDist};
 use num_traits::Float;
@@ -279,10 +279,26 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let v = &self.llava.cfg.vision;
         let (k, cv) = (v.num_patches(), v.hidden_size);
         let mut f = be.uninit(b * k * cv);
-        for i in 0..b {
-            be.copy_range(&mut f, i * k * cv, h, (i * (k + 1) + 1) * cv, k * cv)?;
-        }
+        be.copy_rows(&mut f, h, Self::patch_rows(b, k, cv, false))?;
         Ok(f)
+    }
+
+    /// Each image's K patch rows of Cv, from (B, 1 + K, Cv) to (B·K, Cv), or back (`back`).
+    pub(crate) fn patch_rows(b: usize, k: usize, cv: usize, back: bool) -> RowCopy {
+        let (packed, with_class) = ((0, k * cv), (cv, (k + 1) * cv));
+        let ((dst_off, dst_stride), (src_off, src_stride)) = if back {
+            (with_class, packed)
+        } else {
+            (packed, with_class)
+        };
+        RowCopy {
+            rows: b,
+            width: k * cv,
+            dst_off,
+            dst_stride,
+            src_off,
+            src_stride,
+        }
     }
 
     /// The prompt of `question` with the image's tokens in place, through the LLM with

@@ -157,9 +157,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let v = &self.llava.cfg.vision;
         let (k, cv) = (v.num_patches(), v.hidden_size);
         let mut out = be.zeros(b * (k + 1) * cv);
-        for i in 0..b {
-            be.copy_range(&mut out, (i * (k + 1) + 1) * cv, d, i * k * cv, k * cv)?;
-        }
+        be.copy_rows(&mut out, d, Self::patch_rows(b, k, cv, true))?;
         Ok(out)
     }
 
