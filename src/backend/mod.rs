@@ -188,6 +188,16 @@ pub struct RowCopy {
 }
 
 impl RowCopy {
+    /// The same runs copied back: `dst` and `src` exchanged.
+    pub fn swapped(self) -> RowCopy {
+        RowCopy {
+            dst_off: self.src_off,
+            dst_stride: self.src_stride,
+            src_off: self.dst_off,
+            src_stride: self.dst_stride,
+            ..self
+        }
+    }
     /// Every run lies inside both buffers, and no two runs write the same place of
     /// `dst` (a device writes the runs at once, in no order).
     pub fn check(&self, op: &'static str, dst: usize, src: usize) -> Result<()> {

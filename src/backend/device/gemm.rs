@@ -41,12 +41,7 @@ pub fn gemm_batched(
             // named as a GPU's profile names the cuBLAS call
             return dev.profiled(
                 || crate::kernels::profile::sgemm_name([m, k, n], ta, tb, batch),
-                || {
-                    (0..batch).try_for_each(|i| {
-                        let (a, b) = (&ah[i * la..][..la], &bh[i * lb..][..lb]);
-                        crate::backend::cpu::matmul::matmul(s, a, b, &mut oh[i * lo..][..lo], acc)
-                    })
-                },
+                || crate::backend::cpu::matmul::matmul_batched(s, batch, ah, bh, oh, acc),
             );
         }
     }

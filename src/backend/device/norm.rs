@@ -9,7 +9,7 @@ use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 /// norms take the block.  A 64-channel LayerNorm2d row on a whole block left 3/4 of its
 /// threads idle and waited at two barriers per sum.  The bound is a choice, not yet timed
 /// on a GPU.
-pub(super) const WARP_ROW_MAX: usize = 1024;
+const WARP_ROW_MAX: usize = 1024;
 
 /// The launch of a row kernel over `n` rows of `c` floats, and its last two arguments,
 /// `n` (`long long`) and `C` (`int`).

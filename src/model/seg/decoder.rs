@@ -322,28 +322,18 @@ fn scatter_add<F: Float, B: Backend<F>>(
             be.copy_range(dst, i * r, &a, 0, r)?;
             continue;
         }
-        let (rows, runs) = (
-            RowCopy {
-                rows: count,
-                width: r,
-                dst_off: 0,
-                dst_stride: r,
-                src_off: i * r,
-                src_stride: stride * r,
-            },
-            RowCopy {
-                rows: count,
-                width: r,
-                dst_off: i * r,
-                dst_stride: stride * r,
-                src_off: 0,
-                src_stride: r,
-            },
-        );
+        let rows = RowCopy {
+            rows: count,
+            width: r,
+            dst_off: 0,
+            dst_stride: r,
+            src_off: i * r,
+            src_stride: stride * r,
+        };
         let mut a = be.uninit(count * r);
         be.copy_rows(&mut a, dst, rows)?;
         be.axpy(&mut a, F::one(), &s)?;
-        be.copy_rows(dst, &a, runs)?;
+        be.copy_rows(dst, &a, rows.swapped())?;
     }
     Ok(())
 }

@@ -279,25 +279,20 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let v = &self.llava.cfg.vision;
         let (k, cv) = (v.num_patches(), v.hidden_size);
         let mut f = be.uninit(b * k * cv);
-        be.copy_rows(&mut f, h, Self::patch_rows(b, k, cv, false))?;
+        be.copy_rows(&mut f, h, Self::patch_rows(b, k, cv))?;
         Ok(f)
     }
 
-    /// Each image's K patch rows of Cv, from (B, 1 + K, Cv) to (B·K, Cv), or back (`back`).
-    pub(crate) fn patch_rows(b: usize, k: usize, cv: usize, back: bool) -> RowCopy {
-        let (packed, with_class) = ((0, k * cv), (cv, (k + 1) * cv));
-        let ((dst_off, dst_stride), (src_off, src_stride)) = if back {
-            (with_class, packed)
-        } else {
-            (packed, with_class)
-        };
+    /// Each image's K patch rows of Cv, from (B, 1 + K, Cv) to (B·K, Cv) (back with
+    /// [`RowCopy::swapped`]).
+    pub(crate) fn patch_rows(b: usize, k: usize, cv: usize) -> RowCopy {
         RowCopy {
             rows: b,
             width: k * cv,
-            dst_off,
-            dst_stride,
-            src_off,
-            src_stride,
+            dst_off: 0,
+            dst_stride: k * cv,
+            src_off: cv,
+            src_stride: (k + 1) * cv,
         }
     }
 

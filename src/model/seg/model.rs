@@ -341,25 +341,22 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         // token si of every (m, l), added in the order of s: the sums a row at a time made
         let mut rows = be.uninit(ml * d);
         for si in 0..s {
-            be.copy_rows(&mut rows, out, Self::scale_rows(si, ml, s, d, false))?;
+            be.copy_rows(&mut rows, out, Self::scale_rows(si, ml, s, d))?;
             be.axpy(&mut emb, inv, &rows)?;
         }
         Ok(emb)
     }
 
     /// Token `si` of each of the `ml` (m, l) groups of S rows of D: from (M·L·S, D) to
-    /// (M·L, D), or back (`back`).
-    fn scale_rows(si: usize, ml: usize, s: usize, d: usize, back: bool) -> RowCopy {
-        let (one, grouped) = ((0, d), (si * d, s * d));
-        let ((dst_off, dst_stride), (src_off, src_stride)) =
-            if back { (grouped, one) } else { (one, grouped) };
+    /// (M·L, D) (back with [`RowCopy::swapped`]).
+    fn scale_rows(si: usize, ml: usize, s: usize, d: usize) -> RowCopy {
         RowCopy {
             rows: ml,
             width: d,
-            dst_off,
-            dst_stride,
-            src_off,
-            src_stride,
+            dst_off: 0,
+            dst_stride: d,
+            src_off: si * d,
+            src_stride: s * d,
         }
     }
 
@@ -373,7 +370,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         be.copy(&mut rows, demb)?;
         be.scale(&mut rows, inv);
         for si in 0..s {
-            be.copy_rows(&mut dout, &rows, Self::scale_rows(si, m * l, s, d, true))?;
+            be.copy_rows(
+                &mut dout,
+                &rows,
+                Self::scale_rows(si, m * l, s, d).swapped(),
+            )?;
         }
         Ok(dout)
     }

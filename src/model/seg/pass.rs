@@ -157,7 +157,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let v = &self.llava.cfg.vision;
         let (k, cv) = (v.num_patches(), v.hidden_size);
         let mut out = be.zeros(b * (k + 1) * cv);
-        be.copy_rows(&mut out, d, Self::patch_rows(b, k, cv, true))?;
+        be.copy_rows(&mut out, d, Self::patch_rows(b, k, cv).swapped())?;
         Ok(out)
     }
 
