@@ -4,6 +4,17 @@
 // thread past the last row returns before any sum, with the rest of its warp (or block).
 #include "common.cuh"
 
+// The end of both forwards, given this thread's share ss of the row's sum of squares:
+// rstd[row] = r = 1/sqrt(mean(x^2) + eps), o = xr * r * w.  Each thread reads back only
+// the xr it summed (or wrote).
+__device__ __forceinline__ void rms_scale(float* o, float* rstd, const float* xr, const float* w, float ss,
+                                          float eps, long long row, int c, float* part) {
+    ss = row_sum(ss, part);
+    float r = 1.0f / sqrtf(ss / (float)c + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = xr[j] * r * (w ? w[j] : 1.0f);
+}
+
 // out (N,C) = x * rstd * w (w null: no scale), rstd (N) = 1/sqrt(mean(x^2) + eps)
 extern "C" __global__ void rmsnorm_fwd_f32(float* out, float* rstd, const float* x, const float* w, float eps,
                                            long long n, int c) {
@@ -11,17 +22,13 @@ extern "C" __global__ void rmsnorm_fwd_f32(float* out, float* rstd, const float*
     const long long row = row_index();
     if (row >= n) return;
     const float* xr = x + row * c;
-    float* o = out + row * c;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) ss += xr[j] * xr[j];
-    ss = row_sum(ss, part);
-    float r = 1.0f / sqrtf(ss / (float)c + eps);
-    if (threadIdx.x == 0) rstd[row] = r;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = xr[j] * r * (w ? w[j] : 1.0f);
+    rms_scale(out + row * c, rstd, xr, w, ss, eps, row, c, part);
 }
 
 // sum (N,C) = x + a, then out and rstd as rmsnorm_fwd_f32 gives them for sum: a residual
-// add and the norm after it in one pass.  Each thread reads back only the sums it wrote.
+// add and the norm after it in one pass.
 extern "C" __global__ void add_rmsnorm_fwd_f32(float* sum, float* out, float* rstd, const float* x, const float* a,
                                                const float* w, float eps, long long n, int c) {
     SHARED(float, part, [32]);
@@ -34,10 +41,7 @@ extern "C" __global__ void add_rmsnorm_fwd_f32(float* sum, float* out, float* rs
         sum[off + j] = s;
         ss += s * s;
     }
-    ss = row_sum(ss, part);
-    float r = 1.0f / sqrtf(ss / (float)c + eps);
-    if (threadIdx.x == 0) rstd[row] = r;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) out[off + j] = sum[off + j] * r * (w ? w[j] : 1.0f);
+    rms_scale(out + off, rstd, sum + off, w, ss, eps, row, c, part);
 }
 
 // forward: out[j] = x[j] r w[j],  r = (sum x^2 / C + eps)^-1/2

@@ -397,10 +397,9 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         acc: Accum,
     ) -> Result<()>;
     /// `op(a) · op(b)` in a new (M,N) buffer: [`Backend::matmul`] with
-    /// [`Accum::Replace`] into [`Backend::zeros`], which a backend may do without
-    /// zeroing the buffer first (the CPU backend does).
+    /// [`Accum::Replace`] into [`Backend::uninit`] (the product writes every element).
     fn matmul_new(&self, s: MatmulSpec, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf> {
-        let mut out = self.zeros(s.m * s.n);
+        let mut out = self.uninit(s.m * s.n);
         self.matmul(s, a, b, &mut out, Accum::Replace)?;
         Ok(out)
     }

@@ -51,8 +51,9 @@ pub struct KernelTime {
     pub ms: f64,
 }
 
-/// A product's row name: `sgemm MxKxN` and whether `a`, `b` are transposed (`N`/`T`),
-/// the same for cuBLAS on a GPU and the emulator's host product.
+/// A product's row name: `sgemm MxKxN`, whether `a`, `b` are transposed (`N`/`T`), and
+/// ` xB` for a batch of B products (`Backend::matmul_batched`); the same for cuBLAS on a
+/// GPU and the emulator's host product.
 pub(crate) fn sgemm_name([m, k, n]: [usize; 3], ta: bool, tb: bool, batch: usize) -> String {
     let t = |x: bool| if x { 'T' } else { 'N' };
     let times = if batch == 1 {

@@ -164,16 +164,6 @@ impl Backend<f32> for DeviceBackend {
         ok(elementwise::sum_sq_many(&self.dev, xs))
     }
 
-    fn matmul_new(
-        &self,
-        s: MatmulSpec,
-        a: &DeviceBuf<f32>,
-        b: &DeviceBuf<f32>,
-    ) -> Result<DeviceBuf<f32>> {
-        let mut out = self.uninit(s.m * s.n);
-        gemm(&self.dev, s, a, b, &mut out, Accum::Replace)?;
-        Ok(out)
-    }
     fn matmul(
         &self,
         s: MatmulSpec,

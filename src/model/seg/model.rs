@@ -386,7 +386,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let s = self.cfg.image_size;
         let (vh, vw) = (px.valid_h, px.valid_w);
         let mut crop = be.uninit(vh * vw);
-        be.copy_rows(&mut crop, logits, crop_copy(vh, vw, s, off, 0, false))?;
+        be.copy_rows(&mut crop, logits, crop_copy(vh, vw, s, off, 0))?;
         if (vh, vw) == (px.height, px.width) {
             return Ok(crop);
         }
@@ -410,7 +410,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let s = self.cfg.image_size;
         let (vh, vw) = (px.valid_h, px.valid_w);
         if (vh, vw) == (px.height, px.width) {
-            return be.copy_rows(dlogits, d, crop_copy(vh, vw, s, off, d_off, true));
+            return be.copy_rows(dlogits, d, crop_copy(vh, vw, s, off, d_off).swapped());
         }
         let (h, w) = (px.height, px.width);
         let staged;
@@ -424,33 +424,20 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         };
         let mut dc = be.uninit(vh * vw);
         be.resize_bilinear_bwd(dimg, 1, vh, vw, 1, h, w, &mut dc)?;
-        be.copy_rows(dlogits, &dc, crop_copy(vh, vw, s, off, 0, true))
+        be.copy_rows(dlogits, &dc, crop_copy(vh, vw, s, off, 0).swapped())
     }
 }
 
-/// The valid `vh × vw` crop of an S-wide map at `map_off`, as runs between the map and a
-/// packed `vh·vw` buffer at `packed_off`: out of the map, or back into it (`into_map`).
-fn crop_copy(
-    vh: usize,
-    vw: usize,
-    s: usize,
-    map_off: usize,
-    packed_off: usize,
-    into_map: bool,
-) -> RowCopy {
-    let (map, packed) = ((map_off, s), (packed_off, vw));
-    let ((dst_off, dst_stride), (src_off, src_stride)) = if into_map {
-        (map, packed)
-    } else {
-        (packed, map)
-    };
+/// The valid `vh × vw` crop of an S-wide map at `map_off`, as runs out of the map into a
+/// packed `vh·vw` buffer at `packed_off` (back into the map with [`RowCopy::swapped`]).
+fn crop_copy(vh: usize, vw: usize, s: usize, map_off: usize, packed_off: usize) -> RowCopy {
     RowCopy {
         rows: vh,
         width: vw,
-        dst_off,
-        dst_stride,
-        src_off,
-        src_stride,
+        dst_off: packed_off,
+        dst_stride: vw,
+        src_off: map_off,
+        src_stride: s,
     }
 }
 
