@@ -198,6 +198,37 @@ impl RowCopy {
             ..self
         }
     }
+    /// Row pairs (dst row, src row) of `width` values as runs: consecutive pairs that
+    /// step by one dst stride (forward) and one src stride (forward or 0) join one run.
+    /// A sequence's image tokens are one run, a mask's token rows one, and the masks of
+    /// one image one run of src stride 0.
+    pub fn from_rows(pairs: impl IntoIterator<Item = (usize, usize)>, width: usize) -> Vec<Self> {
+        // (first dst row, first src row, rows, dst step, src step), in rows
+        let mut runs: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
+        for (d, s) in pairs {
+            match runs.last_mut() {
+                Some((d0, s0, n @ 1, ds, ss)) if d > *d0 && s >= *s0 => {
+                    (*ds, *ss, *n) = (d - *d0, s - *s0, 2);
+                }
+                Some((d0, s0, n, ds, ss))
+                    if *n > 1 && d == *d0 + *n * *ds && s == *s0 + *n * *ss =>
+                {
+                    *n += 1;
+                }
+                _ => runs.push((d, s, 1, 1, 1)),
+            }
+        }
+        runs.into_iter()
+            .map(|(d, s, rows, ds, ss)| RowCopy {
+                rows,
+                width,
+                dst_off: d * width,
+                dst_stride: ds * width,
+                src_off: s * width,
+                src_stride: ss * width,
+            })
+            .collect()
+    }
     /// Every run lies inside both buffers, and no two runs write the same place of
     /// `dst` (a device writes the runs at once, in no order).
     pub fn check(&self, op: &'static str, dst: usize, src: usize) -> Result<()> {

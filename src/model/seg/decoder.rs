@@ -258,26 +258,9 @@ pub struct DecoderActs<Buf> {
     out_w: usize,
 }
 
-/// `idx` cut into runs that step by one stride: `(j, count, idx[j], stride)` covers
-/// entries j .. j + count, `idx[j + k] = idx[j] + k·stride`.  A mask's token rows
-/// (`t·TOKENS`) are one run, and the masks of one image (`img_of`) one run of stride 0.
-fn idx_runs(idx: &[usize]) -> Vec<(usize, usize, usize, usize)> {
-    let mut runs = Vec::new();
-    let mut j = 0;
-    while j < idx.len() {
-        let mut count = 1;
-        let mut stride = 0;
-        if let Some(step) = idx.get(j + 1).and_then(|&n| n.checked_sub(idx[j])) {
-            stride = step;
-            count = 2;
-            while idx.get(j + count) == Some(&(idx[j + count - 1] + stride)) {
-                count += 1;
-            }
-        }
-        runs.push((j, count, idx[j], stride));
-        j += count;
-    }
-    runs
+/// `idx` as runs of (row j of the stack, row `idx[j]`) ([`RowCopy::from_rows`]).
+fn idx_runs(idx: &[usize], r: usize) -> Vec<RowCopy> {
+    RowCopy::from_rows(idx.iter().copied().enumerate(), r)
 }
 
 /// Rows `idx[j]` of src (·, R) stacked: (len(idx), R); one `copy_rows` per run of `idx`.
@@ -288,15 +271,7 @@ fn gather<F: Float, B: Backend<F>>(
     idx: &[usize],
 ) -> Result<B::Buf> {
     let mut out = be.uninit(idx.len() * r);
-    for (j, count, i, stride) in idx_runs(idx) {
-        let c = RowCopy {
-            rows: count,
-            width: r,
-            dst_off: j * r,
-            dst_stride: r,
-            src_off: i * r,
-            src_stride: stride * r,
-        };
+    for c in idx_runs(idx, r) {
         be.copy_rows(&mut out, src, c)?;
     }
     Ok(out)
@@ -312,25 +287,19 @@ fn scatter_add<F: Float, B: Backend<F>>(
     src: &B::Buf,
     idx: &[usize],
 ) -> Result<()> {
-    for (j, count, i, stride) in idx_runs(idx) {
-        let mut s = be.uninit(count * r);
-        be.copy_range(&mut s, 0, src, j * r, count * r)?;
-        if stride == 0 && count > 1 {
+    // a gather's run: dst = src's rows (contiguous), src = dst's rows
+    for c in idx_runs(idx, r) {
+        let mut s = be.uninit(c.rows * r);
+        be.copy_range(&mut s, 0, src, c.dst_off, c.rows * r)?;
+        if c.src_stride == 0 && c.rows > 1 {
             let mut a = be.uninit(r);
-            be.copy_range(&mut a, 0, dst, i * r, r)?;
+            be.copy_range(&mut a, 0, dst, c.src_off, r)?;
             be.bias_bwd(&s, &mut a, r)?;
-            be.copy_range(dst, i * r, &a, 0, r)?;
+            be.copy_range(dst, c.src_off, &a, 0, r)?;
             continue;
         }
-        let rows = RowCopy {
-            rows: count,
-            width: r,
-            dst_off: 0,
-            dst_stride: r,
-            src_off: i * r,
-            src_stride: stride * r,
-        };
-        let mut a = be.uninit(count * r);
+        let rows = RowCopy { dst_off: 0, ..c };
+        let mut a = be.uninit(c.rows * r);
         be.copy_rows(&mut a, dst, rows)?;
         be.axpy(&mut a, F::one(), &s)?;
         be.copy_rows(dst, &a, rows.swapped())?;
@@ -892,15 +861,29 @@ mod tests {
 
     #[test]
     fn idx_runs_cover_idx_in_order() {
-        assert_eq!(idx_runs(&[]), vec![]);
-        assert_eq!(idx_runs(&[5]), vec![(0, 1, 5, 0)]);
-        assert_eq!(idx_runs(&[0, 2, 4, 6]), vec![(0, 4, 0, 2)]);
+        // (j, count, idx[j], stride) as the runs' rows of 1
+        let runs = |idx: &[usize]| -> Vec<(usize, usize, usize, usize)> {
+            idx_runs(idx, 1)
+                .iter()
+                .map(|c| {
+                    (
+                        c.dst_off,
+                        c.rows,
+                        c.src_off,
+                        if c.rows > 1 { c.src_stride } else { 0 },
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(runs(&[]), vec![]);
+        assert_eq!(runs(&[5]), vec![(0, 1, 5, 0)]);
+        assert_eq!(runs(&[0, 2, 4, 6]), vec![(0, 4, 0, 2)]);
         assert_eq!(
-            idx_runs(&[0, 0, 0, 1, 1, 3]),
+            runs(&[0, 0, 0, 1, 1, 3]),
             vec![(0, 3, 0, 0), (3, 2, 1, 0), (5, 1, 3, 0)]
         );
         // a step down starts a new run
-        assert_eq!(idx_runs(&[3, 1, 2]), vec![(0, 1, 3, 0), (1, 2, 1, 1)]);
+        assert_eq!(runs(&[3, 1, 2]), vec![(0, 1, 3, 0), (1, 2, 1, 1)]);
     }
 
     /// gather and scatter_add against a row at a time, with repeated, unsorted and

@@ -6,7 +6,7 @@ use super::decoder::{DecoderActs, DecoderImages};
 use super::layout::{Layout, GROUP_OVERHEAD};
 use super::model::{Example, LossWeights, SegLoss, SegModel};
 use super::preprocess::Pixels;
-use crate::backend::Backend;
+use crate::backend::{Backend, RowCopy};
 use crate::error::{Error, Result};
 use crate::kernels::logprob::IGNORE_INDEX;
 use crate::model::clip::ClipActs;
@@ -558,8 +558,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let span = grp.span();
             let mut x = lm.embed(&ids[span.clone()])?;
             let rows = grp.members.iter().flat_map(|&r| r * k..(r + 1) * k);
-            for (row, j, n) in row_runs(rows.map(|j| (image_rows[j] - grp.off, j))) {
-                be.copy_range(&mut x, row * hdim, &img, j * hdim, n * hdim)?;
+            for c in RowCopy::from_rows(rows.map(|j| (image_rows[j] - grp.off, j)), hdim) {
+                be.copy_rows(&mut x, &img, c)?;
             }
             let (logits, acts) =
                 lm.forward_embeds(x, grp.members.len(), grp.t, None, None, None)?;
@@ -762,18 +762,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let k = self.tokens_per_image();
         let lm = &mut self.llava.language_model;
         let mut dimg = be.zeros(a.image_rows.len() * hdim);
-        let runs: Vec<_> = a
-            .layout
-            .groups
-            .iter()
-            .map(|grp| {
-                let rows = grp.members.iter().flat_map(|&r| r * k..(r + 1) * k);
-                row_runs(rows.map(|j| (j, a.image_rows[j] - grp.off)))
-            })
-            .collect();
-        let longest = runs.iter().flatten().map(|r| r.2).max().unwrap_or(0);
-        let zero = be.zeros(longest * hdim);
-        for ((grp, ga), runs) in a.layout.groups.iter().zip(&a.llm).zip(&runs) {
+        let zero = be.zeros(hdim);
+        for (grp, ga) in a.layout.groups.iter().zip(&a.llm) {
             let span = grp.span();
             let n = span.len();
             let dl: Vec<F> = dlogp[span.clone()]
@@ -793,9 +783,18 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let mut dh = be.uninit(n * hdim);
             be.copy_range(&mut dh, 0, &dhidden, grp.off * hdim, n * hdim)?;
             let mut dx = lm.backward_with_hidden(&ga.acts, &dlogits, Some(&dh))?; // (n·t, H)
-            for &(j, row, m) in runs {
-                be.copy_range(&mut dimg, j * hdim, &dx, row * hdim, m * hdim)?;
-                be.copy_range(&mut dx, row * hdim, &zero, 0, m * hdim)?;
+            let rows = grp.members.iter().flat_map(|&r| r * k..(r + 1) * k);
+            for c in RowCopy::from_rows(rows.map(|j| (j, a.image_rows[j] - grp.off)), hdim) {
+                be.copy_rows(&mut dimg, &dx, c)?;
+                // the image rows of dx, zeroed: every run from one zero row
+                let from_zero = RowCopy {
+                    dst_off: c.src_off,
+                    dst_stride: c.src_stride,
+                    src_off: 0,
+                    src_stride: 0,
+                    ..c
+                };
+                be.copy_rows(&mut dx, &zero, from_zero)?;
             }
             lm.embed_tokens.backward(&be, &a.ids[span], &dx)?;
         }
@@ -837,19 +836,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 
 /// One head label per decoded target of `batch` (examples with masks, in order), read
 /// by `pick` from each example's labels (`what` names them in errors).
-/// Row pairs (dst, src) as runs (dst, src, rows) of consecutive pairs that advance
-/// together, so that each run is one `copy_range` (a sequence's image tokens are one run).
-fn row_runs(pairs: impl IntoIterator<Item = (usize, usize)>) -> Vec<(usize, usize, usize)> {
-    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-    for (d, s) in pairs {
-        match runs.last_mut() {
-            Some((d0, s0, n)) if *d0 + *n == d && *s0 + *n == s => *n += 1,
-            _ => runs.push((d, s, 1)),
-        }
-    }
-    runs
-}
-
 fn per_target(
     batch: &[Example],
     pick: impl Fn(&super::category::Classes) -> &[i32],
@@ -887,17 +873,18 @@ fn push_labels(
 
 #[cfg(test)]
 mod tests {
-    use super::row_runs;
+    use crate::backend::RowCopy;
 
     #[test]
     fn row_runs_join_only_pairs_that_advance_together() {
         // two sequences' image rows: 3 consecutive, then 2 after a gap on the dst side;
         // then a pair whose src does not follow, and one that goes back
         let pairs = [(4, 0), (5, 1), (6, 2), (9, 3), (10, 4), (11, 7), (3, 8)];
-        assert_eq!(
-            row_runs(pairs),
-            [(4, 0, 3), (9, 3, 2), (11, 7, 1), (3, 8, 1)]
-        );
-        assert!(row_runs([]).is_empty());
+        let runs: Vec<_> = RowCopy::from_rows(pairs, 1)
+            .iter()
+            .map(|c| (c.dst_off, c.src_off, c.rows))
+            .collect();
+        assert_eq!(runs, [(4, 0, 3), (9, 3, 2), (11, 7, 1), (3, 8, 1)]);
+        assert!(RowCopy::from_rows([], 1).is_empty());
     }
 }
