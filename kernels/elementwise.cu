@@ -27,12 +27,19 @@ __device__ __forceinline__ float4 map4(F f, float4 a, float4 b) {
     return make_float4(f(a.x, b.x), f(a.y, b.y), f(a.z, b.z), f(a.w, b.w));
 }
 
+// The bodies below take the thread's first element t and the stride s of its loop, so
+// that a one-buffer launch (t = gs_first(), s = gs_stride()) and a launch over a table
+// of buffers (`TabEntry`) run the same code.
+
 // y[i] = a * x[i] (y may be x)
-extern "C" __global__ void scale_f32(float* y, const float* x, float a, long long n) {
-    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y, x), n);
+__device__ __forceinline__ void scale_span(float* y, const float* x, float a, long long n, long long t, long long s) {
+    const long long head = vec_head(aligned16(y, x), n);
     auto f = [a](float v) { return a * v; };
     for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, map4(f, load_float4(x + i)));
     for (long long i = head + t; i < n; i += s) y[i] = f(x[i]);
+}
+extern "C" __global__ void scale_f32(float* y, const float* x, float a, long long n) {
+    scale_span(y, x, a, n, gs_first(), gs_stride());
 }
 
 // y[i] += x[i]
@@ -46,11 +53,12 @@ extern "C" __global__ void add_inplace_f32(float* y, const float* x, long long n
 // ---- the device backend's whole-buffer ops (src/backend/device/) ----
 
 // y[i] = v
-extern "C" __global__ void fill_f32(float* y, float v, long long n) {
-    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y), n);
+__device__ __forceinline__ void fill_span(float* y, float v, long long n, long long t, long long s) {
+    const long long head = vec_head(aligned16(y), n);
     for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, make_float4(v, v, v, v));
     for (long long i = head + t; i < n; i += s) y[i] = v;
 }
+extern "C" __global__ void fill_f32(float* y, float v, long long n) { fill_span(y, v, n, gs_first(), gs_stride()); }
 
 // y[i] += a * x[i]
 extern "C" __global__ void axpy_f32(float* y, const float* x, float a, long long n) {
@@ -75,31 +83,6 @@ extern "C" __global__ void copy_rows_f32(float* y, const float* x, long long wid
         const long long r = i / width, c = i - r * width;
         y[r * dst_stride + c] = x[r * src_stride + c];
     }
-}
-
-// part[blockIdx.x] = sum of x[i]^2 over this block's grid-stride share of [0, n); then
-// sum_parts_f32 adds the parts in order.  For a fixed grid the summation order is fixed,
-// so the result is the same run to run.
-extern "C" __global__ void sum_sq_part_f32(float* part, const float* x, long long n) {
-    SHARED(float, scratch, [32]);
-    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(x), n);
-    float acc = 0.0f;
-    for (long long i = 4 * t; i < head; i += 4 * s) {
-        float4 v = load_float4(x + i);
-        acc += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    }
-    for (long long i = head + t; i < n; i += s) acc += x[i] * x[i];
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) part[blockIdx.x] = acc;
-}
-
-// out[0] = sum of part[0..n) in a fixed order; one block (blockDim a multiple of 32).
-extern "C" __global__ void sum_parts_f32(float* out, const float* part, int n) {
-    SHARED(float, scratch, [32]);
-    float acc = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += part[i];
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) out[0] = acc;
 }
 
 // Activation codes, as src/backend/device/mod.rs passes them.
@@ -224,10 +207,9 @@ struct AdamW {
         p = p - lr * ((m / c1) / (sqrtf(v / c2) + eps) + wd * p);
     }
 };
-extern "C" __global__ void adamw_f32(float* param, float* m, float* v, const float* grad, float lr, float beta1,
-                                     float beta2, float eps, float wd, float c1, float c2, long long n) {
-    const AdamW o{lr, beta1, beta2, eps, wd, c1, c2};
-    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(param, m, v, grad), n);
+__device__ __forceinline__ void adamw_span(const AdamW& o, float* param, float* m, float* v, const float* grad,
+                                           long long n, long long t, long long s) {
+    const long long head = vec_head(aligned16(param, m, v, grad), n);
     for (long long i = 4 * t; i < head; i += 4 * s) {
         float4 p = load_float4(param + i), mi = load_float4(m + i), vi = load_float4(v + i), g = load_float4(grad + i);
         o.step(p.x, mi.x, vi.x, g.x);
@@ -239,6 +221,86 @@ extern "C" __global__ void adamw_f32(float* param, float* m, float* v, const flo
         store_float4(v + i, vi);
     }
     for (long long i = head + t; i < n; i += s) o.step(param[i], m[i], v[i], grad[i]);
+}
+extern "C" __global__ void adamw_f32(float* param, float* m, float* v, const float* grad, float lr, float beta1,
+                                     float beta2, float eps, float wd, float c1, float c2, long long n) {
+    adamw_span(AdamW{lr, beta1, beta2, eps, wd, c1, c2}, param, m, v, grad, n, gs_first(), gs_stride());
+}
+
+// ---- one launch over a table of buffers (an optimizer step's per-parameter ops) ----
+// The table holds TAB_WORDS 64-bit words per buffer: up to four device addresses (the
+// op's operands, in the order of its one-buffer kernel), the element count n, the first
+// block of the entry and its number of blocks.  Entries lie in block order, so block b
+// works on the last entry whose first block is at most b, as a grid of `blocks` blocks
+// of its own.  One launch replaces one per parameter tensor: a few hundred per step.
+#define TAB_WORDS 8
+struct TabEntry {
+    unsigned long long p[4];
+    long long n, first, blocks;
+    template <typename T>
+    __device__ __forceinline__ T* ptr(int k) const { return reinterpret_cast<T*>(p[k]); }
+    // this thread's first element and its stride, within the entry's blocks
+    __device__ __forceinline__ long long t() const { return (blockIdx.x - first) * blockDim.x + threadIdx.x; }
+    __device__ __forceinline__ long long s() const { return blocks * blockDim.x; }
+};
+__device__ __forceinline__ TabEntry tab_entry_at(const unsigned long long* tab, int k) {
+    const unsigned long long* e = tab + (long long)k * TAB_WORDS;
+    return TabEntry{{e[0], e[1], e[2], e[3]}, (long long)e[4], (long long)e[5], (long long)e[6]};
+}
+// The entry of this block: a binary search over the first blocks.
+__device__ __forceinline__ TabEntry tab_entry(const unsigned long long* tab, int entries) {
+    int lo = 0, hi = entries - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if ((long long)tab[(long long)mid * TAB_WORDS + 5] <= (long long)blockIdx.x) lo = mid;
+        else hi = mid - 1;
+    }
+    return tab_entry_at(tab, lo);
+}
+
+// entry (y): fill_f32 of each
+extern "C" __global__ void fill_many_f32(const unsigned long long* tab, int entries, float v) {
+    const TabEntry e = tab_entry(tab, entries);
+    fill_span(e.ptr<float>(0), v, e.n, e.t(), e.s());
+}
+// entry (y): scale_f32 of each, in place
+extern "C" __global__ void scale_many_f32(const unsigned long long* tab, int entries, float a) {
+    const TabEntry e = tab_entry(tab, entries);
+    scale_span(e.ptr<float>(0), e.ptr<float>(0), a, e.n, e.t(), e.s());
+}
+// entry (x): part[b] = the Σ x² of block b's grid-stride share of its entry, on the
+// entry's own grid, so the parts of entry k lie at part[first_k ..+ blocks_k];
+// sum_parts_many_f32 adds them in order.  The grid of an entry depends on its length
+// alone (src/backend/device/many.rs), so its sum does not depend on the other entries.
+extern "C" __global__ void sum_sq_part_many_f32(float* part, const unsigned long long* tab, int entries) {
+    SHARED(float, scratch, [32]);
+    const TabEntry e = tab_entry(tab, entries);
+    const float* x = e.ptr<const float>(0);
+    const long long t = e.t(), s = e.s(), n = e.n, head = vec_head(aligned16(x), n);
+    float acc = 0.0f;
+    for (long long i = 4 * t; i < head; i += 4 * s) {
+        float4 v = load_float4(x + i);
+        acc += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    for (long long i = head + t; i < n; i += s) acc += x[i] * x[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) part[blockIdx.x] = acc;
+}
+// out[k] = the sum of entry k's parts in a fixed order: block k (blockDim a multiple of 32).
+extern "C" __global__ void sum_parts_many_f32(float* out, const float* part, const unsigned long long* tab) {
+    SHARED(float, scratch, [32]);
+    const TabEntry e = tab_entry_at(tab, blockIdx.x);
+    float acc = 0.0f;
+    for (long long i = threadIdx.x; i < e.blocks; i += blockDim.x) acc += part[e.first + i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
+// entry (param, m, v, grad): adamw_f32 of each, one step size for all
+extern "C" __global__ void adamw_many_f32(const unsigned long long* tab, int entries, float lr, float beta1,
+                                          float beta2, float eps, float wd, float c1, float c2) {
+    const TabEntry e = tab_entry(tab, entries);
+    adamw_span(AdamW{lr, beta1, beta2, eps, wd, c1, c2}, e.ptr<float>(0), e.ptr<float>(1), e.ptr<float>(2),
+               e.ptr<const float>(3), e.n, e.t(), e.s());
 }
 
 // out (N,C) += bias (C), row-broadcast; four at a time when C is a multiple of 4 (then

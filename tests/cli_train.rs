@@ -764,7 +764,11 @@ fn three_steps_on_the_emulated_device_log_the_cpus_losses() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let names: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
-    for k in ["attention_fwd_f32", "attention_bwd_dq_f32", "adamw_f32"] {
+    for k in [
+        "attention_fwd_f32",
+        "attention_bwd_dq_f32",
+        "adamw_many_f32",
+    ] {
         assert!(names.contains(&k), "{k} not in the profile: {names:?}");
     }
     let ms: Vec<f64> = rows.iter().map(|r| r["ms"].as_f64().unwrap()).collect();

@@ -303,6 +303,19 @@ pub fn map_jobs<F: Float, B: Backend<F>, T: Send, R: Send>(
     }
 }
 
+/// One parameter tensor's buffers in [`Backend::adamw_step_many`].
+#[derive(Debug)]
+pub struct AdamWSlot<'a, Buf> {
+    /// the weights, updated in place
+    pub param: &'a mut Buf,
+    /// their gradient
+    pub grad: &'a Buf,
+    /// the first-moment average, updated
+    pub m: &'a mut Buf,
+    /// the second-moment average, updated
+    pub v: &'a mut Buf,
+}
+
 /// Hyper-parameters of one AdamW step (with the bias corrections already folded in by
 /// the caller through `step`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -402,6 +415,20 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     /// gradient norm's parts); a device backend returns them in one download.
     fn sum_sq_many(&self, xs: &[&Self::Buf]) -> Vec<F> {
         xs.iter().map(|x| self.sum_sq(x)).collect()
+    }
+    /// [`Backend::fill`] of each buffer (a model's gradients zeroed); a device backend
+    /// makes one launch for them all.
+    fn fill_many(&self, xs: &mut [&mut Self::Buf], v: F) {
+        for x in xs.iter_mut() {
+            self.fill(x, v);
+        }
+    }
+    /// [`Backend::scale`] of each buffer (gradients clipped); a device backend makes
+    /// one launch for them all.
+    fn scale_many(&self, xs: &mut [&mut Self::Buf], alpha: F) {
+        for x in xs.iter_mut() {
+            self.scale(x, alpha);
+        }
     }
 
     // ---- matrix products ----
@@ -687,6 +714,14 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         m: &mut Self::Buf,
         v: &mut Self::Buf,
     ) -> Result<()>;
+    /// [`Backend::adamw_step`] of each tensor, with the same `h`; each tensor's result
+    /// equals its own `adamw_step`.  A device backend makes one launch for them all.
+    fn adamw_step_many(&self, h: &AdamWStep, slots: &mut [AdamWSlot<Self::Buf>]) -> Result<()> {
+        for s in slots.iter_mut() {
+            self.adamw_step(h, s.param, s.grad, s.m, s.v)?;
+        }
+        Ok(())
+    }
 
     // ---- image ops (channels-last maps (B,H,W,C); CPU bodies in [`image`]) ----
     /// x (B,H,W,C) → out (B,Ho,Wo,K·K·C), rows ordered (ky, kx, c), zero padding; see

@@ -115,6 +115,16 @@ impl<F: Float, B: Backend<F>> Tensor<F, B> {
     }
 }
 
+/// [`Tensor::zero_grad`] of every tensor, in one [`Backend::fill_many`] (one launch on
+/// a device, where a model's few hundred tensors took a launch each).
+pub fn zero_grads<F: Float, B: Backend<F>>(be: &B, params: &mut [(String, &mut Tensor<F, B>)]) {
+    let mut grads: Vec<&mut B::Buf> = params
+        .iter_mut()
+        .filter_map(|(_, p)| p.grad.as_mut())
+        .collect();
+    be.fill_many(&mut grads, F::zero());
+}
+
 /// Deterministic small random values for initialisation and tests: N(0, std²) from the
 /// crate's seeded [`Rng`].
 pub fn randn<F: Float>(rng: &mut Rng, n: usize, std: f64) -> Vec<F> {

@@ -1,7 +1,7 @@
 //! AdamW (Loshchilov & Hutter): Adam with decoupled weight decay,
 //! `p ← p − lr·(m̂/(√v̂ + ε) + wd·p)`, the same update as `torch.optim.AdamW`.
 //! Frozen tensors (no gradient slot) are skipped and stay bit-identical.
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::{AdamWSlot, AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::nn::Tensor;
 use num_traits::Float;
@@ -98,9 +98,12 @@ impl<F: Float, B: Backend<F>> AdamW<F, B> {
             weight_decay: self.cfg.weight_decay,
             step: self.t,
         };
+        // every tensor in one call: one launch on a device
+        let mut slots = Vec::with_capacity(params.len());
         for ((name, p), st) in params.iter_mut().zip(&mut self.state) {
-            let Some(g) = &p.grad else { continue };
             let n = p.numel();
+            let Tensor { data, grad, .. } = &mut **p;
+            let Some(g) = grad.as_ref() else { continue };
             let (m, v) = st.get_or_insert_with(|| (be.zeros(n), be.zeros(n)));
             if be.len(m) != n {
                 return Err(Error::shape(
@@ -108,9 +111,14 @@ impl<F: Float, B: Backend<F>> AdamW<F, B> {
                     format!("`{name}` changed size between steps"),
                 ));
             }
-            be.adamw_step(&h, &mut p.data, g, m, v)?;
+            slots.push(AdamWSlot {
+                param: data,
+                grad: g,
+                m,
+                v,
+            });
         }
-        Ok(())
+        be.adamw_step_many(&h, &mut slots)
     }
 }
 
@@ -144,11 +152,11 @@ pub fn clip_grad_norm<F: Float, B: Backend<F>>(
     }
     if norm > max_norm as f64 {
         let s = F::from(max_norm as f64 / norm).expect("scale representable");
-        for (_, p) in params.iter_mut() {
-            if let Some(g) = &mut p.grad {
-                be.scale(g, s);
-            }
-        }
+        let mut grads: Vec<&mut B::Buf> = params
+            .iter_mut()
+            .filter_map(|(_, p)| p.grad.as_mut())
+            .collect();
+        be.scale_many(&mut grads, s);
     }
     Ok(norm as f32)
 }

@@ -244,9 +244,7 @@ impl<'a, M: Trainable> Trainer<'a, M> {
         std::thread::scope(|scope| -> Result<()> {
             let rx = spawn_loader(scope, data, cfg.seed, cursor, cfg.micro_batch, cfg.prefetch)?;
             for step in start + 1..=total {
-                for (_, p) in model.params_mut() {
-                    p.zero_grad(&be);
-                }
+                crate::nn::zero_grads(&be, &mut model.params_mut());
                 model.begin_step(step, total);
                 let mut step_loss = 0.0;
                 for micro in 0..accum {

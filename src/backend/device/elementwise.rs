@@ -1,6 +1,6 @@
 //! Whole-buffer ops, activations, SwiGLU, bias and AdamW: launches of
 //! `kernels/elementwise.cu`.  CPU twins: `src/backend/cpu/{elementwise,act,matmul,optim}.rs`.
-use super::{i32_arg, i64_arg, linear, rows_of, BLOCK, MAX_BLOCKS};
+use super::{i32_arg, i64_arg, linear, rows_of, BLOCK};
 use crate::backend::{Act, AdamWStep, RowCopy};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -115,45 +115,6 @@ pub(super) fn scale(dev: &Device, x: &mut DeviceBuf<f32>, alpha: f32) -> Result<
         linear(n),
         &[y, xa, KArg::F32(alpha), i64_arg(n)],
     )
-}
-
-/// Σ x² of each buffer, downloaded together (the trait returns host values): per buffer
-/// one partial sum per block of a grid-stride launch (each thread at least 32 elements),
-/// then one block adds the parts in order into the buffer's slot of one result vector; a
-/// buffer one block covers is summed in one launch.  The grid depends on the buffer's
-/// length alone, so the summation order, and the result, is the same run to run and
-/// whatever else is in the batch.  One device-to-host copy for the whole batch.
-pub(super) fn sum_sq_many(dev: &Device, xs: &[&DeviceBuf<f32>]) -> Result<Vec<f32>> {
-    if xs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let blocks_of = |n: usize| n.div_ceil(32 * BLOCK as usize).clamp(1, MAX_BLOCKS);
-    let mut out = dev.uninit::<f32>(xs.len())?;
-    // one partial buffer for the batch, as large as its largest buffer needs
-    let mut part = dev.uninit::<f32>(xs.iter().map(|x| blocks_of(x.len())).max().unwrap_or(1))?;
-    for (i, x) in xs.iter().enumerate() {
-        let blocks = blocks_of(x.len());
-        let cfg = LaunchCfg::new([blocks as u32, 1, 1], [BLOCK, 1, 1], 0);
-        if blocks == 1 {
-            dev.launch(
-                "sum_sq_part_f32",
-                cfg,
-                &[out.arg_mut_at(i), x.arg(), i64_arg(x.len())],
-            )?;
-            continue;
-        }
-        dev.launch(
-            "sum_sq_part_f32",
-            cfg,
-            &[part.arg_mut(), x.arg(), i64_arg(x.len())],
-        )?;
-        dev.launch(
-            "sum_parts_f32",
-            LaunchCfg::new([1, 1, 1], [BLOCK, 1, 1], 0),
-            &[out.arg_mut_at(i), part.arg(), KArg::I32(blocks as i32)],
-        )?;
-    }
-    dev.download(&out)
 }
 
 pub(super) fn act_fwd(
@@ -344,9 +305,7 @@ pub(super) fn adamw(
     if n == 0 {
         return Ok(());
     }
-    // the bias corrections as the CPU backend computes them (f32 powi)
-    let c1 = 1.0 - h.beta1.powi(h.step as i32);
-    let c2 = 1.0 - h.beta2.powi(h.step as i32);
+    let (c1, c2) = adamw_corrections(h);
     dev.launch(
         "adamw_f32",
         linear(n),
@@ -364,5 +323,14 @@ pub(super) fn adamw(
             KArg::F32(c2),
             i64_arg(n),
         ],
+    )
+}
+
+/// AdamW's bias corrections `(1 − β1^t, 1 − β2^t)` as the CPU backend computes them
+/// (f32 `powi`).
+pub(super) fn adamw_corrections(h: &AdamWStep) -> (f32, f32) {
+    (
+        1.0 - h.beta1.powi(h.step as i32),
+        1.0 - h.beta2.powi(h.step as i32),
     )
 }

@@ -16,7 +16,8 @@
 //!
 //! Sizes: N rows, C channels, V vocabulary.
 use super::{
-    Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, RowCopy,
+    Accum, Act, AdamWSlot, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec,
+    RowCopy,
 };
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -27,6 +28,7 @@ mod elementwise;
 mod gemm;
 mod image;
 mod layout;
+mod many;
 mod model_ops;
 mod norm;
 
@@ -157,11 +159,17 @@ impl Backend<f32> for DeviceBackend {
     fn scale(&self, x: &mut DeviceBuf<f32>, alpha: f32) {
         ok(elementwise::scale(&self.dev, x, alpha))
     }
+    fn fill_many(&self, xs: &mut [&mut DeviceBuf<f32>], v: f32) {
+        ok(many::fill_many(self, xs, v))
+    }
+    fn scale_many(&self, xs: &mut [&mut DeviceBuf<f32>], alpha: f32) {
+        ok(many::scale_many(self, xs, alpha))
+    }
     fn sum_sq(&self, x: &DeviceBuf<f32>) -> f32 {
-        ok(elementwise::sum_sq_many(&self.dev, &[x]))[0]
+        ok(many::sum_sq_many(self, &[x]))[0]
     }
     fn sum_sq_many(&self, xs: &[&DeviceBuf<f32>]) -> Vec<f32> {
-        ok(elementwise::sum_sq_many(&self.dev, xs))
+        ok(many::sum_sq_many(self, xs))
     }
 
     fn matmul(
@@ -471,6 +479,13 @@ impl Backend<f32> for DeviceBackend {
         v: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         elementwise::adamw(&self.dev, h, param, grad, m, v)
+    }
+    fn adamw_step_many(
+        &self,
+        h: &AdamWStep,
+        slots: &mut [AdamWSlot<DeviceBuf<f32>>],
+    ) -> Result<()> {
+        many::adamw_many(self, h, slots)
     }
 
     // The pixel decoder's ops: `kernels/image.cu`.

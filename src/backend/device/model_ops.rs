@@ -8,38 +8,45 @@ use crate::kernels::logprob::check_targets;
 use crate::kernels::{attention, logprob, Device, DeviceBuf, Elem};
 use std::sync::Mutex;
 
-/// The last host slice of one kind that was uploaded, with its device copy.  One
-/// training step hands every layer the same key mask, forward and backward, and the
-/// log-prob forward and backward the same targets: each is uploaded once, not once per
-/// call.  The copies are only read by kernels, so reusing one is safe.
+/// The last host slices of one kind that were uploaded (at most `cap`), with their
+/// device copies.  One training step hands every layer the same key mask, forward and
+/// backward, and the log-prob forward and backward the same targets: each is uploaded
+/// once, not once per call.  The copies are only read by kernels, so reusing one is
+/// safe.
 pub(super) struct Memo<T: Elem> {
-    last: Mutex<Option<(Vec<T>, DeviceBuf<T>)>>,
+    /// most recently used first
+    last: Mutex<Vec<(Vec<T>, DeviceBuf<T>)>>,
+    cap: usize,
 }
 
 impl<T: Elem + PartialEq> Memo<T> {
-    fn new() -> Self {
+    fn new(cap: usize) -> Self {
         Memo {
-            last: Mutex::new(None),
+            last: Mutex::new(Vec::with_capacity(cap)),
+            cap,
         }
     }
 
-    /// `f` on the device copy of `host`, uploaded unless it was the last one.
-    fn with<R>(
+    /// `f` on the device copy of `host`, uploaded unless it is one of the last `cap`.
+    pub(super) fn with<R>(
         &self,
         dev: &Device,
         host: &[T],
         f: impl FnOnce(&DeviceBuf<T>) -> Result<R>,
     ) -> Result<R> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        match &*last {
-            Some((h, buf)) if h.as_slice() == host => f(buf),
-            _ => {
+        match last.iter().position(|(h, _)| h.as_slice() == host) {
+            Some(i) => {
+                let hit = last.remove(i);
+                last.insert(0, hit);
+            }
+            None => {
                 let buf = dev.upload(host)?;
-                let r = f(&buf);
-                *last = Some((host.to_vec(), buf));
-                r
+                last.truncate(self.cap.saturating_sub(1));
+                last.insert(0, (host.to_vec(), buf));
             }
         }
+        f(&last[0].1)
     }
 }
 
@@ -48,14 +55,18 @@ pub(super) struct HostInputs {
     masks: Memo<u8>,
     targets: Memo<i32>,
     ones: Memo<f32>,
+    /// the buffer tables of the one-launch ops over many buffers (`super::many`): a
+    /// step's gradients, and its parameters with their moments
+    pub(super) tables: Memo<u64>,
 }
 
 impl HostInputs {
     pub(super) fn new() -> Self {
         HostInputs {
-            masks: Memo::new(),
-            targets: Memo::new(),
-            ones: Memo::new(),
+            masks: Memo::new(1),
+            targets: Memo::new(1),
+            ones: Memo::new(1),
+            tables: Memo::new(4),
         }
     }
 

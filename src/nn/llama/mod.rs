@@ -289,9 +289,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
     /// Zero every gradient.
     pub fn zero_grad(&mut self) {
         let be = self.be.clone();
-        for (_, t) in self.params_mut() {
-            t.zero_grad(&be);
-        }
+        crate::nn::zero_grads(&be, &mut self.params_mut());
     }
 
     /// ids (B·T) → input embeddings (B·T, C).
