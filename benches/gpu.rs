@@ -13,7 +13,7 @@
 //!
 //! `cargo bench --features cuda --bench gpu` (or the binary with `--bench`); the
 //! optional argument filters by name, e.g. `-- --bench attention`.
-use popen::backend::{Backend, Conv2dGeom, DeviceBackend};
+use popen::backend::{AdamWSlot, AdamWStep, Backend, Conv2dGeom, DeviceBackend};
 use popen::kernels::attention::{
     attention_bwd, attention_bwd_tc, attention_fwd, attention_fwd_tc, tensor_core_head_size,
     AttnBwdFn, AttnFwdFn, AttnShape,
@@ -280,6 +280,132 @@ fn bench_memory(dev: &Device, want: &dyn Fn(&str) -> bool) {
             "gb_s",
             5.0 * (b * n) as f64 / 1e9,
         );
+    }
+}
+
+/// The optimizer step's ops over many tensors (`backend/device/many.rs`): one launch for
+/// every tensor against a launch per tensor, on one LLaMA-7B layer's tensors (memory
+/// bound: AdamW moves 28 bytes per weight) and on 320 tensors of 8 Ki floats, the tiny
+/// model's count (bound by the launches: steps per second, not bytes).  Names and units
+/// as `bench_optim` in tools/bench_gpu_torch.py.
+fn bench_optim(be: &DeviceBackend, want: &dyn Fn(&str) -> bool) {
+    if !want("optim") {
+        return;
+    }
+    let cfg = stack_cfg();
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let layer = [[h * h; 4].as_slice(), &[i * h; 3], &[h; 2]].concat();
+    for (tag, sizes) in [("7b_layer", layer), ("320x8k", vec![8192; 320])] {
+        let n: usize = sizes.iter().sum();
+        // bytes moved for the memory-bound layer; steps per second for the small tensors
+        let per = |bytes: f64| -> (&str, f64) {
+            if tag == "320x8k" {
+                ("steps_s", 1.0)
+            } else {
+                ("gb_s", bytes * n as f64 / 1e9)
+            }
+        };
+        let mut p: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| be.from_slice(&rand_f32(n, 20 + k as u64)))
+            .collect();
+        let g: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| be.from_slice(&rand_f32(n, 700 + k as u64)))
+            .collect();
+        let mut m: Vec<_> = sizes.iter().map(|&n| be.zeros(n)).collect();
+        let mut v: Vec<_> = sizes.iter().map(|&n| be.zeros(n)).collect();
+        let h = AdamWStep {
+            lr: 1e-5,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+        };
+        let t = time(be.device(), 10, 5, || {
+            let mut slots: Vec<_> = p
+                .iter_mut()
+                .zip(&g)
+                .zip(m.iter_mut().zip(v.iter_mut()))
+                .map(|((param, grad), (m, v))| AdamWSlot { param, grad, m, v })
+                .collect();
+            be.adamw_step_many(&h, &mut slots).unwrap()
+        });
+        let (unit, x) = per(28.0);
+        emit(&format!("adamw_many_{tag}"), t, unit, x);
+        let t = time(be.device(), 10, 5, || {
+            for k in 0..sizes.len() {
+                be.adamw_step(&h, &mut p[k], &g[k], &mut m[k], &mut v[k])
+                    .unwrap()
+            }
+        });
+        emit(&format!("adamw_each_{tag}"), t, unit, x);
+        let refs: Vec<_> = g.iter().collect();
+        let t = time(be.device(), 10, 5, || {
+            std::hint::black_box(be.sum_sq_many(&refs));
+        });
+        let (unit, x) = per(4.0);
+        emit(&format!("sum_sq_many_{tag}"), t, unit, x);
+        let t = time(be.device(), 10, 5, || {
+            be.fill_many(&mut m.iter_mut().collect::<Vec<_>>(), 0.0)
+        });
+        emit(&format!("fill_many_{tag}"), t, unit, x);
+    }
+}
+
+/// RMSNorm and LayerNorm, forward and backward, on 64 Mi floats in rows of C: a warp per
+/// row up to 1024 floats, a block per row above (`backend/device/norm.rs`), so C = 1024
+/// and 1025 sit on either side of the switch.  Bytes: x read and out written (forward);
+/// x and dout read, dx written (backward; the weight's gradient is a column sum).
+fn bench_norm(be: &DeviceBackend, want: &dyn Fn(&str) -> bool) {
+    if !want("norm") {
+        return;
+    }
+    let total = 64usize << 20;
+    for c in [64usize, 1024, 1025, 4096] {
+        let rows = total / c;
+        let n = rows * c;
+        let x = be.from_slice(&rand_f32(n, 30));
+        let dout = be.from_slice(&rand_f32(n, 31));
+        let w = be.from_slice(&rand_f32(c, 32));
+        let b = be.from_slice(&rand_f32(c, 33));
+        let (mut out, mut dx) = (be.uninit(n), be.uninit(n));
+        let (mut mean, mut rstd) = (be.uninit(rows), be.uninit(rows));
+        let (mut dw, mut db) = (be.zeros(c), be.zeros(c));
+        let gb = |k: f64| k * 4.0 * n as f64 / 1e9;
+        let t = time(be.device(), 10, 5, || {
+            be.rmsnorm_fwd(&x, Some(&w), 1e-5, c, &mut out, &mut rstd)
+                .unwrap()
+        });
+        emit(&format!("rmsnorm_fwd_c{c}"), t, "gb_s", gb(2.0));
+        let t = time(be.device(), 10, 5, || {
+            be.rmsnorm_bwd(&dout, &x, Some(&w), &rstd, c, &mut dx, Some(&mut dw))
+                .unwrap()
+        });
+        emit(&format!("rmsnorm_bwd_c{c}"), t, "gb_s", gb(3.0));
+        let t = time(be.device(), 10, 5, || {
+            be.layernorm_fwd(&x, &w, &b, 1e-5, c, &mut out, &mut mean, &mut rstd)
+                .unwrap()
+        });
+        emit(&format!("layernorm_fwd_c{c}"), t, "gb_s", gb(2.0));
+        let t = time(be.device(), 10, 5, || {
+            be.layernorm_bwd(
+                &dout,
+                &x,
+                &w,
+                &mean,
+                &rstd,
+                c,
+                &mut dx,
+                Some(&mut dw),
+                Some(&mut db),
+            )
+            .unwrap()
+        });
+        emit(&format!("layernorm_bwd_c{c}"), t, "gb_s", gb(3.0));
     }
 }
 
@@ -588,6 +714,8 @@ fn main() {
         bench_probes(be.device());
     }
     bench_memory(be.device(), &want);
+    bench_optim(&be, &want);
+    bench_norm(&be, &want);
     bench_image(&be, &want);
     if want("attention") {
         bench_attention(be.device());

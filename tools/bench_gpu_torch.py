@@ -10,6 +10,10 @@ One JSON object per line, in the Rust bench's units:
   attention_*          F.scaled_dot_product_attention with a float mask (bias per key +
                        -inf for causal / padding, built inside the timed call, as a model
                        does), forward, and backward w.r.t. q, k, v and the bias
+  adamw_many_*         torch.optim.AdamW(fused=True) on one 7B layer's tensors (gb_s, 28
+                       bytes per weight) and on 320 tensors of 8 Ki floats (steps_s);
+                       adamw_each_* the same with foreach=False (a launch per tensor);
+                       sum_sq_many_* torch._foreach_norm, fill_many_* torch._foreach_zero_
   llama7b_stack_*      transformers' LlamaForCausalLM with the 7B widths and vocabulary
                        and STACK_LAYERS layers, f32, eager attention, TF32 off: forward +
                        mean cross-entropy + backward, tokens/s
@@ -154,8 +158,31 @@ def bench_stack(dev, n_copy, n_mm, r_lp, v_lp):
             print(json.dumps({"profile": "stack", "kernel": ev.key, "calls": ev.count, "ms": round(us / 1e3, 4)}))
 
 
+def bench_optim(dev, n_copy, n_mm, r_lp, v_lp):
+    h, i = STACK["hidden_size"], STACK["intermediate_size"]
+    for tag, sizes, small in [("7b_layer", [h * h] * 4 + [i * h] * 3 + [h] * 2, False), ("320x8k", [8192] * 320, True)]:
+        n = sum(sizes)
+        ps = [torch.nn.Parameter(torch.randn(k) * 0.02) for k in sizes]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-3
+        for kind, kw in [("many", dict(fused=True)), ("each", dict(foreach=False))]:
+            opt = torch.optim.AdamW(ps, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **kw)
+            t = timeit(opt.step, 10)
+            if small:
+                emit(f"adamw_{kind}_{tag}", t, "steps_s", 1.0)
+            else:
+                emit(f"adamw_{kind}_{tag}", t, "gb_s", 28.0 * n / 1e9)
+            del opt
+        grads = [p.grad for p in ps]
+        t = timeit(lambda: torch.stack(torch._foreach_norm(grads)), 10)
+        emit(f"sum_sq_many_{tag}", t, *(("steps_s", 1.0) if small else ("gb_s", 4.0 * n / 1e9)))
+        t = timeit(lambda: torch._foreach_zero_(grads), 10)
+        emit(f"fill_many_{tag}", t, *(("steps_s", 1.0) if small else ("gb_s", 4.0 * n / 1e9)))
+
+
 SECTIONS = [
     ("copy", bench_copy),
+    ("optim", bench_optim),
     ("sgemm", bench_sgemm),
     ("logprob", bench_logprob),
     ("attention", bench_attention),

@@ -21,8 +21,10 @@
 #                          emulator and on GPU 0, failing if GPU 0 cannot be opened
 #   sanitizer.log          the first two failing tests again under compute-sanitizer
 #   bench_gpu.jsonl        benches/gpu.rs: the probes' HMMA and FFMA rates, copy ceiling,
-#                          memory-bound kernels, the pixel decoder's image ops, attention,
-#                          the 7B-shaped stack's forward + backward
+#                          memory-bound kernels, the optimizer's ops over many tensors,
+#                          the norms on both sides of the warp-per-row switch, the pixel
+#                          decoder's image ops, attention, the 7B-shaped stack's
+#                          forward + backward
 #   bench_gpu_torch.jsonl  tools/bench_gpu_torch.py: the same shapes in PyTorch
 #   train.log              `popen train sft` on a generated world, --device cuda and cpu, then
 #                          `predict` and `predict --ensemble 3` on each run
@@ -112,7 +114,7 @@ for n in $TESTS; do
 done
 
 # one process per section, so that one failing section does not lose the others
-want bench && for section in ${BENCH_SECTIONS:-probe copy perturb logprob mask image attention stack}; do
+want bench && for section in ${BENCH_SECTIONS:-probe copy optim norm perturb logprob mask image attention stack}; do
     timeout "${BENCH_TIMEOUT:-150}" "$bin/bench_gpu" --bench "$section" >> "$out/bench_gpu.jsonl" 2>> "$out/bench_err.log"
     stamp "bench_gpu $section: rc=$? $(tail -1 "$out/bench_gpu.jsonl")"
 done
