@@ -42,12 +42,12 @@ extern "C" __global__ void scale_f32(float* y, const float* x, float a, long lon
     scale_span(y, x, a, n, gs_first(), gs_stride());
 }
 
-// y[i] += x[i]
-extern "C" __global__ void add_inplace_f32(float* y, const float* x, long long n) {
-    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y, x), n);
+// y[i] = a[i] + b[i] (y may be a or b): a residual add that keeps both inputs
+extern "C" __global__ void add_f32(float* y, const float* a, const float* b, long long n) {
+    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y, a, b), n);
     auto f = [](float u, float v) { return u + v; };
-    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, map4(f, load_float4(y + i), load_float4(x + i)));
-    for (long long i = head + t; i < n; i += s) y[i] = f(y[i], x[i]);
+    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, map4(f, load_float4(a + i), load_float4(b + i)));
+    for (long long i = head + t; i < n; i += s) y[i] = f(a[i], b[i]);
 }
 
 // ---- the device backend's whole-buffer ops (src/backend/device/) ----

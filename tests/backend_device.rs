@@ -62,6 +62,17 @@ fn memory_ops_match_cpu() {
         Cpu.scale(&mut y, 1.3);
         d.scale(&mut yd, 1.3);
         close("scale", &d.to_vec(&yd), &y);
+        // a + b in one launch (the CPU: a copy and an axpy), each sum bit for bit
+        let (xv, yv) = (d.to_vec(&xd), d.to_vec(&yd));
+        let sums = |z: &[f32], a: &[f32], b: &[f32]| {
+            z.len() == a.len() && z.iter().zip(a.iter().zip(b)).all(|(s, (a, b))| *s == a + b)
+        };
+        assert!(
+            sums(&d.to_vec(&d.add_new(&xd, &yd).unwrap()), &xv, &yv),
+            "add_new"
+        );
+        assert!(sums(&Cpu.add_new(&x, &y).unwrap(), &x, &y), "cpu add_new");
+        assert!(d.add_new(&xd, &d.zeros(3)).is_err());
         // the device adds block partials (a tree), the CPU backend in sequence: the
         // device within TOL of the exact sum, the CPU within its sequential bound n·ε
         let exact: f64 = y.iter().map(|&v| f64::from(v) * f64::from(v)).sum();

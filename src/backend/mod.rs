@@ -407,6 +407,14 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     }
     /// `dst += alpha · src` (the residual stream and gradient accumulation).
     fn axpy(&self, dst: &mut Self::Buf, alpha: F, src: &Self::Buf) -> Result<()>;
+    /// `a + b` as a new buffer (equal lengths): a residual add whose inputs both live
+    /// on.  By default a copy and an [`Backend::axpy`] (the same sums); the device
+    /// backend makes it one launch and no copy.
+    fn add_new(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf> {
+        let mut out = a.clone();
+        self.axpy(&mut out, F::one(), b)?;
+        Ok(out)
+    }
     /// `x *= alpha`.
     fn scale(&self, x: &mut Self::Buf, alpha: F);
     /// Σ x² (for gradient norms and tests).

@@ -8,7 +8,9 @@
 //! the times up by name and clears them.  Products are named by their shape (`sgemm
 //! 2048x4096x11008 NT`: M×K×N, then whether `a` and `b` are transposed), so one table
 //! separates the model's matrices.  The calls of a profile count what costs the host a
-//! driver call on a GPU, which bounds a small model's speed there.
+//! driver call on a GPU, which bounds a small model's speed there.  One such call is not
+//! recorded: a buffer's `clone` (an allocation and a device-to-device copy on a GPU),
+//! which does not go through the [`Device`].
 //!
 //! ```
 //! use popen::kernels::{Device, KArg, LaunchCfg};

@@ -389,12 +389,10 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         for l in &self.layers[..upto] {
             let (ln1, st1) = l.layer_norm1.forward(be, &x)?;
             let (a, attn) = l.self_attn.forward(be, &ln1, &ctx, None)?;
-            let mut xm = x.clone();
-            be.axpy(&mut xm, F::one(), &a)?;
+            let xm = be.add_new(&x, &a)?;
             let (ln2, st2) = l.layer_norm2.forward(be, &xm)?;
             let (m, mlp) = l.mlp.forward(be, &ln2)?;
-            let mut xo = xm.clone();
-            be.axpy(&mut xo, F::one(), &m)?;
+            let xo = be.add_new(&xm, &m)?;
             layers.push(ClipLayerActs {
                 x,
                 st1,

@@ -17,13 +17,6 @@ const LN_EPS: f32 = 1e-5;
 /// SAM halves the channels inside the token↔image attentions.
 pub const CROSS_DOWNSAMPLE: usize = 2;
 
-/// `a + b` as a new buffer.
-fn add<F: Float, B: Backend<F>>(be: &B, a: &B::Buf, b: &B::Buf) -> Result<B::Buf> {
-    let mut c = a.clone();
-    be.axpy(&mut c, F::one(), b)?;
-    Ok(c)
-}
-
 /// `dst += src`.
 fn acc<F: Float, B: Backend<F>>(be: &B, dst: &mut B::Buf, src: &B::Buf) -> Result<()> {
     be.axpy(dst, F::one(), src)
@@ -114,25 +107,25 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
         let (q1, a1) = if self.skip_first_layer_pe {
             self.self_attn.forward(be, q, q, q, b, t, t)?
         } else {
-            let qp = add(be, q, qpe)?;
+            let qp = be.add_new(q, qpe)?;
             let (a, acts) = self.self_attn.forward(be, &qp, &qp, q, b, t, t)?;
-            (add(be, q, &a)?, acts)
+            (be.add_new(q, &a)?, acts)
         };
         let (q1n, n1) = self.norm1.forward(be, &q1)?;
-        let kp = add(be, k, kpe)?;
+        let kp = be.add_new(k, kpe)?;
         let (a, a2) = self
             .cross_t2i
-            .forward(be, &add(be, &q1n, qpe)?, &kp, k, b, t, n)?;
-        let q2 = add(be, &q1n, &a)?;
+            .forward(be, &be.add_new(&q1n, qpe)?, &kp, k, b, t, n)?;
+        let q2 = be.add_new(&q1n, &a)?;
         let (q2n, n2) = self.norm2.forward(be, &q2)?;
         let (m, mlp) = self.mlp.forward(be, &q2n)?;
-        let q3 = add(be, &q2n, &m)?;
+        let q3 = be.add_new(&q2n, &m)?;
         let (q3n, n3) = self.norm3.forward(be, &q3)?;
         // image tokens query the tokens
         let (a, a3) = self
             .cross_i2t
-            .forward(be, &kp, &add(be, &q3n, qpe)?, &q3n, b, n, t)?;
-        let k4 = add(be, k, &a)?;
+            .forward(be, &kp, &be.add_new(&q3n, qpe)?, &q3n, b, n, t)?;
+        let k4 = be.add_new(k, &a)?;
         let (k4n, n4) = self.norm4.forward(be, &k4)?;
         let acts = BlockActs {
             a1,
@@ -162,8 +155,8 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
         // forward: k4n = norm4(k + i2t(k + kpe, q3n + qpe, q3n))
         let dk4 = self.norm4.backward(be, &a.k4, &a.n4, dk_out)?;
         let (dkp, dqp3, dv3) = self.cross_i2t.backward(be, &a.a3, &dk4)?;
-        let mut dk = add(be, &dk4, &dkp)?;
-        let mut dq3n = add(be, dq_out, &dv3)?;
+        let mut dk = be.add_new(&dk4, &dkp)?;
+        let mut dq3n = be.add_new(dq_out, &dv3)?;
         acc(be, &mut dq3n, &dqp3)?;
         let mut dqpe = dqp3;
         // forward: q3n = norm3(q2n + mlp(q2n))
@@ -173,7 +166,7 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
         // forward: q2n = norm2(q1n + t2i(q1n + qpe, k + kpe, k))
         let dq2 = self.norm2.backward(be, &a.q2, &a.n2, &dq2n)?;
         let (dqp2, dkp2, dv2) = self.cross_t2i.backward(be, &a.a2, &dq2)?;
-        let dq1n = add(be, &dq2, &dqp2)?;
+        let dq1n = be.add_new(&dq2, &dqp2)?;
         acc(be, &mut dqpe, &dqp2)?;
         acc(be, &mut dk, &dkp2)?;
         acc(be, &mut dk, &dv2)?;
@@ -182,7 +175,7 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
         // forward: q1 = attn(q, q, q)                      (first block)
         //      or: q1 = q + attn(q + qpe, q + qpe, q)      (the others)
         let (dqq, dqk, dqv) = self.self_attn.backward(be, &a.a1, &dq1)?;
-        let mut dq = add(be, &dqq, &dqk)?;
+        let mut dq = be.add_new(&dqq, &dqk)?;
         acc(be, &mut dq, &dqv)?;
         if !self.skip_first_layer_pe {
             acc(be, &mut dq, &dq1)?;
@@ -285,10 +278,16 @@ impl<F: Float, B: Backend<F>> TwoWayTransformer<F, B> {
             (q, k) = (q2, k2);
             blocks.push(a);
         }
-        let (a, fa) =
-            self.final_attn
-                .forward(be, &add(be, &q, tokens)?, &add(be, &k, kpe)?, &k, b, t, n)?;
-        let qf = add(be, &q, &a)?;
+        let (a, fa) = self.final_attn.forward(
+            be,
+            &be.add_new(&q, tokens)?,
+            &be.add_new(&k, kpe)?,
+            &k,
+            b,
+            t,
+            n,
+        )?;
+        let qf = be.add_new(&q, &a)?;
         let (qn, nf) = self.norm_final.forward(be, &qf)?;
         Ok((
             qn,
@@ -329,9 +328,9 @@ impl<F: Float, B: Backend<F>> TwoWayTransformer<F, B> {
         // forward: out = norm_final(q + final(q + qpe, k + kpe, k))
         let dqf = self.norm_final.backward(be, &a.qf, &a.nf, dq_out)?;
         let (dqp, dkp, dv) = self.final_attn.backward(be, &a.fa, &dqf)?;
-        let mut dq = add(be, &dqf, &dqp)?;
+        let mut dq = be.add_new(&dqf, &dqp)?;
         let mut dqpe = dqp;
-        let mut dk = add(be, dk_out, &dkp)?;
+        let mut dk = be.add_new(dk_out, &dkp)?;
         acc(be, &mut dk, &dv)?;
         for (l, acts) in self.layers.iter_mut().zip(&a.blocks).rev() {
             let (dq2, dk2, dqpe2) = l.backward(be, acts, &dq, &dk)?;

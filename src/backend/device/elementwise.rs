@@ -103,6 +103,25 @@ pub(super) fn axpy(
     )
 }
 
+/// a + b into a new buffer, one launch (no copy of `a` first).
+pub(super) fn add_new(
+    dev: &Device,
+    a: &DeviceBuf<f32>,
+    b: &DeviceBuf<f32>,
+) -> Result<DeviceBuf<f32>> {
+    let n = a.len();
+    check_len("add_new", "b", b.len(), n)?;
+    let mut y = dev.uninit(n)?;
+    if n > 0 {
+        dev.launch(
+            "add_f32",
+            linear(n),
+            &[y.arg_mut(), a.arg(), b.arg(), i64_arg(n)],
+        )?;
+    }
+    Ok(y)
+}
+
 pub(super) fn scale(dev: &Device, x: &mut DeviceBuf<f32>, alpha: f32) -> Result<()> {
     let n = x.len();
     if n == 0 {

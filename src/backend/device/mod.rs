@@ -156,6 +156,9 @@ impl Backend<f32> for DeviceBackend {
     fn axpy(&self, dst: &mut DeviceBuf<f32>, alpha: f32, src: &DeviceBuf<f32>) -> Result<()> {
         elementwise::axpy(&self.dev, dst, alpha, src)
     }
+    fn add_new(&self, a: &DeviceBuf<f32>, b: &DeviceBuf<f32>) -> Result<DeviceBuf<f32>> {
+        elementwise::add_new(&self.dev, a, b)
+    }
     fn scale(&self, x: &mut DeviceBuf<f32>, alpha: f32) {
         ok(elementwise::scale(&self.dev, x, alpha))
     }
