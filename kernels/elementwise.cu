@@ -319,20 +319,28 @@ extern "C" __global__ void add_bias_f32(float* out, const float* bias, long long
 // (N,C), in order; grid = (ceil(C / blockDim), chunks).  col_sum_f32 then adds the
 // chunks in order: a fixed tree, the same run to run, with every SM busy even when C is
 // a few thousand columns.
-extern "C" __global__ void col_sum_part_f32(float* part, const float* x, long long n, int c, int rows) {
+// Both column-sum kernels sum one or two matrices of one shape: grid.z picks x0 or x1
+// (LayerNorm's weight and bias gradients in one launch); the parts of x1 follow x0's.
+extern "C" __global__ void col_sum_part_f32(float* part, const float* x0, const float* x1, long long n, int c,
+                                            int rows) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= c) return;
+    const float* x = blockIdx.z ? x1 : x0;
     const long long lo = (long long)blockIdx.y * rows, hi = lo + rows < n ? lo + rows : n;
     float s = 0.0f;
     for (long long r = lo; r < hi; ++r) s += x[r * c + j];
-    part[(size_t)blockIdx.y * c + j] = s;
+    part[((size_t)blockIdx.z * gridDim.y + blockIdx.y) * c + j] = s;
 }
 
 // acc (C) += sum over rows of x (N,C): one thread per column, rows in order, so the sum
-// is the same run to run (a parameter gradient: bias, norm weights).
-extern "C" __global__ void col_sum_f32(float* acc, const float* x, long long n, int c) {
+// is the same run to run (a parameter gradient: bias, norm weights).  grid.z picks
+// (acc0, x0) or (acc1, x1).
+extern "C" __global__ void col_sum_f32(float* acc0, float* acc1, const float* x0, const float* x1, long long n,
+                                       int c) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= c) return;
+    float* acc = blockIdx.z ? acc1 : acc0;
+    const float* x = blockIdx.z ? x1 : x0;
     float s = 0.0f;
     for (long long r = 0; r < n; ++r) s += x[r * c + j];
     acc[j] += s;

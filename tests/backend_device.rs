@@ -776,8 +776,9 @@ fn a_chain_of_ops_makes_no_host_copy() {
 fn layernorm_forward_and_backward_match_cpu() {
     for d in backends() {
         let mut r = Philox::new(10);
-        // a warp per row, and a block per row (rows of more than 1024 floats)
-        for (n, c) in [(11, 257), (3, 1031)] {
+        // a warp per row, and a block per row (rows of more than 1024 floats); 67 rows
+        // of 19: the weight and bias gradients' column sums in chunks of rows
+        for (n, c) in [(11, 257), (3, 1031), (67, 19)] {
             let (x, xd) = both(&d, &rnd(&mut r, n * c, 3.0));
             let (w, wd) = both(&d, &rnd(&mut r, c, 1.5));
             let (b, bd) = both(&d, &rnd(&mut r, c, 0.5));

@@ -266,40 +266,68 @@ pub(super) fn col_sum(
     acc: &mut DeviceBuf<f32>,
     c: usize,
 ) -> Result<()> {
-    check_len(op, "gradient (C)", acc.len(), c)?;
+    col_sums(dev, op, &mut [(x, acc)], c)
+}
+
+/// [`col_sum`] of one or two (x, acc) pairs of one shape, in the launches of one: the
+/// second pair runs on the grid's z (LayerNorm's weight and bias gradients).
+pub(super) fn col_sums(
+    dev: &Device,
+    op: &'static str,
+    pairs: &mut [(&DeviceBuf<f32>, &mut DeviceBuf<f32>)],
+    c: usize,
+) -> Result<()> {
+    let Some((x, _)) = pairs.first() else {
+        return Ok(());
+    };
+    if pairs.len() > 2 {
+        return Err(Error::arg(op, "col_sums takes one or two pairs"));
+    }
     let n = rows_of(op, x.len(), c)?;
+    for (i, (x, acc)) in pairs.iter().enumerate() {
+        check_len(op, "gradient (C)", acc.len(), c)?;
+        check_len(op, &format!("rows of sum {i}"), x.len(), n * c)?;
+    }
+    let z = pairs.len() as u32;
     let blocks = u32::try_from(c.div_ceil(BLOCK as usize))
         .map_err(|_| Error::shape(op, format!("C = {c} too large")))?;
-    let sum_rows = |x: &DeviceBuf<f32>, acc: &mut DeviceBuf<f32>, n: usize| {
+    // the second pair's pointers: the first's again when there is none (grid.z = 1
+    // never reads them)
+    let accs: Vec<KArg> = pairs.iter_mut().map(|(_, a)| a.arg_mut()).collect();
+    let (acc0, acc1) = (accs[0], *accs.last().unwrap_or(&accs[0]));
+    let sum_rows = |x0: KArg, x1: KArg, n: usize| {
         dev.launch(
             "col_sum_f32",
-            LaunchCfg::new([blocks, 1, 1], [BLOCK, 1, 1], 0),
-            &[acc.arg_mut(), x.arg(), i64_arg(n), i32_arg(op, "C", c)?],
+            LaunchCfg::new([blocks, 1, z], [BLOCK, 1, 1], 0),
+            &[acc0, acc1, x0, x1, i64_arg(n), i32_arg(op, "C", c)?],
         )
     };
+    let (x0, x1) = (pairs[0].0.arg(), pairs[pairs.len() - 1].0.arg());
     // Few column blocks and many rows: chunks of rows first (their sums in order), then
     // the chunks in order, so that a GPU has COL_SUM_BLOCKS blocks at work.
     let chunks = COL_SUM_BLOCKS
         .div_ceil(blocks as usize)
         .min(n / COL_SUM_MIN_ROWS);
     if chunks < 2 {
-        return sum_rows(x, acc, n);
+        return sum_rows(x0, x1, n);
     }
     let rows = n.div_ceil(chunks);
     let chunks = n.div_ceil(rows);
-    let mut part = dev.uninit::<f32>(chunks * c)?;
+    let mut part = dev.uninit::<f32>(z as usize * chunks * c)?;
     dev.launch(
         "col_sum_part_f32",
-        LaunchCfg::new([blocks, chunks as u32, 1], [BLOCK, 1, 1], 0),
+        LaunchCfg::new([blocks, chunks as u32, z], [BLOCK, 1, 1], 0),
         &[
             part.arg_mut(),
-            x.arg(),
+            x0,
+            x1,
             i64_arg(n),
             i32_arg(op, "C", c)?,
             i32_arg(op, "rows per chunk", rows)?,
         ],
     )?;
-    sum_rows(&part, acc, chunks)
+    let parts1 = (z as usize - 1) * chunks * c;
+    sum_rows(part.arg(), part.arg_at(parts1), chunks)
 }
 
 /// Blocks `col_sum` aims for, and the fewest rows worth a chunk of their own.

@@ -1,5 +1,8 @@
 //! RMSNorm and LayerNorm: launches of `kernels/norm.cu`.  CPU twin: `src/backend/cpu/norm.rs`.
-use super::{elementwise::col_sum, i32_arg, i64_arg, rows_of, BLOCK};
+use super::{
+    elementwise::{col_sum, col_sums},
+    i32_arg, i64_arg, rows_of, BLOCK,
+};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
@@ -259,11 +262,13 @@ pub(super) fn layernorm_bwd(
             c_arg,
         ],
     )?;
+    // dw and db in the same launches
+    let mut sums = Vec::with_capacity(2);
     if let (Some(dw), Some(t)) = (dw, &terms) {
-        col_sum(dev, OP, t, dw, c)?;
+        sums.push((t, dw));
     }
     if let Some(db) = db {
-        col_sum(dev, OP, dout, db, c)?;
+        sums.push((dout, db));
     }
-    Ok(())
+    col_sums(dev, OP, &mut sums, c)
 }
