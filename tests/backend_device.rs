@@ -169,12 +169,28 @@ fn sum_sq_many_equals_each_sum_sq_in_one_download() {
     }
 }
 
+type Bufs = [popen::kernels::DeviceBuf<f32>];
+
+/// One AdamW slot per tensor k: (p[k], g[k], m[k], v[k]).
+fn adamw_slots<'a>(
+    p: &'a mut Bufs,
+    g: &'a Bufs,
+    m: &'a mut Bufs,
+    v: &'a mut Bufs,
+) -> Vec<popen::backend::AdamWSlot<'a, popen::kernels::DeviceBuf<f32>>> {
+    use popen::backend::AdamWSlot;
+    p.iter_mut()
+        .zip(g)
+        .zip(m.iter_mut().zip(v.iter_mut()))
+        .map(|((param, grad), (m, v))| AdamWSlot { param, grad, m, v })
+        .collect()
+}
+
 /// `fill_many`, `scale_many` and `adamw_step_many` over buffers of several sizes: each
 /// buffer bit for bit as its own one-buffer op leaves it (two steps, so that the
 /// moments the first wrote are read); the step after the first uploads no table.
 #[test]
 fn ops_over_many_buffers_equal_each_buffer_alone() {
-    use popen::backend::AdamWSlot;
     for d in backends() {
         let mut r = Philox::new(4);
         let up = |r: &mut Philox, s: f64| -> Vec<_> {
@@ -215,12 +231,7 @@ fn ops_over_many_buffers_equal_each_buffer_alone() {
                 weight_decay: 0.1,
                 step,
             };
-            let mut slots: Vec<_> = p
-                .iter_mut()
-                .zip(&g)
-                .zip(m.iter_mut().zip(v.iter_mut()))
-                .map(|((param, grad), (m, v))| AdamWSlot { param, grad, m, v })
-                .collect();
+            let mut slots = adamw_slots(&mut p, &g, &mut m, &mut v);
             let before = d.device().copies();
             d.adamw_step_many(&h, &mut slots).unwrap();
             let after = d.device().copies();
@@ -241,12 +252,7 @@ fn ops_over_many_buffers_equal_each_buffer_alone() {
         assert_ne!(each, p0, "adamw changed nothing");
         // a moment of the wrong length is an error naming its tensor, and nothing moves
         let mut short = d.zeros(3);
-        let mut slots: Vec<_> = p
-            .iter_mut()
-            .zip(&x)
-            .zip(m.iter_mut().zip(v.iter_mut()))
-            .map(|((param, grad), (m, v))| AdamWSlot { param, grad, m, v })
-            .collect();
+        let mut slots = adamw_slots(&mut p, &x, &mut m, &mut v);
         slots[2].m = &mut short;
         let h = AdamWStep {
             lr: 1.0,

@@ -352,32 +352,16 @@ pub(super) fn adamw(
     if n == 0 {
         return Ok(());
     }
-    let (c1, c2) = adamw_corrections(h);
-    dev.launch(
-        "adamw_f32",
-        linear(n),
-        &[
-            param.arg_mut(),
-            m.arg_mut(),
-            v.arg_mut(),
-            grad.arg(),
-            KArg::F32(h.lr),
-            KArg::F32(h.beta1),
-            KArg::F32(h.beta2),
-            KArg::F32(h.eps),
-            KArg::F32(h.weight_decay),
-            KArg::F32(c1),
-            KArg::F32(c2),
-            i64_arg(n),
-        ],
-    )
+    let mut args = vec![param.arg_mut(), m.arg_mut(), v.arg_mut(), grad.arg()];
+    args.extend(adamw_args(h));
+    args.push(i64_arg(n));
+    dev.launch("adamw_f32", linear(n), &args)
 }
 
-/// AdamW's bias corrections `(1 − β1^t, 1 − β2^t)` as the CPU backend computes them
-/// (f32 `powi`).
-pub(super) fn adamw_corrections(h: &AdamWStep) -> (f32, f32) {
-    (
-        1.0 - h.beta1.powi(h.step as i32),
-        1.0 - h.beta2.powi(h.step as i32),
-    )
+/// The step's scalars as the AdamW kernels take them: lr, β1, β2, ε, weight decay and the
+/// bias corrections `1 − β1^t`, `1 − β2^t`, computed as the CPU backend does (f32 `powi`).
+pub(super) fn adamw_args(h: &AdamWStep) -> [KArg; 7] {
+    let c1 = 1.0 - h.beta1.powi(h.step as i32);
+    let c2 = 1.0 - h.beta2.powi(h.step as i32);
+    [h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, c1, c2].map(KArg::F32)
 }

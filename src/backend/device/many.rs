@@ -8,9 +8,12 @@
 //! `kernels/elementwise.cu`), uploaded once per distinct list of buffers and kept
 //! ([`super::model_ops::HostInputs::tables`]): parameters, gradients and moments keep
 //! their addresses from step to step, so after the first step no table is uploaded.
-//! Each buffer gets the blocks a one-buffer launch would give it ([`blocks_of`]), so
-//! every element is computed as there; `sum_sq_many` adds in the same order as
-//! `sum_sq` of each buffer, so its results equal theirs bit for bit.
+//! Each buffer gets [`blocks_of`] its length, a grid of its own inside the launch.  An
+//! element of `fill_many`, `scale_many` and `adamw_many` is computed as the one-buffer
+//! kernel computes it (their bodies are shared), and a buffer's Σ x² adds in an order
+//! set by its length alone, so it does not depend on the other buffers of the batch
+//! (`sum_sq` is a batch of one).  AdamW checks every tensor before the launch, so a bad
+//! one leaves every weight as it was.
 use super::{DeviceBackend, BLOCK, MAX_BLOCKS};
 use crate::backend::{AdamWSlot, AdamWStep};
 use crate::error::{check_len, Error, Result};
@@ -20,9 +23,9 @@ use crate::kernels::{DeviceBuf, KArg, LaunchCfg};
 /// the element count, the entry's first block, its block count and one unused word.
 const TAB_WORDS: usize = 8;
 
-/// Blocks of a grid-stride launch over `n` elements when each thread takes at least 32
-/// (`sum_sq` of one buffer launches this many; the result depends on it).
-pub(super) fn blocks_of(n: usize) -> usize {
+/// Blocks of a buffer of `n` elements in a launch over many: each thread takes at least
+/// 32 elements (a Σ x²'s order, so its result, depends on this grid).
+fn blocks_of(n: usize) -> usize {
     n.div_ceil(32 * BLOCK as usize).clamp(1, MAX_BLOCKS)
 }
 
@@ -86,47 +89,31 @@ fn addr(a: KArg) -> u64 {
 
 const NONE: KArg = KArg::Ptr(0);
 
-/// [`crate::backend::Backend::fill`] of each buffer, in one launch.
-pub(super) fn fill_many(be: &DeviceBackend, xs: &mut [&mut DeviceBuf<f32>], v: f32) -> Result<()> {
-    let op = "fill_many";
-    let t = Table::new(
-        op,
-        xs.iter_mut()
-            .map(|x| ([x.arg_mut(), NONE, NONE, NONE], x.len())),
-    )?;
-    t.launch(be, |tab, cfg| {
-        be.device().launch(
-            "fill_many_f32",
-            cfg,
-            &[tab.arg(), KArg::I32(t.entries as i32), KArg::F32(v)],
-        )
-    })
-}
-
-/// [`crate::backend::Backend::scale`] of each buffer, in one launch.
-pub(super) fn scale_many(
+/// `kernel` (`fill_many_f32`, `scale_many_f32`: one buffer per entry and a scalar) over
+/// every buffer of `xs`, in one launch.
+pub(super) fn each_in_place(
     be: &DeviceBackend,
+    kernel: &'static str,
     xs: &mut [&mut DeviceBuf<f32>],
-    alpha: f32,
+    scalar: f32,
 ) -> Result<()> {
-    let op = "scale_many";
     let t = Table::new(
-        op,
+        kernel,
         xs.iter_mut()
             .map(|x| ([x.arg_mut(), NONE, NONE, NONE], x.len())),
     )?;
     t.launch(be, |tab, cfg| {
         be.device().launch(
-            "scale_many_f32",
+            kernel,
             cfg,
-            &[tab.arg(), KArg::I32(t.entries as i32), KArg::F32(alpha)],
+            &[tab.arg(), KArg::I32(t.entries as i32), KArg::F32(scalar)],
         )
     })
 }
 
 /// Σ x² of each buffer, in two launches and one download: each buffer's partial sums
-/// on the grid `sum_sq` of that buffer alone would use, then each buffer's parts added
-/// in order by a block of its own.  The results equal each buffer's `sum_sq`.
+/// on its own grid ([`blocks_of`]), then each buffer's parts added in order by a block
+/// of its own.  The results equal each buffer's `sum_sq`.
 pub(super) fn sum_sq_many(be: &DeviceBackend, xs: &[&DeviceBuf<f32>]) -> Result<Vec<f32>> {
     if xs.is_empty() {
         return Ok(Vec::new());
@@ -169,7 +156,6 @@ pub(super) fn adamw_many(
         check_len(op, &format!("m {i}"), s.m.len(), n)?;
         check_len(op, &format!("v {i}"), s.v.len(), n)?;
     }
-    let (c1, c2) = super::elementwise::adamw_corrections(h);
     let t = Table::new(
         op,
         slots.iter_mut().map(|s| {
@@ -185,21 +171,10 @@ pub(super) fn adamw_many(
             )
         }),
     )?;
+    let mut args = vec![KArg::I32(t.entries as i32)];
+    args.extend(super::elementwise::adamw_args(h));
     t.launch(be, |tab, cfg| {
-        be.device().launch(
-            "adamw_many_f32",
-            cfg,
-            &[
-                tab.arg(),
-                KArg::I32(t.entries as i32),
-                KArg::F32(h.lr),
-                KArg::F32(h.beta1),
-                KArg::F32(h.beta2),
-                KArg::F32(h.eps),
-                KArg::F32(h.weight_decay),
-                KArg::F32(c1),
-                KArg::F32(c2),
-            ],
-        )
+        args.insert(0, tab.arg());
+        be.device().launch("adamw_many_f32", cfg, &args)
     })
 }

@@ -163,10 +163,10 @@ impl Backend<f32> for DeviceBackend {
         ok(elementwise::scale(&self.dev, x, alpha))
     }
     fn fill_many(&self, xs: &mut [&mut DeviceBuf<f32>], v: f32) {
-        ok(many::fill_many(self, xs, v))
+        ok(many::each_in_place(self, "fill_many_f32", xs, v))
     }
     fn scale_many(&self, xs: &mut [&mut DeviceBuf<f32>], alpha: f32) {
-        ok(many::scale_many(self, xs, alpha))
+        ok(many::each_in_place(self, "scale_many_f32", xs, alpha))
     }
     fn sum_sq(&self, x: &DeviceBuf<f32>) -> f32 {
         ok(many::sum_sq_many(self, &[x]))[0]
