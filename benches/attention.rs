@@ -15,7 +15,7 @@
 //! ```
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use popen::kernels::attention::{
-    attention_bwd, attention_bwd_cpu, attention_fwd, attention_fwd_cpu, AttnShape,
+    attention_bwd, attention_bwd_cpu, attention_fwd, attention_fwd_cpu, AttnLayout, AttnShape,
 };
 use popen::kernels::Device;
 use std::hint::black_box;
@@ -33,6 +33,7 @@ fn shapes() -> Vec<(&'static str, AttnShape, bool)> {
         hs: 64,
         causal: false,
         scale: 0.125,
+        layout: AttnLayout::HEADS,
     };
     vec![
         ("b4_h8_t256_d64_bias_mask", base, true),

@@ -16,7 +16,7 @@
 use popen::backend::{AdamWSlot, AdamWStep, Backend, Conv2dGeom, DeviceBackend};
 use popen::kernels::attention::{
     attention_bwd, attention_bwd_tc, attention_fwd, attention_fwd_tc, tensor_core_head_size,
-    AttnBwdFn, AttnFwdFn, AttnShape,
+    AttnBwdFn, AttnFwdFn, AttnLayout, AttnShape,
 };
 use popen::kernels::logprob::{logprob_bwd, logprob_fwd, seq_weighted_sum};
 use popen::kernels::mask::{pair_counts, pair_counts_with, soft_iou_bwd, soft_iou_fwd, PairPart};
@@ -60,6 +60,7 @@ fn attn_shapes() -> Vec<(&'static str, AttnShape, bool)> {
         hs: 128,
         causal: true,
         scale: 1.0 / (128f32).sqrt(),
+        layout: AttnLayout::HEADS,
     };
     vec![
         ("b2_h32_t2048_d128_causal_bias", s7b, false),

@@ -83,7 +83,7 @@ ATT_UNROLL
 template <typename T, int QS>
 __device__ void attention_fwd_body(T* out, float* lse, const T* q, const T* k, const T* v, const float* bias,
                                    const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks,
-                                   int HS, int causal, float scale) {
+                                   int HS, int causal, float scale, int lay) {
     DYN_SHARED(float, fwd_sm);
     const int qs = QS > 0 ? QS : att_qs(HS), kst = ft_ks(qs);
     float* qt = fwd_sm;
@@ -101,11 +101,10 @@ __device__ void attention_fwd_body(T* out, float* lse, const T* q, const T* k, c
     const int rg = threadIdx.x / 8, kg = threadIdx.x % 8;
     const int off = Tk - Tq;
     const float sl2 = scale * LOG2E_F;
-    const T* qh = q + ((size_t)bh * Tq + i0) * HS;
-    const T* kh = k + (size_t)(b * NKV + g) * Ks * HS;
-    const T* vh = v + (size_t)(b * NKV + g) * Ks * HS;
+    const AttRows qr = att_rows(lay, ATT_LAY_Q, b, h, NH, Tq, HS), orw = att_rows(lay, ATT_LAY_O, b, h, NH, Tq, HS);
+    const AttRows kr = att_rows(lay, ATT_LAY_K, b, g, NKV, Ks, HS), vr = att_rows(lay, ATT_LAY_V, b, g, NKV, Ks, HS);
 
-    ft_load_tile(qt, qs, qh, FT_BQ, rows, HS);
+    ft_load_tile(qt, qs, q + qr.base + (size_t)i0 * qr.rs, FT_BQ, rows, HS, qr.rs);
     cp_async_wait_all();
 
     float m[4], l[4], acc[4][FT_DIMS];
@@ -122,8 +121,8 @@ ATT_UNROLL
         if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();  // the previous tile is no longer read
         const int kv = imin(ATT_BK, Tk - t0);
-        ft_load_tile(kt, kst, kh + (size_t)t0 * HS, ATT_BK, kv, HS);
-        ft_load_tile(vt, qs, vh + (size_t)t0 * HS, ATT_BK, kv, HS);
+        ft_load_tile(kt, kst, k + kr.base + (size_t)t0 * kr.rs, ATT_BK, kv, HS, kr.rs);
+        ft_load_tile(vt, qs, v + vr.base + (size_t)t0 * vr.rs, ATT_BK, kv, HS, vr.rs);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
         cp_async_wait_all();
         __syncthreads();
@@ -174,7 +173,7 @@ ATT_UNROLL
         if (rr >= rows) continue;
         const bool any = tot > 0.0f;
         const float inv = any ? 1.0f / tot : 0.0f;
-        T* o = out + ((size_t)bh * Tq + i0 + rr) * HS;
+        T* o = out + orw.base + (size_t)(i0 + rr) * orw.rs;
 ATT_UNROLL
         for (int c = 0; c < FT_DIMS; ++c) {
             const int d = 4 * kg + 32 * (c / 4) + c % 4;
@@ -187,9 +186,9 @@ ATT_UNROLL
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_fwd_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
                       const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
-                      int causal, float scale) {
+                      int causal, float scale, int lay) {
     ATT_BY_HEAD_SIZE(HS, attention_fwd_body<float, QS>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS,
-                                                       causal, scale));
+                                                       causal, scale, lay));
 }
 
 // bf16 q, k, v and out; f32 bias, lse and all arithmetic (tiles are widened to f32 in
@@ -197,19 +196,23 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_fwd_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                        const __nv_bfloat16* v, const float* bias, const unsigned char* key_mask, int B, int NH,
-                       int NKV, int Tq, int Tk, int Ks, int HS, int causal, float scale) {
+                       int NKV, int Tq, int Tk, int Ks, int HS, int causal, float scale, int lay) {
     attention_fwd_body<__nv_bfloat16, 0>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS, causal,
-                                         scale);
+                                         scale, lay);
 }
 
-// D (B·NH·Tq) = rowsum(dout ∘ out); one warp per row, block 128.
+// D (B,NH,Tq) = rowsum(dout ∘ out) (out and dout in the layout of lay's ATT_LAY_O);
+// one warp per row, block 128.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-    attention_bwd_preprocess_f32(float* D, const float* out, const float* dout, int rows, int HS) {
+    attention_bwd_preprocess_f32(float* D, const float* out, const float* dout, int B, int NH, int Tq, int HS,
+                                 int lay) {
     const int row = blockIdx.x * ATT_WARPS + threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
-    if (row >= rows) return;  // whole warps leave; no block barrier follows
-    const float* o = out + (size_t)row * HS;
-    const float* g = dout + (size_t)row * HS;
+    if (row >= B * NH * Tq) return;  // whole warps leave; no block barrier follows
+    const int bh = row / Tq, i = row % Tq;
+    const AttRows orw = att_rows(lay, ATT_LAY_O, bh / NH, bh % NH, NH, Tq, HS);
+    const float* o = out + orw.base + (size_t)i * orw.rs;
+    const float* g = dout + orw.base + (size_t)i * orw.rs;
     float acc = 0.0f;
     for (int d = lane; d < HS; d += WARP_SIZE) acc += o[d] * g[d];
     acc = warp_sum(acc);
@@ -250,7 +253,7 @@ template <int QS>
 __device__ void attention_bwd_dq_body(float* dq, const float* q, const float* k, const float* v, const float* bias,
                                       const unsigned char* key_mask, const float* lse, const float* D,
                                       const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS, int causal,
-                                      float scale) {
+                                      float scale, int lay) {
     DYN_SHARED(float, dq_sm);
     const int qs = QS > 0 ? QS : att_qs(HS), kst = ft_ks(qs);
     float* qt = dq_sm;
@@ -270,7 +273,7 @@ __device__ void attention_bwd_dq_body(float* dq, const float* q, const float* k,
     const size_t bh = bhi;
     const int b = bhi / NH, h = bhi % NH, g = h / (NH / NKV);
     const int i0 = tile * FT_BQ, rows = imin(FT_BQ, Tq - i0);
-    ft_load_qside(qt, dot_, lse2, Dt, qs, FT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+    ft_load_qside(qt, dot_, lse2, Dt, qs, FT_BQ, q, dout, lse, D, bh, i0, NH, Tq, HS, lay);
     cp_async_wait_all();
     float acc[4][FT_DIMS];
 ATT_UNROLL
@@ -278,13 +281,13 @@ ATT_UNROLL
 ATT_UNROLL
         for (int c = 0; c < FT_DIMS; ++c) acc[r][c] = 0.0f;
     const int kend = att_key_end(causal, i0, rows, Tq, Tk);
-    const size_t bg = (size_t)b * NKV + g;
+    const AttRows kr = att_rows(lay, ATT_LAY_K, b, g, NKV, Tk, HS), vr = att_rows(lay, ATT_LAY_V, b, g, NKV, Tk, HS);
     for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
         if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();
         const int kv = imin(ATT_BK, Tk - t0);
-        ft_load_tile(kt, kst, k + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
-        ft_load_tile(vt, kst, v + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
+        ft_load_tile(kt, kst, k + kr.base + (size_t)t0 * kr.rs, ATT_BK, kv, HS, kr.rs);
+        ft_load_tile(vt, kst, v + vr.base + (size_t)t0 * vr.rs, ATT_BK, kv, HS, vr.rs);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
         cp_async_wait_all();
         __syncthreads();
@@ -304,7 +307,8 @@ ATT_UNROLL
     for (int r = 0; r < 4; ++r) {
         const int rr = 4 * rg + r;
         if (rr >= rows) continue;
-        float* o = dq + (bh * Tq + i0 + rr) * HS;
+        const AttRows qr = att_rows(lay, ATT_LAY_Q, b, h, NH, Tq, HS);
+        float* o = dq + qr.base + (size_t)(i0 + rr) * qr.rs;
 ATT_UNROLL
         for (int c = 0; c < FT_DIMS; ++c) {
             const int d = 4 * kg + 32 * (c / 4) + c % 4;
@@ -316,9 +320,9 @@ ATT_UNROLL
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
     attention_bwd_dq_f32(float* dq, const float* q, const float* k, const float* v, const float* bias,
                          const unsigned char* key_mask, const float* lse, const float* D, const float* dout, int B,
-                         int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
+                         int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale, int lay) {
     ATT_BY_HEAD_SIZE(HS, attention_bwd_dq_body<QS>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk, HS,
-                                                   causal, scale));
+                                                   causal, scale, lay));
 }
 
 // dK = scale · dSᵀ Q, dV = Pᵀ dO and Σ_i dS for dγ, one block per 32-key tile of one
@@ -335,7 +339,7 @@ template <int QS>
 __device__ void attention_bwd_dkv_body(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
                                        const float* v, const float* bias, const unsigned char* key_mask,
                                        const float* lse, const float* D, const float* dout, int B, int NH, int NKV,
-                                       int Tq, int Tk, int HS, int causal, float scale) {
+                                       int Tq, int Tk, int HS, int causal, float scale, int lay) {
     DYN_SHARED(float, dkv_sm);
     const int qs = QS > 0 ? QS : att_qs(HS), kst = ft_ks(qs);
     float* qt = dkv_sm;
@@ -357,8 +361,9 @@ __device__ void attention_bwd_dkv_body(float* dk, float* dv, float* dbias_part, 
     const int tile = blockIdx.x % ntk, bg = blockIdx.x / ntk;
     const int b = bg / NKV, g = bg % NKV;
     const int t0 = tile * ATT_BK, kv = imin(ATT_BK, Tk - t0);
-    ft_load_tile(kt, kst, k + ((size_t)bg * Tk + t0) * HS, ATT_BK, kv, HS);
-    ft_load_tile(vt, kst, v + ((size_t)bg * Tk + t0) * HS, ATT_BK, kv, HS);
+    const AttRows kr = att_rows(lay, ATT_LAY_K, b, g, NKV, Tk, HS), vr = att_rows(lay, ATT_LAY_V, b, g, NKV, Tk, HS);
+    ft_load_tile(kt, kst, k + kr.base + (size_t)t0 * kr.rs, ATT_BK, kv, HS, kr.rs);
+    ft_load_tile(vt, kst, v + vr.base + (size_t)t0 * vr.rs, ATT_BK, kv, HS, vr.rs);
     att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
     cp_async_wait_all();
     float dka[4][8], dva[4][8], dgs[4];
@@ -376,7 +381,7 @@ ATT_UNROLL
         const size_t bh = (size_t)b * NH + g * group + hh;
         for (int i0 = (ifirst / ATT_BQ) * ATT_BQ; i0 < Tq; i0 += ATT_BQ) {
             __syncthreads();  // previous tiles no longer read (and k/v/kb loaded)
-            ft_load_qside(qt, dot_, lse2, Dt, qs, ATT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+            ft_load_qside(qt, dot_, lse2, Dt, qs, ATT_BQ, q, dout, lse, D, bh, i0, NH, Tq, HS, lay);
             cp_async_wait_all();
             __syncthreads();
             float p[2][4], ds[2][4];
@@ -429,13 +434,13 @@ ATT_UNROLL
     for (int e = 0; e < 4; ++e) {
         const int key = 4 * kq + e;
         if (key >= kv) continue;
-        const size_t krow = ((size_t)bg * Tk + t0 + key) * HS;
+        const size_t krow = kr.base + (size_t)(t0 + key) * kr.rs, vrow = vr.base + (size_t)(t0 + key) * vr.rs;
 ATT_UNROLL
         for (int c = 0; c < 8; ++c) {
             const int d = 4 * dg + 64 * (c / 4) + c % 4;
             if (d < HS) {
                 dk[krow + d] = dka[e][c] * scale;
-                dv[krow + d] = dva[e][c];
+                dv[vrow + d] = dva[e][c];
             }
         }
         // The 16 lanes of a key group summed the same dS rows; the first writes them.
@@ -447,9 +452,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_bwd_dkv_f32(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
                           const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
                           const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
-                          int causal, float scale) {
+                          int causal, float scale, int lay) {
     ATT_BY_HEAD_SIZE(HS, attention_bwd_dkv_body<QS>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B, NH,
-                                                    NKV, Tq, Tk, HS, causal, scale));
+                                                    NKV, Tq, Tk, HS, causal, scale, lay));
 }
 
 // dbias (B,Tk) = Σ over kv heads of dbias_part (B,NKV,Tk), in head order.

@@ -3,7 +3,7 @@
 // Tk keys, HS head size (1..=128, any value).
 // Layouts: q, out, dout (B,NH,Tq,HS); k, v (B,NKV,Tk,HS) (the forward: (B,NKV,Ks,HS),
 // Ks >= Tk rows per block of which the first Tk are read, so that a preallocated KV cache
-// is read in place); bias γ (B,Tk) or null;
+// is read in place) — or, per operand, token-major (see att_rows); bias γ (B,Tk) or null;
 // key_mask (B,Tk) bytes, 1 = attend, or null; lse (B,NH,Tq) natural-log log-sum-exp.
 // Causal: query i sees key j iff j <= i + (Tk - Tq).  A row that sees no key has out = 0,
 // lse = -inf and zero gradients.  The Tq×Tk score matrix is never stored: tiles of 32 or
@@ -109,6 +109,27 @@ __device__ __forceinline__ int att_key_end(int causal, int i0, int rows, int Tq,
     return (int)(e < 0 ? 0 : (e > Tk ? Tk : e));
 }
 
+// Operands that are token-major, one bit each in a kernel's `lay` (AttnLayout in
+// src/kernels/attention/mod.rs): q and dq; k and dk; v and dv; out and dout.
+#define ATT_LAY_Q 1
+#define ATT_LAY_K 2
+#define ATT_LAY_V 4
+#define ATT_LAY_O 8
+
+// Where the rows of head h (of H) of batch b lie in an operand: element base + t·rs is
+// the start of row t.  Head-major (the bit clear): (B,H,ts,HS), a head's rows adjacent
+// (ts: rows per head block, a cache's capacity for k and v).  Token-major (the bit set):
+// (B,ts,H,HS), a token's heads adjacent, as a linear layer writes them, so that the
+// layer's output is read (and its gradient written) in place, with no split or merge.
+struct AttRows {
+    size_t base;
+    int rs;
+};
+__device__ __forceinline__ AttRows att_rows(int lay, int bit, int b, int h, int H, int ts, int HS) {
+    if (lay & bit) return {((size_t)b * ts * H + h) * HS, H * HS};
+    return {((size_t)b * H + h) * ts * HS, HS};
+}
+
 // Tile geometry shared by the SIMT and the tensor-core kernels.
 #define FT_BQ 64                 // queries per forward block
 #define FT_PS (ATT_BK + 4)       // row stride of the P / dS tiles (and of Pᵀ / dSᵀ: 32 + 4)
@@ -122,19 +143,21 @@ __device__ __forceinline__ int ft_ks(int hs) {
     return ((qs - 4 + 31) & ~31) + 4;
 }
 
-// `rows` × hs of src (row stride hs) into dst (row stride ds, a multiple of 4; with SW a
+// `rows` × hs of src (row stride rs) into dst (row stride ds, a multiple of 4; with SW a
 // multiple of 32 and the rows swizzled as mma_off lays them out), rows past `valid` and
 // the pad columns [hs, qs) as zeros.  When the rows are 16-byte aligned f32,
 // asynchronous 16-byte copies: every copy of the tile is in flight at once, and the
 // caller waits with cp_async_wait_all() before its __syncthreads() (one memory latency
 // per tile, not one per copy); otherwise plain loads and float4 stores.
 template <bool SW = false, typename T>
-__device__ __forceinline__ void ft_load_tile(float* dst, int ds, const T* src, int rows, int valid, int hs) {
+__device__ __forceinline__ void ft_load_tile(float* dst, int ds, const T* src, int rows, int valid, int hs,
+                                             int rs) {
     const int qs = att_qs(hs), w4 = qs / 4;
-    const bool vec = sizeof(T) == 4 && (hs & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0;
+    const bool vec =
+        sizeof(T) == 4 && (hs & 3) == 0 && (rs & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0;
     for (int idx = threadIdx.x; idx < rows * w4; idx += blockDim.x) {
         const int r = idx / w4, d = 4 * (idx - r * w4);
-        const T* sr = src + (size_t)r * hs + d;
+        const T* sr = src + (size_t)r * rs + d;
         if (vec) {
             cp_async16(dst + mma_off<SW>(ds, r, d), reinterpret_cast<const float*>(r < valid ? sr : src), r < valid);
             continue;
@@ -160,15 +183,17 @@ __device__ __forceinline__ void ft_load_tile(float* dst, int ds, const T* src, i
 // ---------------------------------------------------------------------------------------
 
 // Loads the query-side tiles of the backward: `rows` rows of q and dout from i0 of head
-// bh (stride qs), lse·log2(e) and D; rows past Tq get lse = −inf (they then contribute
-// nothing).
+// bh (of NH; stride qs), lse·log2(e) and D; rows past Tq get lse = −inf (they then
+// contribute nothing).
 template <bool SW = false>
 __device__ __forceinline__ void ft_load_qside(float* qt, float* dot_, float* lse2, float* Dt, int qs, int rows,
                                               const float* q, const float* dout, const float* lse, const float* D,
-                                              size_t bh, int i0, int Tq, int HS) {
+                                              size_t bh, int i0, int NH, int Tq, int HS, int lay) {
     const int valid = imin(rows, Tq - i0);
-    ft_load_tile<SW>(qt, qs, q + (bh * Tq + i0) * HS, rows, valid, HS);
-    ft_load_tile<SW>(dot_, qs, dout + (bh * Tq + i0) * HS, rows, valid, HS);
+    const int b = (int)(bh / NH), h = (int)(bh % NH);
+    const AttRows qr = att_rows(lay, ATT_LAY_Q, b, h, NH, Tq, HS), orw = att_rows(lay, ATT_LAY_O, b, h, NH, Tq, HS);
+    ft_load_tile<SW>(qt, qs, q + qr.base + (size_t)i0 * qr.rs, rows, valid, HS, qr.rs);
+    ft_load_tile<SW>(dot_, qs, dout + orw.base + (size_t)i0 * orw.rs, rows, valid, HS, orw.rs);
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
         lse2[r] = r < valid ? lse[bh * Tq + i0 + r] * LOG2E_F : neg_inf();
         Dt[r] = r < valid ? D[bh * Tq + i0 + r] : 0.0f;

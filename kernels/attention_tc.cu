@@ -25,7 +25,7 @@ __device__ __forceinline__ int tc_sw(int qs) { return (qs + 31) & ~31; }
 template <int QS>
 __device__ void attention_fwd_tc_body(float* out, float* lse, const float* q, const float* k, const float* v,
                                       const float* bias, const unsigned char* key_mask, int B, int NH, int NKV,
-                                      int Tq, int Tk, int Ks, int HS, int causal, float scale) {
+                                      int Tq, int Tk, int Ks, int HS, int causal, float scale, int lay) {
     DYN_SHARED(float, tc_sm);
     const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs), vs = ks + 4;
     float* qt = tc_sm;
@@ -41,11 +41,11 @@ __device__ void attention_fwd_tc_body(float* out, float* lse, const float* q, co
     const int g = lane / 4, t = lane % 4;
     const int off = Tk - Tq;
     const float sl2 = scale * LOG2E_F;
-    const float* qh = q + ((size_t)bh * Tq + i0) * HS;
-    const float* kh = k + (size_t)(b * NKV + kvh) * Ks * HS;
-    const float* vh = v + (size_t)(b * NKV + kvh) * Ks * HS;
+    const AttRows qr = att_rows(lay, ATT_LAY_Q, b, h, NH, Tq, HS), orw = att_rows(lay, ATT_LAY_O, b, h, NH, Tq, HS);
+    const AttRows kr = att_rows(lay, ATT_LAY_K, b, kvh, NKV, Ks, HS);
+    const AttRows vr = att_rows(lay, ATT_LAY_V, b, kvh, NKV, Ks, HS);
 
-    ft_load_tile(qt, ks, qh, FT_BQ, rows, HS);
+    ft_load_tile(qt, ks, q + qr.base + (size_t)i0 * qr.rs, FT_BQ, rows, HS, qr.rs);
     cp_async_wait_all();
 
     // rows r0 + g (index 0) and r0 + g + 8 (index 1)
@@ -60,8 +60,8 @@ ATT_UNROLL
         if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();  // the previous tile is no longer read
         const int kv = imin(ATT_BK, Tk - t0);
-        ft_load_tile(kt, ks, kh + (size_t)t0 * HS, ATT_BK, kv, HS);
-        ft_load_tile(vt, vs, vh + (size_t)t0 * HS, ATT_BK, kv, HS);
+        ft_load_tile(kt, ks, k + kr.base + (size_t)t0 * kr.rs, ATT_BK, kv, HS, kr.rs);
+        ft_load_tile(vt, vs, v + vr.base + (size_t)t0 * vr.rs, ATT_BK, kv, HS, vr.rs);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
         cp_async_wait_all();
         __syncthreads();
@@ -143,7 +143,7 @@ ATT_UNROLL
         if (rr >= rows) continue;
         const bool any = tot > 0.0f;
         const float inv = any ? 1.0f / tot : 0.0f;
-        float* orow = out + ((size_t)bh * Tq + i0 + rr) * HS;
+        float* orow = out + orw.base + (size_t)(i0 + rr) * orw.rs;
 ATT_UNROLL
         for (int c = 0; c < TC_MAX_COLS; ++c)
             for (int e = 0; e < 2; ++e) {
@@ -157,9 +157,9 @@ ATT_UNROLL
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_fwd_tc_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* bias,
                          const unsigned char* key_mask, int B, int NH, int NKV, int Tq, int Tk, int Ks, int HS,
-                         int causal, float scale) {
+                         int causal, float scale, int lay) {
     ATT_BY_HEAD_SIZE(HS, attention_fwd_tc_body<QS>(out, lse, q, k, v, bias, key_mask, B, NH, NKV, Tq, Tk, Ks, HS,
-                                                   causal, scale));
+                                                   causal, scale, lay));
 }
 
 // dQ on tensor cores (mma_f32_16x8x8), for head widths whose padded width qs is a
@@ -176,7 +176,7 @@ template <int QS>
 __device__ void attention_bwd_dq_tc_body(float* dq, const float* q, const float* k, const float* v,
                                          const float* bias, const unsigned char* key_mask, const float* lse,
                                          const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk,
-                                         int HS, int causal, float scale) {
+                                         int HS, int causal, float scale, int lay) {
     DYN_SHARED(float, dqt_sm);
     const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs), sw = tc_sw(qs);
     float* qt = dqt_sm;
@@ -195,20 +195,21 @@ __device__ void attention_bwd_dq_tc_body(float* dq, const float* q, const float*
     const size_t bh = bhi;
     const int b = bhi / NH, h = bhi % NH, kvh = h / (NH / NKV);
     const int i0 = tile * FT_BQ, rows = imin(FT_BQ, Tq - i0);
-    ft_load_qside(qt, dot_, lse2, Dt, ks, FT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+    ft_load_qside(qt, dot_, lse2, Dt, ks, FT_BQ, q, dout, lse, D, bh, i0, NH, Tq, HS, lay);
     cp_async_wait_all();
     float acc[TC_MAX_COLS][4];
 ATT_UNROLL
     for (int c = 0; c < TC_MAX_COLS; ++c)
         for (int e = 0; e < 4; ++e) acc[c][e] = 0.0f;
     const int kend = att_key_end(causal, i0, rows, Tq, Tk);
-    const size_t bg = (size_t)b * NKV + kvh;
+    const AttRows kr = att_rows(lay, ATT_LAY_K, b, kvh, NKV, Tk, HS);
+    const AttRows vr = att_rows(lay, ATT_LAY_V, b, kvh, NKV, Tk, HS);
     for (int t0 = 0; t0 < kend; t0 += ATT_BK) {
         if (!att_tile_visible(key_mask, b, t0, Tk)) continue;  // all padding
         __syncthreads();
         const int kv = imin(ATT_BK, Tk - t0);
-        ft_load_tile<true>(kt, sw, k + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
-        ft_load_tile(vt, ks, v + (bg * Tk + t0) * HS, ATT_BK, kv, HS);
+        ft_load_tile<true>(kt, sw, k + kr.base + (size_t)t0 * kr.rs, ATT_BK, kv, HS, kr.rs);
+        ft_load_tile(vt, ks, v + vr.base + (size_t)t0 * vr.rs, ATT_BK, kv, HS, vr.rs);
         att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
         cp_async_wait_all();
         __syncthreads();
@@ -266,7 +267,8 @@ ATT_UNROLL
     for (int half = 0; half < 2; ++half) {
         const int rr = r0 + g + 8 * half;
         if (rr >= rows) continue;
-        float* o = dq + (bh * Tq + i0 + rr) * HS;
+        const AttRows qr = att_rows(lay, ATT_LAY_Q, b, h, NH, Tq, HS);
+        float* o = dq + qr.base + (size_t)(i0 + rr) * qr.rs;
 ATT_UNROLL
         for (int c = 0; c < TC_MAX_COLS; ++c)
             for (int e = 0; e < 2; ++e) {
@@ -279,9 +281,9 @@ ATT_UNROLL
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
     attention_bwd_dq_tc_f32(float* dq, const float* q, const float* k, const float* v, const float* bias,
                             const unsigned char* key_mask, const float* lse, const float* D, const float* dout,
-                            int B, int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale) {
+                            int B, int NH, int NKV, int Tq, int Tk, int HS, int causal, float scale, int lay) {
     ATT_BY_HEAD_SIZE(HS, attention_bwd_dq_tc_body<QS>(dq, q, k, v, bias, key_mask, lse, D, dout, B, NH, NKV, Tq, Tk,
-                                                      HS, causal, scale));
+                                                      HS, causal, scale, lay));
 }
 
 // dK, dV and dγ on tensor cores (mma_f32_16x8x8), for head widths whose padded width qs
@@ -300,7 +302,7 @@ template <int QS>
 __device__ void attention_bwd_dkv_tc_body(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
                                           const float* v, const float* bias, const unsigned char* key_mask,
                                           const float* lse, const float* D, const float* dout, int B, int NH, int NKV,
-                                          int Tq, int Tk, int HS, int causal, float scale) {
+                                          int Tq, int Tk, int HS, int causal, float scale, int lay) {
     DYN_SHARED(float, dkvt_sm);
     const int qs = QS > 0 ? QS : att_qs(HS), ks = ft_ks(qs), sw = tc_sw(qs);
     float* qt = dkvt_sm;
@@ -323,8 +325,10 @@ __device__ void attention_bwd_dkv_tc_body(float* dk, float* dv, float* dbias_par
     const int tile = blockIdx.x % ntk, bg = blockIdx.x / ntk;
     const int b = bg / NKV, kvh = bg % NKV;
     const int t0 = tile * ATT_BK, kv = imin(ATT_BK, Tk - t0);
-    ft_load_tile(kt, ks, k + ((size_t)bg * Tk + t0) * HS, ATT_BK, kv, HS);
-    ft_load_tile(vt, ks, v + ((size_t)bg * Tk + t0) * HS, ATT_BK, kv, HS);
+    const AttRows kr = att_rows(lay, ATT_LAY_K, b, kvh, NKV, Tk, HS);
+    const AttRows vr = att_rows(lay, ATT_LAY_V, b, kvh, NKV, Tk, HS);
+    ft_load_tile(kt, ks, k + kr.base + (size_t)t0 * kr.rs, ATT_BK, kv, HS, kr.rs);
+    ft_load_tile(vt, ks, v + vr.base + (size_t)t0 * vr.rs, ATT_BK, kv, HS, vr.rs);
     att_load_keyrow(kb, bias, key_mask, b, t0, Tk);
     cp_async_wait_all();
     // this warp's dK, dV columns c_lo + c (c < TC_MAX_COLS / 2), rows kr0 + g (+8)
@@ -340,7 +344,7 @@ ATT_UNROLL
         const size_t bh = (size_t)b * NH + kvh * group + hh;
         for (int i0 = (ifirst / ATT_BQ) * ATT_BQ; i0 < Tq; i0 += ATT_BQ) {
             __syncthreads();  // previous tiles no longer read (and k/v/kb loaded)
-            ft_load_qside<true>(qt, dot_, lse2, Dt, sw, ATT_BQ, q, dout, lse, D, bh, i0, Tq, HS);
+            ft_load_qside<true>(qt, dot_, lse2, Dt, sw, ATT_BQ, q, dout, lse, D, bh, i0, NH, Tq, HS, lay);
             cp_async_wait_all();
             __syncthreads();
             float sc[2][4], dp[2][4];
@@ -401,7 +405,7 @@ ATT_UNROLL
     for (int half = 0; half < 2; ++half) {
         const int key = kr0 + g + 8 * half;
         if (key >= kv) continue;
-        const size_t krow = ((size_t)bg * Tk + t0 + key) * HS;
+        const size_t krow = kr.base + (size_t)(t0 + key) * kr.rs, vrow = vr.base + (size_t)(t0 + key) * vr.rs;
 ATT_UNROLL
         for (int c = 0; c < TC_MAX_COLS / 2; ++c) {
             if (c_lo + c >= c_hi) break;
@@ -409,7 +413,7 @@ ATT_UNROLL
                 const int d = 8 * (c_lo + c) + 2 * t + e;
                 if (d < HS) {
                     dk[krow + d] = dka[c][2 * half + e] * scale;
-                    dv[krow + d] = dva[c][2 * half + e];
+                    dv[vrow + d] = dva[c][2 * half + e];
                 }
             }
         }
@@ -437,7 +441,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
     attention_bwd_dkv_tc_f32(float* dk, float* dv, float* dbias_part, const float* q, const float* k,
                              const float* v, const float* bias, const unsigned char* key_mask, const float* lse,
                              const float* D, const float* dout, int B, int NH, int NKV, int Tq, int Tk, int HS,
-                             int causal, float scale) {
+                             int causal, float scale, int lay) {
     ATT_BY_HEAD_SIZE(HS, attention_bwd_dkv_tc_body<QS>(dk, dv, dbias_part, q, k, v, bias, key_mask, lse, D, dout, B,
-                                                       NH, NKV, Tq, Tk, HS, causal, scale));
+                                                       NH, NKV, Tq, Tk, HS, causal, scale, lay));
 }

@@ -3,7 +3,8 @@
 //! the output's scale; bad sizes are errors; buffers stay on the device (host↔device
 //! copies counted); a tiny LLaMA's training step equals the CPU's.
 use popen::backend::{
-    Accum, Act, AdamWStep, AttnShape, Backend, Cpu, DeviceBackend, MatmulSpec, RowCopy, TimeCopy,
+    Accum, Act, AdamWStep, AttnLayout, AttnShape, Backend, Cpu, DeviceBackend, MatmulSpec, RowCopy,
+    TimeCopy,
 };
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;
@@ -507,6 +508,7 @@ fn attention_forward_and_backward_match_cpu() {
                 hs: 5,
                 causal,
                 scale: 0.4,
+                layout: AttnLayout::HEADS,
             };
             let nq = s.b * s.nh * s.tq * s.hs;
             let nk = s.b * s.nkv * s.tk * s.hs;
@@ -613,6 +615,7 @@ fn key_masks_and_targets_are_uploaded_once_per_value() {
             hs: 4,
             causal: false,
             scale: 0.5,
+            layout: AttnLayout::HEADS,
         };
         let (nq, nk) = (s.b * s.nh * s.tq * s.hs, s.b * s.nkv * s.tk * s.hs);
         let (q, qd) = both(&d, &rnd(&mut r, nq, 1.0));

@@ -43,6 +43,7 @@ fn shape(
         hs,
         causal,
         scale: 1.0 / (hs as f32).sqrt(),
+        layout: AttnLayout::HEADS,
     }
 }
 
@@ -603,6 +604,7 @@ fn decode_equals_last_row_of_full_forward() {
                 hs,
                 causal: true,
                 scale,
+                layout: AttnLayout::HEADS,
             };
             let take = |x: &[f32], heads: usize| -> Vec<f32> {
                 (0..b * heads)
@@ -1327,6 +1329,229 @@ fn strided_keys_are_checked() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("packed"), "{e}");
+}
+
+/// x (B, n1, n2, HS) → (B, n2, n1, HS): head-major to token-major (n1 = H, n2 = T)
+/// and back (n1 = T, n2 = H).
+fn swap_mid(x: &[f32], [b, n1, n2, hs]: [usize; 4]) -> Vec<f32> {
+    let mut o = vec![f32::NAN; x.len()];
+    for bi in 0..b {
+        for i in 0..n1 {
+            for j in 0..n2 {
+                let (src, dst) = (((bi * n1 + i) * n2 + j) * hs, ((bi * n2 + j) * n1 + i) * hs);
+                o[dst..dst + hs].copy_from_slice(&x[src..src + hs]);
+            }
+        }
+    }
+    o
+}
+
+/// Which implementation runs a forward and its backward.
+#[derive(Clone, Copy, Debug)]
+enum Impl<'a> {
+    Cpu,
+    Simt(&'a Device),
+    Tc(&'a Device),
+}
+
+/// Forward, then the backward fed that forward's own out and lse, on f32 inputs in the
+/// layout of `s`: [out, lse, dq, dk, dv, dbias].
+fn fwd_bwd(im: Impl<'_>, s: &AttnShape, c: &Case, [q, k, v, dout]: [&[f32]; 4]) -> [Vec<f32>; 6] {
+    let bias = c.bias.as_deref().map(f32s);
+    let (nq, nk, nl) = (q.len(), k.len(), s.b * s.nh * s.tq);
+    let dev = match im {
+        Impl::Cpu => {
+            let (mut o, mut l) = (vec![f32::NAN; nq], vec![f32::NAN; nl]);
+            let b = bias.as_deref();
+            attention_fwd_cpu(s, q, k, v, b, c.mask.as_deref(), &mut o, &mut l).unwrap();
+            let (mut dq, mut dk, mut dv) =
+                (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
+            let mut db = vec![f32::NAN; s.b * s.tk];
+            attention_bwd_cpu(
+                s,
+                q,
+                k,
+                v,
+                b,
+                c.mask.as_deref(),
+                &o,
+                &l,
+                dout,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                Some(&mut db),
+            )
+            .unwrap();
+            return [o, l, dq, dk, dv, db];
+        }
+        Impl::Simt(d) | Impl::Tc(d) => d,
+    };
+    let (fwd, bwd): (AttnFwdFn, AttnBwdFn) = match im {
+        Impl::Tc(_) => (attention_fwd_tc, attention_bwd_tc),
+        _ => (attention_fwd, attention_bwd),
+    };
+    let up = |x: &[f32]| dev.upload(x).unwrap();
+    let nan = |n: usize| dev.upload(&vec![f32::NAN; n]).unwrap();
+    let (qd, kd, vd, dod) = (up(q), up(k), up(v), up(dout));
+    let bd = bias.as_deref().map(up);
+    let md = c.mask.as_ref().map(|m| dev.upload(m).unwrap());
+    let (mut o, mut l) = (nan(nq), nan(nl));
+    fwd(
+        dev,
+        s,
+        &qd,
+        &kd,
+        &vd,
+        bd.as_ref(),
+        md.as_ref(),
+        &mut o,
+        &mut l,
+    )
+    .unwrap();
+    let (mut dq, mut dk, mut dv, mut db) = (nan(nq), nan(nk), nan(nk), nan(s.b * s.tk));
+    bwd(
+        dev,
+        s,
+        &qd,
+        &kd,
+        &vd,
+        bd.as_ref(),
+        md.as_ref(),
+        &o,
+        &l,
+        &dod,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        Some(&mut db),
+    )
+    .unwrap();
+    [o, l, dq, dk, dv, db].map(|x| dev.download(&x).unwrap())
+}
+
+/// Token-major operands (a linear layer's (B·T, H·HS) output read in place): the CPU
+/// twin and the kernels, SIMT and tensor cores, forward and backward, give bit for bit
+/// what they give on the same values head-major, for every operand token-major and for
+/// two mixes (LLaMA's: q and k rotated and split, v and out token-major), over kernel
+/// cases with GQA, causal rows, bias, masks, HS = 3 (rows not float4-aligned) and
+/// several tiles.  A kernel that indexed a token-major operand as head-major (or took
+/// one operand's bit for another's) would read other heads' rows and fail.
+#[test]
+fn token_major_operands_give_the_same_bits() {
+    let mixes = [
+        AttnLayout::TOKENS,
+        AttnLayout {
+            q: false,
+            k: false,
+            v: true,
+            out: true,
+        },
+        AttnLayout {
+            q: true,
+            k: true,
+            v: false,
+            out: false,
+        },
+    ];
+    let devs = Device::test_devices();
+    let mut ran = 0;
+    for c in kernel_cases().into_iter().step_by(4) {
+        let s = c.s;
+        let (qd, kd) = ([s.b, s.nh, s.tq, s.hs], [s.b, s.nkv, s.tk, s.hs]);
+        let (q, k, v) = (f32s(&c.q), f32s(&c.k), f32s(&c.v));
+        let dout = f32s(&Rng(9).vec(q.len(), 1.0));
+        let mut impls = vec![Impl::Cpu];
+        for d in &devs {
+            impls.push(Impl::Simt(d));
+            if tensor_core_head_size(s.hs) {
+                impls.push(Impl::Tc(d));
+            }
+        }
+        for &im in &impls {
+            let want = fwd_bwd(im, &s, &c, [&q, &k, &v, &dout]);
+            for lay in mixes {
+                let ls = AttnShape { layout: lay, ..s };
+                // to token-major: swap (H, T); back: swap (T, H)
+                let to = |x: &[f32], tok: bool, [b, h, t, hs]: [usize; 4]| {
+                    if tok {
+                        swap_mid(x, [b, h, t, hs])
+                    } else {
+                        x.to_vec()
+                    }
+                };
+                let back = |x: &[f32], tok: bool, [b, h, t, hs]: [usize; 4]| {
+                    if tok {
+                        swap_mid(x, [b, t, h, hs])
+                    } else {
+                        x.to_vec()
+                    }
+                };
+                let ins = [
+                    to(&q, lay.q, qd),
+                    to(&k, lay.k, kd),
+                    to(&v, lay.v, kd),
+                    to(&dout, lay.out, qd),
+                ];
+                let [o, l, dq, dk, dv, db] =
+                    fwd_bwd(im, &ls, &c, [&ins[0], &ins[1], &ins[2], &ins[3]]);
+                let got = [
+                    back(&o, lay.out, qd),
+                    l,
+                    back(&dq, lay.q, qd),
+                    back(&dk, lay.k, kd),
+                    back(&dv, lay.v, kd),
+                    db,
+                ];
+                let names = ["out", "lse", "dq", "dk", "dv", "dbias"];
+                for ((name, g), w) in names.iter().zip(&got).zip(&want) {
+                    let diff = (0..w.len()).filter(|&i| g[i].to_bits() != w[i].to_bits());
+                    let (n, first) = (diff.clone().count(), diff.min());
+                    assert!(
+                        n == 0,
+                        "{im:?} {lay:?} {name}: {n} of {} differ, the first at {first:?}; {}",
+                        w.len(),
+                        tag(&c)
+                    );
+                }
+                ran += 1;
+            }
+        }
+    }
+    assert!(ran >= 40, "only {ran} runs");
+}
+
+/// A token-major key or value operand is packed: a cache's stride is an error, not a
+/// misread; and a wrong length names the operand's token-major dimensions.
+#[test]
+fn token_major_keys_are_packed() {
+    let c = case(shape(1, 2, 1, 3, 4, 8, false), 5, false, false, false);
+    let lay = AttnLayout {
+        k: true,
+        ..AttnLayout::HEADS
+    };
+    let s = AttnShape {
+        kv_stride: 6,
+        layout: lay,
+        ..c.s
+    };
+    let (q, k) = (f32s(&c.q), vec![0.0f32; 6 * 8]);
+    let (mut out, mut lse) = (vec![0.0f32; q.len()], vec![0.0f32; 6]);
+    let e = attention_fwd_cpu(&s, &q, &k, &k, None, None, &mut out, &mut lse).unwrap_err();
+    assert!(e.to_string().contains("token-major"), "{e}");
+    let s = AttnShape { layout: lay, ..c.s };
+    let e = attention_fwd_cpu(
+        &s,
+        &q,
+        &k[..5 * 8],
+        &f32s(&c.v),
+        None,
+        None,
+        &mut out,
+        &mut lse,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("k (B,Tk,NKV,HS)"), "{e}");
 }
 
 /// The tensor-core kernels' fragment reads from shared memory take one wavefront each

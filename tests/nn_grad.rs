@@ -2,7 +2,7 @@
 //! plus the frozen-slot behaviour (weight gradient skipped, activation gradient kept).
 //!
 //! The scalar checked is L = Σ w ∘ out with fixed random weights w, so dL/dout = w.
-use popen::backend::{Act, AttnShape, Backend, Cpu};
+use popen::backend::{Act, AttnLayout, AttnShape, Backend, Cpu};
 use popen::nn::layers::{AttnCtx, ImageShape};
 use popen::nn::{
     randn, Attention, Embedding, LayerNorm, Linear, Mlp, PatchEmbed, RmsNorm, Rng, SwiGluMlp,
@@ -434,6 +434,7 @@ fn causal_attention_ignores_future_and_padded_keys() {
         hs: 3,
         causal: true,
         scale: 0.5,
+        layout: AttnLayout::HEADS,
     };
     let q = rnd(&mut rng, 2 * 4 * 3);
     let k = rnd(&mut rng, 4 * 3);

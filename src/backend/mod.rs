@@ -273,7 +273,7 @@ impl RowCopy {
 /// aligns bottom-right when Tq < Tk (query i sits at position Tk − Tq + i, as in decoding
 /// with a KV cache).  The same struct as the attention kernel's, so backends pass it
 /// through unchanged.
-pub use crate::kernels::attention::AttnShape;
+pub use crate::kernels::attention::{AttnLayout, AttnShape};
 
 /// What [`Backend::mask_loss_fwd`] returns for M masks.
 #[derive(Debug, Clone)]
@@ -654,9 +654,11 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
 
     // ---- attention ----
     /// softmax(q kᵀ · scale + bias + mask) v; saves lse for the backward.
-    /// k, v (B,NKV,`s.kv_stride`,HS) of which each block's first Tk rows are keys (a
-    /// preallocated KV cache is read in place); bias (B,Tk) per key, key_mask (B,Tk)
-    /// 1 = attend, 0 = padding.
+    /// q, out (B,NH,Tq,HS); k, v (B,NKV,`s.kv_stride`,HS) of which each block's first Tk
+    /// rows are keys (a preallocated KV cache is read in place); bias (B,Tk) per key,
+    /// key_mask (B,Tk) 1 = attend, 0 = padding; lse (B,NH,Tq).  Any of q, k, v and out
+    /// may be token-major instead, (B,T,H,HS) as a linear layer writes it
+    /// (`s.layout`, [`AttnLayout`]): read and written in place, the same results.
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
         &self,
@@ -669,7 +671,8 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         out: &mut Self::Buf,
         lse: &mut Self::Buf,
     ) -> Result<()>;
-    /// dq, dk, dv overwritten; dbias (B,Tk) overwritten when Some.
+    /// dq, dk, dv overwritten, each in its operand's layout (dout in out's); dbias
+    /// (B,Tk) overwritten when Some.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &self,

@@ -7,7 +7,7 @@
 //! C channels, NH heads, HS head size.
 use super::layers::Linear;
 use super::Tensor;
-use crate::backend::{AttnShape, Backend, Conv2dGeom};
+use crate::backend::{AttnLayout, AttnShape, Backend, Conv2dGeom};
 use crate::error::{check_len, Error, Result};
 use num_traits::Float;
 
@@ -250,19 +250,17 @@ pub struct CrossActs<Buf> {
     pub xk: Buf,
     /// value input (B·Tk, C)
     pub xv: Buf,
-    /// heads q (B,NH,Tq,HS), k, v (B,NH,Tk,HS); attention output y (B,NH,Tq,HS), lse
-    /// (B,NH,Tq); ym = y merged (B·Tq, NH·HS)
+    /// the projections, read by attention in place (token-major): q (B·Tq, NH·HS), k and
+    /// v (B·Tk, NH·HS); attention output y (B·Tq, NH·HS), lse (B,NH,Tq)
     pub q: Buf,
-    /// key heads (B,NH,Tk,HS)
+    /// keys (B·Tk, NH·HS)
     pub k: Buf,
-    /// value heads (B,NH,Tk,HS)
+    /// values (B·Tk, NH·HS)
     pub v: Buf,
-    /// attention output (B,NH,Tq,HS)
+    /// attention output (B·Tq, NH·HS): the output projection's input
     pub y: Buf,
     /// log-sum-exp of each query's scores (B,NH,Tq)
     pub lse: Buf,
-    /// `y` with heads merged, (B·Tq, NH·HS): the output projection's input
-    pub ym: Buf,
     /// batch B
     pub b: usize,
     /// query tokens Tq
@@ -308,6 +306,8 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
             hs: self.hs,
             causal: false,
             scale: 1.0 / (self.hs as f32).sqrt(),
+            // the projections' outputs, read and written in place: no split, no merge
+            layout: AttnLayout::TOKENS,
         }
     }
 
@@ -328,23 +328,15 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
         check_len("CrossAttention::forward", "xq", be.len(xq), b * tq * c)?;
         check_len("CrossAttention::forward", "xk", be.len(xk), b * tk * c)?;
         check_len("CrossAttention::forward", "xv", be.len(xv), b * tk * c)?;
-        let (qf, kf, vf) = (
+        let (q, k, v) = (
             self.q.forward(be, xq)?,
             self.k.forward(be, xk)?,
             self.v.forward(be, xv)?,
         );
-        let mut q = be.uninit(b * nh * tq * hs);
-        let mut k = be.uninit(b * nh * tk * hs);
-        let mut v = be.uninit(b * nh * tk * hs);
-        be.heads_split(&qf, b, tq, nh, hs, 0, None, &mut q)?;
-        be.heads_split(&kf, b, tk, nh, hs, 0, None, &mut k)?;
-        be.heads_split(&vf, b, tk, nh, hs, 0, None, &mut v)?;
         let s = self.shape(b, tq, tk);
-        let (mut y, mut lse) = (be.uninit(b * nh * tq * hs), be.uninit(b * nh * tq));
+        let (mut y, mut lse) = (be.uninit(b * tq * nh * hs), be.uninit(b * nh * tq));
         be.attention_fwd(&s, &q, &k, &v, None, None, &mut y, &mut lse)?;
-        let mut ym = be.uninit(b * tq * nh * hs);
-        be.heads_merge(&y, b, tq, nh, hs, &mut ym)?;
-        let out = self.o.forward(be, &ym)?;
+        let out = self.o.forward(be, &y)?;
         let acts = CrossActs {
             xq: xq.clone(),
             xk: xk.clone(),
@@ -354,7 +346,6 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
             v,
             y,
             lse,
-            ym,
             b,
             tq,
             tk,
@@ -362,7 +353,8 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
         Ok((out, acts))
     }
 
-    /// forward: out = o(merge(attn(split(q(xq)), split(k(xk)), split(v(xv)))))
+    /// forward: out = o(attn(q(xq), k(xk), v(xv))), attention reading the projections
+    ///          in place (token-major)
     /// so:      back through each step; returns (dxq, dxk, dxv), overwritten.
     pub fn backward(
         &mut self,
@@ -370,15 +362,11 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
         a: &CrossActs<B::Buf>,
         dout: &B::Buf,
     ) -> Result<(B::Buf, B::Buf, B::Buf)> {
-        let (nh, hs, b, tq, tk) = (self.nh, self.hs, a.b, a.tq, a.tk);
-        let dym = self
+        let dy = self
             .o
-            .backward(be, &a.ym, dout, true)?
+            .backward(be, &a.y, dout, true)?
             .expect("dx requested");
-        // forward: ym = merge(y)  so: dy = split(dym)
-        let mut dy = be.uninit(be.len(&dym));
-        be.heads_split(&dym, b, tq, nh, hs, 0, None, &mut dy)?;
-        let s = self.shape(b, tq, tk);
+        let s = self.shape(a.b, a.tq, a.tk);
         let (mut dq, mut dk, mut dv) = (
             be.uninit(be.len(&a.q)),
             be.uninit(be.len(&a.k)),
@@ -387,26 +375,18 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
         be.attention_bwd(
             &s, &a.q, &a.k, &a.v, None, None, &a.y, &a.lse, &dy, &mut dq, &mut dk, &mut dv, None,
         )?;
-        // forward: q = split(qf) (no rotation)  so: dqf = merge(dq)
-        let (mut dqf, mut dkf, mut dvf) = (
-            be.uninit(be.len(&dq)),
-            be.uninit(be.len(&dk)),
-            be.uninit(be.len(&dv)),
-        );
-        be.heads_merge(&dq, b, tq, nh, hs, &mut dqf)?;
-        be.heads_merge(&dk, b, tk, nh, hs, &mut dkf)?;
-        be.heads_merge(&dv, b, tk, nh, hs, &mut dvf)?;
+        // dq, dk, dv are token-major: the projections' output gradients as they are
         let dxq = self
             .q
-            .backward(be, &a.xq, &dqf, true)?
+            .backward(be, &a.xq, &dq, true)?
             .expect("dx requested");
         let dxk = self
             .k
-            .backward(be, &a.xk, &dkf, true)?
+            .backward(be, &a.xk, &dk, true)?
             .expect("dx requested");
         let dxv = self
             .v
-            .backward(be, &a.xv, &dvf, true)?
+            .backward(be, &a.xv, &dv, true)?
             .expect("dx requested");
         Ok((dxq, dxk, dxv))
     }

@@ -3,7 +3,7 @@
 //!
 //! B batch, T tokens, C channels, N = B·T rows, NH heads, NKV kv heads, HS head size.
 use super::Tensor;
-use crate::backend::{Accum, Act, AttnShape, Backend, MatmulSpec, TimeCopy};
+use crate::backend::{Accum, Act, AttnLayout, AttnShape, Backend, MatmulSpec, TimeCopy};
 use crate::error::{Error, Result};
 use num_traits::Float;
 
@@ -641,23 +641,25 @@ pub struct AttnCtx<'a, Buf> {
     pub key_mask: Option<&'a [u8]>,
 }
 
-/// Saved activations of an [`Attention`] forward.
+/// Saved activations of an [`Attention`] forward.  An operand that attention read in
+/// place is the projection's output as it was written, token-major (B·T, H·HS); the
+/// others are split into heads (B,H,T,HS) (`layout` says which).
 #[derive(Clone, Debug)]
 pub struct AttnActs<Buf> {
     /// Input x (B·T, C).
     pub x: Buf,
-    /// q (B,NH,T,HS) after RoPE.
+    /// queries (after RoPE when rotated)
     pub q: Buf,
-    /// keys of this call (B,NKV,T,HS), after RoPE
+    /// keys of this call (after RoPE when rotated)
     pub k: Buf,
-    /// values of this call (B,NKV,T,HS)
+    /// values of this call
     pub v: Buf,
-    /// per-head output (B,NH,T,HS) and its log-sum-exp (B,NH,T)
+    /// attention output (B·T, NH·HS), token-major: the input of `o`
     pub y: Buf,
     /// log-sum-exp of each query's scores (B,NH,T)
     pub lse: Buf,
-    /// y merged back to (B,T,NH·HS), the input of `o`
-    pub ym: Buf,
+    /// which of q, k, v are token-major (`out` always is)
+    pub layout: AttnLayout,
 }
 
 /// Keys and values of one layer seen so far, preallocated: `k` and `v` are
@@ -703,7 +705,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         }
     }
 
-    fn shape(&self, b: usize, tq: usize, tk: usize) -> AttnShape {
+    fn shape(&self, b: usize, tq: usize, tk: usize, layout: AttnLayout) -> AttnShape {
         AttnShape {
             b,
             nh: self.nh,
@@ -715,7 +717,60 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             // a single query sees every cached key: no mask needed (and none is wrong)
             causal: self.causal && tq > 1,
             scale: 1.0 / (self.hs as f32).sqrt(),
+            layout,
         }
+    }
+
+    /// The operands attention reads in place, token-major, as the projections write
+    /// them: q and k unless RoPE rotates them (the rotation is fused with the split), v
+    /// unless it goes to a cache (which holds heads), k neither, and the output always
+    /// (it is the input of `o`).  Only the others are split into heads.
+    fn layout(&self, cached: bool) -> AttnLayout {
+        let plain = self.rope_theta.is_none();
+        AttnLayout {
+            q: plain,
+            k: plain && !cached,
+            v: !cached,
+            out: true,
+        }
+    }
+
+    /// A projection's output (B·T, heads·HS) as attention's operand: itself when
+    /// `tokens`, else split into heads (B,heads,T,HS), rotated when `rope`.
+    fn operand(
+        &self,
+        be: &B,
+        xf: B::Buf,
+        tokens: bool,
+        heads: usize,
+        ctx: &AttnCtx<'_, B::Buf>,
+        rope: Option<f32>,
+    ) -> Result<B::Buf> {
+        if tokens {
+            return Ok(xf);
+        }
+        let mut o = be.uninit(be.len(&xf));
+        be.heads_split(&xf, ctx.b, ctx.t, heads, self.hs, ctx.pos0, rope, &mut o)?;
+        Ok(o)
+    }
+
+    /// forward: operand = xf, or split (and rotate) xf
+    /// so:      dxf = d, or the split's backward of d (the inverse rotation)
+    fn operand_grad(
+        &self,
+        be: &B,
+        d: B::Buf,
+        tokens: bool,
+        heads: usize,
+        ctx: &AttnCtx<'_, B::Buf>,
+        rope: Option<f32>,
+    ) -> Result<B::Buf> {
+        if tokens {
+            return Ok(d);
+        }
+        let mut o = be.uninit(be.len(&d));
+        be.heads_split_bwd(&d, ctx.b, ctx.t, heads, self.hs, ctx.pos0, rope, &mut o)?;
+        Ok(o)
     }
 
     /// x (B·T, C) → (B·T, C).  With `cache`, the new keys/values are written into it
@@ -730,16 +785,12 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         cache: Option<&mut LayerKv<B::Buf>>,
     ) -> Result<(B::Buf, AttnActs<B::Buf>)> {
         let (b, t, hs) = (ctx.b, ctx.t, self.hs);
-        let qf = self.q.forward(be, x)?;
-        let kf = self.k.forward(be, x)?;
-        let vf = self.v.forward(be, x)?;
-        let mut q = be.uninit(b * self.nh * t * hs);
-        let mut k = be.uninit(b * self.nkv * t * hs);
-        let mut v = be.uninit(b * self.nkv * t * hs);
-        be.heads_split(&qf, b, t, self.nh, hs, ctx.pos0, self.rope_theta, &mut q)?;
-        be.heads_split(&kf, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut k)?;
-        be.heads_split(&vf, b, t, self.nkv, hs, ctx.pos0, None, &mut v)?;
-        let mut y = be.uninit(b * self.nh * t * hs);
+        let lay = self.layout(cache.is_some());
+        let rope = self.rope_theta;
+        let q = self.operand(be, self.q.forward(be, x)?, lay.q, self.nh, ctx, rope)?;
+        let k = self.operand(be, self.k.forward(be, x)?, lay.k, self.nkv, ctx, rope)?;
+        let v = self.operand(be, self.v.forward(be, x)?, lay.v, self.nkv, ctx, None)?;
+        let mut y = be.uninit(b * t * self.nh * hs);
         let mut lse = be.uninit(b * self.nh * t);
         // the keys attention reads: the new ones alone, or the cache they were written to
         let (s, keys, values) = match cache {
@@ -747,11 +798,11 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                 self.append_kv(be, ctx, c, &k, &v)?;
                 let s = AttnShape {
                     kv_stride: c.cap,
-                    ..self.shape(b, t, c.len)
+                    ..self.shape(b, t, c.len, lay)
                 };
                 (s, &c.k, &c.v)
             }
-            None => (self.shape(b, t, t), &k, &v),
+            None => (self.shape(b, t, t, lay), &k, &v),
         };
         be.attention_fwd(
             &s,
@@ -763,9 +814,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             &mut y,
             &mut lse,
         )?;
-        let mut ym = be.uninit(b * t * self.nh * hs);
-        be.heads_merge(&y, b, t, self.nh, hs, &mut ym)?;
-        let out = self.o.forward(be, &ym)?;
+        let out = self.o.forward(be, &y)?;
         Ok((
             out,
             AttnActs {
@@ -775,7 +824,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                 v,
                 y,
                 lse,
-                ym,
+                layout: lay,
             },
         ))
     }
@@ -856,17 +905,14 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         dout: &B::Buf,
         want_dbias: bool,
     ) -> Result<(B::Buf, Option<B::Buf>)> {
-        let (b, t, hs) = (ctx.b, ctx.t, self.hs);
-        // forward: out = o(merge(y))
-        let dym = self
+        let (b, t, lay) = (ctx.b, ctx.t, acts.layout);
+        // forward: out = o(y)
+        let dy = self
             .o
-            .backward(be, &acts.ym, dout, true)?
+            .backward(be, &acts.y, dout, true)?
             .expect("dx requested");
-        // forward: ym = merge(y)  so: dy = split(dym) (no rotation)
-        let mut dy = be.uninit(be.len(&dym));
-        be.heads_split(&dym, b, t, self.nh, hs, 0, None, &mut dy)?;
         // forward: y = attention(q, k, v; γ)
-        let s = self.shape(b, t, t);
+        let s = self.shape(b, t, t, lay);
         let (mut dq, mut dk, mut dv) = (
             be.uninit(be.len(&acts.q)),
             be.uninit(be.len(&acts.k)),
@@ -888,13 +934,11 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             &mut dv,
             dbias.as_mut(),
         )?;
-        // forward: q = rope(split(qf))  so: dqf = split_bwd(dq) (the inverse rotation)
-        let mut dqf = be.uninit(be.len(&dq));
-        let mut dkf = be.uninit(be.len(&dk));
-        let mut dvf = be.uninit(be.len(&dv));
-        be.heads_split_bwd(&dq, b, t, self.nh, hs, ctx.pos0, self.rope_theta, &mut dqf)?;
-        be.heads_split_bwd(&dk, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut dkf)?;
-        be.heads_split_bwd(&dv, b, t, self.nkv, hs, ctx.pos0, None, &mut dvf)?;
+        // forward: q = qf, or rope(split(qf))  so: dqf = dq, or split_bwd(dq)
+        let rope = self.rope_theta;
+        let dqf = self.operand_grad(be, dq, lay.q, self.nh, ctx, rope)?;
+        let dkf = self.operand_grad(be, dk, lay.k, self.nkv, ctx, rope)?;
+        let dvf = self.operand_grad(be, dv, lay.v, self.nkv, ctx, None)?;
         // forward: qf = q(x), kf = k(x), vf = v(x)  so: dx = sum of the three paths
         let mut dx = self
             .q

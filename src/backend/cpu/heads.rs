@@ -144,11 +144,6 @@ pub(super) fn heads_merge<F: CpuFloat>(
     check_len("heads_merge", "x", x.len(), b * t * nh * hs)?;
     check_len("heads_merge", "out", out.len(), b * t * nh * hs)?;
     // out row (bi, ti, h) ← x row (bi, h, ti)
-    rows_mut(out, hs, |row, o| {
-        let h = row % nh;
-        let ti = (row / nh) % t;
-        let bi = row / (t * nh);
-        o.copy_from_slice(&x[((bi * nh + h) * t + ti) * hs..][..hs]);
-    });
+    crate::kernels::attention::swap_middle(x, [b, nh, t, hs], out);
     Ok(())
 }

@@ -113,9 +113,10 @@ pub(super) fn attention_fwd(
     lse: &mut DeviceBuf<f32>,
 ) -> Result<()> {
     let (dev, inputs) = (be.device(), &*be.inputs);
-    if s.tq == 1 && key_mask.is_none() {
+    if s.tq == 1 && key_mask.is_none() && !s.layout.k && !s.layout.v {
         // one query per head over every key (a decoding step with a KV cache): the
-        // split-K decode kernel, whose parallelism is over key chunks, not queries
+        // split-K decode kernel, whose parallelism is over key chunks, not queries.  One
+        // query's q and out are the same token-major or not; its keys must be heads.
         return attention::attention_decode(
             dev,
             s.b,

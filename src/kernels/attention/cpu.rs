@@ -2,10 +2,71 @@
 //!
 //! B batch, NH query heads, NKV key/value heads, Tq queries, Tk keys, HS head size.
 use super::cpu_rows::*;
-use super::{check_decode, AttnShape};
+use super::{check_decode, AttnLayout, AttnShape};
 use crate::error::{check_len, Result};
 use num_traits::Float;
 use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// x (B, n1, n2, HS) → out (B, n2, n1, HS): a token-major operand to head-major
+/// (n1 = T, n2 = H) or back (n1 = H, n2 = T).  The lengths are the caller's to check.
+pub(crate) fn swap_middle<F: Copy + Send + Sync>(
+    x: &[F],
+    [b, n1, n2, hs]: [usize; 4],
+    out: &mut [F],
+) {
+    debug_assert!(x.len() == b * n1 * n2 * hs && out.len() == x.len());
+    // out row (bi, j, i) ← x row (bi, i, j)
+    out.par_chunks_mut(hs.max(1))
+        .with_min_len(64)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (i, j, bi) = (row % n1, (row / n1) % n2, row / (n1 * n2));
+            o.copy_from_slice(&x[((bi * n1 + i) * n2 + j) * hs..][..hs]);
+        });
+}
+
+/// An operand as head-major (B,H,T,HS): itself, or a copy of a token-major one.
+fn heads_of<'a, F: Float + Send + Sync>(
+    x: &'a [F],
+    tokens: bool,
+    [b, t, h, hs]: [usize; 4],
+) -> Cow<'a, [F]> {
+    if !tokens {
+        return Cow::Borrowed(x);
+    }
+    let mut o = vec![F::zero(); x.len()];
+    swap_middle(x, [b, t, h, hs], &mut o);
+    Cow::Owned(o)
+}
+
+/// An output of the head-major call written to `dst`, token-major when `tokens`.
+/// Without `tokens` the call wrote `dst` itself.
+struct OutOf<'a, F> {
+    dst: &'a mut [F],
+    tmp: Option<Vec<F>>,
+    dims: [usize; 4],
+}
+
+impl<'a, F: Float + Send + Sync> OutOf<'a, F> {
+    /// [b, t, h, hs] of the token-major `dst`.
+    fn new(dst: &'a mut [F], tokens: bool, dims: [usize; 4]) -> Self {
+        let tmp = tokens.then(|| vec![F::zero(); dst.len()]);
+        OutOf { dst, tmp, dims }
+    }
+    fn buf(&mut self) -> &mut [F] {
+        match &mut self.tmp {
+            Some(t) => t,
+            None => self.dst,
+        }
+    }
+    fn finish(self) {
+        let [b, t, h, hs] = self.dims;
+        if let Some(tmp) = self.tmp {
+            swap_middle(&tmp, [b, h, t, hs], self.dst);
+        }
+    }
+}
 
 /// Forward of biased attention on the CPU (rayon over (batch, head, query block)).
 ///
@@ -37,6 +98,24 @@ pub fn attention_fwd_cpu<F: Float + Send + Sync + 'static>(
         out.len(),
         lse.len(),
     )?;
+    let l = s.layout;
+    if l != AttnLayout::HEADS {
+        // The head-major call on copies: the same arithmetic, the same bits.
+        let (qd, kd) = ([s.b, s.tq, s.nh, s.hs], [s.b, s.tk, s.nkv, s.hs]);
+        let hm = AttnShape {
+            layout: AttnLayout::HEADS,
+            ..*s
+        };
+        let (q, k, v) = (
+            heads_of(q, l.q, qd),
+            heads_of(k, l.k, kd),
+            heads_of(v, l.v, kd),
+        );
+        let mut o = OutOf::new(out, l.out, qd);
+        attention_fwd_cpu(&hm, &q, &k, &v, bias, key_mask, o.buf(), lse)?;
+        o.finish();
+        return Ok(());
+    }
     if wants_f64::<F>() {
         fwd_impl::<F, f64>(s, q, k, v, bias, key_mask, out, lse);
     } else {
@@ -216,6 +295,43 @@ pub fn attention_bwd_cpu<F: Float + Send + Sync>(
         [dout.len(), dq.len(), dk.len(), dv.len()],
         dbias.as_ref().map(|d| d.len()),
     )?;
+    let l = s.layout;
+    if l != AttnLayout::HEADS {
+        // The head-major call on copies: the same arithmetic, the same bits.
+        let (qd, kd) = ([s.b, s.tq, s.nh, s.hs], [s.b, s.tk, s.nkv, s.hs]);
+        let hm = AttnShape {
+            layout: AttnLayout::HEADS,
+            ..*s
+        };
+        let (q, k, v) = (
+            heads_of(q, l.q, qd),
+            heads_of(k, l.k, kd),
+            heads_of(v, l.v, kd),
+        );
+        let (out, dout) = (heads_of(out, l.out, qd), heads_of(dout, l.out, qd));
+        let mut dq = OutOf::new(dq, l.q, qd);
+        let mut dk = OutOf::new(dk, l.k, kd);
+        let mut dv = OutOf::new(dv, l.v, kd);
+        attention_bwd_cpu(
+            &hm,
+            &q,
+            &k,
+            &v,
+            bias,
+            key_mask,
+            &out,
+            lse,
+            &dout,
+            dq.buf(),
+            dk.buf(),
+            dv.buf(),
+            dbias,
+        )?;
+        dq.finish();
+        dk.finish();
+        dv.finish();
+        return Ok(());
+    }
     let io = BwdIo {
         q,
         k,

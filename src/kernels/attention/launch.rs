@@ -104,7 +104,8 @@ fn i32_arg(x: usize) -> KArg {
 }
 
 /// The shape arguments the attention kernels take after their buffers: the forward
-/// reads keys at `kv_stride` rows per block (`Ks`), the backward packed ones.
+/// reads keys at `kv_stride` rows per block (`Ks`), the backward packed ones; the
+/// layout's bits last.
 fn shape_args(s: &AttnShape, with_stride: bool) -> Vec<KArg> {
     let mut a = vec![
         i32_arg(s.b),
@@ -120,6 +121,7 @@ fn shape_args(s: &AttnShape, with_stride: bool) -> Vec<KArg> {
         i32_arg(s.hs),
         KArg::I32(i32::from(s.causal)),
         KArg::F32(s.scale),
+        KArg::I32(s.layout.bits()),
     ]);
     a
 }
@@ -421,8 +423,11 @@ fn bwd_launch(
             d.arg_mut(),
             out.arg(),
             dout.arg(),
-            i32_arg(rows),
+            i32_arg(s.b),
+            i32_arg(s.nh),
+            i32_arg(s.tq),
             i32_arg(s.hs),
+            KArg::I32(s.layout.bits()),
         ],
     )?;
     let mut part = match dbias {

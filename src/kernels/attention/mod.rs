@@ -19,7 +19,9 @@
 //! - layouts: q (B,NH,Tq,HS), k and v (B,NKV,Tk,HS), bias γ (B,Tk), key_mask (B,Tk) with
 //!   1 = attend and 0 = padding, out (B,NH,Tq,HS), lse (B,NH,Tq); the forward also reads
 //!   k and v as (B,NKV,kv_stride,HS), the first Tk rows of each block (a preallocated KV
-//!   cache in place; [`AttnShape::kv_stride`]);
+//!   cache in place; [`AttnShape::kv_stride`]); any of q, k, v and out (with its
+//!   gradient) may instead be token-major, (B,T,H,HS) ([`AttnLayout`]): a linear layer's
+//!   output read in place;
 //! - causal: query `i` (0-based in Tq) sees key `j` iff `j <= i + (Tk - Tq)`, i.e. the
 //!   queries are the last Tq positions of the key sequence, as with a KV cache;
 //! - a row with no visible key (causal cut, padding, or a bias of −inf everywhere) has
@@ -31,7 +33,8 @@
 //! ```
 //! use popen::kernels::attention::{attention_fwd_cpu, AttnShape};
 //! // one head, two queries over two keys; a large bias on key 1 takes all the weight
-//! let s = AttnShape { b: 1, nh: 1, nkv: 1, tq: 2, tk: 2, kv_stride: 2, hs: 1, causal: false, scale: 1.0 };
+//! let s = AttnShape { b: 1, nh: 1, nkv: 1, tq: 2, tk: 2, kv_stride: 2, hs: 1, causal: false, scale: 1.0,
+//!     layout: Default::default() };
 //! let (q, k, v) = ([0.0f32, 0.0], [0.0f32, 0.0], [1.0f32, 5.0]);
 //! let bias = [0.0f32, 50.0];
 //! let (mut out, mut lse) = ([0.0f32; 2], [0.0f32; 2]);
@@ -44,6 +47,7 @@ mod cpu;
 mod cpu_rows;
 mod launch;
 
+pub(crate) use cpu::swap_middle;
 pub use cpu::{attention_bwd_cpu, attention_decode_cpu, attention_fwd_cpu};
 pub use launch::{
     attention_bwd, attention_bwd_tc, attention_decode, attention_fwd, attention_fwd_bf16,
@@ -52,6 +56,50 @@ pub use launch::{
 
 /// Largest head size the kernels support (one warp holds a row of up to 4×32 values).
 pub const MAX_HEAD_SIZE: usize = 128;
+
+/// Which operands of an attention call are token-major: `true`, a token's heads are
+/// adjacent, (B,T,H,HS) — the (B·T, H·HS) that a linear layer writes, so the kernels
+/// read it (and write its gradient) in place, with no heads split before the call and
+/// no merge after; `false` (the default), a head's rows are adjacent, (B,H,T,HS), as
+/// `heads_split` writes them and a KV cache holds them.  The arithmetic is the same in
+/// both layouts, so the results are bit for bit the same.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttnLayout {
+    /// q, and the backward's dq.
+    pub q: bool,
+    /// k and dk; token-major k needs packed keys (`kv_stride = tk`).
+    pub k: bool,
+    /// v and dv; token-major v needs packed keys too.
+    pub v: bool,
+    /// out, and the backward's dout.
+    pub out: bool,
+}
+
+impl AttnLayout {
+    /// Every operand head-major.
+    pub const HEADS: AttnLayout = AttnLayout {
+        q: false,
+        k: false,
+        v: false,
+        out: false,
+    };
+    /// Every operand token-major.
+    pub const TOKENS: AttnLayout = AttnLayout {
+        q: true,
+        k: true,
+        v: true,
+        out: true,
+    };
+
+    /// The kernels' `lay` argument: one bit per token-major operand (`ATT_LAY_*` in
+    /// `kernels/attention.cuh`).
+    pub fn bits(&self) -> i32 {
+        i32::from(self.q)
+            | i32::from(self.k) << 1
+            | i32::from(self.v) << 2
+            | i32::from(self.out) << 3
+    }
+}
 
 /// Sizes and flags of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,6 +124,8 @@ pub struct AttnShape {
     pub causal: bool,
     /// Multiplies `Q Kᵀ` (usually `1/sqrt(HS)`); must be finite.
     pub scale: f32,
+    /// Which operands are token-major (default: none).
+    pub layout: AttnLayout,
 }
 
 impl AttnShape {
@@ -136,6 +186,15 @@ impl AttnShape {
                 ),
             ));
         }
+        if (self.layout.k || self.layout.v) && self.kv_stride != self.tk {
+            return Err(Error::arg(
+                op,
+                format!(
+                    "token-major keys or values are packed: kv_stride = {} must equal tk = {}",
+                    self.kv_stride, self.tk
+                ),
+            ));
+        }
         if !self.scale.is_finite() {
             return Err(Error::arg(
                 op,
@@ -191,21 +250,22 @@ impl AttnShape {
             self.b * self.tk,
             self.b * self.nh * self.tq,
         );
-        check_len(op, "q (B,NH,Tq,HS)", q, ql)?;
-        let [kl, vl] = if self.kv_stride == self.tk {
-            ["k (B,NKV,Tk,HS)", "v (B,NKV,Tk,HS)"]
+        let l = self.layout;
+        check_len(op, &format!("q {}", dims(l.q, "NH", "Tq")), q, ql)?;
+        let t = if self.kv_stride == self.tk {
+            "Tk"
         } else {
-            ["k (B,NKV,kv_stride,HS)", "v (B,NKV,kv_stride,HS)"]
+            "kv_stride"
         };
-        check_len(op, kl, k, kvl)?;
-        check_len(op, vl, v, kvl)?;
+        check_len(op, &format!("k {}", dims(l.k, "NKV", t)), k, kvl)?;
+        check_len(op, &format!("v {}", dims(l.v, "NKV", t)), v, kvl)?;
         if let Some(n) = bias {
             check_len(op, "bias (B,Tk)", n, bl)?;
         }
         if let Some(n) = mask {
             check_len(op, "key_mask (B,Tk)", n, bl)?;
         }
-        check_len(op, "out (B,NH,Tq,HS)", out, ql)?;
+        check_len(op, &format!("out {}", dims(l.out, "NH", "Tq")), out, ql)?;
         check_len(op, "lse (B,NH,Tq)", lse, ll)
     }
 
@@ -227,14 +287,24 @@ impl AttnShape {
                 ),
             ));
         }
-        check_len(op, "dout (B,NH,Tq,HS)", dout, q)?;
-        check_len(op, "dq (B,NH,Tq,HS)", dq, q)?;
-        check_len(op, "dk (B,NKV,Tk,HS)", dk, k)?;
-        check_len(op, "dv (B,NKV,Tk,HS)", dv, v)?;
+        let l = self.layout;
+        check_len(op, &format!("dout {}", dims(l.out, "NH", "Tq")), dout, q)?;
+        check_len(op, &format!("dq {}", dims(l.q, "NH", "Tq")), dq, q)?;
+        check_len(op, &format!("dk {}", dims(l.k, "NKV", "Tk")), dk, k)?;
+        check_len(op, &format!("dv {}", dims(l.v, "NKV", "Tk")), dv, v)?;
         if let Some(n) = dbias {
             check_len(op, "dbias (B,Tk)", n, self.b * self.tk)?;
         }
         Ok(())
+    }
+}
+
+/// An operand's dimensions for an error label: (B,H,T,HS) or, token-major, (B,T,H,HS).
+fn dims(tokens: bool, heads: &str, t: &str) -> String {
+    if tokens {
+        format!("(B,{t},{heads},HS)")
+    } else {
+        format!("(B,{heads},{t},HS)")
     }
 }
 
@@ -258,6 +328,7 @@ fn check_decode(
         hs,
         causal: false,
         scale,
+        layout: AttnLayout::HEADS,
     };
     if len > tmax {
         return Err(Error::arg(
