@@ -49,6 +49,8 @@ const STACK_BATCH: usize = 1;
 const STACK_SEQ: usize = 2048;
 
 /// Attention shapes (name, shape, padding mask); keep in sync with the torch script.
+/// The `_tokens` shape reads every operand token-major, in place, as a model's
+/// projections write them (torch: SDPA on `view(B,T,H,HS).transpose(1, 2)`).
 fn attn_shapes() -> Vec<(&'static str, AttnShape, bool)> {
     let s7b = AttnShape {
         b: 2,
@@ -64,6 +66,14 @@ fn attn_shapes() -> Vec<(&'static str, AttnShape, bool)> {
     };
     vec![
         ("b2_h32_t2048_d128_causal_bias", s7b, false),
+        (
+            "b2_h32_t2048_d128_causal_bias_tokens",
+            AttnShape {
+                layout: AttnLayout::TOKENS,
+                ..s7b
+            },
+            false,
+        ),
         (
             "b8_h32_t1024_d128_bias_mask",
             AttnShape {

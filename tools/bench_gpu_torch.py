@@ -42,10 +42,11 @@ STACK = dict(
     tie_word_embeddings=False,
 )
 STACK_BATCH, STACK_SEQ = 1, 2048
-# name, B, NH, NKV, T, HS, causal, padding mask
+# name, B, NH, NKV, T, HS, causal, padding mask, token-major operands
 ATTN = [
-    ("b2_h32_t2048_d128_causal_bias", 2, 32, 32, 2048, 128, True, False),
-    ("b8_h32_t1024_d128_bias_mask", 8, 32, 32, 1024, 128, False, True),
+    ("b2_h32_t2048_d128_causal_bias", 2, 32, 32, 2048, 128, True, False, False),
+    ("b2_h32_t2048_d128_causal_bias_tokens", 2, 32, 32, 2048, 128, True, False, True),
+    ("b8_h32_t1024_d128_bias_mask", 8, 32, 32, 1024, 128, False, True, False),
 ]
 
 
@@ -100,10 +101,14 @@ def bench_logprob(dev, n_copy, n_mm, r_lp, v_lp):
 
 
 def bench_attention(dev, n_copy, n_mm, r_lp, v_lp):
-    for name, b, nh, nkv, t, hs, causal, masked in ATTN:
-        q = torch.rand(b, nh, t, hs) * 2 - 1
-        k = torch.rand(b, nkv, t, hs) * 2 - 1
-        v = torch.rand(b, nkv, t, hs) * 2 - 1
+    for name, b, nh, nkv, t, hs, causal, masked, tokens in ATTN:
+        # tokens: (B,T,H,HS) as a projection writes it, viewed as (B,H,T,HS) in place
+        def operand(h):
+            x = torch.rand(b, t, h, hs) if tokens else torch.rand(b, h, t, hs)
+            x = x * 2 - 1
+            return x.transpose(1, 2) if tokens else x
+
+        q, k, v = operand(nh), operand(nkv), operand(nkv)
         bias = torch.rand(b, t) * 2 - 1
         hidden = torch.zeros(b, 1, t, t, dtype=torch.bool)
         if causal:
@@ -206,7 +211,7 @@ def main():
         SYNC = lambda: None  # noqa: E731
         dev = torch.device("cpu")
         n_copy, n_mm, r_lp, v_lp = 1 << 20, 256, 64, 1000
-        ATTN = [(n, b, 4, 4, 64, 32, c, m) for (n, b, _, _, _, _, c, m) in ATTN]
+        ATTN = [(n, b, 4, 4, 64, 32, c, m, tok) for (n, b, _, _, _, _, c, m, tok) in ATTN]
         STACK.update(vocab_size=1000, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
         STACK_SEQ = 64
         print(json.dumps({"torch": torch.__version__, "smoke": True}), flush=True)
