@@ -14,6 +14,9 @@
 __device__ __forceinline__ float4 load_float4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ void store_float4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ __forceinline__ uint4 load_uint4(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+// A load that skips the SM's L1 (not coherent across blocks): a value another block
+// wrote in this launch, read after a fence and a count say it is there.
+__device__ __forceinline__ float ld_cg(const float* p) { return __ldcg(p); }
 #else
 #include "emu/cuda_emu.h"
 #define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dyn_shared())
@@ -21,6 +24,8 @@ __device__ __forceinline__ uint4 load_uint4(const void* p) { return *reinterpret
 #define SHARED(T, name, dims) \
     T(&name) dims = *reinterpret_cast<T(*) dims>(::emu::static_shared(sizeof(T dims), alignof(T)))
 // load_float4 / store_float4 / load_uint4: cuda_emu.h (checks the alignment)
+// The host's memory is coherent; the fences before it order the read.
+inline float ld_cg(const float* p) { return *p; }
 #endif
 
 #define WARP_SIZE 32

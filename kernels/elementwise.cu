@@ -315,21 +315,39 @@ extern "C" __global__ void add_bias_f32(float* out, const float* bias, long long
     for (long long i = head + t; i < total; i += s) out[i] += bias[i % c];
 }
 
-// part (ceil(N / rows), C): part[k] = the sum of rows k rows .. (k + 1) rows - 1 of x
-// (N,C), in order; grid = (ceil(C / blockDim), chunks).  col_sum_f32 then adds the
-// chunks in order: a fixed tree, the same run to run, with every SM busy even when C is
-// a few thousand columns.
-// Both column-sum kernels sum one or two matrices of one shape: grid.z picks x0 or x1
-// (LayerNorm's weight and bias gradients in one launch); the parts of x1 follow x0's.
-extern "C" __global__ void col_sum_part_f32(float* part, const float* x0, const float* x1, long long n, int c,
-                                            int rows) {
+// acc (C) += sum over rows of x (N,C) in chunks of rows, one launch: grid =
+// (ceil(C / blockDim), chunks, z).  Block (x, y) writes the sum of rows y·rows ..
+// (y + 1)·rows − 1 of its columns, in order, to part (z·chunks, C); the block of a column
+// tile that finishes last (it counts the tile's finished blocks in done[z·gridDim.x + x]
+// and sets the count back to 0 for the next launch) adds the chunks in order.  A fixed
+// tree, the same run to run, with every SM busy even when C is a few thousand columns.
+// Both column-sum kernels sum one or two matrices of one shape: grid.z picks (acc0, x0)
+// or (acc1, x1) (LayerNorm's weight and bias gradients in one launch).
+extern "C" __global__ void col_sum_chunks_f32(float* acc0, float* acc1, float* part, unsigned* done,
+                                              const float* x0, const float* x1, long long n, int c, int rows) {
+    SHARED(int, last, [1]);
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
     const float* x = blockIdx.z ? x1 : x0;
-    const long long lo = (long long)blockIdx.y * rows, hi = lo + rows < n ? lo + rows : n;
+    float* p = part + (size_t)blockIdx.z * gridDim.y * c;
+    if (j < c) {
+        const long long lo = (long long)blockIdx.y * rows, hi = lo + rows < n ? lo + rows : n;
+        float s = 0.0f;
+        for (long long r = lo; r < hi; ++r) s += x[r * c + j];
+        p[(size_t)blockIdx.y * c + j] = s;
+    }
+    __threadfence();  // this block's sums reach every block before its count does
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* d = done + (size_t)blockIdx.z * gridDim.x + blockIdx.x;
+        last[0] = atomicAdd(d, 1u) == gridDim.y - 1;
+        if (last[0]) *d = 0;  // every block of the tile has counted
+        __threadfence();      // the other blocks' sums are read after their counts
+    }
+    __syncthreads();
+    if (!last[0] || j >= c) return;
     float s = 0.0f;
-    for (long long r = lo; r < hi; ++r) s += x[r * c + j];
-    part[((size_t)blockIdx.z * gridDim.y + blockIdx.y) * c + j] = s;
+    for (unsigned k = 0; k < gridDim.y; ++k) s += ld_cg(p + (size_t)k * c + j);
+    (blockIdx.z ? acc1 : acc0)[j] += s;
 }
 
 // acc (C) += sum over rows of x (N,C): one thread per column, rows in order, so the sum

@@ -360,18 +360,22 @@ fn matmul_matches_cpu_in_every_layout() {
 fn bias_forward_and_backward_match_cpu() {
     for d in backends() {
         let mut r = Philox::new(3);
-        // 29 rows: one pass down the columns; 203 rows of 5: chunks of rows first
-        for (n, c) in [(29, 301), (203, 5)] {
+        // 29 rows: one pass down the columns; 203 rows of 5 and 150 of 300 (two column
+        // tiles): chunks of rows, added by each tile's last block to finish
+        for (n, c) in [(29, 301), (203, 5), (150, 300)] {
             let (bias, biasd) = both(&d, &rnd(&mut r, c, 1.0));
             let (mut o, mut od) = both(&d, &rnd(&mut r, n * c, 1.0));
             Cpu.add_bias(&mut o, &bias, c).unwrap();
             d.add_bias(&mut od, &biasd, c).unwrap();
             close("add_bias", &d.to_vec(&od), &o);
-            // parameter gradients accumulate: start from a non-zero dbias
+            // parameter gradients accumulate: start from a non-zero dbias; twice, so that
+            // the second launch finds the completion counters the first set back to zero
             let (mut db, mut dbd) = both(&d, &rnd(&mut r, c, 1.0));
-            Cpu.bias_bwd(&o, &mut db, c).unwrap();
-            d.bias_bwd(&od, &mut dbd, c).unwrap();
-            close("bias_bwd", &d.to_vec(&dbd), &db);
+            for _ in 0..2 {
+                Cpu.bias_bwd(&o, &mut db, c).unwrap();
+                d.bias_bwd(&od, &mut dbd, c).unwrap();
+                close("bias_bwd", &d.to_vec(&dbd), &db);
+            }
             assert!(d.add_bias(&mut od, &biasd, c + 1).is_err());
         }
     }

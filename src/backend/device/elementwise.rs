@@ -1,6 +1,6 @@
 //! Whole-buffer ops, activations, SwiGLU, bias and AdamW: launches of
 //! `kernels/elementwise.cu`.  CPU twins: `src/backend/cpu/{elementwise,act,matmul,optim}.rs`.
-use super::{i32_arg, i64_arg, linear, rows_of, BLOCK};
+use super::{i32_arg, i64_arg, linear, rows_of, DeviceBackend, BLOCK};
 use crate::backend::{Act, AdamWStep, RowCopy};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -260,23 +260,24 @@ pub(super) fn add_bias(
 
 /// acc (C) += Σ_rows x (N,C): bias and norm-weight gradients.
 pub(super) fn col_sum(
-    dev: &Device,
+    be: &DeviceBackend,
     op: &'static str,
     x: &DeviceBuf<f32>,
     acc: &mut DeviceBuf<f32>,
     c: usize,
 ) -> Result<()> {
-    col_sums(dev, op, &mut [(x, acc)], c)
+    col_sums(be, op, &mut [(x, acc)], c)
 }
 
 /// [`col_sum`] of one or two (x, acc) pairs of one shape, in the launches of one: the
 /// second pair runs on the grid's z (LayerNorm's weight and bias gradients).
 pub(super) fn col_sums(
-    dev: &Device,
+    be: &DeviceBackend,
     op: &'static str,
     pairs: &mut [(&DeviceBuf<f32>, &mut DeviceBuf<f32>)],
     c: usize,
 ) -> Result<()> {
+    let dev = be.device();
     let Some((x, _)) = pairs.first() else {
         return Ok(());
     };
@@ -295,39 +296,40 @@ pub(super) fn col_sums(
     // never reads them)
     let accs: Vec<KArg> = pairs.iter_mut().map(|(_, a)| a.arg_mut()).collect();
     let (acc0, acc1) = (accs[0], *accs.last().unwrap_or(&accs[0]));
-    let sum_rows = |x0: KArg, x1: KArg, n: usize| {
-        dev.launch(
-            "col_sum_f32",
-            LaunchCfg::new([blocks, 1, z], [BLOCK, 1, 1], 0),
-            &[acc0, acc1, x0, x1, i64_arg(n), i32_arg(op, "C", c)?],
-        )
-    };
     let (x0, x1) = (pairs[0].0.arg(), pairs[pairs.len() - 1].0.arg());
-    // Few column blocks and many rows: chunks of rows first (their sums in order), then
-    // the chunks in order, so that a GPU has COL_SUM_BLOCKS blocks at work.
+    // Few column blocks and many rows: chunks of rows (their sums in order), then the
+    // chunks in order, so that a GPU has COL_SUM_BLOCKS blocks at work; one launch, in
+    // which a column tile's last block to finish adds its chunks.
     let chunks = COL_SUM_BLOCKS
         .div_ceil(blocks as usize)
         .min(n / COL_SUM_MIN_ROWS);
     if chunks < 2 {
-        return sum_rows(x0, x1, n);
+        return dev.launch(
+            "col_sum_f32",
+            LaunchCfg::new([blocks, 1, z], [BLOCK, 1, 1], 0),
+            &[acc0, acc1, x0, x1, i64_arg(n), i32_arg(op, "C", c)?],
+        );
     }
     let rows = n.div_ceil(chunks);
     let chunks = n.div_ceil(rows);
     let mut part = dev.uninit::<f32>(z as usize * chunks * c)?;
-    dev.launch(
-        "col_sum_part_f32",
-        LaunchCfg::new([blocks, chunks as u32, z], [BLOCK, 1, 1], 0),
-        &[
-            part.arg_mut(),
-            x0,
-            x1,
-            i64_arg(n),
-            i32_arg(op, "C", c)?,
-            i32_arg(op, "rows per chunk", rows)?,
-        ],
-    )?;
-    let parts1 = (z as usize - 1) * chunks * c;
-    sum_rows(part.arg(), part.arg_at(parts1), chunks)
+    be.inputs.counters(dev, (blocks * z) as usize, |done| {
+        dev.launch(
+            "col_sum_chunks_f32",
+            LaunchCfg::new([blocks, chunks as u32, z], [BLOCK, 1, 1], 0),
+            &[
+                acc0,
+                acc1,
+                part.arg_mut(),
+                done.arg_mut(),
+                x0,
+                x1,
+                i64_arg(n),
+                i32_arg(op, "C", c)?,
+                i32_arg(op, "rows per chunk", rows)?,
+            ],
+        )
+    })
 }
 
 /// Blocks `col_sum` aims for, and the fewest rows worth a chunk of their own.

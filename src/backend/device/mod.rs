@@ -200,7 +200,7 @@ impl Backend<f32> for DeviceBackend {
         elementwise::add_bias(&self.dev, out, bias, c)
     }
     fn bias_bwd(&self, dout: &DeviceBuf<f32>, dbias: &mut DeviceBuf<f32>, c: usize) -> Result<()> {
-        elementwise::col_sum(&self.dev, "bias_bwd", dout, dbias, c)
+        elementwise::col_sum(self, "bias_bwd", dout, dbias, c)
     }
 
     fn add_rmsnorm_fwd(
@@ -237,7 +237,7 @@ impl Backend<f32> for DeviceBackend {
         dx: &mut DeviceBuf<f32>,
         dw: Option<&mut DeviceBuf<f32>>,
     ) -> Result<()> {
-        norm::rmsnorm_bwd(&self.dev, dout, x, w, rstd, c, dx, dw)
+        norm::rmsnorm_bwd(self, dout, x, w, rstd, c, dx, dw)
     }
     fn layernorm_fwd(
         &self,
@@ -265,7 +265,7 @@ impl Backend<f32> for DeviceBackend {
         db: Option<&mut DeviceBuf<f32>>,
     ) -> Result<()> {
         let saved = norm::LnSaved { w, mean, rstd };
-        norm::layernorm_bwd(&self.dev, dout, x, saved, c, dx, dw, db)
+        norm::layernorm_bwd(self, dout, x, saved, c, dx, dw, db)
     }
 
     fn heads_split(

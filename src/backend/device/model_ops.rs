@@ -58,6 +58,9 @@ pub(super) struct HostInputs {
     /// the buffer tables of the one-launch ops over many buffers (`super::many`): a
     /// step's gradients, and its parameters with their moments
     pub(super) tables: Memo<u64>,
+    /// completion counters of the one-launch chunked reductions (`col_sum_chunks_f32`),
+    /// zero between launches: the kernel sets back each counter it counts in
+    counters: Mutex<Option<DeviceBuf<u32>>>,
 }
 
 impl HostInputs {
@@ -67,7 +70,23 @@ impl HostInputs {
             targets: Memo::new(1),
             ones: Memo::new(1),
             tables: Memo::new(4),
+            counters: Mutex::new(None),
         }
+    }
+
+    /// `f` with at least `n` zeroed counters on the device, allocated (zeroed) at the
+    /// first call that needs more.  One stream runs every launch, so one set serves all.
+    pub(super) fn counters<R>(
+        &self,
+        dev: &Device,
+        n: usize,
+        f: impl FnOnce(&mut DeviceBuf<u32>) -> Result<R>,
+    ) -> Result<R> {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if c.as_ref().is_none_or(|b| b.len() < n) {
+            *c = Some(dev.zeros::<u32>(n.next_power_of_two())?);
+        }
+        f(c.as_mut().expect("allocated above"))
     }
 
     /// `f` with the key mask on the device (None stays None).

@@ -1,7 +1,7 @@
 //! RMSNorm and LayerNorm: launches of `kernels/norm.cu`.  CPU twin: `src/backend/cpu/norm.rs`.
 use super::{
     elementwise::{col_sum, col_sums},
-    i32_arg, i64_arg, rows_of, BLOCK,
+    i32_arg, i64_arg, rows_of, DeviceBackend, BLOCK,
 };
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -116,7 +116,7 @@ pub(super) fn add_rmsnorm_fwd(
 /// dx (N,C) overwritten; dw (C) += Σ_rows dout·x·rstd (None = frozen).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_bwd(
-    dev: &Device,
+    be: &DeviceBackend,
     dout: &DeviceBuf<f32>,
     x: &DeviceBuf<f32>,
     w: Option<&DeviceBuf<f32>>,
@@ -125,6 +125,7 @@ pub(super) fn rmsnorm_bwd(
     dx: &mut DeviceBuf<f32>,
     dw: Option<&mut DeviceBuf<f32>>,
 ) -> Result<()> {
+    let dev = be.device();
     let n = rows_of("rmsnorm_bwd", x.len(), c)?;
     check_len("rmsnorm_bwd", "dout", dout.len(), n * c)?;
     check_len("rmsnorm_bwd", "dx", dx.len(), n * c)?;
@@ -160,7 +161,7 @@ pub(super) fn rmsnorm_bwd(
         ],
     )?;
     if let (Some(dw), Some(t)) = (dw, &terms) {
-        col_sum(dev, "rmsnorm_bwd", t, dw, c)?;
+        col_sum(be, "rmsnorm_bwd", t, dw, c)?;
     }
     Ok(())
 }
@@ -216,7 +217,7 @@ pub(super) struct LnSaved<'a> {
 /// dx (N,C) overwritten; dw, db (C) += (None = frozen).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm_bwd(
-    dev: &Device,
+    be: &DeviceBackend,
     dout: &DeviceBuf<f32>,
     x: &DeviceBuf<f32>,
     s: LnSaved<'_>,
@@ -226,6 +227,7 @@ pub(super) fn layernorm_bwd(
     db: Option<&mut DeviceBuf<f32>>,
 ) -> Result<()> {
     const OP: &str = "layernorm_bwd";
+    let dev = be.device();
     let n = rows_of(OP, x.len(), c)?;
     check_len(OP, "dout", dout.len(), n * c)?;
     check_len(OP, "dx", dx.len(), n * c)?;
@@ -270,5 +272,5 @@ pub(super) fn layernorm_bwd(
     if let Some(db) = db {
         sums.push((dout, db));
     }
-    col_sums(dev, OP, &mut sums, c)
+    col_sums(be, OP, &mut sums, c)
 }
