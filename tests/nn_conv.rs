@@ -4,7 +4,7 @@
 //!
 //! The scalar checked is L = Σ w ∘ out with fixed random weights w, so dL/dout = w.
 use popen::backend::Cpu;
-use popen::nn::{randn, Conv2d, ConvTranspose2x2, CrossAttention, Linear, Rng};
+use popen::nn::{randn, Conv2d, ConvTranspose2x2, CrossAttention, CrossIn, Linear, Rng};
 
 mod common;
 use common::fd::{check, dot, perturbed, rnd, T};
@@ -158,9 +158,15 @@ fn cross_attention_backward_matches_finite_differences() {
         );
         let g = rnd(&mut rng, b * tq * c);
         let loss = |a: &CrossAttention<f64, Cpu>, xq: &T, xk: &T, xv: &T| {
+            let (xq, xk, xv) = (CrossIn::Lend(xq), CrossIn::Lend(xk), CrossIn::Lend(xv));
             dot(&a.forward(&BE, xq, xk, xv, b, tq, tk).unwrap().0, &g)
         };
-        let (_, acts) = a.forward(&BE, &xq, &xk, &xv, b, tq, tk).unwrap();
+        let ins = (
+            CrossIn::Lend(&xq),
+            CrossIn::Lend(&xk),
+            CrossIn::Own(xv.clone()),
+        );
+        let (_, acts) = a.forward(&BE, ins.0, ins.1, ins.2, b, tq, tk).unwrap();
         let mut a2 = a.clone();
         let (dq, dk, dv) = a2.backward(&BE, &acts, &g).unwrap();
         check("xattn dxq", &dq, |i, d| {
@@ -187,25 +193,55 @@ fn cross_attention_backward_matches_finite_differences() {
         );
         check_linear("xattn v", &a, &a2.v, |a| &mut a.v, lossp);
         check_linear("xattn o", &a, &a2.o, |a| &mut a.o, lossp);
-        // self-attention is the same layer on one input: its gradient is the sum
+        // self-attention is the same layer on one input, kept once: its gradient is the sum
         let x = rnd(&mut rng, b * tq * c);
         let gs = rnd(&mut rng, b * tq * c);
-        let (_, sacts) = a.forward(&BE, &x, &x, &x, b, tq, tq).unwrap();
+        let same = |x: &T| {
+            a.forward(
+                &BE,
+                CrossIn::Lend(x),
+                CrossIn::Same,
+                CrossIn::Same,
+                b,
+                tq,
+                tq,
+            )
+            .unwrap()
+        };
+        let (_, sacts) = same(&x);
+        assert!(sacts.xk.is_none() && sacts.xv.is_none());
         let (d1, d2, d3) = a.clone().backward(&BE, &sacts, &gs).unwrap();
         let dx: T = (0..x.len()).map(|i| d1[i] + d2[i] + d3[i]).collect();
         check("self-attn dx", &dx, |i, d| {
-            let xp = perturbed(&x, i, d);
-            dot(&a.forward(&BE, &xp, &xp, &xp, b, tq, tq).unwrap().0, &gs)
+            dot(&same(&perturbed(&x, i, d)).0, &gs)
         });
+        // the queries have no previous input; keys and queries of different lengths
+        // cannot be one buffer
+        let s = CrossIn::Same;
+        assert!(a
+            .forward(&BE, s, CrossIn::Lend(&x), CrossIn::Lend(&x), b, tq, tq)
+            .is_err());
+        let e = a
+            .forward(
+                &BE,
+                CrossIn::Lend(&xq),
+                CrossIn::Same,
+                CrossIn::Lend(&xv),
+                b,
+                tq,
+                tk,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("xk"), "{e}");
     }
     assert!(
         CrossAttention::<f64, Cpu>::new(&BE, 6, 2, 2).is_err(),
         "3 channels in 2 heads"
     );
     let a: CrossAttention<f64, Cpu> = CrossAttention::new(&BE, 8, 2, 2).unwrap();
-    assert!(a
-        .forward(&BE, &vec![0.0; 8], &vec![0.0; 16], &vec![0.0; 15], 1, 1, 2)
-        .is_err());
+    let (xq, xk, xv) = (vec![0.0; 8], vec![0.0; 16], vec![0.0; 15]);
+    let l = CrossIn::Lend;
+    assert!(a.forward(&BE, l(&xq), l(&xk), l(&xv), 1, 1, 2).is_err());
 }
 
 #[test]

@@ -241,15 +241,27 @@ pub struct CrossAttention<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
     pub hs: usize,
 }
 
+/// An input of [`CrossAttention::forward`], which keeps its inputs for the backward.
+#[derive(Debug)]
+pub enum CrossIn<'a, Buf> {
+    /// a buffer the caller has no more use for: kept as it is, no copy
+    Own(Buf),
+    /// a buffer the caller goes on using: copied
+    Lend(&'a Buf),
+    /// the previous input again (the keys: the queries; the values: the keys), kept
+    /// once; not for the queries
+    Same,
+}
+
 /// What a [`CrossAttention`] forward saves.
 #[derive(Clone, Debug)]
 pub struct CrossActs<Buf> {
-    /// the three inputs (B·Tq, C), (B·Tk, C), (B·Tk, C)
+    /// the query input (B·Tq, C)
     pub xq: Buf,
-    /// key input (B·Tk, C)
-    pub xk: Buf,
-    /// value input (B·Tk, C)
-    pub xv: Buf,
+    /// key input (B·Tk, C); None: the query input ([`CrossIn::Same`])
+    pub xk: Option<Buf>,
+    /// value input (B·Tk, C); None: the key input
+    pub xv: Option<Buf>,
     /// the projections, read by attention in place (token-major): q (B·Tq, NH·HS), k and
     /// v (B·Tk, NH·HS); attention output y (B·Tq, NH·HS), lse (B,NH,Tq)
     pub q: Buf,
@@ -267,6 +279,17 @@ pub struct CrossActs<Buf> {
     pub tq: usize,
     /// key tokens Tk
     pub tk: usize,
+}
+
+impl<Buf> CrossActs<Buf> {
+    /// The key input.
+    pub fn xk(&self) -> &Buf {
+        self.xk.as_ref().unwrap_or(&self.xq)
+    }
+    /// The value input.
+    pub fn xv(&self) -> &Buf {
+        self.xv.as_ref().unwrap_or_else(|| self.xk())
+    }
 }
 
 impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
@@ -311,36 +334,50 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
         }
     }
 
-    /// xq (B·Tq, C), xk and xv (B·Tk, C) → (B·Tq, C).
+    /// xq (B·Tq, C), xk and xv (B·Tk, C) → (B·Tq, C).  The activations keep the
+    /// inputs: handed over ([`CrossIn::Own`]) or one buffer read twice
+    /// ([`CrossIn::Same`]), an input is kept without a copy.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         be: &B,
-        xq: &B::Buf,
-        xk: &B::Buf,
-        xv: &B::Buf,
+        xq: CrossIn<'_, B::Buf>,
+        xk: CrossIn<'_, B::Buf>,
+        xv: CrossIn<'_, B::Buf>,
         b: usize,
         tq: usize,
         tk: usize,
     ) -> Result<(B::Buf, CrossActs<B::Buf>)> {
+        const OP: &str = "CrossAttention::forward";
         let (nh, hs) = (self.nh, self.hs);
         let c = self.q.fan_in();
-        check_len("CrossAttention::forward", "xq", be.len(xq), b * tq * c)?;
-        check_len("CrossAttention::forward", "xk", be.len(xk), b * tk * c)?;
-        check_len("CrossAttention::forward", "xv", be.len(xv), b * tk * c)?;
+        let keep = |x: CrossIn<'_, B::Buf>| match x {
+            CrossIn::Own(x) => Some(x),
+            CrossIn::Lend(x) => Some(x.clone()),
+            CrossIn::Same => None,
+        };
+        let Some(xq) = keep(xq) else {
+            return Err(Error::arg(OP, "the queries cannot be the previous input"));
+        };
+        let (xk, xv) = (keep(xk), keep(xv));
+        let kin = xk.as_ref().unwrap_or(&xq);
+        let vin = xv.as_ref().unwrap_or(kin);
+        check_len(OP, "xq", be.len(&xq), b * tq * c)?;
+        check_len(OP, "xk", be.len(kin), b * tk * c)?;
+        check_len(OP, "xv", be.len(vin), b * tk * c)?;
         let (q, k, v) = (
-            self.q.forward(be, xq)?,
-            self.k.forward(be, xk)?,
-            self.v.forward(be, xv)?,
+            self.q.forward(be, &xq)?,
+            self.k.forward(be, kin)?,
+            self.v.forward(be, vin)?,
         );
         let s = self.shape(b, tq, tk);
         let (mut y, mut lse) = (be.uninit(b * tq * nh * hs), be.uninit(b * nh * tq));
         be.attention_fwd(&s, &q, &k, &v, None, None, &mut y, &mut lse)?;
         let out = self.o.forward(be, &y)?;
         let acts = CrossActs {
-            xq: xq.clone(),
-            xk: xk.clone(),
-            xv: xv.clone(),
+            xq,
+            xk,
+            xv,
             q,
             k,
             v,
@@ -382,11 +419,11 @@ impl<F: Float, B: Backend<F>> CrossAttention<F, B> {
             .expect("dx requested");
         let dxk = self
             .k
-            .backward(be, &a.xk, &dk, true)?
+            .backward(be, a.xk(), &dk, true)?
             .expect("dx requested");
         let dxv = self
             .v
-            .backward(be, &a.xv, &dv, true)?
+            .backward(be, a.xv(), &dv, true)?
             .expect("dx requested");
         Ok((dxq, dxk, dxv))
     }

@@ -49,7 +49,7 @@ pub mod llama;
 pub mod sample;
 pub mod twoway;
 
-pub use conv::{Conv2d, ConvTranspose2x2, CrossAttention};
+pub use conv::{Conv2d, ConvTranspose2x2, CrossAttention, CrossIn};
 pub use layers::{
     Attention, AttnCtx, Embedding, LayerNorm, Linear, Mlp, PatchEmbed, RmsNorm, SwiGluMlp,
 };

@@ -5,7 +5,11 @@
 //! every attention (never to values); the query encoding is the input tokens themselves.
 //!
 //! B batch (one per target), T tokens, N image tokens, C channels.
-use super::conv::{push_layernorm, push_linear, CrossActs, CrossAttention, NamedParams};
+use super::conv::{
+    push_layernorm, push_linear, CrossActs, CrossAttention,
+    CrossIn::{Lend, Own, Same},
+    NamedParams,
+};
 use super::layers::{MlpActs, NormStats};
 use super::{LayerNorm, Mlp};
 use crate::backend::{Act, Backend};
@@ -104,27 +108,32 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
         t: usize,
         n: usize,
     ) -> Result<QueriesKeys<B::Buf, BlockActs<B::Buf>>> {
+        // the attentions keep their inputs: temporaries are handed over, the rest copied
         let (q1, a1) = if self.skip_first_layer_pe {
-            self.self_attn.forward(be, q, q, q, b, t, t)?
+            self.self_attn.forward(be, Lend(q), Same, Same, b, t, t)?
         } else {
             let qp = be.add_new(q, qpe)?;
-            let (a, acts) = self.self_attn.forward(be, &qp, &qp, q, b, t, t)?;
+            let (a, acts) = self
+                .self_attn
+                .forward(be, Own(qp), Same, Lend(q), b, t, t)?;
             (be.add_new(q, &a)?, acts)
         };
         let (q1n, n1) = self.norm1.forward(be, &q1)?;
         let kp = be.add_new(k, kpe)?;
+        let qp = be.add_new(&q1n, qpe)?;
         let (a, a2) = self
             .cross_t2i
-            .forward(be, &be.add_new(&q1n, qpe)?, &kp, k, b, t, n)?;
+            .forward(be, Own(qp), Lend(&kp), Lend(k), b, t, n)?;
         let q2 = be.add_new(&q1n, &a)?;
         let (q2n, n2) = self.norm2.forward(be, &q2)?;
         let (m, mlp) = self.mlp.forward(be, &q2n)?;
         let q3 = be.add_new(&q2n, &m)?;
         let (q3n, n3) = self.norm3.forward(be, &q3)?;
         // image tokens query the tokens
+        let qp = be.add_new(&q3n, qpe)?;
         let (a, a3) = self
             .cross_i2t
-            .forward(be, &kp, &be.add_new(&q3n, qpe)?, &q3n, b, n, t)?;
+            .forward(be, Own(kp), Own(qp), Lend(&q3n), b, n, t)?;
         let k4 = be.add_new(k, &a)?;
         let (k4n, n4) = self.norm4.forward(be, &k4)?;
         let acts = BlockActs {
@@ -271,22 +280,20 @@ impl<F: Float, B: Backend<F>> TwoWayTransformer<F, B> {
             be.len(kpe),
             b * n * c,
         )?;
-        let (mut q, mut k) = (tokens.clone(), keys.clone());
+        // each block's outputs are the next one's inputs; the first reads the call's
+        let mut qk: Option<(B::Buf, B::Buf)> = None;
         let mut blocks = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
-            let (q2, k2, a) = l.forward(be, &q, &k, tokens, kpe, b, t, n)?;
-            (q, k) = (q2, k2);
+            let (q, k) = qk.as_ref().map_or((tokens, keys), |(q, k)| (q, k));
+            let (q2, k2, a) = l.forward(be, q, k, tokens, kpe, b, t, n)?;
+            qk = Some((q2, k2));
             blocks.push(a);
         }
-        let (a, fa) = self.final_attn.forward(
-            be,
-            &be.add_new(&q, tokens)?,
-            &be.add_new(&k, kpe)?,
-            &k,
-            b,
-            t,
-            n,
-        )?;
+        let (q, k) = qk.unwrap_or_else(|| (tokens.clone(), keys.clone()));
+        let (qp, kp) = (be.add_new(&q, tokens)?, be.add_new(&k, kpe)?);
+        let (a, fa) = self
+            .final_attn
+            .forward(be, Own(qp), Own(kp), Lend(&k), b, t, n)?;
         let qf = be.add_new(&q, &a)?;
         let (qn, nf) = self.norm_final.forward(be, &qf)?;
         Ok((
