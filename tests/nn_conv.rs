@@ -215,6 +215,16 @@ fn cross_attention_backward_matches_finite_differences() {
         check("self-attn dx", &dx, |i, d| {
             dot(&same(&perturbed(&x, i, d)).0, &gs)
         });
+        // values Same as the keys: the keys read twice, kept once
+        let l = CrossIn::Lend;
+        let (kv, kvacts) = a
+            .forward(&BE, l(&xq), l(&xk), CrossIn::Same, b, tq, tk)
+            .unwrap();
+        assert_eq!(
+            kv,
+            a.forward(&BE, l(&xq), l(&xk), l(&xk), b, tq, tk).unwrap().0
+        );
+        assert!(kvacts.xv.is_none() && kvacts.xv() == &xk);
         // the queries have no previous input; keys and queries of different lengths
         // cannot be one buffer
         let s = CrossIn::Same;
