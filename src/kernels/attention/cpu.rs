@@ -40,6 +40,35 @@ fn heads_of<'a, F: Float + Send + Sync>(
     Cow::Owned(o)
 }
 
+/// A call with token-major operands, run as the head-major call on copies: the same
+/// arithmetic, the same bits.  The head-major shape, q, k and v as heads, and the
+/// token-major dimensions [b, t, h, hs] of q (and out) and of k (and v).
+struct AsHeads<'a, F: Clone> {
+    s: AttnShape,
+    q: Cow<'a, [F]>,
+    k: Cow<'a, [F]>,
+    v: Cow<'a, [F]>,
+    qd: [usize; 4],
+    kd: [usize; 4],
+}
+
+impl<'a, F: Float + Send + Sync> AsHeads<'a, F> {
+    fn new(s: &AttnShape, q: &'a [F], k: &'a [F], v: &'a [F]) -> Self {
+        let (l, qd, kd) = (s.layout, [s.b, s.tq, s.nh, s.hs], [s.b, s.tk, s.nkv, s.hs]);
+        AsHeads {
+            s: AttnShape {
+                layout: AttnLayout::HEADS,
+                ..*s
+            },
+            q: heads_of(q, l.q, qd),
+            k: heads_of(k, l.k, kd),
+            v: heads_of(v, l.v, kd),
+            qd,
+            kd,
+        }
+    }
+}
+
 /// An output of the head-major call written to `dst`, token-major when `tokens`.
 /// Without `tokens` the call wrote `dst` itself.
 struct OutOf<'a, F> {
@@ -98,21 +127,10 @@ pub fn attention_fwd_cpu<F: Float + Send + Sync + 'static>(
         out.len(),
         lse.len(),
     )?;
-    let l = s.layout;
-    if l != AttnLayout::HEADS {
-        // The head-major call on copies: the same arithmetic, the same bits.
-        let (qd, kd) = ([s.b, s.tq, s.nh, s.hs], [s.b, s.tk, s.nkv, s.hs]);
-        let hm = AttnShape {
-            layout: AttnLayout::HEADS,
-            ..*s
-        };
-        let (q, k, v) = (
-            heads_of(q, l.q, qd),
-            heads_of(k, l.k, kd),
-            heads_of(v, l.v, kd),
-        );
-        let mut o = OutOf::new(out, l.out, qd);
-        attention_fwd_cpu(&hm, &q, &k, &v, bias, key_mask, o.buf(), lse)?;
+    if s.layout != AttnLayout::HEADS {
+        let h = AsHeads::new(s, q, k, v);
+        let mut o = OutOf::new(out, s.layout.out, h.qd);
+        attention_fwd_cpu(&h.s, &h.q, &h.k, &h.v, bias, key_mask, o.buf(), lse)?;
         o.finish();
         return Ok(());
     }
@@ -297,26 +315,16 @@ pub fn attention_bwd_cpu<F: Float + Send + Sync>(
     )?;
     let l = s.layout;
     if l != AttnLayout::HEADS {
-        // The head-major call on copies: the same arithmetic, the same bits.
-        let (qd, kd) = ([s.b, s.tq, s.nh, s.hs], [s.b, s.tk, s.nkv, s.hs]);
-        let hm = AttnShape {
-            layout: AttnLayout::HEADS,
-            ..*s
-        };
-        let (q, k, v) = (
-            heads_of(q, l.q, qd),
-            heads_of(k, l.k, kd),
-            heads_of(v, l.v, kd),
-        );
-        let (out, dout) = (heads_of(out, l.out, qd), heads_of(dout, l.out, qd));
-        let mut dq = OutOf::new(dq, l.q, qd);
-        let mut dk = OutOf::new(dk, l.k, kd);
-        let mut dv = OutOf::new(dv, l.v, kd);
+        let h = AsHeads::new(s, q, k, v);
+        let (out, dout) = (heads_of(out, l.out, h.qd), heads_of(dout, l.out, h.qd));
+        let mut dq = OutOf::new(dq, l.q, h.qd);
+        let mut dk = OutOf::new(dk, l.k, h.kd);
+        let mut dv = OutOf::new(dv, l.v, h.kd);
         attention_bwd_cpu(
-            &hm,
-            &q,
-            &k,
-            &v,
+            &h.s,
+            &h.q,
+            &h.k,
+            &h.v,
             bias,
             key_mask,
             &out,
