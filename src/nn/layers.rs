@@ -722,9 +722,9 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
     }
 
     /// The operands attention reads in place, token-major, as the projections write
-    /// them: q and k unless RoPE rotates them (the rotation is fused with the split), v
-    /// unless it goes to a cache (which holds heads), k neither, and the output always
-    /// (it is the input of `o`).  Only the others are split into heads.
+    /// them: q unless RoPE rotates it (the rotation rides on the split), k unless
+    /// rotated or bound for a cache (which holds heads), v unless bound for a cache, and
+    /// the output always (it is the input of `o`).  Only the others are split into heads.
     fn layout(&self, cached: bool) -> AttnLayout {
         let plain = self.rope_theta.is_none();
         AttnLayout {

@@ -251,21 +251,21 @@ impl AttnShape {
             self.b * self.nh * self.tq,
         );
         let l = self.layout;
-        check_len(op, &format!("q {}", dims(l.q, "NH", "Tq")), q, ql)?;
+        operand(op, "q", dims(l.q, "NH", "Tq"), q, ql)?;
         let t = if self.kv_stride == self.tk {
             "Tk"
         } else {
             "kv_stride"
         };
-        check_len(op, &format!("k {}", dims(l.k, "NKV", t)), k, kvl)?;
-        check_len(op, &format!("v {}", dims(l.v, "NKV", t)), v, kvl)?;
+        operand(op, "k", dims(l.k, "NKV", t), k, kvl)?;
+        operand(op, "v", dims(l.v, "NKV", t), v, kvl)?;
         if let Some(n) = bias {
             check_len(op, "bias (B,Tk)", n, bl)?;
         }
         if let Some(n) = mask {
             check_len(op, "key_mask (B,Tk)", n, bl)?;
         }
-        check_len(op, &format!("out {}", dims(l.out, "NH", "Tq")), out, ql)?;
+        operand(op, "out", dims(l.out, "NH", "Tq"), out, ql)?;
         check_len(op, "lse (B,NH,Tq)", lse, ll)
     }
 
@@ -288,10 +288,10 @@ impl AttnShape {
             ));
         }
         let l = self.layout;
-        check_len(op, &format!("dout {}", dims(l.out, "NH", "Tq")), dout, q)?;
-        check_len(op, &format!("dq {}", dims(l.q, "NH", "Tq")), dq, q)?;
-        check_len(op, &format!("dk {}", dims(l.k, "NKV", "Tk")), dk, k)?;
-        check_len(op, &format!("dv {}", dims(l.v, "NKV", "Tk")), dv, v)?;
+        operand(op, "dout", dims(l.out, "NH", "Tq"), dout, q)?;
+        operand(op, "dq", dims(l.q, "NH", "Tq"), dq, q)?;
+        operand(op, "dk", dims(l.k, "NKV", "Tk"), dk, k)?;
+        operand(op, "dv", dims(l.v, "NKV", "Tk"), dv, v)?;
         if let Some(n) = dbias {
             check_len(op, "dbias (B,Tk)", n, self.b * self.tk)?;
         }
@@ -300,12 +300,20 @@ impl AttnShape {
 }
 
 /// An operand's dimensions for an error label: (B,H,T,HS) or, token-major, (B,T,H,HS).
-fn dims(tokens: bool, heads: &str, t: &str) -> String {
+fn dims<'a>(tokens: bool, heads: &'a str, t: &'a str) -> [&'a str; 4] {
     if tokens {
-        format!("(B,{t},{heads},HS)")
+        ["B", t, heads, "HS"]
     } else {
-        format!("(B,{heads},{t},HS)")
+        ["B", heads, t, "HS"]
     }
+}
+
+/// [`check_len`] of one operand, its label (`q (B,NH,Tq,HS)`) formed only for the error.
+fn operand(op: &'static str, name: &str, dims: [&str; 4], got: usize, want: usize) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    check_len(op, &format!("{name} ({})", dims.join(",")), got, want)
 }
 
 /// Shape, scale, `len` and buffer sizes of a decode step: q (B,NH,HS),
