@@ -239,9 +239,10 @@ fn mlp_and_swiglu_backward_match_finite_differences() {
             l.weight.data = rnd(&mut rng, l.weight.numel());
             l.bias.as_mut().unwrap().data = rnd(&mut rng, l.fan_out());
         }
-        let loss = |m: &Mlp<f64, Cpu>, x: &T| dot(&m.forward(&BE, x).unwrap().0, &w);
+        let loss = |m: &Mlp<f64, Cpu>, x: &T| dot(&m.forward(&BE, x.clone()).unwrap().0, &w);
         let mut m2 = m.clone();
-        let (_, acts) = m.forward(&BE, &x).unwrap();
+        let (_, acts) = m.forward(&BE, x.clone()).unwrap();
+        assert_eq!(acts.x, x, "the MLP keeps its input");
         let dx = m2.backward(&BE, &acts, &w).unwrap();
         check("mlp dx", &dx, |k, d| loss(&m, &perturbed(&x, k, d)));
         check("mlp fc1.w", m2.fc1.weight.grad.as_ref().unwrap(), |k, d| {
@@ -254,9 +255,9 @@ fn mlp_and_swiglu_backward_match_finite_differences() {
     for l in [&mut s.gate, &mut s.up, &mut s.down] {
         l.weight.data = rnd(&mut rng, l.weight.numel());
     }
-    let loss = |m: &SwiGluMlp<f64, Cpu>, x: &T| dot(&m.forward(&BE, x).unwrap().0, &w);
+    let loss = |m: &SwiGluMlp<f64, Cpu>, x: &T| dot(&m.forward(&BE, x.clone()).unwrap().0, &w);
     let mut s2 = s.clone();
-    let (_, acts) = s.forward(&BE, &x).unwrap();
+    let (_, acts) = s.forward(&BE, x.clone()).unwrap();
     let dx = s2.backward(&BE, &acts, &w).unwrap();
     check("swiglu dx", &dx, |k, d| loss(&s, &perturbed(&x, k, d)));
     check(
@@ -382,7 +383,7 @@ fn attention_backward_matches_finite_differences() {
                 bias: Some(g),
                 key_mask: Some(&mask),
             };
-            dot(&a.forward(&BE, x, &ctx, None).unwrap().0, &w)
+            dot(&a.forward(&BE, x.clone(), &ctx, None).unwrap().0, &w)
         };
         let ctx = AttnCtx {
             b,
@@ -391,7 +392,7 @@ fn attention_backward_matches_finite_differences() {
             bias: Some(&gamma),
             key_mask: Some(&mask),
         };
-        let (_, acts) = a.forward(&BE, &x, &ctx, None).unwrap();
+        let (_, acts) = a.forward(&BE, x.clone(), &ctx, None).unwrap();
         let mut a2 = a.clone();
         let (dx, dg) = a2.backward(&BE, &acts, &ctx, &w, true).unwrap();
         check("attn dx", &dx, |k, d| {

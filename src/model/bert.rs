@@ -288,11 +288,12 @@ impl<F: Float, B: Backend<F>> Bert<F, B> {
         };
         for l in &self.layers {
             // post-LN: x = LN(x + attn(x)); x = LN(x + mlp(x))
-            let (mut a, _) = l.attention.forward(be, &x, &ctx, None)?;
-            be.axpy(&mut a, F::one(), &x)?;
+            // (a layer keeps its input: the residual reads it there)
+            let (mut a, aa) = l.attention.forward(be, x, &ctx, None)?;
+            be.axpy(&mut a, F::one(), &aa.x)?;
             let (h, _) = l.attention_norm.forward(be, &a)?;
-            let (mut m, _) = l.mlp.forward(be, &h)?;
-            be.axpy(&mut m, F::one(), &h)?;
+            let (mut m, ma) = l.mlp.forward(be, h)?;
+            be.axpy(&mut m, F::one(), &ma.x)?;
             x = l.output_norm.forward(be, &m)?.0;
         }
         let pooler_output = match &self.pooler {

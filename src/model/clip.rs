@@ -262,10 +262,10 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         let mut hidden_states = vec![x.clone()];
         for l in &self.layers[..upto] {
             let (h, _) = l.layer_norm1.forward(be, &x)?;
-            let (a, _) = l.self_attn.forward(be, &h, &ctx, None)?;
+            let (a, _) = l.self_attn.forward(be, h, &ctx, None)?;
             be.axpy(&mut x, F::one(), &a)?;
             let (h, _) = l.layer_norm2.forward(be, &x)?;
-            let (m, _) = l.mlp.forward(be, &h)?;
+            let (m, _) = l.mlp.forward(be, h)?;
             be.axpy(&mut x, F::one(), &m)?;
             hidden_states.push(x.clone());
         }
@@ -388,10 +388,10 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         let mut layers = Vec::with_capacity(upto);
         for l in &self.layers[..upto] {
             let (ln1, st1) = l.layer_norm1.forward(be, &x)?;
-            let (a, attn) = l.self_attn.forward(be, &ln1, &ctx, None)?;
+            let (a, attn) = l.self_attn.forward(be, ln1, &ctx, None)?;
             let xm = be.add_new(&x, &a)?;
             let (ln2, st2) = l.layer_norm2.forward(be, &xm)?;
-            let (m, mlp) = l.mlp.forward(be, &ln2)?;
+            let (m, mlp) = l.mlp.forward(be, ln2)?;
             let xo = be.add_new(&xm, &m)?;
             layers.push(ClipLayerActs {
                 x,

@@ -215,7 +215,7 @@ impl<F: Float, B: Backend<F>> Llava<F, B> {
         } else {
             h.clone()
         };
-        Ok(self.projector.forward(be, &feats)?.0)
+        Ok(self.projector.forward(be, feats)?.0)
     }
 
     /// ids (B·T), pixels (NI, CH, H, W) when the prompt has image tokens, key mask

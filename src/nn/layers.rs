@@ -504,13 +504,14 @@ impl<F: Float, B: Backend<F>> Mlp<F, B> {
             act,
         }
     }
-    /// x (N,C) → (N,C).
-    pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, MlpActs<B::Buf>)> {
-        let h = self.fc1.forward(be, x)?;
+    /// x (N,C) → (N,C).  The activations keep x (a caller that reads it after hands
+    /// over a clone).
+    pub fn forward(&self, be: &B, x: B::Buf) -> Result<(B::Buf, MlpActs<B::Buf>)> {
+        let h = self.fc1.forward(be, &x)?;
         let mut a = be.uninit(be.len(&h));
         be.act_fwd(self.act, &h, &mut a)?;
         let y = self.fc2.forward(be, &a)?;
-        Ok((y, MlpActs { x: x.clone(), h, a }))
+        Ok((y, MlpActs { x, h, a }))
     }
     /// forward: y = fc2(act(fc1(x)))  so: backward through each in reverse.
     pub fn backward(&mut self, be: &B, acts: &MlpActs<B::Buf>, dy: &B::Buf) -> Result<B::Buf> {
@@ -560,22 +561,15 @@ impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
             down: Linear::new(be, inter, c, false),
         }
     }
-    /// x (N,C) → (N,C); g, u, a are (N,I).
-    pub fn forward(&self, be: &B, x: &B::Buf) -> Result<(B::Buf, SwiGluActs<B::Buf>)> {
-        let g = self.gate.forward(be, x)?;
-        let u = self.up.forward(be, x)?;
+    /// x (N,C) → (N,C); g, u, a are (N,I).  The activations keep x (a caller that
+    /// reads it after hands over a clone).
+    pub fn forward(&self, be: &B, x: B::Buf) -> Result<(B::Buf, SwiGluActs<B::Buf>)> {
+        let g = self.gate.forward(be, &x)?;
+        let u = self.up.forward(be, &x)?;
         let mut a = be.uninit(be.len(&g));
         be.swiglu_fwd(&g, &u, &mut a)?;
         let y = self.down.forward(be, &a)?;
-        Ok((
-            y,
-            SwiGluActs {
-                x: x.clone(),
-                g,
-                u,
-                a,
-            },
-        ))
+        Ok((y, SwiGluActs { x, g, u, a }))
     }
     /// forward: y = down(silu(g)·u), g = gate(x), u = up(x)
     /// so:      dx = gateᵀ-path(dg) + upᵀ-path(du)
@@ -773,23 +767,24 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         Ok(o)
     }
 
-    /// x (B·T, C) → (B·T, C).  With `cache`, the new keys/values are written into it
+    /// x (B·T, C) → (B·T, C); the activations keep x (a caller that reads it after
+    /// hands over a clone).  With `cache`, the new keys/values are written into it
     /// (it must have room: [`crate::nn::Llama::reserve_cache`]) and the queries attend
     /// to all of them (key-side bias and mask then cover all Tk keys).  The activations
     /// keep only the new keys, which are all of them when the cache started empty.
     pub fn forward(
         &self,
         be: &B,
-        x: &B::Buf,
+        x: B::Buf,
         ctx: &AttnCtx<'_, B::Buf>,
         cache: Option<&mut LayerKv<B::Buf>>,
     ) -> Result<(B::Buf, AttnActs<B::Buf>)> {
         let (b, t, hs) = (ctx.b, ctx.t, self.hs);
         let lay = self.layout(cache.is_some());
         let rope = self.rope_theta;
-        let q = self.operand(be, self.q.forward(be, x)?, lay.q, self.nh, ctx, rope)?;
-        let k = self.operand(be, self.k.forward(be, x)?, lay.k, self.nkv, ctx, rope)?;
-        let v = self.operand(be, self.v.forward(be, x)?, lay.v, self.nkv, ctx, None)?;
+        let q = self.operand(be, self.q.forward(be, &x)?, lay.q, self.nh, ctx, rope)?;
+        let k = self.operand(be, self.k.forward(be, &x)?, lay.k, self.nkv, ctx, rope)?;
+        let v = self.operand(be, self.v.forward(be, &x)?, lay.v, self.nkv, ctx, None)?;
         let mut y = be.uninit(b * t * self.nh * hs);
         let mut lse = be.uninit(b * self.nh * t);
         // the keys attention reads: the new ones alone, or the cache they were written to
@@ -818,7 +813,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         Ok((
             out,
             AttnActs {
-                x: x.clone(),
+                x,
                 q,
                 k,
                 v,

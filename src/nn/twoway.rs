@@ -126,8 +126,8 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
             .forward(be, Own(qp), Lend(&kp), Lend(k), b, t, n)?;
         let q2 = be.add_new(&q1n, &a)?;
         let (q2n, n2) = self.norm2.forward(be, &q2)?;
-        let (m, mlp) = self.mlp.forward(be, &q2n)?;
-        let q3 = be.add_new(&q2n, &m)?;
+        let (m, mlp) = self.mlp.forward(be, q2n)?;
+        let q3 = be.add_new(&mlp.x, &m)?; // q2n, which the MLP keeps
         let (q3n, n3) = self.norm3.forward(be, &q3)?;
         // image tokens query the tokens
         let qp = be.add_new(&q3n, qpe)?;

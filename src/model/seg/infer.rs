@@ -245,7 +245,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (img, _) = self
             .llava
             .projector
-            .forward(be, &self.patches_of(&hs[idx[0]], b)?)?;
+            .forward(be, self.patches_of(&hs[idx[0]], b)?)?;
         let f0 = self.patches_of(&hs[idx[1]], b)?;
         let f1 = self.patches_of(&hs[idx[2]], b)?;
         let (img, _) = self.image_tokens(img, &f0, b)?;

@@ -327,7 +327,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let h = self.llava.cfg.text.hidden_size;
         let mut g = be.uninit(rows.len() * h);
         be.embedding_fwd(rows, hidden, h, &mut g)?;
-        let (out, acts) = self.seg_head.forward(be, &g)?; // (M·G, D)
+        let (out, acts) = self.seg_head.forward(be, g)?; // (M·G, D)
         Ok((self.average_scales(&out, rows.len())?, acts))
     }
 

@@ -486,7 +486,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (img, proj) = self
             .llava
             .projector
-            .forward(&be, &self.patches_of(&hs[idx[0]], b)?)?; // (B·Kp, H)
+            .forward(&be, self.patches_of(&hs[idx[0]], b)?)?; // (B·Kp, H)
         let (img, presence) = self.image_tokens(img, &f0, b)?; // (B·K, H)
         let rows: Vec<Vec<u32>> = batch.iter().map(|e| self.expand_ids(&e.enc)).collect();
         let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);

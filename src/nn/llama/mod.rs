@@ -42,17 +42,13 @@ pub struct LlamaLayer<F: Float = f32, B: Backend<F> = Cpu> {
 pub struct LayerActs<Buf> {
     /// residual stream entering the block (N,C)
     pub x: Buf,
-    /// `input_layernorm(x)` (N,C)
-    pub ln1: Buf,
-    /// its rstd (N)
+    /// rstd (N) of `input_layernorm(x)`, whose output the attention saved (`attn.x`)
     pub rstd1: Buf,
     /// what the attention saved
     pub attn: AttnActs<Buf>,
     /// residual after attention (N,C)
     pub xm: Buf,
-    /// `post_attention_layernorm(xm)` (N,C)
-    pub ln2: Buf,
-    /// its rstd (N)
+    /// rstd (N) of `post_attention_layernorm(xm)`, whose output the MLP saved (`mlp.x`)
     pub rstd2: Buf,
     /// what the MLP saved
     pub mlp: SwiGluActs<Buf>,
@@ -502,19 +498,17 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
     ) -> Result<(B::Buf, LayerActs<B::Buf>)> {
         let be = &self.be;
         let (ln1, rstd1) = l.input_layernorm.forward(be, &x)?;
-        let (a, attn) = l.self_attn.forward(be, &ln1, ctx, kv)?;
+        let (a, attn) = l.self_attn.forward(be, ln1, ctx, kv)?;
         let (xm, ln2, rstd2) = l.post_attention_layernorm.forward_added(be, &x, &a)?;
-        let (m, mlp) = l.mlp.forward(be, &ln2)?;
+        let (m, mlp) = l.mlp.forward(be, ln2)?;
         let xo = be.add_new(&xm, &m)?;
         Ok((
             xo,
             LayerActs {
                 x,
-                ln1,
                 rstd1,
                 attn,
                 xm,
-                ln2,
                 rstd2,
                 mlp,
             },
