@@ -42,12 +42,29 @@ extern "C" __global__ void scale_f32(float* y, const float* x, float a, long lon
     scale_span(y, x, a, n, gs_first(), gs_stride());
 }
 
-// y[i] = a[i] + b[i] (y may be a or b): a residual add that keeps both inputs
-extern "C" __global__ void add_f32(float* y, const float* a, const float* b, long long n) {
-    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(y, a, b), n);
+// y[i] = t0[i] + t1[i] + t2[i] + t3[i], the first nt terms (1 to 4; the rest null) added
+// left to right, so the bits are those of a copy of t0 and an axpy of each other term in
+// turn.  y may be t0 (an add into y): a residual add that keeps its inputs, or the
+// gradients of one input that fed several ops, in one pass.
+extern "C" __global__ void add_terms_f32(float* y, const float* t0, const float* t1, const float* t2,
+                                         const float* t3, int nt, long long n) {
+    const long long t = gs_first(), s = gs_stride();
+    const long long head = vec_head(aligned16(y, t0, t1, t2) && aligned16(t3), n);
     auto f = [](float u, float v) { return u + v; };
-    for (long long i = 4 * t; i < head; i += 4 * s) store_float4(y + i, map4(f, load_float4(a + i), load_float4(b + i)));
-    for (long long i = head + t; i < n; i += s) y[i] = f(a[i], b[i]);
+    for (long long i = 4 * t; i < head; i += 4 * s) {
+        float4 v = load_float4(t0 + i);
+        if (nt > 1) v = map4(f, v, load_float4(t1 + i));
+        if (nt > 2) v = map4(f, v, load_float4(t2 + i));
+        if (nt > 3) v = map4(f, v, load_float4(t3 + i));
+        store_float4(y + i, v);
+    }
+    for (long long i = head + t; i < n; i += s) {
+        float v = t0[i];
+        if (nt > 1) v = f(v, t1[i]);
+        if (nt > 2) v = f(v, t2[i]);
+        if (nt > 3) v = f(v, t3[i]);
+        y[i] = v;
+    }
 }
 
 // ---- the device backend's whole-buffer ops (src/backend/device/) ----

@@ -65,6 +65,22 @@ extern "C" __global__ void rmsnorm_bwd_f32(float* dx, float* dxw, const float* d
     }
 }
 
+// The end of both LayerNorm forwards, given this thread's share s of the row's sum:
+// mean[row] = mu, rstd[row] = r = 1/sqrt(var + eps), o = (xr - mu) r w + b.  Each thread
+// reads back only the xr it summed (or wrote).
+__device__ __forceinline__ void ln_finish(float* o, float* mean, float* rstd, const float* xr, const float* w,
+                                          const float* b, float s, float eps, long long row, int c, float* part) {
+    float mu = row_sum(s, part) / (float)c;
+    float q = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) q += (xr[j] - mu) * (xr[j] - mu);
+    float r = 1.0f / sqrtf(row_sum(q, part) / (float)c + eps);
+    if (threadIdx.x == 0) {
+        mean[row] = mu;
+        rstd[row] = r;
+    }
+    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = (xr[j] - mu) * r * w[j] + b[j];
+}
+
 // out (N,C) = (x - mean) rstd w + b; mean, rstd (N), rstd = 1/sqrt(var + eps)
 extern "C" __global__ void layernorm_fwd_f32(float* out, float* mean, float* rstd, const float* x, const float* w,
                                              const float* b, float eps, long long n, int c) {
@@ -74,15 +90,25 @@ extern "C" __global__ void layernorm_fwd_f32(float* out, float* mean, float* rst
     const long long off = row * c;
     float s = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) s += x[off + j];
-    float mu = row_sum(s, part) / (float)c;
-    float q = 0.0f;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) q += (x[off + j] - mu) * (x[off + j] - mu);
-    float r = 1.0f / sqrtf(row_sum(q, part) / (float)c + eps);
-    if (threadIdx.x == 0) {
-        mean[row] = mu;
-        rstd[row] = r;
+    ln_finish(out + off, mean, rstd, x + off, w, b, s, eps, row, c, part);
+}
+
+// sum (N,C) = x + a, then out, mean and rstd as layernorm_fwd_f32 gives them for sum: a
+// residual add and the norm after it in one pass.
+extern "C" __global__ void add_layernorm_fwd_f32(float* sum, float* out, float* mean, float* rstd, const float* x,
+                                                 const float* a, const float* w, const float* b, float eps,
+                                                 long long n, int c) {
+    SHARED(float, part, [32]);
+    const long long row = row_index();
+    if (row >= n) return;
+    const long long off = row * c;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        const float v = x[off + j] + a[off + j];
+        sum[off + j] = v;
+        s += v;
     }
-    for (int j = threadIdx.x; j < c; j += blockDim.x) out[off + j] = (x[off + j] - mu) * r * w[j] + b[j];
+    ln_finish(out + off, mean, rstd, sum + off, w, b, s, eps, row, c, part);
 }
 
 // forward: xh = (x - mu) r, out = xh w + b

@@ -46,6 +46,51 @@ fn both(d: &DeviceBackend, x: &[f32]) -> (Vec<f32>, popen::kernels::DeviceBuf<f3
     (x.to_vec(), d.from_slice(x))
 }
 
+/// `add_new` and `add_into` over 1 to 9 terms (more than one launch's four operands)
+/// are left folds, bit for bit, on both backends: each sum is what a chain of adds gives.
+#[test]
+fn n_ary_adds_are_left_folds_bit_for_bit() {
+    for (d, n) in backends()
+        .into_iter()
+        .flat_map(|d| [(d.clone(), 1001), (d, 300_007)])
+    {
+        let mut r = Philox::new(11);
+        let terms: Vec<Vec<f32>> = (0..9).map(|_| rnd(&mut r, n, 3.0)).collect();
+        let dterms: Vec<_> = terms.iter().map(|t| d.from_slice(t)).collect();
+        let fold = |start: &[f32], rest: &[Vec<f32>]| {
+            let mut acc = start.to_vec();
+            for t in rest {
+                acc.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+            }
+            acc
+        };
+        for k in 1..=9 {
+            let want = fold(&terms[0], &terms[1..k]);
+            let refs: Vec<&Vec<f32>> = terms[..k].iter().collect();
+            assert_eq!(Cpu.add_new(&refs).unwrap(), want, "cpu add_new, {k} terms");
+            let drefs: Vec<_> = dterms[..k].iter().collect();
+            let got = d.to_vec(&d.add_new(&drefs).unwrap());
+            assert!(got == want, "add_new, {k} terms, n {n}");
+            // into the last term: dst + t0 + … + t(k−2)
+            let want = fold(&terms[8], &terms[..k - 1]);
+            let mut dst = terms[8].clone();
+            Cpu.add_into(&mut dst, &refs[..k - 1]).unwrap();
+            assert_eq!(dst, want, "cpu add_into, {} terms", k - 1);
+            let mut dst = dterms[8].clone();
+            d.add_into(&mut dst, &drefs[..k - 1]).unwrap();
+            assert!(d.to_vec(&dst) == want, "add_into, {} terms, n {n}", k - 1);
+        }
+        let short = d.zeros(n - 1);
+        let e = d.add_new(&[&dterms[0], &dterms[1], &short]).unwrap_err();
+        assert!(e.to_string().contains("term 2 has"), "{e}");
+        let e = d.add_into(&mut dterms[0].clone(), &[&short]).unwrap_err();
+        assert!(e.to_string().contains("term 0 has"), "{e}");
+        assert!(d.add_new(&[]).is_err(), "no terms");
+        let e = Cpu.add_new(&[&terms[0], &vec![0.0; 3]]).unwrap_err();
+        assert!(e.to_string().contains("term 1 has 3 elements"), "{e}");
+    }
+}
+
 #[test]
 fn memory_ops_match_cpu() {
     // 1001: four per load and a scalar tail; 300_007: more elements than one launch has
@@ -63,17 +108,6 @@ fn memory_ops_match_cpu() {
         Cpu.scale(&mut y, 1.3);
         d.scale(&mut yd, 1.3);
         close("scale", &d.to_vec(&yd), &y);
-        // a + b in one launch (the CPU: a copy and an axpy), each sum bit for bit
-        let (xv, yv) = (d.to_vec(&xd), d.to_vec(&yd));
-        let sums = |z: &[f32], a: &[f32], b: &[f32]| {
-            z.len() == a.len() && z.iter().zip(a.iter().zip(b)).all(|(s, (a, b))| *s == a + b)
-        };
-        assert!(
-            sums(&d.to_vec(&d.add_new(&xd, &yd).unwrap()), &xv, &yv),
-            "add_new"
-        );
-        assert!(sums(&Cpu.add_new(&x, &y).unwrap(), &x, &y), "cpu add_new");
-        assert!(d.add_new(&xd, &d.zeros(3)).is_err());
         // the device adds block partials (a tree), the CPU backend in sequence: the
         // device within TOL of the exact sum, the CPU within its sequential bound n·ε
         let exact: f64 = y.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
@@ -839,6 +873,36 @@ fn layernorm_forward_and_backward_match_cpu() {
             assert!(d
                 .layernorm_fwd(&xd, &wd, &bd, 1e-5, c + 1, &mut od, &mut mud, &mut rsd)
                 .is_err());
+            // a residual add and the norm in one launch: the CPU's add then norm, and
+            // bit for bit the device's own add then norm (same per-row order)
+            let (a, ad) = both(&d, &rnd(&mut r, n * c, 2.0));
+            let mut cpu = (vec![0.0; n * c], vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+            let (s, o, m, rs) = (&mut cpu.0, &mut cpu.1, &mut cpu.2, &mut cpu.3);
+            Cpu.add_layernorm_fwd(&x, &a, &w, &b, 1e-5, c, s, o, m, rs)
+                .unwrap();
+            let plain: Vec<f32> = x.iter().zip(&a).map(|(x, a)| x + a).collect();
+            assert_eq!(cpu.0, plain, "add_layernorm sum on the CPU");
+            let mut dev = (d.uninit(n * c), d.uninit(n * c), d.uninit(n), d.uninit(n));
+            let (s, o, m, rs) = (&mut dev.0, &mut dev.1, &mut dev.2, &mut dev.3);
+            d.add_layernorm_fwd(&xd, &ad, &wd, &bd, 1e-5, c, s, o, m, rs)
+                .unwrap();
+            close("add_layernorm sum", &d.to_vec(&dev.0), &cpu.0);
+            close("add_layernorm out", &d.to_vec(&dev.1), &cpu.1);
+            close("add_layernorm mean", &d.to_vec(&dev.2), &cpu.2);
+            close("add_layernorm rstd", &d.to_vec(&dev.3), &cpu.3);
+            let xa = d.add_new(&[&xd, &ad]).unwrap();
+            d.layernorm_fwd(&xa, &wd, &bd, 1e-5, c, &mut od, &mut mud, &mut rsd)
+                .unwrap();
+            assert_eq!(d.to_vec(&dev.0), d.to_vec(&xa), "fused sum");
+            assert_eq!(d.to_vec(&dev.1), d.to_vec(&od), "fused against add + norm");
+            assert_eq!(d.to_vec(&dev.2), d.to_vec(&mud), "fused mean");
+            assert_eq!(d.to_vec(&dev.3), d.to_vec(&rsd), "fused rstd");
+            let (s, o, m, rs) = (&mut dev.0, &mut dev.1, &mut dev.2, &mut dev.3);
+            let e = d
+                .add_layernorm_fwd(&xd, &d.zeros(c), &wd, &bd, 1e-5, c, s, o, m, rs)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("add_layernorm_fwd") && e.contains("a has"), "{e}");
         }
     }
 }

@@ -178,29 +178,6 @@ fn every_listed_kernel_is_named_by_a_launch_in_src_or_tests() {
     );
 }
 
-/// `add_f32` in place (y aliasing a), as no backend op launches it.
-#[test]
-fn add_in_place_adds_at_odd_sizes() {
-    for dev in Device::test_devices() {
-        for n in [1usize, 127, 1001] {
-            let y0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 1.3).cos() * 2.0).collect();
-            let mut y = dev.upload(&y0).unwrap();
-            let xd = dev.upload(&x).unwrap();
-            dev.launch(
-                "add_f32",
-                LaunchCfg::linear(n, 128),
-                &[y.arg_mut(), y.arg(), xd.arg(), KArg::I64(n as i64)],
-            )
-            .unwrap();
-            let got = dev.download(&y).unwrap();
-            for i in 0..n {
-                assert_eq!(got[i], y0[i] + x[i], "{dev:?} n {n} element {i}");
-            }
-        }
-    }
-}
-
 #[test]
 fn popen_test_cuda_1_fails_when_the_gpu_cannot_be_opened() {
     let no_gpu = || Err(popen::error::Error::Unsupported("no GPU here".into()));

@@ -35,6 +35,24 @@ pub enum Accum {
     Add,
 }
 
+/// Every term of an n-ary add ([`Backend::add_new`], [`Backend::add_into`]) has `n`
+/// elements, or an error naming the first that has not.
+pub(crate) fn check_terms(
+    op: &'static str,
+    n: usize,
+    lens: impl Iterator<Item = usize>,
+) -> Result<()> {
+    for (i, len) in lens.enumerate() {
+        if len != n {
+            return Err(Error::shape(
+                op,
+                format!("term {i} has {len} elements, expected {n}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The shape of one matrix product `out (M,N) = op(a) · op(b)`.
 ///
 /// `a` is stored (M,K), or (K,M) when `ta`; `b` is stored (K,N), or (N,K) when `tb`.
@@ -407,13 +425,29 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     }
     /// `dst += alpha · src` (the residual stream and gradient accumulation).
     fn axpy(&self, dst: &mut Self::Buf, alpha: F, src: &Self::Buf) -> Result<()>;
-    /// `a + b` as a new buffer (equal lengths): a residual add whose inputs both live
-    /// on.  By default a copy and an [`Backend::axpy`] (the same sums); the device
-    /// backend makes it one launch and no copy.
-    fn add_new(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf> {
-        let mut out = a.clone();
-        self.axpy(&mut out, F::one(), b)?;
+    /// `terms[0] + terms[1] + …` as a new buffer (one term at least, all of one
+    /// length), added left to right: the bits of a copy of the first term and an
+    /// [`Backend::add_into`] of the others.  A residual add whose inputs both live on, or
+    /// the gradient of an input that fed several ops.  The device backend makes one
+    /// launch per four terms and no copy.
+    fn add_new(&self, terms: &[&Self::Buf]) -> Result<Self::Buf> {
+        let (first, rest) = terms
+            .split_first()
+            .ok_or_else(|| Error::shape("add_new", "no terms to add"))?;
+        check_terms("add_new", self.len(first), terms.iter().map(|t| self.len(t)))?;
+        let mut out = (*first).clone();
+        self.add_into(&mut out, rest)?;
         Ok(out)
+    }
+    /// `dst += terms[0] + terms[1] + …`, each term added into `dst` in turn (the bits of
+    /// an [`Backend::axpy`] with α = 1 per term; no terms, no change).  By default one
+    /// axpy per term; the device backend makes one launch per three terms.
+    fn add_into(&self, dst: &mut Self::Buf, terms: &[&Self::Buf]) -> Result<()> {
+        check_terms("add_into", self.len(dst), terms.iter().map(|t| self.len(t)))?;
+        for t in terms {
+            self.axpy(dst, F::one(), t)?;
+        }
+        Ok(())
     }
     /// `x *= alpha`.
     fn scale(&self, x: &mut Self::Buf, alpha: F);
@@ -530,6 +564,28 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         mean: &mut Self::Buf,
         rstd: &mut Self::Buf,
     ) -> Result<()>;
+    /// A residual add and the norm after it: `sum = x + a`, then out, mean and rstd of
+    /// [`Backend::layernorm_fwd`] on `sum`; all four overwritten.  By default a copy, an
+    /// [`Backend::axpy`] and the norm (the same arithmetic); the device backend makes it
+    /// one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn add_layernorm_fwd(
+        &self,
+        x: &Self::Buf,
+        a: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        eps: f32,
+        c: usize,
+        sum: &mut Self::Buf,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Result<()> {
+        self.copy(sum, x)?;
+        self.axpy(sum, F::one(), a)?;
+        self.layernorm_fwd(sum, w, b, eps, c, out, mean, rstd)
+    }
     /// dx (N,C) overwritten; dw, db (C) += (None = frozen).
     #[allow(clippy::too_many_arguments)]
     fn layernorm_bwd(

@@ -268,16 +268,9 @@ impl<F: Float, B: Backend<F>> Bert<F, B> {
         // embeddings: word[ids] + position[0..T] + type[types], then LayerNorm
         let mut x = self.word_embeddings.forward(be, ids)?;
         let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
-        be.axpy(
-            &mut x,
-            F::one(),
-            &self.position_embeddings.forward(be, &positions)?,
-        )?;
-        be.axpy(
-            &mut x,
-            F::one(),
-            &self.token_type_embeddings.forward(be, types)?,
-        )?;
+        let pos = self.position_embeddings.forward(be, &positions)?;
+        let typ = self.token_type_embeddings.forward(be, types)?;
+        be.add_into(&mut x, &[&pos, &typ])?;
         let (mut x, _) = self.embeddings_norm.forward(be, &x)?;
         let ctx = AttnCtx {
             b,
@@ -287,14 +280,12 @@ impl<F: Float, B: Backend<F>> Bert<F, B> {
             key_mask,
         };
         for l in &self.layers {
-            // post-LN: x = LN(x + attn(x)); x = LN(x + mlp(x))
-            // (a layer keeps its input: the residual reads it there)
-            let (mut a, aa) = l.attention.forward(be, x, &ctx, None)?;
-            be.axpy(&mut a, F::one(), &aa.x)?;
-            let (h, _) = l.attention_norm.forward(be, &a)?;
-            let (mut m, ma) = l.mlp.forward(be, h)?;
-            be.axpy(&mut m, F::one(), &ma.x)?;
-            x = l.output_norm.forward(be, &m)?.0;
+            // post-LN: x = LN(x + attn(x)); x = LN(x + mlp(x)), each add and its norm
+            // one op (a layer keeps its input: the residual reads it there)
+            let (a, aa) = l.attention.forward(be, x, &ctx, None)?;
+            let (_, h, _) = l.attention_norm.forward_added(be, &a, &aa.x)?;
+            let (m, ma) = l.mlp.forward(be, h)?;
+            x = l.output_norm.forward_added(be, &m, &ma.x)?.1;
         }
         let pooler_output = match &self.pooler {
             Some(p) => {

@@ -263,8 +263,8 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         for l in &self.layers[..upto] {
             let (h, _) = l.layer_norm1.forward(be, &x)?;
             let (a, _) = l.self_attn.forward(be, h, &ctx, None)?;
-            be.axpy(&mut x, F::one(), &a)?;
-            let (h, _) = l.layer_norm2.forward(be, &x)?;
+            let (xm, h, _) = l.layer_norm2.forward_added(be, &x, &a)?;
+            x = xm;
             let (m, _) = l.mlp.forward(be, h)?;
             be.axpy(&mut x, F::one(), &m)?;
             hidden_states.push(x.clone());
@@ -389,10 +389,9 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         for l in &self.layers[..upto] {
             let (ln1, st1) = l.layer_norm1.forward(be, &x)?;
             let (a, attn) = l.self_attn.forward(be, ln1, &ctx, None)?;
-            let xm = be.add_new(&x, &a)?;
-            let (ln2, st2) = l.layer_norm2.forward(be, &xm)?;
+            let (xm, ln2, st2) = l.layer_norm2.forward_added(be, &x, &a)?;
             let (m, mlp) = l.mlp.forward(be, ln2)?;
-            let xo = be.add_new(&xm, &m)?;
+            let xo = be.add_new(&[&xm, &m])?;
             layers.push(ClipLayerActs {
                 x,
                 st1,
@@ -468,10 +467,10 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             // forward: xm = x + attn(ln1(x))
             let (dln1, _) = l.self_attn.backward(&be, &la.attn, &ctx, &dx, false)?;
             let d = l.layer_norm1.backward(&be, &la.x, &la.st1, &dln1)?;
-            be.axpy(&mut dx, F::one(), &d)?;
             // state i (the input of block i) may feed a reader too
-            if let Some(d) = &dhidden[i] {
-                be.axpy(&mut dx, F::one(), d)?;
+            match &dhidden[i] {
+                Some(dh) => be.add_into(&mut dx, &[&d, dh])?,
+                None => be.add_into(&mut dx, &[&d])?,
             }
         }
         // forward: state 0 = pre_layrnorm(x0)

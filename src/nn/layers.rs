@@ -314,6 +314,23 @@ impl<F: Float, B: Backend<F>> LayerNorm<F, B> {
         )?;
         Ok((out, NormStats { mean, rstd }))
     }
+    /// x, a (N,C) → (x + a, its norm (N,C), the stats): a residual add and this norm in
+    /// one op ([`Backend::add_layernorm_fwd`]).
+    pub fn forward_added(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        a: &B::Buf,
+    ) -> Result<(B::Buf, B::Buf, NormStats<B::Buf>)> {
+        let c = self.weight.numel();
+        let n = rows(be, "LayerNorm::forward_added", x, c)?;
+        let (mut sum, mut out) = (be.uninit(n * c), be.uninit(n * c));
+        let (mut mean, mut rstd) = (be.uninit(n), be.uninit(n));
+        let (w, b) = (&self.weight.data, &self.bias.data);
+        let (sm, o, mu, r) = (&mut sum, &mut out, &mut mean, &mut rstd);
+        be.add_layernorm_fwd(x, a, w, b, self.eps, c, sm, o, mu, r)?;
+        Ok((sum, out, NormStats { mean, rstd }))
+    }
     /// forward: out = (x − μ)·r·w + b  so: dw += dout·x̂, db += dout, dx (backend op).
     pub fn backward(
         &mut self,
@@ -588,7 +605,7 @@ impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
             .up
             .backward(be, &acts.x, &du, true)?
             .expect("dx requested");
-        be.axpy(&mut dx, F::one(), &dxu)?;
+        be.add_into(&mut dx, &[&dxu])?;
         Ok(dx)
     }
 }
@@ -947,8 +964,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             .v
             .backward(be, &acts.x, &dvf, true)?
             .expect("dx requested");
-        be.axpy(&mut dx, F::one(), &dxk)?;
-        be.axpy(&mut dx, F::one(), &dxv)?;
+        be.add_into(&mut dx, &[&dxk, &dxv])?;
         Ok((dx, dbias))
     }
 }

@@ -21,11 +21,6 @@ const LN_EPS: f32 = 1e-5;
 /// SAM halves the channels inside the token↔image attentions.
 pub const CROSS_DOWNSAMPLE: usize = 2;
 
-/// `dst += src`.
-fn acc<F: Float, B: Backend<F>>(be: &B, dst: &mut B::Buf, src: &B::Buf) -> Result<()> {
-    be.axpy(dst, F::one(), src)
-}
-
 /// A forward's (queries, keys, saved activations).
 pub type QueriesKeys<Buf, A> = (Buf, Buf, A);
 
@@ -109,33 +104,34 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
         n: usize,
     ) -> Result<QueriesKeys<B::Buf, BlockActs<B::Buf>>> {
         // the attentions keep their inputs: temporaries are handed over, the rest copied
-        let (q1, a1) = if self.skip_first_layer_pe {
-            self.self_attn.forward(be, Lend(q), Same, Same, b, t, t)?
+        // each residual add is one op with the post-norm after it
+        let (q1, q1n, n1, a1) = if self.skip_first_layer_pe {
+            let (q1, a1) = self.self_attn.forward(be, Lend(q), Same, Same, b, t, t)?;
+            let (q1n, n1) = self.norm1.forward(be, &q1)?;
+            (q1, q1n, n1, a1)
         } else {
-            let qp = be.add_new(q, qpe)?;
-            let (a, acts) = self
+            let qp = be.add_new(&[q, qpe])?;
+            let (a, a1) = self
                 .self_attn
                 .forward(be, Own(qp), Same, Lend(q), b, t, t)?;
-            (be.add_new(q, &a)?, acts)
+            let (q1, q1n, n1) = self.norm1.forward_added(be, q, &a)?;
+            (q1, q1n, n1, a1)
         };
-        let (q1n, n1) = self.norm1.forward(be, &q1)?;
-        let kp = be.add_new(k, kpe)?;
-        let qp = be.add_new(&q1n, qpe)?;
+        let kp = be.add_new(&[k, kpe])?;
+        let qp = be.add_new(&[&q1n, qpe])?;
         let (a, a2) = self
             .cross_t2i
             .forward(be, Own(qp), Lend(&kp), Lend(k), b, t, n)?;
-        let q2 = be.add_new(&q1n, &a)?;
-        let (q2n, n2) = self.norm2.forward(be, &q2)?;
+        let (q2, q2n, n2) = self.norm2.forward_added(be, &q1n, &a)?;
         let (m, mlp) = self.mlp.forward(be, q2n)?;
-        let q3 = be.add_new(&mlp.x, &m)?; // q2n, which the MLP keeps
-        let (q3n, n3) = self.norm3.forward(be, &q3)?;
+        // mlp.x is q2n, which the MLP keeps
+        let (q3, q3n, n3) = self.norm3.forward_added(be, &mlp.x, &m)?;
         // image tokens query the tokens
-        let qp = be.add_new(&q3n, qpe)?;
+        let qp = be.add_new(&[&q3n, qpe])?;
         let (a, a3) = self
             .cross_i2t
             .forward(be, Own(kp), Own(qp), Lend(&q3n), b, n, t)?;
-        let k4 = be.add_new(k, &a)?;
-        let (k4n, n4) = self.norm4.forward(be, &k4)?;
+        let (k4, k4n, n4) = self.norm4.forward_added(be, k, &a)?;
         let acts = BlockActs {
             a1,
             q1,
@@ -162,35 +158,32 @@ impl<F: Float, B: Backend<F>> TwoWayBlock<F, B> {
         dk_out: &B::Buf,
     ) -> Result<(B::Buf, B::Buf, B::Buf)> {
         // forward: k4n = norm4(k + i2t(k + kpe, q3n + qpe, q3n))
+        // Each gradient's terms are added in one op, when the last of them is known.
         let dk4 = self.norm4.backward(be, &a.k4, &a.n4, dk_out)?;
         let (dkp, dqp3, dv3) = self.cross_i2t.backward(be, &a.a3, &dk4)?;
-        let mut dk = be.add_new(&dk4, &dkp)?;
-        let mut dq3n = be.add_new(dq_out, &dv3)?;
-        acc(be, &mut dq3n, &dqp3)?;
-        let mut dqpe = dqp3;
+        let dq3n = be.add_new(&[dq_out, &dv3, &dqp3])?;
         // forward: q3n = norm3(q2n + mlp(q2n))
         let dq3 = self.norm3.backward(be, &a.q3, &a.n3, &dq3n)?;
         let mut dq2n = self.mlp.backward(be, &a.mlp, &dq3)?;
-        acc(be, &mut dq2n, &dq3)?;
+        be.add_into(&mut dq2n, &[&dq3])?;
         // forward: q2n = norm2(q1n + t2i(q1n + qpe, k + kpe, k))
         let dq2 = self.norm2.backward(be, &a.q2, &a.n2, &dq2n)?;
         let (dqp2, dkp2, dv2) = self.cross_t2i.backward(be, &a.a2, &dq2)?;
-        let dq1n = be.add_new(&dq2, &dqp2)?;
-        acc(be, &mut dqpe, &dqp2)?;
-        acc(be, &mut dk, &dkp2)?;
-        acc(be, &mut dk, &dv2)?;
+        let dq1n = be.add_new(&[&dq2, &dqp2])?;
+        let dk = be.add_new(&[&dk4, &dkp, &dkp2, &dv2])?;
         // forward: q1n = norm1(q1)
         let dq1 = self.norm1.backward(be, &a.q1, &a.n1, &dq1n)?;
         // forward: q1 = attn(q, q, q)                      (first block)
         //      or: q1 = q + attn(q + qpe, q + qpe, q)      (the others)
         let (dqq, dqk, dqv) = self.self_attn.backward(be, &a.a1, &dq1)?;
-        let mut dq = be.add_new(&dqq, &dqk)?;
-        acc(be, &mut dq, &dqv)?;
-        if !self.skip_first_layer_pe {
-            acc(be, &mut dq, &dq1)?;
-            acc(be, &mut dqpe, &dqq)?;
-            acc(be, &mut dqpe, &dqk)?;
-        }
+        let mut dqpe = dqp3;
+        let dq = if self.skip_first_layer_pe {
+            be.add_into(&mut dqpe, &[&dqp2])?;
+            be.add_new(&[&dqq, &dqk, &dqv])?
+        } else {
+            be.add_into(&mut dqpe, &[&dqp2, &dqq, &dqk])?;
+            be.add_new(&[&dqq, &dqk, &dqv, &dq1])?
+        };
         Ok((dq, dk, dqpe))
     }
 
@@ -290,12 +283,11 @@ impl<F: Float, B: Backend<F>> TwoWayTransformer<F, B> {
             blocks.push(a);
         }
         let (q, k) = qk.unwrap_or_else(|| (tokens.clone(), keys.clone()));
-        let (qp, kp) = (be.add_new(&q, tokens)?, be.add_new(&k, kpe)?);
+        let (qp, kp) = (be.add_new(&[&q, tokens])?, be.add_new(&[&k, kpe])?);
         let (a, fa) = self
             .final_attn
             .forward(be, Own(qp), Own(kp), Lend(&k), b, t, n)?;
-        let qf = be.add_new(&q, &a)?;
-        let (qn, nf) = self.norm_final.forward(be, &qf)?;
+        let (qf, qn, nf) = self.norm_final.forward_added(be, &q, &a)?;
         Ok((
             qn,
             k,
@@ -335,17 +327,16 @@ impl<F: Float, B: Backend<F>> TwoWayTransformer<F, B> {
         // forward: out = norm_final(q + final(q + qpe, k + kpe, k))
         let dqf = self.norm_final.backward(be, &a.qf, &a.nf, dq_out)?;
         let (dqp, dkp, dv) = self.final_attn.backward(be, &a.fa, &dqf)?;
-        let mut dq = be.add_new(&dqf, &dqp)?;
+        let mut dq = be.add_new(&[&dqf, &dqp])?;
         let mut dqpe = dqp;
-        let mut dk = be.add_new(dk_out, &dkp)?;
-        acc(be, &mut dk, &dv)?;
+        let mut dk = be.add_new(&[dk_out, &dkp, &dv])?;
         for (l, acts) in self.layers.iter_mut().zip(&a.blocks).rev() {
             let (dq2, dk2, dqpe2) = l.backward(be, acts, &dq, &dk)?;
             (dq, dk) = (dq2, dk2);
-            acc(be, &mut dqpe, &dqpe2)?;
+            be.add_into(&mut dqpe, &[&dqpe2])?;
         }
         // the query encoding is the input tokens themselves
-        acc(be, &mut dq, &dqpe)?;
+        be.add_into(&mut dq, &[&dqpe])?;
         Ok((dq, dk))
     }
 

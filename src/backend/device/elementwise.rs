@@ -1,7 +1,7 @@
 //! Whole-buffer ops, activations, SwiGLU, bias and AdamW: launches of
 //! `kernels/elementwise.cu`.  CPU twins: `src/backend/cpu/{elementwise,act,matmul,optim}.rs`.
 use super::{i32_arg, i64_arg, linear, rows_of, DeviceBackend, BLOCK};
-use crate::backend::{Act, AdamWStep, RowCopy};
+use crate::backend::{check_terms, Act, AdamWStep, RowCopy};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
@@ -103,23 +103,44 @@ pub(super) fn axpy(
     )
 }
 
-/// a + b into a new buffer, one launch (no copy of `a` first).
-pub(super) fn add_new(
+/// The most terms one `add_terms_f32` launch adds.
+const TERMS_PER_LAUNCH: usize = 4;
+
+/// `dst = Σ terms`, or `dst += Σ terms` when `into`, added left to right (the bits of
+/// [`crate::backend::Backend::add_into`]'s axpys): one launch per four operands, `dst`
+/// the first operand of every launch after the first.
+pub(super) fn add_terms(
     dev: &Device,
-    a: &DeviceBuf<f32>,
-    b: &DeviceBuf<f32>,
-) -> Result<DeviceBuf<f32>> {
-    let n = a.len();
-    check_len("add_new", "b", b.len(), n)?;
-    let mut y = dev.uninit(n)?;
-    if n > 0 {
-        dev.launch(
-            "add_f32",
-            linear(n),
-            &[y.arg_mut(), a.arg(), b.arg(), i64_arg(n)],
-        )?;
+    op: &'static str,
+    dst: &mut DeviceBuf<f32>,
+    into: bool,
+    terms: &[&DeviceBuf<f32>],
+) -> Result<()> {
+    let n = dst.len();
+    check_terms(op, n, terms.iter().map(|t| t.len()))?;
+    if n == 0 {
+        return Ok(());
     }
-    Ok(y)
+    let (mut next, mut partial) = (0, into);
+    while next < terms.len() {
+        let y = dst.arg_mut();
+        let mut ops = Vec::with_capacity(TERMS_PER_LAUNCH);
+        if partial {
+            ops.push(dst.arg());
+        }
+        while ops.len() < TERMS_PER_LAUNCH && next < terms.len() {
+            ops.push(terms[next].arg());
+            next += 1;
+        }
+        let nt = KArg::I32(ops.len() as i32);
+        ops.resize(TERMS_PER_LAUNCH, KArg::Ptr(0));
+        let mut args = vec![y];
+        args.extend(ops);
+        args.extend([nt, i64_arg(n)]);
+        dev.launch("add_terms_f32", linear(n), &args)?;
+        partial = true;
+    }
+    Ok(())
 }
 
 pub(super) fn scale(dev: &Device, x: &mut DeviceBuf<f32>, alpha: f32) -> Result<()> {

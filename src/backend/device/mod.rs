@@ -156,8 +156,16 @@ impl Backend<f32> for DeviceBackend {
     fn axpy(&self, dst: &mut DeviceBuf<f32>, alpha: f32, src: &DeviceBuf<f32>) -> Result<()> {
         elementwise::axpy(&self.dev, dst, alpha, src)
     }
-    fn add_new(&self, a: &DeviceBuf<f32>, b: &DeviceBuf<f32>) -> Result<DeviceBuf<f32>> {
-        elementwise::add_new(&self.dev, a, b)
+    fn add_new(&self, terms: &[&DeviceBuf<f32>]) -> Result<DeviceBuf<f32>> {
+        let first = terms
+            .first()
+            .ok_or_else(|| Error::shape("add_new", "no terms to add"))?;
+        let mut out = self.dev.uninit(first.len())?;
+        elementwise::add_terms(&self.dev, "add_new", &mut out, false, terms)?;
+        Ok(out)
+    }
+    fn add_into(&self, dst: &mut DeviceBuf<f32>, terms: &[&DeviceBuf<f32>]) -> Result<()> {
+        elementwise::add_terms(&self.dev, "add_into", dst, true, terms)
     }
     fn scale(&self, x: &mut DeviceBuf<f32>, alpha: f32) {
         ok(elementwise::scale(&self.dev, x, alpha))
@@ -250,7 +258,23 @@ impl Backend<f32> for DeviceBackend {
         mean: &mut DeviceBuf<f32>,
         rstd: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        norm::layernorm_fwd(&self.dev, x, w, b, eps, c, out, mean, rstd)
+        norm::layernorm_fwd(&self.dev, x, None, w, b, eps, c, out, mean, rstd)
+    }
+    fn add_layernorm_fwd(
+        &self,
+        x: &DeviceBuf<f32>,
+        a: &DeviceBuf<f32>,
+        w: &DeviceBuf<f32>,
+        b: &DeviceBuf<f32>,
+        eps: f32,
+        c: usize,
+        sum: &mut DeviceBuf<f32>,
+        out: &mut DeviceBuf<f32>,
+        mean: &mut DeviceBuf<f32>,
+        rstd: &mut DeviceBuf<f32>,
+    ) -> Result<()> {
+        let added = Some((a, sum));
+        norm::layernorm_fwd(&self.dev, x, added, w, b, eps, c, out, mean, rstd)
     }
     fn layernorm_bwd(
         &self,

@@ -166,11 +166,14 @@ pub(super) fn rmsnorm_bwd(
     Ok(())
 }
 
-/// x (N,C), w, b (C) → out (N,C), mean, rstd (N)
+/// x (N,C), w, b (C) → out (N,C), mean, rstd (N).  With `added` = (a, sum), the norm of
+/// x + a, the sum written to `sum` (N,C): a residual add and the norm after it in one
+/// launch.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm_fwd(
     dev: &Device,
     x: &DeviceBuf<f32>,
+    added: Option<(&DeviceBuf<f32>, &mut DeviceBuf<f32>)>,
     w: &DeviceBuf<f32>,
     b: &DeviceBuf<f32>,
     eps: f32,
@@ -179,32 +182,35 @@ pub(super) fn layernorm_fwd(
     mean: &mut DeviceBuf<f32>,
     rstd: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    const OP: &str = "layernorm_fwd";
-    let n = rows_of(OP, x.len(), c)?;
-    check_len(OP, "out", out.len(), n * c)?;
-    check_len(OP, "mean", mean.len(), n)?;
-    check_len(OP, "rstd", rstd.len(), n)?;
-    check_len(OP, "weight", w.len(), c)?;
-    check_len(OP, "bias", b.len(), c)?;
+    let op = if added.is_some() {
+        "add_layernorm_fwd"
+    } else {
+        "layernorm_fwd"
+    };
+    let n = rows_of(op, x.len(), c)?;
+    if let Some((a, sum)) = &added {
+        check_len(op, "a", a.len(), n * c)?;
+        check_len(op, "sum", sum.len(), n * c)?;
+    }
+    check_len(op, "out", out.len(), n * c)?;
+    check_len(op, "mean", mean.len(), n)?;
+    check_len(op, "rstd", rstd.len(), n)?;
+    check_len(op, "weight", w.len(), c)?;
+    check_len(op, "bias", b.len(), c)?;
     if n == 0 {
         return Ok(());
     }
-    let (cfg, n_arg, c_arg) = per_row(OP, n, c)?;
-    dev.launch(
-        "layernorm_fwd_f32",
-        cfg,
-        &[
-            out.arg_mut(),
-            mean.arg_mut(),
-            rstd.arg_mut(),
-            x.arg(),
-            w.arg(),
-            b.arg(),
-            KArg::F32(eps),
-            n_arg,
-            c_arg,
-        ],
-    )
+    let (cfg, n_arg, c_arg) = per_row(op, n, c)?;
+    let stats = [out.arg_mut(), mean.arg_mut(), rstd.arg_mut(), x.arg()];
+    let tail = [w.arg(), b.arg(), KArg::F32(eps), n_arg, c_arg];
+    match added {
+        None => dev.launch("layernorm_fwd_f32", cfg, &[&stats[..], &tail].concat()),
+        Some((a, sum)) => dev.launch(
+            "add_layernorm_fwd_f32",
+            cfg,
+            &[&[sum.arg_mut()], &stats[..], &[a.arg()], &tail].concat(),
+        ),
+    }
 }
 
 /// The statistics a LayerNorm backward reads: w (C), mean and rstd (N).

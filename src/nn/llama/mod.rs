@@ -501,7 +501,7 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         let (a, attn) = l.self_attn.forward(be, ln1, ctx, kv)?;
         let (xm, ln2, rstd2) = l.post_attention_layernorm.forward_added(be, &x, &a)?;
         let (m, mlp) = l.mlp.forward(be, ln2)?;
-        let xo = be.add_new(&xm, &m)?;
+        let xo = be.add_new(&[&xm, &m])?;
         Ok((
             xo,
             LayerActs {
