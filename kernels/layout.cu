@@ -22,20 +22,27 @@ __device__ __forceinline__ void rope_cs(int pos, int j, int hs, float theta, flo
 // The heads layouts below take one thread per (token, lane) and loop over the heads:
 // with RoPE a lane is a rotation pair j < HS/2 (its cos / sin computed once for all
 // heads), without it a lane is one dimension d < HS.  No division per element.
-// Token row = bi T + ti; (B,T,NH,HS) keeps a token's heads together, (B,NH,T,HS) puts
-// head h of it at ((bi NH + h) T + ti) HS.
+// Token row = bi T + ti; (B,T,NH,HS) keeps a token's heads together, (B,NH,HT,HS) puts
+// head h of it at ((bi NH + h) HT + hat + ti) HS: time row hat + ti of a heads-major
+// buffer of HT rows per head (HT = T, hat = 0 for a plain split or merge; a KV cache's
+// capacity and length for keys written into it).
 
-// x (B,T,NH,HS) -> out (B,NH,T,HS); rope != 0 rotates pairs (i, i + HS/2) at positions
-// pos0 + t:  o[i] = x[i] cos - x[i+h] sin,  o[i+h] = x[i+h] cos + x[i] sin
+// The row of token (bi, ti)'s head 0 in a heads-major buffer: (bi, 0, hat + ti).
+__device__ __forceinline__ long long heads_row(long long bi, int ti, int nh, int ht, int hat) {
+    return bi * nh * ht + hat + ti;
+}
+
+// x (B,T,NH,HS) -> out (B,NH,HT,HS) rows hat..hat+T; rope != 0 rotates pairs (i, i + HS/2)
+// at positions pos0 + t:  o[i] = x[i] cos - x[i+h] sin,  o[i+h] = x[i+h] cos + x[i] sin
 extern "C" __global__ void heads_split_f32(float* out, const float* x, int b, int t, int nh, int hs, int pos0,
-                                           float theta, int rope) {
+                                           float theta, int rope, int ht, int hat) {
     const int half = hs / 2, lanes = rope ? half : hs;
-    const long long hstride = (long long)t * hs;  // between heads of one token in out
+    const long long hstride = (long long)ht * hs;  // between heads of one token in out
     GRID_STRIDE(g, (long long)b * t * lanes) {
-        const long long row = g / lanes;
-        const int j = (int)(g - row * lanes), ti = (int)(row % t);
+        const long long row = g / lanes, bi = row / t;
+        const int j = (int)(g - row * lanes), ti = (int)(row - bi * t);
         const float* xr = x + row * nh * hs;
-        float* o = out + ((row - ti) * nh + ti) * hs;  // (bi, h = 0, ti)
+        float* o = out + heads_row(bi, ti, nh, ht, hat) * hs;  // (bi, h = 0, hat + ti)
         if (!rope) {
             for (int h = 0; h < nh; ++h) o[h * hstride + j] = xr[h * hs + j];
             continue;
@@ -50,18 +57,18 @@ extern "C" __global__ void heads_split_f32(float* out, const float* x, int b, in
     }
 }
 
-// x (B,NH,T,HS) -> out (B,T,NH,HS): heads_merge, and with rope != 0 the backward of
-// heads_split (the transposed rotation):
+// x (B,NH,HT,HS) rows hat..hat+T -> out (B,T,NH,HS): heads_merge, and with rope != 0 the
+// backward of heads_split (the transposed rotation):
 //   forward was: o[i] = x[i] cos - x[i+h] sin, o[i+h] = x[i+h] cos + x[i] sin
 //   so:          dx[i] = do[i] cos + do[i+h] sin, dx[i+h] = do[i+h] cos - do[i] sin
 extern "C" __global__ void heads_merge_f32(float* out, const float* x, int b, int t, int nh, int hs, int pos0,
-                                           float theta, int rope) {
+                                           float theta, int rope, int ht, int hat) {
     const int half = hs / 2, lanes = rope ? half : hs;
-    const long long hstride = (long long)t * hs;  // between heads of one token in x
+    const long long hstride = (long long)ht * hs;  // between heads of one token in x
     GRID_STRIDE(g, (long long)b * t * lanes) {
-        const long long row = g / lanes;
-        const int j = (int)(g - row * lanes), ti = (int)(row % t);
-        const float* xr = x + ((row - ti) * nh + ti) * hs;  // (bi, h = 0, ti)
+        const long long row = g / lanes, bi = row / t;
+        const int j = (int)(g - row * lanes), ti = (int)(row - bi * t);
+        const float* xr = x + heads_row(bi, ti, nh, ht, hat) * hs;  // (bi, h = 0, hat + ti)
         float* o = out + row * nh * hs;
         if (!rope) {
             for (int h = 0; h < nh; ++h) o[h * hs + j] = xr[h * hstride + j];

@@ -876,7 +876,12 @@ fn layernorm_forward_and_backward_match_cpu() {
             // a residual add and the norm in one launch: the CPU's add then norm, and
             // bit for bit the device's own add then norm (same per-row order)
             let (a, ad) = both(&d, &rnd(&mut r, n * c, 2.0));
-            let mut cpu = (vec![0.0; n * c], vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+            let mut cpu = (
+                vec![0.0; n * c],
+                vec![0.0; n * c],
+                vec![0.0; n],
+                vec![0.0; n],
+            );
             let (s, o, m, rs) = (&mut cpu.0, &mut cpu.1, &mut cpu.2, &mut cpu.3);
             Cpu.add_layernorm_fwd(&x, &a, &w, &b, 1e-5, c, s, o, m, rs)
                 .unwrap();
@@ -902,7 +907,10 @@ fn layernorm_forward_and_backward_match_cpu() {
                 .add_layernorm_fwd(&xd, &d.zeros(c), &wd, &bd, 1e-5, c, s, o, m, rs)
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("add_layernorm_fwd") && e.contains("a has"), "{e}");
+            assert!(
+                e.contains("add_layernorm_fwd") && e.contains("a has"),
+                "{e}"
+            );
         }
     }
 }
@@ -926,6 +934,42 @@ fn heads_split_merge_and_rope_match_cpu() {
             d.heads_split_bwd(&xd, b, t, nh, hs, pos0, theta, &mut od)
                 .unwrap();
             close(&format!("heads_split_bwd {theta:?}"), &d.to_vec(&od), &o);
+            // into rows 4..11 of blocks of 13 (a KV cache's room): the split's values
+            // there, every other row as it was; on the CPU the split then a copy
+            Cpu.heads_split(&x, b, t, nh, hs, pos0, theta, &mut o)
+                .unwrap();
+            let (mut c, mut cd) = both(&d, &rnd(&mut r, b * nh * 13 * hs, 1.0));
+            let before = c.clone();
+            Cpu.heads_split_at(&x, b, t, nh, hs, pos0, theta, &mut c, 13, 4)
+                .unwrap();
+            d.heads_split_at(&xd, b, t, nh, hs, pos0, theta, &mut cd, 13, 4)
+                .unwrap();
+            close(&format!("heads_split_at {theta:?}"), &d.to_vec(&cd), &c);
+            let cd = d.to_vec(&cd);
+            for g in 0..b * nh {
+                for row in 0..13 {
+                    let at = (g * 13 + row) * hs..(g * 13 + row + 1) * hs;
+                    if (4..4 + t).contains(&row) {
+                        assert_eq!(c[at], o[(g * t + row - 4) * hs..][..hs], "row {row}");
+                    } else {
+                        assert_eq!(cd[at.clone()], before[at], "{theta:?} block {g} row {row}");
+                    }
+                }
+            }
+            let mut c9 = d.zeros(b * nh * 13 * hs);
+            let e = d
+                .heads_split_at(&xd, b, t, nh, hs, pos0, theta, &mut c9, 13, 7)
+                .unwrap_err();
+            assert!(e.to_string().contains("do not fit 13 rows"), "{e}");
+            let e = Cpu
+                .heads_split_at(&x, b, t, nh, hs, pos0, theta, &mut c, 13, 7)
+                .unwrap_err();
+            assert!(e.to_string().contains("of a block of 13"), "{e}");
+            let mut c12 = d.zeros(b * nh * 12 * hs);
+            let e = d
+                .heads_split_at(&xd, b, t, nh, hs, pos0, theta, &mut c12, 13, 4)
+                .unwrap_err();
+            assert!(e.to_string().contains("output has"), "{e}");
         }
         let (mut o, mut od) = (vec![0.0; n], d.zeros(n));
         Cpu.heads_merge(&x, b, t, nh, hs, &mut o).unwrap();

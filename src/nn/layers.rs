@@ -3,7 +3,7 @@
 //!
 //! B batch, T tokens, C channels, N = B·T rows, NH heads, NKV kv heads, HS head size.
 use super::Tensor;
-use crate::backend::{Accum, Act, AttnLayout, AttnShape, Backend, MatmulSpec, TimeCopy};
+use crate::backend::{Accum, Act, AttnLayout, AttnShape, Backend, MatmulSpec};
 use crate::error::{Error, Result};
 use num_traits::Float;
 
@@ -661,9 +661,10 @@ pub struct AttnActs<Buf> {
     pub x: Buf,
     /// queries (after RoPE when rotated)
     pub q: Buf,
-    /// keys of this call (after RoPE when rotated)
+    /// keys of this call (after RoPE when rotated); empty after a forward with a KV
+    /// cache, which holds them (such a forward has no backward)
     pub k: Buf,
-    /// values of this call
+    /// values of this call; empty after a forward with a KV cache
     pub v: Buf,
     /// attention output (B·T, NH·HS), token-major: the input of `o`
     pub y: Buf,
@@ -788,7 +789,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
     /// hands over a clone).  With `cache`, the new keys/values are written into it
     /// (it must have room: [`crate::nn::Llama::reserve_cache`]) and the queries attend
     /// to all of them (key-side bias and mask then cover all Tk keys).  The activations
-    /// keep only the new keys, which are all of them when the cache started empty.
+    /// then keep no keys or values: a forward with a cache has no backward.
     pub fn forward(
         &self,
         be: &B,
@@ -800,32 +801,29 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         let lay = self.layout(cache.is_some());
         let rope = self.rope_theta;
         let q = self.operand(be, self.q.forward(be, &x)?, lay.q, self.nh, ctx, rope)?;
-        let k = self.operand(be, self.k.forward(be, &x)?, lay.k, self.nkv, ctx, rope)?;
-        let v = self.operand(be, self.v.forward(be, &x)?, lay.v, self.nkv, ctx, None)?;
+        let (kf, vf) = (self.k.forward(be, &x)?, self.v.forward(be, &x)?);
         let mut y = be.uninit(b * t * self.nh * hs);
         let mut lse = be.uninit(b * self.nh * t);
-        // the keys attention reads: the new ones alone, or the cache they were written to
-        let (s, keys, values) = match cache {
+        let (bias, mask) = (ctx.bias, ctx.key_mask);
+        // the keys attention reads: the new ones alone, or the cache they are split into
+        let (k, v) = match cache {
             Some(c) => {
-                self.append_kv(be, ctx, c, &k, &v)?;
+                self.append_kv(be, ctx, c, &kf, &vf)?;
                 let s = AttnShape {
                     kv_stride: c.cap,
                     ..self.shape(b, t, c.len, lay)
                 };
-                (s, &c.k, &c.v)
+                be.attention_fwd(&s, &q, &c.k, &c.v, bias, mask, &mut y, &mut lse)?;
+                (be.uninit(0), be.uninit(0))
             }
-            None => (self.shape(b, t, t, lay), &k, &v),
+            None => {
+                let k = self.operand(be, kf, lay.k, self.nkv, ctx, rope)?;
+                let v = self.operand(be, vf, lay.v, self.nkv, ctx, None)?;
+                let s = self.shape(b, t, t, lay);
+                be.attention_fwd(&s, &q, &k, &v, bias, mask, &mut y, &mut lse)?;
+                (k, v)
+            }
         };
-        be.attention_fwd(
-            &s,
-            &q,
-            keys,
-            values,
-            ctx.bias,
-            ctx.key_mask,
-            &mut y,
-            &mut lse,
-        )?;
         let out = self.o.forward(be, &y)?;
         Ok((
             out,
@@ -853,25 +851,21 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         ctx: &AttnCtx<'_, B::Buf>,
         cache: &mut LayerKv<B::Buf>,
     ) -> Result<()> {
-        let (b, t, hs) = (ctx.b, ctx.t, self.hs);
         let kf = self.k.forward(be, x)?;
         let vf = self.v.forward(be, x)?;
-        let mut k = be.uninit(b * self.nkv * t * hs);
-        let mut v = be.uninit(b * self.nkv * t * hs);
-        be.heads_split(&kf, b, t, self.nkv, hs, ctx.pos0, self.rope_theta, &mut k)?;
-        be.heads_split(&vf, b, t, self.nkv, hs, ctx.pos0, None, &mut v)?;
-        self.append_kv(be, ctx, cache, &k, &v)
+        self.append_kv(be, ctx, cache, &kf, &vf)
     }
 
-    /// Writes this call's keys and values k, v (B,NKV,T,HS) after the cache's
-    /// `ctx.pos0` positions, which must be all it holds, into its room.
+    /// Splits this call's key and value projections kf, vf (B·T, NKV·HS) into heads (the
+    /// keys rotated) straight into the cache's room after its `ctx.pos0` positions,
+    /// which must be all it holds.
     fn append_kv(
         &self,
         be: &B,
         ctx: &AttnCtx<'_, B::Buf>,
         c: &mut LayerKv<B::Buf>,
-        k: &B::Buf,
-        v: &B::Buf,
+        kf: &B::Buf,
+        vf: &B::Buf,
     ) -> Result<()> {
         let (b, t, hs) = (ctx.b, ctx.t, self.hs);
         if c.len != ctx.pos0 {
@@ -892,17 +886,10 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                 ),
             ));
         }
-        let put = TimeCopy {
-            bh: b * self.nkv,
-            hs,
-            dst_t: c.cap,
-            dst_at: c.len,
-            src_t: t,
-            src_at: 0,
-            n: t,
-        };
-        be.copy_time(&mut c.k, k, put)?;
-        be.copy_time(&mut c.v, v, put)?;
+        let (nkv, p0) = (self.nkv, ctx.pos0);
+        let (cap, at) = (c.cap, c.len);
+        be.heads_split_at(kf, b, t, nkv, hs, p0, self.rope_theta, &mut c.k, cap, at)?;
+        be.heads_split_at(vf, b, t, nkv, hs, p0, None, &mut c.v, cap, at)?;
         c.len += t;
         Ok(())
     }

@@ -41,40 +41,87 @@ impl Heads {
     }
 }
 
-/// `kernel` (heads_split_f32 or heads_merge_f32) from `x` into `out`, both of the
-/// heads' size.
+/// Where the heads-major side of a heads layout call lies: time rows `at..at + T` of
+/// (B,NH,`ht`,HS).
+#[derive(Clone, Copy)]
+pub(super) struct Place {
+    pub ht: usize,
+    pub at: usize,
+}
+
+/// `kernel` (heads_split_f32 or heads_merge_f32) from `x` into `out`.  The token-major
+/// side is the heads' size; the heads-major one (out for the split, x for the merge) is
+/// too (`place` None), or lies at `place`.
 fn launch_heads(
     dev: &Device,
     op: &'static str,
     kernel: &str,
     h: &Heads,
+    place: Option<Place>,
     x: &DeviceBuf<f32>,
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
     let n = h.check(op)?;
-    check_len(op, "input", x.len(), n)?;
-    check_len(op, "output", out.len(), n)?;
+    let p = place.unwrap_or(Place { ht: h.t, at: 0 });
+    if p.at + h.t > p.ht {
+        return Err(Error::shape(
+            op,
+            format!(
+                "time rows {}..{} do not fit {} rows per head",
+                p.at,
+                p.at + h.t,
+                p.ht
+            ),
+        ));
+    }
+    let heads_major = h.b * h.nh * p.ht * h.hs;
+    let split = kernel == "heads_split_f32";
+    let (xn, on) = if split {
+        (n, heads_major)
+    } else {
+        (heads_major, n)
+    };
+    check_len(op, "input", x.len(), xn)?;
+    check_len(op, "output", out.len(), on)?;
     if n == 0 {
         return Ok(());
     }
     let [b, t, nh, hs, pos0, theta, rope] = h.args(op)?;
+    let (ht, at) = (
+        i32_arg(op, "rows per head", p.ht)?,
+        i32_arg(op, "at", p.at)?,
+    );
     // one thread per (token, lane): a rotation pair with RoPE, a dimension without
     let lanes = if h.theta.is_some() { h.hs / 2 } else { h.hs };
     dev.launch(
         kernel,
         linear(h.b * h.t * lanes),
-        &[out.arg_mut(), x.arg(), b, t, nh, hs, pos0, theta, rope],
+        &[
+            out.arg_mut(),
+            x.arg(),
+            b,
+            t,
+            nh,
+            hs,
+            pos0,
+            theta,
+            rope,
+            ht,
+            at,
+        ],
     )
 }
 
-/// x (B,T,NH,HS) → out (B,NH,T,HS), RoPE at positions pos0 + t when theta is Some.
+/// x (B,T,NH,HS) → out (B,NH,T,HS), RoPE at positions pos0 + t when theta is Some; with
+/// a `place`, into time rows `at..at + T` of out (B,NH,`ht`,HS), the rest untouched.
 pub(super) fn heads_split(
     dev: &Device,
     h: &Heads,
+    place: Option<Place>,
     x: &DeviceBuf<f32>,
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    launch_heads(dev, "heads_split", "heads_split_f32", h, x, out)
+    launch_heads(dev, "heads_split", "heads_split_f32", h, place, x, out)
 }
 
 /// dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten: the merge with the inverse rotation.
@@ -84,7 +131,7 @@ pub(super) fn heads_split_bwd(
     dout: &DeviceBuf<f32>,
     dx: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    launch_heads(dev, "heads_split_bwd", "heads_merge_f32", h, dout, dx)
+    launch_heads(dev, "heads_split_bwd", "heads_merge_f32", h, None, dout, dx)
 }
 
 /// x (B,NH,T,HS) → out (B,T,NH,HS).
@@ -99,7 +146,7 @@ pub(super) fn heads_merge(
         pos0: 0,
         ..*h
     };
-    launch_heads(dev, "heads_merge", "heads_merge_f32", &plain, x, out)
+    launch_heads(dev, "heads_merge", "heads_merge_f32", &plain, None, x, out)
 }
 
 /// Token ids checked against a table of V rows (the contract hands them over on the host).

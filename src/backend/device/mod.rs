@@ -311,7 +311,31 @@ impl Backend<f32> for DeviceBackend {
             pos0,
             theta,
         };
-        layout::heads_split(&self.dev, &h, x, out)
+        layout::heads_split(&self.dev, &h, None, x, out)
+    }
+    fn heads_split_at(
+        &self,
+        x: &DeviceBuf<f32>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        pos0: usize,
+        theta: Option<f32>,
+        out: &mut DeviceBuf<f32>,
+        out_t: usize,
+        at: usize,
+    ) -> Result<()> {
+        let h = layout::Heads {
+            b,
+            t,
+            nh,
+            hs,
+            pos0,
+            theta,
+        };
+        let place = Some(layout::Place { ht: out_t, at });
+        layout::heads_split(&self.dev, &h, place, x, out)
     }
     fn heads_split_bwd(
         &self,
