@@ -286,6 +286,10 @@ pub struct NormStats<Buf> {
     pub rstd: Buf,
 }
 
+/// What [`LayerNorm::forward_added`] returns: the sum x + a (the residual stream, which
+/// the backward reads), its norm, and the stats.
+pub type NormedSum<Buf> = (Buf, Buf, NormStats<Buf>);
+
 impl<F: Float, B: Backend<F>> LayerNorm<F, B> {
     /// Weight of ones, bias of zeros, trainable.
     pub fn new(be: &B, c: usize, eps: f32) -> Self {
@@ -316,12 +320,7 @@ impl<F: Float, B: Backend<F>> LayerNorm<F, B> {
     }
     /// x, a (N,C) → (x + a, its norm (N,C), the stats): a residual add and this norm in
     /// one op ([`Backend::add_layernorm_fwd`]).
-    pub fn forward_added(
-        &self,
-        be: &B,
-        x: &B::Buf,
-        a: &B::Buf,
-    ) -> Result<(B::Buf, B::Buf, NormStats<B::Buf>)> {
+    pub fn forward_added(&self, be: &B, x: &B::Buf, a: &B::Buf) -> Result<NormedSum<B::Buf>> {
         let c = self.weight.numel();
         let n = rows(be, "LayerNorm::forward_added", x, c)?;
         let (mut sum, mut out) = (be.uninit(n * c), be.uninit(n * c));
