@@ -471,8 +471,11 @@ extern "C" __global__ void attention_bwd_dbias_f32(float* dbias, const float* pa
 // Decode: one query per (b, head) over the first `len` positions of a KV cache.
 // Split over keys: block (split, head, b) takes keys [split·128, split·128 + 128) and
 // writes (m·log2e-domain max, sum of exp2, unnormalized Σ p v) to part
-// (B,NH,nsplit,HS+2); attention_decode_reduce_f32 merges the splits.
-// q (B,NH,HS), k_cache, v_cache (B,NKV,Tmax,HS), bias (B,len) or null.
+// (B,NH,nsplit,HS+2); attention_decode_reduce_f32 merges the splits.  With one split
+// (len <= 128) the block writes out and lse itself, as the reduce would (part unused):
+// a decode step of a short cache is one launch.
+// q (B,NH,HS), k_cache, v_cache (B,NKV,Tmax,HS), bias (B,len) or null; out (B,NH,HS) and
+// lse (B,NH) or null as attention_decode_reduce_f32 takes them.
 // grid.x = nsplit · NH · B, block 128; no dynamic shared memory.
 //
 // Scores: a group of G lanes per key, G the least power of two that covers the row's
@@ -485,8 +488,9 @@ extern "C" __global__ void attention_bwd_dbias_f32(float* dbias, const float* pa
 // HS = 32.)
 // ---------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
-    attention_decode_f32(float* part, const float* q, const float* k_cache, const float* v_cache, const float* bias,
-                         int B, int NH, int NKV, int Tmax, int len, int HS, float scale, int nsplit) {
+    attention_decode_f32(float* part, float* out, float* lse, const float* q, const float* k_cache,
+                         const float* v_cache, const float* bias, int B, int NH, int NKV, int Tmax, int len, int HS,
+                         float scale, int nsplit) {
     SHARED(float4, qv4, [ATT_MAX_HS / 4]);
     SHARED(float, sc, [DEC_CHUNK]);
     SHARED(float, red, [ATT_WARPS]);
@@ -535,13 +539,22 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     float lw = warp_sum(p);
     if (lane == 0) red[warp] = lw;
     __syncthreads();
-    float* o = part + (size_t)(bh * nsplit + split) * (HS + 2);
+    float l = 0.0f;
+    for (int w = 0; w < ATT_WARPS; ++w) l += red[w];
+    // one split: the reduce's answer here (its weight exp2(m - max) is exp2(0) = 1)
+    const bool fin = nsplit == 1;
+    float* o = fin ? nullptr : part + (size_t)(bh * nsplit + split) * (HS + 2);
     if (threadIdx.x == 0) {
-        float l = 0.0f;
-        for (int w = 0; w < ATT_WARPS; ++w) l += red[w];
-        o[0] = mx;
-        o[1] = l;
+        if (!fin) {
+            o[0] = mx;
+            o[1] = l;
+        } else if (lse) {
+            lse[bh] = l > 0.0f ? (mx + log2f(l)) * LN2_F : neg_inf();
+        }
     }
+    // the split's Σ p v, or out (B,NH,HS) normalized
+    float* ov = fin ? out + (size_t)bh * HS : o + 2;
+    auto fv = [fin, l](float a) { return !fin ? a : l > 0.0f ? a / l : 0.0f; };
     if (HS <= ATT_THREADS / 2) {
         const int R = ATT_THREADS / HS, r = threadIdx.x / HS, d = threadIdx.x % HS;
         if (r < R) {
@@ -553,13 +566,13 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
         if ((int)threadIdx.x < HS) {
             float a = 0.0f;
             for (int rr = 0; rr < R; ++rr) a += pv[rr * HS + threadIdx.x];
-            o[2 + threadIdx.x] = a;
+            ov[threadIdx.x] = fv(a);
         }
     } else {
         for (int d = threadIdx.x; d < HS; d += blockDim.x) {
             float a = 0.0f;
             for (int jj = 0; jj < jn; ++jj) a += sc[jj] * vh[(size_t)(j0 + jj) * HS + d];
-            o[2 + d] = a;
+            ov[d] = fv(a);
         }
     }
 }

@@ -1032,7 +1032,8 @@ fn bwd_matches_cpu(bwd: AttnBwdFn, what: &str, takes: fn(usize) -> bool, gpu_tol
 }
 
 /// The decode kernel (split over 128-key chunks) vs the CPU decode, with caches longer
-/// than one chunk, GQA, bias with −inf entries, and len = 0; head sizes read as floats
+/// than one chunk and within one (one launch, no reduce), GQA, bias with −inf entries
+/// (batch 1's first four keys: rows that see no key with the bias), and len = 0; head sizes read as floats
 /// (7, 6), as float4s by groups of 16 and 8 lanes (40, 32) and by whole warps (128),
 /// and summed over keys by rows of threads (HS <= 64) or a thread per dimension (128).
 #[test]
@@ -1046,6 +1047,7 @@ fn attention_decode_matches_cpu() {
             let mut bias = f32s(&r.vec(b * tmax, 1.0));
             bias[3] = f32::NEG_INFINITY;
             bias[tmax + 200] = f32::NEG_INFINITY;
+            bias[tmax..tmax + 4].fill(f32::NEG_INFINITY);
             let q = f32s(&r.vec(b * nh * hs, 1.5));
             let scale = 1.0 / (hs as f32).sqrt();
             let (qd, kd, vd) = (
@@ -1053,7 +1055,7 @@ fn attention_decode_matches_cpu() {
                 dev.upload(&kc).unwrap(),
                 dev.upload(&vc).unwrap(),
             );
-            for len in [0, 1, 129, 300] {
+            for len in [0, 1, 4, 129, 300] {
                 // the bias of the valid keys (B,len)
                 let bl: Vec<f32> = (0..b)
                     .flat_map(|bi| bias[bi * tmax..][..len].to_vec())
@@ -1113,7 +1115,20 @@ fn attention_decode_matches_cpu() {
                             .chain(&want_lse)
                             .all(|x| *x == f32::NEG_INFINITY));
                     } else {
-                        let e = rel_err(&to64(&got_lse), &to64(&want_lse));
+                        // a row that sees no key: −inf and zeros, on both
+                        let blind = |l: &f32| *l == f32::NEG_INFINITY;
+                        let rows = b * nh;
+                        for i in 0..rows {
+                            assert_eq!(blind(&got_lse[i]), blind(&want_lse[i]), "row {i}");
+                        }
+                        let blind_rows = want_lse.iter().filter(|l| blind(l)).count();
+                        let hidden = use_bias && len <= 4;
+                        assert_eq!(blind_rows, if hidden { rows / 2 } else { 0 });
+                        let seen: Vec<usize> =
+                            (0..rows).filter(|&i| !blind(&want_lse[i])).collect();
+                        let pick =
+                            |v: &[f32]| to64(&seen.iter().map(|&i| v[i]).collect::<Vec<_>>());
+                        let e = rel_err(&pick(&got_lse), &pick(&want_lse));
                         assert!(
                             e < 1e-5,
                             "{dev:?} hs {hs} len {len} bias {use_bias}: lse rel err {e}"

@@ -489,8 +489,9 @@ fn bwd_launch(
 }
 
 /// Single-query decode over a KV cache on a device (`attention_decode_f32` split over
-/// 128-key chunks, then `attention_decode_reduce_f32`): same contract as
-/// [`super::attention_decode_cpu`].  Allocates a (B,NH,ceil(len/128),HS+2) partial.
+/// 128-key chunks, then `attention_decode_reduce_f32`; one launch when `len` <= 128):
+/// same contract as [`super::attention_decode_cpu`].  Allocates a
+/// (B,NH,ceil(len/128),HS+2) partial when there is more than one chunk.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     dev: &Device,
@@ -523,8 +524,6 @@ pub fn attention_decode(
         return Ok(());
     }
     let nsplit = len.div_ceil(GPU_DEC_CHUNK);
-    // With len = 0 the reduce sees no split and writes zeros.
-    let mut part = dev.uninit::<f32>((s_b * nh * nsplit * (hs + 2)).max(1))?;
     let dims = [
         i32_arg(s_b),
         i32_arg(nh),
@@ -535,14 +534,20 @@ pub fn attention_decode(
         KArg::F32(scale),
         i32_arg(nsplit),
     ];
+    let lse = lse.map_or(KArg::Ptr(0), |l| l.arg_mut());
+    let qkvb = [q.arg(), k_cache.arg(), v_cache.arg(), opt_arg(bias)];
+    if nsplit == 1 {
+        // one chunk: the block writes out and lse itself, no reduce
+        let mut args = vec![KArg::Ptr(0), out.arg_mut(), lse];
+        args.extend(qkvb);
+        args.extend(dims);
+        return dev.launch("attention_decode_f32", grid(OP, nh * s_b, 0)?, &args);
+    }
+    // With len = 0 the reduce sees no split and writes zeros.
+    let mut part = dev.uninit::<f32>((s_b * nh * nsplit * (hs + 2)).max(1))?;
     if nsplit > 0 {
-        let mut args = vec![
-            part.arg_mut(),
-            q.arg(),
-            k_cache.arg(),
-            v_cache.arg(),
-            opt_arg(bias),
-        ];
+        let mut args = vec![part.arg_mut(), KArg::Ptr(0), KArg::Ptr(0)];
+        args.extend(qkvb);
         args.extend(dims);
         dev.launch(
             "attention_decode_f32",
@@ -555,7 +560,7 @@ pub fn attention_decode(
         grid(OP, nh * s_b, 0)?,
         &[
             out.arg_mut(),
-            lse.map_or(KArg::Ptr(0), |l| l.arg_mut()),
+            lse,
             part.arg(),
             i32_arg(s_b),
             i32_arg(nh),
