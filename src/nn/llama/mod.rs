@@ -37,6 +37,38 @@ pub struct LlamaLayer<F: Float = f32, B: Backend<F> = Cpu> {
     pub mlp: SwiGluMlp<F, B>,
 }
 
+/// The residual stream entering a block (or the final norm): the input x, or the block
+/// before (its activations, which hold xm) and its MLP output m.  That block's last
+/// residual add, xm + m, is made by the next norm in the same op
+/// ([`RmsNorm::forward_added`]): one pass over the stream, not two.
+enum Stream<Buf> {
+    Input(Buf),
+    After(LayerActs<Buf>, Buf),
+}
+
+/// A block's input as its first norm leaves it: (x, norm(x), rstd).
+type Normed<Buf> = (Buf, Buf, Buf);
+
+impl<Buf> Stream<Buf> {
+    /// The stream normed by `norm`, and the block before's activations handed back.
+    fn normed<F: Float, B: Backend<F, Buf = Buf>>(
+        self,
+        be: &B,
+        norm: &RmsNorm<F, B>,
+    ) -> Result<(Normed<Buf>, Option<LayerActs<Buf>>)> {
+        match self {
+            Stream::Input(x) => {
+                let (out, rstd) = norm.forward(be, &x)?;
+                Ok(((x, out, rstd), None))
+            }
+            Stream::After(acts, m) => {
+                let n = norm.forward_added(be, &acts.xm, &m)?;
+                Ok((n, Some(acts)))
+            }
+        }
+    }
+}
+
 /// What one block's forward saves for its backward.
 #[derive(Clone, Debug)]
 pub struct LayerActs<Buf> {
@@ -333,15 +365,17 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             bias,
             key_mask,
         };
-        let mut x = x;
+        let mut x = Stream::Input(x);
         let mut layer_acts = Vec::with_capacity(self.layers.len());
         for (li, l) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[li]);
-            let (xo, acts) = self.block_forward(l, x, &ctx, kv)?;
-            layer_acts.push(acts);
-            x = xo;
+            let (input, prev) = x.normed(&self.be, &l.input_layernorm)?;
+            layer_acts.extend(prev);
+            let (m, acts) = self.block_forward(l, input, &ctx, kv)?;
+            x = Stream::After(acts, m);
         }
-        let (hidden, rstd_f) = self.norm.forward(&self.be, &x)?;
+        let ((x, hidden, rstd_f), prev) = x.normed(&self.be, &self.norm)?;
+        layer_acts.extend(prev);
         let logits = self.head_forward(&hidden)?;
         Ok((
             logits,
@@ -436,16 +470,16 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             bias,
             key_mask,
         };
-        let mut x = x;
+        let mut x = Stream::Input(x);
         let last = self.layers.len().saturating_sub(1);
         for (li, l) in self.layers.iter().enumerate() {
             let kv = &mut cache.layers[li];
-            if li < last {
-                x = self.block_forward(l, x, &ctx, Some(kv))?.0;
-            } else {
-                let (ln1, _) = l.input_layernorm.forward(&self.be, &x)?;
-                l.self_attn.fill_cache(&self.be, &ln1, &ctx, kv)?;
+            let ((xs, ln1, rstd1), _) = x.normed(&self.be, &l.input_layernorm)?;
+            if li == last {
+                return l.self_attn.fill_cache(&self.be, &ln1, &ctx, kv);
             }
+            let (m, acts) = self.block_forward(l, (xs, ln1, rstd1), &ctx, Some(kv))?;
+            x = Stream::After(acts, m);
         }
         Ok(())
     }
@@ -487,23 +521,22 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         Ok(pos0)
     }
 
-    /// One decoder block on the residual stream x (B·T, C): the stream after it and
-    /// what its backward reads.
+    /// One decoder block on the residual stream x (B·T, C), given with its first norm:
+    /// the MLP's output m (the stream after the block is xm + m, an add the next norm
+    /// makes) and what its backward reads.
     fn block_forward(
         &self,
         l: &LlamaLayer<F, B>,
-        x: B::Buf,
+        (x, ln1, rstd1): Normed<B::Buf>,
         ctx: &AttnCtx<'_, B::Buf>,
         kv: Option<&mut LayerKv<B::Buf>>,
     ) -> Result<(B::Buf, LayerActs<B::Buf>)> {
         let be = &self.be;
-        let (ln1, rstd1) = l.input_layernorm.forward(be, &x)?;
         let (a, attn) = l.self_attn.forward(be, ln1, ctx, kv)?;
         let (xm, ln2, rstd2) = l.post_attention_layernorm.forward_added(be, &x, &a)?;
         let (m, mlp) = l.mlp.forward(be, ln2)?;
-        let xo = be.add_new(&[&xm, &m])?;
         Ok((
-            xo,
+            m,
             LayerActs {
                 x,
                 rstd1,
