@@ -297,9 +297,6 @@ pub struct ClipLayerActs<Buf> {
     mlp: MlpActs<Buf>,
 }
 
-/// Hidden states 0..=upto and the saved activations.
-pub type ClipTrainOut<Buf> = (Vec<Buf>, ClipActs<Buf>);
-
 /// What [`ClipVision::forward_train`] saves for [`ClipVision::backward`].
 #[derive(Clone, Debug)]
 pub struct ClipActs<Buf> {
@@ -312,6 +309,19 @@ pub struct ClipActs<Buf> {
     x0: Buf,
     st0: NormStats<Buf>,
     layers: Vec<ClipLayerActs<Buf>>,
+    /// the last hidden state (B, S, C), the output of block `upto − 1`
+    out: Buf,
+}
+
+impl<Buf> ClipActs<Buf> {
+    /// Hidden state `i` (B, S, C), i ≤ `upto` of the forward: the input of block i (which
+    /// its activations keep), or the last block's output; None past `upto`.
+    pub fn hidden_state(&self, i: usize) -> Option<&Buf> {
+        match self.layers.get(i) {
+            Some(l) => Some(&l.x),
+            None => (i == self.layers.len()).then_some(&self.out),
+        }
+    }
 }
 
 impl<F: Float, B: Backend<F>> ClipVision<F, B> {
@@ -330,14 +340,15 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         }
     }
 
-    /// Training forward: hidden states 0..=`upto` (each (B, S, C)) and the activations
-    /// the backward needs.  Same arithmetic as [`ClipVision::forward`].
+    /// Training forward through blocks 0..`upto`: the activations the backward needs,
+    /// which hold hidden states 0..=`upto` ([`ClipActs::hidden_state`]).  Same
+    /// arithmetic as [`ClipVision::forward`].
     pub fn forward_train(
         &self,
         pixels: &B::Buf,
         b: usize,
         upto: usize,
-    ) -> Result<ClipTrainOut<B::Buf>> {
+    ) -> Result<ClipActs<B::Buf>> {
         let be = &self.be;
         let cfg = &self.cfg;
         let (c, s, np) = (cfg.hidden_size, cfg.num_positions(), cfg.num_patches());
@@ -384,7 +395,6 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         let x0 = x;
         let (mut x, st0) = self.pre_layrnorm.forward(be, &x0)?;
         let ctx = self.ctx(b);
-        let mut hidden = vec![x.clone()];
         let mut layers = Vec::with_capacity(upto);
         for l in &self.layers[..upto] {
             let (ln1, st1) = l.layer_norm1.forward(be, &x)?;
@@ -400,20 +410,17 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
                 st2,
                 mlp,
             });
-            hidden.push(xo.clone());
             x = xo;
         }
-        Ok((
-            hidden,
-            ClipActs {
-                b,
-                patches,
-                stem,
-                x0,
-                st0,
-                layers,
-            },
-        ))
+        Ok(ClipActs {
+            b,
+            patches,
+            stem,
+            x0,
+            st0,
+            layers,
+            out: x,
+        })
     }
 
     fn ctx<'a>(&self, b: usize) -> AttnCtx<'a, B::Buf> {

@@ -479,14 +479,19 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         // vision
         let px: Vec<&Pixels> = batch.iter().map(|e| &e.pixels).collect();
         let pixels = self.stack_pixels(&px)?;
-        let (hs, vision) = self.llava.vision_tower.forward_train(&pixels, b, upto)?;
+        let vision = self.llava.vision_tower.forward_train(&pixels, b, upto)?;
+        let hs = |i: usize| {
+            vision.hidden_state(i).ok_or_else(|| {
+                Error::arg(op, format!("hidden state {i} past the {upto} blocks run"))
+            })
+        };
         // decoder level 0's patches: the pixel decoder's and the patch head's input
-        let f0 = self.patches_of(&hs[idx[1]], b)?;
+        let f0 = self.patches_of(hs(idx[1])?, b)?;
         let (patch_loss, patch) = self.patch_forward(batch, &f0)?.unzip();
         let (img, proj) = self
             .llava
             .projector
-            .forward(&be, self.patches_of(&hs[idx[0]], b)?)?; // (B·Kp, H)
+            .forward(&be, self.patches_of(hs(idx[0])?, b)?)?; // (B·Kp, H)
         let (img, presence) = self.image_tokens(img, &f0, b)?; // (B·K, H)
         let rows: Vec<Vec<u32>> = batch.iter().map(|e| self.expand_ids(&e.enc)).collect();
         let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
@@ -599,7 +604,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let (emb, head) = self.seg_embeddings(&hidden, &gather_rows)?;
             (seg_class_loss, seg_class) = self.seg_class_forward(batch, &emb)?.unzip();
             (seg_place_loss, seg_place) = self.seg_place_forward(batch, &emb, None)?.unzip();
-            let f1 = self.patches_of(&hs[idx[2]], b)?;
+            let f1 = self.patches_of(hs(idx[2])?, b)?;
             let s = self.cfg.image_size;
             let images = DecoderImages {
                 levels: [&f0, &f1],
