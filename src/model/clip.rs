@@ -14,7 +14,7 @@ use super::config::ClipVisionConfig;
 use super::io::StDtype;
 use super::stem::{ConvStem, StemActs};
 use super::weights::{save_params, Checkpoint};
-use crate::backend::{Backend, Cpu};
+use crate::backend::{Backend, Cpu, RowCopy};
 use crate::error::{Error, Result};
 use crate::nn::layers::ImageShape;
 use crate::nn::layers::{AttnActs, MlpActs, NormStats};
@@ -212,7 +212,7 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
     pub fn forward(&self, pixels: &B::Buf, b: usize, upto: usize) -> Result<ClipOutput<B::Buf>> {
         let be = &self.be;
         let cfg = &self.cfg;
-        let (c, s, np) = (cfg.hidden_size, cfg.num_positions(), cfg.num_patches());
+        let (c, s) = (cfg.hidden_size, cfg.num_positions());
         let (ch, hw) = (cfg.num_channels, cfg.image_size);
         let n_layers = self.layers.len();
         if upto > n_layers {
@@ -237,20 +237,7 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         if let Some(stem) = &self.stem {
             be.axpy(&mut patches, F::one(), &stem.forward(be, pixels, img)?.0)?;
         }
-        let mut x = be.zeros(b * s * c); // (B, S, C)
-        let mut pos = be.zeros(b * s * c);
-        for bi in 0..b {
-            be.copy_range(&mut x, bi * s * c, &self.class_embedding.data, 0, c)?;
-            be.copy_range(&mut x, (bi * s + 1) * c, &patches, bi * np * c, np * c)?;
-            be.copy_range(
-                &mut pos,
-                bi * s * c,
-                &self.position_embedding.weight.data,
-                0,
-                s * c,
-            )?;
-        }
-        be.axpy(&mut x, F::one(), &pos)?;
+        let x = self.embed(&patches, b)?; // (B, S, C)
         let (mut x, _) = self.pre_layrnorm.forward(be, &x)?;
         let ctx = AttnCtx {
             b,
@@ -351,7 +338,6 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
     ) -> Result<ClipActs<B::Buf>> {
         let be = &self.be;
         let cfg = &self.cfg;
-        let (c, s, np) = (cfg.hidden_size, cfg.num_positions(), cfg.num_patches());
         let (ch, hw) = (cfg.num_channels, cfg.image_size);
         if upto > self.layers.len() {
             return Err(Error::arg(
@@ -378,20 +364,7 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             }
             None => None,
         };
-        let mut x = be.zeros(b * s * c);
-        let mut pos = be.zeros(b * s * c);
-        for bi in 0..b {
-            be.copy_range(&mut x, bi * s * c, &self.class_embedding.data, 0, c)?;
-            be.copy_range(&mut x, (bi * s + 1) * c, &pe, bi * np * c, np * c)?;
-            be.copy_range(
-                &mut pos,
-                bi * s * c,
-                &self.position_embedding.weight.data,
-                0,
-                s * c,
-            )?;
-        }
-        be.axpy(&mut x, F::one(), &pos)?;
+        let x = self.embed(&pe, b)?;
         let x0 = x;
         let (mut x, st0) = self.pre_layrnorm.forward(be, &x0)?;
         let ctx = self.ctx(b);
@@ -421,6 +394,32 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
             layers,
             out: x,
         })
+    }
+
+    /// The embeddings x0 (B, S, C) of patch embeddings pe (B, NP, C): row 0 of each
+    /// image its class embedding, rows 1.. its patches, every row plus its position's
+    /// embedding (a row-broadcast bias over the images).
+    fn embed(&self, pe: &B::Buf, b: usize) -> Result<B::Buf> {
+        let be = &self.be;
+        let (c, s, np) = (
+            self.cfg.hidden_size,
+            self.cfg.num_positions(),
+            self.cfg.num_patches(),
+        );
+        let mut x = be.uninit(b * s * c);
+        let image = |width, off, src_stride| RowCopy {
+            rows: b,
+            width,
+            dst_off: off,
+            dst_stride: s * c,
+            src_off: 0,
+            src_stride,
+        };
+        // one class row for every image: a source stride of 0
+        be.copy_rows(&mut x, &self.class_embedding.data, image(c, 0, 0))?;
+        be.copy_rows(&mut x, pe, image(np * c, c, np * c))?;
+        be.add_bias(&mut x, &self.position_embedding.weight.data, s * c)?;
+        Ok(x)
     }
 
     fn ctx<'a>(&self, b: usize) -> AttnCtx<'a, B::Buf> {
@@ -483,24 +482,25 @@ impl<F: Float, B: Backend<F>> ClipVision<F, B> {
         // forward: state 0 = pre_layrnorm(x0)
         let dx0 = self.pre_layrnorm.backward(&be, &acts.x0, &acts.st0, &dx)?;
         // forward: x0[b,0] = class + pos[0], x0[b,1+p] = patch[b,p] + pos[1+p]
+        // so: dpos += Σ_b dx0[b], dclass += Σ_b dx0[b,0], dpatch[b,p] = dx0[b,1+p]
+        let rows = |width, src_off| RowCopy {
+            rows: b,
+            width,
+            dst_off: 0,
+            dst_stride: width,
+            src_off,
+            src_stride: s * c,
+        };
         if let Some(g) = &mut self.position_embedding.weight.grad {
-            for bi in 0..b {
-                let mut row = be.zeros(s * c);
-                be.copy_range(&mut row, 0, &dx0, bi * s * c, s * c)?;
-                be.axpy(g, F::one(), &row)?;
-            }
+            be.bias_bwd(&dx0, g, s * c)?;
         }
         if let Some(g) = &mut self.class_embedding.grad {
-            for bi in 0..b {
-                let mut row = be.zeros(c);
-                be.copy_range(&mut row, 0, &dx0, bi * s * c, c)?;
-                be.axpy(g, F::one(), &row)?;
-            }
+            let mut cls = be.uninit(b * c);
+            be.copy_rows(&mut cls, &dx0, rows(c, 0))?;
+            be.bias_bwd(&cls, g, c)?;
         }
-        let mut dpe = be.zeros(b * np * c);
-        for bi in 0..b {
-            be.copy_range(&mut dpe, bi * np * c, &dx0, (bi * s + 1) * c, np * c)?;
-        }
+        let mut dpe = be.uninit(b * np * c);
+        be.copy_rows(&mut dpe, &dx0, rows(np * c, c))?;
         let hw = self.cfg.image_size;
         let img = ImageShape { b, h: hw, w: hw };
         self.patch_embedding
