@@ -935,7 +935,7 @@ fn heads_split_merge_and_rope_match_cpu() {
                 .unwrap();
             close(&format!("heads_split_bwd {theta:?}"), &d.to_vec(&od), &o);
             // into rows 4..11 of blocks of 13 (a KV cache's room): the split's values
-            // there, every other row as it was; on the CPU the split then a copy
+            // there, every other row as it was
             Cpu.heads_split(&x, b, t, nh, hs, pos0, theta, &mut o)
                 .unwrap();
             let (mut c, mut cd) = both(&d, &rnd(&mut r, b * nh * 13 * hs, 1.0));
@@ -952,6 +952,7 @@ fn heads_split_merge_and_rope_match_cpu() {
                     if (4..4 + t).contains(&row) {
                         assert_eq!(c[at], o[(g * t + row - 4) * hs..][..hs], "row {row}");
                     } else {
+                        assert_eq!(c[at.clone()], before[at.clone()], "cpu block {g} row {row}");
                         assert_eq!(cd[at.clone()], before[at], "{theta:?} block {g} row {row}");
                     }
                 }
@@ -964,7 +965,7 @@ fn heads_split_merge_and_rope_match_cpu() {
             let e = Cpu
                 .heads_split_at(&x, b, t, nh, hs, pos0, theta, &mut c, 13, 7)
                 .unwrap_err();
-            assert!(e.to_string().contains("of a block of 13"), "{e}");
+            assert!(e.to_string().contains("do not fit 13 rows"), "{e}");
             let mut c12 = d.zeros(b * nh * 12 * hs);
             let e = d
                 .heads_split_at(&xd, b, t, nh, hs, pos0, theta, &mut c12, 13, 4)

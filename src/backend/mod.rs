@@ -622,8 +622,7 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     ) -> Result<()>;
     /// [`Backend::heads_split`] into time rows `at..at + T` of `out` (B,NH,`out_t`,HS),
     /// the rest of `out` untouched: a KV cache's new keys and values written where they
-    /// go.  By default a split and a [`Backend::copy_time`]; the device backend writes
-    /// them in place, one launch and no copy.
+    /// go, without a split into a temporary and a copy.
     #[allow(clippy::too_many_arguments)]
     fn heads_split_at(
         &self,
@@ -637,21 +636,7 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         out: &mut Self::Buf,
         out_t: usize,
         at: usize,
-    ) -> Result<()> {
-        let put = TimeCopy {
-            bh: b * nh,
-            hs,
-            dst_t: out_t,
-            dst_at: at,
-            src_t: t,
-            src_at: 0,
-            n: t,
-        };
-        put.check("heads_split_at", self.len(out), b * t * nh * hs)?;
-        let mut split = self.uninit(b * t * nh * hs);
-        self.heads_split(x, b, t, nh, hs, pos0, theta, &mut split)?;
-        self.copy_time(out, &split, put)
-    }
+    ) -> Result<()>;
     /// Backward of [`Backend::heads_split`]: dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten.
     #[allow(clippy::too_many_arguments)]
     fn heads_split_bwd(

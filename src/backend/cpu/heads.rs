@@ -75,19 +75,62 @@ pub(super) fn heads_split<F: CpuFloat>(
         let ti = row % t;
         let h = (row / t) % nh;
         let bi = row / (t * nh);
-        let xr = &x[((bi * t + ti) * nh + h) * hs..][..hs];
-        match theta {
-            None => o.copy_from_slice(xr),
-            Some(_) => {
-                // forward (HF rotate_half): o[i]   = x[i]cos − x[i+h]sin
-                //                           o[i+h] = x[i+h]cos + x[i]sin
-                let (cos, sin) = &tables[ti];
-                let half = hs / 2;
-                for i in 0..half {
-                    o[i] = xr[i] * cos[i] - xr[i + half] * sin[i];
-                    o[i + half] = xr[i + half] * cos[i] + xr[i] * sin[i];
-                }
+        split_row(o, &x[((bi * t + ti) * nh + h) * hs..][..hs], tables.get(ti));
+    });
+    Ok(())
+}
+
+/// One head's row of the split: o ← xr, rotated by RoPE's (cos, sin) when given.
+fn split_row<F: CpuFloat>(o: &mut [F], xr: &[F], rope: Option<&(Vec<F>, Vec<F>)>) {
+    match rope {
+        None => o.copy_from_slice(xr),
+        Some((cos, sin)) => {
+            // forward (HF rotate_half): o[i]   = x[i]cos − x[i+h]sin
+            //                           o[i+h] = x[i+h]cos + x[i]sin
+            let half = o.len() / 2;
+            for i in 0..half {
+                o[i] = xr[i] * cos[i] - xr[i + half] * sin[i];
+                o[i + half] = xr[i + half] * cos[i] + xr[i] * sin[i];
             }
+        }
+    }
+}
+
+/// [`heads_split`] into time rows `at..at + T` of out (B,NH,`out_t`,HS), the rest of
+/// out untouched: a KV cache's new keys written in place.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn heads_split_at<F: CpuFloat>(
+    x: &[F],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    pos0: usize,
+    theta: Option<f32>,
+    out: &mut [F],
+    out_t: usize,
+    at: usize,
+) -> Result<()> {
+    const OP: &str = "heads_split_at";
+    check_heads(OP, hs, theta)?;
+    check_len(OP, "x", x.len(), b * t * nh * hs)?;
+    if at + t > out_t {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "time rows {at}..{} do not fit {out_t} rows per head",
+                at + t
+            ),
+        ));
+    }
+    check_len(OP, "out", out.len(), b * nh * out_t * hs)?;
+    let tables = rope_tables::<F>(pos0, t, hs, theta);
+    // block (bi, h) of out: its rows at..at + T ← x rows (bi, ti, h)
+    rows_mut(out, out_t * hs, |bh, blk| {
+        let (bi, h) = (bh / nh, bh % nh);
+        for ti in 0..t {
+            let xr = &x[((bi * t + ti) * nh + h) * hs..][..hs];
+            split_row(&mut blk[(at + ti) * hs..][..hs], xr, tables.get(ti));
         }
     });
     Ok(())

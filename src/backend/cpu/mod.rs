@@ -265,6 +265,21 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     ) -> Result<()> {
         heads::heads_split(x, b, t, nh, hs, pos0, theta, out)
     }
+    fn heads_split_at(
+        &self,
+        x: &Vec<F>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        pos0: usize,
+        theta: Option<f32>,
+        out: &mut Vec<F>,
+        out_t: usize,
+        at: usize,
+    ) -> Result<()> {
+        heads::heads_split_at(x, b, t, nh, hs, pos0, theta, out, out_t, at)
+    }
     fn heads_split_bwd(
         &self,
         dout: &Vec<F>,
