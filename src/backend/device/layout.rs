@@ -18,6 +18,16 @@ pub(super) struct Heads {
 }
 
 impl Heads {
+    pub fn new(b: usize, t: usize, nh: usize, hs: usize, pos0: usize, theta: Option<f32>) -> Self {
+        Heads {
+            b,
+            t,
+            nh,
+            hs,
+            pos0,
+            theta,
+        }
+    }
     fn check(&self, op: &'static str) -> Result<usize> {
         if self.theta.is_some() && !self.hs.is_multiple_of(2) {
             return Err(Error::arg(

@@ -303,14 +303,7 @@ impl Backend<f32> for DeviceBackend {
         theta: Option<f32>,
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        let h = layout::Heads {
-            b,
-            t,
-            nh,
-            hs,
-            pos0,
-            theta,
-        };
+        let h = layout::Heads::new(b, t, nh, hs, pos0, theta);
         layout::heads_split(&self.dev, &h, None, x, out)
     }
     fn heads_split_at(
@@ -326,14 +319,7 @@ impl Backend<f32> for DeviceBackend {
         out_t: usize,
         at: usize,
     ) -> Result<()> {
-        let h = layout::Heads {
-            b,
-            t,
-            nh,
-            hs,
-            pos0,
-            theta,
-        };
+        let h = layout::Heads::new(b, t, nh, hs, pos0, theta);
         let place = Some(layout::Place { ht: out_t, at });
         layout::heads_split(&self.dev, &h, place, x, out)
     }
@@ -348,14 +334,7 @@ impl Backend<f32> for DeviceBackend {
         theta: Option<f32>,
         dx: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        let h = layout::Heads {
-            b,
-            t,
-            nh,
-            hs,
-            pos0,
-            theta,
-        };
+        let h = layout::Heads::new(b, t, nh, hs, pos0, theta);
         layout::heads_split_bwd(&self.dev, &h, dout, dx)
     }
     fn heads_merge(
@@ -367,14 +346,7 @@ impl Backend<f32> for DeviceBackend {
         hs: usize,
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        let h = layout::Heads {
-            b,
-            t,
-            nh,
-            hs,
-            pos0: 0,
-            theta: None,
-        };
+        let h = layout::Heads::new(b, t, nh, hs, 0, None);
         layout::heads_merge(&self.dev, &h, x, out)
     }
 
