@@ -245,6 +245,21 @@ fn kv_cache_decoding_equals_full_forward() {
     );
 }
 
+/// A forward that writes its keys to a KV cache keeps none, so its backward is a clear
+/// error, not a wrong gradient.
+#[test]
+fn a_forward_with_a_cache_has_no_backward() {
+    let mut m = peaked_llama(6);
+    let (b, t, c, v) = (1, 3, m.cfg.hidden_size, m.cfg.vocab_size);
+    let x = BE.from_slice(&randn::<f32>(&mut Rng::new(3), b * t * c, 1.0));
+    let mut cache = m.new_cache(b);
+    let (_, acts) = m
+        .forward_embeds(x, b, t, None, None, Some(&mut cache))
+        .unwrap();
+    let e = m.backward(&acts, &vec![0.0; b * t * v]).unwrap_err();
+    assert!(e.to_string().contains("KV cache"), "{e}");
+}
+
 /// `forward_tail` reads the positions before its tail only as far as the cache needs
 /// them (the last layer's keys and values): its tail rows and the cache it leaves must
 /// be the full cached forward's, with a key bias and a padding mask, after a cache that

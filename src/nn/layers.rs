@@ -660,11 +660,11 @@ pub struct AttnActs<Buf> {
     pub x: Buf,
     /// queries (after RoPE when rotated)
     pub q: Buf,
-    /// keys of this call (after RoPE when rotated); empty after a forward with a KV
+    /// keys of this call (after RoPE when rotated); None after a forward with a KV
     /// cache, which holds them (such a forward has no backward)
-    pub k: Buf,
-    /// values of this call; empty after a forward with a KV cache
-    pub v: Buf,
+    pub k: Option<Buf>,
+    /// values of this call; None after a forward with a KV cache
+    pub v: Option<Buf>,
     /// attention output (B·T, NH·HS), token-major: the input of `o`
     pub y: Buf,
     /// log-sum-exp of each query's scores (B,NH,T)
@@ -813,14 +813,14 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                     ..self.shape(b, t, c.len, lay)
                 };
                 be.attention_fwd(&s, &q, &c.k, &c.v, bias, mask, &mut y, &mut lse)?;
-                (be.uninit(0), be.uninit(0))
+                (None, None)
             }
             None => {
                 let k = self.operand(be, kf, lay.k, self.nkv, ctx, rope)?;
                 let v = self.operand(be, vf, lay.v, self.nkv, ctx, None)?;
                 let s = self.shape(b, t, t, lay);
                 be.attention_fwd(&s, &q, &k, &v, bias, mask, &mut y, &mut lse)?;
-                (k, v)
+                (Some(k), Some(v))
             }
         };
         let out = self.o.forward(be, &y)?;
@@ -893,8 +893,8 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         Ok(())
     }
 
-    /// Backward of a forward without cache.  Returns dx (B·T, C) and, when `want_dbias`,
-    /// dγ (B, T).
+    /// Backward of a forward without cache (after one with a cache, an error).  Returns
+    /// dx (B·T, C) and, when `want_dbias`, dγ (B, T).
     pub fn backward(
         &mut self,
         be: &B,
@@ -904,6 +904,12 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         want_dbias: bool,
     ) -> Result<(B::Buf, Option<B::Buf>)> {
         let (b, t, lay) = (ctx.b, ctx.t, acts.layout);
+        let (Some(k), Some(v)) = (&acts.k, &acts.v) else {
+            return Err(Error::arg(
+                "Attention::backward",
+                "the forward wrote its keys to a KV cache and kept none: no backward",
+            ));
+        };
         // forward: out = o(y)
         let dy = self
             .o
@@ -913,15 +919,15 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         let s = self.shape(b, t, t, lay);
         let (mut dq, mut dk, mut dv) = (
             be.uninit(be.len(&acts.q)),
-            be.uninit(be.len(&acts.k)),
-            be.uninit(be.len(&acts.v)),
+            be.uninit(be.len(k)),
+            be.uninit(be.len(v)),
         );
         let mut dbias = want_dbias.then(|| be.uninit(b * t));
         be.attention_bwd(
             &s,
             &acts.q,
-            &acts.k,
-            &acts.v,
+            k,
+            v,
             ctx.bias,
             ctx.key_mask,
             &acts.y,
