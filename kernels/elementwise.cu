@@ -102,6 +102,16 @@ extern "C" __global__ void copy_rows_f32(float* y, const float* x, long long wid
     }
 }
 
+// y[r dst_stride + c] += x[r src_stride + c] over the same runs (the y runs do not
+// overlap): a gather's rows added back where they came from.
+extern "C" __global__ void add_rows_f32(float* y, const float* x, long long width, long long dst_stride,
+                                        long long src_stride, long long n) {
+    for (long long i = gs_first(); i < n; i += gs_stride()) {
+        const long long r = i / width, c = i - r * width;
+        y[r * dst_stride + c] += x[r * src_stride + c];
+    }
+}
+
 // Activation codes, as src/backend/device/mod.rs passes them.
 #define ACT_QUICK_GELU 0
 #define ACT_GELU_ERF 1

@@ -157,6 +157,29 @@ fn memory_ops_match_cpu() {
         };
         assert!(Cpu.copy_rows(&mut y, &x, overlapping).is_err());
         assert!(d.copy_rows(&mut yd, &xd, overlapping).is_err());
+        // the same runs added: each dst value plus its src value, bit for bit, the rest
+        // of dst as it was (a source stride of 0 adds one row into each run)
+        for c in [c, RowCopy { src_stride: 0, ..c }] {
+            let mut want = y.clone();
+            for r in 0..rows {
+                let (o, i) = (c.dst_off + r * c.dst_stride, c.src_off + r * c.src_stride);
+                for j in 0..width {
+                    want[o + j] += x[i + j];
+                }
+            }
+            let mut yd = d.from_slice(&y);
+            Cpu.add_rows(&mut y, &x, c).unwrap();
+            d.add_rows(&mut yd, &xd, c).unwrap();
+            assert_eq!(y, want, "add_rows on the CPU");
+            assert!(
+                d.to_vec(&yd) == want,
+                "add_rows, src stride {}",
+                c.src_stride
+            );
+            let e = d.add_rows(&mut yd, &xd, overlapping).unwrap_err();
+            assert!(e.to_string().contains("add_rows"), "{e}");
+            assert!(Cpu.add_rows(&mut y, &x, past).is_err());
+        }
         Cpu.copy(&mut y, &x).unwrap();
         d.copy(&mut yd, &xd).unwrap();
         close("copy", &d.to_vec(&yd), &y);

@@ -423,6 +423,10 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         }
         Ok(())
     }
+    /// The runs of `c` from `src` added into `dst`: `dst run += src run` ([`RowCopy`];
+    /// the dst runs may not overlap).  A gather's backward: the gathered rows' gradients
+    /// added back where they came from.  One launch on the device.
+    fn add_rows(&self, dst: &mut Self::Buf, src: &Self::Buf, c: RowCopy) -> Result<()>;
     /// `dst += alpha · src` (the residual stream and gradient accumulation).
     fn axpy(&self, dst: &mut Self::Buf, alpha: F, src: &Self::Buf) -> Result<()>;
     /// `terms[0] + terms[1] + …` as a new buffer (one term at least, all of one

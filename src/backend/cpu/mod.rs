@@ -8,7 +8,9 @@
 //! kernels' CPU twins ([`crate::kernels::attention`], [`crate::kernels::logprob`]).
 //!
 //! Sizes: N rows, C channels, V vocabulary, B batch, T tokens, NH heads, HS head size.
-use super::{image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec};
+use super::{
+    image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, RowCopy,
+};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu};
 use crate::kernels::logprob::RowOps;
@@ -144,6 +146,15 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         n: usize,
     ) -> Result<()> {
         elementwise::copy_range(dst, dst_off, src, src_off, n)
+    }
+    fn add_rows(&self, dst: &mut Vec<F>, src: &Vec<F>, c: RowCopy) -> Result<()> {
+        c.check("add_rows", dst.len(), src.len())?;
+        for r in 0..c.rows {
+            let d = &mut dst[c.dst_off + r * c.dst_stride..][..c.width];
+            let s = &src[c.src_off + r * c.src_stride..][..c.width];
+            d.iter_mut().zip(s).for_each(|(d, s)| *d = *d + *s);
+        }
+        Ok(())
     }
     fn axpy(&self, dst: &mut Vec<F>, alpha: F, src: &Vec<F>) -> Result<()> {
         elementwise::axpy(dst, alpha, src)

@@ -58,21 +58,27 @@ pub(super) fn copy_range(
     )
 }
 
-/// The runs of `c` from `src` into `dst`, one launch (`copy_rows_f32`).
-pub(super) fn copy_rows(
+/// The runs of `c` from `src` copied into `dst` (`op` "copy_rows", `copy_rows_f32`) or
+/// added into it ("add_rows", `add_rows_f32`), one launch.
+pub(super) fn rows(
     dev: &Device,
+    op: &'static str,
     dst: &mut DeviceBuf<f32>,
     src: &DeviceBuf<f32>,
     c: RowCopy,
 ) -> Result<()> {
-    const OP: &str = "copy_rows";
-    c.check(OP, dst.len(), src.len())?;
+    c.check(op, dst.len(), src.len())?;
     let n = c.rows * c.width;
     if n == 0 {
         return Ok(());
     }
+    let kernel = if op == "add_rows" {
+        "add_rows_f32"
+    } else {
+        "copy_rows_f32"
+    };
     dev.launch(
-        "copy_rows_f32",
+        kernel,
         linear(n),
         &[
             dst.arg_mut_at(c.dst_off),

@@ -277,8 +277,8 @@ fn gather<F: Float, B: Backend<F>>(
     Ok(out)
 }
 
-/// Backward of [`gather`]: `dst[idx[j]] += src[j]` over rows of R, a few ops per run of
-/// `idx`: a run of distinct rows is added as one block, a run into one row (stride 0)
+/// Backward of [`gather`]: `dst[idx[j]] += src[j]` over rows of R, per run of `idx`: a
+/// run of distinct rows is one [`Backend::add_rows`], a run into one row (stride 0)
 /// adds its column sums.
 fn scatter_add<F: Float, B: Backend<F>>(
     be: &B,
@@ -289,20 +289,26 @@ fn scatter_add<F: Float, B: Backend<F>>(
 ) -> Result<()> {
     // a gather's run: dst = src's rows (contiguous), src = dst's rows
     for c in idx_runs(idx, r) {
-        let mut s = be.uninit(c.rows * r);
-        be.copy_range(&mut s, 0, src, c.dst_off, c.rows * r)?;
         if c.src_stride == 0 && c.rows > 1 {
+            // the run's rows of src, copied out unless they are all of it
+            let part;
+            let s = if c.dst_off == 0 && c.rows * r == be.len(src) {
+                src
+            } else {
+                part = {
+                    let mut p = be.uninit(c.rows * r);
+                    be.copy_range(&mut p, 0, src, c.dst_off, c.rows * r)?;
+                    p
+                };
+                &part
+            };
             let mut a = be.uninit(r);
             be.copy_range(&mut a, 0, dst, c.src_off, r)?;
-            be.bias_bwd(&s, &mut a, r)?;
+            be.bias_bwd(s, &mut a, r)?;
             be.copy_range(dst, c.src_off, &a, 0, r)?;
             continue;
         }
-        let rows = RowCopy { dst_off: 0, ..c };
-        let mut a = be.uninit(c.rows * r);
-        be.copy_rows(&mut a, dst, rows)?;
-        be.axpy(&mut a, F::one(), &s)?;
-        be.copy_rows(dst, &a, rows.swapped())?;
+        be.add_rows(dst, src, c.swapped())?;
     }
     Ok(())
 }
