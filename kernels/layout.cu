@@ -33,9 +33,16 @@ __device__ __forceinline__ long long heads_row(long long bi, int ti, int nh, int
 }
 
 // x (B,T,NH,HS) -> out (B,NH,HT,HS) rows hat..hat+T; rope != 0 rotates pairs (i, i + HS/2)
-// at positions pos0 + t:  o[i] = x[i] cos - x[i+h] sin,  o[i+h] = x[i+h] cos + x[i] sin
-extern "C" __global__ void heads_split_f32(float* out, const float* x, int b, int t, int nh, int hs, int pos0,
-                                           float theta, int rope, int ht, int hat) {
+// at positions pos0 + t:  o[i] = x[i] cos - x[i+h] sin,  o[i+h] = x[i+h] cos + x[i] sin.
+// With x2 (grid.y = 2), blocks of y = 1 split x2 into out2 the same way, unrotated: a KV
+// cache's keys and values in one launch.
+extern "C" __global__ void heads_split_f32(float* out, const float* x, float* out2, const float* x2, int b, int t,
+                                           int nh, int hs, int pos0, float theta, int rope, int ht, int hat) {
+    if (blockIdx.y == 1) {
+        out = out2;
+        x = x2;
+        rope = 0;
+    }
     const int half = hs / 2, lanes = rope ? half : hs;
     const long long hstride = (long long)ht * hs;  // between heads of one token in out
     GRID_STRIDE(g, (long long)b * t * lanes) {
@@ -61,8 +68,13 @@ extern "C" __global__ void heads_split_f32(float* out, const float* x, int b, in
 // backward of heads_split (the transposed rotation):
 //   forward was: o[i] = x[i] cos - x[i+h] sin, o[i+h] = x[i+h] cos + x[i] sin
 //   so:          dx[i] = do[i] cos + do[i+h] sin, dx[i+h] = do[i+h] cos - do[i] sin
-extern "C" __global__ void heads_merge_f32(float* out, const float* x, int b, int t, int nh, int hs, int pos0,
-                                           float theta, int rope, int ht, int hat) {
+extern "C" __global__ void heads_merge_f32(float* out, const float* x, float* out2, const float* x2, int b, int t,
+                                           int nh, int hs, int pos0, float theta, int rope, int ht, int hat) {
+    if (blockIdx.y == 1) {  // as heads_split_f32: a second pair, unrotated
+        out = out2;
+        x = x2;
+        rope = 0;
+    }
     const int half = hs / 2, lanes = rope ? half : hs;
     const long long hstride = (long long)ht * hs;  // between heads of one token in x
     GRID_STRIDE(g, (long long)b * t * lanes) {

@@ -3,8 +3,8 @@
 //! the output's scale; bad sizes are errors; buffers stay on the device (host↔device
 //! copies counted); a tiny LLaMA's training step equals the CPU's.
 use popen::backend::{
-    Accum, Act, AdamWStep, AttnLayout, AttnShape, Backend, Cpu, DeviceBackend, MatmulSpec, RowCopy,
-    TimeCopy,
+    Accum, Act, AdamWStep, AttnLayout, AttnShape, Backend, Cpu, DeviceBackend, KvAppend,
+    MatmulSpec, RowCopy, TimeCopy,
 };
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;
@@ -945,6 +945,7 @@ fn heads_split_merge_and_rope_match_cpu() {
         let (b, t, nh, hs, pos0) = (2, 7, 3, 10, 5);
         let n = b * t * nh * hs;
         let (x, xd) = both(&d, &rnd(&mut r, n, 1.0));
+        let (v, vd) = both(&d, &rnd(&mut r, n, 1.0));
         for theta in [None, Some(10000.0f32), Some(500.0)] {
             let (mut o, mut od) = (vec![0.0; n], d.zeros(n));
             Cpu.heads_split(&x, b, t, nh, hs, pos0, theta, &mut o)
@@ -957,43 +958,55 @@ fn heads_split_merge_and_rope_match_cpu() {
             d.heads_split_bwd(&xd, b, t, nh, hs, pos0, theta, &mut od)
                 .unwrap();
             close(&format!("heads_split_bwd {theta:?}"), &d.to_vec(&od), &o);
-            // into rows 4..11 of blocks of 13 (a KV cache's room): the split's values
-            // there, every other row as it was
+            // keys and values into rows 4..11 of blocks of 13 (a KV cache's room): the
+            // split's values there (the keys rotated, the values not), every other row
+            // as it was
+            let mut ov = vec![0.0; n];
             Cpu.heads_split(&x, b, t, nh, hs, pos0, theta, &mut o)
                 .unwrap();
-            let (mut c, mut cd) = both(&d, &rnd(&mut r, b * nh * 13 * hs, 1.0));
-            let before = c.clone();
-            Cpu.heads_split_at(&x, b, t, nh, hs, pos0, theta, &mut c, 13, 4)
+            Cpu.heads_split(&v, b, t, nh, hs, pos0, None, &mut ov)
                 .unwrap();
-            d.heads_split_at(&xd, b, t, nh, hs, pos0, theta, &mut cd, 13, 4)
-                .unwrap();
-            close(&format!("heads_split_at {theta:?}"), &d.to_vec(&cd), &c);
-            let cd = d.to_vec(&cd);
-            for g in 0..b * nh {
-                for row in 0..13 {
-                    let at = (g * 13 + row) * hs..(g * 13 + row + 1) * hs;
-                    if (4..4 + t).contains(&row) {
-                        assert_eq!(c[at], o[(g * t + row - 4) * hs..][..hs], "row {row}");
-                    } else {
-                        assert_eq!(c[at.clone()], before[at.clone()], "cpu block {g} row {row}");
-                        assert_eq!(cd[at.clone()], before[at], "{theta:?} block {g} row {row}");
+            let a = KvAppend {
+                b,
+                t,
+                nkv: nh,
+                hs,
+                pos0,
+                theta,
+                cap: 13,
+                at: 4,
+            };
+            let (mut kc, mut kcd) = both(&d, &rnd(&mut r, b * nh * 13 * hs, 1.0));
+            let (mut vc, mut vcd) = both(&d, &rnd(&mut r, b * nh * 13 * hs, 1.0));
+            let (kb, vb) = (kc.clone(), vc.clone());
+            Cpu.append_kv(&x, &v, &a, &mut kc, &mut vc).unwrap();
+            d.append_kv(&xd, &vd, &a, &mut kcd, &mut vcd).unwrap();
+            close(&format!("append_kv keys {theta:?}"), &d.to_vec(&kcd), &kc);
+            close(&format!("append_kv values {theta:?}"), &d.to_vec(&vcd), &vc);
+            let (kcd, vcd) = (d.to_vec(&kcd), d.to_vec(&vcd));
+            for (cpu, dev, split, before) in [(&kc, &kcd, &o, &kb), (&vc, &vcd, &ov, &vb)] {
+                for g in 0..b * nh {
+                    for row in 0..13 {
+                        let at = (g * 13 + row) * hs..(g * 13 + row + 1) * hs;
+                        if (4..4 + t).contains(&row) {
+                            let want = &split[(g * t + row - 4) * hs..][..hs];
+                            assert_eq!(cpu[at], *want, "row {row}");
+                        } else {
+                            assert_eq!(cpu[at.clone()], before[at.clone()], "cpu {g} {row}");
+                            assert_eq!(dev[at.clone()], before[at], "{theta:?} {g} {row}");
+                        }
                     }
                 }
             }
-            let mut c9 = d.zeros(b * nh * 13 * hs);
-            let e = d
-                .heads_split_at(&xd, b, t, nh, hs, pos0, theta, &mut c9, 13, 7)
-                .unwrap_err();
+            let (mut z, mut z2) = (d.zeros(b * nh * 13 * hs), d.zeros(b * nh * 13 * hs));
+            let late = KvAppend { at: 7, ..a };
+            let e = d.append_kv(&xd, &vd, &late, &mut z, &mut z2).unwrap_err();
             assert!(e.to_string().contains("do not fit 13 rows"), "{e}");
-            let e = Cpu
-                .heads_split_at(&x, b, t, nh, hs, pos0, theta, &mut c, 13, 7)
-                .unwrap_err();
+            let e = Cpu.append_kv(&x, &v, &late, &mut kc, &mut vc).unwrap_err();
             assert!(e.to_string().contains("do not fit 13 rows"), "{e}");
-            let mut c12 = d.zeros(b * nh * 12 * hs);
-            let e = d
-                .heads_split_at(&xd, b, t, nh, hs, pos0, theta, &mut c12, 13, 4)
-                .unwrap_err();
-            assert!(e.to_string().contains("output has"), "{e}");
+            let mut v12 = d.zeros(b * nh * 12 * hs);
+            let e = d.append_kv(&xd, &vd, &a, &mut z, &mut v12).unwrap_err();
+            assert!(e.to_string().contains("second output has"), "{e}");
         }
         let (mut o, mut od) = (vec![0.0; n], d.zeros(n));
         Cpu.heads_merge(&x, b, t, nh, hs, &mut o).unwrap();

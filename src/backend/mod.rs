@@ -186,6 +186,29 @@ impl TimeCopy {
     }
 }
 
+/// Where a call's new keys and values go ([`Backend::append_kv`]): B rows of T new
+/// positions, NKV heads of HS; the keys rotated by RoPE at positions `pos0 + t` when
+/// `theta` is Some; written at time rows `at..at + T` of caches of `cap` rows per head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvAppend {
+    /// Batch rows.
+    pub b: usize,
+    /// New positions per row.
+    pub t: usize,
+    /// Key/value heads.
+    pub nkv: usize,
+    /// Head size.
+    pub hs: usize,
+    /// Position of the first new key (RoPE's angle).
+    pub pos0: usize,
+    /// RoPE's base for the keys; None leaves them as they are.
+    pub theta: Option<f32>,
+    /// Time rows per head of the caches.
+    pub cap: usize,
+    /// The first time row written.
+    pub at: usize,
+}
+
 /// One [`Backend::copy_rows`]: `rows` runs of `width` values, run r from
 /// `src[src_off + r·src_stride ..]` to `dst[dst_off + r·dst_stride ..]` (a crop out of a
 /// wider map, or back into it).
@@ -624,22 +647,17 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         theta: Option<f32>,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// [`Backend::heads_split`] into time rows `at..at + T` of `out` (B,NH,`out_t`,HS),
-    /// the rest of `out` untouched: a KV cache's new keys and values written where they
-    /// go, without a split into a temporary and a copy.
-    #[allow(clippy::too_many_arguments)]
-    fn heads_split_at(
+    /// A call's keys k and values v (B·T, NKV·HS) split into heads, the keys rotated,
+    /// straight into the KV caches kc and vc (B,NKV,cap,HS) at time rows `at..at + T`;
+    /// the rest of the caches untouched ([`KvAppend`]).  No temporary and no copy: one
+    /// launch on the device.
+    fn append_kv(
         &self,
-        x: &Self::Buf,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-        pos0: usize,
-        theta: Option<f32>,
-        out: &mut Self::Buf,
-        out_t: usize,
-        at: usize,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        a: &KvAppend,
+        kc: &mut Self::Buf,
+        vc: &mut Self::Buf,
     ) -> Result<()>;
     /// Backward of [`Backend::heads_split`]: dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten.
     #[allow(clippy::too_many_arguments)]

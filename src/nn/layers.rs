@@ -3,7 +3,7 @@
 //!
 //! B batch, T tokens, C channels, N = B·T rows, NH heads, NKV kv heads, HS head size.
 use super::Tensor;
-use crate::backend::{Accum, Act, AttnLayout, AttnShape, Backend, MatmulSpec};
+use crate::backend::{Accum, Act, AttnLayout, AttnShape, Backend, KvAppend, MatmulSpec};
 use crate::error::{Error, Result};
 use num_traits::Float;
 
@@ -885,10 +885,17 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                 ),
             ));
         }
-        let (nkv, p0) = (self.nkv, ctx.pos0);
-        let (cap, at) = (c.cap, c.len);
-        be.heads_split_at(kf, b, t, nkv, hs, p0, self.rope_theta, &mut c.k, cap, at)?;
-        be.heads_split_at(vf, b, t, nkv, hs, p0, None, &mut c.v, cap, at)?;
+        let a = KvAppend {
+            b,
+            t,
+            nkv: self.nkv,
+            hs,
+            pos0: ctx.pos0,
+            theta: self.rope_theta,
+            cap: c.cap,
+            at: c.len,
+        };
+        be.append_kv(kf, vf, &a, &mut c.k, &mut c.v)?;
         c.len += t;
         Ok(())
     }

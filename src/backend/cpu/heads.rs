@@ -1,5 +1,6 @@
 //! Attention layout: heads split (with RoPE) and merged, and the KV-cache append.
 use super::{f, rows_mut, CpuFloat};
+use crate::backend::KvAppend;
 use crate::error::{check_len, Error, Result};
 
 /// The (cos, sin) tables of [`rope_cos_sin`] for positions `pos0..pos0 + t`, in `F`
@@ -96,41 +97,38 @@ fn split_row<F: CpuFloat>(o: &mut [F], xr: &[F], rope: Option<&(Vec<F>, Vec<F>)>
     }
 }
 
-/// [`heads_split`] into time rows `at..at + T` of out (B,NH,`out_t`,HS), the rest of
-/// out untouched: a KV cache's new keys written in place.
-#[allow(clippy::too_many_arguments)]
+/// [`heads_split`] of x (B,T,NKV,HS) into time rows `at..at + T` of out
+/// (B,NKV,`cap`,HS), rotated by `theta` (the keys) or not (the values), the rest of out
+/// untouched: a KV cache's new keys or values written in place.
 pub(super) fn heads_split_at<F: CpuFloat>(
     x: &[F],
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
-    pos0: usize,
+    a: &KvAppend,
     theta: Option<f32>,
     out: &mut [F],
-    out_t: usize,
-    at: usize,
 ) -> Result<()> {
-    const OP: &str = "heads_split_at";
+    const OP: &str = "append_kv";
+    let (b, t, nh, hs) = (a.b, a.t, a.nkv, a.hs);
     check_heads(OP, hs, theta)?;
-    check_len(OP, "x", x.len(), b * t * nh * hs)?;
-    if at + t > out_t {
+    check_len(OP, "input", x.len(), b * t * nh * hs)?;
+    if a.at + t > a.cap {
         return Err(Error::shape(
             OP,
             format!(
-                "time rows {at}..{} do not fit {out_t} rows per head",
-                at + t
+                "time rows {}..{} do not fit {} rows per head",
+                a.at,
+                a.at + t,
+                a.cap
             ),
         ));
     }
-    check_len(OP, "out", out.len(), b * nh * out_t * hs)?;
-    let tables = rope_tables::<F>(pos0, t, hs, theta);
+    check_len(OP, "output", out.len(), b * nh * a.cap * hs)?;
+    let tables = rope_tables::<F>(a.pos0, t, hs, theta);
     // block (bi, h) of out: its rows at..at + T ← x rows (bi, ti, h)
-    rows_mut(out, out_t * hs, |bh, blk| {
+    rows_mut(out, a.cap * hs, |bh, blk| {
         let (bi, h) = (bh / nh, bh % nh);
         for ti in 0..t {
             let xr = &x[((bi * t + ti) * nh + h) * hs..][..hs];
-            split_row(&mut blk[(at + ti) * hs..][..hs], xr, tables.get(ti));
+            split_row(&mut blk[(a.at + ti) * hs..][..hs], xr, tables.get(ti));
         }
     });
     Ok(())

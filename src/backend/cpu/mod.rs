@@ -9,7 +9,8 @@
 //!
 //! Sizes: N rows, C channels, V vocabulary, B batch, T tokens, NH heads, HS head size.
 use super::{
-    image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec, RowCopy,
+    image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, KvAppend, MaskLosses, MatmulSpec,
+    RowCopy,
 };
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu};
@@ -276,20 +277,16 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     ) -> Result<()> {
         heads::heads_split(x, b, t, nh, hs, pos0, theta, out)
     }
-    fn heads_split_at(
+    fn append_kv(
         &self,
-        x: &Vec<F>,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-        pos0: usize,
-        theta: Option<f32>,
-        out: &mut Vec<F>,
-        out_t: usize,
-        at: usize,
+        k: &Vec<F>,
+        v: &Vec<F>,
+        a: &KvAppend,
+        kc: &mut Vec<F>,
+        vc: &mut Vec<F>,
     ) -> Result<()> {
-        heads::heads_split_at(x, b, t, nh, hs, pos0, theta, out, out_t, at)
+        heads::heads_split_at(k, a, a.theta, kc)?;
+        heads::heads_split_at(v, a, None, vc)
     }
     fn heads_split_bwd(
         &self,

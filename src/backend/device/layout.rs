@@ -61,15 +61,16 @@ pub(super) struct Place {
 
 /// `kernel` (heads_split_f32 or heads_merge_f32) from `x` into `out`.  The token-major
 /// side is the heads' size; the heads-major one (out for the split, x for the merge) is
-/// too (`place` None), or lies at `place`.
+/// too (`place` None), or lies at `place`.  A `second` pair (x2, out2) of the same sizes
+/// goes the same way, unrotated, in the same launch (grid.y = 2).
 fn launch_heads(
     dev: &Device,
     op: &'static str,
     kernel: &str,
     h: &Heads,
     place: Option<Place>,
-    x: &DeviceBuf<f32>,
-    out: &mut DeviceBuf<f32>,
+    (x, out): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
+    second: Option<(&DeviceBuf<f32>, &mut DeviceBuf<f32>)>,
 ) -> Result<()> {
     let n = h.check(op)?;
     let p = place.unwrap_or(Place { ht: h.t, at: 0 });
@@ -85,14 +86,17 @@ fn launch_heads(
         ));
     }
     let heads_major = h.b * h.nh * p.ht * h.hs;
-    let split = kernel == "heads_split_f32";
-    let (xn, on) = if split {
+    let (xn, on) = if kernel == "heads_split_f32" {
         (n, heads_major)
     } else {
         (heads_major, n)
     };
     check_len(op, "input", x.len(), xn)?;
     check_len(op, "output", out.len(), on)?;
+    if let Some((x2, out2)) = &second {
+        check_len(op, "second input", x2.len(), xn)?;
+        check_len(op, "second output", out2.len(), on)?;
+    }
     if n == 0 {
         return Ok(());
     }
@@ -101,14 +105,26 @@ fn launch_heads(
         i32_arg(op, "rows per head", p.ht)?,
         i32_arg(op, "at", p.at)?,
     );
-    // one thread per (token, lane): a rotation pair with RoPE, a dimension without
-    let lanes = if h.theta.is_some() { h.hs / 2 } else { h.hs };
+    // one thread per (token, lane): a rotation pair with RoPE, a dimension without (the
+    // unrotated second pair's lanes set the grid when there is one)
+    let rotated = h.theta.is_some() && second.is_none();
+    let lanes = if rotated { h.hs / 2 } else { h.hs };
+    let mut cfg = linear(h.b * h.t * lanes);
+    let (out2, x2) = match second {
+        Some((x2, out2)) => {
+            cfg.grid[1] = 2;
+            (out2.arg_mut(), x2.arg())
+        }
+        None => (KArg::Ptr(0), KArg::Ptr(0)),
+    };
     dev.launch(
         kernel,
-        linear(h.b * h.t * lanes),
+        cfg,
         &[
             out.arg_mut(),
             x.arg(),
+            out2,
+            x2,
             b,
             t,
             nh,
@@ -122,16 +138,36 @@ fn launch_heads(
     )
 }
 
-/// x (B,T,NH,HS) → out (B,NH,T,HS), RoPE at positions pos0 + t when theta is Some; with
-/// a `place`, into time rows `at..at + T` of out (B,NH,`ht`,HS), the rest untouched.
+/// x (B,T,NH,HS) → out (B,NH,T,HS), RoPE at positions pos0 + t when theta is Some.
 pub(super) fn heads_split(
     dev: &Device,
     h: &Heads,
-    place: Option<Place>,
     x: &DeviceBuf<f32>,
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    launch_heads(dev, "heads_split", "heads_split_f32", h, place, x, out)
+    launch_heads(
+        dev,
+        "heads_split",
+        "heads_split_f32",
+        h,
+        None,
+        (x, out),
+        None,
+    )
+}
+
+/// A KV cache's new keys k (rotated when theta is Some) and values v, (B,T,NKV,HS)
+/// each, split into time rows `at..at + T` of kc and vc (B,NKV,`cap`,HS), the rest
+/// untouched: one launch.
+pub(super) fn append_kv(
+    dev: &Device,
+    h: &Heads,
+    place: Place,
+    (k, kc): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
+    (v, vc): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
+) -> Result<()> {
+    let (op, kernel) = ("append_kv", "heads_split_f32");
+    launch_heads(dev, op, kernel, h, Some(place), (k, kc), Some((v, vc)))
 }
 
 /// dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten: the merge with the inverse rotation.
@@ -141,7 +177,15 @@ pub(super) fn heads_split_bwd(
     dout: &DeviceBuf<f32>,
     dx: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    launch_heads(dev, "heads_split_bwd", "heads_merge_f32", h, None, dout, dx)
+    launch_heads(
+        dev,
+        "heads_split_bwd",
+        "heads_merge_f32",
+        h,
+        None,
+        (dout, dx),
+        None,
+    )
 }
 
 /// x (B,NH,T,HS) → out (B,T,NH,HS).
@@ -156,7 +200,15 @@ pub(super) fn heads_merge(
         pos0: 0,
         ..*h
     };
-    launch_heads(dev, "heads_merge", "heads_merge_f32", &plain, None, x, out)
+    launch_heads(
+        dev,
+        "heads_merge",
+        "heads_merge_f32",
+        &plain,
+        None,
+        (x, out),
+        None,
+    )
 }
 
 /// Token ids checked against a table of V rows (the contract hands them over on the host).

@@ -16,8 +16,8 @@
 //!
 //! Sizes: N rows, C channels, V vocabulary.
 use super::{
-    Accum, Act, AdamWSlot, AdamWStep, AttnShape, Backend, Conv2dGeom, MaskLosses, MatmulSpec,
-    RowCopy,
+    Accum, Act, AdamWSlot, AdamWStep, AttnShape, Backend, Conv2dGeom, KvAppend, MaskLosses,
+    MatmulSpec, RowCopy,
 };
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -307,24 +307,22 @@ impl Backend<f32> for DeviceBackend {
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         let h = layout::Heads::new(b, t, nh, hs, pos0, theta);
-        layout::heads_split(&self.dev, &h, None, x, out)
+        layout::heads_split(&self.dev, &h, x, out)
     }
-    fn heads_split_at(
+    fn append_kv(
         &self,
-        x: &DeviceBuf<f32>,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-        pos0: usize,
-        theta: Option<f32>,
-        out: &mut DeviceBuf<f32>,
-        out_t: usize,
-        at: usize,
+        k: &DeviceBuf<f32>,
+        v: &DeviceBuf<f32>,
+        a: &KvAppend,
+        kc: &mut DeviceBuf<f32>,
+        vc: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        let h = layout::Heads::new(b, t, nh, hs, pos0, theta);
-        let place = Some(layout::Place { ht: out_t, at });
-        layout::heads_split(&self.dev, &h, place, x, out)
+        let h = layout::Heads::new(a.b, a.t, a.nkv, a.hs, a.pos0, a.theta);
+        let place = layout::Place {
+            ht: a.cap,
+            at: a.at,
+        };
+        layout::append_kv(&self.dev, &h, place, (k, kc), (v, vc))
     }
     fn heads_split_bwd(
         &self,
