@@ -1,5 +1,6 @@
-//! Whole-buffer ops: fill, copies, axpy, scale, Σx².
+//! Whole-buffer ops: fill, copies, row adds, axpy, scale, Σx².
 use super::{CpuFloat, MIN_ELEMS_PER_TASK};
+use crate::backend::RowCopy;
 use crate::error::{check_len, Error, Result};
 use rayon::prelude::*;
 
@@ -33,6 +34,17 @@ pub(super) fn copy_range<F: CpuFloat>(
         ));
     }
     dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
+    Ok(())
+}
+
+/// The runs of `c` from `src` added into `dst` (the dst runs do not overlap).
+pub(super) fn add_rows<F: CpuFloat>(dst: &mut [F], src: &[F], c: RowCopy) -> Result<()> {
+    c.check("add_rows", dst.len(), src.len())?;
+    for r in 0..c.rows {
+        let d = &mut dst[c.dst_off + r * c.dst_stride..][..c.width];
+        let s = &src[c.src_off + r * c.src_stride..][..c.width];
+        d.iter_mut().zip(s).for_each(|(d, s)| *d = *d + *s);
+    }
     Ok(())
 }
 

@@ -149,13 +149,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         elementwise::copy_range(dst, dst_off, src, src_off, n)
     }
     fn add_rows(&self, dst: &mut Vec<F>, src: &Vec<F>, c: RowCopy) -> Result<()> {
-        c.check("add_rows", dst.len(), src.len())?;
-        for r in 0..c.rows {
-            let d = &mut dst[c.dst_off + r * c.dst_stride..][..c.width];
-            let s = &src[c.src_off + r * c.src_stride..][..c.width];
-            d.iter_mut().zip(s).for_each(|(d, s)| *d = *d + *s);
-        }
-        Ok(())
+        elementwise::add_rows(dst, src, c)
     }
     fn axpy(&self, dst: &mut Vec<F>, alpha: F, src: &Vec<F>) -> Result<()> {
         elementwise::axpy(dst, alpha, src)

@@ -58,25 +58,25 @@ pub(super) fn copy_range(
     )
 }
 
-/// The runs of `c` from `src` copied into `dst` (`op` "copy_rows", `copy_rows_f32`) or
-/// added into it ("add_rows", `add_rows_f32`), one launch.
+/// The runs of `c` from `src` copied into `dst` (`copy_rows_f32`), or added into it
+/// when `add` (`add_rows_f32`), one launch.
 pub(super) fn rows(
     dev: &Device,
-    op: &'static str,
+    add: bool,
     dst: &mut DeviceBuf<f32>,
     src: &DeviceBuf<f32>,
     c: RowCopy,
 ) -> Result<()> {
+    let (op, kernel) = if add {
+        ("add_rows", "add_rows_f32")
+    } else {
+        ("copy_rows", "copy_rows_f32")
+    };
     c.check(op, dst.len(), src.len())?;
     let n = c.rows * c.width;
     if n == 0 {
         return Ok(());
     }
-    let kernel = if op == "add_rows" {
-        "add_rows_f32"
-    } else {
-        "copy_rows_f32"
-    };
     dev.launch(
         kernel,
         linear(n),

@@ -59,14 +59,22 @@ pub(super) struct Place {
     pub at: usize,
 }
 
-/// `kernel` (heads_split_f32 or heads_merge_f32) from `x` into `out`.  The token-major
-/// side is the heads' size; the heads-major one (out for the split, x for the merge) is
-/// too (`place` None), or lies at `place`.  A `second` pair (x2, out2) of the same sizes
-/// goes the same way, unrotated, in the same launch (grid.y = 2).
+/// Which way a heads layout call goes: token-major to heads-major (`heads_split_f32`)
+/// or back (`heads_merge_f32`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Split,
+    Merge,
+}
+
+/// A heads layout call from `x` into `out`.  The token-major side is the heads' size;
+/// the heads-major one (out for the split, x for the merge) is too (`place` None), or
+/// lies at `place`.  A `second` pair (x2, out2) of the same sizes goes the same way,
+/// unrotated, in the same launch (grid.y = 2).
 fn launch_heads(
     dev: &Device,
     op: &'static str,
-    kernel: &str,
+    way: Way,
     h: &Heads,
     place: Option<Place>,
     (x, out): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
@@ -86,10 +94,9 @@ fn launch_heads(
         ));
     }
     let heads_major = h.b * h.nh * p.ht * h.hs;
-    let (xn, on) = if kernel == "heads_split_f32" {
-        (n, heads_major)
-    } else {
-        (heads_major, n)
+    let (kernel, xn, on) = match way {
+        Way::Split => ("heads_split_f32", n, heads_major),
+        Way::Merge => ("heads_merge_f32", heads_major, n),
     };
     check_len(op, "input", x.len(), xn)?;
     check_len(op, "output", out.len(), on)?;
@@ -145,15 +152,7 @@ pub(super) fn heads_split(
     x: &DeviceBuf<f32>,
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    launch_heads(
-        dev,
-        "heads_split",
-        "heads_split_f32",
-        h,
-        None,
-        (x, out),
-        None,
-    )
+    launch_heads(dev, "heads_split", Way::Split, h, None, (x, out), None)
 }
 
 /// A KV cache's new keys k (rotated when theta is Some) and values v, (B,T,NKV,HS)
@@ -166,8 +165,8 @@ pub(super) fn append_kv(
     (k, kc): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
     (v, vc): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
 ) -> Result<()> {
-    let (op, kernel) = ("append_kv", "heads_split_f32");
-    launch_heads(dev, op, kernel, h, Some(place), (k, kc), Some((v, vc)))
+    let (kv, place) = ((v, vc), Some(place));
+    launch_heads(dev, "append_kv", Way::Split, h, place, (k, kc), Some(kv))
 }
 
 /// dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten: the merge with the inverse rotation.
@@ -180,7 +179,7 @@ pub(super) fn heads_split_bwd(
     launch_heads(
         dev,
         "heads_split_bwd",
-        "heads_merge_f32",
+        Way::Merge,
         h,
         None,
         (dout, dx),
@@ -200,15 +199,7 @@ pub(super) fn heads_merge(
         pos0: 0,
         ..*h
     };
-    launch_heads(
-        dev,
-        "heads_merge",
-        "heads_merge_f32",
-        &plain,
-        None,
-        (x, out),
-        None,
-    )
+    launch_heads(dev, "heads_merge", Way::Merge, &plain, None, (x, out), None)
 }
 
 /// Token ids checked against a table of V rows (the contract hands them over on the host).

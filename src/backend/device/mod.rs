@@ -151,10 +151,10 @@ impl Backend<f32> for DeviceBackend {
         elementwise::copy_range(&self.dev, dst, dst_off, src, src_off, n)
     }
     fn copy_rows(&self, dst: &mut DeviceBuf<f32>, src: &DeviceBuf<f32>, c: RowCopy) -> Result<()> {
-        elementwise::rows(&self.dev, "copy_rows", dst, src, c)
+        elementwise::rows(&self.dev, false, dst, src, c)
     }
     fn add_rows(&self, dst: &mut DeviceBuf<f32>, src: &DeviceBuf<f32>, c: RowCopy) -> Result<()> {
-        elementwise::rows(&self.dev, "add_rows", dst, src, c)
+        elementwise::rows(&self.dev, true, dst, src, c)
     }
     fn axpy(&self, dst: &mut DeviceBuf<f32>, alpha: f32, src: &DeviceBuf<f32>) -> Result<()> {
         elementwise::axpy(&self.dev, dst, alpha, src)
