@@ -911,28 +911,76 @@ const SEG_STEP_COPIES: u64 = 27;
 
 #[test]
 fn batched_prediction_is_each_question_predicted_alone() {
-    // Questions of two prompt lengths (two decode batches), several per length, so rows
-    // of one batch end at different steps and leave it while the others run on.
+    // Questions of three prompt lengths, several per length, so rows of one batch end at
+    // different steps and leave it while the others run on.  With room for 12 new
+    // tokens every prompt fits the context: one decode, the shorter prompts padded.
+    batched_prediction_equals_alone(12);
+}
+
+#[test]
+fn batched_prediction_that_reaches_the_context_end_is_each_question_alone() {
+    // Room for exactly as many new tokens as the middle prompt length has before the
+    // context's end: the two shorter lengths decode together (padded), the longest
+    // apart, and its answers stop at the context's end as they would alone.  Padded to
+    // the longest, the shorter rows would stop there too, earlier than alone.
     let cfg = tiny_cfg();
     let tok = tokenizer(&cfg);
     let m: SegModel = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 21).unwrap();
+    let lens: std::collections::BTreeSet<usize> = PREDICT_QUESTIONS
+        .iter()
+        .map(|q| tok.prompt(&cfg.system_prompt, q).unwrap().0.len() - 1 + m.tokens_per_image())
+        .collect();
+    let lens: Vec<usize> = lens.into_iter().collect();
+    assert_eq!(lens.len(), 3, "prompt lengths {lens:?}");
+    let ctx = cfg.lvlm.max_positions;
+    let max_new = ctx - lens[1];
+    let all = batched_prediction_equals_alone(max_new);
+    let eos = tok.tok.eos;
+    let cut =
+        |p: &&popen::model::seg::Prediction| p.ids.len() < max_new && p.ids.last() != Some(&eos);
+    assert!(
+        all.iter().flatten().any(|p| cut(&p)),
+        "no answer stopped at the context's end (lengths {lens:?}, room for {max_new})"
+    );
+    // a shorter row ran past where the longest prompt's rows stop
+    assert!(
+        all.iter().flatten().any(|p| p.ids.len() > ctx - lens[2]),
+        "no answer ran past {} tokens",
+        ctx - lens[2]
+    );
+}
+
+/// Questions of three prompt lengths.
+const PREDICT_QUESTIONS: [&str; 8] = [
+    "Where is the cup?",
+    "Find the red apples.",
+    "Where is the cup?",
+    "Nothing fits.",
+    "Find the red apples.",
+    "Where is the cup?",
+    "Find the red apples.",
+    "Where is the cup?",
+];
+
+/// Checks that `predict` over [`PREDICT_QUESTIONS`] in one batch answers each as it
+/// would alone, greedy and sampled; returns the batches' predictions.
+fn batched_prediction_equals_alone(
+    max_new_tokens: usize,
+) -> Vec<Vec<popen::model::seg::Prediction>> {
+    let cfg = SegModelConfig {
+        max_new_tokens,
+        ..tiny_cfg()
+    };
+    let tok = tokenizer(&cfg);
+    let m: SegModel = SegModel::new_tiny(Cpu, cfg.clone(), &tok, 21).unwrap();
     let mut rng = Rng::new(8);
-    let qs = [
-        "Where is the cup?",
-        "Find the red apples.",
-        "Where is the cup?",
-        "Nothing fits.",
-        "Find the red apples.",
-        "Where is the cup?",
-        "Find the red apples.",
-        "Where is the cup?",
-    ];
+    let qs = PREDICT_QUESTIONS;
     let px: Vec<Pixels> = qs
         .iter()
         .map(|q| example(&cfg, &tok, &mut rng, q, "Nothing fits.").pixels)
         .collect();
     let items: Vec<(&Pixels, &str)> = px.iter().zip(qs).collect();
-    let mut mixed = false;
+    let (mut mixed, mut out) = (false, Vec::new());
     for (seed, temperature) in [(0, 0.0), (1, 3.0), (2, 3.0), (3, 3.0), (4, 3.0)] {
         let sc = |s: u64| popen::nn::SamplingCfg {
             temperature,
@@ -947,17 +995,20 @@ fn batched_prediction_is_each_question_predicted_alone() {
                 .unwrap()
                 .remove(0);
             let b = &all[i];
-            assert_eq!(b.ids, one.ids, "seed {seed}, item {i}");
-            assert_eq!(b.text, one.text, "seed {seed}, item {i}");
-            assert_eq!(b.masks, one.masks, "seed {seed}, item {i}");
+            let at = format!("max_new {max_new_tokens}, seed {seed}, item {i}");
+            assert_eq!(b.ids, one.ids, "{at}");
+            assert_eq!(b.text, one.text, "{at}");
+            assert_eq!(b.masks, one.masks, "{at}");
             for (x, y) in b.logps.iter().zip(&one.logps) {
-                assert!((x - y).abs() < 1e-5, "seed {seed}, item {i}: {x} vs {y}");
+                assert!((x - y).abs() < 1e-5, "{at}: {x} vs {y}");
             }
         }
         let lens: std::collections::BTreeSet<usize> = all.iter().map(|p| p.ids.len()).collect();
         mixed |= temperature > 0.0 && lens.len() > 1;
+        out.push(all);
     }
     assert!(mixed, "no batch had rows ending at different steps");
+    out
 }
 
 /// A batch of very different lengths runs the LLM in several groups

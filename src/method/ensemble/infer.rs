@@ -5,7 +5,7 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
-use crate::model::seg::infer::{by_length_groups, row, rows_f32, Rows};
+use crate::model::seg::infer::{by_groups, length_groups, row, rows_f32, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::sample::log_softmax;
 use crate::nn::{KvCache, Rng, SamplingCfg};
@@ -225,7 +225,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let sampled = self.sample_k(tok, px, encs, &idx, &pre, cfg, &seeds, fixed)?;
             then(&idx, &pre, sampled)
         };
-        by_length_groups(&self.llava.be, "SegModel::sampled_groups", &bodies, group)
+        let be = &self.llava.be;
+        let groups = length_groups(&bodies);
+        by_groups(be, "SegModel::sampled_groups", bodies.len(), groups, group)
     }
 
     /// The text half (Eq. 5) and the segmentation half (Eq. 6) of one question, from

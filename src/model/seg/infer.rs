@@ -118,13 +118,16 @@ impl<Buf> ImageEncoding<Buf> {
 
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// Answers each `(image, question)`; images are encoded in one batch, and the
-    /// questions whose prompts have the same length are decoded together, one KV cache
-    /// for all of them (greedy when `cfg.temperature` is 0).  Item `i` samples from the
-    /// stream seeded `cfg.seed + i`.
+    /// questions are decoded together, one KV cache for all of them (but for prompts
+    /// that would reach the context's end; greedy when `cfg.temperature` is 0).  Item `i` samples from the stream seeded
+    /// `cfg.seed + i`.
     ///
-    /// Rows of one decode are never padded: a row then computes what it would alone (the
-    /// same ids, and masks and log-probabilities up to the rounding of a batched matrix
-    /// product; `tests/seg_model.rs` checks the ids and texts are identical).
+    /// Shorter prompts are padded on the left, their pads hidden from every query by a
+    /// key bias of −inf ([`Self::prefill_rows`]).  A row then computes what it would
+    /// alone up to rounding: its positions are shifted by its padding, which RoPE's
+    /// scores do not see (they depend on the distance between positions alone), and its
+    /// rows share batched matrix products.  `tests/seg_model.rs` checks the ids, texts
+    /// and masks are identical.
     pub fn predict(
         &self,
         tok: &SegTokenizer,
@@ -157,12 +160,18 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .into_iter()
             .collect()
         };
-        by_length_groups(be, "SegModel::predict", &prompts, group)
+        let ctx = self.llava.language_model.cfg.max_position_embeddings;
+        let sets = decode_sets(&prompts, self.cfg.max_new_tokens, ctx);
+        by_groups(be, "SegModel::predict", prompts.len(), sets, group)
     }
 
-    /// The prompts `idx` (all of one length T) with their images' tokens in place,
-    /// through the LLM as one batch with a fresh KV cache: the rows ready to decode,
-    /// row `r` sampling from the stream seeded `seeds[r]`.
+    /// The prompts `idx` with their images' tokens in place, through the LLM as one
+    /// batch with a fresh KV cache: the rows ready to decode, row `r` sampling from the
+    /// stream seeded `seeds[r]`.  Prompts shorter than the longest (T) are padded on
+    /// the left with their first id, and the rows then carry a key bias that is −inf
+    /// on the pads and 0 elsewhere (`Rows::bias`, which grows by 0 with each decoded
+    /// key): no query sees a pad, and a pad's own query sees nothing (its output is 0).
+    /// Prompts all of one length take no bias.
     pub(crate) fn prefill_rows(
         &self,
         prompts: &[(Vec<u32>, usize)],
@@ -177,25 +186,46 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             self.llava.cfg.text.vocab_size,
         );
         let k = self.tokens_per_image();
-        let (b, t) = (idx.len(), prompts[idx[0]].0.len());
-        if let Some(&i) = idx.iter().find(|&&i| prompts[i].0.len() != t) {
+        let b = idx.len();
+        let t = idx.iter().map(|&i| prompts[i].0.len()).max().unwrap_or(0);
+        if t == 0 {
             return Err(Error::shape(
                 "SegModel::prefill_rows",
-                format!(
-                    "prompt {i} has {} tokens, the batch's first {t}",
-                    prompts[i].0.len()
-                ),
+                format!("{b} prompts, none with a token"),
             ));
         }
-        let ids: Vec<u32> = idx.iter().flat_map(|&i| prompts[i].0.clone()).collect();
+        let pads: Vec<usize> = idx.iter().map(|&i| t - prompts[i].0.len()).collect();
+        let mut ids = Vec::with_capacity(b * t);
+        for (&i, &pad) in idx.iter().zip(&pads) {
+            let p = &prompts[i].0;
+            ids.extend(std::iter::repeat_n(p[0], pad));
+            ids.extend_from_slice(p);
+        }
         let mut x = lm.embed(&ids)?;
-        for (r, &i) in idx.iter().enumerate() {
-            let pos = prompts[i].1;
+        for (r, (&i, &pad)) in idx.iter().zip(&pads).enumerate() {
+            let pos = pad + prompts[i].1;
             be.copy_range(&mut x, (r * t + pos) * hdim, &encs[i].tokens, 0, k * hdim)?;
         }
+        let bias = pads.iter().any(|&p| p > 0).then(|| {
+            pads.iter()
+                .map(|&p| {
+                    let mut row = vec![f32::NEG_INFINITY; p];
+                    row.resize(t, 0.0);
+                    row
+                })
+                .collect::<Vec<_>>()
+        });
+        let bias_buf = bias.as_ref().map(|rows| {
+            let f: Vec<F> = rows
+                .iter()
+                .flatten()
+                .map(|&x| F::from(x).unwrap_or_else(F::neg_infinity))
+                .collect();
+            be.from_slice(&f)
+        });
         let mut cache = lm.new_cache(b);
         // only each prompt's last row predicts
-        let (logits, hidden) = lm.forward_tail(x, b, t, 1, None, None, &mut cache)?;
+        let (logits, hidden) = lm.forward_tail(x, b, t, 1, None, bias_buf.as_ref(), &mut cache)?;
         let logits = rows_f32(be, &logits, &(0..b).collect::<Vec<_>>(), v);
         let hidden = (0..b)
             .map(|r| row(be, &hidden, r, hdim))
@@ -205,7 +235,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             logits,
             hidden,
             seeds.iter().map(|&s| Rng::new(s)).collect(),
-            None,
+            bias,
         ))
     }
 
@@ -593,19 +623,19 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     }
 }
 
-/// `group` of each [`length_groups`] group of `prompts` (the groups side by side where
+/// `group` of each of `groups` (indices of n questions; the groups side by side where
 /// the backend gains from it, [`map_jobs`]), which gives each of its questions' result
-/// with the question's index; the results in the prompts' order.  A question left
+/// with the question's index; the results in the questions' order.  A question left
 /// without one is an error.
-pub(crate) fn by_length_groups<F: Float, B: Backend<F>, R: Send>(
+pub(crate) fn by_groups<F: Float, B: Backend<F>, R: Send>(
     be: &B,
     what: &'static str,
-    prompts: &[(Vec<u32>, usize)],
+    n: usize,
+    groups: Vec<Vec<usize>>,
     group: impl Fn(Vec<usize>) -> Result<Vec<(usize, R)>> + Sync + Send,
 ) -> Result<Vec<R>> {
-    let n = prompts.len();
     let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
-    for done in map_jobs(be, length_groups(prompts), group) {
+    for done in map_jobs(be, groups, group) {
         for (i, r) in done? {
             out[i] = Some(r);
         }
@@ -616,6 +646,25 @@ pub(crate) fn by_length_groups<F: Float, B: Backend<F>, R: Send>(
             r.ok_or_else(|| Error::shape(what, format!("no answer for question {i} of {n}")))
         })
         .collect()
+}
+
+/// The questions of `prompts` that are decoded together (`SegModel::predict`): every
+/// prompt with room for `max_new` tokens after it in a context of `ctx` positions, in
+/// one set (padded to the longest), then the others by length.  A padded row stops
+/// when the longest prompt reaches the context's end, so only prompts that never reach
+/// it, whatever they are padded to, share a set with shorter ones.
+pub(crate) fn decode_sets(
+    prompts: &[(Vec<u32>, usize)],
+    max_new: usize,
+    ctx: usize,
+) -> Vec<Vec<usize>> {
+    // None (the set that fits) sorts before every length
+    let mut sets: std::collections::BTreeMap<Option<usize>, Vec<usize>> = Default::default();
+    for (i, (ids, _)) in prompts.iter().enumerate() {
+        let key = (ids.len() + max_new > ctx).then_some(ids.len());
+        sets.entry(key).or_default().push(i);
+    }
+    sets.into_values().collect()
 }
 
 /// The indices of `prompts` by prompt length, shortest first: the questions that can
@@ -663,4 +712,30 @@ pub(crate) fn row<F: Float, B: Backend<F>>(
     let mut h = be.uninit(w);
     be.copy_range(&mut h, 0, x, i * w, w)?;
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_sets;
+
+    fn prompts(lens: &[usize]) -> Vec<(Vec<u32>, usize)> {
+        lens.iter().map(|&n| (vec![7; n], 0)).collect()
+    }
+
+    #[test]
+    fn prompts_with_room_decode_in_one_set_the_others_by_length() {
+        // room for 10 new tokens in 30 positions: lengths up to 20 fit
+        let p = prompts(&[12, 25, 20, 5, 25, 21, 12]);
+        assert_eq!(
+            decode_sets(&p, 10, 30),
+            vec![vec![0, 2, 3, 6], vec![5], vec![1, 4]]
+        );
+        // all fit, or none
+        assert_eq!(decode_sets(&p, 1, 30), vec![(0..7).collect::<Vec<_>>()]);
+        assert_eq!(
+            decode_sets(&p, 30, 30),
+            vec![vec![3], vec![0, 6], vec![2], vec![5], vec![1, 4]]
+        );
+        assert!(decode_sets(&[], 10, 30).is_empty());
+    }
 }
