@@ -342,11 +342,13 @@ fn with_the_vote_the_answer_is_the_majority_sample() {
 #[test]
 fn answers_depend_on_the_seed_and_not_on_the_batch() {
     let (m, tok) = model(9);
-    let pxs: Vec<Pixels> = (0..3).map(|i| pixels(&m.cfg, 30 + i)).collect();
+    // prompts of several lengths: the shorter are padded in the batch
+    let pxs: Vec<Pixels> = (0..4).map(|i| pixels(&m.cfg, 30 + i)).collect();
     let qs = [
         "Where is the cup?",
         "Where is the apple?",
         "Where is the table?",
+        "Which of the things on the table is the cup?",
     ];
     let items: Vec<(&Pixels, &str)> = pxs.iter().zip(qs).collect();
     let ends = sentence_ends(&tok.tok);

@@ -913,7 +913,8 @@ const SEG_STEP_COPIES: u64 = 27;
 fn batched_prediction_is_each_question_predicted_alone() {
     // Questions of three prompt lengths, several per length, so rows of one batch end at
     // different steps and leave it while the others run on.  With room for 12 new
-    // tokens every prompt fits the context: one decode, the shorter prompts padded.
+    // tokens every prompt fits the context: the CPU decodes them in two sets of five,
+    // each holding two lengths, the shorter padded.
     batched_prediction_equals_alone(12);
 }
 
@@ -950,8 +951,9 @@ fn batched_prediction_that_reaches_the_context_end_is_each_question_alone() {
     );
 }
 
-/// Questions of three prompt lengths.
-const PREDICT_QUESTIONS: [&str; 8] = [
+/// Questions of three prompt lengths, more than the CPU decodes in one set (8): two
+/// padded sets.
+const PREDICT_QUESTIONS: [&str; 10] = [
     "Where is the cup?",
     "Find the red apples.",
     "Where is the cup?",
@@ -960,6 +962,8 @@ const PREDICT_QUESTIONS: [&str; 8] = [
     "Where is the cup?",
     "Find the red apples.",
     "Where is the cup?",
+    "Nothing fits.",
+    "Find the red apples.",
 ];
 
 /// Checks that `predict` over [`PREDICT_QUESTIONS`] in one batch answers each as it

@@ -5,7 +5,7 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
-use crate::model::seg::infer::{by_groups, length_groups, row, rows_f32, Rows};
+use crate::model::seg::infer::{by_groups, decode_set_size, decode_sets, row, rows_f32, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::sample::log_softmax;
 use crate::nn::{KvCache, Rng, SamplingCfg};
@@ -128,20 +128,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             seed,
             &fixed,
             |idx, pre, sampled| {
-                let mut jobs = Vec::with_capacity(idx.len());
-                for ((r, &i), samples) in idx.iter().enumerate().zip(sampled) {
-                    let prefix = self
-                        .llava
-                        .language_model
-                        .select_cache_rows(&pre.cache, &[r])?;
-                    let head = Head {
-                        prefix,
-                        h_prefix: pre.hidden[r].clone(),
-                    };
-                    jobs.push((i, head, samples));
-                }
+                let jobs: Vec<_> = idx.iter().copied().enumerate().zip(sampled).collect();
                 // the questions are independent: each is refined alone
-                map_jobs(&self.llava.be, jobs, |(i, head, samples)| {
+                map_jobs(&self.llava.be, jobs, |((r, i), samples)| {
+                    let head = self.head_of(tok, items[i].1, &encs[i], pre, r, &fixed)?;
                     let e = self.refine_one(tok, px[i], &encs[i], head, samples, cfg, &fixed)?;
                     Ok((i, e))
                 })
@@ -195,11 +185,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         )
     }
 
-    /// The prefix `[image, x]` and the K samples of the questions of each prompt
-    /// length, handed to `then` with the group's item indices (question `i` seeded
-    /// `seed + i`), which gives each question's result with its index; the results in
-    /// the items' order.  The groups are independent and may run at once
-    /// ([`map_jobs`]).
+    /// The prefix `[image, x]` and the K samples of the questions, handed to `then`
+    /// with the group's item indices (question `i` seeded `seed + i`), which gives each
+    /// question's result with its index; the results in the items' order.  The
+    /// questions are grouped as `SegModel::predict` groups them: the prompts with room
+    /// for the header and `max_new_tokens` after them in one group, padded on the left
+    /// (the prefix rows then carry the pads' −inf key bias), the others by length.  The
+    /// groups are independent and may run at once ([`map_jobs`]).
     #[allow(clippy::too_many_arguments)]
     fn sampled_groups<R: Send>(
         &self,
@@ -226,8 +218,43 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             then(&idx, &pre, sampled)
         };
         let be = &self.llava.be;
-        let groups = length_groups(&bodies);
+        let ctx = self.llava.language_model.cfg.max_position_embeddings;
+        let room = fixed.header.len() + self.cfg.max_new_tokens;
+        let groups = decode_sets(&bodies, room, ctx, decode_set_size(be));
         by_groups(be, "SegModel::sampled_groups", bodies.len(), groups, group)
+    }
+
+    /// The prefix `[image, x]` of `question` alone, row `r` of `pre`: that row's cache
+    /// and last hidden state, or, when the row is padded on the left, the prompt read
+    /// again alone: the refinement's biases and context checks count the prefix's keys
+    /// from its first position.
+    fn head_of(
+        &self,
+        tok: &SegTokenizer,
+        question: &str,
+        enc: &ImageEncoding<B::Buf>,
+        pre: &Rows<B::Buf>,
+        r: usize,
+        fixed: &Fixed<'_, B::Buf>,
+    ) -> Result<Head<B::Buf>> {
+        let padded = pre
+            .bias
+            .as_ref()
+            .and_then(|b| b.get(r)?.first())
+            .is_some_and(|&g| g == f32::NEG_INFINITY);
+        if !padded {
+            let lm = &self.llava.language_model;
+            return Ok(Head {
+                prefix: lm.select_cache_rows(&pre.cache, &[r])?,
+                h_prefix: pre.hidden[r].clone(),
+            });
+        }
+        let body = self.prompt_ids(tok, question, fixed.header.len())?;
+        let mut one = self.prefill_rows(&[body], std::slice::from_ref(enc), &[0], &[0])?;
+        Ok(Head {
+            prefix: one.cache,
+            h_prefix: one.hidden.remove(0),
+        })
     }
 
     /// The text half (Eq. 5) and the segmentation half (Eq. 6) of one question, from
@@ -456,9 +483,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         Ok(x)
     }
 
-    /// The K answers of every question of one prompt length, decoded together: the
-    /// answer header is fed after the bodies' cache `pre`, and the B·K answers decode as
-    /// one batch, the K of a question sharing its cache row while their draws agree
+    /// The K answers of every question of a group, decoded together: the answer header
+    /// is fed after the bodies' cache `pre` (under its pads' bias, when padded), and the
+    /// B·K answers decode as one batch, the K of a question sharing its cache row while their draws agree
     /// ([`SegModel::decode_rows`]).  Sample `j` of the question seeded `s`
     /// draws from the stream seeded `splitmix64(s) + j`.  Returns one set per row of
     /// `pre`, in order.
@@ -483,10 +510,21 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (b, k, header) = (idx.len(), cfg.k, &fixed.header[..]);
         let (mut cache, mut logits, mut hidden) =
             (pre.cache.clone(), pre.logits.clone(), pre.hidden.clone());
+        // the pads' bias (when padded) covers the header's keys too, with 0
+        let bias = pre.bias.clone().map(|mut rows| {
+            for row in &mut rows {
+                row.resize(row.len() + header.len(), 0.0);
+            }
+            rows
+        });
         if !header.is_empty() {
             let ids: Vec<u32> = (0..b).flat_map(|_| header.iter().copied()).collect();
             let hl = header.len();
-            let (lg, hd) = lm.forward_tail(lm.embed(&ids)?, b, hl, 1, None, None, &mut cache)?;
+            let g = bias
+                .as_ref()
+                .map(|rows| be.from_slice(&to_f::<F>(&rows.concat())));
+            let (lg, hd) =
+                lm.forward_tail(lm.embed(&ids)?, b, hl, 1, None, g.as_ref(), &mut cache)?;
             logits = rows_f32(be, &lg, &(0..b).collect::<Vec<_>>(), v);
             hidden = (0..b)
                 .map(|r| row(be, &hd, r, hdim))
@@ -505,7 +543,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 })
                 .collect(),
             members: (0..b).map(|r| (r * k..(r + 1) * k).collect()).collect(),
-            bias: None,
+            bias,
         };
         let sampling = SamplingCfg {
             temperature: cfg.temperature,

@@ -29,12 +29,14 @@
 //!   way, one measured run moved by a few answers of 180 (docs/demo.md).
 //! - **Prefix.**  The image and question go through the LLM once; the K samples, the
 //!   text half and the segmentation half all continue from that KV cache.  The
-//!   questions of one call whose prompts have the same length are read in one batch
-//!   and their B·K samples decoded as one batch (never padded, as in
-//!   `SegModel::predict`), the K samples of a question sharing one cache row, and so
-//!   one forward per step, for as long as they draw the same tokens; the two halves
-//!   then run question by question.  The groups
-//!   of one length, and the questions' two halves, are independent and run on several
+//!   questions of one call are read in one batch and their B·K samples decoded as one
+//!   batch, the shorter prompts padded on the left as `SegModel::predict` pads them
+//!   (the pads hidden by a key bias of −inf; prompts that could reach the context's end
+//!   go by length, unpadded), the K samples of a question sharing one cache row, and
+//!   so one forward per step, for as long as they draw the same tokens; the two halves
+//!   then run question by question, each from its own prefix (a padded one read again
+//!   alone, so that the halves' biases and context checks count from its first key).
+//!   The groups and the questions' two halves are independent and run on several
 //!   threads at once on the CPU ([`crate::backend::map_jobs`]), with the same results.
 //! - **Decoding `ỹ`** is greedy, with the K samples as drafts
 //!   ([`crate::model::seg::draft`]): the same tokens, fewer forwards.
