@@ -540,7 +540,14 @@ fn batched_generation_rows_match_single_generation() {
         top_p: 0.9,
         seed: 40,
     };
-    let prompts = vec![vec![3u32, 1, 4], vec![3, 1, 4], vec![2, 7, 1]];
+    // one prompt twice, and shorter ones (padded on the left in the batch)
+    let prompts = vec![
+        vec![3u32, 1, 4],
+        vec![3, 1, 4],
+        vec![2, 7, 1],
+        vec![5, 6],
+        vec![8],
+    ];
     let batch = m.generate_batch(&prompts, 8, &cfg, None).unwrap();
     for (r, p) in prompts.iter().enumerate() {
         let single = m
@@ -565,8 +572,9 @@ fn batched_generation_rows_match_single_generation() {
         "two rows with one prompt draw different samples"
     );
     assert!(m
-        .generate_batch(&[vec![1, 2], vec![1]], 2, &cfg, None)
+        .generate_batch(&[vec![1, 2], vec![]], 2, &cfg, None)
         .is_err());
+    assert!(m.generate_batch(&[], 2, &cfg, None).is_err());
 }
 
 #[test]

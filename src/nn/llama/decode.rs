@@ -1,5 +1,5 @@
 //! Decoding: the KV cache (made, grown, cut back, its rows selected) and sampling with
-//! it, one prompt or several of equal length at once.
+//! it, one prompt or several at once (the shorter padded on the left).
 use super::Llama;
 use crate::backend::{Backend, TimeCopy};
 use crate::error::{Error, Result};
@@ -201,10 +201,17 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         Ok(out)
     }
 
-    /// Sample from several prompts of equal length at once (POPEN's K answers to one
-    /// question are K copies of the prompt).  Row r draws from its own stream seeded
-    /// `cfg.seed + r`, so row 0 reproduces [`Llama::generate`] with the same config.
-    /// A row stops after `eos`; the batch stops when every row has.
+    /// Sample from several prompts at once (POPEN's K answers to one question are K
+    /// copies of the prompt).  Row r draws from its own stream seeded `cfg.seed + r`, so
+    /// row 0 reproduces [`Llama::generate`] with the same config.  A row stops after
+    /// `eos`; the batch stops when every row has, or when the longest prompt and what
+    /// follows it fill the context.
+    ///
+    /// Prompts shorter than the longest are padded on the left (with their first id) and
+    /// the pads hidden from every query by a key bias of −inf.  A padded row's positions
+    /// are shifted by its padding, which RoPE's scores do not see (they depend on the
+    /// distance between positions alone): each row is what [`Llama::generate`] gives
+    /// it, up to rounding (`tests/nn_llama.rs`).
     pub fn generate_batch(
         &self,
         prompts: &[Vec<u32>],
@@ -213,29 +220,39 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         eos: Option<u32>,
     ) -> Result<Vec<Vec<(u32, f32)>>> {
         let b = prompts.len();
-        let t = prompts.first().map_or(0, |p| p.len());
-        if b == 0 || t == 0 {
+        if b == 0 || prompts.iter().any(|p| p.is_empty()) {
             return Err(Error::arg(
                 "Llama::generate_batch",
                 "no prompts, or an empty prompt",
             ));
         }
-        if let Some(r) = prompts.iter().position(|p| p.len() != t) {
-            return Err(Error::shape(
-                "Llama::generate_batch",
-                format!(
-                    "prompt {r} has {} tokens, prompt 0 has {t}: lengths must match",
-                    prompts[r].len()
-                ),
-            ));
-        }
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let v = self.cfg.vocab_size;
         let mut rngs: Vec<Rng> = (0..b as u64)
             .map(|r| Rng::new(cfg.seed.wrapping_add(r)))
             .collect();
         let mut cache = self.new_cache(b);
-        let flat: Vec<u32> = prompts.concat();
-        let mut logits = self.forward_cached(&flat, &mut cache, None, None)?;
+        let mut flat = Vec::with_capacity(b * t);
+        for p in prompts {
+            flat.extend(std::iter::repeat_n(p[0], t - p.len()));
+            flat.extend_from_slice(p);
+        }
+        // per row, the bias of every key so far: −inf on its pads (None: no pads)
+        let mut bias: Option<Vec<Vec<F>>> = prompts.iter().any(|p| p.len() < t).then(|| {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut row = vec![F::neg_infinity(); t - p.len()];
+                    row.resize(t, F::zero());
+                    row
+                })
+                .collect()
+        });
+        let bias_buf = |bias: &Option<Vec<Vec<F>>>| {
+            bias.as_ref().map(|rows| self.be.from_slice(&rows.concat()))
+        };
+        let g = bias_buf(&bias);
+        let mut logits = self.forward_cached(&flat, &mut cache, None, g.as_ref())?;
         let mut rows_t = t; // tokens per row in `logits`
         let mut out = vec![Vec::with_capacity(max_new); b];
         let mut done = vec![false; b];
@@ -255,7 +272,11 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             if done.iter().all(|&d| d) || cache.len() + 1 > self.cfg.max_position_embeddings {
                 break;
             }
-            logits = self.forward_cached(&next, &mut cache, None, None)?;
+            if let Some(rows) = &mut bias {
+                rows.iter_mut().for_each(|row| row.push(F::zero()));
+            }
+            let g = bias_buf(&bias);
+            logits = self.forward_cached(&next, &mut cache, None, g.as_ref())?;
             rows_t = 1;
         }
         Ok(out)
