@@ -5,7 +5,9 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
-use crate::model::seg::infer::{by_groups, decode_set_size, decode_sets, row, rows_f32, Rows};
+use crate::model::seg::infer::{
+    bias_rows, by_groups, decode_set_size, decode_sets, row, rows_f32, Rows,
+};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::sample::log_softmax;
 use crate::nn::{KvCache, Rng, SamplingCfg};
@@ -485,8 +487,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
 
     /// The K answers of every question of a group, decoded together: the answer header
     /// is fed after the bodies' cache `pre` (under its pads' bias, when padded), and the
-    /// B·K answers decode as one batch, the K of a question sharing its cache row while their draws agree
-    /// ([`SegModel::decode_rows`]).  Sample `j` of the question seeded `s`
+    /// B·K answers decode as one batch, the K of a question sharing its cache row while
+    /// their draws agree ([`SegModel::decode_rows`]).  Sample `j` of the question seeded `s`
     /// draws from the stream seeded `splitmix64(s) + j`.  Returns one set per row of
     /// `pre`, in order.
     #[allow(clippy::too_many_arguments)]
@@ -520,9 +522,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if !header.is_empty() {
             let ids: Vec<u32> = (0..b).flat_map(|_| header.iter().copied()).collect();
             let hl = header.len();
-            let g = bias
-                .as_ref()
-                .map(|rows| be.from_slice(&to_f::<F>(&rows.concat())));
+            let g = bias.as_ref().map(|rows| bias_rows(be, rows));
             let (lg, hd) =
                 lm.forward_tail(lm.embed(&ids)?, b, hl, 1, None, g.as_ref(), &mut cache)?;
             logits = rows_f32(be, &lg, &(0..b).collect::<Vec<_>>(), v);

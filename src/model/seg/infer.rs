@@ -53,7 +53,8 @@ pub struct Decoded<Buf> {
 /// Answers decoded together ([`SegModel::decode_rows`]): one KV cache of batch B and,
 /// per cache row, the logits (V) and hidden state (C) of its last position, the
 /// answers it holds (`members`: indices into `rngs`, one answer per sampling stream)
-/// and, when the keys are biased, the bias of every key in the cache.  A cache row
+/// and, when the keys are biased, the bias of every key in the cache (a row padded on
+/// the left starts with −inf, one per pad: [`SegModel::prefill_rows`]).  A cache row
 /// holds several answers while their histories are the same (the K samples of one
 /// question start so): they share its forwards until their draws differ.
 pub(crate) struct Rows<Buf> {
@@ -119,8 +120,8 @@ impl<Buf> ImageEncoding<Buf> {
 impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// Answers each `(image, question)`; images are encoded in one batch, and the
     /// questions are decoded together, one KV cache for all of them (but for prompts
-    /// that would reach the context's end; greedy when `cfg.temperature` is 0).  Item `i` samples from the stream seeded
-    /// `cfg.seed + i`.
+    /// that would reach the context's end; greedy when `cfg.temperature` is 0).  Item
+    /// `i` samples from the stream seeded `cfg.seed + i`.
     ///
     /// Shorter prompts are padded on the left, their pads hidden from every query by a
     /// key bias of −inf ([`Self::prefill_rows`]).  A row then computes what it would
@@ -188,13 +189,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         );
         let k = self.tokens_per_image();
         let b = idx.len();
-        let t = idx.iter().map(|&i| prompts[i].0.len()).max().unwrap_or(0);
-        if t == 0 {
+        if b == 0 || idx.iter().any(|&i| prompts[i].0.is_empty()) {
             return Err(Error::shape(
                 "SegModel::prefill_rows",
-                format!("{b} prompts, none with a token"),
+                format!("{b} prompts, or an empty one"),
             ));
         }
+        let t = idx.iter().map(|&i| prompts[i].0.len()).max().unwrap_or(0);
         let pads: Vec<usize> = idx.iter().map(|&i| t - prompts[i].0.len()).collect();
         let mut ids = Vec::with_capacity(b * t);
         for (&i, &pad) in idx.iter().zip(&pads) {
@@ -216,14 +217,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 })
                 .collect::<Vec<_>>()
         });
-        let bias_buf = bias.as_ref().map(|rows| {
-            let f: Vec<F> = rows
-                .iter()
-                .flatten()
-                .map(|&x| F::from(x).unwrap_or_else(F::neg_infinity))
-                .collect();
-            be.from_slice(&f)
-        });
+        let bias_buf = bias.as_ref().map(|rows| bias_rows(be, rows));
         let mut cache = lm.new_cache(b);
         // only each prompt's last row predicts
         let (logits, hidden) = lm.forward_tail(x, b, t, 1, None, bias_buf.as_ref(), &mut cache)?;
@@ -518,21 +512,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 }
             }
             live = groups;
-            let bias_buf = match &mut bias {
-                Some(bs) => {
-                    let f: Vec<F> = bs
-                        .iter_mut()
-                        .flat_map(|row| {
-                            row.push(0.0);
-                            row.iter()
-                                .map(|&x| F::from(x).unwrap_or_else(F::zero))
-                                .collect::<Vec<F>>()
-                        })
-                        .collect();
-                    Some(be.from_slice(&f))
-                }
-                None => None,
-            };
+            let bias_buf = bias.as_mut().map(|bs| {
+                bs.iter_mut().for_each(|row| row.push(0.0));
+                bias_rows(be, bs)
+            });
             let x = lm.embed(&next)?;
             let n = next.len();
             let (lg, acts) =
@@ -705,6 +688,17 @@ pub(crate) fn decode_set_size<F: Float, B: Backend<F>>(be: &B) -> usize {
 /// 1.12 / 1.03 / 1.20 s with sets of 4 / 8 / 16, the ensemble (K = 3) 2.78 / 2.79 / 4.4 s;
 /// by prompt length, unpadded, 1.53 and 3.03 s.
 pub(crate) const CPU_DECODE_SET: usize = 8;
+
+/// Per-row key biases (`Rows::bias`, each row as long as the keys) as one (B, Tk)
+/// buffer.
+pub(crate) fn bias_rows<F: Float, B: Backend<F>>(be: &B, rows: &[Vec<f32>]) -> B::Buf {
+    let f: Vec<F> = rows
+        .iter()
+        .flatten()
+        .map(|&x| F::from(x).unwrap_or_else(F::nan))
+        .collect();
+    be.from_slice(&f)
+}
 
 /// The last row (width `v`) of a row-major buffer, as f32: the logits of the position
 /// that predicts the next token.
