@@ -124,7 +124,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// `i` samples from the stream seeded `cfg.seed + i`.
     ///
     /// Shorter prompts are padded on the left, their pads hidden from every query by a
-    /// key bias of −inf ([`Self::prefill_rows`]).  A row then computes what it would
+    /// key bias of −inf (`SegModel::prefill_rows`).  A row then computes what it would
     /// alone up to rounding: its positions are shifted by its padding, which RoPE's
     /// scores do not see (they depend on the distance between positions alone), and its
     /// rows share batched matrix products.  `tests/seg_model.rs` checks the ids, texts
