@@ -6,7 +6,7 @@ use super::EnsembleCfg;
 use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
 use crate::model::seg::infer::{
-    bias_rows, by_groups, decode_set_size, decode_sets, row, rows_f32, Rows,
+    bias_rows, by_groups, decode_set_size, decode_sets, row, rows_f32, split_rows, Rows,
 };
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::sample::log_softmax;
@@ -526,9 +526,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let (lg, hd) =
                 lm.forward_tail(lm.embed(&ids)?, b, hl, 1, None, g.as_ref(), &mut cache)?;
             logits = rows_f32(be, &lg, &(0..b).collect::<Vec<_>>(), v);
-            hidden = (0..b)
-                .map(|r| row(be, &hd, r, hdim))
-                .collect::<Result<_>>()?;
+            hidden = split_rows(be, hd, b, hdim)?;
         }
         // the K samples of a question share its cache row until their draws differ
         let rows = Rows {

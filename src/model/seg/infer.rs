@@ -222,9 +222,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         // only each prompt's last row predicts
         let (logits, hidden) = lm.forward_tail(x, b, t, 1, None, bias_buf.as_ref(), &mut cache)?;
         let logits = rows_f32(be, &logits, &(0..b).collect::<Vec<_>>(), v);
-        let hidden = (0..b)
-            .map(|r| row(be, &hidden, r, hdim))
-            .collect::<Result<_>>()?;
+        let hidden = split_rows(be, hidden, b, hdim)?;
         Ok(Rows::one_per_row(
             cache,
             logits,
@@ -521,9 +519,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let (lg, acts) =
                 lm.forward_embeds(x, n, 1, None, bias_buf.as_ref(), Some(&mut cache))?;
             logits = rows_f32(be, &lg, &(0..n).collect::<Vec<_>>(), v);
-            hidden = (0..n)
-                .map(|j| row(be, &acts.hidden, j, hdim))
-                .collect::<Result<_>>()?;
+            hidden = split_rows(be, acts.hidden, n, hdim)?;
         }
         Ok(out)
     }
@@ -688,6 +684,21 @@ pub(crate) fn decode_set_size<F: Float, B: Backend<F>>(be: &B) -> usize {
 /// 1.12 / 1.03 / 1.20 s with sets of 4 / 8 / 16, the ensemble (K = 3) 2.78 / 2.79 / 4.4 s;
 /// by prompt length, unpadded, 1.53 and 3.03 s.
 pub(crate) const CPU_DECODE_SET: usize = 8;
+
+/// The n rows (width `w`) of x, each a buffer of its own: x itself when it is one row
+/// (a decode step of one answer copies nothing), else a copy of each.
+pub(crate) fn split_rows<F: Float, B: Backend<F>>(
+    be: &B,
+    x: B::Buf,
+    n: usize,
+    w: usize,
+) -> Result<Vec<B::Buf>> {
+    crate::error::check_len("split_rows", "rows", be.len(&x), n * w)?;
+    if n == 1 {
+        return Ok(vec![x]);
+    }
+    (0..n).map(|j| row(be, &x, j, w)).collect()
+}
 
 /// Per-row key biases (`Rows::bias`, each row as long as the keys) as one (B, Tk)
 /// buffer.
