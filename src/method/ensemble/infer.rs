@@ -222,7 +222,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let be = &self.llava.be;
         let ctx = self.llava.language_model.cfg.max_position_embeddings;
         let room = fixed.header.len() + self.cfg.max_new_tokens;
-        let groups = decode_sets(&bodies, room, ctx, decode_set_size(be));
+        let groups = decode_sets(&bodies, room, ctx, decode_set_size(be, cfg.k));
         by_groups(be, "SegModel::sampled_groups", bodies.len(), groups, group)
     }
 

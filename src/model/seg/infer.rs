@@ -162,7 +162,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .collect()
         };
         let ctx = self.llava.language_model.cfg.max_position_embeddings;
-        let most = decode_set_size(be);
+        let most = decode_set_size(be, 1);
         let sets = decode_sets(&prompts, self.cfg.max_new_tokens, ctx, most);
         by_groups(be, "SegModel::predict", prompts.len(), sets, group)
     }
@@ -666,24 +666,27 @@ pub(crate) fn decode_sets(
     out
 }
 
-/// The most questions one decode takes on `be` ([`decode_sets`]): all of them on a
-/// device, where a step's launches cost the same for one row as for many; on a backend
-/// whose callers run side by side (the CPU's), [`CPU_DECODE_SET`], so that a batch
-/// makes jobs for several threads ([`map_jobs`]) and its rows' products stay the size
-/// that keeps them busy.
-pub(crate) fn decode_set_size<F: Float, B: Backend<F>>(be: &B) -> usize {
+/// The most questions one decode takes on `be` ([`decode_sets`]) when each decodes
+/// `rows` answers: all of them on a device, where a step's launches cost the same for
+/// one row as for many; on a backend whose callers run side by side (the CPU's),
+/// [`CPU_DECODE_ROWS`] rows' worth (one question at least), so that a batch makes jobs
+/// for several threads ([`map_jobs`]) and its products stay the size that keeps them
+/// busy.
+pub(crate) fn decode_set_size<F: Float, B: Backend<F>>(be: &B, rows: usize) -> usize {
     if be.concurrent_callers() {
-        CPU_DECODE_SET
+        (CPU_DECODE_ROWS / rows.max(1)).max(1)
     } else {
         usize::MAX
     }
 }
 
-/// Questions per decode on the CPU ([`decode_set_size`]).  Measured on the 2-core host,
-/// `popen predict` of 180 world questions (a demo-sized model, batches of 16): one answer
-/// 1.12 / 1.03 / 1.20 s with sets of 4 / 8 / 16, the ensemble (K = 3) 2.78 / 2.79 / 4.4 s;
-/// by prompt length, unpadded, 1.53 and 3.03 s.
-pub(crate) const CPU_DECODE_SET: usize = 8;
+/// Answers per decode on the CPU ([`decode_set_size`]).  Measured on the 2-core host
+/// with a demo-sized model: `popen predict` of 180 world questions (batches of 16), one
+/// answer, 1.12 / 1.03 / 1.20 s in sets of 4 / 8 / 16 questions (1.50 s by prompt
+/// length, unpadded); the ensemble (K = 3) 2.78 / 2.79 / 4.4 s in sets of 4 / 8 / 16
+/// questions and 2.76 s in sets of 2 (3.0 s by length); 24 questions in batches of 8
+/// with K = 4, 0.67 s in sets of 8 questions, 0.48 s in sets of 2 (0.51 s by length).
+pub(crate) const CPU_DECODE_ROWS: usize = 8;
 
 /// The n rows (width `w`) of x, each a buffer of its own: x itself when it is one row
 /// (a decode step of one answer copies nothing), else a copy of each.
