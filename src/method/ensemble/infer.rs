@@ -6,9 +6,10 @@ use super::EnsembleCfg;
 use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
 use crate::model::seg::infer::{
-    bias_rows, by_groups, decode_set_size, decode_sets, row, rows_f32, split_rows, Rows,
+    by_groups, decode_set_size, decode_sets, row, rows_f32, split_rows, Rows,
 };
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
+use crate::nn::llama::bias_rows;
 use crate::nn::sample::log_softmax;
 use crate::nn::{KvCache, Rng, SamplingCfg};
 use num_traits::Float;

@@ -7,6 +7,7 @@ use super::preprocess::Pixels;
 use super::prompt::SegTokenizer;
 use crate::backend::{map_jobs, Backend, RowCopy};
 use crate::error::{Error, Result};
+use crate::nn::llama::{bias_rows, LeftPadded};
 use crate::nn::{KvCache, Rng, SamplingCfg, TokenDist};
 use num_traits::Float;
 
@@ -189,34 +190,17 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         );
         let k = self.tokens_per_image();
         let b = idx.len();
-        if b == 0 || idx.iter().any(|&i| prompts[i].0.is_empty()) {
-            return Err(Error::shape(
-                "SegModel::prefill_rows",
-                format!("{b} prompts, or an empty one"),
-            ));
-        }
-        let t = idx.iter().map(|&i| prompts[i].0.len()).max().unwrap_or(0);
-        let pads: Vec<usize> = idx.iter().map(|&i| t - prompts[i].0.len()).collect();
-        let mut ids = Vec::with_capacity(b * t);
-        for (&i, &pad) in idx.iter().zip(&pads) {
-            let p = &prompts[i].0;
-            ids.extend(std::iter::repeat_n(p[0], pad));
-            ids.extend_from_slice(p);
-        }
-        let mut x = lm.embed(&ids)?;
-        for (r, (&i, &pad)) in idx.iter().zip(&pads).enumerate() {
+        let padded = LeftPadded::new(
+            "SegModel::prefill_rows",
+            idx.iter().map(|&i| prompts[i].0.as_slice()),
+        )?;
+        let t = padded.t;
+        let mut x = lm.embed(&padded.ids)?;
+        for (r, (&i, &pad)) in idx.iter().zip(&padded.pads).enumerate() {
             let pos = pad + prompts[i].1;
             be.copy_range(&mut x, (r * t + pos) * hdim, &encs[i].tokens, 0, k * hdim)?;
         }
-        let bias = pads.iter().any(|&p| p > 0).then(|| {
-            pads.iter()
-                .map(|&p| {
-                    let mut row = vec![f32::NEG_INFINITY; p];
-                    row.resize(t, 0.0);
-                    row
-                })
-                .collect::<Vec<_>>()
-        });
+        let bias = padded.bias();
         let bias_buf = bias.as_ref().map(|rows| bias_rows(be, rows));
         let mut cache = lm.new_cache(b);
         // only each prompt's last row predicts
@@ -701,17 +685,6 @@ pub(crate) fn split_rows<F: Float, B: Backend<F>>(
         return Ok(vec![x]);
     }
     (0..n).map(|j| row(be, &x, j, w)).collect()
-}
-
-/// Per-row key biases (`Rows::bias`, each row as long as the keys) as one (B, Tk)
-/// buffer.
-pub(crate) fn bias_rows<F: Float, B: Backend<F>>(be: &B, rows: &[Vec<f32>]) -> B::Buf {
-    let f: Vec<F> = rows
-        .iter()
-        .flatten()
-        .map(|&x| F::from(x).unwrap_or_else(F::nan))
-        .collect();
-    be.from_slice(&f)
 }
 
 /// The last row (width `v`) of a row-major buffer, as f32: the logits of the position

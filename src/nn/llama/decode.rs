@@ -31,6 +31,65 @@ impl<Buf> KvCache<Buf> {
     }
 }
 
+/// Prompts of different lengths as one batch of the longest's length `t`: each padded
+/// on the left with its first id (`ids`, B·t), `pads[r]` pads before row r's prompt.
+/// [`LeftPadded::bias`] hides the pads from every query.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct LeftPadded {
+    pub ids: Vec<u32>,
+    pub t: usize,
+    pub pads: Vec<usize>,
+}
+
+impl LeftPadded {
+    /// `prompts`, none of them empty (an error names `op`).
+    pub(crate) fn new<'a>(
+        op: &'static str,
+        prompts: impl Iterator<Item = &'a [u32]> + Clone,
+    ) -> Result<Self> {
+        let t = prompts.clone().map(<[u32]>::len).max().unwrap_or(0);
+        let mut ids = Vec::new();
+        let mut pads = Vec::new();
+        for p in prompts {
+            let Some(&first) = p.first() else {
+                return Err(Error::arg(op, "an empty prompt"));
+            };
+            ids.extend(std::iter::repeat_n(first, t - p.len()));
+            ids.extend_from_slice(p);
+            pads.push(t - p.len());
+        }
+        if pads.is_empty() {
+            return Err(Error::arg(op, "no prompts"));
+        }
+        Ok(LeftPadded { ids, t, pads })
+    }
+
+    /// Per row, the key bias of its t positions: −inf on its pads, 0 after; None when
+    /// no row is padded.  A decode step grows each row by 0 for its new key.
+    pub(crate) fn bias(&self) -> Option<Vec<Vec<f32>>> {
+        self.pads.iter().any(|&p| p > 0).then(|| {
+            self.pads
+                .iter()
+                .map(|&p| {
+                    let mut row = vec![f32::NEG_INFINITY; p];
+                    row.resize(self.t, 0.0);
+                    row
+                })
+                .collect()
+        })
+    }
+}
+
+/// Per-row key biases (each row as long as the keys) as one (B, Tk) buffer.
+pub(crate) fn bias_rows<F: Float, B: Backend<F>>(be: &B, rows: &[Vec<f32>]) -> B::Buf {
+    let f: Vec<F> = rows
+        .iter()
+        .flatten()
+        .map(|&x| F::from(x).unwrap_or_else(F::nan))
+        .collect();
+    be.from_slice(&f)
+}
+
 impl<F: Float, B: Backend<F>> Llama<F, B> {
     /// An empty KV cache for batch `b`, with room for nothing yet: a forward through it
     /// grows it ([`Llama::reserve_cache`]); reserve first when the length is known.
@@ -220,39 +279,17 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         eos: Option<u32>,
     ) -> Result<Vec<Vec<(u32, f32)>>> {
         let b = prompts.len();
-        if b == 0 || prompts.iter().any(|p| p.is_empty()) {
-            return Err(Error::arg(
-                "Llama::generate_batch",
-                "no prompts, or an empty prompt",
-            ));
-        }
-        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let padded = LeftPadded::new("Llama::generate_batch", prompts.iter().map(Vec::as_slice))?;
+        let t = padded.t;
         let v = self.cfg.vocab_size;
         let mut rngs: Vec<Rng> = (0..b as u64)
             .map(|r| Rng::new(cfg.seed.wrapping_add(r)))
             .collect();
         let mut cache = self.new_cache(b);
-        let mut flat = Vec::with_capacity(b * t);
-        for p in prompts {
-            flat.extend(std::iter::repeat_n(p[0], t - p.len()));
-            flat.extend_from_slice(p);
-        }
         // per row, the bias of every key so far: −inf on its pads (None: no pads)
-        let mut bias: Option<Vec<Vec<F>>> = prompts.iter().any(|p| p.len() < t).then(|| {
-            prompts
-                .iter()
-                .map(|p| {
-                    let mut row = vec![F::neg_infinity(); t - p.len()];
-                    row.resize(t, F::zero());
-                    row
-                })
-                .collect()
-        });
-        let bias_buf = |bias: &Option<Vec<Vec<F>>>| {
-            bias.as_ref().map(|rows| self.be.from_slice(&rows.concat()))
-        };
-        let g = bias_buf(&bias);
-        let mut logits = self.forward_cached(&flat, &mut cache, None, g.as_ref())?;
+        let mut bias = padded.bias();
+        let g = bias.as_ref().map(|rows| bias_rows(&self.be, rows));
+        let mut logits = self.forward_cached(&padded.ids, &mut cache, None, g.as_ref())?;
         let mut rows_t = t; // tokens per row in `logits`
         let mut out = vec![Vec::with_capacity(max_new); b];
         let mut done = vec![false; b];
@@ -273,9 +310,9 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
                 break;
             }
             if let Some(rows) = &mut bias {
-                rows.iter_mut().for_each(|row| row.push(F::zero()));
+                rows.iter_mut().for_each(|row| row.push(0.0));
             }
-            let g = bias_buf(&bias);
+            let g = bias.as_ref().map(|rows| bias_rows(&self.be, rows));
             logits = self.forward_cached(&next, &mut cache, None, g.as_ref())?;
             rows_t = 1;
         }

@@ -19,6 +19,7 @@ use num_traits::Float;
 mod config;
 mod decode;
 pub use config::LlamaConfig;
+pub(crate) use decode::{bias_rows, LeftPadded};
 pub use decode::KvCache;
 
 /// HF's default `initializer_range`: weights start as N(0, 0.02²).
