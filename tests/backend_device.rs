@@ -1385,6 +1385,45 @@ fn kv_cache_decoding_on_the_device_equals_the_cpu() {
     }
 }
 
+#[test]
+fn selected_cache_rows_are_copies_of_the_rows_named() {
+    // a cache of 3 rows; selections in order, reordered, repeated (runs of source
+    // stride 0), and mixed: each selected row is its source row, bit for bit
+    let ids: Vec<u32> = (0..12).map(|i| (i * 5 + 2) % 17).collect();
+    for d in backends() {
+        let m = tiny_llama(d.clone());
+        let be = &m.be;
+        let mut cache = m.new_cache(3);
+        m.forward_embeds(m.embed(&ids).unwrap(), 3, 4, None, None, Some(&mut cache))
+            .unwrap();
+        for rows in [
+            &[0, 1, 2][..],
+            &[2, 2, 2, 0],
+            &[1, 0],
+            &[0, 0, 1, 1, 2],
+            &[2, 0, 1, 2],
+        ] {
+            let sel = m.select_cache_rows(&cache, rows).unwrap();
+            assert_eq!((sel.b, sel.len()), (rows.len(), cache.len()));
+            for (l, ls) in cache.layers.iter().zip(&sel.layers) {
+                for (src, dst) in [(&l.k, &ls.k), (&l.v, &ls.v)] {
+                    let (src, dst) = (be.to_vec(src), be.to_vec(dst));
+                    let n = src.len() / 3;
+                    for (i, &r) in rows.iter().enumerate() {
+                        assert!(
+                            dst[i * n..(i + 1) * n] == src[r * n..(r + 1) * n],
+                            "{:?}, rows {rows:?}: row {i} is not row {r}",
+                            d.device().kind()
+                        );
+                    }
+                }
+            }
+        }
+        assert!(m.select_cache_rows(&cache, &[0, 3]).is_err());
+        assert!(m.select_cache_rows(&cache, &[]).is_err());
+    }
+}
+
 /// What `train_steps` returns: the loss of each step, every parameter after the steps
 /// (by name), and the host↔device copies each step made (by `copies`).
 type Trained = (Vec<f32>, Vec<(String, Vec<f32>)>, Vec<u64>);

@@ -8,7 +8,7 @@ use popen::method::ensemble::{
     EnsembleCfg, RefineData, SegPair, TauMode,
 };
 use popen::model::seg::Trainable;
-use popen::model::seg::{Pixels, SegModel, SegModelConfig, SegTokenizer};
+use popen::model::seg::{HiddenRows, Pixels, SegModel, SegModelConfig, SegTokenizer};
 use popen::nn::{Rng, SamplingCfg};
 
 mod common;
@@ -463,6 +463,88 @@ fn edit_rows(m: &mut SegModel, suffix: &str, f: impl Fn(usize, &mut [f32])) {
     assert!(found, "no parameter named *{suffix}");
 }
 
+/// `p`'s mask logits against those of its answer read teacher-forced after `q` on `px`
+/// (the training pass, [`SegModel::target_embeddings`]): the decode must have kept, for
+/// each codebook group, the hidden rows that predicted its tokens.  Returns how many
+/// masks it compared.
+fn masks_as_read_teacher_forced(
+    m: &SegModel,
+    tok: &SegTokenizer,
+    px: &Pixels,
+    q: &str,
+    p: &popen::model::seg::Prediction,
+    what: &str,
+) -> usize {
+    let (mut ids, image_pos) = tok.prompt(&m.cfg.system_prompt, q).unwrap();
+    let answer_start = ids.len();
+    let (_, groups) = tok.decode_answer(&p.ids).unwrap();
+    assert_eq!(groups.len(), p.logits.len(), "{what}: a mask per group");
+    let eos = tok.tok.eos;
+    ids.extend(p.ids.iter().copied().take_while(|&t| t != eos));
+    ids.push(eos);
+    let ex = popen::model::seg::Example {
+        pixels: px.clone(),
+        enc: popen::model::seg::Encoded {
+            ids,
+            image_pos,
+            answer_start,
+            groups: groups.iter().map(|g| answer_start + g).collect(),
+        },
+        masks: vec![vec![0.0; px.height * px.width]; groups.len()],
+        classes: Default::default(),
+        categories: Vec::new(),
+    };
+    let (_, want) = m.target_embeddings(&[ex]).unwrap();
+    assert_eq!(want.len(), p.logits.len(), "{what}");
+    for (a, b) in p.logits.iter().zip(&want) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+        }
+    }
+    want.len()
+}
+
+#[test]
+fn decoded_masks_are_those_of_the_answer_read_teacher_forced() {
+    // answers of codebook groups, decoded several questions at once (one answer each,
+    // and K samples each): each answer's masks come from the rows that predicted its
+    // groups' tokens, as the training pass reads them
+    let qs = [Q, "Find the red apples.", Q, "Where is it?"];
+    let mut checked = (0, 0);
+    for seed in 20..36 {
+        let (m, tok) = codebook_model(seed);
+        let px: Vec<Pixels> = (0..qs.len() as u64)
+            .map(|i| pixels(&m.cfg, seed + 10 + i))
+            .collect();
+        let items: Vec<(&Pixels, &str)> = px.iter().zip(qs).collect();
+        let sc = SamplingCfg {
+            temperature: 0.7,
+            seed,
+            ..SamplingCfg::greedy()
+        };
+        for (i, p) in m.predict(&tok, &items, &sc).unwrap().iter().enumerate() {
+            let what = format!("seed {seed}, item {i}");
+            checked.0 += masks_as_read_teacher_forced(&m, &tok, &px[i], qs[i], p, &what);
+        }
+        let ecfg = EnsembleCfg::default();
+        let ends = sentence_ends(&tok.tok);
+        let all = m
+            .predict_ensemble(&tok, &items, &ecfg, seed, None, &ends)
+            .unwrap();
+        for (i, e) in all.iter().enumerate() {
+            for (j, s) in e.samples.iter().enumerate() {
+                let what = format!("seed {seed}, item {i}, sample {j}");
+                checked.1 += masks_as_read_teacher_forced(&m, &tok, &px[i], qs[i], s, &what);
+            }
+        }
+    }
+    assert!(
+        checked.0 >= 10 && checked.1 >= 10,
+        "masks compared: {checked:?}"
+    );
+}
+
 #[test]
 fn refined_masks_are_the_biased_forward_over_the_samples_embeddings() {
     let mut checked = 0;
@@ -546,13 +628,14 @@ fn refined_masks_are_the_biased_forward_over_the_samples_embeddings() {
         let (_, acts) = lm
             .forward_embeds(x, 1, ids.len(), None, Some(&be.from_slice(&bias)), None)
             .unwrap();
-        let rows: Vec<Vec<f32>> = (0..ans.len())
-            .map(|t| {
+        let hidden = be.to_vec(&acts.hidden);
+        let rows: Vec<f32> = (0..ans.len())
+            .flat_map(|t| {
                 let r = ans_at + t - 1;
-                be.to_vec(&acts.hidden)[r * hdim..(r + 1) * hdim].to_vec()
+                hidden[r * hdim..(r + 1) * hdim].to_vec()
             })
             .collect();
-        let rows: Vec<_> = rows.iter().map(|r| be.from_slice(r)).collect();
+        let rows = HiddenRows::of_buffer(be, be.from_slice(&rows), ans.len(), hdim).unwrap();
         let (_, want) = m.masks_of_groups(&px, &enc, &groups(&ans), &rows).unwrap();
         assert_eq!(want.len(), e.answer.logits.len());
         for (a, b) in want.iter().zip(&e.answer.logits) {
@@ -760,15 +843,18 @@ fn drafted_greedy_decoding_is_greedy_decoding() {
                     assert!((a - b).abs() < 1e-4, "seed {seed}: logp {a} vs {b}");
                 }
                 assert_eq!(got.rows.len(), plain.rows.len());
-                for (a, b) in got.rows.iter().zip(&plain.rows) {
-                    let (a, b) = (m.llava.be.to_vec(a), m.llava.be.to_vec(b));
-                    let err = a
-                        .iter()
-                        .zip(&b)
-                        .map(|(x, y)| (x - y).abs())
-                        .fold(0f32, common::close::sticky_max);
-                    assert!(err < 1e-3, "seed {seed}: hidden row off by {err}");
-                }
+                let all = |r: &HiddenRows<_>| {
+                    let be = &m.llava.be;
+                    be.to_vec(&r.gather_all(be, m.llava.cfg.text.hidden_size).unwrap())
+                };
+                let (a, b) = (all(&got.rows), all(&plain.rows));
+                assert_eq!(a.len(), b.len());
+                let err = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, common::close::sticky_max);
+                assert!(err < 1e-3, "seed {seed}: hidden rows off by {err}");
                 rounds += 1;
             }
         }

@@ -401,12 +401,16 @@ fn kv_cache_grows_by_doubling_and_truncates_and_selects_rows_in_place() {
         .unwrap();
     close(&lg, &[0, 1], 7, 10);
     assert!(m.truncate_cache(&mut cache, 11).is_err());
-    // rows 1, 0, 1 of the cache go on as their own sequences
+    // rows of the cache go on as their own sequences: rows in another order, a row
+    // repeated (copied as runs of source stride 0), rows that follow each other
+    for rows in [&[1, 0, 1][..], &[1, 1, 0, 1], &[0, 0, 1, 1], &[0, 1], &[1]] {
+        let mut sel = m.select_cache_rows(&cache, rows).unwrap();
+        let lg = m
+            .forward_cached(&take(10, 12, rows), &mut sel, None, None)
+            .unwrap();
+        close(&lg, rows, 10, 12);
+    }
     let mut sel = m.select_cache_rows(&cache, &[1, 0, 1]).unwrap();
-    let lg = m
-        .forward_cached(&take(10, 12, &[1, 0, 1]), &mut sel, None, None)
-        .unwrap();
-    close(&lg, &[1, 0, 1], 10, 12);
     let max = m.cfg.max_position_embeddings;
     assert!(m.reserve_cache(&mut sel, max + 1).is_err());
     m.reserve_cache(&mut sel, max).unwrap();

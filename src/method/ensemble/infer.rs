@@ -5,9 +5,8 @@ use super::scores::{gamma, sentence_index, sentence_scores, token_scores};
 use super::EnsembleCfg;
 use crate::backend::{map_jobs, Backend};
 use crate::error::{Error, Result};
-use crate::model::seg::infer::{
-    by_groups, decode_set_size, decode_sets, row, rows_f32, split_rows, Rows,
-};
+use crate::model::seg::hidden::{HiddenRow, HiddenRows};
+use crate::model::seg::infer::{by_groups, decode_set_size, decode_sets, rows_f32, Rows};
 use crate::model::seg::{ImageEncoding, Pixels, Prediction, Prefill, SegModel, SegTokenizer};
 use crate::nn::llama::bias_rows;
 use crate::nn::sample::log_softmax;
@@ -43,13 +42,13 @@ struct Fixed<'a, Buf> {
 /// A question's prefix `[image, x]`: its KV cache (batch 1) and last hidden row.
 struct Head<Buf> {
     prefix: KvCache<Buf>,
-    h_prefix: Buf,
+    h_prefix: HiddenRow<Buf>,
 }
 
 /// The K samples and, per sample, the hidden row that predicted each of its tokens.
 struct Samples<Buf> {
     preds: Vec<Prediction>,
-    rows: Vec<Vec<Buf>>,
+    rows: Vec<HiddenRows<Buf>>,
 }
 
 /// A sample's ids without EOS (what is fed back), and its log-probs.
@@ -325,7 +324,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (mut answer, mut answer_rows) = if !cfg.text || !fits {
             (samples[best].clone(), sample_rows[best].clone())
         } else {
-            let chunk = self.read_chunk(&ys, prompt, &[], header)?;
+            let chunk = self.read_chunk(&ys, prompt, None, header)?;
             let mut bias = vec![0f32; prefix.len()];
             bias.extend_from_slice(&y_bias);
             bias.extend(std::iter::repeat_n(0.0, n_prompt + header.len()));
@@ -356,18 +355,19 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let (ans_ids, _) = strip_eos(&answer, eos);
         let (_, ans_groups) = tok.decode_answer(ans_ids)?;
         let gl = self.cfg.group_len();
-        let mut f_rows: Vec<B::Buf> = Vec::new();
+        let mut f_src = HiddenRows::default();
         let mut f_bias: Vec<f32> = Vec::new();
         for ((s, e), hr) in samples.iter().zip(&eta).zip(&sample_rows) {
             let (ids, _) = strip_eos(s, eos);
             let (_, groups) = tok.decode_answer(ids)?;
             for (&g0, &eta_n) in groups.iter().zip(e) {
-                for j in 0..gl {
-                    f_rows.push(hr[g0 + j].clone());
-                    f_bias.push(g(eta_n));
-                }
+                f_src.extend_from(hr, g0..g0 + gl)?;
+                f_bias.extend(std::iter::repeat_n(g(eta_n), gl));
             }
         }
+        // the f rows side by side (n_f × C), read back in one copy
+        let n_f = f_src.len();
+        let f_rows = (n_f > 0).then(|| f_src.gather_all(be, hdim)).transpose()?;
         let f_host: Vec<f32> = f_rows
             .iter()
             .flat_map(|r| be.to_vec(r))
@@ -375,10 +375,10 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .collect();
         let mut seg_done = false;
         if cfg.seg && !ans_groups.is_empty() {
-            let n = read_len + f_rows.len() + ans_ids.len();
+            let n = read_len + n_f + ans_ids.len();
             if prefix.len() + n < ctx {
                 let tail = [header, ans_ids].concat();
-                let chunk = self.read_chunk(&ys, prompt, &f_rows, &tail)?;
+                let chunk = self.read_chunk(&ys, prompt, f_rows.as_ref(), &tail)?;
                 let mut bias = vec![0f32; prefix.len() + ys.len() + n_prompt];
                 bias.extend_from_slice(&f_bias);
                 bias.extend(std::iter::repeat_n(0.0, tail.len()));
@@ -386,15 +386,17 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 let bias = be.from_slice(&to_f::<F>(&bias));
                 // the row that predicts ỹ's token t sits just before it: only the
                 // chunk's last |ỹ| + 1 rows are read
-                let start = read_len + f_rows.len();
+                let start = read_len + n_f;
                 let m = (ans_ids.len() + 1).min(n);
                 let (_, tail) = lm.forward_tail(chunk, 1, n, m, None, Some(&bias), &mut cache)?;
-                let rows: Vec<B::Buf> = (0..ans_ids.len())
-                    .map(|t| match start + t {
-                        0 => Ok(h_prefix.clone()),
-                        i => row(be, &tail, i - 1 - (n - m), hdim),
-                    })
-                    .collect::<Result<_>>()?;
+                let tail = HiddenRow::each_of(be, tail, m, hdim)?;
+                let mut rows = HiddenRows::default();
+                for t in 0..ans_ids.len() {
+                    rows.push(match start + t {
+                        0 => h_prefix.clone(),
+                        i => tail[i - 1 - (n - m)].clone(),
+                    });
+                }
                 (answer.masks, answer.logits) =
                     self.masks_of_groups(px, enc, &ans_groups, &rows)?;
                 seg_done = true;
@@ -424,11 +426,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         &self,
         tok: &SegTokenizer,
         mut cache: KvCache<B::Buf>,
-        h_prefix: &B::Buf,
+        h_prefix: &HiddenRow<B::Buf>,
         header: &[u32],
         ids: Vec<u32>,
         first_logp: f32,
-    ) -> Result<(Prediction, Vec<B::Buf>)> {
+    ) -> Result<(Prediction, HiddenRows<B::Buf>)> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let (hdim, v) = (
@@ -442,7 +444,8 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         // chunk row p predicts chunk token p + 1 (the last row, after EOS, nothing); the
         // prefix's last row the first one
         let lg = rows_f32(be, &logits, &(0..n - 1).collect::<Vec<_>>(), v);
-        let (mut rows, mut logps) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
+        let hidden = HiddenRow::each_of(be, hidden, n, hdim)?;
+        let (mut rows, mut logps) = (HiddenRows::default(), Vec::with_capacity(ids.len()));
         for (t, &id) in ids.iter().enumerate() {
             match (header.len() + t).checked_sub(1) {
                 None => {
@@ -450,7 +453,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                     logps.push(first_logp);
                 }
                 Some(p) => {
-                    rows.push(row(be, &hidden, p, hdim)?);
+                    rows.push(hidden[p].clone());
                     // the score a sampled token gets (`sample_token`)
                     logps.push(log_softmax(&lg[p])[id as usize] as f32);
                 }
@@ -464,7 +467,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         &self,
         ids: &[u32],
         prompt: Option<&B::Buf>,
-        extra: &[B::Buf],
+        extra: Option<&B::Buf>,
         tail: &[u32],
     ) -> Result<B::Buf> {
         let be = &self.llava.be;
@@ -477,7 +480,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if let Some(p) = prompt {
             x = concat(be, &x, p)?;
         }
-        for r in extra {
+        if let Some(r) = extra {
             x = concat(be, &x, r)?;
         }
         if !tail.is_empty() {
@@ -527,7 +530,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let (lg, hd) =
                 lm.forward_tail(lm.embed(&ids)?, b, hl, 1, None, g.as_ref(), &mut cache)?;
             logits = rows_f32(be, &lg, &(0..b).collect::<Vec<_>>(), v);
-            hidden = split_rows(be, hd, b, hdim)?;
+            hidden = HiddenRow::each_of(be, hd, b, hdim)?;
         }
         // the K samples of a question share its cache row until their draws differ
         let rows = Rows {
@@ -580,7 +583,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         n: usize,
         bias: Vec<f32>,
         drafts: &[&[u32]],
-    ) -> Result<(Prediction, Vec<B::Buf>)> {
+    ) -> Result<(Prediction, HiddenRows<B::Buf>)> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
         let b = be.from_slice(&to_f::<F>(&bias));

@@ -12,7 +12,8 @@
 //! kept tokens.  Same ids, log-probabilities and hidden rows as [`SegModel::decode`]
 //! with greedy sampling, up to the rounding of a many-row forward against one-row ones;
 //! a forward per round instead of per token.
-use super::infer::{last_row_f32, row, rows_f32, Decoded, Prefill};
+use super::hidden::{HiddenRow, HiddenRows};
+use super::infer::{last_row_f32, rows_f32, Decoded, Prefill};
 use super::model::SegModel;
 use super::prompt::SegTokenizer;
 use crate::backend::Backend;
@@ -91,11 +92,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         }
         let n = be.len(&hidden) / hdim;
         let mut logits = last_row_f32(be, &logits, v);
-        let mut hidden = row(be, &hidden, n - 1, hdim)?;
+        let mut hidden = HiddenRow::one(hidden, n - 1);
         let mut out = Decoded {
             ids: Vec::new(),
             logps: Vec::new(),
-            rows: Vec::new(),
+            rows: HiddenRows::default(),
         };
         while out.ids.len() < self.cfg.max_new_tokens {
             let (t, lp) = sample_token(&logits, &greedy, &mut rng)?;
@@ -128,6 +129,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 Some(&mut cache),
             )?;
             let rows = rows_f32(be, &lg, &(0..fed.len()).collect::<Vec<_>>(), v);
+            let fed_rows = HiddenRow::each_of(be, acts.hidden, fed.len(), hdim)?;
             // row j predicts what follows fed[j]; keep draft[j] while it is the argmax
             let mut kept = 0;
             let mut ended = false;
@@ -138,7 +140,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 }
                 out.ids.push(g);
                 out.logps.push(lp);
-                out.rows.push(row(be, &acts.hidden, kept, hdim)?);
+                out.rows.push(fed_rows[kept].clone());
                 kept += 1;
                 if g == eos {
                     ended = true;
@@ -155,7 +157,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 b.resize(cache.len(), 0.0);
             }
             logits = rows[kept].clone();
-            hidden = row(be, &acts.hidden, kept, hdim)?;
+            hidden = fed_rows[kept].clone();
         }
         Ok(out)
     }

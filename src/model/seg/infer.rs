@@ -2,6 +2,7 @@
 //! codebook tokens' hidden states as they are generated, and decode one mask per
 //! complete codebook group at the image's own size.
 use super::decoder::DecoderImages;
+use super::hidden::{HiddenRow, HiddenRows};
 use super::model::SegModel;
 use super::preprocess::Pixels;
 use super::prompt::SegTokenizer;
@@ -47,8 +48,8 @@ pub struct Decoded<Buf> {
     pub ids: Vec<u32>,
     /// Each id's log-probability under the model.
     pub logps: Vec<f32>,
-    /// The hidden state (C) that predicted each id: `rows[t]` predicted `ids[t]`.
-    pub rows: Vec<Buf>,
+    /// The hidden state (C) that predicted each id: row `t` predicted `ids[t]`.
+    pub rows: HiddenRows<Buf>,
 }
 
 /// Answers decoded together ([`SegModel::decode_rows`]): one KV cache of batch B and,
@@ -61,7 +62,7 @@ pub struct Decoded<Buf> {
 pub(crate) struct Rows<Buf> {
     pub cache: KvCache<Buf>,
     pub logits: Vec<Vec<f32>>,
-    pub hidden: Vec<Buf>,
+    pub hidden: Vec<HiddenRow<Buf>>,
     pub rngs: Vec<Rng>,
     pub members: Vec<Vec<usize>>,
     pub bias: Option<Vec<Vec<f32>>>,
@@ -72,7 +73,7 @@ impl<Buf> Rows<Buf> {
     pub(crate) fn one_per_row(
         cache: KvCache<Buf>,
         logits: Vec<Vec<f32>>,
-        hidden: Vec<Buf>,
+        hidden: Vec<HiddenRow<Buf>>,
         rngs: Vec<Rng>,
         bias: Option<Vec<Vec<f32>>>,
     ) -> Self {
@@ -206,7 +207,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         // only each prompt's last row predicts
         let (logits, hidden) = lm.forward_tail(x, b, t, 1, None, bias_buf.as_ref(), &mut cache)?;
         let logits = rows_f32(be, &logits, &(0..b).collect::<Vec<_>>(), v);
-        let hidden = split_rows(be, hidden, b, hdim)?;
+        let hidden = HiddenRow::each_of(be, hidden, b, hdim)?;
         Ok(Rows::one_per_row(
             cache,
             logits,
@@ -382,7 +383,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let rows = Rows::one_per_row(
             pre.cache,
             vec![last_row_f32(be, &pre.logits, v)],
-            vec![row(be, &pre.hidden, n - 1, hdim)?],
+            vec![HiddenRow::one(pre.hidden, n - 1)],
             vec![Rng::new(cfg.seed)],
             bias.map(|b| vec![b]),
         );
@@ -447,7 +448,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .map(|_| Decoded {
                 ids: Vec::new(),
                 logps: Vec::new(),
-                rows: Vec::new(),
+                rows: HiddenRows::default(),
             })
             .collect();
         // `live[j]`: the answers that cache row j decodes
@@ -459,17 +460,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             for (j, (answers, h)) in live.iter().zip(hidden.drain(..)).enumerate() {
                 let dist = TokenDist::new(&logits[j], cfg)?;
                 let first = next.len();
-                // each answer keeps the row that predicted its token: the last takes it
-                let mut h = Some(h);
-                for (a, &r) in answers.iter().enumerate() {
+                // each answer keeps (a handle on) the row that predicted its token
+                for &r in answers {
                     let (t, lp) = dist.draw(&mut rngs[r]);
                     out[r].ids.push(t);
                     out[r].logps.push(lp);
-                    out[r].rows.extend(if a + 1 < answers.len() {
-                        h.clone()
-                    } else {
-                        h.take()
-                    });
+                    out[r].rows.push(h.clone());
                     if t == tok.tok.eos {
                         continue;
                     }
@@ -503,13 +499,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             let (lg, acts) =
                 lm.forward_embeds(x, n, 1, None, bias_buf.as_ref(), Some(&mut cache))?;
             logits = rows_f32(be, &lg, &(0..n).collect::<Vec<_>>(), v);
-            hidden = split_rows(be, acts.hidden, n, hdim)?;
+            hidden = HiddenRow::each_of(be, acts.hidden, n, hdim)?;
         }
         Ok(out)
     }
 
     /// Text and masks of generated ids: each complete codebook group's hidden rows
-    /// (`hidden_rows[t]` predicted `ids[t]`) → embedding → mask at the image's size.
+    /// (row `t` of `hidden_rows` predicted `ids[t]`) → embedding → mask at the image's
+    /// size.
     pub fn finish_answer(
         &self,
         tok: &SegTokenizer,
@@ -517,7 +514,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         enc: &ImageEncoding<B::Buf>,
         ids: Vec<u32>,
         logps: Vec<f32>,
-        hidden_rows: &[B::Buf],
+        hidden_rows: &HiddenRows<B::Buf>,
     ) -> Result<Prediction> {
         let (text, groups) = tok.decode_answer(&ids)?;
         let (masks, logits) = self.masks_of_groups(px, enc, &groups, hidden_rows)?;
@@ -555,7 +552,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         px: &Pixels,
         enc: &ImageEncoding<B::Buf>,
         groups: &[usize],
-        hidden_rows: &[B::Buf],
+        hidden_rows: &HiddenRows<B::Buf>,
     ) -> Result<AnswerMasks> {
         let be = &self.llava.be;
         let hdim = self.llava.cfg.text.hidden_size;
@@ -565,18 +562,14 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         if m == 0 {
             return Ok((masks, mlogits));
         }
-        let mut hid = be.zeros(m * g * hdim);
-        for (gi, &g0) in groups.iter().enumerate() {
-            for j in 0..g {
-                let row = hidden_rows.get(g0 + j).ok_or_else(|| {
-                    Error::shape(
-                        "SegModel::masks_of_groups",
-                        format!("group at {g0} of {g} rows, {} rows", hidden_rows.len()),
-                    )
-                })?;
-                be.copy_range(&mut hid, (gi * g + j) * hdim, row, 0, hdim)?;
-            }
+        if let Some(&g0) = groups.iter().find(|&&g0| g0 + g > hidden_rows.len()) {
+            return Err(Error::shape(
+                "SegModel::masks_of_groups",
+                format!("group at {g0} of {g} rows, {} rows", hidden_rows.len()),
+            ));
         }
+        let ts: Vec<usize> = groups.iter().flat_map(|&g0| g0..g0 + g).collect();
+        let hid = hidden_rows.gather(be, &ts, hdim)?;
         let rows: Vec<u32> = (0..(m * g) as u32).collect();
         let (emb, _) = self.seg_embeddings(&hid, &rows)?;
         let s = self.cfg.image_size;
@@ -672,21 +665,6 @@ pub(crate) fn decode_set_size<F: Float, B: Backend<F>>(be: &B, rows: usize) -> u
 /// with K = 4, 0.67 s in sets of 8 questions, 0.48 s in sets of 2 (0.51 s by length).
 pub(crate) const CPU_DECODE_ROWS: usize = 8;
 
-/// The n rows (width `w`) of x, each a buffer of its own: x itself when it is one row
-/// (a decode step of one answer copies nothing), else a copy of each.
-pub(crate) fn split_rows<F: Float, B: Backend<F>>(
-    be: &B,
-    x: B::Buf,
-    n: usize,
-    w: usize,
-) -> Result<Vec<B::Buf>> {
-    crate::error::check_len("split_rows", "rows", be.len(&x), n * w)?;
-    if n == 1 {
-        return Ok(vec![x]);
-    }
-    (0..n).map(|j| row(be, &x, j, w)).collect()
-}
-
 /// The last row (width `v`) of a row-major buffer, as f32: the logits of the position
 /// that predicts the next token.
 pub(crate) fn last_row_f32<F: Float, B: Backend<F>>(be: &B, x: &B::Buf, v: usize) -> Vec<f32> {
@@ -710,18 +688,6 @@ pub(crate) fn rows_f32<F: Float, B: Backend<F>>(
                 .collect()
         })
         .collect()
-}
-
-/// Row `i` (width `w`) of a row-major buffer.
-pub(crate) fn row<F: Float, B: Backend<F>>(
-    be: &B,
-    x: &B::Buf,
-    i: usize,
-    w: usize,
-) -> Result<B::Buf> {
-    let mut h = be.uninit(w);
-    be.copy_range(&mut h, 0, x, i * w, w)?;
-    Ok(h)
 }
 
 #[cfg(test)]

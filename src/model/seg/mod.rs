@@ -20,6 +20,7 @@
 //! - [`matching`]: which masks the loss scores against which targets (instance
 //!   matching, ours);
 //! - [`infer`]: generation with the KV cache and masks;
+//! - [`hidden`]: the hidden rows a decode keeps, left where the forwards wrote them;
 //! - [`draft`]: greedy decoding that checks a whole draft continuation per forward;
 //! - [`data`]: data-set samples → training examples;
 //! - [`run`]: the model's files in a run directory.
@@ -31,6 +32,7 @@ pub mod data;
 pub mod decoder;
 pub mod draft;
 pub mod evidence;
+pub mod hidden;
 pub mod infer;
 pub mod layout;
 pub mod matching;
@@ -41,6 +43,7 @@ pub mod prompt;
 pub mod run;
 
 pub use config::{SegModelConfig, TinyLvlm};
+pub use hidden::HiddenRows;
 pub use infer::{AnswerMasks, Decoded, ImageEncoding, Prediction, Prefill};
 pub use model::{Example, LossWeights, SegLoss, SegModel, Trainable};
 pub use pass::HeadWeights;

@@ -1,7 +1,7 @@
 //! Decoding: the KV cache (made, grown, cut back, its rows selected) and sampling with
 //! it, one prompt or several at once (the shorter padded on the left).
 use super::Llama;
-use crate::backend::{Backend, TimeCopy};
+use crate::backend::{Backend, RowCopy, TimeCopy};
 use crate::error::{Error, Result};
 use crate::nn::layers::LayerKv;
 use crate::nn::sample::{sample_token, Rng, SamplingCfg};
@@ -146,7 +146,8 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
 
     /// The cache of rows `rows` of `c`, in that order (a row may repeat): rows that
     /// finish leave a batched decode, a shared prefix is repeated.  Each layer's
-    /// (1, NKV, cap, HS) block of a row is copied; the capacity is kept.
+    /// (1, NKV, cap, HS) block of a row is copied; the capacity is kept.  Rows that
+    /// follow each other, or repeat one row, are copied in one op ([`RowCopy::from_rows`]).
     pub fn select_cache_rows(
         &self,
         c: &KvCache<B::Buf>,
@@ -165,15 +166,16 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             ));
         }
         let be = &self.be;
+        let pairs = || rows.iter().copied().enumerate();
         let layers = c
             .layers
             .iter()
             .map(|l| {
                 let n = be.len(&l.k) / c.b;
                 let (mut kk, mut vv) = (be.uninit(rows.len() * n), be.uninit(rows.len() * n));
-                for (i, &r) in rows.iter().enumerate() {
-                    be.copy_range(&mut kk, i * n, &l.k, r * n, n)?;
-                    be.copy_range(&mut vv, i * n, &l.v, r * n, n)?;
+                for run in RowCopy::from_rows(pairs(), n) {
+                    be.copy_rows(&mut kk, &l.k, run)?;
+                    be.copy_rows(&mut vv, &l.v, run)?;
                 }
                 Ok(LayerKv {
                     k: kk,

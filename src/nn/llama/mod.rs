@@ -19,8 +19,8 @@ use num_traits::Float;
 mod config;
 mod decode;
 pub use config::LlamaConfig;
-pub(crate) use decode::{bias_rows, LeftPadded};
 pub use decode::KvCache;
+pub(crate) use decode::{bias_rows, LeftPadded};
 
 /// HF's default `initializer_range`: weights start as N(0, 0.02²).
 const INIT_STD: f64 = 0.02;
