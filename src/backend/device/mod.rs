@@ -2,7 +2,7 @@
 //! model code runs on the CUDA emulator (CI, no GPU) and on a GPU through cudarc.
 //!
 //! Every op of the contract is a kernel launch on buffers that stay on the device; the
-//! CPU backend is each kernel's twin, and `tests/backend_device.rs` checks every op
+//! CPU backend is each kernel's twin, and `tests/backend_device/` checks every op
 //! against it.  Matrix products go through [`gemm`] (the CPU `gemm` crate on the
 //! emulator, one cuBLAS SGEMM on a GPU).  Host↔device copies happen only where the
 //! contract hands over host data (token ids, targets, key masks; a key mask or target
