@@ -215,7 +215,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .collect::<Result<Vec<_>>>()?;
         let group = |idx: Vec<usize>| {
             let seeds: Vec<u64> = idx.iter().map(|&i| seed.wrapping_add(i as u64)).collect();
-            let pre = self.prefill_rows(&bodies, encs, &idx, &seeds)?;
+            // with a header, the logits the samples draw from are the header's
+            let read = fixed.header.is_empty();
+            let pre = self.prefill_rows(&bodies, encs, &idx, &seeds, read)?;
             let sampled = self.sample_k(tok, px, encs, &idx, &pre, cfg, &seeds, fixed)?;
             then(&idx, &pre, sampled)
         };
@@ -252,7 +254,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             });
         }
         let body = self.prompt_ids(tok, question, fixed.header.len())?;
-        let mut one = self.prefill_rows(&[body], std::slice::from_ref(enc), &[0], &[0])?;
+        let mut one = self.prefill_rows(&[body], std::slice::from_ref(enc), &[0], &[0], false)?;
         Ok(Head {
             prefix: one.cache,
             h_prefix: one.hidden.remove(0),

@@ -150,7 +150,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 .iter()
                 .map(|&i| cfg.seed.wrapping_add(i as u64))
                 .collect();
-            let rows = self.prefill_rows(&prompts, &encs, &idx, &seeds)?;
+            let rows = self.prefill_rows(&prompts, &encs, &idx, &seeds, true)?;
             let decoded: Vec<_> = idx
                 .iter()
                 .copied()
@@ -175,13 +175,16 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     /// the left with their first id, and the rows then carry a key bias that is −inf
     /// on the pads and 0 elsewhere (`Rows::bias`, which grows by 0 with each decoded
     /// key): no query sees a pad, and a pad's own query sees nothing (its output is 0).
-    /// Prompts all of one length take no bias.
+    /// Prompts all of one length take no bias.  Without `read_logits` the logits are
+    /// not read back (`Rows::logits` is empty): for a caller that feeds more tokens
+    /// before it draws, or only reads the cache.
     pub(crate) fn prefill_rows(
         &self,
         prompts: &[(Vec<u32>, usize)],
         encs: &[ImageEncoding<B::Buf>],
         idx: &[usize],
         seeds: &[u64],
+        read_logits: bool,
     ) -> Result<Rows<B::Buf>> {
         let be = &self.llava.be;
         let lm = &self.llava.language_model;
@@ -206,7 +209,11 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let mut cache = lm.new_cache(b);
         // only each prompt's last row predicts
         let (logits, hidden) = lm.forward_tail(x, b, t, 1, None, bias_buf.as_ref(), &mut cache)?;
-        let logits = rows_f32(be, &logits, &(0..b).collect::<Vec<_>>(), v);
+        let logits = if read_logits {
+            rows_f32(be, &logits, &(0..b).collect::<Vec<_>>(), v)
+        } else {
+            Vec::new()
+        };
         let hidden = HiddenRow::each_of(be, hidden, b, hdim)?;
         Ok(Rows::one_per_row(
             cache,
