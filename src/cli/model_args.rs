@@ -10,9 +10,10 @@ pub struct DeviceArg {
     /// checking) or cuda[:N] (GPU N; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
-    /// Time every kernel launch, matrix product and zero-filled allocation of the run
-    /// (`--device emu` or `cuda`) and write the totals by kernel to FILE as JSON lines
-    /// (`{"kernel", "calls", "ms"}`, largest first); `-` prints a table on stderr.
+    /// Time every kernel launch, matrix product, zero-filled allocation and host↔device
+    /// copy of the run (`--device emu` or `cuda`) and write the totals by kernel to FILE
+    /// as JSON lines (`{"kernel", "calls", "ms"}`, largest first); `-` prints a table on
+    /// stderr.
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
 }

@@ -264,6 +264,11 @@ pub struct CopyCount {
     pub dtoh: u64,
 }
 
+/// The profile's row of host-to-device copies ([`Device::upload`], [`Device::write`]).
+pub const UPLOAD: &str = "upload (host → device)";
+/// The profile's row of device-to-host copies ([`Device::download`]).
+pub const DOWNLOAD: &str = "download (device → host, waits)";
+
 /// SMs of the GPU the emulator answers [`Device::resident_blocks`] as (an H100 SXM).
 pub const EMU_SMS: usize = 132;
 /// Blocks of any kernel one SM holds, as the emulator answers
@@ -428,17 +433,20 @@ impl Device {
         }
     }
 
-    /// Copy host data to a new device buffer.
+    /// Copy host data to a new device buffer.  Profiled as `upload (host → device)`.
     pub fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuf<T>> {
         self.count(true);
-        match &self.inner {
-            DevInner::Emu { .. } => Ok(DeviceBuf {
-                len: data.len(),
-                inner: BufInner::Host(data.to_vec()),
-            }),
-            #[cfg(feature = "cuda")]
-            DevInner::Cuda(c) => c.upload(data),
-        }
+        self.profiled(
+            || UPLOAD.into(),
+            || match &self.inner {
+                DevInner::Emu { .. } => Ok(DeviceBuf {
+                    len: data.len(),
+                    inner: BufInner::Host(data.to_vec()),
+                }),
+                #[cfg(feature = "cuda")]
+                DevInner::Cuda(c) => c.upload(data),
+            },
+        )
     }
 
     /// A new zero-filled device buffer.  Profiled (see [`Device::set_profiling`]) as
@@ -479,40 +487,48 @@ impl Device {
         }
     }
 
-    /// Copy a device buffer back to the host (synchronizes).
+    /// Copy a device buffer back to the host (synchronizes).  Profiled as `download
+    /// (device → host, waits)`: the host waits for every launch before it.
     pub fn download<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>> {
         self.count(false);
-        match &buf.inner {
-            BufInner::Host(v) => Ok(v.clone()),
-            #[cfg(feature = "cuda")]
-            BufInner::Cuda(s, st) => {
-                let mut v = st
-                    .clone_dtoh(s)
-                    .map_err(|e| Error::Device(format!("download: {e}")))?;
-                v.truncate(buf.len);
-                Ok(v)
-            }
-        }
+        self.profiled(
+            || DOWNLOAD.into(),
+            || match &buf.inner {
+                BufInner::Host(v) => Ok(v.clone()),
+                #[cfg(feature = "cuda")]
+                BufInner::Cuda(s, st) => {
+                    let mut v = st
+                        .clone_dtoh(s)
+                        .map_err(|e| Error::Device(format!("download: {e}")))?;
+                    v.truncate(buf.len);
+                    Ok(v)
+                }
+            },
+        )
     }
 
-    /// Overwrite a device buffer from host data of the same length.
+    /// Overwrite a device buffer from host data of the same length.  Profiled as
+    /// `upload (host → device)`, as [`Device::upload`] is.
     pub fn write<T: Elem>(&self, buf: &mut DeviceBuf<T>, data: &[T]) -> Result<()> {
         crate::error::check_len("Device::write", "data", data.len(), buf.len())?;
         self.count(true);
-        match &mut buf.inner {
-            BufInner::Host(v) => {
-                v.copy_from_slice(data);
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            BufInner::Cuda(s, st) => {
-                if data.is_empty() {
-                    return Ok(());
+        self.profiled(
+            || UPLOAD.into(),
+            || match &mut buf.inner {
+                BufInner::Host(v) => {
+                    v.copy_from_slice(data);
+                    Ok(())
                 }
-                st.memcpy_htod(data, s)
-                    .map_err(|e| Error::Device(format!("write: {e}")))
-            }
-        }
+                #[cfg(feature = "cuda")]
+                BufInner::Cuda(s, st) => {
+                    if data.is_empty() {
+                        return Ok(());
+                    }
+                    st.memcpy_htod(data, s)
+                        .map_err(|e| Error::Device(format!("write: {e}")))
+                }
+            },
+        )
     }
 
     /// Row-major `out[i] (M,N) (=|+=) op(a[i]) · op(b[i])` for `batch` products stored

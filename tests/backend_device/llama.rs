@@ -1,5 +1,6 @@
 //! A tiny LLaMA on the device: KV-cache decoding, cache rows, training steps.
 use super::*;
+use popen::kernels::device::{DOWNLOAD, UPLOAD};
 
 /// The tiny LLaMA of the training tests, on backend `be`.
 fn tiny_llama<B: Backend<f32>>(be: B) -> popen::nn::llama::Llama<f32, B> {
@@ -179,16 +180,26 @@ fn training_step_equals_cpu(heads: (usize, usize), tc: bool) {
             c.htod + c.dtoh
         };
         d.device().set_profiling(true);
+        let before = d.device().copies();
         let (loss_dev, p_dev, copies) = train_steps(d.clone(), heads, count);
-        // the attention kernels that ran are the ones asked for
-        let ran: Vec<String> = d
-            .device()
-            .take_profile()
-            .unwrap()
-            .into_iter()
-            .map(|k| k.name)
-            .collect();
+        let after = d.device().copies();
+        let profile = d.device().take_profile().unwrap();
         d.device().set_profiling(false);
+        // the profile's copy rows count every copy the device counted
+        let calls = |name: &str| {
+            profile
+                .iter()
+                .find(|k| k.name == name)
+                .map_or(0, |k| k.calls)
+        };
+        assert_eq!(
+            (calls(UPLOAD) as u64, calls(DOWNLOAD) as u64),
+            (after.htod - before.htod, after.dtoh - before.dtoh),
+            "{kind:?}: the profile's copies"
+        );
+        assert!(calls(UPLOAD) > 0 && calls(DOWNLOAD) > 0, "{kind:?}");
+        // the attention kernels that ran are the ones asked for
+        let ran: Vec<String> = profile.into_iter().map(|k| k.name).collect();
         for k in [
             "attention_fwd_tc_f32",
             "attention_bwd_dq_tc_f32",
