@@ -387,6 +387,52 @@ fn answers_depend_on_the_seed_and_not_on_the_batch() {
     }
 }
 
+#[test]
+fn padded_prefixes_refine_as_alone_up_to_the_context_end() {
+    // A padded question's two halves continue from its padded prefix when they fit the
+    // context after the pads too, and read the prompt again alone when they do not:
+    // either way the answer is the question's alone.  Contexts from where the prompts
+    // barely fit with one answer to where every refinement fits.
+    let qs = [
+        "Where is the cup?",
+        "Which of the things on the table is the cup?",
+        "Where is the apple?",
+        "Which one is the apple?",
+    ];
+    let (mut refined, mut fell_back) = (0, 0);
+    for ctx in (44..=128).step_by(6) {
+        let mut c = cfg();
+        c.lvlm.max_positions = ctx;
+        let tok = tokenizer(&c);
+        let m: SegModel = SegModel::new_tiny(Cpu, c, &tok, 9).unwrap();
+        let pxs: Vec<Pixels> = (0..4).map(|i| pixels(&m.cfg, 40 + i)).collect();
+        let items: Vec<(&Pixels, &str)> = pxs.iter().zip(qs).collect();
+        let ends = sentence_ends(&tok.tok);
+        let ecfg = EnsembleCfg::default();
+        let Ok(all) = m.predict_ensemble(&tok, &items, &ecfg, 3, None, &ends) else {
+            continue; // a prompt longer than this context
+        };
+        for (i, it) in items.iter().enumerate() {
+            let one = m
+                .predict_ensemble(&tok, &[*it], &ecfg, 3 + i as u64, None, &ends)
+                .unwrap()
+                .remove(0);
+            let what = format!("context {ctx}, item {i}");
+            same_answer(&one.answer, &all[i].answer, &what);
+            assert_eq!(one.fallback, all[i].fallback, "{what}");
+            if one.fallback {
+                fell_back += 1;
+            } else {
+                refined += 1;
+            }
+        }
+    }
+    assert!(
+        refined > 4 && fell_back > 4,
+        "refined {refined}, fell back {fell_back}"
+    );
+}
+
 /// The same tokens and text, log-probabilities within 1e-4, each mask off in at most
 /// 0.5 % of its pixels.
 fn same_answer(a: &popen::model::seg::Prediction, b: &popen::model::seg::Prediction, what: &str) {

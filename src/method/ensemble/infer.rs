@@ -39,10 +39,31 @@ struct Fixed<'a, Buf> {
     header: Vec<u32>,
 }
 
-/// A question's prefix `[image, x]`: its KV cache (batch 1) and last hidden row.
+/// A question's prefix `[image, x]`: its KV cache (batch 1), whose first `pads` keys
+/// are the left padding of a batched prefill (hidden by a key bias of −inf), and its
+/// last hidden row.
 struct Head<Buf> {
     prefix: KvCache<Buf>,
     h_prefix: HiddenRow<Buf>,
+    pads: usize,
+}
+
+/// Where a question's prefix is: row `r` of the batched prefill `pre`, or, read again
+/// alone, the prompt of `question`.
+struct Prefix<'a, Buf> {
+    pre: &'a Rows<Buf>,
+    r: usize,
+    question: &'a str,
+}
+
+impl<Buf> Prefix<'_, Buf> {
+    /// The keys of the row's left padding.
+    fn pads(&self) -> usize {
+        let row = self.pre.bias.as_ref().and_then(|b| b.get(self.r));
+        row.map_or(0, |b| {
+            b.iter().take_while(|&&g| g == f32::NEG_INFINITY).count()
+        })
+    }
 }
 
 /// The K samples and, per sample, the hidden row that predicted each of its tokens.
@@ -133,8 +154,13 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 let jobs: Vec<_> = idx.iter().copied().enumerate().zip(sampled).collect();
                 // the questions are independent: each is refined alone
                 map_jobs(&self.llava.be, jobs, |((r, i), samples)| {
-                    let head = self.head_of(tok, items[i].1, &encs[i], pre, r, &fixed)?;
-                    let e = self.refine_one(tok, px[i], &encs[i], head, samples, cfg, &fixed)?;
+                    let (q, enc) = (items[i].1, &encs[i]);
+                    let head = Prefix {
+                        pre,
+                        r,
+                        question: q,
+                    };
+                    let e = self.refine_one(tok, px[i], enc, head, samples, cfg, &fixed)?;
                     Ok((i, e))
                 })
                 .into_iter()
@@ -228,48 +254,49 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         by_groups(be, "SegModel::sampled_groups", bodies.len(), groups, group)
     }
 
-    /// The prefix `[image, x]` of `question` alone, row `r` of `pre`: that row's cache
-    /// and last hidden state, or, when the row is padded on the left, the prompt read
-    /// again alone: the refinement's biases and context checks count the prefix's keys
-    /// from its first position.
+    /// The prefix `[image, x]` as `at` holds it (its row's cache, its pads with it, and
+    /// last hidden state), or, `alone`, its prompt read again alone, unpadded.
     fn head_of(
         &self,
         tok: &SegTokenizer,
-        question: &str,
+        at: &Prefix<'_, B::Buf>,
+        alone: bool,
         enc: &ImageEncoding<B::Buf>,
-        pre: &Rows<B::Buf>,
-        r: usize,
         fixed: &Fixed<'_, B::Buf>,
     ) -> Result<Head<B::Buf>> {
-        let padded = pre
-            .bias
-            .as_ref()
-            .and_then(|b| b.get(r)?.first())
-            .is_some_and(|&g| g == f32::NEG_INFINITY);
-        if !padded {
+        if !alone {
             let lm = &self.llava.language_model;
             return Ok(Head {
-                prefix: lm.select_cache_rows(&pre.cache, &[r])?,
-                h_prefix: pre.hidden[r].clone(),
+                prefix: lm.select_cache_rows(&at.pre.cache, &[at.r])?,
+                h_prefix: at.pre.hidden[at.r].clone(),
+                pads: at.pads(),
             });
         }
-        let body = self.prompt_ids(tok, question, fixed.header.len())?;
+        let body = self.prompt_ids(tok, at.question, fixed.header.len())?;
         let mut one = self.prefill_rows(&[body], std::slice::from_ref(enc), &[0], &[0], false)?;
         Ok(Head {
             prefix: one.cache,
             h_prefix: one.hidden.remove(0),
+            pads: 0,
         })
     }
 
     /// The text half (Eq. 5) and the segmentation half (Eq. 6) of one question, from
     /// its prefix `[image, x]` and its K samples.
+    ///
+    /// A padded prefix serves as it is when everything either half reads or writes fits
+    /// the context after its pads as well: its keys then sit `pads` positions later than
+    /// alone, which RoPE's scores do not see, every bias hides the pads, and every
+    /// context check passes, as it does alone.  Otherwise (and with `--consensus`, whose
+    /// edited answer has no length bound) the question's prompt is read again alone, so
+    /// the halves decide as they would alone.
     #[allow(clippy::too_many_arguments)]
     fn refine_one(
         &self,
         tok: &SegTokenizer,
         px: &Pixels,
         enc: &ImageEncoding<B::Buf>,
-        head: Head<B::Buf>,
+        at: Prefix<'_, B::Buf>,
         sampled: Samples<B::Buf>,
         cfg: &EnsembleCfg,
         fixed: &Fixed<'_, B::Buf>,
@@ -280,7 +307,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let ctx = lm.cfg.max_position_embeddings;
         let eos = tok.tok.eos;
         let (prompt, ends, header) = (fixed.prompt, fixed.ends, &fixed.header[..]);
-        let Head { prefix, h_prefix } = head;
+
         let Samples {
             preds: samples,
             rows: sample_rows,
@@ -319,43 +346,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .max()
             .unwrap_or(0)
             .max(1);
-        let fits = prefix.len() + read_len + longest < ctx;
-        // the answer is the most likely sample without the text ensemble or room for it
-        let fallback = cfg.text && !fits;
-        // `ỹ` and the hidden row that predicted each of its tokens
-        let (mut answer, mut answer_rows) = if !cfg.text || !fits {
-            (samples[best].clone(), sample_rows[best].clone())
-        } else {
-            let chunk = self.read_chunk(&ys, prompt, None, header)?;
-            let mut bias = vec![0f32; prefix.len()];
-            bias.extend_from_slice(&y_bias);
-            bias.extend(std::iter::repeat_n(0.0, n_prompt + header.len()));
-            let drafts: Vec<&[u32]> = samples.iter().map(|s| s.ids.as_slice()).collect();
-            self.decode_refined(tok, prefix.clone(), chunk, read_len, bias, &drafts)?
-        };
-        // `--consensus`: the objects too few samples name leave the answer
-        if cfg.consensus {
-            let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
-            if let Some(text) = super::consensus_answer(&answer.text, &texts) {
-                let mut ids = tok.answer_ids(&text)?;
-                ids.push(eos);
-                // an edit that would not fit the context is not made
-                if prefix.len() + header.len() + ids.len() < ctx {
-                    // without a header the prefix's last row predicts the first token:
-                    // its log-prob is known where a sample drew the same token
-                    let first = samples
-                        .iter()
-                        .find(|s| s.ids.first() == ids.first())
-                        .and_then(|s| s.logps.first().copied())
-                        .unwrap_or(f32::NAN);
-                    (answer, answer_rows) =
-                        self.read_answer(tok, prefix.clone(), &h_prefix, header, ids, first)?;
-                }
-            }
-        }
-        // the segmentation half: [y_1 … y_K, p̂, {f}, header, ỹ] with γ(η) on the f keys
-        let (ans_ids, _) = strip_eos(&answer, eos);
-        let (_, ans_groups) = tok.decode_answer(ans_ids)?;
+        // the samples' codebook rows the segmentation half reads, with γ(η) on each
         let gl = self.cfg.group_len();
         let mut f_src = HiddenRows::default();
         let mut f_bias: Vec<f32> = Vec::new();
@@ -375,13 +366,66 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             .flat_map(|r| be.to_vec(r))
             .map(|x| x.to_f32().unwrap_or(f32::NAN))
             .collect();
+        // the prefix as it is, or read again alone (see above): the halves add at most
+        // read_len + n_f + max_new_tokens keys after it
+        let worst = read_len + n_f + self.cfg.max_new_tokens + 1;
+        let pads = at.pads();
+        let alone = pads > 0 && (cfg.consensus || at.pre.cache.len() + worst >= ctx);
+        let Head {
+            prefix,
+            h_prefix,
+            pads,
+        } = self.head_of(tok, &at, alone, enc, fixed)?;
+        // the prefix keys' bias: the pads hidden.  A padded prefix passes every context
+        // check below (it has room for `worst` more keys), as it does alone.
+        let mut prefix_bias = vec![f32::NEG_INFINITY; pads];
+        prefix_bias.resize(prefix.len(), 0.0);
+        let fits = prefix.len() + read_len + longest < ctx;
+        // the answer is the most likely sample without the text ensemble or room for it
+        let fallback = cfg.text && !fits;
+        // `ỹ` and the hidden row that predicted each of its tokens
+        let (mut answer, mut answer_rows) = if !cfg.text || !fits {
+            (samples[best].clone(), sample_rows[best].clone())
+        } else {
+            let chunk = self.read_chunk(&ys, prompt, None, header)?;
+            let mut bias = prefix_bias.clone();
+            bias.extend_from_slice(&y_bias);
+            bias.extend(std::iter::repeat_n(0.0, n_prompt + header.len()));
+            let drafts: Vec<&[u32]> = samples.iter().map(|s| s.ids.as_slice()).collect();
+            self.decode_refined(tok, prefix.clone(), chunk, read_len, bias, &drafts)?
+        };
+        // `--consensus`: the objects too few samples name leave the answer
+        if cfg.consensus {
+            let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
+            if let Some(text) = super::consensus_answer(&answer.text, &texts) {
+                let mut ids = tok.answer_ids(&text)?;
+                ids.push(eos);
+                // an edit that would not fit the context is not made
+                // (a consensus answer reads an unpadded prefix: pads is 0 here)
+                if prefix.len() + header.len() + ids.len() < ctx {
+                    // without a header the prefix's last row predicts the first token:
+                    // its log-prob is known where a sample drew the same token
+                    let first = samples
+                        .iter()
+                        .find(|s| s.ids.first() == ids.first())
+                        .and_then(|s| s.logps.first().copied())
+                        .unwrap_or(f32::NAN);
+                    (answer, answer_rows) =
+                        self.read_answer(tok, prefix.clone(), &h_prefix, header, ids, first)?;
+                }
+            }
+        }
+        // the segmentation half: [y_1 … y_K, p̂, {f}, header, ỹ] with γ(η) on the f keys
+        let (ans_ids, _) = strip_eos(&answer, eos);
+        let (_, ans_groups) = tok.decode_answer(ans_ids)?;
         let mut seg_done = false;
         if cfg.seg && !ans_groups.is_empty() {
             let n = read_len + n_f + ans_ids.len();
             if prefix.len() + n < ctx {
                 let tail = [header, ans_ids].concat();
                 let chunk = self.read_chunk(&ys, prompt, f_rows.as_ref(), &tail)?;
-                let mut bias = vec![0f32; prefix.len() + ys.len() + n_prompt];
+                let mut bias = prefix_bias.clone();
+                bias.resize(prefix.len() + ys.len() + n_prompt, 0.0);
                 bias.extend_from_slice(&f_bias);
                 bias.extend(std::iter::repeat_n(0.0, tail.len()));
                 let mut cache = prefix.clone();
