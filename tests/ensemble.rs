@@ -846,6 +846,30 @@ fn a_refinement_longer_than_the_context_is_skipped_not_an_error() {
     assert!(m.refine_loss(&tok, &d, &prompt[1..], false).is_err());
 }
 
+/// A prefill without a hidden row or a logit row: an error, not a panic, both ways.
+#[test]
+fn a_prefill_without_rows_is_an_error_for_both_decodes() {
+    let (m, tok) = model(44);
+    let px = pixels(&m.cfg, 54);
+    let enc = m.encode_images(&[&px]).unwrap().remove(0);
+    let pre = m.prefill(&tok, Q, &enc).unwrap();
+    let be = &m.llava.be;
+    let no_rows = popen::model::seg::Prefill {
+        hidden: be.from_slice(&[]),
+        ..pre.clone()
+    };
+    let no_logits = popen::model::seg::Prefill {
+        logits: be.from_slice(&[]),
+        ..pre
+    };
+    for p in [no_rows, no_logits] {
+        let e = m.decode(&tok, p.clone(), &SamplingCfg::greedy(), None);
+        assert!(e.unwrap_err().to_string().contains("a prefill of"));
+        let e = m.decode_drafted(&tok, p, None, &[]);
+        assert!(e.unwrap_err().to_string().contains("a prefill of"));
+    }
+}
+
 /// Greedy decoding that checks drafts (`model::seg::draft`) keeps exactly what plain
 /// greedy decoding chooses, whatever the drafts: the answer itself (every draft token
 /// kept), the answer with tokens changed (drafts cut, the cache cut back), unrelated

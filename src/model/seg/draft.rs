@@ -91,6 +91,16 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             crate::error::check_len("SegModel::decode_drafted", "bias", b.len(), cache.len())?;
         }
         let n = be.len(&hidden) / hdim;
+        if n == 0 || be.len(&logits) < v {
+            return Err(Error::shape(
+                "SegModel::decode_drafted",
+                format!(
+                    "a prefill of {} hidden and {} logit values (rows of {hdim} and {v})",
+                    be.len(&hidden),
+                    be.len(&logits)
+                ),
+            ));
+        }
         let mut logits = last_row_f32(be, &logits, v);
         let mut hidden = HiddenRow::one(hidden, n - 1);
         let mut out = Decoded {

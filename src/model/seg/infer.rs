@@ -387,6 +387,16 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
             self.llava.cfg.text.vocab_size,
         );
         let n = be.len(&pre.hidden) / hdim;
+        if n == 0 || be.len(&pre.logits) < v {
+            return Err(Error::shape(
+                "SegModel::decode",
+                format!(
+                    "a prefill of {} hidden and {} logit values (rows of {hdim} and {v})",
+                    be.len(&pre.hidden),
+                    be.len(&pre.logits)
+                ),
+            ));
+        }
         let rows = Rows::one_per_row(
             pre.cache,
             vec![last_row_f32(be, &pre.logits, v)],
