@@ -50,13 +50,13 @@ struct Head<Buf> {
 
 /// Where a question's prefix is: row `r` of the batched prefill `pre`, or, read again
 /// alone, the prompt of `question`.
-struct Prefix<'a, Buf> {
+struct PrefixRow<'a, Buf> {
     pre: &'a Rows<Buf>,
     r: usize,
     question: &'a str,
 }
 
-impl<Buf> Prefix<'_, Buf> {
+impl<Buf> PrefixRow<'_, Buf> {
     /// The keys of the row's left padding.
     fn pads(&self) -> usize {
         let row = self.pre.bias.as_ref().and_then(|b| b.get(self.r));
@@ -154,13 +154,9 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
                 let jobs: Vec<_> = idx.iter().copied().enumerate().zip(sampled).collect();
                 // the questions are independent: each is refined alone
                 map_jobs(&self.llava.be, jobs, |((r, i), samples)| {
-                    let (q, enc) = (items[i].1, &encs[i]);
-                    let head = Prefix {
-                        pre,
-                        r,
-                        question: q,
-                    };
-                    let e = self.refine_one(tok, px[i], enc, head, samples, cfg, &fixed)?;
+                    let question = items[i].1;
+                    let at = PrefixRow { pre, r, question };
+                    let e = self.refine_one(tok, px[i], &encs[i], at, samples, cfg, &fixed)?;
                     Ok((i, e))
                 })
                 .into_iter()
@@ -259,7 +255,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
     fn head_of(
         &self,
         tok: &SegTokenizer,
-        at: &Prefix<'_, B::Buf>,
+        at: &PrefixRow<'_, B::Buf>,
         alone: bool,
         enc: &ImageEncoding<B::Buf>,
         fixed: &Fixed<'_, B::Buf>,
@@ -296,7 +292,7 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         tok: &SegTokenizer,
         px: &Pixels,
         enc: &ImageEncoding<B::Buf>,
-        at: Prefix<'_, B::Buf>,
+        at: PrefixRow<'_, B::Buf>,
         sampled: Samples<B::Buf>,
         cfg: &EnsembleCfg,
         fixed: &Fixed<'_, B::Buf>,
@@ -307,7 +303,6 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let ctx = lm.cfg.max_position_embeddings;
         let eos = tok.tok.eos;
         let (prompt, ends, header) = (fixed.prompt, fixed.ends, &fixed.header[..]);
-
         let Samples {
             preds: samples,
             rows: sample_rows,
