@@ -250,22 +250,22 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         by_groups(be, "SegModel::sampled_groups", bodies.len(), groups, group)
     }
 
-    /// The prefix `[image, x]` as `at` holds it (its row's cache, its pads with it, and
-    /// last hidden state), or, `alone`, its prompt read again alone, unpadded.
+    /// The prefix `[image, x]` as `at` holds it (its row's cache with its `pads` and its
+    /// last hidden state), or, with `pads` None, its prompt read again alone, unpadded.
     fn head_of(
         &self,
         tok: &SegTokenizer,
         at: &PrefixRow<'_, B::Buf>,
-        alone: bool,
+        pads: Option<usize>,
         enc: &ImageEncoding<B::Buf>,
         fixed: &Fixed<'_, B::Buf>,
     ) -> Result<Head<B::Buf>> {
-        if !alone {
+        if let Some(pads) = pads {
             let lm = &self.llava.language_model;
             return Ok(Head {
                 prefix: lm.select_cache_rows(&at.pre.cache, &[at.r])?,
                 h_prefix: at.pre.hidden[at.r].clone(),
-                pads: at.pads(),
+                pads,
             });
         }
         let body = self.prompt_ids(tok, at.question, fixed.header.len())?;
@@ -366,11 +366,12 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         let worst = read_len + n_f + self.cfg.max_new_tokens + 1;
         let pads = at.pads();
         let alone = pads > 0 && (cfg.consensus || at.pre.cache.len() + worst >= ctx);
+        let keep = (!alone).then_some(pads);
         let Head {
             prefix,
             h_prefix,
             pads,
-        } = self.head_of(tok, &at, alone, enc, fixed)?;
+        } = self.head_of(tok, &at, keep, enc, fixed)?;
         // the prefix keys' bias: the pads hidden.  A padded prefix passes every context
         // check below (it has room for `worst` more keys), as it does alone.
         let mut prefix_bias = vec![f32::NEG_INFINITY; pads];

@@ -34,8 +34,9 @@
 //!   (the pads hidden by a key bias of −inf; prompts that could reach the context's end
 //!   go by length, unpadded), the K samples of a question sharing one cache row, and
 //!   so one forward per step, for as long as they draw the same tokens; the two halves
-//!   then run question by question, each from its own prefix (a padded one read again
-//!   alone, so that the halves' biases and context checks count from its first key).
+//!   then run question by question, each from its own prefix (a padded one as it is,
+//!   its pads hidden, when both halves fit the context after them; else read again
+//!   alone, so that the halves decide as they would alone).
 //!   The groups and the questions' two halves are independent and run on several
 //!   threads at once on the CPU ([`crate::backend::map_jobs`]), with the same results.
 //! - **Decoding `ỹ`** is greedy, with the K samples as drafts

@@ -166,14 +166,16 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
             ));
         }
         let be = &self.be;
-        let pairs = || rows.iter().copied().enumerate();
+        // every layer's rows are n values long: one set of runs for them all
+        let n = c.layers.first().map_or(0, |l| be.len(&l.k) / c.b);
+        let runs = RowCopy::from_rows(rows.iter().copied().enumerate(), n);
         let layers = c
             .layers
             .iter()
             .map(|l| {
-                let n = be.len(&l.k) / c.b;
+                crate::error::check_len("Llama::select_cache_rows", "keys", be.len(&l.k), c.b * n)?;
                 let (mut kk, mut vv) = (be.uninit(rows.len() * n), be.uninit(rows.len() * n));
-                for run in RowCopy::from_rows(pairs(), n) {
+                for &run in &runs {
                     be.copy_rows(&mut kk, &l.k, run)?;
                     be.copy_rows(&mut vv, &l.v, run)?;
                 }
