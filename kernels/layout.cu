@@ -35,9 +35,11 @@ __device__ __forceinline__ long long heads_row(long long bi, int ti, int nh, int
 // x (B,T,NH,HS) -> out (B,NH,HT,HS) rows hat..hat+T; rope != 0 rotates pairs (i, i + HS/2)
 // at positions pos0 + t:  o[i] = x[i] cos - x[i+h] sin,  o[i+h] = x[i+h] cos + x[i] sin.
 // With x2 (grid.y = 2), blocks of y = 1 split x2 into out2 the same way, unrotated: a KV
-// cache's keys and values in one launch.
+// cache's keys and values in one launch.  Token row r of x (and x2) starts at x + r ldx:
+// ldx = NH HS for a buffer of its own, wider for one projection's columns of a fused one.
 extern "C" __global__ void heads_split_f32(float* out, const float* x, float* out2, const float* x2, int b, int t,
-                                           int nh, int hs, int pos0, float theta, int rope, int ht, int hat) {
+                                           int nh, int hs, int pos0, float theta, int rope, int ht, int hat,
+                                           long long ldx) {
     if (blockIdx.y == 1) {
         out = out2;
         x = x2;
@@ -48,7 +50,7 @@ extern "C" __global__ void heads_split_f32(float* out, const float* x, float* ou
     GRID_STRIDE(g, (long long)b * t * lanes) {
         const long long row = g / lanes, bi = row / t;
         const int j = (int)(g - row * lanes), ti = (int)(row - bi * t);
-        const float* xr = x + row * nh * hs;
+        const float* xr = x + row * ldx;
         float* o = out + heads_row(bi, ti, nh, ht, hat) * hs;  // (bi, h = 0, hat + ti)
         if (!rope) {
             for (int h = 0; h < nh; ++h) o[h * hstride + j] = xr[h * hs + j];
@@ -68,8 +70,10 @@ extern "C" __global__ void heads_split_f32(float* out, const float* x, float* ou
 // backward of heads_split (the transposed rotation):
 //   forward was: o[i] = x[i] cos - x[i+h] sin, o[i+h] = x[i+h] cos + x[i] sin
 //   so:          dx[i] = do[i] cos + do[i+h] sin, dx[i+h] = do[i+h] cos - do[i] sin
+// Token row r of out (and out2) starts at out + r ldx, as x's in heads_split_f32.
 extern "C" __global__ void heads_merge_f32(float* out, const float* x, float* out2, const float* x2, int b, int t,
-                                           int nh, int hs, int pos0, float theta, int rope, int ht, int hat) {
+                                           int nh, int hs, int pos0, float theta, int rope, int ht, int hat,
+                                           long long ldx) {
     if (blockIdx.y == 1) {  // as heads_split_f32: a second pair, unrotated
         out = out2;
         x = x2;
@@ -81,7 +85,7 @@ extern "C" __global__ void heads_merge_f32(float* out, const float* x, float* ou
         const long long row = g / lanes, bi = row / t;
         const int j = (int)(g - row * lanes), ti = (int)(row - bi * t);
         const float* xr = x + heads_row(bi, ti, nh, ht, hat) * hs;  // (bi, h = 0, hat + ti)
-        float* o = out + row * nh * hs;
+        float* o = out + row * ldx;
         if (!rope) {
             for (int h = 0; h < nh; ++h) o[h * hs + j] = xr[h * hstride + j];
             continue;

@@ -2,7 +2,7 @@
 //! plus the frozen-slot behaviour (weight gradient skipped, activation gradient kept).
 //!
 //! The scalar checked is L = Σ w ∘ out with fixed random weights w, so dL/dout = w.
-use popen::backend::{Act, AttnLayout, AttnShape, Backend, Cpu};
+use popen::backend::{Act, AttnLayout, AttnShape, Backend, Cols, Cpu};
 use popen::nn::layers::{AttnCtx, ImageShape};
 use popen::nn::{
     randn, Attention, Embedding, LayerNorm, Linear, Mlp, PatchEmbed, RmsNorm, Rng, SwiGluMlp,
@@ -179,13 +179,33 @@ fn rope_split_backward_matches_finite_differences() {
     let w = rnd(&mut rng, n);
     let fwd = |x: &T| {
         let mut o = vec![0.0; n];
-        BE.heads_split(x, b, t, nh, hs, pos0, Some(10000.0), &mut o)
-            .unwrap();
+        BE.heads_split(
+            x,
+            Cols::whole(nh * hs),
+            b,
+            t,
+            nh,
+            hs,
+            pos0,
+            Some(1e4),
+            &mut o,
+        )
+        .unwrap();
         dot(&o, &w)
     };
     let mut dx = vec![0.0; n];
-    BE.heads_split_bwd(&w, b, t, nh, hs, pos0, Some(10000.0), &mut dx)
-        .unwrap();
+    BE.heads_split_bwd(
+        &w,
+        b,
+        t,
+        nh,
+        hs,
+        pos0,
+        Some(1e4),
+        &mut dx,
+        Cols::whole(nh * hs),
+    )
+    .unwrap();
     check("rope dx", &dx, |k, d| fwd(&perturbed(&x, k, d)));
 }
 

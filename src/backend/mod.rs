@@ -207,6 +207,73 @@ pub struct KvAppend {
     pub cap: usize,
     /// The first time row written.
     pub at: usize,
+    /// Where the keys' rows lie in their buffer (NKV·HS values each).
+    pub k_cols: Cols,
+    /// Where the values' rows lie in theirs; the same row stride as the keys'.
+    pub v_cols: Cols,
+}
+
+/// Where the rows of a token-major operand (N rows of W values) lie in its buffer:
+/// row r at `off + r·ld`.  A buffer of its own is [`Cols::whole`]; one projection's
+/// columns of a fused product's wider rows (the query, key and value of one product:
+/// [`crate::nn::Attention::fuse`]) start at the columns before them, `ld` the full width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cols {
+    /// Where row 0 starts.
+    pub off: usize,
+    /// From one row to the next, at least W.
+    pub ld: usize,
+}
+
+impl Cols {
+    /// Rows of `width` values, one after the other from the buffer's start.
+    pub fn whole(width: usize) -> Cols {
+        Cols { off: 0, ld: width }
+    }
+    /// The length a buffer of `rows` rows of `width` values laid out so must have at
+    /// least (0 without rows), checked: an `ld` below `width` is an error naming `op`.
+    pub fn need(&self, op: &'static str, rows: usize, width: usize) -> Result<usize> {
+        if self.ld < width {
+            return Err(Error::shape(
+                op,
+                format!("rows of {width} values with a row stride of {}", self.ld),
+            ));
+        }
+        if rows == 0 {
+            return Ok(0);
+        }
+        (rows - 1)
+            .checked_mul(self.ld)
+            .and_then(|x| x.checked_add(self.off))
+            .and_then(|x| x.checked_add(width))
+            .ok_or_else(|| Error::shape(op, format!("{rows} rows at {self:?} overflow")))
+    }
+    /// `buf_len` holds `rows` rows of `width` values laid out so (an error naming `op`
+    /// and `what` otherwise); a buffer longer than needed is fine only when the rows are
+    /// not [`Cols::whole`] (a whole buffer must be exactly its rows).
+    pub fn check(
+        &self,
+        op: &'static str,
+        what: &str,
+        buf_len: usize,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let need = self.need(op, rows, width)?;
+        if *self == Cols::whole(width) {
+            return crate::error::check_len(op, what, buf_len, rows * width);
+        }
+        if buf_len < need {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{what}: {rows} rows of {width} at {self:?} need {need} values, the \
+                     buffer holds {buf_len}"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One [`Backend::copy_rows`]: `rows` runs of `width` values, run r from
@@ -635,10 +702,12 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     // ---- layout + RoPE ----
     /// x (B,T,NH,HS) → out (B,NH,T,HS), rotating each head by RoPE at positions
     /// `pos0 + t` when `theta` is Some (HF rotate_half convention: pairs (i, i+HS/2)).
+    /// x's B·T rows of NH·HS lie at `x_at` in its buffer ([`Cols`]).
     #[allow(clippy::too_many_arguments)]
     fn heads_split(
         &self,
         x: &Self::Buf,
+        x_at: Cols,
         b: usize,
         t: usize,
         nh: usize,
@@ -659,7 +728,8 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         kc: &mut Self::Buf,
         vc: &mut Self::Buf,
     ) -> Result<()>;
-    /// Backward of [`Backend::heads_split`]: dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten.
+    /// Backward of [`Backend::heads_split`]: dout (B,NH,T,HS) → dx (B,T,NH,HS), its rows
+    /// at `dx_at` overwritten (the rest of a wider buffer untouched).
     #[allow(clippy::too_many_arguments)]
     fn heads_split_bwd(
         &self,
@@ -671,6 +741,7 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         pos0: usize,
         theta: Option<f32>,
         dx: &mut Self::Buf,
+        dx_at: Cols,
     ) -> Result<()>;
     /// x (B,NH,T,HS) → out (B,T,NH,HS).  Its backward is `heads_split` without RoPE.
     fn heads_merge(

@@ -3,7 +3,7 @@
 //!
 //! B batch, T tokens, C channels, N = B·T rows, NH heads, NKV kv heads, HS head size.
 use super::Tensor;
-use crate::backend::{Accum, Act, AttnLayout, AttnShape, Backend, KvAppend, MatmulSpec};
+use crate::backend::{Accum, Act, AttnLayout, AttnShape, Backend, Cols, KvAppend, MatmulSpec};
 use crate::error::{Error, Result};
 use num_traits::Float;
 
@@ -761,7 +761,10 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             return Ok(xf);
         }
         let mut o = be.uninit(be.len(&xf));
-        be.heads_split(&xf, ctx.b, ctx.t, heads, self.hs, ctx.pos0, rope, &mut o)?;
+        let at = Cols::whole(heads * self.hs);
+        be.heads_split(
+            &xf, at, ctx.b, ctx.t, heads, self.hs, ctx.pos0, rope, &mut o,
+        )?;
         Ok(o)
     }
 
@@ -780,7 +783,8 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             return Ok(d);
         }
         let mut o = be.uninit(be.len(&d));
-        be.heads_split_bwd(&d, ctx.b, ctx.t, heads, self.hs, ctx.pos0, rope, &mut o)?;
+        let at = Cols::whole(heads * self.hs);
+        be.heads_split_bwd(&d, ctx.b, ctx.t, heads, self.hs, ctx.pos0, rope, &mut o, at)?;
         Ok(o)
     }
 
@@ -894,6 +898,8 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             theta: self.rope_theta,
             cap: c.cap,
             at: c.len,
+            k_cols: Cols::whole(self.nkv * hs),
+            v_cols: Cols::whole(self.nkv * hs),
         };
         be.append_kv(kf, vf, &a, &mut c.k, &mut c.v)?;
         c.len += t;

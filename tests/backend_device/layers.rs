@@ -526,23 +526,43 @@ fn heads_split_merge_and_rope_match_cpu() {
         let (v, vd) = both(&d, &rnd(&mut r, n, 1.0));
         for theta in [None, Some(10000.0f32), Some(500.0)] {
             let (mut o, mut od) = (vec![0.0; n], d.zeros(n));
-            Cpu.heads_split(&x, b, t, nh, hs, pos0, theta, &mut o)
+            Cpu.heads_split(&x, Cols::whole(nh * hs), b, t, nh, hs, pos0, theta, &mut o)
                 .unwrap();
-            d.heads_split(&xd, b, t, nh, hs, pos0, theta, &mut od)
-                .unwrap();
+            d.heads_split(
+                &xd,
+                Cols::whole(nh * hs),
+                b,
+                t,
+                nh,
+                hs,
+                pos0,
+                theta,
+                &mut od,
+            )
+            .unwrap();
             close(&format!("heads_split {theta:?}"), &d.to_vec(&od), &o);
-            Cpu.heads_split_bwd(&x, b, t, nh, hs, pos0, theta, &mut o)
+            Cpu.heads_split_bwd(&x, b, t, nh, hs, pos0, theta, &mut o, Cols::whole(nh * hs))
                 .unwrap();
-            d.heads_split_bwd(&xd, b, t, nh, hs, pos0, theta, &mut od)
-                .unwrap();
+            d.heads_split_bwd(
+                &xd,
+                b,
+                t,
+                nh,
+                hs,
+                pos0,
+                theta,
+                &mut od,
+                Cols::whole(nh * hs),
+            )
+            .unwrap();
             close(&format!("heads_split_bwd {theta:?}"), &d.to_vec(&od), &o);
             // keys and values into rows 4..11 of blocks of 13 (a KV cache's room): the
             // split's values there (the keys rotated, the values not), every other row
             // as it was
             let mut ov = vec![0.0; n];
-            Cpu.heads_split(&x, b, t, nh, hs, pos0, theta, &mut o)
+            Cpu.heads_split(&x, Cols::whole(nh * hs), b, t, nh, hs, pos0, theta, &mut o)
                 .unwrap();
-            Cpu.heads_split(&v, b, t, nh, hs, pos0, None, &mut ov)
+            Cpu.heads_split(&v, Cols::whole(nh * hs), b, t, nh, hs, pos0, None, &mut ov)
                 .unwrap();
             let a = KvAppend {
                 b,
@@ -553,6 +573,8 @@ fn heads_split_merge_and_rope_match_cpu() {
                 theta,
                 cap: 13,
                 at: 4,
+                k_cols: Cols::whole(nh * hs),
+                v_cols: Cols::whole(nh * hs),
             };
             let (mut kc, mut kcd) = both(&d, &rnd(&mut r, b * nh * 13 * hs, 1.0));
             let (mut vc, mut vcd) = both(&d, &rnd(&mut r, b * nh * 13 * hs, 1.0));
@@ -593,7 +615,7 @@ fn heads_split_merge_and_rope_match_cpu() {
         // RoPE needs an even head size
         let (x9, mut o9) = (d.zeros(b * t * nh * 9), d.zeros(b * t * nh * 9));
         assert!(d
-            .heads_split(&x9, b, t, nh, 9, 0, Some(1e4), &mut o9)
+            .heads_split(&x9, Cols::whole(nh * 9), b, t, nh, 9, 0, Some(1e4), &mut o9)
             .is_err());
         // a KV cache's write in place: 3 rows into rows 4..7 of blocks of 9, from rows
         // 1..4 of blocks of 5; every other row of dst is left as it was
@@ -631,6 +653,164 @@ fn heads_split_merge_and_rope_match_cpu() {
             assert!(d.copy_time(&mut dstd, &srcd, bad).is_err(), "{bad:?}");
             assert!(Cpu.copy_time(&mut dst, &src, bad).is_err(), "{bad:?}");
         }
+    }
+}
+
+/// Writes `rows` (rows of `w` values) at `at` in `buf`: a projection's columns of a
+/// fused product's wider rows.
+fn put(buf: &mut [f32], rows: &[f32], w: usize, at: Cols) {
+    for (r, row) in rows.chunks(w).enumerate() {
+        buf[at.off + r * at.ld..][..w].copy_from_slice(row);
+    }
+}
+
+#[test]
+fn heads_layouts_read_and_write_columns_of_wider_rows() {
+    for d in backends() {
+        let mut r = Philox::new(21);
+        let (b, t, nh, nkv, hs, pos0) = (2, 5, 3, 2, 6, 4);
+        let (wq, wk) = (nh * hs, nkv * hs);
+        // one fused product's rows: [q | k | v | 3 spare], as Attention::fuse makes them
+        let ld = wq + 2 * wk + 3;
+        let (qa, ka, va) = (
+            Cols { off: 0, ld },
+            Cols { off: wq, ld },
+            Cols { off: wq + wk, ld },
+        );
+        let len = b * t * ld;
+        let (q, k, v) = (
+            rnd(&mut r, b * t * wq, 1.0),
+            rnd(&mut r, b * t * wk, 1.0),
+            rnd(&mut r, b * t * wk, 1.0),
+        );
+        // NaN in the spare columns: a read of them shows
+        let mut fused = vec![f32::NAN; len];
+        put(&mut fused, &q, wq, qa);
+        put(&mut fused, &k, wk, ka);
+        put(&mut fused, &v, wk, va);
+        let fd = d.from_slice(&fused);
+        for theta in [None, Some(1e4f32)] {
+            // the split of the query's columns is the split of the query alone
+            let mut want = vec![0.0; q.len()];
+            Cpu.heads_split(&q, Cols::whole(wq), b, t, nh, hs, pos0, theta, &mut want)
+                .unwrap();
+            let (mut o, mut od) = (vec![0.0; q.len()], d.zeros(q.len()));
+            Cpu.heads_split(&fused, qa, b, t, nh, hs, pos0, theta, &mut o)
+                .unwrap();
+            d.heads_split(&fd, qa, b, t, nh, hs, pos0, theta, &mut od)
+                .unwrap();
+            assert_eq!(o, want, "cpu split of the query's columns {theta:?}");
+            close(
+                &format!("split of columns {theta:?}"),
+                &d.to_vec(&od),
+                &want,
+            );
+            // keys and values from their columns of one buffer, into a cache's rows 1..6
+            let a = KvAppend {
+                b,
+                t,
+                nkv,
+                hs,
+                pos0,
+                theta,
+                cap: 7,
+                at: 1,
+                k_cols: ka,
+                v_cols: va,
+            };
+            let whole = KvAppend {
+                k_cols: Cols::whole(wk),
+                v_cols: Cols::whole(wk),
+                ..a
+            };
+            let n_c = b * nkv * 7 * hs;
+            let (kc0, vc0) = (rnd(&mut r, n_c, 1.0), rnd(&mut r, n_c, 1.0));
+            let (mut kw, mut vw) = (kc0.clone(), vc0.clone());
+            Cpu.append_kv(&k, &v, &whole, &mut kw, &mut vw).unwrap();
+            let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+            Cpu.append_kv(&fused, &fused, &a, &mut kc, &mut vc).unwrap();
+            assert!(kc == kw && vc == vw, "cpu append from columns {theta:?}");
+            let (mut kcd, mut vcd) = (d.from_slice(&kc0), d.from_slice(&vc0));
+            d.append_kv(&fd, &fd, &a, &mut kcd, &mut vcd).unwrap();
+            close(&format!("append keys {theta:?}"), &d.to_vec(&kcd), &kw);
+            close(&format!("append values {theta:?}"), &d.to_vec(&vcd), &vw);
+            // the backward writes the query's columns only: the rest stays as it was
+            let dq = rnd(&mut r, q.len(), 1.0);
+            let mut dwhole = vec![0.0; q.len()];
+            Cpu.heads_split_bwd(&dq, b, t, nh, hs, pos0, theta, &mut dwhole, Cols::whole(wq))
+                .unwrap();
+            let mut want = fused.clone();
+            put(&mut want, &dwhole, wq, qa);
+            let mut dx = fused.clone();
+            Cpu.heads_split_bwd(&dq, b, t, nh, hs, pos0, theta, &mut dx, qa)
+                .unwrap();
+            let same = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x == y || (x.is_nan() && y.is_nan()))
+            };
+            assert!(same(&dx, &want), "cpu backward into columns {theta:?}");
+            let (dqd, mut dxd) = (d.from_slice(&dq), d.from_slice(&fused));
+            d.heads_split_bwd(&dqd, b, t, nh, hs, pos0, theta, &mut dxd, qa)
+                .unwrap();
+            let got = d.to_vec(&dxd);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let col = i % ld;
+                if col < wq && i / ld < b * t {
+                    assert!((g - w).abs() <= 1e-5, "{theta:?} dx[{i}]: {g} vs {w}");
+                } else {
+                    assert!(
+                        g.is_nan() == w.is_nan() && (g.is_nan() || g == w),
+                        "dx[{i}]"
+                    );
+                }
+            }
+        }
+        // rows that do not fit, a stride below the width, strides a pair cannot share
+        let short = d.zeros(len - 4);
+        let mut o = d.zeros(b * t * wk);
+        let e = d
+            .heads_split(&short, va, b, t, nkv, hs, 0, None, &mut o)
+            .unwrap_err();
+        assert!(e.to_string().contains("need"), "{e}");
+        let e = Cpu
+            .heads_split(
+                &fused[..len - 4].to_vec(),
+                va,
+                b,
+                t,
+                nkv,
+                hs,
+                0,
+                None,
+                &mut vec![0.0; b * t * wk],
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("need"), "{e}");
+        let narrow = Cols { off: 0, ld: wk - 1 };
+        let e = d
+            .heads_split(&fd, narrow, b, t, nkv, hs, 0, None, &mut o)
+            .unwrap_err();
+        assert!(e.to_string().contains("row stride"), "{e}");
+        let a = KvAppend {
+            b,
+            t,
+            nkv,
+            hs,
+            pos0,
+            theta: None,
+            cap: t,
+            at: 0,
+            k_cols: ka,
+            v_cols: Cols::whole(wk),
+        };
+        let (vd, mut kc, mut vc) = (
+            d.zeros(b * t * wk),
+            d.zeros(b * t * wk),
+            d.zeros(b * t * wk),
+        );
+        let e = d.append_kv(&fd, &vd, &a, &mut kc, &mut vc).unwrap_err();
+        assert!(e.to_string().contains("strides"), "{e}");
     }
 }
 

@@ -7,7 +7,7 @@
 //! optimizer, `layers` the layers' ops, `image` the pixel decoder's, `llama` a tiny
 //! LLaMA decoding and training.
 use popen::backend::{
-    Accum, Act, AdamWStep, AttnLayout, AttnShape, Backend, Cpu, DeviceBackend, KvAppend,
+    Accum, Act, AdamWStep, AttnLayout, AttnShape, Backend, Cols, Cpu, DeviceBackend, KvAppend,
     MatmulSpec, RowCopy, TimeCopy,
 };
 use popen::kernels::philox::Philox;

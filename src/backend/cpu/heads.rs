@@ -1,7 +1,8 @@
 //! Attention layout: heads split (with RoPE) and merged, and the KV-cache append.
 use super::{f, rows_mut, CpuFloat};
-use crate::backend::KvAppend;
+use crate::backend::{Cols, KvAppend};
 use crate::error::{check_len, Error, Result};
+use rayon::prelude::*;
 
 /// The (cos, sin) tables of [`rope_cos_sin`] for positions `pos0..pos0 + t`, in `F`
 /// (empty without RoPE): what `heads_split` and its backward rotate by.
@@ -59,6 +60,7 @@ fn check_heads(op: &'static str, hs: usize, theta: Option<f32>) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn heads_split<F: CpuFloat>(
     x: &[F],
+    x_at: Cols,
     b: usize,
     t: usize,
     nh: usize,
@@ -68,7 +70,7 @@ pub(super) fn heads_split<F: CpuFloat>(
     out: &mut [F],
 ) -> Result<()> {
     check_heads("heads_split", hs, theta)?;
-    check_len("heads_split", "x", x.len(), b * t * nh * hs)?;
+    x_at.check("heads_split", "x", x.len(), b * t, nh * hs)?;
     check_len("heads_split", "out", out.len(), b * t * nh * hs)?;
     let tables = rope_tables::<F>(pos0, t, hs, theta);
     // out row (bi, h, ti) ← x row (bi, ti, h)
@@ -76,7 +78,8 @@ pub(super) fn heads_split<F: CpuFloat>(
         let ti = row % t;
         let h = (row / t) % nh;
         let bi = row / (t * nh);
-        split_row(o, &x[((bi * t + ti) * nh + h) * hs..][..hs], tables.get(ti));
+        let xr = &x[x_at.off + (bi * t + ti) * x_at.ld + h * hs..][..hs];
+        split_row(o, xr, tables.get(ti));
     });
     Ok(())
 }
@@ -102,6 +105,7 @@ fn split_row<F: CpuFloat>(o: &mut [F], xr: &[F], rope: Option<&(Vec<F>, Vec<F>)>
 /// untouched: a KV cache's new keys or values written in place.
 pub(super) fn heads_split_at<F: CpuFloat>(
     x: &[F],
+    x_at: Cols,
     a: &KvAppend,
     theta: Option<f32>,
     out: &mut [F],
@@ -109,7 +113,7 @@ pub(super) fn heads_split_at<F: CpuFloat>(
     const OP: &str = "append_kv";
     let (b, t, nh, hs) = (a.b, a.t, a.nkv, a.hs);
     check_heads(OP, hs, theta)?;
-    check_len(OP, "input", x.len(), b * t * nh * hs)?;
+    x_at.check(OP, "input", x.len(), b * t, nh * hs)?;
     if a.at + t > a.cap {
         return Err(Error::shape(
             OP,
@@ -127,7 +131,7 @@ pub(super) fn heads_split_at<F: CpuFloat>(
     rows_mut(out, a.cap * hs, |bh, blk| {
         let (bi, h) = (bh / nh, bh % nh);
         for ti in 0..t {
-            let xr = &x[((bi * t + ti) * nh + h) * hs..][..hs];
+            let xr = &x[x_at.off + (bi * t + ti) * x_at.ld + h * hs..][..hs];
             split_row(&mut blk[(a.at + ti) * hs..][..hs], xr, tables.get(ti));
         }
     });
@@ -144,34 +148,48 @@ pub(super) fn heads_split_bwd<F: CpuFloat>(
     pos0: usize,
     theta: Option<f32>,
     dx: &mut [F],
+    dx_at: Cols,
 ) -> Result<()> {
     check_heads("heads_split_bwd", hs, theta)?;
     check_len("heads_split_bwd", "dout", dout.len(), b * t * nh * hs)?;
-    check_len("heads_split_bwd", "dx", dx.len(), b * t * nh * hs)?;
+    dx_at.check("heads_split_bwd", "dx", dx.len(), b * t, nh * hs)?;
     let tables = rope_tables::<F>(pos0, t, hs, theta);
-    // dx row (bi, ti, h) ← dout row (bi, h, ti)
-    rows_mut(dx, hs, |row, d| {
-        let h = row % nh;
-        let ti = (row / nh) % t;
-        let bi = row / (t * nh);
-        let gr = &dout[((bi * nh + h) * t + ti) * hs..][..hs];
-        match theta {
-            None => d.copy_from_slice(gr),
-            Some(_) => {
-                // forward: o[i] = x[i]cos − x[i+h]sin, o[i+h] = x[i+h]cos + x[i]sin
-                // so (the transposed rotation):
-                //          dx[i]   =  do[i]cos + do[i+h]sin
-                //          dx[i+h] = −do[i]sin + do[i+h]cos
-                let (cos, sin) = &tables[ti];
-                let half = hs / 2;
-                for i in 0..half {
-                    d[i] = gr[i] * cos[i] + gr[i + half] * sin[i];
-                    d[i + half] = gr[i + half] * cos[i] - gr[i] * sin[i];
-                }
+    let w = nh * hs;
+    if b * t == 0 {
+        return Ok(());
+    }
+    // token row r of dx at dx_at.off + r·ld: its heads h ← dout row (bi, h, ti)
+    dx[dx_at.off..]
+        .par_chunks_mut(dx_at.ld.max(1))
+        .take(b * t)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let (bi, ti) = (r / t, r % t);
+            for (h, d) in row[..w].chunks_mut(hs).enumerate() {
+                let gr = &dout[((bi * nh + h) * t + ti) * hs..][..hs];
+                merge_row(d, gr, tables.get(ti));
+            }
+        });
+    Ok(())
+}
+
+/// One head's row of the split's backward: d ← gr, rotated back when RoPE's
+/// (cos, sin) are given.
+fn merge_row<F: CpuFloat>(d: &mut [F], gr: &[F], rope: Option<&(Vec<F>, Vec<F>)>) {
+    match rope {
+        None => d.copy_from_slice(gr),
+        Some((cos, sin)) => {
+            // forward: o[i] = x[i]cos − x[i+h]sin, o[i+h] = x[i+h]cos + x[i]sin
+            // so (the transposed rotation):
+            //          dx[i]   =  do[i]cos + do[i+h]sin
+            //          dx[i+h] = −do[i]sin + do[i+h]cos
+            let half = d.len() / 2;
+            for i in 0..half {
+                d[i] = gr[i] * cos[i] + gr[i + half] * sin[i];
+                d[i + half] = gr[i + half] * cos[i] - gr[i] * sin[i];
             }
         }
-    });
-    Ok(())
+    }
 }
 
 pub(super) fn heads_merge<F: CpuFloat>(

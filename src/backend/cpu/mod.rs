@@ -9,8 +9,8 @@
 //!
 //! Sizes: N rows, C channels, V vocabulary, B batch, T tokens, NH heads, HS head size.
 use super::{
-    image, Accum, Act, AdamWStep, AttnShape, Backend, Conv2dGeom, KvAppend, MaskLosses, MatmulSpec,
-    RowCopy,
+    image, Accum, Act, AdamWStep, AttnShape, Backend, Cols, Conv2dGeom, KvAppend, MaskLosses,
+    MatmulSpec, RowCopy,
 };
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu};
@@ -261,6 +261,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     fn heads_split(
         &self,
         x: &Vec<F>,
+        x_at: Cols,
         b: usize,
         t: usize,
         nh: usize,
@@ -269,7 +270,7 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         theta: Option<f32>,
         out: &mut Vec<F>,
     ) -> Result<()> {
-        heads::heads_split(x, b, t, nh, hs, pos0, theta, out)
+        heads::heads_split(x, x_at, b, t, nh, hs, pos0, theta, out)
     }
     fn append_kv(
         &self,
@@ -279,8 +280,8 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         kc: &mut Vec<F>,
         vc: &mut Vec<F>,
     ) -> Result<()> {
-        heads::heads_split_at(k, a, a.theta, kc)?;
-        heads::heads_split_at(v, a, None, vc)
+        heads::heads_split_at(k, a.k_cols, a, a.theta, kc)?;
+        heads::heads_split_at(v, a.v_cols, a, None, vc)
     }
     fn heads_split_bwd(
         &self,
@@ -292,8 +293,9 @@ impl<F: CpuFloat> Backend<F> for Cpu {
         pos0: usize,
         theta: Option<f32>,
         dx: &mut Vec<F>,
+        dx_at: Cols,
     ) -> Result<()> {
-        heads::heads_split_bwd(dout, b, t, nh, hs, pos0, theta, dx)
+        heads::heads_split_bwd(dout, b, t, nh, hs, pos0, theta, dx, dx_at)
     }
     fn heads_merge(
         &self,

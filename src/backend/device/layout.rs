@@ -3,6 +3,7 @@
 //!
 //! B batch, T tokens, NH heads, HS head size, C channels, V vocabulary.
 use super::{i32_arg, i64_arg, linear, rows_of, BLOCK};
+use crate::backend::Cols;
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
@@ -67,20 +68,24 @@ enum Way {
     Merge,
 }
 
-/// A heads layout call from `x` into `out`.  The token-major side is the heads' size;
-/// the heads-major one (out for the split, x for the merge) is too (`place` None), or
-/// lies at `place`.  A `second` pair (x2, out2) of the same sizes goes the same way,
-/// unrotated, in the same launch (grid.y = 2).
+/// A heads layout call from `x` into `out`.  The token-major side (x for the split, out
+/// for the merge) lies at `tok[0]` in its buffer; the heads-major one is the heads' size
+/// (`place` None), or lies at `place`.  A `second` pair (x2, out2) of the same sizes, its
+/// token-major side at `tok[1]` (the same row stride), goes the same way, unrotated, in
+/// the same launch (grid.y = 2).
+#[allow(clippy::too_many_arguments)]
 fn launch_heads(
     dev: &Device,
     op: &'static str,
     way: Way,
     h: &Heads,
     place: Option<Place>,
+    tok: [Cols; 2],
     (x, out): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
     second: Option<(&DeviceBuf<f32>, &mut DeviceBuf<f32>)>,
 ) -> Result<()> {
     let n = h.check(op)?;
+    let (rows, w) = (h.b * h.t, h.nh * h.hs);
     let p = place.unwrap_or(Place { ht: h.t, at: 0 });
     if p.at + h.t > p.ht {
         return Err(Error::shape(
@@ -94,19 +99,40 @@ fn launch_heads(
         ));
     }
     let heads_major = h.b * h.nh * p.ht * h.hs;
-    let (kernel, xn, on) = match way {
-        Way::Split => ("heads_split_f32", n, heads_major),
-        Way::Merge => ("heads_merge_f32", heads_major, n),
+    // each side checked: a token-major one at its columns, a heads-major one whole
+    let side = |what: &str, len: usize, at: Cols, token_major: bool| {
+        if token_major {
+            at.check(op, what, len, rows, w)
+        } else {
+            check_len(op, what, len, heads_major)
+        }
     };
-    check_len(op, "input", x.len(), xn)?;
-    check_len(op, "output", out.len(), on)?;
+    let kernel = match way {
+        Way::Split => "heads_split_f32",
+        Way::Merge => "heads_merge_f32",
+    };
+    let split = way == Way::Split;
+    side("input", x.len(), tok[0], split)?;
+    side("output", out.len(), tok[0], !split)?;
     if let Some((x2, out2)) = &second {
-        check_len(op, "second input", x2.len(), xn)?;
-        check_len(op, "second output", out2.len(), on)?;
+        side("second input", x2.len(), tok[1], split)?;
+        side("second output", out2.len(), tok[1], !split)?;
+        if tok[1].ld != tok[0].ld {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "a pair's token rows with strides {} and {}: one launch reads one",
+                    tok[0].ld, tok[1].ld
+                ),
+            ));
+        }
     }
     if n == 0 {
         return Ok(());
     }
+    // the token-major side's pointer starts at its columns; the heads-major one at 0
+    let offs = |c: Cols| if split { (c.off, 0) } else { (0, c.off) };
+    let ((x0, o0), (x1, o1)) = (offs(tok[0]), offs(tok[1]));
     let [b, t, nh, hs, pos0, theta, rope] = h.args(op)?;
     let (ht, at) = (
         i32_arg(op, "rows per head", p.ht)?,
@@ -120,7 +146,7 @@ fn launch_heads(
     let (out2, x2) = match second {
         Some((x2, out2)) => {
             cfg.grid[1] = 2;
-            (out2.arg_mut(), x2.arg())
+            (out2.arg_mut_at(o1), x2.arg_at(x1))
         }
         None => (KArg::Ptr(0), KArg::Ptr(0)),
     };
@@ -128,8 +154,8 @@ fn launch_heads(
         kernel,
         cfg,
         &[
-            out.arg_mut(),
-            x.arg(),
+            out.arg_mut_at(o0),
+            x.arg_at(x0),
             out2,
             x2,
             b,
@@ -141,50 +167,58 @@ fn launch_heads(
             rope,
             ht,
             at,
+            i64_arg(tok[0].ld),
         ],
     )
 }
 
-/// x (B,T,NH,HS) → out (B,NH,T,HS), RoPE at positions pos0 + t when theta is Some.
+/// x (B,T,NH,HS) at `x_at` → out (B,NH,T,HS), RoPE at positions pos0 + t when theta is
+/// Some.
 pub(super) fn heads_split(
     dev: &Device,
     h: &Heads,
-    x: &DeviceBuf<f32>,
+    (x, x_at): (&DeviceBuf<f32>, Cols),
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    launch_heads(dev, "heads_split", Way::Split, h, None, (x, out), None)
+    let tok = [x_at; 2];
+    launch_heads(dev, "heads_split", Way::Split, h, None, tok, (x, out), None)
 }
 
 /// A KV cache's new keys k (rotated when theta is Some) and values v, (B,T,NKV,HS)
-/// each, split into time rows `at..at + T` of kc and vc (B,NKV,`cap`,HS), the rest
-/// untouched: one launch.
+/// each at its columns, split into time rows `at..at + T` of kc and vc (B,NKV,`cap`,HS),
+/// the rest untouched: one launch.
 pub(super) fn append_kv(
     dev: &Device,
     h: &Heads,
     place: Place,
-    (k, kc): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
-    (v, vc): (&DeviceBuf<f32>, &mut DeviceBuf<f32>),
+    (k, k_at, kc): (&DeviceBuf<f32>, Cols, &mut DeviceBuf<f32>),
+    (v, v_at, vc): (&DeviceBuf<f32>, Cols, &mut DeviceBuf<f32>),
 ) -> Result<()> {
     let (kv, place) = ((v, vc), Some(place));
-    launch_heads(dev, "append_kv", Way::Split, h, place, (k, kc), Some(kv))
+    let tok = [k_at, v_at];
+    launch_heads(
+        dev,
+        "append_kv",
+        Way::Split,
+        h,
+        place,
+        tok,
+        (k, kc),
+        Some(kv),
+    )
 }
 
-/// dout (B,NH,T,HS) → dx (B,T,NH,HS), overwritten: the merge with the inverse rotation.
+/// dout (B,NH,T,HS) → dx (B,T,NH,HS) at `dx_at`, overwritten: the merge with the inverse
+/// rotation.
 pub(super) fn heads_split_bwd(
     dev: &Device,
     h: &Heads,
     dout: &DeviceBuf<f32>,
-    dx: &mut DeviceBuf<f32>,
+    (dx, dx_at): (&mut DeviceBuf<f32>, Cols),
 ) -> Result<()> {
-    launch_heads(
-        dev,
-        "heads_split_bwd",
-        Way::Merge,
-        h,
-        None,
-        (dout, dx),
-        None,
-    )
+    let tok = [dx_at; 2];
+    let op = "heads_split_bwd";
+    launch_heads(dev, op, Way::Merge, h, None, tok, (dout, dx), None)
 }
 
 /// x (B,NH,T,HS) → out (B,T,NH,HS).
@@ -199,7 +233,17 @@ pub(super) fn heads_merge(
         pos0: 0,
         ..*h
     };
-    launch_heads(dev, "heads_merge", Way::Merge, &plain, None, (x, out), None)
+    let tok = [Cols::whole(h.nh * h.hs); 2];
+    launch_heads(
+        dev,
+        "heads_merge",
+        Way::Merge,
+        &plain,
+        None,
+        tok,
+        (x, out),
+        None,
+    )
 }
 
 /// Token ids checked against a table of V rows (the contract hands them over on the host).

@@ -16,7 +16,7 @@
 //!
 //! Sizes: N rows, C channels, V vocabulary.
 use super::{
-    Accum, Act, AdamWSlot, AdamWStep, AttnShape, Backend, Conv2dGeom, KvAppend, MaskLosses,
+    Accum, Act, AdamWSlot, AdamWStep, AttnShape, Backend, Cols, Conv2dGeom, KvAppend, MaskLosses,
     MatmulSpec, RowCopy,
 };
 use crate::error::{check_len, Error, Result};
@@ -298,6 +298,7 @@ impl Backend<f32> for DeviceBackend {
     fn heads_split(
         &self,
         x: &DeviceBuf<f32>,
+        x_at: Cols,
         b: usize,
         t: usize,
         nh: usize,
@@ -307,7 +308,7 @@ impl Backend<f32> for DeviceBackend {
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         let h = layout::Heads::new(b, t, nh, hs, pos0, theta);
-        layout::heads_split(&self.dev, &h, x, out)
+        layout::heads_split(&self.dev, &h, (x, x_at), out)
     }
     fn append_kv(
         &self,
@@ -322,7 +323,7 @@ impl Backend<f32> for DeviceBackend {
             ht: a.cap,
             at: a.at,
         };
-        layout::append_kv(&self.dev, &h, place, (k, kc), (v, vc))
+        layout::append_kv(&self.dev, &h, place, (k, a.k_cols, kc), (v, a.v_cols, vc))
     }
     fn heads_split_bwd(
         &self,
@@ -334,9 +335,10 @@ impl Backend<f32> for DeviceBackend {
         pos0: usize,
         theta: Option<f32>,
         dx: &mut DeviceBuf<f32>,
+        dx_at: Cols,
     ) -> Result<()> {
         let h = layout::Heads::new(b, t, nh, hs, pos0, theta);
-        layout::heads_split_bwd(&self.dev, &h, dout, dx)
+        layout::heads_split_bwd(&self.dev, &h, dout, (dx, dx_at))
     }
     fn heads_merge(
         &self,
