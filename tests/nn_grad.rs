@@ -3,7 +3,8 @@
 //!
 //! The scalar checked is L = Σ w ∘ out with fixed random weights w, so dL/dout = w.
 use popen::backend::{Act, AttnLayout, AttnShape, Backend, Cols, Cpu};
-use popen::nn::layers::{AttnCtx, ImageShape};
+use popen::nn::layers::ImageShape;
+use popen::nn::AttnCtx;
 use popen::nn::{
     randn, Attention, Embedding, LayerNorm, Linear, Mlp, PatchEmbed, RmsNorm, Rng, SwiGluMlp,
 };

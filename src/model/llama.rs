@@ -136,6 +136,7 @@ pub fn frozen_llama_shell<F: Float, B: Backend<F>>(be: B, cfg: LlamaConfig) -> R
                 hs,
                 rope_theta: Some(cfg.rope_theta),
                 causal: true,
+                fused: None,
             },
             post_attention_layernorm: rms(&be),
             mlp: SwiGluMlp {

@@ -43,16 +43,16 @@
 //!
 //! Sizes in comments: B batch, T tokens, C channels, N = B·T rows, V vocabulary,
 //! NH query heads, NKV key/value heads, HS head size, I intermediate size.
+pub mod attention;
 pub mod conv;
 pub mod layers;
 pub mod llama;
 pub mod sample;
 pub mod twoway;
 
+pub use attention::{Attention, AttnCtx};
 pub use conv::{Conv2d, ConvTranspose2x2, CrossAttention, CrossIn};
-pub use layers::{
-    Attention, AttnCtx, Embedding, LayerNorm, Linear, Mlp, PatchEmbed, RmsNorm, SwiGluMlp,
-};
+pub use layers::{Embedding, LayerNorm, Linear, Mlp, PatchEmbed, RmsNorm, SwiGluMlp};
 pub use llama::{KvCache, Llama, LlamaConfig};
 pub use sample::{sample_token, Rng, SamplingCfg, TokenDist};
 pub use twoway::TwoWayTransformer;

@@ -51,6 +51,7 @@ fn both(d: &DeviceBackend, x: &[f32]) -> (Vec<f32>, popen::kernels::DeviceBuf<f3
 }
 
 mod elementwise;
+mod fused;
 mod image;
 mod layers;
 mod llama;

@@ -3,7 +3,7 @@
 use super::Llama;
 use crate::backend::{Backend, RowCopy, TimeCopy};
 use crate::error::{Error, Result};
-use crate::nn::layers::LayerKv;
+use crate::nn::attention::LayerKv;
 use crate::nn::sample::{sample_token, Rng, SamplingCfg};
 use num_traits::Float;
 

@@ -9,7 +9,8 @@
 //!
 //! Here: the blocks, the model, its forward and backward; `config` the `config.json`
 //! fields and their checks; `decode` the KV cache and sampling with it.
-use super::layers::{AttnActs, AttnCtx, LayerKv, SwiGluActs};
+use super::attention::{AttnActs, AttnCtx, LayerKv};
+use super::layers::SwiGluActs;
 use super::sample::Rng;
 use super::{randn, Attention, Embedding, Linear, RmsNorm, SwiGluMlp, Tensor};
 use crate::backend::{Accum, Backend, Cpu, MatmulSpec};
@@ -213,32 +214,39 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         Ok(())
     }
 
-    /// The Linear layers: every block's projections, then the head.
+    /// The Linear layers that hold their own weight: every block's projections (q, k
+    /// and v only while not fused), then the head.
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear<F, B>> {
         self.layers
             .iter_mut()
             .flat_map(|l| {
                 let (a, m) = (&mut l.self_attn, &mut l.mlp);
-                [
-                    &mut a.q,
-                    &mut a.k,
-                    &mut a.v,
-                    &mut a.o,
-                    &mut m.gate,
-                    &mut m.up,
-                    &mut m.down,
-                ]
+                let apart = !a.is_fused();
+                let qkv = apart.then_some([&mut a.q, &mut a.k, &mut a.v]);
+                qkv.into_iter()
+                    .flatten()
+                    .chain([&mut a.o, &mut m.gate, &mut m.up, &mut m.down])
             })
             .chain(self.lm_head.as_mut())
     }
 
-    /// Packs every frozen Linear ([`Linear::pack`]) for faster products on a backend
-    /// that prefers it; the trainable ones are left as they are.  Returns how many it
-    /// packed.  [`Llama::params_mut`] (so saving, loading and freezing) unpacks them
-    /// again: call this once the weights are final, before reading with them.
+    /// Readies the frozen layers for reading: each block's q, k and v, when all three
+    /// are frozen, become one product ([`Attention::fuse`]: one launch on a device
+    /// where there were three), and every other frozen Linear is packed
+    /// ([`Linear::pack`]) on a backend that prefers it.  The trainable ones are left as
+    /// they are.  Returns how many Linear layers it packed or fused (three per fused
+    /// block).  [`Llama::params_mut`] (so saving, loading and freezing) undoes both:
+    /// call this once the weights are final, before reading with them.
     pub fn pack_frozen(&mut self) -> Result<usize> {
         let be = self.be.clone();
         let mut packed = 0;
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            let frozen = [&a.q, &a.k, &a.v].iter().all(|p| p.weight.grad.is_none());
+            if frozen && a.fuse(&be)? {
+                packed += 3;
+            }
+        }
         for l in self.linears_mut() {
             if l.weight.grad.is_none() && l.pack(&be)? {
                 packed += 1;
@@ -247,9 +255,17 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         Ok(packed)
     }
 
-    /// Moves every packed Linear's values back into its `weight.data`.
+    /// Undoes [`Llama::pack_frozen`]: every fused block's q, k and v apart again, and
+    /// every packed Linear's values back in its `weight.data`.
     pub fn unpack(&mut self) {
         let be = self.be.clone();
+        for l in &mut self.layers {
+            // copies within buffers whose sizes the fusion set: an error is a broken
+            // device, as in the backend's other infallible ops
+            l.self_attn
+                .unfuse(&be)
+                .expect("a fused product splits into the projections it was made of");
+        }
         self.linears_mut().for_each(|l| l.unpack(&be));
     }
 
