@@ -518,7 +518,9 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
             dbias.as_mut(),
         )?;
         let rope = self.rope_theta;
-        if self.fused.is_some() {
+        let cols = [0, 1, 2].map(|i| self.fused_cols(i));
+        let (nh, nkv, hs, pos0) = (self.nh, self.nkv, self.hs, ctx.pos0);
+        if let Some(f) = &mut self.fused {
             // forward: [qf | kf | vf] = fused(x), each split (and rotated) from its columns
             // so:      each column block of dfused = its split's backward,
             //          dx = fused's backward of dfused
@@ -528,19 +530,11 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
                     "activations of an unfused forward through a fused layer: unfuse it first",
                 ));
             }
-            let ld = self.widths().iter().sum::<usize>();
-            let mut df = be.uninit(b * t * ld);
-            let (hs, pos0) = (self.hs, ctx.pos0);
-            let grads = [
-                (dq, self.nh, rope),
-                (dk, self.nkv, rope),
-                (dv, self.nkv, None),
-            ];
-            for (i, (d, heads, rope)) in grads.into_iter().enumerate() {
-                let at = self.fused_cols(i);
+            let mut df = be.uninit(b * t * cols[0].ld);
+            let grads = [(dq, nh, rope), (dk, nkv, rope), (dv, nkv, None)];
+            for ((d, heads, rope), at) in grads.into_iter().zip(cols) {
                 be.heads_split_bwd(&d, b, t, heads, hs, pos0, rope, &mut df, at)?;
             }
-            let f = self.fused.as_mut().expect("fused");
             let dx = f.backward(be, &acts.x, &df, true)?.expect("dx requested");
             return Ok((dx, dbias));
         }
