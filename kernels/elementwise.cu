@@ -193,10 +193,21 @@ extern "C" __global__ void act_bwd_f32(float* dx, const float* x, const float* d
     for (long long i = head + t; i < n; i += s) dx[i] = f(x[i], dout[i]);
 }
 
-// out = silu(gate) * up
+// out (N, W) = silu(gate) * up, n = N W.  Row r of gate starts at gate + r ldg, of up at
+// up + r ldu: ldg = ldu = W for buffers of their own (one flat, vectorised pass), 2 W for
+// the two halves of a fused gate/up product's rows (one element per thread).
 __device__ __forceinline__ float swiglu_value(float g, float u) { return g * sigmoidf_(g) * u; }
-extern "C" __global__ void swiglu_fwd_f32(float* out, const float* gate, const float* up, long long n) {
-    const long long t = gs_first(), s = gs_stride(), head = vec_head(aligned16(out, gate, up), n);
+extern "C" __global__ void swiglu_fwd_f32(float* out, const float* gate, const float* up, long long n, int w,
+                                          long long ldg, long long ldu) {
+    const long long t = gs_first(), s = gs_stride();
+    if (ldg != w || ldu != w) {
+        for (long long i = t; i < n; i += s) {
+            const long long r = i / w, j = i - r * w;
+            out[i] = swiglu_value(gate[r * ldg + j], up[r * ldu + j]);
+        }
+        return;
+    }
+    const long long head = vec_head(aligned16(out, gate, up), n);
     for (long long i = 4 * t; i < head; i += 4 * s)
         store_float4(out + i, map4(swiglu_value, load_float4(gate + i), load_float4(up + i)));
     for (long long i = head + t; i < n; i += s) out[i] = swiglu_value(gate[i], up[i]);

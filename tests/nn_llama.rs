@@ -600,10 +600,14 @@ fn a_packed_llama_gives_the_same_logits_and_params_mut_unpacks() {
         .collect();
     let ids = [1u32, 4, 9, 12, 2, 7];
     let (want, _) = m.forward(&ids, 2, None, None).unwrap();
-    // 7 projections per block (q, k and v fused into one) and the head
+    // 7 projections per block (q, k and v fused into one, gate and up into one) and
+    // the head
     assert_eq!(m.pack_frozen().unwrap(), 2 * 7 + 1);
     assert!(m.layers[1].mlp.down.is_packed() && m.lm_head.as_ref().unwrap().is_packed());
-    assert!(m.layers.iter().all(|l| l.self_attn.is_fused()));
+    assert!(m
+        .layers
+        .iter()
+        .all(|l| l.self_attn.is_fused() && l.mlp.is_fused()));
     let (got, _) = m.forward(&ids, 2, None, None).unwrap();
     let e = rel_err(&got, &want);
     assert!(e <= 1e-5, "packed logits off by {e}");
@@ -627,5 +631,8 @@ fn a_packed_llama_gives_the_same_logits_and_params_mut_unpacks() {
         "params_mut did not restore the packed values"
     );
     assert!(!m.layers[0].self_attn.q.is_packed());
-    assert!(!m.layers.iter().any(|l| l.self_attn.is_fused()));
+    assert!(!m
+        .layers
+        .iter()
+        .any(|l| l.self_attn.is_fused() || l.mlp.is_fused()));
 }

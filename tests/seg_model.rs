@@ -626,9 +626,12 @@ fn run_directory_round_trips_and_its_llava_part_loads_as_llava() {
     let (mut back, tok2) = SegModel::<f32, Cpu>::load(Cpu, &dir).unwrap();
     assert_eq!(tok2.vocab_size(), tok.vocab_size());
     assert_eq!(back.cfg, m.cfg);
-    // loaded for reading: the LLM's layers packed, the same logits (up to rounding)
+    // loaded for reading: the LLM's layers packed and fused, the same logits (up to
+    // rounding)
     let lm = &back.llava.language_model;
-    assert!(lm.layers[0].self_attn.q.is_packed() && lm.layers[0].mlp.down.is_packed());
+    let l0 = &lm.layers[0];
+    assert!(l0.self_attn.o.is_packed() && l0.mlp.down.is_packed());
+    assert!(l0.self_attn.is_fused() && l0.mlp.is_fused());
     let ids = [1u32, 5, 7, 9, 2, 3, 4, 6, 8, 10];
     let (l1, _) = lm.forward(&ids, 1, None, None).unwrap();
     let (l2, _) = m.llava.language_model.forward(&ids, 1, None, None).unwrap();

@@ -213,6 +213,55 @@ pub struct KvAppend {
     pub v_cols: Cols,
 }
 
+/// Where [`Backend::swiglu_fwd`]'s operands lie: rows of `w` values, the gate's at
+/// `gate` and up's at `up` in their buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateUp {
+    /// Values per row W (LLaMA's intermediate size).
+    pub w: usize,
+    /// Where the gate's rows lie.
+    pub gate: Cols,
+    /// Where up's rows lie.
+    pub up: Cols,
+}
+
+impl GateUp {
+    /// Gate and up in buffers of their own, rows of `w`.
+    pub fn apart(w: usize) -> GateUp {
+        GateUp {
+            w,
+            gate: Cols::whole(w),
+            up: Cols::whole(w),
+        }
+    }
+    /// Gate and up as the halves of each row of one (N, 2W) product
+    /// ([`crate::nn::SwiGluMlp::fuse`]): `[gate | up]`.
+    pub fn fused(w: usize) -> GateUp {
+        GateUp {
+            w,
+            gate: Cols { off: 0, ld: 2 * w },
+            up: Cols { off: w, ld: 2 * w },
+        }
+    }
+    /// Rows N of `out` (its length over W), checked against both operands' buffers
+    /// (an error naming `op`).
+    pub fn rows(&self, op: &'static str, gate: usize, up: usize, out: usize) -> Result<usize> {
+        if self.w == 0 || !out.is_multiple_of(self.w) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "out of {out} values is not a whole number of rows of {}",
+                    self.w
+                ),
+            ));
+        }
+        let n = out / self.w;
+        self.gate.check(op, "gate", gate, n, self.w)?;
+        self.up.check(op, "up", up, n, self.w)?;
+        Ok(n)
+    }
+}
+
 /// Where the rows of a token-major operand (N rows of W values) lie in its buffer:
 /// row r at `off + r·ld`.  A buffer of its own is [`Cols::whole`]; one projection's
 /// columns of a fused product's wider rows (the query, key and value of one product:
@@ -767,8 +816,15 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
     fn act_fwd(&self, act: Act, x: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
     /// dx = act'(x) · dout (overwritten).
     fn act_bwd(&self, act: Act, x: &Self::Buf, dout: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
-    /// out = silu(gate) · up (LLaMA's SwiGLU).
-    fn swiglu_fwd(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    /// out (N, W) = silu(gate) · up (LLaMA's SwiGLU), gate's and up's rows where `at`
+    /// says ([`GateUp`]: buffers of their own, or the halves of a fused product's rows).
+    fn swiglu_fwd(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        at: GateUp,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// dgate, dup overwritten.
     fn swiglu_bwd(
         &self,

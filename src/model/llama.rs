@@ -143,6 +143,7 @@ pub fn frozen_llama_shell<F: Float, B: Backend<F>>(be: B, cfg: LlamaConfig) -> R
                 gate: shell_linear(&be, c, cfg.intermediate_size),
                 up: shell_linear(&be, c, cfg.intermediate_size),
                 down: shell_linear(&be, cfg.intermediate_size, c),
+                fused: None,
             },
         })
         .collect();

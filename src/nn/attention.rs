@@ -38,7 +38,8 @@ pub struct Attention<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
 /// One call's q, k and v projections (B·T rows each): apart, or the columns of one
 /// fused product (`[q | k | v]` per row).
 enum Projected<Buf> {
-    Apart([Buf; 3]),
+    /// Each in a buffer of its own (None: not formed, or read in place already).
+    Apart([Option<Buf>; 3]),
     Fused(Buf),
 }
 
@@ -128,96 +129,29 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         self.fused.is_some()
     }
 
-    /// Makes the frozen projections q, k and v one product of W `[q; k; v]` (packed
-    /// when the backend prefers it, [`Linear::pack`]): a forward then makes one matrix
-    /// product where it made three, and splits each projection's columns where they lie
-    /// ([`Cols`]).  Their own weights are left empty until [`Attention::unfuse`].  The
-    /// outputs equal the unfused ones up to rounding.  A trainable projection is
-    /// refused (its optimizer updates its own weight), as are biases on some of the
-    /// three only.  Returns whether it fused (false when already fused).
+    /// Makes the frozen projections q, k and v one product of W `[q; k; v]`
+    /// ([`Linear::stack`]): a forward then makes one matrix product where it made
+    /// three, and splits each projection's columns where they lie ([`Cols`]).  Their
+    /// own weights are left empty until [`Attention::unfuse`].  The outputs equal the
+    /// unfused ones up to rounding.  A trainable projection is refused (its optimizer
+    /// updates its own weight), as are biases on some of the three only.  Returns
+    /// whether it fused (false when already fused).
     pub fn fuse(&mut self, be: &B) -> Result<bool> {
-        const OP: &str = "Attention::fuse";
         if self.fused.is_some() {
             return Ok(false);
         }
         let parts = [&mut self.q, &mut self.k, &mut self.v];
-        let trainable = |l: &Linear<F, B>| {
-            l.weight.grad.is_some() || l.bias.as_ref().is_some_and(|b| b.grad.is_some())
-        };
-        if parts.iter().any(|l| trainable(l)) {
-            return Err(Error::arg(
-                OP,
-                "a trainable projection: only frozen ones fuse",
-            ));
-        }
-        let biased = parts.iter().filter(|l| l.bias.is_some()).count();
-        if biased % 3 != 0 {
-            return Err(Error::arg(OP, "biases on some of q, k and v only"));
-        }
-        let c = parts[0].fan_in();
-        let outs = parts.map(|l| {
-            l.unpack(be);
-            (l.fan_out(), l)
-        });
-        let rows: usize = outs.iter().map(|(o, _)| o).sum();
-        let mut w = be.uninit(rows * c);
-        let mut bias = (biased > 0).then(|| be.uninit(rows));
-        let mut at = 0;
-        for (o, l) in &outs {
-            if l.fan_in() != c {
-                return Err(Error::shape(
-                    OP,
-                    format!("inputs of {c} and {}", l.fan_in()),
-                ));
-            }
-            be.copy_range(&mut w, at * c, &l.weight.data, 0, o * c)?;
-            if let (Some(b), Some(lb)) = (&mut bias, &l.bias) {
-                be.copy_range(b, at, &lb.data, 0, *o)?;
-            }
-            at += o;
-        }
-        let tensor = |shape: Vec<usize>, data| super::Tensor {
-            shape,
-            data,
-            grad: None,
-        };
-        let mut fused = Linear::from_parts(
-            tensor(vec![rows, c], w),
-            bias.map(|b| tensor(vec![rows], b)),
-        );
-        fused.pack(be)?;
-        for (_, l) in outs {
-            l.weight.data = be.zeros(0);
-            if let Some(b) = &mut l.bias {
-                b.data = be.zeros(0);
-            }
-        }
-        self.fused = Some(fused);
+        self.fused = Some(Linear::stack(be, "Attention::fuse", parts)?);
         Ok(true)
     }
 
     /// Moves a fused layer's values back into q, k and v ([`Attention::fuse`]); a no-op
     /// for an unfused one.
     pub fn unfuse(&mut self, be: &B) -> Result<()> {
-        let Some(mut fused) = self.fused.take() else {
-            return Ok(());
-        };
-        fused.unpack(be);
-        let c = fused.fan_in();
-        let mut at = 0;
-        for l in [&mut self.q, &mut self.k, &mut self.v] {
-            let o = l.fan_out();
-            let mut w = be.uninit(o * c);
-            be.copy_range(&mut w, 0, &fused.weight.data, at * c, o * c)?;
-            l.weight.data = w;
-            if let (Some(lb), Some(fb)) = (&mut l.bias, &fused.bias) {
-                let mut b = be.uninit(o);
-                be.copy_range(&mut b, 0, &fb.data, at, o)?;
-                lb.data = b;
-            }
-            at += o;
+        match self.fused.take() {
+            Some(f) => f.unstack(be, [&mut self.q, &mut self.k, &mut self.v]),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn shape(&self, b: usize, tq: usize, tk: usize, layout: AttnLayout) -> AttnShape {
@@ -262,13 +196,9 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         Ok(match &self.fused {
             Some(f) => Projected::Fused(f.forward(be, x)?),
             None => Projected::Apart([
-                if with_q {
-                    self.q.forward(be, x)?
-                } else {
-                    be.zeros(0)
-                },
-                self.k.forward(be, x)?,
-                self.v.forward(be, x)?,
+                with_q.then(|| self.q.forward(be, x)).transpose()?,
+                Some(self.k.forward(be, x)?),
+                Some(self.v.forward(be, x)?),
             ]),
         })
     }
@@ -283,10 +213,16 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
     }
 
     /// Projection `i`'s rows: its buffer, and where they lie in it.
-    fn part<'p>(&self, p: &'p Projected<B::Buf>, i: usize) -> (&'p B::Buf, Cols) {
+    fn part<'p>(&self, p: &'p Projected<B::Buf>, i: usize) -> Result<(&'p B::Buf, Cols)> {
         match p {
-            Projected::Apart(bs) => (&bs[i], Cols::whole(self.widths()[i])),
-            Projected::Fused(f) => (f, self.fused_cols(i)),
+            Projected::Apart(bs) => match &bs[i] {
+                Some(b) => Ok((b, Cols::whole(self.widths()[i]))),
+                None => Err(Error::arg(
+                    "Attention",
+                    format!("projection {i} read but not formed"),
+                )),
+            },
+            Projected::Fused(f) => Ok((f, self.fused_cols(i))),
         }
     }
 
@@ -302,10 +238,12 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         rope: Option<f32>,
     ) -> Result<B::Buf> {
         if let (true, Projected::Apart(bs)) = (tokens, &mut *p) {
-            return Ok(std::mem::replace(&mut bs[i], be.zeros(0)));
+            if let Some(b) = bs[i].take() {
+                return Ok(b);
+            }
         }
         let heads = if i == 0 { self.nh } else { self.nkv };
-        let (x, at) = self.part(p, i);
+        let (x, at) = self.part(p, i)?;
         let mut o = be.uninit(ctx.b * ctx.t * heads * self.hs);
         be.heads_split(x, at, ctx.b, ctx.t, heads, self.hs, ctx.pos0, rope, &mut o)?;
         Ok(o)
@@ -456,7 +394,7 @@ impl<F: Float, B: Backend<F>> Attention<F, B> {
         (cap, at): (usize, usize),
         p: &Projected<B::Buf>,
     ) -> Result<()> {
-        let ((kf, k_cols), (vf, v_cols)) = (self.part(p, 1), self.part(p, 2));
+        let ((kf, k_cols), (vf, v_cols)) = (self.part(p, 1)?, self.part(p, 2)?);
         let a = KvAppend {
             b: ctx.b,
             t: ctx.t,

@@ -3,7 +3,7 @@
 //!
 //! B batch, T tokens, C channels, N = B·T rows, NH heads, NKV kv heads, HS head size.
 use super::Tensor;
-use crate::backend::{Accum, Act, Backend, MatmulSpec};
+use crate::backend::{Accum, Act, Backend, GateUp, MatmulSpec, RowCopy};
 use crate::error::{Error, Result};
 use num_traits::Float;
 
@@ -127,6 +127,88 @@ impl<F: Float, B: Backend<F>> Linear<F, B> {
                 self.weight.data = be.from_slice(&transposed(&be.to_vec(&wt), i, o));
             }
         }
+    }
+
+    /// Frozen layers of one input as one product: W their weights stacked by rows
+    /// (`[W₀; W₁; …]`, out the sum of theirs), their biases alike, packed when the
+    /// backend prefers it ([`Linear::pack`]).  Each layer's values move there (its
+    /// weight and bias left empty) until [`Linear::unstack`].  A trainable layer is
+    /// refused (its optimizer updates its own weight), as are biases on some layers
+    /// only and layers of other inputs; `op` names the caller in the error.
+    pub fn stack<const N: usize>(
+        be: &B,
+        op: &'static str,
+        mut parts: [&mut Linear<F, B>; N],
+    ) -> Result<Linear<F, B>> {
+        let trainable = |l: &Linear<F, B>| {
+            l.weight.grad.is_some() || l.bias.as_ref().is_some_and(|b| b.grad.is_some())
+        };
+        if parts.iter().any(|l| trainable(l)) {
+            return Err(Error::arg(op, "a trainable layer: only frozen ones fuse"));
+        }
+        let biased = parts.iter().filter(|l| l.bias.is_some()).count();
+        if biased != 0 && biased != N {
+            return Err(Error::arg(
+                op,
+                format!("biases on {biased} of {N} layers only"),
+            ));
+        }
+        let c = parts.first().map_or(0, |l| l.fan_in());
+        if let Some(l) = parts.iter().find(|l| l.fan_in() != c) {
+            let ins = format!("inputs of {c} and {}", l.fan_in());
+            return Err(Error::shape(op, ins));
+        }
+        let rows: usize = parts.iter().map(|l| l.fan_out()).sum();
+        let mut w = be.uninit(rows * c);
+        let mut bias = (biased > 0).then(|| be.uninit(rows));
+        let mut at = 0;
+        for l in parts.iter_mut() {
+            let o = l.fan_out();
+            l.unpack(be);
+            be.copy_range(&mut w, at * c, &l.weight.data, 0, o * c)?;
+            if let (Some(b), Some(lb)) = (&mut bias, &l.bias) {
+                be.copy_range(b, at, &lb.data, 0, o)?;
+            }
+            at += o;
+        }
+        let frozen = |shape: Vec<usize>, data| Tensor {
+            shape,
+            data,
+            grad: None,
+        };
+        let mut stacked = Linear::from_parts(
+            frozen(vec![rows, c], w),
+            bias.map(|b| frozen(vec![rows], b)),
+        );
+        stacked.pack(be)?;
+        for l in parts {
+            l.weight.data = be.zeros(0);
+            if let Some(b) = &mut l.bias {
+                b.data = be.zeros(0);
+            }
+        }
+        Ok(stacked)
+    }
+
+    /// Moves a [`Linear::stack`]ed product's rows back into the layers it was made of
+    /// (their weights `[out, in]`, unpacked).
+    pub fn unstack<const N: usize>(mut self, be: &B, parts: [&mut Linear<F, B>; N]) -> Result<()> {
+        self.unpack(be);
+        let c = self.fan_in();
+        let mut at = 0;
+        for l in parts {
+            let o = l.fan_out();
+            let mut w = be.uninit(o * c);
+            be.copy_range(&mut w, 0, &self.weight.data, at * c, o * c)?;
+            l.weight.data = w;
+            if let (Some(lb), Some(sb)) = (&mut l.bias, &self.bias) {
+                let mut b = be.uninit(o);
+                be.copy_range(&mut b, 0, &sb.data, at, o)?;
+                lb.data = b;
+            }
+            at += o;
+        }
+        Ok(())
     }
 
     /// x (N, in) → y (N, out).
@@ -553,6 +635,9 @@ pub struct SwiGluMlp<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
     pub up: Linear<F, B>,
     /// I → C.
     pub down: Linear<F, B>,
+    /// gate and up as one product while fused ([`SwiGluMlp::fuse`]): W `[gate; up]`
+    /// (2·I rows), their weights empty meanwhile.
+    pub(crate) fused: Option<Linear<F, B>>,
 }
 
 /// Saved activations of a [`SwiGluMlp`] forward.
@@ -560,10 +645,11 @@ pub struct SwiGluMlp<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
 pub struct SwiGluActs<Buf> {
     /// Input x (N,C).
     pub x: Buf,
-    /// `gate(x)` (N,I).
+    /// `gate(x)` (N,I); after a fused forward ([`SwiGluMlp::fuse`]) both halves,
+    /// `[gate(x) | up(x)]` (N,2I).
     pub g: Buf,
-    /// `up(x)` (N,I).
-    pub u: Buf,
+    /// `up(x)` (N,I); None after a fused forward (`g` holds it).
+    pub u: Option<Buf>,
     /// `silu(g)·u` (N,I), the input of `down`.
     pub a: Buf,
 }
@@ -575,27 +661,96 @@ impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
             gate: Linear::new(be, c, inter, false),
             up: Linear::new(be, c, inter, false),
             down: Linear::new(be, inter, c, false),
+            fused: None,
         }
     }
-    /// x (N,C) → (N,C); g, u, a are (N,I).  The activations keep x (a caller that
-    /// reads it after hands over a clone).
+
+    /// Makes the frozen gate and up one product of W `[gate; up]` ([`Linear::stack`]):
+    /// a forward then makes one matrix product where it made two, and SwiGLU reads the
+    /// two halves of each row where they lie ([`GateUp::fused`]).  Their own weights
+    /// are left empty until [`SwiGluMlp::unfuse`]; the outputs equal the unfused ones
+    /// up to rounding.  A trainable gate or up is refused.  Returns whether it fused
+    /// (false when already fused).
+    pub fn fuse(&mut self, be: &B) -> Result<bool> {
+        if self.fused.is_some() {
+            return Ok(false);
+        }
+        let parts = [&mut self.gate, &mut self.up];
+        self.fused = Some(Linear::stack(be, "SwiGluMlp::fuse", parts)?);
+        Ok(true)
+    }
+
+    /// Moves a fused layer's values back into gate and up ([`SwiGluMlp::fuse`]); a
+    /// no-op for an unfused one.
+    pub fn unfuse(&mut self, be: &B) -> Result<()> {
+        match self.fused.take() {
+            Some(f) => f.unstack(be, [&mut self.gate, &mut self.up]),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether gate and up are one product ([`SwiGluMlp::fuse`]).
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// x (N,C) → (N,C); g, u, a are (N,I) (g (N,2I) and u empty when fused).  The
+    /// activations keep x (a caller that reads it after hands over a clone).
     pub fn forward(&self, be: &B, x: B::Buf) -> Result<(B::Buf, SwiGluActs<B::Buf>)> {
-        let g = self.gate.forward(be, &x)?;
-        let u = self.up.forward(be, &x)?;
-        let mut a = be.uninit(be.len(&g));
-        be.swiglu_fwd(&g, &u, &mut a)?;
+        let i = self.down.fan_in();
+        let (g, u) = match &self.fused {
+            Some(f) => (f.forward(be, &x)?, None),
+            None => (self.gate.forward(be, &x)?, Some(self.up.forward(be, &x)?)),
+        };
+        let n = rows(be, "SwiGluMlp::forward", &x, self.down.fan_out())?;
+        let mut a = be.uninit(n * i);
+        match &u {
+            Some(u) => be.swiglu_fwd(&g, u, GateUp::apart(i), &mut a)?,
+            None => be.swiglu_fwd(&g, &g, GateUp::fused(i), &mut a)?,
+        }
         let y = self.down.forward(be, &a)?;
         Ok((y, SwiGluActs { x, g, u, a }))
     }
+
     /// forward: y = down(silu(g)·u), g = gate(x), u = up(x)
     /// so:      dx = gateᵀ-path(dg) + upᵀ-path(du)
+    /// (fused: [g | u] = fused(x), so dx = fusedᵀ-path([dg | du]))
     pub fn backward(&mut self, be: &B, acts: &SwiGluActs<B::Buf>, dy: &B::Buf) -> Result<B::Buf> {
+        if acts.u.is_none() != self.fused.is_some() {
+            return Err(Error::arg(
+                "SwiGluMlp::backward",
+                "activations of a forward with gate and up fused otherwise: fuse or unfuse \
+                 the layer as it was",
+            ));
+        }
         let da = self
             .down
             .backward(be, &acts.a, dy, true)?
             .expect("dx requested");
         let (mut dg, mut du) = (be.uninit(be.len(&da)), be.uninit(be.len(&da)));
-        be.swiglu_bwd(&acts.g, &acts.u, &da, &mut dg, &mut du)?;
+        if let Some(f) = &mut self.fused {
+            // the halves apart for the backward, and their gradients side by side again
+            let i = self.down.fan_in();
+            let n = be.len(&da) / i.max(1);
+            let half = |off: usize| RowCopy {
+                rows: n,
+                width: i,
+                dst_off: 0,
+                dst_stride: i,
+                src_off: off,
+                src_stride: 2 * i,
+            };
+            let (mut g, mut u) = (be.uninit(n * i), be.uninit(n * i));
+            be.copy_rows(&mut g, &acts.g, half(0))?;
+            be.copy_rows(&mut u, &acts.g, half(i))?;
+            be.swiglu_bwd(&g, &u, &da, &mut dg, &mut du)?;
+            let mut dgu = be.uninit(2 * n * i);
+            be.copy_rows(&mut dgu, &dg, half(0).swapped())?;
+            be.copy_rows(&mut dgu, &du, half(i).swapped())?;
+            return Ok(f.backward(be, &acts.x, &dgu, true)?.expect("dx requested"));
+        }
+        let u = acts.u.as_ref().expect("an unfused forward keeps up(x)");
+        be.swiglu_bwd(&acts.g, u, &da, &mut dg, &mut du)?;
         let mut dx = self
             .gate
             .backward(be, &acts.x, &dg, true)?

@@ -346,7 +346,7 @@ fn a_chain_of_ops_makes_no_host_copy() {
         let (mut gate, mut up, mut o) = (d.zeros(n * h), d.zeros(n * h), d.zeros(n * h));
         d.copy_range(&mut gate, 0, &gu, 0, n * h).unwrap();
         d.copy_range(&mut up, 0, &gu, n * h, n * h).unwrap();
-        d.swiglu_fwd(&gate, &up, &mut o).unwrap();
+        d.swiglu_fwd(&gate, &up, GateUp::apart(h), &mut o).unwrap();
         let (mut dg, mut du) = (d.zeros(n * h), d.zeros(n * h));
         d.swiglu_bwd(&gate, &up, &o, &mut dg, &mut du).unwrap();
         let mut grad = d.zeros(c * 2 * h);

@@ -1,9 +1,10 @@
 //! Fused projections: a frozen attention's q, k and v as one product
-//! (`Attention::fuse`) equal to the three apart, on the CPU and on the device: forward,
-//! backward, decoding through a KV cache, and back apart.
+//! (`Attention::fuse`), and a frozen SwiGLU MLP's gate and up (`SwiGluMlp::fuse`), equal
+//! to the layers apart, on the CPU and on the device: forward, backward, decoding
+//! through a KV cache, and back apart.
 use super::*;
 use popen::nn::attention::LayerKv;
-use popen::nn::{Attention, AttnCtx, Tensor};
+use popen::nn::{Attention, AttnCtx, SwiGluMlp, Tensor};
 
 /// C = 10 into 3 query heads over 1 kv head of 4 (GQA), RoPE, causal, frozen, with
 /// random weights (and biases when `bias`).
@@ -130,7 +131,7 @@ fn fused_equals_apart<B: Backend<f32>>(be: B) {
         grad: None,
     });
     let e = a.fuse(&be).unwrap_err().to_string();
-    assert!(e.contains("biases on some"), "{on}: {e}");
+    assert!(e.contains("biases on 1 of 3"), "{on}: {e}");
     assert!(
         be.len(&a.q.weight.data) > 0,
         "{on}: a refused fusion emptied q"
@@ -142,5 +143,55 @@ fn a_fused_attention_equals_its_projections_apart() {
     fused_equals_apart(Cpu);
     for d in backends() {
         fused_equals_apart(d);
+    }
+}
+
+fn fused_mlp_equals_apart<B: Backend<f32>>(be: B) {
+    let on = be.name();
+    let mut r = Philox::new(33);
+    // C = 10, I = 7 (rows of 7: no float4 alignment), frozen
+    let mut apart = SwiGluMlp::new(&be, 10, 7);
+    for l in [&mut apart.gate, &mut apart.up, &mut apart.down] {
+        l.weight.data = be.from_slice(&rnd(&mut r, l.weight.numel(), 0.5));
+        l.weight.grad = None;
+    }
+    let mut fused = apart.clone();
+    assert!(fused.fuse(&be).unwrap() && fused.is_fused(), "{on}");
+    assert!(!fused.fuse(&be).unwrap(), "{on}: fused twice");
+    for n in [1, 6] {
+        let x = be.from_slice(&rnd(&mut r, n * 10, 1.0));
+        let (ya, acts_a) = apart.forward(&be, x.clone()).unwrap();
+        let (yf, acts_f) = fused.forward(&be, x).unwrap();
+        close(
+            &format!("{on} mlp {n} rows"),
+            &be.to_vec(&yf),
+            &be.to_vec(&ya),
+        );
+        let dy = be.from_slice(&rnd(&mut r, n * 10, 1.0));
+        let dxa = apart.backward(&be, &acts_a, &dy).unwrap();
+        let dxf = fused.backward(&be, &acts_f, &dy).unwrap();
+        close(
+            &format!("{on} mlp dx {n} rows"),
+            &be.to_vec(&dxf),
+            &be.to_vec(&dxa),
+        );
+        let e = fused.backward(&be, &acts_a, &dy).unwrap_err();
+        assert!(e.to_string().contains("fused otherwise"), "{e}");
+    }
+    fused.unfuse(&be).unwrap();
+    assert!(!fused.is_fused(), "{on}");
+    for (l, m) in [(&fused.gate, &apart.gate), (&fused.up, &apart.up)] {
+        assert_eq!(be.to_vec(&l.weight.data), be.to_vec(&m.weight.data), "{on}");
+    }
+    apart.up.weight.set_trainable(&be, true);
+    let e = apart.fuse(&be).unwrap_err().to_string();
+    assert!(e.contains("trainable") && !apart.is_fused(), "{on}: {e}");
+}
+
+#[test]
+fn a_fused_swiglu_mlp_equals_its_gate_and_up_apart() {
+    fused_mlp_equals_apart(Cpu);
+    for d in backends() {
+        fused_mlp_equals_apart(d);
     }
 }

@@ -207,9 +207,41 @@ fn activations_and_swiglu_match_cpu() {
         }
         let (up, upd) = both(&d, &rnd(&mut r, n, 2.0));
         let (mut o, mut od) = (vec![0.0; n], d.zeros(n));
-        Cpu.swiglu_fwd(&x, &up, &mut o).unwrap();
-        d.swiglu_fwd(&xd, &upd, &mut od).unwrap();
+        Cpu.swiglu_fwd(&x, &up, GateUp::apart(n), &mut o).unwrap();
+        d.swiglu_fwd(&xd, &upd, GateUp::apart(n), &mut od).unwrap();
         close("swiglu fwd", &d.to_vec(&od), &o);
+        // the two halves of a fused product's rows (rows of 7: no float4 alignment)
+        for (rows, w) in [(3, 7), (5, 8)] {
+            let (g, u) = (rnd(&mut r, rows * w, 2.0), rnd(&mut r, rows * w, 2.0));
+            let gu: Vec<f32> = g
+                .chunks(w)
+                .zip(u.chunks(w))
+                .flat_map(|(a, b)| a.iter().chain(b).copied())
+                .collect();
+            let mut want = vec![0.0; rows * w];
+            Cpu.swiglu_fwd(&g, &u, GateUp::apart(w), &mut want).unwrap();
+            let mut o = vec![0.0; rows * w];
+            Cpu.swiglu_fwd(&gu, &gu, GateUp::fused(w), &mut o).unwrap();
+            assert_eq!(o, want, "cpu swiglu of fused rows of {w}");
+            let (gud, mut od) = (d.from_slice(&gu), d.zeros(rows * w));
+            d.swiglu_fwd(&gud, &gud, GateUp::fused(w), &mut od).unwrap();
+            close(
+                &format!("swiglu of fused rows of {w}"),
+                &d.to_vec(&od),
+                &want,
+            );
+            // a fused buffer one value short, an out that is no whole number of rows
+            let short = d.zeros(2 * rows * w - 1);
+            let e = d
+                .swiglu_fwd(&short, &short, GateUp::fused(w), &mut od)
+                .unwrap_err();
+            assert!(e.to_string().contains("need"), "{e}");
+            let mut odd = d.zeros(rows * w - 1);
+            let e = d
+                .swiglu_fwd(&gud, &gud, GateUp::fused(w), &mut odd)
+                .unwrap_err();
+            assert!(e.to_string().contains("whole number of rows"), "{e}");
+        }
         let (mut dg, mut dgd) = (vec![0.0; n], d.zeros(n));
         let (mut du, mut dud) = (vec![0.0; n], d.zeros(n));
         Cpu.swiglu_bwd(&x, &up, &g, &mut dg, &mut du).unwrap();

@@ -7,8 +7,8 @@
 //! optimizer, `layers` the layers' ops, `image` the pixel decoder's, `llama` a tiny
 //! LLaMA decoding and training.
 use popen::backend::{
-    Accum, Act, AdamWStep, AttnLayout, AttnShape, Backend, Cols, Cpu, DeviceBackend, KvAppend,
-    MatmulSpec, RowCopy, TimeCopy,
+    Accum, Act, AdamWStep, AttnLayout, AttnShape, Backend, Cols, Cpu, DeviceBackend, GateUp,
+    KvAppend, MatmulSpec, RowCopy, TimeCopy,
 };
 use popen::kernels::philox::Philox;
 use popen::kernels::Device;

@@ -1,6 +1,6 @@
 //! Pointwise activations and LLaMA's SwiGLU, each derivative under its value.
 use super::{exp_f32, f, CpuFloat, MIN_ELEMS_PER_TASK};
-use crate::backend::Act;
+use crate::backend::{Act, GateUp};
 use crate::error::{check_len, Result};
 use crate::kernels::fastmath::erf_f32;
 use rayon::prelude::*;
@@ -158,18 +158,33 @@ pub(super) fn act_bwd<F: CpuFloat>(act: Act, x: &[F], dout: &[F], dx: &mut [F]) 
     Ok(())
 }
 
-pub(super) fn swiglu_fwd<F: CpuFloat>(gate: &[F], up: &[F], out: &mut [F]) -> Result<()> {
-    check_len("swiglu_fwd", "up", up.len(), gate.len())?;
-    check_len("swiglu_fwd", "out", out.len(), gate.len())?;
-    out.par_chunks_mut(MIN_ELEMS_PER_TASK)
-        .zip(gate.par_chunks(MIN_ELEMS_PER_TASK))
-        .zip(up.par_chunks(MIN_ELEMS_PER_TASK))
-        .for_each(|((o, g), u)| {
-            let (g, u) = (&g[..o.len()], &u[..o.len()]);
-            for i in 0..o.len() {
-                o[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
+/// o = silu(g)·u over one span.
+fn swiglu_span<F: CpuFloat>(o: &mut [F], g: &[F], u: &[F]) {
+    let (g, u) = (&g[..o.len()], &u[..o.len()]);
+    for i in 0..o.len() {
+        o[i] = g[i] * sigmoid(g[i]) * u[i];
+    }
+}
+
+pub(super) fn swiglu_fwd<F: CpuFloat>(
+    gate: &[F],
+    up: &[F],
+    at: GateUp,
+    out: &mut [F],
+) -> Result<()> {
+    at.rows("swiglu_fwd", gate.len(), up.len(), out.len())?;
+    if at == GateUp::apart(at.w) {
+        out.par_chunks_mut(MIN_ELEMS_PER_TASK)
+            .zip(gate.par_chunks(MIN_ELEMS_PER_TASK))
+            .zip(up.par_chunks(MIN_ELEMS_PER_TASK))
+            .for_each(|((o, g), u)| swiglu_span(o, g, u));
+    } else {
+        // out row r ← its gate's and up's rows where they lie
+        let (g, u) = (at.gate, at.up);
+        out.par_chunks_mut(at.w).enumerate().for_each(|(r, o)| {
+            swiglu_span(o, &gate[g.off + r * g.ld..], &up[u.off + r * u.ld..]);
         });
+    }
     Ok(())
 }
 

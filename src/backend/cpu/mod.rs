@@ -9,8 +9,8 @@
 //!
 //! Sizes: N rows, C channels, V vocabulary, B batch, T tokens, NH heads, HS head size.
 use super::{
-    image, Accum, Act, AdamWStep, AttnShape, Backend, Cols, Conv2dGeom, KvAppend, MaskLosses,
-    MatmulSpec, RowCopy,
+    image, Accum, Act, AdamWStep, AttnShape, Backend, Cols, Conv2dGeom, GateUp, KvAppend,
+    MaskLosses, MatmulSpec, RowCopy,
 };
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd_cpu, attention_fwd_cpu};
@@ -314,8 +314,8 @@ impl<F: CpuFloat> Backend<F> for Cpu {
     fn act_bwd(&self, act: Act, x: &Vec<F>, dout: &Vec<F>, dx: &mut Vec<F>) -> Result<()> {
         act::act_bwd(act, x, dout, dx)
     }
-    fn swiglu_fwd(&self, gate: &Vec<F>, up: &Vec<F>, out: &mut Vec<F>) -> Result<()> {
-        act::swiglu_fwd(gate, up, out)
+    fn swiglu_fwd(&self, gate: &Vec<F>, up: &Vec<F>, at: GateUp, out: &mut Vec<F>) -> Result<()> {
+        act::swiglu_fwd(gate, up, at, out)
     }
     fn swiglu_bwd(
         &self,

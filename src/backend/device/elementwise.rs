@@ -1,7 +1,7 @@
 //! Whole-buffer ops, activations, SwiGLU, bias and AdamW: launches of
 //! `kernels/elementwise.cu`.  CPU twins: `src/backend/cpu/{elementwise,act,matmul,optim}.rs`.
 use super::{i32_arg, i64_arg, linear, rows_of, DeviceBackend, BLOCK};
-use crate::backend::{check_terms, Act, AdamWStep, RowCopy};
+use crate::backend::{check_terms, Act, AdamWStep, GateUp, RowCopy};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
 
@@ -213,20 +213,28 @@ pub(super) fn act_bwd(
 
 pub(super) fn swiglu_fwd(
     dev: &Device,
-    gate: &DeviceBuf<f32>,
-    up: &DeviceBuf<f32>,
+    (gate, up): (&DeviceBuf<f32>, &DeviceBuf<f32>),
+    at: GateUp,
     out: &mut DeviceBuf<f32>,
 ) -> Result<()> {
-    let n = gate.len();
-    check_len("swiglu_fwd", "up", up.len(), n)?;
-    check_len("swiglu_fwd", "out", out.len(), n)?;
+    const OP: &str = "swiglu_fwd";
+    at.rows(OP, gate.len(), up.len(), out.len())?;
+    let n = out.len();
     if n == 0 {
         return Ok(());
     }
     dev.launch(
         "swiglu_fwd_f32",
         linear(n),
-        &[out.arg_mut(), gate.arg(), up.arg(), i64_arg(n)],
+        &[
+            out.arg_mut(),
+            gate.arg_at(at.gate.off),
+            up.arg_at(at.up.off),
+            i64_arg(n),
+            i32_arg(OP, "W", at.w)?,
+            i64_arg(at.gate.ld),
+            i64_arg(at.up.ld),
+        ],
     )
 }
 

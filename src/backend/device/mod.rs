@@ -16,8 +16,8 @@
 //!
 //! Sizes: N rows, C channels, V vocabulary.
 use super::{
-    Accum, Act, AdamWSlot, AdamWStep, AttnShape, Backend, Cols, Conv2dGeom, KvAppend, MaskLosses,
-    MatmulSpec, RowCopy,
+    Accum, Act, AdamWSlot, AdamWStep, AttnShape, Backend, Cols, Conv2dGeom, GateUp, KvAppend,
+    MaskLosses, MatmulSpec, RowCopy,
 };
 use crate::error::{check_len, Error, Result};
 use crate::kernels::{Device, DeviceBuf, KArg, LaunchCfg};
@@ -369,9 +369,10 @@ impl Backend<f32> for DeviceBackend {
         &self,
         gate: &DeviceBuf<f32>,
         up: &DeviceBuf<f32>,
+        at: GateUp,
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        elementwise::swiglu_fwd(&self.dev, gate, up, out)
+        elementwise::swiglu_fwd(&self.dev, (gate, up), at, out)
     }
     fn swiglu_bwd(
         &self,

@@ -215,36 +215,39 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
     }
 
     /// The Linear layers that hold their own weight: every block's projections (q, k
-    /// and v only while not fused), then the head.
+    /// and v, gate and up, only while not fused), then the head.
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear<F, B>> {
         self.layers
             .iter_mut()
             .flat_map(|l| {
                 let (a, m) = (&mut l.self_attn, &mut l.mlp);
-                let apart = !a.is_fused();
-                let qkv = apart.then_some([&mut a.q, &mut a.k, &mut a.v]);
-                qkv.into_iter()
-                    .flatten()
-                    .chain([&mut a.o, &mut m.gate, &mut m.up, &mut m.down])
+                let qkv = (!a.is_fused()).then_some([&mut a.q, &mut a.k, &mut a.v]);
+                let gate_up = (!m.is_fused()).then_some([&mut m.gate, &mut m.up]);
+                let (qkv, gate_up) = (qkv.into_iter().flatten(), gate_up.into_iter().flatten());
+                qkv.chain([&mut a.o]).chain(gate_up).chain([&mut m.down])
             })
             .chain(self.lm_head.as_mut())
     }
 
-    /// Readies the frozen layers for reading: each block's q, k and v, when all three
-    /// are frozen, become one product ([`Attention::fuse`]: one launch on a device
-    /// where there were three), and every other frozen Linear is packed
-    /// ([`Linear::pack`]) on a backend that prefers it.  The trainable ones are left as
-    /// they are.  Returns how many Linear layers it packed or fused (three per fused
-    /// block).  [`Llama::params_mut`] (so saving, loading and freezing) undoes both:
-    /// call this once the weights are final, before reading with them.
+    /// Readies the frozen layers for reading: in each block, q, k and v when all three
+    /// are frozen become one product ([`Attention::fuse`]), and so do gate and up
+    /// ([`SwiGluMlp::fuse`]): one launch on a device where there were three, and two.
+    /// Every other frozen Linear is packed ([`Linear::pack`]) on a backend that prefers
+    /// it.  The trainable ones are left as they are.  Returns how many Linear layers it
+    /// packed or fused (five per fused block).  [`Llama::params_mut`] (so saving,
+    /// loading and freezing) undoes all of it: call this once the weights are final,
+    /// before reading with them.
     pub fn pack_frozen(&mut self) -> Result<usize> {
         let be = self.be.clone();
         let mut packed = 0;
+        let frozen = |ls: &[&Linear<F, B>]| ls.iter().all(|p| p.weight.grad.is_none());
         for l in &mut self.layers {
-            let a = &mut l.self_attn;
-            let frozen = [&a.q, &a.k, &a.v].iter().all(|p| p.weight.grad.is_none());
-            if frozen && a.fuse(&be)? {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            if frozen(&[&a.q, &a.k, &a.v]) && a.fuse(&be)? {
                 packed += 3;
+            }
+            if frozen(&[&m.gate, &m.up]) && m.fuse(&be)? {
+                packed += 2;
             }
         }
         for l in self.linears_mut() {
@@ -255,16 +258,16 @@ impl<F: Float, B: Backend<F>> Llama<F, B> {
         Ok(packed)
     }
 
-    /// Undoes [`Llama::pack_frozen`]: every fused block's q, k and v apart again, and
-    /// every packed Linear's values back in its `weight.data`.
+    /// Undoes [`Llama::pack_frozen`]: every fused block's q, k and v and its gate and
+    /// up apart again, and every packed Linear's values back in its `weight.data`.
     pub fn unpack(&mut self) {
         let be = self.be.clone();
         for l in &mut self.layers {
             // copies within buffers whose sizes the fusion set: an error is a broken
             // device, as in the backend's other infallible ops
-            l.self_attn
-                .unfuse(&be)
-                .expect("a fused product splits into the projections it was made of");
+            let apart = "a fused product splits into the layers it was made of";
+            l.self_attn.unfuse(&be).expect(apart);
+            l.mlp.unfuse(&be).expect(apart);
         }
         self.linears_mut().for_each(|l| l.unpack(&be));
     }
