@@ -563,6 +563,7 @@ fn bench_attention(dev: &Device) {
             if let Some((simt, _)) = fwds.first() {
                 check_row(
                     &format!("{tag}attention_fwd_{name}"),
+                    "simt",
                     &dev.download(simt).unwrap(),
                     &dev.download(&out).unwrap(),
                 );
@@ -615,7 +616,8 @@ fn bench_attention(dev: &Device) {
                     for ((what, got), want) in
                         ["dq", "dk", "dv", "dbias"].iter().zip(&grads).zip(want)
                     {
-                        check_row(&format!("{tag}attention_bwd_{what}_{name}"), want, got);
+                        let what = format!("{tag}attention_bwd_{what}_{name}");
+                        check_row(&what, "simt", want, got);
                     }
                 }
             }
@@ -623,9 +625,9 @@ fn bench_attention(dev: &Device) {
     }
 }
 
-/// A check row beside the timings: the largest |a − b| (NaN sticks; as a string, since
-/// JSON has no NaN).
-fn check_row(what: &str, a: &[f32], b: &[f32]) {
+/// A check row beside the timings: the largest |a − b| against reference `a` (its kind
+/// named by `against`; NaN sticks; as a string, since JSON has no NaN).
+fn check_row(what: &str, against: &str, a: &[f32], b: &[f32]) {
     let diff = a
         .iter()
         .zip(b)
@@ -636,7 +638,7 @@ fn check_row(what: &str, a: &[f32], b: &[f32]) {
     } else {
         format!("\"{diff}\"")
     };
-    println!("{{\"check\":\"{what}\",\"max_abs_diff_vs_simt\":{diff}}}");
+    println!("{{\"check\":\"{what}\",\"max_abs_diff_vs_{against}\":{diff}}}");
 }
 
 /// Forward + backward of the 7B-shaped stack on the device backend: embedding, the
@@ -681,6 +683,51 @@ fn bench_stack(be: DeviceBackend, tag: &str) {
         n as f64,
     );
 }
+
+/// Decoding with the 7B-shaped stack, frozen: a prefill of `DECODE_PROMPT` tokens for
+/// `DECODE_BATCH` rows, then `DECODE_STEPS` steps of one token per row through the KV
+/// cache (fixed random ids: the model's time, not sampling's), with each layer's q/k/v
+/// and gate/up products apart, then fused (`Llama::pack_frozen`).  Rows
+/// `llama7b_stack_L2_decode_b8_{apart,fused}` give the steps' tokens/s; a check row
+/// the largest difference of the two's last logits.
+fn bench_decode(be: DeviceBackend) {
+    let cfg = stack_cfg();
+    let mut m: Llama<f32, DeviceBackend> = Llama::new(be.clone(), cfg.clone(), 2).unwrap();
+    m.set_trainable(false);
+    let (b, v) = (DECODE_BATCH, cfg.vocab_size as u32);
+    let mut rng = Philox::new(10);
+    let mut ids = |n: usize| (0..n).map(|_| rng.next_u32() % v).collect::<Vec<u32>>();
+    let prompt = ids(b * DECODE_PROMPT);
+    let steps: Vec<Vec<u32>> = (0..DECODE_STEPS).map(|_| ids(b)).collect();
+    let mut last = Vec::new();
+    for fused in [false, true] {
+        if fused {
+            m.pack_frozen().unwrap();
+        }
+        let how = if fused { "fused" } else { "apart" };
+        let mut cache = m.new_cache(b);
+        m.reserve_cache(&mut cache, DECODE_PROMPT + DECODE_STEPS)
+            .unwrap();
+        m.forward_cached(&prompt, &mut cache, None, None).unwrap();
+        let mut logits = None;
+        // each round goes back to the prompt's end and decodes the same steps
+        let mut round = || {
+            m.truncate_cache(&mut cache, DECODE_PROMPT).unwrap();
+            for s in &steps {
+                logits = Some(m.forward_cached(s, &mut cache, None, None).unwrap());
+            }
+        };
+        let t = time(be.device(), 1, 5, &mut round);
+        profile_once(be.device(), &format!("decode_{how}"), round);
+        let name = format!("llama7b_stack_L{STACK_LAYERS}_decode_b{b}_{how}");
+        emit(&name, t, "tokens_s", (b * DECODE_STEPS) as f64);
+        last.push(be.to_vec(&logits.expect("decoded")));
+    }
+    check_row("decode_fused_logits", "apart", &last[0], &last[1]);
+}
+const DECODE_BATCH: usize = 8;
+const DECODE_PROMPT: usize = 512;
+const DECODE_STEPS: usize = 32;
 
 /// The probes' rates (`probe_tflop_s` rows: `mma_tf32` one HMMA per product, `ffma`):
 /// four waves of 128-thread blocks, long enough (16 Ki steps) that launch costs vanish.
@@ -730,6 +777,9 @@ fn main() {
     bench_image(&be, &want);
     if want("attention") {
         bench_attention(be.device());
+    }
+    if want("decode") {
+        bench_decode(be.clone());
     }
     if want("stack") {
         bench_stack(be.clone(), "");

@@ -114,7 +114,7 @@ for n in $TESTS; do
 done
 
 # one process per section, so that one failing section does not lose the others
-want bench && for section in ${BENCH_SECTIONS:-probe copy optim norm perturb logprob mask image attention stack}; do
+want bench && for section in ${BENCH_SECTIONS:-probe copy optim norm perturb logprob mask image attention decode stack}; do
     timeout "${BENCH_TIMEOUT:-150}" "$bin/bench_gpu" --bench "$section" >> "$out/bench_gpu.jsonl" 2>> "$out/bench_err.log"
     stamp "bench_gpu $section: rc=$? $(tail -1 "$out/bench_gpu.jsonl")"
 done

@@ -188,13 +188,15 @@ impl<F: Float, B: Backend<F>> SegModel<F, B> {
         ])
     }
 
-    /// Packs the LLM's frozen Linear layers ([`crate::nn::Llama::pack_frozen`]): the
-    /// products of decoding and of the ensemble's reads, most of a prediction's time,
-    /// then skip gemm's repacking of each weight.  The products agree up to rounding
-    /// (the demo's prediction files were byte-identical).  Call it once the weights are
-    /// final; [`Self::params_mut`] and [`Self::set_trainable`] unpack (so a stage that
-    /// trains the LLM, or saves, sees plain tensors).  Returns how many layers it
-    /// packed (0 on a backend that does not prefer packing).
+    /// Readies the LLM's frozen layers for reading ([`crate::nn::Llama::pack_frozen`]):
+    /// each block's q, k and v become one product and its gate and up another, and on
+    /// the CPU every weight is packed, so that the products of decoding and of the
+    /// ensemble's reads, most of a prediction's time, skip gemm's repacking of each
+    /// weight and make four launches per layer where they made seven.  The products
+    /// agree up to rounding (the demo's prediction files were byte-identical).  Call it
+    /// once the weights are final; [`Self::params_mut`] and [`Self::set_trainable`]
+    /// undo it (so a stage that trains the LLM, or saves, sees plain tensors).  Returns
+    /// how many Linear layers it packed or fused.
     pub fn pack_frozen(&mut self) -> Result<usize> {
         self.llava.language_model.pack_frozen()
     }
