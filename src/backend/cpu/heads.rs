@@ -1,5 +1,5 @@
 //! Attention layout: heads split (with RoPE) and merged, and the KV-cache append.
-use super::{f, rows_mut, CpuFloat};
+use super::{f, rows_mut, CpuFloat, MIN_ROWS_PER_TASK};
 use crate::backend::{Cols, KvAppend};
 use crate::error::{check_len, Error, Result};
 use rayon::prelude::*;
@@ -162,6 +162,7 @@ pub(super) fn heads_split_bwd<F: CpuFloat>(
     dx[dx_at.off..]
         .par_chunks_mut(dx_at.ld.max(1))
         .take(b * t)
+        .with_min_len(MIN_ROWS_PER_TASK)
         .enumerate()
         .for_each(|(r, row)| {
             let (bi, ti) = (r / t, r % t);
