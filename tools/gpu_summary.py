@@ -78,6 +78,11 @@ def main():
         if o and t and o["ms"] > 0:
             row["torch_over_ours"] = round(t["ms"] / o["ms"], 3)
         pairs[name] = row
+    # decoding with the frozen projections fused (Llama::pack_frozen) against apart
+    for name in ours:
+        apart = name[: -len("_fused")] + "_apart" if name.endswith("_fused") else None
+        if apart in ours and ours[name]["ms"] > 0:
+            pairs[name]["apart_over_fused"] = round(ours[apart]["ms"] / ours[name]["ms"], 3)
     copy = torch.get("copy_1GiB", {}).get("gb_s") or ours.get("copy_f32_1GiB", {}).get("gb_s")
     memory = {}
     if copy:
