@@ -1063,3 +1063,63 @@ pub trait Backend<F: Float>: Clone + Send + Sync + 'static {
         dlogits: &mut Self::Buf,
     ) -> Result<()>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Cols, GateUp};
+
+    #[test]
+    fn columns_of_wider_rows_need_what_their_last_row_reaches() {
+        const OP: &str = "test";
+        // a buffer of its own: exactly its rows
+        let whole = Cols::whole(5);
+        assert_eq!(whole.need(OP, 3, 5).unwrap(), 15);
+        assert!(whole.check(OP, "x", 15, 3, 5).is_ok());
+        assert!(whole.check(OP, "x", 16, 3, 5).is_err());
+        // rows of 4 at column 2 of rows of 7: the last row ends at 2 + 2·7 + 4
+        let cols = Cols { off: 2, ld: 7 };
+        assert_eq!(cols.need(OP, 3, 4).unwrap(), 20);
+        assert!(cols.check(OP, "x", 20, 3, 4).is_ok());
+        assert!(cols.check(OP, "x", 25, 3, 4).is_ok());
+        let e = cols.check(OP, "x", 19, 3, 4).unwrap_err().to_string();
+        assert!(e.contains("need 20") && e.contains("holds 19"), "{e}");
+        assert_eq!(cols.need(OP, 0, 4).unwrap(), 0);
+        // a stride below the width, and rows past the address space, are errors
+        let e = Cols { off: 0, ld: 3 }
+            .need(OP, 2, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("row stride of 3"), "{e}");
+        let far = Cols {
+            off: usize::MAX,
+            ld: 1,
+        };
+        assert!(far
+            .need(OP, 2, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("overflow"));
+    }
+
+    #[test]
+    fn gate_and_up_halves_are_checked_against_their_buffers() {
+        const OP: &str = "test";
+        let f = GateUp::fused(3);
+        assert_eq!((f.gate.off, f.up.off, f.up.ld), (0, 3, 6));
+        assert_eq!(f.rows(OP, 12, 12, 6).unwrap(), 2);
+        // the gate's half of 2 rows ends at 6 + 3, up's at 3 + 6 + 3
+        assert!(f.rows(OP, 9, 12, 6).is_ok());
+        assert!(f.rows(OP, 8, 12, 6).is_err(), "gate one value short");
+        assert!(f.rows(OP, 12, 11, 6).is_err(), "up one value short");
+        assert!(f.rows(OP, 12, 12, 7).is_err(), "out not whole rows");
+        assert!(
+            GateUp::fused(0).rows(OP, 0, 0, 0).is_err(),
+            "rows of nothing"
+        );
+        assert_eq!(GateUp::apart(3).rows(OP, 6, 6, 6).unwrap(), 2);
+        assert!(
+            GateUp::apart(3).rows(OP, 6, 9, 6).is_err(),
+            "up of another length"
+        );
+    }
+}
