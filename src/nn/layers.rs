@@ -694,7 +694,7 @@ impl<F: Float, B: Backend<F>> SwiGluMlp<F, B> {
         self.fused.is_some()
     }
 
-    /// x (N,C) → (N,C); g, u, a are (N,I) (g (N,2I) and u empty when fused).  The
+    /// x (N,C) → (N,C); g, u, a are (N,I) (when fused, g is (N,2I) and u None).  The
     /// activations keep x (a caller that reads it after hands over a clone).
     pub fn forward(&self, be: &B, x: B::Buf) -> Result<(B::Buf, SwiGluActs<B::Buf>)> {
         let i = self.down.fan_in();
