@@ -368,4 +368,28 @@ fn stage3_trains_only_the_prompt_and_refuses_without_minilm() {
             == std::fs::read(b.join("model.safetensors")).unwrap(),
         "resumed stage 3 differs after {kills} kills"
     );
+
+    // on a device the frozen LLM decodes fused, and each checkpoint lists every tensor
+    // (apart again): the saved frozen tensors are stage 2's, bit for bit
+    let emu = d.join("emu");
+    let on_emu = ["--no-lti", "--steps", "3", "--checkpoint-every", "1"];
+    ok(&run(
+        args(&emu, &[&on_emu[..], &["--device", "emu"]].concat()),
+        "/nonexistent/minilm",
+    ));
+    let pref = popen::model::StFile::open(out.join("pref/model.safetensors")).unwrap();
+    let got = popen::model::StFile::open(emu.join("model.safetensors")).unwrap();
+    let extra: Vec<String> = got
+        .names()
+        .into_iter()
+        .filter(|n| !pref.names().contains(n))
+        .collect();
+    assert_eq!(extra, ["ensemble_prompt"]);
+    for n in &pref.names() {
+        assert_eq!(
+            pref.f32(n).unwrap(),
+            got.f32(n).unwrap(),
+            "{n} on the emulator"
+        );
+    }
 }

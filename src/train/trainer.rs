@@ -52,8 +52,10 @@ pub trait Trainable {
     type Be: Backend<f32>;
     /// The backend handle (cheap to clone).
     fn backend(&self) -> Self::Be;
-    /// Every parameter, trainable (`grad` is `Some`) or frozen, in a fixed order with
-    /// unique names; the optimizer state is matched by position and checked by name.
+    /// Every trainable parameter (`grad` is `Some`), and frozen ones as the model
+    /// chooses, in a fixed order with unique names; the optimizer state is matched by
+    /// position and checked by name.  A frozen parameter left out is still written and
+    /// read by [`Trainable::save_weights`] and [`Trainable::load_weights`].
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor<f32, Self::Be>)>;
     /// Called before each optimizer step's micro-batches with the step (1-based) and the
     /// run's total: a schedule inside the objective (stage 2's curriculum) reads it here.

@@ -311,13 +311,22 @@ impl<B: Backend<f32>> Trainable for Stage3Model<B> {
     fn backend(&self) -> B {
         self.model.llava.be.clone()
     }
+    /// `p̂` alone: the frozen model is not listed, so listing does not undo its fusion
+    /// ([`SegModel::pack_frozen`]) every step; the weights files hold it all
+    /// ([`Self::all_params_mut`]).
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor<f32, B>)> {
-        let mut p = self.model.params_mut();
-        p.push((PROMPT_TENSOR.to_string(), &mut self.prompt));
-        p
+        vec![(PROMPT_TENSOR.to_string(), &mut self.prompt)]
     }
     fn accumulate(&mut self, batch: &[Stage3Item], scale: f32, rng: &mut Rng) -> Result<LossParts> {
         let be = self.model.llava.be.clone();
+        // on a device the LLM's q/k/v and gate/up are fused for the samples' decoding and
+        // the refinement's reads (again after a checkpoint listed every tensor; a no-op
+        // otherwise).  The CPU keeps its LLM unpacked: the gradient to p̂ reads each
+        // weight transposed, the packed layout's slow direction (measured: no gain), and
+        // fusing there would pack
+        if !be.prefers_packed_weights() {
+            self.model.pack_frozen()?;
+        }
         let prompt_host = be.to_vec(&self.prompt.data);
         let (mut lti, mut lsi, mut n_lti, mut n_lsi, mut used) = (0.0, 0.0, 0, 0, 0);
         let mut grad = vec![0f32; prompt_host.len()];
@@ -387,7 +396,7 @@ impl<B: Backend<f32>> Trainable for Stage3Model<B> {
     fn save_weights(&mut self, path: &Path) -> Result<()> {
         let be = self.model.llava.be.clone();
         let params: Vec<(String, &Tensor<f32, B>)> = self
-            .params_mut()
+            .all_params_mut()
             .into_iter()
             .map(|(n, t)| (n, &*t))
             .collect();
@@ -396,7 +405,17 @@ impl<B: Backend<f32>> Trainable for Stage3Model<B> {
     fn load_weights(&mut self, path: &Path) -> Result<()> {
         let be = self.model.llava.be.clone();
         let ck = Checkpoint::open_file(path)?;
-        ck.load_params(&be, self.params_mut(), |n| n.to_string())
+        ck.load_params(&be, self.all_params_mut(), |n| n.to_string())
+    }
+}
+
+impl<B: Backend<f32>> Stage3Model<B> {
+    /// Every tensor: the model's (unfused and unpacked) and `p̂`, as the weights files
+    /// hold them.
+    fn all_params_mut(&mut self) -> Vec<(String, &mut Tensor<f32, B>)> {
+        let mut p = self.model.params_mut();
+        p.push((PROMPT_TENSOR.to_string(), &mut self.prompt));
+        p
     }
 }
 
@@ -457,9 +476,9 @@ pub fn train_ensemble<B: Backend<f32>>(
     // held until the stage returns: one writer per run directory
     let _lock = crate::fsio::RunLock::acquire(out)?;
     let (mut model, tok) = SegModel::load(be.clone(), &paths.from)?;
-    // this unpacks the LLM that `load` packed (`SegModel::pack_frozen`), and it stays
-    // so: the trainer lists every tensor each step, and the gradient to p̂ reads each
-    // weight transposed, where the packed layout is the slow one (measured: no gain)
+    // every part frozen; this unfuses and unpacks the LLM, which a device's first step
+    // fuses again (`Stage3Model::accumulate`), and it stays so: the trainer lists `p̂`
+    // alone
     model.set_trainable(Parts::frozen());
     if !(resume && out.join(crate::model::seg::run::CONFIG_FILE).exists()) {
         let run = serde_json::to_value(cfg).expect("serializes");
