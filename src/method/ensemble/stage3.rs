@@ -313,7 +313,7 @@ impl<B: Backend<f32>> Trainable for Stage3Model<B> {
     }
     /// `p̂` alone: the frozen model is not listed, so listing does not undo its fusion
     /// ([`SegModel::pack_frozen`]) every step; the weights files hold it all
-    /// ([`Self::all_params_mut`]).
+    /// (`all_params_mut`).
     fn params_mut(&mut self) -> Vec<(String, &mut Tensor<f32, B>)> {
         vec![(PROMPT_TENSOR.to_string(), &mut self.prompt)]
     }
