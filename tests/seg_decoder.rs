@@ -2,7 +2,8 @@
 //! on a tiny odd-sized config (grid 3×5, M = 3 targets over B = 2 images, output
 //! 13×11), for d feats, d emb and a sample of every parameter, without and with the
 //! pixel skip (q = 2, pixels 24×40); every parameter receives a gradient; a frozen
-//! decoder still returns d emb; the skip reads the pixels; bad inputs are errors.
+//! decoder still returns d emb; the skip reads the pixels; two targets alike on one
+//! image get the same logits; bad inputs are errors.
 //!
 //! The scalar checked is L = Σ w ∘ logits with fixed random weights w.
 use popen::backend::Cpu;
@@ -197,6 +198,40 @@ fn only_the_pixel_skip_reads_the_pixels() {
         let moved = |t: usize| a[t * per..(t + 1) * per] != b[t * per..(t + 1) * per];
         assert_eq!(moved(0), reads, "skip {skip}: target of image 1");
         assert!(!moved(1), "skip {skip}: target of image 0 moved");
+    }
+}
+
+#[test]
+fn targets_alike_get_alike_masks() {
+    // targets 0 and 2 both belong to image 1: with the same embedding, each reads the
+    // same keys under the same positional encoding (tiled to every target), so their
+    // logits are the same to the bit, with or without the skip
+    for skip in [0, Q] {
+        let Case {
+            dec,
+            f0,
+            f1,
+            px,
+            mut emb,
+            ..
+        } = case(skip);
+        let per_target = emb.len() / IMG_OF.len();
+        let first = emb[..per_target].to_vec();
+        emb[2 * per_target..].copy_from_slice(&first);
+        let (out, _) = dec
+            .forward(images(&f0, &f1, &px), &emb, &IMG_OF, OUT.0, OUT.1)
+            .unwrap();
+        let per = OUT.0 * OUT.1;
+        assert!(
+            out.iter().all(|x| x.is_finite()),
+            "skip {skip}: logits not finite"
+        );
+        assert_eq!(out[..per], out[2 * per..], "skip {skip}: targets 0 and 2");
+        assert_ne!(
+            out[..per],
+            out[per..2 * per],
+            "skip {skip}: image 0's target"
+        );
     }
 }
 

@@ -196,6 +196,26 @@ pub struct DecoderImages<'a, Buf> {
     pub b: usize,
 }
 
+/// SAM's random Fourier encoding of an h × w grid for the Gaussian `gauss` (2, D/2),
+/// rows (x, y): (h·w, D) = [sin(2π·c·G), cos(2π·c·G)] with
+/// c = (2(x+½)/w − 1, 2(y+½)/h − 1).
+fn grid_encoding<F: Float>(gauss: &[f64], h: usize, w: usize) -> Vec<F> {
+    let half = gauss.len() / 2;
+    let mut out = Vec::with_capacity(h * w * 2 * half);
+    for y in 0..h {
+        for x in 0..w {
+            let cx = 2.0 * (x as f64 + 0.5) / w as f64 - 1.0;
+            let cy = 2.0 * (y as f64 + 0.5) / h as f64 - 1.0;
+            let ang: Vec<f64> = (0..half)
+                .map(|j| std::f64::consts::TAU * (cx * gauss[j] + cy * gauss[half + j]))
+                .collect();
+            out.extend(ang.iter().map(|a| F::from(a.sin()).unwrap()));
+            out.extend(ang.iter().map(|a| F::from(a.cos()).unwrap()));
+        }
+    }
+    out
+}
+
 /// The pixel decoder; parameters listed as `mask_decoder.*`.
 #[derive(Clone, Debug)]
 pub struct PixelDecoder<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
@@ -208,8 +228,10 @@ pub struct PixelDecoder<F: Float = f32, B: Backend<F> = crate::backend::Cpu> {
     upscale: Vec<Upscale<F, B>>,
     hyper: Vec<Vec<Linear<F, B>>>,
     skip: Option<PixelSkip<F, B>>,
-    /// the positional encoding's Gaussian (2, D/2), rows (x, y)
-    pe_gauss: Vec<f64>,
+    /// Each scale's positional encoding (h·w, D), scale s on the (grid_h·2ˢ) ×
+    /// (grid_w·2ˢ) grid: fixed ([`PE_SEED`], not a parameter), made once on the backend
+    /// and tiled over a call's targets on it ([`Self::pos_encoding`]).
+    pe: Vec<B::Buf>,
 }
 
 #[derive(Clone, Debug)]
@@ -331,7 +353,13 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
             |_| -> Result<_> { TwoWayTransformer::new(&be, cfg.depth, d, cfg.heads, cfg.mlp_dim) };
         let transformer = (0..LEVELS).map(per_scale).collect::<Result<_>>()?;
         let mut pe_rng = Rng::new(PE_SEED);
-        let pe_gauss = (0..d).map(|_| pe_rng.normal()).collect();
+        let pe_gauss: Vec<f64> = (0..d).map(|_| pe_rng.normal()).collect();
+        let pe = (0..LEVELS)
+            .map(|s| {
+                let (h, w) = (cfg.grid_h << s, cfg.grid_w << s);
+                be.from_slice(&grid_encoding::<F>(&pe_gauss, h, w))
+            })
+            .collect();
         let dec = PixelDecoder {
             proj: (0..LEVELS)
                 .map(|_| Linear::new(&be, cfg.vision_dim, d, true))
@@ -364,7 +392,7 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
                 ln: LayerNorm::new(&be, d, LN2D_EPS),
                 out: Linear::new(&be, d, d, true),
             }),
-            pe_gauss,
+            pe,
             be,
             cfg,
         };
@@ -443,27 +471,23 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         out
     }
 
-    /// SAM's random Fourier encoding of an h × w grid, tiled over `m` targets:
-    /// (m·h·w, D) = [sin(2π·c·G), cos(2π·c·G)] with c = (2(x+½)/w − 1, 2(y+½)/h − 1).
-    fn pos_encoding(&self, h: usize, w: usize, m: usize) -> B::Buf {
-        let half = self.cfg.dim / 2;
-        let mut one = Vec::with_capacity(h * w * self.cfg.dim);
-        for y in 0..h {
-            for x in 0..w {
-                let cx = 2.0 * (x as f64 + 0.5) / w as f64 - 1.0;
-                let cy = 2.0 * (y as f64 + 0.5) / h as f64 - 1.0;
-                let ang: Vec<f64> = (0..half)
-                    .map(|j| {
-                        std::f64::consts::TAU
-                            * (cx * self.pe_gauss[j] + cy * self.pe_gauss[half + j])
-                    })
-                    .collect();
-                one.extend(ang.iter().map(|a| F::from(a.sin()).unwrap()));
-                one.extend(ang.iter().map(|a| F::from(a.cos()).unwrap()));
-            }
-        }
-        let tiled: Vec<F> = (0..m).flat_map(|_| one.iter().copied()).collect();
-        self.be.from_slice(&tiled)
+    /// Scale `s`'s positional encoding (h·w, D) tiled over `m` targets: (m·h·w, D), one
+    /// copy on the backend (a source stride of 0).
+    fn pos_encoding(&self, s: usize, m: usize) -> Result<B::Buf> {
+        let be = &self.be;
+        let one = &self.pe[s];
+        let n = be.len(one);
+        let mut tiled = be.uninit(m * n);
+        let runs = RowCopy {
+            rows: m,
+            width: n,
+            dst_off: 0,
+            dst_stride: n,
+            src_off: 0,
+            src_stride: 0,
+        };
+        be.copy_rows(&mut tiled, one, runs)?;
+        Ok(tiled)
     }
 
     /// img: the B images' feature levels (level 0 → scale 0 (coarse), level 1 → scale 1)
@@ -650,7 +674,13 @@ impl<F: Float, B: Backend<F>> PixelDecoder<F, B> {
         };
         be.copy_rows(&mut tokens, &self.mask_token[s].data, to_tokens(0, 0, 0))?;
         be.copy_rows(&mut tokens, emb, to_tokens(1, s * d, LEVELS * d))?;
-        let pe = self.pos_encoding(h, w, m);
+        check_len(
+            "PixelDecoder::run_scale",
+            "positional encoding (h·w, D)",
+            be.len(&self.pe[s]),
+            n * d,
+        )?;
+        let pe = self.pos_encoding(s, m)?;
         let (q, k, tr) = self.transformer[s].forward(be, &tokens, keys, &pe, m, TOKENS, n)?;
         // image side: ×2 upsampling
         let up = &self.upscale[s];
@@ -920,6 +950,57 @@ mod tests {
                 }
             }
             assert_eq!(dst, want, "scatter_add {idx:?}");
+        }
+    }
+
+    /// SAM's Fourier features of a 2 × 3 grid against the formula cell by cell, and the
+    /// decoder's tiles: each target's rows are its scale's grid encoding, the Gaussian
+    /// drawn from `PE_SEED`.
+    #[test]
+    fn positional_encoding_is_fourier_features_tiled_over_targets() {
+        // D = 4: the Gaussian's x row (0.5, −1), y row (2, 0.25)
+        let gauss = [0.5, -1.0, 2.0, 0.25];
+        let (h, w) = (2, 3);
+        let e = grid_encoding::<f64>(&gauss, h, w);
+        assert_eq!(e.len(), h * w * 4);
+        for y in 0..h {
+            for x in 0..w {
+                let (cx, cy) = (
+                    (2 * x + 1) as f64 / w as f64 - 1.0,
+                    (2 * y + 1) as f64 / h as f64 - 1.0,
+                );
+                let row = &e[(y * w + x) * 4..][..4];
+                for j in 0..2 {
+                    let a = std::f64::consts::TAU * (cx * gauss[j] + cy * gauss[2 + j]);
+                    assert!((row[j] - a.sin()).abs() < 1e-15, "sin ({x}, {y}) {j}");
+                    assert!((row[2 + j] - a.cos()).abs() < 1e-15, "cos ({x}, {y}) {j}");
+                }
+            }
+        }
+        let cfg = PixelDecoderConfig {
+            vision_dim: 5,
+            dim: 8,
+            depth: 1,
+            heads: 2,
+            mlp_dim: 7,
+            scales: 2,
+            grid_h: 3,
+            grid_w: 5,
+            skip_patch: 0,
+        };
+        let dec = PixelDecoder::<f64, Cpu>::zeroed(Cpu, cfg.clone()).unwrap();
+        let mut rng = Rng::new(PE_SEED);
+        let g: Vec<f64> = (0..cfg.dim).map(|_| rng.normal()).collect();
+        for s in 0..LEVELS {
+            let one = grid_encoding::<f64>(&g, cfg.grid_h << s, cfg.grid_w << s);
+            assert_eq!(dec.pe[s], one, "scale {s}");
+            for m in [0, 1, 3] {
+                let tiled = dec.pos_encoding(s, m).unwrap();
+                assert_eq!(tiled.len(), m * one.len(), "scale {s}, {m} targets");
+                for (t, rows) in tiled.chunks(one.len()).enumerate() {
+                    assert_eq!(rows, &one[..], "scale {s}, target {t} of {m}");
+                }
+            }
         }
     }
 }
